@@ -1,0 +1,415 @@
+"""Causal CRDTs: a dot store paired with the causal context every nested store shares.
+
+Every mutator here is a *delta-mutator*: it reads the state, returns a small delta (itself a
+CRDT of the same class, ``is_delta=True``) and leaves the state unchanged. The only way a state
+changes is ``merge``/``join`` with another state or delta:
+
+    delta = doc.assign("r1", ("profile", "name"), "ada", ts)
+    doc.merge(delta)          # doc now holds the write
+    peer.merge(delta)         # so does any replica that receives the delta
+    batch.merge(delta)        # deltas join into one batch delta
+
+Laws (tested with Hypothesis): join is commutative, associative and idempotent; for every
+mutator ``m``, ``s.join(m(s)) == m applied to s``; replicas that have merged the same deltas, in
+any order and with duplicates, have equal digests.
+
+A mutator issues at most one dot, ``context.next_dot(replica_id)``; merge its delta before the
+replica's next mutation, or two writes will share a dot.
+
+Pure: no I/O, no clock (hybrid timestamps come in as arguments).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, ClassVar, Self
+
+from broker.crdt._atoms import Atom, Element, validate_atom, validate_element, validate_key
+from broker.crdt._context import CausalContext, Dot, validate_replica_id
+from broker.crdt._stores import (
+    CLASS_OF_KIND,
+    DIGEST_SIZE,
+    MAX_NESTING_DEPTH,
+    CounterStore,
+    Entry,
+    Kind,
+    KindStore,
+    LWWStore,
+    MapStore,
+    MVStore,
+    SetStore,
+    Whole,
+    canonical_bytes,
+    count_dots,
+    counter_add,
+    dots_of,
+    join_entry,
+    lww_assign,
+    mv_assign,
+    set_add,
+    set_remove,
+    value_of,
+)
+from broker.errors import (
+    InvalidArgumentError,
+    InvalidKeyError,
+    KindMismatchError,
+    NestingDepthError,
+)
+
+__all__ = [
+    "Causal",
+    "LWWRegister",
+    "MVRegister",
+    "ORMap",
+    "ORSet",
+    "PNCounter",
+    "Path",
+]
+
+Path = Sequence[str]
+"""Keys from a map down to a value; at most MAX_NESTING_DEPTH long."""
+
+_PERSON = b"worknode-state1"
+
+
+def _copy_entry(entry: Any) -> Any:
+    t = type(entry)
+    if t is MapStore:
+        return MapStore({k: _copy_entry(v) for k, v in entry.items()})
+    if t is SetStore:
+        return SetStore(entry)
+    if t is KindStore:
+        return KindStore({k: _copy_entry(v) for k, v in entry.items()})
+    if t is Whole:
+        return Whole(_copy_entry(entry.store))
+    return entry  # dot functions are immutable tuples
+
+
+def _context_bytes(ctx: CausalContext) -> bytes:
+    vv = ctx.version_vector
+    parts = [f"{r}:{vv[r]}" for r in sorted(vv)]
+    parts.append("|")
+    parts.extend(f"{r}:{n}" for r, n in sorted(ctx.cloud))
+    return ",".join(parts).encode()
+
+
+class Causal:
+    """A causal CRDT: ``store`` (the content) and ``context`` (every dot seen).
+
+    ``is_delta`` marks a delta: its context covers only the dots of what it touches, so it
+    can be merged in time proportional to its own size.
+    """
+
+    __slots__ = ("context", "is_delta", "store")
+    KIND: ClassVar[Kind]
+    _STORE: ClassVar[type]
+
+    def __init__(
+        self,
+        store: Any = None,
+        context: CausalContext | None = None,
+        *,
+        is_delta: bool = False,
+    ) -> None:
+        if store is not None and type(store) is not self._STORE:
+            raise KindMismatchError(
+                f"{type(self).__name__} holds a {self._STORE.__name__}, got {type(store).__name__}"
+            )
+        self.store: Any = store or None
+        self.context = context if context is not None else CausalContext()
+        self.is_delta = is_delta
+
+    # -- lattice -------------------------------------------------------------------------
+
+    def merge(self, other: Self) -> None:
+        """In place: this state becomes ``self ⊔ other``. ``other`` is not modified."""
+        if other is self:
+            return
+        if type(other) is not type(self):
+            raise KindMismatchError(
+                f"cannot join {type(other).__name__} into {type(self).__name__}"
+            )
+        keep = self.is_delta and other.is_delta
+        self.store = join_entry(
+            self.store, other.store, self.context, other.context,
+            not other.is_delta, keep, 1,
+        )
+        self.context.merge(other.context)
+        self.is_delta = keep
+
+    def join(self, other: Self) -> Self:
+        """A new state ``self ⊔ other``; neither input changes."""
+        out = self.copy()
+        out.merge(other)
+        return out
+
+    def copy(self) -> Self:
+        """An independent copy (immutable leaves are shared)."""
+        out = type(self).__new__(type(self))
+        out.store = _copy_entry(self.store)
+        out.context = self.context.copy()
+        out.is_delta = self.is_delta
+        return out
+
+    # -- reading -------------------------------------------------------------------------
+
+    def digest(self, key: bytes = b"") -> bytes:
+        """Keyed BLAKE2b-256 of the logical content: store and context.
+
+        Equal for replicas that have seen the same dots, whatever the delivery order.
+        """
+        h = hashlib.blake2b(digest_size=DIGEST_SIZE, key=key, person=_PERSON)
+        h.update(canonical_bytes(self.store))
+        h.update(_context_bytes(self.context))
+        return h.digest()
+
+    def metadata_size(self) -> int:
+        """Dots held in the store plus context entries: what a replica keeps besides values."""
+        return count_dots(self.store) + self.context.size()
+
+    def value(self) -> Any:
+        """The plain value a reader sees."""
+        return value_of(self.store)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, Causal)
+        return self.digest() == other.digest()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        tag = " delta" if self.is_delta else ""
+        return f"<{type(self).__name__}{tag} {self.value()!r} {self.context!r}>"
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _delta(self, store: Any, dots: list[Dot], *, is_delta: bool = True) -> Self:
+        out = type(self).__new__(type(self))
+        out.store = store
+        out.context = CausalContext.from_dots(dots)
+        out.is_delta = is_delta
+        return out
+
+    def _clear(self) -> Self:
+        # A full-state delta (not is_delta): its context covers every dot held, so merging it
+        # removes all of them everywhere; writes concurrent with the clear survive.
+        return self._delta(None, list(dots_of(self.store)), is_delta=False)
+
+
+class LWWRegister(Causal):
+    """Last-writer-wins register: the value with the greatest (hybrid time, replica id)."""
+
+    __slots__ = ()
+    KIND = Kind.LWW
+    _STORE = LWWStore
+
+    def assign(self, replica_id: str, value: Atom, ts: int) -> LWWRegister:
+        """Delta setting the register to ``value`` at hybrid timestamp ``ts``."""
+        rid = validate_replica_id(replica_id)
+        store, removed = lww_assign(self.store, self.context.next_dot(rid), ts,
+                                    validate_atom(value))
+        removed.append((store[0], store[1]))
+        return self._delta(store, removed)
+
+
+class MVRegister(Causal):
+    """Multi-value register: ``value()`` is every concurrently written value, sorted."""
+
+    __slots__ = ()
+    KIND = Kind.MV
+    _STORE = MVStore
+
+    def assign(self, replica_id: str, value: Atom) -> MVRegister:
+        """Delta replacing every value this replica has observed with ``value``."""
+        rid = validate_replica_id(replica_id)
+        store, removed = mv_assign(self.store, self.context.next_dot(rid), validate_atom(value))
+        removed.append((store[0], store[1]))
+        return self._delta(store, removed)
+
+
+class PNCounter(Causal):
+    """Counter supporting increments and decrements; one entry per replica."""
+
+    __slots__ = ()
+    KIND = Kind.COUNTER
+    _STORE = CounterStore
+
+    def increment(self, replica_id: str, amount: int = 1) -> PNCounter:
+        """Delta adding ``amount`` (may be negative)."""
+        rid = validate_replica_id(replica_id)
+        store, removed = counter_add(self.store, self.context.next_dot(rid),
+                                     _check_amount(amount))
+        removed.append((store[0], store[1]))
+        return self._delta(store, removed)
+
+    def decrement(self, replica_id: str, amount: int = 1) -> PNCounter:
+        """Delta subtracting ``amount``."""
+        return self.increment(replica_id, -_check_amount(amount))
+
+
+class ORSet(Causal):
+    """Add-wins observed-remove set of ``str``, ``int`` or ``bytes`` elements."""
+
+    __slots__ = ()
+    KIND = Kind.SET
+    _STORE = SetStore
+
+    def add(self, replica_id: str, element: Element) -> ORSet:
+        """Delta adding ``element``; wins over removes it has not observed."""
+        dot = self.context.next_dot(validate_replica_id(replica_id))
+        store, removed = set_add(self.store, dot, validate_element(element))
+        removed.append(dot)
+        return self._delta(store, removed)
+
+    def remove(self, element: Element) -> ORSet:
+        """Delta removing ``element`` as observed here (no dot is issued)."""
+        store, removed = set_remove(self.store, validate_element(element))
+        return self._delta(store, removed)
+
+    def clear(self) -> ORSet:
+        """Delta removing every element observed here."""
+        return self._clear()
+
+    def __contains__(self, element: object) -> bool:
+        return bool(self.store and self.store.get(element))
+
+    def value(self) -> frozenset[Element]:
+        """The elements present."""
+        return value_of(self.store) or frozenset()
+
+
+def _check_amount(amount: object) -> int:
+    if type(amount) is not int:
+        raise InvalidArgumentError(f"counter amounts are int, got {type(amount).__name__}")
+    validate_atom(amount)
+    return amount
+
+
+def _validate_path(path: Path) -> tuple[str, ...]:
+    if isinstance(path, str):
+        raise InvalidKeyError("a path is a sequence of keys, not a str; use (key,)")
+    keys = tuple(path)
+    if not keys:
+        raise InvalidKeyError("a path needs at least one key")
+    if len(keys) > MAX_NESTING_DEPTH:
+        raise NestingDepthError(
+            f"path of {len(keys)} keys is deeper than MAX_NESTING_DEPTH={MAX_NESTING_DEPTH}"
+        )
+    for k in keys:
+        validate_key(k)
+    return keys
+
+
+def _select(entry: Entry | None, cls: type) -> Any:
+    """The part of a map entry that has kind ``cls`` (a name may hold several kinds)."""
+    if entry is None:
+        return None
+    if type(entry) is cls:
+        return entry
+    if type(entry) is KindStore:
+        return entry.get(cls.KIND)  # type: ignore[attr-defined]
+    return None
+
+
+class ORMap(Causal):
+    """Observed-remove map from ``str`` keys to any kind, maps included, nested to
+    ``MAX_NESTING_DEPTH``. Each (key, kind) pair is an independent CRDT; removing a key
+    removes what the remover observed, and updates concurrent with the remove survive."""
+
+    __slots__ = ()
+    KIND = Kind.MAP
+    _STORE = MapStore
+
+    # -- delta-mutators ------------------------------------------------------------------
+
+    def assign(self, replica_id: str, path: Path, value: Atom, ts: int) -> ORMap:
+        """Delta setting the last-writer-wins register at ``path``."""
+        v = validate_atom(value)
+        return self._update(replica_id, path, LWWStore,
+                            lambda cur, dot: lww_assign(cur, dot, ts, v))
+
+    def assign_multi(self, replica_id: str, path: Path, value: Atom) -> ORMap:
+        """Delta setting the multi-value register at ``path``."""
+        v = validate_atom(value)
+        return self._update(replica_id, path, MVStore, lambda cur, dot: mv_assign(cur, dot, v))
+
+    def increment(self, replica_id: str, path: Path, amount: int = 1) -> ORMap:
+        """Delta adding ``amount`` to the counter at ``path``."""
+        a = _check_amount(amount)
+        return self._update(replica_id, path, CounterStore,
+                            lambda cur, dot: counter_add(cur, dot, a))
+
+    def add(self, replica_id: str, path: Path, element: Element) -> ORMap:
+        """Delta adding ``element`` to the set at ``path``."""
+        e = validate_element(element)
+        return self._update(replica_id, path, SetStore, lambda cur, dot: set_add(cur, dot, e))
+
+    def discard(self, replica_id: str, path: Path, element: Element) -> ORMap:
+        """Delta removing ``element`` (as observed) from the set at ``path``."""
+        e = validate_element(element)
+        return self._update(replica_id, path, SetStore, lambda cur, _: set_remove(cur, e),
+                            needs_dot=False)
+
+    def remove(self, path: Path) -> ORMap:
+        """Delta removing the key at ``path`` (every kind under it) as observed here."""
+        keys = _validate_path(path)
+        parent = self._walk(keys[:-1])
+        entry = parent.get(keys[-1]) if parent else None
+        store: Any = Whole(None)
+        for k in reversed(keys):
+            store = MapStore({k: store})
+        return self._delta(store, list(dots_of(entry, len(keys))))
+
+    def clear(self) -> ORMap:
+        """Delta removing every key observed here."""
+        return self._clear()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get(self, path: Path, kind: Kind | None = None) -> Any:
+        """The value at ``path`` (None if absent). With ``kind``, only that kind's value."""
+        keys = _validate_path(path)
+        parent = self._walk(keys[:-1])
+        entry = parent.get(keys[-1]) if parent else None
+        if kind is not None:
+            entry = _select(entry, CLASS_OF_KIND[kind])
+        return value_of(entry, len(keys))
+
+    def value(self) -> dict[str, Any]:
+        """The whole map as nested plain values."""
+        return value_of(self.store) or {}
+
+    def __contains__(self, key: object) -> bool:
+        return bool(self.store) and key in self.store
+
+    def __len__(self) -> int:
+        return len(self.store) if self.store else 0
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _walk(self, keys: tuple[str, ...]) -> MapStore | None:
+        cur: Any = self.store
+        for k in keys:
+            if not cur:
+                return None
+            cur = _select(cur.get(k), MapStore)
+        return cur  # type: ignore[no-any-return]
+
+    def _update(
+        self, replica_id: str, path: Path, cls: type, fn: Any, *, needs_dot: bool = True
+    ) -> ORMap:
+        rid = validate_replica_id(replica_id)
+        keys = _validate_path(path)
+        parent = self._walk(keys[:-1])
+        cur = _select(parent.get(keys[-1]), cls) if parent else None
+        dot = self.context.next_dot(rid) if needs_dot else None
+        store, removed = fn(cur, dot)
+        for k in reversed(keys):
+            store = MapStore({k: store})
+        if dot is not None:
+            removed.append(dot)
+        return self._delta(store, removed)

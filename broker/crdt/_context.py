@@ -1,0 +1,175 @@
+"""Dots and causal contexts.
+
+A *dot* ``(replica_id, counter)`` names one write. A :class:`CausalContext` is the set of dots a
+state has seen, kept as a version vector (every counter up to ``vv[r]`` seen) plus a *cloud* of
+dots seen out of order. Invariants kept by every method:
+
+- the context is always compact: no cloud dot is at or below its replica's vector entry, and
+  no cloud dot is the vector entry's successor (it would have been folded in);
+- so two contexts that have seen the same set of dots are equal field by field, which makes
+  digests and equality independent of delivery order;
+- its size is bounded by the number of replicas plus the dots still missing a predecessor,
+  never by the number of operations.
+
+Pure: no I/O, no clock, no asyncio.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+
+from broker.errors import InvalidReplicaIdError
+
+__all__ = ["MAX_REPLICA_ID_LENGTH", "CausalContext", "Dot", "validate_replica_id"]
+
+Dot = tuple[str, int]
+"""A dot: the replica that wrote, and that replica's write counter (starting at 1)."""
+
+MAX_REPLICA_ID_LENGTH = 64
+_REPLICA_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_REPLICA_ID_LENGTH}}}")
+
+
+def validate_replica_id(replica_id: object) -> str:
+    """Return ``replica_id`` if it is a valid replica id, else raise InvalidReplicaIdError."""
+    if not isinstance(replica_id, str) or _REPLICA_ID.fullmatch(replica_id) is None:
+        raise InvalidReplicaIdError(
+            f"invalid replica id {replica_id!r}: need 1-{MAX_REPLICA_ID_LENGTH} characters "
+            "from [A-Za-z0-9_-]"
+        )
+    return replica_id
+
+
+class CausalContext:
+    """The set of dots a state has seen: a version vector plus out-of-order dots."""
+
+    __slots__ = ("_cloud", "_vv")
+
+    def __init__(
+        self, vv: Mapping[str, int] | None = None, cloud: Iterable[Dot] = ()
+    ) -> None:
+        self._vv: dict[str, int] = {r: n for r, n in (vv or {}).items() if n > 0}
+        self._cloud: set[Dot] = set()
+        for dot in cloud:
+            self.add(dot)
+        self._compact()
+
+    @classmethod
+    def from_dots(cls, dots: Iterable[Dot]) -> CausalContext:
+        """A context holding exactly ``dots`` (as a delta's context does)."""
+        ctx = cls()
+        ctx._cloud.update(dots)
+        ctx._compact()
+        return ctx
+
+    # -- queries -------------------------------------------------------------------------
+
+    def covers(self, replica_id: str, counter: int) -> bool:
+        """Whether the dot ``(replica_id, counter)`` has been seen."""
+        return counter <= self._vv.get(replica_id, 0) or (replica_id, counter) in self._cloud
+
+    def __contains__(self, dot: object) -> bool:
+        if not isinstance(dot, tuple) or len(dot) != 2:
+            return False
+        return self.covers(dot[0], dot[1])
+
+    def max_counter(self, replica_id: str) -> int:
+        """The highest counter seen from ``replica_id`` (0 if none)."""
+        top = self._vv.get(replica_id, 0)
+        for r, n in self._cloud:
+            if r == replica_id and n > top:
+                top = n
+        return top
+
+    def next_dot(self, replica_id: str) -> Dot:
+        """The dot ``replica_id`` uses for its next write in this state."""
+        return (replica_id, self.max_counter(replica_id) + 1)
+
+    @property
+    def version_vector(self) -> dict[str, int]:
+        """A copy of the contiguous part: ``{replica: highest counter seen without gaps}``."""
+        return dict(self._vv)
+
+    @property
+    def cloud(self) -> frozenset[Dot]:
+        """Dots seen out of order (each missing a predecessor)."""
+        return frozenset(self._cloud)
+
+    def dots(self) -> Iterator[Dot]:
+        """Every dot seen, in ascending order per replica (can be long for a full state)."""
+        for r in sorted(self._vv):
+            for n in range(1, self._vv[r] + 1):
+                yield (r, n)
+        yield from sorted(self._cloud)
+
+    def size(self) -> int:
+        """Metadata entries kept: vector entries plus cloud dots."""
+        return len(self._vv) + len(self._cloud)
+
+    def is_empty(self) -> bool:
+        """True when no dot has been seen."""
+        return not self._vv and not self._cloud
+
+    # -- updates -------------------------------------------------------------------------
+
+    def add(self, dot: Dot) -> None:
+        """Record ``dot`` as seen, keeping the context compact."""
+        r, n = dot
+        top = self._vv.get(r, 0)
+        if n <= top:
+            return
+        if n == top + 1:
+            self._vv[r] = n
+            if self._cloud:
+                self._absorb(r)
+        else:
+            self._cloud.add(dot)
+
+    def merge(self, other: CausalContext) -> None:
+        """In place: this context becomes the union of both."""
+        vv = self._vv
+        for r, n in other._vv.items():
+            if n > vv.get(r, 0):
+                vv[r] = n
+        if other._cloud:
+            self._cloud.update(other._cloud)
+        if self._cloud:
+            self._compact()
+
+    def copy(self) -> CausalContext:
+        """An independent copy."""
+        ctx = CausalContext.__new__(CausalContext)
+        ctx._vv = dict(self._vv)
+        ctx._cloud = set(self._cloud)
+        return ctx
+
+    def _absorb(self, r: str) -> None:
+        vv, cloud = self._vv, self._cloud
+        n = vv[r] + 1
+        while (r, n) in cloud:
+            cloud.discard((r, n))
+            vv[r] = n
+            n += 1
+
+    def _compact(self) -> None:
+        vv = self._vv
+        keep: set[Dot] = set()
+        for r, n in sorted(self._cloud):
+            top = vv.get(r, 0)
+            if n <= top:
+                continue
+            if n == top + 1:
+                vv[r] = n
+            else:
+                keep.add((r, n))
+        self._cloud = keep
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CausalContext):
+            return NotImplemented
+        return self._vv == other._vv and self._cloud == other._cloud
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"CausalContext(vv={self._vv!r}, cloud={sorted(self._cloud)!r})"

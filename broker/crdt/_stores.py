@@ -1,0 +1,619 @@
+"""Dot stores: the content of every CRDT kind, and the one join that merges them.
+
+This module is the delta-state dot-store construction of Almeida, Shoker and Baquero
+("Delta state replicated data types", 2018). A causal CRDT is a pair (store, context); the
+context lives one level up (``_causal.py``) and is shared by every store nested inside a map.
+
+Stores, by kind:
+
+- ``LWWStore``, ``MVStore``, ``CounterStore`` are *dot functions*: immutable flat tuples of
+  ``(replica, counter, *payload)`` entries, sorted by dot. Flat tuples keep a register at one
+  small object per key, which is what makes 1M keys fit in a few hundred MB.
+- ``SetStore`` is a dot map from element to a *dot set* (flat tuple ``(r, n, r, n, ...)``).
+- ``MapStore`` is a dot map from name to a store. A name may hold several kinds at once
+  (two replicas created it concurrently with different kinds): then its entry is a
+  ``KindStore`` keyed by ``Kind``. Each (name, kind) pair is its own CRDT, as in Riak maps, so
+  no write is lost to a kind conflict.
+
+The join rule for every store: a dot survives if both sides hold it, or if one side holds it
+and the other side's context has not seen it. Laws every function here keeps:
+
+- join is commutative, associative and idempotent on states;
+- the canonical form is unique: entries sorted, empty children removed, a name with one kind
+  is stored bare. So equal content means equal digests, whatever the delivery order;
+- recursion is bounded: a map deeper than ``MAX_NESTING_DEPTH`` raises NestingDepthError.
+
+Deltas may carry two markers that states never hold: ``Whole(store)`` on a map entry says
+"this delta knows this whole subtree: join it in full" (a removed key, a cleared set), and an
+empty dot set ``()`` on a set element says "this element was touched" (a removed element).
+They let a small delta be joined in time proportional to its own size: a delta's context only
+covers dots under the entries it touches, so every other entry can be skipped.
+
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, Final, TypeAlias
+
+from broker.crdt._atoms import INT64_MAX, Atom, Element, encode_atom
+from broker.crdt._context import CausalContext, Dot
+from broker.errors import NestingDepthError, ValueTooLargeError
+
+__all__ = [
+    "CLASS_OF_KIND",
+    "DIGEST_SIZE",
+    "MAX_NESTING_DEPTH",
+    "CounterStore",
+    "Entry",
+    "Kind",
+    "KindConflict",
+    "KindStore",
+    "LWWStore",
+    "MVStore",
+    "MapStore",
+    "SetStore",
+    "Store",
+    "Whole",
+    "canonical_bytes",
+    "count_dots",
+    "counter_add",
+    "digest_entry",
+    "dots_of",
+    "join_entry",
+    "lww_assign",
+    "mv_assign",
+    "set_add",
+    "set_remove",
+    "value_of",
+]
+
+MAX_NESTING_DEPTH: Final = 8
+"""Most map levels on any path from a document's root to a value (the root map is level 1)."""
+
+
+class Kind(enum.IntEnum):
+    """The CRDT kinds a map entry can hold. Values are wire constants: never renumber."""
+
+    LWW = 1
+    MV = 2
+    COUNTER = 3
+    SET = 4
+    MAP = 5
+
+
+class _DotFun(tuple[Any, ...]):
+    """A dot function as a flat tuple of ``STRIDE``-wide entries ``(replica, counter, ...)``."""
+
+    __slots__ = ()
+    STRIDE: ClassVar[int]
+    KIND: ClassVar[Kind]
+
+    def entries(self) -> Iterator[tuple[Any, ...]]:
+        """Each entry as a tuple, in dot order."""
+        s = self.STRIDE
+        for i in range(0, len(self), s):
+            yield self[i : i + s]
+
+
+class LWWStore(_DotFun):
+    """Last-writer-wins register: entries ``(replica, counter, hlc, value)``.
+
+    Concurrent writes are all kept until a write that has seen them replaces them; the
+    visible value is the entry with the greatest ``(hlc, replica)``.
+    """
+
+    __slots__ = ()
+    STRIDE = 4
+    KIND = Kind.LWW
+
+
+class MVStore(_DotFun):
+    """Multi-value register: entries ``(replica, counter, value)``; all concurrent values
+    are visible until a write that has seen them replaces them."""
+
+    __slots__ = ()
+    STRIDE = 3
+    KIND = Kind.MV
+
+
+class CounterStore(_DotFun):
+    """PN-counter: entries ``(replica, counter, increments, decrements)``, at most one live
+    entry per replica (each update replaces the writer's previous entry)."""
+
+    __slots__ = ()
+    STRIDE = 4
+    KIND = Kind.COUNTER
+
+
+class SetStore(dict[Element, tuple[Any, ...]]):
+    """Add-wins OR-set: element -> dot set (flat tuple ``(r, n, r, n, ...)``)."""
+
+    __slots__ = ()
+    KIND: ClassVar[Kind] = Kind.SET
+
+
+class MapStore(dict[str, "Entry"]):
+    """OR-map: name -> store (or ``KindStore`` when a name holds several kinds)."""
+
+    __slots__ = ()
+    KIND: ClassVar[Kind] = Kind.MAP
+
+
+class KindStore(dict[Kind, "Store"]):
+    """Several kinds under one map name; always two or more, never empty."""
+
+    __slots__ = ()
+
+
+class Whole:
+    """Delta-only marker on a map entry: join this subtree in full (see module doc)."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: Store | KindStore | None) -> None:
+        self.store = store
+
+    def __repr__(self) -> str:
+        return f"Whole({self.store!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Whole) and self.store == other.store
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class KindConflict(dict[Kind, Any]):
+    """What ``value()`` shows for a name that holds several kinds: kind -> value."""
+
+    __slots__ = ()
+
+
+Store: TypeAlias = LWWStore | MVStore | CounterStore | SetStore | MapStore
+Entry: TypeAlias = Store | KindStore | Whole
+
+# --------------------------------------------------------------------------------------------
+# join
+
+
+def _sorted_entries(out: list[Any], stride: int) -> list[Any]:
+    rows = [out[i : i + stride] for i in range(0, len(out), stride)]
+    rows.sort(key=lambda e: (e[0], e[1]))
+    return [x for row in rows for x in row]
+
+
+def _join_fun(
+    cls: type[_DotFun], a: tuple[Any, ...] | None, b: tuple[Any, ...] | None,
+    ca: CausalContext, cb: CausalContext,
+) -> Any:
+    """Join two dot functions (or dot sets, stride 2). ``None``/``()`` mean empty."""
+    s = cls.STRIDE
+    if a is b:
+        return a or None
+    if not a:
+        if not b:
+            return None
+        # Adopt b: keep what a's context has not seen.
+        if len(b) == s:
+            return None if ca.covers(b[0], b[1]) else b
+        out: list[Any] = []
+        for i in range(0, len(b), s):
+            if not ca.covers(b[i], b[i + 1]):
+                out.extend(b[i : i + s])
+        return cls(out) if out else None
+    if not b:
+        # Filter a: drop what b's context has seen (b holds none of it).
+        if len(a) == s:
+            return None if cb.covers(a[0], a[1]) else a
+        out = []
+        for i in range(0, len(a), s):
+            if not cb.covers(a[i], a[i + 1]):
+                out.extend(a[i : i + s])
+        return cls(out) if out else None
+    if len(a) == s and len(b) == s:
+        # Hot path: one entry each side (a register overwritten by a delta).
+        ar, an, br, bn = a[0], a[1], b[0], b[1]
+        if ar == br and an == bn:
+            return a
+        keep_a = not cb.covers(ar, an)
+        keep_b = not ca.covers(br, bn)
+        if keep_a and keep_b:
+            return cls(a + b) if (ar, an) < (br, bn) else cls(b + a)
+        if keep_a:
+            return a
+        return b if keep_b else None
+    adots = {(a[i], a[i + 1]) for i in range(0, len(a), s)}
+    bdots = {(b[i], b[i + 1]) for i in range(0, len(b), s)}
+    out = []
+    for i in range(0, len(a), s):
+        r, n = a[i], a[i + 1]
+        if (r, n) in bdots or not cb.covers(r, n):
+            out.extend(a[i : i + s])
+    for i in range(0, len(b), s):
+        r, n = b[i], b[i + 1]
+        if (r, n) not in adots and not ca.covers(r, n):
+            out.extend(b[i : i + s])
+    if not out:
+        return None
+    if len(out) > s:
+        out = _sorted_entries(out, s)
+    return cls(out)
+
+
+class _DotSet(_DotFun):
+    """Stride-2 view used only to join dot sets; results are stored as plain tuples."""
+
+    __slots__ = ()
+    STRIDE = 2
+
+
+def _join_dotset(
+    a: tuple[Any, ...] | None, b: tuple[Any, ...] | None, ca: CausalContext, cb: CausalContext
+) -> tuple[Any, ...] | None:
+    r = _join_fun(_DotSet, a, b, ca, cb)
+    return None if r is None else tuple(r)
+
+
+def _join_set(
+    a: SetStore | None, b: SetStore | None, ca: CausalContext, cb: CausalContext,
+    full: bool, keep: bool, depth: int,
+) -> SetStore | None:
+    if b is None:
+        assert a is not None
+        for e in list(a):
+            r = _join_dotset(a[e], None, ca, cb)
+            if r is not None:
+                a[e] = r
+            elif keep:
+                a[e] = ()
+            else:
+                del a[e]
+        return a or None
+    if a is b:
+        return a or None
+    if a is None:
+        a = SetStore()
+    for e, bd in b.items():
+        r = _join_dotset(a.get(e), bd, ca, cb)
+        if r is not None:
+            a[e] = r
+        elif keep:
+            a[e] = ()
+        else:
+            a.pop(e, None)
+    if full:
+        for e in [e for e in a if e not in b]:
+            r = _join_dotset(a[e], None, ca, cb)
+            if r is not None:
+                a[e] = r
+            elif keep:
+                a[e] = ()
+            else:
+                del a[e]
+    return a or None
+
+
+def _join_map(
+    a: MapStore | None, b: MapStore | None, ca: CausalContext, cb: CausalContext,
+    full: bool, keep: bool, depth: int,
+) -> MapStore | None:
+    if depth > MAX_NESTING_DEPTH:
+        raise NestingDepthError(f"maps nest deeper than MAX_NESTING_DEPTH={MAX_NESTING_DEPTH}")
+    if a is b:
+        return a or None
+    if b is None:
+        assert a is not None
+        for k in list(a):
+            r = join_entry(a[k], None, ca, cb, True, keep, depth + 1)
+            if r is None:
+                del a[k]
+            else:
+                a[k] = r
+        return a or None
+    if a is None:
+        a = MapStore()
+    for k, bv in b.items():
+        r = join_entry(a.get(k), bv, ca, cb, full, keep, depth + 1)
+        if r is None:
+            a.pop(k, None)
+        else:
+            a[k] = r
+    if full:
+        for k in [k for k in a if k not in b]:
+            r = join_entry(a[k], None, ca, cb, True, keep, depth + 1)
+            if r is None:
+                del a[k]
+            else:
+                a[k] = r
+    return a or None
+
+
+def _join_lww(a: Any, b: Any, ca: CausalContext, cb: CausalContext,
+              full: bool, keep: bool, depth: int) -> Any:
+    return _join_fun(LWWStore, a, b, ca, cb)
+
+
+def _join_mv(a: Any, b: Any, ca: CausalContext, cb: CausalContext,
+             full: bool, keep: bool, depth: int) -> Any:
+    return _join_fun(MVStore, a, b, ca, cb)
+
+
+def _join_counter(a: Any, b: Any, ca: CausalContext, cb: CausalContext,
+                  full: bool, keep: bool, depth: int) -> Any:
+    return _join_fun(CounterStore, a, b, ca, cb)
+
+
+_Join = Callable[[Any, Any, CausalContext, CausalContext, bool, bool, int], Any]
+_JOIN: dict[type, _Join] = {
+    LWWStore: _join_lww,
+    MVStore: _join_mv,
+    CounterStore: _join_counter,
+    SetStore: _join_set,
+    MapStore: _join_map,
+}
+CLASS_OF_KIND: dict[Kind, type] = {
+    Kind.LWW: LWWStore,
+    Kind.MV: MVStore,
+    Kind.COUNTER: CounterStore,
+    Kind.SET: SetStore,
+    Kind.MAP: MapStore,
+}
+
+
+def _as_kinds(entry: Store | KindStore | None) -> dict[Kind, Store]:
+    if entry is None:
+        return {}
+    if isinstance(entry, KindStore):
+        return entry
+    return {entry.KIND: entry}
+
+
+def join_entry(
+    a: Entry | None, b: Entry | None, ca: CausalContext, cb: CausalContext,
+    full: bool, keep: bool, depth: int,
+) -> Entry | None:
+    """Join map entry ``b`` (context ``cb``) into ``a`` (context ``ca``); may mutate ``a``.
+
+    ``b is None`` filters ``a`` by ``cb``. ``full`` joins every part of ``a`` (a full state
+    or a ``Whole`` subtree on the ``b`` side); otherwise only what ``b`` holds is visited.
+    ``keep`` (delta into delta) keeps markers. Returns the joined entry or None if empty.
+    """
+    tb = type(b)
+    if tb is Whole:
+        inner = b.store  # type: ignore[union-attr]
+        if inner is None:
+            r = None if a is None else join_entry(a, None, ca, cb, True, keep, depth)
+        else:
+            r = join_entry(a, inner, ca, cb, True, keep, depth)
+        if keep:
+            return Whole(r.store if isinstance(r, Whole) else r)
+        return r
+    ta = type(a)
+    if ta is Whole:
+        inner_a = a.store  # type: ignore[union-attr]
+        if inner_a is None:
+            r = None if b is None else join_entry(None, b, ca, cb, True, keep, depth)
+        else:
+            r = join_entry(inner_a, b, ca, cb, True, keep, depth)
+        return Whole(r) if keep else r  # type: ignore[arg-type]
+    if b is None and a is None:
+        return None
+    if ta is tb and ta is not KindStore:
+        return _JOIN[ta](a, b, ca, cb, full, keep, depth)  # type: ignore[no-any-return]
+    if b is None and ta is not KindStore:
+        return _JOIN[ta](a, None, ca, cb, full, keep, depth)  # type: ignore[no-any-return]
+    if a is None and tb is not KindStore:
+        return _JOIN[tb](None, b, ca, cb, full, keep, depth)  # type: ignore[no-any-return]
+    # Different kinds, or a KindStore on either side: join kind by kind.
+    da = _as_kinds(a)  # type: ignore[arg-type]
+    db = _as_kinds(b)  # type: ignore[arg-type]
+    out = KindStore()
+    for kind in sorted(da.keys() | db.keys()):
+        x, y = da.get(kind), db.get(kind)
+        if y is None and not full:
+            r2: Any = x
+        else:
+            r2 = _JOIN[CLASS_OF_KIND[kind]](x, y, ca, cb, full, keep, depth)
+        if r2 is not None:
+            out[kind] = r2
+    if not out:
+        return None
+    if len(out) == 1:
+        return next(iter(out.values()))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# mutators: each returns (delta entry, dots the delta removes)
+
+
+def _dots_fun(store: tuple[Any, ...] | None, stride: int) -> list[Dot]:
+    if not store:
+        return []
+    return [(store[i], store[i + 1]) for i in range(0, len(store), stride)]
+
+
+def lww_assign(cur: LWWStore | None, dot: Dot, ts: int, value: Atom) -> tuple[LWWStore, list[Dot]]:
+    """Delta that sets a last-writer-wins register to ``value`` at hybrid time ``ts``."""
+    return LWWStore((dot[0], dot[1], ts, value)), _dots_fun(cur, 4)
+
+
+def mv_assign(cur: MVStore | None, dot: Dot, value: Atom) -> tuple[MVStore, list[Dot]]:
+    """Delta that sets a multi-value register to ``value``, replacing what was observed."""
+    return MVStore((dot[0], dot[1], value)), _dots_fun(cur, 3)
+
+
+def counter_add(cur: CounterStore | None, dot: Dot, amount: int) -> tuple[CounterStore, list[Dot]]:
+    """Delta that adds ``amount`` (negative to subtract) to a PN-counter."""
+    rid = dot[0]
+    inc = dec = 0
+    removed: list[Dot] = []
+    if cur:
+        for i in range(0, len(cur), 4):
+            if cur[i] == rid:
+                inc, dec = max(inc, cur[i + 2]), max(dec, cur[i + 3])
+                removed.append((rid, cur[i + 1]))
+    if amount >= 0:
+        inc += amount
+    else:
+        dec -= amount
+    if inc > INT64_MAX or dec > INT64_MAX:
+        raise ValueTooLargeError("counter contribution would leave the signed 64-bit range")
+    return CounterStore((rid, dot[1], inc, dec)), removed
+
+
+def set_add(cur: SetStore | None, dot: Dot, element: Element) -> tuple[SetStore, list[Dot]]:
+    """Delta that adds ``element`` to an OR-set (add wins over concurrent removes)."""
+    old = cur.get(element) if cur else None
+    d = SetStore()
+    d[element] = (dot[0], dot[1])
+    return d, _dots_fun(old, 2)
+
+
+def set_remove(cur: SetStore | None, element: Element) -> tuple[SetStore, list[Dot]]:
+    """Delta that removes ``element`` as observed; concurrent adds survive."""
+    old = cur.get(element) if cur else None
+    d = SetStore()
+    d[element] = ()
+    return d, _dots_fun(old, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def dots_of(entry: Entry | None, depth: int = 1) -> Iterator[Dot]:
+    """Every dot held in ``entry`` (recursing into maps, bounded by MAX_NESTING_DEPTH)."""
+    if entry is None:
+        return
+    if isinstance(entry, Whole):
+        yield from dots_of(entry.store, depth)
+    elif isinstance(entry, MapStore):
+        if depth > MAX_NESTING_DEPTH:
+            raise NestingDepthError(f"maps nest deeper than {MAX_NESTING_DEPTH}")
+        for child in entry.values():
+            yield from dots_of(child, depth + 1)
+    elif isinstance(entry, KindStore):
+        for store in entry.values():
+            yield from dots_of(store, depth)
+    elif isinstance(entry, SetStore):
+        for ds in entry.values():
+            yield from _dots_fun(ds, 2)
+    else:
+        yield from _dots_fun(entry, entry.STRIDE)
+
+
+def count_dots(entry: Entry | None) -> int:
+    """Number of dots held: the per-key metadata a state keeps."""
+    return sum(1 for _ in dots_of(entry))
+
+
+def _lww_value(s: LWWStore) -> Atom:
+    if len(s) == 4:
+        return s[3]  # type: ignore[no-any-return]
+    best = max(s.entries(), key=lambda e: (e[2], e[0]))
+    return best[3]  # type: ignore[no-any-return]
+
+
+def value_of(entry: Entry | None, depth: int = 1) -> Any:
+    """The plain Python value a reader sees (None for an empty entry)."""
+    if entry is None:
+        return None
+    if isinstance(entry, LWWStore):
+        return _lww_value(entry)
+    if isinstance(entry, MVStore):
+        return tuple(sorted((e[2] for e in entry.entries()), key=encode_atom))
+    if isinstance(entry, CounterStore):
+        return sum(e[2] - e[3] for e in entry.entries())
+    if isinstance(entry, SetStore):
+        return frozenset(e for e, ds in entry.items() if ds)
+    if isinstance(entry, MapStore):
+        if depth > MAX_NESTING_DEPTH:
+            raise NestingDepthError(f"maps nest deeper than {MAX_NESTING_DEPTH}")
+        return {
+            k: value_of(child, depth + 1)
+            for k, child in entry.items()
+            if not isinstance(child, Whole)
+        }
+    if isinstance(entry, KindStore):
+        return KindConflict({k: value_of(v, depth) for k, v in entry.items()})
+    return value_of(entry.store, depth)
+
+
+# --------------------------------------------------------------------------------------------
+# canonical bytes and digests
+
+_pack_q = struct.Struct(">q").pack
+_pack_i = struct.Struct(">I").pack
+DIGEST_SIZE: Final = 32
+_PERSON = b"worknode-dgst1"
+
+
+def _encode_fun(s: tuple[Any, ...], stride: int, out: list[bytes]) -> None:
+    out.append(_pack_i(len(s) // stride))
+    for i in range(0, len(s), stride):
+        out.append(encode_atom(s[i]))
+        out.append(_pack_q(s[i + 1]))
+        if stride == 4:  # LWW: (replica, counter, hlc, value)
+            out.append(_pack_q(s[i + 2]))
+            out.append(encode_atom(s[i + 3]))
+        elif stride == 3:  # MV: (replica, counter, value)
+            out.append(encode_atom(s[i + 2]))
+
+
+def _encode(entry: Entry | None, out: list[bytes], depth: int) -> None:
+    if entry is None:
+        out.append(b"0")
+    elif isinstance(entry, LWWStore):
+        out.append(b"L")
+        _encode_fun(entry, 4, out)
+    elif isinstance(entry, MVStore):
+        out.append(b"M")
+        _encode_fun(entry, 3, out)
+    elif isinstance(entry, CounterStore):
+        out.append(b"C")
+        out.append(_pack_i(len(entry) // 4))
+        for r, n, inc, dec in entry.entries():
+            out.append(encode_atom(r))
+            out.append(_pack_q(n) + _pack_q(inc) + _pack_q(dec))
+    elif isinstance(entry, SetStore):
+        out.append(b"E")
+        items = sorted((encode_atom(e), ds) for e, ds in entry.items())
+        out.append(_pack_i(len(items)))
+        for enc, ds in items:
+            out.append(enc)
+            _encode_fun(ds, 2, out)
+    elif isinstance(entry, MapStore):
+        if depth > MAX_NESTING_DEPTH:
+            raise NestingDepthError(f"maps nest deeper than {MAX_NESTING_DEPTH}")
+        out.append(b"P")
+        out.append(_pack_i(len(entry)))
+        for k in sorted(entry):
+            out.append(encode_atom(k))
+            _encode(entry[k], out, depth + 1)
+    elif isinstance(entry, KindStore):
+        out.append(b"K")
+        out.append(_pack_i(len(entry)))
+        for kind in sorted(entry):
+            _encode(entry[kind], out, depth)
+    else:
+        out.append(b"W")
+        _encode(entry.store, out, depth)
+
+
+def canonical_bytes(entry: Entry | None, depth: int = 1) -> bytes:
+    """Canonical bytes of an entry: equal content gives equal bytes."""
+    out: list[bytes] = []
+    _encode(entry, out, depth)
+    return b"".join(out)
+
+
+def digest_entry(entry: Entry | None, key: bytes = b"", depth: int = 1) -> bytes:
+    """Keyed BLAKE2b-256 of an entry's canonical bytes (depends on content only)."""
+    return hashlib.blake2b(
+        canonical_bytes(entry, depth), digest_size=DIGEST_SIZE, key=key, person=_PERSON
+    ).digest()

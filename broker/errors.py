@@ -1,0 +1,119 @@
+"""The worknode error tree.
+
+Every error worknode raises on purpose derives from :class:`WorknodeError`, so a caller can
+catch one base class at a boundary. Each class says when it is raised and what the caller
+should do about it. Errors that are safe to retry carry ``retriable = True``; all others are
+final for the input that caused them.
+
+Invalid input is a ``WorknodeError`` *and* a ``ValueError`` so that code written against the
+builtin hierarchy keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BoundsError",
+    "ClockSkewError",
+    "InvalidArgumentError",
+    "InvalidKeyError",
+    "InvalidNodeIdError",
+    "InvalidReplicaIdError",
+    "InvalidValueError",
+    "KindMismatchError",
+    "NestingDepthError",
+    "TreeError",
+    "UnknownNodeError",
+    "ValueTooLargeError",
+    "WorknodeError",
+]
+
+
+class WorknodeError(Exception):
+    """Root of every error worknode raises on purpose.
+
+    Catch this at a service boundary to handle all worknode failures in one place.
+    ``retriable`` tells whether repeating the same call later may succeed.
+    """
+
+    retriable: bool = False
+
+
+class InvalidArgumentError(WorknodeError, ValueError):
+    """An argument is malformed. Fix the input; retrying the same call fails again."""
+
+
+class InvalidReplicaIdError(InvalidArgumentError):
+    """A replica id is empty, too long, or holds characters outside ``[A-Za-z0-9_-]``.
+
+    Replica ids name dots on the wire and become NATS subject tokens; choose a valid id.
+    """
+
+
+class InvalidNodeIdError(InvalidArgumentError):
+    """A worknode id is empty, too long, reserved, or holds characters outside ``[A-Za-z0-9_-]``.
+
+    Worknode ids become NATS subject tokens; choose a valid id.
+    """
+
+
+class InvalidKeyError(InvalidArgumentError):
+    """A map key or path is empty, too long, not text, or not encodable as UTF-8.
+
+    Use a non-empty ``str`` of at most ``MAX_KEY_BYTES`` UTF-8 bytes.
+    """
+
+
+class InvalidValueError(InvalidArgumentError):
+    """A value is not an atom worknode can store (None, bool, int64, finite float, str, bytes),
+    or a set element is not a ``str``, ``int`` or ``bytes``.
+
+    Convert the value, or model structured data as nested maps.
+    """
+
+
+class KindMismatchError(InvalidArgumentError):
+    """An operation's path walks through a key that holds a different CRDT kind, or an
+    operation does not apply to the kind it targets. Address the right key or kind.
+    """
+
+
+class BoundsError(WorknodeError):
+    """A named bound was exceeded. The input is refused whole; nothing was applied.
+
+    Split the work, or raise the bound in settings where it is a setting.
+    """
+
+
+class NestingDepthError(BoundsError):
+    """Building or merging a state nested deeper than ``MAX_NESTING_DEPTH`` maps.
+
+    Flatten the data model; a state from a peer that triggers this is refused whole.
+    """
+
+
+class ValueTooLargeError(BoundsError):
+    """A value, key or counter amount is larger than its bound (for example an int outside
+    the signed 64-bit range, or text above ``MAX_VALUE_BYTES``). Store less per key.
+    """
+
+
+class ClockSkewError(WorknodeError):
+    """A remote hybrid timestamp lies further in the future than the allowed drift.
+
+    The sender's clock is wrong; the message is refused. Retrying after the local clock
+    catches up may succeed, hence ``retriable``.
+    """
+
+    retriable = True
+
+
+class TreeError(InvalidArgumentError):
+    """A tree operation is impossible as observed locally (for example moving a worknode
+    under its own descendant, or moving the root). Choose another target.
+    """
+
+
+class UnknownNodeError(TreeError, LookupError):
+    """The worknode does not exist in the local replica's view. Create it first, or wait
+    until the replica has caught up with the write that creates it.
+    """
