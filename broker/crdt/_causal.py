@@ -133,8 +133,13 @@ class Causal:
             )
         keep = self.is_delta and other.is_delta
         self.store = join_entry(
-            self.store, other.store, self.context, other.context,
-            not other.is_delta, keep, 1,
+            self.store,
+            other.store,
+            self.context,
+            other.context,
+            not other.is_delta,
+            keep,
+            1,
         )
         self.context.merge(other.context)
         self.is_delta = keep
@@ -210,8 +215,9 @@ class LWWRegister(Causal):
     def assign(self, replica_id: str, value: Atom, ts: int) -> LWWRegister:
         """Delta setting the register to ``value`` at hybrid timestamp ``ts``."""
         rid = validate_replica_id(replica_id)
-        store, removed = lww_assign(self.store, self.context.next_dot(rid), ts,
-                                    validate_atom(value))
+        store, removed = lww_assign(
+            self.store, self.context.next_dot(rid), ts, validate_atom(value)
+        )
         removed.append((store[0], store[1]))
         return self._delta(store, removed)
 
@@ -241,8 +247,7 @@ class PNCounter(Causal):
     def increment(self, replica_id: str, amount: int = 1) -> PNCounter:
         """Delta adding ``amount`` (may be negative)."""
         rid = validate_replica_id(replica_id)
-        store, removed = counter_add(self.store, self.context.next_dot(rid),
-                                     _check_amount(amount))
+        store, removed = counter_add(self.store, self.context.next_dot(rid), _check_amount(amount))
         removed.append((store[0], store[1]))
         return self._delta(store, removed)
 
@@ -329,8 +334,9 @@ class ORMap(Causal):
     def assign(self, replica_id: str, path: Path, value: Atom, ts: int) -> ORMap:
         """Delta setting the last-writer-wins register at ``path``."""
         v = validate_atom(value)
-        return self._update(replica_id, path, LWWStore,
-                            lambda cur, dot: lww_assign(cur, dot, ts, v))
+        return self._update(
+            replica_id, path, LWWStore, lambda cur, dot: lww_assign(cur, dot, ts, v)
+        )
 
     def assign_multi(self, replica_id: str, path: Path, value: Atom) -> ORMap:
         """Delta setting the multi-value register at ``path``."""
@@ -340,8 +346,9 @@ class ORMap(Causal):
     def increment(self, replica_id: str, path: Path, amount: int = 1) -> ORMap:
         """Delta adding ``amount`` to the counter at ``path``."""
         a = _check_amount(amount)
-        return self._update(replica_id, path, CounterStore,
-                            lambda cur, dot: counter_add(cur, dot, a))
+        return self._update(
+            replica_id, path, CounterStore, lambda cur, dot: counter_add(cur, dot, a)
+        )
 
     def add(self, replica_id: str, path: Path, element: Element) -> ORMap:
         """Delta adding ``element`` to the set at ``path``."""
@@ -351,8 +358,9 @@ class ORMap(Causal):
     def discard(self, replica_id: str, path: Path, element: Element) -> ORMap:
         """Delta removing ``element`` (as observed) from the set at ``path``."""
         e = validate_element(element)
-        return self._update(replica_id, path, SetStore, lambda cur, _: set_remove(cur, e),
-                            needs_dot=False)
+        return self._update(
+            replica_id, path, SetStore, lambda cur, _: set_remove(cur, e), needs_dot=False
+        )
 
     def remove(self, path: Path) -> ORMap:
         """Delta removing the key at ``path`` (every kind under it) as observed here."""

@@ -45,9 +45,7 @@ class CausalContext:
 
     __slots__ = ("_cloud", "_vv")
 
-    def __init__(
-        self, vv: Mapping[str, int] | None = None, cloud: Iterable[Dot] = ()
-    ) -> None:
+    def __init__(self, vv: Mapping[str, int] | None = None, cloud: Iterable[Dot] = ()) -> None:
         self._vv: dict[str, int] = {r: n for r, n in (vv or {}).items() if n > 0}
         self._cloud: set[Dot] = set()
         for dot in cloud:

@@ -187,8 +187,11 @@ def _sorted_entries(out: list[Any], stride: int) -> list[Any]:
 
 
 def _join_fun(
-    cls: type[_DotFun], a: tuple[Any, ...] | None, b: tuple[Any, ...] | None,
-    ca: CausalContext, cb: CausalContext,
+    cls: type[_DotFun],
+    a: tuple[Any, ...] | None,
+    b: tuple[Any, ...] | None,
+    ca: CausalContext,
+    cb: CausalContext,
 ) -> Any:
     """Join two dot functions (or dot sets, stride 2). ``None``/``()`` mean empty."""
     s = cls.STRIDE
@@ -259,8 +262,13 @@ def _join_dotset(
 
 
 def _join_set(
-    a: SetStore | None, b: SetStore | None, ca: CausalContext, cb: CausalContext,
-    full: bool, keep: bool, depth: int,
+    a: SetStore | None,
+    b: SetStore | None,
+    ca: CausalContext,
+    cb: CausalContext,
+    full: bool,
+    keep: bool,
+    depth: int,
 ) -> SetStore | None:
     if b is None:
         assert a is not None
@@ -298,8 +306,13 @@ def _join_set(
 
 
 def _join_map(
-    a: MapStore | None, b: MapStore | None, ca: CausalContext, cb: CausalContext,
-    full: bool, keep: bool, depth: int,
+    a: MapStore | None,
+    b: MapStore | None,
+    ca: CausalContext,
+    cb: CausalContext,
+    full: bool,
+    keep: bool,
+    depth: int,
 ) -> MapStore | None:
     if depth > MAX_NESTING_DEPTH:
         raise NestingDepthError(f"maps nest deeper than MAX_NESTING_DEPTH={MAX_NESTING_DEPTH}")
@@ -332,18 +345,21 @@ def _join_map(
     return a or None
 
 
-def _join_lww(a: Any, b: Any, ca: CausalContext, cb: CausalContext,
-              full: bool, keep: bool, depth: int) -> Any:
+def _join_lww(
+    a: Any, b: Any, ca: CausalContext, cb: CausalContext, full: bool, keep: bool, depth: int
+) -> Any:
     return _join_fun(LWWStore, a, b, ca, cb)
 
 
-def _join_mv(a: Any, b: Any, ca: CausalContext, cb: CausalContext,
-             full: bool, keep: bool, depth: int) -> Any:
+def _join_mv(
+    a: Any, b: Any, ca: CausalContext, cb: CausalContext, full: bool, keep: bool, depth: int
+) -> Any:
     return _join_fun(MVStore, a, b, ca, cb)
 
 
-def _join_counter(a: Any, b: Any, ca: CausalContext, cb: CausalContext,
-                  full: bool, keep: bool, depth: int) -> Any:
+def _join_counter(
+    a: Any, b: Any, ca: CausalContext, cb: CausalContext, full: bool, keep: bool, depth: int
+) -> Any:
     return _join_fun(CounterStore, a, b, ca, cb)
 
 
@@ -373,8 +389,13 @@ def _as_kinds(entry: Store | KindStore | None) -> dict[Kind, Store]:
 
 
 def join_entry(
-    a: Entry | None, b: Entry | None, ca: CausalContext, cb: CausalContext,
-    full: bool, keep: bool, depth: int,
+    a: Entry | None,
+    b: Entry | None,
+    ca: CausalContext,
+    cb: CausalContext,
+    full: bool,
+    keep: bool,
+    depth: int,
 ) -> Entry | None:
     """Join map entry ``b`` (context ``cb``) into ``a`` (context ``ca``); may mutate ``a``.
 
