@@ -1,0 +1,102 @@
+"""Hypothesis strategies: random operations on every CRDT kind, applied as delta-mutators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import strategies as st
+
+from broker.crdt import LWWRegister, MVRegister, ORMap, ORSet, PNCounter
+from broker.crdt._causal import Causal
+
+REPLICAS = ("r1", "r2", "r3")
+KEYS = ("a", "b")
+atoms = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=4),
+    st.binary(max_size=4),
+)
+elements = st.one_of(st.integers(0, 3), st.sampled_from(["x", "y"]), st.just(b"z"))
+paths = st.lists(st.sampled_from(KEYS), min_size=1, max_size=3).map(tuple)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One mutation: ``name`` of the mutator and its arguments (without replica id / ts)."""
+
+    name: str
+    args: tuple[Any, ...]
+
+
+def _ops_for(kind: type[Causal]) -> st.SearchStrategy[Op]:
+    if kind is LWWRegister or kind is MVRegister:
+        return st.builds(lambda v: Op("assign", (v,)), atoms)
+    if kind is PNCounter:
+        return st.builds(lambda n: Op("increment", (n,)), st.integers(-5, 5))
+    if kind is ORSet:
+        return st.one_of(
+            st.builds(lambda e: Op("add", (e,)), elements),
+            st.builds(lambda e: Op("remove", (e,)), elements),
+            st.just(Op("clear", ())),
+        )
+    assert kind is ORMap
+    return st.one_of(
+        st.builds(lambda p, v: Op("assign", (p, v)), paths, atoms),
+        st.builds(lambda p, v: Op("assign_multi", (p, v)), paths, atoms),
+        st.builds(lambda p, n: Op("increment", (p, n)), paths, st.integers(-5, 5)),
+        st.builds(lambda p, e: Op("add", (p, e)), paths, elements),
+        st.builds(lambda p, e: Op("discard", (p, e)), paths, elements),
+        st.builds(lambda p: Op("remove", (p,)), paths),
+        st.just(Op("clear", ())),
+    )
+
+
+KINDS = (LWWRegister, MVRegister, PNCounter, ORSet, ORMap)
+
+
+def ops(kind: type[Causal]) -> st.SearchStrategy[Op]:
+    """Operations valid for ``kind``."""
+    return _ops_for(kind)
+
+
+def mutate(state: Causal, rid: str, op: Op, ts: int) -> Causal:
+    """Run the delta-mutator ``op`` on ``state`` as replica ``rid``; return the delta."""
+    if op.name in ("remove", "clear") or (op.name == "discard"):
+        if op.name == "discard":
+            return state.discard(rid, *op.args)  # type: ignore[attr-defined, no-any-return]
+        return getattr(state, op.name)(*op.args)  # type: ignore[no-any-return]
+    if op.name == "assign" and isinstance(state, (LWWRegister, ORMap)):
+        return state.assign(rid, *op.args, ts)  # type: ignore[arg-type, return-value]
+    return getattr(state, op.name)(rid, *op.args)  # type: ignore[no-any-return]
+
+
+Step = tuple[int, int, Op | None]
+"""``(i, j, op)``: replica ``i`` runs ``op``; or, when ``op`` is None, ``i`` merges ``j``'s state."""
+
+
+def run_history(kind: type[Causal], history: list[Step]) -> tuple[list[Causal], list[Causal]]:
+    """Play a history on three replicas. Returns their states and every delta issued."""
+    states: list[Causal] = [kind() for _ in REPLICAS]
+    deltas: list[Causal] = []
+    for ts, (i, j, op) in enumerate(history, start=1):
+        if op is None:
+            states[i].merge(states[j])
+            continue
+        d = mutate(states[i], REPLICAS[i], op, ts)
+        states[i].merge(d)
+        deltas.append(d)
+    return states, deltas
+
+
+def histories(kind: type[Causal], max_size: int = 25) -> st.SearchStrategy[list[Step]]:
+    """Random interleavings of operations and state syncs among the three replicas."""
+    n = len(REPLICAS) - 1
+    step = st.one_of(
+        st.tuples(st.integers(0, n), st.just(0), ops(kind)),
+        st.tuples(st.integers(0, n), st.integers(0, n), st.none()),
+    )
+    return st.lists(step, max_size=max_size)
