@@ -47,24 +47,27 @@ class CausalContext:
 
     def __init__(self, vv: Mapping[str, int] | None = None, cloud: Iterable[Dot] = ()) -> None:
         self._vv: dict[str, int] = {r: n for r, n in (vv or {}).items() if n > 0}
-        self._cloud: set[Dot] = set()
+        # replica -> counters seen out of order; never holds an empty set
+        self._cloud: dict[str, set[int]] = {}
         for dot in cloud:
             self.add(dot)
-        self._compact()
 
     @classmethod
     def from_dots(cls, dots: Iterable[Dot]) -> CausalContext:
         """A context holding exactly ``dots`` (as a delta's context does)."""
         ctx = cls()
-        ctx._cloud.update(dots)
-        ctx._compact()
+        for dot in dots:
+            ctx.add(dot)
         return ctx
 
     # -- queries -------------------------------------------------------------------------
 
     def covers(self, replica_id: str, counter: int) -> bool:
         """Whether the dot ``(replica_id, counter)`` has been seen."""
-        return counter <= self._vv.get(replica_id, 0) or (replica_id, counter) in self._cloud
+        if counter <= self._vv.get(replica_id, 0):
+            return True
+        extra = self._cloud.get(replica_id)
+        return extra is not None and counter in extra
 
     def __contains__(self, dot: object) -> bool:
         if not isinstance(dot, tuple) or len(dot) != 2:
@@ -73,11 +76,8 @@ class CausalContext:
 
     def max_counter(self, replica_id: str) -> int:
         """The highest counter seen from ``replica_id`` (0 if none)."""
-        top = self._vv.get(replica_id, 0)
-        for r, n in self._cloud:
-            if r == replica_id and n > top:
-                top = n
-        return top
+        extra = self._cloud.get(replica_id)
+        return max(extra) if extra else self._vv.get(replica_id, 0)
 
     def next_dot(self, replica_id: str) -> Dot:
         """The dot ``replica_id`` uses for its next write in this state."""
@@ -91,18 +91,18 @@ class CausalContext:
     @property
     def cloud(self) -> frozenset[Dot]:
         """Dots seen out of order (each missing a predecessor)."""
-        return frozenset(self._cloud)
+        return frozenset((r, n) for r, ns in self._cloud.items() for n in ns)
 
     def dots(self) -> Iterator[Dot]:
         """Every dot seen, in ascending order per replica (can be long for a full state)."""
         for r in sorted(self._vv):
             for n in range(1, self._vv[r] + 1):
                 yield (r, n)
-        yield from sorted(self._cloud)
+        yield from sorted(self.cloud)
 
     def size(self) -> int:
         """Metadata entries kept: vector entries plus cloud dots."""
-        return len(self._vv) + len(self._cloud)
+        return len(self._vv) + sum(len(ns) for ns in self._cloud.values())
 
     def is_empty(self) -> bool:
         """True when no dot has been seen."""
@@ -118,49 +118,42 @@ class CausalContext:
             return
         if n == top + 1:
             self._vv[r] = n
-            if self._cloud:
+            if r in self._cloud:
                 self._absorb(r)
         else:
-            self._cloud.add(dot)
+            self._cloud.setdefault(r, set()).add(n)
 
     def merge(self, other: CausalContext) -> None:
-        """In place: this context becomes the union of both."""
-        vv = self._vv
+        """In place: this context becomes the union of both. Costs O(other + what moves)."""
+        vv, cloud = self._vv, self._cloud
         for r, n in other._vv.items():
             if n > vv.get(r, 0):
                 vv[r] = n
-        if other._cloud:
-            self._cloud.update(other._cloud)
-        if self._cloud:
-            self._compact()
+                if r in cloud:
+                    self._absorb(r)
+        for r, ns in other._cloud.items():
+            for n in ns:
+                self.add((r, n))
 
     def copy(self) -> CausalContext:
         """An independent copy."""
         ctx = CausalContext.__new__(CausalContext)
         ctx._vv = dict(self._vv)
-        ctx._cloud = set(self._cloud)
+        ctx._cloud = {r: set(ns) for r, ns in self._cloud.items()}
         return ctx
 
     def _absorb(self, r: str) -> None:
-        vv, cloud = self._vv, self._cloud
-        n = vv[r] + 1
-        while (r, n) in cloud:
-            cloud.discard((r, n))
-            vv[r] = n
-            n += 1
-
-    def _compact(self) -> None:
-        vv = self._vv
-        keep: set[Dot] = set()
-        for r, n in sorted(self._cloud):
-            top = vv.get(r, 0)
-            if n <= top:
-                continue
-            if n == top + 1:
-                vv[r] = n
-            else:
-                keep.add((r, n))
-        self._cloud = keep
+        """Drop ``r``'s cloud dots now covered by the vector; fold in successors."""
+        extra = self._cloud[r]
+        top = self._vv[r]
+        stale = [n for n in extra if n <= top] if min(extra) <= top else ()
+        extra.difference_update(stale)
+        while top + 1 in extra:
+            top += 1
+            extra.discard(top)
+        self._vv[r] = top
+        if not extra:
+            del self._cloud[r]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CausalContext):
@@ -170,4 +163,4 @@ class CausalContext:
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"CausalContext(vv={self._vv!r}, cloud={sorted(self._cloud)!r})"
+        return f"CausalContext(vv={self._vv!r}, cloud={sorted(self.cloud)!r})"

@@ -1,0 +1,1 @@
+"""worknode services and the ``worknode`` command line."""
