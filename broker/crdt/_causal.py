@@ -297,7 +297,7 @@ def _check_amount(amount: object) -> int:
 def _validate_path(path: Path) -> tuple[str, ...]:
     if isinstance(path, str):
         raise InvalidKeyError("a path is a sequence of keys, not a str; use (key,)")
-    keys = tuple(path)
+    keys = path if type(path) is tuple else tuple(path)
     if not keys:
         raise InvalidKeyError("a path needs at least one key")
     if len(keys) > MAX_NESTING_DEPTH:
@@ -305,7 +305,9 @@ def _validate_path(path: Path) -> tuple[str, ...]:
             f"path of {len(keys)} keys is deeper than MAX_NESTING_DEPTH={MAX_NESTING_DEPTH}"
         )
     for k in keys:
-        validate_key(k)
+        # Fast accept for short ASCII str; validate_key decides everything else.
+        if type(k) is not str or not 0 < len(k) <= 64 or not k.isascii():
+            validate_key(k)
     return keys
 
 

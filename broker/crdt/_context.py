@@ -30,13 +30,22 @@ MAX_REPLICA_ID_LENGTH = 64
 _REPLICA_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_REPLICA_ID_LENGTH}}}")
 
 
+_valid_ids: set[str] = set()  # memo of ids already checked; bounded by _MEMO_LIMIT
+_MEMO_LIMIT = 4096
+
+
 def validate_replica_id(replica_id: object) -> str:
     """Return ``replica_id`` if it is a valid replica id, else raise InvalidReplicaIdError."""
+    if type(replica_id) is str and replica_id in _valid_ids:
+        return replica_id
     if not isinstance(replica_id, str) or _REPLICA_ID.fullmatch(replica_id) is None:
         raise InvalidReplicaIdError(
             f"invalid replica id {replica_id!r}: need 1-{MAX_REPLICA_ID_LENGTH} characters "
             "from [A-Za-z0-9_-]"
         )
+    if len(_valid_ids) >= _MEMO_LIMIT:
+        _valid_ids.clear()
+    _valid_ids.add(replica_id)
     return replica_id
 
 
@@ -55,9 +64,19 @@ class CausalContext:
     @classmethod
     def from_dots(cls, dots: Iterable[Dot]) -> CausalContext:
         """A context holding exactly ``dots`` (as a delta's context does)."""
-        ctx = cls()
-        for dot in dots:
-            ctx.add(dot)
+        ctx = cls.__new__(cls)
+        ctx._vv = {}
+        cloud: dict[str, set[int]] = {}
+        for r, n in dots:
+            if r in cloud:
+                cloud[r].add(n)
+            else:
+                cloud[r] = {n}
+        ctx._cloud = cloud
+        for r, ns in list(cloud.items()):
+            if 1 in ns:
+                ctx._vv[r] = 0
+                ctx._absorb(r)
         return ctx
 
     # -- queries -------------------------------------------------------------------------
@@ -132,8 +151,16 @@ class CausalContext:
                 if r in cloud:
                     self._absorb(r)
         for r, ns in other._cloud.items():
-            for n in ns:
-                self.add((r, n))
+            top = vv.get(r, 0)
+            for n in sorted(ns) if len(ns) > 1 else ns:
+                if n == top + 1:
+                    top = n
+                elif n > top:
+                    cloud.setdefault(r, set()).add(n)
+            if top != vv.get(r, 0):
+                vv[r] = top
+                if r in cloud:
+                    self._absorb(r)
 
     def copy(self) -> CausalContext:
         """An independent copy."""

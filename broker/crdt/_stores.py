@@ -329,8 +329,15 @@ def _join_map(
         return a or None
     if a is None:
         a = MapStore()
+    join = _JOIN
     for k, bv in b.items():
-        r = join_entry(a.get(k), bv, ca, cb, full, keep, depth + 1)
+        av = a.get(k)
+        # Same kind on both sides is the common case: dispatch without join_entry.
+        fn = join.get(type(bv))
+        if fn is not None and (av is None or type(av) is type(bv)):
+            r = fn(av, bv, ca, cb, full, keep, depth + 1)
+        else:
+            r = join_entry(av, bv, ca, cb, full, keep, depth + 1)
         if r is None:
             a.pop(k, None)
         else:
@@ -403,7 +410,9 @@ def join_entry(
     or a ``Whole`` subtree on the ``b`` side); otherwise only what ``b`` holds is visited.
     ``keep`` (delta into delta) keeps markers. Returns the joined entry or None if empty.
     """
-    tb = type(b)
+    ta, tb = type(a), type(b)
+    if ta is tb and ta in _JOIN:
+        return _JOIN[ta](a, b, ca, cb, full, keep, depth)  # type: ignore[no-any-return]
     if tb is Whole:
         inner = b.store  # type: ignore[union-attr]
         if inner is None:
@@ -413,7 +422,6 @@ def join_entry(
         if keep:
             return Whole(r.store if isinstance(r, Whole) else r)
         return r
-    ta = type(a)
     if ta is Whole:
         inner_a = a.store  # type: ignore[union-attr]
         if inner_a is None:
