@@ -75,7 +75,7 @@ def mutate(state: Causal, rid: str, op: Op, ts: int) -> Causal:
 
 
 Step = tuple[int, int, Op | None]
-"""``(i, j, op)``: replica ``i`` runs ``op``; or, when ``op`` is None, ``i`` merges ``j``'s state."""
+"""``(i, j, op)``: replica ``i`` runs ``op``, or (``op`` is None) merges ``j``'s state."""
 
 
 def run_history(kind: type[Causal], history: list[Step]) -> tuple[list[Causal], list[Causal]]:

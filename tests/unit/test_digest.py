@@ -11,7 +11,7 @@ from tests.unit.strategies import histories, run_history
 
 @given(st.data())
 def test_digest_is_independent_of_delivery_order(data: st.DataObject) -> None:
-    states, deltas = run_history(ORMap, data.draw(histories(ORMap)))
+    _, deltas = run_history(ORMap, data.draw(histories(ORMap)))
     a, b = ORMap(), ORMap()
     for d in deltas:
         a.merge(d)

@@ -92,7 +92,7 @@ def test_random_delivery_with_duplicates_converges(data: st.DataObject) -> None:
 def test_batched_deltas_equal_individual_deltas(data: st.DataObject) -> None:
     """Deltas joined into one batch have the effect of applying each in turn."""
     kind = data.draw(kinds)
-    states, deltas = run_history(kind, data.draw(histories(kind)))
+    _, deltas = run_history(kind, data.draw(histories(kind)))
     start = data.draw(st.integers(0, len(deltas)))
     base = kind()
     for d in deltas[:start]:

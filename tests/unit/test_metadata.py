@@ -9,11 +9,10 @@ def _cycle_counts(cycles: int) -> tuple[int, int]:
     """Three replicas add and remove the same key and element ``cycles`` times each."""
     reps = [ORMap() for _ in range(3)]
     sets = [ORSet() for _ in range(3)]
-    ts = 0
     for c in range(cycles):
         i = c % 3
         rid = f"r{i}"
-        ts += 1
+        ts = c + 1
         for d in (
             reps[i].assign(rid, ("k", "v"), c, ts),
             reps[i].increment(rid, ("k", "n"), 1),
