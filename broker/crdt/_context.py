@@ -68,15 +68,16 @@ class CausalContext:
         ctx._vv = {}
         cloud: dict[str, set[int]] = {}
         for r, n in dots:
-            if r in cloud:
-                cloud[r].add(n)
-            else:
+            ns = cloud.get(r)
+            if ns is None:
                 cloud[r] = {n}
+            else:
+                ns.add(n)
         ctx._cloud = cloud
-        for r, ns in list(cloud.items()):
-            if 1 in ns:
-                ctx._vv[r] = 0
-                ctx._absorb(r)
+        ones = [r for r, ns in cloud.items() if 1 in ns]
+        for r in ones:
+            ctx._vv[r] = 0
+            ctx._absorb(r)
         return ctx
 
     # -- queries -------------------------------------------------------------------------

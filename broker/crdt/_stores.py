@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Final, TypeAlias
 
 from broker.crdt._atoms import INT64_MAX, Atom, Element, encode_atom
 from broker.crdt._context import CausalContext, Dot
-from broker.errors import NestingDepthError, ValueTooLargeError
+from broker.errors import InvalidArgumentError, NestingDepthError, ValueTooLargeError
 
 __all__ = [
     "CLASS_OF_KIND",
@@ -468,6 +468,8 @@ def _dots_fun(store: tuple[Any, ...] | None, stride: int) -> list[Dot]:
 
 def lww_assign(cur: LWWStore | None, dot: Dot, ts: int, value: Atom) -> tuple[LWWStore, list[Dot]]:
     """Delta that sets a last-writer-wins register to ``value`` at hybrid time ``ts``."""
+    if type(ts) is not int or not 0 <= ts <= INT64_MAX:
+        raise InvalidArgumentError(f"hybrid timestamps are int in [0, 2**63), got {ts!r}")
     return LWWStore((dot[0], dot[1], ts, value)), _dots_fun(cur, 4)
 
 

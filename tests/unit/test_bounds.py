@@ -118,3 +118,9 @@ def test_counter_amounts_are_checked() -> None:
     with pytest.raises(ValueTooLargeError):
         c.increment("r1", 1)
     assert c.value() == 2**63 - 1
+
+
+@pytest.mark.parametrize("ts", [-1, 2**63, 1.5, "x", None])
+def test_invalid_hybrid_timestamps_are_refused(ts: object) -> None:
+    with pytest.raises(InvalidArgumentError):
+        ORMap().assign("r1", ("k",), 1, ts)  # type: ignore[arg-type]
