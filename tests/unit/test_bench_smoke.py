@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("pycrdt")
-pytest.importorskip("psutil")
-
-from bench import crdt_bench
+from bench import crdt_bench  # needs pycrdt and psutil: the dev extra installs them
 
 
 def test_quick_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
