@@ -414,15 +414,8 @@ class ORMap(Causal):
     ) -> ORMap:
         rid = validate_replica_id(replica_id)
         keys = _validate_path(path)
-        last = len(keys) - 1
-        cur: Any = self.store
-        for i, k in enumerate(keys):  # down through map kinds to the target kind
-            if cur is None:
-                break
-            want = cls if i == last else MapStore
-            cur = cur.get(k)
-            if cur is not None and type(cur) is not want:
-                cur = _select(cur, want)
+        parent = self._walk(keys[:-1])
+        cur = _select(parent.get(keys[-1]), cls) if parent else None
         dot = self.context.next_dot(rid) if needs_dot else None
         store, removed = fn(cur, dot)
         for k in reversed(keys):

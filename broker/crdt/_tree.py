@@ -94,12 +94,10 @@ def _parent_claim(record: Any) -> tuple[int, str, str]:
 class Tree:
     """A tree of worknodes over one ``ORMap`` state. Mutators return ``ORMap`` deltas."""
 
-    __slots__ = ("_parents", "_parents_digest", "state")
+    __slots__ = ("state",)
 
     def __init__(self, state: ORMap | None = None) -> None:
         self.state = state if state is not None else ORMap()
-        self._parents: dict[str, str] = {}
-        self._parents_digest = b""
 
     def merge(self, delta: ORMap) -> None:
         """Join a delta (or another replica's state) into this tree."""
@@ -109,9 +107,6 @@ class Tree:
 
     def parents(self) -> dict[str, str]:
         """``{node_id: resolved parent id}`` for every visible worknode (see module doc)."""
-        digest = self.state.digest()
-        if digest == self._parents_digest:
-            return dict(self._parents)
         store = self.state.store or {}
         claims = sorted(
             ((*_parent_claim(rec), nid) for nid, rec in store.items()),
@@ -121,8 +116,7 @@ class Tree:
             if parent != ROOT_ID and (parent not in store or self._reaches(resolved, parent, nid)):
                 parent = ROOT_ID
             resolved[nid] = parent
-        self._parents, self._parents_digest = resolved, digest
-        return dict(resolved)
+        return resolved
 
     @staticmethod
     def _reaches(resolved: dict[str, str], start: str, target: str) -> bool:
