@@ -124,10 +124,6 @@ class CausalContext:
         """Metadata entries kept: vector entries plus cloud dots."""
         return len(self._vv) + sum(len(ns) for ns in self._cloud.values())
 
-    def is_empty(self) -> bool:
-        """True when no dot has been seen."""
-        return not self._vv and not self._cloud
-
     # -- updates -------------------------------------------------------------------------
 
     def add(self, dot: Dot) -> None:

@@ -261,6 +261,16 @@ def _join_dotset(
     return None if r is None else tuple(r)
 
 
+def _put_dots(a: SetStore, e: Element, dots: tuple[Any, ...] | None, keep: bool) -> None:
+    """Store an element's joined dots; an empty result is a marker in deltas, gone in states."""
+    if dots is not None:
+        a[e] = dots
+    elif keep:
+        a[e] = ()
+    else:
+        a.pop(e, None)
+
+
 def _join_set(
     a: SetStore | None,
     b: SetStore | None,
@@ -270,38 +280,20 @@ def _join_set(
     keep: bool,
     depth: int,
 ) -> SetStore | None:
+    if a is b:
+        return a or None
     if b is None:
         assert a is not None
         for e in list(a):
-            r = _join_dotset(a[e], None, ca, cb)
-            if r is not None:
-                a[e] = r
-            elif keep:
-                a[e] = ()
-            else:
-                del a[e]
-        return a or None
-    if a is b:
+            _put_dots(a, e, _join_dotset(a[e], None, ca, cb), keep)
         return a or None
     if a is None:
         a = SetStore()
     for e, bd in b.items():
-        r = _join_dotset(a.get(e), bd, ca, cb)
-        if r is not None:
-            a[e] = r
-        elif keep:
-            a[e] = ()
-        else:
-            a.pop(e, None)
+        _put_dots(a, e, _join_dotset(a.get(e), bd, ca, cb), keep)
     if full:
         for e in [e for e in a if e not in b]:
-            r = _join_dotset(a[e], None, ca, cb)
-            if r is not None:
-                a[e] = r
-            elif keep:
-                a[e] = ()
-            else:
-                del a[e]
+            _put_dots(a, e, _join_dotset(a[e], None, ca, cb), keep)
     return a or None
 
 
