@@ -12,17 +12,27 @@ builtin hierarchy keeps working.
 from __future__ import annotations
 
 __all__ = [
+    "BadSignatureError",
     "BoundsError",
     "ClockSkewError",
+    "CodecError",
     "InvalidArgumentError",
     "InvalidKeyError",
     "InvalidNodeIdError",
     "InvalidReplicaIdError",
     "InvalidValueError",
     "KindMismatchError",
+    "MalformedMessageError",
+    "MessageTooDeepError",
+    "MessageTooLargeError",
     "NestingDepthError",
+    "SignatureError",
     "TreeError",
     "UnknownNodeError",
+    "UnknownSignerError",
+    "UnsignedMessageError",
+    "UnsupportedContentError",
+    "UnsupportedVersionError",
     "ValueTooLargeError",
     "WorknodeError",
 ]
@@ -116,4 +126,63 @@ class TreeError(InvalidArgumentError):
 class UnknownNodeError(TreeError, LookupError):
     """The worknode does not exist in the local replica's view. Create it first, or wait
     until the replica has caught up with the write that creates it.
+    """
+
+
+class CodecError(WorknodeError):
+    """Bytes from the wire could not be turned into a message. Nothing from that message was
+    applied. The subclass says why; the sender (or something between) must fix the bytes:
+    retrying the same bytes fails again. Receivers count these and carry on.
+    """
+
+
+class MalformedMessageError(CodecError, ValueError):
+    """Not valid Cap'n Proto for the expected struct, or valid Cap'n Proto that breaks the
+    wire contract (invalid UTF-8, a replica index out of range, unsorted or duplicate dots, an
+    invalid key or value). Fix the writer.
+    """
+
+
+class MessageTooLargeError(CodecError, BoundsError):
+    """A message is larger than the receiver's limit: its byte size or the Cap'n Proto
+    traversal limit derived from the NATS max payload. Send smaller batches.
+    """
+
+
+class MessageTooDeepError(CodecError, BoundsError):
+    """A message nests deeper than the decoder allows (Cap'n Proto nesting limit, or maps
+    deeper than ``MAX_NESTING_DEPTH``). Flatten the data model.
+    """
+
+
+class UnsupportedVersionError(CodecError):
+    """The writer's wire version is older than the oldest this reader supports, or the
+    version field is missing. Upgrade the writer (or run a reader that still supports it).
+    """
+
+
+class UnsupportedContentError(CodecError):
+    """The message uses a feature this reader's wire version does not have and cannot keep
+    opaquely (for example a compressed batch written for newer readers). Writers gate such
+    features on the cluster's wire version; raise it only after every node is upgraded.
+    """
+
+
+class SignatureError(CodecError):
+    """The envelope's signature does not authenticate its bytes. The message is refused."""
+
+
+class UnsignedMessageError(SignatureError):
+    """The envelope carries no signature. Every writer must sign; fix the writer."""
+
+
+class BadSignatureError(SignatureError):
+    """The signature does not verify with the signer's public key: the bytes were altered,
+    or the signer claims another node's identity. Treat as an attack; do not retry.
+    """
+
+
+class UnknownSignerError(SignatureError):
+    """The signer is not in the receiver's trust roster. Add its public key to the roster
+    if the node is legitimate.
     """

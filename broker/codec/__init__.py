@@ -1,0 +1,39 @@
+"""The wire codec: CRDT documents and signed envelopes as packed Cap'n Proto.
+
+Pure: bytes and keys in, objects out. Every decode failure is a ``broker.errors.CodecError``.
+"""
+
+from broker.codec._document import CAUSAL_OF_KIND
+from broker.codec._schema import (
+    CURRENT_VERSION,
+    KINDS_BY_VERSION,
+    OLDEST_VERSION,
+    SUPPORTED_VERSIONS,
+    WireSchema,
+    load_schema,
+)
+from broker.codec._signing import Signer, TrustRoster
+from broker.codec._wire import (
+    COMPRESS_MIN_BYTES,
+    DEFAULT_MAX_PAYLOAD,
+    NESTING_LIMIT,
+    Envelope,
+    WireCodec,
+)
+
+__all__ = [
+    "CAUSAL_OF_KIND",
+    "COMPRESS_MIN_BYTES",
+    "CURRENT_VERSION",
+    "DEFAULT_MAX_PAYLOAD",
+    "KINDS_BY_VERSION",
+    "NESTING_LIMIT",
+    "OLDEST_VERSION",
+    "SUPPORTED_VERSIONS",
+    "Envelope",
+    "Signer",
+    "TrustRoster",
+    "WireCodec",
+    "WireSchema",
+    "load_schema",
+]

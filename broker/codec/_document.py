@@ -1,0 +1,429 @@
+"""Encode and decode CRDT states and deltas as Cap'n Proto ``Document`` structs.
+
+Invariants:
+
+- ``decode(encode(x))`` has the same content (and digest) as ``x`` for every state and delta
+  the CRDT core can build, nested to ``MAX_NESTING_DEPTH``;
+- encoding is deterministic: map entries sorted by (key, kind), set elements by canonical
+  element bytes, dots by (replica id, counter); the replica table in order of first use;
+- decoding validates everything the core relies on (sorted unique dots, known replica indexes,
+  valid keys and values, kinds matching their content, markers only in deltas, depth) and
+  raises a ``CodecError`` subclass otherwise; it never returns a state the core could not
+  have built;
+- a dot-function store of a kind this wire version does not know is decoded as an
+  ``OpaqueStore``: its dots join by the usual rule and each payload is kept as the exact
+  Cap'n Proto struct it arrived as, so re-encoding passes it on unchanged.
+
+Pure: bytes in, objects out. The caller maps pycapnp's exceptions (see ``_limits``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Final
+
+from broker.codec._schema import WireSchema
+from broker.crdt import (
+    MAX_NESTING_DEPTH,
+    Causal,
+    CausalContext,
+    Kind,
+    LWWRegister,
+    MVRegister,
+    ORMap,
+    ORSet,
+    PNCounter,
+    validate_atom,
+    validate_element,
+    validate_key,
+    validate_replica_id,
+)
+from broker.crdt._atoms import INT64_MAX, encode_atom
+from broker.crdt._opaque import OpaqueStore, opaque_store_class
+from broker.crdt._stores import (
+    CounterStore,
+    KindStore,
+    LWWStore,
+    MapStore,
+    MVStore,
+    SetStore,
+    Whole,
+)
+from broker.errors import (
+    InvalidArgumentError,
+    MalformedMessageError,
+    MessageTooDeepError,
+    NestingDepthError,
+    UnsupportedContentError,
+)
+
+__all__ = ["CAUSAL_OF_KIND", "decode_document", "encode_document"]
+
+CAUSAL_OF_KIND: Final[dict[int, type[Causal]]] = {
+    Kind.LWW: LWWRegister,
+    Kind.MV: MVRegister,
+    Kind.COUNTER: PNCounter,
+    Kind.SET: ORSet,
+    Kind.MAP: ORMap,
+}
+
+_NO_KIND: Final = 0
+
+
+# ------------------------------------------------------------------------------------------
+# encoding
+
+
+class _Replicas:
+    """Replica id -> index table, in order of first use."""
+
+    __slots__ = ("ids", "index")
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.ids: list[str] = []
+
+    def __call__(self, rid: str) -> int:
+        i = self.index.get(rid)
+        if i is None:
+            i = self.index[rid] = len(self.ids)
+            self.ids.append(rid)
+        return i
+
+
+def _set_value(b: Any, v: Any) -> None:
+    t = type(v)
+    if v is None:
+        b.null = None
+    elif t is bool:
+        b.bool = v
+    elif t is int:
+        b.int = v
+    elif t is float:
+        b.float = v
+    elif t is str:
+        b.text = v
+    else:
+        b.data = v
+
+
+def _parts(entry: Any) -> list[tuple[int, bool, Any]]:
+    """(kind, whole, store) rows of one map entry, sorted by kind."""
+    whole = type(entry) is Whole
+    inner = entry.store if whole else entry
+    if inner is None:
+        return [(_NO_KIND, True, None)]
+    if type(inner) is KindStore:
+        return [(int(k), whole, inner[k]) for k in sorted(inner)]
+    return [(int(inner.KIND), whole, inner)]
+
+
+def _encode_store(b: Any, kind: int, store: Any, rx: _Replicas, payload_struct: Any) -> None:
+    """Fill entry builder ``b`` (key/kind/whole already set) with ``store``'s content."""
+    if kind == _NO_KIND:
+        b.absent = None
+    elif kind == Kind.MAP:
+        rows = []
+        for key in sorted(store):
+            for k, whole, inner in _parts(store[key]):
+                rows.append((key, k, whole, inner))
+        lst = b.init("entries", len(rows))
+        for i, (key, k, whole, inner) in enumerate(rows):
+            e = lst[i]
+            e.key = key
+            e.kind = k
+            if whole:
+                e.whole = True
+            _encode_store(e, k, inner, rx, payload_struct)
+    elif kind == Kind.SET:
+        els = sorted(((encode_atom(x), x, ds) for x, ds in store.items()), key=lambda r: r[0])
+        lst = b.init("elements", len(els))
+        for i, (_, x, ds) in enumerate(els):
+            e = lst[i]
+            _set_value(e.init("value"), x)
+            pairs = sorted((ds[j], ds[j + 1]) for j in range(0, len(ds), 2))
+            dl = e.init("dots", len(pairs))
+            for j, (r, n) in enumerate(pairs):
+                d = dl[j]
+                d.replica = rx(r)
+                d.counter = n
+    else:
+        stride = store.STRIDE if store is not None else 1
+        n_items = len(store) // stride if store is not None else 0
+        lst = b.init("items", n_items)
+        for i in range(n_items):
+            o = i * stride
+            it = lst[i]
+            it.replica = rx(store[o])
+            it.counter = store[o + 1]
+            if kind == Kind.LWW:
+                p = it.init("payload").init("lww")
+                p.hlc = store[o + 2]
+                _set_value(p.init("value"), store[o + 3])
+            elif kind == Kind.MV:
+                _set_value(it.init("payload").init("mv"), store[o + 2])
+            elif kind == Kind.COUNTER:
+                p = it.init("payload").init("counter")
+                p.increments = store[o + 2]
+                p.decrements = store[o + 3]
+            else:  # an opaque payload: copied back as the struct it arrived as
+                it.payload = payload_struct.from_bytes_packed(store[o + 2])
+
+
+def encode_document(schema: WireSchema, state: Causal) -> Any:
+    """A ``Document`` builder holding ``state`` (a state or a delta)."""
+    rx = _Replicas()
+    doc = schema.crdt.Document.new_message()
+    root = doc.init("root")
+    kind = int(state.KIND)
+    root.kind = kind
+    store = state.store
+    payload_struct = schema.crdt.Payload
+    if kind == Kind.MAP:
+        _encode_store(root, kind, store if store is not None else MapStore(), rx, payload_struct)
+    elif kind == Kind.SET:
+        _encode_store(root, kind, store if store is not None else SetStore(), rx, payload_struct)
+    else:
+        _encode_store(root, kind, store, rx, payload_struct)
+    ctx = state.context
+    vv = ctx.version_vector
+    c = doc.init("context")
+    vl = c.init("versions", len(vv))
+    for i, r in enumerate(sorted(vv)):
+        d = vl[i]
+        d.replica = rx(r)
+        d.counter = vv[r]
+    cloud = sorted(ctx.cloud)
+    cl = c.init("cloud", len(cloud))
+    for i, (r, n) in enumerate(cloud):
+        d = cl[i]
+        d.replica = rx(r)
+        d.counter = n
+    if state.is_delta:
+        doc.delta = True
+    reps = doc.init("replicas", len(rx.ids))
+    for i, r in enumerate(rx.ids):
+        reps[i] = r
+    return doc
+
+
+# ------------------------------------------------------------------------------------------
+# decoding
+
+
+class _Decoder:
+    __slots__ = ("delta", "replicas", "schema")
+
+    def __init__(self, schema: WireSchema, replicas: list[str], delta: bool) -> None:
+        self.schema = schema
+        self.replicas = replicas
+        self.delta = delta
+
+    def replica(self, index: int) -> str:
+        if index >= len(self.replicas):
+            raise MalformedMessageError(
+                f"replica index {index} out of range (table has {len(self.replicas)})"
+            )
+        return self.replicas[index]
+
+    def dot(self, d: Any) -> tuple[str, int]:
+        n = d.counter
+        if not 1 <= n <= INT64_MAX:
+            raise MalformedMessageError(f"dot counter {n} outside [1, 2**63)")
+        return self.replica(d.replica), n
+
+    def dots(self, lst: Any) -> list[tuple[str, int]]:
+        out = [self.dot(d) for d in lst]
+        for a, b in itertools.pairwise(out):
+            if not a < b:
+                raise MalformedMessageError("dots are not sorted and unique")
+        return out
+
+    def value(self, v: Any) -> Any:
+        w = v.which()
+        if w == "null":
+            return None
+        x = getattr(v, w)
+        if w == "data":
+            x = bytes(x)
+        try:
+            return validate_atom(x)
+        except InvalidArgumentError as exc:
+            raise MalformedMessageError(f"invalid value: {exc}") from exc
+        except ValueError as exc:  # ValueTooLargeError is a BoundsError, not InvalidArgument
+            raise MalformedMessageError(f"invalid value: {exc}") from exc
+
+    def element(self, v: Any) -> Any:
+        w = v.which()
+        if w not in ("int", "text", "data"):
+            raise MalformedMessageError(f"set elements are text, int or data, not {w}")
+        x = getattr(v, w)
+        return validate_element(bytes(x) if w == "data" else x)
+
+    def items(self, kind: int, lst: Any) -> Any:
+        n = len(lst)
+        if kind == Kind.LWW:
+            cls: type = LWWStore
+        elif kind == Kind.MV:
+            cls = MVStore
+        elif kind == Kind.COUNTER:
+            cls = CounterStore
+        elif kind not in self.schema.kinds:
+            cls = opaque_store_class(kind)
+        else:
+            raise MalformedMessageError(f"kind {kind} does not hold items")
+        out: list[Any] = []
+        prev: tuple[str, int] | None = None
+        prev_counter_replica: str | None = None
+        for i in range(n):
+            it = lst[i]
+            dot = self.dot(it)
+            if prev is not None and not prev < dot:
+                raise MalformedMessageError("items are not sorted by dot, or repeat a dot")
+            prev = dot
+            out.extend(dot)
+            p = it.payload
+            if issubclass(cls, OpaqueStore):
+                # Kept as the exact struct it arrived as (unknown members and fields too).
+                out.append(p.as_builder().to_bytes_packed())
+                continue
+            w = p.which()
+            if kind == Kind.LWW:
+                if w != "lww":
+                    raise MalformedMessageError(f"LWW item carries a {w} payload")
+                hlc = p.lww.hlc
+                if hlc > INT64_MAX:
+                    raise MalformedMessageError("hybrid timestamp above 2**63 - 1")
+                out.append(hlc)
+                out.append(self.value(p.lww.value))
+            elif kind == Kind.MV:
+                if w != "mv":
+                    raise MalformedMessageError(f"MV item carries a {w} payload")
+                out.append(self.value(p.mv))
+            else:
+                if w != "counter":
+                    raise MalformedMessageError(f"counter item carries a {w} payload")
+                if dot[0] == prev_counter_replica:
+                    raise MalformedMessageError("a counter holds two entries of one replica")
+                prev_counter_replica = dot[0]
+                inc, dec = p.counter.increments, p.counter.decrements
+                if inc > INT64_MAX or dec > INT64_MAX:
+                    raise MalformedMessageError("counter contribution above 2**63 - 1")
+                out.append(inc)
+                out.append(dec)
+        return cls(out) if out else None
+
+    def elements(self, lst: Any) -> SetStore | None:
+        out = SetStore()
+        prev: bytes | None = None
+        for e in lst:
+            x = self.element(e.value)
+            enc = encode_atom(x)
+            if prev is not None and not prev < enc:
+                raise MalformedMessageError("set elements are not sorted and unique")
+            prev = enc
+            ds = self.dots(e.dots)
+            if not ds and not self.delta:
+                raise MalformedMessageError("a set element without dots in a full state")
+            out[x] = tuple(v for d in ds for v in d)
+        return out or None
+
+    def store(self, e: Any, kind: int, depth: int) -> Any:
+        w = e.which()
+        if kind == _NO_KIND:
+            if w != "absent":
+                raise MalformedMessageError("an entry without a kind must be absent")
+            return None
+        if w == "items":
+            return self.items(kind, e.items)
+        if w == "elements":
+            if kind != Kind.SET:
+                raise MalformedMessageError(f"kind {kind} does not hold set elements")
+            return self.elements(e.elements)
+        if w == "entries":
+            if kind != Kind.MAP:
+                raise MalformedMessageError(f"kind {kind} does not hold map entries")
+            return self.entries(e.entries, depth)
+        raise MalformedMessageError(f"kind {kind} entry is {w}")
+
+    def entries(self, lst: Any, depth: int) -> MapStore | None:
+        if depth > MAX_NESTING_DEPTH:
+            raise MessageTooDeepError(
+                f"maps nest deeper than MAX_NESTING_DEPTH={MAX_NESTING_DEPTH}"
+            )
+        out = MapStore()
+        prev: tuple[str, int] | None = None
+        for e in lst:
+            try:
+                key = validate_key(e.key)
+            except InvalidArgumentError as exc:
+                raise MalformedMessageError(f"invalid map key: {exc}") from exc
+            kind = e.kind
+            if prev is not None and not prev < (key, kind):
+                raise MalformedMessageError("map entries are not sorted by (key, kind)")
+            prev = (key, kind)
+            whole = e.whole
+            if whole and not self.delta:
+                raise MalformedMessageError("a Whole marker in a full state")
+            store = self.store(e, kind, depth + 1)
+            if store is None and not whole:
+                raise MalformedMessageError(f"empty store under key {key!r}")
+            cur: Any = out.get(key)
+            if cur is None:
+                out[key] = Whole(store) if whole else store
+                continue
+            # A second kind under the same key.
+            cur_whole = type(cur) is Whole
+            if cur_whole != whole or store is None or (cur_whole and cur.store is None):
+                raise MalformedMessageError(f"inconsistent entries under key {key!r}")
+            inner = cur.store if cur_whole else cur
+            ks = inner if type(inner) is KindStore else KindStore({_kind_of(inner): inner})
+            ks[_kind_of(store)] = store
+            out[key] = Whole(ks) if whole else ks
+        return out or None
+
+
+def _kind_of(store: Any) -> Any:
+    return store.KIND
+
+
+def decode_document(schema: WireSchema, doc: Any, expect: type[Causal] | None = None) -> Causal:
+    """The CRDT a ``Document`` reader holds; raises a ``CodecError`` subclass if invalid.
+
+    pycapnp exceptions raised while reading are left to the caller to map.
+    """
+    try:
+        replicas = [validate_replica_id(r) for r in doc.replicas]
+    except InvalidArgumentError as exc:
+        raise MalformedMessageError(f"invalid replica id: {exc}") from exc
+    if len(set(replicas)) != len(replicas):
+        raise MalformedMessageError("replica table repeats an id")
+    delta = doc.delta
+    dec = _Decoder(schema, replicas, delta)
+    root = doc.root
+    kind = root.kind
+    cls = CAUSAL_OF_KIND.get(kind)
+    if cls is None or kind not in schema.kinds:
+        raise UnsupportedContentError(f"document root of kind {kind} is not readable here")
+    if expect is not None and cls is not expect:
+        raise MalformedMessageError(f"expected a {expect.__name__}, got a {cls.__name__}")
+    if root.whole or root.key:
+        raise MalformedMessageError("a document root has no key and no Whole marker")
+    try:
+        if kind == Kind.MAP:
+            if root.which() != "entries":
+                raise MalformedMessageError("a map document root must hold entries")
+            store = dec.entries(root.entries, 1)
+        else:
+            store = dec.store(root, kind, 1)
+    except NestingDepthError as exc:
+        raise MessageTooDeepError(str(exc)) from exc
+    c = doc.context
+    vv: dict[str, int] = {}
+    for d in c.versions:
+        r, n = dec.dot(d)
+        if r in vv:
+            raise MalformedMessageError("version vector repeats a replica")
+        vv[r] = n
+    ctx = CausalContext(vv, dec.dots(c.cloud))
+    return cls(store, ctx, is_delta=delta)

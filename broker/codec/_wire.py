@@ -1,0 +1,301 @@
+"""The wire codec: signed envelopes and CRDT documents as packed Cap'n Proto, with limits.
+
+Invariants:
+
+- every decode failure is a ``CodecError`` subclass; pycapnp's exceptions (``KjException``,
+  ``ValueError``, ``UnicodeDecodeError`` for bad UTF-8 read lazily) never escape, and no input
+  reaches a path that aborts the interpreter (only shipped schema files are loaded in-process);
+- limits come from the NATS max payload: a message longer than it is refused before parsing;
+  the Cap'n Proto traversal limit is ``max_payload`` words (8x the bytes, room for packing)
+  and bounds memory as well as time; the nesting limit and ``MAX_NESTING_DEPTH`` bound depth;
+- a signature is verified before the body is decoded, and the body's writer must be the
+  signer;
+- a reader reads every wire version from ``OLDEST_VERSION`` up: newer messages with what it
+  knows (unknown kinds kept opaque, see ``_document``), older ones with schema defaults.
+
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import capnp
+
+from broker.codec._document import decode_document, encode_document
+from broker.codec._schema import CURRENT_VERSION, OLDEST_VERSION, WireSchema, load_schema
+from broker.codec._signing import Signer, TrustRoster
+from broker.crdt import MAX_NESTING_DEPTH, Causal
+from broker.errors import (
+    BadSignatureError,
+    CodecError,
+    InvalidArgumentError,
+    MalformedMessageError,
+    MessageTooDeepError,
+    MessageTooLargeError,
+    UnsupportedContentError,
+    UnsupportedVersionError,
+    WorknodeError,
+)
+
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD",
+    "NESTING_LIMIT",
+    "Envelope",
+    "WireCodec",
+]
+
+DEFAULT_MAX_PAYLOAD: Final = 1024 * 1024
+"""NATS's default max_payload; pass the server's actual value (from its INFO) when known."""
+
+NESTING_LIMIT: Final = 2 * MAX_NESTING_DEPTH + 16
+"""Cap'n Proto pointer nesting allowed: room for MAX_NESTING_DEPTH maps and their leaves."""
+
+COMPRESS_MIN_BYTES: Final = 512
+"""Batches smaller than this are sent uncompressed even when compression is allowed."""
+
+_MAX_HLC: Final = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """An opened, verified envelope."""
+
+    version: int
+    """The writer's wire version."""
+    writer: str
+    subject: str
+    hlc: int
+    sequence: int
+    document: Causal
+    """A delta batch, or a full state when ``is_state``."""
+    is_state: bool = False
+    trace_id: bytes = b""
+    """16 bytes when the writer set one (wire v2+); empty otherwise."""
+
+
+@contextlib.contextmanager
+def _decoding(what: str) -> Iterator[None]:
+    """Map every failure while reading wire bytes to a ``CodecError`` subclass."""
+    try:
+        yield
+    except CodecError:
+        raise
+    except capnp.KjException as exc:
+        text = str(exc)
+        if "traversalLimit" in text or "too large" in text:
+            raise MessageTooLargeError(f"{what}: over the traversal limit") from exc
+        if "nestingLimit" in text or "deeply-nested" in text:
+            raise MessageTooDeepError(f"{what}: over the nesting limit") from exc
+        raise MalformedMessageError(f"{what}: not valid Cap'n Proto: {_first_line(text)}") from exc
+    except WorknodeError as exc:  # validation of content (keys, values, ids)
+        raise MalformedMessageError(f"{what}: {exc}") from exc
+    except (ValueError, TypeError, UnicodeError, OverflowError, IndexError) as exc:
+        raise MalformedMessageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def _first_line(text: str) -> str:
+    line = text.split("\n", 1)[0]
+    # KjException text starts with "file.c++:123: failed: "; keep the reason.
+    return line.split("failed: ", 1)[-1][:200]
+
+
+class WireCodec:
+    """Encode and decode worknode messages as one wire version.
+
+    ``version`` selects the schema files (``schemas/releases/v<version>`` for old releases) and
+    is written into every envelope. ``peer_version`` is the oldest wire version among the
+    nodes that read this node's messages; features older readers cannot keep (compressed
+    batches, wire v2) are used only when ``peer_version`` allows them. During a rolling
+    upgrade leave it at the old version; raise it when every node runs the new release.
+    """
+
+    __slots__ = ("compress", "max_payload", "peer_version", "schema", "version")
+
+    def __init__(
+        self,
+        version: int = CURRENT_VERSION,
+        *,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        peer_version: int = OLDEST_VERSION,
+        compress: bool = True,
+    ) -> None:
+        if max_payload < 1024:
+            raise InvalidArgumentError(f"max_payload must be >= 1024 bytes, got {max_payload}")
+        if not OLDEST_VERSION <= peer_version <= version:
+            raise InvalidArgumentError(
+                f"peer_version must be in [{OLDEST_VERSION}, {version}], got {peer_version}"
+            )
+        self.schema: WireSchema = load_schema(version)
+        self.version = version
+        self.max_payload = max_payload
+        self.peer_version = peer_version
+        self.compress = compress
+
+    @property
+    def traversal_limit_words(self) -> int:
+        """Cap'n Proto traversal limit: ``max_payload`` words (8 bytes each)."""
+        return self.max_payload
+
+    # -- documents -----------------------------------------------------------------------
+
+    def encode_document(self, state: Causal) -> bytes:
+        """Packed Cap'n Proto bytes of a state or delta."""
+        return encode_document(self.schema, state).to_bytes_packed()  # type: ignore[no-any-return]
+
+    def decode_document(self, data: bytes, expect: type[Causal] | None = None) -> Causal:
+        """The state or delta in packed ``data``; raises a ``CodecError`` subclass."""
+        self._check_size(data, "document")
+        with _decoding("document"):
+            doc = self.schema.crdt.Document.from_bytes_packed(
+                data,
+                traversal_limit_in_words=self.traversal_limit_words,
+                nesting_limit=NESTING_LIMIT,
+            )
+            return decode_document(self.schema, doc, expect)
+
+    # -- envelopes -----------------------------------------------------------------------
+
+    def seal(
+        self,
+        signer: Signer,
+        *,
+        subject: str,
+        hlc: int,
+        sequence: int,
+        document: Causal,
+        is_state: bool = False,
+        trace_id: bytes = b"",
+    ) -> bytes:
+        """A signed envelope carrying ``document``, ready to publish.
+
+        Raises MessageTooLargeError if the result exceeds ``max_payload`` (split the batch).
+        """
+        if not subject:
+            raise InvalidArgumentError("an envelope needs a subject")
+        if not 0 <= hlc <= _MAX_HLC or sequence < 0:
+            raise InvalidArgumentError("hlc and sequence are non-negative 64-bit ints")
+        if trace_id and self.version < 2:
+            raise UnsupportedContentError("trace ids need wire version 2")
+        env = self.schema.envelope.Envelope.new_message()
+        env.version = self.version
+        env.writer = signer.node_id
+        env.subject = subject
+        env.hlc = hlc
+        env.sequence = sequence
+        doc = encode_document(self.schema, document)
+        packed_doc = None
+        if self.compress and self.version >= 2 and self.peer_version >= 2:
+            packed_doc = doc.to_bytes_packed()
+        if packed_doc is not None and len(packed_doc) >= COMPRESS_MIN_BYTES:
+            z = zlib.compress(packed_doc, 6)
+            if is_state:
+                env.stateZlib = z
+            else:
+                env.deltaBatchZlib = z
+        elif is_state:
+            env.state = doc
+        else:
+            env.deltaBatch = doc
+        if trace_id:
+            env.traceId = trace_id
+        body = env.to_bytes_packed()
+        outer = self.schema.envelope.SignedEnvelope.new_message()
+        outer.signer = signer.node_id
+        outer.signature = signer.sign(body)
+        outer.body = body
+        out: bytes = outer.to_bytes_packed()
+        if len(out) > self.max_payload:
+            raise MessageTooLargeError(
+                f"envelope is {len(out)} bytes, over max_payload={self.max_payload}; "
+                "flush smaller batches"
+            )
+        return out
+
+    def open(self, data: bytes, roster: TrustRoster) -> Envelope:
+        """Verify and decode an envelope; raises a ``CodecError`` subclass on any problem.
+
+        Order: size, outer struct, signature (before the body is parsed), body, document.
+        """
+        self._check_size(data, "envelope")
+        with _decoding("envelope"):
+            outer = self.schema.envelope.SignedEnvelope.from_bytes_packed(
+                data, traversal_limit_in_words=self.traversal_limit_words, nesting_limit=4
+            )
+            signer = outer.signer
+            signature = bytes(outer.signature)
+            body = bytes(outer.body)
+        roster.verify(signer, body, signature)
+        with _decoding("envelope body"):
+            env = self.schema.envelope.Envelope.from_bytes_packed(
+                body,
+                traversal_limit_in_words=self.traversal_limit_words,
+                nesting_limit=NESTING_LIMIT,
+            )
+            version = env.version
+            if version < OLDEST_VERSION:
+                raise UnsupportedVersionError(
+                    f"wire version {version} is older than the oldest supported "
+                    f"({OLDEST_VERSION}) or missing"
+                )
+            writer = env.writer
+            if writer != signer:
+                raise BadSignatureError(f"envelope written by {writer!r} but signed by {signer!r}")
+            try:
+                which = env.which()
+            except capnp.KjException as exc:
+                if version > self.version:
+                    raise UnsupportedContentError(
+                        f"a wire v{version} payload this v{self.version} reader cannot read; "
+                        "the writer's peer_version is set too high for a mixed cluster"
+                    ) from exc
+                raise
+            if which in ("deltaBatchZlib", "stateZlib"):
+                raw = self._inflate(bytes(getattr(env, which)))
+                doc = self.schema.crdt.Document.from_bytes_packed(
+                    raw,
+                    traversal_limit_in_words=self.traversal_limit_words,
+                    nesting_limit=NESTING_LIMIT,
+                )
+            else:
+                doc = getattr(env, which)
+            document = decode_document(self.schema, doc)
+            is_state = which in ("state", "stateZlib")
+            if document.is_delta and is_state:
+                raise MalformedMessageError("a state transfer carries a delta document")
+            trace_id = bytes(env.traceId) if self.version >= 2 else b""
+            return Envelope(
+                version=version,
+                writer=writer,
+                subject=env.subject,
+                hlc=env.hlc,
+                sequence=env.sequence,
+                document=document,
+                is_state=is_state,
+                trace_id=trace_id,
+            )
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _check_size(self, data: Any, what: str) -> None:
+        if len(data) > self.max_payload:
+            raise MessageTooLargeError(
+                f"{what} is {len(data)} bytes, over max_payload={self.max_payload}"
+            )
+
+    def _inflate(self, data: bytes) -> bytes:
+        limit = 8 * self.max_payload
+        d = zlib.decompressobj()
+        try:
+            out = d.decompress(data, limit)
+        except zlib.error as exc:
+            raise MalformedMessageError(f"compressed batch does not inflate: {exc}") from exc
+        if d.unconsumed_tail:
+            raise MessageTooLargeError(f"compressed batch inflates past {limit} bytes")
+        if not d.eof:
+            raise MalformedMessageError("compressed batch is truncated")
+        return out

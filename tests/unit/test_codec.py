@@ -1,0 +1,376 @@
+"""The Cap'n Proto codec: round trips for every kind, cross-version reads, limits, signatures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.codec import (
+    CURRENT_VERSION,
+    NESTING_LIMIT,
+    Signer,
+    TrustRoster,
+    WireCodec,
+    load_schema,
+)
+from broker.crdt import MAX_NESTING_DEPTH, HybridClock, ORMap
+from broker.crdt._causal import Causal
+from broker.errors import (
+    BadSignatureError,
+    CodecError,
+    MalformedMessageError,
+    MessageTooDeepError,
+    MessageTooLargeError,
+    UnknownSignerError,
+    UnsignedMessageError,
+    UnsupportedContentError,
+    UnsupportedVersionError,
+)
+from tests.unit.strategies import KINDS, atoms, histories, run_history
+
+CODECS = {v: WireCodec(v) for v in (1, CURRENT_VERSION)}
+T0 = 1_700_000_000_000 << 16
+
+
+def same(a: Causal, b: Causal) -> None:
+    assert type(a) is type(b)
+    assert a.is_delta == b.is_delta
+    assert a.context == b.context
+    assert a.digest() == b.digest()
+    assert a.value() == b.value()
+
+
+@st.composite
+def kind_history(draw: st.DrawFn) -> tuple[list[Causal], list[Causal]]:
+    kind = draw(st.sampled_from(KINDS))
+    return run_history(kind, draw(histories(kind)))
+
+
+@settings(max_examples=150)
+@given(kind_history(), st.sampled_from([1, CURRENT_VERSION]), st.sampled_from([1, CURRENT_VERSION]))
+def test_states_and_deltas_round_trip_across_versions(
+    sd: tuple[list[Causal], list[Causal]], writer: int, reader: int
+) -> None:
+    states, deltas = sd
+    w, r = CODECS[writer], CODECS[reader]
+    for s in states:
+        same(r.decode_document(w.encode_document(s)), s)
+    for d in deltas:
+        same(r.decode_document(w.encode_document(d)), d)
+    if deltas:  # a batch: deltas joined into one delta
+        batch = deltas[0].copy()
+        for d in deltas[1:]:
+            batch.merge(d)
+        same(r.decode_document(w.encode_document(batch)), batch)
+
+
+deep_paths = st.lists(st.sampled_from(["a", "b", "ü"]), min_size=1, max_size=MAX_NESTING_DEPTH)
+
+
+@settings(max_examples=60)
+@given(st.lists(st.tuples(deep_paths, st.integers(0, 5), atoms), min_size=1, max_size=12))
+def test_nested_maps_round_trip_to_max_depth(writes: list[tuple[list[str], int, Any]]) -> None:
+    state = ORMap()
+    batch = ORMap(is_delta=True)
+    for n, (path, op, value) in enumerate(writes):
+        rid = f"r{op % 3}"
+        if op == 0:
+            d = state.assign(rid, path, value, T0 + n)
+        elif op == 1:
+            d = state.increment(rid, path, 3)
+        elif op == 2:
+            d = state.add(rid, path, "e")
+        elif op == 3:
+            d = state.assign_multi(rid, path, value)
+        elif op == 4:
+            d = state.discard(rid, path, "e")
+        else:
+            d = state.remove(path)
+        state.merge(d)
+        batch.merge(d)
+    for c in CODECS.values():
+        same(c.decode_document(c.encode_document(state)), state)
+        same(c.decode_document(c.encode_document(batch)), batch)
+
+
+def _deep_document(levels: int) -> bytes:
+    """A hand-built map document ``levels`` maps deep (the core refuses to build it)."""
+    schema = load_schema()
+    doc = schema.crdt.Document.new_message()
+    doc.init("replicas", 1)[0] = "r1"
+    e = doc.init("root")
+    e.kind = 5
+    for _ in range(levels - 1):
+        e = e.init("entries", 1)[0]
+        e.key = "k"
+        e.kind = 5
+    leaf = e.init("entries", 1)[0]
+    leaf.key = "v"
+    leaf.kind = 1
+    it = leaf.init("items", 1)[0]
+    it.replica = 0
+    it.counter = 1
+    p = it.init("payload").init("lww")
+    p.hlc = 1
+    p.init("value").int = 1
+    return doc.to_bytes_packed()  # type: ignore[no-any-return]
+
+
+def test_depth_at_the_limit_reads_and_one_more_is_refused() -> None:
+    c = CODECS[CURRENT_VERSION]
+    ok = c.decode_document(_deep_document(MAX_NESTING_DEPTH))
+    assert isinstance(ok, ORMap)
+    with pytest.raises(MessageTooDeepError):
+        c.decode_document(_deep_document(MAX_NESTING_DEPTH + 1))
+    with pytest.raises(MessageTooDeepError):
+        c.decode_document(_deep_document(NESTING_LIMIT + 4))
+
+
+def test_oversized_and_traversal_heavy_messages_are_refused() -> None:
+    c = WireCodec(max_payload=4096)
+    with pytest.raises(MessageTooLargeError):
+        c.decode_document(b"\x00" * 5000)
+    state = ORMap()
+    for i in range(200):
+        state.merge(state.assign("r1", (f"key-{i}",), "x" * 20, T0 + i))
+    raw = CODECS[CURRENT_VERSION].encode_document(state)
+    assert len(raw) > 4096
+    with pytest.raises(MessageTooLargeError):
+        c.decode_document(raw)
+    # A small packed message that claims a huge segment: refused by the traversal limit,
+    # before anything is allocated.
+    bomb = b"\x10\x00" + b"\x00\xff" * 8
+    with pytest.raises(CodecError):
+        c.decode_document(bomb)
+
+
+def _mutated_doc(edit: Any) -> bytes:
+    schema = load_schema()
+    state = ORMap()
+    state.merge(state.assign("r1", ("a",), 1, T0))
+    state.merge(state.add("r2", ("s",), "x"))
+    state.merge(state.add("r3", ("s",), "y"))
+    b = schema.crdt.Document.from_bytes_packed(
+        CODECS[CURRENT_VERSION].encode_document(state)
+    ).as_builder()
+    edit(b)
+    return b.to_bytes_packed()  # type: ignore[no-any-return]
+
+
+def _set(path: str, value: Any) -> Any:
+    def edit(b: Any) -> None:
+        *parts, last = path.split(".")
+        obj = b
+        for p in parts:
+            obj = obj[int(p)] if p.isdigit() else getattr(obj, p)
+        if last.isdigit():
+            obj[int(last)] = value
+        else:
+            setattr(obj, last, value)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set("root.entries.0.items.0.replica", 9), "replica index"),
+        (_set("root.entries.0.items.0.counter", 0), "dot counter"),
+        (_set("root.entries.0.key", ""), "map key"),
+        (_set("root.entries.0.key", "z"), "sorted"),
+        (_set("root.entries.0.kind", 4), "does not hold"),
+        (_set("root.entries.0.kind", 0), "absent"),
+        (_set("root.entries.0.whole", True), "Whole"),
+        (_set("root.entries.1.elements.0.dots.0.counter", 0), "dot counter"),
+        (_set("root.kind", 1), "does not hold map entries"),
+        (_set("root.key", "x"), "no key"),
+        (_set("replicas.0", "bad id!"), "replica id"),
+        (_set("replicas.1", "r1"), "repeats"),
+        (_set("context.versions.0.replica", 7), "replica index"),
+    ],
+)
+def test_contract_violations_are_specific_errors(edit: Any, message: str) -> None:
+    with pytest.raises(MalformedMessageError, match=message):
+        CODECS[CURRENT_VERSION].decode_document(_mutated_doc(edit))
+
+
+def test_invalid_utf8_text_is_a_codec_error() -> None:
+    raw = _mutated_doc(_set("root.entries.0.key", "KEYX"))
+    CODECS[CURRENT_VERSION].decode_document(raw)
+    pos = raw.find(b"KEYX")
+    assert pos > 0
+    bad = raw[: pos + 1] + b"\xff" + raw[pos + 2 :]
+    with pytest.raises(MalformedMessageError):
+        CODECS[CURRENT_VERSION].decode_document(bad)
+
+
+# -- envelopes and signatures ------------------------------------------------------------
+
+
+@pytest.fixture
+def keys() -> tuple[Signer, Signer, TrustRoster]:
+    alice = Signer("alice", b"a" * 32)
+    mallory = Signer("mallory", b"m" * 32)
+    return alice, mallory, TrustRoster({"alice": alice.public_key})
+
+
+def _delta() -> ORMap:
+    s = ORMap()
+    return s.assign("alice", ("k",), "v", T0)
+
+
+def test_envelope_round_trip_with_trace_id(keys: tuple[Signer, Signer, TrustRoster]) -> None:
+    alice, _, roster = keys
+    c = CODECS[CURRENT_VERSION]
+    d = _delta()
+    raw = c.seal(alice, subject="wn.ns.s1", hlc=T0, sequence=7, document=d, trace_id=b"t" * 16)
+    env = c.open(raw, roster)
+    assert (env.version, env.writer, env.subject, env.hlc, env.sequence) == (
+        CURRENT_VERSION,
+        "alice",
+        "wn.ns.s1",
+        T0,
+        7,
+    )
+    assert env.trace_id == b"t" * 16
+    assert not env.is_state
+    same(env.document, d)
+    # an old reader reads the same bytes; it just does not know trace ids
+    old = CODECS[1].open(raw, roster)
+    same(old.document, d)
+    assert old.trace_id == b""
+    # a new reader reads an old writer's envelope with defaults
+    raw1 = CODECS[1].seal(alice, subject="wn.ns.s1", hlc=T0, sequence=8, document=d)
+    env1 = c.open(raw1, roster)
+    assert env1.version == 1
+    assert env1.trace_id == b""
+    same(env1.document, d)
+
+
+def test_state_transfer_envelope(keys: tuple[Signer, Signer, TrustRoster]) -> None:
+    alice, _, roster = keys
+    s = ORMap()
+    s.merge(_delta())
+    env = CODECS[1].open(
+        CODECS[1].seal(alice, subject="x", hlc=1, sequence=1, document=s, is_state=True), roster
+    )
+    assert env.is_state
+    same(env.document, s)
+
+
+def test_unsigned_forged_and_unknown_signers_are_refused(
+    keys: tuple[Signer, Signer, TrustRoster],
+) -> None:
+    alice, mallory, roster = keys
+    c = CODECS[CURRENT_VERSION]
+    schema = c.schema
+    raw = c.seal(alice, subject="x", hlc=1, sequence=1, document=_delta())
+    o = schema.envelope.SignedEnvelope.from_bytes_packed(raw).as_builder()
+    o.signature = b""
+    with pytest.raises(UnsignedMessageError):
+        c.open(o.to_bytes_packed(), roster)
+
+    o = schema.envelope.SignedEnvelope.from_bytes_packed(raw).as_builder()
+    sig = bytearray(o.signature)
+    sig[0] ^= 1
+    o.signature = bytes(sig)
+    with pytest.raises(BadSignatureError):
+        c.open(o.to_bytes_packed(), roster)
+
+    # the body altered after signing
+    o = schema.envelope.SignedEnvelope.from_bytes_packed(raw).as_builder()
+    env = schema.envelope.Envelope.from_bytes_packed(bytes(o.body)).as_builder()
+    env.sequence = 99
+    o.body = env.to_bytes_packed()
+    with pytest.raises(BadSignatureError):
+        c.open(o.to_bytes_packed(), roster)
+
+    # mallory is not trusted
+    with pytest.raises(UnknownSignerError):
+        c.open(c.seal(mallory, subject="x", hlc=1, sequence=1, document=_delta()), roster)
+
+    # mallory is trusted, but claims to be alice inside a body she signed herself
+    roster.add("mallory", mallory.public_key)
+    o = schema.envelope.SignedEnvelope.from_bytes_packed(
+        c.seal(mallory, subject="x", hlc=1, sequence=1, document=_delta())
+    ).as_builder()
+    env = schema.envelope.Envelope.from_bytes_packed(bytes(o.body)).as_builder()
+    env.writer = "alice"
+    o.body = env.to_bytes_packed()
+    o.signature = mallory.sign(bytes(o.body))
+    with pytest.raises(BadSignatureError, match="signed by"):
+        c.open(o.to_bytes_packed(), roster)
+
+
+def test_replaying_an_old_valid_envelope_is_harmless(
+    keys: tuple[Signer, Signer, TrustRoster],
+) -> None:
+    alice, _, roster = keys
+    c = CODECS[CURRENT_VERSION]
+    clock = HybridClock()
+    state = ORMap()
+    d1 = state.assign("alice", ("k",), "old", clock.now(physical_ms=1_000))
+    state.merge(d1)
+    old = c.seal(alice, subject="x", hlc=1, sequence=1, document=d1)
+    d2 = state.assign("alice", ("k",), "new", clock.now(physical_ms=2_000))
+    state.merge(d2)
+    d3 = state.remove(("k",))
+    replica = ORMap()
+    for raw in (old, c.seal(alice, subject="x", hlc=2, sequence=2, document=d2)):
+        replica.merge(c.open(raw, roster).document)
+    assert replica.value() == {"k": "new"}
+    replica.merge(c.open(old, roster).document)  # replay: no effect
+    assert replica.value() == {"k": "new"}
+    state.merge(d3)
+    replica.merge(d3)
+    replica.merge(c.open(old, roster).document)  # replay after a remove: still removed
+    assert replica.value() == {}
+    assert replica.digest() == state.digest()
+
+
+def test_unsupported_version_is_refused(keys: tuple[Signer, Signer, TrustRoster]) -> None:
+    alice, _, roster = keys
+    c = CODECS[CURRENT_VERSION]
+    schema = c.schema
+    o = schema.envelope.SignedEnvelope.from_bytes_packed(
+        c.seal(alice, subject="x", hlc=1, sequence=1, document=_delta())
+    ).as_builder()
+    env = schema.envelope.Envelope.from_bytes_packed(bytes(o.body)).as_builder()
+    env.version = 0
+    o.body = env.to_bytes_packed()
+    o.signature = alice.sign(bytes(o.body))
+    with pytest.raises(UnsupportedVersionError):
+        c.open(o.to_bytes_packed(), roster)
+
+
+def test_compressed_batches_only_for_v2_peers(keys: tuple[Signer, Signer, TrustRoster]) -> None:
+    alice, _, roster = keys
+    state = ORMap()
+    batch = ORMap(is_delta=True)
+    for i in range(300):
+        d = state.assign("alice", (f"key-{i}",), i, T0 + i)
+        state.merge(d)
+        batch.merge(d)
+    mixed = WireCodec(CURRENT_VERSION)  # peer_version defaults to the oldest: no compression
+    upgraded = WireCodec(CURRENT_VERSION, peer_version=2)
+    plain = mixed.seal(alice, subject="x", hlc=1, sequence=1, document=batch)
+    small = upgraded.seal(alice, subject="x", hlc=1, sequence=1, document=batch)
+    assert len(small) < len(plain) / 2
+    same(upgraded.open(small, roster).document, batch)
+    same(CODECS[1].open(plain, roster).document, batch)
+    with pytest.raises(UnsupportedContentError, match="peer_version"):
+        CODECS[1].open(small, roster)
+
+
+def test_seal_refuses_an_envelope_over_max_payload(
+    keys: tuple[Signer, Signer, TrustRoster],
+) -> None:
+    alice, _, _ = keys
+    state = ORMap()
+    for i in range(100):
+        state.merge(state.assign("alice", (f"key-{i}",), "x" * 40, T0 + i))
+    with pytest.raises(MessageTooLargeError, match="flush smaller"):
+        WireCodec(max_payload=2048).seal(alice, subject="x", hlc=1, sequence=1, document=state)
