@@ -15,12 +15,16 @@ import click
 
 from broker.crdt import ROOT_ID, HybridClock, ORMap, Tree
 from broker.errors import TreeError
+from services.schemacheck import schema
 
 
 @click.group()
 @click.version_option(package_name="worknode")
 def main() -> None:
     """worknode: replicated state on NATS."""
+
+
+main.add_command(schema)
 
 
 class _SimReplica:

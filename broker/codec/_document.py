@@ -24,9 +24,11 @@ from typing import Any, Final
 
 from broker.codec._schema import WireSchema
 from broker.crdt import (
+    MAX_KIND,
     MAX_NESTING_DEPTH,
     Causal,
     CausalContext,
+    EWFlag,
     Kind,
     LWWRegister,
     MVRegister,
@@ -39,15 +41,17 @@ from broker.crdt import (
     validate_replica_id,
 )
 from broker.crdt._atoms import INT64_MAX, encode_atom
-from broker.crdt._opaque import OpaqueStore, opaque_store_class
 from broker.crdt._stores import (
     CounterStore,
+    FlagStore,
     KindStore,
     LWWStore,
     MapStore,
     MVStore,
+    OpaqueStore,
     SetStore,
     Whole,
+    opaque_store_class,
 )
 from broker.errors import (
     InvalidArgumentError,
@@ -65,6 +69,7 @@ CAUSAL_OF_KIND: Final[dict[int, type[Causal]]] = {
     Kind.COUNTER: PNCounter,
     Kind.SET: ORSet,
     Kind.MAP: ORMap,
+    Kind.FLAG: EWFlag,
 }
 
 _NO_KIND: Final = 0
@@ -118,8 +123,14 @@ def _parts(entry: Any) -> list[tuple[int, bool, Any]]:
     return [(int(inner.KIND), whole, inner)]
 
 
-def _encode_store(b: Any, kind: int, store: Any, rx: _Replicas, payload_struct: Any) -> None:
+def _encode_store(
+    b: Any, kind: int, store: Any, rx: _Replicas, item_struct: Any, kinds: frozenset[int]
+) -> None:
     """Fill entry builder ``b`` (key/kind/whole already set) with ``store``'s content."""
+    if kind not in kinds and kind != _NO_KIND and not isinstance(store, OpaqueStore):
+        raise UnsupportedContentError(
+            f"kind {kind} needs a newer wire version than this codec's "
+        )
     if kind == _NO_KIND:
         b.absent = None
     elif kind == Kind.MAP:
@@ -134,7 +145,7 @@ def _encode_store(b: Any, kind: int, store: Any, rx: _Replicas, payload_struct: 
             e.kind = k
             if whole:
                 e.whole = True
-            _encode_store(e, k, inner, rx, payload_struct)
+            _encode_store(e, k, inner, rx, item_struct, kinds)
     elif kind == Kind.SET:
         els = sorted(((encode_atom(x), x, ds) for x, ds in store.items()), key=lambda r: r[0])
         lst = b.init("elements", len(els))
@@ -166,8 +177,10 @@ def _encode_store(b: Any, kind: int, store: Any, rx: _Replicas, payload_struct: 
                 p = it.init("payload").init("counter")
                 p.increments = store[o + 2]
                 p.decrements = store[o + 3]
+            elif kind == Kind.FLAG and not isinstance(store, OpaqueStore):
+                it.init("payload").flag = None
             else:  # an opaque payload: copied back as the struct it arrived as
-                it.payload = payload_struct.from_bytes_packed(store[o + 2])
+                it.payload = item_struct.from_bytes_packed(store[o + 2]).payload
 
 
 def encode_document(schema: WireSchema, state: Causal) -> Any:
@@ -178,13 +191,12 @@ def encode_document(schema: WireSchema, state: Causal) -> Any:
     kind = int(state.KIND)
     root.kind = kind
     store = state.store
-    payload_struct = schema.crdt.Payload
-    if kind == Kind.MAP:
-        _encode_store(root, kind, store if store is not None else MapStore(), rx, payload_struct)
-    elif kind == Kind.SET:
-        _encode_store(root, kind, store if store is not None else SetStore(), rx, payload_struct)
-    else:
-        _encode_store(root, kind, store, rx, payload_struct)
+    item_struct = schema.crdt.Item
+    if store is None and kind == Kind.MAP:
+        store = MapStore()
+    elif store is None and kind == Kind.SET:
+        store = SetStore()
+    _encode_store(root, kind, store, rx, item_struct, schema.kinds)
     ctx = state.context
     vv = ctx.version_vector
     c = doc.init("context")
@@ -268,7 +280,9 @@ class _Decoder:
             cls = MVStore
         elif kind == Kind.COUNTER:
             cls = CounterStore
-        elif kind not in self.schema.kinds:
+        elif kind == Kind.FLAG and kind in self.schema.kinds:
+            cls = FlagStore
+        elif kind not in self.schema.kinds and kind <= MAX_KIND:
             cls = opaque_store_class(kind)
         else:
             raise MalformedMessageError(f"kind {kind} does not hold items")
@@ -285,7 +299,11 @@ class _Decoder:
             p = it.payload
             if issubclass(cls, OpaqueStore):
                 # Kept as the exact struct it arrived as (unknown members and fields too).
-                out.append(p.as_builder().to_bytes_packed())
+                # Copy it into a holder message by field assignment: unlike as_builder()
+                # and total_size, that copy raises (not aborts) on out-of-bounds pointers.
+                holder = self.schema.crdt.Item.new_message()
+                holder.payload = p
+                out.append(holder.to_bytes_packed())
                 continue
             w = p.which()
             if kind == Kind.LWW:
@@ -300,6 +318,9 @@ class _Decoder:
                 if w != "mv":
                     raise MalformedMessageError(f"MV item carries a {w} payload")
                 out.append(self.value(p.mv))
+            elif kind == Kind.FLAG:
+                if w != "flag":
+                    raise MalformedMessageError(f"flag item carries a {w} payload")
             else:
                 if w != "counter":
                     raise MalformedMessageError(f"counter item carries a {w} payload")

@@ -8,6 +8,10 @@ Invariants:
 - limits come from the NATS max payload: a message longer than it is refused before parsing;
   the Cap'n Proto traversal limit is ``max_payload`` words (8x the bytes, room for packing)
   and bounds memory as well as time; the nesting limit and ``MAX_NESTING_DEPTH`` bound depth;
+- pycapnp aborts the interpreter on a multi-segment packed stream shorter than its segment
+  table (``_packed``), and when ``as_builder()``/``total_size`` meet an out-of-bounds
+  pointer: every packed input passes ``check_segments`` first, and hostile structs are only
+  copied by field assignment (``_document``), which raises instead;
 - a signature is verified before the body is decoded, and the body's writer must be the
   signer;
 - a reader reads every wire version from ``OLDEST_VERSION`` up: newer messages with what it
@@ -27,6 +31,7 @@ from typing import Any, Final
 import capnp
 
 from broker.codec._document import decode_document, encode_document
+from broker.codec._packed import check_segments
 from broker.codec._schema import CURRENT_VERSION, OLDEST_VERSION, WireSchema, load_schema
 from broker.codec._signing import Signer, TrustRoster
 from broker.crdt import MAX_NESTING_DEPTH, Causal
@@ -151,11 +156,7 @@ class WireCodec:
         """The state or delta in packed ``data``; raises a ``CodecError`` subclass."""
         self._check_size(data, "document")
         with _decoding("document"):
-            doc = self.schema.crdt.Document.from_bytes_packed(
-                data,
-                traversal_limit_in_words=self.traversal_limit_words,
-                nesting_limit=NESTING_LIMIT,
-            )
+            doc = self._parse(self.schema.crdt.Document, data, NESTING_LIMIT)
             return decode_document(self.schema, doc, expect)
 
     # -- envelopes -----------------------------------------------------------------------
@@ -223,19 +224,13 @@ class WireCodec:
         """
         self._check_size(data, "envelope")
         with _decoding("envelope"):
-            outer = self.schema.envelope.SignedEnvelope.from_bytes_packed(
-                data, traversal_limit_in_words=self.traversal_limit_words, nesting_limit=4
-            )
+            outer = self._parse(self.schema.envelope.SignedEnvelope, data, 4)
             signer = outer.signer
             signature = bytes(outer.signature)
             body = bytes(outer.body)
         roster.verify(signer, body, signature)
         with _decoding("envelope body"):
-            env = self.schema.envelope.Envelope.from_bytes_packed(
-                body,
-                traversal_limit_in_words=self.traversal_limit_words,
-                nesting_limit=NESTING_LIMIT,
-            )
+            env = self._parse(self.schema.envelope.Envelope, body, NESTING_LIMIT)
             version = env.version
             if version < OLDEST_VERSION:
                 raise UnsupportedVersionError(
@@ -256,11 +251,7 @@ class WireCodec:
                 raise
             if which in ("deltaBatchZlib", "stateZlib"):
                 raw = self._inflate(bytes(getattr(env, which)))
-                doc = self.schema.crdt.Document.from_bytes_packed(
-                    raw,
-                    traversal_limit_in_words=self.traversal_limit_words,
-                    nesting_limit=NESTING_LIMIT,
-                )
+                doc = self._parse(self.schema.crdt.Document, raw, NESTING_LIMIT)
             else:
                 doc = getattr(env, which)
             document = decode_document(self.schema, doc)
@@ -280,6 +271,15 @@ class WireCodec:
             )
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _parse(self, struct: Any, data: bytes, nesting_limit: int) -> Any:
+        """A reader over packed ``data`` (checked first: see module doc)."""
+        check_segments(data)
+        return struct.from_bytes_packed(
+            data,
+            traversal_limit_in_words=self.traversal_limit_words,
+            nesting_limit=nesting_limit,
+        )
 
     def _check_size(self, data: Any, what: str) -> None:
         if len(data) > self.max_payload:

@@ -15,10 +15,19 @@ from broker.crdt._atoms import (
     validate_element,
     validate_key,
 )
-from broker.crdt._causal import Causal, LWWRegister, MVRegister, ORMap, ORSet, Path, PNCounter
+from broker.crdt._causal import (
+    Causal,
+    EWFlag,
+    LWWRegister,
+    MVRegister,
+    ORMap,
+    ORSet,
+    Path,
+    PNCounter,
+)
 from broker.crdt._context import MAX_REPLICA_ID_LENGTH, CausalContext, Dot, validate_replica_id
 from broker.crdt._hlc import DEFAULT_MAX_DRIFT_MS, HybridClock, hlc_logical, hlc_physical
-from broker.crdt._stores import MAX_NESTING_DEPTH, Kind, KindConflict
+from broker.crdt._stores import MAX_KIND, MAX_NESTING_DEPTH, Kind, KindConflict, OpaqueValue
 from broker.crdt._tree import MAX_FIELD_DEPTH, MAX_NODE_ID_LENGTH, ROOT_ID, Tree, validate_node_id
 
 __all__ = [
@@ -27,6 +36,7 @@ __all__ = [
     "INT64_MIN",
     "MAX_FIELD_DEPTH",
     "MAX_KEY_BYTES",
+    "MAX_KIND",
     "MAX_NESTING_DEPTH",
     "MAX_NODE_ID_LENGTH",
     "MAX_REPLICA_ID_LENGTH",
@@ -36,6 +46,7 @@ __all__ = [
     "Causal",
     "CausalContext",
     "Dot",
+    "EWFlag",
     "Element",
     "HybridClock",
     "Kind",
@@ -44,6 +55,7 @@ __all__ = [
     "MVRegister",
     "ORMap",
     "ORSet",
+    "OpaqueValue",
     "PNCounter",
     "Path",
     "Tree",

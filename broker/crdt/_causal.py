@@ -33,6 +33,7 @@ from broker.crdt._stores import (
     MAX_NESTING_DEPTH,
     CounterStore,
     Entry,
+    FlagStore,
     Kind,
     KindStore,
     LWWStore,
@@ -44,6 +45,8 @@ from broker.crdt._stores import (
     count_dots,
     counter_add,
     dots_of,
+    flag_disable,
+    flag_enable,
     join_entry,
     lww_assign,
     mv_assign,
@@ -60,6 +63,7 @@ from broker.errors import (
 
 __all__ = [
     "Causal",
+    "EWFlag",
     "LWWRegister",
     "MVRegister",
     "ORMap",
@@ -287,6 +291,30 @@ class ORSet(Causal):
         return value_of(self.store) or frozenset()
 
 
+class EWFlag(Causal):
+    """Enable-wins flag (wire v2): on while an enable has not been observed by a disable."""
+
+    __slots__ = ()
+    KIND = Kind.FLAG
+    _STORE = FlagStore
+
+    def enable(self, replica_id: str) -> EWFlag:
+        """Delta turning the flag on; wins over disables it has not observed."""
+        dot = self.context.next_dot(validate_replica_id(replica_id))
+        store, removed = flag_enable(self.store, dot)
+        removed.append(dot)
+        return self._delta(store, removed)
+
+    def disable(self) -> EWFlag:
+        """Delta turning the flag off as observed here (no dot is issued)."""
+        _, removed = flag_disable(self.store, None)
+        return self._delta(None, removed)
+
+    def value(self) -> bool:
+        """Whether the flag is on."""
+        return bool(self.store)
+
+
 def _check_amount(amount: object) -> int:
     if type(amount) is not int:
         raise InvalidArgumentError(f"counter amounts are int, got {type(amount).__name__}")
@@ -363,6 +391,23 @@ class ORMap(Causal):
         return self._update(
             replica_id, path, SetStore, lambda cur, _: set_remove(cur, e), needs_dot=False
         )
+
+    def enable(self, replica_id: str, path: Path) -> ORMap:
+        """Delta turning on the enable-wins flag at ``path`` (wire v2)."""
+        return self._update(replica_id, path, FlagStore, flag_enable)
+
+    def disable(self, path: Path) -> ORMap:
+        """Delta turning off the flag at ``path`` as observed here (other kinds stay)."""
+        keys = _validate_path(path)
+        parent = self._walk(keys[:-1])
+        cur = _select(parent.get(keys[-1]), FlagStore) if parent else None
+        _, removed = flag_disable(cur, None)
+        # Whole(None) makes the join visit this key; the context holds only the flag's
+        # dots, so other kinds under the key are untouched.
+        store: Any = Whole(None)
+        for k in reversed(keys):
+            store = MapStore({k: store})
+        return self._delta(store, removed)
 
     def remove(self, path: Path) -> ORMap:
         """Delta removing the key at ``path`` (every kind under it) as observed here."""

@@ -35,6 +35,7 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import struct
 from collections.abc import Callable, Iterator
@@ -47,15 +48,19 @@ from broker.errors import InvalidArgumentError, NestingDepthError, ValueTooLarge
 __all__ = [
     "CLASS_OF_KIND",
     "DIGEST_SIZE",
+    "MAX_KIND",
     "MAX_NESTING_DEPTH",
     "CounterStore",
     "Entry",
+    "FlagStore",
     "Kind",
     "KindConflict",
     "KindStore",
     "LWWStore",
     "MVStore",
     "MapStore",
+    "OpaqueStore",
+    "OpaqueValue",
     "SetStore",
     "Store",
     "Whole",
@@ -64,9 +69,12 @@ __all__ = [
     "counter_add",
     "digest_entry",
     "dots_of",
+    "flag_disable",
+    "flag_enable",
     "join_entry",
     "lww_assign",
     "mv_assign",
+    "opaque_store_class",
     "set_add",
     "set_remove",
     "value_of",
@@ -84,6 +92,12 @@ class Kind(enum.IntEnum):
     COUNTER = 3
     SET = 4
     MAP = 5
+    FLAG = 6
+    """Enable-wins flag (wire v2)."""
+
+
+MAX_KIND: Final = 255
+"""Highest kind number a reader accepts; unknown kinds up to it are kept opaque."""
 
 
 class _DotFun(tuple[Any, ...]):
@@ -130,6 +144,37 @@ class CounterStore(_DotFun):
     KIND = Kind.COUNTER
 
 
+class FlagStore(_DotFun):
+    """Enable-wins flag: entries ``(replica, counter)``, one per enabling write not yet
+    observed by a disable. The flag is on while any entry is left."""
+
+    __slots__ = ()
+    STRIDE = 2
+    KIND = Kind.FLAG
+
+
+class OpaqueStore(_DotFun):
+    """A dot-function store of a kind this release does not know (a newer release's kind,
+    received during a rolling upgrade): entries ``(replica, counter, payload bytes)``.
+
+    Every kind is a dot function on the wire, so such a store still joins by the dot rule
+    without its payloads being understood, and each payload is passed on exactly as it
+    arrived. The node's context then never claims a dot whose content it dropped, so a newer
+    node joining this node's state loses nothing. One subclass per kind number
+    (``opaque_store_class``); ``KIND`` is the plain int.
+    """
+
+    __slots__ = ()
+    STRIDE = 3
+    KIND: ClassVar[int]  # type: ignore[assignment]
+
+
+class OpaqueValue(tuple[int, int]):
+    """What ``value()`` shows for an opaque store: ``(kind number, number of dots)``."""
+
+    __slots__ = ()
+
+
 class SetStore(dict[Element, tuple[Any, ...]]):
     """Add-wins OR-set: element -> dot set (flat tuple ``(r, n, r, n, ...)``)."""
 
@@ -144,8 +189,9 @@ class MapStore(dict[str, "Entry"]):
     KIND: ClassVar[Kind] = Kind.MAP
 
 
-class KindStore(dict[Kind, "Store"]):
-    """Several kinds under one map name; always two or more, never empty."""
+class KindStore(dict[int, "Store"]):
+    """Several kinds under one map name; always two or more, never empty. Keys are ``Kind``
+    members, or plain ints for kinds this release does not know (``OpaqueStore``)."""
 
     __slots__ = ()
 
@@ -167,13 +213,15 @@ class Whole:
     __hash__ = None  # type: ignore[assignment]
 
 
-class KindConflict(dict[Kind, Any]):
+class KindConflict(dict[int, Any]):
     """What ``value()`` shows for a name that holds several kinds: kind -> value."""
 
     __slots__ = ()
 
 
-Store: TypeAlias = LWWStore | MVStore | CounterStore | SetStore | MapStore
+Store: TypeAlias = (
+    LWWStore | MVStore | CounterStore | FlagStore | OpaqueStore | SetStore | MapStore
+)
 Entry: TypeAlias = Store | KindStore | Whole
 
 # --------------------------------------------------------------------------------------------
@@ -376,10 +424,36 @@ CLASS_OF_KIND: dict[Kind, type] = {
     Kind.COUNTER: CounterStore,
     Kind.SET: SetStore,
     Kind.MAP: MapStore,
+    Kind.FLAG: FlagStore,
 }
 
 
-def _as_kinds(entry: Store | KindStore | None) -> dict[Kind, Store]:
+def _join_flag(
+    a: Any, b: Any, ca: CausalContext, cb: CausalContext, full: bool, keep: bool, depth: int
+) -> Any:
+    return _join_fun(FlagStore, a, b, ca, cb)
+
+
+_JOIN[FlagStore] = _join_flag
+
+
+@functools.cache
+def opaque_store_class(kind: int) -> type[OpaqueStore]:
+    """The ``OpaqueStore`` subclass for wire kind number ``kind`` (one class per number)."""
+    if not 0 < kind <= MAX_KIND:
+        raise InvalidArgumentError(f"kind numbers are in [1, {MAX_KIND}], got {kind}")
+    cls = type(f"OpaqueStore{kind}", (OpaqueStore,), {"__slots__": (), "KIND": kind})
+
+    def join(
+        a: Any, b: Any, ca: CausalContext, cb: CausalContext, full: bool, keep: bool, depth: int
+    ) -> Any:
+        return _join_fun(cls, a, b, ca, cb)
+
+    _JOIN[cls] = join
+    return cls
+
+
+def _as_kinds(entry: Store | KindStore | None) -> dict[int, Store]:
     if entry is None:
         return {}
     if isinstance(entry, KindStore):
@@ -438,7 +512,7 @@ def join_entry(
         if y is None and not full:
             r2: Any = x
         else:
-            r2 = _JOIN[CLASS_OF_KIND[kind]](x, y, ca, cb, full, keep, depth)
+            r2 = _JOIN[type(x if x is not None else y)](x, y, ca, cb, full, keep, depth)
         if r2 is not None:
             out[kind] = r2
     if not out:
@@ -487,6 +561,16 @@ def counter_add(cur: CounterStore | None, dot: Dot, amount: int) -> tuple[Counte
     if inc > INT64_MAX or dec > INT64_MAX:
         raise ValueTooLargeError("counter contribution would leave the signed 64-bit range")
     return CounterStore((rid, dot[1], inc, dec)), removed
+
+
+def flag_enable(cur: FlagStore | None, dot: Dot) -> tuple[FlagStore, list[Dot]]:
+    """Delta that turns a flag on (wins over concurrent disables)."""
+    return FlagStore(dot), _dots_fun(cur, 2)
+
+
+def flag_disable(cur: FlagStore | None, dot: Dot | None) -> tuple[None, list[Dot]]:
+    """Delta that turns a flag off as observed: removes the enabling dots seen here."""
+    return None, _dots_fun(cur, 2)
 
 
 def set_add(cur: SetStore | None, dot: Dot, element: Element) -> tuple[SetStore, list[Dot]]:
@@ -564,6 +648,10 @@ def value_of(entry: Entry | None, depth: int = 1) -> Any:
         }
     if isinstance(entry, KindStore):
         return KindConflict({k: value_of(v, depth) for k, v in entry.items()})
+    if isinstance(entry, FlagStore):
+        return bool(entry)
+    if isinstance(entry, OpaqueStore):
+        return OpaqueValue((entry.KIND, len(entry) // 3))
     return value_of(entry.store, depth)
 
 
@@ -623,6 +711,13 @@ def _encode(entry: Entry | None, out: list[bytes], depth: int) -> None:
         out.append(_pack_i(len(entry)))
         for kind in sorted(entry):
             _encode(entry[kind], out, depth)
+    elif isinstance(entry, FlagStore):
+        out.append(b"G")
+        _encode_fun(entry, 2, out)
+    elif isinstance(entry, OpaqueStore):
+        out.append(b"X")
+        out.append(_pack_i(entry.KIND))
+        _encode_fun(entry, 3, out)
     else:
         out.append(b"W")
         _encode(entry.store, out, depth)

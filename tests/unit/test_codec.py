@@ -374,3 +374,26 @@ def test_seal_refuses_an_envelope_over_max_payload(
         state.merge(state.assign("alice", (f"key-{i}",), "x" * 40, T0 + i))
     with pytest.raises(MessageTooLargeError, match="flush smaller"):
         WireCodec(max_payload=2048).seal(alice, subject="x", hlc=1, sequence=1, document=state)
+
+
+def test_truncated_multi_segment_stream_is_refused_not_aborted() -> None:
+    # Found by the fuzzer: a two-segment table with no data. pycapnp alone aborts the
+    # interpreter on it (an exception thrown from a destructor); the pre-check refuses it.
+    for codec in CODECS.values():
+        with pytest.raises(MalformedMessageError, match="segment table"):
+            codec.decode_document(bytes.fromhex("0101110580"))
+
+
+def test_large_multi_segment_messages_pass_the_packed_precheck() -> None:
+    from broker.codec._packed import unpacked_words
+
+    state = ORMap()
+    for i in range(3000):
+        state.merge(state.assign("r1", (f"key-{i}",), "v" * (i % 50), T0 + i))
+    c = CODECS[CURRENT_VERSION]
+    raw = c.encode_document(state)
+    seg_count = c.schema.crdt.Document.from_bytes_packed(raw)  # parses
+    del seg_count
+    assert unpacked_words(raw) > 1024  # more than one default-size segment
+    assert unpacked_words(raw[:-1]) == -1 or unpacked_words(raw[:-1]) < unpacked_words(raw)
+    same(c.decode_document(raw), state)

@@ -1,0 +1,512 @@
+"""``worknode schema check``: a catalogue of schema edits, each breaking edit caught by the
+right rule and each safe edit passing; transitive checking; the command line's output and
+exit codes; hostile schema files.
+
+Every catalogue directory is dumped by a single worker subprocess (module fixture) and the
+comparisons run in-process, so the whole file stays fast.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from services.cli import main
+from services.schemacheck import (
+    RULES,
+    Snapshot,
+    check,
+    check_snapshots,
+    dump_directories,
+    load_snapshots,
+)
+
+CRDT = """\
+@0xc0ffee0000000001;
+# CRDT values. Fixture for the schema checker tests.
+
+using Env = import "/env.capnp";
+
+enum Kind @0xc0ffee0000000010 {
+  register @0;
+  counter @1;
+  set @2;
+}
+
+struct Value @0xc0ffee0000000011 {
+  # A self-describing CRDT value.
+  kind @0 :Kind = counter;
+  union {
+    none @1 :Void;
+    int @2 :Int64;
+    text @3 :Text;
+    nested @4 :Map;
+  }
+  weight @5 :Float32 = 1.5;
+  meta :group {
+    author @6 :Text = "anon";
+    tags @7 :List(Text);
+    origin @8 :Env.Origin;
+  }
+
+  struct Map @0xc0ffee0000000012 {
+    entries @0 :List(Entry);
+
+    struct Entry @0xc0ffee0000000013 {
+      key @0 :Text;
+      value @1 :Value;
+    }
+  }
+}
+
+struct Pair @0xc0ffee0000000014 (K, V) {
+  key @0 :K;
+  value @1 :V;
+}
+"""
+
+ENV = """\
+@0xc0ffee0000000002;
+# Envelopes and the store interface.
+
+using Crdt = import "crdt.capnp";
+
+struct Origin @0xc0ffee0000000020 {
+  node @0 :Text;
+  zone @1 :Text;
+  seq @2 :UInt64 = 1;
+  shard @3 :UInt32;
+  lane @4 :UInt16;
+}
+
+struct Envelope @0xc0ffee0000000021 {
+  version @0 :UInt16 = 1;
+  origin @1 :Origin;
+  values @2 :List(Crdt.Value);
+  flags @3 :List(Bool) = [true, false];
+  limits @4 :Origin = (node = "n", seq = 7);
+  labels @5 :Crdt.Pair(Text, Crdt.Value);
+}
+
+struct Heartbeat @0xc0ffee0000000022 {
+  at @0 :UInt64;
+  note @1 :Text;
+}
+
+interface Store @0xc0ffee0000000023 {
+  put @0 (envelope :Envelope, ttl :UInt32 = 60) -> (accepted :Bool);
+  get @1 Origin -> Envelope;
+}
+
+interface Admin @0xc0ffee0000000024 extends(Store) {
+  reset @0 () -> ();
+}
+"""
+
+BASE: Mapping[str, str] = {"crdt.capnp": CRDT, "env.capnp": ENV}
+
+# An edit is a list of operations on the base files:
+#   (file, old, new)   replace the one occurrence of ``old`` (it must exist) by ``new``
+#   (file, None, text) create ``file`` with ``text``
+#   (file, None, None) delete ``file``
+Op = tuple[str, str | None, str | None]
+
+
+def _apply(files: Mapping[str, str], ops: list[Op]) -> dict[str, str]:
+    out = dict(files)
+    for file, old, new in ops:
+        if old is None:
+            if new is None:
+                del out[file]
+            else:
+                out[file] = new
+            continue
+        assert new is not None
+        assert out[file].count(old) == 1, f"{file}: {old!r} must occur exactly once"
+        out[file] = out[file].replace(old, new)
+    return out
+
+
+def _sub_all(pattern: str, repl: str) -> list[Op]:
+    """Replace a word in every base file (for renames that touch references)."""
+    ops: list[Op] = []
+    for file, text in BASE.items():
+        new = re.sub(pattern, repl, text)
+        if new != text:
+            ops += [(file, None, None), (file, None, new)]
+    return ops
+
+
+@dataclass(frozen=True)
+class Case:
+    """A breaking edit: the rule it is about and every rule it triggers (exactly)."""
+
+    rule: str
+    expected: frozenset[str]
+    ops: list[Op]
+    id: str
+
+
+@dataclass(frozen=True)
+class Safe:
+    """A safe edit: no violation at all."""
+
+    id: str
+    ops: list[Op]
+
+
+def _case(rule: str, ops: list[Op], *also: str, name: str = "") -> Case:
+    return Case(rule, frozenset({rule, *also}), ops, f"{rule}{name}")
+
+
+BREAKING = [
+    _case("FILE_REMOVED", [
+        ("env.capnp", None, None), ("envelope.capnp", None, ENV),
+        ("crdt.capnp", '"/env.capnp"', '"/envelope.capnp"'),
+    ]),
+    _case("FILE_ID_CHANGED", [("env.capnp", "@0xc0ffee0000000002;", "@0xc0ffee00000000f2;")]),
+    _case("ID_MISSING", [("env.capnp", "Heartbeat @0xc0ffee0000000022 {", "Heartbeat {")],
+          "ID_CHANGED"),
+    _case("ID_CHANGED", [("env.capnp", "@0xc0ffee0000000022", "@0xc0ffee00000000f3")]),
+    _case("NODE_REMOVED", [("env.capnp", """\
+struct Heartbeat @0xc0ffee0000000022 {
+  at @0 :UInt64;
+  note @1 :Text;
+}
+""", "")]),
+    _case("KIND_CHANGED", [("env.capnp", """\
+struct Heartbeat @0xc0ffee0000000022 {
+  at @0 :UInt64;
+  note @1 :Text;
+}""", "enum Heartbeat @0xc0ffee0000000022 { at @0; note @1; }")]),
+    _case("FIELD_REMOVED", [("env.capnp", "  lane @4 :UInt16;\n", "")]),
+    # Swapped names: the limits default ("n" in pointer 0) now sits in the other field.
+    _case("ORDINAL_CHANGED", [
+        ("env.capnp", "node @0 :Text;\n  zone @1 :Text;", "node @1 :Text;\n  zone @0 :Text;"),
+    ], "DEFAULT_CHANGED"),
+    _case("TYPE_CHANGED", [("crdt.capnp", "int @2 :Int64;", "int @2 :UInt64;")],
+          name="-width"),
+    _case("TYPE_CHANGED", [("crdt.capnp", "tags @7 :List(Text);", "tags @7 :List(Data);")],
+          name="-list-element"),
+    _case("TYPE_CHANGED", [("env.capnp", "origin @1 :Origin;", "origin @1 :Heartbeat;")],
+          name="-struct-id"),
+    _case("TYPE_CHANGED", [("env.capnp", "Crdt.Pair(Text, Crdt.Value)",
+                            "Crdt.Pair(Data, Crdt.Value)")], name="-generic-binding"),
+    _case("DEFAULT_CHANGED", [("crdt.capnp", "= 1.5;", "= 2.5;")], name="-float"),
+    _case("DEFAULT_CHANGED", [("crdt.capnp", "= counter;", "= set;")], name="-enum"),
+    _case("DEFAULT_CHANGED", [("crdt.capnp", '= "anon";', '= "anonymous";')],
+          name="-text-in-group"),
+    _case("DEFAULT_CHANGED", [("env.capnp", "seq = 7)", "seq = 8)")], name="-struct"),
+    _case("DEFAULT_CHANGED", [("env.capnp", "[true, false]", "[true, true]")], name="-list"),
+    # Findings inside implicit "(a :T)" structs are reported under the method rule.
+    _case("METHOD_PARAM_TYPE_CHANGED", [("env.capnp", "ttl :UInt32 = 60", "ttl :UInt32 = 61")],
+          name="-default"),
+    # Widening ``shard`` moves ``lane`` (the next ordinal) to a new offset.
+    _case("OFFSET_CHANGED", [("env.capnp", "shard @3 :UInt32;", "shard @3 :UInt64;")],
+          "TYPE_CHANGED"),
+    _case("UNION_MEMBERSHIP_CHANGED", [
+        ("crdt.capnp", "  weight @5 :Float32 = 1.5;\n", ""),
+        ("crdt.capnp", "nested @4 :Map;", "nested @4 :Map;\n    weight @5 :Float32 = 1.5;"),
+    ], "OFFSET_CHANGED", name="-into"),  # weight now shares the union's space
+    _case("UNION_MEMBERSHIP_CHANGED", [
+        ("crdt.capnp", "    text @3 :Text;\n", ""),
+        ("crdt.capnp", "  weight @5", "  text @3 :Text;\n  weight @5"),
+    ], "OFFSET_CHANGED", name="-out-of"),  # text needs its own pointer: later ones move
+    _case("GROUP_CHANGED", [
+        ("crdt.capnp", "  weight @5 :Float32 = 1.5;\n", ""),
+        ("crdt.capnp", "  meta :group {\n", "  meta :group {\n    weight @5 :Float32 = 1.5;\n"),
+    ]),
+    _case("STRUCT_LAYOUT_SHRUNK", [("env.capnp", "note @1 :Text;", "note @1 :UInt8;")],
+          "TYPE_CHANGED"),
+    _case("ENUMERANT_REMOVED", [("crdt.capnp", "  set @2;\n", "")]),
+    # Value.kind defaults to ``counter``: its number changes with it.
+    _case("ENUMERANT_ORDINAL_CHANGED", [
+        ("crdt.capnp", "register @0;\n  counter @1;", "register @1;\n  counter @0;"),
+    ], "DEFAULT_CHANGED"),
+    _case("METHOD_REMOVED", [("env.capnp", "  get @1 Origin -> Envelope;\n", "")]),
+    _case("METHOD_ORDINAL_CHANGED", [
+        ("env.capnp", "put @0", "put @1"), ("env.capnp", "get @1", "get @0"),
+    ], "METHOD_PARAM_TYPE_CHANGED", "METHOD_RESULT_TYPE_CHANGED"),
+    _case("METHOD_PARAM_TYPE_CHANGED", [("env.capnp", "ttl :UInt32", "ttl :UInt64")],
+          name="-implicit"),
+    _case("METHOD_PARAM_TYPE_CHANGED", [("env.capnp", "get @1 Origin", "get @1 Heartbeat")],
+          name="-explicit"),
+    _case("METHOD_RESULT_TYPE_CHANGED", [("env.capnp", "accepted :Bool", "accepted :Text")]),
+    _case("SUPERCLASS_REMOVED", [("env.capnp", " extends(Store)", "")]),
+    _case("GENERIC_PARAMETERS_CHANGED", [
+        ("crdt.capnp", "(K, V) {", "(K) {"), ("crdt.capnp", "value @1 :V;", "value @1 :K;"),
+        ("env.capnp", "Crdt.Pair(Text, Crdt.Value)", "Crdt.Pair(Text)"),
+    ], "TYPE_CHANGED"),
+]
+
+SAFE = [
+    Safe("new-field-next-ordinal", [
+        ("crdt.capnp", "  meta :group", "  createdAt @9 :UInt64;\n  meta :group"),
+    ]),
+    Safe("new-field-in-struct-used-by-a-default", [
+        ("env.capnp", "lane @4 :UInt16;", "lane @4 :UInt16;\n  region @5 :Text;"),
+    ]),
+    # Only the new field differs: old readers cannot see it, new ones read it either way.
+    Safe("struct-default-sets-a-new-field", [
+        ("env.capnp", "lane @4 :UInt16;", "lane @4 :UInt16;\n  region @5 :Text;"),
+        ("env.capnp", "seq = 7)", 'seq = 7, region = "eu")'),
+    ]),
+    Safe("rename-field", [("crdt.capnp", "weight @5", "score @5")]),
+    Safe("rename-struct", _sub_all(r"\bOrigin\b", "Source")),
+    Safe("rename-group", [("crdt.capnp", "meta :group", "info :group")]),
+    Safe("rename-enumerant", [("crdt.capnp", "register @0", "lww @0")]),
+    Safe("rename-method", [("env.capnp", "put @0", "store @0")]),
+    Safe("rename-result", [("env.capnp", "(accepted :Bool)", "(ok :Bool)")]),
+    Safe("new-union-member", [
+        ("crdt.capnp", "nested @4 :Map;", "nested @4 :Map;\n    real @9 :Float64;"),
+    ]),
+    Safe("new-struct-and-enum", [
+        ("env.capnp", None, ENV + "struct Tombstone @0xc0ffee0000000025 {\n  at @0 :UInt64;\n}\n"
+                                  "enum Mode @0xc0ffee0000000026 { a @0; }\n"),
+    ]),
+    Safe("new-nested-struct", [
+        ("crdt.capnp", "  struct Map @",
+         "  struct Stamp @0xc0ffee0000000015 {\n    at @0 :UInt64;\n  }\n\n  struct Map @"),
+    ]),
+    Safe("new-enumerant-at-end", [("crdt.capnp", "set @2;", "set @2;\n  map @3;")]),
+    Safe("new-method", [
+        ("env.capnp", "get @1 Origin -> Envelope;",
+         "get @1 Origin -> Envelope;\n  del @2 (origin :Origin) -> ();"),
+    ]),
+    Safe("new-method-param-at-end", [
+        ("env.capnp", "ttl :UInt32 = 60)", "ttl :UInt32 = 60, priority :UInt8)"),
+    ]),
+    Safe("comments", [
+        ("crdt.capnp", "# A self-describing CRDT value.",
+         "# A self-describing CRDT value.\n  # More words; struct Fake {}"),
+        ("env.capnp", "seq @2 :UInt64 = 1;", "seq @2 :UInt64 = 1;  # since v1"),
+    ]),
+    Safe("reorder-fields-in-source", [
+        ("crdt.capnp", "  kind @0 :Kind = counter;\n", ""),
+        ("crdt.capnp", "  weight @5", "  kind @0 :Kind = counter;\n  weight @5"),
+    ]),
+    Safe("explicit-default-equal-to-implicit", [
+        ("env.capnp", "zone @1 :Text;", 'zone @1 :Text = "";'),
+        ("env.capnp", "shard @3 :UInt32;", "shard @3 :UInt32 = 0;"),
+    ]),
+    Safe("struct-default-spelled-differently", [
+        ("env.capnp", '(node = "n", seq = 7)', '(seq = 7, node = "n")'),
+    ]),
+    Safe("import-style", [
+        ("crdt.capnp", '"/env.capnp"', '"env.capnp"'),
+        ("env.capnp", '"crdt.capnp"', '"/crdt.capnp"'),
+    ]),
+    Safe("new-file", [
+        ("extra.capnp", None,
+         "@0xc0ffee0000000003;\nstruct Extra @0xc0ffee0000000030 { x @0 :Int8; }\n"),
+    ]),
+]
+
+# A syntax error in the middle of the batch: the worker dies there and resumes after it.
+HOSTILE_OPS: list[Op] = [("crdt.capnp", "struct Value @", "struct Value @@ {")]
+
+
+def _write(directory: Path, files: Mapping[str, str]) -> Path:
+    directory.mkdir(parents=True)
+    for name, text in files.items():
+        (directory / name).write_text(text, encoding="utf-8")
+    return directory
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    base: Snapshot
+    edited: Mapping[str, Snapshot]
+    errors: list[str]
+
+
+def _key(ops: list[Op]) -> str:
+    return repr(ops)
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory: pytest.TempPathFactory) -> Catalogue:
+    root = tmp_path_factory.mktemp("catalogue")
+    all_ops = [c.ops for c in BREAKING] + [c.ops for c in SAFE]
+    labelled = [("v1", _write(root / "base", BASE))]
+    for i, ops in enumerate(all_ops[: len(all_ops) // 2]):
+        labelled.append(("current", _write(root / f"e{i}", _apply(BASE, ops))))
+    labelled.append(("current", _write(root / "hostile", _apply(BASE, HOSTILE_OPS))))
+    for i, ops in enumerate(all_ops[len(all_ops) // 2:], start=len(all_ops) // 2):
+        labelled.append(("current", _write(root / f"e{i}", _apply(BASE, ops))))
+    parsed, _, errors = load_snapshots(labelled)
+    by_dir = {s.directory: s for s in parsed}
+    edited = {_key(ops): by_dir[root / f"e{i}"] for i, ops in enumerate(all_ops)}
+    return Catalogue(by_dir[root / "base"], edited, errors)
+
+
+@pytest.mark.parametrize("case", BREAKING, ids=[c.id for c in BREAKING])
+def test_breaking_edit_is_caught_by_its_rule(catalogue: Catalogue, case: Case) -> None:
+    found = check_snapshots([catalogue.base, catalogue.edited[_key(case.ops)]])
+
+    assert case.rule in {v.rule for v in found}, [v.format() for v in found]
+    assert {v.rule for v in found} == case.expected, [v.format() for v in found]
+    assert all(v.pairs == ("v1 → current",) for v in found if v.rule != "ID_MISSING")
+
+
+@pytest.mark.parametrize("safe", SAFE, ids=[c.id for c in SAFE])
+def test_safe_edit_passes(catalogue: Catalogue, safe: Safe) -> None:
+    found = check_snapshots([catalogue.base, catalogue.edited[_key(safe.ops)]])
+
+    assert [v.format() for v in found] == []
+
+
+def test_catalogue_covers_every_rule() -> None:
+    assert {c.rule for c in BREAKING} == set(RULES)
+
+
+def test_worker_crash_costs_only_its_directory(catalogue: Catalogue) -> None:
+    # The hostile directory sat in the middle of the fixture's batch; all others parsed.
+    assert len(catalogue.edited) == len(BREAKING) + len(SAFE)
+    assert len(catalogue.errors) == 1
+    error = catalogue.errors[0]
+    assert "hostile" in error
+    assert re.search(r"/hostile/crdt\.capnp:\d+: failed: Parse error\.", error)
+    assert "SIGABRT" in error
+
+
+def test_violation_points_at_the_member_line(catalogue: Catalogue) -> None:
+    ops: list[Op] = [("crdt.capnp", "int @2 :Int64;", "int @2 :UInt64;")]
+    [violation] = check_snapshots([catalogue.base, catalogue.edited[_key(ops)]])
+
+    edited = catalogue.edited[_key(ops)]
+    assert violation.path == str(edited.directory / "crdt.capnp")
+    assert violation.line == 17  # "    int @2 :UInt64;"
+    assert violation.format() == (
+        f"{edited.directory / 'crdt.capnp'}:17: TYPE_CHANGED: Value: field int @2: type "
+        "changed from Int64 to UInt64 [v1 → current]"
+    )
+
+
+def test_id_missing_points_at_the_declaration(catalogue: Catalogue) -> None:
+    [ops] = [c.ops for c in BREAKING if c.rule == "ID_MISSING"]
+    found = check_snapshots([catalogue.base, catalogue.edited[_key(ops)]])
+
+    [missing] = [v for v in found if v.rule == "ID_MISSING"]
+    assert missing.line == 23
+    assert "struct Heartbeat has no explicit @0x id" in missing.message
+
+
+# --- whole-tree checks: releases, transitivity, the command line ----------------------------
+
+
+def _project(root: Path, current: Mapping[str, str], **releases: Mapping[str, str]) -> Path:
+    schemas = _write(root / "schemas", current)
+    for name, files in releases.items():
+        _write(schemas / "releases" / name, files)
+    return schemas
+
+
+def test_transitive_break_is_caught_only_against_the_oldest_release(tmp_path: Path) -> None:
+    # v1 → v2 renames node to host; v2 → current renames zone to node. Each step is a safe
+    # rename, but a v1 writer's "node" (@0) is read as "host" by current, whose "node" is @1.
+    v2 = _apply(BASE, [("env.capnp", "node @0", "host @0"),
+                       ("env.capnp", '(node = "n"', '(host = "n"')])
+    current = _apply(v2, [("env.capnp", "zone @1", "node @1")])
+    schemas = _project(tmp_path, current, v1=BASE, v2=v2)
+
+    report = check(schemas, schemas / "releases")
+
+    assert report.errors == ()
+    assert report.pairs == ("v1 → v2", "v1 → current", "v2 → current")
+    assert [(v.rule, v.pairs) for v in report.violations] == [
+        ("ORDINAL_CHANGED", ("v1 → current",)),
+    ]
+    assert report.violations[0].path == str(schemas / "env.capnp")
+    assert report.exit_code == 1
+
+
+def test_cli_exit_codes_and_output_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = _apply(BASE, [("crdt.capnp", "int @2 :Int64;", "int @2 :UInt64;"),
+                           ("crdt.capnp", "  set @2;\n", "")])
+    _project(tmp_path / "ok", BASE, v1=BASE)
+    _project(tmp_path / "bad", broken, v1=BASE, v2=BASE)
+    runner = CliRunner()
+
+    monkeypatch.chdir(tmp_path / "ok")  # the defaults: ./schemas and ./schemas/releases
+    ok = runner.invoke(main, ["schema", "check"])
+    monkeypatch.chdir(tmp_path)
+    bad = runner.invoke(main, ["schema", "check", "--schemas", "bad/schemas"])
+
+    assert ok.exit_code == 0, ok.output
+    assert ok.stdout == ""
+    assert "OK (1 release pairs compared)" in ok.stderr
+    assert bad.exit_code == 1, bad.output
+    assert bad.stdout.splitlines() == [
+        "bad/schemas/crdt.capnp:6: ENUMERANT_REMOVED: Kind: enumerant set @2 was removed "
+        "[v1 → current, v2 → current]",
+        "bad/schemas/crdt.capnp:16: TYPE_CHANGED: Value: field int @2: type changed from "
+        "Int64 to UInt64 [v1 → current, v2 → current]",
+    ]
+    line = re.compile(r"^[^:\s]+\.capnp(:\d+)?: [A-Z_]+: .+$")
+    assert all(line.match(x) for x in bad.stdout.splitlines())
+
+
+def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
+    runner = CliRunner()
+    _project(tmp_path, BASE)
+    (tmp_path / "empty").mkdir()
+
+    missing = runner.invoke(main, ["schema", "check", "--schemas", str(tmp_path / "nope")])
+    empty = runner.invoke(main, ["schema", "check", "--schemas", str(tmp_path / "empty")])
+    no_releases = runner.invoke(main, ["schema", "check", "--schemas",
+                                       str(tmp_path / "schemas"), "--releases",
+                                       str(tmp_path / "none")])
+
+    assert missing.exit_code == 2
+    assert "not a directory" in missing.stderr
+    assert empty.exit_code == 2
+    assert "no *.capnp files" in empty.stderr
+    assert no_releases.exit_code == 2
+    assert "not a directory" in no_releases.stderr
+
+
+def test_cli_hostile_schema_exits_2_with_a_clear_message(tmp_path: Path) -> None:
+    hostile = _apply(BASE, [("env.capnp", "interface Store @", "interface Store { @"),
+                            ("crdt.capnp", "@0xc0ffee0000000001;\n", "")])
+    schemas = _project(tmp_path, hostile, v1=BASE)
+
+    result = CliRunner().invoke(main, ["schema", "check", "--schemas", str(schemas)])
+
+    assert result.exit_code == 2
+    # Parsing stops at the first bad file; whatever the sources show is still reported.
+    assert f"{schemas / 'crdt.capnp'}: ID_MISSING: file has no '@0x...;' id line" in (
+        result.stdout)
+    [error] = result.stderr.splitlines()
+    assert error.startswith(f"error: {schemas}: cannot parse schema: {schemas}/")
+    assert "failed:" in error
+    assert "Traceback" not in result.output
+
+
+def test_dump_reports_each_broken_directory(tmp_path: Path) -> None:
+    good = _write(tmp_path / "good", BASE)
+    missing_import = _write(tmp_path / "imp", {"a.capnp": '@0xc0ffee0000000005;\n'
+                                                           'using import "nope.capnp".X;\n'})
+    bad_ordinal = _write(tmp_path / "ord", {"a.capnp": "@0xc0ffee0000000006;\n"
+                                                       "struct A @0xc0ffee0000000061 "
+                                                       "{ a @1 :Int8; }\n"})
+
+    out = dump_directories([missing_import, good, bad_ordinal])
+
+    assert isinstance(out[good], dict)
+    assert "Import failed: nope.capnp" in out[missing_import]
+    assert "Ordinals must be sequential" in out[bad_ordinal]
+
+
+def test_dump_timeout_is_an_error_per_directory(tmp_path: Path) -> None:
+    first = _write(tmp_path / "a", BASE)
+    second = _write(tmp_path / "b", BASE)
+
+    out = dump_directories([first, second], timeout=0.001)
+
+    assert out == {d: f"{d}: schema parser timed out after 0 s" for d in (first, second)}
