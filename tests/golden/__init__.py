@@ -1,0 +1,1 @@
+"""Golden wire vectors: bytes each release wrote, decoded by every later release."""
