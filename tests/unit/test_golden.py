@@ -25,7 +25,7 @@ def _vectors() -> list[tuple[int, str, dict[str, Any]]]:
 
 
 def test_every_supported_release_has_vectors() -> None:
-    assert RELEASES == list(SUPPORTED_VERSIONS)
+    assert list(SUPPORTED_VERSIONS) == RELEASES
 
 
 @pytest.mark.parametrize(("release", "name", "entry"), _vectors())

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.codec import Signer, TrustRoster, WireCodec
-from broker.crdt import EWFlag, ORMap, OpaqueValue
+from broker.crdt import EWFlag, OpaqueValue, ORMap
 from broker.crdt._stores import FlagStore, OpaqueStore
 from broker.errors import UnsupportedContentError
 
