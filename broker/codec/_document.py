@@ -19,7 +19,6 @@ Pure: bytes in, objects out. The caller maps pycapnp's exceptions (see ``_limits
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Final
 
 from broker.codec._schema import WireSchema
@@ -73,6 +72,8 @@ CAUSAL_OF_KIND: Final[dict[int, type[Causal]]] = {
 }
 
 _NO_KIND: Final = 0
+FIRST_SEGMENT_WORDS: Final = 8192
+"""Words (8 bytes) in a new message's first segment: 64 KiB, enough for most batches."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -186,7 +187,9 @@ def _encode_store(
 def encode_document(schema: WireSchema, state: Causal) -> Any:
     """A ``Document`` builder holding ``state`` (a state or a delta)."""
     rx = _Replicas()
-    doc = schema.crdt.Document.new_message()
+    # One first segment large enough for typical batches: single-segment messages skip the
+    # reader's multi-segment pre-check (``_packed``) and pack a little smaller.
+    doc = schema.crdt.Document.new_message(num_first_segment_words=FIRST_SEGMENT_WORDS)
     root = doc.init("root")
     kind = int(state.KIND)
     root.kind = kind
@@ -232,11 +235,12 @@ class _Decoder:
         self.delta = delta
 
     def replica(self, index: int) -> str:
-        if index >= len(self.replicas):
+        try:
+            return self.replicas[index]  # UInt32 on the wire: never negative
+        except IndexError:
             raise MalformedMessageError(
                 f"replica index {index} out of range (table has {len(self.replicas)})"
-            )
-        return self.replicas[index]
+            ) from None
 
     def dot(self, d: Any) -> tuple[str, int]:
         n = d.counter
@@ -245,10 +249,22 @@ class _Decoder:
         return self.replica(d.replica), n
 
     def dots(self, lst: Any) -> list[tuple[str, int]]:
-        out = [self.dot(d) for d in lst]
-        for a, b in itertools.pairwise(out):
-            if not a < b:
-                raise MalformedMessageError("dots are not sorted and unique")
+        """Dots of a list, which must be sorted and unique (hot: contexts hold many)."""
+        replicas = self.replicas
+        out: list[tuple[str, int]] = []
+        prev: tuple[str, int] | None = None
+        try:
+            for d in lst:
+                n = d.counter
+                if not 1 <= n <= INT64_MAX:
+                    raise MalformedMessageError(f"dot counter {n} outside [1, 2**63)")
+                dot = (replicas[d.replica], n)
+                if prev is not None and not prev < dot:
+                    raise MalformedMessageError("dots are not sorted and unique")
+                out.append(dot)
+                prev = dot
+        except IndexError:
+            raise MalformedMessageError("replica index out of range") from None
         return out
 
     def value(self, v: Any) -> Any:

@@ -30,7 +30,7 @@ from typing import Any, Final
 
 import capnp
 
-from broker.codec._document import decode_document, encode_document
+from broker.codec._document import FIRST_SEGMENT_WORDS, decode_document, encode_document
 from broker.codec._packed import check_segments
 from broker.codec._schema import CURRENT_VERSION, OLDEST_VERSION, WireSchema, load_schema
 from broker.codec._signing import Signer, TrustRoster
@@ -182,7 +182,9 @@ class WireCodec:
             raise InvalidArgumentError("hlc and sequence are non-negative 64-bit ints")
         if trace_id and self.version < 2:
             raise UnsupportedContentError("trace ids need wire version 2")
-        env = self.schema.envelope.Envelope.new_message()
+        env = self.schema.envelope.Envelope.new_message(
+            num_first_segment_words=FIRST_SEGMENT_WORDS
+        )
         env.version = self.version
         env.writer = signer.node_id
         env.subject = subject
@@ -205,7 +207,9 @@ class WireCodec:
         if trace_id:
             env.traceId = trace_id
         body = env.to_bytes_packed()
-        outer = self.schema.envelope.SignedEnvelope.new_message()
+        outer = self.schema.envelope.SignedEnvelope.new_message(
+            num_first_segment_words=len(body) // 8 + 64
+        )
         outer.signer = signer.node_id
         outer.signature = signer.sign(body)
         outer.body = body
