@@ -16,7 +16,7 @@ from broker.codec import (
     WireCodec,
     load_schema,
 )
-from broker.crdt import MAX_NESTING_DEPTH, HybridClock, ORMap
+from broker.crdt import MAX_NESTING_DEPTH, EWFlag, HybridClock, ORMap
 from broker.crdt._causal import Causal
 from broker.errors import (
     BadSignatureError,
@@ -71,7 +71,7 @@ deep_paths = st.lists(st.sampled_from(["a", "b", "ü"]), min_size=1, max_size=MA
 
 
 @settings(max_examples=60)
-@given(st.lists(st.tuples(deep_paths, st.integers(0, 5), atoms), min_size=1, max_size=12))
+@given(st.lists(st.tuples(deep_paths, st.integers(0, 7), atoms), min_size=1, max_size=12))
 def test_nested_maps_round_trip_to_max_depth(writes: list[tuple[list[str], int, Any]]) -> None:
     state = ORMap()
     batch = ORMap(is_delta=True)
@@ -87,13 +87,33 @@ def test_nested_maps_round_trip_to_max_depth(writes: list[tuple[list[str], int, 
             d = state.assign_multi(rid, path, value)
         elif op == 4:
             d = state.discard(rid, path, "e")
+        elif op == 5:
+            d = state.enable(rid, path)  # the v2 flag kind
+        elif op == 6:
+            d = state.disable(path)
         else:
             d = state.remove(path)
         state.merge(d)
         batch.merge(d)
-    for c in CODECS.values():
-        same(c.decode_document(c.encode_document(state)), state)
-        same(c.decode_document(c.encode_document(batch)), batch)
+    c = CODECS[CURRENT_VERSION]
+    same(c.decode_document(c.encode_document(state)), state)
+    same(c.decode_document(c.encode_document(batch)), batch)
+
+
+@settings(max_examples=60)
+@given(st.lists(st.tuples(st.sampled_from(["r1", "r2", "r3"]), st.booleans()), max_size=15))
+def test_flags_round_trip(ops: list[tuple[str, bool]]) -> None:
+    flags = {r: EWFlag() for r in ("r1", "r2", "r3")}
+    batch = EWFlag(is_delta=True)
+    for rid, on in ops:
+        f = flags[rid]
+        d = f.enable(rid) if on else f.disable()
+        f.merge(d)
+        batch.merge(d)
+        flags["r1"].merge(d)
+    c = CODECS[CURRENT_VERSION]
+    for f in (*flags.values(), batch):
+        same(c.decode_document(c.encode_document(f)), f)
 
 
 def _deep_document(levels: int) -> bytes:
