@@ -1,9 +1,9 @@
 """The ``worknode`` command line.
 
-``worknode demo`` is the main job until the NATS-backed service lands: three replicas of one
-worknode tree write concurrently over a simulated network that delays, reorders, duplicates
-and drops deltas; a final anti-entropy round repairs the drops, and the replicas converge to
-one digest.
+``worknode up`` is the main job: an embedded nats-server, three worknode services replicating
+one subject, a writer, and a table proving every replica holds the same digest. ``worknode
+demo`` runs the CRDT core alone over a simulated lossy network (no NATS). ``node``, ``tail``,
+the write commands and ``schema check`` are documented in the README.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import click
 from broker.crdt import ROOT_ID, HybridClock, ORMap, Tree
 from broker.errors import TreeError
 from services.schemacheck import schema
+from services.worknode._cli import register
 
 
 @click.group()
@@ -25,6 +26,7 @@ def main() -> None:
 
 
 main.add_command(schema)
+register(main)
 
 
 class _SimReplica:
@@ -109,3 +111,7 @@ def demo(writes: int, loss: float, seed: int | None) -> None:
 
 def _short(reps: list[_SimReplica]) -> str:
     return " ".join(r.tree.state.digest().hex()[:8] for r in reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -81,6 +81,8 @@ class Envelope:
     is_state: bool = False
     trace_id: bytes = b""
     """16 bytes when the writer set one (wire v2+); empty otherwise."""
+    verified: bool = True
+    """False only when opened without a roster (``open(data, None)``: inspection tools)."""
 
 
 @contextlib.contextmanager
@@ -221,10 +223,12 @@ class WireCodec:
             )
         return out
 
-    def open(self, data: bytes, roster: TrustRoster) -> Envelope:
+    def open(self, data: bytes, roster: TrustRoster | None) -> Envelope:
         """Verify and decode an envelope; raises a ``CodecError`` subclass on any problem.
 
         Order: size, outer struct, signature (before the body is parsed), body, document.
+        ``roster=None`` skips verification (``verified=False``): only for inspection tools
+        such as ``worknode tail``; a replica always verifies.
         """
         self._check_size(data, "envelope")
         with _decoding("envelope"):
@@ -232,7 +236,8 @@ class WireCodec:
             signer = outer.signer
             signature = bytes(outer.signature)
             body = bytes(outer.body)
-        roster.verify(signer, body, signature)
+        if roster is not None:
+            roster.verify(signer, body, signature)
         with _decoding("envelope body"):
             env = self._parse(self.schema.envelope.Envelope, body, NESTING_LIMIT)
             version = env.version
@@ -272,6 +277,7 @@ class WireCodec:
                 document=document,
                 is_state=is_state,
                 trace_id=trace_id,
+                verified=roster is not None,
             )
 
     # -- helpers -------------------------------------------------------------------------

@@ -1,0 +1,626 @@
+"""``NatsTransport``: the ``Transport`` contract over nats-py.
+
+Invariants (on top of those in ``_protocol``):
+
+- No nats-py exception escapes. Every call into nats-py runs inside ``_mapped``, which turns
+  timeouts into ``TransportTimeoutError``, no responders into ``NoRespondersError``, a closed,
+  draining, reconnecting-with-full-buffer or server-less client into ``NotConnectedError``,
+  max payload into ``PayloadTooLargeError``, a bad subject into ``InvalidSubjectError`` and
+  anything else into ``TransportError``.
+- Subjects, queue groups and headers are validated here, before nats-py sees them, so the
+  client runs with ``skip_subject_validation=True`` (a third faster per publish).
+- Every subscription gets deliberate pending limits. nats-py reports a full pending queue
+  only to ``error_cb`` (as ``SlowConsumerError``); here each one is counted on its
+  subscription, and after each burst the observer and the subscription's
+  ``on_slow_consumer`` callback hear about it once.
+- Handlers are wrapped: their exceptions are counted and reported to the observer and never
+  reach nats-py. The callbacks given to nats-py never raise either: they run inside its read
+  loop, where an exception would force a reconnect.
+- The initial connect is bounded by ``start_timeout`` even when ``max_reconnect_attempts``
+  is -1 (reconnect forever, the default once connected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Self, cast
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg as NatsMsg
+from nats.aio.subscription import Subscription as NatsSubscriptionImpl
+
+from broker.errors import (
+    InvalidArgumentError,
+    InvalidSubjectError,
+    NoRespondersError,
+    NotConnectedError,
+    PayloadTooLargeError,
+    TransportError,
+    TransportTimeoutError,
+    WorknodeError,
+)
+from broker.transport._protocol import (
+    DEFAULT_PENDING_BYTES_LIMIT,
+    DEFAULT_PENDING_MSGS_LIMIT,
+    Handler,
+    Msg,
+    NullObserver,
+    SlowConsumerCallback,
+    Subscription,
+    Transport,
+    TransportObserver,
+    encoded_size,
+    notify,
+    validate_headers,
+)
+from broker.transport._subjects import validate_pattern, validate_subject
+
+__all__ = ["DEFAULT_RECONNECT_BUFFER_SIZE", "NatsSubscription", "NatsTransport"]
+
+_log = logging.getLogger("broker.transport.nats")
+
+#: Bytes of publishes nats-py buffers while reconnecting; beyond it publish raises
+#: ``NotConnectedError``.
+DEFAULT_RECONNECT_BUFFER_SIZE: Final = 8 * 1024 * 1024
+
+_NOT_CONNECTED: Final = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    ConnectionError,
+)
+
+
+def _translate(exc: Exception, action: str) -> WorknodeError:
+    """The worknode error for an exception raised by nats-py while doing ``action``."""
+    detail = f"{action}: {exc}" if str(exc) else f"{action}: {type(exc).__name__}"
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return PayloadTooLargeError(detail)
+    if isinstance(exc, nats.errors.NoRespondersError):
+        return NoRespondersError(detail)
+    if isinstance(exc, _NOT_CONNECTED):
+        return NotConnectedError(detail)
+    if isinstance(exc, nats.errors.BadSubjectError):
+        return InvalidSubjectError(detail)
+    if isinstance(exc, TimeoutError):  # nats.errors.TimeoutError and FlushTimeoutError too
+        return TransportTimeoutError(detail)
+    return TransportError(detail)
+
+
+@contextlib.contextmanager
+def _mapped(action: str) -> Iterator[None]:
+    """Translate every exception nats-py raises inside the block (see ``_translate``)."""
+    try:
+        yield
+    except WorknodeError:
+        raise
+    except Exception as exc:
+        raise _translate(exc, action) from exc
+
+
+class _OrderedClient(Client):
+    """nats-py's client with PING kept in order behind everything sent before it.
+
+    nats-py writes PING (used by ``flush()``, ``drain()`` and the ping timer) straight to the
+    socket, while SUB, UNSUB and PUB commands wait in its pending buffer for the flusher task.
+    The PING can overtake them, so a PONG proved nothing: measured here, about 8% of fresh
+    subscriptions missed messages published right after ``subscribe()`` + ``flush()``, and
+    ``drain()`` could drop messages that arrived after its UNSUB's PONG. Writing the pending
+    buffer first restores the NATS guarantee: a PONG means the server has processed every
+    command sent before the PING.
+    """
+
+    async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
+        if self._pending and self._transport is not None and self.is_connected:
+            self._transport.writelines(self._pending[:])
+            self._pending = []
+            self._pending_data_size = 0
+        await super()._send_ping(future)
+
+
+def _to_msg(nmsg: NatsMsg) -> Msg:
+    return Msg(nmsg.subject, nmsg.data, nmsg.reply, nmsg.headers or None)
+
+
+def _check_data(data: object) -> None:
+    if not isinstance(data, bytes):
+        raise InvalidArgumentError(f"message data must be bytes, not {type(data).__name__}")
+
+
+class NatsSubscription:
+    """A subscription made by ``NatsTransport.subscribe`` (see ``Subscription``)."""
+
+    __slots__ = (
+        "_closed",
+        "_delivered",
+        "_dropped",
+        "_handler",
+        "_handler_errors",
+        "_nsub",
+        "_observer",
+        "_on_slow_consumer",
+        "_queue",
+        "_subject",
+        "_transport",
+        "_unreported",
+    )
+
+    def __init__(
+        self,
+        transport: NatsTransport,
+        subject: str,
+        queue: str,
+        handler: Handler,
+        on_slow_consumer: SlowConsumerCallback | None,
+        observer: TransportObserver,
+    ) -> None:
+        self._transport = transport
+        self._subject = subject
+        self._queue = queue
+        self._handler = handler
+        self._on_slow_consumer = on_slow_consumer
+        self._observer = observer
+        self._nsub: NatsSubscriptionImpl | None = None
+        self._closed = False
+        self._delivered = 0
+        self._dropped = 0
+        self._handler_errors = 0
+        self._unreported = 0  # drops not yet reported; >0 means a report is scheduled
+
+    @property
+    def subject(self) -> str:
+        """The subject or pattern subscribed to."""
+        return self._subject
+
+    @property
+    def queue(self) -> str:
+        """The queue group ("" for none)."""
+        return self._queue
+
+    @property
+    def delivered(self) -> int:
+        """Messages handed to the handler so far."""
+        return self._delivered
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because the pending queue was full."""
+        return self._dropped
+
+    @property
+    def handler_errors(self) -> int:
+        """Messages whose handler raised."""
+        return self._handler_errors
+
+    @property
+    def pending(self) -> int:
+        """Messages received and waiting for the handler."""
+        return 0 if self._nsub is None or self._closed else self._nsub.pending_msgs
+
+    @property
+    def active(self) -> bool:
+        """Whether the subscription still receives messages."""
+        return not self._closed
+
+    async def _deliver(self, nmsg: NatsMsg) -> None:
+        # Runs in nats-py's per-subscription task; must not raise (nats-py would pass the
+        # exception to error_cb, the only trace it leaves).
+        if self._closed:
+            return  # unsubscribed (maybe by its own handler): pending messages are discarded
+        self._delivered += 1
+        try:
+            await self._handler(_to_msg(nmsg))
+        except Exception as exc:
+            self._handler_errors += 1
+            notify(self._observer.handler_error, self._subject, exc)
+
+    def _record_drop(self) -> None:
+        self._dropped += 1
+        self._unreported += 1
+        if self._unreported == 1:
+            # nats-py reports drops one by one from its read loop; one report per burst
+            # (everything dropped before the loop runs again) keeps catch-up from firing
+            # thousands of times.
+            asyncio.get_running_loop().call_soon(self._report_drops)
+
+    def _report_drops(self) -> None:
+        dropped, self._unreported = self._unreported, 0
+        notify(self._observer.slow_consumer, self._subject, dropped)
+        if self._on_slow_consumer is not None:
+            notify(self._on_slow_consumer)
+
+    async def unsubscribe(self) -> None:
+        """Stop receiving; pending messages are discarded. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        nsub = self._nsub
+        if nsub is None:
+            return
+        self._transport._forget(nsub)
+        try:
+            await nsub.unsubscribe()
+        except (
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionDrainingError,
+            nats.errors.BadSubscriptionError,
+        ):
+            pass  # already gone (or being drained): nothing left to undo
+        except Exception as exc:
+            raise _translate(exc, f"unsubscribe from {self._subject!r}") from exc
+
+    def __repr__(self) -> str:
+        return (
+            f"<NatsSubscription {self._subject!r} queue={self._queue!r} "
+            f"delivered={self._delivered} dropped={self._dropped} closed={self._closed}>"
+        )
+
+
+class NatsTransport:
+    """The ``Transport`` over a NATS connection (nats-py), with reconnects and drain on stop.
+
+    ``servers`` lists one or more ``nats://`` (or ``tls://``) URLs of one deployment.
+    Credentials: ``user``/``password``, ``token``, or a ``creds_file`` (JWT + nkey seed);
+    ``tls`` is a client ``ssl.SSLContext``. Once connected the client reconnects by itself
+    (``max_reconnect_attempts`` times, -1 = forever, ``reconnect_time_wait`` seconds apart),
+    buffers up to ``reconnect_buffer_size`` bytes of publishes meanwhile, and restores
+    subscriptions; the observer hears ``disconnected`` and ``reconnected`` (messages sent
+    while away are lost: catch up after ``reconnected``). ``echo=False`` stops delivery of
+    this connection's own messages to its own subscriptions.
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[str],
+        *,
+        name: str,
+        observer: TransportObserver | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        creds_file: str | Path | None = None,
+        tls: ssl.SSLContext | None = None,
+        tls_hostname: str | None = None,
+        connect_timeout: float = 2.0,
+        start_timeout: float = 10.0,
+        max_reconnect_attempts: int = -1,
+        reconnect_time_wait: float = 1.0,
+        reconnect_buffer_size: int = DEFAULT_RECONNECT_BUFFER_SIZE,
+        ping_interval: float = 20.0,
+        max_outstanding_pings: int = 3,
+        drain_timeout: float = 5.0,
+        pending_msgs_limit: int = DEFAULT_PENDING_MSGS_LIMIT,
+        pending_bytes_limit: int = DEFAULT_PENDING_BYTES_LIMIT,
+        echo: bool = True,
+    ) -> None:
+        urls = [servers] if isinstance(servers, str) else list(servers)
+        if not urls or not all(isinstance(url, str) and url for url in urls):
+            raise InvalidArgumentError(f"need at least one NATS server URL, got {servers!r}")
+        for label, value in (
+            ("connect_timeout", connect_timeout),
+            ("start_timeout", start_timeout),
+            ("reconnect_time_wait", reconnect_time_wait),
+            ("ping_interval", ping_interval),
+            ("drain_timeout", drain_timeout),
+        ):
+            if not value > 0:
+                raise InvalidArgumentError(f"{label} must be > 0, got {value!r}")
+        for label, count in (
+            ("pending_msgs_limit", pending_msgs_limit),
+            ("pending_bytes_limit", pending_bytes_limit),
+            ("reconnect_buffer_size", reconnect_buffer_size),
+            ("max_outstanding_pings", max_outstanding_pings),
+        ):
+            if count < 1:
+                raise InvalidArgumentError(f"{label} must be >= 1, got {count!r}")
+        self._servers = urls
+        self._name = name
+        self._observer: TransportObserver = observer if observer is not None else NullObserver()
+        self._start_timeout = start_timeout
+        self._flush_timeout = max(connect_timeout, 1.0)
+        self._pending_msgs_limit = pending_msgs_limit
+        self._pending_bytes_limit = pending_bytes_limit
+        self._options: dict[str, Any] = {
+            "servers": urls,
+            "name": name,
+            "user": user,
+            "password": password,
+            "token": token,
+            "user_credentials": str(creds_file) if creds_file is not None else None,
+            "tls": tls,
+            "tls_hostname": tls_hostname,
+            "connect_timeout": connect_timeout,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": max_reconnect_attempts,
+            "reconnect_time_wait": reconnect_time_wait,
+            "pending_size": reconnect_buffer_size,
+            "ping_interval": ping_interval,
+            "max_outstanding_pings": max_outstanding_pings,
+            "drain_timeout": drain_timeout,
+            "no_echo": not echo,
+            "skip_subject_validation": True,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "closed_cb": self._on_closed,
+        }
+        self._nc: Client | None = None
+        self._subs: dict[NatsSubscriptionImpl, NatsSubscription] = {}
+        self._stopping = False
+        self._lock = asyncio.Lock()
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The connection name (shown in the server's monitoring)."""
+        return self._name
+
+    @property
+    def max_payload(self) -> int:
+        """The server's max_payload (from its INFO); 0 before the first connection."""
+        return 0 if self._nc is None else self._nc.max_payload
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up (false while reconnecting and after stop)."""
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the client reconnected since start."""
+        return 0 if self._nc is None else int(self._nc.stats["reconnects"])
+
+    def _client(self) -> Client:
+        nc = self._nc
+        if nc is None:
+            raise NotConnectedError(f"transport {self._name!r} is not started")
+        if nc.is_closed:
+            reason = "stopped" if self._stopping else f"closed (last error: {nc.last_error!r})"
+            raise NotConnectedError(f"transport {self._name!r} is {reason}")
+        return nc
+
+    def _check_payload(self, nc: Client, data: bytes, headers: Mapping[str, str] | None) -> None:
+        size = encoded_size(data, headers)
+        if size > nc.max_payload:
+            raise PayloadTooLargeError(
+                f"message of {size} bytes (payload and headers) exceeds the server's "
+                f"max_payload of {nc.max_payload} bytes"
+            )
+
+    def _forget(self, nsub: NatsSubscriptionImpl) -> None:
+        self._subs.pop(nsub, None)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to the first reachable server. Idempotent.
+
+        Raises ``TransportTimeoutError`` if no connection is made within ``start_timeout``
+        seconds, ``NotConnectedError`` if every server was tried ``max_reconnect_attempts``
+        times, ``TransportError`` for other failures (bad URL, TLS, authentication).
+        """
+        async with self._lock:
+            if self._nc is not None and not self._nc.is_closed:
+                return
+            nc = _OrderedClient()
+            self._stopping = False
+            try:
+                async with asyncio.timeout(self._start_timeout):
+                    await nc.connect(**self._options)
+            except TimeoutError as exc:
+                self._stopping = True  # keeps the close callbacks quiet
+                await _close_quietly(nc)
+                raise TransportTimeoutError(
+                    f"could not connect to {self._servers} within {self._start_timeout} s "
+                    f"(last error: {nc.last_error!r})"
+                ) from exc
+            except Exception as exc:
+                self._stopping = True
+                await _close_quietly(nc)
+                raise _translate(exc, f"connect to {self._servers}") from exc
+            self._nc = nc
+        notify(self._observer.connected)
+
+    async def stop(self) -> None:
+        """Drain and close: unsubscribe, let handlers finish what is pending (up to
+        ``drain_timeout``), flush buffered publishes, close. Idempotent; never raises a
+        transport error. Called from inside one of this transport's handlers, the drain
+        waits for that very handler until ``drain_timeout``: stop from another task."""
+        async with self._lock:
+            nc = self._nc
+            if nc is None or nc.is_closed:
+                self._stopping = True
+                self._close_subs()
+                return
+            self._stopping = True
+            try:
+                if nc.is_connected and not nc.is_draining:
+                    await nc.drain()
+            except Exception as exc:  # reconnecting, or the server went away meanwhile
+                _log.info("transport %r: drain failed (%r); closing", self._name, exc)
+            finally:
+                await _close_quietly(nc)
+                self._close_subs()
+
+    def _close_subs(self) -> None:
+        for sub in self._subs.values():
+            sub._closed = True
+        self._subs.clear()
+
+    async def __aenter__(self) -> Self:
+        """Start and return the transport."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Stop the transport."""
+        await self.stop()
+
+    # -- messaging ------------------------------------------------------------------------
+
+    async def publish(
+        self, subject: str, data: bytes, *, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Send one message to a literal subject.
+
+        While reconnecting, the message is buffered (up to ``reconnect_buffer_size``);
+        beyond that ``NotConnectedError`` is raised.
+        """
+        validate_subject(subject)
+        _check_data(data)
+        hdrs = validate_headers(headers)
+        nc = self._client()
+        self._check_payload(nc, data, hdrs)
+        with _mapped(f"publish to {subject!r}"):
+            await nc.publish(subject, data, headers=dict(hdrs) if hdrs else None)
+
+    async def subscribe(
+        self,
+        subject: str,
+        handler: Handler,
+        *,
+        queue: str = "",
+        on_slow_consumer: SlowConsumerCallback | None = None,
+    ) -> NatsSubscription:
+        """Call ``handler`` for every message on ``subject`` (``*`` and a final ``>`` allowed).
+
+        With ``queue``, each message goes to one member of the queue group. When the pending
+        queue overflows, messages are dropped and counted, and ``on_slow_consumer`` runs once
+        per burst.
+        """
+        validate_pattern(subject)
+        if queue:
+            validate_subject(queue, "queue group")
+        nc = self._client()
+        sub = NatsSubscription(self, subject, queue, handler, on_slow_consumer, self._observer)
+        with _mapped(f"subscribe to {subject!r}"):
+            nsub = await nc.subscribe(
+                subject,
+                queue=queue,
+                cb=sub._deliver,
+                pending_msgs_limit=self._pending_msgs_limit,
+                pending_bytes_limit=self._pending_bytes_limit,
+            )
+        sub._nsub = nsub
+        self._subs[nsub] = sub
+        if nc.is_connected:
+            # One round trip, so that messages published after subscribe() returns reach
+            # this subscription (while reconnecting, nats-py replays the SUB instead).
+            try:
+                with _mapped(f"subscribe to {subject!r}"):
+                    await cast(Any, nc).flush(self._flush_timeout)
+            except TransportError:
+                await sub.unsubscribe()
+                raise
+        return sub
+
+    async def request(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        timeout: float,  # noqa: ASYNC109 - the deadline is part of the request contract
+        headers: Mapping[str, str] | None = None,
+    ) -> Msg:
+        """Send a request and return the first reply.
+
+        Raises ``NoRespondersError`` if nobody subscribes to ``subject``,
+        ``TransportTimeoutError`` if no reply comes within ``timeout`` seconds.
+        """
+        validate_subject(subject)
+        _check_data(data)
+        if not timeout > 0:
+            raise InvalidArgumentError(f"timeout must be > 0, got {timeout!r}")
+        hdrs = validate_headers(headers)
+        nc = self._client()
+        self._check_payload(nc, data, hdrs)
+        with _mapped(f"request on {subject!r} (timeout {timeout} s)"):
+            reply = await nc.request(
+                subject, data, timeout=timeout, headers=dict(hdrs) if hdrs else None
+            )
+        return _to_msg(reply)
+
+    async def respond(
+        self, msg: Msg, data: bytes, *, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Answer a request: publish ``data`` to ``msg.reply``."""
+        if not msg.reply:
+            raise InvalidSubjectError(
+                f"cannot respond to the message on {msg.subject!r}: it has no reply subject"
+            )
+        await self.publish(msg.reply, data, headers=headers)
+
+    async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - as nats-py
+        """Wait (PING/PONG) until the server has processed everything sent so far."""
+        if not timeout > 0:
+            raise InvalidArgumentError(f"timeout must be > 0, got {timeout!r}")
+        nc = self._client()
+        if not nc.is_connected:
+            # nats-py's flush returns at once while reconnecting; nothing reached the server.
+            raise NotConnectedError(
+                f"transport {self._name!r} is reconnecting; buffered messages go out once "
+                "it is back"
+            )
+        with _mapped(f"flush (timeout {timeout} s)"):
+            # nats-py annotates the timeout as int but passes it to asyncio.wait_for.
+            await cast(Any, nc).flush(timeout)
+
+    # -- nats-py callbacks: they run inside nats-py's loops and must never raise ------------
+
+    async def _on_error(self, exc: Exception) -> None:
+        try:
+            if isinstance(exc, nats.errors.SlowConsumerError):
+                sub = self._subs.get(exc.sub)
+                if sub is not None:
+                    sub._record_drop()
+                else:  # an internal subscription (the request inbox)
+                    notify(self._observer.slow_consumer, exc.sub.subject, 1)
+            elif isinstance(exc, OSError | nats.errors.StaleConnectionError | TimeoutError):
+                _log.debug("transport %r: connection error %r", self._name, exc)
+            else:
+                _log.warning("transport %r: %r", self._name, exc)
+        except Exception:
+            _log.exception("transport %r: error while handling %r", self._name, exc)
+
+    async def _on_disconnected(self) -> None:
+        if not self._stopping:
+            notify(self._observer.disconnected)
+
+    async def _on_reconnected(self) -> None:
+        notify(self._observer.reconnected)
+
+    async def _on_closed(self) -> None:
+        if not self._stopping:
+            last = self._nc.last_error if self._nc is not None else None
+            _log.warning("transport %r: connection closed (last error: %r)", self._name, last)
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "not connected"
+        return f"<NatsTransport {self._name!r} {self._servers} {state}>"
+
+
+async def _close_quietly(nc: Client) -> None:
+    if nc.is_closed:
+        return
+    try:
+        await nc.close()
+    except Exception as exc:
+        _log.debug("closing nats client: %r", exc)
+
+
+if TYPE_CHECKING:
+
+    def _keeps_the_contract(
+        t: NatsTransport, s: NatsSubscription
+    ) -> tuple[Transport, Subscription]:
+        return t, s  # mypy proves NatsTransport is a Transport

@@ -1,0 +1,389 @@
+"""``worknode up | node | tail`` and the write commands (``set``, ``incr``, ``add``, ``create``,
+``move``). ``__main__``-style code only: parse, wire, run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from broker.codec import TrustRoster, WireCodec
+from broker.crdt import ROOT_ID, KindConflict, OpaqueValue, ORMap
+from broker.errors import TreeError, WorknodeError
+from broker.replica import Replica
+from broker.transport import EmbeddedNatsServer, Msg, NatsTransport, delta_subject, validate_token
+from services.worknode._service import WorknodeService, load_or_create_signer, read_roster
+from services.worknode._settings import WorknodeSettings
+
+__all__ = ["register"]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"bytes": value.hex()}
+    if isinstance(value, OpaqueValue):
+        return {"opaque_kind": value[0], "dots": value[1]}
+    if isinstance(value, KindConflict):
+        return {"kind_conflict": {str(int(k)): _jsonable(v) for k, v in value.items()}}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (frozenset, set)):
+        return sorted((_jsonable(v) for v in value), key=repr)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------
+# worknode up: the main job on the embedded default
+
+
+_DEMO_SUBJECT = "demo"
+
+
+def _demo_op(rng: random.Random, me: str, known: Any) -> Any:
+    """One random demo write: create/move a worknode, set a status, count a visit, tag it."""
+    i = rng.randrange(200)
+    node = f"w{i:03d}"
+    choice = rng.random()
+    if node not in known or choice < 0.05:
+        parent = f"w{rng.randrange(i):03d}" if i and rng.random() < 0.5 else ROOT_ID
+
+        def place(t: Any, r: str, ts: int) -> ORMap:
+            p = parent if parent == ROOT_ID or parent in t else ROOT_ID
+            if node in t:
+                return t.move(r, node, p, ts)  # type: ignore[no-any-return]
+            return t.create(r, node, p, ts)  # type: ignore[no-any-return]
+
+        return place
+    if choice < 0.5:
+        status = rng.choice(["new", "busy", "done"])
+        return lambda t, r, ts: t.assign(r, node, ("status",), status, ts)
+    if choice < 0.8:
+        return lambda t, r, ts: t.increment(r, node, ("visits",), 1)
+    return lambda t, r, ts: t.add(r, node, ("seen_by",), me)
+
+
+async def _demo_writer(
+    replica: Replica, writes: int, rng: random.Random, counts: list[int]
+) -> None:
+    """A writer streaming random writes through ``replica`` in groups of up to 50."""
+    done = 0
+    while done < writes:
+        n = min(50, writes - done)
+        ops = [_demo_op(rng, replica.node_id, replica.tree) for _ in range(n)]
+        # A concurrent delete or move elsewhere can remove a node under us: a normal race.
+        with contextlib.suppress(TreeError):
+            await replica.write_many(ops)
+        done += n
+        counts[0] += n
+        await asyncio.sleep(0)
+
+
+async def _up(writes: int, state_dir: Path, quiet: bool) -> bool:
+    echo = (lambda *_a, **_k: None) if quiet else click.echo
+    t0 = time.monotonic()
+    async with EmbeddedNatsServer(state_dir / "nats") as server:
+        echo(f"nats-server (embedded, JetStream) at {server.url}")
+        names = [f"node-{i}" for i in (1, 2, 3)]
+        settings = [
+            WorknodeSettings(
+                node_id=name,
+                subjects=[_DEMO_SUBJECT],
+                nats_urls=[server.url],
+                state_dir=state_dir / name,
+                metrics_port=0,
+                store_sync="normal",
+            )
+            for name in names
+        ]
+        roster = TrustRoster(
+            {s.node_id: load_or_create_signer(s.node_id, s.key_path()).public_key for s in settings}
+        )
+        services = [WorknodeService(s, roster=roster) for s in settings]
+        try:
+            for svc in services:
+                await svc.start()
+                echo(f"{svc.settings.node_id}: replica of wn.default.delta.{_DEMO_SUBJECT}, "
+                     f"metrics at {svc.metrics_url}")
+            replicas = [svc.replica(_DEMO_SUBJECT) for svc in services]
+            counts = [0]
+            rng = random.Random(7)
+            per = [writes // 3 + (1 if i < writes % 3 else 0) for i in range(3)]
+            writers = [
+                asyncio.create_task(_demo_writer(r, n, random.Random(rng.random()), counts))
+                for r, n in zip(replicas, per, strict=True)
+            ]
+            while not all(w.done() for w in writers):
+                await asyncio.sleep(0.5)
+                applied = "  ".join(
+                    f"{r.node_id}: {r.applied_envelopes} batches in" for r in replicas
+                )
+                echo(f"writes {counts[0]:>6}/{writes}   {applied}")
+            for w in writers:
+                w.result()
+            for r in replicas:
+                await r.flush()
+            for _ in range(150):  # up to 15 s for the last batches to arrive
+                if len({r.digest() for r in replicas}) == 1:
+                    break
+                await asyncio.sleep(0.1)
+            if len({r.digest() for r in replicas}) > 1:
+                for r in replicas:  # a lost batch: ask a peer, as a restarted node would
+                    await r.catch_up()
+            digests = [r.digest() for r in replicas]
+            ok = len(set(digests)) == 1
+            echo("")
+            echo(f"{'node':<8} {'worknodes':>9} {'batches in':>10} {'queued':>6}  digest")
+            for r, d in zip(replicas, digests, strict=True):
+                echo(f"{r.node_id:<8} {len(r.tree.nodes()):>9} {r.applied_envelopes:>10} "
+                     f"{r.queued_ops:>6}  {d.hex()[:32]}")
+            echo("")
+            verdict = "converged: all replicas hold identical digests" if ok else (
+                "NOT converged: digests differ"
+            )
+            echo(f"{verdict} ({writes} writes, {time.monotonic() - t0:.1f} s)")
+            return ok
+        finally:
+            for svc in services:
+                await svc.stop()
+
+
+# ------------------------------------------------------------------------------------------
+# helpers for the network commands
+
+
+def _run(coro: Awaitable[Any]) -> Any:
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except WorknodeError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _path(text: str) -> tuple[str, ...]:
+    return tuple(text.split("."))
+
+
+_common = [
+    click.option("--nats-url", "nats_urls", multiple=True, required=True,
+                 help="NATS server URL (repeat for a cluster)."),
+    click.option("--namespace", default="default", show_default=True),
+]
+
+
+def _with_common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed(_common):
+        fn = opt(fn)
+    return fn
+
+
+async def _one_write(
+    subject: str,
+    nats_urls: tuple[str, ...],
+    namespace: str,
+    node_id: str,
+    state_dir: Path,
+    roster: Path | None,
+    mutator: Callable[[Replica], Awaitable[ORMap]],
+) -> ORMap:
+    settings = WorknodeSettings(
+        node_id=node_id, namespace=namespace, subjects=[subject], nats_urls=list(nats_urls),
+        state_dir=state_dir, roster_file=roster, metrics_port=None,
+    )
+    async with WorknodeService(settings) as svc:
+        delta = await mutator(svc.replica(subject))
+        await svc.replica(subject).flush()
+        return delta
+
+
+def _write_command(name: str, help_text: str) -> Callable[[Callable[..., Any]], Any]:
+    def deco(fn: Callable[..., Any]) -> Any:
+        fn = click.option("--roster", type=click.Path(path_type=Path),
+                          help="JSON roster of trusted nodes (to read peers' catch-up).")(fn)
+        fn = click.option("--state-dir", type=click.Path(path_type=Path),
+                          default=Path(".worknode/cli"), show_default=True)(fn)
+        fn = click.option("--node-id", default="cli", show_default=True,
+                          help="Writer node id (its key lives in the state dir).")(fn)
+        fn = _with_common(fn)
+        return click.command(name, help=help_text)(fn)
+
+    return deco
+
+
+# ------------------------------------------------------------------------------------------
+# commands
+
+
+def register(main: click.Group) -> None:
+    """Add the service commands to the ``worknode`` group."""
+
+    @main.command()
+    @click.option("--writes", default=3_000, show_default=True, help="Writes in total.")
+    @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+                  help="Keep data here (default: a temporary directory, removed after).")
+    @click.option("--quiet", is_flag=True)
+    def up(writes: int, state_dir: Path | None, quiet: bool) -> None:
+        """The main job: embedded nats-server, three worknodes, a writer; prove convergence."""
+        tmp = None
+        if state_dir is None:
+            tmp = Path(tempfile.mkdtemp(prefix="worknode-up-"))
+            state_dir = tmp
+        try:
+            ok = _run(_up(writes, state_dir, quiet))
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(0 if ok else 1)
+
+    @main.command()
+    @click.option("--config", "config_file", type=click.Path(path_type=Path),
+                  help="TOML settings file (environment variables WORKNODE_* override it).")
+    @click.option("--node-id", default=None, help="Overrides the configured node id.")
+    def node(config_file: Path | None, node_id: str | None) -> None:
+        """Run one worknode service until SIGINT/SIGTERM (then flush and stop)."""
+        kw: dict[str, Any] = {}
+        if config_file is not None:
+            kw["config_file"] = config_file
+        if node_id is not None:
+            kw["node_id"] = node_id
+
+        async def run() -> None:
+            settings = WorknodeSettings(**kw)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            async with WorknodeService(settings) as svc:
+                click.echo(f"{settings.node_id}: serving {', '.join(settings.subjects)}; "
+                           f"metrics at {svc.metrics_url}", err=True)
+                await stop.wait()
+                click.echo("stopping: flushing pending batches", err=True)
+
+        _run(run())
+
+    @main.command()
+    @click.argument("subject")
+    @_with_common
+    @click.option("--roster", type=click.Path(path_type=Path),
+                  help="Verify signatures against this JSON roster (else shown unverified).")
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+    @click.option("--count", type=int, default=0, help="Exit after this many envelopes.")
+    @click.option("--timeout", type=float, default=0.0, help="Exit after this many seconds.")
+    def tail(subject: str, nats_urls: tuple[str, ...], namespace: str, roster: Path | None,
+             as_json: bool, count: int, timeout: float) -> None:
+        """Print every delta batch published on SUBJECT, decoded (a subscriber's view)."""
+        trust = TrustRoster(read_roster(roster)) if roster else None
+        codec = WireCodec()
+
+        async def run() -> None:
+            seen = 0
+            done = asyncio.Event()
+
+            async def handle(msg: Msg) -> None:
+                nonlocal seen
+                try:
+                    env = codec.open(msg.data, trust)
+                except WorknodeError as exc:
+                    click.echo(json.dumps({"error": type(exc).__name__, "detail": str(exc)})
+                               if as_json else f"! rejected: {type(exc).__name__}: {exc}")
+                    return
+                record = {
+                    "subject": msg.subject, "writer": env.writer, "version": env.version,
+                    "sequence": env.sequence, "hlc": env.hlc, "state": env.is_state,
+                    "verified": env.verified, "trace_id": env.trace_id.hex(),
+                    "value": _jsonable(env.document.value()),
+                }
+                if as_json:
+                    click.echo(json.dumps(record, sort_keys=True))
+                else:
+                    mark = "" if env.verified else " (unverified)"
+                    click.echo(f"{env.writer} #{env.sequence} v{env.version}{mark}: "
+                               f"{json.dumps(record['value'], sort_keys=True)}")
+                seen += 1
+                if count and seen >= count:
+                    done.set()
+
+            async with NatsTransport(list(nats_urls), name="worknode-tail") as transport:
+                await transport.subscribe(
+                    delta_subject(validate_token(namespace, "namespace"),
+                                  validate_token(subject, "subject")),
+                    handle,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), timeout or None)
+
+        _run(run())
+
+    @_write_command("set", "Set FIELD (dotted path) of worknode NODE to VALUE (JSON or text).")
+    @click.argument("subject")
+    @click.argument("node_name", metavar="NODE")
+    @click.argument("field")
+    @click.argument("value")
+    def set_(subject: str, node_name: str, field: str, value: str, **kw: Any) -> None:
+        delta = _run(_one_write(subject, kw["nats_urls"], kw["namespace"], kw["node_id"],
+                                kw["state_dir"], kw["roster"],
+                                lambda r: r.set(node_name, _path(field), _parse_value(value))))
+        click.echo(json.dumps(_jsonable(delta.value()), sort_keys=True))
+
+    @_write_command("incr", "Add AMOUNT (default 1) to counter FIELD of worknode NODE.")
+    @click.argument("subject")
+    @click.argument("node_name", metavar="NODE")
+    @click.argument("field")
+    @click.argument("amount", type=int, default=1)
+    def incr(subject: str, node_name: str, field: str, amount: int, **kw: Any) -> None:
+        delta = _run(_one_write(subject, kw["nats_urls"], kw["namespace"], kw["node_id"],
+                                kw["state_dir"], kw["roster"],
+                                lambda r: r.increment(node_name, _path(field), amount)))
+        click.echo(json.dumps(_jsonable(delta.value()), sort_keys=True))
+
+    @_write_command("add", "Add ELEMENT to set FIELD of worknode NODE.")
+    @click.argument("subject")
+    @click.argument("node_name", metavar="NODE")
+    @click.argument("field")
+    @click.argument("element")
+    def add(subject: str, node_name: str, field: str, element: str, **kw: Any) -> None:
+        delta = _run(_one_write(subject, kw["nats_urls"], kw["namespace"], kw["node_id"],
+                                kw["state_dir"], kw["roster"],
+                                lambda r: r.add(node_name, _path(field), _parse_value(element))))
+        click.echo(json.dumps(_jsonable(delta.value()), sort_keys=True))
+
+    @_write_command("create", "Create worknode NODE under PARENT (default: the root).")
+    @click.argument("subject")
+    @click.argument("node_name", metavar="NODE")
+    @click.argument("parent", default=ROOT_ID)
+    def create(subject: str, node_name: str, parent: str, **kw: Any) -> None:
+        delta = _run(_one_write(subject, kw["nats_urls"], kw["namespace"], kw["node_id"],
+                                kw["state_dir"], kw["roster"],
+                                lambda r: r.create(node_name, parent)))
+        click.echo(json.dumps(_jsonable(delta.value()), sort_keys=True))
+
+    @_write_command("move", "Move worknode NODE under PARENT.")
+    @click.argument("subject")
+    @click.argument("node_name", metavar="NODE")
+    @click.argument("parent")
+    def move(subject: str, node_name: str, parent: str, **kw: Any) -> None:
+        delta = _run(_one_write(subject, kw["nats_urls"], kw["namespace"], kw["node_id"],
+                                kw["state_dir"], kw["roster"],
+                                lambda r: r.move(node_name, parent)))
+        click.echo(json.dumps(_jsonable(delta.value()), sort_keys=True))
+
+    for cmd in (set_, incr, add, create, move):
+        main.add_command(cmd)

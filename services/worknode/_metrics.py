@@ -1,0 +1,195 @@
+"""Prometheus metrics of a worknode service: the replica and transport observers.
+
+Naming follows Prometheus conventions: one ``worknode_`` prefix, base units (seconds, bytes),
+counters end in ``_total``, and every label has a bounded value set (configured subjects,
+rejection reasons from ``REJECT_REASONS``, wire versions, catch-up outcomes).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from broker.codec import CURRENT_VERSION
+from broker.replica import REJECT_REASONS
+
+__all__ = ["ServiceMetrics"]
+
+_OPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+_BYTES_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_CATCHUP_OUTCOMES = ("ok", "no_peer", "rejected", "too_large")
+
+
+class ServiceMetrics:
+    """Every series a worknode service exports, in its own registry."""
+
+    def __init__(self, subjects: list[str], version: str, wire_version: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.subjects = frozenset(subjects)
+        Info("worknode_build", "Build and wire version of this node.", registry=r).info(
+            {"version": version, "wire_version": str(wire_version),
+             "newest_wire_version": str(CURRENT_VERSION)}
+        )
+        self.ops_committed = Counter(
+            "worknode_ops_committed_total", "Local write operations durably committed.",
+            ["subject"], registry=r)
+        self.commit_seconds = Histogram(
+            "worknode_store_commit_seconds", "Durable store commit latency (group commit).",
+            ["subject"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batches_published = Counter(
+            "worknode_batches_published_total", "Delta batches (envelopes) published.",
+            ["subject"], registry=r)
+        self.ops_published = Counter(
+            "worknode_ops_published_total", "Write operations published in batches.",
+            ["subject"], registry=r)
+        self.batch_ops = Histogram(
+            "worknode_batch_ops", "Operations joined into one published batch.",
+            ["subject"], buckets=_OPS_BUCKETS, registry=r)
+        self.batch_bytes = Histogram(
+            "worknode_batch_bytes", "Bytes of one published envelope.",
+            ["subject"], buckets=_BYTES_BUCKETS, registry=r)
+        self.flush_seconds = Histogram(
+            "worknode_flush_latency_seconds",
+            "Time from a batch's first committed write to its publication.",
+            ["subject"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.publish_failures = Counter(
+            "worknode_publish_failures_total", "Publishes that failed and were retried.",
+            ["subject"], registry=r)
+        self.applied_envelopes = Counter(
+            "worknode_deltas_applied_total", "Envelopes from peers joined into the state.",
+            ["subject", "wire_version"], registry=r)
+        self.applied_bytes = Counter(
+            "worknode_applied_bytes_total", "Bytes of envelopes joined into the state.",
+            ["subject"], registry=r)
+        self.rejected_envelopes = Counter(
+            "worknode_deltas_rejected_total", "Envelopes refused, by reason.",
+            ["subject", "reason"], registry=r)
+        self.lag_seconds = Histogram(
+            "worknode_replication_lag_seconds",
+            "Writer's seal time to local apply (hybrid clock physical part).",
+            ["subject"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.gaps = Counter(
+            "worknode_sequence_gaps_total", "Batches detected missing from a writer's sequence.",
+            ["subject"], registry=r)
+        self.catchups = Counter(
+            "worknode_catchups_total", "State transfers requested, by outcome.",
+            ["subject", "outcome"], registry=r)
+        self.snapshot_seconds = Histogram(
+            "worknode_snapshot_seconds", "Time to snapshot a subject's state.",
+            ["subject"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.snapshot_bytes = Gauge(
+            "worknode_snapshot_bytes", "Size of the latest snapshot.", ["subject"], registry=r)
+        self.keys = Gauge(
+            "worknode_keys", "Top-level keys (worknodes) held per subject.", ["subject"],
+            registry=r)
+        self.pending_ops = Gauge(
+            "worknode_pending_ops", "Committed operations not yet published.", ["subject"],
+            registry=r)
+        self.slow_consumer_events = Counter(
+            "worknode_slow_consumer_events_total",
+            "Messages NATS dropped for a slow subscription (each triggers catch-up).",
+            registry=r)
+        self.slow_consumer_dropped = Counter(
+            "worknode_slow_consumer_dropped_total", "Messages dropped as a slow consumer.",
+            registry=r)
+        self.disconnects = Counter(
+            "worknode_nats_disconnects_total", "Disconnections from NATS.", registry=r)
+        self.reconnects = Counter(
+            "worknode_nats_reconnects_total", "Reconnections to NATS.", registry=r)
+        self.handler_errors = Counter(
+            "worknode_handler_errors_total", "Message handlers that raised (a bug).",
+            registry=r)
+        self.nats_connected = Gauge(
+            "worknode_nats_connected", "1 while connected to NATS.", registry=r)
+        for s in subjects:  # pre-create series so dashboards see zeros, not gaps
+            for reason in REJECT_REASONS:
+                self.rejected_envelopes.labels(s, reason)
+            for outcome in _CATCHUP_OUTCOMES:
+                self.catchups.labels(s, outcome)
+            self.ops_committed.labels(s)
+            self.ops_published.labels(s)
+            self.batches_published.labels(s)
+            self.gaps.labels(s)
+            self.publish_failures.labels(s)
+
+    def _s(self, subject: str) -> str:
+        return subject if subject in self.subjects else "other"
+
+    # -- ReplicaObserver ---------------------------------------------------------------------
+
+    def committed(self, subject: str, ops: int, seconds: float) -> None:
+        """A group commit finished."""
+        s = self._s(subject)
+        self.ops_committed.labels(s).inc(ops)
+        self.commit_seconds.labels(s).observe(seconds)
+
+    def published(self, subject: str, ops: int, nbytes: int, seconds: float) -> None:
+        """A batch was published."""
+        s = self._s(subject)
+        self.batches_published.labels(s).inc()
+        self.ops_published.labels(s).inc(ops)
+        self.batch_ops.labels(s).observe(ops)
+        self.batch_bytes.labels(s).observe(nbytes)
+        self.flush_seconds.labels(s).observe(seconds)
+
+    def applied(self, subject: str, version: int, nbytes: int, lag_ms: float) -> None:
+        """A peer's envelope was joined."""
+        s = self._s(subject)
+        self.applied_envelopes.labels(s, str(version)).inc()
+        self.applied_bytes.labels(s).inc(nbytes)
+        self.lag_seconds.labels(s).observe(lag_ms / 1000)
+
+    def rejected(self, subject: str, reason: str) -> None:
+        """An envelope was refused."""
+        self.rejected_series(subject, reason).inc()
+
+    def rejected_series(self, subject: str, reason: str) -> Counter:
+        """The rejection counter child for ``(subject, reason)`` (reason bounded)."""
+        return self.rejected_envelopes.labels(
+            self._s(subject), reason if reason in REJECT_REASONS else "malformed"
+        )
+
+    def gap(self, subject: str, writer: str, missing: int) -> None:
+        """Batches were found missing (writer is not a label: unbounded)."""
+        self.gaps.labels(self._s(subject)).inc(missing)
+
+    def catchup(self, subject: str, outcome: str) -> None:
+        """A catch-up finished."""
+        o = outcome if outcome in _CATCHUP_OUTCOMES else "rejected"
+        self.catchups.labels(self._s(subject), o).inc()
+
+    def snapshot(self, subject: str, nbytes: int, seconds: float) -> None:
+        """A snapshot was written."""
+        s = self._s(subject)
+        self.snapshot_seconds.labels(s).observe(seconds)
+        self.snapshot_bytes.labels(s).set(nbytes)
+
+    def publish_failed(self, subject: str) -> None:
+        """A publish failed; the batch is kept and retried."""
+        self.publish_failures.labels(self._s(subject)).inc()
+
+    # -- TransportObserver -------------------------------------------------------------------
+
+    def connected(self) -> None:
+        """Connected to NATS."""
+        self.nats_connected.set(1)
+
+    def disconnected(self) -> None:
+        """Lost the NATS connection."""
+        self.disconnects.inc()
+        self.nats_connected.set(0)
+
+    def reconnected(self) -> None:
+        """Reconnected to NATS."""
+        self.reconnects.inc()
+        self.nats_connected.set(1)
+
+    def slow_consumer(self, subject: str, dropped: int) -> None:
+        """NATS dropped messages for a slow subscription."""
+        self.slow_consumer_events.inc()
+        self.slow_consumer_dropped.inc(dropped)
+
+    def handler_error(self, subject: str, exc: BaseException) -> None:
+        """A message handler raised."""
+        self.handler_errors.inc()

@@ -1,0 +1,297 @@
+"""The worknode service: hosts the replicas of its configured subjects on one node.
+
+Built from ``WorknodeSettings``; ``start()``/``stop()`` are idempotent and it works as
+``async with``. With no NATS URL configured it starts an embedded nats-server (JetStream, a
+free loopback port, data under the state directory). A graceful stop flushes every pending
+batch before it disconnects. Metrics are served at ``/metrics`` on ``metrics_host``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import ssl
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from broker.codec import Signer, TrustRoster, WireCodec
+from broker.errors import InvalidArgumentError, StoreError, WorknodeError
+from broker.replica import Replica, ReplicaConfig
+from broker.store import DurableStore
+from broker.transport import EmbeddedNatsServer, NatsTransport, Transport
+from services.worknode._metrics import ServiceMetrics
+from services.worknode._settings import WorknodeSettings
+
+__all__ = ["WorknodeService", "load_or_create_signer", "read_roster"]
+
+log = logging.getLogger(__name__)
+
+
+def _package_version() -> str:
+    try:
+        return version("worknode")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def load_or_create_signer(node_id: str, path: Path) -> Signer:
+    """The node's signing key from ``path`` (a 32-byte seed), created with mode 0600 if new."""
+    if path.exists():
+        seed = path.read_bytes()
+        if len(seed) != 32:
+            raise InvalidArgumentError(f"{path} is not a 32-byte Ed25519 seed")
+        return Signer(node_id, seed)
+    signer = Signer.generate(node_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(signer.seed)
+    return signer
+
+
+def read_roster(path: Path | None) -> dict[str, bytes]:
+    """``{node_id: public key}`` from a JSON roster file (hex keys); empty if no file."""
+    if path is None:
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        return {str(k): bytes.fromhex(str(v)) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InvalidArgumentError(f"cannot read roster {path}: {exc}") from exc
+
+
+class _TransportEvents:
+    """Counts transport events (metrics) and, after a reconnect, has every replica catch up
+    and announce itself: whatever was missed while away is fetched, both ways."""
+
+    def __init__(self, metrics: ServiceMetrics, service: WorknodeService) -> None:
+        self.metrics = metrics
+        self.service = service
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def connected(self) -> None:
+        """Connected."""
+        self.metrics.connected()
+
+    def disconnected(self) -> None:
+        """Disconnected."""
+        self.metrics.disconnected()
+
+    def reconnected(self) -> None:
+        """Reconnected: catch up and announce."""
+        self.metrics.reconnected()
+        for replica in self.service.replicas.values():
+            replica.request_catchup()
+            task = asyncio.get_running_loop().create_task(replica.announce())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def slow_consumer(self, subject: str, dropped: int) -> None:
+        """Dropped messages (the subscription's callback triggers catch-up)."""
+        self.metrics.slow_consumer(subject, dropped)
+
+    def handler_error(self, subject: str, exc: BaseException) -> None:
+        """A handler raised."""
+        log.error("handler for %s raised", subject, exc_info=exc)
+        self.metrics.handler_error(subject, exc)
+
+
+class WorknodeService:
+    """One node: a transport, a durable store, and a replica per configured subject."""
+
+    def __init__(
+        self,
+        settings: WorknodeSettings,
+        *,
+        transport: Transport | None = None,
+        roster: TrustRoster | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = ServiceMetrics(settings.subjects, _package_version(), settings.wire_version)
+        self._given_transport = transport
+        self.transport: Transport | None = transport
+        self.server: EmbeddedNatsServer | None = None
+        self.store: DurableStore | None = None
+        self.signer: Signer | None = None
+        self.roster = roster if roster is not None else TrustRoster()
+        self.replicas: dict[str, Replica] = {}
+        self._metrics_server: Any = None
+        self.metrics_port: int | None = None
+        self._gauges: asyncio.Task[None] | None = None
+        self._lock_fd: int | None = None
+        self._running = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start (idempotent). On failure, whatever started is stopped again."""
+        if self._running:
+            return
+        try:
+            await self._start()
+        except BaseException:
+            await self._teardown()
+            raise
+        self._running = True
+
+    async def _start(self) -> None:
+        s = self.settings
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_state_dir()
+        self.signer = load_or_create_signer(s.node_id, s.key_path())
+        for node, key in read_roster(s.roster_file).items():
+            self.roster.add(node, key)
+        self.roster.add(s.node_id, self.signer.public_key)
+        if self.transport is None:
+            urls = list(s.nats_urls)
+            if not urls:
+                self.server = EmbeddedNatsServer(s.state_dir / "nats")
+                await self.server.start()
+                urls = [self.server.url]
+            self.transport = NatsTransport(
+                urls, name=s.node_id, observer=_TransportEvents(self.metrics, self), **self._auth()
+            )
+        await self.transport.start()
+        self.store = DurableStore(s.state_dir / "worknode.db", synchronous=s.store_sync)
+        self.store.open()
+        codec = WireCodec(
+            s.wire_version,
+            max_payload=self.transport.max_payload,
+            peer_version=min(s.peer_version, s.wire_version),
+        )
+        for subject in s.subjects:
+            replica = Replica(
+                signer=self.signer,
+                roster=self.roster,
+                codec=codec,
+                transport=self.transport,
+                store=self.store,
+                config=ReplicaConfig(
+                    namespace=s.namespace,
+                    subject=subject,
+                    flush_interval=s.flush_interval_ms / 1000,
+                    max_batch_ops=s.max_batch_ops,
+                    max_batch_bytes=max(4096, self.transport.max_payload // 4),
+                    max_pending_ops=s.max_pending_ops,
+                    snapshot_every=s.snapshot_every,
+                ),
+                observer=self.metrics,
+            )
+            self.replicas[subject] = replica
+            await replica.start()
+        if s.metrics_port is not None:
+            server, _ = start_http_server(
+                s.metrics_port, addr=s.metrics_host, registry=self.metrics.registry
+            )
+            self._metrics_server = server
+            self.metrics_port = int(server.server_port)
+        self._gauges = asyncio.create_task(self._update_gauges())
+
+    def _lock_state_dir(self) -> None:
+        """One process per state directory: two writers on one store would break its log."""
+        path = self.settings.state_dir / "worknode.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreError(
+                f"{self.settings.state_dir} is in use by another worknode process"
+            ) from None
+        self._lock_fd = fd
+
+    def _auth(self) -> dict[str, Any]:
+        s = self.settings
+        kw: dict[str, Any] = {}
+        if s.nats_user:
+            kw["user"] = s.nats_user
+            kw["password"] = s.nats_password or ""
+        if s.nats_token:
+            kw["token"] = s.nats_token
+        if s.nats_creds_file:
+            kw["creds_file"] = str(s.nats_creds_file)
+        if s.nats_tls_ca_file or s.nats_tls_cert_file:
+            ctx = ssl.create_default_context(
+                cafile=str(s.nats_tls_ca_file) if s.nats_tls_ca_file else None
+            )
+            if s.nats_tls_cert_file:
+                ctx.load_cert_chain(
+                    str(s.nats_tls_cert_file),
+                    str(s.nats_tls_key_file) if s.nats_tls_key_file else None,
+                )
+            kw["tls"] = ctx
+        return kw
+
+    async def stop(self) -> None:
+        """Flush pending batches, then stop everything (idempotent)."""
+        if not self._running:
+            return
+        self._running = False
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        if self._gauges is not None:
+            self._gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauges
+            self._gauges = None
+        for replica in self.replicas.values():
+            with contextlib.suppress(WorknodeError):
+                await replica.stop()
+        self.replicas.clear()
+        if self.transport is not None and self._given_transport is None:
+            with contextlib.suppress(WorknodeError):
+                await self.transport.stop()
+            self.transport = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    async def __aenter__(self) -> WorknodeService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- access ----------------------------------------------------------------------------
+
+    def replica(self, subject: str) -> Replica:
+        """The replica of a configured subject."""
+        try:
+            return self.replicas[subject]
+        except KeyError:
+            raise InvalidArgumentError(
+                f"subject {subject!r} is not configured on {self.settings.node_id}"
+            ) from None
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://host:port/metrics`` while serving metrics."""
+        if self.metrics_port is None:
+            return None
+        return f"http://{self.settings.metrics_host}:{self.metrics_port}/metrics"
+
+    async def _update_gauges(self) -> None:
+        while True:
+            for subject, r in self.replicas.items():
+                self.metrics.keys.labels(subject).set(len(r.state))
+                self.metrics.pending_ops.labels(subject).set(r.queued_ops)
+            await asyncio.sleep(1.0)

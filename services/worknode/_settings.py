@@ -1,0 +1,124 @@
+"""Settings of a worknode service: environment variables (``WORKNODE_*``) and a TOML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from broker.codec import CURRENT_VERSION, OLDEST_VERSION
+from broker.crdt import validate_replica_id
+from broker.transport import validate_token
+
+__all__ = ["WorknodeSettings"]
+
+
+class WorknodeSettings(BaseSettings):
+    """Everything a worknode service needs; see the README's settings table.
+
+    Sources, highest priority first: constructor arguments, ``WORKNODE_*`` environment
+    variables (lists as JSON, e.g. ``WORKNODE_SUBJECTS='["orders","users"]'``), then the TOML
+    file named by ``config_file`` (or ``WORKNODE_CONFIG_FILE``).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="WORKNODE_", extra="forbid")
+
+    node_id: str = Field(description="This node's id: names its dots and its signing key.")
+    namespace: str = Field("default", description="First subject token after `wn`.")
+    subjects: list[str] = Field(
+        default_factory=lambda: ["demo"], description="Subjects this node replicates."
+    )
+    nats_urls: list[str] = Field(
+        default_factory=list,
+        description="NATS servers to connect to; empty starts an embedded nats-server.",
+    )
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_token: str | None = None
+    nats_creds_file: Path | None = None
+    nats_tls_ca_file: Path | None = None
+    nats_tls_cert_file: Path | None = None
+    nats_tls_key_file: Path | None = None
+    state_dir: Path = Field(Path(".worknode"), description="Store, keys, embedded server data.")
+    key_file: Path | None = Field(
+        None, description="Ed25519 seed file (32 bytes); default <state_dir>/<node_id>.key."
+    )
+    roster_file: Path | None = Field(
+        None, description='JSON {"node-id": "<public key hex>"}: whose envelopes to accept.'
+    )
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(0, description="0 picks a free port; null disables.")
+    wire_version: int = Field(CURRENT_VERSION, description="Wire version this node writes.")
+    peer_version: int = Field(
+        OLDEST_VERSION, description="Oldest wire version among readers (rolling upgrades)."
+    )
+    flush_interval_ms: float = Field(5.0, gt=0, le=10_000)
+    max_batch_ops: int = Field(5_000, gt=0, le=1_000_000)
+    max_pending_ops: int = Field(100_000, gt=0, le=100_000_000)
+    snapshot_every: int = Field(20_000, gt=0)
+    store_sync: Literal["full", "normal"] = Field(
+        "full", description="full: fsync each commit; normal: survives kill -9, not power loss."
+    )
+    config_file: Path | None = None
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, v: str) -> str:
+        return validate_replica_id(v)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        return validate_token(v, "namespace")
+
+    @field_validator("subjects")
+    @classmethod
+    def _subjects(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("configure at least one subject")
+        return [validate_token(s, "subject") for s in v]
+
+    @field_validator("wire_version", "peer_version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if not OLDEST_VERSION <= v <= CURRENT_VERSION:
+            raise ValueError(f"wire versions are {OLDEST_VERSION}..{CURRENT_VERSION}")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Constructor, then environment, then the TOML config file."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _config_file(init_settings, env_settings)
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    def key_path(self) -> Path:
+        """Where this node's signing seed lives."""
+        return self.key_file or self.state_dir / f"{self.node_id}.key"
+
+
+def _config_file(*sources: PydanticBaseSettingsSource) -> Path | None:
+    import os
+
+    for source in sources:
+        data: Any = source()
+        if isinstance(data, dict) and data.get("config_file"):
+            return Path(data["config_file"])
+    env = os.environ.get("WORKNODE_CONFIG_FILE")
+    return Path(env) if env else None
