@@ -323,3 +323,17 @@ async def test_v1_pinned_node_and_current_node_converge_and_lose_nothing(
         async with sl:
             fl = sl.replica(SUBJECT).tree.fields("doc")
             assert fl == {"title": "from v1", "body": "from v2", "edits": 5, "beta": True}
+
+
+def test_worknode_up_is_the_main_job() -> None:
+    """The README's first command: embedded server, three nodes, a writer, converged table."""
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "up", "--writes", "600"],
+        capture_output=True, text=True, timeout=120, cwd=REPO, check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "converged: all replicas hold identical digests" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if line.startswith("node-") and "  " in line
+            and "metrics" not in line]
+    assert len(rows) == 3
+    assert len({row.split()[-1] for row in rows}) == 1
