@@ -337,3 +337,73 @@ def test_worknode_up_is_the_main_job() -> None:
             and "metrics" not in line]
     assert len(rows) == 3
     assert len({row.split()[-1] for row in rows}) == 1
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, value = line.rsplit(" ", 1)
+        lbl = series[len(name):].strip("{}")
+        if series[len(name):len(name) + 1] not in ("{", "") or (
+            want and not all(p in lbl.split(",") for p in want.split(","))
+        ):
+            continue
+        total += float(value)
+        found = True
+    assert found, f"no series {name}{{{want}}}"
+    return total
+
+
+async def _scrape(url: str) -> str:
+    import urllib.request
+
+    def get() -> str:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read().decode()  # type: ignore[no-any-return]
+
+    return await asyncio.to_thread(get)
+
+
+async def test_metrics_count_writes_batches_and_rejections(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    from broker.codec import Signer, WireCodec
+    from broker.crdt import ORMap
+    from broker.transport import NatsTransport
+
+    async with _nodes(tmp_path, nats_server.url, ["a", "b"], metrics_port=0) as svcs:
+        ra, rb = (s.replica(SUBJECT) for s in svcs)
+        await ra.create("x")
+        for i in range(20):
+            await ra.set("x", ("v",), i)
+        await _converged([ra, rb])
+        # Hostile traffic on the subject: garbage, and a validly signed envelope from a
+        # stranger. Both are refused, counted, and the replicas keep working.
+        stranger = Signer("mallory", b"m" * 32)
+        forged = WireCodec().seal(
+            stranger, subject=ra.delta_subject, hlc=1, sequence=1,
+            document=ORMap().assign("mallory", ("x",), 1, 1),
+        )
+        async with NatsTransport([nats_server.url], name="hostile") as t:
+            await t.publish(ra.delta_subject, b"\x00\x01garbage")
+            await t.publish(ra.delta_subject, forged)
+            await t.flush()
+        await rb.set("x", ("after",), True)
+        await _converged([ra, rb])
+        a_text = await _scrape(svcs[0].metrics_url or "")
+        b_text = await _scrape(svcs[1].metrics_url or "")
+        assert _metric(a_text, "worknode_ops_committed_total", subject=SUBJECT) == 21
+        assert _metric(a_text, "worknode_batches_published_total", subject=SUBJECT) >= 1
+        assert _metric(b_text, "worknode_deltas_applied_total", subject=SUBJECT,
+                       wire_version="2") >= 1
+        for text in (a_text, b_text):
+            assert _metric(text, "worknode_deltas_rejected_total", subject=SUBJECT,
+                           reason="malformed") == 1
+            assert _metric(text, "worknode_deltas_rejected_total", subject=SUBJECT,
+                           reason="unknown_signer") == 1
+        assert 'worknode_build_info{' in a_text
+        assert rb.tree.fields("x")["after"] is True
