@@ -33,7 +33,7 @@ import contextlib
 import itertools
 import logging
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final, Self
 
 from broker.errors import (
@@ -44,6 +44,7 @@ from broker.errors import (
     PayloadTooLargeError,
     TransportTimeoutError,
 )
+from broker.transport._micro import Endpoint, GenericService, ServiceHandle
 from broker.transport._protocol import (
     DEFAULT_PENDING_BYTES_LIMIT,
     DEFAULT_PENDING_MSGS_LIMIT,
@@ -624,6 +625,56 @@ class MemoryTransport:
                 f"cannot respond to the message on {msg.subject!r}: it has no reply subject"
             )
         await self.publish(msg.reply, data, headers=headers)
+
+    async def request_many(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        timeout: float,  # noqa: ASYNC109 - the collection window
+        max_replies: int = 0,
+    ) -> list[Msg]:
+        """Send a request and collect every reply within ``timeout`` seconds (or until
+        ``max_replies``); an empty list when nobody answers."""
+        if not timeout > 0:
+            raise InvalidArgumentError(f"timeout must be > 0, got {timeout!r}")
+        hdrs = self._prepare(subject, data, None)
+        self._require(publishing=False)
+        inbox = f"{self._inbox_prefix}.many.{next(self._inbox_ids)}"
+        replies: list[Msg] = []
+        enough = asyncio.Event()
+
+        async def collect(msg: Msg) -> None:
+            replies.append(msg)
+            if max_replies and len(replies) >= max_replies:
+                enough.set()
+
+        sub = await self.subscribe(inbox, collect)
+        try:
+            if self._network._route(self, Msg(subject, data, inbox, hdrs)):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await enough.wait()
+        finally:
+            await sub.unsubscribe()
+        return replies
+
+    async def add_service(
+        self,
+        *,
+        name: str,
+        version: str,
+        endpoints: Sequence[Endpoint],
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> ServiceHandle:
+        """Serve ``endpoints`` as an ADR-32 service (see ``_micro``)."""
+        svc = GenericService(
+            self, name=name, version=version, description=description,
+            endpoints=endpoints, metadata=metadata,
+        )
+        await svc.start()
+        return svc
 
     async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - as nats-py
         """Nothing to wait for (publish hands messages over at once); checks the link."""

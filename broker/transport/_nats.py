@@ -45,6 +45,7 @@ from broker.errors import (
     TransportTimeoutError,
     WorknodeError,
 )
+from broker.transport._micro import Endpoint, ServiceHandle, error_code
 from broker.transport._protocol import (
     DEFAULT_PENDING_BYTES_LIMIT,
     DEFAULT_PENDING_MSGS_LIMIT,
@@ -125,6 +126,46 @@ class _OrderedClient(Client):
             self._pending = []
             self._pending_data_size = 0
         await super()._send_ping(future)
+
+
+class _MicroHandle:
+    """A running nats.micro service."""
+
+    def __init__(self, svc: Any) -> None:
+        self._svc = svc
+        self._stopped = False
+
+    @property
+    def id(self) -> str:
+        """This instance's id."""
+        return str(self._svc.id)
+
+    async def stop(self) -> None:
+        """Stop answering. Idempotent."""
+        if not self._stopped:
+            self._stopped = True
+            with contextlib.suppress(nats.errors.Error):
+                await self._svc.stop()
+
+
+def _micro_handler(ep: Endpoint) -> Any:
+    async def handle(req: Any) -> None:
+        msg = Msg(req.subject, req.data, "", req.headers)
+        try:
+            body = await ep.handler(msg)
+        except WorknodeError as exc:
+            with contextlib.suppress(nats.errors.Error):
+                await req.respond_error(error_code(exc), str(exc))
+            return
+        except Exception as exc:  # a bug: answer 500 rather than leave the caller waiting
+            _log.exception("endpoint %s raised", ep.subject)
+            with contextlib.suppress(nats.errors.Error):
+                await req.respond_error("500", f"internal error: {type(exc).__name__}")
+            return
+        with contextlib.suppress(nats.errors.Error):
+            await req.respond(body)
+
+    return handle
 
 
 def _to_msg(nmsg: NatsMsg) -> Msg:
@@ -559,6 +600,66 @@ class NatsTransport:
                 f"cannot respond to the message on {msg.subject!r}: it has no reply subject"
             )
         await self.publish(msg.reply, data, headers=headers)
+
+    async def request_many(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        timeout: float,  # noqa: ASYNC109 - the collection window
+        max_replies: int = 0,
+    ) -> list[Msg]:
+        """Send a request and collect every reply within ``timeout`` seconds (or until
+        ``max_replies``); an empty list when nobody answers (discovery uses this)."""
+        if not timeout > 0:
+            raise InvalidArgumentError(f"timeout must be > 0, got {timeout!r}")
+        validate_subject(subject)
+        nc = self._client()
+        replies: list[Msg] = []
+        enough = asyncio.Event()
+
+        async def collect(nmsg: NatsMsg) -> None:
+            replies.append(_to_msg(nmsg))
+            if max_replies and len(replies) >= max_replies:
+                enough.set()
+
+        with _mapped(f"request_many on {subject!r}"):
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox, cb=collect)
+            try:
+                await nc.publish(subject, data, reply=inbox)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await enough.wait()
+            finally:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+        return replies
+
+    async def add_service(
+        self,
+        *,
+        name: str,
+        version: str,
+        endpoints: Sequence[Endpoint],
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> ServiceHandle:
+        """Serve ``endpoints`` as a NATS micro (ADR-32) service with nats-py's ``nats.micro``:
+        discoverable with ``$SRV.PING``/``INFO``/``STATS``; errors travel in the
+        ``Nats-Service-Error``/``Nats-Service-Error-Code`` headers."""
+        from nats import micro
+
+        nc = self._client()
+        with _mapped(f"service {name!r}"):
+            svc = await micro.add_service(
+                nc, name=name, version=version, description=description or None,
+                metadata=dict(metadata or {}),
+            )
+            for ep in endpoints:
+                await svc.add_endpoint(name=ep.name, subject=ep.subject,
+                                       handler=_micro_handler(ep))
+        return _MicroHandle(svc)
 
     async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - as nats-py
         """Wait (PING/PONG) until the server has processed everything sent so far."""

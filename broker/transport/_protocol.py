@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Final, Protocol, Self, runtime_checkable
 
 from broker.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from broker.transport._micro import Endpoint, ServiceHandle
 
 __all__ = [
     "DEFAULT_PENDING_BYTES_LIMIT",
@@ -253,6 +256,29 @@ class Transport(Protocol):
 
     async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - as nats-py
         """Wait until everything published so far has reached the server."""
+        ...
+
+    async def request_many(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        timeout: float,  # noqa: ASYNC109 - the collection window
+        max_replies: int = 0,
+    ) -> list[Msg]:
+        """Send a request and collect every reply within ``timeout`` (discovery)."""
+        ...
+
+    async def add_service(
+        self,
+        *,
+        name: str,
+        version: str,
+        endpoints: Sequence[Endpoint],
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> ServiceHandle:
+        """Serve ``endpoints`` as a NATS micro (ADR-32) service."""
         ...
 
     async def __aenter__(self) -> Self:

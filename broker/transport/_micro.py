@@ -1,0 +1,243 @@
+"""Request/reply services in the NATS micro (ADR-32) style, over any ``Transport``.
+
+A service has a name, a version, an id, metadata, and endpoints (name -> subject -> handler).
+It answers ``$SRV.PING``, ``$SRV.INFO`` and ``$SRV.STATS`` (plain, ``.<name>`` and
+``.<name>.<id>``) with the ADR-32 JSON documents, so ``nats micro ls`` and nats.micro clients
+discover it, and endpoints join the queue group ``q`` as ADR-32 prescribes. ``NatsTransport``
+serves through nats-py's ``nats.micro`` itself; this module is the same contract for the
+in-memory transport and the shared client side: ``discover`` and ``call``.
+
+Handlers return the reply body or raise: a ``WorknodeError`` becomes an error reply with the
+``Nats-Service-Error`` / ``Nats-Service-Error-Code`` headers (400 for invalid input and codec
+errors, 500 otherwise) and ``call`` raises ``ServiceCallError`` with them on the client side.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from broker.errors import CodecError, InvalidArgumentError, WorknodeError
+from broker.transport._protocol import Msg, Subscription, Transport
+
+__all__ = [
+    "ERROR_CODE_HEADER",
+    "ERROR_HEADER",
+    "Endpoint",
+    "EndpointHandler",
+    "GenericService",
+    "ServiceCallError",
+    "ServiceHandle",
+    "ServiceInfo",
+    "call",
+    "discover",
+    "error_code",
+]
+
+ERROR_HEADER: Final = "Nats-Service-Error"
+ERROR_CODE_HEADER: Final = "Nats-Service-Error-Code"
+QUEUE_GROUP: Final = "q"
+
+EndpointHandler = Callable[[Msg], Awaitable[bytes]]
+"""Request in, reply body out; raise ``WorknodeError`` for an error reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One endpoint of a service."""
+
+    name: str
+    subject: str
+    handler: EndpointHandler
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceInfo:
+    """What ``$SRV.PING``/``$SRV.INFO`` told about one service instance."""
+
+    name: str
+    id: str
+    version: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    endpoints: tuple[tuple[str, str], ...] = ()
+    """(endpoint name, subject) pairs (INFO only)."""
+
+
+class ServiceHandle(Protocol):
+    """A running service."""
+
+    @property
+    def id(self) -> str:
+        """This instance's id."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop answering. Idempotent."""
+        ...
+
+
+class ServiceCallError(WorknodeError):
+    """A service answered with an error reply (``code`` and ``description`` from the
+    ADR-32 headers). Whether to retry depends on the code: 5xx may succeed later."""
+
+    def __init__(self, code: str, description: str) -> None:
+        super().__init__(f"{code}: {description}")
+        self.code = code
+        self.description = description
+        self.retriable = code.startswith("5")
+
+
+def error_code(exc: BaseException) -> str:
+    """The ADR-32 error code for a handler's exception."""
+    return "400" if isinstance(exc, (InvalidArgumentError, CodecError)) else "500"
+
+
+class GenericService:
+    """An ADR-32 service over plain transport subscriptions (used by the memory transport)."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        name: str,
+        version: str,
+        description: str = "",
+        endpoints: Sequence[Endpoint],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.name = name
+        self.version = version
+        self.description = description
+        self.endpoints = list(endpoints)
+        self.metadata = dict(metadata or {})
+        self._id = secrets.token_hex(11)
+        self._subs: list[Subscription] = []
+        self._started = ""
+        self._stats: dict[str, dict[str, Any]] = {
+            ep.name: {"num_requests": 0, "num_errors": 0, "processing_time": 0} for ep in endpoints
+        }
+
+    @property
+    def id(self) -> str:
+        """This instance's id."""
+        return self._id
+
+    async def start(self) -> None:
+        """Subscribe endpoints and the ``$SRV`` control subjects."""
+        self._started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for ep in self.endpoints:
+            self._subs.append(
+                await self.transport.subscribe(ep.subject, self._wrap(ep), queue=QUEUE_GROUP)
+            )
+        for verb in ("PING", "INFO", "STATS"):
+            for subject in (
+                f"$SRV.{verb}",
+                f"$SRV.{verb}.{self.name}",
+                f"$SRV.{verb}.{self.name}.{self._id}",
+            ):
+                self._subs.append(await self.transport.subscribe(subject, self._control(verb)))
+
+    async def stop(self) -> None:
+        """Unsubscribe everything. Idempotent."""
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            await sub.unsubscribe()
+
+    def _wrap(self, ep: Endpoint) -> Callable[[Msg], Awaitable[None]]:
+        async def handle(msg: Msg) -> None:
+            stats = self._stats[ep.name]
+            stats["num_requests"] += 1
+            t0 = time.perf_counter_ns()
+            try:
+                body = await ep.handler(msg)
+            except Exception as exc:
+                stats["num_errors"] += 1
+                if isinstance(exc, WorknodeError):
+                    code, text = error_code(exc), str(exc)
+                else:
+                    code, text = "500", f"internal error: {type(exc).__name__}"
+                if msg.reply:
+                    await self.transport.respond(
+                        msg, b"", headers={ERROR_HEADER: text, ERROR_CODE_HEADER: code}
+                    )
+                return
+            finally:
+                stats["processing_time"] += time.perf_counter_ns() - t0
+            if msg.reply:
+                await self.transport.respond(msg, body)
+
+        return handle
+
+    def _document(self, verb: str) -> dict[str, Any]:
+        base = {"name": self.name, "id": self._id, "version": self.version,
+                "metadata": self.metadata}
+        if verb == "PING":
+            return base | {"type": "io.nats.micro.v1.ping_response"}
+        if verb == "INFO":
+            return base | {
+                "type": "io.nats.micro.v1.info_response",
+                "description": self.description,
+                "endpoints": [
+                    {"name": ep.name, "subject": ep.subject, "queue_group": QUEUE_GROUP,
+                     "metadata": None}
+                    for ep in self.endpoints
+                ],
+            }
+        return base | {
+            "type": "io.nats.micro.v1.stats_response",
+            "started": self._started,
+            "endpoints": [
+                {"name": ep.name, "subject": ep.subject, "queue_group": QUEUE_GROUP,
+                 **self._stats[ep.name]}
+                for ep in self.endpoints
+            ],
+        }
+
+    def _control(self, verb: str) -> Callable[[Msg], Awaitable[None]]:
+        async def handle(msg: Msg) -> None:
+            if msg.reply:
+                await self.transport.respond(msg, json.dumps(self._document(verb)).encode())
+
+        return handle
+
+
+async def discover(transport: Any, name: str, *, timeout: float = 0.5) -> list[ServiceInfo]:  # noqa: ASYNC109
+    """Every instance of service ``name`` that answers ``$SRV.INFO.<name>`` within
+    ``timeout`` seconds (the transport must offer ``request_many``)."""
+    replies: list[Msg] = await transport.request_many(
+        f"$SRV.INFO.{name}", b"", timeout=timeout
+    )
+    out = []
+    for reply in replies:
+        try:
+            doc = json.loads(reply.data)
+            out.append(
+                ServiceInfo(
+                    name=str(doc["name"]),
+                    id=str(doc["id"]),
+                    version=str(doc.get("version", "")),
+                    metadata={str(k): str(v) for k, v in (doc.get("metadata") or {}).items()},
+                    endpoints=tuple(
+                        (str(e["name"]), str(e["subject"])) for e in doc.get("endpoints") or []
+                    ),
+                )
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # not a micro service reply: ignore it
+    return sorted(out, key=lambda s: (s.metadata.get("node", ""), s.id))
+
+
+async def call(
+    transport: Transport, subject: str, data: bytes, *, timeout: float  # noqa: ASYNC109
+) -> bytes:
+    """Request ``subject``; the reply body, or ``ServiceCallError`` for an error reply."""
+    reply = await transport.request(subject, data, timeout=timeout)
+    headers = reply.headers or {}
+    if ERROR_CODE_HEADER in headers:
+        raise ServiceCallError(headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, ""))
+    return reply.data
