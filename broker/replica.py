@@ -31,7 +31,7 @@ import enum
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -261,6 +261,7 @@ class Replica:
         self._subs: list[Subscription] = []
         self._running = False
         self.applied_envelopes = 0
+        self._listeners: list[Callable[[Collection[str] | None], None]] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -361,6 +362,7 @@ class Replica:
             if not done:
                 assert error is not None
                 raise error
+            self._changed(batch.store.keys() if batch.store else ())
             record = self.codec.encode_document(batch)
             if len(record) > self.config.max_batch_bytes:
                 await self._reload()
@@ -431,6 +433,10 @@ class Replica:
     def digest(self) -> bytes:
         """Content digest of the subject's state."""
         return self.tree.state.digest()
+
+    def hlc(self) -> int:
+        """A fresh hybrid timestamp from this replica's clock."""
+        return self.clock.now(self._now_ms())
 
     @property
     def queued_ops(self) -> int:
@@ -580,8 +586,31 @@ class Replica:
         self.observer.applied(subject, env.version, len(msg.data), lag_ms)
         self.applied_envelopes += 1
 
+    def add_change_listener(self, listener: Callable[[Collection[str] | None], None]) -> None:
+        """Call ``listener(keys)`` after every change: the top-level keys a delta touched, or
+        None when a full state was joined (any key may have changed)."""
+        self._listeners.append(listener)
+
+    def _changed(self, keys: Collection[str] | None) -> None:
+        for listener in self._listeners:
+            listener(keys)
+
+    async def apply_repair(self, delta: ORMap) -> None:
+        """Join a healer's repair delta durably (logged before this returns); not published:
+        the healer repairs every replica itself."""
+        async with self._mutate_lock:
+            self.tree.merge(delta)
+            self._changed(delta.store.keys() if delta.store else ())
+            record = self.codec.encode_document(delta)
+            seq = await asyncio.to_thread(self.store.append, self.config.subject, [record])
+            self._last_record_seq = max(self._last_record_seq, seq)
+
     def _apply(self, document: ORMap) -> None:
         self.tree.merge(document)
+        if document.is_delta:
+            self._changed(document.store.keys() if document.store else ())
+        else:
+            self._changed(None)  # a full state: any key may have changed
         self._ops_since_snapshot += max(1, len(document))
         if self._ops_since_snapshot >= self.config.snapshot_every:
             self._ops_since_snapshot = 0
@@ -613,7 +642,7 @@ class Replica:
                     if not c.done.done():
                         c.done.set_exception(exc)
                 continue
-            self._last_record_seq = seq
+            self._last_record_seq = max(self._last_record_seq, seq)
             for i, c in enumerate(commits):
                 c.seq = seq - len(commits) + 1 + i
             ops = sum(c.ops for c in commits)
@@ -711,6 +740,7 @@ class Replica:
         for _, record in loaded.records:
             state.merge(self._decode_stored(record))
         self.tree = Tree(state)
+        self._changed(None)
         self._last_record_seq = loaded.records[-1][0] if loaded.records else loaded.snapshot_seq
         raw = await asyncio.to_thread(self.store.get_meta, self.config.subject, _META_PUBLISHED)
         progress = json.loads(raw) if raw else {}

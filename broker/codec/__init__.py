@@ -12,13 +12,14 @@ from broker.codec._schema import (
     WireSchema,
     load_schema,
 )
-from broker.codec._signing import Signer, TrustRoster
+from broker.codec._signing import REPORT_DOMAIN, Signer, TrustRoster
 from broker.codec._wire import (
     COMPRESS_MIN_BYTES,
     DEFAULT_MAX_PAYLOAD,
     NESTING_LIMIT,
     Envelope,
     WireCodec,
+    decoding,
 )
 
 __all__ = [
@@ -29,11 +30,13 @@ __all__ = [
     "KINDS_BY_VERSION",
     "NESTING_LIMIT",
     "OLDEST_VERSION",
+    "REPORT_DOMAIN",
     "SUPPORTED_VERSIONS",
     "Envelope",
     "Signer",
     "TrustRoster",
     "WireCodec",
     "WireSchema",
+    "decoding",
     "load_schema",
 ]

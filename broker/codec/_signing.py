@@ -23,9 +23,11 @@ from broker.errors import (
     UnsignedMessageError,
 )
 
-__all__ = ["DOMAIN", "SIGNATURE_SIZE", "Signer", "TrustRoster"]
+__all__ = ["DOMAIN", "REPORT_DOMAIN", "SIGNATURE_SIZE", "Signer", "TrustRoster"]
 
 DOMAIN: Final = b"worknode-envelope\x00"
+REPORT_DOMAIN: Final = b"worknode-heal-report\x00"
+"""Heal reports are signed under their own domain, so neither can pass for the other."""
 SIGNATURE_SIZE: Final = 64
 _SEED_SIZE: Final = 32
 
@@ -56,9 +58,9 @@ class Signer:
         """The 32-byte public key peers put in their roster."""
         return bytes(self._key.verify_key)
 
-    def sign(self, body: bytes) -> bytes:
-        """The 64-byte signature over ``DOMAIN + body``."""
-        return self._key.sign(DOMAIN + body).signature
+    def sign(self, body: bytes, domain: bytes = DOMAIN) -> bytes:
+        """The 64-byte signature over ``domain + body``."""
+        return self._key.sign(domain + body).signature
 
 
 class TrustRoster:
@@ -89,7 +91,7 @@ class TrustRoster:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def verify(self, signer: str, body: bytes, signature: bytes) -> None:
+    def verify(self, signer: str, body: bytes, signature: bytes, domain: bytes = DOMAIN) -> None:
         """Raise a ``SignatureError`` subclass unless ``signature`` is ``signer``'s over body."""
         if not signature:
             raise UnsignedMessageError(f"envelope from {signer!r} carries no signature")
@@ -99,6 +101,6 @@ class TrustRoster:
         if len(signature) != SIGNATURE_SIZE:
             raise BadSignatureError(f"signature is {len(signature)} bytes, not {SIGNATURE_SIZE}")
         try:
-            key.verify(DOMAIN + body, signature)
+            key.verify(domain + body, signature)
         except nacl.exceptions.BadSignatureError as exc:
             raise BadSignatureError(f"signature by {signer!r} does not verify") from exc

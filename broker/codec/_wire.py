@@ -52,6 +52,7 @@ __all__ = [
     "NESTING_LIMIT",
     "Envelope",
     "WireCodec",
+    "decoding",
 ]
 
 DEFAULT_MAX_PAYLOAD: Final = 1024 * 1024
@@ -86,8 +87,9 @@ class Envelope:
 
 
 @contextlib.contextmanager
-def _decoding(what: str) -> Iterator[None]:
-    """Map every failure while reading wire bytes to a ``CodecError`` subclass."""
+def decoding(what: str) -> Iterator[None]:
+    """Map every failure while reading wire bytes to a ``CodecError`` subclass (use it around
+    every field access of a reader over untrusted bytes)."""
     try:
         yield
     except CodecError:
@@ -157,7 +159,7 @@ class WireCodec:
     def decode_document(self, data: bytes, expect: type[Causal] | None = None) -> Causal:
         """The state or delta in packed ``data``; raises a ``CodecError`` subclass."""
         self._check_size(data, "document")
-        with _decoding("document"):
+        with decoding("document"):
             doc = self._parse(self.schema.crdt.Document, data, NESTING_LIMIT)
             return decode_document(self.schema, doc, expect)
 
@@ -231,14 +233,14 @@ class WireCodec:
         such as ``worknode tail``; a replica always verifies.
         """
         self._check_size(data, "envelope")
-        with _decoding("envelope"):
+        with decoding("envelope"):
             outer = self._parse(self.schema.envelope.SignedEnvelope, data, 4)
             signer = outer.signer
             signature = bytes(outer.signature)
             body = bytes(outer.body)
         if roster is not None:
             roster.verify(signer, body, signature)
-        with _decoding("envelope body"):
+        with decoding("envelope body"):
             env = self._parse(self.schema.envelope.Envelope, body, NESTING_LIMIT)
             version = env.version
             if version < OLDEST_VERSION:
@@ -281,6 +283,15 @@ class WireCodec:
             )
 
     # -- helpers -------------------------------------------------------------------------
+
+    def read(self, struct: Any, data: bytes, what: str) -> Any:
+        """A reader of ``struct`` over packed ``data``, with this codec's limits.
+
+        Read its fields inside ``decoding(what)`` so every failure becomes a CodecError.
+        """
+        self._check_size(data, what)
+        with decoding(what):
+            return self._parse(struct, data, NESTING_LIMIT)
 
     def _parse(self, struct: Any, data: bytes, nesting_limit: int) -> Any:
         """A reader over packed ``data`` (checked first: see module doc)."""

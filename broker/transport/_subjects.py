@@ -6,6 +6,7 @@ Subject layout (prefix ``wn``, namespace first, ids last)::
     wn.<namespace>.sync.<subject>               catch-up requests (request/reply)
     wn.<namespace>.heal.<subject>               heal reports
     wn.<namespace>.rpc.<service>.<method>       worknode RPC endpoints
+    wn.<namespace>.merkle.<subject>.<node>.<verb>   a replica's healing endpoints
 
 Every ``<...>`` is exactly one token of 1-64 characters from ``[A-Za-z0-9_-]``. Because the
 namespace comes first and ids come last, one wildcard covers a whole space:
@@ -40,6 +41,7 @@ __all__ = [
     "KINDS",
     "KIND_DELTA",
     "KIND_HEAL",
+    "KIND_MERKLE",
     "KIND_RPC",
     "KIND_SYNC",
     "MAX_SUBJECT_BYTES",
@@ -48,6 +50,7 @@ __all__ = [
     "SubjectParts",
     "delta_subject",
     "heal_subject",
+    "merkle_subject",
     "namespace_wildcard",
     "parse_subject",
     "rpc_subject",
@@ -67,8 +70,15 @@ KIND_DELTA: Final = "delta"
 KIND_SYNC: Final = "sync"
 KIND_HEAL: Final = "heal"
 KIND_RPC: Final = "rpc"
+KIND_MERKLE: Final = "merkle"
 #: Each kind with the number of id tokens that follow it.
-KINDS: Final[dict[str, int]] = {KIND_DELTA: 1, KIND_SYNC: 1, KIND_HEAL: 1, KIND_RPC: 2}
+KINDS: Final[dict[str, int]] = {
+    KIND_DELTA: 1,
+    KIND_SYNC: 1,
+    KIND_HEAL: 1,
+    KIND_RPC: 2,
+    KIND_MERKLE: 3,
+}
 
 _TOKEN: Final = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_TOKEN_LENGTH}}}", re.ASCII)
 
@@ -210,6 +220,12 @@ def sync_subject(namespace: str, subject: str) -> str:
 def heal_subject(namespace: str, subject: str) -> str:
     """``wn.<namespace>.heal.<subject>``: where the healer publishes a subject's heal reports."""
     return _build(namespace, KIND_HEAL, (subject, "subject"))
+
+
+def merkle_subject(namespace: str, subject: str, node: str, verb: str) -> str:
+    """``wn.<namespace>.merkle.<subject>.<node>.<verb>``: one healing endpoint of one
+    replica (verbs: root, nodes, leaves, fetch, apply)."""
+    return _build(namespace, KIND_MERKLE, (subject, "subject"), (node, "node"), (verb, "verb"))
 
 
 def rpc_subject(namespace: str, service: str, method: str) -> str:

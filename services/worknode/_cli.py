@@ -280,6 +280,43 @@ def register(main: click.Group) -> None:
         _run(run())
 
     @main.command()
+    @click.option("--config", "config_file", type=click.Path(path_type=Path),
+                  help="TOML settings file (WORKNODE_HEALER_* environment variables override).")
+    @click.option("--once", is_flag=True, help="Heal every subject once, print, and exit.")
+    def healer(config_file: Path | None, once: bool) -> None:
+        """Run the healer: compare Merkle roots per subject, repair, publish heal reports."""
+        import tomllib
+
+        from services.healer import HealerService, HealerSettings
+
+        kw: dict[str, Any] = {}
+        if config_file is not None:
+            kw = tomllib.loads(config_file.read_text())
+        settings = HealerSettings(**kw)
+
+        async def run() -> None:
+            async with HealerService(settings) as svc:
+                if once:
+                    for out in await svc.heal_all():
+                        click.echo(
+                            f"{out.subject}: {len(out.replicas)} replicas, "
+                            f"{out.divergent_keys} keys differed, {out.keys_repaired} repaired, "
+                            f"{out.round_trips} round trips, {out.bytes_sent} bytes, "
+                            f"{out.duration_s * 1000:.0f} ms, "
+                            f"{'converged' if out.converged else 'NOT converged'}"
+                        )
+                    return
+                stop = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, stop.set)
+                click.echo(f"healer {settings.node_id}: metrics on port {svc.metrics_port}",
+                           err=True)
+                await stop.wait()
+
+        _run(run())
+
+    @main.command()
     @click.argument("subject")
     @_with_common
     @click.option("--roster", type=click.Path(path_type=Path),

@@ -23,6 +23,7 @@ from prometheus_client import start_http_server
 
 from broker.codec import Signer, TrustRoster, WireCodec
 from broker.errors import InvalidArgumentError, StoreError, WorknodeError
+from broker.healing import HealEndpoints
 from broker.replica import Replica, ReplicaConfig
 from broker.store import DurableStore
 from broker.transport import EmbeddedNatsServer, NatsTransport, Transport
@@ -126,6 +127,7 @@ class WorknodeService:
         self.metrics_port: int | None = None
         self._gauges: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
+        self.heal_endpoints: HealEndpoints | None = None
         self._running = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -186,6 +188,17 @@ class WorknodeService:
             )
             self.replicas[subject] = replica
             await replica.start()
+        if s.cluster_secret_file is not None:
+            self.heal_endpoints = HealEndpoints(
+                transport=self.transport,
+                namespace=s.namespace,
+                replicas=self.replicas,
+                signer=self.signer,
+                roster=self.roster,
+                codec=codec,
+                secret=s.cluster_secret_file.read_bytes(),
+            )
+            await self.heal_endpoints.start()
         if s.metrics_port is not None:
             server, _ = start_http_server(
                 s.metrics_port, addr=s.metrics_host, registry=self.metrics.registry
@@ -242,6 +255,10 @@ class WorknodeService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._gauges
             self._gauges = None
+        if self.heal_endpoints is not None:
+            with contextlib.suppress(WorknodeError):
+                await self.heal_endpoints.stop()
+            self.heal_endpoints = None
         for replica in self.replicas.values():
             with contextlib.suppress(WorknodeError):
                 await replica.stop()

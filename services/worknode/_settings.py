@@ -53,6 +53,10 @@ class WorknodeSettings(BaseSettings):
     roster_file: Path | None = Field(
         None, description='JSON {"node-id": "<public key hex>"}: whose envelopes to accept.'
     )
+    cluster_secret_file: Path | None = Field(
+        None,
+        description="Merkle-tree secret shared with the healer; set it to serve healing.",
+    )
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(0, description="0 picks a free port; null disables.")
     wire_version: int = Field(CURRENT_VERSION, description="Wire version this node writes.")

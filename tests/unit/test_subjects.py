@@ -296,4 +296,4 @@ def test_patterns_from_a_subject_match_it(tokens, data):
 
 
 def test_every_kind_has_a_builder():
-    assert set(KINDS) == {"delta", "sync", "heal", "rpc"}
+    assert set(KINDS) == {"delta", "sync", "heal", "rpc", "merkle"}

@@ -1,0 +1,348 @@
+"""Healing over NATS: a replica's Merkle endpoints, and the client the healer drives them with.
+
+Replica side (``HealEndpoints``): one NATS micro (ADR-32) service per node, ``worknode-replica``,
+with metadata ``node``, ``namespace`` and ``subjects`` so a healer discovers it with
+``$SRV.INFO``. Per subject it serves five endpoints on
+``wn.<ns>.merkle.<subject>.<node>.<verb>``:
+
+    root    RootRequest        -> RootReply (root, item count, version vector)
+    nodes   NodeHashesRequest  -> NodeHashesReply (child values of each prefix)
+    leaves  NodeHashesRequest  -> LeafItemsReply (items of each leaf prefix)
+    fetch   FetchStatesRequest -> SignedEnvelope (delta document: those keys' entries and the
+                                  replica's whole causal context; see ``broker.repair``)
+    apply   SignedEnvelope     -> ApplyStatesReply (repair delta joined and logged)
+
+Requests and replies are Cap'n Proto from ``schemas/healer.capnp``; documents travel in signed
+envelopes, so a replica only applies repairs signed by a node in its roster, and the healer
+only moves states a replica signed.
+
+The Merkle tree follows the replica incrementally: every change marks the touched top-level
+keys dirty; their digests are recomputed (O(depth) tree updates per key) when the next healing
+request arrives, so writes never pay for it and a tree is never rebuilt after the first build.
+
+Prefixes travel as bytes, one digit (0..fanout-1) per byte; the root is the empty prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from broker.codec import Signer, TrustRoster, WireCodec, decoding
+from broker.crdt import ORMap
+from broker.errors import InvalidArgumentError, MalformedMessageError
+from broker.merkle import MerkleTree
+from broker.repair import entry_digest, subset
+from broker.replica import Replica
+from broker.transport import (
+    Endpoint,
+    Msg,
+    ServiceHandle,
+    Transport,
+    call,
+    merkle_subject,
+)
+
+__all__ = ["REPLICA_SERVICE", "VERBS", "HealClient", "HealEndpoints", "RootView"]
+
+REPLICA_SERVICE: Final = "worknode-replica"
+VERBS: Final = ("root", "nodes", "leaves", "fetch", "apply")
+_VERSION: Final = "1.0.0"
+
+
+def _prefix_bytes(prefix: tuple[int, ...]) -> bytes:
+    return bytes(prefix)
+
+
+def _prefix_tuple(raw: bytes) -> tuple[int, ...]:
+    return tuple(raw)
+
+
+class _ReplicaTree:
+    """A Merkle tree that follows one replica: dirty keys, refreshed on demand."""
+
+    def __init__(self, replica: Replica, secret: bytes) -> None:
+        self.replica = replica
+        self.secret = secret
+        self.tree = MerkleTree(key=secret)
+        self._dirty: set[str] | None = None  # None: everything (first build, full joins)
+        replica.add_change_listener(self._on_change)
+
+    def _on_change(self, keys: Collection[str] | None) -> None:
+        if keys is None:
+            self._dirty = None
+        elif self._dirty is not None:
+            self._dirty.update(keys)
+
+    def current(self) -> MerkleTree:
+        store = self.replica.state.store or {}
+        if self._dirty is None:
+            items = [(k, entry_digest(v, self.secret)) for k, v in store.items()]
+            self.tree = MerkleTree.build(items, key=self.secret)
+        else:
+            for key in self._dirty:
+                entry = store.get(key)
+                if entry is None:
+                    self.tree.remove(key)
+                else:
+                    self.tree.set(key, entry_digest(entry, self.secret))
+        self._dirty = set()
+        return self.tree
+
+
+class HealEndpoints:
+    """Serves this node's replicas to healers (see module doc). ``start()``/``stop()``."""
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        namespace: str,
+        replicas: dict[str, Replica],
+        signer: Signer,
+        roster: TrustRoster,
+        codec: WireCodec,
+        secret: bytes,
+    ) -> None:
+        self.transport = transport
+        self.namespace = namespace
+        self.replicas = replicas
+        self.signer = signer
+        self.roster = roster
+        self.codec = codec
+        self.trees = {s: _ReplicaTree(r, secret) for s, r in replicas.items()}
+        self._service: ServiceHandle | None = None
+
+    async def start(self) -> None:
+        """Register the service. Idempotent."""
+        if self._service is not None:
+            return
+        node = self.signer.node_id
+        endpoints = []
+        for subject in self.replicas:
+            for verb in VERBS:
+                endpoints.append(
+                    Endpoint(
+                        f"{verb}-{subject}",
+                        merkle_subject(self.namespace, subject, node, verb),
+                        self._handler(subject, verb),
+                    )
+                )
+        self._service = await self.transport.add_service(
+            name=REPLICA_SERVICE,
+            version=_VERSION,
+            description="worknode replica: Merkle roots, nodes, leaves, state fetch and repair",
+            endpoints=endpoints,
+            metadata={
+                "node": node,
+                "namespace": self.namespace,
+                "subjects": ",".join(sorted(self.replicas)),
+            },
+        )
+
+    async def stop(self) -> None:
+        """Unregister. Idempotent."""
+        if self._service is not None:
+            service, self._service = self._service, None
+            await service.stop()
+
+    def _handler(self, subject: str, verb: str) -> Any:
+        async def handle(msg: Msg) -> bytes:
+            reply: bytes = await getattr(self, f"_{verb}")(subject, msg.data)
+            return reply
+
+        return handle
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    async def _root(self, subject: str, data: bytes) -> bytes:
+        tree = self.trees[subject].current()
+        vv = self.replicas[subject].state.context.version_vector
+        reply = self.codec.schema.healer.RootReply.new_message()
+        reply.subject = subject
+        reply.root = tree.root()
+        reply.itemCount = tree.count()
+        versions = reply.init("versions")
+        names = sorted(vv)
+        versions.init("replicas", len(names))
+        versions.init("counters", len(names))
+        for i, r in enumerate(names):
+            versions.replicas[i] = r
+            versions.counters[i] = vv[r]
+        return reply.to_bytes_packed()  # type: ignore[no-any-return]
+
+    def _prefixes(self, data: bytes) -> list[tuple[int, ...]]:
+        req = self.codec.read(self.codec.schema.healer.NodeHashesRequest, data, "node request")
+        with decoding("node request"):
+            return [_prefix_tuple(bytes(p)) for p in req.prefixes]
+
+    async def _nodes(self, subject: str, data: bytes) -> bytes:
+        tree = self.trees[subject].current()
+        values = tree.child_hashes(self._prefixes(data))
+        reply = self.codec.schema.healer.NodeHashesReply.new_message()
+        reply.subject = subject
+        nodes = reply.init("nodes", len(values))
+        for i, (prefix, value) in enumerate(sorted(values.items())):
+            nodes[i].prefix = _prefix_bytes(prefix)
+            nodes[i].hash = value
+        return reply.to_bytes_packed()  # type: ignore[no-any-return]
+
+    async def _leaves(self, subject: str, data: bytes) -> bytes:
+        tree = self.trees[subject].current()
+        leaves = tree.leaves(self._prefixes(data))
+        items = [item for prefix in sorted(leaves) for item in leaves[prefix]]
+        reply = self.codec.schema.healer.LeafItemsReply.new_message()
+        reply.subject = subject
+        out = reply.init("items", len(items))
+        for i, (key, digest) in enumerate(items):
+            out[i].key = key
+            out[i].digest = digest
+        return reply.to_bytes_packed()  # type: ignore[no-any-return]
+
+    async def _fetch(self, subject: str, data: bytes) -> bytes:
+        req = self.codec.read(self.codec.schema.healer.FetchStatesRequest, data, "fetch")
+        with decoding("fetch request"):
+            keys = [str(k) for k in req.keys]
+        replica = self.replicas[subject]
+        return self.codec.seal(
+            self.signer,
+            subject=merkle_subject(self.namespace, subject, self.signer.node_id, "fetch"),
+            hlc=replica.hlc(),
+            sequence=0,
+            document=subset(replica.state, keys),
+        )
+
+    async def _apply(self, subject: str, data: bytes) -> bytes:
+        env = self.codec.open(data, self.roster)
+        document = env.document
+        if not isinstance(document, ORMap) or not document.is_delta:
+            raise MalformedMessageError("a repair is an OR-map delta")
+        replica = self.replicas[subject]
+        await replica.apply_repair(document)
+        tree = self.trees[subject].current()
+        reply = self.codec.schema.healer.ApplyStatesReply.new_message()
+        reply.subject = subject
+        reply.root = tree.root()
+        reply.applied = len(document.store or {})
+        return reply.to_bytes_packed()  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class RootView:
+    """One replica's answer to ``root``."""
+
+    node: str
+    root: bytes
+    count: int
+    versions: dict[str, int]
+
+
+class HealClient:
+    """The healer's side: calls one replica's endpoints and decodes the replies."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        namespace: str,
+        codec: WireCodec,
+        signer: Signer,
+        roster: TrustRoster,
+        timeout: float = 5.0,
+    ) -> None:
+        self.transport = transport
+        self.namespace = namespace
+        self.codec = codec
+        self.signer = signer
+        self.roster = roster
+        self.timeout = timeout
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.calls = 0
+
+    async def _call(self, subject: str, node: str, verb: str, body: bytes) -> bytes:
+        self.calls += 1
+        self.bytes_sent += len(body)
+        reply = await call(
+            self.transport,
+            merkle_subject(self.namespace, subject, node, verb),
+            body,
+            timeout=self.timeout,
+        )
+        self.bytes_received += len(reply)
+        return reply
+
+    async def root(self, subject: str, node: str) -> RootView:
+        """The replica's root, item count and version vector."""
+        req = self.codec.schema.healer.RootRequest.new_message()
+        req.subject = subject
+        data = await self._call(subject, node, "root", req.to_bytes_packed())
+        r = self.codec.read(self.codec.schema.healer.RootReply, data, "root reply")
+        with decoding("root reply"):
+            names = list(r.versions.replicas)
+            counters = list(r.versions.counters)
+            if len(names) != len(counters):
+                raise MalformedMessageError("version vector lists differ in length")
+            vv = dict(zip(names, counters, strict=True))
+            return RootView(node, bytes(r.root), int(r.itemCount), vv)
+
+    def _prefix_request(self, subject: str, prefixes: Sequence[tuple[int, ...]]) -> bytes:
+        req = self.codec.schema.healer.NodeHashesRequest.new_message()
+        req.subject = subject
+        lst = req.init("prefixes", len(prefixes))
+        for i, p in enumerate(prefixes):
+            lst[i] = _prefix_bytes(p)
+        return req.to_bytes_packed()  # type: ignore[no-any-return]
+
+    async def nodes(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]]
+    ) -> dict[tuple[int, ...], bytes]:
+        """Child values of each prefix."""
+        data = await self._call(subject, node, "nodes", self._prefix_request(subject, prefixes))
+        r = self.codec.read(self.codec.schema.healer.NodeHashesReply, data, "nodes reply")
+        with decoding("nodes reply"):
+            return {_prefix_tuple(bytes(n.prefix)): bytes(n.hash) for n in r.nodes}
+
+    async def leaves(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], tree: MerkleTree
+    ) -> dict[tuple[int, ...], list[tuple[str, bytes]]]:
+        """Items of each leaf prefix (grouped with ``tree.path``: same secret and shape)."""
+        data = await self._call(subject, node, "leaves", self._prefix_request(subject, prefixes))
+        r = self.codec.read(self.codec.schema.healer.LeafItemsReply, data, "leaves reply")
+        out: dict[tuple[int, ...], list[tuple[str, bytes]]] = {p: [] for p in prefixes}
+        with decoding("leaves reply"):
+            for item in r.items:
+                key = str(item.key)
+                path = tree.path(key)
+                if path not in out:
+                    raise InvalidArgumentError(f"replica {node} sent key {key!r} from another leaf")
+                out[path].append((key, bytes(item.digest)))
+        return out
+
+    async def fetch(self, subject: str, node: str, keys: Sequence[str]) -> ORMap:
+        """Those keys' entries with the replica's context, verified (signed by ``node``)."""
+        req = self.codec.schema.healer.FetchStatesRequest.new_message()
+        req.subject = subject
+        lst = req.init("keys", len(keys))
+        for i, k in enumerate(keys):
+            lst[i] = k
+        data = await self._call(subject, node, "fetch", req.to_bytes_packed())
+        env = self.codec.open(data, self.roster)
+        if env.writer != node or not isinstance(env.document, ORMap):
+            raise MalformedMessageError(f"fetch reply from {node} is not its OR-map subset")
+        return env.document
+
+    async def apply(self, subject: str, node: str, delta: ORMap) -> bytes:
+        """Push a repair delta; returns the replica's root afterwards."""
+        body = self.codec.seal(
+            self.signer,
+            subject=merkle_subject(self.namespace, subject, node, "apply"),
+            hlc=0,
+            sequence=0,
+            document=delta,
+        )
+        data = await self._call(subject, node, "apply", body)
+        r = self.codec.read(self.codec.schema.healer.ApplyStatesReply, data, "apply reply")
+        with decoding("apply reply"):
+            return bytes(r.root)

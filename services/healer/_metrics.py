@@ -1,0 +1,53 @@
+"""Prometheus metrics of the healer (``worknode_heal_*``; subject labels only for configured
+subjects, others counted as ``other``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["HealerMetrics"]
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class HealerMetrics:
+    """Every series the healer exports, in its own registry."""
+
+    def __init__(self, subjects: list[str]) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.subjects = frozenset(subjects)
+        self.rounds = Counter("worknode_heal_rounds_total", "Reconciliation rounds run.",
+                              ["subject"], registry=r)
+        self.heals = Counter("worknode_heals_total", "Subjects healed, by outcome.",
+                             ["subject", "outcome"], registry=r)
+        self.divergent_keys = Counter(
+            "worknode_heal_divergent_keys_total", "Keys found different between replicas.",
+            ["subject"], registry=r)
+        self.repaired = Counter("worknode_heal_keys_repaired_total",
+                                "Keys whose state was pushed to a replica.", ["subject"],
+                                registry=r)
+        self.bytes = Counter("worknode_heal_bytes_total", "Bytes sent and received by the healer.",
+                             ["subject"], registry=r)
+        self.round_trips = Counter("worknode_heal_round_trips_total",
+                                   "Requests the healer made.", ["subject"], registry=r)
+        self.duration = Histogram("worknode_heal_duration_seconds", "Time to heal one subject.",
+                                  ["subject"], buckets=_BUCKETS, registry=r)
+        self.divergence = Gauge("worknode_heal_divergence_keys",
+                                "Keys differing at the start of the latest heal.", ["subject"],
+                                registry=r)
+        self.replicas = Gauge("worknode_heal_replicas", "Replicas discovered per subject.",
+                              ["subject"], registry=r)
+        self.last_report = Gauge("worknode_heal_last_report_timestamp_seconds",
+                                 "When the latest heal report was published.", ["subject"],
+                                 registry=r)
+        self.failures = Counter("worknode_heal_failures_total",
+                                "Heals that failed (a replica unreachable, a bad reply).",
+                                ["subject"], registry=r)
+        for s in subjects:
+            for outcome in ("converged", "in_sync", "still_moving", "failed"):
+                self.heals.labels(s, outcome)
+            self.failures.labels(s)
+
+    def label(self, subject: str) -> str:
+        """The bounded label for ``subject``."""
+        return subject if not self.subjects or subject in self.subjects else "other"

@@ -1,0 +1,341 @@
+"""The healer: finds replicas, compares Merkle roots per subject, repairs what differs.
+
+Per subject, one heal:
+
+1. ask every replica for its root; equal roots: nothing to do;
+2. otherwise reconcile a *hub* (the replica with the most items) with each other replica:
+   the pure ``Reconciliation`` names the differing keys in at most depth+1 round trips;
+   both sides' entries for those keys are fetched (signed by each replica) and the repair
+   deltas of ``broker.repair`` are pushed both ways (signed by the healer) — so the hub
+   ends with the join of everyone, and each replica with the join of itself and the hub;
+3. re-check the roots; while they differ (writes landed meanwhile, or the first pass gave
+   early replicas an older hub), repeat, up to ``max_rounds``;
+4. publish a signed heal report on ``wn.<ns>.heal.<subject>``: replicas, roots before and
+   after, keys repaired, bytes, round trips, duration, and whether all roots agree.
+
+Heals run every ``interval_s`` and at once when membership changes (a replica appears,
+disappears or restarts with a new service id). Bytes moved are throttled to
+``bytes_per_second``. ``start()``/``stop()`` are idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from broker.codec import REPORT_DOMAIN, Signer, TrustRoster, WireCodec
+from broker.errors import WorknodeError
+from broker.healing import REPLICA_SERVICE, HealClient, RootView
+from broker.merkle import LeafRequest, MerkleTree, Reconciliation, RootInfo, Side
+from broker.repair import repair_deltas
+from broker.transport import NatsTransport, Transport, discover, heal_subject
+from services.healer._metrics import HealerMetrics
+from services.healer._settings import HealerSettings
+from services.worknode import load_or_create_signer, read_roster
+
+__all__ = ["HealOutcome", "HealerService"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HealOutcome:
+    """What one heal of one subject did (also the content of its report)."""
+
+    subject: str
+    replicas: list[str]
+    roots_before: list[bytes]
+    roots_after: list[bytes] = field(default_factory=list)
+    divergent_keys: int = 0
+    keys_repaired: int = 0
+    bytes_sent: int = 0
+    round_trips: int = 0
+    rounds: int = 0
+    duration_s: float = 0.0
+    converged: bool = False
+    published: bool = False
+
+
+class HealerService:
+    """See module doc."""
+
+    def __init__(
+        self,
+        settings: HealerSettings,
+        *,
+        transport: Transport | None = None,
+        roster: TrustRoster | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = HealerMetrics(settings.subjects)
+        self._given_transport = transport
+        self.transport: Transport | None = transport
+        self.roster = roster if roster is not None else TrustRoster()
+        self.signer: Signer | None = None
+        self.secret = b""
+        self.codec = WireCodec()
+        self._task: asyncio.Task[None] | None = None
+        self._membership: frozenset[tuple[str, str]] = frozenset()
+        self._wake = asyncio.Event()
+        self._metrics_server: Any = None
+        self.metrics_port: int | None = None
+        self.reports: list[HealOutcome] = []
+        self._running = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the heal loop (idempotent)."""
+        if self._running:
+            return
+        s = self.settings
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        self.signer = load_or_create_signer(s.node_id, s.key_path())
+        for node, key in read_roster(s.roster_file).items():
+            self.roster.add(node, key)
+        self.roster.add(s.node_id, self.signer.public_key)
+        self.secret = s.cluster_secret_file.read_bytes()
+        if self.transport is None:
+            self.transport = NatsTransport(s.nats_urls, name=s.node_id)
+        await self.transport.start()
+        self.codec = WireCodec(max_payload=self.transport.max_payload)
+        if s.metrics_port is not None:
+            server, _ = start_http_server(
+                s.metrics_port, addr=s.metrics_host, registry=self.metrics.registry
+            )
+            self._metrics_server = server
+            self.metrics_port = int(server.server_port)
+        self._running = True
+        self._task = asyncio.create_task(self._loop(), name="healer")
+
+    async def stop(self) -> None:
+        """Stop the loop (a heal in progress is cancelled; replicas stay consistent: every
+        repair is a join). Idempotent."""
+        if not self._running:
+            return
+        self._running = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.transport is not None and self._given_transport is None:
+            with contextlib.suppress(WorknodeError):
+                await self.transport.stop()
+            self.transport = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+
+    async def __aenter__(self) -> HealerService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- loop ------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        s = self.settings
+        next_heal = 0.0
+        while True:
+            try:
+                members = await self._discover()
+                changed = frozenset((m[0], m[1]) for m in members) != self._membership
+                if changed or time.monotonic() >= next_heal:
+                    self._membership = frozenset((m[0], m[1]) for m in members)
+                    await self.heal_all(members)
+                    next_heal = time.monotonic() + s.interval_s
+            except WorknodeError as exc:
+                log.warning("heal loop: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(s.membership_poll_s):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    def trigger(self) -> None:
+        """Heal at once (as after a membership change)."""
+        self._wake.set()
+
+    async def _discover(self) -> list[tuple[str, str, list[str]]]:
+        """``(node, service id, subjects)`` of every replica service in the namespace."""
+        assert self.transport is not None
+        out = []
+        for info in await discover(self.transport, REPLICA_SERVICE, timeout=0.3):
+            if info.metadata.get("namespace") != self.settings.namespace:
+                continue
+            subjects = [x for x in info.metadata.get("subjects", "").split(",") if x]
+            out.append((info.metadata.get("node", ""), info.id, subjects))
+        return out
+
+    async def heal_all(
+        self, members: list[tuple[str, str, list[str]]] | None = None
+    ) -> list[HealOutcome]:
+        """Heal every subject (of the configured ones, or all served) once."""
+        if members is None:
+            members = await self._discover()
+        by_subject: dict[str, list[str]] = {}
+        for node, _, subjects in members:
+            for subject in subjects:
+                if not self.settings.subjects or subject in self.settings.subjects:
+                    by_subject.setdefault(subject, []).append(node)
+        outcomes = []
+        for subject, nodes in sorted(by_subject.items()):
+            self.metrics.replicas.labels(self.metrics.label(subject)).set(len(nodes))
+            if len(nodes) < 2:
+                continue
+            try:
+                outcomes.append(await self.heal_subject(subject, sorted(nodes)))
+            except WorknodeError as exc:
+                label = self.metrics.label(subject)
+                self.metrics.failures.labels(label).inc()
+                self.metrics.heals.labels(label, "failed").inc()
+                log.warning("heal of %s failed: %s", subject, exc)
+        return outcomes
+
+    # -- one subject -------------------------------------------------------------------------
+
+    def _client(self) -> HealClient:
+        assert self.transport is not None
+        assert self.signer is not None
+        return HealClient(
+            self.transport,
+            namespace=self.settings.namespace,
+            codec=self.codec,
+            signer=self.signer,
+            roster=self.roster,
+            timeout=self.settings.request_timeout_s,
+        )
+
+    async def heal_subject(self, subject: str, nodes: list[str]) -> HealOutcome:
+        """Heal one subject among ``nodes`` (see module doc)."""
+        t0 = time.monotonic()
+        client = self._client()
+        label = self.metrics.label(subject)
+        roots = {n: await client.root(subject, n) for n in nodes}
+        out = HealOutcome(subject, nodes, [roots[n].root for n in nodes])
+        for _ in range(self.settings.max_rounds):
+            if len({(r.root, r.count) for r in roots.values()}) == 1:
+                out.converged = True
+                break
+            out.rounds += 1
+            self.metrics.rounds.labels(label).inc()
+            hub = max(nodes, key=lambda n: (roots[n].count, n))
+            for other in nodes:
+                if other == hub or roots[other].root == roots[hub].root:
+                    continue
+                found, repaired = await self._pair(client, subject, roots[hub], roots[other])
+                if out.rounds == 1:
+                    out.divergent_keys += found
+                out.keys_repaired += repaired
+            roots = {n: await client.root(subject, n) for n in nodes}
+        else:
+            out.converged = len({(r.root, r.count) for r in roots.values()}) == 1
+        out.roots_after = [roots[n].root for n in nodes]
+        out.bytes_sent = client.bytes_sent + client.bytes_received
+        out.round_trips = client.calls
+        out.duration_s = time.monotonic() - t0
+        self._record(out)
+        if out.rounds:
+            await self._publish_report(out)
+        return out
+
+    async def _pair(
+        self, client: HealClient, subject: str, left: RootView, right: RootView
+    ) -> tuple[int, int]:
+        """Reconcile two replicas; push repairs both ways. Returns (keys found, keys pushed)."""
+        rec = Reconciliation(
+            RootInfo(left.root, left.count, version_vector=left.versions),
+            RootInfo(right.root, right.count, version_vector=right.versions),
+        )
+        nodes = {Side.LEFT: left.node, Side.RIGHT: right.node}
+        paths = MerkleTree(key=self.secret)
+        while not rec.done:
+            for req in rec.next_requests():
+                node = nodes[req.side]
+                if isinstance(req, LeafRequest):
+                    leaves = await client.leaves(subject, node, req.prefixes, paths)
+                    rec.receive_leaves(req.side, leaves)
+                else:
+                    rec.receive_nodes(req.side, await client.nodes(subject, node, req.prefixes))
+                await self._throttle(client)
+        keys = list(rec.result().keys)
+        pushed = 0
+        batch = self.settings.fetch_batch
+        for i in range(0, len(keys), batch):
+            chunk = keys[i : i + batch]
+            a = await client.fetch(subject, left.node, chunk)
+            b = await client.fetch(subject, right.node, chunk)
+            to_left, to_right = repair_deltas(a, b, chunk)
+            if to_left.store:
+                await client.apply(subject, left.node, to_left)
+                pushed += len(to_left.store)
+            if to_right.store:
+                await client.apply(subject, right.node, to_right)
+                pushed += len(to_right.store)
+            await self._throttle(client)
+        return len(keys), pushed
+
+    async def _throttle(self, client: HealClient) -> None:
+        moved = client.bytes_sent + client.bytes_received
+        started = getattr(client, "_throttle_t0", None)
+        if started is None:
+            client._throttle_t0 = time.monotonic()  # type: ignore[attr-defined]
+            return
+        ahead = moved / self.settings.bytes_per_second - (time.monotonic() - started)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+    def _record(self, out: HealOutcome) -> None:
+        label = self.metrics.label(out.subject)
+        m = self.metrics
+        m.divergent_keys.labels(label).inc(out.divergent_keys)
+        m.divergence.labels(label).set(out.divergent_keys)
+        m.repaired.labels(label).inc(out.keys_repaired)
+        m.bytes.labels(label).inc(out.bytes_sent)
+        m.round_trips.labels(label).inc(out.round_trips)
+        m.duration.labels(label).observe(out.duration_s)
+        outcome = (
+            "in_sync" if not out.rounds else "converged" if out.converged else "still_moving"
+        )
+        m.heals.labels(label, outcome).inc()
+        self.reports.append(out)
+        del self.reports[:-100]
+
+    async def _publish_report(self, out: HealOutcome) -> None:
+        assert self.transport is not None
+        assert self.signer is not None
+        r = self.codec.schema.healer.HealReport.new_message()
+        r.subject = out.subject
+        for name, values in (
+            ("replicas", out.replicas),
+            ("rootsBefore", out.roots_before),
+            ("rootsAfter", out.roots_after),
+        ):
+            lst = r.init(name, len(values))
+            for i, v in enumerate(values):
+                lst[i] = v
+        r.keysRepaired = out.keys_repaired
+        r.bytesSent = out.bytes_sent
+        r.roundTrips = out.round_trips
+        r.durationMs = int(out.duration_s * 1000)
+        r.converged = out.converged
+        body = r.to_bytes_packed()
+        signed = self.codec.schema.envelope.SignedEnvelope.new_message()
+        signed.signer = self.signer.node_id
+        signed.signature = self.signer.sign(body, REPORT_DOMAIN)
+        signed.body = body
+        with contextlib.suppress(WorknodeError):
+            await self.transport.publish(
+                heal_subject(self.settings.namespace, out.subject), signed.to_bytes_packed()
+            )
+            out.published = True
+            self.metrics.last_report.labels(self.metrics.label(out.subject)).set(time.time())

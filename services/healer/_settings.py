@@ -1,0 +1,62 @@
+"""Settings of the healer service: ``WORKNODE_HEALER_*`` environment variables and TOML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from broker.crdt import validate_replica_id
+from broker.transport import validate_token
+
+__all__ = ["HealerSettings"]
+
+
+class HealerSettings(BaseSettings):
+    """What the healer needs; see the README's healing section."""
+
+    model_config = SettingsConfigDict(env_prefix="WORKNODE_HEALER_", extra="forbid")
+
+    node_id: str = Field("healer", description="Signs repairs and heal reports.")
+    namespace: str = "default"
+    subjects: list[str] = Field(
+        default_factory=list,
+        description="Subjects to heal (metrics labels); empty: every subject replicas serve.",
+    )
+    nats_urls: list[str] = Field(min_length=1)
+    state_dir: Path = Path(".worknode/healer")
+    key_file: Path | None = None
+    roster_file: Path | None = None
+    cluster_secret_file: Path = Field(
+        description="The secret every replica keys its Merkle tree with (same file)."
+    )
+    interval_s: float = Field(10.0, gt=0, description="Heal every subject this often.")
+    membership_poll_s: float = Field(
+        1.0, gt=0, description="Discovery poll: heal at once on change."
+    )
+    max_rounds: int = Field(3, ge=1, le=20, description="Re-checks while writes keep landing.")
+    bytes_per_second: float = Field(20e6, gt=0, description="Throttle on bytes moved.")
+    fetch_batch: int = Field(500, ge=1, le=100_000, description="Keys per fetch/apply call.")
+    request_timeout_s: float = Field(5.0, gt=0)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 0
+
+    @field_validator("node_id")
+    @classmethod
+    def _node(cls, v: str) -> str:
+        return validate_replica_id(v)
+
+    @field_validator("namespace")
+    @classmethod
+    def _ns(cls, v: str) -> str:
+        return validate_token(v, "namespace")
+
+    @field_validator("subjects")
+    @classmethod
+    def _subjects(cls, v: list[str]) -> list[str]:
+        return [validate_token(s, "subject") for s in v]
+
+    def key_path(self) -> Path:
+        """Where the healer's signing seed lives."""
+        return self.key_file or self.state_dir / f"{self.node_id}.key"
