@@ -1,0 +1,364 @@
+"""Reconciliation of two Merkle trees as a pure state machine: events in, requests out.
+
+Everything that decides what to ask next lives here; the healer only moves requests and
+answers between this object and two replicas. Rules:
+
+- the roots (with item counts and, optionally, version vectors) come in first. Equal roots
+  and equal counts end the reconciliation with no request: version vectors are reported, not
+  trusted, because a lost delta, a restored backup or bit rot leaves vectors equal while the
+  items differ, and two replicas can have seen different dots yet hold the same items;
+- otherwise each round asks both sides, in one request per side, for the children of every
+  node whose values differed in the previous round, and descends only where the children
+  differ. Once the differing nodes are leaves, one last round asks for their items. So a
+  reconciliation issues at most ``depth + 1`` request rounds after the roots, whatever the
+  number of differing nodes;
+- every round goes exactly one level down, so the machine ends after ``depth + 1`` rounds
+  even when a side answers inconsistently (a concurrent write changed a subtree between
+  rounds). It never retries: a node that differed but whose children (or leaf items) turn
+  out equal is reported in ``Diff.inconsistent``, and the caller decides whether to run
+  another reconciliation;
+- answers must be well formed (exactly the children or leaves asked for, node values as
+  non-empty bytes, items as ``(str, bytes)``, no key twice on one side): anything else is a
+  protocol error from the replica and raises InvalidArgumentError. Node values are compared
+  as opaque bytes, so a transport may send them truncated (say to 8 bytes) as long as both
+  sides truncate alike; a missed difference then shows as unequal roots afterwards.
+
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from broker.errors import InvalidArgumentError
+from broker.merkle._tree import (
+    DEFAULT_DEPTH,
+    DEFAULT_FANOUT,
+    MerkleTree,
+    Prefix,
+    validate_shape,
+)
+
+__all__ = [
+    "Diff",
+    "LeafRequest",
+    "NodeRequest",
+    "Reconciliation",
+    "Request",
+    "RootInfo",
+    "Side",
+    "diff",
+]
+
+
+class Side(enum.Enum):
+    """Which of the two replicas a request is for or an answer came from."""
+
+    LEFT = "left"
+    RIGHT = "right"
+
+
+@dataclass(frozen=True)
+class RootInfo:
+    """What a replica reports first about its tree: root, item count, shape, version vector.
+
+    ``fanout`` and ``depth`` travel with the root so that a reconciliation of trees with
+    different shapes is refused instead of comparing unrelated nodes. ``version_vector`` maps
+    replica ids to counters (absent entries count as 0) or is None when unknown.
+    """
+
+    root: bytes
+    count: int
+    fanout: int = DEFAULT_FANOUT
+    depth: int = DEFAULT_DEPTH
+    version_vector: Mapping[str, int] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.root, bytes) or not self.root:
+            raise InvalidArgumentError(f"a root is non-empty bytes, got {self.root!r}")
+        if type(self.count) is not int or self.count < 0:
+            raise InvalidArgumentError(f"an item count is an int >= 0, got {self.count!r}")
+        validate_shape(self.fanout, self.depth)
+        vv = self.version_vector
+        if vv is not None and not all(
+            isinstance(r, str) and type(n) is int and n >= 0 for r, n in vv.items()
+        ):
+            raise InvalidArgumentError("a version vector maps str to int >= 0")
+
+    @classmethod
+    def of(cls, tree: MerkleTree, version_vector: Mapping[str, int] | None = None) -> RootInfo:
+        """The root info of a local tree."""
+        return cls(tree.root(), tree.count(), tree.fanout, tree.depth, version_vector)
+
+
+@dataclass(frozen=True)
+class NodeRequest:
+    """Ask ``side`` for the values of all ``fanout`` children of each prefix in ``prefixes``.
+
+    Answer with ``Reconciliation.receive_nodes(side, {child_prefix: value})`` holding exactly
+    those children (``MerkleTree.child_hashes`` produces it).
+    """
+
+    side: Side
+    prefixes: tuple[Prefix, ...]
+
+
+@dataclass(frozen=True)
+class LeafRequest:
+    """Ask ``side`` for the ``(key, digest)`` items of each leaf in ``prefixes``.
+
+    Answer with ``Reconciliation.receive_leaves(side, {leaf_prefix: items})`` holding exactly
+    those leaves (``MerkleTree.leaves`` produces it).
+    """
+
+    side: Side
+    prefixes: tuple[Prefix, ...]
+
+
+Request: TypeAlias = NodeRequest | LeafRequest
+"""A request the healer must send to one replica."""
+
+
+@dataclass(frozen=True)
+class Diff:
+    """The outcome of a reconciliation: which keys must move, and what it cost.
+
+    ``only_left``/``only_right`` name keys one side holds and the other lacks; ``different``
+    names keys both hold with different digests. All three are sorted. ``round_trips`` counts
+    request rounds after the roots (both sides are asked in parallel within a round; add one
+    for the root fetch). ``nodes_compared`` counts node pairs compared, the roots included;
+    ``items_compared`` counts distinct keys compared in leaves. ``inconsistent`` lists nodes
+    whose values differed although what the sides then sent below them did not: a write
+    landed during the reconciliation. ``vectors_equal`` is None unless both sides sent a
+    version vector.
+    """
+
+    only_left: tuple[str, ...]
+    only_right: tuple[str, ...]
+    different: tuple[str, ...]
+    round_trips: int
+    nodes_compared: int
+    items_compared: int
+    inconsistent: tuple[Prefix, ...] = ()
+    vectors_equal: bool | None = None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every key whose state must move in some direction, sorted."""
+        return tuple(sorted((*self.only_left, *self.only_right, *self.different)))
+
+    @property
+    def in_sync(self) -> bool:
+        """True when nothing differed and nothing changed under the reconciliation."""
+        return not (self.only_left or self.only_right or self.different or self.inconsistent)
+
+
+def _vectors_equal(a: Mapping[str, int] | None, b: Mapping[str, int] | None) -> bool | None:
+    if a is None or b is None:
+        return None
+    return {r: n for r, n in a.items() if n} == {r: n for r, n in b.items() if n}
+
+
+class Reconciliation:
+    """Drive one reconciliation of two trees; see the module docstring for the rules.
+
+    Use::
+
+        rec = Reconciliation(left_info, right_info)
+        while not rec.done:
+            for req in rec.next_requests():
+                ...fetch from req.side, then rec.receive_nodes(...) or rec.receive_leaves(...)
+        diff = rec.result()
+
+    Answers of one round may arrive in any order; the round ends when both sides answered.
+    """
+
+    def __init__(self, left: RootInfo, right: RootInfo) -> None:
+        if not isinstance(left, RootInfo) or not isinstance(right, RootInfo):
+            raise InvalidArgumentError("a reconciliation starts from two RootInfo")
+        if (left.fanout, left.depth) != (right.fanout, right.depth):
+            raise InvalidArgumentError(
+                f"tree shapes differ: fanout/depth {left.fanout}/{left.depth} on the left, "
+                f"{right.fanout}/{right.depth} on the right"
+            )
+        self._fanout = left.fanout
+        self._depth = left.depth
+        self._vectors_equal = _vectors_equal(left.version_vector, right.version_vector)
+        self._round_trips = 0
+        self._nodes_compared = 1
+        self._items_compared = 0
+        self._inconsistent: list[Prefix] = []
+        self._only_left: list[str] = []
+        self._only_right: list[str] = []
+        self._different: list[str] = []
+        # prefixes (all of one level) whose values differ: the parents of the next round
+        self._frontier: tuple[Prefix, ...] = ()
+        self._pending: dict[Side, Request] = {}
+        self._node_answers: dict[Side, Mapping[Prefix, bytes]] = {}
+        self._leaf_answers: dict[Side, dict[Prefix, dict[str, bytes]]] = {}
+        self._result: Diff | None = None
+        if left.root == right.root and left.count == right.count:
+            self._finish()
+        else:
+            self._advance(((),))
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """True once the result is known; no request is outstanding then."""
+        return self._result is not None
+
+    def next_requests(self) -> list[Request]:
+        """The requests of the current round still waiting for an answer (empty when done).
+
+        Calling it again returns the same requests until they are answered.
+        """
+        return [self._pending[s] for s in Side if s in self._pending]
+
+    def result(self) -> Diff:
+        """The reconciliation's outcome. Raises InvalidArgumentError before ``done``."""
+        if self._result is None:
+            raise InvalidArgumentError("the reconciliation is not done: answer next_requests()")
+        return self._result
+
+    # -- events ------------------------------------------------------------------------------
+
+    def receive_nodes(self, side: Side, nodes: Mapping[Prefix, bytes]) -> None:
+        """Feed ``side``'s answer to its NodeRequest: ``{child_prefix: value}``."""
+        request = self._expect(side, NodeRequest)
+        wanted = {(*p, d) for p in request.prefixes for d in range(self._fanout)}
+        if not isinstance(nodes, Mapping) or nodes.keys() != wanted:
+            raise InvalidArgumentError(
+                f"the {side.value} side must answer exactly the children of the prefixes asked"
+            )
+        for value in nodes.values():
+            if not isinstance(value, bytes) or not value:
+                raise InvalidArgumentError(f"a node value is non-empty bytes, got {value!r}")
+        self._node_answers[side] = nodes
+        del self._pending[side]
+        if not self._pending:
+            self._compare_nodes(request.prefixes)
+
+    def receive_leaves(
+        self, side: Side, leaves: Mapping[Prefix, Sequence[tuple[str, bytes]]]
+    ) -> None:
+        """Feed ``side``'s answer to its LeafRequest: ``{leaf_prefix: [(key, digest), ...]}``."""
+        request = self._expect(side, LeafRequest)
+        if not isinstance(leaves, Mapping) or leaves.keys() != set(request.prefixes):
+            raise InvalidArgumentError(
+                f"the {side.value} side must answer exactly the leaves asked"
+            )
+        seen: set[str] = set()
+        parsed: dict[Prefix, dict[str, bytes]] = {}
+        for prefix in request.prefixes:
+            items = leaves[prefix]
+            for item in items:
+                if (
+                    not isinstance(item, tuple)
+                    or len(item) != 2
+                    or not isinstance(item[0], str)
+                    or not isinstance(item[1], bytes)
+                ):
+                    raise InvalidArgumentError(f"a leaf item is (str, bytes), got {item!r}")
+            found = dict(items)
+            if len(found) != len(items) or not seen.isdisjoint(found):
+                raise InvalidArgumentError(f"the {side.value} side sent a key twice")
+            seen.update(found)
+            parsed[prefix] = found
+        self._leaf_answers[side] = parsed
+        del self._pending[side]
+        if not self._pending:
+            self._compare_leaves(request.prefixes)
+
+    # -- transitions -------------------------------------------------------------------------
+
+    def _expect(self, side: Side, kind: type[Request]) -> Request:
+        if not isinstance(side, Side):
+            raise InvalidArgumentError(f"side is a Side, got {side!r}")
+        request = self._pending.get(side)
+        if not isinstance(request, kind):
+            raise InvalidArgumentError(
+                f"no {kind.__name__} is waiting for an answer from the {side.value} side"
+            )
+        return request
+
+    def _advance(self, frontier: tuple[Prefix, ...]) -> None:
+        """Ask for the level below ``frontier`` (nodes that differed), or finish."""
+        self._frontier = frontier
+        if not frontier:
+            self._finish()
+            return
+        self._round_trips += 1
+        kind: type[Request] = NodeRequest if len(frontier[0]) < self._depth else LeafRequest
+        self._pending = {side: kind(side, frontier) for side in Side}
+
+    def _compare_nodes(self, parents: tuple[Prefix, ...]) -> None:
+        left = self._node_answers.pop(Side.LEFT)
+        right = self._node_answers.pop(Side.RIGHT)
+        differing: list[Prefix] = []
+        for parent in parents:
+            found = False
+            for digit in range(self._fanout):
+                child = (*parent, digit)
+                if left[child] != right[child]:
+                    differing.append(child)
+                    found = True
+            if not found:
+                self._inconsistent.append(parent)
+        self._nodes_compared += len(parents) * self._fanout
+        self._advance(tuple(differing))
+
+    def _compare_leaves(self, prefixes: tuple[Prefix, ...]) -> None:
+        left = self._leaf_answers.pop(Side.LEFT)
+        right = self._leaf_answers.pop(Side.RIGHT)
+        for prefix in prefixes:
+            lhs, rhs = left[prefix], right[prefix]
+            self._items_compared += len(lhs.keys() | rhs.keys())
+            if lhs == rhs:
+                self._inconsistent.append(prefix)
+                continue
+            for key, digest in lhs.items():
+                other = rhs.get(key)
+                if other is None:
+                    self._only_left.append(key)
+                elif other != digest:
+                    self._different.append(key)
+            self._only_right.extend(key for key in rhs if key not in lhs)
+        self._advance(())
+
+    def _finish(self) -> None:
+        self._pending = {}
+        self._result = Diff(
+            only_left=tuple(sorted(self._only_left)),
+            only_right=tuple(sorted(self._only_right)),
+            different=tuple(sorted(self._different)),
+            round_trips=self._round_trips,
+            nodes_compared=self._nodes_compared,
+            items_compared=self._items_compared,
+            inconsistent=tuple(self._inconsistent),
+            vectors_equal=self._vectors_equal,
+        )
+
+
+def diff(
+    left: MerkleTree,
+    right: MerkleTree,
+    *,
+    left_vector: Mapping[str, int] | None = None,
+    right_vector: Mapping[str, int] | None = None,
+) -> Diff:
+    """Reconcile two local trees by driving a :class:`Reconciliation` against them."""
+    rec = Reconciliation(RootInfo.of(left, left_vector), RootInfo.of(right, right_vector))
+    trees = {Side.LEFT: left, Side.RIGHT: right}
+    while not rec.done:
+        for request in rec.next_requests():
+            tree = trees[request.side]
+            if isinstance(request, NodeRequest):
+                rec.receive_nodes(request.side, tree.child_hashes(request.prefixes))
+            else:
+                rec.receive_leaves(request.side, tree.leaves(request.prefixes))
+    return rec.result()

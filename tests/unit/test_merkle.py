@@ -1,0 +1,307 @@
+"""MerkleTree: node values depend only on the set of (key, digest), incremental maintenance
+equals a rebuild, the secret keys every hash, and bad input is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections import Counter
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.errors import InvalidArgumentError
+from broker.merkle import DIGEST_SIZE, HASH_SIZE, MerkleTree, Prefix
+
+SECRET = b"s" * 32
+OTHER_SECRET = b"t" * 32
+SMALL = {"fanout": 4, "depth": 3}  # 64 leaves: small enough to compare every node
+
+keys = st.text(min_size=0, max_size=6)
+digests = st.binary(min_size=DIGEST_SIZE, max_size=DIGEST_SIZE)
+item_sets = st.dictionaries(keys, digests, max_size=40)
+
+
+def digest_of(n: int) -> bytes:
+    return hashlib.blake2b(str(n).encode(), digest_size=DIGEST_SIZE).digest()
+
+
+def all_prefixes(fanout: int, depth: int) -> list[Prefix]:
+    return [p for level in range(depth + 1) for p in itertools.product(range(fanout), repeat=level)]
+
+
+def snapshot(tree: MerkleTree) -> dict[Prefix, bytes]:
+    """Every node value of a small tree."""
+    return {p: tree.node(p) for p in all_prefixes(tree.fanout, tree.depth)}
+
+
+def leaf_snapshot(tree: MerkleTree) -> dict[Prefix, list[tuple[str, bytes]]]:
+    leaves = itertools.product(range(tree.fanout), repeat=tree.depth)
+    return {p: tree.leaf_items(p) for p in leaves}
+
+
+# -- order and history independence ----------------------------------------------------------
+
+
+@given(item_sets, st.randoms(use_true_random=False))
+def test_every_node_depends_only_on_the_set(items: dict[str, bytes], rnd) -> None:
+    pairs = list(items.items())
+    shuffled = pairs[:]
+    rnd.shuffle(shuffled)
+    built = MerkleTree.build(pairs, key=SECRET, **SMALL)
+    incremental = MerkleTree(SECRET, **SMALL)
+    for k, d in shuffled:
+        assert incremental.set(k, d) is None
+    assert snapshot(incremental) == snapshot(built)
+    assert leaf_snapshot(incremental) == leaf_snapshot(built)
+    assert incremental.count() == built.count() == len(items)
+
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["set", "remove", "update"]), st.sampled_from("abcdefgh"), digests),
+    max_size=60,
+)
+
+
+@given(ops)
+@settings(max_examples=150)
+def test_any_history_reaching_a_set_gives_the_rebuilt_tree(history) -> None:
+    tree = MerkleTree(SECRET, **SMALL)
+    model: dict[str, bytes] = {}
+    for op, k, d in history:
+        if op == "set":
+            assert tree.set(k, d) == model.get(k)
+            model[k] = d
+        elif op == "remove":
+            assert tree.remove(k) == model.pop(k, None)
+        elif k in model:  # update: delete what is there, or change it
+            new = None if d[0] % 2 else d
+            tree.update(k, model[k], new)
+            if new is None:
+                del model[k]
+            else:
+                model[k] = new
+        else:
+            tree.update(k, None, d)
+            model[k] = d
+    rebuilt = MerkleTree.build(model.items(), key=SECRET, **SMALL)
+    assert snapshot(tree) == snapshot(rebuilt)
+    assert leaf_snapshot(tree) == leaf_snapshot(rebuilt)
+    assert sorted(tree.items()) == sorted(model.items())
+    assert len(tree) == tree.count() == len(model)
+
+
+@given(item_sets)
+def test_removing_everything_gives_the_empty_tree(items: dict[str, bytes]) -> None:
+    tree = MerkleTree.build(items.items(), key=SECRET, **SMALL)
+    for k in items:
+        tree.remove(k)
+    assert snapshot(tree) == snapshot(MerkleTree(SECRET, **SMALL))
+    assert tree.root() == bytes(HASH_SIZE)
+    assert tree._leaves == {}
+    assert all(not level for level in tree._levels)  # sparse: nothing left behind
+
+
+@given(item_sets)
+def test_each_node_is_the_sum_of_its_children(items: dict[str, bytes]) -> None:
+    tree = MerkleTree.build(items.items(), key=SECRET, **SMALL)
+    for prefix in all_prefixes(tree.fanout, tree.depth - 1):
+        total = sum(int.from_bytes(c, "big") for c in tree.children(prefix)) % 2**256
+        assert total.to_bytes(HASH_SIZE, "big") == tree.node(prefix)
+        assert tree.children(prefix) == [tree.node((*prefix, d)) for d in range(tree.fanout)]
+
+
+@given(item_sets)
+def test_the_root_does_not_depend_on_the_shape(items: dict[str, bytes]) -> None:
+    roots = {
+        MerkleTree.build(items.items(), key=SECRET, fanout=f, depth=d).root()
+        for f, d in [(2, 1), (4, 3), (16, 4), (64, 3), (256, 2)]
+    }
+    assert len(roots) == 1
+
+
+# -- what the hashes bind ------------------------------------------------------------------
+
+
+@given(item_sets.filter(bool))
+def test_a_different_secret_gives_a_different_root(items: dict[str, bytes]) -> None:
+    a = MerkleTree.build(items.items(), key=SECRET)
+    b = MerkleTree.build(items.items(), key=OTHER_SECRET)
+    assert a.root() != b.root()
+
+
+def test_a_different_secret_places_keys_in_other_leaves() -> None:
+    a, b = MerkleTree(SECRET), MerkleTree(OTHER_SECRET)
+    names = [f"k{i}" for i in range(50)]
+    assert sum(a.path(k) == b.path(k) for k in names) <= 2
+
+
+@given(item_sets.filter(bool), keys, digests)
+def test_any_change_changes_the_root(items: dict[str, bytes], key: str, digest: bytes) -> None:
+    tree = MerkleTree.build(items.items(), key=SECRET)
+    before = tree.root()
+    previous = tree.set(key, digest)
+    assert (tree.root() == before) == (previous == digest)
+
+
+def test_key_and_digest_boundaries_are_bound_by_the_length_prefix() -> None:
+    # ("ab", d) and ("a", b"b" + d[:-1]) would hash the same bytes without a length prefix
+    d = digest_of(1)
+    a = MerkleTree.build([("ab", d)], key=SECRET)
+    b = MerkleTree.build([("a", b"b" + d[:-1])], key=SECRET)
+    assert a.root() != b.root()
+
+
+def test_the_hash_definitions_are_a_protocol_contract() -> None:
+    # Replicas of different releases must agree on every node value: recompute the root and
+    # the leaf choice from the documented definitions, and pin one root.
+    items = [("a", digest_of(1)), ("node-0000042", digest_of(2))]
+    tree = MerkleTree.build(items, key=SECRET)
+    total = 0
+    for k, d in items:
+        kb = k.encode()
+        data = len(kb).to_bytes(4, "big") + kb + d
+        h = hashlib.blake2b(data, digest_size=32, key=SECRET, person=b"wn-merkle-item")
+        total += int.from_bytes(h.digest(), "big")
+        leaf = hashlib.blake2b(kb, digest_size=8, key=SECRET, person=b"wn-merkle-leaf")
+        bits = int.from_bytes(leaf.digest(), "big") >> (64 - 16)
+        assert tree.path(k) == tuple((bits >> s) & 15 for s in (12, 8, 4, 0))
+    assert tree.root() == (total % 2**256).to_bytes(32, "big")
+    assert tree.root().hex() == ("54cf0601721794fbb8ba9dafe0f4b414013e411ff8cabb10e7aee5a0b11b2cda")
+    assert tree.path("a") == (11, 14, 1, 13)
+
+
+def test_keys_spread_evenly_over_leaves() -> None:
+    tree = MerkleTree.build(
+        ((f"node-{i:06d}", digest_of(i)) for i in range(16_384)), key=SECRET, fanout=16, depth=2
+    )
+    per_leaf = Counter(tree.path(f"node-{i:06d}") for i in range(16_384))
+    assert len(per_leaf) == 256
+    # 64 expected per leaf, standard deviation 8: 6 sigma either side
+    assert min(per_leaf.values()) > 16
+    assert max(per_leaf.values()) < 112
+
+
+# -- queries ---------------------------------------------------------------------------------
+
+
+def test_queries_on_a_known_tree() -> None:
+    items = [(f"k{i}", digest_of(i)) for i in range(200)]
+    tree = MerkleTree.build(items, key=SECRET, **SMALL)
+    assert tree.fanout == 4
+    assert tree.depth == 3
+    assert tree.leaf_count == 64
+    assert tree.node(()) == tree.root() != bytes(HASH_SIZE)
+    assert len(tree.children(())) == 4
+    assert tree.leaf_items(()) == sorted(items)
+    for k, d in items[:20]:
+        assert tree.get(k) == d
+        assert k in tree
+        assert (k, d) in tree.leaf_items(tree.path(k))
+        assert (k, d) in tree.leaf_items(tree.path(k)[:1])
+    assert tree.get("absent") is None
+    assert "absent" not in tree
+    assert 3 not in tree
+    for prefix in all_prefixes(4, 2):
+        assert tree.leaf_items(prefix) == sorted(
+            item for item in items if tree.path(item[0])[: len(prefix)] == prefix
+        )
+    leaf = tree.path("k1")
+    assert tree.leaves([leaf]) == {leaf: tree.leaf_items(leaf)}
+    wanted: dict[Prefix, bytes] = {(d,): tree.node((d,)) for d in range(4)}
+    wanted.update({(2, d): tree.node((2, d)) for d in range(4)})
+    assert tree.child_hashes([(), (2,)]) == wanted
+    assert "count=200" in repr(tree)
+
+
+def test_leaf_items_of_a_wide_sparse_prefix() -> None:
+    tree = MerkleTree.build([("a", digest_of(1)), ("b", digest_of(2))], key=SECRET)
+    assert tree.leaf_items(()) == [("a", digest_of(1)), ("b", digest_of(2))]
+    assert tree.leaf_items(tree.path("a")[:1]) == [
+        i for i in tree.leaf_items(()) if tree.path(i[0])[0] == tree.path("a")[0]
+    ]
+
+
+def test_empty_tree() -> None:
+    tree = MerkleTree(SECRET)
+    assert tree.root() == bytes(HASH_SIZE)
+    assert tree.count() == 0
+    assert tree.children(()) == [bytes(HASH_SIZE)] * 16
+    assert tree.leaf_items((0, 0, 0, 0)) == []
+    assert tree.remove("x") is None
+
+
+def test_noop_writes_change_nothing() -> None:
+    tree = MerkleTree.build([("a", digest_of(1))], key=SECRET, **SMALL)
+    before = snapshot(tree)
+    assert tree.set("a", digest_of(1)) == digest_of(1)
+    tree.update("b", None, None)
+    tree.update("a", digest_of(1), digest_of(1))
+    assert snapshot(tree) == before
+    assert tree.count() == 1
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def test_a_stale_update_is_refused_and_changes_nothing() -> None:
+    tree = MerkleTree.build([("a", digest_of(1))], key=SECRET, **SMALL)
+    before = snapshot(tree)
+    with pytest.raises(InvalidArgumentError, match="stale"):
+        tree.update("a", digest_of(2), digest_of(3))
+    with pytest.raises(InvalidArgumentError, match="stale"):
+        tree.update("a", None, digest_of(3))
+    with pytest.raises(InvalidArgumentError, match="stale"):
+        tree.update("b", digest_of(1), None)
+    assert snapshot(tree) == before
+
+
+@pytest.mark.parametrize("secret", [b"", b"x" * 15, b"x" * 65, "x" * 32, None])
+def test_bad_secrets_are_refused(secret) -> None:
+    with pytest.raises(InvalidArgumentError, match="secret"):
+        MerkleTree(secret)
+
+
+@pytest.mark.parametrize(
+    ("fanout", "depth"), [(0, 4), (1, 4), (3, 4), (512, 1), (16, 0), (16, 9), (2, 33), (16.0, 4)]
+)
+def test_bad_shapes_are_refused(fanout, depth) -> None:
+    with pytest.raises(InvalidArgumentError):
+        MerkleTree(SECRET, fanout=fanout, depth=depth)
+
+
+def test_bad_items_are_refused() -> None:
+    tree = MerkleTree(SECRET)
+    bad_digests: tuple[Any, ...] = (b"x" * 31, b"x" * 33, "x" * 32, bytearray(32))
+    for bad_digest in bad_digests:
+        with pytest.raises(InvalidArgumentError, match="digest"):
+            tree.set("a", bad_digest)
+        with pytest.raises(InvalidArgumentError, match="digest"):
+            tree.update("a", bad_digest, None)
+    with pytest.raises(InvalidArgumentError, match="remove"):
+        tree.set("a", None)  # type: ignore[arg-type]
+    for bad_key in (b"a", 1, None):
+        with pytest.raises(InvalidArgumentError, match="str"):
+            tree.set(bad_key, digest_of(1))  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="UTF-8"):
+        tree.set("\ud800", digest_of(1))
+    with pytest.raises(InvalidArgumentError, match="twice"):
+        MerkleTree.build([("a", digest_of(1)), ("a", digest_of(2))], key=SECRET)
+    assert tree.count() == 0
+    assert tree.root() == bytes(HASH_SIZE)
+
+
+@pytest.mark.parametrize("prefix", [(16,), (-1,), (0, 0, 0, 0, 0), [0], ("0",), (True,)])
+def test_bad_prefixes_are_refused(prefix) -> None:
+    tree = MerkleTree(SECRET)
+    with pytest.raises(InvalidArgumentError, match="prefix"):
+        tree.node(prefix)
+    with pytest.raises(InvalidArgumentError, match="prefix"):
+        tree.leaf_items(prefix)
+
+
+def test_leaves_have_no_children() -> None:
+    with pytest.raises(InvalidArgumentError, match="prefix"):
+        MerkleTree(SECRET, **SMALL).children((0, 0, 0))
