@@ -25,6 +25,7 @@ Prefixes travel as bytes, one digit (0..fanout-1) per byte; the root is the empt
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -47,6 +48,9 @@ from broker.transport import (
 __all__ = ["REPLICA_SERVICE", "VERBS", "HealClient", "HealEndpoints", "RootView"]
 
 REPLICA_SERVICE: Final = "worknode-replica"
+PREFIXES_PER_CALL: Final = 256
+"""Prefixes per nodes/leaves call: a reply stays near 256 x 16 children x ~50 B = 200 KB,
+well under the NATS max payload; more prefixes go out as parallel calls."""
 VERBS: Final = ("root", "nodes", "leaves", "fetch", "apply")
 _VERSION: Final = "1.0.0"
 
@@ -295,10 +299,24 @@ class HealClient:
             lst[i] = _prefix_bytes(p)
         return req.to_bytes_packed()  # type: ignore[no-any-return]
 
+    @staticmethod
+    def _chunks(prefixes: Sequence[tuple[int, ...]]) -> list[Sequence[tuple[int, ...]]]:
+        return [
+            prefixes[i : i + PREFIXES_PER_CALL] for i in range(0, len(prefixes), PREFIXES_PER_CALL)
+        ]
+
     async def nodes(
         self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]]
     ) -> dict[tuple[int, ...], bytes]:
-        """Child values of each prefix."""
+        """Child values of each prefix (asked in parallel chunks that keep replies small)."""
+        parts = await asyncio.gather(
+            *(self._nodes(subject, node, chunk) for chunk in self._chunks(prefixes))
+        )
+        return {k: v for part in parts for k, v in part.items()}
+
+    async def _nodes(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]]
+    ) -> dict[tuple[int, ...], bytes]:
         data = await self._call(subject, node, "nodes", self._prefix_request(subject, prefixes))
         r = self.codec.read(self.codec.schema.healer.NodeHashesReply, data, "nodes reply")
         with decoding("nodes reply"):
@@ -308,6 +326,14 @@ class HealClient:
         self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], tree: MerkleTree
     ) -> dict[tuple[int, ...], list[tuple[str, bytes]]]:
         """Items of each leaf prefix (grouped with ``tree.path``: same secret and shape)."""
+        parts = await asyncio.gather(
+            *(self._leaves(subject, node, chunk, tree) for chunk in self._chunks(prefixes))
+        )
+        return {k: v for part in parts for k, v in part.items()}
+
+    async def _leaves(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], tree: MerkleTree
+    ) -> dict[tuple[int, ...], list[tuple[str, bytes]]]:
         data = await self._call(subject, node, "leaves", self._prefix_request(subject, prefixes))
         r = self.codec.read(self.codec.schema.healer.LeafItemsReply, data, "leaves reply")
         out: dict[tuple[int, ...], list[tuple[str, bytes]]] = {p: [] for p in prefixes}

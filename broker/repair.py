@@ -73,10 +73,16 @@ def repair_deltas(left: ORMap, right: ORMap, keys: Iterable[str]) -> tuple[ORMap
         a, b = ls.get(k), rs.get(k)
         if a is None and b is None:
             continue
-        to_right[k], d = _delta_for(b, a, left.context)
-        dots_right += d
-        to_left[k], d = _delta_for(a, b, right.context)
-        dots_left += d
+        # Skip no-op deltas: the source has no entry and the target holds no dot it saw.
+        # (the source has no entry and the target holds no dot the source has seen).
+        entry, d = _delta_for(b, a, left.context)
+        if a is not None or d:
+            to_right[k] = entry
+            dots_right += d
+        entry, d = _delta_for(a, b, right.context)
+        if b is not None or d:
+            to_left[k] = entry
+            dots_left += d
     return (
         ORMap(to_left or None, CausalContext.from_dots(dots_left), is_delta=True),
         ORMap(to_right or None, CausalContext.from_dots(dots_right), is_delta=True),

@@ -162,8 +162,14 @@ def _micro_handler(ep: Endpoint) -> Any:
             with contextlib.suppress(nats.errors.Error):
                 await req.respond_error("500", f"internal error: {type(exc).__name__}")
             return
-        with contextlib.suppress(nats.errors.Error):
+        try:
             await req.respond(body)
+        except nats.errors.MaxPayloadError:
+            # Never leave the caller to time out: say why there is no answer.
+            with contextlib.suppress(nats.errors.Error):
+                await req.respond_error("413", "reply larger than the server's max_payload")
+        except nats.errors.Error:
+            _log.warning("could not answer a request on %s", ep.subject)
 
     return handle
 

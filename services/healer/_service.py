@@ -86,6 +86,7 @@ class HealerService:
         self._metrics_server: Any = None
         self.metrics_port: int | None = None
         self.reports: list[HealOutcome] = []
+        self._failed = False
         self._running = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -152,8 +153,10 @@ class HealerService:
                 changed = frozenset((m[0], m[1]) for m in members) != self._membership
                 if changed or time.monotonic() >= next_heal:
                     self._membership = frozenset((m[0], m[1]) for m in members)
-                    await self.heal_all(members)
-                    next_heal = time.monotonic() + s.interval_s
+                    outcomes = await self.heal_all(members)
+                    # A failed heal, or one still moving, is retried soon, not an interval later.
+                    settled = all(o.converged for o in outcomes) and not self._failed
+                    next_heal = time.monotonic() + (s.interval_s if settled else s.retry_s)
             except WorknodeError as exc:
                 log.warning("heal loop: %s", exc)
             with contextlib.suppress(TimeoutError):
@@ -188,6 +191,7 @@ class HealerService:
                 if not self.settings.subjects or subject in self.settings.subjects:
                     by_subject.setdefault(subject, []).append(node)
         outcomes = []
+        self._failed = False
         for subject, nodes in sorted(by_subject.items()):
             self.metrics.replicas.labels(self.metrics.label(subject)).set(len(nodes))
             if len(nodes) < 2:
@@ -195,6 +199,7 @@ class HealerService:
             try:
                 outcomes.append(await self.heal_subject(subject, sorted(nodes)))
             except WorknodeError as exc:
+                self._failed = True
                 label = self.metrics.label(subject)
                 self.metrics.failures.labels(label).inc()
                 self.metrics.heals.labels(label, "failed").inc()
@@ -267,20 +272,26 @@ class HealerService:
                 else:
                     rec.receive_nodes(req.side, await client.nodes(subject, node, req.prefixes))
                 await self._throttle(client)
-        keys = list(rec.result().keys)
+        result = rec.result()
+        keys = list(result.keys)
+        lacking_right = set(result.only_left)  # the right side holds no entry for these
+        lacking_left = set(result.only_right)
         pushed = 0
         batch = self.settings.fetch_batch
         for i in range(0, len(keys), batch):
             chunk = keys[i : i + batch]
-            a = await client.fetch(subject, left.node, chunk)
-            b = await client.fetch(subject, right.node, chunk)
+            # Fetch only entries a side holds; a side without the key still sends its
+            # context (an empty key list), which the repair needs for removals.
+            a, b = await asyncio.gather(
+                client.fetch(subject, left.node, [k for k in chunk if k not in lacking_left]),
+                client.fetch(subject, right.node, [k for k in chunk if k not in lacking_right]),
+            )
             to_left, to_right = repair_deltas(a, b, chunk)
-            if to_left.store:
-                await client.apply(subject, left.node, to_left)
-                pushed += len(to_left.store)
-            if to_right.store:
-                await client.apply(subject, right.node, to_right)
-                pushed += len(to_right.store)
+            pushes = [(left.node, to_left), (right.node, to_right)]
+            await asyncio.gather(
+                *(client.apply(subject, node, d) for node, d in pushes if d.store)
+            )
+            pushed += sum(len(d.store) for _, d in pushes if d.store)
             await self._throttle(client)
         return len(keys), pushed
 

@@ -35,6 +35,7 @@ class HealerSettings(BaseSettings):
     membership_poll_s: float = Field(
         1.0, gt=0, description="Discovery poll: heal at once on change."
     )
+    retry_s: float = Field(1.0, gt=0, description="Retry delay after a failed or partial heal.")
     max_rounds: int = Field(3, ge=1, le=20, description="Re-checks while writes keep landing.")
     bytes_per_second: float = Field(20e6, gt=0, description="Throttle on bytes moved.")
     fetch_batch: int = Field(500, ge=1, le=100_000, description="Keys per fetch/apply call.")

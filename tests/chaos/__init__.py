@@ -1,0 +1,1 @@
+"""Chaos tests: real nats-server clusters whose routes pass through controllable proxies."""
