@@ -37,6 +37,7 @@ from typing import Any, Final, Protocol
 
 from broker.codec import Signer, TrustRoster, WireCodec
 from broker.crdt import Causal, HybridClock, ORMap, Tree
+from broker.crdt._stores import digest_entry
 from broker.errors import (
     BackpressureError,
     BadSignatureError,
@@ -431,8 +432,17 @@ class Replica:
         return self.tree.state
 
     def digest(self) -> bytes:
-        """Content digest of the subject's state."""
+        """Digest of the subject's state: content and causal context."""
         return self.tree.state.digest()
+
+    def content_digest(self) -> bytes:
+        """Digest of the content alone (what readers see), without the causal context.
+
+        Two replicas repaired by the healer hold equal content, while their contexts may
+        still differ in dots that no entry holds any more (overwritten or removed writes);
+        the next deltas close that gap, and it never changes what either replica shows.
+        """
+        return digest_entry(self.tree.state.store, key=b"content")
 
     def hlc(self) -> int:
         """A fresh hybrid timestamp from this replica's clock."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import shutil
 import signal
@@ -22,7 +23,7 @@ from broker.codec import TrustRoster, WireCodec
 from broker.crdt import ROOT_ID, KindConflict, OpaqueValue, ORMap
 from broker.errors import TreeError, WorknodeError
 from broker.replica import Replica
-from broker.transport import EmbeddedNatsServer, Msg, NatsTransport, delta_subject, validate_token
+from broker.transport import Msg, NatsTransport, delta_subject, validate_token
 from services.worknode._service import WorknodeService, load_or_create_signer, read_roster
 from services.worknode._settings import WorknodeSettings
 
@@ -91,73 +92,139 @@ async def _demo_writer(
         await asyncio.sleep(0)
 
 
-async def _up(writes: int, state_dir: Path, quiet: bool) -> bool:
+def _table(echo: Callable[..., None], replicas: list[Replica]) -> list[bytes]:
+    digests = [r.content_digest() for r in replicas]
+    echo(f"{'node':<8} {'worknodes':>9} {'batches in':>10} {'queued':>6}  content digest")
+    for r, d in zip(replicas, digests, strict=True):
+        echo(f"{r.node_id:<8} {len(r.tree.nodes()):>9} {r.applied_envelopes:>10} "
+             f"{r.queued_ops:>6}  {d.hex()[:32]}")
+    return digests
+
+
+async def _write_phase(
+    echo: Callable[..., None], replicas: list[Replica], writes: int, seed: int
+) -> None:
+    counts = [0]
+    rng = random.Random(seed)
+    per = [writes // len(replicas) + (1 if i < writes % len(replicas) else 0)
+           for i in range(len(replicas))]
+    writers = [
+        asyncio.create_task(_demo_writer(r, n, random.Random(rng.random()), counts))
+        for r, n in zip(replicas, per, strict=True)
+    ]
+    while not all(w.done() for w in writers):
+        await asyncio.sleep(0.5)
+        applied = "  ".join(f"{r.node_id}: {r.applied_envelopes} batches in" for r in replicas)
+        echo(f"writes {counts[0]:>6}/{writes}   {applied}")
+    for w in writers:
+        w.result()
+    for r in replicas:
+        await r.flush()
+
+
+async def _settle(replicas: list[Replica]) -> bool:
+    for _ in range(150):  # up to 15 s for the last batches to arrive
+        if len({r.content_digest() for r in replicas}) == 1:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True) -> bool:
+    from broker.chaos import NatsCluster
+    from services.healer import HealerService, HealerSettings
+
     echo = (lambda *_a, **_k: None) if quiet else click.echo
     t0 = time.monotonic()
-    async with EmbeddedNatsServer(state_dir / "nats") as server:
-        echo(f"nats-server (embedded, JetStream) at {server.url}")
+    secret = state_dir / "cluster.secret"
+    # Two clustered nats-servers whose route runs through a proxy the demo can cut.
+    async with NatsCluster(state_dir / "cluster", 2) as cluster:
+        await cluster.wait_routes()
+        echo(f"nats-server x2 (embedded, JetStream, clustered) at {', '.join(cluster.urls)}")
         names = [f"node-{i}" for i in (1, 2, 3)]
+        placement = {"node-1": 0, "node-2": 0, "node-3": 1}
         settings = [
             WorknodeSettings(
                 node_id=name,
                 subjects=[_DEMO_SUBJECT],
-                nats_urls=[server.url],
+                nats_urls=[cluster.urls[placement[name]]],
                 state_dir=state_dir / name,
                 metrics_port=0,
                 store_sync="normal",
+                cluster_secret_file=secret,
             )
             for name in names
         ]
+        hs = HealerSettings(nats_urls=[cluster.urls[0]], state_dir=state_dir / "healer",
+                            cluster_secret_file=secret, subjects=[_DEMO_SUBJECT],
+                            metrics_port=None, interval_s=3600, membership_poll_s=3600)
         roster = TrustRoster(
             {s.node_id: load_or_create_signer(s.node_id, s.key_path()).public_key for s in settings}
         )
+        roster.add(hs.node_id, load_or_create_signer(hs.node_id, hs.key_path()).public_key)
         services = [WorknodeService(s, roster=roster) for s in settings]
+        healer = HealerService(hs, roster=roster)
         try:
             for svc in services:
                 await svc.start()
-                echo(f"{svc.settings.node_id}: replica of wn.default.delta.{_DEMO_SUBJECT}, "
-                     f"metrics at {svc.metrics_url}")
+                echo(f"{svc.settings.node_id}: replica of wn.default.delta.{_DEMO_SUBJECT} "
+                     f"on server {placement[svc.settings.node_id]}, metrics at {svc.metrics_url}")
             replicas = [svc.replica(_DEMO_SUBJECT) for svc in services]
-            counts = [0]
-            rng = random.Random(7)
-            per = [writes // 3 + (1 if i < writes % 3 else 0) for i in range(3)]
-            writers = [
-                asyncio.create_task(_demo_writer(r, n, random.Random(rng.random()), counts))
-                for r, n in zip(replicas, per, strict=True)
-            ]
-            while not all(w.done() for w in writers):
-                await asyncio.sleep(0.5)
-                applied = "  ".join(
-                    f"{r.node_id}: {r.applied_envelopes} batches in" for r in replicas
-                )
-                echo(f"writes {counts[0]:>6}/{writes}   {applied}")
-            for w in writers:
-                w.result()
-            for r in replicas:
-                await r.flush()
-            for _ in range(150):  # up to 15 s for the last batches to arrive
-                if len({r.digest() for r in replicas}) == 1:
-                    break
-                await asyncio.sleep(0.1)
-            if len({r.digest() for r in replicas}) > 1:
-                for r in replicas:  # a lost batch: ask a peer, as a restarted node would
-                    await r.catch_up()
-            digests = [r.digest() for r in replicas]
+            await _write_phase(echo, replicas, writes, 7)
+            ok = await _settle(replicas)
+            echo("")
+            digests = _table(echo, replicas)
             ok = len(set(digests)) == 1
             echo("")
-            echo(f"{'node':<8} {'worknodes':>9} {'batches in':>10} {'queued':>6}  digest")
-            for r, d in zip(replicas, digests, strict=True):
-                echo(f"{r.node_id:<8} {len(r.tree.nodes()):>9} {r.applied_envelopes:>10} "
-                     f"{r.queued_ops:>6}  {d.hex()[:32]}")
-            echo("")
-            verdict = "converged: all replicas hold identical digests" if ok else (
-                "NOT converged: digests differ"
-            )
-            echo(f"{verdict} ({writes} writes, {time.monotonic() - t0:.1f} s)")
+            echo(("converged: all replicas hold identical digests" if ok
+                  else "NOT converged: digests differ") + f" ({writes} writes)")
+            if partition and ok:
+                ok = await _partition_and_heal(echo, cluster, replicas, healer, writes)
+            echo(f"\ndone in {time.monotonic() - t0:.1f} s")
             return ok
         finally:
+            await healer.stop()
             for svc in services:
                 await svc.stop()
+
+
+async def _partition_and_heal(
+    echo: Callable[..., None], cluster: Any, replicas: list[Replica], healer: Any, writes: int
+) -> bool:
+    echo("\n-- partition: server 0 {node-1, node-2} | server 1 {node-3}; both sides write --")
+    cluster.partition([{0}, {1}])
+    await _write_phase(echo, replicas, max(300, writes // 3), 11)
+    echo("")
+    _table(echo, replicas)
+    echo("\n-- network healed; the healer compares Merkle roots and repairs --")
+    cluster.heal()
+    await cluster.wait_routes()
+    await healer.start()
+    outcomes = await healer.heal_all()
+    await _settle(replicas)
+    for out in outcomes:
+        echo("")
+        echo("heal report (signed, published on wn.default.heal.demo):")
+        rows = [
+            ("subject", out.subject),
+            ("replicas", ", ".join(out.replicas)),
+            ("roots before", ", ".join(r.hex()[:12] for r in out.roots_before)),
+            ("roots after", ", ".join(r.hex()[:12] for r in out.roots_after)),
+            ("keys differing", str(out.divergent_keys)),
+            ("keys repaired", str(out.keys_repaired)),
+            ("round trips", str(out.round_trips)),
+            ("bytes moved", f"{out.bytes_sent:,}"),
+            ("duration", f"{out.duration_s * 1000:.0f} ms"),
+            ("converged", "yes" if out.converged else "no"),
+        ]
+        for k, v in rows:
+            echo(f"  {k:<15} {v}")
+    echo("")
+    digests = _table(echo, replicas)
+    ok = len(set(digests)) == 1
+    echo("")
+    echo("healed: all replicas hold identical digests" if ok else "NOT healed: digests differ")
+    return ok
 
 
 # ------------------------------------------------------------------------------------------
@@ -246,6 +313,8 @@ def register(main: click.Group) -> None:
         if state_dir is None:
             tmp = Path(tempfile.mkdtemp(prefix="worknode-up-"))
             state_dir = tmp
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / "cluster.secret").write_bytes(os.urandom(32))
         try:
             ok = _run(_up(writes, state_dir, quiet))
         finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.chaos.harness import NatsCluster
+from broker.chaos import NatsCluster
 
 
 @pytest.fixture

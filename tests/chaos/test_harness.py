@@ -11,7 +11,7 @@ import pytest
 from broker.errors import ServerError
 from broker.testing import Collector, RecordingObserver
 from broker.transport import NatsTransport
-from tests.chaos.harness import NatsCluster, TcpProxy
+from broker.chaos import NatsCluster, TcpProxy
 
 SUBJECT = "chaos.t"
 

@@ -28,7 +28,7 @@ from broker.repair import key_digests
 from broker.transport import NatsTransport, delta_subject
 from services.healer import HealerService, HealerSettings
 from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
-from tests.chaos.harness import NatsCluster
+from broker.chaos import NatsCluster
 
 SUBJECT = "orders"
 pytestmark = pytest.mark.slow

@@ -333,10 +333,15 @@ def test_worknode_up_is_the_main_job() -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "converged: all replicas hold identical digests" in out.stdout
+    # ... then splits the cluster, writes on both sides, and the healer repairs it.
+    assert "heal report (signed" in out.stdout
+    assert "healed: all replicas hold identical digests" in out.stdout
     rows = [line for line in out.stdout.splitlines() if line.startswith("node-") and "  " in line
             and "metrics" not in line]
-    assert len(rows) == 3
-    assert len({row.split()[-1] for row in rows}) == 1
+    assert len(rows) == 9  # three tables: converged, partitioned, healed
+    assert len({row.split()[-1] for row in rows[:3]}) == 1
+    assert len({row.split()[-1] for row in rows[3:6]}) == 2
+    assert len({row.split()[-1] for row in rows[6:]}) == 1
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
