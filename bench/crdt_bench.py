@@ -19,6 +19,11 @@ sizes are calibrated once per workload (that run doubles as warm-up). ``gc`` sta
 with default thresholds throughout. After timing, every pair is checked to have converged
 (equal digests / equal documents), so a fast but wrong path cannot pass unnoticed.
 
+Headline. Replica 1 writes with ``ORMap.apply_assign``, the fused local write a replica uses
+for its own writes (``assign`` and the local ``merge`` of its delta in one walk: the same state
+and delta, property-tested in ``tests/unit/test_fused.py``); replica 2 joins each delta with the
+general ``merge``. The *local update* rows keep timing the unfused ``assign`` + ``merge``.
+
 RSS per key is measured in a separate interpreter (``--rss-child N``) so that nothing else
 allocated by this process pollutes the figure.
 """
@@ -234,7 +239,12 @@ class DeltaJoin:
 
 
 class WorknodeNested:
-    """Headline: ``d = r1.assign(...); r1.merge(d); r2.merge(d)`` at depth 3."""
+    """Headline: ``d = r1.apply_assign(...); r2.merge(d)`` at depth 3.
+
+    ``apply_assign`` is the fused local write (``assign`` and the local ``merge`` of its
+    delta in one walk; same state and delta, property-tested): what a replica uses for its
+    own writes. Replica 2 joins the delta with the general ``merge``.
+    """
 
     def __init__(self, keys: Sequence[str]) -> None:
         self.name = ROW_HEADLINE
@@ -250,8 +260,7 @@ class WorknodeNested:
         start = self.i
         t0 = time.perf_counter()
         for i in range(start, start + n):
-            d = r1.assign(RID, ("a", "b", keys[i % nk]), i, clock.now(i))
-            r1.merge(d)
+            d = r1.apply_assign(RID, ("a", "b", keys[i % nk]), i, clock.now(i))
             r2.merge(d)
         dt = time.perf_counter() - t0
         self.i = start + n
@@ -606,8 +615,11 @@ def render(
         "`MVRegister`/`PNCounter`/`ORSet`; the LWW row writes `ORMap` key `(k,)`, the nested "
         'row `("a", "b", k)`.',
         "- *delta join on replica 2*: replica 2 merges deltas made (untimed) by replica 1.",
-        '- *HEADLINE*: `d = r1.assign("r1", ("a", "b", k), i, clock.now(i))`; '
-        "`r1.merge(d)`; `r2.merge(d)`.",
+        '- *HEADLINE*: `d = r1.apply_assign("r1", ("a", "b", k), i, clock.now(i))`; '
+        "`r2.merge(d)`. `apply_assign` is the fused local write a replica uses for its own "
+        "writes: `assign` plus the local `merge` of its delta in one walk (same state and "
+        "delta, property-tested); the *local update* rows time the unfused "
+        "`assign` + `merge`.",
         "- *pycrdt*: `inner[k] = i` on doc 1 (innermost of 3 nested Maps, handle looked up "
         "once), the transaction's update taken from `Doc.observe` (`event.update`; "
         "`get_update(state_vector)` was ~9x slower in a probe), `doc2.apply_update(update)`.",

@@ -9,9 +9,13 @@ changes is ``merge``/``join`` with another state or delta:
     peer.merge(delta)         # so does any replica that receives the delta
     batch.merge(delta)        # deltas join into one batch delta
 
+The one exception is the fused local write ``ORMap.apply_assign``: exactly ``assign`` followed
+by ``merge`` of its delta into the same state, done in one walk, returning the delta.
+
 Laws (tested with Hypothesis): join is commutative, associative and idempotent; for every
 mutator ``m``, ``s.join(m(s)) == m applied to s``; replicas that have merged the same deltas, in
-any order and with duplicates, have equal digests.
+any order and with duplicates, have equal digests; ``apply_assign`` leaves the same state and
+returns the same delta as ``assign`` + ``merge``.
 
 A mutator issues at most one dot, ``context.next_dot(replica_id)``; merge its delta before the
 replica's next mutation, or two writes will share a dot.
@@ -25,8 +29,16 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any, ClassVar, Self
 
-from broker.crdt._atoms import Atom, Element, validate_atom, validate_element, validate_key
-from broker.crdt._context import CausalContext, Dot, validate_replica_id
+from broker.crdt._atoms import (
+    INT64_MAX,
+    INT64_MIN,
+    Atom,
+    Element,
+    validate_atom,
+    validate_element,
+    validate_key,
+)
+from broker.crdt._context import CausalContext, Dot, _valid_ids, validate_replica_id
 from broker.crdt._stores import (
     CLASS_OF_KIND,
     DIGEST_SIZE,
@@ -42,12 +54,13 @@ from broker.crdt._stores import (
     SetStore,
     Whole,
     canonical_bytes,
+    check_timestamp,
     count_dots,
     counter_add,
     dots_of,
     flag_disable,
     flag_enable,
-    join_entry,
+    join_store,
     lww_assign,
     mv_assign,
     set_add,
@@ -136,14 +149,13 @@ class Causal:
                 f"cannot join {type(other).__name__} into {type(self).__name__}"
             )
         keep = self.is_delta and other.is_delta
-        self.store = join_entry(
+        self.store = join_store(
             self.store,
             other.store,
             self.context,
             other.context,
             not other.is_delta,
             keep,
-            1,
         )
         self.context.merge(other.context)
         self.is_delta = keep
@@ -322,6 +334,19 @@ def _check_amount(amount: object) -> int:
     return amount
 
 
+_new_object = object.__new__  # a delta is built field by field, without __init__'s checks
+_known_keys: set[str] = set()  # memo of map keys already validated; bounded by _MEMO_LIMIT
+_MEMO_LIMIT = 4096
+
+
+def _check_key(key: object) -> None:
+    """Validate a map key (raise InvalidKeyError) and remember it as valid."""
+    validate_key(key)
+    if len(_known_keys) >= _MEMO_LIMIT:
+        _known_keys.clear()
+    _known_keys.add(key)  # type: ignore[arg-type]
+
+
 def _validate_path(path: Path) -> tuple[str, ...]:
     if isinstance(path, str):
         raise InvalidKeyError("a path is a sequence of keys, not a str; use (key,)")
@@ -332,10 +357,11 @@ def _validate_path(path: Path) -> tuple[str, ...]:
         raise NestingDepthError(
             f"path of {len(keys)} keys is deeper than MAX_NESTING_DEPTH={MAX_NESTING_DEPTH}"
         )
+    known = _known_keys
     for k in keys:
-        # Fast accept for short ASCII str; validate_key decides everything else.
-        if type(k) is not str or not 0 < len(k) <= 64 or not k.isascii():
-            validate_key(k)
+        # Exact str already seen: valid (validity depends on the value only).
+        if type(k) is not str or k not in known:
+            _check_key(k)
     return keys
 
 
@@ -367,6 +393,64 @@ class ORMap(Causal):
         return self._update(
             replica_id, path, LWWStore, lambda cur, dot: lww_assign(cur, dot, ts, v)
         )
+
+    def apply_assign(self, replica_id: str, path: Path, value: Atom, ts: int) -> ORMap:
+        """Set the last-writer-wins register at ``path`` here; return the delta to ship.
+
+        The fused local write: the same state and delta as
+        ``d = self.assign(replica_id, path, value, ts); self.merge(d)`` (property-tested),
+        in one walk. The local join of a fresh assign delta is known without joining: the
+        register's entries are exactly the dots the delta removes and its new dot is unseen
+        here, so the join stores the new register and records the dot.
+
+        Kind conflicts on the path, a map missing on the path (a first write under it) and
+        delta states take the general route (``assign`` then ``merge``).
+        """
+        # Cheap checks for the usual argument types (ids and keys validated once are
+        # remembered); anything else gets the full validation. Same order as assign (value,
+        # replica id, path, timestamp), so the same error is raised for the same arguments.
+        if type(value) is not int or not INT64_MIN <= value <= INT64_MAX:
+            value = validate_atom(value)
+        if type(replica_id) is not str or replica_id not in _valid_ids:
+            validate_replica_id(replica_id)
+        if type(path) is not tuple or not 0 < len(path) <= MAX_NESTING_DEPTH:
+            path = _validate_path(path)
+        m: Any = self.store
+        if m is None or self.is_delta:
+            return self._assign_merged(replica_id, path, value, ts)
+        # Walk the state (read-only) and build the delta's maps on the way down.
+        known = _known_keys
+        top = dm = MapStore()
+        last = path[-1]
+        for k in path[:-1]:
+            if type(k) is not str or k not in known:
+                _check_key(k)
+            m = m.get(k)
+            if type(m) is not MapStore:
+                return self._assign_merged(replica_id, path, value, ts)
+            child = MapStore()
+            dm[k] = child
+            dm = child
+        if type(last) is not str or last not in known:
+            _check_key(last)
+        old = m.get(last)
+        if old is not None and type(old) is not LWWStore:
+            return self._assign_merged(replica_id, path, value, ts)
+        if type(ts) is not int or not 0 <= ts <= INT64_MAX:
+            check_timestamp(ts)
+        # Checked and walked: nothing below raises, so the state is never left half-written.
+        if old is None:
+            dot, ctx = self.context.issue_delta(replica_id)
+        elif len(old) == 4:
+            dot, ctx = self.context.issue_delta(replica_id, ((old[0], old[1]),))
+        else:
+            dot, ctx = self.context.issue_delta(replica_id, tuple(dots_of(old)))
+        m[last] = dm[last] = LWWStore((replica_id, dot[1], ts, value))
+        out = _new_object(type(self))
+        out.store = top
+        out.context = ctx
+        out.is_delta = True
+        return out
 
     def assign_multi(self, replica_id: str, path: Path, value: Atom) -> ORMap:
         """Delta setting the multi-value register at ``path``."""
@@ -422,6 +506,11 @@ class ORMap(Causal):
     def clear(self) -> ORMap:
         """Delta removing every key observed here."""
         return self._clear()
+
+    def _assign_merged(self, replica_id: str, path: Path, value: Atom, ts: int) -> ORMap:
+        delta = self.assign(replica_id, path, value, ts)
+        self.merge(delta)
+        return delta
 
     # -- reading -------------------------------------------------------------------------
 

@@ -144,8 +144,11 @@ class _MicroHandle:
         """Stop answering. Idempotent."""
         if not self._stopped:
             self._stopped = True
-            with contextlib.suppress(nats.errors.Error):
-                await self._svc.stop()
+            # nats.micro drains its control subscriptions without a deadline; bound it so a
+            # stop never hangs (closing the connection later cleans up whatever is left).
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self._svc.stop()
 
 
 def _micro_handler(ep: Endpoint) -> Any:

@@ -87,6 +87,7 @@ class HealerService:
         self.metrics_port: int | None = None
         self.reports: list[HealOutcome] = []
         self._failed = False
+        self._lock = asyncio.Lock()
         self._running = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -221,7 +222,13 @@ class HealerService:
         )
 
     async def heal_subject(self, subject: str, nodes: list[str]) -> HealOutcome:
-        """Heal one subject among ``nodes`` (see module doc)."""
+        """Heal one subject among ``nodes`` (see module doc). Heals of one healer never
+        overlap (the loop and explicit calls share a lock); heals by several healers at
+        once are safe too, only wasteful: every repair is a join of consistent snapshots."""
+        async with self._lock:
+            return await self._heal_subject(subject, nodes)
+
+    async def _heal_subject(self, subject: str, nodes: list[str]) -> HealOutcome:
         t0 = time.monotonic()
         client = self._client()
         label = self.metrics.label(subject)
@@ -272,19 +279,17 @@ class HealerService:
                 else:
                     rec.receive_nodes(req.side, await client.nodes(subject, node, req.prefixes))
                 await self._throttle(client)
-        result = rec.result()
-        keys = list(result.keys)
-        lacking_right = set(result.only_left)  # the right side holds no entry for these
-        lacking_left = set(result.only_right)
+        keys = list(rec.result().keys)
         pushed = 0
         batch = self.settings.fetch_batch
         for i in range(0, len(keys), batch):
             chunk = keys[i : i + batch]
-            # Fetch only entries a side holds; a side without the key still sends its
-            # context (an empty key list), which the repair needs for removals.
+            # Ask both sides for every key of the chunk, even one the diff said a side lacks:
+            # it may hold it by now, and a side's context is only a valid removal proof
+            # together with its entries for the same keys at the same moment.
             a, b = await asyncio.gather(
-                client.fetch(subject, left.node, [k for k in chunk if k not in lacking_left]),
-                client.fetch(subject, right.node, [k for k in chunk if k not in lacking_right]),
+                client.fetch(subject, left.node, chunk),
+                client.fetch(subject, right.node, chunk),
             )
             to_left, to_right = repair_deltas(a, b, chunk)
             pushes = [(left.node, to_left), (right.node, to_right)]

@@ -8,10 +8,10 @@ import contextlib
 
 import pytest
 
+from broker.chaos import NatsCluster, TcpProxy
 from broker.errors import ServerError
 from broker.testing import Collector, RecordingObserver
 from broker.transport import NatsTransport
-from broker.chaos import NatsCluster, TcpProxy
 
 SUBJECT = "chaos.t"
 

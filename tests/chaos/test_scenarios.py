@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from broker.chaos import NatsCluster
 from broker.codec import Signer, TrustRoster, WireCodec
 from broker.crdt import ORMap
 from broker.repair import key_digests
 from broker.transport import NatsTransport, delta_subject
 from services.healer import HealerService, HealerSettings
 from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
-from broker.chaos import NatsCluster
 
 SUBJECT = "orders"
 pytestmark = pytest.mark.slow

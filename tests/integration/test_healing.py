@@ -83,7 +83,8 @@ async def test_lost_deltas_are_repaired_by_the_healer_alone(
         (out,) = outcomes
         assert out.converged
         assert out.divergent_keys >= 120 + 80
-        assert out.round_trips <= 40
+        assert out.rounds <= hs.max_rounds
+        assert out.round_trips <= 200  # chunked, parallel calls; see README
         states = [key_digests(r.state) for r in (ra, rb, rc)]
         assert states[0] == states[1] == states[2]
         assert len(states[0]) == 120 + 80 + 1

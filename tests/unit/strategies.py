@@ -78,16 +78,24 @@ Step = tuple[int, int, Op | None]
 """``(i, j, op)``: replica ``i`` runs ``op``, or (``op`` is None) merges ``j``'s state."""
 
 
-def run_history(kind: type[Causal], history: list[Step]) -> tuple[list[Causal], list[Causal]]:
-    """Play a history on three replicas. Returns their states and every delta issued."""
+def run_history(
+    kind: type[Causal], history: list[Step], *, fused: bool = False
+) -> tuple[list[Causal], list[Causal]]:
+    """Play a history on three replicas. Returns their states and every delta issued.
+
+    ``fused``: OR-map ``assign`` ops use ``apply_assign`` (mutator and local merge in one).
+    """
     states: list[Causal] = [kind() for _ in REPLICAS]
     deltas: list[Causal] = []
     for ts, (i, j, op) in enumerate(history, start=1):
         if op is None:
             states[i].merge(states[j])
             continue
-        d = mutate(states[i], REPLICAS[i], op, ts)
-        states[i].merge(d)
+        if fused and op.name == "assign" and isinstance(states[i], ORMap):
+            d = states[i].apply_assign(REPLICAS[i], *op.args, ts)  # type: ignore[attr-defined]
+        else:
+            d = mutate(states[i], REPLICAS[i], op, ts)
+            states[i].merge(d)
         deltas.append(d)
     return states, deltas
 

@@ -1,0 +1,248 @@
+"""The fused local write ``ORMap.apply_assign`` and the fast paths of delta joins.
+
+``apply_assign`` must be indistinguishable from ``d = s.assign(...); s.merge(d)``: the same
+state (store, context, digest) and the same delta, on random histories that include kind
+conflicts, concurrent register values, missing maps and delta states. The one-path delta
+join (``join_store``) is checked against full-state joins by the laws in ``test_laws.py``;
+here, its rare branches: emptied maps and nesting bounds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.crdt import MAX_NESTING_DEPTH, CausalContext, ORMap
+from broker.crdt._stores import LWWStore, MapStore
+from broker.errors import (
+    InvalidArgumentError,
+    InvalidKeyError,
+    InvalidReplicaIdError,
+    InvalidValueError,
+    NestingDepthError,
+    ValueTooLargeError,
+)
+from tests.unit.strategies import REPLICAS, atoms, histories, paths, run_history
+
+
+def assert_same(got: ORMap, want: ORMap) -> None:
+    """Equal field by field, not only by digest."""
+    assert got.store == want.store
+    assert got.context == want.context
+    assert got.is_delta == want.is_delta
+    assert got.digest() == want.digest()
+    assert got.value() == want.value()
+
+
+@st.composite
+def ormap_states(draw: st.DrawFn) -> ORMap:
+    """A replica's state after a random history, or a batch of its deltas (a delta state)."""
+    states, deltas = run_history(ORMap, draw(histories(ORMap)))
+    if deltas and draw(st.integers(0, 3)) == 0:
+        batch = ORMap(is_delta=True)
+        for d in draw(st.lists(st.sampled_from(deltas), max_size=4)):
+            batch.merge(d)  # type: ignore[arg-type]
+        return batch
+    return states[draw(st.integers(0, len(states) - 1))]  # type: ignore[return-value]
+
+
+timestamps = st.integers(0, 2**63 - 1)
+
+
+@settings(max_examples=300)
+@given(
+    ormap_states(),
+    st.sampled_from(REPLICAS),
+    paths,
+    atoms,
+    timestamps,
+    ormap_states(),
+    st.booleans(),
+)
+def test_apply_assign_is_assign_then_merge(
+    state: ORMap,
+    rid: str,
+    path: tuple[str, ...],
+    value: Any,
+    ts: int,
+    peer: ORMap,
+    under_existing_maps: bool,
+) -> None:
+    """``apply_assign`` leaves ``state.join(state.assign(...))`` and returns that delta."""
+    if under_existing_maps and not state.is_delta:
+        # Most random states lack some map on the path; write a sibling first so that the
+        # fused route (every map on the path present) is taken often.
+        state.merge(state.assign("r3", (*path[:-1], "z"), None, 1))
+    want_delta = state.assign(rid, path, value, ts)
+    want_state = state.join(want_delta)
+
+    got_state = state.copy()
+    got_delta = got_state.apply_assign(rid, path, value, ts)
+
+    assert_same(got_state, want_state)
+    assert_same(got_delta, want_delta)
+    # A peer (even one that has not seen the writer's state) ends the same either way.
+    via_got, via_want = peer.copy(), peer.copy()
+    via_got.merge(got_delta)
+    via_want.merge(want_delta)
+    assert_same(via_got, via_want)
+
+
+@settings(max_examples=200)
+@given(histories(ORMap, max_size=40))
+def test_fused_writes_replay_a_history_exactly(history: list[Any]) -> None:
+    """Every state and every delta of a history is the same with fused local writes."""
+    states, deltas = run_history(ORMap, history)
+    fused_states, fused_deltas = run_history(ORMap, history, fused=True)
+    for got, want in zip(fused_states, states, strict=True):
+        assert_same(got, want)  # type: ignore[arg-type]
+    for got, want in zip(fused_deltas, deltas, strict=True):
+        assert_same(got, want)  # type: ignore[arg-type]
+
+
+def test_fused_write_under_existing_maps_touches_only_the_leaf() -> None:
+    doc = ORMap()
+    doc.merge(doc.assign("r1", ("a", "b", "k"), 1, 1))
+    inner = doc.store["a"]["b"]
+    delta = doc.apply_assign("r1", ("a", "b", "k"), 2, 2)
+    assert doc.store["a"]["b"] is inner
+    assert inner["k"] == LWWStore(("r1", 2, 2, 2))
+    assert delta.store == MapStore({"a": MapStore({"b": MapStore({"k": inner["k"]})})})
+    assert delta.context == CausalContext.from_dots([("r1", 1), ("r1", 2)])
+    assert doc.context.version_vector == {"r1": 2}
+
+
+_DEEP = tuple(f"k{i}" for i in range(MAX_NESTING_DEPTH + 1))
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("bad id", ("a", "b", "c"), 1, 2), InvalidReplicaIdError),
+        ((7, ("a", "b", "c"), 1, 2), InvalidReplicaIdError),
+        (("r1", ("a", "", "c"), 1, 2), InvalidKeyError),
+        (("r1", ("a", "b", 3), 1, 2), InvalidKeyError),
+        (("r1", ("a", "b", "\ud800"), 1, 2), InvalidKeyError),
+        (("r1", ("a", "b", "x" * 300), 1, 2), InvalidKeyError),
+        (("r1", "abc", 1, 2), InvalidKeyError),
+        (("r1", (), 1, 2), InvalidKeyError),
+        (("r1", _DEEP, 1, 2), NestingDepthError),
+        (("r1", ("a", "b", "c"), 1, -1), InvalidArgumentError),
+        (("r1", ("a", "b", "c"), 1, 2**63), InvalidArgumentError),
+        (("r1", ("a", "b", "c"), 1, True), InvalidArgumentError),
+        (("r1", ("a", "b", "c"), 1, 1.5), InvalidArgumentError),
+        (("r1", ("a", "b", "c"), float("nan"), 2), InvalidValueError),
+        (("r1", ("a", "b", "c"), [1], 2), InvalidValueError),
+        (("r1", ("a", "b", "c"), 2**63, 2), ValueTooLargeError),
+        # Several bad arguments: the same one is reported (value, id, path, then timestamp).
+        (("bad id", ("a", "", "c"), float("nan"), -1), InvalidValueError),
+        (("bad id", ("a", "", "c"), 1, -1), InvalidReplicaIdError),
+        (("r1", ("a", "", "c"), 1, -1), InvalidKeyError),
+        (("r1", ("a", "b", ""), 1, -1), InvalidKeyError),
+    ],
+)
+def test_apply_assign_refuses_what_assign_refuses(args: tuple[Any, ...], error: type) -> None:
+    doc = ORMap()
+    doc.merge(doc.assign("r1", ("a", "b", "c"), 1, 1))  # the maps exist: the fused route
+    before = doc.copy()
+    with pytest.raises(error):
+        doc.assign(*args)
+    with pytest.raises(error):
+        doc.apply_assign(*args)
+    assert_same(doc, before)
+
+
+def test_validated_keys_do_not_admit_str_subclasses() -> None:
+    class Key(str):
+        __slots__ = ()
+
+    doc = ORMap()
+    doc.merge(doc.assign("r1", ("a",), 1, 1))
+    doc.apply_assign("r1", ("a",), 2, 2)  # "a" is now a known-valid key
+    with pytest.raises(InvalidKeyError):
+        doc.apply_assign("r1", (Key("a"),), 3, 3)
+    with pytest.raises(InvalidKeyError):
+        doc.assign("r1", (Key("a"),), 3, 3)
+    assert doc.get(("a",)) == 2
+
+
+dots = st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(1, 12))
+
+
+@given(st.lists(dots), st.sampled_from(["a", "b", "c"]), st.lists(dots, max_size=3))
+def test_issue_delta_is_next_dot_add_and_from_dots(
+    seen: list[tuple[str, int]], rid: str, replaced: list[tuple[str, int]]
+) -> None:
+    ctx = CausalContext.from_dots(seen)
+    ref = ctx.copy()
+    dot, delta_ctx = ctx.issue_delta(rid, replaced)
+    want = ref.next_dot(rid)
+    ref.add(want)
+    assert dot == want
+    assert ctx == ref
+    assert delta_ctx == CausalContext.from_dots([*replaced, want])
+
+
+def test_one_path_delta_that_empties_maps_drops_them() -> None:
+    doc = ORMap()
+    doc.merge(doc.assign("r1", ("x", "y", "z"), 1, 1))
+    doc.merge(doc.assign("r1", ("x", "w"), 2, 2))
+    peer = doc.copy()
+    rm = doc.remove(("x", "y", "z"))
+    doc.merge(rm)
+    assert doc.value() == {"x": {"w": 2}}
+    assert "y" not in doc.store["x"]  # the emptied map is gone, not left empty
+    assert doc == peer.join(doc)
+    doc.merge(doc.remove(("x", "w")))
+    assert doc.store is None
+    assert doc.value() == {}
+
+
+def test_one_path_deltas_with_markers_batch_and_apply() -> None:
+    """Two removes of one key batched: both leaves are ``Whole`` markers (delta into delta)."""
+    doc = ORMap()
+    doc.merge(doc.assign("r1", ("x", "y"), 1, 1))
+    peer = doc.copy()
+    first = doc.remove(("x", "y"))
+    doc.merge(first)
+    rewrite = doc.apply_assign("r1", ("x", "y"), 2, 2)
+    second = doc.remove(("x", "y"))
+    doc.merge(second)
+    batch = ORMap(is_delta=True)
+    batch.merge(first)
+    batch.merge(second)
+    assert batch.is_delta
+    peer.merge(rewrite)
+    peer.merge(batch)
+    assert_same(peer, doc)
+    assert doc.value() == {}
+
+
+def _chain(keys: tuple[str, ...], dot: int) -> MapStore:
+    """Maps along ``keys`` down to a register written with ``dot``, built without checks."""
+    store: Any = LWWStore(("r9", dot, dot, "x"))
+    for k in reversed(keys):
+        store = MapStore({k: store})
+    assert isinstance(store, MapStore)
+    return store
+
+
+_TOO_DEEP = tuple(f"k{i}" for i in range(MAX_NESTING_DEPTH + 1))
+
+
+@pytest.mark.parametrize("state_keys", [0, MAX_NESTING_DEPTH, MAX_NESTING_DEPTH + 1])
+def test_one_path_delta_nested_too_deep_is_refused(state_keys: int) -> None:
+    """Refused whether the state lacks the path, holds maps along it, or is itself too deep
+    (a hostile state loaded without checks); the state is left unchanged."""
+    target = ORMap()
+    if state_keys:
+        target = ORMap(_chain(_TOO_DEEP[:state_keys], 1), CausalContext({"r9": 1}))
+    before = target.copy()
+    hostile = ORMap(_chain(_TOO_DEEP, 2), CausalContext.from_dots([("r9", 2)]), is_delta=True)
+    with pytest.raises(NestingDepthError):
+        target.merge(hostile)
+    assert target.store == before.store
+    assert target.context == before.context
