@@ -31,6 +31,7 @@ __all__ = [
     "NoRespondersError",
     "NotConnectedError",
     "PayloadTooLargeError",
+    "ReplicaError",
     "ServerError",
     "SignatureError",
     "StoreError",
@@ -250,3 +251,9 @@ class BackpressureError(BoundsError):
     """
 
     retriable = True
+
+
+class ReplicaError(WorknodeError):
+    """A replica cannot make progress for an internal reason (its committer or publisher
+    task stopped). A bug: restart the service; acknowledged writes are in the store.
+    """

@@ -48,6 +48,7 @@ from broker.errors import (
     MessageTooLargeError,
     NotConnectedError,
     PayloadTooLargeError,
+    ReplicaError,
     StoreError,
     TransportError,
     UnknownSignerError,
@@ -389,12 +390,25 @@ class Replica:
         await self.flush()
 
     async def flush(self) -> None:
-        """Wait until every committed EVENTUAL write has been published."""
+        """Wait until every committed EVENTUAL write has been published.
+
+        While NATS is unreachable this waits (publishing retries); bound it with
+        ``asyncio.timeout`` where that matters. Raises ReplicaError if the replica's
+        background tasks died (a bug), instead of waiting forever.
+        """
         while self._running and (self._commits or self._pending is not None):
+            dead = [t for t in self._tasks if t.done()]
+            if dead:
+                raise ReplicaError(
+                    f"replica of {self.config.subject!r}: background task "
+                    f"{dead[0].get_name()} stopped"
+                ) from (dead[0].exception() if not dead[0].cancelled() else None)
             self._flushed.clear()
             self._flush_wake.set()
             self._commit_wake.set()
-            await self._flushed.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._flushed.wait()
 
     # -- convenience mutators ----------------------------------------------------------------
 
@@ -644,9 +658,11 @@ class Replica:
                 seq = await asyncio.to_thread(
                     self.store.append, self.config.subject, [c.record for c in commits]
                 )
-            except StoreError as exc:
+            except Exception as exc:
+                log.error("commit of %s failed: %s", self.config.subject, exc)
                 async with self._mutate_lock:
-                    await self._reload()
+                    with contextlib.suppress(StoreError):
+                        await self._reload()
                 for c in commits:
                     self._queued_ops -= c.ops
                     if not c.done.done():
@@ -712,7 +728,7 @@ class Replica:
                     document=batch,
                 )
                 await self.transport.publish(self.delta_subject, data)
-            except (TransportError, MessageTooLargeError) as exc:
+            except Exception as exc:
                 # Keep the batch (join it back in front of newer deltas) and retry.
                 self._sequence -= 1
                 self.observer.publish_failed(self.config.subject)
@@ -730,12 +746,16 @@ class Replica:
             self._queued_ops -= ops
             self._published_upto = max(self._published_upto, upto)
             progress = {"sequence": self._sequence, "upto": self._published_upto}
-            await asyncio.to_thread(
-                self.store.set_meta,
-                self.config.subject,
-                _META_PUBLISHED,
-                json.dumps(progress).encode(),
-            )
+            try:
+                await asyncio.to_thread(
+                    self.store.set_meta,
+                    self.config.subject,
+                    _META_PUBLISHED,
+                    json.dumps(progress).encode(),
+                )
+            except StoreError as exc:  # a restart then republishes a little more: harmless
+                log.warning("could not record publish progress of %s: %s",
+                            self.config.subject, exc)
             self.observer.published(
                 self.config.subject, ops, len(data), time.monotonic() - since
             )
