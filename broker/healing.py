@@ -218,7 +218,11 @@ class HealEndpoints:
         )
 
     async def _apply(self, subject: str, data: bytes) -> bytes:
-        env = self.codec.open(data, self.roster)
+        env = self.codec.open(
+            data,
+            self.roster,
+            subject=merkle_subject(self.namespace, subject, self.signer.node_id, "apply"),
+        )
         document = env.document
         if not isinstance(document, ORMap) or not document.is_delta:
             raise MalformedMessageError("a repair is an OR-map delta")
@@ -354,7 +358,9 @@ class HealClient:
         for i, k in enumerate(keys):
             lst[i] = k
         data = await self._call(subject, node, "fetch", req.to_bytes_packed())
-        env = self.codec.open(data, self.roster)
+        env = self.codec.open(
+            data, self.roster, subject=merkle_subject(self.namespace, subject, node, "fetch")
+        )
         if env.writer != node or not isinstance(env.document, ORMap):
             raise MalformedMessageError(f"fetch reply from {node} is not its OR-map subset")
         return env.document

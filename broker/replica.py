@@ -262,6 +262,8 @@ class Replica:
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Subscription] = []
         self._running = False
+        self._degraded: BaseException | None = None
+        self._snapshot_seq = 0
         self.applied_envelopes = 0
         self._listeners: list[Callable[[Collection[str] | None], None]] = []
 
@@ -312,7 +314,11 @@ class Replica:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
-        with contextlib.suppress(StoreError):
+        for c in self._commits:  # queued after the committer stopped: tell the writers
+            if not c.done.done():
+                c.done.set_exception(ReplicaError("replica stopped before the commit"))
+        self._commits.clear()
+        with contextlib.suppress(WorknodeError):
             await self._snapshot()
 
     async def __aenter__(self) -> Replica:
@@ -337,12 +343,16 @@ class Replica:
 
         A mutator that raises (invalid input) stops the sequence: the ones before it are
         committed as usual, then its error is raised. Raises BackpressureError (nothing
-        applied) when the publish queue is full, PayloadTooLargeError when the joined delta
-        would not fit in one batch, StoreError if the commit failed (nothing applied).
+        applied) when the publish queue is full, PayloadTooLargeError (nothing applied) for
+        more than ``max_batch_ops`` mutators, StoreError if the commit failed (the replica
+        then refuses further writes with ReplicaError until it is restarted).
         """
-        if not self._running:
-            raise NotConnectedError(f"replica of {self.config.subject!r} is not running")
+        self._check_writable()
         n = len(mutators)
+        if n > self.config.max_batch_ops:
+            raise PayloadTooLargeError(
+                f"{n} operations in one write, over max_batch_ops={self.config.max_batch_ops}"
+            )
         if self._queued_ops + n > self.config.max_pending_ops:
             raise BackpressureError(
                 f"{self._queued_ops} ops wait to be published (max_pending_ops="
@@ -350,6 +360,7 @@ class Replica:
             )
         error: BaseException | None = None
         async with self._mutate_lock:
+            self._check_writable()  # stop() may have begun while we waited for the lock
             batch = ORMap(is_delta=True)
             done = 0
             for fn in mutators:
@@ -366,12 +377,6 @@ class Replica:
                 raise error
             self._changed(batch.store.keys() if batch.store else ())
             record = self.codec.encode_document(batch)
-            if len(record) > self.config.max_batch_bytes:
-                await self._reload()
-                raise PayloadTooLargeError(
-                    f"the write encodes to {len(record)} bytes, over max_batch_bytes="
-                    f"{self.config.max_batch_bytes}; split it"
-                )
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._commits.append(_Commit(record, batch, done, consistency, fut))
             self._queued_ops += done
@@ -380,6 +385,15 @@ class Replica:
         if error is not None:
             raise error
         return batch
+
+    def _check_writable(self) -> None:
+        if not self._running:
+            raise NotConnectedError(f"replica of {self.config.subject!r} is not running")
+        if self._degraded is not None:
+            raise ReplicaError(
+                f"replica of {self.config.subject!r} refuses writes after a failed commit "
+                f"({self._degraded}); restart it"
+            )
 
     async def sync(self) -> None:
         """Publish every LOCAL write made so far (and anything pending), now."""
@@ -528,14 +542,19 @@ class Replica:
             log.debug("catch-up of %s: %s", self.config.subject, exc)
             return False
         try:
-            env = self.codec.open(reply.data, self.roster)
-            if not isinstance(env.document, ORMap):
+            env = self.codec.open(reply.data, self.roster, subject=self.sync_subject)
+            document = env.document
+            if not isinstance(document, ORMap):
                 raise MalformedMessageError("catch-up state is not an OR-map")
+            # A reply is a full state, or an empty delta ("nothing new"). Never a bare
+            # context (an announce probe replayed as a reply would claim dots it lacks).
+            if document.is_delta and (document.store or document.context.size()):
+                raise MalformedMessageError("a catch-up reply is a full state or empty")
         except CodecError as exc:
             self.observer.rejected(self.config.subject, reject_reason(exc))
             self.observer.catchup(self.config.subject, "rejected")
             return False
-        self._apply(env.document)
+        self._apply(document)
         self.observer.catchup(self.config.subject, "ok")
         return True
 
@@ -546,7 +565,7 @@ class Replica:
         if target is not None and target != self.node_id:
             return
         try:
-            env = self.codec.open(msg.data, self.roster)
+            env = self.codec.open(msg.data, self.roster, subject=self.sync_subject)
         except CodecError as exc:
             self.observer.rejected(self.config.subject, reject_reason(exc))
             return
@@ -659,10 +678,12 @@ class Replica:
                     self.store.append, self.config.subject, [c.record for c in commits]
                 )
             except Exception as exc:
+                # No rollback (a rebuild from the store would drop other writers' queued
+                # commits and reuse their dots): these writes stay in memory, unacknowledged
+                # and unpublished, and the replica refuses writes until it is restarted,
+                # which reloads exactly what was committed.
                 log.error("commit of %s failed: %s", self.config.subject, exc)
-                async with self._mutate_lock:
-                    with contextlib.suppress(StoreError):
-                        await self._reload()
+                self._degraded = exc
                 for c in commits:
                     self._queued_ops -= c.ops
                     if not c.done.done():
@@ -728,6 +749,15 @@ class Replica:
                     document=batch,
                 )
                 await self.transport.publish(self.delta_subject, data)
+            except MessageTooLargeError as exc:
+                # Cannot ever fit in one message: the writes stay durable here; catch-up (a
+                # state transfer) and the healer carry them. Counted, not retried forever.
+                self._sequence -= 1
+                self._queued_ops -= ops
+                self.observer.publish_failed(self.config.subject)
+                log.error("batch of %s too large to publish (%s); left to catch-up/healing",
+                          self.config.subject, exc)
+                continue
             except Exception as exc:
                 # Keep the batch (join it back in front of newer deltas) and retry.
                 self._sequence -= 1
@@ -772,12 +802,15 @@ class Replica:
         self.tree = Tree(state)
         self._changed(None)
         self._last_record_seq = loaded.records[-1][0] if loaded.records else loaded.snapshot_seq
+        self._snapshot_seq = loaded.snapshot_seq
         raw = await asyncio.to_thread(self.store.get_meta, self.config.subject, _META_PUBLISHED)
         progress = json.loads(raw) if raw else {}
         self._sequence = int(progress.get("sequence", 0))
         self._published_upto = int(progress.get("upto", 0))
-        # Committed but never published (a crash between commit and publish, or LOCAL writes
-        # never synced): publish them now, so an acknowledged write always reaches peers.
+        # Committed but never published (a crash between commit and publish): publish them
+        # now, so an acknowledged write reaches peers. (LOCAL writes not yet synced when a
+        # later EVENTUAL batch went out are not tracked separately; they reach peers by
+        # catch-up and healing.)
         unpublished = [(n, r) for n, r in loaded.records if n > self._published_upto]
         if unpublished:
             batch = ORMap(is_delta=True)
@@ -797,15 +830,6 @@ class Replica:
         assert isinstance(doc, ORMap)
         return doc
 
-    async def _reload(self) -> None:
-        """Rebuild the state from the store (after a failed commit)."""
-        current = self.tree.state
-        try:
-            await self._load()
-        except StoreError:
-            self.tree = Tree(current)
-            raise
-
     async def _snapshot(self) -> None:
         # The in-memory state holds every committed record up to ``_last_record_seq`` (writes
         # are applied before they commit), so the snapshot may replace those records.
@@ -813,14 +837,15 @@ class Replica:
             t0 = time.perf_counter()
             data = self.codec.encode_document(self.tree.state)
             # Keep unpublished records in the log: a restart republishes them.
-            upto = min(self._last_record_seq, self._published_upto)
+            upto = max(min(self._last_record_seq, self._published_upto), self._snapshot_seq)
             await asyncio.to_thread(self.store.write_snapshot, self.config.subject, data, upto)
+            self._snapshot_seq = upto
             self.observer.snapshot(self.config.subject, len(data), time.perf_counter() - t0)
 
     async def _snapshot_quietly(self) -> None:
         try:
             await self._snapshot()
-        except StoreError as exc:
+        except WorknodeError as exc:  # never kills the committer that called it
             log.error("snapshot of %s failed: %s", self.config.subject, exc)
 
     def __repr__(self) -> str:

@@ -225,10 +225,15 @@ class WireCodec:
             )
         return out
 
-    def open(self, data: bytes, roster: TrustRoster | None) -> Envelope:
+    def open(
+        self, data: bytes, roster: TrustRoster | None, *, subject: str | None = None
+    ) -> Envelope:
         """Verify and decode an envelope; raises a ``CodecError`` subclass on any problem.
 
         Order: size, outer struct, signature (before the body is parsed), body, document.
+        ``subject``: the subject the envelope must have been sealed for. Subjects name the
+        purpose (deltas, catch-up, repairs, fetches), so a signed envelope captured in one
+        place cannot be replayed as another kind of message (``BadSignatureError``).
         ``roster=None`` skips verification (``verified=False``): only for inspection tools
         such as ``worknode tail``; a replica always verifies.
         """
@@ -251,6 +256,10 @@ class WireCodec:
             writer = env.writer
             if writer != signer:
                 raise BadSignatureError(f"envelope written by {writer!r} but signed by {signer!r}")
+            if subject is not None and env.subject != subject:
+                raise BadSignatureError(
+                    f"envelope sealed for {env.subject!r} replayed on {subject!r}"
+                )
             try:
                 which = env.which()
             except capnp.KjException as exc:

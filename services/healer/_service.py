@@ -96,6 +96,14 @@ class HealerService:
         """Start the heal loop (idempotent)."""
         if self._running:
             return
+        try:
+            await self._start()
+        except BaseException:
+            self._running = True  # let stop() release whatever started
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.signer = load_or_create_signer(s.node_id, s.key_path())

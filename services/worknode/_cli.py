@@ -360,7 +360,11 @@ def register(main: click.Group) -> None:
 
         kw: dict[str, Any] = {}
         if config_file is not None:
-            kw = tomllib.loads(config_file.read_text())
+            # Environment variables override the file: pass only what they do not set.
+            kw = {
+                k: v for k, v in tomllib.loads(config_file.read_text()).items()
+                if f"WORKNODE_HEALER_{k.upper()}" not in os.environ
+            }
         settings = HealerSettings(**kw)
 
         async def run() -> None:

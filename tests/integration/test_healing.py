@@ -19,7 +19,9 @@ from broker.transport import (
     Msg,
     NatsTransport,
     ServiceCallError,
+    call,
     heal_subject,
+    merkle_subject,
 )
 from services.healer import HealerService, HealerSettings
 from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
@@ -126,3 +128,23 @@ async def test_repairs_signed_by_strangers_are_refused(
             await client.apply(SUBJECT, "a", forged)
         assert err.value.code == "400"
         assert "evil" not in svc.replica(SUBJECT).state
+
+
+async def test_signed_envelopes_cannot_be_replayed_for_another_purpose(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """A node's announce probe (its whole context, no entries) replayed at a repair
+    endpoint would make the target drop that node's writes forever: it is refused."""
+    nodes, _, roster = _setup(tmp_path, nats_server.url, ["a", "x"])
+    a, x = (WorknodeService(s, roster=roster) for s in nodes)
+    async with a, x, NatsTransport([nats_server.url], name="outsider") as t:
+        rx = x.replica(SUBJECT)
+        for i in range(3):
+            await rx.write(lambda tr, r, ts, i=i: tr.state.assign(r, (f"k{i}", "v"), i, ts),
+                           Consistency.LOCAL)
+        probe = rx._context_envelope()  # what x broadcasts on wn.default.sync.orders
+        with pytest.raises(ServiceCallError) as err:
+            await call(t, merkle_subject("default", SUBJECT, "a", "apply"), probe, timeout=5)
+        assert err.value.code == "400"
+        assert "replayed" in err.value.description
+        assert a.replica(SUBJECT).state.context.size() == 0  # a claims none of x's dots

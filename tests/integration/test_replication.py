@@ -21,7 +21,12 @@ from pydantic import ValidationError
 
 from broker.codec import TrustRoster
 from broker.crdt import OpaqueValue
-from broker.errors import BackpressureError, InvalidSubjectError, PayloadTooLargeError
+from broker.errors import (
+    BackpressureError,
+    InvalidSubjectError,
+    PayloadTooLargeError,
+    ValueTooLargeError,
+)
 from broker.replica import Replica
 from broker.transport import EmbeddedNatsServer, delta_subject
 from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
@@ -275,14 +280,12 @@ async def test_bounds_give_specific_errors(tmp_path: Path, nats_server: Embedded
     async with _nodes(tmp_path, nats_server.url, ["a"], max_pending_ops=5) as (svc,):
         r = svc.replica(SUBJECT)
         await r.create("x")
-        with pytest.raises(PayloadTooLargeError):
-            await r.write_many(
-                [
-                    lambda t, rid, ts, k=k: t.assign(rid, "x", (k,), "v" * 200_000, ts)
-                    for k in ("big", "bigger")
-                ]
-            )
+        with pytest.raises(ValueTooLargeError):  # one value over MAX_VALUE_BYTES
+            await r.set("x", ("big",), "v" * 300_000)
         assert "big" not in r.tree.fields("x")  # refused whole: nothing applied
+        with pytest.raises(PayloadTooLargeError):  # more operations than one batch holds
+            await r.write_many([lambda t, rid, ts: t.increment(rid, "x", ("n",), 1)] * 6000)
+        assert "n" not in r.tree.fields("x")
         with pytest.raises(BackpressureError):
             await r.write_many([lambda t, rid, ts: t.increment(rid, "x", ("n",), 1)] * 6)
         await r.increment("x", ("n",), 1)  # below the bound: fine
