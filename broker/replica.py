@@ -37,7 +37,7 @@ from typing import Any, Final, Protocol
 
 from broker.codec import Signer, TrustRoster, WireCodec
 from broker.crdt import Causal, HybridClock, ORMap, Tree
-from broker.crdt._stores import digest_entry
+from broker.crdt._stores import LWWStore, Whole, digest_entry
 from broker.errors import (
     BackpressureError,
     BadSignatureError,
@@ -203,6 +203,19 @@ def _lacks(mine: Any, theirs: Any) -> bool:
         if n > vv.get(r, 0) and not all(mine.covers(r, k) for k in range(vv.get(r, 0) + 1, n + 1)):
             return True
     return any(not mine.covers(r, n) for r, n in theirs.cloud)
+
+
+def _max_hlc(entry: Any, depth: int = 0) -> int:
+    """The greatest LWW timestamp anywhere under ``entry`` (0 if none)."""
+    if entry is None or depth > 16:
+        return 0
+    if isinstance(entry, LWWStore):
+        return max((entry[i] for i in range(2, len(entry), 4)), default=0)
+    if isinstance(entry, dict):
+        return max((_max_hlc(v, depth + 1) for v in entry.values()), default=0)
+    if isinstance(entry, Whole):
+        return _max_hlc(entry.store, depth + 1)
+    return 0
 
 
 def _wall_ms() -> int:
@@ -821,9 +834,10 @@ class Replica:
             self._pending_upto = unpublished[-1][0]
             self._pending_since = time.monotonic()
             self._queued_ops = len(unpublished)
-        # Our own dots must keep increasing after a restart: the context does that, and the
-        # hybrid clock must not run behind what we already wrote.
-        self.clock = HybridClock()
+        # Our own dots keep increasing after a restart (the context does that), and the hybrid
+        # clock must not run behind the timestamps already in the state, or a write after a
+        # restart on a node whose wall clock stepped back could lose to an older one.
+        self.clock = HybridClock(last=_max_hlc(state.store))
 
     def _decode_stored(self, data: bytes) -> ORMap:
         doc: Causal = self.codec.decode_document(data, ORMap)

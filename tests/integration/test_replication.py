@@ -415,3 +415,24 @@ async def test_metrics_count_writes_batches_and_rejections(
                            reason="unknown_signer") == 1
         assert 'worknode_build_info{' in a_text
         assert rb.tree.fields("x")["after"] is True
+
+
+async def test_restart_keeps_the_hybrid_clock_ahead_of_stored_writes(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """After a restart the clock resumes above every stored timestamp, even when the wall
+    clock now reads earlier: a new write still wins over the old one."""
+    from broker.crdt import hlc_physical
+
+    settings = _settings(tmp_path, nats_server.url, "a")
+    roster = _roster([settings])
+    async with WorknodeService(settings, roster=roster) as svc:
+        r = svc.replica(SUBJECT)
+        await r.create("x")
+        future_ms = r._now_ms() + 3_600_000  # a write stamped an hour ahead
+        await r.write(lambda t, rid, ts: t.assign(rid, "x", ("v",), "old", future_ms << 16))
+    async with WorknodeService(settings, roster=roster) as svc:
+        r = svc.replica(SUBJECT)
+        assert hlc_physical(r.clock.last) >= future_ms
+        await r.set("x", ("v",), "new")
+        assert r.tree.fields("x")["v"] == "new"
