@@ -25,9 +25,6 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-from prometheus_client import start_http_server
 
 from broker.codec import REPORT_DOMAIN, Signer, TrustRoster, WireCodec
 from broker.errors import WorknodeError
@@ -37,7 +34,7 @@ from broker.repair import repair_deltas
 from broker.transport import NatsTransport, Transport, discover, heal_subject
 from services.healer._metrics import HealerMetrics
 from services.healer._settings import HealerSettings
-from services.worknode import load_or_create_signer, read_roster
+from services.worknode import MetricsEndpoint, load_identity
 
 __all__ = ["HealOutcome", "HealerService"]
 
@@ -83,8 +80,7 @@ class HealerService:
         self._task: asyncio.Task[None] | None = None
         self._membership: frozenset[tuple[str, str]] = frozenset()
         self._wake = asyncio.Event()
-        self._metrics_server: Any = None
-        self.metrics_port: int | None = None
+        self._metrics_http = MetricsEndpoint()
         self.reports: list[HealOutcome] = []
         self._failed = False
         self._lock = asyncio.Lock()
@@ -106,21 +102,13 @@ class HealerService:
     async def _start(self) -> None:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        self.signer = load_or_create_signer(s.node_id, s.key_path())
-        for node, key in read_roster(s.roster_file).items():
-            self.roster.add(node, key)
-        self.roster.add(s.node_id, self.signer.public_key)
+        self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
         self.secret = s.cluster_secret_file.read_bytes()
         if self.transport is None:
             self.transport = NatsTransport(s.nats_urls, name=s.node_id)
         await self.transport.start()
         self.codec = WireCodec(max_payload=self.transport.max_payload)
-        if s.metrics_port is not None:
-            server, _ = start_http_server(
-                s.metrics_port, addr=s.metrics_host, registry=self.metrics.registry
-            )
-            self._metrics_server = server
-            self.metrics_port = int(server.server_port)
+        self._metrics_http.start(s.metrics_host, s.metrics_port, self.metrics.registry)
         self._running = True
         self._task = asyncio.create_task(self._loop(), name="healer")
 
@@ -139,10 +127,12 @@ class HealerService:
             with contextlib.suppress(WorknodeError):
                 await self.transport.stop()
             self.transport = None
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
-            self._metrics_server = None
+        self._metrics_http.stop()
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` is served on (None when not serving)."""
+        return self._metrics_http.port
 
     async def __aenter__(self) -> HealerService:
         await self.start()

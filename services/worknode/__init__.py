@@ -1,13 +1,21 @@
 """The worknode service: replicas of configured subjects on one node, with metrics."""
 
 from services.worknode._metrics import ServiceMetrics
-from services.worknode._service import WorknodeService, load_or_create_signer, read_roster
+from services.worknode._service import (
+    MetricsEndpoint,
+    WorknodeService,
+    load_identity,
+    load_or_create_signer,
+    read_roster,
+)
 from services.worknode._settings import WorknodeSettings
 
 __all__ = [
+    "MetricsEndpoint",
     "ServiceMetrics",
     "WorknodeService",
     "WorknodeSettings",
+    "load_identity",
     "load_or_create_signer",
     "read_roster",
 ]

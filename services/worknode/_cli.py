@@ -281,6 +281,15 @@ async def _one_write(
         return delta
 
 
+def _write_and_print(
+    subject: str, kw: dict[str, Any], mutator: Callable[[Replica], Awaitable[ORMap]]
+) -> None:
+    """One write command: connect as ``kw["node_id"]``, write, flush, print the delta."""
+    delta = _run(_one_write(subject, kw["nats_urls"], kw["namespace"], kw["node_id"],
+                            kw["state_dir"], kw["roster"], mutator))
+    click.echo(json.dumps(_jsonable(delta.value()), sort_keys=True))
+
+
 def _write_command(name: str, help_text: str) -> Callable[[Callable[..., Any]], Any]:
     def deco(fn: Callable[..., Any]) -> Any:
         fn = click.option("--roster", type=click.Path(path_type=Path),
@@ -448,10 +457,7 @@ def register(main: click.Group) -> None:
     @click.argument("field")
     @click.argument("value")
     def set_(subject: str, node_name: str, field: str, value: str, **kw: Any) -> None:
-        delta = _run(_one_write(subject, kw["nats_urls"], kw["namespace"], kw["node_id"],
-                                kw["state_dir"], kw["roster"],
-                                lambda r: r.set(node_name, _path(field), _parse_value(value))))
-        click.echo(json.dumps(_jsonable(delta.value()), sort_keys=True))
+        _write_and_print(subject, kw, lambda r: r.set(node_name, _path(field), _parse_value(value)))
 
     @_write_command("incr", "Add AMOUNT (default 1) to counter FIELD of worknode NODE.")
     @click.argument("subject")
@@ -459,10 +465,7 @@ def register(main: click.Group) -> None:
     @click.argument("field")
     @click.argument("amount", type=int, default=1)
     def incr(subject: str, node_name: str, field: str, amount: int, **kw: Any) -> None:
-        delta = _run(_one_write(subject, kw["nats_urls"], kw["namespace"], kw["node_id"],
-                                kw["state_dir"], kw["roster"],
-                                lambda r: r.increment(node_name, _path(field), amount)))
-        click.echo(json.dumps(_jsonable(delta.value()), sort_keys=True))
+        _write_and_print(subject, kw, lambda r: r.increment(node_name, _path(field), amount))
 
     @_write_command("add", "Add ELEMENT to set FIELD of worknode NODE.")
     @click.argument("subject")
@@ -470,30 +473,22 @@ def register(main: click.Group) -> None:
     @click.argument("field")
     @click.argument("element")
     def add(subject: str, node_name: str, field: str, element: str, **kw: Any) -> None:
-        delta = _run(_one_write(subject, kw["nats_urls"], kw["namespace"], kw["node_id"],
-                                kw["state_dir"], kw["roster"],
-                                lambda r: r.add(node_name, _path(field), _parse_value(element))))
-        click.echo(json.dumps(_jsonable(delta.value()), sort_keys=True))
+        element_value = _parse_value(element)
+        _write_and_print(subject, kw, lambda r: r.add(node_name, _path(field), element_value))
 
     @_write_command("create", "Create worknode NODE under PARENT (default: the root).")
     @click.argument("subject")
     @click.argument("node_name", metavar="NODE")
     @click.argument("parent", default=ROOT_ID)
     def create(subject: str, node_name: str, parent: str, **kw: Any) -> None:
-        delta = _run(_one_write(subject, kw["nats_urls"], kw["namespace"], kw["node_id"],
-                                kw["state_dir"], kw["roster"],
-                                lambda r: r.create(node_name, parent)))
-        click.echo(json.dumps(_jsonable(delta.value()), sort_keys=True))
+        _write_and_print(subject, kw, lambda r: r.create(node_name, parent))
 
     @_write_command("move", "Move worknode NODE under PARENT.")
     @click.argument("subject")
     @click.argument("node_name", metavar="NODE")
     @click.argument("parent")
     def move(subject: str, node_name: str, parent: str, **kw: Any) -> None:
-        delta = _run(_one_write(subject, kw["nats_urls"], kw["namespace"], kw["node_id"],
-                                kw["state_dir"], kw["roster"],
-                                lambda r: r.move(node_name, parent)))
-        click.echo(json.dumps(_jsonable(delta.value()), sort_keys=True))
+        _write_and_print(subject, kw, lambda r: r.move(node_name, parent))
 
     for cmd in (set_, incr, add, create, move):
         main.add_command(cmd)

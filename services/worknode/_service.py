@@ -30,7 +30,13 @@ from broker.transport import EmbeddedNatsServer, NatsTransport, Transport
 from services.worknode._metrics import ServiceMetrics
 from services.worknode._settings import WorknodeSettings
 
-__all__ = ["WorknodeService", "load_or_create_signer", "read_roster"]
+__all__ = [
+    "MetricsEndpoint",
+    "WorknodeService",
+    "load_identity",
+    "load_or_create_signer",
+    "read_roster",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,37 @@ def read_roster(path: Path | None) -> dict[str, bytes]:
         return {str(k): bytes.fromhex(str(v)) for k, v in raw.items()}
     except (OSError, ValueError, AttributeError) as exc:
         raise InvalidArgumentError(f"cannot read roster {path}: {exc}") from exc
+
+
+def load_identity(node_id: str, key_path: Path, roster_file: Path | None,
+                  roster: TrustRoster) -> Signer:
+    """This node's signer (created if new); ``roster`` gains the roster file and itself."""
+    signer = load_or_create_signer(node_id, key_path)
+    for node, key in read_roster(roster_file).items():
+        roster.add(node, key)
+    roster.add(node_id, signer.public_key)
+    return signer
+
+
+class MetricsEndpoint:
+    """``/metrics`` of one registry over HTTP (prometheus-client's server), stoppable."""
+
+    def __init__(self) -> None:
+        self._server: Any = None
+        self.port: int | None = None
+
+    def start(self, host: str, port: int | None, registry: Any) -> None:
+        """Serve ``registry`` on ``host:port`` (0 picks a free port; None serves nothing)."""
+        if port is not None and self._server is None:
+            self._server, _ = start_http_server(port, addr=host, registry=registry)
+            self.port = int(self._server.server_port)
+
+    def stop(self) -> None:
+        """Stop serving (idempotent)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
 
 
 class _TransportEvents:
@@ -123,8 +160,7 @@ class WorknodeService:
         self.signer: Signer | None = None
         self.roster = roster if roster is not None else TrustRoster()
         self.replicas: dict[str, Replica] = {}
-        self._metrics_server: Any = None
-        self.metrics_port: int | None = None
+        self._metrics_http = MetricsEndpoint()
         self._gauges: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
         self.heal_endpoints: HealEndpoints | None = None
@@ -147,10 +183,7 @@ class WorknodeService:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_state_dir()
-        self.signer = load_or_create_signer(s.node_id, s.key_path())
-        for node, key in read_roster(s.roster_file).items():
-            self.roster.add(node, key)
-        self.roster.add(s.node_id, self.signer.public_key)
+        self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
         if self.transport is None:
             urls = list(s.nats_urls)
             if not urls:
@@ -199,12 +232,7 @@ class WorknodeService:
                 secret=s.cluster_secret_file.read_bytes(),
             )
             await self.heal_endpoints.start()
-        if s.metrics_port is not None:
-            server, _ = start_http_server(
-                s.metrics_port, addr=s.metrics_host, registry=self.metrics.registry
-            )
-            self._metrics_server = server
-            self.metrics_port = int(server.server_port)
+        self._metrics_http.start(s.metrics_host, s.metrics_port, self.metrics.registry)
         self._gauges = asyncio.create_task(self._update_gauges())
 
     def _lock_state_dir(self) -> None:
@@ -273,10 +301,7 @@ class WorknodeService:
         if self.server is not None:
             await self.server.stop()
             self.server = None
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
-            self._metrics_server = None
+        self._metrics_http.stop()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
@@ -298,6 +323,11 @@ class WorknodeService:
             raise InvalidArgumentError(
                 f"subject {subject!r} is not configured on {self.settings.node_id}"
             ) from None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` is served on (None when not serving)."""
+        return self._metrics_http.port
 
     @property
     def metrics_url(self) -> str | None:

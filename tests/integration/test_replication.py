@@ -436,3 +436,30 @@ async def test_restart_keeps_the_hybrid_clock_ahead_of_stored_writes(
         assert hlc_physical(r.clock.last) >= future_ms
         await r.set("x", ("v",), "new")
         assert r.tree.fields("x")["v"] == "new"
+
+
+async def test_write_commands_drive_a_subject_by_hand(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """The README's write commands, each a short-lived writer node that catches up first."""
+    worknode = Path(sys.executable).parent / "worknode"
+    common = ["--nats-url", nats_server.url, "--namespace", "shop",
+              "--state-dir", str(tmp_path / "cli")]
+    outputs = []
+    for args in (["create", "orders", "o1"], ["set", "orders", "o1", "total", "1250"],
+                 ["incr", "orders", "o1", "views"], ["add", "orders", "o1", "tags", '"x"'],
+                 ["create", "orders", "o2"], ["move", "orders", "o2", "o1"]):
+        r = await asyncio.to_thread(
+            subprocess.run, [str(worknode), *args, *common], capture_output=True, text=True,
+            timeout=60, check=False,
+        )
+        assert r.returncode == 0, r.stderr
+        outputs.append(json.loads(r.stdout))
+    assert outputs[1] == {"o1": {"fields": {"total": 1250}}}
+    assert outputs[5] == {"o2": {"parent": "o1"}}
+    bad = await asyncio.to_thread(
+        subprocess.run, [str(worknode), "set", "orders", "no-such-node", "v", "1", *common],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert bad.returncode != 0
+    assert "UnknownNodeError" in bad.stderr
