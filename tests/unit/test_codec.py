@@ -417,3 +417,24 @@ def test_large_multi_segment_messages_pass_the_packed_precheck() -> None:
     assert unpacked_words(raw) > 1024  # more than one default-size segment
     assert unpacked_words(raw[:-1]) == -1 or unpacked_words(raw[:-1]) < unpacked_words(raw)
     same(c.decode_document(raw), state)
+
+
+def test_a_compressed_batch_that_inflates_past_the_limit_is_refused(
+    keys: tuple[Signer, Signer, TrustRoster],
+) -> None:
+    import zlib
+
+    alice, _, roster = keys
+    c = WireCodec(max_payload=64 * 1024, peer_version=2)
+    env = c.schema.envelope.Envelope.new_message()
+    env.version = 2
+    env.writer = "alice"
+    env.subject = "x"
+    env.deltaBatchZlib = zlib.compress(bytes(8 * 64 * 1024 + 1), 9)  # a few hundred bytes
+    body = env.to_bytes_packed()
+    outer = c.schema.envelope.SignedEnvelope.new_message()
+    outer.signer = "alice"
+    outer.signature = alice.sign(body)
+    outer.body = body
+    with pytest.raises(MessageTooLargeError, match="inflates past"):
+        c.open(outer.to_bytes_packed(), roster)
