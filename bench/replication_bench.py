@@ -1,6 +1,7 @@
 """Replication benchmark: replicated ops/s against raw nats-py publish/subscribe, same run.
 
-    python -m bench.replication_bench [--quick] [--sustain SECONDS] [--out FILE]
+    python -m bench.replication_bench [--quick] [--rounds N] [--ops N] [--sustain SECONDS]
+                                      [--out FILE]
 
 Over one embedded nats-server, each round runs, back to back and in alternating order:
 
@@ -119,6 +120,7 @@ async def _wn_replica(url: str, state: Path, name: str, n: int, latency: bool) -
 
 
 async def _wn_writer(url: str, state: Path, n: int, latency: bool, sustain: float) -> None:
+    from broker.crdt import Assign, Increment
     from services.worknode import WorknodeService
 
     async with WorknodeService(_settings(url, state, "writer")) as svc:
@@ -132,21 +134,21 @@ async def _wn_writer(url: str, state: Path, n: int, latency: bool, sustain: floa
         if latency:
             for i in range(n):
                 await r.write_many([
-                    lambda t, rid, ts, i=i: t.assign(rid, "b", ("t",), time.time(), ts),
-                    lambda t, rid, ts, i=i: t.assign(rid, "b", ("i",), i, ts),
+                    Assign("b", ("t",), time.time()),
+                    Assign("b", ("i",), i),
                 ])
                 await asyncio.sleep(0.02)
         elif sustain:
             end = t0 + sustain
             done = 0
             while time.time() < end:
-                await r.write_many([lambda t, rid, ts: t.increment(rid, "b", ("n",), 1)] * GROUP)
+                await r.write_many([Increment("b", ("n",), 1)] * GROUP)
                 done += GROUP
                 await asyncio.sleep(0.002)
             _emit(ops=done)
         else:
             for _ in range(n // GROUP):
-                await r.write_many([lambda t, rid, ts: t.increment(rid, "b", ("n",), 1)] * GROUP)
+                await r.write_many([Increment("b", ("n",), 1)] * GROUP)
         await r.flush()
         _emit(start=t0)
 
@@ -366,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sustain", type=float, default=60.0)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--ops", type=int, default=50_000, help="ops (and raw messages) per round")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--role", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
@@ -381,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_wn_writer(rest[0], Path(rest[1]), int(rest[2]), rest[3] == "1",
                                    float(rest[4])))
         return 0
-    rounds, n, sustain = (2, 2_000, 3.0) if args.quick else (7, 50_000, args.sustain)
+    rounds, n, sustain = (2, 2_000, 3.0) if args.quick else (args.rounds, args.ops, args.sustain)
     shown = [a for a in (argv if argv is not None else sys.argv[1:])]
     print(run(rounds, n, sustain, args.out, shown))
     return 0

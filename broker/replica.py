@@ -36,7 +36,19 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from broker.codec import Signer, TrustRoster, WireCodec
-from broker.crdt import Causal, HybridClock, ORMap, Tree
+from broker.crdt import (
+    Add,
+    Assign,
+    Causal,
+    Create,
+    HybridClock,
+    Increment,
+    Move,
+    ORMap,
+    Tree,
+    TreeOp,
+    coalesce,
+)
 from broker.crdt._stores import LWWStore, Whole, digest_entry
 from broker.errors import (
     BackpressureError,
@@ -55,6 +67,7 @@ from broker.errors import (
     UnsignedMessageError,
     UnsupportedContentError,
     UnsupportedVersionError,
+    ValueTooLargeError,
     WorknodeError,
 )
 from broker.store import DurableStore
@@ -92,6 +105,9 @@ REJECT_REASONS: Final = (
 
 _SYNC: Final = "Worknode-Sync"
 _TO: Final = "Worknode-To"
+_WRITER: Final = "Worknode-Writer"
+"""Header on published batches naming the writer, so a replica drops its own echo unopened
+(the envelope inside is still what is trusted; the header only saves work)."""
 _META_PUBLISHED: Final = "published"
 """Store meta key: ``{"sequence": last publish sequence, "upto": last record published}``."""
 
@@ -282,6 +298,10 @@ class Replica:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    @property
+    def _headers(self) -> dict[str, str]:
+        return {_WRITER: self.node_id}
+
     async def start(self) -> None:
         """Load durable state, subscribe, start the committer and flusher, catch up. Idempotent."""
         if self._running:
@@ -344,15 +364,22 @@ class Replica:
     # -- writing ---------------------------------------------------------------------------
 
     async def write(
-        self, mutator: Mutator, consistency: Consistency = Consistency.EVENTUAL
+        self, mutator: Mutator | TreeOp, consistency: Consistency = Consistency.EVENTUAL
     ) -> ORMap:
         """Apply one delta-mutator durably; returns its delta once it is acknowledged."""
         return await self.write_many([mutator], consistency)
 
     async def write_many(
-        self, mutators: Sequence[Mutator], consistency: Consistency = Consistency.EVENTUAL
+        self, mutators: Sequence[Mutator | TreeOp], consistency: Consistency = Consistency.EVENTUAL
     ) -> ORMap:
-        """Apply several mutators as one durable commit; returns their joined delta.
+        """Apply several writes as one durable commit; returns their joined delta.
+
+        Each write is a ``TreeOp`` (``Assign``, ``Increment``, ``Add``, ``Create``, ``Move``:
+        applied in one step, the fast path) or a mutator function
+        ``(tree, replica_id, hlc) -> delta`` (its delta is then merged here).
+
+        Consecutive increments of one counter are applied as one increment of their sum (see
+        ``coalesce``): the same state, one dot instead of many.
 
         A mutator that raises (invalid input) stops the sequence: the ones before it are
         committed as usual, then its error is raised. Raises BackpressureError (nothing
@@ -376,15 +403,30 @@ class Replica:
             self._check_writable()  # stop() may have begun while we waited for the lock
             batch = ORMap(is_delta=True)
             done = 0
-            for fn in mutators:
+            tree, node_id, clock, now_ms = self.tree, self.node_id, self.clock, self._now_ms
+            pending = list(coalesce(mutators))
+            pending.reverse()
+            while pending:
+                fn, count = pending.pop()
                 try:
-                    d = fn(self.tree, self.node_id, self.clock.now(self._now_ms()))
+                    if isinstance(fn, TreeOp):
+                        d = fn.apply(tree, node_id, clock.now(now_ms()))  # fused: merged here
+                    else:
+                        d = fn(tree, node_id, clock.now(now_ms()))
+                        tree.merge(d)
+                except ValueTooLargeError as exc:
+                    if count > 1:  # a run's sum overflows: replay it write by write
+                        assert isinstance(fn, Increment)
+                        parts = mutators[done : done + count]
+                        pending.extend((w, 1) for w in reversed(parts))
+                        continue
+                    error = exc
+                    break
                 except (WorknodeError, ValueError, TypeError) as exc:
                     error = exc
                     break
-                self.tree.merge(d)
                 batch.merge(d)
-                done += 1
+                done += count
             if not done:
                 assert error is not None
                 raise error
@@ -441,11 +483,11 @@ class Replica:
 
     async def create(self, node_id: str, parent: str = "root", **kw: Any) -> ORMap:
         """Create worknode ``node_id`` under ``parent``."""
-        return await self.write(lambda t, r, ts: t.create(r, node_id, parent, ts), **kw)
+        return await self.write(Create(node_id, parent), **kw)
 
     async def move(self, node_id: str, new_parent: str, **kw: Any) -> ORMap:
         """Move worknode ``node_id`` under ``new_parent``."""
-        return await self.write(lambda t, r, ts: t.move(r, node_id, new_parent, ts), **kw)
+        return await self.write(Move(node_id, new_parent), **kw)
 
     async def delete(self, node_id: str, **kw: Any) -> ORMap:
         """Delete worknode ``node_id`` and its subtree as observed."""
@@ -453,17 +495,17 @@ class Replica:
 
     async def set(self, node_id: str, path: Sequence[str], value: Any, **kw: Any) -> ORMap:
         """Set a last-writer-wins field of a worknode."""
-        return await self.write(lambda t, r, ts: t.assign(r, node_id, path, value, ts), **kw)
+        return await self.write(Assign(node_id, path, value), **kw)
 
     async def increment(
         self, node_id: str, path: Sequence[str], amount: int = 1, **kw: Any
     ) -> ORMap:
         """Add ``amount`` to a counter field of a worknode."""
-        return await self.write(lambda t, r, ts: t.increment(r, node_id, path, amount), **kw)
+        return await self.write(Increment(node_id, path, amount), **kw)
 
     async def add(self, node_id: str, path: Sequence[str], element: Any, **kw: Any) -> ORMap:
         """Add ``element`` to a set field of a worknode."""
-        return await self.write(lambda t, r, ts: t.add(r, node_id, path, element), **kw)
+        return await self.write(Add(node_id, path, element), **kw)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -616,6 +658,8 @@ class Replica:
     async def _on_delta(self, msg: Msg) -> None:
         subject = self.config.subject
         try:
+            if msg.headers and msg.headers.get(_WRITER) == self.node_id:
+                return  # our own batch, echoed by the server: skip verify and decode
             env = self.codec.open(msg.data, self.roster)
             if env.writer == self.node_id:
                 return  # our own batch, echoed by the server
@@ -761,7 +805,7 @@ class Replica:
                     sequence=self._sequence,
                     document=batch,
                 )
-                await self.transport.publish(self.delta_subject, data)
+                await self.transport.publish(self.delta_subject, data, headers=self._headers)
             except MessageTooLargeError as exc:
                 # Cannot ever fit in one message: the writes stay durable here; catch-up (a
                 # state transfer) and the healer carry them. Counted, not retried forever.

@@ -27,6 +27,7 @@ from broker.crdt._causal import (
 )
 from broker.crdt._context import MAX_REPLICA_ID_LENGTH, CausalContext, Dot, validate_replica_id
 from broker.crdt._hlc import DEFAULT_MAX_DRIFT_MS, HybridClock, hlc_logical, hlc_physical
+from broker.crdt._ops import Add, Assign, Create, Increment, Move, TreeOp, coalesce
 from broker.crdt._stores import MAX_KIND, MAX_NESTING_DEPTH, Kind, KindConflict, OpaqueValue
 from broker.crdt._tree import MAX_FIELD_DEPTH, MAX_NODE_ID_LENGTH, ROOT_ID, Tree, validate_node_id
 
@@ -42,23 +43,30 @@ __all__ = [
     "MAX_REPLICA_ID_LENGTH",
     "MAX_VALUE_BYTES",
     "ROOT_ID",
+    "Add",
+    "Assign",
     "Atom",
     "Causal",
     "CausalContext",
+    "Create",
     "Dot",
     "EWFlag",
     "Element",
     "HybridClock",
+    "Increment",
     "Kind",
     "KindConflict",
     "LWWRegister",
     "MVRegister",
+    "Move",
     "ORMap",
     "ORSet",
     "OpaqueValue",
     "PNCounter",
     "Path",
     "Tree",
+    "TreeOp",
+    "coalesce",
     "hlc_logical",
     "hlc_physical",
     "validate_atom",

@@ -26,7 +26,7 @@ Pure: no I/O, no clock (hybrid timestamps come in as arguments).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Self
 
 from broker.crdt._atoms import (
@@ -72,6 +72,7 @@ from broker.errors import (
     InvalidKeyError,
     KindMismatchError,
     NestingDepthError,
+    ValueTooLargeError,
 )
 
 __all__ = [
@@ -365,6 +366,21 @@ def _validate_path(path: Path) -> tuple[str, ...]:
     return keys
 
 
+def _fast_checks(replica_id: str, path: Path) -> tuple[str, ...]:
+    """Check a replica id and a path the way the mutators do, cheaply when seen before."""
+    if type(replica_id) is not str or replica_id not in _valid_ids:
+        validate_replica_id(replica_id)
+    if type(path) is not tuple or not 0 < len(path) <= MAX_NESTING_DEPTH:
+        return _validate_path(path)
+    return path
+
+
+def _pairs(dots: Sequence[Any]) -> Iterator[Dot]:
+    """The dots of a flat dot tuple ``(r, n, r, n, ...)``."""
+    for i in range(0, len(dots), 2):
+        yield dots[i], dots[i + 1]
+
+
 def _select(entry: Entry | None, cls: type) -> Any:
     """The part of a map entry that has kind ``cls`` (a name may hold several kinds)."""
     if entry is None:
@@ -411,31 +427,11 @@ class ORMap(Causal):
         # replica id, path, timestamp), so the same error is raised for the same arguments.
         if type(value) is not int or not INT64_MIN <= value <= INT64_MAX:
             value = validate_atom(value)
-        if type(replica_id) is not str or replica_id not in _valid_ids:
-            validate_replica_id(replica_id)
-        if type(path) is not tuple or not 0 < len(path) <= MAX_NESTING_DEPTH:
-            path = _validate_path(path)
-        m: Any = self.store
-        if m is None or self.is_delta:
-            return self._assign_merged(replica_id, path, value, ts)
-        # Walk the state (read-only) and build the delta's maps on the way down.
-        known = _known_keys
-        top = dm = MapStore()
-        last = path[-1]
-        for k in path[:-1]:
-            if type(k) is not str or k not in known:
-                _check_key(k)
-            m = m.get(k)
-            if type(m) is not MapStore:
-                return self._assign_merged(replica_id, path, value, ts)
-            child = MapStore()
-            dm[k] = child
-            dm = child
-        if type(last) is not str or last not in known:
-            _check_key(last)
-        old = m.get(last)
-        if old is not None and type(old) is not LWWStore:
-            return self._assign_merged(replica_id, path, value, ts)
+        path = _fast_checks(replica_id, path)
+        walk = self._fused_walk(path, LWWStore)
+        if walk is None:
+            return self._merged(self.assign(replica_id, path, value, ts))
+        top, m, dm, last, old = walk
         if type(ts) is not int or not 0 <= ts <= INT64_MAX:
             check_timestamp(ts)
         # Checked and walked: nothing below raises, so the state is never left half-written.
@@ -446,11 +442,115 @@ class ORMap(Causal):
         else:
             dot, ctx = self.context.issue_delta(replica_id, tuple(dots_of(old)))
         m[last] = dm[last] = LWWStore((replica_id, dot[1], ts, value))
+        return self._fused_delta(top, ctx)
+
+    def apply_increment(self, replica_id: str, path: Path, amount: int = 1) -> ORMap:
+        """Add ``amount`` to the counter at ``path`` here; return the delta to ship.
+
+        The fused local write for counters, as ``apply_assign`` is for registers: the same
+        state and delta as ``increment`` then ``merge`` (property-tested). The join keeps the
+        other replicas' entries and replaces this replica's with the new one.
+        """
+        if type(amount) is not int or not INT64_MIN <= amount <= INT64_MAX:
+            amount = _check_amount(amount)
+        path = _fast_checks(replica_id, path)
+        walk = self._fused_walk(path, CounterStore)
+        if walk is None:
+            return self._merged(self.increment(replica_id, path, amount))
+        top, m, dm, last, old = walk
+        inc = dec = 0
+        replaced: list[Dot] = []
+        others: list[Any] = []
+        if old:
+            for i in range(0, len(old), 4):
+                if old[i] == replica_id:
+                    inc, dec = max(inc, old[i + 2]), max(dec, old[i + 3])
+                    replaced.append((replica_id, old[i + 1]))
+                else:
+                    others.append(old[i : i + 4])
+        if amount >= 0:
+            inc += amount
+        else:
+            dec -= amount
+        if inc > INT64_MAX or dec > INT64_MAX:
+            raise ValueTooLargeError("counter contribution would leave the signed 64-bit range")
+        dot, ctx = self.context.issue_delta(replica_id, replaced)
+        entry = (replica_id, dot[1], inc, dec)
+        dm[last] = CounterStore(entry)
+        if others:
+            others.append(entry)
+            others.sort()  # entries in dot order, as joins leave them
+            m[last] = CounterStore(x for e in others for x in e)
+        else:
+            m[last] = dm[last]
+        return self._fused_delta(top, ctx)
+
+    def apply_add(self, replica_id: str, path: Path, element: Element) -> ORMap:
+        """Add ``element`` to the set at ``path`` here; return the delta to ship.
+
+        The fused local write for sets: the same state and delta as ``add`` then ``merge``
+        (property-tested). The join replaces the element's observed dots with the new dot.
+        """
+        element = validate_element(element)
+        path = _fast_checks(replica_id, path)
+        walk = self._fused_walk(path, SetStore)
+        if walk is None:
+            return self._merged(self.add(replica_id, path, element))
+        top, m, dm, last, old = walk
+        dots = old.get(element) if old else None
+        dot, ctx = self.context.issue_delta(replica_id, list(_pairs(dots)) if dots else ())
+        delta_set = SetStore()
+        delta_set[element] = dot
+        dm[last] = delta_set
+        if old is None:
+            fresh = SetStore()
+            fresh[element] = dot
+            m[last] = fresh
+        else:
+            old[element] = dot  # the state owns its stores: joins mutate them in place too
+        return self._fused_delta(top, ctx)
+
+    def _fused_walk(
+        self, path: tuple[str, ...], cls: type
+    ) -> tuple[MapStore, MapStore, MapStore, str, Any] | None:
+        """Walk a state down to the map holding ``path``'s last key, building the delta's
+        one-key maps on the way: ``(delta top, state map, delta map, last key, entry)``.
+
+        None when the fused route does not apply: a delta state, a map missing on the path,
+        or another kind at any step (the caller then mutates and merges in general).
+        """
+        m: Any = self.store
+        if m is None or self.is_delta:
+            return None
+        known = _known_keys
+        top = dm = MapStore()
+        last = path[-1]
+        for k in path[:-1]:
+            if type(k) is not str or k not in known:
+                _check_key(k)
+            m = m.get(k)
+            if type(m) is not MapStore:
+                return None
+            child = MapStore()
+            dm[k] = child
+            dm = child
+        if type(last) is not str or last not in known:
+            _check_key(last)
+        old = m.get(last)
+        if old is not None and type(old) is not cls:
+            return None
+        return top, m, dm, last, old
+
+    def _fused_delta(self, store: MapStore, ctx: CausalContext) -> ORMap:
         out = _new_object(type(self))
-        out.store = top
+        out.store = store
         out.context = ctx
         out.is_delta = True
         return out
+
+    def _merged(self, delta: ORMap) -> ORMap:
+        self.merge(delta)
+        return delta
 
     def assign_multi(self, replica_id: str, path: Path, value: Atom) -> ORMap:
         """Delta setting the multi-value register at ``path``."""
@@ -506,11 +606,6 @@ class ORMap(Causal):
     def clear(self) -> ORMap:
         """Delta removing every key observed here."""
         return self._clear()
-
-    def _assign_merged(self, replica_id: str, path: Path, value: Atom, ts: int) -> ORMap:
-        delta = self.assign(replica_id, path, value, ts)
-        self.merge(delta)
-        return delta
 
     # -- reading -------------------------------------------------------------------------
 

@@ -221,6 +221,38 @@ class Tree:
         """Delta setting a last-writer-wins field."""
         return self.state.assign(replica_id, self._field_path(node_id, path), value, ts)
 
+    # -- fused local writes: the mutator and its merge here in one step ---------------------
+
+    def apply_create(self, replica_id: str, node_id: str, parent: str, ts: int) -> ORMap:
+        """``create`` merged here; returns its delta."""
+        validate_node_id(node_id)
+        if node_id in self:
+            raise TreeError(f"worknode {node_id!r} exists; move it instead")
+        self._require(parent, allow_root=True)
+        return self.state.apply_assign(replica_id, (node_id, _PARENT), parent, ts)
+
+    def apply_move(self, replica_id: str, node_id: str, new_parent: str, ts: int) -> ORMap:
+        """``move`` merged here; returns its delta."""
+        d = self.move(replica_id, node_id, new_parent, ts)
+        self.state.merge(d)
+        return d
+
+    def apply_assign(
+        self, replica_id: str, node_id: str, path: Path, value: Atom, ts: int
+    ) -> ORMap:
+        """``assign`` merged here, in one walk; returns its delta."""
+        return self.state.apply_assign(replica_id, self._field_path(node_id, path), value, ts)
+
+    def apply_increment(
+        self, replica_id: str, node_id: str, path: Path, amount: int = 1
+    ) -> ORMap:
+        """``increment`` merged here, in one walk; returns its delta."""
+        return self.state.apply_increment(replica_id, self._field_path(node_id, path), amount)
+
+    def apply_add(self, replica_id: str, node_id: str, path: Path, element: Element) -> ORMap:
+        """``add`` merged here, in one walk; returns its delta."""
+        return self.state.apply_add(replica_id, self._field_path(node_id, path), element)
+
     def assign_multi(self, replica_id: str, node_id: str, path: Path, value: Atom) -> ORMap:
         """Delta setting a multi-value field."""
         return self.state.assign_multi(replica_id, self._field_path(node_id, path), value)

@@ -20,9 +20,10 @@ import pytest
 from pydantic import ValidationError
 
 from broker.codec import TrustRoster
-from broker.crdt import OpaqueValue
+from broker.crdt import INT64_MAX, Increment, OpaqueValue
 from broker.errors import (
     BackpressureError,
+    InvalidArgumentError,
     InvalidSubjectError,
     PayloadTooLargeError,
     ValueTooLargeError,
@@ -289,6 +290,30 @@ async def test_bounds_give_specific_errors(tmp_path: Path, nats_server: Embedded
         with pytest.raises(BackpressureError):
             await r.write_many([lambda t, rid, ts: t.increment(rid, "x", ("n",), 1)] * 6)
         await r.increment("x", ("n",), 1)  # below the bound: fine
+
+
+async def test_increment_runs_commit_as_one_and_keep_per_write_semantics(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """Runs of increments are applied as their sum; a bad write still stops the sequence
+    exactly where it stands, and a run whose sum overflows is replayed write by write."""
+    async with _nodes(tmp_path, nats_server.url, ["a", "b"]) as svcs:
+        ra, rb = (s.replica(SUBJECT) for s in svcs)
+        await ra.create("x")
+        dots_before = ra.tree.state.context.version_vector["a"]
+        await ra.write_many([Increment("x", ("n",), 1)] * 100)
+        assert ra.tree.fields("x")["n"] == 100
+        assert ra.tree.state.context.version_vector["a"] == dots_before + 1  # one dot
+        one = Increment("x", ("n",), 1)
+        with pytest.raises(InvalidArgumentError):
+            await ra.write_many([one] * 3 + [Increment("x", ("n",), True)] + [one] * 2)
+        assert ra.tree.fields("x")["n"] == 103  # the three before the bad write committed
+        await ra.write_many([Increment("x", ("m",), INT64_MAX - 1)])
+        with pytest.raises(ValueTooLargeError):
+            await ra.write_many([Increment("x", ("m",), 1)] * 3)
+        assert ra.tree.fields("x")["m"] == INT64_MAX  # the first of the run committed
+        await _converged([ra, rb])
+        assert rb.tree.fields("x") == ra.tree.fields("x")
 
 
 async def test_v1_pinned_node_and_current_node_converge_and_lose_nothing(

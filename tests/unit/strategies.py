@@ -74,6 +74,8 @@ def mutate(state: Causal, rid: str, op: Op, ts: int) -> Causal:
     return getattr(state, op.name)(rid, *op.args)  # type: ignore[no-any-return]
 
 
+_FUSED = {"assign": "apply_assign", "increment": "apply_increment", "add": "apply_add"}
+
 Step = tuple[int, int, Op | None]
 """``(i, j, op)``: replica ``i`` runs ``op``, or (``op`` is None) merges ``j``'s state."""
 
@@ -83,7 +85,8 @@ def run_history(
 ) -> tuple[list[Causal], list[Causal]]:
     """Play a history on three replicas. Returns their states and every delta issued.
 
-    ``fused``: OR-map ``assign`` ops use ``apply_assign`` (mutator and local merge in one).
+    ``fused``: OR-map ``assign``, ``increment`` and ``add`` ops use the fused local writes
+    ``apply_assign``, ``apply_increment``, ``apply_add`` (mutator and local merge in one).
     """
     states: list[Causal] = [kind() for _ in REPLICAS]
     deltas: list[Causal] = []
@@ -91,8 +94,9 @@ def run_history(
         if op is None:
             states[i].merge(states[j])
             continue
-        if fused and op.name == "assign" and isinstance(states[i], ORMap):
-            d = states[i].apply_assign(REPLICAS[i], *op.args, ts)  # type: ignore[attr-defined]
+        if fused and op.name in _FUSED and isinstance(states[i], ORMap):
+            fn = getattr(states[i], _FUSED[op.name])
+            d = fn(REPLICAS[i], *op.args, ts) if op.name == "assign" else fn(REPLICAS[i], *op.args)
         else:
             d = mutate(states[i], REPLICAS[i], op, ts)
             states[i].merge(d)

@@ -1,10 +1,11 @@
-"""The fused local write ``ORMap.apply_assign`` and the fast paths of delta joins.
+"""The fused local writes (``ORMap.apply_assign``, ``apply_increment``, ``apply_add``) and
+the fast paths of delta joins.
 
-``apply_assign`` must be indistinguishable from ``d = s.assign(...); s.merge(d)``: the same
-state (store, context, digest) and the same delta, on random histories that include kind
-conflicts, concurrent register values, missing maps and delta states. The one-path delta
-join (``join_store``) is checked against full-state joins by the laws in ``test_laws.py``;
-here, its rare branches: emptied maps and nesting bounds.
+Each must be indistinguishable from its mutator then merge (``d = s.assign(...);
+s.merge(d)``): the same state (store, context, digest) and the same delta, on random
+histories that include kind conflicts, concurrent register values, missing maps and delta
+states. The one-path delta join (``join_store``) is checked against full-state joins by the
+laws in ``test_laws.py``; here, its rare branches: emptied maps and nesting bounds.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from broker.errors import (
     NestingDepthError,
     ValueTooLargeError,
 )
-from tests.unit.strategies import REPLICAS, atoms, histories, paths, run_history
+from tests.unit.strategies import REPLICAS, atoms, elements, histories, paths, run_history
 
 
 def assert_same(got: ORMap, want: ORMap) -> None:
@@ -89,6 +90,74 @@ def test_apply_assign_is_assign_then_merge(
     via_got.merge(got_delta)
     via_want.merge(want_delta)
     assert_same(via_got, via_want)
+
+
+def _check_fused(state: ORMap, peer: ORMap, name: str, fused: str, *args: Any) -> None:
+    """``state.<fused>(*args)`` leaves ``state.join(state.<name>(*args))``, returns that delta,
+    and a peer ends the same whichever delta it receives."""
+    want_delta = getattr(state, name)(*args)
+    want_state = state.join(want_delta)
+    got_state = state.copy()
+    got_delta = getattr(got_state, fused)(*args)
+    assert_same(got_state, want_state)
+    assert_same(got_delta, want_delta)
+    via_got, via_want = peer.copy(), peer.copy()
+    via_got.merge(got_delta)
+    via_want.merge(want_delta)
+    assert_same(via_got, via_want)
+
+
+@settings(max_examples=300)
+@given(
+    ormap_states(), st.sampled_from(REPLICAS), paths, st.integers(-5, 5), ormap_states(),
+    st.booleans(),
+)
+def test_apply_increment_is_increment_then_merge(
+    state: ORMap, rid: str, path: tuple[str, ...], amount: int, peer: ORMap, prime: bool
+) -> None:
+    if prime and not state.is_delta:
+        # Other replicas' contributions and existing maps on the path: the fused route.
+        state.merge(state.increment("r3", path, 2))
+        state.merge(state.increment("r2", path, -1))
+    _check_fused(state, peer, "increment", "apply_increment", rid, path, amount)
+
+
+@settings(max_examples=300)
+@given(
+    ormap_states(), st.sampled_from(REPLICAS), paths, elements, ormap_states(), st.booleans(),
+)
+def test_apply_add_is_add_then_merge(
+    state: ORMap, rid: str, path: tuple[str, ...], element: Any, peer: ORMap, prime: bool
+) -> None:
+    if prime and not state.is_delta:
+        state.merge(state.add("r3", path, element))  # concurrent dots of the same element
+        state.merge(state.add("r2", path, "other"))
+    _check_fused(state, peer, "add", "apply_add", rid, path, element)
+
+
+def test_apply_increment_refuses_overflow_and_leaves_the_state() -> None:
+    doc = ORMap()
+    doc.merge(doc.increment("r1", ("a", "n"), 2**63 - 1))
+    before = doc.copy()
+    for fn in (doc.increment, doc.apply_increment):
+        with pytest.raises(ValueTooLargeError):
+            fn("r1", ("a", "n"), 1)
+    with pytest.raises(InvalidArgumentError):
+        doc.apply_increment("r1", ("a", "n"), True)
+    with pytest.raises(InvalidArgumentError):
+        doc.apply_increment("r1", ("a", "n"), 1.0)  # type: ignore[arg-type]
+    with pytest.raises(InvalidValueError):
+        doc.apply_add("r1", ("a", "s"), 1.5)  # type: ignore[arg-type]
+    assert_same(doc, before)
+
+
+def test_fused_add_does_not_alias_the_delta_and_the_state() -> None:
+    doc = ORMap()
+    doc.merge(doc.assign("r1", ("a", "k"), 1, 1))
+    first = doc.apply_add("r1", ("a", "s"), "x")
+    doc.apply_add("r1", ("a", "s"), "y")
+    assert first.value() == {"a": {"s": {"x"}}}  # the first delta kept its own set
+    assert doc.get(("a", "s")) == {"x", "y"}
 
 
 @settings(max_examples=200)
