@@ -36,6 +36,7 @@ DEFAULT_OUT = Path("bench/results/replication.md")
 SUBJECT = "bench"
 RAW_SUBJECT = "raw.bench"
 GROUP = 100
+KEYS = 10_000  # distinct fields of the "keys" workload
 
 
 # ------------------------------------------------------------------------------------------
@@ -92,13 +93,13 @@ def _settings(url: str, state: Path, name: str) -> Any:
     )
 
 
-async def _wn_replica(url: str, state: Path, name: str, n: int, latency: bool) -> None:
+async def _wn_replica(url: str, state: Path, name: str, n: int, mode: str) -> None:
     from services.worknode import WorknodeService
 
     async with WorknodeService(_settings(url, state, name)) as svc:
         r = svc.replica(SUBJECT)
         _emit(ready=True)
-        if latency:
+        if mode == "latency":
             lat: list[float] = []
             seen = 0
             while seen < n:
@@ -111,15 +112,15 @@ async def _wn_replica(url: str, state: Path, name: str, n: int, latency: bool) -
                 await asyncio.sleep(0.0002)
             _emit(latencies=lat)
             return
+        path = ("b", "fields", "n" if mode == "counter" else "done")  # one field, cheap to read
         while True:
-            fields = r.tree.fields("b") if "b" in r.tree else {}
-            if fields.get("n", 0) >= n:
+            if (r.tree.state.get(path) or 0) >= n:
                 break
             await asyncio.sleep(0.001)
         _emit(end=time.time(), rss=_rss())
 
 
-async def _wn_writer(url: str, state: Path, n: int, latency: bool, sustain: float) -> None:
+async def _wn_writer(url: str, state: Path, n: int, mode: str, sustain: float) -> None:
     from broker.crdt import Assign, Increment
     from services.worknode import WorknodeService
 
@@ -131,7 +132,7 @@ async def _wn_writer(url: str, state: Path, n: int, latency: bool, sustain: floa
         _emit(ready=True)
         sys.stdin.readline()
         t0 = time.time()
-        if latency:
+        if mode == "latency":
             for i in range(n):
                 await r.write_many([
                     Assign("b", ("t",), time.time()),
@@ -146,6 +147,12 @@ async def _wn_writer(url: str, state: Path, n: int, latency: bool, sustain: floa
                 done += GROUP
                 await asyncio.sleep(0.002)
             _emit(ops=done)
+        elif mode == "keys":
+            for j in range(0, n, GROUP):
+                await r.write_many(
+                    [Assign("b", (f"k{(j + i) % KEYS}",), j + i) for i in range(GROUP)]
+                )
+            await r.write(Assign("b", ("done",), n))
         else:
             for _ in range(n // GROUP):
                 await r.write_many([Increment("b", ("n",), 1)] * GROUP)
@@ -218,17 +225,16 @@ def _write_roster(state: Path, names: list[str]) -> None:
     (state / "roster.json").write_text(json.dumps(roster))
 
 
-def _wn_round(url: str, n: int, mode: str = "", sustain: float = 0) -> dict[str, Any]:
+def _wn_round(url: str, n: int, mode: str = "counter", sustain: float = 0) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix="wn-bench-"))
     _write_roster(state, ["writer", "r1", "r2"])
     latency = mode == "latency"
-    flag = "1" if latency else "0"
-    writer = _Child("wn-writer", url, str(state), str(n), flag, str(sustain))
+    writer = _Child("wn-writer", url, str(state), str(n), mode, str(sustain))
     replicas: list[_Child] = []
     try:
         writer.read()
         replicas = [
-            _Child("wn-replica", url, str(state), name, str(n), flag) for name in ("r1", "r2")
+            _Child("wn-replica", url, str(state), name, str(n), mode) for name in ("r1", "r2")
         ]
         for r in replicas:
             r.read()
@@ -274,7 +280,7 @@ def _sustained_rss(url: str, seconds: float) -> tuple[int, int, int]:
     )
     rep = subprocess.Popen([sys.executable, "-c", code, url, str(state), str(seconds + 2)],
                            stdout=subprocess.PIPE, text=True)
-    writer = _Child("wn-writer", url, str(state), "0", "0", str(seconds))
+    writer = _Child("wn-writer", url, str(state), "0", "counter", str(seconds))
     try:
         assert rep.stdout is not None
         json.loads(rep.stdout.readline())
@@ -305,22 +311,26 @@ def run(rounds: int, n: int, sustain: float, out: Path, argv: list[str]) -> str:
         url = server.url
         raw: list[float] = []
         wn: list[float] = []
+        keys: list[float] = []
         rss: list[int] = []
         for rnd in range(rounds):
-            order = ("raw", "wn") if rnd % 2 == 0 else ("wn", "raw")
+            order = ("raw", "wn", "keys") if rnd % 2 == 0 else ("keys", "wn", "raw")
             for side in order:
                 if side == "raw":
                     raw.append(_raw_round(url, n))
-                else:
+                elif side == "wn":
                     res = _wn_round(url, n)
                     wn.append(res["rate"])
                     rss.append(res["rss"])
+                else:
+                    keys.append(_wn_round(url, n, "keys")["rate"])
         lat = _wn_round(url, 100 if sustain < 10 else 300, "latency")["latencies"]
         early, late, ops = _sustained_rss(url, sustain)
     finally:
         loop.run_until_complete(server.stop())
         loop.close()
     ratios = [w / r for w, r in zip(wn, raw, strict=True)]
+    key_ratios = [w / r for w, r in zip(keys, raw, strict=True)]
     lat_ms = sorted(x * 1000 for x in lat)
 
     def pct(p: float) -> float:
@@ -345,6 +355,11 @@ def run(rounds: int, n: int, sustain: float, out: Path, argv: list[str]) -> str:
         f"{statistics.median(wn):,.0f} | {min(wn):,.0f} - {max(wn):,.0f} |",
         f"| **ratio worknode / raw (per round)** | **{statistics.median(ratios):.2f}x** | "
         f"{min(ratios):.2f}x - {max(ratios):.2f}x |",
+        f"| worknode replicated ops/s, distinct fields ({KEYS:,} registers, no two writes of "
+        f"one field in a group) | {statistics.median(keys):,.0f} | "
+        f"{min(keys):,.0f} - {max(keys):,.0f} |",
+        f"| ratio distinct fields / raw (per round) | {statistics.median(key_ratios):.2f}x | "
+        f"{min(key_ratios):.2f}x - {max(key_ratios):.2f}x |",
         f"| write-to-remote-apply latency p50 at low load (ms) | {pct(0.5):.1f} | "
         f"{lat_ms[0]:.1f} - {lat_ms[-1]:.1f} |",
         f"| write-to-remote-apply latency p99 at low load (ms) | {pct(0.99):.1f} | |",
@@ -380,10 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         elif role == "raw-pub":
             asyncio.run(_raw_pub(rest[0], int(rest[1])))
         elif role == "wn-replica":
-            asyncio.run(_wn_replica(rest[0], Path(rest[1]), rest[2], int(rest[3]), rest[4] == "1"))
+            asyncio.run(_wn_replica(rest[0], Path(rest[1]), rest[2], int(rest[3]), rest[4]))
         elif role == "wn-writer":
-            asyncio.run(_wn_writer(rest[0], Path(rest[1]), int(rest[2]), rest[3] == "1",
-                                   float(rest[4])))
+            asyncio.run(_wn_writer(rest[0], Path(rest[1]), int(rest[2]), rest[3], float(rest[4])))
         return 0
     rounds, n, sustain = (2, 2_000, 3.0) if args.quick else (args.rounds, args.ops, args.sustain)
     shown = [a for a in (argv if argv is not None else sys.argv[1:])]

@@ -272,6 +272,8 @@ class Replica:
         self._pending: ORMap | None = None  # committed EVENTUAL deltas, not yet published
         self._pending_ops = 0
         self._pending_bytes = 0
+        self._pending_owned = False
+        self._pending_record: bytes | None = None
         self._pending_since = 0.0
         self._pending_upto = 0  # highest store record seq inside the pending batch
         self._published_upto = 0  # every record <= this has been published
@@ -454,7 +456,9 @@ class Replica:
         """Publish every LOCAL write made so far (and anything pending), now."""
         async with self._mutate_lock:
             if self._local is not None:
-                self._queue_publish(self._local, self._local_ops, 0, self._last_record_seq)
+                self._queue_publish(
+                    self._local, self._local_ops, 0, self._last_record_seq, owned=True
+                )
                 self._local, self._local_ops = None, 0
         await self.flush()
 
@@ -753,9 +757,9 @@ class Replica:
             self.observer.committed(self.config.subject, ops, time.perf_counter() - t0)
             for c in commits:
                 if c.consistency is Consistency.EVENTUAL:
-                    self._queue_publish(c.delta, c.ops, len(c.record), c.seq)
+                    self._queue_publish(c.delta, c.ops, len(c.record), c.seq, c.record)
                 elif self._local is None:
-                    self._local, self._local_ops = c.delta, c.ops
+                    self._local, self._local_ops = c.delta.copy(), c.ops  # the writer has c.delta
                 else:
                     self._local.merge(c.delta)
                     self._local_ops += c.ops
@@ -766,12 +770,27 @@ class Replica:
                 self._ops_since_snapshot = 0
                 await self._snapshot_quietly()
 
-    def _queue_publish(self, delta: ORMap, ops: int, nbytes: int, upto: int) -> None:
+    def _queue_publish(
+        self,
+        delta: ORMap,
+        ops: int,
+        nbytes: int,
+        upto: int,
+        record: bytes | None = None,
+        *,
+        owned: bool = False,
+    ) -> None:
+        """Join a committed delta into the next batch. ``record``: ``delta`` encoded (its
+        durable record); while the batch is that one delta, sealing reuses those bytes.
+        ``owned``: no one else holds ``delta`` (else it is copied before anything joins in:
+        a writer got it back from ``write_many``)."""
         self._pending_upto = max(self._pending_upto, upto)
         if self._pending is None:
-            self._pending = delta
+            self._pending, self._pending_owned = delta, owned
+            self._pending_record = record
             self._pending_since = time.monotonic()
         else:
+            self._own_pending()
             self._pending.merge(delta)
         self._pending_ops += ops
         self._pending_bytes += nbytes
@@ -784,6 +803,13 @@ class Replica:
             loop = asyncio.get_running_loop()
             loop.call_later(self.config.flush_interval, self._flush_wake.set)
 
+    def _own_pending(self) -> None:
+        """Make the pending batch ours to join into; its record no longer matches it."""
+        assert self._pending is not None
+        if not self._pending_owned:
+            self._pending, self._pending_owned = self._pending.copy(), True
+        self._pending_record = None
+
     async def _flusher(self) -> None:
         backoff = 0.05
         while True:
@@ -794,8 +820,9 @@ class Replica:
                     self._flushed.set()
                 continue
             batch, ops, since = self._pending, self._pending_ops, self._pending_since
-            upto = self._pending_upto
+            upto, record, owned = self._pending_upto, self._pending_record, self._pending_owned
             self._pending, self._pending_ops, self._pending_bytes = None, 0, 0
+            self._pending_record = None
             try:
                 self._sequence += 1
                 data = self.codec.seal(
@@ -804,6 +831,7 @@ class Replica:
                     hlc=self.clock.now(self._now_ms()),
                     sequence=self._sequence,
                     document=batch,
+                    packed=record,
                 )
                 await self.transport.publish(self.delta_subject, data, headers=self._headers)
             except MessageTooLargeError as exc:
@@ -821,8 +849,11 @@ class Replica:
                 self.observer.publish_failed(self.config.subject)
                 log.warning("publish of %s failed, retrying: %s", self.config.subject, exc)
                 if self._pending is not None:
-                    batch.merge(self._pending)
-                self._pending = batch
+                    self._own_pending()
+                    self._pending.merge(batch)  # joins commute: same batch either way
+                else:
+                    self._pending, self._pending_owned = batch, owned
+                    self._pending_record = record
                 self._pending_ops += ops
                 self._pending_since = since
                 await asyncio.sleep(backoff)
@@ -873,7 +904,7 @@ class Replica:
             batch = ORMap(is_delta=True)
             for _, record in unpublished:
                 batch.merge(self._decode_stored(record))
-            self._pending = batch
+            self._pending, self._pending_owned = batch, True
             self._pending_ops = len(unpublished)
             self._pending_upto = unpublished[-1][0]
             self._pending_since = time.monotonic()

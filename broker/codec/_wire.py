@@ -175,9 +175,12 @@ class WireCodec:
         document: Causal,
         is_state: bool = False,
         trace_id: bytes = b"",
+        packed: bytes | None = None,
     ) -> bytes:
         """A signed envelope carrying ``document``, ready to publish.
 
+        ``packed``: ``document`` as ``encode_document`` of this codec gave it (a durable
+        record, say), used instead of encoding it again.
         Raises MessageTooLargeError if the result exceeds ``max_payload`` (split the batch).
         """
         if not subject:
@@ -194,10 +197,19 @@ class WireCodec:
         env.subject = subject
         env.hlc = hlc
         env.sequence = sequence
-        doc = encode_document(self.schema, document)
+        doc: Any = None
         packed_doc = None
         if self.compress and self.version >= 2 and self.peer_version >= 2:
-            packed_doc = doc.to_bytes_packed()
+            if packed is None:
+                doc = encode_document(self.schema, document)
+                packed = doc.to_bytes_packed()
+            packed_doc = packed
+        if doc is None and (packed_doc is None or len(packed_doc) < COMPRESS_MIN_BYTES):
+            doc = (
+                encode_document(self.schema, document)
+                if packed is None
+                else self._parse(self.schema.crdt.Document, packed, NESTING_LIMIT)
+            )
         if packed_doc is not None and len(packed_doc) >= COMPRESS_MIN_BYTES:
             z = zlib.compress(packed_doc, 6)
             if is_state:

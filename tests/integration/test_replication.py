@@ -4,6 +4,7 @@ and the rolling-upgrade case (a v1-pinned node beside a current one)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ from broker.errors import (
     PayloadTooLargeError,
     ValueTooLargeError,
 )
-from broker.replica import Replica
+from broker.replica import Consistency, Replica
 from broker.transport import EmbeddedNatsServer, delta_subject
 from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
 
@@ -312,8 +313,18 @@ async def test_increment_runs_commit_as_one_and_keep_per_write_semantics(
         with pytest.raises(ValueTooLargeError):
             await ra.write_many([Increment("x", ("m",), 1)] * 3)
         assert ra.tree.fields("x")["m"] == INT64_MAX  # the first of the run committed
+        # Deltas handed back to writers stay as they were, though batches join them later.
+        got = await asyncio.gather(*(ra.increment("x", ("c",), i) for i in range(1, 20)))
+        local = await ra.write(Increment("x", ("c",), 5), Consistency.LOCAL)
+        await ra.write(Increment("x", ("c",), 7), Consistency.LOCAL)
+        await ra.sync()
+        assert [d.store["x"]["fields"]["c"][2] for d in got] == list(
+            itertools.accumulate(range(1, 20))
+        )
+        assert local.store["x"]["fields"]["c"][2] == 190 + 5
         await _converged([ra, rb])
         assert rb.tree.fields("x") == ra.tree.fields("x")
+        assert rb.tree.fields("x")["c"] == 190 + 12
 
 
 async def test_v1_pinned_node_and_current_node_converge_and_lose_nothing(

@@ -385,6 +385,25 @@ def test_compressed_batches_only_for_v2_peers(keys: tuple[Signer, Signer, TrustR
         CODECS[1].open(small, roster)
 
 
+@pytest.mark.parametrize("size", [3, 300])  # under and over the compression threshold
+@pytest.mark.parametrize("peer", [1, 2])
+def test_seal_reusing_an_encoded_record_gives_the_same_envelope(
+    keys: tuple[Signer, Signer, TrustRoster], size: int, peer: int
+) -> None:
+    """A replica seals a batch from its durable record's bytes: byte-identical envelope."""
+    alice, _, roster = keys
+    state, batch = ORMap(), ORMap(is_delta=True)
+    for i in range(size):
+        d = state.assign("alice", (f"key-{i}",), i, T0 + i)
+        state.merge(d)
+        batch.merge(d)
+    codec = WireCodec(CURRENT_VERSION, peer_version=peer)
+    record = codec.encode_document(batch)
+    args: dict[str, Any] = {"subject": "x", "hlc": 1, "sequence": 1, "document": batch}
+    assert codec.seal(alice, packed=record, **args) == codec.seal(alice, **args)
+    same(codec.open(codec.seal(alice, packed=record, **args), roster).document, batch)
+
+
 def test_seal_refuses_an_envelope_over_max_payload(
     keys: tuple[Signer, Signer, TrustRoster],
 ) -> None:
