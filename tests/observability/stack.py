@@ -61,11 +61,17 @@ class Stack:
         return urls
 
 
+def _write_secret(tmp: Path) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    secret = tmp / "cluster.secret"
+    secret.write_bytes(os.urandom(32))
+    return secret
+
+
 @contextlib.asynccontextmanager
 async def running_stack(tmp: Path) -> AsyncIterator[Stack]:
     """Start the deployment under ``tmp``; stop every part of it on exit."""
-    secret = tmp / "cluster.secret"
-    secret.write_bytes(os.urandom(32))
+    secret = _write_secret(tmp)
     async with running_nats_server(tmp / "nats", monitor_port=0) as nats:
         settings = [
             WorknodeSettings(node_id=name, subjects=[SUBJECT], state_dir=tmp / name,
