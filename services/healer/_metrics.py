@@ -1,9 +1,13 @@
-"""Prometheus metrics of the healer (``worknode_heal_*``; subject labels only for configured
-subjects, others counted as ``other``)."""
+"""Prometheus metrics of the healer (``worknode_heal_*``, and ``worknode_build_info`` with
+``service="healer"``). Subject labels: the configured subjects, others counted as ``other``;
+with no subjects configured, the subjects replicas serve (bounded by the deployment)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from broker.codec import CURRENT_VERSION, OLDEST_VERSION
+from services.worknode._metrics import build_info, package_version
 
 __all__ = ["HealerMetrics"]
 
@@ -13,9 +17,10 @@ _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 class HealerMetrics:
     """Every series the healer exports, in its own registry."""
 
-    def __init__(self, subjects: list[str]) -> None:
+    def __init__(self, subjects: list[str], version: str | None = None) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.subjects = frozenset(subjects)
+        build_info(r, "healer", version or package_version(), CURRENT_VERSION, OLDEST_VERSION)
         self.rounds = Counter("worknode_heal_rounds_total", "Reconciliation rounds run.",
                               ["subject"], registry=r)
         self.heals = Counter("worknode_heals_total", "Subjects healed, by outcome.",
@@ -43,10 +48,12 @@ class HealerMetrics:
         self.failures = Counter("worknode_heal_failures_total",
                                 "Heals that failed (a replica unreachable, a bad reply).",
                                 ["subject"], registry=r)
-        for s in subjects:
+        for s in subjects:  # pre-create series so dashboards see zeros, not gaps
             for outcome in ("converged", "in_sync", "still_moving", "failed"):
                 self.heals.labels(s, outcome)
-            self.failures.labels(s)
+            for counter in (self.failures, self.rounds, self.divergent_keys, self.repaired,
+                            self.bytes, self.round_trips):
+                counter.labels(s)
 
     def label(self, subject: str) -> str:
         """The bounded label for ``subject``."""

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import ssl
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from broker.healing import HealEndpoints
 from broker.replica import Replica, ReplicaConfig
 from broker.store import DurableStore
 from broker.transport import EmbeddedNatsServer, NatsTransport, Transport
-from services.worknode._metrics import ServiceMetrics
+from services.worknode._metrics import ServiceMetrics, package_version
 from services.worknode._settings import WorknodeSettings
 
 __all__ = [
@@ -39,13 +38,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def _package_version() -> str:
-    try:
-        return version("worknode")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def load_or_create_signer(node_id: str, path: Path) -> Signer:
@@ -152,7 +144,9 @@ class WorknodeService:
         roster: TrustRoster | None = None,
     ) -> None:
         self.settings = settings
-        self.metrics = ServiceMetrics(settings.subjects, _package_version(), settings.wire_version)
+        self.metrics = ServiceMetrics(
+            settings.subjects, package_version(), settings.wire_version, settings.peer_version
+        )
         self._given_transport = transport
         self.transport: Transport | None = transport
         self.server: EmbeddedNatsServer | None = None

@@ -1,0 +1,38 @@
+"""One-shot key setup for docker-compose.yml: a signing seed per identity, the roster of
+their public keys, and the cluster secret the replicas and the healer key Merkle trees with.
+
+Idempotent: existing seeds and the secret are kept (restarting the stack keeps identities).
+Usage: ``python keygen.py DIR ID [ID ...]``. Every file is written with mode 0600 except
+the roster (public keys only). In production, give each host only its own seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from services.worknode import load_or_create_signer
+
+
+def main(argv: list[str]) -> int:
+    """Create what is missing under ``argv[1]`` for the ids ``argv[2:]``."""
+    if len(argv) < 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    keys = Path(argv[1])
+    keys.mkdir(parents=True, exist_ok=True)
+    roster = {i: load_or_create_signer(i, keys / f"{i}.key").public_key.hex() for i in argv[2:]}
+    (keys / "roster.json").write_text(json.dumps(roster, indent=2, sort_keys=True) + "\n")
+    secret = keys / "cluster.secret"
+    if not secret.exists():
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+    print(f"keys for {', '.join(sorted(roster))} in {keys}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

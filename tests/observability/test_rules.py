@@ -1,0 +1,56 @@
+"""The alert rules and the Prometheus config pass promtool, and the rules' unit tests
+(``dashboards/prometheus/tests/``) pass and cover every alert both firing and not firing."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PROM = ROOT / "dashboards" / "prometheus"
+RULE_FILES = sorted((PROM / "rules").glob("*.rules.yml"))
+TEST_FILES = sorted((PROM / "tests").glob("*_test.yml"))
+
+
+def _run(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=cwd,
+                          check=False)
+
+
+def _alerts() -> set[str]:
+    names = set()
+    for path in RULE_FILES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            names |= {r["alert"] for r in group["rules"] if "alert" in r}
+    return names
+
+
+def test_rules_and_config_pass_promtool_check(promtool: str) -> None:
+    assert RULE_FILES
+    assert TEST_FILES
+    r = _run(promtool, "check", "rules", *map(str, RULE_FILES))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _run(promtool, "check", "config", str(PROM / "prometheus.yml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_rule_unit_tests_pass(promtool: str) -> None:
+    r = _run(promtool, "test", "rules", *(p.name for p in TEST_FILES), cwd=PROM / "tests")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout
+
+
+def test_every_alert_is_tested_firing_and_not_firing() -> None:
+    firing: set[str] = set()
+    quiet: set[str] = set()
+    for path in TEST_FILES:
+        for group in yaml.safe_load(path.read_text())["tests"]:
+            for case in group.get("alert_rule_test", []):
+                (firing if case.get("exp_alerts") else quiet).add(case["alertname"])
+    alerts = _alerts()
+    assert alerts
+    assert alerts - firing == set(), "alerts never tested firing"
+    assert alerts - quiet == set(), "alerts never tested quiet"
+    assert (firing | quiet) - alerts == set(), "tests of alerts that do not exist"
