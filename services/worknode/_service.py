@@ -25,9 +25,11 @@ from broker.codec import Signer, TrustRoster, WireCodec
 from broker.errors import InvalidArgumentError, StoreError, WorknodeError
 from broker.healing import HealEndpoints
 from broker.replica import Replica, ReplicaConfig
+from broker.rpc import MethodRegistry, RpcServer
 from broker.store import DurableStore
 from broker.transport import EmbeddedNatsServer, NatsTransport, Transport
 from services.worknode._metrics import ServiceMetrics
+from services.worknode._rpc import start_rpc
 from services.worknode._settings import WorknodeSettings
 
 __all__ = [
@@ -150,9 +152,14 @@ class WorknodeService:
         *,
         transport: Transport | None = None,
         roster: TrustRoster | None = None,
+        rpc_methods: MethodRegistry | None = None,
     ) -> None:
         self.settings = settings
-        self.metrics = ServiceMetrics(settings.subjects, _package_version(), settings.wire_version)
+        self.metrics = ServiceMetrics(
+            settings.hosted_subjects(), _package_version(), settings.wire_version
+        )
+        self.rpc_methods = rpc_methods
+        self.rpc: RpcServer | None = None
         self._given_transport = transport
         self.transport: Transport | None = transport
         self.server: EmbeddedNatsServer | None = None
@@ -201,7 +208,7 @@ class WorknodeService:
             max_payload=self.transport.max_payload,
             peer_version=min(s.peer_version, s.wire_version),
         )
-        for subject in s.subjects:
+        for subject in s.hosted_subjects():
             replica = Replica(
                 signer=self.signer,
                 roster=self.roster,
@@ -232,6 +239,8 @@ class WorknodeService:
                 secret=s.cluster_secret_file.read_bytes(),
             )
             await self.heal_endpoints.start()
+        if s.rpc_keyring_file is not None:
+            self.rpc = await start_rpc(self, codec, self.rpc_methods)
         self._metrics_http.start(s.metrics_host, s.metrics_port, self.metrics.registry)
         self._gauges = asyncio.create_task(self._update_gauges())
 
@@ -283,6 +292,10 @@ class WorknodeService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._gauges
             self._gauges = None
+        if self.rpc is not None:
+            with contextlib.suppress(WorknodeError):
+                await self.rpc.stop()
+            self.rpc = None
         if self.heal_endpoints is not None:
             with contextlib.suppress(WorknodeError):
                 await self.heal_endpoints.stop()
