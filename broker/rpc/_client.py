@@ -44,6 +44,8 @@ from broker.transport import ERROR_CODE_HEADER, ERROR_HEADER, Transport, rpc_sub
 __all__ = ["DEFAULT_TIMEOUT_MS", "RpcClient"]
 
 DEFAULT_TIMEOUT_MS: Final = 5_000
+SUBJECT_CACHE_SIZE: Final = 1024
+"""Endpoint subjects a client remembers (built and validated once)."""
 
 
 class RpcClient:
@@ -61,6 +63,7 @@ class RpcClient:
         self.namespace = namespace
         self.codec = codec if codec is not None else WireCodec()
         self.default_timeout_ms = default_timeout_ms
+        self._subjects: dict[tuple[str, str], str] = {}
 
     async def call(
         self,
@@ -83,10 +86,14 @@ class RpcClient:
         )
         if deadline <= 0:
             raise DeadlineExceededError("no time left for the call", trace_id=trace)
-        try:
-            target = rpc_subject(self.namespace, subject, method)
-        except InvalidSubjectError as exc:
-            raise RpcInvalidArgumentError(str(exc), trace_id=trace) from None
+        target = self._subjects.get((subject, method))
+        if target is None:
+            try:
+                target = rpc_subject(self.namespace, subject, method)
+            except InvalidSubjectError as exc:
+                raise RpcInvalidArgumentError(str(exc), trace_id=trace) from None
+            if len(self._subjects) < SUBJECT_CACHE_SIZE:
+                self._subjects[subject, method] = target
         data = encode_request(
             self.codec,
             Request(worknode, method, arguments or {}, token, deadline, depth, trace),

@@ -18,13 +18,17 @@ packed. Invariants:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from broker.codec import OLDEST_VERSION, WireCodec, decoding
+import capnp
+
+from broker.codec import NESTING_LIMIT, OLDEST_VERSION, WireCodec, decoding
 from broker.codec._document import decode_document, encode_document
-from broker.crdt import ORMap, validate_atom
+from broker.codec._packed import check_segments
+from broker.crdt import MAX_VALUE_BYTES, ORMap, validate_atom
 from broker.errors import CodecError, WorknodeError
 from broker.rpc._errors import (
     DEPTH_MESSAGE,
@@ -168,11 +172,22 @@ def _set_value(b: Any, v: Any) -> None:
 
 
 def _read_value(v: Any) -> Any:
-    w = v.which()
+    w = v.which
+    if w == "text" or w == "data":
+        x = v.text if w == "text" else bytes(v.data)
+        if len(x) > MAX_VALUE_BYTES:
+            raise RpcInvalidArgumentError(f"argument value over {MAX_VALUE_BYTES} bytes")
+        return x
+    if w == "int":
+        return v.int
     if w == "null":
         return None
-    x = getattr(v, w)
-    return validate_atom(bytes(x) if w == "data" else x)
+    if w == "bool":
+        return v.bool
+    x = v.float
+    if not math.isfinite(x):
+        raise RpcInvalidArgumentError("argument floats must be finite")
+    return x
 
 
 def _write_arguments(builder: Any, name: str, args: Mapping[str, Any]) -> None:
@@ -186,15 +201,27 @@ def _write_arguments(builder: Any, name: str, args: Mapping[str, Any]) -> None:
 
 
 def _read_arguments(lst: Any) -> dict[str, Any]:
-    if len(lst) > MAX_ARGUMENTS:
-        raise RpcInvalidArgumentError(f"{len(lst)} arguments, at most {MAX_ARGUMENTS}")
+    n = len(lst)
+    if not n:
+        return {}
+    if n > MAX_ARGUMENTS:
+        raise RpcInvalidArgumentError(f"{n} arguments, at most {MAX_ARGUMENTS}")
     out: dict[str, Any] = {}
     for item in lst:
-        name = str(item.name)
+        name = item.name
         if name in out:
             raise RpcInvalidArgumentError(f"argument {name!r} given twice")
         out[name] = _read_value(item.value)
     return out
+
+
+def _parse(codec: WireCodec, struct: Any, data: bytes) -> Any:
+    if len(data) > codec.max_payload:
+        raise RpcInvalidArgumentError(f"{len(data)} bytes, over max_payload={codec.max_payload}")
+    check_segments(data)
+    return struct.from_bytes_packed(
+        data, traversal_limit_in_words=codec.traversal_limit_words, nesting_limit=NESTING_LIMIT
+    )
 
 
 def encode_request(codec: WireCodec, request: Request) -> bytes:
@@ -222,31 +249,42 @@ def decode_request(codec: WireCodec, data: bytes) -> Request:
     oldest this server reads (or none).
     """
     try:
-        msg = codec.read(codec.schema.rpc.RpcRequest, data, "rpc request")
-        with decoding("rpc request"):
-            version = int(msg.version)
+        msg = _parse(codec, codec.schema.rpc.RpcRequest, data)
+        version = msg.version
         if version < OLDEST_VERSION:
             raise FailedPreconditionError(
                 f"request wire version {version} is not supported (oldest {OLDEST_VERSION})"
             )
-        with decoding("rpc request"):
-            trace = bytes(msg.traceId)
-            if len(trace) > TRACE_ID_BYTES:
-                raise RpcInvalidArgumentError(f"trace id longer than {TRACE_ID_BYTES} bytes")
-            return Request(
-                worknode=str(msg.worknode),
-                method=str(msg.method),
-                arguments=_read_arguments(msg.arguments),
-                token=bytes(msg.token),
-                deadline_ms=int(msg.deadlineMs),
-                call_depth=int(msg.callDepth),
-                trace_id=trace,
-                version=version,
-            )
+        trace = msg.traceId
+        if len(trace) > TRACE_ID_BYTES:
+            raise RpcInvalidArgumentError(f"trace id longer than {TRACE_ID_BYTES} bytes")
+        return Request(
+            msg.worknode,
+            msg.method,
+            _read_arguments(msg.arguments),
+            msg.token,
+            msg.deadlineMs,
+            msg.callDepth,
+            trace,
+            version,
+        )
     except (FailedPreconditionError, RpcInvalidArgumentError):
         raise
-    except (CodecError, WorknodeError, ValueError) as exc:
-        raise RpcInvalidArgumentError(f"malformed request: {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        raise RpcInvalidArgumentError(f"malformed request: {_reason(exc)}") from None
+
+
+_DECODE_ERRORS: Final = (
+    capnp.KjException, CodecError, WorknodeError, ValueError, TypeError, UnicodeError,
+    OverflowError, IndexError, AttributeError,
+)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).split("\n", 1)[0]
+    if isinstance(exc, capnp.KjException) and "failed: " in text:
+        text = text.split("failed: ", 1)[1]
+    return f"{type(exc).__name__}: {text[:200]}"
 
 
 def encode_response(codec: WireCodec, response: Response) -> bytes:
@@ -268,23 +306,17 @@ def encode_response(codec: WireCodec, response: Response) -> bytes:
 def decode_response(codec: WireCodec, data: bytes) -> Response:
     """The response in ``data``; ``RpcInvalidArgumentError`` for bytes that are not one."""
     try:
-        msg = codec.read(codec.schema.rpc.RpcResponse, data, "rpc response")
-        with decoding("rpc response"):
-            raw = msg.status
-            status = StatusCode(int(raw.raw if hasattr(raw, "raw") else raw))
-            state = None
-            if msg._has("state"):
+        msg = _parse(codec, codec.schema.rpc.RpcResponse, data)
+        status = StatusCode(msg.status.raw)
+        state = None
+        if msg._has("state"):
+            with decoding("rpc response state"):
                 doc = decode_document(codec.schema, msg.state, ORMap)
-                assert isinstance(doc, ORMap)
-                state = doc
-            return Response(
-                status=status,
-                message=str(msg.message),
-                result=_read_arguments(msg.result),
-                state=state,
-                trace_id=bytes(msg.traceId),
-            )
+            if not isinstance(doc, ORMap):
+                raise RpcInvalidArgumentError("the state of a response is an OR-map")
+            state = doc
+        return Response(status, msg.message, _read_arguments(msg.result), state, msg.traceId)
     except RpcInvalidArgumentError:
         raise
-    except (CodecError, WorknodeError, ValueError, AssertionError) as exc:
-        raise RpcInvalidArgumentError(f"malformed response: {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        raise RpcInvalidArgumentError(f"malformed response: {_reason(exc)}") from None

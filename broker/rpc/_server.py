@@ -444,14 +444,15 @@ class RpcServer:
         deadline = Deadline.start(t0, req.deadline_ms)
         if deadline.expired(_now_ms()):
             raise DeadlineExceededError("deadline passed before the request was handled")
-        try:
-            worknode = validate_node_id(req.worknode, allow_root=True)
-        except InvalidArgumentError as exc:
-            raise RpcInvalidArgumentError(str(exc)) from None
+        worknode = req.worknode
         replica = self.replicas[subject]
         ancestry = self._ancestry[subject]
-        path = ancestry.path(worknode)
+        path = ancestry.path(worknode)  # only valid ids are in the tree
         if path is None:
+            try:
+                validate_node_id(worknode, allow_root=True)
+            except InvalidArgumentError as exc:
+                raise RpcInvalidArgumentError(str(exc)) from None
             if not m.creates:
                 raise RpcNotFoundError(f"no worknode {worknode!r} in {subject}")
             parent = req.arguments.get("parent", ROOT_ID)

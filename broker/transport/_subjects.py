@@ -146,6 +146,8 @@ def validate_subject(subject: object, what: str = "subject") -> str:
     character is allowed (``$SRV.PING`` and ``_INBOX.x`` are valid), so this checks
     subjects that come from users or peers, not only the worknode layout.
     """
+    if type(subject) is str and subject in _KNOWN_VALID:
+        return subject
     if not isinstance(subject, str):
         raise InvalidSubjectError(f"invalid {what}: must be a str, not {type(subject).__name__}")
     if not subject:
@@ -155,7 +157,15 @@ def validate_subject(subject: object, what: str = "subject") -> str:
         problem = _literal_problem(token)
         if problem is not None:
             raise InvalidSubjectError(f"invalid {what} {subject!r}: {problem}")
+    if len(_KNOWN_VALID) < _KNOWN_VALID_MAX:
+        _KNOWN_VALID.add(subject)
     return subject
+
+
+#: Subjects already found valid (a bounded memo: RPC and replication reuse a few subjects on
+#: every message, and checking one costs more than the rest of a publish).
+_KNOWN_VALID: Final[set[str]] = set()
+_KNOWN_VALID_MAX: Final = 4096
 
 
 def validate_pattern(pattern: object, what: str = "subscription subject") -> str:

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -46,24 +46,30 @@ class RpcMetrics:
         self.verify = Histogram(
             "worknode_rpc_token_verify_seconds", "Time to check one capability token.",
             buckets=_VERIFY_BUCKETS, registry=r)
-        for m in sorted(self.methods):  # every series exists from the start (zero)
-            self.in_flight_gauge.labels(m)
-            self.duration.labels(m)
-            for code in StatusCode:
-                self.requests.labels(m, code.label)
+        # Children resolved once: labels() costs more than the update itself.
+        self._requests = {
+            (m, code): self.requests.labels(m, code.label)
+            for m in self.methods for code in StatusCode
+        }
+        self._duration = {m: self.duration.labels(m) for m in self.methods}
+        # In-flight counts are plain ints read at scrape time: two locked gauge updates per
+        # request cost more than the rest of the bookkeeping.
+        self._running = dict.fromkeys(self.methods, 0)
+        for m in self.methods:
+            self.in_flight_gauge.labels(m).set_function(self._reader(m))
 
-    def _m(self, method: str) -> str:
-        return method if method in self.methods else OTHER_METHOD
+    def _reader(self, method: str) -> Callable[[], float]:
+        return lambda: float(self._running[method])
 
     def request(self, method: str, code: StatusCode, seconds: float) -> None:
         """A request ended."""
-        m = self._m(method)
-        self.requests.labels(m, code.label).inc()
-        self.duration.labels(m).observe(seconds)
+        m = method if method in self.methods else OTHER_METHOD
+        self._requests[m, code].inc()
+        self._duration[m].observe(seconds)
 
     def in_flight(self, method: str, delta: int) -> None:
         """Requests running changed."""
-        self.in_flight_gauge.labels(self._m(method)).inc(delta)
+        self._running[method if method in self.methods else OTHER_METHOD] += delta
 
     def token_verified(self, seconds: float) -> None:
         """A token was checked."""
