@@ -232,6 +232,9 @@ def run(rounds: int, n_lat: int, n_tput: int, out: Path, argv: list[str]) -> str
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+            for pipe in (child.stdin, child.stdout):
+                if pipe is not None:
+                    pipe.close()
         loop.run_until_complete(server.stop())
         loop.close()
     uncached, cached = _verify_cost(50 if rounds < 5 else 300)

@@ -30,7 +30,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import biscuit_auth as bi
@@ -56,6 +56,9 @@ MAX_TOKEN_BYTES: Final = 16 * 1024
 """Larger tokens are refused before parsing (a token grows by ~200 B per attenuation)."""
 TOKEN_CACHE_SIZE: Final = 4096
 """Verified tokens (and, separately, allow decisions) kept per verifier."""
+AUTHORIZER_MAX_TIME_MS: Final = 20
+"""Datalog time budget of one authorization. biscuit's default (1 ms) refused valid tokens on
+a loaded machine; a hostile token still stops within this bound."""
 MAX_BLOCKS: Final = 32
 """Attenuation blocks a token may carry; more is refused as malformed."""
 
@@ -272,6 +275,9 @@ class TokenVerifier:
             int(kid): _public(bytes(pk)) for kid, pk in keyring.items()
         }
         self._cache_size = cache_size
+        limits = bi.AuthorizerBuilder().limits()  # type: ignore[attr-defined,unused-ignore]
+        limits.max_time = timedelta(milliseconds=AUTHORIZER_MAX_TIME_MS)
+        self._limits = limits
         self._tokens: OrderedDict[bytes, _Verified] = OrderedDict()
         self._allowed: OrderedDict[_DecisionKey, float] = OrderedDict()
         self.hits = 0
@@ -341,6 +347,7 @@ class TokenVerifier:
             raise UnauthenticatedError("token expired")
         try:
             ab = bi.AuthorizerBuilder(_POLICY)
+            ab.set_limits(self._limits)  # type: ignore[attr-defined,unused-ignore]
             ab.add_fact(bi.Fact("namespace({v})", {"v": namespace}))
             ab.add_fact(bi.Fact("subject({v})", {"v": subject}))
             ab.add_fact(bi.Fact("method({v})", {"v": method}))
