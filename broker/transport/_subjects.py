@@ -5,7 +5,7 @@ Subject layout (prefix ``wn``, namespace first, ids last)::
     wn.<namespace>.delta.<subject>              delta batches of one replicated subject
     wn.<namespace>.sync.<subject>               catch-up requests (request/reply)
     wn.<namespace>.heal.<subject>               heal reports
-    wn.<namespace>.rpc.<service>.<method>       worknode RPC endpoints
+    wn.<namespace>.rpc.<subject>.<method>       worknode RPC endpoints (one per method)
     wn.<namespace>.merkle.<subject>.<node>.<verb>   a replica's healing endpoints
 
 Every ``<...>`` is exactly one token of 1-64 characters from ``[A-Za-z0-9_-]``. Because the
@@ -239,7 +239,8 @@ def merkle_subject(namespace: str, subject: str, node: str, verb: str) -> str:
 
 
 def rpc_subject(namespace: str, service: str, method: str) -> str:
-    """``wn.<namespace>.rpc.<service>.<method>``: one RPC endpoint."""
+    """``wn.<namespace>.rpc.<service>.<method>``: one RPC endpoint (worknode RPC uses the
+    replicated subject as the service: ``wn.<ns>.rpc.<subject>.<method>``)."""
     return _build(namespace, KIND_RPC, (service, "service"), (method, "method"))
 
 
