@@ -15,8 +15,10 @@ What happens to one request, in order (each refusal answers at once with its sta
 2. decode (``INVALID_ARGUMENT``, ``FAILED_PRECONDITION`` for an unsupported wire version);
    call depth above ``MAX_CALL_DEPTH`` -> ``RESOURCE_EXHAUSTED`` (``CallDepthExceededError``);
    a deadline already passed -> ``DEADLINE_EXCEEDED`` and the work is dropped, not run;
-3. the worknode must exist (``NOT_FOUND``) unless the method creates it; the token must grant
-   the method on the worknode's subtree (``UNAUTHENTICATED`` / ``PERMISSION_DENIED``);
+3. the token must be valid (``UNAUTHENTICATED``) and grant the method on the worknode's
+   subtree (``PERMISSION_DENIED``); only then is a missing worknode ``NOT_FOUND`` (a missing
+   worknode is authorized as a child of the root, so a token for another subtree learns
+   nothing about it);
 4. the handler runs under the remaining deadline; if it passes, the handler is cancelled,
    its late result discarded, and the caller gets ``DEADLINE_EXCEEDED``.
 
@@ -448,18 +450,24 @@ class RpcServer:
         replica = self.replicas[subject]
         ancestry = self._ancestry[subject]
         path = ancestry.path(worknode)  # only valid ids are in the tree
+        missing = ""
         if path is None:
             try:
                 validate_node_id(worknode, allow_root=True)
             except InvalidArgumentError as exc:
                 raise RpcInvalidArgumentError(str(exc)) from None
-            if not m.creates:
-                raise RpcNotFoundError(f"no worknode {worknode!r} in {subject}")
-            parent = req.arguments.get("parent", ROOT_ID)
+            parent = req.arguments.get("parent", ROOT_ID) if m.creates else None
             parent_path = ancestry.path(parent) if isinstance(parent, str) else None
-            if parent_path is None:
-                raise RpcNotFoundError(f"no parent worknode {parent!r} in {subject}")
-            path = [worknode, *parent_path]
+            if parent_path is not None:
+                path = [worknode, *parent_path]
+            else:
+                # Authorize as if the worknode hung under the root, so that only a token that
+                # could see it learns that it does not exist (others get PERMISSION_DENIED).
+                path = [worknode, ROOT_ID]
+                missing = (
+                    f"no parent worknode {parent!r} in {subject}" if m.creates
+                    else f"no worknode {worknode!r} in {subject}"
+                )
         v0 = time.perf_counter()
         try:
             self.verifier.verify(
@@ -473,6 +481,8 @@ class RpcServer:
             )
         finally:
             self.observer.token_verified(time.perf_counter() - v0)
+        if missing:
+            raise RpcNotFoundError(missing)
         ctx = CallContext(
             namespace=self.namespace, subject=subject, worknode=worknode, method=m.name,
             arguments=req.arguments, trace_id=req.trace_id, depth=req.call_depth,

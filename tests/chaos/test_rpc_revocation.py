@@ -83,7 +83,8 @@ async def test_revoked_on_one_side_refused_on_the_other_after_the_heal(
         a = RpcClient(side_a, namespace=NS)
         b = RpcClient(side_b, namespace=NS)
         await a.call(SUBJECT, "o1", "create", token=admin)
-        await _eventually(lambda: "o1" in services["n2"].replica(SUBJECT).state.value())
+        for svc in services.values():
+            await _eventually(lambda svc=svc: "o1" in svc.replica(SUBJECT).state.value())
 
         nats_cluster.partition([{0, 1}, {2}])
         await asyncio.sleep(0.5)

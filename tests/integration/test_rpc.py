@@ -206,9 +206,13 @@ async def test_refused_tokens_get_the_right_code(nodes, client) -> None:
     )).to_bytes())
     with pytest.raises(PermissionDeniedError):
         await client.call(SUBJECT, "o1", "set", {"path": "x", "value": 1}, token=widened)
-    # No such worknode.
+    # No such worknode: NOT_FOUND only for a token that could see it.
     with pytest.raises(RpcNotFoundError):
         await client.call(SUBJECT, "nope", "get", token=admin)
+    with pytest.raises(PermissionDeniedError):
+        await client.call(SUBJECT, "nope", "get", token=narrow)
+    with pytest.raises(UnauthenticatedError):
+        await client.call(SUBJECT, "nope", "get", token=forged)
 
 
 async def test_a_revoked_token_is_refused_everywhere(nodes, client) -> None:
