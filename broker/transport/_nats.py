@@ -98,14 +98,15 @@ def _translate(exc: Exception, action: str) -> WorknodeError:
 
 
 @contextlib.contextmanager
-def _mapped(action: str) -> Iterator[None]:
-    """Translate every exception nats-py raises inside the block (see ``_translate``)."""
+def _mapped(action: str, *args: object) -> Iterator[None]:
+    """Translate every exception nats-py raises inside the block (see ``_translate``);
+    ``action % args`` names what failed (formatted only on failure: requests are hot)."""
     try:
         yield
     except WorknodeError:
         raise
     except Exception as exc:
-        raise _translate(exc, action) from exc
+        raise _translate(exc, action % args if args else action) from exc
 
 
 class _OrderedClient(Client):
@@ -599,7 +600,7 @@ class NatsTransport:
         hdrs = validate_headers(headers)
         nc = self._client()
         self._check_payload(nc, data, hdrs)
-        with _mapped(f"request on {subject!r} (timeout {timeout} s)"):
+        with _mapped("request on %r (timeout %s s)", subject, timeout):
             reply = await nc.request(
                 subject, data, timeout=timeout, headers=dict(hdrs) if hdrs else None
             )
