@@ -35,8 +35,8 @@ from typing import Final
 
 import biscuit_auth as bi
 
+from broker.errors import InvalidArgumentError
 from broker.rpc._errors import PermissionDeniedError, UnauthenticatedError
-from broker.transport import validate_token
 
 __all__ = [
     "ANY_METHOD",
@@ -69,6 +69,18 @@ _POLICY: Final = """
 allow if namespace($ns), subject($s), method($m), right($ns, $s, $n, $m), ancestor($n);
 allow if namespace($ns), subject($s), right($ns, $s, $n, "*"), ancestor($n);
 """
+
+
+_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+
+
+def validate_token(value: object, what: str) -> str:
+    """``value`` if it is a subject-layout token (1-64 of ``[A-Za-z0-9_-]``), else
+    ``InvalidArgumentError`` (the same rule as ``broker.transport``, kept here so this pure
+    module does not import the transport package)."""
+    if isinstance(value, str) and _NAME.fullmatch(value) is not None:
+        return value
+    raise InvalidArgumentError(f"invalid {what} {value!r}: use 1-64 of [A-Za-z0-9_-]")
 
 
 def _private(raw: bytes) -> bi.PrivateKey:
@@ -115,17 +127,13 @@ class RootKey:
 
     key_id: int
     private_key: bytes
+    """The 32-byte Ed25519 private key (seed): make one with ``os.urandom(32)``."""
 
     @property
     def public_key(self) -> bytes:
         """The Ed25519 public key (32 bytes) keyrings hold for ``key_id``."""
         kp = bi.KeyPair.from_private_key(_private(self.private_key))
         return bytes(kp.public_key.to_bytes())
-
-    @classmethod
-    def generate(cls, key_id: int) -> RootKey:
-        """A fresh random root key."""
-        return cls(key_id, bytes(bi.KeyPair().private_key.to_bytes()))
 
 
 def mint(root: RootKey, grants: Sequence[Grant], *, expires_at: float) -> bytes:

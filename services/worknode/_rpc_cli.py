@@ -138,7 +138,7 @@ def register_rpc(main: click.Group) -> None:
     def keygen(key_id: int, out: Path, keyring: Path) -> None:
         """Create a cluster root key and add its public key to a keyring (rotation: a new
         key id; keep the old one in keyrings until its tokens expire)."""
-        key = RootKey.generate(key_id)
+        key = RootKey(key_id, os.urandom(32))
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"key_id": key_id, "private_key": key.private_key.hex()}, f)
