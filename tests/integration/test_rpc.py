@@ -166,6 +166,15 @@ async def test_micro_discovery_lists_the_rpc_endpoints(nodes, client) -> None:
     subjects = {subj for _, subj in found[0].endpoints}
     assert rpc_subject(NS, SUBJECT, "get") in subjects
     assert rpc_subject(NS, "revocations", "revoke") in subjects
+    pings = await client.transport.request_many("$SRV.PING.worknode-rpc", b"", timeout=1.0)
+    assert len(pings) == 2
+    await client.call(SUBJECT, "root", "get", token=_token())
+    stats = await client.transport.request_many("$SRV.STATS.worknode-rpc", b"", timeout=1.0)
+    served = sum(
+        e["num_requests"] for m in stats for e in json.loads(m.data)["endpoints"]
+        if e["subject"] == rpc_subject(NS, SUBJECT, "get")
+    )
+    assert served == 1
 
 
 async def test_refused_tokens_get_the_right_code(nodes, client) -> None:
