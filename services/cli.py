@@ -17,6 +17,7 @@ from broker.crdt import ROOT_ID, HybridClock, ORMap, Tree
 from broker.errors import TreeError
 from services.schemacheck import schema
 from services.worknode._cli import register
+from services.worknode._rpc_cli import register_rpc
 
 
 @click.group()
@@ -27,6 +28,7 @@ def main() -> None:
 
 main.add_command(schema)
 register(main)
+register_rpc(main)
 
 
 class _SimReplica:

@@ -10,14 +10,21 @@ in-memory transport and the shared client side: ``discover`` and ``call``.
 Handlers return the reply body or raise: a ``WorknodeError`` becomes an error reply with the
 ``Nats-Service-Error`` / ``Nats-Service-Error-Code`` headers (400 for invalid input and codec
 errors, 500 otherwise) and ``call`` raises ``ServiceCallError`` with them on the client side.
+A handler that raises ``ErrorReply`` chooses the code and also sends a body (RPC replies carry
+their status in both).
+
+An endpoint is served one request at a time unless ``concurrent`` is set: then every request
+runs in its own task, and the handler itself must bound how many run at once (the RPC server
+refuses requests beyond its in-flight limit at once).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -29,12 +36,15 @@ __all__ = [
     "ERROR_HEADER",
     "Endpoint",
     "EndpointHandler",
+    "ErrorReply",
     "GenericService",
     "ServiceCallError",
     "ServiceHandle",
     "ServiceInfo",
+    "TaskSet",
     "call",
     "discover",
+    "error_body",
     "error_code",
 ]
 
@@ -53,6 +63,8 @@ class Endpoint:
     name: str
     subject: str
     handler: EndpointHandler
+    concurrent: bool = False
+    """Run each request in its own task (the handler bounds concurrency itself)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +103,48 @@ class ServiceCallError(WorknodeError):
         self.retriable = code.startswith("5")
 
 
+class ErrorReply(WorknodeError):
+    """Raised by an endpoint handler to answer with an error ``code`` (ADR-32 header), a
+    ``description`` and a reply ``body``."""
+
+    def __init__(self, code: str, description: str, body: bytes = b"") -> None:
+        super().__init__(description)
+        self.code = code
+        self.description = description
+        self.body = body
+
+
 def error_code(exc: BaseException) -> str:
     """The ADR-32 error code for a handler's exception."""
+    if isinstance(exc, ErrorReply):
+        return exc.code
     return "400" if isinstance(exc, (InvalidArgumentError, CodecError)) else "500"
+
+
+def error_body(exc: BaseException) -> bytes:
+    """The body of the error reply for a handler's exception (empty unless ``ErrorReply``)."""
+    return exc.body if isinstance(exc, ErrorReply) else b""
+
+
+class TaskSet:
+    """Tasks of concurrent endpoints, kept referenced until they finish."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in its own task."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait(self, timeout: float) -> None:  # noqa: ASYNC109 - a bounded stop
+        """Wait up to ``timeout`` seconds for running tasks, then cancel what is left."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
 
 
 class GenericService:
@@ -117,6 +168,7 @@ class GenericService:
         self.metadata = dict(metadata or {})
         self._id = secrets.token_hex(11)
         self._subs: list[Subscription] = []
+        self._tasks = TaskSet()
         self._started = ""
         self._stats: dict[str, dict[str, Any]] = {
             ep.name: {"num_requests": 0, "num_errors": 0, "processing_time": 0} for ep in endpoints
@@ -147,8 +199,12 @@ class GenericService:
         subs, self._subs = self._subs, []
         for sub in subs:
             await sub.unsubscribe()
+        await self._tasks.wait(5.0)
 
     def _wrap(self, ep: Endpoint) -> Callable[[Msg], Awaitable[None]]:
+        async def spawn(msg: Msg) -> None:
+            self._tasks.spawn(handle(msg))
+
         async def handle(msg: Msg) -> None:
             stats = self._stats[ep.name]
             stats["num_requests"] += 1
@@ -163,7 +219,8 @@ class GenericService:
                     code, text = "500", f"internal error: {type(exc).__name__}"
                 if msg.reply:
                     await self.transport.respond(
-                        msg, b"", headers={ERROR_HEADER: text, ERROR_CODE_HEADER: code}
+                        msg, error_body(exc),
+                        headers={ERROR_HEADER: text, ERROR_CODE_HEADER: code},
                     )
                 return
             finally:
@@ -171,7 +228,7 @@ class GenericService:
             if msg.reply:
                 await self.transport.respond(msg, body)
 
-        return handle
+        return spawn if ep.concurrent else handle
 
     def _document(self, verb: str) -> dict[str, Any]:
         base = {"name": self.name, "id": self._id, "version": self.version,

@@ -45,7 +45,7 @@ from broker.errors import (
     TransportTimeoutError,
     WorknodeError,
 )
-from broker.transport._micro import Endpoint, ServiceHandle, error_code
+from broker.transport._micro import Endpoint, ServiceHandle, TaskSet, error_body, error_code
 from broker.transport._protocol import (
     DEFAULT_PENDING_BYTES_LIMIT,
     DEFAULT_PENDING_MSGS_LIMIT,
@@ -98,14 +98,15 @@ def _translate(exc: Exception, action: str) -> WorknodeError:
 
 
 @contextlib.contextmanager
-def _mapped(action: str) -> Iterator[None]:
-    """Translate every exception nats-py raises inside the block (see ``_translate``)."""
+def _mapped(action: str, *args: object) -> Iterator[None]:
+    """Translate every exception nats-py raises inside the block (see ``_translate``);
+    ``action % args`` names what failed (formatted only on failure: requests are hot)."""
     try:
         yield
     except WorknodeError:
         raise
     except Exception as exc:
-        raise _translate(exc, action) from exc
+        raise _translate(exc, action % args if args else action) from exc
 
 
 class _OrderedClient(Client):
@@ -131,8 +132,9 @@ class _OrderedClient(Client):
 class _MicroHandle:
     """A running nats.micro service."""
 
-    def __init__(self, svc: Any) -> None:
+    def __init__(self, svc: Any, tasks: TaskSet) -> None:
         self._svc = svc
+        self._tasks = tasks
         self._stopped = False
 
     @property
@@ -149,16 +151,20 @@ class _MicroHandle:
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 async with asyncio.timeout(5.0):
                     await self._svc.stop()
+            await self._tasks.wait(5.0)
 
 
-def _micro_handler(ep: Endpoint) -> Any:
+def _micro_handler(ep: Endpoint, tasks: TaskSet) -> Any:
+    async def spawn(req: Any) -> None:
+        tasks.spawn(handle(req))
+
     async def handle(req: Any) -> None:
         msg = Msg(req.subject, req.data, "", req.headers)
         try:
             body = await ep.handler(msg)
         except WorknodeError as exc:
             with contextlib.suppress(nats.errors.Error):
-                await req.respond_error(error_code(exc), str(exc))
+                await req.respond_error(error_code(exc), str(exc), error_body(exc))
             return
         except Exception as exc:  # a bug: answer 500 rather than leave the caller waiting
             _log.exception("endpoint %s raised", ep.subject)
@@ -174,7 +180,7 @@ def _micro_handler(ep: Endpoint) -> Any:
         except nats.errors.Error:
             _log.warning("could not answer a request on %s", ep.subject)
 
-    return handle
+    return spawn if ep.concurrent else handle
 
 
 def _to_msg(nmsg: NatsMsg) -> Msg:
@@ -594,7 +600,7 @@ class NatsTransport:
         hdrs = validate_headers(headers)
         nc = self._client()
         self._check_payload(nc, data, hdrs)
-        with _mapped(f"request on {subject!r} (timeout {timeout} s)"):
+        with _mapped("request on %r (timeout %s s)", subject, timeout):
             reply = await nc.request(
                 subject, data, timeout=timeout, headers=dict(hdrs) if hdrs else None
             )
@@ -660,6 +666,7 @@ class NatsTransport:
         from nats import micro
 
         nc = self._client()
+        tasks = TaskSet()
         with _mapped(f"service {name!r}"):
             svc = await micro.add_service(
                 nc, name=name, version=version, description=description or None,
@@ -667,8 +674,8 @@ class NatsTransport:
             )
             for ep in endpoints:
                 await svc.add_endpoint(name=ep.name, subject=ep.subject,
-                                       handler=_micro_handler(ep))
-        return _MicroHandle(svc)
+                                       handler=_micro_handler(ep, tasks))
+        return _MicroHandle(svc, tasks)
 
     async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - as nats-py
         """Wait (PING/PONG) until the server has processed everything sent so far."""

@@ -5,7 +5,7 @@ Subject layout (prefix ``wn``, namespace first, ids last)::
     wn.<namespace>.delta.<subject>              delta batches of one replicated subject
     wn.<namespace>.sync.<subject>               catch-up requests (request/reply)
     wn.<namespace>.heal.<subject>               heal reports
-    wn.<namespace>.rpc.<service>.<method>       worknode RPC endpoints
+    wn.<namespace>.rpc.<subject>.<method>       worknode RPC endpoints (one per method)
     wn.<namespace>.merkle.<subject>.<node>.<verb>   a replica's healing endpoints
 
 Every ``<...>`` is exactly one token of 1-64 characters from ``[A-Za-z0-9_-]``. Because the
@@ -146,6 +146,8 @@ def validate_subject(subject: object, what: str = "subject") -> str:
     character is allowed (``$SRV.PING`` and ``_INBOX.x`` are valid), so this checks
     subjects that come from users or peers, not only the worknode layout.
     """
+    if type(subject) is str and subject in _KNOWN_VALID:
+        return subject
     if not isinstance(subject, str):
         raise InvalidSubjectError(f"invalid {what}: must be a str, not {type(subject).__name__}")
     if not subject:
@@ -155,7 +157,15 @@ def validate_subject(subject: object, what: str = "subject") -> str:
         problem = _literal_problem(token)
         if problem is not None:
             raise InvalidSubjectError(f"invalid {what} {subject!r}: {problem}")
+    if len(_KNOWN_VALID) < _KNOWN_VALID_MAX:
+        _KNOWN_VALID.add(subject)
     return subject
+
+
+#: Subjects already found valid (a bounded memo: RPC and replication reuse a few subjects on
+#: every message, and checking one costs more than the rest of a publish).
+_KNOWN_VALID: Final[set[str]] = set()
+_KNOWN_VALID_MAX: Final = 4096
 
 
 def validate_pattern(pattern: object, what: str = "subscription subject") -> str:
@@ -229,7 +239,8 @@ def merkle_subject(namespace: str, subject: str, node: str, verb: str) -> str:
 
 
 def rpc_subject(namespace: str, service: str, method: str) -> str:
-    """``wn.<namespace>.rpc.<service>.<method>``: one RPC endpoint."""
+    """``wn.<namespace>.rpc.<service>.<method>``: one RPC endpoint (worknode RPC uses the
+    replicated subject as the service: ``wn.<ns>.rpc.<subject>.<method>``)."""
     return _build(namespace, KIND_RPC, (service, "service"), (method, "method"))
 
 

@@ -24,9 +24,11 @@ from broker.codec import Signer, TrustRoster, WireCodec
 from broker.errors import InvalidArgumentError, StoreError, WorknodeError
 from broker.healing import HealEndpoints
 from broker.replica import Replica, ReplicaConfig
+from broker.rpc import MethodRegistry, RpcServer
 from broker.store import DurableStore
 from broker.transport import EmbeddedNatsServer, NatsTransport, Transport
 from services.worknode._metrics import ServiceMetrics, package_version
+from services.worknode._rpc import start_rpc
 from services.worknode._settings import WorknodeSettings
 
 __all__ = [
@@ -142,11 +144,15 @@ class WorknodeService:
         *,
         transport: Transport | None = None,
         roster: TrustRoster | None = None,
+        rpc_methods: MethodRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = ServiceMetrics(
-            settings.subjects, package_version(), settings.wire_version, settings.peer_version
+            settings.hosted_subjects(), package_version(), settings.wire_version,
+            settings.peer_version,
         )
+        self.rpc_methods = rpc_methods
+        self.rpc: RpcServer | None = None
         self._given_transport = transport
         self.transport: Transport | None = transport
         self.server: EmbeddedNatsServer | None = None
@@ -195,7 +201,7 @@ class WorknodeService:
             max_payload=self.transport.max_payload,
             peer_version=min(s.peer_version, s.wire_version),
         )
-        for subject in s.subjects:
+        for subject in s.hosted_subjects():
             replica = Replica(
                 signer=self.signer,
                 roster=self.roster,
@@ -226,6 +232,8 @@ class WorknodeService:
                 secret=s.cluster_secret_file.read_bytes(),
             )
             await self.heal_endpoints.start()
+        if s.rpc_keyring_file is not None:
+            self.rpc = await start_rpc(self, codec, self.rpc_methods)
         self._metrics_http.start(s.metrics_host, s.metrics_port, self.metrics.registry)
         self._gauges = asyncio.create_task(self._update_gauges())
 
@@ -277,6 +285,10 @@ class WorknodeService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._gauges
             self._gauges = None
+        if self.rpc is not None:
+            with contextlib.suppress(WorknodeError):
+                await self.rpc.stop()
+            self.rpc = None
         if self.heal_endpoints is not None:
             with contextlib.suppress(WorknodeError):
                 await self.heal_endpoints.stop()

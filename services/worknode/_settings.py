@@ -70,6 +70,16 @@ class WorknodeSettings(BaseSettings):
     store_sync: Literal["full", "normal"] = Field(
         "full", description="full: fsync each commit; normal: survives kill -9, not power loss."
     )
+    rpc_keyring_file: Path | None = Field(
+        None,
+        description='JSON {"<key id>": "<root public key hex>"}: set it to serve RPC '
+        "(tokens are verified against these keys).",
+    )
+    rpc_revocation_subject: str = Field(
+        "revocations", description="Subject of the replicated set of revoked token ids."
+    )
+    rpc_max_in_flight: int = Field(64, gt=0, le=100_000)
+    rpc_max_request_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024)
     config_file: Path | None = None
 
     @field_validator("node_id")
@@ -81,6 +91,11 @@ class WorknodeSettings(BaseSettings):
     @classmethod
     def _namespace(cls, v: str) -> str:
         return validate_token(v, "namespace")
+
+    @field_validator("rpc_revocation_subject")
+    @classmethod
+    def _revocation_subject(cls, v: str) -> str:
+        return validate_token(v, "subject")
 
     @field_validator("subjects")
     @classmethod
@@ -111,6 +126,11 @@ class WorknodeSettings(BaseSettings):
         if config_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
+
+    def hosted_subjects(self) -> list[str]:
+        """The configured subjects, plus the revocation subject when RPC is served."""
+        extra = [self.rpc_revocation_subject] if self.rpc_keyring_file is not None else []
+        return [*self.subjects, *(s for s in extra if s not in self.subjects)]
 
     def key_path(self) -> Path:
         """Where this node's signing seed lives."""

@@ -6,16 +6,18 @@ port on), the NATS exporter stand-in (see ``nats_exporter``), three worknodes re
 picture — and the healer, every service with ``/metrics``. Everything it started it stops,
 also when the test fails.
 
-``generate_traffic`` drives every kind of traffic the dashboards show. It is the one place
-to add traffic: after the RPC branch (issue 6) lands, add RPC calls in ``_rpc_round`` and
-remove ``worknode-rpc`` from ``AWAITING_RPC_TRAFFIC`` in ``test_prometheus.py``.
+``generate_traffic`` drives every kind of traffic the dashboards show: replication,
+divergence for the healer, hostile envelopes, and capability-checked RPC calls (allowed,
+and refused for a token without the right).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 from broker.codec import TrustRoster
 from broker.errors import WorknodeError
 from broker.replica import Consistency
+from broker.rpc import Grant, RootKey, RpcClient, RpcError, mint
 from broker.testing import running_nats_server
 from broker.transport import EmbeddedNatsServer, NatsTransport
 from services.healer import HealerService, HealerSettings
@@ -32,6 +35,8 @@ from tests.observability.nats_exporter import NatsExporterStandIn
 SUBJECT = "orders"
 # (node id, wire version written): v1 beside v2, as in the middle of a rolling upgrade.
 NODES = (("node-v1", 1), ("node-v2a", 2), ("node-v2b", 2))
+NAMESPACE = "default"
+ROOT = RootKey(1, bytes(range(32)))  # the cluster's RPC root key (a test key)
 MAX_ROUNDS = 2_000  # traffic loops are bounded in count as well as cancelled by the test
 
 
@@ -72,11 +77,14 @@ def _write_secret(tmp: Path) -> Path:
 async def running_stack(tmp: Path) -> AsyncIterator[Stack]:
     """Start the deployment under ``tmp``; stop every part of it on exit."""
     secret = _write_secret(tmp)
+    keyring = tmp / "rpc-keyring.json"
+    keyring.write_text(json.dumps({"1": ROOT.public_key.hex()}))
     async with running_nats_server(tmp / "nats", monitor_port=0) as nats:
         settings = [
             WorknodeSettings(node_id=name, subjects=[SUBJECT], state_dir=tmp / name,
                              metrics_port=0, store_sync="normal", cluster_secret_file=secret,
-                             wire_version=version, peer_version=1, nats_urls=[nats.url])
+                             wire_version=version, peer_version=1, nats_urls=[nats.url],
+                             rpc_keyring_file=keyring)
             for name, version in NODES
         ]
         hs = HealerSettings(nats_urls=[nats.url], state_dir=tmp / "healer",
@@ -133,19 +141,35 @@ async def _hostile_round(transport: NatsTransport, subject: str) -> None:
         await transport.publish(subject, b"\x00\x01 not an envelope")
 
 
-async def _rpc_round(stack: Stack, i: int) -> None:
-    """RPC calls between worknodes: none yet (issue 6 lands the RPC layer). Add them here."""
+async def _rpc_round(client: RpcClient, i: int) -> None:
+    """RPC calls: reads and writes a token allows, and a write a read-only token is refused
+    (``permission_denied``: the error panels and the error-ratio alert have data)."""
+    expires = time.time() + 3600
+    full = mint(ROOT, [Grant(NAMESPACE, SUBJECT, "root", ("*",))], expires_at=expires)
+    read_only = mint(ROOT, [Grant(NAMESPACE, SUBJECT, "root", ("get",))], expires_at=expires)
+    node = f"rpc{i % 5}"
+    with contextlib.suppress(RpcError):
+        await client.call(SUBJECT, node, "create", token=full)
+    with contextlib.suppress(RpcError):
+        await client.call(SUBJECT, node, "incr", {"path": "calls", "amount": 1}, token=full)
+        await client.call(SUBJECT, node, "get", token=full)
+    with contextlib.suppress(RpcError):
+        await client.call(SUBJECT, node, "set", {"path": "x", "value": i}, token=read_only)
 
 
 async def generate_traffic(stack: Stack, *, pause: float = 0.1) -> None:
     """Run traffic rounds until cancelled (or ``MAX_ROUNDS``)."""
     delta_subject = stack.nodes[0].replica(SUBJECT).delta_subject
-    async with NatsTransport([stack.nats.url], name="traffic") as hostile:
+    async with (
+        NatsTransport([stack.nats.url], name="traffic") as hostile,
+        NatsTransport([stack.nats.url], name="rpc-client") as rpc_transport,
+    ):
+        client = RpcClient(rpc_transport, namespace=NAMESPACE)
         for i in range(MAX_ROUNDS):
             await _replication_round(stack, i)
             if i % 5 == 0:
                 await _divergence_round(stack, i)
             if i % 10 == 0:
                 await _hostile_round(hostile, delta_subject)
-            await _rpc_round(stack, i)
+            await _rpc_round(client, i)
             await asyncio.sleep(pause)

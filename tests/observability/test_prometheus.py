@@ -43,11 +43,6 @@ CHECKED_DASHBOARDS = {
     "worknode-upgrades",
     "worknode-nats",
 }
-# Dashboards waiting for traffic this branch cannot make: the RPC layer (issue 6) and its
-# worknode_rpc_* metrics land on another branch. Their queries must still be valid PromQL
-# (Prometheus runs each); only "returns data" is waived. After merging issue 6, add RPC calls
-# in stack._rpc_round and empty this set.
-AWAITING_RPC_TRAFFIC = {"worknode-rpc"}
 
 SCRAPE_INTERVAL = "1s"
 # Grafana replaces $__rate_interval by max($__interval + scrape interval, 4 x scrape interval):
@@ -170,7 +165,6 @@ def _run_query(url: str, expr: str, instant: bool) -> dict[str, Any]:
 def test_dashboard_set_is_explicit() -> None:
     uids = {json.loads(p.read_text())["uid"] for p in DASHBOARDS.glob("*.json")}
     assert uids == CHECKED_DASHBOARDS
-    assert AWAITING_RPC_TRAFFIC <= CHECKED_DASHBOARDS
 
 
 async def test_every_panel_query_returns_data_from_real_prometheus(
@@ -215,7 +209,7 @@ async def _poll_until_every_query_has_data(
         for uid, what, expr, instant in pending:
             result = await asyncio.to_thread(_run_query, url, expr, instant)
             assert result["status"] == "success", f"{uid}: {what}: {expr}: {result}"
-            if uid not in AWAITING_RPC_TRAFFIC and not _has_data(result):
+            if not _has_data(result):
                 still.append((uid, what, expr, instant))
         pending = still
         if not pending or time.monotonic() > deadline:

@@ -1,0 +1,123 @@
+"""The RPC client: call a method of a worknode on whichever node serves it.
+
+Transport failures map to statuses at this boundary: no responders -> ``UnavailableError``
+(at once, no waiting for the deadline), a timeout -> ``DeadlineExceededError``, not
+connected -> ``UnavailableError``, a request over the server's max payload ->
+``ResourceExhaustedError``. An error reply raises the exception of its status (from the body,
+or from the ``Nats-Service-Error-Code`` header when the body is not an ``RpcResponse``). A
+late reply to a call that already timed out is dropped by the transport.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Final
+
+from broker.codec import WireCodec
+from broker.errors import (
+    InvalidSubjectError,
+    NoRespondersError,
+    PayloadTooLargeError,
+    TransportError,
+    TransportTimeoutError,
+)
+from broker.rpc._errors import (
+    DeadlineExceededError,
+    ResourceExhaustedError,
+    RpcError,
+    RpcInvalidArgumentError,
+    StatusCode,
+    UnavailableError,
+    error_for,
+)
+from broker.rpc._protocol import (
+    TRACE_ID_BYTES,
+    Request,
+    Response,
+    clamp_timeout_ms,
+    decode_response,
+    encode_request,
+)
+from broker.transport import ERROR_CODE_HEADER, ERROR_HEADER, Transport, rpc_subject
+
+__all__ = ["DEFAULT_TIMEOUT_MS", "RpcClient"]
+
+DEFAULT_TIMEOUT_MS: Final = 5_000
+SUBJECT_CACHE_SIZE: Final = 1024
+"""Endpoint subjects a client remembers (built and validated once)."""
+
+
+class RpcClient:
+    """Calls worknode methods over ``transport`` in ``namespace``."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        namespace: str,
+        codec: WireCodec | None = None,
+        default_timeout_ms: float = DEFAULT_TIMEOUT_MS,
+    ) -> None:
+        self.transport = transport
+        self.namespace = namespace
+        self.codec = codec if codec is not None else WireCodec()
+        self.default_timeout_ms = default_timeout_ms
+        self._subjects: dict[tuple[str, str], str] = {}
+
+    async def call(
+        self,
+        subject: str,
+        worknode: str,
+        method: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        token: bytes,
+        timeout_ms: float | None = None,
+        depth: int = 0,
+        trace_id: bytes | None = None,
+    ) -> Response:
+        """Call ``method`` on ``worknode`` of ``subject``; the OK response, or the
+        ``RpcError`` subclass of the status (see module doc). The deadline is
+        ``timeout_ms`` (default ``default_timeout_ms``), capped at ``MAX_RPC_TIMEOUT_MS``."""
+        trace = trace_id if trace_id is not None else os.urandom(TRACE_ID_BYTES)
+        deadline = clamp_timeout_ms(
+            self.default_timeout_ms if timeout_ms is None else timeout_ms
+        )
+        if deadline <= 0:
+            raise DeadlineExceededError("no time left for the call", trace_id=trace)
+        target = self._subjects.get((subject, method))
+        if target is None:
+            try:
+                target = rpc_subject(self.namespace, subject, method)
+            except InvalidSubjectError as exc:
+                raise RpcInvalidArgumentError(str(exc), trace_id=trace) from None
+            if len(self._subjects) < SUBJECT_CACHE_SIZE:
+                self._subjects[subject, method] = target
+        data = encode_request(
+            self.codec,
+            Request(worknode, method, arguments or {}, token, deadline, depth, trace),
+        )
+        try:
+            reply = await self.transport.request(target, data, timeout=deadline / 1000.0)
+        except NoRespondersError:
+            raise UnavailableError(f"nobody serves {target}", trace_id=trace) from None
+        except TransportTimeoutError:
+            raise DeadlineExceededError(
+                f"no reply from {target} within {deadline} ms", trace_id=trace
+            ) from None
+        except PayloadTooLargeError as exc:
+            raise ResourceExhaustedError(str(exc), trace_id=trace) from None
+        except TransportError as exc:
+            raise UnavailableError(str(exc), trace_id=trace) from None
+        headers = reply.headers or {}
+        try:
+            response = decode_response(self.codec, reply.data)
+        except RpcError:
+            if ERROR_CODE_HEADER in headers:
+                code = StatusCode.from_http(headers[ERROR_CODE_HEADER])
+                raise error_for(code, headers.get(ERROR_HEADER, ""), trace_id=trace) from None
+            raise
+        if response.status is not StatusCode.OK:
+            raise error_for(response.status, response.message, trace_id=trace)
+        return response

@@ -1,0 +1,322 @@
+"""The RPC protocol, pure: request and response bodies, bounds, deadlines and call depth.
+
+Bodies are the Cap'n Proto structs ``RpcRequest`` / ``RpcResponse`` of ``schemas/rpc.capnp``,
+packed. Invariants:
+
+- Nothing here reads a clock: every time is an argument (milliseconds on a monotonic clock
+  for deadlines), so deadline logic is tested without sleeping.
+- Deadlines are relative on the wire (``deadlineMs``: time left when the request was sent),
+  never absolute, so callers and servers need no synchronized clocks. Each hop passes on the
+  time *remaining* when it calls, never the original deadline, and never more than
+  ``MAX_RPC_TIMEOUT_MS``.
+- ``callDepth`` is 0 for a call from outside and grows by one at each hop; a request deeper
+  than ``MAX_CALL_DEPTH`` is refused, so a recursive chain ends.
+- Every decode failure is an ``RpcInvalidArgumentError`` (bad bytes) or a
+  ``FailedPreconditionError`` (a wire version the server does not support): a caller can act
+  on both, and a server answers them and carries on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import capnp
+
+from broker.codec import NESTING_LIMIT, OLDEST_VERSION, WireCodec, decoding
+from broker.codec._document import decode_document, encode_document
+from broker.codec._packed import check_segments
+from broker.crdt import MAX_VALUE_BYTES, ORMap, validate_atom
+from broker.errors import CodecError, WorknodeError
+from broker.rpc._errors import (
+    DEPTH_MESSAGE,
+    CallDepthExceededError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    RpcInvalidArgumentError,
+    StatusCode,
+)
+
+__all__ = [
+    "MAX_ARGUMENTS",
+    "MAX_CALL_DEPTH",
+    "MAX_REQUEST_BYTES",
+    "MAX_RPC_TIMEOUT_MS",
+    "TRACE_ID_BYTES",
+    "Deadline",
+    "Request",
+    "Response",
+    "check_depth",
+    "child_depth",
+    "clamp_timeout_ms",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+    "encode_response",
+]
+
+MAX_RPC_TIMEOUT_MS: Final = 30_000
+"""No deadline exceeds this (30 s): a longer one is cut down to it, at every hop."""
+MAX_CALL_DEPTH: Final = 8
+"""Hops in one call chain; a request with a larger ``callDepth`` is refused."""
+MAX_REQUEST_BYTES: Final = 64 * 1024
+"""Largest request body a server accepts (the default of the ``rpc_max_request_bytes``
+setting); larger requests get ``RESOURCE_EXHAUSTED``."""
+MAX_ARGUMENTS: Final = 64
+"""Arguments per request or result."""
+TRACE_ID_BYTES: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One RPC request as the server sees it."""
+
+    worknode: str
+    method: str
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+    token: bytes = b""
+    deadline_ms: int = 0
+    call_depth: int = 0
+    trace_id: bytes = b""
+    version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """One RPC response: ``status`` OK with ``result`` (and maybe ``state``), or an error
+    status with a human-readable ``message``."""
+
+    status: StatusCode
+    message: str = ""
+    result: Mapping[str, Any] = field(default_factory=dict)
+    state: ORMap | None = None
+    trace_id: bytes = b""
+
+
+def clamp_timeout_ms(timeout_ms: float) -> int:
+    """A caller's timeout as a wire deadline: whole milliseconds in ``[0, MAX_RPC_TIMEOUT_MS]``."""
+    if timeout_ms != timeout_ms:  # NaN
+        return 0
+    return int(max(0.0, min(float(timeout_ms), float(MAX_RPC_TIMEOUT_MS))))
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """An absolute deadline on a monotonic clock (milliseconds), made from a relative one.
+
+    ``Deadline.start(now_ms, deadline_ms)`` when a request arrives; ``remaining_ms(now)`` is
+    what a nested call passes on; ``expired(now)`` says whether the work must be dropped.
+    """
+
+    at_ms: float
+
+    @classmethod
+    def start(cls, now_ms: float, deadline_ms: int) -> Deadline:
+        """The deadline ``deadline_ms`` (capped at ``MAX_RPC_TIMEOUT_MS``) after ``now_ms``."""
+        return cls(now_ms + clamp_timeout_ms(deadline_ms))
+
+    def remaining_ms(self, now_ms: float) -> int:
+        """Whole milliseconds left at ``now_ms`` (0 when passed), capped at the maximum."""
+        return clamp_timeout_ms(self.at_ms - now_ms)
+
+    def expired(self, now_ms: float) -> bool:
+        """Whether no time is left at ``now_ms``."""
+        return self.remaining_ms(now_ms) <= 0
+
+    def child_timeout_ms(self, now_ms: float, requested_ms: float | None = None) -> int:
+        """The deadline a nested call carries: what remains, or less if the handler asks for
+        less. Raises ``DeadlineExceededError`` when nothing remains (the call is not sent)."""
+        left = self.remaining_ms(now_ms)
+        if requested_ms is not None:
+            left = min(left, clamp_timeout_ms(requested_ms))
+        if left <= 0:
+            raise DeadlineExceededError("deadline passed before the nested call was sent")
+        return left
+
+
+def check_depth(depth: int) -> None:
+    """Raise ``CallDepthExceededError`` if a request at ``depth`` must not run."""
+    if depth > MAX_CALL_DEPTH:
+        raise CallDepthExceededError(
+            f"{DEPTH_MESSAGE} {depth} exceeds MAX_CALL_DEPTH={MAX_CALL_DEPTH}"
+        )
+
+
+def child_depth(depth: int) -> int:
+    """The depth of a call made while handling a request at ``depth`` (checked before sending)."""
+    nxt = depth + 1
+    check_depth(nxt)
+    return nxt
+
+
+# -- encoding ----------------------------------------------------------------------------------
+
+
+def _set_value(b: Any, v: Any) -> None:
+    v = validate_atom(v)
+    t = type(v)
+    if v is None:
+        b.null = None
+    elif t is bool:
+        b.bool = v
+    elif t is int:
+        b.int = v
+    elif t is float:
+        b.float = v
+    elif t is str:
+        b.text = v
+    else:
+        b.data = v
+
+
+def _read_value(v: Any) -> Any:
+    w = v.which
+    if w == "text" or w == "data":
+        x = v.text if w == "text" else bytes(v.data)
+        if len(x) > MAX_VALUE_BYTES:
+            raise RpcInvalidArgumentError(f"argument value over {MAX_VALUE_BYTES} bytes")
+        return x
+    if w == "int":
+        return v.int
+    if w == "null":
+        return None
+    if w == "bool":
+        return v.bool
+    x = v.float
+    if not math.isfinite(x):
+        raise RpcInvalidArgumentError("argument floats must be finite")
+    return x
+
+
+def _write_arguments(builder: Any, name: str, args: Mapping[str, Any]) -> None:
+    if len(args) > MAX_ARGUMENTS:
+        raise RpcInvalidArgumentError(f"{len(args)} arguments, at most {MAX_ARGUMENTS}")
+    lst = builder.init(name, len(args))
+    for i, (key, value) in enumerate(args.items()):
+        item = lst[i]
+        item.name = key
+        _set_value(item.value, value)
+
+
+def _read_arguments(lst: Any) -> dict[str, Any]:
+    n = len(lst)
+    if not n:
+        return {}
+    if n > MAX_ARGUMENTS:
+        raise RpcInvalidArgumentError(f"{n} arguments, at most {MAX_ARGUMENTS}")
+    out: dict[str, Any] = {}
+    for item in lst:
+        name = item.name
+        if name in out:
+            raise RpcInvalidArgumentError(f"argument {name!r} given twice")
+        out[name] = _read_value(item.value)
+    return out
+
+
+def _parse(codec: WireCodec, struct: Any, data: bytes) -> Any:
+    if len(data) > codec.max_payload:
+        raise RpcInvalidArgumentError(f"{len(data)} bytes, over max_payload={codec.max_payload}")
+    check_segments(data)
+    return struct.from_bytes_packed(
+        data, traversal_limit_in_words=codec.traversal_limit_words, nesting_limit=NESTING_LIMIT
+    )
+
+
+def encode_request(codec: WireCodec, request: Request) -> bytes:
+    """Packed ``RpcRequest`` bytes (written as ``codec``'s wire version)."""
+    msg = codec.schema.rpc.RpcRequest.new_message()
+    msg.version = codec.version
+    msg.worknode = request.worknode
+    msg.method = request.method
+    if request.arguments:
+        _write_arguments(msg, "arguments", request.arguments)
+    if request.token:
+        msg.token = request.token
+    msg.deadlineMs = clamp_timeout_ms(request.deadline_ms)
+    msg.callDepth = min(max(request.call_depth, 0), 255)
+    if request.trace_id:
+        msg.traceId = request.trace_id
+    return msg.to_bytes_packed()  # type: ignore[no-any-return]
+
+
+def decode_request(codec: WireCodec, data: bytes) -> Request:
+    """The request in ``data``.
+
+    Raises ``RpcInvalidArgumentError`` for bytes that are not a valid ``RpcRequest`` (or carry
+    invalid arguments) and ``FailedPreconditionError`` for a wire version older than the
+    oldest this server reads (or none).
+    """
+    try:
+        msg = _parse(codec, codec.schema.rpc.RpcRequest, data)
+        version = msg.version
+        if version < OLDEST_VERSION:
+            raise FailedPreconditionError(
+                f"request wire version {version} is not supported (oldest {OLDEST_VERSION})"
+            )
+        trace = msg.traceId
+        if len(trace) > TRACE_ID_BYTES:
+            raise RpcInvalidArgumentError(f"trace id longer than {TRACE_ID_BYTES} bytes")
+        return Request(
+            msg.worknode,
+            msg.method,
+            _read_arguments(msg.arguments),
+            msg.token,
+            msg.deadlineMs,
+            msg.callDepth,
+            trace,
+            version,
+        )
+    except (FailedPreconditionError, RpcInvalidArgumentError):
+        raise
+    except _DECODE_ERRORS as exc:
+        raise RpcInvalidArgumentError(f"malformed request: {_reason(exc)}") from None
+
+
+_DECODE_ERRORS: Final = (
+    capnp.KjException, CodecError, WorknodeError, ValueError, TypeError, UnicodeError,
+    OverflowError, IndexError, AttributeError,
+)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).split("\n", 1)[0]
+    if isinstance(exc, capnp.KjException) and "failed: " in text:
+        text = text.split("failed: ", 1)[1]
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def encode_response(codec: WireCodec, response: Response) -> bytes:
+    """Packed ``RpcResponse`` bytes."""
+    msg = codec.schema.rpc.RpcResponse.new_message()
+    msg.version = codec.version
+    msg.status = int(response.status)
+    if response.message:
+        msg.message = response.message
+    if response.result:
+        _write_arguments(msg, "result", response.result)
+    if response.state is not None:
+        msg.state = encode_document(codec.schema, response.state)
+    if response.trace_id:
+        msg.traceId = response.trace_id
+    return msg.to_bytes_packed()  # type: ignore[no-any-return]
+
+
+def decode_response(codec: WireCodec, data: bytes) -> Response:
+    """The response in ``data``; ``RpcInvalidArgumentError`` for bytes that are not one."""
+    try:
+        msg = _parse(codec, codec.schema.rpc.RpcResponse, data)
+        status = StatusCode(msg.status.raw)
+        state = None
+        if msg._has("state"):
+            with decoding("rpc response state"):
+                doc = decode_document(codec.schema, msg.state, ORMap)
+            if not isinstance(doc, ORMap):
+                raise RpcInvalidArgumentError("the state of a response is an OR-map")
+            state = doc
+        return Response(status, msg.message, _read_arguments(msg.result), state, msg.traceId)
+    except RpcInvalidArgumentError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise RpcInvalidArgumentError(f"malformed response: {_reason(exc)}") from None

@@ -1,0 +1,573 @@
+"""The RPC server: a worknode service's methods as NATS micro (ADR-32) endpoints.
+
+One micro service ``worknode-rpc`` per node (metadata: ``node``, ``namespace``, ``subjects``,
+``methods``), with one endpoint per (subject, method) on ``wn.<ns>.rpc.<subject>.<method>``,
+in the ADR-32 queue group: every node that replicates a subject serves its worknodes' methods,
+and each request goes to one of them. Bodies are ``RpcRequest`` / ``RpcResponse``; an error
+travels both in the body (status code and message) and in the ``Nats-Service-Error`` /
+``Nats-Service-Error-Code`` headers.
+
+What happens to one request, in order (each refusal answers at once with its status):
+
+1. the server is stopping -> ``UNAVAILABLE``; the body is larger than ``max_request_bytes``,
+   or ``max_in_flight`` requests already run at this endpoint -> ``RESOURCE_EXHAUSTED``
+   (never queued);
+2. decode (``INVALID_ARGUMENT``, ``FAILED_PRECONDITION`` for an unsupported wire version);
+   call depth above ``MAX_CALL_DEPTH`` -> ``RESOURCE_EXHAUSTED`` (``CallDepthExceededError``);
+   a deadline already passed -> ``DEADLINE_EXCEEDED`` and the work is dropped, not run;
+3. the token must be valid (``UNAUTHENTICATED``) and grant the method on the worknode's
+   subtree (``PERMISSION_DENIED``); only then is a missing worknode ``NOT_FOUND`` (a missing
+   worknode is authorized as a child of the root, so a token for another subtree learns
+   nothing about it);
+4. the handler runs under the remaining deadline; if it passes, the handler is cancelled,
+   its late result discarded, and the caller gets ``DEADLINE_EXCEEDED``.
+
+This is the thin adapter: protocol, deadlines and token checks are the pure modules
+``_protocol`` and ``_capability``; this module reads the clocks and moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from broker.codec import WireCodec
+from broker.crdt import ROOT_ID, Tree, validate_node_id
+from broker.errors import (
+    BackpressureError,
+    BoundsError,
+    InvalidArgumentError,
+    UnknownNodeError,
+    WorknodeError,
+)
+from broker.replica import Replica
+from broker.rpc._capability import TokenVerifier, attenuate
+from broker.rpc._errors import (
+    DeadlineExceededError,
+    RpcError,
+    RpcInvalidArgumentError,
+    RpcNotFoundError,
+    StatusCode,
+    UnavailableError,
+)
+from broker.rpc._protocol import (
+    MAX_REQUEST_BYTES,
+    Deadline,
+    Request,
+    Response,
+    check_depth,
+    child_depth,
+    decode_request,
+    encode_response,
+)
+from broker.rpc._revocation import RevocationList
+from broker.transport import Endpoint, ErrorReply, Msg, ServiceHandle, Transport, rpc_subject
+
+__all__ = [
+    "DEFAULT_MAX_IN_FLIGHT",
+    "OTHER_METHOD",
+    "RPC_SERVICE",
+    "CallContext",
+    "MethodRegistry",
+    "NullRpcObserver",
+    "RpcObserver",
+    "RpcServer",
+    "builtin_methods",
+]
+
+log = logging.getLogger(__name__)
+
+RPC_SERVICE: Final = "worknode-rpc"
+DEFAULT_MAX_IN_FLIGHT: Final = 64
+"""Requests one endpoint runs at once (the ``rpc_max_in_flight`` setting's default)."""
+OTHER_METHOD: Final = "other"
+"""The metrics label for a method name that is not registered."""
+_VERSION: Final = "1.0.0"
+_MAX_PATH: Final = 1024
+
+
+class RpcObserver(Protocol):
+    """Receives RPC server events (metrics). Methods are synchronous and cheap."""
+
+    def request(self, method: str, code: StatusCode, seconds: float) -> None:
+        """A request to ``method`` ended with ``code`` after ``seconds`` of handling."""
+        ...
+
+    def in_flight(self, method: str, delta: int) -> None:
+        """Requests running at ``method`` changed by ``delta``."""
+        ...
+
+    def token_verified(self, seconds: float) -> None:
+        """A token check took ``seconds``."""
+        ...
+
+
+class NullRpcObserver:
+    """An ``RpcObserver`` that ignores every event."""
+
+    def request(self, method: str, code: StatusCode, seconds: float) -> None:
+        """Ignore."""
+
+    def in_flight(self, method: str, delta: int) -> None:
+        """Ignore."""
+
+    def token_verified(self, seconds: float) -> None:
+        """Ignore."""
+
+
+Caller = Callable[..., Awaitable[Response]]
+
+
+@dataclass(slots=True)
+class CallContext:
+    """What a handler knows about the call it serves, and how it calls further.
+
+    ``call`` passes on the time remaining (never the original deadline), the call depth + 1,
+    the trace id, and the caller's token attenuated to expire with this call's deadline
+    (narrowed further by ``methods`` / ``worknode`` when given).
+    """
+
+    namespace: str
+    subject: str
+    worknode: str
+    method: str
+    arguments: Mapping[str, Any]
+    trace_id: bytes
+    depth: int
+    deadline: Deadline
+    token: bytes
+    replica: Replica
+    revocations: RevocationList | None = None
+    _server: RpcServer | None = field(default=None, repr=False)
+
+    def remaining_ms(self) -> int:
+        """Milliseconds left before this call's deadline."""
+        return self.deadline.remaining_ms(_now_ms())
+
+    async def call(
+        self,
+        subject: str,
+        worknode: str,
+        method: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        timeout_ms: float | None = None,
+        methods: Collection[str] | None = None,
+        subtree: str | None = None,
+    ) -> Response:
+        """Call ``method`` on ``worknode`` of ``subject`` (same namespace) from this handler."""
+        server = self._server
+        if server is None or server.caller is None:
+            raise UnavailableError("this server cannot make nested calls")
+        depth = child_depth(self.depth)
+        timeout = self.deadline.child_timeout_ms(_now_ms(), timeout_ms)
+        token = attenuate(
+            self.token,
+            server.keyring,
+            methods=methods,
+            worknode=subtree,
+            expires_at=math.ceil(time.time() + timeout / 1000),
+        )
+        return await server.caller(
+            subject, worknode, method, arguments or {}, token=token, timeout_ms=timeout,
+            depth=depth, trace_id=self.trace_id,
+        )
+
+
+Handler = Callable[[CallContext], Awaitable[Mapping[str, Any] | Response | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Method:
+    name: str
+    handler: Handler
+    creates: bool
+    subjects: frozenset[str] | None
+
+
+class MethodRegistry:
+    """Methods a server exposes; register user handlers with ``@registry.method("name")``.
+
+    A handler takes a ``CallContext`` and returns the result arguments (a mapping of atoms),
+    a full ``Response`` (to return a state), or None. Raise an ``RpcError`` (or an
+    ``InvalidArgumentError``) to answer with that status.
+    """
+
+    def __init__(self) -> None:
+        self._methods: dict[str, _Method] = {}
+
+    def method(
+        self, name: str, *, creates: bool = False, subjects: Collection[str] | None = None
+    ) -> Callable[[Handler], Handler]:
+        """Register the decorated handler as ``name``. ``creates``: the worknode need not
+        exist yet (it is authorized by its future parent's subtree); ``subjects``: serve it
+        only on these subjects."""
+        from broker.transport import validate_token
+
+        validate_token(name, "method")
+
+        def deco(fn: Handler) -> Handler:
+            self._methods[name] = _Method(
+                name, fn, creates, frozenset(subjects) if subjects is not None else None
+            )
+            return fn
+
+        return deco
+
+    def merged(self, other: MethodRegistry) -> MethodRegistry:
+        """A registry with this one's methods and ``other``'s (``other`` wins)."""
+        out = MethodRegistry()
+        out._methods = {**self._methods, **other._methods}
+        return out
+
+    def names(self) -> list[str]:
+        """Registered method names, sorted."""
+        return sorted(self._methods)
+
+    def get(self, name: str) -> _Method | None:
+        """The method registered as ``name``."""
+        return self._methods.get(name)
+
+    def for_subject(self, subject: str) -> list[_Method]:
+        """Methods served on ``subject``."""
+        return [
+            m for _, m in sorted(self._methods.items())
+            if m.subjects is None or subject in m.subjects
+        ]
+
+
+def _now_ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+class _Ancestry:
+    """A replica's resolved parent edges, recomputed only after the tree changed."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self._parents: dict[str, str] | None = None
+        replica.add_change_listener(self._on_change)
+
+    def _on_change(self, keys: Collection[str] | None) -> None:
+        self._parents = None
+
+    def path(self, worknode: str) -> list[str] | None:
+        """``[worknode, parent, ..., root]``, or None if the worknode does not exist."""
+        if worknode == ROOT_ID:
+            return [ROOT_ID]
+        if self._parents is None:
+            self._parents = Tree(self.replica.state).parents()
+        parents = self._parents
+        if worknode not in parents:
+            return None
+        out = [worknode]
+        cur = parents[worknode]
+        while cur != ROOT_ID and len(out) < _MAX_PATH:
+            out.append(cur)
+            cur = parents.get(cur, ROOT_ID)
+        out.append(ROOT_ID)
+        return out
+
+
+def _status_of(exc: BaseException) -> StatusCode:
+    if isinstance(exc, RpcError):
+        return exc.code
+    if isinstance(exc, UnknownNodeError):
+        return StatusCode.NOT_FOUND
+    if isinstance(exc, (InvalidArgumentError, ValueError)):
+        return StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, (BackpressureError, BoundsError)):
+        return StatusCode.RESOURCE_EXHAUSTED
+    return StatusCode.INTERNAL
+
+
+class RpcServer:
+    """Serves ``methods`` for every replica in ``replicas`` (see module doc).
+
+    ``caller`` makes nested calls (an ``RpcClient.call``); ``wall_clock`` gives Unix seconds for
+    token expiry (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        namespace: str,
+        node_id: str,
+        replicas: Mapping[str, Replica],
+        verifier: TokenVerifier,
+        keyring: Mapping[int, bytes],
+        codec: WireCodec,
+        methods: MethodRegistry,
+        revocations: RevocationList | None = None,
+        caller: Caller | None = None,
+        observer: RpcObserver | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_in_flight < 1 or max_request_bytes < 64:
+            raise InvalidArgumentError("max_in_flight >= 1 and max_request_bytes >= 64")
+        self.transport = transport
+        self.namespace = namespace
+        self.node_id = node_id
+        self.replicas = dict(replicas)
+        self.verifier = verifier
+        self.keyring = dict(keyring)
+        self.codec = codec
+        self.methods = methods
+        self.revocations = revocations
+        self.caller = caller
+        self.observer: RpcObserver = observer if observer is not None else NullRpcObserver()
+        self.max_in_flight = max_in_flight
+        self.max_request_bytes = max_request_bytes
+        self.wall_clock = wall_clock
+        self._ancestry = {s: _Ancestry(r) for s, r in self.replicas.items()}
+        self._in_flight: dict[tuple[str, str], int] = {}
+        self._service: ServiceHandle | None = None
+        self._stopping = False
+
+    @property
+    def method_labels(self) -> list[str]:
+        """The bounded set of method labels this server reports (plus ``other``)."""
+        return [*self.methods.names(), OTHER_METHOD]
+
+    def in_flight(self, subject: str, method: str) -> int:
+        """Requests running now at one endpoint."""
+        return self._in_flight.get((subject, method), 0)
+
+    async def start(self) -> None:
+        """Register the micro service. Idempotent."""
+        if self._service is not None:
+            return
+        self._stopping = False
+        endpoints = []
+        for subject in sorted(self.replicas):
+            for m in self.methods.for_subject(subject):
+                endpoints.append(
+                    Endpoint(
+                        f"{subject}-{m.name}",
+                        rpc_subject(self.namespace, subject, m.name),
+                        self._endpoint(subject, m),
+                        concurrent=True,
+                    )
+                )
+        self._service = await self.transport.add_service(
+            name=RPC_SERVICE,
+            version=_VERSION,
+            description="worknode RPC: capability-checked methods of worknodes",
+            endpoints=endpoints,
+            metadata={
+                "node": self.node_id,
+                "namespace": self.namespace,
+                "subjects": ",".join(sorted(self.replicas)),
+                "methods": ",".join(self.methods.names()),
+            },
+        )
+
+    async def stop(self) -> None:
+        """Refuse new requests (``UNAVAILABLE``), let running ones finish (bounded), and
+        unregister. Idempotent."""
+        if self._service is None:
+            return
+        self._stopping = True
+        service, self._service = self._service, None
+        await service.stop()  # unsubscribes, then waits (bounded) for running requests
+
+    # -- one request ---------------------------------------------------------------------
+
+    def _endpoint(self, subject: str, m: Any) -> Callable[[Msg], Awaitable[bytes]]:
+        async def handle(msg: Msg) -> bytes:
+            return await self._handle(subject, m, msg)
+
+        return handle
+
+    def _refuse(self, code: StatusCode, message: str, trace_id: bytes = b"") -> ErrorReply:
+        body = encode_response(self.codec, Response(code, message, trace_id=trace_id))
+        return ErrorReply(code.http, f"{code.label}: {message}", body)
+
+    async def _handle(self, subject: str, m: _Method, msg: Msg) -> bytes:
+        t0 = _now_ms()
+        label = m.name
+        key = (subject, label)
+        if self._stopping:
+            self.observer.request(label, StatusCode.UNAVAILABLE, 0.0)
+            raise self._refuse(StatusCode.UNAVAILABLE, f"{self.node_id} is stopping")
+        if len(msg.data) > self.max_request_bytes:
+            self.observer.request(label, StatusCode.RESOURCE_EXHAUSTED, 0.0)
+            raise self._refuse(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"request of {len(msg.data)} bytes, over max_request_bytes="
+                f"{self.max_request_bytes}",
+            )
+        if self._in_flight.get(key, 0) >= self.max_in_flight:
+            self.observer.request(label, StatusCode.RESOURCE_EXHAUSTED, 0.0)
+            raise self._refuse(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_in_flight} requests already in flight at {subject}.{label}",
+            )
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        self.observer.in_flight(label, 1)
+        code = StatusCode.INTERNAL
+        trace = b""
+        try:
+            try:
+                req = decode_request(self.codec, msg.data)
+                trace = req.trace_id
+                response = await self._run(subject, m, req, t0)
+                code = StatusCode.OK
+                return encode_response(self.codec, response)
+            except ErrorReply:
+                raise
+            except Exception as exc:
+                code = _status_of(exc)
+                if code is StatusCode.INTERNAL and not isinstance(exc, WorknodeError):
+                    log.exception("rpc %s.%s failed", subject, label)
+                    text = f"internal error: {type(exc).__name__}"
+                else:
+                    text = str(exc) or type(exc).__name__
+                raise self._refuse(code, text, trace) from None
+        finally:
+            self._in_flight[key] -= 1
+            self.observer.in_flight(label, -1)
+            self.observer.request(label, code, (_now_ms() - t0) / 1000.0)
+
+    async def _run(self, subject: str, m: _Method, req: Request, t0: float) -> Response:
+        if req.method != m.name:
+            raise RpcInvalidArgumentError(
+                f"request for method {req.method!r} sent to the endpoint of {m.name!r}"
+            )
+        check_depth(req.call_depth)
+        deadline = Deadline.start(t0, req.deadline_ms)
+        if deadline.expired(_now_ms()):
+            raise DeadlineExceededError("deadline passed before the request was handled")
+        worknode = req.worknode
+        replica = self.replicas[subject]
+        ancestry = self._ancestry[subject]
+        path = ancestry.path(worknode)  # only valid ids are in the tree
+        missing = ""
+        if path is None:
+            try:
+                validate_node_id(worknode, allow_root=True)
+            except InvalidArgumentError as exc:
+                raise RpcInvalidArgumentError(str(exc)) from None
+            parent = req.arguments.get("parent", ROOT_ID) if m.creates else None
+            parent_path = ancestry.path(parent) if isinstance(parent, str) else None
+            if parent_path is not None:
+                path = [worknode, *parent_path]
+            else:
+                # Authorize as if the worknode hung under the root, so that only a token that
+                # could see it learns that it does not exist (others get PERMISSION_DENIED).
+                path = [worknode, ROOT_ID]
+                missing = (
+                    f"no parent worknode {parent!r} in {subject}" if m.creates
+                    else f"no worknode {worknode!r} in {subject}"
+                )
+        v0 = time.perf_counter()
+        try:
+            self.verifier.verify(
+                req.token,
+                namespace=self.namespace,
+                subject=subject,
+                path=path,
+                method=m.name,
+                now=self.wall_clock(),
+                revoked=self.revocations.ids if self.revocations is not None else (),
+            )
+        finally:
+            self.observer.token_verified(time.perf_counter() - v0)
+        if missing:
+            raise RpcNotFoundError(missing)
+        ctx = CallContext(
+            namespace=self.namespace, subject=subject, worknode=worknode, method=m.name,
+            arguments=req.arguments, trace_id=req.trace_id, depth=req.call_depth,
+            deadline=deadline, token=req.token, replica=replica,
+            revocations=self.revocations, _server=self,
+        )
+        left = deadline.remaining_ms(_now_ms())
+        if left <= 0:
+            raise DeadlineExceededError("deadline passed before the handler ran")
+        try:
+            async with asyncio.timeout(left / 1000.0):
+                out = await m.handler(ctx)
+        except TimeoutError:
+            # The handler was cancelled: its late result is discarded, never sent.
+            raise DeadlineExceededError(
+                f"{m.name} on {worknode} did not finish within the deadline"
+            ) from None
+        if isinstance(out, Response):
+            return Response(out.status, out.message, out.result, out.state, req.trace_id)
+        return Response(StatusCode.OK, result=dict(out or {}), trace_id=req.trace_id)
+
+
+# -- built-in methods -----------------------------------------------------------------------
+
+
+def _field(ctx: CallContext) -> tuple[str, ...]:
+    raw = ctx.arguments.get("path")
+    if not isinstance(raw, str) or not raw:
+        raise RpcInvalidArgumentError("argument 'path' (dotted field path) is required")
+    return tuple(raw.split("."))
+
+
+def builtin_methods(revocation_subject: str | None = None) -> MethodRegistry:
+    """``get`` (a worknode's state), ``set``/``incr``/``add`` (a field, through the replica:
+    persisted and replicated), ``create`` (a child of argument ``parent``), and ``revoke``
+    (argument ``token_id``; only on ``revocation_subject``)."""
+    from broker.repair import subset
+
+    reg = MethodRegistry()
+
+    @reg.method("get")
+    async def get(ctx: CallContext) -> Response:
+        if ctx.worknode == ROOT_ID:
+            return Response(StatusCode.OK, result={"children": len(ctx.replica.state)})
+        state = subset(ctx.replica.state, [ctx.worknode])
+        return Response(StatusCode.OK, result={"worknode": ctx.worknode}, state=state)
+
+    @reg.method("set")
+    async def set_(ctx: CallContext) -> Mapping[str, Any]:
+        if "value" not in ctx.arguments:
+            raise RpcInvalidArgumentError("argument 'value' is required")
+        await ctx.replica.set(ctx.worknode, _field(ctx), ctx.arguments["value"])
+        return {"ok": True}
+
+    @reg.method("incr")
+    async def incr(ctx: CallContext) -> Mapping[str, Any]:
+        amount = ctx.arguments.get("amount", 1)
+        if type(amount) is not int:
+            raise RpcInvalidArgumentError("argument 'amount' must be an int")
+        await ctx.replica.increment(ctx.worknode, _field(ctx), amount)
+        return {"ok": True}
+
+    @reg.method("add")
+    async def add(ctx: CallContext) -> Mapping[str, Any]:
+        if "element" not in ctx.arguments:
+            raise RpcInvalidArgumentError("argument 'element' is required")
+        await ctx.replica.add(ctx.worknode, _field(ctx), ctx.arguments["element"])
+        return {"ok": True}
+
+    @reg.method("create", creates=True)
+    async def create(ctx: CallContext) -> Mapping[str, Any]:
+        parent = ctx.arguments.get("parent", ROOT_ID)
+        if not isinstance(parent, str):
+            raise RpcInvalidArgumentError("argument 'parent' must be a worknode id")
+        await ctx.replica.create(ctx.worknode, parent)
+        return {"ok": True}
+
+    if revocation_subject is not None:
+
+        @reg.method("revoke", subjects=[revocation_subject])
+        async def revoke(ctx: CallContext) -> Mapping[str, Any]:
+            token_id = ctx.arguments.get("token_id")
+            if not isinstance(token_id, str) or ctx.revocations is None:
+                raise RpcInvalidArgumentError("argument 'token_id' (hex) is required")
+            await ctx.revocations.revoke([token_id])
+            return {"revoked": token_id}
+
+    return reg

@@ -1,0 +1,68 @@
+"""Wiring the RPC server into a worknode service (kept apart from ``_service`` on purpose)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from broker.codec import WireCodec
+from broker.errors import InvalidArgumentError
+from broker.rpc import (
+    MethodRegistry,
+    RevocationList,
+    RpcClient,
+    RpcServer,
+    TokenVerifier,
+    builtin_methods,
+)
+from services.worknode._rpc_metrics import RpcMetrics
+
+if TYPE_CHECKING:
+    from services.worknode._service import WorknodeService
+
+__all__ = ["read_keyring", "start_rpc"]
+
+
+def read_keyring(path: Path) -> dict[int, bytes]:
+    """``{key id: root public key}`` from a JSON keyring file ``{"1": "<hex>", ...}``."""
+    try:
+        raw = json.loads(path.read_text())
+        ring = {int(k): bytes.fromhex(str(v)) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise InvalidArgumentError(f"cannot read keyring {path}: {exc}") from exc
+    if not ring or any(len(k) != 32 for k in ring.values()):
+        raise InvalidArgumentError(f"keyring {path} must hold 32-byte Ed25519 public keys")
+    return ring
+
+
+async def start_rpc(
+    svc: WorknodeService, codec: WireCodec, methods: MethodRegistry | None
+) -> RpcServer:
+    """Serve the built-in and ``methods`` on every replica of ``svc``; returns the server."""
+    s = svc.settings
+    assert s.rpc_keyring_file is not None
+    assert svc.transport is not None
+    keyring = read_keyring(s.rpc_keyring_file)
+    registry = builtin_methods(s.rpc_revocation_subject)
+    if methods is not None:
+        registry = registry.merged(methods)
+    revocations = RevocationList(svc.replica(s.rpc_revocation_subject))
+    client = RpcClient(svc.transport, namespace=s.namespace, codec=codec)
+    server = RpcServer(
+        transport=svc.transport,
+        namespace=s.namespace,
+        node_id=s.node_id,
+        replicas=svc.replicas,
+        verifier=TokenVerifier(keyring),
+        keyring=keyring,
+        codec=codec,
+        methods=registry,
+        revocations=revocations,
+        caller=client.call,
+        observer=RpcMetrics(svc.metrics.registry, registry.names()),
+        max_in_flight=s.rpc_max_in_flight,
+        max_request_bytes=s.rpc_max_request_bytes,
+    )
+    await server.start()
+    return server

@@ -1,0 +1,241 @@
+"""``worknode token keygen | mint | attenuate | inspect | revoke`` and ``worknode call``.
+
+Tokens travel as URL-safe base64 text (the Biscuit convention). ``__main__``-style code only:
+parse, wire, run.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from broker.errors import WorknodeError
+from broker.rpc import (
+    DEFAULT_REVOCATION_SUBJECT,
+    Grant,
+    RootKey,
+    RpcClient,
+    RpcError,
+    attenuate,
+    inspect,
+    mint,
+)
+from broker.transport import NatsTransport
+from services.worknode._rpc import read_keyring
+
+__all__ = ["register_rpc"]
+
+
+def _encode(token: bytes) -> str:
+    return base64.urlsafe_b64encode(token).decode()
+
+
+def _decode(text: str) -> bytes:
+    text = text.strip()
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text().strip()
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise click.BadParameter(f"not a base64 token: {exc}") from exc
+
+
+def _read_root_key(path: Path) -> RootKey:
+    try:
+        raw = json.loads(path.read_text())
+        return RootKey(int(raw["key_id"]), bytes.fromhex(raw["private_key"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise click.ClickException(f"cannot read root key {path}: {exc}") from exc
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=UTC).isoformat()
+
+
+def _parse_arg(text: str) -> tuple[str, Any]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise click.BadParameter(f"arguments are NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"bytes": value.hex()}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset, list, tuple)):
+        return sorted((_jsonable(v) for v in value), key=repr)
+    return value
+
+
+async def _call(
+    nats_urls: tuple[str, ...], namespace: str, subject: str, worknode: str, method: str,
+    arguments: dict[str, Any], token: bytes, timeout_ms: float,
+) -> dict[str, Any]:
+    async with NatsTransport(list(nats_urls), name="worknode-call") as transport:
+        client = RpcClient(transport, namespace=namespace)
+        r = await client.call(subject, worknode, method, arguments, token=token,
+                              timeout_ms=timeout_ms)
+    out: dict[str, Any] = {"status": r.status.label, "result": _jsonable(dict(r.result))}
+    if r.state is not None:
+        out["state"] = _jsonable(r.state.value())
+    return out
+
+
+def _run_call(coro: Any) -> dict[str, Any]:
+    import asyncio
+
+    try:
+        result: dict[str, Any] = asyncio.run(coro)
+        return result
+    except RpcError as exc:
+        raise click.ClickException(f"{exc.code.label}: {exc}") from exc
+    except WorknodeError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+_nats = [
+    click.option("--nats-url", "nats_urls", multiple=True, required=True,
+                 help="NATS server URL (repeat for a cluster)."),
+    click.option("--namespace", default="default", show_default=True),
+    click.option("--token", "token_text", envvar="WORKNODE_TOKEN", required=True,
+                 help="Capability token (base64, or @file); env WORKNODE_TOKEN."),
+    click.option("--timeout-ms", type=float, default=5000, show_default=True),
+]
+
+
+def _with_nats(fn: Any) -> Any:
+    for opt in reversed(_nats):
+        fn = opt(fn)
+    return fn
+
+
+def register_rpc(main: click.Group) -> None:
+    """Add ``token`` and ``call`` to the ``worknode`` group."""
+
+    @main.group()
+    def token() -> None:
+        """Capability tokens (Biscuit): keygen, mint, attenuate, inspect, revoke."""
+
+    @token.command()
+    @click.option("--key-id", type=int, required=True, help="Id of the new root key.")
+    @click.option("--out", type=click.Path(path_type=Path), required=True,
+                  help="Root key file to create (mode 0600; keep it secret).")
+    @click.option("--keyring", type=click.Path(path_type=Path), required=True,
+                  help="Keyring JSON to add the public key to (created if missing).")
+    def keygen(key_id: int, out: Path, keyring: Path) -> None:
+        """Create a cluster root key and add its public key to a keyring (rotation: a new
+        key id; keep the old one in keyrings until its tokens expire)."""
+        key = RootKey(key_id, os.urandom(32))
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key_id": key_id, "private_key": key.private_key.hex()}, f)
+        ring = json.loads(keyring.read_text()) if keyring.exists() else {}
+        ring[str(key_id)] = key.public_key.hex()
+        keyring.write_text(json.dumps(ring, indent=2, sort_keys=True) + "\n")
+        click.echo(f"root key {key_id}: {out}; public key added to {keyring}")
+
+    @token.command("mint")
+    @click.option("--root-key", type=click.Path(path_type=Path), required=True)
+    @click.option("--namespace", required=True)
+    @click.option("--subject", "subjects", multiple=True, required=True,
+                  help="Subject granted (repeatable).")
+    @click.option("--worknode", default="root", show_default=True,
+                  help="Worknode whose subtree is granted.")
+    @click.option("--method", "methods", multiple=True, help="Method granted (repeatable; "
+                  "default: every method).")
+    @click.option("--ttl", type=float, default=3600, show_default=True, help="Seconds valid.")
+    def mint_(root_key: Path, namespace: str, subjects: tuple[str, ...], worknode: str,
+              methods: tuple[str, ...], ttl: float) -> None:
+        """Mint a token with the cluster root key; prints it."""
+        key = _read_root_key(root_key)
+        try:
+            grants = [Grant(namespace, s, worknode, tuple(methods) or ("*",)) for s in subjects]
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from exc
+        click.echo(_encode(mint(key, grants, expires_at=time.time() + ttl)))
+
+    @token.command("attenuate")
+    @click.argument("token_text", metavar="TOKEN")
+    @click.option("--keyring", type=click.Path(path_type=Path), required=True,
+                  help="Keyring of root public keys (no secret needed).")
+    @click.option("--method", "methods", multiple=True, help="Keep only these methods.")
+    @click.option("--worknode", default=None, help="Keep only this subtree.")
+    @click.option("--subject", default=None, help="Keep only this subject.")
+    @click.option("--ttl", type=float, default=None, help="Expire within this many seconds.")
+    def attenuate_(token_text: str, keyring: Path, methods: tuple[str, ...],
+                   worknode: str | None, subject: str | None, ttl: float | None) -> None:
+        """Narrow a token (offline, no issuer); prints the new token."""
+        try:
+            out = attenuate(
+                _decode(token_text), read_keyring(keyring), methods=methods or None,
+                worknode=worknode, subject=subject,
+                expires_at=None if ttl is None else time.time() + ttl,
+            )
+        except (WorknodeError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(_encode(out))
+
+    @token.command("inspect")
+    @click.argument("token_text", metavar="TOKEN")
+    def inspect_(token_text: str) -> None:
+        """Print a token's key id, id, expiry and blocks (signatures not checked)."""
+        try:
+            info = inspect(_decode(token_text))
+        except WorknodeError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(json.dumps({
+            "key_id": info.key_id,
+            "token_id": info.token_id,
+            "expires_at": _iso(info.expires_at),
+            "revocation_ids": list(info.revocation_ids),
+            "blocks": list(info.blocks),
+        }, indent=2))
+
+    @token.command("revoke")
+    @click.argument("target", metavar="TOKEN_OR_ID")
+    @_with_nats
+    @click.option("--subject", "revocation_subject", default=DEFAULT_REVOCATION_SUBJECT,
+                  show_default=True, help="The revocation subject of the cluster.")
+    def revoke(target: str, nats_urls: tuple[str, ...], namespace: str, token_text: str,
+               timeout_ms: float, revocation_subject: str) -> None:
+        """Revoke a token (or a revocation id, hex) cluster-wide; --token must grant
+        ``revoke`` on the revocation subject."""
+        if all(c in "0123456789abcdef" for c in target) and len(target) >= 32:
+            token_id = target
+        else:
+            try:
+                token_id = inspect(_decode(target)).token_id
+            except WorknodeError as exc:
+                raise click.ClickException(str(exc)) from exc
+        out = _run_call(_call(nats_urls, namespace, revocation_subject, "root", "revoke",
+                              {"token_id": token_id}, _decode(token_text), timeout_ms))
+        click.echo(json.dumps(out, sort_keys=True))
+
+    @main.command("call")
+    @click.argument("subject")
+    @click.argument("worknode")
+    @click.argument("method")
+    @click.argument("args", nargs=-1, metavar="[NAME=VALUE]...")
+    @_with_nats
+    def call_(subject: str, worknode: str, method: str, args: tuple[str, ...],
+              nats_urls: tuple[str, ...], namespace: str, token_text: str,
+              timeout_ms: float) -> None:
+        """Call METHOD on WORKNODE of SUBJECT with a capability token; prints the result.
+        Values are JSON when they parse as JSON, text otherwise."""
+        arguments = dict(_parse_arg(a) for a in args)
+        out = _run_call(_call(nats_urls, namespace, subject, worknode, method, arguments,
+                              _decode(token_text), timeout_ms))
+        click.echo(json.dumps(out, sort_keys=True))

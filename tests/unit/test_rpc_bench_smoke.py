@@ -1,0 +1,23 @@
+"""Smoke test: the RPC benchmark runs end to end in --quick mode and writes every row.
+
+No timing assertions: unit tests never depend on machine speed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import rpc_bench
+
+
+def test_quick_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results" / "rpc.md"
+    assert rpc_bench.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert text in capsys.readouterr().out
+    for row in ("p50 ratio worknode / raw", "throughput ratio worknode / raw",
+                "token verification, uncached", "token verification, cached"):
+        assert row in text, row
+    assert "Command: `python -m bench.rpc_bench --quick" in text
