@@ -34,7 +34,7 @@ from broker.codec import Signer, TrustRoster, WireCodec, decoding
 from broker.crdt import ORMap
 from broker.errors import InvalidArgumentError, MalformedMessageError
 from broker.merkle import MerkleTree
-from broker.repair import entry_digest, subset
+from broker.repair import item_digest, subset
 from broker.replica import Replica
 from broker.transport import (
     Endpoint,
@@ -82,15 +82,16 @@ class _ReplicaTree:
     def current(self) -> MerkleTree:
         store = self.replica.state.store or {}
         if self._dirty is None:
-            items = [(k, entry_digest(v, self.secret)) for k, v in store.items()]
-            self.tree = MerkleTree.build(items, key=self.secret)
+            secret = self.secret
+            items = [(k, item_digest(k, v, secret)) for k, v in store.items()]
+            self.tree = MerkleTree.build(items, key=secret)
         else:
             for key in self._dirty:
                 entry = store.get(key)
                 if entry is None:
                     self.tree.remove(key)
                 else:
-                    self.tree.set(key, entry_digest(entry, self.secret))
+                    self.tree.set(key, item_digest(key, entry, self.secret))
         self._dirty = set()
         return self.tree
 
