@@ -5,9 +5,12 @@ with metadata ``node``, ``namespace`` and ``subjects`` so a healer discovers it 
 ``$SRV.INFO``. Per subject it serves five endpoints on
 ``wn.<ns>.merkle.<subject>.<node>.<verb>``:
 
-    root    RootRequest        -> RootReply (root, item count, version vector)
-    nodes   NodeHashesRequest  -> NodeHashesReply (child values of each prefix)
-    leaves  NodeHashesRequest  -> LeafItemsReply (items of each leaf prefix)
+    root    RootRequest        -> RootReply (root, item count, version vector, tree scheme and
+                                  shape; on request the top levels' values, packed)
+    nodes   NodeHashesRequest  -> NodeHashesReply (child values of each prefix; with hashBytes,
+                                  packed and cut to their low hashBytes bytes)
+    leaves  NodeHashesRequest  -> LeafItemsReply (items of each leaf prefix; with hashBytes,
+                                  packed, digests cut likewise)
     fetch   FetchStatesRequest -> SignedEnvelope (delta document: those keys' entries and the
                                   replica's whole causal context; see ``broker.repair``)
     apply   SignedEnvelope     -> ApplyStatesReply (repair delta joined and logged)
@@ -21,6 +24,13 @@ keys dirty; their digests are recomputed (O(depth) tree updates per key) when th
 request arrives, so writes never pay for it and a tree is never rebuilt after the first build.
 
 Prefixes travel as bytes, one digit (0..fanout-1) per byte; the root is the empty prefix.
+
+Why values may travel cut to a few bytes: every value is a sum of keyed digests that no one
+without the cluster secret can compute or steer, so two different subtrees show equal low
+``w`` bytes with probability ``2**(-8w)`` per comparison. At 8 bytes and the ~20,000
+comparisons of a heal of 1,000 keys among 1M, that is ~1e-15 per heal; and a missed
+difference is never silent: the healer compares full 32-byte roots afterwards and runs
+another round with whole values when a round found nothing while roots differ.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from typing import Any, Final
 from broker.codec import Signer, TrustRoster, WireCodec, decoding
 from broker.crdt import ORMap
 from broker.errors import InvalidArgumentError, MalformedMessageError
-from broker.merkle import MerkleTree
+from broker.merkle import HASH_SIZE, TREE_SCHEME, MerkleTree, node_answer
 from broker.repair import item_digest, subset
 from broker.replica import Replica
 from broker.transport import (
@@ -45,12 +55,33 @@ from broker.transport import (
     merkle_subject,
 )
 
-__all__ = ["REPLICA_SERVICE", "VERBS", "HealClient", "HealEndpoints", "RootView"]
+__all__ = [
+    "LEAVES_PER_CALL",
+    "MAX_PREFIXES",
+    "MAX_ROOT_VALUES",
+    "PACKED_REPLY_BYTES",
+    "REPLICA_SERVICE",
+    "VERBS",
+    "HealClient",
+    "HealEndpoints",
+    "RootView",
+    "pack_leaf_items",
+    "unpack_leaf_items",
+]
 
 REPLICA_SERVICE: Final = "worknode-replica"
 PREFIXES_PER_CALL: Final = 256
-"""Prefixes per nodes/leaves call: a reply stays near 256 x 16 children x ~50 B = 200 KB,
-well under the NATS max payload; more prefixes go out as parallel calls."""
+"""Prefixes per nodes/leaves call in the unpacked form: a reply stays near 256 x 16 children
+x ~50 B = 200 KB, well under the NATS max payload; more prefixes go out as parallel calls."""
+PACKED_REPLY_BYTES: Final = 256 * 1024
+"""Target size of a packed nodes reply; the prefixes per call follow from fan-out and width
+(2,048 prefixes at fan-out 16 and 8-byte values). Leaves go ``LEAVES_PER_CALL`` at a time."""
+LEAVES_PER_CALL: Final = 1024
+"""Leaves per packed leaves call: ~15 items each at 1M keys, ~25 B an item: ~400 KB."""
+MAX_PREFIXES: Final = 65_536
+"""Prefixes one nodes/leaves request may name (a bigger request is refused)."""
+MAX_ROOT_VALUES: Final = 4096
+"""Node values a root reply may carry: the top levels are sent only while they fit."""
 VERBS: Final = ("root", "nodes", "leaves", "fetch", "apply")
 _VERSION: Final = "1.0.0"
 
@@ -61,6 +92,58 @@ def _prefix_bytes(prefix: tuple[int, ...]) -> bytes:
 
 def _prefix_tuple(raw: bytes) -> tuple[int, ...]:
     return tuple(raw)
+
+
+def _width(raw: int) -> int:
+    if not 0 <= raw <= HASH_SIZE:
+        raise MalformedMessageError(f"hashBytes lies in [0, {HASH_SIZE}], got {raw}")
+    return raw or HASH_SIZE
+
+
+def pack_leaf_items(leaves: Sequence[Sequence[tuple[str, bytes]]], width: int) -> bytes:
+    """The packed leaf form: per leaf a 4-byte item count, per item a 2-byte key length, the
+    UTF-8 key and the digest's low ``width`` bytes."""
+    out: list[bytes] = []
+    for items in leaves:
+        out.append(len(items).to_bytes(4, "big"))
+        for key, digest in items:
+            kb = key.encode()
+            out.append(len(kb).to_bytes(2, "big"))
+            out.append(kb)
+            out.append(digest[-width:])
+    return b"".join(out)
+
+
+def unpack_leaf_items(
+    raw: bytes, leaves: int, width: int
+) -> list[list[tuple[str, bytes]]]:
+    """Read ``leaves`` leaves of the packed form (MalformedMessageError if it does not fit)."""
+    out: list[list[tuple[str, bytes]]] = []
+    at, end = 0, len(raw)
+    try:
+        for _ in range(leaves):
+            if at + 4 > end:
+                raise MalformedMessageError("packed leaf items end early")
+            count = int.from_bytes(raw[at : at + 4], "big")
+            at += 4
+            if count * (2 + width) > end - at:
+                raise MalformedMessageError("packed leaf items end early")
+            items: list[tuple[str, bytes]] = []
+            for _ in range(count):
+                n = int.from_bytes(raw[at : at + 2], "big")
+                key = raw[at + 2 : at + 2 + n].decode()
+                at += 2 + n
+                digest = raw[at : at + width]
+                at += width
+                if len(digest) != width:
+                    raise MalformedMessageError("packed leaf items end early")
+                items.append((key, digest))
+            out.append(items)
+    except UnicodeDecodeError as exc:
+        raise MalformedMessageError("a packed leaf key is not UTF-8") from exc
+    if at != end:
+        raise MalformedMessageError("packed leaf items carry trailing bytes")
+    return out
 
 
 class _ReplicaTree:
@@ -162,12 +245,21 @@ class HealEndpoints:
     # -- endpoints -------------------------------------------------------------------------
 
     async def _root(self, subject: str, data: bytes) -> bytes:
+        req = self.codec.read(self.codec.schema.healer.RootRequest, data, "root request")
+        with decoding("root request"):
+            levels = int(req.levels)
+            width = _width(int(req.hashBytes))
+            unless = bytes(req.levelsUnless)
         tree = self.trees[subject].current()
         vv = self.replicas[subject].state.context.version_vector
         reply = self.codec.schema.healer.RootReply.new_message()
         reply.subject = subject
-        reply.root = tree.root()
+        root = tree.root()
+        reply.root = root
         reply.itemCount = tree.count()
+        reply.scheme = TREE_SCHEME
+        reply.fanout = tree.fanout
+        reply.depth = tree.depth
         versions = reply.init("versions")
         names = sorted(vv)
         versions.init("replicas", len(names))
@@ -175,18 +267,35 @@ class HealEndpoints:
         for i, r in enumerate(names):
             versions.replicas[i] = r
             versions.counters[i] = vv[r]
+        if levels and root != unless:
+            sent, values, parts = 0, 0, []
+            while sent < min(levels, tree.depth - 1):
+                size = tree.fanout ** (sent + 1)
+                if values + size > MAX_ROOT_VALUES:
+                    break
+                sent += 1
+                values += size
+                parts.append(tree.level_values(sent, range(size), width))
+            reply.levelCount = sent
+            reply.levels = b"".join(parts)
         return reply.to_bytes_packed()  # type: ignore[no-any-return]
 
-    def _prefixes(self, data: bytes) -> list[tuple[int, ...]]:
+    def _prefixes(self, data: bytes) -> tuple[list[tuple[int, ...]], int]:
         req = self.codec.read(self.codec.schema.healer.NodeHashesRequest, data, "node request")
         with decoding("node request"):
-            return [_prefix_tuple(bytes(p)) for p in req.prefixes]
+            if len(req.prefixes) > MAX_PREFIXES:
+                raise MalformedMessageError(f"more than {MAX_PREFIXES} prefixes in one request")
+            return [_prefix_tuple(bytes(p)) for p in req.prefixes], int(req.hashBytes)
 
     async def _nodes(self, subject: str, data: bytes) -> bytes:
         tree = self.trees[subject].current()
-        values = tree.child_hashes(self._prefixes(data))
+        prefixes, packed = self._prefixes(data)
         reply = self.codec.schema.healer.NodeHashesReply.new_message()
         reply.subject = subject
+        if packed:
+            reply.hashes = node_answer(tree, prefixes, _width(packed))
+            return reply.to_bytes_packed()  # type: ignore[no-any-return]
+        values = tree.child_hashes(prefixes)
         nodes = reply.init("nodes", len(values))
         for i, (prefix, value) in enumerate(sorted(values.items())):
             nodes[i].prefix = _prefix_bytes(prefix)
@@ -195,10 +304,14 @@ class HealEndpoints:
 
     async def _leaves(self, subject: str, data: bytes) -> bytes:
         tree = self.trees[subject].current()
-        leaves = tree.leaves(self._prefixes(data))
-        items = [item for prefix in sorted(leaves) for item in leaves[prefix]]
+        prefixes, packed = self._prefixes(data)
+        leaves = tree.leaves(prefixes)
         reply = self.codec.schema.healer.LeafItemsReply.new_message()
         reply.subject = subject
+        if packed:
+            reply.packedItems = pack_leaf_items([leaves[p] for p in prefixes], _width(packed))
+            return reply.to_bytes_packed()  # type: ignore[no-any-return]
+        items = [item for prefix in sorted(leaves) for item in leaves[prefix]]
         out = reply.init("items", len(items))
         for i, (key, digest) in enumerate(items):
             out[i].key = key
@@ -245,6 +358,11 @@ class RootView:
     root: bytes
     count: int
     versions: dict[str, int]
+    scheme: int = 1
+    fanout: int = 16
+    depth: int = 4
+    levels: tuple[bytes, ...] = ()
+    width: int = HASH_SIZE
 
 
 class HealClient:
@@ -282,10 +400,18 @@ class HealClient:
         self.bytes_received += len(reply)
         return reply
 
-    async def root(self, subject: str, node: str) -> RootView:
-        """The replica's root, item count and version vector."""
+    async def root(
+        self, subject: str, node: str, *, levels: int = 0, width: int = HASH_SIZE,
+        unless: bytes = b"",
+    ) -> RootView:
+        """The replica's root, item count, version vector and tree scheme and shape; with
+        ``levels``, also its top levels' values (``width`` bytes each) unless its root is
+        ``unless``."""
         req = self.codec.schema.healer.RootRequest.new_message()
         req.subject = subject
+        req.levels = levels
+        req.hashBytes = width % HASH_SIZE
+        req.levelsUnless = unless
         data = await self._call(subject, node, "root", req.to_bytes_packed())
         r = self.codec.read(self.codec.schema.healer.RootReply, data, "root reply")
         with decoding("root reply"):
@@ -294,21 +420,40 @@ class HealClient:
             if len(names) != len(counters):
                 raise MalformedMessageError("version vector lists differ in length")
             vv = dict(zip(names, counters, strict=True))
-            return RootView(node, bytes(r.root), int(r.itemCount), vv)
+            fanout, depth = int(r.fanout) or 16, int(r.depth) or 4
+            raw, count = bytes(r.levels), int(r.levelCount)
+            top: list[bytes] = []
+            at = 0
+            for level in range(1, count + 1):
+                size = width * fanout**level
+                top.append(raw[at : at + size])
+                at += size
+            if at != len(raw) or any(len(t) != width * fanout ** (i + 1) for i, t in
+                                     enumerate(top)):
+                raise MalformedMessageError("root reply levels do not match their count")
+            return RootView(
+                node, bytes(r.root), int(r.itemCount), vv, int(r.scheme) or 1, fanout, depth,
+                tuple(top), width,
+            )
 
-    def _prefix_request(self, subject: str, prefixes: Sequence[tuple[int, ...]]) -> bytes:
+    def _prefix_request(
+        self, subject: str, prefixes: Sequence[tuple[int, ...]], width: int = 0
+    ) -> bytes:
         req = self.codec.schema.healer.NodeHashesRequest.new_message()
         req.subject = subject
+        req.hashBytes = width % HASH_SIZE if width else 0
+        if width == HASH_SIZE:
+            req.hashBytes = 0  # whole values: the unpacked form old replicas answer too
         lst = req.init("prefixes", len(prefixes))
         for i, p in enumerate(prefixes):
             lst[i] = _prefix_bytes(p)
         return req.to_bytes_packed()  # type: ignore[no-any-return]
 
     @staticmethod
-    def _chunks(prefixes: Sequence[tuple[int, ...]]) -> list[Sequence[tuple[int, ...]]]:
-        return [
-            prefixes[i : i + PREFIXES_PER_CALL] for i in range(0, len(prefixes), PREFIXES_PER_CALL)
-        ]
+    def _chunks(
+        prefixes: Sequence[tuple[int, ...]], size: int = PREFIXES_PER_CALL
+    ) -> list[Sequence[tuple[int, ...]]]:
+        return [prefixes[i : i + size] for i in range(0, len(prefixes), size)]
 
     async def nodes(
         self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]]
@@ -327,14 +472,73 @@ class HealClient:
         with decoding("nodes reply"):
             return {_prefix_tuple(bytes(n.prefix)): bytes(n.hash) for n in r.nodes}
 
-    async def leaves(
-        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], tree: MerkleTree
-    ) -> dict[tuple[int, ...], list[tuple[str, bytes]]]:
-        """Items of each leaf prefix (grouped with ``tree.path``: same secret and shape)."""
+    async def packed_nodes(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], width: int,
+        fanout: int = 16,
+    ) -> bytes:
+        """Child values of each prefix, packed in order, ``width`` low bytes each (the
+        answer ``Reconciliation.receive_nodes`` takes); parallel calls of bounded size."""
+        if width >= HASH_SIZE:
+            values = await self.nodes(subject, node, prefixes)
+            return b"".join(
+                values[(*p, d)] for p in prefixes for d in range(fanout)
+            )
+        size = max(1, PACKED_REPLY_BYTES // (fanout * width))
         parts = await asyncio.gather(
-            *(self._leaves(subject, node, chunk, tree) for chunk in self._chunks(prefixes))
+            *(self._packed_nodes(subject, node, c, width, fanout)
+              for c in self._chunks(prefixes, size))
         )
+        return b"".join(parts)
+
+    async def _packed_nodes(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], width: int,
+        fanout: int,
+    ) -> bytes:
+        body = self._prefix_request(subject, prefixes, width)
+        data = await self._call(subject, node, "nodes", body)
+        r = self.codec.read(self.codec.schema.healer.NodeHashesReply, data, "nodes reply")
+        with decoding("nodes reply"):
+            packed = bytes(r.hashes)
+        if len(packed) != len(prefixes) * fanout * width:
+            raise MalformedMessageError(f"replica {node} answered the wrong number of values")
+        return packed
+
+    async def leaves(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], tree: MerkleTree,
+        width: int = HASH_SIZE,
+    ) -> dict[tuple[int, ...], list[tuple[str, bytes]]]:
+        """Items of each leaf prefix (checked with ``tree.path``: same secret and shape);
+        with ``width`` below 32, packed and with digests cut to their low ``width`` bytes."""
+        if width >= HASH_SIZE:
+            parts = await asyncio.gather(
+                *(self._leaves(subject, node, chunk, tree) for chunk in self._chunks(prefixes))
+            )
+        else:
+            parts = await asyncio.gather(
+                *(
+                    self._packed_leaves(subject, node, chunk, tree, width)
+                    for chunk in self._chunks(prefixes, LEAVES_PER_CALL)
+                )
+            )
         return {k: v for part in parts for k, v in part.items()}
+
+    async def _packed_leaves(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], tree: MerkleTree,
+        width: int,
+    ) -> dict[tuple[int, ...], list[tuple[str, bytes]]]:
+        body = self._prefix_request(subject, prefixes, width)
+        data = await self._call(subject, node, "leaves", body)
+        r = self.codec.read(self.codec.schema.healer.LeafItemsReply, data, "leaves reply")
+        with decoding("leaves reply"):
+            raw = bytes(r.packedItems)
+        out: dict[tuple[int, ...], list[tuple[str, bytes]]] = {}
+        for prefix, items in zip(prefixes, unpack_leaf_items(raw, len(prefixes), width),
+                                 strict=True):
+            for key, _ in items:
+                if tree.path(key) != prefix:
+                    raise InvalidArgumentError(f"replica {node} sent key {key!r} from another leaf")
+            out[prefix] = items
+        return out
 
     async def _leaves(
         self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], tree: MerkleTree
