@@ -43,7 +43,18 @@ from typing import Any, Final
 from broker.codec import Signer, TrustRoster, WireCodec, decoding
 from broker.crdt import ORMap
 from broker.errors import InvalidArgumentError, MalformedMessageError
-from broker.merkle import HASH_SIZE, TREE_SCHEME, MerkleTree, node_answer
+from broker.merkle import (
+    HASH_SIZE,
+    TREE_SCHEME,
+    Diff,
+    LeafRequest,
+    MerkleTree,
+    Reconciliation,
+    Request,
+    RootInfo,
+    Side,
+    node_answer,
+)
 from broker.repair import item_digest, subset
 from broker.replica import Replica
 from broker.transport import (
@@ -554,6 +565,35 @@ class HealClient:
                     raise InvalidArgumentError(f"replica {node} sent key {key!r} from another leaf")
                 out[path].append((key, bytes(item.digest)))
         return out
+
+    async def identify(
+        self, subject: str, left: RootView, right: RootView, secret: bytes
+    ) -> Diff:
+        """Name the keys that differ between two replicas: drive a ``Reconciliation`` from
+        their root views (top levels included), one wave of parallel calls per round.
+        ``Diff.round_trips`` counts the waves after the roots."""
+        width = min(left.width, right.width)
+        rec = Reconciliation(
+            RootInfo(left.root, left.count, left.fanout, left.depth, left.versions,
+                     left.levels, width, left.scheme),
+            RootInfo(right.root, right.count, right.fanout, right.depth, right.versions,
+                     right.levels, width, right.scheme),
+        )
+        nodes = {Side.LEFT: left.node, Side.RIGHT: right.node}
+        paths = MerkleTree(key=secret, fanout=left.fanout, depth=left.depth)
+
+        async def ask(req: Request) -> None:
+            node = nodes[req.side]
+            if isinstance(req, LeafRequest):
+                leaves = await self.leaves(subject, node, req.prefixes, paths, width)
+                rec.receive_leaves(req.side, leaves)
+            else:
+                packed = await self.packed_nodes(subject, node, req.prefixes, width, left.fanout)
+                rec.receive_nodes(req.side, packed)
+
+        while not rec.done:
+            await asyncio.gather(*(ask(req) for req in rec.next_requests()))
+        return rec.result()
 
     async def fetch(self, subject: str, node: str, keys: Sequence[str]) -> ORMap:
         """Those keys' entries with the replica's context, verified (signed by ``node``)."""

@@ -40,15 +40,7 @@ from dataclasses import dataclass, field
 from broker.codec import REPORT_DOMAIN, Signer, TrustRoster, WireCodec
 from broker.errors import WorknodeError
 from broker.healing import REPLICA_SERVICE, HealClient, RootView
-from broker.merkle import (
-    HASH_SIZE,
-    LeafRequest,
-    MerkleTree,
-    Reconciliation,
-    Request,
-    RootInfo,
-    Side,
-)
+from broker.merkle import HASH_SIZE
 from broker.repair import repair_deltas
 from broker.transport import NatsTransport, Transport, discover, heal_subject
 from services.healer._metrics import HealerMetrics
@@ -326,34 +318,8 @@ class HealerService:
     ) -> tuple[int, int, int]:
         """Reconcile ``left`` with ``right``; push the repairs to every member of their
         groups (replicas holding the same items). Returns (keys found, keys pushed, waves)."""
-        width = min(left.width, right.width)
-        rec = Reconciliation(
-            RootInfo(left.root, left.count, left.fanout, left.depth, left.versions,
-                     left.levels, width, left.scheme),
-            RootInfo(right.root, right.count, right.fanout, right.depth, right.versions,
-                     right.levels, width, right.scheme),
-        )
-        nodes = {Side.LEFT: left.node, Side.RIGHT: right.node}
-        paths = MerkleTree(key=self.secret, fanout=left.fanout, depth=left.depth)
-        while not rec.done:
-            requests = rec.next_requests()
-
-            async def ask(req: Request) -> None:
-                node = nodes[req.side]
-                if isinstance(req, LeafRequest):
-                    leaves = await client.leaves(subject, node, req.prefixes, paths, width)
-                    rec.receive_leaves(req.side, leaves)
-                else:
-                    rec.receive_nodes(
-                        req.side,
-                        await client.packed_nodes(
-                            subject, node, req.prefixes, width, left.fanout
-                        ),
-                    )
-
-            await asyncio.gather(*(ask(req) for req in requests))
-            await self._throttle(client)
-        result = rec.result()
+        result = await client.identify(subject, left, right, self.secret)
+        await self._throttle(client)
         waves = result.round_trips
         keys = list(result.keys)
         pushed = 0
