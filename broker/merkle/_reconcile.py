@@ -17,6 +17,10 @@ answers between this object and two replicas. Rules:
   differ. Once the differing nodes are leaves, one last round asks for their items. So a
   reconciliation issues at most ``depth + 1 - k`` request rounds after the roots, whatever
   the number of differing nodes;
+- the last round may ask for the leaves' item digests alone, cut to a few low bytes, instead
+  of ``(key, digest)`` items: keys are most of a leaf's bytes, and only the few unmatched
+  items need one. The result then names unmatched items per side (``Diff.left_items``),
+  which the replicas resolve to keys when asked for their states;
 - every round goes exactly one level down, so the machine ends after ``depth + 1`` rounds
   even when a side answers inconsistently (a concurrent write changed a subtree between
   rounds). It never retries: a node that differed but whose children (or leaf items) turn
@@ -37,6 +41,7 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
@@ -183,6 +188,11 @@ class Diff:
     whose values differed although what the sides then sent below them did not: a write
     landed during the reconciliation. ``vectors_equal`` is None unless both sides sent a
     version vector.
+
+    When the leaves came as item digests without keys (``receive_leaf_digests``), the keys
+    are not known yet: ``left_items``/``right_items`` list each side's unmatched items as
+    ``(leaf prefix, digest as sent)``, sorted, and the three key tuples stay empty; the
+    replicas name the keys when asked for those items' states.
     """
 
     only_left: tuple[str, ...]
@@ -193,6 +203,8 @@ class Diff:
     items_compared: int
     inconsistent: tuple[Prefix, ...] = ()
     vectors_equal: bool | None = None
+    left_items: tuple[tuple[Prefix, bytes], ...] = ()
+    right_items: tuple[tuple[Prefix, bytes], ...] = ()
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -202,7 +214,10 @@ class Diff:
     @property
     def in_sync(self) -> bool:
         """True when nothing differed and nothing changed under the reconciliation."""
-        return not (self.only_left or self.only_right or self.different or self.inconsistent)
+        return not (
+            self.only_left or self.only_right or self.different or self.inconsistent
+            or self.left_items or self.right_items
+        )
 
 
 def _vectors_equal(a: Mapping[str, int] | None, b: Mapping[str, int] | None) -> bool | None:
@@ -254,6 +269,9 @@ class Reconciliation:
         self._pending: dict[Side, Request] = {}
         self._node_answers: dict[Side, Mapping[Prefix, bytes] | bytes] = {}
         self._leaf_answers: dict[Side, dict[Prefix, dict[str, bytes]]] = {}
+        self._digest_answers: dict[Side, dict[Prefix, Counter[bytes]]] = {}
+        self._left_items: list[tuple[Prefix, bytes]] = []
+        self._right_items: list[tuple[Prefix, bytes]] = []
         self._result: Diff | None = None
         self._top = {Side.LEFT: left.levels, Side.RIGHT: right.levels}
         self._filling: Side | None = None
@@ -394,10 +412,35 @@ class Reconciliation:
                 raise InvalidArgumentError(f"the {side.value} side sent a key twice")
             seen.update(found)
             parsed[prefix] = found
+        if self._digest_answers:
+            raise InvalidArgumentError("both sides answer a leaf round in the same form")
         self._leaf_answers[side] = parsed
         del self._pending[side]
         if not self._pending:
             self._compare_leaves(request.prefixes)
+
+    def receive_leaf_digests(self, side: Side, leaves: Mapping[Prefix, Sequence[bytes]]) -> None:
+        """Feed ``side``'s answer to its LeafRequest as item digests alone (cut to the same
+        low bytes on both sides): ``{leaf_prefix: [digest, ...]}``. Both sides of a round
+        answer in the same form. Items are compared as multisets per leaf; the result names
+        unmatched items, not keys (``Diff.left_items``)."""
+        request = self._expect(side, LeafRequest)
+        if not isinstance(leaves, Mapping) or leaves.keys() != set(request.prefixes):
+            raise InvalidArgumentError(
+                f"the {side.value} side must answer exactly the leaves asked"
+            )
+        parsed: dict[Prefix, Counter[bytes]] = {}
+        for prefix in request.prefixes:
+            digests = leaves[prefix]
+            if isinstance(digests, (bytes, str)) or not all(
+                isinstance(d, bytes) and d for d in digests
+            ):
+                raise InvalidArgumentError("leaf item digests are non-empty bytes")
+            parsed[prefix] = Counter(digests)
+        self._digest_answers[side] = parsed
+        del self._pending[side]
+        if not self._pending:
+            self._compare_leaf_digests(request.prefixes)
 
     # -- transitions -------------------------------------------------------------------------
 
@@ -485,6 +528,21 @@ class Reconciliation:
             self._only_right.extend(key for key in rhs if key not in lhs)
         self._advance(())
 
+    def _compare_leaf_digests(self, prefixes: tuple[Prefix, ...]) -> None:
+        if self._leaf_answers:
+            raise InvalidArgumentError("both sides answer a leaf round in the same form")
+        left = self._digest_answers.pop(Side.LEFT)
+        right = self._digest_answers.pop(Side.RIGHT)
+        for prefix in prefixes:
+            lhs, rhs = left[prefix], right[prefix]
+            self._items_compared += max(lhs.total(), rhs.total())
+            if lhs == rhs:
+                self._inconsistent.append(prefix)
+                continue
+            self._left_items.extend((prefix, d) for d in (lhs - rhs).elements())
+            self._right_items.extend((prefix, d) for d in (rhs - lhs).elements())
+        self._advance(())
+
     def _finish(self) -> None:
         self._pending = {}
         self._result = Diff(
@@ -496,6 +554,8 @@ class Reconciliation:
             items_compared=self._items_compared,
             inconsistent=tuple(self._inconsistent),
             vectors_equal=self._vectors_equal,
+            left_items=tuple(sorted(self._left_items)),
+            right_items=tuple(sorted(self._right_items)),
         )
 
 
@@ -507,9 +567,11 @@ def diff(
     right_vector: Mapping[str, int] | None = None,
     levels: int = 0,
     width: int = HASH_SIZE,
+    item_width: int = 0,
 ) -> Diff:
     """Reconcile two local trees by driving a :class:`Reconciliation` against them, with the
-    top ``levels`` levels sent along with the roots and node values ``width`` bytes wide."""
+    top ``levels`` levels sent along with the roots and node values ``width`` bytes wide;
+    with ``item_width``, leaves answer with item digests alone, cut to that many low bytes."""
     rec = Reconciliation(
         RootInfo.of(left, left_vector, levels=levels, width=width),
         RootInfo.of(right, right_vector, levels=levels, width=width),
@@ -520,6 +582,12 @@ def diff(
             tree = trees[request.side]
             if isinstance(request, NodeRequest):
                 rec.receive_nodes(request.side, node_answer(tree, request.prefixes, width))
+            elif item_width:
+                leaves = tree.leaves(request.prefixes)
+                rec.receive_leaf_digests(
+                    request.side,
+                    {p: [d[-item_width:] for _, d in items] for p, items in leaves.items()},
+                )
             else:
                 rec.receive_leaves(request.side, tree.leaves(request.prefixes))
     return rec.result()

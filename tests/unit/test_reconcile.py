@@ -442,3 +442,37 @@ def test_root_infos_with_bad_levels_or_schemes_are_refused() -> None:
     old = RootInfo(tree.root(), 1, 4, 3, scheme=1)
     with pytest.raises(InvalidArgumentError, match="schemes differ"):
         Reconciliation(old, RootInfo.of(tree))
+
+
+@given(tree_pairs(), st.sampled_from([4, 8, 32]), st.sampled_from([0, 2]))
+@settings(max_examples=150)
+def test_leaf_digests_alone_name_exactly_the_unmatched_items(
+    pair, item_width: int, levels: int
+) -> None:
+    left_items, right_items, (fanout, depth) = pair
+    levels = min(levels, depth - 1)
+    left = MerkleTree.build(left_items.items(), key=SECRET, fanout=fanout, depth=depth)
+    right = MerkleTree.build(right_items.items(), key=SECRET, fanout=fanout, depth=depth)
+    result = diff(left, right, levels=levels, width=8, item_width=item_width)
+    assert (result.only_left, result.only_right, result.different) == ((), (), ())
+    lset, rset = set(left_items.items()), set(right_items.items())
+    assert result.left_items == tuple(
+        sorted((left.path(k), d[-item_width:]) for k, d in lset - rset)
+    )
+    assert result.right_items == tuple(
+        sorted((right.path(k), d[-item_width:]) for k, d in rset - lset)
+    )
+    assert result.in_sync == (left_items == right_items)
+
+
+def test_a_leaf_round_takes_one_form() -> None:
+    _, request = at_leaves()
+    leaf: Prefix = request.prefixes[0]
+    rec, _ = at_leaves()
+    rec.receive_leaves(Side.LEFT, {p: [] for p in request.prefixes})
+    with pytest.raises(InvalidArgumentError, match="same form"):
+        rec.receive_leaf_digests(Side.RIGHT, {p: [] for p in request.prefixes})
+    rec, _ = at_leaves()
+    for bad in ({}, {leaf: b"ab"}, {leaf: [b""]}, {leaf: ["x"]}):
+        with pytest.raises(InvalidArgumentError):
+            rec.receive_leaf_digests(Side.LEFT, bad)  # type: ignore[arg-type]
