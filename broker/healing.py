@@ -10,9 +10,11 @@ with metadata ``node``, ``namespace`` and ``subjects`` so a healer discovers it 
     nodes   NodeHashesRequest  -> NodeHashesReply (child values of each prefix; with hashBytes,
                                   packed and cut to their low hashBytes bytes)
     leaves  NodeHashesRequest  -> LeafItemsReply (items of each leaf prefix; with hashBytes,
-                                  packed, digests cut likewise)
-    fetch   FetchStatesRequest -> SignedEnvelope (delta document: those keys' entries and the
-                                  replica's whole causal context; see ``broker.repair``)
+                                  packed, digests cut likewise; with digestsOnly, digests
+                                  without keys)
+    fetch   FetchStatesRequest -> SignedEnvelope (delta document: the entries of those keys
+                                  and of the keys of those items, and the replica's whole
+                                  causal context; see ``broker.repair``)
     apply   SignedEnvelope     -> ApplyStatesReply (repair delta joined and logged)
 
 Requests and replies are Cap'n Proto from ``schemas/healer.capnp``; documents travel in signed
@@ -291,16 +293,17 @@ class HealEndpoints:
             reply.levels = b"".join(parts)
         return reply.to_bytes_packed()  # type: ignore[no-any-return]
 
-    def _prefixes(self, data: bytes) -> tuple[list[tuple[int, ...]], int]:
+    def _prefixes(self, data: bytes) -> tuple[list[tuple[int, ...]], int, bool]:
         req = self.codec.read(self.codec.schema.healer.NodeHashesRequest, data, "node request")
         with decoding("node request"):
             if len(req.prefixes) > MAX_PREFIXES:
                 raise MalformedMessageError(f"more than {MAX_PREFIXES} prefixes in one request")
-            return [_prefix_tuple(bytes(p)) for p in req.prefixes], int(req.hashBytes)
+            prefixes = [_prefix_tuple(bytes(p)) for p in req.prefixes]
+            return prefixes, int(req.hashBytes), bool(req.digestsOnly)
 
     async def _nodes(self, subject: str, data: bytes) -> bytes:
         tree = self.trees[subject].current()
-        prefixes, packed = self._prefixes(data)
+        prefixes, packed, _ = self._prefixes(data)
         reply = self.codec.schema.healer.NodeHashesReply.new_message()
         reply.subject = subject
         if packed:
@@ -315,10 +318,19 @@ class HealEndpoints:
 
     async def _leaves(self, subject: str, data: bytes) -> bytes:
         tree = self.trees[subject].current()
-        prefixes, packed = self._prefixes(data)
+        prefixes, packed, digests_only = self._prefixes(data)
         leaves = tree.leaves(prefixes)
         reply = self.codec.schema.healer.LeafItemsReply.new_message()
         reply.subject = subject
+        if digests_only:
+            w = _width(packed)
+            parts: list[bytes] = []
+            for p in prefixes:
+                items = leaves[p]
+                parts.append(len(items).to_bytes(4, "big"))
+                parts.extend(d[-w:] for _, d in items)
+            reply.packedItems = b"".join(parts)
+            return reply.to_bytes_packed()  # type: ignore[no-any-return]
         if packed:
             reply.packedItems = pack_leaf_items([leaves[p] for p in prefixes], _width(packed))
             return reply.to_bytes_packed()  # type: ignore[no-any-return]
@@ -333,6 +345,10 @@ class HealEndpoints:
         req = self.codec.read(self.codec.schema.healer.FetchStatesRequest, data, "fetch")
         with decoding("fetch request"):
             keys = [str(k) for k in req.keys]
+            raw = bytes(req.items)
+            width = _width(int(req.hashBytes))
+        if raw:
+            keys += self._resolve(subject, raw, width)
         replica = self.replicas[subject]
         return self.codec.seal(
             self.signer,
@@ -341,6 +357,26 @@ class HealEndpoints:
             sequence=0,
             document=subset(replica.state, keys),
         )
+
+    def _resolve(self, subject: str, raw: bytes, width: int) -> list[str]:
+        """The keys of the items named in a fetch: ``(leaf index, low digest bytes)`` each.
+        An item that no longer matches (its entry changed since) names no key."""
+        size = 4 + width
+        if len(raw) % size or len(raw) // size > MAX_PREFIXES:
+            raise MalformedMessageError("fetch items are 4-byte leaf indices with digests")
+        tree = self.trees[subject].current()
+        wanted: dict[int, set[bytes]] = {}
+        for at in range(0, len(raw), size):
+            leaf = int.from_bytes(raw[at : at + 4], "big")
+            if leaf >= tree.leaf_count:
+                raise MalformedMessageError(f"leaf index {leaf} is outside the tree")
+            wanted.setdefault(leaf, set()).add(raw[at + 4 : at + size])
+        return [
+            key
+            for leaf, digests in wanted.items()
+            for key, digest in tree.leaf_range_items(leaf, leaf + 1)
+            if digest[-width:] in digests
+        ]
 
     async def _apply(self, subject: str, data: bytes) -> bytes:
         env = self.codec.open(
@@ -551,6 +587,48 @@ class HealClient:
             out[prefix] = items
         return out
 
+    async def leaf_digests(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], width: int
+    ) -> dict[tuple[int, ...], list[bytes]]:
+        """The item digests (low ``width`` bytes, no keys) of each leaf prefix."""
+        parts = await asyncio.gather(
+            *(
+                self._leaf_digests(subject, node, chunk, width)
+                for chunk in self._chunks(prefixes, 4 * LEAVES_PER_CALL)
+            )
+        )
+        return {k: v for part in parts for k, v in part.items()}
+
+    async def _leaf_digests(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], width: int
+    ) -> dict[tuple[int, ...], list[bytes]]:
+        req = self.codec.schema.healer.NodeHashesRequest.new_message()
+        req.subject = subject
+        req.hashBytes = width % HASH_SIZE
+        req.digestsOnly = True
+        lst = req.init("prefixes", len(prefixes))
+        for i, p in enumerate(prefixes):
+            lst[i] = _prefix_bytes(p)
+        data = await self._call(subject, node, "leaves", req.to_bytes_packed())
+        r = self.codec.read(self.codec.schema.healer.LeafItemsReply, data, "leaves reply")
+        with decoding("leaves reply"):
+            raw = bytes(r.packedItems)
+        out: dict[tuple[int, ...], list[bytes]] = {}
+        at = 0
+        for prefix in prefixes:
+            if at + 4 > len(raw):
+                raise MalformedMessageError("packed leaf digests end early")
+            count = int.from_bytes(raw[at : at + 4], "big")
+            at += 4
+            end = at + count * width
+            if end > len(raw):
+                raise MalformedMessageError("packed leaf digests end early")
+            out[prefix] = [raw[i : i + width] for i in range(at, end, width)]
+            at = end
+        if at != len(raw):
+            raise MalformedMessageError("packed leaf digests carry trailing bytes")
+        return out
+
     async def _leaves(
         self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], tree: MerkleTree
     ) -> dict[tuple[int, ...], list[tuple[str, bytes]]]:
@@ -567,11 +645,14 @@ class HealClient:
         return out
 
     async def identify(
-        self, subject: str, left: RootView, right: RootView, secret: bytes
+        self, subject: str, left: RootView, right: RootView, secret: bytes,
+        item_width: int = 0,
     ) -> Diff:
-        """Name the keys that differ between two replicas: drive a ``Reconciliation`` from
-        their root views (top levels included), one wave of parallel calls per round.
-        ``Diff.round_trips`` counts the waves after the roots."""
+        """Name what differs between two replicas: drive a ``Reconciliation`` from their root
+        views (top levels included), one wave of parallel calls per round. With
+        ``item_width``, leaves come as item digests of that many low bytes and the result
+        names unmatched items (``Diff.left_items``), else keys. ``Diff.round_trips`` counts
+        the waves after the roots."""
         width = min(left.width, right.width)
         rec = Reconciliation(
             RootInfo(left.root, left.count, left.fanout, left.depth, left.versions,
@@ -584,7 +665,10 @@ class HealClient:
 
         async def ask(req: Request) -> None:
             node = nodes[req.side]
-            if isinstance(req, LeafRequest):
+            if isinstance(req, LeafRequest) and item_width:
+                digests = await self.leaf_digests(subject, node, req.prefixes, item_width)
+                rec.receive_leaf_digests(req.side, digests)
+            elif isinstance(req, LeafRequest):
                 leaves = await self.leaves(subject, node, req.prefixes, paths, width)
                 rec.receive_leaves(req.side, leaves)
             else:
@@ -595,13 +679,25 @@ class HealClient:
             await asyncio.gather(*(ask(req) for req in rec.next_requests()))
         return rec.result()
 
-    async def fetch(self, subject: str, node: str, keys: Sequence[str]) -> ORMap:
-        """Those keys' entries with the replica's context, verified (signed by ``node``)."""
+    async def fetch(
+        self,
+        subject: str,
+        node: str,
+        keys: Sequence[str],
+        items: Sequence[tuple[int, bytes]] = (),
+        width: int = HASH_SIZE,
+    ) -> ORMap:
+        """Those keys' entries, and those of the keys of ``items`` (``(leaf index, low
+        digest bytes)`` as a digests-only leaf reply sent them), with the replica's context,
+        verified (signed by ``node``)."""
         req = self.codec.schema.healer.FetchStatesRequest.new_message()
         req.subject = subject
         lst = req.init("keys", len(keys))
         for i, k in enumerate(keys):
             lst[i] = k
+        if items:
+            req.hashBytes = width % HASH_SIZE
+            req.items = b"".join(leaf.to_bytes(4, "big") + d for leaf, d in items)
         data = await self._call(subject, node, "fetch", req.to_bytes_packed())
         env = self.codec.open(
             data, self.roster, subject=merkle_subject(self.namespace, subject, node, "fetch")

@@ -38,9 +38,10 @@ import time
 from dataclasses import dataclass, field
 
 from broker.codec import REPORT_DOMAIN, Signer, TrustRoster, WireCodec
+from broker.crdt import ORMap
 from broker.errors import WorknodeError
 from broker.healing import REPLICA_SERVICE, HealClient, RootView
-from broker.merkle import HASH_SIZE
+from broker.merkle import HASH_SIZE, Diff
 from broker.repair import repair_deltas
 from broker.transport import NatsTransport, Transport, discover, heal_subject
 from services.healer._metrics import HealerMetrics
@@ -72,6 +73,10 @@ class HealOutcome:
     duration_s: float = 0.0
     converged: bool = False
     published: bool = False
+
+
+async def _none() -> None:
+    return None
 
 
 class HealerService:
@@ -318,9 +323,15 @@ class HealerService:
     ) -> tuple[int, int, int]:
         """Reconcile ``left`` with ``right``; push the repairs to every member of their
         groups (replicas holding the same items). Returns (keys found, keys pushed, waves)."""
-        result = await client.identify(subject, left, right, self.secret)
+        item_width = self.settings.item_bytes if left.width < HASH_SIZE else 0
+        result = await client.identify(subject, left, right, self.secret, item_width)
         await self._throttle(client)
         waves = result.round_trips
+        if result.left_items or result.right_items:
+            found, pushed, more = await self._repair_items(
+                client, subject, left, right, left_group, right_group, result, item_width
+            )
+            return found, pushed, waves + more
         keys = list(result.keys)
         pushed = 0
         batch = self.settings.fetch_batch
@@ -341,6 +352,65 @@ class HealerService:
             waves += 2 if pushes else 1
             await self._throttle(client)
         return len(keys), pushed, waves
+
+    async def _repair_items(
+        self,
+        client: HealClient,
+        subject: str,
+        left: RootView,
+        right: RootView,
+        left_group: list[str],
+        right_group: list[str],
+        result: Diff,
+        width: int,
+    ) -> tuple[int, int, int]:
+        """Repair what a digests-only reconciliation found: fetch each side's unmatched items
+        (the replica names their keys), then, for a key only one side named, the other
+        side's entry by key (so every side's entries and context come from one moment), and
+        push the repairs. Returns (keys found, keys pushed, waves)."""
+        bits = left.fanout.bit_length() - 1
+
+        def index(prefix: tuple[int, ...]) -> int:
+            value = 0
+            for digit in prefix:
+                value = (value << bits) | digit
+            return value
+
+        lhs = [(index(p), d) for p, d in result.left_items]
+        rhs = [(index(p), d) for p, d in result.right_items]
+        found: set[str] = set()
+        pushed = waves = 0
+        batch = self.settings.fetch_batch
+        for i in range(0, max(len(lhs), len(rhs)), batch):
+            a1, b1 = await asyncio.gather(
+                client.fetch(subject, left.node, [], lhs[i : i + batch], width),
+                client.fetch(subject, right.node, [], rhs[i : i + batch], width),
+            )
+            waves += 1
+            ka, kb = set(a1.store or ()), set(b1.store or ())
+            only_a, only_b = sorted(ka - kb), sorted(kb - ka)
+            fetches = [
+                client.fetch(subject, right.node, only_a) if only_a else _none(),
+                client.fetch(subject, left.node, only_b) if only_b else _none(),
+            ]
+            b2, a3 = await asyncio.gather(*fetches)
+            if only_a or only_b:
+                waves += 1
+            to_left, to_right = ORMap(is_delta=True), ORMap(is_delta=True)
+            parts = [(a1, b1, sorted(ka & kb)), (a1, b2, only_a), (a3, b1, only_b)]
+            for a, b, keys in parts:
+                if keys and a is not None and b is not None:
+                    dl, dr = repair_deltas(a, b, keys)
+                    to_left.merge(dl)
+                    to_right.merge(dr)
+            found |= ka | kb
+            pushes = [(n, to_left) for n in left_group if to_left.store]
+            pushes += [(n, to_right) for n in right_group if to_right.store]
+            await asyncio.gather(*(client.apply(subject, node, d) for node, d in pushes))
+            pushed += sum(len(d.store or ()) for _, d in pushes)
+            waves += 1 if pushes else 0
+            await self._throttle(client)
+        return len(found), pushed, waves
 
     async def _throttle(self, client: HealClient) -> None:
         moved = client.bytes_sent + client.bytes_received

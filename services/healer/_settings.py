@@ -43,6 +43,10 @@ class HealerSettings(BaseSettings):
         8, ge=4, le=32,
         description="Bytes of each node value and leaf digest on the wire (their low bytes).",
     )
+    item_bytes: int = Field(
+        4, ge=0, le=32,
+        description="Leaves send item digests alone, this many low bytes each (0: keys too).",
+    )
     request_timeout_s: float = Field(5.0, gt=0)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 0

@@ -41,6 +41,7 @@ struct NodeHashesRequest @0xa8f437bff06ce08b {
   # Added in v3:
   hashBytes @2 :UInt8;         # > 0: answer packed (`hashes`, `packedItems`), values and leaf
                                # digests cut to their low `hashBytes` bytes
+  digestsOnly @3 :Bool;        # leaves: item digests alone, no keys (see LeafItemsReply)
 }
 
 struct NodeHash @0x8924e4060886104d {
@@ -67,12 +68,18 @@ struct LeafItemsReply @0xab7bd07159ac8fe3 {
   # Added in v3:
   packedItems @2 :Data;        # packed: per prefix asked, in order, a 4-byte item count, then
                                # per item (sorted by key) a 2-byte key length, the UTF-8 key
-                               # and the digest's low `hashBytes` bytes
+                               # and the digest's low `hashBytes` bytes; with `digestsOnly`,
+                               # per item only the digest's low `hashBytes` bytes
 }
 
 struct FetchStatesRequest @0xde119eff23a72d13 {
   subject @0 :Text;
   keys @1 :List(Text);
+  # Added in v3:
+  items @2 :Data;              # also the keys of these items: per item a 4-byte leaf index and
+                               # the digest's low `hashBytes` bytes (as a digests-only leaf
+                               # reply sent them)
+  hashBytes @3 :UInt8;
 }
 
 struct StatesReply @0xca87b54ec6dea11e {
