@@ -29,10 +29,13 @@ Prefixes travel as bytes, one digit (0..fanout-1) per byte; the root is the empt
 
 Why values may travel cut to a few bytes: every value is a sum of keyed digests that no one
 without the cluster secret can compute or steer, so two different subtrees show equal low
-``w`` bytes with probability ``2**(-8w)`` per comparison. At 8 bytes and the ~20,000
-comparisons of a heal of 1,000 keys among 1M, that is ~1e-15 per heal; and a missed
-difference is never silent: the healer compares full 32-byte roots afterwards and runs
-another round with whole values when a round found nothing while roots differ.
+``w`` bytes with probability ``2**(-8w)`` per comparison, and the low bytes of a sum are the
+sum of the low bytes (a parent still equals its children's sum mod ``2**(8w)``). At the
+healer's 6 bytes and the ~20,000 node comparisons of a heal of 1,000 keys among 1M, a missed
+difference has probability ~7e-11 per heal; leaf items go as 4-byte digests, compared only
+within one leaf (~15 items a side at 1M keys): ~5e-8 per differing leaf. A miss is never
+silent and never lasting: the healer compares whole 32-byte roots afterwards, and a round
+that found nothing while roots differ is followed by one with whole values and keys.
 """
 
 from __future__ import annotations
@@ -79,7 +82,9 @@ __all__ = [
     "HealEndpoints",
     "RootView",
     "pack_leaf_items",
+    "pack_prefixes",
     "unpack_leaf_items",
+    "unpack_prefixes",
 ]
 
 REPLICA_SERVICE: Final = "worknode-replica"
@@ -105,6 +110,44 @@ def _prefix_bytes(prefix: tuple[int, ...]) -> bytes:
 
 def _prefix_tuple(raw: bytes) -> tuple[int, ...]:
     return tuple(raw)
+
+
+def _index_bytes(level: int, bits: int) -> int:
+    return max(1, (level * bits + 7) // 8)
+
+
+def pack_prefixes(prefixes: Sequence[tuple[int, ...]], bits: int) -> tuple[int, bytes]:
+    """``(level, node indices packed)`` for prefixes of one level (the compact request)."""
+    if not prefixes:
+        return 0, b""
+    level = len(prefixes[0])
+    size = _index_bytes(level, bits)
+    out = []
+    for p in prefixes:
+        if len(p) != level:
+            raise InvalidArgumentError("packed prefixes are all of one level")
+        index = 0
+        for digit in p:
+            index = (index << bits) | digit
+        out.append(index.to_bytes(size, "big"))
+    return level, b"".join(out)
+
+
+def unpack_prefixes(level: int, raw: bytes, bits: int, depth: int) -> list[tuple[int, ...]]:
+    """The prefixes of ``pack_prefixes``; MalformedMessageError if they do not fit the tree."""
+    if not 1 <= level <= depth:
+        raise MalformedMessageError(f"prefix level {level} is outside the tree")
+    size = _index_bytes(level, bits)
+    if len(raw) % size:
+        raise MalformedMessageError("packed prefixes are not whole")
+    mask, limit = (1 << bits) - 1, 1 << (bits * level)
+    out = []
+    for at in range(0, len(raw), size):
+        index = int.from_bytes(raw[at : at + size], "big")
+        if index >= limit:
+            raise MalformedMessageError(f"node index {index} is outside level {level}")
+        out.append(tuple((index >> (bits * (level - 1 - i))) & mask for i in range(level)))
+    return out
 
 
 def _width(raw: int) -> int:
@@ -293,17 +336,25 @@ class HealEndpoints:
             reply.levels = b"".join(parts)
         return reply.to_bytes_packed()  # type: ignore[no-any-return]
 
-    def _prefixes(self, data: bytes) -> tuple[list[tuple[int, ...]], int, bool]:
+    def _prefixes(self, subject: str, data: bytes) -> tuple[list[tuple[int, ...]], int, bool]:
         req = self.codec.read(self.codec.schema.healer.NodeHashesRequest, data, "node request")
         with decoding("node request"):
             if len(req.prefixes) > MAX_PREFIXES:
                 raise MalformedMessageError(f"more than {MAX_PREFIXES} prefixes in one request")
-            prefixes = [_prefix_tuple(bytes(p)) for p in req.prefixes]
+            level, raw = int(req.prefixLevel), bytes(req.packedPrefixes)
+            if level:
+                tree = self.trees[subject].tree
+                bits = tree.fanout.bit_length() - 1
+                if len(raw) > MAX_PREFIXES * _index_bytes(level, bits):
+                    raise MalformedMessageError(f"more than {MAX_PREFIXES} prefixes")
+                prefixes = unpack_prefixes(level, raw, bits, tree.depth)
+            else:
+                prefixes = [_prefix_tuple(bytes(p)) for p in req.prefixes]
             return prefixes, int(req.hashBytes), bool(req.digestsOnly)
 
     async def _nodes(self, subject: str, data: bytes) -> bytes:
         tree = self.trees[subject].current()
-        prefixes, packed, _ = self._prefixes(data)
+        prefixes, packed, _ = self._prefixes(subject, data)
         reply = self.codec.schema.healer.NodeHashesReply.new_message()
         reply.subject = subject
         if packed:
@@ -318,7 +369,7 @@ class HealEndpoints:
 
     async def _leaves(self, subject: str, data: bytes) -> bytes:
         tree = self.trees[subject].current()
-        prefixes, packed, digests_only = self._prefixes(data)
+        prefixes, packed, digests_only = self._prefixes(subject, data)
         leaves = tree.leaves(prefixes)
         reply = self.codec.schema.healer.LeafItemsReply.new_message()
         reply.subject = subject
@@ -434,6 +485,7 @@ class HealClient:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.calls = 0
+        self.prefix_bits = 4  # log2(fanout) of the trees asked (set from root views)
 
     async def _call(self, subject: str, node: str, verb: str, body: bytes) -> bytes:
         self.calls += 1
@@ -491,6 +543,10 @@ class HealClient:
         req.hashBytes = width % HASH_SIZE if width else 0
         if width == HASH_SIZE:
             req.hashBytes = 0  # whole values: the unpacked form old replicas answer too
+        if width and width < HASH_SIZE and prefixes and prefixes[0]:
+            # v3 replicas: node indices packed (2 bytes a prefix at fan-out 16, depth 4)
+            req.prefixLevel, req.packedPrefixes = pack_prefixes(prefixes, self.prefix_bits)
+            return req.to_bytes_packed()  # type: ignore[no-any-return]
         lst = req.init("prefixes", len(prefixes))
         for i, p in enumerate(prefixes):
             lst[i] = _prefix_bytes(p)
@@ -606,9 +662,7 @@ class HealClient:
         req.subject = subject
         req.hashBytes = width % HASH_SIZE
         req.digestsOnly = True
-        lst = req.init("prefixes", len(prefixes))
-        for i, p in enumerate(prefixes):
-            lst[i] = _prefix_bytes(p)
+        req.prefixLevel, req.packedPrefixes = pack_prefixes(prefixes, self.prefix_bits)
         data = await self._call(subject, node, "leaves", req.to_bytes_packed())
         r = self.codec.read(self.codec.schema.healer.LeafItemsReply, data, "leaves reply")
         with decoding("leaves reply"):
@@ -654,6 +708,7 @@ class HealClient:
         names unmatched items (``Diff.left_items``), else keys. ``Diff.round_trips`` counts
         the waves after the roots."""
         width = min(left.width, right.width)
+        self.prefix_bits = left.fanout.bit_length() - 1
         rec = Reconciliation(
             RootInfo(left.root, left.count, left.fanout, left.depth, left.versions,
                      left.levels, width, left.scheme),

@@ -42,6 +42,8 @@ struct NodeHashesRequest @0xa8f437bff06ce08b {
   hashBytes @2 :UInt8;         # > 0: answer packed (`hashes`, `packedItems`), values and leaf
                                # digests cut to their low `hashBytes` bytes
   digestsOnly @3 :Bool;        # leaves: item digests alone, no keys (see LeafItemsReply)
+  prefixLevel @4 :UInt8;       # > 0: the prefixes are `packedPrefixes` instead, all of this
+  packedPrefixes @5 :Data;     # level: node indices, ceil(level * log2(fanout) / 8) bytes each
 }
 
 struct NodeHash @0x8924e4060886104d {

@@ -40,7 +40,7 @@ class HealerSettings(BaseSettings):
     bytes_per_second: float = Field(20e6, gt=0, description="Throttle on bytes moved.")
     fetch_batch: int = Field(500, ge=1, le=100_000, description="Keys per fetch/apply call.")
     hash_bytes: int = Field(
-        8, ge=4, le=32,
+        6, ge=4, le=32,
         description="Bytes of each node value and leaf digest on the wire (their low bytes).",
     )
     item_bytes: int = Field(
