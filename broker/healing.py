@@ -95,7 +95,8 @@ PACKED_REPLY_BYTES: Final = 256 * 1024
 """Target size of a packed nodes reply; the prefixes per call follow from fan-out and width
 (2,048 prefixes at fan-out 16 and 8-byte values). Leaves go ``LEAVES_PER_CALL`` at a time."""
 LEAVES_PER_CALL: Final = 1024
-"""Leaves per packed leaves call: ~15 items each at 1M keys, ~25 B an item: ~400 KB."""
+"""Leaves per packed leaves call: ~15 items each at 1M keys, ~25 B an item with its key
+(~400 KB), ~4 B without."""
 MAX_PREFIXES: Final = 65_536
 """Prefixes one nodes/leaves request may name (a bigger request is refused)."""
 MAX_ROOT_VALUES: Final = 4096
@@ -650,7 +651,7 @@ class HealClient:
         parts = await asyncio.gather(
             *(
                 self._leaf_digests(subject, node, chunk, width)
-                for chunk in self._chunks(prefixes, 4 * LEAVES_PER_CALL)
+                for chunk in self._chunks(prefixes, LEAVES_PER_CALL)
             )
         )
         return {k: v for part in parts for k, v in part.items()}
