@@ -106,6 +106,7 @@ class HealerService:
         self._lock = asyncio.Lock()
         self._running = False
         self._agreed: dict[str, bytes] = {}  # subject -> the root all replicas last agreed on
+        self._scheme_warnings: set[tuple[str, tuple[str, ...], int, int]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -280,11 +281,16 @@ class HealerService:
             for members in groups.values():
                 other = roots[members[0]]
                 if other.scheme != roots[hub].scheme:
-                    log.warning(
-                        "heal of %s: replicas %s use tree scheme %d, the hub %s scheme %d; "
-                        "they are healed once they run the same release",
-                        subject, members, other.scheme, hub, roots[hub].scheme,
-                    )
+                    # A rolling upgrade: trees of different schemes cannot be compared. Said
+                    # once per replica set, not at every retry.
+                    note = (subject, tuple(members), other.scheme, roots[hub].scheme)
+                    if note not in self._scheme_warnings:
+                        self._scheme_warnings.add(note)
+                        log.warning(
+                            "heal of %s: replicas %s use tree scheme %d, the hub %s scheme %d; "
+                            "they are healed once they run the same release",
+                            subject, members, other.scheme, hub, roots[hub].scheme,
+                        )
                     continue
                 found, repaired, trips = await self._pair(
                     client, subject, roots[hub], other, hub_group, members
@@ -303,6 +309,7 @@ class HealerService:
             out.converged = len({(r.root, r.count) for r in roots.values()}) == 1
         if out.converged:
             self._agreed[subject] = roots[nodes[0]].root
+            self._scheme_warnings = {w for w in self._scheme_warnings if w[0] != subject}
         out.roots_after = [roots[n].root for n in nodes]
         out.bytes_sent = client.bytes_sent + client.bytes_received
         out.round_trips = waves
