@@ -547,7 +547,9 @@ def render(res: Results, argv: Sequence[str]) -> str:
             f"## End to end at N = {e.keys:,}, d = {e.diff:,} (embedded nats-server, two "
             "worknode services, the healer service)",
             "",
-            f"Loading {e.keys:,} keys on A and replicating them to B took {e.load_s:.1f} s. "
+            f"Loading {e.keys:,} keys on A and replicating them to B took {e.load_s:.1f} s "
+            "through the write path, which is why this part runs at a smaller N than the "
+            "identification above (1M keys would take minutes to load; `--e2e-keys` sets it). "
             "One heal, from the first root request to converged roots, state transfer "
             "included:",
             "",
@@ -555,7 +557,7 @@ def render(res: Results, argv: Sequence[str]) -> str:
             "|---|---:|---:|---:|---:|---:|",
             f"| healer (this branch) | {e.heal_s:.2f} | {e.heal_bytes / 1e3:,.1f} | "
             f"{e.heal_trips} | {e.found:,} / {e.repaired:,} | {e.converged} |",
-            f"| naive: each full state to the other (seal, open; CPU, no network) | "
+            f"| naive: each full state to the other (seal, open, join; CPU, no network) | "
             f"{e.naive_cpu_s:.2f} | {e.naive_bytes / 1e3:,.1f} | 2 | - | - |",
             f"| identical replicas (steady state: root compare) | {e.identical_s:.3f} | "
             f"{e.identical_bytes / 1e3:,.2f} | {e.identical_trips} | 0 / 0 | True |",
