@@ -21,8 +21,9 @@ answers between this object and two replicas. Rules:
   of ``(key, digest)`` items: keys are most of a leaf's bytes, and only the few unmatched
   items need one. The result then names unmatched items per side (``Diff.left_items``),
   which the replicas resolve to keys when asked for their states;
-- every round goes exactly one level down, so the machine ends after ``depth + 1`` rounds
-  even when a side answers inconsistently (a concurrent write changed a subtree between
+- every round goes exactly one level down (but the one that fetches the top levels a side
+  did not send), so the machine ends after at most ``depth + 1`` rounds even when a side
+  answers inconsistently (a concurrent write changed a subtree between
   rounds). It never retries: a node that differed but whose children (or leaf items) turn
   out equal is reported in ``Diff.inconsistent``, and the caller decides whether to run
   another reconciliation;
