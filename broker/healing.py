@@ -5,11 +5,16 @@ with metadata ``node``, ``namespace`` and ``subjects`` so a healer discovers it 
 ``$SRV.INFO``. Per subject it serves five endpoints on
 ``wn.<ns>.merkle.<subject>.<node>.<verb>``:
 
-    root    RootRequest        -> RootReply (root, item count, version vector)
-    nodes   NodeHashesRequest  -> NodeHashesReply (child values of each prefix)
-    leaves  NodeHashesRequest  -> LeafItemsReply (items of each leaf prefix)
-    fetch   FetchStatesRequest -> SignedEnvelope (delta document: those keys' entries and the
-                                  replica's whole causal context; see ``broker.repair``)
+    root    RootRequest        -> RootReply (root, item count, version vector, tree scheme and
+                                  shape; on request the top levels' values, packed)
+    nodes   NodeHashesRequest  -> NodeHashesReply (child values of each prefix; with hashBytes,
+                                  packed and cut to their low hashBytes bytes)
+    leaves  NodeHashesRequest  -> LeafItemsReply (items of each leaf prefix; with hashBytes,
+                                  packed, digests cut likewise; with digestsOnly, digests
+                                  without keys)
+    fetch   FetchStatesRequest -> SignedEnvelope (delta document: the entries of those keys
+                                  and of the keys of those items, and the replica's whole
+                                  causal context; see ``broker.repair``)
     apply   SignedEnvelope     -> ApplyStatesReply (repair delta joined and logged)
 
 Requests and replies are Cap'n Proto from ``schemas/healer.capnp``; documents travel in signed
@@ -21,6 +26,16 @@ keys dirty; their digests are recomputed (O(depth) tree updates per key) when th
 request arrives, so writes never pay for it and a tree is never rebuilt after the first build.
 
 Prefixes travel as bytes, one digit (0..fanout-1) per byte; the root is the empty prefix.
+
+Why values may travel cut to a few bytes: every value is a sum of keyed digests that no one
+without the cluster secret can compute or steer, so two different subtrees show equal low
+``w`` bytes with probability ``2**(-8w)`` per comparison, and the low bytes of a sum are the
+sum of the low bytes (a parent still equals its children's sum mod ``2**(8w)``). At the
+healer's 6 bytes and the ~20,000 node comparisons of a heal of 1,000 keys among 1M, a missed
+difference has probability ~7e-11 per heal; leaf items go as 4-byte digests, compared only
+within one leaf (~15 items a side at 1M keys): ~5e-8 per differing leaf. A miss is never
+silent and never lasting: the healer compares whole 32-byte roots afterwards, and a round
+that found nothing while roots differ is followed by one with whole values and keys.
 """
 
 from __future__ import annotations
@@ -30,11 +45,22 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from broker.codec import Signer, TrustRoster, WireCodec, decoding
+from broker.codec import CURRENT_VERSION, Signer, TrustRoster, WireCodec, decoding
 from broker.crdt import ORMap
 from broker.errors import InvalidArgumentError, MalformedMessageError
-from broker.merkle import MerkleTree
-from broker.repair import entry_digest, subset
+from broker.merkle import (
+    HASH_SIZE,
+    TREE_SCHEME,
+    Diff,
+    LeafRequest,
+    MerkleTree,
+    Reconciliation,
+    Request,
+    RootInfo,
+    Side,
+    node_answer,
+)
+from broker.repair import item_digest, subset
 from broker.replica import Replica
 from broker.transport import (
     Endpoint,
@@ -45,12 +71,36 @@ from broker.transport import (
     merkle_subject,
 )
 
-__all__ = ["REPLICA_SERVICE", "VERBS", "HealClient", "HealEndpoints", "RootView"]
+__all__ = [
+    "LEAVES_PER_CALL",
+    "MAX_PREFIXES",
+    "MAX_ROOT_VALUES",
+    "PACKED_REPLY_BYTES",
+    "REPLICA_SERVICE",
+    "VERBS",
+    "HealClient",
+    "HealEndpoints",
+    "RootView",
+    "pack_leaf_items",
+    "pack_prefixes",
+    "unpack_leaf_items",
+    "unpack_prefixes",
+]
 
 REPLICA_SERVICE: Final = "worknode-replica"
 PREFIXES_PER_CALL: Final = 256
-"""Prefixes per nodes/leaves call: a reply stays near 256 x 16 children x ~50 B = 200 KB,
-well under the NATS max payload; more prefixes go out as parallel calls."""
+"""Prefixes per nodes/leaves call in the unpacked form: a reply stays near 256 x 16 children
+x ~50 B = 200 KB, well under the NATS max payload; more prefixes go out as parallel calls."""
+PACKED_REPLY_BYTES: Final = 256 * 1024
+"""Target size of a packed nodes reply; the prefixes per call follow from fan-out and width
+(2,048 prefixes at fan-out 16 and 8-byte values). Leaves go ``LEAVES_PER_CALL`` at a time."""
+LEAVES_PER_CALL: Final = 1024
+"""Leaves per packed leaves call: ~15 items each at 1M keys, ~25 B an item with its key
+(~400 KB), ~4 B without."""
+MAX_PREFIXES: Final = 65_536
+"""Prefixes one nodes/leaves request may name (a bigger request is refused)."""
+MAX_ROOT_VALUES: Final = 4096
+"""Node values a root reply may carry: the top levels are sent only while they fit."""
 VERBS: Final = ("root", "nodes", "leaves", "fetch", "apply")
 _VERSION: Final = "1.0.0"
 
@@ -61,6 +111,96 @@ def _prefix_bytes(prefix: tuple[int, ...]) -> bytes:
 
 def _prefix_tuple(raw: bytes) -> tuple[int, ...]:
     return tuple(raw)
+
+
+def _index_bytes(level: int, bits: int) -> int:
+    return max(1, (level * bits + 7) // 8)
+
+
+def pack_prefixes(prefixes: Sequence[tuple[int, ...]], bits: int) -> tuple[int, bytes]:
+    """``(level, node indices packed)`` for prefixes of one level (the compact request)."""
+    if not prefixes:
+        return 0, b""
+    level = len(prefixes[0])
+    size = _index_bytes(level, bits)
+    out = []
+    for p in prefixes:
+        if len(p) != level:
+            raise InvalidArgumentError("packed prefixes are all of one level")
+        index = 0
+        for digit in p:
+            index = (index << bits) | digit
+        out.append(index.to_bytes(size, "big"))
+    return level, b"".join(out)
+
+
+def unpack_prefixes(level: int, raw: bytes, bits: int, depth: int) -> list[tuple[int, ...]]:
+    """The prefixes of ``pack_prefixes``; MalformedMessageError if they do not fit the tree."""
+    if not 1 <= level <= depth:
+        raise MalformedMessageError(f"prefix level {level} is outside the tree")
+    size = _index_bytes(level, bits)
+    if len(raw) % size:
+        raise MalformedMessageError("packed prefixes are not whole")
+    mask, limit = (1 << bits) - 1, 1 << (bits * level)
+    out = []
+    for at in range(0, len(raw), size):
+        index = int.from_bytes(raw[at : at + size], "big")
+        if index >= limit:
+            raise MalformedMessageError(f"node index {index} is outside level {level}")
+        out.append(tuple((index >> (bits * (level - 1 - i))) & mask for i in range(level)))
+    return out
+
+
+def _width(raw: int) -> int:
+    if not 0 <= raw <= HASH_SIZE:
+        raise MalformedMessageError(f"hashBytes lies in [0, {HASH_SIZE}], got {raw}")
+    return raw or HASH_SIZE
+
+
+def pack_leaf_items(leaves: Sequence[Sequence[tuple[str, bytes]]], width: int) -> bytes:
+    """The packed leaf form: per leaf a 4-byte item count, per item a 2-byte key length, the
+    UTF-8 key and the digest's low ``width`` bytes."""
+    out: list[bytes] = []
+    for items in leaves:
+        out.append(len(items).to_bytes(4, "big"))
+        for key, digest in items:
+            kb = key.encode()
+            out.append(len(kb).to_bytes(2, "big"))
+            out.append(kb)
+            out.append(digest[-width:])
+    return b"".join(out)
+
+
+def unpack_leaf_items(
+    raw: bytes, leaves: int, width: int
+) -> list[list[tuple[str, bytes]]]:
+    """Read ``leaves`` leaves of the packed form (MalformedMessageError if it does not fit)."""
+    out: list[list[tuple[str, bytes]]] = []
+    at, end = 0, len(raw)
+    try:
+        for _ in range(leaves):
+            if at + 4 > end:
+                raise MalformedMessageError("packed leaf items end early")
+            count = int.from_bytes(raw[at : at + 4], "big")
+            at += 4
+            if count * (2 + width) > end - at:
+                raise MalformedMessageError("packed leaf items end early")
+            items: list[tuple[str, bytes]] = []
+            for _ in range(count):
+                n = int.from_bytes(raw[at : at + 2], "big")
+                key = raw[at + 2 : at + 2 + n].decode()
+                at += 2 + n
+                digest = raw[at : at + width]
+                at += width
+                if len(digest) != width:
+                    raise MalformedMessageError("packed leaf items end early")
+                items.append((key, digest))
+            out.append(items)
+    except UnicodeDecodeError as exc:
+        raise MalformedMessageError("a packed leaf key is not UTF-8") from exc
+    if at != end:
+        raise MalformedMessageError("packed leaf items carry trailing bytes")
+    return out
 
 
 class _ReplicaTree:
@@ -82,15 +222,16 @@ class _ReplicaTree:
     def current(self) -> MerkleTree:
         store = self.replica.state.store or {}
         if self._dirty is None:
-            items = [(k, entry_digest(v, self.secret)) for k, v in store.items()]
-            self.tree = MerkleTree.build(items, key=self.secret)
+            secret = self.secret
+            items = [(k, item_digest(k, v, secret)) for k, v in store.items()]
+            self.tree = MerkleTree.build(items, key=secret)
         else:
             for key in self._dirty:
                 entry = store.get(key)
                 if entry is None:
                     self.tree.remove(key)
                 else:
-                    self.tree.set(key, entry_digest(entry, self.secret))
+                    self.tree.set(key, item_digest(key, entry, self.secret))
         self._dirty = set()
         return self.tree
 
@@ -115,6 +256,13 @@ class HealEndpoints:
         self.signer = signer
         self.roster = roster
         self.codec = codec
+        # The healer protocol is spoken only with healers, in the newest release this code
+        # knows, whatever wire version the node is pinned to for its deltas (a pin protects
+        # older delta readers; states still travel in envelopes of ``codec``'s version).
+        self.proto = (
+            codec if codec.version == CURRENT_VERSION
+            else WireCodec(CURRENT_VERSION, max_payload=codec.max_payload)
+        )
         self.trees = {s: _ReplicaTree(r, secret) for s, r in replicas.items()}
         self._service: ServiceHandle | None = None
 
@@ -161,12 +309,21 @@ class HealEndpoints:
     # -- endpoints -------------------------------------------------------------------------
 
     async def _root(self, subject: str, data: bytes) -> bytes:
+        req = self.proto.read(self.proto.schema.healer.RootRequest, data, "root request")
+        with decoding("root request"):
+            levels = int(req.levels)
+            width = _width(int(req.hashBytes))
+            unless = bytes(req.levelsUnless)
         tree = self.trees[subject].current()
         vv = self.replicas[subject].state.context.version_vector
-        reply = self.codec.schema.healer.RootReply.new_message()
+        reply = self.proto.schema.healer.RootReply.new_message()
         reply.subject = subject
-        reply.root = tree.root()
+        root = tree.root()
+        reply.root = root
         reply.itemCount = tree.count()
+        reply.scheme = TREE_SCHEME
+        reply.fanout = tree.fanout
+        reply.depth = tree.depth
         versions = reply.init("versions")
         names = sorted(vv)
         versions.init("replicas", len(names))
@@ -174,18 +331,44 @@ class HealEndpoints:
         for i, r in enumerate(names):
             versions.replicas[i] = r
             versions.counters[i] = vv[r]
+        if levels and root != unless:
+            sent, values, parts = 0, 0, []
+            while sent < min(levels, tree.depth - 1):
+                size = tree.fanout ** (sent + 1)
+                if values + size > MAX_ROOT_VALUES:
+                    break
+                sent += 1
+                values += size
+                parts.append(tree.level_values(sent, range(size), width))
+            reply.levelCount = sent
+            reply.levels = b"".join(parts)
         return reply.to_bytes_packed()  # type: ignore[no-any-return]
 
-    def _prefixes(self, data: bytes) -> list[tuple[int, ...]]:
-        req = self.codec.read(self.codec.schema.healer.NodeHashesRequest, data, "node request")
+    def _prefixes(self, subject: str, data: bytes) -> tuple[list[tuple[int, ...]], int, bool]:
+        req = self.proto.read(self.proto.schema.healer.NodeHashesRequest, data, "node request")
         with decoding("node request"):
-            return [_prefix_tuple(bytes(p)) for p in req.prefixes]
+            if len(req.prefixes) > MAX_PREFIXES:
+                raise MalformedMessageError(f"more than {MAX_PREFIXES} prefixes in one request")
+            level, raw = int(req.prefixLevel), bytes(req.packedPrefixes)
+            if level:
+                tree = self.trees[subject].tree
+                bits = tree.fanout.bit_length() - 1
+                if len(raw) > MAX_PREFIXES * _index_bytes(level, bits):
+                    raise MalformedMessageError(f"more than {MAX_PREFIXES} prefixes")
+                prefixes = unpack_prefixes(level, raw, bits, tree.depth)
+            else:
+                prefixes = [_prefix_tuple(bytes(p)) for p in req.prefixes]
+            return prefixes, int(req.hashBytes), bool(req.digestsOnly)
 
     async def _nodes(self, subject: str, data: bytes) -> bytes:
         tree = self.trees[subject].current()
-        values = tree.child_hashes(self._prefixes(data))
-        reply = self.codec.schema.healer.NodeHashesReply.new_message()
+        prefixes, packed, _ = self._prefixes(subject, data)
+        reply = self.proto.schema.healer.NodeHashesReply.new_message()
         reply.subject = subject
+        if packed:
+            reply.hashes = node_answer(tree, prefixes, _width(packed))
+            return reply.to_bytes_packed()  # type: ignore[no-any-return]
+        values = tree.child_hashes(prefixes)
         nodes = reply.init("nodes", len(values))
         for i, (prefix, value) in enumerate(sorted(values.items())):
             nodes[i].prefix = _prefix_bytes(prefix)
@@ -194,10 +377,23 @@ class HealEndpoints:
 
     async def _leaves(self, subject: str, data: bytes) -> bytes:
         tree = self.trees[subject].current()
-        leaves = tree.leaves(self._prefixes(data))
-        items = [item for prefix in sorted(leaves) for item in leaves[prefix]]
-        reply = self.codec.schema.healer.LeafItemsReply.new_message()
+        prefixes, packed, digests_only = self._prefixes(subject, data)
+        leaves = tree.leaves(prefixes)
+        reply = self.proto.schema.healer.LeafItemsReply.new_message()
         reply.subject = subject
+        if digests_only:
+            w = _width(packed)
+            parts: list[bytes] = []
+            for p in prefixes:
+                items = leaves[p]
+                parts.append(len(items).to_bytes(4, "big"))
+                parts.extend(d[-w:] for _, d in items)
+            reply.packedItems = b"".join(parts)
+            return reply.to_bytes_packed()  # type: ignore[no-any-return]
+        if packed:
+            reply.packedItems = pack_leaf_items([leaves[p] for p in prefixes], _width(packed))
+            return reply.to_bytes_packed()  # type: ignore[no-any-return]
+        items = [item for prefix in sorted(leaves) for item in leaves[prefix]]
         out = reply.init("items", len(items))
         for i, (key, digest) in enumerate(items):
             out[i].key = key
@@ -205,9 +401,13 @@ class HealEndpoints:
         return reply.to_bytes_packed()  # type: ignore[no-any-return]
 
     async def _fetch(self, subject: str, data: bytes) -> bytes:
-        req = self.codec.read(self.codec.schema.healer.FetchStatesRequest, data, "fetch")
+        req = self.proto.read(self.proto.schema.healer.FetchStatesRequest, data, "fetch")
         with decoding("fetch request"):
             keys = [str(k) for k in req.keys]
+            raw = bytes(req.items)
+            width = _width(int(req.hashBytes))
+        if raw:
+            keys += self._resolve(subject, raw, width)
         replica = self.replicas[subject]
         return self.codec.seal(
             self.signer,
@@ -216,6 +416,26 @@ class HealEndpoints:
             sequence=0,
             document=subset(replica.state, keys),
         )
+
+    def _resolve(self, subject: str, raw: bytes, width: int) -> list[str]:
+        """The keys of the items named in a fetch: ``(leaf index, low digest bytes)`` each.
+        An item that no longer matches (its entry changed since) names no key."""
+        size = 4 + width
+        if len(raw) % size or len(raw) // size > MAX_PREFIXES:
+            raise MalformedMessageError("fetch items are 4-byte leaf indices with digests")
+        tree = self.trees[subject].current()
+        wanted: dict[int, set[bytes]] = {}
+        for at in range(0, len(raw), size):
+            leaf = int.from_bytes(raw[at : at + 4], "big")
+            if leaf >= tree.leaf_count:
+                raise MalformedMessageError(f"leaf index {leaf} is outside the tree")
+            wanted.setdefault(leaf, set()).add(raw[at + 4 : at + size])
+        return [
+            key
+            for leaf, digests in wanted.items()
+            for key, digest in tree.leaf_range_items(leaf, leaf + 1)
+            if digest[-width:] in digests
+        ]
 
     async def _apply(self, subject: str, data: bytes) -> bytes:
         env = self.codec.open(
@@ -229,7 +449,7 @@ class HealEndpoints:
         replica = self.replicas[subject]
         await replica.apply_repair(document)
         tree = self.trees[subject].current()
-        reply = self.codec.schema.healer.ApplyStatesReply.new_message()
+        reply = self.proto.schema.healer.ApplyStatesReply.new_message()
         reply.subject = subject
         reply.root = tree.root()
         reply.applied = len(document.store or {})
@@ -244,6 +464,11 @@ class RootView:
     root: bytes
     count: int
     versions: dict[str, int]
+    scheme: int = 1
+    fanout: int = 16
+    depth: int = 4
+    levels: tuple[bytes, ...] = ()
+    width: int = HASH_SIZE
 
 
 class HealClient:
@@ -268,6 +493,7 @@ class HealClient:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.calls = 0
+        self.prefix_bits = 4  # log2(fanout) of the trees asked (set from root views)
 
     async def _call(self, subject: str, node: str, verb: str, body: bytes) -> bytes:
         self.calls += 1
@@ -281,10 +507,18 @@ class HealClient:
         self.bytes_received += len(reply)
         return reply
 
-    async def root(self, subject: str, node: str) -> RootView:
-        """The replica's root, item count and version vector."""
+    async def root(
+        self, subject: str, node: str, *, levels: int = 0, width: int = HASH_SIZE,
+        unless: bytes = b"",
+    ) -> RootView:
+        """The replica's root, item count, version vector and tree scheme and shape; with
+        ``levels``, also its top levels' values (``width`` bytes each) unless its root is
+        ``unless``."""
         req = self.codec.schema.healer.RootRequest.new_message()
         req.subject = subject
+        req.levels = levels
+        req.hashBytes = width % HASH_SIZE
+        req.levelsUnless = unless
         data = await self._call(subject, node, "root", req.to_bytes_packed())
         r = self.codec.read(self.codec.schema.healer.RootReply, data, "root reply")
         with decoding("root reply"):
@@ -293,21 +527,44 @@ class HealClient:
             if len(names) != len(counters):
                 raise MalformedMessageError("version vector lists differ in length")
             vv = dict(zip(names, counters, strict=True))
-            return RootView(node, bytes(r.root), int(r.itemCount), vv)
+            fanout, depth = int(r.fanout) or 16, int(r.depth) or 4
+            raw, count = bytes(r.levels), int(r.levelCount)
+            top: list[bytes] = []
+            at = 0
+            for level in range(1, count + 1):
+                size = width * fanout**level
+                top.append(raw[at : at + size])
+                at += size
+            if at != len(raw) or any(len(t) != width * fanout ** (i + 1) for i, t in
+                                     enumerate(top)):
+                raise MalformedMessageError("root reply levels do not match their count")
+            return RootView(
+                node, bytes(r.root), int(r.itemCount), vv, int(r.scheme) or 1, fanout, depth,
+                tuple(top), width,
+            )
 
-    def _prefix_request(self, subject: str, prefixes: Sequence[tuple[int, ...]]) -> bytes:
+    def _prefix_request(
+        self, subject: str, prefixes: Sequence[tuple[int, ...]], width: int = 0
+    ) -> bytes:
         req = self.codec.schema.healer.NodeHashesRequest.new_message()
         req.subject = subject
+        req.hashBytes = width % HASH_SIZE if width else 0
+        if width == HASH_SIZE:
+            req.hashBytes = 0  # whole values: the unpacked form old replicas answer too
+        if width and width < HASH_SIZE and prefixes and prefixes[0]:
+            # v3 replicas: node indices packed (2 bytes a prefix at fan-out 16, depth 4)
+            req.prefixLevel, req.packedPrefixes = pack_prefixes(prefixes, self.prefix_bits)
+            return req.to_bytes_packed()  # type: ignore[no-any-return]
         lst = req.init("prefixes", len(prefixes))
         for i, p in enumerate(prefixes):
             lst[i] = _prefix_bytes(p)
         return req.to_bytes_packed()  # type: ignore[no-any-return]
 
     @staticmethod
-    def _chunks(prefixes: Sequence[tuple[int, ...]]) -> list[Sequence[tuple[int, ...]]]:
-        return [
-            prefixes[i : i + PREFIXES_PER_CALL] for i in range(0, len(prefixes), PREFIXES_PER_CALL)
-        ]
+    def _chunks(
+        prefixes: Sequence[tuple[int, ...]], size: int = PREFIXES_PER_CALL
+    ) -> list[Sequence[tuple[int, ...]]]:
+        return [prefixes[i : i + size] for i in range(0, len(prefixes), size)]
 
     async def nodes(
         self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]]
@@ -326,14 +583,113 @@ class HealClient:
         with decoding("nodes reply"):
             return {_prefix_tuple(bytes(n.prefix)): bytes(n.hash) for n in r.nodes}
 
-    async def leaves(
-        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], tree: MerkleTree
-    ) -> dict[tuple[int, ...], list[tuple[str, bytes]]]:
-        """Items of each leaf prefix (grouped with ``tree.path``: same secret and shape)."""
+    async def packed_nodes(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], width: int,
+        fanout: int = 16,
+    ) -> bytes:
+        """Child values of each prefix, packed in order, ``width`` low bytes each (the
+        answer ``Reconciliation.receive_nodes`` takes); parallel calls of bounded size."""
+        if width >= HASH_SIZE:
+            values = await self.nodes(subject, node, prefixes)
+            return b"".join(
+                values[(*p, d)] for p in prefixes for d in range(fanout)
+            )
+        size = max(1, PACKED_REPLY_BYTES // (fanout * width))
         parts = await asyncio.gather(
-            *(self._leaves(subject, node, chunk, tree) for chunk in self._chunks(prefixes))
+            *(self._packed_nodes(subject, node, c, width, fanout)
+              for c in self._chunks(prefixes, size))
+        )
+        return b"".join(parts)
+
+    async def _packed_nodes(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], width: int,
+        fanout: int,
+    ) -> bytes:
+        body = self._prefix_request(subject, prefixes, width)
+        data = await self._call(subject, node, "nodes", body)
+        r = self.codec.read(self.codec.schema.healer.NodeHashesReply, data, "nodes reply")
+        with decoding("nodes reply"):
+            packed = bytes(r.hashes)
+        if len(packed) != len(prefixes) * fanout * width:
+            raise MalformedMessageError(f"replica {node} answered the wrong number of values")
+        return packed
+
+    async def leaves(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], tree: MerkleTree,
+        width: int = HASH_SIZE,
+    ) -> dict[tuple[int, ...], list[tuple[str, bytes]]]:
+        """Items of each leaf prefix (checked with ``tree.path``: same secret and shape);
+        with ``width`` below 32, packed and with digests cut to their low ``width`` bytes."""
+        if width >= HASH_SIZE:
+            parts = await asyncio.gather(
+                *(self._leaves(subject, node, chunk, tree) for chunk in self._chunks(prefixes))
+            )
+        else:
+            parts = await asyncio.gather(
+                *(
+                    self._packed_leaves(subject, node, chunk, tree, width)
+                    for chunk in self._chunks(prefixes, LEAVES_PER_CALL)
+                )
+            )
+        return {k: v for part in parts for k, v in part.items()}
+
+    async def _packed_leaves(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], tree: MerkleTree,
+        width: int,
+    ) -> dict[tuple[int, ...], list[tuple[str, bytes]]]:
+        body = self._prefix_request(subject, prefixes, width)
+        data = await self._call(subject, node, "leaves", body)
+        r = self.codec.read(self.codec.schema.healer.LeafItemsReply, data, "leaves reply")
+        with decoding("leaves reply"):
+            raw = bytes(r.packedItems)
+        out: dict[tuple[int, ...], list[tuple[str, bytes]]] = {}
+        for prefix, items in zip(prefixes, unpack_leaf_items(raw, len(prefixes), width),
+                                 strict=True):
+            for key, _ in items:
+                if tree.path(key) != prefix:
+                    raise InvalidArgumentError(f"replica {node} sent key {key!r} from another leaf")
+            out[prefix] = items
+        return out
+
+    async def leaf_digests(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], width: int
+    ) -> dict[tuple[int, ...], list[bytes]]:
+        """The item digests (low ``width`` bytes, no keys) of each leaf prefix."""
+        parts = await asyncio.gather(
+            *(
+                self._leaf_digests(subject, node, chunk, width)
+                for chunk in self._chunks(prefixes, LEAVES_PER_CALL)
+            )
         )
         return {k: v for part in parts for k, v in part.items()}
+
+    async def _leaf_digests(
+        self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], width: int
+    ) -> dict[tuple[int, ...], list[bytes]]:
+        req = self.codec.schema.healer.NodeHashesRequest.new_message()
+        req.subject = subject
+        req.hashBytes = width % HASH_SIZE
+        req.digestsOnly = True
+        req.prefixLevel, req.packedPrefixes = pack_prefixes(prefixes, self.prefix_bits)
+        data = await self._call(subject, node, "leaves", req.to_bytes_packed())
+        r = self.codec.read(self.codec.schema.healer.LeafItemsReply, data, "leaves reply")
+        with decoding("leaves reply"):
+            raw = bytes(r.packedItems)
+        out: dict[tuple[int, ...], list[bytes]] = {}
+        at = 0
+        for prefix in prefixes:
+            if at + 4 > len(raw):
+                raise MalformedMessageError("packed leaf digests end early")
+            count = int.from_bytes(raw[at : at + 4], "big")
+            at += 4
+            end = at + count * width
+            if end > len(raw):
+                raise MalformedMessageError("packed leaf digests end early")
+            out[prefix] = [raw[i : i + width] for i in range(at, end, width)]
+            at = end
+        if at != len(raw):
+            raise MalformedMessageError("packed leaf digests carry trailing bytes")
+        return out
 
     async def _leaves(
         self, subject: str, node: str, prefixes: Sequence[tuple[int, ...]], tree: MerkleTree
@@ -350,13 +706,61 @@ class HealClient:
                 out[path].append((key, bytes(item.digest)))
         return out
 
-    async def fetch(self, subject: str, node: str, keys: Sequence[str]) -> ORMap:
-        """Those keys' entries with the replica's context, verified (signed by ``node``)."""
+    async def identify(
+        self, subject: str, left: RootView, right: RootView, secret: bytes,
+        item_width: int = 0,
+    ) -> Diff:
+        """Name what differs between two replicas: drive a ``Reconciliation`` from their root
+        views (top levels included), one wave of parallel calls per round. With
+        ``item_width``, leaves come as item digests of that many low bytes and the result
+        names unmatched items (``Diff.left_items``), else keys. ``Diff.round_trips`` counts
+        the waves after the roots."""
+        width = min(left.width, right.width)
+        self.prefix_bits = left.fanout.bit_length() - 1
+        rec = Reconciliation(
+            RootInfo(left.root, left.count, left.fanout, left.depth, left.versions,
+                     left.levels, width, left.scheme),
+            RootInfo(right.root, right.count, right.fanout, right.depth, right.versions,
+                     right.levels, width, right.scheme),
+        )
+        nodes = {Side.LEFT: left.node, Side.RIGHT: right.node}
+        paths = MerkleTree(key=secret, fanout=left.fanout, depth=left.depth)
+
+        async def ask(req: Request) -> None:
+            node = nodes[req.side]
+            if isinstance(req, LeafRequest) and item_width:
+                digests = await self.leaf_digests(subject, node, req.prefixes, item_width)
+                rec.receive_leaf_digests(req.side, digests)
+            elif isinstance(req, LeafRequest):
+                leaves = await self.leaves(subject, node, req.prefixes, paths, width)
+                rec.receive_leaves(req.side, leaves)
+            else:
+                packed = await self.packed_nodes(subject, node, req.prefixes, width, left.fanout)
+                rec.receive_nodes(req.side, packed)
+
+        while not rec.done:
+            await asyncio.gather(*(ask(req) for req in rec.next_requests()))
+        return rec.result()
+
+    async def fetch(
+        self,
+        subject: str,
+        node: str,
+        keys: Sequence[str],
+        items: Sequence[tuple[int, bytes]] = (),
+        width: int = HASH_SIZE,
+    ) -> ORMap:
+        """Those keys' entries, and those of the keys of ``items`` (``(leaf index, low
+        digest bytes)`` as a digests-only leaf reply sent them), with the replica's context,
+        verified (signed by ``node``)."""
         req = self.codec.schema.healer.FetchStatesRequest.new_message()
         req.subject = subject
         lst = req.init("keys", len(keys))
         for i, k in enumerate(keys):
             lst[i] = k
+        if items:
+            req.hashBytes = width % HASH_SIZE
+            req.items = b"".join(leaf.to_bytes(4, "big") + d for leaf, d in items)
         data = await self._call(subject, node, "fetch", req.to_bytes_packed())
         env = self.codec.open(
             data, self.roster, subject=merkle_subject(self.namespace, subject, node, "fetch")

@@ -20,18 +20,37 @@ Pure: states in, deltas out.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 from broker.crdt import CausalContext, ORMap
-from broker.crdt._stores import MapStore, Whole, digest_entry, dots_of
+from broker.crdt._stores import DIGEST_SIZE, MapStore, Whole, canonical_bytes, digest_entry, dots_of
 
-__all__ = ["entry_digest", "key_digests", "repair_deltas", "subset"]
+__all__ = ["entry_digest", "item_digest", "key_digests", "repair_deltas", "subset"]
+
+_PERSON_ITEM: Final = b"wn-merkle-item2"
 
 
 def entry_digest(entry: Any, secret: bytes = b"") -> bytes:
-    """Content digest of one top-level entry (a Merkle item's digest)."""
+    """Content digest of one top-level entry (depends on the content only, not the key)."""
     return digest_entry(entry, key=secret, depth=2)
+
+
+def item_digest(key: str, entry: Any, secret: bytes) -> bytes:
+    """A Merkle item's digest: BLAKE2b-256 keyed with the cluster secret over
+    ``len(key) || key || canonical bytes of the entry`` (length as 4 big-endian bytes).
+
+    It binds the key and the content and no one without the secret can compute it, so the
+    tree adds it as the item's value without hashing again (``broker.merkle``, scheme 2).
+    """
+    kb = key.encode()
+    return hashlib.blake2b(
+        len(kb).to_bytes(4, "big") + kb + canonical_bytes(entry, 2),
+        digest_size=DIGEST_SIZE,
+        key=secret,
+        person=_PERSON_ITEM,
+    ).digest()
 
 
 def key_digests(state: ORMap, secret: bytes = b"") -> dict[str, bytes]:

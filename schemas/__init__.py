@@ -13,7 +13,7 @@ __all__ = ["CURRENT_DIR", "CURRENT_VERSION", "FILES", "RELEASES_DIR", "release_d
 
 CURRENT_DIR: Final = Path(__file__).resolve().parent
 RELEASES_DIR: Final = CURRENT_DIR / "releases"
-CURRENT_VERSION: Final = 2
+CURRENT_VERSION: Final = 3
 """The wire version ``CURRENT_DIR`` describes; equal to the newest frozen release."""
 
 FILES: Final = ("crdt.capnp", "envelope.capnp", "rpc.capnp", "healer.capnp")

@@ -37,6 +37,7 @@ SUPPORTED_VERSIONS: Final = tuple(range(OLDEST_VERSION, CURRENT_VERSION + 1))
 KINDS_BY_VERSION: Final[dict[int, frozenset[int]]] = {
     1: frozenset({1, 2, 3, 4, 5}),
     2: frozenset({1, 2, 3, 4, 5, 6}),
+    3: frozenset({1, 2, 3, 4, 5, 6}),  # v3 added healer fields only
 }
 """CRDT kind numbers each wire version knows; any other kind is kept opaque."""
 

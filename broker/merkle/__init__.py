@@ -14,6 +14,8 @@ from broker.merkle._reconcile import (
     RootInfo,
     Side,
     diff,
+    digits,
+    node_answer,
 )
 from broker.merkle._tree import (
     DEFAULT_DEPTH,
@@ -23,6 +25,7 @@ from broker.merkle._tree import (
     MAX_LEAF_BITS,
     MAX_SECRET_BYTES,
     MIN_SECRET_BYTES,
+    TREE_SCHEME,
     MerkleTree,
     Prefix,
     validate_shape,
@@ -36,6 +39,7 @@ __all__ = [
     "MAX_LEAF_BITS",
     "MAX_SECRET_BYTES",
     "MIN_SECRET_BYTES",
+    "TREE_SCHEME",
     "Diff",
     "LeafRequest",
     "MerkleTree",
@@ -46,5 +50,7 @@ __all__ = [
     "RootInfo",
     "Side",
     "diff",
+    "digits",
+    "node_answer",
     "validate_shape",
 ]

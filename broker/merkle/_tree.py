@@ -7,45 +7,60 @@ Invariants every method keeps:
   and on the cluster secret: never on insertion order, on the history of updates and deletes
   that reached the set, or on whether the tree was built at once or item by item;
 - every node's value is the sum mod 2**256 of its children's values, and a leaf's value is
-  the sum mod 2**256 of its items' hashes. So the root is the sum of all item hashes: it
-  depends on the set of items and the secret only, not even on the shape;
+  the sum mod 2**256 of its items' values. So the root is the sum of all item values: it
+  depends on the set of items only, not even on the shape;
 - a write touches exactly ``depth + 1`` node values (one per level), never a rebuild;
 - an empty subtree has value 0 and is not stored: memory grows with the items, not with the
   number of leaves the shape allows.
 
-Hashes (all BLAKE2b keyed with the cluster secret, each with its own personalization, so the
-leaf choice and the item hash are independent functions):
+Hashes and values (scheme 2, ``TREE_SCHEME``):
 
-- a key's leaf is the first ``log2(fanout) * depth`` bits of H_leaf(key): without the secret
-  no one can pick keys that pile into one leaf;
-- an item's hash is H_item(len(key) || key || digest), with the UTF-8 key's length as 4
-  big-endian bytes; 256 bits, read as a big-endian integer.
+- a key's leaf is the first ``log2(fanout) * depth`` bits of H_leaf(key), BLAKE2b keyed with
+  the cluster secret: without the secret no one can pick keys that pile into one leaf;
+- an item's value is its digest read as a 256-bit big-endian integer. The digest must be a
+  keyed hash (a MAC) that binds the key and the content, as ``broker.repair.item_digest``
+  computes it (BLAKE2b keyed with the cluster secret over ``len(key) || key || content``):
+  it already is a pseudo-random function of the item that no one without the secret can
+  compute, so hashing it once more (scheme 1 did: H_item(len || key || digest)) bought no
+  collision resistance and cost a second hash per item, half of a cold build's time.
 
-Why a modular sum, not XOR, to combine item hashes: XOR cancels pairs (an item counted twice
+Why a modular sum, not XOR, to combine item values: XOR cancels pairs (an item counted twice
 vanishes, and two leaves that both gained the same stray item look unchanged), and XOR is
-linear over GF(2), so anyone who learns ~257 item hashes finds a colliding subset by Gaussian
+linear over GF(2), so anyone who learns ~257 item values finds a colliding subset by Gaussian
 elimination. A sum keeps a duplicated item visible (2h != 0) and finding equal subset sums is
-a generalized-birthday problem, infeasible without the secret because item hashes cannot be
+a generalized-birthday problem, infeasible without the secret because item values cannot be
 computed. (A holder of the secret could run Wagner's algorithm against a 256-bit sum; the
-secret must stay within the cluster, which writes the data anyway.)
+secret must stay within the cluster, which writes the data anyway.) A sum also does not
+depend on the order items arrive in, so a cold build can add them in any order (numpy, by
+32-bit limbs), and its low bits are a sum too: a value truncated to its low ``w`` bytes on
+the wire is the sum of the children's truncated values mod ``2**(8w)``.
 
 Why inner nodes are sums of their children rather than keyed hashes of them: a write then
-costs its item hashes and ``depth + 1`` integer additions, while rehashing ``fanout``
-children on each level costs ``depth`` extra hashes of ``32 * fanout`` bytes. Measured at
-100k keys, fan-out 16, depth 4, a prototype of that design sustained 0.15-0.2x the change
-rate of this one (``bench/merkle_bench.py``, ``bench/results/merkle.md``). Collision
-resistance is unchanged: a collision of sums at any node is a collision of item-hash sums,
-which the leaf level already has to resist. And a sum lets a reader check a reply: a parent
-must equal the sum of the children a replica sends for it.
+costs ``depth + 1`` integer additions, while rehashing ``fanout`` children on each level
+costs ``depth`` extra hashes of ``32 * fanout`` bytes. Measured at 100k keys, fan-out 16,
+depth 4, a prototype of that design sustained 0.15-0.2x the change rate of this one
+(``bench/merkle_bench.py``, ``bench/results/merkle.md``). Collision resistance is unchanged: a
+collision of sums at any node is a collision of item-value sums, which the leaf level already
+has to resist. And a sum lets a reader check a reply: a parent must equal the sum of the
+children a replica sends for it.
 
-Pure: no I/O, no clock, no randomness.
+Storage: a flat ``{key: digest}`` map, the node sums per level, and the keys of each leaf.
+A cold build keeps the leaves' keys as one index array sorted by leaf (a slice per leaf); a
+write copies a leaf's slice into a small set the first time it changes that leaf's membership.
+A change of an existing key's digest costs one leaf hash and ``depth + 1`` additions.
+
+Pure: no I/O, no clock, no randomness. numpy only speeds up the cold build.
 """
 
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
+from operator import itemgetter
 from typing import Final, TypeAlias
+
+import numpy as np
 
 from broker.errors import InvalidArgumentError
 
@@ -57,6 +72,7 @@ __all__ = [
     "MAX_LEAF_BITS",
     "MAX_SECRET_BYTES",
     "MIN_SECRET_BYTES",
+    "TREE_SCHEME",
     "MerkleTree",
     "Prefix",
     "validate_shape",
@@ -73,7 +89,11 @@ HASH_SIZE: Final = 32
 """Bytes of a node value (big-endian integer below 2**256)."""
 
 DIGEST_SIZE: Final = 32
-"""Bytes of an item digest (the content digest of a key's state, computed elsewhere)."""
+"""Bytes of an item digest (a keyed hash of a key and its state, computed elsewhere)."""
+
+TREE_SCHEME: Final = 2
+"""How item values are defined (module doc). Trees of different schemes never compare equal,
+so replicas report it with their root and a healer reconciles only equal schemes."""
 
 MAX_LEAF_BITS: Final = 32
 """Upper bound on ``log2(fanout) * depth``: at most 2**32 leaves."""
@@ -84,8 +104,8 @@ MAX_SECRET_BYTES: Final = 64  # BLAKE2b's key limit
 _MOD_MASK: Final = (1 << (8 * HASH_SIZE)) - 1
 _LEAF_HASH_BYTES: Final = 8
 _PERSON_LEAF: Final = b"wn-merkle-leaf"
-_PERSON_ITEM: Final = b"wn-merkle-item"
 _ZERO: Final = bytes(HASH_SIZE)
+_LIMBS: Final = HASH_SIZE // 4  # 32-bit limbs of a digest in the cold build
 
 
 def validate_shape(fanout: object, depth: object) -> int:
@@ -130,6 +150,26 @@ def _check_digest(digest: object) -> bytes:
     return digest
 
 
+def _limb_sums_to_ints(sums: np.ndarray) -> list[int]:
+    """Rows of 32-bit-limb sums (most significant limb first, each below 2**64) as exact
+    Python integers."""
+    rows = sums.shape[0]
+    if not rows:
+        return []
+    # Propagate carries so every limb fits 32 bits; one extra limb on top takes the overflow.
+    norm = np.zeros((rows, _LIMBS + 1), dtype=np.uint64)
+    norm[:, 1:] = sums
+    low = np.uint64(0xFFFFFFFF)
+    for j in range(_LIMBS, 0, -1):
+        carry = norm[:, j] >> np.uint64(32)
+        norm[:, j] &= low
+        norm[:, j - 1] += carry
+    raw = norm.astype(">u4").tobytes()
+    width = 4 * (_LIMBS + 1)
+    from_bytes = int.from_bytes
+    return [from_bytes(raw[i : i + width], "big") for i in range(0, rows * width, width)]
+
+
 class MerkleTree:
     """A sum-combined Merkle tree over ``(key, digest)`` items, maintained incrementally.
 
@@ -139,14 +179,18 @@ class MerkleTree:
     """
 
     __slots__ = (
+        "_base_digests",
+        "_base_keys",
+        "_base_leaves",
+        "_base_rows",
+        "_base_starts",
         "_bits",
+        "_buckets",
         "_count",
         "_depth",
         "_fanout",
-        "_item_base",
         "_leaf_base",
         "_leaf_shift",
-        "_leaves",
         "_levels",
         "_path",
     )
@@ -164,14 +208,22 @@ class MerkleTree:
         self._leaf_base = hashlib.blake2b(
             digest_size=_LEAF_HASH_BYTES, key=secret, person=_PERSON_LEAF
         )
-        self._item_base = hashlib.blake2b(digest_size=HASH_SIZE, key=secret, person=_PERSON_ITEM)
         # _levels[l] maps the index of a level-l node (its digits read in base fanout) to its
-        # value; zero values are absent. _levels[0] holds the root at index 0.
+        # value, an exact (unreduced) sum; zero values are absent. _levels[0] holds the root.
         self._levels: list[dict[int, int]] = [{} for _ in range(depth + 1)]
         self._path = self._levels[::-1]  # leaf level first: the order a write walks
-        # leaf index -> {key: digest}; never holds an empty dict
-        self._leaves: dict[int, dict[str, bytes]] = {}
         self._count = 0
+        # Leaf membership: the last cold build's keys, ``_base_order`` listing their positions
+        # sorted by leaf (leaf ``_base_leaves[i]`` owns the keys at positions
+        # ``_base_order[_base_starts[i]:_base_starts[i + 1]]``), overridden per leaf by
+        # ``_buckets`` (``{key: digest}``) once a write touches that leaf (an empty bucket
+        # hides a leaf whose keys were all removed).
+        self._base_keys: list[str] = []
+        self._base_digests: list[bytes] = []
+        self._base_rows: list[int] = []
+        self._base_leaves: list[int] = []
+        self._base_starts: list[int] = [0]
+        self._buckets: dict[int, dict[str, bytes]] = {}
 
     # -- construction ------------------------------------------------------------------------
 
@@ -187,40 +239,70 @@ class MerkleTree:
         """Build a tree from ``(key, digest)`` pairs in one pass (the cold start).
 
         Equal to inserting the items one by one, in any order. A key given twice raises
-        InvalidArgumentError.
+        InvalidArgumentError. One keyed hash per key (its leaf); the sums are added by numpy.
         """
         tree = cls(key, fanout=fanout, depth=depth)
-        leaf_base, item_base, shift = tree._leaf_base, tree._item_base, tree._leaf_shift
-        leaves = tree._leaves
-        sums: dict[int, int] = {}
-        count = 0
-        for k, digest in items:
-            kb = _encode_key(k)
-            _check_digest(digest)
-            h = leaf_base.copy()
+        pairs = items if isinstance(items, list) else list(items)
+        n = len(pairs)
+        if not n:
+            return tree
+        keys = list(map(itemgetter(0), pairs))
+        digests = list(map(itemgetter(1), pairs))
+        if not set(map(type, keys)) <= {str}:
+            for k in keys:
+                _encode_key(k)  # raises
+        if not set(map(type, digests)) <= {bytes} or set(map(len, digests)) != {DIGEST_SIZE}:
+            for d in digests:
+                _check_digest(d)  # raises
+        copy = tree._leaf_base.copy
+
+        def leaf_hash(kb: bytes) -> bytes:
+            h = copy()
             h.update(kb)
-            leaf = int.from_bytes(h.digest(), "big") >> shift
-            h = item_base.copy()
-            h.update(len(kb).to_bytes(4, "big") + kb + digest)
-            sums[leaf] = sums.get(leaf, 0) + int.from_bytes(h.digest(), "big")
-            bucket = leaves.get(leaf)
-            if bucket is None:
-                leaves[leaf] = {k: digest}
-            elif k in bucket:
-                raise InvalidArgumentError(f"key {k!r} given twice")
-            else:
-                bucket[k] = digest
-            count += 1
-        tree._count = count
-        bits = tree._bits
-        level = sums
-        for nodes in tree._path:
-            nodes.update(level)
-            parent: dict[int, int] = {}
-            for i, v in level.items():
-                p = i >> bits
-                parent[p] = parent.get(p, 0) + v
-            level = parent
+            return h.digest()
+
+        try:
+            raw = b"".join(map(leaf_hash, map(str.encode, keys)))
+        except UnicodeEncodeError:
+            for k in keys:
+                _encode_key(k)  # raises with the offending key
+            raise
+        full = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        # Sorting by the whole 64-bit leaf hash sorts by leaf (its top bits) and puts a key
+        # given twice next to itself: equal hashes are compared as keys (distinct keys share
+        # a 64-bit hash with probability about n**2 / 2**65).
+        order = np.argsort(full)
+        full = full[order]
+        same = np.flatnonzero(full[1:] == full[:-1])
+        if same.size:
+            runs: dict[int, list[str]] = {}
+            for i in {*same.tolist(), *(same + 1).tolist()}:
+                runs.setdefault(int(full[i]), []).append(keys[int(order[i])])
+            for run in runs.values():
+                if len(set(run)) != len(run):
+                    dup = next(k for k in run if run.count(k) > 1)
+                    raise InvalidArgumentError(f"key {dup!r} given twice")
+        leaf = (full >> np.uint64(tree._leaf_shift)).astype(np.int64)
+        # Digests as rows of native 32-bit limbs, most significant first (an "S32" array
+        # copies the bytes without a join; every digest was checked to be 32 bytes).
+        limbs = np.array(digests, dtype=f"S{DIGEST_SIZE}").view(">u4").astype(np.uint32)
+        sums = np.take(limbs.reshape(n, _LIMBS), order, axis=0)
+        # Level by level up from the leaves: runs of equal indices, summed limb-wise (each
+        # limb sum stays below 2**32 * n, far below 2**64).
+        index = leaf
+        for level, nodes in enumerate(tree._path):
+            starts = np.flatnonzero(np.concatenate(([True], index[1:] != index[:-1])))
+            sums = np.add.reduceat(sums, starts, axis=0, dtype=np.uint64)
+            index = index[starts]
+            if level == 0:
+                tree._base_leaves = index.tolist()
+                tree._base_starts = [*starts.tolist(), n]
+            nodes.update(zip(index.tolist(), _limb_sums_to_ints(sums), strict=True))
+            index = index >> tree._bits
+        tree._base_keys = keys
+        tree._base_digests = digests
+        tree._base_rows = order.tolist()
+        tree._count = n
         return tree
 
     # -- writes ------------------------------------------------------------------------------
@@ -256,18 +338,19 @@ class MerkleTree:
         """
         if type(key) is not str:
             _encode_key(key)  # raises
+        if new is not None and (type(new) is not bytes or len(new) != DIGEST_SIZE):
+            _check_digest(new)  # raises
         try:
             kb = key.encode()
         except UnicodeEncodeError:
             kb = _encode_key(key)  # raises
-        if new is not None and (type(new) is not bytes or len(new) != DIGEST_SIZE):
-            _check_digest(new)  # raises
         h = self._leaf_base.copy()
         h.update(kb)
         leaf = int.from_bytes(h.digest(), "big") >> self._leaf_shift
-        leaves = self._leaves
-        bucket = leaves.get(leaf)
-        current = bucket.get(key) if bucket is not None else None
+        bucket = self._buckets.get(leaf)
+        if bucket is None:  # first write to a leaf as the cold build left it
+            bucket = self._buckets[leaf] = self._base_slice(leaf)
+        current = bucket.get(key)
         if check and current != expect:
             raise InvalidArgumentError(
                 f"stale update of {key!r}: the tree holds "
@@ -275,31 +358,21 @@ class MerkleTree:
             )
         if new == current:
             return current
-        # Node values are kept as exact (unreduced) sums of item hashes, reduced mod 2**256
+        # Node values are kept as exact (unreduced) sums of item values, reduced mod 2**256
         # only when read: one operation less per level, and a value is 0 when its subtree is
-        # empty (and otherwise only if every item hash in it is 0: probability 2**-256 each).
-        prefix = len(kb).to_bytes(4, "big") + kb
-        delta = 0
-        if current is not None:
-            h = self._item_base.copy()
-            h.update(prefix + current)
-            delta = -int.from_bytes(h.digest(), "big")
-        if new is not None:
-            h = self._item_base.copy()
-            h.update(prefix + new)
-            delta += int.from_bytes(h.digest(), "big")
-            if bucket is None:
-                leaves[leaf] = {key: new}
-            else:
-                bucket[key] = new
+        # empty (and otherwise only if every item value in it is 0: probability 2**-256 each).
+        if new is None:
+            assert current is not None  # new != current
+            delta = -int.from_bytes(current, "big")
+            del bucket[key]
+            self._count -= 1
+        else:
+            delta = int.from_bytes(new, "big")
             if current is None:
                 self._count += 1
-        else:
-            assert bucket is not None  # current is not None, so the key sits in a bucket
-            del bucket[key]
-            if not bucket:
-                del leaves[leaf]
-            self._count -= 1
+            else:
+                delta -= int.from_bytes(current, "big")
+            bucket[key] = new
         bits = self._bits
         index = leaf
         for nodes in self._path:
@@ -311,15 +384,39 @@ class MerkleTree:
             index >>= bits
         return current
 
+    def _base_range(self, leaf: int) -> list[int]:
+        """Positions (in ``_base_keys``) of the cold build's keys in ``leaf``."""
+        leaves = self._base_leaves
+        i = bisect_left(leaves, leaf)
+        if i < len(leaves) and leaves[i] == leaf:
+            return self._base_rows[self._base_starts[i] : self._base_starts[i + 1]]
+        return []
+
+    def _base_slice(self, leaf: int) -> dict[str, bytes]:
+        keys, digests = self._base_keys, self._base_digests
+        return {keys[j]: digests[j] for j in self._base_range(leaf)}
+
+    def _bucket(self, leaf: int) -> dict[str, bytes]:
+        bucket = self._buckets.get(leaf)
+        if bucket is None:
+            bucket = self._buckets[leaf] = self._base_slice(leaf)
+        return bucket
+
+    def _leaf(self, leaf: int) -> dict[str, bytes]:
+        bucket = self._buckets.get(leaf)
+        return bucket if bucket is not None else self._base_slice(leaf)
+
+    def _leaf_indices(self) -> Iterable[int]:
+        return {*self._base_leaves, *self._buckets}
+
     def _leaf_of(self, kb: bytes) -> int:
         h = self._leaf_base.copy()
         h.update(kb)
         return int.from_bytes(h.digest(), "big") >> self._leaf_shift
 
     def _item_hash(self, kb: bytes, digest: bytes) -> int:
-        h = self._item_base.copy()
-        h.update(len(kb).to_bytes(4, "big") + kb + digest)
-        return int.from_bytes(h.digest(), "big")
+        """An item's value (scheme 2: the digest itself; ``kb`` is bound by the digest)."""
+        return int.from_bytes(digest, "big")
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -350,20 +447,23 @@ class MerkleTree:
 
     def get(self, key: str) -> bytes | None:
         """The digest held for ``key``, or None."""
-        bucket = self._leaves.get(self._leaf_of(_encode_key(key)))
-        return bucket.get(key) if bucket is not None else None
+        return self._leaf(self._leaf_of(_encode_key(key))).get(key)
 
     def items(self) -> Iterator[tuple[str, bytes]]:
         """Every ``(key, digest)`` held, in no particular order."""
-        for bucket in self._leaves.values():
-            yield from bucket.items()
+        for leaf in self._leaf_indices():
+            yield from self._leaf(leaf).items()
 
     def path(self, key: str) -> Prefix:
         """The prefix of the leaf ``key`` belongs to (``depth`` digits)."""
         return self._digits(self._leaf_of(_encode_key(key)), self._depth)
 
+    def leaf_index(self, key: str) -> int:
+        """The index of ``key``'s leaf (its path read in base ``fanout``)."""
+        return self._leaf_of(_encode_key(key))
+
     def root(self) -> bytes:
-        """The root value: 32 bytes, the sum of all item hashes; all zeros when empty."""
+        """The root value: 32 bytes, the sum of all item values; all zeros when empty."""
         return (self._levels[0].get(0, 0) & _MOD_MASK).to_bytes(HASH_SIZE, "big")
 
     def node(self, prefix: Prefix) -> bytes:
@@ -381,6 +481,22 @@ class MerkleTree:
             for i in range(first, first + self._fanout)
         ]
 
+    def level_values(self, level: int, indices: Iterable[int], width: int = HASH_SIZE) -> bytes:
+        """The values of the level-``level`` nodes at ``indices``, each truncated to its low
+        ``width`` bytes (big-endian), concatenated in the order given.
+
+        The wire form of node values: low-order truncation keeps the sums, so a parent's
+        truncated value is the sum of its children's mod ``2**(8 * width)``.
+        """
+        if type(level) is not int or not 0 <= level <= self._depth:
+            raise InvalidArgumentError(f"level lies in [0, {self._depth}], got {level!r}")
+        if type(width) is not int or not 1 <= width <= HASH_SIZE:
+            raise InvalidArgumentError(f"a value width lies in [1, {HASH_SIZE}], got {width!r}")
+        nodes = self._levels[level]
+        mask = (1 << (8 * width)) - 1
+        get = nodes.get
+        return b"".join([(get(i, 0) & mask).to_bytes(width, "big") for i in indices])
+
     def leaf_items(self, prefix: Prefix) -> list[tuple[str, bytes]]:
         """The ``(key, digest)`` items under ``prefix``, sorted by key.
 
@@ -388,16 +504,16 @@ class MerkleTree:
         subtree.
         """
         level, index = self._index(prefix, self._depth)
-        if level == self._depth:
-            bucket = self._leaves.get(index)
-            return sorted(bucket.items()) if bucket else []
-        shift = self._bits * (self._depth - level)
-        lo, hi = index << shift, (index + 1) << shift
-        if hi - lo <= len(self._leaves):
-            found = [self._leaves[i] for i in range(lo, hi) if i in self._leaves]
-        else:
-            found = [b for i, b in self._leaves.items() if lo <= i < hi]
-        return sorted(item for bucket in found for item in bucket.items())
+        return self.leaf_range_items(index << (self._bits * (self._depth - level)),
+                                     (index + 1) << (self._bits * (self._depth - level)))
+
+    def leaf_range_items(self, lo: int, hi: int) -> list[tuple[str, bytes]]:
+        """The items of the leaves with index in ``[lo, hi)``, sorted by key."""
+        if hi - lo == 1:
+            return sorted(self._leaf(lo).items())
+        a, b = bisect_left(self._base_leaves, lo), bisect_left(self._base_leaves, hi)
+        leaves = {*self._base_leaves[a:b], *(i for i in self._buckets if lo <= i < hi)}
+        return sorted(item for i in leaves for item in self._leaf(i).items())
 
     def child_hashes(self, prefixes: Iterable[Prefix]) -> dict[Prefix, bytes]:
         """Answer a node request: the values of all children of each inner ``prefix``."""

@@ -2,16 +2,27 @@
 
 Per subject, one heal:
 
-1. ask every replica for its root; equal roots: nothing to do;
-2. otherwise reconcile a *hub* (the replica with the most items) with each other replica:
-   the pure ``Reconciliation`` names the differing keys in at most depth+1 round trips;
-   both sides' entries for those keys are fetched (signed by each replica) and the repair
-   deltas of ``broker.repair`` are pushed both ways (signed by the healer) — so the hub
-   ends with the join of everyone, and each replica with the join of itself and the hub;
+1. ask every replica for its root (in parallel); equal roots: nothing to do. The request
+   asks for the top two levels' values as well, unless the replica's root is still the one
+   all replicas agreed on after the last heal (so replicas in sync cost one small root
+   reply each);
+2. otherwise group replicas by (root, item count): replicas of one group hold the same
+   items. Reconcile a *hub* (the replica with the most items) with one member of each other
+   group: the pure ``Reconciliation`` names the differing keys in at most depth - 1 round
+   trips after the roots; both sides' entries for those keys are fetched (signed by each
+   replica) and the repair deltas of ``broker.repair`` are pushed (signed by the healer)
+   to every member of both groups. A repair delta is a piece of the other side's state, so
+   joining it is safe on any replica, and on a replica holding the same items as the one
+   it was computed for it does exactly the same — so the hub's group ends with the join of
+   everyone, and each other group with the join of itself and the hub;
 3. re-check the roots; while they differ (writes landed meanwhile, or the first pass gave
-   early replicas an older hub), repeat, up to ``max_rounds``;
+   early groups an older hub), repeat, up to ``max_rounds``. Node values travel cut to
+   ``hash_bytes`` bytes (see ``broker.healing``); a round that found no key while roots
+   differed is followed by one with whole values, so a truncation collision never hides a
+   difference for good;
 4. publish a signed heal report on ``wn.<ns>.heal.<subject>``: replicas, roots before and
-   after, keys repaired, bytes, round trips, duration, and whether all roots agree.
+   after, keys repaired, bytes, round trips (waves of requests sent in parallel: root
+   fetches, descent rounds, fetches, pushes), duration, and whether all roots agree.
 
 Heals run every ``interval_s`` and at once when membership changes (a replica appears,
 disappears or restarts with a new service id). Bytes moved are throttled to
@@ -27,18 +38,23 @@ import time
 from dataclasses import dataclass, field
 
 from broker.codec import REPORT_DOMAIN, Signer, TrustRoster, WireCodec
+from broker.crdt import ORMap
 from broker.errors import WorknodeError
 from broker.healing import REPLICA_SERVICE, HealClient, RootView
-from broker.merkle import LeafRequest, MerkleTree, Reconciliation, RootInfo, Side
+from broker.merkle import HASH_SIZE, Diff
 from broker.repair import repair_deltas
 from broker.transport import NatsTransport, Transport, discover, heal_subject
 from services.healer._metrics import HealerMetrics
 from services.healer._settings import HealerSettings
 from services.worknode import MetricsEndpoint, load_identity
 
-__all__ = ["HealOutcome", "HealerService"]
+__all__ = ["ROOT_LEVELS", "HealOutcome", "HealerService"]
 
 log = logging.getLogger(__name__)
+
+ROOT_LEVELS = 2
+"""Levels below the root a root request asks for (272 values at fan-out 16): two round trips
+saved whenever roots differ."""
 
 
 @dataclass
@@ -57,6 +73,10 @@ class HealOutcome:
     duration_s: float = 0.0
     converged: bool = False
     published: bool = False
+
+
+async def _none() -> None:
+    return None
 
 
 class HealerService:
@@ -85,6 +105,8 @@ class HealerService:
         self._failed = False
         self._lock = asyncio.Lock()
         self._running = False
+        self._agreed: dict[str, bytes] = {}  # subject -> the root all replicas last agreed on
+        self._scheme_warnings: set[tuple[str, tuple[str, ...], int, int]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -226,11 +248,23 @@ class HealerService:
         async with self._lock:
             return await self._heal_subject(subject, nodes)
 
+    async def _roots(
+        self, client: HealClient, subject: str, nodes: list[str], width: int
+    ) -> dict[str, RootView]:
+        unless = self._agreed.get(subject, b"")
+        views = await asyncio.gather(
+            *(client.root(subject, n, levels=ROOT_LEVELS, width=width, unless=unless)
+              for n in nodes)
+        )
+        return dict(zip(nodes, views, strict=True))
+
     async def _heal_subject(self, subject: str, nodes: list[str]) -> HealOutcome:
         t0 = time.monotonic()
         client = self._client()
         label = self.metrics.label(subject)
-        roots = {n: await client.root(subject, n) for n in nodes}
+        width = self.settings.hash_bytes
+        roots = await self._roots(client, subject, nodes, width)
+        waves = 1
         out = HealOutcome(subject, nodes, [roots[n].root for n in nodes])
         for _ in range(self.settings.max_rounds):
             if len({(r.root, r.count) for r in roots.values()}) == 1:
@@ -238,20 +272,47 @@ class HealerService:
                 break
             out.rounds += 1
             self.metrics.rounds.labels(label).inc()
+            groups: dict[tuple[bytes, int, int], list[str]] = {}
+            for n in nodes:
+                groups.setdefault((roots[n].root, roots[n].count, roots[n].scheme), []).append(n)
             hub = max(nodes, key=lambda n: (roots[n].count, n))
-            for other in nodes:
-                if other == hub or roots[other].root == roots[hub].root:
+            hub_group = groups.pop((roots[hub].root, roots[hub].count, roots[hub].scheme))
+            found_any = False
+            for members in groups.values():
+                other = roots[members[0]]
+                if other.scheme != roots[hub].scheme:
+                    # A rolling upgrade: trees of different schemes cannot be compared. Said
+                    # once per replica set, not at every retry.
+                    note = (subject, tuple(members), other.scheme, roots[hub].scheme)
+                    if note not in self._scheme_warnings:
+                        self._scheme_warnings.add(note)
+                        log.warning(
+                            "heal of %s: replicas %s use tree scheme %d, the hub %s scheme %d; "
+                            "they are healed once they run the same release",
+                            subject, members, other.scheme, hub, roots[hub].scheme,
+                        )
                     continue
-                found, repaired = await self._pair(client, subject, roots[hub], roots[other])
+                found, repaired, trips = await self._pair(
+                    client, subject, roots[hub], other, hub_group, members
+                )
+                found_any = found_any or found > 0
                 if out.rounds == 1:
                     out.divergent_keys += found
                 out.keys_repaired += repaired
-            roots = {n: await client.root(subject, n) for n in nodes}
+                waves += trips
+            # A round that found nothing while roots differ may have met a collision of cut
+            # values (or writes racing it): the next round compares whole values.
+            width = self.settings.hash_bytes if found_any else HASH_SIZE
+            roots = await self._roots(client, subject, nodes, width)
+            waves += 1
         else:
             out.converged = len({(r.root, r.count) for r in roots.values()}) == 1
+        if out.converged:
+            self._agreed[subject] = roots[nodes[0]].root
+            self._scheme_warnings = {w for w in self._scheme_warnings if w[0] != subject}
         out.roots_after = [roots[n].root for n in nodes]
         out.bytes_sent = client.bytes_sent + client.bytes_received
-        out.round_trips = client.calls
+        out.round_trips = waves
         out.duration_s = time.monotonic() - t0
         self._record(out)
         if out.rounds:
@@ -259,25 +320,26 @@ class HealerService:
         return out
 
     async def _pair(
-        self, client: HealClient, subject: str, left: RootView, right: RootView
-    ) -> tuple[int, int]:
-        """Reconcile two replicas; push repairs both ways. Returns (keys found, keys pushed)."""
-        rec = Reconciliation(
-            RootInfo(left.root, left.count, version_vector=left.versions),
-            RootInfo(right.root, right.count, version_vector=right.versions),
-        )
-        nodes = {Side.LEFT: left.node, Side.RIGHT: right.node}
-        paths = MerkleTree(key=self.secret)
-        while not rec.done:
-            for req in rec.next_requests():
-                node = nodes[req.side]
-                if isinstance(req, LeafRequest):
-                    leaves = await client.leaves(subject, node, req.prefixes, paths)
-                    rec.receive_leaves(req.side, leaves)
-                else:
-                    rec.receive_nodes(req.side, await client.nodes(subject, node, req.prefixes))
-                await self._throttle(client)
-        keys = list(rec.result().keys)
+        self,
+        client: HealClient,
+        subject: str,
+        left: RootView,
+        right: RootView,
+        left_group: list[str],
+        right_group: list[str],
+    ) -> tuple[int, int, int]:
+        """Reconcile ``left`` with ``right``; push the repairs to every member of their
+        groups (replicas holding the same items). Returns (keys found, keys pushed, waves)."""
+        item_width = self.settings.item_bytes if left.width < HASH_SIZE else 0
+        result = await client.identify(subject, left, right, self.secret, item_width)
+        await self._throttle(client)
+        waves = result.round_trips
+        if result.left_items or result.right_items:
+            found, pushed, more = await self._repair_items(
+                client, subject, left, right, left_group, right_group, result, item_width
+            )
+            return found, pushed, waves + more
+        keys = list(result.keys)
         pushed = 0
         batch = self.settings.fetch_batch
         for i in range(0, len(keys), batch):
@@ -290,13 +352,72 @@ class HealerService:
                 client.fetch(subject, right.node, chunk),
             )
             to_left, to_right = repair_deltas(a, b, chunk)
-            pushes = [(left.node, to_left), (right.node, to_right)]
-            await asyncio.gather(
-                *(client.apply(subject, node, d) for node, d in pushes if d.store)
-            )
-            pushed += sum(len(d.store) for _, d in pushes if d.store)
+            pushes = [(n, to_left) for n in left_group if to_left.store]
+            pushes += [(n, to_right) for n in right_group if to_right.store]
+            await asyncio.gather(*(client.apply(subject, node, d) for node, d in pushes))
+            pushed += sum(len(d.store or ()) for _, d in pushes)
+            waves += 2 if pushes else 1
             await self._throttle(client)
-        return len(keys), pushed
+        return len(keys), pushed, waves
+
+    async def _repair_items(
+        self,
+        client: HealClient,
+        subject: str,
+        left: RootView,
+        right: RootView,
+        left_group: list[str],
+        right_group: list[str],
+        result: Diff,
+        width: int,
+    ) -> tuple[int, int, int]:
+        """Repair what a digests-only reconciliation found: fetch each side's unmatched items
+        (the replica names their keys), then, for a key only one side named, the other
+        side's entry by key (so every side's entries and context come from one moment), and
+        push the repairs. Returns (keys found, keys pushed, waves)."""
+        bits = left.fanout.bit_length() - 1
+
+        def index(prefix: tuple[int, ...]) -> int:
+            value = 0
+            for digit in prefix:
+                value = (value << bits) | digit
+            return value
+
+        lhs = [(index(p), d) for p, d in result.left_items]
+        rhs = [(index(p), d) for p, d in result.right_items]
+        found: set[str] = set()
+        pushed = waves = 0
+        batch = self.settings.fetch_batch
+        for i in range(0, max(len(lhs), len(rhs)), batch):
+            a1, b1 = await asyncio.gather(
+                client.fetch(subject, left.node, [], lhs[i : i + batch], width),
+                client.fetch(subject, right.node, [], rhs[i : i + batch], width),
+            )
+            waves += 1
+            ka, kb = set(a1.store or ()), set(b1.store or ())
+            only_a, only_b = sorted(ka - kb), sorted(kb - ka)
+            fetches = [
+                client.fetch(subject, right.node, only_a) if only_a else _none(),
+                client.fetch(subject, left.node, only_b) if only_b else _none(),
+            ]
+            b2, a3 = await asyncio.gather(*fetches)
+            if only_a or only_b:
+                waves += 1
+            to_left, to_right = ORMap(is_delta=True), ORMap(is_delta=True)
+            parts = [(a1, b1, sorted(ka & kb)), (a1, b2, only_a), (a3, b1, only_b)]
+            for a, b, keys in parts:
+                if keys and a is not None and b is not None:
+                    dl, dr = repair_deltas(a, b, keys)
+                    to_left.merge(dl)
+                    to_right.merge(dr)
+            found |= ka | kb
+            pushes = [(n, to_left) for n in left_group if to_left.store]
+            pushes += [(n, to_right) for n in right_group if to_right.store]
+            await asyncio.gather(*(client.apply(subject, node, d) for node, d in pushes))
+            pushed += sum(len(d.store or ()) for _, d in pushes)
+            waves += 1 if pushes else 0
+            await self._throttle(client)
+        return len(found), pushed, waves
 
     async def _throttle(self, client: HealClient) -> None:
         moved = client.bytes_sent + client.bytes_received

@@ -39,6 +39,14 @@ class HealerSettings(BaseSettings):
     max_rounds: int = Field(3, ge=1, le=20, description="Re-checks while writes keep landing.")
     bytes_per_second: float = Field(20e6, gt=0, description="Throttle on bytes moved.")
     fetch_batch: int = Field(500, ge=1, le=100_000, description="Keys per fetch/apply call.")
+    hash_bytes: int = Field(
+        6, ge=4, le=32,
+        description="Bytes of each node value and leaf digest on the wire (their low bytes).",
+    )
+    item_bytes: int = Field(
+        4, ge=0, le=32,
+        description="Leaves send item digests alone, this many low bytes each (0: keys too).",
+    )
     request_timeout_s: float = Field(5.0, gt=0)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 0

@@ -135,6 +135,12 @@ def _rpc_and_healer(codec: WireCodec, state: ORMap) -> dict[str, tuple[str, byte
     vv.replicas[1] = "n2"
     vv.init("counters", 2)[0] = 7
     vv.counters[1] = 9
+    if codec.version >= 3:
+        root.scheme = 2
+        root.fanout = 16
+        root.depth = 4
+        root.levelCount = 1
+        root.levels = bytes(range(16)) * 8  # 16 level-1 values of 8 bytes
     report = healer.HealReport.new_message()
     report.subject = "wn.prod.orders"
     report.init("replicas", 2)[0] = "n1"

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from broker.codec import TrustRoster
+from broker.codec import CURRENT_VERSION, TrustRoster
 from broker.crdt import INT64_MAX, Increment, OpaqueValue
 from broker.errors import (
     BackpressureError,
@@ -179,7 +179,7 @@ _WRITER = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from broker.codec import TrustRoster
+    from broker.codec import CURRENT_VERSION, TrustRoster
     from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
 
     async def main():
@@ -443,7 +443,7 @@ async def test_metrics_count_writes_batches_and_rejections(
         assert _metric(a_text, "worknode_ops_committed_total", subject=SUBJECT) == 21
         assert _metric(a_text, "worknode_batches_published_total", subject=SUBJECT) >= 1
         assert _metric(b_text, "worknode_deltas_applied_total", subject=SUBJECT,
-                       wire_version="2") >= 1
+                       wire_version=str(CURRENT_VERSION)) >= 1
         for text in (a_text, b_text):
             assert _metric(text, "worknode_deltas_rejected_total", subject=SUBJECT,
                            reason="malformed") == 1

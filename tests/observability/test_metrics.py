@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker.codec import CURRENT_VERSION
 from tests.observability.stack import NODES, generate_traffic, running_stack
 
 
@@ -70,6 +71,6 @@ async def test_every_service_passes_promtool_and_shows_wire_versions(
         assert labels["service"] == "worknode"
         assert labels["wire_version"] == str(version)
         assert labels["peer_wire_version"] == "1"
-        assert labels["newest_wire_version"] == "2"
+        assert labels["newest_wire_version"] == str(CURRENT_VERSION)
     (labels, _), = _samples(texts["healer"], "worknode_build_info")
     assert labels["service"] == "healer"

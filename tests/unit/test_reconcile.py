@@ -23,17 +23,21 @@ from broker.merkle import (
     RootInfo,
     Side,
     diff,
+    node_answer,
 )
 
 SECRET = b"k" * 32
 SHAPES = [(4, 3), (16, 2), (16, 4), (2, 5)]
 
-digests = st.binary(min_size=DIGEST_SIZE, max_size=DIGEST_SIZE)
 keys = st.text(min_size=1, max_size=5)
 
 
 def digest_of(n: int) -> bytes:
     return hashlib.blake2b(str(n).encode(), digest_size=DIGEST_SIZE).digest()
+
+
+# Digests are keyed hashes by contract (the tree adds them as they are): pseudo-random values.
+digests = st.integers(0, 2**40).map(digest_of)
 
 
 @st.composite
@@ -361,3 +365,114 @@ def test_equal_roots_with_different_counts_are_looked_into() -> None:
     assert rec.done
     assert rec.result().inconsistent == ((),)
     assert rec.result().round_trips == 1
+
+
+# -- top levels with the root, packed and truncated values ------------------------------------
+
+
+@given(
+    tree_pairs(),
+    st.sampled_from([0, 1, 2]),
+    st.sampled_from([0, 1, 2]),
+    st.sampled_from([32, 8, 6]),
+)
+@settings(max_examples=200)
+def test_top_levels_and_packed_truncated_values_find_the_same_difference(
+    pair, left_levels: int, right_levels: int, width: int
+) -> None:
+    left_items, right_items, (fanout, depth) = pair
+    left_levels, right_levels = min(left_levels, depth - 1), min(right_levels, depth - 1)
+    left = MerkleTree.build(left_items.items(), key=SECRET, fanout=fanout, depth=depth)
+    right = MerkleTree.build(right_items.items(), key=SECRET, fanout=fanout, depth=depth)
+    rec = Reconciliation(
+        RootInfo.of(left, levels=left_levels, width=width),
+        RootInfo.of(right, levels=right_levels, width=width),
+    )
+    trees = {Side.LEFT: left, Side.RIGHT: right}
+    rounds = 0
+    while not rec.done:
+        for req in rec.next_requests():
+            tree = trees[req.side]
+            if isinstance(req, NodeRequest):
+                rec.receive_nodes(req.side, node_answer(tree, req.prefixes, width))
+            else:
+                rec.receive_leaves(req.side, tree.leaves(req.prefixes))
+        rounds += 1
+    result = rec.result()
+    assert (result.only_left, result.only_right, result.different) == expected(
+        left_items, right_items
+    )
+    assert result.round_trips == rounds
+    if left_items != right_items:
+        top = max(left_levels, right_levels)
+        extra = 1 if left_levels != right_levels and top else 0
+        assert rounds <= depth + 1 - top + extra
+    assert result.keys == diff(left, right).keys
+
+
+def test_two_top_levels_make_four_round_trips_at_a_million_leaves_scale() -> None:
+    items = {f"k{i}": digest_of(i) for i in range(20_000)}
+    left = MerkleTree.build(items.items(), key=SECRET)
+    right = MerkleTree.build(items.items(), key=SECRET)
+    for i in range(0, 300, 3):
+        left.remove(f"k{i}")
+        right.remove(f"k{i + 1}")
+        right.set(f"k{i + 2}", digest_of(-i))
+    result = diff(left, right, levels=2, width=8)
+    assert len(result.keys) == 300
+    assert result.round_trips == 3  # level 3, level 4, leaves: plus the root fetch, 4
+
+
+def test_packed_answers_are_checked_for_size() -> None:
+    rec, left, _right = started()
+    with pytest.raises(InvalidArgumentError, match="exactly"):
+        rec.receive_nodes(Side.LEFT, b"x" * 7)
+    rec.receive_nodes(Side.LEFT, node_answer(left, [()]))
+    assert [r.side for r in rec.next_requests()] == [Side.RIGHT]
+
+
+def test_root_infos_with_bad_levels_or_schemes_are_refused() -> None:
+    tree = MerkleTree.build([("a", digest_of(1))], key=SECRET, fanout=4, depth=3)
+    with pytest.raises(InvalidArgumentError, match="level 1"):
+        RootInfo(tree.root(), 1, 4, 3, levels=(b"x" * 31,), width=8)
+    with pytest.raises(InvalidArgumentError, match="fewer than depth"):
+        RootInfo.of(tree, levels=3)
+    with pytest.raises(InvalidArgumentError, match="width"):
+        RootInfo(tree.root(), 1, 4, 3, width=0)
+    old = RootInfo(tree.root(), 1, 4, 3, scheme=1)
+    with pytest.raises(InvalidArgumentError, match="schemes differ"):
+        Reconciliation(old, RootInfo.of(tree))
+
+
+@given(tree_pairs(), st.sampled_from([4, 8, 32]), st.sampled_from([0, 2]))
+@settings(max_examples=150)
+def test_leaf_digests_alone_name_exactly_the_unmatched_items(
+    pair, item_width: int, levels: int
+) -> None:
+    left_items, right_items, (fanout, depth) = pair
+    levels = min(levels, depth - 1)
+    left = MerkleTree.build(left_items.items(), key=SECRET, fanout=fanout, depth=depth)
+    right = MerkleTree.build(right_items.items(), key=SECRET, fanout=fanout, depth=depth)
+    result = diff(left, right, levels=levels, width=8, item_width=item_width)
+    assert (result.only_left, result.only_right, result.different) == ((), (), ())
+    lset, rset = set(left_items.items()), set(right_items.items())
+    assert result.left_items == tuple(
+        sorted((left.path(k), d[-item_width:]) for k, d in lset - rset)
+    )
+    assert result.right_items == tuple(
+        sorted((right.path(k), d[-item_width:]) for k, d in rset - lset)
+    )
+    assert result.in_sync == (left_items == right_items)
+
+
+def test_a_leaf_round_takes_one_form() -> None:
+    _, request = at_leaves()
+    leaf: Prefix = request.prefixes[0]
+    rec, _ = at_leaves()
+    rec.receive_leaves(Side.LEFT, {p: [] for p in request.prefixes})
+    with pytest.raises(InvalidArgumentError, match="same form"):
+        rec.receive_leaf_digests(Side.RIGHT, {p: [] for p in request.prefixes})
+    rec, _ = at_leaves()
+    for bad in ({}, {leaf: b"ab"}, {leaf: [b""]}, {leaf: ["x"]}):
+        with pytest.raises(InvalidArgumentError):
+            rec.receive_leaf_digests(Side.LEFT, bad)  # type: ignore[arg-type]

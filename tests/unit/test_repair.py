@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.crdt import ORMap
-from broker.repair import key_digests, repair_deltas, subset
+from broker.repair import item_digest, key_digests, repair_deltas, subset
 from tests.unit.strategies import histories, run_history
 
 
@@ -45,3 +45,16 @@ def test_repairing_differing_keys_equals_a_full_join(
     a3, b3 = a.join(pa), b.join(pb)
     for k in some:
         assert key_digests(a3).get(k) == key_digests(b3).get(k) == key_digests(full).get(k)
+
+
+def test_item_digests_bind_the_key_the_content_and_the_secret() -> None:
+    entry = ORMap().assign("r1", ("x",), "v", 1).store["x"]  # type: ignore[index]
+    other = ORMap().assign("r1", ("x",), "w", 1).store["x"]  # type: ignore[index]
+    secret, other_secret = b"s" * 32, b"t" * 32
+    base = item_digest("ab", entry, secret)
+    assert len(base) == 32
+    assert item_digest("ab", entry, secret) == base  # deterministic
+    assert item_digest("a", entry, secret) != base
+    assert item_digest("abc", entry, secret) != base
+    assert item_digest("ab", other, secret) != base
+    assert item_digest("ab", entry, other_secret) != base
