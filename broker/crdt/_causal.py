@@ -57,6 +57,7 @@ from broker.crdt._stores import (
     check_timestamp,
     count_dots,
     counter_add,
+    counter_contribution,
     dots_of,
     flag_disable,
     flag_enable,
@@ -72,7 +73,6 @@ from broker.errors import (
     InvalidKeyError,
     KindMismatchError,
     NestingDepthError,
-    ValueTooLargeError,
 )
 
 __all__ = [
@@ -458,22 +458,7 @@ class ORMap(Causal):
         if walk is None:
             return self._merged(self.increment(replica_id, path, amount))
         top, m, dm, last, old = walk
-        inc = dec = 0
-        replaced: list[Dot] = []
-        others: list[Any] = []
-        if old:
-            for i in range(0, len(old), 4):
-                if old[i] == replica_id:
-                    inc, dec = max(inc, old[i + 2]), max(dec, old[i + 3])
-                    replaced.append((replica_id, old[i + 1]))
-                else:
-                    others.append(old[i : i + 4])
-        if amount >= 0:
-            inc += amount
-        else:
-            dec -= amount
-        if inc > INT64_MAX or dec > INT64_MAX:
-            raise ValueTooLargeError("counter contribution would leave the signed 64-bit range")
+        inc, dec, replaced, others = counter_contribution(old, replica_id, amount)
         dot, ctx = self.context.issue_delta(replica_id, replaced)
         entry = (replica_id, dot[1], inc, dec)
         dm[last] = CounterStore(entry)

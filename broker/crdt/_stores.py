@@ -70,6 +70,7 @@ __all__ = [
     "check_timestamp",
     "count_dots",
     "counter_add",
+    "counter_contribution",
     "digest_entry",
     "dots_of",
     "flag_disable",
@@ -641,21 +642,33 @@ def mv_assign(cur: MVStore | None, dot: Dot, value: Atom) -> tuple[MVStore, list
 
 def counter_add(cur: CounterStore | None, dot: Dot, amount: int) -> tuple[CounterStore, list[Dot]]:
     """Delta that adds ``amount`` (negative to subtract) to a PN-counter."""
-    rid = dot[0]
+    inc, dec, removed, _ = counter_contribution(cur, dot[0], amount)
+    return CounterStore((dot[0], dot[1], inc, dec)), removed
+
+
+def counter_contribution(
+    cur: CounterStore | None, rid: str, amount: int
+) -> tuple[int, int, list[Dot], list[tuple[Any, ...]]]:
+    """``rid``'s new (increments, decrements) after adding ``amount``, the dots of its
+    entries that the write replaces, and the other replicas' entries (kept by the join).
+    Raises ValueTooLargeError when a total would leave the signed 64-bit range."""
     inc = dec = 0
     removed: list[Dot] = []
+    others: list[tuple[Any, ...]] = []
     if cur:
         for i in range(0, len(cur), 4):
             if cur[i] == rid:
                 inc, dec = max(inc, cur[i + 2]), max(dec, cur[i + 3])
                 removed.append((rid, cur[i + 1]))
+            else:
+                others.append(cur[i : i + 4])
     if amount >= 0:
         inc += amount
     else:
         dec -= amount
     if inc > INT64_MAX or dec > INT64_MAX:
         raise ValueTooLargeError("counter contribution would leave the signed 64-bit range")
-    return CounterStore((rid, dot[1], inc, dec)), removed
+    return inc, dec, removed, others
 
 
 def flag_enable(cur: FlagStore | None, dot: Dot) -> tuple[FlagStore, list[Dot]]:

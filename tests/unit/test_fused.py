@@ -77,24 +77,13 @@ def test_apply_assign_is_assign_then_merge(
         # Most random states lack some map on the path; write a sibling first so that the
         # fused route (every map on the path present) is taken often.
         state.merge(state.assign("r3", (*path[:-1], "z"), None, 1))
-    want_delta = state.assign(rid, path, value, ts)
-    want_state = state.join(want_delta)
-
-    got_state = state.copy()
-    got_delta = got_state.apply_assign(rid, path, value, ts)
-
-    assert_same(got_state, want_state)
-    assert_same(got_delta, want_delta)
-    # A peer (even one that has not seen the writer's state) ends the same either way.
-    via_got, via_want = peer.copy(), peer.copy()
-    via_got.merge(got_delta)
-    via_want.merge(want_delta)
-    assert_same(via_got, via_want)
+    _check_fused(state, peer, "assign", "apply_assign", rid, path, value, ts)
 
 
 def _check_fused(state: ORMap, peer: ORMap, name: str, fused: str, *args: Any) -> None:
     """``state.<fused>(*args)`` leaves ``state.join(state.<name>(*args))``, returns that delta,
-    and a peer ends the same whichever delta it receives."""
+    and a peer (even one that has not seen the writer's state) ends the same whichever delta
+    it receives."""
     want_delta = getattr(state, name)(*args)
     want_state = state.join(want_delta)
     got_state = state.copy()
