@@ -226,13 +226,48 @@ def encode_document(schema: WireSchema, state: Causal) -> Any:
 # decoding
 
 
+class _Fields:
+    """The fields of one schema release's CRDT structs, resolved once.
+
+    Readers are read by field object (``_get_by_field``) and unions by ``_which_str``:
+    pycapnp's reader ``__getattr__`` costs about four times as much, and a document holds a
+    few fields per key.
+    """
+
+    __slots__ = ("counter", "dot", "entry", "item", "lww", "payload", "value")
+
+    def __init__(self, schema: WireSchema) -> None:
+        crdt = schema.crdt
+        self.entry = dict(crdt.Entry.schema.fields)
+        self.item = dict(crdt.Item.schema.fields)
+        self.dot = dict(crdt.Dot.schema.fields)
+        self.value = dict(crdt.Value.schema.fields)
+        self.payload = dict(crdt.Payload.schema.fields)
+        groups = crdt.Payload.new_message()
+        self.lww = dict(groups.init("lww").schema.fields)
+        self.counter = dict(groups.init("counter").schema.fields)
+
+
+_FIELDS: dict[int, tuple[WireSchema, _Fields]] = {}
+
+
+def _fields(schema: WireSchema) -> _Fields:
+    hit = _FIELDS.get(id(schema))
+    if hit is not None and hit[0] is schema:
+        return hit[1]
+    fields = _Fields(schema)
+    _FIELDS[id(schema)] = (schema, fields)  # the schema is kept alive: its id stays unique
+    return fields
+
+
 class _Decoder:
-    __slots__ = ("delta", "replicas", "schema")
+    __slots__ = ("delta", "f", "replicas", "schema")
 
     def __init__(self, schema: WireSchema, replicas: list[str], delta: bool) -> None:
         self.schema = schema
         self.replicas = replicas
         self.delta = delta
+        self.f = _fields(schema)
 
     def replica(self, index: int) -> str:
         try:
@@ -242,23 +277,27 @@ class _Decoder:
                 f"replica index {index} out of range (table has {len(self.replicas)})"
             ) from None
 
-    def dot(self, d: Any) -> tuple[str, int]:
-        n = d.counter
+    def dot(self, d: Any, fields: dict[str, Any]) -> tuple[str, int]:
+        """The dot of a ``Dot`` or an ``Item`` reader (``fields``: that struct's)."""
+        get = d._get_by_field
+        n = get(fields["counter"])
         if not 1 <= n <= INT64_MAX:
             raise MalformedMessageError(f"dot counter {n} outside [1, 2**63)")
-        return self.replica(d.replica), n
+        return self.replica(get(fields["replica"])), n
 
     def dots(self, lst: Any) -> list[tuple[str, int]]:
         """Dots of a list, which must be sorted and unique (hot: contexts hold many)."""
         replicas = self.replicas
+        f_counter, f_replica = self.f.dot["counter"], self.f.dot["replica"]
         out: list[tuple[str, int]] = []
         prev: tuple[str, int] | None = None
         try:
             for d in lst:
-                n = d.counter
+                get = d._get_by_field
+                n = get(f_counter)
                 if not 1 <= n <= INT64_MAX:
                     raise MalformedMessageError(f"dot counter {n} outside [1, 2**63)")
-                dot = (replicas[d.replica], n)
+                dot = (replicas[get(f_replica)], n)
                 if prev is not None and not prev < dot:
                     raise MalformedMessageError("dots are not sorted and unique")
                 out.append(dot)
@@ -268,10 +307,10 @@ class _Decoder:
         return out
 
     def value(self, v: Any) -> Any:
-        w = v.which()
+        w = v._which_str()
         if w == "null":
             return None
-        x = getattr(v, w)
+        x = v._get_by_field(self.f.value[w])
         if w == "data":
             x = bytes(x)
         try:
@@ -282,10 +321,10 @@ class _Decoder:
             raise MalformedMessageError(f"invalid value: {exc}") from exc
 
     def element(self, v: Any) -> Any:
-        w = v.which()
+        w = v._which_str()
         if w not in ("int", "text", "data"):
             raise MalformedMessageError(f"set elements are text, int or data, not {w}")
-        x = getattr(v, w)
+        x = v._get_by_field(self.f.value[w])
         return validate_element(bytes(x) if w == "data" else x)
 
     def items(self, kind: int, lst: Any) -> Any:
@@ -302,17 +341,22 @@ class _Decoder:
             cls = opaque_store_class(kind)
         else:
             raise MalformedMessageError(f"kind {kind} does not hold items")
+        f = self.f
+        item_fields, f_payload = f.item, f.item["payload"]
+        f_lww, f_mv, f_counter = f.payload["lww"], f.payload["mv"], f.payload["counter"]
+        f_hlc, f_value = f.lww["hlc"], f.lww["value"]
+        f_inc, f_dec = f.counter["increments"], f.counter["decrements"]
         out: list[Any] = []
         prev: tuple[str, int] | None = None
         prev_counter_replica: str | None = None
         for i in range(n):
             it = lst[i]
-            dot = self.dot(it)
+            dot = self.dot(it, item_fields)
             if prev is not None and not prev < dot:
                 raise MalformedMessageError("items are not sorted by dot, or repeat a dot")
             prev = dot
             out.extend(dot)
-            p = it.payload
+            p = it._get_by_field(f_payload)
             if issubclass(cls, OpaqueStore):
                 # Kept as the exact struct it arrived as (unknown members and fields too).
                 # Copy it into a holder message by field assignment: unlike as_builder()
@@ -321,19 +365,20 @@ class _Decoder:
                 holder.payload = p
                 out.append(holder.to_bytes_packed())
                 continue
-            w = p.which()
+            w = p._which_str()
             if kind == Kind.LWW:
                 if w != "lww":
                     raise MalformedMessageError(f"LWW item carries a {w} payload")
-                hlc = p.lww.hlc
+                g = p._get_by_field(f_lww)
+                hlc = g._get_by_field(f_hlc)
                 if hlc > INT64_MAX:
                     raise MalformedMessageError("hybrid timestamp above 2**63 - 1")
                 out.append(hlc)
-                out.append(self.value(p.lww.value))
+                out.append(self.value(g._get_by_field(f_value)))
             elif kind == Kind.MV:
                 if w != "mv":
                     raise MalformedMessageError(f"MV item carries a {w} payload")
-                out.append(self.value(p.mv))
+                out.append(self.value(p._get_by_field(f_mv)))
             elif kind == Kind.FLAG:
                 if w != "flag":
                     raise MalformedMessageError(f"flag item carries a {w} payload")
@@ -343,7 +388,8 @@ class _Decoder:
                 if dot[0] == prev_counter_replica:
                     raise MalformedMessageError("a counter holds two entries of one replica")
                 prev_counter_replica = dot[0]
-                inc, dec = p.counter.increments, p.counter.decrements
+                g = p._get_by_field(f_counter)
+                inc, dec = g._get_by_field(f_inc), g._get_by_field(f_dec)
                 if inc > INT64_MAX or dec > INT64_MAX:
                     raise MalformedMessageError("counter contribution above 2**63 - 1")
                 out.append(inc)
@@ -366,21 +412,22 @@ class _Decoder:
         return out or None
 
     def store(self, e: Any, kind: int, depth: int) -> Any:
-        w = e.which()
+        w = e._which_str()
         if kind == _NO_KIND:
             if w != "absent":
                 raise MalformedMessageError("an entry without a kind must be absent")
             return None
+        f = self.f.entry
         if w == "items":
-            return self.items(kind, e.items)
+            return self.items(kind, e._get_by_field(f["items"]))
         if w == "elements":
             if kind != Kind.SET:
                 raise MalformedMessageError(f"kind {kind} does not hold set elements")
-            return self.elements(e.elements)
+            return self.elements(e._get_by_field(f["elements"]))
         if w == "entries":
             if kind != Kind.MAP:
                 raise MalformedMessageError(f"kind {kind} does not hold map entries")
-            return self.entries(e.entries, depth)
+            return self.entries(e._get_by_field(f["entries"]), depth)
         raise MalformedMessageError(f"kind {kind} entry is {w}")
 
     def entries(self, lst: Any, depth: int) -> MapStore | None:
@@ -390,16 +437,19 @@ class _Decoder:
             )
         out = MapStore()
         prev: tuple[str, int] | None = None
+        f = self.f.entry
+        f_key, f_kind, f_whole = f["key"], f["kind"], f["whole"]
         for e in lst:
+            get = e._get_by_field
             try:
-                key = validate_key(e.key)
+                key = validate_key(get(f_key))
             except InvalidArgumentError as exc:
                 raise MalformedMessageError(f"invalid map key: {exc}") from exc
-            kind = e.kind
+            kind = get(f_kind)
             if prev is not None and not prev < (key, kind):
                 raise MalformedMessageError("map entries are not sorted by (key, kind)")
             prev = (key, kind)
-            whole = e.whole
+            whole = get(f_whole)
             if whole and not self.delta:
                 raise MalformedMessageError("a Whole marker in a full state")
             store = self.store(e, kind, depth + 1)
@@ -458,7 +508,7 @@ def decode_document(schema: WireSchema, doc: Any, expect: type[Causal] | None = 
     c = doc.context
     vv: dict[str, int] = {}
     for d in c.versions:
-        r, n = dec.dot(d)
+        r, n = dec.dot(d, dec.f.dot)
         if r in vv:
             raise MalformedMessageError("version vector repeats a replica")
         vv[r] = n
