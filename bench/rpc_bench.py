@@ -74,9 +74,17 @@ async def _server(url: str, state: Path, reply_size: int) -> None:
     keyring.write_text(json.dumps({"1": _root().public_key.hex()}))
     reg = MethodRegistry()
 
-    @reg.method("echo")
-    async def echo(ctx: CallContext) -> dict[str, Any]:
-        return {"v": ctx.arguments.get("v")}
+    if os.environ.get("WN_BENCH_ASYNC_HANDLER"):
+
+        @reg.method("echo")
+        async def echo_async(ctx: CallContext) -> dict[str, Any]:
+            return {"v": ctx.arguments.get("v")}
+
+    else:
+
+        @reg.method("echo")
+        def echo(ctx: CallContext) -> dict[str, Any]:  # never waits: runs inline
+            return {"v": ctx.arguments.get("v")}
 
     settings = WorknodeSettings(
         node_id="server", namespace=NS, subjects=[SUBJECT], nats_urls=[url],

@@ -122,8 +122,9 @@ class Deadline:
         return clamp_timeout_ms(self.at_ms - now_ms)
 
     def expired(self, now_ms: float) -> bool:
-        """Whether no time is left at ``now_ms``."""
-        return self.remaining_ms(now_ms) <= 0
+        """Whether no time is left at ``now_ms`` (less than a whole millisecond: the same
+        answer as ``remaining_ms(now_ms) <= 0``, without its rounding)."""
+        return not self.at_ms - now_ms >= 1.0
 
     def child_timeout_ms(self, now_ms: float, requested_ms: float | None = None) -> int:
         """The deadline a nested call carries: what remains, or less if the handler asks for

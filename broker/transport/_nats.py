@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Self, cast
 
@@ -155,32 +155,53 @@ class _MicroHandle:
 
 
 def _micro_handler(ep: Endpoint, tasks: TaskSet) -> Any:
-    async def spawn(req: Any) -> None:
-        tasks.spawn(handle(req))
-
+    # nats.micro awaits this in the endpoint subscription's task, one request at a time: a
+    # concurrent endpoint's handler answers at once, or hands back an awaitable that gets its
+    # own task (see ``Endpoint``).
     async def handle(req: Any) -> None:
-        msg = Msg(req.subject, req.data, "", req.headers)
         try:
-            body = await ep.handler(msg)
-        except WorknodeError as exc:
-            with contextlib.suppress(nats.errors.Error):
-                await req.respond_error(error_code(exc), str(exc), error_body(exc))
+            out = ep.handler(Msg(req.subject, req.data, "", req.headers))
+            if not isinstance(out, bytes):
+                if ep.concurrent:
+                    tasks.spawn(finish(req, out))
+                    return
+                out = await out
+        except Exception as exc:
+            await _answer_error(ep, req, exc)
             return
-        except Exception as exc:  # a bug: answer 500 rather than leave the caller waiting
-            _log.exception("endpoint %s raised", ep.subject)
-            with contextlib.suppress(nats.errors.Error):
-                await req.respond_error("500", f"internal error: {type(exc).__name__}")
-            return
-        try:
-            await req.respond(body)
-        except nats.errors.MaxPayloadError:
-            # Never leave the caller to time out: say why there is no answer.
-            with contextlib.suppress(nats.errors.Error):
-                await req.respond_error("413", "reply larger than the server's max_payload")
-        except nats.errors.Error:
-            _log.warning("could not answer a request on %s", ep.subject)
+        await _answer(ep, req, out)
 
-    return spawn if ep.concurrent else handle
+    async def finish(req: Any, pending: Awaitable[bytes]) -> None:
+        try:
+            body = await pending
+        except Exception as exc:
+            await _answer_error(ep, req, exc)
+            return
+        await _answer(ep, req, body)
+
+    return handle
+
+
+async def _answer_error(ep: Endpoint, req: Any, exc: Exception) -> None:
+    if isinstance(exc, WorknodeError):
+        with contextlib.suppress(nats.errors.Error):
+            await req.respond_error(error_code(exc), str(exc), error_body(exc))
+        return
+    # A bug: answer 500 rather than leave the caller waiting.
+    _log.error("endpoint %s raised", ep.subject, exc_info=exc)
+    with contextlib.suppress(nats.errors.Error):
+        await req.respond_error("500", f"internal error: {type(exc).__name__}")
+
+
+async def _answer(ep: Endpoint, req: Any, body: bytes) -> None:
+    try:
+        await req.respond(body)
+    except nats.errors.MaxPayloadError:
+        # Never leave the caller to time out: say why there is no answer.
+        with contextlib.suppress(nats.errors.Error):
+            await req.respond_error("413", "reply larger than the server's max_payload")
+    except nats.errors.Error:
+        _log.warning("could not answer a request on %s", ep.subject)
 
 
 def _to_msg(nmsg: NatsMsg) -> Msg:

@@ -101,6 +101,15 @@ def test_deadlines_shrink_at_each_hop_and_are_capped() -> None:
     assert clamp_timeout_ms(float("nan")) == 0
 
 
+@given(
+    st.floats(-1e6, 1e6, allow_nan=False), st.integers(0, 2 * MAX_RPC_TIMEOUT_MS),
+    st.floats(-1e6, 1e7, allow_nan=False),
+)
+def test_expired_is_exactly_no_whole_millisecond_left(start: float, ms: int, now: float) -> None:
+    d = Deadline.start(start, ms)
+    assert d.expired(now) == (d.remaining_ms(now) <= 0)
+
+
 def test_call_depth_is_bounded() -> None:
     check_depth(MAX_CALL_DEPTH)
     with pytest.raises(CallDepthExceededError):
