@@ -191,21 +191,21 @@ def _layout(codec: WireCodec) -> _Layout:
     return layout
 
 
-def _set_value(b: Any, v: Any) -> None:
+def _set_value(b: Any, v: Any, fields: Mapping[str, Any]) -> None:
     v = validate_atom(v)
     t = type(v)
     if v is None:
-        b.null = None
+        b._set_by_field(fields["null"], None)
     elif t is bool:
-        b.bool = v
+        b._set_by_field(fields["bool"], v)
     elif t is int:
-        b.int = v
+        b._set_by_field(fields["int"], v)
     elif t is float:
-        b.float = v
+        b._set_by_field(fields["float"], v)
     elif t is str:
-        b.text = v
+        b._set_by_field(fields["text"], v)
     else:
-        b.data = v
+        b._set_by_field(fields["data"], v)
 
 
 def _read_value(v: Any, fields: Mapping[str, Any]) -> Any:
@@ -222,14 +222,17 @@ def _read_value(v: Any, fields: Mapping[str, Any]) -> Any:
     return x
 
 
-def _write_arguments(builder: Any, name: str, args: Mapping[str, Any]) -> None:
+def _write_arguments(builder: Any, field: Any, args: Mapping[str, Any], layout: _Layout) -> None:
     if len(args) > MAX_ARGUMENTS:
         raise RpcInvalidArgumentError(f"{len(args)} arguments, at most {MAX_ARGUMENTS}")
-    lst = builder.init(name, len(args))
+    lst = builder._init_by_field(field, len(args))
+    name_field = layout.argument["name"]
+    value_field = layout.argument["value"]
+    value_fields = layout.value_fields
     for i, (key, value) in enumerate(args.items()):
         item = lst[i]
-        item.name = key
-        _set_value(item.value, value)
+        item._set_by_field(name_field, key)
+        _set_value(item._get_by_field(value_field), value, value_fields)
 
 
 def _read_arguments(lst: Any, layout: _Layout) -> dict[str, Any]:
@@ -262,18 +265,22 @@ def _parse(codec: WireCodec, struct: Any, data: bytes) -> Any:
 
 def encode_request(codec: WireCodec, request: Request) -> bytes:
     """Packed ``RpcRequest`` bytes (written as ``codec``'s wire version)."""
-    msg = _layout(codec).rpc.RpcRequest.new_message()
-    msg.version = codec.version
-    msg.worknode = request.worknode
-    msg.method = request.method
+    layout = _layout(codec)
+    f = layout.request
+    msg = layout.rpc.RpcRequest.new_message()
+    put = msg._set_by_field
+    put(f["version"], codec.version)
+    put(f["worknode"], request.worknode)
+    put(f["method"], request.method)
     if request.arguments:
-        _write_arguments(msg, "arguments", request.arguments)
+        _write_arguments(msg, f["arguments"], request.arguments, layout)
     if request.token:
-        msg.token = request.token
-    msg.deadlineMs = clamp_timeout_ms(request.deadline_ms)
-    msg.callDepth = min(max(request.call_depth, 0), 255)
+        put(f["token"], request.token)
+    put(f["deadlineMs"], clamp_timeout_ms(request.deadline_ms))
+    depth = request.call_depth
+    put(f["callDepth"], depth if 0 <= depth <= 255 else min(max(depth, 0), 255))
     if request.trace_id:
-        msg.traceId = request.trace_id
+        put(f["traceId"], request.trace_id)
     return msg.to_bytes_packed()  # type: ignore[no-any-return]
 
 
@@ -331,17 +338,20 @@ _STATUS: Final = {int(code): code for code in StatusCode}
 
 def encode_response(codec: WireCodec, response: Response) -> bytes:
     """Packed ``RpcResponse`` bytes."""
-    msg = _layout(codec).rpc.RpcResponse.new_message()
-    msg.version = codec.version
-    msg.status = int(response.status)
+    layout = _layout(codec)
+    f = layout.response
+    msg = layout.rpc.RpcResponse.new_message()
+    put = msg._set_by_field
+    put(f["version"], codec.version)
+    put(f["status"], int(response.status))
     if response.message:
-        msg.message = response.message
+        put(f["message"], response.message)
     if response.result:
-        _write_arguments(msg, "result", response.result)
+        _write_arguments(msg, f["result"], response.result, layout)
     if response.state is not None:
         msg.state = encode_document(codec.schema, response.state)
     if response.trace_id:
-        msg.traceId = response.trace_id
+        put(f["traceId"], response.trace_id)
     return msg.to_bytes_packed()  # type: ignore[no-any-return]
 
 
