@@ -97,6 +97,8 @@ class Response:
 
 def clamp_timeout_ms(timeout_ms: float) -> int:
     """A caller's timeout as a wire deadline: whole milliseconds in ``[0, MAX_RPC_TIMEOUT_MS]``."""
+    if type(timeout_ms) is int and 0 <= timeout_ms <= MAX_RPC_TIMEOUT_MS:
+        return timeout_ms  # already a wire deadline (the common case: clamped once before)
     if timeout_ms != timeout_ms:  # NaN
         return 0
     return int(max(0.0, min(float(timeout_ms), float(MAX_RPC_TIMEOUT_MS))))

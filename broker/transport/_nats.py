@@ -621,11 +621,15 @@ class NatsTransport:
         hdrs = validate_headers(headers)
         nc = self._client()
         self._check_payload(nc, data, hdrs)
-        with _mapped("request on %r (timeout %s s)", subject, timeout):
+        try:  # _mapped, inlined: requests are the hottest path
             reply = await nc.request(
                 subject, data, timeout=timeout, headers=dict(hdrs) if hdrs else None
             )
-        return _to_msg(reply)
+        except WorknodeError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, f"request on {subject!r} (timeout {timeout} s)") from exc
+        return Msg(reply.subject, reply.data, reply.reply, reply.headers or None)
 
     async def respond(
         self, msg: Msg, data: bytes, *, headers: Mapping[str, str] | None = None

@@ -15,6 +15,7 @@ from broker.crdt import ORMap
 from broker.rpc import (
     MAX_CALL_DEPTH,
     MAX_RPC_TIMEOUT_MS,
+    TRACE_ID_BYTES,
     CallDepthExceededError,
     Deadline,
     DeadlineExceededError,
@@ -132,3 +133,17 @@ def test_every_status_maps_to_its_own_exception_and_back() -> None:
     assert isinstance(error_for(StatusCode.RESOURCE_EXHAUSTED, "call depth 9 exceeds"),
                       CallDepthExceededError)
     assert isinstance(error_for(StatusCode.DEADLINE_EXCEEDED, "x"), TimeoutError)
+
+
+def test_trace_ids_are_16_bytes_and_unique_per_process() -> None:
+    from broker.rpc._client import _trace_ids
+
+    ids = [_trace_ids.next() for _ in range(10_000)]
+    assert {len(t) for t in ids} == {TRACE_ID_BYTES}
+    assert len(set(ids)) == len(ids)
+
+
+@given(st.one_of(st.integers(-10**12, 10**12), st.floats(allow_nan=True)))
+def test_clamp_fast_path_agrees_with_the_general_rule(x: float) -> None:
+    expected = 0 if x != x else int(max(0.0, min(float(x), float(MAX_RPC_TIMEOUT_MS))))
+    assert clamp_timeout_ms(x) == expected
