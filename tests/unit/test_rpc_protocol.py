@@ -15,7 +15,6 @@ from broker.crdt import ORMap
 from broker.rpc import (
     MAX_CALL_DEPTH,
     MAX_RPC_TIMEOUT_MS,
-    TRACE_ID_BYTES,
     CallDepthExceededError,
     Deadline,
     DeadlineExceededError,
@@ -30,7 +29,7 @@ from broker.rpc import (
     encode_response,
     error_for,
 )
-from broker.rpc._protocol import check_depth, child_depth, clamp_timeout_ms
+from broker.rpc._protocol import TRACE_ID_BYTES, check_depth, child_depth, clamp_timeout_ms
 
 CODEC = WireCodec()
 atoms = st.one_of(
