@@ -19,8 +19,10 @@ What happens to one request, in order (each refusal answers at once with its sta
    subtree (``PERMISSION_DENIED``); only then is a missing worknode ``NOT_FOUND`` (a missing
    worknode is authorized as a child of the root, so a token for another subtree learns
    nothing about it);
-4. the handler runs under the remaining deadline; if it passes, the handler is cancelled,
-   its late result discarded, and the caller gets ``DEADLINE_EXCEEDED``.
+4. the handler runs under the remaining deadline. A coroutine handler runs in its own task
+   and is cancelled when the deadline passes; a plain-function handler runs inline (steps 1-3
+   always do: they are synchronous, on the receive path) and cannot be cancelled. Either
+   way a late result is discarded and the caller gets ``DEADLINE_EXCEEDED``.
 
 This is the thin adapter: protocol, deadlines and token checks are the pure modules
 ``_protocol`` and ``_capability``; this module reads the clocks and moves bytes.
@@ -492,6 +494,8 @@ class RpcServer:
             body = encode_response(self.codec, _response(out, req))
             code = StatusCode.OK
             return body
+        except ErrorReply:
+            raise
         except Exception as exc:
             code = _status_of(exc)
             raise self._error_reply(subject, m.name, exc, req.trace_id) from None
