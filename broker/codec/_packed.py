@@ -8,6 +8,11 @@ comparing the declared size with the words the stream really holds.
 
 Invariant: ``check_segments`` accepts every well-formed stream and costs one pass over the
 tags only for multi-segment messages (single-segment ones are read eagerly and fail cleanly).
+A single-segment stream is recognized from its first tag byte alone: in the packed encoding,
+bit ``i`` of a word's tag is set exactly when byte ``i`` of that word is non-zero, and bytes 0-3
+of the first word hold the segment count minus one, so a tag with its low four bits clear
+*is* a one-segment table (the same answer the full parse gives, at the cost of one byte read:
+RPC bodies and most deltas take this path).
 
 Pure: bytes in, an error or nothing out.
 """
@@ -87,6 +92,13 @@ def unpacked_words(data: bytes) -> int:
 def check_segments(data: bytes) -> None:
     """Raise MalformedMessageError if a multi-segment packed stream is shorter than its table
     says (see module doc); other malformations are left to pycapnp, which raises cleanly."""
+    if not data or not data[0] & 0x0F:
+        return  # empty, or segment count - 1 == 0: a single segment (see module doc)
+    _check_table(data)
+
+
+def _check_table(data: bytes) -> None:
+    """The full check behind ``check_segments``' one-byte fast path."""
     first = _unpack_prefix(data, 1)
     if first is None:
         return  # too short for a segment table: pycapnp fails in the constructor, cleanly

@@ -97,6 +97,8 @@ class Response:
 
 def clamp_timeout_ms(timeout_ms: float) -> int:
     """A caller's timeout as a wire deadline: whole milliseconds in ``[0, MAX_RPC_TIMEOUT_MS]``."""
+    if type(timeout_ms) is int and 0 <= timeout_ms <= MAX_RPC_TIMEOUT_MS:
+        return timeout_ms  # already a wire deadline (the common case: clamped once before)
     if timeout_ms != timeout_ms:  # NaN
         return 0
     return int(max(0.0, min(float(timeout_ms), float(MAX_RPC_TIMEOUT_MS))))
@@ -122,8 +124,9 @@ class Deadline:
         return clamp_timeout_ms(self.at_ms - now_ms)
 
     def expired(self, now_ms: float) -> bool:
-        """Whether no time is left at ``now_ms``."""
-        return self.remaining_ms(now_ms) <= 0
+        """Whether no time is left at ``now_ms`` (less than a whole millisecond: the same
+        answer as ``remaining_ms(now_ms) <= 0``, without its rounding)."""
+        return not self.at_ms - now_ms >= 1.0
 
     def child_timeout_ms(self, now_ms: float, requested_ms: float | None = None) -> int:
         """The deadline a nested call carries: what remains, or less if the handler asks for
@@ -152,66 +155,104 @@ def child_depth(depth: int) -> int:
 
 
 # -- encoding ----------------------------------------------------------------------------------
+#
+# Readers are read by field object (``_get_by_field``), never by attribute: pycapnp's reader
+# ``__getattr__`` costs about four times as much, and a request has a dozen fields. Builders
+# are written by attribute, which is the fastest way to set them.
 
 
-def _set_value(b: Any, v: Any) -> None:
+class _Layout:
+    """The RPC structs of one loaded schema, with their fields resolved once."""
+
+    __slots__ = ("argument", "request", "response", "rpc", "value", "value_fields")
+
+    def __init__(self, schema: Any) -> None:
+        self.rpc = schema.rpc
+        self.request = _fields_of(self.rpc.RpcRequest)
+        self.response = _fields_of(self.rpc.RpcResponse)
+        self.argument = _fields_of(self.rpc.Argument)
+        self.value = _fields_of(schema.crdt.Value)
+        self.value_fields = {name: self.value[name] for name in _VALUE_KINDS}
+
+
+_VALUE_KINDS: Final = ("null", "bool", "int", "float", "text", "data")
+_LAYOUTS: dict[int, tuple[Any, _Layout]] = {}
+
+
+def _fields_of(struct: Any) -> dict[str, Any]:
+    return dict(struct.schema.fields)
+
+
+def _layout(codec: WireCodec) -> _Layout:
+    schema = codec.schema
+    hit = _LAYOUTS.get(id(schema))
+    if hit is not None and hit[0] is schema:
+        return hit[1]
+    layout = _Layout(schema)
+    _LAYOUTS[id(schema)] = (schema, layout)  # the schema is kept alive: its id stays unique
+    return layout
+
+
+def _set_value(b: Any, v: Any, fields: Mapping[str, Any]) -> None:
     v = validate_atom(v)
     t = type(v)
     if v is None:
-        b.null = None
+        b._set_by_field(fields["null"], None)
     elif t is bool:
-        b.bool = v
+        b._set_by_field(fields["bool"], v)
     elif t is int:
-        b.int = v
+        b._set_by_field(fields["int"], v)
     elif t is float:
-        b.float = v
+        b._set_by_field(fields["float"], v)
     elif t is str:
-        b.text = v
+        b._set_by_field(fields["text"], v)
     else:
-        b.data = v
+        b._set_by_field(fields["data"], v)
 
 
-def _read_value(v: Any) -> Any:
-    w = v.which
-    if w == "text" or w == "data":
-        x = v.text if w == "text" else bytes(v.data)
-        if len(x) > MAX_VALUE_BYTES:
-            raise RpcInvalidArgumentError(f"argument value over {MAX_VALUE_BYTES} bytes")
-        return x
-    if w == "int":
-        return v.int
+def _read_value(v: Any, fields: Mapping[str, Any]) -> Any:
+    w = v._which_str()
     if w == "null":
         return None
-    if w == "bool":
-        return v.bool
-    x = v.float
-    if not math.isfinite(x):
+    x = v._get_by_field(fields[w])
+    if w == "text" or w == "data":
+        if len(x) > MAX_VALUE_BYTES:
+            raise RpcInvalidArgumentError(f"argument value over {MAX_VALUE_BYTES} bytes")
+        return x if w == "text" else bytes(x)
+    if w == "float" and not math.isfinite(x):
         raise RpcInvalidArgumentError("argument floats must be finite")
     return x
 
 
-def _write_arguments(builder: Any, name: str, args: Mapping[str, Any]) -> None:
+def _write_arguments(builder: Any, field: Any, args: Mapping[str, Any], layout: _Layout) -> None:
     if len(args) > MAX_ARGUMENTS:
         raise RpcInvalidArgumentError(f"{len(args)} arguments, at most {MAX_ARGUMENTS}")
-    lst = builder.init(name, len(args))
+    lst = builder._init_by_field(field, len(args))
+    name_field = layout.argument["name"]
+    value_field = layout.argument["value"]
+    value_fields = layout.value_fields
     for i, (key, value) in enumerate(args.items()):
         item = lst[i]
-        item.name = key
-        _set_value(item.value, value)
+        item._set_by_field(name_field, key)
+        _set_value(item._get_by_field(value_field), value, value_fields)
 
 
-def _read_arguments(lst: Any) -> dict[str, Any]:
+def _read_arguments(lst: Any, layout: _Layout) -> dict[str, Any]:
     n = len(lst)
     if not n:
         return {}
     if n > MAX_ARGUMENTS:
         raise RpcInvalidArgumentError(f"{n} arguments, at most {MAX_ARGUMENTS}")
+    name_field = layout.argument["name"]
+    value_field = layout.argument["value"]
+    value_fields = layout.value_fields
     out: dict[str, Any] = {}
     for item in lst:
-        name = item.name
+        get = item._get_by_field
+        name = get(name_field)
         if name in out:
             raise RpcInvalidArgumentError(f"argument {name!r} given twice")
-        out[name] = _read_value(item.value)
+        out[name] = _read_value(get(value_field), value_fields)
     return out
 
 
@@ -226,18 +267,22 @@ def _parse(codec: WireCodec, struct: Any, data: bytes) -> Any:
 
 def encode_request(codec: WireCodec, request: Request) -> bytes:
     """Packed ``RpcRequest`` bytes (written as ``codec``'s wire version)."""
-    msg = codec.schema.rpc.RpcRequest.new_message()
-    msg.version = codec.version
-    msg.worknode = request.worknode
-    msg.method = request.method
+    layout = _layout(codec)
+    f = layout.request
+    msg = layout.rpc.RpcRequest.new_message()
+    put = msg._set_by_field
+    put(f["version"], codec.version)
+    put(f["worknode"], request.worknode)
+    put(f["method"], request.method)
     if request.arguments:
-        _write_arguments(msg, "arguments", request.arguments)
+        _write_arguments(msg, f["arguments"], request.arguments, layout)
     if request.token:
-        msg.token = request.token
-    msg.deadlineMs = clamp_timeout_ms(request.deadline_ms)
-    msg.callDepth = min(max(request.call_depth, 0), 255)
+        put(f["token"], request.token)
+    put(f["deadlineMs"], clamp_timeout_ms(request.deadline_ms))
+    depth = request.call_depth
+    put(f["callDepth"], depth if 0 <= depth <= 255 else min(max(depth, 0), 255))
     if request.trace_id:
-        msg.traceId = request.trace_id
+        put(f["traceId"], request.trace_id)
     return msg.to_bytes_packed()  # type: ignore[no-any-return]
 
 
@@ -249,22 +294,25 @@ def decode_request(codec: WireCodec, data: bytes) -> Request:
     oldest this server reads (or none).
     """
     try:
-        msg = _parse(codec, codec.schema.rpc.RpcRequest, data)
-        version = msg.version
+        layout = _layout(codec)
+        f = layout.request
+        msg = _parse(codec, layout.rpc.RpcRequest, data)
+        get = msg._get_by_field
+        version = get(f["version"])
         if version < OLDEST_VERSION:
             raise FailedPreconditionError(
                 f"request wire version {version} is not supported (oldest {OLDEST_VERSION})"
             )
-        trace = msg.traceId
+        trace = get(f["traceId"])
         if len(trace) > TRACE_ID_BYTES:
             raise RpcInvalidArgumentError(f"trace id longer than {TRACE_ID_BYTES} bytes")
         return Request(
-            msg.worknode,
-            msg.method,
-            _read_arguments(msg.arguments),
-            msg.token,
-            msg.deadlineMs,
-            msg.callDepth,
+            get(f["worknode"]),
+            get(f["method"]),
+            _read_arguments(get(f["arguments"]), layout),
+            get(f["token"]),
+            get(f["deadlineMs"]),
+            get(f["callDepth"]),
             trace,
             version,
         )
@@ -287,35 +335,53 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}"
 
 
+_STATUS: Final = {int(code): code for code in StatusCode}
+
+
 def encode_response(codec: WireCodec, response: Response) -> bytes:
     """Packed ``RpcResponse`` bytes."""
-    msg = codec.schema.rpc.RpcResponse.new_message()
-    msg.version = codec.version
-    msg.status = int(response.status)
+    layout = _layout(codec)
+    f = layout.response
+    msg = layout.rpc.RpcResponse.new_message()
+    put = msg._set_by_field
+    put(f["version"], codec.version)
+    put(f["status"], int(response.status))
     if response.message:
-        msg.message = response.message
+        put(f["message"], response.message)
     if response.result:
-        _write_arguments(msg, "result", response.result)
+        _write_arguments(msg, f["result"], response.result, layout)
     if response.state is not None:
         msg.state = encode_document(codec.schema, response.state)
     if response.trace_id:
-        msg.traceId = response.trace_id
+        put(f["traceId"], response.trace_id)
     return msg.to_bytes_packed()  # type: ignore[no-any-return]
 
 
 def decode_response(codec: WireCodec, data: bytes) -> Response:
     """The response in ``data``; ``RpcInvalidArgumentError`` for bytes that are not one."""
     try:
-        msg = _parse(codec, codec.schema.rpc.RpcResponse, data)
-        status = StatusCode(msg.status.raw)
+        layout = _layout(codec)
+        f = layout.response
+        msg = _parse(codec, layout.rpc.RpcResponse, data)
+        get = msg._get_by_field
+        raw_status = get(f["status"]).raw
+        status = _STATUS.get(raw_status)
+        if status is None:
+            raise RpcInvalidArgumentError(f"malformed response: unknown status {raw_status}")
         state = None
-        if msg._has("state"):
+        if msg._has_by_field(f["state"]):
             with decoding("rpc response state"):
-                doc = decode_document(codec.schema, msg.state, ORMap)
+                doc = decode_document(codec.schema, get(f["state"]), ORMap)
             if not isinstance(doc, ORMap):
                 raise RpcInvalidArgumentError("the state of a response is an OR-map")
             state = doc
-        return Response(status, msg.message, _read_arguments(msg.result), state, msg.traceId)
+        return Response(
+            status,
+            get(f["message"]),
+            _read_arguments(get(f["result"]), layout),
+            state,
+            get(f["traceId"]),
+        )
     except RpcInvalidArgumentError:
         raise
     except _DECODE_ERRORS as exc:

@@ -19,8 +19,10 @@ What happens to one request, in order (each refusal answers at once with its sta
    subtree (``PERMISSION_DENIED``); only then is a missing worknode ``NOT_FOUND`` (a missing
    worknode is authorized as a child of the root, so a token for another subtree learns
    nothing about it);
-4. the handler runs under the remaining deadline; if it passes, the handler is cancelled,
-   its late result discarded, and the caller gets ``DEADLINE_EXCEEDED``.
+4. the handler runs under the remaining deadline. A coroutine handler runs in its own task
+   and is cancelled when the deadline passes; a plain-function handler runs inline (steps 1-3
+   always do: they are synchronous, on the receive path) and cannot be cancelled. Either
+   way a late result is discarded and the caller gets ``DEADLINE_EXCEEDED``.
 
 This is the thin adapter: protocol, deadlines and token checks are the pure modules
 ``_protocol`` and ``_capability``; this module reads the clocks and moves bytes.
@@ -29,6 +31,7 @@ This is the thin adapter: protocol, deadlines and token checks are the pure modu
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import time
@@ -179,7 +182,10 @@ class CallContext:
         )
 
 
-Handler = Callable[[CallContext], Awaitable[Mapping[str, Any] | Response | None]]
+Result = Mapping[str, Any] | Response | None
+Handler = Callable[[CallContext], Awaitable[Result] | Result]
+"""A method: a coroutine function, or a plain function for a method that never waits (it
+runs inline on the receive path, with no task and no timer; keep it short)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,9 +387,9 @@ class RpcServer:
 
     # -- one request ---------------------------------------------------------------------
 
-    def _endpoint(self, subject: str, m: Any) -> Callable[[Msg], Awaitable[bytes]]:
-        async def handle(msg: Msg) -> bytes:
-            return await self._handle(subject, m, msg)
+    def _endpoint(self, subject: str, m: _Method) -> Callable[[Msg], bytes | Awaitable[bytes]]:
+        def handle(msg: Msg) -> bytes | Awaitable[bytes]:
+            return self._handle(subject, m, msg)
 
         return handle
 
@@ -391,7 +397,26 @@ class RpcServer:
         body = encode_response(self.codec, Response(code, message, trace_id=trace_id))
         return ErrorReply(code.http, f"{code.label}: {message}", body)
 
-    async def _handle(self, subject: str, m: _Method, msg: Msg) -> bytes:
+    def _error_reply(self, subject: str, label: str, exc: Exception, trace: bytes) -> ErrorReply:
+        code = _status_of(exc)
+        if code is StatusCode.INTERNAL and not isinstance(exc, WorknodeError):
+            log.error("rpc %s.%s failed", subject, label, exc_info=exc)
+            text = f"internal error: {type(exc).__name__}"
+        else:
+            text = str(exc) or type(exc).__name__
+        return self._refuse(code, text, trace)
+
+    def _done(self, key: tuple[str, str], code: StatusCode, t0: float) -> None:
+        self._in_flight[key] -= 1
+        label = key[1]
+        self.observer.in_flight(label, -1)
+        self.observer.request(label, code, (_now_ms() - t0) / 1000.0)
+
+    def _handle(self, subject: str, m: _Method, msg: Msg) -> bytes | Awaitable[bytes]:
+        """Everything up to the handler runs here, synchronously, on the receive path. A
+        handler that answers without awaiting (a plain function) is answered at once, with
+        no task and no timer; a coroutine handler's rest runs in its own task (returned as
+        an awaitable) under the remaining deadline."""
         t0 = _now_ms()
         label = m.name
         key = (subject, label)
@@ -405,39 +430,86 @@ class RpcServer:
                 f"request of {len(msg.data)} bytes, over max_request_bytes="
                 f"{self.max_request_bytes}",
             )
-        if self._in_flight.get(key, 0) >= self.max_in_flight:
+        running = self._in_flight.get(key, 0)
+        if running >= self.max_in_flight:
             self.observer.request(label, StatusCode.RESOURCE_EXHAUSTED, 0.0)
             raise self._refuse(
                 StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.max_in_flight} requests already in flight at {subject}.{label}",
             )
-        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        self._in_flight[key] = running + 1
         self.observer.in_flight(label, 1)
         code = StatusCode.INTERNAL
         trace = b""
+        handed_off = False
         try:
+            req = decode_request(self.codec, msg.data)
+            trace = req.trace_id
+            ctx = self._admit(subject, m, req, t0)
             try:
-                req = decode_request(self.codec, msg.data)
-                trace = req.trace_id
-                response = await self._run(subject, m, req, t0)
-                code = StatusCode.OK
-                return encode_response(self.codec, response)
-            except ErrorReply:
-                raise
-            except Exception as exc:
-                code = _status_of(exc)
-                if code is StatusCode.INTERNAL and not isinstance(exc, WorknodeError):
-                    log.exception("rpc %s.%s failed", subject, label)
-                    text = f"internal error: {type(exc).__name__}"
-                else:
-                    text = str(exc) or type(exc).__name__
-                raise self._refuse(code, text, trace) from None
+                out = m.handler(ctx)
+            except TimeoutError:
+                raise self._late(m, req) from None
+            if isinstance(out, Awaitable):
+                handed_off = True
+                return self._finish(subject, m, key, req, ctx.deadline, out, t0)
+            if _now_ms() > ctx.deadline.at_ms:
+                raise self._late(m, req)  # the late result is discarded
+            body = encode_response(self.codec, _response(out, req))
+            code = StatusCode.OK
+            return body
+        except ErrorReply:
+            raise
+        except Exception as exc:
+            code = _status_of(exc)
+            raise self._error_reply(subject, label, exc, trace) from None
         finally:
-            self._in_flight[key] -= 1
-            self.observer.in_flight(label, -1)
-            self.observer.request(label, code, (_now_ms() - t0) / 1000.0)
+            if not handed_off:
+                self._done(key, code, t0)
 
-    async def _run(self, subject: str, m: _Method, req: Request, t0: float) -> Response:
+    async def _finish(
+        self,
+        subject: str,
+        m: _Method,
+        key: tuple[str, str],
+        req: Request,
+        deadline: Deadline,
+        pending: Awaitable[Any],
+        t0: float,
+    ) -> bytes:
+        code = StatusCode.INTERNAL
+        try:
+            left = deadline.remaining_ms(_now_ms())
+            try:
+                if left <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(left / 1000.0):
+                    out = await pending
+            except TimeoutError:
+                # The handler was cancelled: its late result is discarded, never sent.
+                raise self._late(m, req) from None
+            finally:
+                if left <= 0 and inspect.iscoroutine(pending):
+                    pending.close()  # never started: do not leave it unawaited
+            body = encode_response(self.codec, _response(out, req))
+            code = StatusCode.OK
+            return body
+        except ErrorReply:
+            raise
+        except Exception as exc:
+            code = _status_of(exc)
+            raise self._error_reply(subject, m.name, exc, req.trace_id) from None
+        finally:
+            self._done(key, code, t0)
+
+    @staticmethod
+    def _late(m: _Method, req: Request) -> DeadlineExceededError:
+        return DeadlineExceededError(
+            f"{m.name} on {req.worknode} did not finish within the deadline"
+        )
+
+    def _admit(self, subject: str, m: _Method, req: Request, t0: float) -> CallContext:
+        """Method, depth, deadline and token checks; the handler's context if all pass."""
         if req.method != m.name:
             raise RpcInvalidArgumentError(
                 f"request for method {req.method!r} sent to the endpoint of {m.name!r}"
@@ -447,7 +519,6 @@ class RpcServer:
         if deadline.expired(_now_ms()):
             raise DeadlineExceededError("deadline passed before the request was handled")
         worknode = req.worknode
-        replica = self.replicas[subject]
         ancestry = self._ancestry[subject]
         path = ancestry.path(worknode)  # only valid ids are in the tree
         missing = ""
@@ -483,26 +554,19 @@ class RpcServer:
             self.observer.token_verified(time.perf_counter() - v0)
         if missing:
             raise RpcNotFoundError(missing)
-        ctx = CallContext(
-            namespace=self.namespace, subject=subject, worknode=worknode, method=m.name,
-            arguments=req.arguments, trace_id=req.trace_id, depth=req.call_depth,
-            deadline=deadline, token=req.token, replica=replica,
-            revocations=self.revocations, _server=self,
-        )
-        left = deadline.remaining_ms(_now_ms())
-        if left <= 0:
+        if deadline.expired(_now_ms()):
             raise DeadlineExceededError("deadline passed before the handler ran")
-        try:
-            async with asyncio.timeout(left / 1000.0):
-                out = await m.handler(ctx)
-        except TimeoutError:
-            # The handler was cancelled: its late result is discarded, never sent.
-            raise DeadlineExceededError(
-                f"{m.name} on {worknode} did not finish within the deadline"
-            ) from None
-        if isinstance(out, Response):
-            return Response(out.status, out.message, out.result, out.state, req.trace_id)
-        return Response(StatusCode.OK, result=dict(out or {}), trace_id=req.trace_id)
+        return CallContext(
+            self.namespace, subject, worknode, m.name, req.arguments, req.trace_id,
+            req.call_depth, deadline, req.token, self.replicas[subject], self.revocations,
+            self,
+        )
+
+
+def _response(out: Any, req: Request) -> Response:
+    if isinstance(out, Response):
+        return Response(out.status, out.message, out.result, out.state, req.trace_id)
+    return Response(StatusCode.OK, result=dict(out or {}), trace_id=req.trace_id)
 
 
 # -- built-in methods -----------------------------------------------------------------------
@@ -524,7 +588,7 @@ def builtin_methods(revocation_subject: str | None = None) -> MethodRegistry:
     reg = MethodRegistry()
 
     @reg.method("get")
-    async def get(ctx: CallContext) -> Response:
+    def get(ctx: CallContext) -> Response:  # never waits: runs inline
         if ctx.worknode == ROOT_ID:
             return Response(StatusCode.OK, result={"children": len(ctx.replica.state)})
         state = subset(ctx.replica.state, [ctx.worknode])

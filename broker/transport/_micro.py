@@ -13,9 +13,12 @@ errors, 500 otherwise) and ``call`` raises ``ServiceCallError`` with them on the
 A handler that raises ``ErrorReply`` chooses the code and also sends a body (RPC replies carry
 their status in both).
 
-An endpoint is served one request at a time unless ``concurrent`` is set: then every request
-runs in its own task, and the handler itself must bound how many run at once (the RPC server
-refuses requests beyond its in-flight limit at once).
+A handler may answer synchronously (return the body) or return an awaitable of the body. An
+endpoint is served one request at a time unless ``concurrent`` is set: then the handler is
+called at once on the receive path and a body it returns is answered at once (no task); only
+an awaitable it returns runs in its own task, and the handler itself must bound how many run
+at once (the RPC server refuses requests beyond its in-flight limit at once). A concurrent
+handler's synchronous part must therefore be short and must not await.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ ERROR_HEADER: Final = "Nats-Service-Error"
 ERROR_CODE_HEADER: Final = "Nats-Service-Error-Code"
 QUEUE_GROUP: Final = "q"
 
-EndpointHandler = Callable[[Msg], Awaitable[bytes]]
-"""Request in, reply body out; raise ``WorknodeError`` for an error reply."""
+EndpointHandler = Callable[[Msg], "bytes | Awaitable[bytes]"]
+"""Request in, reply body (or an awaitable of it) out; raise ``WorknodeError`` for an error
+reply."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +68,8 @@ class Endpoint:
     subject: str
     handler: EndpointHandler
     concurrent: bool = False
-    """Run each request in its own task (the handler bounds concurrency itself)."""
+    """Call the handler at once for each request and run the awaitable it returns, if any,
+    in its own task (the handler bounds concurrency itself)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,33 +207,48 @@ class GenericService:
         await self._tasks.wait(5.0)
 
     def _wrap(self, ep: Endpoint) -> Callable[[Msg], Awaitable[None]]:
-        async def spawn(msg: Msg) -> None:
-            self._tasks.spawn(handle(msg))
-
         async def handle(msg: Msg) -> None:
             stats = self._stats[ep.name]
             stats["num_requests"] += 1
             t0 = time.perf_counter_ns()
             try:
-                body = await ep.handler(msg)
+                out = ep.handler(msg)
+                if not isinstance(out, bytes):
+                    if ep.concurrent:
+                        self._tasks.spawn(finish(msg, out, t0))
+                        return
+                    out = await out
             except Exception as exc:
-                stats["num_errors"] += 1
-                if isinstance(exc, WorknodeError):
-                    code, text = error_code(exc), str(exc)
-                else:
-                    code, text = "500", f"internal error: {type(exc).__name__}"
-                if msg.reply:
-                    await self.transport.respond(
-                        msg, error_body(exc),
-                        headers={ERROR_HEADER: text, ERROR_CODE_HEADER: code},
-                    )
-                return
-            finally:
                 stats["processing_time"] += time.perf_counter_ns() - t0
+                await self._answer_error(ep, msg, exc)
+                return
+            stats["processing_time"] += time.perf_counter_ns() - t0
+            if msg.reply:
+                await self.transport.respond(msg, out)
+
+        async def finish(msg: Msg, pending: Awaitable[bytes], t0: int) -> None:
+            try:
+                body = await pending
+            except Exception as exc:
+                self._stats[ep.name]["processing_time"] += time.perf_counter_ns() - t0
+                await self._answer_error(ep, msg, exc)
+                return
+            self._stats[ep.name]["processing_time"] += time.perf_counter_ns() - t0
             if msg.reply:
                 await self.transport.respond(msg, body)
 
-        return spawn if ep.concurrent else handle
+        return handle
+
+    async def _answer_error(self, ep: Endpoint, msg: Msg, exc: Exception) -> None:
+        self._stats[ep.name]["num_errors"] += 1
+        if isinstance(exc, WorknodeError):
+            code, text = error_code(exc), str(exc)
+        else:
+            code, text = "500", f"internal error: {type(exc).__name__}"
+        if msg.reply:
+            await self.transport.respond(
+                msg, error_body(exc), headers={ERROR_HEADER: text, ERROR_CODE_HEADER: code}
+            )
 
     def _document(self, verb: str) -> dict[str, Any]:
         base = {"name": self.name, "id": self._id, "version": self.version,

@@ -26,8 +26,9 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from pathlib import Path
+from secrets import token_hex
 from typing import TYPE_CHECKING, Any, Final, Self, cast
 
 import nats.errors
@@ -110,7 +111,8 @@ def _mapped(action: str, *args: object) -> Iterator[None]:
 
 
 class _OrderedClient(Client):
-    """nats-py's client with PING kept in order behind everything sent before it.
+    """nats-py's client with PING kept in order behind everything sent before it, and a
+    cheaper wait for request replies.
 
     nats-py writes PING (used by ``flush()``, ``drain()`` and the ping timer) straight to the
     socket, while SUB, UNSUB and PUB commands wait in its pending buffer for the flusher task.
@@ -127,6 +129,44 @@ class _OrderedClient(Client):
             self._pending = []
             self._pending_data_size = 0
         await super()._send_ping(future)
+
+    async def _request_new_style(
+        self,
+        subject: str,
+        payload: bytes,
+        timeout: float = 1,  # noqa: ASYNC109 - nats-py's signature
+        headers: dict[str, Any] | None = None,
+    ) -> NatsMsg:
+        # nats-py's own version waits with asyncio.wait_for: a second future and two more
+        # loop callbacks per request (the response wakes a waiter that wakes the caller, and
+        # a done callback removes the map entry). One timer on the response future is the
+        # same contract: the reply, nats' TimeoutError at the deadline, the entry removed
+        # whatever happens (a late reply finds no entry and is dropped by nats-py).
+        if self.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        if not self._resp_sub_prefix:
+            await self._init_request_sub()
+        assert self._resp_sub_prefix
+        token = self._nuid.next()
+        token.extend(token_hex(2).encode())
+        key = token.decode()
+        inbox = self._resp_sub_prefix[:]
+        inbox.extend(token)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[NatsMsg] = loop.create_future()
+        self._resp_map[key] = future
+        timer = loop.call_later(timeout, _time_out, future)
+        try:
+            await self.publish(subject, payload, reply=inbox.decode(), headers=headers)
+            return await future
+        finally:
+            timer.cancel()
+            self._resp_map.pop(key, None)
+
+
+def _time_out(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(nats.errors.TimeoutError())
 
 
 class _MicroHandle:
@@ -155,32 +195,53 @@ class _MicroHandle:
 
 
 def _micro_handler(ep: Endpoint, tasks: TaskSet) -> Any:
-    async def spawn(req: Any) -> None:
-        tasks.spawn(handle(req))
-
+    # nats.micro awaits this in the endpoint subscription's task, one request at a time: a
+    # concurrent endpoint's handler answers at once, or hands back an awaitable that gets its
+    # own task (see ``Endpoint``).
     async def handle(req: Any) -> None:
-        msg = Msg(req.subject, req.data, "", req.headers)
         try:
-            body = await ep.handler(msg)
-        except WorknodeError as exc:
-            with contextlib.suppress(nats.errors.Error):
-                await req.respond_error(error_code(exc), str(exc), error_body(exc))
+            out = ep.handler(Msg(req.subject, req.data, "", req.headers))
+            if not isinstance(out, bytes):
+                if ep.concurrent:
+                    tasks.spawn(finish(req, out))
+                    return
+                out = await out
+        except Exception as exc:
+            await _answer_error(ep, req, exc)
             return
-        except Exception as exc:  # a bug: answer 500 rather than leave the caller waiting
-            _log.exception("endpoint %s raised", ep.subject)
-            with contextlib.suppress(nats.errors.Error):
-                await req.respond_error("500", f"internal error: {type(exc).__name__}")
-            return
-        try:
-            await req.respond(body)
-        except nats.errors.MaxPayloadError:
-            # Never leave the caller to time out: say why there is no answer.
-            with contextlib.suppress(nats.errors.Error):
-                await req.respond_error("413", "reply larger than the server's max_payload")
-        except nats.errors.Error:
-            _log.warning("could not answer a request on %s", ep.subject)
+        await _answer(ep, req, out)
 
-    return spawn if ep.concurrent else handle
+    async def finish(req: Any, pending: Awaitable[bytes]) -> None:
+        try:
+            body = await pending
+        except Exception as exc:
+            await _answer_error(ep, req, exc)
+            return
+        await _answer(ep, req, body)
+
+    return handle
+
+
+async def _answer_error(ep: Endpoint, req: Any, exc: Exception) -> None:
+    if isinstance(exc, WorknodeError):
+        with contextlib.suppress(nats.errors.Error):
+            await req.respond_error(error_code(exc), str(exc), error_body(exc))
+        return
+    # A bug: answer 500 rather than leave the caller waiting.
+    _log.error("endpoint %s raised", ep.subject, exc_info=exc)
+    with contextlib.suppress(nats.errors.Error):
+        await req.respond_error("500", f"internal error: {type(exc).__name__}")
+
+
+async def _answer(ep: Endpoint, req: Any, body: bytes) -> None:
+    try:
+        await req.respond(body)
+    except nats.errors.MaxPayloadError:
+        # Never leave the caller to time out: say why there is no answer.
+        with contextlib.suppress(nats.errors.Error):
+            await req.respond_error("413", "reply larger than the server's max_payload")
+    except nats.errors.Error:
+        _log.warning("could not answer a request on %s", ep.subject)
 
 
 def _to_msg(nmsg: NatsMsg) -> Msg:
@@ -600,11 +661,15 @@ class NatsTransport:
         hdrs = validate_headers(headers)
         nc = self._client()
         self._check_payload(nc, data, hdrs)
-        with _mapped("request on %r (timeout %s s)", subject, timeout):
+        try:  # _mapped, inlined: requests are the hottest path
             reply = await nc.request(
                 subject, data, timeout=timeout, headers=dict(hdrs) if hdrs else None
             )
-        return _to_msg(reply)
+        except WorknodeError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, f"request on {subject!r} (timeout {timeout} s)") from exc
+        return Msg(reply.subject, reply.data, reply.reply, reply.headers or None)
 
     async def respond(
         self, msg: Msg, data: bytes, *, headers: Mapping[str, str] | None = None

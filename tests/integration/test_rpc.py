@@ -57,6 +57,13 @@ def _registry(events: dict[str, Any]) -> MethodRegistry:
         events["slow_finished"] = events.get("slow_finished", 0) + 1
         return {"done": True}
 
+    @reg.method("busy")
+    def busy(ctx: CallContext) -> dict[str, Any]:
+        # A plain function: runs inline on the receive path, with no task and no timer.
+        events["busy_started"] = events.get("busy_started", 0) + 1
+        time.sleep(float(ctx.arguments.get("seconds", 0.0)))
+        return {"busy": True}
+
     @reg.method("chain")
     async def chain(ctx: CallContext) -> dict[str, Any]:
         # Calls itself on the same worknode: only MAX_CALL_DEPTH ends the recursion.
@@ -289,6 +296,27 @@ async def test_a_slow_handler_yields_deadline_exceeded_and_its_result_is_discard
     with pytest.raises(DeadlineExceededError):
         await client.call(SUBJECT, "o1", "slow", {"seconds": 0.01}, token=admin, timeout_ms=0)
     assert events["slow_started"] == 1
+
+
+async def test_a_plain_function_handler_answers_inline_and_a_late_result_is_discarded(
+    nodes, client
+) -> None:
+    admin = _token()
+    await _create(nodes, client, "o1", admin)
+    r = await client.call(SUBJECT, "o1", "busy", token=admin)
+    assert r.result == {"busy": True}
+    # It cannot be cancelled, but a result ready after the deadline is never sent.
+    with pytest.raises(DeadlineExceededError):
+        await client.call(SUBJECT, "o1", "busy", {"seconds": 0.3}, token=admin, timeout_ms=100)
+    await _eventually(lambda: sum(
+        _sample(s, "worknode_rpc_requests_total", method="busy", code="deadline_exceeded")
+        for s in nodes.values()
+    ) == 1)
+    assert sum(
+        _sample(s, "worknode_rpc_requests_total", method="busy", code="ok")
+        for s in nodes.values()
+    ) == 1
+    assert all(s.rpc.in_flight(SUBJECT, "busy") == 0 for s in nodes.values())
 
 
 async def test_flooding_an_endpoint_yields_resource_exhausted_with_bounded_memory(

@@ -423,6 +423,26 @@ def test_truncated_multi_segment_stream_is_refused_not_aborted() -> None:
             codec.decode_document(bytes.fromhex("0101110580"))
 
 
+@given(st.binary(max_size=64), st.integers(0, 15).map(lambda high: high << 4))
+def test_the_one_byte_fast_path_of_the_packed_precheck_agrees_with_the_full_check(
+    tail: bytes, tag: int
+) -> None:
+    # check_segments skips the table walk when the first tag's low four bits are clear (a
+    # one-segment table); the full check must accept every such stream too.
+    from broker.codec._packed import _check_table, check_segments
+
+    data = bytes([tag]) + tail
+    check_segments(data)
+    _check_table(data)  # would raise MalformedMessageError if the fast path were wrong
+
+
+def test_the_packed_precheck_still_walks_multi_segment_tables() -> None:
+    from broker.codec._packed import check_segments
+
+    with pytest.raises(MalformedMessageError, match="segment table"):
+        check_segments(bytes.fromhex("0101110580"))
+
+
 def test_large_multi_segment_messages_pass_the_packed_precheck() -> None:
     from broker.codec._packed import unpacked_words
 

@@ -29,7 +29,7 @@ from broker.rpc import (
     encode_response,
     error_for,
 )
-from broker.rpc._protocol import check_depth, child_depth, clamp_timeout_ms
+from broker.rpc._protocol import TRACE_ID_BYTES, check_depth, child_depth, clamp_timeout_ms
 
 CODEC = WireCodec()
 atoms = st.one_of(
@@ -101,6 +101,15 @@ def test_deadlines_shrink_at_each_hop_and_are_capped() -> None:
     assert clamp_timeout_ms(float("nan")) == 0
 
 
+@given(
+    st.floats(-1e6, 1e6, allow_nan=False), st.integers(0, 2 * MAX_RPC_TIMEOUT_MS),
+    st.floats(-1e6, 1e7, allow_nan=False),
+)
+def test_expired_is_exactly_no_whole_millisecond_left(start: float, ms: int, now: float) -> None:
+    d = Deadline.start(start, ms)
+    assert d.expired(now) == (d.remaining_ms(now) <= 0)
+
+
 def test_call_depth_is_bounded() -> None:
     check_depth(MAX_CALL_DEPTH)
     with pytest.raises(CallDepthExceededError):
@@ -123,3 +132,17 @@ def test_every_status_maps_to_its_own_exception_and_back() -> None:
     assert isinstance(error_for(StatusCode.RESOURCE_EXHAUSTED, "call depth 9 exceeds"),
                       CallDepthExceededError)
     assert isinstance(error_for(StatusCode.DEADLINE_EXCEEDED, "x"), TimeoutError)
+
+
+def test_trace_ids_are_16_bytes_and_unique_per_process() -> None:
+    from broker.rpc._client import _trace_ids
+
+    ids = [_trace_ids.next() for _ in range(10_000)]
+    assert {len(t) for t in ids} == {TRACE_ID_BYTES}
+    assert len(set(ids)) == len(ids)
+
+
+@given(st.one_of(st.integers(-10**12, 10**12), st.floats(allow_nan=True)))
+def test_clamp_fast_path_agrees_with_the_general_rule(x: float) -> None:
+    expected = 0 if x != x else int(max(0.0, min(float(x), float(MAX_RPC_TIMEOUT_MS))))
+    assert clamp_timeout_ms(x) == expected
