@@ -28,7 +28,6 @@ import logging
 import ssl
 from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from pathlib import Path
-from secrets import token_hex
 from typing import TYPE_CHECKING, Any, Final, Self, cast
 
 import nats.errors
@@ -111,8 +110,7 @@ def _mapped(action: str, *args: object) -> Iterator[None]:
 
 
 class _OrderedClient(Client):
-    """nats-py's client with PING kept in order behind everything sent before it, and a
-    cheaper wait for request replies.
+    """nats-py's client with PING kept in order behind everything sent before it.
 
     nats-py writes PING (used by ``flush()``, ``drain()`` and the ping timer) straight to the
     socket, while SUB, UNSUB and PUB commands wait in its pending buffer for the flusher task.
@@ -129,44 +127,6 @@ class _OrderedClient(Client):
             self._pending = []
             self._pending_data_size = 0
         await super()._send_ping(future)
-
-    async def _request_new_style(
-        self,
-        subject: str,
-        payload: bytes,
-        timeout: float = 1,  # noqa: ASYNC109 - nats-py's signature
-        headers: dict[str, Any] | None = None,
-    ) -> NatsMsg:
-        # nats-py's own version waits with asyncio.wait_for: a second future and two more
-        # loop callbacks per request (the response wakes a waiter that wakes the caller, and
-        # a done callback removes the map entry). One timer on the response future is the
-        # same contract: the reply, nats' TimeoutError at the deadline, the entry removed
-        # whatever happens (a late reply finds no entry and is dropped by nats-py).
-        if self.is_draining_pubs:
-            raise nats.errors.ConnectionDrainingError
-        if not self._resp_sub_prefix:
-            await self._init_request_sub()
-        assert self._resp_sub_prefix
-        token = self._nuid.next()
-        token.extend(token_hex(2).encode())
-        key = token.decode()
-        inbox = self._resp_sub_prefix[:]
-        inbox.extend(token)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[NatsMsg] = loop.create_future()
-        self._resp_map[key] = future
-        timer = loop.call_later(timeout, _time_out, future)
-        try:
-            await self.publish(subject, payload, reply=inbox.decode(), headers=headers)
-            return await future
-        finally:
-            timer.cancel()
-            self._resp_map.pop(key, None)
-
-
-def _time_out(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_exception(nats.errors.TimeoutError())
 
 
 class _MicroHandle:

@@ -137,37 +137,6 @@ async def test_request_timeout(nats_transport):
     assert info.value.retriable
 
 
-async def test_requests_leave_no_waiters_behind(nats_server, nats_transport):
-    # The transport's own reply wait (one timer instead of nats-py's wait_for) removes its
-    # entry after a reply, a timeout and a cancellation; a late reply is dropped.
-    held: list[Msg] = []
-
-    async def hold(msg: Msg) -> None:
-        held.append(msg)
-
-    async with NatsTransport([nats_server.url], name="server") as server:
-        await server.subscribe("svc.hold", hold)
-        await server.flush()
-        with pytest.raises(TransportTimeoutError):
-            await nats_transport.request("svc.hold", b"1", timeout=0.1)
-        call = asyncio.ensure_future(nats_transport.request("svc.hold", b"2", timeout=5.0))
-        while len(held) < 2:
-            await asyncio.sleep(0.01)
-        call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await call
-        for msg in held:
-            await server.respond(msg, b"late")
-        await server.flush()
-        reply_to = nats_transport.request("svc.hold", b"3", timeout=5.0)
-        answer = asyncio.ensure_future(reply_to)
-        while len(held) < 3:
-            await asyncio.sleep(0.01)
-        await server.respond(held[2], b"on time")
-        assert (await answer).data == b"on time"
-        assert nats_transport._client()._resp_map == {}
-
-
 async def test_payload_too_large(tmp_path):
     async with (
         running_nats_server(tmp_path, max_payload=1024, monitor_port=None) as server,
