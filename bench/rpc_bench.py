@@ -370,8 +370,7 @@ def run(rounds: int, n_lat: int, n_tput: int, out: Path, argv: list[str]) -> str
         "(pycapnp's reader `__getattr__` costs 4x more), the packed pre-check decided from "
         "the first byte for single-segment bodies, admission and the token check run "
         "synchronously on the receive path and a plain-function handler is answered inline "
-        "(a coroutine handler still costs a task and a timer), counter-based trace ids, one "
-        "timer instead of `asyncio.wait_for` for the client's reply wait.",
+        "(a coroutine handler still costs a task and a timer), counter-based trace ids.",
         "",
         "Verification is cached per token: the signature check once, and the authorizer's "
         "allow decision per (token, subject, worknode path, method) only until the earliest "
