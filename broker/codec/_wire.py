@@ -84,6 +84,10 @@ class Envelope:
     """16 bytes when the writer set one (wire v2+); empty otherwise."""
     verified: bool = True
     """False only when opened without a roster (``open(data, None)``: inspection tools)."""
+    packed_document: bytes = b""
+    """``document`` as packed Cap'n Proto bytes (what ``encode_document`` gives), only when
+    opened with ``keep_packed=True``: a receiver that logs the document stores these bytes
+    instead of encoding the decoded document again."""
 
 
 @contextlib.contextmanager
@@ -238,7 +242,12 @@ class WireCodec:
         return out
 
     def open(
-        self, data: bytes, roster: TrustRoster | None, *, subject: str | None = None
+        self,
+        data: bytes,
+        roster: TrustRoster | None,
+        *,
+        subject: str | None = None,
+        keep_packed: bool = False,
     ) -> Envelope:
         """Verify and decode an envelope; raises a ``CodecError`` subclass on any problem.
 
@@ -248,6 +257,8 @@ class WireCodec:
         place cannot be replayed as another kind of message (``BadSignatureError``).
         ``roster=None`` skips verification (``verified=False``): only for inspection tools
         such as ``worknode tail``; a replica always verifies.
+        ``keep_packed``: also return the document's packed bytes (``packed_document``), copied
+        from the envelope, not encoded again.
         """
         self._check_size(data, "envelope")
         with decoding("envelope"):
@@ -281,11 +292,14 @@ class WireCodec:
                         "the writer's peer_version is set too high for a mixed cluster"
                     ) from exc
                 raise
+            raw = b""
             if which in ("deltaBatchZlib", "stateZlib"):
                 raw = self._inflate(bytes(getattr(env, which)))
                 doc = self._parse(self.schema.crdt.Document, raw, NESTING_LIMIT)
             else:
                 doc = getattr(env, which)
+                if keep_packed:
+                    raw = doc.as_builder().to_bytes_packed()
             document = decode_document(self.schema, doc)
             is_state = which in ("state", "stateZlib")
             if document.is_delta and is_state:
@@ -301,6 +315,7 @@ class WireCodec:
                 is_state=is_state,
                 trace_id=trace_id,
                 verified=roster is not None,
+                packed_document=raw if keep_packed else b"",
             )
 
     # -- helpers -------------------------------------------------------------------------

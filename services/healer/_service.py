@@ -354,8 +354,7 @@ class HealerService:
             to_left, to_right = repair_deltas(a, b, chunk)
             pushes = [(n, to_left) for n in left_group if to_left.store]
             pushes += [(n, to_right) for n in right_group if to_right.store]
-            await asyncio.gather(*(client.apply(subject, node, d) for node, d in pushes))
-            pushed += sum(len(d.store or ()) for _, d in pushes)
+            pushed += await client.apply_all(subject, pushes)
             waves += 2 if pushes else 1
             await self._throttle(client)
         return len(keys), pushed, waves
@@ -413,8 +412,7 @@ class HealerService:
             found |= ka | kb
             pushes = [(n, to_left) for n in left_group if to_left.store]
             pushes += [(n, to_right) for n in right_group if to_right.store]
-            await asyncio.gather(*(client.apply(subject, node, d) for node, d in pushes))
-            pushed += sum(len(d.store or ()) for _, d in pushes)
+            pushed += await client.apply_all(subject, pushes)
             waves += 1 if pushes else 0
             await self._throttle(client)
         return len(found), pushed, waves

@@ -457,3 +457,24 @@ def test_a_compressed_batch_that_inflates_past_the_limit_is_refused(
     outer.body = body
     with pytest.raises(MessageTooLargeError, match="inflates past"):
         c.open(outer.to_bytes_packed(), roster)
+
+
+@pytest.mark.parametrize("size", [3, 300])  # under and over the compression threshold
+@pytest.mark.parametrize("peer", [1, 2])
+def test_open_keeping_the_packed_document(
+    keys: tuple[Signer, Signer, TrustRoster], size: int, peer: int
+) -> None:
+    """``keep_packed``: the document's bytes come back (copied, not re-encoded) and decode to
+    the same document; a replica logs them as its record of a repair."""
+    alice, _, roster = keys
+    state, batch = ORMap(), ORMap(is_delta=True)
+    for i in range(size):
+        d = state.assign("alice", (f"key-{i}",), i, T0 + i)
+        state.merge(d)
+        batch.merge(d)
+    codec = WireCodec(CURRENT_VERSION, peer_version=peer)
+    raw = codec.seal(alice, subject="x", hlc=1, sequence=1, document=batch)
+    assert codec.open(raw, roster).packed_document == b""
+    env = codec.open(raw, roster, keep_packed=True)
+    same(env.document, batch)
+    same(codec.decode_document(env.packed_document), batch)
