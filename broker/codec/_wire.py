@@ -65,6 +65,8 @@ COMPRESS_MIN_BYTES: Final = 512
 """Batches smaller than this are sent uncompressed even when compression is allowed."""
 
 _MAX_HLC: Final = (1 << 63) - 1
+_ENVELOPE_WORDS: Final = 512
+"""Room for an envelope's own fields (writer, subject, trace id) next to its document."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,14 +195,6 @@ class WireCodec:
             raise InvalidArgumentError("hlc and sequence are non-negative 64-bit ints")
         if trace_id and self.version < 2:
             raise UnsupportedContentError("trace ids need wire version 2")
-        env = self.schema.envelope.Envelope.new_message(
-            num_first_segment_words=FIRST_SEGMENT_WORDS
-        )
-        env.version = self.version
-        env.writer = signer.node_id
-        env.subject = subject
-        env.hlc = hlc
-        env.sequence = sequence
         doc: Any = None
         packed_doc = None
         if self.compress and self.version >= 2 and self.peer_version >= 2:
@@ -214,6 +208,17 @@ class WireCodec:
                 if packed is None
                 else self._parse(self.schema.crdt.Document, packed, NESTING_LIMIT)
             )
+        # One segment for the whole body when the document is copied in: a reader then
+        # skips the segment pre-check (``check_segments``), a pass over every byte.
+        words = FIRST_SEGMENT_WORDS
+        if doc is not None:
+            words = max(words, doc.total_size.word_count + _ENVELOPE_WORDS)
+        env = self.schema.envelope.Envelope.new_message(num_first_segment_words=words)
+        env.version = self.version
+        env.writer = signer.node_id
+        env.subject = subject
+        env.hlc = hlc
+        env.sequence = sequence
         if packed_doc is not None and len(packed_doc) >= COMPRESS_MIN_BYTES:
             z = zlib.compress(packed_doc, 6)
             if is_state:
