@@ -325,11 +325,12 @@ class _Decoder:
             if kind == Kind.LWW:
                 if w != "lww":
                     raise MalformedMessageError(f"LWW item carries a {w} payload")
-                hlc = p.lww.hlc
+                lww = p.lww  # each field access builds a reader: once
+                hlc = lww.hlc
                 if hlc > INT64_MAX:
                     raise MalformedMessageError("hybrid timestamp above 2**63 - 1")
                 out.append(hlc)
-                out.append(self.value(p.lww.value))
+                out.append(self.value(lww.value))
             elif kind == Kind.MV:
                 if w != "mv":
                     raise MalformedMessageError(f"MV item carries a {w} payload")
