@@ -193,7 +193,11 @@ class HealerService:
         """``(node, service id, subjects)`` of every replica service in the namespace."""
         assert self.transport is not None
         out = []
-        for info in await discover(self.transport, REPLICA_SERVICE, timeout=0.3):
+        s = self.settings
+        found = await discover(
+            self.transport, REPLICA_SERVICE, timeout=s.discover_timeout_s, idle=s.discover_idle_s
+        )
+        for info in found:
             if info.metadata.get("namespace") != self.settings.namespace:
                 continue
             subjects = [x for x in info.metadata.get("subjects", "").split(",") if x]
