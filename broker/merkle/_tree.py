@@ -229,7 +229,7 @@ class MerkleTree:
         self._base_keys: list[str] = []
         self._base_digests: list[bytes] = []
         self._base_hashes: list[int] | np.ndarray = []
-        self._base_rows: list[int] = []
+        self._base_rows: list[int] | np.ndarray = []  # numpy until first used
         self._base_leaves: list[int] = []
         self._base_starts: list[int] = [0]
         self._buckets: dict[int, dict[str, bytes | None]] = {}
@@ -257,22 +257,21 @@ class MerkleTree:
             return tree
         keys = list(map(itemgetter(0), pairs))
         digests = list(map(itemgetter(1), pairs))
-        if not set(map(type, keys)) <= {str}:
-            for k in keys:
-                _encode_key(k)  # raises
         if not set(map(type, digests)) <= {bytes} or set(map(len, digests)) != {DIGEST_SIZE}:
             for d in digests:
                 _check_digest(d)  # raises
         copy = tree._leaf_base.copy
-
-        def leaf_hash(kb: bytes) -> bytes:
-            h = copy()
-            h.update(kb)
-            return h.digest()
-
+        encode = str.encode  # refuses a key that is not a str (TypeError): the type check
+        raw = bytearray()
+        extend = raw.extend
         try:
-            raw = b"".join(map(leaf_hash, map(str.encode, keys)))
-        except UnicodeEncodeError:
+            # A plain loop: measured ~10% cheaper than map() over a nested function, and this
+            # loop is most of a cold build (one keyed hash per key).
+            for k in keys:
+                h = copy()
+                h.update(encode(k))
+                extend(h.digest())
+        except (TypeError, UnicodeEncodeError):
             for k in keys:
                 _encode_key(k)  # raises with the offending key
             raise
@@ -311,7 +310,7 @@ class MerkleTree:
         tree._base_keys = keys
         tree._base_digests = digests
         tree._base_hashes = full
-        tree._base_rows = order.tolist()
+        tree._base_rows = order  # listed at first use: a build only read at the root skips it
         tree._count = n
         return tree
 
@@ -409,19 +408,26 @@ class MerkleTree:
             hashes = self._base_hashes = hashes.tolist()
         j = bisect_left(hashes, full)
         end = len(hashes)
+        rows = self._rows()
         while j < end and hashes[j] == full:  # distinct keys may share a 64-bit hash
-            row = self._base_rows[j]
+            row = rows[j]
             if self._base_keys[row] == key:
                 return row
             j += 1
         return None
+
+    def _rows(self) -> list[int]:
+        rows = self._base_rows
+        if isinstance(rows, np.ndarray):
+            rows = self._base_rows = rows.tolist()
+        return rows
 
     def _base_range(self, leaf: int) -> list[int]:
         """Positions (in ``_base_keys``) of the cold build's keys in ``leaf``."""
         leaves = self._base_leaves
         i = bisect_left(leaves, leaf)
         if i < len(leaves) and leaves[i] == leaf:
-            return self._base_rows[self._base_starts[i] : self._base_starts[i + 1]]
+            return self._rows()[self._base_starts[i] : self._base_starts[i + 1]]
         return []
 
     def _base_slice(self, leaf: int) -> dict[str, bytes]:
