@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from operator import itemgetter
 from typing import Final, TypeAlias
 
@@ -185,6 +185,7 @@ class MerkleTree:
 
     __slots__ = (
         "_base_digests",
+        "_base_first",
         "_base_hashes",
         "_base_keys",
         "_base_leaves",
@@ -224,12 +225,17 @@ class MerkleTree:
         # ``_base_rows[_base_starts[i]:_base_starts[i + 1]]``), and per leaf an overlay of
         # the writes since (``_buckets``: ``{key: digest}``, None for a removed built key;
         # a key not built is absent from the overlay once removed). ``_base_hashes`` holds the
-        # built keys' 64-bit leaf hashes in the order of ``_base_rows`` (ascending): a numpy
-        # array after the build, a list from the first lookup on (bisect needs Python ints).
+        # built keys' 64-bit leaf hashes in the order of ``_base_rows`` (ascending). Both are
+        # memoryviews of the build's numpy arrays: indexing one gives a Python int, so
+        # bisect works on them directly and no list of a million ints is ever made.
         self._base_keys: list[str] = []
         self._base_digests: list[bytes] = []
-        self._base_hashes: list[int] | np.ndarray = []
-        self._base_rows: list[int] | np.ndarray = []  # numpy until first used
+        self._base_hashes: Sequence[int] = []
+        # When leaves are few next to the items (at most 4 per item), ``_base_first[leaf]`` is
+        # the position of the leaf's first item in those arrays (one entry per leaf, and one
+        # past the end): a write finds a leaf's slice without a search. Empty otherwise.
+        self._base_first: Sequence[int] = []
+        self._base_rows: Sequence[int] = []
         self._base_leaves: list[int] = []
         self._base_starts: list[int] = [0]
         self._buckets: dict[int, dict[str, bytes | None]] = {}
@@ -291,6 +297,9 @@ class MerkleTree:
                     dup = next(k for k in run if run.count(k) > 1)
                     raise InvalidArgumentError(f"key {dup!r} given twice")
         leaf = (full >> np.uint64(tree._leaf_shift)).astype(np.int64)
+        if tree.leaf_count <= 4 * n:
+            first = np.searchsorted(leaf, np.arange(tree.leaf_count + 1, dtype=np.int64))
+            tree._base_first = first.data
         # Digests as rows of native 32-bit limbs, most significant first (an "S32" array
         # copies the bytes without a join; every digest was checked to be 32 bytes).
         limbs = np.array(digests, dtype=f"S{DIGEST_SIZE}").view(">u4").astype(np.uint32)
@@ -309,8 +318,8 @@ class MerkleTree:
             index = index >> tree._bits
         tree._base_keys = keys
         tree._base_digests = digests
-        tree._base_hashes = full
-        tree._base_rows = order  # listed at first use: a build only read at the root skips it
+        tree._base_hashes = full.data
+        tree._base_rows = order.data
         tree._count = n
         return tree
 
@@ -403,12 +412,21 @@ class MerkleTree:
     def _built_row(self, key: str, full: int) -> int | None:
         """The position of ``key`` (whose 64-bit leaf hash is ``full``) in the last cold
         build's ``_base_keys``, or None if it was not built."""
+        # The leaf's slice first, then the hash within its few items: each step of a search
+        # over a million entries is a cache miss, and a leaf holds about n / leaves items.
+        leaf = full >> self._leaf_shift
+        first = self._base_first
+        if first:
+            start, end = first[leaf], first[leaf + 1]
+        else:
+            leaves = self._base_leaves
+            i = bisect_left(leaves, leaf)
+            if i == len(leaves) or leaves[i] != leaf:
+                return None
+            start, end = self._base_starts[i], self._base_starts[i + 1]
         hashes = self._base_hashes
-        if isinstance(hashes, np.ndarray):
-            hashes = self._base_hashes = hashes.tolist()
-        j = bisect_left(hashes, full)
-        end = len(hashes)
-        rows = self._rows()
+        j = bisect_left(hashes, full, start, end)
+        rows = self._base_rows
         while j < end and hashes[j] == full:  # distinct keys may share a 64-bit hash
             row = rows[j]
             if self._base_keys[row] == key:
@@ -416,18 +434,12 @@ class MerkleTree:
             j += 1
         return None
 
-    def _rows(self) -> list[int]:
-        rows = self._base_rows
-        if isinstance(rows, np.ndarray):
-            rows = self._base_rows = rows.tolist()
-        return rows
-
     def _base_range(self, leaf: int) -> list[int]:
         """Positions (in ``_base_keys``) of the cold build's keys in ``leaf``."""
         leaves = self._base_leaves
         i = bisect_left(leaves, leaf)
         if i < len(leaves) and leaves[i] == leaf:
-            return self._rows()[self._base_starts[i] : self._base_starts[i + 1]]
+            return list(self._base_rows[self._base_starts[i] : self._base_starts[i + 1]])
         return []
 
     def _base_slice(self, leaf: int) -> dict[str, bytes]:

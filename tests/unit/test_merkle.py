@@ -383,3 +383,23 @@ def test_truncated_values_keep_the_sums(items: dict[str, bytes], width: int) -> 
 def test_bad_level_reads_are_refused(level, width) -> None:
     with pytest.raises(InvalidArgumentError):
         MerkleTree(SECRET, **SMALL).level_values(level, [0], width)
+
+
+@pytest.mark.parametrize("n", [5, 40, 300])  # 64 leaves: searched (5) or indexed per leaf
+def test_first_writes_after_a_build_find_built_digests_both_ways(n: int) -> None:
+    items = {f"k{i}": digest_of(i) for i in range(n)}
+    tree = MerkleTree.build(items.items(), key=SECRET, **SMALL)
+    assert bool(tree._base_first) == (tree.leaf_count <= 4 * n)
+    model = dict(items)
+    for i in range(0, n, 2):
+        assert tree.set(f"k{i}", digest_of(n + i)) == model[f"k{i}"]
+        model[f"k{i}"] = digest_of(n + i)
+    for i in range(1, n, 3):
+        assert tree.remove(f"k{i}") == model.pop(f"k{i}")
+    assert tree.remove("absent") is None
+    assert tree.set("new", digest_of(10 * n)) is None
+    model["new"] = digest_of(10 * n)
+    assert all(tree.get(k) == model.get(k) for k in items)
+    rebuilt = MerkleTree.build(model.items(), key=SECRET, **SMALL)
+    assert snapshot(tree) == snapshot(rebuilt)
+    assert leaf_snapshot(tree) == leaf_snapshot(rebuilt)
