@@ -12,8 +12,9 @@ so they are exact for the seeded data.
 
 Workloads:
 
-- *change*: ``MerkleTree.set`` of an existing key to a fresh digest (the costliest write: the
-  old and the new item hash plus the leaf choice, then ``depth + 1`` node updates);
+- *change*: ``MerkleTree.set`` of an existing key to a fresh digest (tree scheme 2: one keyed
+  hash for the leaf choice, the old and new digests read as integers, then ``depth + 1``
+  node updates; random keys, so at 1M keys most of the time goes to cache misses);
 - *rebuild*: ``MerkleTree.build`` of every item (a cold start);
 - *hashed inner nodes*: the alternative design, where an inner node is a keyed BLAKE2b of its
   children's values instead of their sum (a prototype here, same leaves), to show what the
@@ -117,7 +118,7 @@ class HashedInnerTree:
     a keyed BLAKE2b of its children's 32-byte values. Only what a write costs is modelled."""
 
     def __init__(self, items: list[tuple[str, bytes]], fanout: int, depth: int) -> None:
-        self.core = MerkleTree(SECRET, fanout=fanout, depth=depth)  # leaf choice, item hashes
+        self.core = MerkleTree(SECRET, fanout=fanout, depth=depth)  # leaf choice, item values
         self.bits = fanout.bit_length() - 1
         self.fanout, self.depth = fanout, depth
         self.base = hashlib.blake2b(digest_size=HASH_SIZE, key=SECRET, person=b"bench-inner")
@@ -461,8 +462,10 @@ def report(
         out.append(f"| {n:,} | {_rate(change)} | {rebuild} | {per} |")
     out += [
         "",
-        "A change is `set(existing key, new digest)`: the leaf choice and two item hashes "
-        "(old and new), then `depth + 1` integer additions. The last column is how many "
+        "A change is `set(existing key, new digest)` (tree scheme 2): one keyed hash for the "
+        "leaf choice, the digests themselves as item values, then `depth + 1` integer "
+        "additions; the keys are random, so at 1M keys memory misses dominate. The last "
+        "column is how many "
         "changes fit in the time of one rebuild: what a tree kept up to date saves on each "
         "healing round.",
         "",
@@ -492,7 +495,10 @@ def report(
         "on both sides. Round trips include the root fetch; every round asks both sides in "
         f"parallel. The naive alternative sends all {cfg.recon_keys:,} `(key, digest)` pairs: "
         f"{_kb(naive)} KB from one side, {_kb(2 * naive)} KB when a third-party healer "
-        "fetches both.",
+        "fetches both. This models the plain descent (level by level from the root, leaves "
+        "with keys and whole digests); the healer's wire v3 protocol (top levels with the "
+        "root, digest-only leaves, 4 round trips) is measured end to end in "
+        "`bench/results/heal.md`.",
         "",
         f"### Default shape (fan-out {DEFAULT_SHAPE[0]}, depth {DEFAULT_SHAPE[1]})",
         "",

@@ -442,12 +442,13 @@ class HealEndpoints:
             data,
             self.roster,
             subject=merkle_subject(self.namespace, subject, self.signer.node_id, "apply"),
+            keep_packed=True,
         )
         document = env.document
         if not isinstance(document, ORMap) or not document.is_delta:
             raise MalformedMessageError("a repair is an OR-map delta")
         replica = self.replicas[subject]
-        await replica.apply_repair(document)
+        await replica.apply_repair(document, env.packed_document)
         tree = self.trees[subject].current()
         reply = self.proto.schema.healer.ApplyStatesReply.new_message()
         reply.subject = subject
@@ -769,16 +770,33 @@ class HealClient:
             raise MalformedMessageError(f"fetch reply from {node} is not its OR-map subset")
         return env.document
 
-    async def apply(self, subject: str, node: str, delta: ORMap) -> bytes:
-        """Push a repair delta; returns the replica's root afterwards."""
+    async def apply(
+        self, subject: str, node: str, delta: ORMap, packed: bytes | None = None
+    ) -> bytes:
+        """Push a repair delta; returns the replica's root afterwards. ``packed``: ``delta``
+        as ``codec.encode_document`` gave it (see ``apply_all``)."""
         body = self.codec.seal(
             self.signer,
             subject=merkle_subject(self.namespace, subject, node, "apply"),
             hlc=0,
             sequence=0,
             document=delta,
+            packed=packed,
         )
         data = await self._call(subject, node, "apply", body)
         r = self.codec.read(self.codec.schema.healer.ApplyStatesReply, data, "apply reply")
         with decoding("apply reply"):
             return bytes(r.root)
+
+    async def apply_all(self, subject: str, pushes: Sequence[tuple[str, ORMap]]) -> int:
+        """Push ``(node, delta)`` repairs in parallel, each distinct delta encoded once (a
+        delta goes to every member of a group; only the envelope differs per node). Returns
+        the entries pushed."""
+        packed: dict[int, bytes] = {}
+        for _, delta in pushes:
+            if id(delta) not in packed:
+                packed[id(delta)] = self.codec.encode_document(delta)
+        await asyncio.gather(
+            *(self.apply(subject, node, d, packed[id(d)]) for node, d in pushes)
+        )
+        return sum(len(d.store or ()) for _, d in pushes)

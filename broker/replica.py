@@ -699,13 +699,14 @@ class Replica:
         for listener in self._listeners:
             listener(keys)
 
-    async def apply_repair(self, delta: ORMap) -> None:
+    async def apply_repair(self, delta: ORMap, packed: bytes | None = None) -> None:
         """Join a healer's repair delta durably (logged before this returns); not published:
-        the healer repairs every replica itself."""
+        the healer repairs every replica itself. ``packed``: ``delta`` as packed document
+        bytes (as received), logged instead of encoding ``delta`` again."""
         async with self._mutate_lock:
             self.tree.merge(delta)
             self._changed(delta.store.keys() if delta.store else ())
-            record = self.codec.encode_document(delta)
+            record = packed if packed is not None else self.codec.encode_document(delta)
             seq = await asyncio.to_thread(self.store.append, self.config.subject, [record])
             self._last_record_seq = max(self._last_record_seq, seq)
 

@@ -65,6 +65,8 @@ COMPRESS_MIN_BYTES: Final = 512
 """Batches smaller than this are sent uncompressed even when compression is allowed."""
 
 _MAX_HLC: Final = (1 << 63) - 1
+_ENVELOPE_WORDS: Final = 512
+"""Room for an envelope's own fields (writer, subject, trace id) next to its document."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,10 @@ class Envelope:
     """16 bytes when the writer set one (wire v2+); empty otherwise."""
     verified: bool = True
     """False only when opened without a roster (``open(data, None)``: inspection tools)."""
+    packed_document: bytes = b""
+    """``document`` as packed Cap'n Proto bytes (what ``encode_document`` gives), only when
+    opened with ``keep_packed=True``: a receiver that logs the document stores these bytes
+    instead of encoding the decoded document again."""
 
 
 @contextlib.contextmanager
@@ -189,14 +195,6 @@ class WireCodec:
             raise InvalidArgumentError("hlc and sequence are non-negative 64-bit ints")
         if trace_id and self.version < 2:
             raise UnsupportedContentError("trace ids need wire version 2")
-        env = self.schema.envelope.Envelope.new_message(
-            num_first_segment_words=FIRST_SEGMENT_WORDS
-        )
-        env.version = self.version
-        env.writer = signer.node_id
-        env.subject = subject
-        env.hlc = hlc
-        env.sequence = sequence
         doc: Any = None
         packed_doc = None
         if self.compress and self.version >= 2 and self.peer_version >= 2:
@@ -210,6 +208,17 @@ class WireCodec:
                 if packed is None
                 else self._parse(self.schema.crdt.Document, packed, NESTING_LIMIT)
             )
+        # One segment for the whole body when the document is copied in: a reader then
+        # skips the segment pre-check (``check_segments``), a pass over every byte.
+        words = FIRST_SEGMENT_WORDS
+        if doc is not None:
+            words = max(words, doc.total_size.word_count + _ENVELOPE_WORDS)
+        env = self.schema.envelope.Envelope.new_message(num_first_segment_words=words)
+        env.version = self.version
+        env.writer = signer.node_id
+        env.subject = subject
+        env.hlc = hlc
+        env.sequence = sequence
         if packed_doc is not None and len(packed_doc) >= COMPRESS_MIN_BYTES:
             z = zlib.compress(packed_doc, 6)
             if is_state:
@@ -238,7 +247,12 @@ class WireCodec:
         return out
 
     def open(
-        self, data: bytes, roster: TrustRoster | None, *, subject: str | None = None
+        self,
+        data: bytes,
+        roster: TrustRoster | None,
+        *,
+        subject: str | None = None,
+        keep_packed: bool = False,
     ) -> Envelope:
         """Verify and decode an envelope; raises a ``CodecError`` subclass on any problem.
 
@@ -248,6 +262,8 @@ class WireCodec:
         place cannot be replayed as another kind of message (``BadSignatureError``).
         ``roster=None`` skips verification (``verified=False``): only for inspection tools
         such as ``worknode tail``; a replica always verifies.
+        ``keep_packed``: also return the document's packed bytes (``packed_document``), copied
+        from the envelope, not encoded again.
         """
         self._check_size(data, "envelope")
         with decoding("envelope"):
@@ -281,11 +297,14 @@ class WireCodec:
                         "the writer's peer_version is set too high for a mixed cluster"
                     ) from exc
                 raise
+            raw = b""
             if which in ("deltaBatchZlib", "stateZlib"):
                 raw = self._inflate(bytes(getattr(env, which)))
                 doc = self._parse(self.schema.crdt.Document, raw, NESTING_LIMIT)
             else:
                 doc = getattr(env, which)
+                if keep_packed:
+                    raw = doc.as_builder().to_bytes_packed()
             document = decode_document(self.schema, doc)
             is_state = which in ("state", "stateZlib")
             if document.is_delta and is_state:
@@ -301,6 +320,7 @@ class WireCodec:
                 is_state=is_state,
                 trace_id=trace_id,
                 verified=roster is not None,
+                packed_document=raw if keep_packed else b"",
             )
 
     # -- helpers -------------------------------------------------------------------------

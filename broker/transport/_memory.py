@@ -633,9 +633,11 @@ class MemoryTransport:
         *,
         timeout: float,  # noqa: ASYNC109 - the collection window
         max_replies: int = 0,
+        idle: float = 0.0,
     ) -> list[Msg]:
         """Send a request and collect every reply within ``timeout`` seconds (or until
-        ``max_replies``); an empty list when nobody answers."""
+        ``max_replies``, or once ``idle`` seconds pass after a reply without another);
+        an empty list when nobody answers."""
         if not timeout > 0:
             raise InvalidArgumentError(f"timeout must be > 0, got {timeout!r}")
         hdrs = self._prepare(subject, data, None)
@@ -643,9 +645,11 @@ class MemoryTransport:
         inbox = f"{self._inbox_prefix}.many.{next(self._inbox_ids)}"
         replies: list[Msg] = []
         enough = asyncio.Event()
+        arrived = asyncio.Event()
 
         async def collect(msg: Msg) -> None:
             replies.append(msg)
+            arrived.set()
             if max_replies and len(replies) >= max_replies:
                 enough.set()
 
@@ -654,7 +658,7 @@ class MemoryTransport:
             if self._network._route(self, Msg(subject, data, inbox, hdrs)):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
-                        await enough.wait()
+                        await _until_enough_or_idle(enough, arrived, replies, idle)
         finally:
             await sub.unsubscribe()
         return replies
@@ -693,3 +697,20 @@ if TYPE_CHECKING:
         t: MemoryTransport, s: MemorySubscription
     ) -> tuple[Transport, Subscription]:
         return t, s  # mypy proves MemoryTransport is a Transport
+
+
+async def _until_enough_or_idle(
+    enough: asyncio.Event, arrived: asyncio.Event, replies: list[Msg], idle: float
+) -> None:
+    """Return when ``enough`` is set, or (``idle`` > 0) once a reply came and no other
+    followed within ``idle`` seconds; the caller bounds the whole wait."""
+    while not enough.is_set():
+        arrived.clear()
+        if replies and idle > 0:
+            try:
+                async with asyncio.timeout(idle):
+                    await arrived.wait()
+            except TimeoutError:
+                return
+        else:
+            await arrived.wait()

@@ -283,11 +283,14 @@ class GenericService:
         return handle
 
 
-async def discover(transport: Any, name: str, *, timeout: float = 0.5) -> list[ServiceInfo]:  # noqa: ASYNC109
+async def discover(
+    transport: Any, name: str, *, timeout: float = 0.5, idle: float = 0.0  # noqa: ASYNC109
+) -> list[ServiceInfo]:
     """Every instance of service ``name`` that answers ``$SRV.INFO.<name>`` within
-    ``timeout`` seconds (the transport must offer ``request_many``)."""
+    ``timeout`` seconds (the transport must offer ``request_many``); with ``idle``, the
+    ones that answer before a pause of ``idle`` seconds between replies."""
     replies: list[Msg] = await transport.request_many(
-        f"$SRV.INFO.{name}", b"", timeout=timeout
+        f"$SRV.INFO.{name}", b"", timeout=timeout, idle=idle
     )
     out = []
     for reply in replies:

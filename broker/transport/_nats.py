@@ -648,18 +648,22 @@ class NatsTransport:
         *,
         timeout: float,  # noqa: ASYNC109 - the collection window
         max_replies: int = 0,
+        idle: float = 0.0,
     ) -> list[Msg]:
         """Send a request and collect every reply within ``timeout`` seconds (or until
-        ``max_replies``); an empty list when nobody answers (discovery uses this)."""
+        ``max_replies``, or once ``idle`` seconds pass after a reply without another);
+        an empty list when nobody answers (discovery uses this)."""
         if not timeout > 0:
             raise InvalidArgumentError(f"timeout must be > 0, got {timeout!r}")
         validate_subject(subject)
         nc = self._client()
         replies: list[Msg] = []
         enough = asyncio.Event()
+        arrived = asyncio.Event()
 
         async def collect(nmsg: NatsMsg) -> None:
             replies.append(_to_msg(nmsg))
+            arrived.set()
             if max_replies and len(replies) >= max_replies:
                 enough.set()
 
@@ -670,7 +674,7 @@ class NatsTransport:
                 await nc.publish(subject, data, reply=inbox)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
-                        await enough.wait()
+                        await _until_enough_or_idle(enough, arrived, replies, idle)
             finally:
                 with contextlib.suppress(nats.errors.Error):
                     await sub.unsubscribe()
@@ -766,3 +770,20 @@ if TYPE_CHECKING:
         t: NatsTransport, s: NatsSubscription
     ) -> tuple[Transport, Subscription]:
         return t, s  # mypy proves NatsTransport is a Transport
+
+
+async def _until_enough_or_idle(
+    enough: asyncio.Event, arrived: asyncio.Event, replies: list[Msg], idle: float
+) -> None:
+    """Return when ``enough`` is set, or (``idle`` > 0) once a reply came and no other
+    followed within ``idle`` seconds; the caller bounds the whole wait."""
+    while not enough.is_set():
+        arrived.clear()
+        if replies and idle > 0:
+            try:
+                async with asyncio.timeout(idle):
+                    await arrived.wait()
+            except TimeoutError:
+                return
+        else:
+            await arrived.wait()

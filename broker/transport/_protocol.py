@@ -265,8 +265,10 @@ class Transport(Protocol):
         *,
         timeout: float,  # noqa: ASYNC109 - the collection window
         max_replies: int = 0,
+        idle: float = 0.0,
     ) -> list[Msg]:
-        """Send a request and collect every reply within ``timeout`` (discovery)."""
+        """Send a request and collect every reply within ``timeout`` (discovery); with
+        ``idle``, stop early once no reply has come for ``idle`` seconds after the last one."""
         ...
 
     async def add_service(

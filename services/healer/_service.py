@@ -193,7 +193,11 @@ class HealerService:
         """``(node, service id, subjects)`` of every replica service in the namespace."""
         assert self.transport is not None
         out = []
-        for info in await discover(self.transport, REPLICA_SERVICE, timeout=0.3):
+        s = self.settings
+        found = await discover(
+            self.transport, REPLICA_SERVICE, timeout=s.discover_timeout_s, idle=s.discover_idle_s
+        )
+        for info in found:
             if info.metadata.get("namespace") != self.settings.namespace:
                 continue
             subjects = [x for x in info.metadata.get("subjects", "").split(",") if x]
@@ -354,8 +358,7 @@ class HealerService:
             to_left, to_right = repair_deltas(a, b, chunk)
             pushes = [(n, to_left) for n in left_group if to_left.store]
             pushes += [(n, to_right) for n in right_group if to_right.store]
-            await asyncio.gather(*(client.apply(subject, node, d) for node, d in pushes))
-            pushed += sum(len(d.store or ()) for _, d in pushes)
+            pushed += await client.apply_all(subject, pushes)
             waves += 2 if pushes else 1
             await self._throttle(client)
         return len(keys), pushed, waves
@@ -413,8 +416,7 @@ class HealerService:
             found |= ka | kb
             pushes = [(n, to_left) for n in left_group if to_left.store]
             pushes += [(n, to_right) for n in right_group if to_right.store]
-            await asyncio.gather(*(client.apply(subject, node, d) for node, d in pushes))
-            pushed += sum(len(d.store or ()) for _, d in pushes)
+            pushed += await client.apply_all(subject, pushes)
             waves += 1 if pushes else 0
             await self._throttle(client)
         return len(found), pushed, waves

@@ -35,6 +35,16 @@ class HealerSettings(BaseSettings):
     membership_poll_s: float = Field(
         1.0, gt=0, description="Discovery poll: heal at once on change."
     )
+    discover_timeout_s: float = Field(
+        0.3, gt=0, description="Discovery: how long to wait for replicas' answers at most."
+    )
+    discover_idle_s: float = Field(
+        0.0, ge=0, description=(
+            "Discovery ends this long after the last answer (0, the default: always wait "
+            "discover_timeout_s); a replica answering later is missed until the next poll, "
+            "so a one-shot heal (`worknode up`) may leave it out."
+        ),
+    )
     retry_s: float = Field(1.0, gt=0, description="Retry delay after a failed or partial heal.")
     max_rounds: int = Field(3, ge=1, le=20, description="Re-checks while writes keep landing.")
     bytes_per_second: float = Field(20e6, gt=0, description="Throttle on bytes moved.")

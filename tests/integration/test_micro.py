@@ -49,6 +49,8 @@ async def _exercise(server_side: Transport, client: Transport) -> None:
     try:
         found = await discover(client, "worknode-test", timeout=0.5)
         assert [s.metadata["node"] for s in found] == ["n1", "n2"]
+        quick = await discover(client, "worknode-test", timeout=5.0, idle=0.05)
+        assert [s.metadata["node"] for s in quick] == ["n1", "n2"]
         assert ("echo", "wn.t.rpc.n1.echo") in found[0].endpoints
         assert await call(client, "wn.t.rpc.n2.echo", b"hi", timeout=2) == b"echo:hi"
         with pytest.raises(ServiceCallError) as err:

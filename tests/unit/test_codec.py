@@ -477,3 +477,49 @@ def test_a_compressed_batch_that_inflates_past_the_limit_is_refused(
     outer.body = body
     with pytest.raises(MessageTooLargeError, match="inflates past"):
         c.open(outer.to_bytes_packed(), roster)
+
+
+@pytest.mark.parametrize("size", [3, 300])  # under and over the compression threshold
+@pytest.mark.parametrize("peer", [1, 2])
+def test_open_keeping_the_packed_document(
+    keys: tuple[Signer, Signer, TrustRoster], size: int, peer: int
+) -> None:
+    """``keep_packed``: the document's bytes come back (copied, not re-encoded) and decode to
+    the same document; a replica logs them as its record of a repair."""
+    alice, _, roster = keys
+    state, batch = ORMap(), ORMap(is_delta=True)
+    for i in range(size):
+        d = state.assign("alice", (f"key-{i}",), i, T0 + i)
+        state.merge(d)
+        batch.merge(d)
+    codec = WireCodec(CURRENT_VERSION, peer_version=peer)
+    raw = codec.seal(alice, subject="x", hlc=1, sequence=1, document=batch)
+    assert codec.open(raw, roster).packed_document == b""
+    env = codec.open(raw, roster, keep_packed=True)
+    same(env.document, batch)
+    same(codec.decode_document(env.packed_document), batch)
+
+
+@pytest.mark.parametrize("peer", [1, 2])
+def test_a_large_envelope_body_is_one_segment(
+    keys: tuple[Signer, Signer, TrustRoster], peer: int
+) -> None:
+    """The body is sized for its document, so a reader's segment pre-check (a pass over every
+    byte of a multi-segment stream) has nothing to do."""
+    import struct
+
+    from broker.codec._packed import _unpack_prefix
+
+    alice, _, roster = keys
+    state, batch = ORMap(), ORMap(is_delta=True)
+    for i in range(3_000):
+        d = state.assign("alice", (f"key-{i}", "v"), f"value-{i}", T0 + i)
+        state.merge(d)
+        batch.merge(d)
+    codec = WireCodec(CURRENT_VERSION, peer_version=peer, compress=False)
+    raw = codec.seal(alice, subject="x", hlc=1, sequence=1, document=batch)
+    body = bytes(codec.read(codec.schema.envelope.SignedEnvelope, raw, "envelope").body)
+    first = _unpack_prefix(body, 1)
+    assert first is not None
+    assert struct.unpack_from("<I", first)[0] == 0  # segment count - 1
+    same(codec.open(raw, roster).document, batch)

@@ -502,3 +502,25 @@ async def test_pending_requests_fail_when_the_requester_stops(pair):
     await a.stop()
     with pytest.raises(NotConnectedError):
         await pending
+
+
+async def test_request_many_with_idle_stops_after_a_pause(pair):
+    """With ``idle``, collection ends once replies pause for that long: prompt answers are
+    kept, one that comes after the pause is not (a later discovery finds it)."""
+    a, b = pair
+
+    async def prompt(msg: Msg) -> None:
+        await b.respond(msg, b"prompt")
+
+    async def late(msg: Msg) -> None:
+        await asyncio.sleep(0.5)
+        await b.respond(msg, b"late")
+
+    await b.subscribe("svc.who", prompt)
+    await b.subscribe("svc.who", prompt)
+    await b.subscribe("svc.who", late)
+    quick = await a.request_many("svc.who", b"", timeout=5.0, idle=0.05)
+    assert sorted(m.data for m in quick) == [b"prompt", b"prompt"]
+    everyone = await a.request_many("svc.who", b"", timeout=1.0)
+    assert sorted(m.data for m in everyone) == [b"late", b"prompt", b"prompt"]
+    assert await a.request_many("svc.nobody", b"", timeout=0.05, idle=0.01) == []

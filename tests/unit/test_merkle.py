@@ -105,7 +105,8 @@ def test_removing_everything_gives_the_empty_tree(items: dict[str, bytes]) -> No
     assert tree.root() == bytes(HASH_SIZE)
     assert tree.count() == 0
     assert list(tree.items()) == []
-    assert all(not bucket for bucket in tree._buckets.values())
+    assert all(not tree._leaf(leaf) for leaf in tree._leaf_indices())
+    assert all(k not in tree for k in items)
     assert tree.leaf_items(()) == []
     assert all(not level for level in tree._levels)  # sparse: nothing left behind
 
@@ -319,10 +320,12 @@ def test_leaves_have_no_children() -> None:
 def test_writes_after_a_cold_build_equal_a_rebuild(
     first: dict[str, bytes], second: dict[str, bytes], rnd
 ) -> None:
-    # The cold build keeps leaves as sorted slices; writes override them leaf by leaf.
+    # The cold build keeps leaves as sorted slices; writes go to per-leaf overlays (a removed
+    # built key is hidden, a removed new one forgotten), read through on every lookup.
     tree = MerkleTree.build(first.items(), key=SECRET, **SMALL)
     model = dict(first)
     ops = [(k, d) for k, d in second.items()] + [(k, None) for k in first]
+    ops += [(k, None) for k in rnd.sample(sorted(second), len(second) // 2)]
     rnd.shuffle(ops)
     for k, d in ops:
         if d is None:
@@ -330,6 +333,12 @@ def test_writes_after_a_cold_build_equal_a_rebuild(
         else:
             assert tree.set(k, d) == model.get(k)
             model[k] = d
+        assert tree.get(k) == model.get(k)
+    for k in {*first, *second}:
+        assert tree.get(k) == model.get(k)
+        assert (k in tree) == (k in model)
+    assert sorted(tree.items()) == sorted(model.items())
+    assert len(tree) == len(model)
     rebuilt = MerkleTree.build(list(model.items()), key=SECRET, **SMALL)
     assert snapshot(tree) == snapshot(rebuilt)
     assert leaf_snapshot(tree) == leaf_snapshot(rebuilt)
@@ -374,3 +383,23 @@ def test_truncated_values_keep_the_sums(items: dict[str, bytes], width: int) -> 
 def test_bad_level_reads_are_refused(level, width) -> None:
     with pytest.raises(InvalidArgumentError):
         MerkleTree(SECRET, **SMALL).level_values(level, [0], width)
+
+
+@pytest.mark.parametrize("n", [5, 40, 300])  # 64 leaves: searched (5) or indexed per leaf
+def test_first_writes_after_a_build_find_built_digests_both_ways(n: int) -> None:
+    items = {f"k{i}": digest_of(i) for i in range(n)}
+    tree = MerkleTree.build(items.items(), key=SECRET, **SMALL)
+    assert bool(tree._base_first) == (tree.leaf_count <= 4 * n)
+    model = dict(items)
+    for i in range(0, n, 2):
+        assert tree.set(f"k{i}", digest_of(n + i)) == model[f"k{i}"]
+        model[f"k{i}"] = digest_of(n + i)
+    for i in range(1, n, 3):
+        assert tree.remove(f"k{i}") == model.pop(f"k{i}")
+    assert tree.remove("absent") is None
+    assert tree.set("new", digest_of(10 * n)) is None
+    model["new"] = digest_of(10 * n)
+    assert all(tree.get(k) == model.get(k) for k in items)
+    rebuilt = MerkleTree.build(model.items(), key=SECRET, **SMALL)
+    assert snapshot(tree) == snapshot(rebuilt)
+    assert leaf_snapshot(tree) == leaf_snapshot(rebuilt)

@@ -49,7 +49,17 @@ def tree_pairs(draw: st.DrawFn) -> tuple[dict[str, bytes], dict[str, bytes], tup
     changed = draw(st.dictionaries(keys, st.tuples(digests, digests), max_size=8))
     left = {**shared, **only_left, **{k: a for k, (a, _) in changed.items()}}
     right = {**shared, **only_right, **{k: b for k, (_, b) in changed.items()}}
-    return left, right, draw(st.sampled_from(SHAPES))
+    # An item digest binds its key (``item_digest``; tree scheme 2 counts on it): one key's
+    # digest under another key would be a different item with the same value, which the
+    # sums cannot tell apart (e.g. {"0": d} and {"00": d} have equal roots).
+    return _bound(left), _bound(right), draw(st.sampled_from(SHAPES))
+
+
+def _bound(items: dict[str, bytes]) -> dict[str, bytes]:
+    return {
+        k: hashlib.blake2b(k.encode() + b"\0" + d, digest_size=DIGEST_SIZE).digest()
+        for k, d in items.items()
+    }
 
 
 def expected(left: dict[str, bytes], right: dict[str, bytes]) -> tuple[tuple[str, ...], ...]:
