@@ -57,6 +57,7 @@ from broker.transport._protocol import (
     TransportObserver,
     encoded_size,
     notify,
+    until_enough_or_idle,
     validate_headers,
 )
 from broker.transport._subjects import (
@@ -658,7 +659,7 @@ class MemoryTransport:
             if self._network._route(self, Msg(subject, data, inbox, hdrs)):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
-                        await _until_enough_or_idle(enough, arrived, replies, idle)
+                        await until_enough_or_idle(enough, arrived, replies, idle)
         finally:
             await sub.unsubscribe()
         return replies
@@ -697,20 +698,3 @@ if TYPE_CHECKING:
         t: MemoryTransport, s: MemorySubscription
     ) -> tuple[Transport, Subscription]:
         return t, s  # mypy proves MemoryTransport is a Transport
-
-
-async def _until_enough_or_idle(
-    enough: asyncio.Event, arrived: asyncio.Event, replies: list[Msg], idle: float
-) -> None:
-    """Return when ``enough`` is set, or (``idle`` > 0) once a reply came and no other
-    followed within ``idle`` seconds; the caller bounds the whole wait."""
-    while not enough.is_set():
-        arrived.clear()
-        if replies and idle > 0:
-            try:
-                async with asyncio.timeout(idle):
-                    await arrived.wait()
-            except TimeoutError:
-                return
-        else:
-            await arrived.wait()

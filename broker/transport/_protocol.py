@@ -22,6 +22,7 @@ Two implementations keep this contract: ``NatsTransport`` (a real NATS connectio
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -290,3 +291,21 @@ class Transport(Protocol):
     async def __aexit__(self, *exc_info: object) -> None:
         """Stop the transport."""
         ...
+
+
+async def until_enough_or_idle(
+    enough: asyncio.Event, arrived: asyncio.Event, replies: list[Msg], idle: float
+) -> None:
+    """``request_many``'s collection wait, shared by the transports: return when
+    ``enough`` is set, or (``idle`` > 0) once a reply came and no other followed within
+    ``idle`` seconds; the caller bounds the whole wait."""
+    while not enough.is_set():
+        arrived.clear()
+        if replies and idle > 0:
+            try:
+                async with asyncio.timeout(idle):
+                    await arrived.wait()
+            except TimeoutError:
+                return
+        else:
+            await arrived.wait()
