@@ -22,8 +22,12 @@ envelopes, so a replica only applies repairs signed by a node in its roster, and
 only moves states a replica signed.
 
 The Merkle tree follows the replica incrementally: every change marks the touched top-level
-keys dirty; their digests are recomputed (O(depth) tree updates per key) when the next healing
-request arrives, so writes never pay for it and a tree is never rebuilt after the first build.
+keys dirty; their digests are recomputed (O(depth) tree updates per key) in the background,
+in chunks, starting ``refresh_delay`` after a change and spending at most ``refresh_budget``
+of the event loop's time, and at the latest when the next healing request arrives. Writes never
+wait for it, a key written many times between refreshes is digested once, and a heal after a
+partition finds its trees warm. A tree is built whole (one step) at start and after a full
+state was joined (a catch-up: any key may have changed); otherwise it is never rebuilt.
 
 Prefixes travel as bytes, one digit (0..fanout-1) per byte; the root is the empty prefix.
 
@@ -41,6 +45,8 @@ that found nothing while roots differ is followed by one with whole values and k
 from __future__ import annotations
 
 import asyncio
+import struct
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -117,38 +123,57 @@ def _index_bytes(level: int, bits: int) -> int:
     return max(1, (level * bits + 7) // 8)
 
 
+_INDEX_FORMATS: Final = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
 def pack_prefixes(prefixes: Sequence[tuple[int, ...]], bits: int) -> tuple[int, bytes]:
     """``(level, node indices packed)`` for prefixes of one level (the compact request)."""
     if not prefixes:
         return 0, b""
     level = len(prefixes[0])
     size = _index_bytes(level, bits)
-    out = []
+    indices = []
     for p in prefixes:
         if len(p) != level:
             raise InvalidArgumentError("packed prefixes are all of one level")
         index = 0
         for digit in p:
             index = (index << bits) | digit
-        out.append(index.to_bytes(size, "big"))
-    return level, b"".join(out)
+        indices.append(index)
+    fmt = _INDEX_FORMATS.get(size)
+    if fmt is not None:
+        return level, struct.pack(f">{len(indices)}{fmt}", *indices)
+    return level, b"".join([i.to_bytes(size, "big") for i in indices])
 
 
-def unpack_prefixes(level: int, raw: bytes, bits: int, depth: int) -> list[tuple[int, ...]]:
-    """The prefixes of ``pack_prefixes``; MalformedMessageError if they do not fit the tree."""
+def unpack_indices(level: int, raw: bytes, bits: int, depth: int) -> list[int]:
+    """The node indices of ``pack_prefixes`` (digits read as one number); MalformedMessageError
+    if they do not fit the tree."""
     if not 1 <= level <= depth:
         raise MalformedMessageError(f"prefix level {level} is outside the tree")
     size = _index_bytes(level, bits)
     if len(raw) % size:
         raise MalformedMessageError("packed prefixes are not whole")
-    mask, limit = (1 << bits) - 1, 1 << (bits * level)
-    out = []
-    for at in range(0, len(raw), size):
-        index = int.from_bytes(raw[at : at + size], "big")
-        if index >= limit:
-            raise MalformedMessageError(f"node index {index} is outside level {level}")
-        out.append(tuple((index >> (bits * (level - 1 - i))) & mask for i in range(level)))
-    return out
+    fmt = _INDEX_FORMATS.get(size)
+    if fmt is not None:
+        indices = list(struct.unpack(f">{len(raw) // size}{fmt}", raw))
+    else:
+        indices = [int.from_bytes(raw[at : at + size], "big") for at in range(0, len(raw), size)]
+    limit = 1 << (bits * level)
+    if indices and max(indices) >= limit:
+        raise MalformedMessageError(f"node index {max(indices)} is outside level {level}")
+    return indices
+
+
+def unpack_prefixes(level: int, raw: bytes, bits: int, depth: int) -> list[tuple[int, ...]]:
+    """The prefixes of ``pack_prefixes``; MalformedMessageError if they do not fit the tree."""
+    return _indices_to_prefixes(unpack_indices(level, raw, bits, depth), bits, level)
+
+
+def _indices_to_prefixes(indices: list[int], bits: int, level: int) -> list[tuple[int, ...]]:
+    mask = (1 << bits) - 1
+    shifts = [bits * (level - 1 - i) for i in range(level)]
+    return [tuple([(index >> s) & mask for s in shifts]) for index in indices]
 
 
 def _width(raw: int) -> int:
@@ -203,35 +228,95 @@ def unpack_leaf_items(
     return out
 
 
-class _ReplicaTree:
-    """A Merkle tree that follows one replica: dirty keys, refreshed on demand."""
+REFRESH_CHUNK: Final = 500  # keys digested per background step (~5-15 ms of the loop)
 
-    def __init__(self, replica: Replica, secret: bytes) -> None:
+
+class _ReplicaTree:
+    """A Merkle tree that follows one replica: dirty keys, refreshed in the background once
+    started (see module doc) and on demand."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        secret: bytes,
+        *,
+        refresh_delay: float = 0.05,
+        refresh_budget: float = 0.1,
+    ) -> None:
         self.replica = replica
         self.secret = secret
         self.tree = MerkleTree(key=secret)
         self._dirty: set[str] | None = None  # None: everything (first build, full joins)
+        self._delay = refresh_delay
+        self._budget = refresh_budget
+        self._pause = refresh_delay  # before the next background step (budget-adjusted)
+        self._handle: asyncio.TimerHandle | None = None
+        self._running = False
+        self.background_keys = 0  # keys digested by background steps (tests, metrics)
         replica.add_change_listener(self._on_change)
+
+    def start(self) -> None:
+        """Refresh in the background from now on."""
+        self._running = True
+        self._schedule()
+
+    def stop(self) -> None:
+        """No more background refreshes (on-demand ones still work)."""
+        self._running = False
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
     def _on_change(self, keys: Collection[str] | None) -> None:
         if keys is None:
             self._dirty = None
         elif self._dirty is not None:
             self._dirty.update(keys)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._running or self._handle is not None or self._dirty == set():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a change outside the loop: the next request refreshes
+            return
+        self._handle = loop.call_later(self._pause, self._step)
+
+    def _step(self) -> None:
+        self._handle = None
+        t0 = time.perf_counter()
+        if self._dirty is None:  # a (re)build: one step, however long (then a long pause)
+            self.background_keys += self.current().count()
+        elif self._dirty:
+            keys = [self._dirty.pop() for _ in range(min(REFRESH_CHUNK, len(self._dirty)))]
+            self._update(keys)
+            self.background_keys += len(keys)
+        else:
+            return
+        spent = time.perf_counter() - t0
+        # At most ``budget`` of the loop's time: a step of ``spent`` s is followed by a pause
+        # of spent * (1 - budget) / budget (and never less than the delay).
+        self._pause = max(self._delay, spent * (1 - self._budget) / self._budget)
+        self._schedule()
+
+    def _update(self, keys: Collection[str]) -> None:
+        store = self.replica.state.store or {}
+        for key in keys:
+            entry = store.get(key)
+            if entry is None:
+                self.tree.remove(key)
+            else:
+                self.tree.set(key, item_digest(key, entry, self.secret))
 
     def current(self) -> MerkleTree:
-        store = self.replica.state.store or {}
         if self._dirty is None:
+            store = self.replica.state.store or {}
             secret = self.secret
             items = [(k, item_digest(k, v, secret)) for k, v in store.items()]
             self.tree = MerkleTree.build(items, key=secret)
         else:
-            for key in self._dirty:
-                entry = store.get(key)
-                if entry is None:
-                    self.tree.remove(key)
-                else:
-                    self.tree.set(key, item_digest(key, entry, self.secret))
+            self._update(self._dirty)
         self._dirty = set()
         return self.tree
 
@@ -267,9 +352,11 @@ class HealEndpoints:
         self._service: ServiceHandle | None = None
 
     async def start(self) -> None:
-        """Register the service. Idempotent."""
+        """Register the service and start refreshing trees in the background. Idempotent."""
         if self._service is not None:
             return
+        for tree in self.trees.values():
+            tree.start()
         node = self.signer.node_id
         endpoints = []
         for subject in self.replicas:
@@ -294,7 +381,9 @@ class HealEndpoints:
         )
 
     async def stop(self) -> None:
-        """Unregister. Idempotent."""
+        """Unregister; no more background refreshes. Idempotent."""
+        for tree in self.trees.values():
+            tree.stop()
         if self._service is not None:
             service, self._service = self._service, None
             await service.stop()
@@ -344,25 +433,33 @@ class HealEndpoints:
             reply.levels = b"".join(parts)
         return reply.to_bytes_packed()  # type: ignore[no-any-return]
 
-    def _prefixes(self, subject: str, data: bytes) -> tuple[list[tuple[int, ...]], int, bool]:
+    def _prefixes(
+        self, subject: str, data: bytes, *, leaf_indices: bool = False
+    ) -> tuple[list[tuple[int, ...]], int, bool, list[int] | None]:
+        """``(prefixes, hashBytes, digestsOnly, leaf indices)`` of a node or leaf request;
+        with ``leaf_indices``, a packed request for leaves answers with their indices (and no
+        prefixes: the cheap form of a large leaf request)."""
         req = self.proto.read(self.proto.schema.healer.NodeHashesRequest, data, "node request")
         with decoding("node request"):
             if len(req.prefixes) > MAX_PREFIXES:
                 raise MalformedMessageError(f"more than {MAX_PREFIXES} prefixes in one request")
             level, raw = int(req.prefixLevel), bytes(req.packedPrefixes)
+            width, digests_only = int(req.hashBytes), bool(req.digestsOnly)
             if level:
                 tree = self.trees[subject].tree
                 bits = tree.fanout.bit_length() - 1
                 if len(raw) > MAX_PREFIXES * _index_bytes(level, bits):
                     raise MalformedMessageError(f"more than {MAX_PREFIXES} prefixes")
+                if leaf_indices and level == tree.depth:
+                    return [], width, digests_only, unpack_indices(level, raw, bits, tree.depth)
                 prefixes = unpack_prefixes(level, raw, bits, tree.depth)
             else:
                 prefixes = [_prefix_tuple(bytes(p)) for p in req.prefixes]
-            return prefixes, int(req.hashBytes), bool(req.digestsOnly)
+            return prefixes, width, digests_only, None
 
     async def _nodes(self, subject: str, data: bytes) -> bytes:
         tree = self.trees[subject].current()
-        prefixes, packed, _ = self._prefixes(subject, data)
+        prefixes, packed, _, _ = self._prefixes(subject, data)
         reply = self.proto.schema.healer.NodeHashesReply.new_message()
         reply.subject = subject
         if packed:
@@ -377,19 +474,25 @@ class HealEndpoints:
 
     async def _leaves(self, subject: str, data: bytes) -> bytes:
         tree = self.trees[subject].current()
-        prefixes, packed, digests_only = self._prefixes(subject, data)
-        leaves = tree.leaves(prefixes)
+        prefixes, packed, digests_only, indices = self._prefixes(subject, data, leaf_indices=True)
         reply = self.proto.schema.healer.LeafItemsReply.new_message()
         reply.subject = subject
         if digests_only:
             w = _width(packed)
             parts: list[bytes] = []
-            for p in prefixes:
-                items = leaves[p]
-                parts.append(len(items).to_bytes(4, "big"))
-                parts.extend(d[-w:] for _, d in items)
+            if indices is not None:
+                answers = [tree.leaf_digests(leaf) for leaf in indices]
+            else:
+                found = tree.leaves(prefixes)
+                answers = [[d for _, d in found[p]] for p in prefixes]
+            for digests in answers:
+                parts.append(len(digests).to_bytes(4, "big"))
+                parts.extend([d[-w:] for d in digests])
             reply.packedItems = b"".join(parts)
             return reply.to_bytes_packed()  # type: ignore[no-any-return]
+        if indices is not None:
+            prefixes = _indices_to_prefixes(indices, tree.fanout.bit_length() - 1, tree.depth)
+        leaves = tree.leaves(prefixes)
         if packed:
             reply.packedItems = pack_leaf_items([leaves[p] for p in prefixes], _width(packed))
             return reply.to_bytes_packed()  # type: ignore[no-any-return]

@@ -8,6 +8,8 @@ the write commands and ``schema check`` are documented in the README.
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import time
 
@@ -23,7 +25,15 @@ from services.worknode._rpc_cli import register_rpc
 @click.group()
 @click.version_option(package_name="worknode")
 def main() -> None:
-    """worknode: replicated state on NATS."""
+    """worknode: replicated state on NATS.
+
+    Logs go to stderr at the level WORKNODE_LOG_LEVEL names (default WARNING; INFO adds a
+    line per heal and per catch-up, DEBUG more)."""
+    level = os.environ.get("WORKNODE_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 main.add_command(schema)

@@ -270,7 +270,7 @@ class Reconciliation:
         self._pending: dict[Side, Request] = {}
         self._node_answers: dict[Side, Mapping[Prefix, bytes] | bytes] = {}
         self._leaf_answers: dict[Side, dict[Prefix, dict[str, bytes]]] = {}
-        self._digest_answers: dict[Side, dict[Prefix, Counter[bytes]]] = {}
+        self._digest_answers: dict[Side, dict[Prefix, list[bytes]]] = {}
         self._left_items: list[tuple[Prefix, bytes]] = []
         self._right_items: list[tuple[Prefix, bytes]] = []
         self._result: Diff | None = None
@@ -430,14 +430,14 @@ class Reconciliation:
             raise InvalidArgumentError(
                 f"the {side.value} side must answer exactly the leaves asked"
             )
-        parsed: dict[Prefix, Counter[bytes]] = {}
+        parsed: dict[Prefix, list[bytes]] = {}
         for prefix in request.prefixes:
             digests = leaves[prefix]
             if isinstance(digests, (bytes, str)) or not all(
                 isinstance(d, bytes) and d for d in digests
             ):
                 raise InvalidArgumentError("leaf item digests are non-empty bytes")
-            parsed[prefix] = Counter(digests)
+            parsed[prefix] = list(digests)
         self._digest_answers[side] = parsed
         del self._pending[side]
         if not self._pending:
@@ -534,14 +534,33 @@ class Reconciliation:
             raise InvalidArgumentError("both sides answer a leaf round in the same form")
         left = self._digest_answers.pop(Side.LEFT)
         right = self._digest_answers.pop(Side.RIGHT)
+        left_items, right_items = self._left_items, self._right_items
+        compared = 0
         for prefix in prefixes:
             lhs, rhs = left[prefix], right[prefix]
-            self._items_compared += max(lhs.total(), rhs.total())
-            if lhs == rhs:
+            compared += max(len(lhs), len(rhs))
+            # Multisets per leaf; the common shapes (a side empty, one item each) without
+            # building counters: dense differences make these most leaves.
+            if not lhs or not rhs:
+                if not lhs and not rhs:
+                    self._inconsistent.append(prefix)
+                left_items.extend([(prefix, d) for d in lhs])
+                right_items.extend([(prefix, d) for d in rhs])
+                continue
+            if len(lhs) == 1 and len(rhs) == 1:
+                if lhs[0] == rhs[0]:
+                    self._inconsistent.append(prefix)
+                else:
+                    left_items.append((prefix, lhs[0]))
+                    right_items.append((prefix, rhs[0]))
+                continue
+            lc, rc = Counter(lhs), Counter(rhs)
+            if lc == rc:
                 self._inconsistent.append(prefix)
                 continue
-            self._left_items.extend((prefix, d) for d in (lhs - rhs).elements())
-            self._right_items.extend((prefix, d) for d in (rhs - lhs).elements())
+            left_items.extend((prefix, d) for d in (lc - rc).elements())
+            right_items.extend((prefix, d) for d in (rc - lc).elements())
+        self._items_compared += compared
         self._advance(())
 
     def _finish(self) -> None:

@@ -567,6 +567,15 @@ class MerkleTree:
         return self.leaf_range_items(index << (self._bits * (self._depth - level)),
                                      (index + 1) << (self._bits * (self._depth - level)))
 
+    def leaf_digests(self, leaf: int) -> list[bytes]:
+        """The item digests of leaf number ``leaf`` (0 <= leaf < leaf_count), in key order."""
+        if type(leaf) is not int or not 0 <= leaf < self.leaf_count:
+            raise InvalidArgumentError(f"leaf lies in [0, {self.leaf_count}), got {leaf!r}")
+        items = self._leaf(leaf)
+        if len(items) < 2:
+            return list(items.values())
+        return [items[k] for k in sorted(items)]
+
     def leaf_range_items(self, lo: int, hi: int) -> list[tuple[str, bytes]]:
         """The items of the leaves with index in ``[lo, hi)``, sorted by key."""
         if hi - lo == 1:

@@ -635,9 +635,11 @@ class MemoryTransport:
         timeout: float,  # noqa: ASYNC109 - the collection window
         max_replies: int = 0,
         idle: float = 0.0,
+        min_replies: int = 0,
     ) -> list[Msg]:
         """Send a request and collect every reply within ``timeout`` seconds (or until
-        ``max_replies``, or once ``idle`` seconds pass after a reply without another);
+        ``max_replies``, or once ``idle`` seconds pass without another reply after at least
+        ``max(1, min_replies)``);
         an empty list when nobody answers."""
         if not timeout > 0:
             raise InvalidArgumentError(f"timeout must be > 0, got {timeout!r}")
@@ -659,7 +661,7 @@ class MemoryTransport:
             if self._network._route(self, Msg(subject, data, inbox, hdrs)):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
-                        await until_enough_or_idle(enough, arrived, replies, idle)
+                        await until_enough_or_idle(enough, arrived, replies, idle, min_replies)
         finally:
             await sub.unsubscribe()
         return replies

@@ -284,13 +284,19 @@ class GenericService:
 
 
 async def discover(
-    transport: Any, name: str, *, timeout: float = 0.5, idle: float = 0.0  # noqa: ASYNC109
+    transport: Any,
+    name: str,
+    *,
+    timeout: float = 0.5,  # noqa: ASYNC109
+    idle: float = 0.0,
+    min_replies: int = 0,
 ) -> list[ServiceInfo]:
     """Every instance of service ``name`` that answers ``$SRV.INFO.<name>`` within
     ``timeout`` seconds (the transport must offer ``request_many``); with ``idle``, the
-    ones that answer before a pause of ``idle`` seconds between replies."""
+    ones that answer before a pause of ``idle`` seconds between replies once at least
+    ``min_replies`` answered (say, as many as last time)."""
     replies: list[Msg] = await transport.request_many(
-        f"$SRV.INFO.{name}", b"", timeout=timeout, idle=idle
+        f"$SRV.INFO.{name}", b"", timeout=timeout, idle=idle, min_replies=min_replies
     )
     out = []
     for reply in replies:

@@ -650,9 +650,11 @@ class NatsTransport:
         timeout: float,  # noqa: ASYNC109 - the collection window
         max_replies: int = 0,
         idle: float = 0.0,
+        min_replies: int = 0,
     ) -> list[Msg]:
         """Send a request and collect every reply within ``timeout`` seconds (or until
-        ``max_replies``, or once ``idle`` seconds pass after a reply without another);
+        ``max_replies``, or once ``idle`` seconds pass without another reply after at least
+        ``max(1, min_replies)``);
         an empty list when nobody answers (discovery uses this)."""
         if not timeout > 0:
             raise InvalidArgumentError(f"timeout must be > 0, got {timeout!r}")
@@ -675,7 +677,7 @@ class NatsTransport:
                 await nc.publish(subject, data, reply=inbox)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
-                        await until_enough_or_idle(enough, arrived, replies, idle)
+                        await until_enough_or_idle(enough, arrived, replies, idle, min_replies)
             finally:
                 with contextlib.suppress(nats.errors.Error):
                     await sub.unsubscribe()

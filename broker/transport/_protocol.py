@@ -267,9 +267,11 @@ class Transport(Protocol):
         timeout: float,  # noqa: ASYNC109 - the collection window
         max_replies: int = 0,
         idle: float = 0.0,
+        min_replies: int = 0,
     ) -> list[Msg]:
         """Send a request and collect every reply within ``timeout`` (discovery); with
-        ``idle``, stop early once no reply has come for ``idle`` seconds after the last one."""
+        ``idle``, stop early once at least ``min_replies`` (and at least one) replies came
+        and no other followed for ``idle`` seconds."""
         ...
 
     async def add_service(
@@ -294,14 +296,18 @@ class Transport(Protocol):
 
 
 async def until_enough_or_idle(
-    enough: asyncio.Event, arrived: asyncio.Event, replies: list[Msg], idle: float
+    enough: asyncio.Event,
+    arrived: asyncio.Event,
+    replies: list[Msg],
+    idle: float,
+    min_replies: int = 0,
 ) -> None:
     """``request_many``'s collection wait, shared by the transports: return when
-    ``enough`` is set, or (``idle`` > 0) once a reply came and no other followed within
-    ``idle`` seconds; the caller bounds the whole wait."""
+    ``enough`` is set, or (``idle`` > 0) once ``max(1, min_replies)`` replies came and no
+    other followed within ``idle`` seconds; the caller bounds the whole wait."""
     while not enough.is_set():
         arrived.clear()
-        if replies and idle > 0:
+        if idle > 0 and len(replies) >= max(1, min_replies):
             try:
                 async with asyncio.timeout(idle):
                     await arrived.wait()

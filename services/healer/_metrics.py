@@ -48,6 +48,11 @@ class HealerMetrics:
         self.failures = Counter("worknode_heal_failures_total",
                                 "Heals that failed (a replica unreachable, a bad reply).",
                                 ["subject"], registry=r)
+        self.loop_errors = Counter(
+            "worknode_heal_loop_errors_total",
+            "Heal loop passes that failed outside any subject's heal (discovery); retried.",
+            registry=r,
+        )
         for s in subjects:  # pre-create series so dashboards see zeros, not gaps
             for outcome in ("converged", "in_sync", "still_moving", "failed"):
                 self.heals.labels(s, outcome)

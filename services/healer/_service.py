@@ -36,6 +36,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Final
 
 from broker.codec import REPORT_DOMAIN, Signer, TrustRoster, WireCodec
 from broker.crdt import ORMap
@@ -73,6 +74,11 @@ class HealOutcome:
     duration_s: float = 0.0
     converged: bool = False
     published: bool = False
+    # where the time went (seconds): root requests, identification, fetch + push of states
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+
+PHASES: Final[tuple[str, ...]] = ("roots", "identify", "repair")
 
 
 async def _none() -> None:
@@ -99,10 +105,12 @@ class HealerService:
         self.codec = WireCodec()
         self._task: asyncio.Task[None] | None = None
         self._membership: frozenset[tuple[str, str]] = frozenset()
+        self._answers = 0  # replica services (any namespace) that answered the last discovery
+        self._forced = False  # trigger(): heal at the next wake whatever the membership
+        self.failed_subjects: list[str] = []  # subjects whose heal failed in the last pass
         self._wake = asyncio.Event()
         self._metrics_http = MetricsEndpoint()
         self.reports: list[HealOutcome] = []
-        self._failed = False
         self._lock = asyncio.Lock()
         self._running = False
         self._agreed: dict[str, bytes] = {}  # subject -> the root all replicas last agreed on
@@ -170,33 +178,54 @@ class HealerService:
         next_heal = 0.0
         while True:
             try:
-                members = await self._discover()
+                # A poll ends discover_idle_s after the last answer once as many replicas
+                # answered as last time, so a replica that comes back (a healed partition)
+                # is healed at once; a scheduled or triggered heal waits the whole
+                # discover_timeout_s, so a replica that always answers late is found then.
+                due = self._forced or time.monotonic() >= next_heal
+                members = await self._discover(
+                    idle=0.0 if due else s.discover_idle_s, min_replies=self._answers
+                )
                 changed = frozenset((m[0], m[1]) for m in members) != self._membership
-                if changed or time.monotonic() >= next_heal:
+                if changed or due:
+                    self._forced = False
                     self._membership = frozenset((m[0], m[1]) for m in members)
                     outcomes = await self.heal_all(members)
                     # A failed heal, or one still moving, is retried soon, not an interval later.
-                    settled = all(o.converged for o in outcomes) and not self._failed
+                    settled = all(o.converged for o in outcomes) and not self.failed_subjects
                     next_heal = time.monotonic() + (s.interval_s if settled else s.retry_s)
             except WorknodeError as exc:
+                self.metrics.loop_errors.inc()
+                next_heal = min(next_heal, time.monotonic() + s.retry_s)
                 log.warning("heal loop: %s", exc)
+            except Exception:  # a bug must not end healing for good: logged, counted, retried
+                self.metrics.loop_errors.inc()
+                next_heal = min(next_heal, time.monotonic() + s.retry_s)
+                log.exception("heal loop: unexpected error")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(s.membership_poll_s):
                     await self._wake.wait()
             self._wake.clear()
 
     def trigger(self) -> None:
-        """Heal at once (as after a membership change)."""
+        """Heal every subject at once (as after a membership change), with a full discovery."""
+        self._forced = True
         self._wake.set()
 
-    async def _discover(self) -> list[tuple[str, str, list[str]]]:
-        """``(node, service id, subjects)`` of every replica service in the namespace."""
+    async def _discover(
+        self, idle: float = 0.0, min_replies: int = 0
+    ) -> list[tuple[str, str, list[str]]]:
+        """``(node, service id, subjects)`` of every replica service in the namespace, waiting
+        ``discover_timeout_s`` for answers, or (``idle``) until ``idle`` seconds pass without
+        another answer once ``min_replies`` came."""
         assert self.transport is not None
         out = []
         s = self.settings
         found = await discover(
-            self.transport, REPLICA_SERVICE, timeout=s.discover_timeout_s, idle=s.discover_idle_s
+            self.transport, REPLICA_SERVICE, timeout=s.discover_timeout_s, idle=idle,
+            min_replies=min_replies,
         )
+        self._answers = len(found)
         for info in found:
             if info.metadata.get("namespace") != self.settings.namespace:
                 continue
@@ -207,7 +236,9 @@ class HealerService:
     async def heal_all(
         self, members: list[tuple[str, str, list[str]]] | None = None
     ) -> list[HealOutcome]:
-        """Heal every subject (of the configured ones, or all served) once."""
+        """Heal every subject (of the configured ones, or all served) once. Without
+        ``members``, discovery waits the whole ``discover_timeout_s``: a one-shot heal has no
+        next poll to find a replica that answered late."""
         if members is None:
             members = await self._discover()
         by_subject: dict[str, list[str]] = {}
@@ -216,19 +247,22 @@ class HealerService:
                 if not self.settings.subjects or subject in self.settings.subjects:
                     by_subject.setdefault(subject, []).append(node)
         outcomes = []
-        self._failed = False
+        self.failed_subjects = []
         for subject, nodes in sorted(by_subject.items()):
             self.metrics.replicas.labels(self.metrics.label(subject)).set(len(nodes))
             if len(nodes) < 2:
                 continue
             try:
                 outcomes.append(await self.heal_subject(subject, sorted(nodes)))
-            except WorknodeError as exc:
-                self._failed = True
+            except Exception as exc:  # counted, logged; the loop retries after retry_s
+                self.failed_subjects.append(subject)
                 label = self.metrics.label(subject)
                 self.metrics.failures.labels(label).inc()
                 self.metrics.heals.labels(label, "failed").inc()
-                log.warning("heal of %s failed: %s", subject, exc)
+                if isinstance(exc, WorknodeError):
+                    log.warning("heal of %s failed: %s", subject, exc)
+                else:
+                    log.exception("heal of %s failed: unexpected error", subject)
         return outcomes
 
     # -- one subject -------------------------------------------------------------------------
@@ -270,6 +304,7 @@ class HealerService:
         roots = await self._roots(client, subject, nodes, width)
         waves = 1
         out = HealOutcome(subject, nodes, [roots[n].root for n in nodes])
+        out.phases["roots"] = time.monotonic() - t0
         for _ in range(self.settings.max_rounds):
             if len({(r.root, r.count) for r in roots.values()}) == 1:
                 out.converged = True
@@ -297,7 +332,7 @@ class HealerService:
                         )
                     continue
                 found, repaired, trips = await self._pair(
-                    client, subject, roots[hub], other, hub_group, members
+                    client, subject, roots[hub], other, hub_group, members, out.phases
                 )
                 found_any = found_any or found > 0
                 if out.rounds == 1:
@@ -307,7 +342,9 @@ class HealerService:
             # A round that found nothing while roots differ may have met a collision of cut
             # values (or writes racing it): the next round compares whole values.
             width = self.settings.hash_bytes if found_any else HASH_SIZE
+            t1 = time.monotonic()
             roots = await self._roots(client, subject, nodes, width)
+            out.phases["roots"] += time.monotonic() - t1
             waves += 1
         else:
             out.converged = len({(r.root, r.count) for r in roots.values()}) == 1
@@ -320,6 +357,15 @@ class HealerService:
         out.duration_s = time.monotonic() - t0
         self._record(out)
         if out.rounds:
+            log.info(
+                "heal of %s: %d replicas, %d keys differed, %d pushed, %d waves, %d bytes, "
+                "%.0f ms (roots %.0f, identify %.0f, repair %.0f), %s",
+                subject, len(nodes), out.divergent_keys, out.keys_repaired, out.round_trips,
+                out.bytes_sent, out.duration_s * 1000,
+                *(out.phases[p] * 1000 for p in PHASES),
+                "converged" if out.converged else "NOT converged",
+            )
+        if out.rounds:
             await self._publish_report(out)
         return out
 
@@ -331,20 +377,43 @@ class HealerService:
         right: RootView,
         left_group: list[str],
         right_group: list[str],
+        phases: dict[str, float],
     ) -> tuple[int, int, int]:
         """Reconcile ``left`` with ``right``; push the repairs to every member of their
         groups (replicas holding the same items). Returns (keys found, keys pushed, waves)."""
         item_width = self.settings.item_bytes if left.width < HASH_SIZE else 0
+        t0 = time.monotonic()
         result = await client.identify(subject, left, right, self.secret, item_width)
+        phases["identify"] += time.monotonic() - t0
         await self._throttle(client)
         waves = result.round_trips
-        if result.left_items or result.right_items:
-            found, pushed, more = await self._repair_items(
-                client, subject, left, right, left_group, right_group, result, item_width
+        t0 = time.monotonic()
+        try:
+            if result.left_items or result.right_items:
+                found, pushed, more = await self._repair_items(
+                    client, subject, left, right, left_group, right_group, result, item_width
+                )
+                return found, pushed, waves + more
+            pushed, more = await self._repair_keys(
+                client, subject, left, right, left_group, right_group, list(result.keys)
             )
-            return found, pushed, waves + more
-        keys = list(result.keys)
-        pushed = 0
+            return len(result.keys), pushed, waves + more
+        finally:
+            phases["repair"] += time.monotonic() - t0
+
+    async def _repair_keys(
+        self,
+        client: HealClient,
+        subject: str,
+        left: RootView,
+        right: RootView,
+        left_group: list[str],
+        right_group: list[str],
+        keys: list[str],
+    ) -> tuple[int, int]:
+        """Repair ``keys`` (a whole-values reconciliation names them): fetch both sides'
+        entries, push the repairs to both groups. Returns (entries pushed, waves)."""
+        pushed = waves = 0
         batch = self.settings.fetch_batch
         for i in range(0, len(keys), batch):
             chunk = keys[i : i + batch]
@@ -361,7 +430,7 @@ class HealerService:
             pushed += await client.apply_all(subject, pushes)
             waves += 2 if pushes else 1
             await self._throttle(client)
-        return len(keys), pushed, waves
+        return pushed, waves
 
     async def _repair_items(
         self,

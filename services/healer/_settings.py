@@ -39,10 +39,12 @@ class HealerSettings(BaseSettings):
         0.3, gt=0, description="Discovery: how long to wait for replicas' answers at most."
     )
     discover_idle_s: float = Field(
-        0.0, ge=0, description=(
-            "Discovery ends this long after the last answer (0, the default: always wait "
-            "discover_timeout_s); a replica answering later is missed until the next poll, "
-            "so a one-shot heal (`worknode up`) may leave it out."
+        0.05, ge=0, description=(
+            "A membership poll of the heal loop ends this long after the last answer once at "
+            "least as many replicas answered as last time (0: always wait discover_timeout_s), "
+            "so a returning replica is healed at once. Scheduled and triggered heals, and "
+            "one-shot heals (`worknode healer --once`, `worknode up`), wait the whole "
+            "discover_timeout_s."
         ),
     )
     retry_s: float = Field(1.0, gt=0, description="Retry delay after a failed or partial heal.")

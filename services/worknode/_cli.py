@@ -387,6 +387,10 @@ def register(main: click.Group) -> None:
                             f"{out.duration_s * 1000:.0f} ms, "
                             f"{'converged' if out.converged else 'NOT converged'}"
                         )
+                    if svc.failed_subjects:
+                        click.echo(f"heal failed for: {', '.join(svc.failed_subjects)} "
+                                   "(see the log)", err=True)
+                        raise SystemExit(1)
                     return
                 stop = asyncio.Event()
                 loop = asyncio.get_running_loop()

@@ -14,7 +14,9 @@ Each scenario prints its convergence time after the network heals (``pytest -s``
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -27,7 +29,6 @@ from broker.codec import Signer, TrustRoster, WireCodec
 from broker.crdt import ORMap
 from broker.repair import key_digests
 from broker.transport import NatsTransport, delta_subject
-from services.healer import HealerService, HealerSettings
 from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
 
 SUBJECT = "orders"
@@ -35,9 +36,59 @@ pytestmark = pytest.mark.slow
 
 
 @asynccontextmanager
+async def _healer_process(
+    tmp: Path, cluster: NatsCluster, server: int, secret: Path, keys: dict[str, bytes]
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``worknode healer`` in its own process, as deployed (its CPU apart from the replicas'
+    process); stopped with SIGTERM (SIGKILL if it lingers) even if the test fails."""
+    roster_file = tmp / "roster.json"
+    roster_file.write_text(json.dumps({n: k.hex() for n, k in keys.items()}))
+    config = tmp / "healer.toml"
+    config.write_text("\n".join([
+        f"nats_urls = [{json.dumps(cluster.urls[server])}]",
+        f"state_dir = {json.dumps(str(tmp / 'healer'))}",
+        f"cluster_secret_file = {json.dumps(str(secret))}",
+        f"roster_file = {json.dumps(str(roster_file))}",
+        f"subjects = [{json.dumps(SUBJECT)}]",
+        "metrics_port = 0",
+        "interval_s = 3600",
+        "membership_poll_s = 0.25",
+        "fetch_batch = 5000",
+    ]) + "\n")
+    log = tmp / "healer.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from services.cli import main; main()",
+            "healer", "--config", str(config),
+            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+            env={**os.environ, "WORKNODE_LOG_LEVEL": "INFO"},
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while b"metrics on port" not in log.read_bytes():
+            assert proc.returncode is None, f"the healer exited: {log.read_text()}"
+            assert time.monotonic() < deadline, f"the healer did not start: {log.read_text()}"
+            await asyncio.sleep(0.05)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        # With -s: what the healer did (one line per heal that repaired something).
+        for line in log.read_text(errors="replace").splitlines():
+            if "heal of" in line or "Error" in line:
+                print(f"  healer: {line}")
+
+
+@asynccontextmanager
 async def _deploy(
     tmp: Path, cluster: NatsCluster, placement: dict[str, int], healer_server: int
-) -> AsyncIterator[tuple[dict[str, WorknodeService], HealerService, TrustRoster]]:
+) -> AsyncIterator[dict[str, WorknodeService]]:
+    """Worknodes in this process (each on its server), the healer in its own process."""
     secret = tmp / "cluster.secret"
     secret.write_bytes(os.urandom(32))
     settings = {
@@ -48,24 +99,16 @@ async def _deploy(
         )
         for name, server in placement.items()
     }
-    hs = HealerSettings(
-        nats_urls=[cluster.urls[healer_server]], state_dir=tmp / "healer",
-        cluster_secret_file=secret, subjects=[SUBJECT], metrics_port=None,
-        interval_s=3600, membership_poll_s=0.25, fetch_batch=2000,
-    )
-    roster = TrustRoster(
-        {n: load_or_create_signer(n, s.key_path()).public_key for n, s in settings.items()}
-    )
-    roster.add("healer", load_or_create_signer("healer", hs.key_path()).public_key)
+    keys = {n: load_or_create_signer(n, s.key_path()).public_key for n, s in settings.items()}
+    keys["healer"] = load_or_create_signer("healer", tmp / "healer" / "healer.key").public_key
+    roster = TrustRoster(keys)
     services = {n: WorknodeService(s, roster=roster) for n, s in settings.items()}
-    healer = HealerService(hs, roster=roster)
     try:
         for svc in services.values():
             await svc.start()
-        await healer.start()
-        yield services, healer, roster
+        async with _healer_process(tmp, cluster, healer_server, secret, keys):
+            yield services
     finally:
-        await healer.stop()
         for svc in services.values():
             await svc.stop()
 
@@ -108,7 +151,7 @@ async def _converge(services: dict[str, WorknodeService], timeout: float = 60.0)
 
 async def test_scenario_1_clean_split(tmp_path: Path, nats_cluster: NatsCluster) -> None:
     placement = {"n1": 0, "n2": 0, "n3": 0, "n4": 1, "n5": 1, "n6": 2}
-    async with _deploy(tmp_path, nats_cluster, placement, healer_server=1) as (svcs, _, _):
+    async with _deploy(tmp_path, nats_cluster, placement, healer_server=1) as svcs:
         nats_cluster.partition([{0}, {1, 2}])
         per = 10_000 // 6 + 1
         written = await asyncio.gather(*(_write_keys(s, n, per) for n, s in svcs.items()))
@@ -133,7 +176,7 @@ async def test_scenario_2_minority_fast_forwards(
     tmp_path: Path, nats_cluster: NatsCluster
 ) -> None:
     placement = {"n1": 0, "n2": 0, "n3": 1, "n4": 1, "n5": 0, "n6": 2}
-    async with _deploy(tmp_path, nats_cluster, placement, healer_server=0) as (svcs, _, _):
+    async with _deploy(tmp_path, nats_cluster, placement, healer_server=0) as svcs:
         nats_cluster.partition([{0, 1}, {2}])
         majority = [n for n in svcs if n != "n6"]
         written = await asyncio.gather(*(_write_keys(svcs[n], n, 400) for n in majority))
@@ -152,7 +195,7 @@ async def test_scenario_3_byzantine_writes_are_refused_and_never_spread(
     tmp_path: Path, nats_cluster: NatsCluster
 ) -> None:
     placement = {"n1": 0, "n2": 1, "n3": 2}
-    async with _deploy(tmp_path, nats_cluster, placement, healer_server=0) as (svcs, _, _):
+    async with _deploy(tmp_path, nats_cluster, placement, healer_server=0) as svcs:
         nats_cluster.partition([{0, 1}, {2}])
         subject = delta_subject("default", SUBJECT)
         codec = WireCodec()

@@ -4,8 +4,10 @@ report is signed and published, and forged repairs are refused."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -173,3 +175,104 @@ async def test_signed_envelopes_cannot_be_replayed_for_another_purpose(
         assert err.value.code == "400"
         assert "replayed" in err.value.description
         assert a.replica(SUBJECT).state.context.size() == 0  # a claims none of x's dots
+
+
+async def test_the_loop_keeps_a_replica_that_always_answers_late(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """Membership polls end ``discover_idle_s`` after the last answer, but only once as many
+    replicas answered as last time: a replica that always answers later than the others
+    stays a member (no heal at every poll), and a new one is healed at once."""
+    nodes, hs, roster = _setup(tmp_path, nats_server.url, ["a", "b"])
+    hs = hs.model_copy(update={"membership_poll_s": 0.05, "discover_idle_s": 0.05,
+                               "discover_timeout_s": 1.0})
+    svcs = [WorknodeService(s, roster=roster) for s in nodes]
+
+    async def slow_info(msg: Msg) -> None:
+        await asyncio.sleep(0.3)  # much later than the idle pause after the others
+        doc = {"name": "worknode-replica", "id": "slow-1", "version": "1.0.0",
+               "metadata": {"namespace": "default", "node": "slow", "subjects": ""}}
+        await peer.respond(msg, json.dumps(doc).encode())
+
+    try:
+        for svc in svcs:
+            await svc.start()
+        async with NatsTransport([nats_server.url], name="slow") as peer:
+            await peer.subscribe("$SRV.INFO.worknode-replica", slow_info)
+            await peer.flush()
+            async with HealerService(hs, roster=roster) as healer:
+                for _ in range(100):  # the first heal waits the whole timeout: all 3 found
+                    if healer.reports:
+                        break
+                    await asyncio.sleep(0.05)
+                assert {m[0] for m in healer._membership} == {"a", "b", "slow"}
+                await asyncio.sleep(1.5)  # several polls
+                assert len(healer.reports) == 1, "membership flapped: the late replica was lost"
+                assert {m[0] for m in healer._membership} == {"a", "b", "slow"}
+                # A new replica is healed at the next poll, without waiting for the interval.
+                newcomer = WorknodeService(
+                    nodes[0].model_copy(update={"node_id": "c", "state_dir": tmp_path / "c"}),
+                    roster=roster,
+                )
+                roster.add("c", load_or_create_signer("c", newcomer.settings.key_path())
+                           .public_key)
+                svcs.append(newcomer)
+                await newcomer.start()
+                for _ in range(100):
+                    if len(healer.reports) > 1:
+                        break
+                    await asyncio.sleep(0.05)
+                assert healer.reports[-1].replicas == ["a", "b", "c"]
+    finally:
+        for svc in svcs:
+            await svc.stop()
+
+
+async def test_an_unexpected_error_is_counted_and_the_loop_heals_on(
+    tmp_path: Path, nats_server: EmbeddedNatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in one heal (or in discovery) is logged with its traceback and counted; the
+    healer retries after ``retry_s`` instead of dying silently."""
+    nodes, hs, roster = _setup(tmp_path, nats_server.url, ["a", "b"])
+    hs = hs.model_copy(update={"membership_poll_s": 0.05, "retry_s": 0.1})
+    svcs = [WorknodeService(s, roster=roster) for s in nodes]
+    try:
+        for svc in svcs:
+            await svc.start()
+        await svcs[0].replica(SUBJECT).write(
+            lambda t, r, ts: t.state.assign(r, ("k", "v"), 1, ts), Consistency.LOCAL
+        )
+        healer = HealerService(hs, roster=roster)
+        real_heal, real_discover = healer._heal_subject, healer._discover
+        faults = {"heal": 1, "discover": 1}
+
+        async def flaky_heal(subject: str, names: list[str]) -> Any:
+            if faults["heal"]:
+                faults["heal"] -= 1
+                raise RuntimeError("bug in a heal")
+            return await real_heal(subject, names)
+
+        async def flaky_discover(*args: Any, **kw: Any) -> Any:
+            if faults["discover"]:
+                faults["discover"] -= 1
+                raise KeyError("bug in discovery")
+            return await real_discover(*args, **kw)
+
+        healer._heal_subject = flaky_heal  # type: ignore[method-assign]
+        healer._discover = flaky_discover  # type: ignore[method-assign]
+        async with healer:
+            for _ in range(200):
+                if any(o.converged and o.rounds for o in healer.reports):
+                    break
+                await asyncio.sleep(0.02)
+            assert any(o.converged and o.rounds for o in healer.reports)
+            m = healer.metrics
+            assert m.loop_errors._value.get() == 1
+            assert m.failures.labels(SUBJECT)._value.get() == 1
+            assert m.heals.labels(SUBJECT, "failed")._value.get() == 1
+        assert "bug in a heal" in caplog.text
+        assert "bug in discovery" in caplog.text
+        assert "k" in svcs[1].replica(SUBJECT).state
+    finally:
+        for svc in svcs:
+            await svc.stop()

@@ -524,3 +524,6 @@ async def test_request_many_with_idle_stops_after_a_pause(pair):
     everyone = await a.request_many("svc.who", b"", timeout=1.0)
     assert sorted(m.data for m in everyone) == [b"late", b"prompt", b"prompt"]
     assert await a.request_many("svc.nobody", b"", timeout=0.05, idle=0.01) == []
+    # With min_replies, the pause counts only once that many answered: the late one is kept.
+    waited = await a.request_many("svc.who", b"", timeout=5.0, idle=0.05, min_replies=3)
+    assert sorted(m.data for m in waited) == [b"late", b"prompt", b"prompt"]
