@@ -8,41 +8,109 @@
    key, bad signature, a valid signature over a tampered payload); none is applied, and
    healing never spreads them.
 
-Each scenario prints its convergence time after the network heals (``pytest -s``).
+As deployed, every worknode runs in its own process (``tests/chaos/_node.py``, driven over
+its stdin/stdout) and so does the healer (``worknode healer``); every process is stopped even
+if the test fails. Each scenario prints its convergence time after the network heals
+(``pytest -s``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from broker.chaos import NatsCluster
-from broker.codec import Signer, TrustRoster, WireCodec
+from broker.codec import Signer, WireCodec
 from broker.crdt import ORMap
-from broker.repair import key_digests
 from broker.transport import NatsTransport, delta_subject
-from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
+from services.worknode import WorknodeSettings, load_or_create_signer
 
 SUBJECT = "orders"
 pytestmark = pytest.mark.slow
 
 
+class Node:
+    """A worknode process (``tests/chaos/_node.py``): one request at a time."""
+
+    def __init__(self, name: str, settings: WorknodeSettings, proc: asyncio.subprocess.Process,
+                 log: Path) -> None:
+        self.name, self.settings, self.proc, self.log = name, settings, proc, log
+        self._lock = asyncio.Lock()
+
+    async def call(self, op: str, **args: Any) -> Any:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        async with self._lock:
+            self.proc.stdin.write((json.dumps({"op": op, **args}) + "\n").encode())
+            await self.proc.stdin.drain()
+            line = await asyncio.wait_for(self.proc.stdout.readline(), 60)
+        assert line, f"node {self.name} exited: {self.log.read_text(errors='replace')[-2000:]}"
+        reply = json.loads(line)
+        assert "error" not in reply, f"node {self.name}: {reply['error']}"
+        return reply
+
+    async def write(self, n: int) -> list[str]:
+        """Write ``n`` registers (key = value), acknowledged; their keys."""
+        await self.call("write", prefix=self.name, n=n)
+        return [f"{self.name}-{i:05d}" for i in range(n)]
+
+    async def size(self) -> int:
+        return int((await self.call("size"))["size"])
+
+    async def root(self) -> str:
+        return str((await self.call("root"))["root"])
+
+
+@asynccontextmanager
+async def _node_process(name: str, settings: WorknodeSettings, roster_file: Path
+                        ) -> AsyncIterator[Node]:
+    """Start a worknode process and wait until it serves; stop it (SIGKILL if it lingers)
+    even if the test fails."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    settings_file = settings.state_dir / "settings.json"
+    settings_file.write_text(settings.model_dump_json())
+    log = settings.state_dir / "node.log"
+    with log.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.chaos._node", str(settings_file), str(roster_file),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
+            limit=1 << 26,  # a digests reply is one long line
+        )
+    node = Node(name, settings, proc, log)
+    try:
+        assert proc.stdout is not None
+        ready = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert ready, f"node {name} did not start: {log.read_text(errors='replace')[-2000:]}"
+        yield node
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(OSError):  # already gone: a broken pipe
+                assert proc.stdin is not None
+                proc.stdin.write(b'{"op": "stop"}\n')
+                await proc.stdin.drain()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
 @asynccontextmanager
 async def _healer_process(
-    tmp: Path, cluster: NatsCluster, server: int, secret: Path, keys: dict[str, bytes]
+    tmp: Path, cluster: NatsCluster, server: int, secret: Path, roster_file: Path
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """``worknode healer`` in its own process, as deployed (its CPU apart from the replicas'
     process); stopped with SIGTERM (SIGKILL if it lingers) even if the test fails."""
-    roster_file = tmp / "roster.json"
-    roster_file.write_text(json.dumps({n: k.hex() for n, k in keys.items()}))
     config = tmp / "healer.toml"
     config.write_text("\n".join([
         f"nats_urls = [{json.dumps(cluster.urls[server])}]",
@@ -87,8 +155,8 @@ async def _healer_process(
 @asynccontextmanager
 async def _deploy(
     tmp: Path, cluster: NatsCluster, placement: dict[str, int], healer_server: int
-) -> AsyncIterator[dict[str, WorknodeService]]:
-    """Worknodes in this process (each on its server), the healer in its own process."""
+) -> AsyncIterator[dict[str, Node]]:
+    """A worknode process per node (each on its server) and a healer process."""
     secret = tmp / "cluster.secret"
     secret.write_bytes(os.urandom(32))
     settings = {
@@ -101,106 +169,94 @@ async def _deploy(
     }
     keys = {n: load_or_create_signer(n, s.key_path()).public_key for n, s in settings.items()}
     keys["healer"] = load_or_create_signer("healer", tmp / "healer" / "healer.key").public_key
-    roster = TrustRoster(keys)
-    services = {n: WorknodeService(s, roster=roster) for n, s in settings.items()}
-    try:
-        for svc in services.values():
-            await svc.start()
-        async with _healer_process(tmp, cluster, healer_server, secret, keys):
-            yield services
-    finally:
-        for svc in services.values():
-            await svc.stop()
+    roster_file = tmp / "roster.json"
+    roster_file.write_text(json.dumps({n: k.hex() for n, k in keys.items()}))
+    async with AsyncExitStack() as stack:
+        nodes = await asyncio.gather(*(
+            stack.enter_async_context(_node_process(n, s, roster_file))
+            for n, s in settings.items()
+        ))
+        await stack.enter_async_context(
+            _healer_process(tmp, cluster, healer_server, secret, roster_file)
+        )
+        yield {n.name: n for n in nodes}
 
 
-async def _write_keys(svc: WorknodeService, prefix: str, n: int) -> list[str]:
-    r = svc.replica(SUBJECT)
-    keys = [f"{prefix}-{i:05d}" for i in range(n)]
-    for i in range(0, n, 100):
-        await r.write_many([
-            lambda t, rid, ts, k=k: t.state.assign(rid, (k, "v"), k, ts) for k in keys[i : i + 100]
-        ])
-    await r.flush()
-    return keys
-
-
-async def _eventually(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+async def _eventually(cond: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
-    while not cond():
+    while not await cond():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
 
 
-def _root(svc: WorknodeService) -> bytes:
-    assert svc.heal_endpoints is not None
-    return svc.heal_endpoints.trees[SUBJECT].current().root()  # incremental: cheap to poll
-
-
-async def _converge(services: dict[str, WorknodeService], timeout: float = 60.0) -> float:
+async def _converge(nodes: dict[str, Node], timeout: float = 60.0) -> float:
     """Seconds until every replica holds the same entries (Merkle roots polled), checked
     once more with full per-key digests at the end."""
     t0 = time.monotonic()
-    while len({_root(s) for s in services.values()}) > 1:
+    while len(set(await asyncio.gather(*(n.root() for n in nodes.values())))) > 1:
         assert time.monotonic() - t0 < timeout, "replicas did not converge after the heal"
         await asyncio.sleep(0.05)
     seconds = time.monotonic() - t0
-    digests = [key_digests(s.replica(SUBJECT).state) for s in services.values()]
+    digests = [(await n.call("digests"))["digests"] for n in nodes.values()]
     assert all(d == digests[0] for d in digests)
     return seconds
 
 
 async def test_scenario_1_clean_split(tmp_path: Path, nats_cluster: NatsCluster) -> None:
     placement = {"n1": 0, "n2": 0, "n3": 0, "n4": 1, "n5": 1, "n6": 2}
-    async with _deploy(tmp_path, nats_cluster, placement, healer_server=1) as svcs:
+    async with _deploy(tmp_path, nats_cluster, placement, healer_server=1) as nodes:
         nats_cluster.partition([{0}, {1, 2}])
         per = 10_000 // 6 + 1
-        written = await asyncio.gather(*(_write_keys(s, n, per) for n, s in svcs.items()))
+        written = await asyncio.gather(*(n.write(per) for n in nodes.values()))
         acked = [k for ks in written for k in ks]
         assert len(acked) >= 10_000
         # Each side converges on its own writes, and only those.
-        await _eventually(lambda: len(svcs["n1"].replica(SUBJECT).state) == 3 * per)
-        await _eventually(lambda: len(svcs["n4"].replica(SUBJECT).state) == 3 * per)
+        await _eventually(lambda: _size_is(nodes["n1"], 3 * per))
+        await _eventually(lambda: _size_is(nodes["n4"], 3 * per))
         await asyncio.sleep(0.2)
-        assert len(svcs["n1"].replica(SUBJECT).state) == 3 * per
+        assert await nodes["n1"].size() == 3 * per
         nats_cluster.heal()
-        seconds = await _converge(svcs)
+        seconds = await _converge(nodes)
         print(f"\nscenario 1 (clean split, {len(acked):,} keys): converged {seconds:.2f} s "
               "after the network healed")
-        for svc in svcs.values():
-            state = svc.replica(SUBJECT).state.value()
-            missing = [k for k in acked if state.get(k, {}).get("v") != k]
-            assert not missing, f"{svc.settings.node_id} lost {len(missing)} acknowledged writes"
+        for node in nodes.values():
+            missing = (await node.call("missing", keys=acked))["missing"]
+            assert not missing, f"{node.name} lost {len(missing)} acknowledged writes"
+
+
+async def _size_is(node: Node, n: int) -> bool:
+    return await node.size() == n
 
 
 async def test_scenario_2_minority_fast_forwards(
     tmp_path: Path, nats_cluster: NatsCluster
 ) -> None:
     placement = {"n1": 0, "n2": 0, "n3": 1, "n4": 1, "n5": 0, "n6": 2}
-    async with _deploy(tmp_path, nats_cluster, placement, healer_server=0) as svcs:
+    async with _deploy(tmp_path, nats_cluster, placement, healer_server=0) as nodes:
         nats_cluster.partition([{0, 1}, {2}])
-        majority = [n for n in svcs if n != "n6"]
-        written = await asyncio.gather(*(_write_keys(svcs[n], n, 400) for n in majority))
-        alone = await _write_keys(svcs["n6"], "n6", 500)
-        assert len(svcs["n6"].replica(SUBJECT).state) == 500
+        majority = [n for name, n in nodes.items() if name != "n6"]
+        written = await asyncio.gather(*(n.write(400) for n in majority))
+        alone = await nodes["n6"].write(500)
+        assert await nodes["n6"].size() == 500
         nats_cluster.heal()
-        seconds = await _converge(svcs)
+        seconds = await _converge(nodes)
         print(f"\nscenario 2 (minority of one): converged {seconds:.2f} s after the heal")
-        n6 = svcs["n6"].replica(SUBJECT).state.value()
-        assert all(k in n6 for ks in written for k in ks)  # node 6 fast-forwarded
-        n1 = svcs["n1"].replica(SUBJECT).state.value()
-        assert all(n1.get(k, {}).get("v") == k for k in alone)  # its writes reached the rest
+        # node 6 fast-forwarded, and its writes reached the rest
+        assert not (await nodes["n6"].call("missing", keys=[k for ks in written for k in ks])
+                    )["missing"]
+        assert not (await nodes["n1"].call("missing", keys=alone))["missing"]
 
 
 async def test_scenario_3_byzantine_writes_are_refused_and_never_spread(
     tmp_path: Path, nats_cluster: NatsCluster
 ) -> None:
     placement = {"n1": 0, "n2": 1, "n3": 2}
-    async with _deploy(tmp_path, nats_cluster, placement, healer_server=0) as svcs:
+    async with _deploy(tmp_path, nats_cluster, placement, healer_server=0) as nodes:
         nats_cluster.partition([{0, 1}, {2}])
         subject = delta_subject("default", SUBJECT)
         codec = WireCodec()
         mallory = Signer("mallory", b"m" * 32)  # not in anyone's roster
-        n3_key = load_or_create_signer("n3", svcs["n3"].settings.key_path())
+        n3_key = load_or_create_signer("n3", nodes["n3"].settings.key_path())
         evil = ORMap().assign("mallory", ("evil", "v"), "pwned", 1)
         evil.is_delta = True
         unknown = codec.seal(mallory, subject=subject, hlc=1, sequence=1, document=evil)
@@ -217,22 +273,17 @@ async def test_scenario_3_byzantine_writes_are_refused_and_never_spread(
             for raw in (unknown, bad_sig, bytes(tampered)):
                 await attacker.publish(subject, raw)
             await attacker.flush()
-        await _write_keys(svcs["n3"], "n3", 50)
-        await _write_keys(svcs["n1"], "n1", 50)
+        await nodes["n3"].write(50)
+        await nodes["n1"].write(50)
         await asyncio.sleep(0.3)
-        r3 = svcs["n3"].replica(SUBJECT)
-        assert "evil" not in r3.state
-        rejected = svcs["n3"].metrics.rejected_envelopes
-        reasons = {
-            reason: rejected.labels(SUBJECT, reason)._value.get()
-            for reason in ("unknown_signer", "bad_signature", "malformed")
-        }
+        assert not (await nodes["n3"].call("has", key="evil"))["has"]
+        reasons = (await nodes["n3"].call("rejected"))["rejected"]
         assert reasons["unknown_signer"] >= 1
         assert reasons["bad_signature"] + reasons["malformed"] >= 2
         nats_cluster.heal()
-        seconds = await _converge(svcs)
+        seconds = await _converge(nodes)
         print(f"\nscenario 3 (forged deltas on one side): converged {seconds:.2f} s after "
               f"the heal; rejected {reasons}")
-        for svc in svcs.values():
-            assert "evil" not in svc.replica(SUBJECT).state
-            assert len(svc.replica(SUBJECT).state) == 100
+        for node in nodes.values():
+            assert not (await node.call("has", key="evil"))["has"]
+            assert await node.size() == 100

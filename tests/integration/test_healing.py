@@ -276,3 +276,39 @@ async def test_an_unexpected_error_is_counted_and_the_loop_heals_on(
     finally:
         for svc in svcs:
             await svc.stop()
+
+
+async def test_trees_follow_writes_in_the_background(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """Without any healer request, a replica's Merkle tree is built after start and follows
+    its writes in chunks; it then equals a tree built from scratch."""
+    from broker.healing import REFRESH_CHUNK
+    from broker.merkle import MerkleTree
+    from broker.repair import item_digest
+
+    nodes, _, roster = _setup(tmp_path, nats_server.url, ["a"])
+    async with WorknodeService(nodes[0], roster=roster) as svc:
+        assert svc.heal_endpoints is not None
+        tree = svc.heal_endpoints.trees[SUBJECT]
+        replica = svc.replica(SUBJECT)
+        n = 3 * REFRESH_CHUNK + 7
+        for i in range(0, n, 100):
+            await replica.write_many([
+                lambda t, r, ts, k=f"k{j}": t.state.assign(r, (k, "v"), 1, ts)
+                for j in range(i, min(n, i + 100))
+            ])
+        await replica.flush()
+        for _ in range(300):
+            if tree._dirty == set() and tree.tree.count() == n:
+                break
+            await asyncio.sleep(0.02)
+        assert tree._dirty == set(), "the background refresh did not catch up"
+        assert tree.background_keys >= n
+        secret = nodes[0].cluster_secret_file.read_bytes()
+        store = replica.state.store or {}
+        fresh = MerkleTree.build(
+            [(k, item_digest(k, v, secret)) for k, v in store.items()], key=secret
+        )
+        assert tree.tree.root() == fresh.root()
+    assert tree._handle is None  # stopped with the node: nothing left scheduled

@@ -403,3 +403,14 @@ def test_first_writes_after_a_build_find_built_digests_both_ways(n: int) -> None
     rebuilt = MerkleTree.build(model.items(), key=SECRET, **SMALL)
     assert snapshot(tree) == snapshot(rebuilt)
     assert leaf_snapshot(tree) == leaf_snapshot(rebuilt)
+
+
+@given(item_sets)
+def test_leaf_digests_are_the_leaf_items_digests(items: dict[str, bytes]) -> None:
+    tree = MerkleTree.build(items.items(), key=SECRET, fanout=4, depth=3)
+    for leaf in range(tree.leaf_count):
+        digits = tuple((leaf >> (2 * (2 - i))) & 3 for i in range(3))
+        assert tree.leaf_digests(leaf) == [d for _, d in tree.leaf_items(digits)]
+    for bad in (-1, tree.leaf_count, "0"):
+        with pytest.raises(InvalidArgumentError):
+            tree.leaf_digests(bad)  # type: ignore[arg-type]
