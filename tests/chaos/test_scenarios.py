@@ -36,6 +36,7 @@ from broker.transport import NatsTransport, delta_subject
 from services.worknode import WorknodeSettings, load_or_create_signer
 
 SUBJECT = "orders"
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -83,6 +84,7 @@ async def _node_process(name: str, settings: WorknodeSettings, roster_file: Path
     with log.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.chaos._node", str(settings_file), str(roster_file),
+            cwd=ROOT,  # where the ``tests`` package is importable
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
             limit=1 << 26,  # a digests reply is one long line
         )
