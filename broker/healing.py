@@ -26,8 +26,9 @@ keys dirty; their digests are recomputed (O(depth) tree updates per key) in the 
 in chunks, starting ``refresh_delay`` after a change and spending at most ``refresh_budget``
 of the event loop's time, and at the latest when the next healing request arrives. Writes never
 wait for it, a key written many times between refreshes is digested once, and a heal after a
-partition finds its trees warm. A tree is built whole (one step) at start and after a full
-state was joined (a catch-up: any key may have changed); otherwise it is never rebuilt.
+partition finds its trees warm. A tree is built whole at start and after a full state was
+joined (a catch-up: any key may have changed), its digests taken in background chunks too;
+otherwise it is never rebuilt.
 
 Prefixes travel as bytes, one digit (0..fanout-1) per byte; the root is the empty prefix.
 
@@ -228,12 +229,17 @@ def unpack_leaf_items(
     return out
 
 
-REFRESH_CHUNK: Final = 500  # keys digested per background step (~5-15 ms of the loop)
+REFRESH_CHUNK: Final = 500  # dirty keys digested per background step (~5-15 ms of the loop)
+BUILD_CHUNK: Final = 5_000  # entries digested per background step of a (re)build
 
 
 class _ReplicaTree:
     """A Merkle tree that follows one replica: dirty keys, refreshed in the background once
-    started (see module doc) and on demand."""
+    started (see module doc) and on demand.
+
+    A (re)build in the background digests the entries in chunks first (keys changed meanwhile
+    are noted and refreshed after), then builds the tree in one step (numpy: ~0.2 s at 100k
+    keys), so a large replica never stalls its event loop for all its digests at once."""
 
     def __init__(
         self,
@@ -252,7 +258,12 @@ class _ReplicaTree:
         self._pause = refresh_delay  # before the next background step (budget-adjusted)
         self._handle: asyncio.TimerHandle | None = None
         self._running = False
-        self.background_keys = 0  # keys digested by background steps (tests, metrics)
+        # a background (re)build in progress: keys still to digest, digests so far, and the
+        # keys that changed since it started
+        self._todo: list[str] | None = None
+        self._digests: list[tuple[str, bytes]] = []
+        self._changed: set[str] = set()
+        self.background_keys = 0  # entries digested by background steps (tests, metrics)
         replica.add_change_listener(self._on_change)
 
     def start(self) -> None:
@@ -270,8 +281,11 @@ class _ReplicaTree:
     def _on_change(self, keys: Collection[str] | None) -> None:
         if keys is None:
             self._dirty = None
+            self._todo = None  # a build in progress starts over
         elif self._dirty is not None:
             self._dirty.update(keys)
+        elif self._todo is not None:
+            self._changed.update(keys)
         self._schedule()
 
     def _schedule(self) -> None:
@@ -286,8 +300,8 @@ class _ReplicaTree:
     def _step(self) -> None:
         self._handle = None
         t0 = time.perf_counter()
-        if self._dirty is None:  # a (re)build: one step, however long (then a long pause)
-            self.background_keys += self.current().count()
+        if self._dirty is None:
+            self._build_step()
         elif self._dirty:
             keys = [self._dirty.pop() for _ in range(min(REFRESH_CHUNK, len(self._dirty)))]
             self._update(keys)
@@ -299,6 +313,25 @@ class _ReplicaTree:
         # of spent * (1 - budget) / budget (and never less than the delay).
         self._pause = max(self._delay, spent * (1 - self._budget) / self._budget)
         self._schedule()
+
+    def _build_step(self) -> None:
+        store = self.replica.state.store or {}
+        if self._todo is None:
+            self._todo, self._digests, self._changed = list(store), [], set()
+        chunk = self._todo[-BUILD_CHUNK:]
+        del self._todo[-BUILD_CHUNK:]
+        secret = self.secret
+        for key in chunk:
+            entry = store.get(key)
+            if entry is not None:  # removed since the build started: noted as changed
+                self._digests.append((key, item_digest(key, entry, secret)))
+        self.background_keys += len(chunk)
+        if not self._todo:
+            self.tree = MerkleTree.build(self._digests, key=secret)
+            # Keys changed after their digest was taken (or added since) are refreshed the
+            # usual way; every other digest matches the entry it was taken from.
+            self._dirty, self._todo, self._digests = self._changed, None, []
+            self._changed = set()
 
     def _update(self, keys: Collection[str]) -> None:
         store = self.replica.state.store or {}
@@ -315,6 +348,7 @@ class _ReplicaTree:
             secret = self.secret
             items = [(k, item_digest(k, v, secret)) for k, v in store.items()]
             self.tree = MerkleTree.build(items, key=secret)
+            self._todo, self._digests, self._changed = None, [], set()
         else:
             self._update(self._dirty)
         self._dirty = set()
