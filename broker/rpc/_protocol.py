@@ -117,7 +117,9 @@ class Deadline:
     @classmethod
     def start(cls, now_ms: float, deadline_ms: int) -> Deadline:
         """The deadline ``deadline_ms`` (capped at ``MAX_RPC_TIMEOUT_MS``) after ``now_ms``."""
-        return cls(now_ms + clamp_timeout_ms(deadline_ms))
+        d = _new(cls)  # one per request: set the slot directly (see ``new_request``)
+        _set_at_ms(d, now_ms + clamp_timeout_ms(deadline_ms))
+        return d
 
     def remaining_ms(self, now_ms: float) -> int:
         """Whole milliseconds left at ``now_ms`` (0 when passed), capped at the maximum."""
@@ -137,6 +139,10 @@ class Deadline:
         if left <= 0:
             raise DeadlineExceededError("deadline passed before the nested call was sent")
         return left
+
+
+_new: Final = object.__new__
+_set_at_ms: Final = Deadline.__dict__["at_ms"].__set__
 
 
 def check_depth(depth: int) -> None:
@@ -212,7 +218,6 @@ def _layout(codec: WireCodec) -> _Layout:
 # object.__setattr__, which costs twice as much as the slot descriptors' own setters. Bodies
 # are decoded and built on every call, so the codec makes them with the setters directly
 # (the same objects: equal, immutable, and every field set).
-_new: Final = object.__new__
 _REQUEST_SETTERS: Final = tuple(
     Request.__dict__[name].__set__
     for name in ("worknode", "method", "arguments", "token", "deadline_ms", "call_depth",
