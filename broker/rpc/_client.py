@@ -34,11 +34,11 @@ from broker.rpc._errors import (
 )
 from broker.rpc._protocol import (
     TRACE_ID_BYTES,
-    Request,
     Response,
     clamp_timeout_ms,
     decode_response,
     encode_request,
+    new_request,
 )
 from broker.transport import ERROR_CODE_HEADER, ERROR_HEADER, Transport, rpc_subject
 
@@ -118,7 +118,7 @@ class RpcClient:
                 self._subjects[subject, method] = target
         data = encode_request(
             self.codec,
-            Request(worknode, method, arguments or {}, token, deadline, depth, trace),
+            new_request(worknode, method, arguments or {}, token, deadline, depth, trace, 0),
         )
         try:
             reply = await self.transport.request(target, data, timeout=deadline / 1000.0)
@@ -132,10 +132,10 @@ class RpcClient:
             raise ResourceExhaustedError(str(exc), trace_id=trace) from None
         except TransportError as exc:
             raise UnavailableError(str(exc), trace_id=trace) from None
-        headers = reply.headers or {}
         try:
             response = decode_response(self.codec, reply.data)
         except RpcError:
+            headers = reply.headers or {}
             if ERROR_CODE_HEADER in headers:
                 code = StatusCode.from_http(headers[ERROR_CODE_HEADER])
                 raise error_for(code, headers.get(ERROR_HEADER, ""), trace_id=trace) from None

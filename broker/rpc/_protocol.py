@@ -117,7 +117,9 @@ class Deadline:
     @classmethod
     def start(cls, now_ms: float, deadline_ms: int) -> Deadline:
         """The deadline ``deadline_ms`` (capped at ``MAX_RPC_TIMEOUT_MS``) after ``now_ms``."""
-        return cls(now_ms + clamp_timeout_ms(deadline_ms))
+        d = _new(cls)  # one per request: set the slot directly (see ``new_request``)
+        _set_at_ms(d, now_ms + clamp_timeout_ms(deadline_ms))
+        return d
 
     def remaining_ms(self, now_ms: float) -> int:
         """Whole milliseconds left at ``now_ms`` (0 when passed), capped at the maximum."""
@@ -137,6 +139,10 @@ class Deadline:
         if left <= 0:
             raise DeadlineExceededError("deadline passed before the nested call was sent")
         return left
+
+
+_new: Final = object.__new__
+_set_at_ms: Final = Deadline.__dict__["at_ms"].__set__
 
 
 def check_depth(depth: int) -> None:
@@ -162,19 +168,34 @@ def child_depth(depth: int) -> int:
 
 
 class _Layout:
-    """The RPC structs of one loaded schema, with their fields resolved once."""
+    """The RPC structs of one loaded schema, with their fields resolved once (in the order
+    the codec functions unpack them)."""
 
-    __slots__ = ("argument", "request", "response", "rpc", "value", "value_fields")
+    __slots__ = ("arg_name", "arg_value", "by_type", "req", "request", "resp", "response",
+                 "value")
 
     def __init__(self, schema: Any) -> None:
-        self.rpc = schema.rpc
-        self.request = _fields_of(self.rpc.RpcRequest)
-        self.response = _fields_of(self.rpc.RpcResponse)
-        self.argument = _fields_of(self.rpc.Argument)
-        self.value = _fields_of(schema.crdt.Value)
-        self.value_fields = {name: self.value[name] for name in _VALUE_KINDS}
+        rpc = schema.rpc
+        self.request = rpc.RpcRequest
+        self.response = rpc.RpcResponse
+        req = _fields_of(rpc.RpcRequest)
+        self.req = tuple(req[name] for name in _REQUEST_FIELDS)
+        resp = _fields_of(rpc.RpcResponse)
+        self.resp = tuple(resp[name] for name in _RESPONSE_FIELDS)
+        argument = _fields_of(rpc.Argument)
+        self.arg_name = argument["name"]
+        self.arg_value = argument["value"]
+        value = _fields_of(schema.crdt.Value)
+        self.value = {name: value[name] for name in _VALUE_KINDS}
+        # The union member for each atom type (exact types: validate_atom admits no others).
+        self.by_type = {bool: value["bool"], int: value["int"], float: value["float"],
+                        str: value["text"], bytes: value["data"]}
 
 
+_REQUEST_FIELDS: Final = (
+    "version", "worknode", "method", "arguments", "token", "deadlineMs", "callDepth", "traceId",
+)
+_RESPONSE_FIELDS: Final = ("version", "status", "message", "result", "state", "traceId")
 _VALUE_KINDS: Final = ("null", "bool", "int", "float", "text", "data")
 _LAYOUTS: dict[int, tuple[Any, _Layout]] = {}
 
@@ -193,48 +214,74 @@ def _layout(codec: WireCodec) -> _Layout:
     return layout
 
 
-def _set_value(b: Any, v: Any, fields: Mapping[str, Any]) -> None:
-    v = validate_atom(v)
-    t = type(v)
-    if v is None:
-        b._set_by_field(fields["null"], None)
-    elif t is bool:
-        b._set_by_field(fields["bool"], v)
-    elif t is int:
-        b._set_by_field(fields["int"], v)
-    elif t is float:
-        b._set_by_field(fields["float"], v)
-    elif t is str:
-        b._set_by_field(fields["text"], v)
-    else:
-        b._set_by_field(fields["data"], v)
+# Request and Response are frozen: their dataclass __init__ sets each field through
+# object.__setattr__, which costs twice as much as the slot descriptors' own setters. Bodies
+# are decoded and built on every call, so the codec makes them with the setters directly
+# (the same objects: equal, immutable, and every field set).
+_REQUEST_SETTERS: Final = tuple(
+    Request.__dict__[name].__set__
+    for name in ("worknode", "method", "arguments", "token", "deadline_ms", "call_depth",
+                 "trace_id", "version")
+)
+_RESPONSE_SETTERS: Final = tuple(
+    Response.__dict__[name].__set__
+    for name in ("status", "message", "result", "state", "trace_id")
+)
 
 
-def _read_value(v: Any, fields: Mapping[str, Any]) -> Any:
-    w = v._which_str()
-    if w == "null":
-        return None
-    x = v._get_by_field(fields[w])
-    if w == "text" or w == "data":
-        if len(x) > MAX_VALUE_BYTES:
-            raise RpcInvalidArgumentError(f"argument value over {MAX_VALUE_BYTES} bytes")
-        return x if w == "text" else bytes(x)
-    if w == "float" and not math.isfinite(x):
-        raise RpcInvalidArgumentError("argument floats must be finite")
-    return x
+def new_request(
+    worknode: str, method: str, arguments: Mapping[str, Any], token: bytes, deadline_ms: int,
+    call_depth: int, trace_id: bytes, version: int,
+) -> Request:
+    """``Request(...)`` with every field given, built by the slot setters (for hot paths)."""
+    r: Request = _new(Request)
+    s_worknode, s_method, s_arguments, s_token, s_deadline, s_depth, s_trace, s_version = (
+        _REQUEST_SETTERS
+    )
+    s_worknode(r, worknode)
+    s_method(r, method)
+    s_arguments(r, arguments)
+    s_token(r, token)
+    s_deadline(r, deadline_ms)
+    s_depth(r, call_depth)
+    s_trace(r, trace_id)
+    s_version(r, version)
+    return r
+
+
+def new_response(
+    status: StatusCode, message: str, result: Mapping[str, Any], state: ORMap | None,
+    trace_id: bytes,
+) -> Response:
+    """``Response(status, message, result, state, trace_id)``, built by the slot setters
+    (for hot paths: the server answers every call with one)."""
+    r: Response = _new(Response)
+    s_status, s_message, s_result, s_state, s_trace = _RESPONSE_SETTERS
+    s_status(r, status)
+    s_message(r, message)
+    s_result(r, result)
+    s_state(r, state)
+    s_trace(r, trace_id)
+    return r
 
 
 def _write_arguments(builder: Any, field: Any, args: Mapping[str, Any], layout: _Layout) -> None:
-    if len(args) > MAX_ARGUMENTS:
-        raise RpcInvalidArgumentError(f"{len(args)} arguments, at most {MAX_ARGUMENTS}")
-    lst = builder._init_by_field(field, len(args))
-    name_field = layout.argument["name"]
-    value_field = layout.argument["value"]
-    value_fields = layout.value_fields
+    n = len(args)
+    if n > MAX_ARGUMENTS:
+        raise RpcInvalidArgumentError(f"{n} arguments, at most {MAX_ARGUMENTS}")
+    lst = builder._init_by_field(field, n)
+    name_field = layout.arg_name
+    value_field = layout.arg_value
+    by_type = layout.by_type
+    null = layout.value["null"]
     for i, (key, value) in enumerate(args.items()):
         item = lst[i]
         item._set_by_field(name_field, key)
-        _set_value(item._get_by_field(value_field), value, value_fields)
+        if value is None:
+            item._get_by_field(value_field)._set_by_field(null, None)
+        else:
+            validate_atom(value)  # raises for any type by_type does not hold
+            item._get_by_field(value_field)._set_by_field(by_type[type(value)], value)
 
 
 def _read_arguments(lst: Any, layout: _Layout) -> dict[str, Any]:
@@ -243,16 +290,34 @@ def _read_arguments(lst: Any, layout: _Layout) -> dict[str, Any]:
         return {}
     if n > MAX_ARGUMENTS:
         raise RpcInvalidArgumentError(f"{n} arguments, at most {MAX_ARGUMENTS}")
-    name_field = layout.argument["name"]
-    value_field = layout.argument["value"]
-    value_fields = layout.value_fields
+    name_field = layout.arg_name
+    value_field = layout.arg_value
+    fields = layout.value
     out: dict[str, Any] = {}
     for item in lst:
         get = item._get_by_field
         name = get(name_field)
         if name in out:
             raise RpcInvalidArgumentError(f"argument {name!r} given twice")
-        out[name] = _read_value(get(value_field), value_fields)
+        v = get(value_field)
+        w = v._which_str()
+        if w == "data":
+            x = v._get_by_field(fields[w])
+            if len(x) > MAX_VALUE_BYTES:
+                raise RpcInvalidArgumentError(f"argument value over {MAX_VALUE_BYTES} bytes")
+            out[name] = bytes(x)
+        elif w == "text":
+            x = v._get_by_field(fields[w])
+            if len(x) > MAX_VALUE_BYTES:
+                raise RpcInvalidArgumentError(f"argument value over {MAX_VALUE_BYTES} bytes")
+            out[name] = x
+        elif w == "null":
+            out[name] = None
+        else:
+            x = v._get_by_field(fields[w])
+            if w == "float" and not math.isfinite(x):
+                raise RpcInvalidArgumentError("argument floats must be finite")
+            out[name] = x
     return out
 
 
@@ -268,21 +333,23 @@ def _parse(codec: WireCodec, struct: Any, data: bytes) -> Any:
 def encode_request(codec: WireCodec, request: Request) -> bytes:
     """Packed ``RpcRequest`` bytes (written as ``codec``'s wire version)."""
     layout = _layout(codec)
-    f = layout.request
-    msg = layout.rpc.RpcRequest.new_message()
+    f_version, f_worknode, f_method, f_arguments, f_token, f_deadline, f_depth, f_trace = (
+        layout.req
+    )
+    msg = layout.request.new_message()
     put = msg._set_by_field
-    put(f["version"], codec.version)
-    put(f["worknode"], request.worknode)
-    put(f["method"], request.method)
+    put(f_version, codec.version)
+    put(f_worknode, request.worknode)
+    put(f_method, request.method)
     if request.arguments:
-        _write_arguments(msg, f["arguments"], request.arguments, layout)
+        _write_arguments(msg, f_arguments, request.arguments, layout)
     if request.token:
-        put(f["token"], request.token)
-    put(f["deadlineMs"], clamp_timeout_ms(request.deadline_ms))
+        put(f_token, request.token)
+    put(f_deadline, clamp_timeout_ms(request.deadline_ms))
     depth = request.call_depth
-    put(f["callDepth"], depth if 0 <= depth <= 255 else min(max(depth, 0), 255))
+    put(f_depth, depth if 0 <= depth <= 255 else min(max(depth, 0), 255))
     if request.trace_id:
-        put(f["traceId"], request.trace_id)
+        put(f_trace, request.trace_id)
     return msg.to_bytes_packed()  # type: ignore[no-any-return]
 
 
@@ -295,24 +362,26 @@ def decode_request(codec: WireCodec, data: bytes) -> Request:
     """
     try:
         layout = _layout(codec)
-        f = layout.request
-        msg = _parse(codec, layout.rpc.RpcRequest, data)
+        msg = _parse(codec, layout.request, data)
+        f_version, f_worknode, f_method, f_arguments, f_token, f_deadline, f_depth, f_trace = (
+            layout.req
+        )
         get = msg._get_by_field
-        version = get(f["version"])
+        version = get(f_version)
         if version < OLDEST_VERSION:
             raise FailedPreconditionError(
                 f"request wire version {version} is not supported (oldest {OLDEST_VERSION})"
             )
-        trace = get(f["traceId"])
+        trace = get(f_trace)
         if len(trace) > TRACE_ID_BYTES:
             raise RpcInvalidArgumentError(f"trace id longer than {TRACE_ID_BYTES} bytes")
-        return Request(
-            get(f["worknode"]),
-            get(f["method"]),
-            _read_arguments(get(f["arguments"]), layout),
-            get(f["token"]),
-            get(f["deadlineMs"]),
-            get(f["callDepth"]),
+        return new_request(
+            get(f_worknode),
+            get(f_method),
+            _read_arguments(get(f_arguments), layout),
+            get(f_token),
+            get(f_deadline),
+            get(f_depth),
             trace,
             version,
         )
@@ -341,19 +410,19 @@ _STATUS: Final = {int(code): code for code in StatusCode}
 def encode_response(codec: WireCodec, response: Response) -> bytes:
     """Packed ``RpcResponse`` bytes."""
     layout = _layout(codec)
-    f = layout.response
-    msg = layout.rpc.RpcResponse.new_message()
+    f_version, f_status, f_message, f_result, _, f_trace = layout.resp
+    msg = layout.response.new_message()
     put = msg._set_by_field
-    put(f["version"], codec.version)
-    put(f["status"], int(response.status))
+    put(f_version, codec.version)
+    put(f_status, int(response.status))
     if response.message:
-        put(f["message"], response.message)
+        put(f_message, response.message)
     if response.result:
-        _write_arguments(msg, f["result"], response.result, layout)
+        _write_arguments(msg, f_result, response.result, layout)
     if response.state is not None:
         msg.state = encode_document(codec.schema, response.state)
     if response.trace_id:
-        put(f["traceId"], response.trace_id)
+        put(f_trace, response.trace_id)
     return msg.to_bytes_packed()  # type: ignore[no-any-return]
 
 
@@ -361,26 +430,26 @@ def decode_response(codec: WireCodec, data: bytes) -> Response:
     """The response in ``data``; ``RpcInvalidArgumentError`` for bytes that are not one."""
     try:
         layout = _layout(codec)
-        f = layout.response
-        msg = _parse(codec, layout.rpc.RpcResponse, data)
+        msg = _parse(codec, layout.response, data)
+        _, f_status, f_message, f_result, f_state, f_trace = layout.resp
         get = msg._get_by_field
-        raw_status = get(f["status"]).raw
+        raw_status = get(f_status).raw
         status = _STATUS.get(raw_status)
         if status is None:
             raise RpcInvalidArgumentError(f"malformed response: unknown status {raw_status}")
         state = None
-        if msg._has_by_field(f["state"]):
+        if msg._has_by_field(f_state):
             with decoding("rpc response state"):
-                doc = decode_document(codec.schema, get(f["state"]), ORMap)
+                doc = decode_document(codec.schema, get(f_state), ORMap)
             if not isinstance(doc, ORMap):
                 raise RpcInvalidArgumentError("the state of a response is an OR-map")
             state = doc
-        return Response(
+        return new_response(
             status,
-            get(f["message"]),
-            _read_arguments(get(f["result"]), layout),
+            get(f_message),
+            _read_arguments(get(f_result), layout),
             state,
-            get(f["traceId"]),
+            get(f_trace),
         )
     except RpcInvalidArgumentError:
         raise

@@ -59,6 +59,7 @@ from broker.rpc._errors import (
     UnavailableError,
 )
 from broker.rpc._protocol import (
+    MAX_CALL_DEPTH,
     MAX_REQUEST_BYTES,
     Deadline,
     Request,
@@ -67,6 +68,7 @@ from broker.rpc._protocol import (
     child_depth,
     decode_request,
     encode_response,
+    new_response,
 )
 from broker.rpc._revocation import RevocationList
 from broker.transport import Endpoint, ErrorReply, Msg, ServiceHandle, Transport, rpc_subject
@@ -92,6 +94,7 @@ OTHER_METHOD: Final = "other"
 """The metrics label for a method name that is not registered."""
 _VERSION: Final = "1.0.0"
 _MAX_PATH: Final = 1024
+_MAX_PATHS: Final = 4096
 
 
 class RpcObserver(Protocol):
@@ -247,25 +250,35 @@ class MethodRegistry:
         ]
 
 
+_monotonic: Final = time.monotonic
+_perf_counter: Final = time.perf_counter
+
+
 def _now_ms() -> float:
-    return time.monotonic() * 1000.0
+    return _monotonic() * 1000.0
 
 
 class _Ancestry:
-    """A replica's resolved parent edges, recomputed only after the tree changed."""
+    """A replica's resolved parent edges and the paths asked for, recomputed only after the
+    tree changed (at most ``_MAX_PATHS`` paths are remembered)."""
 
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
         self._parents: dict[str, str] | None = None
+        self._paths: dict[str, tuple[str, ...]] = {}
         replica.add_change_listener(self._on_change)
 
     def _on_change(self, keys: Collection[str] | None) -> None:
         self._parents = None
+        self._paths = {}
 
-    def path(self, worknode: str) -> list[str] | None:
-        """``[worknode, parent, ..., root]``, or None if the worknode does not exist."""
+    def path(self, worknode: str) -> tuple[str, ...] | None:
+        """``(worknode, parent, ..., root)``, or None if the worknode does not exist."""
+        known = self._paths.get(worknode)
+        if known is not None:
+            return known
         if worknode == ROOT_ID:
-            return [ROOT_ID]
+            return (ROOT_ID,)
         if self._parents is None:
             self._parents = Tree(self.replica.state).parents()
         parents = self._parents
@@ -277,7 +290,10 @@ class _Ancestry:
             out.append(cur)
             cur = parents.get(cur, ROOT_ID)
         out.append(ROOT_ID)
-        return out
+        path = tuple(out)
+        if len(self._paths) < _MAX_PATHS:
+            self._paths[worknode] = path
+        return path
 
 
 def _status_of(exc: BaseException) -> StatusCode:
@@ -388,8 +404,10 @@ class RpcServer:
     # -- one request ---------------------------------------------------------------------
 
     def _endpoint(self, subject: str, m: _Method) -> Callable[[Msg], bytes | Awaitable[bytes]]:
+        key = (subject, m.name)
+
         def handle(msg: Msg) -> bytes | Awaitable[bytes]:
-            return self._handle(subject, m, msg)
+            return self._handle(key, m, msg)
 
         return handle
 
@@ -409,17 +427,17 @@ class RpcServer:
     def _done(self, key: tuple[str, str], code: StatusCode, t0: float) -> None:
         self._in_flight[key] -= 1
         label = key[1]
-        self.observer.in_flight(label, -1)
-        self.observer.request(label, code, (_now_ms() - t0) / 1000.0)
+        observer = self.observer
+        observer.in_flight(label, -1)
+        observer.request(label, code, (_monotonic() * 1000.0 - t0) / 1000.0)
 
-    def _handle(self, subject: str, m: _Method, msg: Msg) -> bytes | Awaitable[bytes]:
+    def _handle(self, key: tuple[str, str], m: _Method, msg: Msg) -> bytes | Awaitable[bytes]:
         """Everything up to the handler runs here, synchronously, on the receive path. A
         handler that answers without awaiting (a plain function) is answered at once, with
         no task and no timer; a coroutine handler's rest runs in its own task (returned as
         an awaitable) under the remaining deadline."""
-        t0 = _now_ms()
-        label = m.name
-        key = (subject, label)
+        t0 = _monotonic() * 1000.0
+        subject, label = key
         if self._stopping:
             self.observer.request(label, StatusCode.UNAVAILABLE, 0.0)
             raise self._refuse(StatusCode.UNAVAILABLE, f"{self.node_id} is stopping")
@@ -430,14 +448,15 @@ class RpcServer:
                 f"request of {len(msg.data)} bytes, over max_request_bytes="
                 f"{self.max_request_bytes}",
             )
-        running = self._in_flight.get(key, 0)
+        in_flight = self._in_flight
+        running = in_flight.get(key, 0)
         if running >= self.max_in_flight:
             self.observer.request(label, StatusCode.RESOURCE_EXHAUSTED, 0.0)
             raise self._refuse(
                 StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.max_in_flight} requests already in flight at {subject}.{label}",
             )
-        self._in_flight[key] = running + 1
+        in_flight[key] = running + 1
         self.observer.in_flight(label, 1)
         code = StatusCode.INTERNAL
         trace = b""
@@ -453,7 +472,7 @@ class RpcServer:
             if isinstance(out, Awaitable):
                 handed_off = True
                 return self._finish(subject, m, key, req, ctx.deadline, out, t0)
-            if _now_ms() > ctx.deadline.at_ms:
+            if _monotonic() * 1000.0 > ctx.deadline.at_ms:
                 raise self._late(m, req)  # the late result is discarded
             body = encode_response(self.codec, _response(out, req))
             code = StatusCode.OK
@@ -514,9 +533,10 @@ class RpcServer:
             raise RpcInvalidArgumentError(
                 f"request for method {req.method!r} sent to the endpoint of {m.name!r}"
             )
-        check_depth(req.call_depth)
+        if req.call_depth > MAX_CALL_DEPTH:
+            check_depth(req.call_depth)  # raises
         deadline = Deadline.start(t0, req.deadline_ms)
-        if deadline.expired(_now_ms()):
+        if not deadline.at_ms - _monotonic() * 1000.0 >= 1.0:  # Deadline.expired, inlined
             raise DeadlineExceededError("deadline passed before the request was handled")
         worknode = req.worknode
         ancestry = self._ancestry[subject]
@@ -530,16 +550,16 @@ class RpcServer:
             parent = req.arguments.get("parent", ROOT_ID) if m.creates else None
             parent_path = ancestry.path(parent) if isinstance(parent, str) else None
             if parent_path is not None:
-                path = [worknode, *parent_path]
+                path = (worknode, *parent_path)
             else:
                 # Authorize as if the worknode hung under the root, so that only a token that
                 # could see it learns that it does not exist (others get PERMISSION_DENIED).
-                path = [worknode, ROOT_ID]
+                path = (worknode, ROOT_ID)
                 missing = (
                     f"no parent worknode {parent!r} in {subject}" if m.creates
                     else f"no worknode {worknode!r} in {subject}"
                 )
-        v0 = time.perf_counter()
+        v0 = _perf_counter()
         try:
             self.verifier.verify(
                 req.token,
@@ -551,10 +571,10 @@ class RpcServer:
                 revoked=self.revocations.ids if self.revocations is not None else (),
             )
         finally:
-            self.observer.token_verified(time.perf_counter() - v0)
+            self.observer.token_verified(_perf_counter() - v0)
         if missing:
             raise RpcNotFoundError(missing)
-        if deadline.expired(_now_ms()):
+        if not deadline.at_ms - _monotonic() * 1000.0 >= 1.0:
             raise DeadlineExceededError("deadline passed before the handler ran")
         return CallContext(
             self.namespace, subject, worknode, m.name, req.arguments, req.trace_id,
@@ -565,8 +585,9 @@ class RpcServer:
 
 def _response(out: Any, req: Request) -> Response:
     if isinstance(out, Response):
-        return Response(out.status, out.message, out.result, out.state, req.trace_id)
-    return Response(StatusCode.OK, result=dict(out or {}), trace_id=req.trace_id)
+        return new_response(out.status, out.message, out.result, out.state, req.trace_id)
+    # Encoded at once and dropped: the handler's mapping needs no copy.
+    return new_response(StatusCode.OK, "", out if out else {}, None, req.trace_id)
 
 
 # -- built-in methods -----------------------------------------------------------------------

@@ -57,6 +57,7 @@ from broker.transport._protocol import (
     Transport,
     TransportObserver,
     encoded_size,
+    new_msg,
     notify,
     until_enough_or_idle,
     validate_headers,
@@ -159,18 +160,24 @@ def _micro_handler(ep: Endpoint, tasks: TaskSet) -> Any:
     # nats.micro awaits this in the endpoint subscription's task, one request at a time: a
     # concurrent endpoint's handler answers at once, or hands back an awaitable that gets its
     # own task (see ``Endpoint``).
+    handler = ep.handler
+    concurrent = ep.concurrent
+
     async def handle(req: Any) -> None:
         try:
-            out = ep.handler(Msg(req.subject, req.data, "", req.headers))
+            out = handler(new_msg(req.subject, req.data, "", req.headers))
             if not isinstance(out, bytes):
-                if ep.concurrent:
+                if concurrent:
                     tasks.spawn(finish(req, out))
                     return
                 out = await out
         except Exception as exc:
             await _answer_error(ep, req, exc)
             return
-        await _answer(ep, req, out)
+        try:  # _answer, inlined: one coroutine less on every request
+            await req.respond(out)
+        except nats.errors.Error as exc:
+            await _answer_failed(ep, req, exc)
 
     async def finish(req: Any, pending: Awaitable[bytes]) -> None:
         try:
@@ -197,16 +204,21 @@ async def _answer_error(ep: Endpoint, req: Any, exc: Exception) -> None:
 async def _answer(ep: Endpoint, req: Any, body: bytes) -> None:
     try:
         await req.respond(body)
-    except nats.errors.MaxPayloadError:
+    except nats.errors.Error as exc:
+        await _answer_failed(ep, req, exc)
+
+
+async def _answer_failed(ep: Endpoint, req: Any, exc: nats.errors.Error) -> None:
+    if isinstance(exc, nats.errors.MaxPayloadError):
         # Never leave the caller to time out: say why there is no answer.
         with contextlib.suppress(nats.errors.Error):
             await req.respond_error("413", "reply larger than the server's max_payload")
-    except nats.errors.Error:
+    else:
         _log.warning("could not answer a request on %s", ep.subject)
 
 
 def _to_msg(nmsg: NatsMsg) -> Msg:
-    return Msg(nmsg.subject, nmsg.data, nmsg.reply, nmsg.headers or None)
+    return new_msg(nmsg.subject, nmsg.data, nmsg.reply, nmsg.headers or None)
 
 
 def _check_data(data: object) -> None:
@@ -616,12 +628,14 @@ class NatsTransport:
         ``TransportTimeoutError`` if no reply comes within ``timeout`` seconds.
         """
         validate_subject(subject)
-        _check_data(data)
+        if type(data) is not bytes:
+            _check_data(data)
         if not timeout > 0:
             raise InvalidArgumentError(f"timeout must be > 0, got {timeout!r}")
-        hdrs = validate_headers(headers)
+        hdrs = validate_headers(headers) if headers else None
         nc = self._client()
-        self._check_payload(nc, data, hdrs)
+        if hdrs is not None or len(data) > nc.max_payload:
+            self._check_payload(nc, data, hdrs)
         try:  # _mapped, inlined: requests are the hottest path
             reply = await nc.request(
                 subject, data, timeout=timeout, headers=dict(hdrs) if hdrs else None
@@ -630,7 +644,7 @@ class NatsTransport:
             raise
         except Exception as exc:
             raise _translate(exc, f"request on {subject!r} (timeout {timeout} s)") from exc
-        return Msg(reply.subject, reply.data, reply.reply, reply.headers or None)
+        return new_msg(reply.subject, reply.data, reply.reply, reply.headers or None)
 
     async def respond(
         self, msg: Msg, data: bytes, *, headers: Mapping[str, str] | None = None

@@ -4,6 +4,7 @@ shrink and are capped, call depth is bounded. No clock: times are arguments."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 
 import pytest
@@ -29,7 +30,14 @@ from broker.rpc import (
     encode_response,
     error_for,
 )
-from broker.rpc._protocol import TRACE_ID_BYTES, check_depth, child_depth, clamp_timeout_ms
+from broker.rpc._protocol import (
+    TRACE_ID_BYTES,
+    check_depth,
+    child_depth,
+    clamp_timeout_ms,
+    new_request,
+    new_response,
+)
 
 CODEC = WireCodec()
 atoms = st.one_of(
@@ -146,3 +154,24 @@ def test_trace_ids_are_16_bytes_and_unique_per_process() -> None:
 def test_clamp_fast_path_agrees_with_the_general_rule(x: float) -> None:
     expected = 0 if x != x else int(max(0.0, min(float(x), float(MAX_RPC_TIMEOUT_MS))))
     assert clamp_timeout_ms(x) == expected
+
+
+def test_fast_constructors_build_the_same_frozen_objects() -> None:
+    # new_request / new_response set the slots directly (hot paths); they must set every
+    # field the dataclass has, in its order, and give equal, still-frozen objects.
+    fields = [f.name for f in dataclasses.fields(Request)]
+    values = ["w1", "m", {"a": 1}, b"tok", 5, 2, b"t" * 16, 3]
+    assert len(fields) == len(values)
+    r = new_request(*values)  # type: ignore[arg-type]
+    assert r == Request(*values)  # type: ignore[arg-type]
+    assert [getattr(r, f) for f in fields] == values
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.worknode = "w2"  # type: ignore[misc]
+    fields = [f.name for f in dataclasses.fields(Response)]
+    values = [StatusCode.NOT_FOUND, "gone", {"b": None}, None, b"t" * 16]
+    assert len(fields) == len(values)
+    resp = new_response(*values)  # type: ignore[arg-type]
+    assert resp == Response(*values)  # type: ignore[arg-type]
+    assert [getattr(resp, f) for f in fields] == values
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resp.message = ""  # type: ignore[misc]
