@@ -46,6 +46,7 @@ that found nothing while roots differ is followed by one with whole values and k
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 import time
 from collections.abc import Collection, Sequence
@@ -77,6 +78,8 @@ from broker.transport import (
     call,
     merkle_subject,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "LEAVES_PER_CALL",
@@ -300,18 +303,32 @@ class _ReplicaTree:
     def _step(self) -> None:
         self._handle = None
         t0 = time.perf_counter()
-        if self._dirty is None:
-            self._build_step()
-        elif self._dirty:
-            keys = [self._dirty.pop() for _ in range(min(REFRESH_CHUNK, len(self._dirty)))]
-            self._update(keys)
-            self.background_keys += len(keys)
-        else:
-            return
+        try:
+            if self._dirty is None:
+                self._build_step()
+            elif self._dirty:
+                keys = [self._dirty.pop() for _ in range(min(REFRESH_CHUNK, len(self._dirty)))]
+                try:
+                    self._update(keys)
+                except BaseException:
+                    self._dirty.update(keys)  # not lost: refreshed by the next try
+                    raise
+                self.background_keys += len(keys)
+            else:
+                return
+        except Exception:
+            # Never silent, never a wrong tree: a full rebuild at the next step or request
+            # (retried at most once a second).
+            log.exception("background refresh of a Merkle tree failed; rebuilding it")
+            self._dirty, self._todo = None, None
+            t0 -= 1.0 * self._budget / (1 - self._budget)  # counts as a 1 s pause at least
         spent = time.perf_counter() - t0
         # At most ``budget`` of the loop's time: a step of ``spent`` s is followed by a pause
-        # of spent * (1 - budget) / budget (and never less than the delay).
+        # of spent * (1 - budget) / budget (and never less than the delay); once caught up,
+        # the next change waits only the delay.
         self._pause = max(self._delay, spent * (1 - self._budget) / self._budget)
+        if self._dirty == set():
+            self._pause = self._delay
         self._schedule()
 
     def _build_step(self) -> None:

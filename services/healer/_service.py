@@ -190,9 +190,10 @@ class HealerService:
                 if changed or due:
                     self._forced = False
                     self._membership = frozenset((m[0], m[1]) for m in members)
-                    outcomes = await self.heal_all(members)
+                    outcomes, failed = await self.heal_pass(members)
+                    self.failed_subjects = failed
                     # A failed heal, or one still moving, is retried soon, not an interval later.
-                    settled = all(o.converged for o in outcomes) and not self.failed_subjects
+                    settled = all(o.converged for o in outcomes) and not failed
                     next_heal = time.monotonic() + (s.interval_s if settled else s.retry_s)
             except WorknodeError as exc:
                 self.metrics.loop_errors.inc()
@@ -236,9 +237,18 @@ class HealerService:
     async def heal_all(
         self, members: list[tuple[str, str, list[str]]] | None = None
     ) -> list[HealOutcome]:
-        """Heal every subject (of the configured ones, or all served) once. Without
-        ``members``, discovery waits the whole ``discover_timeout_s``: a one-shot heal has no
-        next poll to find a replica that answered late."""
+        """Heal every subject (of the configured ones, or all served) once; ``failed_subjects``
+        then names the ones whose heal failed. Without ``members``, discovery waits the whole
+        ``discover_timeout_s``: a one-shot heal has no next poll to find a replica that
+        answered late."""
+        outcomes, self.failed_subjects = await self.heal_pass(members)
+        return outcomes
+
+    async def heal_pass(
+        self, members: list[tuple[str, str, list[str]]] | None = None
+    ) -> tuple[list[HealOutcome], list[str]]:
+        """``heal_all``, returning ``(outcomes, subjects whose heal failed)`` of this pass
+        alone (the loop's passes may run beside it)."""
         if members is None:
             members = await self._discover()
         by_subject: dict[str, list[str]] = {}
@@ -246,8 +256,8 @@ class HealerService:
             for subject in subjects:
                 if not self.settings.subjects or subject in self.settings.subjects:
                     by_subject.setdefault(subject, []).append(node)
-        outcomes = []
-        self.failed_subjects = []
+        outcomes: list[HealOutcome] = []
+        failed: list[str] = []
         for subject, nodes in sorted(by_subject.items()):
             self.metrics.replicas.labels(self.metrics.label(subject)).set(len(nodes))
             if len(nodes) < 2:
@@ -255,7 +265,7 @@ class HealerService:
             try:
                 outcomes.append(await self.heal_subject(subject, sorted(nodes)))
             except Exception as exc:  # counted, logged; the loop retries after retry_s
-                self.failed_subjects.append(subject)
+                failed.append(subject)
                 label = self.metrics.label(subject)
                 self.metrics.failures.labels(label).inc()
                 self.metrics.heals.labels(label, "failed").inc()
@@ -263,7 +273,7 @@ class HealerService:
                     log.warning("heal of %s failed: %s", subject, exc)
                 else:
                     log.exception("heal of %s failed: unexpected error", subject)
-        return outcomes
+        return outcomes, failed
 
     # -- one subject -------------------------------------------------------------------------
 

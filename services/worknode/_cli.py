@@ -385,7 +385,8 @@ def register(main: click.Group) -> None:
         async def run() -> None:
             async with HealerService(settings) as svc:
                 if once:
-                    for out in await svc.heal_all():
+                    outcomes, failed = await svc.heal_pass()
+                    for out in outcomes:
                         click.echo(
                             f"{out.subject}: {len(out.replicas)} replicas, "
                             f"{out.divergent_keys} keys differed, {out.keys_repaired} repaired, "
@@ -393,9 +394,9 @@ def register(main: click.Group) -> None:
                             f"{out.duration_s * 1000:.0f} ms, "
                             f"{'converged' if out.converged else 'NOT converged'}"
                         )
-                    if svc.failed_subjects:
-                        click.echo(f"heal failed for: {', '.join(svc.failed_subjects)} "
-                                   "(see the log)", err=True)
+                    if failed:
+                        click.echo(f"heal failed for: {', '.join(failed)} (see the log)",
+                                   err=True)
                         raise SystemExit(1)
                     return
                 stop = asyncio.Event()

@@ -130,6 +130,7 @@ async def _healer_process(
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", "from services.cli import main; main()",
             "healer", "--config", str(config),
+            cwd=ROOT,  # the same code as the node processes
             stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
             env={**os.environ, "WORKNODE_LOG_LEVEL": "INFO"},
         )
@@ -174,10 +175,14 @@ async def _deploy(
     roster_file = tmp / "roster.json"
     roster_file.write_text(json.dumps({n: k.hex() for n, k in keys.items()}))
     async with AsyncExitStack() as stack:
-        nodes = await asyncio.gather(*(
-            stack.enter_async_context(_node_process(n, s, roster_file))
-            for n, s in settings.items()
-        ))
+        # Started side by side; if one fails, the task group cancels the others' startups
+        # (each stops its process) before the stack unwinds the ones that started.
+        async with asyncio.TaskGroup() as tg:
+            starting = [
+                tg.create_task(stack.enter_async_context(_node_process(n, s, roster_file)))
+                for n, s in settings.items()
+            ]
+        nodes = [t.result() for t in starting]
         await stack.enter_async_context(
             _healer_process(tmp, cluster, healer_server, secret, roster_file)
         )

@@ -312,3 +312,48 @@ async def test_trees_follow_writes_in_the_background(
         )
         assert tree.tree.root() == fresh.root()
     assert tree._handle is None  # stopped with the node: nothing left scheduled
+
+
+async def test_healer_once_from_the_command_line(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """``worknode healer --once`` heals, prints one line per subject and exits 0."""
+    import sys
+
+    nodes, hs, roster = _setup(tmp_path, nats_server.url, ["a", "b"])
+    roster_file = tmp_path / "roster.json"
+    keys = {s.node_id: load_or_create_signer(s.node_id, s.key_path()).public_key.hex()
+            for s in nodes}
+    keys["healer"] = load_or_create_signer("healer", hs.key_path()).public_key.hex()
+    roster_file.write_text(json.dumps(keys))
+    config = tmp_path / "healer.toml"
+    config.write_text(
+        f'nats_urls = ["{nats_server.url}"]\nstate_dir = "{hs.state_dir}"\n'
+        f'cluster_secret_file = "{hs.cluster_secret_file}"\nroster_file = "{roster_file}"\n'
+        'metrics_port = 0\n'
+    )
+    svcs = [WorknodeService(s, roster=roster) for s in nodes]
+    try:
+        for svc in svcs:
+            await svc.start()
+        await svcs[0].replica(SUBJECT).write(
+            lambda t, r, ts: t.state.assign(r, ("once", "v"), 1, ts), Consistency.LOCAL
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from services.cli import main; main()",
+            "healer", "--once", "--config", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0, err.decode()
+        assert f"{SUBJECT}: 2 replicas" in out.decode()
+        assert "converged" in out.decode()
+        assert "once" in svcs[1].replica(SUBJECT).state
+    finally:
+        for svc in svcs:
+            await svc.stop()

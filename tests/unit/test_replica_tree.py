@@ -88,3 +88,27 @@ def test_an_on_demand_refresh_during_a_build_is_complete() -> None:
     assert tree.current().root() == _fresh(replica.state).root()
     assert tree._todo is None
     assert tree._dirty == set()
+
+
+def test_a_failed_step_loses_no_key(monkeypatch, caplog) -> None:
+    import broker.healing as healing
+
+    replica = _Replica()
+    for i in range(50):
+        replica.state.apply_assign("r", (f"k{i}", "v"), i, i + 1)
+    tree = _ReplicaTree(replica, SECRET)  # type: ignore[arg-type]
+    _drain(tree)
+    replica.change(replica.state.assign("r", ("k1", "v"), "new", 10**6), ["k1"])
+    real = healing.item_digest
+
+    def broken(*args: Any) -> bytes:
+        raise RuntimeError("digest bug")
+
+    monkeypatch.setattr(healing, "item_digest", broken)
+    tree._step()  # fails: logged, and the tree will be rebuilt whole
+    assert "digest bug" in caplog.text
+    assert tree._dirty is None
+    monkeypatch.setattr(healing, "item_digest", real)
+    _drain(tree)
+    assert tree.tree.root() == _fresh(replica.state).root()
+    assert tree._pause == tree._delay  # caught up: the next change waits only the delay
