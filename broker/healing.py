@@ -303,6 +303,7 @@ class _ReplicaTree:
     def _step(self) -> None:
         self._handle = None
         t0 = time.perf_counter()
+        failed = False
         try:
             if self._dirty is None:
                 self._build_step()
@@ -321,13 +322,15 @@ class _ReplicaTree:
             # (retried at most once a second).
             log.exception("background refresh of a Merkle tree failed; rebuilding it")
             self._dirty, self._todo = None, None
-            t0 -= 1.0 * self._budget / (1 - self._budget)  # counts as a 1 s pause at least
+            failed = True
         spent = time.perf_counter() - t0
         # At most ``budget`` of the loop's time: a step of ``spent`` s is followed by a pause
         # of spent * (1 - budget) / budget (and never less than the delay); once caught up,
         # the next change waits only the delay.
         self._pause = max(self._delay, spent * (1 - self._budget) / self._budget)
-        if self._dirty == set():
+        if failed:
+            self._pause = max(self._pause, 1.0)
+        elif self._dirty == set():
             self._pause = self._delay
         self._schedule()
 

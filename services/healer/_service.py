@@ -297,13 +297,16 @@ class HealerService:
             return await self._heal_subject(subject, nodes)
 
     async def _roots(
-        self, client: HealClient, subject: str, nodes: list[str], width: int
+        self, client: HealClient, subject: str, nodes: list[str], width: int,
+        phases: dict[str, float],
     ) -> dict[str, RootView]:
+        t0 = time.monotonic()
         unless = self._agreed.get(subject, b"")
         views = await asyncio.gather(
             *(client.root(subject, n, levels=ROOT_LEVELS, width=width, unless=unless)
               for n in nodes)
         )
+        phases["roots"] += time.monotonic() - t0
         return dict(zip(nodes, views, strict=True))
 
     async def _heal_subject(self, subject: str, nodes: list[str]) -> HealOutcome:
@@ -311,10 +314,10 @@ class HealerService:
         client = self._client()
         label = self.metrics.label(subject)
         width = self.settings.hash_bytes
-        roots = await self._roots(client, subject, nodes, width)
+        phases = dict.fromkeys(PHASES, 0.0)
+        roots = await self._roots(client, subject, nodes, width, phases)
         waves = 1
-        out = HealOutcome(subject, nodes, [roots[n].root for n in nodes])
-        out.phases["roots"] = time.monotonic() - t0
+        out = HealOutcome(subject, nodes, [roots[n].root for n in nodes], phases=phases)
         for _ in range(self.settings.max_rounds):
             if len({(r.root, r.count) for r in roots.values()}) == 1:
                 out.converged = True
@@ -352,9 +355,7 @@ class HealerService:
             # A round that found nothing while roots differ may have met a collision of cut
             # values (or writes racing it): the next round compares whole values.
             width = self.settings.hash_bytes if found_any else HASH_SIZE
-            t1 = time.monotonic()
-            roots = await self._roots(client, subject, nodes, width)
-            out.phases["roots"] += time.monotonic() - t1
+            roots = await self._roots(client, subject, nodes, width, phases)
             waves += 1
         else:
             out.converged = len({(r.root, r.count) for r in roots.values()}) == 1
