@@ -16,7 +16,10 @@ Stores, by kind:
   no write is lost to a kind conflict.
 
 The join rule for every store: a dot survives if both sides hold it, or if one side holds it
-and the other side's context has not seen it. Laws every function here keeps:
+and the other side's context has not seen it; and of one replica's entries in one dot
+function or dot set only the highest dot survives (a replica's later write there replaced its
+earlier one; see ``_latest_per_writer``: without it, a lost delta left a counter counting its
+writer twice). Laws every function here keeps:
 
 - join is commutative, associative and idempotent on states;
 - the canonical form is unique: entries sorted, empty children removed, a name with one kind
@@ -233,6 +236,30 @@ Entry: TypeAlias = Store | KindStore | Whole
 # join
 
 
+def _latest_per_writer(out: list[Any], stride: int) -> list[Any]:
+    """Entries sorted by dot, keeping only each replica's highest dot.
+
+    Why this is sound: a replica's mutators read its own state, so its later write to a
+    store replaced (put in its delta's context) every earlier entry of its own there; an
+    earlier entry of the same replica beside a later one is always dead. Such a pair is seen
+    only when the delta that removed the earlier entry was lost or is late (its removal is
+    carried by no later delta: delta contexts are exact, not version vectors), and keeping
+    both would show a value no replica ever had (a counter counting a writer twice). Dropping
+    the earlier dot is safe for the lattice: it is in the joined context (its holder had seen
+    it), so it reads as "seen and removed", as it will once the late delta arrives.
+    This holds for every kind, including kinds this release keeps opaque: the wire contract
+    requires it of every kind (one live entry per replica per store)."""
+    if len(out) <= stride:
+        return out
+    keep: list[Any] = []
+    n = len(out)
+    for i in range(0, n, stride):
+        if i + stride < n and out[i + stride] == out[i]:
+            continue  # the next entry is the same replica's, with a higher dot
+        keep.extend(out[i : i + stride])
+    return keep
+
+
 def _sorted_entries(out: list[Any], stride: int) -> list[Any]:
     rows = [out[i : i + stride] for i in range(0, len(out), stride)]
     rows.sort(key=lambda e: (e[0], e[1]))
@@ -258,6 +285,8 @@ def _join_fun(
         keep_a = an > cb._vv.get(ar, 0) and an not in cb._cloud.get(ar, ())
         keep_b = bn > ca._vv.get(br, 0) and bn not in ca._cloud.get(br, ())
         if keep_a and keep_b:
+            if ar == br:  # one writer's later entry replaces its earlier one (module doc)
+                return a if an > bn else b
             return cls(a + b) if (ar, an) < (br, bn) else cls(b + a)
         if keep_a:
             return a
@@ -274,7 +303,7 @@ def _join_fun(
         for i in range(0, len(b), s):
             if not ca.covers(b[i], b[i + 1]):
                 out.extend(b[i : i + s])
-        return cls(out) if out else None
+        return cls(_latest_per_writer(out, s)) if out else None
     if not b:
         # Filter a: drop what b's context has seen (b holds none of it).
         if len(a) == s:
@@ -283,7 +312,7 @@ def _join_fun(
         for i in range(0, len(a), s):
             if not cb.covers(a[i], a[i + 1]):
                 out.extend(a[i : i + s])
-        return cls(out) if out else None
+        return cls(_latest_per_writer(out, s)) if out else None
     adots = {(a[i], a[i + 1]) for i in range(0, len(a), s)}
     bdots = {(b[i], b[i + 1]) for i in range(0, len(b), s)}
     out = []
@@ -298,7 +327,7 @@ def _join_fun(
     if not out:
         return None
     if len(out) > s:
-        out = _sorted_entries(out, s)
+        out = _latest_per_writer(_sorted_entries(out, s), s)
     return cls(out)
 
 
@@ -447,7 +476,12 @@ def join_store(
         keep_a = an > cb._vv.get(ar, 0) and an not in cb._cloud.get(ar, ())
         keep_b = bn > ca._vv.get(br, 0) and bn not in ca._cloud.get(br, ())
         if keep_a and keep_b:
-            r = tb(av + bv) if (ar, an) < (br, bn) else tb(bv + av)
+            if ar == br:  # one writer's later entry replaces its earlier one
+                if an > bn:
+                    return root
+                r = bv
+            else:
+                r = tb(av + bv) if (ar, an) < (br, bn) else tb(bv + av)
         elif keep_a:
             return root
         else:
