@@ -236,6 +236,11 @@ Entry: TypeAlias = Store | KindStore | Whole
 # join
 
 
+ONE_ENTRY_PER_WRITER = True
+"""The rule of ``_latest_per_writer``. Only mutation tests turn it off, to show that the tests
+and the simulation catch the defect it fixes (tests/unit/test_loss.py, tests/sim)."""
+
+
 def _latest_per_writer(out: list[Any], stride: int) -> list[Any]:
     """Entries sorted by dot, keeping only each replica's highest dot.
 
@@ -249,7 +254,7 @@ def _latest_per_writer(out: list[Any], stride: int) -> list[Any]:
     it), so it reads as "seen and removed", as it will once the late delta arrives.
     This holds for every kind, including kinds this release keeps opaque: the wire contract
     requires it of every kind (one live entry per replica per store)."""
-    if len(out) <= stride:
+    if len(out) <= stride or not ONE_ENTRY_PER_WRITER:
         return out
     keep: list[Any] = []
     n = len(out)
@@ -285,7 +290,7 @@ def _join_fun(
         keep_a = an > cb._vv.get(ar, 0) and an not in cb._cloud.get(ar, ())
         keep_b = bn > ca._vv.get(br, 0) and bn not in ca._cloud.get(br, ())
         if keep_a and keep_b:
-            if ar == br:  # one writer's later entry replaces its earlier one (module doc)
+            if ar == br and ONE_ENTRY_PER_WRITER:  # a writer's later entry replaces its earlier
                 return a if an > bn else b
             return cls(a + b) if (ar, an) < (br, bn) else cls(b + a)
         if keep_a:
@@ -476,7 +481,7 @@ def join_store(
         keep_a = an > cb._vv.get(ar, 0) and an not in cb._cloud.get(ar, ())
         keep_b = bn > ca._vv.get(br, 0) and bn not in ca._cloud.get(br, ())
         if keep_a and keep_b:
-            if ar == br:  # one writer's later entry replaces its earlier one
+            if ar == br and ONE_ENTRY_PER_WRITER:  # a writer's later entry replaces its earlier
                 if an > bn:
                     return root
                 r = bv

@@ -235,3 +235,20 @@ def test_laws_hold_on_states_left_by_loss(data: st.DataObject) -> None:
     assert x.join(y).join(z) == x.join(y.join(z))
     assert x.join(x) == x
     assert x.join(y).join(y) == x.join(y)
+
+
+def test_the_snippet_fails_without_the_rule(monkeypatch: Any) -> None:
+    """Mutation check: with the one-entry-per-writer rule off, the defect is back and the
+    tests above would catch it (so they cannot pass vacuously)."""
+    from broker.crdt import _stores
+
+    monkeypatch.setattr(_stores, "ONE_ENTRY_PER_WRITER", False)
+    a, b = ORMap(), ORMap()
+    d1 = a.increment("r1", ("v",), 1)
+    a.merge(d1)
+    b.merge(d1)
+    a.merge(a.increment("r1", ("v",), 1))
+    d3 = a.increment("r1", ("v",), 1)
+    a.merge(d3)
+    b.merge(d3)
+    assert b.value() == {"v": 4}
