@@ -55,6 +55,7 @@ from broker.crdt._stores import (
     opaque_store_class,
 )
 from broker.errors import (
+    CodecError,
     InvalidArgumentError,
     MalformedMessageError,
     MessageTooDeepError,
@@ -269,13 +270,20 @@ def _fields(schema: WireSchema) -> _Fields:
 
 
 class _Decoder:
-    __slots__ = ("delta", "f", "replicas", "schema")
+    __slots__ = ("bad_keys", "delta", "f", "replicas", "schema")
 
-    def __init__(self, schema: WireSchema, replicas: list[str], delta: bool) -> None:
+    def __init__(
+        self,
+        schema: WireSchema,
+        replicas: list[str],
+        delta: bool,
+        bad_keys: list[tuple[str, str]] | None = None,
+    ) -> None:
         self.schema = schema
         self.replicas = replicas
         self.delta = delta
         self.f = _fields(schema)
+        self.bad_keys = bad_keys
 
     def replica(self, index: int) -> str:
         try:
@@ -457,7 +465,19 @@ class _Decoder:
             whole = _GET(e, f.e_whole)
             if whole and not self.delta:
                 raise MalformedMessageError("a Whole marker in a full state")
-            store = self.store(e, kind, depth + 1)
+            try:
+                try:
+                    store = self.store(e, kind, depth + 1)
+                except capnp.KjException as exc:  # a bad pointer below this key
+                    text = str(exc).split("\n", 1)[0].split("failed: ", 1)[-1][:200]
+                    raise MalformedMessageError(f"not valid Cap'n Proto: {text}") from exc
+            except CodecError as exc:
+                # Name the key at fault (outermost last: "under key 'a': under key 'b': ...").
+                msg = f"under key {key!r}: {exc}"
+                if depth == 1 and self.bad_keys is not None:
+                    self.bad_keys.append((key, msg))
+                    continue
+                raise type(exc)(msg) from exc
             if store is None and not whole:
                 raise MalformedMessageError(f"empty store under key {key!r}")
             cur: Any = out.get(key)
@@ -479,9 +499,18 @@ def _kind_of(store: Any) -> Any:
     return store.KIND
 
 
-def decode_document(schema: WireSchema, doc: Any, expect: type[Causal] | None = None) -> Causal:
-    """The CRDT a ``Document`` reader holds; raises a ``CodecError`` subclass if invalid.
+def decode_document(
+    schema: WireSchema,
+    doc: Any,
+    expect: type[Causal] | None = None,
+    bad_keys: list[tuple[str, str]] | None = None,
+) -> Causal:
+    """The CRDT a ``Document`` reader holds; raises a ``CodecError`` subclass if invalid,
+    naming the map keys down to the entry at fault.
 
+    ``bad_keys``: instead of raising for a top-level key whose content is invalid, skip that
+    key and append ``(key, reason)`` (used to load a stored state whose one key is bad without
+    refusing the whole node). Structural faults (order, replica table, context) still raise.
     pycapnp exceptions raised while reading are left to the caller to map.
     """
     if not isinstance(doc, _READER):
@@ -493,7 +522,7 @@ def decode_document(schema: WireSchema, doc: Any, expect: type[Causal] | None = 
     if len(set(replicas)) != len(replicas):
         raise MalformedMessageError("replica table repeats an id")
     delta = doc.delta
-    dec = _Decoder(schema, replicas, delta)
+    dec = _Decoder(schema, replicas, delta, bad_keys)
     root = doc.root
     kind = root.kind
     cls = CAUSAL_OF_KIND.get(kind)

@@ -162,12 +162,20 @@ class WireCodec:
         """Packed Cap'n Proto bytes of a state or delta."""
         return encode_document(self.schema, state).to_bytes_packed()  # type: ignore[no-any-return]
 
-    def decode_document(self, data: bytes, expect: type[Causal] | None = None) -> Causal:
-        """The state or delta in packed ``data``; raises a ``CodecError`` subclass."""
+    def decode_document(
+        self,
+        data: bytes,
+        expect: type[Causal] | None = None,
+        *,
+        bad_keys: list[tuple[str, str]] | None = None,
+    ) -> Causal:
+        """The state or delta in packed ``data``; raises a ``CodecError`` subclass naming the
+        key at fault. With ``bad_keys``, a top-level key whose content is invalid is skipped
+        and reported there as ``(key, reason)`` instead (see ``decode_document``)."""
         self._check_size(data, "document")
         with decoding("document"):
             doc = self._parse(self.schema.crdt.Document, data, NESTING_LIMIT)
-            return decode_document(self.schema, doc, expect)
+            return decode_document(self.schema, doc, expect, bad_keys)
 
     # -- envelopes -----------------------------------------------------------------------
 
