@@ -32,8 +32,7 @@ import hashlib
 from collections.abc import Iterable
 from typing import Any, Final
 
-from broker.codec import CURRENT_VERSION, load_schema
-from broker.codec._document import decode_document, encode_document
+from broker.codec import CURRENT_VERSION, WireCodec, load_schema
 from broker.crdt import CausalContext, ORMap
 from broker.crdt._stores import (
     DIGEST_SIZE,
@@ -79,8 +78,8 @@ def newest_reading(entry: Any) -> Any:
     if not _holds_readable_opaque(entry, schema.kinds):
         return entry
     holder = ORMap(MapStore({"k": entry}), CausalContext(), is_delta=isinstance(entry, Whole))
-    doc = encode_document(schema, holder).as_reader()
-    read = decode_document(schema, doc)
+    codec = WireCodec(CURRENT_VERSION)
+    read = codec.decode_document(codec.encode_document(holder))
     return (read.store or {}).get("k")
 
 
