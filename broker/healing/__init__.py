@@ -10,6 +10,20 @@ planner with the client.
 
 from broker.healing._client import HealClient
 from broker.healing._endpoints import HealEndpoints
+from broker.healing._planner import (
+    ROOT_LEVELS,
+    AskRoots,
+    HealAction,
+    HealPlanner,
+    HealPolicy,
+    HealResult,
+    PairResult,
+    RepairPair,
+    SchemeMismatch,
+    StopReason,
+    pass_status,
+    subjects_to_heal,
+)
 from broker.healing._tree import BUILD_CHUNK, REFRESH_CHUNK, ReplicaTree
 from broker.healing._wire import (
     LEAVES_PER_CALL,
@@ -36,13 +50,25 @@ __all__ = [
     "PREFIXES_PER_CALL",
     "REFRESH_CHUNK",
     "REPLICA_SERVICE",
+    "ROOT_LEVELS",
     "VERBS",
+    "AskRoots",
+    "HealAction",
     "HealClient",
     "HealEndpoints",
+    "HealPlanner",
+    "HealPolicy",
+    "HealResult",
+    "PairResult",
+    "RepairPair",
     "ReplicaTree",
     "RootView",
+    "SchemeMismatch",
+    "StopReason",
     "pack_leaf_items",
     "pack_prefixes",
+    "pass_status",
+    "subjects_to_heal",
     "unpack_indices",
     "unpack_leaf_items",
     "unpack_prefixes",
