@@ -244,9 +244,10 @@ class HealPlanner:
 
     def receive_roots(self, views: Mapping[str, RootView]) -> None:
         """The answer to ``AskRoots``: every replica's root view."""
-        ask = self._take(AskRoots)
+        ask = self._waiting_for(AskRoots)
         if set(views) != set(ask.nodes):
             raise InvalidArgumentError("roots of exactly the replicas asked are expected")
+        self._waiting.discard(id(ask))
         self._views = dict(views)
         self._out.waves += 1
         if not self._out.roots_before:
@@ -258,7 +259,7 @@ class HealPlanner:
 
     def receive_repair(self, pair: RepairPair, result: PairResult) -> None:
         """The answer to one ``RepairPair`` of the current round."""
-        self._take(RepairPair, pair)
+        self._waiting.discard(id(self._waiting_for(RepairPair, pair)))
         if self._out.rounds == 1:
             self._out.divergent_keys += result.found
         self._out.keys_repaired += result.pushed
@@ -290,7 +291,7 @@ class HealPlanner:
     def _ask(self) -> AskRoots:
         return AskRoots(self.nodes, self.policy.root_levels, self._width, self._agreed)
 
-    def _take(self, kind: type, action: HealAction | None = None) -> AskRoots:
+    def _waiting_for(self, kind: type, action: HealAction | None = None) -> AskRoots:
         if self._result is not None:
             raise InvalidArgumentError("the heal has ended")
         if action is None:
@@ -300,7 +301,6 @@ class HealPlanner:
             action = found[0]
         if id(action) not in self._waiting:
             raise InvalidArgumentError("an answer to an action not waiting for one")
-        self._waiting.discard(id(action))
         return action  # type: ignore[return-value]
 
     def _state(self) -> dict[str, tuple[bytes, int]]:
