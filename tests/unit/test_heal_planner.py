@@ -206,6 +206,7 @@ def test_the_hub_is_the_replica_with_most_items_and_pairs_cover_every_group() ->
     cluster = _Cluster(states)
     planner = HealPlanner("s", sorted(states), HealPolicy(item_bytes=0))
     (ask,) = planner.next_actions()
+    assert isinstance(ask, AskRoots)
     planner.receive_roots({x: cluster.view(x, ask) for x in ask.nodes})
     pairs = planner.next_actions()
     assert all(isinstance(p, RepairPair) and p.left.node == "n3" for p in pairs)
