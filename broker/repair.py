@@ -32,7 +32,7 @@ import hashlib
 from collections.abc import Iterable
 from typing import Any, Final
 
-from broker.codec import CURRENT_VERSION, WireCodec, load_schema
+from broker.codec import CURRENT_VERSION, KINDS_BY_VERSION, WireCodec
 from broker.crdt import CausalContext, ORMap
 from broker.crdt._stores import (
     DIGEST_SIZE,
@@ -55,16 +55,18 @@ __all__ = [
 ]
 
 _PERSON_ITEM: Final = b"wn-merkle-item2"
+_NEWEST_KINDS: Final = KINDS_BY_VERSION[CURRENT_VERSION]
 
 
-def _holds_readable_opaque(entry: Any, kinds: frozenset[int]) -> bool:
-    if isinstance(entry, OpaqueStore):
-        return entry.KIND in kinds
-    if isinstance(entry, Whole):
-        return _holds_readable_opaque(entry.store, kinds)
-    if isinstance(entry, MapStore | KindStore):
-        return any(_holds_readable_opaque(v, kinds) for v in entry.values())
-    return False
+def _holds_readable_opaque(entry: Any) -> bool:
+    # Exact type checks first: this walk runs for every digest taken (hot), and almost never
+    # finds anything.
+    t = type(entry)
+    if t is MapStore or t is KindStore:
+        return any(_holds_readable_opaque(v) for v in entry.values())
+    if t is Whole:
+        return _holds_readable_opaque(entry.store)
+    return isinstance(entry, OpaqueStore) and entry.KIND in _NEWEST_KINDS
 
 
 def newest_reading(entry: Any) -> Any:
@@ -74,8 +76,7 @@ def newest_reading(entry: Any) -> Any:
     An opaque store's payloads are the exact structs they arrived as, so passing the entry
     through the newest codec (it copies opaque payloads verbatim, then reads them with the
     schema that knows their kind) gives the store a newest-version node holds."""
-    schema = load_schema(CURRENT_VERSION)
-    if not _holds_readable_opaque(entry, schema.kinds):
+    if not _holds_readable_opaque(entry):
         return entry
     holder = ORMap(MapStore({"k": entry}), CausalContext(), is_delta=isinstance(entry, Whole))
     codec = WireCodec(CURRENT_VERSION)
