@@ -50,6 +50,7 @@ __all__ = [
     "item_digest",
     "key_digests",
     "newest_reading",
+    "newest_state",
     "repair_deltas",
     "subset",
 ]
@@ -82,6 +83,18 @@ def newest_reading(entry: Any) -> Any:
     codec = WireCodec(CURRENT_VERSION)
     read = codec.decode_document(codec.encode_document(holder))
     return (read.store or {}).get("k")
+
+
+def newest_state(state: ORMap) -> ORMap:
+    """``state`` (with its context) as the newest release reads it: ``newest_reading`` of a
+    whole state, for digests of a whole state (``ORMap.digest``) that must not depend on the
+    wire version of the node holding it."""
+    if not _holds_readable_opaque(state.store):
+        return state
+    codec = WireCodec(CURRENT_VERSION)
+    read = codec.decode_document(codec.encode_document(state))
+    assert isinstance(read, ORMap)
+    return read
 
 
 def entry_digest(entry: Any, secret: bytes = b"") -> bytes:

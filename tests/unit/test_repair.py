@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.crdt import ORMap
+from broker.crdt import MAX_NESTING_DEPTH, ORMap
 from broker.repair import item_digest, key_digests, repair_deltas, subset
 from tests.unit.strategies import histories, run_history
 
@@ -69,6 +69,8 @@ def _flags_and_friends() -> ORMap:
     s.merge(s.enable("b", ("both", "x")))  # two kinds under one name
     s.merge(s.assign("c", ("both", "x"), 1, 6))
     s.merge(s.assign("b", ("plain",), 3, 7))
+    deep = tuple(f"d{i}" for i in range(MAX_NESTING_DEPTH))  # a flag as deep as maps go
+    s.merge(s.enable("c", deep))
     return s
 
 
@@ -77,6 +79,7 @@ def test_digests_do_not_depend_on_the_wire_version_that_read_the_state() -> None
     must equal a v3 reader's, or a mixed cluster never converges through the healer."""
     from broker.codec import WireCodec
     from broker.crdt._stores import OpaqueStore
+    from broker.repair import newest_state
 
     s = _flags_and_friends()
     for version in (1, 2, 3):
@@ -87,6 +90,7 @@ def test_digests_do_not_depend_on_the_wire_version_that_read_the_state() -> None
         assert key_digests(read, b"k") == key_digests(s, b"k")
         for key, entry in (s.store or {}).items():
             assert item_digest(key, (read.store or {})[key], b"k") == item_digest(key, entry, b"k")
+        assert newest_state(read).digest() == s.digest()
         # passed back to a newer node, nothing was lost
         back = WireCodec().decode_document(WireCodec(version).encode_document(read))
         assert back.value() == s.value()
