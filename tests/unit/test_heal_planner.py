@@ -347,3 +347,25 @@ def test_subjects_and_pass_status() -> None:
     assert pass_status([True, False], []) == 2
     assert pass_status([True], ["x"]) == 1
     assert pass_status([], []) == 0
+
+
+PURE = ("broker/healing/_planner.py", "broker/healing/_wire.py", "broker/repair.py")
+FORBIDDEN = ("asyncio", "nats", "prometheus_client", "sqlite3", "time", "random",
+             "broker.transport", "broker.replica", "broker.store", "services")
+
+
+@pytest.mark.parametrize("name", PURE)
+def test_the_planner_and_the_wire_forms_import_nothing_impure(name: str) -> None:
+    """What a simulator drives must run without asyncio, sockets, a store or a clock."""
+    import ast
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[2] / name).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+    bad = {m for m in imported for f in FORBIDDEN if m == f or m.startswith(f + ".")}
+    assert not bad, f"{name} imports {sorted(bad)}"
