@@ -54,10 +54,13 @@ How to drive it (the whole protocol; no asyncio, no clock, no randomness inside)
     result = planner.result()                    # HealResult: counts, roots, converged, reason
 
 Every action of a wave must be answered before ``next_actions`` is called again
-(``InvalidArgumentError`` otherwise). A
-simulator gives ``RootView`` values computed from its replicas' trees (``MerkleTree.root``,
-``count``, and ``level_values`` for ``levels``) and counts ``found``/``pushed``/``waves`` as it
-likes (they only feed the report; ``pushed`` > 0 marks a round that changed something).
+(``InvalidArgumentError`` otherwise). A simulator gives ``RootView`` values computed from its
+replicas' trees (``MerkleTree.root``, ``count``, ``fanout``, ``depth``, ``TREE_SCHEME``, the
+asked ``width``, and ``level_values`` for the asked ``levels`` unless the root is ``unless``)
+and counts ``found``/``pushed``/``waves`` as it likes: they feed the report, and ``found`` or
+``pushed`` above 0 marks a round that should have changed a root (a round that changed none
+ends the heal as ``stuck``). ``tests/unit/test_heal_planner.py`` (``_Cluster``) is a complete
+driver in memory, ~60 lines. Pass ``result.agreed`` as the next heal's ``agreed``.
 
 Pass level: ``subjects_to_heal`` groups discovered replicas by subject; ``pass_status`` is the
 exit status of a one-shot pass (0 converged, 1 a heal failed, 2 a heal did not converge).
