@@ -35,7 +35,7 @@ Rules:
 
 How to drive it (the whole protocol; no asyncio, no clock, no randomness inside)::
 
-    planner = HealPlanner(subject, nodes, HealPolicy(max_rounds=5, hash_bytes=6,
+    planner = HealPlanner(subject, nodes, HealPolicy(max_rounds=3, hash_bytes=6,
                                                      item_bytes=4), agreed=b"")
     while not planner.done:
         for action in planner.next_actions():   # one wave: run them in any order
@@ -104,7 +104,7 @@ StopReason: TypeAlias = Literal["", "rounds", "stuck", "schemes", "failed"]
 class HealPolicy:
     """The settings a heal's decisions depend on."""
 
-    max_rounds: int = 5
+    max_rounds: int = 3
     hash_bytes: int = 6
     """Node values travel cut to this many low bytes (``HASH_SIZE``: whole)."""
     item_bytes: int = 4

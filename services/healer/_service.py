@@ -357,7 +357,7 @@ class HealerService:
             phases=phases,
         )
         self._record(out)
-        if out.rounds:
+        if out.rounds or not out.converged:
             log.log(
                 logging.INFO if out.converged else logging.WARNING,
                 "heal of %s: %d replicas, %d keys differed, %d pushed, %d waves, %d bytes, "
@@ -367,7 +367,7 @@ class HealerService:
                 *(out.phases[p] * 1000 for p in PHASES),
                 "converged" if out.converged else f"NOT converged ({_WHY[out.reason]})",
             )
-        if out.rounds:
+        if out.rounds or not out.converged:
             await self._publish_report(out)
         return out
 
@@ -493,10 +493,10 @@ class HealerService:
         m.bytes.labels(label).inc(out.bytes_sent)
         m.round_trips.labels(label).inc(out.round_trips)
         m.duration.labels(label).observe(out.duration_s)
-        outcome = (
-            "in_sync" if not out.rounds else "converged" if out.converged
-            else "still_moving" if out.retry_soon else "stuck"
-        )
+        if out.converged:
+            outcome = "converged" if out.rounds else "in_sync"
+        else:  # "stuck" is a defect to look at; the others wait for writes or a release
+            outcome = "stuck" if out.reason == "stuck" else "still_moving"
         m.heals.labels(label, outcome).inc()
         self.reports.append(out)
         del self.reports[:-100]
