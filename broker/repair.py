@@ -44,6 +44,7 @@ from broker.crdt._stores import (
     digest_entry,
     dots_of,
 )
+from broker.errors import CodecError
 
 __all__ = [
     "entry_digest",
@@ -81,7 +82,14 @@ def newest_reading(entry: Any) -> Any:
         return entry
     holder = ORMap(MapStore({"k": entry}), CausalContext(), is_delta=isinstance(entry, Whole))
     codec = WireCodec(CURRENT_VERSION)
-    read = codec.decode_document(codec.encode_document(holder))
+    try:
+        read = codec.decode_document(codec.encode_document(holder))
+    except CodecError:
+        # Content the newest release refuses (a kind-6 item whose payload is no flag, say)
+        # is held opaque by an older reader only: no newer node can hold it, so it is
+        # digested as it is. Raising would leave this node's Merkle tree unbuildable, and
+        # every heal of the subject failing, for as long as the entry exists.
+        return entry
     return (read.store or {}).get("k")
 
 
@@ -92,7 +100,12 @@ def newest_state(state: ORMap) -> ORMap:
     if not _holds_readable_opaque(state.store):
         return state
     codec = WireCodec(CURRENT_VERSION)
-    read = codec.decode_document(codec.encode_document(state))
+    try:
+        read = codec.decode_document(codec.encode_document(state))
+    except CodecError:  # some entry the newest release refuses: entry by entry instead
+        store = state.store or {}
+        return ORMap(MapStore({k: newest_reading(v) for k, v in store.items()}) or None,
+                     state.context.copy(), is_delta=state.is_delta)
     assert isinstance(read, ORMap)
     return read
 

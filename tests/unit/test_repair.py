@@ -105,3 +105,28 @@ def test_a_kind_no_release_knows_is_digested_as_it_is() -> None:
     cls = opaque_store_class(200)
     entry = MapStore({"x": cls(("b", 1, b"\x00"))})
     assert newest_reading(entry) is entry
+
+
+def test_an_opaque_store_the_newest_release_refuses_is_digested_as_it_is() -> None:
+    """A v1 node keeps any kind-6 item opaque, even one whose payload is no flag (a newer
+    node refuses it). Its digest must not raise: a raising digest leaves the node's Merkle
+    tree unbuildable, so every heal of the subject would fail while the entry exists."""
+    from broker.codec import CURRENT_VERSION, WireCodec, load_schema
+    from broker.crdt._stores import Kind, MapStore, opaque_store_class
+    from broker.repair import newest_reading, newest_state
+
+    item = load_schema(CURRENT_VERSION).crdt.Item.new_message()
+    lww = item.init("payload").init("lww")
+    lww.hlc = 5
+    lww.init("value").text = "not a flag"
+    entry = MapStore({"f": opaque_store_class(Kind.FLAG)(("b", 1, item.to_bytes_packed()))})
+    assert newest_reading(entry) is entry
+    assert len(item_digest("k", entry, b"s")) == 32
+    assert len(key_digests(ORMap(MapStore({"k": entry})), b"s")) == 1
+    good = _flags_and_friends()
+    v1 = WireCodec(1).decode_document(WireCodec().encode_document(good))
+    assert isinstance(v1, ORMap)
+    mixed = ORMap(MapStore({**(v1.store or {}), "bad": entry}), v1.context.copy())
+    read = newest_state(mixed)
+    assert (read.store or {})["bad"] is entry
+    assert key_digests(read, b"k")["top"] == key_digests(good, b"k")["top"]
