@@ -15,7 +15,8 @@ Rules:
   reply each;
 - equal ``(root, item count)`` everywhere: converged, nothing else is asked;
 - otherwise one *round*: replicas are grouped by ``(root, count, scheme)`` (a group holds the
-  same items); the hub is the replica with the most items (ties: the greatest node id); one
+  same items); the hub is the replica with the most items among those of this code's tree
+  scheme (``TREE_SCHEME``) if any (ties: the greatest node id); one
   ``RepairPair`` per other group reconciles the hub with that group's first member and pushes
   the repairs to every member of both groups. A group whose tree scheme differs from the
   hub's cannot be compared (a rolling upgrade): it is noted in ``HealResult.mismatches``
@@ -76,7 +77,7 @@ from typing import Final, Literal, TypeAlias
 
 from broker.errors import InvalidArgumentError
 from broker.healing._wire import RootView
-from broker.merkle import HASH_SIZE
+from broker.merkle import HASH_SIZE, TREE_SCHEME
 
 __all__ = [
     "ROOT_LEVELS",
@@ -335,7 +336,11 @@ class HealPlanner:
         for n in self.nodes:
             v = views[n]
             groups.setdefault((v.root, v.count, v.scheme), []).append(n)
-        hub = max(self.nodes, key=lambda n: (views[n].count, n))
+        # The hub speaks this code's tree scheme whenever a replica does: an older-scheme
+        # replica holding the most items would otherwise leave every other group
+        # unpaired, and replicas that could be healed among themselves never were.
+        hub = max(self.nodes, key=lambda n: (views[n].scheme == TREE_SCHEME,
+                                             views[n].count, n))
         h = views[hub]
         hub_group = tuple(groups.pop((h.root, h.count, h.scheme)))
         item_width = self.policy.item_bytes if h.width < HASH_SIZE else 0

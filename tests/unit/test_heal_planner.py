@@ -305,6 +305,28 @@ def test_replicas_of_another_tree_scheme_are_noted_not_compared() -> None:
     assert not result.retry_soon
 
 
+def test_an_older_scheme_replica_with_most_items_does_not_block_the_others() -> None:
+    """During an upgrade the replica left on the old tree scheme often holds the most items.
+    It must not become the hub: the replicas of this code's scheme are healed among
+    themselves, and the old one is noted."""
+    states = _diverged(11, 3, 30)
+    states["old"] = _join(states)  # the most items, on the scheme before this one
+    # its item values are defined otherwise: its root never equals the others'
+    cluster = _Cluster(
+        states, lambda node, k, e: item_digest(k, e, SECRET if node != "old" else b"o" * 32)
+    )
+    cluster.schemes = {"old": TREE_SCHEME - 1}
+    current = {n: states[n] for n in ("n0", "n1", "n2")}
+    expected = key_digests(_join(current))
+    assert len({tuple(sorted(key_digests(s).items())) for s in current.values()}) > 1
+    result = cluster.heal(HealPolicy(item_bytes=0))
+    assert result.rounds >= 1
+    assert all(key_digests(states[n]) == expected for n in current)
+    assert not result.converged  # the old replica still differs: never reported as success
+    assert result.reason == "schemes"
+    assert {m.members for m in result.mismatches} == {("old",)}
+
+
 def test_a_failed_action_ends_the_heal_as_failed() -> None:
     planner = HealPlanner("s", ["a", "b"])
     (ask,) = planner.next_actions()
