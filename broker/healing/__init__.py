@@ -8,8 +8,9 @@ micro endpoints) and ``_client`` (the healer's calls to them). ``services/healer
 planner with the client.
 """
 
-from broker.healing._client import HealClient
-from broker.healing._endpoints import HealEndpoints
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from broker.healing._planner import (
     ROOT_LEVELS,
     AskRoots,
@@ -24,7 +25,6 @@ from broker.healing._planner import (
     pass_status,
     subjects_to_heal,
 )
-from broker.healing._tree import BUILD_CHUNK, REFRESH_CHUNK, ReplicaTree
 from broker.healing._wire import (
     LEAVES_PER_CALL,
     MAX_PREFIXES,
@@ -40,6 +40,29 @@ from broker.healing._wire import (
     unpack_leaf_items,
     unpack_prefixes,
 )
+
+if TYPE_CHECKING:
+    from broker.healing._client import HealClient
+    from broker.healing._endpoints import HealEndpoints
+    from broker.healing._tree import BUILD_CHUNK, REFRESH_CHUNK, ReplicaTree
+
+# The adapters (asyncio, NATS, the replica and its SQLite store) load on first use, so that
+# importing the pure planner and wire forms (a simulator does) loads none of them.
+_ADAPTERS = {
+    "HealClient": "broker.healing._client",
+    "HealEndpoints": "broker.healing._endpoints",
+    "BUILD_CHUNK": "broker.healing._tree",
+    "REFRESH_CHUNK": "broker.healing._tree",
+    "ReplicaTree": "broker.healing._tree",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _ADAPTERS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(module), name)
+
 
 __all__ = [
     "BUILD_CHUNK",

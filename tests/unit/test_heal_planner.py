@@ -391,3 +391,21 @@ def test_the_planner_and_the_wire_forms_import_nothing_impure(name: str) -> None
             imported.add(node.module)
     bad = {m for m in imported for f in FORBIDDEN if m == f or m.startswith(f + ".")}
     assert not bad, f"{name} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("module", ["broker.healing", "broker.healing._planner"])
+def test_importing_the_planner_loads_no_adapter(module: str) -> None:
+    """Transitively, not only by its own import lines: importing the planner (and the
+    package, whose adapters load on first use) loads no asyncio, NATS, SQLite or metrics
+    library, so a simulator drives it without them."""
+    import subprocess
+    import sys
+
+    probe = (
+        f"import sys, {module}\n"
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    loaded = set(subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True
+    ).stdout.split())
+    assert not loaded & {"asyncio", "nats", "sqlite3", "prometheus_client"}
