@@ -47,6 +47,7 @@ from broker.crdt._stores import (
 from broker.errors import CodecError
 
 __all__ = [
+    "DIGEST_AS_NEWEST",
     "entry_digest",
     "item_digest",
     "key_digests",
@@ -58,6 +59,11 @@ __all__ = [
 
 _PERSON_ITEM: Final = b"wn-merkle-item2"
 _NEWEST_KINDS: Final = KINDS_BY_VERSION[CURRENT_VERSION]
+
+DIGEST_AS_NEWEST = True
+"""The rule of ``newest_reading`` in digests. Only mutation tests turn it off, to show that
+the tests and the simulation catch issue 13's bug 3 (a v1-pinned node's digests of keys
+holding flags differing from a newer node's, so mixed versions never converge)."""
 
 
 def _holds_readable_opaque(entry: Any) -> bool:
@@ -78,7 +84,7 @@ def newest_reading(entry: Any) -> Any:
     An opaque store's payloads are the exact structs they arrived as, so passing the entry
     through the newest codec (it copies opaque payloads verbatim, then reads them with the
     schema that knows their kind) gives the store a newest-version node holds."""
-    if not _holds_readable_opaque(entry):
+    if not DIGEST_AS_NEWEST or not _holds_readable_opaque(entry):
         return entry
     holder = ORMap(MapStore({"k": entry}), CausalContext(), is_delta=isinstance(entry, Whole))
     codec = WireCodec(CURRENT_VERSION)

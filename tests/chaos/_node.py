@@ -112,7 +112,7 @@ async def main(settings: WorknodeSettings, roster: TrustRoster) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if os.environ.get("WORKNODE_CHAOS_MUTATION") == "version-dependent-digests":
-        broker.repair.newest_reading = lambda entry: entry  # type: ignore[assignment]
+        broker.repair.DIGEST_AS_NEWEST = False
     keys = json.loads(Path(sys.argv[2]).read_text())
     asyncio.run(main(
         WorknodeSettings.model_validate_json(Path(sys.argv[1]).read_text()),

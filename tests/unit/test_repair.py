@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -130,3 +131,21 @@ def test_an_opaque_store_the_newest_release_refuses_is_digested_as_it_is() -> No
     read = newest_state(mixed)
     assert (read.store or {})["bad"] is entry
     assert key_digests(read, b"k")["top"] == key_digests(good, b"k")["top"]
+
+
+def test_the_digest_rule_switched_off_brings_the_mixed_version_bug_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The mutation switch the simulation and the chaos test use: without the rule a v1
+    reader's digest of a key holding a flag differs from a newer reader's (issue 13, bug 3)."""
+    import broker.repair
+    from broker.codec import WireCodec
+
+    s = _flags_and_friends()
+    v1 = WireCodec(1).decode_document(WireCodec().encode_document(s))
+    assert isinstance(v1, ORMap)
+    assert key_digests(v1, b"k") == key_digests(s, b"k")
+    monkeypatch.setattr(broker.repair, "DIGEST_AS_NEWEST", False)
+    differ = {k for k, d in key_digests(v1, b"k").items() if key_digests(s, b"k")[k] != d}
+    assert {"top", "feature", "both"} <= differ
+    assert "plain" not in differ  # keys without flags are not affected
