@@ -55,6 +55,10 @@ class _Cluster:
         self.digest = digest
         self.schemes: dict[str, int] = {}
         self.after_repair: Callable[[], None] = lambda: None
+        # How a node reads a pushed delta (a wire-v1 node reads it through its codec)
+        self.read_delta: Callable[[str, ORMap], ORMap] = lambda node, delta: delta
+        # How the healer reads a node's fetch reply (a v1 node's, through the newest codec)
+        self.read_fetch: Callable[[str, ORMap], ORMap] = lambda node, part: part
 
     def tree(self, node: str) -> MerkleTree:
         store = self.states[node].store or {}
@@ -98,14 +102,14 @@ class _Cluster:
                 else:
                     rec.receive_nodes(req.side, node_answer(t, req.prefixes, width))
         keys = sorted(rec.result().keys)
-        a = subset(self.states[left.node], keys)
-        b = subset(self.states[right.node], keys)
+        a = self.read_fetch(left.node, subset(self.states[left.node], keys))
+        b = self.read_fetch(right.node, subset(self.states[right.node], keys))
         to_left, to_right = repair_deltas(a, b, keys)
         pushed = 0
         for group, delta in ((pair.left_group, to_left), (pair.right_group, to_right)):
             for node in group:
                 if delta.store:
-                    self.states[node].merge(delta)
+                    self.states[node].merge(self.read_delta(node, delta))
                     pushed += len(delta.store)
         self.after_repair()
         return PairResult(len(keys), pushed, waves + 2)
@@ -235,6 +239,56 @@ def test_repairs_that_change_no_root_stop_the_heal_as_stuck() -> None:
     assert result.keys_repaired > 0
     assert not result.retry_soon
     assert pass_status([result.converged], []) == 2
+
+
+@pytest.mark.parametrize("rule", [True, False], ids=["digest-as-newest", "mutation"])
+def test_a_v1_reader_and_a_newer_one_with_flags_converge_in_one_heal(
+    rule: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13, bug 3 the way the simulator meets it: replica ``old`` reads every state and
+    repair as a wire-v1 node does (flags kept opaque), ``new`` as the current release; the
+    newer one wrote flags, and one write was lost on the way to ``old``. One heal converges
+    and the next finds nothing; with the digest rule switched off (the mutation) the heal
+    stops ``stuck`` instead, and never claims success."""
+    import broker.repair
+    from broker.codec import WireCodec
+
+    monkeypatch.setattr(broker.repair, "DIGEST_AS_NEWEST", rule)
+
+    def _read(codec: WireCodec, data: bytes) -> ORMap:
+        read = codec.decode_document(data)
+        assert isinstance(read, ORMap)
+        return read
+
+    def as_v1(state: ORMap) -> ORMap:
+        return _read(WireCodec(1), WireCodec().encode_document(state))
+
+    new = ORMap()
+    new.merge(new.enable("new", ("feature", "dark-mode")))
+    new.merge(new.assign("new", ("feature", "owner"), "b", 5))
+    new.merge(new.enable("new", ("top",)))
+    seen = new.copy()
+    new.merge(new.assign("new", ("lost", "v"), 7, 6))  # never reached old
+    states = {"old": as_v1(seen), "new": new}
+    cluster = _Cluster(states)
+
+    # A v1 node reads every delta through its codec (joining a flag store into its opaque
+    # one is not defined: the simulator must pass deltas through each node's codec too).
+    cluster.read_delta = lambda node, delta: as_v1(delta) if node == "old" else delta
+    cluster.read_fetch = lambda node, part: (
+        _read(WireCodec(), WireCodec(1).encode_document(part)) if node == "old" else part
+    )
+    first = cluster.heal(HealPolicy(item_bytes=0))
+    if not rule:
+        # round 1 carries the lost write (a root changes), round 2 changes nothing: stuck
+        assert (first.converged, first.reason, first.rounds) == (False, "stuck", 2)
+        assert pass_status([first.converged], []) == 2
+        return
+    assert (first.converged, first.rounds) == (True, 1)
+    second = cluster.heal(HealPolicy(item_bytes=0), agreed=first.agreed)
+    assert (second.converged, second.rounds, second.keys_repaired) == (True, 0, 0)
+    assert states["old"].value()["lost"] == {"v": 7}
+    assert states["new"].value()["feature"] == {"dark-mode": True, "owner": "b"}
 
 
 def test_roots_still_moving_after_the_last_round_end_with_rounds() -> None:
