@@ -68,8 +68,8 @@ through its own codec (``WireCodec(v).decode_document(WireCodec().encode_documen
 the healer must read that replica's fetched entries through the newest codec, as over NATS:
 joining a newer kind's store into the opaque store an old reader holds is not defined (the
 join raises). ``broker.repair.DIGEST_AS_NEWEST = False`` brings issue 13's bug 3 back (the
-mutation check): such a heal then ends ``stuck``. ``test_a_v1_reader_and_a_newer_one_with_
-flags_converge_in_one_heal`` shows both.
+mutation check): such a heal then ends ``stuck``. In tests/unit/test_heal_planner.py,
+``test_a_v1_reader_and_a_newer_one_with_flags_converge_in_one_heal`` shows both.
 
 Pass level: ``subjects_to_heal`` groups discovered replicas by subject; ``pass_status`` is the
 exit status of a one-shot pass (0 converged, 1 a heal failed, 2 a heal did not converge).
