@@ -48,7 +48,12 @@ from typing import Any, ClassVar, Final, TypeAlias
 
 from broker.crdt._atoms import INT64_MAX, Atom, Element, encode_atom
 from broker.crdt._context import CausalContext, Dot
-from broker.errors import InvalidArgumentError, NestingDepthError, ValueTooLargeError
+from broker.errors import (
+    InvalidArgumentError,
+    KindMismatchError,
+    NestingDepthError,
+    ValueTooLargeError,
+)
 
 __all__ = [
     "CLASS_OF_KIND",
@@ -635,6 +640,16 @@ def join_entry(
     out = KindStore()
     for kind in sorted(da.keys() | db.keys()):
         x, y = da.get(kind), db.get(kind)
+        if x is not None and y is not None and type(x) is not type(y):
+            # One side read this kind as opaque (a wire version without it), the other knows
+            # it: their entries have different shapes. Only a local write of a kind the node's
+            # wire version cannot carry leads here (the replica refuses those first); raise
+            # before anything is changed, never join mismatched shapes.
+            raise KindMismatchError(
+                f"kind {kind} is held as {type(x).__name__} on one side and "
+                f"{type(y).__name__} on the other: a wire version that lacks the kind "
+                "cannot join it with a local store of it"
+            )
         if y is None and not full:
             r2: Any = x
         else:

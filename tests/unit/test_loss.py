@@ -252,3 +252,25 @@ def test_the_snippet_fails_without_the_rule(monkeypatch: Any) -> None:
     a.merge(d3)
     b.merge(d3)
     assert b.value() == {"v": 4}
+
+
+def test_an_opaque_kind_and_the_known_kind_never_join_into_garbage() -> None:
+    """A v1 reader keeps a flag as an opaque store; a flag written locally on such a node
+    meets it at the same path: a clear error, and the state is left as it was."""
+    from broker.errors import KindMismatchError
+
+    s = ORMap()
+    s.merge(s.enable("new", ("feature", "dark")))
+    old = WireCodec(1).decode_document(WireCodec().encode_document(s))
+    assert isinstance(old, ORMap)
+    t = ORMap()
+    t.merge(t.enable("x", ("feature", "dark")))
+    for into, other in ((t.copy(), old), (old.copy(), t)):
+        before = into.digest()
+        try:
+            into.merge(other)
+        except KindMismatchError:
+            pass
+        else:
+            raise AssertionError("joined a flag with an opaque kind-6 store")
+        assert into.digest() == before
