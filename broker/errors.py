@@ -1,22 +1,37 @@
-"""The worknode error tree.
+"""The worknode error tree: one tree, every error with its status code.
 
-Every error worknode raises on purpose derives from :class:`WorknodeError`, so a caller can
-catch one base class at a boundary. Each class says when it is raised and what the caller
-should do about it. Errors that are safe to retry carry ``retriable = True``; all others are
-final for the input that caused them.
+Invariants:
 
-Invalid input is a ``WorknodeError`` *and* a ``ValueError`` so that code written against the
-builtin hierarchy keeps working.
+- Every error worknode raises on purpose derives from :class:`WorknodeError`, so a caller can
+  catch one base class at a boundary. Each class says when it is raised and what the caller
+  should do about it.
+- Every class carries ``code``, a :class:`StatusCode` (gRPC-style, the RPC wire's enum). A
+  boundary that must answer with a status (the RPC server, a micro endpoint) reads ``code``;
+  nothing recognises an error by its message text. Where one status covers several errors a
+  client must tell apart, the class also names a ``reason`` (a stable token that travels beside
+  the status, see :func:`error_for`).
+- Errors that are safe to retry carry ``retriable = True``; all others are final for the input
+  that caused them. Timeouts also subclass the builtin ``TimeoutError``; invalid input is also a
+  ``ValueError``, a missing thing also a ``LookupError``, so code written against the builtin
+  hierarchy keeps working.
+- Pure: no I/O, no clock; importable from every layer.
 """
 
 from __future__ import annotations
 
+import enum
+from typing import ClassVar, Final
+
 __all__ = [
+    "ERROR_CLASSES",
     "BackpressureError",
     "BadSignatureError",
     "BoundsError",
+    "CallDepthExceededError",
     "ClockSkewError",
     "CodecError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
     "InvalidArgumentError",
     "InvalidKeyError",
     "InvalidNodeIdError",
@@ -31,13 +46,22 @@ __all__ = [
     "NoRespondersError",
     "NotConnectedError",
     "PayloadTooLargeError",
+    "PermissionDeniedError",
     "ReplicaError",
+    "ResourceExhaustedError",
+    "RpcError",
+    "RpcInternalError",
+    "RpcInvalidArgumentError",
+    "RpcNotFoundError",
     "ServerError",
     "SignatureError",
+    "StatusCode",
     "StoreError",
     "TransportError",
     "TransportTimeoutError",
     "TreeError",
+    "UnauthenticatedError",
+    "UnavailableError",
     "UnknownNodeError",
     "UnknownSignerError",
     "UnsignedMessageError",
@@ -45,21 +69,73 @@ __all__ = [
     "UnsupportedVersionError",
     "ValueTooLargeError",
     "WorknodeError",
+    "error_for",
 ]
+
+
+class StatusCode(enum.IntEnum):
+    """Status of an RPC (and of any error), modelled on gRPC; numbers are the ordinals of
+    ``rpc.capnp``'s enum."""
+
+    OK = 0
+    DEADLINE_EXCEEDED = 1
+    UNAVAILABLE = 2
+    RESOURCE_EXHAUSTED = 3
+    UNAUTHENTICATED = 4
+    PERMISSION_DENIED = 5
+    FAILED_PRECONDITION = 6
+    NOT_FOUND = 7
+    INVALID_ARGUMENT = 8
+    INTERNAL = 9
+
+    @property
+    def label(self) -> str:
+        """The lowercase name used in metrics (``ok``, ``permission_denied``, ...)."""
+        return self.name.lower()
+
+    @property
+    def http(self) -> str:
+        """The ADR-32 ``Nats-Service-Error-Code`` this status travels as (HTTP-like)."""
+        return _HTTP[self]
+
+    @classmethod
+    def from_http(cls, code: str) -> StatusCode:
+        """The status for an ADR-32 error code; unknown codes are ``INTERNAL``."""
+        return _FROM_HTTP.get(code, cls.INTERNAL)
+
+
+_HTTP: Final = {
+    StatusCode.OK: "200",
+    StatusCode.DEADLINE_EXCEEDED: "504",
+    StatusCode.UNAVAILABLE: "503",
+    StatusCode.RESOURCE_EXHAUSTED: "429",
+    StatusCode.UNAUTHENTICATED: "401",
+    StatusCode.PERMISSION_DENIED: "403",
+    StatusCode.FAILED_PRECONDITION: "412",
+    StatusCode.NOT_FOUND: "404",
+    StatusCode.INVALID_ARGUMENT: "400",
+    StatusCode.INTERNAL: "500",
+}
+_FROM_HTTP: Final = {v: k for k, v in _HTTP.items()}
 
 
 class WorknodeError(Exception):
     """Root of every error worknode raises on purpose.
 
     Catch this at a service boundary to handle all worknode failures in one place.
-    ``retriable`` tells whether repeating the same call later may succeed.
+    ``code`` is the status it travels as; ``retriable`` tells whether repeating the same call
+    later may succeed. A class sets both; an instance may refine them (``ServiceCallError``
+    takes them from the reply it received).
     """
 
+    code: StatusCode = StatusCode.INTERNAL
     retriable: bool = False
 
 
 class InvalidArgumentError(WorknodeError, ValueError):
     """An argument is malformed. Fix the input; retrying the same call fails again."""
+
+    code = StatusCode.INVALID_ARGUMENT
 
 
 class InvalidReplicaIdError(InvalidArgumentError):
@@ -103,6 +179,8 @@ class BoundsError(WorknodeError):
     Split the work, or raise the bound in settings where it is a setting.
     """
 
+    code = StatusCode.RESOURCE_EXHAUSTED
+
 
 class NestingDepthError(BoundsError):
     """Building or merging a state nested deeper than ``MAX_NESTING_DEPTH`` maps.
@@ -124,6 +202,7 @@ class ClockSkewError(WorknodeError):
     catches up may succeed, hence ``retriable``.
     """
 
+    code = StatusCode.UNAVAILABLE
     retriable = True
 
 
@@ -138,12 +217,16 @@ class UnknownNodeError(TreeError, LookupError):
     until the replica has caught up with the write that creates it.
     """
 
+    code = StatusCode.NOT_FOUND
+
 
 class CodecError(WorknodeError):
     """Bytes from the wire could not be turned into a message. Nothing from that message was
     applied. The subclass says why; the sender (or something between) must fix the bytes:
     retrying the same bytes fails again. Receivers count these and carry on.
     """
+
+    code = StatusCode.INVALID_ARGUMENT
 
 
 class MalformedMessageError(CodecError, ValueError):
@@ -158,17 +241,23 @@ class MessageTooLargeError(CodecError, BoundsError):
     traversal limit derived from the NATS max payload. Send smaller batches.
     """
 
+    code = StatusCode.RESOURCE_EXHAUSTED
+
 
 class MessageTooDeepError(CodecError, BoundsError):
     """A message nests deeper than the decoder allows (Cap'n Proto nesting limit, or maps
     deeper than ``MAX_NESTING_DEPTH``). Flatten the data model.
     """
 
+    code = StatusCode.RESOURCE_EXHAUSTED
+
 
 class UnsupportedVersionError(CodecError):
     """The writer's wire version is older than the oldest this reader supports, or the
     version field is missing. Upgrade the writer (or run a reader that still supports it).
     """
+
+    code = StatusCode.FAILED_PRECONDITION
 
 
 class UnsupportedContentError(CodecError):
@@ -177,9 +266,14 @@ class UnsupportedContentError(CodecError):
     features on the cluster's wire version; raise it only after every node is upgraded.
     """
 
+    code = StatusCode.FAILED_PRECONDITION
+
 
 class SignatureError(CodecError):
-    """The envelope's signature does not authenticate its bytes. The message is refused."""
+    """The envelope's signature does not authenticate its bytes. The message is refused;
+    retrying the same bytes fails again (the subclass says what to fix)."""
+
+    code = StatusCode.UNAUTHENTICATED
 
 
 class UnsignedMessageError(SignatureError):
@@ -213,19 +307,25 @@ class TransportError(WorknodeError):
     adapter reconnects by itself; retry after a short delay.
     """
 
+    code = StatusCode.UNAVAILABLE
     retriable = True
 
 
 class NotConnectedError(TransportError):
-    """The transport is not connected (not started, closed, or reconnecting)."""
+    """The transport is not connected (not started, closed, or reconnecting). Retriable once
+    it reconnects; start it first if it never was."""
 
 
 class TransportTimeoutError(TransportError, TimeoutError):
-    """A request, flush or connect did not complete in time."""
+    """A request, flush or connect did not complete in time (the peer may still have acted).
+    Retriable with a fresh timeout if the operation is idempotent."""
+
+    code = StatusCode.DEADLINE_EXCEEDED
 
 
 class NoRespondersError(TransportError):
-    """A request found no subscriber on its subject (no peer serves it right now)."""
+    """A request found no subscriber on its subject (no peer serves it right now). Retriable
+    after a short delay, once a peer serves it."""
 
 
 class PayloadTooLargeError(BoundsError):
@@ -238,11 +338,15 @@ class ServerError(WorknodeError):
     configure a NATS URL instead.
     """
 
+    code = StatusCode.FAILED_PRECONDITION
+
 
 class StoreError(WorknodeError):
     """The durable store failed (disk full, permissions, corruption). Writes are refused
     until it is fixed; nothing unacknowledged was lost.
     """
+
+    code = StatusCode.INTERNAL
 
 
 class BackpressureError(BoundsError):
@@ -257,3 +361,128 @@ class ReplicaError(WorknodeError):
     """A replica cannot make progress for an internal reason (its committer or publisher
     task stopped). A bug: restart the service; acknowledged writes are in the store.
     """
+
+    code = StatusCode.INTERNAL
+
+
+# -- RPC: one exception per status code --------------------------------------------------------
+
+
+class RpcError(WorknodeError):
+    """An RPC did not succeed. ``code`` says why; ``trace_id`` names the call chain.
+
+    Raised by the RPC client for an error reply (see :func:`error_for`) and by the pure RPC
+    core; the RPC server answers any ``WorknodeError`` with its ``code``. ``reason`` is empty
+    unless the class must be told apart from others of its status on the wire.
+    """
+
+    code = StatusCode.INTERNAL
+    reason: ClassVar[str] = ""
+
+    def __init__(self, message: str, *, trace_id: bytes = b"") -> None:
+        super().__init__(message)
+        self.message = message
+        self.trace_id = trace_id
+
+
+class DeadlineExceededError(RpcError, TimeoutError):
+    """The deadline passed before a reply (the call may still have run). Retriable with a
+    fresh deadline if the method is idempotent."""
+
+    code = StatusCode.DEADLINE_EXCEEDED
+    retriable = True
+
+
+class UnavailableError(RpcError):
+    """Nobody serves this method right now (no responders), or the server is stopping.
+    Retriable after a short delay."""
+
+    code = StatusCode.UNAVAILABLE
+    retriable = True
+
+
+class ResourceExhaustedError(RpcError, BoundsError):
+    """Too many requests in flight at the endpoint, or a request too large. Back off and retry
+    (a too-large request fails again: send less)."""
+
+    code = StatusCode.RESOURCE_EXHAUSTED
+    retriable = True
+
+
+class CallDepthExceededError(ResourceExhaustedError):
+    """A call chain went deeper than ``MAX_CALL_DEPTH`` hops: a recursion to break, not to
+    retry. Travels as ``RESOURCE_EXHAUSTED`` with the reason ``call_depth``."""
+
+    reason = "call_depth"
+    retriable = False
+
+
+class UnauthenticatedError(RpcError):
+    """The token is missing, malformed, forged, signed by an unknown root key, expired or
+    revoked. Get a valid token; retrying the same token fails again."""
+
+    code = StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(RpcError):
+    """The token is valid but does not grant this namespace, subject, worknode or method.
+    Ask for a token that grants it."""
+
+    code = StatusCode.PERMISSION_DENIED
+
+
+class FailedPreconditionError(RpcError):
+    """The request's wire version is not supported by the server. Upgrade the caller."""
+
+    code = StatusCode.FAILED_PRECONDITION
+
+
+class RpcNotFoundError(RpcError, LookupError):
+    """No such worknode (or method) on the serving replica. Create it or fix the name."""
+
+    code = StatusCode.NOT_FOUND
+
+
+class RpcInvalidArgumentError(RpcError, InvalidArgumentError):
+    """The request bytes or arguments are invalid. Fix the input; retrying fails again."""
+
+    code = StatusCode.INVALID_ARGUMENT
+
+
+class RpcInternalError(RpcError):
+    """The server failed unexpectedly (a bug, or a replica that cannot write). Retriable."""
+
+    code = StatusCode.INTERNAL
+    retriable = True
+
+
+ERROR_CLASSES: Final[dict[StatusCode, type[RpcError]]] = {
+    StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    StatusCode.UNAVAILABLE: UnavailableError,
+    StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    StatusCode.NOT_FOUND: RpcNotFoundError,
+    StatusCode.INVALID_ARGUMENT: RpcInvalidArgumentError,
+    StatusCode.INTERNAL: RpcInternalError,
+}
+"""The exception of each non-OK status, when the reply names no ``reason``."""
+
+_BY_REASON: Final[dict[tuple[StatusCode, str], type[RpcError]]] = {
+    (cls.code, cls.reason): cls for cls in (CallDepthExceededError,)
+}
+
+
+def error_for(
+    code: StatusCode, message: str, *, reason: str = "", trace_id: bytes = b""
+) -> RpcError:
+    """The exception a caller raises for a non-OK status received from the wire.
+
+    ``reason`` (from the reply, empty if none) selects a finer class of the same status; an
+    unknown reason falls back to the status's class. The message is only carried, never read.
+    """
+    cls = _BY_REASON.get((code, reason)) if reason else None
+    if cls is None:
+        cls = ERROR_CLASSES.get(code, RpcInternalError)
+    return cls(message, trace_id=trace_id)

@@ -1,24 +1,12 @@
 """Capability-checked RPC between worknodes over NATS request/reply.
 
-Pure core: ``_protocol`` (bodies, bounds, deadlines, depth), ``_capability`` (Biscuit tokens),
-``_errors`` (status codes and their exceptions). Adapters: ``_server`` (NATS micro endpoints),
-``_client``, ``_revocation`` (revoked ids in a replicated CRDT set).
+Pure core: ``_protocol`` (bodies, bounds, deadlines, depth), ``_capability`` (Biscuit tokens).
+Adapters: ``_server`` (NATS micro endpoints), ``_client``, ``_revocation`` (revoked ids in a
+replicated CRDT set). Status codes and their exceptions live in the one error tree,
+``broker.errors``; they are re-exported here.
 """
 
-from broker.rpc._capability import (
-    ANY_METHOD,
-    MAX_TOKEN_BYTES,
-    TOKEN_CACHE_SIZE,
-    Grant,
-    RootKey,
-    TokenInfo,
-    TokenVerifier,
-    attenuate,
-    inspect,
-    mint,
-)
-from broker.rpc._client import DEFAULT_TIMEOUT_MS, RpcClient
-from broker.rpc._errors import (
+from broker.errors import (
     CallDepthExceededError,
     DeadlineExceededError,
     FailedPreconditionError,
@@ -33,6 +21,19 @@ from broker.rpc._errors import (
     UnavailableError,
     error_for,
 )
+from broker.rpc._capability import (
+    ANY_METHOD,
+    MAX_TOKEN_BYTES,
+    TOKEN_CACHE_SIZE,
+    Grant,
+    RootKey,
+    TokenInfo,
+    TokenVerifier,
+    attenuate,
+    inspect,
+    mint,
+)
+from broker.rpc._client import DEFAULT_TIMEOUT_MS, RpcClient
 from broker.rpc._protocol import (
     MAX_ARGUMENTS,
     MAX_CALL_DEPTH,

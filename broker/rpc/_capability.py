@@ -35,8 +35,7 @@ from typing import Final
 
 import biscuit_auth as bi
 
-from broker.errors import InvalidArgumentError
-from broker.rpc._errors import PermissionDeniedError, UnauthenticatedError
+from broker.errors import InvalidArgumentError, PermissionDeniedError, UnauthenticatedError
 
 __all__ = [
     "ANY_METHOD",

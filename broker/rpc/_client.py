@@ -17,18 +17,16 @@ from typing import Any, Final
 
 from broker.codec import WireCodec
 from broker.errors import (
+    DeadlineExceededError,
     InvalidSubjectError,
     NoRespondersError,
     PayloadTooLargeError,
-    TransportError,
-    TransportTimeoutError,
-)
-from broker.rpc._errors import (
-    DeadlineExceededError,
     ResourceExhaustedError,
     RpcError,
     RpcInvalidArgumentError,
     StatusCode,
+    TransportError,
+    TransportTimeoutError,
     UnavailableError,
     error_for,
 )
@@ -38,6 +36,7 @@ from broker.rpc._protocol import (
     clamp_timeout_ms,
     decode_response,
     encode_request,
+    error_of,
     new_request,
 )
 from broker.transport import ERROR_CODE_HEADER, ERROR_HEADER, Transport, rpc_subject
@@ -141,5 +140,5 @@ class RpcClient:
                 raise error_for(code, headers.get(ERROR_HEADER, ""), trace_id=trace) from None
             raise
         if response.status is not StatusCode.OK:
-            raise error_for(response.status, response.message, trace_id=trace)
+            raise error_of(response, trace)
         return response

@@ -14,6 +14,10 @@ packed. Invariants:
 - Every decode failure is an ``RpcInvalidArgumentError`` (bad bytes) or a
   ``FailedPreconditionError`` (a wire version the server does not support): a caller can act
   on both, and a server answers them and carries on.
+- An error response carries its status and a human-readable message; when the error's class
+  has a ``reason`` (``CallDepthExceededError``), its ``result`` holds ``reason`` = that token
+  (``error_response`` / ``error_of``). Clients pick the exception by status and reason, never
+  by the message text. Older readers ignore the result of an error and still see the status.
 """
 
 from __future__ import annotations
@@ -29,14 +33,16 @@ from broker.codec import NESTING_LIMIT, OLDEST_VERSION, WireCodec, decoding
 from broker.codec._document import decode_document, encode_document
 from broker.codec._packed import check_segments
 from broker.crdt import MAX_VALUE_BYTES, ORMap, validate_atom
-from broker.errors import CodecError, WorknodeError
-from broker.rpc._errors import (
-    DEPTH_MESSAGE,
+from broker.errors import (
     CallDepthExceededError,
+    CodecError,
     DeadlineExceededError,
     FailedPreconditionError,
+    RpcError,
     RpcInvalidArgumentError,
     StatusCode,
+    WorknodeError,
+    error_for,
 )
 
 __all__ = [
@@ -44,6 +50,7 @@ __all__ = [
     "MAX_CALL_DEPTH",
     "MAX_REQUEST_BYTES",
     "MAX_RPC_TIMEOUT_MS",
+    "REASON_KEY",
     "TRACE_ID_BYTES",
     "Deadline",
     "Request",
@@ -55,6 +62,8 @@ __all__ = [
     "decode_response",
     "encode_request",
     "encode_response",
+    "error_of",
+    "error_response",
 ]
 
 MAX_RPC_TIMEOUT_MS: Final = 30_000
@@ -67,6 +76,8 @@ setting); larger requests get ``RESOURCE_EXHAUSTED``."""
 MAX_ARGUMENTS: Final = 64
 """Arguments per request or result."""
 TRACE_ID_BYTES: Final = 16
+REASON_KEY: Final = "reason"
+"""The result entry of an error response that names its ``RpcError.reason``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,9 +159,8 @@ _set_at_ms: Final = Deadline.__dict__["at_ms"].__set__
 def check_depth(depth: int) -> None:
     """Raise ``CallDepthExceededError`` if a request at ``depth`` must not run."""
     if depth > MAX_CALL_DEPTH:
-        raise CallDepthExceededError(
-            f"{DEPTH_MESSAGE} {depth} exceeds MAX_CALL_DEPTH={MAX_CALL_DEPTH}"
-        )
+        # Readers before the ``reason`` entry recognised this by its opening words: keep them.
+        raise CallDepthExceededError(f"call depth {depth} exceeds MAX_CALL_DEPTH={MAX_CALL_DEPTH}")
 
 
 def child_depth(depth: int) -> int:
@@ -263,6 +273,23 @@ def new_response(
     s_state(r, state)
     s_trace(r, trace_id)
     return r
+
+
+def error_response(exc: WorknodeError, message: str, trace_id: bytes = b"") -> Response:
+    """The response that answers ``exc``: its status, ``message``, and its reason if any."""
+    reason = exc.reason if isinstance(exc, RpcError) else ""
+    return new_response(exc.code, message, {REASON_KEY: reason} if reason else {}, None, trace_id)
+
+
+def error_of(response: Response, trace_id: bytes = b"") -> RpcError:
+    """The exception for a non-OK ``response``, chosen by its status and reason."""
+    reason = response.result.get(REASON_KEY, "")
+    return error_for(
+        response.status,
+        response.message,
+        reason=reason if type(reason) is str else "",
+        trace_id=trace_id or response.trace_id,
+    )
 
 
 def _write_arguments(builder: Any, field: Any, args: Mapping[str, Any], layout: _Layout) -> None:
@@ -399,8 +426,8 @@ _DECODE_ERRORS: Final = (
 
 def _reason(exc: BaseException) -> str:
     text = str(exc).split("\n", 1)[0]
-    if isinstance(exc, capnp.KjException) and "failed: " in text:
-        text = text.split("failed: ", 1)[1]
+    if isinstance(exc, capnp.KjException):
+        text = text.split("failed: ", 1)[-1]  # "file.c++:123: failed: why": keep the why
     return f"{type(exc).__name__}: {text[:200]}"
 
 

@@ -42,22 +42,16 @@ from typing import Any, Final, Protocol
 from broker.codec import WireCodec
 from broker.crdt import ROOT_ID, Tree, validate_node_id
 from broker.errors import (
-    BackpressureError,
-    BoundsError,
-    InvalidArgumentError,
-    UnknownNodeError,
-    WorknodeError,
-)
-from broker.replica import Replica
-from broker.rpc._capability import TokenVerifier, attenuate
-from broker.rpc._errors import (
     DeadlineExceededError,
-    RpcError,
+    InvalidArgumentError,
     RpcInvalidArgumentError,
     RpcNotFoundError,
     StatusCode,
     UnavailableError,
+    WorknodeError,
 )
+from broker.replica import Replica
+from broker.rpc._capability import TokenVerifier, attenuate
 from broker.rpc._protocol import (
     MAX_CALL_DEPTH,
     MAX_REQUEST_BYTES,
@@ -68,6 +62,7 @@ from broker.rpc._protocol import (
     child_depth,
     decode_request,
     encode_response,
+    error_response,
     new_response,
 )
 from broker.rpc._revocation import RevocationList
@@ -297,14 +292,12 @@ class _Ancestry:
 
 
 def _status_of(exc: BaseException) -> StatusCode:
-    if isinstance(exc, RpcError):
+    """The status answering ``exc``: its own ``code`` (every ``WorknodeError`` has one); a
+    builtin ``ValueError`` from a handler is bad input; anything else is a bug."""
+    if isinstance(exc, WorknodeError):
         return exc.code
-    if isinstance(exc, UnknownNodeError):
-        return StatusCode.NOT_FOUND
-    if isinstance(exc, (InvalidArgumentError, ValueError)):
+    if isinstance(exc, ValueError):
         return StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, (BackpressureError, BoundsError)):
-        return StatusCode.RESOURCE_EXHAUSTED
     return StatusCode.INTERNAL
 
 
@@ -412,12 +405,18 @@ class RpcServer:
         return handle
 
     def _refuse(self, code: StatusCode, message: str, trace_id: bytes = b"") -> ErrorReply:
-        body = encode_response(self.codec, Response(code, message, trace_id=trace_id))
-        return ErrorReply(code.http, f"{code.label}: {message}", body)
+        return self._reply(Response(code, message, trace_id=trace_id))
+
+    def _reply(self, response: Response) -> ErrorReply:
+        body = encode_response(self.codec, response)
+        code = response.status
+        return ErrorReply(code.http, f"{code.label}: {response.message}", body)
 
     def _error_reply(self, subject: str, label: str, exc: Exception, trace: bytes) -> ErrorReply:
+        if isinstance(exc, WorknodeError):
+            return self._reply(error_response(exc, str(exc) or type(exc).__name__, trace))
         code = _status_of(exc)
-        if code is StatusCode.INTERNAL and not isinstance(exc, WorknodeError):
+        if code is StatusCode.INTERNAL:
             log.error("rpc %s.%s failed", subject, label, exc_info=exc)
             text = f"internal error: {type(exc).__name__}"
         else:

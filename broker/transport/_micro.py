@@ -8,8 +8,9 @@ serves through nats-py's ``nats.micro`` itself; this module is the same contract
 in-memory transport and the shared client side: ``discover`` and ``call``.
 
 Handlers return the reply body or raise: a ``WorknodeError`` becomes an error reply with the
-``Nats-Service-Error`` / ``Nats-Service-Error-Code`` headers (400 for invalid input and codec
-errors, 500 otherwise) and ``call`` raises ``ServiceCallError`` with them on the client side.
+``Nats-Service-Error`` / ``Nats-Service-Error-Code`` headers (the HTTP form of its ``code``:
+400 for invalid input, 401 for a bad signature, ...; 500 for any other exception) and
+``call`` raises ``ServiceCallError`` with them on the client side.
 A handler that raises ``ErrorReply`` chooses the code and also sends a body (RPC replies carry
 their status in both).
 
@@ -31,7 +32,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from broker.errors import CodecError, InvalidArgumentError, WorknodeError
+from broker.errors import StatusCode, WorknodeError
 from broker.transport._protocol import Msg, Subscription, Transport
 
 __all__ = [
@@ -98,32 +99,37 @@ class ServiceHandle(Protocol):
 
 
 class ServiceCallError(WorknodeError):
-    """A service answered with an error reply (``code`` and ``description`` from the
-    ADR-32 headers). Whether to retry depends on the code: 5xx may succeed later."""
+    """A service answered with an error reply: ``http_code`` and ``description`` from the
+    ADR-32 headers, ``code`` the status that code stands for. Whether to retry depends on the
+    code: 5xx may succeed later (``retriable``); 4xx fails again for the same request."""
 
-    def __init__(self, code: str, description: str) -> None:
-        super().__init__(f"{code}: {description}")
-        self.code = code
+    def __init__(self, http_code: str, description: str) -> None:
+        super().__init__(f"{http_code}: {description}")
+        self.http_code = http_code
+        self.code = StatusCode.from_http(http_code)
         self.description = description
-        self.retriable = code.startswith("5")
+        self.retriable = http_code.startswith("5")
 
 
 class ErrorReply(WorknodeError):
-    """Raised by an endpoint handler to answer with an error ``code`` (ADR-32 header), a
-    ``description`` and a reply ``body``."""
+    """Raised by an endpoint handler to answer with an error ``http_code`` (ADR-32 header),
+    a ``description`` and a reply ``body``; ``code`` is the status of ``http_code``. The
+    endpoint's caller gets it as ``ServiceCallError``."""
 
-    def __init__(self, code: str, description: str, body: bytes = b"") -> None:
+    def __init__(self, http_code: str, description: str, body: bytes = b"") -> None:
         super().__init__(description)
-        self.code = code
+        self.http_code = http_code
+        self.code = StatusCode.from_http(http_code)
         self.description = description
         self.body = body
 
 
 def error_code(exc: BaseException) -> str:
-    """The ADR-32 error code for a handler's exception."""
+    """The ADR-32 error code for a handler's exception: the one an ``ErrorReply`` chose, the
+    HTTP form of a ``WorknodeError``'s status, 500 (a bug) for anything else."""
     if isinstance(exc, ErrorReply):
-        return exc.code
-    return "400" if isinstance(exc, (InvalidArgumentError, CodecError)) else "500"
+        return exc.http_code
+    return exc.code.http if isinstance(exc, WorknodeError) else "500"
 
 
 def error_body(exc: BaseException) -> bytes:

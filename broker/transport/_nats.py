@@ -18,6 +18,10 @@ Invariants (on top of those in ``_protocol``):
   loop, where an exception would force a reconnect.
 - The initial connect is bounded by ``start_timeout`` even when ``max_reconnect_attempts``
   is -1 (reconnect forever, the default once connected).
+- ``stop`` fails the requests still waiting for a reply with ``NotConnectedError`` (nats-py
+  would let them wait out their timeout), and ``request_many`` never returns the server's
+  no-responders status as a reply: the same behaviour as ``MemoryTransport``, checked by
+  tests/conformance.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Self, cast
 
 import nats.errors
-from nats.aio.client import Client
+from nats.aio.client import NO_RESPONDERS_STATUS, Client
 from nats.aio.msg import Msg as NatsMsg
 from nats.aio.subscription import Subscription as NatsSubscriptionImpl
 
@@ -219,6 +223,11 @@ async def _answer_failed(ep: Endpoint, req: Any, exc: nats.errors.Error) -> None
 
 def _to_msg(nmsg: NatsMsg) -> Msg:
     return new_msg(nmsg.subject, nmsg.data, nmsg.reply, nmsg.headers or None)
+
+
+def _no_responders(nmsg: NatsMsg) -> bool:
+    """Whether ``nmsg`` is the server's no-responders status (503), not an answer."""
+    return not nmsg.data and (nmsg.headers or {}).get("Status") == NO_RESPONDERS_STATUS
 
 
 def _check_data(data: object) -> None:
@@ -540,6 +549,7 @@ class NatsTransport:
                 _log.info("transport %r: drain failed (%r); closing", self._name, exc)
             finally:
                 await _close_quietly(nc)
+                _fail_pending_requests(nc)
                 self._close_subs()
 
     def _close_subs(self) -> None:
@@ -679,6 +689,12 @@ class NatsTransport:
         arrived = asyncio.Event()
 
         async def collect(nmsg: NatsMsg) -> None:
+            if _no_responders(nmsg):
+                # The server's status message, not a reply: nobody subscribes, so nobody
+                # will answer (the contract's empty list, at once).
+                enough.set()
+                arrived.set()  # wakes the collection wait, which then sees ``enough``
+                return
             replies.append(_to_msg(nmsg))
             arrived.set()
             if max_replies and len(replies) >= max_replies:
@@ -770,6 +786,19 @@ class NatsTransport:
     def __repr__(self) -> str:
         state = "connected" if self.connected else "not connected"
         return f"<NatsTransport {self._name!r} {self._servers} {state}>"
+
+
+def _fail_pending_requests(nc: Client) -> None:
+    """Fail the requests still waiting for a reply on a closed client.
+
+    nats-py leaves them waiting out their whole timeout, and the caller then sees a retriable
+    ``TransportTimeoutError`` from a transport that is gone; the contract (and
+    ``MemoryTransport``) fails them at once with ``NotConnectedError``, which ``_translate``
+    makes of ``ConnectionClosedError``.
+    """
+    for future in list(nc._resp_map.values()):
+        if not future.done():
+            future.set_exception(nats.errors.ConnectionClosedError())
 
 
 async def _close_quietly(nc: Client) -> None:

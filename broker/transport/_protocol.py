@@ -264,8 +264,9 @@ class Transport(Protocol):
     ) -> Msg:
         """Send a request and wait for the first reply.
 
-        Raises ``NoRespondersError`` when nobody subscribes to ``subject`` and
-        ``TransportTimeoutError`` when no reply comes within ``timeout`` seconds.
+        Raises ``NoRespondersError`` when nobody subscribes to ``subject``,
+        ``TransportTimeoutError`` when no reply comes within ``timeout`` seconds and
+        ``NotConnectedError`` when the transport stops while waiting.
         """
         ...
 

@@ -13,6 +13,7 @@ import pytest
 
 from broker.codec import REPORT_DOMAIN, Signer, TrustRoster, WireCodec
 from broker.crdt import ORMap
+from broker.errors import StatusCode
 from broker.healing import HealClient
 from broker.repair import key_digests
 from broker.replica import Consistency
@@ -153,7 +154,7 @@ async def test_repairs_signed_by_strangers_are_refused(
         forged.is_delta = True
         with pytest.raises(ServiceCallError) as err:
             await client.apply(SUBJECT, "a", forged)
-        assert err.value.code == "400"
+        assert err.value.code is StatusCode.UNAUTHENTICATED  # a bad signature
         assert "evil" not in svc.replica(SUBJECT).state
 
 
@@ -172,7 +173,7 @@ async def test_signed_envelopes_cannot_be_replayed_for_another_purpose(
         probe = rx._context_envelope()  # what x broadcasts on wn.default.sync.orders
         with pytest.raises(ServiceCallError) as err:
             await call(t, merkle_subject("default", SUBJECT, "a", "apply"), probe, timeout=5)
-        assert err.value.code == "400"
+        assert err.value.code is StatusCode.UNAUTHENTICATED  # a bad signature
         assert "replayed" in err.value.description
         assert a.replica(SUBJECT).state.context.size() == 0  # a claims none of x's dots
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from broker.errors import InvalidArgumentError
+from broker.errors import InvalidArgumentError, StatusCode
 from broker.testing import memory_transport_pair
 from broker.transport import (
     EmbeddedNatsServer,
@@ -55,11 +55,13 @@ async def _exercise(server_side: Transport, client: Transport) -> None:
         assert await call(client, "wn.t.rpc.n2.echo", b"hi", timeout=2) == b"echo:hi"
         with pytest.raises(ServiceCallError) as err:
             await call(client, "wn.t.rpc.n1.refuse", b"", timeout=2)
-        assert err.value.code == "400"
+        assert err.value.http_code == "400"
+        assert err.value.code is StatusCode.INVALID_ARGUMENT
         assert not err.value.retriable
         with pytest.raises(ServiceCallError) as err:
             await call(client, "wn.t.rpc.n1.crash", b"", timeout=2)
-        assert err.value.code == "500"
+        assert err.value.http_code == "500"
+        assert err.value.code is StatusCode.INTERNAL
         pings = await client.request_many("$SRV.PING.worknode-test", b"", timeout=0.5)
         assert {json.loads(p.data)["type"] for p in pings} == {"io.nats.micro.v1.ping_response"}
         stats = await client.request_many("$SRV.STATS.worknode-test", b"", timeout=0.5)

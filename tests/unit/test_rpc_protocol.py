@@ -137,7 +137,7 @@ def test_every_status_maps_to_its_own_exception_and_back() -> None:
         assert StatusCode.from_http(code.http) is code
         seen.add(type(exc))
     assert len(seen) == len(StatusCode) - 1
-    assert isinstance(error_for(StatusCode.RESOURCE_EXHAUSTED, "call depth 9 exceeds"),
+    assert isinstance(error_for(StatusCode.RESOURCE_EXHAUSTED, "m", reason="call_depth"),
                       CallDepthExceededError)
     assert isinstance(error_for(StatusCode.DEADLINE_EXCEEDED, "x"), TimeoutError)
 
