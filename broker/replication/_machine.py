@@ -427,6 +427,11 @@ class ReplicationMachine:
     def _on_delta(self, ev: DeltaReceived) -> list[Action]:
         out: list[Action] = []
         w = ev.writer
+        if not ev.document.is_delta:  # a full state is self-consistent: no gate, no sequence
+            self.tree.merge(ev.document)
+            out += [Changed(None), Report("applied", ev.report)]
+            out += self._count_ops(max(1, len(ev.document)))
+            return out + (self._drain() if self._held else [])
         last = self._last_seq.get(w, 0)
         if last and ev.sequence > last + 1:
             out.append(Report("gap", (w, ev.sequence - last - 1)))
