@@ -143,6 +143,8 @@ REJECT_REASONS: Final = (
 
 _SYNC: Final = "Worknode-Sync"
 _TO: Final = "Worknode-To"
+_FULL: Final = "Worknode-Full"
+"""Header on a catch-up request: answer with the full state even if no dot is lacking."""
 _WRITER: Final = "Worknode-Writer"
 """Header on published batches naming the writer, so a replica drops its own echo unopened
 (the envelope inside is still what is trusted; the header only saves work)."""
@@ -678,6 +680,8 @@ class Replica:
         headers = {_SYNC: "request"}
         if action.peer is not None:
             headers[_TO] = action.peer
+        if action.full:
+            headers[_FULL] = "1"
         event: Event
         try:
             reply = await self.transport.request(
@@ -743,7 +747,7 @@ class Replica:
         if kind == "announce":
             self._handle(AnnounceReceived(self._now(), env.writer, theirs))
         elif kind == "request" and msg.reply:
-            self._handle(SyncRequested(self._now(), theirs, msg))
+            self._handle(SyncRequested(self._now(), theirs, msg, full=headers.get(_FULL) == "1"))
 
     # -- internals: incoming -----------------------------------------------------------------
 

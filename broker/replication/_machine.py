@@ -25,8 +25,10 @@ What it decides (``broker/replica.py`` only executes):
   an answer was rejected) is retried after a jittered exponential backoff, bounded by
   ``catchup_max_backoff``, until a peer answers; it alternates between the peer it wanted and
   any peer. A reply that leaves deltas held wants another, from their writer.
-- **Sync requests and announces**, answered with the full state only when the asker lacks a
-  dot this replica has seen; **snapshots** every ``snapshot_every`` ops, covering records up
+- **Sync requests and announces.** A catch-up asks for the full state (``full``) unless
+  its only reasons were peers' announces: a removal issues no dot, so a context cannot show
+  that its delta was lost. A request that is not ``full`` is answered with the full state
+  only when the asker lacks a dot this replica has seen, else with an empty delta. **snapshots** every ``snapshot_every`` ops, covering records up
   to the last one published (unpublished records stay in the log to be republished).
 
 How to drive it: build ``ReplicationMachine(node_id, config, seed=..., loaded=...)``; feed
@@ -230,6 +232,8 @@ class ReplicationMachine:
         self._owed: set[str] = set()  # writers whose held deltas were evicted
         self._catchup_running = False
         self._catchup_wanted = False
+        self._catchup_full = False  # some reason besides an announce: ask for the full state
+        self._catchup_asked_full = False
         self._catchup_peer: str | None = None
         self._catchup_asked: str | None = None
         self._catchup_failures = 0
@@ -487,7 +491,7 @@ class ReplicationMachine:
             out += self._drain()
         if self._held or self._owed:
             peer = self._held[0].writer if self._held else min(self._owed)
-            self._catchup_wanted = True
+            self._catchup_wanted = self._catchup_full = True
             if self._catchup_peer is None:
                 self._catchup_peer = peer
         return out + self._pump_catchup(ev.now)
@@ -503,6 +507,7 @@ class ReplicationMachine:
         self._catchup_not_before = ev.now + delay
         # Until a peer answers: alternate between the peer wanted and any peer.
         self._catchup_wanted = True
+        self._catchup_full = self._catchup_full or self._catchup_asked_full
         if self._catchup_peer is None and n % 2 == 1:
             self._catchup_peer = self._catchup_asked
         out: list[Action] = [Report("catchup", (ev.outcome,)), Report("catchup", ("retry",))]
@@ -510,12 +515,13 @@ class ReplicationMachine:
 
     def _on_sync_requested(self, ev: SyncRequested) -> list[Action]:
         mine = self.tree.state
-        document = mine if lacks(ev.context, mine.context) else ORMap(is_delta=True)
+        full = ev.full or lacks(ev.context, mine.context)
+        document = mine if full else ORMap(is_delta=True)
         return [SendState(ev.reply_to, document)]
 
     def _on_announce(self, ev: AnnounceReceived) -> list[Action]:
         if ev.peer != self.node_id and lacks(self.tree.state.context, ev.context):
-            return self._want_catchup(ev.now, ev.peer)
+            return self._want_catchup(ev.now, ev.peer, full=False)
         return []
 
     def _on_repair(self, ev: RepairApplied) -> list[Action]:
@@ -653,8 +659,11 @@ class ReplicationMachine:
 
     # -- catching up -------------------------------------------------------------------------
 
-    def _want_catchup(self, now: float, peer: str | None, *, urgent: bool = False) -> list[Action]:
+    def _want_catchup(
+        self, now: float, peer: str | None, *, urgent: bool = False, full: bool = True
+    ) -> list[Action]:
         self._catchup_wanted = True
+        self._catchup_full = self._catchup_full or full
         if peer is not None and self._catchup_peer is None:
             self._catchup_peer = peer
         if urgent and not self._catchup_running:
@@ -674,4 +683,6 @@ class ReplicationMachine:
         self._catchup_running, self._catchup_wanted = True, False
         self._catchup_asked, self._catchup_peer = self._catchup_peer, None
         self._catchup_not_before = now + self.config.catchup_min_interval
-        return [RequestCatchup(self._catchup_asked, self.config.catchup_timeout)]
+        full, self._catchup_full = self._catchup_full, False
+        self._catchup_asked_full = full
+        return [RequestCatchup(self._catchup_asked, self.config.catchup_timeout, full)]
