@@ -28,8 +28,9 @@ What it decides (``broker/replica.py`` only executes):
 - **Sync requests and announces.** A catch-up asks for the full state (``full``) unless
   its only reasons were peers' announces: a removal issues no dot, so a context cannot show
   that its delta was lost. A request that is not ``full`` is answered with the full state
-  only when the asker lacks a dot this replica has seen, else with an empty delta. **snapshots** every ``snapshot_every`` ops, covering records up
-  to the last one published (unpublished records stay in the log to be republished).
+  only when the asker lacks a dot this replica has seen, else with an empty delta.
+- **Snapshots** every ``snapshot_every`` ops, covering records up to the last one published
+  (unpublished records stay in the log to be republished).
 
 How to drive it: build ``ReplicationMachine(node_id, config, seed=..., loaded=...)``; feed
 every event with ``handle(event)`` (events carry ``now``, monotonic seconds) and execute the

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.codec import WireCodec
-from broker.crdt import Add, Assign, Create, Increment, ORMap, Tree
+from broker.crdt import Add, Assign, Create, Increment, ORMap
 from broker.replication import (
     Action,
     Announce,
@@ -69,7 +69,8 @@ def test_the_issue_example_waits_for_the_lost_delta() -> None:
     a.merge(d3)
     assert unseen_claims(d3, b.context) == [("r1", 2)]
     assert unseen_claims(d2, b.context) == []
-    assert ("r1", 3) in held_dots(d3) and ("r1", 2) not in held_dots(d3)
+    assert ("r1", 3) in held_dots(d3)
+    assert ("r1", 2) not in held_dots(d3)
     b.merge(d2)
     assert unseen_claims(d3, b.context) == []
 
@@ -142,7 +143,7 @@ def test_a_full_hold_evicts_the_oldest_and_counts_it() -> None:
 
 def test_failed_catchup_is_retried_with_growing_jittered_backoff_until_answered() -> None:
     m = _machine("a", catchup_min_interval=0.5, catchup_max_backoff=8.0)
-    (req,) = [x for x in m.handle(CatchupWanted(0.0)) if isinstance(x, RequestCatchup)]
+    (_req,) = [x for x in m.handle(CatchupWanted(0.0)) if isinstance(x, RequestCatchup)]
     now, delays = 0.0, []
     for _ in range(6):
         out = m.handle(CatchupFailed(now, "no_peer"))
@@ -179,12 +180,15 @@ def test_a_failed_publish_is_retried_with_the_same_writes() -> None:
     (p,) = [x for x in m.handle(SyncWanted(0.0)) if isinstance(x, Publish)]
     out = m.handle(PublishFailed(0.0, p.sequence))
     (timer,) = [x for x in out if isinstance(x, ScheduleTimer)]
-    assert m.queued_ops == 2 and not m.idle
+    assert m.queued_ops == 2
+    assert not m.idle
     (again,) = [x for x in m.handle(TimerFired(timer.at, timer.name)) if isinstance(x, Publish)]
     assert again.sequence == p.sequence
     assert again.document.digest() == p.document.digest()
     m.handle(Published(timer.at, again.sequence, 10))
-    assert m.queued_ops == 0 and m.idle and m.sequence == 1
+    assert m.queued_ops == 0
+    assert m.idle
+    assert m.sequence == 1
 
 
 # -- a simulated network ------------------------------------------------------------------------
@@ -238,10 +242,11 @@ class Sim:
             elif isinstance(a, ScheduleTimer):
                 node.timers[a.name] = a.at
             elif isinstance(a, Snapshot):
-                todo.extend(node.machine.handle(SnapshotTaken(self.now, node.machine.snapshot_upto())))
+                upto = node.machine.snapshot_upto()
+                todo.extend(node.machine.handle(SnapshotTaken(self.now, upto)))
             elif isinstance(a, Announce):
                 ctx = node.machine.state.context.copy()
-                for j, other in enumerate(self.nodes):
+                for j, _other in enumerate(self.nodes):
                     if j != i:
                         self.feed(j, AnnounceReceived(self.now, node.name, ctx))
 
@@ -310,7 +315,7 @@ class Sim:
             ]
             if not due:
                 return
-            at, i, name = min(due)
+            _at, i, name = min(due)
             del self.nodes[i].timers[name]
             self.feed(i, TimerFired(self.now, name))
 
@@ -434,7 +439,8 @@ def test_machines_converge_on_the_writers_values_under_loss_duplication_and_reor
                 sim.answer_catchup(i, j, True)
                 sim.check_shown_values()
     for node in sim.nodes:
-        assert node.machine.idle and node.machine.queued_ops == 0
+        assert node.machine.idle
+        assert node.machine.queued_ops == 0
         assert node.machine.held == 0
     writers_view = {nm: sim.nodes[i].machine.tree.fields(nm) for i, nm in enumerate(names)}
     for node in sim.nodes:
