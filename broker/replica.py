@@ -342,6 +342,8 @@ class Replica:
         self._running = False
         self._degraded: BaseException | None = None
         self.applied_envelopes = 0
+        self.load_errors: list[tuple[str, str]] = []
+        """``(key, reason)`` of every top-level key left out of the stored state on load."""
         self._listeners: list[Callable[[Collection[str] | None], None]] = []
 
     # -- the machine ---------------------------------------------------------------------------
@@ -880,6 +882,7 @@ class Replica:
 
     async def _load(self) -> None:
         loaded = await asyncio.to_thread(self.store.load, self.config.subject)
+        self.load_errors = []
         state = ORMap()
         if loaded.snapshot is not None:
             state = self._decode_stored(loaded.snapshot)
@@ -924,8 +927,16 @@ class Replica:
         self._changed(None)
 
     def _decode_stored(self, data: bytes) -> ORMap:
-        doc: Causal = self.codec.decode_document(data, ORMap)
+        """A stored snapshot or record. A top-level key whose content the codec refuses is
+        left out and reported (logged, and kept in ``load_errors``) instead of refusing the
+        whole node; catch-up or the healer bring that key back from a peer."""
+        bad: list[tuple[str, str]] = []
+        doc: Causal = self.codec.decode_document(data, ORMap, bad_keys=bad)
         assert isinstance(doc, ORMap)
+        for key, reason in bad:
+            log.error("stored state of %s: key %r left out on load: %s",
+                      self.config.subject, key, reason)
+        self.load_errors.extend(bad)
         return doc
 
     async def _snapshot(self) -> None:

@@ -200,3 +200,45 @@ async def test_server_restart_under_load_loses_no_acknowledged_write_without_hea
         finally:
             for svc in started:
                 await svc.stop()
+
+
+def _snapshot_with_a_bad_key() -> bytes:
+    """A state the codec refuses under key ``c`` (a counter counting its writer twice, as a
+    lost delta left it before the fix) beside a good key ``ok``."""
+    from broker.codec import WireCodec
+    from broker.crdt import Create, Increment, Tree, _stores
+
+    a, b = Tree(), Tree()
+    _stores.ONE_ENTRY_PER_WRITER = False
+    try:
+        b.merge(Create("c").apply(a, "r1", 1))
+        b.merge(Increment("c", ("n",), 1).apply(a, "r1", 2))
+        Increment("c", ("n",), 1).apply(a, "r1", 3)  # lost
+        b.merge(Increment("c", ("n",), 1).apply(a, "r1", 4))
+    finally:
+        _stores.ONE_ENTRY_PER_WRITER = True
+    Create("ok").apply(b, "r2", 5)
+    return WireCodec().encode_document(b.state)
+
+
+async def test_a_stored_state_with_a_bad_key_loads_without_it_and_names_it(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    from broker.store import DurableStore
+
+    settings = _settings(tmp_path, nats_server.url, "a")
+    settings.state_dir.mkdir(parents=True)
+    store = DurableStore(settings.state_dir / "worknode.db", synchronous="normal")
+    store.open()
+    store.write_snapshot(SUBJECT, _snapshot_with_a_bad_key(), 0)
+    store.close()
+    svc = WorknodeService(settings, roster=_roster(tmp_path, nats_server.url, ["a"]))
+    await svc.start()
+    try:
+        r = svc.replica(SUBJECT)
+        assert [k for k, _ in r.load_errors] == ["c"]
+        assert "two entries of one replica" in r.load_errors[0][1]
+        assert set(r.state.value()) == {"ok"}
+        await r.set("ok", ("x",), 1)  # the node works
+    finally:
+        await svc.stop()
