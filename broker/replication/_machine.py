@@ -17,7 +17,9 @@ What it decides (``broker/replica.py`` only executes):
   context claims no dot this replica neither saw nor receives with it). Otherwise it is held,
   bounded by ``max_held_deltas`` and ``max_held_bytes`` (the oldest evicted, counted, and left
   to catch-up), and a catch-up is wanted from its writer. Held deltas are re-checked after
-  every join and drain in any order. Per-writer sequences reveal lost batches (``gap``).
+  every join and drain in any order. Per-writer sequences reveal lost batches (``gap``), and
+  so does a hole left in the context below a writer's dot after a join (the first batch seen
+  from a writer has no sequence to compare with).
 - **Catch-up.** A gap, a held delta, a slow consumer, a reconnect, a peer's announce showing
   dots this replica lacks, and ``Started`` each want a catch-up. One runs at a time; wants
   that arrive meanwhile are remembered (coalesced) and start one more when it ends. Starts are
@@ -448,7 +450,7 @@ class ReplicationMachine:
             out += self._join_remote(item)
             if self._held:
                 out += self._drain()
-            return out
+            return out + self._pump_catchup(ev.now)
         self._held.append(item)
         self._held_bytes += item.nbytes
         out.append(Report("gated", ("held",)))
@@ -531,7 +533,7 @@ class ReplicationMachine:
         out: list[Action] = [Changed(tuple(ev.delta.store.keys()) if ev.delta.store else ())]
         if self._held:
             out += self._drain()
-        return out
+        return out + self._pump_catchup(ev.now)
 
     def _on_snapshot_taken(self, ev: SnapshotTaken) -> list[Action]:
         self.snapshot_seq = max(self.snapshot_seq, ev.upto)
@@ -634,6 +636,13 @@ class ReplicationMachine:
             Changed(tuple(doc.store.keys()) if doc.store else ()),
             Report("applied", item.report),
         ]
+        ctx = self.tree.state.context
+        if ctx.version_vector.get(item.writer, 0) < ctx.max_counter(item.writer):
+            # A hole below a dot of the writer's: a batch of it was lost. Sequence gaps show
+            # that too, but not for the first batch seen from a writer (or after a restart).
+            self._catchup_wanted = self._catchup_full = True
+            if self._catchup_peer is None:
+                self._catchup_peer = item.writer
         return out + self._count_ops(max(1, len(doc)))
 
     def _drain(self) -> list[Action]:
