@@ -118,6 +118,9 @@ DEFAULT_MAX_HELD_DELTAS: Final = 1_024
 DEFAULT_MAX_HELD_BYTES: Final = 16 * 1024 * 1024
 """Bytes (as received) of held deltas at most; beyond it the oldest is evicted."""
 
+MAX_OWED_ATTEMPTS: Final = 8
+"""Catch-ups answered by peers other than a writer whose state is needed, at most, before
+that writer is given up on (left to the healer)."""
 TIMER_FLUSH: Final = "flush"
 TIMER_PUBLISH_RETRY: Final = "publish-retry"
 TIMER_CATCHUP: Final = "catchup"
@@ -232,7 +235,9 @@ class ReplicationMachine:
         self._windows: dict[str, SequenceWindow] = {}
         self._held: list[_Held] = []
         self._held_bytes = 0
-        self._owed: set[str] = set()  # writers whose held deltas were evicted
+        # Writers whose state this replica needs (a lost batch: sequence gap, evicted held
+        # delta, first batch seen from a writer after others) -> unsatisfied catch-ups since.
+        self._owed: dict[str, int] = {}
         self._catchup_running = False
         self._catchup_wanted = False
         self._catchup_full = False  # some reason besides an announce: ask for the full state
@@ -442,6 +447,12 @@ class ReplicationMachine:
         last = self._last_seq.get(w, 0)
         if last and ev.sequence > last + 1:
             out.append(Report("gap", (w, ev.sequence - last - 1)))
+            self._owed.setdefault(w, 0)
+            out += self._want_catchup(ev.now, w)
+        elif not last and ev.sequence > 1 and w not in self._windows:
+            # The first batch seen from ``w`` (since a start) follows batches never seen
+            # here: one of them may have been a removal, which no context can show.
+            self._owed.setdefault(w, 0)
             out += self._want_catchup(ev.now, w)
         if ev.sequence > last:
             self._last_seq[w] = ev.sequence
@@ -460,7 +471,7 @@ class ReplicationMachine:
         ):
             old = self._held.pop(0)
             self._held_bytes -= old.nbytes
-            self._owed.add(old.writer)
+            self._owed.setdefault(old.writer, 0)
             out.append(Report("gated", ("evicted",)))
         out += self._want_catchup(ev.now, w)
         return out
@@ -478,8 +489,6 @@ class ReplicationMachine:
         if not self._catchup_running:
             return []
         self._catchup_running = False
-        self._catchup_failures = 0
-        self._catchup_not_before = ev.now + self.config.catchup_min_interval
         out: list[Action] = []
         doc = ev.document
         if not doc.is_delta or doc.store or doc.context.size():
@@ -488,16 +497,43 @@ class ReplicationMachine:
             out += self._count_ops(max(1, len(doc)))
         # The peer's state holds every batch it published up to ``ev.sequence``.
         self._windows.setdefault(ev.peer, SequenceWindow()).raise_to(ev.sequence)
-        self._owed.discard(ev.peer)
+        self._owed.pop(ev.peer, None)
         out.append(Report("catchup", ("ok",)))
         if self._held:
             out += self._drain()
-        if self._held or self._owed:
-            peer = self._held[0].writer if self._held else min(self._owed)
+        # Still missing something (a held delta, an evicted one, a hole in the context): the
+        # peer lacked it too. Ask its writer next, after a backoff as if this one failed, so
+        # a writer that is away costs a bounded rate of state transfers.
+        missing = self._held[0].writer if self._held else (
+            min(self._owed) if self._owed else self._hole_writer())
+        if missing is not None and missing in self._owed and not self._held:
+            self._owed[missing] += 1
+            if self._owed[missing] > MAX_OWED_ATTEMPTS:
+                # Peers keep answering without that writer's state: it is away for good.
+                # Leave what it alone held to the healer instead of asking forever.
+                del self._owed[missing]
+                out.append(Report("catchup", ("gave_up",)))
+                missing = self._hole_writer()
+        if missing is None:
+            self._catchup_failures = 0
+            self._catchup_not_before = ev.now + self.config.catchup_min_interval
+        else:
+            self._catchup_failures += 1
+            self._catchup_not_before = ev.now + self._backoff_delay()
             self._catchup_wanted = self._catchup_full = True
             if self._catchup_peer is None:
-                self._catchup_peer = peer
+                self._catchup_peer = missing
         return out + self._pump_catchup(ev.now)
+
+    def _hole_writer(self) -> str | None:
+        """A replica with a dot this state's context lacks below one it has (a lost batch)."""
+        holes = [r for r, _ in self.tree.state.context.cloud if r != self.node_id]
+        return min(holes) if holes else None
+
+    def _backoff_delay(self) -> float:
+        """Jittered exponential backoff after ``_catchup_failures`` unsatisfied catch-ups."""
+        base: float = self.config.catchup_min_interval * 2.0 ** min(self._catchup_failures, 30)
+        return min(self.config.catchup_max_backoff, base) * (0.5 + 0.5 * self._rng.random())
 
     def _on_catchup_failed(self, ev: CatchupFailed) -> list[Action]:
         if not self._catchup_running:
@@ -505,9 +541,7 @@ class ReplicationMachine:
         self._catchup_running = False
         self._catchup_failures += 1
         n = self._catchup_failures
-        base = self.config.catchup_min_interval * (2 ** min(n, 30))
-        delay = min(self.config.catchup_max_backoff, base) * (0.5 + 0.5 * self._rng.random())
-        self._catchup_not_before = ev.now + delay
+        self._catchup_not_before = ev.now + self._backoff_delay()
         # Until a peer answers: alternate between the peer wanted and any peer.
         self._catchup_wanted = True
         self._catchup_full = self._catchup_full or self._catchup_asked_full
@@ -534,6 +568,7 @@ class ReplicationMachine:
         if self._held:
             out += self._drain()
         return out + self._pump_catchup(ev.now)
+
 
     def _on_snapshot_taken(self, ev: SnapshotTaken) -> list[Action]:
         self.snapshot_seq = max(self.snapshot_seq, ev.upto)
