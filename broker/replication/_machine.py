@@ -30,7 +30,9 @@ What it decides (``broker/replica.py`` only executes):
 - **Sync requests and announces.** A catch-up asks for the full state (``full``) unless
   its only reasons were peers' announces: a removal issues no dot, so a context cannot show
   that its delta was lost. A request that is not ``full`` is answered with the full state
-  only when the asker lacks a dot this replica has seen, else with an empty delta.
+  only when the asker lacks a dot this replica has seen, else with an empty delta. A peer's
+  announce showing dots this replica lacks wants a catch-up from it; one showing that the
+  peer lacks dots seen here is answered by an announce (rate-limited), so the peer asks.
 - **Snapshots** every ``snapshot_every`` ops, covering records up to the last one published
   (unpublished records stay in the log to be republished).
 
@@ -124,6 +126,7 @@ that writer is given up on (left to the healer)."""
 TIMER_FLUSH: Final = "flush"
 TIMER_PUBLISH_RETRY: Final = "publish-retry"
 TIMER_CATCHUP: Final = "catchup"
+TIMER_ANNOUNCE: Final = "announce"
 _PUBLISH_BACKOFF: Final = (0.05, 2.0)
 
 
@@ -238,6 +241,7 @@ class ReplicationMachine:
         # Writers whose state this replica needs (a lost batch: sequence gap, evicted held
         # delta, first batch seen from a writer after others) -> unsatisfied catch-ups since.
         self._owed: dict[str, int] = {}
+        self._given_up: set[str] = set()  # owed writers no peer had: left to the healer
         self._catchup_running = False
         self._catchup_wanted = False
         self._catchup_full = False  # some reason besides an announce: ask for the full state
@@ -247,6 +251,8 @@ class ReplicationMachine:
         self._catchup_failures = 0
         self._catchup_not_before = float("-inf")
         self._catchup_timer: float | None = None
+        self._announce_not_before = float("-inf")
+        self._announce_timer: float | None = None
         self._handlers: dict[type[Any], Callable[[Any], list[Action]]] = {
             Started: self._on_started,
             Committed: self._on_committed,
@@ -498,6 +504,7 @@ class ReplicationMachine:
         # The peer's state holds every batch it published up to ``ev.sequence``.
         self._windows.setdefault(ev.peer, SequenceWindow()).raise_to(ev.sequence)
         self._owed.pop(ev.peer, None)
+        self._given_up.discard(ev.peer)
         out.append(Report("catchup", ("ok",)))
         if self._held:
             out += self._drain()
@@ -512,6 +519,7 @@ class ReplicationMachine:
                 # Peers keep answering without that writer's state: it is away for good.
                 # Leave what it alone held to the healer instead of asking forever.
                 del self._owed[missing]
+                self._given_up.add(missing)
                 out.append(Report("catchup", ("gave_up",)))
                 missing = self._hole_writer()
         if missing is None:
@@ -527,7 +535,10 @@ class ReplicationMachine:
 
     def _hole_writer(self) -> str | None:
         """A replica with a dot this state's context lacks below one it has (a lost batch)."""
-        holes = [r for r, _ in self.tree.state.context.cloud if r != self.node_id]
+        holes = [
+            r for r, _ in self.tree.state.context.cloud
+            if r != self.node_id and r not in self._given_up
+        ]
         return min(holes) if holes else None
 
     def _backoff_delay(self) -> float:
@@ -557,8 +568,27 @@ class ReplicationMachine:
         return [SendState(ev.reply_to, document)]
 
     def _on_announce(self, ev: AnnounceReceived) -> list[Action]:
-        if ev.peer != self.node_id and lacks(self.tree.state.context, ev.context):
-            return self._want_catchup(ev.now, ev.peer, full=False)
+        if ev.peer == self.node_id:
+            return []
+        mine = self.tree.state.context
+        out: list[Action] = []
+        if lacks(mine, ev.context):
+            out += self._want_catchup(ev.now, ev.peer, full=False)
+        if lacks(ev.context, mine):
+            # The announcer lacks what this replica has (e.g. batches published while it
+            # was away, that no later batch will reveal by a gap, and that an untargeted
+            # catch-up answered by another peer did not carry): announce back, so that it
+            # asks here. At most one announce per ``catchup_min_interval``.
+            out += self._announce_soon(ev.now)
+        return out
+
+    def _announce_soon(self, now: float) -> list[Action]:
+        if now >= self._announce_not_before:
+            self._announce_not_before = now + self.config.catchup_min_interval
+            return [Announce()]
+        if self._announce_timer != self._announce_not_before:
+            self._announce_timer = self._announce_not_before
+            return [ScheduleTimer(TIMER_ANNOUNCE, self._announce_timer)]
         return []
 
     def _on_repair(self, ev: RepairApplied) -> list[Action]:
@@ -585,6 +615,11 @@ class ReplicationMachine:
                 return []
             self._retry_at = None
             return self._maybe_publish(ev.now, force=True)
+        if ev.name == TIMER_ANNOUNCE:
+            if self._announce_timer is None or ev.now < self._announce_timer:
+                return []
+            self._announce_timer = None
+            return self._announce_soon(ev.now)
         if ev.name == TIMER_CATCHUP:
             if self._catchup_timer is None or ev.now < self._catchup_timer:
                 return []
@@ -672,7 +707,9 @@ class ReplicationMachine:
             Report("applied", item.report),
         ]
         ctx = self.tree.state.context
-        if ctx.version_vector.get(item.writer, 0) < ctx.max_counter(item.writer):
+        if item.writer not in self._given_up and (
+            ctx.version_vector.get(item.writer, 0) < ctx.max_counter(item.writer)
+        ):
             # A hole below a dot of the writer's: a batch of it was lost. Sequence gaps show
             # that too, but not for the first batch seen from a writer (or after a restart).
             self._catchup_wanted = self._catchup_full = True
