@@ -144,3 +144,79 @@ async def test_one_lost_batch_counter_stays_right_snapshot_reloads_fresh_replica
             rc = c.replica(SUBJECT)
             await _eventually(lambda: _counter(rc) == expected, 30, "c caught up from b")
             assert rc.digest() == b2.replica(SUBJECT).digest()
+
+
+def _missing(r: Replica, acked: dict[str, list[int]]) -> dict[str, set[int]]:
+    """Per writer: acknowledged writes ``r`` does not hold."""
+    out: dict[str, set[int]] = {}
+    for writer, elements in acked.items():
+        key = f"k-{writer}"
+        have = r.tree.fields(key).get("acks", frozenset()) if key in r.tree else frozenset()
+        lacking = set(elements) - set(have)
+        if lacking:
+            out[writer] = lacking
+    return out
+
+
+async def test_server_killed_under_write_load_every_node_gets_every_acknowledged_write(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """No healer: publish retries, catch-up retried until a peer answers and wants coalesced
+    must carry every acknowledged write to every node across a crashed nats-server."""
+    names = ("a", "b", "c")
+    settings = [_settings(tmp_path, nats_server.url, n) for n in names]
+    roster = _roster(settings)
+    services = [WorknodeService(s, roster=roster) for s in settings]
+    acked: dict[str, list[int]] = {n: [] for n in names}
+    try:
+        for svc in services:
+            await svc.start()
+        reps = [svc.replica(SUBJECT) for svc in services]
+        for r in reps:
+            await r.create(f"k-{r.node_id}")
+        stop = asyncio.Event()
+
+        async def writer(r: Replica) -> None:
+            i = 0
+            while not stop.is_set():
+                # Acknowledged once durable here, whether or not NATS is up.
+                await r.add(f"k-{r.node_id}", ("acks",), i)
+                acked[r.node_id].append(i)
+                i += 1
+                await asyncio.sleep(0.003)
+
+        tasks = [asyncio.create_task(writer(r)) for r in reps]
+        for cycle in range(3):
+            await asyncio.sleep(0.5)
+            await nats_server.kill()  # a crash: whatever it held in flight is lost
+            await asyncio.sleep(1.0)
+            await nats_server.start()
+            if cycle == 2:
+                stop.set()  # no later write reveals, by a sequence gap, what it lost
+        await asyncio.gather(*tasks)
+        assert all(len(v) > 50 for v in acked.values()), "writes went on across the crashes"
+        deadline = time.monotonic() + 60
+        while True:
+            missing = {r.node_id: _missing(r, acked) for r in reps}
+            if not any(missing.values()):
+                break
+            if time.monotonic() > deadline:
+                summary = {
+                    node: {w: f"{len(s)} of {len(acked[w])} ({min(s)}..{max(s)})"
+                           for w, s in lacking.items()}
+                    for node, lacking in missing.items()
+                }
+                states = {
+                    r.node_id: (f"queued={r.queued_ops} held={r.held_deltas} "
+                                f"seq={r.machine.sequence} idle={r.machine.idle} "
+                                f"catching_up={r.machine.catching_up}")
+                    for r in reps
+                }
+                raise AssertionError(f"acknowledged writes missing: {summary}; {states}")
+            await asyncio.sleep(0.1)
+        for r in reps:
+            await r.flush()
+            assert r.queued_ops == 0
+    finally:
+        for svc in services:
+            await svc.stop()
