@@ -455,7 +455,7 @@ class ReplicationMachine:
             out.append(Report("gap", (w, ev.sequence - last - 1)))
             self._owed.setdefault(w, 0)
             out += self._want_catchup(ev.now, w)
-        elif not last and ev.sequence > 1 and w not in self._windows:
+        elif not last and not self._windows.get(w, SequenceWindow()).follows(ev.sequence):
             # The first batch seen from ``w`` (since a start) follows batches never seen
             # here: one of them may have been a removal, which no context can show.
             self._owed.setdefault(w, 0)

@@ -18,6 +18,7 @@ from typing import Any
 
 from broker.codec import TrustRoster, WireCodec
 from broker.crdt import ORMap
+from broker.errors import NoRespondersError
 from broker.replica import Replica
 from broker.store import DurableStore
 from broker.transport import EmbeddedNatsServer, Msg, NatsSubscription, NatsTransport
@@ -56,6 +57,16 @@ class DroppingTransport(NatsTransport):
         self.writer, self.nth = writer, nth
         self.seen = 0
         self.dropped: list[Msg] = []
+        self.fail_catchups = 0
+        """Catch-up requests still to fail as if no peer answered."""
+        self.failed_catchups = 0
+
+    async def request(self, subject: str, data: bytes, **kw: Any) -> Msg:
+        if ".sync." in f".{subject}." and self.fail_catchups > 0:
+            self.fail_catchups -= 1
+            self.failed_catchups += 1
+            raise NoRespondersError(f"no responders on {subject} (injected)")
+        return await super().request(subject, data, **kw)
 
     async def subscribe(self, subject: str, handler: Any, **kw: Any) -> NatsSubscription:
         if ".delta." not in f".{subject}.":
@@ -220,3 +231,33 @@ async def test_server_killed_under_write_load_every_node_gets_every_acknowledged
     finally:
         for svc in services:
             await svc.stop()
+
+
+async def test_a_lost_batch_is_recovered_although_the_first_catchups_find_no_peer(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """The batch after a lost one waits at the gate and wants a catch-up; the first three
+    catch-ups fail (no peer answers). Nothing else will trigger one (no further writes, no
+    reconnect, no healer): only retrying with backoff recovers the lost batch."""
+    url = nats_server.url
+    settings = [_settings(tmp_path, url, n) for n in ("a", "b")]
+    roster = _roster(settings)
+    lossy = DroppingTransport([url], writer="a", nth=3, name="b", reconnect_time_wait=0.05)
+    a = WorknodeService(settings[0], roster=roster)
+    b = WorknodeService(settings[1], roster=roster, transport=lossy)
+    async with a, b:
+        ra, rb = a.replica(SUBJECT), b.replica(SUBJECT)
+        await ra.create("x")
+        await ra.flush()
+        await _eventually(lambda: "x" in rb.tree, 10, "b sees x")
+        lossy.fail_catchups = 3
+        for k in range(5):
+            await ra.increment("x", ("n",), 1 << k)
+            await ra.flush()
+            await asyncio.sleep(0.02)
+        await _eventually(lambda: _counter(rb) == 31, 60, "b counts 31")
+        assert len(lossy.dropped) == 1
+        assert lossy.failed_catchups == 3
+        retries = b.metrics.catchups.labels(SUBJECT, "retry")._value.get()
+        assert retries >= 3
+        assert rb.digest() == ra.digest()
