@@ -95,6 +95,7 @@ from broker.replication import (
     Publish,
     Published,
     PublishFailed,
+    Reconnected,
     RepairApplied,
     ReplicationConfig,
     ReplicationMachine,
@@ -634,6 +635,12 @@ class Replica:
         used after gaps, slow consumers and reconnects."""
         if self._running:
             self._handle(CatchupWanted(self._now()))
+
+    def reconnected(self) -> None:
+        """The transport reconnected: catch up (retried until a peer answers) and announce,
+        so peers that missed this replica's batches meanwhile ask for them too."""
+        if self._running:
+            self._handle(Reconnected(self._now()))
 
     def _on_slow_consumer(self) -> None:
         if self._running:
