@@ -117,3 +117,20 @@ def test_peers_answering_without_an_owed_writer_end_in_giving_it_up() -> None:
     assert all(d <= 4.0 for d in delays)
     assert len(delays) <= MAX_OWED_ATTEMPTS + 1
     assert not b.catching_up
+
+
+def test_a_window_known_from_an_early_answer_does_not_hide_a_lost_first_batch() -> None:
+    """Seed 68 of the simulator: w answered a catch-up before it had published anything
+    (window at 0); its batch 1 (a removal) was lost; batch 2 is the first seen from it."""
+    a, c = ReplicationMachine("a"), ReplicationMachine("c")
+    b1 = batch(a, [Create("n"), Add("n", ("s",), 1)], 0.0, 1)
+    c.handle(DeltaReceived(0.5, "a", 1, wire(b1.document), 10))
+    c2 = ReplicationMachine("c", loaded=Loaded(c.state.copy()))  # restarted
+    assert requests(c2.handle(CatchupWanted(1.0, urgent=True)))
+    fresh = ReplicationMachine("a")  # as a's answer would be before a published: sequence 0
+    c2.handle(CatchupReplied(1.1, "a", 0, state_of(fresh, c2)))
+    batch(a, [lambda t, r, ts: t.discard(r, "n", ("s",), 1)], 3.0, 2)  # lost
+    b3 = batch(a, [Create("z")], 5.0, 3)
+    out = c2.handle(DeltaReceived(7.0, "a", 3, wire(b3.document), 10))
+    assert c2.catching_up
+    assert requests(out) or any(isinstance(x, ScheduleTimer) for x in out)
