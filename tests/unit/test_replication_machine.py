@@ -191,6 +191,45 @@ def test_a_failed_publish_is_retried_with_the_same_writes() -> None:
     assert m.sequence == 1
 
 
+def test_a_lost_removal_reaches_a_peer_that_asks_for_the_full_state() -> None:
+    """A removal issues no dot: the asker's context cannot show it lacks it, so a catch-up
+    that is not only for an announce asks for the full state (else the answer is empty)."""
+    a, b = _machine("a"), _machine("b")
+    _deliver(b, "a", _batch(a, Create("k"), Add("k", ("s",), 1)))
+    _batch(a, lambda t, r, ts: t.discard(r, "k", ("s",), 1))  # lost on its way to b
+    assert b.tree.fields("k") == {"s": frozenset({1})}
+    (req,) = [x for x in b.handle(CatchupWanted(1.0, "a")) if isinstance(x, RequestCatchup)]
+    assert req.full
+    ctx = b.state.context.copy()
+    (empty,) = a.handle(SyncRequested(1.0, ctx, "b", full=False))
+    assert isinstance(empty, SendState)
+    assert not empty.document.store, "by context alone, b lacks nothing"
+    (send,) = a.handle(SyncRequested(1.0, ctx, "b", full=req.full))
+    assert isinstance(send, SendState)
+    b.handle(CatchupReplied(1.0, "a", a.sequence, roundtrip(send.document)))
+    assert b.tree.fields("k") == a.tree.fields("k") == {}
+
+
+def test_an_announce_from_a_peer_that_lacks_dots_is_answered_by_an_announce() -> None:
+    """The peer then asks here: batches it missed while away are fetched even when no later
+    batch reveals a gap. Rate-limited: a second one within the interval waits for a timer."""
+    a, b = _machine("a", catchup_min_interval=0.5), _machine("b")
+    _batch(a, Create("k"))  # b never got it
+    out = a.handle(AnnounceReceived(1.0, "b", b.state.context.copy()))
+    assert Announce() in out
+    assert not [x for x in out if isinstance(x, RequestCatchup)], "a lacks nothing"
+    out = a.handle(AnnounceReceived(1.1, "b", b.state.context.copy()))
+    assert Announce() not in out
+    (timer,) = [x for x in out if isinstance(x, ScheduleTimer)]
+    assert Announce() in a.handle(TimerFired(timer.at, timer.name))
+    # b, hearing a's announce, lacks a's dot: it wants a catch-up from a.
+    out = b.handle(AnnounceReceived(1.2, "a", a.state.context.copy()))
+    (req,) = [x for x in out if isinstance(x, RequestCatchup)]
+    assert req.peer == "a"
+    # Equal contexts: nothing to do either way.
+    assert a.handle(AnnounceReceived(2.0, "c", a.state.context.copy())) == []
+
+
 # -- a simulated network ------------------------------------------------------------------------
 
 FIELDS = (("c",), ("r",), ("m",), ("s",), ("n", "c"))
