@@ -17,12 +17,15 @@ from the publish sequence: all earlier batches applied means every own dot the b
 and lacks was issued and overwritten within it. A batch that follows a lost one gets no such
 exemption and waits (``d3`` of the issue's example).
 
-Invariants: ``unseen_claims`` costs O(size of the delta's context) plus, only when some claim
-is neither covered nor exempt, one walk of the delta's store; it never walks the receiver's
-state. Pure: no I/O, no clock.
+Invariants: ``unseen_claims`` costs O(size of the delta's context) (its version vector read as
+ranges beyond the receiver's, stopping at the ``limit``-th missing dot) plus, only when some
+claim is neither covered nor exempt, one walk of the delta's store; it never walks the
+receiver's state. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 from broker.crdt import CausalContext, ORMap
 from broker.crdt._stores import dots_of
@@ -41,26 +44,37 @@ def unseen_claims(
     delta: ORMap, seen: CausalContext, *, exempt: str | None = None, limit: int = 8
 ) -> list[Dot]:
     """Up to ``limit`` dots that ``delta``'s context claims, ``seen`` does not cover and no
-    entry of ``delta`` holds. Claims of replica ``exempt``'s own dots are not checked (see
-    the module doc). Empty: the delta may be joined now."""
+    entry of ``delta`` holds, in context order. Claims of replica ``exempt``'s own dots are
+    not checked (see the module doc). Empty: the delta may be joined now.
+
+    Stops at the ``limit``-th missing dot, so a receiver far behind a writer pays for the
+    dots the delta holds, not for every dot of the writer it never saw."""
     ctx = delta.context
     vv = seen.version_vector
-    unseen: list[Dot] = []
-    for r, n in ctx.version_vector.items():
-        if r == exempt:
+    held: set[Dot] | None = None
+    missing: list[Dot] = []
+    for r, k in _claims(ctx, vv, exempt):
+        if seen.covers(r, k):
             continue
-        for k in range(vv.get(r, 0) + 1, n + 1):
-            if not seen.covers(r, k):
-                unseen.append((r, k))
+        if held is None:
+            held = held_dots(delta)  # walked once, only when some claim is not covered
+        if (r, k) not in held:
+            missing.append((r, k))
+            if len(missing) >= limit:
+                break
+    return missing
+
+
+def _claims(ctx: CausalContext, vv: dict[str, int], exempt: str | None) -> Iterator[Dot]:
+    """The dots ``ctx`` claims beyond ``vv`` (the receiver's version vector), except
+    ``exempt``'s."""
+    for r, n in ctx.version_vector.items():
+        if r != exempt:
+            for k in range(vv.get(r, 0) + 1, n + 1):
+                yield r, k
     for r, k in ctx.cloud:
-        if r != exempt and not seen.covers(r, k):
-            unseen.append((r, k))
-    if not unseen:
-        return unseen
-    held = held_dots(delta)
-    missing = [d for d in unseen if d not in held]
-    missing.sort()
-    return missing[:limit]
+        if r != exempt and k > vv.get(r, 0):
+            yield r, k
 
 
 class SequenceWindow:
