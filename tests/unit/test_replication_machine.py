@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.codec import WireCodec
-from broker.crdt import Add, Assign, Create, Increment, ORMap
+from broker.crdt import Add, Assign, CausalContext, Create, Increment, ORMap
 from broker.replication import (
     Action,
     Announce,
@@ -78,8 +78,6 @@ def test_the_issue_example_waits_for_the_lost_delta() -> None:
 def test_gate_names_the_first_missing_claims_of_a_receiver_far_behind() -> None:
     """A delta claiming ten million dots of a writer the receiver never heard of: the gate
     names the first ``limit`` missing ones (it stops there instead of listing them all)."""
-    from broker.crdt import CausalContext
-
     delta = ORMap(None, CausalContext({"w": 10_000_000}), is_delta=True)
     assert unseen_claims(delta, CausalContext(), limit=3) == [("w", 1), ("w", 2), ("w", 3)]
     assert unseen_claims(delta, CausalContext(), exempt="w") == []
