@@ -501,10 +501,13 @@ class ReplicationMachine:
             self.tree.merge(doc)
             out.append(Changed(None if not doc.is_delta else tuple(doc.store.keys())))
             out += self._count_ops(max(1, len(doc)))
-        # The peer's state holds every batch it published up to ``ev.sequence``.
-        self._windows.setdefault(ev.peer, SequenceWindow()).raise_to(ev.sequence)
-        self._owed.pop(ev.peer, None)
-        self._given_up.discard(ev.peer)
+        if not doc.is_delta:
+            # The peer's state holds every batch it published up to ``ev.sequence``. An empty
+            # answer ("your context covers mine") does not: a removal it published issues no
+            # dot, so the batches behind that sequence are not known to be here.
+            self._windows.setdefault(ev.peer, SequenceWindow()).raise_to(ev.sequence)
+            self._owed.pop(ev.peer, None)
+            self._given_up.discard(ev.peer)
         out.append(Report("catchup", ("ok",)))
         if self._held:
             out += self._drain()

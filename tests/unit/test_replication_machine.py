@@ -28,6 +28,7 @@ from broker.replication import (
     Committed,
     DeltaReceived,
     Event,
+    Loaded,
     Publish,
     Published,
     PublishFailed,
@@ -237,6 +238,41 @@ def test_an_announce_from_a_peer_that_lacks_dots_is_answered_by_an_announce() ->
     assert req.peer == "a"
     # Equal contexts: nothing to do either way.
     assert a.handle(AnnounceReceived(2.0, "c", a.state.context.copy())) == []
+
+
+def test_an_empty_catchup_answer_does_not_mark_the_peers_batches_as_seen() -> None:
+    """An empty answer only says "your context covers mine": a removal the peer published
+    issues no dot, so its batches are not known to be here. Before the fix the answer raised
+    the peer's sequence window, and after a restart the first batch seen from that writer no
+    longer owed a catch-up: a lost removal stayed (simulator seed 244)."""
+    a = _machine("a", catchup_min_interval=0.0)
+    _batch(a, Create("k"), Add("k", ("s",), 1))
+    held_state = roundtrip(a.state)  # what b had (its snapshot) before a lost removal
+    _batch(a, lambda t, r, ts: t.discard(r, "k", ("s",), 1))  # never reaches b
+    b = ReplicationMachine("b", ReplicationConfig(catchup_min_interval=0.0), seed=1,
+                           loaded=Loaded(held_state))  # b restarted: no sequences known
+    assert b.tree.fields("k") == {"s": frozenset({1})}
+    # An announce-driven catch-up (not full) from a, answered empty: nothing lacking by context.
+    ahead = b.state.context.copy()
+    ahead.add(("c", 1))
+    out = b.handle(AnnounceReceived(1.0, "a", ahead))
+    (req,) = [x for x in out if isinstance(x, RequestCatchup)]
+    assert not req.full
+    (empty,) = a.handle(SyncRequested(1.0, b.state.context.copy(), "b", full=req.full))
+    assert isinstance(empty, SendState)
+    assert empty.document.is_delta
+    b.handle(CatchupReplied(1.0, "a", a.sequence, roundtrip(empty.document)))
+    # a's next batch is the first b sees from it: a full catch-up from a is owed.
+    out = _deliver(b, "a", _batch(a, Create("z")), now=2.0)
+    out += b.handle(TimerFired(3.0, "catchup"))
+    reqs = [x for x in out if isinstance(x, RequestCatchup)]
+    assert reqs, "a catch-up from a is owed"
+    assert reqs[0].peer == "a"
+    assert reqs[0].full
+    (send,) = a.handle(SyncRequested(3.0, b.state.context.copy(), "b", full=True))
+    assert isinstance(send, SendState)
+    b.handle(CatchupReplied(3.0, "a", a.sequence, roundtrip(send.document)))
+    assert b.tree.fields("k") == a.tree.fields("k") == {}
 
 
 # -- a simulated network ------------------------------------------------------------------------
