@@ -15,8 +15,16 @@ instead of growing memory. A publish that fails keeps its batch and retries; not
 
 Read path: verify and decode an envelope, join its document (duplicates and reordering are
 harmless: joins are idempotent, commutative and associative). Rejections are counted by
-reason. Per-writer sequence numbers reveal lost batches; a gap, a slow-consumer event, a
-reconnect or a start triggers catch-up: a state transfer from a peer over request/reply.
+reason. A delta joins only once the causal gate admits it (every dot its context claims is
+seen here or carried by it); until then it is held, bounded, and a catch-up is wanted.
+Per-writer sequence numbers reveal lost batches; a gap, a held delta, a slow-consumer event,
+a reconnect or a start triggers catch-up: a state transfer from a peer over request/reply,
+retried with backoff until a peer answers, with requests meanwhile coalesced into one more.
+
+Every decision above is made by the pure ``broker.replication.ReplicationMachine``; this
+module is its asyncio driver. One write's path: ``write_many`` -> ``machine.write`` (apply,
+delta) -> the committer logs it -> ``Committed`` -> ``Publish`` -> ``_publish`` seals and
+sends it; at a peer, ``_on_delta`` opens it -> ``DeltaReceived`` -> gate -> join.
 
 Remote deltas are not logged one by one: the applied state is snapshotted to the store every
 ``snapshot_every`` ops and on stop, and catch-up refetches what a crash lost. Local writes are
@@ -30,8 +38,9 @@ import contextlib
 import enum
 import json
 import logging
+import random
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -47,11 +56,9 @@ from broker.crdt import (
     ORMap,
     Tree,
     TreeOp,
-    coalesce,
 )
 from broker.crdt._stores import LWWStore, Whole, digest_entry
 from broker.errors import (
-    BackpressureError,
     BadSignatureError,
     ClockSkewError,
     CodecError,
@@ -59,7 +66,6 @@ from broker.errors import (
     MessageTooDeepError,
     MessageTooLargeError,
     NotConnectedError,
-    PayloadTooLargeError,
     ReplicaError,
     StoreError,
     TransportError,
@@ -67,8 +73,44 @@ from broker.errors import (
     UnsignedMessageError,
     UnsupportedContentError,
     UnsupportedVersionError,
-    ValueTooLargeError,
     WorknodeError,
+)
+from broker.replication import (
+    DEFAULT_MAX_HELD_BYTES,
+    DEFAULT_MAX_HELD_DELTAS,
+    Action,
+    Announce,
+    AnnounceReceived,
+    CatchupFailed,
+    CatchupReplied,
+    CatchupWanted,
+    Changed,
+    CommitFailed,
+    Committed,
+    DeltaReceived,
+    Event,
+    FlushWanted,
+    Loaded,
+    Mutator,
+    Publish,
+    Published,
+    PublishFailed,
+    Reconnected,
+    RepairApplied,
+    ReplicationConfig,
+    ReplicationMachine,
+    Report,
+    RequestCatchup,
+    SaveProgress,
+    ScheduleTimer,
+    SendState,
+    SlowConsumer,
+    Snapshot,
+    SnapshotTaken,
+    Started,
+    SyncRequested,
+    SyncWanted,
+    TimerFired,
 )
 from broker.store import DurableStore
 from broker.transport import Msg, Subscription, Transport, delta_subject, sync_subject
@@ -84,9 +126,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Mutator = Callable[[Tree, str, int], ORMap]
-"""``(tree, replica_id, hlc) -> delta``: a delta-mutator on the subject's tree."""
 
 REJECT_REASONS: Final = (
     "unsigned",
@@ -105,6 +144,8 @@ REJECT_REASONS: Final = (
 
 _SYNC: Final = "Worknode-Sync"
 _TO: Final = "Worknode-To"
+_FULL: Final = "Worknode-Full"
+"""Header on a catch-up request: answer with the full state even if no dot is lacking."""
 _WRITER: Final = "Worknode-Writer"
 """Header on published batches naming the writer, so a replica drops its own echo unopened
 (the envelope inside is still what is trusted; the header only saves work)."""
@@ -141,6 +182,27 @@ class ReplicaConfig:
     """Seconds to wait for a peer's state transfer."""
     catchup_min_interval: float = 0.5
     """Catch-up requests are rate-limited to one per this many seconds."""
+    catchup_max_backoff: float = 10.0
+    """Seconds between retries of a failing catch-up at most (the backoff doubles up to it)."""
+    max_held_deltas: int = DEFAULT_MAX_HELD_DELTAS
+    """Peers' deltas the causal gate holds at most; beyond it the oldest is evicted."""
+    max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
+    """Bytes of held deltas at most; beyond it the oldest is evicted."""
+
+    def replication(self) -> ReplicationConfig:
+        """The replication machine's part of this configuration."""
+        return ReplicationConfig(
+            flush_interval=self.flush_interval,
+            max_batch_ops=self.max_batch_ops,
+            max_batch_bytes=self.max_batch_bytes,
+            max_pending_ops=self.max_pending_ops,
+            snapshot_every=self.snapshot_every,
+            catchup_timeout=self.catchup_timeout,
+            catchup_min_interval=self.catchup_min_interval,
+            catchup_max_backoff=self.catchup_max_backoff,
+            max_held_deltas=self.max_held_deltas,
+            max_held_bytes=self.max_held_bytes,
+        )
 
 
 class ReplicaObserver(Protocol):
@@ -154,6 +216,9 @@ class ReplicaObserver(Protocol):
     def catchup(self, subject: str, outcome: str) -> None: ...
     def snapshot(self, subject: str, nbytes: int, seconds: float) -> None: ...
     def publish_failed(self, subject: str) -> None: ...
+    def gated(self, subject: str, outcome: str) -> None:
+        """A peer's delta was ``held`` by the causal gate, later ``drained``, or ``evicted``
+        from a full hold (then left to catch-up)."""
 
 
 class NullReplicaObserver:
@@ -183,6 +248,9 @@ class NullReplicaObserver:
     def publish_failed(self, subject: str) -> None:
         """Ignore."""
 
+    def gated(self, subject: str, outcome: str) -> None:
+        """Ignore."""
+
 
 def reject_reason(exc: BaseException) -> str:
     """The bounded metric label for a rejected envelope."""
@@ -209,16 +277,6 @@ class _Commit:
     ops: int
     consistency: Consistency
     done: asyncio.Future[None]
-    seq: int = 0
-
-
-def _lacks(mine: Any, theirs: Any) -> bool:
-    """Whether context ``mine`` misses a dot that context ``theirs`` has seen."""
-    vv = mine.version_vector
-    for r, n in theirs.version_vector.items():
-        if n > vv.get(r, 0) and not all(mine.covers(r, k) for k in range(vv.get(r, 0) + 1, n + 1)):
-            return True
-    return any(not mine.covers(r, n) for r, n in theirs.cloud)
 
 
 def _max_hlc(entry: Any, depth: int = 0) -> int:
@@ -239,7 +297,11 @@ def _wall_ms() -> int:
 
 
 class Replica:
-    """One subject's replicated tree on this node. ``async with`` or ``start()``/``stop()``."""
+    """One subject's replicated tree on this node. ``async with`` or ``start()``/``stop()``.
+
+    The asyncio driver of a ``ReplicationMachine``: it turns I/O outcomes into the machine's
+    events and executes the actions the machine returns (see the module doc).
+    """
 
     def __init__(
         self,
@@ -262,41 +324,90 @@ class Replica:
         self.config = config
         self.observer: ReplicaObserver = observer or NullReplicaObserver()
         self._now_ms = now_ms
-        self.clock = HybridClock()
-        self.tree = Tree()
+        self.machine = ReplicationMachine(self.node_id, config.replication())
+        """The pure machine deciding what this replica does (replaced on ``start``)."""
         self.delta_subject = delta_subject(config.namespace, config.subject)
         self.sync_subject = sync_subject(config.namespace, config.subject)
         self._mutate_lock = asyncio.Lock()
         self._commits: list[_Commit] = []
         self._commit_wake = asyncio.Event()
-        self._pending: ORMap | None = None  # committed EVENTUAL deltas, not yet published
-        self._pending_ops = 0
-        self._pending_bytes = 0
-        self._pending_owned = False
-        self._pending_record: bytes | None = None
-        self._pending_since = 0.0
-        self._pending_upto = 0  # highest store record seq inside the pending batch
-        self._published_upto = 0  # every record <= this has been published
-        self._queued_ops = 0  # committing + pending + local: bounded by max_pending_ops
-        self._local: ORMap | None = None  # committed LOCAL deltas awaiting sync()
-        self._local_ops = 0
-        self._flush_wake = asyncio.Event()
-        self._flushed = asyncio.Event()
-        self._sequence = 0
-        self._last_seq: dict[str, int] = {}
-        self._ops_since_snapshot = 0
-        self._last_record_seq = 0
-        self._last_catchup = -1e9
-        self._catchup_task: asyncio.Task[None] | None = None
+        self._progress = asyncio.Event()  # set after every machine step: flush() re-checks
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._catchup_done: asyncio.Future[bool] | None = None
         self._snapshot_lock = asyncio.Lock()
+        self._progress_lock = asyncio.Lock()
+        self._saved_sequence = 0
         self._background: set[asyncio.Task[Any]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Subscription] = []
         self._running = False
         self._degraded: BaseException | None = None
-        self._snapshot_seq = 0
         self.applied_envelopes = 0
+        self.load_errors: list[tuple[str, str]] = []
+        """``(key, reason)`` of every top-level key left out of the stored state on load."""
         self._listeners: list[Callable[[Collection[str] | None], None]] = []
+
+    # -- the machine ---------------------------------------------------------------------------
+
+    @property
+    def tree(self) -> Tree:
+        """The subject's tree (owned by the machine)."""
+        return self.machine.tree
+
+    @property
+    def clock(self) -> HybridClock:
+        """The hybrid clock stamping this replica's writes and envelopes."""
+        return self.machine.clock
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _handle(self, event: Event) -> None:
+        self._run(self.machine.handle(event))
+
+    def _run(self, actions: list[Action]) -> None:
+        """Execute the machine's actions, in order (I/O ones as tasks: the machine keeps at
+        most one publish and one catch-up in flight)."""
+        for a in actions:
+            if isinstance(a, Changed):
+                self._changed(a.keys)
+            elif isinstance(a, Report):
+                if a.event == "applied":
+                    self.applied_envelopes += 1
+                report = getattr(self.observer, a.event, None)
+                if report is not None:
+                    report(self.config.subject, *a.args)
+            elif isinstance(a, ScheduleTimer):
+                old = self._timers.pop(a.name, None)
+                if old is not None:
+                    old.cancel()
+                loop = asyncio.get_running_loop()
+                self._timers[a.name] = loop.call_at(a.at, self._fire, a.name, a.at)
+            elif isinstance(a, Publish):
+                self._spawn(self._publish(a))
+            elif isinstance(a, SaveProgress):
+                self._spawn(self._save_progress(a))
+            elif isinstance(a, RequestCatchup):
+                self._catchup_done = asyncio.get_running_loop().create_future()
+                self._spawn(self._catchup(a, self._catchup_done))
+            elif isinstance(a, SendState):
+                self._spawn(self._send_state(a))
+            elif isinstance(a, Announce):
+                self._spawn(self.announce())
+            elif isinstance(a, Snapshot):
+                self._spawn(self._snapshot_quietly())
+        self._progress.set()
+
+    def _fire(self, name: str, at: float) -> None:
+        self._timers.pop(name, None)
+        if self._running:
+            # A timer may run a hair before its time (the loop's clock resolution).
+            self._handle(TimerFired(max(self._now(), at), name))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -305,25 +416,22 @@ class Replica:
         return {_WRITER: self.node_id}
 
     async def start(self) -> None:
-        """Load durable state, subscribe, start the committer and flusher, catch up. Idempotent."""
+        """Load durable state, subscribe, start the committer, republish, catch up. Idempotent."""
         if self._running:
             return
         await self._load()
         self._running = True
         self._tasks = [
             asyncio.create_task(self._committer(), name=f"commit:{self.config.subject}"),
-            asyncio.create_task(self._flusher(), name=f"flush:{self.config.subject}"),
         ]
         self._subs.append(
             await self.transport.subscribe(
-                self.delta_subject, self._on_delta, on_slow_consumer=self.request_catchup
+                self.delta_subject, self._on_delta, on_slow_consumer=self._on_slow_consumer
             )
         )
         self._subs.append(await self.transport.subscribe(self.sync_subject, self._on_sync))
-        if self._pending is not None:
-            self._flush_wake.set()  # republish what a crash left unpublished
-        await self.catch_up()
-        await self.announce()
+        self._handle(Started(self._now()))
+        await self._catchup_outcome()  # the first attempt; retries go on in the background
 
     async def stop(self, flush_timeout: float = 5.0) -> None:
         """Flush pending batches (for at most ``flush_timeout`` s), snapshot, unsubscribe.
@@ -342,7 +450,10 @@ class Replica:
             with contextlib.suppress(WorknodeError):
                 await sub.unsubscribe()
         self._subs.clear()
-        tasks = [*self._tasks, *([self._catchup_task] if self._catchup_task else [])]
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        tasks = [*self._tasks, *self._background]
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -390,58 +501,19 @@ class Replica:
         then refuses further writes with ReplicaError until it is restarted).
         """
         self._check_writable()
-        n = len(mutators)
-        if n > self.config.max_batch_ops:
-            raise PayloadTooLargeError(
-                f"{n} operations in one write, over max_batch_ops={self.config.max_batch_ops}"
-            )
-        if self._queued_ops + n > self.config.max_pending_ops:
-            raise BackpressureError(
-                f"{self._queued_ops} ops wait to be published (max_pending_ops="
-                f"{self.config.max_pending_ops}); retry later"
-            )
-        error: BaseException | None = None
+        self.machine.admit(len(mutators))
         async with self._mutate_lock:
             self._check_writable()  # stop() may have begun while we waited for the lock
-            batch = ORMap(is_delta=True)
-            done = 0
-            tree, node_id, clock, now_ms = self.tree, self.node_id, self.clock, self._now_ms
-            pending = list(coalesce(mutators))
-            pending.reverse()
-            while pending:
-                fn, count = pending.pop()
-                try:
-                    if isinstance(fn, TreeOp):
-                        d = fn.apply(tree, node_id, clock.now(now_ms()))  # fused: merged here
-                    else:
-                        d = fn(tree, node_id, clock.now(now_ms()))
-                        tree.merge(d)
-                except ValueTooLargeError as exc:
-                    if count > 1:  # a run's sum overflows: replay it write by write
-                        assert isinstance(fn, Increment)
-                        parts = mutators[done : done + count]
-                        pending.extend((w, 1) for w in reversed(parts))
-                        continue
-                    error = exc
-                    break
-                except (WorknodeError, ValueError, TypeError) as exc:
-                    error = exc
-                    break
-                batch.merge(d)
-                done += count
-            if not done:
-                assert error is not None
-                raise error
-            self._changed(batch.store.keys() if batch.store else ())
-            record = self.codec.encode_document(batch)
+            written = self.machine.write(mutators, self._now_ms)
+            self._run(written.actions)
+            record = self.codec.encode_document(written.delta)
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._commits.append(_Commit(record, batch, done, consistency, fut))
-            self._queued_ops += done
+            self._commits.append(_Commit(record, written.delta, written.ops, consistency, fut))
             self._commit_wake.set()
         await fut
-        if error is not None:
-            raise error
-        return batch
+        if written.error is not None:
+            raise written.error
+        return written.delta
 
     def _check_writable(self) -> None:
         if not self._running:
@@ -455,11 +527,7 @@ class Replica:
     async def sync(self) -> None:
         """Publish every LOCAL write made so far (and anything pending), now."""
         async with self._mutate_lock:
-            if self._local is not None:
-                self._queue_publish(
-                    self._local, self._local_ops, 0, self._last_record_seq, owned=True
-                )
-                self._local, self._local_ops = None, 0
+            self._handle(SyncWanted(self._now()))
         await self.flush()
 
     async def flush(self) -> None:
@@ -467,21 +535,25 @@ class Replica:
 
         While NATS is unreachable this waits (publishing retries); bound it with
         ``asyncio.timeout`` where that matters. Raises ReplicaError if the replica's
-        background tasks died (a bug), instead of waiting forever.
+        committer died (a bug), instead of waiting forever.
         """
-        while self._running and (self._commits or self._pending is not None):
+        while self._running and (self._commits or not self.machine.idle):
             dead = [t for t in self._tasks if t.done()]
             if dead:
                 raise ReplicaError(
                     f"replica of {self.config.subject!r}: background task "
                     f"{dead[0].get_name()} stopped"
                 ) from (dead[0].exception() if not dead[0].cancelled() else None)
-            self._flushed.clear()
-            self._flush_wake.set()
+            self._progress.clear()
             self._commit_wake.set()
+            if not self._commits:
+                self._handle(FlushWanted(self._now()))
+                self._progress.clear()
+            if not self._commits and self.machine.idle:
+                break
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
-                    await self._flushed.wait()
+                    await self._progress.wait()
 
     # -- convenience mutators ----------------------------------------------------------------
 
@@ -516,11 +588,11 @@ class Replica:
     @property
     def state(self) -> ORMap:
         """The subject's document (the tree's OR-map)."""
-        return self.tree.state
+        return self.machine.state
 
     def digest(self) -> bytes:
         """Digest of the subject's state: content and causal context."""
-        return self.tree.state.digest()
+        return self.machine.state.digest()
 
     def content_digest(self) -> bytes:
         """Digest of the content alone (what readers see), without the causal context.
@@ -529,7 +601,7 @@ class Replica:
         still differ in dots that no entry holds any more (overwritten or removed writes);
         the next deltas close that gap, and it never changes what either replica shows.
         """
-        return digest_entry(self.tree.state.store, key=b"content")
+        return digest_entry(self.machine.state.store, key=b"content")
 
     def hlc(self) -> int:
         """A fresh hybrid timestamp from this replica's clock."""
@@ -538,7 +610,12 @@ class Replica:
     @property
     def queued_ops(self) -> int:
         """Committed ops not yet published (committing, pending, LOCAL)."""
-        return self._queued_ops
+        return self.machine.queued_ops
+
+    @property
+    def held_deltas(self) -> int:
+        """Peers' deltas the causal gate holds until what they claim arrives."""
+        return self.machine.held
 
     # -- catch-up --------------------------------------------------------------------------
     #
@@ -551,26 +628,31 @@ class Replica:
     #   Worknode-Sync: announce  -> no reply; a receiver missing dots the announcer has sends
     #                               it a request (after a start or reconnect, so peers that
     #                               were away from the announcer's writes catch up too).
+    # When to ask, whom, and how often to retry is the machine's decision.
 
     def request_catchup(self) -> None:
-        """Ask a peer for its state soon (rate-limited); used after gaps and slow consumers."""
-        if not self._running or (self._catchup_task and not self._catchup_task.done()):
-            return
-        self._catchup_task = asyncio.create_task(self._catchup_later())
+        """Ask a peer for its state soon (coalesced, rate-limited, retried until one answers);
+        used after gaps, slow consumers and reconnects."""
+        if self._running:
+            self._handle(CatchupWanted(self._now()))
 
-    async def _catchup_later(self) -> None:
-        wait = self._last_catchup + self.config.catchup_min_interval - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        await self.catch_up()
+    def reconnected(self) -> None:
+        """The transport reconnected: catch up (retried until a peer answers) and announce,
+        so peers that missed this replica's batches meanwhile ask for them too."""
+        if self._running:
+            self._handle(Reconnected(self._now()))
+
+    def _on_slow_consumer(self) -> None:
+        if self._running:
+            self._handle(SlowConsumer(self._now()))
 
     def _context_envelope(self) -> bytes:
-        probe = ORMap(None, self.tree.state.context.copy(), is_delta=True)
+        probe = ORMap(None, self.machine.state.context.copy(), is_delta=True)
         return self.codec.seal(
             self.signer,
             subject=self.sync_subject,
             hlc=self.clock.now(self._now_ms()),
-            sequence=self._sequence,
+            sequence=self.machine.sequence,
             document=probe,
         )
 
@@ -584,23 +666,39 @@ class Replica:
             log.debug("announce of %s: %s", self.config.subject, exc)
 
     async def catch_up(self, peer: str | None = None) -> bool:
-        """Fetch a peer's state (``peer`` or any) and join it. Returns whether one answered."""
-        self._last_catchup = time.monotonic()
+        """Fetch a peer's state (``peer`` or any) and join it now (or wait for the catch-up
+        already running). Returns whether a peer answered."""
+        if not self._running:
+            return False
+        self._handle(CatchupWanted(self._now(), peer, urgent=True))
+        return await self._catchup_outcome()
+
+    async def _catchup_outcome(self) -> bool:
+        """Whether the running (or last) catch-up got an answer; False if it was cancelled."""
+        fut = self._catchup_done
+        if fut is None:
+            return False
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if fut.cancelled():
+                return False
+            raise
+
+    async def _catchup(self, action: RequestCatchup, done: asyncio.Future[bool]) -> None:
         headers = {_SYNC: "request"}
-        if peer is not None:
-            headers[_TO] = peer
+        if action.peer is not None:
+            headers[_TO] = action.peer
+        if action.full:
+            headers[_FULL] = "1"
+        event: Event
         try:
             reply = await self.transport.request(
                 self.sync_subject,
                 self._context_envelope(),
-                timeout=self.config.catchup_timeout,
+                timeout=action.timeout,
                 headers=headers,
             )
-        except TransportError as exc:
-            self.observer.catchup(self.config.subject, "no_peer")
-            log.debug("catch-up of %s: %s", self.config.subject, exc)
-            return False
-        try:
             env = self.codec.open(reply.data, self.roster, subject=self.sync_subject)
             document = env.document
             if not isinstance(document, ORMap):
@@ -609,13 +707,37 @@ class Replica:
             # context (an announce probe replayed as a reply would claim dots it lacks).
             if document.is_delta and (document.store or document.context.size()):
                 raise MalformedMessageError("a catch-up reply is a full state or empty")
+            event = CatchupReplied(self._now(), env.writer, env.sequence, document)
+        except TransportError as exc:
+            log.debug("catch-up of %s: %s", self.config.subject, exc)
+            event = CatchupFailed(self._now(), "no_peer")
         except CodecError as exc:
             self.observer.rejected(self.config.subject, reject_reason(exc))
-            self.observer.catchup(self.config.subject, "rejected")
-            return False
-        self._apply(document)
-        self.observer.catchup(self.config.subject, "ok")
-        return True
+            event = CatchupFailed(self._now(), "rejected")
+        except asyncio.CancelledError:
+            done.cancel()  # stopping: whoever waits gets "no answer"
+            raise
+        done.set_result(isinstance(event, CatchupReplied))
+        if self._running:
+            self._handle(event)  # may start the next catch-up (retry or coalesced want)
+
+    async def _send_state(self, action: SendState) -> None:
+        msg: Msg = action.reply_to
+        try:
+            data = self.codec.seal(
+                self.signer,
+                subject=self.sync_subject,
+                hlc=self.clock.now(self._now_ms()),
+                sequence=self.machine.sequence,
+                document=action.document,
+                is_state=not action.document.is_delta,
+            )
+        except MessageTooLargeError:
+            log.warning("state of %s too large for one transfer", self.config.subject)
+            self.observer.catchup(self.config.subject, "too_large")
+            return
+        with contextlib.suppress(TransportError):
+            await self.transport.respond(msg, data)
 
     async def _on_sync(self, msg: Msg) -> None:
         headers = msg.headers or {}
@@ -632,30 +754,9 @@ class Replica:
             return
         theirs = env.document.context
         if kind == "announce":
-            if _lacks(self.tree.state.context, theirs):
-                task = asyncio.get_running_loop().create_task(self.catch_up(env.writer))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-            return
-        if kind != "request" or not msg.reply:
-            return
-        mine = self.tree.state
-        document = mine if _lacks(theirs, mine.context) else ORMap(is_delta=True)
-        try:
-            data = self.codec.seal(
-                self.signer,
-                subject=self.sync_subject,
-                hlc=self.clock.now(self._now_ms()),
-                sequence=self._sequence,
-                document=document,
-                is_state=not document.is_delta,
-            )
-        except MessageTooLargeError:
-            log.warning("state of %s too large for one transfer", self.config.subject)
-            self.observer.catchup(self.config.subject, "too_large")
-            return
-        with contextlib.suppress(TransportError):
-            await self.transport.respond(msg, data)
+            self._handle(AnnounceReceived(self._now(), env.writer, theirs))
+        elif kind == "request" and msg.reply:
+            self._handle(SyncRequested(self._now(), theirs, msg, full=headers.get(_FULL) == "1"))
 
     # -- internals: incoming -----------------------------------------------------------------
 
@@ -673,22 +774,18 @@ class Replica:
             if not isinstance(env.document, ORMap):
                 self.observer.rejected(subject, "wrong_kind")
                 return
-            self.clock.observe(env.hlc, self._now_ms())
+            now_ms = self._now_ms()
+            self.clock.observe(env.hlc, now_ms)
         except (CodecError, ClockSkewError) as exc:
             self.observer.rejected(subject, reject_reason(exc))
             return
-        last = self._last_seq.get(env.writer, 0)
-        if env.is_state:
-            pass
-        elif last and env.sequence > last + 1:
-            self.observer.gap(subject, env.writer, env.sequence - last - 1)
-            self.request_catchup()
-        if env.sequence > last:
-            self._last_seq[env.writer] = env.sequence
-        self._apply(env.document)
-        lag_ms = max(0.0, self._now_ms() - (env.hlc >> 16))
-        self.observer.applied(subject, env.version, len(msg.data), lag_ms)
-        self.applied_envelopes += 1
+        lag_ms = max(0.0, now_ms - (env.hlc >> 16))
+        self._handle(
+            DeltaReceived(
+                self._now(), env.writer, env.sequence, env.document, len(msg.data),
+                (env.version, len(msg.data), lag_ms),
+            )
+        )
 
     def add_change_listener(self, listener: Callable[[Collection[str] | None], None]) -> None:
         """Call ``listener(keys)`` after every change: the top-level keys a delta touched, or
@@ -704,24 +801,9 @@ class Replica:
         the healer repairs every replica itself. ``packed``: ``delta`` as packed document
         bytes (as received), logged instead of encoding ``delta`` again."""
         async with self._mutate_lock:
-            self.tree.merge(delta)
-            self._changed(delta.store.keys() if delta.store else ())
             record = packed if packed is not None else self.codec.encode_document(delta)
             seq = await asyncio.to_thread(self.store.append, self.config.subject, [record])
-            self._last_record_seq = max(self._last_record_seq, seq)
-
-    def _apply(self, document: ORMap) -> None:
-        self.tree.merge(document)
-        if document.is_delta:
-            self._changed(document.store.keys() if document.store else ())
-        else:
-            self._changed(None)  # a full state: any key may have changed
-        self._ops_since_snapshot += max(1, len(document))
-        if self._ops_since_snapshot >= self.config.snapshot_every:
-            self._ops_since_snapshot = 0
-            task = asyncio.get_running_loop().create_task(self._snapshot_quietly())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._handle(RepairApplied(self._now(), delta, seq))
 
     # -- internals: commit, publish, persist ---------------------------------------------------
 
@@ -730,8 +812,7 @@ class Replica:
             await self._commit_wake.wait()
             self._commit_wake.clear()
             if not self._commits:
-                if self._pending is None:
-                    self._flushed.set()
+                self._progress.set()
                 continue
             commits, self._commits = self._commits, []
             t0 = time.perf_counter()
@@ -747,124 +828,52 @@ class Replica:
                 log.error("commit of %s failed: %s", self.config.subject, exc)
                 self._degraded = exc
                 for c in commits:
-                    self._queued_ops -= c.ops
+                    self._handle(CommitFailed(self._now(), c.ops))
                     if not c.done.done():
                         c.done.set_exception(exc)
                 continue
-            self._last_record_seq = max(self._last_record_seq, seq)
-            for i, c in enumerate(commits):
-                c.seq = seq - len(commits) + 1 + i
             ops = sum(c.ops for c in commits)
             self.observer.committed(self.config.subject, ops, time.perf_counter() - t0)
-            for c in commits:
-                if c.consistency is Consistency.EVENTUAL:
-                    self._queue_publish(c.delta, c.ops, len(c.record), c.seq, c.record)
-                elif self._local is None:
-                    self._local, self._local_ops = c.delta.copy(), c.ops  # the writer has c.delta
-                else:
-                    self._local.merge(c.delta)
-                    self._local_ops += c.ops
+            now = self._now()
+            first = seq - len(commits) + 1
+            for i, c in enumerate(commits):
+                self._handle(
+                    Committed(
+                        now, c.delta, c.ops, len(c.record), first + i, c.record,
+                        eventual=c.consistency is Consistency.EVENTUAL,
+                    )
+                )
                 if not c.done.done():
                     c.done.set_result(None)
-            self._ops_since_snapshot += ops
-            if self._ops_since_snapshot >= self.config.snapshot_every:
-                self._ops_since_snapshot = 0
-                await self._snapshot_quietly()
 
-    def _queue_publish(
-        self,
-        delta: ORMap,
-        ops: int,
-        nbytes: int,
-        upto: int,
-        record: bytes | None = None,
-        *,
-        owned: bool = False,
-    ) -> None:
-        """Join a committed delta into the next batch. ``record``: ``delta`` encoded (its
-        durable record); while the batch is that one delta, sealing reuses those bytes.
-        ``owned``: no one else holds ``delta`` (else it is copied before anything joins in:
-        a writer got it back from ``write_many``)."""
-        self._pending_upto = max(self._pending_upto, upto)
-        if self._pending is None:
-            self._pending, self._pending_owned = delta, owned
-            self._pending_record = record
-            self._pending_since = time.monotonic()
-        else:
-            self._own_pending()
-            self._pending.merge(delta)
-        self._pending_ops += ops
-        self._pending_bytes += nbytes
-        if (
-            self._pending_ops >= self.config.max_batch_ops
-            or self._pending_bytes >= self.config.max_batch_bytes // 2
-        ):
-            self._flush_wake.set()
-        elif not self._flush_wake.is_set():
-            loop = asyncio.get_running_loop()
-            loop.call_later(self.config.flush_interval, self._flush_wake.set)
+    async def _publish(self, action: Publish) -> None:
+        event: Event
+        try:
+            data = self.codec.seal(
+                self.signer,
+                subject=self.delta_subject,
+                hlc=self.clock.now(self._now_ms()),
+                sequence=action.sequence,
+                document=action.document,
+                packed=action.record,
+            )
+            await self.transport.publish(self.delta_subject, data, headers=self._headers)
+            event = Published(self._now(), action.sequence, len(data))
+        except MessageTooLargeError as exc:
+            log.error("batch of %s too large to publish (%s); left to catch-up/healing",
+                      self.config.subject, exc)
+            event = PublishFailed(self._now(), action.sequence, too_large=True)
+        except Exception as exc:
+            log.warning("publish of %s failed, retrying: %s", self.config.subject, exc)
+            event = PublishFailed(self._now(), action.sequence)
+        if self._running:
+            self._handle(event)
 
-    def _own_pending(self) -> None:
-        """Make the pending batch ours to join into; its record no longer matches it."""
-        assert self._pending is not None
-        if not self._pending_owned:
-            self._pending, self._pending_owned = self._pending.copy(), True
-        self._pending_record = None
-
-    async def _flusher(self) -> None:
-        backoff = 0.05
-        while True:
-            await self._flush_wake.wait()
-            self._flush_wake.clear()
-            if self._pending is None:
-                if not self._commits:
-                    self._flushed.set()
-                continue
-            batch, ops, since = self._pending, self._pending_ops, self._pending_since
-            upto, record, owned = self._pending_upto, self._pending_record, self._pending_owned
-            self._pending, self._pending_ops, self._pending_bytes = None, 0, 0
-            self._pending_record = None
-            try:
-                self._sequence += 1
-                data = self.codec.seal(
-                    self.signer,
-                    subject=self.delta_subject,
-                    hlc=self.clock.now(self._now_ms()),
-                    sequence=self._sequence,
-                    document=batch,
-                    packed=record,
-                )
-                await self.transport.publish(self.delta_subject, data, headers=self._headers)
-            except MessageTooLargeError as exc:
-                # Cannot ever fit in one message: the writes stay durable here; catch-up (a
-                # state transfer) and the healer carry them. Counted, not retried forever.
-                self._sequence -= 1
-                self._queued_ops -= ops
-                self.observer.publish_failed(self.config.subject)
-                log.error("batch of %s too large to publish (%s); left to catch-up/healing",
-                          self.config.subject, exc)
-                continue
-            except Exception as exc:
-                # Keep the batch (join it back in front of newer deltas) and retry.
-                self._sequence -= 1
-                self.observer.publish_failed(self.config.subject)
-                log.warning("publish of %s failed, retrying: %s", self.config.subject, exc)
-                if self._pending is not None:
-                    self._own_pending()
-                    self._pending.merge(batch)  # joins commute: same batch either way
-                else:
-                    self._pending, self._pending_owned = batch, owned
-                    self._pending_record = record
-                self._pending_ops += ops
-                self._pending_since = since
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                self._flush_wake.set()
-                continue
-            backoff = 0.05
-            self._queued_ops -= ops
-            self._published_upto = max(self._published_upto, upto)
-            progress = {"sequence": self._sequence, "upto": self._published_upto}
+    async def _save_progress(self, action: SaveProgress) -> None:
+        async with self._progress_lock:
+            if action.sequence <= self._saved_sequence:
+                return  # a later save already ran
+            progress = {"sequence": action.sequence, "upto": action.upto}
             try:
                 await asyncio.to_thread(
                     self.store.set_meta,
@@ -875,67 +884,86 @@ class Replica:
             except StoreError as exc:  # a restart then republishes a little more: harmless
                 log.warning("could not record publish progress of %s: %s",
                             self.config.subject, exc)
-            self.observer.published(
-                self.config.subject, ops, len(data), time.monotonic() - since
-            )
-            if self._pending is None and not self._commits:
-                self._flushed.set()
+                return
+            self._saved_sequence = action.sequence
 
     async def _load(self) -> None:
         loaded = await asyncio.to_thread(self.store.load, self.config.subject)
+        self.load_errors = []
         state = ORMap()
         if loaded.snapshot is not None:
             state = self._decode_stored(loaded.snapshot)
         for _, record in loaded.records:
             state.merge(self._decode_stored(record))
-        self.tree = Tree(state)
-        self._changed(None)
-        self._last_record_seq = loaded.records[-1][0] if loaded.records else loaded.snapshot_seq
-        self._snapshot_seq = loaded.snapshot_seq
         raw = await asyncio.to_thread(self.store.get_meta, self.config.subject, _META_PUBLISHED)
         progress = json.loads(raw) if raw else {}
-        self._sequence = int(progress.get("sequence", 0))
-        self._published_upto = int(progress.get("upto", 0))
+        sequence = int(progress.get("sequence", 0))
+        published_upto = int(progress.get("upto", 0))
         # Committed but never published (a crash between commit and publish): publish them
         # now, so an acknowledged write reaches peers. (LOCAL writes not yet synced when a
         # later EVENTUAL batch went out are not tracked separately; they reach peers by
         # catch-up and healing.)
-        unpublished = [(n, r) for n, r in loaded.records if n > self._published_upto]
+        unpublished = [(n, r) for n, r in loaded.records if n > published_upto]
+        batch: ORMap | None = None
         if unpublished:
             batch = ORMap(is_delta=True)
             for _, record in unpublished:
                 batch.merge(self._decode_stored(record))
-            self._pending, self._pending_owned = batch, True
-            self._pending_ops = len(unpublished)
-            self._pending_upto = unpublished[-1][0]
-            self._pending_since = time.monotonic()
-            self._queued_ops = len(unpublished)
-        # Our own dots keep increasing after a restart (the context does that), and the hybrid
-        # clock must not run behind the timestamps already in the state, or a write after a
-        # restart on a node whose wall clock stepped back could lose to an older one.
-        self.clock = HybridClock(last=_max_hlc(state.store))
+        self.machine = ReplicationMachine(
+            self.node_id,
+            self.config.replication(),
+            seed=random.getrandbits(32),  # only desynchronises retry jitter across nodes
+            loaded=Loaded(
+                state,
+                # Our own dots keep increasing after a restart (the context does that), and
+                # the hybrid clock must not run behind the timestamps already in the state,
+                # or a write after a restart on a node whose wall clock stepped back could
+                # lose to an older one.
+                clock_last=_max_hlc(state.store),
+                last_record_seq=(
+                    loaded.records[-1][0] if loaded.records else loaded.snapshot_seq
+                ),
+                snapshot_seq=loaded.snapshot_seq,
+                sequence=sequence,
+                published_upto=published_upto,
+                unpublished=batch,
+                unpublished_ops=len(unpublished),
+            ),
+        )
+        self._saved_sequence = sequence
+        self._changed(None)
 
     def _decode_stored(self, data: bytes) -> ORMap:
-        doc: Causal = self.codec.decode_document(data, ORMap)
+        """A stored snapshot or record. A top-level key whose content the codec refuses is
+        left out and reported (logged, and kept in ``load_errors``) instead of refusing the
+        whole node; catch-up or the healer bring that key back from a peer."""
+        bad: list[tuple[str, str]] = []
+        doc: Causal = self.codec.decode_document(data, ORMap, bad_keys=bad)
         assert isinstance(doc, ORMap)
+        for key, reason in bad:
+            log.error("stored state of %s: key %r left out on load: %s",
+                      self.config.subject, key, reason)
+        self.load_errors.extend(bad)
         return doc
 
     async def _snapshot(self) -> None:
-        # The in-memory state holds every committed record up to ``_last_record_seq`` (writes
-        # are applied before they commit), so the snapshot may replace those records.
+        # The in-memory state holds every committed record up to the last one (writes are
+        # applied before they commit); unpublished records stay in the log to be republished.
         async with self._snapshot_lock:
             t0 = time.perf_counter()
-            data = self.codec.encode_document(self.tree.state)
-            # Keep unpublished records in the log: a restart republishes them.
-            upto = max(min(self._last_record_seq, self._published_upto), self._snapshot_seq)
+            upto = self.machine.snapshot_upto()
+            data = self.codec.encode_document(self.machine.state)
             await asyncio.to_thread(self.store.write_snapshot, self.config.subject, data, upto)
-            self._snapshot_seq = upto
+            if self._running:
+                self._handle(SnapshotTaken(self._now(), upto))
+            else:
+                self.machine.snapshot_seq = max(self.machine.snapshot_seq, upto)
             self.observer.snapshot(self.config.subject, len(data), time.perf_counter() - t0)
 
     async def _snapshot_quietly(self) -> None:
         try:
             await self._snapshot()
-        except WorknodeError as exc:  # never kills the committer that called it
+        except WorknodeError as exc:  # never kills the task that called it
             log.error("snapshot of %s failed: %s", self.config.subject, exc)
 
     def __repr__(self) -> str:

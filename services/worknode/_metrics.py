@@ -36,7 +36,8 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 _OPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 _BYTES_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
-_CATCHUP_OUTCOMES = ("ok", "no_peer", "rejected", "too_large")
+_CATCHUP_OUTCOMES = ("ok", "no_peer", "rejected", "too_large", "retry", "gave_up")
+_GATE_OUTCOMES = ("held", "drained", "evicted")
 
 
 def package_version() -> str:
@@ -118,6 +119,11 @@ class ServiceMetrics:
         self.catchups = Counter(
             "worknode_catchups_total", "State transfers requested, by outcome.",
             ["subject", "outcome"], registry=r)
+        self.gated_deltas = Counter(
+            "worknode_gated_deltas_total",
+            "Peers' deltas the causal gate held (claims ran ahead), drained later, or evicted "
+            "from a full hold (left to catch-up).",
+            ["subject", "outcome"], registry=r)
         self.snapshot_seconds = Histogram(
             "worknode_snapshot_seconds", "Time to snapshot a subject's state.",
             ["subject"], buckets=_LATENCY_BUCKETS, registry=r)
@@ -150,6 +156,8 @@ class ServiceMetrics:
                 self.rejected_envelopes.labels(s, reason)
             for outcome in _CATCHUP_OUTCOMES:
                 self.catchups.labels(s, outcome)
+            for outcome in _GATE_OUTCOMES:
+                self.gated_deltas.labels(s, outcome)
             for v in range(OLDEST_VERSION, CURRENT_VERSION + 1):
                 self.applied_envelopes.labels(s, str(v))
             self.ops_committed.labels(s)
@@ -205,6 +213,11 @@ class ServiceMetrics:
         """A catch-up finished."""
         o = outcome if outcome in _CATCHUP_OUTCOMES else "rejected"
         self.catchups.labels(self._s(subject), o).inc()
+
+    def gated(self, subject: str, outcome: str) -> None:
+        """The causal gate held, drained or evicted a peer's delta."""
+        o = outcome if outcome in _GATE_OUTCOMES else "evicted"
+        self.gated_deltas.labels(self._s(subject), o).inc()
 
     def snapshot(self, subject: str, nbytes: int, seconds: float) -> None:
         """A snapshot was written."""

@@ -1,0 +1,310 @@
+"""Events a replication machine takes and actions it returns (frozen dataclasses).
+
+Every event carries ``now``: monotonic seconds, read by the driver (or a simulator's clock).
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from broker.crdt import CausalContext, ORMap
+
+__all__ = [
+    "Action",
+    "Announce",
+    "AnnounceReceived",
+    "CatchupFailed",
+    "CatchupReplied",
+    "CatchupWanted",
+    "Changed",
+    "CommitFailed",
+    "Committed",
+    "DeltaReceived",
+    "Event",
+    "FlushWanted",
+    "Publish",
+    "PublishFailed",
+    "Published",
+    "Reconnected",
+    "RepairApplied",
+    "Report",
+    "RequestCatchup",
+    "SaveProgress",
+    "ScheduleTimer",
+    "SendState",
+    "SlowConsumer",
+    "Snapshot",
+    "SnapshotTaken",
+    "Started",
+    "SyncRequested",
+    "SyncWanted",
+    "TimerFired",
+]
+
+
+# -- events ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The driver loaded the store and subscribed: publish what a crash left, catch up."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """A local write's delta is durable (store record ``record_seq``): it is acknowledged and
+    may now leave the process. ``record``: ``delta`` encoded (reused when it is a batch
+    alone); ``eventual``: publish in the next batch, else wait for ``SyncWanted``."""
+
+    now: float
+    delta: ORMap
+    ops: int
+    nbytes: int
+    record_seq: int
+    record: bytes | None = None
+    eventual: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CommitFailed:
+    """A commit of ``ops`` accepted ops failed: they will never be published."""
+
+    now: float
+    ops: int
+
+
+@dataclass(frozen=True, slots=True)
+class SyncWanted:
+    """Publish the LOCAL writes committed so far, and anything pending, now."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class FlushWanted:
+    """Publish the pending batch now instead of at the end of the flush window."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """The ``Publish`` with ``sequence`` reached the transport as ``nbytes`` bytes."""
+
+    now: float
+    sequence: int
+    nbytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PublishFailed:
+    """The ``Publish`` with ``sequence`` failed; ``too_large``: it can never fit one message."""
+
+    now: float
+    sequence: int
+    too_large: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaReceived:
+    """A peer's batch, already verified and decoded (``codec.open``), from ``writer``.
+
+    ``report``: arguments the driver wants back in ``Report("applied", report)`` once the
+    delta is joined (version, bytes, lag); opaque to the machine."""
+
+    now: float
+    writer: str
+    sequence: int
+    document: ORMap
+    nbytes: int
+    report: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CatchupWanted:
+    """Catch up (from ``peer`` or any): a caller asked, or something was missed.
+    ``urgent``: ignore the rate limit (still one catch-up at a time)."""
+
+    now: float
+    peer: str | None = None
+    urgent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SlowConsumer:
+    """The transport dropped messages of the delta subscription."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnected:
+    """The connection came back; messages may have been missed meanwhile."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class CatchupReplied:
+    """A peer answered the running catch-up: ``document`` is its full state, or an empty
+    delta (it has nothing this replica lacks). ``sequence``: the peer's publish sequence
+    when it answered (its state holds every batch up to it)."""
+
+    now: float
+    peer: str
+    sequence: int
+    document: ORMap
+
+
+@dataclass(frozen=True, slots=True)
+class CatchupFailed:
+    """The running catch-up failed: ``outcome`` is ``no_peer`` (none answered in time),
+    ``rejected`` (an answer failed verification) or ``too_large``."""
+
+    now: float
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRequested:
+    """A peer whose causal context is ``context`` asks for this replica's state;
+    ``reply_to``: the driver's handle for the answer (opaque). Answered with the full state
+    when ``full`` or when the asker lacks a dot seen here, else with an empty delta."""
+
+    now: float
+    context: CausalContext
+    reply_to: Any
+    full: bool = False
+    """The asker wants the full state even if it lacks no dot (it may have missed a
+    removal: removals issue no dot, so its context cannot show it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceReceived:
+    """Peer ``peer`` announced what it has seen (``context``)."""
+
+    now: float
+    peer: str
+    context: CausalContext
+
+
+@dataclass(frozen=True, slots=True)
+class RepairApplied:
+    """The driver logged a healer's repair delta as store record ``record_seq``: join it."""
+
+    now: float
+    delta: ORMap
+    record_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotTaken:
+    """A snapshot holding every store record up to ``upto`` was written."""
+
+    now: float
+    upto: int
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    """The timer named ``name`` (from ``ScheduleTimer``) is due."""
+
+    now: float
+    name: str
+
+
+Event = (
+    Started | Committed | CommitFailed | SyncWanted | FlushWanted | Published | PublishFailed
+    | DeltaReceived | CatchupWanted | SlowConsumer | Reconnected | CatchupReplied
+    | CatchupFailed | SyncRequested | AnnounceReceived | RepairApplied | SnapshotTaken
+    | TimerFired
+)
+"""Everything a replication machine reacts to."""
+
+
+# -- actions -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Seal ``document`` as batch ``sequence`` and publish it on the delta subject; then
+    report ``Published`` or ``PublishFailed``. ``record``: ``document`` already encoded."""
+
+    sequence: int
+    document: ORMap
+    ops: int
+    record: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SaveProgress:
+    """Persist the publish progress: batch ``sequence`` published, records <= ``upto`` too."""
+
+    sequence: int
+    upto: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestCatchup:
+    """Ask ``peer`` (or any) for its state with this replica's context; wait ``timeout``
+    seconds; then report ``CatchupReplied`` or ``CatchupFailed``."""
+
+    peer: str | None
+    timeout: float
+    full: bool = True
+    """Ask for the full state even when no dot is lacking (see ``SyncRequested.full``);
+    False only when every reason for this catch-up was a peer's announce of dots."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendState:
+    """Answer the sync request ``reply_to`` with ``document`` (a full state, or an empty
+    delta meaning "nothing you lack")."""
+
+    reply_to: Any
+    document: ORMap
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """Publish this replica's context on the sync subject (no answer expected)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Write a snapshot of the state (records up to ``Machine.snapshot_upto()``); report
+    ``SnapshotTaken``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleTimer:
+    """Report ``TimerFired(name)`` at monotonic time ``at`` (replaces a timer of that name)."""
+
+    name: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Changed:
+    """The state changed: the top-level ``keys`` a delta touched, or None (any key)."""
+
+    keys: tuple[str, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Tell the observer: ``observer.<event>(subject, *args)`` (see ``ReplicaObserver``)."""
+
+    event: str
+    args: tuple[Any, ...]
+
+
+Action = (
+    Publish | SaveProgress | RequestCatchup | SendState | Announce | Snapshot | ScheduleTimer
+    | Changed | Report
+)
+"""Everything a replication machine asks its driver to do."""

@@ -1,0 +1,773 @@
+"""The replication machine: everything one replica of one subject decides, as events in and
+actions out.
+
+What it decides (``broker/replica.py`` only executes):
+
+- **Write -> commit -> publish.** ``write`` applies local writes to the tree and returns their
+  joined delta; the driver logs it durably and reports ``Committed``. Only then does the delta
+  join the pending batch (EVENTUAL) or the LOCAL batch (published on ``SyncWanted``). A batch
+  is published when the flush window since its first delta ends, or at once when it reaches
+  ``max_batch_ops`` ops or half of ``max_batch_bytes``. One ``Publish`` is in flight at a time;
+  it carries the next publish sequence, which only ``Published`` consumes. A failed publish
+  joins its batch back into the pending one (joins commute: the same batch either way) and
+  retries after a backoff doubling from 50 ms to 2 s; a batch too large for any message is
+  dropped (its writes stay durable; catch-up and the healer carry them). Writers beyond
+  ``max_pending_ops`` ops accepted and not yet published get ``BackpressureError``.
+- **Remote apply.** A peer's delta is joined only if the causal gate admits it (``_gate``: its
+  context claims no dot this replica neither saw nor receives with it). Otherwise it is held,
+  bounded by ``max_held_deltas`` and ``max_held_bytes`` (the oldest evicted, counted, and left
+  to catch-up), and a catch-up is wanted from its writer. Held deltas are re-checked after
+  every join and drain in any order. Per-writer sequences reveal lost batches (``gap``), and
+  so does a hole left in the context below a writer's dot after a join (the first batch seen
+  from a writer has no sequence to compare with).
+- **Catch-up.** A gap, a held delta, a slow consumer, a reconnect, a peer's announce showing
+  dots this replica lacks, and ``Started`` each want a catch-up. One runs at a time; wants
+  that arrive meanwhile are remembered (coalesced) and start one more when it ends. Starts are
+  at least ``catchup_min_interval`` apart. A catch-up that fails (no peer answered in time, or
+  an answer was rejected) is retried after a jittered exponential backoff, bounded by
+  ``catchup_max_backoff``, until a peer answers; it alternates between the peer it wanted and
+  any peer. A reply that leaves deltas held wants another, from their writer.
+- **Sync requests and announces.** A catch-up asks for the full state (``full``) unless
+  its only reasons were peers' announces: a removal issues no dot, so a context cannot show
+  that its delta was lost. A request that is not ``full`` is answered with the full state
+  only when the asker lacks a dot this replica has seen, else with an empty delta. A peer's
+  announce showing dots this replica lacks wants a catch-up from it; one showing that the
+  peer lacks dots seen here is answered by an announce (rate-limited), so the peer asks.
+- **Snapshots** every ``snapshot_every`` ops, covering records up to the last one published
+  (unpublished records stay in the log to be republished).
+
+How to drive it: build ``ReplicationMachine(node_id, config, seed=..., loaded=...)``; feed
+every event with ``handle(event)`` (events carry ``now``, monotonic seconds) and execute the
+actions it returns in order: ``Publish``/``RequestCatchup`` report back later with
+``Published``/``PublishFailed`` and ``CatchupReplied``/``CatchupFailed``; ``ScheduleTimer``
+reports ``TimerFired`` at its time (a new timer of the same name replaces the old one; a timer
+that fires late or spuriously is harmless); ``Snapshot`` reports ``SnapshotTaken``. Local
+writes go through ``write(mutators, now_ms)`` (wall milliseconds for the hybrid clock), which
+returns the delta to log; report ``Committed`` (or ``CommitFailed``) after the commit. A
+simulator may deliver any event at any time; the machine never blocks and never reads a clock
+or randomness of its own (jitter comes from ``seed``).
+
+Invariants: every committed EVENTUAL delta is in exactly one of: the pending batch, the
+in-flight publish, or published (or dropped as too large, counted); the publish sequence
+increases by one per published batch; a held delta is joined at most once its claims are
+covered; the state is only ever a join of local writes, admitted deltas, catch-up states and
+repairs. Pure: no I/O, no clock, no asyncio.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from broker.crdt import CausalContext, HybridClock, Increment, ORMap, Tree, TreeOp, coalesce
+from broker.errors import (
+    BackpressureError,
+    PayloadTooLargeError,
+    ValueTooLargeError,
+    WorknodeError,
+)
+from broker.replication._events import (
+    Action,
+    Announce,
+    AnnounceReceived,
+    CatchupFailed,
+    CatchupReplied,
+    CatchupWanted,
+    Changed,
+    CommitFailed,
+    Committed,
+    DeltaReceived,
+    Event,
+    FlushWanted,
+    Publish,
+    Published,
+    PublishFailed,
+    Reconnected,
+    RepairApplied,
+    Report,
+    RequestCatchup,
+    SaveProgress,
+    ScheduleTimer,
+    SendState,
+    SlowConsumer,
+    Snapshot,
+    SnapshotTaken,
+    Started,
+    SyncRequested,
+    SyncWanted,
+    TimerFired,
+)
+from broker.replication._gate import SequenceWindow, unseen_claims
+
+__all__ = [
+    "DEFAULT_MAX_HELD_BYTES",
+    "DEFAULT_MAX_HELD_DELTAS",
+    "Loaded",
+    "Mutator",
+    "ReplicationConfig",
+    "ReplicationMachine",
+    "Written",
+    "lacks",
+]
+
+Mutator = Callable[[Tree, str, int], ORMap]
+"""``(tree, replica_id, hlc) -> delta``: a delta-mutator on the subject's tree."""
+
+DEFAULT_MAX_HELD_DELTAS: Final = 1_024
+"""Deltas held by the causal gate at most; beyond it the oldest is evicted (catch-up)."""
+DEFAULT_MAX_HELD_BYTES: Final = 16 * 1024 * 1024
+"""Bytes (as received) of held deltas at most; beyond it the oldest is evicted."""
+
+MAX_OWED_ATTEMPTS: Final = 8
+"""Catch-ups answered by peers other than a writer whose state is needed, at most, before
+that writer is given up on (left to the healer)."""
+TIMER_FLUSH: Final = "flush"
+TIMER_PUBLISH_RETRY: Final = "publish-retry"
+TIMER_CATCHUP: Final = "catchup"
+TIMER_ANNOUNCE: Final = "announce"
+_PUBLISH_BACKOFF: Final = (0.05, 2.0)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationConfig:
+    """Bounds and timings of one replication machine (seconds, ops, bytes)."""
+
+    flush_interval: float = 0.005
+    max_batch_ops: int = 5_000
+    max_batch_bytes: int = 256 * 1024
+    max_pending_ops: int = 100_000
+    snapshot_every: int = 20_000
+    catchup_timeout: float = 2.0
+    catchup_min_interval: float = 0.5
+    catchup_max_backoff: float = 10.0
+    max_held_deltas: int = DEFAULT_MAX_HELD_DELTAS
+    max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """What the driver read from the store at start.
+
+    ``unpublished``: the join of committed records after ``published_upto`` (a crash between
+    commit and publish), ``unpublished_ops`` records of them; republished after ``Started``.
+    """
+
+    state: ORMap
+    clock_last: int = 0
+    last_record_seq: int = 0
+    snapshot_seq: int = 0
+    sequence: int = 0
+    published_upto: int = 0
+    unpublished: ORMap | None = None
+    unpublished_ops: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """The result of ``write``: the joined ``delta`` of the first ``ops`` writes (to log,
+    then report ``Committed``), ``error`` that stopped the rest, and ``actions`` to run."""
+
+    delta: ORMap
+    ops: int
+    error: BaseException | None
+    actions: list[Action]
+
+
+@dataclass(slots=True)
+class _Held:
+    writer: str
+    sequence: int
+    document: ORMap
+    nbytes: int
+    report: tuple[Any, ...]
+
+
+def lacks(mine: CausalContext, theirs: CausalContext) -> bool:
+    """Whether context ``mine`` misses a dot that context ``theirs`` has seen."""
+    vv = mine.version_vector
+    for r, n in theirs.version_vector.items():
+        top = vv.get(r, 0)
+        if n > top and not all(mine.covers(r, k) for k in range(top + 1, n + 1)):
+            return True
+    return any(not mine.covers(r, n) for r, n in theirs.cloud)
+
+
+class ReplicationMachine:
+    """One subject's replication on one node (see the module doc for how to drive it)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        config: ReplicationConfig | None = None,
+        *,
+        seed: int = 0,
+        loaded: Loaded | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.config = config or ReplicationConfig()
+        self._rng = random.Random(seed)
+        loaded = loaded or Loaded(ORMap())
+        self.tree = Tree(loaded.state)
+        """The subject's tree (its ``state`` is the document)."""
+        self.clock = HybridClock(last=loaded.clock_last)
+        """The hybrid clock stamping this replica's writes and envelopes."""
+        self.sequence = loaded.sequence
+        """Sequence of the last published batch."""
+        self.last_record_seq = loaded.last_record_seq
+        self.snapshot_seq = loaded.snapshot_seq
+        self.published_upto = loaded.published_upto
+        self.queued_ops = loaded.unpublished_ops
+        """Ops accepted and not yet published (committing, pending, in flight, LOCAL)."""
+        self._pending: ORMap | None = loaded.unpublished
+        self._pending_ops = loaded.unpublished_ops if loaded.unpublished is not None else 0
+        self._pending_bytes = 0
+        self._pending_owned = True
+        self._pending_record: bytes | None = None
+        self._pending_since = 0.0
+        self._pending_upto = loaded.last_record_seq if loaded.unpublished is not None else 0
+        self._flush_at: float | None = None
+        self._inflight: tuple[Publish, int, float, bool] | None = None  # action, upto, since, owned
+        self._retry_at: float | None = None
+        self._backoff = _PUBLISH_BACKOFF[0]
+        self._local: ORMap | None = None
+        self._local_ops = 0
+        self._ops_since_snapshot = 0
+        self._last_seq: dict[str, int] = {}
+        self._windows: dict[str, SequenceWindow] = {}
+        self._held: list[_Held] = []
+        self._held_bytes = 0
+        # Writers whose state this replica needs (a lost batch: sequence gap, evicted held
+        # delta, first batch seen from a writer after others) -> unsatisfied catch-ups since.
+        self._owed: dict[str, int] = {}
+        self._given_up: set[str] = set()  # owed writers no peer had: left to the healer
+        self._catchup_running = False
+        self._catchup_wanted = False
+        self._catchup_full = False  # some reason besides an announce: ask for the full state
+        self._catchup_asked_full = False
+        self._catchup_peer: str | None = None
+        self._catchup_asked: str | None = None
+        self._catchup_failures = 0
+        self._catchup_not_before = float("-inf")
+        self._catchup_timer: float | None = None
+        self._announce_not_before = float("-inf")
+        self._announce_timer: float | None = None
+        self._handlers: dict[type[Any], Callable[[Any], list[Action]]] = {
+            Started: self._on_started,
+            Committed: self._on_committed,
+            CommitFailed: self._on_commit_failed,
+            SyncWanted: self._on_sync_wanted,
+            FlushWanted: self._on_flush_wanted,
+            Published: self._on_published,
+            PublishFailed: self._on_publish_failed,
+            DeltaReceived: self._on_delta,
+            CatchupWanted: self._on_catchup_wanted,
+            SlowConsumer: self._on_slow_consumer,
+            Reconnected: self._on_reconnected,
+            CatchupReplied: self._on_catchup_replied,
+            CatchupFailed: self._on_catchup_failed,
+            SyncRequested: self._on_sync_requested,
+            AnnounceReceived: self._on_announce,
+            RepairApplied: self._on_repair,
+            SnapshotTaken: self._on_snapshot_taken,
+            TimerFired: self._on_timer,
+        }
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ORMap:
+        """The subject's document."""
+        return self.tree.state
+
+    @property
+    def idle(self) -> bool:
+        """Nothing EVENTUAL waits to be published (no pending batch, none in flight)."""
+        return self._pending is None and self._inflight is None
+
+    @property
+    def held(self) -> int:
+        """Deltas held by the causal gate."""
+        return len(self._held)
+
+    @property
+    def catching_up(self) -> bool:
+        """A catch-up is running or wanted."""
+        return self._catchup_running or self._catchup_wanted
+
+    def snapshot_upto(self) -> int:
+        """The store records a snapshot taken now may replace: every one the state holds
+        (writes are applied before they commit) and that was published."""
+        return max(min(self.last_record_seq, self.published_upto), self.snapshot_seq)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def admit(self, n: int) -> None:
+        """Raise unless ``n`` more writes may be accepted now (nothing changes)."""
+        if n > self.config.max_batch_ops:
+            raise PayloadTooLargeError(
+                f"{n} operations in one write, over max_batch_ops={self.config.max_batch_ops}"
+            )
+        if self.queued_ops + n > self.config.max_pending_ops:
+            raise BackpressureError(
+                f"{self.queued_ops} ops wait to be published (max_pending_ops="
+                f"{self.config.max_pending_ops}); retry later"
+            )
+
+    def write(self, mutators: Sequence[Mutator | TreeOp], now_ms: Callable[[], int]) -> Written:
+        """Apply local writes in order; they count as queued until published.
+
+        Consecutive increments of one counter apply as one increment of their sum
+        (``coalesce``). A write that raises stops the sequence: the ones before it stay
+        applied (``Written.ops``) and its error is returned; none applied raises it.
+        ``now_ms``: wall-clock milliseconds for the hybrid clock (read per write).
+        """
+        self.admit(len(mutators))
+        error: BaseException | None = None
+        batch = ORMap(is_delta=True)
+        done = 0
+        tree, node_id, clock = self.tree, self.node_id, self.clock
+        todo = list(coalesce(mutators))
+        todo.reverse()
+        while todo:
+            fn, count = todo.pop()
+            try:
+                if isinstance(fn, TreeOp):
+                    d = fn.apply(tree, node_id, clock.now(now_ms()))  # fused: merged here
+                else:
+                    d = fn(tree, node_id, clock.now(now_ms()))
+                    tree.merge(d)
+            except ValueTooLargeError as exc:
+                if count > 1:  # a run's sum overflows: replay it write by write
+                    assert isinstance(fn, Increment)
+                    todo.extend((w, 1) for w in reversed(mutators[done : done + count]))
+                    continue
+                error = exc
+                break
+            except (WorknodeError, ValueError, TypeError) as exc:
+                error = exc
+                break
+            batch.merge(d)
+            done += count
+        if not done:
+            assert error is not None
+            raise error
+        self.queued_ops += done
+        keys = tuple(batch.store.keys()) if batch.store else ()
+        return Written(batch, done, error, [Changed(keys)])
+
+    # -- events ------------------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Action]:
+        """React to ``event``; the actions to execute, in order."""
+        return self._handlers[type(event)](event)
+
+    def _on_started(self, ev: Started) -> list[Action]:
+        out: list[Action] = []
+        if self._pending is not None:  # republish what a crash left unpublished
+            self._pending_since = ev.now
+            out += self._maybe_publish(ev.now, force=True)
+        out += self._want_catchup(ev.now, None, urgent=True)
+        out.append(Announce())
+        return out
+
+    def _on_committed(self, ev: Committed) -> list[Action]:
+        self.last_record_seq = max(self.last_record_seq, ev.record_seq)
+        out: list[Action] = []
+        if ev.eventual:
+            out += self._queue(ev.now, ev.delta, ev.ops, ev.nbytes, ev.record_seq, ev.record)
+        elif self._local is None:
+            self._local, self._local_ops = ev.delta.copy(), ev.ops  # the writer holds ev.delta
+        else:
+            self._local.merge(ev.delta)
+            self._local_ops += ev.ops
+        out += self._count_ops(ev.ops)
+        return out
+
+    def _on_commit_failed(self, ev: CommitFailed) -> list[Action]:
+        self.queued_ops -= ev.ops
+        return []
+
+    def _on_sync_wanted(self, ev: SyncWanted) -> list[Action]:
+        out: list[Action] = []
+        if self._local is not None:
+            local, ops = self._local, self._local_ops
+            self._local, self._local_ops = None, 0
+            out += self._queue(ev.now, local, ops, 0, self.last_record_seq, None, owned=True)
+        return out + self._maybe_publish(ev.now, force=True)
+
+    def _on_flush_wanted(self, ev: FlushWanted) -> list[Action]:
+        return self._maybe_publish(ev.now, force=True)
+
+    def _on_published(self, ev: Published) -> list[Action]:
+        if self._inflight is None or self._inflight[0].sequence != ev.sequence:
+            return []
+        action, upto, since, _ = self._inflight
+        self._inflight = None
+        self.sequence = ev.sequence
+        self._backoff = _PUBLISH_BACKOFF[0]
+        self.queued_ops -= action.ops
+        self.published_upto = max(self.published_upto, upto)
+        out: list[Action] = [
+            SaveProgress(self.sequence, self.published_upto),
+            Report("published", (action.ops, ev.nbytes, ev.now - since)),
+        ]
+        return out + self._maybe_publish(ev.now)
+
+    def _on_publish_failed(self, ev: PublishFailed) -> list[Action]:
+        if self._inflight is None or self._inflight[0].sequence != ev.sequence:
+            return []
+        action, upto, since, owned = self._inflight
+        self._inflight = None
+        out: list[Action] = [Report("publish_failed", ())]
+        if ev.too_large:
+            # Cannot ever fit one message: the writes stay durable here; catch-up (a state
+            # transfer) and the healer carry them. Counted, not retried forever.
+            self.queued_ops -= action.ops
+            return out + self._maybe_publish(ev.now)
+        # Keep the batch (joined back in front of newer deltas) and retry after a backoff.
+        if self._pending is not None:
+            self._own_pending()
+            assert self._pending is not None
+            self._pending.merge(action.document)
+        else:
+            self._pending, self._pending_owned = action.document, owned
+            self._pending_record = action.record
+        self._pending_ops += action.ops
+        self._pending_since = since
+        self._pending_upto = max(self._pending_upto, upto)
+        self._retry_at = ev.now + self._backoff
+        self._backoff = min(self._backoff * 2, _PUBLISH_BACKOFF[1])
+        out.append(ScheduleTimer(TIMER_PUBLISH_RETRY, self._retry_at))
+        return out
+
+    def _on_delta(self, ev: DeltaReceived) -> list[Action]:
+        out: list[Action] = []
+        w = ev.writer
+        if not ev.document.is_delta:  # a full state is self-consistent: no gate, no sequence
+            self.tree.merge(ev.document)
+            out += [Changed(None), Report("applied", ev.report)]
+            out += self._count_ops(max(1, len(ev.document)))
+            return out + (self._drain() if self._held else [])
+        last = self._last_seq.get(w, 0)
+        if last and ev.sequence > last + 1:
+            out.append(Report("gap", (w, ev.sequence - last - 1)))
+            self._owed.setdefault(w, 0)
+            out += self._want_catchup(ev.now, w)
+        elif not last and not self._windows.get(w, SequenceWindow()).follows(ev.sequence):
+            # The first batch seen from ``w`` (since a start) follows batches never seen
+            # here: one of them may have been a removal, which no context can show.
+            self._owed.setdefault(w, 0)
+            out += self._want_catchup(ev.now, w)
+        if ev.sequence > last:
+            self._last_seq[w] = ev.sequence
+        item = _Held(w, ev.sequence, ev.document, ev.nbytes, ev.report)
+        if self._admits(item):
+            out += self._join_remote(item)
+            if self._held:
+                out += self._drain()
+            return out + self._pump_catchup(ev.now)
+        self._held.append(item)
+        self._held_bytes += item.nbytes
+        out.append(Report("gated", ("held",)))
+        while self._held and (
+            len(self._held) > self.config.max_held_deltas
+            or self._held_bytes > self.config.max_held_bytes
+        ):
+            old = self._held.pop(0)
+            self._held_bytes -= old.nbytes
+            self._owed.setdefault(old.writer, 0)
+            out.append(Report("gated", ("evicted",)))
+        out += self._want_catchup(ev.now, w)
+        return out
+
+    def _on_catchup_wanted(self, ev: CatchupWanted) -> list[Action]:
+        return self._want_catchup(ev.now, ev.peer, urgent=ev.urgent)
+
+    def _on_slow_consumer(self, ev: SlowConsumer) -> list[Action]:
+        return self._want_catchup(ev.now, None)
+
+    def _on_reconnected(self, ev: Reconnected) -> list[Action]:
+        return [*self._want_catchup(ev.now, None), Announce()]
+
+    def _on_catchup_replied(self, ev: CatchupReplied) -> list[Action]:
+        if not self._catchup_running:
+            return []
+        self._catchup_running = False
+        out: list[Action] = []
+        doc = ev.document
+        if not doc.is_delta or doc.store or doc.context.size():
+            self.tree.merge(doc)
+            out.append(Changed(None if not doc.is_delta else tuple(doc.store.keys())))
+            out += self._count_ops(max(1, len(doc)))
+        if not doc.is_delta:
+            # The peer's state holds every batch it published up to ``ev.sequence``. An empty
+            # answer ("your context covers mine") does not: a removal it published issues no
+            # dot, so the batches behind that sequence are not known to be here.
+            self._windows.setdefault(ev.peer, SequenceWindow()).raise_to(ev.sequence)
+            self._owed.pop(ev.peer, None)
+            self._given_up.discard(ev.peer)
+        out.append(Report("catchup", ("ok",)))
+        if self._held:
+            out += self._drain()
+        # Still missing something (a held delta, an evicted one, a hole in the context): the
+        # peer lacked it too. Ask its writer next, after a backoff as if this one failed, so
+        # a writer that is away costs a bounded rate of state transfers.
+        missing = self._held[0].writer if self._held else (
+            min(self._owed) if self._owed else self._hole_writer())
+        if missing is not None and missing in self._owed and not self._held:
+            self._owed[missing] += 1
+            if self._owed[missing] > MAX_OWED_ATTEMPTS:
+                # Peers keep answering without that writer's state: it is away for good.
+                # Leave what it alone held to the healer instead of asking forever.
+                del self._owed[missing]
+                self._given_up.add(missing)
+                out.append(Report("catchup", ("gave_up",)))
+                missing = self._hole_writer()
+        if missing is None:
+            self._catchup_failures = 0
+            self._catchup_not_before = ev.now + self.config.catchup_min_interval
+        else:
+            self._catchup_failures += 1
+            self._catchup_not_before = ev.now + self._backoff_delay()
+            self._catchup_wanted = self._catchup_full = True
+            if self._catchup_peer is None:
+                self._catchup_peer = missing
+        return out + self._pump_catchup(ev.now)
+
+    def _hole_writer(self) -> str | None:
+        """A replica with a dot this state's context lacks below one it has (a lost batch)."""
+        holes = [
+            r for r, _ in self.tree.state.context.cloud
+            if r != self.node_id and r not in self._given_up
+        ]
+        return min(holes) if holes else None
+
+    def _backoff_delay(self) -> float:
+        """Jittered exponential backoff after ``_catchup_failures`` unsatisfied catch-ups."""
+        base: float = self.config.catchup_min_interval * 2.0 ** min(self._catchup_failures, 30)
+        return min(self.config.catchup_max_backoff, base) * (0.5 + 0.5 * self._rng.random())
+
+    def _on_catchup_failed(self, ev: CatchupFailed) -> list[Action]:
+        if not self._catchup_running:
+            return []
+        self._catchup_running = False
+        self._catchup_failures += 1
+        n = self._catchup_failures
+        self._catchup_not_before = ev.now + self._backoff_delay()
+        # Until a peer answers: alternate between the peer wanted and any peer.
+        self._catchup_wanted = True
+        self._catchup_full = self._catchup_full or self._catchup_asked_full
+        if self._catchup_peer is None and n % 2 == 1:
+            self._catchup_peer = self._catchup_asked
+        out: list[Action] = [Report("catchup", (ev.outcome,)), Report("catchup", ("retry",))]
+        return out + self._pump_catchup(ev.now)
+
+    def _on_sync_requested(self, ev: SyncRequested) -> list[Action]:
+        mine = self.tree.state
+        full = ev.full or lacks(ev.context, mine.context)
+        document = mine if full else ORMap(is_delta=True)
+        return [SendState(ev.reply_to, document)]
+
+    def _on_announce(self, ev: AnnounceReceived) -> list[Action]:
+        if ev.peer == self.node_id:
+            return []
+        mine = self.tree.state.context
+        out: list[Action] = []
+        if lacks(mine, ev.context):
+            out += self._want_catchup(ev.now, ev.peer, full=False)
+        if lacks(ev.context, mine):
+            # The announcer lacks what this replica has (e.g. batches published while it
+            # was away, that no later batch will reveal by a gap, and that an untargeted
+            # catch-up answered by another peer did not carry): announce back, so that it
+            # asks here. At most one announce per ``catchup_min_interval``.
+            out += self._announce_soon(ev.now)
+        return out
+
+    def _announce_soon(self, now: float) -> list[Action]:
+        if now >= self._announce_not_before:
+            self._announce_not_before = now + self.config.catchup_min_interval
+            return [Announce()]
+        if self._announce_timer != self._announce_not_before:
+            self._announce_timer = self._announce_not_before
+            return [ScheduleTimer(TIMER_ANNOUNCE, self._announce_timer)]
+        return []
+
+    def _on_repair(self, ev: RepairApplied) -> list[Action]:
+        self.tree.merge(ev.delta)
+        self.last_record_seq = max(self.last_record_seq, ev.record_seq)
+        out: list[Action] = [Changed(tuple(ev.delta.store.keys()) if ev.delta.store else ())]
+        if self._held:
+            out += self._drain()
+        return out + self._pump_catchup(ev.now)
+
+
+    def _on_snapshot_taken(self, ev: SnapshotTaken) -> list[Action]:
+        self.snapshot_seq = max(self.snapshot_seq, ev.upto)
+        return []
+
+    def _on_timer(self, ev: TimerFired) -> list[Action]:
+        if ev.name == TIMER_FLUSH:
+            if self._flush_at is None or ev.now < self._flush_at:
+                return []
+            self._flush_at = None
+            return self._maybe_publish(ev.now)
+        if ev.name == TIMER_PUBLISH_RETRY:
+            if self._retry_at is None or ev.now < self._retry_at:
+                return []
+            self._retry_at = None
+            return self._maybe_publish(ev.now, force=True)
+        if ev.name == TIMER_ANNOUNCE:
+            if self._announce_timer is None or ev.now < self._announce_timer:
+                return []
+            self._announce_timer = None
+            return self._announce_soon(ev.now)
+        if ev.name == TIMER_CATCHUP:
+            if self._catchup_timer is None or ev.now < self._catchup_timer:
+                return []
+            self._catchup_timer = None
+            return self._pump_catchup(ev.now)
+        return []
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def _queue(
+        self,
+        now: float,
+        delta: ORMap,
+        ops: int,
+        nbytes: int,
+        upto: int,
+        record: bytes | None,
+        *,
+        owned: bool = False,
+    ) -> list[Action]:
+        """Join a committed delta into the pending batch. ``record``: ``delta`` encoded;
+        while the batch is that one delta, publishing reuses those bytes. ``owned``: no one
+        else holds ``delta`` (else it is copied before anything joins in: the writer got it
+        back from ``write``)."""
+        self._pending_upto = max(self._pending_upto, upto)
+        if self._pending is None:
+            self._pending, self._pending_owned = delta, owned
+            self._pending_record = record
+            self._pending_since = now
+        else:
+            self._own_pending()
+            self._pending.merge(delta)
+        self._pending_ops += ops
+        self._pending_bytes += nbytes
+        if self._full():
+            return self._maybe_publish(now, force=True)
+        if self._flush_at is None:
+            self._flush_at = self._pending_since + self.config.flush_interval
+            return [ScheduleTimer(TIMER_FLUSH, self._flush_at)]
+        return []
+
+    def _full(self) -> bool:
+        return (
+            self._pending_ops >= self.config.max_batch_ops
+            or self._pending_bytes >= self.config.max_batch_bytes // 2
+        )
+
+    def _own_pending(self) -> None:
+        """Make the pending batch ours to join into; its record no longer matches it."""
+        assert self._pending is not None
+        if not self._pending_owned:
+            self._pending, self._pending_owned = self._pending.copy(), True
+        self._pending_record = None
+
+    def _maybe_publish(self, now: float, *, force: bool = False) -> list[Action]:
+        """Publish the pending batch if one may go now: none in flight, no retry backoff
+        running, and the flush window over (or ``force``, or the batch full)."""
+        if self._pending is None or self._inflight is not None or self._retry_at is not None:
+            return []
+        due = self._pending_since + self.config.flush_interval
+        if not (force or self._full() or now >= due):
+            self._flush_at = due
+            return [ScheduleTimer(TIMER_FLUSH, due)]
+        action = Publish(self.sequence + 1, self._pending, self._pending_ops, self._pending_record)
+        self._inflight = (action, self._pending_upto, self._pending_since, self._pending_owned)
+        self._pending, self._pending_ops, self._pending_bytes = None, 0, 0
+        self._pending_record = None
+        self._flush_at = None
+        return [action]
+
+    # -- applying ----------------------------------------------------------------------------
+
+    def _admits(self, item: _Held) -> bool:
+        window = self._windows.get(item.writer)
+        follows = item.sequence == 1 if window is None else window.follows(item.sequence)
+        exempt = item.writer if follows else None
+        return not unseen_claims(item.document, self.tree.state.context, exempt=exempt, limit=1)
+
+    def _join_remote(self, item: _Held) -> list[Action]:
+        doc = item.document
+        self.tree.merge(doc)
+        self._windows.setdefault(item.writer, SequenceWindow()).add(item.sequence)
+        out: list[Action] = [
+            Changed(tuple(doc.store.keys()) if doc.store else ()),
+            Report("applied", item.report),
+        ]
+        ctx = self.tree.state.context
+        if item.writer not in self._given_up and (
+            ctx.version_vector.get(item.writer, 0) < ctx.max_counter(item.writer)
+        ):
+            # A hole below a dot of the writer's: a batch of it was lost. Sequence gaps show
+            # that too, but not for the first batch seen from a writer (or after a restart).
+            self._catchup_wanted = self._catchup_full = True
+            if self._catchup_peer is None:
+                self._catchup_peer = item.writer
+        return out + self._count_ops(max(1, len(doc)))
+
+    def _drain(self) -> list[Action]:
+        """Join every held delta the gate now admits, until none is left or none passes."""
+        out: list[Action] = []
+        progress = True
+        while progress and self._held:
+            progress = False
+            for item in list(self._held):
+                if self._admits(item):
+                    self._held.remove(item)
+                    self._held_bytes -= item.nbytes
+                    out += self._join_remote(item)
+                    out.append(Report("gated", ("drained",)))
+                    progress = True
+        return out
+
+    def _count_ops(self, ops: int) -> list[Action]:
+        self._ops_since_snapshot += ops
+        if self._ops_since_snapshot >= self.config.snapshot_every:
+            self._ops_since_snapshot = 0
+            return [Snapshot()]
+        return []
+
+    # -- catching up -------------------------------------------------------------------------
+
+    def _want_catchup(
+        self, now: float, peer: str | None, *, urgent: bool = False, full: bool = True
+    ) -> list[Action]:
+        self._catchup_wanted = True
+        self._catchup_full = self._catchup_full or full
+        if peer is not None and self._catchup_peer is None:
+            self._catchup_peer = peer
+        if urgent and not self._catchup_running:
+            self._catchup_not_before = min(self._catchup_not_before, now)
+        return self._pump_catchup(now)
+
+    def _pump_catchup(self, now: float) -> list[Action]:
+        """Start the wanted catch-up if none runs and the rate limit or backoff allows."""
+        if not self._catchup_wanted or self._catchup_running:
+            return []
+        at = self._catchup_not_before
+        if now < at:
+            if self._catchup_timer != at:
+                self._catchup_timer = at
+                return [ScheduleTimer(TIMER_CATCHUP, at)]
+            return []
+        self._catchup_running, self._catchup_wanted = True, False
+        self._catchup_asked, self._catchup_peer = self._catchup_peer, None
+        self._catchup_not_before = now + self.config.catchup_min_interval
+        full, self._catchup_full = self._catchup_full, False
+        self._catchup_asked_full = full
+        return [RequestCatchup(self._catchup_asked, self.config.catchup_timeout, full)]
