@@ -258,7 +258,13 @@ def _latest_per_writer(out: list[Any], stride: int) -> list[Any]:
     the earlier dot is safe for the lattice: it is in the joined context (its holder had seen
     it), so it reads as "seen and removed", as it will once the late delta arrives.
     This holds for every kind, including kinds this release keeps opaque: the wire contract
-    requires it of every kind (one live entry per replica per store)."""
+    requires it of every kind (one live entry per replica per store).
+
+    Limit: the rule sees the later entry only while a side holds it. Joined out of causal
+    order after a loss (the later entry removed before the earlier one arrives), two
+    receivers of the same deltas can differ until a full state reaches them; on causally
+    closed states (every replica's full state) the rule never fires, and the replication
+    machine's causal gate joins deltas only in causal order (tests/unit/test_loss.py)."""
     if len(out) <= stride or not ONE_ENTRY_PER_WRITER:
         return out
     keep: list[Any] = []
