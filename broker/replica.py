@@ -928,6 +928,7 @@ class Replica:
                 published_upto=published_upto,
                 unpublished=batch,
                 unpublished_ops=len(unpublished),
+                quarantined=frozenset(key for key, _ in self.load_errors),
             ),
         )
         self._saved_sequence = sequence
@@ -936,7 +937,9 @@ class Replica:
     def _decode_stored(self, data: bytes) -> ORMap:
         """A stored snapshot or record. A top-level key whose content the codec refuses is
         left out and reported (logged, and kept in ``load_errors``) instead of refusing the
-        whole node; catch-up or the healer bring that key back from a peer."""
+        whole node. The key stays quarantined until a peer's whole entry for it arrives
+        (catch-up asks for full states; the healer repairs it): see
+        ``ReplicationMachine.quarantined``."""
         bad: list[tuple[str, str]] = []
         doc: Causal = self.codec.decode_document(data, ORMap, bad_keys=bad)
         assert isinstance(doc, ORMap)

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from broker.crdt import CausalContext, HybridClock, Increment, ORMap, Tree, TreeOp, coalesce
+from broker.crdt._stores import MapStore, join_entry
 from broker.errors import (
     BackpressureError,
     PayloadTooLargeError,
@@ -146,6 +147,10 @@ class ReplicationConfig:
     max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
 
 
+_EMPTY: Final = CausalContext()
+"""An empty context (never mutated): the side of a quarantined key that has seen nothing."""
+
+
 @dataclass(frozen=True, slots=True)
 class Loaded:
     """What the driver read from the store at start.
@@ -162,6 +167,10 @@ class Loaded:
     published_upto: int = 0
     unpublished: ORMap | None = None
     unpublished_ops: int = 0
+    quarantined: frozenset[str] = frozenset()
+    """Top-level keys left out of ``state`` because their stored content was invalid. The
+    state's context still claims their dots, so a plain join would never take them back: a
+    peer's entry for such a key is adopted instead (see ``ReplicationMachine.quarantined``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +220,11 @@ class ReplicationMachine:
         loaded = loaded or Loaded(ORMap())
         self.tree = Tree(loaded.state)
         """The subject's tree (its ``state`` is the document)."""
+        self.quarantined: set[str] = set(loaded.quarantined)
+        """Keys whose stored content was invalid and left out at load. Until a peer's whole
+        entry for one arrives (a full state, a heal repair) every remote document's entry
+        for it is adopted as if this replica had seen nothing there: its own context claims
+        dots it no longer holds, and a plain join would drop the peer's entries for good."""
         self.clock = HybridClock(last=loaded.clock_last)
         """The hybrid clock stamping this replica's writes and envelopes."""
         self.sequence = loaded.sequence
@@ -446,7 +460,7 @@ class ReplicationMachine:
         out: list[Action] = []
         w = ev.writer
         if not ev.document.is_delta:  # a full state is self-consistent: no gate, no sequence
-            self.tree.merge(ev.document)
+            self._merge_remote(ev.document, whole=True)
             out += [Changed(None), Report("applied", ev.report)]
             out += self._count_ops(max(1, len(ev.document)))
             return out + (self._drain() if self._held else [])
@@ -498,7 +512,7 @@ class ReplicationMachine:
         out: list[Action] = []
         doc = ev.document
         if not doc.is_delta or doc.store or doc.context.size():
-            self.tree.merge(doc)
+            self._merge_remote(doc, whole=not doc.is_delta)
             out.append(Changed(None if not doc.is_delta else tuple(doc.store.keys())))
             out += self._count_ops(max(1, len(doc)))
         if not doc.is_delta:
@@ -595,7 +609,7 @@ class ReplicationMachine:
         return []
 
     def _on_repair(self, ev: RepairApplied) -> list[Action]:
-        self.tree.merge(ev.delta)
+        self._merge_remote(ev.delta, whole=True)  # a repair carries a peer's whole entries
         self.last_record_seq = max(self.last_record_seq, ev.record_seq)
         out: list[Action] = [Changed(tuple(ev.delta.store.keys()) if ev.delta.store else ())]
         if self._held:
@@ -701,9 +715,33 @@ class ReplicationMachine:
         exempt = item.writer if follows else None
         return not unseen_claims(item.document, self.tree.state.context, exempt=exempt, limit=1)
 
+    def _merge_remote(self, doc: ORMap, *, whole: bool) -> None:
+        """Join a peer's document, first adopting its entries of quarantined keys.
+
+        Adopting joins the peer's entry with this replica's own entry (what it wrote since
+        the load) as if this replica's context were empty there, so every dot the peer holds
+        is taken and only what the peer saw removed is dropped. ``whole``: the document holds
+        the peer's whole entry of each key it names (a full state or a repair), after which
+        the key is no longer quarantined; a delta's entry is adopted but leaves it so."""
+        if self.quarantined and doc.store:
+            state = self.tree.state
+            store = state.store if state.store is not None else MapStore()
+            for key in sorted(self.quarantined & doc.store.keys()):
+                theirs = join_entry(None, doc.store[key], _EMPTY, doc.context, True, False, 2)
+                mine = store.get(key)
+                if theirs is not None:
+                    mine = join_entry(mine, theirs, _EMPTY, doc.context, True, False, 2)
+                if mine is not None:
+                    store[key] = mine
+                if whole:
+                    self.quarantined.discard(key)
+            if store:
+                state.store = store
+        self.tree.merge(doc)
+
     def _join_remote(self, item: _Held) -> list[Action]:
         doc = item.document
-        self.tree.merge(doc)
+        self._merge_remote(doc, whole=False)
         self._windows.setdefault(item.writer, SequenceWindow()).add(item.sequence)
         out: list[Action] = [
             Changed(tuple(doc.store.keys()) if doc.store else ()),

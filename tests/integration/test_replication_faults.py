@@ -202,9 +202,10 @@ async def test_server_restart_under_load_loses_no_acknowledged_write_without_hea
                 await svc.stop()
 
 
-def _snapshot_with_a_bad_key() -> bytes:
-    """A state the codec refuses under key ``c`` (a counter counting its writer twice, as a
-    lost delta left it before the fix) beside a good key ``ok``."""
+def _snapshots_with_a_bad_key() -> tuple[bytes, bytes]:
+    """``(bad, good)``: a state the codec refuses under key ``c`` (a counter counting its
+    writer twice, as a lost delta left it before the fix) beside a good key ``ok``; and the
+    writer's own state, which holds ``c`` right (its counter at 3)."""
     from broker.codec import WireCodec
     from broker.crdt import Create, Increment, Tree, _stores
 
@@ -218,27 +219,38 @@ def _snapshot_with_a_bad_key() -> bytes:
     finally:
         _stores.ONE_ENTRY_PER_WRITER = True
     Create("ok").apply(b, "r2", 5)
-    return WireCodec().encode_document(b.state)
+    return WireCodec().encode_document(b.state), WireCodec().encode_document(a.state)
 
 
-async def test_a_stored_state_with_a_bad_key_loads_without_it_and_names_it(
+async def test_a_stored_state_with_a_bad_key_loads_without_it_and_gets_it_back(
     tmp_path: Path, nats_server: EmbeddedNatsServer
 ) -> None:
+    """The node starts without the bad key and names it; its start-up catch-up (a full
+    state from a peer holding the key right) brings the key back, although the node's own
+    context already claims that key's dots."""
     from broker.store import DurableStore
 
-    settings = _settings(tmp_path, nats_server.url, "a")
-    settings.state_dir.mkdir(parents=True)
-    store = DurableStore(settings.state_dir / "worknode.db", synchronous="normal")
-    store.open()
-    store.write_snapshot(SUBJECT, _snapshot_with_a_bad_key(), 0)
-    store.close()
-    svc = WorknodeService(settings, roster=_roster(tmp_path, nats_server.url, ["a"]))
-    await svc.start()
+    bad, good = _snapshots_with_a_bad_key()
+    roster = _roster(tmp_path, nats_server.url, ["a", "b"])
+    services = []
+    for name, snapshot in (("b", good), ("a", bad)):
+        settings = _settings(tmp_path, nats_server.url, name)
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        store = DurableStore(settings.state_dir / "worknode.db", synchronous="normal")
+        store.open()
+        store.write_snapshot(SUBJECT, snapshot, 0)
+        store.close()
+        services.append(WorknodeService(settings, roster=roster))
     try:
-        r = svc.replica(SUBJECT)
-        assert [k for k, _ in r.load_errors] == ["c"]
-        assert "two entries of one replica" in r.load_errors[0][1]
-        assert set(r.state.value()) == {"ok"}
-        await r.set("ok", ("x",), 1)  # the node works
+        for svc in services:
+            await svc.start()
+        b, a = (svc.replica(SUBJECT) for svc in services)
+        assert [k for k, _ in a.load_errors] == ["c"]
+        assert "two entries of one replica" in a.load_errors[0][1]
+        assert b.load_errors == []
+        await _until(lambda: _counter(a) == 3, "node a holds key c again, counting 3")
+        assert set(a.state.value()) >= {"c", "ok"}
+        await a.set("ok", ("x",), 1)  # the node works
     finally:
-        await svc.stop()
+        for svc in services:
+            await svc.stop()

@@ -1,0 +1,61 @@
+"""A key left out at load (its stored content was invalid) comes back from a peer.
+
+The loaded state's context still claims the dots of the key it lost, so a plain join drops
+every peer entry for it: without quarantine the key would stay lost on that node for good.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.crdt import ORMap
+from broker.crdt._stores import Kind
+from broker.replication import DeltaReceived, Loaded, RepairApplied, ReplicationMachine
+from broker.repair import repair_deltas
+
+
+def _peer_and_loaded() -> tuple[ORMap, ORMap]:
+    """A peer's state with keys a and c, and what a node that had the same state loaded
+    after key c's stored content proved invalid (left out; context unchanged)."""
+    peer = ORMap()
+    peer.merge(peer.increment("p", ("a",), 2))
+    peer.merge(peer.increment("p", ("c",), 5))
+    peer.merge(peer.assign("q", ("c",), "x", 7))
+    loaded = peer.copy()
+    assert loaded.store is not None
+    del loaded.store["c"]
+    return peer, loaded
+
+
+def _machine(loaded: ORMap, quarantined: frozenset[str]) -> ReplicationMachine:
+    return ReplicationMachine("n", loaded=Loaded(loaded, quarantined=quarantined))
+
+
+@pytest.mark.parametrize("via", ["full_state", "repair"])
+def test_a_quarantined_key_is_adopted_from_a_peer(via: str) -> None:
+    peer, loaded = _peer_and_loaded()
+    m = _machine(loaded, frozenset({"c"}))
+    # Written here since the load.
+    m.write([lambda t, r, ts: t.state.increment(r, ("c",), 1)], lambda: 1)
+    if via == "full_state":
+        m.handle(DeltaReceived(1.0, "p", 1, peer.copy(), 0))
+    else:
+        to_m, _ = repair_deltas(m.state, peer, ["c"])
+        m.handle(RepairApplied(1.0, to_m, 1))
+    value = m.state.value()["c"]  # a counter and a register under one key: a KindConflict
+    assert value[Kind.COUNTER] == 6  # the peer's 5 and this node's 1: nothing lost
+    assert value[Kind.LWW] == "x"
+    assert m.quarantined == set()
+    # Once adopted, the key joins as usual: the peer's later write arrives and wins.
+    d = peer.increment("p", ("c",), 10)
+    peer.merge(d)
+    m.handle(DeltaReceived(2.0, "p", 2, d, 0))
+    assert m.state.value()["c"][Kind.COUNTER] == 16
+
+
+def test_without_quarantine_the_key_never_comes_back() -> None:
+    """Mutation check: the same run with nothing quarantined loses key c for good."""
+    peer, loaded = _peer_and_loaded()
+    m = _machine(loaded, frozenset())
+    m.handle(DeltaReceived(1.0, "p", 1, peer.copy(), 0))
+    assert "c" not in m.state.value()
