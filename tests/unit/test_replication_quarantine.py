@@ -10,8 +10,8 @@ import pytest
 
 from broker.crdt import ORMap
 from broker.crdt._stores import Kind
-from broker.replication import DeltaReceived, Loaded, RepairApplied, ReplicationMachine
 from broker.repair import repair_deltas
+from broker.replication import DeltaReceived, Loaded, RepairApplied, ReplicationMachine
 
 
 def _peer_and_loaded() -> tuple[ORMap, ORMap]:
