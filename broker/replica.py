@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import json
 import logging
@@ -911,7 +912,9 @@ class Replica:
                 batch.merge(self._decode_stored(record))
         self.machine = ReplicationMachine(
             self.node_id,
-            self.config.replication(),
+            dataclasses.replace(
+                self.config.replication(), writable_kinds=self.codec.schema.kinds
+            ),
             seed=random.getrandbits(32),  # only desynchronises retry jitter across nodes
             loaded=Loaded(
                 state,

@@ -62,10 +62,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from broker.crdt import CausalContext, HybridClock, Increment, ORMap, Tree, TreeOp, coalesce
-from broker.crdt._stores import MapStore, join_entry
+from broker.crdt._stores import Kind, KindStore, MapStore, Whole, join_entry
 from broker.errors import (
     BackpressureError,
     PayloadTooLargeError,
+    UnsupportedContentError,
     ValueTooLargeError,
     WorknodeError,
 )
@@ -145,6 +146,28 @@ class ReplicationConfig:
     catchup_max_backoff: float = 10.0
     max_held_deltas: int = DEFAULT_MAX_HELD_DELTAS
     max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
+    writable_kinds: frozenset[int] | None = None
+    """Kinds a local write may create (the wire version this node writes carries them); None:
+    every kind. A write of another kind fails with UnsupportedContentError before it
+    changes anything (a v1 node's flag could be neither logged nor published, and would have
+    stayed in memory unacknowledged, failing every later snapshot)."""
+
+
+def _kinds(entry: Any, out: set[int]) -> set[int]:
+    """The kind numbers of every store under ``entry``."""
+    t = type(entry)
+    if t is Whole:
+        return _kinds(entry.store, out)
+    if t is MapStore:
+        out.add(Kind.MAP)
+        for v in entry.values():
+            _kinds(v, out)
+    elif t is KindStore:
+        for v in entry.values():
+            _kinds(v, out)
+    elif entry is not None:
+        out.add(int(entry.KIND))
+    return out
 
 
 _EMPTY: Final = CausalContext()
@@ -342,6 +365,7 @@ class ReplicationMachine:
         batch = ORMap(is_delta=True)
         done = 0
         tree, node_id, clock = self.tree, self.node_id, self.clock
+        writable = self.config.writable_kinds
         todo = list(coalesce(mutators))
         todo.reverse()
         while todo:
@@ -351,6 +375,13 @@ class ReplicationMachine:
                     d = fn.apply(tree, node_id, clock.now(now_ms()))  # fused: merged here
                 else:
                     d = fn(tree, node_id, clock.now(now_ms()))
+                    if writable is not None and d.store is not None:
+                        unwritable = _kinds(d.store, set()) - writable
+                        if unwritable:
+                            raise UnsupportedContentError(
+                                f"kind {min(unwritable)} needs a newer wire version than "
+                                "this node writes; nothing was written"
+                            )
                     tree.merge(d)
             except ValueTooLargeError as exc:
                 if count > 1:  # a run's sum overflows: replay it write by write

@@ -1,4 +1,5 @@
-"""A key left out at load (its stored content was invalid) comes back from a peer.
+"""Edges of the replication machine: a key left out at load (its stored content was invalid)
+comes back from a peer; a write the node's wire version cannot carry changes nothing.
 
 The loaded state's context still claims the dots of the key it lost, so a plain join drops
 every peer entry for it: without quarantine the key would stay lost on that node for good.
@@ -59,3 +60,27 @@ def test_without_quarantine_the_key_never_comes_back() -> None:
     m = _machine(loaded, frozenset())
     m.handle(DeltaReceived(1.0, "p", 1, peer.copy(), 0))
     assert "c" not in m.state.value()
+
+
+def test_a_node_writing_wire_v1_refuses_a_flag_before_changing_anything() -> None:
+    """A v1 node could neither log nor publish a flag (its codec lacks the kind): the write
+    is refused before it touches the state; writes before it in the same call still apply."""
+    from broker.codec import KINDS_BY_VERSION
+    from broker.crdt import Assign, Create
+    from broker.errors import UnsupportedContentError
+    from broker.replication import ReplicationConfig
+
+    m = ReplicationMachine("n", ReplicationConfig(writable_kinds=KINDS_BY_VERSION[1]))
+    m.write([Create("o")], lambda: 1)
+    before = m.state.digest()
+    with pytest.raises(UnsupportedContentError, match="nothing was written"):
+        m.write([lambda t, r, ts: t.state.enable(r, ("o", "f"))], lambda: 2)
+    assert m.state.digest() == before
+    w = m.write([Assign("o", ("x",), 1), lambda t, r, ts: t.state.enable(r, ("f",))], lambda: 3)
+    assert w.ops == 1
+    assert isinstance(w.error, UnsupportedContentError)
+    assert "f" not in m.state.value()
+    # The current wire version writes flags.
+    m2 = ReplicationMachine("n", ReplicationConfig(writable_kinds=KINDS_BY_VERSION[3]))
+    m2.write([lambda t, r, ts: t.state.enable(r, ("f",))], lambda: 1)
+    assert m2.state.value()["f"] is True
