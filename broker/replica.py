@@ -58,7 +58,7 @@ from broker.crdt import (
     Tree,
     TreeOp,
 )
-from broker.crdt._stores import LWWStore, Whole, digest_entry
+from broker.crdt._stores import digest_entry
 from broker.errors import (
     BadSignatureError,
     ClockSkewError,
@@ -112,6 +112,7 @@ from broker.replication import (
     SyncRequested,
     SyncWanted,
     TimerFired,
+    max_hlc,
 )
 from broker.store import DurableStore
 from broker.transport import Msg, Subscription, Transport, delta_subject, sync_subject
@@ -278,19 +279,6 @@ class _Commit:
     ops: int
     consistency: Consistency
     done: asyncio.Future[None]
-
-
-def _max_hlc(entry: Any, depth: int = 0) -> int:
-    """The greatest LWW timestamp anywhere under ``entry`` (0 if none)."""
-    if entry is None or depth > 16:
-        return 0
-    if isinstance(entry, LWWStore):
-        return max((entry[i] for i in range(2, len(entry), 4)), default=0)
-    if isinstance(entry, dict):
-        return max((_max_hlc(v, depth + 1) for v in entry.values()), default=0)
-    if isinstance(entry, Whole):
-        return _max_hlc(entry.store, depth + 1)
-    return 0
 
 
 def _wall_ms() -> int:
@@ -922,7 +910,7 @@ class Replica:
                 # the hybrid clock must not run behind the timestamps already in the state,
                 # or a write after a restart on a node whose wall clock stepped back could
                 # lose to an older one.
-                clock_last=_max_hlc(state.store),
+                clock_last=max_hlc(state.store),
                 last_record_seq=(
                     loaded.records[-1][0] if loaded.records else loaded.snapshot_seq
                 ),

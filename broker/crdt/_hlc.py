@@ -50,6 +50,16 @@ class HybridClock:
         """The latest timestamp issued or observed (persist it to stay monotonic on restart)."""
         return self._last
 
+    def witness(self, ts: int) -> None:
+        """Never issue a timestamp at or below ``ts`` again: ``ts`` is in state joined here
+        (a catch-up state, a repair), already accepted by the peer that wrote it, so no drift
+        check applies. A later write overwriting what it observed then also carries a higher
+        timestamp, as last-writer-wins readers expect."""
+        if not 0 <= ts <= _MAX_TS:
+            raise InvalidArgumentError(f"hybrid timestamp out of range: {ts}")
+        if ts > self._last:
+            self._last = ts
+
     def now(self, physical_ms: int) -> int:
         """A new timestamp for a local event at wall time ``physical_ms``."""
         candidate = physical_ms << LOGICAL_BITS

@@ -48,6 +48,7 @@ from broker.replication._machine import (
     ReplicationMachine,
     Written,
     lacks,
+    max_hlc,
 )
 
 __all__ = [
@@ -90,5 +91,6 @@ __all__ = [
     "Written",
     "held_dots",
     "lacks",
+    "max_hlc",
     "unseen_claims",
 ]

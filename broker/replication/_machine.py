@@ -62,7 +62,15 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from broker.crdt import CausalContext, HybridClock, Increment, ORMap, Tree, TreeOp, coalesce
-from broker.crdt._stores import Kind, KindStore, MapStore, Whole, join_entry
+from broker.crdt._stores import (
+    MAX_NESTING_DEPTH,
+    Kind,
+    KindStore,
+    LWWStore,
+    MapStore,
+    Whole,
+    join_entry,
+)
 from broker.errors import (
     BackpressureError,
     PayloadTooLargeError,
@@ -168,6 +176,19 @@ def _kinds(entry: Any, out: set[int]) -> set[int]:
     elif entry is not None:
         out.add(int(entry.KIND))
     return out
+
+
+def max_hlc(entry: Any, depth: int = 0) -> int:
+    """The greatest last-writer-wins timestamp anywhere under ``entry`` (0 if none)."""
+    if entry is None or depth > MAX_NESTING_DEPTH + 2:
+        return 0
+    if isinstance(entry, LWWStore):
+        return max((entry[i] for i in range(2, len(entry), 4)), default=0)
+    if isinstance(entry, dict):
+        return max((max_hlc(v, depth + 1) for v in entry.values()), default=0)
+    if isinstance(entry, Whole):
+        return max_hlc(entry.store, depth + 1)
+    return 0
 
 
 _EMPTY: Final = CausalContext()
@@ -769,6 +790,11 @@ class ReplicationMachine:
             if store:
                 state.store = store
         self.tree.merge(doc)
+        if whole:
+            # Deltas' timestamps are observed by the driver (with its drift check); whole
+            # entries may hold older writes' timestamps above this clock: a write that
+            # overwrites one of them must carry a higher timestamp.
+            self.clock.witness(max_hlc(doc.store))
 
     def _join_remote(self, item: _Held) -> list[Action]:
         doc = item.document

@@ -84,3 +84,19 @@ def test_a_node_writing_wire_v1_refuses_a_flag_before_changing_anything() -> Non
     m2 = ReplicationMachine("n", ReplicationConfig(writable_kinds=KINDS_BY_VERSION[3]))
     m2.write([lambda t, r, ts: t.state.enable(r, ("f",))], lambda: 1)
     assert m2.state.value()["f"] is True
+
+
+def test_a_write_over_a_caught_up_register_carries_a_later_timestamp() -> None:
+    """Simulator finding F6: a node whose wall clock is behind learns a register by catch-up
+    and overwrites it: its write must carry a higher hybrid time than the one it replaced."""
+    from broker.crdt import Assign, Create
+
+    peer = ReplicationMachine("p")
+    peer.write([Create("o"), Assign("o", ("x",), "old")], lambda: 1_000_000)
+    m = ReplicationMachine("n")
+    m.handle(DeltaReceived(1.0, "p", 1, peer.state.copy(), 0))
+    w = m.write([Assign("o", ("x",), "new")], lambda: 5)  # a wall clock far behind
+    assert m.state.value()["o"]["fields"]["x"] == "new"
+    from broker.replication import max_hlc
+
+    assert max_hlc(w.delta.store) > max_hlc(peer.state.store)
