@@ -15,6 +15,14 @@ this construction is why healing can move only the keys that differ.
 Invariant (tested): after applying both deltas, A and B hold equal entries for every repaired
 key, equal to the entries of the full join ``A ⊔ B``.
 
+Digests are taken over an entry *as the newest release reads it* (``newest_reading``): a
+node pinned to an older wire version keeps a kind its schema lacks (an enable-wins flag on
+wire v1) as an ``OpaqueStore`` holding the payload bytes, while a newer node holds the known
+store. Both hold the same logical content, so their digests must agree; otherwise the Merkle
+roots of a mixed-version cluster never agree and every heal re-pushes the same keys
+(issue 13, bug 3). Opaque stores of kinds this code does not know either stay opaque on every
+node and are digested as they are.
+
 Pure: states in, deltas out.
 """
 
@@ -24,17 +32,62 @@ import hashlib
 from collections.abc import Iterable
 from typing import Any, Final
 
+from broker.codec import CURRENT_VERSION, load_schema
+from broker.codec._document import decode_document, encode_document
 from broker.crdt import CausalContext, ORMap
-from broker.crdt._stores import DIGEST_SIZE, MapStore, Whole, canonical_bytes, digest_entry, dots_of
+from broker.crdt._stores import (
+    DIGEST_SIZE,
+    KindStore,
+    MapStore,
+    OpaqueStore,
+    Whole,
+    canonical_bytes,
+    digest_entry,
+    dots_of,
+)
 
-__all__ = ["entry_digest", "item_digest", "key_digests", "repair_deltas", "subset"]
+__all__ = [
+    "entry_digest",
+    "item_digest",
+    "key_digests",
+    "newest_reading",
+    "repair_deltas",
+    "subset",
+]
 
 _PERSON_ITEM: Final = b"wn-merkle-item2"
 
 
+def _holds_readable_opaque(entry: Any, kinds: frozenset[int]) -> bool:
+    if isinstance(entry, OpaqueStore):
+        return entry.KIND in kinds
+    if isinstance(entry, Whole):
+        return _holds_readable_opaque(entry.store, kinds)
+    if isinstance(entry, MapStore | KindStore):
+        return any(_holds_readable_opaque(v, kinds) for v in entry.values())
+    return False
+
+
+def newest_reading(entry: Any) -> Any:
+    """``entry`` with every ``OpaqueStore`` of a kind the newest wire release knows read as
+    that kind (the entry itself when it holds none: the common case costs one walk).
+
+    An opaque store's payloads are the exact structs they arrived as, so passing the entry
+    through the newest codec (it copies opaque payloads verbatim, then reads them with the
+    schema that knows their kind) gives the store a newest-version node holds."""
+    schema = load_schema(CURRENT_VERSION)
+    if not _holds_readable_opaque(entry, schema.kinds):
+        return entry
+    holder = ORMap(MapStore({"k": entry}), CausalContext(), is_delta=isinstance(entry, Whole))
+    doc = encode_document(schema, holder).as_reader()
+    read = decode_document(schema, doc)
+    return (read.store or {}).get("k")
+
+
 def entry_digest(entry: Any, secret: bytes = b"") -> bytes:
-    """Content digest of one top-level entry (depends on the content only, not the key)."""
-    return digest_entry(entry, key=secret, depth=2)
+    """Content digest of one top-level entry (depends on the content only, not the key, nor
+    on the wire version that read it)."""
+    return digest_entry(newest_reading(entry), key=secret, depth=2)
 
 
 def item_digest(key: str, entry: Any, secret: bytes) -> bytes:
@@ -43,10 +96,12 @@ def item_digest(key: str, entry: Any, secret: bytes) -> bytes:
 
     It binds the key and the content and no one without the secret can compute it, so the
     tree adds it as the item's value without hashing again (``broker.merkle``, scheme 2).
+    The content is read as the newest release reads it (``newest_reading``), so replicas
+    pinned to different wire versions agree on equal content.
     """
     kb = key.encode()
     return hashlib.blake2b(
-        len(kb).to_bytes(4, "big") + kb + canonical_bytes(entry, 2),
+        len(kb).to_bytes(4, "big") + kb + canonical_bytes(newest_reading(entry), 2),
         digest_size=DIGEST_SIZE,
         key=secret,
         person=_PERSON_ITEM,

@@ -357,3 +357,62 @@ async def test_healer_once_from_the_command_line(
     finally:
         for svc in svcs:
             await svc.stop()
+
+
+async def test_a_v1_node_and_a_v3_node_with_a_flag_converge_in_one_heal(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """Issue 13, bug 3: a node pinned to wire v1 keeps a v3 node's enable-wins flag as an
+    opaque store. One heal makes the replicas agree, the next finds nothing to do, and
+    neither loses a value: the v1 node's other keys are untouched and the v3 node still
+    holds its flag."""
+    nodes, hs, roster = _setup(tmp_path, nats_server.url, ["a", "b"])
+    nodes[0] = nodes[0].model_copy(update={"wire_version": 1})
+    svcs = [WorknodeService(s, roster=roster) for s in nodes]
+    try:
+        for svc in svcs:
+            await svc.start()
+        old, new = (s.replica(SUBJECT) for s in svcs)
+        for i in range(5):
+            await old.write(lambda t, r, ts, i=i: t.state.assign(r, (f"o{i}", "v"), i, ts))
+        await new.write(lambda t, r, ts: t.state.enable(r, ("feature", "dark-mode")))
+        await new.write(lambda t, r, ts: t.state.assign(r, ("feature", "owner"), "b", ts))
+        # a write the v1 node lacks (lost on the way): the heal must carry it
+        await new.write(lambda t, r, ts: t.state.assign(r, ("lost", "v"), 7, ts),
+                        Consistency.LOCAL)
+        for r in (old, new):
+            await r.flush()
+        for _ in range(200):
+            if "feature" in old.state and all(f"o{i}" in new.state for i in range(5)):
+                break
+            await asyncio.sleep(0.02)
+        assert "feature" in old.state, "the v1 node never received the v3 node's flag"
+        old_values = {f"o{i}": old.state.value()[f"o{i}"] for i in range(5)}
+        assert new.state.value()["feature"]["dark-mode"] is True
+
+        async with HealerService(hs, roster=roster) as healer:
+            await healer.heal_subject(SUBJECT, ["a", "b"])
+            second = await healer.heal_subject(SUBJECT, ["a", "b"])
+        # The heal that did the work: this test's first, or the loop's first heal, which
+        # may find the replicas before it (heals of one healer never overlap).
+        worked = [o for o in healer.reports if o.rounds]
+        assert len(worked) == 1, [
+            f"{o.divergent_keys} keys differed, {o.keys_repaired} repaired, {o.rounds} rounds,"
+            f" {'converged' if o.converged else 'NOT converged'}" for o in worked
+        ]
+        (first,) = worked
+        assert first.converged
+        assert first.rounds == 1
+        # The runbook's promise: the next heal finds no divergence.
+        assert second.converged
+        assert second.rounds == 0
+        assert second.keys_repaired == 0
+        # Values: the heal carried the lost write, kept the flag, left the rest alone.
+        assert old.state.value()["lost"] == {"v": 7}
+        assert new.state.value()["feature"] == {"dark-mode": True, "owner": "b"}
+        assert {k: old.state.value()[k] for k in old_values} == old_values
+        assert {k: new.state.value()[k] for k in old_values} == old_values
+        assert old.state.value()["feature"]["owner"] == "b"
+    finally:
+        for svc in svcs:
+            await svc.stop()

@@ -58,3 +58,46 @@ def test_item_digests_bind_the_key_the_content_and_the_secret() -> None:
     assert item_digest("abc", entry, secret) != base
     assert item_digest("ab", other, secret) != base
     assert item_digest("ab", entry, other_secret) != base
+
+
+def _flags_and_friends() -> ORMap:
+    s = ORMap()
+    s.merge(s.enable("b", ("top",)))  # a flag as a whole top-level entry
+    s.merge(s.enable("b", ("feature", "dark")))  # nested
+    s.merge(s.enable("c", ("feature", "dark")))
+    s.merge(s.assign("b", ("feature", "owner"), "b", 5))
+    s.merge(s.enable("b", ("both", "x")))  # two kinds under one name
+    s.merge(s.assign("c", ("both", "x"), 1, 6))
+    s.merge(s.assign("b", ("plain",), 3, 7))
+    return s
+
+
+def test_digests_do_not_depend_on_the_wire_version_that_read_the_state() -> None:
+    """Issue 13, bug 3: a v1 reader keeps a flag as an opaque store; its Merkle digests
+    must equal a v3 reader's, or a mixed cluster never converges through the healer."""
+    from broker.codec import WireCodec
+    from broker.crdt._stores import OpaqueStore
+
+    s = _flags_and_friends()
+    for version in (1, 2, 3):
+        read = WireCodec(version).decode_document(WireCodec().encode_document(s))
+        assert isinstance(read, ORMap)
+        if version == 1:  # the case at stake: the v1 reader holds opaque stores
+            assert isinstance((read.store or {})["top"], OpaqueStore)
+        assert key_digests(read, b"k") == key_digests(s, b"k")
+        for key, entry in (s.store or {}).items():
+            assert item_digest(key, (read.store or {})[key], b"k") == item_digest(key, entry, b"k")
+        # passed back to a newer node, nothing was lost
+        back = WireCodec().decode_document(WireCodec(version).encode_document(read))
+        assert back.value() == s.value()
+
+
+def test_a_kind_no_release_knows_is_digested_as_it_is() -> None:
+    """An opaque store of a kind this code does not know stays opaque on every node: it is
+    digested as it is, and differs from any known kind's digest."""
+    from broker.crdt._stores import MapStore, opaque_store_class
+    from broker.repair import newest_reading
+
+    cls = opaque_store_class(200)
+    entry = MapStore({"x": cls(("b", 1, b"\x00"))})
+    assert newest_reading(entry) is entry
