@@ -1,0 +1,903 @@
+"""The simulated world: replicas driving ``ReplicationMachine``, a durable store, a faulty
+network, per-node clocks, a healer, and one run from a seed to a verdict.
+
+Invariants:
+
+- ``run(seed, ...)`` depends on its arguments only: the schedule comes from ``make_schedule``
+  (seeded), every network decision from ``random.Random(seed)``, every signing key from the
+  node's name; the trace hash covers every message's bytes and every delivery;
+- every envelope crosses the network as real bytes: sealed by the sender's ``WireCodec``
+  (its pinned wire version) and opened by the receiver's, on every path (delta batches,
+  catch-up requests and states, announces, heal fetches and repairs, snapshot reloads);
+- the store loses on a crash exactly what was not committed: local writes are logged before
+  they are acknowledged; remote deltas and catch-up states live only in memory until a
+  snapshot; a restart reloads snapshot + later records (``broker/store.py`` semantics,
+  ``broker/replica.py`` ``_load``);
+- the simulator tracks, beside the bytes, which acknowledged writes each replica has joined
+  (``ghost``); the model (``tests.sim.model``) judges values from those histories alone.
+
+Bounds stated here (checked on every run): a catch-up reply is at most the responder's
+encoded state plus ``ENVELOPE_SLACK`` bytes; a replica starts at most
+``MAX_QUIET_CATCHUPS`` catch-ups once faults stop; a heal converges within
+``MAX_HEAL_PASSES`` passes and a pass moves at most ``HEAL_BYTES_FACTOR`` times the replicas'
+encoded states plus ``ENVELOPE_SLACK`` per push.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from broker.codec import CURRENT_VERSION, Signer, TrustRoster, WireCodec
+from broker.crdt import ROOT_ID, Add, Assign, Create, Increment, Move, ORMap, Tree, TreeOp
+from broker.crdt._stores import LWWStore, Whole
+from broker.errors import ClockSkewError, CodecError, TreeError, WorknodeError
+from broker.merkle import MerkleTree, diff
+from broker.repair import key_digests, repair_deltas, subset
+from broker.replication import (
+    Action,
+    Announce,
+    AnnounceReceived,
+    CatchupFailed,
+    CatchupReplied,
+    Changed,
+    Committed,
+    DeltaReceived,
+    Event,
+    Loaded,
+    Publish,
+    Published,
+    PublishFailed,
+    RepairApplied,
+    ReplicationConfig,
+    ReplicationMachine,
+    Report,
+    RequestCatchup,
+    SaveProgress,
+    ScheduleTimer,
+    SendState,
+    Snapshot,
+    SnapshotTaken,
+    Started,
+    SyncRequested,
+    TimerFired,
+)
+from tests.sim.model import Write, expected_value, normal, tree_problems
+
+__all__ = ["VERSIONS", "Result", "make_schedule", "run"]
+
+VERSIONS: Final = (1, 2, 3, CURRENT_VERSION)
+"""Frozen wire releases a node may be pinned to (v1, v2, v3 and current; current is 3 today,
+so it is drawn twice as often)."""
+EPOCH_MS: Final = 1_700_000_000_000
+SECRET: Final = b"sim-cluster-secret-0123456789abcdef"
+ENVELOPE_SLACK: Final = 2048
+MAX_QUIET_CATCHUPS: Final = 40
+MAX_HEAL_PASSES: Final = 3
+HEAL_BYTES_FACTOR: Final = 4
+QUIET_LIMIT_MS: Final = 600_000
+"""Simulated time allowed after the faults stop for catch-up to settle."""
+SUBJECTS: Final = ("s0", "s1")
+TREE_NODES: Final = ("a", "b", "c", "d", "e")
+FIELDS: Final = {
+    "lww": (("lww",), ("m", "lww")),
+    "mv": (("mv",), ("m", "mv")),
+    "inc": (("cnt",), ("m", "cnt")),
+    "add": (("set",), ("m", "set")),
+    "discard": (("set",), ("m", "set")),
+    "enable": (("flag",), ("m", "flag")),
+    "disable": (("flag",), ("m", "flag")),
+    "rmfield": (("m",), ("lww",), ("cnt",), ("set",), ("flag",), ("mv",)),
+}
+CONFIG: Final = ReplicationConfig(
+    flush_interval=0.005,
+    snapshot_every=7,
+    catchup_timeout=0.2,
+    catchup_min_interval=0.05,
+    catchup_max_backoff=2.0,
+)
+"""Small snapshot interval and short timeouts: every mechanism runs within a short run."""
+
+Step = list[Any]
+"""One schedule step (JSON-friendly): ``["w", node, subject, op, *args]``, ``["crash", node]``,
+``["restart", node, version]``, ``["part", groups]``, ``["unpart"]``, ``["faults", drop, dup]``,
+``["calm"]``, ``["tick", ms]``."""
+
+
+# -- schedule ---------------------------------------------------------------------------------
+
+
+def make_schedule(seed: int, steps: int = 60, nodes: int | None = None) -> tuple[dict[str, Any], list[Step]]:
+    """``(setup, steps)`` for ``seed``: node count, versions, skews, subjects, and the steps."""
+    rng = random.Random(f"schedule-{seed}")
+    n = nodes if nodes is not None else rng.randint(3, 7)
+    setup = {
+        "nodes": n,
+        "versions": [rng.choice(VERSIONS) for _ in range(n)],
+        "skews": [rng.randint(-300, 300) for _ in range(n)],
+        "subjects": rng.randint(1, 2),
+    }
+    out: list[Step] = []
+    down: set[int] = set()
+    for _ in range(steps):
+        r = rng.random()
+        node = rng.randrange(n)
+        subj = rng.randrange(setup["subjects"])
+        if r < 0.62:
+            out.append(["w", node, subj, *_random_op(rng)])
+        elif r < 0.70:
+            if node in down:
+                out.append(["restart", node, rng.choice(VERSIONS)])
+                down.discard(node)
+            elif len(down) < n - 1:
+                out.append(["crash", node])
+                down.add(node)
+        elif r < 0.76:
+            members = list(range(n))
+            rng.shuffle(members)
+            cut = rng.randint(1, n - 1)
+            out.append(["part", [sorted(members[:cut]), sorted(members[cut:])]])
+        elif r < 0.80:
+            out.append(["unpart"])
+        elif r < 0.86:
+            out.append(["faults", rng.choice((0.1, 0.3, 0.6)), rng.choice((0.0, 0.1, 0.3))])
+        elif r < 0.90:
+            out.append(["calm"])
+        else:
+            out.append(["tick", rng.choice((1, 5, 20, 100, 500, 2000))])
+    return setup, out
+
+
+def _random_op(rng: random.Random) -> list[Any]:
+    kind = rng.choices(
+        ("create", "move", "delete", "lww", "mv", "inc", "add", "discard", "enable",
+         "disable", "rmfield"),
+        weights=(4, 2, 1, 3, 2, 4, 3, 2, 2, 1, 1),
+    )[0]
+    nid = rng.choice(TREE_NODES)
+    if kind in ("create", "move"):
+        return [kind, nid, rng.choice((ROOT_ID, *TREE_NODES))]
+    if kind == "delete":
+        return [kind, nid]
+    fpath = list(rng.choice(FIELDS[kind]))
+    arg: Any = None
+    if kind in ("lww", "mv"):
+        arg = rng.randrange(100)
+    elif kind == "inc":
+        arg = rng.choice((1, 1, 2, 5, -1, -3))
+    elif kind in ("add", "discard"):
+        arg = rng.randrange(4)
+    return [kind, nid, fpath, arg]
+
+
+# -- durable store ----------------------------------------------------------------------------
+
+
+@dataclass
+class SimStore:
+    """One subject's durable store on one node: what survives a crash.
+
+    ``records``: committed records ``(seq, bytes, ghost)``; ``snapshot``: ``(bytes, upto,
+    ghost)`` replacing records <= upto; ``progress``: ``(sequence, upto)`` published."""
+
+    records: list[tuple[int, bytes, frozenset[int]]] = field(default_factory=list)
+    snapshot: tuple[bytes, int, frozenset[int]] | None = None
+    progress: tuple[int, int] = (0, 0)
+    last_seq: int = 0
+
+    def append(self, data: bytes, ghost: frozenset[int]) -> int:
+        self.last_seq += 1
+        self.records.append((self.last_seq, data, ghost))
+        return self.last_seq
+
+    def write_snapshot(self, data: bytes, upto: int, ghost: frozenset[int]) -> None:
+        self.snapshot = (data, upto, ghost)
+        self.records = [r for r in self.records if r[0] > upto]
+
+
+# -- replicas ---------------------------------------------------------------------------------
+
+
+class Failure(Exception):  # noqa: N818 - a verdict, not an error of the code under test
+    """A check failed: the run's verdict."""
+
+
+@dataclass
+class Replica:
+    """One subject on one node: the machine, its ghost history, its catch-up in flight."""
+
+    node: Node
+    subject: str
+    store: SimStore
+    machine: ReplicationMachine | None = None
+    ghost: set[int] = field(default_factory=set)
+    unpublished: set[int] = field(default_factory=set)
+    catchup_id: int = 0
+    catchup_waiting: bool = False
+    quiet_catchups: int = 0
+
+
+@dataclass
+class Node:
+    """A process: pinned wire version, clock skew, signer, up or down, its replicas."""
+
+    name: str
+    version: int
+    skew_ms: int
+    signer: Signer
+    codec: WireCodec
+    up: bool = True
+    incarnation: int = 0
+    replicas: dict[str, Replica] = field(default_factory=dict)
+
+
+def _codec(version: int) -> WireCodec:
+    return WireCodec(version, peer_version=1)
+
+
+def _max_hlc(entry: Any, depth: int = 0) -> int:
+    """The greatest LWW timestamp under ``entry`` (as the driver restores its clock)."""
+    if entry is None or depth > 16:
+        return 0
+    if isinstance(entry, LWWStore):
+        return max((entry[i] for i in range(2, len(entry), 4)), default=0)
+    if isinstance(entry, dict):
+        return max((_max_hlc(v, depth + 1) for v in entry.values()), default=0)
+    if isinstance(entry, Whole):
+        return _max_hlc(entry.store, depth + 1)
+    return 0
+
+
+@dataclass
+class Result:
+    """The verdict of one run."""
+
+    seed: int
+    ok: bool
+    failure: str
+    trace_hash: str
+    stats: Counter[str]
+    steps: int
+    nodes: int
+    versions: tuple[int, ...]
+
+
+# -- the world --------------------------------------------------------------------------------
+
+
+class World:
+    """Everything of one run (see the module doc)."""
+
+    def __init__(self, seed: int, setup: dict[str, Any]) -> None:
+        self.seed = seed
+        self.rng = random.Random(f"net-{seed}")
+        self.now_ms = 0
+        self.queue: list[tuple[int, int, str, tuple[Any, ...]]] = []
+        self.qseq = 0
+        self.trace = hashlib.blake2b(digest_size=16)
+        self.stats: Counter[str] = Counter()
+        self.writes: dict[str, list[Write]] = {s: [] for s in SUBJECTS[: setup["subjects"]]}
+        self.batches: dict[int, frozenset[int]] = {}
+        self.next_wid = 1
+        self.next_batch = 1
+        self.next_req = 1
+        self.groups: list[set[str]] | None = None
+        self.drop = 0.0
+        self.dup = 0.0
+        self.quiet = False
+        self.subjects = SUBJECTS[: setup["subjects"]]
+        self.nodes: list[Node] = []
+        roster = TrustRoster()
+        for i in range(setup["nodes"]):
+            name = f"n{i}"
+            signer = Signer(name, hashlib.sha256(name.encode()).digest())
+            roster.add(name, signer.public_key)
+            node = Node(name, setup["versions"][i], setup["skews"][i], signer,
+                        _codec(setup["versions"][i]))
+            for s in self.subjects:
+                node.replicas[s] = Replica(node, s, SimStore())
+            self.nodes.append(node)
+        self.roster = roster
+        self.by_name = {n.name: n for n in self.nodes}
+        self.healer_signer = Signer("healer", hashlib.sha256(b"healer").digest())
+        roster.add("healer", self.healer_signer.public_key)
+        self.healer_codec = _codec(CURRENT_VERSION)
+        for node in self.nodes:
+            for r in node.replicas.values():
+                self._load(r)
+
+    # -- time and events --------------------------------------------------------------------
+
+    def _log(self, *parts: Any) -> None:
+        self.trace.update(repr(parts).encode())
+
+    def _at(self, t_ms: int, kind: str, args: tuple[Any, ...]) -> None:
+        self.qseq += 1
+        heapq.heappush(self.queue, (max(t_ms, self.now_ms), self.qseq, kind, args))
+
+    def advance(self, until_ms: int) -> None:
+        """Deliver every event due up to ``until_ms``."""
+        while self.queue and self.queue[0][0] <= until_ms:
+            t, _, kind, args = heapq.heappop(self.queue)
+            self.now_ms = t
+            self._log(t, kind, args[:3] if kind != "deliver" else args[:4])
+            self.stats["events"] += 1
+            getattr(self, "_ev_" + kind)(*args)
+        self.now_ms = max(self.now_ms, until_ms)
+
+    def settle(self, limit_ms: int) -> bool:
+        """Run until no event is pending (True) or ``limit_ms`` passed (False)."""
+        end = self.now_ms + limit_ms
+        while self.queue:
+            if self.queue[0][0] > end:
+                return False
+            self.advance(self.queue[0][0])
+        return True
+
+    def _secs(self) -> float:
+        return self.now_ms / 1000.0
+
+    def _wall(self, node: Node) -> int:
+        return EPOCH_MS + self.now_ms + node.skew_ms
+
+    # -- network ----------------------------------------------------------------------------
+
+    def _reachable(self, a: str, b: str) -> bool:
+        if self.groups is None:
+            return True
+        return any(a in g and b in g for g in self.groups)
+
+    def send(self, src: str, dst: str, what: str, args: tuple[Any, ...]) -> None:
+        """Put a message on the network: dropped, duplicated and delayed by the faults."""
+        self.stats["msgs"] += 1
+        copies = 1
+        if not self.quiet and self.drop and self.rng.random() < self.drop:
+            self.stats["dropped"] += 1
+            return
+        if not self.quiet and self.dup and self.rng.random() < self.dup:
+            self.stats["duplicated"] += 1
+            copies = 2
+        for _ in range(copies):
+            delay = self.rng.randint(1, 200 if self.drop and not self.quiet else 20)
+            self._at(self.now_ms + delay, "deliver", (src, dst, what, *args))
+
+    def _ev_deliver(self, src: str, dst: str, what: str, *args: Any) -> None:
+        node = self.by_name[dst]
+        if not node.up or not self._reachable(src, dst):
+            self.stats["lost_in_flight"] += 1
+            return
+        getattr(self, "_on_" + what)(node, src, *args)
+
+    # -- replica plumbing ---------------------------------------------------------------------
+
+    def _load(self, r: Replica) -> None:
+        """Build the replica's machine from its store (``Replica._load``)."""
+        codec = r.node.codec
+        store = r.store
+        state = ORMap()
+        ghost: set[int] = set()
+        if store.snapshot is not None:
+            try:
+                state = self._decode_stored(codec, store.snapshot[0])
+            except CodecError as exc:
+                raise Failure(f"{r.node.name}/{r.subject}: snapshot does not reload: {exc}") from exc
+            ghost |= store.snapshot[2]
+        for _, data, g in store.records:
+            try:
+                state.merge(self._decode_stored(codec, data))
+            except CodecError as exc:
+                raise Failure(f"{r.node.name}/{r.subject}: record does not reload: {exc}") from exc
+            ghost |= g
+        sequence, upto = store.progress
+        unpublished = [(n, d, g) for n, d, g in store.records if n > upto]
+        batch: ORMap | None = None
+        r.unpublished = set()
+        if unpublished:
+            batch = ORMap(is_delta=True)
+            for _, d, g in unpublished:
+                batch.merge(self._decode_stored(codec, d))
+                r.unpublished |= g
+        r.machine = ReplicationMachine(
+            f"{r.node.name}",
+            CONFIG,
+            seed=hash((self.seed, r.node.name, r.node.incarnation)) & 0xFFFFFFFF,
+            loaded=Loaded(
+                state,
+                clock_last=_max_hlc(state.store),
+                last_record_seq=store.records[-1][0] if store.records else (
+                    store.snapshot[1] if store.snapshot else 0),
+                snapshot_seq=store.snapshot[1] if store.snapshot else 0,
+                sequence=sequence,
+                published_upto=upto,
+                unpublished=batch,
+                unpublished_ops=len(unpublished),
+            ),
+        )
+        r.ghost = ghost
+        r.catchup_waiting = False
+        self.handle(r, Started(self._secs()))
+
+    @staticmethod
+    def _decode_stored(codec: WireCodec, data: bytes) -> ORMap:
+        doc = codec.decode_document(data, ORMap)
+        assert isinstance(doc, ORMap)
+        return doc
+
+    def handle(self, r: Replica, event: Event) -> list[Action]:
+        """Feed ``event`` to ``r``'s machine and execute the actions."""
+        assert r.machine is not None
+        actions = r.machine.handle(event)
+        self.execute(r, actions)
+        return actions
+
+    def execute(self, r: Replica, actions: list[Action]) -> None:
+        """Execute a machine's actions as the asyncio driver would, synchronously."""
+        node, m = r.node, r.machine
+        assert m is not None
+        for a in actions:
+            if isinstance(a, Report):
+                self.stats[f"report.{a.event}"] += 1
+                if a.event == "applied" and a.args and isinstance(a.args[0], int):
+                    r.ghost |= self.batches.get(a.args[0], frozenset())
+                elif a.event == "catchup":
+                    self.stats[f"catchup.{a.args[0]}"] += 1
+                continue
+            if isinstance(a, Changed):
+                continue
+            if isinstance(a, ScheduleTimer):
+                at = int(a.at * 1000 + 0.999)
+                self._at(at, "timer", (node.name, node.incarnation, r.subject, a.name))
+            elif isinstance(a, Publish):
+                self._publish(r, a)
+            elif isinstance(a, SaveProgress):
+                r.store.progress = (a.sequence, a.upto)
+            elif isinstance(a, RequestCatchup):
+                self._request_catchup(r, a)
+            elif isinstance(a, SendState):
+                self._send_state(r, a)
+            elif isinstance(a, Announce):
+                data = self._probe(r)
+                for other in self.nodes:
+                    if other is not node:
+                        self.send(node.name, other.name, "announce", (r.subject, data))
+            elif isinstance(a, Snapshot):
+                upto = m.snapshot_upto()
+                data = node.codec.encode_document(m.state)
+                r.store.write_snapshot(data, upto, frozenset(r.ghost))
+                self.stats["snapshots"] += 1
+                self.handle(r, SnapshotTaken(self._secs(), upto))
+            else:  # pragma: no cover - a new action kind the simulator must learn
+                raise Failure(f"unknown action {a!r}")
+
+    def _probe(self, r: Replica) -> bytes:
+        assert r.machine is not None
+        node = r.node
+        probe = ORMap(None, r.machine.state.context.copy(), is_delta=True)
+        return node.codec.seal(
+            node.signer, subject=f"sync.{r.subject}", hlc=r.machine.clock.now(self._wall(node)),
+            sequence=r.machine.sequence, document=probe,
+        )
+
+    def _publish(self, r: Replica, a: Publish) -> None:
+        node, m = r.node, r.machine
+        assert m is not None
+        data = node.codec.seal(
+            node.signer, subject=f"delta.{r.subject}", hlc=m.clock.now(self._wall(node)),
+            sequence=a.sequence, document=a.document, packed=a.record,
+        )
+        bid = self.next_batch
+        self.next_batch += 1
+        self.batches[bid] = frozenset(r.unpublished)
+        r.unpublished = set()
+        self.trace.update(data)
+        self.stats["published"] += 1
+        for other in self.nodes:
+            if other is not node:
+                self.send(node.name, other.name, "delta", (r.subject, data, bid))
+        self.handle(r, Published(self._secs(), a.sequence, len(data)))
+
+    def _on_delta(self, node: Node, src: str, subject: str, data: bytes, bid: int) -> None:
+        r = node.replicas[subject]
+        assert r.machine is not None
+        try:
+            env = node.codec.open(data, self.roster)
+            if env.subject != f"delta.{subject}" or not isinstance(env.document, ORMap):
+                raise Failure(f"{node.name}: wrong subject or kind on delta.{subject}")
+            r.machine.clock.observe(env.hlc, self._wall(node))
+        except (CodecError, ClockSkewError) as exc:
+            self.stats[f"rejected.{type(exc).__name__}"] += 1
+            return
+        self.stats["delivered"] += 1
+        self.handle(r, DeltaReceived(self._secs(), env.writer, env.sequence, env.document,
+                                     len(data), (bid,)))
+
+    def _request_catchup(self, r: Replica, a: RequestCatchup) -> None:
+        node = r.node
+        req = self.next_req
+        self.next_req += 1
+        r.catchup_id, r.catchup_waiting = req, True
+        self.stats["catchup_requests"] += 1
+        if self.quiet:
+            r.quiet_catchups += 1
+        data = self._probe(r)
+        for other in self.nodes:
+            if other is not node:
+                self.send(node.name, other.name, "request", (r.subject, data, req, a.peer))
+        at = self.now_ms + int(a.timeout * 1000)
+        self._at(at, "catchup_timeout", (node.name, node.incarnation, r.subject, req))
+
+    def _on_request(
+        self, node: Node, src: str, subject: str, data: bytes, req: int, target: str | None
+    ) -> None:
+        if target is not None and target != node.name:
+            return
+        r = node.replicas[subject]
+        try:
+            env = node.codec.open(data, self.roster, subject=f"sync.{subject}")
+        except CodecError as exc:
+            self.stats[f"rejected.{type(exc).__name__}"] += 1
+            return
+        if env.writer == node.name or not isinstance(env.document, ORMap):
+            return
+        self.handle(r, SyncRequested(self._secs(), env.document.context, (src, req)))
+
+    def _send_state(self, r: Replica, a: SendState) -> None:
+        node, m = r.node, r.machine
+        assert m is not None
+        doc = a.document
+        data = node.codec.seal(
+            node.signer, subject=f"sync.{r.subject}", hlc=m.clock.now(self._wall(node)),
+            sequence=m.sequence, document=doc, is_state=not doc.is_delta,
+        )
+        if not doc.is_delta:
+            bound = len(node.codec.encode_document(m.state)) + ENVELOPE_SLACK
+            if len(data) > bound:
+                raise Failure(f"catch-up reply of {len(data)} bytes over its bound {bound}")
+            self.stats["catchup_bytes"] += len(data)
+        bid = self.next_batch
+        self.next_batch += 1
+        self.batches[bid] = frozenset(r.ghost) if not doc.is_delta else frozenset()
+        dst, req = a.reply_to
+        self.send(node.name, dst, "reply", (r.subject, data, req, bid))
+
+    def _on_reply(self, node: Node, src: str, subject: str, data: bytes, req: int, bid: int) -> None:
+        r = node.replicas[subject]
+        if not r.catchup_waiting or r.catchup_id != req:
+            return
+        r.catchup_waiting = False
+        event: Event
+        try:
+            env = node.codec.open(data, self.roster, subject=f"sync.{subject}")
+            doc = env.document
+            if not isinstance(doc, ORMap) or (
+                doc.is_delta and (doc.store or doc.context.size())
+            ):
+                raise Failure(f"{src} answered a catch-up with a bare context")
+            event = CatchupReplied(self._secs(), env.writer, env.sequence, doc)
+        except CodecError as exc:
+            self.stats[f"rejected.{type(exc).__name__}"] += 1
+            event = CatchupFailed(self._secs(), "rejected")
+        assert r.machine is not None
+        actions = r.machine.handle(event)
+        if any(isinstance(a, Report) and a.event == "catchup" and a.args == ("ok",)
+               for a in actions):
+            r.ghost |= self.batches[bid]
+        self.execute(r, actions)
+
+    def _on_announce(self, node: Node, src: str, subject: str, data: bytes) -> None:
+        r = node.replicas[subject]
+        try:
+            env = node.codec.open(data, self.roster, subject=f"sync.{subject}")
+        except CodecError as exc:
+            self.stats[f"rejected.{type(exc).__name__}"] += 1
+            return
+        if env.writer == node.name or not isinstance(env.document, ORMap):
+            return
+        self.handle(r, AnnounceReceived(self._secs(), env.writer, env.document.context))
+
+    def _ev_timer(self, name: str, inc: int, subject: str, timer: str) -> None:
+        node = self.by_name[name]
+        if node.up and node.incarnation == inc:
+            self.handle(node.replicas[subject], TimerFired(self._secs(), timer))
+
+    def _ev_catchup_timeout(self, name: str, inc: int, subject: str, req: int) -> None:
+        node = self.by_name[name]
+        r = node.replicas[subject]
+        if node.up and node.incarnation == inc and r.catchup_waiting and r.catchup_id == req:
+            r.catchup_waiting = False
+            self.handle(r, CatchupFailed(self._secs(), "no_peer"))
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def step(self, s: Step) -> None:
+        """Apply one schedule step (then time moves on by 3 ms)."""
+        kind = s[0]
+        self.stats[f"step.{kind}"] += 1
+        if kind == "w":
+            self.write(self.nodes[s[1]], self.subjects[s[2] % len(self.subjects)], s[3:])
+        elif kind == "crash":
+            node = self.nodes[s[1]]
+            if node.up:
+                node.up = False
+                node.incarnation += 1
+                for r in node.replicas.values():
+                    r.machine = None
+                    r.catchup_waiting = False
+        elif kind == "restart":
+            node = self.nodes[s[1]]
+            if not node.up:
+                self.restart(node, s[2])
+        elif kind == "part":
+            names = [{self.nodes[i].name for i in g if i < len(self.nodes)} for g in s[1]]
+            self.groups = names
+        elif kind == "unpart":
+            self.groups = None
+        elif kind == "faults":
+            self.drop, self.dup = s[1], s[2]
+        elif kind == "calm":
+            self.drop = self.dup = 0.0
+        elif kind == "tick":
+            self.advance(self.now_ms + s[1])
+        self.advance(self.now_ms + 3)
+
+    def restart(self, node: Node, version: int) -> None:
+        """Start a node again, pinned to ``version`` (an upgrade or downgrade)."""
+        node.up = True
+        node.incarnation += 1
+        if version != node.version:
+            self.stats["version_changes"] += 1
+        node.version = version
+        node.codec = _codec(version)
+        for r in node.replicas.values():
+            self._load(r)
+
+    def write(self, node: Node, subject: str, op: list[Any]) -> None:
+        """One local write, committed (logged) and then acknowledged."""
+        if not node.up:
+            return
+        r = node.replicas[subject]
+        m = r.machine
+        assert m is not None
+        tree = m.tree
+        kind, nid = op[0], op[1]
+        fn: TreeOp | Callable[[Tree, str, int], ORMap]
+        path: tuple[str, ...]
+        arg: Any = None
+        if kind in ("enable", "disable") and node.version < 2:
+            return  # a v1 release has no flags
+        if kind == "create":
+            if nid in tree or op[2] not in tree:
+                return
+            fn, path, arg = Create(nid, op[2]), (nid, "parent"), op[2]
+        elif kind == "move":
+            if nid not in tree or op[2] not in tree or op[2] == nid:
+                return
+            if op[2] in tree.descendants(nid):
+                return
+            fn, path, arg = Move(nid, op[2]), (nid, "parent"), op[2]
+        elif nid not in tree:
+            return
+        elif kind == "delete":
+            doomed = (nid, *tree.descendants(nid))
+
+            def fn(t: Tree, rid: str, ts: int, nid: str = nid) -> ORMap:
+                return t.delete(nid)
+
+            path, arg = (nid,), frozenset(doomed)
+        else:
+            fpath = tuple(op[2])
+            path, arg = (nid, "fields", *fpath), op[3]
+            full = path
+            if kind == "lww":
+                fn = Assign(nid, fpath, arg)
+            elif kind == "inc":
+                fn = Increment(nid, fpath, arg)
+            elif kind == "add":
+                fn = Add(nid, fpath, arg)
+            elif kind == "mv":
+                def fn(t: Tree, rid: str, ts: int, p: Any = fpath, v: Any = arg) -> ORMap:
+                    return t.assign_multi(rid, nid, p, v)
+            elif kind == "discard":
+                def fn(t: Tree, rid: str, ts: int, p: Any = fpath, v: Any = arg) -> ORMap:
+                    return t.discard(rid, nid, p, v)
+            elif kind == "enable":
+                def fn(t: Tree, rid: str, ts: int, p: Any = full) -> ORMap:
+                    return t.state.enable(rid, p)
+            elif kind == "disable":
+                def fn(t: Tree, rid: str, ts: int, p: Any = full) -> ORMap:
+                    return t.state.disable(p)
+            elif kind == "rmfield":
+                def fn(t: Tree, rid: str, ts: int, p: Any = fpath) -> ORMap:
+                    return t.remove_field(nid, p)
+            else:  # pragma: no cover
+                raise Failure(f"unknown op {kind}")
+        wall = self._wall(node)
+        try:
+            written = m.write([fn], lambda: wall)
+        except (WorknodeError, TreeError) as exc:
+            self.stats[f"write_refused.{type(exc).__name__}"] += 1
+            return
+        record = node.codec.encode_document(written.delta)
+        wid = self.next_wid
+        self.next_wid += 1
+        seq = r.store.append(record, frozenset({wid}))
+        # Committed: acknowledged now. What the writer had joined is the write's history.
+        self.writes[subject].append(
+            Write(wid, node.name, kind, path, arg, m.clock.last, frozenset(r.ghost))
+        )
+        r.ghost.add(wid)
+        r.unpublished.add(wid)
+        self.stats["acked"] += 1
+        self._log("ack", wid, node.name, kind, path, arg, m.clock.last)
+        self.handle(r, Committed(self._secs(), written.delta, written.ops, len(record), seq,
+                                 record))
+
+    # -- end of run: quiesce, catch-up check, heal, verdict -----------------------------------
+
+    def finish(self) -> None:
+        """Stop the faults, restart every node, let catch-up settle, check, heal, check."""
+        self.groups = None
+        self.drop = self.dup = 0.0
+        self.quiet = True
+        for node in self.nodes:
+            if not node.up:
+                self.restart(node, node.version)
+        if not self.settle(QUIET_LIMIT_MS):
+            raise Failure("catch-up did not settle (events still pending) after the faults stopped")
+        # One write per node and subject after the faults: every loss becomes a visible gap.
+        for node in self.nodes:
+            for s in self.subjects:
+                self.write(node, s, ["create", f"z{node.name}", ROOT_ID])
+            self.advance(self.now_ms + 3)
+        if not self.settle(QUIET_LIMIT_MS):
+            raise Failure("catch-up did not settle (events still pending) after the last writes")
+        for node in self.nodes:
+            for r in node.replicas.values():
+                if r.quiet_catchups > MAX_QUIET_CATCHUPS:
+                    raise Failure(f"{node.name}/{r.subject}: {r.quiet_catchups} catch-ups once "
+                                  f"faults stopped (bound {MAX_QUIET_CATCHUPS})")
+        for s in self.subjects:
+            self._check_converged(s, "without the healer (catch-up)")
+        for s in self.subjects:
+            self.heal(s)
+            self._check_converged(s, "after healing")
+            self._check_model(s)
+
+    def _newest(self, r: Replica) -> ORMap:
+        """The replica's state as the newest release reads it (through the codecs)."""
+        assert r.machine is not None
+        data = r.node.codec.encode_document(r.machine.state)
+        return self._decode_stored(_codec(CURRENT_VERSION), data)
+
+    def _check_converged(self, subject: str, when: str) -> None:
+        digests = {}
+        for node in self.nodes:
+            r = node.replicas[subject]
+            digests[node.name] = self._newest(r).digest()
+        if len(set(digests.values())) > 1:
+            groups: dict[bytes, list[str]] = {}
+            for n, d in digests.items():
+                groups.setdefault(d, []).append(n)
+            raise Failure(f"{subject}: replicas differ {when}: "
+                          + " | ".join(",".join(g) for g in groups.values()))
+
+    def _check_model(self, subject: str) -> None:
+        expected = expected_value(self.writes[subject])
+        for node in self.nodes:
+            r = node.replicas[subject]
+            assert r.machine is not None
+            # Reload: the state passes through its own codec (a snapshot) and names no bad key.
+            data = node.codec.encode_document(r.machine.state)
+            bad: list[tuple[str, str]] = []
+            node.codec.decode_document(data, ORMap, bad_keys=bad)
+            if bad:
+                raise Failure(f"{node.name}/{subject}: state refused by its own codec: {bad}")
+            newest = self._newest(r)
+            actual = normal(newest.value())
+            if actual != expected:
+                raise Failure(f"{node.name}/{subject}: value differs from the model:\n"
+                              f"  replica {actual!r}\n  model   {expected!r}")
+            problems = tree_problems(Tree(newest))
+            if problems:
+                raise Failure(f"{node.name}/{subject}: tree invariants: {problems}")
+        for w in self.writes[subject]:
+            for v in self.writes[subject]:
+                if v.wid in w.seen and v.kind == w.kind == "lww" and v.path == w.path \
+                        and (v.hlc, v.writer) >= (w.hlc, w.writer):
+                    self.stats["hlc_inversions"] += 1
+
+    def heal(self, subject: str) -> None:
+        """The heal procedure: hub against each replica, Merkle diff, fetch, repair, push;
+        passes until every root agrees (at most ``MAX_HEAL_PASSES``)."""
+        for n in range(MAX_HEAL_PASSES + 1):
+            roots = {}
+            trees = {}
+            for node in self.nodes:
+                r = node.replicas[subject]
+                assert r.machine is not None
+                tree = MerkleTree.build(list(key_digests(r.machine.state, SECRET).items()),
+                                        key=SECRET)
+                trees[node.name], roots[node.name] = tree, tree.root()
+            if len(set(roots.values())) == 1:
+                self.stats["heal_passes"] += n
+                return
+            if n == MAX_HEAL_PASSES:
+                break
+            moved = 0
+            hub = self.nodes[0].replicas[subject]
+            bound = HEAL_BYTES_FACTOR * sum(
+                len(nd.codec.encode_document(nd.replicas[subject].machine.state))  # type: ignore[union-attr]
+                for nd in self.nodes
+            )
+            for node in self.nodes[1:]:
+                other = node.replicas[subject]
+                d = diff(trees[hub.node.name], trees[node.name])
+                keys = d.keys
+                if not keys:
+                    continue
+                left = self._fetch(hub, keys)
+                right = self._fetch(other, keys)
+                to_left, to_right = repair_deltas(left, right, keys)
+                moved += self._push(hub, to_left) + self._push(other, to_right)
+                self.stats["heal_keys"] += len(keys)
+            self.stats["heal_bytes"] += moved
+            if moved > bound + ENVELOPE_SLACK * 2 * len(self.nodes):
+                raise Failure(f"{subject}: heal pass moved {moved} bytes, over its bound {bound}")
+        raise Failure(f"{subject}: heal did not converge in {MAX_HEAL_PASSES} passes "
+                      f"(roots still differ)")
+
+    def _fetch(self, r: Replica, keys: tuple[str, ...]) -> ORMap:
+        node = r.node
+        assert r.machine is not None
+        data = node.codec.seal(node.signer, subject=f"fetch.{r.subject}", hlc=0, sequence=0,
+                               document=subset(r.machine.state, keys))
+        self.stats["heal_bytes"] += len(data)
+        env = self.healer_codec.open(data, self.roster, subject=f"fetch.{r.subject}")
+        assert isinstance(env.document, ORMap)
+        return env.document
+
+    def _push(self, r: Replica, delta: ORMap) -> int:
+        if not delta.store and not delta.context.size():
+            return 0
+        node = r.node
+        data = self.healer_codec.seal(self.healer_signer, subject=f"apply.{r.subject}", hlc=0,
+                                      sequence=0, document=delta)
+        env = node.codec.open(data, self.roster, subject=f"apply.{r.subject}", keep_packed=True)
+        assert isinstance(env.document, ORMap)
+        seq = r.store.append(env.packed_document, frozenset())
+        self.handle(r, RepairApplied(self._secs(), env.document, seq))
+        return len(data)
+
+
+def run(
+    seed: int,
+    steps: int = 60,
+    *,
+    nodes: int | None = None,
+    schedule: tuple[dict[str, Any], list[Step]] | None = None,
+) -> Result:
+    """One simulated run; never raises: a failed check or an escaped exception is the verdict."""
+    setup, sched = schedule if schedule is not None else make_schedule(seed, steps, nodes)
+    failure = ""
+    world: World | None = None
+    try:
+        world = World(seed, setup)
+        for s in sched:
+            world.step(s)
+        world.finish()
+    except Failure as exc:
+        failure = str(exc)
+    except Exception as exc:  # noqa: BLE001 - an escaped exception is a finding
+        import traceback
+
+        tb = traceback.format_exc(limit=6)
+        failure = f"exception escaped: {type(exc).__name__}: {exc}\n{tb}"
+    stats: Counter[str] = world.stats if world is not None else Counter()
+    trace = world.trace.hexdigest() if world is not None else ""
+    return Result(seed, not failure, failure, trace, stats, len(sched), setup["nodes"],
+                  tuple(setup["versions"]))
