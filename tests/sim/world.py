@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import math
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from broker.replication import (
     Publish,
     Published,
     PublishFailed,
+    Reconnected,
     RepairApplied,
     ReplicationConfig,
     ReplicationMachine,
@@ -240,6 +242,11 @@ def _codec(version: int) -> WireCodec:
     return WireCodec(version, peer_version=1)
 
 
+def _stable(text: str) -> int:
+    """A 32-bit seed from ``text`` (``hash`` of a str changes between processes)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big")
+
+
 def _max_hlc(entry: Any, depth: int = 0) -> int:
     """The greatest LWW timestamp under ``entry`` (as the driver restores its clock)."""
     if entry is None or depth > 16:
@@ -405,7 +412,7 @@ class World:
         r.machine = ReplicationMachine(
             f"{r.node.name}",
             CONFIG,
-            seed=hash((self.seed, r.node.name, r.node.incarnation)) & 0xFFFFFFFF,
+            seed=_stable(f"{self.seed}/{r.node.name}/{r.node.incarnation}/{r.subject}"),
             loaded=Loaded(
                 state,
                 clock_last=_max_hlc(state.store),
@@ -450,8 +457,8 @@ class World:
             if isinstance(a, Changed):
                 continue
             if isinstance(a, ScheduleTimer):
-                at = int(a.at * 1000 + 0.999)
-                self._at(at, "timer", (node.name, node.incarnation, r.subject, a.name))
+                at = math.ceil(a.at * 1000)
+                self._at(at, "timer", (node.name, node.incarnation, r.subject, a.name, a.at))
             elif isinstance(a, Publish):
                 self._publish(r, a)
             elif isinstance(a, SaveProgress):
@@ -600,10 +607,11 @@ class World:
             return
         self.handle(r, AnnounceReceived(self._secs(), env.writer, env.document.context))
 
-    def _ev_timer(self, name: str, inc: int, subject: str, timer: str) -> None:
+    def _ev_timer(self, name: str, inc: int, subject: str, timer: str, at: float) -> None:
         node = self.by_name[name]
         if node.up and node.incarnation == inc:
-            self.handle(node.replicas[subject], TimerFired(self._secs(), timer))
+            # A timer fires at its time or later, never a rounding error before it.
+            self.handle(node.replicas[subject], TimerFired(max(self._secs(), at), timer))
 
     def _ev_catchup_timeout(self, name: str, inc: int, subject: str, req: int) -> None:
         node = self.by_name[name]
@@ -636,7 +644,13 @@ class World:
             names = [{self.nodes[i].name for i in g if i < len(self.nodes)} for g in s[1]]
             self.groups = names
         elif kind == "unpart":
-            self.groups = None
+            # A partition is a lost connection: each node's client reconnects when it heals.
+            if self.groups is not None:
+                self.groups = None
+                for node in self.nodes:
+                    if node.up:
+                        for r in node.replicas.values():
+                            self.handle(r, Reconnected(self._secs()))
         elif kind == "faults":
             self.drop, self.dup = s[1], s[2]
         elif kind == "calm":
@@ -727,8 +741,9 @@ class World:
         self.next_wid += 1
         seq = r.store.append(record, frozenset({wid}))
         # Committed: acknowledged now. What the writer had joined is the write's history.
+        mkind = "lww" if kind in ("create", "move") else kind  # a parent is an LWW register
         self.writes[subject].append(
-            Write(wid, node.name, kind, path, arg, m.clock.last, frozenset(r.ghost))
+            Write(wid, node.name, mkind, path, arg, m.clock.last, frozenset(r.ghost))
         )
         r.ghost.add(wid)
         r.unpublished.add(wid)
