@@ -37,7 +37,7 @@ from typing import Any, Final
 
 from broker.codec import CURRENT_VERSION, Signer, TrustRoster, WireCodec
 from broker.crdt import ROOT_ID, Add, Assign, Create, Increment, Move, ORMap, Tree, TreeOp
-from broker.crdt._stores import LWWStore, Whole
+from broker.crdt._stores import LWWStore, Whole, canonical_bytes
 from broker.errors import ClockSkewError, CodecError, TreeError, WorknodeError
 from broker.merkle import MerkleTree, diff
 from broker.repair import key_digests, repair_deltas, subset
@@ -783,9 +783,9 @@ class World:
 
     def finish(self) -> None:
         """Stop the faults, restart every node, let catch-up settle, check, heal, check."""
-        self.groups = None
         self.drop = self.dup = 0.0
         self.quiet = True
+        self.step(["unpart"])
         for node in self.nodes:
             if not node.up:
                 self.restart(node, node.version)
@@ -821,14 +821,17 @@ class World:
 
     def _check_converged(self, subject: str, when: str) -> None:
         digests = {}
+        contents = set()
         for node in self.nodes:
-            r = node.replicas[subject]
-            digests[node.name] = self._newest(r).digest()
+            newest = self._newest(node.replicas[subject])
+            digests[node.name] = newest.digest()
+            contents.add(canonical_bytes(newest.store))
         if len(set(digests.values())) > 1:
             groups: dict[bytes, list[str]] = {}
             for n, d in digests.items():
                 groups.setdefault(d, []).append(n)
-            raise Failure(f"{subject}: replicas differ {when}: "
+            what = " (equal contents, causal contexts differ)" if len(contents) == 1 else ""
+            raise Failure(f"{subject}: replicas differ {when}{what}: "
                           + " | ".join(",".join(g) for g in groups.values()))
 
     def _check_model(self, subject: str) -> None:
