@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if c["failures"] else 0
 
 
-__all__ = ["World", "Result", "campaign", "main", "replay", "replay_command", "summary_md"]
+__all__ = ["Result", "World", "campaign", "main", "replay", "replay_command", "summary_md"]
 
 if __name__ == "__main__":
     sys.exit(main())

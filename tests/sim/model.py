@@ -124,7 +124,8 @@ def expected_value(writes: Iterable[Write]) -> dict[str, Any]:
             put(path, True)
         elif kind == "inc":
             put(path, sum(_cumulative(w, group, removers) for w in live))
-    return normal(out)
+    result: dict[str, Any] = normal(out)
+    return result
 
 
 def _cumulative(w: Write, group: list[Write], removers: list[Write]) -> int:

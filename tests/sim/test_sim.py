@@ -100,7 +100,8 @@ def test_shrinker_keeps_the_failure_and_shortens_the_history(tmp_path: Path) -> 
         assert len(short) < len(sched[1])
         assert signature(r.failure) == signature(failure)
         again = run(seed, schedule=(sched[0], short))
-    assert not again.ok and again.trace_hash == r.trace_hash
+    assert not again.ok
+    assert again.trace_hash == r.trace_hash
     saved = tmp_path / "short.json"
     saved.write_text(json.dumps({"seed": seed, "mutation": "heal", "setup": sched[0],
                                  "steps": short}))
@@ -108,7 +109,8 @@ def test_shrinker_keeps_the_failure_and_shortens_the_history(tmp_path: Path) -> 
         [sys.executable, "-m", "tests.sim", "--replay-file", str(saved)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )
-    assert proc.returncode == 1 and "heal did not converge" in proc.stdout
+    assert proc.returncode == 1
+    assert "heal did not converge" in proc.stdout
 
 
 # -- the model, on hand-made histories (it must be able to disagree with the CRDT) ------------

@@ -54,7 +54,6 @@ from broker.replication import (
     Loaded,
     Publish,
     Published,
-    PublishFailed,
     Reconnected,
     RepairApplied,
     ReplicationConfig,
@@ -115,22 +114,25 @@ Step = list[Any]
 # -- schedule ---------------------------------------------------------------------------------
 
 
-def make_schedule(seed: int, steps: int = 60, nodes: int | None = None) -> tuple[dict[str, Any], list[Step]]:
+def make_schedule(
+    seed: int, steps: int = 60, nodes: int | None = None
+) -> tuple[dict[str, Any], list[Step]]:
     """``(setup, steps)`` for ``seed``: node count, versions, skews, subjects, and the steps."""
     rng = random.Random(f"schedule-{seed}")
     n = nodes if nodes is not None else rng.randint(3, 7)
-    setup = {
+    subjects = rng.randint(1, 2)
+    setup: dict[str, Any] = {
         "nodes": n,
         "versions": [rng.choice(VERSIONS) for _ in range(n)],
         "skews": [rng.randint(-300, 300) for _ in range(n)],
-        "subjects": rng.randint(1, 2),
+        "subjects": subjects,
     }
     out: list[Step] = []
     down: set[int] = set()
     for _ in range(steps):
         r = rng.random()
         node = rng.randrange(n)
-        subj = rng.randrange(setup["subjects"])
+        subj = rng.randrange(subjects)
         if r < 0.62:
             out.append(["w", node, subj, *_random_op(rng)])
         elif r < 0.70:
@@ -230,7 +232,7 @@ class _Roster(TrustRoster):
         self._ok.add(memo)
 
 
-class Failure(Exception):  # noqa: N818 - a verdict, not an error of the code under test
+class Failure(Exception):
     """A check failed: the run's verdict."""
 
 
@@ -418,7 +420,9 @@ class World:
             try:
                 state = self._decode_stored(codec, store.snapshot[0])
             except CodecError as exc:
-                raise Failure(f"{r.node.name}/{r.subject}: snapshot does not reload: {exc}") from exc
+                raise Failure(
+                    f"{r.node.name}/{r.subject}: snapshot does not reload: {exc}"
+                ) from exc
             ghost |= store.snapshot[2]
         for _, data, g in store.records:
             try:
@@ -598,7 +602,9 @@ class World:
         dst, req = a.reply_to
         self.send(node.name, dst, "reply", (r.subject, data, req, bid))
 
-    def _on_reply(self, node: Node, src: str, subject: str, data: bytes, req: int, bid: int) -> None:
+    def _on_reply(
+        self, node: Node, src: str, subject: str, data: bytes, req: int, bid: int
+    ) -> None:
         r = node.replicas[subject]
         if not r.catchup_waiting or r.catchup_id != req:
             return
@@ -879,7 +885,7 @@ class World:
             moved = 0
             hub = self.nodes[0].replicas[subject]
             bound = HEAL_BYTES_FACTOR * sum(
-                len(nd.codec.encode_document(nd.replicas[subject].machine.state))  # type: ignore[union-attr]
+                len(nd.codec.encode_document(self._state(nd.replicas[subject])))
                 for nd in self.nodes
             )
             for node in self.nodes[1:]:
@@ -898,6 +904,11 @@ class World:
                 raise Failure(f"{subject}: heal pass moved {moved} bytes, over its bound {bound}")
         raise Failure(f"{subject}: heal did not converge in {MAX_HEAL_PASSES} passes "
                       f"(roots still differ)")
+
+    @staticmethod
+    def _state(r: Replica) -> ORMap:
+        assert r.machine is not None
+        return r.machine.state
 
     def _fetch(self, r: Replica, keys: tuple[str, ...]) -> ORMap:
         node = r.node
@@ -941,7 +952,7 @@ def run(
         world.finish()
     except Failure as exc:
         failures.append(str(exc))
-    except Exception as exc:  # noqa: BLE001 - an escaped exception is a finding
+    except Exception as exc:
         tb = traceback.format_exc(limit=-4)
         failures.append(f"exception escaped: {type(exc).__name__}: {exc}\n{tb}")
     if world is not None:
