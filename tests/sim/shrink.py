@@ -25,6 +25,7 @@ SIGNATURES = (
     "tree invariants",
     "heal did not converge",
     "differ after healing",
+    "contexts, contents differ",
     "differ without the healer",
     "did not settle",
     "over its bound",

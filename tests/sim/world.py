@@ -828,15 +828,22 @@ class World:
     def _check_converged(self, subject: str, when: str) -> None:
         digests = {}
         contents = set()
+        contexts = set()
         for node in self.nodes:
             newest = self._newest(node.replicas[subject])
             digests[node.name] = newest.digest()
             contents.add(canonical_bytes(newest.store))
+            ctx = newest.context
+            contexts.add(repr((sorted(ctx.version_vector.items()), sorted(ctx.cloud))))
         if len(set(digests.values())) > 1:
             groups: dict[bytes, list[str]] = {}
             for n, d in digests.items():
                 groups.setdefault(d, []).append(n)
-            what = " (equal contents, causal contexts differ)" if len(contents) == 1 else ""
+            what = ""
+            if len(contents) == 1:
+                what = " (equal contents, causal contexts differ)"
+            elif len(contexts) == 1:
+                what = " (equal causal contexts, contents differ)"
             raise Failure(f"{subject}: replicas differ {when}{what}: "
                           + " | ".join(",".join(g) for g in groups.values()))
 
