@@ -107,8 +107,9 @@ CONFIG: Final = ReplicationConfig(
 
 Step = list[Any]
 """One schedule step (JSON-friendly): ``["w", node, subject, op, *args]``, ``["crash", node]``,
-``["restart", node, version]``, ``["part", groups]``, ``["unpart"]``, ``["faults", drop, dup]``,
-``["calm"]``, ``["tick", ms]``."""
+``["restart", node, version]``, ``["burst", node, subject, worknode, path, n]`` (n
+increments of one counter in consecutive batches), ``["part", groups]``, ``["unpart"]``,
+``["faults", drop, dup]``, ``["calm"]``, ``["tick", ms]``."""
 
 
 # -- schedule ---------------------------------------------------------------------------------
@@ -133,7 +134,11 @@ def make_schedule(
         r = rng.random()
         node = rng.randrange(n)
         subj = rng.randrange(subjects)
-        if r < 0.62:
+        if r < 0.06:
+            # A hot counter: one writer increments it in consecutive batches.
+            fpath = list(rng.choice(FIELDS["inc"]))
+            out.append(["burst", node, subj, TREE_NODES[0], fpath, rng.randint(2, 5)])
+        elif r < 0.62:
             out.append(["w", node, subj, *_random_op(rng)])
         elif r < 0.70:
             if down and rng.random() < 0.6:
@@ -505,6 +510,12 @@ class World:
             elif isinstance(a, Snapshot):
                 upto = m.snapshot_upto()
                 data = node.codec.encode_document(m.state)
+                try:  # every snapshot must reload, not only the ones a crash happens to read
+                    self._decode_stored(node.codec, data)
+                except CodecError as exc:
+                    raise Failure(
+                        f"{node.name}/{r.subject}: snapshot does not reload: {exc}"
+                    ) from exc
                 r.store.write_snapshot(data, upto, frozenset(r.ghost))
                 self.stats["snapshots"] += 1
                 self.handle(r, SnapshotTaken(self._secs(), upto))
@@ -660,6 +671,11 @@ class World:
         self.stats[f"step.{kind}"] += 1
         if kind == "w":
             self.write(self.nodes[s[1]], self.subjects[s[2] % len(self.subjects)], s[3:])
+        elif kind == "burst":
+            for i in range(s[5]):
+                self.write(self.nodes[s[1]], self.subjects[s[2] % len(self.subjects)],
+                           ["inc", s[3], s[4], 1 + i % 2])
+                self.advance(self.now_ms + 10)  # past the flush window: one batch each
         elif kind == "crash":
             node = self.nodes[s[1]]
             if node.up:
@@ -810,6 +826,8 @@ class World:
                     raise Failure(f"{node.name}/{r.subject}: {r.quiet_catchups} catch-ups once "
                                   f"faults stopped (bound {MAX_QUIET_CATCHUPS})")
         for s in self.subjects:
+            for node in self.nodes:
+                self._check_reload(node.replicas[s])
             try:
                 self._check_converged(s, "without the healer (catch-up)")
             except Failure as exc:  # recorded; the healer and the model are still checked
@@ -847,17 +865,20 @@ class World:
             raise Failure(f"{subject}: replicas differ {when}{what}: "
                           + " | ".join(",".join(g) for g in groups.values()))
 
+    def _check_reload(self, r: Replica) -> None:
+        """The state passes through its own codec (as a snapshot would) naming no bad key."""
+        data = r.node.codec.encode_document(self._state(r))
+        bad: list[tuple[str, str]] = []
+        r.node.codec.decode_document(data, ORMap, bad_keys=bad)
+        if bad:
+            raise Failure(f"{r.node.name}/{r.subject}: state refused by its own codec: {bad}")
+
     def _check_model(self, subject: str) -> None:
         expected = expected_value(self.writes[subject])
         for node in self.nodes:
             r = node.replicas[subject]
             assert r.machine is not None
-            # Reload: the state passes through its own codec (a snapshot) and names no bad key.
-            data = node.codec.encode_document(r.machine.state)
-            bad: list[tuple[str, str]] = []
-            node.codec.decode_document(data, ORMap, bad_keys=bad)
-            if bad:
-                raise Failure(f"{node.name}/{subject}: state refused by its own codec: {bad}")
+            self._check_reload(r)
             newest = self._newest(r)
             actual = normal(newest.value())
             if actual != expected:
