@@ -598,12 +598,14 @@ class World:
         node, m = r.node, r.machine
         assert m is not None
         doc = a.document
+        packed = node.codec.encode_document(doc)
         data = node.codec.seal(
             node.signer, subject=f"sync.{r.subject}", hlc=m.clock.now(self._wall(node)),
-            sequence=m.sequence, document=doc, is_state=not doc.is_delta,
+            sequence=m.sequence, document=doc, is_state=not doc.is_delta, packed=packed,
         )
         if not doc.is_delta:
-            bound = len(node.codec.encode_document(m.state)) + ENVELOPE_SLACK
+            # The bound: the responder's state (``doc`` is its live state) plus the envelope.
+            bound = len(packed) + ENVELOPE_SLACK
             if len(data) > bound:
                 raise Failure(f"catch-up reply of {len(data)} bytes over its bound {bound}")
             self.stats["catchup_bytes"] += len(data)
