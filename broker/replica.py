@@ -95,6 +95,7 @@ from broker.replication import (
     Publish,
     Published,
     PublishFailed,
+    Reconnected,
     RepairApplied,
     ReplicationConfig,
     ReplicationMachine,
@@ -143,6 +144,8 @@ REJECT_REASONS: Final = (
 
 _SYNC: Final = "Worknode-Sync"
 _TO: Final = "Worknode-To"
+_FULL: Final = "Worknode-Full"
+"""Header on a catch-up request: answer with the full state even if no dot is lacking."""
 _WRITER: Final = "Worknode-Writer"
 """Header on published batches naming the writer, so a replica drops its own echo unopened
 (the envelope inside is still what is trusted; the header only saves work)."""
@@ -340,6 +343,8 @@ class Replica:
         self._running = False
         self._degraded: BaseException | None = None
         self.applied_envelopes = 0
+        self.load_errors: list[tuple[str, str]] = []
+        """``(key, reason)`` of every top-level key left out of the stored state on load."""
         self._listeners: list[Callable[[Collection[str] | None], None]] = []
 
     # -- the machine ---------------------------------------------------------------------------
@@ -631,6 +636,12 @@ class Replica:
         if self._running:
             self._handle(CatchupWanted(self._now()))
 
+    def reconnected(self) -> None:
+        """The transport reconnected: catch up (retried until a peer answers) and announce,
+        so peers that missed this replica's batches meanwhile ask for them too."""
+        if self._running:
+            self._handle(Reconnected(self._now()))
+
     def _on_slow_consumer(self) -> None:
         if self._running:
             self._handle(SlowConsumer(self._now()))
@@ -678,6 +689,8 @@ class Replica:
         headers = {_SYNC: "request"}
         if action.peer is not None:
             headers[_TO] = action.peer
+        if action.full:
+            headers[_FULL] = "1"
         event: Event
         try:
             reply = await self.transport.request(
@@ -743,7 +756,7 @@ class Replica:
         if kind == "announce":
             self._handle(AnnounceReceived(self._now(), env.writer, theirs))
         elif kind == "request" and msg.reply:
-            self._handle(SyncRequested(self._now(), theirs, msg))
+            self._handle(SyncRequested(self._now(), theirs, msg, full=headers.get(_FULL) == "1"))
 
     # -- internals: incoming -----------------------------------------------------------------
 
@@ -876,6 +889,7 @@ class Replica:
 
     async def _load(self) -> None:
         loaded = await asyncio.to_thread(self.store.load, self.config.subject)
+        self.load_errors = []
         state = ORMap()
         if loaded.snapshot is not None:
             state = self._decode_stored(loaded.snapshot)
@@ -920,8 +934,16 @@ class Replica:
         self._changed(None)
 
     def _decode_stored(self, data: bytes) -> ORMap:
-        doc: Causal = self.codec.decode_document(data, ORMap)
+        """A stored snapshot or record. A top-level key whose content the codec refuses is
+        left out and reported (logged, and kept in ``load_errors``) instead of refusing the
+        whole node; catch-up or the healer bring that key back from a peer."""
+        bad: list[tuple[str, str]] = []
+        doc: Causal = self.codec.decode_document(data, ORMap, bad_keys=bad)
         assert isinstance(doc, ORMap)
+        for key, reason in bad:
+            log.error("stored state of %s: key %r left out on load: %s",
+                      self.config.subject, key, reason)
+        self.load_errors.extend(bad)
         return doc
 
     async def _snapshot(self) -> None:

@@ -172,11 +172,15 @@ class CatchupFailed:
 @dataclass(frozen=True, slots=True)
 class SyncRequested:
     """A peer whose causal context is ``context`` asks for this replica's state;
-    ``reply_to``: the driver's handle for the answer (opaque)."""
+    ``reply_to``: the driver's handle for the answer (opaque). Answered with the full state
+    when ``full`` or when the asker lacks a dot seen here, else with an empty delta."""
 
     now: float
     context: CausalContext
     reply_to: Any
+    full: bool = False
+    """The asker wants the full state even if it lacks no dot (it may have missed a
+    removal: removals issue no dot, so its context cannot show it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +255,9 @@ class RequestCatchup:
 
     peer: str | None
     timeout: float
+    full: bool = True
+    """Ask for the full state even when no dot is lacking (see ``SyncRequested.full``);
+    False only when every reason for this catch-up was a peer's announce of dots."""
 
 
 @dataclass(frozen=True, slots=True)

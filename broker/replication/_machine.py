@@ -17,7 +17,9 @@ What it decides (``broker/replica.py`` only executes):
   context claims no dot this replica neither saw nor receives with it). Otherwise it is held,
   bounded by ``max_held_deltas`` and ``max_held_bytes`` (the oldest evicted, counted, and left
   to catch-up), and a catch-up is wanted from its writer. Held deltas are re-checked after
-  every join and drain in any order. Per-writer sequences reveal lost batches (``gap``).
+  every join and drain in any order. Per-writer sequences reveal lost batches (``gap``), and
+  so does a hole left in the context below a writer's dot after a join (the first batch seen
+  from a writer has no sequence to compare with).
 - **Catch-up.** A gap, a held delta, a slow consumer, a reconnect, a peer's announce showing
   dots this replica lacks, and ``Started`` each want a catch-up. One runs at a time; wants
   that arrive meanwhile are remembered (coalesced) and start one more when it ends. Starts are
@@ -25,9 +27,14 @@ What it decides (``broker/replica.py`` only executes):
   an answer was rejected) is retried after a jittered exponential backoff, bounded by
   ``catchup_max_backoff``, until a peer answers; it alternates between the peer it wanted and
   any peer. A reply that leaves deltas held wants another, from their writer.
-- **Sync requests and announces**, answered with the full state only when the asker lacks a
-  dot this replica has seen; **snapshots** every ``snapshot_every`` ops, covering records up
-  to the last one published (unpublished records stay in the log to be republished).
+- **Sync requests and announces.** A catch-up asks for the full state (``full``) unless
+  its only reasons were peers' announces: a removal issues no dot, so a context cannot show
+  that its delta was lost. A request that is not ``full`` is answered with the full state
+  only when the asker lacks a dot this replica has seen, else with an empty delta. A peer's
+  announce showing dots this replica lacks wants a catch-up from it; one showing that the
+  peer lacks dots seen here is answered by an announce (rate-limited), so the peer asks.
+- **Snapshots** every ``snapshot_every`` ops, covering records up to the last one published
+  (unpublished records stay in the log to be republished).
 
 How to drive it: build ``ReplicationMachine(node_id, config, seed=..., loaded=...)``; feed
 every event with ``handle(event)`` (events carry ``now``, monotonic seconds) and execute the
@@ -113,9 +120,13 @@ DEFAULT_MAX_HELD_DELTAS: Final = 1_024
 DEFAULT_MAX_HELD_BYTES: Final = 16 * 1024 * 1024
 """Bytes (as received) of held deltas at most; beyond it the oldest is evicted."""
 
+MAX_OWED_ATTEMPTS: Final = 8
+"""Catch-ups answered by peers other than a writer whose state is needed, at most, before
+that writer is given up on (left to the healer)."""
 TIMER_FLUSH: Final = "flush"
 TIMER_PUBLISH_RETRY: Final = "publish-retry"
 TIMER_CATCHUP: Final = "catchup"
+TIMER_ANNOUNCE: Final = "announce"
 _PUBLISH_BACKOFF: Final = (0.05, 2.0)
 
 
@@ -227,14 +238,21 @@ class ReplicationMachine:
         self._windows: dict[str, SequenceWindow] = {}
         self._held: list[_Held] = []
         self._held_bytes = 0
-        self._owed: set[str] = set()  # writers whose held deltas were evicted
+        # Writers whose state this replica needs (a lost batch: sequence gap, evicted held
+        # delta, first batch seen from a writer after others) -> unsatisfied catch-ups since.
+        self._owed: dict[str, int] = {}
+        self._given_up: set[str] = set()  # owed writers no peer had: left to the healer
         self._catchup_running = False
         self._catchup_wanted = False
+        self._catchup_full = False  # some reason besides an announce: ask for the full state
+        self._catchup_asked_full = False
         self._catchup_peer: str | None = None
         self._catchup_asked: str | None = None
         self._catchup_failures = 0
         self._catchup_not_before = float("-inf")
         self._catchup_timer: float | None = None
+        self._announce_not_before = float("-inf")
+        self._announce_timer: float | None = None
         self._handlers: dict[type[Any], Callable[[Any], list[Action]]] = {
             Started: self._on_started,
             Committed: self._on_committed,
@@ -435,6 +453,12 @@ class ReplicationMachine:
         last = self._last_seq.get(w, 0)
         if last and ev.sequence > last + 1:
             out.append(Report("gap", (w, ev.sequence - last - 1)))
+            self._owed.setdefault(w, 0)
+            out += self._want_catchup(ev.now, w)
+        elif not last and not self._windows.get(w, SequenceWindow()).follows(ev.sequence):
+            # The first batch seen from ``w`` (since a start) follows batches never seen
+            # here: one of them may have been a removal, which no context can show.
+            self._owed.setdefault(w, 0)
             out += self._want_catchup(ev.now, w)
         if ev.sequence > last:
             self._last_seq[w] = ev.sequence
@@ -443,7 +467,7 @@ class ReplicationMachine:
             out += self._join_remote(item)
             if self._held:
                 out += self._drain()
-            return out
+            return out + self._pump_catchup(ev.now)
         self._held.append(item)
         self._held_bytes += item.nbytes
         out.append(Report("gated", ("held",)))
@@ -453,7 +477,7 @@ class ReplicationMachine:
         ):
             old = self._held.pop(0)
             self._held_bytes -= old.nbytes
-            self._owed.add(old.writer)
+            self._owed.setdefault(old.writer, 0)
             out.append(Report("gated", ("evicted",)))
         out += self._want_catchup(ev.now, w)
         return out
@@ -471,8 +495,6 @@ class ReplicationMachine:
         if not self._catchup_running:
             return []
         self._catchup_running = False
-        self._catchup_failures = 0
-        self._catchup_not_before = ev.now + self.config.catchup_min_interval
         out: list[Action] = []
         doc = ev.document
         if not doc.is_delta or doc.store or doc.context.size():
@@ -481,16 +503,48 @@ class ReplicationMachine:
             out += self._count_ops(max(1, len(doc)))
         # The peer's state holds every batch it published up to ``ev.sequence``.
         self._windows.setdefault(ev.peer, SequenceWindow()).raise_to(ev.sequence)
-        self._owed.discard(ev.peer)
+        self._owed.pop(ev.peer, None)
+        self._given_up.discard(ev.peer)
         out.append(Report("catchup", ("ok",)))
         if self._held:
             out += self._drain()
-        if self._held or self._owed:
-            peer = self._held[0].writer if self._held else min(self._owed)
-            self._catchup_wanted = True
+        # Still missing something (a held delta, an evicted one, a hole in the context): the
+        # peer lacked it too. Ask its writer next, after a backoff as if this one failed, so
+        # a writer that is away costs a bounded rate of state transfers.
+        missing = self._held[0].writer if self._held else (
+            min(self._owed) if self._owed else self._hole_writer())
+        if missing is not None and missing in self._owed and not self._held:
+            self._owed[missing] += 1
+            if self._owed[missing] > MAX_OWED_ATTEMPTS:
+                # Peers keep answering without that writer's state: it is away for good.
+                # Leave what it alone held to the healer instead of asking forever.
+                del self._owed[missing]
+                self._given_up.add(missing)
+                out.append(Report("catchup", ("gave_up",)))
+                missing = self._hole_writer()
+        if missing is None:
+            self._catchup_failures = 0
+            self._catchup_not_before = ev.now + self.config.catchup_min_interval
+        else:
+            self._catchup_failures += 1
+            self._catchup_not_before = ev.now + self._backoff_delay()
+            self._catchup_wanted = self._catchup_full = True
             if self._catchup_peer is None:
-                self._catchup_peer = peer
+                self._catchup_peer = missing
         return out + self._pump_catchup(ev.now)
+
+    def _hole_writer(self) -> str | None:
+        """A replica with a dot this state's context lacks below one it has (a lost batch)."""
+        holes = [
+            r for r, _ in self.tree.state.context.cloud
+            if r != self.node_id and r not in self._given_up
+        ]
+        return min(holes) if holes else None
+
+    def _backoff_delay(self) -> float:
+        """Jittered exponential backoff after ``_catchup_failures`` unsatisfied catch-ups."""
+        base: float = self.config.catchup_min_interval * 2.0 ** min(self._catchup_failures, 30)
+        return min(self.config.catchup_max_backoff, base) * (0.5 + 0.5 * self._rng.random())
 
     def _on_catchup_failed(self, ev: CatchupFailed) -> list[Action]:
         if not self._catchup_running:
@@ -498,11 +552,10 @@ class ReplicationMachine:
         self._catchup_running = False
         self._catchup_failures += 1
         n = self._catchup_failures
-        base = self.config.catchup_min_interval * (2 ** min(n, 30))
-        delay = min(self.config.catchup_max_backoff, base) * (0.5 + 0.5 * self._rng.random())
-        self._catchup_not_before = ev.now + delay
+        self._catchup_not_before = ev.now + self._backoff_delay()
         # Until a peer answers: alternate between the peer wanted and any peer.
         self._catchup_wanted = True
+        self._catchup_full = self._catchup_full or self._catchup_asked_full
         if self._catchup_peer is None and n % 2 == 1:
             self._catchup_peer = self._catchup_asked
         out: list[Action] = [Report("catchup", (ev.outcome,)), Report("catchup", ("retry",))]
@@ -510,12 +563,32 @@ class ReplicationMachine:
 
     def _on_sync_requested(self, ev: SyncRequested) -> list[Action]:
         mine = self.tree.state
-        document = mine if lacks(ev.context, mine.context) else ORMap(is_delta=True)
+        full = ev.full or lacks(ev.context, mine.context)
+        document = mine if full else ORMap(is_delta=True)
         return [SendState(ev.reply_to, document)]
 
     def _on_announce(self, ev: AnnounceReceived) -> list[Action]:
-        if ev.peer != self.node_id and lacks(self.tree.state.context, ev.context):
-            return self._want_catchup(ev.now, ev.peer)
+        if ev.peer == self.node_id:
+            return []
+        mine = self.tree.state.context
+        out: list[Action] = []
+        if lacks(mine, ev.context):
+            out += self._want_catchup(ev.now, ev.peer, full=False)
+        if lacks(ev.context, mine):
+            # The announcer lacks what this replica has (e.g. batches published while it
+            # was away, that no later batch will reveal by a gap, and that an untargeted
+            # catch-up answered by another peer did not carry): announce back, so that it
+            # asks here. At most one announce per ``catchup_min_interval``.
+            out += self._announce_soon(ev.now)
+        return out
+
+    def _announce_soon(self, now: float) -> list[Action]:
+        if now >= self._announce_not_before:
+            self._announce_not_before = now + self.config.catchup_min_interval
+            return [Announce()]
+        if self._announce_timer != self._announce_not_before:
+            self._announce_timer = self._announce_not_before
+            return [ScheduleTimer(TIMER_ANNOUNCE, self._announce_timer)]
         return []
 
     def _on_repair(self, ev: RepairApplied) -> list[Action]:
@@ -524,7 +597,8 @@ class ReplicationMachine:
         out: list[Action] = [Changed(tuple(ev.delta.store.keys()) if ev.delta.store else ())]
         if self._held:
             out += self._drain()
-        return out
+        return out + self._pump_catchup(ev.now)
+
 
     def _on_snapshot_taken(self, ev: SnapshotTaken) -> list[Action]:
         self.snapshot_seq = max(self.snapshot_seq, ev.upto)
@@ -541,6 +615,11 @@ class ReplicationMachine:
                 return []
             self._retry_at = None
             return self._maybe_publish(ev.now, force=True)
+        if ev.name == TIMER_ANNOUNCE:
+            if self._announce_timer is None or ev.now < self._announce_timer:
+                return []
+            self._announce_timer = None
+            return self._announce_soon(ev.now)
         if ev.name == TIMER_CATCHUP:
             if self._catchup_timer is None or ev.now < self._catchup_timer:
                 return []
@@ -627,6 +706,15 @@ class ReplicationMachine:
             Changed(tuple(doc.store.keys()) if doc.store else ()),
             Report("applied", item.report),
         ]
+        ctx = self.tree.state.context
+        if item.writer not in self._given_up and (
+            ctx.version_vector.get(item.writer, 0) < ctx.max_counter(item.writer)
+        ):
+            # A hole below a dot of the writer's: a batch of it was lost. Sequence gaps show
+            # that too, but not for the first batch seen from a writer (or after a restart).
+            self._catchup_wanted = self._catchup_full = True
+            if self._catchup_peer is None:
+                self._catchup_peer = item.writer
         return out + self._count_ops(max(1, len(doc)))
 
     def _drain(self) -> list[Action]:
@@ -653,8 +741,11 @@ class ReplicationMachine:
 
     # -- catching up -------------------------------------------------------------------------
 
-    def _want_catchup(self, now: float, peer: str | None, *, urgent: bool = False) -> list[Action]:
+    def _want_catchup(
+        self, now: float, peer: str | None, *, urgent: bool = False, full: bool = True
+    ) -> list[Action]:
         self._catchup_wanted = True
+        self._catchup_full = self._catchup_full or full
         if peer is not None and self._catchup_peer is None:
             self._catchup_peer = peer
         if urgent and not self._catchup_running:
@@ -674,4 +765,6 @@ class ReplicationMachine:
         self._catchup_running, self._catchup_wanted = True, False
         self._catchup_asked, self._catchup_peer = self._catchup_peer, None
         self._catchup_not_before = now + self.config.catchup_min_interval
-        return [RequestCatchup(self._catchup_asked, self.config.catchup_timeout)]
+        full, self._catchup_full = self._catchup_full, False
+        self._catchup_asked_full = full
+        return [RequestCatchup(self._catchup_asked, self.config.catchup_timeout, full)]

@@ -36,7 +36,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 _OPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 _BYTES_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
-_CATCHUP_OUTCOMES = ("ok", "no_peer", "rejected", "too_large", "retry")
+_CATCHUP_OUTCOMES = ("ok", "no_peer", "rejected", "too_large", "retry", "gave_up")
 _GATE_OUTCOMES = ("held", "drained", "evicted")
 
 

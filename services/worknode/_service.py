@@ -106,7 +106,6 @@ class _TransportEvents:
     def __init__(self, metrics: ServiceMetrics, service: WorknodeService) -> None:
         self.metrics = metrics
         self.service = service
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def connected(self) -> None:
         """Connected."""
@@ -120,10 +119,7 @@ class _TransportEvents:
         """Reconnected: catch up and announce."""
         self.metrics.reconnected()
         for replica in self.service.replicas.values():
-            replica.request_catchup()
-            task = asyncio.get_running_loop().create_task(replica.announce())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            replica.reconnected()
 
     def slow_consumer(self, subject: str, dropped: int) -> None:
         """Dropped messages (the subscription's callback triggers catch-up)."""

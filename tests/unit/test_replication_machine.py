@@ -1,0 +1,453 @@
+"""The replication machine, driven without asyncio: the causal gate, catch-up retries and
+coalescing, batching, and a simulated network of 2-3 machines with loss, duplication and
+reordering that must converge on the writers' values.
+
+The simulator below is deliberately small: a list of envelopes in flight (encoded with the
+real ``WireCodec``, so every state and delta round-trips), a clock advanced by steps, timers
+fired when due, and catch-up requests answered (or failed) when a step says so.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.codec import WireCodec
+from broker.crdt import Add, Assign, Create, Increment, ORMap
+from broker.replication import (
+    Action,
+    Announce,
+    AnnounceReceived,
+    CatchupFailed,
+    CatchupReplied,
+    CatchupWanted,
+    Committed,
+    DeltaReceived,
+    Event,
+    Publish,
+    Published,
+    PublishFailed,
+    ReplicationConfig,
+    ReplicationMachine,
+    Report,
+    RequestCatchup,
+    ScheduleTimer,
+    SendState,
+    Snapshot,
+    SnapshotTaken,
+    SyncRequested,
+    SyncWanted,
+    TimerFired,
+    held_dots,
+    unseen_claims,
+)
+
+CODEC = WireCodec()
+
+
+def roundtrip(doc: ORMap) -> ORMap:
+    out = CODEC.decode_document(CODEC.encode_document(doc), ORMap)
+    assert isinstance(out, ORMap)
+    return out
+
+
+# -- the gate, on the issue's example --------------------------------------------------------
+
+
+def test_the_issue_example_waits_for_the_lost_delta() -> None:
+    a, b = ORMap(), ORMap()
+    d1 = a.increment("r1", ("v",), 1)
+    a.merge(d1)
+    b.merge(d1)
+    d2 = a.increment("r1", ("v",), 1)  # lost on its way to b
+    a.merge(d2)
+    d3 = a.increment("r1", ("v",), 1)
+    a.merge(d3)
+    assert unseen_claims(d3, b.context) == [("r1", 2)]
+    assert unseen_claims(d2, b.context) == []
+    assert ("r1", 3) in held_dots(d3)
+    assert ("r1", 2) not in held_dots(d3)
+    b.merge(d2)
+    assert unseen_claims(d3, b.context) == []
+
+
+def _machine(name: str, **cfg: Any) -> ReplicationMachine:
+    return ReplicationMachine(name, ReplicationConfig(**cfg), seed=7)
+
+
+def _batch(m: ReplicationMachine, *ops: Any, now: float = 0.0) -> Publish:
+    """Write ``ops`` on ``m``, commit, flush: the batch it publishes (reported published)."""
+    w = m.write(list(ops), lambda: 1_000)
+    m.handle(Committed(now, w.delta, w.ops, 10, m.last_record_seq + 1))
+    (p,) = [a for a in m.handle(SyncWanted(now)) if isinstance(a, Publish)]
+    m.handle(Published(now, p.sequence, 10))
+    return p
+
+
+def _deliver(m: ReplicationMachine, writer: str, p: Publish, now: float = 0.0) -> list[Action]:
+    doc = roundtrip(p.document)
+    return m.handle(DeltaReceived(now, writer, p.sequence, doc, 10))
+
+
+def test_machine_holds_a_delta_after_a_lost_one_and_drains_it_when_it_arrives() -> None:
+    a, b = _machine("a"), _machine("b")
+    p1 = _batch(a, Create("k"), Increment("k", ("v",), 1))
+    p2 = _batch(a, Increment("k", ("v",), 1))
+    p3 = _batch(a, Increment("k", ("v",), 1))
+    _deliver(b, "a", p1)
+    out = _deliver(b, "a", p3)  # p2 lost so far
+    assert b.held == 1
+    assert Report("gated", ("held",)) in out
+    assert Report("gap", ("a", 1)) in out
+    assert any(isinstance(x, RequestCatchup) for x in out)
+    assert b.tree.fields("k") == {"v": 1}  # what a showed after p1, not a count of 2 or 4
+    out = _deliver(b, "a", p2)
+    assert b.held == 0
+    assert Report("gated", ("drained",)) in out
+    assert b.tree.fields("k") == {"v": 3} == a.tree.fields("k")
+    assert b.state.digest() == a.state.digest()
+
+
+def test_a_catchup_state_drains_the_held_delta() -> None:
+    a, b = _machine("a"), _machine("b")
+    p1 = _batch(a, Create("k"), Increment("k", ("v",), 1))
+    _batch(a, Increment("k", ("v",), 1))  # lost
+    p3 = _batch(a, Increment("k", ("v",), 1))
+    _deliver(b, "a", p1)
+    out = _deliver(b, "a", p3)
+    (req,) = [x for x in out if isinstance(x, RequestCatchup)]
+    assert req.peer == "a"
+    (send,) = a.handle(SyncRequested(1.0, b.state.context.copy(), "b"))
+    assert isinstance(send, SendState)
+    b.handle(CatchupReplied(1.0, "a", a.sequence, roundtrip(send.document)))
+    assert b.held == 0
+    assert b.tree.fields("k") == {"v": 3}
+    assert b.state.digest() == a.state.digest()
+
+
+def test_a_full_hold_evicts_the_oldest_and_counts_it() -> None:
+    a, b = _machine("a"), _machine("b", max_held_deltas=2)
+    _batch(a, Create("k"), Increment("k", ("v",), 1))  # lost: every later one is held
+    ps = [_batch(a, Increment("k", ("v",), 1)) for _ in range(3)]
+    outs = [_deliver(b, "a", p) for p in ps]
+    assert b.held == 2
+    assert Report("gated", ("evicted",)) in outs[2]
+
+
+# -- catch-up: retried until a peer answers, coalesced, never dropped -------------------------
+
+
+def test_failed_catchup_is_retried_with_growing_jittered_backoff_until_answered() -> None:
+    m = _machine("a", catchup_min_interval=0.5, catchup_max_backoff=8.0)
+    (_req,) = [x for x in m.handle(CatchupWanted(0.0)) if isinstance(x, RequestCatchup)]
+    now, delays = 0.0, []
+    for _ in range(6):
+        out = m.handle(CatchupFailed(now, "no_peer"))
+        assert Report("catchup", ("retry",)) in out
+        (timer,) = [x for x in out if isinstance(x, ScheduleTimer)]
+        assert not any(isinstance(x, RequestCatchup) for x in out)
+        delays.append(timer.at - now)
+        now = timer.at
+        out = m.handle(TimerFired(now, timer.name))
+        assert [x for x in out if isinstance(x, RequestCatchup)], "retried when due"
+    assert all(0 < d <= 8.0 for d in delays)
+    assert delays[-1] > delays[0]  # it backs off
+    m.handle(CatchupReplied(now, "b", 0, ORMap(is_delta=True)))
+    assert not m.catching_up
+
+
+def test_wants_during_a_running_catchup_start_exactly_one_more() -> None:
+    m = _machine("a", catchup_min_interval=0.0)
+    assert [x for x in m.handle(CatchupWanted(0.0)) if isinstance(x, RequestCatchup)]
+    for t in (0.1, 0.2, 0.3):  # while it runs: remembered, not started, not dropped
+        assert not [x for x in m.handle(CatchupWanted(t)) if isinstance(x, RequestCatchup)]
+    assert m.catching_up
+    out = m.handle(CatchupReplied(0.4, "b", 0, ORMap(is_delta=True)))
+    assert len([x for x in out if isinstance(x, RequestCatchup)]) == 1
+    out = m.handle(CatchupReplied(0.5, "b", 0, ORMap(is_delta=True)))
+    assert not [x for x in out if isinstance(x, RequestCatchup)]
+    assert not m.catching_up
+
+
+def test_a_failed_publish_is_retried_with_the_same_writes() -> None:
+    m = _machine("a")
+    w = m.write([Create("k"), Increment("k", ("v",), 2)], lambda: 1_000)
+    m.handle(Committed(0.0, w.delta, w.ops, 10, 1))
+    (p,) = [x for x in m.handle(SyncWanted(0.0)) if isinstance(x, Publish)]
+    out = m.handle(PublishFailed(0.0, p.sequence))
+    (timer,) = [x for x in out if isinstance(x, ScheduleTimer)]
+    assert m.queued_ops == 2
+    assert not m.idle
+    (again,) = [x for x in m.handle(TimerFired(timer.at, timer.name)) if isinstance(x, Publish)]
+    assert again.sequence == p.sequence
+    assert again.document.digest() == p.document.digest()
+    m.handle(Published(timer.at, again.sequence, 10))
+    assert m.queued_ops == 0
+    assert m.idle
+    assert m.sequence == 1
+
+
+# -- a simulated network ------------------------------------------------------------------------
+
+FIELDS = (("c",), ("r",), ("m",), ("s",), ("n", "c"))
+REGISTER_LIKE = {0, 1, 2, 4}  # leaves written only by counter, LWW and MV writes
+
+
+@dataclass
+class Node:
+    machine: ReplicationMachine
+    name: str
+    record_seq: int = 0
+    publishing: Publish | None = None
+    fail_next: bool = False
+    catchup: RequestCatchup | None = None
+    timers: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Sim:
+    nodes: list[Node]
+    now: float = 0.0
+    wire: list[tuple[int, str, int, bytes]] = field(default_factory=list)
+    # history[writer][field index]: every value that leaf had at its writer.
+    history: list[dict[int, list[Any]]] = field(default_factory=list)
+    wall: int = 1_000
+    auto_publish: bool = True
+
+    def wall_ms(self) -> int:
+        self.wall += 1
+        return self.wall
+
+    def feed(self, i: int, event: Event) -> None:
+        self.run(i, self.nodes[i].machine.handle(event))
+
+    def run(self, i: int, actions: list[Action]) -> None:
+        node = self.nodes[i]
+        todo = deque(actions)
+        while todo:
+            a = todo.popleft()
+            if isinstance(a, Publish):
+                assert node.publishing is None, "one publish in flight at a time"
+                node.publishing = a
+                if self.auto_publish:
+                    self.publish_result(i, not node.fail_next)
+                    node.fail_next = False
+            elif isinstance(a, RequestCatchup):
+                assert node.catchup is None, "one catch-up at a time"
+                node.catchup = a
+            elif isinstance(a, ScheduleTimer):
+                node.timers[a.name] = a.at
+            elif isinstance(a, Snapshot):
+                upto = node.machine.snapshot_upto()
+                todo.extend(node.machine.handle(SnapshotTaken(self.now, upto)))
+            elif isinstance(a, Announce):
+                ctx = node.machine.state.context.copy()
+                for j, _other in enumerate(self.nodes):
+                    if j != i:
+                        self.feed(j, AnnounceReceived(self.now, node.name, ctx))
+
+    def write(self, i: int, ops: list[Any], eventual: bool) -> None:
+        m = self.nodes[i].machine
+        try:
+            w = m.write(ops, self.wall_ms)
+        except Exception:  # a write the tree refuses (e.g. the worknode not created yet)
+            return
+        self.run(i, w.actions)
+        node = self.nodes[i]
+        node.record_seq += 1
+        self.feed(i, Committed(self.now, w.delta, w.ops, 64, node.record_seq, eventual=eventual))
+        fields = m.tree.fields(node.name) if node.name in m.tree else {}
+        for f, path in enumerate(FIELDS):
+            self.history[i].setdefault(f, [None]).append(leaf(fields, path))
+
+    def publish_result(self, i: int, ok: bool) -> None:
+        node = self.nodes[i]
+        p = node.publishing
+        if p is None:
+            return
+        node.publishing = None
+        if not ok:
+            self.feed(i, PublishFailed(self.now, p.sequence))
+            return
+        data = CODEC.encode_document(p.document)
+        for j in range(len(self.nodes)):
+            if j != i:
+                self.wire.append((j, node.name, p.sequence, data))
+        self.feed(i, Published(self.now, p.sequence, len(data)))
+
+    def deliver(self, k: int, *, keep: bool = False) -> None:
+        if not self.wire:
+            return
+        k %= len(self.wire)
+        dest, writer, seq, data = self.wire[k] if keep else self.wire.pop(k)
+        doc = CODEC.decode_document(data, ORMap)
+        assert isinstance(doc, ORMap)
+        self.feed(dest, DeltaReceived(self.now, writer, seq, doc, len(data)))
+
+    def answer_catchup(self, i: int, j: int, ok: bool) -> None:
+        node = self.nodes[i]
+        request = node.catchup
+        if request is None:
+            return
+        node.catchup = None
+        if not ok or j == i:
+            self.feed(i, CatchupFailed(self.now, "no_peer"))
+            return
+        peer = self.nodes[j]
+        ctx = node.machine.state.context.copy()
+        (send,) = peer.machine.handle(SyncRequested(self.now, ctx, i, full=request.full))
+        assert isinstance(send, SendState)
+        doc = roundtrip(send.document)
+        self.feed(i, CatchupReplied(self.now, peer.name, peer.machine.sequence, doc))
+
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        while True:
+            due = [
+                (at, i, name)
+                for i, n in enumerate(self.nodes)
+                for name, at in n.timers.items()
+                if at <= self.now
+            ]
+            if not due:
+                return
+            _at, i, name = min(due)
+            del self.nodes[i].timers[name]
+            self.feed(i, TimerFired(self.now, name))
+
+    def check_shown_values(self) -> None:
+        """Every register-like leaf a replica shows for a writer's worknode is a value that
+        leaf had at its writer at some point."""
+        for j, viewer in enumerate(self.nodes):
+            tree = viewer.machine.tree
+            for i, writer in enumerate(self.nodes):
+                if i == j or writer.name not in tree:
+                    continue
+                fields = tree.fields(writer.name)
+                for f in REGISTER_LIKE:
+                    shown = leaf(fields, FIELDS[f])
+                    assert shown in self.history[i].get(f, [None]), (
+                        f"{viewer.name} shows {FIELDS[f]}={shown!r} of {writer.name}, "
+                        f"which had {self.history[i].get(f)}"
+                    )
+
+
+def leaf(value: Any, path: tuple[str, ...]) -> Any:
+    cur = value
+    for k in path:
+        if not isinstance(cur, dict) or k not in cur:
+            return None
+        cur = cur[k]
+    if isinstance(cur, (set, frozenset)):
+        return frozenset(cur)
+    if isinstance(cur, list):
+        return tuple(cur)
+    return cur
+
+
+def op_for(name: str, kind: int, arg: int) -> Any:
+    if kind == 0:
+        return Increment(name, ("c",), arg)
+    if kind == 1:
+        return Assign(name, ("r",), arg)
+    if kind == 2:
+        return lambda t, r, ts: t.assign_multi(r, name, ("m",), arg)
+    if kind == 3:
+        return Add(name, ("s",), arg % 3)
+    if kind == 4:
+        return Increment(name, ("n", "c"), arg)
+    if kind == 5:
+        return lambda t, r, ts: t.discard(r, name, ("s",), arg % 3)
+    return lambda t, r, ts: t.remove_field(name, ("s",))
+
+
+# One shape for every step: (what, node or index, kind, argument, flag); the weights favour
+# writes and deliveries, so that losses fall between writes of one field.
+steps = st.tuples(
+    st.sampled_from(
+        ["write"] * 6 + ["deliver"] * 4 + ["drop"] * 2
+        + ["sync", "failpub", "catchup", "catchup", "tick", "tick"]
+    ),
+    st.integers(0, 50),
+    st.sampled_from([0, 0, 0, 1, 1, 2, 3, 4, 5, 6]),
+    st.integers(-3, 9),
+    st.booleans(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(2, 3), st.integers(1, 4), st.lists(steps, min_size=10, max_size=80))
+def test_machines_converge_on_the_writers_values_under_loss_duplication_and_reordering(
+    n: int, batch_ops: int, history: list[tuple[str, int, int, int, bool]]
+) -> None:
+    """2-3 machines, each writing its own worknode (every kind of write), batches of up to
+    ``batch_ops`` ops (or a flush window), envelopes lost, duplicated and reordered, publishes
+    failing, catch-ups answered or failing. Along the way every register-like leaf shown
+    is one its writer had; at the end every machine shows exactly the writers' values."""
+    names = [f"w{i}" for i in range(n)]
+    cfg = ReplicationConfig(max_batch_ops=max(batch_ops, 1))
+    sim = Sim(
+        [Node(ReplicationMachine(nm, cfg, seed=i), nm) for i, nm in enumerate(names)],
+        history=[{} for _ in names],
+    )
+    for i in range(n):
+        sim.write(i, [Create(names[i])], eventual=True)
+    for step, x, kind, c, flag in history:
+        a = x % n
+        if step == "write":
+            # Each writer writes only its own worknode's fields (single writer per key).
+            sim.write(a, [op_for(names[a], kind, c)], eventual=flag or kind % 2 == 0)
+        elif step == "sync":
+            sim.feed(a, SyncWanted(sim.now))
+        elif step == "failpub":
+            sim.nodes[a].fail_next = True  # its next publish fails (and is retried)
+        elif step == "deliver":
+            # Mostly the oldest (in order); sometimes any (reordered); ``flag``: kept on
+            # the wire to be delivered again (a duplicate).
+            sim.deliver(0 if c < 4 else x, keep=flag and c > 6)
+        elif step == "drop" and sim.wire:
+            sim.wire.pop(0 if c < 4 else x % len(sim.wire))
+        elif step == "catchup":
+            sim.answer_catchup(a, kind % n, flag)
+        elif step == "tick":
+            sim.tick((0.001, 0.01, 0.5, 3.0)[kind % 4])
+        sim.check_shown_values()
+
+    # Quiesce: every write synced and published, every envelope in flight delivered, then
+    # periodic catch-ups (answered) until nothing more changes.
+    for i in range(n):
+        sim.feed(i, SyncWanted(sim.now))
+    for _ in range(4):
+        for _ in range(5):
+            sim.tick(3.0)
+            for i in range(n):
+                sim.publish_result(i, True)
+        while sim.wire:
+            sim.deliver(0)
+            sim.check_shown_values()
+        for i in range(n):
+            for j in range(n):
+                if i == j:
+                    continue
+                sim.tick(12.0)
+                if sim.nodes[i].catchup is None:
+                    sim.feed(i, CatchupWanted(sim.now, names[j], urgent=True))
+                sim.answer_catchup(i, j, True)
+                sim.check_shown_values()
+    for node in sim.nodes:
+        assert node.machine.idle
+        assert node.machine.queued_ops == 0
+        assert node.machine.held == 0
+    writers_view = {nm: sim.nodes[i].machine.tree.fields(nm) for i, nm in enumerate(names)}
+    for node in sim.nodes:
+        shown = {nm: node.machine.tree.fields(nm) for nm in names}
+        assert shown == writers_view, (node.name, shown, writers_view)
+        assert node.machine.state.digest() == sim.nodes[0].machine.state.digest()
+        again = roundtrip(node.machine.state)
+        assert again.digest() == node.machine.state.digest()
+        assert again.value() == node.machine.state.value()
+
