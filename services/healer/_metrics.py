@@ -54,7 +54,7 @@ class HealerMetrics:
             registry=r,
         )
         for s in subjects:  # pre-create series so dashboards see zeros, not gaps
-            for outcome in ("converged", "in_sync", "still_moving", "failed"):
+            for outcome in ("converged", "in_sync", "still_moving", "stuck", "failed"):
                 self.heals.labels(s, outcome)
             for counter in (self.failures, self.rounds, self.divergent_keys, self.repaired,
                             self.bytes, self.round_trips):

@@ -1,32 +1,20 @@
 """The healer: finds replicas, compares Merkle roots per subject, repairs what differs.
 
-Per subject, one heal:
+The decisions of one heal (grouping, hub, rounds, value widths, convergence, when to stop and
+escalate) are the pure ``broker.healing.HealPlanner``'s; this service drives it: it runs the
+planner's actions with a ``HealClient`` (root requests in parallel; per ``RepairPair`` a
+``Reconciliation``, fetches of both sides' entries, ``broker.repair`` deltas pushed to both
+groups), throttles bytes to ``bytes_per_second``, times the phases, records metrics and
+publishes a signed heal report on ``wn.<ns>.heal.<subject>`` (replicas, roots before and
+after, keys repaired, bytes, round trips, duration, whether all roots agree).
 
-1. ask every replica for its root (in parallel); equal roots: nothing to do. The request
-   asks for the top two levels' values as well, unless the replica's root is still the one
-   all replicas agreed on after the last heal (so replicas in sync cost one small root
-   reply each);
-2. otherwise group replicas by (root, item count): replicas of one group hold the same
-   items. Reconcile a *hub* (the replica with the most items) with one member of each other
-   group: the pure ``Reconciliation`` names the differing keys in at most depth - 1 round
-   trips after the roots; both sides' entries for those keys are fetched (signed by each
-   replica) and the repair deltas of ``broker.repair`` are pushed (signed by the healer)
-   to every member of both groups. A repair delta is a piece of the other side's state, so
-   joining it is safe on any replica, and on a replica holding the same items as the one
-   it was computed for it does exactly the same — so the hub's group ends with the join of
-   everyone, and each other group with the join of itself and the hub;
-3. re-check the roots; while they differ (writes landed meanwhile, or the first pass gave
-   early groups an older hub), repeat, up to ``max_rounds``. Node values travel cut to
-   ``hash_bytes`` bytes (see ``broker.healing``); a round that found no key while roots
-   differed is followed by one with whole values, so a truncation collision never hides a
-   difference for good;
-4. publish a signed heal report on ``wn.<ns>.heal.<subject>``: replicas, roots before and
-   after, keys repaired, bytes, round trips (waves of requests sent in parallel: root
-   fetches, descent rounds, fetches, pushes), duration, and whether all roots agree.
+A heal that does not converge is logged with its reason and never counted as success: the
+loop retries soon when another heal may do better (roots still moving, a failure), and waits
+the interval when it would only repeat itself (``stuck``: repairs changed no root; tree
+schemes differ); ``worknode healer --once`` exits non-zero (``pass_status``).
 
 Heals run every ``interval_s`` and at once when membership changes (a replica appears,
-disappears or restarts with a new service id). Bytes moved are throttled to
-``bytes_per_second``. ``start()``/``stop()`` are idempotent.
+disappears or restarts with a new service id). ``start()``/``stop()`` are idempotent.
 """
 
 from __future__ import annotations
@@ -41,8 +29,20 @@ from typing import Final
 from broker.codec import REPORT_DOMAIN, Signer, TrustRoster, WireCodec
 from broker.crdt import ORMap
 from broker.errors import WorknodeError
-from broker.healing import REPLICA_SERVICE, HealClient, RootView
-from broker.merkle import HASH_SIZE, Diff
+from broker.healing import (
+    REPLICA_SERVICE,
+    ROOT_LEVELS,
+    AskRoots,
+    HealClient,
+    HealPlanner,
+    HealPolicy,
+    PairResult,
+    RepairPair,
+    RootView,
+    StopReason,
+    subjects_to_heal,
+)
+from broker.merkle import Diff
 from broker.repair import repair_deltas
 from broker.transport import NatsTransport, Transport, discover, heal_subject
 from services.healer._metrics import HealerMetrics
@@ -52,11 +52,6 @@ from services.worknode import MetricsEndpoint, load_identity
 __all__ = ["ROOT_LEVELS", "HealOutcome", "HealerService"]
 
 log = logging.getLogger(__name__)
-
-ROOT_LEVELS = 2
-"""Levels below the root a root request asks for (272 values at fan-out 16): two round trips
-saved whenever roots differ."""
-
 
 @dataclass
 class HealOutcome:
@@ -73,12 +68,22 @@ class HealOutcome:
     rounds: int = 0
     duration_s: float = 0.0
     converged: bool = False
+    reason: StopReason = ""
+    """Why a heal that did not converge stopped (``broker.healing.HealResult.reason``)."""
+    retry_soon: bool = False
     published: bool = False
     # where the time went (seconds): root requests, identification, fetch + push of states
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
 
 PHASES: Final[tuple[str, ...]] = ("roots", "identify", "repair")
+_WHY: Final[dict[str, str]] = {
+    "": "",
+    "rounds": "roots still moving after the last round",
+    "stuck": "repairs changed no root: a digest or repair defect, escalated",
+    "schemes": "tree schemes differ",
+    "failed": "a step failed",
+}
 
 
 async def _none() -> None:
@@ -193,7 +198,7 @@ class HealerService:
                     outcomes, failed = await self.heal_pass(members)
                     self.failed_subjects = failed
                     # A failed heal, or one still moving, is retried soon, not an interval later.
-                    settled = all(o.converged for o in outcomes) and not failed
+                    settled = not failed and not any(o.retry_soon for o in outcomes)
                     next_heal = time.monotonic() + (s.interval_s if settled else s.retry_s)
             except WorknodeError as exc:
                 self.metrics.loop_errors.inc()
@@ -251,19 +256,17 @@ class HealerService:
         alone (the loop's passes may run beside it)."""
         if members is None:
             members = await self._discover()
-        by_subject: dict[str, list[str]] = {}
-        for node, _, subjects in members:
-            for subject in subjects:
-                if not self.settings.subjects or subject in self.settings.subjects:
-                    by_subject.setdefault(subject, []).append(node)
+        by_subject = subjects_to_heal(
+            ((node, subjects) for node, _, subjects in members), self.settings.subjects
+        )
         outcomes: list[HealOutcome] = []
         failed: list[str] = []
-        for subject, nodes in sorted(by_subject.items()):
+        for subject, nodes in by_subject.items():
             self.metrics.replicas.labels(self.metrics.label(subject)).set(len(nodes))
             if len(nodes) < 2:
                 continue
             try:
-                outcomes.append(await self.heal_subject(subject, sorted(nodes)))
+                outcomes.append(await self.heal_subject(subject, nodes))
             except Exception as exc:  # counted, logged; the loop retries after retry_s
                 failed.append(subject)
                 label = self.metrics.label(subject)
@@ -296,169 +299,140 @@ class HealerService:
         async with self._lock:
             return await self._heal_subject(subject, nodes)
 
+    def _policy(self) -> HealPolicy:
+        s = self.settings
+        return HealPolicy(
+            max_rounds=s.max_rounds, hash_bytes=s.hash_bytes, item_bytes=s.item_bytes,
+            root_levels=ROOT_LEVELS,
+        )
+
     async def _roots(
-        self, client: HealClient, subject: str, nodes: list[str], width: int,
-        phases: dict[str, float],
+        self, client: HealClient, subject: str, ask: AskRoots, phases: dict[str, float]
     ) -> dict[str, RootView]:
         t0 = time.monotonic()
-        unless = self._agreed.get(subject, b"")
         views = await asyncio.gather(
-            *(client.root(subject, n, levels=ROOT_LEVELS, width=width, unless=unless)
-              for n in nodes)
+            *(client.root(subject, n, levels=ask.levels, width=ask.width, unless=ask.unless)
+              for n in ask.nodes)
         )
         phases["roots"] += time.monotonic() - t0
-        return dict(zip(nodes, views, strict=True))
+        return dict(zip(ask.nodes, views, strict=True))
 
     async def _heal_subject(self, subject: str, nodes: list[str]) -> HealOutcome:
         t0 = time.monotonic()
         client = self._client()
         label = self.metrics.label(subject)
-        width = self.settings.hash_bytes
         phases = dict.fromkeys(PHASES, 0.0)
-        roots = await self._roots(client, subject, nodes, width, phases)
-        waves = 1
-        out = HealOutcome(subject, nodes, [roots[n].root for n in nodes], phases=phases)
-        for _ in range(self.settings.max_rounds):
-            if len({(r.root, r.count) for r in roots.values()}) == 1:
-                out.converged = True
-                break
-            out.rounds += 1
-            self.metrics.rounds.labels(label).inc()
-            groups: dict[tuple[bytes, int, int], list[str]] = {}
-            for n in nodes:
-                groups.setdefault((roots[n].root, roots[n].count, roots[n].scheme), []).append(n)
-            hub = max(nodes, key=lambda n: (roots[n].count, n))
-            hub_group = groups.pop((roots[hub].root, roots[hub].count, roots[hub].scheme))
-            found_any = False
-            for members in groups.values():
-                other = roots[members[0]]
-                if other.scheme != roots[hub].scheme:
-                    # A rolling upgrade: trees of different schemes cannot be compared. Said
-                    # once per replica set, not at every retry.
-                    note = (subject, tuple(members), other.scheme, roots[hub].scheme)
-                    if note not in self._scheme_warnings:
-                        self._scheme_warnings.add(note)
-                        log.warning(
-                            "heal of %s: replicas %s use tree scheme %d, the hub %s scheme %d; "
-                            "they are healed once they run the same release",
-                            subject, members, other.scheme, hub, roots[hub].scheme,
-                        )
-                    continue
-                found, repaired, trips = await self._pair(
-                    client, subject, roots[hub], other, hub_group, members, out.phases
+        planner = HealPlanner(
+            subject, nodes, self._policy(), agreed=self._agreed.get(subject, b"")
+        )
+        while not planner.done:
+            for action in planner.next_actions():
+                if isinstance(action, AskRoots):
+                    planner.receive_roots(await self._roots(client, subject, action, phases))
+                else:
+                    if action.index == 0:
+                        self.metrics.rounds.labels(label).inc()
+                    planner.receive_repair(action, await self._pair(client, action, phases))
+        result = planner.result()
+        for note in result.mismatches:
+            # A rolling upgrade: trees of different schemes cannot be compared. Said once
+            # per replica set, not at every retry.
+            key = (subject, note.members, note.scheme, note.hub_scheme)
+            if key not in self._scheme_warnings:
+                self._scheme_warnings.add(key)
+                log.warning(
+                    "heal of %s: replicas %s use tree scheme %d, the hub %s scheme %d; "
+                    "they are healed once they run the same release",
+                    subject, list(note.members), note.scheme, note.hub, note.hub_scheme,
                 )
-                found_any = found_any or found > 0
-                if out.rounds == 1:
-                    out.divergent_keys += found
-                out.keys_repaired += repaired
-                waves += trips
-            # A round that found nothing while roots differ may have met a collision of cut
-            # values (or writes racing it): the next round compares whole values.
-            width = self.settings.hash_bytes if found_any else HASH_SIZE
-            roots = await self._roots(client, subject, nodes, width, phases)
-            waves += 1
-        else:
-            out.converged = len({(r.root, r.count) for r in roots.values()}) == 1
-        if out.converged:
-            self._agreed[subject] = roots[nodes[0]].root
+        if result.converged:
+            self._agreed[subject] = result.agreed
             self._scheme_warnings = {w for w in self._scheme_warnings if w[0] != subject}
-        out.roots_after = [roots[n].root for n in nodes]
-        out.bytes_sent = client.bytes_sent + client.bytes_received
-        out.round_trips = waves
-        out.duration_s = time.monotonic() - t0
+        out = HealOutcome(
+            subject, list(result.nodes), result.roots_before, result.roots_after,
+            divergent_keys=result.divergent_keys, keys_repaired=result.keys_repaired,
+            bytes_sent=client.bytes_sent + client.bytes_received, round_trips=result.waves,
+            rounds=result.rounds, duration_s=time.monotonic() - t0,
+            converged=result.converged, reason=result.reason, retry_soon=result.retry_soon,
+            phases=phases,
+        )
         self._record(out)
-        if out.rounds:
-            log.info(
+        if out.rounds or not out.converged:
+            log.log(
+                logging.INFO if out.converged else logging.WARNING,
                 "heal of %s: %d replicas, %d keys differed, %d pushed, %d waves, %d bytes, "
                 "%.0f ms (roots %.0f, identify %.0f, repair %.0f), %s",
                 subject, len(nodes), out.divergent_keys, out.keys_repaired, out.round_trips,
                 out.bytes_sent, out.duration_s * 1000,
                 *(out.phases[p] * 1000 for p in PHASES),
-                "converged" if out.converged else "NOT converged",
+                "converged" if out.converged else f"NOT converged ({_WHY[out.reason]})",
             )
-        if out.rounds:
+        if out.rounds or not out.converged:
             await self._publish_report(out)
         return out
 
     async def _pair(
-        self,
-        client: HealClient,
-        subject: str,
-        left: RootView,
-        right: RootView,
-        left_group: list[str],
-        right_group: list[str],
-        phases: dict[str, float],
-    ) -> tuple[int, int, int]:
-        """Reconcile ``left`` with ``right``; push the repairs to every member of their
-        groups (replicas holding the same items). Returns (keys found, keys pushed, waves)."""
-        item_width = self.settings.item_bytes if left.width < HASH_SIZE else 0
+        self, client: HealClient, pair: RepairPair, phases: dict[str, float]
+    ) -> PairResult:
+        """Reconcile ``pair.left`` with ``pair.right``; push the repairs to every member of
+        their groups (replicas holding the same items)."""
         t0 = time.monotonic()
-        result = await client.identify(subject, left, right, self.secret, item_width)
+        result = await client.identify(
+            pair.subject, pair.left, pair.right, self.secret, pair.item_width
+        )
         phases["identify"] += time.monotonic() - t0
         await self._throttle(client)
-        waves = result.round_trips
         t0 = time.monotonic()
         try:
             if result.left_items or result.right_items:
-                found, pushed, more = await self._repair_items(
-                    client, subject, left, right, left_group, right_group, result, item_width
-                )
-                return found, pushed, waves + more
-            pushed, more = await self._repair_keys(
-                client, subject, left, right, left_group, right_group, list(result.keys)
-            )
-            return len(result.keys), pushed, waves + more
+                found, pushed, more = await self._repair_items(client, pair, result)
+                return PairResult(found, pushed, result.round_trips + more)
+            pushed, more = await self._repair_keys(client, pair, list(result.keys))
+            return PairResult(len(result.keys), pushed, result.round_trips + more)
         finally:
             phases["repair"] += time.monotonic() - t0
 
+    async def _push(
+        self, client: HealClient, pair: RepairPair, to_left: ORMap, to_right: ORMap
+    ) -> int:
+        """Push each side's repair delta to every member of its group; entries pushed."""
+        pushes = [(n, to_left) for n in pair.left_group if to_left.store]
+        pushes += [(n, to_right) for n in pair.right_group if to_right.store]
+        return await client.apply_all(pair.subject, pushes) if pushes else 0
+
     async def _repair_keys(
-        self,
-        client: HealClient,
-        subject: str,
-        left: RootView,
-        right: RootView,
-        left_group: list[str],
-        right_group: list[str],
-        keys: list[str],
+        self, client: HealClient, pair: RepairPair, keys: list[str]
     ) -> tuple[int, int]:
         """Repair ``keys`` (a whole-values reconciliation names them): fetch both sides'
         entries, push the repairs to both groups. Returns (entries pushed, waves)."""
         pushed = waves = 0
         batch = self.settings.fetch_batch
+        subject, left, right = pair.subject, pair.left.node, pair.right.node
         for i in range(0, len(keys), batch):
             chunk = keys[i : i + batch]
             # Ask both sides for every key of the chunk, even one the diff said a side lacks:
             # it may hold it by now, and a side's context is only a valid removal proof
             # together with its entries for the same keys at the same moment.
             a, b = await asyncio.gather(
-                client.fetch(subject, left.node, chunk),
-                client.fetch(subject, right.node, chunk),
+                client.fetch(subject, left, chunk), client.fetch(subject, right, chunk)
             )
             to_left, to_right = repair_deltas(a, b, chunk)
-            pushes = [(n, to_left) for n in left_group if to_left.store]
-            pushes += [(n, to_right) for n in right_group if to_right.store]
-            pushed += await client.apply_all(subject, pushes)
-            waves += 2 if pushes else 1
+            n = await self._push(client, pair, to_left, to_right)
+            pushed += n
+            waves += 2 if to_left.store or to_right.store else 1
             await self._throttle(client)
         return pushed, waves
 
     async def _repair_items(
-        self,
-        client: HealClient,
-        subject: str,
-        left: RootView,
-        right: RootView,
-        left_group: list[str],
-        right_group: list[str],
-        result: Diff,
-        width: int,
+        self, client: HealClient, pair: RepairPair, result: Diff
     ) -> tuple[int, int, int]:
         """Repair what a digests-only reconciliation found: fetch each side's unmatched items
         (the replica names their keys), then, for a key only one side named, the other
         side's entry by key (so every side's entries and context come from one moment), and
         push the repairs. Returns (keys found, keys pushed, waves)."""
-        bits = left.fanout.bit_length() - 1
+        bits = pair.left.fanout.bit_length() - 1
+        width = pair.item_width
+        subject, left, right = pair.subject, pair.left.node, pair.right.node
 
         def index(prefix: tuple[int, ...]) -> int:
             value = 0
@@ -473,15 +447,15 @@ class HealerService:
         batch = self.settings.fetch_batch
         for i in range(0, max(len(lhs), len(rhs)), batch):
             a1, b1 = await asyncio.gather(
-                client.fetch(subject, left.node, [], lhs[i : i + batch], width),
-                client.fetch(subject, right.node, [], rhs[i : i + batch], width),
+                client.fetch(subject, left, [], lhs[i : i + batch], width),
+                client.fetch(subject, right, [], rhs[i : i + batch], width),
             )
             waves += 1
             ka, kb = set(a1.store or ()), set(b1.store or ())
             only_a, only_b = sorted(ka - kb), sorted(kb - ka)
             fetches = [
-                client.fetch(subject, right.node, only_a) if only_a else _none(),
-                client.fetch(subject, left.node, only_b) if only_b else _none(),
+                client.fetch(subject, right, only_a) if only_a else _none(),
+                client.fetch(subject, left, only_b) if only_b else _none(),
             ]
             b2, a3 = await asyncio.gather(*fetches)
             if only_a or only_b:
@@ -494,10 +468,9 @@ class HealerService:
                     to_left.merge(dl)
                     to_right.merge(dr)
             found |= ka | kb
-            pushes = [(n, to_left) for n in left_group if to_left.store]
-            pushes += [(n, to_right) for n in right_group if to_right.store]
-            pushed += await client.apply_all(subject, pushes)
-            waves += 1 if pushes else 0
+            n = await self._push(client, pair, to_left, to_right)
+            pushed += n
+            waves += 1 if to_left.store or to_right.store else 0
             await self._throttle(client)
         return len(found), pushed, waves
 
@@ -520,9 +493,10 @@ class HealerService:
         m.bytes.labels(label).inc(out.bytes_sent)
         m.round_trips.labels(label).inc(out.round_trips)
         m.duration.labels(label).observe(out.duration_s)
-        outcome = (
-            "in_sync" if not out.rounds else "converged" if out.converged else "still_moving"
-        )
+        if out.converged:
+            outcome = "converged" if out.rounds else "in_sync"
+        else:  # "stuck" is a defect to look at; the others wait for writes or a release
+            outcome = "stuck" if out.reason == "stuck" else "still_moving"
         m.heals.labels(label, outcome).inc()
         self.reports.append(out)
         del self.reports[:-100]

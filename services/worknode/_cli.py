@@ -371,6 +371,7 @@ def register(main: click.Group) -> None:
         """Run the healer: compare Merkle roots per subject, repair, publish heal reports."""
         import tomllib
 
+        from broker.healing import pass_status
         from services.healer import HealerService, HealerSettings
 
         kw: dict[str, Any] = {}
@@ -393,11 +394,16 @@ def register(main: click.Group) -> None:
                             f"{out.round_trips} round trips, {out.bytes_sent} bytes, "
                             f"{out.duration_s * 1000:.0f} ms, "
                             f"{'converged' if out.converged else 'NOT converged'}"
+                            f"{f' ({out.reason})' if out.reason else ''}"
                         )
                     if failed:
                         click.echo(f"heal failed for: {', '.join(failed)} (see the log)",
                                    err=True)
-                        raise SystemExit(1)
+                    # A heal that did not converge is not a success: the runbook's "the next
+                    # heal finds no divergence" would not hold.
+                    status = pass_status((o.converged for o in outcomes), failed)
+                    if status:
+                        raise SystemExit(status)
                     return
                 stop = asyncio.Event()
                 loop = asyncio.get_running_loop()

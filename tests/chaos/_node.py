@@ -12,7 +12,15 @@ answers one JSON request per stdin line with one JSON line on stdout (logs go to
     {"op": "missing", "keys": [...]}      -> {"missing": keys whose register is not the key}
     {"op": "has", "key": K}               -> {"has": bool}
     {"op": "rejected"}                    -> {"rejected": {reason: count}}
+    {"op": "enable", "key": K, "local": B} -> {"enabled": K}  the enable-wins flag K.on, on
+                                                          (with local, never published:
+                                                          a write lost on the way)
+    {"op": "values", "keys": [...]}       -> {"values": {key: value() of the key, as JSON}}
     {"op": "stop"}                        -> {"stopped": true}, then exit
+
+``WORKNODE_CHAOS_MUTATION=version-dependent-digests`` reintroduces issue 13's bug 3 in the
+node (Merkle digests of an entry as this node's wire version reads it), for the tests that
+show it is caught.
 
 So the replicas of a scenario spread over the machine's CPUs like deployed nodes, instead of
 sharing one test process (and its one CPU) with each other.
@@ -23,12 +31,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import broker.repair
 from broker.codec import TrustRoster
 from broker.repair import key_digests
+from broker.replica import Consistency
 from services.worknode import WorknodeService, WorknodeSettings
 
 SUBJECT = "orders"
@@ -64,6 +75,15 @@ async def _answer(svc: WorknodeService, req: dict[str, Any]) -> dict[str, Any]:
         return {"missing": [k for k in req["keys"] if state.get(k, {}).get("v") != k]}
     if op == "has":
         return {"has": req["key"] in replica.state}
+    if op == "enable":
+        key = str(req["key"])
+        level = Consistency.LOCAL if req.get("local") else Consistency.EVENTUAL
+        await replica.write(lambda t, rid, ts: t.state.enable(rid, (key, "on")), level)
+        await replica.flush()
+        return {"enabled": key}
+    if op == "values":
+        value = replica.state.value()
+        return {"values": {k: value.get(k) for k in req["keys"]}}
     if op == "rejected":
         counter = svc.metrics.rejected_envelopes
         return {"rejected": {r: counter.labels(SUBJECT, r)._value.get() for r in REASONS}}
@@ -91,6 +111,8 @@ async def main(settings: WorknodeSettings, roster: TrustRoster) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if os.environ.get("WORKNODE_CHAOS_MUTATION") == "version-dependent-digests":
+        broker.repair.DIGEST_AS_NEWEST = False
     keys = json.loads(Path(sys.argv[2]).read_text())
     asyncio.run(main(
         WorknodeSettings.model_validate_json(Path(sys.argv[1]).read_text()),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.crdt import ORMap
+from broker.crdt import MAX_NESTING_DEPTH, ORMap
 from broker.repair import item_digest, key_digests, repair_deltas, subset
 from tests.unit.strategies import histories, run_history
 
@@ -69,6 +70,8 @@ def _flags_and_friends() -> ORMap:
     s.merge(s.enable("b", ("both", "x")))  # two kinds under one name
     s.merge(s.assign("c", ("both", "x"), 1, 6))
     s.merge(s.assign("b", ("plain",), 3, 7))
+    deep = tuple(f"d{i}" for i in range(MAX_NESTING_DEPTH))  # a flag as deep as maps go
+    s.merge(s.enable("c", deep))
     return s
 
 
@@ -77,6 +80,7 @@ def test_digests_do_not_depend_on_the_wire_version_that_read_the_state() -> None
     must equal a v3 reader's, or a mixed cluster never converges through the healer."""
     from broker.codec import WireCodec
     from broker.crdt._stores import OpaqueStore
+    from broker.repair import newest_state
 
     s = _flags_and_friends()
     for version in (1, 2, 3):
@@ -87,6 +91,7 @@ def test_digests_do_not_depend_on_the_wire_version_that_read_the_state() -> None
         assert key_digests(read, b"k") == key_digests(s, b"k")
         for key, entry in (s.store or {}).items():
             assert item_digest(key, (read.store or {})[key], b"k") == item_digest(key, entry, b"k")
+        assert newest_state(read).digest() == s.digest()
         # passed back to a newer node, nothing was lost
         back = WireCodec().decode_document(WireCodec(version).encode_document(read))
         assert back.value() == s.value()
@@ -101,3 +106,46 @@ def test_a_kind_no_release_knows_is_digested_as_it_is() -> None:
     cls = opaque_store_class(200)
     entry = MapStore({"x": cls(("b", 1, b"\x00"))})
     assert newest_reading(entry) is entry
+
+
+def test_an_opaque_store_the_newest_release_refuses_is_digested_as_it_is() -> None:
+    """A v1 node keeps any kind-6 item opaque, even one whose payload is no flag (a newer
+    node refuses it). Its digest must not raise: a raising digest leaves the node's Merkle
+    tree unbuildable, so every heal of the subject would fail while the entry exists."""
+    from broker.codec import CURRENT_VERSION, WireCodec, load_schema
+    from broker.crdt._stores import Kind, MapStore, opaque_store_class
+    from broker.repair import newest_reading, newest_state
+
+    item = load_schema(CURRENT_VERSION).crdt.Item.new_message()
+    lww = item.init("payload").init("lww")
+    lww.hlc = 5
+    lww.init("value").text = "not a flag"
+    entry = MapStore({"f": opaque_store_class(Kind.FLAG)(("b", 1, item.to_bytes_packed()))})
+    assert newest_reading(entry) is entry
+    assert len(item_digest("k", entry, b"s")) == 32
+    assert len(key_digests(ORMap(MapStore({"k": entry})), b"s")) == 1
+    good = _flags_and_friends()
+    v1 = WireCodec(1).decode_document(WireCodec().encode_document(good))
+    assert isinstance(v1, ORMap)
+    mixed = ORMap(MapStore({**(v1.store or {}), "bad": entry}), v1.context.copy())
+    read = newest_state(mixed)
+    assert (read.store or {})["bad"] is entry
+    assert key_digests(read, b"k")["top"] == key_digests(good, b"k")["top"]
+
+
+def test_the_digest_rule_switched_off_brings_the_mixed_version_bug_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The mutation switch the simulation and the chaos test use: without the rule a v1
+    reader's digest of a key holding a flag differs from a newer reader's (issue 13, bug 3)."""
+    import broker.repair
+    from broker.codec import WireCodec
+
+    s = _flags_and_friends()
+    v1 = WireCodec(1).decode_document(WireCodec().encode_document(s))
+    assert isinstance(v1, ORMap)
+    assert key_digests(v1, b"k") == key_digests(s, b"k")
+    monkeypatch.setattr(broker.repair, "DIGEST_AS_NEWEST", False)
+    differ = {k for k, d in key_digests(v1, b"k").items() if key_digests(s, b"k")[k] != d}
+    assert {"top", "feature", "both"} <= differ
+    assert "plain" not in differ  # keys without flags are not affected

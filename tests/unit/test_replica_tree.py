@@ -1,4 +1,4 @@
-"""A replica's Merkle tree built and refreshed in background steps (``broker.healing``), over
+"""A replica's Merkle tree built and refreshed in background steps (``broker.healing``),
 a stand-in replica (the tree only reads ``state.store`` and listens to changes); the real
 thing runs in ``tests/integration/test_healing.py``."""
 
@@ -8,7 +8,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from broker.crdt import ORMap
-from broker.healing import BUILD_CHUNK, _ReplicaTree
+from broker.healing import BUILD_CHUNK, ReplicaTree
 from broker.merkle import MerkleTree
 from broker.repair import item_digest
 
@@ -35,7 +35,7 @@ def _fresh(state: ORMap) -> MerkleTree:
                             key=SECRET)
 
 
-def _drain(tree: _ReplicaTree) -> int:
+def _drain(tree: ReplicaTree) -> int:
     steps = 0
     while tree._dirty != set():
         tree._step()
@@ -48,7 +48,7 @@ def test_a_chunked_build_with_changes_in_between_equals_a_fresh_build() -> None:
     n = 2 * BUILD_CHUNK + 123
     for i in range(n):
         replica.state.apply_assign("r", (f"k{i}", "v"), i, i + 1)
-    tree = _ReplicaTree(replica, SECRET)  # type: ignore[arg-type]
+    tree = ReplicaTree(replica, SECRET)  # type: ignore[arg-type]
     tree._step()  # the first chunk's digests are taken
     assert tree._todo is not None
     assert tree._dirty is None
@@ -69,7 +69,7 @@ def test_a_full_join_during_a_build_starts_it_over() -> None:
     replica = _Replica()
     for i in range(BUILD_CHUNK + 10):
         replica.state.apply_assign("r", (f"k{i}", "v"), i, i + 1)
-    tree = _ReplicaTree(replica, SECRET)  # type: ignore[arg-type]
+    tree = ReplicaTree(replica, SECRET)  # type: ignore[arg-type]
     tree._step()
     other = ORMap()
     other.apply_assign("s", ("from-peer", "v"), 1, 1)
@@ -83,7 +83,7 @@ def test_an_on_demand_refresh_during_a_build_is_complete() -> None:
     replica = _Replica()
     for i in range(BUILD_CHUNK + 10):
         replica.state.apply_assign("r", (f"k{i}", "v"), i, i + 1)
-    tree = _ReplicaTree(replica, SECRET)  # type: ignore[arg-type]
+    tree = ReplicaTree(replica, SECRET)  # type: ignore[arg-type]
     tree._step()
     assert tree.current().root() == _fresh(replica.state).root()
     assert tree._todo is None
@@ -91,12 +91,12 @@ def test_an_on_demand_refresh_during_a_build_is_complete() -> None:
 
 
 def test_a_failed_step_loses_no_key(monkeypatch, caplog) -> None:
-    import broker.healing as healing
+    import broker.healing._tree as healing
 
     replica = _Replica()
     for i in range(50):
         replica.state.apply_assign("r", (f"k{i}", "v"), i, i + 1)
-    tree = _ReplicaTree(replica, SECRET)  # type: ignore[arg-type]
+    tree = ReplicaTree(replica, SECRET)  # type: ignore[arg-type]
     _drain(tree)
     replica.change(replica.state.assign("r", ("k1", "v"), "new", 10**6), ["k1"])
     real = healing.item_digest

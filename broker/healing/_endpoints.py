@@ -1,0 +1,315 @@
+"""The replica side of healing: a node's Merkle endpoints (``HealEndpoints``).
+
+Replica side (``HealEndpoints``): one NATS micro (ADR-32) service per node, ``worknode-replica``,
+with metadata ``node``, ``namespace`` and ``subjects`` so a healer discovers it with
+``$SRV.INFO``. Per subject it serves five endpoints on
+``wn.<ns>.merkle.<subject>.<node>.<verb>``:
+
+    root    RootRequest        -> RootReply (root, item count, version vector, tree scheme and
+                                  shape; on request the top levels' values, packed)
+    nodes   NodeHashesRequest  -> NodeHashesReply (child values of each prefix; with hashBytes,
+                                  packed and cut to their low hashBytes bytes)
+    leaves  NodeHashesRequest  -> LeafItemsReply (items of each leaf prefix; with hashBytes,
+                                  packed, digests cut likewise; with digestsOnly, digests
+                                  without keys)
+    fetch   FetchStatesRequest -> SignedEnvelope (delta document: the entries of those keys
+                                  and of the keys of those items, and the replica's whole
+                                  causal context; see ``broker.repair``)
+    apply   SignedEnvelope     -> ApplyStatesReply (repair delta joined and logged)
+
+Requests and replies are Cap'n Proto from ``schemas/healer.capnp``; documents travel in signed
+envelopes, so a replica only applies repairs signed by a node in its roster, and the healer
+only moves states a replica signed.
+
+The Merkle tree follows the replica incrementally: every change marks the touched top-level
+keys dirty; their digests are recomputed (O(depth) tree updates per key) in the background,
+in chunks, starting ``refresh_delay`` after a change and spending at most ``refresh_budget``
+of the event loop's time, and at the latest when the next healing request arrives. Writes never
+wait for it, a key written many times between refreshes is digested once, and a heal after a
+partition finds its trees warm. A tree is built whole at start and after a full state was
+joined (a catch-up: any key may have changed), its digests taken in background chunks too;
+otherwise it is never rebuilt.
+
+Prefixes travel as bytes, one digit (0..fanout-1) per byte; the root is the empty prefix.
+
+Why values may travel cut to a few bytes: every value is a sum of keyed digests that no one
+without the cluster secret can compute or steer, so two different subtrees show equal low
+``w`` bytes with probability ``2**(-8w)`` per comparison, and the low bytes of a sum are the
+sum of the low bytes (a parent still equals its children's sum mod ``2**(8w)``). At the
+healer's 6 bytes and the ~20,000 node comparisons of a heal of 1,000 keys among 1M, a missed
+difference has probability ~7e-11 per heal; leaf items go as 4-byte digests, compared only
+within one leaf (~15 items a side at 1M keys): ~5e-8 per differing leaf. A miss is never
+silent and never lasting: the healer compares whole 32-byte roots afterwards, and a round
+that found nothing while roots differ is followed by one with whole values and keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.codec import CURRENT_VERSION, Signer, TrustRoster, WireCodec, decoding
+from broker.crdt import ORMap
+from broker.errors import MalformedMessageError
+from broker.healing._tree import ReplicaTree
+from broker.healing._wire import (
+    MAX_PREFIXES,
+    MAX_ROOT_VALUES,
+    REPLICA_SERVICE,
+    VERBS,
+    _index_bytes,
+    _indices_to_prefixes,
+    _prefix_bytes,
+    _prefix_tuple,
+    _width,
+    pack_leaf_items,
+    unpack_indices,
+    unpack_prefixes,
+)
+from broker.merkle import TREE_SCHEME, node_answer
+from broker.repair import subset
+from broker.replica import Replica
+from broker.transport import Endpoint, Msg, ServiceHandle, Transport, merkle_subject
+
+__all__ = ["HealEndpoints"]
+
+_VERSION = "1.0.0"
+
+
+class HealEndpoints:
+    """Serves this node's replicas to healers (see module doc). ``start()``/``stop()``."""
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        namespace: str,
+        replicas: dict[str, Replica],
+        signer: Signer,
+        roster: TrustRoster,
+        codec: WireCodec,
+        secret: bytes,
+    ) -> None:
+        self.transport = transport
+        self.namespace = namespace
+        self.replicas = replicas
+        self.signer = signer
+        self.roster = roster
+        self.codec = codec
+        # The healer protocol is spoken only with healers, in the newest release this code
+        # knows, whatever wire version the node is pinned to for its deltas (a pin protects
+        # older delta readers; states still travel in envelopes of ``codec``'s version).
+        self.proto = (
+            codec if codec.version == CURRENT_VERSION
+            else WireCodec(CURRENT_VERSION, max_payload=codec.max_payload)
+        )
+        self.trees = {s: ReplicaTree(r, secret) for s, r in replicas.items()}
+        self._service: ServiceHandle | None = None
+
+    async def start(self) -> None:
+        """Register the service and start refreshing trees in the background. Idempotent."""
+        if self._service is not None:
+            return
+        for tree in self.trees.values():
+            tree.start()
+        node = self.signer.node_id
+        endpoints = []
+        for subject in self.replicas:
+            for verb in VERBS:
+                endpoints.append(
+                    Endpoint(
+                        f"{verb}-{subject}",
+                        merkle_subject(self.namespace, subject, node, verb),
+                        self._handler(subject, verb),
+                    )
+                )
+        self._service = await self.transport.add_service(
+            name=REPLICA_SERVICE,
+            version=_VERSION,
+            description="worknode replica: Merkle roots, nodes, leaves, state fetch and repair",
+            endpoints=endpoints,
+            metadata={
+                "node": node,
+                "namespace": self.namespace,
+                "subjects": ",".join(sorted(self.replicas)),
+            },
+        )
+
+    async def stop(self) -> None:
+        """Unregister; no more background refreshes. Idempotent."""
+        for tree in self.trees.values():
+            tree.stop()
+        if self._service is not None:
+            service, self._service = self._service, None
+            await service.stop()
+
+    def _handler(self, subject: str, verb: str) -> Any:
+        async def handle(msg: Msg) -> bytes:
+            reply: bytes = await getattr(self, f"_{verb}")(subject, msg.data)
+            return reply
+
+        return handle
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    async def _root(self, subject: str, data: bytes) -> bytes:
+        req = self.proto.read(self.proto.schema.healer.RootRequest, data, "root request")
+        with decoding("root request"):
+            levels = int(req.levels)
+            width = _width(int(req.hashBytes))
+            unless = bytes(req.levelsUnless)
+        tree = self.trees[subject].current()
+        vv = self.replicas[subject].state.context.version_vector
+        reply = self.proto.schema.healer.RootReply.new_message()
+        reply.subject = subject
+        root = tree.root()
+        reply.root = root
+        reply.itemCount = tree.count()
+        reply.scheme = TREE_SCHEME
+        reply.fanout = tree.fanout
+        reply.depth = tree.depth
+        versions = reply.init("versions")
+        names = sorted(vv)
+        versions.init("replicas", len(names))
+        versions.init("counters", len(names))
+        for i, r in enumerate(names):
+            versions.replicas[i] = r
+            versions.counters[i] = vv[r]
+        if levels and root != unless:
+            sent, values, parts = 0, 0, []
+            while sent < min(levels, tree.depth - 1):
+                size = tree.fanout ** (sent + 1)
+                if values + size > MAX_ROOT_VALUES:
+                    break
+                sent += 1
+                values += size
+                parts.append(tree.level_values(sent, range(size), width))
+            reply.levelCount = sent
+            reply.levels = b"".join(parts)
+        return reply.to_bytes_packed()  # type: ignore[no-any-return]
+
+    def _prefixes(
+        self, subject: str, data: bytes, *, leaf_indices: bool = False
+    ) -> tuple[list[tuple[int, ...]], int, bool, list[int] | None]:
+        """``(prefixes, hashBytes, digestsOnly, leaf indices)`` of a node or leaf request;
+        with ``leaf_indices``, a packed request for leaves answers with their indices (and no
+        prefixes: the cheap form of a large leaf request)."""
+        req = self.proto.read(self.proto.schema.healer.NodeHashesRequest, data, "node request")
+        with decoding("node request"):
+            if len(req.prefixes) > MAX_PREFIXES:
+                raise MalformedMessageError(f"more than {MAX_PREFIXES} prefixes in one request")
+            level, raw = int(req.prefixLevel), bytes(req.packedPrefixes)
+            width, digests_only = int(req.hashBytes), bool(req.digestsOnly)
+            if level:
+                tree = self.trees[subject].tree
+                bits = tree.fanout.bit_length() - 1
+                if len(raw) > MAX_PREFIXES * _index_bytes(level, bits):
+                    raise MalformedMessageError(f"more than {MAX_PREFIXES} prefixes")
+                if leaf_indices and level == tree.depth:
+                    return [], width, digests_only, unpack_indices(level, raw, bits, tree.depth)
+                prefixes = unpack_prefixes(level, raw, bits, tree.depth)
+            else:
+                prefixes = [_prefix_tuple(bytes(p)) for p in req.prefixes]
+            return prefixes, width, digests_only, None
+
+    async def _nodes(self, subject: str, data: bytes) -> bytes:
+        tree = self.trees[subject].current()
+        prefixes, packed, _, _ = self._prefixes(subject, data)
+        reply = self.proto.schema.healer.NodeHashesReply.new_message()
+        reply.subject = subject
+        if packed:
+            reply.hashes = node_answer(tree, prefixes, _width(packed))
+            return reply.to_bytes_packed()  # type: ignore[no-any-return]
+        values = tree.child_hashes(prefixes)
+        nodes = reply.init("nodes", len(values))
+        for i, (prefix, value) in enumerate(sorted(values.items())):
+            nodes[i].prefix = _prefix_bytes(prefix)
+            nodes[i].hash = value
+        return reply.to_bytes_packed()  # type: ignore[no-any-return]
+
+    async def _leaves(self, subject: str, data: bytes) -> bytes:
+        tree = self.trees[subject].current()
+        prefixes, packed, digests_only, indices = self._prefixes(subject, data, leaf_indices=True)
+        reply = self.proto.schema.healer.LeafItemsReply.new_message()
+        reply.subject = subject
+        if digests_only:
+            w = _width(packed)
+            parts: list[bytes] = []
+            if indices is not None:
+                answers = [tree.leaf_digests(leaf) for leaf in indices]
+            else:
+                found = tree.leaves(prefixes)
+                answers = [[d for _, d in found[p]] for p in prefixes]
+            for digests in answers:
+                parts.append(len(digests).to_bytes(4, "big"))
+                parts.extend([d[-w:] for d in digests])
+            reply.packedItems = b"".join(parts)
+            return reply.to_bytes_packed()  # type: ignore[no-any-return]
+        if indices is not None:
+            prefixes = _indices_to_prefixes(indices, tree.fanout.bit_length() - 1, tree.depth)
+        leaves = tree.leaves(prefixes)
+        if packed:
+            reply.packedItems = pack_leaf_items([leaves[p] for p in prefixes], _width(packed))
+            return reply.to_bytes_packed()  # type: ignore[no-any-return]
+        items = [item for prefix in sorted(leaves) for item in leaves[prefix]]
+        out = reply.init("items", len(items))
+        for i, (key, digest) in enumerate(items):
+            out[i].key = key
+            out[i].digest = digest
+        return reply.to_bytes_packed()  # type: ignore[no-any-return]
+
+    async def _fetch(self, subject: str, data: bytes) -> bytes:
+        req = self.proto.read(self.proto.schema.healer.FetchStatesRequest, data, "fetch")
+        with decoding("fetch request"):
+            keys = [str(k) for k in req.keys]
+            raw = bytes(req.items)
+            width = _width(int(req.hashBytes))
+        if raw:
+            keys += self._resolve(subject, raw, width)
+        replica = self.replicas[subject]
+        return self.codec.seal(
+            self.signer,
+            subject=merkle_subject(self.namespace, subject, self.signer.node_id, "fetch"),
+            hlc=replica.hlc(),
+            sequence=0,
+            document=subset(replica.state, keys),
+        )
+
+    def _resolve(self, subject: str, raw: bytes, width: int) -> list[str]:
+        """The keys of the items named in a fetch: ``(leaf index, low digest bytes)`` each.
+        An item that no longer matches (its entry changed since) names no key."""
+        size = 4 + width
+        if len(raw) % size or len(raw) // size > MAX_PREFIXES:
+            raise MalformedMessageError("fetch items are 4-byte leaf indices with digests")
+        tree = self.trees[subject].current()
+        wanted: dict[int, set[bytes]] = {}
+        for at in range(0, len(raw), size):
+            leaf = int.from_bytes(raw[at : at + 4], "big")
+            if leaf >= tree.leaf_count:
+                raise MalformedMessageError(f"leaf index {leaf} is outside the tree")
+            wanted.setdefault(leaf, set()).add(raw[at + 4 : at + size])
+        return [
+            key
+            for leaf, digests in wanted.items()
+            for key, digest in tree.leaf_range_items(leaf, leaf + 1)
+            if digest[-width:] in digests
+        ]
+
+    async def _apply(self, subject: str, data: bytes) -> bytes:
+        env = self.codec.open(
+            data,
+            self.roster,
+            subject=merkle_subject(self.namespace, subject, self.signer.node_id, "apply"),
+            keep_packed=True,
+        )
+        document = env.document
+        if not isinstance(document, ORMap) or not document.is_delta:
+            raise MalformedMessageError("a repair is an OR-map delta")
+        replica = self.replicas[subject]
+        await replica.apply_repair(document, env.packed_document)
+        tree = self.trees[subject].current()
+        reply = self.proto.schema.healer.ApplyStatesReply.new_message()
+        reply.subject = subject
+        reply.root = tree.root()
+        reply.applied = len(document.store or {})
+        return reply.to_bytes_packed()  # type: ignore[no-any-return]
+
