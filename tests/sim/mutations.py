@@ -7,8 +7,9 @@ Each mutation is a context manager patching the fixed code back to its old behav
   context claims dots the receiver lacks is applied at once, as before the gate);
 - ``catchup``: a catch-up that finds no peer is not retried, and a catch-up wanted while one
   runs is dropped instead of coalesced;
-- ``heal``: Merkle digests read an entry as the replica's own release holds it (a v1 node's
-  opaque flag digests differently from a v3 node's flag), so a mixed cluster never converges.
+- ``heal``: Merkle digests read an entry as the replica's own release holds it
+  (``broker.repair.DIGEST_AS_NEWEST = False``: a v1 node's opaque flag digests differently
+  from a v3 node's flag), so a mixed cluster's heal never converges.
 """
 
 from __future__ import annotations
@@ -50,17 +51,15 @@ def _no_retry(self: machine.ReplicationMachine, ev: Any) -> list[Any]:
     return [Report("catchup", (ev.outcome,))]
 
 
+_WANT = machine.ReplicationMachine._want_catchup
+
+
 def _drop_while_running(
-    self: machine.ReplicationMachine, now: float, peer: str | None, *, urgent: bool = False
+    self: machine.ReplicationMachine, now: float, peer: str | None, **kw: Any
 ) -> list[Any]:
     if self._catchup_running:
         return []  # the old driver dropped a request arriving while one ran
-    self._catchup_wanted = True
-    if peer is not None and self._catchup_peer is None:
-        self._catchup_peer = peer
-    if urgent:
-        self._catchup_not_before = min(self._catchup_not_before, now)
-    return self._pump_catchup(now)
+    return _WANT(self, now, peer, **kw)
 
 
 @contextlib.contextmanager
@@ -76,7 +75,7 @@ def _catchup() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _heal() -> Iterator[None]:
-    with _patch(repair, "newest_reading", lambda entry: entry):
+    with _patch(repair, "DIGEST_AS_NEWEST", False):
         yield
 
 

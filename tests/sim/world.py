@@ -39,8 +39,25 @@ from broker.codec import CURRENT_VERSION, Signer, TrustRoster, WireCodec
 from broker.crdt import ROOT_ID, Add, Assign, Create, Increment, Move, ORMap, Tree, TreeOp
 from broker.crdt._stores import LWWStore, Whole, canonical_bytes
 from broker.errors import ClockSkewError, CodecError, TreeError, WorknodeError
-from broker.merkle import MerkleTree, diff
-from broker.repair import key_digests, repair_deltas, subset
+from broker.healing import (
+    AskRoots,
+    HealPlanner,
+    HealPolicy,
+    HealResult,
+    PairResult,
+    RepairPair,
+    RootView,
+)
+from broker.merkle import (
+    TREE_SCHEME,
+    LeafRequest,
+    MerkleTree,
+    Reconciliation,
+    RootInfo,
+    Side,
+    node_answer,
+)
+from broker.repair import item_digest, repair_deltas, subset
 from broker.replication import (
     Action,
     Announce,
@@ -127,6 +144,9 @@ def make_schedule(
         "versions": [rng.choice(VERSIONS) for _ in range(n)],
         "skews": [rng.randint(-300, 300) for _ in range(n)],
         "subjects": subjects,
+        # Half the runs end with one write per node (every loss then shows as a gap or a
+        # hole); the others end with reconnects and announces only.
+        "epilogue": rng.random() < 0.5,
     }
     out: list[Step] = []
     down: set[int] = set()
@@ -314,6 +334,7 @@ class World:
 
     def __init__(self, seed: int, setup: dict[str, Any]) -> None:
         self.seed = seed
+        self.setup = setup
         self.rng = random.Random(f"net-{seed}")
         self.now_ms = 0
         self.queue: list[tuple[int, int, str, tuple[Any, ...]]] = []
@@ -575,12 +596,14 @@ class World:
         data = self._probe(r)
         for other in self.nodes:
             if other is not node:
-                self.send(node.name, other.name, "request", (r.subject, data, req, a.peer))
+                self.send(node.name, other.name, "request",
+                          (r.subject, data, req, a.peer, getattr(a, "full", False)))
         at = self.now_ms + int(a.timeout * 1000)
         self._at(at, "catchup_timeout", (node.name, node.incarnation, r.subject, req))
 
     def _on_request(
-        self, node: Node, src: str, subject: str, data: bytes, req: int, target: str | None
+        self, node: Node, src: str, subject: str, data: bytes, req: int, target: str | None,
+        full: bool,
     ) -> None:
         if target is not None and target != node.name:
             return
@@ -592,7 +615,7 @@ class World:
             return
         if env.writer == node.name or not isinstance(env.document, ORMap):
             return
-        self.handle(r, SyncRequested(self._secs(), env.document.context, (src, req)))
+        self.handle(r, SyncRequested(self._secs(), env.document.context, (src, req), full=full))
 
     def _send_state(self, r: Replica, a: SendState) -> None:
         node, m = r.node, r.machine
@@ -816,7 +839,7 @@ class World:
         if not self.settle(QUIET_LIMIT_MS):
             raise Failure("catch-up did not settle (events still pending) after the faults stopped")
         # One write per node and subject after the faults: every loss becomes a visible gap.
-        for node in self.nodes:
+        for node in self.nodes if self.setup.get("epilogue", True) else ():
             for s in self.subjects:
                 self.write(node, s, ["create", f"z{node.name}", ROOT_ID])
             self.advance(self.now_ms + 3)
@@ -896,44 +919,95 @@ class World:
                     self.stats["hlc_inversions"] += 1
 
     def heal(self, subject: str) -> None:
-        """The heal procedure: hub against each replica, Merkle diff, fetch, repair, push;
-        passes until every root agrees (at most ``MAX_HEAL_PASSES``)."""
-        for n in range(MAX_HEAL_PASSES + 1):
-            roots = {}
-            trees = {}
-            for node in self.nodes:
-                r = node.replicas[subject]
-                assert r.machine is not None
-                tree = MerkleTree.build(list(key_digests(r.machine.state, SECRET).items()),
-                                        key=SECRET)
-                trees[node.name], roots[node.name] = tree, tree.root()
-            if len(set(roots.values())) == 1:
-                self.stats["heal_passes"] += n
-                return
-            if n == MAX_HEAL_PASSES:
-                break
-            moved = 0
-            hub = self.nodes[0].replicas[subject]
-            bound = HEAL_BYTES_FACTOR * sum(
-                len(nd.codec.encode_document(self._state(nd.replicas[subject])))
-                for nd in self.nodes
+        """Heal ``subject`` with ``broker.healing.HealPlanner`` (hub, groups, rounds, stop
+        rules): root views from each replica's Merkle tree over ``item_digest``, pairs
+        reconciled with ``Reconciliation`` at the planner's widths, entries fetched as sealed
+        bytes (replica codec -> healer codec), repairs pushed as sealed bytes (healer codec
+        -> replica codec) and logged. Then a second heal must find nothing to do."""
+        result = self._heal_once(subject, b"")
+        if not result.converged:
+            raise Failure(f"{subject}: heal did not converge ({result.reason}: "
+                          f"{result.keys_repaired} repaired in {result.rounds} rounds)")
+        self.stats["heal_rounds"] += result.rounds
+        again = self._heal_once(subject, result.agreed)
+        if not again.converged or again.keys_repaired or again.divergent_keys:
+            raise Failure(f"{subject}: the heal after a converged heal found "
+                          f"{again.divergent_keys} keys differing ({again.reason})")
+
+    def _tree(self, r: Replica) -> MerkleTree:
+        store = self._state(r).store or {}
+        return MerkleTree.build([(k, item_digest(k, v, SECRET)) for k, v in store.items()],
+                                key=SECRET)
+
+    def _heal_once(self, subject: str, agreed: bytes) -> HealResult:
+        replicas = {n.name: n.replicas[subject] for n in self.nodes}
+        planner = HealPlanner(subject, sorted(replicas), HealPolicy(max_rounds=MAX_HEAL_PASSES),
+                              agreed=agreed)
+        while not planner.done:
+            for action in planner.next_actions():
+                if isinstance(action, AskRoots):
+                    planner.receive_roots(
+                        {n: self._root_view(replicas[n], action) for n in action.nodes}
+                    )
+                else:
+                    planner.receive_repair(action, self._repair(replicas, action))
+        return planner.result()
+
+    def _root_view(self, r: Replica, ask: AskRoots) -> RootView:
+        t = self._tree(r)
+        levels: tuple[bytes, ...] = ()
+        if t.root() != ask.unless:
+            levels = tuple(
+                t.level_values(level, range(t.fanout**level), ask.width)
+                for level in range(1, min(ask.levels, t.depth - 1) + 1)
             )
-            for node in self.nodes[1:]:
-                other = node.replicas[subject]
-                d = diff(trees[hub.node.name], trees[node.name])
-                keys = d.keys
-                if not keys:
-                    continue
-                left = self._fetch(hub, keys)
-                right = self._fetch(other, keys)
-                to_left, to_right = repair_deltas(left, right, keys)
-                moved += self._push(hub, to_left) + self._push(other, to_right)
-                self.stats["heal_keys"] += len(keys)
-            self.stats["heal_bytes"] += moved
-            if moved > bound + ENVELOPE_SLACK * 2 * len(self.nodes):
-                raise Failure(f"{subject}: heal pass moved {moved} bytes, over its bound {bound}")
-        raise Failure(f"{subject}: heal did not converge in {MAX_HEAL_PASSES} passes "
-                      f"(roots still differ)")
+        return RootView(r.node.name, t.root(), t.count(),
+                        dict(self._state(r).context.version_vector), TREE_SCHEME, t.fanout,
+                        t.depth, levels, ask.width)
+
+    def _repair(self, replicas: dict[str, Replica], pair: RepairPair) -> PairResult:
+        left, right = pair.left, pair.right
+        width = left.width
+        rec = Reconciliation(
+            RootInfo(left.root, left.count, left.fanout, left.depth, left.versions,
+                     left.levels, width, left.scheme),
+            RootInfo(right.root, right.count, right.fanout, right.depth, right.versions,
+                     right.levels, width, right.scheme),
+        )
+        trees = {Side.LEFT: self._tree(replicas[left.node]),
+                 Side.RIGHT: self._tree(replicas[right.node])}
+        waves = 0
+        while not rec.done:
+            waves += 1
+            for req in rec.next_requests():
+                t = trees[req.side]
+                if isinstance(req, LeafRequest):
+                    leaves = t.leaves(req.prefixes)
+                    rec.receive_leaves(
+                        req.side, {p: [(k, d[-width:]) for k, d in v] for p, v in leaves.items()}
+                    )
+                else:
+                    rec.receive_nodes(req.side, node_answer(t, req.prefixes, width))
+        keys = tuple(sorted(rec.result().keys))
+        if not keys:
+            return PairResult(0, 0, waves)
+        a = self._fetch(replicas[left.node], keys)
+        b = self._fetch(replicas[right.node], keys)
+        to_left, to_right = repair_deltas(a, b, keys)
+        bound = HEAL_BYTES_FACTOR * sum(
+            len(r.node.codec.encode_document(self._state(r))) for r in replicas.values()
+        ) + ENVELOPE_SLACK * 2 * len(replicas)
+        moved = pushed = 0
+        for group, delta in ((pair.left_group, to_left), (pair.right_group, to_right)):
+            for name in group:
+                moved += self._push(replicas[name], delta)
+                pushed += len(delta.store or ())
+        if moved > bound:
+            raise Failure(f"{pair.subject}: a heal pair moved {moved} bytes, over its bound "
+                          f"{bound}")
+        self.stats["heal_keys"] += len(keys)
+        self.stats["heal_bytes"] += moved
+        return PairResult(len(keys), pushed, waves + 2)
 
     @staticmethod
     def _state(r: Replica) -> ORMap:
