@@ -720,17 +720,25 @@ class World:
             # A partition is a lost connection: each node's client reconnects when it heals.
             if self.groups is not None:
                 self.groups = None
-                for node in self.nodes:
-                    if node.up:
-                        for r in node.replicas.values():
-                            self.handle(r, Reconnected(self._secs()))
+                self._reconnect_all()
         elif kind == "faults":
             self.drop, self.dup = s[1], s[2]
         elif kind == "calm":
-            self.drop = self.dup = 0.0
+            # Losses come from connection trouble (a server restart, a slow consumer): the
+            # client sees its connection come back when they end. Silent loss without any
+            # such sign is left to the healer by design and not simulated.
+            if self.drop or self.dup:
+                self.drop = self.dup = 0.0
+                self._reconnect_all()
         elif kind == "tick":
             self.advance(self.now_ms + s[1])
         self.advance(self.now_ms + 3)
+
+    def _reconnect_all(self) -> None:
+        for node in self.nodes:
+            if node.up:
+                for r in node.replicas.values():
+                    self.handle(r, Reconnected(self._secs()))
 
     def restart(self, node: Node, version: int) -> None:
         """Start a node again, pinned to ``version`` (an upgrade or downgrade)."""
@@ -830,9 +838,9 @@ class World:
 
     def finish(self) -> None:
         """Stop the faults, restart every node, let catch-up settle, check, heal, check."""
-        self.drop = self.dup = 0.0
-        self.quiet = True
+        self.step(["calm"])
         self.step(["unpart"])
+        self.quiet = True
         for node in self.nodes:
             if not node.up:
                 self.restart(node, node.version)
