@@ -30,6 +30,7 @@ FAULT_STATS = (
     "dropped", "duplicated", "lost_in_flight", "step.crash", "step.restart", "step.part",
     "step.faults", "version_changes", "catchup_requests", "catchup.no_peer", "catchup.ok",
     "report.gap", "report.gated", "heal_keys", "acked", "published", "snapshots",
+    "hlc_inversions",
 )
 
 
@@ -147,7 +148,7 @@ def replay(seed: int, steps: int, mutation: str | None, verbose: bool,
             return 0
         print(r.failure)
         if schedule is None:
-            short, sr = shrink(seed, sched, r.failure)
+            short, sr = shrink(seed, sched, r.failure, budget=600)
             RESULTS.mkdir(exist_ok=True)
             path = RESULTS / f"shrunk-{seed}{'-' + mutation if mutation else ''}.json"
             path.write_text(json.dumps({"seed": seed, "mutation": mutation, "setup": sched[0],
