@@ -18,9 +18,10 @@ Invariants:
 
 Bounds stated here (checked on every run): a catch-up reply is at most the responder's
 encoded state plus ``ENVELOPE_SLACK`` bytes; a replica starts at most
-``MAX_QUIET_CATCHUPS`` catch-ups once faults stop; a heal converges within
-``MAX_HEAL_PASSES`` passes and a pass moves at most ``HEAL_BYTES_FACTOR`` times the replicas'
-encoded states plus ``ENVELOPE_SLACK`` per push.
+``MAX_QUIET_CATCHUPS`` catch-ups once faults stop; a heal (``broker.healing.HealPlanner``)
+converges within ``MAX_HEAL_PASSES`` rounds, the next heal finds nothing, and a repaired pair
+moves at most ``HEAL_BYTES_FACTOR`` times the replicas' encoded states plus
+``ENVELOPE_SLACK`` per push.
 """
 
 from __future__ import annotations
