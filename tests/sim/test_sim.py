@@ -14,7 +14,7 @@ import pytest
 from tests.sim.model import Write, expected_value
 from tests.sim.mutations import mutated
 from tests.sim.shrink import shrink, signature
-from tests.sim.world import make_schedule, run
+from tests.sim.world import SimStore, make_schedule, run
 
 ROOT = Path(__file__).resolve().parents[2]
 BUDGET_SEEDS = 300
@@ -157,3 +157,22 @@ def test_model_registers_sets_flags_and_deletes() -> None:
     }
     ws.append(_w(9, "C", "delete", ("a",), frozenset({"a"}), set(range(1, 9))))
     assert expected_value(ws) == {}
+
+
+def test_an_acknowledged_write_the_store_loses_is_caught_by_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A store that acknowledges some writes without keeping them: replicas may still agree
+    (with each other), the model of the acknowledged writes does not."""
+    keep = SimStore.append
+
+    def append(self: SimStore, data: bytes, ghost: frozenset[int]) -> int:
+        seq = keep(self, data, ghost)
+        if ghost and min(ghost) % 3 == 0:
+            self.records.pop()  # acknowledged, never committed
+        return seq
+
+    monkeypatch.setattr(SimStore, "append", append)
+    assert any(
+        "value differs from the model" in run(seed, BUDGET_STEPS).failure for seed in range(40)
+    )
