@@ -1,0 +1,199 @@
+"""Command line of the simulator.
+
+    python -m tests.sim --seeds 200                 # seeds 0..199, 2 processes
+    python -m tests.sim --seeds 100000 --summary tests/sim/results/campaign.md
+    python -m tests.sim --replay 1234 [--steps 60] [--mutation counter] [-v]
+    python -m tests.sim --replay-file tests/sim/results/shrunk-1234.json -v
+
+A failing seed prints the one command that replays it; ``--replay`` of a failing seed also
+shrinks it (``tests.sim.shrink``) and writes the short history as a replayable JSON file.
+Exit status: 0 when every run passed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tests.sim.mutations import MUTATIONS, mutated
+from tests.sim.shrink import shrink, signature
+from tests.sim.world import Result, World, make_schedule, run
+
+RESULTS = Path(__file__).parent / "results"
+FAULT_STATS = (
+    "dropped", "duplicated", "lost_in_flight", "step.crash", "step.restart", "step.part",
+    "step.faults", "version_changes", "catchup_requests", "catchup.no_peer", "catchup.ok",
+    "report.gap", "report.gated", "heal_keys", "acked", "published", "snapshots",
+    "hlc_inversions",
+)
+
+
+def replay_command(seed: int, steps: int, mutation: str | None) -> str:
+    """The one command that replays ``seed``."""
+    cmd = f"python -m tests.sim --replay {seed} --steps {steps}"
+    return cmd + (f" --mutation {mutation}" if mutation else "")
+
+
+def _one(args: tuple[int, int, str | None]) -> dict[str, Any]:
+    seed, steps, mutation = args
+    with mutated(mutation):
+        r = run(seed, steps)
+    return {
+        "seed": seed,
+        "ok": r.ok,
+        "failure": r.failure.splitlines()[0] if r.failure else "",
+        "signature": signature(r.failure) if r.failure else "",
+        "steps": r.steps,
+        "versions": sorted(set(r.versions)),
+        "stats": {k: r.stats.get(k, 0) for k in FAULT_STATS},
+        "events": r.stats.get("events", 0),
+    }
+
+
+def campaign(first: int, count: int, steps: int, jobs: int, mutation: str | None) -> dict[str, Any]:
+    """Run ``count`` seeds from ``first`` over ``jobs`` processes; the aggregated outcome."""
+    t0 = time.perf_counter()
+    work = [(s, steps, mutation) for s in range(first, first + count)]
+    rows: list[dict[str, Any]] = []
+    if jobs <= 1:
+        rows = [_one(w) for w in work]
+    else:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            for i, row in enumerate(pool.imap_unordered(_one, work, chunksize=25), 1):
+                rows.append(row)
+                if i % 5000 == 0:
+                    bad = sum(not r["ok"] for r in rows)
+                    print(f"  {i}/{count} seeds, {bad} failing, "
+                          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    elapsed = time.perf_counter() - t0
+    rows.sort(key=lambda r: r["seed"])
+    faults: Counter[str] = Counter()
+    for r in rows:
+        faults.update(r["stats"])
+    return {
+        "first": first, "count": count, "steps": steps, "jobs": jobs, "mutation": mutation,
+        "elapsed": elapsed, "rows": rows, "faults": faults,
+        "total_steps": sum(r["steps"] for r in rows),
+        "total_events": sum(r["events"] for r in rows),
+        "failures": [r for r in rows if not r["ok"]],
+        "signatures": Counter(r["signature"] for r in rows if not r["ok"]),
+        "mixed": sum(len(r["versions"]) > 1 for r in rows),
+        "version_sets": Counter(",".join(map(str, r["versions"])) for r in rows),
+    }
+
+
+def summary_md(c: dict[str, Any]) -> str:
+    """The campaign summary as Markdown."""
+    n, el = c["count"], c["elapsed"]
+    lines = [
+        "# Simulation campaign",
+        "",
+        f"Command: `python -m tests.sim --seeds {n} --seed {c['first']} --steps {c['steps']} "
+        f"--jobs {c['jobs']}" + (f" --mutation {c['mutation']}" if c["mutation"] else "")
+        + " --summary ...`",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| seeds | {n} (from {c['first']}) |",
+        f"| schedule steps | {c['total_steps']} ({c['steps']} per seed) |",
+        f"| simulated events | {c['total_events']} |",
+        f"| failing seeds | {len(c['failures'])} |",
+        f"| wall time | {el:.0f} s on {c['jobs']} processes |",
+        f"| seeds/s | {n / el:.1f} ({n / el / max(1, c['jobs']):.1f} per process) |",
+        f"| steps/s | {c['total_steps'] / el:.0f} |",
+        f"| runs mixing wire versions | {c['mixed']} |",
+        "",
+        "Faults injected and mechanisms exercised (totals):",
+        "",
+        "| counter | total |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in sorted(c["faults"].items())]
+    lines += ["", "Wire-version sets:", "", "| versions | runs |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(c["version_sets"].items())]
+    if c["failures"]:
+        lines += ["", "Failures by class:", "", "| class | seeds |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in c["signatures"].most_common()]
+        lines += ["", "First failing seeds (replay with the command):", ""]
+        for r in c["failures"][:20]:
+            lines.append(f"- `{replay_command(r['seed'], c['steps'], c['mutation'])}`: "
+                         f"{r['failure'][:160]}")
+    return "\n".join(lines) + "\n"
+
+
+def _print_history(setup: dict[str, Any], steps: list[Any]) -> None:
+    print(f"setup: {json.dumps(setup)}")
+    for i, s in enumerate(steps):
+        print(f"  {i:3d} {json.dumps(s)}")
+
+
+def replay(seed: int, steps: int, mutation: str | None, verbose: bool,
+           schedule: tuple[dict[str, Any], list[Any]] | None = None) -> int:
+    """Replay one seed (or a saved schedule); on failure shrink it. Exit status."""
+    sched = schedule or make_schedule(seed, steps)
+    with mutated(mutation):
+        r = run(seed, schedule=sched)
+        print(f"seed {seed}: {'ok' if r.ok else 'FAILED'}  trace {r.trace_hash}  "
+              f"nodes {r.nodes} versions {list(r.versions)} steps {r.steps}")
+        if verbose:
+            _print_history(*sched)
+            print("stats:", dict(sorted(r.stats.items())))
+        if r.ok:
+            return 0
+        print(r.failure)
+        if schedule is None:
+            short, sr = shrink(seed, sched, r.failure, budget=600)
+            RESULTS.mkdir(exist_ok=True)
+            path = RESULTS / f"shrunk-{seed}{'-' + mutation if mutation else ''}.json"
+            path.write_text(json.dumps({"seed": seed, "mutation": mutation, "setup": sched[0],
+                                        "steps": short}, indent=1) + "\n")
+            print(f"\nshrunk to {len(short)} of {len(sched[1])} steps ({signature(sr.failure)}):")
+            _print_history(sched[0], short)
+            print(f"replay the short history: python -m tests.sim --replay-file {path}")
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point (see the module doc)."""
+    p = argparse.ArgumentParser(prog="python -m tests.sim", description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, default=0, help="run this many seeds")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--steps", type=int, default=60, help="schedule steps per seed")
+    p.add_argument("--replay", type=int, help="replay one seed (and shrink it if it fails)")
+    p.add_argument("--replay-file", type=Path, help="replay a saved (shrunk) schedule")
+    p.add_argument("--summary", type=Path, help="write the campaign summary (Markdown) here")
+    p.add_argument("--jobs", type=int, default=2, help="processes (default 2)")
+    p.add_argument("--mutation", choices=sorted(MUTATIONS), help="reintroduce a fixed defect")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    if a.replay_file is not None:
+        saved = json.loads(a.replay_file.read_text())
+        return replay(saved["seed"], len(saved["steps"]), saved.get("mutation"), a.verbose,
+                      (saved["setup"], saved["steps"]))
+    if a.replay is not None:
+        return replay(a.replay, a.steps, a.mutation, a.verbose)
+    if a.seeds <= 0:
+        p.error("give --seeds N or --replay SEED")
+    c = campaign(a.seed, a.seeds, a.steps, a.jobs, a.mutation)
+    n, el = c["count"], c["elapsed"]
+    print(f"{n} seeds, {c['total_steps']} steps in {el:.1f} s ({n / el:.1f} seeds/s, "
+          f"{c['total_steps'] / el:.0f} steps/s): {len(c['failures'])} failing")
+    for r in c["failures"][:10]:
+        print(f"  seed {r['seed']}: {r['failure'][:140]}\n"
+              f"    replay: {replay_command(r['seed'], a.steps, a.mutation)}")
+    if a.summary is not None:
+        a.summary.parent.mkdir(parents=True, exist_ok=True)
+        a.summary.write_text(summary_md(c))
+    return 1 if c["failures"] else 0
+
+
+__all__ = ["Result", "World", "campaign", "main", "replay", "replay_command", "summary_md"]
+
+if __name__ == "__main__":
+    sys.exit(main())
