@@ -743,7 +743,7 @@ class Replica:
             return
         theirs = env.document.context
         if kind == "announce":
-            self._handle(AnnounceReceived(self._now(), env.writer, theirs))
+            self._handle(AnnounceReceived(self._now(), env.writer, theirs, env.sequence))
         elif kind == "request" and msg.reply:
             self._handle(SyncRequested(self._now(), theirs, msg, full=headers.get(_FULL) == "1"))
 

@@ -185,11 +185,13 @@ class SyncRequested:
 
 @dataclass(frozen=True, slots=True)
 class AnnounceReceived:
-    """Peer ``peer`` announced what it has seen (``context``)."""
+    """Peer ``peer`` announced what it has seen (``context``) and the sequence of the last
+    batch it published (``sequence``; 0 when unknown)."""
 
     now: float
     peer: str
     context: CausalContext
+    sequence: int = 0
 
 
 @dataclass(frozen=True, slots=True)

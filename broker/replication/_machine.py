@@ -137,6 +137,7 @@ TIMER_FLUSH: Final = "flush"
 TIMER_PUBLISH_RETRY: Final = "publish-retry"
 TIMER_CATCHUP: Final = "catchup"
 TIMER_ANNOUNCE: Final = "announce"
+TIMER_IDLE_ANNOUNCE: Final = "idle-announce"
 _PUBLISH_BACKOFF: Final = (0.05, 2.0)
 
 
@@ -154,6 +155,10 @@ class ReplicationConfig:
     catchup_max_backoff: float = 10.0
     max_held_deltas: int = DEFAULT_MAX_HELD_DELTAS
     max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
+    idle_announce: float = 1.0
+    """Seconds after its last publish at which a replica announces its context and publish
+    sequence once: a peer that lost that last batch (a removal issues no dot, and no later
+    batch reveals a gap) then sees the sequence it lacks and asks for a full state."""
     writable_kinds: frozenset[int] | None = None
     """Kinds a local write may create (the wire version this node writes carries them); None:
     every kind. A write of another kind fails with UnsupportedContentError before it
@@ -311,6 +316,7 @@ class ReplicationMachine:
         self._catchup_timer: float | None = None
         self._announce_not_before = float("-inf")
         self._announce_timer: float | None = None
+        self._idle_announce_at: float | None = None
         self._handlers: dict[type[Any], Callable[[Any], list[Action]]] = {
             Started: self._on_started,
             Committed: self._on_committed,
@@ -475,9 +481,11 @@ class ReplicationMachine:
         self._backoff = _PUBLISH_BACKOFF[0]
         self.queued_ops -= action.ops
         self.published_upto = max(self.published_upto, upto)
+        self._idle_announce_at = ev.now + self.config.idle_announce
         out: list[Action] = [
             SaveProgress(self.sequence, self.published_upto),
             Report("published", (action.ops, ev.nbytes, ev.now - since)),
+            ScheduleTimer(TIMER_IDLE_ANNOUNCE, self._idle_announce_at),
         ]
         return out + self._maybe_publish(ev.now)
 
@@ -641,7 +649,13 @@ class ReplicationMachine:
             return []
         mine = self.tree.state.context
         out: list[Action] = []
-        if lacks(mine, ev.context):
+        window = self._windows.get(ev.peer)
+        if ev.sequence > (window.top if window is not None else 0):
+            # The announcer published batches not applied here (its last one lost, maybe a
+            # removal, which no context shows): its full state is owed.
+            self._owed.setdefault(ev.peer, 0)
+            out += self._want_catchup(ev.now, ev.peer, full=True)
+        elif lacks(mine, ev.context):
             out += self._want_catchup(ev.now, ev.peer, full=False)
         if lacks(ev.context, mine):
             # The announcer lacks what this replica has (e.g. batches published while it
@@ -688,6 +702,11 @@ class ReplicationMachine:
             if self._announce_timer is None or ev.now < self._announce_timer:
                 return []
             self._announce_timer = None
+            return self._announce_soon(ev.now)
+        if ev.name == TIMER_IDLE_ANNOUNCE:
+            if self._idle_announce_at is None or ev.now < self._idle_announce_at:
+                return []  # a later publish re-armed it
+            self._idle_announce_at = None
             return self._announce_soon(ev.now)
         if ev.name == TIMER_CATCHUP:
             if self._catchup_timer is None or ev.now < self._catchup_timer:

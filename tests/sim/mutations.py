@@ -6,7 +6,8 @@ Each mutation is a context manager patching the fixed code back to its old behav
   ``ONE_ENTRY_PER_WRITER = False``) and deltas join without the causal gate (a delta whose
   context claims dots the receiver lacks is applied at once, as before the gate);
 - ``catchup``: a catch-up that finds no peer is not retried, and a catch-up wanted while one
-  runs is dropped instead of coalesced;
+  runs is dropped instead of coalesced (and, as in the replica before the fix, no idle
+  announce reveals a lost last batch: it would mask the rest);
 - ``heal``: Merkle digests read an entry as the replica's own release holds it
   (``broker.repair.DIGEST_AS_NEWEST = False``: a v1 node's opaque flag digests differently
   from a v3 node's flag), so a mixed cluster's heal never converges.
@@ -62,12 +63,21 @@ def _drop_while_running(
     return _WANT(self, now, peer, **kw)
 
 
+_TIMER = machine.ReplicationMachine._on_timer
+
+
+def _no_idle_announce(self: machine.ReplicationMachine, ev: Any) -> list[Any]:
+    if ev.name == machine.TIMER_IDLE_ANNOUNCE:
+        return []  # the old replica had no idle announce either
+    return _TIMER(self, ev)
+
+
 @contextlib.contextmanager
 def _catchup() -> Iterator[None]:
     cls = machine.ReplicationMachine
     with _patch(cls, "_on_catchup_failed", _no_retry), _patch(
         cls, "_want_catchup", _drop_while_running
-    ):
+    ), _patch(cls, "_on_timer", _no_idle_announce):
         # The handler table holds bound methods taken at construction: machines built
         # inside the block pick the patched ones.
         yield

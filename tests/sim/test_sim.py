@@ -19,12 +19,10 @@ from tests.sim.world import SimStore, make_schedule, run
 ROOT = Path(__file__).resolve().parents[2]
 BUDGET_SEEDS = 300
 BUDGET_STEPS = 40
-KNOWN_FINDINGS = frozenset({"contexts, contents differ", "differ without the healer"})
-"""Failure classes of the open findings (tests/sim/results/findings.md): F7, a remove lost
-by a node that was down is left to the healer (equal causal contexts, different contents);
-F8, a few seeds in a thousand where catch-up alone leaves a replica short after the faults
-stop. Both are healed (the model, codec, reload, tree, heal-convergence, bounds and escaped-
-exception checks still fail this test). Empty this set once F7 and F8 are fixed."""
+KNOWN_FINDINGS: frozenset[str] = frozenset()
+"""Failure classes of open findings (tests/sim/results/findings.md) this test tolerates:
+none. F7/F8 (a lost last batch, a removal, left to the healer) were fixed by the writer's
+idle announce carrying its publish sequence."""
 MUTATION_SEEDS = 250
 
 

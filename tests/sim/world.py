@@ -674,7 +674,9 @@ class World:
             return
         if env.writer == node.name or not isinstance(env.document, ORMap):
             return
-        self.handle(r, AnnounceReceived(self._secs(), env.writer, env.document.context))
+        self.handle(
+            r, AnnounceReceived(self._secs(), env.writer, env.document.context, env.sequence)
+        )
 
     def _ev_timer(self, name: str, inc: int, subject: str, timer: str, at: float) -> None:
         node = self.by_name[name]

@@ -535,3 +535,28 @@ def test_machines_converge_on_the_writers_values_under_loss_duplication_and_reor
         assert again.digest() == node.machine.state.digest()
         assert again.value() == node.machine.state.value()
 
+
+
+def test_a_lost_last_batch_is_revealed_by_the_writers_idle_announce() -> None:
+    """Simulator findings F7/F8: a writer's last batch (a removal: no dot) is lost and no
+    later batch reveals a gap. The writer announces once after it goes idle; the announce
+    carries its publish sequence, so the peer owes itself the writer's full state."""
+    from broker.replication._machine import TIMER_IDLE_ANNOUNCE
+
+    a, b = _machine("a", idle_announce=1.0, catchup_min_interval=0.0), _machine("b")
+    _deliver(b, "a", _batch(a, Create("k"), Add("k", ("s",), 1)))
+    p = _batch(a, lambda t, r, ts: t.discard(r, "k", ("s",), 1), now=2.0)  # lost
+    assert p.sequence == a.sequence == 2
+    assert Announce() in a.handle(TimerFired(3.0, TIMER_IDLE_ANNOUNCE))
+    # b hears the announce: sequence 2 was never applied here -> a full catch-up from a.
+    out = b.handle(AnnounceReceived(3.0, "a", a.state.context.copy(), a.sequence))
+    (req,) = [x for x in out if isinstance(x, RequestCatchup)]
+    assert req.full
+    assert req.peer == "a"
+    (send,) = a.handle(SyncRequested(3.0, b.state.context.copy(), "b", full=True))
+    assert isinstance(send, SendState)
+    b.handle(CatchupReplied(3.0, "a", a.sequence, roundtrip(send.document)))
+    assert b.tree.fields("k") == a.tree.fields("k") == {}
+    # Once caught up, the same announce asks for nothing.
+    out = b.handle(AnnounceReceived(9.0, "a", a.state.context.copy(), a.sequence))
+    assert not [x for x in out if isinstance(x, RequestCatchup)]
