@@ -481,12 +481,14 @@ class ReplicationMachine:
         self._backoff = _PUBLISH_BACKOFF[0]
         self.queued_ops -= action.ops
         self.published_upto = max(self.published_upto, upto)
-        self._idle_announce_at = ev.now + self.config.idle_announce
         out: list[Action] = [
             SaveProgress(self.sequence, self.published_upto),
             Report("published", (action.ops, ev.nbytes, ev.now - since)),
-            ScheduleTimer(TIMER_IDLE_ANNOUNCE, self._idle_announce_at),
         ]
+        armed = self._idle_announce_at is not None
+        self._idle_announce_at = ev.now + self.config.idle_announce
+        if not armed:  # else the armed timer, firing early, re-arms itself (one per burst)
+            out.append(ScheduleTimer(TIMER_IDLE_ANNOUNCE, self._idle_announce_at))
         return out + self._maybe_publish(ev.now)
 
     def _on_publish_failed(self, ev: PublishFailed) -> list[Action]:
@@ -704,8 +706,10 @@ class ReplicationMachine:
             self._announce_timer = None
             return self._announce_soon(ev.now)
         if ev.name == TIMER_IDLE_ANNOUNCE:
-            if self._idle_announce_at is None or ev.now < self._idle_announce_at:
-                return []  # a later publish re-armed it
+            if self._idle_announce_at is None:
+                return []
+            if ev.now < self._idle_announce_at:  # published since it was armed: not idle yet
+                return [ScheduleTimer(TIMER_IDLE_ANNOUNCE, self._idle_announce_at)]
             self._idle_announce_at = None
             return self._announce_soon(ev.now)
         if ev.name == TIMER_CATCHUP:

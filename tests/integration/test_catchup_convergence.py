@@ -16,38 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.codec import TrustRoster
 from broker.errors import NoRespondersError
 from broker.replica import Replica
 from broker.transport import EmbeddedNatsServer, Msg, NatsSubscription, NatsTransport
-from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
+from services.worknode import WorknodeService
+from tests.integration._nodes import SUBJECT, node_settings, roster_of
 
-SUBJECT = "orders"
 _WRITER = "Worknode-Writer"
 
 
-def _settings(tmp: Path, url: str, name: str, **kw: Any) -> WorknodeSettings:
-    base: dict[str, Any] = {
-        "node_id": name,
-        "subjects": [SUBJECT],
-        "nats_urls": [url],
-        "state_dir": tmp / name,
-        "metrics_port": None,
-        "store_sync": "normal",
-        "flush_interval_ms": 2,
-    }
-    base.update(kw)
-    return WorknodeSettings(**base)
-
-
-def _roster(settings: Sequence[WorknodeSettings]) -> TrustRoster:
-    return TrustRoster(
-        {s.node_id: load_or_create_signer(s.node_id, s.key_path()).public_key for s in settings}
-    )
 
 
 class DroppingTransport(NatsTransport):
@@ -104,8 +84,8 @@ async def test_one_lost_batch_counter_never_shows_a_value_its_writer_did_not_hav
     tmp_path: Path, nats_server: EmbeddedNatsServer
 ) -> None:
     url = nats_server.url
-    settings = [_settings(tmp_path, url, n) for n in ("a", "b")]
-    roster = _roster(settings)
+    settings = [node_settings(tmp_path, url, n) for n in ("a", "b")]
+    roster = roster_of(settings)
     lossy = DroppingTransport([url], writer="a", nth=3, name="b", reconnect_time_wait=0.05)
     a = WorknodeService(settings[0], roster=roster)
     b = WorknodeService(settings[1], roster=roster, transport=lossy)
@@ -152,8 +132,8 @@ async def test_server_killed_under_write_load_every_node_gets_every_acknowledged
     """No healer: publish retries, catch-up retried until a peer answers and wants coalesced
     must carry every acknowledged write to every node across a crashed nats-server."""
     names = ("a", "b", "c")
-    settings = [_settings(tmp_path, nats_server.url, n) for n in names]
-    roster = _roster(settings)
+    settings = [node_settings(tmp_path, nats_server.url, n) for n in names]
+    roster = roster_of(settings)
     services = [WorknodeService(s, roster=roster) for s in settings]
     acked: dict[str, list[int]] = {n: [] for n in names}
     try:
@@ -217,8 +197,8 @@ async def test_a_lost_batch_is_recovered_although_the_first_catchups_find_no_pee
     catch-ups fail (no peer answers). Nothing else will trigger one (no further writes, no
     reconnect, no healer): only retrying with backoff recovers the lost batch."""
     url = nats_server.url
-    settings = [_settings(tmp_path, url, n) for n in ("a", "b")]
-    roster = _roster(settings)
+    settings = [node_settings(tmp_path, url, n) for n in ("a", "b")]
+    roster = roster_of(settings)
     lossy = DroppingTransport([url], writer="a", nth=3, name="b", reconnect_time_wait=0.05)
     a = WorknodeService(settings[0], roster=roster)
     b = WorknodeService(settings[1], roster=roster, transport=lossy)

@@ -31,38 +31,20 @@ from broker.errors import (
 )
 from broker.replica import Consistency, Replica
 from broker.transport import EmbeddedNatsServer, delta_subject
-from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
+from services.worknode import WorknodeService
+from tests.integration._nodes import SUBJECT, node_settings, roster_of
 
 REPO = Path(__file__).resolve().parents[2]
-SUBJECT = "orders"
 
 
-def _settings(tmp: Path, url: str, name: str, **kw: Any) -> WorknodeSettings:
-    base: dict[str, Any] = {
-        "node_id": name,
-        "subjects": [SUBJECT],
-        "nats_urls": [url],
-        "state_dir": tmp / name,
-        "metrics_port": None,
-        "store_sync": "normal",
-        "flush_interval_ms": 2,
-    }
-    base.update(kw)
-    return WorknodeSettings(**base)
-
-
-def _roster(settings: Sequence[WorknodeSettings]) -> TrustRoster:
-    return TrustRoster(
-        {s.node_id: load_or_create_signer(s.node_id, s.key_path()).public_key for s in settings}
-    )
 
 
 @asynccontextmanager
 async def _nodes(
     tmp: Path, url: str, names: Sequence[str], roster: TrustRoster | None = None, **kw: Any
 ) -> AsyncIterator[list[WorknodeService]]:
-    settings = [_settings(tmp, url, n, **kw) for n in names]
-    roster = roster or _roster(settings)
+    settings = [node_settings(tmp, url, n, **kw) for n in names]
+    roster = roster or roster_of(settings)
     services = [WorknodeService(s, roster=roster) for s in settings]
     try:
         for svc in services:
@@ -227,9 +209,9 @@ async def test_kill_9_loses_no_acknowledged_write(
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
-    victim = _settings(tmp_path, nats_server.url, "victim", state_dir=state)
-    peer = _settings(tmp_path, nats_server.url, "peer")
-    roster = _roster([victim, peer])
+    victim = node_settings(tmp_path, nats_server.url, "victim", state_dir=state)
+    peer = node_settings(tmp_path, nats_server.url, "peer")
+    roster = roster_of([victim, peer])
     async with _nodes(tmp_path, nats_server.url, ["peer"], roster=roster) as (psvc,):
         svc = WorknodeService(victim, roster=roster)
         async with svc:
@@ -241,8 +223,8 @@ async def test_kill_9_loses_no_acknowledged_write(
 
 
 async def test_late_replica_fast_forwards(tmp_path: Path, nats_server: EmbeddedNatsServer) -> None:
-    settings = [_settings(tmp_path, nats_server.url, n) for n in ("a", "b", "late")]
-    roster = _roster(settings)
+    settings = [node_settings(tmp_path, nats_server.url, n) for n in ("a", "b", "late")]
+    roster = roster_of(settings)
     async with _nodes(tmp_path, nats_server.url, ["a", "b"], roster=roster) as svcs:
         ra, rb = (s.replica(SUBJECT) for s in svcs)
         await ra.create("x")
@@ -276,7 +258,7 @@ async def test_server_restart_reconnects_and_converges(
 
 async def test_bounds_give_specific_errors(tmp_path: Path, nats_server: EmbeddedNatsServer) -> None:
     with pytest.raises(ValidationError, match="subject"):
-        _settings(tmp_path, nats_server.url, "a", subjects=["bad.subject"])
+        node_settings(tmp_path, nats_server.url, "a", subjects=["bad.subject"])
     with pytest.raises(InvalidSubjectError):
         delta_subject("default", "a b")
     async with _nodes(tmp_path, nats_server.url, ["a"], max_pending_ops=5) as (svc,):
@@ -330,10 +312,10 @@ async def test_increment_runs_commit_as_one_and_keep_per_write_semantics(
 async def test_v1_pinned_node_and_current_node_converge_and_lose_nothing(
     tmp_path: Path, nats_server: EmbeddedNatsServer
 ) -> None:
-    old = _settings(tmp_path, nats_server.url, "old", wire_version=1)
-    new = _settings(tmp_path, nats_server.url, "new", wire_version=2, peer_version=1)
-    late = _settings(tmp_path, nats_server.url, "late", wire_version=2)
-    roster = _roster([old, new, late])
+    old = node_settings(tmp_path, nats_server.url, "old", wire_version=1)
+    new = node_settings(tmp_path, nats_server.url, "new", wire_version=2, peer_version=1)
+    late = node_settings(tmp_path, nats_server.url, "late", wire_version=2)
+    roster = roster_of([old, new, late])
     so, sn = WorknodeService(old, roster=roster), WorknodeService(new, roster=roster)
     async with so, sn:
         ro, rn = so.replica(SUBJECT), sn.replica(SUBJECT)
@@ -460,8 +442,8 @@ async def test_restart_keeps_the_hybrid_clock_ahead_of_stored_writes(
     clock now reads earlier: a new write still wins over the old one."""
     from broker.crdt import hlc_physical
 
-    settings = _settings(tmp_path, nats_server.url, "a")
-    roster = _roster([settings])
+    settings = node_settings(tmp_path, nats_server.url, "a")
+    roster = roster_of([settings])
     async with WorknodeService(settings, roster=roster) as svc:
         r = svc.replica(SUBJECT)
         await r.create("x")

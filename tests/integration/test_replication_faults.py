@@ -20,9 +20,9 @@ from typing import Any
 from broker.codec import TrustRoster
 from broker.replica import Replica
 from broker.transport import EmbeddedNatsServer, Msg, NatsTransport, delta_subject
-from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
+from services.worknode import WorknodeService
+from tests.integration._nodes import SUBJECT, node_settings, roster_of
 
-SUBJECT = "orders"
 WAIT = 30.0  # seconds a convergence may take on a loaded 2-core machine before failing
 
 
@@ -55,24 +55,10 @@ class DropBatches:
         return await self.inner.subscribe(subject, lossy, **kw)
 
 
-def _settings(tmp: Path, url: str, name: str) -> WorknodeSettings:
-    return WorknodeSettings(
-        node_id=name,
-        subjects=[SUBJECT],
-        nats_urls=[url],
-        state_dir=tmp / name,
-        metrics_port=None,
-        store_sync="normal",
-        flush_interval_ms=2,
-    )
 
 
 def _roster(tmp: Path, url: str, names: Sequence[str]) -> TrustRoster:
-    keys = {}
-    for n in names:
-        s = _settings(tmp, url, n)
-        keys[n] = load_or_create_signer(n, s.key_path()).public_key
-    return TrustRoster(keys)
+    return roster_of([node_settings(tmp, url, n) for n in names])
 
 
 async def _until(check: Any, what: str) -> None:
@@ -100,9 +86,9 @@ async def test_one_lost_batch_counts_right_reloads_and_seeds_a_fresh_node(
     roster = _roster(tmp_path, url, ["a", "b", "c", "d"])
     lossy = DropBatches(NatsTransport([url], name="b"), writer="a", drop={3})
     svcs = {
-        "a": WorknodeService(_settings(tmp_path, url, "a"), roster=roster),
-        "b": WorknodeService(_settings(tmp_path, url, "b"), roster=roster, transport=lossy),  # type: ignore[arg-type]
-        "c": WorknodeService(_settings(tmp_path, url, "c"), roster=roster),
+        "a": WorknodeService(node_settings(tmp_path, url, "a"), roster=roster),
+        "b": WorknodeService(node_settings(tmp_path, url, "b"), roster=roster, transport=lossy),  # type: ignore[arg-type]
+        "c": WorknodeService(node_settings(tmp_path, url, "c"), roster=roster),
     }
     started: list[WorknodeService] = []
     try:
@@ -130,7 +116,7 @@ async def test_one_lost_batch_counts_right_reloads_and_seeds_a_fresh_node(
         await svcs["b"].stop()
         started.remove(svcs["b"])
         await lossy.inner.stop()
-        svcs["b"] = WorknodeService(_settings(tmp_path, url, "b"), roster=roster)
+        svcs["b"] = WorknodeService(node_settings(tmp_path, url, "b"), roster=roster)
         await svcs["b"].start()
         started.append(svcs["b"])
         assert _counter(svcs["b"].replica(SUBJECT)) == acked
@@ -139,7 +125,7 @@ async def test_one_lost_batch_counts_right_reloads_and_seeds_a_fresh_node(
         for n in ("a", "c"):
             await svcs[n].stop()
             started.remove(svcs[n])
-        d = WorknodeService(_settings(tmp_path, url, "d"), roster=roster)
+        d = WorknodeService(node_settings(tmp_path, url, "d"), roster=roster)
         await d.start()
         started.append(d)
         await _until(lambda: _counter(d.replica(SUBJECT)) == acked, "d caught up from b")
@@ -156,7 +142,7 @@ async def test_server_restart_under_load_loses_no_acknowledged_write_without_hea
     async with EmbeddedNatsServer(tmp_path / "nats") as server:
         url = server.url
         roster = _roster(tmp_path, url, names)
-        svcs = [WorknodeService(_settings(tmp_path, url, n), roster=roster) for n in names]
+        svcs = [WorknodeService(node_settings(tmp_path, url, n), roster=roster) for n in names]
         started: list[WorknodeService] = []
         try:
             for svc in svcs:
@@ -234,7 +220,7 @@ async def test_a_stored_state_with_a_bad_key_loads_without_it_and_gets_it_back(
     roster = _roster(tmp_path, nats_server.url, ["a", "b"])
     services = []
     for name, snapshot in (("b", good), ("a", bad)):
-        settings = _settings(tmp_path, nats_server.url, name)
+        settings = node_settings(tmp_path, nats_server.url, name)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         store = DurableStore(settings.state_dir / "worknode.db", synchronous="normal")
         store.open()

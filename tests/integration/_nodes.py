@@ -1,0 +1,34 @@
+"""Worknode settings and rosters shared by the replication tests (one subject, loopback NATS)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from broker.codec import TrustRoster
+from services.worknode import WorknodeSettings, load_or_create_signer
+
+SUBJECT = "orders"
+
+
+def node_settings(tmp: Path, url: str, name: str, **kw: Any) -> WorknodeSettings:
+    """Settings of worknode ``name`` replicating ``SUBJECT``, state under ``tmp / name``."""
+    base: dict[str, Any] = {
+        "node_id": name,
+        "subjects": [SUBJECT],
+        "nats_urls": [url],
+        "state_dir": tmp / name,
+        "metrics_port": None,
+        "store_sync": "normal",
+        "flush_interval_ms": 2,
+    }
+    base.update(kw)
+    return WorknodeSettings(**base)
+
+
+def roster_of(settings: Sequence[WorknodeSettings]) -> TrustRoster:
+    """The roster trusting every node of ``settings`` (their keys are made if missing)."""
+    return TrustRoster(
+        {s.node_id: load_or_create_signer(s.node_id, s.key_path()).public_key for s in settings}
+    )
