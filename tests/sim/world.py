@@ -376,7 +376,11 @@ class World:
     # -- time and events --------------------------------------------------------------------
 
     def _log(self, *parts: Any) -> None:
-        self.trace.update(repr(parts).encode())
+        # Sets print in hash order, which changes with PYTHONHASHSEED: sorted, a trace is
+        # the same in every process.
+        self.trace.update(repr(tuple(
+            sorted(p) if isinstance(p, (set, frozenset)) else p for p in parts
+        )).encode())
 
     def _at(self, t_ms: int, kind: str, args: tuple[Any, ...]) -> None:
         self.qseq += 1
@@ -503,12 +507,17 @@ class World:
         """Execute a machine's actions as the asyncio driver would, synchronously."""
         node, m = r.node, r.machine
         assert m is not None
+        # The machine has joined everything it reports applied before it returns: the ghost
+        # history must say so before any action (a snapshot, a catch-up answer) reads it,
+        # whatever the order of the actions in the list (F10 was this, in the simulator).
+        for a in actions:
+            if isinstance(a, Report) and a.event == "applied" and a.args \
+                    and isinstance(a.args[0], int):
+                r.ghost |= self.batches.get(a.args[0], frozenset())
         for a in actions:
             if isinstance(a, Report):
                 self.stats[f"report.{a.event}"] += 1
-                if a.event == "applied" and a.args and isinstance(a.args[0], int):
-                    r.ghost |= self.batches.get(a.args[0], frozenset())
-                elif a.event == "catchup":
+                if a.event == "catchup":
                     self.stats[f"catchup.{a.args[0]}"] += 1
                 continue
             if isinstance(a, Changed):
