@@ -279,6 +279,8 @@ class _Commit:
     ops: int
     consistency: Consistency
     done: asyncio.Future[None]
+    received: list[bytes]
+    """Received state the write was applied over, logged before it (``Written.received``)."""
 
 
 def _wall_ms() -> int:
@@ -496,13 +498,34 @@ class Replica:
             written = self.machine.write(mutators, self._now_ms)
             self._run(written.actions)
             record = self.codec.encode_document(written.delta)
+            received = [r for r in map(self._received_record, written.received) if r]
+            if any(len(r) > self.store.max_record_bytes for r in received):
+                # A catch-up state too large for one record: a snapshot (the state holds it)
+                # makes it durable instead.
+                try:
+                    await self._snapshot()
+                    received = []
+                except WorknodeError as exc:  # then the commit fails and says why
+                    log.error("snapshot of %s before a write failed: %s",
+                              self.config.subject, exc)
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._commits.append(_Commit(record, written.delta, written.ops, consistency, fut))
+            self._commits.append(
+                _Commit(record, written.delta, written.ops, consistency, fut, received)
+            )
             self._commit_wake.set()
         await fut
         if written.error is not None:
             raise written.error
         return written.delta
+
+    def _received_record(self, raw: bytes) -> bytes:
+        """The document of a received envelope (verified when it arrived), as a store record."""
+        try:
+            return self.codec.open(raw, None, keep_packed=True).packed_document
+        except CodecError as exc:  # it opened when it arrived: only a codec defect gets here
+            log.error("received state of %s not logged with a local write: %s",
+                      self.config.subject, exc)
+            return b""
 
     def _check_writable(self) -> None:
         if not self._running:
@@ -696,7 +719,9 @@ class Replica:
             # context (an announce probe replayed as a reply would claim dots it lacks).
             if document.is_delta and (document.store or document.context.size()):
                 raise MalformedMessageError("a catch-up reply is a full state or empty")
-            event = CatchupReplied(self._now(), env.writer, env.sequence, document)
+            event = CatchupReplied(
+                self._now(), env.writer, env.sequence, document, raw=reply.data
+            )
         except TransportError as exc:
             log.debug("catch-up of %s: %s", self.config.subject, exc)
             event = CatchupFailed(self._now(), "no_peer")
@@ -772,7 +797,7 @@ class Replica:
         self._handle(
             DeltaReceived(
                 self._now(), env.writer, env.sequence, env.document, len(msg.data),
-                (env.version, len(msg.data), lag_ms),
+                (env.version, len(msg.data), lag_ms), raw=msg.data,
             )
         )
 
@@ -791,7 +816,9 @@ class Replica:
         bytes (as received), logged instead of encoding ``delta`` again."""
         async with self._mutate_lock:
             record = packed if packed is not None else self.codec.encode_document(delta)
-            seq = await asyncio.to_thread(self.store.append, self.config.subject, [record])
+            seq = await asyncio.to_thread(
+                self.store.append, self.config.subject, [record], received=[0]
+            )
             self._handle(RepairApplied(self._now(), delta, seq))
 
     # -- internals: commit, publish, persist ---------------------------------------------------
@@ -805,9 +832,19 @@ class Replica:
                 continue
             commits, self._commits = self._commits, []
             t0 = time.perf_counter()
+            # Each write after the received state it was applied over (marked received:
+            # never republished as this node's own), all in one transaction.
+            records: list[bytes] = []
+            received: list[int] = []
+            offsets: list[int] = []
+            for c in commits:
+                received.extend(range(len(records), len(records) + len(c.received)))
+                records.extend(c.received)
+                offsets.append(len(records))
+                records.append(c.record)
             try:
                 seq = await asyncio.to_thread(
-                    self.store.append, self.config.subject, [c.record for c in commits]
+                    self.store.append, self.config.subject, records, received=received
                 )
             except Exception as exc:
                 # No rollback (a rebuild from the store would drop other writers' queued
@@ -824,8 +861,8 @@ class Replica:
             ops = sum(c.ops for c in commits)
             self.observer.committed(self.config.subject, ops, time.perf_counter() - t0)
             now = self._now()
-            first = seq - len(commits) + 1
-            for i, c in enumerate(commits):
+            first = seq - len(records) + 1
+            for i, c in zip(offsets, commits, strict=True):
                 self._handle(
                     Committed(
                         now, c.delta, c.ops, len(c.record), first + i, c.record,
@@ -892,7 +929,10 @@ class Replica:
         # now, so an acknowledged write reaches peers. (LOCAL writes not yet synced when a
         # later EVENTUAL batch went out are not tracked separately; they reach peers by
         # catch-up and healing.)
-        unpublished = [(n, r) for n, r in loaded.records if n > published_upto]
+        unpublished = [
+            (n, r) for n, r in loaded.records
+            if n > published_upto and n not in loaded.received
+        ]
         batch: ORMap | None = None
         if unpublished:
             batch = ORMap(is_delta=True)
@@ -946,10 +986,11 @@ class Replica:
         async with self._snapshot_lock:
             t0 = time.perf_counter()
             upto = self.machine.snapshot_upto()
+            mark = self.machine.received_mark()
             data = self.codec.encode_document(self.machine.state)
             await asyncio.to_thread(self.store.write_snapshot, self.config.subject, data, upto)
             if self._running:
-                self._handle(SnapshotTaken(self._now(), upto))
+                self._handle(SnapshotTaken(self._now(), upto, mark))
             else:
                 self.machine.snapshot_seq = max(self.machine.snapshot_seq, upto)
             self.observer.snapshot(self.config.subject, len(data), time.perf_counter() - t0)

@@ -57,7 +57,7 @@ import os
 import sqlite3
 import threading
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +83,7 @@ BytesLike = bytes | bytearray | memoryview
 Synchronous = Literal["full", "normal"]
 """When a commit reaches the disk: ``full`` before the call returns, ``normal`` at checkpoints."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema version this code writes; :data:`_MIGRATIONS` brings older files up to it."""
 
 APPLICATION_ID = 0x574B4E44  # "WKND" in the SQLite header: refuses other programs' databases
@@ -116,12 +116,15 @@ class Loaded:
     """What :meth:`DurableStore.load` returns for one subject.
 
     ``snapshot`` covers every record up to ``snapshot_seq`` (``None`` and ``0`` if the subject
-    was never compacted); ``records`` are the ``(seq, bytes)`` written after it, in order.
+    was never compacted); ``records`` are the ``(seq, bytes)`` written after it, in order;
+    ``received``: the sequence numbers among them appended as received (``append(...,
+    received=...)``), i.e. not this node's own writes.
     """
 
     snapshot: bytes | None
     snapshot_seq: int
     records: list[tuple[int, bytes]]
+    received: frozenset[int] = frozenset()
 
     @property
     def last_seq(self) -> int:
@@ -165,7 +168,17 @@ def _schema_v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _schema_v1}
+def _schema_v2(conn: sqlite3.Connection) -> None:
+    # Records that hold what this node received (peers' state logged with a local write
+    # that depends on it, healer repairs) rather than its own writes: a replica republishes
+    # only its own unpublished records after a crash.
+    conn.execute(
+        "ALTER TABLE records ADD COLUMN received INTEGER NOT NULL DEFAULT 0"
+        " CHECK (received IN (0, 1))"
+    )
+
+
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _schema_v1, 2: _schema_v2}
 """Migration hook: entry ``n`` turns a version ``n - 1`` file (0: empty) into version ``n``.
 
 All pending steps run in one transaction with the version bump, so a crash mid-migration
@@ -311,8 +324,13 @@ class DurableStore:
 
     # -- records and snapshots ----------------------------------------------------------------
 
-    def append(self, subject: str, records: Sequence[BytesLike]) -> int:
+    def append(
+        self, subject: str, records: Sequence[BytesLike], *, received: Collection[int] = ()
+    ) -> int:
         """Durably append ``records`` to ``subject``'s log in one transaction.
+
+        ``received``: indexes into ``records`` of those that hold state this node received
+        rather than wrote (``load`` reports their sequence numbers in ``Loaded.received``).
 
         Returns the sequence number of the last record (the subject's current last sequence
         if ``records`` is empty; nothing is written then). When it returns, every record is
@@ -326,6 +344,11 @@ class DurableStore:
         """
         _check_subject(subject)
         sizes = [_byte_size(r, "record") for r in records]
+        marked = frozenset(received)
+        if any(type(i) is not int or not 0 <= i < len(records) for i in marked):
+            raise InvalidArgumentError(
+                f"received must index the {len(records)} records, not {sorted(marked)!r}"
+            )
         for i, size in enumerate(sizes):
             if size > self._max_record_bytes:
                 raise PayloadTooLargeError(
@@ -337,8 +360,12 @@ class DurableStore:
             if not records:
                 return last
             conn.executemany(
-                "INSERT INTO records (subject_id, seq, crc, data) VALUES (?, ?, ?, ?)",
-                ((sid, last + i, zlib.crc32(r), r) for i, r in enumerate(records, 1)),
+                "INSERT INTO records (subject_id, seq, crc, data, received)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    (sid, last + i, zlib.crc32(r), r, int(i - 1 in marked))
+                    for i, r in enumerate(records, 1)
+                ),
             )
             last += len(records)
             conn.execute("UPDATE subjects SET last_seq = ? WHERE id = ?", (last, sid))
@@ -370,11 +397,15 @@ class DurableStore:
                     )
                 snapshot = snap[1]
             records: list[tuple[int, bytes]] = []
+            received: set[int] = set()
             expected = snapshot_seq + 1
-            for seq, crc, data in conn.execute(
-                "SELECT seq, crc, data FROM records WHERE subject_id = ? AND seq > ? ORDER BY seq",
+            for seq, crc, data, rec in conn.execute(
+                "SELECT seq, crc, data, received FROM records"
+                " WHERE subject_id = ? AND seq > ? ORDER BY seq",
                 (sid, snapshot_seq),
             ):
+                if rec:
+                    received.add(seq)
                 if seq != expected or zlib.crc32(data) != crc:
                     what = "fails its checksum" if seq == expected else f"follows {expected - 1}"
                     raise StoreError(
@@ -388,7 +419,7 @@ class DurableStore:
                     f"store {self._path}: {subject!r} ends at record {expected - 1}, "
                     f"expected {last_seq}: the file is corrupt"
                 )
-            return Loaded(snapshot, snapshot_seq, records)
+            return Loaded(snapshot, snapshot_seq, records, frozenset(received))
 
     def write_snapshot(self, subject: str, state: BytesLike, upto_seq: int) -> None:
         """Atomically store ``state`` as the snapshot covering records ``<= upto_seq`` and

@@ -122,6 +122,10 @@ class DeltaReceived:
     document: ORMap
     nbytes: int
     report: tuple[Any, ...] = ()
+    raw: bytes = b""
+    """The envelope as received. Once joined it is returned by the next local ``write``
+    (``Written.received``), to be logged before that write: a write's causal past must be as
+    durable as the write (see ``ReplicationMachine.write``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +162,8 @@ class CatchupReplied:
     peer: str
     sequence: int
     document: ORMap
+    raw: bytes = b""
+    """The answer's envelope as received (see ``DeltaReceived.raw``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,10 +211,14 @@ class RepairApplied:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotTaken:
-    """A snapshot holding every store record up to ``upto`` was written."""
+    """A snapshot holding every store record up to ``upto`` was written. ``received_mark``:
+    ``ReplicationMachine.received_mark()`` read when the state was encoded (None: now, for a
+    driver that encodes and reports without anything joined in between); the envelopes
+    joined before it are in the snapshot and need no logging."""
 
     now: float
     upto: int
+    received_mark: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,15 @@ What it decides (``broker/replica.py`` only executes):
   peer lacks dots seen here is answered by an announce (rate-limited), so the peer asks.
 - **Snapshots** every ``snapshot_every`` ops, covering records up to the last one published
   (unpublished records stay in the log to be republished).
+- **A write's causal past is as durable as the write.** Received state lives in memory until a
+  snapshot; local writes are logged at once. A crash between the two used to reload a state
+  holding a later local write without the remote write it followed (a regressed causal past:
+  a counter increment then resurrected increments a delete had removed; simulation finding
+  F9). So every envelope joined since the last snapshot (``DeltaReceived.raw``,
+  ``CatchupReplied.raw``) is kept, and the next ``write`` returns them in
+  ``Written.received``: the driver logs them, marked received, in the same commit as the
+  write and before it. A node that only receives logs nothing; past
+  ``max_unlogged_bytes`` kept, a snapshot is taken instead.
 
 How to drive it: build ``ReplicationMachine(node_id, config, seed=..., loaded=...)``; feed
 every event with ``handle(event)`` (events carry ``now``, monotonic seconds) and execute the
@@ -58,7 +67,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from broker.crdt import CausalContext, HybridClock, Increment, ORMap, Tree, TreeOp, coalesce
@@ -130,6 +139,10 @@ DEFAULT_MAX_HELD_DELTAS: Final = 1_024
 DEFAULT_MAX_HELD_BYTES: Final = 16 * 1024 * 1024
 """Bytes (as received) of held deltas at most; beyond it the oldest is evicted."""
 
+LOG_CAUSAL_PAST = True
+"""Whether ``write`` returns the envelopes joined since the last snapshot to be logged with
+the write. Only the simulation's mutation check turns it off (finding F9 comes back)."""
+
 MAX_OWED_ATTEMPTS: Final = 8
 """Catch-ups answered by peers other than a writer whose state is needed, at most, before
 that writer is given up on (left to the healer)."""
@@ -155,6 +168,10 @@ class ReplicationConfig:
     catchup_max_backoff: float = 10.0
     max_held_deltas: int = DEFAULT_MAX_HELD_DELTAS
     max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
+    max_unlogged_bytes: int = 8 * 1024 * 1024
+    """Bytes of received envelopes joined since the last snapshot and kept to be logged with
+    the next local write, at most; beyond it a snapshot is asked for (it makes them durable),
+    so a node that receives much and writes little holds bounded memory."""
     idle_announce: float = 1.0
     """Seconds after its last publish at which a replica announces its context and publish
     sequence once: a peer that lost that last batch (a removal issues no dot, and no later
@@ -231,6 +248,9 @@ class Written:
     ops: int
     error: BaseException | None
     actions: list[Action]
+    received: list[bytes] = field(default_factory=list)
+    """Envelopes joined here since the last snapshot, in join order: log them (marked
+    received, never republished) in the same commit as ``delta`` and before it."""
 
 
 @dataclass(slots=True)
@@ -240,6 +260,7 @@ class _Held:
     document: ORMap
     nbytes: int
     report: tuple[Any, ...]
+    raw: bytes = b""
 
 
 def lacks(mine: CausalContext, theirs: CausalContext) -> bool:
@@ -317,6 +338,12 @@ class ReplicationMachine:
         self._announce_not_before = float("-inf")
         self._announce_timer: float | None = None
         self._idle_announce_at: float | None = None
+        # Envelopes joined since the last snapshot, not yet handed to a write to be logged:
+        # entry i has absolute index _received_base + i (``received_mark``).
+        self._received: list[bytes] = []
+        self._received_base = 0
+        self._received_bytes = 0
+        self._received_snapshot_asked = False
         self._handlers: dict[type[Any], Callable[[Any], list[Action]]] = {
             Started: self._on_started,
             Committed: self._on_committed,
@@ -359,6 +386,16 @@ class ReplicationMachine:
     def catching_up(self) -> bool:
         """A catch-up is running or wanted."""
         return self._catchup_running or self._catchup_wanted
+
+    def received_mark(self) -> int:
+        """A mark of the envelopes joined so far; read it when encoding a snapshot and give it
+        back in ``SnapshotTaken`` (the ones before it need no logging any more)."""
+        return self._received_base + len(self._received)
+
+    @property
+    def unlogged_bytes(self) -> int:
+        """Bytes of received envelopes joined since the last snapshot and not yet logged."""
+        return self._received_bytes
 
     def snapshot_upto(self) -> int:
         """The store records a snapshot taken now may replace: every one the state holds
@@ -427,7 +464,12 @@ class ReplicationMachine:
             raise error
         self.queued_ops += done
         keys = tuple(batch.store.keys()) if batch.store else ()
-        return Written(batch, done, error, [Changed(keys)])
+        received: list[bytes] = []
+        if self._received and LOG_CAUSAL_PAST:
+            received, self._received = self._received, []
+            self._received_base += len(received)
+            self._received_bytes = 0
+        return Written(batch, done, error, [Changed(keys)], received)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -523,6 +565,7 @@ class ReplicationMachine:
         w = ev.writer
         if not ev.document.is_delta:  # a full state is self-consistent: no gate, no sequence
             self._merge_remote(ev.document, whole=True)
+            out += self._keep_received(ev.raw)
             out += [Changed(None), Report("applied", ev.report)]
             out += self._count_ops(max(1, len(ev.document)))
             return out + (self._drain() if self._held else [])
@@ -538,7 +581,7 @@ class ReplicationMachine:
             out += self._want_catchup(ev.now, w)
         if ev.sequence > last:
             self._last_seq[w] = ev.sequence
-        item = _Held(w, ev.sequence, ev.document, ev.nbytes, ev.report)
+        item = _Held(w, ev.sequence, ev.document, ev.nbytes, ev.report, ev.raw)
         if self._admits(item):
             out += self._join_remote(item)
             if self._held:
@@ -575,6 +618,7 @@ class ReplicationMachine:
         doc = ev.document
         if not doc.is_delta or doc.store or doc.context.size():
             self._merge_remote(doc, whole=not doc.is_delta)
+            out += self._keep_received(ev.raw)
             out.append(Changed(None if not doc.is_delta else tuple(doc.store.keys())))
             out += self._count_ops(max(1, len(doc)))
         if not doc.is_delta:
@@ -687,6 +731,26 @@ class ReplicationMachine:
 
     def _on_snapshot_taken(self, ev: SnapshotTaken) -> list[Action]:
         self.snapshot_seq = max(self.snapshot_seq, ev.upto)
+        mark = self.received_mark() if ev.received_mark is None else ev.received_mark
+        covered = max(0, min(len(self._received), mark - self._received_base))
+        if covered:
+            self._received_bytes -= sum(len(r) for r in self._received[:covered])
+            del self._received[:covered]
+            self._received_base += covered
+        self._received_snapshot_asked = False
+        return []
+
+    def _keep_received(self, raw: bytes) -> list[Action]:
+        """Keep a joined envelope until a local write logs it or a snapshot covers it."""
+        if not raw:
+            return []
+        self._received.append(raw)
+        self._received_bytes += len(raw)
+        if self._received_bytes > self.config.max_unlogged_bytes \
+                and not self._received_snapshot_asked:
+            self._received_snapshot_asked = True
+            self._ops_since_snapshot = 0
+            return [Snapshot()]
         return []
 
     def _on_timer(self, ev: TimerFired) -> list[Action]:
@@ -824,6 +888,7 @@ class ReplicationMachine:
         self._merge_remote(doc, whole=False)
         self._windows.setdefault(item.writer, SequenceWindow()).add(item.sequence)
         out: list[Action] = [
+            *self._keep_received(item.raw),
             Changed(tuple(doc.store.keys()) if doc.store else ()),
             Report("applied", item.report),
         ]

@@ -7,11 +7,15 @@
 - The nats-server killed and restarted on the same port under write load, with no healer:
   every node ends holding every acknowledged write of every writer (catch-up retried until a
   peer answers, wants coalesced, never dropped).
+- A crash right after a local write applied over received state (simulation finding F9):
+  the node reloads that state with the write, not the write alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -239,4 +243,76 @@ async def test_a_stored_state_with_a_bad_key_loads_without_it_and_gets_it_back(
         await a.set("ok", ("x",), 1)  # the node works
     finally:
         for svc in services:
+            await svc.stop()
+
+
+def _crash_image(db: Path, image: Path) -> None:
+    """What a crash of the node would leave on disk now: its committed transactions
+    (SQLite's online backup reads exactly those)."""
+    src, dst = sqlite3.connect(db), sqlite3.connect(image)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+def _restore(image: Path, db: Path) -> None:
+    """Put the crash image in place of the node's file (and drop its write-ahead log)."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    shutil.copy(image, db)
+
+
+async def test_a_crash_keeps_the_received_state_a_logged_write_was_applied_over(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """Simulation finding F9 over real NATS and SQLite. Node a counts 3, b removes the
+    field, a applies the removal (in memory) and then logs a write of its own. A crash now
+    must not bring back a's counter entry without the removal: a's next increment would
+    build on it (3 - 1 = 2, on every node for good) where the acknowledged writes say -1.
+    Received state is logged with the local write that follows it, so a reloads without it."""
+    url = nats_server.url
+    roster = _roster(tmp_path, url, ["a", "b"])
+    sa, sb = node_settings(tmp_path, url, "a"), node_settings(tmp_path, url, "b")
+    svcs = {"a": WorknodeService(sa, roster=roster), "b": WorknodeService(sb, roster=roster)}
+    running: list[WorknodeService] = []
+    try:
+        for svc in svcs.values():
+            await svc.start()
+            running.append(svc)
+        a, b = svcs["a"].replica(SUBJECT), svcs["b"].replica(SUBJECT)
+        await a.create("c")
+        for _ in range(3):
+            await a.increment("c", ("n",), 1)
+        await a.flush()
+        await _until(lambda: _counter(b) == 3, "b counts 3")
+        await b.write(lambda t, rid, ts: t.remove_field("c", ("n",)))
+        await b.flush()
+        await _until(lambda: _counter(a) is None and "c" in a.state.value(),
+                     "a applied b's removal")
+        await a.set("c", ("x",), 1)  # logged on a, applied over the removal
+        db = sa.state_dir / "worknode.db"
+        _crash_image(db, tmp_path / "crash.db")
+        for svc in list(running):
+            await svc.stop()
+            running.remove(svc)
+        _restore(tmp_path / "crash.db", db)
+
+        svcs["a"] = WorknodeService(sa, roster=roster)  # b is down: a reloads alone
+        await svcs["a"].start()
+        running.append(svcs["a"])
+        a = svcs["a"].replica(SUBJECT)
+        assert _counter(a) is None, "the crash brought back a counter entry b had removed"
+        assert _counter(a, field="x") == 1
+        await a.increment("c", ("n",), -1)
+        await a.flush()
+        svcs["b"] = WorknodeService(sb, roster=roster)
+        await svcs["b"].start()
+        running.append(svcs["b"])
+        b = svcs["b"].replica(SUBJECT)
+        await _until(lambda: _counter(a) == _counter(b) == -1 and a.digest() == b.digest(),
+                     "both nodes count -1 (the acknowledged writes), equal digests")
+    finally:
+        for svc in running:
             await svc.stop()

@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.replay_file is not None:
         saved = json.loads(a.replay_file.read_text())
-        return replay(saved["seed"], len(saved["steps"]), saved.get("mutation"), a.verbose,
-                      (saved["setup"], saved["steps"]))
+        return replay(saved["seed"], len(saved["steps"]), a.mutation or saved.get("mutation"),
+                      a.verbose, (saved["setup"], saved["steps"]))
     if a.replay is not None:
         return replay(a.replay, a.steps, a.mutation, a.verbose)
     if a.seeds <= 0:

@@ -8,6 +8,8 @@ Each mutation is a context manager patching the fixed code back to its old behav
 - ``catchup``: a catch-up that finds no peer is not retried, and a catch-up wanted while one
   runs is dropped instead of coalesced (and, as in the replica before the fix, no idle
   announce reveals a lost last batch: it would mask the rest);
+- ``durable``: a local write is logged without the received state it was applied over
+  (``LOG_CAUSAL_PAST = False``): a crash regresses the causal past (finding F9);
 - ``heal``: Merkle digests read an entry as the replica's own release holds it
   (``broker.repair.DIGEST_AS_NEWEST = False``: a v1 node's opaque flag digests differently
   from a v3 node's flag), so a mixed cluster's heal never converges.
@@ -89,10 +91,17 @@ def _heal() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _durable() -> Iterator[None]:
+    with _patch(machine, "LOG_CAUSAL_PAST", False):
+        yield
+
+
 MUTATIONS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "counter": _counter,
     "catchup": _catchup,
     "heal": _heal,
+    "durable": _durable,
 }
 
 

@@ -223,10 +223,14 @@ class SimStore:
     snapshot: tuple[bytes, int, frozenset[int]] | None = None
     progress: tuple[int, int] = (0, 0)
     last_seq: int = 0
+    received: set[int] = field(default_factory=set)
+    """Sequence numbers of records holding received state (never republished)."""
 
-    def append(self, data: bytes, ghost: frozenset[int]) -> int:
+    def append(self, data: bytes, ghost: frozenset[int], *, received: bool = False) -> int:
         self.last_seq += 1
         self.records.append((self.last_seq, data, ghost))
+        if received:
+            self.received.add(self.last_seq)
         return self.last_seq
 
     def write_snapshot(self, data: bytes, upto: int, ghost: frozenset[int]) -> None:
@@ -344,6 +348,8 @@ class World:
         self.stats: Counter[str] = Counter()
         self.writes: dict[str, list[Write]] = {s: [] for s in SUBJECTS[: setup["subjects"]]}
         self.batches: dict[int, frozenset[int]] = {}
+        # Envelope bytes a replica received -> the writes they carry (logged with a write).
+        self.raw_ghost: dict[bytes, frozenset[int]] = {}
         self.next_wid = 1
         self.next_batch = 1
         self.next_req = 1
@@ -462,7 +468,9 @@ class World:
                 raise Failure(f"{r.node.name}/{r.subject}: record does not reload: {exc}") from exc
             ghost |= g
         sequence, upto = store.progress
-        unpublished = [(n, d, g) for n, d, g in store.records if n > upto]
+        unpublished = [
+            (n, d, g) for n, d, g in store.records if n > upto and n not in store.received
+        ]
         batch: ORMap | None = None
         r.unpublished = set()
         if unpublished:
@@ -592,8 +600,9 @@ class World:
             self.stats[f"rejected.{type(exc).__name__}"] += 1
             return
         self.stats["delivered"] += 1
+        self.raw_ghost[data] = self.batches.get(bid, frozenset())
         self.handle(r, DeltaReceived(self._secs(), env.writer, env.sequence, env.document,
-                                     len(data), (bid,)))
+                                     len(data), (bid,), raw=data))
 
     def _request_catchup(self, r: Replica, a: RequestCatchup) -> None:
         node = r.node
@@ -663,7 +672,8 @@ class World:
                 doc.is_delta and (doc.store or doc.context.size())
             ):
                 raise Failure(f"{src} answered a catch-up with a bare context")
-            event = CatchupReplied(self._secs(), env.writer, env.sequence, doc)
+            event = CatchupReplied(self._secs(), env.writer, env.sequence, doc, raw=data)
+            self.raw_ghost[data] = self.batches[bid]
         except CodecError as exc:
             self.stats[f"rejected.{type(exc).__name__}"] += 1
             event = CatchupFailed(self._secs(), "rejected")
@@ -831,6 +841,10 @@ class World:
             self.stats[f"write_refused.{type(exc).__name__}"] += 1
             return
         record = node.codec.encode_document(written.delta)
+        # The received state the write was applied over is logged first (finding F9).
+        for raw in written.received:
+            packed = node.codec.open(raw, None, keep_packed=True).packed_document
+            r.store.append(packed, self.raw_ghost[raw], received=True)
         wid = self.next_wid
         self.next_wid += 1
         seq = r.store.append(record, frozenset({wid}))
@@ -1052,7 +1066,7 @@ class World:
                                       sequence=0, document=delta)
         env = node.codec.open(data, self.roster, subject=f"apply.{r.subject}", keep_packed=True)
         assert isinstance(env.document, ORMap)
-        seq = r.store.append(env.packed_document, frozenset())
+        seq = r.store.append(env.packed_document, frozenset(), received=True)
         self.handle(r, RepairApplied(self._secs(), env.document, seq))
         return len(data)
 

@@ -560,3 +560,66 @@ def test_a_lost_last_batch_is_revealed_by_the_writers_idle_announce() -> None:
     # Once caught up, the same announce asks for nothing.
     out = b.handle(AnnounceReceived(9.0, "a", a.state.context.copy(), a.sequence))
     assert not [x for x in out if isinstance(x, RequestCatchup)]
+
+
+# -- a write's causal past is logged with it (simulation finding F9) -------------------------
+
+
+def _raw_deliver(m: ReplicationMachine, writer: str, p: Publish, raw: bytes) -> list[Action]:
+    return m.handle(DeltaReceived(0.0, writer, p.sequence, roundtrip(p.document), 10, raw=raw))
+
+
+def test_a_write_returns_the_received_state_it_was_applied_over_once() -> None:
+    a, b = _machine("a"), _machine("b")
+    _batch(b, Create("k"))
+    p1 = _batch(a, Create("x"))
+    p2 = _batch(a, Create("y"))
+    _raw_deliver(b, "a", p1, b"env1")
+    _raw_deliver(b, "a", p2, b"env2")
+    assert b.unlogged_bytes == 8
+    w = b.write([Assign("k", ("f",), 1)], lambda: 2_000)
+    assert w.received == [b"env1", b"env2"]  # in join order, to log before the write
+    assert b.unlogged_bytes == 0
+    assert b.write([Assign("k", ("f",), 2)], lambda: 2_000).received == []
+
+
+def test_a_held_delta_is_kept_only_once_joined() -> None:
+    a, b = _machine("a"), _machine("b")
+    p1 = _batch(a, Create("k"), Increment("k", ("v",), 1))
+    p2 = _batch(a, Increment("k", ("v",), 1))
+    p3 = _batch(a, Increment("k", ("v",), 1))
+    _raw_deliver(b, "a", p1, b"e1")
+    _raw_deliver(b, "a", p3, b"e3")  # held: not joined, nothing to log yet
+    assert b.write([Create("z")], lambda: 2_000).received == [b"e1"]
+    _raw_deliver(b, "a", p2, b"e2")  # drains e3 after it
+    assert b.write([Create("w")], lambda: 2_000).received == [b"e2", b"e3"]
+
+
+def test_a_catchup_state_is_kept_and_an_empty_answer_is_not() -> None:
+    a, b = _machine("a"), _machine("b")
+    _batch(a, Create("k"))
+    b.handle(CatchupWanted(0.0, urgent=True))
+    b.handle(CatchupReplied(0.0, "a", a.sequence, roundtrip(a.state.copy()), raw=b"state"))
+    b.handle(CatchupWanted(5.0, urgent=True))
+    b.handle(CatchupReplied(5.0, "a", a.sequence, ORMap(is_delta=True), raw=b"empty"))
+    assert b.write([Create("z")], lambda: 2_000).received == [b"state"]
+
+
+def test_a_snapshot_covers_what_was_joined_before_its_mark_only() -> None:
+    a, b = _machine("a"), _machine("b")
+    p1, p2 = _batch(a, Create("x")), _batch(a, Create("y"))
+    _raw_deliver(b, "a", p1, b"e1")
+    mark = b.received_mark()  # the driver encodes the snapshot here ...
+    _raw_deliver(b, "a", p2, b"e2")  # ... and a delta joins while it is written
+    b.handle(SnapshotTaken(0.0, 0, mark))
+    assert b.write([Create("z")], lambda: 2_000).received == [b"e2"]
+
+
+def test_too_much_unlogged_state_asks_for_a_snapshot_once() -> None:
+    a, b = _machine("a"), _machine("b", max_unlogged_bytes=10)
+    p1, p2, p3 = _batch(a, Create("x")), _batch(a, Create("y")), _batch(a, Create("z"))
+    assert not any(isinstance(x, Snapshot) for x in _raw_deliver(b, "a", p1, b"123456"))
+    assert any(isinstance(x, Snapshot) for x in _raw_deliver(b, "a", p2, b"123456"))
+    assert not any(isinstance(x, Snapshot) for x in _raw_deliver(b, "a", p3, b"123456"))
+    b.handle(SnapshotTaken(0.0, 0))
+    assert b.unlogged_bytes == 0

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import tempfile
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,45 @@ def test_append_returns_last_seq_and_load_keeps_order(store: DurableStore) -> No
     assert store.load("a") == Loaded(None, 0, [(1, b"1"), (2, b"2"), (3, b"3"), (4, b"4")])
     assert store.load("b").records == [(1, b"x")]
     assert store.load("a").last_seq == store.last_seq("a") == 4
+
+
+def test_received_records_are_marked_and_survive_reopen(path: Path) -> None:
+    with DurableStore(path) as s:
+        s.append("a", [b"own"])
+        assert s.append("a", [b"theirs", b"theirs2", b"mine"], received=[0, 1]) == 4
+        assert s.load("a") == Loaded(
+            None, 0, [(1, b"own"), (2, b"theirs"), (3, b"theirs2"), (4, b"mine")],
+            frozenset({2, 3}),
+        )
+        with pytest.raises(InvalidArgumentError, match="received must index"):
+            s.append("a", [b"x"], received=[1])
+        assert s.last_seq("a") == 4  # the refused call wrote nothing
+    with DurableStore(path) as s:
+        assert s.load("a").received == frozenset({2, 3})
+        s.write_snapshot("a", b"state", 3)  # compaction drops the marks with the records
+        assert s.load("a") == Loaded(b"state", 3, [(4, b"mine")], frozenset())
+
+
+def test_a_version_1_file_is_migrated_with_its_records_own(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as m:
+        m.setattr(store_module, "SCHEMA_VERSION", 1)
+        with DurableStore(path):
+            pass
+    conn = sqlite3.connect(path)  # records as version 1 wrote them (no received column)
+    try:
+        with conn:
+            conn.execute("INSERT INTO subjects (id, name, last_seq) VALUES (1, 'a', 2)")
+            for seq, data in ((1, b"1"), (2, b"2")):
+                conn.execute("INSERT INTO records (subject_id, seq, crc, data) "
+                             "VALUES (1, ?, ?, ?)", (seq, zlib.crc32(data), data))
+    finally:
+        conn.close()
+    with DurableStore(path) as s:
+        assert s.load("a") == Loaded(None, 0, [(1, b"1"), (2, b"2")], frozenset())
+        s.append("a", [b"3"], received=[0])
+        assert s.load("a").received == frozenset({3})
 
 
 def test_unknown_subject_loads_empty(store: DurableStore) -> None:
