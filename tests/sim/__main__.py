@@ -13,6 +13,7 @@ Exit status: 0 when every run passed, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import sys
@@ -96,7 +97,9 @@ def summary_md(c: dict[str, Any]) -> str:
         "",
         f"Command: `python -m tests.sim --seeds {n} --seed {c['first']} --steps {c['steps']} "
         f"--jobs {c['jobs']}" + (f" --mutation {c['mutation']}" if c["mutation"] else "")
-        + " --summary ...`",
+        + " --summary ...`"
+        + (f" (run as {c['chunks']} chunks with `--json`, merged with `--merge`)"
+           if c.get("chunks", 1) > 1 else ""),
         "",
         "| figure | value |",
         "|---|---|",
@@ -168,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", type=int, help="replay one seed (and shrink it if it fails)")
     p.add_argument("--replay-file", type=Path, help="replay a saved (shrunk) schedule")
     p.add_argument("--summary", type=Path, help="write the campaign summary (Markdown) here")
+    p.add_argument("--json", type=Path, help="write the campaign's figures (JSON) here")
+    p.add_argument("--merge", type=Path, nargs="+",
+                   help="merge the --json figures of campaign chunks into one --summary")
     p.add_argument("--jobs", type=int, default=2, help="processes (default 2)")
     p.add_argument("--mutation", choices=sorted(MUTATIONS), help="reintroduce a fixed defect")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -178,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
                       a.verbose, (saved["setup"], saved["steps"]))
     if a.replay is not None:
         return replay(a.replay, a.steps, a.mutation, a.verbose)
+    if a.merge:
+        c = merge([json.loads(f.read_text()) for f in a.merge])
+        print(f"{c['count']} seeds, {c['total_steps']} steps: {len(c['failures'])} failing")
+        if a.summary is not None:
+            a.summary.write_text(summary_md(c))
+        return 1 if c["failures"] else 0
     if a.seeds <= 0:
         p.error("give --seeds N or --replay SEED")
     c = campaign(a.seed, a.seeds, a.steps, a.jobs, a.mutation)
@@ -190,7 +202,35 @@ def main(argv: list[str] | None = None) -> int:
     if a.summary is not None:
         a.summary.parent.mkdir(parents=True, exist_ok=True)
         a.summary.write_text(summary_md(c))
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({k: v for k, v in c.items() if k != "rows"}))
     return 1 if c["failures"] else 0
+
+
+def merge(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One campaign's figures from chunks run one after another (``--json``): seeds must be
+    contiguous and steps equal; wall time adds up."""
+    chunks = sorted(chunks, key=lambda c: c["first"])
+    for a, b in itertools.pairwise(chunks):
+        if a["first"] + a["count"] != b["first"] or a["steps"] != b["steps"]:
+            raise SystemExit("error: chunks are not contiguous runs of one step count")
+    out: dict[str, Any] = {
+        "first": chunks[0]["first"], "count": sum(c["count"] for c in chunks),
+        "steps": chunks[0]["steps"], "jobs": chunks[0]["jobs"], "mutation": None,
+        "elapsed": sum(c["elapsed"] for c in chunks),
+        "total_steps": sum(c["total_steps"] for c in chunks),
+        "total_events": sum(c["total_events"] for c in chunks),
+        "failures": [f for c in chunks for f in c["failures"]],
+        "mixed": sum(c["mixed"] for c in chunks),
+        "chunks": len(chunks),
+    }
+    for key in ("faults", "signatures", "version_sets"):
+        total: Counter[str] = Counter()
+        for c in chunks:
+            total.update(c[key])
+        out[key] = total
+    return out
 
 
 __all__ = ["Result", "World", "campaign", "main", "replay", "replay_command", "summary_md"]
