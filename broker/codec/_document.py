@@ -12,7 +12,10 @@ Invariants:
   have built;
 - a dot-function store of a kind this wire version does not know is decoded as an
   ``OpaqueStore``: its dots join by the usual rule and each payload is kept as the exact
-  Cap'n Proto struct it arrived as, so re-encoding passes it on unchanged.
+  Cap'n Proto struct it arrived as, so re-encoding passes it on unchanged;
+- a ``Value`` of a union member this wire version does not know (a register's value, a set
+  element) is decoded as an ``OpaqueAtom`` holding the exact struct: it costs nothing else in
+  the batch, joins like any value, and re-encoding passes it on unchanged.
 
 Pure: bytes in, objects out. The caller maps pycapnp's exceptions (see ``_limits``).
 """
@@ -41,7 +44,7 @@ from broker.crdt import (
     validate_key,
     validate_replica_id,
 )
-from broker.crdt._atoms import INT64_MAX, encode_atom
+from broker.crdt._atoms import INT64_MAX, OpaqueAtom, encode_atom
 from broker.crdt._stores import (
     CounterStore,
     FlagStore,
@@ -100,6 +103,15 @@ class _Replicas:
         return i
 
 
+def _put_value(parent: Any, name: str, v: Any, holder: Any) -> None:
+    """Set ``parent``'s Value field ``name`` to atom ``v``. An ``OpaqueAtom`` is copied back
+    from the holder struct it was kept in (a ``SetElement``, copied by field assignment)."""
+    if type(v) is OpaqueAtom:
+        setattr(parent, name, holder.from_bytes_packed(v.raw).value)
+    else:
+        _set_value(parent.init(name), v)
+
+
 def _set_value(b: Any, v: Any) -> None:
     t = type(v)
     if v is None:
@@ -128,7 +140,13 @@ def _parts(entry: Any) -> list[tuple[int, bool, Any]]:
 
 
 def _encode_store(
-    b: Any, kind: int, store: Any, rx: _Replicas, item_struct: Any, kinds: frozenset[int]
+    b: Any,
+    kind: int,
+    store: Any,
+    rx: _Replicas,
+    item_struct: Any,
+    kinds: frozenset[int],
+    holder: Any,
 ) -> None:
     """Fill entry builder ``b`` (key/kind/whole already set) with ``store``'s content."""
     if kind not in kinds and kind != _NO_KIND and not isinstance(store, OpaqueStore):
@@ -149,13 +167,13 @@ def _encode_store(
             e.kind = k
             if whole:
                 e.whole = True
-            _encode_store(e, k, inner, rx, item_struct, kinds)
+            _encode_store(e, k, inner, rx, item_struct, kinds, holder)
     elif kind == Kind.SET:
         els = sorted(((encode_atom(x), x, ds) for x, ds in store.items()), key=lambda r: r[0])
         lst = b.init("elements", len(els))
         for i, (_, x, ds) in enumerate(els):
             e = lst[i]
-            _set_value(e.init("value"), x)
+            _put_value(e, "value", x, holder)
             pairs = sorted((ds[j], ds[j + 1]) for j in range(0, len(ds), 2))
             dl = e.init("dots", len(pairs))
             for j, (r, n) in enumerate(pairs):
@@ -174,9 +192,9 @@ def _encode_store(
             if kind == Kind.LWW:
                 p = it.init("payload").init("lww")
                 p.hlc = store[o + 2]
-                _set_value(p.init("value"), store[o + 3])
+                _put_value(p, "value", store[o + 3], holder)
             elif kind == Kind.MV:
-                _set_value(it.init("payload").init("mv"), store[o + 2])
+                _put_value(it.init("payload"), "mv", store[o + 2], holder)
             elif kind == Kind.COUNTER:
                 p = it.init("payload").init("counter")
                 p.increments = store[o + 2]
@@ -202,7 +220,7 @@ def encode_document(schema: WireSchema, state: Causal) -> Any:
         store = MapStore()
     elif store is None and kind == Kind.SET:
         store = SetStore()
-    _encode_store(root, kind, store, rx, item_struct, schema.kinds)
+    _encode_store(root, kind, store, rx, item_struct, schema.kinds, schema.crdt.SetElement)
     ctx = state.context
     vv = ctx.version_vector
     c = doc.init("context")
@@ -326,8 +344,18 @@ class _Decoder:
             raise MalformedMessageError("replica index out of range") from None
         return out
 
+    def _opaque(self, v: Any) -> OpaqueAtom:
+        """A Value of a member this version does not know, copied by field assignment into a
+        holder (that copy raises, not aborts, on out-of-bounds pointers)."""
+        holder = self.schema.crdt.SetElement.new_message()
+        holder.value = v
+        return OpaqueAtom(holder.to_bytes_packed())
+
     def value(self, v: Any) -> Any:
-        w = _WHICH(v)
+        try:
+            w = _WHICH(v)
+        except capnp.KjException:  # a union member a newer release added
+            return self._opaque(v)
         if w == "null":
             return None
         field = self.f.values.get(w)
@@ -342,7 +370,10 @@ class _Decoder:
             raise MalformedMessageError(f"invalid value: {exc}") from exc
 
     def element(self, v: Any) -> Any:
-        w = v.which()
+        try:
+            w = _WHICH(v)
+        except capnp.KjException:  # a union member a newer release added
+            return self._opaque(v)
         if w not in ("int", "text", "data"):
             raise MalformedMessageError(f"set elements are text, int or data, not {w}")
         x = getattr(v, w)
@@ -413,14 +444,13 @@ class _Decoder:
         return cls(out) if out else None
 
     def elements(self, lst: Any) -> SetStore | None:
+        # Any order is read (the encoder sorts by canonical bytes; a reader that keeps an
+        # element of a newer type opaque cannot place it where its writer did), never twice.
         out = SetStore()
-        prev: bytes | None = None
         for e in lst:
             x = self.element(e.value)
-            enc = encode_atom(x)
-            if prev is not None and not prev < enc:
-                raise MalformedMessageError("set elements are not sorted and unique")
-            prev = enc
+            if x in out:
+                raise MalformedMessageError("a set element repeats")
             ds = self.dots(e.dots)
             if not ds and not self.delta:
                 raise MalformedMessageError("a set element without dots in a full state")

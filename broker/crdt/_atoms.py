@@ -6,7 +6,10 @@ Invariants:
   ``bytes`` within ``MAX_VALUE_BYTES``; set elements are ``str``, ``int`` or ``bytes`` only,
   because Python makes ``1 == 1.0 == True`` and a set must not merge distinct elements;
 - ``encode_atom`` is injective and type-tagged, so canonical bytes never confuse ``1`` with
-  ``"1"`` or ``True``; digests are built from it.
+  ``"1"`` or ``True``; digests are built from it;
+- an ``OpaqueAtom`` is a value of a type a newer wire version added, as an older reader
+  holds it: only the codec builds one (``validate_atom`` refuses it, so no local write makes
+  one), it joins like any value and is written back byte for byte.
 
 Pure: no I/O.
 """
@@ -25,6 +28,7 @@ __all__ = [
     "MAX_VALUE_BYTES",
     "Atom",
     "Element",
+    "OpaqueAtom",
     "encode_atom",
     "validate_atom",
     "validate_element",
@@ -33,6 +37,27 @@ __all__ = [
 
 Atom = None | bool | int | float | str | bytes
 """A scalar value a register can hold."""
+
+
+class OpaqueAtom:
+    """A value whose type this wire version does not know (a newer release added it), kept
+    as the packed Cap'n Proto bytes the codec copied it into (``raw``). Registers and sets
+    hold it like any value; the codec writes it back unchanged, so a relay through an older
+    node loses nothing. Built by the codec only; equal when the bytes are."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is OpaqueAtom and other.raw == self.raw
+
+    def __hash__(self) -> int:
+        return hash((OpaqueAtom, self.raw))
+
+    def __repr__(self) -> str:
+        return f"OpaqueAtom(<{len(self.raw)} bytes of a newer value type>)"
 
 Element = str | int | bytes
 """A value an OR-set can contain."""
@@ -113,7 +138,7 @@ def validate_element(value: object) -> Element:
     raise InvalidValueError(f"set elements are str, int or bytes, got {t.__name__}")
 
 
-def encode_atom(value: Atom) -> bytes:
+def encode_atom(value: Atom | OpaqueAtom) -> bytes:
     """Canonical, type-tagged bytes of an atom."""
     if value is None:
         return b"N"
@@ -128,5 +153,7 @@ def encode_atom(value: Atom) -> bytes:
     if type(value) is str:
         raw = value.encode("utf-8")
         return b"S" + _pack_i(len(raw)) + raw
+    if type(value) is OpaqueAtom:
+        return b"O" + _pack_i(len(value.raw)) + value.raw
     assert type(value) is bytes
     return b"B" + _pack_i(len(value)) + value

@@ -32,7 +32,7 @@ import capnp
 from broker.codec import NESTING_LIMIT, OLDEST_VERSION, WireCodec, decoding
 from broker.codec._document import decode_document, encode_document
 from broker.codec._packed import check_segments
-from broker.crdt import MAX_VALUE_BYTES, ORMap, validate_atom
+from broker.crdt import MAX_VALUE_BYTES, OpaqueAtom, ORMap, validate_atom
 from broker.errors import (
     CallDepthExceededError,
     CodecError,
@@ -181,8 +181,8 @@ class _Layout:
     """The RPC structs of one loaded schema, with their fields resolved once (in the order
     the codec functions unpack them)."""
 
-    __slots__ = ("arg_name", "arg_value", "by_type", "req", "request", "resp", "response",
-                 "value")
+    __slots__ = ("arg_name", "arg_value", "by_type", "holder", "req", "request", "resp",
+                 "response", "value")
 
     def __init__(self, schema: Any) -> None:
         rpc = schema.rpc
@@ -200,6 +200,7 @@ class _Layout:
         # The union member for each atom type (exact types: validate_atom admits no others).
         self.by_type = {bool: value["bool"], int: value["int"], float: value["float"],
                         str: value["text"], bytes: value["data"]}
+        self.holder = schema.crdt.SetElement  # carries an OpaqueAtom's Value struct
 
 
 _REQUEST_FIELDS: Final = (
@@ -306,6 +307,8 @@ def _write_arguments(builder: Any, field: Any, args: Mapping[str, Any], layout: 
         item._set_by_field(name_field, key)
         if value is None:
             item._get_by_field(value_field)._set_by_field(null, None)
+        elif type(value) is OpaqueAtom:  # a newer release's value, passed on as it came
+            item._set_by_field(value_field, layout.holder.from_bytes_packed(value.raw).value)
         else:
             validate_atom(value)  # raises for any type by_type does not hold
             item._get_by_field(value_field)._set_by_field(by_type[type(value)], value)
@@ -327,7 +330,13 @@ def _read_arguments(lst: Any, layout: _Layout) -> dict[str, Any]:
         if name in out:
             raise RpcInvalidArgumentError(f"argument {name!r} given twice")
         v = get(value_field)
-        w = v._which_str()
+        try:
+            w = v._which_str()
+        except capnp.KjException:  # a value type a newer release added: kept, not lost
+            holder = layout.holder.new_message()
+            holder.value = v
+            out[name] = OpaqueAtom(holder.to_bytes_packed())
+            continue
         if w == "data":
             x = v._get_by_field(fields[w])
             if len(x) > MAX_VALUE_BYTES:

@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from broker.codec import TrustRoster, WireCodec
-from broker.crdt import ROOT_ID, KindConflict, OpaqueValue, ORMap
+from broker.crdt import ROOT_ID, KindConflict, OpaqueAtom, OpaqueValue, ORMap
 from broker.errors import TreeError, WorknodeError
 from broker.replica import Replica
 from broker.transport import Msg, NatsTransport, delta_subject, validate_token
@@ -35,6 +35,8 @@ def _jsonable(value: Any) -> Any:
         return {"bytes": value.hex()}
     if isinstance(value, OpaqueValue):
         return {"opaque_kind": value[0], "dots": value[1]}
+    if isinstance(value, OpaqueAtom):
+        return {"opaque_value": value.raw.hex()}
     if isinstance(value, KindConflict):
         return {"kind_conflict": {str(int(k)): _jsonable(v) for k, v in value.items()}}
     if isinstance(value, dict):
