@@ -13,8 +13,7 @@
 # Evolution rules (checked by `worknode schema check`): never renumber, never retype, never
 # move a field into or out of a union; new CRDT kinds are new `Payload` union members with a
 # new `kind` number; `Item` and `Dot` are frozen (old readers copy payloads by pointer, which
-# keeps fields they do not know). A new `Value` member is kept opaque by older readers (the
-# op stays, written back byte for byte; the rest of the batch is read as usual).
+# keeps fields they do not know).
 #
 # Added in v1 unless a comment says otherwise.
 
