@@ -164,6 +164,29 @@ def _case(rule: str, ops: list[Op], *also: str, name: str = "") -> Case:
     return Case(rule, frozenset({rule, *also}), ops, f"{rule}{name}")
 
 
+_TAG = """\
+  struct Tag @0xc0ffee0000000016 {
+    name @0 :Text;
+    score @1 :Float32;
+  }
+
+"""
+
+
+def _ORIGIN_GENERIC_OPS(limits_binding: str | None) -> list[Op]:  # noqa: N802
+    """Make Origin generic (``zone`` becomes its parameter T); every user binds T to Text,
+    except ``Envelope.limits``, bound to ``limits_binding`` (None: left unbound)."""
+    limits = "Origin" if limits_binding is None else f"Origin({limits_binding})"
+    return [
+        ("env.capnp", "struct Origin @0xc0ffee0000000020 {",
+         "struct Origin @0xc0ffee0000000020 (T) {"),
+        ("env.capnp", "zone @1 :Text;", "zone @1 :T;"),
+        ("env.capnp", "origin @1 :Origin;", "origin @1 :Origin(Text);"),
+        ("env.capnp", "limits @4 :Origin =", f"limits @4 :{limits} ="),
+        ("crdt.capnp", "origin @8 :Env.Origin;", "origin @8 :Env.Origin(Text);"),
+    ]
+
+
 BREAKING = [
     _case("FILE_REMOVED", [
         ("env.capnp", None, None), ("envelope.capnp", None, ENV),
@@ -238,6 +261,20 @@ struct Heartbeat @0xc0ffee0000000022 {
           name="-explicit"),
     _case("METHOD_RESULT_TYPE_CHANGED", [("env.capnp", "accepted :Bool", "accepted :Text")]),
     _case("SUPERCLASS_REMOVED", [("env.capnp", " extends(Store)", "")]),
+    # A new parameter replacing a field's type, bound to Data by one user, Text by others.
+    _case("TYPE_CHANGED", _ORIGIN_GENERIC_OPS("Data"), name="-new-generic-bound-differently"),
+    _case("GENERIC_PARAMETERS_CHANGED", _ORIGIN_GENERIC_OPS(None), "TYPE_CHANGED",
+          name="-added-and-left-unbound"),
+    # List(Text) -> List(struct) whose @0 is Data, not Text.
+    _case("TYPE_CHANGED", [
+        ("crdt.capnp", "tags @7 :List(Text);", "tags @7 :List(Tag);"),
+        ("crdt.capnp", "  struct Map @", _TAG.replace(":Text", ":Data") + "  struct Map @"),
+    ], name="-list-upgrade-wrong-first-field"),
+    _case("GROUP_CHANGED", [
+        ("crdt.capnp", "  weight @5 :Float32 = 1.5;\n", ""),
+        ("crdt.capnp", "    tags @7 :List(Text);\n",
+         "    tags @7 :List(Text);\n    inner :group {\n      weight @5 :Float32 = 1.5;\n    }\n"),
+    ], name="-into-new-group-inside-an-old-one-moved-from-root"),
     _case("GENERIC_PARAMETERS_CHANGED", [
         ("crdt.capnp", "(K, V) {", "(K) {"), ("crdt.capnp", "value @1 :V;", "value @1 :K;"),
         ("env.capnp", "Crdt.Pair(Text, Crdt.Value)", "Crdt.Pair(Text)"),
@@ -245,6 +282,25 @@ struct Heartbeat @0xc0ffee0000000022 {
 ]
 
 SAFE = [
+    # The three kinds Cap'n Proto allows that the checker used to refuse (issue 14).
+    Safe("wrap-field-in-new-group", [
+        ("crdt.capnp", "  weight @5 :Float32 = 1.5;\n",
+         "  scoring :group {\n    weight @5 :Float32 = 1.5;\n    bias @9 :Int8;\n  }\n"),
+    ]),
+    Safe("wrap-group-field-in-new-nested-group", [
+        ("crdt.capnp", "    author @6 :Text = \"anon\";\n",
+         "    by :group {\n      author @6 :Text = \"anon\";\n    }\n"),
+    ]),
+    Safe("add-generic-parameter-every-user-binds", [
+        ("crdt.capnp", "(K, V) {", "(K, V, W) {"),
+        ("crdt.capnp", "value @1 :V;", "value @1 :V;\n  extra @2 :W;"),
+        ("env.capnp", "Crdt.Pair(Text, Crdt.Value)", "Crdt.Pair(Text, Crdt.Value, Data)"),
+    ]),
+    Safe("make-struct-generic-every-user-binds", _ORIGIN_GENERIC_OPS("Text")),
+    Safe("list-to-list-of-struct-whose-first-field-is-the-element", [
+        ("crdt.capnp", "tags @7 :List(Text);", "tags @7 :List(Tag);"),
+        ("crdt.capnp", "  struct Map @", _TAG + "  struct Map @"),
+    ]),
     Safe("new-field-next-ordinal", [
         ("crdt.capnp", "  meta :group", "  createdAt @9 :UInt64;\n  meta :group"),
     ]),
