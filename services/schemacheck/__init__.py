@@ -33,6 +33,12 @@ from services.schemacheck._compare import (
     release_range,
     transitive_pairs,
 )
+from services.schemacheck._frozen import (
+    FREEZES,
+    FrozenHistoryError,
+    is_shallow,
+    post_freeze_commits,
+)
 from services.schemacheck._rules import (
     CLOSED,
     EXTENSIBLE,
@@ -51,9 +57,11 @@ __all__ = [
     "EXIT_LINT",
     "EXIT_OK",
     "EXTENSIBLE",
+    "FREEZES",
     "RULES",
     "STRUCT_EVOLUTION",
     "CheckReport",
+    "FrozenHistoryError",
     "Rule",
     "SchemaLoadError",
     "Snapshot",
@@ -66,9 +74,11 @@ __all__ = [
     "dump_directories",
     "evolution",
     "find_releases",
+    "is_shallow",
     "load_snapshots",
     "merge",
     "missing_ids",
+    "post_freeze_commits",
     "release_range",
     "schema",
     "transitive_pairs",
