@@ -268,8 +268,7 @@ def missing_ids(snapshot: Snapshot) -> list[Violation]:
         stripped = _strip(text)
         path = snapshot.path(file)
         if not _FILE_ID.search(stripped):
-            out.append(Violation("ID_MISSING", path, None,
-                                 "file has no '@0x...;' id line"))
+            out.append(Violation("ID_MISSING", path, 1, "file has no '@0x...;' id line"))
         for m in _DECL.finditer(stripped):
             if m.group(3) is None:
                 out.append(Violation(

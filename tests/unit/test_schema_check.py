@@ -549,7 +549,7 @@ def test_cli_hostile_schema_exits_2_with_a_clear_message(tmp_path: Path) -> None
 
     assert result.exit_code == 2
     # Parsing stops at the first bad file; whatever the sources show is still reported.
-    assert f"warning: {schemas / 'crdt.capnp'}: ID_MISSING: file has no '@0x...;' id line" in (
+    assert f"warning: {schemas / 'crdt.capnp'}:1: ID_MISSING: file has no '@0x...;' id line" in (
         result.stdout)
     [error] = result.stderr.splitlines()
     assert error.startswith(f"error: {schemas}: cannot parse schema: {schemas}/")
@@ -650,8 +650,10 @@ def test_cli_lint_warnings_are_apart_from_breaking_changes(
     assert plain.exit_code == 0, plain.output
     assert plain.stdout == ""
     assert linted.exit_code == 3, linted.output
+    extra_line = len(ENV.splitlines()) + 1
     assert linted.stdout.splitlines() == [
-        "warning: schemas/env.capnp:40: ID_MISSING: struct Extra has no explicit @0x id",
+        f"warning: schemas/env.capnp:{extra_line}: ID_MISSING: struct Extra has no explicit "
+        "@0x id",
     ]
 
 
