@@ -15,7 +15,19 @@ Invariants the rules rely on:
   slots keyed by ordinal; each leaf keeps the chain of groups and union discriminants above it.
   Group ids are derived by the compiler from the group's position and shift when fields move
   between groups, so a newer group is matched to the older group that held most of its
-  fields at the same depth; a newer group that held none of them is new.
+  fields at the same depth; a newer group that held none of them is new. A new plain group
+  (not a union member, its member not in a new union) is transparent: wrapping a field in one
+  keeps its bits, as Cap'n Proto allows.
+- A node whose id is gone is matched to a newer node of the same name (``ID_CHANGED``) or,
+  failing that, to the one new node of the same file, kind and wire shape
+  (``NODE_RENAMED``: renamed without an explicit id); types that refer to it are compared
+  through that match, so one cause gives one finding.
+- Types compare after two allowances: bindings of generic parameters the older node did not
+  have are dropped from newer types, and a field whose type became such a parameter passes
+  only if every user of the generic binds it to the field's old type; ``List(T)`` may become
+  ``List(U)`` where ``U``'s ``@0`` is a non-union ``T`` at offset 0 with a zero default
+  (not for ``Bool``).
+- Closed structs (``_rules.STRUCT_EVOLUTION``) take no new ordinal (``CLOSED_STRUCT_EXTENDED``).
 - One pass per (older, newer) pair covers both reader directions: every rule names an edit
   that breaks a new reader of old messages, an old reader of new messages, or both, and the
   edits Cap'n Proto allows (a new field with the next ordinal, a rename, a new union member, a
@@ -25,7 +37,8 @@ Invariants the rules rely on:
 - Implicit ``(a :T) -> (b :U)`` method structs are compared through their method, and what
   they break is reported as ``METHOD_PARAM_TYPE_CHANGED`` / ``METHOD_RESULT_TYPE_CHANGED``.
 - Source lines are best effort: schema nodes keep no positions, so a line is found by searching
-  the comment- and string-stripped source for the declaration or member name.
+  the comment- and string-stripped source for the declaration or member name. A removal
+  points into the older snapshot, where the element still is.
 """
 
 from __future__ import annotations
