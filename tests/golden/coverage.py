@@ -18,8 +18,6 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
-import capnp
-
 from broker.codec import load_schema
 from broker.codec._schema import WireSchema
 
@@ -168,5 +166,3 @@ def _walk(ws: WireSchema, reader: Any, out: set[str]) -> None:
         if value != default:
             out.add(key)
 
-
-_ = capnp  # pycapnp must be importable here: the readers above are its objects
