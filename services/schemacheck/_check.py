@@ -10,6 +10,8 @@ Invariants:
   ``v1 < v2 < ... < current`` and every pair (older, newer) is compared, so a sequence of
   individually safe steps that adds up to a break is still caught.
 - A report with errors is incomplete: its exit code is 2 even if violations were found.
+- Lint findings (``ID_MISSING``, only for the newest directory: the one being edited) are
+  kept apart from breaking ones: they never make the exit code 1.
 """
 
 from __future__ import annotations
@@ -34,12 +36,18 @@ from services.schemacheck._compare import (
     missing_ids,
     transitive_pairs,
 )
+from services.schemacheck._rules import LINT
 
 __all__ = [
     "CURRENT_LABEL",
+    "EXIT_BREAKING",
+    "EXIT_INCOMPLETE",
+    "EXIT_LINT",
+    "EXIT_OK",
     "CheckReport",
     "SchemaLoadError",
     "check",
+    "check_directories",
     "check_snapshots",
     "dump_directories",
     "find_releases",
@@ -48,6 +56,15 @@ __all__ = [
 
 CURRENT_LABEL = "current"
 """Label of the ``schemas/`` snapshot in messages (releases are labelled by directory name)."""
+
+EXIT_OK = 0
+"""Exit code: nothing breaks (and, with ``--lint``, no lint warning)."""
+EXIT_BREAKING = 1
+"""Exit code: at least one breaking finding."""
+EXIT_INCOMPLETE = 2
+"""Exit code: usage error, or a schema directory that does not parse (check incomplete)."""
+EXIT_LINT = 3
+"""Exit code with ``--lint``: lint warnings only, nothing breaking."""
 
 _WORKER = "services.schemacheck._dump"
 _ROOT = Path(__file__).resolve().parents[2]  # the directory holding the ``services`` package
@@ -63,18 +80,26 @@ class SchemaLoadError(WorknodeError):
 
 @dataclass(frozen=True)
 class CheckReport:
-    """What a check found: violations, errors (unparsable directories), and the pairs compared."""
+    """What a check found: breaking findings, lint warnings, errors (unparsable
+    directories), and the pairs compared."""
 
     violations: tuple[Violation, ...]
     errors: tuple[str, ...]
     pairs: tuple[str, ...]
+    warnings: tuple[Violation, ...] = ()
 
     @property
     def exit_code(self) -> int:
-        """0 when clean, 1 when violations were found, 2 when the check could not complete."""
+        """0 when clean, 1 when breaking findings were found, 2 when the check could not
+        complete (lint warnings do not count: see :meth:`exit_code_with_lint`)."""
         if self.errors:
-            return 2
-        return 1 if self.violations else 0
+            return EXIT_INCOMPLETE
+        return EXIT_BREAKING if self.violations else EXIT_OK
+
+    def exit_code_with_lint(self) -> int:
+        """As :attr:`exit_code`, but 3 when the only findings are lint warnings."""
+        code = self.exit_code
+        return EXIT_LINT if code == EXIT_OK and self.warnings else code
 
 
 def find_releases(releases: Path) -> list[Path]:
@@ -90,12 +115,15 @@ def find_releases(releases: Path) -> list[Path]:
     return sorted(found, key=key)
 
 
-def dump_directories(dirs: Sequence[Path], *, timeout: float = 300.0) -> dict[Path, Any]:
+def dump_directories(dirs: Sequence[Path], *, timeout: float = 300.0,
+                     imports: Sequence[Path] = ()) -> dict[Path, Any]:
     """Dump each directory in worker subprocesses: a JSON dump, or an error message (str).
 
     One worker handles as many directories as it can; after a crash (or ``timeout`` seconds
-    without finishing) the next worker starts after the directory it was on.
+    without finishing) the next worker starts after the directory it was on. ``imports``
+    are extra import paths for every directory (``-I``).
     """
+    include = [arg for path in imports for arg in ("-I", str(path))]
     out: dict[Path, Any] = {}
     pending = list(dirs)
     env = dict(os.environ)
@@ -105,7 +133,7 @@ def dump_directories(dirs: Sequence[Path], *, timeout: float = 300.0) -> dict[Pa
     while pending:
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", _WORKER, *map(str, pending)],
+                [sys.executable, "-m", _WORKER, *include, *map(str, pending)],
                 capture_output=True, text=True, timeout=timeout, env=env, check=False,
             )
         except subprocess.TimeoutExpired as exc:  # keep what finished, skip the stuck one
@@ -171,14 +199,14 @@ def _read_sources(directory: Path) -> dict[str, str]:
 
 
 def load_snapshots(
-    labelled: Sequence[tuple[str, Path]],
+    labelled: Sequence[tuple[str, Path]], imports: Sequence[Path] = (),
 ) -> tuple[list[Snapshot], list[Snapshot], list[str]]:
     """Dump and read each (label, directory), all in as few worker processes as possible.
 
     Returns the snapshots that parsed, source-only snapshots (no nodes) of those that did not,
     and one error message per directory that did not.
     """
-    dumps = dump_directories([d for _, d in labelled])
+    dumps = dump_directories([d for _, d in labelled], imports=imports)
     parsed: list[Snapshot] = []
     unparsed: list[Snapshot] = []
     errors: list[str] = []
@@ -194,14 +222,35 @@ def load_snapshots(
 
 
 def check_snapshots(snapshots: Sequence[Snapshot]) -> list[Violation]:
-    """Compare every older snapshot with every newer one (oldest first); merged violations,
-    ``ID_MISSING`` included."""
-    found: list[Violation] = []
-    for snapshot in snapshots:
-        found.extend(missing_ids(snapshot))
+    """Compare every older snapshot with every newer one (oldest first); merged findings,
+    ``ID_MISSING`` lint of the newest snapshot included."""
+    found: list[Violation] = list(missing_ids(snapshots[-1])) if snapshots else []
     for old, new in transitive_pairs(snapshots):
         found.extend(compare(old, new))
-    return merge(found)
+    return merge(found, [s.label for s in snapshots])
+
+
+def _run(labelled: Sequence[tuple[str, Path]], imports: Sequence[Path] = ()) -> CheckReport:
+    snapshots, unparsed, errors = load_snapshots(labelled, imports)
+    if errors:
+        # Still report what the sources show: a file without an id does not even parse.
+        newest = next((s for s in (*snapshots, *unparsed)
+                       if s.directory == labelled[-1][1]), None)
+        lint = merge(missing_ids(newest)) if newest is not None else []
+        return CheckReport((), tuple(errors), (), tuple(lint))
+    pairs = tuple(f"{a.label} → {b.label}" for a, b in transitive_pairs(snapshots))
+    found = check_snapshots(snapshots)
+    return CheckReport(
+        tuple(v for v in found if v.kind != LINT), (), pairs,
+        tuple(v for v in found if v.kind == LINT),
+    )
+
+
+def _require_schemas(directory: Path) -> None:
+    if not directory.is_dir():
+        raise SchemaLoadError(f"{directory}: not a directory")
+    if not any(directory.glob("*.capnp")):
+        raise SchemaLoadError(f"{directory}: no *.capnp files")
 
 
 def check(schemas: Path, releases: Path) -> CheckReport:
@@ -209,16 +258,22 @@ def check(schemas: Path, releases: Path) -> CheckReport:
 
     Raises :class:`SchemaLoadError` when ``schemas`` is not a directory with ``*.capnp`` files.
     """
-    if not schemas.is_dir():
-        raise SchemaLoadError(f"{schemas}: not a directory")
-    if not any(schemas.glob("*.capnp")):
-        raise SchemaLoadError(f"{schemas}: no *.capnp files")
+    _require_schemas(schemas)
     labelled = [(d.name, d) for d in find_releases(releases)]
     labelled.append((CURRENT_LABEL, schemas))
-    snapshots, unparsed, errors = load_snapshots(labelled)
-    if errors:
-        # Still report what the sources show: a file without an id does not even parse.
-        missing = [v for s in (*snapshots, *unparsed) for v in missing_ids(s)]
-        return CheckReport(tuple(merge(missing)), tuple(errors), ())
-    pairs = tuple(f"{a.label} → {b.label}" for a, b in transitive_pairs(snapshots))
-    return CheckReport(tuple(check_snapshots(snapshots)), (), pairs)
+    return _run(labelled)
+
+
+def check_directories(old: Path, new: Path, imports: Sequence[Path] = ()) -> CheckReport:
+    """Compare any two schema directories (``worknode schema check OLD NEW``), both
+    directions of the wire; ``imports`` are extra import paths (``-I``) for both.
+
+    The findings' pair reads ``old → new`` with the directories' names (their paths when the
+    names are equal). Raises :class:`SchemaLoadError` when either is not a directory with
+    ``*.capnp`` files.
+    """
+    _require_schemas(old)
+    _require_schemas(new)
+    a, b = (old.name, new.name) if old.name != new.name and old.name and new.name else (
+        str(old), str(new))
+    return _run([(a, old), (b, new)], imports)

@@ -15,7 +15,19 @@ Invariants the rules rely on:
   slots keyed by ordinal; each leaf keeps the chain of groups and union discriminants above it.
   Group ids are derived by the compiler from the group's position and shift when fields move
   between groups, so a newer group is matched to the older group that held most of its
-  fields at the same depth; a newer group that held none of them is new.
+  fields at the same depth; a newer group that held none of them is new. A new plain group
+  (not a union member, its member not in a new union) is transparent: wrapping a field in one
+  keeps its bits, as Cap'n Proto allows.
+- A node whose id is gone is matched to a newer node of the same name (``ID_CHANGED``) or,
+  failing that, to the one new node of the same file, kind and wire shape
+  (``NODE_RENAMED``: renamed without an explicit id); types that refer to it are compared
+  through that match, so one cause gives one finding.
+- Types compare after two allowances: bindings of generic parameters the older node did not
+  have are dropped from newer types, and a field whose type became such a parameter passes
+  only if every user of the generic binds it to the field's old type; ``List(T)`` may become
+  ``List(U)`` where ``U``'s ``@0`` is a non-union ``T`` at offset 0 with a zero default
+  (not for ``Bool``).
+- Closed structs (``_rules.STRUCT_EVOLUTION``) take no new ordinal (``CLOSED_STRUCT_EXTENDED``).
 - One pass per (older, newer) pair covers both reader directions: every rule names an edit
   that breaks a new reader of old messages, an old reader of new messages, or both, and the
   edits Cap'n Proto allows (a new field with the next ordinal, a rename, a new union member, a
@@ -25,20 +37,22 @@ Invariants the rules rely on:
 - Implicit ``(a :T) -> (b :U)`` method structs are compared through their method, and what
   they break is reported as ``METHOD_PARAM_TYPE_CHANGED`` / ``METHOD_RESULT_TYPE_CHANGED``.
 - Source lines are best effort: schema nodes keep no positions, so a line is found by searching
-  the comment- and string-stripped source for the declaration or member name.
+  the comment- and string-stripped source for the declaration or member name. A removal
+  points into the older snapshot, where the element still is.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from services.schemacheck._rules import RULES, closed_structs
+
 __all__ = [
-    "RULES",
     "Field",
     "FileInfo",
     "Method",
@@ -59,41 +73,18 @@ NO_DISCRIMINANT = 0xFFFF
 ROOT = 0
 """Container key of a struct's own fields (node ids are never 0)."""
 
-RULES: Mapping[str, str] = {
-    "FILE_REMOVED": "a schema file of an older release is missing",
-    "FILE_ID_CHANGED": "a file's @0x id changed",
-    "ID_MISSING": "a file, struct, enum or interface has no explicit @0x id in its source",
-    "ID_CHANGED": "a struct, enum or interface kept its name but got another id",
-    "NODE_REMOVED": "a struct, enum or interface of an older release is missing (by id)",
-    "KIND_CHANGED": "a node changed kind (struct, enum, interface, const...)",
-    "GENERIC_PARAMETERS_CHANGED": "the number of generic parameters changed",
-    "STRUCT_LAYOUT_SHRUNK": "a struct's data word count or pointer count decreased",
-    "FIELD_REMOVED": "a field ordinal of an older release is missing",
-    "ORDINAL_CHANGED": "a field name now has another ordinal",
-    "TYPE_CHANGED": "a field's type changed (element types and type ids included)",
-    "OFFSET_CHANGED": "a field's data or pointer offset changed",
-    "DEFAULT_CHANGED": "a field's default value changed",
-    "UNION_MEMBERSHIP_CHANGED": "a field moved into or out of a union, or its discriminant "
-    "value or the union's discriminant location changed",
-    "GROUP_CHANGED": "a field moved into, out of, or between groups",
-    "ENUMERANT_REMOVED": "an enumerant ordinal of an older release is missing",
-    "ENUMERANT_ORDINAL_CHANGED": "an enumerant name now has another ordinal",
-    "METHOD_REMOVED": "a method ordinal of an older release is missing",
-    "METHOD_ORDINAL_CHANGED": "a method name now has another ordinal",
-    "METHOD_PARAM_TYPE_CHANGED": "a method's parameter struct changed (id or its fields)",
-    "METHOD_RESULT_TYPE_CHANGED": "a method's result struct changed (id or its fields)",
-    "SUPERCLASS_REMOVED": "an interface no longer extends one of its superclasses",
-}
-"""Every rule name the checker reports, with what it means."""
-
 _WIRE_KINDS = frozenset({"struct", "enum", "interface"})
 
 
 @dataclass(frozen=True)
 class Violation:
-    """One breaking change: where it is, which rule, and what changed.
+    """One finding: where it is, which rule, and what changed.
 
-    ``pairs`` names the comparisons (``"v1 → current"``) that found it.
+    ``path``/``line`` point into the newer schema, or into the older one for removals.
+    ``struct``, ``field``, ``ordinal``, ``old`` and ``new`` repeat the message's parts for
+    machine readers (empty or None where they do not apply). ``pairs`` names the comparisons
+    (``"v1 → current"``) that found it; ``releases`` is their compact range, set by
+    :func:`merge` (``"v1..v2 → current"``).
     """
 
     rule: str
@@ -101,12 +92,35 @@ class Violation:
     line: int | None
     message: str
     pairs: tuple[str, ...] = ()
+    struct: str = ""
+    field: str = ""
+    ordinal: int | None = None
+    old: str = ""
+    new: str = ""
+    releases: str = ""
+
+    @property
+    def kind(self) -> str:
+        """``"breaking"`` or ``"lint"`` (see :data:`RULES`)."""
+        return RULES[self.rule].kind
 
     def format(self) -> str:
-        """The ``path:line: RULE: message [pairs]`` line printed by ``worknode schema check``."""
+        """The ``path:line: RULE: message [releases]`` line printed by ``worknode schema
+        check``."""
         where = f"{self.path}:{self.line}" if self.line is not None else self.path
-        suffix = f" [{', '.join(self.pairs)}]" if self.pairs else ""
+        span = self.releases or ", ".join(self.pairs)
+        suffix = f" [{span}]" if span else ""
         return f"{where}: {self.rule}: {self.message}{suffix}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The finding as one object of ``--format json``."""
+        return {
+            "file": self.path, "line": self.line, "rule": self.rule, "kind": self.kind,
+            "struct": self.struct or None, "field": self.field or None,
+            "ordinal": self.ordinal, "old": self.old or None, "new": self.new or None,
+            "message": self.message, "releases": self.releases or ", ".join(self.pairs),
+            "pairs": list(self.pairs),
+        }
 
 
 @dataclass(frozen=True)
@@ -267,8 +281,7 @@ def missing_ids(snapshot: Snapshot) -> list[Violation]:
         stripped = _strip(text)
         path = snapshot.path(file)
         if not _FILE_ID.search(stripped):
-            out.append(Violation("ID_MISSING", path, None,
-                                 "file has no '@0x...;' id line"))
+            out.append(Violation("ID_MISSING", path, 1, "file has no '@0x...;' id line"))
         for m in _DECL.finditer(stripped):
             if m.group(3) is None:
                 out.append(Violation(
@@ -382,31 +395,136 @@ def _match_groups(old: Mapping[int, _Leaf], new: Mapping[int, _Leaf]) -> dict[in
     return {g: (t.most_common(1)[0][0] if t else -g) for g, t in votes.items()}
 
 
-_Report = Callable[[str, str | None, str], None]
+_Report = Callable[..., None]
 _STRUCT_TYPE = re.compile(r"struct:(0x[0-9a-f]{16})")
 _ENUM_TYPE = re.compile(r"enum:(0x[0-9a-f]{16})")
 _TYPE_REF = re.compile(r"(struct|enum|interface|param):(0x[0-9a-f]{16})(?:#(\d+))?")
 _OWN_BRAND = re.compile(r"(struct|enum|interface):(0x[0-9a-f]{16})<\2=([^;<>]*)>")
+_ID = re.compile(r"0x[0-9a-f]{16}")
+_TOKEN = re.compile(r"List\(|[^(),<>;=]+|[(),<>;=]")
+_REF_KINDS = ("struct:", "enum:", "interface:")
+_NULL_POINTER_DEFAULTS: tuple[Any, ...] = (None, "", [], {}, {"data": ""})
+_ZERO_DEFAULTS: tuple[Any, ...] = (None, 0, False, "", [], {}, {"data": ""},
+                                   {"float": (0.0).hex()})
+
+
+@dataclass(frozen=True)
+class _Type:
+    """A parsed canonical type string: ``head`` (``List``, ``Text``, ``struct:0x...``,
+    ``param:0x...#0``), a list's element, and brand scopes (scope id, binds or None for
+    ``inherit``; a bind is None for ``_``)."""
+
+    head: str
+    element: _Type | None = None
+    brand: tuple[tuple[str, tuple[_Type | None, ...] | None], ...] = ()
+
+    @property
+    def ref(self) -> int | None:
+        """The node id a struct, enum or interface type refers to."""
+        return int(self.head.split(":", 1)[1], 16) if self.head.startswith(_REF_KINDS) else None
+
+    def walk(self) -> Iterable[_Type]:
+        """This type and every type inside it (list elements, brand bindings)."""
+        yield self
+        if self.element is not None:
+            yield from self.element.walk()
+        for _, binds in self.brand:
+            for b in binds or ():
+                if b is not None:
+                    yield from b.walk()
+
+    def __str__(self) -> str:
+        if self.element is not None:
+            return f"List({self.element})"
+        if not self.brand:
+            return self.head
+        scopes = ";".join(
+            f"{sid}=" + ("inherit" if binds is None else
+                         ",".join("_" if b is None else str(b) for b in binds))
+            for sid, binds in self.brand
+        )
+        return f"{self.head}<{scopes}>"
+
+
+def _parse_type(text: str) -> _Type:
+    """Parse a type string of the ``_dump`` worker (see ``_type_str`` there)."""
+    tokens: list[str] = _TOKEN.findall(text)
+    pos = 0
+
+    def take() -> str:
+        nonlocal pos
+        token = tokens[pos]
+        pos += 1
+        return token
+
+    def parse() -> _Type:
+        head = take()
+        if head == "List(":
+            element = parse()
+            take()  # ")"
+            return _Type("List", element)
+        if pos >= len(tokens) or tokens[pos] != "<":
+            return _Type(head)
+        take()
+        scopes: list[tuple[str, tuple[_Type | None, ...] | None]] = []
+        while True:
+            sid = take()
+            take()  # "="
+            binds: list[_Type | None] | None
+            if tokens[pos] == "inherit":
+                take()
+                binds = None
+            else:
+                binds = []
+                while True:
+                    if tokens[pos] == "_":
+                        take()
+                        binds.append(None)
+                    else:
+                        binds.append(parse())
+                    if tokens[pos] != ",":
+                        break
+                    take()
+            scopes.append((sid, None if binds is None else tuple(binds)))
+            if take() == ">":
+                break
+        return _Type(head, None, tuple(scopes))
+
+    return parse()
 
 
 class _Comparison:
-    def __init__(self, old: Snapshot, new: Snapshot) -> None:
+    def __init__(self, old: Snapshot, new: Snapshot, closed: Collection[int]) -> None:
         self.old, self.new = old, new
+        self.closed = closed
         self.where = _Locator(new)
+        self.where_old = _Locator(old)
         self.out: list[Violation] = []
         self.pair = f"{old.label} → {new.label}"
+        # Old id -> new id of types that kept their shape under another id (renamed without
+        # an explicit id, or given another id): reported once, not again in every field
+        # that refers to them.
+        self.renamed: dict[int, int] = {}
+        self._bindings: dict[tuple[int, int], list[tuple[str, str | None]]] | None = None
 
     def report(self, rule: str, node: Node | None, member: str | None, message: str,
-               *, file: str | None = None) -> None:
-        if node is not None and node.file in self.new.sources:
-            file = node.file
-            line = self.where.line(node.file, node.qualname, member)
-            path = self.new.path(node.file)
-        elif file is not None and file in self.new.files:
-            line, path = None, self.new.path(file)
+               *, file: str | None = None, removed: bool = False, field: str = "",
+               ordinal: int | None = None, old: str = "", new: str = "") -> None:
+        """Record a finding; ``removed`` points it at ``node``/``file`` in the older snapshot
+        (the element no longer exists in the newer one)."""
+        snap, where = (self.old, self.where_old) if removed else (self.new, self.where)
+        if node is not None and node.file in snap.sources:
+            line = where.line(node.file, node.qualname, member)
+            path = snap.path(node.file)
+        elif file is not None and file in snap.files:
+            line, path = _file_id_line(snap, file), snap.path(file)
         else:
             line, path = None, self.old.path(file or (node.file if node else "?"))
-        self.out.append(Violation(rule, path, line, message, (self.pair,)))
+        self.out.append(Violation(
+            rule, path, line, message, (self.pair,),
+            struct=node.qualname if node is not None else "", field=field, ordinal=ordinal,
+            old=old, new=new,
+        ))
 
     def type_name(self, type_str: str, first: Snapshot, second: Snapshot,
                   ids: bool = False) -> str:
@@ -435,60 +553,240 @@ class _Comparison:
         return (self.type_name(old, self.old, self.new, ids=True),
                 self.type_name(new, self.new, self.old, ids=True))
 
+    # types
+
+    def old_type(self, type_str: str) -> _Type:
+        """An older type with renamed ids replaced by their newer ids."""
+        return _parse_type(_ID.sub(
+            lambda m: f"0x{self.renamed.get(int(m.group(), 16), int(m.group(), 16)):016x}",
+            type_str))
+
+    def new_type(self, type_str: str) -> _Type:
+        """A newer type without the bindings of generic parameters the older schema did not
+        have: those are checked where the parameter is used (``same_type``)."""
+        return self._strip(_parse_type(type_str))
+
+    def _strip(self, t: _Type) -> _Type:
+        element = self._strip(t.element) if t.element is not None else None
+        brand = []
+        for sid, binds in t.brand:
+            before = self._old_params(int(sid, 16))
+            if binds is not None and before is not None:
+                binds = tuple(None if b is None else self._strip(b) for b in binds[:before])
+                if not binds:
+                    continue
+            brand.append((sid, binds))
+        return _Type(t.head, element, tuple(brand))
+
+    def _old_params(self, new_id: int) -> int | None:
+        back = {v: k for k, v in self.renamed.items()}
+        node = self.old.nodes.get(back.get(new_id, new_id))
+        return None if node is None else len(node.parameters)
+
+    def same_type(self, old_str: str, new_str: str, owner: Node) -> bool:
+        """Whether a field of ``owner`` may change from ``old_str`` to ``new_str``: the same
+        type once renames and newly added generic bindings are accounted for, a list upgraded
+        to a list of structs whose @0 field is the old element, or a new generic parameter
+        of ``owner`` (or its scope) that every user binds to the old type."""
+        a, b = self.old_type(old_str), self.new_type(new_str)
+        if str(a) == str(b) or self._list_upgrade(a, b):
+            return True
+        m = re.fullmatch(r"param:(0x[0-9a-f]{16})#(\d+)", b.head)
+        if m is None or not a.head.startswith(("List", "Text", "Data", "struct:", "interface:",
+                                              "Any", "Capability")):
+            return False  # a parameter is a pointer: only a pointer type can become one
+        scope, index = int(m.group(1), 16), int(m.group(2))
+        before = self._old_params(scope)
+        if before is None or index < before or not self._in_scope(owner, scope):
+            return False
+        binds = self.bindings().get((scope, index), [])
+        return bool(binds) and all(bound == str(a) for _, bound in binds)
+
+    def _in_scope(self, node: Node, scope: int) -> bool:
+        seen: set[int] = set()
+        current: Node | None = node
+        while current is not None and current.id not in seen:
+            if current.id == scope:
+                return True
+            seen.add(current.id)
+            current = self.new.nodes.get(current.scope_id)
+        return False
+
+    def bindings(self) -> dict[tuple[int, int], list[tuple[str, str | None]]]:
+        """(generic id, parameter index) -> (user, bound type or None if unbound) for every
+        reference to a generic type (or a type nested in one) in the newer snapshot."""
+        if self._bindings is not None:
+            return self._bindings
+        out: dict[tuple[int, int], list[tuple[str, str | None]]] = {}
+        for node in self.new.nodes.values():
+            for f in node.struct.fields if node.struct is not None else ():
+                if f.slot is None:
+                    continue
+                user = f"{node.qualname}.{f.name}"
+                for t in _parse_type(f.slot.type).walk():
+                    if t.ref is None:
+                        continue
+                    scopes = dict(t.brand)
+                    for generic in self._generic_scopes(t.ref):
+                        g = self.new.nodes[generic]
+                        binds = scopes.get(f"0x{generic:016x}", ())
+                        if binds is None:  # "inherit": bound by the enclosing generic
+                            continue
+                        for i in range(len(g.parameters)):
+                            b = binds[i] if i < len(binds) else None
+                            if b is not None and b.head == f"param:0x{generic:016x}#{i}":
+                                continue  # the generic passing its own parameter on
+                            out.setdefault((generic, i), []).append(
+                                (user, None if b is None else str(self._strip(b))))
+        self._bindings = out
+        return out
+
+    def _generic_scopes(self, node_id: int) -> list[int]:
+        out, seen = [], set()
+        current = self.new.nodes.get(node_id)
+        while current is not None and current.id not in seen:
+            seen.add(current.id)
+            if current.parameters:
+                out.append(current.id)
+            current = self.new.nodes.get(current.scope_id)
+        return out
+
+    def _list_upgrade(self, a: _Type, b: _Type) -> bool:
+        """``List(T)`` -> ``List(U)`` where U's @0 field is a non-union T at offset 0 with a
+        zero default: Cap'n Proto reads either list encoding as the other (not for Bool)."""
+        if a.element is None or b.element is None:
+            return False
+        x, u = a.element, b.element
+        if str(x) == str(u):
+            return True
+        if x.element is not None and u.element is not None:
+            return self._list_upgrade(x, u)
+        if u.ref is None or not u.head.startswith("struct:") or x.head == "Bool" or (
+                x.head.startswith((*_REF_KINDS, "param:", "methodParam", "Any", "Capability"))):
+            return False
+        node = self.new.nodes.get(u.ref)
+        if node is None or node.struct is None:
+            return False
+        first = _leaves(self.new, node.struct).get(0)
+        return (
+            first is not None
+            and all(lv.discriminant == NO_DISCRIMINANT for lv in first.chain)
+            and first.slot.offset == 0
+            and str(self.new_type(first.slot.type)) == str(x)
+            and any(first.slot.default == z for z in _ZERO_DEFAULTS)
+        )
+
     # files and nodes
 
     def run(self) -> list[Violation]:
         for name, info in sorted(self.old.files.items()):
             now_file = self.new.files.get(name)
             if now_file is None:
-                self.report("FILE_REMOVED", None, None,
-                            f"file {name} of {self.old.label} is missing", file=name)
+                self.report("FILE_REMOVED", None, None, f"file {name} is missing",
+                            file=name, removed=True)
             elif now_file.id != info.id:
-                self.out.append(Violation(
-                    "FILE_ID_CHANGED", self.new.path(name), self._file_id_line(name),
-                    f"file id changed from {info.id:#018x} to {now_file.id:#018x}", (self.pair,),
-                ))
-        by_name = {(n.file, n.qualname): n for n in self.new.nodes.values()}
+                self.report("FILE_ID_CHANGED", None, None,
+                            f"file id changed from {info.id:#018x} to {now_file.id:#018x}",
+                            file=name, old=f"{info.id:#018x}", new=f"{now_file.id:#018x}")
+        self._find_renames()
         for node in sorted(self.old.nodes.values(), key=lambda n: (n.file, n.qualname)):
             if node.kind == "file" or node.implicit:
                 continue
             now = self.new.nodes.get(node.id)
             if now is None:
-                if node.kind not in _WIRE_KINDS:
-                    continue
-                twin = by_name.get((node.file, node.qualname))
-                if twin is not None and twin.kind == node.kind:
-                    self.report("ID_CHANGED", twin, None,
-                                f"{node.kind} {node.qualname} id changed from "
-                                f"{node.id:#018x} to {twin.id:#018x}")
-                else:
-                    self.report("NODE_REMOVED", None, None,
-                                f"{node.kind} {node.qualname} ({node.id:#018x}) of "
-                                f"{self.old.label} is missing", file=node.file)
+                if node.kind in _WIRE_KINDS:
+                    self._missing(node)
                 continue
             if now.kind != node.kind:
                 self.report("KIND_CHANGED", now, None,
                             f"{node.qualname} ({node.id:#018x}) changed from {node.kind} "
-                            f"to {now.kind}")
+                            f"to {now.kind}", old=node.kind, new=now.kind)
                 continue
-            if len(now.parameters) != len(node.parameters):
-                self.report("GENERIC_PARAMETERS_CHANGED", now, None,
-                            f"{now.qualname} generic parameters changed from "
-                            f"{list(node.parameters)} to {list(now.parameters)}")
-            if node.struct is not None and now.struct is not None:
-                self.struct(node, now, None)
-            elif node.kind == "enum":
-                self.enum(node, now)
-            elif node.kind == "interface":
-                self.interface(node, now)
+            self._compare_node(node, now)
         return self.out
 
-    def _file_id_line(self, file: str) -> int | None:
-        text = self.new.sources.get(file)
-        if text is None:
-            return None
-        m = _FILE_ID.search(_strip(text))
-        return _line_at(text, m.end() - 1) if m else None
+    def _compare_node(self, node: Node, now: Node) -> None:
+        self._generics(node, now)
+        if node.struct is not None and now.struct is not None:
+            self.struct(node, now, None)
+        elif node.kind == "enum":
+            self.enum(node, now)
+        elif node.kind == "interface":
+            self.interface(node, now)
+
+    def _generics(self, node: Node, now: Node) -> None:
+        old_p, new_p = list(node.parameters), list(now.parameters)
+        if len(new_p) < len(old_p):
+            self.report("GENERIC_PARAMETERS_CHANGED", now, None,
+                        f"{now.qualname} generic parameters changed from {old_p} to {new_p}",
+                        old=", ".join(old_p), new=", ".join(new_p))
+            return
+        unbound = sorted({
+            user for i in range(len(old_p), len(new_p))
+            for user, bound in self.bindings().get((now.id, i), []) if bound is None
+        })
+        if unbound:
+            self.report("GENERIC_PARAMETERS_CHANGED", now, None,
+                        f"{now.qualname} generic parameters changed from {old_p} to {new_p} "
+                        f"and {', '.join(unbound)} does not bind the new ones",
+                        old=", ".join(old_p), new=", ".join(new_p))
+
+    def _shape(self, node: Node, snap: Snapshot) -> tuple[Any, ...]:
+        """What a type looks like on the wire, ids blanked: finds a type under another id."""
+        if node.struct is not None:
+            leaves = _leaves(snap, node.struct)
+            return (node.kind, node.struct.data_words, node.struct.pointers, tuple(
+                (o, leaf.slot.offset, _ID.sub("id", leaf.slot.type))
+                for o, leaf in sorted(leaves.items())))
+        if node.kind == "enum":
+            return (node.kind, len(node.enumerants))
+        return (node.kind, tuple(m.name for m in node.methods))
+
+    def _find_renames(self) -> None:
+        gone = [n for n in self.old.nodes.values() if n.id not in self.new.nodes
+                and n.kind in _WIRE_KINDS and not n.implicit]
+        fresh = [n for n in self.new.nodes.values() if n.id not in self.old.nodes
+                 and n.kind in _WIRE_KINDS and not n.implicit]
+        by_name = {(n.file, n.qualname): n for n in fresh}
+        claimed: set[int] = set()
+        for node in sorted(gone, key=lambda n: (n.file, n.qualname)):
+            twin = by_name.get((node.file, node.qualname))
+            if twin is not None and twin.kind == node.kind:
+                self.renamed[node.id] = twin.id
+                claimed.add(twin.id)
+        for node in sorted(gone, key=lambda n: (n.file, n.qualname)):
+            if node.id in self.renamed:
+                continue
+            shape = self._shape(node, self.old)
+            candidates = [n for n in fresh if n.id not in claimed and n.file == node.file
+                          and n.qualname not in {g.qualname for g in gone}
+                          and self._shape(n, self.new) == shape]
+            if len(candidates) == 1:
+                self.renamed[node.id] = candidates[0].id
+                claimed.add(candidates[0].id)
+
+    def _missing(self, node: Node) -> None:
+        """A node whose id is gone: given another id, renamed without one, or removed."""
+        now_id = self.renamed.get(node.id)
+        now = self.new.nodes.get(now_id) if now_id is not None else None
+        if now is None:
+            self.report("NODE_REMOVED", node, None,
+                        f"{node.kind} {node.qualname} ({node.id:#018x}) is missing: no node "
+                        f"has its id (if it was renamed or moved, declare the new one with "
+                        f"@{node.id:#018x})", removed=True, old=node.qualname)
+            return
+        if now.qualname == node.qualname:
+            self.report("ID_CHANGED", now, None,
+                        f"{node.kind} {node.qualname} id changed from {node.id:#018x} to "
+                        f"{now.id:#018x}", old=f"{node.id:#018x}", new=f"{now.id:#018x}")
+        else:
+            self.report("NODE_RENAMED", now, None,
+                        f"{node.kind} {node.qualname} was renamed to {now.qualname} and its "
+                        f"id changed from {node.id:#018x} to {now.id:#018x} (declare "
+                        f"`{now.kind} {now.qualname.rsplit('.', 1)[-1]} @{node.id:#018x}` to "
+                        f"keep the old id)", old=node.qualname, new=now.qualname)
+        if now.kind == node.kind:
+            self._compare_node(node, now)
 
     # structs
 
@@ -500,18 +798,29 @@ class _Comparison:
             return
         what = new.qualname if as_method is None else f"{as_method[2]}{_SIDE[as_method[0]]}"
 
-        def report(rule: str, member: str | None, message: str) -> None:
+        def report(rule: str, member: str | None, message: str, *, removed: bool = False,
+                   ordinal: int | None = None, old_s: str = "", new_s: str = "") -> None:
             if as_method is None:
-                self.report(rule, new, member, f"{what}: {message}")
+                self.report(rule, old if removed else new, member, f"{what}: {message}",
+                            removed=removed, field=member or "", ordinal=ordinal,
+                            old=old_s, new=new_s)
             else:
                 self.report(as_method[0], as_method[1], as_method[2],
-                            f"{as_method[1].qualname}.{what}: {message} ({rule})")
+                            f"{as_method[1].qualname}.{what}: {message} ({rule})",
+                            field=member or "", ordinal=ordinal, old=old_s, new=new_s)
 
         if sn.data_words < so.data_words or sn.pointers < so.pointers:
             report("STRUCT_LAYOUT_SHRUNK", None,
                    f"layout shrank from {so.data_words} data words / {so.pointers} pointers "
-                   f"to {sn.data_words} / {sn.pointers}")
+                   f"to {sn.data_words} / {sn.pointers}",
+                   old_s=f"{so.data_words}/{so.pointers}", new_s=f"{sn.data_words}/{sn.pointers}")
         lo, ln = _leaves(self.old, so), _leaves(self.new, sn)
+        if as_method is None and old.id in self.closed:
+            for ordinal in sorted(ln.keys() - lo.keys()):
+                leaf = ln[ordinal]
+                report("CLOSED_STRUCT_EXTENDED", leaf.path,
+                       f"field {leaf.path} @{ordinal} was added to a closed struct",
+                       ordinal=ordinal, new_s=leaf.slot.type)
         groups = _match_groups(lo, ln)
         new_by_path = {leaf.path: leaf for leaf in ln.values()}
         for ordinal, a in sorted(lo.items()):
@@ -519,31 +828,38 @@ class _Comparison:
             moved = new_by_path.get(a.path)
             if moved is not None and moved.ordinal != ordinal:
                 report("ORDINAL_CHANGED", moved.path,
-                       f"field {a.path} moved from @{ordinal} to @{moved.ordinal}")
+                       f"field {a.path} moved from @{ordinal} to @{moved.ordinal}",
+                       ordinal=ordinal, old_s=f"@{ordinal}", new_s=f"@{moved.ordinal}")
             if b is None:
-                report("FIELD_REMOVED", None, f"field {a.path} @{ordinal} was removed")
+                report("FIELD_REMOVED", a.path, f"field {a.path} @{ordinal} was removed",
+                       removed=True, ordinal=ordinal, old_s=a.path)
                 continue
             label = f"field {b.path} @{ordinal}" + (
                 f" (was {a.path})" if a.path != b.path else "")
             self._chain(a, b, groups, label, report)
-            if a.slot.type != b.slot.type:
+            if not self.same_type(a.slot.type, b.slot.type, new):
                 told, tnew = self.describe_types(a.slot.type, b.slot.type)
-                report("TYPE_CHANGED", b.path, f"{label}: type changed from {told} to {tnew}")
+                report("TYPE_CHANGED", b.path, f"{label}: type changed from {told} to {tnew}",
+                       ordinal=ordinal, old_s=told, new_s=tnew)
                 continue
             if a.slot.offset != b.slot.offset:
                 report("OFFSET_CHANGED", b.path,
-                       f"{label}: offset changed from {a.slot.offset} to {b.slot.offset}")
+                       f"{label}: offset changed from {a.slot.offset} to {b.slot.offset}",
+                       ordinal=ordinal, old_s=str(a.slot.offset), new_s=str(b.slot.offset))
             if not self.same_default(a.slot.default, b.slot.default, b.slot.type):
+                dold = _show(a.slot.default, a.slot.type, self.old)
+                dnew = _show(b.slot.default, b.slot.type, self.new)
                 report("DEFAULT_CHANGED", b.path,
-                       f"{label}: default changed from "
-                       f"{_show(a.slot.default, a.slot.type, self.old)} to "
-                       f"{_show(b.slot.default, b.slot.type, self.new)}")
+                       f"{label}: default changed from {dold} to {dnew}",
+                       ordinal=ordinal, old_s=dold, new_s=dnew)
 
     def same_default(self, a: Any, b: Any, type_str: str) -> bool:
         """Whether two canonical defaults of ``type_str`` read the same on both sides: fields
         of a struct value that only one side's schema knows are ignored."""
         if a == b:
             return True
+        if type_str.startswith("param:") and b is None and a in _NULL_POINTER_DEFAULTS:
+            return True  # a pointer without a default became a parameter: null either way
         if isinstance(a, list) and isinstance(b, list) and type_str.startswith("List("):
             return len(a) == len(b) and all(
                 self.same_default(x, y, type_str[5:-1]) for x, y in zip(a, b, strict=True))
@@ -569,16 +885,19 @@ class _Comparison:
 
     def _chain(self, a: _Leaf, b: _Leaf, groups: Mapping[int, int], label: str,
                report: _Report) -> None:
-        if [lv.group for lv in a.chain] != [groups[lv.group] for lv in b.chain]:
+        b_chain = _unwrap_new_groups(b.chain, groups)
+        if [lv.group for lv in a.chain] != [groups.get(lv.group, lv.group) for lv in b_chain]:
             report("GROUP_CHANGED", b.path,
-                   f"{label}: moved from {_container(a.path)} to {_container(b.path)}")
+                   f"{label}: moved from {_container(a.path)} to {_container(b.path)}",
+                   ordinal=a.ordinal, old_s=_container(a.path), new_s=_container(b.path))
             return
-        for x, y in zip(a.chain, b.chain, strict=True):
+        for x, y in zip(a.chain, b_chain, strict=True):
             if x.discriminant == y.discriminant:
                 if x.union_offset != y.union_offset:
                     report("UNION_MEMBERSHIP_CHANGED", b.path,
                            f"{label}: union discriminant moved from offset {x.union_offset} "
-                           f"to {y.union_offset}")
+                           f"to {y.union_offset}", ordinal=a.ordinal,
+                           old_s=str(x.union_offset), new_s=str(y.union_offset))
                     return
                 continue
             if x.discriminant == NO_DISCRIMINANT:
@@ -587,7 +906,8 @@ class _Comparison:
                 change = "moved out of a union"
             else:
                 change = f"discriminant changed from {x.discriminant} to {y.discriminant}"
-            report("UNION_MEMBERSHIP_CHANGED", b.path, f"{label}: {change}")
+            report("UNION_MEMBERSHIP_CHANGED", b.path, f"{label}: {change}", ordinal=a.ordinal,
+                   old_s=_disc(x.discriminant), new_s=_disc(y.discriminant))
             return
 
     # enums and interfaces
@@ -597,10 +917,12 @@ class _Comparison:
             if name in new.enumerants and new.enumerants.index(name) != ordinal:
                 self.report("ENUMERANT_ORDINAL_CHANGED", new, name,
                             f"{new.qualname}: enumerant {name} moved from @{ordinal} to "
-                            f"@{new.enumerants.index(name)}")
+                            f"@{new.enumerants.index(name)}", field=name, ordinal=ordinal,
+                            old=f"@{ordinal}", new=f"@{new.enumerants.index(name)}")
             if ordinal >= len(new.enumerants):
-                self.report("ENUMERANT_REMOVED", new, None,
-                            f"{new.qualname}: enumerant {name} @{ordinal} was removed")
+                self.report("ENUMERANT_REMOVED", old, name,
+                            f"{new.qualname}: enumerant {name} @{ordinal} was removed",
+                            removed=True, field=name, ordinal=ordinal, old=name)
 
     def interface(self, old: Node, new: Node) -> None:
         names = [m.name for m in new.methods]
@@ -608,10 +930,12 @@ class _Comparison:
             if m.name in names and names.index(m.name) != ordinal:
                 self.report("METHOD_ORDINAL_CHANGED", new, m.name,
                             f"{new.qualname}: method {m.name} moved from @{ordinal} to "
-                            f"@{names.index(m.name)}")
+                            f"@{names.index(m.name)}", field=m.name, ordinal=ordinal,
+                            old=f"@{ordinal}", new=f"@{names.index(m.name)}")
             if ordinal >= len(new.methods):
-                self.report("METHOD_REMOVED", new, None,
-                            f"{new.qualname}: method {m.name} @{ordinal} was removed")
+                self.report("METHOD_REMOVED", old, m.name,
+                            f"{new.qualname}: method {m.name} @{ordinal} was removed",
+                            removed=True, field=m.name, ordinal=ordinal, old=m.name)
                 continue
             n = new.methods[ordinal]
             for rule, sid_old, sid_new in (
@@ -619,23 +943,52 @@ class _Comparison:
                 ("METHOD_RESULT_TYPE_CHANGED", m.result, n.result),
             ):
                 a, b = self.old.nodes.get(sid_old), self.new.nodes.get(sid_new)
-                if sid_old != sid_new:
+                if self.renamed.get(sid_old, sid_old) != sid_new:
                     ta = a.qualname if a else f"{sid_old:#018x}"
                     tb = b.qualname if b else f"{sid_new:#018x}"
                     self.report(rule, new, n.name,
                                 f"{new.qualname}.{n.name}{_SIDE[rule]}: struct changed from "
-                                f"{ta} ({sid_old:#018x}) to {tb} ({sid_new:#018x})")
+                                f"{ta} ({sid_old:#018x}) to {tb} ({sid_new:#018x})",
+                                field=n.name, ordinal=ordinal, old=ta, new=tb)
                 elif a is not None and b is not None and a.implicit and b.implicit:
                     self.struct(a, b, (rule, new, n.name))
         gone = [s for s in old.superclasses if s not in new.superclasses]
         for sid in gone:
             sup = self.old.nodes.get(sid)
+            name = sup.qualname if sup else f"{sid:#018x}"
             self.report("SUPERCLASS_REMOVED", new, None,
-                        f"{new.qualname} no longer extends "
-                        f"{sup.qualname if sup else f'{sid:#018x}'}")
+                        f"{new.qualname} no longer extends {name}", old=name)
 
 
 _SIDE = {"METHOD_PARAM_TYPE_CHANGED": " params", "METHOD_RESULT_TYPE_CHANGED": " results"}
+
+
+def _disc(value: int) -> str:
+    return "no union" if value == NO_DISCRIMINANT else f"discriminant {value}"
+
+
+def _unwrap_new_groups(chain: tuple[_Level, ...], groups: Mapping[int, int]) -> list[_Level]:
+    """A newer leaf's chain without the plain groups that are new (matched to no older
+    group): a field wrapped in a new group that is not a union member keeps its bits, as
+    Cap'n Proto allows. A new group that is a union member, or a union inside it, stays."""
+    out = list(chain)
+    i = 1
+    while i < len(out):
+        outer, inner = out[i - 1], out[i]
+        if groups.get(inner.group, inner.group) < 0 and outer.discriminant == NO_DISCRIMINANT \
+                and inner.discriminant == NO_DISCRIMINANT:
+            out[i - 1:i + 1] = [_Level(outer.group, NO_DISCRIMINANT, None)]
+            continue
+        i += 1
+    return out
+
+
+def _file_id_line(snapshot: Snapshot, file: str) -> int | None:
+    text = snapshot.sources.get(file)
+    if text is None:
+        return None
+    m = _FILE_ID.search(_strip(text))
+    return _line_at(text, m.end() - 1) if m else None
 
 
 def _container(path: str) -> str:
@@ -672,25 +1025,58 @@ def _fmt(value: Any) -> str:
     return repr(value)
 
 
-def compare(old: Snapshot, new: Snapshot) -> list[Violation]:
+def compare(old: Snapshot, new: Snapshot,
+            closed: Collection[int] | None = None) -> list[Violation]:
     """Every breaking change from ``old`` (an earlier release) to ``new``.
 
-    Violations point into ``new`` where the element still exists there, else into ``old``.
+    Findings point into ``new`` where the element still exists there, else into ``old``.
+    ``closed`` holds the ids of structs that may not grow (default: the ``STRUCT_EVOLUTION``
+    table's closed structs).
     """
-    return _Comparison(old, new).run()
+    return _Comparison(old, new, closed_structs() if closed is None else closed).run()
 
 
-def merge(violations: Iterable[Violation]) -> list[Violation]:
-    """Fold violations that differ only in their pairs into one, sorted by place and rule."""
-    merged: dict[tuple[str, int | None, str, str], list[str]] = {}
+def merge(violations: Iterable[Violation], order: Sequence[str] = ()) -> list[Violation]:
+    """Fold findings of the same change found by several pairs into one, sorted by place
+    and rule, each with its release range.
+
+    Two findings are the same change when rule, file name, struct, member, ordinal, old, new
+    and message agree: a removal seen by ``v1 → current`` and ``v2 → current`` points into
+    each release's own copy of the file, so the place is not part of the key; the newest
+    older release's place is kept. ``order`` lists the snapshot labels oldest first, so a
+    run of consecutive releases prints as ``v1..v3``.
+    """
+    merged: dict[tuple[Any, ...], tuple[Violation, list[str]]] = {}
     for v in violations:
-        pairs = merged.setdefault((v.path, v.line, v.rule, v.message), [])
+        key = (v.rule, Path(v.path).name, v.struct, v.field, v.ordinal, v.old, v.new, v.message)
+        _, pairs = merged.get(key, (v, []))
         pairs.extend(p for p in v.pairs if p not in pairs)
-    return [
-        Violation(rule, path, line, message, tuple(pairs))
-        for (path, line, rule, message), pairs in sorted(
-            merged.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2], kv[0][3]))
+        merged[key] = (v, pairs)
+    out = [
+        replace(v, pairs=tuple(pairs), releases=release_range(pairs, order))
+        for v, pairs in merged.values()
     ]
+    return sorted(out, key=lambda v: (v.path, v.line or 0, v.rule, v.message))
+
+
+def release_range(pairs: Sequence[str], order: Sequence[str] = ()) -> str:
+    """``["v1 → current", "v2 → current"]`` as ``"v1..v2 → current"``: per newer label, the
+    older labels, a run of consecutive ones (in ``order``) shortened to ``first..last``."""
+    by_new: dict[str, list[str]] = {}
+    for pair in pairs:
+        old, _, new = pair.partition(" → ")
+        by_new.setdefault(new, []).append(old)
+    rank = {label: i for i, label in enumerate(order)}
+    parts = []
+    for new, olds in by_new.items():
+        idx = sorted(rank.get(o, -1) for o in olds)
+        if len(olds) >= 2 and idx[0] >= 0 and idx == list(range(idx[0], idx[0] + len(idx))):
+            ordered = sorted(olds, key=lambda o: rank[o])
+            text = f"{ordered[0]}..{ordered[-1]}"
+        else:
+            text = ", ".join(olds)
+        parts.append(f"{text} → {new}")
+    return "; ".join(parts)
 
 
 def transitive_pairs(snapshots: Sequence[Snapshot]) -> list[tuple[Snapshot, Snapshot]]:

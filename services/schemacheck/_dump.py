@@ -1,8 +1,9 @@
 """Subprocess worker: parse schema directories with pycapnp and print what the checker compares.
 
-Run as ``python -m services.schemacheck._dump DIR [DIR ...]``. For each directory, in order, it
-loads every ``DIR/*.capnp`` with one fresh ``capnp.SchemaParser`` (imports resolve against
-``DIR`` itself and pycapnp's bundled ``/capnp/*.capnp``), walks every node reachable from those
+Run as ``python -m services.schemacheck._dump [-I PATH ...] DIR [DIR ...]``. For each
+directory, in order, it loads every ``DIR/*.capnp`` with one fresh ``capnp.SchemaParser``
+(imports resolve against ``DIR`` itself, each ``-I`` path, and pycapnp's bundled
+``/capnp/*.capnp``), walks every node reachable from those
 files — nested nodes, group nodes, implicit method parameter and result structs — and prints
 one JSON line ``{"dir": ..., "ok": true, "dump": {...}}``.
 
@@ -25,6 +26,7 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -237,19 +239,20 @@ class _Walker:
         }
 
 
-def dump_directory(directory: Path) -> dict[str, Any]:
-    """Parse every ``*.capnp`` file of ``directory`` and describe all of their nodes.
+def dump_directory(directory: Path, imports: Sequence[Path] = ()) -> dict[str, Any]:
+    """Parse every ``*.capnp`` file of ``directory`` and describe all of their nodes;
+    ``imports`` are more directories ``import "/x.capnp"`` searches, after ``directory``.
 
     Must run in a disposable process: invalid schemas abort the interpreter.
     """
     capnp = importlib.import_module("capnp")
     bundled = os.path.dirname(os.path.dirname(os.path.abspath(str(capnp.__file__))))
     parser = capnp.SchemaParser()
-    imports = [str(directory), bundled]
+    search = [str(directory), *map(str, imports), bundled]
     walker = _Walker(capnp)
     files: dict[str, dict[str, Any]] = {}
     for path in sorted(directory.glob("*.capnp")):
-        module = parser.load(str(path), imports=imports)
+        module = parser.load(str(path), imports=search)
         node = module.schema.node
         files[path.name] = {"id": _hex(node.id)}
         walker.walk(module.schema, path.name)
@@ -263,9 +266,18 @@ def dump_directory(directory: Path) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     """Dump each directory in ``argv`` as one JSON line on stdout; see the module docstring."""
-    for arg in argv:
+    imports: list[Path] = []
+    dirs: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "-I":
+            imports.append(Path(next(args)))
+        else:
+            dirs.append(arg)
+    for arg in dirs:
         try:
-            line: dict[str, Any] = {"dir": arg, "ok": True, "dump": dump_directory(Path(arg))}
+            dump = dump_directory(Path(arg), imports)
+            line: dict[str, Any] = {"dir": arg, "ok": True, "dump": dump}
         except Exception as exc:  # pycapnp raises KjException, OSError...: report, go on
             line = {"dir": arg, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(line, sort_keys=True) + "\n")

@@ -2,10 +2,14 @@
 
 Run once, when a release is frozen; never regenerate an existing release (the point of the
 vectors is that old bytes stay readable). Refuses to overwrite unless ``--force``.
+``--add`` writes only the vectors a release directory lacks (a message type or field the
+generator learned to cover later), with their own ``manifest-N.json``; no existing file is
+touched.
 
-Each vector is a message as that release's writer produced it; ``manifest.json`` records what
-a reader must find in it: the document's digest and value for envelopes and documents, the
-field dict for RPC and healer structs.
+Each vector is a message as that release's writer produced it; the manifests record what a
+reader must find in it: the document's digest and value for envelopes and documents, the
+field dict for RPC and healer structs. Every message type of the release is covered, and
+every field it added is set in some vector (``tests/golden/coverage.py`` says which).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -160,11 +165,99 @@ def _rpc_and_healer(codec: WireCodec, state: ORMap) -> dict[str, tuple[str, byte
         "rpc_response": ("rpc.RpcResponse", resp.to_bytes_packed()),
         "root_reply": ("healer.RootReply", root.to_bytes_packed()),
         "heal_report": ("healer.HealReport", report.to_bytes_packed()),
+        **_more_messages(codec),
     }
 
 
-def generate(version: int, out: Path) -> dict[str, Any]:
-    """Write release ``version``'s vectors into ``out``; return the manifest."""
+def _small_state() -> ORMap:
+    """A two-key OR-map state, the content of healer and RPC messages that carry one."""
+    state = ORMap()
+    state.merge(state.assign("n1", ("order-1", "total"), 120, T0 + 1))
+    state.merge(state.assign("n2", ("order-2", "total"), 80, T0 + 2))
+    return state
+
+
+def _more_messages(codec: WireCodec) -> dict[str, tuple[str, bytes]]:
+    """Every other healer and RPC message, each with every field its release has set
+    (added for issue 14: before, 7 message types per release had vectors)."""
+    rpc, healer, v = codec.schema.rpc, codec.schema.healer, codec.version
+    state = _small_state()
+    subject = "wn.prod.orders"
+
+    def with_state(message: Any) -> Any:
+        message.state = codec.schema.crdt.Document.from_bytes_packed(
+            codec.encode_document(state))
+        return message
+
+    rr = healer.RootRequest.new_message(subject=subject)
+    if v >= 3:
+        rr.levels = 2
+        rr.hashBytes = 6
+        rr.levelsUnless = b"\x5a" * 32
+    nr = healer.NodeHashesRequest.new_message(subject=subject)
+    nr.init("prefixes", 2)[0] = b""
+    nr.prefixes[1] = b"\x03\x0a"
+    if v >= 3:
+        nr.hashBytes = 6
+        nr.digestsOnly = True
+        nr.prefixLevel = 2
+        nr.packedPrefixes = bytes([0, 3, 0, 10])
+    nh = healer.NodeHashesReply.new_message(subject=subject)
+    nodes = nh.init("nodes", 2)
+    for i, node in enumerate(nodes):
+        node.prefix = bytes([i])
+        node.hash = bytes([0x10 + i]) * 32
+        node.count = 100 + i
+    if v >= 3:
+        nh.hashes = bytes(range(6)) * 16
+    lr = healer.LeafItemsReply.new_message(subject=subject)
+    items = lr.init("items", 2)
+    for i, item in enumerate(items):
+        item.key = f"order-{i + 1}"
+        item.digest = bytes([0x20 + i]) * 32
+    if v >= 3:
+        lr.packedItems = (2).to_bytes(4, "big") + b"".join(
+            len(k).to_bytes(2, "big") + k + bytes([0x20 + i]) * 6
+            for i, k in enumerate((b"order-1", b"order-2")))
+    fr = healer.FetchStatesRequest.new_message(subject=subject)
+    fr.init("keys", 2)[0] = "order-1"
+    fr.keys[1] = "order-2"
+    if v >= 3:
+        fr.items = (7).to_bytes(4, "big") + b"\x21" * 4
+        fr.hashBytes = 4
+    sr = with_state(healer.StatesReply.new_message(subject=subject))
+    ar = with_state(healer.ApplyStatesRequest.new_message(subject=subject))
+    ap = healer.ApplyStatesReply.new_message(subject=subject, root=b"\x77" * 32, applied=2)
+    req = rpc.RpcRequest.new_message(version=v, worknode="orders-42", method="state.write",
+                                     token=b"\x01biscuit", deadlineMs=900, callDepth=2,
+                                     traceId=TRACE_ID)
+    arg = req.init("arguments", 1)[0]
+    arg.name = "note"
+    arg.value.data = b"\x00\x01"
+    req.delta = codec.schema.crdt.Document.from_bytes_packed(codec.encode_document(
+        ORMap(is_delta=True).assign("n1", ("order-3", "total"), 5, T0 + 3)))
+    resp = with_state(rpc.RpcResponse.new_message(version=v, status="ok", traceId=TRACE_ID))
+    result = resp.init("result", 2)
+    result[0].name = "count"
+    result[0].value.int = 2
+    result[1].name = "missing"
+    result[1].value.null = None
+    return {
+        "root_request": ("healer.RootRequest", rr.to_bytes_packed()),
+        "node_hashes_request": ("healer.NodeHashesRequest", nr.to_bytes_packed()),
+        "node_hashes_reply": ("healer.NodeHashesReply", nh.to_bytes_packed()),
+        "leaf_items_reply": ("healer.LeafItemsReply", lr.to_bytes_packed()),
+        "fetch_states_request": ("healer.FetchStatesRequest", fr.to_bytes_packed()),
+        "states_reply": ("healer.StatesReply", sr.to_bytes_packed()),
+        "apply_states_request": ("healer.ApplyStatesRequest", ar.to_bytes_packed()),
+        "apply_states_reply": ("healer.ApplyStatesReply", ap.to_bytes_packed()),
+        "rpc_request_delta": ("rpc.RpcRequest", req.to_bytes_packed()),
+        "rpc_response_result": ("rpc.RpcResponse", resp.to_bytes_packed()),
+    }
+
+
+def build(version: int) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Every vector of release ``version`` (file name -> bytes) and the manifest of all."""
     codec = WireCodec(version)
     compressing = WireCodec(version, peer_version=version)
     s = signer()
@@ -207,6 +300,17 @@ def generate(version: int, out: Path) -> dict[str, Any]:
             "sequence": 3,
             "trace_id": "",
         }
+        big_state = ORMap()
+        for i in range(200):
+            big_state.merge(big_state.assign("n2", (f"item-{i:04d}",), f"v{i}", T0 + i))
+        files["state_zlib.env"] = compressing.seal(
+            s, subject="wn.prod.orders", hlc=T0 + 103, sequence=4, document=big_state,
+            is_state=True,
+        )
+        manifest["vectors"]["state_zlib.env"] = doc_entry("envelope", big_state) | {
+            "sequence": 4,
+            "trace_id": "",
+        }
     for name, document in _documents(version).items():
         files[f"{name}.doc"] = codec.encode_document(document)
         manifest["vectors"][f"{name}.doc"] = doc_entry("document", document)
@@ -221,20 +325,60 @@ def generate(version: int, out: Path) -> dict[str, Any]:
             "struct": struct,
             "fields": _plain(reader.to_dict()),
         }
+    return files, manifest
+
+
+def generate(version: int, out: Path) -> dict[str, Any]:
+    """Write release ``version``'s vectors into ``out``; return the manifest."""
+    files, manifest = build(version)
     out.mkdir(parents=True, exist_ok=True)
     for name, raw in files.items():
         (out / name).write_bytes(raw)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    _write_manifest(out / "manifest.json", manifest)
     return manifest
+
+
+def add_missing(version: int, out: Path) -> tuple[Path, dict[str, Any]] | None:
+    """Write only the vectors ``out`` lacks, with a new ``manifest-N.json`` listing them;
+    never touch an existing file. None when nothing is missing."""
+    files, manifest = build(version)
+    listed = set()
+    for existing in out.glob("manifest*.json"):
+        listed |= set(json.loads(existing.read_text())["vectors"])
+    missing = sorted(n for n in files if n not in listed and not (out / n).exists())
+    if not missing:
+        return None
+    n = 2
+    while (out / f"manifest-{n}.json").exists():
+        n += 1
+    path = out / f"manifest-{n}.json"
+    added = manifest | {"vectors": {k: manifest["vectors"][k] for k in missing}}
+    for name in missing:
+        (out / name).write_bytes(files[name])
+    _write_manifest(path, added)
+    return path, added
+
+
+def _write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("release", help="release to write, e.g. v2")
     parser.add_argument("--force", action="store_true", help="overwrite an existing release")
+    parser.add_argument("--add", action="store_true",
+                        help="write only the vectors the release lacks (never overwrites)")
     args = parser.parse_args(argv)
     version = int(args.release.lstrip("v"))
     out = HERE / f"v{version}"
+    if args.add:
+        result = add_missing(version, out)
+        if result is None:
+            print(f"{out}: nothing missing")
+        else:
+            print(f"wrote {len(result[1]['vectors'])} vectors to {out} ({result[0].name})")
+        return 0
     if (out / "manifest.json").exists() and not args.force:
         print(f"{out} exists: golden vectors of a release are never regenerated", file=sys.stderr)
         return 1
