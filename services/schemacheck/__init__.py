@@ -47,6 +47,7 @@ from services.schemacheck._rules import (
     Rule,
     closed_structs,
     evolution,
+    union_only_structs,
 )
 
 __all__ = [
@@ -82,4 +83,5 @@ __all__ = [
     "release_range",
     "schema",
     "transitive_pairs",
+    "union_only_structs",
 ]

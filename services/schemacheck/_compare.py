@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from services.schemacheck._rules import RULES, closed_structs
+from services.schemacheck._rules import RULES, closed_structs, union_only_structs
 
 __all__ = [
     "Field",
@@ -494,9 +494,16 @@ def _parse_type(text: str) -> _Type:
 
 
 class _Comparison:
-    def __init__(self, old: Snapshot, new: Snapshot, closed: Collection[int]) -> None:
+    def __init__(
+        self,
+        old: Snapshot,
+        new: Snapshot,
+        closed: Collection[int],
+        union_only: Collection[int] = (),
+    ) -> None:
         self.old, self.new = old, new
         self.closed = closed
+        self.union_only = union_only
         self.where = _Locator(new)
         self.where_old = _Locator(old)
         self.out: list[Violation] = []
@@ -815,11 +822,19 @@ class _Comparison:
                    f"to {sn.data_words} / {sn.pointers}",
                    old_s=f"{so.data_words}/{so.pointers}", new_s=f"{sn.data_words}/{sn.pointers}")
         lo, ln = _leaves(self.old, so), _leaves(self.new, sn)
-        if as_method is None and old.id in self.closed:
+        if as_method is None and (old.id in self.closed or old.id in self.union_only):
+            known = {leaf.path.split(".")[0] for leaf in lo.values()}
             for ordinal in sorted(ln.keys() - lo.keys()):
                 leaf = ln[ordinal]
+                if old.id in self.union_only and (
+                    leaf.chain[0].discriminant != NO_DISCRIMINANT
+                    and leaf.path.split(".")[0] not in known
+                ):
+                    continue  # a new member of the union: older readers keep it whole
+                what = "a closed struct" if old.id in self.closed else (
+                    "a struct whose union alone may grow")
                 report("CLOSED_STRUCT_EXTENDED", leaf.path,
-                       f"field {leaf.path} @{ordinal} was added to a closed struct",
+                       f"field {leaf.path} @{ordinal} was added to {what}",
                        ordinal=ordinal, new_s=leaf.slot.type)
         groups = _match_groups(lo, ln)
         new_by_path = {leaf.path: leaf for leaf in ln.values()}
@@ -1033,7 +1048,9 @@ def compare(old: Snapshot, new: Snapshot,
     ``closed`` holds the ids of structs that may not grow (default: the ``STRUCT_EVOLUTION``
     table's closed structs).
     """
-    return _Comparison(old, new, closed_structs() if closed is None else closed).run()
+    if closed is None:
+        return _Comparison(old, new, closed_structs(), union_only_structs()).run()
+    return _Comparison(old, new, closed).run()
 
 
 def merge(violations: Iterable[Violation], order: Sequence[str] = ()) -> list[Violation]:

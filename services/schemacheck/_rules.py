@@ -19,9 +19,11 @@ __all__ = [
     "LINT",
     "RULES",
     "STRUCT_EVOLUTION",
+    "UNION_MEMBERS",
     "Rule",
     "closed_structs",
     "evolution",
+    "union_only_structs",
 ]
 
 BREAKING: Final = "breaking"
@@ -105,6 +107,9 @@ CLOSED: Final = "closed"
 """A closed struct: the checker refuses any addition (readers do not carry unknown fields)."""
 EXTENSIBLE: Final = "extensible"
 """An extensible struct: new fields and union members at the next ordinal are allowed."""
+UNION_MEMBERS: Final = "union-members"
+"""A struct whose union may grow (new members at the next ordinal) and nothing else: no new
+field beside the union, none inside an existing member's group."""
 
 DEFAULT_EVOLUTION: Final = EXTENSIBLE
 """Every struct not named in ``STRUCT_EVOLUTION``: the checker's behaviour before the table."""
@@ -112,22 +117,37 @@ DEFAULT_EVOLUTION: Final = EXTENSIBLE
 STRUCT_EVOLUTION: Mapping[int, str] = {
     0x9683EE0CC86303C4: CLOSED,  # crdt.capnp Dot: "Frozen" in its schema comment
     0xB9CF401C11916738: CLOSED,  # crdt.capnp Item: "Frozen" in its schema comment
+    0xC2B78EFA0406729F: CLOSED,  # crdt.capnp Context
+    0xC8CC41A9C1DB0C1C: CLOSED,  # crdt.capnp SetElement
+    0xDF4F8360903A2F38: CLOSED,  # crdt.capnp Entry
+    0xA59A13C7B0678D26: CLOSED,  # crdt.capnp Document
+    0xB7475CF08E0785CA: UNION_MEMBERS,  # crdt.capnp Value: older readers keep it opaque
+    0xAE1158C0A4DD688D: UNION_MEMBERS,  # crdt.capnp Payload: a new kind, kept opaque
 }
 """Which structs may grow, by struct id (ids survive renames); unlisted ones are
-``DEFAULT_EVOLUTION``.
+``DEFAULT_EVOLUTION``. This is the only place the checker learns the rule; the README's
+"Evolution rules" state the same, and tests/unit/test_future_schema.py proves the readers
+honour it.
 
-This is the only place the checker learns the rule. Which worknode structs are extensible is
-the wire contract's decision (issue 14: a struct is extensible only if every relay path
-carries unknown fields through); until that decision lands, only the two structs the schema
-comments call frozen are closed, and everything else keeps today's behaviour (additions
-allowed). Adding an id here with ``CLOSED`` makes ``CLOSED_STRUCT_EXTENDED`` refuse any new
-field or union member in it.
+The rule: a struct is extensible only if every relay path (delta, catch-up state, heal
+repair, snapshot) carries what an older reader does not know through unchanged. Replicated
+content is rebuilt by older readers from their own objects, so the content structs are
+closed (``CLOSED_STRUCT_EXTENDED`` refuses any new field or union member), except the two
+unions whose unknown members an older reader keeps whole: ``Value`` (kept as an opaque value)
+and ``Payload`` (a new CRDT kind, kept as an opaque store). The other structs (envelope
+header, healer and RPC messages) travel point to point and are never relayed: additions are
+allowed, and an older reader ignores them.
 """
 
 
 def evolution(struct_id: int) -> str:
     """``CLOSED`` or ``EXTENSIBLE`` for the struct with ``struct_id``."""
     return STRUCT_EVOLUTION.get(struct_id, DEFAULT_EVOLUTION)
+
+
+def union_only_structs() -> frozenset[int]:
+    """The ids ``STRUCT_EVOLUTION`` marks ``UNION_MEMBERS``."""
+    return frozenset(k for k, v in STRUCT_EVOLUTION.items() if v == UNION_MEMBERS)
 
 
 def closed_structs() -> frozenset[int]:

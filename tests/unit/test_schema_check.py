@@ -33,6 +33,7 @@ from services.schemacheck import (
     closed_structs,
     dump_directories,
     load_snapshots,
+    union_only_structs,
 )
 
 CRDT = """\
@@ -754,10 +755,17 @@ def test_closed_structs_refuse_any_addition(tmp_path: Path) -> None:
     item_end = "  payload @2 :Payload;\n}"
     doc_end = ("  delta @3 :Bool;          # true: a delta (may carry markers); false: a full "
                "state\n}")
+    value_end = "    data @5 :Data;         # at most 256 KiB\n"
+    lww_end = "      value @1 :Value;\n"
+    flag_end = "    flag @5 :Void;"
     mutants = {
         "dot": crdt.replace(dot_end, dot_end[:-1] + "  epoch @2 :UInt32;\n}"),
         "item": crdt.replace(item_end, item_end[:-1] + "  note @3 :Text;\n}"),
         "document": crdt.replace(doc_end, doc_end[:-1] + "  note @4 :Text;\n}"),
+        "value": crdt.replace(value_end, value_end + "    uuid @6 :Data;\n"),
+        "kind": crdt.replace(flag_end, flag_end + "\n    future :group {\n      a @6 :UInt8;"
+                             "\n      b @7 :Value;\n    }"),
+        "lww": crdt.replace(lww_end, lww_end + "      origin @6 :Text;\n"),
     }
     assert all(m != crdt for m in mutants.values())
     dirs = {}
@@ -776,14 +784,21 @@ def test_closed_structs_refuse_any_addition(tmp_path: Path) -> None:
     span = f"v1..v{SUPPORTED_VERSIONS[-1]} → current"
     assert findings("dot") == [("CLOSED_STRUCT_EXTENDED", "Dot", "epoch", 2, span)]
     assert findings("item") == [("CLOSED_STRUCT_EXTENDED", "Item", "note", 3, span)]
-    assert findings("document") == []  # extensible (the table's default)
+    assert findings("document") == [("CLOSED_STRUCT_EXTENDED", "Document", "note", 4, span)]
+    # Value and Payload: a new union member passes (older readers keep it whole) ...
+    assert findings("value") == []
+    assert findings("kind") == []
+    # ... a field inside an existing member's group does not (it would be dropped on relay).
+    assert findings("lww") == [("CLOSED_STRUCT_EXTENDED", "Payload", "lww.origin", 6, span)]
 
 
 def test_evolution_table_names_the_structs_the_schemas_call_frozen() -> None:
     parsed, _, errors = load_snapshots([("current", CURRENT_DIR)])
     assert errors == []
     names = {parsed[0].nodes[i].qualname for i in closed_structs()}
-    assert names == _frozen_in_comments() == {"Dot", "Item"}
+    assert _frozen_in_comments() == {"Dot", "Item"}
+    assert names == {"Dot", "Item", "Context", "SetElement", "Entry", "Document"}
+    assert {parsed[0].nodes[i].qualname for i in union_only_structs()} == {"Value", "Payload"}
     assert all(STRUCT_EVOLUTION[i] == CLOSED for i in closed_structs())
 
 
