@@ -216,11 +216,11 @@ class HealerService:
             except WorknodeError as exc:
                 self.metrics.loop_errors.inc()
                 next_heal = min(next_heal, time.monotonic() + s.retry_s)
-                log.warning("heal loop: %s", exc)
+                log.warning(event("heal_loop_error", error=exc))
             except Exception:  # a bug must not end healing for good: logged, counted, retried
                 self.metrics.loop_errors.inc()
                 next_heal = min(next_heal, time.monotonic() + s.retry_s)
-                log.exception("heal loop: unexpected error")
+                log.exception(event("heal_loop_error", error="unexpected error"))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(s.membership_poll_s):
                     await self._wake.wait()

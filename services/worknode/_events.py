@@ -7,8 +7,8 @@ Logged at the default level (INFO), bounded in rate:
   away): every one; there are few;
 - ``envelope_rejected`` (warning): subject, reason and writer (``unknown`` until the replica
   reports it), one line per (subject, reason) every 10 s, with the count held back;
-- ``catchup`` (info when it succeeded, warning when it failed): one line per (subject,
-  outcome) every 10 s;
+- ``catchup`` (info when it succeeded or no peer answered, warning when it failed): one line
+  per (subject, outcome) every 10 s;
 - ``slow_consumer`` (warning): messages NATS dropped, one line per subscription every 10 s;
 - ``sequence_gap`` (info): batches missing from a writer, one line per (subject, writer)
   every 10 s.
@@ -33,7 +33,8 @@ log = logging.getLogger("services.worknode")
 
 LOG_WINDOW_S = 10.0
 """Seconds between two lines of one rate-limited kind (per subject and reason/outcome)."""
-_CATCHUP_OK = ("ok",)
+# A lone node (the first of a cluster) finds no peer: not worth a warning.
+_CATCHUP_OK = ("ok", "no_peer")
 _CATCHUP_QUIET = ("retry",)  # reported beside every failure, which is the line worth reading
 
 

@@ -161,5 +161,5 @@ class RateLimited:
         held = self._held.pop(key, 0)
         if held:
             fields["suppressed"] = held
-        logger.log(level, event(name, **fields))
+        logger.log(level, event(name, **fields), stacklevel=2)
         return True

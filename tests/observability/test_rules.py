@@ -46,7 +46,8 @@ def test_every_alert_has_annotations_and_its_own_runbook_section() -> None:
     for rule in _rules():
         name = rule["alert"]
         notes = rule.get("annotations", {})
-        assert notes.get("summary") and notes.get("description"), name
+        assert notes.get("summary"), name
+        assert notes.get("description"), name
         assert re.fullmatch(r"\d+[smh]", rule.get("for", "")), f"{name}: no sensible for:"
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
         # GitHub's anchor for "#### WorknodeDown" is "#worknodedown".
