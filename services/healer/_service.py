@@ -48,6 +48,7 @@ from broker.transport import NatsTransport, Transport, discover, heal_subject
 from services.healer._metrics import HealerMetrics
 from services.healer._settings import HealerSettings
 from services.worknode import MetricsEndpoint, load_identity
+from services.worknode._events import ConnectionLog
 from services.worknode._logging import RateLimited, event
 
 __all__ = ["ROOT_LEVELS", "HealOutcome", "HealerService"]
@@ -151,7 +152,9 @@ class HealerService:
         self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
         self.secret = s.cluster_secret_file.read_bytes()
         if self.transport is None:
-            self.transport = NatsTransport(s.nats_urls, name=s.node_id)
+            self.transport = NatsTransport(
+                s.nats_urls, name=s.node_id, observer=ConnectionLog(s.node_id, log)
+            )
         await self.transport.start()
         self.codec = WireCodec(max_payload=self.transport.max_payload)
         self._metrics_http.start(s.metrics_host, s.metrics_port, self.metrics.registry)

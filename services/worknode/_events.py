@@ -27,7 +27,7 @@ from services.worknode._metrics import ServiceMetrics
 if TYPE_CHECKING:
     from services.worknode._service import WorknodeService
 
-__all__ = ["LOG_WINDOW_S", "ReplicaEvents", "TransportEvents"]
+__all__ = ["LOG_WINDOW_S", "ConnectionLog", "ReplicaEvents", "TransportEvents"]
 
 log = logging.getLogger("services.worknode")
 
@@ -142,3 +142,41 @@ class TransportEvents:
         log.error(event("handler_error", node=self.service.settings.node_id,
                         subject=subject), exc_info=exc)
         self.metrics.handler_error(subject, exc)
+
+
+class ConnectionLog:
+    """A ``TransportObserver`` for a process without replicas (the healer): logs NATS
+    disconnects (warning) and reconnects (info, with how long it was away), and handler
+    errors, like ``TransportEvents``."""
+
+    def __init__(self, name: str, logger: logging.Logger,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.log = logger
+        self._clock = clock
+        self._down_since: float | None = None
+
+    def connected(self) -> None:
+        """Connected (the service says so itself)."""
+
+    def disconnected(self) -> None:
+        """Disconnected: logged."""
+        if self._down_since is None:
+            self._down_since = self._clock()
+        self.log.warning(event("nats_disconnected", node=self.name))
+
+    def reconnected(self) -> None:
+        """Reconnected: logged with how long it was away."""
+        down = None if self._down_since is None else self._clock() - self._down_since
+        self._down_since = None
+        self.log.info(event("nats_reconnected", node=self.name,
+                            down_s=round(down, 3) if down is not None else "unknown"))
+
+    def slow_consumer(self, subject: str, dropped: int) -> None:
+        """Dropped messages: logged (the healer's requests are retried by the next heal)."""
+        self.log.warning(event("slow_consumer", node=self.name, subject=subject,
+                               dropped=dropped))
+
+    def handler_error(self, subject: str, exc: BaseException) -> None:
+        """A handler raised (a bug): logged with its traceback."""
+        self.log.error(event("handler_error", node=self.name, subject=subject), exc_info=exc)

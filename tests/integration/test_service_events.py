@@ -1,6 +1,6 @@
-"""What a worknode service tells its operator, over a real nats-server: a line per NATS
-disconnect and reconnect, a line per rejected envelope (reason and subject), and store
-errors counted (``worknode_store_errors_total``) and logged."""
+"""What a worknode service (and the healer) tells its operator, over a real nats-server: a
+line per NATS disconnect and reconnect, a line per rejected envelope (reason and subject),
+and store errors counted (``worknode_store_errors_total``) and logged."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import pytest
 
 from broker.errors import StoreError
 from broker.transport import EmbeddedNatsServer, NatsTransport
+from services.healer import HealerService
 from services.worknode import WorknodeService
 from tests.integration._nodes import SUBJECT, node_settings, roster_of
+from tests.integration.test_healing import _setup
 
 
 async def eventually(condition: Callable[[], bool], within: float = 10.0) -> None:
@@ -86,3 +88,16 @@ async def test_a_store_error_is_counted_and_logged(
         assert line.levelno == logging.ERROR
         assert "operation=append" in line.getMessage()
         assert "not open" in line.getMessage()
+
+
+async def test_the_healer_logs_its_disconnects_and_reconnects_too(
+    tmp_path: Path, nats_server: EmbeddedNatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    _, hs, roster = _setup(tmp_path, nats_server.url, [])
+    async with HealerService(hs, roster=roster):
+        await nats_server.restart()
+        await eventually(lambda: bool(_lines(caplog, "nats_reconnected")))
+    (down,) = _lines(caplog, "nats_disconnected")
+    assert down.getMessage() == "event=nats_disconnected node=healer"
+    assert down.levelno == logging.WARNING
