@@ -14,7 +14,11 @@ the interval when it would only repeat itself (``stuck``: repairs changed no roo
 schemes differ); ``worknode healer --once`` exits non-zero (``pass_status``).
 
 Heals run every ``interval_s`` and at once when membership changes (a replica appears,
-disappears or restarts with a new service id). ``start()``/``stop()`` are idempotent.
+disappears or restarts with a new service id; each change is logged at INFO). A subject with
+fewer than two replicas answering is skipped, counted (``outcome="skipped"`` and
+``worknode_heal_skipped_total{reason}``) and logged, and ``worknode_heal_replicas`` follows
+its replicas down to 0. A heal ending with every root agreeing sets
+``worknode_heal_last_success_timestamp_seconds``. ``start()``/``stop()`` are idempotent.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ log = logging.getLogger(__name__)
 SKIP_LOG_WINDOW_S: Final = 300.0
 """A subject skipped heal after heal is logged again this often (and at once when the
 reason changes)."""
+
 
 @dataclass
 class HealOutcome:
