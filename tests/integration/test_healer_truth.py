@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.replica import Consistency
 from broker.transport import EmbeddedNatsServer
 from services.healer import HealerService
 from services.worknode import WorknodeService, load_or_create_signer
@@ -45,6 +46,10 @@ async def test_replicas_going_away_are_counted_skipped_and_logged(
     try:
         for svc in svcs:
             await svc.start()
+        # A lost write: the first heal repairs it (one INFO line for a heal that did work).
+        await svcs[0].replica(SUBJECT).write(
+            lambda t, r, ts: t.state.assign(r, ("lost", "v"), 1, ts), Consistency.LOCAL
+        )
         async with HealerService(hs, roster=roster) as healer:
             m = healer.metrics
 
@@ -60,6 +65,10 @@ async def test_replicas_going_away_are_counted_skipped_and_logged(
             assert m.last_success.labels(SUBJECT)._value.get() >= before
             assert {f"node={n}" for n in "abc"} == {
                 e.split()[1] for e in _events(caplog, "replica_appeared")}
+            (heal,) = _events(caplog, "heal")
+            assert heal.startswith(
+                f"event=heal subject={SUBJECT} outcome=converged replicas=3 divergent_keys=1 "
+                "repaired=")
 
             await svcs[2].stop()
             await eventually(lambda: replicas() == 2)
