@@ -7,7 +7,10 @@ has a stable ``uid`` and every panel and query names the pinned Prometheus datas
 
 Rate windows are ``$__rate_interval``, which Grafana derives from the scrape interval, so a
 panel shows data after a few scrapes; the tests substitute a concrete window the same way.
-Variables default to "All" (``allValue: ".*"``).
+Variables default to "All" (``allValue: ".*"``). Every stat panel states its thresholds and
+value mappings (``Stat``): a 0 that means "ok" is green, a 0 that means "down" is red, and a
+panel stays green while the system is healthy. The alert list panel shows the Prometheus
+rules of ``dashboards/prometheus/rules`` (firing and pending).
 """
 
 from __future__ import annotations
@@ -36,17 +39,55 @@ class Query:
 
 
 @dataclass
+class Stat:
+    """What a stat panel's values mean: ``steps`` are ``(from value, color)`` thresholds
+    (the first from ``None``: the base), ``values`` maps exact values to a text and a color,
+    ``ranges`` maps ``(from, to)`` ranges the same way."""
+
+    steps: list[tuple[float | None, str]]
+    values: dict[int, tuple[str, str]] = field(default_factory=dict)
+    ranges: list[tuple[float, float, str, str]] = field(default_factory=list)
+
+    def defaults(self) -> dict[str, Any]:
+        """The panel's ``fieldConfig.defaults`` entries: thresholds, mappings, color."""
+        mappings: list[dict[str, Any]] = []
+        if self.values:
+            mappings.append({"type": "value", "options": {
+                str(v): {"text": text, "color": color, "index": i}
+                for i, (v, (text, color)) in enumerate(sorted(self.values.items()))
+            }})
+        for lo, hi, text, color in self.ranges:
+            mappings.append({"type": "range", "options": {
+                "from": lo, "to": hi, "result": {"text": text, "color": color,
+                                                 "index": len(mappings)},
+            }})
+        return {
+            "thresholds": {"mode": "absolute", "steps": [
+                {"color": color, "value": value} for value, color in self.steps
+            ]},
+            "mappings": mappings,
+            "color": {"mode": "thresholds"},
+        }
+
+
+UP = Stat([(None, "red"), (1, "green")], {0: ("Down", "red"), 1: ("Up", "green")})
+"""``up`` and other 1-is-good gauges."""
+
+
+@dataclass
 class Panel:
-    """One panel: a visualization over one or more queries."""
+    """One panel: a visualization over one or more queries (none for an alert list)."""
 
     title: str
     description: str
     queries: list[Query]
-    kind: str = "timeseries"  # timeseries | stat | table | bargauge
+    kind: str = "timeseries"  # timeseries | stat | table | bargauge | alertlist
     unit: str = "short"
     width: int = 12
     height: int = 8
     extra_defaults: dict[str, Any] = field(default_factory=dict)
+    stat: Stat | None = None
+    """Required for ``kind="stat"``: thresholds and value mappings."""
 
 
 @dataclass
@@ -129,6 +170,21 @@ def _options(kind: str) -> dict[str, Any]:
         }
     if kind == "table":
         return {"showHeader": True, "cellHeight": "sm"}
+    if kind == "alertlist":
+        # Unified alerting's list: data-source-managed rules (the Prometheus rules) included.
+        return {
+            "viewMode": "list",
+            "groupMode": "default",
+            "groupBy": [],
+            "maxItems": 20,
+            "sortOrder": 1,
+            "dashboardAlerts": False,
+            "alertName": "",
+            "alertInstanceLabelFilter": "",
+            "stateFilter": {"firing": True, "pending": True, "noData": False,
+                            "normal": False, "error": True},
+            "showInstances": True,
+        }
     raise ValueError(kind)
 
 
@@ -137,7 +193,20 @@ def _panel(p: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
     if p.kind == "timeseries":
         defaults["custom"] = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 10,
                               "showPoints": "never", "spanNulls": False}
+    if p.kind == "stat":
+        if p.stat is None:
+            raise ValueError(f"stat panel {p.title!r} without thresholds and mappings")
+        defaults.update(p.stat.defaults())
     defaults.update(p.extra_defaults)
+    if p.kind == "alertlist":
+        return {
+            "id": pid,
+            "type": p.kind,
+            "title": p.title,
+            "description": p.description,
+            "gridPos": {"h": p.height, "w": p.width, "x": x, "y": y},
+            "options": _options(p.kind),
+        }
     return {
         "id": pid,
         "type": p.kind,
@@ -208,6 +277,10 @@ def _quantiles(metric: str, by: str, sel: str) -> list[Query]:
 
 SUBJ = 'subject=~"$subject"'
 NODE = 'service="worknode"'
+PROC = 'job=~"worknode|worknode-healer"'
+
+HEAL_AGE = Stat([(None, "green"), (300, "yellow"), (1800, "red")])
+REPLICAS = Stat([(None, "red"), (2, "green")], {0: ("0: none", "red"), 1: ("1: alone", "red")})
 
 REPLICATION = Dashboard(
     uid="worknode-replication",
@@ -244,20 +317,35 @@ REPLICATION = Dashboard(
         Panel("Batch size (bytes)", "Bytes of one published envelope: median and p99.",
               _quantiles("worknode_batch_bytes", "", SUBJ), unit="bytes"),
         Panel("Replication lag", "Writer's seal time to local apply (hybrid clock), "
-              "median and p99 per subject.",
+              "median and p99 per subject (buckets up to 10 minutes: a node catching up "
+              "after a partition shows minutes).",
               _quantiles("worknode_replication_lag_seconds", "subject", SUBJ), unit="s"),
+        Panel("Replication lag p99 per node", "p99 seal-to-apply lag at each reading node: "
+              "one slow node (CPU, slow consumer, clock) stands out.",
+              [_q("histogram_quantile(0.99, sum by (le, instance) "
+                  f"(rate(worknode_replication_lag_seconds_bucket{{{SUBJ}}}[{RI}])))",
+                  "p99 {{instance}}")], unit="s"),
         Panel("Flush latency", "First committed write of a batch to its publication.",
               _quantiles("worknode_flush_latency_seconds", "subject", SUBJ), unit="s"),
         Panel("Envelopes rejected / s by reason",
               "Envelopes refused (unsigned, unknown signer, bad signature, malformed, too "
               "large, unsupported version, ...). Any bad_signature is worth a look.",
-              [_q(f"sum by (reason) (rate(worknode_deltas_rejected_total{{{SUBJ}}}[{RI}]))",
-                  "{{reason}}")], unit="ops"),
+              [_q("sum by (instance, reason) "
+                  f"(rate(worknode_deltas_rejected_total{{{SUBJ}}}[{RI}]))",
+                  "{{instance}} {{reason}}")], unit="ops"),
         Panel("Store commit latency", "Durable group-commit latency (SQLite WAL).",
               _quantiles("worknode_store_commit_seconds", "subject", SUBJ), unit="s"),
-        Panel("Pending ops", "Committed operations not yet published, per node "
-              "(writers get BackpressureError past max_pending_ops).",
-              [_q(f"sum by (instance) (worknode_pending_ops{{{SUBJ}}})", "{{instance}}")]),
+        Panel("Store errors / s", "Durable store calls that failed, per node and operation "
+              "(alert: WorknodeStoreErrors; a failed append stops writes until a restart).",
+              [_q("sum by (instance, operation) "
+                  f"(rate(worknode_store_errors_total[{RI}]))",
+                  "{{instance}} {{operation}}")], unit="ops"),
+        Panel("Pending ops", "Committed operations not yet published, per node, as a share "
+              "of max_pending_ops (writers get BackpressureError at 100%; alert at 80%).",
+              [_q(f"max by (instance, subject) (worknode_pending_ops{{{SUBJ}}}) / on "
+                  "(instance, subject) max by (instance, subject) "
+                  f"(worknode_pending_ops_limit{{{SUBJ}}})", "{{instance}} {{subject}}")],
+              unit="percentunit"),
         Panel("Catch-ups / s by outcome, sequence gaps / s",
               "State transfers by outcome, and batches found missing from a writer's "
               "sequence (each triggers catch-up).",
@@ -276,9 +364,12 @@ REPLICATION = Dashboard(
         Panel("Keys per subject", "Top-level keys (worknodes) held, per node and subject.",
               [_q(f"max by (instance, subject) (worknode_keys{{{SUBJ}}})",
                   "{{instance}} {{subject}}")], width=6),
-        Panel("Connected to NATS", "1 while a node is connected to NATS, per node.",
+        Panel("Connected to NATS", "Per node: Connected, or Disconnected (red; alert "
+              "WorknodeNATSDisconnected after 2 minutes).",
               [_q("min by (instance) (worknode_nats_connected)", "{{instance}}")],
-              kind="stat", width=6),
+              kind="stat", width=6,
+              stat=Stat([(None, "red"), (1, "green")],
+                        {0: ("Disconnected", "red"), 1: ("Connected", "green")})),
     ],
 )
 
@@ -317,19 +408,33 @@ HEALING = Dashboard(
                   "{{subject}}")], unit="reqps"),
         Panel("Heal duration", "Time to heal one subject: median and p99.",
               _quantiles("worknode_heal_duration_seconds", "subject", SUBJ), unit="s"),
-        Panel("Heal failures / s", "Heals that failed; retried after retry_s.",
+        Panel("Heal failures / s", "Heals that failed (retried after retry_s), and heal "
+              "loop passes that failed outside any subject (discovery).",
               [_q(f"sum by (subject) (rate(worknode_heal_failures_total{{{SUBJ}}}[{RI}]))",
-                  "{{subject}}")], unit="ops"),
-        Panel("Last heal report", "Seconds since the latest signed heal report per subject "
-              "(a report is published when a heal had work to do).",
+                  "{{subject}}"),
+               _q(f"sum by (instance) (rate(worknode_heal_loop_errors_total[{RI}]))",
+                  "loop errors {{instance}}")], unit="ops"),
+        Panel("Skipped heals / s by reason", "Subjects not healed because fewer than two "
+              "replicas answered: no_replicas, one_replica (alert: WorknodeHealSkipped).",
+              [_q("sum by (subject, reason) "
+                  f"(rate(worknode_heal_skipped_total{{{SUBJ}}}[{RI}]))",
+                  "{{subject}} {{reason}}")], unit="ops"),
+        Panel("Time since last successful heal", "Per subject, since a heal last ended with "
+              "every replica's root agreeing (every interval_s while healthy, also when there "
+              "was nothing to repair). Yellow past 5 minutes, red past 30 (alert: "
+              "WorknodeHealStalled).",
               [_q(f"time() - max by (subject) "
-                  f"(worknode_heal_last_report_timestamp_seconds{{{SUBJ}}})", "{{subject}}")],
-              kind="stat", unit="s", width=12, height=6),
-        Panel("Replicas per subject", "Replicas the healer discovered.",
+                  f"(worknode_heal_last_success_timestamp_seconds{{{SUBJ}}})", "{{subject}}")],
+              kind="stat", unit="s", width=12, height=6, stat=HEAL_AGE),
+        Panel("Replicas per subject", "Replicas the healer discovered: 0 or 1 is red "
+              "(nothing to compare, no redundancy).",
               [_q(f"max by (subject) (worknode_heal_replicas{{{SUBJ}}})", "{{subject}}")],
-              kind="stat", width=12, height=6),
+              kind="stat", width=12, height=6, stat=REPLICAS),
     ],
 )
+
+SERVER_CODES = "internal|unavailable|deadline_exceeded"
+CALLER_CODES = "unauthenticated|permission_denied|invalid_argument|not_found|failed_precondition"
 
 RPC = Dashboard(
     uid="worknode-rpc",
@@ -345,11 +450,22 @@ RPC = Dashboard(
               "(permission_denied, deadline_exceeded, ...).",
               [_q(f'sum by (code) (rate(worknode_rpc_requests_total{{method=~"$method", '
                   f'code!="ok"}}[{RI}]))', "{{code}}")], unit="reqps"),
-        Panel("Error ratio", "Share of requests that did not end ok, per method "
-              "(alert: WorknodeRPCErrorRatioHigh).",
+        Panel("Error ratio: server side vs callers'", "Per method, the share of requests "
+              "that ended with a server-side status (internal, unavailable, "
+              "deadline_exceeded; alert: WorknodeRPCServerErrors) and with the caller's "
+              "error (unauthenticated, permission_denied, invalid_argument, not_found, "
+              "failed_precondition; alert: WorknodeRPCCallerErrors).",
               [_q(f'sum by (method) (rate(worknode_rpc_requests_total{{method=~"$method", '
-                  f'code!="ok"}}[{RI}])) / sum by (method) (rate(worknode_rpc_requests_total'
-                  f'{{method=~"$method"}}[{RI}]))', "{{method}}")], unit="percentunit"),
+                  f'code=~"{SERVER_CODES}"}}[{RI}])) / sum by (method) '
+                  f'(rate(worknode_rpc_requests_total{{method=~"$method"}}[{RI}]))',
+                  "server {{method}}"),
+               _q(f'sum by (method) (rate(worknode_rpc_requests_total{{method=~"$method", '
+                  f'code=~"{CALLER_CODES}"}}[{RI}])) / sum by (method) '
+                  f'(rate(worknode_rpc_requests_total{{method=~"$method"}}[{RI}]))',
+                  "caller {{method}}")], unit="percentunit"),
+        Panel("Requests / s per node", "Requests served by each node.",
+              [_q(f'sum by (instance) (rate(worknode_rpc_requests_total{{method=~"$method"}}'
+                  f"[{RI}]))", "{{instance}}")], unit="reqps"),
         Panel("Latency by method", "Request duration: median and p99 per method.",
               _quantiles("worknode_rpc_request_duration_seconds", "method",
                          'method=~"$method"'), unit="s"),
@@ -374,9 +490,12 @@ UPGRADES = Dashboard(
         Panel("Nodes by package version", "Worknodes per installed worknode version.",
               [_q(f"count by (version) (worknode_build_info{{{NODE}}})", "{{version}}")],
               kind="bargauge", width=8, height=6),
-        Panel("Distinct wire versions", "1 outside an upgrade.",
+        Panel("Distinct wire versions", "1 outside an upgrade; 2 during one (yellow; alert "
+              "WorknodeMixedWireVersions past 2 hours).",
               [_q(f"count(count by (wire_version) (worknode_build_info{{{NODE}}}))",
-                  "versions")], kind="stat", width=8, height=6),
+                  "versions")], kind="stat", width=8, height=6,
+              stat=Stat([(None, "green"), (2, "yellow"), (3, "red")],
+                        {1: ("1: one version", "green")})),
         Panel("Nodes", "Every worknode and healer process: package version, wire version "
               "written, oldest version written for (peer_wire_version).",
               [_q("max by (instance, service, version, wire_version, peer_wire_version) "
@@ -396,7 +515,7 @@ UPGRADES = Dashboard(
               [_q('sum by (instance, reason) (rate(worknode_deltas_rejected_total{reason=~'
                   f'"unsupported_version|unsupported_content"}}[{RI}]))',
                   "{{instance}} {{reason}}")], unit="ops"),
-        Panel("Scrape targets up", "1 per service Prometheus scrapes.",
+        Panel("Scrape targets up", "Targets Prometheus scrapes successfully, per job.",
               [_q('sum by (job) (up{job=~"worknode.*"})', "{{job}}")]),
     ],
 )
@@ -410,11 +529,14 @@ NATS = Dashboard(
         Panel("Healthy", "/healthz per server: 0 is ok (prometheus-nats-exporter's "
               "convention), 1 is unhealthy.",
               [_q("max by (server_id) (gnatsd_healthz_status)", "{{server_id}}")],
-              kind="stat", width=12, height=5),
+              kind="stat", width=12, height=5,
+              stat=Stat([(None, "green"), (1, "red")],
+                        {0: ("ok", "green"), 1: ("unhealthy", "red")})),
         Panel("Routes", "Cluster routes per server (a full mesh of 3 has 2 each, more with "
               "pooled routes).",
               [_q("max by (server_id) (gnatsd_varz_routes)", "{{server_id}}")],
-              kind="stat", width=12, height=5),
+              kind="stat", width=12, height=5,
+              stat=Stat([(None, "blue")], {0: ("0 (single server)", "blue")})),
         Panel("Client connections", "Open client connections per server.",
               [_q("max by (server_id) (gnatsd_varz_connections)", "{{server_id}}")]),
         Panel("Messages / s", "Messages in and out per server.",
@@ -443,7 +565,44 @@ NATS = Dashboard(
     ],
 )
 
-DASHBOARDS = (REPLICATION, HEALING, RPC, UPGRADES, NATS)
+OVERVIEW = Dashboard(
+    uid="worknode-overview",
+    title="worknode / Overview",
+    description="Start here: which processes are up, connected and healing, the alerts "
+                "firing, and each process's memory, CPU and file descriptors.",
+    panels=[
+        Panel("Worknodes up", "Per worknode target: Up, or Down (red; alert WorknodeDown).",
+              [_q('up{job="worknode"}', "{{instance}}")], kind="stat", width=12, height=5,
+              stat=UP),
+        Panel("Healer up", "The healer target: Up, or Down (red; alert WorknodeHealerDown).",
+              [_q('up{job="worknode-healer"}', "{{instance}}")], kind="stat", width=6,
+              height=5, stat=UP),
+        Panel("Connected to NATS", "Per worknode: Connected, or Disconnected (red).",
+              [_q("min by (instance) (worknode_nats_connected)", "{{instance}}")],
+              kind="stat", width=6, height=5,
+              stat=Stat([(None, "red"), (1, "green")],
+                        {0: ("Disconnected", "red"), 1: ("Connected", "green")})),
+        Panel("Alerts", "worknode alerts firing or pending in Prometheus "
+              "(dashboards/prometheus/rules; README: Runbook).",
+              [], kind="alertlist", width=12, height=8),
+        Panel("Time since last successful heal", "Per subject (see the Healing dashboard).",
+              [_q("time() - max by (subject) "
+                  "(worknode_heal_last_success_timestamp_seconds)", "{{subject}}")],
+              kind="stat", unit="s", width=12, height=8, stat=HEAL_AGE),
+        Panel("Resident memory", "RSS of every worknode and healer process "
+              "(prometheus-client's process collector).",
+              [_q(f"process_resident_memory_bytes{{{PROC}}}", "{{job}} {{instance}}")],
+              unit="bytes", width=8),
+        Panel("CPU", "CPU time used per second (1 = one core), per process.",
+              [_q(f"rate(process_cpu_seconds_total{{{PROC}}}[{RI}])", "{{job}} {{instance}}")],
+              unit="percentunit", width=8),
+        Panel("Open file descriptors", "Open fds per process (the limit is "
+              "process_max_fds).",
+              [_q(f"process_open_fds{{{PROC}}}", "{{job}} {{instance}}")], width=8),
+    ],
+)
+
+DASHBOARDS = (OVERVIEW, REPLICATION, HEALING, RPC, UPGRADES, NATS)
 
 
 def files() -> dict[Path, str]:

@@ -8,8 +8,6 @@ the write commands and ``schema check`` are documented in the README.
 
 from __future__ import annotations
 
-import logging
-import os
 import random
 import time
 
@@ -19,21 +17,24 @@ from broker.crdt import ROOT_ID, HybridClock, ORMap, Tree
 from broker.errors import TreeError
 from services.schemacheck import schema
 from services.worknode._cli import register
+from services.worknode._logging import configure_logging
 from services.worknode._rpc_cli import register_rpc
 
 
 @click.group()
 @click.version_option(package_name="worknode")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """worknode: replicated state on NATS.
 
-    Logs go to stderr at the level WORKNODE_LOG_LEVEL names (default WARNING; INFO adds a
-    line per heal and per catch-up, DEBUG more)."""
-    level = os.environ.get("WORKNODE_LOG_LEVEL", "WARNING").upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    Logs go to stderr, one line per event, key=value (WORKNODE_LOG_FORMAT=json: one JSON
+    object per line), at the level WORKNODE_LOG_LEVEL names: by default INFO for the
+    services (`node`, `healer`: NATS disconnects and reconnects, rejected envelopes,
+    catch-ups, heals, rate-limited) and WARNING for the other commands."""
+    configure_logging("INFO" if ctx.invoked_subcommand in _SERVICES else "WARNING")
+
+
+_SERVICES = ("node", "healer")
 
 
 main.add_command(schema)

@@ -7,9 +7,15 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from broker.codec import CURRENT_VERSION, OLDEST_VERSION
-from services.worknode._metrics import build_info, package_version
+from services.worknode._metrics import build_info, package_version, process_metrics
 
-__all__ = ["HealerMetrics"]
+__all__ = ["HEAL_OUTCOMES", "SKIP_REASONS", "HealerMetrics"]
+
+HEAL_OUTCOMES = ("converged", "in_sync", "still_moving", "stuck", "failed", "skipped")
+"""``worknode_heals_total{outcome}``: ``skipped`` is a subject the healer could not heal
+(fewer than two replicas answered), with its reason in ``worknode_heal_skipped_total``."""
+SKIP_REASONS = ("no_replicas", "one_replica")
+"""Why a subject was skipped: no replica of it answered discovery, or only one did."""
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -21,6 +27,7 @@ class HealerMetrics:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.subjects = frozenset(subjects)
         build_info(r, "healer", version or package_version(), CURRENT_VERSION, OLDEST_VERSION)
+        process_metrics(r)
         self.rounds = Counter("worknode_heal_rounds_total", "Reconciliation rounds run.",
                               ["subject"], registry=r)
         self.heals = Counter("worknode_heals_total", "Subjects healed, by outcome.",
@@ -45,6 +52,14 @@ class HealerMetrics:
         self.last_report = Gauge("worknode_heal_last_report_timestamp_seconds",
                                  "When the latest heal report was published.", ["subject"],
                                  registry=r)
+        self.last_success = Gauge(
+            "worknode_heal_last_success_timestamp_seconds",
+            "When a heal of the subject last ended with every replica's root agreeing "
+            "(in_sync or converged), Unix seconds.", ["subject"], registry=r)
+        self.skipped = Counter(
+            "worknode_heal_skipped_total",
+            "Heals not run because fewer than two replicas of the subject answered, by reason "
+            "(no_replicas, one_replica).", ["subject", "reason"], registry=r)
         self.failures = Counter("worknode_heal_failures_total",
                                 "Heals that failed (a replica unreachable, a bad reply).",
                                 ["subject"], registry=r)
@@ -54,8 +69,11 @@ class HealerMetrics:
             registry=r,
         )
         for s in subjects:  # pre-create series so dashboards see zeros, not gaps
-            for outcome in ("converged", "in_sync", "still_moving", "stuck", "failed"):
+            for outcome in HEAL_OUTCOMES:
                 self.heals.labels(s, outcome)
+            for reason in SKIP_REASONS:
+                self.skipped.labels(s, reason)
+            self.replicas.labels(s)  # 0 until a discovery finds replicas
             for counter in (self.failures, self.rounds, self.divergent_keys, self.repaired,
                             self.bytes, self.round_trips):
                 counter.labels(s)

@@ -14,7 +14,11 @@ the interval when it would only repeat itself (``stuck``: repairs changed no roo
 schemes differ); ``worknode healer --once`` exits non-zero (``pass_status``).
 
 Heals run every ``interval_s`` and at once when membership changes (a replica appears,
-disappears or restarts with a new service id). ``start()``/``stop()`` are idempotent.
+disappears or restarts with a new service id; each change is logged at INFO). A subject with
+fewer than two replicas answering is skipped, counted (``outcome="skipped"`` and
+``worknode_heal_skipped_total{reason}``) and logged, and ``worknode_heal_replicas`` follows
+its replicas down to 0. A heal ending with every root agreeing sets
+``worknode_heal_last_success_timestamp_seconds``. ``start()``/``stop()`` are idempotent.
 """
 
 from __future__ import annotations
@@ -48,10 +52,17 @@ from broker.transport import NatsTransport, Transport, discover, heal_subject
 from services.healer._metrics import HealerMetrics
 from services.healer._settings import HealerSettings
 from services.worknode import MetricsEndpoint, load_identity
+from services.worknode._events import ConnectionLog
+from services.worknode._logging import RateLimited, event
 
 __all__ = ["ROOT_LEVELS", "HealOutcome", "HealerService"]
 
 log = logging.getLogger(__name__)
+
+SKIP_LOG_WINDOW_S: Final = 300.0
+"""A subject skipped heal after heal is logged again this often (and at once when the
+reason changes)."""
+
 
 @dataclass
 class HealOutcome:
@@ -120,6 +131,12 @@ class HealerService:
         self._running = False
         self._agreed: dict[str, bytes] = {}  # subject -> the root all replicas last agreed on
         self._scheme_warnings: set[tuple[str, tuple[str, ...], int, int]] = set()
+        self._seen_subjects: set[str] = set()  # every subject a replica ever served
+        self._skip_log = RateLimited(SKIP_LOG_WINDOW_S)
+        self.skipped: dict[str, str] = {}
+        """Subjects the last pass could not heal, and why (``SKIP_REASONS``)."""
+        self.replicas_found = 0
+        """Replica services (of this namespace) the last pass discovered."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -140,7 +157,9 @@ class HealerService:
         self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
         self.secret = s.cluster_secret_file.read_bytes()
         if self.transport is None:
-            self.transport = NatsTransport(s.nats_urls, name=s.node_id)
+            self.transport = NatsTransport(
+                s.nats_urls, name=s.node_id, observer=ConnectionLog(s.node_id, log)
+            )
         await self.transport.start()
         self.codec = WireCodec(max_payload=self.transport.max_payload)
         self._metrics_http.start(s.metrics_host, s.metrics_port, self.metrics.registry)
@@ -194,7 +213,9 @@ class HealerService:
                 changed = frozenset((m[0], m[1]) for m in members) != self._membership
                 if changed or due:
                     self._forced = False
-                    self._membership = frozenset((m[0], m[1]) for m in members)
+                    membership = frozenset((m[0], m[1]) for m in members)
+                    self._log_membership(self._membership, membership, members)
+                    self._membership = membership
                     outcomes, failed = await self.heal_pass(members)
                     self.failed_subjects = failed
                     # A failed heal, or one still moving, is retried soon, not an interval later.
@@ -203,15 +224,29 @@ class HealerService:
             except WorknodeError as exc:
                 self.metrics.loop_errors.inc()
                 next_heal = min(next_heal, time.monotonic() + s.retry_s)
-                log.warning("heal loop: %s", exc)
+                log.warning(event("heal_loop_error", error=exc))
             except Exception:  # a bug must not end healing for good: logged, counted, retried
                 self.metrics.loop_errors.inc()
                 next_heal = min(next_heal, time.monotonic() + s.retry_s)
-                log.exception("heal loop: unexpected error")
+                log.exception(event("heal_loop_error", error="unexpected error"))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(s.membership_poll_s):
                     await self._wake.wait()
             self._wake.clear()
+
+    def _log_membership(
+        self, old: frozenset[tuple[str, str]], new: frozenset[tuple[str, str]],
+        members: list[tuple[str, str, list[str]]],
+    ) -> None:
+        """One INFO line per replica that appeared or disappeared since the last pass."""
+        served = {(node, sid): subjects for node, sid, subjects in members}
+        for node, sid in sorted(new - old):
+            log.info(event("replica_appeared", node=node, service_id=sid,
+                           subjects=",".join(served.get((node, sid), [])),
+                           replicas=len(new)))
+        for node, sid in sorted(old - new):
+            log.info(event("replica_disappeared", node=node, service_id=sid,
+                           replicas=len(new)))
 
     def trigger(self) -> None:
         """Heal every subject at once (as after a membership change), with a full discovery."""
@@ -259,11 +294,18 @@ class HealerService:
         by_subject = subjects_to_heal(
             ((node, subjects) for node, _, subjects in members), self.settings.subjects
         )
+        self.replicas_found = len(members)
+        # A subject whose replicas all vanished is still reported (0 replicas, skipped), not
+        # left at its last count: the configured ones, and every one a replica ever served.
+        self._seen_subjects.update(by_subject)
         outcomes: list[HealOutcome] = []
         failed: list[str] = []
-        for subject, nodes in by_subject.items():
+        skipped: dict[str, str] = {}
+        for subject in sorted(set(self.settings.subjects) | self._seen_subjects):
+            nodes = by_subject.get(subject, [])
             self.metrics.replicas.labels(self.metrics.label(subject)).set(len(nodes))
             if len(nodes) < 2:
+                skipped[subject] = self._skip(subject, nodes)
                 continue
             try:
                 outcomes.append(await self.heal_subject(subject, nodes))
@@ -273,10 +315,24 @@ class HealerService:
                 self.metrics.failures.labels(label).inc()
                 self.metrics.heals.labels(label, "failed").inc()
                 if isinstance(exc, WorknodeError):
-                    log.warning("heal of %s failed: %s", subject, exc)
+                    log.warning(event("heal", subject=subject, outcome="failed",
+                                      replicas=len(nodes), error=exc))
                 else:
-                    log.exception("heal of %s failed: unexpected error", subject)
+                    log.exception(event("heal", subject=subject, outcome="failed",
+                                        replicas=len(nodes), error="unexpected error"))
+        self.skipped = skipped
         return outcomes, failed
+
+    def _skip(self, subject: str, nodes: list[str]) -> str:
+        """Count and log (rate-limited) a subject not healed: fewer than two replicas."""
+        reason = "no_replicas" if not nodes else "one_replica"
+        label = self.metrics.label(subject)
+        self.metrics.heals.labels(label, "skipped").inc()
+        self.metrics.skipped.labels(label, reason).inc()
+        self._skip_log(log, logging.WARNING, (subject, reason), "heal_skipped",
+                       subject=subject, reason=reason, replicas=",".join(nodes) or "none",
+                       namespace=self.settings.namespace)
+        return reason
 
     # -- one subject -------------------------------------------------------------------------
 
@@ -356,17 +412,18 @@ class HealerService:
             converged=result.converged, reason=result.reason, retry_soon=result.retry_soon,
             phases=phases,
         )
-        self._record(out)
-        if out.rounds or not out.converged:
-            log.log(
-                logging.INFO if out.converged else logging.WARNING,
-                "heal of %s: %d replicas, %d keys differed, %d pushed, %d waves, %d bytes, "
-                "%.0f ms (roots %.0f, identify %.0f, repair %.0f), %s",
-                subject, len(nodes), out.divergent_keys, out.keys_repaired, out.round_trips,
-                out.bytes_sent, out.duration_s * 1000,
-                *(out.phases[p] * 1000 for p in PHASES),
-                "converged" if out.converged else f"NOT converged ({_WHY[out.reason]})",
-            )
+        outcome = self._record(out)
+        # A heal that found nothing (in_sync, every interval) is DEBUG: INFO stays readable.
+        level = (logging.WARNING if not out.converged
+                 else logging.INFO if out.rounds else logging.DEBUG)
+        why = {"reason": out.reason, "why": _WHY[out.reason]} if out.reason else {}
+        log.log(level, event(
+            "heal", subject=subject, outcome=outcome, replicas=len(nodes),
+            divergent_keys=out.divergent_keys, repaired=out.keys_repaired,
+            waves=out.round_trips, bytes=out.bytes_sent,
+            duration_ms=round(out.duration_s * 1000),
+            **{f"{p}_ms": round(out.phases[p] * 1000) for p in PHASES}, **why,
+        ))
         if out.rounds or not out.converged:
             await self._publish_report(out)
         return out
@@ -484,7 +541,8 @@ class HealerService:
         if ahead > 0:
             await asyncio.sleep(ahead)
 
-    def _record(self, out: HealOutcome) -> None:
+    def _record(self, out: HealOutcome) -> str:
+        """Count ``out`` in the metrics; returns its outcome label."""
         label = self.metrics.label(out.subject)
         m = self.metrics
         m.divergent_keys.labels(label).inc(out.divergent_keys)
@@ -498,8 +556,11 @@ class HealerService:
         else:  # "stuck" is a defect to look at; the others wait for writes or a release
             outcome = "stuck" if out.reason == "stuck" else "still_moving"
         m.heals.labels(label, outcome).inc()
+        if out.converged:
+            m.last_success.labels(label).set(time.time())
         self.reports.append(out)
         del self.reports[:-100]
+        return outcome
 
     async def _publish_report(self, out: HealOutcome) -> None:
         assert self.transport is not None

@@ -398,14 +398,23 @@ def register(main: click.Group) -> None:
                             f"{'converged' if out.converged else 'NOT converged'}"
                             f"{f' ({out.reason})' if out.reason else ''}"
                         )
+                    for subject, reason in svc.skipped.items():
+                        click.echo(f"{subject}: skipped ({reason.replace('_', ' ')}: fewer "
+                                   "than two replicas answered, nothing to compare)")
                     if failed:
                         click.echo(f"heal failed for: {', '.join(failed)} (see the log)",
                                    err=True)
+                    if svc.replicas_found == 0:
+                        click.echo(f"error: no replica answered discovery in namespace "
+                                   f"{settings.namespace!r} on {', '.join(settings.nats_urls)}"
+                                   f" within {settings.discover_timeout_s} s: nothing healed",
+                                   err=True)
+                        raise SystemExit(3)
                     # A heal that did not converge is not a success: the runbook's "the next
-                    # heal finds no divergence" would not hold.
+                    # heal finds no divergence" would not hold; nor is a subject skipped.
                     status = pass_status((o.converged for o in outcomes), failed)
-                    if status:
-                        raise SystemExit(status)
+                    if status or svc.skipped:
+                        raise SystemExit(status or 3)
                     return
                 stop = asyncio.Event()
                 loop = asyncio.get_running_loop()

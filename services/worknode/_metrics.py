@@ -21,13 +21,14 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    ProcessCollector,
     disable_created_metrics,
 )
 
 from broker.codec import CURRENT_VERSION, OLDEST_VERSION
 from broker.replica import REJECT_REASONS
 
-__all__ = ["ServiceMetrics", "build_info", "package_version"]
+__all__ = ["STORE_OPERATIONS", "ServiceMetrics", "build_info", "package_version", "process_metrics"]
 
 # prometheus-client adds a ``*_created`` series beside every counter and histogram; Prometheus
 # ingests them as separate gauges, doubling the series count for no dashboard's use.
@@ -38,6 +39,12 @@ _BYTES_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _CATCHUP_OUTCOMES = ("ok", "no_peer", "rejected", "too_large", "retry", "gave_up")
 _GATE_OUTCOMES = ("held", "drained", "evicted")
+# Replication lag spans sub-millisecond (same host) to minutes (a node catching up after a
+# partition applies deltas sealed long ago): the buckets go up to 10 minutes.
+_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+                600)
+STORE_OPERATIONS = ("open", "append", "load", "write_snapshot", "get_meta", "set_meta")
+"""Store calls whose ``StoreError`` is counted (``worknode_store_errors_total{operation}``)."""
 
 
 def package_version() -> str:
@@ -63,6 +70,13 @@ def build_info(
     )
 
 
+def process_metrics(registry: CollectorRegistry) -> None:
+    """prometheus-client's process collector (``process_resident_memory_bytes``,
+    ``process_cpu_seconds_total``, ``process_open_fds``, ...) in ``registry``: services use
+    their own registries, which do not get it by default."""
+    ProcessCollector(registry=registry)
+
+
 class ServiceMetrics:
     """Every series a worknode service exports, in its own registry."""
 
@@ -74,6 +88,7 @@ class ServiceMetrics:
         r = self.registry
         self.subjects = frozenset(subjects)
         build_info(r, "worknode", version, wire_version, min(peer_version, wire_version))
+        process_metrics(r)
         self.ops_committed = Counter(
             "worknode_ops_committed_total", "Local write operations durably committed.",
             ["subject"], registry=r)
@@ -112,7 +127,7 @@ class ServiceMetrics:
         self.lag_seconds = Histogram(
             "worknode_replication_lag_seconds",
             "Writer's seal time to local apply (hybrid clock physical part).",
-            ["subject"], buckets=_LATENCY_BUCKETS, registry=r)
+            ["subject"], buckets=_LAG_BUCKETS, registry=r)
         self.gaps = Counter(
             "worknode_sequence_gaps_total", "Batches detected missing from a writer's sequence.",
             ["subject"], registry=r)
@@ -151,6 +166,16 @@ class ServiceMetrics:
             registry=r)
         self.nats_connected = Gauge(
             "worknode_nats_connected", "1 while connected to NATS.", registry=r)
+        self.store_errors = Counter(
+            "worknode_store_errors_total",
+            "Durable store calls that failed (StoreError), by operation. A failed append "
+            "leaves the replica refusing writes until it is restarted.",
+            ["operation"], registry=r)
+        self.pending_ops_limit = Gauge(
+            "worknode_pending_ops_limit",
+            "max_pending_ops: past it writers get BackpressureError.", ["subject"], registry=r)
+        for op in STORE_OPERATIONS:
+            self.store_errors.labels(op)
         for s in subjects:  # pre-create series so dashboards see zeros, not gaps
             for reason in REJECT_REASONS:
                 self.rejected_envelopes.labels(s, reason)

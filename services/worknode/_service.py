@@ -25,11 +25,12 @@ from broker.errors import InvalidArgumentError, StoreError, WorknodeError
 from broker.healing import HealEndpoints
 from broker.replica import Replica, ReplicaConfig
 from broker.rpc import MethodRegistry, RpcServer
-from broker.store import DurableStore
 from broker.transport import EmbeddedNatsServer, NatsTransport, Transport
+from services.worknode._events import ReplicaEvents, TransportEvents
 from services.worknode._metrics import ServiceMetrics, package_version
 from services.worknode._rpc import start_rpc
 from services.worknode._settings import WorknodeSettings
+from services.worknode._store import ObservedStore
 
 __all__ = [
     "MetricsEndpoint",
@@ -99,38 +100,6 @@ class MetricsEndpoint:
             self._server = None
 
 
-class _TransportEvents:
-    """Counts transport events (metrics) and, after a reconnect, has every replica catch up
-    and announce itself: whatever was missed while away is fetched, both ways."""
-
-    def __init__(self, metrics: ServiceMetrics, service: WorknodeService) -> None:
-        self.metrics = metrics
-        self.service = service
-
-    def connected(self) -> None:
-        """Connected."""
-        self.metrics.connected()
-
-    def disconnected(self) -> None:
-        """Disconnected."""
-        self.metrics.disconnected()
-
-    def reconnected(self) -> None:
-        """Reconnected: catch up and announce."""
-        self.metrics.reconnected()
-        for replica in self.service.replicas.values():
-            replica.reconnected()
-
-    def slow_consumer(self, subject: str, dropped: int) -> None:
-        """Dropped messages (the subscription's callback triggers catch-up)."""
-        self.metrics.slow_consumer(subject, dropped)
-
-    def handler_error(self, subject: str, exc: BaseException) -> None:
-        """A handler raised."""
-        log.error("handler for %s raised", subject, exc_info=exc)
-        self.metrics.handler_error(subject, exc)
-
-
 class WorknodeService:
     """One node: a transport, a durable store, and a replica per configured subject."""
 
@@ -152,7 +121,8 @@ class WorknodeService:
         self._given_transport = transport
         self.transport: Transport | None = transport
         self.server: EmbeddedNatsServer | None = None
-        self.store: DurableStore | None = None
+        self.store: ObservedStore | None = None
+        self.events = ReplicaEvents(self.metrics, settings.node_id)
         self.signer: Signer | None = None
         self.roster = roster if roster is not None else TrustRoster()
         self.replicas: dict[str, Replica] = {}
@@ -187,10 +157,13 @@ class WorknodeService:
                 await self.server.start()
                 urls = [self.server.url]
             self.transport = NatsTransport(
-                urls, name=s.node_id, observer=_TransportEvents(self.metrics, self), **self._auth()
+                urls, name=s.node_id, observer=TransportEvents(self.metrics, self), **self._auth()
             )
         await self.transport.start()
-        self.store = DurableStore(s.state_dir / "worknode.db", synchronous=s.store_sync)
+        self.store = ObservedStore(
+            s.state_dir / "worknode.db", synchronous=s.store_sync,
+            on_error=lambda op, _exc: self.metrics.store_errors.labels(op).inc(),
+        )
         self.store.open()
         codec = WireCodec(
             s.wire_version,
@@ -213,8 +186,9 @@ class WorknodeService:
                     max_pending_ops=s.max_pending_ops,
                     snapshot_every=s.snapshot_every,
                 ),
-                observer=self.metrics,
+                observer=self.events,
             )
+            self.metrics.pending_ops_limit.labels(subject).set(s.max_pending_ops)
             self.replicas[subject] = replica
             await replica.start()
         if s.cluster_secret_file is not None:

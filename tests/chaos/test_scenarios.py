@@ -151,7 +151,7 @@ async def _healer_process(
                 await proc.wait()
         # With -s: what the healer did (one line per heal that repaired something).
         for line in log.read_text(errors="replace").splitlines():
-            if "heal of" in line or "Error" in line:
+            if "event=heal " in line or "Error" in line:
                 print(f"  healer: {line}")
 
 

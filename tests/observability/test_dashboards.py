@@ -35,6 +35,7 @@ DASHBOARDS = ROOT / "dashboards" / "grafana" / "dashboards"
 PROVISIONING = ROOT / "dashboards" / "grafana" / "provisioning"
 DATASOURCE_UID = "worknode-prometheus"
 EXPECTED_UIDS = {
+    "overview.json": "worknode-overview",
     "replication.json": "worknode-replication",
     "healing.json": "worknode-healing",
     "rpc.json": "worknode-rpc",
@@ -76,9 +77,12 @@ def test_uids_are_stable_and_datasource_is_pinned() -> None:
         assert len(ids) == len(set(ids)), name
         for panel in d["panels"]:
             where = f"{name}: {panel['title']}"
-            assert panel["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}, where
             assert panel["description"], where
             assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, where
+            if panel["type"] == "alertlist":  # lists the alert rules; queries nothing
+                assert "targets" not in panel, where
+                continue
+            assert panel["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}, where
             assert panel["targets"], where
             for target in panel["targets"]:
                 assert target["datasource"]["uid"] == DATASOURCE_UID, where
@@ -88,6 +92,66 @@ def test_uids_are_stable_and_datasource_is_pinned() -> None:
     (source,) = ds["datasources"]
     assert source["uid"] == DATASOURCE_UID
     assert source["type"] == "prometheus"
+
+
+def _stat_panels() -> dict[str, dict[str, Any]]:
+    return {f"{name}: {p['title']}": p for name, d in dashboards().items()
+            for p in d["panels"] if p["type"] == "stat"}
+
+
+def _value_map(panel: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    out: dict[str, tuple[str, str]] = {}
+    for m in panel["fieldConfig"]["defaults"]["mappings"]:
+        if m["type"] == "value":
+            out |= {v: (r["text"], r["color"]) for v, r in m["options"].items()}
+    return out
+
+
+def _color_at(panel: dict[str, Any], value: float) -> str:
+    """The threshold color Grafana gives ``value`` (the last step at or below it)."""
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert steps[0]["value"] is None
+    return str([s for s in steps if s["value"] is None or s["value"] <= value][-1]["color"])
+
+
+def test_every_stat_panel_has_thresholds_and_value_mappings() -> None:
+    stats = _stat_panels()
+    assert len(stats) >= 8
+    for where, panel in stats.items():
+        defaults = panel["fieldConfig"]["defaults"]
+        assert defaults["thresholds"]["mode"] == "absolute", where
+        assert defaults["thresholds"]["steps"], where
+        assert defaults["color"] == {"mode": "thresholds"}, where
+        assert "mappings" in defaults, where
+    # The meanings issue 20 found inverted: NATS healthy 0 = ok is green, a node not
+    # connected is red, a target down is red.
+    assert _value_map(stats["nats.json: Healthy"])["0"] == ("ok", "green")
+    assert _color_at(stats["nats.json: Healthy"], 0) == "green"
+    assert _color_at(stats["nats.json: Healthy"], 1) == "red"
+    for where in ("replication.json: Connected to NATS", "overview.json: Connected to NATS"):
+        assert _value_map(stats[where])["0"] == ("Disconnected", "red")
+        assert _color_at(stats[where], 0) == "red"
+        assert _color_at(stats[where], 1) == "green"
+    for where in ("overview.json: Worknodes up", "overview.json: Healer up"):
+        assert _color_at(stats[where], 0) == "red"
+        assert _color_at(stats[where], 1) == "green"
+    # The heal age stays green through healthy operation (a success every interval_s) and
+    # only turns red when WorknodeHealStalled would fire (30 min); it reads the
+    # last-success timestamp, not the last report (published only when there was work).
+    age = stats["healing.json: Time since last successful heal"]
+    assert "worknode_heal_last_success_timestamp_seconds" in age["targets"][0]["expr"]
+    assert _color_at(age, 80) == "green"
+    assert _color_at(age, 1800) == "red"
+    assert not any("last_report" in t["expr"] for p in stats.values() for t in p["targets"])
+
+
+def test_the_overview_has_an_alert_list_and_process_metrics() -> None:
+    overview = dashboards()["overview.json"]
+    assert [p["type"] for p in overview["panels"]].count("alertlist") == 1
+    exprs = " ".join(t["expr"] for p in overview["panels"] for t in p.get("targets", []))
+    for metric in ("process_resident_memory_bytes", "process_cpu_seconds_total",
+                   "process_open_fds", 'up{job="worknode"}', 'up{job="worknode-healer"}'):
+        assert metric in exprs, metric
 
 
 def _exported_names() -> set[str]:
@@ -104,7 +168,7 @@ def _exported_names() -> set[str]:
 def test_every_worknode_series_queried_is_exported() -> None:
     exported = _exported_names()
     for name, d in dashboards().items():
-        exprs = [t["expr"] for p in d["panels"] for t in p["targets"]]
+        exprs = [t["expr"] for p in d["panels"] for t in p.get("targets", [])]
         exprs += [v["query"]["query"] for v in d["templating"]["list"]]
         for expr in exprs:
             for metric in re.findall(r"\bworknode_[a-z_]+", expr):

@@ -62,7 +62,10 @@ async def test_every_service_passes_promtool_and_shows_wire_versions(
         assert lint.returncode == 0, report
         assert lint.stdout + lint.stderr == "", report
         names = {f.name for f in text_string_to_metric_families(text)}
-        assert all(n.startswith("worknode_") for n in names), names
+        # Ours, and prometheus-client's process collector (RSS, CPU, fds).
+        assert all(n.startswith(("worknode_", "process_")) for n in names), names
+        assert {"process_resident_memory_bytes", "process_cpu_seconds",
+                "process_open_fds"} <= names, names
         assert not any(n.endswith("_created") for n in names), names
 
     for name, version in NODES:
