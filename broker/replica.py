@@ -213,7 +213,7 @@ class ReplicaObserver(Protocol):
     def committed(self, subject: str, ops: int, seconds: float) -> None: ...
     def published(self, subject: str, ops: int, nbytes: int, seconds: float) -> None: ...
     def applied(self, subject: str, version: int, nbytes: int, lag_ms: float) -> None: ...
-    def rejected(self, subject: str, reason: str) -> None: ...
+    def rejected(self, subject: str, reason: str, writer: str | None = None) -> None: ...
     def gap(self, subject: str, writer: str, missing: int) -> None: ...
     def catchup(self, subject: str, outcome: str) -> None: ...
     def snapshot(self, subject: str, nbytes: int, seconds: float) -> None: ...
@@ -235,7 +235,7 @@ class NullReplicaObserver:
     def applied(self, subject: str, version: int, nbytes: int, lag_ms: float) -> None:
         """Ignore."""
 
-    def rejected(self, subject: str, reason: str) -> None:
+    def rejected(self, subject: str, reason: str, writer: str | None = None) -> None:
         """Ignore."""
 
     def gap(self, subject: str, writer: str, missing: int) -> None:
@@ -783,15 +783,17 @@ class Replica:
             if env.writer == self.node_id:
                 return  # our own batch, echoed by the server
             if env.subject != msg.subject:
-                self.observer.rejected(subject, "wrong_subject")
+                self.observer.rejected(subject, "wrong_subject", env.writer)
                 return
             if not isinstance(env.document, ORMap):
-                self.observer.rejected(subject, "wrong_kind")
+                self.observer.rejected(subject, "wrong_kind", env.writer)
                 return
             now_ms = self._now_ms()
             self.clock.observe(env.hlc, now_ms)
         except (CodecError, ClockSkewError) as exc:
-            self.observer.rejected(subject, reject_reason(exc))
+            # The writer the (unsigned) header claims: a lead for the log, not a proof.
+            claimed = msg.headers.get(_WRITER) if msg.headers else None
+            self.observer.rejected(subject, reject_reason(exc), claimed)
             return
         lag_ms = max(0.0, now_ms - (env.hlc >> 16))
         self._handle(

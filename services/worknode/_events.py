@@ -62,7 +62,8 @@ class ReplicaEvents:
 
     def rejected(self, subject: str, reason: str, writer: str | None = None) -> None:
         """An envelope was refused: counted, and logged with its writer when the replica
-        names it (``broker.replica`` reports subject and reason only, today)."""
+        names it (the verified writer, or the one an unverifiable envelope's header claims;
+        "unknown" for a catch-up answer or request that did not open)."""
         self.metrics.rejected(subject, reason)
         self._limit(log, logging.WARNING, ("rejected", subject, reason), "envelope_rejected",
                     node=self.node_id, subject=subject, reason=reason,

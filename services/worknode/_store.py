@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,9 +53,14 @@ class ObservedStore(DurableStore):
         """``DurableStore.open``, counted."""
         self._observe("open", super().open)
 
-    def append(self, subject: str, records: Sequence[BytesLike]) -> int:
+    def append(
+        self, subject: str, records: Sequence[BytesLike], *, received: Collection[int] = ()
+    ) -> int:
         """``DurableStore.append``, counted."""
-        return self._observe("append", lambda: super(ObservedStore, self).append(subject, records))
+        return self._observe(
+            "append",
+            lambda: super(ObservedStore, self).append(subject, records, received=received),
+        )
 
     def load(self, subject: str) -> Loaded:
         """``DurableStore.load``, counted."""
