@@ -45,11 +45,12 @@ that found nothing while roots differ is followed by one with whole values and k
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from broker.codec import CURRENT_VERSION, Signer, TrustRoster, WireCodec, decoding
 from broker.crdt import ORMap
-from broker.errors import MalformedMessageError
+from broker.errors import CodecError, MalformedMessageError
 from broker.healing._tree import ReplicaTree
 from broker.healing._wire import (
     MAX_PREFIXES,
@@ -67,7 +68,7 @@ from broker.healing._wire import (
 )
 from broker.merkle import TREE_SCHEME, node_answer
 from broker.repair import subset
-from broker.replica import Replica
+from broker.replica import Replica, reject_reason
 from broker.transport import Endpoint, Msg, ServiceHandle, Transport, merkle_subject
 
 __all__ = ["HealEndpoints"]
@@ -103,6 +104,10 @@ class HealEndpoints:
             else WireCodec(CURRENT_VERSION, max_payload=codec.max_payload)
         )
         self.trees = {s: ReplicaTree(r, secret) for s, r in replicas.items()}
+        self.rejected: Counter[tuple[str, str, str]] = Counter()
+        """Requests refused as malformed, oversized, unsigned, ..., by ``(subject, verb,
+        reason)``; ``reason`` is one of ``broker.replica.REJECT_REASONS`` (a bounded label
+        set: ``services/worknode/_metrics.py`` exports these counts)."""
         self._service: ServiceHandle | None = None
 
     async def start(self) -> None:
@@ -144,7 +149,11 @@ class HealEndpoints:
 
     def _handler(self, subject: str, verb: str) -> Any:
         async def handle(msg: Msg) -> bytes:
-            reply: bytes = await getattr(self, f"_{verb}")(subject, msg.data)
+            try:
+                reply: bytes = await getattr(self, f"_{verb}")(subject, msg.data)
+            except CodecError as exc:  # the caller still gets the error reply
+                self.rejected[(subject, verb, reject_reason(exc))] += 1
+                raise
             return reply
 
         return handle
