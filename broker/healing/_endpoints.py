@@ -45,12 +45,14 @@ that found nothing while roots differ is followed by one with whole values and k
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from broker.codec import CURRENT_VERSION, Signer, TrustRoster, WireCodec, decoding
 from broker.crdt import ORMap
-from broker.errors import CodecError, MalformedMessageError
+from broker.errors import CodecError, InvalidArgumentError, MalformedMessageError
 from broker.healing._tree import ReplicaTree
 from broker.healing._wire import (
     MAX_PREFIXES,
@@ -74,6 +76,16 @@ from broker.transport import Endpoint, Msg, ServiceHandle, Transport, merkle_sub
 __all__ = ["HealEndpoints"]
 
 _VERSION = "1.0.0"
+
+
+@contextlib.contextmanager
+def _refused(what: str) -> Iterator[None]:
+    """A tree's refusal of the prefixes a request named (digits out of range, mixed
+    levels) is the request's fault: a ``MalformedMessageError``, counted as malformed."""
+    try:
+        yield
+    except InvalidArgumentError as exc:
+        raise MalformedMessageError(f"{what}: {exc}") from exc
 
 
 class HealEndpoints:
@@ -225,10 +237,11 @@ class HealEndpoints:
         prefixes, packed, _, _ = self._prefixes(subject, data)
         reply = self.proto.schema.healer.NodeHashesReply.new_message()
         reply.subject = subject
-        if packed:
-            reply.hashes = node_answer(tree, prefixes, _width(packed))
-            return reply.to_bytes_packed()  # type: ignore[no-any-return]
-        values = tree.child_hashes(prefixes)
+        with _refused("node request"):
+            if packed:
+                reply.hashes = node_answer(tree, prefixes, _width(packed))
+                return reply.to_bytes_packed()  # type: ignore[no-any-return]
+            values = tree.child_hashes(prefixes)
         nodes = reply.init("nodes", len(values))
         for i, (prefix, value) in enumerate(sorted(values.items())):
             nodes[i].prefix = _prefix_bytes(prefix)
@@ -243,11 +256,12 @@ class HealEndpoints:
         if digests_only:
             w = _width(packed)
             parts: list[bytes] = []
-            if indices is not None:
-                answers = [tree.leaf_digests(leaf) for leaf in indices]
-            else:
-                found = tree.leaves(prefixes)
-                answers = [[d for _, d in found[p]] for p in prefixes]
+            with _refused("leaves request"):
+                if indices is not None:
+                    answers = [tree.leaf_digests(leaf) for leaf in indices]
+                else:
+                    found = tree.leaves(prefixes)
+                    answers = [[d for _, d in found[p]] for p in prefixes]
             for digests in answers:
                 parts.append(len(digests).to_bytes(4, "big"))
                 parts.extend([d[-w:] for d in digests])
@@ -255,7 +269,8 @@ class HealEndpoints:
             return reply.to_bytes_packed()  # type: ignore[no-any-return]
         if indices is not None:
             prefixes = _indices_to_prefixes(indices, tree.fanout.bit_length() - 1, tree.depth)
-        leaves = tree.leaves(prefixes)
+        with _refused("leaves request"):
+            leaves = tree.leaves(prefixes)
         if packed:
             reply.packedItems = pack_leaf_items([leaves[p] for p in prefixes], _width(packed))
             return reply.to_bytes_packed()  # type: ignore[no-any-return]

@@ -415,7 +415,7 @@ def _heal_seeds(verb: str) -> Callable[[Harness], list[bytes]]:
             bits = tree.fanout.bit_length() - 1
             depth = tree.depth
             size = max(1, (depth * bits + 7) // 8)
-            return [r(h, "NodeHashesRequest", subject=SUBJECT, prefixes=[b"", b"\x01"]),
+            return [r(h, "NodeHashesRequest", subject=SUBJECT, prefixes=[b"\x01", b"\x02"]),
                     r(h, "NodeHashesRequest", subject=SUBJECT, prefixLevel=1, hashBytes=6,
                       packedPrefixes=b"\x00\x03"),
                     r(h, "NodeHashesRequest", subject=SUBJECT, prefixLevel=depth, hashBytes=4,
