@@ -415,12 +415,13 @@ def _heal_seeds(verb: str) -> Callable[[Harness], list[bytes]]:
             bits = tree.fanout.bit_length() - 1
             depth = tree.depth
             size = max(1, (depth * bits + 7) // 8)
-            return [r(h, "NodeHashesRequest", subject=SUBJECT, prefixes=[b"\x01", b"\x02"]),
+            both = [r(h, "NodeHashesRequest", subject=SUBJECT, prefixes=[b"\x01", b"\x02"]),
                     r(h, "NodeHashesRequest", subject=SUBJECT, prefixLevel=1, hashBytes=6,
                       packedPrefixes=b"\x00\x03"),
                     r(h, "NodeHashesRequest", subject=SUBJECT, prefixLevel=depth, hashBytes=4,
                       digestsOnly=True, packedPrefixes=bytes(size) + b"\x00" * (size - 1)
                       + b"\x05")]
+            return both if verb == "leaves" else both[:2]  # leaf-level requests: leaves only
         if verb == "fetch":
             return [r(h, "FetchStatesRequest", subject=SUBJECT, keys=["k1", "k3", "nope"]),
                     r(h, "FetchStatesRequest", subject=SUBJECT, hashBytes=4,
