@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         for case, err in c.errors[:20]:
             print(f"  UNEXPECTED at case {case}: {err}: {c.replay_command(case)}")
     if a.summary is not None:
-        cmd = "python -m tests.fuzz " + " ".join(sys.argv[1:] if argv is None else argv)
+        cmd = (f"python -m tests.fuzz --target {a.target} --cases {a.cases} --seed {a.seed} "
+               f"--summary {a.summary}")
         a.summary.write_text(summary_markdown(campaigns, cmd, a.note))
     return 0 if all(c.ok for c in campaigns) else 1
 

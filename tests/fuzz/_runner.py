@@ -190,6 +190,11 @@ def summary_markdown(campaigns: list[Campaign], command: str, note: str = "") ->
     if note:
         lines += [note, ""]
     lines += [
+        "Long run (>= 100,000 cases per target): `python -m tests.fuzz --target all "
+        "--cases 100000 --seed 1 --summary bench/results/fuzz.md`.",
+        "",
+    ]
+    lines += [
         "| target | cases | accepted | rejected | aborts | hangs | unexpected | seconds |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
