@@ -13,6 +13,9 @@ Entry points and what stands in for the network:
 - ``sync-reply``: ``Replica._catchup`` with the transport's request answering the case;
 - ``heal-root``, ``heal-nodes``, ``heal-leaves``, ``heal-fetch``, ``heal-apply``: the five
   handlers of ``HealEndpoints`` (refusals counted by its ``rejected`` counter);
+- ``healer-root-reply``, ``healer-nodes-reply``, ``healer-leaves-reply``,
+  ``healer-fetch-reply`` (a signed envelope), ``healer-apply-reply``: the healer's
+  ``HealClient`` reading a replica's answers (seeds: real answers of the endpoints above);
 - ``rpc-request``: ``decode_request`` and the token check the server runs on it;
 - ``rpc-response``: ``decode_response`` (what a client reads).
 
@@ -37,7 +40,8 @@ from typing import Any
 from broker.codec import CURRENT_VERSION, Signer, TrustRoster, WireCodec
 from broker.crdt import ORMap
 from broker.errors import CodecError, RpcError
-from broker.healing import HealEndpoints
+from broker.healing import HealClient, HealEndpoints
+from broker.healing._wire import VERBS
 from broker.replica import NullReplicaObserver, Replica, ReplicaConfig, reject_reason
 from broker.replication import RequestCatchup
 from broker.rpc import (
@@ -233,6 +237,7 @@ def mutate_envelope(rng: random.Random, codec: WireCodec, envelope: bytes) -> by
     re-signed (15%)."""
     outer = codec.schema.envelope.SignedEnvelope.from_bytes_packed(envelope)
     body = bytes(outer.body)
+    signer = NODE_SIGNER if outer.signer == NODE else PEER_SIGNER
     r = rng.random()
     if r < 0.15:
         return mutate_message(rng, envelope)
@@ -243,8 +248,8 @@ def mutate_envelope(rng: random.Random, codec: WireCodec, envelope: bytes) -> by
             doc = zlib.decompress(bytes(getattr(env, which)))
             b = env.as_builder()  # a valid body this module sealed: safe to copy
             setattr(b, which, zlib.compress(mutate_message(rng, doc)))
-            return _resign(codec, b.to_bytes_packed())
-    return _resign(codec, mutate_message(rng, body))
+            return _resign(codec, b.to_bytes_packed(), signer)
+    return _resign(codec, mutate_message(rng, body), signer)
 
 
 # -- targets -----------------------------------------------------------------------------------
@@ -448,6 +453,75 @@ def _heal_run(verb: str) -> Callable[[Harness, bytes, random.Random], Awaitable[
     return run
 
 
+# the healer's side: replies from a replica -------------------------------------------------
+
+
+def _healer_calls(verb: str) -> Callable[[HealClient, Harness], Awaitable[object]]:
+    """The client call that reads a ``verb`` reply (one request per call)."""
+
+    async def call(client: HealClient, h: Harness) -> object:
+        if verb == "root":
+            return await client.root(SUBJECT, NODE, levels=2, width=6)
+        if verb == "nodes":
+            return await client.nodes(SUBJECT, NODE, [(1,), (2,)])
+        if verb == "leaves":
+            depth = _endpoints(h).trees[SUBJECT].current().depth
+            return await client.leaf_digests(
+                SUBJECT, NODE, [(0,) * depth, (0,) * (depth - 1) + (5,)], 4
+            )
+        if verb == "fetch":
+            return await client.fetch(SUBJECT, NODE, ["k1", "k3", "nope"])
+        return await client.apply(SUBJECT, NODE, _deltas()[0])
+
+    return call
+
+
+async def _healer_harness() -> Harness:
+    """A replica with its endpoints, and a healer's client whose calls are answered by them
+    (to record valid replies: the seeds) or by the case under test."""
+    h = await _replica_harness(heal=True)
+    client = HealClient(_replica(h).transport, namespace=NS, codec=h.codec,
+                        signer=PEER_SIGNER, roster=ROSTER)
+    ep = _endpoints(h)
+    replies: dict[str, list[bytes]] = {}
+
+    async def real(subject: str, node: str, verb: str, body: bytes) -> bytes:
+        data: bytes = await ep._handler(subject, verb)(Msg(verb, body))
+        replies.setdefault(verb, []).append(data)
+        return data
+
+    client._call = real  # type: ignore[method-assign]
+    for verb in VERBS:
+        await _healer_calls(verb)(client, h)
+    h.extra["client"], h.extra["replies"] = client, replies
+    return h
+
+
+def _healer_run(verb: str) -> Callable[[Harness, bytes, random.Random], Awaitable[str]]:
+    async def run(h: Harness, data: bytes, rng: random.Random) -> str:
+        client: HealClient = h.extra["client"]
+
+        async def answer(subject: str, node: str, verb: str, body: bytes) -> bytes:
+            return data
+
+        client._call = answer  # type: ignore[method-assign]
+        try:
+            await _healer_calls(verb)(client, h)
+        except CodecError as exc:
+            return reject_reason(exc)
+        return ACCEPTED
+
+    return run
+
+
+def _healer_target(verb: str, what: str) -> Target:
+    return Target(
+        f"healer-{verb}-reply", f"the healer reading a replica's {what} (HealClient)",
+        _healer_harness, lambda h: h.extra["replies"][verb],
+        _envelope_case if verb == "fetch" else _message_case, _healer_run(verb),
+    )
+
+
 # rpc -----------------------------------------------------------------------------------------
 
 
@@ -545,6 +619,11 @@ TARGETS: dict[str, Target] = {
                _heal_seeds("fetch"), _message_case, _heal_run("fetch")),
         Target("heal-apply", "a signed repair (HealEndpoints apply)", _heal_h,
                _heal_seeds("apply"), _envelope_case, _heal_run("apply")),
+        _healer_target("root", "root reply"),
+        _healer_target("nodes", "node hashes"),
+        _healer_target("leaves", "leaf digests"),
+        _healer_target("fetch", "fetched states (a signed envelope)"),
+        _healer_target("apply", "apply reply"),
         Target("rpc-request", "an RPC request body and its token (decode_request, verify)",
                _rpc_harness, _rpc_request_seeds, _message_case, _rpc_request_run),
         Target("rpc-response", "an RPC response body (decode_response)", _rpc_harness,
