@@ -24,7 +24,7 @@ from typing import Final
 
 from broker.errors import MalformedMessageError
 
-__all__ = ["check_segments", "unpacked_words"]
+__all__ = ["check_segments", "segment_words", "unpacked_words"]
 
 _POPCOUNT: Final = bytes(bin(i).count("1") for i in range(256))
 _MAX_SEGMENTS: Final = 512  # capnp refuses more itself, cleanly
@@ -116,3 +116,18 @@ def _check_table(data: bytes) -> None:
             f"packed message holds {max(actual, 0)} words but its segment table declares "
             f"{declared}"
         )
+
+
+def segment_words(data: bytes) -> int:
+    """Words the segment table of packed ``data`` declares (its segments' sizes summed; 0 if
+    the stream is too short for its table): the size of a message without traversing it."""
+    first = _unpack_prefix(data, 1)
+    if first is None:
+        return 0
+    count = struct.unpack_from("<I", first)[0] + 1
+    if count > _MAX_SEGMENTS:
+        return 0
+    table = _unpack_prefix(data, count // 2 + 1)
+    if table is None:
+        return 0
+    return sum(struct.unpack_from(f"<{count}I", table, 4))

@@ -10,8 +10,10 @@ Invariants:
   and bounds memory as well as time; the nesting limit and ``MAX_NESTING_DEPTH`` bound depth;
 - pycapnp aborts the interpreter on a multi-segment packed stream shorter than its segment
   table (``_packed``), and when ``as_builder()``/``total_size`` meet an out-of-bounds
-  pointer: every packed input passes ``check_segments`` first, and hostile structs are only
-  copied by field assignment (``_document``), which raises instead;
+  pointer: every packed input passes ``check_segments`` first; a received message is
+  validated (``decode_document``) before anything copies it, is copied only by field
+  assignment (``_document``, ``_checked_copy``), which raises instead, and ``total_size`` and
+  ``as_builder()`` run only on builders this process wrote or on such checked copies;
 - a signature is verified before the body is decoded, and the body's writer must be the
   signer;
 - a reader reads every wire version from ``OLDEST_VERSION`` up: newer messages with what it
@@ -31,7 +33,7 @@ from typing import Any, Final
 import capnp
 
 from broker.codec._document import FIRST_SEGMENT_WORDS, decode_document, encode_document
-from broker.codec._packed import check_segments
+from broker.codec._packed import check_segments, segment_words
 from broker.codec._schema import CURRENT_VERSION, OLDEST_VERSION, WireSchema, load_schema
 from broker.codec._signing import Signer, TrustRoster
 from broker.crdt import MAX_NESTING_DEPTH, Causal
@@ -204,6 +206,7 @@ class WireCodec:
         if trace_id and self.version < 2:
             raise UnsupportedContentError("trace ids need wire version 2")
         doc: Any = None
+        doc_words = 0
         packed_doc = None
         if self.compress and self.version >= 2 and self.peer_version >= 2:
             if packed is None:
@@ -211,16 +214,21 @@ class WireCodec:
                 packed = doc.to_bytes_packed()
             packed_doc = packed
         if doc is None and (packed_doc is None or len(packed_doc) < COMPRESS_MIN_BYTES):
-            doc = (
-                encode_document(self.schema, document)
-                if packed is None
-                else self._parse(self.schema.crdt.Document, packed, NESTING_LIMIT)
-            )
+            if packed is None:
+                doc = encode_document(self.schema, document)
+            else:
+                # A reader over stored bytes: never ``total_size`` (it aborts on a bad
+                # pointer, see ``_checked_copy``); its segment table gives the size.
+                with decoding("packed document"):
+                    doc = self._parse(self.schema.crdt.Document, packed, NESTING_LIMIT)
+                doc_words = min(segment_words(packed), self.traversal_limit_words)
         # One segment for the whole body when the document is copied in: a reader then
         # skips the segment pre-check (``check_segments``), a pass over every byte.
         words = FIRST_SEGMENT_WORDS
         if doc is not None:
-            words = max(words, doc.total_size.word_count + _ENVELOPE_WORDS)
+            if not doc_words:
+                doc_words = doc.total_size.word_count  # a builder this codec wrote
+            words = max(words, doc_words + _ENVELOPE_WORDS)
         env = self.schema.envelope.Envelope.new_message(num_first_segment_words=words)
         env.version = self.version
         env.writer = signer.node_id
@@ -233,10 +241,12 @@ class WireCodec:
                 env.stateZlib = z
             else:
                 env.deltaBatchZlib = z
-        elif is_state:
-            env.state = doc
         else:
-            env.deltaBatch = doc
+            with decoding("packed document"):  # a copy: raises on a bad stored pointer
+                if is_state:
+                    env.state = doc
+                else:
+                    env.deltaBatch = doc
         if trace_id:
             env.traceId = trace_id
         body = env.to_bytes_packed()
@@ -305,18 +315,19 @@ class WireCodec:
                         "the writer's peer_version is set too high for a mixed cluster"
                     ) from exc
                 raise
-            raw = b""
             if which in ("deltaBatchZlib", "stateZlib"):
                 raw = self._inflate(bytes(getattr(env, which)))
                 doc = self._parse(self.schema.crdt.Document, raw, NESTING_LIMIT)
             else:
                 doc = getattr(env, which)
-                if keep_packed:
-                    raw = doc.as_builder().to_bytes_packed()
+            # Validate before anything copies: decode_document reads every known field
+            # through pycapnp's checked getters (see the module doc for why a copy may not
+            # come first); the copy below then covers unknown fields with its own checks.
             document = decode_document(self.schema, doc)
             is_state = which in ("state", "stateZlib")
             if document.is_delta and is_state:
                 raise MalformedMessageError("a state transfer carries a delta document")
+            packed = self._checked_copy(doc) if keep_packed else b""
             trace_id = bytes(env.traceId) if self.version >= 2 else b""
             return Envelope(
                 version=version,
@@ -328,10 +339,29 @@ class WireCodec:
                 is_state=is_state,
                 trace_id=trace_id,
                 verified=roster is not None,
-                packed_document=raw if keep_packed else b"",
+                packed_document=packed,
             )
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _checked_copy(self, doc: Any) -> bytes:
+        """Packed bytes of the ``Document`` reader ``doc`` (unknown fields and members
+        included), copied only through bounds-checked paths.
+
+        pycapnp's ``as_builder()`` (``setRoot``) and ``total_size`` (``totalSize``) are not
+        declared to raise: a kj exception inside them (an out-of-bounds pointer) aborts the
+        interpreter. Assigning a struct field from a reader copies through a setter that
+        does raise, so ``doc`` is first copied into a holder envelope that way; the holder's
+        copy holds only in-bounds pointers, and is then re-rooted as a ``Document`` (the
+        unchecked paths, now over bytes the checked copy wrote).
+        """
+        holder = self.schema.envelope.Envelope.new_message(
+            num_first_segment_words=FIRST_SEGMENT_WORDS
+        )
+        holder.deltaBatch = doc  # raises KjException on a bad pointer: see ``decoding``
+        clean = holder.deltaBatch.as_reader()
+        copy = clean.as_builder(num_first_segment_words=clean.total_size.word_count + 1)
+        return copy.to_bytes_packed()  # type: ignore[no-any-return]
 
     def read(self, struct: Any, data: bytes, what: str) -> Any:
         """A reader of ``struct`` over packed ``data``, with this codec's limits.

@@ -45,11 +45,14 @@ that found nothing while roots differ is followed by one with whole values and k
 
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from broker.codec import CURRENT_VERSION, Signer, TrustRoster, WireCodec, decoding
 from broker.crdt import ORMap
-from broker.errors import MalformedMessageError
+from broker.errors import CodecError, InvalidArgumentError, MalformedMessageError
 from broker.healing._tree import ReplicaTree
 from broker.healing._wire import (
     MAX_PREFIXES,
@@ -67,12 +70,22 @@ from broker.healing._wire import (
 )
 from broker.merkle import TREE_SCHEME, node_answer
 from broker.repair import subset
-from broker.replica import Replica
+from broker.replica import Replica, reject_reason
 from broker.transport import Endpoint, Msg, ServiceHandle, Transport, merkle_subject
 
 __all__ = ["HealEndpoints"]
 
 _VERSION = "1.0.0"
+
+
+@contextlib.contextmanager
+def _refused(what: str) -> Iterator[None]:
+    """A tree's refusal of the prefixes a request named (digits out of range, mixed
+    levels) is the request's fault: a ``MalformedMessageError``, counted as malformed."""
+    try:
+        yield
+    except InvalidArgumentError as exc:
+        raise MalformedMessageError(f"{what}: {exc}") from exc
 
 
 class HealEndpoints:
@@ -103,6 +116,10 @@ class HealEndpoints:
             else WireCodec(CURRENT_VERSION, max_payload=codec.max_payload)
         )
         self.trees = {s: ReplicaTree(r, secret) for s, r in replicas.items()}
+        self.rejected: Counter[tuple[str, str, str]] = Counter()
+        """Requests refused as malformed, oversized, unsigned, ..., by ``(subject, verb,
+        reason)``; ``reason`` is one of ``broker.replica.REJECT_REASONS`` (a bounded label
+        set: ``services/worknode/_metrics.py`` exports these counts)."""
         self._service: ServiceHandle | None = None
 
     async def start(self) -> None:
@@ -144,7 +161,11 @@ class HealEndpoints:
 
     def _handler(self, subject: str, verb: str) -> Any:
         async def handle(msg: Msg) -> bytes:
-            reply: bytes = await getattr(self, f"_{verb}")(subject, msg.data)
+            try:
+                reply: bytes = await getattr(self, f"_{verb}")(subject, msg.data)
+            except CodecError as exc:  # the caller still gets the error reply
+                self.rejected[(subject, verb, reject_reason(exc))] += 1
+                raise
             return reply
 
         return handle
@@ -216,10 +237,11 @@ class HealEndpoints:
         prefixes, packed, _, _ = self._prefixes(subject, data)
         reply = self.proto.schema.healer.NodeHashesReply.new_message()
         reply.subject = subject
-        if packed:
-            reply.hashes = node_answer(tree, prefixes, _width(packed))
-            return reply.to_bytes_packed()  # type: ignore[no-any-return]
-        values = tree.child_hashes(prefixes)
+        with _refused("node request"):
+            if packed:
+                reply.hashes = node_answer(tree, prefixes, _width(packed))
+                return reply.to_bytes_packed()  # type: ignore[no-any-return]
+            values = tree.child_hashes(prefixes)
         nodes = reply.init("nodes", len(values))
         for i, (prefix, value) in enumerate(sorted(values.items())):
             nodes[i].prefix = _prefix_bytes(prefix)
@@ -234,11 +256,12 @@ class HealEndpoints:
         if digests_only:
             w = _width(packed)
             parts: list[bytes] = []
-            if indices is not None:
-                answers = [tree.leaf_digests(leaf) for leaf in indices]
-            else:
-                found = tree.leaves(prefixes)
-                answers = [[d for _, d in found[p]] for p in prefixes]
+            with _refused("leaves request"):
+                if indices is not None:
+                    answers = [tree.leaf_digests(leaf) for leaf in indices]
+                else:
+                    found = tree.leaves(prefixes)
+                    answers = [[d for _, d in found[p]] for p in prefixes]
             for digests in answers:
                 parts.append(len(digests).to_bytes(4, "big"))
                 parts.extend([d[-w:] for d in digests])
@@ -246,7 +269,8 @@ class HealEndpoints:
             return reply.to_bytes_packed()  # type: ignore[no-any-return]
         if indices is not None:
             prefixes = _indices_to_prefixes(indices, tree.fanout.bit_length() - 1, tree.depth)
-        leaves = tree.leaves(prefixes)
+        with _refused("leaves request"):
+            leaves = tree.leaves(prefixes)
         if packed:
             reply.packedItems = pack_leaf_items([leaves[p] for p in prefixes], _width(packed))
             return reply.to_bytes_packed()  # type: ignore[no-any-return]

@@ -13,6 +13,7 @@ version a node *writes* (``peer_wire_version`` the oldest it writes for), and
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
@@ -24,6 +25,7 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from broker.codec import CURRENT_VERSION, OLDEST_VERSION
 from broker.replica import REJECT_REASONS
@@ -191,6 +193,19 @@ class ServiceMetrics:
             self.gaps.labels(s)
             self.publish_failures.labels(s)
 
+    def export_heal_rejects(
+        self, source: Callable[[], Mapping[tuple[str, str, str], int]]
+    ) -> None:
+        """Export ``worknode_heal_rejected_total{subject, verb, reason}``: the healer
+        requests this node's endpoints refused, read from ``source()`` (the endpoints'
+        ``rejected`` counter) at each scrape. Called again (a restart), it reads the new
+        source instead."""
+        collector: _HealRejects | None = getattr(self, "_heal_rejects", None)
+        if collector is None:
+            collector = self._heal_rejects = _HealRejects(source)
+            self.registry.register(collector)
+        collector.source = source
+
     def _s(self, subject: str) -> str:
         return subject if subject in self.subjects else "other"
 
@@ -278,3 +293,22 @@ class ServiceMetrics:
     def handler_error(self, subject: str, exc: BaseException) -> None:
         """A message handler raised."""
         self.handler_errors.inc()
+
+
+class _HealRejects:
+    """A collector over ``HealEndpoints.rejected`` (labels bounded: subjects, five verbs,
+    ``REJECT_REASONS``)."""
+
+    def __init__(self, source: Callable[[], Mapping[tuple[str, str, str], int]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        """One counter family, a sample per (subject, verb, reason) seen."""
+        family = CounterMetricFamily(
+            "worknode_heal_rejected",
+            "Healer requests (root, nodes, leaves, fetch, apply) refused, by reason.",
+            labels=["subject", "verb", "reason"],
+        )
+        for (subject, verb, reason), n in sorted(self.source().items()):
+            family.add_metric([subject, verb, reason], n)
+        yield family

@@ -201,6 +201,7 @@ class WorknodeService:
                 codec=codec,
                 secret=s.cluster_secret_file.read_bytes(),
             )
+            self.metrics.export_heal_rejects(lambda: self.heal_endpoints.rejected)  # type: ignore[union-attr]
             await self.heal_endpoints.start()
         if s.rpc_keyring_file is not None:
             self.rpc = await start_rpc(self, codec, self.rpc_methods)
