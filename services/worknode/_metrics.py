@@ -235,8 +235,8 @@ class ServiceMetrics:
         self.applied_bytes.labels(s).inc(nbytes)
         self.lag_seconds.labels(s).observe(lag_ms / 1000)
 
-    def rejected(self, subject: str, reason: str) -> None:
-        """An envelope was refused."""
+    def rejected(self, subject: str, reason: str, writer: str | None = None) -> None:
+        """An envelope was refused (``writer``: for the observer protocol; not a label)."""
         self.rejected_series(subject, reason).inc()
 
     def rejected_series(self, subject: str, reason: str) -> Counter:

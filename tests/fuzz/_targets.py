@@ -79,7 +79,7 @@ class _Rejects(NullReplicaObserver):
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
 
-    def rejected(self, subject: str, reason: str) -> None:
+    def rejected(self, subject: str, reason: str, writer: str | None = None) -> None:
         self.counts[reason] += 1
 
 
@@ -329,8 +329,8 @@ class _LastReason(_Rejects):
         super().__init__()
         self.h = h
 
-    def rejected(self, subject: str, reason: str) -> None:
-        super().rejected(subject, reason)
+    def rejected(self, subject: str, reason: str, writer: str | None = None) -> None:
+        super().rejected(subject, reason, writer)
         self.h.extra["last"] = reason
 
 
