@@ -756,6 +756,11 @@ def test_closed_structs_refuse_any_addition(tmp_path: Path) -> None:
     doc_end = ("  delta @3 :Bool;          # true: a delta (may carry markers); false: a full "
                "state\n}")
     value_end = "    data @5 :Data;         # at most 256 KiB\n"
+    ctx_end = ("  cloud @1 :List(Dot);     # dots seen out of order, above the version vector; "
+               "sorted\n}")
+    el_end = "  dots @1 :List(Dot);      # sorted\n}"
+    absent = "    absent @6 :Void;               # with `whole`: the subtree is gone\n"
+    entry_end = absent + "  }\n}"
     lww_end = "      value @1 :Value;\n"
     flag_end = "    flag @5 :Void;"
     mutants = {
@@ -766,6 +771,12 @@ def test_closed_structs_refuse_any_addition(tmp_path: Path) -> None:
         "kind": crdt.replace(flag_end, flag_end + "\n    future :group {\n      a @6 :UInt8;"
                              "\n      b @7 :Value;\n    }"),
         "lww": crdt.replace(lww_end, lww_end + "      origin @6 :Text;\n"),
+        "counter": crdt.replace("      decrements @4 :UInt64;\n",
+                                "      decrements @4 :UInt64;\n      floor @6 :Int64;\n"),
+        "context": crdt.replace(ctx_end, ctx_end[:-1] + "  epoch @2 :UInt64;\n}"),
+        "element": crdt.replace(el_end, el_end[:-1] + "  weight @2 :UInt32;\n}"),
+        "entry": crdt.replace(entry_end, entry_end[:-1] + "  note @7 :Text;\n}"),
+        "entry-member": crdt.replace(absent, absent + "    tombstone @7 :UInt64;\n"),
     }
     assert all(m != crdt for m in mutants.values())
     dirs = {}
@@ -790,6 +801,13 @@ def test_closed_structs_refuse_any_addition(tmp_path: Path) -> None:
     assert findings("kind") == []
     # ... a field inside an existing member's group does not (it would be dropped on relay).
     assert findings("lww") == [("CLOSED_STRUCT_EXTENDED", "Payload", "lww.origin", 6, span)]
+    assert findings("counter") == [
+        ("CLOSED_STRUCT_EXTENDED", "Payload", "counter.floor", 6, span)]
+    assert findings("context") == [("CLOSED_STRUCT_EXTENDED", "Context", "epoch", 2, span)]
+    assert findings("element") == [("CLOSED_STRUCT_EXTENDED", "SetElement", "weight", 2, span)]
+    assert findings("entry") == [("CLOSED_STRUCT_EXTENDED", "Entry", "note", 7, span)]
+    assert findings("entry-member") == [
+        ("CLOSED_STRUCT_EXTENDED", "Entry", "tombstone", 7, span)]
 
 
 def test_evolution_table_names_the_structs_the_schemas_call_frozen() -> None:
