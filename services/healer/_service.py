@@ -47,7 +47,7 @@ from broker.repair import repair_deltas
 from broker.transport import NatsTransport, Transport, discover, heal_subject
 from services.healer._metrics import HealerMetrics
 from services.healer._settings import HealerSettings
-from services.worknode import MetricsEndpoint, load_identity
+from services.worknode import MetricsEndpoint, load_identity, read_cluster_secret
 
 __all__ = ["ROOT_LEVELS", "HealOutcome", "HealerService"]
 
@@ -138,7 +138,7 @@ class HealerService:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
-        self.secret = s.cluster_secret_file.read_bytes()
+        self.secret = read_cluster_secret(s.cluster_secret_file)
         if self.transport is None:
             self.transport = NatsTransport(s.nats_urls, name=s.node_id)
         await self.transport.start()

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.crdt import validate_replica_id
-from broker.transport import validate_token
+from broker.transport import validate_nats_url, validate_token
 
 __all__ = ["HealerSettings"]
 
@@ -72,6 +72,11 @@ class HealerSettings(BaseSettings):
     @classmethod
     def _ns(cls, v: str) -> str:
         return validate_token(v, "namespace")
+
+    @field_validator("nats_urls")
+    @classmethod
+    def _nats_urls(cls, v: list[str]) -> list[str]:
+        return [validate_nats_url(u) for u in v]
 
     @field_validator("subjects")
     @classmethod

@@ -24,6 +24,7 @@ from broker.crdt import ROOT_ID, KindConflict, OpaqueValue, ORMap
 from broker.errors import TreeError, WorknodeError
 from broker.replica import Replica
 from broker.transport import Msg, NatsTransport, delta_subject, validate_token
+from services._config import load_settings, read_toml
 from services.worknode._service import WorknodeService, load_or_create_signer, read_roster
 from services.worknode._settings import WorknodeSettings
 
@@ -238,10 +239,8 @@ async def _partition_and_heal(
 
 
 def _run(coro: Awaitable[Any]) -> Any:
-    try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    except WorknodeError as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+    """Run a command's coroutine; its errors reach ``WorknodeGroup.main`` (one line)."""
+    return asyncio.run(coro)  # type: ignore[arg-type]
 
 
 def _parse_value(text: str) -> Any:
@@ -277,10 +276,10 @@ async def _one_write(
     roster: Path | None,
     mutator: Callable[[Replica], Awaitable[ORMap]],
 ) -> ORMap:
-    settings = WorknodeSettings(
+    settings = load_settings(lambda: WorknodeSettings(
         node_id=node_id, namespace=namespace, subjects=[subject], nats_urls=list(nats_urls),
         state_dir=state_dir, roster_file=roster, metrics_port=None,
-    )
+    ), env_prefix="WORKNODE_")
     async with WorknodeService(settings) as svc:
         delta = await mutator(svc.replica(subject))
         await svc.replica(subject).flush()
@@ -298,7 +297,8 @@ def _write_and_print(
 
 def _write_command(name: str, help_text: str) -> Callable[[Callable[..., Any]], Any]:
     def deco(fn: Callable[..., Any]) -> Any:
-        fn = click.option("--roster", type=click.Path(path_type=Path),
+        fn = click.option("--roster", type=click.Path(exists=True, dir_okay=False,
+                                                      path_type=Path),
                           help="JSON roster of trusted nodes (to read peers' catch-up).")(fn)
         fn = click.option("--state-dir", type=click.Path(path_type=Path),
                           default=Path(".worknode/cli"), show_default=True)(fn)
@@ -318,7 +318,8 @@ def register(main: click.Group) -> None:
     """Add the service commands to the ``worknode`` group."""
 
     @main.command()
-    @click.option("--writes", default=3_000, show_default=True, help="Writes in total.")
+    @click.option("--writes", default=3_000, show_default=True, type=click.IntRange(min=1),
+                  help="Writes in total.")
     @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
                   help="Keep data here (default: a temporary directory, removed after).")
     @click.option("--quiet", is_flag=True)
@@ -338,7 +339,8 @@ def register(main: click.Group) -> None:
         sys.exit(0 if ok else 1)
 
     @main.command()
-    @click.option("--config", "config_file", type=click.Path(path_type=Path),
+    @click.option("--config", "config_file",
+                  type=click.Path(exists=True, dir_okay=False, path_type=Path),
                   help="TOML settings file (environment variables WORKNODE_* override it).")
     @click.option("--node-id", default=None, help="Overrides the configured node id.")
     def node(config_file: Path | None, node_id: str | None) -> None:
@@ -348,9 +350,9 @@ def register(main: click.Group) -> None:
             kw["config_file"] = config_file
         if node_id is not None:
             kw["node_id"] = node_id
+        settings = load_settings(lambda: WorknodeSettings(**kw), env_prefix="WORKNODE_")
 
         async def run() -> None:
-            settings = WorknodeSettings(**kw)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -364,13 +366,12 @@ def register(main: click.Group) -> None:
         _run(run())
 
     @main.command()
-    @click.option("--config", "config_file", type=click.Path(path_type=Path),
+    @click.option("--config", "config_file",
+                  type=click.Path(exists=True, dir_okay=False, path_type=Path),
                   help="TOML settings file (WORKNODE_HEALER_* environment variables override).")
     @click.option("--once", is_flag=True, help="Heal every subject once, print, and exit.")
     def healer(config_file: Path | None, once: bool) -> None:
         """Run the healer: compare Merkle roots per subject, repair, publish heal reports."""
-        import tomllib
-
         from broker.healing import pass_status
         from services.healer import HealerService, HealerSettings
 
@@ -378,10 +379,10 @@ def register(main: click.Group) -> None:
         if config_file is not None:
             # Environment variables override the file: pass only what they do not set.
             kw = {
-                k: v for k, v in tomllib.loads(config_file.read_text()).items()
+                k: v for k, v in read_toml(config_file).items()
                 if f"WORKNODE_HEALER_{k.upper()}" not in os.environ
             }
-        settings = HealerSettings(**kw)
+        settings = load_settings(lambda: HealerSettings(**kw), env_prefix="WORKNODE_HEALER_")
 
         async def run() -> None:
             async with HealerService(settings) as svc:
@@ -418,16 +419,20 @@ def register(main: click.Group) -> None:
     @main.command()
     @click.argument("subject")
     @_with_common
-    @click.option("--roster", type=click.Path(path_type=Path),
+    @click.option("--roster", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                   help="Verify signatures against this JSON roster (else shown unverified).")
     @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-    @click.option("--count", type=int, default=0, help="Exit after this many envelopes.")
-    @click.option("--timeout", type=float, default=0.0, help="Exit after this many seconds.")
+    @click.option("--count", type=click.IntRange(min=0), default=0,
+                  help="Exit after this many envelopes (0: never).")
+    @click.option("--timeout", type=click.FloatRange(min=0), default=0.0,
+                  help="Exit after this many seconds (0: never).")
     def tail(subject: str, nats_urls: tuple[str, ...], namespace: str, roster: Path | None,
              as_json: bool, count: int, timeout: float) -> None:
         """Print every delta batch published on SUBJECT, decoded (a subscriber's view)."""
         trust = TrustRoster(read_roster(roster)) if roster else None
         codec = WireCodec()
+        watched = delta_subject(validate_token(namespace, "namespace"),
+                                validate_token(subject, "subject"))
 
         async def run() -> None:
             seen = 0
@@ -458,11 +463,7 @@ def register(main: click.Group) -> None:
                     done.set()
 
             async with NatsTransport(list(nats_urls), name="worknode-tail") as transport:
-                await transport.subscribe(
-                    delta_subject(validate_token(namespace, "namespace"),
-                                  validate_token(subject, "subject")),
-                    handle,
-                )
+                await transport.subscribe(watched, handle)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(done.wait(), timeout or None)
 

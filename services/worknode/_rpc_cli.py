@@ -56,6 +56,19 @@ def _read_root_key(path: Path) -> RootKey:
         raise click.ClickException(f"cannot read root key {path}: {exc}") from exc
 
 
+def read_keyring_file(path: Path) -> dict[str, str]:
+    """The keyring JSON at ``path`` as text (``{}`` if the file does not exist yet)."""
+    if not path.exists():
+        return {}
+    try:
+        ring = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot read keyring {path}: {exc}") from None
+    if not isinstance(ring, dict):
+        raise click.ClickException(f"cannot read keyring {path}: not a JSON object")
+    return {str(k): str(v) for k, v in ring.items()}
+
+
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=UTC).isoformat()
 
@@ -112,7 +125,8 @@ _nats = [
     click.option("--namespace", default="default", show_default=True),
     click.option("--token", "token_text", envvar="WORKNODE_TOKEN", required=True,
                  help="Capability token (base64, or @file); env WORKNODE_TOKEN."),
-    click.option("--timeout-ms", type=float, default=5000, show_default=True),
+    click.option("--timeout-ms", type=click.FloatRange(min=0, min_open=True), default=5000,
+                 show_default=True),
 ]
 
 
@@ -130,7 +144,8 @@ def register_rpc(main: click.Group) -> None:
         """Capability tokens (Biscuit): keygen, mint, attenuate, inspect, revoke."""
 
     @token.command()
-    @click.option("--key-id", type=int, required=True, help="Id of the new root key.")
+    @click.option("--key-id", type=click.IntRange(0, 2**32 - 1), required=True,
+                  help="Id of the new root key.")
     @click.option("--out", type=click.Path(path_type=Path), required=True,
                   help="Root key file to create (mode 0600; keep it secret).")
     @click.option("--keyring", type=click.Path(path_type=Path), required=True,
@@ -138,17 +153,25 @@ def register_rpc(main: click.Group) -> None:
     def keygen(key_id: int, out: Path, keyring: Path) -> None:
         """Create a cluster root key and add its public key to a keyring (rotation: a new
         key id; keep the old one in keyrings until its tokens expire)."""
+        ring = read_keyring_file(keyring)
+        if str(key_id) in ring:
+            raise click.BadParameter(f"key id {key_id} is already in {keyring}",
+                                     param_hint="'--key-id'")
         key = RootKey(key_id, os.urandom(32))
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise click.BadParameter(f"{out} exists: refusing to overwrite a root key",
+                                     param_hint="'--out'") from None
         with os.fdopen(fd, "w") as f:
             json.dump({"key_id": key_id, "private_key": key.private_key.hex()}, f)
-        ring = json.loads(keyring.read_text()) if keyring.exists() else {}
         ring[str(key_id)] = key.public_key.hex()
         keyring.write_text(json.dumps(ring, indent=2, sort_keys=True) + "\n")
         click.echo(f"root key {key_id}: {out}; public key added to {keyring}")
 
     @token.command("mint")
-    @click.option("--root-key", type=click.Path(path_type=Path), required=True)
+    @click.option("--root-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  required=True)
     @click.option("--namespace", required=True)
     @click.option("--subject", "subjects", multiple=True, required=True,
                   help="Subject granted (repeatable).")
@@ -156,7 +179,8 @@ def register_rpc(main: click.Group) -> None:
                   help="Worknode whose subtree is granted.")
     @click.option("--method", "methods", multiple=True, help="Method granted (repeatable; "
                   "default: every method).")
-    @click.option("--ttl", type=float, default=3600, show_default=True, help="Seconds valid.")
+    @click.option("--ttl", type=click.FloatRange(min=0, min_open=True), default=3600,
+                  show_default=True, help="Seconds valid.")
     def mint_(root_key: Path, namespace: str, subjects: tuple[str, ...], worknode: str,
               methods: tuple[str, ...], ttl: float) -> None:
         """Mint a token with the cluster root key; prints it."""
@@ -169,12 +193,13 @@ def register_rpc(main: click.Group) -> None:
 
     @token.command("attenuate")
     @click.argument("token_text", metavar="TOKEN")
-    @click.option("--keyring", type=click.Path(path_type=Path), required=True,
-                  help="Keyring of root public keys (no secret needed).")
+    @click.option("--keyring", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  required=True, help="Keyring of root public keys (no secret needed).")
     @click.option("--method", "methods", multiple=True, help="Keep only these methods.")
     @click.option("--worknode", default=None, help="Keep only this subtree.")
     @click.option("--subject", default=None, help="Keep only this subject.")
-    @click.option("--ttl", type=float, default=None, help="Expire within this many seconds.")
+    @click.option("--ttl", type=click.FloatRange(min=0, min_open=True), default=None,
+                  help="Expire within this many seconds.")
     def attenuate_(token_text: str, keyring: Path, methods: tuple[str, ...],
                    worknode: str | None, subject: str | None, ttl: float | None) -> None:
         """Narrow a token (offline, no issuer); prints the new token."""

@@ -36,6 +36,7 @@ __all__ = [
     "WorknodeService",
     "load_identity",
     "load_or_create_signer",
+    "read_cluster_secret",
     "read_roster",
 ]
 
@@ -68,6 +69,20 @@ def read_roster(path: Path | None) -> dict[str, bytes]:
         raise InvalidArgumentError(f"cannot read roster {path}: {exc}") from exc
 
 
+def read_cluster_secret(path: Path) -> bytes:
+    """The Merkle-tree secret shared by the replicas and the healer, from ``path``;
+    ``InvalidArgumentError`` naming the file if it is missing, unreadable or empty."""
+    try:
+        secret = path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"cannot read the cluster secret {path}: {exc.strerror or exc}"
+        ) from None
+    if not secret:
+        raise InvalidArgumentError(f"the cluster secret {path} is empty")
+    return secret
+
+
 def load_identity(node_id: str, key_path: Path, roster_file: Path | None,
                   roster: TrustRoster) -> Signer:
     """This node's signer (created if new); ``roster`` gains the roster file and itself."""
@@ -88,7 +103,12 @@ class MetricsEndpoint:
     def start(self, host: str, port: int | None, registry: Any) -> None:
         """Serve ``registry`` on ``host:port`` (0 picks a free port; None serves nothing)."""
         if port is not None and self._server is None:
-            self._server, _ = start_http_server(port, addr=host, registry=registry)
+            try:
+                self._server, _ = start_http_server(port, addr=host, registry=registry)
+            except OSError as exc:  # in use, or a host this machine does not have
+                raise InvalidArgumentError(
+                    f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+                ) from exc
             self.port = int(self._server.server_port)
 
     def stop(self) -> None:
@@ -180,6 +200,9 @@ class WorknodeService:
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_state_dir()
         self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
+        # Read before connecting: a missing secret fails at once, not after the connect.
+        secret = (None if s.cluster_secret_file is None
+                  else read_cluster_secret(s.cluster_secret_file))
         if self.transport is None:
             urls = list(s.nats_urls)
             if not urls:
@@ -217,7 +240,7 @@ class WorknodeService:
             )
             self.replicas[subject] = replica
             await replica.start()
-        if s.cluster_secret_file is not None:
+        if secret is not None:
             self.heal_endpoints = HealEndpoints(
                 transport=self.transport,
                 namespace=s.namespace,
@@ -225,7 +248,7 @@ class WorknodeService:
                 signer=self.signer,
                 roster=self.roster,
                 codec=codec,
-                secret=s.cluster_secret_file.read_bytes(),
+                secret=secret,
             )
             await self.heal_endpoints.start()
         if s.rpc_keyring_file is not None:

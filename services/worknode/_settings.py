@@ -15,7 +15,8 @@ from pydantic_settings import (
 
 from broker.codec import CURRENT_VERSION, OLDEST_VERSION
 from broker.crdt import validate_replica_id
-from broker.transport import validate_token
+from broker.transport import validate_nats_url, validate_token
+from services._config import read_toml
 
 __all__ = ["WorknodeSettings"]
 
@@ -92,6 +93,11 @@ class WorknodeSettings(BaseSettings):
     def _namespace(cls, v: str) -> str:
         return validate_token(v, "namespace")
 
+    @field_validator("nats_urls")
+    @classmethod
+    def _nats_urls(cls, v: list[str]) -> list[str]:
+        return [validate_nats_url(u) for u in v]
+
     @field_validator("rpc_revocation_subject")
     @classmethod
     def _revocation_subject(cls, v: str) -> str:
@@ -124,6 +130,7 @@ class WorknodeSettings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = _config_file(init_settings, env_settings)
         if config_file is not None:
+            read_toml(config_file)  # a missing file or bad TOML: a ConfigError naming the file
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
 

@@ -1,0 +1,105 @@
+"""How every ``worknode`` command ends when it cannot do its job: one line on stderr.
+
+Every failure a command meets reaches :meth:`WorknodeGroup.main`, the one place that turns it
+into exactly one line ``error: <message>`` on stderr, with the credentials of any URL in it
+replaced by ``***``, and a non-zero exit status:
+
+- ``2`` (:data:`EXIT_USAGE`): click's usage errors (a missing argument, a value out of range);
+- ``1`` (:data:`EXIT_FAILURE`): everything else: a setting that does not validate
+  (:class:`services._config.ConfigError`), any :class:`~broker.errors.WorknodeError`, an
+  ``OSError`` on a file or a port, and an unexpected exception (a bug: its traceback is
+  logged at DEBUG, the line says so);
+- ``130`` (:data:`EXIT_INTERRUPTED`): Ctrl-C (SIGINT), after a clean shutdown.
+
+Commands raise; they never print their own ``error:`` line. A command that must end with a
+status of its own raises ``SystemExit`` (for example :data:`EXIT_UNCONFIRMED`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import click
+
+from broker.errors import WorknodeError
+from broker.transport import redact_credentials
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_UNCONFIRMED",
+    "EXIT_USAGE",
+    "WorknodeGroup",
+    "error_line",
+]
+
+EXIT_FAILURE = 1
+"""The command failed; the ``error:`` line says why."""
+EXIT_USAGE = 2
+"""The command line itself is wrong (click's usage errors)."""
+EXIT_UNCONFIRMED = 3
+"""A write was published but no replica confirmed it within the timeout."""
+EXIT_INTERRUPTED = 130
+"""Interrupted by SIGINT (128 + 2, the shell's convention), after a clean shutdown."""
+
+log = logging.getLogger("worknode.cli")
+
+
+def error_line(message: str) -> str:
+    """``error: <message>`` on one line, credentials in URLs redacted."""
+    text = " ".join(redact_credentials(message).split())
+    return f"error: {text or 'unknown error'}"
+
+
+def _describe(exc: BaseException) -> tuple[str, int]:
+    """The message and exit status for an exception that ended a command."""
+    if isinstance(exc, click.UsageError):
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        return exc.format_message() + hint, exc.exit_code
+    if isinstance(exc, click.ClickException):
+        return exc.format_message(), exc.exit_code
+    if isinstance(exc, WorknodeError):
+        return str(exc) or type(exc).__name__, EXIT_FAILURE
+    if isinstance(exc, OSError):
+        if exc.filename is not None:
+            return f"{exc.filename}: {exc.strerror or exc}", EXIT_FAILURE
+        return str(exc.strerror or exc), EXIT_FAILURE
+    log.debug("unexpected exception", exc_info=exc)
+    return (f"unexpected {type(exc).__name__}: {exc} (a bug; WORKNODE_LOG_LEVEL=DEBUG logs "
+            "the traceback)"), EXIT_FAILURE
+
+
+def _fail(message: str, status: int) -> NoReturn:
+    sys.stdout.flush()
+    click.echo(error_line(message), err=True)
+    sys.exit(status)
+
+
+class WorknodeGroup(click.Group):
+    """A ``click.Group`` whose ``main`` ends every failure with one ``error:`` line."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Run the command line; see the module docstring for what a failure prints."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.Abort:  # click's translation of KeyboardInterrupt (and EOF at a prompt)
+            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+        except SystemExit:
+            raise
+        except BaseException as exc:  # the one boundary: whatever ends a command, one line
+            _fail(*_describe(exc))
+        sys.exit(rv if isinstance(rv, int) else 0)
