@@ -13,14 +13,21 @@ replaced by ``***``, and a non-zero exit status:
 
 Commands raise; they never print their own ``error:`` line. A command that must end with a
 status of its own raises ``SystemExit`` (for example :data:`EXIT_UNCONFIRMED`).
+
+Network commands run their coroutine with :func:`run_until_signal`: SIGINT or SIGTERM cancels
+it once, so its ``finally`` blocks and ``async with`` exits stop every task, server and
+connection it started (no "Task exception was never retrieved", no orphaned nats-server),
+and the command then exits 130 (SIGINT) or the status it chose for SIGTERM.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -34,7 +41,10 @@ __all__ = [
     "EXIT_USAGE",
     "WorknodeGroup",
     "error_line",
+    "run_until_signal",
 ]
+
+T = TypeVar("T")
 
 EXIT_FAILURE = 1
 """The command failed; the ``error:`` line says why."""
@@ -103,3 +113,52 @@ class WorknodeGroup(click.Group):
         except BaseException as exc:  # the one boundary: whatever ends a command, one line
             _fail(*_describe(exc))
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def run_until_signal(
+    main: Callable[[], Coroutine[Any, Any, T]], *, sigterm_status: int = 128 + signal.SIGTERM
+) -> T:
+    """``asyncio.run(main())``, stopped cleanly by SIGINT or SIGTERM.
+
+    The first signal cancels ``main`` (its cleanup runs; a second signal cancels again, for a
+    cleanup that hangs); once it has returned, the process exits with
+    :data:`EXIT_INTERRUPTED` after SIGINT and ``sigterm_status`` after SIGTERM (a service
+    passes 0: a supervisor asked it to stop, and it did)."""
+    received: list[int] = []
+
+    async def guarded() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_signal(signum: int) -> None:
+            if received:
+                log.warning("signal %d again: cancelling the clean-up", signum)
+            received.append(signum)
+            task.cancel()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            return await main()
+        except asyncio.CancelledError:
+            if not received:
+                raise
+            task.uncancel()
+            raise _Interrupted from None
+        # The handlers stay until the loop closes: a signal during asyncio.run's own
+        # clean-up (cancelling leftover tasks) must not raise KeyboardInterrupt into it.
+
+    try:
+        result = asyncio.run(guarded())
+    except _Interrupted:
+        pass
+    else:
+        if not received:
+            return result
+    sys.stdout.flush()
+    sys.exit(EXIT_INTERRUPTED if received[0] == signal.SIGINT else sigterm_status)
+
+
+class _Interrupted(Exception):
+    """``main`` ended by the cancellation a signal caused."""

@@ -41,6 +41,7 @@ from broker.transport._protocol import (
     Subscription,
     Transport,
     TransportObserver,
+    complete_despite_cancel,
     encoded_size,
     validate_headers,
 )
@@ -108,6 +109,7 @@ __all__ = [
     "Transport",
     "TransportObserver",
     "call",
+    "complete_despite_cancel",
     "delta_subject",
     "discover",
     "encoded_size",

@@ -44,7 +44,13 @@ from broker.healing import (
 )
 from broker.merkle import Diff
 from broker.repair import repair_deltas
-from broker.transport import NatsTransport, Transport, discover, heal_subject
+from broker.transport import (
+    NatsTransport,
+    Transport,
+    complete_despite_cancel,
+    discover,
+    heal_subject,
+)
 from services.healer._metrics import HealerMetrics
 from services.healer._settings import HealerSettings
 from services.worknode import MetricsEndpoint, load_identity, read_cluster_secret
@@ -153,6 +159,9 @@ class HealerService:
         if not self._running:
             return
         self._running = False
+        await complete_despite_cancel(self._teardown())
+
+    async def _teardown(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

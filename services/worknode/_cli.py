@@ -9,11 +9,10 @@ import json
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from broker.crdt import ROOT_ID, KindConflict, OpaqueValue, ORMap
 from broker.errors import TreeError, WorknodeError
 from broker.replica import Replica
 from broker.transport import Msg, NatsTransport, delta_subject, validate_token
+from services._cli_errors import run_until_signal
 from services._config import load_settings, read_toml
 from services.worknode._service import WorknodeService, load_or_create_signer, read_roster
 from services.worknode._settings import WorknodeSettings
@@ -113,10 +113,19 @@ async def _write_phase(
         asyncio.create_task(_demo_writer(r, n, random.Random(rng.random()), counts))
         for r, n in zip(replicas, per, strict=True)
     ]
-    while not all(w.done() for w in writers):
-        await asyncio.sleep(0.5)
-        applied = "  ".join(f"{r.node_id}: {r.applied_envelopes} batches in" for r in replicas)
-        echo(f"writes {counts[0]:>6}/{writes}   {applied}")
+    try:
+        while not all(w.done() for w in writers):
+            await asyncio.sleep(0.5)
+            applied = "  ".join(f"{r.node_id}: {r.applied_envelopes} batches in"
+                                for r in replicas)
+            echo(f"writes {counts[0]:>6}/{writes}   {applied}")
+    finally:
+        # Interrupted (Ctrl-C) or not, no writer outlives this phase: one left running
+        # would fail against stopped replicas, unobserved ("Task exception was never
+        # retrieved").
+        for w in writers:
+            w.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
     for w in writers:
         w.result()
     for r in replicas:
@@ -165,7 +174,12 @@ async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True)
         roster.add(hs.node_id, load_or_create_signer(hs.node_id, hs.key_path()).public_key)
         services = [WorknodeService(s, roster=roster) for s in settings]
         healer = HealerService(hs, roster=roster)
-        try:
+        # An exit stack, not one finally block: every stop runs even when an earlier one
+        # re-raises a cancellation (Ctrl-C during the clean-up).
+        async with contextlib.AsyncExitStack() as stack:
+            for svc in services:
+                stack.push_async_callback(svc.stop)
+            stack.push_async_callback(healer.stop)
             for svc in services:
                 await svc.start()
                 echo(f"{svc.settings.node_id}: replica of wn.default.delta.{_DEMO_SUBJECT} "
@@ -183,10 +197,6 @@ async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True)
                 ok = await _partition_and_heal(echo, cluster, replicas, healer, writes)
             echo(f"\ndone in {time.monotonic() - t0:.1f} s")
             return ok
-        finally:
-            await healer.stop()
-            for svc in services:
-                await svc.stop()
 
 
 async def _partition_and_heal(
@@ -238,9 +248,10 @@ async def _partition_and_heal(
 # helpers for the network commands
 
 
-def _run(coro: Awaitable[Any]) -> Any:
-    """Run a command's coroutine; its errors reach ``WorknodeGroup.main`` (one line)."""
-    return asyncio.run(coro)  # type: ignore[arg-type]
+def _run(main: Callable[[], Coroutine[Any, Any, Any]], *, sigterm_status: int = 143) -> Any:
+    """Run a command's coroutine until it ends or a signal stops it cleanly (exit 130 on
+    SIGINT); its errors reach ``WorknodeGroup.main`` (one line)."""
+    return run_until_signal(main, sigterm_status=sigterm_status)
 
 
 def _parse_value(text: str) -> Any:
@@ -290,8 +301,8 @@ def _write_and_print(
     subject: str, kw: dict[str, Any], mutator: Callable[[Replica], Awaitable[ORMap]]
 ) -> None:
     """One write command: connect as ``kw["node_id"]``, write, flush, print the delta."""
-    delta = _run(_one_write(subject, kw["nats_urls"], kw["namespace"], kw["node_id"],
-                            kw["state_dir"], kw["roster"], mutator))
+    delta = _run(lambda: _one_write(subject, kw["nats_urls"], kw["namespace"], kw["node_id"],
+                                    kw["state_dir"], kw["roster"], mutator))
     click.echo(json.dumps(_jsonable(delta.value()), sort_keys=True))
 
 
@@ -332,7 +343,7 @@ def register(main: click.Group) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / "cluster.secret").write_bytes(os.urandom(32))
         try:
-            ok = _run(_up(writes, state_dir, quiet))
+            ok = _run(lambda: _up(writes, state_dir, quiet))
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -353,17 +364,15 @@ def register(main: click.Group) -> None:
         settings = load_settings(lambda: WorknodeSettings(**kw), env_prefix="WORKNODE_")
 
         async def run() -> None:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
             async with WorknodeService(settings) as svc:
                 click.echo(f"{settings.node_id}: serving {', '.join(settings.subjects)}; "
                            f"metrics at {svc.metrics_url}", err=True)
-                await stop.wait()
-                click.echo("stopping: flushing pending batches", err=True)
+                try:
+                    await asyncio.Event().wait()  # until a signal cancels it
+                finally:
+                    click.echo("stopping: flushing pending batches", err=True)
 
-        _run(run())
+        _run(run, sigterm_status=0)
 
     @main.command()
     @click.option("--config", "config_file",
@@ -406,15 +415,11 @@ def register(main: click.Group) -> None:
                     if status:
                         raise SystemExit(status)
                     return
-                stop = asyncio.Event()
-                loop = asyncio.get_running_loop()
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, stop.set)
                 click.echo(f"healer {settings.node_id}: metrics on port {svc.metrics_port}",
                            err=True)
-                await stop.wait()
+                await asyncio.Event().wait()  # until a signal cancels it
 
-        _run(run())
+        _run(run, sigterm_status=0)
 
     @main.command()
     @click.argument("subject")
@@ -467,7 +472,7 @@ def register(main: click.Group) -> None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(done.wait(), timeout or None)
 
-        _run(run())
+        _run(run)
 
     @_write_command("set", "Set FIELD (dotted path) of worknode NODE to VALUE (JSON or text).")
     @click.argument("subject")

@@ -11,6 +11,7 @@ import binascii
 import json
 import os
 import time
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from broker.rpc import (
     mint,
 )
 from broker.transport import NatsTransport
+from services._cli_errors import run_until_signal
 from services.worknode._rpc import read_keyring
 
 __all__ = ["register_rpc"]
@@ -107,16 +109,12 @@ async def _call(
     return out
 
 
-def _run_call(coro: Any) -> dict[str, Any]:
-    import asyncio
-
+def _run_call(main: Callable[[], Coroutine[Any, Any, dict[str, Any]]]) -> dict[str, Any]:
+    """Run one call (Ctrl-C stops it cleanly); an RPC error's line starts with its status."""
     try:
-        result: dict[str, Any] = asyncio.run(coro)
-        return result
+        return run_until_signal(main)
     except RpcError as exc:
         raise click.ClickException(f"{exc.code.label}: {exc}") from exc
-    except WorknodeError as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 
 
 _nats = [
@@ -245,8 +243,9 @@ def register_rpc(main: click.Group) -> None:
                 token_id = inspect(_decode(target)).token_id
             except WorknodeError as exc:
                 raise click.ClickException(str(exc)) from exc
-        out = _run_call(_call(nats_urls, namespace, revocation_subject, "root", "revoke",
-                              {"token_id": token_id}, _decode(token_text), timeout_ms))
+        token = _decode(token_text)
+        out = _run_call(lambda: _call(nats_urls, namespace, revocation_subject, "root",
+                                      "revoke", {"token_id": token_id}, token, timeout_ms))
         click.echo(json.dumps(out, sort_keys=True))
 
     @main.command("call")
@@ -261,6 +260,7 @@ def register_rpc(main: click.Group) -> None:
         """Call METHOD on WORKNODE of SUBJECT with a capability token; prints the result.
         Values are JSON when they parse as JSON, text otherwise."""
         arguments = dict(_parse_arg(a) for a in args)
-        out = _run_call(_call(nats_urls, namespace, subject, worknode, method, arguments,
-                              _decode(token_text), timeout_ms))
+        token = _decode(token_text)
+        out = _run_call(lambda: _call(nats_urls, namespace, subject, worknode, method,
+                                      arguments, token, timeout_ms))
         click.echo(json.dumps(out, sort_keys=True))

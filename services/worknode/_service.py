@@ -26,7 +26,12 @@ from broker.healing import HealEndpoints
 from broker.replica import Replica, ReplicaConfig
 from broker.rpc import MethodRegistry, RpcServer
 from broker.store import DurableStore
-from broker.transport import EmbeddedNatsServer, NatsTransport, Transport
+from broker.transport import (
+    EmbeddedNatsServer,
+    NatsTransport,
+    Transport,
+    complete_despite_cancel,
+)
 from services.worknode._metrics import ServiceMetrics, package_version
 from services.worknode._rpc import start_rpc
 from services.worknode._settings import WorknodeSettings
@@ -296,7 +301,7 @@ class WorknodeService:
         if not self._running:
             return
         self._running = False
-        await self._teardown()
+        await complete_despite_cancel(self._teardown())
 
     async def _teardown(self) -> None:
         if self._gauges is not None:

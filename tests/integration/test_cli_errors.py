@@ -190,7 +190,9 @@ def _fill(text: str, tmp: Path, port: int) -> str:
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """``worknode ARGS`` as a real process (stopped if it outlives the timeout)."""
+    # WARNING: the services' INFO lines (connected, ...) are not what is tested here.
     base = {k: v for k, v in os.environ.items() if not k.startswith("WORKNODE_")}
+    base["WORKNODE_LOG_LEVEL"] = "WARNING"
     return subprocess.run(
         [sys.executable, "-m", "services.cli", *args], env={**base, **env}, cwd=cwd,
         capture_output=True, text=True, timeout=60, check=False,

@@ -480,4 +480,4 @@ async def test_write_commands_drive_a_subject_by_hand(
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert bad.returncode != 0
-    assert "UnknownNodeError" in bad.stderr
+    assert bad.stderr == "error: no worknode 'no-such-node'\n"
