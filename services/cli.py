@@ -20,6 +20,7 @@ from broker.errors import TreeError
 from services._cli_errors import WorknodeGroup
 from services.schemacheck import schema
 from services.worknode._cli import register
+from services.worknode._keys import register_keys
 from services.worknode._rpc_cli import register_rpc
 
 
@@ -40,6 +41,7 @@ def main() -> None:
 main.add_command(schema)
 register(main)
 register_rpc(main)
+register_keys(main)
 
 
 class _SimReplica:

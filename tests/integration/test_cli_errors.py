@@ -150,6 +150,18 @@ CASES = [
     Case("call-url-typo", ("call", "s", "n", "get", "--nats-url",
                            f"tls://{SECRET}@127.0.0.1:99999", *TOK), "invalid NATS URL"),
     Case("call-no-token", ("call", "s", "n", "get", *NET), "--token"),
+    # -- keys
+    Case("keys-show-missing", ("keys", "show", "/nonexistent.key"), "does not exist"),
+    Case("keys-show-not-a-seed", ("keys", "show", "{tmp}/short.key"), "32-byte"),
+    Case("keys-roster-entry", ("keys", "roster", "{tmp}/r.json", "n1"), "ID=PUBLIC_KEY_HEX"),
+    Case("keys-roster-hex", ("keys", "roster", "{tmp}/r.json", "n1=zz"), "not hex"),
+    Case("keys-roster-short-key", ("keys", "roster", "{tmp}/r.json", "n1=abcd"), "32 bytes"),
+    Case("keys-roster-id", ("keys", "roster", "{tmp}/r.json", "bad id=" + "ab" * 32),
+         "invalid replica id"),
+    Case("keys-roster-bad-file", ("keys", "roster", "{tmp}/bad.json", "n1=" + "ab" * 32),
+         "cannot read roster"),
+    Case("keys-roster-seed-missing", ("keys", "roster", "{tmp}/r.json", "n1=@/nonexistent"),
+         "cannot read seed"),
     # -- schema check
     Case("schema-dir-missing", ("schema", "check", "--schemas", "/nonexistent"), "/nonexistent"),
     Case("schema-releases-missing", ("schema", "check", "--releases", "/nonexistent"),
