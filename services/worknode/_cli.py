@@ -19,11 +19,15 @@ from typing import Any
 import click
 
 from broker.codec import TrustRoster, WireCodec
-from broker.crdt import ROOT_ID, KindConflict, OpaqueValue, ORMap
-from broker.errors import TreeError, WorknodeError
+from broker.crdt import ROOT_ID, CausalContext, KindConflict, OpaqueValue, ORMap
+from broker.errors import CodecError, TransportError, TreeError, UnknownSignerError, WorknodeError
+
+# The sync protocol's header names (wanted public: a read-back hook on Replica).
+from broker.replica import _FULL as FULL_HEADER
+from broker.replica import _SYNC as SYNC_HEADER
 from broker.replica import Replica
 from broker.transport import Msg, NatsTransport, delta_subject, validate_token
-from services._cli_errors import run_until_signal
+from services._cli_errors import EXIT_UNCONFIRMED, error_line, run_until_signal
 from services._config import load_settings, read_toml
 from services.worknode._service import WorknodeService, load_or_create_signer, read_roster
 from services.worknode._settings import WorknodeSettings
@@ -278,36 +282,118 @@ def _with_common(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+_CONFIRM_POLL_S = 0.2
+"""Pause between two read-backs while no replica holds the write yet."""
+
+
+async def _holder_of(replica: Replica, dots: list[tuple[str, int]], within: float) -> str | None:
+    """The id of a peer replica whose state holds every dot in ``dots`` (it accepted and
+    applied the write), asking peers for their state until ``within`` seconds passed; None
+    if none did. A peer that does not trust this writer's key does not even answer (it
+    refuses the request as it refused the write)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        left = deadline - loop.time()
+        if left <= 0:
+            return None
+        probe = replica.codec.seal(
+            replica.signer, subject=replica.sync_subject,
+            hlc=replica.clock.now(time.time_ns() // 1_000_000),
+            sequence=replica.machine.sequence,
+            document=ORMap(None, CausalContext(), is_delta=True),
+        )
+        try:
+            # The catch-up request of the sync protocol, asking for a peer's full state.
+            reply = await replica.transport.request(
+                replica.sync_subject, probe, timeout=min(left, 2.0),
+                headers={SYNC_HEADER: "request", FULL_HEADER: "1"},
+            )
+        except TransportError:
+            reply = None  # nobody answered yet: ask again until the deadline
+        if reply is not None:
+            holder = _holder_in(replica, reply.data, dots)
+            if holder is not None:
+                return holder
+        await asyncio.sleep(min(_CONFIRM_POLL_S, max(0.0, deadline - loop.time())))
+
+
+def _holder_in(replica: Replica, data: bytes, dots: list[tuple[str, int]]) -> str | None:
+    """The replier's id if its state (in the reply ``data``) covers ``dots``."""
+    try:
+        env = replica.codec.open(data, replica.roster, subject=replica.sync_subject)
+    except UnknownSignerError:
+        # The replier is not in this writer's roster: its answer is read unverified (the
+        # writer's roster need not list every node to learn whether one holds the write).
+        try:
+            env = replica.codec.open(data, None, subject=replica.sync_subject)
+        except CodecError:
+            return None
+    except CodecError:
+        return None
+    document = env.document
+    if not isinstance(document, ORMap) or env.writer == replica.node_id:
+        return None
+    return env.writer if all(dot in document.context for dot in dots) else None
+
+
 async def _one_write(
     subject: str,
-    nats_urls: tuple[str, ...],
-    namespace: str,
-    node_id: str,
-    state_dir: Path,
-    roster: Path | None,
+    kw: dict[str, Any],
     mutator: Callable[[Replica], Awaitable[ORMap]],
-) -> ORMap:
+) -> tuple[ORMap, str | None]:
+    """Write as ``kw["node_id"]``, publish, and (unless ``kw["no_confirm"]``) wait for a
+    peer replica holding the write; returns the delta and that peer's id (None if none)."""
     settings = load_settings(lambda: WorknodeSettings(
-        node_id=node_id, namespace=namespace, subjects=[subject], nats_urls=list(nats_urls),
-        state_dir=state_dir, roster_file=roster, metrics_port=None,
+        node_id=kw["node_id"], namespace=kw["namespace"], subjects=[subject],
+        nats_urls=list(kw["nats_urls"]), state_dir=kw["state_dir"], roster_file=kw["roster"],
+        metrics_port=None,
     ), env_prefix="WORKNODE_")
     async with WorknodeService(settings) as svc:
-        delta = await mutator(svc.replica(subject))
-        await svc.replica(subject).flush()
-        return delta
+        replica = svc.replica(subject)
+        delta = await mutator(replica)
+        await replica.flush()
+        if kw["no_confirm"]:
+            return delta, None
+        # The write's own dots: a replica whose state covers them applied it.
+        dots = [d for d in delta.context.dots() if d[0] == replica.node_id]
+        if not dots:  # no dot of its own: look for this writer's newest one
+            dots = [(replica.node_id, replica.state.context.max_counter(replica.node_id))]
+        return delta, await _holder_of(replica, dots, kw["confirm_timeout"])
 
 
 def _write_and_print(
     subject: str, kw: dict[str, Any], mutator: Callable[[Replica], Awaitable[ORMap]]
 ) -> None:
-    """One write command: connect as ``kw["node_id"]``, write, flush, print the delta."""
-    delta = _run(lambda: _one_write(subject, kw["nats_urls"], kw["namespace"], kw["node_id"],
-                                    kw["state_dir"], kw["roster"], mutator))
+    """One write command: connect as ``kw["node_id"]``, write, flush, print the delta, and
+    fail with :data:`EXIT_UNCONFIRMED` when no replica confirmed it."""
+    delta, holder = _run(lambda: _one_write(subject, kw, mutator))
     click.echo(json.dumps(_jsonable(delta.value()), sort_keys=True))
+    if holder is None and not kw["no_confirm"]:
+        sys.stdout.flush()
+        click.echo(error_line(
+            f"published, not confirmed: no replica of {subject!r} held the write within "
+            f"{kw['confirm_timeout']:g} s (is writer {kw['node_id']!r} in the nodes' "
+            "roster? see 'worknode keys show' and 'worknode keys roster')"), err=True)
+        sys.exit(EXIT_UNCONFIRMED)
+
+
+_CONFIRM_HELP = """
+
+\b
+Exit status: 0 once a replica of the subject holds the write (read back over the
+sync protocol); 3 (after printing the delta and "error: published, not confirmed")
+when none did within --confirm-timeout: for example when the nodes' rosters lack this
+writer's key, or no node serves the subject. --no-confirm exits 0 once published."""
 
 
 def _write_command(name: str, help_text: str) -> Callable[[Callable[..., Any]], Any]:
     def deco(fn: Callable[..., Any]) -> Any:
+        fn = click.option("--no-confirm", is_flag=True,
+                          help="Do not wait for a replica to hold the write.")(fn)
+        fn = click.option("--confirm-timeout", type=click.FloatRange(min=0, min_open=True),
+                          default=5.0, show_default=True,
+                          help="Seconds to wait for a replica holding the write.")(fn)
         fn = click.option("--roster", type=click.Path(exists=True, dir_okay=False,
                                                       path_type=Path),
                           help="JSON roster of trusted nodes (to read peers' catch-up).")(fn)
@@ -316,7 +402,7 @@ def _write_command(name: str, help_text: str) -> Callable[[Callable[..., Any]], 
         fn = click.option("--node-id", default="cli", show_default=True,
                           help="Writer node id (its key lives in the state dir).")(fn)
         fn = _with_common(fn)
-        return click.command(name, help=help_text)(fn)
+        return click.command(name, help=help_text + _CONFIRM_HELP)(fn)
 
     return deco
 
