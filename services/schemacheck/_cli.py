@@ -7,13 +7,25 @@ a schema that does not parse).
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
 
 import click
 
 from services.schemacheck._check import SchemaLoadError, check
 
-__all__ = ["schema"]
+__all__ = ["installed_schemas", "schema"]
+
+
+def installed_schemas() -> Path:
+    """The directory of the ``schemas`` package this worknode runs with (package data, found
+    through importlib.resources), so ``schema check`` works from any directory."""
+    root = importlib.resources.files("schemas")
+    if not isinstance(root, Path):  # a zip import: capnp needs real files
+        raise click.ClickException(
+            f"the installed schemas are not files on disk ({root}); pass --schemas"
+        )
+    return root
 
 
 @click.group()
@@ -22,16 +34,22 @@ def schema() -> None:
 
 
 @schema.command("check")
-@click.option("--schemas", "schemas_dir", default="schemas", show_default=True,
+@click.option("--schemas", "schemas_dir", default=None,
               type=click.Path(file_okay=False, path_type=Path),
-              help="Directory of the current *.capnp schemas.")
+              help="Directory of the current *.capnp schemas.  [default: ./schemas in a "
+              "checkout, else the schemas this worknode was installed with]")
 @click.option("--releases", "releases_dir", default=None,
               type=click.Path(file_okay=False, path_type=Path),
               help="Directory of frozen releases (vN/*.capnp).  [default: SCHEMAS/releases]")
 @click.option("-v", "--verbose", is_flag=True, help="Also list the compared release pairs.")
-def check_command(schemas_dir: Path, releases_dir: Path | None, verbose: bool) -> None:
+def check_command(schemas_dir: Path | None, releases_dir: Path | None, verbose: bool) -> None:
     """Fail on any wire-breaking change between the current schemas and every frozen
     release, and between every release and each later one (FULL_TRANSITIVE)."""
+    if schemas_dir is None:
+        local = Path("schemas")
+        schemas_dir = local if any(local.glob("*.capnp")) else installed_schemas()
+    if verbose:
+        click.echo(f"schemas: {schemas_dir}", err=True)
     if releases_dir is None:
         releases_dir = schemas_dir / "releases"
     elif not releases_dir.is_dir():
