@@ -61,7 +61,7 @@ class HealerSettings(BaseSettings):
     )
     request_timeout_s: float = Field(5.0, gt=0)
     metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = 0
+    metrics_port: int | None = Field(0, ge=0, le=65535, description="0: a free port.")
 
     @field_validator("node_id")
     @classmethod

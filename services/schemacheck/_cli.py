@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from services.schemacheck._check import SchemaLoadError, check
+from services.schemacheck._check import SchemaLoadError, check, find_releases
 
 __all__ = ["installed_schemas", "schema"]
 
@@ -54,6 +54,9 @@ def check_command(schemas_dir: Path | None, releases_dir: Path | None, verbose: 
         releases_dir = schemas_dir / "releases"
     elif not releases_dir.is_dir():
         raise click.BadParameter(f"{releases_dir}: not a directory",
+                                 param_hint="'--releases'")
+    elif not find_releases(releases_dir):
+        raise click.BadParameter(f"{releases_dir}: no release directory (vN/*.capnp) in it",
                                  param_hint="'--releases'")
     try:
         report = check(schemas_dir, releases_dir)

@@ -19,7 +19,15 @@ from typing import Any
 import click
 
 from broker.codec import TrustRoster, WireCodec
-from broker.crdt import ROOT_ID, CausalContext, KindConflict, OpaqueValue, ORMap
+from broker.crdt import (
+    ROOT_ID,
+    CausalContext,
+    KindConflict,
+    OpaqueValue,
+    ORMap,
+    validate_key,
+    validate_node_id,
+)
 from broker.errors import CodecError, TransportError, TreeError, UnknownSignerError, WorknodeError
 
 # The sync protocol's header names (wanted public: a read-back hook on Replica).
@@ -267,6 +275,20 @@ def _parse_value(text: str) -> Any:
 
 def _path(text: str) -> tuple[str, ...]:
     return tuple(text.split("."))
+
+
+def _check(node: str, *, field: str | None = None, parent: str | None = None) -> None:
+    """Refuse a bad worknode id, field path or parent before connecting (not after the
+    connect and the catch-up)."""
+    try:
+        validate_node_id(node)
+        if parent is not None:
+            validate_node_id(parent, allow_root=True)
+        if field is not None:
+            for key in _path(field):
+                validate_key(key)
+    except WorknodeError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 _common = [
@@ -566,6 +588,7 @@ def register(main: click.Group) -> None:
     @click.argument("field")
     @click.argument("value")
     def set_(subject: str, node_name: str, field: str, value: str, **kw: Any) -> None:
+        _check(node_name, field=field)
         _write_and_print(subject, kw, lambda r: r.set(node_name, _path(field), _parse_value(value)))
 
     @_write_command("incr", "Add AMOUNT (default 1) to counter FIELD of worknode NODE.")
@@ -574,6 +597,7 @@ def register(main: click.Group) -> None:
     @click.argument("field")
     @click.argument("amount", type=int, default=1)
     def incr(subject: str, node_name: str, field: str, amount: int, **kw: Any) -> None:
+        _check(node_name, field=field)
         _write_and_print(subject, kw, lambda r: r.increment(node_name, _path(field), amount))
 
     @_write_command("add", "Add ELEMENT to set FIELD of worknode NODE.")
@@ -582,6 +606,7 @@ def register(main: click.Group) -> None:
     @click.argument("field")
     @click.argument("element")
     def add(subject: str, node_name: str, field: str, element: str, **kw: Any) -> None:
+        _check(node_name, field=field)
         element_value = _parse_value(element)
         _write_and_print(subject, kw, lambda r: r.add(node_name, _path(field), element_value))
 
@@ -590,6 +615,7 @@ def register(main: click.Group) -> None:
     @click.argument("node_name", metavar="NODE")
     @click.argument("parent", default=ROOT_ID)
     def create(subject: str, node_name: str, parent: str, **kw: Any) -> None:
+        _check(node_name, parent=parent)
         _write_and_print(subject, kw, lambda r: r.create(node_name, parent))
 
     @_write_command("move", "Move worknode NODE under PARENT.")
@@ -597,6 +623,7 @@ def register(main: click.Group) -> None:
     @click.argument("node_name", metavar="NODE")
     @click.argument("parent")
     def move(subject: str, node_name: str, parent: str, **kw: Any) -> None:
+        _check(node_name, parent=parent)
         _write_and_print(subject, kw, lambda r: r.move(node_name, parent))
 
     for cmd in (set_, incr, add, create, move):

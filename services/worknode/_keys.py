@@ -40,7 +40,6 @@ def public_key_of(node_id: str, seed_file: Path) -> bytes:
 def write_roster(path: Path, roster: Mapping[str, bytes]) -> None:
     """Write ``roster`` to ``path`` atomically (a reader never sees half a file)."""
     text = json.dumps({k: v.hex() for k, v in roster.items()}, indent=2, sort_keys=True) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -131,7 +130,9 @@ def register_keys(main: click.Group) -> None:
                removed: tuple[str, ...]) -> None:
         """Merge public keys into ROSTER_FILE (created if missing); every entry already in it
         is kept. An id that already has a different key is refused unless --replace. Prints
-        the ids the roster trusts afterwards."""
+        the ids the roster trusts afterwards (with no entry: the ids it trusts now)."""
+        if not entries and not removed and not roster_file.exists():
+            raise click.UsageError(f"no roster at {roster_file} and nothing to add to one")
         parsed = dict(_parse_entry(e) for e in entries)
         if len(parsed) != len(entries):
             raise click.BadParameter("an id is given twice", param_hint="ENTRIES")

@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from broker.crdt import validate_node_id
 from broker.errors import WorknodeError
 from broker.rpc import (
     DEFAULT_REVOCATION_SUBJECT,
@@ -29,7 +30,7 @@ from broker.rpc import (
     inspect,
     mint,
 )
-from broker.transport import NatsTransport
+from broker.transport import NatsTransport, validate_token
 from services._cli_errors import run_until_signal
 from services.worknode._rpc import read_keyring
 
@@ -128,6 +129,10 @@ _nats = [
 ]
 
 
+_TTL = click.FloatRange(min=0, min_open=True, max=100 * 365 * 86400)
+"""A token's lifetime in seconds: positive, at most a century (a timestamp must fit)."""
+
+
 def _with_nats(fn: Any) -> Any:
     for opt in reversed(_nats):
         fn = opt(fn)
@@ -177,8 +182,7 @@ def register_rpc(main: click.Group) -> None:
                   help="Worknode whose subtree is granted.")
     @click.option("--method", "methods", multiple=True, help="Method granted (repeatable; "
                   "default: every method).")
-    @click.option("--ttl", type=click.FloatRange(min=0, min_open=True), default=3600,
-                  show_default=True, help="Seconds valid.")
+    @click.option("--ttl", type=_TTL, default=3600, show_default=True, help="Seconds valid.")
     def mint_(root_key: Path, namespace: str, subjects: tuple[str, ...], worknode: str,
               methods: tuple[str, ...], ttl: float) -> None:
         """Mint a token with the cluster root key; prints it."""
@@ -196,11 +200,13 @@ def register_rpc(main: click.Group) -> None:
     @click.option("--method", "methods", multiple=True, help="Keep only these methods.")
     @click.option("--worknode", default=None, help="Keep only this subtree.")
     @click.option("--subject", default=None, help="Keep only this subject.")
-    @click.option("--ttl", type=click.FloatRange(min=0, min_open=True), default=None,
-                  help="Expire within this many seconds.")
+    @click.option("--ttl", type=_TTL, default=None, help="Expire within this many seconds.")
     def attenuate_(token_text: str, keyring: Path, methods: tuple[str, ...],
                    worknode: str | None, subject: str | None, ttl: float | None) -> None:
         """Narrow a token (offline, no issuer); prints the new token."""
+        if not (methods or worknode or subject or ttl is not None):
+            raise click.UsageError("nothing to narrow: give --method, --worknode, --subject "
+                                   "or --ttl")
         try:
             out = attenuate(
                 _decode(token_text), read_keyring(keyring), methods=methods or None,
@@ -259,6 +265,13 @@ def register_rpc(main: click.Group) -> None:
               timeout_ms: float) -> None:
         """Call METHOD on WORKNODE of SUBJECT with a capability token; prints the result.
         Values are JSON when they parse as JSON, text otherwise."""
+        try:  # before connecting: a typo fails at once
+            validate_token(subject, "subject")
+            validate_token(namespace, "namespace")
+            validate_token(method, "method")
+            validate_node_id(worknode, allow_root=True)
+        except WorknodeError as exc:
+            raise click.BadParameter(str(exc)) from None
         arguments = dict(_parse_arg(a) for a in args)
         token = _decode(token_text)
         out = _run_call(lambda: _call(nats_urls, namespace, subject, worknode, method,

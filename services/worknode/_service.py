@@ -98,6 +98,15 @@ def load_identity(node_id: str, key_path: Path, roster_file: Path | None,
     return signer
 
 
+def _reason(exc: BaseException) -> str:
+    """An OSError's reason without its errno noise; other exceptions as they print."""
+    if isinstance(exc, ssl.SSLError):
+        return f"not a usable certificate or key ({exc.reason or exc.strerror or exc})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
 class MetricsEndpoint:
     """``/metrics`` of one registry over HTTP (prometheus-client's server), stoppable."""
 
@@ -283,16 +292,32 @@ class WorknodeService:
         if s.nats_token:
             kw["token"] = s.nats_token
         if s.nats_creds_file:
+            if not s.nats_creds_file.is_file():
+                raise InvalidArgumentError(
+                    f"nats_creds_file {s.nats_creds_file}: no such file"
+                )
             kw["creds_file"] = str(s.nats_creds_file)
         if s.nats_tls_ca_file or s.nats_tls_cert_file:
-            ctx = ssl.create_default_context(
-                cafile=str(s.nats_tls_ca_file) if s.nats_tls_ca_file else None
-            )
-            if s.nats_tls_cert_file:
-                ctx.load_cert_chain(
-                    str(s.nats_tls_cert_file),
-                    str(s.nats_tls_key_file) if s.nats_tls_key_file else None,
+            # ssl's errors name neither the file nor the setting: say which one failed.
+            try:
+                ctx = ssl.create_default_context(
+                    cafile=str(s.nats_tls_ca_file) if s.nats_tls_ca_file else None
                 )
+            except (OSError, ValueError) as exc:
+                raise InvalidArgumentError(
+                    f"nats_tls_ca_file {s.nats_tls_ca_file}: {_reason(exc)}"
+                ) from None
+            if s.nats_tls_cert_file:
+                try:
+                    ctx.load_cert_chain(
+                        str(s.nats_tls_cert_file),
+                        str(s.nats_tls_key_file) if s.nats_tls_key_file else None,
+                    )
+                except (OSError, ValueError) as exc:
+                    key = f" (key {s.nats_tls_key_file})" if s.nats_tls_key_file else ""
+                    raise InvalidArgumentError(
+                        f"nats_tls_cert_file {s.nats_tls_cert_file}{key}: {_reason(exc)}"
+                    ) from None
             kw["tls"] = ctx
         return kw
 

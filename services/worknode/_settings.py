@@ -59,7 +59,9 @@ class WorknodeSettings(BaseSettings):
         description="Merkle-tree secret shared with the healer; set it to serve healing.",
     )
     metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(0, description="0 picks a free port; null disables.")
+    metrics_port: int | None = Field(
+        0, ge=0, le=65535, description="0 picks a free port; null disables."
+    )
     wire_version: int = Field(CURRENT_VERSION, description="Wire version this node writes.")
     peer_version: int = Field(
         OLDEST_VERSION, description="Oldest wire version among readers (rolling upgrades)."

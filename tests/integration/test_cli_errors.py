@@ -34,7 +34,10 @@ class Case:
 
 
 URL = "nats://127.0.0.1:4222"
+CLOSED = '["nats://127.0.0.1:1"]'
+"""A valid URL nothing listens on: these cases must fail before connecting."""
 NET = ("--nats-url", URL)
+CLOSED_NET = ("--nats-url", "nats://127.0.0.1:1")
 TOK = ("--token", "AAAA")
 HEALER_OK = {"WORKNODE_HEALER_NATS_URLS": f'["{URL}"]',
              "WORKNODE_HEALER_CLUSTER_SECRET_FILE": "{tmp}/secret"}
@@ -81,6 +84,17 @@ CASES = [
           "WORKNODE_STATE_DIR": "{tmp}/s4"}),
     Case("node-metrics-port-in-use", ("node", "--node-id", "n1"), "cannot serve metrics",
          {"WORKNODE_METRICS_PORT": "{busy_port}", "WORKNODE_STATE_DIR": "{tmp}/s5"}),
+    Case("node-metrics-port-range", ("node", "--node-id", "n1"), "less than or equal to 65535",
+         {"WORKNODE_METRICS_PORT": "70000"}),
+    Case("node-tls-ca-missing", ("node", "--node-id", "n1"), "nats_tls_ca_file",
+         {"WORKNODE_NATS_TLS_CA_FILE": "/nonexistent/ca.pem", "WORKNODE_NATS_URLS": CLOSED,
+          "WORKNODE_STATE_DIR": "{tmp}/s7"}),
+    Case("node-tls-cert-bad", ("node", "--node-id", "n1"), "nats_tls_cert_file",
+         {"WORKNODE_NATS_TLS_CERT_FILE": "{tmp}/bad.json", "WORKNODE_NATS_URLS": CLOSED,
+          "WORKNODE_STATE_DIR": "{tmp}/s8"}),
+    Case("node-creds-missing", ("node", "--node-id", "n1"), "nats_creds_file",
+         {"WORKNODE_NATS_CREDS_FILE": "/nonexistent/user.creds", "WORKNODE_NATS_URLS": CLOSED,
+          "WORKNODE_STATE_DIR": "{tmp}/s9"}),
     Case("node-rpc-keyring-bad", ("node", "--node-id", "n1"), "keyring",
          {"WORKNODE_RPC_KEYRING_FILE": "{tmp}/bad.json", "WORKNODE_STATE_DIR": "{tmp}/s6"}),
     # -- worknode healer
@@ -96,6 +110,8 @@ CASES = [
     Case("healer-secret-missing", ("healer", "--once"), "cluster secret",
          {**HEALER_OK, "WORKNODE_HEALER_CLUSTER_SECRET_FILE": "/nonexistent/secret",
           "WORKNODE_HEALER_STATE_DIR": "{tmp}/h1"}),
+    Case("healer-metrics-port-range", ("healer", "--once"), "WORKNODE_HEALER_METRICS_PORT",
+         {**HEALER_OK, "WORKNODE_HEALER_METRICS_PORT": "-1"}),
     Case("healer-metrics-port-abc", ("healer", "--once"), "WORKNODE_HEALER_METRICS_PORT",
          {**HEALER_OK, "WORKNODE_HEALER_METRICS_PORT": "abc"}),
     # -- worknode up and demo: numeric options
@@ -120,6 +136,9 @@ CASES = [
     Case("set-subject", ("set", "a.b", "n1", "f", "1", *NET), "subject"),
     Case("set-node-id", ("set", "demo", "n1", "f", "1", *NET, "--node-id", "bad id"),
          "node_id"),
+    Case("set-node-name", ("set", "demo", "bad node", "f", "1", *CLOSED_NET), "worknode id"),
+    Case("set-empty-field", ("set", "demo", "n1", "a..b", "1", *CLOSED_NET), "map keys"),
+    Case("create-parent", ("create", "demo", "n1", "bad parent!", *CLOSED_NET), "worknode id"),
     Case("incr-amount", ("incr", "demo", "n1", "f", "lots", *NET), "AMOUNT"),
     Case("create-roster-bad", ("create", "demo", "n1", *NET, "--roster", "{tmp}/bad.json",
                                "--state-dir", "{tmp}/c1"), "cannot read roster"),
@@ -137,7 +156,8 @@ CASES = [
                                "--namespace", "ns", "--subject", "s"), "cannot read root key"),
     Case("mint-ttl", ("token", "mint", "--root-key", "{tmp}/bad.json", "--namespace", "ns",
                       "--subject", "s", "--ttl", "0"), "--ttl"),
-    Case("attenuate-not-base64", ("token", "attenuate", "!!!", "--keyring", "{tmp}/bad.json"),
+    Case("attenuate-not-base64", ("token", "attenuate", "!!!", "--keyring", "{tmp}/bad.json",
+                                  "--method", "get"),
          "cannot read keyring"),
     Case("inspect-garbage", ("token", "inspect", "AAAA"), "token"),
     Case("inspect-file-missing", ("token", "inspect", "@/nonexistent/token"),
@@ -149,6 +169,12 @@ CASES = [
          "--timeout-ms"),
     Case("call-url-typo", ("call", "s", "n", "get", "--nats-url",
                            f"tls://{SECRET}@127.0.0.1:99999", *TOK), "invalid NATS URL"),
+    Case("call-subject", ("call", "bad subj", "n", "get", *CLOSED_NET, *TOK), "subject"),
+    Case("call-worknode", ("call", "s", "bad node!", "get", *CLOSED_NET, *TOK), "worknode id"),
+    Case("mint-ttl-huge", ("token", "mint", "--root-key", "{tmp}/bad.json", "--namespace", "ns",
+                           "--subject", "s", "--ttl", "1e400"), "--ttl"),
+    Case("attenuate-nothing", ("token", "attenuate", "AAAA", "--keyring", "{tmp}/bad.json"),
+         "nothing to narrow"),
     Case("call-no-token", ("call", "s", "n", "get", *NET), "--token"),
     # -- keys
     Case("keys-show-missing", ("keys", "show", "/nonexistent.key"), "does not exist"),
@@ -158,6 +184,9 @@ CASES = [
     Case("keys-roster-short-key", ("keys", "roster", "{tmp}/r.json", "n1=abcd"), "32 bytes"),
     Case("keys-roster-id", ("keys", "roster", "{tmp}/r.json", "bad id=" + "ab" * 32),
          "invalid replica id"),
+    Case("keys-roster-no-dir", ("keys", "roster", "/nonexistent/dir/r.json", "n1=" + "ab" * 32),
+         "/nonexistent/dir"),
+    Case("keys-roster-nothing", ("keys", "roster", "{tmp}/none.json"), "nothing to add"),
     Case("keys-roster-bad-file", ("keys", "roster", "{tmp}/bad.json", "n1=" + "ab" * 32),
          "cannot read roster"),
     Case("keys-roster-seed-missing", ("keys", "roster", "{tmp}/r.json", "n1=@/nonexistent"),
@@ -166,6 +195,8 @@ CASES = [
     Case("schema-dir-missing", ("schema", "check", "--schemas", "/nonexistent"), "/nonexistent"),
     Case("schema-releases-missing", ("schema", "check", "--releases", "/nonexistent"),
          "--releases"),
+    Case("schema-releases-empty", ("schema", "check", "--releases", "{tmp}/empty"),
+         "no release"),
     Case("schema-bad-capnp", ("schema", "check", "--schemas", "{tmp}/schemas"), "error"),
     # -- the group itself
     Case("unknown-command", ("frobnicate",), "frobnicate"),
@@ -182,6 +213,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (tmp / "bad.json").write_text("{not json")
     (tmp / "short.key").write_bytes(b"too short")
     (tmp / "secret").write_bytes(os.urandom(32))
+    (tmp / "empty").mkdir()
     (tmp / "schemas").mkdir()
     (tmp / "schemas" / "broken.capnp").write_text("struct {\n")
     return tmp
