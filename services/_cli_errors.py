@@ -120,10 +120,11 @@ def run_until_signal(
 ) -> T:
     """``asyncio.run(main())``, stopped cleanly by SIGINT or SIGTERM.
 
-    The first signal cancels ``main`` (its cleanup runs; a second signal cancels again, for a
-    cleanup that hangs); once it has returned, the process exits with
-    :data:`EXIT_INTERRUPTED` after SIGINT and ``sigterm_status`` after SIGTERM (a service
-    passes 0: a supervisor asked it to stop, and it did)."""
+    The first signal cancels ``main`` (its clean-up runs; a second signal cancels again, for
+    a clean-up that hangs). Once it has ended, however it ended (cancelled, returned, or an
+    error the interruption caused), the process exits with :data:`EXIT_INTERRUPTED` after
+    SIGINT and ``sigterm_status`` after SIGTERM (a service passes 0: a supervisor asked it
+    to stop, and it did)."""
     received: list[int] = []
 
     async def guarded() -> T:
@@ -137,28 +138,20 @@ def run_until_signal(
             received.append(signum)
             task.cancel()
 
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, on_signal, signum)
-        try:
-            return await main()
-        except asyncio.CancelledError:
-            if not received:
-                raise
-            task.uncancel()
-            raise _Interrupted from None
         # The handlers stay until the loop closes: a signal during asyncio.run's own
         # clean-up (cancelling leftover tasks) must not raise KeyboardInterrupt into it.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        return await main()
 
     try:
         result = asyncio.run(guarded())
-    except _Interrupted:
-        pass
+    except (Exception, asyncio.CancelledError) as exc:
+        if not received:
+            raise
+        log.debug("interrupted by signal %d: %r", received[0], exc)
     else:
         if not received:
             return result
     sys.stdout.flush()
     sys.exit(EXIT_INTERRUPTED if received[0] == signal.SIGINT else sigterm_status)
-
-
-class _Interrupted(Exception):
-    """``main`` ended by the cancellation a signal caused."""
