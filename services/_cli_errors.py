@@ -110,6 +110,9 @@ class WorknodeGroup(click.Group):
             sys.exit(EXIT_INTERRUPTED)
         except SystemExit:
             raise
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: its help, as click
+            exc.show()
+            sys.exit(exc.exit_code)
         except BaseException as exc:  # the one boundary: whatever ends a command, one line
             _fail(*_describe(exc))
         sys.exit(rv if isinstance(rv, int) else 0)

@@ -443,7 +443,8 @@ def register(main: click.Group) -> None:
                   help="Keep data here (default: a temporary directory, removed after).")
     @click.option("--quiet", is_flag=True)
     def up(writes: int, state_dir: Path | None, quiet: bool) -> None:
-        """The main job: embedded nats-server, three worknodes, a writer; prove convergence."""
+        """The main job: embedded nats-server, three worknodes, a writer; prove convergence.
+        Ctrl-C stops everything it started and exits 130."""
         tmp = None
         if state_dir is None:
             tmp = Path(tempfile.mkdtemp(prefix="worknode-up-"))
@@ -463,7 +464,8 @@ def register(main: click.Group) -> None:
                   help="TOML settings file (environment variables WORKNODE_* override it).")
     @click.option("--node-id", default=None, help="Overrides the configured node id.")
     def node(config_file: Path | None, node_id: str | None) -> None:
-        """Run one worknode service until SIGINT/SIGTERM (then flush and stop)."""
+        """Run one worknode service until SIGINT/SIGTERM (then flush and stop; exit status
+        130 after SIGINT, 0 after SIGTERM)."""
         kw: dict[str, Any] = {}
         if config_file is not None:
             kw["config_file"] = config_file
@@ -488,7 +490,8 @@ def register(main: click.Group) -> None:
                   help="TOML settings file (WORKNODE_HEALER_* environment variables override).")
     @click.option("--once", is_flag=True, help="Heal every subject once, print, and exit.")
     def healer(config_file: Path | None, once: bool) -> None:
-        """Run the healer: compare Merkle roots per subject, repair, publish heal reports."""
+        """Run the healer: compare Merkle roots per subject, repair, publish heal reports
+        (until SIGINT, exit status 130, or SIGTERM, 0)."""
         from broker.healing import pass_status
         from services.healer import HealerService, HealerSettings
 

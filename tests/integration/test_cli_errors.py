@@ -262,3 +262,16 @@ def test_bad_input_ends_with_one_error_line(
 def test_every_case_is_distinct() -> None:
     assert len({c.id for c in CASES}) == len(CASES)
     assert len({(c.args, tuple(sorted(c.env.items()))) for c in CASES}) == len(CASES)
+
+
+def test_help_version_and_a_bare_group_are_not_errors(tmp_path: Path) -> None:
+    """The boundary turns failures into one line, not help or the version."""
+    for args in (["--help"], ["--version"], ["keys", "--help"]):
+        result = run_cli(args, {}, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout
+        assert "error:" not in result.stderr
+    bare = run_cli(["keys"], {}, cwd=tmp_path)  # as click does: the group's help, status 2
+    assert bare.returncode == 2
+    assert "Usage:" in bare.stdout + bare.stderr
+    assert "error:" not in bare.stderr
