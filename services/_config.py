@@ -5,12 +5,16 @@ variable to fix, on one line, without echoing secrets."""
 
 from __future__ import annotations
 
+import json
+import os
 import tomllib
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsError
 
 from broker.errors import InvalidArgumentError
 from broker.transport import redact_credentials
@@ -64,12 +68,34 @@ def format_validation_error(exc: ValidationError, env_prefix: str) -> str:
     return redact_credentials("; ".join(parts))
 
 
-def load_settings(factory: Callable[[], T], *, env_prefix: str) -> T:
-    """``factory()`` (which builds a settings object), with every configuration failure turned
-    into a :class:`ConfigError`."""
+def load_settings(model: type[BaseSettings], factory: Callable[[], T]) -> T:
+    """``factory()`` (which builds a ``model`` settings object), with every configuration
+    failure turned into a :class:`ConfigError` naming the ``model``'s environment
+    variables."""
+    env_prefix = str(model.model_config.get("env_prefix", ""))
     try:
         return factory()
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, env_prefix)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file: invalid TOML: {exc}") from None
+    except SettingsError:  # an environment value that should be JSON and is not
+        raise ConfigError(_not_json(model, env_prefix)) from None
+
+
+def _not_json(model: type[BaseSettings], env_prefix: str) -> str:
+    """Which list or table setting's environment variable does not hold JSON."""
+    bad = []
+    for name, field in model.model_fields.items():
+        if typing.get_origin(field.annotation) not in (list, dict):
+            continue
+        value = os.environ.get(f"{env_prefix}{name.upper()}")
+        if value is None:
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            bad.append(f"{env_prefix}{name.upper()}")
+    where = ", ".join(bad) or f"a {env_prefix}* variable"
+    return (f"{where}: not valid JSON (lists and tables are JSON in the environment, "
+            """e.g. '["a", "b"]')""")

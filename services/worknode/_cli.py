@@ -366,11 +366,11 @@ async def _one_write(
 ) -> tuple[ORMap, str | None]:
     """Write as ``kw["node_id"]``, publish, and (unless ``kw["no_confirm"]``) wait for a
     peer replica holding the write; returns the delta and that peer's id (None if none)."""
-    settings = load_settings(lambda: WorknodeSettings(
+    settings = load_settings(WorknodeSettings, lambda: WorknodeSettings(
         node_id=kw["node_id"], namespace=kw["namespace"], subjects=[subject],
         nats_urls=list(kw["nats_urls"]), state_dir=kw["state_dir"], roster_file=kw["roster"],
         metrics_port=None,
-    ), env_prefix="WORKNODE_")
+    ))
     async with WorknodeService(settings) as svc:
         replica = svc.replica(subject)
         delta = await mutator(replica)
@@ -471,7 +471,7 @@ def register(main: click.Group) -> None:
             kw["config_file"] = config_file
         if node_id is not None:
             kw["node_id"] = node_id
-        settings = load_settings(lambda: WorknodeSettings(**kw), env_prefix="WORKNODE_")
+        settings = load_settings(WorknodeSettings, lambda: WorknodeSettings(**kw))
 
         async def run() -> None:
             async with WorknodeService(settings) as svc:
@@ -502,7 +502,7 @@ def register(main: click.Group) -> None:
                 k: v for k, v in read_toml(config_file).items()
                 if f"WORKNODE_HEALER_{k.upper()}" not in os.environ
             }
-        settings = load_settings(lambda: HealerSettings(**kw), env_prefix="WORKNODE_HEALER_")
+        settings = load_settings(HealerSettings, lambda: HealerSettings(**kw))
 
         async def run() -> None:
             async with HealerService(settings) as svc:
