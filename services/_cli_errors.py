@@ -9,10 +9,12 @@ replaced by ``***``, and a non-zero exit status:
   (:class:`services._config.ConfigError`), any :class:`~broker.errors.WorknodeError`, an
   ``OSError`` on a file or a port, and an unexpected exception (a bug: its traceback is
   logged at DEBUG, the line says so);
+- ``3`` (:data:`EXIT_UNCONFIRMED`): a write command published, but no replica confirmed it;
 - ``130`` (:data:`EXIT_INTERRUPTED`): Ctrl-C (SIGINT), after a clean shutdown.
 
-Commands raise; they never print their own ``error:`` line. A command that must end with a
-status of its own raises ``SystemExit`` (for example :data:`EXIT_UNCONFIRMED`).
+A bare group (``worknode``, ``worknode keys``) shows its help, as click does. Commands
+raise; they never print their own ``error:`` line. A command that must end with a status of
+its own raises ``SystemExit`` (for example :data:`EXIT_UNCONFIRMED`).
 
 Network commands run their coroutine with :func:`run_until_signal`: SIGINT or SIGTERM cancels
 it once, so its ``finally`` blocks and ``async with`` exits stop every task, server and
