@@ -13,8 +13,8 @@ replaced by ``***``, and a non-zero exit status:
 - ``130`` (:data:`EXIT_INTERRUPTED`): Ctrl-C (SIGINT), after a clean shutdown.
 
 A bare group (``worknode``, ``worknode keys``) shows its help, as click does. Commands
-raise; they never print their own ``error:`` line. A command that must end with a status of
-its own raises ``SystemExit`` (for example :data:`EXIT_UNCONFIRMED`).
+raise rather than print; one that must end with a status of its own prints
+:func:`error_line` and raises ``SystemExit`` (the write commands, :data:`EXIT_UNCONFIRMED`).
 
 Network commands run their coroutine with :func:`run_until_signal`: SIGINT or SIGTERM cancels
 it once, so its ``finally`` blocks and ``async with`` exits stop every task, server and
