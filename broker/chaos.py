@@ -44,7 +44,7 @@ from typing import Any, Self
 
 import nats
 
-from broker.transport import EmbeddedNatsServer
+from broker.transport import EmbeddedNatsServer, complete_despite_cancel
 
 __all__ = ["NatsCluster", "TcpProxy"]
 
@@ -550,7 +550,11 @@ class NatsCluster:
     async def stop(self) -> None:
         """Stop every server and proxy and release the closed ports. Idempotent; when parts
         fail to stop, the rest are still stopped and the first error is raised at the end.
-        ``servers`` and ``proxies`` stay inspectable until the next ``start()``."""
+        ``servers`` and ``proxies`` stay inspectable until the next ``start()``. A caller
+        cancelled meanwhile still waits for every server to stop (no orphaned process)."""
+        await complete_despite_cancel(self._stop())
+
+    async def _stop(self) -> None:
         self._started = False
         results = await asyncio.gather(
             *(server.stop() for server in self._servers), return_exceptions=True

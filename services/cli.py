@@ -15,13 +15,15 @@ import click
 
 from broker.crdt import ROOT_ID, HybridClock, ORMap, Tree
 from broker.errors import TreeError
+from services._cli_errors import WorknodeGroup
 from services.schemacheck import schema
 from services.worknode._cli import register
+from services.worknode._keys import register_keys
 from services.worknode._logging import configure_logging
 from services.worknode._rpc_cli import register_rpc
 
 
-@click.group()
+@click.group(cls=WorknodeGroup)
 @click.version_option(package_name="worknode")
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -40,6 +42,7 @@ _SERVICES = ("node", "healer")
 main.add_command(schema)
 register(main)
 register_rpc(main)
+register_keys(main)
 
 
 class _SimReplica:
@@ -54,8 +57,10 @@ class _SimReplica:
 
 
 @main.command()
-@click.option("--writes", default=3_000, show_default=True, help="Writes per replica.")
-@click.option("--loss", default=0.05, show_default=True, help="Fraction of deltas dropped.")
+@click.option("--writes", default=3_000, show_default=True, type=click.IntRange(min=1),
+              help="Writes per replica.")
+@click.option("--loss", default=0.05, show_default=True, type=click.FloatRange(0, 1),
+              help="Fraction of deltas dropped (0..1).")
 @click.option("--seed", default=None, type=int, help="Seed for a reproducible run.")
 def demo(writes: int, loss: float, seed: int | None) -> None:
     """Three replicas write concurrently over a lossy network and converge."""

@@ -23,7 +23,14 @@ from broker.transport._micro import (
     call,
     discover,
 )
-from broker.transport._nats import DEFAULT_RECONNECT_BUFFER_SIZE, NatsSubscription, NatsTransport
+from broker.transport._nats import (
+    DEFAULT_RECONNECT_BUFFER_SIZE,
+    NATS_URL_SCHEMES,
+    NatsSubscription,
+    NatsTransport,
+    redact_credentials,
+    validate_nats_url,
+)
 from broker.transport._protocol import (
     DEFAULT_PENDING_BYTES_LIMIT,
     DEFAULT_PENDING_MSGS_LIMIT,
@@ -34,6 +41,7 @@ from broker.transport._protocol import (
     Subscription,
     Transport,
     TransportObserver,
+    complete_despite_cancel,
     encoded_size,
     validate_headers,
 )
@@ -78,6 +86,7 @@ __all__ = [
     "KIND_SYNC",
     "MAX_SUBJECT_BYTES",
     "MAX_TOKEN_LENGTH",
+    "NATS_URL_SCHEMES",
     "PREFIX",
     "EmbeddedNatsServer",
     "Endpoint",
@@ -100,6 +109,7 @@ __all__ = [
     "Transport",
     "TransportObserver",
     "call",
+    "complete_despite_cancel",
     "delta_subject",
     "discover",
     "encoded_size",
@@ -108,10 +118,12 @@ __all__ = [
     "merkle_subject",
     "namespace_wildcard",
     "parse_subject",
+    "redact_credentials",
     "rpc_subject",
     "subject_matches",
     "sync_subject",
     "validate_headers",
+    "validate_nats_url",
     "validate_pattern",
     "validate_subject",
     "validate_token",

@@ -29,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
+import urllib.parse
 from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Self, cast
@@ -364,6 +366,49 @@ class NatsSubscription:
         )
 
 
+NATS_URL_SCHEMES: Final = frozenset({"nats", "tls", "ws", "wss"})
+"""URL schemes nats-py connects with (a URL without ``://`` means ``nats://``)."""
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^@/\s'\"]+@")
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with the user, password or token of every URL in it replaced by ``***``:
+    error messages and logs name a server without leaking its credentials."""
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def validate_nats_url(url: str) -> str:
+    """``url`` if nats-py can connect with it (``nats://``, ``tls://``, ``ws://`` or
+    ``wss://``, a host, an optional port in 1..65535, nothing after); raises
+    ``InvalidArgumentError`` naming the URL without its credentials otherwise, so a typo
+    fails at once instead of after the connect timeout."""
+    shown = redact_credentials(url)
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidArgumentError("empty NATS URL")
+    full = url if "://" in url else f"nats://{url}"
+    try:
+        parts = urllib.parse.urlsplit(full)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidArgumentError(f"invalid NATS URL {shown!r}: {exc}") from None
+    if parts.scheme not in NATS_URL_SCHEMES:
+        raise InvalidArgumentError(
+            f"invalid NATS URL {shown!r}: scheme {parts.scheme!r} is not one of "
+            f"{', '.join(sorted(NATS_URL_SCHEMES))}"
+        )
+    if not parts.hostname:
+        raise InvalidArgumentError(f"invalid NATS URL {shown!r}: no host")
+    if port == 0:
+        raise InvalidArgumentError(f"invalid NATS URL {shown!r}: port 0")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        extra = parts.path + (f"?{parts.query}" if parts.query else "") + (
+            f"#{parts.fragment}" if parts.fragment else "")
+        raise InvalidArgumentError(f"invalid NATS URL {shown!r}: unexpected {extra!r} after the "
+                                   "host and port")
+    return url
+
+
 class NatsTransport:
     """The ``Transport`` over a NATS connection (nats-py), with reconnects and drain on stop.
 
@@ -403,7 +448,9 @@ class NatsTransport:
     ) -> None:
         urls = [servers] if isinstance(servers, str) else list(servers)
         if not urls or not all(isinstance(url, str) and url for url in urls):
-            raise InvalidArgumentError(f"need at least one NATS server URL, got {servers!r}")
+            raise InvalidArgumentError("need at least one NATS server URL")
+        for url in urls:
+            validate_nats_url(url)
         for label, value in (
             ("connect_timeout", connect_timeout),
             ("start_timeout", start_timeout),
@@ -422,6 +469,7 @@ class NatsTransport:
             if count < 1:
                 raise InvalidArgumentError(f"{label} must be >= 1, got {count!r}")
         self._servers = urls
+        self._shown = [redact_credentials(url) for url in urls]  # for messages: no secrets
         self._name = name
         self._observer: TransportObserver = observer if observer is not None else NullObserver()
         self._start_timeout = start_timeout
@@ -520,13 +568,13 @@ class NatsTransport:
                 self._stopping = True  # keeps the close callbacks quiet
                 await _close_quietly(nc)
                 raise TransportTimeoutError(
-                    f"could not connect to {self._servers} within {self._start_timeout} s "
+                    f"could not connect to {self._shown} within {self._start_timeout} s "
                     f"(last error: {nc.last_error!r})"
                 ) from exc
             except Exception as exc:
                 self._stopping = True
                 await _close_quietly(nc)
-                raise _translate(exc, f"connect to {self._servers}") from exc
+                raise _translate(exc, f"connect to {self._shown}") from exc
             self._nc = nc
         notify(self._observer.connected)
 
@@ -785,7 +833,7 @@ class NatsTransport:
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "not connected"
-        return f"<NatsTransport {self._name!r} {self._servers} {state}>"
+        return f"<NatsTransport {self._name!r} {self._shown} {state}>"
 
 
 def _fail_pending_requests(nc: Client) -> None:

@@ -336,3 +336,15 @@ async def until_enough_or_idle(
                 return
         else:
             await arrived.wait()
+
+
+async def complete_despite_cancel(cleanup: Awaitable[None]) -> None:
+    """Await ``cleanup`` (a stop or teardown) to its end even if the caller is cancelled
+    meanwhile, then re-raise the cancellation: a stop interrupted halfway (Ctrl-C while a
+    service stops) would leave connections open, stores unclosed and servers orphaned."""
+    task = asyncio.ensure_future(cleanup)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task  # cancelled again meanwhile: give up, the caller insists
+        raise

@@ -48,10 +48,16 @@ from broker.healing import (
 )
 from broker.merkle import Diff
 from broker.repair import repair_deltas
-from broker.transport import NatsTransport, Transport, discover, heal_subject
+from broker.transport import (
+    NatsTransport,
+    Transport,
+    complete_despite_cancel,
+    discover,
+    heal_subject,
+)
 from services.healer._metrics import HealerMetrics
 from services.healer._settings import HealerSettings
-from services.worknode import MetricsEndpoint, load_identity
+from services.worknode import MetricsEndpoint, load_identity, read_cluster_secret
 from services.worknode._events import ConnectionLog
 from services.worknode._logging import RateLimited, event
 
@@ -155,7 +161,7 @@ class HealerService:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
-        self.secret = s.cluster_secret_file.read_bytes()
+        self.secret = read_cluster_secret(s.cluster_secret_file)
         if self.transport is None:
             self.transport = NatsTransport(
                 s.nats_urls, name=s.node_id, observer=ConnectionLog(s.node_id, log)
@@ -172,6 +178,9 @@ class HealerService:
         if not self._running:
             return
         self._running = False
+        await complete_despite_cancel(self._teardown())
+
+    async def _teardown(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.crdt import validate_replica_id
-from broker.transport import validate_token
+from broker.transport import validate_nats_url, validate_token
 
 __all__ = ["HealerSettings"]
 
@@ -61,7 +61,7 @@ class HealerSettings(BaseSettings):
     )
     request_timeout_s: float = Field(5.0, gt=0)
     metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = 0
+    metrics_port: int | None = Field(0, ge=0, le=65535, description="0: a free port.")
 
     @field_validator("node_id")
     @classmethod
@@ -72,6 +72,11 @@ class HealerSettings(BaseSettings):
     @classmethod
     def _ns(cls, v: str) -> str:
         return validate_token(v, "namespace")
+
+    @field_validator("nats_urls")
+    @classmethod
+    def _nats_urls(cls, v: list[str]) -> list[str]:
+        return [validate_nats_url(u) for u in v]
 
     @field_validator("subjects")
     @classmethod

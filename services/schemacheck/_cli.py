@@ -15,6 +15,7 @@ lint warnings and nothing breaking.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from pathlib import Path
 
@@ -26,9 +27,21 @@ from services.schemacheck._check import (
     SchemaLoadError,
     check,
     check_directories,
+    find_releases,
 )
 
-__all__ = ["schema"]
+__all__ = ["installed_schemas", "schema"]
+
+
+def installed_schemas() -> Path:
+    """The directory of the ``schemas`` package this worknode runs with (package data, found
+    through importlib.resources), so ``schema check`` works from any directory."""
+    root = importlib.resources.files("schemas")
+    if not isinstance(root, Path):  # a zip import: capnp needs real files
+        raise click.ClickException(
+            f"the installed schemas are not files on disk ({root}); pass --schemas"
+        )
+    return root
 
 
 @click.group()
@@ -38,9 +51,10 @@ def schema() -> None:
 
 @schema.command("check")
 @click.argument("dirs", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--schemas", "schemas_dir", default="schemas", show_default=True,
+@click.option("--schemas", "schemas_dir", default=None,
               type=click.Path(file_okay=False, path_type=Path),
-              help="Directory of the current *.capnp schemas.")
+              help="Directory of the current *.capnp schemas.  [default: ./schemas in a "
+              "checkout, else the schemas this worknode was installed with]")
 @click.option("--releases", "releases_dir", default=None,
               type=click.Path(file_okay=False, path_type=Path),
               help="Directory of frozen releases (vN/*.capnp).  [default: SCHEMAS/releases]")
@@ -52,7 +66,7 @@ def schema() -> None:
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Output format.")
 @click.option("-v", "--verbose", is_flag=True, help="Also list the compared release pairs.")
-def check_command(dirs: tuple[Path, ...], schemas_dir: Path, releases_dir: Path | None,
+def check_command(dirs: tuple[Path, ...], schemas_dir: Path | None, releases_dir: Path | None,
                   imports: tuple[Path, ...], lint: bool, fmt: str, verbose: bool) -> None:
     """Fail on any wire-breaking change.
 
@@ -64,10 +78,18 @@ def check_command(dirs: tuple[Path, ...], schemas_dir: Path, releases_dir: Path 
         raise click.UsageError("give no directories, or exactly two: OLD_DIR NEW_DIR")
     if dirs and releases_dir is not None:
         raise click.UsageError("--releases applies only without OLD_DIR NEW_DIR")
+    if schemas_dir is None:
+        local = Path("schemas")
+        schemas_dir = local if any(local.glob("*.capnp")) else installed_schemas()
+    if verbose and not dirs:
+        click.echo(f"schemas: {schemas_dir}", err=True)
     if releases_dir is None:
         releases_dir = schemas_dir / "releases"
     elif not releases_dir.is_dir():
         raise click.BadParameter(f"{releases_dir}: not a directory",
+                                 param_hint="'--releases'")
+    elif not find_releases(releases_dir):
+        raise click.BadParameter(f"{releases_dir}: no release directory (vN/*.capnp) in it",
                                  param_hint="'--releases'")
     for path in imports:
         if not path.is_dir():

@@ -6,6 +6,7 @@ from services.worknode._service import (
     WorknodeService,
     load_identity,
     load_or_create_signer,
+    read_cluster_secret,
     read_roster,
 )
 from services.worknode._settings import WorknodeSettings
@@ -17,5 +18,6 @@ __all__ = [
     "WorknodeSettings",
     "load_identity",
     "load_or_create_signer",
+    "read_cluster_secret",
     "read_roster",
 ]

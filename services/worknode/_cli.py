@@ -9,21 +9,35 @@ import json
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import click
 
 from broker.codec import TrustRoster, WireCodec
-from broker.crdt import ROOT_ID, KindConflict, OpaqueAtom, OpaqueValue, ORMap
-from broker.errors import TreeError, WorknodeError
+from broker.crdt import (
+    ROOT_ID,
+    CausalContext,
+    KindConflict,
+    OpaqueAtom,
+    OpaqueValue,
+    ORMap,
+    validate_key,
+    validate_node_id,
+)
+from broker.errors import CodecError, TransportError, TreeError, UnknownSignerError, WorknodeError
+
+# The sync protocol's header names (wanted public: a read-back hook on Replica).
+from broker.replica import _FULL as FULL_HEADER
+from broker.replica import _SYNC as SYNC_HEADER
 from broker.replica import Replica
 from broker.transport import Msg, NatsTransport, delta_subject, validate_token
+from services._cli_errors import EXIT_UNCONFIRMED, error_line, run_until_signal
+from services._config import load_settings, read_toml
 from services.worknode._service import WorknodeService, load_or_create_signer, read_roster
 from services.worknode._settings import WorknodeSettings
 
@@ -114,10 +128,19 @@ async def _write_phase(
         asyncio.create_task(_demo_writer(r, n, random.Random(rng.random()), counts))
         for r, n in zip(replicas, per, strict=True)
     ]
-    while not all(w.done() for w in writers):
-        await asyncio.sleep(0.5)
-        applied = "  ".join(f"{r.node_id}: {r.applied_envelopes} batches in" for r in replicas)
-        echo(f"writes {counts[0]:>6}/{writes}   {applied}")
+    try:
+        while not all(w.done() for w in writers):
+            await asyncio.sleep(0.5)
+            applied = "  ".join(f"{r.node_id}: {r.applied_envelopes} batches in"
+                                for r in replicas)
+            echo(f"writes {counts[0]:>6}/{writes}   {applied}")
+    finally:
+        # Interrupted (Ctrl-C) or not, no writer outlives this phase: one left running
+        # would fail against stopped replicas, unobserved ("Task exception was never
+        # retrieved").
+        for w in writers:
+            w.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
     for w in writers:
         w.result()
     for r in replicas:
@@ -166,7 +189,12 @@ async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True)
         roster.add(hs.node_id, load_or_create_signer(hs.node_id, hs.key_path()).public_key)
         services = [WorknodeService(s, roster=roster) for s in settings]
         healer = HealerService(hs, roster=roster)
-        try:
+        # An exit stack, not one finally block: every stop runs even when an earlier one
+        # re-raises a cancellation (Ctrl-C during the clean-up).
+        async with contextlib.AsyncExitStack() as stack:
+            for svc in services:
+                stack.push_async_callback(svc.stop)
+            stack.push_async_callback(healer.stop)
             for svc in services:
                 await svc.start()
                 echo(f"{svc.settings.node_id}: replica of wn.default.delta.{_DEMO_SUBJECT} "
@@ -184,10 +212,6 @@ async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True)
                 ok = await _partition_and_heal(echo, cluster, replicas, healer, writes)
             echo(f"\ndone in {time.monotonic() - t0:.1f} s")
             return ok
-        finally:
-            await healer.stop()
-            for svc in services:
-                await svc.stop()
 
 
 async def _partition_and_heal(
@@ -239,11 +263,10 @@ async def _partition_and_heal(
 # helpers for the network commands
 
 
-def _run(coro: Awaitable[Any]) -> Any:
-    try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    except WorknodeError as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+def _run(main: Callable[[], Coroutine[Any, Any, Any]], *, sigterm_status: int = 143) -> Any:
+    """Run a command's coroutine until it ends or a signal stops it cleanly (exit 130 on
+    SIGINT); its errors reach ``WorknodeGroup.main`` (one line)."""
+    return run_until_signal(main, sigterm_status=sigterm_status)
 
 
 def _parse_value(text: str) -> Any:
@@ -255,6 +278,20 @@ def _parse_value(text: str) -> Any:
 
 def _path(text: str) -> tuple[str, ...]:
     return tuple(text.split("."))
+
+
+def _check(node: str, *, field: str | None = None, parent: str | None = None) -> None:
+    """Refuse a bad worknode id, field path or parent before connecting (not after the
+    connect and the catch-up)."""
+    try:
+        validate_node_id(node)
+        if parent is not None:
+            validate_node_id(parent, allow_root=True)
+        if field is not None:
+            for key in _path(field):
+                validate_key(key)
+    except WorknodeError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 _common = [
@@ -270,44 +307,127 @@ def _with_common(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+_CONFIRM_POLL_S = 0.2
+"""Pause between two read-backs while no replica holds the write yet."""
+
+
+async def _holder_of(replica: Replica, dots: list[tuple[str, int]], within: float) -> str | None:
+    """The id of a peer replica whose state holds every dot in ``dots`` (it accepted and
+    applied the write), asking peers for their state until ``within`` seconds passed; None
+    if none did. A peer that does not trust this writer's key does not even answer (it
+    refuses the request as it refused the write)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        left = deadline - loop.time()
+        if left <= 0:
+            return None
+        probe = replica.codec.seal(
+            replica.signer, subject=replica.sync_subject,
+            hlc=replica.clock.now(time.time_ns() // 1_000_000),
+            sequence=replica.machine.sequence,
+            document=ORMap(None, CausalContext(), is_delta=True),
+        )
+        try:
+            # The catch-up request of the sync protocol, asking for a peer's full state.
+            reply = await replica.transport.request(
+                replica.sync_subject, probe, timeout=min(left, 2.0),
+                headers={SYNC_HEADER: "request", FULL_HEADER: "1"},
+            )
+        except TransportError:
+            reply = None  # nobody answered yet: ask again until the deadline
+        if reply is not None:
+            holder = _holder_in(replica, reply.data, dots)
+            if holder is not None:
+                return holder
+        await asyncio.sleep(min(_CONFIRM_POLL_S, max(0.0, deadline - loop.time())))
+
+
+def _holder_in(replica: Replica, data: bytes, dots: list[tuple[str, int]]) -> str | None:
+    """The replier's id if its state (in the reply ``data``) covers ``dots``."""
+    try:
+        env = replica.codec.open(data, replica.roster, subject=replica.sync_subject)
+    except UnknownSignerError:
+        # The replier is not in this writer's roster: its answer is read unverified (the
+        # writer's roster need not list every node to learn whether one holds the write).
+        try:
+            env = replica.codec.open(data, None, subject=replica.sync_subject)
+        except CodecError:
+            return None
+    except CodecError:
+        return None
+    document = env.document
+    if not isinstance(document, ORMap) or env.writer == replica.node_id:
+        return None
+    return env.writer if all(dot in document.context for dot in dots) else None
+
+
 async def _one_write(
     subject: str,
-    nats_urls: tuple[str, ...],
-    namespace: str,
-    node_id: str,
-    state_dir: Path,
-    roster: Path | None,
+    kw: dict[str, Any],
     mutator: Callable[[Replica], Awaitable[ORMap]],
-) -> ORMap:
-    settings = WorknodeSettings(
-        node_id=node_id, namespace=namespace, subjects=[subject], nats_urls=list(nats_urls),
-        state_dir=state_dir, roster_file=roster, metrics_port=None,
-    )
+) -> tuple[ORMap, str | None]:
+    """Write as ``kw["node_id"]``, publish, and (unless ``kw["no_confirm"]``) wait for a
+    peer replica holding the write; returns the delta and that peer's id (None if none)."""
+    settings = load_settings(WorknodeSettings, lambda: WorknodeSettings(
+        node_id=kw["node_id"], namespace=kw["namespace"], subjects=[subject],
+        nats_urls=list(kw["nats_urls"]), state_dir=kw["state_dir"], roster_file=kw["roster"],
+        metrics_port=None,
+    ))
     async with WorknodeService(settings) as svc:
-        delta = await mutator(svc.replica(subject))
-        await svc.replica(subject).flush()
-        return delta
+        replica = svc.replica(subject)
+        delta = await mutator(replica)
+        await replica.flush()
+        if kw["no_confirm"]:
+            return delta, None
+        # The write's own dots: a replica whose state covers them applied it.
+        dots = [d for d in delta.context.dots() if d[0] == replica.node_id]
+        if not dots:  # no dot of its own: look for this writer's newest one
+            dots = [(replica.node_id, replica.state.context.max_counter(replica.node_id))]
+        return delta, await _holder_of(replica, dots, kw["confirm_timeout"])
 
 
 def _write_and_print(
     subject: str, kw: dict[str, Any], mutator: Callable[[Replica], Awaitable[ORMap]]
 ) -> None:
-    """One write command: connect as ``kw["node_id"]``, write, flush, print the delta."""
-    delta = _run(_one_write(subject, kw["nats_urls"], kw["namespace"], kw["node_id"],
-                            kw["state_dir"], kw["roster"], mutator))
+    """One write command: connect as ``kw["node_id"]``, write, flush, print the delta, and
+    fail with :data:`EXIT_UNCONFIRMED` when no replica confirmed it."""
+    delta, holder = _run(lambda: _one_write(subject, kw, mutator))
     click.echo(json.dumps(_jsonable(delta.value()), sort_keys=True))
+    if holder is None and not kw["no_confirm"]:
+        sys.stdout.flush()
+        click.echo(error_line(
+            f"published, not confirmed: no replica of {subject!r} held the write within "
+            f"{kw['confirm_timeout']:g} s (is writer {kw['node_id']!r} in the nodes' "
+            "roster? see 'worknode keys show' and 'worknode keys roster')"), err=True)
+        sys.exit(EXIT_UNCONFIRMED)
+
+
+_CONFIRM_HELP = """
+
+\b
+Exit status: 0 once a replica of the subject holds the write (read back over the
+sync protocol); 3 (after printing the delta and "error: published, not confirmed")
+when none did within --confirm-timeout: for example when the nodes' rosters lack this
+writer's key, or no node serves the subject. --no-confirm exits 0 once published."""
 
 
 def _write_command(name: str, help_text: str) -> Callable[[Callable[..., Any]], Any]:
     def deco(fn: Callable[..., Any]) -> Any:
-        fn = click.option("--roster", type=click.Path(path_type=Path),
+        fn = click.option("--no-confirm", is_flag=True,
+                          help="Do not wait for a replica to hold the write.")(fn)
+        fn = click.option("--confirm-timeout", type=click.FloatRange(min=0, min_open=True),
+                          default=5.0, show_default=True,
+                          help="Seconds to wait for a replica holding the write.")(fn)
+        fn = click.option("--roster", type=click.Path(exists=True, dir_okay=False,
+                                                      path_type=Path),
                           help="JSON roster of trusted nodes (to read peers' catch-up).")(fn)
         fn = click.option("--state-dir", type=click.Path(path_type=Path),
                           default=Path(".worknode/cli"), show_default=True)(fn)
         fn = click.option("--node-id", default="cli", show_default=True,
                           help="Writer node id (its key lives in the state dir).")(fn)
         fn = _with_common(fn)
-        return click.command(name, help=help_text)(fn)
+        return click.command(name, help=help_text + _CONFIRM_HELP)(fn)
 
     return deco
 
@@ -320,12 +440,14 @@ def register(main: click.Group) -> None:
     """Add the service commands to the ``worknode`` group."""
 
     @main.command()
-    @click.option("--writes", default=3_000, show_default=True, help="Writes in total.")
+    @click.option("--writes", default=3_000, show_default=True, type=click.IntRange(min=1),
+                  help="Writes in total.")
     @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
                   help="Keep data here (default: a temporary directory, removed after).")
     @click.option("--quiet", is_flag=True)
     def up(writes: int, state_dir: Path | None, quiet: bool) -> None:
-        """The main job: embedded nats-server, three worknodes, a writer; prove convergence."""
+        """The main job: embedded nats-server, three worknodes, a writer; prove convergence.
+        Ctrl-C stops everything it started and exits 130."""
         tmp = None
         if state_dir is None:
             tmp = Path(tempfile.mkdtemp(prefix="worknode-up-"))
@@ -333,46 +455,46 @@ def register(main: click.Group) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / "cluster.secret").write_bytes(os.urandom(32))
         try:
-            ok = _run(_up(writes, state_dir, quiet))
+            ok = _run(lambda: _up(writes, state_dir, quiet))
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
         sys.exit(0 if ok else 1)
 
     @main.command()
-    @click.option("--config", "config_file", type=click.Path(path_type=Path),
+    @click.option("--config", "config_file",
+                  type=click.Path(exists=True, dir_okay=False, path_type=Path),
                   help="TOML settings file (environment variables WORKNODE_* override it).")
     @click.option("--node-id", default=None, help="Overrides the configured node id.")
     def node(config_file: Path | None, node_id: str | None) -> None:
-        """Run one worknode service until SIGINT/SIGTERM (then flush and stop)."""
+        """Run one worknode service until SIGINT/SIGTERM (then flush and stop; exit status
+        130 after SIGINT, 0 after SIGTERM)."""
         kw: dict[str, Any] = {}
         if config_file is not None:
             kw["config_file"] = config_file
         if node_id is not None:
             kw["node_id"] = node_id
+        settings = load_settings(WorknodeSettings, lambda: WorknodeSettings(**kw))
 
         async def run() -> None:
-            settings = WorknodeSettings(**kw)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
             async with WorknodeService(settings) as svc:
                 click.echo(f"{settings.node_id}: serving {', '.join(settings.subjects)}; "
                            f"metrics at {svc.metrics_url}", err=True)
-                await stop.wait()
-                click.echo("stopping: flushing pending batches", err=True)
+                try:
+                    await asyncio.Event().wait()  # until a signal cancels it
+                finally:
+                    click.echo("stopping: flushing pending batches", err=True)
 
-        _run(run())
+        _run(run, sigterm_status=0)
 
     @main.command()
-    @click.option("--config", "config_file", type=click.Path(path_type=Path),
+    @click.option("--config", "config_file",
+                  type=click.Path(exists=True, dir_okay=False, path_type=Path),
                   help="TOML settings file (WORKNODE_HEALER_* environment variables override).")
     @click.option("--once", is_flag=True, help="Heal every subject once, print, and exit.")
     def healer(config_file: Path | None, once: bool) -> None:
-        """Run the healer: compare Merkle roots per subject, repair, publish heal reports."""
-        import tomllib
-
+        """Run the healer: compare Merkle roots per subject, repair, publish heal reports
+        (until SIGINT, exit status 130, or SIGTERM, 0)."""
         from broker.healing import pass_status
         from services.healer import HealerService, HealerSettings
 
@@ -380,10 +502,10 @@ def register(main: click.Group) -> None:
         if config_file is not None:
             # Environment variables override the file: pass only what they do not set.
             kw = {
-                k: v for k, v in tomllib.loads(config_file.read_text()).items()
+                k: v for k, v in read_toml(config_file).items()
                 if f"WORKNODE_HEALER_{k.upper()}" not in os.environ
             }
-        settings = HealerSettings(**kw)
+        settings = load_settings(HealerSettings, lambda: HealerSettings(**kw))
 
         async def run() -> None:
             async with HealerService(settings) as svc:
@@ -416,29 +538,29 @@ def register(main: click.Group) -> None:
                     if status or svc.skipped:
                         raise SystemExit(status or 3)
                     return
-                stop = asyncio.Event()
-                loop = asyncio.get_running_loop()
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, stop.set)
                 click.echo(f"healer {settings.node_id}: metrics on port {svc.metrics_port}",
                            err=True)
-                await stop.wait()
+                await asyncio.Event().wait()  # until a signal cancels it
 
-        _run(run())
+        _run(run, sigterm_status=0)
 
     @main.command()
     @click.argument("subject")
     @_with_common
-    @click.option("--roster", type=click.Path(path_type=Path),
+    @click.option("--roster", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                   help="Verify signatures against this JSON roster (else shown unverified).")
     @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-    @click.option("--count", type=int, default=0, help="Exit after this many envelopes.")
-    @click.option("--timeout", type=float, default=0.0, help="Exit after this many seconds.")
+    @click.option("--count", type=click.IntRange(min=0), default=0,
+                  help="Exit after this many envelopes (0: never).")
+    @click.option("--timeout", type=click.FloatRange(min=0), default=0.0,
+                  help="Exit after this many seconds (0: never).")
     def tail(subject: str, nats_urls: tuple[str, ...], namespace: str, roster: Path | None,
              as_json: bool, count: int, timeout: float) -> None:
         """Print every delta batch published on SUBJECT, decoded (a subscriber's view)."""
         trust = TrustRoster(read_roster(roster)) if roster else None
         codec = WireCodec()
+        watched = delta_subject(validate_token(namespace, "namespace"),
+                                validate_token(subject, "subject"))
 
         async def run() -> None:
             seen = 0
@@ -469,15 +591,11 @@ def register(main: click.Group) -> None:
                     done.set()
 
             async with NatsTransport(list(nats_urls), name="worknode-tail") as transport:
-                await transport.subscribe(
-                    delta_subject(validate_token(namespace, "namespace"),
-                                  validate_token(subject, "subject")),
-                    handle,
-                )
+                await transport.subscribe(watched, handle)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(done.wait(), timeout or None)
 
-        _run(run())
+        _run(run)
 
     @_write_command("set", "Set FIELD (dotted path) of worknode NODE to VALUE (JSON or text).")
     @click.argument("subject")
@@ -485,6 +603,7 @@ def register(main: click.Group) -> None:
     @click.argument("field")
     @click.argument("value")
     def set_(subject: str, node_name: str, field: str, value: str, **kw: Any) -> None:
+        _check(node_name, field=field)
         _write_and_print(subject, kw, lambda r: r.set(node_name, _path(field), _parse_value(value)))
 
     @_write_command("incr", "Add AMOUNT (default 1) to counter FIELD of worknode NODE.")
@@ -493,6 +612,7 @@ def register(main: click.Group) -> None:
     @click.argument("field")
     @click.argument("amount", type=int, default=1)
     def incr(subject: str, node_name: str, field: str, amount: int, **kw: Any) -> None:
+        _check(node_name, field=field)
         _write_and_print(subject, kw, lambda r: r.increment(node_name, _path(field), amount))
 
     @_write_command("add", "Add ELEMENT to set FIELD of worknode NODE.")
@@ -501,6 +621,7 @@ def register(main: click.Group) -> None:
     @click.argument("field")
     @click.argument("element")
     def add(subject: str, node_name: str, field: str, element: str, **kw: Any) -> None:
+        _check(node_name, field=field)
         element_value = _parse_value(element)
         _write_and_print(subject, kw, lambda r: r.add(node_name, _path(field), element_value))
 
@@ -509,6 +630,7 @@ def register(main: click.Group) -> None:
     @click.argument("node_name", metavar="NODE")
     @click.argument("parent", default=ROOT_ID)
     def create(subject: str, node_name: str, parent: str, **kw: Any) -> None:
+        _check(node_name, parent=parent)
         _write_and_print(subject, kw, lambda r: r.create(node_name, parent))
 
     @_write_command("move", "Move worknode NODE under PARENT.")
@@ -516,6 +638,7 @@ def register(main: click.Group) -> None:
     @click.argument("node_name", metavar="NODE")
     @click.argument("parent")
     def move(subject: str, node_name: str, parent: str, **kw: Any) -> None:
+        _check(node_name, parent=parent)
         _write_and_print(subject, kw, lambda r: r.move(node_name, parent))
 
     for cmd in (set_, incr, add, create, move):

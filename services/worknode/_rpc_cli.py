@@ -11,12 +11,14 @@ import binascii
 import json
 import os
 import time
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 
+from broker.crdt import validate_node_id
 from broker.errors import WorknodeError
 from broker.rpc import (
     DEFAULT_REVOCATION_SUBJECT,
@@ -28,7 +30,8 @@ from broker.rpc import (
     inspect,
     mint,
 )
-from broker.transport import NatsTransport
+from broker.transport import NatsTransport, validate_token
+from services._cli_errors import run_until_signal
 from services.worknode._rpc import read_keyring
 
 __all__ = ["register_rpc"]
@@ -54,6 +57,19 @@ def _read_root_key(path: Path) -> RootKey:
         return RootKey(int(raw["key_id"]), bytes.fromhex(raw["private_key"]))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise click.ClickException(f"cannot read root key {path}: {exc}") from exc
+
+
+def read_keyring_file(path: Path) -> dict[str, str]:
+    """The keyring JSON at ``path`` as text (``{}`` if the file does not exist yet)."""
+    if not path.exists():
+        return {}
+    try:
+        ring = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot read keyring {path}: {exc}") from None
+    if not isinstance(ring, dict):
+        raise click.ClickException(f"cannot read keyring {path}: not a JSON object")
+    return {str(k): str(v) for k, v in ring.items()}
 
 
 def _iso(ts: float | None) -> str | None:
@@ -94,16 +110,12 @@ async def _call(
     return out
 
 
-def _run_call(coro: Any) -> dict[str, Any]:
-    import asyncio
-
+def _run_call(main: Callable[[], Coroutine[Any, Any, dict[str, Any]]]) -> dict[str, Any]:
+    """Run one call (Ctrl-C stops it cleanly); an RPC error's line starts with its status."""
     try:
-        result: dict[str, Any] = asyncio.run(coro)
-        return result
+        return run_until_signal(main)
     except RpcError as exc:
         raise click.ClickException(f"{exc.code.label}: {exc}") from exc
-    except WorknodeError as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 
 
 _nats = [
@@ -112,8 +124,13 @@ _nats = [
     click.option("--namespace", default="default", show_default=True),
     click.option("--token", "token_text", envvar="WORKNODE_TOKEN", required=True,
                  help="Capability token (base64, or @file); env WORKNODE_TOKEN."),
-    click.option("--timeout-ms", type=float, default=5000, show_default=True),
+    click.option("--timeout-ms", type=click.FloatRange(min=0, min_open=True), default=5000,
+                 show_default=True),
 ]
+
+
+_TTL = click.FloatRange(min=0, min_open=True, max=100 * 365 * 86400)
+"""A token's lifetime in seconds: positive, at most a century (a timestamp must fit)."""
 
 
 def _with_nats(fn: Any) -> Any:
@@ -130,7 +147,8 @@ def register_rpc(main: click.Group) -> None:
         """Capability tokens (Biscuit): keygen, mint, attenuate, inspect, revoke."""
 
     @token.command()
-    @click.option("--key-id", type=int, required=True, help="Id of the new root key.")
+    @click.option("--key-id", type=click.IntRange(0, 2**32 - 1), required=True,
+                  help="Id of the new root key.")
     @click.option("--out", type=click.Path(path_type=Path), required=True,
                   help="Root key file to create (mode 0600; keep it secret).")
     @click.option("--keyring", type=click.Path(path_type=Path), required=True,
@@ -138,17 +156,25 @@ def register_rpc(main: click.Group) -> None:
     def keygen(key_id: int, out: Path, keyring: Path) -> None:
         """Create a cluster root key and add its public key to a keyring (rotation: a new
         key id; keep the old one in keyrings until its tokens expire)."""
+        ring = read_keyring_file(keyring)
+        if str(key_id) in ring:
+            raise click.BadParameter(f"key id {key_id} is already in {keyring}",
+                                     param_hint="'--key-id'")
         key = RootKey(key_id, os.urandom(32))
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise click.BadParameter(f"{out} exists: refusing to overwrite a root key",
+                                     param_hint="'--out'") from None
         with os.fdopen(fd, "w") as f:
             json.dump({"key_id": key_id, "private_key": key.private_key.hex()}, f)
-        ring = json.loads(keyring.read_text()) if keyring.exists() else {}
         ring[str(key_id)] = key.public_key.hex()
         keyring.write_text(json.dumps(ring, indent=2, sort_keys=True) + "\n")
         click.echo(f"root key {key_id}: {out}; public key added to {keyring}")
 
     @token.command("mint")
-    @click.option("--root-key", type=click.Path(path_type=Path), required=True)
+    @click.option("--root-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  required=True)
     @click.option("--namespace", required=True)
     @click.option("--subject", "subjects", multiple=True, required=True,
                   help="Subject granted (repeatable).")
@@ -156,7 +182,7 @@ def register_rpc(main: click.Group) -> None:
                   help="Worknode whose subtree is granted.")
     @click.option("--method", "methods", multiple=True, help="Method granted (repeatable; "
                   "default: every method).")
-    @click.option("--ttl", type=float, default=3600, show_default=True, help="Seconds valid.")
+    @click.option("--ttl", type=_TTL, default=3600, show_default=True, help="Seconds valid.")
     def mint_(root_key: Path, namespace: str, subjects: tuple[str, ...], worknode: str,
               methods: tuple[str, ...], ttl: float) -> None:
         """Mint a token with the cluster root key; prints it."""
@@ -169,15 +195,18 @@ def register_rpc(main: click.Group) -> None:
 
     @token.command("attenuate")
     @click.argument("token_text", metavar="TOKEN")
-    @click.option("--keyring", type=click.Path(path_type=Path), required=True,
-                  help="Keyring of root public keys (no secret needed).")
+    @click.option("--keyring", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  required=True, help="Keyring of root public keys (no secret needed).")
     @click.option("--method", "methods", multiple=True, help="Keep only these methods.")
     @click.option("--worknode", default=None, help="Keep only this subtree.")
     @click.option("--subject", default=None, help="Keep only this subject.")
-    @click.option("--ttl", type=float, default=None, help="Expire within this many seconds.")
+    @click.option("--ttl", type=_TTL, default=None, help="Expire within this many seconds.")
     def attenuate_(token_text: str, keyring: Path, methods: tuple[str, ...],
                    worknode: str | None, subject: str | None, ttl: float | None) -> None:
         """Narrow a token (offline, no issuer); prints the new token."""
+        if not (methods or worknode or subject or ttl is not None):
+            raise click.UsageError("nothing to narrow: give --method, --worknode, --subject "
+                                   "or --ttl")
         try:
             out = attenuate(
                 _decode(token_text), read_keyring(keyring), methods=methods or None,
@@ -220,8 +249,9 @@ def register_rpc(main: click.Group) -> None:
                 token_id = inspect(_decode(target)).token_id
             except WorknodeError as exc:
                 raise click.ClickException(str(exc)) from exc
-        out = _run_call(_call(nats_urls, namespace, revocation_subject, "root", "revoke",
-                              {"token_id": token_id}, _decode(token_text), timeout_ms))
+        token = _decode(token_text)
+        out = _run_call(lambda: _call(nats_urls, namespace, revocation_subject, "root",
+                                      "revoke", {"token_id": token_id}, token, timeout_ms))
         click.echo(json.dumps(out, sort_keys=True))
 
     @main.command("call")
@@ -235,7 +265,15 @@ def register_rpc(main: click.Group) -> None:
               timeout_ms: float) -> None:
         """Call METHOD on WORKNODE of SUBJECT with a capability token; prints the result.
         Values are JSON when they parse as JSON, text otherwise."""
+        try:  # before connecting: a typo fails at once
+            validate_token(subject, "subject")
+            validate_token(namespace, "namespace")
+            validate_token(method, "method")
+            validate_node_id(worknode, allow_root=True)
+        except WorknodeError as exc:
+            raise click.BadParameter(str(exc)) from None
         arguments = dict(_parse_arg(a) for a in args)
-        out = _run_call(_call(nats_urls, namespace, subject, worknode, method, arguments,
-                              _decode(token_text), timeout_ms))
+        token = _decode(token_text)
+        out = _run_call(lambda: _call(nats_urls, namespace, subject, worknode, method,
+                                      arguments, token, timeout_ms))
         click.echo(json.dumps(out, sort_keys=True))

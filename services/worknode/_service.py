@@ -25,7 +25,12 @@ from broker.errors import InvalidArgumentError, StoreError, WorknodeError
 from broker.healing import HealEndpoints
 from broker.replica import Replica, ReplicaConfig
 from broker.rpc import MethodRegistry, RpcServer
-from broker.transport import EmbeddedNatsServer, NatsTransport, Transport
+from broker.transport import (
+    EmbeddedNatsServer,
+    NatsTransport,
+    Transport,
+    complete_despite_cancel,
+)
 from services.worknode._events import ReplicaEvents, TransportEvents
 from services.worknode._metrics import ServiceMetrics, package_version
 from services.worknode._rpc import start_rpc
@@ -37,6 +42,7 @@ __all__ = [
     "WorknodeService",
     "load_identity",
     "load_or_create_signer",
+    "read_cluster_secret",
     "read_roster",
 ]
 
@@ -69,6 +75,20 @@ def read_roster(path: Path | None) -> dict[str, bytes]:
         raise InvalidArgumentError(f"cannot read roster {path}: {exc}") from exc
 
 
+def read_cluster_secret(path: Path) -> bytes:
+    """The Merkle-tree secret shared by the replicas and the healer, from ``path``;
+    ``InvalidArgumentError`` naming the file if it is missing, unreadable or empty."""
+    try:
+        secret = path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"cannot read the cluster secret {path}: {exc.strerror or exc}"
+        ) from None
+    if not secret:
+        raise InvalidArgumentError(f"the cluster secret {path} is empty")
+    return secret
+
+
 def load_identity(node_id: str, key_path: Path, roster_file: Path | None,
                   roster: TrustRoster) -> Signer:
     """This node's signer (created if new); ``roster`` gains the roster file and itself."""
@@ -77,6 +97,15 @@ def load_identity(node_id: str, key_path: Path, roster_file: Path | None,
         roster.add(node, key)
     roster.add(node_id, signer.public_key)
     return signer
+
+
+def _reason(exc: BaseException) -> str:
+    """An OSError's reason without its errno noise; other exceptions as they print."""
+    if isinstance(exc, ssl.SSLError):
+        return f"not a usable certificate or key ({exc.reason or exc.strerror or exc})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
 
 
 class MetricsEndpoint:
@@ -89,7 +118,12 @@ class MetricsEndpoint:
     def start(self, host: str, port: int | None, registry: Any) -> None:
         """Serve ``registry`` on ``host:port`` (0 picks a free port; None serves nothing)."""
         if port is not None and self._server is None:
-            self._server, _ = start_http_server(port, addr=host, registry=registry)
+            try:
+                self._server, _ = start_http_server(port, addr=host, registry=registry)
+            except OSError as exc:  # in use, or a host this machine does not have
+                raise InvalidArgumentError(
+                    f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+                ) from exc
             self.port = int(self._server.server_port)
 
     def stop(self) -> None:
@@ -150,6 +184,9 @@ class WorknodeService:
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_state_dir()
         self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
+        # Read before connecting: a missing secret fails at once, not after the connect.
+        secret = (None if s.cluster_secret_file is None
+                  else read_cluster_secret(s.cluster_secret_file))
         if self.transport is None:
             urls = list(s.nats_urls)
             if not urls:
@@ -191,7 +228,7 @@ class WorknodeService:
             self.metrics.pending_ops_limit.labels(subject).set(s.max_pending_ops)
             self.replicas[subject] = replica
             await replica.start()
-        if s.cluster_secret_file is not None:
+        if secret is not None:
             self.heal_endpoints = HealEndpoints(
                 transport=self.transport,
                 namespace=s.namespace,
@@ -199,7 +236,7 @@ class WorknodeService:
                 signer=self.signer,
                 roster=self.roster,
                 codec=codec,
-                secret=s.cluster_secret_file.read_bytes(),
+                secret=secret,
             )
             self.metrics.export_heal_rejects(lambda: self.heal_endpoints.rejected)  # type: ignore[union-attr]
             await self.heal_endpoints.start()
@@ -230,16 +267,32 @@ class WorknodeService:
         if s.nats_token:
             kw["token"] = s.nats_token
         if s.nats_creds_file:
+            if not s.nats_creds_file.is_file():
+                raise InvalidArgumentError(
+                    f"nats_creds_file {s.nats_creds_file}: no such file"
+                )
             kw["creds_file"] = str(s.nats_creds_file)
         if s.nats_tls_ca_file or s.nats_tls_cert_file:
-            ctx = ssl.create_default_context(
-                cafile=str(s.nats_tls_ca_file) if s.nats_tls_ca_file else None
-            )
-            if s.nats_tls_cert_file:
-                ctx.load_cert_chain(
-                    str(s.nats_tls_cert_file),
-                    str(s.nats_tls_key_file) if s.nats_tls_key_file else None,
+            # ssl's errors name neither the file nor the setting: say which one failed.
+            try:
+                ctx = ssl.create_default_context(
+                    cafile=str(s.nats_tls_ca_file) if s.nats_tls_ca_file else None
                 )
+            except (OSError, ValueError) as exc:
+                raise InvalidArgumentError(
+                    f"nats_tls_ca_file {s.nats_tls_ca_file}: {_reason(exc)}"
+                ) from None
+            if s.nats_tls_cert_file:
+                try:
+                    ctx.load_cert_chain(
+                        str(s.nats_tls_cert_file),
+                        str(s.nats_tls_key_file) if s.nats_tls_key_file else None,
+                    )
+                except (OSError, ValueError) as exc:
+                    key = f" (key {s.nats_tls_key_file})" if s.nats_tls_key_file else ""
+                    raise InvalidArgumentError(
+                        f"nats_tls_cert_file {s.nats_tls_cert_file}{key}: {_reason(exc)}"
+                    ) from None
             kw["tls"] = ctx
         return kw
 
@@ -248,7 +301,7 @@ class WorknodeService:
         if not self._running:
             return
         self._running = False
-        await self._teardown()
+        await complete_despite_cancel(self._teardown())
 
     async def _teardown(self) -> None:
         if self._gauges is not None:

@@ -15,7 +15,8 @@ from pydantic_settings import (
 
 from broker.codec import CURRENT_VERSION, OLDEST_VERSION
 from broker.crdt import validate_replica_id
-from broker.transport import validate_token
+from broker.transport import validate_nats_url, validate_token
+from services._config import read_toml
 
 __all__ = ["WorknodeSettings"]
 
@@ -58,7 +59,9 @@ class WorknodeSettings(BaseSettings):
         description="Merkle-tree secret shared with the healer; set it to serve healing.",
     )
     metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(0, description="0 picks a free port; null disables.")
+    metrics_port: int | None = Field(
+        0, ge=0, le=65535, description="0 picks a free port; null disables."
+    )
     wire_version: int = Field(CURRENT_VERSION, description="Wire version this node writes.")
     peer_version: int = Field(
         OLDEST_VERSION, description="Oldest wire version among readers (rolling upgrades)."
@@ -92,6 +95,11 @@ class WorknodeSettings(BaseSettings):
     def _namespace(cls, v: str) -> str:
         return validate_token(v, "namespace")
 
+    @field_validator("nats_urls")
+    @classmethod
+    def _nats_urls(cls, v: list[str]) -> list[str]:
+        return [validate_nats_url(u) for u in v]
+
     @field_validator("rpc_revocation_subject")
     @classmethod
     def _revocation_subject(cls, v: str) -> str:
@@ -124,6 +132,7 @@ class WorknodeSettings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = _config_file(init_settings, env_settings)
         if config_file is not None:
+            read_toml(config_file)  # a missing file or bad TOML: a ConfigError naming the file
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
 

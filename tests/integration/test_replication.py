@@ -31,7 +31,7 @@ from broker.errors import (
 )
 from broker.replica import Consistency, Replica
 from broker.transport import EmbeddedNatsServer, delta_subject
-from services.worknode import WorknodeService
+from services.worknode import WorknodeService, load_or_create_signer
 from tests.integration._nodes import SUBJECT, node_settings, roster_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -459,20 +459,26 @@ async def test_restart_keeps_the_hybrid_clock_ahead_of_stored_writes(
 async def test_write_commands_drive_a_subject_by_hand(
     tmp_path: Path, nats_server: EmbeddedNatsServer
 ) -> None:
-    """The README's write commands, each a short-lived writer node that catches up first."""
+    """The README's write commands, each a short-lived writer node that catches up first;
+    each exits 0 once a node that trusts the writer holds the write."""
     worknode = Path(sys.executable).parent / "worknode"
     common = ["--nats-url", nats_server.url, "--namespace", "shop",
               "--state-dir", str(tmp_path / "cli")]
+    settings = node_settings(tmp_path, nats_server.url, "node-a", namespace="shop")
+    roster = roster_of([settings])
+    roster.add("cli", load_or_create_signer("cli", tmp_path / "cli" / "cli.key").public_key)
     outputs = []
-    for args in (["create", "orders", "o1"], ["set", "orders", "o1", "total", "1250"],
-                 ["incr", "orders", "o1", "views"], ["add", "orders", "o1", "tags", '"x"'],
-                 ["create", "orders", "o2"], ["move", "orders", "o2", "o1"]):
-        r = await asyncio.to_thread(
-            subprocess.run, [str(worknode), *args, *common], capture_output=True, text=True,
-            timeout=60, check=False,
-        )
-        assert r.returncode == 0, r.stderr
-        outputs.append(json.loads(r.stdout))
+    async with WorknodeService(settings, roster=roster) as node:
+        for args in (["create", "orders", "o1"], ["set", "orders", "o1", "total", "1250"],
+                     ["incr", "orders", "o1", "views"], ["add", "orders", "o1", "tags", '"x"'],
+                     ["create", "orders", "o2"], ["move", "orders", "o2", "o1"]):
+            r = await asyncio.to_thread(
+                subprocess.run, [str(worknode), *args, *common], capture_output=True,
+                text=True, timeout=60, check=False,
+            )
+            assert r.returncode == 0, r.stderr
+            outputs.append(json.loads(r.stdout))
+        assert node.replica(SUBJECT).tree.parent("o2") == "o1"
     assert outputs[1] == {"o1": {"fields": {"total": 1250}}}
     assert outputs[5] == {"o2": {"parent": "o1"}}
     bad = await asyncio.to_thread(
@@ -480,4 +486,4 @@ async def test_write_commands_drive_a_subject_by_hand(
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert bad.returncode != 0
-    assert "UnknownNodeError" in bad.stderr
+    assert bad.stderr == "error: no worknode 'no-such-node'\n"
