@@ -118,7 +118,9 @@ from broker.store import DurableStore
 from broker.transport import Msg, Subscription, Transport, delta_subject, sync_subject
 
 __all__ = [
+    "FULL_HEADER",
     "REJECT_REASONS",
+    "SYNC_HEADER",
     "Consistency",
     "Mutator",
     "NullReplicaObserver",
@@ -144,10 +146,14 @@ REJECT_REASONS: Final = (
 )
 """Every reason an incoming envelope is rejected for: a bounded metric label set."""
 
-_SYNC: Final = "Worknode-Sync"
-_TO: Final = "Worknode-To"
-_FULL: Final = "Worknode-Full"
+SYNC_HEADER: Final = "Worknode-Sync"
+"""Header of the sync subject: ``request`` (a catch-up asks for state) or ``announce``. Part
+of the sync protocol other tools speak (``worknode set`` confirms a write with a request)."""
+FULL_HEADER: Final = "Worknode-Full"
 """Header on a catch-up request: answer with the full state even if no dot is lacking."""
+_SYNC: Final = SYNC_HEADER
+_TO: Final = "Worknode-To"
+_FULL: Final = FULL_HEADER
 _WRITER: Final = "Worknode-Writer"
 """Header on published batches naming the writer, so a replica drops its own echo unopened
 (the envelope inside is still what is trusted; the header only saves work)."""

@@ -30,11 +30,7 @@ from broker.crdt import (
     validate_node_id,
 )
 from broker.errors import CodecError, TransportError, TreeError, UnknownSignerError, WorknodeError
-
-# The sync protocol's header names (wanted public: a read-back hook on Replica).
-from broker.replica import _FULL as FULL_HEADER
-from broker.replica import _SYNC as SYNC_HEADER
-from broker.replica import Replica
+from broker.replica import FULL_HEADER, SYNC_HEADER, Replica
 from broker.transport import Msg, NatsTransport, delta_subject, validate_token
 from services._cli_errors import EXIT_UNCONFIRMED, error_line, run_until_signal
 from services._config import load_settings, read_toml
