@@ -36,7 +36,7 @@ from broker.codec._document import FIRST_SEGMENT_WORDS, decode_document, encode_
 from broker.codec._packed import check_segments, segment_words
 from broker.codec._schema import CURRENT_VERSION, OLDEST_VERSION, WireSchema, load_schema
 from broker.codec._signing import Signer, TrustRoster
-from broker.crdt import MAX_NESTING_DEPTH, Causal
+from broker.crdt import INT64_MAX, MAX_NESTING_DEPTH, Causal
 from broker.errors import (
     BadSignatureError,
     CodecError,
@@ -329,11 +329,14 @@ class WireCodec:
                 raise MalformedMessageError("a state transfer carries a delta document")
             packed = self._checked_copy(doc) if keep_packed else b""
             trace_id = bytes(env.traceId) if self.version >= 2 else b""
+            hlc = env.hlc
+            if hlc > INT64_MAX:  # the clocks' range (found by the delta fuzz target)
+                raise MalformedMessageError("envelope hybrid timestamp above 2**63 - 1")
             return Envelope(
                 version=version,
                 writer=writer,
                 subject=env.subject,
-                hlc=env.hlc,
+                hlc=hlc,
                 sequence=env.sequence,
                 document=document,
                 is_state=is_state,

@@ -530,3 +530,28 @@ def test_a_large_envelope_body_is_one_segment(
     assert first is not None
     assert struct.unpack_from("<I", first)[0] == 0  # segment count - 1
     same(codec.open(raw, roster).document, batch)
+
+
+def test_an_envelope_timestamp_beyond_the_clocks_range_is_malformed() -> None:
+    """Found by the delta fuzz target: a signed envelope whose hybrid timestamp is above
+    2**63 - 1 reached the replica's clock, which raised InvalidArgumentError, not a refusal
+    the replica counts."""
+    from broker.codec import Signer, TrustRoster, WireCodec
+    from broker.crdt import ORMap
+    from broker.errors import MalformedMessageError
+
+    signer = Signer("n", b"\x02" * 32)
+    roster = TrustRoster({"n": signer.public_key})
+    codec = WireCodec()
+    doc = ORMap(is_delta=True)
+    ok = codec.seal(signer, subject="s", hlc=(1 << 63) - 1, sequence=1, document=doc)
+    assert codec.open(ok, roster).hlc == (1 << 63) - 1
+    # A writer's codec refuses to seal it; a hostile signer writes the body itself.
+    body = codec.schema.envelope.SignedEnvelope.from_bytes_packed(ok).body
+    env = codec.schema.envelope.Envelope.from_bytes_packed(bytes(body)).as_builder()
+    env.hlc = 1 << 63
+    raw = env.to_bytes_packed()
+    outer = codec.schema.envelope.SignedEnvelope.new_message()
+    outer.signer, outer.signature, outer.body = "n", signer.sign(raw), raw
+    with pytest.raises(MalformedMessageError, match="hybrid timestamp"):
+        codec.open(outer.to_bytes_packed(), roster)
