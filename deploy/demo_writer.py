@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=None)
     args = p.parse_args(argv)
     configure_logging()
-    failures = asyncio.run(run(args.token_file, args.worknodes, args.period, args.count))
+    try:
+        failures = asyncio.run(run(args.token_file, args.worknodes, args.period, args.count))
+    except (WorknodeError, OSError) as exc:  # no node ready in time, NATS away, no token
+        log.error("event=demo_writer_stopped error=%s: %s", type(exc).__name__, exc)
+        return 1
     return 1 if failures else 0
 
 
