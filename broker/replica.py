@@ -92,10 +92,12 @@ from broker.replication import (
     Event,
     FlushWanted,
     Loaded,
+    LogReceived,
     Mutator,
     Publish,
     Published,
     PublishFailed,
+    ReceivedLogged,
     Reconnected,
     RepairApplied,
     ReplicationConfig,
@@ -280,11 +282,12 @@ def reject_reason(exc: BaseException) -> str:
 
 @dataclass(slots=True)
 class _Commit:
-    record: bytes
-    delta: ORMap
+    record: bytes | None
+    """The local write's record; None for received state logged on its own (``LogReceived``)."""
+    delta: ORMap | None
     ops: int
     consistency: Consistency
-    done: asyncio.Future[None]
+    done: asyncio.Future[None] | None
     received: list[bytes]
     """Received state the write was applied over, logged before it (``Written.received``)."""
 
@@ -393,6 +396,14 @@ class Replica:
                 self._spawn(self.announce())
             elif isinstance(a, Snapshot):
                 self._spawn(self._snapshot_quietly())
+            elif isinstance(a, LogReceived):
+                # Queued behind the commits already waiting, ahead of later ones: a later
+                # write's causal past is then logged before it, or the write fails with it.
+                received = [r for r in map(self._received_record, a.envelopes) if r]
+                self._commits.append(
+                    _Commit(None, None, 0, Consistency.EVENTUAL, None, received)
+                )
+                self._commit_wake.set()
         self._progress.set()
 
     def _fire(self, name: str, at: float) -> None:
@@ -458,7 +469,7 @@ class Replica:
                 await t
         self._tasks.clear()
         for c in self._commits:  # queued after the committer stopped: tell the writers
-            if not c.done.done():
+            if c.done is not None and not c.done.done():
                 c.done.set_exception(ReplicaError("replica stopped before the commit"))
         self._commits.clear()
         with contextlib.suppress(WorknodeError):
@@ -507,13 +518,18 @@ class Replica:
             received = [r for r in map(self._received_record, written.received) if r]
             if any(len(r) > self.store.max_record_bytes for r in received):
                 # A catch-up state too large for one record: a snapshot (the state holds it)
-                # makes it durable instead.
+                # makes it durable instead. If that fails, this write cannot be made durable
+                # with its causal past: it fails as a failed commit does (the replica then
+                # refuses writes until a restart reloads what is durable).
                 try:
                     await self._snapshot()
                     received = []
-                except WorknodeError as exc:  # then the commit fails and says why
+                except WorknodeError as exc:
                     log.error("snapshot of %s before a write failed: %s",
                               self.config.subject, exc)
+                    self._degraded = exc
+                    self._handle(CommitFailed(self._now(), written.ops))
+                    raise
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._commits.append(
                 _Commit(record, written.delta, written.ops, consistency, fut, received)
@@ -839,6 +855,11 @@ class Replica:
                 self._progress.set()
                 continue
             commits, self._commits = self._commits, []
+            if self._degraded is not None:
+                # A commit failed: what queued behind it may depend on what it carried
+                # (received state logged with it), so nothing more is logged until a restart.
+                self._fail_commits(commits, self._degraded)
+                continue
             t0 = time.perf_counter()
             # Each write after the received state it was applied over (marked received:
             # never republished as this node's own), all in one transaction.
@@ -849,7 +870,8 @@ class Replica:
                 received.extend(range(len(records), len(records) + len(c.received)))
                 records.extend(c.received)
                 offsets.append(len(records))
-                records.append(c.record)
+                if c.record is not None:
+                    records.append(c.record)
             try:
                 seq = await asyncio.to_thread(
                     self.store.append, self.config.subject, records, received=received
@@ -861,24 +883,32 @@ class Replica:
                 # which reloads exactly what was committed.
                 log.error("commit of %s failed: %s", self.config.subject, exc)
                 self._degraded = exc
-                for c in commits:
-                    self._handle(CommitFailed(self._now(), c.ops))
-                    if not c.done.done():
-                        c.done.set_exception(exc)
+                self._fail_commits(commits, exc)
                 continue
             ops = sum(c.ops for c in commits)
             self.observer.committed(self.config.subject, ops, time.perf_counter() - t0)
             now = self._now()
             first = seq - len(records) + 1
             for i, c in zip(offsets, commits, strict=True):
+                if c.record is None or c.delta is None:
+                    continue  # received state alone
                 self._handle(
                     Committed(
                         now, c.delta, c.ops, len(c.record), first + i, c.record,
                         eventual=c.consistency is Consistency.EVENTUAL,
                     )
                 )
-                if not c.done.done():
+                if c.done is not None and not c.done.done():
                     c.done.set_result(None)
+            self._handle(ReceivedLogged(now, seq))
+
+    def _fail_commits(self, commits: list[_Commit], exc: BaseException) -> None:
+        for c in commits:
+            if c.record is None:
+                continue
+            self._handle(CommitFailed(self._now(), c.ops))
+            if c.done is not None and not c.done.done():
+                c.done.set_exception(exc)
 
     async def _publish(self, action: Publish) -> None:
         event: Event

@@ -30,6 +30,7 @@ from broker.codec._schema import WireSchema
 from broker.crdt import (
     MAX_KIND,
     MAX_NESTING_DEPTH,
+    MAX_VALUE_BYTES,
     Causal,
     CausalContext,
     EWFlag,
@@ -78,6 +79,8 @@ CAUSAL_OF_KIND: Final[dict[int, type[Causal]]] = {
 }
 
 _NO_KIND: Final = 0
+_MAX_OPAQUE_BYTES: Final = MAX_VALUE_BYTES + 64
+"""An opaque value's packed holder: the value bound of every known type, plus framing."""
 FIRST_SEGMENT_WORDS: Final = 8192
 """Words (8 bytes) in a new message's first segment: 64 KiB, enough for most batches."""
 
@@ -349,7 +352,12 @@ class _Decoder:
         holder (that copy raises, not aborts, on out-of-bounds pointers)."""
         holder = self.schema.crdt.SetElement.new_message()
         holder.value = v
-        return OpaqueAtom(holder.to_bytes_packed())
+        raw: bytes = holder.to_bytes_packed()
+        if len(raw) > _MAX_OPAQUE_BYTES:  # the bound every known value type has
+            raise MalformedMessageError(
+                f"a value of a newer type is {len(raw)} bytes, over {_MAX_OPAQUE_BYTES}"
+            )
+        return OpaqueAtom(raw)
 
     def value(self, v: Any) -> Any:
         try:
@@ -445,15 +453,19 @@ class _Decoder:
 
     def elements(self, lst: Any) -> SetStore | None:
         # Any order is read (the encoder sorts by canonical bytes; a reader that keeps an
-        # element of a newer type opaque cannot place it where its writer did), never twice.
+        # element of a newer type opaque cannot place it where its writer did), and an
+        # element written twice has the union of its dots: an older reader keeps two opaque
+        # encodings of one newer value apart, and a newer reader must still read what it
+        # relays instead of refusing the whole state.
         out = SetStore()
         for e in lst:
             x = self.element(e.value)
-            if x in out:
-                raise MalformedMessageError("a set element repeats")
             ds = self.dots(e.dots)
             if not ds and not self.delta:
                 raise MalformedMessageError("a set element without dots in a full state")
+            if x in out:
+                prev = out[x]
+                ds = sorted({*ds, *((prev[i], prev[i + 1]) for i in range(0, len(prev), 2))})
             out[x] = tuple(v for d in ds for v in d)
         return out or None
 

@@ -24,9 +24,11 @@ __all__ = [
     "DeltaReceived",
     "Event",
     "FlushWanted",
+    "LogReceived",
     "Publish",
     "PublishFailed",
     "Published",
+    "ReceivedLogged",
     "Reconnected",
     "RepairApplied",
     "Report",
@@ -222,6 +224,15 @@ class SnapshotTaken:
 
 
 @dataclass(frozen=True, slots=True)
+class ReceivedLogged:
+    """Store records up to ``upto`` were appended (received state, with or without a local
+    write): a snapshot may cover them."""
+
+    now: float
+    upto: int
+
+
+@dataclass(frozen=True, slots=True)
 class TimerFired:
     """The timer named ``name`` (from ``ScheduleTimer``) is due."""
 
@@ -233,7 +244,7 @@ Event = (
     Started | Committed | CommitFailed | SyncWanted | FlushWanted | Published | PublishFailed
     | DeltaReceived | CatchupWanted | SlowConsumer | Reconnected | CatchupReplied
     | CatchupFailed | SyncRequested | AnnounceReceived | RepairApplied | SnapshotTaken
-    | TimerFired
+    | ReceivedLogged | TimerFired
 )
 """Everything a replication machine reacts to."""
 
@@ -293,6 +304,15 @@ class Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class LogReceived:
+    """Log ``envelopes`` (received, joined here, kept past ``max_unlogged_bytes``) as store
+    records marked received, in order with local writes' commits (after the commits already
+    queued, before any queued later); report ``ReceivedLogged``."""
+
+    envelopes: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ScheduleTimer:
     """Report ``TimerFired(name)`` at monotonic time ``at`` (replaces a timer of that name)."""
 
@@ -316,7 +336,7 @@ class Report:
 
 
 Action = (
-    Publish | SaveProgress | RequestCatchup | SendState | Announce | Snapshot | ScheduleTimer
-    | Changed | Report
+    Publish | SaveProgress | RequestCatchup | SendState | Announce | Snapshot | LogReceived
+    | ScheduleTimer | Changed | Report
 )
 """Everything a replication machine asks its driver to do."""

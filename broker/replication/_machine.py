@@ -42,8 +42,12 @@ What it decides (``broker/replica.py`` only executes):
   F9). So every envelope joined since the last snapshot (``DeltaReceived.raw``,
   ``CatchupReplied.raw``) is kept, and the next ``write`` returns them in
   ``Written.received``: the driver logs them, marked received, in the same commit as the
-  write and before it. A node that only receives logs nothing; past
-  ``max_unlogged_bytes`` kept, a snapshot is taken instead.
+  write and before it. A node that only receives logs nothing until ``max_unlogged_bytes``
+  are kept; then they are logged on their own (``LogReceived``, queued in order with local
+  commits), so memory stays bounded even when snapshots fail. A full catch-up state asks for
+  a snapshot as well (it holds everything; logging it again with every write would not do).
+  A snapshot covers every record once no local write waits to be published, received and
+  repair records included, so a node that only receives keeps a bounded log.
 
 How to drive it: build ``ReplicationMachine(node_id, config, seed=..., loaded=...)``; feed
 every event with ``handle(event)`` (events carry ``now``, monotonic seconds) and execute the
@@ -100,9 +104,11 @@ from broker.replication._events import (
     DeltaReceived,
     Event,
     FlushWanted,
+    LogReceived,
     Publish,
     Published,
     PublishFailed,
+    ReceivedLogged,
     Reconnected,
     RepairApplied,
     Report,
@@ -343,7 +349,6 @@ class ReplicationMachine:
         self._received: list[bytes] = []
         self._received_base = 0
         self._received_bytes = 0
-        self._received_snapshot_asked = False
         self._handlers: dict[type[Any], Callable[[Any], list[Action]]] = {
             Started: self._on_started,
             Committed: self._on_committed,
@@ -361,6 +366,7 @@ class ReplicationMachine:
             SyncRequested: self._on_sync_requested,
             AnnounceReceived: self._on_announce,
             RepairApplied: self._on_repair,
+            ReceivedLogged: self._on_received_logged,
             SnapshotTaken: self._on_snapshot_taken,
             TimerFired: self._on_timer,
         }
@@ -399,7 +405,11 @@ class ReplicationMachine:
 
     def snapshot_upto(self) -> int:
         """The store records a snapshot taken now may replace: every one the state holds
-        (writes are applied before they commit) and that was published."""
+        (writes are applied before they commit) and that was published; all of them (received
+        and repair records too) when no local write is queued, committing or unpublished."""
+        if self.queued_ops == 0 and self._pending is None and self._inflight is None \
+                and self._local is None:
+            return max(self.last_record_seq, self.snapshot_seq)
         return max(min(self.last_record_seq, self.published_upto), self.snapshot_seq)
 
     # -- writing -----------------------------------------------------------------------------
@@ -619,6 +629,8 @@ class ReplicationMachine:
         if not doc.is_delta or doc.store or doc.context.size():
             self._merge_remote(doc, whole=not doc.is_delta)
             out += self._keep_received(ev.raw)
+            if not doc.is_delta and ev.raw:
+                out.append(Snapshot())  # covers it: a write meanwhile logs it once
             out.append(Changed(None if not doc.is_delta else tuple(doc.store.keys())))
             out += self._count_ops(max(1, len(doc)))
         if not doc.is_delta:
@@ -737,20 +749,24 @@ class ReplicationMachine:
             self._received_bytes -= sum(len(r) for r in self._received[:covered])
             del self._received[:covered]
             self._received_base += covered
-        self._received_snapshot_asked = False
+        return []
+
+    def _on_received_logged(self, ev: ReceivedLogged) -> list[Action]:
+        self.last_record_seq = max(self.last_record_seq, ev.upto)
         return []
 
     def _keep_received(self, raw: bytes) -> list[Action]:
-        """Keep a joined envelope until a local write logs it or a snapshot covers it."""
+        """Keep a joined envelope until a local write logs it or a snapshot covers it; past
+        ``max_unlogged_bytes``, hand them all to the driver to log on their own."""
         if not raw:
             return []
         self._received.append(raw)
         self._received_bytes += len(raw)
-        if self._received_bytes > self.config.max_unlogged_bytes \
-                and not self._received_snapshot_asked:
-            self._received_snapshot_asked = True
-            self._ops_since_snapshot = 0
-            return [Snapshot()]
+        if self._received_bytes > self.config.max_unlogged_bytes and LOG_CAUSAL_PAST:
+            kept, self._received = tuple(self._received), []
+            self._received_base += len(kept)
+            self._received_bytes = 0
+            return [LogReceived(kept)]
         return []
 
     def _on_timer(self, ev: TimerFired) -> list[Action]:

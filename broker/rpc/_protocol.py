@@ -335,7 +335,11 @@ def _read_arguments(lst: Any, layout: _Layout) -> dict[str, Any]:
         except capnp.KjException:  # a value type a newer release added: kept, not lost
             holder = layout.holder.new_message()
             holder.value = v
-            out[name] = OpaqueAtom(holder.to_bytes_packed())
+            raw = holder.to_bytes_packed()
+            if len(raw) > MAX_VALUE_BYTES + 64:
+                raise RpcInvalidArgumentError(
+                    f"argument value over {MAX_VALUE_BYTES} bytes") from None
+            out[name] = OpaqueAtom(raw)
             continue
         if w == "data":
             x = v._get_by_field(fields[w])

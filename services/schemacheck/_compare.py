@@ -50,7 +50,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from services.schemacheck._rules import RULES, closed_structs, union_only_structs
+from services.schemacheck._rules import (
+    CONTENT_FILE,
+    RULES,
+    STRUCT_EVOLUTION,
+    closed_structs,
+    union_only_structs,
+)
 
 __all__ = [
     "Field",
@@ -1049,7 +1055,12 @@ def compare(old: Snapshot, new: Snapshot,
     table's closed structs).
     """
     if closed is None:
-        return _Comparison(old, new, closed_structs(), union_only_structs()).run()
+        content = {
+            i for i, n in old.nodes.items()
+            if n.kind == "struct" and not n.implicit and n.file == CONTENT_FILE
+            and i not in STRUCT_EVOLUTION
+        }
+        return _Comparison(old, new, closed_structs() | content, union_only_structs()).run()
     return _Comparison(old, new, closed).run()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from broker.crdt import validate_node_id
+from broker.crdt import KindConflict, OpaqueAtom, OpaqueValue, validate_node_id
 from broker.errors import WorknodeError
 from broker.rpc import (
     DEFAULT_REVOCATION_SUBJECT,
@@ -89,6 +89,12 @@ def _parse_arg(text: str) -> tuple[str, Any]:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         return {"bytes": value.hex()}
+    if isinstance(value, OpaqueAtom):
+        return {"opaque_value": value.raw.hex()}
+    if isinstance(value, OpaqueValue):
+        return {"opaque_kind": value[0], "dots": value[1]}
+    if isinstance(value, KindConflict):
+        return {"kind_conflict": {str(int(k)): _jsonable(v) for k, v in value.items()}}
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (set, frozenset, list, tuple)):

@@ -70,8 +70,10 @@ from broker.replication import (
     DeltaReceived,
     Event,
     Loaded,
+    LogReceived,
     Publish,
     Published,
+    ReceivedLogged,
     Reconnected,
     RepairApplied,
     ReplicationConfig,
@@ -120,8 +122,10 @@ CONFIG: Final = ReplicationConfig(
     catchup_timeout=0.2,
     catchup_min_interval=0.05,
     catchup_max_backoff=2.0,
+    max_unlogged_bytes=1_200,
 )
-"""Small snapshot interval and short timeouts: every mechanism runs within a short run."""
+"""Small snapshot interval, unlogged bound and short timeouts: every mechanism runs within a
+short run."""
 
 Step = list[Any]
 """One schedule step (JSON-friendly): ``["w", node, subject, op, *args]``, ``["crash", node]``,
@@ -558,6 +562,11 @@ class World:
                 r.store.write_snapshot(data, upto, frozenset(r.ghost))
                 self.stats["snapshots"] += 1
                 self.handle(r, SnapshotTaken(self._secs(), upto))
+            elif isinstance(a, LogReceived):
+                for raw in a.envelopes:
+                    packed = node.codec.open(raw, None, keep_packed=True).packed_document
+                    r.store.append(packed, self.raw_ghost[raw], received=True)
+                self.handle(r, ReceivedLogged(self._secs(), r.store.last_seq))
             else:  # pragma: no cover - a new action kind the simulator must learn
                 raise Failure(f"unknown action {a!r}")
 

@@ -136,6 +136,32 @@ def relays(codec: WireCodec, current: WireCodec) -> dict[str, Callable[[bytes], 
     return {"delta": delta, "catchup": catchup, "heal": heal, "snapshot": snapshot}
 
 
+def oversized(fut: Any, version: int) -> str:
+    """A future value above the bound of every known value type is refused by name, not
+    kept: "" when it is."""
+    from broker.crdt import MAX_VALUE_BYTES
+    from broker.errors import MalformedMessageError
+
+    d = fut.Document.new_message()
+    d.replicas = ["w"]
+    v = d.init("context").init("versions", 1)[0]
+    v.replica, v.counter = 0, 1
+    root = d.init("root")
+    root.kind = 5
+    e = root.init("entries", 1)[0]
+    e.key, e.kind = "big", 1
+    it = e.init("items", 1)[0]
+    it.replica, it.counter = 0, 1
+    p = it.init("payload").init("lww")
+    p.hlc = HLC
+    p.init("value").future = "x" * (MAX_VALUE_BYTES + 1000)
+    try:
+        WireCodec(version).decode_document(d.to_bytes_packed(), ORMap)
+    except MalformedMessageError as exc:
+        return "" if "'big'" in str(exc) and "newer type" in str(exc) else f"message: {exc}"
+    return "accepted"
+
+
 def rpc_relay(tmp: Path, version: int) -> str:
     """A future value in an RPC response's result, read by a ``version`` client and written
     back (a proxy): kept as an opaque value, returned unchanged; "" when it is."""
@@ -185,6 +211,8 @@ def main() -> int:
                     except Exception as exc:  # the verdict, reported to the parent
                         problem = f"{type(exc).__name__}: {exc}"
                     results.append([version, path, problem])
+        for version in SUPPORTED_VERSIONS:
+            results.append([version, "oversized", oversized(fut, version)])
         for version in SUPPORTED_VERSIONS:
             try:
                 problem = rpc_relay(Path(tmp), version)

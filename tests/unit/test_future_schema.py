@@ -26,7 +26,7 @@ def test_future_values_and_kinds_survive_every_release_and_relay_path() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(proc.stdout)["results"]
-    paths = {"delta", "catchup", "heal", "snapshot", "rpc"}
+    paths = {"delta", "catchup", "heal", "snapshot", "rpc", "oversized"}
     assert {(v, p.split()[0]) for v, p, _ in results} == {
         (v, p) for v in SUPPORTED_VERSIONS for p in paths
     }
@@ -51,3 +51,39 @@ def test_an_opaque_value_is_never_built_by_a_local_write() -> None:
     assert encode_atom(a) != encode_atom(b"\x01\x02")
     with pytest.raises(InvalidValueError, match="unsupported value type OpaqueAtom"):
         LWWRegister().assign("r", a, 1)  # type: ignore[arg-type]
+
+
+def test_a_set_element_written_twice_has_the_union_of_its_dots() -> None:
+    """Not a refusal of the whole state: an older reader keeps two opaque encodings of one
+    newer value apart, and a newer reader must still read what that reader relays."""
+    from broker.codec import WireCodec
+    from broker.crdt import ORMap
+
+    codec = WireCodec()
+    d = codec.schema.crdt.Document.new_message()
+    d.replicas = ["w"]
+    v = d.init("context").init("versions", 1)[0]
+    v.replica, v.counter = 0, 3
+    root = d.init("root")
+    root.kind = 5
+    e = root.init("entries", 1)[0]
+    e.key, e.kind = "s", 4
+    els = e.init("elements", 2)
+    for i, dots in enumerate(((1, 3), (2, 3))):
+        els[i].init("value").int = 7
+        ds = els[i].init("dots", len(dots))
+        for j, n in enumerate(dots):
+            ds[j].replica, ds[j].counter = 0, n
+    doc = codec.decode_document(d.to_bytes_packed(), ORMap)
+    assert doc.value() == {"s": frozenset({7})}
+    assert doc.store["s"][7] == ("w", 1, "w", 2, "w", 3)
+
+
+def test_worknode_call_prints_values_of_a_newer_type() -> None:
+    import json
+
+    from broker.crdt import OpaqueAtom
+    from services.worknode._rpc_cli import _jsonable
+
+    assert json.loads(json.dumps(_jsonable({"v": OpaqueAtom(b"\x01")}))) == {
+        "v": {"opaque_value": "01"}}

@@ -29,9 +29,11 @@ from broker.replication import (
     DeltaReceived,
     Event,
     Loaded,
+    LogReceived,
     Publish,
     Published,
     PublishFailed,
+    ReceivedLogged,
     ReplicationConfig,
     ReplicationMachine,
     Report,
@@ -615,11 +617,32 @@ def test_a_snapshot_covers_what_was_joined_before_its_mark_only() -> None:
     assert b.write([Create("z")], lambda: 2_000).received == [b"e2"]
 
 
-def test_too_much_unlogged_state_asks_for_a_snapshot_once() -> None:
+def test_too_much_unlogged_state_is_handed_out_to_be_logged_on_its_own() -> None:
+    """Bounded memory on a node that only receives, whether or not snapshots succeed."""
     a, b = _machine("a"), _machine("b", max_unlogged_bytes=10)
     p1, p2, p3 = _batch(a, Create("x")), _batch(a, Create("y")), _batch(a, Create("z"))
-    assert not any(isinstance(x, Snapshot) for x in _raw_deliver(b, "a", p1, b"123456"))
-    assert any(isinstance(x, Snapshot) for x in _raw_deliver(b, "a", p2, b"123456"))
-    assert not any(isinstance(x, Snapshot) for x in _raw_deliver(b, "a", p3, b"123456"))
-    b.handle(SnapshotTaken(0.0, 0))
+    assert not any(isinstance(x, LogReceived) for x in _raw_deliver(b, "a", p1, b"123456"))
+    out = _raw_deliver(b, "a", p2, b"654321")
+    assert [x for x in out if isinstance(x, LogReceived)] == [
+        LogReceived((b"123456", b"654321"))]
     assert b.unlogged_bytes == 0
+    assert not any(isinstance(x, LogReceived) for x in _raw_deliver(b, "a", p3, b"abc"))
+    assert b.write([Create("w")], lambda: 2_000).received == [b"abc"]
+
+
+def test_a_full_catchup_state_asks_for_a_snapshot() -> None:
+    a, b = _machine("a"), _machine("b")
+    _batch(a, Create("k"))
+    b.handle(CatchupWanted(0.0, urgent=True))
+    out = b.handle(CatchupReplied(0.0, "a", a.sequence, roundtrip(a.state.copy()), raw=b"st"))
+    assert any(isinstance(x, Snapshot) for x in out)
+
+
+def test_a_snapshot_covers_received_records_once_no_local_write_waits() -> None:
+    """A node that only receives (or is idle) compacts received and repair records too."""
+    b = _machine("b")
+    _batch(b, Create("mine"))  # published: b's record 1
+    b.handle(ReceivedLogged(0.0, 5))  # received records 2..5 logged on their own
+    assert b.snapshot_upto() == 5
+    b.write([Create("w")], lambda: 2_000)  # a write waits to be published: only up to 1
+    assert b.snapshot_upto() == 1

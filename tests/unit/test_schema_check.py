@@ -815,7 +815,7 @@ def test_evolution_table_names_the_structs_the_schemas_call_frozen() -> None:
     assert errors == []
     names = {parsed[0].nodes[i].qualname for i in closed_structs()}
     assert _frozen_in_comments() == {"Dot", "Item"}
-    assert names == {"Dot", "Item", "Context", "SetElement", "Entry", "Document"}
+    assert names == {"Dot", "Item", "Context", "SetElement", "Entry", "Document", "Argument"}
     assert {parsed[0].nodes[i].qualname for i in union_only_structs()} == {"Value", "Payload"}
     assert all(STRUCT_EVOLUTION[i] == CLOSED for i in closed_structs())
 
@@ -828,3 +828,21 @@ def test_readme_rule_table_lists_every_rule_once() -> None:
     rows = re.findall(r"^\| `([A-Z_]+)` \| (breaking|lint) \|", readme, re.M)
     assert sorted(rule for rule, _ in rows) == sorted(RULES)
     assert {rule: kind for rule, kind in rows} == {k: r.kind for k, r in RULES.items()}
+
+
+def test_a_struct_a_new_value_member_carries_is_closed_too(tmp_path: Path) -> None:
+    """The review's case: a release adds ``decimal @6 :Decimal`` to Value; a later one adds a
+    field to ``Decimal``. Readers that know ``decimal`` rebuild it and would drop the field on
+    relay: every unlisted struct of crdt.capnp is closed."""
+    crdt = (CURRENT_DIR / "crdt.capnp").read_text()
+    value_end = "    data @5 :Data;         # at most 256 KiB\n"
+    base = crdt.replace(value_end, value_end + "    decimal @6 :Decimal;\n") + (
+        "\nstruct Decimal @0xf1c3a5e7d9b2c4a6 {\n  mantissa @0 :Int64;\n}\n")
+    grown = base.replace("  mantissa @0 :Int64;\n", "  mantissa @0 :Int64;\n  exponent @1 :Int8;\n")
+    files = {p.name: p.read_text() for p in CURRENT_DIR.glob("*.capnp")}
+    old = _write(tmp_path / "old", files | {"crdt.capnp": base})
+    new = _write(tmp_path / "new", files | {"crdt.capnp": grown})
+    parsed, _, errors = load_snapshots([("old", old), ("new", new)])
+    assert errors == []
+    found = [(v.rule, v.struct, v.field) for v in check_snapshots(parsed)]
+    assert found == [("CLOSED_STRUCT_EXTENDED", "Decimal", "exponent")]
