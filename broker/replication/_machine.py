@@ -146,8 +146,10 @@ DEFAULT_MAX_HELD_BYTES: Final = 16 * 1024 * 1024
 """Bytes (as received) of held deltas at most; beyond it the oldest is evicted."""
 
 LOG_CAUSAL_PAST = True
-"""Whether ``write`` returns the envelopes joined since the last snapshot to be logged with
-the write. Only the simulation's mutation check turns it off (finding F9 comes back)."""
+"""Whether received state is made durable for the writes that follow it: ``write`` returns
+the envelopes joined since the last snapshot to be logged with the write, the bound logs them
+on their own, a full catch-up state asks for a snapshot. Only the simulation's mutation check
+turns it off (finding F9 comes back)."""
 
 MAX_OWED_ATTEMPTS: Final = 8
 """Catch-ups answered by peers other than a writer whose state is needed, at most, before
@@ -629,7 +631,7 @@ class ReplicationMachine:
         if not doc.is_delta or doc.store or doc.context.size():
             self._merge_remote(doc, whole=not doc.is_delta)
             out += self._keep_received(ev.raw)
-            if not doc.is_delta and ev.raw:
+            if not doc.is_delta and ev.raw and LOG_CAUSAL_PAST:
                 out.append(Snapshot())  # covers it: a write meanwhile logs it once
             out.append(Changed(None if not doc.is_delta else tuple(doc.store.keys())))
             out += self._count_ops(max(1, len(doc)))
