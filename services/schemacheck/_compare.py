@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from services.schemacheck._rules import (
-    CONTENT_FILE,
+    CONTENT_FILE_ID,
     RULES,
     STRUCT_EVOLUTION,
     closed_structs,
@@ -1055,9 +1055,10 @@ def compare(old: Snapshot, new: Snapshot,
     table's closed structs).
     """
     if closed is None:
+        content_files = {name for name, f in old.files.items() if f.id == CONTENT_FILE_ID}
         content = {
             i for i, n in old.nodes.items()
-            if n.kind == "struct" and not n.implicit and n.file == CONTENT_FILE
+            if n.kind == "struct" and not n.implicit and n.file in content_files
             and i not in STRUCT_EVOLUTION
         }
         return _Comparison(old, new, closed_structs() | content, union_only_structs()).run()

@@ -14,7 +14,7 @@ from typing import Final, Literal
 __all__ = [
     "BREAKING",
     "CLOSED",
-    "CONTENT_FILE",
+    "CONTENT_FILE_ID",
     "DEFAULT_EVOLUTION",
     "EXTENSIBLE",
     "LINT",
@@ -126,10 +126,12 @@ STRUCT_EVOLUTION: Mapping[int, str] = {
     0xAE1158C0A4DD688D: UNION_MEMBERS,  # crdt.capnp Payload: a new kind, kept opaque
     0xDD62CDBA33AD5778: CLOSED,  # rpc.capnp Argument: a client passing results on rebuilds it
 }
-CONTENT_FILE: Final = "crdt.capnp"
-"""Replicated content. A struct declared there that ``STRUCT_EVOLUTION`` does not list is
-closed: a reader that knows a type rebuilds it from its own objects (a struct a newer
-``Value`` member carries, say), so a field added to it later would be dropped on relay."""
+CONTENT_FILE_ID: Final = 0x910D7BB9102DF3E4
+"""worknode's ``crdt.capnp`` (by file id, so other projects' schemas checked with the
+``OLD_DIR NEW_DIR`` form are not concerned): replicated content. A struct declared there that
+``STRUCT_EVOLUTION`` does not list is closed: a reader that knows a type rebuilds it from its
+own objects (a struct a newer ``Value`` member carries, say), so a field added to it later
+would be dropped on relay."""
 """Which structs may grow, by struct id (ids survive renames); unlisted ones are
 ``DEFAULT_EVOLUTION``. This is the only place the checker learns the rule; the README's
 "Evolution rules" state the same, and tests/unit/test_future_schema.py proves the readers
