@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,3 +34,20 @@ def roster_of(settings: Sequence[WorknodeSettings]) -> TrustRoster:
     return TrustRoster(
         {s.node_id: load_or_create_signer(s.node_id, s.key_path()).public_key for s in settings}
     )
+
+
+async def run_cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> tuple[int, str, str]:
+    """``worknode ARGS`` as a real process (killed if it outlives ``timeout``): its status,
+    stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", *args, cwd=cwd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

@@ -4,30 +4,17 @@ a worknode, the write commands exit 0 when the node trusts the writer, and exit 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 
 from broker.transport import EmbeddedNatsServer
 from services.worknode import WorknodeService, load_or_create_signer
-from tests.integration._nodes import SUBJECT, node_settings
+from tests.integration._nodes import SUBJECT, node_settings, run_cli
 
 
 async def worknode(*args: str, cwd: Path) -> tuple[int, str, str]:
     """``worknode ARGS`` as a real process; its status, stdout and stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", *args, cwd=cwd,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli(*args, cwd=cwd)
 
 
 async def test_a_write_exits_0_only_once_a_replica_holds_it(

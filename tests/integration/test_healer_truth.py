@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from broker.replica import Consistency
 from broker.transport import EmbeddedNatsServer
 from services.healer import HealerService
 from services.worknode import WorknodeService, load_or_create_signer
+from tests.integration._nodes import run_cli
 from tests.integration.test_healing import SUBJECT, _setup
 
 
@@ -94,19 +94,7 @@ async def test_replicas_going_away_are_counted_skipped_and_logged(
 
 
 async def _healer_once(config: Path) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from services.cli import main; main()",
-        "healer", "--once", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli("healer", "--once", "--config", str(config))
 
 
 async def test_healer_once_without_enough_replicas_says_so_and_fails(

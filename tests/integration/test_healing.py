@@ -28,6 +28,7 @@ from broker.transport import (
 )
 from services.healer import HealerService, HealerSettings
 from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
+from tests.integration._nodes import run_cli
 
 SUBJECT = "orders"
 
@@ -319,7 +320,6 @@ async def test_healer_once_from_the_command_line(
     tmp_path: Path, nats_server: EmbeddedNatsServer
 ) -> None:
     """``worknode healer --once`` heals, prints one line per subject and exits 0."""
-    import sys
 
     nodes, hs, roster = _setup(tmp_path, nats_server.url, ["a", "b"])
     roster_file = tmp_path / "roster.json"
@@ -340,20 +340,10 @@ async def test_healer_once_from_the_command_line(
         await svcs[0].replica(SUBJECT).write(
             lambda t, r, ts: t.state.assign(r, ("once", "v"), 1, ts), Consistency.LOCAL
         )
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "from services.cli import main; main()",
-            "healer", "--once", "--config", str(config),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), 60)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        assert proc.returncode == 0, err.decode()
-        assert f"{SUBJECT}: 2 replicas" in out.decode()
-        assert "converged" in out.decode()
+        rc, out, err = await run_cli("healer", "--once", "--config", str(config))
+        assert rc == 0, err
+        assert f"{SUBJECT}: 2 replicas" in out
+        assert "converged" in out
         assert "once" in svcs[1].replica(SUBJECT).state
     finally:
         for svc in svcs:
