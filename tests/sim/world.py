@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from broker.codec import CURRENT_VERSION, Signer, TrustRoster, WireCodec
+from broker.codec import CURRENT_VERSION, Envelope, Signer, TrustRoster, WireCodec
 from broker.crdt import ROOT_ID, Add, Assign, Create, Increment, Move, ORMap, Tree, TreeOp
 from broker.crdt._stores import LWWStore, Whole, canonical_bytes
 from broker.errors import ClockSkewError, CodecError, TreeError, WorknodeError
@@ -636,12 +636,8 @@ class World:
         if target is not None and target != node.name:
             return
         r = node.replicas[subject]
-        try:
-            env = node.codec.open(data, self.roster, subject=f"sync.{subject}")
-        except CodecError as exc:
-            self.stats[f"rejected.{type(exc).__name__}"] += 1
-            return
-        if env.writer == node.name or not isinstance(env.document, ORMap):
+        env = self._open_sync(node, subject, data)
+        if env is None:
             return
         self.handle(r, SyncRequested(self._secs(), env.document.context, (src, req), full=full))
 
@@ -693,14 +689,22 @@ class World:
             r.ghost |= self.batches[bid]
         self.execute(r, actions)
 
-    def _on_announce(self, node: Node, src: str, subject: str, data: bytes) -> None:
-        r = node.replicas[subject]
+    def _open_sync(self, node: Node, subject: str, data: bytes) -> Envelope | None:
+        """A peer's sync-subject envelope (request or announce) as ``node`` reads it; None
+        when refused (counted) or not a peer's OR-map."""
         try:
             env = node.codec.open(data, self.roster, subject=f"sync.{subject}")
         except CodecError as exc:
             self.stats[f"rejected.{type(exc).__name__}"] += 1
-            return
+            return None
         if env.writer == node.name or not isinstance(env.document, ORMap):
+            return None
+        return env
+
+    def _on_announce(self, node: Node, src: str, subject: str, data: bytes) -> None:
+        r = node.replicas[subject]
+        env = self._open_sync(node, subject, data)
+        if env is None:
             return
         self.handle(
             r, AnnounceReceived(self._secs(), env.writer, env.document.context, env.sequence)
