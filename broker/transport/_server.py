@@ -120,8 +120,9 @@ class EmbeddedNatsServer:
     turns monitoring off; ``cluster_port=None`` with no ``cluster_name`` and no ``routes``
     means no cluster. ``cluster_advertise`` sets the cluster address gossiped to peers (point
     it at a closed port to keep routes on explicit ``routes``, e.g. through fault-injecting
-    proxies). ``extra_args`` are appended to the command line. ``binary`` overrides
-    ``find_nats_server()``.
+    proxies). ``extra_args`` are appended to the command line; ``config_extra`` is appended
+    to the generated config verbatim (top-level blocks such as ``accounts { ... }``: users
+    and permissions). ``binary`` overrides ``find_nats_server()``.
     """
 
     def __init__(
@@ -139,6 +140,7 @@ class EmbeddedNatsServer:
         routes: Sequence[str] = (),
         cluster_advertise: str | None = None,
         extra_args: Sequence[str] = (),
+        config_extra: str = "",
         binary: Path | str | None = None,
         startup_timeout: float = 10.0,
         stop_timeout: float = 5.0,
@@ -176,6 +178,7 @@ class EmbeddedNatsServer:
             server_name = f"wn-{digest[:12]}"
         self._server_name = server_name
         self._extra_args = tuple(extra_args)
+        self._config_extra = config_extra
         self._binary = Path(binary) if binary is not None else None
         self._startup_timeout = startup_timeout
         self._stop_timeout = stop_timeout
@@ -265,6 +268,8 @@ class EmbeddedNatsServer:
             if self._cluster_advertise is not None:
                 cluster.append(f"advertise: {_conf_str(self._cluster_advertise)}")
             lines.append("cluster { " + ", ".join(cluster) + " }")
+        if self._config_extra:
+            lines.append(self._config_extra)
         return "\n".join(lines) + "\n"
 
     def _prepare(self) -> tuple[list[str], int]:
@@ -401,6 +406,29 @@ class EmbeddedNatsServer:
             proc, self._proc = self._proc, None
             if proc is not None:
                 await self._terminate(proc, graceful=False)
+
+    def reload(self) -> None:
+        """Rewrite the config (with the current ``config_extra``) and ask the running server
+        to reload it (SIGHUP): users, permissions and TLS files change without a restart.
+        Raises ``ServerError`` when the server is not running."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            raise ServerError("the server is not running: nothing to reload")
+        try:
+            self.config_path.write_text(self._config())
+        except OSError as exc:
+            raise ServerError(f"cannot rewrite {self.config_path}: {exc}") from exc
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGHUP)
+
+    @property
+    def config_extra(self) -> str:
+        """The text appended to the generated config (see the constructor)."""
+        return self._config_extra
+
+    @config_extra.setter
+    def config_extra(self, text: str) -> None:
+        self._config_extra = text
 
     async def restart(self) -> None:
         """Stop and start again on the same ports with the same state directory."""
