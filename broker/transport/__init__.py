@@ -5,6 +5,13 @@ The subject layout contract (namespace first, ids last) is documented in
 ``broker.transport._subjects``.
 """
 
+from broker.transport._connect import (
+    ConnectOptions,
+    connect,
+    nkey_public,
+    read_nkey_seed,
+    user_nkey_seed,
+)
 from broker.transport._memory import (
     DEFAULT_MEMORY_MAX_PAYLOAD,
     MemoryNetwork,
@@ -88,6 +95,7 @@ __all__ = [
     "MAX_TOKEN_LENGTH",
     "NATS_URL_SCHEMES",
     "PREFIX",
+    "ConnectOptions",
     "EmbeddedNatsServer",
     "Endpoint",
     "ErrorReply",
@@ -110,6 +118,7 @@ __all__ = [
     "TransportObserver",
     "call",
     "complete_despite_cancel",
+    "connect",
     "delta_subject",
     "discover",
     "encoded_size",
@@ -117,11 +126,14 @@ __all__ = [
     "heal_subject",
     "merkle_subject",
     "namespace_wildcard",
+    "nkey_public",
     "parse_subject",
+    "read_nkey_seed",
     "redact_credentials",
     "rpc_subject",
     "subject_matches",
     "sync_subject",
+    "user_nkey_seed",
     "validate_headers",
     "validate_nats_url",
     "validate_pattern",

@@ -89,6 +89,27 @@ _NOT_CONNECTED: Final = (
 )
 
 
+_AUTH_REFUSALS: Final = ("authorization violation", "authentication", "user authentication")
+
+
+def _refusal(exc: BaseException) -> str:
+    """Why the server refused this client for good ("" when ``exc`` is something a retry
+    may cure): its credentials (an authorization violation) or TLS (a certificate that does
+    not verify, a handshake the server or the client rejects)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"TLS: the server's certificate does not verify ({exc.verify_message}); "
+                "set the CA that signed it (--tls-ca / nats_tls_ca_file)")
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason or exc}): check the TLS settings"
+    text = str(exc).lower()
+    if any(marker in text for marker in _AUTH_REFUSALS):
+        return ("the server refused this client's credentials (authorization violation): "
+                "check its NATS identity (--nats-nkey / nats_nkey_file, creds, user or token)")
+    if "secure connection" in text or "tls required" in text:
+        return f"TLS: {exc} (set --tls-ca / nats_tls_ca_file)"
+    return ""
+
+
 def _translate(exc: Exception, action: str) -> WorknodeError:
     """The worknode error for an exception raised by nats-py while doing ``action``."""
     detail = f"{action}: {exc}" if str(exc) else f"{action}: {type(exc).__name__}"
@@ -413,8 +434,12 @@ class NatsTransport:
     """The ``Transport`` over a NATS connection (nats-py), with reconnects and drain on stop.
 
     ``servers`` lists one or more ``nats://`` (or ``tls://``) URLs of one deployment.
-    Credentials: ``user``/``password``, ``token``, or a ``creds_file`` (JWT + nkey seed);
-    ``tls`` is a client ``ssl.SSLContext``. Once connected the client reconnects by itself
+    Credentials: ``user``/``password``, ``token``, a ``creds_file`` (JWT + nkey seed) or an
+    ``nkey_seed`` (an nkey user seed, ``SU...``: the server checks a signature of its nonce);
+    ``tls`` is a client ``ssl.SSLContext``; ``inbox_prefix`` replaces ``_INBOX`` in reply
+    subjects (one per identity, so permissions can keep each identity's replies its own).
+    Services build it through ``ConnectOptions`` (one settings model for every command).
+    Once connected the client reconnects by itself
     (``max_reconnect_attempts`` times, -1 = forever, ``reconnect_time_wait`` seconds apart),
     buffers up to ``reconnect_buffer_size`` bytes of publishes meanwhile, and restores
     subscriptions; the observer hears ``disconnected`` and ``reconnected`` (messages sent
@@ -432,8 +457,10 @@ class NatsTransport:
         password: str | None = None,
         token: str | None = None,
         creds_file: str | Path | None = None,
+        nkey_seed: str | None = None,
         tls: ssl.SSLContext | None = None,
         tls_hostname: str | None = None,
+        inbox_prefix: str | None = None,
         connect_timeout: float = 2.0,
         start_timeout: float = 10.0,
         max_reconnect_attempts: int = -1,
@@ -468,6 +495,8 @@ class NatsTransport:
         ):
             if count < 1:
                 raise InvalidArgumentError(f"{label} must be >= 1, got {count!r}")
+        if inbox_prefix is not None:
+            validate_subject(inbox_prefix, "inbox prefix")
         self._servers = urls
         self._shown = [redact_credentials(url) for url in urls]  # for messages: no secrets
         self._name = name
@@ -483,6 +512,7 @@ class NatsTransport:
             "password": password,
             "token": token,
             "user_credentials": str(creds_file) if creds_file is not None else None,
+            "nkeys_seed_str": nkey_seed,
             "tls": tls,
             "tls_hostname": tls_hostname,
             "connect_timeout": connect_timeout,
@@ -495,12 +525,14 @@ class NatsTransport:
             "drain_timeout": drain_timeout,
             "no_echo": not echo,
             "skip_subject_validation": True,
+            **({"inbox_prefix": inbox_prefix} if inbox_prefix is not None else {}),
             "error_cb": self._on_error,
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
             "closed_cb": self._on_closed,
         }
         self._nc: Client | None = None
+        self._refused: asyncio.Future[Exception] | None = None  # set while start() runs
         self._subs: dict[NatsSubscriptionImpl, NatsSubscription] = {}
         self._stopping = False
         self._lock = asyncio.Lock()
@@ -561,9 +593,10 @@ class NatsTransport:
                 return
             nc = _OrderedClient()
             self._stopping = False
+            self._refused = asyncio.get_running_loop().create_future()
             try:
                 async with asyncio.timeout(self._start_timeout):
-                    await nc.connect(**self._options)
+                    await self._connect_or_refused(nc)
             except TimeoutError as exc:
                 self._stopping = True  # keeps the close callbacks quiet
                 await _close_quietly(nc)
@@ -571,12 +604,39 @@ class NatsTransport:
                     f"could not connect to {self._shown} within {self._start_timeout} s "
                     f"(last error: {nc.last_error!r})"
                 ) from exc
+            except WorknodeError:
+                raise  # refused: already closed and explained
             except Exception as exc:
                 self._stopping = True
                 await _close_quietly(nc)
                 raise _translate(exc, f"connect to {self._shown}") from exc
             self._nc = nc
+            self._refused = None
         notify(self._observer.connected)
+
+    async def _connect_or_refused(self, nc: Client) -> None:
+        """``nc.connect``, cut short when the server refuses this client for good (bad
+        credentials, a certificate that does not verify): nats-py would retry that until the
+        start timeout, and the user would wait ten seconds for a misleading "timed out"."""
+        connecting: asyncio.Future[Any] = asyncio.ensure_future(nc.connect(**self._options))
+        refused = self._refused
+        assert refused is not None
+        waiting: set[asyncio.Future[Any]] = {connecting, refused}
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            connecting.cancel()
+            raise
+        if connecting.done():
+            connecting.result()
+            return
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        exc = refused.result()
+        self._stopping = True
+        await _close_quietly(nc)
+        raise TransportError(f"connect to {self._shown}: {_refusal(exc)}") from exc
 
     async def stop(self) -> None:
         """Drain and close: unsubscribe, let handlers finish what is pending (up to
@@ -806,6 +866,10 @@ class NatsTransport:
 
     async def _on_error(self, exc: Exception) -> None:
         try:
+            refused = self._refused
+            if refused is not None and not refused.done() and _refusal(exc):
+                refused.set_result(exc)  # fails start(): retrying cannot help
+                return
             if isinstance(exc, nats.errors.SlowConsumerError):
                 sub = self._subs.get(exc.sub)
                 if sub is not None:

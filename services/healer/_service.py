@@ -49,7 +49,6 @@ from broker.healing import (
 from broker.merkle import Diff
 from broker.repair import repair_deltas
 from broker.transport import (
-    NatsTransport,
     Transport,
     complete_despite_cancel,
     discover,
@@ -163,9 +162,8 @@ class HealerService:
         self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
         self.secret = read_cluster_secret(s.cluster_secret_file)
         if self.transport is None:
-            self.transport = NatsTransport(
-                s.nats_urls, name=s.node_id, observer=ConnectionLog(s.node_id, log)
-            )
+            self.transport = s.connect_options(s.node_id, signing_key=s.key_path()).transport(
+                name=s.node_id, observer=ConnectionLog(s.node_id, log))
         await self.transport.start()
         self.codec = WireCodec(max_payload=self.transport.max_payload)
         self._metrics_http.start(s.metrics_host, s.metrics_port, self.metrics.registry)

@@ -5,16 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from broker.crdt import validate_replica_id
-from broker.transport import validate_nats_url, validate_token
+from broker.transport import validate_token
+from services._connection import NatsClientSettings
 
 __all__ = ["HealerSettings"]
 
 
-class HealerSettings(BaseSettings):
-    """What the healer needs; see the README's healing section."""
+class HealerSettings(NatsClientSettings):
+    """What the healer needs; see the README's healing section (the ``nats_*`` connection
+    fields come from ``NatsClientSettings``)."""
 
     model_config = SettingsConfigDict(env_prefix="WORKNODE_HEALER_", extra="forbid")
 
@@ -24,7 +26,7 @@ class HealerSettings(BaseSettings):
         default_factory=list,
         description="Subjects to heal (metrics labels); empty: every subject replicas serve.",
     )
-    nats_urls: list[str] = Field(min_length=1)
+    nats_urls: list[str] = Field(min_length=1, description="NATS servers of the replicas.")
     state_dir: Path = Path(".worknode/healer")
     key_file: Path | None = None
     roster_file: Path | None = None
@@ -72,11 +74,6 @@ class HealerSettings(BaseSettings):
     @classmethod
     def _ns(cls, v: str) -> str:
         return validate_token(v, "namespace")
-
-    @field_validator("nats_urls")
-    @classmethod
-    def _nats_urls(cls, v: list[str]) -> list[str]:
-        return [validate_nats_url(u) for u in v]
 
     @field_validator("subjects")
     @classmethod

@@ -31,9 +31,10 @@ from broker.crdt import (
 )
 from broker.errors import CodecError, TransportError, TreeError, UnknownSignerError, WorknodeError
 from broker.replica import FULL_HEADER, SYNC_HEADER, Replica
-from broker.transport import Msg, NatsTransport, delta_subject, validate_token
+from broker.transport import Msg, delta_subject, validate_token
 from services._cli_errors import EXIT_UNCONFIRMED, error_line, run_until_signal
 from services._config import load_settings, read_toml
+from services._connection import client_options, pop_connection, with_connection
 from services.worknode._service import WorknodeService, load_or_create_signer, read_roster
 from services.worknode._settings import WorknodeSettings
 
@@ -300,7 +301,7 @@ _common = [
 def _with_common(fn: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed(_common):
         fn = opt(fn)
-    return fn
+    return with_connection(fn)
 
 
 _CONFIRM_POLL_S = 0.2
@@ -365,10 +366,11 @@ async def _one_write(
 ) -> tuple[ORMap, str | None]:
     """Write as ``kw["node_id"]``, publish, and (unless ``kw["no_confirm"]``) wait for a
     peer replica holding the write; returns the delta and that peer's id (None if none)."""
+    connection = pop_connection(kw)
     settings = load_settings(WorknodeSettings, lambda: WorknodeSettings(
         node_id=kw["node_id"], namespace=kw["namespace"], subjects=[subject],
         nats_urls=list(kw["nats_urls"]), state_dir=kw["state_dir"], roster_file=kw["roster"],
-        metrics_port=None,
+        metrics_port=None, **connection,
     ))
     async with WorknodeService(settings) as svc:
         replica = svc.replica(subject)
@@ -551,8 +553,9 @@ def register(main: click.Group) -> None:
     @click.option("--timeout", type=click.FloatRange(min=0), default=0.0,
                   help="Exit after this many seconds (0: never).")
     def tail(subject: str, nats_urls: tuple[str, ...], namespace: str, roster: Path | None,
-             as_json: bool, count: int, timeout: float) -> None:
+             as_json: bool, count: int, timeout: float, **conn: Any) -> None:
         """Print every delta batch published on SUBJECT, decoded (a subscriber's view)."""
+        options = client_options("worknode-tail", list(nats_urls), pop_connection(conn))
         trust = TrustRoster(read_roster(roster)) if roster else None
         codec = WireCodec()
         watched = delta_subject(validate_token(namespace, "namespace"),
@@ -586,7 +589,7 @@ def register(main: click.Group) -> None:
                 if count and seen >= count:
                     done.set()
 
-            async with NatsTransport(list(nats_urls), name="worknode-tail") as transport:
+            async with options.transport(name="worknode-tail") as transport:
                 await transport.subscribe(watched, handle)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(done.wait(), timeout or None)

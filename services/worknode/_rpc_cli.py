@@ -30,8 +30,9 @@ from broker.rpc import (
     inspect,
     mint,
 )
-from broker.transport import NatsTransport, validate_token
+from broker.transport import ConnectOptions, validate_token
 from services._cli_errors import run_until_signal
+from services._connection import client_options, pop_connection, with_connection
 from services.worknode._rpc import read_keyring
 
 __all__ = ["register_rpc"]
@@ -103,10 +104,10 @@ def _jsonable(value: Any) -> Any:
 
 
 async def _call(
-    nats_urls: tuple[str, ...], namespace: str, subject: str, worknode: str, method: str,
+    options: ConnectOptions, namespace: str, subject: str, worknode: str, method: str,
     arguments: dict[str, Any], token: bytes, timeout_ms: float,
 ) -> dict[str, Any]:
-    async with NatsTransport(list(nats_urls), name="worknode-call") as transport:
+    async with options.transport(name="worknode-call") as transport:
         client = RpcClient(transport, namespace=namespace)
         r = await client.call(subject, worknode, method, arguments, token=token,
                               timeout_ms=timeout_ms)
@@ -142,7 +143,7 @@ _TTL = click.FloatRange(min=0, min_open=True, max=100 * 365 * 86400)
 def _with_nats(fn: Any) -> Any:
     for opt in reversed(_nats):
         fn = opt(fn)
-    return fn
+    return with_connection(fn)
 
 
 def register_rpc(main: click.Group) -> None:
@@ -245,9 +246,10 @@ def register_rpc(main: click.Group) -> None:
     @click.option("--subject", "revocation_subject", default=DEFAULT_REVOCATION_SUBJECT,
                   show_default=True, help="The revocation subject of the cluster.")
     def revoke(target: str, nats_urls: tuple[str, ...], namespace: str, token_text: str,
-               timeout_ms: float, revocation_subject: str) -> None:
+               timeout_ms: float, revocation_subject: str, **conn: Any) -> None:
         """Revoke a token (or a revocation id, hex) cluster-wide; --token must grant
         ``revoke`` on the revocation subject."""
+        options = client_options("worknode-call", list(nats_urls), pop_connection(conn))
         if all(c in "0123456789abcdef" for c in target) and len(target) >= 32:
             token_id = target
         else:
@@ -256,7 +258,7 @@ def register_rpc(main: click.Group) -> None:
             except WorknodeError as exc:
                 raise click.ClickException(str(exc)) from exc
         token = _decode(token_text)
-        out = _run_call(lambda: _call(nats_urls, namespace, revocation_subject, "root",
+        out = _run_call(lambda: _call(options, namespace, revocation_subject, "root",
                                       "revoke", {"token_id": token_id}, token, timeout_ms))
         click.echo(json.dumps(out, sort_keys=True))
 
@@ -268,9 +270,10 @@ def register_rpc(main: click.Group) -> None:
     @_with_nats
     def call_(subject: str, worknode: str, method: str, args: tuple[str, ...],
               nats_urls: tuple[str, ...], namespace: str, token_text: str,
-              timeout_ms: float) -> None:
+              timeout_ms: float, **conn: Any) -> None:
         """Call METHOD on WORKNODE of SUBJECT with a capability token; prints the result.
         Values are JSON when they parse as JSON, text otherwise."""
+        options = client_options("worknode-call", list(nats_urls), pop_connection(conn))
         try:  # before connecting: a typo fails at once
             validate_token(subject, "subject")
             validate_token(namespace, "namespace")
@@ -280,6 +283,6 @@ def register_rpc(main: click.Group) -> None:
             raise click.BadParameter(str(exc)) from None
         arguments = dict(_parse_arg(a) for a in args)
         token = _decode(token_text)
-        out = _run_call(lambda: _call(nats_urls, namespace, subject, worknode, method,
+        out = _run_call(lambda: _call(options, namespace, subject, worknode, method,
                                       arguments, token, timeout_ms))
         click.echo(json.dumps(out, sort_keys=True))

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
 import os
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ from broker.replica import Replica, ReplicaConfig
 from broker.rpc import MethodRegistry, RpcServer
 from broker.transport import (
     EmbeddedNatsServer,
-    NatsTransport,
     Transport,
     complete_despite_cancel,
 )
@@ -97,15 +96,6 @@ def load_identity(node_id: str, key_path: Path, roster_file: Path | None,
         roster.add(node, key)
     roster.add(node_id, signer.public_key)
     return signer
-
-
-def _reason(exc: BaseException) -> str:
-    """An OSError's reason without its errno noise; other exceptions as they print."""
-    if isinstance(exc, ssl.SSLError):
-        return f"not a usable certificate or key ({exc.reason or exc.strerror or exc})"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc)
 
 
 class MetricsEndpoint:
@@ -189,13 +179,14 @@ class WorknodeService:
                   else read_cluster_secret(s.cluster_secret_file))
         if self.transport is None:
             urls = list(s.nats_urls)
+            options = s.connect_options(s.node_id, urls=urls or ["nats://127.0.0.1:4222"],
+                                        signing_key=s.key_path())  # checked before any start
             if not urls:
                 self.server = EmbeddedNatsServer(s.state_dir / "nats")
                 await self.server.start()
-                urls = [self.server.url]
-            self.transport = NatsTransport(
-                urls, name=s.node_id, observer=TransportEvents(self.metrics, self), **self._auth()
-            )
+                options = dataclasses.replace(options, urls=(self.server.url,))
+            self.transport = options.transport(
+                name=s.node_id, observer=TransportEvents(self.metrics, self))
         await self.transport.start()
         self.store = ObservedStore(
             s.state_dir / "worknode.db", synchronous=s.store_sync,
@@ -257,44 +248,6 @@ class WorknodeService:
                 f"{self.settings.state_dir} is in use by another worknode process"
             ) from None
         self._lock_fd = fd
-
-    def _auth(self) -> dict[str, Any]:
-        s = self.settings
-        kw: dict[str, Any] = {}
-        if s.nats_user:
-            kw["user"] = s.nats_user
-            kw["password"] = s.nats_password or ""
-        if s.nats_token:
-            kw["token"] = s.nats_token
-        if s.nats_creds_file:
-            if not s.nats_creds_file.is_file():
-                raise InvalidArgumentError(
-                    f"nats_creds_file {s.nats_creds_file}: no such file"
-                )
-            kw["creds_file"] = str(s.nats_creds_file)
-        if s.nats_tls_ca_file or s.nats_tls_cert_file:
-            # ssl's errors name neither the file nor the setting: say which one failed.
-            try:
-                ctx = ssl.create_default_context(
-                    cafile=str(s.nats_tls_ca_file) if s.nats_tls_ca_file else None
-                )
-            except (OSError, ValueError) as exc:
-                raise InvalidArgumentError(
-                    f"nats_tls_ca_file {s.nats_tls_ca_file}: {_reason(exc)}"
-                ) from None
-            if s.nats_tls_cert_file:
-                try:
-                    ctx.load_cert_chain(
-                        str(s.nats_tls_cert_file),
-                        str(s.nats_tls_key_file) if s.nats_tls_key_file else None,
-                    )
-                except (OSError, ValueError) as exc:
-                    key = f" (key {s.nats_tls_key_file})" if s.nats_tls_key_file else ""
-                    raise InvalidArgumentError(
-                        f"nats_tls_cert_file {s.nats_tls_cert_file}{key}: {_reason(exc)}"
-                    ) from None
-            kw["tls"] = ctx
-        return kw
 
     async def stop(self) -> None:
         """Flush pending batches, then stop everything (idempotent)."""

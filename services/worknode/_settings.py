@@ -15,16 +15,18 @@ from pydantic_settings import (
 
 from broker.codec import CURRENT_VERSION, OLDEST_VERSION
 from broker.crdt import validate_replica_id
-from broker.transport import validate_nats_url, validate_token
+from broker.transport import validate_token
 from services._config import read_toml
+from services._connection import NatsClientSettings
 
 __all__ = ["WorknodeSettings"]
 
 
-class WorknodeSettings(BaseSettings):
+class WorknodeSettings(NatsClientSettings):
     """Everything a worknode service needs; see the README's settings table.
 
-    Sources, highest priority first: constructor arguments, ``WORKNODE_*`` environment
+    The ``nats_*`` connection fields come from ``NatsClientSettings``. Sources, highest
+    priority first: constructor arguments, ``WORKNODE_*`` environment
     variables (lists as JSON, e.g. ``WORKNODE_SUBJECTS='["orders","users"]'``), then the TOML
     file named by ``config_file`` (or ``WORKNODE_CONFIG_FILE``).
     """
@@ -36,17 +38,6 @@ class WorknodeSettings(BaseSettings):
     subjects: list[str] = Field(
         default_factory=lambda: ["demo"], description="Subjects this node replicates."
     )
-    nats_urls: list[str] = Field(
-        default_factory=list,
-        description="NATS servers to connect to; empty starts an embedded nats-server.",
-    )
-    nats_user: str | None = None
-    nats_password: str | None = None
-    nats_token: str | None = None
-    nats_creds_file: Path | None = None
-    nats_tls_ca_file: Path | None = None
-    nats_tls_cert_file: Path | None = None
-    nats_tls_key_file: Path | None = None
     state_dir: Path = Field(Path(".worknode"), description="Store, keys, embedded server data.")
     key_file: Path | None = Field(
         None, description="Ed25519 seed file (32 bytes); default <state_dir>/<node_id>.key."
@@ -94,11 +85,6 @@ class WorknodeSettings(BaseSettings):
     @classmethod
     def _namespace(cls, v: str) -> str:
         return validate_token(v, "namespace")
-
-    @field_validator("nats_urls")
-    @classmethod
-    def _nats_urls(cls, v: list[str]) -> list[str]:
-        return [validate_nats_url(u) for u in v]
 
     @field_validator("rpc_revocation_subject")
     @classmethod
