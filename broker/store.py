@@ -53,6 +53,7 @@ should still own its file alone (one identity, one writer); the store does not e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -271,6 +272,9 @@ class DurableStore:
                 return
             created = not self._path.exists()
             try:
+                if created:  # owner only: SQLite gives its -wal and -shm files the same mode
+                    with contextlib.suppress(OSError):  # sqlite3 says why it cannot open it
+                        os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
                 conn = sqlite3.connect(
                     self._path,
                     timeout=self._busy_timeout,

@@ -158,7 +158,7 @@ class HealerService:
 
     async def _start(self) -> None:
         s = self.settings
-        s.state_dir.mkdir(parents=True, exist_ok=True)
+        s.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # its key: owner only
         self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
         self.secret = read_cluster_secret(s.cluster_secret_file)
         if self.transport is None:

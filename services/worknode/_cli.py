@@ -450,8 +450,12 @@ def register(main: click.Group) -> None:
         if state_dir is None:
             tmp = Path(tempfile.mkdtemp(prefix="worknode-up-"))
             state_dir = tmp
-        state_dir.mkdir(parents=True, exist_ok=True)
-        (state_dir / "cluster.secret").write_bytes(os.urandom(32))
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        secret = state_dir / "cluster.secret"
+        secret.unlink(missing_ok=True)
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
         try:
             ok = _run(lambda: _up(writes, state_dir, quiet))
         finally:

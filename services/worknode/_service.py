@@ -56,7 +56,7 @@ def load_or_create_signer(node_id: str, path: Path) -> Signer:
             raise InvalidArgumentError(f"{path} is not a 32-byte Ed25519 seed")
         return Signer(node_id, seed)
     signer = Signer.generate(node_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(signer.seed)
@@ -171,7 +171,7 @@ class WorknodeService:
 
     async def _start(self) -> None:
         s = self.settings
-        s.state_dir.mkdir(parents=True, exist_ok=True)
+        s.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, store: owner only
         self._lock_state_dir()
         self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
         # Read before connecting: a missing secret fails at once, not after the connect.

@@ -167,3 +167,19 @@ def test_unusable_tls_and_seed_files_in_one_line(tmp_path):
     text = tmp_path / "user.nk"
     text.write_text(user_nkey_seed(raw) + "\n")
     assert read_nkey_seed(text) == read_nkey_seed(_seed_file(tmp_path / "raw.key", raw))
+
+
+async def test_state_files_are_owner_only(tmp_path):
+    """A node's state directory is 0700, its key, store and lock 0600: another user of the
+    machine reads no key and no replicated data."""
+    async with running_nats_server(tmp_path / "nats") as server:
+        svc = WorknodeService(node_settings(tmp_path, server.url, "a"))
+        async with svc:
+            await svc.replica(SUBJECT).create("w1")
+            await svc.replica(SUBJECT).flush()
+            state = tmp_path / "a"
+            assert state.stat().st_mode & 0o777 == 0o700
+            files = [p for p in state.iterdir() if p.is_file()]
+            assert {p.name for p in files} >= {"a.key", "worknode.db", "worknode.lock"}
+            for path in files:
+                assert path.stat().st_mode & 0o077 == 0, path
