@@ -39,6 +39,7 @@ __all__ = [
     "NatsClientSettings",
     "client_options",
     "default_inbox_prefix",
+    "open_server_warning",
     "pop_connection",
     "with_connection",
 ]
@@ -83,6 +84,9 @@ class NatsClientSettings(BaseSettings):
     nats_inbox_prefix: str | None = Field(
         None, description="Reply subjects' prefix; default _INBOX.<node id>.")
     nats_connect_timeout_s: float = Field(2.0, gt=0, le=600)
+    nats_insecure: bool = Field(
+        False, description="Accept a NATS server without authentication or TLS quietly "
+        "(development only); otherwise connecting to one logs a warning.")
 
     @field_validator("nats_urls")
     @classmethod
@@ -127,6 +131,17 @@ class NatsClientSettings(BaseSettings):
                 nkey_public(nkey) if nkey is not None else identity),
             connect_timeout=self.nats_connect_timeout_s,
         )
+
+
+def open_server_warning(auth_required: bool, tls: bool) -> str | None:
+    """What is open about the NATS connection (None when it is authenticated and encrypted):
+    the warning a service logs at start unless ``nats_insecure`` acknowledges it."""
+    missing = [what for what, ok in (("authentication", auth_required), ("TLS", tls)) if not ok]
+    if not missing:
+        return None
+    return (f"NATS connection without {' and '.join(missing)}: any client that reaches the "
+            "server can read every delta and RPC token and publish as anyone (see the "
+            "README's Security section; nats_insecure=true acknowledges an open deployment)")
 
 
 class ClientSettings(NatsClientSettings):

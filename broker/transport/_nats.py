@@ -555,6 +555,20 @@ class NatsTransport:
         return self._nc is not None and self._nc.is_connected
 
     @property
+    def auth_required(self) -> bool:
+        """Whether the server this client is connected to demands credentials (from its
+        INFO; False before the first connection)."""
+        info = getattr(self._nc, "_server_info", None) or {}
+        return bool(info.get("auth_required"))
+
+    @property
+    def tls_required(self) -> bool:
+        """Whether the connection to the server is encrypted: the server demands TLS, or
+        this client asked for it."""
+        info = getattr(self._nc, "_server_info", None) or {}
+        return bool(info.get("tls_required")) or self._options.get("tls") is not None
+
+    @property
     def reconnects(self) -> int:
         """How many times the client reconnected since start."""
         return 0 if self._nc is None else int(self._nc.stats["reconnects"])

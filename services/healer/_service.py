@@ -49,11 +49,13 @@ from broker.healing import (
 from broker.merkle import Diff
 from broker.repair import repair_deltas
 from broker.transport import (
+    NatsTransport,
     Transport,
     complete_despite_cancel,
     discover,
     heal_subject,
 )
+from services._connection import open_server_warning
 from services.healer._metrics import HealerMetrics
 from services.healer._settings import HealerSettings
 from services.worknode import MetricsEndpoint, load_identity, read_cluster_secret
@@ -165,6 +167,11 @@ class HealerService:
             self.transport = s.connect_options(s.node_id, signing_key=s.key_path()).transport(
                 name=s.node_id, observer=ConnectionLog(s.node_id, log))
         await self.transport.start()
+        if isinstance(self.transport, NatsTransport) and not s.nats_insecure:
+            warning = open_server_warning(self.transport.auth_required,
+                                          self.transport.tls_required)
+            if warning is not None:
+                log.warning("%s: %s", s.node_id, warning)
         self.codec = WireCodec(max_payload=self.transport.max_payload)
         self._metrics_http.start(s.metrics_host, s.metrics_port, self.metrics.registry)
         self._running = True

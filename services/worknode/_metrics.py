@@ -168,6 +168,10 @@ class ServiceMetrics:
             registry=r)
         self.nats_connected = Gauge(
             "worknode_nats_connected", "1 while connected to NATS.", registry=r)
+        self.nats_open = Gauge(
+            "worknode_nats_open_connection",
+            "1 when the NATS connection lacks authentication or TLS (nats_insecure or not).",
+            registry=r)
         self.store_errors = Counter(
             "worknode_store_errors_total",
             "Durable store calls that failed (StoreError), by operation. A failed append "

@@ -27,9 +27,11 @@ from broker.replica import Replica, ReplicaConfig
 from broker.rpc import MethodRegistry, RpcServer
 from broker.transport import (
     EmbeddedNatsServer,
+    NatsTransport,
     Transport,
     complete_despite_cancel,
 )
+from services._connection import open_server_warning
 from services.worknode._events import ReplicaEvents, TransportEvents
 from services.worknode._metrics import ServiceMetrics, package_version
 from services.worknode._rpc import start_rpc
@@ -188,6 +190,7 @@ class WorknodeService:
             self.transport = options.transport(
                 name=s.node_id, observer=TransportEvents(self.metrics, self))
         await self.transport.start()
+        self._check_open_connection()
         self.store = ObservedStore(
             s.state_dir / "worknode.db", synchronous=s.store_sync,
             on_error=lambda op, _exc: self.metrics.store_errors.labels(op).inc(),
@@ -235,6 +238,17 @@ class WorknodeService:
             self.rpc = await start_rpc(self, codec, self.rpc_methods)
         self._metrics_http.start(s.metrics_host, s.metrics_port, self.metrics.registry)
         self._gauges = asyncio.create_task(self._update_gauges())
+
+    def _check_open_connection(self) -> None:
+        """Warn (and set ``worknode_nats_open_connection``) when the NATS connection is
+        unauthenticated or in the clear, unless ``nats_insecure`` says that is intended."""
+        transport = self.transport
+        if not isinstance(transport, NatsTransport):
+            return  # an injected transport (tests, in-memory): not a NATS connection
+        warning = open_server_warning(transport.auth_required, transport.tls_required)
+        self.metrics.nats_open.set(0 if warning is None else 1)
+        if warning is not None and not self.settings.nats_insecure:
+            log.warning("%s: %s", self.settings.node_id, warning)
 
     def _lock_state_dir(self) -> None:
         """One process per state directory: two writers on one store would break its log."""

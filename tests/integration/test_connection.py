@@ -183,3 +183,30 @@ async def test_state_files_are_owner_only(tmp_path):
             assert {p.name for p in files} >= {"a.key", "worknode.db", "worknode.lock"}
             for path in files:
                 assert path.stat().st_mode & 0o077 == 0, path
+
+
+async def test_open_server_is_flagged(tmp_path, caplog):
+    """Connected to a server with neither authentication nor TLS, a node says so (a warning
+    and ``worknode_nats_open_connection`` 1) unless ``nats_insecure`` acknowledges it; a
+    server demanding an nkey clears the authentication half of the warning."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="services.worknode._service")
+    async with running_nats_server(tmp_path / "nats") as server:
+        svc = WorknodeService(node_settings(tmp_path, server.url, "a"))
+        async with svc:
+            assert svc.metrics.nats_open._value.get() == 1
+        assert "NATS connection without authentication and TLS" in caplog.text
+        caplog.clear()
+        svc = WorknodeService(node_settings(tmp_path, server.url, "a", nats_insecure=True))
+        async with svc:
+            assert svc.metrics.nats_open._value.get() == 1
+        assert "without" not in caplog.text
+    settings = node_settings(tmp_path, "nats://127.0.0.1:1", "b")
+    roster_of([settings])
+    pub = nkey_public(read_nkey_seed(settings.key_path()))
+    async with running_nats_server(tmp_path / "nats2", config_extra=_users(pub)) as server:
+        svc = WorknodeService(node_settings(tmp_path, server.url, "b"))
+        async with svc:
+            assert svc.metrics.nats_open._value.get() == 1
+        assert "NATS connection without TLS:" in caplog.text
