@@ -440,8 +440,9 @@ def _check_readable(path: Path, what: str) -> None:
 
 
 def _ssl_reason(exc: ssl.SSLError) -> str:
-    # ``reason`` is OpenSSL's short token (e.g. KEY_VALUES_MISMATCH): never file contents.
-    return (exc.reason or type(exc).__name__).lower().replace("_", " ")
+    """`` (reason)`` from OpenSSL's short token (e.g. KEY_VALUES_MISMATCH), never the
+    file's contents; empty when OpenSSL gives none."""
+    return f" ({exc.reason.lower().replace('_', ' ')})" if exc.reason else ""
 
 
 def client_ssl_context(
@@ -468,7 +469,7 @@ def client_ssl_context(
             context.load_verify_locations(cafile=str(ca))
         except ssl.SSLError as exc:
             raise TlsConfigError(
-                f"TLS CA file {ca}: not a PEM certificate ({_ssl_reason(exc)})"
+                f"TLS CA file {ca}: not a PEM certificate{_ssl_reason(exc)}"
             ) from None
     if cert_file is not None:
         cert = Path(cert_file)
@@ -486,10 +487,9 @@ def client_ssl_context(
                 str(cert), str(key) if key is not None else None, password=lambda: b""
             )
         except ssl.SSLError as exc:
-            reason = _ssl_reason(exc)
-            if "mismatch" in reason:
+            if exc.reason == "KEY_VALUES_MISMATCH":  # OpenSSL's stable reason token
                 problem = f"does not match the certificate {cert}"
             else:
-                problem = f"not a usable unencrypted PEM private key ({reason})"
+                problem = f"not a usable unencrypted PEM private key{_ssl_reason(exc)}"
             raise TlsConfigError(f"TLS key file {key or cert}: {problem}") from None
     return context
