@@ -78,6 +78,7 @@ from broker.transport._tls import (
     RENEW_BEFORE,
     LocalCA,
     TlsFiles,
+    check_tls_files,
     client_ssl_context,
     create_local_ca,
 )
@@ -126,6 +127,7 @@ __all__ = [
     "Transport",
     "TransportObserver",
     "call",
+    "check_tls_files",
     "client_ssl_context",
     "complete_despite_cancel",
     "create_local_ca",

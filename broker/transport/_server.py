@@ -47,7 +47,7 @@ from typing import Final, Self
 from urllib.parse import urlsplit
 
 from broker.errors import InvalidArgumentError, ServerError
-from broker.transport._tls import TlsFiles
+from broker.transport._tls import TlsFiles, check_tls_files
 
 __all__ = ["EmbeddedNatsServer", "find_nats_server"]
 
@@ -370,6 +370,10 @@ class EmbeddedNatsServer:
         return [str(binary), "-c", str(self.config_path), *self._extra_args], log_fd
 
     def _write_config(self) -> None:
+        # Refuse unusable TLS files in one line here rather than in nats-server's log.
+        for files in (self._tls, self._cluster_tls):
+            if files is not None:
+                check_tls_files(files)
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _PRIVATE_FILE)
         with os.fdopen(fd, "w") as out:
             os.fchmod(fd, _PRIVATE_FILE)
@@ -379,7 +383,8 @@ class EmbeddedNatsServer:
         """Start the server and wait until it accepts clients. Idempotent.
 
         Raises ``ServerError`` (with the log tail) if the binary is missing, the process
-        exits, or it does not accept connections within ``startup_timeout`` seconds.
+        exits, or it does not accept connections within ``startup_timeout`` seconds;
+        ``TlsConfigError`` (one line) when a TLS file is missing or invalid.
         """
         async with self._lock:
             if self.running:
@@ -497,7 +502,8 @@ class EmbeddedNatsServer:
     def reload(self) -> None:
         """Rewrite the config (with the current ``config_extra``) and ask the running server
         to reload it (SIGHUP): users, permissions and TLS files change without a restart.
-        Raises ``ServerError`` when the server is not running."""
+        Raises ``ServerError`` when the server is not running, ``TlsConfigError`` (and
+        leaves the server as it was) when a TLS file is missing or invalid."""
         proc = self._proc
         if proc is None or proc.returncode is not None:
             raise ServerError("the server is not running: nothing to reload")

@@ -53,6 +53,7 @@ __all__ = [
     "RENEW_BEFORE",
     "LocalCA",
     "TlsFiles",
+    "check_tls_files",
     "client_ssl_context",
     "create_local_ca",
 ]
@@ -445,23 +446,16 @@ def _ssl_reason(exc: ssl.SSLError) -> str:
     return f" ({exc.reason.lower().replace('_', ' ')})" if exc.reason else ""
 
 
-def client_ssl_context(
+def _load(
+    context: ssl.SSLContext,
     ca_file: Path | str | None,
-    cert_file: Path | str | None = None,
-    key_file: Path | str | None = None,
-) -> ssl.SSLContext:
-    """A client ``ssl.SSLContext`` for NATS: verifies the server's certificate and host name
-    against ``ca_file`` (the system trust store when None), TLS 1.2 or newer, and presents
-    ``cert_file``/``key_file`` as the client certificate when given (mutual TLS; the key may
-    be inside ``cert_file``).
-
-    Raises ``TlsConfigError`` (one line naming the file and the problem, never its contents)
-    for a missing, unreadable or invalid file, or a key that does not match the
-    certificate."""
+    cert_file: Path | str | None,
+    key_file: Path | str | None,
+) -> None:
+    """Load the CA and the certificate/key pair into ``context``; ``TlsConfigError`` (one
+    line naming the file) for anything missing, unreadable or invalid."""
     if key_file is not None and cert_file is None:
         raise TlsConfigError(f"TLS key file {key_file} given without a certificate file")
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
     if ca_file is not None:
         ca = Path(ca_file)
         _check_readable(ca, "CA file")
@@ -492,4 +486,30 @@ def client_ssl_context(
             else:
                 problem = f"not a usable unencrypted PEM private key{_ssl_reason(exc)}"
             raise TlsConfigError(f"TLS key file {key or cert}: {problem}") from None
+
+
+def client_ssl_context(
+    ca_file: Path | str | None,
+    cert_file: Path | str | None = None,
+    key_file: Path | str | None = None,
+) -> ssl.SSLContext:
+    """A client ``ssl.SSLContext`` for NATS: verifies the server's certificate and host name
+    against ``ca_file`` (the system trust store when None), TLS 1.2 or newer, and presents
+    ``cert_file``/``key_file`` as the client certificate when given (mutual TLS; the key may
+    be inside ``cert_file``).
+
+    Raises ``TlsConfigError`` (one line naming the file and the problem, never its contents)
+    for a missing, unreadable or invalid file, or a key that does not match the
+    certificate."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load(context, ca_file, cert_file, key_file)
     return context
+
+
+def check_tls_files(files: TlsFiles) -> None:
+    """Check that ``files`` are usable before a server is given them: every file readable,
+    the CA and the certificate PEM certificates, the key unencrypted and matching the
+    certificate. Raises ``TlsConfigError`` (one line naming the file, never its contents).
+    Chain and expiry are left to the peers that verify them."""
+    _load(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), files.ca_file, files.cert_file, files.key_file)

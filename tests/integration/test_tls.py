@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from broker.chaos import NatsCluster
-from broker.errors import TransportTimeoutError
+from broker.errors import TlsConfigError, TransportTimeoutError
 from broker.testing import running_nats_server
 from broker.transport import (
     EmbeddedNatsServer,
@@ -265,3 +265,25 @@ async def test_routes_form_only_between_servers_of_the_same_ca(tmp_path, ca, oth
             routez = await asyncio.to_thread(_get_json, f"{intruder.monitor_url}/routez")
             assert not routez.get("routes")
             await cluster.wait_routes()  # the good pair is untouched
+
+
+async def test_unusable_tls_files_are_refused_in_one_line(tmp_path, ca, server_files):
+    missing = TlsFiles(ca.cert_file, tmp_path / "absent.pem", server_files.key_file)
+    server = EmbeddedNatsServer(tmp_path / "never", tls=missing, jetstream=False)
+    with pytest.raises(TlsConfigError) as info:
+        await server.start()
+    assert not server.running
+    assert str(missing.cert_file) in str(info.value)
+    assert "\n" not in str(info.value)
+
+    async with running_nats_server(tmp_path / "nats", tls=server_files, jetstream=False) as s:
+        good_key = server_files.key_file.read_bytes()
+        server_files.key_file.write_text("-----BEGIN PRIVATE KEY-----\nbroken\n")
+        with pytest.raises(TlsConfigError) as info:
+            s.reload()  # refused before the server is asked: it keeps its working files
+        assert str(server_files.key_file) in str(info.value)
+        assert "\n" not in str(info.value)
+        server_files.key_file.write_bytes(good_key)
+        transport = _transport(s, "still-served", tls=client_ssl_context(ca.cert_file))
+        async with transport:
+            assert await _round_trip(transport, "still.check") == b"over tls"
