@@ -16,9 +16,10 @@ Invariants:
 - Validity: the CA 10 years (``CA_VALIDITY``), leaves about a year (``LEAF_VALIDITY``).
   ``issue()`` renews a leaf with less than ``RENEW_BEFORE`` left; a CA that has expired (or
   will within ``RENEW_BEFORE``) is recreated, which invalidates every leaf it signed.
-- Idempotent: ``create_local_ca`` and ``LocalCA.issue`` reuse existing files when they are
-  valid (a key matching its certificate, a leaf signed by this CA covering the requested hosts
-  and usages, not about to expire), so a restart keeps the same CA and the same certificates.
+- Idempotent and safe across processes (a lock file per directory): ``create_local_ca``
+  and ``LocalCA.issue`` reuse existing files when they are valid (a key matching its
+  certificate, a leaf signed by this CA covering the requested hosts and usages, not about
+  to expire), so a restart keeps the same CA and the same certificates.
 - File modes: directories 0700, private keys 0600 (written atomically, never world-readable
   even for an instant), certificates 0644.
 - Errors never contain key material: ``TlsConfigError`` names the file and the problem in one
@@ -33,7 +34,7 @@ import ipaddress
 import os
 import ssl
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -45,6 +46,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.errors import InvalidArgumentError, TlsConfigError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "CA_VALIDITY",
@@ -103,6 +109,16 @@ def _host_names(hosts: Iterable[str]) -> list[x509.GeneralName]:
     return names
 
 
+def _key_usage(*, sign_certs: bool) -> x509.KeyUsage:
+    """Signatures only (ECDSA keys agree on keys through ECDHE, not key encipherment);
+    a CA also signs certificates and CRLs."""
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=sign_certs,
+        crl_sign=sign_certs, encipher_only=False, decipher_only=False,
+    )
+
+
 def _constraint(name: x509.GeneralName) -> x509.GeneralName:
     """The name-constraint subtree that permits exactly ``name``."""
     if isinstance(name, x509.IPAddress):
@@ -113,6 +129,21 @@ def _constraint(name: x509.GeneralName) -> x509.GeneralName:
 def _mkdir_private(directory: Path) -> None:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)  # mkdir's mode is masked by umask, and the dir may exist
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (its ``.lock`` file) across processes, where
+    the platform has ``fcntl``."""
+    if fcntl is None:  # pragma: no cover - Windows: no parallel starts to guard there
+        yield
+        return
+    fd = os.open(directory / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
@@ -280,7 +311,7 @@ class LocalCA:
         extended key usages (serverAuth, clientAuth); a route certificate needs both, since a
         server dials and accepts routes with the same certificate. Reuses valid existing
         files. Raises ``InvalidArgumentError`` for an empty or path-like name, no usage, or a
-        host the CA may not sign for."""
+        host the CA may not sign for; ``TlsConfigError`` if ``directory`` cannot be written."""
         if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
             raise InvalidArgumentError(f"invalid certificate name {name!r}: need a file name")
         if not (server or client):
@@ -299,44 +330,48 @@ class LocalCA:
         }
         where = directory if directory is not None else self._directory
         files = TlsFiles(self.cert_file, where / f"{name}.pem", where / f"{name}-key.pem")
-        _mkdir_private(where)
-        existing = _load_pair(files.cert_file, files.key_file)
-        if existing is not None and self._reusable(existing[0], wanted, usages):
-            return files
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = _now()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self._cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _BACKDATE)
-            .not_valid_after(min(now + LEAF_VALIDITY, self._cert.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                    crl_sign=False, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage(sorted(usages, key=str)), critical=False)
-            .add_extension(x509.SubjectAlternativeName(wanted), critical=False)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
-                critical=False,
-            )
-            .sign(self._key, hashes.SHA256())
-        )
-        # Key first: a certificate on disk always has its key beside it.
-        _write_key(files.key_file, key)
-        _write_cert(files.cert_file, cert)
-        return files
+        try:
+            _mkdir_private(where)
+            # Another process issuing the same name at once must not pair its key with our
+            # certificate.
+            with _locked(where):
+                existing = _load_pair(files.cert_file, files.key_file)
+                if existing is not None and self._reusable(existing[0], wanted, usages):
+                    return files
+                key = ec.generate_private_key(ec.SECP256R1())
+                now = _now()
+                cert = (
+                    x509.CertificateBuilder()
+                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                    .issuer_name(self._cert.subject)
+                    .public_key(key.public_key())
+                    .serial_number(x509.random_serial_number())
+                    .not_valid_before(now - _BACKDATE)
+                    .not_valid_after(min(now + LEAF_VALIDITY, self._cert.not_valid_after_utc))
+                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                    .add_extension(
+                        _key_usage(sign_certs=False),
+                        critical=True,
+                    )
+                    .add_extension(x509.ExtendedKeyUsage(sorted(usages, key=str)), critical=False)
+                    .add_extension(x509.SubjectAlternativeName(wanted), critical=False)
+                    .add_extension(
+                        x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+                    )
+                    .add_extension(
+                        x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                        critical=False,
+                    )
+                    .sign(self._key, hashes.SHA256())
+                )
+                # Key first: a certificate on disk always has its key beside it.
+                _write_key(files.key_file, key)
+                _write_cert(files.cert_file, cert)
+                return files
+        except OSError as exc:
+            raise TlsConfigError(
+                f"cannot write certificate {name!r} in {where}: {exc.strerror or exc}"
+            ) from exc
 
     def _reusable(
         self,
@@ -367,50 +402,49 @@ def create_local_ca(
     valid ``CA_VALIDITY``, named ``name`` and constrained to sign only for ``hosts``.
 
     Calling it again returns the same CA (same ``fingerprint``): restarts keep their trust.
-    Raises ``InvalidArgumentError`` for no hosts, ``TlsConfigError`` if the directory cannot
-    be written."""
+    ``hosts`` and ``name`` apply when a CA is created; a valid existing CA is kept as it is
+    (``LocalCA.hosts`` tells what it covers). Safe to call from parallel processes. Raises
+    ``InvalidArgumentError`` for no hosts, ``TlsConfigError`` if the directory cannot be
+    written."""
     if not hosts:
         raise InvalidArgumentError("a local CA needs at least one host")
     names = _host_names(hosts)
     directory = Path(directory)
     try:
         _mkdir_private(directory)
-        existing = _load_pair(directory / _CA_CERT, directory / _CA_KEY)
-        if existing is not None and _is_ca(existing[0]) and _fresh(existing[0], _now()):
-            return LocalCA(directory, *existing)
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = _now()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _BACKDATE)
-            .not_valid_after(now + CA_VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
+        with _locked(directory):  # parallel starts must agree on one CA
+            existing = _load_pair(directory / _CA_CERT, directory / _CA_KEY)
+            if existing is not None and _is_ca(existing[0]) and _fresh(existing[0], _now()):
+                return LocalCA(directory, *existing)
+            key = ec.generate_private_key(ec.SECP256R1())
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+            now = _now()
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(subject)
+                .issuer_name(subject)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - _BACKDATE)
+                .not_valid_after(now + CA_VALIDITY)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(
+                    _key_usage(sign_certs=True),
+                    critical=True,
+                )
+                .add_extension(
+                    x509.NameConstraints(
+                        permitted_subtrees=[_constraint(n) for n in names], excluded_subtrees=None
+                    ),
+                    critical=True,
+                )
+                .add_extension(
+                    x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+                )
+                .sign(key, hashes.SHA256())
             )
-            .add_extension(
-                x509.NameConstraints(
-                    permitted_subtrees=[_constraint(n) for n in names], excluded_subtrees=None
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
-            .sign(key, hashes.SHA256())
-        )
-        _write_key(directory / _CA_KEY, key)
-        _write_cert(directory / _CA_CERT, cert)
+            _write_key(directory / _CA_KEY, key)
+            _write_cert(directory / _CA_CERT, cert)
     except OSError as exc:
         raise TlsConfigError(
             f"cannot write the local CA in {directory}: {exc.strerror or exc}"

@@ -5,7 +5,9 @@ what the CA issues (nats-server's Go stack is proven in tests/integration/test_t
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
+import multiprocessing
 import ssl
 import stat
 from pathlib import Path
@@ -187,3 +189,22 @@ def test_client_context_errors_name_the_file_in_one_line(tmp_path):
     with pytest.raises(TlsConfigError) as info:
         client_ssl_context(tmp_path)  # a directory
     _one_line_without(str(info.value))
+
+
+def _make_ca_and_leaf(root: Path) -> tuple[str, bytes]:
+    ca = create_local_ca(root / "ca")
+    files = ca.issue("node", root / "leaf")
+    return ca.fingerprint, files.cert_file.read_bytes()
+
+
+def test_parallel_processes_agree_on_one_ca_and_one_leaf(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(3, mp_context=context) as pool:
+        results = list(pool.map(_make_ca_and_leaf, [tmp_path] * 3))
+    assert len({fingerprint for fingerprint, _ in results}) == 1
+    assert len({leaf for _, leaf in results}) == 1
+    ca = create_local_ca(tmp_path / "ca")
+    assert ca.fingerprint == results[0][0]
+    leaf = tmp_path / "leaf" / "node.pem"
+    _cert(leaf).verify_directly_issued_by(_cert(ca.cert_file))
+    client_ssl_context(ca.cert_file, leaf, tmp_path / "leaf" / "node-key.pem")
