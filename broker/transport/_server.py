@@ -112,12 +112,17 @@ def _conf_str(value: str) -> str:
 
 
 def _tls_block(files: TlsFiles, *, verify: bool, timeout: float) -> str:
-    """A nats-server ``tls { ... }`` map for ``files``."""
+    """A nats-server ``tls { ... }`` map for ``files`` (absolute paths: the server reads
+    them again on every reload)."""
+
+    def path(p: Path) -> str:
+        return _conf_str(str(Path(p).resolve()))
+
     return (
         "tls { "
-        f"cert_file: {_conf_str(str(files.cert_file))}, "
-        f"key_file: {_conf_str(str(files.key_file))}, "
-        f"ca_file: {_conf_str(str(files.ca_file))}, "
+        f"cert_file: {path(files.cert_file)}, "
+        f"key_file: {path(files.key_file)}, "
+        f"ca_file: {path(files.ca_file)}, "
         f"verify: {'true' if verify else 'false'}, "
         f"timeout: {timeout}"
         " }"
