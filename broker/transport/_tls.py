@@ -286,7 +286,7 @@ class LocalCA:
         out: list[str] = []
         for subtree in ext.value.permitted_subtrees or ():
             if isinstance(subtree, x509.IPAddress):
-                out.append(str(subtree.value.network_address))  # type: ignore[union-attr]
+                out.append(str(ipaddress.ip_network(subtree.value).network_address))
             elif isinstance(subtree, x509.DNSName):
                 out.append(subtree.value)
         return tuple(out)
