@@ -21,6 +21,7 @@ from services.worknode._cli import register
 from services.worknode._keys import register_keys
 from services.worknode._logging import configure_logging
 from services.worknode._rpc_cli import register_rpc
+from services.worknode._tls_cli import register_tls
 
 
 @click.group(cls=WorknodeGroup)
@@ -43,6 +44,7 @@ main.add_command(schema)
 register(main)
 register_rpc(main)
 register_keys(main)
+register_tls(main)
 
 
 class _SimReplica:
