@@ -2,9 +2,24 @@
 in-memory fake for tests, the embedded ``nats-server``, and the subject layout.
 
 The subject layout contract (namespace first, ids last) is documented in
-``broker.transport._subjects``.
+``broker.transport._subjects``; who may publish and subscribe where (NATS identities, roles
+and their permissions) in ``broker.transport._auth``.
 """
 
+from broker.transport._auth import (
+    SIGNING_ROLES,
+    NatsIdentity,
+    Permissions,
+    Role,
+    dump_identities,
+    inbox_prefix,
+    load_identities,
+    nkey_public,
+    nkey_seed,
+    permissions,
+    public_of_nkey,
+    render_accounts,
+)
 from broker.transport._memory import (
     DEFAULT_MEMORY_MAX_PAYLOAD,
     MemoryNetwork,
@@ -88,6 +103,7 @@ __all__ = [
     "MAX_TOKEN_LENGTH",
     "NATS_URL_SCHEMES",
     "PREFIX",
+    "SIGNING_ROLES",
     "EmbeddedNatsServer",
     "Endpoint",
     "ErrorReply",
@@ -97,9 +113,12 @@ __all__ = [
     "MemorySubscription",
     "MemoryTransport",
     "Msg",
+    "NatsIdentity",
     "NatsSubscription",
     "NatsTransport",
     "NullObserver",
+    "Permissions",
+    "Role",
     "ServiceCallError",
     "ServiceHandle",
     "ServiceInfo",
@@ -112,13 +131,21 @@ __all__ = [
     "complete_despite_cancel",
     "delta_subject",
     "discover",
+    "dump_identities",
     "encoded_size",
     "find_nats_server",
     "heal_subject",
+    "inbox_prefix",
+    "load_identities",
     "merkle_subject",
     "namespace_wildcard",
+    "nkey_public",
+    "nkey_seed",
     "parse_subject",
+    "permissions",
+    "public_of_nkey",
     "redact_credentials",
+    "render_accounts",
     "rpc_subject",
     "subject_matches",
     "sync_subject",
