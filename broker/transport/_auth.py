@@ -22,13 +22,14 @@ subject, or ``*`` when none is granted; subjects as in ``broker/transport/_subje
                                "wn.ns.merkle.S.<name>.* q"  (its own healing endpoints only)
                                $SRV.{PING,INFO,STATS}[.worknode-replica[.*]|.worknode-rpc[.*]]
                                _INBOX.<name>.>
-                    allow_responses (sync replies, RPC, healing endpoints, $SRV documents)
+                    allow_responses max 4 (sync replies, RPC, healing endpoints, $SRV
+                               documents: both services answer a plain $SRV.PING)
     healer <name>   publish    wn.ns.merkle.S.*.*  (requests to replicas, repairs included)
                                $SRV.INFO.worknode-replica  (discovery)  wn.ns.heal.S (reports)
                     subscribe  _INBOX.<name>.>
     writer <name>   publish    wn.ns.delta.S  wn.ns.sync.S
                     subscribe  wn.ns.delta.S  wn.ns.sync.S  _INBOX.<name>.>
-                    allow_responses (its replica answers catch-up requests)
+                    allow_responses max 1 (its replica answers catch-up requests)
     reader <name>   publish    nothing (deny >)
                     subscribe  wn.ns.delta.S  wn.ns.heal.S
     caller <name>   publish    wn.ns.rpc.S.*
@@ -41,9 +42,15 @@ to sync, merkle or RPC request subjects, joins the RPC queue group or answers
 publishes to ``wn.ns.merkle.>`` (only the healer repairs); nobody publishes into an inbox
 except as a reply to a request it received; a client without a listed key cannot connect.
 
-Why ``allow_responses`` is ``true`` (one reply, no time limit): every reply in this system is
-one message (a catch-up state, an RPC response, a Merkle answer, a micro document), and an
-RPC's deadline, not the server, bounds how late a reply may come.
+Why ``allow_responses`` allows one reply per request received (``true``) and four for a node:
+every reply in this system is one message (a catch-up state, an RPC response, a Merkle answer,
+a micro document), but a node runs two micro services (``worknode-replica``,
+``worknode-rpc``) on one connection, both subscribed to the plain ``$SRV.PING``/``INFO``/
+``STATS`` (``nats micro ls``), so one request reaches it twice and is answered twice through
+one reply subject; nats-server counts each delivery of the request against the reply budget
+too (measured on 2.15: two deliveries and two answers need ``max: 3``; ``true`` lets neither
+answer through), hence twice the number of services. Replies may come up to 2 minutes after
+the request (nats-server's default expiry; RPC deadlines are capped at 30 s).
 
 Everything here is pure: strings and bytes in, strings out (imports ``nkeys`` only).
 """
@@ -93,6 +100,8 @@ _MICRO_VERBS: Final = ("PING", "INFO", "STATS")
 QUEUE_GROUP: Final = "q"
 """The ADR-32 queue group every micro endpoint joins (``broker.transport._micro``)."""
 
+_NODE_REPLIES: Final = 2 * len(MICRO_SERVICES)
+"""A node's reply budget per request received (see the module header)."""
 _NKEY_PUBLIC_LENGTH: Final = 56  # base32 of 1 prefix byte + 32 key bytes + 2 CRC bytes
 
 
@@ -210,7 +219,8 @@ class NatsIdentity:
 class Permissions:
     """A nats-server user's permissions: subject allow and deny lists for publishing and
     subscribing (a subscribe entry ``"subject queue"`` allows only that queue group), and
-    whether it may answer requests it received (``allow_responses``). An empty allow list
+    how many replies it may publish to each request it received (``allow_responses``; 0:
+    none; nats-server's ``allow_responses: {max: n}``, ``true`` for 1). An empty allow list
     means no allow restriction (nats-server's reading), so a role that may publish nothing
     has ``publish_deny=(">",)``."""
 
@@ -218,7 +228,7 @@ class Permissions:
     publish_deny: tuple[str, ...] = ()
     subscribe_allow: tuple[str, ...] = ()
     subscribe_deny: tuple[str, ...] = ()
-    allow_responses: bool = False
+    allow_responses: int = 0
 
 
 def permissions(identity: NatsIdentity) -> Permissions:
@@ -244,7 +254,7 @@ def permissions(identity: NatsIdentity) -> Permissions:
                 *each("merkle", f".{identity.name}.* {QUEUE_GROUP}"),
                 *micro, inbox,
             ),
-            allow_responses=True,
+            allow_responses=_NODE_REPLIES,
         )
     if role is Role.HEALER:
         return Permissions(
@@ -256,7 +266,7 @@ def permissions(identity: NatsIdentity) -> Permissions:
         return Permissions(
             publish_allow=(*each("delta"), *each("sync")),
             subscribe_allow=(*each("delta"), *each("sync"), inbox),
-            allow_responses=True,
+            allow_responses=1,
         )
     if role is Role.READER:
         return Permissions(publish_deny=(">",), subscribe_allow=(*each("delta"), *each("heal")))
@@ -282,8 +292,10 @@ def _render_user(identity: NatsIdentity) -> str:
             fields.append(f"deny: {_conf_list(deny)}")
         if fields:
             parts.append(f"{verb}: {{ {', '.join(fields)} }}")
-    if p.allow_responses:
+    if p.allow_responses == 1:
         parts.append("allow_responses: true")
+    elif p.allow_responses > 1:
+        parts.append(f"allow_responses: {{ max: {p.allow_responses} }}")
     return (f"      # {identity.role} {identity.name} (namespace {identity.namespace})\n"
             f"      {{ nkey: {json.dumps(identity.nkey)}, permissions: {{\n"
             + "".join(f"        {part}\n" for part in parts)

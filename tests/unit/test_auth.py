@@ -161,7 +161,7 @@ EXPECTED = {
         publish_allow=("wn.ns.delta.*", "wn.ns.sync.*", "wn.ns.rpc.*.*"),
         subscribe_allow=("wn.ns.delta.*", "wn.ns.sync.*", "wn.ns.rpc.*.* q",
                          "wn.ns.merkle.*.n1.* q", *MICRO, "_INBOX.n1.>"),
-        allow_responses=True,
+        allow_responses=4,
     ),
     ("node", ("a", "b")): Permissions(
         publish_allow=("wn.ns.delta.a", "wn.ns.delta.b", "wn.ns.sync.a", "wn.ns.sync.b",
@@ -170,7 +170,7 @@ EXPECTED = {
                          "wn.ns.rpc.a.* q", "wn.ns.rpc.b.* q",
                          "wn.ns.merkle.a.n1.* q", "wn.ns.merkle.b.n1.* q", *MICRO,
                          "_INBOX.n1.>"),
-        allow_responses=True,
+        allow_responses=4,
     ),
     ("healer", ()): Permissions(
         publish_allow=("wn.ns.merkle.*.*.*", "$SRV.INFO.worknode-replica", "wn.ns.heal.*"),
@@ -179,12 +179,12 @@ EXPECTED = {
     ("writer", ("a",)): Permissions(
         publish_allow=("wn.ns.delta.a", "wn.ns.sync.a"),
         subscribe_allow=("wn.ns.delta.a", "wn.ns.sync.a", "_INBOX.n1.>"),
-        allow_responses=True,
+        allow_responses=1,
     ),
     ("writer", ()): Permissions(
         publish_allow=("wn.ns.delta.*", "wn.ns.sync.*"),
         subscribe_allow=("wn.ns.delta.*", "wn.ns.sync.*", "_INBOX.n1.>"),
-        allow_responses=True,
+        allow_responses=1,
     ),
     ("reader", ("a",)): Permissions(
         publish_deny=(">",), subscribe_allow=("wn.ns.delta.a", "wn.ns.heal.a"),
@@ -265,6 +265,7 @@ def test_nats_server_accepts_the_rendered_accounts(tmp_path) -> None:
 def test_the_config_check_can_fail(tmp_path) -> None:
     """The check above means something: a broken block is refused."""
     text = render_accounts(every_role()).replace("allow_responses: true", "allow_responses: [")
+    assert "allow_responses: [" in text
     assert server_accepts(tmp_path, text).returncode != 0
 
 
