@@ -41,6 +41,7 @@ from broker.transport import (
     render_accounts,
 )
 from broker.transport._nats import _OrderedClient
+from services.worknode._keys import merge_identities, read_identities
 
 NS = "ns"
 WAIT = 10.0  # a bound on waiting for a message that must come, never an assertion
@@ -96,8 +97,11 @@ def seeds() -> dict[str, bytes]:
 
 @pytest.fixture
 async def server(tmp_path, seeds) -> AsyncIterator[EmbeddedNatsServer]:
+    # No monitoring port: reload() rewrites the config with the port the server chose
+    # (``http_port: -1`` becomes the number), and nats-server refuses to reload a changed
+    # HTTP port, so the whole reload (users included) would fail.
     async with running_nats_server(
-        tmp_path / "nats", config_extra=render_accounts(identities(seeds))
+        tmp_path / "nats", config_extra=render_accounts(identities(seeds)), monitor_port=None
     ) as srv:
         yield srv
 
@@ -445,3 +449,51 @@ async def test_catch_up_requests_and_replies_fit_node_and_writer(connect) -> Non
         await peer.nc.publish("wn.ns.delta.a", b"batch")
         assert await peer.violations() == []
     assert await node.violations() == []
+
+
+# -- rotation ---------------------------------------------------------------------------------
+
+
+async def test_a_rotated_key_locks_the_old_one_out_after_a_reload(tmp_path, server, seeds) -> None:
+    """``keys add --replace`` with a new seed, the config rendered again, ``reload()``
+    (SIGHUP): the new key connects, the old one is refused, and the old key's live
+    connection is closed by the server."""
+    ids_file = tmp_path / "ids.json"
+    merge_identities(ids_file, {i.name: i for i in identities(seeds)})
+    closed = asyncio.Event()
+    old_errors: list[str] = []
+    old = await _open(server.url, "r", seeds["r"], old_errors)
+    old._closed_cb = _set(closed)  # nats-py calls it when the server drops the connection
+
+    new_seed = Signer.generate("r").seed
+    rotated = NatsIdentity("r", Role.READER, Signer("r", new_seed).public_key, NS, ("a",))
+    merge_identities(ids_file, {"r": rotated}, replace=True)
+    server.config_extra = render_accounts(read_identities(ids_file).values())
+    server.reload()
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while True:  # the reload is asynchronous: wait until the server applied it
+        try:
+            fresh = await _open(server.url, "r", new_seed, [])
+            break
+        except nats.errors.Error:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+    try:
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await _open(server.url, "r", seeds["r"], [])
+        await asyncio.wait_for(closed.wait(), WAIT)
+        assert old.is_closed
+        assert fresh.is_connected
+    finally:
+        await fresh.close()
+        await old.close()
+
+
+def _set(event: asyncio.Event) -> Callable[[], Awaitable[None]]:
+    async def cb() -> None:
+        event.set()
+
+    return cb
