@@ -36,6 +36,10 @@ subject, or ``*`` when none is granted; subjects as in ``broker/transport/_subje
                     subscribe  _INBOX.<name>.>
     admin <name>    publish >, subscribe > : break-glass (operators' tools, never a service)
 
+A node's ``S`` must include every subject it hosts: with RPC served, the revocation set's
+subject too (``revocations`` by default; it is a replicated subject like any other). Nested
+RPC calls from a node's methods go to its granted subjects only.
+
 Consequences the integration tests check against a real server: nobody but a node subscribes
 to sync, merkle or RPC request subjects, joins the RPC queue group or answers
 ``$SRV.*.worknode-replica``; a node serves only its own healing endpoints; nobody but a healer
