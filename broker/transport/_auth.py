@@ -9,7 +9,7 @@ Readers and RPC callers get seeds of the same 32-byte file format.
 
 Every identity has its own inbox prefix ``_INBOX.<name>`` (``inbox_prefix``; nats-py builds
 each inbox as ``<prefix>.<nuid>``) and may subscribe below it only, so nobody reads another
-client's replies; replies are published with ``allow_responses`` (one reply per request
+client's replies; replies are published with ``allow_responses`` (a reply budget per request
 received), never with a publish permission on ``_INBOX.>``.
 
 Permission model (the contract; ``ns`` = the identity's namespace, ``S`` = each granted
@@ -41,7 +41,8 @@ subject too (``revocations`` by default; it is a replicated subject like any oth
 RPC calls from a node's methods go to its granted subjects only.
 
 Consequences the integration tests check against a real server: nobody but a node subscribes
-to sync, merkle or RPC request subjects, joins the RPC queue group or answers
+to merkle or RPC request subjects (or to sync subjects, but for a writer's own replica of
+its granted subjects), joins the RPC queue group or answers
 ``$SRV.*.worknode-replica``; a node serves only its own healing endpoints; nobody but a healer
 publishes to ``wn.ns.merkle.>`` (only the healer repairs); nobody publishes into an inbox
 except as a reply to a request it received; a client without a listed key cannot connect.
@@ -51,10 +52,11 @@ every reply in this system is one message (a catch-up state, an RPC response, a 
 a micro document), but a node runs two micro services (``worknode-replica``,
 ``worknode-rpc``) on one connection, both subscribed to the plain ``$SRV.PING``/``INFO``/
 ``STATS`` (``nats micro ls``), so one request reaches it twice and is answered twice through
-one reply subject; nats-server counts each delivery of the request against the reply budget
-too (measured on 2.15: two deliveries and two answers need ``max: 3``; ``true`` lets neither
-answer through), hence twice the number of services. Replies may come up to 2 minutes after
-the request (nats-server's default expiry; RPC deadlines are capped at 30 s).
+one reply subject, and nats-server's budget does not stretch to that one-for-one (measured on
+2.15 with a request delivered twice: ``true`` lets neither answer through, ``max: 2`` one,
+``max: 3`` both; the tests check it), hence twice the number of services. Replies may come
+up to 2 minutes after the request (nats-server's default expiry; RPC deadlines are capped at
+30 s).
 
 Everything here is pure: strings and bytes in, strings out (imports ``nkeys`` only).
 """
