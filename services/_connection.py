@@ -25,8 +25,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from broker.errors import InvalidArgumentError
 from broker.transport import (
     ConnectOptions,
-    nkey_public,
     read_nkey_seed,
+    seed_public_nkey,
     validate_nats_url,
     validate_subject,
 )
@@ -128,7 +128,7 @@ class NatsClientSettings(BaseSettings):
             tls_key_file=self.nats_tls_key_file,
             tls_hostname=self.nats_tls_hostname,
             inbox_prefix=self.nats_inbox_prefix or default_inbox_prefix(
-                nkey_public(nkey) if nkey is not None else identity),
+                seed_public_nkey(nkey) if nkey is not None else identity),
             connect_timeout=self.nats_connect_timeout_s,
         )
 

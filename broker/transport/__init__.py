@@ -3,16 +3,25 @@ in-memory fake for tests, the embedded ``nats-server``, TLS material (a local CA
 contexts), and the subject layout.
 
 The subject layout contract (namespace first, ids last) is documented in
-``broker.transport._subjects``.
+``broker.transport._subjects``; who may publish and subscribe where (NATS identities, roles
+and their permissions) in ``broker.transport._auth``.
 """
 
-from broker.transport._connect import (
-    ConnectOptions,
-    connect,
+from broker.transport._auth import (
+    SIGNING_ROLES,
+    NatsIdentity,
+    Permissions,
+    Role,
+    dump_identities,
+    inbox_prefix,
+    load_identities,
     nkey_public,
-    read_nkey_seed,
-    user_nkey_seed,
+    nkey_seed,
+    permissions,
+    public_of_nkey,
+    render_accounts,
 )
+from broker.transport._connect import ConnectOptions, connect, read_nkey_seed, seed_public_nkey
 from broker.transport._memory import (
     DEFAULT_MEMORY_MAX_PAYLOAD,
     MemoryNetwork,
@@ -111,6 +120,7 @@ __all__ = [
     "NATS_URL_SCHEMES",
     "PREFIX",
     "RENEW_BEFORE",
+    "SIGNING_ROLES",
     "ConnectOptions",
     "EmbeddedNatsServer",
     "Endpoint",
@@ -122,9 +132,12 @@ __all__ = [
     "MemorySubscription",
     "MemoryTransport",
     "Msg",
+    "NatsIdentity",
     "NatsSubscription",
     "NatsTransport",
     "NullObserver",
+    "Permissions",
+    "Role",
     "ServiceCallError",
     "ServiceHandle",
     "ServiceInfo",
@@ -142,19 +155,26 @@ __all__ = [
     "create_local_ca",
     "delta_subject",
     "discover",
+    "dump_identities",
     "encoded_size",
     "find_nats_server",
     "heal_subject",
+    "inbox_prefix",
+    "load_identities",
     "merkle_subject",
     "namespace_wildcard",
     "nkey_public",
+    "nkey_seed",
     "parse_subject",
+    "permissions",
+    "public_of_nkey",
     "read_nkey_seed",
     "redact_credentials",
+    "render_accounts",
     "rpc_subject",
+    "seed_public_nkey",
     "subject_matches",
     "sync_subject",
-    "user_nkey_seed",
     "validate_headers",
     "validate_nats_url",
     "validate_pattern",

@@ -23,25 +23,18 @@ from typing import Any, Final
 import nkeys
 
 from broker.errors import InvalidArgumentError
+from broker.transport._auth import nkey_seed
 from broker.transport._nats import NatsTransport, validate_nats_url
 from broker.transport._protocol import TransportObserver
 from broker.transport._subjects import validate_subject
 from broker.transport._tls import client_ssl_context
 
-__all__ = ["ConnectOptions", "connect", "nkey_public", "read_nkey_seed", "user_nkey_seed"]
+__all__ = ["ConnectOptions", "connect", "read_nkey_seed", "seed_public_nkey"]
 
 _RAW_SEED_BYTES: Final = 32
 
 
-def user_nkey_seed(seed: bytes) -> str:
-    """The nkey user seed (``SU...``) of a 32-byte Ed25519 seed (a worknode key file)."""
-    if len(seed) != _RAW_SEED_BYTES:
-        raise InvalidArgumentError(f"an Ed25519 seed is 32 bytes, got {len(seed)}")
-    encoded: bytes = nkeys.encode_seed(seed, nkeys.PREFIX_BYTE_USER)
-    return encoded.decode()
-
-
-def nkey_public(seed: str) -> str:
+def seed_public_nkey(seed: str) -> str:
     """The public nkey (``U...``) of an nkey user seed."""
     public: bytes = nkeys.from_seed(bytearray(seed.encode())).public_key
     return public.decode()
@@ -56,7 +49,7 @@ def read_nkey_seed(path: Path) -> str:
     except OSError as exc:
         raise InvalidArgumentError(f"nkey seed file {path}: {exc.strerror or exc}") from None
     if len(data) == _RAW_SEED_BYTES:
-        return user_nkey_seed(data)
+        return nkey_seed(data)
     text = data.strip()
     if text.startswith(b"SU"):
         try:

@@ -1,11 +1,20 @@
-"""Signing identities and rosters as files: ``worknode keys show | roster`` and the helpers
-``deploy/keygen.py`` shares.
+"""Signing and NATS identities as files: ``worknode keys show | roster | add | remove | list |
+nats-config | roster-from`` and the helpers ``deploy/keygen.py`` shares.
 
 A node's identity is a 32-byte Ed25519 seed file (mode 0600, never copied); a roster is a JSON
 object ``{"node-id": "<public key hex>"}`` that every node reads to decide whose envelopes it
 accepts. A roster is only ever merged into, never rebuilt from a partial list: a tool that
 wrote only the ids it was given would silently drop every other node's key, and every node
 would then refuse that node's writes (``unknown_signer``).
+
+The NATS identities file (``keys add``) is one record per identity: ``{name: {role, namespace,
+subjects, public_key}}`` (public data, see ``broker.transport._auth``). The same seed is the
+identity's NATS credential (as an nkey) and, for the roles that sign envelopes (node, healer,
+writer), its roster key: ``keys roster-from`` copies exactly those keys into a roster, so the
+NATS user and the roster entry cannot drift apart. ``keys nats-config`` renders the server's
+``accounts`` block from the file. The file is merged into like a roster; a name that already
+has another key, role, namespace or subjects is changed only with ``--replace`` (rotation).
+Seeds are never printed: ``list`` shows nkey public keys (``U...``).
 """
 
 from __future__ import annotations
@@ -20,9 +29,27 @@ import click
 
 from broker.codec import Signer, TrustRoster
 from broker.errors import InvalidArgumentError
-from services.worknode._service import read_roster
+from broker.transport import (
+    SIGNING_ROLES,
+    NatsIdentity,
+    Role,
+    dump_identities,
+    load_identities,
+    public_of_nkey,
+    render_accounts,
+)
+from services.worknode._service import load_or_create_signer, read_roster
 
-__all__ = ["merge_roster", "public_key_of", "register_keys", "write_roster"]
+__all__ = [
+    "merge_identities",
+    "merge_roster",
+    "public_key_of",
+    "read_identities",
+    "register_keys",
+    "roster_entries",
+    "write_identities",
+    "write_roster",
+]
 
 
 def public_key_of(node_id: str, seed_file: Path) -> bytes:
@@ -37,9 +64,8 @@ def public_key_of(node_id: str, seed_file: Path) -> bytes:
     return Signer(node_id, seed).public_key
 
 
-def write_roster(path: Path, roster: Mapping[str, bytes]) -> None:
-    """Write ``roster`` to ``path`` atomically (a reader never sees half a file)."""
-    text = json.dumps({k: v.hex() for k, v in roster.items()}, indent=2, sort_keys=True) + "\n"
+def _write_public(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a reader never sees half a file), mode 0644."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -49,6 +75,90 @@ def write_roster(path: Path, roster: Mapping[str, bytes]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_roster(path: Path, roster: Mapping[str, bytes]) -> None:
+    """Write ``roster`` to ``path`` atomically (a reader never sees half a file)."""
+    _write_public(
+        path, json.dumps({k: v.hex() for k, v in roster.items()}, indent=2, sort_keys=True) + "\n"
+    )
+
+
+def read_identities(path: Path) -> dict[str, NatsIdentity]:
+    """The NATS identities recorded in ``path`` (``{}`` when there is no such file)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"cannot read identities {path}: {exc.strerror or exc}"
+        ) from None
+    try:
+        return load_identities(text)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"{path}: {exc}") from None
+
+
+def write_identities(path: Path, identities: Mapping[str, NatsIdentity]) -> None:
+    """Write ``identities`` to ``path`` atomically (public keys only: mode 0644)."""
+    _write_public(path, dump_identities(identities[name] for name in sorted(identities)))
+
+
+def _describe(identity: NatsIdentity) -> str:
+    subjects = ",".join(identity.subjects) or "*"
+    return f"{identity.role} {identity.name} in {identity.namespace} (subjects {subjects})"
+
+
+def merge_identities(
+    path: Path, entries: Mapping[str, NatsIdentity], *, replace: bool = False,
+    remove: frozenset[str] = frozenset(),
+) -> tuple[dict[str, NatsIdentity], list[str]]:
+    """Merge ``entries`` into the identities file at ``path`` (created if missing) and drop
+    the names in ``remove``; every other identity is kept. A name already recorded
+    differently (key, role, namespace or subjects) is an error unless ``replace`` (rotation);
+    a key already used by another name is always an error (one key, one NATS user). Returns
+    the identities afterwards and one line per change (the file is left untouched when
+    nothing changed)."""
+    identities = read_identities(path)
+    changes: list[str] = []
+    for name in sorted(remove):
+        if identities.pop(name, None) is not None:
+            changes.append(f"removed {name}")
+    for name, identity in sorted(entries.items()):
+        old = identities.get(name)
+        if old == identity:
+            continue
+        if old is not None and not replace:
+            raise InvalidArgumentError(
+                f"{path} already records {_describe(old)} with key {old.nkey[:12]}…; "
+                "pass --replace to change or rotate it"
+            )
+        identities[name] = identity
+        changes.append(f"{'replaced' if old is not None else 'added'} {_describe(identity)} "
+                       f"{identity.nkey[:12]}…")
+    owners: dict[bytes, str] = {}
+    for name, identity in sorted(identities.items()):
+        other = owners.setdefault(identity.public_key, name)
+        if other != name:
+            raise InvalidArgumentError(
+                f"{other} and {name} would share the key {identity.nkey[:12]}…: one key is one "
+                "NATS user (give each identity its own seed)"
+            )
+    if changes or not path.exists():
+        write_identities(path, identities)
+    return identities, changes
+
+
+def roster_entries(
+    identities: Mapping[str, NatsIdentity], namespace: str | None = None
+) -> dict[str, bytes]:
+    """``{name: public key}`` of the identities that sign envelopes (node, healer, writer),
+    of ``namespace`` only when given: what a roster must trust for them."""
+    return {
+        name: i.public_key for name, i in identities.items()
+        if i.role in SIGNING_ROLES and (namespace is None or i.namespace == namespace)
+    }
 
 
 def merge_roster(
@@ -100,11 +210,13 @@ def _parse_entry(text: str) -> tuple[str, bytes]:
 
 
 def register_keys(main: click.Group) -> None:
-    """Add ``keys show`` and ``keys roster`` to the ``worknode`` group."""
+    """Add the ``keys`` group (show, roster, add, remove, list, nats-config, roster-from) to
+    the ``worknode`` group."""
 
     @main.group()
     def keys() -> None:
-        """Signing identities: print a public key, build or merge a roster."""
+        """Signing and NATS identities: print a public key, merge a roster, record NATS
+        identities and render the server's accounts block from them."""
 
     @keys.command("show")
     @click.argument("seed_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -141,3 +253,129 @@ def register_keys(main: click.Group) -> None:
         for line in changes:
             click.echo(line, err=True)
         click.echo(f"{roster_file}: {len(result)} trusted: {', '.join(sorted(result))}")
+
+    identities_option = click.option(
+        "--identities", "identities_file", required=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="The NATS identities file (JSON, public keys only).")
+
+    @keys.command("add")
+    @click.argument("name")
+    @click.option("--role", required=True, type=click.Choice([str(r) for r in Role]),
+                  help="What the identity may do on the bus (see 'keys list').")
+    @click.option("--namespace", default="default", show_default=True)
+    @click.option("--subject", "subjects", multiple=True, metavar="SUBJECT",
+                  help="Grant this subject only (repeatable; none: every subject of the "
+                       "namespace).")
+    @click.option("--seed", "seed_file", type=click.Path(dir_okay=False, path_type=Path),
+                  help="The identity's 32-byte Ed25519 seed, created (mode 0600) if missing.")
+    @click.option("--public-key", "public_key", metavar="U…|HEX",
+                  help="Record a key whose seed lives elsewhere (an nkey user or 64 hex "
+                       "digits) instead of --seed.")
+    @identities_option
+    @click.option("--replace", is_flag=True,
+                  help="Let NAME's record change (another key: rotation; role, subjects).")
+    def add(name: str, role: str, namespace: str, subjects: tuple[str, ...],
+            seed_file: Path | None, public_key: str | None, identities_file: Path,
+            replace: bool) -> None:
+        """Record NATS identity NAME (the roster id too, for node, healer and writer) with
+        the key of its seed. Prints its nkey public key (U…); the seed is never printed."""
+        if (seed_file is None) == (public_key is None):
+            raise click.UsageError("give exactly one of --seed and --public-key")
+        # Everything checked before a seed file is created for a name that cannot be used.
+        NatsIdentity(name, Role(role), bytes(32), namespace, subjects)
+        if seed_file is not None:
+            key = load_or_create_signer(name, seed_file).public_key
+        else:
+            assert public_key is not None
+            key = _parse_public_key(public_key)
+        identity = NatsIdentity(name, Role(role), key, namespace, subjects)
+        _, changes = merge_identities(identities_file, {name: identity}, replace=replace)
+        for line in changes:
+            click.echo(line, err=True)
+        click.echo(identity.nkey)
+
+    @keys.command("remove")
+    @click.argument("names", nargs=-1, required=True, metavar="NAME...")
+    @identities_option
+    def remove(names: tuple[str, ...], identities_file: Path) -> None:
+        """Drop identities from the file (reload the servers' config to lock them out)."""
+        if not identities_file.exists():
+            raise click.UsageError(f"no identities file at {identities_file}")
+        _, changes = merge_identities(identities_file, {}, remove=frozenset(names))
+        for line in changes or [f"none of {', '.join(names)} recorded: nothing removed"]:
+            click.echo(line, err=True)
+
+    @keys.command("list")
+    @identities_option
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per identity.")
+    def list_(identities_file: Path, as_json: bool) -> None:
+        """Print every identity: name, role, namespace, subjects (* for all) and its NATS
+        user (nkey public key). Public data only."""
+        identities = _existing(identities_file)
+        for name in sorted(identities):
+            i = identities[name]
+            if as_json:
+                click.echo(json.dumps({
+                    "name": i.name, "role": str(i.role), "namespace": i.namespace,
+                    "subjects": list(i.subjects), "nkey": i.nkey,
+                    "public_key": i.public_key.hex()}, sort_keys=True))
+            else:
+                click.echo(f"{i.name}\t{i.role}\t{i.namespace}\t"
+                           f"{','.join(i.subjects) or '*'}\t{i.nkey}")
+
+    @keys.command("nats-config")
+    @identities_option
+    @click.option("--account", default="WORKNODE", show_default=True,
+                  help="The account every identity is a user of.")
+    @click.option("--jetstream/--no-jetstream", default=True, show_default=True,
+                  help="Enable JetStream for the account (the server must run it).")
+    def nats_config(identities_file: Path, account: str, jetstream: bool) -> None:
+        """Print the nats-server ``accounts`` block (nkey users and their permissions) for
+        every identity in the file; include it in the server config, reload with SIGHUP."""
+        identities = _existing(identities_file)
+        click.echo(render_accounts(identities.values(), account=account, jetstream=jetstream),
+                   nl=False)
+
+    @keys.command("roster-from")
+    @identities_option
+    @click.argument("roster_file", type=click.Path(dir_okay=False, path_type=Path))
+    @click.option("--namespace", default=None,
+                  help="Only the identities of this namespace (default: all).")
+    @click.option("--replace", is_flag=True,
+                  help="Let a rotated identity replace the key the roster trusts for it.")
+    def roster_from(identities_file: Path, roster_file: Path, namespace: str | None,
+                    replace: bool) -> None:
+        """Merge the key of every envelope-signing identity (node, healer, writer) into
+        ROSTER_FILE: the roster trusts exactly the keys the NATS users are."""
+        entries = roster_entries(_existing(identities_file), namespace)
+        if not entries:
+            raise click.UsageError(f"{identities_file} has no node, healer or writer"
+                                   + (f" in namespace {namespace!r}" if namespace else ""))
+        result, changes = merge_roster(roster_file, entries, replace=replace)
+        for line in changes:
+            click.echo(line, err=True)
+        click.echo(f"{roster_file}: {len(result)} trusted: {', '.join(sorted(result))}")
+
+
+def _existing(path: Path) -> dict[str, NatsIdentity]:
+    """The identities in ``path``, which must exist and hold at least one."""
+    identities = read_identities(path)
+    if not identities:
+        raise click.UsageError(f"no identities in {path} (add one with 'worknode keys add')")
+    return identities
+
+
+def _parse_public_key(text: str) -> bytes:
+    """A 32-byte public key from an nkey user (``U...``) or 64 hex digits."""
+    if text.startswith("U"):
+        return public_of_nkey(text)
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise click.BadParameter("not an nkey user (U…) nor hex", param_hint="--public-key"
+                                 ) from None
+    if len(key) != 32:
+        raise click.BadParameter(f"a public key is 32 bytes (64 hex digits), got {len(key)}",
+                                 param_hint="--public-key")
+    return key

@@ -1,5 +1,7 @@
-"""``worknode keys show | roster`` and ``deploy/keygen.py`` as real processes: a public key
-printed from a seed file, rosters merged (never rebuilt from a partial list)."""
+"""``worknode keys show | roster | add | list | nats-config | roster-from`` and
+``deploy/keygen.py`` as real processes: a public key printed from a seed file, rosters and
+identities merged (never rebuilt from a partial list), a server config rendered that
+nats-server accepts, and no seed ever printed."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import sys
 from pathlib import Path
 
 from broker.codec import Signer
+from broker.transport import find_nats_server, nkey_public, nkey_seed, public_of_nkey
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,3 +86,85 @@ def test_keygen_merges_into_an_existing_roster(tmp_path: Path) -> None:
     keygen("node-a")  # idempotent: the same identities, the same secret
     assert json.loads((keys / "roster.json").read_text()) == roster
     assert (keys / "cluster.secret").read_bytes() == secret
+
+
+def test_keys_add_list_nats_config_and_roster_from(tmp_path: Path) -> None:
+    """One ``keys add`` record ties a NATS user and a roster key; ``nats-config`` renders a
+    block nats-server accepts; no seed is ever printed."""
+    r = worknode("keys", "add", "n1", "--role", "node", "--namespace", "ns", "--seed", "n1.key",
+                 "--identities", "ids.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    seed = (tmp_path / "n1.key").read_bytes()
+    assert len(seed) == 32
+    assert (tmp_path / "n1.key").stat().st_mode & 0o777 == 0o600
+    n1 = nkey_public(Signer("n1", seed).public_key)
+    assert r.stdout == f"{n1}\n"
+    r = worknode("keys", "add", "r", "--role", "reader", "--namespace", "ns", "--subject", "a",
+                 "--seed", "r.key", "--identities", "ids.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    reader = nkey_public(Signer("r", (tmp_path / "r.key").read_bytes()).public_key)
+
+    listed = worknode("keys", "list", "--identities", "ids.json", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == [f"n1\tnode\tns\t*\t{n1}", f"r\treader\tns\ta\t{reader}"]
+    as_json = worknode("keys", "list", "--identities", "ids.json", "--json", cwd=tmp_path)
+    assert [json.loads(line)["nkey"] for line in as_json.stdout.splitlines()] == [n1, reader]
+
+    config = worknode("keys", "nats-config", "--identities", "ids.json", "--account", "WN",
+                      cwd=tmp_path)
+    assert config.returncode == 0, config.stderr
+    assert n1 in config.stdout
+    assert reader in config.stdout
+    conf = tmp_path / "server.conf"
+    conf.write_text(f"port: -1\njetstream {{ store_dir: {str(tmp_path / 'js')!r} }}\n"
+                    + config.stdout)
+    check = subprocess.run([str(find_nats_server()), "-c", str(conf), "-t"],
+                           capture_output=True, text=True, timeout=30, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    r = worknode("keys", "roster-from", "--identities", "ids.json", "roster.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    # the reader signs nothing: only the node is trusted, with the key its NATS user is
+    assert json.loads((tmp_path / "roster.json").read_text()) == {
+        "n1": public_of_nkey(n1).hex()}
+
+    everything = listed.stdout + as_json.stdout + config.stdout + r.stdout + r.stderr
+    for name in ("n1", "r"):
+        secret = (tmp_path / f"{name}.key").read_bytes()
+        assert secret.hex() not in everything
+        assert nkey_seed(secret) not in everything
+
+
+def test_keys_add_refuses_a_changed_record_without_replace_and_a_shared_key(
+    tmp_path: Path,
+) -> None:
+    def add(*args: str) -> subprocess.CompletedProcess[str]:
+        return worknode("keys", "add", *args, "--identities", "ids.json", cwd=tmp_path)
+
+    assert add("n1", "--role", "node", "--seed", "n1.key").returncode == 0
+    before = (tmp_path / "ids.json").read_text()
+    for args in (["n1", "--role", "node", "--seed", "other.key"],  # another key
+                 ["n1", "--role", "reader", "--seed", "n1.key"],  # another role
+                 ["x", "--role", "node", "--seed", "n1.key"]):  # n1's key for another name
+        r = add(*args)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.startswith("error: ")
+        assert len(r.stderr.splitlines()) == 1
+        assert (tmp_path / "ids.json").read_text() == before
+    rotated = add("n1", "--role", "node", "--seed", "other.key", "--replace")
+    assert rotated.returncode == 0, rotated.stderr
+    assert rotated.stdout == (
+        f"{nkey_public(Signer('n1', (tmp_path / 'other.key').read_bytes()).public_key)}\n")
+    # usage errors: unknown role, a seed refused as a public key (not echoed), bad name
+    r = add("y", "--role", "root", "--seed", "y.key")
+    assert r.returncode == 2
+    seed_text = nkey_seed((tmp_path / "n1.key").read_bytes())
+    r = add("y", "--role", "node", "--public-key", seed_text)
+    assert r.returncode != 0
+    assert seed_text not in r.stderr
+    r = add("a.b", "--role", "node", "--seed", "ab.key")
+    assert r.returncode == 1
+    assert not (tmp_path / "ab.key").exists()
+    r = worknode("keys", "list", "--identities", "missing.json", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ")

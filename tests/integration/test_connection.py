@@ -12,7 +12,7 @@ import pytest
 
 from broker.errors import InvalidArgumentError, TransportError
 from broker.testing import running_nats_server
-from broker.transport import ConnectOptions, nkey_public, read_nkey_seed, user_nkey_seed
+from broker.transport import ConnectOptions, nkey_seed, read_nkey_seed, seed_public_nkey
 from services._connection import NatsClientSettings
 from services.worknode import WorknodeService, load_or_create_signer
 from tests.integration._nodes import SUBJECT, node_settings, roster_of, run_cli
@@ -44,7 +44,7 @@ async def test_node_signing_key_is_its_nats_identity(tmp_path):
     admitting exactly those keys, each subscribing to replies under its own inbox only."""
     settings = [node_settings(tmp_path, "nats://127.0.0.1:1", n) for n in ("a", "b")]
     roster = roster_of(settings)  # makes the keys
-    publics = [nkey_public(read_nkey_seed(s.key_path())) for s in settings]
+    publics = [seed_public_nkey(read_nkey_seed(s.key_path())) for s in settings]
     # The tie: the nkey is the Ed25519 public key the roster trusts, in nkey encoding.
     import base64
 
@@ -81,7 +81,7 @@ async def test_node_signing_key_is_its_nats_identity(tmp_path):
 async def test_unknown_key_is_refused_in_one_line(tmp_path):
     """A node whose key the server does not know cannot connect: a TransportError naming the
     server (authorization violation), not a hang, not a traceback."""
-    admitted = nkey_public(user_nkey_seed(os.urandom(32)))
+    admitted = seed_public_nkey(nkey_seed(os.urandom(32)))
     async with running_nats_server(tmp_path / "nats", config_extra=_users(admitted)) as server:
         svc = WorknodeService(node_settings(tmp_path, server.url, "stranger"))
         with pytest.raises(TransportError, match=r"(?i)authorization") as info:
@@ -94,7 +94,7 @@ async def test_cli_tail_connects_with_nkey_and_fails_in_one_line_without(tmp_pat
     """``worknode tail --nats-nkey`` reaches an nkey-only server; without it, or with a URL
     carrying a password, the error is one line naming the server and never the secret."""
     seed = _seed_file(tmp_path / "reader.key")
-    pub = nkey_public(read_nkey_seed(seed))
+    pub = seed_public_nkey(read_nkey_seed(seed))
     async with running_nats_server(tmp_path / "nats", config_extra=_users(pub)) as server:
         code, out, err = await run_cli("tail", SUBJECT, "--nats-url", server.url,
                                        "--nats-nkey", str(seed), "--timeout", "0.2")
@@ -116,7 +116,7 @@ async def test_cli_tail_connects_with_nkey_and_fails_in_one_line_without(tmp_pat
 
 
 def test_connect_options_never_show_secrets(tmp_path):
-    seed = user_nkey_seed(os.urandom(32))
+    seed = nkey_seed(os.urandom(32))
     options = ConnectOptions(("nats://127.0.0.1:4222",), nkey_seed=seed)
     assert seed not in repr(options)
     options = ConnectOptions(("nats://127.0.0.1:4222",), user="u", password="hunter2")
@@ -165,7 +165,7 @@ def test_unusable_tls_and_seed_files_in_one_line(tmp_path):
     # An nk-style seed file and a worknode key file name the same identity.
     raw = os.urandom(32)
     text = tmp_path / "user.nk"
-    text.write_text(user_nkey_seed(raw) + "\n")
+    text.write_text(nkey_seed(raw) + "\n")
     assert read_nkey_seed(text) == read_nkey_seed(_seed_file(tmp_path / "raw.key", raw))
 
 
@@ -204,7 +204,7 @@ async def test_open_server_is_flagged(tmp_path, caplog):
         assert "without" not in caplog.text
     settings = node_settings(tmp_path, "nats://127.0.0.1:1", "b")
     roster_of([settings])
-    pub = nkey_public(read_nkey_seed(settings.key_path()))
+    pub = seed_public_nkey(read_nkey_seed(settings.key_path()))
     async with running_nats_server(tmp_path / "nats2", config_extra=_users(pub)) as server:
         svc = WorknodeService(node_settings(tmp_path, server.url, "b"))
         async with svc:

@@ -41,6 +41,8 @@ PURE: dict[str, str] = {
     "broker/healing/_wire.py": "heal wire forms",
     "broker/healing/_planner*.py": "the heal planner",
     "broker/healing/_plan/*": "the heal planner, should it grow into a package",
+    "broker/transport/_subjects.py": "the subject layout",
+    "broker/transport/_auth.py": "NATS identities and their permissions",
 }
 """Path patterns (``*`` spans folders) of the pure core, and what each holds."""
 
