@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -31,7 +32,16 @@ from broker.crdt import (
 )
 from broker.errors import CodecError, TransportError, TreeError, UnknownSignerError, WorknodeError
 from broker.replica import FULL_HEADER, SYNC_HEADER, Replica
-from broker.transport import Msg, delta_subject, validate_token
+from broker.transport import (
+    ConnectOptions,
+    Msg,
+    NatsIdentity,
+    Role,
+    create_local_ca,
+    delta_subject,
+    render_accounts,
+    validate_token,
+)
 from services._cli_errors import EXIT_UNCONFIRMED, error_line, run_until_signal
 from services._config import load_settings, read_toml
 from services._connection import client_options, pop_connection, with_connection
@@ -152,24 +162,72 @@ async def _settle(replicas: list[Replica], seconds: float = 15.0) -> bool:
     return False
 
 
-async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True) -> bool:
+def _bus_security(state_dir: Path, names: list[str], healer: str) -> tuple[dict[str, Any],
+                                                                           Path]:
+    """What secures the demo's bus: a local CA and the servers' certificate (client
+    connections and routes), and one nkey user per process (each process's signing key)
+    with its role's permissions. Returns the servers' options and the CA file."""
+    ca = create_local_ca(state_dir / "tls")
+    files = ca.issue("nats")  # both usages: it serves clients and both ends of routes
+    identities = [
+        NatsIdentity(name, Role.NODE, _public_key(state_dir / name / f"{name}.key", name),
+                     "default")
+        for name in names
+    ]
+    identities.append(NatsIdentity(
+        healer, Role.HEALER, _public_key(state_dir / "healer" / f"{healer}.key", healer),
+        "default"))
+    options = {"tls": files, "cluster_tls": files, "config_extra": render_accounts(identities)}
+    return options, files.ca_file
+
+
+def _public_key(path: Path, name: str) -> bytes:
+    return load_or_create_signer(name, path).public_key
+
+
+async def _refused_without_credentials(url: str, ca_file: Path) -> str:
+    """What the server says to a client holding the CA but no credentials."""
+    options = ConnectOptions((url,), tls_ca_file=ca_file, start_timeout=5.0)
+    try:
+        async with options.transport(name="worknode-up-stranger"):
+            return "ACCEPTED (the bus is open!)"
+    except TransportError as exc:
+        return "refused" if "authorization" in str(exc) else f"refused ({exc})"
+
+
+async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True,
+              insecure: bool = False) -> bool:
     from broker.chaos import NatsCluster
     from services.healer import HealerService, HealerSettings
 
     echo = (lambda *_a, **_k: None) if quiet else click.echo
     t0 = time.monotonic()
     secret = state_dir / "cluster.secret"
+    names = [f"node-{i}" for i in (1, 2, 3)]
+    server_options: dict[str, Any] = {}
+    ca_file: Path | None = None
+    if not insecure:
+        server_options, ca_file = _bus_security(state_dir, names, "healer")
     # Two clustered nats-servers whose route runs through a proxy the demo can cut.
-    async with NatsCluster(state_dir / "cluster", 2) as cluster:
+    async with NatsCluster(state_dir / "cluster", 2, server_options=server_options) as cluster:
         await cluster.wait_routes()
         echo(f"nats-server x2 (embedded, JetStream, clustered) at {', '.join(cluster.urls)}")
-        names = [f"node-{i}" for i in (1, 2, 3)]
+        if ca_file is not None:
+            echo(f"security: TLS on client connections and routes (local CA {ca_file}); "
+                 "one nkey user per process (its signing key) with its role's permissions; "
+                 "a client without credentials: "
+                 f"{await _refused_without_credentials(cluster.urls[0], ca_file)}")
+        else:
+            echo("security: OFF (--insecure): no authentication, no TLS; any local process "
+                 "can read and write the bus")
         placement = {"node-1": 0, "node-2": 0, "node-3": 1}
         settings = [
             WorknodeSettings(
                 node_id=name,
                 subjects=[_DEMO_SUBJECT],
                 nats_urls=[cluster.urls[placement[name]]],
+                nats_tls_ca_file=ca_file,
+                nats_insecure=insecure,
                 state_dir=state_dir / name,
                 metrics_port=0,
                 store_sync="normal",
@@ -178,6 +236,7 @@ async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True)
             for name in names
         ]
         hs = HealerSettings(nats_urls=[cluster.urls[0]], state_dir=state_dir / "healer",
+                            nats_tls_ca_file=ca_file, nats_insecure=insecure,
                             cluster_secret_file=secret, subjects=[_DEMO_SUBJECT],
                             metrics_port=None, interval_s=3600, membership_poll_s=3600)
         roster = TrustRoster(
@@ -443,9 +502,15 @@ def register(main: click.Group) -> None:
     @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
                   help="Keep data here (default: a temporary directory, removed after).")
     @click.option("--quiet", is_flag=True)
-    def up(writes: int, state_dir: Path | None, quiet: bool) -> None:
-        """The main job: embedded nats-server, three worknodes, a writer; prove convergence.
-        Ctrl-C stops everything it started and exits 130."""
+    @click.option("--insecure", is_flag=True,
+                  help="Run the servers open: no authentication, no TLS (logs a warning).")
+    def up(writes: int, state_dir: Path | None, quiet: bool, insecure: bool) -> None:
+        """The main job: embedded nats-servers (TLS, one nkey user per process with its
+        role's permissions), three worknodes, a writer; prove convergence. Ctrl-C stops
+        everything it started and exits 130."""
+        if insecure:
+            logging.getLogger("worknode.up").warning(
+                "--insecure: the embedded NATS servers run without authentication and TLS")
         tmp = None
         if state_dir is None:
             tmp = Path(tempfile.mkdtemp(prefix="worknode-up-"))
@@ -457,7 +522,7 @@ def register(main: click.Group) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(os.urandom(32))
         try:
-            ok = _run(lambda: _up(writes, state_dir, quiet))
+            ok = _run(lambda: _up(writes, state_dir, quiet, insecure=insecure))
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)

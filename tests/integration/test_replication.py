@@ -346,13 +346,25 @@ async def test_v1_pinned_node_and_current_node_converge_and_lose_nothing(
             assert fl == {"title": "from v1", "body": "from v2", "edits": 5, "beta": True}
 
 
-def test_worknode_up_is_the_main_job() -> None:
-    """The README's first command: embedded server, three nodes, a writer, converged table."""
+def test_worknode_up_is_the_main_job(tmp_path) -> None:
+    """The README's first command: embedded server, three nodes, a writer, converged table;
+    secure by default: TLS on client connections and routes, one nkey user per process."""
+    state = tmp_path / "up"
     out = subprocess.run(
-        [sys.executable, "-m", "services.cli", "up", "--writes", "600"],
+        [sys.executable, "-m", "services.cli", "up", "--writes", "600", "--state-dir",
+         str(state)],
         capture_output=True, text=True, timeout=120, cwd=REPO, check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "security: TLS on client connections and routes" in out.stdout
+    assert "a client without credentials: refused\n" in out.stdout
+    assert "NATS connection without" not in out.stderr  # no service found its bus open
+    for conf in sorted(state.glob("cluster/n*/nats-server.conf")):
+        text = conf.read_text()
+        assert text.count("nkey:") == 4, conf  # three nodes and the healer, no one else
+        assert "tls {" in text
+        assert "verify: true" in text.split("cluster {", 1)[1]  # routes: mutual TLS
+    assert (state / "tls" / "ca-key.pem").stat().st_mode & 0o077 == 0
     assert "converged: all replicas hold identical digests" in out.stdout
     # ... then splits the cluster, writes on both sides, and the healer repairs it.
     assert "heal report (signed" in out.stdout
@@ -363,6 +375,18 @@ def test_worknode_up_is_the_main_job() -> None:
     assert len({row.split()[-1] for row in rows[:3]}) == 1
     assert len({row.split()[-1] for row in rows[3:6]}) == 2
     assert len({row.split()[-1] for row in rows[6:]}) == 1
+
+
+def test_worknode_up_insecure_says_so() -> None:
+    """``--insecure`` is the only open mode, and it says so (a warning, then the line)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "up", "--writes", "50", "--insecure"],
+        capture_output=True, text=True, timeout=120, cwd=REPO, check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "--insecure: the embedded NATS servers run without authentication and TLS" in (
+        out.stderr)
+    assert "security: OFF (--insecure)" in out.stdout
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
