@@ -27,9 +27,13 @@ from broker.replica import Replica, ReplicaConfig
 from broker.rpc import MethodRegistry, RpcServer
 from broker.transport import (
     EmbeddedNatsServer,
+    NatsIdentity,
     NatsTransport,
+    Role,
     Transport,
     complete_despite_cancel,
+    create_local_ca,
+    render_accounts,
 )
 from services._connection import open_server_warning
 from services.worknode._events import ReplicaEvents, TransportEvents
@@ -48,6 +52,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+LOCAL_ADMIN = "local-admin"
+"""The embedded server's second user (role admin): the operator's tools on this machine."""
 
 
 def load_or_create_signer(node_id: str, path: Path) -> Signer:
@@ -184,9 +191,18 @@ class WorknodeService:
             options = s.connect_options(s.node_id, urls=urls or ["nats://127.0.0.1:4222"],
                                         signing_key=s.key_path())  # checked before any start
             if not urls:
-                self.server = EmbeddedNatsServer(s.state_dir / "nats")
+                server_options: dict[str, Any] = {}
+                if not s.nats_insecure:
+                    server_options = self._secure_embedded()
+                    options = dataclasses.replace(
+                        options, tls_ca_file=server_options["tls"].ca_file)
+                self.server = EmbeddedNatsServer(s.state_dir / "nats", **server_options)
                 await self.server.start()
                 options = dataclasses.replace(options, urls=(self.server.url,))
+                log.info("%s: embedded nats-server at %s (%s)", s.node_id, self.server.url,
+                         "OPEN: nats_insecure" if s.nats_insecure else
+                         f"TLS with the CA {server_options['tls'].ca_file}; users: this node "
+                         f"and {LOCAL_ADMIN} (seed {s.state_dir / f'{LOCAL_ADMIN}.key'})")
             self.transport = options.transport(
                 name=s.node_id, observer=TransportEvents(self.metrics, self))
         await self.transport.start()
@@ -238,6 +254,18 @@ class WorknodeService:
             self.rpc = await start_rpc(self, codec, self.rpc_methods)
         self._metrics_http.start(s.metrics_host, s.metrics_port, self.metrics.registry)
         self._gauges = asyncio.create_task(self._update_gauges())
+
+    def _secure_embedded(self) -> dict[str, Any]:
+        """The embedded server's security: TLS from a local CA under the state directory,
+        and two nkey users, this node (its signing key) and ``LOCAL_ADMIN`` (a seed made
+        beside it, 0600) for the operator's local tools (``tail``, ``call``, writes)."""
+        s = self.settings
+        assert self.signer is not None
+        ca = create_local_ca(s.state_dir / "tls")
+        admin = load_or_create_signer(LOCAL_ADMIN, s.state_dir / f"{LOCAL_ADMIN}.key")
+        users = [NatsIdentity(s.node_id, Role.NODE, self.signer.public_key, s.namespace),
+                 NatsIdentity(LOCAL_ADMIN, Role.ADMIN, admin.public_key, s.namespace)]
+        return {"tls": ca.issue("nats"), "config_extra": render_accounts(users)}
 
     def _check_open_connection(self) -> None:
         """Warn (and set ``worknode_nats_open_connection``) when the NATS connection is

@@ -12,9 +12,15 @@ import pytest
 
 from broker.errors import InvalidArgumentError, TransportError
 from broker.testing import running_nats_server
-from broker.transport import ConnectOptions, nkey_seed, read_nkey_seed, seed_public_nkey
+from broker.transport import (
+    ConnectOptions,
+    NatsTransport,
+    nkey_seed,
+    read_nkey_seed,
+    seed_public_nkey,
+)
 from services._connection import NatsClientSettings
-from services.worknode import WorknodeService, load_or_create_signer
+from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
 from tests.integration._nodes import SUBJECT, node_settings, roster_of, run_cli
 
 
@@ -210,3 +216,34 @@ async def test_open_server_is_flagged(tmp_path, caplog):
         async with svc:
             assert svc.metrics.nats_open._value.get() == 1
         assert "NATS connection without TLS:" in caplog.text
+
+
+async def test_embedded_default_is_secure(tmp_path):
+    """A node with no NATS URL starts its own server with TLS and two users (itself and the
+    local admin, whose seed it writes 0600); a stranger is refused; ``nats_insecure`` is the
+    only way to an open one."""
+    settings = WorknodeSettings(node_id="solo", subjects=[SUBJECT], state_dir=tmp_path / "s",
+                                metrics_port=None, store_sync="normal")
+    async with WorknodeService(settings) as svc:
+        transport = svc.transport
+        assert isinstance(transport, NatsTransport)
+        assert transport.auth_required
+        assert transport.tls_required
+        assert svc.metrics.nats_open._value.get() == 0
+        assert svc.server is not None
+        url = svc.server.url
+        admin = tmp_path / "s" / "local-admin.key"
+        assert admin.stat().st_mode & 0o077 == 0
+        ca = tmp_path / "s" / "tls" / "ca.pem"
+        options = ConnectOptions((url,), nkey_seed=read_nkey_seed(admin), tls_ca_file=ca)
+        async with options.transport(name="admin") as client:
+            assert client.connected
+        with pytest.raises(TransportError, match="refused this client's credentials"):
+            async with ConnectOptions((url,), tls_ca_file=ca).transport(name="stranger"):
+                pass
+    insecure = WorknodeSettings(node_id="solo", subjects=[SUBJECT], state_dir=tmp_path / "o",
+                                metrics_port=None, store_sync="normal", nats_insecure=True)
+    async with WorknodeService(insecure) as svc:
+        assert svc.metrics.nats_open._value.get() == 1
+        assert isinstance(svc.transport, NatsTransport)
+        assert not svc.transport.auth_required
