@@ -1,7 +1,7 @@
 """Replication benchmark: replicated ops/s against raw nats-py publish/subscribe, same run.
 
     python -m bench.replication_bench [--quick] [--rounds N] [--ops N] [--sustain SECONDS]
-                                      [--out FILE]
+                                      [--secure] [--out FILE]
 
 Over one embedded nats-server, each round runs, back to back and in alternating order:
 
@@ -13,6 +13,9 @@ Over one embedded nats-server, each round runs, back to back and in alternating 
   ops/s from the first write to the moment both replicas hold all N;
 - *distinct fields*: the same, but every write sets a different one of 10,000 registers
   (nothing for batching by join to fold), reported as its own row.
+
+``--secure`` runs it all over TLS with one nkey user per process and its role's permissions
+(``bench/_secure.py``), raw nats-py included, and writes ``replication-secure.md``.
 
 Every side runs in its own processes (started before timing), and each round reports the
 ratio worknode ops/s / raw msgs/s; the summary gives the median ratio and its spread, because
@@ -36,8 +39,10 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_OUT = Path("bench/results/replication.md")
+SECURE_OUT = Path("bench/results/replication-secure.md")
 SUBJECT = "bench"
-RAW_SUBJECT = "raw.bench"
+RAW_SUBJECT = "wn.default.delta.rawbench"  # a delta subject: the same permission checks
+USERS = {name: ("node", "default", ()) for name in ("writer", "r1", "r2", "raw-sub", "raw-pub")}
 GROUP = 100
 DEPTH = 4  # write_many calls a writer keeps in flight
 KEYS = 10_000  # distinct fields of the "keys" workload
@@ -54,7 +59,9 @@ def _emit(**kw: Any) -> None:
 async def _raw_sub(url: str, n: int) -> None:
     import nats
 
-    nc = await nats.connect(url, pending_size=1 << 30)
+    from bench._secure import raw_options
+
+    nc = await nats.connect(url, pending_size=1 << 30, **raw_options("raw-sub"))
     got = 0
     done = asyncio.Event()
 
@@ -75,7 +82,9 @@ async def _raw_sub(url: str, n: int) -> None:
 async def _raw_pub(url: str, n: int) -> None:
     import nats
 
-    nc = await nats.connect(url, pending_size=1 << 30)
+    from bench._secure import raw_options
+
+    nc = await nats.connect(url, pending_size=1 << 30, **raw_options("raw-pub"))
     payload = b"x" * 64
     _emit(ready=True)
     sys.stdin.readline()
@@ -231,10 +240,12 @@ def _raw_round(url: str, n: int) -> float:
 
 
 def _write_roster(state: Path, names: list[str]) -> None:
+    from bench._secure import write_seed
     from services.worknode import load_or_create_signer
 
     roster = {}
     for name in names:
+        write_seed(state / name / f"{name}.key", name)  # fixed keys: the NATS users
         signer = load_or_create_signer(name, state / name / f"{name}.key")
         roster[name] = signer.public_key.hex()
     (state / "roster.json").write_text(json.dumps(roster))
@@ -312,11 +323,26 @@ def _sustained_rss(url: str, seconds: float) -> tuple[int, int, int]:
         subprocess.run(["rm", "-rf", str(state)], check=False)
 
 
-def run(rounds: int, n: int, sustain: float, out: Path, argv: list[str]) -> str:
+def run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
+        secure: bool = False) -> str:
+    """One benchmark run (over TLS and nkey users with ``secure``); returns the summary."""
+    from bench._secure import environment, secure_server
+
+    options: dict[str, Any] = {}
+    env: dict[str, str] = {}
+    if secure:
+        options, env = secure_server(Path(tempfile.mkdtemp(prefix="wn-bench-tls-")), USERS)
+    with environment(env):  # this process and the children it starts
+        return _run(rounds, n, sustain, out, argv, options, secure)
+
+
+def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
+         options: dict[str, Any], secure: bool) -> str:
     from broker.transport import EmbeddedNatsServer
 
+
     async def serve() -> Any:
-        server = EmbeddedNatsServer(Path(tempfile.mkdtemp(prefix="wn-nats-")))
+        server = EmbeddedNatsServer(Path(tempfile.mkdtemp(prefix="wn-nats-")), **options)
         await server.start()
         return server
 
@@ -361,6 +387,9 @@ def run(rounds: int, n: int, sustain: float, out: Path, argv: list[str]) -> str:
         f"{os.cpu_count()} CPUs",
         f"- {rounds} rounds, {n:,} ops (worknode) / messages (raw) per side per round, "
         "order alternated",
+        "- " + ("**auth and TLS on**: TLS client connections, one nkey user per process "
+                "with its role's permissions, raw nats-py and worknode alike" if secure else
+                "open bus (no auth, no TLS); `--secure` for the same run over TLS and nkeys"),
         "",
         "| Figure | Median | Min - max |",
         "|---|---:|---:|",
@@ -408,9 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sustain", type=float, default=60.0)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--ops", type=int, default=50_000, help="ops (and raw messages) per round")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--secure", action="store_true",
+                    help="TLS and one nkey user per process (raw nats-py too)")
     ap.add_argument("--role", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = SECURE_OUT if args.secure else DEFAULT_OUT
     if args.role:
         role, *rest = args.role
         if role == "raw-sub":
@@ -424,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rounds, n, sustain = (2, 2_000, 3.0) if args.quick else (args.rounds, args.ops, args.sustain)
     shown = [a for a in (argv if argv is not None else sys.argv[1:])]
-    print(run(rounds, n, sustain, args.out, shown))
+    print(run(rounds, n, sustain, args.out, shown, secure=args.secure))
     return 0
 
 

@@ -1,6 +1,6 @@
 """RPC benchmark: worknode RPC (with token verification) beside raw nats-py request/reply.
 
-    python -m bench.rpc_bench [--quick] [--rounds N] [--out FILE]
+    python -m bench.rpc_bench [--quick] [--rounds N] [--secure] [--out FILE]
 
 One embedded nats-server and one *server* process that hosts both sides: a worknode service
 serving the user method ``echo`` (token verified on every call: signature check cached,
@@ -8,6 +8,10 @@ revocation set checked, authorizer decision cached until the token's expiry), an
 nats-py responder answering on ``raw.echo`` with a reply of the same size as worknode's. The
 client (this process) sends raw requests of the same size as worknode's request bodies
 (token included), so both sides move the same bytes.
+
+``--secure`` runs it all over TLS with one nkey user per process and its role's permissions
+(``bench/_secure.py``): the server process is a node, the client a caller, raw nats-py and
+worknode alike; it writes ``rpc-secure.md``.
 
 Each round runs both sides back to back, in alternating order:
 
@@ -36,10 +40,12 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_OUT = Path("bench/results/rpc.md")
+SECURE_OUT = Path("bench/results/rpc-secure.md")
 NS = "bench"
 SUBJECT = "items"
 WORKNODE = "w1"
-RAW_SUBJECT = "raw.echo"
+RAW_SUBJECT = f"wn.{NS}.rpc.raw.echo"  # an RPC subject: the same permission checks
+USERS = {"server": ("node", NS, ()), "client": ("caller", NS, (SUBJECT, "raw"))}
 IN_FLIGHT = 64
 PAYLOAD = b"x" * 32
 
@@ -67,9 +73,11 @@ def _token() -> bytes:
 async def _server(url: str, state: Path, reply_size: int) -> None:
     import nats
 
+    from bench._secure import raw_options, write_seed
     from broker.rpc import CallContext, MethodRegistry
     from services.worknode import WorknodeService, WorknodeSettings
 
+    write_seed(state / "server" / "server.key", "server")  # its key is its NATS user
     keyring = state / "keyring.json"
     keyring.write_text(json.dumps({"1": _root().public_key.hex()}))
     reg = MethodRegistry()
@@ -91,13 +99,13 @@ async def _server(url: str, state: Path, reply_size: int) -> None:
         state_dir=state / "server", metrics_port=None, store_sync="normal",
         rpc_keyring_file=keyring, rpc_max_in_flight=4 * IN_FLIGHT,
     )
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **raw_options("server"))
     reply = b"y" * reply_size
 
     async def raw(msg: Any) -> None:
         await msg.respond(reply)
 
-    await nc.subscribe(RAW_SUBJECT, cb=raw)
+    await nc.subscribe(RAW_SUBJECT, queue="q", cb=raw)  # as micro endpoints do
     async with WorknodeService(settings, rpc_methods=reg) as svc:
         await svc.replica(SUBJECT).create(WORKNODE)
         await nc.flush()
@@ -149,12 +157,12 @@ async def _client(
     import nats
     import psutil
 
+    from bench._secure import connect_options, raw_options
     from broker.rpc import RpcClient
-    from broker.transport import NatsTransport
 
     token = _token()
-    nc = await nats.connect(url)
-    transport = NatsTransport([url], name="bench-client")
+    nc = await nats.connect(url, **raw_options("client"))
+    transport = connect_options("client", url).transport(name="bench-client")
     await transport.start()
     client = RpcClient(transport, namespace=NS)
     args = {"v": PAYLOAD}
@@ -253,11 +261,25 @@ def _codec_cost(n: int) -> dict[str, float]:
     return out
 
 
-def run(rounds: int, n_lat: int, n_tput: int, out: Path, argv: list[str]) -> str:
+def run(rounds: int, n_lat: int, n_tput: int, out: Path, argv: list[str],
+        secure: bool = False) -> str:
+    """One benchmark run (over TLS and nkey users with ``secure``); returns the summary."""
+    from bench._secure import environment, secure_server
+
+    options: dict[str, Any] = {}
+    env: dict[str, str] = {}
+    if secure:
+        options, env = secure_server(Path(tempfile.mkdtemp(prefix="wn-bench-tls-")), USERS)
+    with environment(env):  # this process and the children it starts
+        return _run(rounds, n_lat, n_tput, out, argv, options, secure)
+
+
+def _run(rounds: int, n_lat: int, n_tput: int, out: Path, argv: list[str],
+         options: dict[str, Any], secure: bool) -> str:
     from broker.transport import EmbeddedNatsServer
 
     loop = asyncio.new_event_loop()
-    server = EmbeddedNatsServer(Path(tempfile.mkdtemp(prefix="wn-nats-")))
+    server = EmbeddedNatsServer(Path(tempfile.mkdtemp(prefix="wn-nats-")), **options)
     loop.run_until_complete(server.start())
     state = Path(tempfile.mkdtemp(prefix="wn-rpc-bench-"))
     child = None
@@ -329,6 +351,10 @@ def run(rounds: int, n_lat: int, n_tput: int, out: Path, argv: list[str]) -> str
         "B, on both sides; worknode verifies the token on every call",
         f"- the worknode method `echo` is {handler}; `WN_BENCH_ASYNC_HANDLER=1` runs it as "
         "the other kind",
+        "- " + ("**auth and TLS on**: TLS client connections, the server process a node and "
+                "the client a caller (nkey users with their roles' permissions), raw nats-py "
+                "and worknode alike" if secure else
+                "open bus (no auth, no TLS); `--secure` for the same run over TLS and nkeys"),
         "",
         "| Figure | Median | Min - max |",
         "|---|---:|---:|",
@@ -394,9 +420,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--secure", action="store_true",
+                    help="TLS and one nkey user per process (raw nats-py too)")
     ap.add_argument("--role", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = SECURE_OUT if args.secure else DEFAULT_OUT
     if args.role:
         role, *rest = args.role
         if role == "server":
@@ -405,9 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown role {role}")
     argv = list(argv if argv is not None else sys.argv[1:])
     if args.quick:
-        text = run(2, 50, 200, args.out, argv)
+        text = run(2, 50, 200, args.out, argv, secure=args.secure)
     else:
-        text = run(args.rounds, 1000, 4000, args.out, argv)
+        text = run(args.rounds, 1000, 4000, args.out, argv, secure=args.secure)
     print(text)
     return 0
 

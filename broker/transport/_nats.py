@@ -74,6 +74,20 @@ __all__ = ["DEFAULT_RECONNECT_BUFFER_SIZE", "NatsSubscription", "NatsTransport"]
 
 _log = logging.getLogger("broker.transport.nats")
 
+
+class _TlsEofNoise(logging.Filter):
+    """Drops asyncio's "returning true from eof_received() has no effect when using ssl". It
+    fires whenever a peer closes a TLS connection of nats-py, which upgrades a plain stream
+    to TLS (``start_tls``) while the stream's protocol still answers EOF as if it were
+    plain; nothing is wrong and nothing can be done about it by the user it would alarm."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+if not any(isinstance(f, _TlsEofNoise) for f in logging.getLogger("asyncio").filters):
+    logging.getLogger("asyncio").addFilter(_TlsEofNoise())
+
 #: Bytes of publishes nats-py buffers while reconnecting; beyond it publish raises
 #: ``NotConnectedError``.
 DEFAULT_RECONNECT_BUFFER_SIZE: Final = 8 * 1024 * 1024

@@ -116,16 +116,6 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-class _TlsEofNoise(logging.Filter):
-    """Drops asyncio's "returning true from eof_received() has no effect when using ssl": it
-    fires whenever a NATS server closes a TLS connection, because nats-py upgrades a plain
-    stream to TLS (``start_tls``) and the stream's protocol still answers as if it were
-    plain. Nothing is wrong and nothing can be done about it, so it is not worth a line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "eof_received() has no effect when using ssl" not in record.getMessage()
-
-
 def configure_logging(default_level: str = "INFO") -> None:
     """Log to stderr in ``WORKNODE_LOG_FORMAT`` (``kv`` or ``json``) at ``WORKNODE_LOG_LEVEL``
     (``default_level`` when unset). An unknown format or level falls back to the default
@@ -140,9 +130,6 @@ def configure_logging(default_level: str = "INFO") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level if level is not None else default_level.upper())
-    asyncio_log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _TlsEofNoise) for f in asyncio_log.filters):
-        asyncio_log.addFilter(_TlsEofNoise())
     if fmt not in LOG_FORMATS:
         logging.getLogger(__name__).warning(
             event("bad_log_format", value=fmt, using="kv", allowed=",".join(LOG_FORMATS)))

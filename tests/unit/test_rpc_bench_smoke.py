@@ -21,3 +21,17 @@ def test_quick_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixtur
                 "token verification, uncached", "token verification, cached"):
         assert row in text, row
     assert "Command: `python -m bench.rpc_bench --quick" in text
+
+
+def test_quick_secure_run_and_environment_restored(tmp_path: Path) -> None:
+    """``--secure``: the same run over TLS and nkey users; the environment it sets for its
+    children is gone afterwards (this process runs other tests)."""
+    import os
+
+    before = dict(os.environ)
+    out = tmp_path / "rpc-secure.md"
+    assert rpc_bench.main(["--quick", "--secure", "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "**auth and TLS on**" in text
+    assert "throughput ratio worknode / raw" in text
+    assert dict(os.environ) == before
