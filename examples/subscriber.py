@@ -2,12 +2,18 @@
 schema files — no worknode import. Copy it as a starting point.
 
     python examples/subscriber.py nats://127.0.0.1:4222 default demo [--count N]
+        [--nkey SEED_FILE] [--tls-ca CA_FILE] [--tls-hostname NAME]
 
 It subscribes to ``wn.<namespace>.delta.<subject>``, opens each ``SignedEnvelope``, decodes the
 ``Envelope`` body and its ``Document`` (inflating zlib-compressed batches), and prints one JSON
 line per batch: writer, sequence, and every (path, kind, value) the batch carries. Signature
 verification needs the writers' Ed25519 public keys and any Ed25519 library (pynacl,
 cryptography); it is left out here to keep the dependency list to the two libraries above.
+
+On a secured bus (README "Security") it connects as a reader: ``--nkey`` names its seed (a
+32-byte file made by ``worknode keys add`` or an ``SU...`` nkey seed file; nats-py signs the
+server's nonce with it, through its ``nkeys`` extra) and ``--tls-ca`` the CA that signed the
+servers' certificates.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import sys
 import zlib
 from pathlib import Path
@@ -95,8 +102,22 @@ async def main() -> int:
     ap.add_argument("namespace")
     ap.add_argument("subject")
     ap.add_argument("--count", type=int, default=0, help="exit after N batches")
+    ap.add_argument("--nkey", type=Path, help="this reader's seed file")
+    ap.add_argument("--tls-ca", type=Path, help="CA of the servers' certificates")
+    ap.add_argument("--tls-hostname", help="name in the server certificate, if not the URL's")
     args = ap.parse_args()
-    nc = await nats.connect(args.url)
+    options: dict[str, Any] = {}
+    if args.nkey is not None:
+        seed = args.nkey.read_bytes()
+        if len(seed) == 32:  # a worknode key file: the raw Ed25519 seed
+            import nkeys  # nats-py's dependency for nkey authentication
+
+            seed = nkeys.encode_seed(seed, nkeys.PREFIX_BYTE_USER)
+        options["nkeys_seed_str"] = seed.strip().decode()
+    if args.tls_ca is not None:
+        options["tls"] = ssl.create_default_context(cafile=str(args.tls_ca))
+        options["tls_hostname"] = args.tls_hostname
+    nc = await nats.connect(args.url, **options)
     done = asyncio.Event()
     seen = 0
 

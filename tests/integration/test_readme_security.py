@@ -71,6 +71,13 @@ async def test_readme_identity_commands_secure_a_real_bus(tmp_path):
             tmp_path, "tail", "orders", "--nats-url", server.url, "--namespace", "shop",
             "--nats-nkey", "dash.key", "--tls-ca", "ca/ca.pem", "--count", "1",
             "--timeout", "30", "--json", **tls_env))
+        # So does a microservice with plain nats-py and pycapnp (examples/subscriber.py).
+        example = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "examples" / "subscriber.py"), server.url, "shop",
+            "orders", "--count", "1", "--nkey", "dash.key", "--tls-ca", "ca/ca.pem",
+            "--tls-hostname", "nats-1", cwd=tmp_path, env=_env(),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        example_out = asyncio.create_task(asyncio.wait_for(example.communicate(), 60))
         # ... while node-a, whose NATS identity is its signing key, writes.
         settings = WorknodeSettings(
             node_id="node-a", namespace="shop", subjects=["orders"], nats_urls=[server.url],
@@ -82,12 +89,17 @@ async def test_readme_identity_commands_secure_a_real_bus(tmp_path):
             for _ in range(300):  # until the reader's subscription is there to see one
                 await replica.create(f"o{_}")
                 await replica.flush()
-                if tail.done():
+                if tail.done() and example_out.done():
                     break
                 await asyncio.sleep(0.1)
             code, out, err = await tail
         assert code == 0, err
         assert json.loads(out.splitlines()[0])["writer"] == "node-a"
+        ex_out, ex_err = await example_out
+        assert example.returncode == 0, ex_err
+        batches = [json.loads(line) for line in ex_out.decode().splitlines()]
+        assert batches[0] == {"ready": True}
+        assert batches[1]["writer"] == "node-a", batches
         # A client without credentials, holding the CA, is refused in one line.
         code, out, err = await _cli(
             tmp_path, "tail", "orders", "--nats-url", server.url, "--namespace", "shop",
