@@ -62,8 +62,6 @@ async def run(token_file: Path, worknodes: int, period: float, count: int | None
         assert svc.transport is not None
         transport: Transport = svc.transport
         if caller_key_file is not None:
-            if not caller_key_file.is_file():
-                raise FileNotFoundError(f"no caller key at {caller_key_file}")
             options = settings.connect_options(f"{settings.node_id}-rpc",
                                                signing_key=caller_key_file)
             transport = await stack.enter_async_context(
@@ -111,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--period", type=float, default=1.0)
     p.add_argument("--count", type=int, default=None)
     args = p.parse_args(argv)
+    if args.caller_key_file is not None and not args.caller_key_file.is_file():
+        # connect_options would fall back to no credential at all: say so instead.
+        p.error(f"--caller-key-file: no such file {args.caller_key_file}")
     configure_logging()
     try:
         failures = asyncio.run(run(args.token_file, args.worknodes, args.period, args.count,

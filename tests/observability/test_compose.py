@@ -106,13 +106,8 @@ def test_stack_is_a_jetstream_cluster_with_two_wire_versions_and_the_tools() -> 
     services = compose()["services"]
     nats = [n for n in services if re.fullmatch(r"nats-\d", n)]
     assert len(nats) == 3
-    for n in nats:
-        argv = services[n]["command"]
-        assert "--jetstream" in argv
-        assert "--cluster_name" in argv
-        routes = argv[argv.index("--routes") + 1].split(",")
-        assert {r.split("//")[1].split(":")[0] for r in routes} == set(nats) - {n}
-        assert "--http_port" in argv  # the exporters read the monitoring endpoint
+    for n in nats:  # each runs its generated config (test_nats_servers_run_secure_configs)
+        assert services[n]["command"] == ["-c", f"{NATS_KEYS_IN_CONTAINER}/{n}.conf"]
     exporters = {services[e]["command"][-1] for e in services if e.startswith("nats-exporter")}
     assert exporters == {f"http://{n}:8222" for n in nats}
 
@@ -207,13 +202,30 @@ def test_keygen_creates_identities_once(tmp_path: Path) -> None:
 
 KEYS_IN_CONTAINER = "/var/lib/worknode/keys"
 STATE_IN_CONTAINER = "/var/lib/worknode/state"
+NATS_KEYS_IN_CONTAINER = "/etc/nats"
+GRAFANA_KEYS_IN_CONTAINER = "/run/secrets/grafana"
 
 
-def _key_files_read(service: dict[str, Any]) -> set[str]:
-    """Names of the files a service reads from its keys mount (environment and command)."""
+def _keys_mount(name: str) -> str:
+    """Where service ``name`` mounts its keys volume ``keys-<name>``."""
+    if re.fullmatch(r"nats-\d", name):
+        return NATS_KEYS_IN_CONTAINER
+    return GRAFANA_KEYS_IN_CONTAINER if name == "grafana" else KEYS_IN_CONTAINER
+
+
+def _key_files_read(service: dict[str, Any], mount: str = KEYS_IN_CONTAINER,
+                    config_dir: Path | None = None) -> set[str]:
+    """Names of the files a service reads from its keys mount ``mount`` (environment and
+    command; and every path the NATS config it runs names, read from ``config_dir``)."""
     words = [str(v) for v in service.get("environment", {}).values()]
     words += [str(v) for v in service.get("command", [])]
-    return {Path(w).name for w in words if w.startswith(KEYS_IN_CONTAINER + "/")}
+    names = {Path(w).name for w in words if w.startswith(mount + "/")}
+    if config_dir is not None:
+        for conf in list(names):
+            if conf.endswith(".conf"):
+                text = (config_dir / conf).read_text()
+                names |= {Path(p).name for p in re.findall(rf'"({re.escape(mount)}/[^"]+)"', text)}
+    return names
 
 
 def _run_compose_keys(tmp: Path) -> Path:
@@ -224,8 +236,9 @@ def _run_compose_keys(tmp: Path) -> Path:
     keygen = compose()["services"]["keygen"]
     assert keygen["entrypoint"] == ["sh", "/usr/local/lib/worknode/compose-keys.sh"]
     out = tmp / "out"
-    env = dict(os.environ, KEYS=str(tmp / "keys"), OUT=str(out), OWNER=str(os.getuid()),
-               KEYGEN=str(ROOT / "deploy" / "keygen.py"),
+    uid = str(os.getuid())
+    env = dict(os.environ, KEYS=str(tmp / "keys"), OUT=str(out), OWNER=uid, NATS_OWNER=uid,
+               GRAFANA_OWNER=uid, KEYGEN=str(ROOT / "deploy" / "keygen.py"),
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     r = subprocess.run(["sh", str(ROOT / "deploy" / "compose-keys.sh"), *keygen["command"]],
                        env=env, capture_output=True, text=True, timeout=120, check=False)
@@ -249,8 +262,9 @@ def test_nats_image_is_the_release_the_tests_run_and_every_image_is_pinned() -> 
 
 def test_every_node_serves_rpc_and_each_service_gets_only_its_own_keys(tmp_path: Path) -> None:
     """Runs the keygen service's script: each service's keys volume holds exactly the files
-    its settings read (its own seed, never another's, nor the RPC root key); every worknode
-    has the RPC keyring, and the writer's token is signed by a key in it."""
+    its settings (or its NATS config) read: its own seeds, never another's, nor the RPC root
+    key, the CA key or another server's TLS key; every worknode has the RPC keyring, and the
+    writer's token is signed by a key in it."""
 
     services = compose()["services"]
     keygen = services["keygen"]
@@ -258,7 +272,9 @@ def test_every_node_serves_rpc_and_each_service_gets_only_its_own_keys(tmp_path:
     keygen_mounts = {v.split(":")[0]: v.split(":")[1] for v in keygen["volumes"]}
     worknodes = {n for n, s in services.items() if s.get("command") == ["node"]}
     assert set(keygen["command"]) == worknodes
-    with_keys = worknodes | {"healer", "writer"}
+    nats = {n for n in services if re.fullmatch(r"nats-\d", n)}
+    with_keys = worknodes | {"healer", "writer", "grafana"} | nats
+    seeds: dict[str, str] = {}
     for name, service in services.items():
         mounts = {v.split(":")[0]: v.split(":")[1] for v in service.get("volumes", [])
                   if isinstance(v, str)}
@@ -269,13 +285,20 @@ def test_every_node_serves_rpc_and_each_service_gets_only_its_own_keys(tmp_path:
             assert not any(m.startswith("keys") for m in mounts), name
             continue
         volume = f"keys-{name}"
-        assert mounts[volume] == KEYS_IN_CONTAINER, name
+        assert [m for m in mounts if m.startswith("keys")] == [volume], name
+        assert mounts[volume] == _keys_mount(name), name
         assert keygen_mounts[volume] == f"/keys/{name}", name
         given = {p.name for p in (out / name).iterdir()}
-        assert given == _key_files_read(service), name
-        assert {f for f in given if f.endswith(".key")} == {f"{name}.key"}, name
+        assert given == _key_files_read(service, _keys_mount(name), out / name), name
         for f in given:
             assert (out / name / f).stat().st_mode & 0o777 == 0o600, (name, f)
+            if f.endswith(".key") or f.endswith("-key.pem") or f == "rpc-root.key":
+                assert f not in seeds, f"{f} given to {seeds[f]} and {name}"
+                seeds[f] = name
+        assert not given & {"ca-key.pem", "rpc-root.key"}, name
+    # each seed in exactly one service's volume, and it is that service's own
+    assert seeds == {**{f"{n}.key": n for n in worknodes | {"healer", "writer"}},
+                     "writer-rpc.key": "writer", **{f"{n}-key.pem": n for n in nats}}
     keyring_name = "rpc-keyring.json"
     keyrings = set()
     for name in worknodes:
@@ -311,7 +334,7 @@ async def test_demo_writer_creates_its_worknodes_then_writes_and_calls(
     writer = services["writer"]
     assert writer["entrypoint"] == ["python", "/usr/local/lib/worknode/demo_writer.py"]
     assert "COPY deploy/keygen.py deploy/compose-keys.sh deploy/demo_writer.py " \
-        "/usr/local/lib/worknode/" in (ROOT / "Dockerfile").read_text()
+        "deploy/nats.conf.template /usr/local/lib/worknode/" in (ROOT / "Dockerfile").read_text()
 
     def local(value: str, service: str) -> str:
         return (value.replace(KEYS_IN_CONTAINER, str(out / service))
