@@ -319,15 +319,18 @@ async def test_demo_writer_creates_its_worknodes_then_writes_and_calls(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
     """The compose writer, run as compose runs it (its environment and command, its keys from
-    the keygen script) against a real nats-server and a worknode configured like
-    worknode-v1-a: it creates o0..o2, increments each and reads it over RPC; every write and
-    call succeeds (exit 0), and the node holds the counts. The writer of issue 20 incremented
-    worknodes nothing had created (UnknownNodeError on every write)."""
+    the keygen script) against nats-1 started from its generated config (TLS, accounts) and a
+    worknode configured like worknode-v1-a: it creates o0..o2, increments each and reads it
+    over RPC; every write and call succeeds (exit 0), and the node holds the counts. The
+    writer of issue 20 incremented worknodes nothing had created (UnknownNodeError on every
+    write); with NATS permissions, a writer identity may not send RPC requests (its calls go
+    as its caller identity, writer-rpc.key). Only the URL and the TLS host name differ from
+    the stack (nats-1's certificate is for that name, the test dials 127.0.0.1)."""
     import asyncio
     import os
 
-    from broker.testing import running_nats_server
     from services.worknode import WorknodeService, WorknodeSettings
+    from tests.observability.compose_nats import running_generated_nats
 
     services = compose()["services"]
     out = _run_compose_keys(tmp_path)
@@ -340,18 +343,20 @@ async def test_demo_writer_creates_its_worknodes_then_writes_and_calls(
         return (value.replace(KEYS_IN_CONTAINER, str(out / service))
                 .replace(STATE_IN_CONTAINER, str(tmp_path / f"state-{service}")))
 
-    async with running_nats_server(tmp_path / "nats") as nats:
-        urls = json.dumps([nats.url])
+    async with running_generated_nats(out, tmp_path, ["nats-1"]) as servers:
+        urls = json.dumps([servers["nats-1"].url])
         node = services["worknode-v1-a"]["environment"]
         for key, value in node.items():
             monkeypatch.setenv(key, local(value, "worknode-v1-a"))
         monkeypatch.setenv("WORKNODE_NATS_URLS", urls)
+        monkeypatch.setenv("WORKNODE_NATS_TLS_HOSTNAME", "nats-1")
         settings = WorknodeSettings(metrics_port=None, store_sync="normal")
         assert settings.rpc_keyring_file is not None
         async with WorknodeService(settings) as svc:
             env = {k: v for k, v in os.environ.items() if not k.startswith("WORKNODE_")}
             env.update({k: local(v, "writer") for k, v in writer["environment"].items()})
             env["WORKNODE_NATS_URLS"] = urls
+            env["WORKNODE_NATS_TLS_HOSTNAME"] = "nats-1"
             argv = [local(a, "writer") for a in writer["command"]]
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, str(ROOT / "deploy" / "demo_writer.py"), *argv,
