@@ -104,11 +104,14 @@ if [ ! -f "$KEYS/admin-password" ]; then
 fi
 
 # give SERVICE FILE...: copy FILEs (paths in $KEYS) into $OUT/SERVICE under their base
-# names, owned by $GIVE_OWNER (default $OWNER), mode 0600.
+# names, owned by $GIVE_OWNER (default $OWNER), mode 0600; the directory (the volume's root)
+# is that user's too, mode 0700: only the service's user may even list it.
 give() {
     dir="$OUT/$1"
     shift
     mkdir -p "$dir"
+    chown "${GIVE_OWNER:-$OWNER}" "$dir"
+    chmod 700 "$dir"
     for f in "$@"; do
         to="$dir/$(basename "$f")"
         cp "$KEYS/$f" "$to.new"

@@ -228,17 +228,19 @@ def _key_files_read(service: dict[str, Any], mount: str = KEYS_IN_CONTAINER,
     return names
 
 
-def _run_compose_keys(tmp: Path) -> Path:
+def _run_compose_keys(tmp: Path, owners: dict[str, int] | None = None) -> Path:
     """Run the keygen service's script as compose runs it (its arguments from the compose
-    file), with the volumes as directories under ``tmp``; the ``OUT`` directory."""
+    file), with the volumes as directories under ``tmp``; the ``OUT`` directory. ``owners``
+    sets OWNER, NATS_OWNER, GRAFANA_OWNER (default: this process's uid for all)."""
     import os
 
     keygen = compose()["services"]["keygen"]
     assert keygen["entrypoint"] == ["sh", "/usr/local/lib/worknode/compose-keys.sh"]
     out = tmp / "out"
-    uid = str(os.getuid())
-    env = dict(os.environ, KEYS=str(tmp / "keys"), OUT=str(out), OWNER=uid, NATS_OWNER=uid,
-               GRAFANA_OWNER=uid, KEYGEN=str(ROOT / "deploy" / "keygen.py"),
+    uids = {k: str(os.getuid()) for k in ("OWNER", "NATS_OWNER", "GRAFANA_OWNER")}
+    uids.update({k: str(v) for k, v in (owners or {}).items()})
+    env = dict(os.environ, KEYS=str(tmp / "keys"), OUT=str(out), **uids,
+               KEYGEN=str(ROOT / "deploy" / "keygen.py"),
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     r = subprocess.run(["sh", str(ROOT / "deploy" / "compose-keys.sh"), *keygen["command"]],
                        env=env, capture_output=True, text=True, timeout=120, check=False)
@@ -266,9 +268,23 @@ def test_every_node_serves_rpc_and_each_service_gets_only_its_own_keys(tmp_path:
     key, the CA key or another server's TLS key; every worknode has the RPC keyring, and the
     writer's token is signed by a key in it."""
 
+    import os
+
     services = compose()["services"]
     keygen = services["keygen"]
-    out = _run_compose_keys(tmp_path)
+    # As root (CI), hand the files to other users, as compose does: the worknodes' 10001,
+    # Grafana's 472, and 0 for NATS.
+    owners = {"OWNER": 10001, "GRAFANA_OWNER": 472, "NATS_OWNER": 0} if os.getuid() == 0 \
+        else None
+    out = _run_compose_keys(tmp_path, owners)
+
+    def owner(name: str) -> int:
+        if owners is None:
+            return os.getuid()
+        if name == "grafana":
+            return owners["GRAFANA_OWNER"]
+        return owners["NATS_OWNER" if name.startswith("nats-") else "OWNER"]
+
     keygen_mounts = {v.split(":")[0]: v.split(":")[1] for v in keygen["volumes"]}
     worknodes = {n for n, s in services.items() if s.get("command") == ["node"]}
     assert set(keygen["command"]) == worknodes
@@ -290,8 +306,12 @@ def test_every_node_serves_rpc_and_each_service_gets_only_its_own_keys(tmp_path:
         assert keygen_mounts[volume] == f"/keys/{name}", name
         given = {p.name for p in (out / name).iterdir()}
         assert given == _key_files_read(service, _keys_mount(name), out / name), name
+        # the service's user can enter its volume and read its files, nobody else
+        assert (out / name).stat().st_mode & 0o777 == 0o700, name
+        assert (out / name).stat().st_uid == owner(name), name
         for f in given:
             assert (out / name / f).stat().st_mode & 0o777 == 0o600, (name, f)
+            assert (out / name / f).stat().st_uid == owner(name), (name, f)
             if f.endswith(".key") or f.endswith("-key.pem") or f == "rpc-root.key":
                 assert f not in seeds, f"{f} given to {seeds[f]} and {name}"
                 seeds[f] = name
