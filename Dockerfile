@@ -12,7 +12,7 @@ RUN pip install . \
     && useradd --system --uid 10001 --home-dir /var/lib/worknode worknode \
     && mkdir -p /var/lib/worknode/state /var/lib/worknode/keys \
     && chown -R worknode /var/lib/worknode
-COPY deploy/keygen.py deploy/compose-keys.sh deploy/demo_writer.py /usr/local/lib/worknode/
+COPY deploy/keygen.py deploy/compose-keys.sh deploy/demo_writer.py deploy/nats.conf.template /usr/local/lib/worknode/
 
 USER worknode
 WORKDIR /var/lib/worknode

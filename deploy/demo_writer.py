@@ -4,14 +4,17 @@ One long-lived writer node (settings from ``WORKNODE_*`` like ``worknode node``:
 seed, roster, NATS, namespace, subject) that first creates the worknodes it writes to, then
 once a ``--period``: increments a counter of one of them (a signed, replicated write every
 node applies) and reads it back over RPC with its token (``--token-file``, re-read each time
-so a re-minted token is picked up), which feeds the RPC dashboard.
+so a re-minted token is picked up), which feeds the RPC dashboard. With
+``--caller-key-file`` the calls go over a second connection as that identity (a NATS
+``caller``: the writer's own identity may publish deltas but no RPC request).
 
 Creation is idempotent across restarts: the writer's replica is durable (its state volume)
 and catches up from its peers, so only worknodes absent from its tree are created. Before the
 first period it waits until a node answers an RPC ``get`` of each (it exits with an error
 after 60 s without: compose restarts it). Failed writes and calls afterwards (a node
 restarting, NATS away) are logged and retried next period.
-Usage: ``python demo_writer.py --token-file F [--worknodes 20] [--period 1] [--count N]``.
+Usage: ``python demo_writer.py --token-file F [--caller-key-file K] [--worknodes 20]
+[--period 1] [--count N]``.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
 from broker.errors import RpcNotFoundError, UnavailableError, WorknodeError
 from broker.rpc import RpcClient
+from broker.transport import Transport, connect
 from services.worknode import WorknodeService, WorknodeSettings
 from services.worknode._logging import configure_logging
 
@@ -39,21 +44,29 @@ def _token(path: Path) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-async def run(token_file: Path, worknodes: int, period: float, count: int | None) -> int:
+async def run(token_file: Path, worknodes: int, period: float, count: int | None,
+              caller_key_file: Path | None = None) -> int:
     """Create the worknodes, then write and call ``count`` times (forever when None);
-    the number of failed writes or calls."""
+    the number of failed writes or calls. RPC calls go as ``caller_key_file``'s identity
+    when given (same servers and TLS settings), else over the writer's own connection."""
     settings = WorknodeSettings(metrics_port=None, rpc_keyring_file=None)
     subject = settings.subjects[0]
     names = [f"o{i}" for i in range(worknodes)]
     failures = 0
-    async with WorknodeService(settings) as svc:
+    async with WorknodeService(settings) as svc, contextlib.AsyncExitStack() as stack:
         replica = svc.replica(subject)
         missing = [n for n in names if n not in replica.tree]
         for name in missing:
             await replica.create(name)
         await replica.flush()
         assert svc.transport is not None
-        client = RpcClient(svc.transport, namespace=settings.namespace)
+        transport: Transport = svc.transport
+        if caller_key_file is not None:
+            options = settings.connect_options(f"{settings.node_id}-rpc",
+                                               signing_key=caller_key_file)
+            transport = await stack.enter_async_context(
+                await connect(options, name=f"{settings.node_id}-rpc"))
+        client = RpcClient(transport, namespace=settings.namespace)
         # Until a node serves RPC and holds every worknode, a call would only count as an
         # error on the RPC dashboard (unavailable, not_found): wait for that first.
         loop = asyncio.get_running_loop()
@@ -90,13 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     run failed (a run without ``--count`` only stops on a signal)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--token-file", type=Path, required=True)
+    p.add_argument("--caller-key-file", type=Path, default=None,
+                   help="Seed of the NATS identity that makes the RPC calls (a caller).")
     p.add_argument("--worknodes", type=int, default=20)
     p.add_argument("--period", type=float, default=1.0)
     p.add_argument("--count", type=int, default=None)
     args = p.parse_args(argv)
+    if args.caller_key_file is not None and not args.caller_key_file.is_file():
+        # connect_options would fall back to no credential at all: say so instead.
+        p.error(f"--caller-key-file: no such file {args.caller_key_file}")
     configure_logging()
     try:
-        failures = asyncio.run(run(args.token_file, args.worknodes, args.period, args.count))
+        failures = asyncio.run(run(args.token_file, args.worknodes, args.period, args.count,
+                                   args.caller_key_file))
     except (WorknodeError, OSError) as exc:  # no node ready in time, NATS away, no token
         log.error("event=demo_writer_stopped error=%s: %s", type(exc).__name__, exc)
         return 1

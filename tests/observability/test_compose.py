@@ -106,13 +106,8 @@ def test_stack_is_a_jetstream_cluster_with_two_wire_versions_and_the_tools() -> 
     services = compose()["services"]
     nats = [n for n in services if re.fullmatch(r"nats-\d", n)]
     assert len(nats) == 3
-    for n in nats:
-        argv = services[n]["command"]
-        assert "--jetstream" in argv
-        assert "--cluster_name" in argv
-        routes = argv[argv.index("--routes") + 1].split(",")
-        assert {r.split("//")[1].split(":")[0] for r in routes} == set(nats) - {n}
-        assert "--http_port" in argv  # the exporters read the monitoring endpoint
+    for n in nats:  # each runs its generated config (test_nats_servers_run_secure_configs)
+        assert services[n]["command"] == ["-c", f"{NATS_KEYS_IN_CONTAINER}/{n}.conf"]
     exporters = {services[e]["command"][-1] for e in services if e.startswith("nats-exporter")}
     assert exporters == {f"http://{n}:8222" for n in nats}
 
@@ -207,24 +202,44 @@ def test_keygen_creates_identities_once(tmp_path: Path) -> None:
 
 KEYS_IN_CONTAINER = "/var/lib/worknode/keys"
 STATE_IN_CONTAINER = "/var/lib/worknode/state"
+NATS_KEYS_IN_CONTAINER = "/etc/nats"
+GRAFANA_KEYS_IN_CONTAINER = "/run/secrets/grafana"
 
 
-def _key_files_read(service: dict[str, Any]) -> set[str]:
-    """Names of the files a service reads from its keys mount (environment and command)."""
+def _keys_mount(name: str) -> str:
+    """Where service ``name`` mounts its keys volume ``keys-<name>``."""
+    if re.fullmatch(r"nats-\d", name):
+        return NATS_KEYS_IN_CONTAINER
+    return GRAFANA_KEYS_IN_CONTAINER if name == "grafana" else KEYS_IN_CONTAINER
+
+
+def _key_files_read(service: dict[str, Any], mount: str = KEYS_IN_CONTAINER,
+                    config_dir: Path | None = None) -> set[str]:
+    """Names of the files a service reads from its keys mount ``mount`` (environment and
+    command; and every path the NATS config it runs names, read from ``config_dir``)."""
     words = [str(v) for v in service.get("environment", {}).values()]
     words += [str(v) for v in service.get("command", [])]
-    return {Path(w).name for w in words if w.startswith(KEYS_IN_CONTAINER + "/")}
+    names = {Path(w).name for w in words if w.startswith(mount + "/")}
+    if config_dir is not None:
+        for conf in list(names):
+            if conf.endswith(".conf"):
+                text = (config_dir / conf).read_text()
+                names |= {Path(p).name for p in re.findall(rf'"({re.escape(mount)}/[^"]+)"', text)}
+    return names
 
 
-def _run_compose_keys(tmp: Path) -> Path:
+def _run_compose_keys(tmp: Path, owners: dict[str, int] | None = None) -> Path:
     """Run the keygen service's script as compose runs it (its arguments from the compose
-    file), with the volumes as directories under ``tmp``; the ``OUT`` directory."""
+    file), with the volumes as directories under ``tmp``; the ``OUT`` directory. ``owners``
+    sets OWNER, NATS_OWNER, GRAFANA_OWNER (default: this process's uid for all)."""
     import os
 
     keygen = compose()["services"]["keygen"]
     assert keygen["entrypoint"] == ["sh", "/usr/local/lib/worknode/compose-keys.sh"]
     out = tmp / "out"
-    env = dict(os.environ, KEYS=str(tmp / "keys"), OUT=str(out), OWNER=str(os.getuid()),
+    uids = {k: str(os.getuid()) for k in ("OWNER", "NATS_OWNER", "GRAFANA_OWNER")}
+    uids.update({k: str(v) for k, v in (owners or {}).items()})
+    env = dict(os.environ, KEYS=str(tmp / "keys"), OUT=str(out), **uids,
                KEYGEN=str(ROOT / "deploy" / "keygen.py"),
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     r = subprocess.run(["sh", str(ROOT / "deploy" / "compose-keys.sh"), *keygen["command"]],
@@ -249,16 +264,33 @@ def test_nats_image_is_the_release_the_tests_run_and_every_image_is_pinned() -> 
 
 def test_every_node_serves_rpc_and_each_service_gets_only_its_own_keys(tmp_path: Path) -> None:
     """Runs the keygen service's script: each service's keys volume holds exactly the files
-    its settings read (its own seed, never another's, nor the RPC root key); every worknode
-    has the RPC keyring, and the writer's token is signed by a key in it."""
+    its settings (or its NATS config) read: its own seeds, never another's, nor the RPC root
+    key, the CA key or another server's TLS key; every worknode has the RPC keyring, and the
+    writer's token is signed by a key in it."""
+
+    import os
 
     services = compose()["services"]
     keygen = services["keygen"]
-    out = _run_compose_keys(tmp_path)
+    # As root (CI), hand the files to other users, as compose does: the worknodes' 10001,
+    # Grafana's 472, and 0 for NATS.
+    owners = {"OWNER": 10001, "GRAFANA_OWNER": 472, "NATS_OWNER": 0} if os.getuid() == 0 \
+        else None
+    out = _run_compose_keys(tmp_path, owners)
+
+    def owner(name: str) -> int:
+        if owners is None:
+            return os.getuid()
+        if name == "grafana":
+            return owners["GRAFANA_OWNER"]
+        return owners["NATS_OWNER" if name.startswith("nats-") else "OWNER"]
+
     keygen_mounts = {v.split(":")[0]: v.split(":")[1] for v in keygen["volumes"]}
     worknodes = {n for n, s in services.items() if s.get("command") == ["node"]}
     assert set(keygen["command"]) == worknodes
-    with_keys = worknodes | {"healer", "writer"}
+    nats = {n for n in services if re.fullmatch(r"nats-\d", n)}
+    with_keys = worknodes | {"healer", "writer", "grafana"} | nats
+    seeds: dict[str, str] = {}
     for name, service in services.items():
         mounts = {v.split(":")[0]: v.split(":")[1] for v in service.get("volumes", [])
                   if isinstance(v, str)}
@@ -269,13 +301,24 @@ def test_every_node_serves_rpc_and_each_service_gets_only_its_own_keys(tmp_path:
             assert not any(m.startswith("keys") for m in mounts), name
             continue
         volume = f"keys-{name}"
-        assert mounts[volume] == KEYS_IN_CONTAINER, name
+        assert [m for m in mounts if m.startswith("keys")] == [volume], name
+        assert mounts[volume] == _keys_mount(name), name
         assert keygen_mounts[volume] == f"/keys/{name}", name
         given = {p.name for p in (out / name).iterdir()}
-        assert given == _key_files_read(service), name
-        assert {f for f in given if f.endswith(".key")} == {f"{name}.key"}, name
+        assert given == _key_files_read(service, _keys_mount(name), out / name), name
+        # the service's user can enter its volume and read its files, nobody else
+        assert (out / name).stat().st_mode & 0o777 == 0o700, name
+        assert (out / name).stat().st_uid == owner(name), name
         for f in given:
             assert (out / name / f).stat().st_mode & 0o777 == 0o600, (name, f)
+            assert (out / name / f).stat().st_uid == owner(name), (name, f)
+            if f.endswith(".key") or f.endswith("-key.pem") or f == "rpc-root.key":
+                assert f not in seeds, f"{f} given to {seeds[f]} and {name}"
+                seeds[f] = name
+        assert not given & {"ca-key.pem", "rpc-root.key"}, name
+    # each seed in exactly one service's volume, and it is that service's own
+    assert seeds == {**{f"{n}.key": n for n in worknodes | {"healer", "writer"}},
+                     "writer-rpc.key": "writer", **{f"{n}-key.pem": n for n in nats}}
     keyring_name = "rpc-keyring.json"
     keyrings = set()
     for name in worknodes:
@@ -296,39 +339,44 @@ async def test_demo_writer_creates_its_worknodes_then_writes_and_calls(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
     """The compose writer, run as compose runs it (its environment and command, its keys from
-    the keygen script) against a real nats-server and a worknode configured like
-    worknode-v1-a: it creates o0..o2, increments each and reads it over RPC; every write and
-    call succeeds (exit 0), and the node holds the counts. The writer of issue 20 incremented
-    worknodes nothing had created (UnknownNodeError on every write)."""
+    the keygen script) against nats-1 started from its generated config (TLS, accounts) and a
+    worknode configured like worknode-v1-a: it creates o0..o2, increments each and reads it
+    over RPC; every write and call succeeds (exit 0), and the node holds the counts. The
+    writer of issue 20 incremented worknodes nothing had created (UnknownNodeError on every
+    write); with NATS permissions, a writer identity may not send RPC requests (its calls go
+    as its caller identity, writer-rpc.key). Only the URL and the TLS host name differ from
+    the stack (nats-1's certificate is for that name, the test dials 127.0.0.1)."""
     import asyncio
     import os
 
-    from broker.testing import running_nats_server
     from services.worknode import WorknodeService, WorknodeSettings
+    from tests.observability.compose_nats import running_generated_nats
 
     services = compose()["services"]
     out = _run_compose_keys(tmp_path)
     writer = services["writer"]
     assert writer["entrypoint"] == ["python", "/usr/local/lib/worknode/demo_writer.py"]
     assert "COPY deploy/keygen.py deploy/compose-keys.sh deploy/demo_writer.py " \
-        "/usr/local/lib/worknode/" in (ROOT / "Dockerfile").read_text()
+        "deploy/nats.conf.template /usr/local/lib/worknode/" in (ROOT / "Dockerfile").read_text()
 
     def local(value: str, service: str) -> str:
         return (value.replace(KEYS_IN_CONTAINER, str(out / service))
                 .replace(STATE_IN_CONTAINER, str(tmp_path / f"state-{service}")))
 
-    async with running_nats_server(tmp_path / "nats") as nats:
-        urls = json.dumps([nats.url])
+    async with running_generated_nats(out, tmp_path, ["nats-1"]) as servers:
+        urls = json.dumps([servers["nats-1"].url])
         node = services["worknode-v1-a"]["environment"]
         for key, value in node.items():
             monkeypatch.setenv(key, local(value, "worknode-v1-a"))
         monkeypatch.setenv("WORKNODE_NATS_URLS", urls)
+        monkeypatch.setenv("WORKNODE_NATS_TLS_HOSTNAME", "nats-1")
         settings = WorknodeSettings(metrics_port=None, store_sync="normal")
         assert settings.rpc_keyring_file is not None
         async with WorknodeService(settings) as svc:
             env = {k: v for k, v in os.environ.items() if not k.startswith("WORKNODE_")}
             env.update({k: local(v, "writer") for k, v in writer["environment"].items()})
             env["WORKNODE_NATS_URLS"] = urls
+            env["WORKNODE_NATS_TLS_HOSTNAME"] = "nats-1"
             argv = [local(a, "writer") for a in writer["command"]]
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, str(ROOT / "deploy" / "demo_writer.py"), *argv,
