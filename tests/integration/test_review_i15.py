@@ -41,6 +41,7 @@ from broker.transport import (
     NatsIdentity,
     Role,
     TlsFiles,
+    Endpoint,
     create_local_ca,
     inbox_prefix,
     load_identities,
@@ -283,6 +284,46 @@ async def test_a_reply_subject_cannot_make_a_node_publish_outside_its_permission
     await admin.nc.publish(reply, b"sentinel")
     first = await asyncio.wait_for(landed.get(), WAIT)
     assert first.data == b"sentinel", f"{victim} received {first.data!r} on {reply} from n1"
+
+
+@pytest.mark.xfail(strict=True, reason="finding 2: through a node's error reply (empty body) "
+                   "a caller reaches $JS.API: STREAM.DELETE of any stream in the account")
+async def test_a_caller_cannot_reach_the_jetstream_api_through_a_nodes_error_reply(
+    server: EmbeddedNatsServer, connect: Connect
+) -> None:
+    """The node runs the real micro adapter (``NatsTransport.add_service``); a malformed call
+    gets an error reply, with an empty body, sent to whatever reply subject the caller named.
+    JetStream is enabled in the account (``render_accounts(jetstream=True)``, the default) and
+    ``$JS.API.STREAM.DELETE.<name>`` takes an empty request."""
+    admin = await connect("adm")
+    js = admin.nc.jetstream()
+    await js.add_stream(name="ARCHIVE", subjects=["archive.>"])
+    deleted = await admin.collect("$JS.EVENT.ADVISORY.STREAM.DELETED.ARCHIVE")
+    watched = await admin.collect("$JS.API.STREAM.DELETE.ARCHIVE")
+    await admin.nc.flush(timeout=WAIT)
+
+    def malformed(msg: Any) -> bytes:
+        raise InvalidArgumentError("not a call")
+
+    options = ConnectOptions((server.url,), nkey_seed=nkey_seed(_seed("n1")),
+                             inbox_prefix=IB["n1"])
+    async with options.transport(name="n1") as node:
+        service = await node.add_service(name="worknode-rpc", version="1.0.0", endpoints=[
+            Endpoint("get", "wn.ns.rpc.a.get", malformed)])
+        try:
+            caller = await connect("c")
+            await caller.nc.publish("wn.ns.rpc.a.get", b"junk",
+                                    reply="$JS.API.STREAM.DELETE.ARCHIVE")
+            # the endpoint answers in order: once this reply is back, so was the one above
+            with contextlib.suppress(Exception):
+                await caller.nc.request("wn.ns.rpc.a.get", b"junk", timeout=WAIT)
+        finally:
+            await service.stop()
+    await admin.nc.publish("$JS.API.STREAM.DELETE.ARCHIVE", b"sentinel: not empty, refused")
+    first = await asyncio.wait_for(watched.get(), WAIT)
+    if first.data != b"sentinel: not empty, refused":
+        await asyncio.wait_for(deleted.get(), WAIT)  # the impact, shown in the failure
+        raise AssertionError("the caller made node n1 send STREAM.DELETE: ARCHIVE is deleted")
 
 
 # -- TLS: downgrade, host names, name constraints ---------------------------------------------
