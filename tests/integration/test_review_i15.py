@@ -728,3 +728,78 @@ def test_the_compose_stack_runs_nats_with_authentication_and_tls() -> None:
     assert "NATS_TLS_CA_FILE" in env
     grafana = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
     assert ":-admin" not in grafana
+
+
+# -- routes: who may join the cluster -----------------------------------------------------------
+
+
+async def _route_outcome(victim: EmbeddedNatsServer, attacker: EmbeddedNatsServer) -> str:
+    """'joined' once the victim lists a route, 'refused' once either log shows the route's
+    TLS handshake failing: whichever happens first (no fixed wait)."""
+    import urllib.request
+
+    async def routes() -> int:
+        url = f"{victim.monitor_url}/routez"
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+        return int(json.loads(body)["num_routes"])
+
+    while True:
+        if await routes() > 0:
+            return "joined"
+        logs = victim.log_path.read_text() + attacker.log_path.read_text()
+        if "TLS route handshake error" in logs or "tls: " in logs.lower():
+            return "refused"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.xfail(strict=True, reason="finding 11: any certificate from the route CA joins the "
+                   "cluster as a route, a client certificate too (one CA in the README's "
+                   "commands): a route bypasses every account permission and reads everything")
+async def test_a_client_certificate_cannot_join_the_cluster_as_a_route(tmp_path: Path) -> None:
+    """A deployment following the README uses one CA (`worknode tls init ca`) for servers and,
+    with tls_verify, for clients' certificates (`worknode tls issue ca dash --no-server`).
+    The holder of such a client certificate runs its own nats-server, routes it to the
+    cluster port, and its own users then read every subject of the account."""
+    ca = create_local_ca(tmp_path / "ca")
+    server_files = ca.issue("nats")
+    client_files = ca.issue("dash", tmp_path / "dash", server=False)
+    async with running_nats_server(
+        tmp_path / "victim", tls=server_files, tls_verify=True, cluster_tls=server_files,
+        cluster_name="wn", jetstream=False,
+        config_extra=render_accounts(_identities(), jetstream=False),
+    ) as victim, running_nats_server(
+        tmp_path / "attacker", cluster_tls=client_files, cluster_name="wn", jetstream=False,
+        routes=[victim.cluster_url or ""],
+        config_extra='accounts { WORKNODE: { users: [{user: "x", password: "x"}] } }',
+    ) as attacker:
+        outcome = await asyncio.wait_for(_route_outcome(victim, attacker), 30)
+        if outcome == "joined":
+            await _read_through_the_route(victim, attacker,
+                                          ca.issue("n1", tmp_path / "n1", server=False))
+        assert outcome == "refused"
+
+
+async def _read_through_the_route(
+    victim: EmbeddedNatsServer, attacker: EmbeddedNatsServer, node_tls: TlsFiles
+) -> None:
+    """The impact, shown in the failure: a user of the attacker's server receives a delta a
+    node publishes on the victim (which no reader was granted)."""
+    import nats
+
+    spy = await nats.connect(attacker.url, user="x", password="x")
+    node = await ConnectOptions((victim.url,), nkey_seed=nkey_seed(_seed("n1")),
+                                inbox_prefix=IB["n1"], tls_ca_file=node_tls.ca_file,
+                                tls_cert_file=node_tls.cert_file,
+                                tls_key_file=node_tls.key_file).transport(
+        name="n1").__aenter__()
+    try:
+        sub = await spy.subscribe("wn.>")
+        await spy.flush()
+        for _ in range(200):  # until the spy's interest has crossed the route
+            await node.publish("wn.ns.delta.secret", b"card 4111 1111 1111 1111")
+            with contextlib.suppress(TimeoutError):
+                msg = await sub.next_msg(timeout=0.05)
+                raise AssertionError(f"read through a rogue route: {msg.subject} {msg.data!r}")
+    finally:
+        await node.stop()
+        await spy.close()
