@@ -38,10 +38,10 @@ from broker.testing import running_nats_server
 from broker.transport import (
     ConnectOptions,
     EmbeddedNatsServer,
+    Endpoint,
     NatsIdentity,
     Role,
     TlsFiles,
-    Endpoint,
     create_local_ca,
     inbox_prefix,
     load_identities,
@@ -52,7 +52,7 @@ from broker.transport._nats import _OrderedClient
 from broker.transport._protocol import NullObserver
 
 NS = "ns"
-WAIT = 10.0  # a bound on waiting for a message that must come, never an assertion
+WAIT = 10  # a bound on waiting for a message that must come, never an assertion
 
 ROLES: dict[str, tuple[Role, tuple[str, ...]]] = {
     "n1": (Role.NODE, ()),
@@ -634,7 +634,8 @@ async def test_the_rendered_accounts_block_is_exactly_the_listed_users(tmp_path:
     else that looks like a user."""
     text = render_accounts(_identities())
     assert text.count("nkey:") == len(ROLES)
-    assert "include" not in text and "password" not in text and "no_auth_user" not in text
+    for word in ("include", "password", "no_auth_user"):
+        assert word not in text
 
 
 @pytest.mark.xfail(strict=True, reason="finding 3: a state directory with a non-ASCII name "
@@ -681,9 +682,9 @@ async def test_the_embedded_default_keeps_secrets_owner_only_and_out_of_logs(
         assert svc.server is not None
         modes = _modes(state)
     loose = {name: oct(mode) for name, mode in modes.items()
-             if (state / name).is_dir() and mode != 0o700
-             or (state / name).is_file() and mode & 0o077 and not name.endswith(
-                 ("ca.pem", "nats.pem"))}
+             if ((state / name).is_dir() and mode != 0o700)
+             or ((state / name).is_file() and mode & 0o077 and not name.endswith(
+                 ("ca.pem", "nats.pem")))}
     assert loose == {}
     secrets = []
     for key in (state / "solo.key", state / "local-admin.key"):
@@ -716,7 +717,7 @@ async def test_an_existing_state_dir_is_made_owner_only(tmp_path: Path) -> None:
                    "authentication and TLS; docker-compose.yml runs NATS open (no accounts, "
                    "no TLS, plaintext routes), services without credentials, Grafana admin/admin")
 def test_the_compose_stack_runs_nats_with_authentication_and_tls() -> None:
-    import yaml
+    import yaml  # type: ignore[import-untyped]
 
     root = Path(__file__).resolve().parents[2]
     compose = yaml.safe_load((root / "docker-compose.yml").read_text())
@@ -822,7 +823,8 @@ async def test_nats_insecure_logs_a_warning_at_start(
     settings = WorknodeSettings(node_id="solo", subjects=["orders"], state_dir=tmp_path / "s",
                                 metrics_port=None, store_sync="normal", nats_insecure=True)
     async with WorknodeService(settings) as svc:
-        assert svc.server is not None and not svc.server.tls_required
+        assert svc.server is not None
+        assert not svc.server.tls_required
     assert [r for r in caplog.records if r.levelno >= logging.WARNING
             and ("insecure" in r.getMessage().lower() or "open" in r.getMessage().lower())]
 
@@ -883,3 +885,51 @@ async def test_a_refusal_by_one_server_still_tries_the_others(
             assert transport.connected
         finally:
             await transport.stop()
+
+
+# -- the operator's tools: keys and tls --------------------------------------------------------
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from services.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def test_keys_and_tls_commands_write_secrets_owner_only_and_never_print_them(
+    tmp_path: Path,
+) -> None:
+    ids, seed = tmp_path / "ids.json", tmp_path / "keys" / "dash.key"
+    code, out = _cli("keys", "add", "dash", "--role", "reader", "--namespace", "shop",
+                     "--subject", "orders", "--seed", str(seed), "--identities", str(ids))
+    assert code == 0, out
+    assert seed.stat().st_mode & 0o077 == 0
+    secret = nkey_seed(seed.read_bytes())
+    code, listed = _cli("keys", "list", "--identities", str(ids))
+    code2, conf = _cli("keys", "nats-config", "--identities", str(ids))
+    assert code == code2 == 0
+    for text in (out, listed, conf, ids.read_text()):
+        assert secret not in text
+        assert seed.read_bytes().hex() not in text
+    code, out = _cli("tls", "init", str(tmp_path / "ca"), "--host", "nats-1")
+    assert code == 0, out
+    code, out = _cli("tls", "issue", str(tmp_path / "ca"), "nats-1", "--host", "nats-1")
+    assert code == 0, out
+    for key in (tmp_path / "ca").glob("*key*"):
+        assert key.stat().st_mode & 0o077 == 0, key
+        assert key.read_text().splitlines()[1] not in out
+    assert (tmp_path / "ca").stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.xfail(strict=True, reason="finding 15: an existing world-readable seed is taken "
+                   "as it is by keys add --seed (and --nats-nkey): no refusal, no warning")
+def test_keys_add_refuses_a_world_readable_seed(tmp_path: Path) -> None:
+    seed = tmp_path / "node-a.key"
+    seed.write_bytes(_seed("careless"))
+    seed.chmod(0o644)
+    code, out = _cli("keys", "add", "node-a", "--role", "node", "--seed", str(seed),
+                     "--identities", str(tmp_path / "ids.json"))
+    assert code != 0 or "readable" in out.lower() or seed.stat().st_mode & 0o077 == 0
