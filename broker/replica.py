@@ -117,7 +117,14 @@ from broker.replication import (
     max_hlc,
 )
 from broker.store import DurableStore
-from broker.transport import Msg, Subscription, Transport, delta_subject, sync_subject
+from broker.transport import (
+    Msg,
+    Subscription,
+    Transport,
+    delta_subject,
+    is_reply_subject,
+    sync_subject,
+)
 
 __all__ = [
     "FULL_HEADER",
@@ -792,6 +799,9 @@ class Replica:
         if kind == "announce":
             self._handle(AnnounceReceived(self._now(), env.writer, theirs, env.sequence))
         elif kind == "request" and msg.reply:
+            if not is_reply_subject(msg.reply):  # would make this node publish elsewhere
+                self.observer.rejected(self.config.subject, "wrong_subject", env.writer)
+                return
             self._handle(SyncRequested(self._now(), theirs, msg, full=headers.get(_FULL) == "1"))
 
     # -- internals: incoming -----------------------------------------------------------------

@@ -133,12 +133,18 @@ class NatsClientSettings(BaseSettings):
         )
 
 
-def open_server_warning(auth_required: bool, tls: bool) -> str | None:
+def open_server_warning(auth_required: bool, tls: bool, *,
+                        acknowledged: bool = False) -> str | None:
     """What is open about the NATS connection (None when it is authenticated and encrypted):
-    the warning a service logs at start unless ``nats_insecure`` acknowledges it."""
+    the warning a service logs at start; ``acknowledged`` (``nats_insecure``) only says that
+    this was asked for."""
     missing = [what for what, ok in (("authentication", auth_required), ("TLS", tls)) if not ok]
     if not missing:
         return None
+    if acknowledged:
+        return (f"NATS connection without {' and '.join(missing)} (nats_insecure): any client "
+                "that reaches the server can read every delta and RPC token and publish as "
+                "anyone")
     return (f"NATS connection without {' and '.join(missing)}: any client that reaches the "
             "server can read every delta and RPC token and publish as anyone (see the "
             "README's Security section; nats_insecure=true acknowledges an open deployment)")

@@ -58,8 +58,10 @@ from broker.transport._protocol import (
     Subscription,
     Transport,
     TransportObserver,
+    check_reply_subject,
     complete_despite_cancel,
     encoded_size,
+    is_reply_subject,
     validate_headers,
 )
 from broker.transport._server import EmbeddedNatsServer, find_nats_server
@@ -148,6 +150,7 @@ __all__ = [
     "Transport",
     "TransportObserver",
     "call",
+    "check_reply_subject",
     "check_tls_files",
     "client_ssl_context",
     "complete_despite_cancel",
@@ -160,6 +163,7 @@ __all__ = [
     "find_nats_server",
     "heal_subject",
     "inbox_prefix",
+    "is_reply_subject",
     "load_identities",
     "merkle_subject",
     "namespace_wildcard",

@@ -360,13 +360,16 @@ def load_identities(text: str) -> dict[str, NatsIdentity]:
         raise InvalidArgumentError("identities file must be a JSON object {name: {...}}")
     out: dict[str, NatsIdentity] = {}
     for name, entry in doc.items():
+        subjects = entry.get("subjects", []) if isinstance(entry, Mapping) else None
+        if not isinstance(subjects, list):  # a string would grant its characters, "" all
+            raise InvalidArgumentError(f"identity {name!r}: subjects must be a JSON list")
         try:
             out[name] = NatsIdentity(
                 name=name,
                 role=Role(entry["role"]),
                 public_key=bytes.fromhex(entry["public_key"]),
                 namespace=entry["namespace"],
-                subjects=tuple(entry.get("subjects") or ()),
+                subjects=tuple(subjects),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InvalidArgumentError(f"identity {name!r}: {exc}") from None

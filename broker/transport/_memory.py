@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Final, Self
 
 from broker.errors import (
     InvalidArgumentError,
-    InvalidSubjectError,
     NoRespondersError,
     NotConnectedError,
     PayloadTooLargeError,
@@ -55,6 +54,7 @@ from broker.transport._protocol import (
     Subscription,
     Transport,
     TransportObserver,
+    check_reply_subject,
     encoded_size,
     notify,
     until_enough_or_idle,
@@ -620,11 +620,9 @@ class MemoryTransport:
     async def respond(
         self, msg: Msg, data: bytes, *, headers: Mapping[str, str] | None = None
     ) -> None:
-        """Answer a request: publish ``data`` to ``msg.reply``."""
-        if not msg.reply:
-            raise InvalidSubjectError(
-                f"cannot respond to the message on {msg.subject!r}: it has no reply subject"
-            )
+        """Answer a request: publish ``data`` to ``msg.reply``, which must be an inbox
+        (``is_reply_subject``; ``InvalidSubjectError`` otherwise)."""
+        check_reply_subject(msg)
         await self.publish(msg.reply, data, headers=headers)
 
     async def request_many(

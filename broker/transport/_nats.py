@@ -62,7 +62,9 @@ from broker.transport._protocol import (
     Subscription,
     Transport,
     TransportObserver,
+    check_reply_subject,
     encoded_size,
+    is_reply_subject,
     new_msg,
     notify,
     until_enough_or_idle,
@@ -103,7 +105,8 @@ _NOT_CONNECTED: Final = (
 )
 
 
-_AUTH_REFUSALS: Final = ("authorization violation", "authentication", "user authentication")
+# Not "authentication timeout": a slow or loaded client may get one and succeed next time.
+_AUTH_REFUSALS: Final = ("authorization violation", "user authentication")
 
 
 def _refusal(exc: BaseException) -> str:
@@ -164,6 +167,21 @@ class _OrderedClient(Client):
     command sent before the PING.
     """
 
+    def _connect_command(self) -> bytes:
+        # Called once the TLS decision is made, before CONNECT (credentials) is sent. nats-py
+        # upgrades to TLS only when the server's INFO asks for it, so a client given a CA
+        # would otherwise send its token, password or nonce signature in the clear to a
+        # server (or a man in the middle) that does not announce TLS.
+        scheme = self._current_server.uri.scheme if self._current_server else "nats"
+        wants_tls = self.options.get("tls") is not None or scheme == "tls"
+        if wants_tls and scheme not in ("ws", "wss") and not (
+                self._server_info.get("tls_required")):
+            raise nats.errors.Error(
+                "nats: tls required by this client, but the server does not offer TLS: "
+                "refusing to send credentials in the clear")
+        command: bytes = super()._connect_command()
+        return command
+
     async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
         if self._pending and self._transport is not None and self.is_connected:
             self._transport.writelines(self._pending[:])
@@ -205,6 +223,13 @@ def _micro_handler(ep: Endpoint, tasks: TaskSet) -> Any:
     concurrent = ep.concurrent
 
     async def handle(req: Any) -> None:
+        reply = req._msg.reply
+        if not is_reply_subject(reply):
+            # A reply subject that is no inbox would make this node publish where the
+            # requester chose (allow_responses lets a reply through any permission): drop.
+            _log.warning("endpoint %s: request with reply subject %r dropped (not an inbox)",
+                         ep.subject, reply[:80])
+            return
         try:
             out = handler(new_msg(req.subject, req.data, "", req.headers))
             if not isinstance(out, bytes):
@@ -404,7 +429,8 @@ class NatsSubscription:
 NATS_URL_SCHEMES: Final = frozenset({"nats", "tls", "ws", "wss"})
 """URL schemes nats-py connects with (a URL without ``://`` means ``nats://``)."""
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^@/\s'\"]+@")
+# Up to the last "@" of the URL: a password may hold "@" or "/" (unencoded, as users type it).
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"]*@")
 
 
 def redact_credentials(text: str) -> str:
@@ -436,6 +462,11 @@ def validate_nats_url(url: str) -> str:
         raise InvalidArgumentError(f"invalid NATS URL {shown!r}: no host")
     if port == 0:
         raise InvalidArgumentError(f"invalid NATS URL {shown!r}: port 0")
+    if (parts.path not in ("", "/") or parts.query or parts.fragment) and "@" in full:
+        # What follows could be part of a password with a "/" in it: do not echo it.
+        raise InvalidArgumentError(f"invalid NATS URL {shown!r}: unexpected text after the "
+                                   "host and port (percent-encode '/', '@' and ':' in a "
+                                   "user or password)")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         extra = parts.path + (f"?{parts.query}" if parts.query else "") + (
             f"#{parts.fragment}" if parts.fragment else "")
@@ -547,6 +578,8 @@ class NatsTransport:
         }
         self._nc: Client | None = None
         self._refused: asyncio.Future[Exception] | None = None  # set while start() runs
+        self._starting: Client | None = None  # the client start() is connecting
+        self._refusing: set[str] = set()  # servers that refused it for good
         self._subs: dict[NatsSubscriptionImpl, NatsSubscription] = {}
         self._stopping = False
         self._lock = asyncio.Lock()
@@ -622,6 +655,7 @@ class NatsTransport:
             nc = _OrderedClient()
             self._stopping = False
             self._refused = asyncio.get_running_loop().create_future()
+            self._starting, self._refusing = nc, set()
             try:
                 async with asyncio.timeout(self._start_timeout):
                     await self._connect_or_refused(nc)
@@ -639,7 +673,7 @@ class NatsTransport:
                 await _close_quietly(nc)
                 raise _translate(exc, f"connect to {self._shown}") from exc
             self._nc = nc
-            self._refused = None
+            self._refused = self._starting = None
         notify(self._observer.connected)
 
     async def _connect_or_refused(self, nc: Client) -> None:
@@ -795,11 +829,9 @@ class NatsTransport:
     async def respond(
         self, msg: Msg, data: bytes, *, headers: Mapping[str, str] | None = None
     ) -> None:
-        """Answer a request: publish ``data`` to ``msg.reply``."""
-        if not msg.reply:
-            raise InvalidSubjectError(
-                f"cannot respond to the message on {msg.subject!r}: it has no reply subject"
-            )
+        """Answer a request: publish ``data`` to ``msg.reply``, which must be an inbox
+        (``is_reply_subject``; ``InvalidSubjectError`` otherwise)."""
+        check_reply_subject(msg)
         await self.publish(msg.reply, data, headers=headers)
 
     async def request_many(
@@ -896,7 +928,12 @@ class NatsTransport:
         try:
             refused = self._refused
             if refused is not None and not refused.done() and _refusal(exc):
-                refused.set_result(exc)  # fails start(): retrying cannot help
+                # Fails start() once every configured server refused: retrying cannot help
+                # (until then another may accept: a key rotation reloaded on some servers).
+                server = getattr(self._starting, "_current_server", None)
+                self._refusing.add(str(server.uri.netloc) if server is not None else "")
+                if len(self._refusing) >= len(self._servers):
+                    refused.set_result(exc)
                 return
             if isinstance(exc, nats.errors.SlowConsumerError):
                 sub = self._subs.get(exc.sub)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Protocol, Self, runtime_checkable
 
-from broker.errors import InvalidArgumentError
+from broker.errors import InvalidArgumentError, InvalidSubjectError
 
 if TYPE_CHECKING:
     from broker.transport._micro import Endpoint, ServiceHandle
@@ -45,7 +45,9 @@ __all__ = [
     "Subscription",
     "Transport",
     "TransportObserver",
+    "check_reply_subject",
     "encoded_size",
+    "is_reply_subject",
     "new_msg",
     "validate_headers",
 ]
@@ -58,6 +60,29 @@ _log = logging.getLogger("broker.transport")
 DEFAULT_PENDING_MSGS_LIMIT: Final = 65_536
 #: Pending bytes one subscription may hold before new messages are dropped (and counted).
 DEFAULT_PENDING_BYTES_LIMIT: Final = 64 * 1024 * 1024
+
+REPLY_PREFIX: Final = "_INBOX."
+"""Every reply goes to a subject below ``_INBOX`` (each identity's inbox prefix is
+``_INBOX.<its public nkey>``): a responder answers nowhere else."""
+
+
+def is_reply_subject(subject: str | None) -> bool:
+    """Whether ``subject`` is an inbox a responder may answer on. Anything else would let a
+    requester make the responder publish where the requester chose (NATS lets a reply
+    through every permission of the responder: ``allow_responses``)."""
+    return subject is not None and subject.startswith(REPLY_PREFIX)
+
+
+def check_reply_subject(msg: Msg) -> None:
+    """Raise ``InvalidSubjectError`` unless ``msg`` has an inbox to answer on."""
+    if not msg.reply:
+        raise InvalidSubjectError(
+            f"cannot respond to the message on {msg.subject!r}: it has no reply subject")
+    if not is_reply_subject(msg.reply):
+        raise InvalidSubjectError(
+            f"cannot respond to the message on {msg.subject!r}: its reply subject is not an "
+            f"inbox ({REPLY_PREFIX}*)")
+
 
 _HEADER_KEY: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", re.ASCII)
 _HEADER_VALUE_FORBIDDEN: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")

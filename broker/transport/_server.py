@@ -108,7 +108,7 @@ def _check_loopback_address(address: str, what: str) -> None:
 
 def _conf_str(value: str) -> str:
     # The nats-server config format reads JSON string literals.
-    return json.dumps(value)
+    return json.dumps(value, ensure_ascii=False)  # the parser takes UTF-8, not \u escapes
 
 
 def _tls_block(files: TlsFiles, *, verify: bool, timeout: float) -> str:

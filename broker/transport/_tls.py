@@ -126,6 +126,26 @@ def _constraint(name: x509.GeneralName) -> x509.GeneralName:
     return name
 
 
+_NO_DNS: Final = "invalid"
+"""The permitted DNS name of a CA made for IP addresses only (RFC 6761: never resolves), so
+that its key cannot sign for any host name either."""
+
+
+def _name_constraints(names: list[x509.GeneralName]) -> x509.NameConstraints:
+    """Constraints permitting exactly ``names``. A kind absent from ``names`` is shut too:
+    without an IP entry every IP address is excluded, without a DNS entry only ``invalid``
+    is permitted (an unlisted kind would otherwise be unconstrained)."""
+    permitted = [_constraint(n) for n in names]
+    excluded: list[x509.GeneralName] = []
+    if not any(isinstance(n, x509.IPAddress) for n in names):
+        excluded = [x509.IPAddress(ipaddress.ip_network("0.0.0.0/0")),
+                    x509.IPAddress(ipaddress.ip_network("::/0"))]
+    if not any(isinstance(n, x509.DNSName) for n in names):
+        permitted.append(x509.DNSName(_NO_DNS))
+    return x509.NameConstraints(permitted_subtrees=permitted,
+                                excluded_subtrees=excluded or None)
+
+
 def _mkdir_private(directory: Path) -> None:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)  # mkdir's mode is masked by umask, and the dir may exist
@@ -287,7 +307,7 @@ class LocalCA:
         for subtree in ext.value.permitted_subtrees or ():
             if isinstance(subtree, x509.IPAddress):
                 out.append(str(ipaddress.ip_network(subtree.value).network_address))
-            elif isinstance(subtree, x509.DNSName):
+            elif isinstance(subtree, x509.DNSName) and subtree.value != _NO_DNS:
                 out.append(subtree.value)
         return tuple(out)
 
@@ -432,12 +452,7 @@ def create_local_ca(
                     _key_usage(sign_certs=True),
                     critical=True,
                 )
-                .add_extension(
-                    x509.NameConstraints(
-                        permitted_subtrees=[_constraint(n) for n in names], excluded_subtrees=None
-                    ),
-                    critical=True,
-                )
+                .add_extension(_name_constraints(names), critical=True)
                 .add_extension(
                     x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
                 )

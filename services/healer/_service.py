@@ -167,9 +167,11 @@ class HealerService:
             self.transport = s.connect_options(s.node_id, signing_key=s.key_path()).transport(
                 name=s.node_id, observer=ConnectionLog(s.node_id, log))
         await self.transport.start()
-        if isinstance(self.transport, NatsTransport) and not s.nats_insecure:
+        s.state_dir.chmod(0o700)  # one that existed already too
+        if isinstance(self.transport, NatsTransport):
             warning = open_server_warning(self.transport.auth_required,
-                                          self.transport.tls_required)
+                                          self.transport.tls_required,
+                                          acknowledged=s.nats_insecure)
             if warning is not None:
                 log.warning("%s: %s", s.node_id, warning)
         self.codec = WireCodec(max_payload=self.transport.max_payload)

