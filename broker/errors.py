@@ -30,6 +30,7 @@ __all__ = [
     "CallDepthExceededError",
     "ClockSkewError",
     "CodecError",
+    "ConnectionRefusedByServerError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InvalidArgumentError",
@@ -322,6 +323,16 @@ class TransportTimeoutError(TransportError, TimeoutError):
     Retriable with a fresh timeout if the operation is idempotent."""
 
     code = StatusCode.DEADLINE_EXCEEDED
+
+
+class ConnectionRefusedByServerError(TransportError):
+    """The NATS server refused this client for good while connecting: its credentials (an
+    authorization violation) or TLS (a certificate that does not verify, a server that does
+    not offer the TLS the client requires). Not retriable: fix the identity or the TLS
+    settings the message names."""
+
+    code = StatusCode.UNAUTHENTICATED
+    retriable = False
 
 
 class NoRespondersError(TransportError):

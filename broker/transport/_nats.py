@@ -42,6 +42,7 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.aio.subscription import Subscription as NatsSubscriptionImpl
 
 from broker.errors import (
+    ConnectionRefusedByServerError,
     InvalidArgumentError,
     InvalidSubjectError,
     NoRespondersError,
@@ -698,7 +699,7 @@ class NatsTransport:
         exc = refused.result()
         self._stopping = True
         await _close_quietly(nc)
-        raise TransportError(f"connect to {self._shown}: {_refusal(exc)}") from exc
+        raise ConnectionRefusedByServerError(f"connect to {self._shown}: {_refusal(exc)}") from exc
 
     async def stop(self) -> None:
         """Drain and close: unsubscribe, let handlers finish what is pending (up to

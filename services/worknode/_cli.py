@@ -30,7 +30,14 @@ from broker.crdt import (
     validate_key,
     validate_node_id,
 )
-from broker.errors import CodecError, TransportError, TreeError, UnknownSignerError, WorknodeError
+from broker.errors import (
+    CodecError,
+    ConnectionRefusedByServerError,
+    TransportError,
+    TreeError,
+    UnknownSignerError,
+    WorknodeError,
+)
 from broker.replica import FULL_HEADER, SYNC_HEADER, Replica
 from broker.transport import (
     ConnectOptions,
@@ -168,7 +175,9 @@ def _bus_security(state_dir: Path, names: list[str], healer: str) -> tuple[dict[
     connections and routes), and one nkey user per process (each process's signing key)
     with its role's permissions. Returns the servers' options and the CA file."""
     ca = create_local_ca(state_dir / "tls")
-    files = ca.issue("nats")  # both usages: it serves clients and both ends of routes
+    files = ca.issue("nats")
+    # Routes trust a CA of their own: a certificate for a client can never join as a route.
+    routes = create_local_ca(state_dir / "tls-routes").issue("route")
     identities = [
         NatsIdentity(name, Role.NODE, _public_key(state_dir / name / f"{name}.key", name),
                      "default")
@@ -177,7 +186,7 @@ def _bus_security(state_dir: Path, names: list[str], healer: str) -> tuple[dict[
     identities.append(NatsIdentity(
         healer, Role.HEALER, _public_key(state_dir / "healer" / f"{healer}.key", healer),
         "default"))
-    options = {"tls": files, "cluster_tls": files, "config_extra": render_accounts(identities)}
+    options = {"tls": files, "cluster_tls": routes, "config_extra": render_accounts(identities)}
     return options, files.ca_file
 
 
@@ -191,8 +200,10 @@ async def _refused_without_credentials(url: str, ca_file: Path) -> str:
     try:
         async with options.transport(name="worknode-up-stranger"):
             return "ACCEPTED (the bus is open!)"
+    except ConnectionRefusedByServerError:
+        return "refused"
     except TransportError as exc:
-        return "refused" if "authorization" in str(exc) else f"refused ({exc})"
+        return f"not connected ({exc})"
 
 
 async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True,

@@ -60,6 +60,16 @@ LOCAL_ADMIN = "local-admin"
 def load_or_create_signer(node_id: str, path: Path) -> Signer:
     """The node's signing key from ``path`` (a 32-byte seed), created with mode 0600 if new."""
     if path.exists():
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:  # a key others can read is a key others may hold: close it now
+            try:
+                path.chmod(0o600)
+                log.warning("signing key %s was readable by other users (mode %o): made 0600; "
+                            "consider it exposed if others could log in", path, mode)
+            except OSError as exc:
+                raise InvalidArgumentError(
+                    f"{path} is readable by other users (mode {mode:o}) and cannot be made "
+                    f"0600 ({exc.strerror or exc}): chmod 600 it") from None
         seed = path.read_bytes()
         if len(seed) != 32:
             raise InvalidArgumentError(f"{path} is not a 32-byte Ed25519 seed")

@@ -723,20 +723,19 @@ async def _route_outcome(victim: EmbeddedNatsServer, attacker: EmbeddedNatsServe
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.xfail(strict=True, reason="finding 11: any certificate from the route CA joins the "
-                   "cluster as a route, a client certificate too (one CA in the README's "
-                   "commands): a route bypasses every account permission and reads everything")
 async def test_a_client_certificate_cannot_join_the_cluster_as_a_route(tmp_path: Path) -> None:
-    """A deployment following the README uses one CA (`worknode tls init ca`) for servers and,
-    with tls_verify, for clients' certificates (`worknode tls issue ca dash --no-server`).
-    The holder of such a client certificate runs its own nats-server, routes it to the
-    cluster port, and its own users then read every subject of the account."""
+    """Finding 11 (fixed by layout): with client certificates (tls_verify), any certificate of
+    the route CA could join the cluster as a route, and a route passes every account
+    permission. So routes get a CA of their own (README "TLS"; `worknode up` does it): the
+    holder of a client certificate runs its own nats-server, routes it to the cluster port,
+    and is refused."""
     ca = create_local_ca(tmp_path / "ca")
+    route_ca = create_local_ca(tmp_path / "route-ca")
     server_files = ca.issue("nats")
     client_files = ca.issue("dash", tmp_path / "dash", server=False)
     async with running_nats_server(
-        tmp_path / "victim", tls=server_files, tls_verify=True, cluster_tls=server_files,
-        cluster_name="wn", jetstream=False,
+        tmp_path / "victim", tls=server_files, tls_verify=True,
+        cluster_tls=route_ca.issue("route"), cluster_name="wn", jetstream=False,
         config_extra=render_accounts(_identities(), jetstream=False),
     ) as victim, running_nats_server(
         tmp_path / "attacker", cluster_tls=client_files, cluster_name="wn", jetstream=False,
@@ -882,8 +881,6 @@ def test_keys_and_tls_commands_write_secrets_owner_only_and_never_print_them(
     assert (tmp_path / "ca").stat().st_mode & 0o777 == 0o700
 
 
-@pytest.mark.xfail(strict=True, reason="finding 15: an existing world-readable seed is taken "
-                   "as it is by keys add --seed (and --nats-nkey): no refusal, no warning")
 def test_keys_add_refuses_a_world_readable_seed(tmp_path: Path) -> None:
     seed = tmp_path / "node-a.key"
     seed.write_bytes(_seed("careless"))

@@ -180,6 +180,11 @@ ALLOWED: dict[tuple[str, str], str] = {
         "pycapnp's KjException carries only text: its type is FAILED for a traversal limit, a "
         "nesting limit and malformed bytes alike; this is the boundary that maps it to types"
     ),
+    ("broker/transport/_nats.py", "_refusal"): (
+        "nats-py turns the server's -ERR lines (authorization violation, user authentication "
+        "expired or revoked, secure connection required) into nats.errors.Error carrying only "
+        "the text; this is the boundary that maps them to ConnectionRefusedByServerError"
+    ),
 }
 """(file, function) -> why matching the text of a third-party exception cannot be avoided."""
 
