@@ -329,7 +329,7 @@ def run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
     from bench._secure import environment, secure_server
 
     options: dict[str, Any] = {}
-    env: dict[str, str] = {}
+    env = {"WORKNODE_NATS_INSECURE": "true"}  # open on purpose: the services say it once
     if secure:
         options, env = secure_server(Path(tempfile.mkdtemp(prefix="wn-bench-tls-")), USERS)
     with environment(env):  # this process and the children it starts
