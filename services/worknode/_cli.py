@@ -442,7 +442,8 @@ async def _one_write(
         nats_urls=list(kw["nats_urls"]), state_dir=kw["state_dir"], roster_file=kw["roster"],
         metrics_port=None, **connection,
     ))
-    async with WorknodeService(settings) as svc:
+    # A one-shot writer is not the deployment: an open bus is the services' to report.
+    async with WorknodeService(settings, warn_open_bus=False) as svc:
         replica = svc.replica(subject)
         delta = await mutator(replica)
         await replica.flush()

@@ -60,6 +60,8 @@ LOCAL_ADMIN = "local-admin"
 def load_or_create_signer(node_id: str, path: Path) -> Signer:
     """The node's signing key from ``path`` (a 32-byte seed), created with mode 0600 if new."""
     if path.exists():
+        if len(path.read_bytes()) != 32:
+            raise InvalidArgumentError(f"{path} is not a 32-byte Ed25519 seed")
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:  # a key others can read is a key others may hold: close it now
             try:
@@ -144,7 +146,10 @@ class MetricsEndpoint:
 
 
 class WorknodeService:
-    """One node: a transport, a durable store, and a replica per configured subject."""
+    """One node: a transport, a durable store, and a replica per configured subject.
+
+    ``warn_open_bus=False`` keeps the open-bus warning out of the log (one-shot commands such
+    as ``worknode set``; ``worknode_nats_open_connection`` is set either way)."""
 
     def __init__(
         self,
@@ -153,8 +158,10 @@ class WorknodeService:
         transport: Transport | None = None,
         roster: TrustRoster | None = None,
         rpc_methods: MethodRegistry | None = None,
+        warn_open_bus: bool = True,
     ) -> None:
         self.settings = settings
+        self._warn_open_bus = warn_open_bus
         self.metrics = ServiceMetrics(
             settings.hosted_subjects(), package_version(), settings.wire_version,
             settings.peer_version,
@@ -287,7 +294,7 @@ class WorknodeService:
         warning = open_server_warning(transport.auth_required, transport.tls_required,
                                       acknowledged=self.settings.nats_insecure)
         self.metrics.nats_open.set(0 if warning is None else 1)
-        if warning is not None:
+        if warning is not None and self._warn_open_bus:
             log.warning("%s: %s", self.settings.node_id, warning)
 
     def _lock_state_dir(self) -> None:
