@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,15 @@ def secure_server(directory: Path, users: Mapping[str, tuple[str, str, tuple[str
     options = {"tls": ca.issue("nats"), "config_extra": render_accounts(identities)}
     env = {ENV_DIR: str(directory), "WORKNODE_NATS_TLS_CA_FILE": str(ca.cert_file)}
     return options, env
+
+
+def run_options(secure: bool, users: Mapping[str, tuple[str, str, tuple[str, ...]]]
+                ) -> tuple[dict[str, Any], dict[str, str]]:
+    """A benchmark run's server options and environment: ``secure_server`` in a fresh
+    directory, or an open bus its services are told is open on purpose."""
+    if secure:
+        return secure_server(Path(tempfile.mkdtemp(prefix="wn-bench-tls-")), users)
+    return {}, {"WORKNODE_NATS_INSECURE": "true"}
 
 
 @contextlib.contextmanager

@@ -326,12 +326,9 @@ def _sustained_rss(url: str, seconds: float) -> tuple[int, int, int]:
 def run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
         secure: bool = False) -> str:
     """One benchmark run (over TLS and nkey users with ``secure``); returns the summary."""
-    from bench._secure import environment, secure_server
+    from bench._secure import environment, run_options
 
-    options: dict[str, Any] = {}
-    env = {"WORKNODE_NATS_INSECURE": "true"}  # open on purpose: the services say it once
-    if secure:
-        options, env = secure_server(Path(tempfile.mkdtemp(prefix="wn-bench-tls-")), USERS)
+    options, env = run_options(secure, USERS)
     with environment(env):  # this process and the children it starts
         return _run(rounds, n, sustain, out, argv, options, secure)
 

@@ -24,7 +24,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.errors import InvalidArgumentError
 from broker.transport import (
+    INBOX_ROOT,
     ConnectOptions,
+    NatsTransport,
     read_nkey_seed,
     seed_public_nkey,
     validate_nats_url,
@@ -34,26 +36,13 @@ from broker.transport import (
 __all__ = [
     "CONNECTION_KEYS",
     "CONNECTION_OPTIONS",
-    "INBOX_ROOT",
     "ClientSettings",
     "NatsClientSettings",
     "client_options",
-    "default_inbox_prefix",
     "open_server_warning",
     "pop_connection",
     "with_connection",
 ]
-
-INBOX_ROOT = "_INBOX"
-"""Every identity's replies arrive below ``_INBOX.<its public nkey>`` (``_INBOX.<name>``
-without an nkey); its NATS permissions let it subscribe there and nowhere else under
-``_INBOX``. The public key, not a name: a client knows it from its seed alone."""
-
-
-def default_inbox_prefix(identity: str) -> str:
-    """``_INBOX.<identity>``: the reply subjects of one identity (its public nkey)."""
-    return f"{INBOX_ROOT}.{identity}"
-
 
 class NatsClientSettings(BaseSettings):
     """How to reach NATS and who to be there: URLs, credentials, TLS, inbox prefix, timeouts.
@@ -127,18 +116,21 @@ class NatsClientSettings(BaseSettings):
             tls_cert_file=self.nats_tls_cert_file,
             tls_key_file=self.nats_tls_key_file,
             tls_hostname=self.nats_tls_hostname,
-            inbox_prefix=self.nats_inbox_prefix or default_inbox_prefix(
-                seed_public_nkey(nkey) if nkey is not None else identity),
+            # Its own inbox, named by its key (a client knows it from its seed alone).
+            inbox_prefix=self.nats_inbox_prefix or
+            f"{INBOX_ROOT}.{seed_public_nkey(nkey) if nkey is not None else identity}",
             connect_timeout=self.nats_connect_timeout_s,
         )
 
 
-def open_server_warning(auth_required: bool, tls: bool, *,
-                        acknowledged: bool = False) -> str | None:
-    """What is open about the NATS connection (None when it is authenticated and encrypted):
-    the warning a service logs at start; ``acknowledged`` (``nats_insecure``) only says that
-    this was asked for."""
-    missing = [what for what, ok in (("authentication", auth_required), ("TLS", tls)) if not ok]
+def open_server_warning(transport: object, *, acknowledged: bool = False) -> str | None:
+    """What is open about ``transport``'s NATS connection (None when it is authenticated and
+    encrypted, or not a NATS connection at all: an injected in-memory transport): the warning
+    a service logs at start; ``acknowledged`` (``nats_insecure``) only says it was asked for."""
+    if not isinstance(transport, NatsTransport):
+        return None
+    missing = [what for what, ok in (("authentication", transport.auth_required),
+                                     ("TLS", transport.tls_required)) if not ok]
     if not missing:
         return None
     if acknowledged:

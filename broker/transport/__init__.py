@@ -8,6 +8,7 @@ and their permissions) in ``broker.transport._auth``.
 """
 
 from broker.transport._auth import (
+    INBOX_ROOT,
     SIGNING_ROLES,
     NatsIdentity,
     Permissions,
@@ -110,6 +111,7 @@ __all__ = [
     "DEFAULT_TLS_HOSTS",
     "ERROR_CODE_HEADER",
     "ERROR_HEADER",
+    "INBOX_ROOT",
     "KINDS",
     "KIND_DELTA",
     "KIND_HEAL",

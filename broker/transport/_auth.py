@@ -93,8 +93,6 @@ __all__ = [
     "render_accounts",
 ]
 
-INBOX_ROOT: Final = "_INBOX"
-"""nats-py's default inbox prefix; every identity gets ``_INBOX.<its public nkey>`` below it."""
 
 REPLICA_SERVICE: Final = "worknode-replica"
 """The healing endpoints' micro service (``broker.healing._wire.REPLICA_SERVICE``)."""
@@ -102,6 +100,9 @@ RPC_SERVICE: Final = "worknode-rpc"
 """The RPC endpoints' micro service (``broker.rpc._server.RPC_SERVICE``)."""
 MICRO_SERVICES: Final = (REPLICA_SERVICE, RPC_SERVICE)
 """The micro services a node runs (named here: importing their modules would run adapters)."""
+INBOX_ROOT: Final = "_INBOX"
+"""nats-py's default inbox prefix; every identity's inbox lies below it
+(``_INBOX.<its public nkey>``, ``inbox_prefix``)."""
 _MICRO_VERBS: Final = ("PING", "INFO", "STATS")
 QUEUE_GROUP: Final = "q"
 """The ADR-32 queue group every micro endpoint joins (``broker.transport._micro``)."""

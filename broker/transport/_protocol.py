@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Protocol, Self, runtime_checkable
 
 from broker.errors import InvalidArgumentError, InvalidSubjectError
+from broker.transport._auth import INBOX_ROOT
 
 if TYPE_CHECKING:
     from broker.transport._micro import Endpoint, ServiceHandle
@@ -61,9 +62,8 @@ DEFAULT_PENDING_MSGS_LIMIT: Final = 65_536
 #: Pending bytes one subscription may hold before new messages are dropped (and counted).
 DEFAULT_PENDING_BYTES_LIMIT: Final = 64 * 1024 * 1024
 
-REPLY_PREFIX: Final = "_INBOX."
-"""Every reply goes to a subject below ``_INBOX`` (each identity's inbox prefix is
-``_INBOX.<its public nkey>``): a responder answers nowhere else."""
+REPLY_PREFIX: Final = f"{INBOX_ROOT}."
+"""Every reply goes to a subject below ``_INBOX``: a responder answers nowhere else."""
 
 
 def is_reply_subject(subject: str | None) -> bool:

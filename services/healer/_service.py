@@ -49,7 +49,6 @@ from broker.healing import (
 from broker.merkle import Diff
 from broker.repair import repair_deltas
 from broker.transport import (
-    NatsTransport,
     Transport,
     complete_despite_cancel,
     discover,
@@ -161,19 +160,16 @@ class HealerService:
     async def _start(self) -> None:
         s = self.settings
         s.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # its key: owner only
+        s.state_dir.chmod(0o700)  # one that existed already too
         self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
         self.secret = read_cluster_secret(s.cluster_secret_file)
         if self.transport is None:
             self.transport = s.connect_options(s.node_id, signing_key=s.key_path()).transport(
                 name=s.node_id, observer=ConnectionLog(s.node_id, log))
         await self.transport.start()
-        s.state_dir.chmod(0o700)  # one that existed already too
-        if isinstance(self.transport, NatsTransport):
-            warning = open_server_warning(self.transport.auth_required,
-                                          self.transport.tls_required,
-                                          acknowledged=s.nats_insecure)
-            if warning is not None:
-                log.warning("%s: %s", s.node_id, warning)
+        warning = open_server_warning(self.transport, acknowledged=s.nats_insecure)
+        if warning is not None:
+            log.warning("%s: %s", s.node_id, warning)
         self.codec = WireCodec(max_payload=self.transport.max_payload)
         self._metrics_http.start(s.metrics_host, s.metrics_port, self.metrics.registry)
         self._running = True

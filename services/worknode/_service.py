@@ -28,7 +28,6 @@ from broker.rpc import MethodRegistry, RpcServer
 from broker.transport import (
     EmbeddedNatsServer,
     NatsIdentity,
-    NatsTransport,
     Role,
     Transport,
     complete_despite_cancel,
@@ -60,7 +59,8 @@ LOCAL_ADMIN = "local-admin"
 def load_or_create_signer(node_id: str, path: Path) -> Signer:
     """The node's signing key from ``path`` (a 32-byte seed), created with mode 0600 if new."""
     if path.exists():
-        if len(path.read_bytes()) != 32:
+        seed = path.read_bytes()
+        if len(seed) != 32:
             raise InvalidArgumentError(f"{path} is not a 32-byte Ed25519 seed")
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:  # a key others can read is a key others may hold: close it now
@@ -72,9 +72,6 @@ def load_or_create_signer(node_id: str, path: Path) -> Signer:
                 raise InvalidArgumentError(
                     f"{path} is readable by other users (mode {mode:o}) and cannot be made "
                     f"0600 ({exc.strerror or exc}): chmod 600 it") from None
-        seed = path.read_bytes()
-        if len(seed) != 32:
-            raise InvalidArgumentError(f"{path} is not a 32-byte Ed25519 seed")
         return Signer(node_id, seed)
     signer = Signer.generate(node_id)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -288,11 +285,7 @@ class WorknodeService:
     def _check_open_connection(self) -> None:
         """Warn (and set ``worknode_nats_open_connection``) when the NATS connection is
         unauthenticated or in the clear (``nats_insecure`` only changes the words)."""
-        transport = self.transport
-        if not isinstance(transport, NatsTransport):
-            return  # an injected transport (tests, in-memory): not a NATS connection
-        warning = open_server_warning(transport.auth_required, transport.tls_required,
-                                      acknowledged=self.settings.nats_insecure)
+        warning = open_server_warning(self.transport, acknowledged=self.settings.nats_insecure)
         self.metrics.nats_open.set(0 if warning is None else 1)
         if warning is not None and self._warn_open_bus:
             log.warning("%s: %s", self.settings.node_id, warning)

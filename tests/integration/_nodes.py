@@ -36,11 +36,12 @@ def roster_of(settings: Sequence[WorknodeSettings]) -> TrustRoster:
     )
 
 
-async def run_cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> tuple[int, str, str]:
-    """``worknode ARGS`` as a real process (killed if it outlives ``timeout``): its status,
-    stdout and stderr."""
+async def run_cli(*args: str, cwd: Path | None = None, timeout: float = 60,
+                  env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``worknode ARGS`` as a real process (killed if it outlives ``timeout``; ``env``: its
+    whole environment, default this one's): its status, stdout and stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", *args, cwd=cwd,
+        sys.executable, "-m", "services.cli", *args, cwd=cwd, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:

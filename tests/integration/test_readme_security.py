@@ -16,6 +16,7 @@ from pathlib import Path
 from broker.testing import running_nats_server
 from broker.transport import TlsFiles
 from services.worknode import WorknodeService, WorknodeSettings
+from tests.integration._nodes import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,17 +38,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 async def _cli(cwd: Path, *args: str, **env: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", *args, cwd=cwd, env=_env(**env),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli(*args, cwd=cwd, env=_env(**env))
 
 
 async def test_readme_identity_commands_secure_a_real_bus(tmp_path):
