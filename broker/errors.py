@@ -32,6 +32,7 @@ __all__ = [
     "CodecError",
     "ConnectionRefusedByServerError",
     "DeadlineExceededError",
+    "ExpiredRequestError",
     "FailedPreconditionError",
     "InvalidArgumentError",
     "InvalidKeyError",
@@ -48,6 +49,7 @@ __all__ = [
     "NotConnectedError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "ReplayedRequestError",
     "ReplicaError",
     "ResourceExhaustedError",
     "RpcError",
@@ -292,6 +294,17 @@ class UnknownSignerError(SignatureError):
     """The signer is not in the receiver's trust roster. Add its public key to the roster
     if the node is legitimate.
     """
+
+
+class ReplayedRequestError(SignatureError):
+    """A signed request arrived a second time within its lifetime (same signer and nonce):
+    a replay, refused. A legitimate sender signs every request afresh; do not retry the
+    same bytes."""
+
+
+class ExpiredRequestError(SignatureError):
+    """A signed request is past its expiry, issued too far in the future, or claims too long
+    a lifetime. Check the sender's clock; send a freshly signed request."""
 
 
 # -- transport, server, storage, replicas ----------------------------------------------------

@@ -3,6 +3,18 @@
 Pure: bytes and keys in, objects out. Every decode failure is a ``broker.errors.CodecError``.
 """
 
+from broker.codec._binding import (
+    AUTH_HEADER,
+    KeyLookup,
+    RateLimiter,
+    ReplayGuard,
+    RequestAuth,
+    parse_auth,
+    sign_reply,
+    sign_request,
+    verify_reply,
+    verify_request,
+)
 from broker.codec._document import CAUSAL_OF_KIND
 from broker.codec._schema import (
     CURRENT_VERSION,
@@ -23,6 +35,7 @@ from broker.codec._wire import (
 )
 
 __all__ = [
+    "AUTH_HEADER",
     "CAUSAL_OF_KIND",
     "COMPRESS_MIN_BYTES",
     "CURRENT_VERSION",
@@ -33,10 +46,19 @@ __all__ = [
     "REPORT_DOMAIN",
     "SUPPORTED_VERSIONS",
     "Envelope",
+    "KeyLookup",
+    "RateLimiter",
+    "ReplayGuard",
+    "RequestAuth",
     "Signer",
     "TrustRoster",
     "WireCodec",
     "WireSchema",
     "decoding",
     "load_schema",
+    "parse_auth",
+    "sign_reply",
+    "sign_request",
+    "verify_reply",
+    "verify_request",
 ]

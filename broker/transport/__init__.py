@@ -33,6 +33,7 @@ from broker.transport._micro import (
     ERROR_CODE_HEADER,
     ERROR_HEADER,
     Endpoint,
+    EndpointAuth,
     ErrorReply,
     GenericService,
     ServiceCallError,
@@ -66,6 +67,7 @@ from broker.transport._protocol import (
     validate_headers,
 )
 from broker.transport._server import EmbeddedNatsServer, find_nats_server
+from broker.transport._signed import RequestSigner, SignedEndpointAuth, Signers
 from broker.transport._subjects import (
     KIND_DELTA,
     KIND_HEAL,
@@ -128,6 +130,7 @@ __all__ = [
     "ConnectOptions",
     "EmbeddedNatsServer",
     "Endpoint",
+    "EndpointAuth",
     "ErrorReply",
     "GenericService",
     "Handler",
@@ -141,10 +144,13 @@ __all__ = [
     "NatsTransport",
     "NullObserver",
     "Permissions",
+    "RequestSigner",
     "Role",
     "ServiceCallError",
     "ServiceHandle",
     "ServiceInfo",
+    "SignedEndpointAuth",
+    "Signers",
     "SlowConsumerCallback",
     "SubjectParts",
     "Subscription",

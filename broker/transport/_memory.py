@@ -455,6 +455,12 @@ class MemoryTransport:
         return self._network
 
     @property
+    def reply_root(self) -> str:
+        """The inbox prefix every reply subject of this transport's requests lies under
+        (fixed when it starts; '' before)."""
+        return self._inbox_prefix
+
+    @property
     def max_payload(self) -> int:
         """The network's max_payload."""
         return self._network.max_payload

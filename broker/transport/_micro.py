@@ -34,11 +34,13 @@ from typing import Any, Final, Protocol
 
 from broker.errors import StatusCode, WorknodeError
 from broker.transport._protocol import Msg, Subscription, Transport
+from broker.transport._signed import RequestSigner, Signers
 
 __all__ = [
     "ERROR_CODE_HEADER",
     "ERROR_HEADER",
     "Endpoint",
+    "EndpointAuth",
     "EndpointHandler",
     "ErrorReply",
     "GenericService",
@@ -50,6 +52,7 @@ __all__ = [
     "discover",
     "error_body",
     "error_code",
+    "error_headers",
 ]
 
 ERROR_HEADER: Final = "Nats-Service-Error"
@@ -71,6 +74,23 @@ class Endpoint:
     concurrent: bool = False
     """Call the handler at once for each request and run the awaitable it returns, if any,
     in its own task (the handler bounds concurrency itself)."""
+    auth: EndpointAuth | None = None
+    """Authenticate each request before the handler sees it (a refusal is answered as the
+    error it raises) and sign every reply (``broker.transport.SignedEndpointAuth``)."""
+
+
+class EndpointAuth(Protocol):
+    """Who may call an endpoint, and the signature on its replies."""
+
+    def authenticate(self, msg: Msg) -> object:
+        """Return if ``msg`` may be served; raise the ``WorknodeError`` to answer if not."""
+        ...
+
+    def reply_headers(
+        self, msg: Msg, body: bytes, headers: Mapping[str, str] | None
+    ) -> dict[str, str]:
+        """``headers`` of the reply to ``msg`` carrying ``body``, plus its signature."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +155,16 @@ def error_code(exc: BaseException) -> str:
 def error_body(exc: BaseException) -> bytes:
     """The body of the error reply for a handler's exception (empty unless ``ErrorReply``)."""
     return exc.body if isinstance(exc, ErrorReply) else b""
+
+
+def error_headers(exc: BaseException) -> dict[str, str]:
+    """The ADR-32 headers of the error reply for a handler's exception (a bug is answered
+    500 without its text)."""
+    if isinstance(exc, WorknodeError):
+        # One header line: a message's line breaks would end the header block.
+        text = " ".join(str(exc).split())
+        return {ERROR_HEADER: text, ERROR_CODE_HEADER: error_code(exc)}
+    return {ERROR_HEADER: f"internal error: {type(exc).__name__}", ERROR_CODE_HEADER: "500"}
 
 
 class TaskSet:
@@ -218,6 +248,8 @@ class GenericService:
             stats["num_requests"] += 1
             t0 = time.perf_counter_ns()
             try:
+                if ep.auth is not None:
+                    ep.auth.authenticate(msg)
                 out = ep.handler(msg)
                 if not isinstance(out, bytes):
                     if ep.concurrent:
@@ -229,8 +261,7 @@ class GenericService:
                 await self._answer_error(ep, msg, exc)
                 return
             stats["processing_time"] += time.perf_counter_ns() - t0
-            if msg.reply:
-                await self.transport.respond(msg, out)
+            await self._answer(ep, msg, out)
 
         async def finish(msg: Msg, pending: Awaitable[bytes], t0: int) -> None:
             try:
@@ -240,21 +271,22 @@ class GenericService:
                 await self._answer_error(ep, msg, exc)
                 return
             self._stats[ep.name]["processing_time"] += time.perf_counter_ns() - t0
-            if msg.reply:
-                await self.transport.respond(msg, body)
+            await self._answer(ep, msg, body)
 
         return handle
 
+    async def _answer(
+        self, ep: Endpoint, msg: Msg, body: bytes, headers: dict[str, str] | None = None
+    ) -> None:
+        if not msg.reply:
+            return
+        if ep.auth is not None:
+            headers = ep.auth.reply_headers(msg, body, headers)
+        await self.transport.respond(msg, body, headers=headers)
+
     async def _answer_error(self, ep: Endpoint, msg: Msg, exc: Exception) -> None:
         self._stats[ep.name]["num_errors"] += 1
-        if isinstance(exc, WorknodeError):
-            code, text = error_code(exc), str(exc)
-        else:
-            code, text = "500", f"internal error: {type(exc).__name__}"
-        if msg.reply:
-            await self.transport.respond(
-                msg, error_body(exc), headers={ERROR_HEADER: text, ERROR_CODE_HEADER: code}
-            )
+        await self._answer(ep, msg, error_body(exc), error_headers(exc))
 
     def _document(self, verb: str) -> dict[str, Any]:
         base = {"name": self.name, "id": self._id, "version": self.version,
@@ -325,10 +357,21 @@ async def discover(
 
 
 async def call(
-    transport: Transport, subject: str, data: bytes, *, timeout: float  # noqa: ASYNC109
+    transport: Transport,
+    subject: str,
+    data: bytes,
+    *,
+    timeout: float,  # noqa: ASYNC109
+    signer: RequestSigner | None = None,
+    signers: Signers = None,
 ) -> bytes:
-    """Request ``subject``; the reply body, or ``ServiceCallError`` for an error reply."""
-    reply = await transport.request(subject, data, timeout=timeout)
+    """Request ``subject``; the reply body, or ``ServiceCallError`` for an error reply.
+    With ``signer`` the request is signed and the reply (error replies too) must be signed by
+    one of ``signers`` and bound to it, else a ``SignatureError`` subclass."""
+    if signer is not None:
+        reply = await signer.request(transport, subject, data, timeout=timeout, signers=signers)
+    else:
+        reply = await transport.request(subject, data, timeout=timeout)
     headers = reply.headers or {}
     if ERROR_CODE_HEADER in headers:
         raise ServiceCallError(headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, ""))

@@ -52,7 +52,14 @@ from broker.errors import (
     TransportTimeoutError,
     WorknodeError,
 )
-from broker.transport._micro import Endpoint, ServiceHandle, TaskSet, error_body, error_code
+from broker.transport._micro import (
+    Endpoint,
+    ErrorReply,
+    ServiceHandle,
+    TaskSet,
+    error_body,
+    error_headers,
+)
 from broker.transport._protocol import (
     DEFAULT_PENDING_BYTES_LIMIT,
     DEFAULT_PENDING_MSGS_LIMIT,
@@ -222,6 +229,7 @@ def _micro_handler(ep: Endpoint, tasks: TaskSet) -> Any:
     # own task (see ``Endpoint``).
     handler = ep.handler
     concurrent = ep.concurrent
+    auth = ep.auth
 
     async def handle(req: Any) -> None:
         reply = req._msg.reply
@@ -231,55 +239,67 @@ def _micro_handler(ep: Endpoint, tasks: TaskSet) -> Any:
             _log.warning("endpoint %s: request with reply subject %r dropped (not an inbox)",
                          ep.subject, reply[:80])
             return
+        # The reply subject is part of a signed request (its inbox root): keep it.
+        msg = new_msg(req.subject, req.data, reply if auth is not None else "", req.headers)
         try:
-            out = handler(new_msg(req.subject, req.data, "", req.headers))
+            if auth is not None:
+                auth.authenticate(msg)
+            out = handler(msg)
             if not isinstance(out, bytes):
                 if concurrent:
-                    tasks.spawn(finish(req, out))
+                    tasks.spawn(finish(req, msg, out))
                     return
                 out = await out
         except Exception as exc:
-            await _answer_error(ep, req, exc)
+            await _answer_error(ep, req, msg, exc)
+            return
+        if auth is not None:
+            await _answer(ep, req, msg, out)
             return
         try:  # _answer, inlined: one coroutine less on every request
             await req.respond(out)
         except nats.errors.Error as exc:
-            await _answer_failed(ep, req, exc)
+            await _answer_failed(ep, req, msg, exc)
 
-    async def finish(req: Any, pending: Awaitable[bytes]) -> None:
+    async def finish(req: Any, msg: Msg, pending: Awaitable[bytes]) -> None:
         try:
             body = await pending
         except Exception as exc:
-            await _answer_error(ep, req, exc)
+            await _answer_error(ep, req, msg, exc)
             return
-        await _answer(ep, req, body)
+        await _answer(ep, req, msg, body)
 
     return handle
 
 
-async def _answer_error(ep: Endpoint, req: Any, exc: Exception) -> None:
-    if isinstance(exc, WorknodeError):
-        with contextlib.suppress(nats.errors.Error):
-            await req.respond_error(error_code(exc), str(exc), error_body(exc))
-        return
-    # A bug: answer 500 rather than leave the caller waiting.
-    _log.error("endpoint %s raised", ep.subject, exc_info=exc)
+async def _answer_error(ep: Endpoint, req: Any, msg: Msg, exc: Exception) -> None:
+    if not isinstance(exc, WorknodeError):
+        # A bug: answer 500 rather than leave the caller waiting.
+        _log.error("endpoint %s raised", ep.subject, exc_info=exc)
+    body = error_body(exc)
+    headers = error_headers(exc)
+    if ep.auth is not None:
+        headers = ep.auth.reply_headers(msg, body, headers)
     with contextlib.suppress(nats.errors.Error):
-        await req.respond_error("500", f"internal error: {type(exc).__name__}")
+        await req.respond(body, headers=headers)
 
 
-async def _answer(ep: Endpoint, req: Any, body: bytes) -> None:
+async def _answer(ep: Endpoint, req: Any, msg: Msg, body: bytes) -> None:
     try:
-        await req.respond(body)
+        if ep.auth is not None:
+            await req.respond(body, headers=ep.auth.reply_headers(msg, body, None))
+        else:
+            await req.respond(body)
     except nats.errors.Error as exc:
-        await _answer_failed(ep, req, exc)
+        await _answer_failed(ep, req, msg, exc)
 
 
-async def _answer_failed(ep: Endpoint, req: Any, exc: nats.errors.Error) -> None:
+async def _answer_failed(ep: Endpoint, req: Any, msg: Msg, exc: nats.errors.Error) -> None:
     if isinstance(exc, nats.errors.MaxPayloadError):
         # Never leave the caller to time out: say why there is no answer.
-        with contextlib.suppress(nats.errors.Error):
-            await req.respond_error("413", "reply larger than the server's max_payload")
+        await _answer_error(
+            ep, req, msg, ErrorReply("413", "reply larger than the server's max_payload")
+        )
     else:
         _log.warning("could not answer a request on %s", ep.subject)
 
@@ -543,6 +563,7 @@ class NatsTransport:
                 raise InvalidArgumentError(f"{label} must be >= 1, got {count!r}")
         if inbox_prefix is not None:
             validate_subject(inbox_prefix, "inbox prefix")
+        self._reply_root = inbox_prefix if inbox_prefix is not None else "_INBOX"
         self._servers = urls
         self._shown = [redact_credentials(url) for url in urls]  # for messages: no secrets
         self._name = name
@@ -591,6 +612,11 @@ class NatsTransport:
     def name(self) -> str:
         """The connection name (shown in the server's monitoring)."""
         return self._name
+
+    @property
+    def reply_root(self) -> str:
+        """The inbox prefix every reply subject of this transport's requests lies under."""
+        return self._reply_root
 
     @property
     def max_payload(self) -> int:

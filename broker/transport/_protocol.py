@@ -253,6 +253,12 @@ class Transport(Protocol):
         """Whether the transport can reach the server right now."""
         ...
 
+    @property
+    def reply_root(self) -> str:
+        """The inbox prefix every reply subject of this transport's requests lies under: what
+        a signed request names as its requester's inbox (see ``broker.codec.sign_request``)."""
+        ...
+
     async def start(self) -> None:
         """Connect. Idempotent."""
         ...

@@ -1,0 +1,365 @@
+"""Requests and replies signed and bound to their request, their sender and their moment.
+
+A request or reply keeps its body as it is (Cap'n Proto, an envelope) and carries one header,
+``Worknode-Auth``: the signer's id, a random nonce, issue and expiry times (Unix ms), the
+requester's reply root (its inbox prefix: the reply subject must lie under it) and an Ed25519
+signature over
+
+    request:  REQUEST_DOMAIN | signer | subject | reply root | nonce | issued | expires
+              | every other header (sorted) | SHA-256(body)
+    reply:    REPLY_DOMAIN | signer | the request's signature | issued
+              | every other header (sorted) | SHA-256(body)
+
+each field length-prefixed, so no two different messages sign the same bytes. Hence:
+
+- a request cannot be moved to another subject, to a reply subject outside the requester's
+  inbox root (which bus permissions let only that identity read), to other headers
+  (``Worknode-Sync: announce`` cannot become ``request``) or another body; it expires
+  (``expires``, at most ``MAX_LIFETIME_MS`` after ``issued``), and within its lifetime
+  a ``ReplayGuard`` refuses it a second time (same signer and nonce);
+- a reply names the request it answers by that request's signature (unique, unforgeable), and
+  its own signer: a reply replayed to another request, or relayed from another responder, does
+  not verify for the requester, who also checks the signer is the one it asked.
+
+Invariants: every verification failure is a ``SignatureError`` subclass, whatever the header
+holds; nothing here reads a clock or draws randomness (``now_ms`` and ``nonce`` are
+arguments). A key lookup is any object with ``TrustRoster.verify``'s signature.
+
+Pure: bytes and ints in, bytes, values or errors out.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections import OrderedDict
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from broker.codec._signing import SIGNATURE_SIZE, Signer
+from broker.errors import (
+    BadSignatureError,
+    ExpiredRequestError,
+    InvalidArgumentError,
+    ReplayedRequestError,
+    ResourceExhaustedError,
+    UnsignedMessageError,
+)
+
+__all__ = [
+    "AUTH_HEADER",
+    "DEFAULT_LIFETIME_MS",
+    "MAX_LIFETIME_MS",
+    "MAX_SKEW_MS",
+    "NONCE_SIZE",
+    "REPLY_DOMAIN",
+    "REQUEST_DOMAIN",
+    "KeyLookup",
+    "RateLimiter",
+    "ReplayGuard",
+    "RequestAuth",
+    "parse_auth",
+    "sign_reply",
+    "sign_request",
+    "verify_reply",
+    "verify_request",
+]
+
+AUTH_HEADER: Final = "Worknode-Auth"
+REQUEST_DOMAIN: Final = b"worknode-request\x00"
+REPLY_DOMAIN: Final = b"worknode-reply\x00"
+NONCE_SIZE: Final = 16
+DEFAULT_LIFETIME_MS: Final = 10_000
+"""A request's lifetime unless its sender chooses another (the longest RPC deadline is 30 s:
+an RPC request lives as long as its deadline)."""
+MAX_LIFETIME_MS: Final = 60_000
+"""Longest lifetime a verifier accepts: bounds how long a ``ReplayGuard`` remembers a nonce."""
+MAX_SKEW_MS: Final = 5_000
+"""How far in the future a request's issue time may lie (clocks of two hosts disagree)."""
+_VERSION: Final = "1"
+_MAX_HEADER: Final = 512
+_ID: Final = re.compile(r"[!-~]{1,128}", re.ASCII)  # printable ASCII without space
+
+
+class KeyLookup(Protocol):
+    """Verifies a signature by a named signer (``TrustRoster`` is one)."""
+
+    def verify(self, signer: str, body: bytes, signature: bytes, domain: bytes = ...) -> None:
+        """Raise a ``SignatureError`` subclass unless ``signature`` is ``signer``'s."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAuth:
+    """The ``Worknode-Auth`` header of one request or reply, parsed (not yet verified)."""
+
+    signer: str
+    nonce: bytes
+    issued_ms: int
+    expires_ms: int
+    reply_root: str
+    """The inbox prefix the request's reply subject lies under ('' for a reply, or a request
+    that expects none)."""
+    signature: bytes
+
+    def header(self) -> str:
+        """The header value."""
+        return " ".join((
+            _VERSION, self.signer, _b64(self.nonce) or "-", str(self.issued_ms),
+            str(self.expires_ms), self.reply_root or "-", _b64(self.signature),
+        ))
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    if text == "-":
+        return b""
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise BadSignatureError("Worknode-Auth: a field is not base64url") from exc
+
+
+def parse_auth(value: str | None) -> RequestAuth:
+    """The parsed header; ``UnsignedMessageError`` if absent, ``BadSignatureError`` if it
+    does not have the form ``1 <signer> <nonce> <issued> <expires> <reply root> <signature>``
+    (``-`` for an empty nonce or root)."""
+    if not value:
+        raise UnsignedMessageError(f"request or reply carries no {AUTH_HEADER} header")
+    if len(value) > _MAX_HEADER:
+        raise BadSignatureError(f"{AUTH_HEADER} header is over {_MAX_HEADER} characters")
+    parts = value.split(" ")
+    if len(parts) != 7 or parts[0] != _VERSION:
+        raise BadSignatureError(f"{AUTH_HEADER} header has an unknown form")
+    _, signer, nonce, issued, expires, root, signature = parts
+    if _ID.fullmatch(signer) is None or _ID.fullmatch(root) is None:
+        raise BadSignatureError(f"{AUTH_HEADER} header names no valid signer or reply root")
+    if not (issued.isdigit() and expires.isdigit() and len(issued) < 16 and len(expires) < 16):
+        raise BadSignatureError(f"{AUTH_HEADER} header times are not Unix milliseconds")
+    sig = _unb64(signature)
+    if len(sig) != SIGNATURE_SIZE:
+        raise BadSignatureError(f"{AUTH_HEADER} signature is not {SIGNATURE_SIZE} bytes")
+    return RequestAuth(
+        signer, _unb64(nonce), int(issued), int(expires), "" if root == "-" else root, sig
+    )
+
+
+def _field(out: list[bytes], value: bytes) -> None:
+    out.append(len(value).to_bytes(4, "big"))
+    out.append(value)
+
+
+def _headers_part(out: list[bytes], headers: Mapping[str, str] | None) -> None:
+    items = sorted(
+        (k, v) for k, v in (headers or {}).items() if k.lower() != AUTH_HEADER.lower()
+    )
+    out.append(len(items).to_bytes(4, "big"))
+    for key, value in items:
+        _field(out, key.encode())
+        _field(out, value.strip().encode())  # values arrive stripped (the NATS wire)
+
+
+def _request_bytes(
+    signer: str, subject: str, reply_root: str, nonce: bytes, issued_ms: int,
+    expires_ms: int, headers: Mapping[str, str] | None, body: bytes,
+) -> bytes:
+    out: list[bytes] = []
+    for part in (signer.encode(), subject.encode(), reply_root.encode(), nonce):
+        _field(out, part)
+    out.append(issued_ms.to_bytes(8, "big"))
+    out.append(expires_ms.to_bytes(8, "big"))
+    _headers_part(out, headers)
+    out.append(hashlib.sha256(body).digest())
+    return b"".join(out)
+
+
+def _reply_bytes(
+    signer: str, request_signature: bytes, issued_ms: int,
+    headers: Mapping[str, str] | None, body: bytes,
+) -> bytes:
+    out: list[bytes] = []
+    _field(out, signer.encode())
+    _field(out, request_signature)
+    out.append(issued_ms.to_bytes(8, "big"))
+    _headers_part(out, headers)
+    out.append(hashlib.sha256(body).digest())
+    return b"".join(out)
+
+
+def sign_request(
+    signer: Signer,
+    *,
+    subject: str,
+    reply_root: str,
+    body: bytes,
+    headers: Mapping[str, str] | None,
+    now_ms: int,
+    nonce: bytes,
+    lifetime_ms: int = DEFAULT_LIFETIME_MS,
+) -> RequestAuth:
+    """The auth of a request from ``signer`` (put ``.header()`` in ``AUTH_HEADER``).
+
+    ``reply_root``: the inbox prefix its reply subject lies under ('' when it expects no
+    reply); ``headers``: every other header it carries, exactly as sent; ``nonce``:
+    ``NONCE_SIZE`` fresh random bytes.
+    """
+    if reply_root and _ID.fullmatch(reply_root) is None:
+        raise InvalidArgumentError(f"invalid reply root {reply_root!r}")
+    if len(nonce) != NONCE_SIZE:
+        raise InvalidArgumentError(f"a request nonce is {NONCE_SIZE} bytes")
+    if not 0 < lifetime_ms <= MAX_LIFETIME_MS or now_ms < 0:
+        raise InvalidArgumentError(f"request lifetime must be in (0, {MAX_LIFETIME_MS}] ms")
+    expires = now_ms + lifetime_ms
+    message = _request_bytes(
+        signer.node_id, subject, reply_root, nonce, now_ms, expires, headers, body
+    )
+    return RequestAuth(
+        signer.node_id, nonce, now_ms, expires, reply_root, signer.sign(message, REQUEST_DOMAIN)
+    )
+
+
+def verify_request(
+    keys: KeyLookup,
+    value: str | None,
+    *,
+    subject: str,
+    reply: str,
+    body: bytes,
+    headers: Mapping[str, str] | None,
+    now_ms: int,
+    signers: Collection[str] | None = None,
+) -> RequestAuth:
+    """The verified auth of a request, or a ``SignatureError`` subclass: unsigned, malformed,
+    a reply subject (``reply``, as received) outside the signed reply root (or a reply
+    subject on a request signed to expect none), a signer not in ``signers`` (when given) or
+    unknown to ``keys``, a bad signature,
+    ``ExpiredRequestError`` (expired, issued more than ``MAX_SKEW_MS`` ahead, or a lifetime
+    over ``MAX_LIFETIME_MS``). Replays within the lifetime are a ``ReplayGuard``'s job."""
+    auth = parse_auth(value)
+    if len(auth.nonce) != NONCE_SIZE:
+        raise BadSignatureError(f"request nonce is not {NONCE_SIZE} bytes")
+    root = auth.reply_root
+    if reply and not (root and reply.startswith(root + ".")):
+        raise BadSignatureError("reply subject outside the requester's signed inbox root")
+    if signers is not None and auth.signer not in signers:
+        raise BadSignatureError(f"requests from {auth.signer!r} are not served here")
+    if auth.expires_ms <= now_ms:
+        raise ExpiredRequestError(f"request from {auth.signer!r} expired")
+    if auth.issued_ms > now_ms + MAX_SKEW_MS:
+        raise ExpiredRequestError(f"request from {auth.signer!r} issued in the future")
+    if not 0 < auth.expires_ms - auth.issued_ms <= MAX_LIFETIME_MS:
+        raise ExpiredRequestError(f"request from {auth.signer!r} claims too long a lifetime")
+    message = _request_bytes(
+        auth.signer, subject, root, auth.nonce, auth.issued_ms, auth.expires_ms, headers, body
+    )
+    keys.verify(auth.signer, message, auth.signature, REQUEST_DOMAIN)
+    return auth
+
+
+def sign_reply(
+    signer: Signer,
+    request_signature: bytes,
+    *,
+    body: bytes,
+    headers: Mapping[str, str] | None,
+    now_ms: int,
+) -> str:
+    """The ``AUTH_HEADER`` value of a reply to the request signed ``request_signature``
+    (``headers``: every other header the reply carries, exactly as sent)."""
+    message = _reply_bytes(signer.node_id, request_signature, now_ms, headers, body)
+    signature = signer.sign(message, REPLY_DOMAIN)
+    return RequestAuth(signer.node_id, b"", now_ms, 0, "", signature).header()
+
+
+def verify_reply(
+    keys: KeyLookup,
+    value: str | None,
+    *,
+    request: RequestAuth,
+    body: bytes,
+    headers: Mapping[str, str] | None,
+    signers: Collection[str] | None = None,
+) -> str:
+    """The signer of a verified reply to ``request`` (the auth this requester sent), or a
+    ``SignatureError`` subclass: unsigned, malformed, signed by someone not in ``signers``
+    (when given: a relayed reply), or not bound to this request (a replayed one)."""
+    auth = parse_auth(value)
+    if signers is not None and auth.signer not in signers:
+        raise BadSignatureError(
+            f"reply signed by {auth.signer!r}, not by the responder asked (a relay?)"
+        )
+    message = _reply_bytes(auth.signer, request.signature, auth.issued_ms, headers, body)
+    keys.verify(auth.signer, message, auth.signature, REPLY_DOMAIN)
+    return auth.signer
+
+
+class ReplayGuard:
+    """Remembers each verified request's ``(signer, nonce)`` until it expires, and refuses it a
+    second time. Bounded: with ``capacity`` unexpired requests remembered, new ones are refused
+    (``ResourceExhaustedError``) rather than an old one forgotten (which would let it replay)."""
+
+    __slots__ = ("_capacity", "_seen")
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        if capacity < 1:
+            raise InvalidArgumentError("a replay guard holds at least one request")
+        self._capacity = capacity
+        # Insertion order is not expiry order (lifetimes differ): evict from the front
+        # while expired, and sweep whole when full.
+        self._seen: OrderedDict[tuple[str, bytes], int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check(self, auth: RequestAuth, now_ms: int) -> None:
+        """Record ``auth`` (verified) or raise ``ReplayedRequestError`` if seen before."""
+        seen = self._seen
+        while seen:
+            key, expires = next(iter(seen.items()))
+            if expires > now_ms:
+                break
+            del seen[key]
+        key = (auth.signer, auth.nonce)
+        if key in seen:
+            raise ReplayedRequestError(f"request from {auth.signer!r} replayed")
+        if len(seen) >= self._capacity:
+            for k in [k for k, e in seen.items() if e <= now_ms]:
+                del seen[k]
+            if len(seen) >= self._capacity:
+                raise ResourceExhaustedError(
+                    f"{self._capacity} requests in their lifetime already; retry later"
+                )
+        seen[key] = auth.expires_ms
+
+
+class RateLimiter:
+    """Token buckets per key (a signer, say): ``rate`` per second, bursts of ``burst``.
+    Bounded: at most ``max_keys`` buckets (the least recently used is forgotten, which only
+    ever lets its key start again with a full bucket)."""
+
+    __slots__ = ("_buckets", "burst", "max_keys", "rate")
+
+    def __init__(self, rate: float, burst: float, *, max_keys: int = 4096) -> None:
+        if not rate > 0 or not burst >= 1 or max_keys < 1:
+            raise InvalidArgumentError("a rate limit needs rate > 0, burst >= 1, max_keys >= 1")
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def allow(self, key: str, now_ms: int, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens from ``key``'s bucket if it holds them."""
+        tokens, at = self._buckets.pop(key, (self.burst, now_ms))
+        tokens = min(self.burst, tokens + max(0, now_ms - at) * self.rate / 1000.0)
+        ok = tokens >= cost
+        if ok:
+            tokens -= cost
+        self._buckets[key] = (tokens, now_ms)
+        if len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return ok

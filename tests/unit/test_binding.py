@@ -1,0 +1,209 @@
+"""Signed requests and replies bound to their request (broker.codec._binding), pure."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.codec import (
+    AUTH_HEADER,
+    RateLimiter,
+    ReplayGuard,
+    Signer,
+    TrustRoster,
+    parse_auth,
+    sign_reply,
+    sign_request,
+    verify_reply,
+    verify_request,
+)
+from broker.codec._binding import MAX_LIFETIME_MS, MAX_SKEW_MS
+from broker.errors import (
+    BadSignatureError,
+    ExpiredRequestError,
+    InvalidArgumentError,
+    ReplayedRequestError,
+    ResourceExhaustedError,
+    SignatureError,
+    UnknownSignerError,
+    UnsignedMessageError,
+)
+
+A = Signer("node-a", bytes(range(32)))
+B = Signer("node-b", bytes(range(1, 33)))
+ROSTER = TrustRoster({"node-a": A.public_key, "node-b": B.public_key})
+NOW = 1_800_000_000_000
+SUBJECT = "wn.ns.sync.orders"
+ROOT = "_INBOX.UABC"
+REPLY = ROOT + ".x1.7"
+HEADERS = {"Worknode-Sync": "request", "Worknode-Full": "1"}
+BODY = b"\x00\x01request body"
+
+
+def _request(nonce: bytes = b"n" * 16, now: int = NOW, **kw: object) -> tuple[str, object]:
+    auth = sign_request(
+        A, subject=SUBJECT, reply_root=ROOT, body=BODY, headers=HEADERS, now_ms=now,
+        nonce=nonce, **kw,  # type: ignore[arg-type]
+    )
+    return auth.header(), auth
+
+
+def _verify(value: str | None, **kw: object) -> object:
+    args: dict[str, object] = {
+        "subject": SUBJECT, "reply": REPLY, "body": BODY, "headers": HEADERS, "now_ms": NOW,
+    }
+    args.update(kw)
+    return verify_request(ROSTER, value, **args)  # type: ignore[arg-type]
+
+
+def test_a_request_verifies_as_sent() -> None:
+    value, auth = _request()
+    got = _verify(value)
+    assert got == auth
+    assert parse_auth(value) == auth
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"subject": "wn.ns.sync.other"},
+        {"reply": "_INBOX.UEVE.x1.7"},  # the attacker's own inbox: not the requester's
+        {"reply": "_INBOX.UABCD.x1"},  # a root that only starts like the signed one
+        {"body": BODY + b"!"},
+        {"headers": {"Worknode-Sync": "announce", "Worknode-Full": "1"}},
+        {"headers": {"Worknode-Sync": "request"}},
+        {"headers": {**HEADERS, "Worknode-To": "node-c"}},
+    ],
+)
+def test_a_request_moved_or_altered_does_not_verify(change: dict[str, object]) -> None:
+    value, _ = _request()
+    with pytest.raises(BadSignatureError):
+        _verify(value, **change)
+
+
+def test_announce_cannot_pass_as_request() -> None:
+    # An announce expects no reply: signed without a reply root, it is refused with one.
+    auth = sign_request(
+        A, subject=SUBJECT, reply_root="", body=BODY, headers={"Worknode-Sync": "announce"},
+        now_ms=NOW, nonce=b"a" * 16,
+    )
+    with pytest.raises(BadSignatureError):
+        _verify(auth.header(), headers={"Worknode-Sync": "request"})
+    with pytest.raises(BadSignatureError):
+        _verify(auth.header(), headers={"Worknode-Sync": "announce"})  # a reply subject added
+    assert _verify(auth.header(), reply="", headers={"Worknode-Sync": "announce"}) == auth
+
+
+def test_expiry_and_clock_bounds() -> None:
+    value, _ = _request(lifetime_ms=1000)
+    _verify(value, now_ms=NOW + 999)
+    with pytest.raises(ExpiredRequestError):
+        _verify(value, now_ms=NOW + 1000)
+    with pytest.raises(ExpiredRequestError):
+        _verify(value, now_ms=NOW - MAX_SKEW_MS - 1)  # issued too far ahead of this clock
+    with pytest.raises(InvalidArgumentError):
+        _request(lifetime_ms=MAX_LIFETIME_MS + 1)
+
+
+def test_unknown_and_unsigned() -> None:
+    with pytest.raises(UnsignedMessageError):
+        _verify(None)
+    eve = Signer("node-e", bytes(32))
+    auth = sign_request(eve, subject=SUBJECT, reply_root=ROOT, body=BODY, headers=HEADERS,
+                        now_ms=NOW, nonce=b"e" * 16)
+    with pytest.raises(UnknownSignerError):
+        _verify(auth.header())
+    value, _ = _request()
+    with pytest.raises(BadSignatureError):
+        _verify(value, signers={"node-b"})  # a known key, but not one served here
+
+
+def test_a_forged_signer_name_fails() -> None:
+    value, _ = _request()
+    with pytest.raises(BadSignatureError):
+        _verify(value.replace(" node-a ", " node-b "))
+
+
+def test_replay_guard_refuses_a_second_delivery_until_expiry() -> None:
+    guard = ReplayGuard()
+    _, auth = _request(lifetime_ms=1000)
+    guard.check(auth, NOW)  # type: ignore[arg-type]
+    with pytest.raises(ReplayedRequestError):
+        guard.check(auth, NOW + 10)  # type: ignore[arg-type]
+    guard.check(_request(nonce=b"m" * 16)[1], NOW)  # type: ignore[arg-type]
+    guard.check(auth, NOW + 1000)  # type: ignore[arg-type]  # expired: forgotten (verify refuses it)
+
+
+def test_replay_guard_is_bounded_and_never_forgets_a_live_request() -> None:
+    guard = ReplayGuard(capacity=2)
+    a1 = _request(nonce=b"1" * 16)[1]
+    a2 = _request(nonce=b"2" * 16)[1]
+    guard.check(a1, NOW)  # type: ignore[arg-type]
+    guard.check(a2, NOW)  # type: ignore[arg-type]
+    with pytest.raises(ResourceExhaustedError):
+        guard.check(_request(nonce=b"3" * 16)[1], NOW)  # type: ignore[arg-type]
+    with pytest.raises(ReplayedRequestError):
+        guard.check(a1, NOW)  # type: ignore[arg-type]
+    assert len(guard) == 2
+
+
+def test_a_reply_is_bound_to_its_request_and_its_signer() -> None:
+    _, req = _request()
+    _, other = _request(nonce=b"o" * 16)
+    body, headers = b"state", {"Nats-Service-Error-Code": "400"}
+    value = sign_reply(B, req.signature, body=body, headers=headers, now_ms=NOW)  # type: ignore[attr-defined]
+    hdrs = {**headers, AUTH_HEADER: value}
+    assert verify_reply(ROSTER, value, request=req, body=body, headers=hdrs) == "node-b"  # type: ignore[arg-type]
+    # Replayed to another request:
+    with pytest.raises(BadSignatureError):
+        verify_reply(ROSTER, value, request=other, body=body, headers=hdrs)  # type: ignore[arg-type]
+    # Relayed: node-b's reply where node-a was asked.
+    with pytest.raises(BadSignatureError):
+        verify_reply(ROSTER, value, request=req, body=body, headers=hdrs, signers={"node-a"})  # type: ignore[arg-type]
+    # Altered body or headers (an error turned into a success):
+    with pytest.raises(BadSignatureError):
+        verify_reply(ROSTER, value, request=req, body=b"other", headers=hdrs)  # type: ignore[arg-type]
+    with pytest.raises(BadSignatureError):
+        verify_reply(ROSTER, value, request=req, body=body, headers={AUTH_HEADER: value})  # type: ignore[arg-type]
+    with pytest.raises(UnsignedMessageError):
+        verify_reply(ROSTER, None, request=req, body=body, headers={})  # type: ignore[arg-type]
+
+
+def test_a_request_signature_does_not_verify_as_a_reply() -> None:
+    value, req = _request()
+    with pytest.raises(SignatureError):
+        verify_reply(ROSTER, value, request=req, body=BODY, headers=HEADERS)  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=600))
+def test_any_header_value_fails_only_with_a_signature_error(value: str) -> None:
+    try:
+        _verify(value)
+    except SignatureError:
+        return
+    pytest.fail("an arbitrary header verified")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 7), st.binary(min_size=1, max_size=4))
+def test_a_mutated_header_field_fails(index: int, junk: bytes) -> None:
+    value, _ = _request()
+    parts = value.split(" ")
+    part = parts[index % len(parts)]
+    parts[index % len(parts)] = part + junk.hex()
+    with pytest.raises(SignatureError):
+        _verify(" ".join(parts))
+
+
+def test_rate_limiter_refills_and_is_bounded() -> None:
+    lim = RateLimiter(rate=2.0, burst=2, max_keys=2)
+    assert lim.allow("a", 0)
+    assert lim.allow("a", 0)
+    assert not lim.allow("a", 0)
+    assert lim.allow("a", 500)  # one token back after half a second
+    assert not lim.allow("a", 500)
+    assert lim.allow("b", 0)
+    assert lim.allow("c", 0)
+    assert len(lim._buckets) == 2
