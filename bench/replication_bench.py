@@ -222,6 +222,9 @@ class _Child:
             except subprocess.TimeoutExpired:
                 self.p.kill()
                 self.p.wait()
+        for pipe in (self.p.stdin, self.p.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def _raw_round(url: str, n: int) -> float:
@@ -320,6 +323,8 @@ def _sustained_rss(url: str, seconds: float) -> tuple[int, int, int]:
         writer.close()
         if rep.poll() is None:
             rep.wait(timeout=30)
+        if rep.stdout is not None:
+            rep.stdout.close()
         subprocess.run(["rm", "-rf", str(state)], check=False)
 
 
@@ -331,6 +336,29 @@ def run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
     options, env = run_options(secure, USERS)
     with environment(env):  # this process and the children it starts
         return _run(rounds, n, sustain, out, argv, options, secure)
+
+
+def _signature_rows(rounds: int) -> list[str]:
+    """What the signatures cost: per delta batch (each batch is one signed envelope; the same
+    before and after issue 16) and per catch-up exchange (signed and bound since issue 16)."""
+    from bench._signature_cost import batch_cost, exchange_cost, table
+
+    small = rounds < 5
+    return [
+        "## What the signatures cost",
+        "",
+        "In-process, interleaved rounds. A batch carries one Ed25519 signature whatever its "
+        "size (signed by the writer, verified by each replica): below, a batch of 100 distinct "
+        "fields. A catch-up is one signed request and one signed reply bound to it (issue 16: "
+        "four steps), paid once per catch-up, not per op; the reply here is 4 KiB.",
+        "",
+        "| Step | Median | Min - max |",
+        "|---|---:|---:|",
+        *table(batch_cost(100, 10 if small else 50, 3 if small else 7), "batch"),
+        *table(exchange_cost(4096, 20 if small else 200, 3 if small else 7),
+               "catch-up", total=True),
+        "",
+    ]
 
 
 def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
@@ -421,6 +449,7 @@ def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
         "entry takes about ten, so this workload runs at a fraction of raw nats-py; a compiled "
         "codec is what would move it.",
         "",
+        *_signature_rows(rounds),
     ]
     text = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -261,6 +261,27 @@ def _codec_cost(n: int) -> dict[str, float]:
     return out
 
 
+def _signature_rows(rounds: int, size: int) -> list[str]:
+    """The cost of issue 16's signed, bound request and reply, per call, step by step."""
+    from bench._signature_cost import exchange_cost, table
+
+    small = rounds < 5
+    return [
+        "## What the signatures cost, per call",
+        "",
+        "Every request is signed by its caller (the token's holder) and every response by the "
+        "server, bound to the request (issue 16): two Ed25519 signatures and two verifications "
+        f"per call, here in-process on {size}-byte bodies, interleaved rounds. They are part "
+        "of the worknode figures above.",
+        "",
+        "| Step | Median | Min - max |",
+        "|---|---:|---:|",
+        *table(exchange_cost(size, 20 if small else 300, 3 if small else 7), "call",
+               total=True),
+        "",
+    ]
+
+
 def run(rounds: int, n_lat: int, n_tput: int, out: Path, argv: list[str],
         secure: bool = False) -> str:
     """One benchmark run (over TLS and nkey users with ``secure``); returns the summary."""
@@ -406,6 +427,7 @@ def _run(rounds: int, n_lat: int, n_tput: int, out: Path, argv: list[str],
         "revocation set is checked on every call. Without the cache every call would pay "
         "the uncached figure above.",
         "",
+        *_signature_rows(rounds, res["req_size"]),
     ]
     text = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)

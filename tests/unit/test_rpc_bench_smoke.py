@@ -18,7 +18,9 @@ def test_quick_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixtur
     text = out.read_text(encoding="utf-8")
     assert text in capsys.readouterr().out
     for row in ("p50 ratio worknode / raw", "throughput ratio worknode / raw",
-                "token verification, uncached", "token verification, cached"):
+                "token verification, uncached", "token verification, cached",
+                "## What the signatures cost, per call", "responder: verify request (us per call)",
+                "every step of one call (us)"):
         assert row in text, row
     assert "Command: `python -m bench.rpc_bench --quick" in text
 
