@@ -46,7 +46,15 @@ from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from broker.codec import AUTH_HEADER, RateLimiter, Signer, TrustRoster, WireCodec, parse_auth
+from broker.codec import (
+    AUTH_HEADER,
+    Envelope,
+    RateLimiter,
+    Signer,
+    TrustRoster,
+    WireCodec,
+    parse_auth,
+)
 from broker.codec._binding import MAX_LIFETIME_MS
 from broker.crdt import (
     Add,
@@ -797,6 +805,7 @@ class Replica:
             headers[_TO] = action.peer
         if action.full:
             headers[_FULL] = "1"
+        rejected: list[CodecError] = []
         event: Event
         try:
             body = self._context_envelope()
@@ -805,30 +814,48 @@ class Replica:
                 self.sync_subject, body, headers,
                 reply_root=self.transport.reply_root, lifetime_ms=lifetime,
             )
-            reply = await self.transport.request(
-                self.sync_subject, body, timeout=action.timeout, headers=signed
+            peers = None if action.peer is None else (action.peer,)
+            opened: list[tuple[Msg, Envelope, ORMap]] = []
+
+            def accept(reply: Msg) -> bool:
+                # The first answer that is bound to this very request, signed by the peer
+                # asked (or any roster member but this one) and sealing a state that peer
+                # wrote. Any other (a captured answer replayed, a relay) is counted and
+                # dropped, and the wait goes on for the real one.
+                try:
+                    replier = self.requests.check_reply(reply, auth, peers)
+                    if replier == self.node_id:
+                        raise BadSignatureError("a catch-up reply signed by this replica")
+                    env = self.codec.open(reply.data, self.roster, subject=self.sync_subject)
+                    if env.writer != replier:
+                        raise BadSignatureError(
+                            f"catch-up state sealed by {env.writer!r}, answered by {replier!r}"
+                        )
+                    document = env.document
+                    if not isinstance(document, ORMap):
+                        raise MalformedMessageError("catch-up state is not an OR-map")
+                    # A full state, or an empty delta ("nothing new"). Never a bare context
+                    # (an announce probe replayed as a reply would claim dots it lacks).
+                    if document.is_delta and (document.store or document.context.size()):
+                        raise MalformedMessageError("a catch-up reply is a full state or empty")
+                except CodecError as exc:
+                    rejected.append(exc)
+                    self.observer.rejected(self.config.subject, reject_reason(exc))
+                    return False
+                opened.append((reply, env, document))
+                return True
+
+            await self.transport.request_many(
+                self.sync_subject, body, timeout=action.timeout, max_replies=1,
+                headers=signed, accept=accept,
             )
-            # Bound to this very request, signed by the peer asked (or any roster member).
-            replier = self.requests.check_reply(
-                reply, auth, None if action.peer is None else (action.peer,)
-            )
-            if replier == self.node_id:
-                raise BadSignatureError("a catch-up reply signed by this replica itself")
-            env = self.codec.open(reply.data, self.roster, subject=self.sync_subject)
-            if env.writer != replier:
-                raise BadSignatureError(
-                    f"catch-up state sealed by {env.writer!r}, answered by {replier!r}"
+            if opened:
+                reply, env, document = opened[0]
+                event = CatchupReplied(
+                    self._now(), env.writer, env.sequence, document, raw=reply.data
                 )
-            document = env.document
-            if not isinstance(document, ORMap):
-                raise MalformedMessageError("catch-up state is not an OR-map")
-            # A reply is a full state, or an empty delta ("nothing new"). Never a bare
-            # context (an announce probe replayed as a reply would claim dots it lacks).
-            if document.is_delta and (document.store or document.context.size()):
-                raise MalformedMessageError("a catch-up reply is a full state or empty")
-            event = CatchupReplied(
-                self._now(), env.writer, env.sequence, document, raw=reply.data
-            )
+            else:
+                event = CatchupFailed(self._now(), "rejected" if rejected else "no_peer")
         except TransportError as exc:
             log.debug("catch-up of %s: %s", self.config.subject, exc)
             event = CatchupFailed(self._now(), "no_peer")
