@@ -354,9 +354,12 @@ async def test_a_flooding_peer_is_rate_limited_while_another_is_served(
         flooder = _signer(settings[1], roster)
         body = _probe(flooder.signer)
         # Each request fresh (its own nonce): a legitimate peer's key, not a replay.
+        signed = [
+            flooder.sign(SYNC, body, hdrs, reply_root=spy.reply_root, lifetime_ms=5_000)[0]
+            for _ in range(40)
+        ]
         outcomes = await asyncio.gather(
-            *(flooder.request(spy, SYNC, body, timeout=2.0, headers=hdrs, signers={"a"})
-              for _ in range(40)),
+            *(spy.request(SYNC, body, timeout=2.0, headers=h) for h in signed),
             return_exceptions=True,
         )
         answered = sum(isinstance(o, Msg) for o in outcomes)
