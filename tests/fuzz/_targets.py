@@ -10,7 +10,8 @@ Entry points and what stands in for the network:
 
 - ``delta``: ``Replica._on_delta`` (a published batch), refusals read from its observer;
 - ``sync-request``: ``Replica._on_sync`` (catch-up requests and announces);
-- ``sync-reply``: ``Replica._catchup`` with the transport's request answering the case;
+- ``sync-reply``: ``Replica._catchup`` with the transport's request answering the case
+  (requests and replies signed and bound as peers send them, so cases reach the decoder);
 - ``heal-root``, ``heal-nodes``, ``heal-leaves``, ``heal-fetch``, ``heal-apply``: the five
   handlers of ``HealEndpoints`` (refusals counted by its ``rejected`` counter);
 - ``healer-root-reply``, ``healer-nodes-reply``, ``healer-leaves-reply``,
