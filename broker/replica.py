@@ -39,13 +39,23 @@ import dataclasses
 import enum
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from broker.codec import Signer, TrustRoster, WireCodec
+from broker.codec import (
+    AUTH_HEADER,
+    Envelope,
+    RateLimiter,
+    Signer,
+    TrustRoster,
+    WireCodec,
+    parse_auth,
+)
+from broker.codec._binding import MAX_LIFETIME_MS
 from broker.crdt import (
     Add,
     Assign,
@@ -63,11 +73,14 @@ from broker.errors import (
     BadSignatureError,
     ClockSkewError,
     CodecError,
+    ExpiredRequestError,
     MalformedMessageError,
     MessageTooDeepError,
     MessageTooLargeError,
     NotConnectedError,
+    ReplayedRequestError,
     ReplicaError,
+    ResourceExhaustedError,
     StoreError,
     TransportError,
     UnknownSignerError,
@@ -119,6 +132,8 @@ from broker.replication import (
 from broker.store import DurableStore
 from broker.transport import (
     Msg,
+    RequestSigner,
+    Signers,
     Subscription,
     Transport,
     delta_subject,
@@ -128,6 +143,7 @@ from broker.transport import (
 
 __all__ = [
     "FULL_HEADER",
+    "REFUSE_REASONS",
     "REJECT_REASONS",
     "SYNC_HEADER",
     "Consistency",
@@ -152,8 +168,25 @@ REJECT_REASONS: Final = (
     "clock_skew",
     "wrong_subject",
     "wrong_kind",
+    "expired",
+    "replayed",
 )
 """Every reason an incoming envelope is rejected for: a bounded metric label set."""
+
+REFUSE_REASONS: Final = (
+    "unsigned",
+    "unknown_signer",
+    "bad_signature",
+    "expired",
+    "replayed",
+    "not_served",
+    "rate_limited",
+    "busy",
+    "malformed",
+)
+"""Every reason a catch-up request is refused for (``ReplicaObserver.catchup_refused``): a
+bounded metric label set. ``not_served``: the signer is not one ``serve_to`` names; ``busy``:
+the replay guard is full."""
 
 SYNC_HEADER: Final = "Worknode-Sync"
 """Header of the sync subject: ``request`` (a catch-up asks for state) or ``announce``. Part
@@ -166,6 +199,8 @@ _FULL: Final = FULL_HEADER
 _WRITER: Final = "Worknode-Writer"
 """Header on published batches naming the writer, so a replica drops its own echo unopened
 (the envelope inside is still what is trusted; the header only saves work)."""
+_REPLY_SLACK_MS: Final = 1_000
+"""A catch-up request lives its timeout and this much more: refused once nobody waits."""
 _META_PUBLISHED: Final = "published"
 """Store meta key: ``{"sequence": last publish sequence, "upto": last record published}``."""
 
@@ -205,6 +240,11 @@ class ReplicaConfig:
     """Peers' deltas the causal gate holds at most; beyond it the oldest is evicted."""
     max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
     """Bytes of held deltas at most; beyond it the oldest is evicted."""
+    catchup_serve_rate: float = 5.0
+    """Catch-up requests served per second to one requesting peer, sustained (a peer's
+    machine asks at most once per ``catchup_min_interval``; more is a replay or a flood)."""
+    catchup_serve_burst: float = 10.0
+    """Catch-up requests one peer may have served back to back before the rate applies."""
 
     def replication(self) -> ReplicationConfig:
         """The replication machine's part of this configuration."""
@@ -237,6 +277,12 @@ class ReplicaObserver(Protocol):
         """A peer's delta was ``held`` by the causal gate, later ``drained``, or ``evicted``
         from a full hold (then left to catch-up)."""
 
+    def catchup_served(self, subject: str, nbytes: int) -> None:
+        """A peer's catch-up request was answered with ``nbytes`` bytes (state or empty)."""
+
+    def catchup_refused(self, subject: str, reason: str) -> None:
+        """A catch-up request was refused unanswered, for ``reason`` (``REFUSE_REASONS``)."""
+
 
 class NullReplicaObserver:
     """Discards every event."""
@@ -268,12 +314,20 @@ class NullReplicaObserver:
     def gated(self, subject: str, outcome: str) -> None:
         """Ignore."""
 
+    def catchup_served(self, subject: str, nbytes: int) -> None:
+        """Ignore."""
+
+    def catchup_refused(self, subject: str, reason: str) -> None:
+        """Ignore."""
+
 
 def reject_reason(exc: BaseException) -> str:
     """The bounded metric label for a rejected envelope."""
     table: list[tuple[type[BaseException], str]] = [
         (UnsignedMessageError, "unsigned"),
         (UnknownSignerError, "unknown_signer"),
+        (ReplayedRequestError, "replayed"),
+        (ExpiredRequestError, "expired"),
         (BadSignatureError, "bad_signature"),
         (MessageTooLargeError, "too_large"),
         (MessageTooDeepError, "too_deep"),
@@ -321,7 +375,12 @@ class Replica:
         config: ReplicaConfig,
         observer: ReplicaObserver | None = None,
         now_ms: Callable[[], int] = _wall_ms,
+        serve_to: Signers = None,
+        requests: RequestSigner | None = None,
     ) -> None:
+        """``serve_to``: who may have catch-up requests served (ids, a callable giving them
+        now, or None: any roster member; never this replica itself); ``requests``: the signer
+        of sync requests and replies (default: ``signer`` over ``roster``, ``now_ms``)."""
         self.node_id = signer.node_id
         self.signer = signer
         self.roster = roster
@@ -331,6 +390,12 @@ class Replica:
         self.config = config
         self.observer: ReplicaObserver = observer or NullReplicaObserver()
         self._now_ms = now_ms
+        self.requests = (
+            requests if requests is not None else RequestSigner(signer, roster, wall_ms=now_ms)
+        )
+        """Signs this replica's sync requests and replies, verifies peers' (replay guard)."""
+        self.serve_to: Signers = serve_to
+        self._serve_limit = RateLimiter(config.catchup_serve_rate, config.catchup_serve_burst)
         self.machine = ReplicationMachine(self.node_id, config.replication())
         """The pure machine deciding what this replica does (replaced on ``start``)."""
         self.delta_subject = delta_subject(config.namespace, config.subject)
@@ -669,6 +734,13 @@ class Replica:
     #   Worknode-Sync: announce  -> no reply; a receiver missing dots the announcer has sends
     #                               it a request (after a start or reconnect, so peers that
     #                               were away from the announcer's writes catch up too).
+    # Every request and announce carries a Worknode-Auth (broker.codec's binding): its headers
+    # (request vs announce, Worknode-To, Worknode-Full), body, expiry and the requester's inbox
+    # root are signed, and a second delivery is refused (replay guard). That header is checked
+    # before the envelope is opened, so a refusal costs one signature check at most. A request
+    # is served only to ``serve_to`` (default: the roster), within a rate per requester; its
+    # reply is signed and bound to the request, so the requester accepts no other answer (a
+    # captured "nothing new" replayed to a later request is rejected and the catch-up retried).
     # When to ask, whom, and how often to retry is the machine's decision.
 
     def request_catchup(self) -> None:
@@ -699,10 +771,11 @@ class Replica:
 
     async def announce(self) -> None:
         """Tell peers what this replica has seen, so the ones that lack some of it ask."""
+        body = self._context_envelope()
+        # Signed to expect no reply (no inbox root): replayed as a request, it fails.
+        headers, _ = self.requests.sign(self.sync_subject, body, {_SYNC: "announce"})
         try:
-            await self.transport.publish(
-                self.sync_subject, self._context_envelope(), headers={_SYNC: "announce"}
-            )
+            await self.transport.publish(self.sync_subject, body, headers=headers)
         except TransportError as exc:
             log.debug("announce of %s: %s", self.config.subject, exc)
 
@@ -732,25 +805,57 @@ class Replica:
             headers[_TO] = action.peer
         if action.full:
             headers[_FULL] = "1"
+        rejected: list[CodecError] = []
         event: Event
         try:
-            reply = await self.transport.request(
-                self.sync_subject,
-                self._context_envelope(),
-                timeout=action.timeout,
-                headers=headers,
+            body = self._context_envelope()
+            lifetime = min(MAX_LIFETIME_MS, math.ceil(action.timeout * 1000) + _REPLY_SLACK_MS)
+            signed, auth = self.requests.sign(
+                self.sync_subject, body, headers,
+                reply_root=self.transport.reply_root, lifetime_ms=lifetime,
             )
-            env = self.codec.open(reply.data, self.roster, subject=self.sync_subject)
-            document = env.document
-            if not isinstance(document, ORMap):
-                raise MalformedMessageError("catch-up state is not an OR-map")
-            # A reply is a full state, or an empty delta ("nothing new"). Never a bare
-            # context (an announce probe replayed as a reply would claim dots it lacks).
-            if document.is_delta and (document.store or document.context.size()):
-                raise MalformedMessageError("a catch-up reply is a full state or empty")
-            event = CatchupReplied(
-                self._now(), env.writer, env.sequence, document, raw=reply.data
+            peers = None if action.peer is None else (action.peer,)
+            opened: list[tuple[Msg, Envelope, ORMap]] = []
+
+            def accept(reply: Msg) -> bool:
+                # The first answer that is bound to this very request, signed by the peer
+                # asked (or any roster member but this one) and sealing a state that peer
+                # wrote. Any other (a captured answer replayed, a relay) is counted and
+                # dropped, and the wait goes on for the real one.
+                try:
+                    replier = self.requests.check_reply(reply, auth, peers)
+                    if replier == self.node_id:
+                        raise BadSignatureError("a catch-up reply signed by this replica")
+                    env = self.codec.open(reply.data, self.roster, subject=self.sync_subject)
+                    if env.writer != replier:
+                        raise BadSignatureError(
+                            f"catch-up state sealed by {env.writer!r}, answered by {replier!r}"
+                        )
+                    document = env.document
+                    if not isinstance(document, ORMap):
+                        raise MalformedMessageError("catch-up state is not an OR-map")
+                    # A full state, or an empty delta ("nothing new"). Never a bare context
+                    # (an announce probe replayed as a reply would claim dots it lacks).
+                    if document.is_delta and (document.store or document.context.size()):
+                        raise MalformedMessageError("a catch-up reply is a full state or empty")
+                except CodecError as exc:
+                    rejected.append(exc)
+                    self.observer.rejected(self.config.subject, reject_reason(exc))
+                    return False
+                opened.append((reply, env, document))
+                return True
+
+            await self.transport.request_many(
+                self.sync_subject, body, timeout=action.timeout, max_replies=1,
+                headers=signed, accept=accept,
             )
+            if opened:
+                reply, env, document = opened[0]
+                event = CatchupReplied(
+                    self._now(), env.writer, env.sequence, document, raw=reply.data
+                )
+            else:
+                event = CatchupFailed(self._now(), "rejected" if rejected else "no_peer")
         except TransportError as exc:
             log.debug("catch-up of %s: %s", self.config.subject, exc)
             event = CatchupFailed(self._now(), "no_peer")
@@ -779,29 +884,77 @@ class Replica:
             log.warning("state of %s too large for one transfer", self.config.subject)
             self.observer.catchup(self.config.subject, "too_large")
             return
-        with contextlib.suppress(TransportError):
-            await self.transport.respond(msg, data)
+        headers = self.requests.reply_headers(msg, data)  # bound to the request it answers
+        try:
+            await self.transport.respond(msg, data, headers=headers)
+        except TransportError:
+            return
+        self.observer.catchup_served(self.config.subject, len(data))
+
+    def _refuse(self, reason: str, msg: Msg, exc: BaseException | None = None) -> None:
+        """Count a catch-up request refused unanswered."""
+        self.observer.catchup_refused(self.config.subject, reason)
+        log.debug("catch-up request on %s refused (%s): %s", msg.subject, reason, exc)
+
+    def _verify_sync(self, msg: Msg, kind: str | None) -> str | None:
+        """The verified signer of sync message ``msg`` (refusals counted), or None to drop
+        it. Only headers and a signature are checked here: the envelope is not opened yet."""
+        headers = msg.headers or {}
+        try:
+            claimed: str | None = parse_auth(headers.get(AUTH_HEADER)).signer
+        except CodecError:
+            claimed = None  # verify below refuses it and says why
+        if claimed == self.node_id:
+            return None  # our own request or announce, echoed by the server
+        if kind == "request":
+            if not msg.reply or not is_reply_subject(msg.reply):
+                # No answer expected, or one that would make this node publish elsewhere.
+                self._refuse("malformed", msg)
+                return None
+            allowed = self.serve_to() if callable(self.serve_to) else self.serve_to
+            if claimed is not None and allowed is not None and claimed not in allowed:
+                self._refuse("not_served", msg)
+                return None
+        try:
+            auth = self.requests.verify(msg)
+        except (CodecError, ResourceExhaustedError) as exc:
+            reason = "busy" if isinstance(exc, ResourceExhaustedError) else reject_reason(exc)
+            if kind == "request":
+                self._refuse(reason if reason in REFUSE_REASONS else "malformed", msg, exc)
+            else:
+                self.observer.rejected(self.config.subject, reason, claimed)
+            return None
+        if kind == "request" and not self._serve_limit.allow(auth.signer, self._now_ms()):
+            self._refuse("rate_limited", msg)
+            return None
+        return auth.signer
 
     async def _on_sync(self, msg: Msg) -> None:
         headers = msg.headers or {}
         kind = headers.get(_SYNC)
         target = headers.get(_TO)
+        if kind not in ("request", "announce"):
+            return
         if target is not None and target != self.node_id:
+            return
+        signer = self._verify_sync(msg, kind)
+        if signer is None:
             return
         try:
             env = self.codec.open(msg.data, self.roster, subject=self.sync_subject)
         except CodecError as exc:
-            self.observer.rejected(self.config.subject, reject_reason(exc))
+            self.observer.rejected(self.config.subject, reject_reason(exc), signer)
             return
-        if env.writer == self.node_id or not isinstance(env.document, ORMap):
+        if env.writer != signer:
+            # Another replica's envelope inside this signer's request: not what it says.
+            self.observer.rejected(self.config.subject, "bad_signature", signer)
+            return
+        if not isinstance(env.document, ORMap):
             return
         theirs = env.document.context
         if kind == "announce":
             self._handle(AnnounceReceived(self._now(), env.writer, theirs, env.sequence))
-        elif kind == "request" and msg.reply:
-            if not is_reply_subject(msg.reply):  # would make this node publish elsewhere
-                self.observer.rejected(self.config.subject, "wrong_subject", env.writer)
-                return
+        else:
             self._handle(SyncRequested(self._now(), theirs, msg, full=headers.get(_FULL) == "1"))
 
     # -- internals: incoming -----------------------------------------------------------------

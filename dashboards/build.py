@@ -353,6 +353,16 @@ REPLICATION = Dashboard(
                   "catch-up {{outcome}}"),
                _q(f"sum(rate(worknode_sequence_gaps_total{{{SUBJ}}}[{RI}]))", "gaps")],
               unit="ops"),
+        Panel("Catch-ups served and refused / s",
+              "Peers' catch-up requests this node answered, and those it refused unanswered, "
+              "by reason (replayed, expired, unsigned, unknown_signer, not_served, "
+              "rate_limited, ...): a replay or a flood shows here, not as load.",
+              [_q("sum by (instance) "
+                  f"(rate(worknode_catchup_served_total{{{SUBJ}}}[{RI}]))",
+                  "served {{instance}}"),
+               _q("sum by (instance, reason) "
+                  f"(rate(worknode_catchup_refused_total{{{SUBJ}}}[{RI}]))",
+                  "refused {{instance}} {{reason}}")], unit="ops"),
         Panel("Failures / s", "Publishes retried, handler errors (a bug), slow-consumer "
               "drops (each triggers catch-up).",
               [_q(f"sum by (instance) (rate(worknode_publish_failures_total{{{SUBJ}}}[{RI}]))",

@@ -33,7 +33,7 @@ import contextlib
 import itertools
 import logging
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final, Self
 
 from broker.errors import (
@@ -640,14 +640,19 @@ class MemoryTransport:
         max_replies: int = 0,
         idle: float = 0.0,
         min_replies: int = 0,
+        headers: Mapping[str, str] | None = None,
+        accept: Callable[[Msg], bool] | None = None,
     ) -> list[Msg]:
         """Send a request and collect every reply within ``timeout`` seconds (or until
         ``max_replies``, or once ``idle`` seconds pass without another reply after at least
         ``max(1, min_replies)``);
-        an empty list when nobody answers."""
+        an empty list when nobody answers.
+        ``headers``: sent with the request; ``accept``: a reply it refuses (a forged or
+        replayed answer, say) is dropped as if it never came, so it neither counts nor ends
+        the wait."""
         if not timeout > 0:
             raise InvalidArgumentError(f"timeout must be > 0, got {timeout!r}")
-        hdrs = self._prepare(subject, data, None)
+        hdrs = self._prepare(subject, data, headers)
         self._require(publishing=False)
         inbox = f"{self._inbox_prefix}.many.{next(self._inbox_ids)}"
         replies: list[Msg] = []
@@ -655,6 +660,8 @@ class MemoryTransport:
         arrived = asyncio.Event()
 
         async def collect(msg: Msg) -> None:
+            if accept is not None and not accept(msg):
+                return
             replies.append(msg)
             arrived.set()
             if max_replies and len(replies) >= max_replies:

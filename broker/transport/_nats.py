@@ -32,7 +32,7 @@ import logging
 import re
 import ssl
 import urllib.parse
-from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Self, cast
 
@@ -870,15 +870,23 @@ class NatsTransport:
         max_replies: int = 0,
         idle: float = 0.0,
         min_replies: int = 0,
+        headers: Mapping[str, str] | None = None,
+        accept: Callable[[Msg], bool] | None = None,
     ) -> list[Msg]:
         """Send a request and collect every reply within ``timeout`` seconds (or until
         ``max_replies``, or once ``idle`` seconds pass without another reply after at least
         ``max(1, min_replies)``);
-        an empty list when nobody answers (discovery uses this)."""
+        an empty list when nobody answers (discovery uses this).
+        ``headers``: sent with the request; ``accept``: a reply it refuses (a forged or
+        replayed answer, say) is dropped as if it never came, so it neither counts nor ends
+        the wait."""
         if not timeout > 0:
             raise InvalidArgumentError(f"timeout must be > 0, got {timeout!r}")
         validate_subject(subject)
+        hdrs = validate_headers(headers) if headers else None
         nc = self._client()
+        if hdrs is not None or len(data) > nc.max_payload:
+            self._check_payload(nc, data, hdrs)
         replies: list[Msg] = []
         enough = asyncio.Event()
         arrived = asyncio.Event()
@@ -890,7 +898,10 @@ class NatsTransport:
                 enough.set()
                 arrived.set()  # wakes the collection wait, which then sees ``enough``
                 return
-            replies.append(_to_msg(nmsg))
+            msg = _to_msg(nmsg)
+            if accept is not None and not accept(msg):
+                return
+            replies.append(msg)
             arrived.set()
             if max_replies and len(replies) >= max_replies:
                 enough.set()
@@ -899,7 +910,9 @@ class NatsTransport:
             inbox = nc.new_inbox()
             sub = await nc.subscribe(inbox, cb=collect)
             try:
-                await nc.publish(subject, data, reply=inbox)
+                await nc.publish(
+                    subject, data, reply=inbox, headers=dict(hdrs) if hdrs else None
+                )
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
                         await until_enough_or_idle(enough, arrived, replies, idle, min_replies)

@@ -320,10 +320,15 @@ class Transport(Protocol):
         max_replies: int = 0,
         idle: float = 0.0,
         min_replies: int = 0,
+        headers: Mapping[str, str] | None = None,
+        accept: Callable[[Msg], bool] | None = None,
     ) -> list[Msg]:
         """Send a request and collect every reply within ``timeout`` (discovery); with
         ``idle``, stop early once at least ``min_replies`` (and at least one) replies came
-        and no other followed for ``idle`` seconds."""
+        and no other followed for ``idle`` seconds.
+        ``headers``: sent with the request; ``accept``: a reply it refuses (a forged or
+        replayed answer, say) is dropped as if it never came, so it neither counts nor ends
+        the wait."""
         ...
 
     async def add_service(

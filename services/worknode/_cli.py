@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -19,7 +20,7 @@ from typing import Any
 
 import click
 
-from broker.codec import TrustRoster, WireCodec
+from broker.codec import RequestAuth, TrustRoster, WireCodec
 from broker.crdt import (
     ROOT_ID,
     CausalContext,
@@ -376,6 +377,8 @@ def _with_common(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 _CONFIRM_POLL_S = 0.2
 """Pause between two read-backs while no replica holds the write yet."""
+_CONFIRM_SLACK_MS = 1_000
+"""A confirmation request lives its timeout and this much more."""
 
 
 async def _holder_of(replica: Replica, dots: list[tuple[str, int]], within: float) -> str | None:
@@ -395,19 +398,37 @@ async def _holder_of(replica: Replica, dots: list[tuple[str, int]], within: floa
             sequence=replica.machine.sequence,
             document=ORMap(None, CausalContext(), is_delta=True),
         )
+        timeout = min(left, 2.0)
+        # The catch-up request of the sync protocol, asking for a peer's full state: signed
+        # (peers serve no other), living as long as this writer waits for its answer.
+        headers, auth = replica.requests.sign(
+            replica.sync_subject, probe, {SYNC_HEADER: "request", FULL_HEADER: "1"},
+            reply_root=replica.transport.reply_root,
+            lifetime_ms=math.ceil(timeout * 1000) + _CONFIRM_SLACK_MS,
+        )
         try:
-            # The catch-up request of the sync protocol, asking for a peer's full state.
             reply = await replica.transport.request(
-                replica.sync_subject, probe, timeout=min(left, 2.0),
-                headers={SYNC_HEADER: "request", FULL_HEADER: "1"},
+                replica.sync_subject, probe, timeout=timeout, headers=headers
             )
         except TransportError:
             reply = None  # nobody answered yet: ask again until the deadline
-        if reply is not None:
+        if reply is not None and _answers(replica, reply, auth):
             holder = _holder_in(replica, reply.data, dots)
             if holder is not None:
                 return holder
         await asyncio.sleep(min(_CONFIRM_POLL_S, max(0.0, deadline - loop.time())))
+
+
+def _answers(replica: Replica, reply: Msg, auth: RequestAuth) -> bool:
+    """Whether ``reply`` answers the request signed ``auth`` (not a reply to an earlier one
+    replayed). A replier this writer's roster does not list cannot be checked: as its
+    state is read unverified (``_holder_in``), so is its reply."""
+    try:
+        return replica.requests.check_reply(reply, auth) != replica.node_id
+    except UnknownSignerError:
+        return True
+    except CodecError:
+        return False
 
 
 def _holder_in(replica: Replica, data: bytes, dots: list[tuple[str, int]]) -> str | None:

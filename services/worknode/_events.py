@@ -88,6 +88,16 @@ class ReplicaEvents:
         """The causal gate held, drained or evicted a peer's delta."""
         self.metrics.gated(subject, outcome)
 
+    def catchup_served(self, subject: str, nbytes: int) -> None:
+        """A peer's catch-up request was answered."""
+        self.metrics.catchup_served(subject, nbytes)
+
+    def catchup_refused(self, subject: str, reason: str) -> None:
+        """A catch-up request was refused: counted, logged (rate-limited)."""
+        self.metrics.catchup_refused(subject, reason)
+        self._limit(log, logging.WARNING, ("catchup_refused", subject, reason),
+                    "catchup_refused", node=self.node_id, subject=subject, reason=reason)
+
     def snapshot(self, subject: str, nbytes: int, seconds: float) -> None:
         """A snapshot was written."""
         self.metrics.snapshot(subject, nbytes, seconds)

@@ -28,7 +28,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from broker.codec import CURRENT_VERSION, OLDEST_VERSION
-from broker.replica import REJECT_REASONS
+from broker.replica import REFUSE_REASONS, REJECT_REASONS
 
 __all__ = ["STORE_OPERATIONS", "ServiceMetrics", "build_info", "package_version", "process_metrics"]
 
@@ -136,6 +136,18 @@ class ServiceMetrics:
         self.catchups = Counter(
             "worknode_catchups_total", "State transfers requested, by outcome.",
             ["subject", "outcome"], registry=r)
+        self.catchups_served = Counter(
+            "worknode_catchup_served_total",
+            "Peers' catch-up requests answered (a full state or \"nothing new\").",
+            ["subject"], registry=r)
+        self.catchup_served_bytes = Counter(
+            "worknode_catchup_served_bytes_total", "Bytes sent answering peers' catch-ups.",
+            ["subject"], registry=r)
+        self.catchups_refused = Counter(
+            "worknode_catchup_refused_total",
+            "Catch-up requests refused unanswered (unsigned, not a served replica, expired, "
+            "replayed, over the requester's rate...), by reason.",
+            ["subject", "reason"], registry=r)
         self.gated_deltas = Counter(
             "worknode_gated_deltas_total",
             "Peers' deltas the causal gate held (claims ran ahead), drained later, or evicted "
@@ -189,6 +201,10 @@ class ServiceMetrics:
                 self.catchups.labels(s, outcome)
             for outcome in _GATE_OUTCOMES:
                 self.gated_deltas.labels(s, outcome)
+            for reason in REFUSE_REASONS:
+                self.catchups_refused.labels(s, reason)
+            self.catchups_served.labels(s)
+            self.catchup_served_bytes.labels(s)
             for v in range(OLDEST_VERSION, CURRENT_VERSION + 1):
                 self.applied_envelopes.labels(s, str(v))
             self.ops_committed.labels(s)
@@ -257,6 +273,17 @@ class ServiceMetrics:
         """A catch-up finished."""
         o = outcome if outcome in _CATCHUP_OUTCOMES else "rejected"
         self.catchups.labels(self._s(subject), o).inc()
+
+    def catchup_served(self, subject: str, nbytes: int) -> None:
+        """A peer's catch-up request was answered with ``nbytes`` bytes."""
+        s = self._s(subject)
+        self.catchups_served.labels(s).inc()
+        self.catchup_served_bytes.labels(s).inc(nbytes)
+
+    def catchup_refused(self, subject: str, reason: str) -> None:
+        """A catch-up request was refused (reason bounded)."""
+        r = reason if reason in REFUSE_REASONS else "malformed"
+        self.catchups_refused.labels(self._s(subject), r).inc()
 
     def gated(self, subject: str, outcome: str) -> None:
         """The causal gate held, drained or evicted a peer's delta."""

@@ -400,6 +400,35 @@ async def test_echo_off_skips_own_messages(harness):
     assert other.data == [b"from a", b"from b"]
 
 
+async def test_request_many_sends_headers_and_waits_past_refused_replies(pair):
+    """``headers`` travel with the request; a reply ``accept`` refuses is dropped and the
+    wait goes on for one it takes (a catch-up skips a forged answer that came first)."""
+    a, b = pair
+
+    async def forger(msg: Msg) -> None:
+        await b.respond(msg, b"forged")
+
+    async def honest(msg: Msg) -> None:
+        await asyncio.sleep(0.05)  # after the forger's
+        await b.respond(msg, b"honest:" + (msg.headers or {}).get("X-Kind", "").encode())
+
+    await b.subscribe("svc.state", forger)
+    await b.subscribe("svc.state", honest)
+    seen: list[bytes] = []
+
+    def accept(msg: Msg) -> bool:
+        seen.append(msg.data)
+        return msg.data != b"forged"
+
+    got = await a.request_many(
+        "svc.state", b"", timeout=5.0, max_replies=1, headers={"X-Kind": "request"},
+        accept=accept,
+    )
+    assert [m.data for m in got] == [b"honest:request"]
+    assert seen == [b"forged", b"honest:request"]
+    assert await a.request_many("svc.state", b"", timeout=0.3, accept=lambda m: False) == []
+
+
 async def test_request_many_with_idle_stops_after_a_pause(pair):
     """With ``idle``, collection ends once replies pause for that long: prompt answers are
     kept, one that comes after the pause is not (a later discovery finds it)."""

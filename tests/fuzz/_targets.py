@@ -10,7 +10,8 @@ Entry points and what stands in for the network:
 
 - ``delta``: ``Replica._on_delta`` (a published batch), refusals read from its observer;
 - ``sync-request``: ``Replica._on_sync`` (catch-up requests and announces);
-- ``sync-reply``: ``Replica._catchup`` with the transport's request answering the case;
+- ``sync-reply``: ``Replica._catchup`` with the transport's request answering the case
+  (requests and replies signed and bound as peers send them, so cases reach the decoder);
 - ``heal-root``, ``heal-nodes``, ``heal-leaves``, ``heal-fetch``, ``heal-apply``: the five
   handlers of ``HealEndpoints`` (refusals counted by its ``rejected`` counter);
 - ``healer-root-reply``, ``healer-nodes-reply``, ``healer-leaves-reply``,
@@ -27,6 +28,7 @@ production.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import struct
 import tempfile
@@ -37,7 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.codec import CURRENT_VERSION, Signer, TrustRoster, WireCodec
+from broker.codec import (
+    AUTH_HEADER,
+    CURRENT_VERSION,
+    ReplayGuard,
+    Signer,
+    TrustRoster,
+    WireCodec,
+    parse_auth,
+    sign_reply,
+)
 from broker.crdt import ORMap
 from broker.errors import CodecError, RpcError
 from broker.healing import HealClient, HealEndpoints
@@ -57,7 +68,14 @@ from broker.rpc import (
     mint,
 )
 from broker.store import DurableStore
-from broker.transport import MemoryNetwork, Msg, delta_subject, merkle_subject, sync_subject
+from broker.transport import (
+    MemoryNetwork,
+    Msg,
+    RequestSigner,
+    delta_subject,
+    merkle_subject,
+    sync_subject,
+)
 from tests.fuzz._words import pack, unpack
 
 __all__ = ["ACCEPTED", "TARGETS", "Harness", "Target"]
@@ -279,7 +297,9 @@ async def _replica_harness(heal: bool = False) -> Harness:
     h.rejects = _LastReason(h)
     replica = Replica(
         signer=NODE_SIGNER, roster=ROSTER, codec=codec, transport=transport, store=store,
-        config=ReplicaConfig(namespace=NS, subject=SUBJECT, catchup_timeout=0.05),
+        # No rate limit: every case is a request from the same peer.
+        config=ReplicaConfig(namespace=NS, subject=SUBJECT, catchup_timeout=0.05,
+                             catchup_serve_rate=1e12, catchup_serve_burst=1e12),
         observer=h.rejects, now_ms=lambda: T0 >> 16,
     )
     await replica.start()
@@ -333,6 +353,10 @@ class _LastReason(_Rejects):
         super().rejected(subject, reason, writer)
         self.h.extra["last"] = reason
 
+    def catchup_refused(self, subject: str, reason: str) -> None:
+        self.counts[reason] += 1
+        self.h.extra["last"] = reason
+
 
 # delta ---------------------------------------------------------------------------------------
 
@@ -359,9 +383,18 @@ def _sync_request_seeds(h: Harness) -> list[bytes]:
 
 async def _sync_request_run(h: Harness, data: bytes, rng: random.Random) -> str:
     kind = rng.choice(("request", "announce"))
-    msg = Msg(sync_subject(NS, SUBJECT), data, "_INBOX.fuzz" if kind == "request" else "",
-              {"Worknode-Sync": kind})
-    return await _observed(h, _replica(h)._on_sync(msg))
+    replica = _replica(h)
+    if len(replica.requests.replay) > 50_000:  # the clock stands still: nothing expires
+        replica.requests.replay = ReplayGuard()
+    # Signed by the peer (fresh nonce), so the case reaches the envelope decoder.
+    nonces = h.extra.setdefault("nonces", itertools.count())
+    peer = RequestSigner(PEER_SIGNER, ROSTER, wall_ms=lambda: T0 >> 16,
+                         nonce=lambda n: next(nonces).to_bytes(n, "big"))
+    subject = sync_subject(NS, SUBJECT)
+    headers, _ = peer.sign(subject, data, {"Worknode-Sync": kind},
+                           reply_root="_INBOX" if kind == "request" else "")
+    msg = Msg(subject, data, "_INBOX.fuzz" if kind == "request" else "", headers)
+    return await _observed(h, replica._on_sync(msg))
 
 
 # sync reply (catch-up state) -----------------------------------------------------------------
@@ -377,10 +410,15 @@ def _sync_reply_seeds(h: Harness) -> list[bytes]:
 async def _sync_reply_run(h: Harness, data: bytes, rng: random.Random) -> str:
     replica = _replica(h)
 
-    async def answer(subject: str, payload: bytes, **kw: Any) -> Msg:
-        return Msg(subject, data)
+    async def answer(subject: str, payload: bytes, **kw: Any) -> list[Msg]:
+        # The peer's reply, signed and bound to the request, so the case reaches the decoder.
+        request = parse_auth(kw["headers"][AUTH_HEADER])
+        auth = sign_reply(PEER_SIGNER, request.signature, body=data, headers=None,
+                          now_ms=T0 >> 16)
+        reply = Msg("_INBOX.fuzz", data, "", {AUTH_HEADER: auth})
+        return [reply] if kw["accept"](reply) else []
 
-    replica.transport.request = answer  # type: ignore[method-assign]
+    replica.transport.request_many = answer  # type: ignore[method-assign]
     done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
     reason = await _observed(h, replica._catchup(RequestCatchup(PEER, 0.05), done))
     if reason == ACCEPTED and not done.result():

@@ -44,11 +44,18 @@ class DroppingTransport(NatsTransport):
         self.failed_catchups = 0
 
     async def request(self, subject: str, data: bytes, **kw: Any) -> Msg:
+        self._maybe_fail(subject)
+        return await super().request(subject, data, **kw)
+
+    async def request_many(self, subject: str, data: bytes, **kw: Any) -> list[Msg]:
+        self._maybe_fail(subject)  # a catch-up waits for the first reply that verifies
+        return await super().request_many(subject, data, **kw)
+
+    def _maybe_fail(self, subject: str) -> None:
         if ".sync." in f".{subject}." and self.fail_catchups > 0:
             self.fail_catchups -= 1
             self.failed_catchups += 1
             raise NoRespondersError(f"no responders on {subject} (injected)")
-        return await super().request(subject, data, **kw)
 
     async def subscribe(self, subject: str, handler: Any, **kw: Any) -> NatsSubscription:
         if ".delta." not in f".{subject}.":
