@@ -161,7 +161,8 @@ class HealerService:
         s = self.settings
         s.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # its key: owner only
         s.state_dir.chmod(0o700)  # one that existed already too
-        self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
+        self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster,
+                                    role="healer")
         self.secret = read_cluster_secret(s.cluster_secret_file)
         if self.transport is None:
             self.transport = s.connect_options(s.node_id, signing_key=s.key_path()).transport(

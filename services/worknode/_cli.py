@@ -253,7 +253,8 @@ async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True,
         roster = TrustRoster(
             {s.node_id: load_or_create_signer(s.node_id, s.key_path()).public_key for s in settings}
         )
-        roster.add(hs.node_id, load_or_create_signer(hs.node_id, hs.key_path()).public_key)
+        roster.add(hs.node_id, load_or_create_signer(hs.node_id, hs.key_path()).public_key,
+                   "healer")
         services = [WorknodeService(s, roster=roster) for s in settings]
         healer = HealerService(hs, roster=roster)
         # An exit stack, not one finally block: every stop runs even when an earlier one

@@ -2,10 +2,12 @@
 nats-config | roster-from`` and the helpers ``deploy/keygen.py`` shares.
 
 A node's identity is a 32-byte Ed25519 seed file (mode 0600, never copied); a roster is a JSON
-object ``{"node-id": "<public key hex>"}`` that every node reads to decide whose envelopes it
-accepts. A roster is only ever merged into, never rebuilt from a partial list: a tool that
-wrote only the ids it was given would silently drop every other node's key, and every node
-would then refuse that node's writes (``unknown_signer``).
+object ``{"node-id": "<public key hex>"}`` (a node) or ``{"id": {"key": hex, "role": "healer"}}``
+(any role: node, healer, writer; see ``broker.codec.parse_roster``) that every node reads to
+decide whose envelopes and requests it accepts. A roster is only ever merged into, never
+rebuilt from a partial list: a tool that wrote only the ids it was given would silently drop
+every other node's key, and every node would then refuse that node's writes
+(``unknown_signer``).
 
 The NATS identities file (``keys add``) is one record per identity: ``{name: {role, namespace,
 subjects, public_key}}`` (public data, see ``broker.transport._auth``). The same seed is the
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import click
 
-from broker.codec import Signer, TrustRoster
+from broker.codec import ROSTER_ROLES, RosterEntry, Signer, TrustRoster, dump_roster
 from broker.errors import InvalidArgumentError
 from broker.transport import (
     SIGNING_ROLES,
@@ -38,7 +40,7 @@ from broker.transport import (
     public_of_nkey,
     render_accounts,
 )
-from services.worknode._service import load_or_create_signer, read_roster
+from services.worknode._service import load_or_create_signer, read_roster_entries
 
 __all__ = [
     "merge_identities",
@@ -77,11 +79,16 @@ def _write_public(path: Path, text: str) -> None:
         raise
 
 
-def write_roster(path: Path, roster: Mapping[str, bytes]) -> None:
-    """Write ``roster`` to ``path`` atomically (a reader never sees half a file)."""
-    _write_public(
-        path, json.dumps({k: v.hex() for k, v in roster.items()}, indent=2, sort_keys=True) + "\n"
-    )
+def _entry(value: bytes | RosterEntry) -> RosterEntry:
+    """A bare key is a node's entry (the legacy roster form)."""
+    return value if isinstance(value, RosterEntry) else RosterEntry(bytes(value))
+
+
+def write_roster(path: Path, roster: Mapping[str, bytes | RosterEntry]) -> None:
+    """Write ``roster`` to ``path`` atomically (a reader never sees half a file): a node with
+    no previous key as its bare hex key, any other entry as an object (``dump_roster``)."""
+    entries = {node_id: _entry(v) for node_id, v in roster.items()}
+    _write_public(path, json.dumps(dump_roster(entries), indent=2, sort_keys=True) + "\n")
 
 
 def read_identities(path: Path) -> dict[str, NatsIdentity]:
@@ -152,39 +159,47 @@ def merge_identities(
 
 def roster_entries(
     identities: Mapping[str, NatsIdentity], namespace: str | None = None
-) -> dict[str, bytes]:
-    """``{name: public key}`` of the identities that sign envelopes (node, healer, writer),
-    of ``namespace`` only when given: what a roster must trust for them."""
+) -> dict[str, RosterEntry]:
+    """``{name: roster entry}`` (key and role) of the identities that sign envelopes (node,
+    healer, writer), of ``namespace`` only when given: what a roster must trust for them."""
     return {
-        name: i.public_key for name, i in identities.items()
+        name: RosterEntry(i.public_key, str(i.role)) for name, i in identities.items()
         if i.role in SIGNING_ROLES and (namespace is None or i.namespace == namespace)
     }
 
 
+def _describe_entry(node_id: str, e: RosterEntry) -> str:
+    role = "" if e.role == "node" else f" ({e.role})"
+    return f"{node_id}{role} {e.key.hex()[:16]}…"
+
+
 def merge_roster(
-    path: Path, entries: Mapping[str, bytes], *, replace: bool = False,
+    path: Path, entries: Mapping[str, bytes | RosterEntry], *, replace: bool = False,
     remove: frozenset[str] = frozenset(),
-) -> tuple[dict[str, bytes], list[str]]:
-    """Merge ``entries`` into the roster file at ``path`` (created if missing) and drop the
-    ids in ``remove``; every other entry is kept. An id already trusted with a different key
-    is an error unless ``replace`` (key rotation). Returns the new roster and one line per
-    change (empty when nothing changed; the file is then left untouched)."""
-    current = read_roster(path) if path.exists() else {}
-    TrustRoster(entries)  # validates every id and key before anything is written
+) -> tuple[dict[str, RosterEntry], list[str]]:
+    """Merge ``entries`` (a bare key: role node) into the roster file at ``path`` (created if
+    missing) and drop the ids in ``remove``; every other entry is kept. An id already trusted
+    with a different key or role is an error unless ``replace`` (key rotation; a replaced
+    entry keeps no previous key unless the new entry carries one). Returns the new roster and
+    one line per change (empty when nothing changed; the file is then left untouched)."""
+    current = read_roster_entries(path) if path.exists() else {}
+    given = {node_id: _entry(v) for node_id, v in entries.items()}
+    TrustRoster.from_entries(given)  # validates every id and key before anything is written
     roster = dict(current)
     changes: list[str] = []
-    for node_id, key in sorted(entries.items()):
+    for node_id, entry in sorted(given.items()):
         old = roster.get(node_id)
-        if old == key:
-            continue
+        if old == entry or (old is not None and entry.previous is None
+                            and (old.key, old.role) == (entry.key, entry.role)):
+            continue  # the same (an overlap window in force is kept)
         if old is not None and not replace:
             raise InvalidArgumentError(
-                f"{path} already trusts another key for {node_id!r} "
-                f"({old.hex()[:16]}…); pass --replace to rotate it"
+                f"{path} already trusts {_describe_entry(node_id, old)}; pass --replace to "
+                "rotate it or change its role"
             )
-        roster[node_id] = key
-        changes.append(f"{'replaced' if old is not None else 'added'} {node_id} "
-                       f"{key.hex()[:16]}…")
+        roster[node_id] = entry
+        changes.append(f"{'replaced' if old is not None else 'added'} "
+                       f"{_describe_entry(node_id, entry)}")
     for node_id in sorted(remove):
         if roster.pop(node_id, None) is not None:
             changes.append(f"removed {node_id}")
@@ -238,14 +253,16 @@ def register_keys(main: click.Group) -> None:
                   help="Let an entry replace the key an id already has (key rotation).")
     @click.option("--remove", "removed", multiple=True, metavar="ID",
                   help="Stop trusting ID (repeatable).")
+    @click.option("--role", type=click.Choice(ROSTER_ROLES), default="node", show_default=True,
+                  help="The role the entries given are trusted as.")
     def roster(roster_file: Path, entries: tuple[str, ...], replace: bool,
-               removed: tuple[str, ...]) -> None:
+               removed: tuple[str, ...], role: str) -> None:
         """Merge public keys into ROSTER_FILE (created if missing); every entry already in it
         is kept. An id that already has a different key is refused unless --replace. Prints
         the ids the roster trusts afterwards (with no entry: the ids it trusts now)."""
         if not entries and not removed and not roster_file.exists():
             raise click.UsageError(f"no roster at {roster_file} and nothing to add to one")
-        parsed = dict(_parse_entry(e) for e in entries)
+        parsed = {i: RosterEntry(k, role) for i, k in (_parse_entry(e) for e in entries)}
         if len(parsed) != len(entries):
             raise click.BadParameter("an id is given twice", param_hint="ENTRIES")
         result, changes = merge_roster(roster_file, parsed, replace=replace,

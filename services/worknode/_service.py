@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from broker.codec import Signer, TrustRoster, WireCodec
+from broker.codec import RosterEntry, Signer, TrustRoster, WireCodec, parse_roster
 from broker.errors import InvalidArgumentError, StoreError, WorknodeError
 from broker.healing import HealEndpoints
 from broker.replica import Replica, ReplicaConfig
@@ -48,6 +48,7 @@ __all__ = [
     "load_or_create_signer",
     "read_cluster_secret",
     "read_roster",
+    "read_roster_entries",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,15 +82,27 @@ def load_or_create_signer(node_id: str, path: Path) -> Signer:
     return signer
 
 
-def read_roster(path: Path | None) -> dict[str, bytes]:
-    """``{node_id: public key}`` from a JSON roster file (hex keys); empty if no file."""
+def read_roster_entries(path: Path | None) -> dict[str, RosterEntry]:
+    """The entries of a JSON roster file (see ``broker.codec.parse_roster``: a hex key, role
+    node, or ``{"key", "role", "previous", "previous_until"}``); empty if no file.
+    ``InvalidArgumentError`` naming the file and the first bad entry."""
     if path is None:
         return {}
     try:
-        raw = json.loads(path.read_text())
-        return {str(k): bytes.fromhex(str(v)) for k, v in raw.items()}
-    except (OSError, ValueError, AttributeError) as exc:
-        raise InvalidArgumentError(f"cannot read roster {path}: {exc}") from exc
+        return parse_roster(json.loads(path.read_text()))
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"cannot read roster {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # JSON; InvalidArgumentError is not a ValueError
+        raise InvalidArgumentError(f"cannot read roster {path}: {exc}") from None
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"cannot read roster {path}: {exc}") from None
+
+
+def read_roster(path: Path | None) -> dict[str, bytes]:
+    """``{node_id: public key}`` from a JSON roster file; empty if no file (roles and
+    previous keys: ``read_roster_entries``)."""
+    return {node_id: e.key for node_id, e in read_roster_entries(path).items()}
 
 
 def read_cluster_secret(path: Path) -> bytes:
@@ -107,12 +120,14 @@ def read_cluster_secret(path: Path) -> bytes:
 
 
 def load_identity(node_id: str, key_path: Path, roster_file: Path | None,
-                  roster: TrustRoster) -> Signer:
-    """This node's signer (created if new); ``roster`` gains the roster file and itself."""
+                  roster: TrustRoster, role: str = "node") -> Signer:
+    """This node's signer (created if new); ``roster`` gains the roster file and itself (as
+    ``role``, unless the file gives it one, with the key of its own seed)."""
     signer = load_or_create_signer(node_id, key_path)
-    for node, key in read_roster(roster_file).items():
-        roster.add(node, key)
-    roster.add(node_id, signer.public_key)
+    for node, entry in read_roster_entries(roster_file).items():
+        roster.add(node, entry.key, entry.role, previous=entry.previous,
+                   previous_until=entry.previous_until)
+    roster.add(node_id, signer.public_key, roster.role_of(node_id) or role)
     return signer
 
 
