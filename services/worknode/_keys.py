@@ -1,5 +1,5 @@
-"""Signing and NATS identities as files: ``worknode keys show | roster | add | remove | list |
-nats-config | roster-from`` and the helpers ``deploy/keygen.py`` shares.
+"""Signing and NATS identities as files: ``worknode keys show | roster | add | remove | rotate |
+list | nats-config | roster-from`` and the helpers ``deploy/keygen.py`` shares.
 
 A node's identity is a 32-byte Ed25519 seed file (mode 0600, never copied); a roster is a JSON
 object ``{"node-id": "<public key hex>"}`` (a node) or ``{"id": {"key": hex, "role": "healer"}}``
@@ -21,10 +21,13 @@ Seeds are never printed: ``list`` shows nkey public keys (``U...``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -314,14 +317,79 @@ def register_keys(main: click.Group) -> None:
 
     @keys.command("remove")
     @click.argument("names", nargs=-1, required=True, metavar="NAME...")
-    @identities_option
-    def remove(names: tuple[str, ...], identities_file: Path) -> None:
-        """Drop identities from the file (reload the servers' config to lock them out)."""
-        if not identities_file.exists():
-            raise click.UsageError(f"no identities file at {identities_file}")
-        _, changes = merge_identities(identities_file, {}, remove=frozenset(names))
+    @click.option("--identities", "identities_file", default=None,
+                  type=click.Path(dir_okay=False, path_type=Path),
+                  help="Drop the NATS identities from this file (then reload the servers).")
+    @click.option("--roster", "roster_file", default=None,
+                  type=click.Path(dir_okay=False, path_type=Path),
+                  help="Drop the ids (key and any previous key) from this roster: peers "
+                       "refuse them from their next reload (SIGHUP: at once).")
+    def remove(names: tuple[str, ...], identities_file: Path | None,
+               roster_file: Path | None) -> None:
+        """Stop trusting NAMES: drop them from the identities file and/or the roster (a
+        compromised key: both, then SIGHUP the nodes and reload the NATS servers)."""
+        if identities_file is None and roster_file is None:
+            raise click.UsageError("give --identities, --roster or both")
+        for path, what in ((identities_file, "identities file"), (roster_file, "roster")):
+            if path is not None and not path.exists():
+                raise click.UsageError(f"no {what} at {path}")
+        changes: list[str] = []
+        if identities_file is not None:
+            changes += merge_identities(identities_file, {}, remove=frozenset(names))[1]
+        if roster_file is not None:
+            changes += [f"roster: {c}" for c in
+                        merge_roster(roster_file, {}, remove=frozenset(names))[1]]
         for line in changes or [f"none of {', '.join(names)} recorded: nothing removed"]:
             click.echo(line, err=True)
+
+    @keys.command("rotate")
+    @click.argument("node_id", metavar="ID")
+    @click.option("--seed", "seed_file", required=True,
+                  type=click.Path(dir_okay=False, path_type=Path),
+                  help="ID's seed file (a node's <state_dir>/<ID>.key): replaced by a new "
+                       "seed (mode 0600).")
+    @click.option("--roster", "roster_file", required=True,
+                  type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="The roster to trust the new key in.")
+    @click.option("--overlap", default="1h", show_default=True, metavar="DURATION",
+                  help="How long peers still accept the old key (e.g. 90s, 30m, 1h, 2d).")
+    @click.option("--no-overlap", is_flag=True,
+                  help="Refuse the old key from the peers' next reload (a compromised key).")
+    @click.option("--identities", "identities_file", default=None,
+                  type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="Also give ID's NATS identity the new key (then reload the servers).")
+    def rotate(node_id: str, seed_file: Path, roster_file: Path, overlap: str,
+               no_overlap: bool, identities_file: Path | None) -> None:
+        """Give ID a new signing key: a new seed in --seed, the roster trusting the new key
+        (and the old one until the overlap ends, unless --no-overlap). Prints the new public
+        key; the seed is never printed."""
+        window = 0.0 if no_overlap else _duration(overlap)
+        entries = read_roster_entries(roster_file)
+        current = entries.get(node_id)
+        if current is None:
+            raise click.UsageError(f"{roster_file} does not trust {node_id!r}: nothing to "
+                                   "rotate (add it with 'worknode keys roster')")
+        identity = None
+        if identities_file is not None:
+            identity = read_identities(identities_file).get(node_id)
+            if identity is None:
+                raise click.UsageError(f"{identities_file} records no identity {node_id!r}")
+        new = Signer.generate(node_id)
+        until = time.time() + window
+        entry = RosterEntry(new.public_key, current.role,
+                            None if no_overlap else current.key,
+                            None if no_overlap else until)
+        _write_seed(seed_file, new.seed)
+        merge_roster(roster_file, {node_id: entry}, replace=True)
+        if identity is not None and identities_file is not None:
+            merge_identities(identities_file, {node_id: dataclasses.replace(
+                identity, public_key=new.public_key)}, replace=True)
+        click.echo(new.public_key.hex())
+        old = ("the old key is refused from the peers' next reload" if no_overlap else
+               f"peers accept the old key until {_utc(until)}")
+        click.echo(f"rotated {node_id} in {roster_file}: {old}. Restart {node_id} with "
+                   f"{seed_file}; give the other hosts this roster (they reload it within "
+                   "key_reload_interval_s, or at once on SIGHUP).", err=True)
 
     @keys.command("list")
     @identities_option
@@ -381,6 +449,40 @@ def _existing(path: Path) -> dict[str, NatsIdentity]:
     if not identities:
         raise click.UsageError(f"no identities in {path} (add one with 'worknode keys add')")
     return identities
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds of ``90s``, ``30m``, ``1h``, ``2d`` or a bare number of seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise click.BadParameter(f"not a duration: {text!r} (e.g. 90s, 30m, 1h, 2d)",
+                                 param_hint="--overlap") from None
+    if not seconds > 0:
+        raise click.BadParameter("the overlap must be positive (or use --no-overlap)",
+                                 param_hint="--overlap")
+    return seconds
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _write_seed(path: Path, seed: bytes) -> None:
+    """Replace the seed at ``path`` atomically, mode 0600 from the start."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(seed)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _parse_public_key(text: str) -> bytes:

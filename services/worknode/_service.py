@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from broker.transport import (
     render_accounts,
 )
 from services._connection import open_server_warning
+from services._reload import KeyFileWatch, TrustMetrics, roster_watch
 from services.worknode._events import ReplicaEvents, TransportEvents
 from services.worknode._metrics import ServiceMetrics, package_version
 from services.worknode._rpc import start_rpc
@@ -186,7 +188,12 @@ class WorknodeService:
         self.store: ObservedStore | None = None
         self.events = ReplicaEvents(self.metrics, settings.node_id)
         self.signer: Signer | None = None
-        self.roster = roster if roster is not None else TrustRoster()
+        # The wall clock ends rotation overlap windows (a roster given in keeps its own).
+        self.roster = roster if roster is not None else TrustRoster(now=time.time)
+        self.trust_metrics = TrustMetrics(self.metrics.registry)
+        self.trust_metrics.watch_roster(self.roster)
+        self.key_watches: list[KeyFileWatch] = []
+        """The roster's and the RPC keyring's file watches (reload on change or SIGHUP)."""
         self.replicas: dict[str, Replica] = {}
         self._metrics_http = MetricsEndpoint()
         self._gauges: asyncio.Task[None] | None = None
@@ -213,6 +220,11 @@ class WorknodeService:
         os.chmod(s.state_dir, 0o700)  # one that existed already too
         self._lock_state_dir()
         self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
+        if s.roster_file is not None:
+            self.key_watches.append(roster_watch(
+                self.roster, s.roster_file, s.node_id, self.signer.public_key,
+                read=read_roster_entries, role="node", metrics=self.trust_metrics,
+                interval_s=s.key_reload_interval_s))
         # Read before connecting: a missing secret fails at once, not after the connect.
         secret = (None if s.cluster_secret_file is None
                   else read_cluster_secret(s.cluster_secret_file))
@@ -284,6 +296,8 @@ class WorknodeService:
             self.rpc = await start_rpc(self, codec, self.rpc_methods)
         self._metrics_http.start(s.metrics_host, s.metrics_port, self.metrics.registry)
         self._gauges = asyncio.create_task(self._update_gauges())
+        for watch in self.key_watches:
+            watch.start()
 
     def _secure_embedded(self) -> dict[str, Any]:
         """The embedded server's security: TLS from a local CA under the state directory,
@@ -326,6 +340,9 @@ class WorknodeService:
         await complete_despite_cancel(self._teardown())
 
     async def _teardown(self) -> None:
+        for watch in self.key_watches:
+            await watch.stop()
+        self.key_watches.clear()
         if self._gauges is not None:
             self._gauges.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -364,6 +381,11 @@ class WorknodeService:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def reload_keys(self) -> bool:
+        """Reload the roster and RPC keyring files now (what SIGHUP does); False if any was
+        refused (the keys in force are kept; logged and counted)."""
+        return all([watch.reload() for watch in self.key_watches])
 
     # -- access ----------------------------------------------------------------------------
 
