@@ -198,3 +198,47 @@ def test_roles_written_by_keygen_roster_and_roster_from(tmp_path: Path) -> None:
     r = worknode("keys", "roster-from", "--identities", "ids.json", "r.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "r.json").read_text())["h"]["role"] == "healer"
+
+
+def test_keys_rotate_and_remove_from_a_roster(tmp_path: Path) -> None:
+    """``keys rotate`` writes a new seed (0600, never printed) and a roster entry keeping the
+    old key until the overlap ends (or not: --no-overlap); ``keys remove --roster`` drops an
+    id; mistakes are one error line and change nothing."""
+    old_seed = _seed(tmp_path / "b.key")
+    old = Signer("b", old_seed).public_key.hex()
+    r = worknode("keys", "roster", "r.json", "b=@b.key", "--role", "writer", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = worknode("keys", "rotate", "b", "--seed", "b.key", "--roster", "r.json",
+                 "--overlap", "30m", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    new_seed = (tmp_path / "b.key").read_bytes()
+    assert new_seed != old_seed
+    assert (tmp_path / "b.key").stat().st_mode & 0o777 == 0o600
+    new = Signer("b", new_seed).public_key.hex()
+    assert r.stdout == f"{new}\n"
+    assert new_seed.hex() not in r.stdout + r.stderr
+    entry = json.loads((tmp_path / "r.json").read_text())["b"]
+    assert entry["key"] == new
+    assert entry["role"] == "writer"
+    assert entry["previous"] == old
+    assert entry["previous_until"].endswith("Z")
+
+    r = worknode("keys", "rotate", "b", "--seed", "b.key", "--roster", "r.json",
+                 "--no-overlap", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    entry = json.loads((tmp_path / "r.json").read_text())["b"]
+    assert set(entry) == {"key", "role"}
+
+    before = (tmp_path / "r.json").read_text()
+    for args in (("rotate", "nobody", "--seed", "x.key", "--roster", "r.json"),
+                 ("rotate", "b", "--seed", "b.key", "--roster", "r.json", "--overlap", "soon"),
+                 ("remove", "b")):
+        r = worknode("keys", *args, cwd=tmp_path)
+        assert r.returncode != 0
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (tmp_path / "r.json").read_text() == before
+    assert not (tmp_path / "x.key").exists()
+
+    r = worknode("keys", "remove", "b", "--roster", "r.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r.json").read_text()) == {}

@@ -318,3 +318,30 @@ async def test_rpc_root_key_removed_from_the_keyring_stops_its_tokens(
         await until(lambda: sample(svc, "worknode_key_reloads_total", file="rpc_keyring",
                                    result="failed") == 1, "the invalid keyring refused")
         await client.call(SUBJECT, "root", "get", token=new)
+
+
+async def test_the_healer_reloads_its_roster_without_restart(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    from services.healer import HealerService, HealerSettings
+
+    roster_file = tmp_path / "roster.json"
+    seed_roster(tmp_path, ["a"], roster_file)
+    secret = tmp_path / "secret"
+    secret.write_bytes(os.urandom(32))
+    healer = HealerService(HealerSettings(
+        nats_urls=[nats_server.url], state_dir=tmp_path / "healer", roster_file=roster_file,
+        cluster_secret_file=secret, metrics_port=None, interval_s=3600, membership_poll_s=3600,
+        key_reload_interval_s=POLL))
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(healer.stop)
+        await healer.start()
+        assert healer.roster.role_of("healer") == "healer"  # itself, with its role
+        assert healer.roster.with_role("node") == frozenset({"a"})
+        roster_file.write_text(json.dumps({"w": {"key": bytes(range(32)).hex(),
+                                                 "role": "writer"}}))
+        await until(lambda: healer.roster.role_of("w") == "writer", "the healer's reload")
+        assert "a" not in healer.roster  # removed from the file: no longer trusted
+        assert healer.roster.with_role("healer") == frozenset({"healer"})
+        assert healer.metrics.registry.get_sample_value(
+            "worknode_key_reloads_total", {"file": "roster", "result": "ok"}) == 1
