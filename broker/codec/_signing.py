@@ -186,22 +186,35 @@ def _verify_key(node_id: str, public_key: bytes) -> nacl.signing.VerifyKey:
 
 class _State:
     """One immutable generation of a roster: replaced whole, never edited, so a reader
-    holding it (or the roster mid-reload) sees one consistent version."""
+    holding it (or the roster mid-reload) sees one consistent version. ``base``: a previous
+    generation whose verify keys are reused for unchanged entries (an ``add`` costs one key,
+    not the whole roster)."""
 
-    __slots__ = ("by_role", "entries", "keys", "previous")
+    __slots__ = ("_by_role", "entries", "keys", "previous")
 
-    def __init__(self, entries: Mapping[str, RosterEntry]) -> None:
+    def __init__(self, entries: Mapping[str, RosterEntry], base: _State | None = None) -> None:
         self.entries = dict(entries)
-        self.keys = {i: _verify_key(i, e.key) for i, e in self.entries.items()}
-        self.previous = {
-            i: (_verify_key(i, e.previous), e.previous_until)
-            for i, e in self.entries.items()
-            if e.previous is not None and e.previous_until is not None
-        }
-        roles: dict[str, set[str]] = {r: set() for r in ROSTER_ROLES}
+        self.keys: dict[str, nacl.signing.VerifyKey] = {}
+        self.previous: dict[str, tuple[nacl.signing.VerifyKey, float]] = {}
         for i, e in self.entries.items():
-            roles[e.role].add(i)
-        self.by_role = {r: frozenset(ids) for r, ids in roles.items()}
+            if base is not None and base.entries.get(i) == e:
+                self.keys[i] = base.keys[i]
+                if i in base.previous:
+                    self.previous[i] = base.previous[i]
+                continue
+            self.keys[i] = _verify_key(i, e.key)
+            if e.previous is not None and e.previous_until is not None:
+                self.previous[i] = (_verify_key(i, e.previous), e.previous_until)
+        self._by_role: dict[str, frozenset[str]] | None = None
+
+    def by_role(self, role: str) -> frozenset[str]:
+        """The ids of ``role`` (computed once per generation, on first use)."""
+        if self._by_role is None:
+            roles: dict[str, set[str]] = {r: set() for r in ROSTER_ROLES}
+            for i, e in self.entries.items():
+                roles[e.role].add(i)
+            self._by_role = {r: frozenset(ids) for r, ids in roles.items()}
+        return self._by_role.get(role, frozenset())
 
 
 class TrustRoster:
@@ -242,7 +255,7 @@ class TrustRoster:
         so on ``InvalidArgumentError`` the roster in force is unchanged."""
         for node_id in entries:
             validate_replica_id(node_id)
-        self._state = _State(entries)
+        self._state = _State(entries, self._state)
 
     def add(self, node_id: str, public_key: bytes, role: str = "node", *,
             previous: bytes | None = None, previous_until: float | None = None) -> None:
@@ -251,14 +264,14 @@ class TrustRoster:
         entries = dict(self._state.entries)
         entries[validate_replica_id(node_id)] = RosterEntry(
             bytes(public_key), role, previous, previous_until)
-        self._state = _State(entries)
+        self._state = _State(entries, self._state)
 
     def remove(self, node_id: str) -> None:
         """Stop trusting ``node_id``."""
         if node_id in self._state.entries:
             entries = dict(self._state.entries)
             del entries[node_id]
-            self._state = _State(entries)
+            self._state = _State(entries, self._state)
 
     def entries(self) -> dict[str, RosterEntry]:
         """A copy of every entry."""
@@ -266,7 +279,7 @@ class TrustRoster:
 
     def with_role(self, role: str) -> frozenset[str]:
         """The ids trusted as ``role`` (cheap: computed once per roster version)."""
-        return self._state.by_role.get(role, frozenset())
+        return self._state.by_role(role)
 
     def role_of(self, node_id: str) -> str | None:
         """``node_id``'s role, or None when it is not trusted."""

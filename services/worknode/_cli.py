@@ -52,7 +52,11 @@ from broker.transport import (
 from services._cli_errors import EXIT_UNCONFIRMED, error_line, run_until_signal
 from services._config import load_settings, read_toml
 from services._connection import client_options, pop_connection, with_connection
-from services.worknode._service import WorknodeService, load_or_create_signer, read_roster
+from services.worknode._service import (
+    WorknodeService,
+    load_or_create_signer,
+    read_roster_entries,
+)
 from services.worknode._settings import WorknodeSettings
 
 __all__ = ["register"]
@@ -638,7 +642,9 @@ def register(main: click.Group) -> None:
              as_json: bool, count: int, timeout: float, **conn: Any) -> None:
         """Print every delta batch published on SUBJECT, decoded (a subscriber's view)."""
         options = client_options("worknode-tail", list(nats_urls), pop_connection(conn))
-        trust = TrustRoster(read_roster(roster)) if roster else None
+        # With its roles and previous keys: an old key inside its overlap window verifies.
+        trust = (TrustRoster.from_entries(read_roster_entries(roster), now=time.time)
+                 if roster else None)
         codec = WireCodec()
         watched = delta_subject(validate_token(namespace, "namespace"),
                                 validate_token(subject, "subject"))
