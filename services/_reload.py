@@ -150,6 +150,7 @@ class KeyFileWatch:
 
 _hooks: dict[int, Callable[[], object]] = {}
 _next_hook = 0
+_handler_loop: asyncio.AbstractEventLoop | None = None
 
 
 def _on_signal() -> None:
@@ -162,22 +163,26 @@ def on_sighup(hook: Callable[[], object]) -> Callable[[], None]:
     function that unregisters it. Several services in one process (``worknode up``, tests)
     share the one handler. Where the loop cannot handle signals (not the main thread) the
     file watch alone reloads."""
-    global _next_hook
+    global _next_hook, _handler_loop
     loop = asyncio.get_running_loop()
-    if not _hooks:
+    if _handler_loop is not loop:  # the first hook, or a new loop (the old one is gone)
         try:
             loop.add_signal_handler(signal.SIGHUP, _on_signal)
         except (RuntimeError, NotImplementedError, ValueError):
             log.debug("SIGHUP cannot be handled here (pid %d): file watch only", os.getpid())
             return lambda: None
+        _handler_loop = loop
     _next_hook += 1
     key = _next_hook
     _hooks[key] = hook
 
     def unhook() -> None:
-        if _hooks.pop(key, None) is not None and not _hooks:
+        global _handler_loop
+        if _hooks.pop(key, None) is not None and not _hooks and _handler_loop is loop:
+            # Back to SIGHUP's default action once no service listens.
             with contextlib.suppress(RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
+            _handler_loop = None
 
     return unhook
 
