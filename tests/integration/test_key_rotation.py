@@ -144,26 +144,28 @@ async def test_rotated_key_takes_effect_on_peers_without_restart_and_old_key_end
 # -- removal, by SIGHUP, in real `worknode node` processes ---------------------------------
 
 class NodeProcess:
-    """A real ``worknode node`` process; killed at the end whatever happened."""
+    """A real ``worknode node`` (or ``worknode healer``) process; killed at the end whatever
+    happened."""
 
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
         self.metrics_url = ""
         self.stderr = ""
 
-    async def start(self, env: dict[str, str], cwd: Path) -> None:
+    async def start(self, env: dict[str, str], cwd: Path, command: str = "node") -> None:
         base = {k: v for k, v in os.environ.items() if not k.startswith("WORKNODE_")}
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.cli", "node", env={**base, **env}, cwd=cwd,
+            sys.executable, "-m", "services.cli", command, env={**base, **env}, cwd=cwd,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        assert self.proc.stderr is not None
+        stream = self.proc.stderr
+        assert stream is not None
+        pattern = r"metrics at (\S+)" if command == "node" else r"metrics on port (\d+)"
         async with asyncio.timeout(WAIT):
-            while "serving" not in (line := (await self.proc.stderr.readline()).decode()):
+            while not (found := re.search(pattern, line := (await stream.readline()).decode())):
                 self.stderr += line
-                assert line, f"the node exited: {self.stderr}"
-        found = re.search(r"metrics at (\S+)", line)
-        assert found, line
-        self.metrics_url = found.group(1)
+                assert line, f"the {command} exited: {self.stderr}"
+        self.metrics_url = (found.group(1) if command == "node"
+                            else f"http://127.0.0.1:{found.group(1)}/metrics")
 
     async def sample(self, name: str, **labels: str) -> float:
         """One series of the process's /metrics (0 when absent)."""
@@ -202,7 +204,7 @@ async def processes() -> AsyncIterator[list[NodeProcess]]:
             await p.kill()
 
 
-async def test_removed_key_is_refused_by_every_peer_after_sighup(
+async def test_removed_key_is_refused_by_every_peer_and_the_healer_after_sighup(
     tmp_path: Path, nats_server: EmbeddedNatsServer, processes: list[NodeProcess]
 ) -> None:
     roster_file = tmp_path / "roster.json"
@@ -217,10 +219,24 @@ async def test_removed_key_is_refused_by_every_peer_after_sighup(
             "WORKNODE_KEY_RELOAD_INTERVAL_S": "0",  # no file watch: SIGHUP alone reloads
             "WORKNODE_METRICS_PORT": "0", "WORKNODE_LOG_LEVEL": "WARNING",
         }, tmp_path)
+    secret = tmp_path / "secret"
+    secret.write_bytes(os.urandom(32))
+    healer = NodeProcess()
+    processes.append(healer)
+    await healer.start({
+        "WORKNODE_HEALER_NATS_URLS": f'["{nats_server.url}"]',
+        "WORKNODE_HEALER_CLUSTER_SECRET_FILE": str(secret),
+        "WORKNODE_HEALER_STATE_DIR": str(tmp_path / "healer"),
+        "WORKNODE_HEALER_ROSTER_FILE": str(roster_file),
+        "WORKNODE_HEALER_KEY_RELOAD_INTERVAL_S": "0", "WORKNODE_HEALER_METRICS_PORT": "0",
+        "WORKNODE_HEALER_INTERVAL_S": "3600", "WORKNODE_LOG_LEVEL": "WARNING",
+    }, tmp_path, "healer")
+    nodes = processes[:2]
+    assert await healer.sample("worknode_roster_keys") == 4  # a, b, c and itself
     applied = "worknode_deltas_applied_total"
     async with services(b := WorknodeService(node_settings(tmp_path, nats_server.url, "b"))):
         await b.replica(SUBJECT).create("trusted")
-        for node in processes:
+        for node in nodes:
             await until_sample(node, 1, applied, subject=SUBJECT, wire_version=str(CURRENT_VERSION))
 
         status, _, err = await run_cli("keys", "remove", "b", "--roster", str(roster_file),
@@ -233,12 +249,15 @@ async def test_removed_key_is_refused_by_every_peer_after_sighup(
         for node in processes:
             await until_sample(node, 1, "worknode_key_reloads_total", file="roster",
                                result="ok")
+        for node in nodes:
             assert await node.sample("worknode_roster_keys") == 2
+        assert await healer.sample("worknode_roster_keys") == 3  # b is gone for it too
 
         await b.replica(SUBJECT).create("removed")
-        for node in processes:
+        for node in nodes:
             await until_sample(node, 1, "worknode_deltas_rejected_total", subject=SUBJECT,
                                reason="unknown_signer")
+        for node in processes:
             assert node.proc is not None
             assert node.proc.returncode is None
 
