@@ -169,8 +169,13 @@ class NodeProcess:
 
     async def sample(self, name: str, **labels: str) -> float:
         """One series of the process's /metrics (0 when absent)."""
-        text = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(self.metrics_url, timeout=10).read().decode())
+        try:
+            text = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(self.metrics_url, timeout=10).read().decode())
+        except OSError as exc:
+            assert self.proc is not None
+            raise AssertionError(f"no /metrics from pid {self.proc.pid} (killed by the "
+                                 "signal?)") from exc
         want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         for line in text.splitlines():
             series, _, value = line.rpartition(" ")
