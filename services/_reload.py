@@ -49,8 +49,9 @@ def _signature(path: Path) -> _Signature:
 
 
 class TrustMetrics:
-    """The key-file series of one service's registry: reloads by file and result, roster
-    size, roster keys inside an overlap window, keyring size."""
+    """The key-file series of one service's registry: reloads by file and result, whether
+    the file on disk was refused, roster size, roster keys inside an overlap window, keyring
+    size."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.reloads = Counter(
@@ -61,6 +62,13 @@ class TrustMetrics:
         for f in KEY_FILES:
             for r in RELOAD_RESULTS:
                 self.reloads.labels(f, r)
+        self.refused = Gauge(
+            "worknode_key_file_refused",
+            "1 while the key file on disk is one the last reload refused (the keys in force "
+            "are older than the file), by file.",
+            ["file"], registry=registry)
+        for f in KEY_FILES:
+            self.refused.labels(f)
         self.roster_keys = Gauge(
             "worknode_roster_keys", "Identities the trust roster in force holds.",
             registry=registry)
@@ -133,12 +141,14 @@ class KeyFileWatch:
             self.failures += 1
             if self._metrics is not None:
                 self._metrics.reloads.labels(self.what, "failed").inc()
+                self._metrics.refused.labels(self.what).set(1)
             log.error("%s: %s reload refused, the keys in force are kept: %s",
                       self.owner, self.what, exc)
             return False
         self.reloads += 1
         if self._metrics is not None:
             self._metrics.reloads.labels(self.what, "ok").inc()
+            self._metrics.refused.labels(self.what).set(0)
         log.info("%s: %s reloaded from %s", self.owner, self.what, self.path)
         return True
 

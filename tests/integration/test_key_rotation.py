@@ -294,6 +294,7 @@ async def test_invalid_roster_file_keeps_the_roster_in_force_logged_and_counted(
         assert len(refusals) == len(bad_files)
         assert all("\n" not in r.getMessage() for r in refusals)
         assert sample(a, "worknode_key_reloads_total", file="roster", result="ok") == 0
+        assert sample(a, "worknode_key_file_refused", file="roster") == 1
         # b (whose entry the bad files tried to change) is still trusted by a.
         await b.replica(SUBJECT).create("still-trusted")
         await until(lambda: holds(a, "still-trusted"), "b's write accepted by a")
@@ -303,6 +304,7 @@ async def test_invalid_roster_file_keeps_the_roster_in_force_logged_and_counted(
             "a": good["a"].key.hex(), "b": good["b"].key.hex(),
             "h": {"key": bytes(range(32)).hex(), "role": "healer"}}))
         await until(lambda: a.roster.role_of("h") == "healer", "the valid file reloaded")
+        assert sample(a, "worknode_key_file_refused", file="roster") == 0
 
 
 # -- the RPC keyring --------------------------------------------------------------------------
