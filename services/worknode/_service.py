@@ -95,9 +95,7 @@ def read_roster_entries(path: Path | None) -> dict[str, RosterEntry]:
     except OSError as exc:
         raise InvalidArgumentError(
             f"cannot read roster {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:  # JSON; InvalidArgumentError is not a ValueError
-        raise InvalidArgumentError(f"cannot read roster {path}: {exc}") from None
-    except InvalidArgumentError as exc:
+    except ValueError as exc:  # not JSON, or an entry parse_roster refused
         raise InvalidArgumentError(f"cannot read roster {path}: {exc}") from None
 
 
