@@ -228,13 +228,14 @@ def _parse_entry(text: str) -> tuple[str, bytes]:
 
 
 def register_keys(main: click.Group) -> None:
-    """Add the ``keys`` group (show, roster, add, remove, list, nats-config, roster-from) to
-    the ``worknode`` group."""
+    """Add the ``keys`` group (show, roster, add, remove, rotate, list, nats-config,
+    roster-from) to the ``worknode`` group."""
 
     @main.group()
     def keys() -> None:
-        """Signing and NATS identities: print a public key, merge a roster, record NATS
-        identities and render the server's accounts block from them."""
+        """Signing and NATS identities: print a public key, merge a roster, rotate or remove
+        a key (running nodes reload the roster), record NATS identities and render the
+        server's accounts block from them."""
 
     @keys.command("show")
     @click.argument("seed_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
