@@ -45,7 +45,7 @@ TOKEN_TTL=${TOKEN_TTL:-2592000}
 [ "$#" -gt 0 ] || { echo "usage: $0 NODE [NODE ...]" >&2; exit 2; }
 umask 077
 
-python "$KEYGEN" "$KEYS" "$@" healer writer
+python "$KEYGEN" "$KEYS" "$@" healer:healer writer:writer
 
 # NATS identities: the same seeds (a signing process's NATS user is its signing key).
 ids="$KEYS/identities.json"

@@ -5,8 +5,10 @@ Idempotent and additive: existing seeds and the secret are kept (restarting the 
 identities), and the ids given are merged into an existing roster.json: every entry already
 in it stays (a roster rebuilt from only the ids of one run would make every node refuse the
 others' writes). An id whose seed here has a new key gets that key (the seed is the
-identity). Usage: ``python keygen.py DIR ID [ID ...]``. Every file is written with mode 0600
-except the roster (public keys only). In production, give each host only its own seed.
+identity). Usage: ``python keygen.py DIR ID[:ROLE] [ID[:ROLE] ...]`` (ROLE: node, the
+default, healer or writer: what the roster trusts the identity as). Every file is written
+with mode 0600 except the roster (public keys only). In production, give each host only its
+own seed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from broker.codec import RosterEntry
 from services.worknode import load_or_create_signer
 from services.worknode._keys import merge_roster
 
@@ -26,7 +29,11 @@ def main(argv: list[str]) -> int:
         return 2
     keys = Path(argv[1])
     keys.mkdir(parents=True, exist_ok=True)
-    ours = {i: load_or_create_signer(i, keys / f"{i}.key").public_key for i in argv[2:]}
+    roles = dict((a.partition(":")[0], a.partition(":")[2] or "node") for a in argv[2:])
+    ours = {
+        i: RosterEntry(load_or_create_signer(i, keys / f"{i}.key").public_key, role)
+        for i, role in roles.items()
+    }
     roster, changes = merge_roster(keys / "roster.json", ours, replace=True)
     for line in changes:
         print(f"roster: {line}")

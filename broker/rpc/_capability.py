@@ -290,6 +290,18 @@ class TokenVerifier:
         self.hits = 0
         self.misses = 0
 
+    def set_keyring(self, keyring: Mapping[int, bytes]) -> None:
+        """Verify against ``keyring`` from now on (a reload: key rotation, a root key
+        removed). Every cached verification and decision is dropped, so a token of a removed
+        key is refused from the next call. ``ValueError`` (nothing changed) for an empty
+        keyring; every key is converted before any is swapped in."""
+        if not keyring:
+            raise ValueError("the keyring holds no root public key")
+        keys = {int(kid): _public(bytes(pk)) for kid, pk in keyring.items()}
+        self._keys = keys
+        self._tokens.clear()
+        self._allowed.clear()
+
     def _key(self, kid: int | None) -> bi.PublicKey:
         if kid is None or kid not in self._keys:
             raise KeyError(kid)  # biscuit_auth turns this into a validation error

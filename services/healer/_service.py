@@ -55,9 +55,15 @@ from broker.transport import (
     heal_subject,
 )
 from services._connection import open_server_warning
+from services._reload import KeyFileWatch, TrustMetrics, roster_watch
 from services.healer._metrics import HealerMetrics
 from services.healer._settings import HealerSettings
-from services.worknode import MetricsEndpoint, load_identity, read_cluster_secret
+from services.worknode import (
+    MetricsEndpoint,
+    load_identity,
+    read_cluster_secret,
+    read_roster_entries,
+)
 from services.worknode._events import ConnectionLog
 from services.worknode._logging import RateLimited, event
 
@@ -121,7 +127,11 @@ class HealerService:
         self.metrics = HealerMetrics(settings.subjects)
         self._given_transport = transport
         self.transport: Transport | None = transport
-        self.roster = roster if roster is not None else TrustRoster()
+        self.roster = roster if roster is not None else TrustRoster(now=time.time)
+        self.trust_metrics = TrustMetrics(self.metrics.registry)
+        self.trust_metrics.watch_roster(self.roster)
+        self.roster_watch: KeyFileWatch | None = None
+        """Reloads the roster file on change and on SIGHUP."""
         self.signer: Signer | None = None
         self.secret = b""
         self.codec = WireCodec()
@@ -161,7 +171,13 @@ class HealerService:
         s = self.settings
         s.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # its key: owner only
         s.state_dir.chmod(0o700)  # one that existed already too
-        self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
+        self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster,
+                                    role="healer")
+        if s.roster_file is not None:
+            self.roster_watch = roster_watch(
+                self.roster, s.roster_file, s.node_id, self.signer.public_key,
+                read=read_roster_entries, role="healer", metrics=self.trust_metrics,
+                interval_s=s.key_reload_interval_s)
         self.secret = read_cluster_secret(s.cluster_secret_file)
         if self.transport is None:
             self.transport = s.connect_options(s.node_id, signing_key=s.key_path()).transport(
@@ -174,6 +190,8 @@ class HealerService:
         self._metrics_http.start(s.metrics_host, s.metrics_port, self.metrics.registry)
         self._running = True
         self._task = asyncio.create_task(self._loop(), name="healer")
+        if self.roster_watch is not None:
+            self.roster_watch.start()
 
     async def stop(self) -> None:
         """Stop the loop (a heal in progress is cancelled; replicas stay consistent: every
@@ -184,6 +202,9 @@ class HealerService:
         await complete_despite_cancel(self._teardown())
 
     async def _teardown(self) -> None:
+        if self.roster_watch is not None:
+            await self.roster_watch.stop()
+            self.roster_watch = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -30,6 +30,10 @@ class HealerSettings(NatsClientSettings):
     state_dir: Path = Path(".worknode/healer")
     key_file: Path | None = None
     roster_file: Path | None = None
+    key_reload_interval_s: float = Field(
+        5.0, ge=0, le=3600,
+        description="How often the roster file is checked for a change (0: only on SIGHUP).",
+    )
     cluster_secret_file: Path = Field(
         description="The secret every replica keys its Merkle tree with (same file)."
     )

@@ -8,6 +8,7 @@ from services.worknode._service import (
     load_or_create_signer,
     read_cluster_secret,
     read_roster,
+    read_roster_entries,
 )
 from services.worknode._settings import WorknodeSettings
 
@@ -20,4 +21,5 @@ __all__ = [
     "load_or_create_signer",
     "read_cluster_secret",
     "read_roster",
+    "read_roster_entries",
 ]

@@ -53,7 +53,11 @@ from broker.transport import (
 from services._cli_errors import EXIT_UNCONFIRMED, error_line, run_until_signal
 from services._config import load_settings, read_toml
 from services._connection import client_options, pop_connection, with_connection
-from services.worknode._service import WorknodeService, load_or_create_signer, read_roster
+from services.worknode._service import (
+    WorknodeService,
+    load_or_create_signer,
+    read_roster_entries,
+)
 from services.worknode._settings import WorknodeSettings
 
 __all__ = ["register"]
@@ -254,7 +258,8 @@ async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True,
         roster = TrustRoster(
             {s.node_id: load_or_create_signer(s.node_id, s.key_path()).public_key for s in settings}
         )
-        roster.add(hs.node_id, load_or_create_signer(hs.node_id, hs.key_path()).public_key)
+        roster.add(hs.node_id, load_or_create_signer(hs.node_id, hs.key_path()).public_key,
+                   "healer")
         services = [WorknodeService(s, roster=roster) for s in settings]
         healer = HealerService(hs, roster=roster)
         # An exit stack, not one finally block: every stop runs even when an earlier one
@@ -658,7 +663,9 @@ def register(main: click.Group) -> None:
              as_json: bool, count: int, timeout: float, **conn: Any) -> None:
         """Print every delta batch published on SUBJECT, decoded (a subscriber's view)."""
         options = client_options("worknode-tail", list(nats_urls), pop_connection(conn))
-        trust = TrustRoster(read_roster(roster)) if roster else None
+        # With its roles and previous keys: an old key inside its overlap window verifies.
+        trust = (TrustRoster.from_entries(read_roster_entries(roster), now=time.time)
+                 if roster else None)
         codec = WireCodec()
         watched = delta_subject(validate_token(namespace, "namespace"),
                                 validate_token(subject, "subject"))

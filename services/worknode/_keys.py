@@ -1,11 +1,13 @@
-"""Signing and NATS identities as files: ``worknode keys show | roster | add | remove | list |
-nats-config | roster-from`` and the helpers ``deploy/keygen.py`` shares.
+"""Signing and NATS identities as files: ``worknode keys show | roster | add | remove | rotate |
+list | nats-config | roster-from`` and the helpers ``deploy/keygen.py`` shares.
 
 A node's identity is a 32-byte Ed25519 seed file (mode 0600, never copied); a roster is a JSON
-object ``{"node-id": "<public key hex>"}`` that every node reads to decide whose envelopes it
-accepts. A roster is only ever merged into, never rebuilt from a partial list: a tool that
-wrote only the ids it was given would silently drop every other node's key, and every node
-would then refuse that node's writes (``unknown_signer``).
+object ``{"node-id": "<public key hex>"}`` (a node) or ``{"id": {"key": hex, "role": "healer"}}``
+(any role: node, healer, writer; see ``broker.codec.parse_roster``) that every node reads to
+decide whose envelopes and requests it accepts. A roster is only ever merged into, never
+rebuilt from a partial list: a tool that wrote only the ids it was given would silently drop
+every other node's key, and every node would then refuse that node's writes
+(``unknown_signer``).
 
 The NATS identities file (``keys add``) is one record per identity: ``{name: {role, namespace,
 subjects, public_key}}`` (public data, see ``broker.transport._auth``). The same seed is the
@@ -19,15 +21,18 @@ Seeds are never printed: ``list`` shows nkey public keys (``U...``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
-from broker.codec import Signer, TrustRoster
+from broker.codec import ROSTER_ROLES, RosterEntry, Signer, TrustRoster, dump_roster
 from broker.errors import InvalidArgumentError
 from broker.transport import (
     SIGNING_ROLES,
@@ -38,7 +43,7 @@ from broker.transport import (
     public_of_nkey,
     render_accounts,
 )
-from services.worknode._service import load_or_create_signer, read_roster
+from services.worknode._service import load_or_create_signer, read_roster_entries
 
 __all__ = [
     "merge_identities",
@@ -77,11 +82,16 @@ def _write_public(path: Path, text: str) -> None:
         raise
 
 
-def write_roster(path: Path, roster: Mapping[str, bytes]) -> None:
-    """Write ``roster`` to ``path`` atomically (a reader never sees half a file)."""
-    _write_public(
-        path, json.dumps({k: v.hex() for k, v in roster.items()}, indent=2, sort_keys=True) + "\n"
-    )
+def _entry(value: bytes | RosterEntry) -> RosterEntry:
+    """A bare key is a node's entry (the legacy roster form)."""
+    return value if isinstance(value, RosterEntry) else RosterEntry(bytes(value))
+
+
+def write_roster(path: Path, roster: Mapping[str, bytes | RosterEntry]) -> None:
+    """Write ``roster`` to ``path`` atomically (a reader never sees half a file): a node with
+    no previous key as its bare hex key, any other entry as an object (``dump_roster``)."""
+    entries = {node_id: _entry(v) for node_id, v in roster.items()}
+    _write_public(path, json.dumps(dump_roster(entries), indent=2, sort_keys=True) + "\n")
 
 
 def read_identities(path: Path) -> dict[str, NatsIdentity]:
@@ -152,39 +162,47 @@ def merge_identities(
 
 def roster_entries(
     identities: Mapping[str, NatsIdentity], namespace: str | None = None
-) -> dict[str, bytes]:
-    """``{name: public key}`` of the identities that sign envelopes (node, healer, writer),
-    of ``namespace`` only when given: what a roster must trust for them."""
+) -> dict[str, RosterEntry]:
+    """``{name: roster entry}`` (key and role) of the identities that sign envelopes (node,
+    healer, writer), of ``namespace`` only when given: what a roster must trust for them."""
     return {
-        name: i.public_key for name, i in identities.items()
+        name: RosterEntry(i.public_key, str(i.role)) for name, i in identities.items()
         if i.role in SIGNING_ROLES and (namespace is None or i.namespace == namespace)
     }
 
 
+def _describe_entry(node_id: str, e: RosterEntry) -> str:
+    role = "" if e.role == "node" else f" ({e.role})"
+    return f"{node_id}{role} {e.key.hex()[:16]}…"
+
+
 def merge_roster(
-    path: Path, entries: Mapping[str, bytes], *, replace: bool = False,
+    path: Path, entries: Mapping[str, bytes | RosterEntry], *, replace: bool = False,
     remove: frozenset[str] = frozenset(),
-) -> tuple[dict[str, bytes], list[str]]:
-    """Merge ``entries`` into the roster file at ``path`` (created if missing) and drop the
-    ids in ``remove``; every other entry is kept. An id already trusted with a different key
-    is an error unless ``replace`` (key rotation). Returns the new roster and one line per
-    change (empty when nothing changed; the file is then left untouched)."""
-    current = read_roster(path) if path.exists() else {}
-    TrustRoster(entries)  # validates every id and key before anything is written
+) -> tuple[dict[str, RosterEntry], list[str]]:
+    """Merge ``entries`` (a bare key: role node) into the roster file at ``path`` (created if
+    missing) and drop the ids in ``remove``; every other entry is kept. An id already trusted
+    with a different key or role is an error unless ``replace`` (key rotation; a replaced
+    entry keeps no previous key unless the new entry carries one). Returns the new roster and
+    one line per change (empty when nothing changed; the file is then left untouched)."""
+    current = read_roster_entries(path) if path.exists() else {}
+    given = {node_id: _entry(v) for node_id, v in entries.items()}
+    TrustRoster.from_entries(given)  # validates every id and key before anything is written
     roster = dict(current)
     changes: list[str] = []
-    for node_id, key in sorted(entries.items()):
+    for node_id, entry in sorted(given.items()):
         old = roster.get(node_id)
-        if old == key:
-            continue
+        if old == entry or (old is not None and entry.previous is None
+                            and (old.key, old.role) == (entry.key, entry.role)):
+            continue  # the same (an overlap window in force is kept)
         if old is not None and not replace:
             raise InvalidArgumentError(
-                f"{path} already trusts another key for {node_id!r} "
-                f"({old.hex()[:16]}…); pass --replace to rotate it"
+                f"{path} already trusts {_describe_entry(node_id, old)}; pass --replace to "
+                "rotate it or change its role"
             )
-        roster[node_id] = key
-        changes.append(f"{'replaced' if old is not None else 'added'} {node_id} "
-                       f"{key.hex()[:16]}…")
+        roster[node_id] = entry
+        changes.append(f"{'replaced' if old is not None else 'added'} "
+                       f"{_describe_entry(node_id, entry)}")
     for node_id in sorted(remove):
         if roster.pop(node_id, None) is not None:
             changes.append(f"removed {node_id}")
@@ -210,13 +228,14 @@ def _parse_entry(text: str) -> tuple[str, bytes]:
 
 
 def register_keys(main: click.Group) -> None:
-    """Add the ``keys`` group (show, roster, add, remove, list, nats-config, roster-from) to
-    the ``worknode`` group."""
+    """Add the ``keys`` group (show, roster, add, remove, rotate, list, nats-config,
+    roster-from) to the ``worknode`` group."""
 
     @main.group()
     def keys() -> None:
-        """Signing and NATS identities: print a public key, merge a roster, record NATS
-        identities and render the server's accounts block from them."""
+        """Signing and NATS identities: print a public key, merge a roster, rotate or remove
+        a key (running nodes reload the roster), record NATS identities and render the
+        server's accounts block from them."""
 
     @keys.command("show")
     @click.argument("seed_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -238,14 +257,16 @@ def register_keys(main: click.Group) -> None:
                   help="Let an entry replace the key an id already has (key rotation).")
     @click.option("--remove", "removed", multiple=True, metavar="ID",
                   help="Stop trusting ID (repeatable).")
+    @click.option("--role", type=click.Choice(ROSTER_ROLES), default="node", show_default=True,
+                  help="The role the entries given are trusted as.")
     def roster(roster_file: Path, entries: tuple[str, ...], replace: bool,
-               removed: tuple[str, ...]) -> None:
+               removed: tuple[str, ...], role: str) -> None:
         """Merge public keys into ROSTER_FILE (created if missing); every entry already in it
         is kept. An id that already has a different key is refused unless --replace. Prints
         the ids the roster trusts afterwards (with no entry: the ids it trusts now)."""
         if not entries and not removed and not roster_file.exists():
             raise click.UsageError(f"no roster at {roster_file} and nothing to add to one")
-        parsed = dict(_parse_entry(e) for e in entries)
+        parsed = {i: RosterEntry(k, role) for i, k in (_parse_entry(e) for e in entries)}
         if len(parsed) != len(entries):
             raise click.BadParameter("an id is given twice", param_hint="ENTRIES")
         result, changes = merge_roster(roster_file, parsed, replace=replace,
@@ -297,14 +318,79 @@ def register_keys(main: click.Group) -> None:
 
     @keys.command("remove")
     @click.argument("names", nargs=-1, required=True, metavar="NAME...")
-    @identities_option
-    def remove(names: tuple[str, ...], identities_file: Path) -> None:
-        """Drop identities from the file (reload the servers' config to lock them out)."""
-        if not identities_file.exists():
-            raise click.UsageError(f"no identities file at {identities_file}")
-        _, changes = merge_identities(identities_file, {}, remove=frozenset(names))
+    @click.option("--identities", "identities_file", default=None,
+                  type=click.Path(dir_okay=False, path_type=Path),
+                  help="Drop the NATS identities from this file (then reload the servers).")
+    @click.option("--roster", "roster_file", default=None,
+                  type=click.Path(dir_okay=False, path_type=Path),
+                  help="Drop the ids (key and any previous key) from this roster: peers "
+                       "refuse them from their next reload (SIGHUP: at once).")
+    def remove(names: tuple[str, ...], identities_file: Path | None,
+               roster_file: Path | None) -> None:
+        """Stop trusting NAMES: drop them from the identities file and/or the roster (a
+        compromised key: both, then SIGHUP the nodes and reload the NATS servers)."""
+        if identities_file is None and roster_file is None:
+            raise click.UsageError("give --identities, --roster or both")
+        for path, what in ((identities_file, "identities file"), (roster_file, "roster")):
+            if path is not None and not path.exists():
+                raise click.UsageError(f"no {what} at {path}")
+        changes: list[str] = []
+        if identities_file is not None:
+            changes += merge_identities(identities_file, {}, remove=frozenset(names))[1]
+        if roster_file is not None:
+            changes += [f"roster: {c}" for c in
+                        merge_roster(roster_file, {}, remove=frozenset(names))[1]]
         for line in changes or [f"none of {', '.join(names)} recorded: nothing removed"]:
             click.echo(line, err=True)
+
+    @keys.command("rotate")
+    @click.argument("node_id", metavar="ID")
+    @click.option("--seed", "seed_file", required=True,
+                  type=click.Path(dir_okay=False, path_type=Path),
+                  help="ID's seed file (a node's <state_dir>/<ID>.key): replaced by a new "
+                       "seed (mode 0600).")
+    @click.option("--roster", "roster_file", required=True,
+                  type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="The roster to trust the new key in.")
+    @click.option("--overlap", default="1h", show_default=True, metavar="DURATION",
+                  help="How long peers still accept the old key (e.g. 90s, 30m, 1h, 2d).")
+    @click.option("--no-overlap", is_flag=True,
+                  help="Refuse the old key from the peers' next reload (a compromised key).")
+    @click.option("--identities", "identities_file", default=None,
+                  type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="Also give ID's NATS identity the new key (then reload the servers).")
+    def rotate(node_id: str, seed_file: Path, roster_file: Path, overlap: str,
+               no_overlap: bool, identities_file: Path | None) -> None:
+        """Give ID a new signing key: a new seed in --seed, the roster trusting the new key
+        (and the old one until the overlap ends, unless --no-overlap). Prints the new public
+        key; the seed is never printed."""
+        window = 0.0 if no_overlap else _duration(overlap)
+        entries = read_roster_entries(roster_file)
+        current = entries.get(node_id)
+        if current is None:
+            raise click.UsageError(f"{roster_file} does not trust {node_id!r}: nothing to "
+                                   "rotate (add it with 'worknode keys roster')")
+        identity = None
+        if identities_file is not None:
+            identity = read_identities(identities_file).get(node_id)
+            if identity is None:
+                raise click.UsageError(f"{identities_file} records no identity {node_id!r}")
+        new = Signer.generate(node_id)
+        until = time.time() + window
+        entry = RosterEntry(new.public_key, current.role,
+                            None if no_overlap else current.key,
+                            None if no_overlap else until)
+        _write_seed(seed_file, new.seed)
+        merge_roster(roster_file, {node_id: entry}, replace=True)
+        if identity is not None and identities_file is not None:
+            merge_identities(identities_file, {node_id: dataclasses.replace(
+                identity, public_key=new.public_key)}, replace=True)
+        click.echo(new.public_key.hex())
+        old = ("the old key is refused from the peers' next reload" if no_overlap else
+               f"peers accept the old key until {_utc(until)}")
+        click.echo(f"rotated {node_id} in {roster_file}: {old}. Restart {node_id} with "
+                   f"{seed_file}; give the other hosts this roster (they reload it within "
+                   "key_reload_interval_s, or at once on SIGHUP).", err=True)
 
     @keys.command("list")
     @identities_option
@@ -364,6 +450,40 @@ def _existing(path: Path) -> dict[str, NatsIdentity]:
     if not identities:
         raise click.UsageError(f"no identities in {path} (add one with 'worknode keys add')")
     return identities
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds of ``90s``, ``30m``, ``1h``, ``2d`` or a bare number of seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise click.BadParameter(f"not a duration: {text!r} (e.g. 90s, 30m, 1h, 2d)",
+                                 param_hint="--overlap") from None
+    if not seconds > 0:
+        raise click.BadParameter("the overlap must be positive (or use --no-overlap)",
+                                 param_hint="--overlap")
+    return seconds
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _write_seed(path: Path, seed: bytes) -> None:
+    """Replace the seed at ``path`` atomically, mode 0600 from the start."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(seed)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _parse_public_key(text: str) -> bytes:

@@ -16,12 +16,13 @@ from broker.rpc import (
     TokenVerifier,
     builtin_methods,
 )
+from services._reload import KeyFileWatch
 from services.worknode._rpc_metrics import RpcMetrics
 
 if TYPE_CHECKING:
     from services.worknode._service import WorknodeService
 
-__all__ = ["read_keyring", "start_rpc"]
+__all__ = ["keyring_watch", "read_keyring", "start_rpc"]
 
 
 def read_keyring(path: Path) -> dict[int, bytes]:
@@ -65,4 +66,21 @@ async def start_rpc(
         max_request_bytes=s.rpc_max_request_bytes,
     )
     await server.start()
+    svc.key_watches.append(keyring_watch(server, s.rpc_keyring_file, svc))
     return server
+
+
+def keyring_watch(server: RpcServer, path: Path, svc: WorknodeService) -> KeyFileWatch:
+    """Reload the keyring into ``server`` when ``path`` changes (or on SIGHUP): the same
+    verifier every call uses, and the keyring nested calls attenuate with."""
+    metrics = svc.trust_metrics
+    metrics.keyring_keys.set(len(server.keyring))
+
+    def load() -> None:
+        ring = read_keyring(path)
+        server.verifier.set_keyring(ring)
+        server.keyring = dict(ring)
+        metrics.keyring_keys.set(len(ring))
+
+    return KeyFileWatch(path, load, what="rpc_keyring", owner=svc.settings.node_id,
+                        metrics=metrics, interval_s=svc.settings.key_reload_interval_s)

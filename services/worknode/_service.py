@@ -15,12 +15,13 @@ import fcntl
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
 
-from broker.codec import Signer, TrustRoster, WireCodec
+from broker.codec import RosterEntry, Signer, TrustRoster, WireCodec, parse_roster
 from broker.errors import InvalidArgumentError, StoreError, WorknodeError
 from broker.healing import HealEndpoints
 from broker.replica import Replica, ReplicaConfig
@@ -35,6 +36,7 @@ from broker.transport import (
     render_accounts,
 )
 from services._connection import open_server_warning
+from services._reload import KeyFileWatch, TrustMetrics, roster_watch
 from services.worknode._events import ReplicaEvents, TransportEvents
 from services.worknode._metrics import ServiceMetrics, package_version
 from services.worknode._rpc import start_rpc
@@ -48,6 +50,7 @@ __all__ = [
     "load_or_create_signer",
     "read_cluster_secret",
     "read_roster",
+    "read_roster_entries",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,15 +84,25 @@ def load_or_create_signer(node_id: str, path: Path) -> Signer:
     return signer
 
 
-def read_roster(path: Path | None) -> dict[str, bytes]:
-    """``{node_id: public key}`` from a JSON roster file (hex keys); empty if no file."""
+def read_roster_entries(path: Path | None) -> dict[str, RosterEntry]:
+    """The entries of a JSON roster file (see ``broker.codec.parse_roster``: a hex key, role
+    node, or ``{"key", "role", "previous", "previous_until"}``); empty if no file.
+    ``InvalidArgumentError`` naming the file and the first bad entry."""
     if path is None:
         return {}
     try:
-        raw = json.loads(path.read_text())
-        return {str(k): bytes.fromhex(str(v)) for k, v in raw.items()}
-    except (OSError, ValueError, AttributeError) as exc:
-        raise InvalidArgumentError(f"cannot read roster {path}: {exc}") from exc
+        return parse_roster(json.loads(path.read_text()))
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"cannot read roster {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # not JSON, or an entry parse_roster refused
+        raise InvalidArgumentError(f"cannot read roster {path}: {exc}") from None
+
+
+def read_roster(path: Path | None) -> dict[str, bytes]:
+    """``{node_id: public key}`` from a JSON roster file; empty if no file (roles and
+    previous keys: ``read_roster_entries``)."""
+    return {node_id: e.key for node_id, e in read_roster_entries(path).items()}
 
 
 def read_cluster_secret(path: Path) -> bytes:
@@ -107,12 +120,14 @@ def read_cluster_secret(path: Path) -> bytes:
 
 
 def load_identity(node_id: str, key_path: Path, roster_file: Path | None,
-                  roster: TrustRoster) -> Signer:
-    """This node's signer (created if new); ``roster`` gains the roster file and itself."""
+                  roster: TrustRoster, role: str = "node") -> Signer:
+    """This node's signer (created if new); ``roster`` gains the roster file and itself (as
+    ``role``, unless the file gives it one, with the key of its own seed)."""
     signer = load_or_create_signer(node_id, key_path)
-    for node, key in read_roster(roster_file).items():
-        roster.add(node, key)
-    roster.add(node_id, signer.public_key)
+    for node, entry in read_roster_entries(roster_file).items():
+        roster.add(node, entry.key, entry.role, previous=entry.previous,
+                   previous_until=entry.previous_until)
+    roster.add(node_id, signer.public_key, roster.role_of(node_id) or role)
     return signer
 
 
@@ -171,7 +186,12 @@ class WorknodeService:
         self.store: ObservedStore | None = None
         self.events = ReplicaEvents(self.metrics, settings.node_id)
         self.signer: Signer | None = None
-        self.roster = roster if roster is not None else TrustRoster()
+        # The wall clock ends rotation overlap windows (a roster given in keeps its own).
+        self.roster = roster if roster is not None else TrustRoster(now=time.time)
+        self.trust_metrics = TrustMetrics(self.metrics.registry)
+        self.trust_metrics.watch_roster(self.roster)
+        self.key_watches: list[KeyFileWatch] = []
+        """The roster's and the RPC keyring's file watches (reload on change or SIGHUP)."""
         self.replicas: dict[str, Replica] = {}
         self._metrics_http = MetricsEndpoint()
         self._gauges: asyncio.Task[None] | None = None
@@ -198,6 +218,11 @@ class WorknodeService:
         os.chmod(s.state_dir, 0o700)  # one that existed already too
         self._lock_state_dir()
         self.signer = load_identity(s.node_id, s.key_path(), s.roster_file, self.roster)
+        if s.roster_file is not None:
+            self.key_watches.append(roster_watch(
+                self.roster, s.roster_file, s.node_id, self.signer.public_key,
+                read=read_roster_entries, role="node", metrics=self.trust_metrics,
+                interval_s=s.key_reload_interval_s))
         # Read before connecting: a missing secret fails at once, not after the connect.
         secret = (None if s.cluster_secret_file is None
                   else read_cluster_secret(s.cluster_secret_file))
@@ -269,6 +294,8 @@ class WorknodeService:
             self.rpc = await start_rpc(self, codec, self.rpc_methods)
         self._metrics_http.start(s.metrics_host, s.metrics_port, self.metrics.registry)
         self._gauges = asyncio.create_task(self._update_gauges())
+        for watch in self.key_watches:
+            watch.start()
 
     def _secure_embedded(self) -> dict[str, Any]:
         """The embedded server's security: TLS from a local CA under the state directory,
@@ -311,6 +338,9 @@ class WorknodeService:
         await complete_despite_cancel(self._teardown())
 
     async def _teardown(self) -> None:
+        for watch in self.key_watches:
+            await watch.stop()
+        self.key_watches.clear()
         if self._gauges is not None:
             self._gauges.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -349,6 +379,11 @@ class WorknodeService:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def reload_keys(self) -> bool:
+        """Reload the roster and RPC keyring files now (what SIGHUP does); False if any was
+        refused (the keys in force are kept; logged and counted)."""
+        return all([watch.reload() for watch in self.key_watches])
 
     # -- access ----------------------------------------------------------------------------
 

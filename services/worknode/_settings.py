@@ -43,7 +43,13 @@ class WorknodeSettings(NatsClientSettings):
         None, description="Ed25519 seed file (32 bytes); default <state_dir>/<node_id>.key."
     )
     roster_file: Path | None = Field(
-        None, description='JSON {"node-id": "<public key hex>"}: whose envelopes to accept.'
+        None, description='JSON {"node-id": "<public key hex>" or {"key", "role", "previous", '
+        '"previous_until"}}: whose envelopes to accept. Reloaded on change and on SIGHUP.'
+    )
+    key_reload_interval_s: float = Field(
+        5.0, ge=0, le=3600,
+        description="How often the roster and RPC keyring files are checked for a change "
+        "(0: only on SIGHUP).",
     )
     cluster_secret_file: Path | None = Field(
         None,

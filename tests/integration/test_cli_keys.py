@@ -168,3 +168,77 @@ def test_keys_add_refuses_a_changed_record_without_replace_and_a_shared_key(
     r = worknode("keys", "list", "--identities", "missing.json", cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.startswith("error: ")
+
+
+def test_roles_written_by_keygen_roster_and_roster_from(tmp_path: Path) -> None:
+    """Every roster writer records roles: keygen's ``ID:ROLE``, ``keys roster --role`` and
+    ``keys roster-from`` (a NATS identity's role); nodes stay bare hex keys."""
+    keys = tmp_path / "keys"
+    r = subprocess.run([sys.executable, str(REPO / "deploy" / "keygen.py"), str(keys), "n1",
+                        "healer:healer", "writer:writer"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    roster = json.loads((keys / "roster.json").read_text())
+    pub = {i: Signer(i, (keys / f"{i}.key").read_bytes()).public_key.hex()
+           for i in ("n1", "healer", "writer")}
+    assert roster == {"n1": pub["n1"], "healer": {"key": pub["healer"], "role": "healer"},
+                      "writer": {"key": pub["writer"], "role": "writer"}}
+
+    _seed(tmp_path / "w.key")
+    r = worknode("keys", "roster", "r.json", "w=@w.key", "--role", "writer", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["w"]["role"] == "writer"
+    r = worknode("keys", "roster", "r.json", "w=@w.key", cwd=tmp_path)  # another role
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1
+
+    r = worknode("keys", "add", "h", "--role", "healer", "--seed", "h.key",
+                 "--identities", "ids.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = worknode("keys", "roster-from", "--identities", "ids.json", "r.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["h"]["role"] == "healer"
+
+
+def test_keys_rotate_and_remove_from_a_roster(tmp_path: Path) -> None:
+    """``keys rotate`` writes a new seed (0600, never printed) and a roster entry keeping the
+    old key until the overlap ends (or not: --no-overlap); ``keys remove --roster`` drops an
+    id; mistakes are one error line and change nothing."""
+    old_seed = _seed(tmp_path / "b.key")
+    old = Signer("b", old_seed).public_key.hex()
+    r = worknode("keys", "roster", "r.json", "b=@b.key", "--role", "writer", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = worknode("keys", "rotate", "b", "--seed", "b.key", "--roster", "r.json",
+                 "--overlap", "30m", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    new_seed = (tmp_path / "b.key").read_bytes()
+    assert new_seed != old_seed
+    assert (tmp_path / "b.key").stat().st_mode & 0o777 == 0o600
+    new = Signer("b", new_seed).public_key.hex()
+    assert r.stdout == f"{new}\n"
+    assert new_seed.hex() not in r.stdout + r.stderr
+    entry = json.loads((tmp_path / "r.json").read_text())["b"]
+    assert entry["key"] == new
+    assert entry["role"] == "writer"
+    assert entry["previous"] == old
+    assert entry["previous_until"].endswith("Z")
+
+    r = worknode("keys", "rotate", "b", "--seed", "b.key", "--roster", "r.json",
+                 "--no-overlap", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    entry = json.loads((tmp_path / "r.json").read_text())["b"]
+    assert set(entry) == {"key", "role"}
+
+    before = (tmp_path / "r.json").read_text()
+    for args in (("rotate", "nobody", "--seed", "x.key", "--roster", "r.json"),
+                 ("rotate", "b", "--seed", "b.key", "--roster", "r.json", "--overlap", "soon"),
+                 ("remove", "b")):
+        r = worknode("keys", *args, cwd=tmp_path)
+        assert r.returncode != 0
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (tmp_path / "r.json").read_text() == before
+    assert not (tmp_path / "x.key").exists()
+
+    r = worknode("keys", "remove", "b", "--roster", "r.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r.json").read_text()) == {}
