@@ -913,7 +913,8 @@ class Replica:
                 return None
             allowed = self.serve_to() if callable(self.serve_to) else self.serve_to
             if claimed is not None and allowed is not None and claimed not in allowed:
-                self._refuse("not_served", msg)
+                # Refused before any signature work; a name the roster lacks says so.
+                self._refuse("not_served" if claimed in self.roster else "unknown_signer", msg)
                 return None
         try:
             auth = self.requests.verify(msg)

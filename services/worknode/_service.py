@@ -201,6 +201,9 @@ class WorknodeService:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def _replica_ids(self) -> frozenset[str]:
+        return self.roster.with_role("node") | self.roster.with_role("writer")
+
     async def start(self) -> None:
         """Start (idempotent). On failure, whatever started is stopped again."""
         if self._running:
@@ -274,6 +277,9 @@ class WorknodeService:
                     snapshot_every=s.snapshot_every,
                 ),
                 observer=self.events,
+                # Catch-up is served to replicas (nodes and one-shot writers), never to the
+                # healer or a stranger; read on each request, so a roster reload counts.
+                serve_to=self._replica_ids,
             )
             self.metrics.pending_ops_limit.labels(subject).set(s.max_pending_ops)
             self.replicas[subject] = replica
