@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from broker.codec import WireCodec
 from broker.errors import InvalidArgumentError
 from broker.rpc import (
+    AuthorizerPool,
     MethodRegistry,
     RevocationList,
     RpcClient,
@@ -16,6 +17,7 @@ from broker.rpc import (
     TokenVerifier,
     builtin_methods,
 )
+from broker.transport import RequestSigner
 from services.worknode._rpc_metrics import RpcMetrics
 
 if TYPE_CHECKING:
@@ -43,12 +45,18 @@ async def start_rpc(
     s = svc.settings
     assert s.rpc_keyring_file is not None
     assert svc.transport is not None
+    assert svc.signer is not None
     keyring = read_keyring(s.rpc_keyring_file)
     registry = builtin_methods(s.rpc_revocation_subject)
     if methods is not None:
         registry = registry.merged(methods)
     revocations = RevocationList(svc.replica(s.rpc_revocation_subject))
-    client = RpcClient(svc.transport, namespace=s.namespace, codec=codec)
+    # Nested calls are signed by this node (a roster peer may pass on its caller's token) and
+    # their replies must come from a roster peer.
+    client = RpcClient(
+        svc.transport, namespace=s.namespace, codec=codec,
+        signer=RequestSigner(svc.signer, svc.roster),
+    )
     server = RpcServer(
         transport=svc.transport,
         namespace=s.namespace,
@@ -63,6 +71,11 @@ async def start_rpc(
         observer=RpcMetrics(svc.metrics.registry, registry.names()),
         max_in_flight=s.rpc_max_in_flight,
         max_request_bytes=s.rpc_max_request_bytes,
+        signer=svc.signer,
+        forwarders=svc.roster,
+        authorizer=AuthorizerPool(
+            workers=s.rpc_authorize_workers, budget_ms=s.rpc_authorize_budget_ms
+        ),
     )
     await server.start()
     return server
