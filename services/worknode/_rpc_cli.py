@@ -317,8 +317,8 @@ def register_rpc(main: click.Group) -> None:
         """Revoke a token (or a revocation id, hex) cluster-wide; --token must grant
         ``revoke`` on the revocation subject (and be held by --key)."""
         given = pop_connection(conn)
-        signer = _caller(key_file, given, roster_file)
         options = client_options("worknode-call", list(nats_urls), given)
+        signer = _caller(key_file, given, roster_file)
         if all(c in "0123456789abcdef" for c in target) and len(target) >= 32:
             token_id = target
         else:
