@@ -35,7 +35,8 @@ def _verify(v: TokenVerifier, token: bytes, **kw) -> tuple[str, ...]:
 
 
 def test_a_token_grants_exactly_its_rights() -> None:
-    tok = mint(ROOT, [Grant("shop", "orders", "o1", ("get", "set"))], expires_at=NOW + 60, holder=HOLDER)
+    tok = mint(ROOT, [Grant("shop", "orders", "o1", ("get", "set"))], expires_at=NOW + 60,
+        holder=HOLDER)
     v = TokenVerifier(RING)
     _verify(v, tok)
     _verify(v, tok, method="set")
@@ -62,7 +63,8 @@ def test_attenuation_narrows_and_nothing_widens() -> None:
     with pytest.raises(PermissionDeniedError):
         _verify(v, again, method="set")
     # A block that asserts rights is ignored by the authorizer.
-    reader = mint(ROOT, [Grant("shop", "orders", "root", ("get",))], expires_at=NOW + 60, holder=HOLDER)
+    reader = mint(ROOT, [Grant("shop", "orders", "root", ("get",))], expires_at=NOW + 60,
+        holder=HOLDER)
     parsed = bi.Biscuit.from_bytes(reader, lambda kid: bi.PublicKey.from_bytes(
         ROOT.public_key, bi.Algorithm.Ed25519))
     widened = bytes(parsed.append(bi.BlockBuilder(
@@ -82,8 +84,10 @@ def test_forged_truncated_and_unknown_key_tokens_are_unauthenticated() -> None:
         b"not a token",
         good[:-5],
         good[:-1] + bytes([good[-1] ^ 1]),
-        mint(RootKey(1, b"\x02" * 32), [Grant("shop", "orders")], expires_at=NOW + 60, holder=HOLDER),
-        mint(RootKey(7, b"\x01" * 32), [Grant("shop", "orders")], expires_at=NOW + 60, holder=HOLDER),
+        mint(RootKey(1, b"\x02" * 32), [Grant("shop", "orders")], expires_at=NOW + 60,
+            holder=HOLDER),
+        mint(RootKey(7, b"\x01" * 32), [Grant("shop", "orders")], expires_at=NOW + 60,
+            holder=HOLDER),
     ):
         with pytest.raises(UnauthenticatedError):
             _verify(v, bad)
@@ -168,7 +172,9 @@ def test_a_token_names_its_holder_and_attenuation_cannot_change_it() -> None:
     other = bytes(32)
     # A later block claiming another holder (a fact, or a string that prints like one) is
     # ignored: only the authority block names the holder.
-    forged = _append(tok, f'holder("{other.hex()}");\ncheck if n("x\nholder(\\"{other.hex()}\\");");')
+    forged = _append(
+        tok, f'holder("{other.hex()}");\ncheck if n("x\nholder(\\"{other.hex()}\\");");'
+    )
     assert v.admit(forged, now=NOW).holder == HOLDER
     narrowed = attenuate(tok, RING, methods=["get"])
     assert v.admit(narrowed, now=NOW).holder == HOLDER
