@@ -129,10 +129,13 @@ async def test_a_datalog_heavy_token_is_refused_within_its_budget_while_calls_go
     # 3-way join (0.6-5 s of GIL-holding Datalog per check before issue 16).
     attack = _append(admin, "\n".join(f"n({i});" for i in range(300))
                      + "\ncheck if n($a), n($b), n($c), $a + $b + $c == -1;")
-    # Within every static limit (122 facts, 2 predicates per check) yet ~0.5 s of Datalog:
+    # Within every static limit (128 facts, 2 predicates per check) yet ~0.6 s of Datalog:
     # only the budget stops this one.
-    costly = _append(admin, "\n".join(f"n({i});" for i in range(120))
-                     + "\ncheck if n($a), n($b), " + " + ".join(["$a * $b"] * 250) + " == -1;")
+    costly = _append(admin, "\n".join(f"n({i});" for i in range(126))
+                     + "\ncheck if n($a), n($b), " + " + ".join(["$a * $b"] * 300) + " == -1;")
+    # Calls whose tokens were never authorized before need a worker too: they wait for it.
+    fresh = [attenuate(admin, RING, methods=["get"], expires_at=time.time() + 600 + i)
+             for i in range(4)]
 
     async def normal() -> float:
         return await _timed(lambda: owner.call(SUBJECT, "o1", "get", token=admin))
@@ -147,13 +150,18 @@ async def test_a_datalog_heavy_token_is_refused_within_its_budget_while_calls_go
             return "token_limit"
         return "allowed"
 
+    async def uncached(token: bytes) -> StatusCode:
+        return (await owner.call(SUBJECT, "o1", "get", token=token)).status
+
     results = await asyncio.gather(
         *(heavy(t) for t in (attack, costly, attack, costly)),
         *(normal() for _ in range(40)),
+        *(uncached(t) for t in fresh),
     )
-    refusals, during = results[:4], results[4:]
+    refusals, during, later = results[:4], results[4:44], results[44:]
     assert refusals == ["token_limit"] * 4
     assert len(during) == 40  # every concurrent call succeeded (normal() raises otherwise)
+    assert later == [StatusCode.OK] * len(fresh)
     # Refused again at once (remembered): never authorized a second time on that node.
     assert await heavy(costly) == "token_limit"
     killed = sum(s.rpc.authorizer.killed for s in nodes.values())
