@@ -50,6 +50,9 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+import nacl.exceptions
+import nacl.signing
+
 from broker.codec import (
     AUTH_HEADER,
     KeyLookup,
@@ -66,7 +69,6 @@ from broker.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     PermissionDeniedError,
-    ReplayedRequestError,
     RpcInvalidArgumentError,
     RpcNotFoundError,
     SignatureError,
@@ -110,6 +112,8 @@ __all__ = [
     "READ_METHODS",
     "RPC_SERVICE",
     "CallContext",
+    "Forwarders",
+    "HolderKeys",
     "MethodRegistry",
     "NullRpcObserver",
     "RpcObserver",
@@ -346,17 +350,16 @@ class HolderKeys:
     __slots__ = ("_forwarders", "_key")
 
     def __init__(self, holder: bytes, forwarders: Forwarders | None = None) -> None:
-        import nacl.signing
-
-        self._key = nacl.signing.VerifyKey(holder)
+        try:
+            self._key = nacl.signing.VerifyKey(holder)
+        except (nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+            raise UnauthenticatedError("the token's holder is not an Ed25519 public key") from None
         self._forwarders = forwarders
 
     def verify(
         self, signer: str, body: bytes, signature: bytes, domain: bytes = REQUEST_DOMAIN
     ) -> None:
         """Raise a ``SignatureError`` subclass unless the holder (or a forwarder) signed."""
-        import nacl.exceptions
-
         if len(signature) != SIGNATURE_SIZE:
             raise BadSignatureError(f"signature is {len(signature)} bytes, not {SIGNATURE_SIZE}")
         try:
@@ -723,7 +726,7 @@ class RpcServer:
                 body=msg.data, headers=headers, now_ms=now_ms,
             )
             self.replay.check(auth, now_ms)
-        except (ReplayedRequestError, UnknownSignerError, SignatureError) as exc:
+        except SignatureError as exc:  # replayed and expired requests included
             raise UnauthenticatedError(
                 f"request not signed by the token's holder: {exc}"
             ) from None
@@ -779,18 +782,17 @@ class RpcServer:
                 revoked=self.revocations.ids if self.revocations is not None else (),
             )
             self._caller(msg, admitted.holder, now)
-            job: AuthorizeJob | None = verifier.job(
+            job = verifier.job(
                 req.token, namespace=self.namespace, subject=subject, path=path,
                 method=m.name, now=now,
             )
-            assert job is not None
-            if verifier.allowed(job):
-                job = None
-            else:
-                if self.authorizer is None:
+            pending: AuthorizeJob | None = None
+            if not verifier.allowed(job):
+                if self.authorizer is not None:
+                    pending = job  # off the event loop, under its budget
+                else:
                     authorize(job)  # inline: only without a pool (tests of pure paths)
                     verifier.remember(job)
-                    job = None
         finally:
             self.observer.token_verified(_perf_counter() - v0)
         ctx = CallContext(
@@ -798,8 +800,8 @@ class RpcServer:
             req.call_depth, deadline, req.token, self.replicas[subject], self.revocations,
             self,
         )
-        if job is not None:
-            return _Pending(ctx, job, missing)
+        if pending is not None:
+            return _Pending(ctx, pending, missing)
         if missing:
             raise RpcNotFoundError(missing)
         if not deadline.at_ms - _monotonic() * 1000.0 >= 1.0:
