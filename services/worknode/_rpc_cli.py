@@ -92,7 +92,7 @@ def _read_seed(path: Path) -> bytes:
     try:
         text = read_nkey_seed(path)
         _, raw = nkeys.decode_seed(bytearray(text.encode()))
-    except (WorknodeError, Exception) as exc:  # nkeys raises untyped errors
+    except Exception as exc:  # ours are WorknodeErrors; nkeys raises untyped ones
         raise click.ClickException(f"cannot read signing key {path}: {exc}") from None
     return bytes(raw)
 
