@@ -61,10 +61,12 @@ class RevocationList:
         self.replica = replica
         self._ids: frozenset[str] | None = None
         self._seen: set[str] = set()
+        """Every id seen since this list was made (the state it starts from included)."""
         self._readding: asyncio.Task[None] | None = None
         self.readded = 0
         """Ids written again after a delta removed them."""
         replica.add_change_listener(self._on_change)
+        self._seen |= self._present()
 
     @property
     def subject(self) -> str:
