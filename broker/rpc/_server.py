@@ -107,6 +107,7 @@ from broker.transport import (
 )
 
 __all__ = [
+    "AUTHORIZE_PENALTY_S",
     "DEFAULT_MAX_IN_FLIGHT",
     "OTHER_METHOD",
     "READ_METHODS",
@@ -128,6 +129,11 @@ DEFAULT_MAX_IN_FLIGHT: Final = 64
 """Requests one endpoint runs at once (the ``rpc_max_in_flight`` setting's default)."""
 OTHER_METHOD: Final = "other"
 """The metrics label for a method name that is not registered."""
+AUTHORIZE_PENALTY_S: Final = 10.0
+"""After one of its tokens ran over the authorization budget, a holder's tokens not yet
+authorized on this node are refused for this long (its cached decisions still hold). Only the
+root key mints holders, so this bounds what one holder's hostile tokens cost a node: one
+budget (and one worker restart) per period, whatever it attenuates offline."""
 READ_METHODS: Final = frozenset({"get"})
 """Methods that only read: with ``revoke``, all the revocation subject serves."""
 _VERSION: Final = "1.0.0"
@@ -457,6 +463,7 @@ class RpcServer:
         self.authorizer = authorizer
         self.replay = ReplayGuard()
         self._holder_keys: dict[bytes, HolderKeys] = {}
+        self._penalized: dict[bytes, float] = {}
         self._auth = (
             _SignedReplies(RequestSigner(signer, forwarders or _NoKeys()))
             if signer is not None else None
@@ -637,6 +644,7 @@ class RpcServer:
                 )
             except TokenLimitError:
                 self.verifier.too_costly(pending.job.token)  # never run it again
+                self._penalize(pending.holder)
                 raise
             finally:
                 self.observer.token_verified(_perf_counter() - v0)
@@ -706,6 +714,25 @@ class RpcServer:
         return DeadlineExceededError(
             f"{m.name} on {req.worknode} did not finish within the deadline"
         )
+
+    def penalized(self, holder: bytes) -> bool:
+        """Whether ``holder``'s tokens not yet authorized are refused now (see
+        ``AUTHORIZE_PENALTY_S``)."""
+        until = self._penalized.get(holder)
+        if until is None:
+            return False
+        if _monotonic() < until:
+            return True
+        del self._penalized[holder]
+        return False
+
+    def _penalize(self, holder: bytes) -> None:
+        if len(self._penalized) >= _MAX_PENALIZED:
+            now = _monotonic()
+            self._penalized = {h: t for h, t in self._penalized.items() if t > now}
+            if len(self._penalized) >= _MAX_PENALIZED:
+                return  # full of live penalties: the budget alone still bounds each token
+        self._penalized[holder] = _monotonic() + AUTHORIZE_PENALTY_S
 
     def _caller(self, msg: Msg, holder: bytes | None, wall_s: float) -> None:
         """The request must be signed by the token's holder (or a forwarder), fresh and not
@@ -789,6 +816,11 @@ class RpcServer:
             pending: AuthorizeJob | None = None
             if not verifier.allowed(job):
                 if self.authorizer is not None:
+                    if admitted.holder is not None and self.penalized(admitted.holder):
+                        raise TokenLimitError(
+                            "a token of this holder ran over its authorization budget: its "
+                            f"new tokens are refused for {AUTHORIZE_PENALTY_S:g} s"
+                        )
                     pending = job  # off the event loop, under its budget
                 else:
                     authorize(job)  # inline: only without a pool (tests of pure paths)
@@ -801,7 +833,8 @@ class RpcServer:
             self,
         )
         if pending is not None:
-            return _Pending(ctx, pending, missing)
+            assert admitted.holder is not None  # checked by _caller
+            return _Pending(ctx, pending, missing, admitted.holder)
         if missing:
             raise RpcNotFoundError(missing)
         if not deadline.at_ms - _monotonic() * 1000.0 >= 1.0:
@@ -816,6 +849,7 @@ class _Pending:
     ctx: CallContext
     job: AuthorizeJob
     missing: str
+    holder: bytes
 
 
 class _NoKeys:
@@ -827,6 +861,7 @@ class _NoKeys:
 
 
 _MAX_HOLDER_KEYS: Final = 4096
+_MAX_PENALIZED: Final = 4096
 
 
 def _response(out: Any, req: Request) -> Response:
