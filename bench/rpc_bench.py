@@ -60,10 +60,20 @@ def _root() -> Any:
     return RootKey(1, b"\x42" * 32)
 
 
+def _identity(name: str) -> Any:
+    """The fixed signer of benchmark identity ``name`` (its NATS user's key too)."""
+    from bench._secure import bench_seed
+    from broker.codec import Signer
+
+    return Signer(name, bench_seed(name))
+
+
 def _token() -> bytes:
+    """A token held by the client (its calls are signed with the client's key)."""
     from broker.rpc import Grant, mint
 
-    return mint(_root(), [Grant(NS, SUBJECT, "root", ("echo",))], expires_at=time.time() + 3600)
+    return mint(_root(), [Grant(NS, SUBJECT, "root", ("echo",))], expires_at=time.time() + 3600,
+                holder=_identity("client").public_key)
 
 
 # ------------------------------------------------------------------------------------------
@@ -158,13 +168,19 @@ async def _client(
     import psutil
 
     from bench._secure import connect_options, raw_options
+    from broker.codec import TrustRoster
     from broker.rpc import RpcClient
+    from broker.transport import RequestSigner
 
     token = _token()
     nc = await nats.connect(url, **raw_options("client"))
     transport = connect_options("client", url).transport(name="bench-client")
     await transport.start()
-    client = RpcClient(transport, namespace=NS)
+    # Every call signed by the client (the token's holder); every reply checked as signed by
+    # the server node and bound to its request.
+    server_key = TrustRoster({"server": _identity("server").public_key})
+    client = RpcClient(transport, namespace=NS,
+                       signer=RequestSigner(_identity("client"), server_key))
     args = {"v": PAYLOAD}
 
     from broker.rpc import Request, Response, StatusCode, encode_request, encode_response

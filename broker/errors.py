@@ -61,6 +61,7 @@ __all__ = [
     "StatusCode",
     "StoreError",
     "TlsConfigError",
+    "TokenLimitError",
     "TransportError",
     "TransportTimeoutError",
     "TreeError",
@@ -450,6 +451,16 @@ class CallDepthExceededError(ResourceExhaustedError):
     retriable = False
 
 
+class TokenLimitError(ResourceExhaustedError):
+    """A capability token is over the server's work limits (size, blocks, facts, rules,
+    checks, join width) or its authorization ran out of its budget: refused before (or
+    instead of) finishing its Datalog. Travels as ``RESOURCE_EXHAUSTED`` with the reason
+    ``token_limit``; the same token fails again: use a simpler one."""
+
+    reason = "token_limit"
+    retriable = False
+
+
 class UnauthenticatedError(RpcError):
     """The token is missing, malformed, forged, signed by an unknown root key, expired or
     revoked. Get a valid token; retrying the same token fails again."""
@@ -503,7 +514,7 @@ ERROR_CLASSES: Final[dict[StatusCode, type[RpcError]]] = {
 """The exception of each non-OK status, when the reply names no ``reason``."""
 
 _BY_REASON: Final[dict[tuple[StatusCode, str], type[RpcError]]] = {
-    (cls.code, cls.reason): cls for cls in (CallDepthExceededError,)
+    (cls.code, cls.reason): cls for cls in (CallDepthExceededError, TokenLimitError)
 }
 
 

@@ -69,9 +69,11 @@ add writer-rpc caller writer-rpc.key "$SUBJECT"
 if [ ! -f "$KEYS/rpc-root.key" ]; then
     worknode token keygen --key-id 1 --out "$KEYS/rpc-root.key" --keyring "$KEYS/rpc-keyring.json"
 fi
-# Written beside, then renamed: a writer reading the token never sees half of it.
+# Written beside, then renamed: a writer reading the token never sees half of it. The token
+# is held by the writer's RPC identity: only calls signed with writer-rpc.key may use it.
 worknode token mint --root-key "$KEYS/rpc-root.key" --namespace "$NAMESPACE" \
-    --subject "$SUBJECT" --method get --ttl "$TOKEN_TTL" > "$KEYS/writer.token.new"
+    --subject "$SUBJECT" --method get --ttl "$TOKEN_TTL" --holder "@$KEYS/writer-rpc.key" \
+    > "$KEYS/writer.token.new"
 mv "$KEYS/writer.token.new" "$KEYS/writer.token"
 
 # TLS: a CA that can sign for the NATS servers' names only, a certificate per server.

@@ -6,7 +6,9 @@ once a ``--period``: increments a counter of one of them (a signed, replicated w
 node applies) and reads it back over RPC with its token (``--token-file``, re-read each time
 so a re-minted token is picked up), which feeds the RPC dashboard. With
 ``--caller-key-file`` the calls go over a second connection as that identity (a NATS
-``caller``: the writer's own identity may publish deltas but no RPC request).
+``caller``: the writer's own identity may publish deltas but no RPC request). Calls are
+signed with that key (the writer's own without one): the token must be minted for it
+(``worknode token mint --holder @KEY``), and replies must be signed by a node of the roster.
 
 Creation is idempotent across restarts: the writer's replica is durable (its state volume)
 and catches up from its peers, so only worknodes absent from its tree are created. Before the
@@ -27,9 +29,12 @@ import logging
 import sys
 from pathlib import Path
 
+import nkeys
+
+from broker.codec import Signer
 from broker.errors import RpcNotFoundError, UnavailableError, WorknodeError
 from broker.rpc import RpcClient
-from broker.transport import Transport, connect
+from broker.transport import RequestSigner, Transport, connect, read_nkey_seed
 from services.worknode import WorknodeService, WorknodeSettings
 from services.worknode._logging import configure_logging
 
@@ -37,6 +42,12 @@ log = logging.getLogger("worknode.demo_writer")
 
 #: How long the writer waits for a node to serve (and hold) each worknode it created.
 READY_TIMEOUT_S = 60.0
+
+
+def _seed(path: Path) -> bytes:
+    """The raw Ed25519 seed of a worknode key file or an nkey user seed file."""
+    _, raw = nkeys.decode_seed(bytearray(read_nkey_seed(path).encode()))
+    return bytes(raw)
 
 
 def _token(path: Path) -> bytes:
@@ -60,13 +71,17 @@ async def run(token_file: Path, worknodes: int, period: float, count: int | None
             await replica.create(name)
         await replica.flush()
         assert svc.transport is not None
+        assert svc.signer is not None
         transport: Transport = svc.transport
+        caller = svc.signer
         if caller_key_file is not None:
+            caller = Signer(f"{settings.node_id}-rpc", _seed(caller_key_file))
             options = settings.connect_options(f"{settings.node_id}-rpc",
                                                signing_key=caller_key_file)
             transport = await stack.enter_async_context(
                 await connect(options, name=f"{settings.node_id}-rpc"))
-        client = RpcClient(transport, namespace=settings.namespace)
+        client = RpcClient(transport, namespace=settings.namespace,
+                           signer=RequestSigner(caller, svc.roster))
         # Until a node serves RPC and holds every worknode, a call would only count as an
         # error on the RPC dashboard (unavailable, not_found): wait for that first.
         loop = asyncio.get_running_loop()

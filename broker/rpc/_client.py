@@ -6,16 +6,25 @@ connected -> ``UnavailableError``, a request over the server's max payload ->
 ``ResourceExhaustedError``. An error reply raises the exception of its status (from the body,
 or from the ``Nats-Service-Error-Code`` header when the body is not an ``RpcResponse``). A
 late reply to a call that already timed out is dropped by the transport.
+
+With a ``signer`` (a ``RequestSigner`` holding the caller's key: the key its tokens name as
+holder, or a node's own key when it passes on a token in a nested call) every request is
+signed (``Worknode-Auth``, living as long as its deadline and a second more), and unless
+``verify_replies`` is off every reply must be signed by a responder its keys know (one of
+``responders`` when given) and bound to that very request: a relayed or replayed response
+raises ``UnauthenticatedError`` (its cause the ``SignatureError``) before its body is read.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections.abc import Mapping
 from typing import Any, Final
 
 from broker.codec import WireCodec
+from broker.codec._binding import MAX_LIFETIME_MS
 from broker.errors import (
     DeadlineExceededError,
     InvalidSubjectError,
@@ -24,9 +33,11 @@ from broker.errors import (
     ResourceExhaustedError,
     RpcError,
     RpcInvalidArgumentError,
+    SignatureError,
     StatusCode,
     TransportError,
     TransportTimeoutError,
+    UnauthenticatedError,
     UnavailableError,
     error_for,
 )
@@ -39,11 +50,20 @@ from broker.rpc._protocol import (
     error_of,
     new_request,
 )
-from broker.transport import ERROR_CODE_HEADER, ERROR_HEADER, Transport, rpc_subject
+from broker.transport import (
+    ERROR_CODE_HEADER,
+    ERROR_HEADER,
+    RequestSigner,
+    Signers,
+    Transport,
+    rpc_subject,
+)
 
 __all__ = ["DEFAULT_TIMEOUT_MS", "RpcClient"]
 
 DEFAULT_TIMEOUT_MS: Final = 5_000
+_REPLY_SLACK_MS: Final = 1_000
+"""A signed request lives its deadline and this much more (clocks of two hosts differ)."""
 SUBJECT_CACHE_SIZE: Final = 1024
 """Endpoint subjects a client remembers (built and validated once)."""
 
@@ -79,8 +99,14 @@ class RpcClient:
         namespace: str,
         codec: WireCodec | None = None,
         default_timeout_ms: float = DEFAULT_TIMEOUT_MS,
+        signer: RequestSigner | None = None,
+        verify_replies: bool = True,
+        responders: Signers = None,
     ) -> None:
         self.transport = transport
+        self.signer = signer
+        self.verify_replies = verify_replies
+        self.responders = responders
         self.namespace = namespace
         self.codec = codec if codec is not None else WireCodec()
         self.default_timeout_ms = default_timeout_ms
@@ -119,8 +145,18 @@ class RpcClient:
             self.codec,
             new_request(worknode, method, arguments or {}, token, deadline, depth, trace, 0),
         )
+        signer = self.signer
+        auth = None
+        signed: dict[str, str] | None = None
+        if signer is not None:
+            signed, auth = signer.sign(
+                target, data, reply_root=self.transport.reply_root,
+                lifetime_ms=min(MAX_LIFETIME_MS, math.ceil(deadline) + _REPLY_SLACK_MS),
+            )
         try:
-            reply = await self.transport.request(target, data, timeout=deadline / 1000.0)
+            reply = await self.transport.request(
+                target, data, timeout=deadline / 1000.0, headers=signed
+            )
         except NoRespondersError:
             raise UnavailableError(f"nobody serves {target}", trace_id=trace) from None
         except TransportTimeoutError:
@@ -131,6 +167,14 @@ class RpcClient:
             raise ResourceExhaustedError(str(exc), trace_id=trace) from None
         except TransportError as exc:
             raise UnavailableError(str(exc), trace_id=trace) from None
+        if signer is not None and auth is not None and self.verify_replies:
+            try:
+                signer.check_reply(reply, auth, self.responders)
+            except SignatureError as exc:
+                raise UnauthenticatedError(
+                    f"reply from {target} does not verify (relayed or replayed?): {exc}",
+                    trace_id=trace,
+                ) from exc
         try:
             response = decode_response(self.codec, reply.data)
         except RpcError:

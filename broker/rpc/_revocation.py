@@ -7,14 +7,27 @@ the healer after a partition, like any other state. Nothing ever removes an id: 
 token stays revoked.
 
 Reads are O(1): the ids are kept as a frozenset, rebuilt lazily after the replica changes.
+
+The set is add-only, and held so against writers other than ``revoke``: the RPC server
+refuses every method but ``revoke`` and reads on this subject, whatever a token grants; and
+this list never forgets an id it has seen. A delta from a peer that removes an id (an OR-set
+remove) or retypes the key (a second kind next to the set: ``value()`` shows a
+``KindConflict``) changes nothing here: ids are read from every set-kind value under the key,
+unioned with every id seen since this process started, and an id that vanished from the state
+is written again (a fresh add wins over the remove), so it stays revoked on every replica
+that merges. What remains for Byzantine writers (issue 17): a peer whose first delta to a
+freshly started node already lacks an id (nothing remembered yet) is only undone once a node
+that remembers the id re-adds it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, Final
 
-from broker.crdt import ORMap, Tree
+from broker.crdt import KindConflict, ORMap, Tree
 from broker.errors import InvalidArgumentError
 from broker.replica import Replica
 
@@ -25,6 +38,21 @@ REVOKED_KEY: Final = "revoked"
 MAX_REVOKE_IDS: Final = 256
 """Ids one ``revoke`` call adds (a token has one per block)."""
 
+log = logging.getLogger(__name__)
+
+
+def _ids_in(value: Any) -> set[str]:
+    """The ids under the key, whatever other kinds a writer put beside the set."""
+    if isinstance(value, frozenset):
+        return {str(v) for v in value}
+    if isinstance(value, KindConflict):
+        out: set[str] = set()
+        for v in value.values():
+            if isinstance(v, frozenset):
+                out.update(str(x) for x in v)
+        return out
+    return set()
+
 
 class RevocationList:
     """The revoked ids of one replica (see module doc)."""
@@ -32,21 +60,59 @@ class RevocationList:
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
         self._ids: frozenset[str] | None = None
+        self._seen: set[str] = set()
+        """Every id seen since this list was made (the state it starts from included)."""
+        self._readding: asyncio.Task[None] | None = None
+        self.readded = 0
+        """Ids written again after a delta removed them."""
         replica.add_change_listener(self._on_change)
+        self._seen |= self._present()
+
+    @property
+    def subject(self) -> str:
+        """The revocation subject."""
+        return self.replica.config.subject
 
     def _on_change(self, keys: Collection[str] | None) -> None:
         if keys is None or REVOKED_KEY in keys:
             self._ids = None
+            if self._seen:
+                self._restore()
+
+    def _present(self) -> set[str]:
+        return _ids_in((self.replica.state.value() or {}).get(REVOKED_KEY))
 
     @property
     def ids(self) -> frozenset[str]:
-        """Every revoked id this replica knows of."""
+        """Every revoked id this replica knows of (see module doc: never fewer)."""
         if self._ids is None:
-            value: Any = (self.replica.state.value() or {}).get(REVOKED_KEY, frozenset())
-            self._ids = frozenset(str(v) for v in value) if isinstance(value, frozenset) else (
-                frozenset()
-            )
+            self._seen |= self._present()
+            self._ids = frozenset(self._seen)
         return self._ids
+
+    def _restore(self) -> None:
+        """Write again any remembered id a delta removed (in a task: listeners are sync)."""
+        if self._readding is not None and not self._readding.done():
+            return
+        missing = self._seen - self._present()
+        if not missing:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._readding = loop.create_task(self._readd(missing))
+
+    async def _readd(self, missing: set[str]) -> None:
+        log.warning("%d revoked ids removed from %s by a peer's delta: writing them again",
+                    len(missing), self.subject)
+        try:
+            ids = sorted(missing)
+            for i in range(0, len(ids), MAX_REVOKE_IDS):
+                await self.replica.write_many([_adder(t) for t in ids[i:i + MAX_REVOKE_IDS]])
+            self.readded += len(ids)
+        except Exception:
+            log.exception("could not write revoked ids again")
 
     def __contains__(self, token_id: object) -> bool:
         return token_id in self.ids
@@ -64,6 +130,8 @@ class RevocationList:
             ):
                 raise InvalidArgumentError(f"revocation ids are lowercase hex, got {token_id!r}")
         await self.replica.write_many([_adder(i) for i in ids])
+        self._seen.update(ids)
+        self._ids = None
 
 
 def _adder(token_id: str) -> Callable[[Tree, str, int], ORMap]:

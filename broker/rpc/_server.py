@@ -15,14 +15,25 @@ What happens to one request, in order (each refusal answers at once with its sta
 2. decode (``INVALID_ARGUMENT``, ``FAILED_PRECONDITION`` for an unsupported wire version);
    call depth above ``MAX_CALL_DEPTH`` -> ``RESOURCE_EXHAUSTED`` (``CallDepthExceededError``);
    a deadline already passed -> ``DEADLINE_EXCEEDED`` and the work is dropped, not run;
-3. the token must be valid (``UNAUTHENTICATED``) and grant the method on the worknode's
-   subtree (``PERMISSION_DENIED``); only then is a missing worknode ``NOT_FOUND`` (a missing
+3. the token must be valid (``UNAUTHENTICATED``), within the ``TokenLimits``
+   (``RESOURCE_EXHAUSTED``, reason ``token_limit``), name a holder, and the request must be
+   signed (``Worknode-Auth``) by that holder's key, fresh and not replayed (else
+   ``UNAUTHENTICATED``: a sniffed token is useless to anyone else); a peer in ``forwarders``
+   (the roster: nodes making nested calls) may sign instead of the holder. Then it must grant
+   the method on the worknode's subtree (``PERMISSION_DENIED``): a decision not cached runs
+   in an ``AuthorizerPool`` worker process under a hard budget (``token_limit`` when over),
+   never on the event loop. Only then is a missing worknode ``NOT_FOUND`` (a missing
    worknode is authorized as a child of the root, so a token for another subtree learns
    nothing about it);
 4. the handler runs under the remaining deadline. A coroutine handler runs in its own task
    and is cancelled when the deadline passes; a plain-function handler runs inline (steps 1-3
    always do: they are synchronous, on the receive path) and cannot be cancelled. Either
    way a late result is discarded and the caller gets ``DEADLINE_EXCEEDED``.
+
+Every reply, refusals included, is signed by this node and bound to the request it answers
+(``Worknode-Auth``), so a client detects a relayed or replayed response. The revocation
+subject serves only ``revoke`` and reads: generic writes to it are refused whatever the token
+grants (its set is add-only).
 
 This is the thin adapter: protocol, deadlines and token checks are the pure modules
 ``_protocol`` and ``_capability``; this module reads the clocks and moves bytes.
@@ -39,19 +50,37 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from broker.codec import WireCodec
+import nacl.exceptions
+import nacl.signing
+
+from broker.codec import (
+    AUTH_HEADER,
+    KeyLookup,
+    ReplayGuard,
+    Signer,
+    WireCodec,
+    verify_request,
+)
+from broker.codec._binding import REQUEST_DOMAIN
+from broker.codec._signing import SIGNATURE_SIZE
 from broker.crdt import ROOT_ID, Tree, validate_node_id
 from broker.errors import (
+    BadSignatureError,
     DeadlineExceededError,
     InvalidArgumentError,
+    PermissionDeniedError,
     RpcInvalidArgumentError,
     RpcNotFoundError,
+    SignatureError,
     StatusCode,
+    TokenLimitError,
+    UnauthenticatedError,
     UnavailableError,
+    UnknownSignerError,
     WorknodeError,
 )
 from broker.replica import Replica
-from broker.rpc._capability import TokenVerifier, attenuate
+from broker.rpc._capability import NO_HOLDER, AuthorizeJob, TokenVerifier, attenuate, authorize
 from broker.rpc._protocol import (
     MAX_CALL_DEPTH,
     MAX_REQUEST_BYTES,
@@ -66,13 +95,26 @@ from broker.rpc._protocol import (
     new_response,
 )
 from broker.rpc._revocation import RevocationList
-from broker.transport import Endpoint, ErrorReply, Msg, ServiceHandle, Transport, rpc_subject
+from broker.rpc._worker import AuthorizerPool
+from broker.transport import (
+    Endpoint,
+    ErrorReply,
+    Msg,
+    RequestSigner,
+    ServiceHandle,
+    Transport,
+    rpc_subject,
+)
 
 __all__ = [
+    "AUTHORIZE_PENALTY_S",
     "DEFAULT_MAX_IN_FLIGHT",
     "OTHER_METHOD",
+    "READ_METHODS",
     "RPC_SERVICE",
     "CallContext",
+    "Forwarders",
+    "HolderKeys",
     "MethodRegistry",
     "NullRpcObserver",
     "RpcObserver",
@@ -87,6 +129,13 @@ DEFAULT_MAX_IN_FLIGHT: Final = 64
 """Requests one endpoint runs at once (the ``rpc_max_in_flight`` setting's default)."""
 OTHER_METHOD: Final = "other"
 """The metrics label for a method name that is not registered."""
+AUTHORIZE_PENALTY_S: Final = 10.0
+"""After one of its tokens ran over the authorization budget, a holder's tokens not yet
+authorized on this node are refused for this long (its cached decisions still hold). Only the
+root key mints holders, so this bounds what one holder's hostile tokens cost a node: one
+budget (and one worker restart) per period, whatever it attenuates offline."""
+READ_METHODS: Final = frozenset({"get"})
+"""Methods that only read: with ``revoke``, all the revocation subject serves."""
 _VERSION: Final = "1.0.0"
 _MAX_PATH: Final = 1024
 _MAX_PATHS: Final = 4096
@@ -291,6 +340,68 @@ class _Ancestry:
         return path
 
 
+class Forwarders(KeyLookup, Protocol):
+    """Peers that may sign a request carrying a token someone else holds (a ``TrustRoster``:
+    nodes passing on their caller's token in nested calls)."""
+
+    def __contains__(self, node_id: object) -> bool:
+        """Whether ``node_id`` is such a peer."""
+        ...
+
+
+class HolderKeys:
+    """The ``KeyLookup`` of one RPC request: its signature must verify with the public key of
+    the token's holder (the signer id is then only a label), or be a ``forwarders`` peer's."""
+
+    __slots__ = ("_forwarders", "_key")
+
+    def __init__(self, holder: bytes, forwarders: Forwarders | None = None) -> None:
+        try:
+            self._key = nacl.signing.VerifyKey(holder)
+        except (nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+            raise UnauthenticatedError("the token's holder is not an Ed25519 public key") from None
+        self._forwarders = forwarders
+
+    def verify(
+        self, signer: str, body: bytes, signature: bytes, domain: bytes = REQUEST_DOMAIN
+    ) -> None:
+        """Raise a ``SignatureError`` subclass unless the holder (or a forwarder) signed."""
+        if len(signature) != SIGNATURE_SIZE:
+            raise BadSignatureError(f"signature is {len(signature)} bytes, not {SIGNATURE_SIZE}")
+        try:
+            self._key.verify(domain + body, signature)
+            return
+        except nacl.exceptions.BadSignatureError:
+            pass
+        forwarders = self._forwarders
+        if forwarders is not None and signer in forwarders:
+            forwarders.verify(signer, body, signature, domain)
+            return
+        raise BadSignatureError(
+            f"request signed by {signer!r} is not signed by the token's holder"
+        )
+
+
+class _SignedReplies:
+    """``Endpoint.auth`` of the RPC endpoints: requests pass through (their signature is
+    checked with the key their token names, once the body is decoded); every reply is signed
+    by this node and bound to its request."""
+
+    __slots__ = ("signer",)
+
+    def __init__(self, signer: RequestSigner) -> None:
+        self.signer = signer
+
+    def authenticate(self, msg: Msg) -> None:
+        """Nothing yet (see the class doc)."""
+
+    def reply_headers(
+        self, msg: Msg, body: bytes, headers: Mapping[str, str] | None
+    ) -> dict[str, str]:
+        """The reply's headers, signed."""
+        return self.signer.reply_headers(msg, body, headers)
+
+
 def _status_of(exc: BaseException) -> StatusCode:
     """The status answering ``exc``: its own ``code`` (every ``WorknodeError`` has one); a
     builtin ``ValueError`` from a handler is bad input; anything else is a bug."""
@@ -305,7 +416,10 @@ class RpcServer:
     """Serves ``methods`` for every replica in ``replicas`` (see module doc).
 
     ``caller`` makes nested calls (an ``RpcClient.call``); ``wall_clock`` gives Unix seconds for
-    token expiry (injectable for tests).
+    token expiry (injectable for tests). ``signer`` signs every reply (without one, replies go
+    unsigned: tests of the pure paths only); ``forwarders`` may sign requests carrying a token
+    they do not hold; ``authorizer`` runs uncached authorizations under a budget (None: inline,
+    on the event loop: tests only).
     """
 
     def __init__(
@@ -325,6 +439,9 @@ class RpcServer:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_request_bytes: int = MAX_REQUEST_BYTES,
         wall_clock: Callable[[], float] = time.time,
+        signer: Signer | None = None,
+        forwarders: Forwarders | None = None,
+        authorizer: AuthorizerPool | None = None,
     ) -> None:
         if max_in_flight < 1 or max_request_bytes < 64:
             raise InvalidArgumentError("max_in_flight >= 1 and max_request_bytes >= 64")
@@ -342,6 +459,15 @@ class RpcServer:
         self.max_in_flight = max_in_flight
         self.max_request_bytes = max_request_bytes
         self.wall_clock = wall_clock
+        self.forwarders = forwarders
+        self.authorizer = authorizer
+        self.replay = ReplayGuard()
+        self._holder_keys: dict[bytes, HolderKeys] = {}
+        self._penalized: dict[bytes, float] = {}
+        self._auth = (
+            _SignedReplies(RequestSigner(signer, forwarders or _NoKeys()))
+            if signer is not None else None
+        )
         self._ancestry = {s: _Ancestry(r) for s, r in self.replicas.items()}
         self._in_flight: dict[tuple[str, str], int] = {}
         self._service: ServiceHandle | None = None
@@ -361,6 +487,8 @@ class RpcServer:
         if self._service is not None:
             return
         self._stopping = False
+        if self.authorizer is not None:
+            await self.authorizer.start()
         endpoints = []
         for subject in sorted(self.replicas):
             for m in self.methods.for_subject(subject):
@@ -370,6 +498,7 @@ class RpcServer:
                         rpc_subject(self.namespace, subject, m.name),
                         self._endpoint(subject, m),
                         concurrent=True,
+                        auth=self._auth,
                     )
                 )
         self._service = await self.transport.add_service(
@@ -393,6 +522,8 @@ class RpcServer:
         self._stopping = True
         service, self._service = self._service, None
         await service.stop()  # unsubscribes, then waits (bounded) for running requests
+        if self.authorizer is not None:
+            await self.authorizer.stop()
 
     # -- one request ---------------------------------------------------------------------
 
@@ -434,7 +565,8 @@ class RpcServer:
         """Everything up to the handler runs here, synchronously, on the receive path. A
         handler that answers without awaiting (a plain function) is answered at once, with
         no task and no timer; a coroutine handler's rest runs in its own task (returned as
-        an awaitable) under the remaining deadline."""
+        an awaitable) under the remaining deadline, and so does an authorization not cached
+        (in the authorizer pool) and whatever follows it."""
         t0 = _monotonic() * 1000.0
         subject, label = key
         if self._stopping:
@@ -463,7 +595,11 @@ class RpcServer:
         try:
             req = decode_request(self.codec, msg.data)
             trace = req.trace_id
-            ctx = self._admit(subject, m, req, t0)
+            admitted = self._admit(subject, m, req, t0, msg)
+            if isinstance(admitted, _Pending):
+                handed_off = True
+                return self._authorize_then_run(subject, m, key, req, admitted, t0)
+            ctx = admitted
             try:
                 out = m.handler(ctx)
             except TimeoutError:
@@ -481,6 +617,59 @@ class RpcServer:
         except Exception as exc:
             code = _status_of(exc)
             raise self._error_reply(subject, label, exc, trace) from None
+        finally:
+            if not handed_off:
+                self._done(key, code, t0)
+
+    async def _authorize_then_run(
+        self,
+        subject: str,
+        m: _Method,
+        key: tuple[str, str],
+        req: Request,
+        pending: _Pending,
+        t0: float,
+    ) -> bytes:
+        """The rest of a request whose authorization was not cached: authorize it in the
+        pool (the event loop only waits), then run the handler as ``_handle`` would."""
+        code = StatusCode.INTERNAL
+        handed_off = False
+        ctx = pending.ctx
+        try:
+            v0 = _perf_counter()
+            try:
+                assert self.authorizer is not None
+                await self.authorizer.authorize(
+                    pending.job, wait_ms=ctx.deadline.remaining_ms(_now_ms())
+                )
+            except TokenLimitError:
+                self.verifier.too_costly(pending.job.token)  # never run it again
+                self._penalize(pending.holder)
+                raise
+            finally:
+                self.observer.token_verified(_perf_counter() - v0)
+            self.verifier.remember(pending.job)
+            if pending.missing:
+                raise RpcNotFoundError(pending.missing)
+            if ctx.deadline.expired(_now_ms()):
+                raise DeadlineExceededError("deadline passed before the handler ran")
+            try:
+                out = m.handler(ctx)
+            except TimeoutError:
+                raise self._late(m, req) from None
+            if isinstance(out, Awaitable):
+                handed_off = True
+                return await self._finish(subject, m, key, req, ctx.deadline, out, t0)
+            if ctx.deadline.expired(_now_ms()):
+                raise self._late(m, req)
+            body = encode_response(self.codec, _response(out, req))
+            code = StatusCode.OK
+            return body
+        except ErrorReply:
+            raise
+        except Exception as exc:
+            code = _status_of(exc)
+            raise self._error_reply(subject, m.name, exc, req.trace_id) from None
         finally:
             if not handed_off:
                 self._done(key, code, t0)
@@ -526,8 +715,54 @@ class RpcServer:
             f"{m.name} on {req.worknode} did not finish within the deadline"
         )
 
-    def _admit(self, subject: str, m: _Method, req: Request, t0: float) -> CallContext:
-        """Method, depth, deadline and token checks; the handler's context if all pass."""
+    def penalized(self, holder: bytes) -> bool:
+        """Whether ``holder``'s tokens not yet authorized are refused now (see
+        ``AUTHORIZE_PENALTY_S``)."""
+        until = self._penalized.get(holder)
+        if until is None:
+            return False
+        if _monotonic() < until:
+            return True
+        del self._penalized[holder]
+        return False
+
+    def _penalize(self, holder: bytes) -> None:
+        if len(self._penalized) >= _MAX_PENALIZED:
+            now = _monotonic()
+            self._penalized = {h: t for h, t in self._penalized.items() if t > now}
+            if len(self._penalized) >= _MAX_PENALIZED:
+                return  # full of live penalties: the budget alone still bounds each token
+        self._penalized[holder] = _monotonic() + AUTHORIZE_PENALTY_S
+
+    def _caller(self, msg: Msg, holder: bytes | None, wall_s: float) -> None:
+        """The request must be signed by the token's holder (or a forwarder), fresh and not
+        replayed; else ``UnauthenticatedError``."""
+        if holder is None:
+            raise UnauthenticatedError(NO_HOLDER)
+        keys = self._holder_keys.get(holder)
+        if keys is None:
+            keys = HolderKeys(holder, self.forwarders)
+            if len(self._holder_keys) >= _MAX_HOLDER_KEYS:
+                self._holder_keys.clear()
+            self._holder_keys[holder] = keys
+        now_ms = int(wall_s * 1000)
+        headers = msg.headers or {}
+        try:
+            auth = verify_request(
+                keys, headers.get(AUTH_HEADER), subject=msg.subject, reply=msg.reply,
+                body=msg.data, headers=headers, now_ms=now_ms,
+            )
+            self.replay.check(auth, now_ms)
+        except SignatureError as exc:  # replayed and expired requests included
+            raise UnauthenticatedError(
+                f"request not signed by the token's holder: {exc}"
+            ) from None
+
+    def _admit(
+        self, subject: str, m: _Method, req: Request, t0: float, msg: Msg
+    ) -> CallContext | _Pending:
+        """Method, depth, deadline, token and caller checks; the handler's context if all
+        pass, or what remains when the authorization is not cached (``_Pending``)."""
         if req.method != m.name:
             raise RpcInvalidArgumentError(
                 f"request for method {req.method!r} sent to the endpoint of {m.name!r}"
@@ -537,6 +772,13 @@ class RpcServer:
         deadline = Deadline.start(t0, req.deadline_ms)
         if not deadline.at_ms - _monotonic() * 1000.0 >= 1.0:  # Deadline.expired, inlined
             raise DeadlineExceededError("deadline passed before the request was handled")
+        if self.revocations is not None and subject == self.revocations.subject and (
+            m.name != "revoke" and m.name not in READ_METHODS
+        ):
+            # Its set is add-only: no token, not even one granting ``*``, writes it otherwise.
+            raise PermissionDeniedError(
+                f"{subject} is the revocation subject: it serves only revoke and reads"
+            )
         worknode = req.worknode
         ancestry = self._ancestry[subject]
         path = ancestry.path(worknode)  # only valid ids are in the tree
@@ -559,27 +801,67 @@ class RpcServer:
                     else f"no worknode {worknode!r} in {subject}"
                 )
         v0 = _perf_counter()
+        now = self.wall_clock()
+        verifier = self.verifier
         try:
-            self.verifier.verify(
-                req.token,
-                namespace=self.namespace,
-                subject=subject,
-                path=path,
-                method=m.name,
-                now=self.wall_clock(),
+            admitted = verifier.admit(
+                req.token, now=now,
                 revoked=self.revocations.ids if self.revocations is not None else (),
             )
+            self._caller(msg, admitted.holder, now)
+            job = verifier.job(
+                req.token, namespace=self.namespace, subject=subject, path=path,
+                method=m.name, now=now,
+            )
+            pending: AuthorizeJob | None = None
+            if not verifier.allowed(job):
+                if self.authorizer is not None:
+                    if admitted.holder is not None and self.penalized(admitted.holder):
+                        raise TokenLimitError(
+                            "a token of this holder ran over its authorization budget: its "
+                            f"new tokens are refused for {AUTHORIZE_PENALTY_S:g} s"
+                        )
+                    pending = job  # off the event loop, under its budget
+                else:
+                    authorize(job)  # inline: only without a pool (tests of pure paths)
+                    verifier.remember(job)
         finally:
             self.observer.token_verified(_perf_counter() - v0)
-        if missing:
-            raise RpcNotFoundError(missing)
-        if not deadline.at_ms - _monotonic() * 1000.0 >= 1.0:
-            raise DeadlineExceededError("deadline passed before the handler ran")
-        return CallContext(
+        ctx = CallContext(
             self.namespace, subject, worknode, m.name, req.arguments, req.trace_id,
             req.call_depth, deadline, req.token, self.replicas[subject], self.revocations,
             self,
         )
+        if pending is not None:
+            assert admitted.holder is not None  # checked by _caller
+            return _Pending(ctx, pending, missing, admitted.holder)
+        if missing:
+            raise RpcNotFoundError(missing)
+        if not deadline.at_ms - _monotonic() * 1000.0 >= 1.0:
+            raise DeadlineExceededError("deadline passed before the handler ran")
+        return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A request admitted but for its authorization (not cached): run ``job`` first."""
+
+    ctx: CallContext
+    job: AuthorizeJob
+    missing: str
+    holder: bytes
+
+
+class _NoKeys:
+    """A key lookup that knows nobody (a server without forwarders verifies no peer)."""
+
+    def verify(self, signer: str, body: bytes, signature: bytes, domain: bytes = b"") -> None:
+        """Always refuse."""
+        raise UnknownSignerError(f"signer {signer!r} is not known here")
+
+
+_MAX_HOLDER_KEYS: Final = 4096
+_MAX_PENALIZED: Final = 4096
 
 
 def _response(out: Any, req: Request) -> Response:

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from broker.codec import WireCodec
+from broker.codec import TrustRoster, WireCodec
+from broker.codec._signing import DOMAIN
 from broker.errors import InvalidArgumentError
 from broker.rpc import (
+    AuthorizerPool,
     MethodRegistry,
     RevocationList,
     RpcClient,
@@ -16,13 +18,31 @@ from broker.rpc import (
     TokenVerifier,
     builtin_methods,
 )
+from broker.transport import RequestSigner
 from services._reload import KeyFileWatch
 from services.worknode._rpc_metrics import RpcMetrics
 
 if TYPE_CHECKING:
     from services.worknode._service import WorknodeService
 
-__all__ = ["keyring_watch", "read_keyring", "start_rpc"]
+__all__ = ["NodeForwarders", "keyring_watch", "read_keyring", "start_rpc"]
+
+
+class NodeForwarders:
+    """The peers that may pass on a caller's token in a nested call: the roster's *nodes*
+    (never the healer or a writer), read on every check so a roster reload counts."""
+
+    __slots__ = ("roster",)
+
+    def __init__(self, roster: TrustRoster) -> None:
+        self.roster = roster
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self.roster.with_role("node")
+
+    def verify(self, signer: str, body: bytes, signature: bytes, domain: bytes = DOMAIN) -> None:
+        """The roster's verification (``signer`` is a node: checked by ``in`` first)."""
+        self.roster.verify(signer, body, signature, domain)
 
 
 def read_keyring(path: Path) -> dict[int, bytes]:
@@ -44,12 +64,18 @@ async def start_rpc(
     s = svc.settings
     assert s.rpc_keyring_file is not None
     assert svc.transport is not None
+    assert svc.signer is not None
     keyring = read_keyring(s.rpc_keyring_file)
     registry = builtin_methods(s.rpc_revocation_subject)
     if methods is not None:
         registry = registry.merged(methods)
     revocations = RevocationList(svc.replica(s.rpc_revocation_subject))
-    client = RpcClient(svc.transport, namespace=s.namespace, codec=codec)
+    # Nested calls are signed by this node (a roster peer may pass on its caller's token) and
+    # their replies must come from a roster peer.
+    client = RpcClient(
+        svc.transport, namespace=s.namespace, codec=codec,
+        signer=RequestSigner(svc.signer, svc.roster),
+    )
     server = RpcServer(
         transport=svc.transport,
         namespace=s.namespace,
@@ -64,6 +90,11 @@ async def start_rpc(
         observer=RpcMetrics(svc.metrics.registry, registry.names()),
         max_in_flight=s.rpc_max_in_flight,
         max_request_bytes=s.rpc_max_request_bytes,
+        signer=svc.signer,
+        forwarders=NodeForwarders(svc.roster),
+        authorizer=AuthorizerPool(
+            workers=s.rpc_authorize_workers, budget_ms=s.rpc_authorize_budget_ms
+        ),
     )
     await server.start()
     svc.key_watches.append(keyring_watch(server, s.rpc_keyring_file, svc))

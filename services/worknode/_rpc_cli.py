@@ -2,6 +2,13 @@
 
 Tokens travel as URL-safe base64 text (the Biscuit convention). ``__main__``-style code only:
 parse, wire, run.
+
+A token is minted for a holder (``token mint --holder``: the hex Ed25519 public key that
+``worknode keys show SEED_FILE`` prints, or ``@SEED_FILE``) and honoured only on requests
+signed by that key: ``call`` and ``token revoke`` sign with ``--key`` (a 32-byte worknode key
+file or an nkey user seed ``SU...``; default: the ``--nats-nkey`` file, the identity the
+command already connects as). With ``--roster`` (the nodes' public keys) every reply must be
+signed by a node of the roster and bound to its request, else the command fails.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+import nkeys
 
+from broker.codec import Signer, TrustRoster
 from broker.crdt import KindConflict, OpaqueAtom, OpaqueValue, validate_node_id
 from broker.errors import WorknodeError
 from broker.rpc import (
@@ -30,10 +39,15 @@ from broker.rpc import (
     inspect,
     mint,
 )
-from broker.transport import ConnectOptions, validate_token
+from broker.transport import ConnectOptions, RequestSigner, read_nkey_seed, validate_token
 from services._cli_errors import run_until_signal
 from services._connection import client_options, pop_connection, with_connection
 from services.worknode._rpc import read_keyring
+from services.worknode._service import read_roster
+
+CALLER_ID = "worknode-call"
+"""The signer id a CLI call's ``Worknode-Auth`` names (only a label: the server verifies the
+signature with the key its token names)."""
 
 __all__ = ["register_rpc"]
 
@@ -73,6 +87,43 @@ def read_keyring_file(path: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in ring.items()}
 
 
+def _read_seed(path: Path) -> bytes:
+    """The raw 32-byte Ed25519 seed of a worknode key file or an nkey user seed file."""
+    try:
+        text = read_nkey_seed(path)
+        _, raw = nkeys.decode_seed(bytearray(text.encode()))
+    except Exception as exc:  # ours are WorknodeErrors; nkeys raises untyped ones
+        raise click.ClickException(f"cannot read signing key {path}: {exc}") from None
+    return bytes(raw)
+
+
+def _holder_key(text: str) -> bytes:
+    """``--holder``: a hex public key, or ``@SEED_FILE`` (its public key)."""
+    if text.startswith("@"):
+        return Signer("holder", _read_seed(Path(text[1:]))).public_key
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise click.BadParameter("a hex Ed25519 public key (64 hex digits) or @SEED_FILE",
+                                 param_hint="'--holder'")
+    return key
+
+
+def _caller(key: Path | None, conn: dict[str, Any], roster: Path | None) -> RequestSigner:
+    """The signer of a CLI call: ``--key``, else the ``--nats-nkey`` identity."""
+    path = key if key is not None else conn.get("nats_nkey_file")
+    if path is None:
+        raise click.UsageError("give --key: the signing key of the token's holder (a worknode "
+                               "key file or an nkey seed)")
+    try:
+        keys = TrustRoster(read_roster(roster)) if roster is not None else TrustRoster()
+    except WorknodeError as exc:
+        raise click.ClickException(str(exc)) from None
+    return RequestSigner(Signer(CALLER_ID, _read_seed(Path(path))), keys)
+
+
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=UTC).isoformat()
 
@@ -105,10 +156,12 @@ def _jsonable(value: Any) -> Any:
 
 async def _call(
     options: ConnectOptions, namespace: str, subject: str, worknode: str, method: str,
-    arguments: dict[str, Any], token: bytes, timeout_ms: float,
+    arguments: dict[str, Any], token: bytes, timeout_ms: float, signer: RequestSigner,
+    verify_replies: bool,
 ) -> dict[str, Any]:
     async with options.transport(name="worknode-call") as transport:
-        client = RpcClient(transport, namespace=namespace)
+        client = RpcClient(transport, namespace=namespace, signer=signer,
+                           verify_replies=verify_replies)
         r = await client.call(subject, worknode, method, arguments, token=token,
                               timeout_ms=timeout_ms)
     out: dict[str, Any] = {"status": r.status.label, "result": _jsonable(dict(r.result))}
@@ -133,6 +186,14 @@ _nats = [
                  help="Capability token (base64, or @file); env WORKNODE_TOKEN."),
     click.option("--timeout-ms", type=click.FloatRange(min=0, min_open=True), default=5000,
                  show_default=True),
+    click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False,
+                 path_type=Path), envvar="WORKNODE_KEY_FILE", default=None,
+                 help="Signing key of the token's holder: a 32-byte worknode key file or an "
+                 "nkey user seed (default: the --nats-nkey file) [env WORKNODE_KEY_FILE]."),
+    click.option("--roster", "roster_file", type=click.Path(exists=True, dir_okay=False,
+                 path_type=Path), envvar="WORKNODE_ROSTER_FILE", default=None,
+                 help="Roster of the nodes' public keys: replies must be signed by one of "
+                 "them and bound to the request (recommended) [env WORKNODE_ROSTER_FILE]."),
 ]
 
 
@@ -190,15 +251,19 @@ def register_rpc(main: click.Group) -> None:
     @click.option("--method", "methods", multiple=True, help="Method granted (repeatable; "
                   "default: every method).")
     @click.option("--ttl", type=_TTL, default=3600, show_default=True, help="Seconds valid.")
+    @click.option("--holder", "holder_text", required=True,
+                  help="Who may use the token: the hex Ed25519 public key its calls must be "
+                  "signed with (`worknode keys show SEED_FILE`), or @SEED_FILE.")
     def mint_(root_key: Path, namespace: str, subjects: tuple[str, ...], worknode: str,
-              methods: tuple[str, ...], ttl: float) -> None:
-        """Mint a token with the cluster root key; prints it."""
+              methods: tuple[str, ...], ttl: float, holder_text: str) -> None:
+        """Mint a token with the cluster root key for one holder; prints it."""
+        holder = _holder_key(holder_text)
         key = _read_root_key(root_key)
         try:
             grants = [Grant(namespace, s, worknode, tuple(methods) or ("*",)) for s in subjects]
         except ValueError as exc:
             raise click.BadParameter(str(exc)) from exc
-        click.echo(_encode(mint(key, grants, expires_at=time.time() + ttl)))
+        click.echo(_encode(mint(key, grants, expires_at=time.time() + ttl, holder=holder)))
 
     @token.command("attenuate")
     @click.argument("token_text", metavar="TOKEN")
@@ -236,6 +301,7 @@ def register_rpc(main: click.Group) -> None:
             "key_id": info.key_id,
             "token_id": info.token_id,
             "expires_at": _iso(info.expires_at),
+            "holder": info.holder.hex() if info.holder is not None else None,
             "revocation_ids": list(info.revocation_ids),
             "blocks": list(info.blocks),
         }, indent=2))
@@ -246,10 +312,13 @@ def register_rpc(main: click.Group) -> None:
     @click.option("--subject", "revocation_subject", default=DEFAULT_REVOCATION_SUBJECT,
                   show_default=True, help="The revocation subject of the cluster.")
     def revoke(target: str, nats_urls: tuple[str, ...], namespace: str, token_text: str,
-               timeout_ms: float, revocation_subject: str, **conn: Any) -> None:
+               timeout_ms: float, revocation_subject: str, key_file: Path | None,
+               roster_file: Path | None, **conn: Any) -> None:
         """Revoke a token (or a revocation id, hex) cluster-wide; --token must grant
-        ``revoke`` on the revocation subject."""
-        options = client_options("worknode-call", list(nats_urls), pop_connection(conn))
+        ``revoke`` on the revocation subject (and be held by --key)."""
+        given = pop_connection(conn)
+        options = client_options("worknode-call", list(nats_urls), given)
+        signer = _caller(key_file, given, roster_file)
         if all(c in "0123456789abcdef" for c in target) and len(target) >= 32:
             token_id = target
         else:
@@ -259,7 +328,8 @@ def register_rpc(main: click.Group) -> None:
                 raise click.ClickException(str(exc)) from exc
         token = _decode(token_text)
         out = _run_call(lambda: _call(options, namespace, revocation_subject, "root",
-                                      "revoke", {"token_id": token_id}, token, timeout_ms))
+                                      "revoke", {"token_id": token_id}, token, timeout_ms,
+                                      signer, roster_file is not None))
         click.echo(json.dumps(out, sort_keys=True))
 
     @main.command("call")
@@ -270,10 +340,13 @@ def register_rpc(main: click.Group) -> None:
     @_with_nats
     def call_(subject: str, worknode: str, method: str, args: tuple[str, ...],
               nats_urls: tuple[str, ...], namespace: str, token_text: str,
-              timeout_ms: float, **conn: Any) -> None:
-        """Call METHOD on WORKNODE of SUBJECT with a capability token; prints the result.
-        Values are JSON when they parse as JSON, text otherwise."""
-        options = client_options("worknode-call", list(nats_urls), pop_connection(conn))
+              timeout_ms: float, key_file: Path | None, roster_file: Path | None,
+              **conn: Any) -> None:
+        """Call METHOD on WORKNODE of SUBJECT with a capability token, signed with --key (the
+        token's holder); prints the result. Values are JSON when they parse as JSON, text
+        otherwise."""
+        given = pop_connection(conn)
+        options = client_options("worknode-call", list(nats_urls), given)
         try:  # before connecting: a typo fails at once
             validate_token(subject, "subject")
             validate_token(namespace, "namespace")
@@ -283,6 +356,8 @@ def register_rpc(main: click.Group) -> None:
             raise click.BadParameter(str(exc)) from None
         arguments = dict(_parse_arg(a) for a in args)
         token = _decode(token_text)
+        signer = _caller(key_file, given, roster_file)
         out = _run_call(lambda: _call(options, namespace, subject, worknode, method,
-                                      arguments, token, timeout_ms))
+                                      arguments, token, timeout_ms, signer,
+                                      roster_file is not None))
         click.echo(json.dumps(out, sort_keys=True))

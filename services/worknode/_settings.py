@@ -80,6 +80,14 @@ class WorknodeSettings(NatsClientSettings):
     )
     rpc_max_in_flight: int = Field(64, gt=0, le=100_000)
     rpc_max_request_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024)
+    rpc_authorize_budget_ms: float = Field(
+        100, gt=0, le=10_000,
+        description="Wall time one token authorization may take (in a worker process, off "
+        "the event loop); a token over it is refused (RESOURCE_EXHAUSTED, token_limit).",
+    )
+    rpc_authorize_workers: int = Field(
+        1, ge=1, le=64, description="Worker processes authorizing tokens not yet cached."
+    )
     config_file: Path | None = None
 
     @field_validator("node_id")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker.chaos import NatsCluster
-from broker.codec import TrustRoster
+from broker.codec import Signer, TrustRoster
 from broker.rpc import (
     Grant,
     RootKey,
@@ -24,7 +24,7 @@ from broker.rpc import (
     inspect,
     mint,
 )
-from broker.transport import NatsTransport
+from broker.transport import NatsTransport, RequestSigner
 from services.healer import HealerService, HealerSettings
 from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
 
@@ -70,8 +70,9 @@ async def test_revoked_on_one_side_refused_on_the_other_after_the_heal(
     healer = HealerService(hs, roster=roster)
     side_a = NatsTransport([nats_cluster.urls[0]], name="client-a")
     side_b = NatsTransport([nats_cluster.urls[2]], name="client-b")
+    caller = Signer("client", os.urandom(32))  # the tokens' holder: signs every call
     admin = mint(ROOT, [Grant(NS, SUBJECT), Grant(NS, "revocations", "root", ("revoke",))],
-                 expires_at=time.time() + 600)
+                 expires_at=time.time() + 600, holder=caller.public_key)
     user = attenuate(admin, {1: ROOT.public_key}, methods=["get"])
     token_id = inspect(user).token_id
     try:
@@ -80,8 +81,8 @@ async def test_revoked_on_one_side_refused_on_the_other_after_the_heal(
         await healer.start()
         await side_a.start()
         await side_b.start()
-        a = RpcClient(side_a, namespace=NS)
-        b = RpcClient(side_b, namespace=NS)
+        a = RpcClient(side_a, namespace=NS, signer=RequestSigner(caller, roster))
+        b = RpcClient(side_b, namespace=NS, signer=RequestSigner(caller, roster))
         await a.call(SUBJECT, "o1", "create", token=admin)
         for svc in services.values():
             await _eventually(lambda svc=svc: "o1" in svc.replica(SUBJECT).state.value())

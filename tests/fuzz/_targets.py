@@ -566,7 +566,8 @@ def _healer_target(verb: str, what: str) -> Target:
 async def _rpc_harness() -> Harness:
     h = Harness(WireCodec(CURRENT_VERSION))
     h.extra["verifier"] = TokenVerifier({ROOT_KEY.key_id: ROOT_KEY.public_key})
-    h.extra["token"] = mint(ROOT_KEY, [Grant(NS, SUBJECT)], expires_at=NOW_S + 3600)
+    h.extra["token"] = mint(ROOT_KEY, [Grant(NS, SUBJECT)], expires_at=NOW_S + 3600,
+                           holder=bytes(range(32)))
     return h
 
 

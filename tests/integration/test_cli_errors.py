@@ -39,6 +39,7 @@ CLOSED = '["nats://127.0.0.1:1"]'
 NET = ("--nats-url", URL)
 CLOSED_NET = ("--nats-url", "nats://127.0.0.1:1")
 TOK = ("--token", "AAAA")
+HOLDER = ("--holder", "ab" * 32)
 HEALER_OK = {"WORKNODE_HEALER_NATS_URLS": f'["{URL}"]',
              "WORKNODE_HEALER_CLUSTER_SECRET_FILE": "{tmp}/secret"}
 
@@ -155,11 +156,20 @@ CASES = [
     Case("keygen-keyring-bad", ("token", "keygen", "--key-id", "1", "--out", "{tmp}/k2.key",
                                 "--keyring", "{tmp}/bad.json"), "cannot read keyring"),
     Case("mint-root-key-missing", ("token", "mint", "--root-key", "/nonexistent.key",
-                                   "--namespace", "ns", "--subject", "s"), "does not exist"),
+                                   "--namespace", "ns", "--subject", "s", *HOLDER),
+         "does not exist"),
     Case("mint-root-key-bad", ("token", "mint", "--root-key", "{tmp}/bad.json",
-                               "--namespace", "ns", "--subject", "s"), "cannot read root key"),
+                               "--namespace", "ns", "--subject", "s", *HOLDER),
+         "cannot read root key"),
     Case("mint-ttl", ("token", "mint", "--root-key", "{tmp}/bad.json", "--namespace", "ns",
-                      "--subject", "s", "--ttl", "0"), "--ttl"),
+                      "--subject", "s", "--ttl", "0", *HOLDER), "--ttl"),
+    Case("mint-no-holder", ("token", "mint", "--root-key", "{tmp}/bad.json", "--namespace", "ns",
+                            "--subject", "s"), "--holder"),
+    Case("mint-holder-hex", ("token", "mint", "--root-key", "{tmp}/bad.json", "--namespace",
+                             "ns", "--subject", "s", "--holder", "zz"), "--holder"),
+    Case("mint-holder-seed-bad", ("token", "mint", "--root-key", "{tmp}/bad.json",
+                                  "--namespace", "ns", "--subject", "s", "--holder",
+                                  "@{tmp}/short.key"), "cannot read signing key"),
     Case("attenuate-not-base64", ("token", "attenuate", "!!!", "--keyring", "{tmp}/bad.json",
                                   "--method", "get"),
          "cannot read keyring"),
@@ -176,10 +186,15 @@ CASES = [
     Case("call-subject", ("call", "bad subj", "n", "get", *CLOSED_NET, *TOK), "subject"),
     Case("call-worknode", ("call", "s", "bad node!", "get", *CLOSED_NET, *TOK), "worknode id"),
     Case("mint-ttl-huge", ("token", "mint", "--root-key", "{tmp}/bad.json", "--namespace", "ns",
-                           "--subject", "s", "--ttl", "1e400"), "--ttl"),
+                           "--subject", "s", "--ttl", "1e400", *HOLDER), "--ttl"),
     Case("attenuate-nothing", ("token", "attenuate", "AAAA", "--keyring", "{tmp}/bad.json"),
          "nothing to narrow"),
     Case("call-no-token", ("call", "s", "n", "get", *NET), "--token"),
+    Case("call-no-key", ("call", "s", "n", "get", *NET, *TOK), "--key"),
+    Case("call-key-bad", ("call", "s", "n", "get", *NET, *TOK, "--key", "{tmp}/short.key"),
+         "cannot read signing key"),
+    Case("call-roster-bad", ("call", "s", "n", "get", *NET, *TOK, "--key", "{tmp}/secret",
+                             "--roster", "{tmp}/bad.json"), "cannot read roster"),
     # -- keys
     Case("keys-show-missing", ("keys", "show", "/nonexistent.key"), "does not exist"),
     Case("keys-show-not-a-seed", ("keys", "show", "{tmp}/short.key"), "32-byte"),

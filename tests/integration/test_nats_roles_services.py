@@ -30,6 +30,7 @@ from broker.transport import (
     Msg,
     NatsIdentity,
     NatsTransport,
+    RequestSigner,
     Role,
     delta_subject,
     heal_subject,
@@ -164,10 +165,13 @@ async def test_every_role_does_its_whole_job_without_a_permission_violation(
                 assert sorted(outcome.replicas) == ["n1", "n2"]
 
             # a caller calls a method, one that makes a nested call too
-            client = RpcClient(transports["c"], namespace=NS)
+            # (signed with its own key, the token's holder; replies signed by a node)
+            caller = Signer("c", seeds["c"])
+            client = RpcClient(transports["c"], namespace=NS,
+                               signer=RequestSigner(caller, roster))
             await transports["c"].start()
             token = mint(ROOT, [Grant(NS, SUBJECT, "root", ("*",))],
-                         expires_at=time.time() + 3600)
+                         expires_at=time.time() + 3600, holder=caller.public_key)
             await client.call(SUBJECT, "o1", "create", token=token)
             await client.call(SUBJECT, "o2", "create", token=token)
             await until(lambda: all("o2" in r.state.value() for r in (r1, r2)))

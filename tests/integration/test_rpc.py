@@ -1,5 +1,6 @@
 """Capability-checked RPC against a real nats-server: two worknode services serving one
-subject, a client, and tokens minted with the cluster root key."""
+subject, a client, and tokens minted with the cluster root key for the client's key (the
+client signs every request with it and checks every reply is signed by a node)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
-from broker.codec import TrustRoster, WireCodec
+from broker.codec import Signer, TrustRoster, WireCodec
 from broker.rpc import (
     MAX_CALL_DEPTH,
     CallContext,
@@ -37,7 +38,13 @@ from broker.rpc import (
     inspect,
     mint,
 )
-from broker.transport import ERROR_CODE_HEADER, NatsTransport, discover, rpc_subject
+from broker.transport import (
+    ERROR_CODE_HEADER,
+    NatsTransport,
+    RequestSigner,
+    discover,
+    rpc_subject,
+)
 from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
 
 NS = "shop"
@@ -45,6 +52,8 @@ SUBJECT = "orders"
 ROOT = RootKey(1, bytes(range(32)))
 ROTATED = RootKey(2, bytes(range(1, 33)))
 MAX_IN_FLIGHT = 16
+CLIENT = Signer("client", bytes(range(64, 96)))
+"""The caller: tokens are minted for its key, and it signs every request with it."""
 
 
 def _registry(events: dict[str, Any]) -> MethodRegistry:
@@ -95,9 +104,7 @@ async def _cluster(
         )
         for n in names
     }
-    roster = TrustRoster(
-        {n: load_or_create_signer(n, s.key_path()).public_key for n, s in settings.items()}
-    )
+    roster = node_roster(settings)
     services = {
         n: WorknodeService(s, roster=roster, rpc_methods=_registry(events))
         for n, s in settings.items()
@@ -111,16 +118,25 @@ async def _cluster(
             await svc.stop()
 
 
+def node_roster(settings: dict[str, WorknodeSettings]) -> TrustRoster:
+    """The nodes' keys (created now if new): whose replies a client accepts."""
+    return TrustRoster(
+        {n: load_or_create_signer(n, s.key_path()).public_key for n, s in settings.items()}
+    )
+
+
 def _token(*, methods: tuple[str, ...] = ("*",), worknode: str = "root", subject: str = SUBJECT,
            expires_in: float = 3600, root: RootKey = ROOT) -> bytes:
-    return mint(root, [Grant(NS, subject, worknode, methods)], expires_at=time.time() + expires_in)
+    return mint(root, [Grant(NS, subject, worknode, methods)], expires_at=time.time() + expires_in,
+                holder=CLIENT.public_key)
 
 
 @pytest.fixture
-async def client(nats_server):
+async def client(nats_server, nodes):
     transport = NatsTransport([nats_server.url], name="rpc-client")
     async with transport:
-        yield RpcClient(transport, namespace=NS)
+        yield RpcClient(transport, namespace=NS,
+                        signer=RequestSigner(CLIENT, nodes["n1"].roster))
 
 
 @pytest.fixture
@@ -238,7 +254,7 @@ async def test_a_revoked_token_is_refused_everywhere(nodes, client) -> None:
     for _ in range(4):  # both nodes have verified (and cached) it
         await client.call(SUBJECT, "o1", "get", token=user)
     revoker = mint(ROOT, [Grant(NS, "revocations", "root", ("revoke",))],
-                   expires_at=time.time() + 60)
+                   expires_at=time.time() + 60, holder=CLIENT.public_key)
     with pytest.raises(PermissionDeniedError):  # revoking needs its own right
         await client.call("revocations", "root", "revoke",
                           {"token_id": inspect(user).token_id}, token=admin)

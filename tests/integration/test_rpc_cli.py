@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
-from services.worknode import WorknodeService, WorknodeSettings
+from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
 
 
 async def _cli(*args: str, cwd: Path) -> tuple[int, str, str]:
@@ -39,10 +40,19 @@ async def test_token_commands_and_call(tmp_path: Path, nats_server) -> None:
         state_dir=tmp_path / "node-a", metrics_port=None, store_sync="normal",
         rpc_keyring_file=tmp_path / "keyring.json",
     )
-    net = ["--nats-url", nats_server.url, "--namespace", "shop"]
+    # The caller's key (tokens are minted for it; calls are signed with it), and the roster
+    # of the nodes whose signed replies it accepts.
+    caller = tmp_path / "caller.key"
+    caller.write_bytes(os.urandom(32))
+    roster = tmp_path / "roster.json"
+    node_key = load_or_create_signer("node-a", settings.key_path()).public_key
+    roster.write_text(json.dumps({"node-a": node_key.hex()}))
+    net = ["--nats-url", nats_server.url, "--namespace", "shop", "--key", str(caller),
+           "--roster", str(roster)]
     async with WorknodeService(settings):
         rc, admin, err = await _cli("token", "mint", "--root-key", str(tmp_path / "root.key"),
-                                    "--namespace", "shop", "--subject", "orders", cwd=repo)
+                                    "--namespace", "shop", "--subject", "orders",
+                                    "--holder", f"@{caller}", cwd=repo)
         assert rc == 0, err
         admin = admin.strip()
         for args in (["create", "parent=root"], ["set", "path=total", "value=1250"]):
@@ -64,6 +74,16 @@ async def test_token_commands_and_call(tmp_path: Path, nats_server) -> None:
         info = json.loads(out)
         assert info["key_id"] == 1
         assert len(info["blocks"]) == 2
+        rc, shown, err = await _cli("keys", "show", str(caller), cwd=repo)
+        assert rc == 0, err
+        assert info["holder"] == shown.strip()
+        # Someone else's key with the same token: refused.
+        other = tmp_path / "other.key"
+        other.write_bytes(os.urandom(32))
+        rc, out, err = await _cli("call", "orders", "o1", "get", "--token", reader, *net,
+                                  "--key", str(other), cwd=repo)
+        assert rc == 1
+        assert "unauthenticated" in err
         rc, out, err = await _cli("call", "orders", "o1", "set", "path=total", "value=1",
                                   "--token", reader, *net, cwd=repo)
         assert rc == 1
@@ -71,7 +91,8 @@ async def test_token_commands_and_call(tmp_path: Path, nats_server) -> None:
 
         rc, revoker, err = await _cli("token", "mint", "--root-key", str(tmp_path / "root.key"),
                                       "--namespace", "shop", "--subject", "revocations",
-                                      "--method", "revoke", cwd=repo)
+                                      "--method", "revoke", "--holder", shown.strip(),
+                                      cwd=repo)
         assert rc == 0, err
         rc, out, err = await _cli("token", "revoke", reader, "--token", revoker.strip(), *net,
                                   cwd=repo)

@@ -22,12 +22,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.codec import TrustRoster
+from broker.codec import Signer, TrustRoster
 from broker.errors import WorknodeError
 from broker.replica import Consistency
 from broker.rpc import Grant, RootKey, RpcClient, RpcError, mint
 from broker.testing import running_nats_server
-from broker.transport import EmbeddedNatsServer, NatsTransport
+from broker.transport import EmbeddedNatsServer, NatsTransport, RequestSigner
 from services.healer import HealerService, HealerSettings
 from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
 from tests.observability.nats_exporter import NatsExporterStandIn
@@ -37,6 +37,7 @@ SUBJECT = "orders"
 NODES = (("node-v1", 1), ("node-v2a", 2), ("node-v2b", 2))
 NAMESPACE = "default"
 ROOT = RootKey(1, bytes(range(32)))  # the cluster's RPC root key (a test key)
+RPC_CALLER = Signer("rpc-client", bytes(range(32, 64)))  # holds the tokens, signs the calls
 MAX_ROUNDS = 2_000  # traffic loops are bounded in count as well as cancelled by the test
 
 
@@ -145,8 +146,11 @@ async def _rpc_round(client: RpcClient, i: int) -> None:
     """RPC calls: reads and writes a token allows, and a write a read-only token is refused
     (``permission_denied``: the error panels and the error-ratio alert have data)."""
     expires = time.time() + 3600
-    full = mint(ROOT, [Grant(NAMESPACE, SUBJECT, "root", ("*",))], expires_at=expires)
-    read_only = mint(ROOT, [Grant(NAMESPACE, SUBJECT, "root", ("get",))], expires_at=expires)
+    holder = RPC_CALLER.public_key
+    full = mint(ROOT, [Grant(NAMESPACE, SUBJECT, "root", ("*",))], expires_at=expires,
+                holder=holder)
+    read_only = mint(ROOT, [Grant(NAMESPACE, SUBJECT, "root", ("get",))], expires_at=expires,
+                     holder=holder)
     node = f"rpc{i % 5}"
     with contextlib.suppress(RpcError):
         await client.call(SUBJECT, node, "create", token=full)
@@ -164,7 +168,8 @@ async def generate_traffic(stack: Stack, *, pause: float = 0.1) -> None:
         NatsTransport([stack.nats.url], name="traffic") as hostile,
         NatsTransport([stack.nats.url], name="rpc-client") as rpc_transport,
     ):
-        client = RpcClient(rpc_transport, namespace=NAMESPACE)
+        client = RpcClient(rpc_transport, namespace=NAMESPACE,
+                           signer=RequestSigner(RPC_CALLER, stack.nodes[0].roster))
         for i in range(MAX_ROUNDS):
             await _replication_round(stack, i)
             if i % 5 == 0:
