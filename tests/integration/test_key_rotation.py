@@ -29,9 +29,9 @@ from typing import Any
 
 import pytest
 
-from broker.codec import CURRENT_VERSION, TrustRoster
+from broker.codec import CURRENT_VERSION, Signer, TrustRoster
 from broker.rpc import Grant, RootKey, RpcClient, UnauthenticatedError, mint
-from broker.transport import EmbeddedNatsServer, NatsTransport
+from broker.transport import EmbeddedNatsServer, NatsTransport, RequestSigner
 from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
 from services.worknode._keys import write_roster
 from tests.integration._nodes import SUBJECT, node_settings, run_cli
@@ -323,11 +323,17 @@ async def test_rpc_root_key_removed_from_the_keyring_stops_its_tokens(
         state_dir=tmp_path / "n1", metrics_port=None, store_sync="normal",
         rpc_keyring_file=keyring, key_reload_interval_s=POLL))
 
+    caller = Signer("caller", bytes(range(5, 37)))
+
     def token(root: RootKey) -> bytes:
-        return mint(root, [Grant(NS, SUBJECT, "root", ("*",))], expires_at=time.time() + 600)
+        return mint(root, [Grant(NS, SUBJECT, "root", ("*",))], expires_at=time.time() + 600,
+                    holder=caller.public_key)
 
     async with services(svc), NatsTransport([nats_server.url], name="client") as transport:
-        client = RpcClient(transport, namespace=NS)
+        # The caller signs as the tokens' holder; the replies are checked against n1's key.
+        client = RpcClient(transport, namespace=NS,
+                           signer=RequestSigner(caller, TrustRoster(
+                               {"n1": svc.signer.public_key})))
         old, new = token(removed), token(kept)
         await client.call(SUBJECT, "root", "get", token=old)  # verified, and cached
         assert sample(svc, "worknode_rpc_keyring_keys") == 2
