@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from broker.codec import Signer, TrustRoster, WireCodec
+from broker.codec import RateLimiter, Signer, TrustRoster, WireCodec
 from broker.errors import InvalidArgumentError, StoreError, WorknodeError
 from broker.healing import HealEndpoints
 from broker.replica import Replica, ReplicaConfig
@@ -262,6 +262,8 @@ class WorknodeService:
                 roster=self.roster,
                 codec=codec,
                 secret=secret,
+                healers=tuple(s.healers),
+                limiter=RateLimiter(s.heal_rate_per_s, s.heal_burst),
             )
             self.metrics.export_heal_rejects(lambda: self.heal_endpoints.rejected)  # type: ignore[union-attr]
             await self.heal_endpoints.start()
