@@ -25,6 +25,7 @@ from broker.healing._planner import (
     pass_status,
     subjects_to_heal,
 )
+from broker.healing._report import VerifiedReport, seal_heal_report, verify_heal_report
 from broker.healing._wire import (
     LEAVES_PER_CALL,
     MAX_PREFIXES,
@@ -88,11 +89,14 @@ __all__ = [
     "RootView",
     "SchemeMismatch",
     "StopReason",
+    "VerifiedReport",
     "pack_leaf_items",
     "pack_prefixes",
     "pass_status",
+    "seal_heal_report",
     "subjects_to_heal",
     "unpack_indices",
     "unpack_leaf_items",
     "unpack_prefixes",
+    "verify_heal_report",
 ]

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Final
 
-from broker.codec import REPORT_DOMAIN, Signer, TrustRoster, WireCodec
+from broker.codec import Signer, TrustRoster, WireCodec
 from broker.crdt import ORMap
 from broker.errors import SignatureError, WorknodeError
 from broker.healing import (
@@ -45,6 +45,7 @@ from broker.healing import (
     RepairPair,
     RootView,
     StopReason,
+    seal_heal_report,
     subjects_to_heal,
 )
 from broker.merkle import Diff
@@ -652,14 +653,10 @@ class HealerService:
         r.roundTrips = out.round_trips
         r.durationMs = int(out.duration_s * 1000)
         r.converged = out.converged
-        body = r.to_bytes_packed()
-        signed = self.codec.schema.envelope.SignedEnvelope.new_message()
-        signed.signer = self.signer.node_id
-        signed.signature = self.signer.sign(body, REPORT_DOMAIN)
-        signed.body = body
+        sealed = seal_heal_report(self.codec, self.signer, r.to_bytes_packed())
         with contextlib.suppress(WorknodeError):
             await self.transport.publish(
-                heal_subject(self.settings.namespace, out.subject), signed.to_bytes_packed()
+                heal_subject(self.settings.namespace, out.subject), sealed
             )
             out.published = True
             self.metrics.last_report.labels(self.metrics.label(out.subject)).set(time.time())
