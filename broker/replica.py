@@ -852,7 +852,7 @@ class Replica:
         changes nothing (a replayed or re-sent one: ``broker.repair.adds_nothing``) is not
         logged, so replaying it cannot grow the store."""
         async with self._mutate_lock:
-            keys = delta.store.keys() if delta.store else ()
+            keys = set(delta.store or ())
             if not (self.machine.quarantined & keys) and adds_nothing(self.state, delta):
                 return
             record = packed if packed is not None else self.codec.encode_document(delta)
