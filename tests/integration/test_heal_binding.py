@@ -121,14 +121,17 @@ def _root_request(width: int) -> bytes:
     return req.to_bytes_packed()  # type: ignore[no-any-return]
 
 
+@pytest.mark.parametrize("relay", ["captured-reply", "answered-with-b-key"])
 async def test_a_relayed_root_reply_is_detected_and_the_real_difference_healed(
-    tmp_path: Path, nats_server: EmbeddedNatsServer
+    tmp_path: Path, nats_server: EmbeddedNatsServer, relay: str
 ) -> None:
-    """Replica c's root subject answered with b's genuine, signed root reply (relayed by
-    someone on the bus, c's own endpoints silent): on today's code c looks like b, so the
-    healer would report the three converged while c differs from both. Now the relay is
+    """Replica c's root subject answered with b's genuine root reply (c's own endpoints
+    silent), either replayed as captured (signed for another request) or signed afresh with
+    b's own roster key for this very request (a node answering for another): on today's
+    code c looks like b, so the healer would take c's root for b's. Now the relay is
     detected: c is left out and counted, the heal repairs a and b and says it did not
     converge; once c answers for itself, the next heal converges all three."""
+    relay_mode = relay
     nodes, hs, roster, _ = _setup(tmp_path, nats_server.url, ["a", "b", "c"])
     healer_key = load_or_create_signer("healer", hs.key_path())
     async with _services(nodes, roster) as (a, b, c):
@@ -146,8 +149,14 @@ async def test_a_relayed_root_reply_is_detected_and_the_real_difference_healed(
             )
             captured = await bus.request(subject_b, body, timeout=5, headers=headers)
 
+            as_b = RequestSigner(load_or_create_signer("b", nodes[1].key_path()), roster)
+
             async def relay(msg: Msg) -> None:
-                await bus.respond(msg, captured.data, headers=captured.headers)
+                if relay_mode == "captured-reply":
+                    await bus.respond(msg, captured.data, headers=captured.headers)
+                else:  # bound to this request, but signed by b, not by c
+                    await bus.respond(msg, captured.data,
+                                      headers=as_b.reply_headers(msg, captured.data))
 
             sub = await bus.subscribe(merkle_subject(NS, SUBJECT, "c", "root"), relay)
             await bus.flush()
