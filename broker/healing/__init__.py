@@ -25,7 +25,6 @@ from broker.healing._planner import (
     pass_status,
     subjects_to_heal,
 )
-from broker.healing._report import VerifiedReport, seal_heal_report, verify_heal_report
 from broker.healing._wire import (
     LEAVES_PER_CALL,
     MAX_PREFIXES,
@@ -45,6 +44,7 @@ from broker.healing._wire import (
 if TYPE_CHECKING:
     from broker.healing._client import HealClient
     from broker.healing._endpoints import HealEndpoints
+    from broker.healing._report import VerifiedReport, seal_heal_report, verify_heal_report
     from broker.healing._tree import BUILD_CHUNK, REFRESH_CHUNK, ReplicaTree
 
 # The adapters (asyncio, NATS, the replica and its SQLite store) load on first use, so that
@@ -55,6 +55,10 @@ _ADAPTERS = {
     "BUILD_CHUNK": "broker.healing._tree",
     "REFRESH_CHUNK": "broker.healing._tree",
     "ReplicaTree": "broker.healing._tree",
+    # Heal reports read the envelope codec (Cap'n Proto schemas): loaded on first use too.
+    "VerifiedReport": "broker.healing._report",
+    "seal_heal_report": "broker.healing._report",
+    "verify_heal_report": "broker.healing._report",
 }
 
 
