@@ -410,13 +410,13 @@ class HealEndpoints:
     async def _fetch(self, subject: str, data: bytes) -> bytes:
         req = self.proto.read(self.proto.schema.healer.FetchStatesRequest, data, "fetch")
         with decoding("fetch request"):
-            count = len(req.keys)
+            width = _width(int(req.hashBytes))
+            count = len(req.keys) + len(req.items) // (4 + width)
         if count > MAX_FETCH_KEYS:
             raise ResourceExhaustedError(f"more than {MAX_FETCH_KEYS} keys in one fetch")
         with decoding("fetch request"):
             keys = [str(k) for k in req.keys]
             raw = bytes(req.items)
-            width = _width(int(req.hashBytes))
         if raw:
             keys += self._resolve(subject, raw, width)
         replica = self.replicas[subject]

@@ -59,8 +59,11 @@ served in slices that yield to the event loop. More is refused (``ResourceExhaus
 MAX_NODE_VALUES: Final = 65_536
 """Child values one nodes request may ask for (prefixes x fan-out; the healer's packed calls
 ask at most ``PACKED_REPLY_BYTES`` / 4-byte values). More is refused."""
-MAX_FETCH_KEYS: Final = 100_000
-"""Keys (and items) one fetch may name: the healer's ``fetch_batch`` at most."""
+MAX_FETCH_KEYS: Final = 2_000
+"""Keys and items one fetch may name (the healer's ``fetch_batch`` is bounded by it): sealing
+a fetched entry costs ~17 us, so a fetch costs at most a few tens of milliseconds (one of
+20,000 keys cost 0.34 s). A fetch cannot be split across requests (entries and context must
+come from one moment), so the bound is on the batch."""
 MAX_ROOT_VALUES: Final = 4096
 """Node values a root reply may carry: the top levels are sent only while they fit."""
 VERBS: Final = ("root", "nodes", "leaves", "fetch", "apply")

@@ -10,8 +10,8 @@ their SQLite stores and a real healer:
   counted; so are a healer's over its rate limit;
 - a heal report signed by a node's key, or altered, fails ``worknode heal verify``; a real
   one passes; ``worknode tail --heal`` marks them;
-- a leaves request naming more leaves than one request may, or whole subtrees, is refused
-  before any work.
+- a leaves request naming more leaves than one request may, or whole subtrees, and a fetch
+  of more keys than one request may, are refused before any work.
 """
 
 from __future__ import annotations
@@ -406,3 +406,14 @@ async def test_expensive_leaves_requests_are_refused_before_any_work(
         reply = await call(bus, leaves_a, packed(1024), timeout=10, signer=healer,
                            signers=["a"])
         assert reply
+        # A fetch is bounded too (its entries are sealed one by one): 2,000 keys at most.
+        fetch = codec.schema.healer.FetchStatesRequest.new_message()
+        fetch.subject = SUBJECT
+        keys = fetch.init("keys", 2_001)
+        for i in range(2_001):
+            keys[i] = f"k{i}"
+        with pytest.raises(ServiceCallError) as err:
+            await call(bus, merkle_subject(NS, SUBJECT, "a", "fetch"), fetch.to_bytes_packed(),
+                       timeout=10, signer=healer, signers=["a"])
+        assert err.value.code is StatusCode.RESOURCE_EXHAUSTED
+        assert rejected[(SUBJECT, "fetch", "too_costly")] == 1
