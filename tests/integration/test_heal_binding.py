@@ -355,6 +355,17 @@ async def test_forged_heal_reports_fail_verification_and_tail_marks_them(
                 i += 1
                 await asyncio.sleep(0.05)
             rc, out_, err = await tail
+            # heal verify --subject: the next report published for the subject (a forged one)
+            verify = asyncio.create_task(run_cli(
+                "heal", "verify", "--subject", SUBJECT, "--nats-url", nats_server.url,
+                "--roster", str(roster_file), "--timeout", "60",
+            ))
+            while not verify.done():
+                await bus.publish(heal_subject(NS, SUBJECT), datas[1])
+                await asyncio.sleep(0.05)
+            vrc, vout, verr = await verify
+            assert vrc == 1, vout
+            assert verr.startswith("error: INVALID heal report (signed as 'a')")
         assert rc == 0, err
         lines = out_.strip().splitlines()
         assert len(lines) == 3
