@@ -48,6 +48,7 @@ from broker.errors import CodecError
 
 __all__ = [
     "DIGEST_AS_NEWEST",
+    "adds_nothing",
     "entry_digest",
     "item_digest",
     "key_digests",
@@ -155,6 +156,24 @@ def subset(state: ORMap, keys: Iterable[str]) -> ORMap:
     store = state.store or {}
     picked = MapStore({k: store[k] for k in keys if k in store})
     return ORMap(picked or None, state.context.copy(), is_delta=True)
+
+
+def adds_nothing(state: ORMap, delta: ORMap) -> bool:
+    """Whether joining repair ``delta`` into ``state`` leaves it exactly as it is (a repair
+    replayed or pushed twice): ``state`` already holds every dot of the delta's context and
+    the join changes none of the delta's keys' entries.
+
+    Cost: the delta's keys' entries and ``state``'s context copied once (a delta touches only
+    its keys, so the rest of the state needs no look). ``state`` is not modified."""
+    if not delta.is_delta:
+        return False  # a full state speaks of every key: not worth proving unchanged here
+    keys = list(delta.store or ())
+    trial = subset(state, keys)  # the entries themselves, shared: copy before joining
+    before = trial.store
+    trial = trial.copy()
+    trial.is_delta = state.is_delta
+    trial.merge(delta)
+    return trial.store == before and trial.context == state.context
 
 
 def _delta_for(

@@ -89,6 +89,7 @@ from broker.errors import (
     UnsupportedVersionError,
     WorknodeError,
 )
+from broker.repair import adds_nothing
 from broker.replication import (
     DEFAULT_MAX_HELD_BYTES,
     DEFAULT_MAX_HELD_DELTAS,
@@ -1001,8 +1002,13 @@ class Replica:
     async def apply_repair(self, delta: ORMap, packed: bytes | None = None) -> None:
         """Join a healer's repair delta durably (logged before this returns); not published:
         the healer repairs every replica itself. ``packed``: ``delta`` as packed document
-        bytes (as received), logged instead of encoding ``delta`` again."""
+        bytes (as received), logged instead of encoding ``delta`` again. A repair that
+        changes nothing (a replayed or re-sent one: ``broker.repair.adds_nothing``) is not
+        logged, so replaying it cannot grow the store."""
         async with self._mutate_lock:
+            keys = set(delta.store or ())
+            if not (self.machine.quarantined & keys) and adds_nothing(self.state, delta):
+                return
             record = packed if packed is not None else self.codec.encode_document(delta)
             seq = await asyncio.to_thread(
                 self.store.append, self.config.subject, [record], received=[0]

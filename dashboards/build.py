@@ -395,7 +395,8 @@ HEALING = Dashboard(
               [_q(f"max by (subject) (worknode_heal_divergence_keys{{{SUBJ}}})", "{{subject}}")]),
         Panel("Heals / s by outcome", "in_sync: roots agreed; converged: repaired; "
               "still_moving: writes kept landing; stuck: repairs changed no root (a defect, "
-              "escalated); failed: a replica unreachable or a bad reply.",
+              "escalated); unverified: a replica's reply failed verification (relayed or "
+              "replayed); failed: a replica unreachable or a bad reply.",
               [_q(f"sum by (outcome) (rate(worknode_heals_total{{{SUBJ}}}[{RI}]))",
                   "{{outcome}}")], unit="ops"),
         Panel("Reconciliation rounds / s", "Rounds run per subject (a heal re-checks roots "

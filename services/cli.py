@@ -18,6 +18,7 @@ from broker.errors import TreeError
 from services._cli_errors import WorknodeGroup
 from services.schemacheck import schema
 from services.worknode._cli import register
+from services.worknode._heal_cli import register_heal
 from services.worknode._keys import register_keys
 from services.worknode._logging import configure_logging
 from services.worknode._rpc_cli import register_rpc
@@ -45,6 +46,7 @@ register(main)
 register_rpc(main)
 register_keys(main)
 register_tls(main)
+register_heal(main)
 
 
 class _SimReplica:

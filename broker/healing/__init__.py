@@ -44,6 +44,12 @@ from broker.healing._wire import (
 if TYPE_CHECKING:
     from broker.healing._client import HealClient
     from broker.healing._endpoints import HealEndpoints
+    from broker.healing._report import (
+        VerifiedReport,
+        healer_identities,
+        seal_heal_report,
+        verify_heal_report,
+    )
     from broker.healing._tree import BUILD_CHUNK, REFRESH_CHUNK, ReplicaTree
 
 # The adapters (asyncio, NATS, the replica and its SQLite store) load on first use, so that
@@ -54,6 +60,11 @@ _ADAPTERS = {
     "BUILD_CHUNK": "broker.healing._tree",
     "REFRESH_CHUNK": "broker.healing._tree",
     "ReplicaTree": "broker.healing._tree",
+    # Heal reports read the envelope codec (Cap'n Proto schemas): loaded on first use too.
+    "VerifiedReport": "broker.healing._report",
+    "healer_identities": "broker.healing._report",
+    "seal_heal_report": "broker.healing._report",
+    "verify_heal_report": "broker.healing._report",
 }
 
 
@@ -88,11 +99,15 @@ __all__ = [
     "RootView",
     "SchemeMismatch",
     "StopReason",
+    "VerifiedReport",
+    "healer_identities",
     "pack_leaf_items",
     "pack_prefixes",
     "pass_status",
+    "seal_heal_report",
     "subjects_to_heal",
     "unpack_indices",
     "unpack_leaf_items",
     "unpack_prefixes",
+    "verify_heal_report",
 ]

@@ -2,9 +2,14 @@
 (``broker.healing._endpoints``) and decodes their replies, and drives a ``Reconciliation``
 between two replicas with one wave of parallel calls per round.
 
-Invariants: every reply is read through the codec's limits and every failure to read it is a
-``CodecError``; a fetched state is verified (signed by the replica asked, for the subject and
-verb asked); leaf items are checked to lie in the leaf they were asked for.
+Invariants: every request is signed (``broker.transport.RequestSigner``: the healer's identity,
+bound to its subject, body, inbox and moment) and every reply is verified before it is read:
+signed by the very replica asked and bound to that request, so a reply relayed from another
+replica, or replayed from another request, is a ``SignatureError`` (``on_unverified`` hears
+each, by subject, node and verb); every reply is read through the codec's limits and every
+failure to read it is a ``CodecError``; a fetched state is verified (signed by the replica
+asked, for the subject and verb asked); leaf items are checked to lie in the leaf they were
+asked for.
 
 An adapter: asyncio and the transport; what it decides lives in ``Reconciliation`` and in
 ``broker.healing._planner``.
@@ -13,11 +18,11 @@ An adapter: asyncio and the transport; what it decides lives in ``Reconciliation
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from broker.codec import Signer, TrustRoster, WireCodec, decoding
 from broker.crdt import ORMap
-from broker.errors import InvalidArgumentError, MalformedMessageError
+from broker.errors import InvalidArgumentError, MalformedMessageError, SignatureError
 from broker.healing._wire import (
     LEAVES_PER_CALL,
     PACKED_REPLY_BYTES,
@@ -38,7 +43,7 @@ from broker.merkle import (
     RootInfo,
     Side,
 )
-from broker.transport import Transport, call, merkle_subject
+from broker.transport import RequestSigner, Transport, call, merkle_subject
 
 __all__ = ["HealClient"]
 
@@ -55,12 +60,18 @@ class HealClient:
         signer: Signer,
         roster: TrustRoster,
         timeout: float = 5.0,
+        requests: RequestSigner | None = None,
+        on_unverified: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.transport = transport
         self.namespace = namespace
         self.codec = codec
         self.signer = signer
         self.roster = roster
+        self.requests = requests if requests is not None else RequestSigner(signer, roster)
+        """Signs each request and verifies each reply (against ``roster``)."""
+        self.on_unverified = on_unverified
+        """Hears ``(subject, node, verb)`` of each reply that failed verification."""
         self.timeout = timeout
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -70,12 +81,19 @@ class HealClient:
     async def _call(self, subject: str, node: str, verb: str, body: bytes) -> bytes:
         self.calls += 1
         self.bytes_sent += len(body)
-        reply = await call(
-            self.transport,
-            merkle_subject(self.namespace, subject, node, verb),
-            body,
-            timeout=self.timeout,
-        )
+        try:
+            reply = await call(
+                self.transport,
+                merkle_subject(self.namespace, subject, node, verb),
+                body,
+                timeout=self.timeout,
+                signer=self.requests,
+                signers=(node,),  # the replica asked, and no other: a relay is detected
+            )
+        except SignatureError:
+            if self.on_unverified is not None:
+                self.on_unverified(subject, node, verb)
+            raise
         self.bytes_received += len(reply)
         return reply
 

@@ -45,22 +45,42 @@ that found nothing while roots differ is followed by one with whole values and k
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final, TypeVar
 
-from broker.codec import CURRENT_VERSION, Signer, TrustRoster, WireCodec, decoding
+from broker.codec import (
+    AUTH_HEADER,
+    CURRENT_VERSION,
+    RateLimiter,
+    Signer,
+    TrustRoster,
+    WireCodec,
+    decoding,
+    parse_auth,
+)
 from broker.crdt import ORMap
-from broker.errors import CodecError, InvalidArgumentError, MalformedMessageError
+from broker.errors import (
+    BadSignatureError,
+    CodecError,
+    ExpiredRequestError,
+    InvalidArgumentError,
+    MalformedMessageError,
+    ReplayedRequestError,
+    ResourceExhaustedError,
+)
 from broker.healing._tree import ReplicaTree
 from broker.healing._wire import (
+    MAX_FETCH_KEYS,
+    MAX_LEAVES_PER_REQUEST,
+    MAX_NODE_VALUES,
     MAX_PREFIXES,
     MAX_ROOT_VALUES,
     REPLICA_SERVICE,
     VERBS,
     _index_bytes,
-    _indices_to_prefixes,
     _prefix_bytes,
     _prefix_tuple,
     _width,
@@ -70,12 +90,46 @@ from broker.healing._wire import (
 )
 from broker.merkle import TREE_SCHEME, node_answer
 from broker.repair import subset
-from broker.replica import Replica, reject_reason
-from broker.transport import Endpoint, Msg, ServiceHandle, Transport, merkle_subject
+from broker.replica import REJECT_REASONS, Replica, reject_reason
+from broker.transport import (
+    Endpoint,
+    Msg,
+    RequestSigner,
+    ServiceHandle,
+    Signers,
+    Transport,
+    merkle_subject,
+)
 
-__all__ = ["HealEndpoints"]
+__all__ = [
+    "DEFAULT_HEALERS",
+    "HEAL_BURST",
+    "HEAL_RATE",
+    "HEAL_REFUSALS",
+    "SLICE_ITEMS",
+    "HealEndpoints",
+]
 
 _VERSION = "1.0.0"
+_T = TypeVar("_T")
+
+DEFAULT_HEALERS: Final = ("healer",)
+"""Who may call the endpoints unless told otherwise: the healer's default id
+(``HealerSettings.node_id``)."""
+HEAL_RATE: Final = 200.0
+"""Default requests per second one healer identity may make (a heal of 100,000 differing keys
+takes a few hundred calls; the healer throttles its bytes besides)."""
+HEAL_BURST: Final = 2_000.0
+"""Default burst of requests one healer identity may make at once."""
+SLICE_ITEMS: Final = 4_096
+"""Leaf items (or digests) a leaves request reads before it yields to the event loop, so no
+request holds the loop for more than a few milliseconds whatever the tree's size."""
+HEAL_REFUSALS: Final = (
+    *REJECT_REASONS, "not_healer", "replayed", "expired", "rate_limited", "too_costly",
+)
+"""Every reason a healer request is refused for (``HealEndpoints.rejected``): an envelope's
+``REJECT_REASONS``, a signer that is not a healer, a replayed or expired request, a caller
+over its rate limit, a request naming more work than one request may do."""
 
 
 @contextlib.contextmanager
@@ -86,6 +140,32 @@ def _refused(what: str) -> Iterator[None]:
         yield
     except InvalidArgumentError as exc:
         raise MalformedMessageError(f"{what}: {exc}") from exc
+
+
+def _leaf_index(fanout: int, depth: int, prefix: Sequence[int]) -> int:
+    """The index of leaf ``prefix`` (``depth`` digits below ``fanout``), else malformed."""
+    if len(prefix) != depth or any(d >= fanout for d in prefix):
+        raise MalformedMessageError(f"leaves are asked by {depth}-digit leaf prefixes")
+    index = 0
+    for digit in prefix:
+        index = index * fanout + digit
+    return index
+
+
+async def _sliced(leaves: Sequence[int], read: Callable[[int], list[_T]]) -> list[list[_T]]:
+    """``read(leaf)`` for each leaf, yielding to the event loop every ``SLICE_ITEMS`` items
+    read (the tree may take a background refresh in between: a heal's later rounds and root
+    checks catch whatever moved, as they do for writes landing between two requests)."""
+    out: list[list[_T]] = []
+    done = 0
+    for leaf in leaves:
+        items = read(leaf)
+        out.append(items)
+        done += len(items) + 1
+        if done >= SLICE_ITEMS:
+            done = 0
+            await asyncio.sleep(0)
+    return out
 
 
 class HealEndpoints:
@@ -101,6 +181,9 @@ class HealEndpoints:
         roster: TrustRoster,
         codec: WireCodec,
         secret: bytes,
+        healers: Signers = DEFAULT_HEALERS,
+        limiter: RateLimiter | None = None,
+        requests: RequestSigner | None = None,
     ) -> None:
         self.transport = transport
         self.namespace = namespace
@@ -116,10 +199,16 @@ class HealEndpoints:
             else WireCodec(CURRENT_VERSION, max_payload=codec.max_payload)
         )
         self.trees = {s: ReplicaTree(r, secret) for s, r in replicas.items()}
+        self.healers: Signers = healers
+        """Who may call (ids, or a callable giving them now: a roster that reloads)."""
+        self.limiter = limiter if limiter is not None else RateLimiter(HEAL_RATE, HEAL_BURST)
+        """Requests per healer identity (one bucket per signer, shared by every endpoint)."""
+        self.requests = requests if requests is not None else RequestSigner(signer, roster)
+        """Verifies requests (one replay guard for every endpoint) and signs replies."""
         self.rejected: Counter[tuple[str, str, str]] = Counter()
         """Requests refused as malformed, oversized, unsigned, ..., by ``(subject, verb,
-        reason)``; ``reason`` is one of ``broker.replica.REJECT_REASONS`` (a bounded label
-        set: ``services/worknode/_metrics.py`` exports these counts)."""
+        reason)``; ``reason`` is one of ``HEAL_REFUSALS`` (a bounded label set:
+        ``services/worknode/_metrics.py`` exports these counts)."""
         self._service: ServiceHandle | None = None
 
     async def start(self) -> None:
@@ -137,6 +226,10 @@ class HealEndpoints:
                         f"{verb}-{subject}",
                         merkle_subject(self.namespace, subject, node, verb),
                         self._handler(subject, verb),
+                        auth=self.requests.endpoint_auth(
+                            self.healers, limiter=self.limiter,
+                            on_refused=self._refused_by_auth(subject, verb),
+                        ),
                     )
                 )
         self._service = await self.transport.add_service(
@@ -166,9 +259,36 @@ class HealEndpoints:
             except CodecError as exc:  # the caller still gets the error reply
                 self.rejected[(subject, verb, reject_reason(exc))] += 1
                 raise
+            except ResourceExhaustedError:
+                self.rejected[(subject, verb, "too_costly")] += 1
+                raise
             return reply
 
         return handle
+
+    def _refused_by_auth(self, subject: str, verb: str) -> Callable[[Msg, BaseException], None]:
+        """Counts a request refused before its handler (see ``_refusal_reason``)."""
+
+        def refused(msg: Msg, exc: BaseException) -> None:
+            self.rejected[(subject, verb, self._refusal_reason(msg, exc))] += 1
+
+        return refused
+
+    def _refusal_reason(self, msg: Msg, exc: BaseException) -> str:
+        """The ``HEAL_REFUSALS`` label of a refused request's error."""
+        if isinstance(exc, ReplayedRequestError):
+            return "replayed"
+        if isinstance(exc, ExpiredRequestError):
+            return "expired"
+        if isinstance(exc, ResourceExhaustedError):
+            return "rate_limited"  # over its rate, or the replay guard full of live requests
+        if isinstance(exc, BadSignatureError):
+            with contextlib.suppress(CodecError):
+                healers = self.healers() if callable(self.healers) else self.healers
+                signer = parse_auth((msg.headers or {}).get(AUTH_HEADER)).signer
+                if healers is not None and signer not in healers:
+                    return "not_healer"
+        return reject_reason(exc)
 
     # -- endpoints -------------------------------------------------------------------------
 
@@ -209,22 +329,27 @@ class HealEndpoints:
         return reply.to_bytes_packed()  # type: ignore[no-any-return]
 
     def _prefixes(
-        self, subject: str, data: bytes, *, leaf_indices: bool = False
+        self, subject: str, data: bytes, *, leaf_indices: bool = False, limit: int = MAX_PREFIXES
     ) -> tuple[list[tuple[int, ...]], int, bool, list[int] | None]:
         """``(prefixes, hashBytes, digestsOnly, leaf indices)`` of a node or leaf request;
         with ``leaf_indices``, a packed request for leaves answers with their indices (and no
-        prefixes: the cheap form of a large leaf request)."""
+        prefixes: the cheap form of a large leaf request). More than ``limit`` prefixes is
+        more work than one request may ask: ``ResourceExhaustedError``, before any is read."""
         req = self.proto.read(self.proto.schema.healer.NodeHashesRequest, data, "node request")
         with decoding("node request"):
             if len(req.prefixes) > MAX_PREFIXES:
                 raise MalformedMessageError(f"more than {MAX_PREFIXES} prefixes in one request")
             level, raw = int(req.prefixLevel), bytes(req.packedPrefixes)
             width, digests_only = int(req.hashBytes), bool(req.digestsOnly)
+            tree = self.trees[subject].tree
+            bits = tree.fanout.bit_length() - 1
+            if level and len(raw) > MAX_PREFIXES * _index_bytes(level, bits):
+                raise MalformedMessageError(f"more than {MAX_PREFIXES} prefixes")
+            count = len(raw) // _index_bytes(level, bits) if level else len(req.prefixes)
+        if count > limit:  # (outside ``decoding``: it would call this malformed)
+            raise ResourceExhaustedError(f"more than {limit} prefixes in one request")
+        with decoding("node request"):
             if level:
-                tree = self.trees[subject].tree
-                bits = tree.fanout.bit_length() - 1
-                if len(raw) > MAX_PREFIXES * _index_bytes(level, bits):
-                    raise MalformedMessageError(f"more than {MAX_PREFIXES} prefixes")
                 if leaf_indices and level == tree.depth:
                     return [], width, digests_only, unpack_indices(level, raw, bits, tree.depth)
                 prefixes = unpack_prefixes(level, raw, bits, tree.depth)
@@ -234,7 +359,9 @@ class HealEndpoints:
 
     async def _nodes(self, subject: str, data: bytes) -> bytes:
         tree = self.trees[subject].current()
-        prefixes, packed, _, _ = self._prefixes(subject, data)
+        prefixes, packed, _, _ = self._prefixes(
+            subject, data, limit=MAX_NODE_VALUES // tree.fanout
+        )
         reply = self.proto.schema.healer.NodeHashesReply.new_message()
         reply.subject = subject
         with _refused("node request"):
@@ -250,31 +377,30 @@ class HealEndpoints:
 
     async def _leaves(self, subject: str, data: bytes) -> bytes:
         tree = self.trees[subject].current()
-        prefixes, packed, digests_only, indices = self._prefixes(subject, data, leaf_indices=True)
+        prefixes, packed, digests_only, indices = self._prefixes(
+            subject, data, leaf_indices=True, limit=MAX_LEAVES_PER_REQUEST
+        )
+        if indices is None:
+            # Leaves are asked at leaf level: a shorter prefix would list a whole subtree
+            # (16 empty prefixes once cost 8 s of CPU for a 70-byte request).
+            indices = [_leaf_index(tree.fanout, tree.depth, p) for p in prefixes]
+        if indices and max(indices) >= tree.leaf_count:
+            raise MalformedMessageError("a leaf index lies outside the tree")
         reply = self.proto.schema.healer.LeafItemsReply.new_message()
         reply.subject = subject
         if digests_only:
             w = _width(packed)
             parts: list[bytes] = []
-            with _refused("leaves request"):
-                if indices is not None:
-                    answers = [tree.leaf_digests(leaf) for leaf in indices]
-                else:
-                    found = tree.leaves(prefixes)
-                    answers = [[d for _, d in found[p]] for p in prefixes]
-            for digests in answers:
+            for digests in await _sliced(indices, tree.leaf_digests):
                 parts.append(len(digests).to_bytes(4, "big"))
                 parts.extend([d[-w:] for d in digests])
             reply.packedItems = b"".join(parts)
             return reply.to_bytes_packed()  # type: ignore[no-any-return]
-        if indices is not None:
-            prefixes = _indices_to_prefixes(indices, tree.fanout.bit_length() - 1, tree.depth)
-        with _refused("leaves request"):
-            leaves = tree.leaves(prefixes)
+        found = await _sliced(indices, lambda leaf: tree.leaf_range_items(leaf, leaf + 1))
         if packed:
-            reply.packedItems = pack_leaf_items([leaves[p] for p in prefixes], _width(packed))
+            reply.packedItems = pack_leaf_items(found, _width(packed))
             return reply.to_bytes_packed()  # type: ignore[no-any-return]
-        items = [item for prefix in sorted(leaves) for item in leaves[prefix]]
+        items = sorted({item for leaf in found for item in leaf})
         out = reply.init("items", len(items))
         for i, (key, digest) in enumerate(items):
             out[i].key = key
@@ -284,9 +410,13 @@ class HealEndpoints:
     async def _fetch(self, subject: str, data: bytes) -> bytes:
         req = self.proto.read(self.proto.schema.healer.FetchStatesRequest, data, "fetch")
         with decoding("fetch request"):
+            width = _width(int(req.hashBytes))
+            count = len(req.keys) + len(req.items) // (4 + width)
+        if count > MAX_FETCH_KEYS:
+            raise ResourceExhaustedError(f"more than {MAX_FETCH_KEYS} keys in one fetch")
+        with decoding("fetch request"):
             keys = [str(k) for k in req.keys]
             raw = bytes(req.items)
-            width = _width(int(req.hashBytes))
         if raw:
             keys += self._resolve(subject, raw, width)
         replica = self.replicas[subject]

@@ -106,7 +106,9 @@ ROOT_LEVELS: Final = 2
 """Levels below the root a root request asks for (272 values at fan-out 16): two round trips
 saved whenever roots differ."""
 
-StopReason: TypeAlias = Literal["", "rounds", "stuck", "schemes", "failed"]
+StopReason: TypeAlias = Literal["", "rounds", "stuck", "schemes", "failed", "unverified"]
+"""Why a heal did not converge. ``unverified`` is the driver's own: a replica's reply failed
+verification (a relay, a replay), so the heal went on without it and cannot vouch for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +207,7 @@ class HealResult:
     def retry_soon(self) -> bool:
         """Whether another heal soon may do better: roots still moving, or a failure. A stuck
         heal, or one across tree schemes, would repeat itself: it waits for the interval."""
-        return self.reason in ("rounds", "failed")
+        return self.reason in ("rounds", "failed", "unverified")
 
 
 class HealPlanner:

@@ -23,6 +23,9 @@ from broker.merkle import HASH_SIZE
 
 __all__ = [
     "LEAVES_PER_CALL",
+    "MAX_FETCH_KEYS",
+    "MAX_LEAVES_PER_REQUEST",
+    "MAX_NODE_VALUES",
     "MAX_PREFIXES",
     "MAX_ROOT_VALUES",
     "PACKED_REPLY_BYTES",
@@ -49,6 +52,18 @@ LEAVES_PER_CALL: Final = 1024
 (~400 KB), ~4 B without."""
 MAX_PREFIXES: Final = 65_536
 """Prefixes one nodes/leaves request may name (a bigger request is refused)."""
+MAX_LEAVES_PER_REQUEST: Final = LEAVES_PER_CALL
+"""Leaves one leaves request may name (the healer sends at most ``LEAVES_PER_CALL``, or
+``PREFIXES_PER_CALL`` unpacked): a request's work is bounded by that many leaves' items,
+served in slices that yield to the event loop. More is refused (``ResourceExhaustedError``)."""
+MAX_NODE_VALUES: Final = 65_536
+"""Child values one nodes request may ask for (prefixes x fan-out; the healer's packed calls
+ask at most ``PACKED_REPLY_BYTES`` / 4-byte values). More is refused."""
+MAX_FETCH_KEYS: Final = 2_000
+"""Keys and items one fetch may name (the healer's ``fetch_batch`` is bounded by it): sealing
+a fetched entry costs ~17 us, so a fetch costs at most a few tens of milliseconds (one of
+20,000 keys cost 0.34 s). A fetch cannot be split across requests (entries and context must
+come from one moment), so the bound is on the batch."""
 MAX_ROOT_VALUES: Final = 4096
 """Node values a root reply may carry: the top levels are sent only while they fit."""
 VERBS: Final = ("root", "nodes", "leaves", "fetch", "apply")

@@ -30,9 +30,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Final
 
-from broker.codec import REPORT_DOMAIN, Signer, TrustRoster, WireCodec
+from broker.codec import Signer, TrustRoster, WireCodec
 from broker.crdt import ORMap
-from broker.errors import WorknodeError
+from broker.errors import SignatureError, WorknodeError
 from broker.healing import (
     REPLICA_SERVICE,
     ROOT_LEVELS,
@@ -40,10 +40,12 @@ from broker.healing import (
     HealClient,
     HealPlanner,
     HealPolicy,
+    HealResult,
     PairResult,
     RepairPair,
     RootView,
     StopReason,
+    seal_heal_report,
     subjects_to_heal,
 )
 from broker.merkle import Diff
@@ -95,6 +97,9 @@ class HealOutcome:
     """Why a heal that did not converge stopped (``broker.healing.HealResult.reason``)."""
     retry_soon: bool = False
     published: bool = False
+    unverified: list[str] = field(default_factory=list)
+    """Replicas whose root reply failed verification (a relay, a replay): left out of the
+    heal, which then did not converge (``reason`` ``unverified``)."""
     # where the time went (seconds): root requests, identification, fetch + push of states
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
@@ -106,11 +111,27 @@ _WHY: Final[dict[str, str]] = {
     "stuck": "repairs changed no root: a digest or repair defect, escalated",
     "schemes": "tree schemes differ",
     "failed": "a step failed",
+    "unverified": "a replica's reply failed verification (relayed or replayed?): left out",
 }
 
 
 async def _none() -> None:
     return None
+
+
+class _Abandoned:
+    """Stands in for the planner when fewer than two replicas' roots verified: nothing to
+    compare, the heal ends not converged."""
+
+    def __init__(self, subject: str, views: dict[str, RootView]) -> None:
+        self.subject = subject
+        self._views = views
+
+    def result(self) -> HealResult:
+        """The heal's (empty) outcome among the replicas that did verify."""
+        nodes = sorted(self._views)
+        roots = [self._views[n].root for n in nodes]
+        return HealResult(self.subject, nodes, roots, roots, reason="unverified")
 
 
 class HealerService:
@@ -379,7 +400,13 @@ class HealerService:
             signer=self.signer,
             roster=self.roster,
             timeout=self.settings.request_timeout_s,
+            on_unverified=self._unverified,
         )
+
+    def _unverified(self, subject: str, node: str, verb: str) -> None:
+        """A reply from ``node`` failed verification: counted and logged."""
+        self.metrics.unverified.labels(self.metrics.label(subject), verb).inc()
+        log.warning(event("heal_reply_unverified", subject=subject, node=node, verb=verb))
 
     async def heal_subject(self, subject: str, nodes: list[str]) -> HealOutcome:
         """Heal one subject among ``nodes`` (see module doc). Heals of one healer never
@@ -397,14 +424,25 @@ class HealerService:
 
     async def _roots(
         self, client: HealClient, subject: str, ask: AskRoots, phases: dict[str, float]
-    ) -> dict[str, RootView]:
+    ) -> tuple[dict[str, RootView], set[str]]:
+        """The verified root views, and the replicas whose reply failed verification."""
         t0 = time.monotonic()
         views = await asyncio.gather(
             *(client.root(subject, n, levels=ask.levels, width=ask.width, unless=ask.unless)
-              for n in ask.nodes)
+              for n in ask.nodes),
+            return_exceptions=True,
         )
         phases["roots"] += time.monotonic() - t0
-        return dict(zip(ask.nodes, views, strict=True))
+        good: dict[str, RootView] = {}
+        bad: set[str] = set()
+        for node, view in zip(ask.nodes, views, strict=True):
+            if isinstance(view, SignatureError):
+                bad.add(node)
+            elif isinstance(view, BaseException):
+                raise view
+            else:
+                good[node] = view
+        return good, bad
 
     async def _heal_subject(self, subject: str, nodes: list[str]) -> HealOutcome:
         t0 = time.monotonic()
@@ -414,15 +452,35 @@ class HealerService:
         planner = HealPlanner(
             subject, nodes, self._policy(), agreed=self._agreed.get(subject, b"")
         )
-        while not planner.done:
+        # A replica whose root reply does not verify (another's relayed, an old one replayed)
+        # is left out and the heal starts again among the others: it still repairs what it
+        # can see, and never reports the unverified replica as converged.
+        unverified: set[str] = set()
+        abandoned: _Abandoned | None = None
+        while not planner.done and abandoned is None:
             for action in planner.next_actions():
                 if isinstance(action, AskRoots):
-                    planner.receive_roots(await self._roots(client, subject, action, phases))
+                    views, bad = await self._roots(client, subject, action, phases)
+                    if bad:
+                        unverified |= bad
+                        if len(nodes) - len(unverified) < 2:
+                            abandoned = _Abandoned(subject, views)
+                        else:
+                            planner = HealPlanner(
+                                subject, [n for n in nodes if n not in unverified],
+                                self._policy(), agreed=self._agreed.get(subject, b""),
+                            )
+                        break
+                    planner.receive_roots(views)
                 else:
                     if action.index == 0:
                         self.metrics.rounds.labels(label).inc()
                     planner.receive_repair(action, await self._pair(client, action, phases))
-        result = planner.result()
+        result = abandoned.result() if abandoned is not None else planner.result()
+        if unverified:
+            result.converged = False
+            result.reason = "unverified"
+            result.agreed = b""
         for note in result.mismatches:
             # A rolling upgrade: trees of different schemes cannot be compared. Said once
             # per replica set, not at every retry.
@@ -443,13 +501,15 @@ class HealerService:
             bytes_sent=client.bytes_sent + client.bytes_received, round_trips=result.waves,
             rounds=result.rounds, duration_s=time.monotonic() - t0,
             converged=result.converged, reason=result.reason, retry_soon=result.retry_soon,
-            phases=phases,
+            phases=phases, unverified=sorted(unverified),
         )
         outcome = self._record(out)
         # A heal that found nothing (in_sync, every interval) is DEBUG: INFO stays readable.
         level = (logging.WARNING if not out.converged
                  else logging.INFO if out.rounds else logging.DEBUG)
         why = {"reason": out.reason, "why": _WHY[out.reason]} if out.reason else {}
+        if out.unverified:
+            why["unverified"] = ",".join(out.unverified)
         log.log(level, event(
             "heal", subject=subject, outcome=outcome, replicas=len(nodes),
             divergent_keys=out.divergent_keys, repaired=out.keys_repaired,
@@ -587,7 +647,8 @@ class HealerService:
         if out.converged:
             outcome = "converged" if out.rounds else "in_sync"
         else:  # "stuck" is a defect to look at; the others wait for writes or a release
-            outcome = "stuck" if out.reason == "stuck" else "still_moving"
+            outcome = ("stuck" if out.reason == "stuck" else "unverified"
+                       if out.reason == "unverified" else "still_moving")
         m.heals.labels(label, outcome).inc()
         if out.converged:
             m.last_success.labels(label).set(time.time())
@@ -613,14 +674,10 @@ class HealerService:
         r.roundTrips = out.round_trips
         r.durationMs = int(out.duration_s * 1000)
         r.converged = out.converged
-        body = r.to_bytes_packed()
-        signed = self.codec.schema.envelope.SignedEnvelope.new_message()
-        signed.signer = self.signer.node_id
-        signed.signature = self.signer.sign(body, REPORT_DOMAIN)
-        signed.body = body
+        sealed = seal_heal_report(self.codec, self.signer, r.to_bytes_packed())
         with contextlib.suppress(WorknodeError):
             await self.transport.publish(
-                heal_subject(self.settings.namespace, out.subject), signed.to_bytes_packed()
+                heal_subject(self.settings.namespace, out.subject), sealed
             )
             out.published = True
             self.metrics.last_report.labels(self.metrics.label(out.subject)).set(time.time())

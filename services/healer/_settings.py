@@ -56,7 +56,10 @@ class HealerSettings(NatsClientSettings):
     retry_s: float = Field(1.0, gt=0, description="Retry delay after a failed or partial heal.")
     max_rounds: int = Field(3, ge=1, le=20, description="Re-checks while writes keep landing.")
     bytes_per_second: float = Field(20e6, gt=0, description="Throttle on bytes moved.")
-    fetch_batch: int = Field(500, ge=1, le=100_000, description="Keys per fetch/apply call.")
+    fetch_batch: int = Field(
+        500, ge=1, le=2_000,
+        description="Keys per fetch/apply call (replicas refuse fetches of more than 2,000).",
+    )
     hash_bytes: int = Field(
         6, ge=4, le=32,
         description="Bytes of each node value and leaf digest on the wire (their low bytes).",

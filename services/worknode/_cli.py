@@ -47,12 +47,14 @@ from broker.transport import (
     Role,
     create_local_ca,
     delta_subject,
+    heal_subject,
     render_accounts,
     validate_token,
 )
 from services._cli_errors import EXIT_UNCONFIRMED, error_line, run_until_signal
 from services._config import load_settings, read_toml
 from services._connection import client_options, pop_connection, with_connection
+from services.worknode._heal_cli import DEFAULT_HEALERS, report_line
 from services.worknode._service import (
     WorknodeService,
     load_or_create_signer,
@@ -659,16 +661,22 @@ def register(main: click.Group) -> None:
                   help="Exit after this many envelopes (0: never).")
     @click.option("--timeout", type=click.FloatRange(min=0), default=0.0,
                   help="Exit after this many seconds (0: never).")
+    @click.option("--heal", "heal_reports", is_flag=True,
+                  help="Print SUBJECT's heal reports instead, each marked 'verified by healer' "
+                       "or 'UNVERIFIED' (see `worknode heal verify`).")
+    @click.option("--healer", "healers", multiple=True, default=DEFAULT_HEALERS,
+                  show_default=True, help="With --heal: a healer identity; repeat.")
     def tail(subject: str, nats_urls: tuple[str, ...], namespace: str, roster: Path | None,
-             as_json: bool, count: int, timeout: float, **conn: Any) -> None:
+             as_json: bool, count: int, timeout: float, heal_reports: bool,
+             healers: tuple[str, ...], **conn: Any) -> None:
         """Print every delta batch published on SUBJECT, decoded (a subscriber's view)."""
         options = client_options("worknode-tail", list(nats_urls), pop_connection(conn))
         # With its roles and previous keys: an old key inside its overlap window verifies.
         trust = (TrustRoster.from_entries(read_roster_entries(roster), now=time.time)
                  if roster else None)
         codec = WireCodec()
-        watched = delta_subject(validate_token(namespace, "namespace"),
-                                validate_token(subject, "subject"))
+        ns, subject = validate_token(namespace, "namespace"), validate_token(subject, "subject")
+        watched = heal_subject(ns, subject) if heal_reports else delta_subject(ns, subject)
 
         async def run() -> None:
             seen = 0
@@ -676,6 +684,14 @@ def register(main: click.Group) -> None:
 
             async def handle(msg: Msg) -> None:
                 nonlocal seen
+                if heal_reports:
+                    ok, line = report_line(codec, msg.data, trust, healers, subject)
+                    click.echo(json.dumps({"verified": ok, "report": line}) if as_json
+                               else line)
+                    seen += 1
+                    if count and seen >= count:
+                        done.set()
+                    return
                 try:
                     env = codec.open(msg.data, trust)
                 except WorknodeError as exc:

@@ -21,9 +21,9 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from broker.codec import RosterEntry, Signer, TrustRoster, WireCodec, parse_roster
+from broker.codec import RateLimiter, RosterEntry, Signer, TrustRoster, WireCodec, parse_roster
 from broker.errors import InvalidArgumentError, StoreError, WorknodeError
-from broker.healing import HealEndpoints
+from broker.healing import HealEndpoints, healer_identities
 from broker.replica import Replica, ReplicaConfig
 from broker.rpc import MethodRegistry, RpcServer
 from broker.transport import (
@@ -201,6 +201,9 @@ class WorknodeService:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def _healer_ids(self) -> frozenset[str]:
+        return healer_identities(self.roster, self.settings.healers)
+
     def _replica_ids(self) -> frozenset[str]:
         return self.roster.with_role("node") | self.roster.with_role("writer")
 
@@ -293,6 +296,8 @@ class WorknodeService:
                 roster=self.roster,
                 codec=codec,
                 secret=secret,
+                healers=self._healer_ids,
+                limiter=RateLimiter(s.heal_rate_per_s, s.heal_burst),
             )
             self.metrics.export_heal_rejects(lambda: self.heal_endpoints.rejected)  # type: ignore[union-attr]
             await self.heal_endpoints.start()

@@ -55,6 +55,16 @@ class WorknodeSettings(NatsClientSettings):
         None,
         description="Merkle-tree secret shared with the healer; set it to serve healing.",
     )
+    healers: list[str] = Field(
+        default_factory=list,
+        description="Ids (roster keys) allowed to call this node's healing endpoints; empty: "
+        "the roster's healer identities (role healer; for a roster without roles, the id "
+        "'healer').",
+    )
+    heal_rate_per_s: float = Field(
+        200.0, gt=0, description="Healing requests per second one healer may make."
+    )
+    heal_burst: int = Field(2_000, ge=1, description="Healing requests one healer may burst.")
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(
         0, ge=0, le=65535, description="0 picks a free port; null disables."
@@ -104,6 +114,11 @@ class WorknodeSettings(NatsClientSettings):
     @classmethod
     def _revocation_subject(cls, v: str) -> str:
         return validate_token(v, "subject")
+
+    @field_validator("healers")
+    @classmethod
+    def _healers(cls, v: list[str]) -> list[str]:
+        return [validate_replica_id(h) for h in v]
 
     @field_validator("subjects")
     @classmethod

@@ -123,7 +123,7 @@ async def _healer_process(
         "metrics_port = 0",
         "interval_s = 3600",
         "membership_poll_s = 0.25",
-        "fetch_batch = 5000",
+        "fetch_batch = 2000",  # the most a replica serves in one fetch
     ]) + "\n")
     log = tmp / "healer.log"
     with log.open("wb") as out:

@@ -50,7 +50,7 @@ from broker.codec import (
     sign_reply,
 )
 from broker.crdt import ORMap
-from broker.errors import CodecError, RpcError
+from broker.errors import CodecError, ResourceExhaustedError, RpcError
 from broker.healing import HealClient, HealEndpoints
 from broker.healing._wire import VERBS
 from broker.replica import NullReplicaObserver, Replica, ReplicaConfig, reject_reason
@@ -464,7 +464,14 @@ def _heal_seeds(verb: str) -> Callable[[Harness], list[bytes]]:
                     r(h, "NodeHashesRequest", subject=SUBJECT, prefixLevel=depth, hashBytes=4,
                       digestsOnly=True, packedPrefixes=bytes(size) + b"\x00" * (size - 1)
                       + b"\x05")]
-            return both if verb == "leaves" else both[:2]  # leaf-level requests: leaves only
+            if verb == "nodes":
+                return both[:2]
+            # leaves are asked at leaf level (a shorter prefix would list a whole subtree)
+            return [r(h, "NodeHashesRequest", subject=SUBJECT,
+                      prefixes=[bytes(depth), bytes(depth - 1) + b"\x02"]),
+                    r(h, "NodeHashesRequest", subject=SUBJECT, prefixLevel=depth, hashBytes=6,
+                      packedPrefixes=bytes(size) + b"\x00" * (size - 1) + b"\x03"),
+                    both[2]]
         if verb == "fetch":
             return [r(h, "FetchStatesRequest", subject=SUBJECT, keys=["k1", "k3", "nope"]),
                     r(h, "FetchStatesRequest", subject=SUBJECT, hashBytes=4,
@@ -482,10 +489,11 @@ def _heal_run(verb: str) -> Callable[[Harness, bytes, random.Random], Awaitable[
         before = sum(ep.rejected.values())
         try:
             await handler(Msg(merkle_subject(NS, SUBJECT, NODE, verb), data))
-        except CodecError as exc:
+        except (CodecError, ResourceExhaustedError) as exc:
             if sum(ep.rejected.values()) != before + 1:
                 raise AssertionError(f"{verb}: a refusal not counted: {exc!r}") from exc
-            return reject_reason(exc)
+            # more work than one request may ask: refused before doing it, counted apart
+            return reject_reason(exc) if isinstance(exc, CodecError) else "too_costly"
         return ACCEPTED
 
     return run

@@ -21,6 +21,7 @@ from broker.transport import (
     EmbeddedNatsServer,
     Msg,
     NatsTransport,
+    RequestSigner,
     ServiceCallError,
     call,
     heal_subject,
@@ -164,8 +165,11 @@ async def test_signed_envelopes_cannot_be_replayed_for_another_purpose(
 ) -> None:
     """A node's announce probe (its whole context, no entries) replayed at a repair
     endpoint would make the target drop that node's writes forever: it is refused."""
-    nodes, _, roster = _setup(tmp_path, nats_server.url, ["a", "x"])
+    nodes, hs, roster = _setup(tmp_path, nats_server.url, ["a", "x"])
     a, x = (WorknodeService(s, roster=roster) for s in nodes)
+    # Sent by the healer itself (the request is signed by a healer identity): the envelope
+    # inside is what must be refused.
+    healer = RequestSigner(load_or_create_signer("healer", hs.key_path()), roster)
     async with a, x, NatsTransport([nats_server.url], name="outsider") as t:
         rx = x.replica(SUBJECT)
         for i in range(3):
@@ -173,7 +177,8 @@ async def test_signed_envelopes_cannot_be_replayed_for_another_purpose(
                            Consistency.LOCAL)
         probe = rx._context_envelope()  # what x broadcasts on wn.default.sync.orders
         with pytest.raises(ServiceCallError) as err:
-            await call(t, merkle_subject("default", SUBJECT, "a", "apply"), probe, timeout=5)
+            await call(t, merkle_subject("default", SUBJECT, "a", "apply"), probe, timeout=5,
+                       signer=healer, signers=["a"])
         assert err.value.code is StatusCode.UNAUTHENTICATED  # a bad signature
         assert "replayed" in err.value.description
         assert a.replica(SUBJECT).state.context.size() == 0  # a claims none of x's dots

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.crdt import MAX_NESTING_DEPTH, ORMap
-from broker.repair import item_digest, key_digests, repair_deltas, subset
+from broker.repair import adds_nothing, item_digest, key_digests, repair_deltas, subset
 from tests.unit.strategies import histories, run_history
 
 
@@ -149,3 +149,35 @@ def test_the_digest_rule_switched_off_brings_the_mixed_version_bug_back(
     differ = {k for k, d in key_digests(v1, b"k").items() if key_digests(s, b"k")[k] != d}
     assert {"top", "feature", "both"} <= differ
     assert "plain" not in differ  # keys without flags are not affected
+
+
+@settings(max_examples=300, deadline=None)
+@given(two_states(), st.data())
+def test_adds_nothing_says_exactly_whether_a_repair_changes_the_state(
+    ab: tuple[ORMap, ORMap], data: st.DataObject
+) -> None:
+    """``adds_nothing`` (why a replayed repair is not logged again) is True exactly when the
+    join leaves the state equal, and never changes the state it looks at."""
+    a, b = ab
+    keys = sorted(set(key_digests(a)) | set(key_digests(b)))
+    picked = data.draw(st.lists(st.sampled_from(keys), unique=True) if keys else st.just([]))
+    to_a, _ = repair_deltas(subset(a, picked), subset(b, picked), picked)
+    before = a.digest()
+    changes = a.join(to_a) != a
+    assert adds_nothing(a, to_a) is not changes
+    assert a.digest() == before
+    repaired = a.join(to_a)
+    assert adds_nothing(repaired, to_a)  # a replay: nothing more
+
+
+def test_a_removal_alone_is_not_nothing() -> None:
+    """A repair carrying no entry, only the dots of a removal, changes the state."""
+    a = ORMap()
+    a.merge(a.assign("a", ("k", "v"), 1, 1))
+    b = a.copy()
+    b.merge(b.remove(("k",)))
+    to_a, _ = repair_deltas(subset(a, ["k"]), subset(b, ["k"]), ["k"])
+    assert not adds_nothing(a, to_a)
+    a.merge(to_a)
+    assert "k" not in a
+    assert adds_nothing(a, to_a)
