@@ -104,3 +104,18 @@ def test_replace_swaps_everything_in_place_and_a_bad_set_changes_nothing() -> No
     with pytest.raises(InvalidArgumentError):
         roster.replace({"a": RosterEntry(b"\x00" * 31)})
     assert roster.entries() == {"b": RosterEntry(b.public_key, "writer")}
+
+
+def test_healer_identities_come_from_roles_with_a_legacy_fallback() -> None:
+    from broker.healing import healer_identities
+
+    key = bytes(range(32))
+    other = bytes(range(1, 33))
+    with_roles = TrustRoster()
+    with_roles.add("h1", key, role="healer")
+    with_roles.add("healer", other)  # named like the healer, but a node: not one
+    assert healer_identities(with_roles) == frozenset({"h1"})
+    legacy = TrustRoster({"healer": key, "a": other})  # written before roles
+    assert healer_identities(legacy) == frozenset({"healer"})
+    assert healer_identities(TrustRoster({"a": other})) == frozenset()
+    assert healer_identities(with_roles, ["a"]) == frozenset({"a"})  # an operator's choice
