@@ -531,6 +531,12 @@ class World:
                 self.stats[f"report.{a.event}"] += 1
                 if a.event == "catchup":
                     self.stats[f"catchup.{a.args[0]}"] += 1
+                if a.event == "rejected":
+                    self.stats[f"rejected.{a.args[0]}"] += 1
+                    if a.args[0] in ("foreign_dot", "dot_range"):
+                        # Every simulated writer is honest: its batches hold its own dots.
+                        raise Failure(f"{node.name}: honest batch of {a.args[1]} rejected "
+                                      f"as {a.args[0]}")
                 continue
             if isinstance(a, Changed):
                 continue
