@@ -220,7 +220,9 @@ def test_a_held_honest_delta_drains_before_its_hold_ends() -> None:
     p1 = _batch(a, [Create("k"), Increment("k", ("v",), 1)])
     p2 = _batch(a, [Increment("k", ("v",), 1)])
     p3 = _batch(a, [Increment("k", ("v",), 1)])
-    assert p1 and p2 and p3
+    assert p1 is not None
+    assert p2 is not None
+    assert p3 is not None
     for p in (p1, p3):
         c.handle(DeltaReceived(1.0, "a", p.sequence, _roundtrip(p.document), 10))
     assert c.held == 1
