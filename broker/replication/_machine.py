@@ -91,6 +91,7 @@ from broker.crdt._stores import (
 )
 from broker.errors import (
     BackpressureError,
+    BoundsError,
     PayloadTooLargeError,
     UnsupportedContentError,
     ValueTooLargeError,
@@ -129,7 +130,7 @@ from broker.replication._events import (
     SyncWanted,
     TimerFired,
 )
-from broker.replication._gate import SequenceWindow, forged, unseen_claims
+from broker.replication._gate import MAX_COUNTER, SequenceWindow, forged, unseen_claims
 
 __all__ = [
     "DEFAULT_MAX_HELD_BYTES",
@@ -432,6 +433,14 @@ class ReplicationMachine:
         if n > self.config.max_batch_ops:
             raise PayloadTooLargeError(
                 f"{n} operations in one write, over max_batch_ops={self.config.max_batch_ops}"
+            )
+        if self.tree.state.context.max_counter(self.node_id) + n > MAX_COUNTER:
+            # Only a forged context (one that reached this state by a path without the
+            # delta checks) gets here: refuse, rather than write dots past the int64 every
+            # record, digest and Merkle leaf packs (a record the store could not load).
+            raise BoundsError(
+                f"dot counter of {self.node_id} would pass MAX_COUNTER={MAX_COUNTER}; "
+                "nothing was written"
             )
         if self.queued_ops + n > self.config.max_pending_ops:
             raise BackpressureError(

@@ -14,18 +14,20 @@ import contextlib
 import time
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.codec import WireCodec
 from broker.crdt import Add, Assign, CausalContext, Create, Increment, Move, ORMap
 from broker.crdt._atoms import INT64_MAX
-from broker.errors import WorknodeError
+from broker.errors import BoundsError, WorknodeError
 from broker.replication import (
     MAX_COUNTER,
     MAX_DOT_GAP,
     Committed,
     DeltaReceived,
+    Loaded,
     Publish,
     Published,
     ReplicationConfig,
@@ -230,6 +232,17 @@ def test_a_held_honest_delta_drains_before_its_hold_ends() -> None:
     assert c.held == 0
     assert not _rejections(c.handle(TimerFired(6.0, "hold")))
     assert c.state.value() == a.state.value()
+
+
+def test_a_replica_whose_own_counter_reached_the_bound_refuses_writes_unchanged() -> None:
+    """Defence in depth (a forged context that came by another path): a write refuses before
+    issuing a dot past ``MAX_COUNTER``, instead of logging a record no load could read."""
+    state = ORMap(None, CausalContext({"n": MAX_COUNTER}))
+    m = ReplicationMachine("n", loaded=Loaded(state), seed=1)
+    before = m.state.digest()
+    with pytest.raises(BoundsError, match="nothing was written"):
+        m.write([Create("o")], lambda: 1)
+    assert m.state.digest() == before
 
 
 def test_check_cost_per_batch_is_reported() -> None:
