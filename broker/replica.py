@@ -175,7 +175,7 @@ REJECT_REASONS: Final = (
     *BYZANTINE_REASONS,
 )
 """Every reason an incoming envelope is rejected for: a bounded metric label set (the last
-three, ``BYZANTINE_REASONS``, name a roster key sending what it cannot have written)."""
+ones, ``BYZANTINE_REASONS``, name a roster key sending what it cannot have written)."""
 
 REFUSE_REASONS: Final = (
     "unsigned",
@@ -992,7 +992,7 @@ class Replica:
         self._handle(
             DeltaReceived(
                 self._now(), env.writer, env.sequence, env.document, len(msg.data),
-                (env.version, len(msg.data), lag_ms), raw=msg.data,
+                (env.version, len(msg.data), lag_ms), raw=msg.data, hlc=env.hlc,
             )
         )
 

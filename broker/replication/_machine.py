@@ -597,7 +597,7 @@ class ReplicationMachine:
         # Byzantine checks first: a forged batch changes nothing here, not even the
         # writer's sequence. A full state (a batch holding a ``clear``) goes through the same
         # checks and the same gate as a delta: its context removes what it claims anywhere.
-        reason = forged(ev.document, w, self.tree.state.context)
+        reason = forged(ev.document, w, self.tree.state.context, hlc=ev.hlc)
         if reason is not None:
             return [Report("rejected", (reason, w))]
         out: list[Action] = []

@@ -8,8 +8,9 @@ acknowledged, checked on every honest node after each attack.
   every honest node (``foreign_dot``, counted with signer node-b); no write appears as
   node-a's, and node-a's later writes all reach node-c;
 - brick a node: a full state claiming ``{node-a: 2**63 - 1}``, the same as a delta, and a
-  delta holding node-b's dot ``2**63 - 1`` are rejected (``dot_range``); node-a keeps
-  writing, node-c takes its writes, node-a restarts and writes again;
+  delta holding node-b's dot ``2**63 - 1`` are rejected (``dot_range``), a register stamped
+  ``2**63 - 1`` too (``clock_range``); node-a keeps writing, node-c takes its writes, node-a
+  restarts and writes again;
 - wipe: a full state with an empty store and a context of every vector entry + 1000 erases
   nothing; held (its claims are backed by nothing), then rejected (``unbacked_context``).
 
@@ -171,21 +172,30 @@ async def test_a_brick_context_is_rejected_and_node_a_keeps_writing_and_restarts
         hlc = time.time_ns() // 1_000_000 << 16
         huge_own = ORMap(MapStore({"huge": LWWStore(("node-b", INT64_MAX, hlc, 99))}),
                          CausalContext(cloud=[("node-b", INT64_MAX)]), is_delta=True)
+        # node-b's next write, stamped 2**63 - 1: it would win every later write there, and
+        # a replica restarting with it in its state could stamp nothing again.
+        nb = c.svcs["node-c"].replica(SUBJECT).state.context.max_counter("node-b") + 1
+        late = ORMap(MapStore({"late": LWWStore(("node-b", nb, INT64_MAX, 1))}),
+                     CausalContext(cloud=[("node-b", nb)]), is_delta=True)
         async with NatsTransport([c.url], name="attacker") as attacker:
-            for doc in (brick_state, brick_delta, huge_own):
+            for doc in (brick_state, brick_delta, huge_own, late):
                 await attacker.publish(DELTA, c.seal(doc))
         for name in HONEST:
             svc = c.svcs[name]
             state = svc.replica(SUBJECT).state
             await _eventually(
                 lambda svc=svc, state=state: (  # type: ignore[misc]
-                    _byzantine(svc, "dot_range", "node-b") >= 3
-                    or svc.replica(SUBJECT).state.context.max_counter("node-a") >= 2**62),
-                20, f"{name} handled the three envelopes")
+                    (_byzantine(svc, "dot_range", "node-b") >= 3
+                     and _byzantine(svc, "clock_range", "node-b") >= 1)
+                    or svc.replica(SUBJECT).state.context.max_counter("node-a") >= 2**62
+                    or "late" in svc.replica(SUBJECT).state),
+                20, f"{name} handled the four envelopes")
             ctx = svc.replica(SUBJECT).state.context
             assert ctx.max_counter("node-a") < 2**62, f"{name} took the brick context"
             assert ctx.max_counter("node-b") < 2**62, f"{name} took b's huge dot"
+            assert "late" not in svc.replica(SUBJECT).state, f"{name} took the 2**63-1 stamp"
             assert _byzantine(svc, "dot_range", "node-b") == 3
+            assert _byzantine(svc, "clock_range", "node-b") == 1
         # node-a keeps writing, and its writes are accepted by the peers.
         await c.write("node-a", "a1", 10)
         await c.converged()

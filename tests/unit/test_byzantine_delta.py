@@ -114,12 +114,13 @@ def test_honest_batches_never_trip_the_checks(steps: list[Any]) -> None:
         p = _batch(m, [Create(f"k{int(now)}")], now)
         assert p is not None
         doc = _roundtrip(p.document)
+        hlc = m.clock.now(1_000 + int(now * 1000))  # the envelope's, stamped as the driver seals
         for name, other in ms.items():
             if name == writer:
                 continue
-            assert forged(doc, writer, other.state.context) is None
+            assert forged(doc, writer, other.state.context, hlc=hlc) is None
             if deliver:
-                out = other.handle(DeltaReceived(now, writer, p.sequence, doc, 10))
+                out = other.handle(DeltaReceived(now, writer, p.sequence, doc, 10, hlc=hlc))
                 assert not _rejections(out)
 
 
@@ -155,6 +156,14 @@ def test_the_brick_context_and_a_huge_own_dot_are_out_of_range() -> None:
     own = own.join(ORMap(None, CausalContext(cloud=[("node-b", MAX_DOT_GAP + 5)]),
                          is_delta=True))
     assert forged(own, "node-b", seen) == "dot_range"
+
+
+def test_a_register_stamped_after_its_envelope_is_out_of_clock_range() -> None:
+    d = ORMap().assign("node-b", ("k",), 1, 5_000)
+    assert forged(d, "node-b", CausalContext(), hlc=5_001) is None
+    assert forged(d, "node-b", CausalContext(), hlc=4_999) == "clock_range"
+    nested = ORMap().assign("node-b", ("p", "q"), 1, INT64_MAX)
+    assert forged(nested, "node-b", CausalContext(), hlc=10**12) == "clock_range"
 
 
 # -- the machine -------------------------------------------------------------------------------
