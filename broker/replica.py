@@ -91,6 +91,7 @@ from broker.errors import (
 )
 from broker.repair import adds_nothing
 from broker.replication import (
+    BYZANTINE_REASONS,
     DEFAULT_MAX_HELD_BYTES,
     DEFAULT_MAX_HELD_DELTAS,
     Action,
@@ -171,8 +172,10 @@ REJECT_REASONS: Final = (
     "wrong_kind",
     "expired",
     "replayed",
+    *BYZANTINE_REASONS,
 )
-"""Every reason an incoming envelope is rejected for: a bounded metric label set."""
+"""Every reason an incoming envelope is rejected for: a bounded metric label set (the last
+ones, ``BYZANTINE_REASONS``, name a roster key sending what it cannot have written)."""
 
 REFUSE_REASONS: Final = (
     "unsigned",
@@ -241,6 +244,8 @@ class ReplicaConfig:
     """Peers' deltas the causal gate holds at most; beyond it the oldest is evicted."""
     max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
     """Bytes of held deltas at most; beyond it the oldest is evicted."""
+    max_hold: float = 30.0
+    """Seconds a held delta waits for its claims at most; then rejected (``unbacked_context``)."""
     catchup_serve_rate: float = 5.0
     """Catch-up requests served per second to one requesting peer, sustained (a peer's
     machine asks at most once per ``catchup_min_interval``; more is a replay or a flood)."""
@@ -260,6 +265,7 @@ class ReplicaConfig:
             catchup_max_backoff=self.catchup_max_backoff,
             max_held_deltas=self.max_held_deltas,
             max_held_bytes=self.max_held_bytes,
+            max_hold=self.max_hold,
         )
 
 
@@ -986,7 +992,7 @@ class Replica:
         self._handle(
             DeltaReceived(
                 self._now(), env.writer, env.sequence, env.document, len(msg.data),
-                (env.version, len(msg.data), lag_ms), raw=msg.data,
+                (env.version, len(msg.data), lag_ms), raw=msg.data, hlc=env.hlc,
             )
         )
 

@@ -40,7 +40,15 @@ from broker.replication._events import (
     SyncWanted,
     TimerFired,
 )
-from broker.replication._gate import SequenceWindow, held_dots, unseen_claims
+from broker.replication._gate import (
+    BYZANTINE_REASONS,
+    MAX_COUNTER,
+    MAX_DOT_GAP,
+    SequenceWindow,
+    forged,
+    held_dots,
+    unseen_claims,
+)
 from broker.replication._machine import (
     DEFAULT_MAX_HELD_BYTES,
     DEFAULT_MAX_HELD_DELTAS,
@@ -54,8 +62,11 @@ from broker.replication._machine import (
 )
 
 __all__ = [
+    "BYZANTINE_REASONS",
     "DEFAULT_MAX_HELD_BYTES",
     "DEFAULT_MAX_HELD_DELTAS",
+    "MAX_COUNTER",
+    "MAX_DOT_GAP",
     "Action",
     "Announce",
     "AnnounceReceived",
@@ -93,6 +104,7 @@ __all__ = [
     "SyncWanted",
     "TimerFired",
     "Written",
+    "forged",
     "held_dots",
     "lacks",
     "max_hlc",

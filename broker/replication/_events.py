@@ -128,6 +128,9 @@ class DeltaReceived:
     """The envelope as received. Once joined it is returned by the next local ``write``
     (``Written.received``), to be logged before that write: a write's causal past must be as
     durable as the write (see ``ReplicationMachine.write``)."""
+    hlc: int | None = None
+    """The envelope's hybrid timestamp (checked for drift by the driver): no last-writer-wins
+    timestamp in the batch may be above it (``_gate.forged``). None: not checked."""
 
 
 @dataclass(frozen=True, slots=True)

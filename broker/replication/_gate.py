@@ -17,6 +17,28 @@ from the publish sequence: all earlier batches applied means every own dot the b
 and lacks was issued and overwritten within it. A batch that follows a lost one gets no such
 exemption and waits (``d3`` of the issue's example).
 
+Byzantine writers (issue 17, the delta path). A node publishes on its delta subject only
+batches of its own writes (received state is logged marked received and never republished),
+so ``forged`` refuses a delta outright when its signer could not have written it honestly:
+
+- ``foreign_dot``: its store holds a dot of another replica. A dot belongs to its signer; an
+  entry with dot ``(r, n)`` signed by anyone but ``r`` is a forged attribution (relays of
+  others' writes travel by catch-up and repair, never as a delta).
+- ``dot_range``: a dot or a claim of replica ``r`` above ``MAX_DOT_GAP`` past the highest dot
+  of ``r`` the receiver has seen, or above ``MAX_COUNTER``. No honest writer gets that far
+  ahead of a peer (2**32 writes unseen), and a counter near 2**63 would make the owner's next
+  dot overflow the wire's and the digests' int64 (``struct.error``): a peer can never put one
+  into this replica's context this way.
+- ``clock_range``: a last-writer-wins timestamp above the envelope's own (which the receiver
+  checked against its clock). An honest writer seals after it writes, with the same
+  monotonic clock; a register stamped near 2**63 would win over every later write for good,
+  and a replica's clock that witnessed it (a full state, a restart reading the state's
+  highest timestamp) could issue no timestamp again.
+
+Claims within range but not backed (neither seen here nor carried) are left to the gate
+(held); the machine holds one at most ``ReplicationConfig.max_hold`` seconds, then rejects it
+as ``unbacked_context``.
+
 Invariants: ``unseen_claims`` costs O(size of the delta's context) (its version vector read as
 ranges beyond the receiver's, stopping at the ``limit``-th missing dot) plus, only when some
 claim is neither covered nor exempt, one walk of the delta's store; it never walks the
@@ -26,13 +48,123 @@ receiver's state. Pure: no I/O, no clock.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, Final
 
 from broker.crdt import CausalContext, ORMap
-from broker.crdt._stores import dots_of
+from broker.crdt._stores import (
+    MAX_NESTING_DEPTH,
+    KindStore,
+    LWWStore,
+    MapStore,
+    SetStore,
+    Whole,
+    dots_of,
+)
+from broker.errors import NestingDepthError
 
-__all__ = ["SequenceWindow", "held_dots", "unseen_claims"]
+__all__ = [
+    "BYZANTINE_REASONS",
+    "MAX_COUNTER",
+    "MAX_DOT_GAP",
+    "SequenceWindow",
+    "forged",
+    "held_dots",
+    "unseen_claims",
+]
 
 Dot = tuple[str, int]
+
+MAX_DOT_GAP: Final = 2**32
+"""Most dots of one replica a delta may run ahead of what its receiver has seen of that
+replica: four billion writes never seen here is no partition, it is a forged counter."""
+MAX_COUNTER: Final = 2**62
+"""Highest dot counter a delta may hold or claim: far below the int64 the wire, the digests
+and the Merkle leaves pack counters in, so the owner's next dot can never overflow."""
+BYZANTINE_REASONS: Final = ("foreign_dot", "dot_range", "clock_range", "unbacked_context")
+"""Rejection reasons that name a Byzantine signer (a roster key sending what it cannot have
+written honestly)."""
+
+
+def forged(
+    delta: ORMap,
+    signer: str,
+    seen: CausalContext,
+    *,
+    hlc: int | None = None,
+    max_gap: int = MAX_DOT_GAP,
+) -> str | None:
+    """Why ``delta``, signed by ``signer``, cannot be an honest delta batch (a reason from
+    ``BYZANTINE_REASONS``), or None. ``seen``: the receiver's context; ``hlc``: the
+    envelope's hybrid timestamp (already checked against the receiver's clock drift), which
+    every last-writer-wins timestamp in an honest batch is below. See the module doc.
+
+    Costs one walk of the delta's store plus O(its context's size); never walks ``seen``."""
+    tops: dict[str, int] = {}
+
+    def top(r: str) -> int:
+        t = tops.get(r)
+        if t is None:
+            t = tops[r] = min(seen.max_counter(r) + max_gap, MAX_COUNTER)
+        return t
+
+    if delta.store:
+        reason = _store_reason(delta.store, signer, top(signer), hlc, 1)
+        if reason is not None:
+            return reason
+    ctx = delta.context
+    # The context's fields read directly (as the store join does): a batch's context holds
+    # one cloud dot per op, and the highest of each replica is all this needs.
+    for r, n in ctx._vv.items():
+        if n > top(r):
+            return "dot_range"
+    for r, ns in ctx._cloud.items():
+        if max(ns) > top(r):
+            return "dot_range"
+    return None
+
+
+def _store_reason(entry: Any, signer: str, top: int, hlc: int | None, depth: int) -> str | None:
+    """``forged``'s walk of a store: every dot ``signer``'s and at most ``top``, every
+    last-writer-wins timestamp at most ``hlc``."""
+    t = type(entry)
+    if t is MapStore:
+        if depth > MAX_NESTING_DEPTH:
+            raise NestingDepthError(f"maps nest deeper than {MAX_NESTING_DEPTH}")
+        for child in entry.values():
+            reason = _store_reason(child, signer, top, hlc, depth + 1)
+            if reason is not None:
+                return reason
+        return None
+    if t is Whole:
+        return None if entry.store is None else _store_reason(
+            entry.store, signer, top, hlc, depth)
+    if t is KindStore:
+        for store in entry.values():
+            reason = _store_reason(store, signer, top, hlc, depth)
+            if reason is not None:
+                return reason
+        return None
+    if t is SetStore:
+        for ds in entry.values():
+            for i in range(0, len(ds), 2):
+                if ds[i] != signer:
+                    return "foreign_dot"
+                if ds[i + 1] > top:
+                    return "dot_range"
+        return None
+    if entry is None:
+        return None
+    stride = entry.STRIDE  # a dot function: (replica, counter, ...) entries
+    for i in range(0, len(entry), stride):
+        if entry[i] != signer:
+            return "foreign_dot"
+        if entry[i + 1] > top:
+            return "dot_range"
+    if t is LWWStore and hlc is not None:
+        for i in range(2, len(entry), 4):
+            if entry[i] > hlc:
+                return "clock_range"
+    return None
 
 
 def held_dots(delta: ORMap) -> set[Dot]:

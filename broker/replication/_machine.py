@@ -19,7 +19,12 @@ What it decides (``broker/replica.py`` only executes):
   to catch-up), and a catch-up is wanted from its writer. Held deltas are re-checked after
   every join and drain in any order. Per-writer sequences reveal lost batches (``gap``), and
   so does a hole left in the context below a writer's dot after a join (the first batch seen
-  from a writer has no sequence to compare with).
+  from a writer has no sequence to compare with). Before any of that, a batch its signer
+  cannot have written honestly (``_gate.forged``: a dot of another replica in its store, a
+  dot or claim far beyond what is seen here) is rejected (``Report("rejected", (reason,
+  writer))``) and changes nothing; a full state takes the same checks and the same gate. A
+  delta held ``max_hold`` seconds is rejected as ``unbacked_context`` (its writer owes a
+  catch-up).
 - **Catch-up.** A gap, a held delta, a slow consumer, a reconnect, a peer's announce showing
   dots this replica lacks, and ``Started`` each want a catch-up. One runs at a time; wants
   that arrive meanwhile are remembered (coalesced) and start one more when it ends. Starts are
@@ -86,6 +91,7 @@ from broker.crdt._stores import (
 )
 from broker.errors import (
     BackpressureError,
+    BoundsError,
     PayloadTooLargeError,
     UnsupportedContentError,
     ValueTooLargeError,
@@ -124,7 +130,7 @@ from broker.replication._events import (
     SyncWanted,
     TimerFired,
 )
-from broker.replication._gate import SequenceWindow, unseen_claims
+from broker.replication._gate import MAX_COUNTER, SequenceWindow, forged, unseen_claims
 
 __all__ = [
     "DEFAULT_MAX_HELD_BYTES",
@@ -159,6 +165,7 @@ TIMER_PUBLISH_RETRY: Final = "publish-retry"
 TIMER_CATCHUP: Final = "catchup"
 TIMER_ANNOUNCE: Final = "announce"
 TIMER_IDLE_ANNOUNCE: Final = "idle-announce"
+TIMER_HOLD: Final = "hold"
 _PUBLISH_BACKOFF: Final = (0.05, 2.0)
 
 
@@ -176,6 +183,10 @@ class ReplicationConfig:
     catchup_max_backoff: float = 10.0
     max_held_deltas: int = DEFAULT_MAX_HELD_DELTAS
     max_held_bytes: int = DEFAULT_MAX_HELD_BYTES
+    max_hold: float = 30.0
+    """Seconds the causal gate holds a peer's delta at most: a claim still unbacked then
+    (catch-up, retried meanwhile, brought no state holding the claimed dots) is rejected as
+    ``unbacked_context`` and its writer left owing a catch-up."""
     max_unlogged_bytes: int = 8 * 1024 * 1024
     """Bytes of received envelopes joined since the last snapshot and kept to be logged with
     the next local write, at most; beyond it a snapshot is asked for (it makes them durable),
@@ -269,6 +280,7 @@ class _Held:
     nbytes: int
     report: tuple[Any, ...]
     raw: bytes = b""
+    since: float = 0.0
 
 
 def lacks(mine: CausalContext, theirs: CausalContext) -> bool:
@@ -422,6 +434,14 @@ class ReplicationMachine:
             raise PayloadTooLargeError(
                 f"{n} operations in one write, over max_batch_ops={self.config.max_batch_ops}"
             )
+        if self.tree.state.context.max_counter(self.node_id) + n > MAX_COUNTER:
+            # Only a forged context (one that reached this state by a path without the
+            # delta checks) gets here: refuse, rather than write dots past the int64 every
+            # record, digest and Merkle leaf packs (a record the store could not load).
+            raise BoundsError(
+                f"dot counter of {self.node_id} would pass MAX_COUNTER={MAX_COUNTER}; "
+                "nothing was written"
+            )
         if self.queued_ops + n > self.config.max_pending_ops:
             raise BackpressureError(
                 f"{self.queued_ops} ops wait to be published (max_pending_ops="
@@ -573,14 +593,14 @@ class ReplicationMachine:
         return out
 
     def _on_delta(self, ev: DeltaReceived) -> list[Action]:
-        out: list[Action] = []
         w = ev.writer
-        if not ev.document.is_delta:  # a full state is self-consistent: no gate, no sequence
-            self._merge_remote(ev.document, whole=True)
-            out += self._keep_received(ev.raw)
-            out += [Changed(None), Report("applied", ev.report)]
-            out += self._count_ops(max(1, len(ev.document)))
-            return out + (self._drain() if self._held else [])
+        # Byzantine checks first: a forged batch changes nothing here, not even the
+        # writer's sequence. A full state (a batch holding a ``clear``) goes through the same
+        # checks and the same gate as a delta: its context removes what it claims anywhere.
+        reason = forged(ev.document, w, self.tree.state.context, hlc=ev.hlc)
+        if reason is not None:
+            return [Report("rejected", (reason, w))]
+        out: list[Action] = []
         last = self._last_seq.get(w, 0)
         if last and ev.sequence > last + 1:
             out.append(Report("gap", (w, ev.sequence - last - 1)))
@@ -593,7 +613,7 @@ class ReplicationMachine:
             out += self._want_catchup(ev.now, w)
         if ev.sequence > last:
             self._last_seq[w] = ev.sequence
-        item = _Held(w, ev.sequence, ev.document, ev.nbytes, ev.report, ev.raw)
+        item = _Held(w, ev.sequence, ev.document, ev.nbytes, ev.report, ev.raw, ev.now)
         if self._admits(item):
             out += self._join_remote(item)
             if self._held:
@@ -602,6 +622,8 @@ class ReplicationMachine:
         self._held.append(item)
         self._held_bytes += item.nbytes
         out.append(Report("gated", ("held",)))
+        if len(self._held) == 1:
+            out.append(ScheduleTimer(TIMER_HOLD, item.since + self.config.max_hold))
         while self._held and (
             len(self._held) > self.config.max_held_deltas
             or self._held_bytes > self.config.max_held_bytes
@@ -794,6 +816,8 @@ class ReplicationMachine:
                 return [ScheduleTimer(TIMER_IDLE_ANNOUNCE, self._idle_announce_at)]
             self._idle_announce_at = None
             return self._announce_soon(ev.now)
+        if ev.name == TIMER_HOLD:
+            return self._expire_held(ev.now)
         if ev.name == TIMER_CATCHUP:
             if self._catchup_timer is None or ev.now < self._catchup_timer:
                 return []
@@ -901,13 +925,32 @@ class ReplicationMachine:
             # overwrites one of them must carry a higher timestamp.
             self.clock.witness(max_hlc(doc.store))
 
+    def _expire_held(self, now: float) -> list[Action]:
+        """Reject every delta held ``max_hold`` seconds or more (its claims stayed unbacked);
+        re-arm the timer for the oldest one left."""
+        out: list[Action] = []
+        keep: list[_Held] = []
+        for item in self._held:
+            if item.since + self.config.max_hold <= now:
+                self._held_bytes -= item.nbytes
+                self._owed.setdefault(item.writer, 0)
+                out.append(Report("rejected", ("unbacked_context", item.writer)))
+            else:
+                keep.append(item)
+        self._held = keep
+        if keep:
+            out.append(ScheduleTimer(
+                TIMER_HOLD, min(i.since for i in keep) + self.config.max_hold))
+        return out
+
     def _join_remote(self, item: _Held) -> list[Action]:
         doc = item.document
-        self._merge_remote(doc, whole=False)
+        whole = not doc.is_delta  # a full state: its entries are whole
+        self._merge_remote(doc, whole=whole)
         self._windows.setdefault(item.writer, SequenceWindow()).add(item.sequence)
         out: list[Action] = [
             *self._keep_received(item.raw),
-            Changed(tuple(doc.store.keys()) if doc.store else ()),
+            Changed(None if whole else tuple(doc.store.keys()) if doc.store else ()),
             Report("applied", item.report),
         ]
         ctx = self.tree.state.context

@@ -64,7 +64,7 @@ class ReplicaEvents:
         """An envelope was refused: counted, and logged with its writer when the replica
         names it (the verified writer, or the one an unverifiable envelope's header claims;
         "unknown" for a catch-up answer or request that did not open)."""
-        self.metrics.rejected(subject, reason)
+        self.metrics.rejected(subject, reason, writer)
         self._limit(log, logging.WARNING, ("rejected", subject, reason), "envelope_rejected",
                     node=self.node_id, subject=subject, reason=reason,
                     writer=writer or "unknown")

@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from broker.codec import CURRENT_VERSION, OLDEST_VERSION
 from broker.replica import REFUSE_REASONS, REJECT_REASONS
+from broker.replication import BYZANTINE_REASONS
 
 __all__ = ["STORE_OPERATIONS", "ServiceMetrics", "build_info", "package_version", "process_metrics"]
 
@@ -126,6 +127,12 @@ class ServiceMetrics:
         self.rejected_envelopes = Counter(
             "worknode_deltas_rejected_total", "Envelopes refused, by reason.",
             ["subject", "reason"], registry=r)
+        self.byzantine_envelopes = Counter(
+            "worknode_byzantine_rejected_total",
+            "Envelopes a roster key signed that it cannot have written honestly (a dot of "
+            "another replica, a counter or claim out of range, a claim never backed), by "
+            "reason and signer (a verified roster member: bounded).",
+            ["subject", "reason", "signer"], registry=r)
         self.lag_seconds = Histogram(
             "worknode_replication_lag_seconds",
             "Writer's seal time to local apply (hybrid clock physical part).",
@@ -256,8 +263,11 @@ class ServiceMetrics:
         self.lag_seconds.labels(s).observe(lag_ms / 1000)
 
     def rejected(self, subject: str, reason: str, writer: str | None = None) -> None:
-        """An envelope was refused (``writer``: for the observer protocol; not a label)."""
+        """An envelope was refused (``writer`` is not a label, except on the Byzantine
+        reasons: there the machine names the verified signer, a roster member)."""
         self.rejected_series(subject, reason).inc()
+        if writer is not None and reason in BYZANTINE_REASONS:
+            self.byzantine_envelopes.labels(self._s(subject), reason, writer).inc()
 
     def rejected_series(self, subject: str, reason: str) -> Counter:
         """The rejection counter child for ``(subject, reason)`` (reason bounded)."""

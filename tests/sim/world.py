@@ -531,6 +531,12 @@ class World:
                 self.stats[f"report.{a.event}"] += 1
                 if a.event == "catchup":
                     self.stats[f"catchup.{a.args[0]}"] += 1
+                if a.event == "rejected":
+                    self.stats[f"rejected.{a.args[0]}"] += 1
+                    if a.args[0] in ("foreign_dot", "dot_range", "clock_range"):
+                        # Every simulated writer is honest: its batches hold its own dots.
+                        raise Failure(f"{node.name}: honest batch of {a.args[1]} rejected "
+                                      f"as {a.args[0]}")
                 continue
             if isinstance(a, Changed):
                 continue
@@ -611,7 +617,7 @@ class World:
         self.stats["delivered"] += 1
         self.raw_ghost[data] = self.batches.get(bid, frozenset())
         self.handle(r, DeltaReceived(self._secs(), env.writer, env.sequence, env.document,
-                                     len(data), (bid,), raw=data))
+                                     len(data), (bid,), raw=data, hlc=env.hlc))
 
     def _request_catchup(self, r: Replica, a: RequestCatchup) -> None:
         node = r.node

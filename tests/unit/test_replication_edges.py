@@ -21,7 +21,9 @@ def _peer_and_loaded() -> tuple[ORMap, ORMap]:
     peer = ORMap()
     peer.merge(peer.increment("p", ("a",), 2))
     peer.merge(peer.increment("p", ("c",), 5))
-    peer.merge(peer.assign("q", ("c",), "x", 7))
+    # All of the peer's own writes: a full state arriving as a peer's batch may hold only its
+    # signer's dots (issue 17); one relaying others' writes travels by catch-up or repair.
+    peer.merge(peer.assign("p", ("c",), "x", 7))
     loaded = peer.copy()
     assert loaded.store is not None
     del loaded.store["c"]
