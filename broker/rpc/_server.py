@@ -61,7 +61,7 @@ from broker.codec import (
     WireCodec,
     verify_request,
 )
-from broker.codec._binding import REQUEST_DOMAIN
+from broker.codec._binding import REPLAY_SHARE, REQUEST_DOMAIN
 from broker.codec._signing import SIGNATURE_SIZE
 from broker.crdt import ROOT_ID, Tree, validate_node_id
 from broker.errors import (
@@ -461,7 +461,8 @@ class RpcServer:
         self.wall_clock = wall_clock
         self.forwarders = forwarders
         self.authorizer = authorizer
-        self.replay = ReplayGuard()
+        # A holder's share: one token holder's flood of fresh requests cannot lock out others.
+        self.replay = ReplayGuard(per_signer=REPLAY_SHARE)
         self._holder_keys: dict[bytes, HolderKeys] = {}
         self._penalized: dict[bytes, float] = {}
         self._auth = (
@@ -752,7 +753,8 @@ class RpcServer:
                 keys, headers.get(AUTH_HEADER), subject=msg.subject, reply=msg.reply,
                 body=msg.data, headers=headers, now_ms=now_ms,
             )
-            self.replay.check(auth, now_ms)
+            # Counted against the holder (the signer id is only a label a caller picks).
+            self.replay.check(auth, now_ms, holder.hex())
         except SignatureError as exc:  # replayed and expired requests included
             raise UnauthenticatedError(
                 f"request not signed by the token's holder: {exc}"

@@ -10,10 +10,8 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-import pytest
-
-from broker.codec import Signer, TrustRoster
-from broker.rpc import Grant, RootKey, RpcClient, mint
+from broker.codec import ReplayGuard, Signer, TrustRoster
+from broker.rpc import Grant, ResourceExhaustedError, RootKey, RpcClient, mint
 from broker.transport import EmbeddedNatsServer, NatsTransport, RequestSigner
 from services.worknode import WorknodeService, WorknodeSettings
 from tests.integration._nodes import SUBJECT
@@ -67,3 +65,54 @@ async def test_rpc_root_key_added_by_a_reload_is_honoured_by_the_authorizer_pool
         await until(lambda: sample(svc, "worknode_key_reloads_total", file="rpc_keyring",
                                    result="ok") == 1, "the keyring reloaded")
         await client.call(SUBJECT, "root", "get", token=token)
+
+
+# -- finding 2: one holder fills the replay guard and locks every other caller out ----------
+
+
+async def test_one_holder_flooding_fresh_requests_cannot_lock_other_callers_out(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """Every signed request is remembered by the node's replay guard for its lifetime (up to
+    60 s, the sender's choice), whatever its token grants. A guard of 100 000 entries was
+    filled by ONE token holder at ~1.7 k requests/s, and then every caller of the node was
+    refused RESOURCE_EXHAUSTED. Here the guard is scaled down (8 entries, 2 per holder);
+    the attacker varies its signer label (only a label in RPC) to dodge a per-id share."""
+    root = RootKey(1, bytes(range(32)))
+    keyring = tmp_path / "keyring.json"
+    keyring.write_text(json.dumps({"1": root.public_key.hex()}))
+    svc = WorknodeService(WorknodeSettings(
+        node_id="n1", namespace=NS, subjects=[SUBJECT], nats_urls=[nats_server.url],
+        state_dir=tmp_path / "n1", metrics_port=None, store_sync="normal",
+        rpc_keyring_file=keyring))
+    attacker_seed, honest_seed = bytes(range(5, 37)), bytes(range(9, 41))
+    grants = [Grant(NS, SUBJECT, "root", ("get",))]
+
+    def token(seed: bytes) -> bytes:
+        return mint(root, grants, expires_at=time.time() + 600,
+                    holder=Signer("x", seed).public_key)
+
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(svc.stop)
+        await svc.start()
+        assert svc.rpc is not None
+        svc.rpc.replay = ReplayGuard(capacity=8, per_signer=2)
+        transport = await stack.enter_async_context(
+            NatsTransport([nats_server.url], name="client"))
+        trust = TrustRoster({"n1": svc.signer.public_key})
+
+        def client(label: str, seed: bytes) -> RpcClient:
+            return RpcClient(transport, namespace=NS, default_timeout_ms=30_000,
+                             signer=RequestSigner(Signer(label, seed), trust))
+
+        bad = token(attacker_seed)
+        refused = 0
+        for i in range(8):
+            try:
+                await client(f"label-{i}", attacker_seed).call(SUBJECT, "root", "get",
+                                                               token=bad)
+            except ResourceExhaustedError:
+                refused += 1
+        assert refused == 6  # the attacker's share is 2
+        await client("honest", honest_seed).call(SUBJECT, "root", "get",
+                                                 token=token(honest_seed))

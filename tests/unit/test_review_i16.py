@@ -1,0 +1,37 @@
+"""Hostile review of issue 16: unit-level findings (pure code)."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.codec import ReplayGuard, RequestAuth, Signer, sign_request
+from broker.errors import ReplayedRequestError, ResourceExhaustedError
+
+NOW = 1_700_000_000_000
+A = Signer("node-a", bytes(range(32)))
+
+
+def _auth(nonce: bytes, signer: Signer = A, lifetime_ms: int = 1000) -> RequestAuth:
+    return sign_request(signer, subject="s", reply_root="_INBOX.a", body=b"", headers=None,
+                        now_ms=NOW, nonce=nonce, lifetime_ms=lifetime_ms)
+
+
+def test_replay_guard_share_refuses_the_flooder_only_and_frees_on_expiry() -> None:
+    """Finding 2: one signer's share of the guard is bounded; others still get in, and
+    an expired entry gives its owner's share back."""
+    guard = ReplayGuard(capacity=4, per_signer=2)
+    guard.check(_auth(b"1" * 16), NOW)
+    guard.check(_auth(b"2" * 16), NOW)
+    with pytest.raises(ResourceExhaustedError):
+        guard.check(_auth(b"3" * 16), NOW)
+    other = Signer("node-b", bytes(range(1, 33)))
+    guard.check(_auth(b"1" * 16, other), NOW)
+    # Owner given: counted against it whatever the signer label says.
+    guard.check(_auth(b"4" * 16, Signer("label", bytes(range(2, 34)))), NOW, owner="node-b")
+    with pytest.raises(ResourceExhaustedError):
+        guard.check(_auth(b"5" * 16, Signer("label2", bytes(range(2, 34)))), NOW,
+                    owner="node-b")
+    with pytest.raises(ReplayedRequestError):
+        guard.check(_auth(b"1" * 16), NOW)
+    guard.check(_auth(b"3" * 16), NOW + 1000)  # the first two expired
+    assert len(guard) == 1
