@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -13,7 +15,7 @@ from pathlib import Path
 from broker.codec import ReplayGuard, Signer, TrustRoster
 from broker.rpc import Grant, ResourceExhaustedError, RootKey, RpcClient, mint
 from broker.transport import EmbeddedNatsServer, NatsTransport, RequestSigner
-from services.worknode import WorknodeService, WorknodeSettings
+from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
 from tests.integration._nodes import SUBJECT
 
 WAIT = 30.0
@@ -116,3 +118,62 @@ async def test_one_holder_flooding_fresh_requests_cannot_lock_other_callers_out(
         assert refused == 6  # the attacker's share is 2
         await client("honest", honest_seed).call(SUBJECT, "root", "get",
                                                  token=token(honest_seed))
+
+
+# -- finding 3: `worknode call --roster` drops roles and previous keys ------------------------
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", *args, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def test_call_with_roster_accepts_a_node_inside_its_rotation_window(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """``worknode keys rotate`` writes the node's new key into the roster with the old one
+    as ``previous`` (the overlap window) and the node goes on signing with the old key until
+    it restarts. ``worknode call --roster`` read the roster with ``read_roster``, which keeps
+    only the new key (no previous key, no roles): every reply of the still-running node was
+    refused as unauthenticated during the very window meant to keep things running (and any
+    roster entry, a writer's or the healer's, counted as a node that may answer)."""
+    rc, _, err = await _cli("token", "keygen", "--key-id", "1", "--out",
+                            str(tmp_path / "root.key"), "--keyring",
+                            str(tmp_path / "keyring.json"))
+    assert rc == 0, err
+    settings = WorknodeSettings(
+        node_id="node-a", namespace="shop", subjects=["orders"], nats_urls=[nats_server.url],
+        state_dir=tmp_path / "node-a", metrics_port=None, store_sync="normal",
+        rpc_keyring_file=tmp_path / "keyring.json")
+    caller = tmp_path / "caller.key"
+    caller.write_bytes(os.urandom(32))
+    roster = tmp_path / "roster.json"
+    running_key = load_or_create_signer("node-a", settings.key_path()).public_key
+    roster.write_text(json.dumps({"node-a": running_key.hex()}))
+    seed_copy = tmp_path / "rotated.key"  # rotate a copy: the service keeps its seed
+    seed_copy.write_bytes(settings.key_path().read_bytes())
+    rc, _, err = await _cli("keys", "rotate", "node-a", "--seed", str(seed_copy),
+                            "--roster", str(roster), "--overlap", "1h")
+    assert rc == 0, err
+    async with WorknodeService(settings):
+        rc, token, err = await _cli("token", "mint", "--root-key", str(tmp_path / "root.key"),
+                                    "--namespace", "shop", "--subject", "orders",
+                                    "--holder", f"@{caller}")
+        assert rc == 0, err
+        rc, _, err = await _cli("call", "orders", "root", "get", "--token", token.strip(),
+                                  "--nats-url", nats_server.url, "--namespace", "shop",
+                                  "--key", str(caller), "--roster", str(roster))
+        assert rc == 0, err
