@@ -8,13 +8,23 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import pytest
+
 from broker.codec import ReplayGuard, Signer, TrustRoster
-from broker.rpc import Grant, ResourceExhaustedError, RootKey, RpcClient, mint
-from broker.transport import EmbeddedNatsServer, NatsTransport, RequestSigner
+from broker.errors import NoRespondersError
+from broker.rpc import (
+    Grant,
+    ResourceExhaustedError,
+    RootKey,
+    RpcClient,
+    UnavailableError,
+    mint,
+)
+from broker.transport import EmbeddedNatsServer, Msg, NatsTransport, RequestSigner
 from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
 from tests.integration._nodes import SUBJECT
 
@@ -30,6 +40,11 @@ async def until(cond: Callable[[], bool], what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"never happened: {what}")
         await asyncio.sleep(0.02)
+
+
+def _key(svc: WorknodeService) -> bytes:
+    assert svc.signer is not None
+    return svc.signer.public_key
 
 
 def sample(svc: WorknodeService, name: str, **labels: str) -> float:
@@ -62,7 +77,7 @@ async def test_rpc_root_key_added_by_a_reload_is_honoured_by_the_authorizer_pool
         transport = await stack.enter_async_context(
             NatsTransport([nats_server.url], name="client"))
         client = RpcClient(transport, namespace=NS, signer=RequestSigner(
-            caller, TrustRoster({"n1": svc.signer.public_key})))
+            caller, TrustRoster({"n1": _key(svc)})))
         keyring.write_text(json.dumps({"1": old.public_key.hex(), "2": new.public_key.hex()}))
         await until(lambda: sample(svc, "worknode_key_reloads_total", file="rpc_keyring",
                                    result="ok") == 1, "the keyring reloaded")
@@ -101,7 +116,7 @@ async def test_one_holder_flooding_fresh_requests_cannot_lock_other_callers_out(
         svc.rpc.replay = ReplayGuard(capacity=8, per_signer=2)
         transport = await stack.enter_async_context(
             NatsTransport([nats_server.url], name="client"))
-        trust = TrustRoster({"n1": svc.signer.public_key})
+        trust = TrustRoster({"n1": _key(svc)})
 
         def client(label: str, seed: bytes) -> RpcClient:
             return RpcClient(transport, namespace=NS, default_timeout_ms=30_000,
@@ -177,3 +192,77 @@ async def test_call_with_roster_accepts_a_node_inside_its_rotation_window(
                                   "--nats-url", nats_server.url, "--namespace", "shop",
                                   "--key", str(caller), "--roster", str(roster))
         assert rc == 0, err
+
+
+# -- finding 4: a captured RPC request replayed after a restart (or to another node) ---------
+
+
+class _Recording:
+    """A transport that keeps every request it sends (what a node in the queue group, or
+    anyone on an open bus, captures)."""
+
+    def __init__(self, inner: NatsTransport) -> None:
+        self.inner = inner
+        self.sent: list[tuple[str, bytes, dict[str, str] | None]] = []
+
+    @property
+    def reply_root(self) -> str:
+        return self.inner.reply_root
+
+    async def request(self, subject: str, data: bytes, *, timeout: float,
+                      headers: dict[str, str] | None = None) -> Msg:
+        self.sent.append((subject, data, headers))
+        return await self.inner.request(subject, data, timeout=timeout, headers=headers)
+
+
+async def _served(call: Callable[[], Awaitable[object]]) -> None:
+    """``call`` once a server's endpoints are subscribed (a service's subscriptions reach
+    the server a moment after its start returns: NoResponders until then)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            await call()
+            return
+        except (UnavailableError, NoRespondersError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.xfail(strict=True, reason="review i16 finding 4: replay guards live in memory, "
+                   "one per node: a captured request replayed after a restart or to another "
+                   "node of the queue group is served again (incr applied twice)")
+async def test_a_captured_incr_replayed_after_a_restart_is_refused(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    root = RootKey(1, bytes(range(32)))
+    keyring = tmp_path / "keyring.json"
+    keyring.write_text(json.dumps({"1": root.public_key.hex()}))
+    settings = WorknodeSettings(
+        node_id="n1", namespace=NS, subjects=[SUBJECT], nats_urls=[nats_server.url],
+        state_dir=tmp_path / "n1", metrics_port=None, store_sync="normal",
+        rpc_keyring_file=keyring)
+    caller = Signer("caller", bytes(range(5, 37)))
+    token = mint(root, [Grant(NS, SUBJECT, "root", ("*",))], expires_at=time.time() + 600,
+                 holder=caller.public_key)
+    async with AsyncExitStack() as stack:
+        inner = await stack.enter_async_context(NatsTransport([nats_server.url], name="c"))
+        recording = _Recording(inner)
+        svc = WorknodeService(settings)
+        stack.push_async_callback(svc.stop)
+        await svc.start()
+        client = RpcClient(recording, namespace=NS,  # type: ignore[arg-type]
+                           default_timeout_ms=30_000, signer=RequestSigner(
+                               caller, TrustRoster({"n1": _key(svc)})))
+        await _served(lambda: client.call(SUBJECT, "root", "get", token=token))
+        await client.call(SUBJECT, "o1", "create", {"parent": "root"}, token=token)
+        await client.call(SUBJECT, "o1", "incr", {"path": "n"}, token=token)
+        incr = recording.sent[-1]
+        await svc.stop()
+        again = WorknodeService(settings)
+        stack.push_async_callback(again.stop)
+        await again.start()
+        subject, data, headers = incr
+        await _served(lambda: inner.request(subject, data, timeout=10, headers=headers))
+        fields = again.replica(SUBJECT).state.value()
+        assert fields["o1"]["fields"] == {"n": 1}, fields
