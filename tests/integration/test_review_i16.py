@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.codec import ReplayGuard, Signer, TrustRoster
+from broker.codec import ReplayGuard, Signer, TrustRoster, WireCodec
 from broker.errors import NoRespondersError
 from broker.rpc import (
     Grant,
@@ -26,7 +26,7 @@ from broker.rpc import (
 )
 from broker.transport import EmbeddedNatsServer, Msg, NatsTransport, RequestSigner
 from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
-from tests.integration._nodes import SUBJECT
+from tests.integration._nodes import SUBJECT, node_settings
 
 WAIT = 30.0
 POLL = 0.05
@@ -266,3 +266,46 @@ async def test_a_captured_incr_replayed_after_a_restart_is_refused(
         await _served(lambda: inner.request(subject, data, timeout=10, headers=headers))
         fields = again.replica(SUBJECT).state.value()
         assert fields["o1"]["fields"] == {"n": 1}, fields
+
+
+# -- finding 5: a writer's key answers "nothing new" to a node's catch-up --------------------
+
+
+async def test_a_writer_answering_nothing_new_does_not_end_a_nodes_catch_up(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """The issue's "catch-up can be suppressed" attack, with a writer's key instead of a
+    replay: the CLI writer's key (the least guarded one) answers each catch-up request at
+    once with a signed, bound, empty delta; the node takes it as its catch-up. Only a node
+    should end a catch-up (a writer's state may still be joined)."""
+    from broker.crdt import ORMap
+    from broker.transport import sync_subject
+
+    writer = Signer("w", bytes(range(7, 39)))
+    roster_file = tmp_path / "roster.json"
+    roster_file.write_text(json.dumps({"w": {"key": writer.public_key.hex(),
+                                              "role": "writer"}}))
+    settings = node_settings(tmp_path, nats_server.url, "n1", roster_file=roster_file)
+    codec = WireCodec()
+    answered: list[str] = []
+    async with AsyncExitStack() as stack:
+        svc = WorknodeService(settings)
+        stack.push_async_callback(svc.stop)
+        await svc.start()
+        signing = RequestSigner(writer, svc.roster)
+        attacker = await stack.enter_async_context(NatsTransport([nats_server.url], name="w"))
+        subject = sync_subject(settings.namespace, SUBJECT)
+
+        async def answer(msg: Msg) -> None:
+            if (msg.headers or {}).get("Worknode-Sync") != "request" or not msg.reply:
+                return
+            data = codec.seal(writer, subject=subject, hlc=1 << 16, sequence=1,
+                              document=ORMap(is_delta=True))
+            await attacker.respond(msg, data, headers=signing.reply_headers(msg, data))
+            answered.append(msg.reply)
+
+        await attacker.subscribe(subject, answer)
+        await attacker.flush()
+        ended = await svc.replica(SUBJECT).catch_up()
+        assert answered  # the writer did answer
+        assert not ended  # ... but no node did: the catch-up is not over
