@@ -309,3 +309,46 @@ async def test_a_writer_answering_nothing_new_does_not_end_a_nodes_catch_up(
         ended = await svc.replica(SUBJECT).catch_up()
         assert answered  # the writer did answer
         assert not ended  # ... but no node did: the catch-up is not over
+
+
+# -- finding 6: a node signs error replies bound to an unverified request signature ----------
+
+
+@pytest.mark.xfail(strict=True, reason="review i16 finding 6: an error reply is bound to the "
+                   "signature field of a request that never verified, so whoever sees a "
+                   "request's signature obtains the node's signed answer to it (a forged "
+                   "refusal the real requester accepts)")
+async def test_a_refusal_is_never_bound_to_a_signature_the_node_did_not_verify(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """Who sees a victim's request (a node; anyone on an open bus) copies its signature into
+    the ``Worknode-Auth`` of a junk request of its own to the same node; the node's error
+    reply is signed by the node and bound to that signature, and the victim's client accepts
+    it as the answer to its own call (first reply wins): a forged "unauthenticated" for a call
+    that the node actually served."""
+    from broker.codec import AUTH_HEADER, RequestAuth
+    from broker.errors import SignatureError
+    from broker.transport import rpc_subject
+
+    root = RootKey(1, bytes(range(32)))
+    keyring = tmp_path / "keyring.json"
+    keyring.write_text(json.dumps({"1": root.public_key.hex()}))
+    svc = WorknodeService(WorknodeSettings(
+        node_id="n1", namespace=NS, subjects=[SUBJECT], nats_urls=[nats_server.url],
+        state_dir=tmp_path / "n1", metrics_port=None, store_sync="normal",
+        rpc_keyring_file=keyring))
+    victim = RequestSigner(Signer("victim", bytes(range(5, 37))), TrustRoster())
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(svc.stop)
+        await svc.start()
+        victim.keys = TrustRoster({"n1": _key(svc)})
+        transport = await stack.enter_async_context(NatsTransport([nats_server.url], name="a"))
+        subject = rpc_subject(NS, SUBJECT, "get")
+        # The victim's signed request (what the attacker saw go by).
+        _, auth = victim.sign(subject, b"the victim's call", reply_root=transport.reply_root)
+        forged = RequestAuth("x", b"n" * 16, auth.issued_ms, auth.expires_ms,
+                             transport.reply_root, auth.signature)
+        reply = await transport.request(subject, b"junk", timeout=10,
+                                        headers={AUTH_HEADER: forged.header()})
+        with pytest.raises(SignatureError):
+            victim.check_reply(reply, auth, {"n1"})
