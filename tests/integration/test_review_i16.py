@@ -352,3 +352,42 @@ async def test_a_refusal_is_never_bound_to_a_signature_the_node_did_not_verify(
                                         headers={AUTH_HEADER: forged.header()})
         with pytest.raises(SignatureError):
             victim.check_reply(reply, auth, {"n1"})
+
+
+# -- finding 8: RPC had no per-caller rate limit (the README said every endpoint has one) ----
+
+
+async def test_rpc_rate_limits_each_token_holder(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """The README: "every signed endpoint rate-limits each caller". The RPC endpoints did
+    not: one holder could take every in-flight slot and all the authorizer's time. Now each
+    holder has a bucket (``rpc_rate_per_s``, ``rpc_burst``); another holder is still served."""
+    root = RootKey(1, bytes(range(32)))
+    keyring = tmp_path / "keyring.json"
+    keyring.write_text(json.dumps({"1": root.public_key.hex()}))
+    svc = WorknodeService(WorknodeSettings(
+        node_id="n1", namespace=NS, subjects=[SUBJECT], nats_urls=[nats_server.url],
+        state_dir=tmp_path / "n1", metrics_port=None, store_sync="normal",
+        rpc_keyring_file=keyring, rpc_rate_per_s=0.001, rpc_burst=2))
+    seeds = bytes(range(5, 37)), bytes(range(9, 41))
+
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(svc.stop)
+        await svc.start()
+        transport = await stack.enter_async_context(NatsTransport([nats_server.url], name="c"))
+        trust = TrustRoster({"n1": _key(svc)})
+
+        def call(seed: bytes) -> Awaitable[object]:
+            signer = Signer("caller", seed)
+            token = mint(root, [Grant(NS, SUBJECT, "root", ("get",))],
+                         expires_at=time.time() + 600, holder=signer.public_key)
+            client = RpcClient(transport, namespace=NS, default_timeout_ms=30_000,
+                               signer=RequestSigner(signer, trust))
+            return client.call(SUBJECT, "root", "get", token=token)
+
+        await _served(lambda: call(seeds[0]))
+        await call(seeds[0])
+        with pytest.raises(ResourceExhaustedError):
+            await call(seeds[0])
+        await call(seeds[1])
