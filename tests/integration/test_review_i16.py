@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -391,3 +392,63 @@ async def test_rpc_rate_limits_each_token_holder(
         with pytest.raises(ResourceExhaustedError):
             await call(seeds[0])
         await call(seeds[1])
+
+
+# -- finding 9: an unsigned "no responders" status from a writer ends a node's catch-up ------
+
+
+@pytest.mark.xfail(strict=True, reason="review i16 finding 9: request_many ends at once on any "
+                   "empty message with a 'Status: 503' header, before the signed-reply check: "
+                   "a writer (allow_responses) suppresses catch-up with one unsigned header")
+async def test_a_forged_no_responders_status_does_not_end_a_catch_up(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """The server's no-responders answer is an empty message whose only header is
+    ``Status: 503``; nats-py parses an ordinary header ``Status: 503`` into the same dict.
+    A writer (it may answer catch-up requests) answers each one that way, unsigned, before
+    the real peer: the node's catch-up ends with no reply ("no_peer") although n2 answers.
+    Here n2's answer is held until the writer has answered (the race the writer wins)."""
+    from broker.transport import sync_subject
+
+    writer = Signer("w", bytes(range(7, 39)))
+    roster_file = tmp_path / "roster.json"
+    names = ["n1", "n2"]
+    keys = {n: load_or_create_signer(n, tmp_path / n / f"{n}.key").public_key for n in names}
+    roster_file.write_text(json.dumps({
+        **{n: k.hex() for n, k in keys.items()},
+        "w": {"key": writer.public_key.hex(), "role": "writer"}}))
+    s1, s2 = (node_settings(tmp_path, nats_server.url, n, roster_file=roster_file)
+              for n in names)
+    async with AsyncExitStack() as stack:
+        attacker = await stack.enter_async_context(NatsTransport([nats_server.url], name="w"))
+        subject = sync_subject(s1.namespace, SUBJECT)
+        answered: dict[str, asyncio.Event] = {}
+
+        def event(reply: str) -> asyncio.Event:
+            return answered.setdefault(reply, asyncio.Event())
+
+        async def answer(msg: Msg) -> None:
+            headers = msg.headers or {}
+            if headers.get("Worknode-Sync") != "request" or not msg.reply:
+                return
+            await attacker.publish(msg.reply, b"", headers={"Status": "503"})
+            await attacker.flush()  # at the server before n2's answer is let go
+            event(msg.reply).set()
+
+        await attacker.subscribe(subject, answer)
+        await attacker.flush()
+        n2 = WorknodeService(s2)
+        stack.push_async_callback(n2.stop)
+        await n2.start()
+        replica2 = n2.replica(SUBJECT)
+        send_state = replica2._send_state
+
+        async def held(action: Any) -> None:
+            await event(action.reply_to.reply).wait()  # the writer answers first
+            await send_state(action)
+
+        replica2._send_state = held  # type: ignore[method-assign]
+        n1 = WorknodeService(s1)
+        stack.push_async_callback(n1.stop)
+        await n1.start()
+        assert await n1.replica(SUBJECT).catch_up()  # n2 answered
