@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import heapq
 import re
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
@@ -309,63 +310,61 @@ class ReplayGuard:
     (``ResourceExhaustedError``) rather than an old one forgotten (which would let it replay).
     ``per_signer``: at most this many of them from one owner (``check``'s ``owner``, by
     default the signer), so that one identity flooding fresh requests is refused alone
-    instead of filling the guard and locking every other requester out (None: no share)."""
+    instead of filling the guard and locking every other requester out (None: no share).
+    Expired requests leave in expiry order (a heap), so a full guard refuses in O(log n),
+    never by sweeping every entry on each request."""
 
-    __slots__ = ("_capacity", "_counts", "_per_signer", "_seen")
+    __slots__ = ("_capacity", "_counts", "_expiry", "_per_signer", "_seen")
 
     def __init__(self, capacity: int = 100_000, *, per_signer: int | None = None) -> None:
         if capacity < 1 or (per_signer is not None and per_signer < 1):
             raise InvalidArgumentError("a replay guard holds at least one request")
         self._capacity = capacity
         self._per_signer = per_signer
-        # Insertion order is not expiry order (lifetimes differ): evict from the front
-        # while expired, and sweep whole when full.
-        self._seen: OrderedDict[tuple[str, bytes], tuple[int, str]] = OrderedDict()
+        self._seen: dict[tuple[str, bytes], str] = {}
+        """(signer, nonce) -> the owner it counts against."""
+        self._expiry: list[tuple[int, str, bytes]] = []
+        """A heap of (expires, signer, nonce): one per entry of ``_seen``."""
         self._counts: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._seen)
 
-    def _forget(self, key: tuple[str, bytes]) -> None:
-        _, owner = self._seen.pop(key)
-        left = self._counts[owner] - 1
-        if left:
-            self._counts[owner] = left
-        else:
-            del self._counts[owner]
+    def _expire(self, now_ms: int) -> None:
+        heap, seen, counts = self._expiry, self._seen, self._counts
+        while heap and heap[0][0] <= now_ms:
+            _, signer, nonce = heapq.heappop(heap)
+            owner = seen.pop((signer, nonce))
+            left = counts[owner] - 1
+            if left:
+                counts[owner] = left
+            else:
+                del counts[owner]
 
     def check(self, auth: RequestAuth, now_ms: int, owner: str | None = None) -> None:
         """Record ``auth`` (verified) or raise ``ReplayedRequestError`` if seen before;
         ``ResourceExhaustedError`` when the guard, or ``owner``'s share of it, is full.
         ``owner``: who the request counts against (default its signer; the RPC server
         names the token's holder: there the signer id is only a label)."""
-        seen = self._seen
-        while seen:
-            key, (expires, _) = next(iter(seen.items()))
-            if expires > now_ms:
-                break
-            self._forget(key)
+        self._expire(now_ms)
         key = (auth.signer, auth.nonce)
+        seen = self._seen
         if key in seen:
             raise ReplayedRequestError(f"request from {auth.signer!r} replayed")
+        if len(seen) >= self._capacity:
+            raise ResourceExhaustedError(
+                f"{self._capacity} requests in their lifetime already; retry later"
+            )
         who = auth.signer if owner is None else owner
         share = self._per_signer
-        if len(seen) >= self._capacity or (
-            share is not None and self._counts.get(who, 0) >= share
-        ):
-            for k in [k for k, (e, _) in seen.items() if e <= now_ms]:
-                self._forget(k)
-            if len(seen) >= self._capacity:
-                raise ResourceExhaustedError(
-                    f"{self._capacity} requests in their lifetime already; retry later"
-                )
-            if share is not None and self._counts.get(who, 0) >= share:
-                raise ResourceExhaustedError(
-                    f"{share} requests from {auth.signer!r} in their lifetime already; "
-                    "retry later"
-                )
-        seen[key] = (auth.expires_ms, who)
-        self._counts[who] = self._counts.get(who, 0) + 1
+        count = self._counts.get(who, 0)
+        if share is not None and count >= share:
+            raise ResourceExhaustedError(
+                f"{share} requests from {auth.signer!r} in their lifetime already; retry later"
+            )
+        seen[key] = who
+        self._counts[who] = count + 1
+        heapq.heappush(self._expiry, (auth.expires_ms, auth.signer, auth.nonce))
 
 
 class RateLimiter:

@@ -57,3 +57,18 @@ def test_a_verified_heal_report_says_when_and_where_it_was_made() -> None:
     assert verified.subject == "orders"
     assert hasattr(verified, "issued_ms")
     assert hasattr(verified, "namespace")
+
+
+def test_replay_guard_expires_out_of_order_lifetimes() -> None:
+    """Finding 2 (cost): entries leave in expiry order whatever their insertion order, so a
+    long-lived first entry does not keep short-lived later ones (the old guard swept every
+    entry on each request once full: O(n) per refusal, a CPU lever for a flooder)."""
+    guard = ReplayGuard(capacity=2, per_signer=2)
+    guard.check(_auth(b"L" * 16, lifetime_ms=60_000), NOW)
+    guard.check(_auth(b"s" * 16, lifetime_ms=1_000), NOW)
+    with pytest.raises(ResourceExhaustedError):
+        guard.check(_auth(b"x" * 16), NOW + 10)
+    guard.check(_auth(b"y" * 16, lifetime_ms=5_000), NOW + 1_000)  # the short one left
+    with pytest.raises(ReplayedRequestError):
+        guard.check(_auth(b"L" * 16, lifetime_ms=60_000), NOW + 1_000)
+    assert len(guard) == 2
