@@ -108,6 +108,8 @@ async def _server(url: str, state: Path, reply_size: int) -> None:
         node_id="server", namespace=NS, subjects=[SUBJECT], nats_urls=[url],
         state_dir=state / "server", metrics_port=None, store_sync="normal",
         rpc_keyring_file=keyring, rpc_max_in_flight=4 * IN_FLIGHT,
+        # One holder makes every call here: measure the cost per call, not the rate limit.
+        rpc_rate_per_s=1e9, rpc_burst=1_000_000_000,
     )
     nc = await nats.connect(url, **raw_options("server"))
     reply = b"y" * reply_size

@@ -833,6 +833,13 @@ class Replica:
                     replier = self.requests.check_reply(reply, auth, peers)
                     if replier == self.node_id:
                         raise BadSignatureError("a catch-up reply signed by this replica")
+                    if peers is None and replier not in self.roster.with_role("node"):
+                        # The first answer ends the wait: only a node's may (a writer's
+                        # key, the least guarded, would otherwise answer "nothing new" to
+                        # every catch-up). A peer asked by name may answer whatever it is.
+                        raise BadSignatureError(
+                            f"a catch-up answered by {replier!r}, not a node of the roster"
+                        )
                     env = self.codec.open(reply.data, self.roster, subject=self.sync_subject)
                     if env.writer != replier:
                         raise BadSignatureError(

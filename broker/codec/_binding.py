@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import heapq
 import re
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
@@ -55,6 +56,7 @@ __all__ = [
     "MAX_LIFETIME_MS",
     "MAX_SKEW_MS",
     "NONCE_SIZE",
+    "REPLAY_SHARE",
     "REPLY_DOMAIN",
     "REQUEST_DOMAIN",
     "KeyLookup",
@@ -79,6 +81,10 @@ MAX_LIFETIME_MS: Final = 60_000
 """Longest lifetime a verifier accepts: bounds how long a ``ReplayGuard`` remembers a nonce."""
 MAX_SKEW_MS: Final = 5_000
 """How far in the future a request's issue time may lie (clocks of two hosts disagree)."""
+REPLAY_SHARE: Final = 50_000
+"""The share of a service's ``ReplayGuard`` (100 000 live requests) one requester may hold:
+a flood of fresh signed requests from one identity is refused alone, and half the guard stays
+for everyone else (one holder still makes ~8 000 calls/s of 6 s lifetime)."""
 _VERSION: Final = "1"
 _MAX_HEADER: Final = 512
 _ID: Final = re.compile(r"[!-~]{1,128}", re.ASCII)  # printable ASCII without space
@@ -301,40 +307,64 @@ def verify_reply(
 class ReplayGuard:
     """Remembers each verified request's ``(signer, nonce)`` until it expires, and refuses it a
     second time. Bounded: with ``capacity`` unexpired requests remembered, new ones are refused
-    (``ResourceExhaustedError``) rather than an old one forgotten (which would let it replay)."""
+    (``ResourceExhaustedError``) rather than an old one forgotten (which would let it replay).
+    ``per_signer``: at most this many of them from one owner (``check``'s ``owner``, by
+    default the signer), so that one identity flooding fresh requests is refused alone
+    instead of filling the guard and locking every other requester out (None: no share).
+    Expired requests leave in expiry order (a heap), so a full guard refuses in O(log n),
+    never by sweeping every entry on each request."""
 
-    __slots__ = ("_capacity", "_seen")
+    __slots__ = ("_capacity", "_counts", "_expiry", "_per_signer", "_seen")
 
-    def __init__(self, capacity: int = 100_000) -> None:
-        if capacity < 1:
+    def __init__(self, capacity: int = 100_000, *, per_signer: int | None = None) -> None:
+        if capacity < 1 or (per_signer is not None and per_signer < 1):
             raise InvalidArgumentError("a replay guard holds at least one request")
         self._capacity = capacity
-        # Insertion order is not expiry order (lifetimes differ): evict from the front
-        # while expired, and sweep whole when full.
-        self._seen: OrderedDict[tuple[str, bytes], int] = OrderedDict()
+        self._per_signer = per_signer
+        self._seen: dict[tuple[str, bytes], str] = {}
+        """(signer, nonce) -> the owner it counts against."""
+        self._expiry: list[tuple[int, str, bytes]] = []
+        """A heap of (expires, signer, nonce): one per entry of ``_seen``."""
+        self._counts: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._seen)
 
-    def check(self, auth: RequestAuth, now_ms: int) -> None:
-        """Record ``auth`` (verified) or raise ``ReplayedRequestError`` if seen before."""
-        seen = self._seen
-        while seen:
-            key, expires = next(iter(seen.items()))
-            if expires > now_ms:
-                break
-            del seen[key]
+    def _expire(self, now_ms: int) -> None:
+        heap, seen, counts = self._expiry, self._seen, self._counts
+        while heap and heap[0][0] <= now_ms:
+            _, signer, nonce = heapq.heappop(heap)
+            owner = seen.pop((signer, nonce))
+            left = counts[owner] - 1
+            if left:
+                counts[owner] = left
+            else:
+                del counts[owner]
+
+    def check(self, auth: RequestAuth, now_ms: int, owner: str | None = None) -> None:
+        """Record ``auth`` (verified) or raise ``ReplayedRequestError`` if seen before;
+        ``ResourceExhaustedError`` when the guard, or ``owner``'s share of it, is full.
+        ``owner``: who the request counts against (default its signer; the RPC server
+        names the token's holder: there the signer id is only a label)."""
+        self._expire(now_ms)
         key = (auth.signer, auth.nonce)
+        seen = self._seen
         if key in seen:
             raise ReplayedRequestError(f"request from {auth.signer!r} replayed")
         if len(seen) >= self._capacity:
-            for k in [k for k, e in seen.items() if e <= now_ms]:
-                del seen[k]
-            if len(seen) >= self._capacity:
-                raise ResourceExhaustedError(
-                    f"{self._capacity} requests in their lifetime already; retry later"
-                )
-        seen[key] = auth.expires_ms
+            raise ResourceExhaustedError(
+                f"{self._capacity} requests in their lifetime already; retry later"
+            )
+        who = auth.signer if owner is None else owner
+        share = self._per_signer
+        count = self._counts.get(who, 0)
+        if share is not None and count >= share:
+            raise ResourceExhaustedError(
+                f"{share} requests from {auth.signer!r} in their lifetime already; retry later"
+            )
+        seen[key] = who
+        self._counts[who] = count + 1
+        heapq.heappush(self._expiry, (auth.expires_ms, auth.signer, auth.nonce))
 
 
 class RateLimiter:

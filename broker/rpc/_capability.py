@@ -494,8 +494,12 @@ class TokenVerifier:
         keyring; every key is converted before any is swapped in."""
         if not keyring:
             raise ValueError("the keyring holds no root public key")
-        keys = {int(kid): _public(bytes(pk)) for kid, pk in keyring.items()}
+        ring = tuple(sorted((int(k), bytes(v)) for k, v in keyring.items()))
+        keys = {kid: _public(pk) for kid, pk in ring}
         self._keys = keys
+        # Jobs for the authorizer pool carry the keyring: the new one, or the worker would
+        # refuse every token of a key added by this reload.
+        self.keyring = ring
         self._tokens.clear()
         self._allowed.clear()
 

@@ -18,7 +18,8 @@ What happens to one request, in order (each refusal answers at once with its sta
 3. the token must be valid (``UNAUTHENTICATED``), within the ``TokenLimits``
    (``RESOURCE_EXHAUSTED``, reason ``token_limit``), name a holder, and the request must be
    signed (``Worknode-Auth``) by that holder's key, fresh and not replayed (else
-   ``UNAUTHENTICATED``: a sniffed token is useless to anyone else); a peer in ``forwarders``
+   ``UNAUTHENTICATED``: a sniffed token is useless to anyone else), within the holder's rate
+   (``limiter``: else ``RESOURCE_EXHAUSTED``); a peer in ``forwarders``
    (the roster: nodes making nested calls) may sign instead of the holder. Then it must grant
    the method on the worknode's subtree (``PERMISSION_DENIED``): a decision not cached runs
    in an ``AuthorizerPool`` worker process under a hard budget (``token_limit`` when over),
@@ -56,12 +57,13 @@ import nacl.signing
 from broker.codec import (
     AUTH_HEADER,
     KeyLookup,
+    RateLimiter,
     ReplayGuard,
     Signer,
     WireCodec,
     verify_request,
 )
-from broker.codec._binding import REQUEST_DOMAIN
+from broker.codec._binding import REPLAY_SHARE, REQUEST_DOMAIN
 from broker.codec._signing import SIGNATURE_SIZE
 from broker.crdt import ROOT_ID, Tree, validate_node_id
 from broker.errors import (
@@ -69,6 +71,7 @@ from broker.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     RpcInvalidArgumentError,
     RpcNotFoundError,
     SignatureError,
@@ -419,7 +422,8 @@ class RpcServer:
     token expiry (injectable for tests). ``signer`` signs every reply (without one, replies go
     unsigned: tests of the pure paths only); ``forwarders`` may sign requests carrying a token
     they do not hold; ``authorizer`` runs uncached authorizations under a budget (None: inline,
-    on the event loop: tests only).
+    on the event loop: tests only); ``limiter`` bounds each token holder's request rate
+    (``RESOURCE_EXHAUSTED`` over it).
     """
 
     def __init__(
@@ -442,6 +446,7 @@ class RpcServer:
         signer: Signer | None = None,
         forwarders: Forwarders | None = None,
         authorizer: AuthorizerPool | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         if max_in_flight < 1 or max_request_bytes < 64:
             raise InvalidArgumentError("max_in_flight >= 1 and max_request_bytes >= 64")
@@ -461,7 +466,11 @@ class RpcServer:
         self.wall_clock = wall_clock
         self.forwarders = forwarders
         self.authorizer = authorizer
-        self.replay = ReplayGuard()
+        self.limiter = limiter
+        """Requests per token holder (a bucket per holder key), checked once the request is
+        known to be the holder's (None: no limit)."""
+        # A holder's share: one token holder's flood of fresh requests cannot lock out others.
+        self.replay = ReplayGuard(per_signer=REPLAY_SHARE)
         self._holder_keys: dict[bytes, HolderKeys] = {}
         self._penalized: dict[bytes, float] = {}
         self._auth = (
@@ -752,11 +761,17 @@ class RpcServer:
                 keys, headers.get(AUTH_HEADER), subject=msg.subject, reply=msg.reply,
                 body=msg.data, headers=headers, now_ms=now_ms,
             )
-            self.replay.check(auth, now_ms)
+            # Counted against the holder (the signer id is only a label a caller picks).
+            self.replay.check(auth, now_ms, holder.hex())
         except SignatureError as exc:  # replayed and expired requests included
             raise UnauthenticatedError(
                 f"request not signed by the token's holder: {exc}"
             ) from None
+        limiter = self.limiter
+        if limiter is not None and not limiter.allow(holder.hex(), now_ms):
+            raise ResourceExhaustedError(
+                "requests of this token's holder over their rate limit; retry later"
+            )
 
     def _admit(
         self, subject: str, m: _Method, req: Request, t0: float, msg: Msg

@@ -31,7 +31,7 @@ from broker.codec import (
     verify_reply,
     verify_request,
 )
-from broker.codec._binding import MAX_LIFETIME_MS, NONCE_SIZE
+from broker.codec._binding import MAX_LIFETIME_MS, NONCE_SIZE, REPLAY_SHARE
 from broker.errors import CodecError, ResourceExhaustedError
 from broker.transport._protocol import Msg, Transport
 
@@ -70,7 +70,7 @@ class RequestSigner:
         self.keys = keys
         self.wall_ms = wall_ms
         self.nonce = nonce
-        self.replay = replay if replay is not None else ReplayGuard()
+        self.replay = replay if replay is not None else ReplayGuard(per_signer=REPLAY_SHARE)
 
     @property
     def node_id(self) -> str:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from broker.codec import TrustRoster, WireCodec
+from broker.codec import RateLimiter, TrustRoster, WireCodec
 from broker.codec._signing import DOMAIN
 from broker.errors import InvalidArgumentError
 from broker.rpc import (
@@ -95,6 +95,7 @@ async def start_rpc(
         authorizer=AuthorizerPool(
             workers=s.rpc_authorize_workers, budget_ms=s.rpc_authorize_budget_ms
         ),
+        limiter=RateLimiter(s.rpc_rate_per_s, s.rpc_burst),
     )
     await server.start()
     svc.key_watches.append(keyring_watch(server, s.rpc_keyring_file, svc))

@@ -43,7 +43,7 @@ from broker.transport import ConnectOptions, RequestSigner, read_nkey_seed, vali
 from services._cli_errors import run_until_signal
 from services._connection import client_options, pop_connection, with_connection
 from services.worknode._rpc import read_keyring
-from services.worknode._service import read_roster
+from services.worknode._service import read_roster_entries
 
 CALLER_ID = "worknode-call"
 """The signer id a CLI call's ``Worknode-Auth`` names (only a label: the server verifies the
@@ -118,7 +118,10 @@ def _caller(key: Path | None, conn: dict[str, Any], roster: Path | None) -> Requ
         raise click.UsageError("give --key: the signing key of the token's holder (a worknode "
                                "key file or an nkey seed)")
     try:
-        keys = TrustRoster(read_roster(roster)) if roster is not None else TrustRoster()
+        # With its roles (only nodes answer calls) and the previous keys of a rotation
+        # inside their overlap window (a node still signs with its old key until restart).
+        keys = (TrustRoster.from_entries(read_roster_entries(roster), now=time.time)
+                if roster is not None else TrustRoster())
     except WorknodeError as exc:
         raise click.ClickException(str(exc)) from None
     return RequestSigner(Signer(CALLER_ID, _read_seed(Path(path))), keys)
@@ -160,8 +163,11 @@ async def _call(
     verify_replies: bool,
 ) -> dict[str, Any]:
     async with options.transport(name="worknode-call") as transport:
+        keys = signer.keys
         client = RpcClient(transport, namespace=namespace, signer=signer,
-                           verify_replies=verify_replies)
+                           verify_replies=verify_replies,
+                           responders=keys.with_role("node")
+                           if isinstance(keys, TrustRoster) else None)
         r = await client.call(subject, worknode, method, arguments, token=token,
                               timeout_ms=timeout_ms)
     out: dict[str, Any] = {"status": r.status.label, "result": _jsonable(dict(r.result))}

@@ -98,6 +98,10 @@ class WorknodeSettings(NatsClientSettings):
     rpc_authorize_workers: int = Field(
         1, ge=1, le=64, description="Worker processes authorizing tokens not yet cached."
     )
+    rpc_rate_per_s: float = Field(
+        1_000, gt=0, description="RPC requests one token holder may make per second, on "
+        "this node (over it: RESOURCE_EXHAUSTED): one caller cannot take every slot.")
+    rpc_burst: int = Field(2_000, ge=1, description="RPC requests one holder may burst.")
     config_file: Path | None = None
 
     @field_validator("node_id")
