@@ -52,7 +52,7 @@ def exchange_cost(body_size: int, n: int = 200, rounds: int = 5) -> dict[str, li
     auth: RequestAuth = sign_request(a, subject=_SUBJECT, reply_root=_ROOT, body=body,
                                      headers=_HEADERS, now_ms=1, nonce=os.urandom(16))
     header = auth.header()
-    reply = sign_reply(b, auth.signature, body=body, headers=None, now_ms=1)
+    reply = sign_reply(b, auth.digest, body=body, headers=None, now_ms=1)
     steps: dict[str, Callable[[], Any]] = {
         "requester: sign request": lambda: sign_request(
             a, subject=_SUBJECT, reply_root=_ROOT, body=body, headers=_HEADERS, now_ms=1,
@@ -61,7 +61,7 @@ def exchange_cost(body_size: int, n: int = 200, rounds: int = 5) -> dict[str, li
             roster, header, subject=_SUBJECT, reply=_ROOT + ".x", body=body, headers=_HEADERS,
             now_ms=2),
         "responder: sign reply": lambda: sign_reply(
-            b, auth.signature, body=body, headers=None, now_ms=1),
+            b, auth.digest, body=body, headers=None, now_ms=1),
         "requester: verify reply": lambda: verify_reply(
             roster, reply, request=auth, body=body, headers={}),
     }

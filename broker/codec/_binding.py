@@ -7,7 +7,7 @@ signature over
 
     request:  REQUEST_DOMAIN | signer | subject | reply root | nonce | issued | expires
               | every other header (sorted) | SHA-256(body)
-    reply:    REPLY_DOMAIN | signer | the request's signature | issued
+    reply:    REPLY_DOMAIN | signer | SHA-256(the request's signed bytes, as received) | issued
               | every other header (sorted) | SHA-256(body)
 
 each field length-prefixed, so no two different messages sign the same bytes. Hence:
@@ -17,9 +17,13 @@ each field length-prefixed, so no two different messages sign the same bytes. He
   (``Worknode-Sync: announce`` cannot become ``request``) or another body; it expires
   (``expires``, at most ``MAX_LIFETIME_MS`` after ``issued``), and within its lifetime
   a ``ReplayGuard`` refuses it a second time (same signer and nonce);
-- a reply names the request it answers by that request's signature (unique, unforgeable), and
-  its own signer: a reply replayed to another request, or relayed from another responder, does
-  not verify for the requester, who also checks the signer is the one it asked.
+- a reply names the request it answers by the digest of that request's signed bytes (unique:
+  a nonce is in them) as the responder received them, and its own signer: a reply to a
+  request that only copied another's signature, with a body or headers of its own, names
+  other bytes than the genuine request's, so a responder's refusal of such a request is no
+  answer to the genuine one; a reply replayed to another request, or relayed from another
+  responder, does not verify for the requester, who also checks the signer is the one it
+  asked.
 
 Invariants: every verification failure is a ``SignatureError`` subclass, whatever the header
 holds; nothing here reads a clock or draws randomness (``now_ms`` and ``nonce`` are
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import heapq
 import re
@@ -64,6 +69,7 @@ __all__ = [
     "ReplayGuard",
     "RequestAuth",
     "parse_auth",
+    "request_digest",
     "sign_reply",
     "sign_request",
     "verify_reply",
@@ -109,6 +115,9 @@ class RequestAuth:
     """The inbox prefix the request's reply subject lies under ('' for a reply, or a request
     that expects none)."""
     signature: bytes
+    digest: bytes = b""
+    """SHA-256 of the request's signed bytes (what a reply binds to); set by
+    ``sign_request`` and ``verify_request``, empty when only parsed. Not in the header."""
 
     def header(self) -> str:
         """The header value."""
@@ -185,12 +194,12 @@ def _request_bytes(
 
 
 def _reply_bytes(
-    signer: str, request_signature: bytes, issued_ms: int,
+    signer: str, request_digest: bytes, issued_ms: int,
     headers: Mapping[str, str] | None, body: bytes,
 ) -> bytes:
     out: list[bytes] = []
     _field(out, signer.encode())
-    _field(out, request_signature)
+    _field(out, request_digest)
     out.append(issued_ms.to_bytes(8, "big"))
     _headers_part(out, headers)
     out.append(hashlib.sha256(body).digest())
@@ -225,7 +234,8 @@ def sign_request(
         signer.node_id, subject, reply_root, nonce, now_ms, expires, headers, body
     )
     return RequestAuth(
-        signer.node_id, nonce, now_ms, expires, reply_root, signer.sign(message, REQUEST_DOMAIN)
+        signer.node_id, nonce, now_ms, expires, reply_root,
+        signer.sign(message, REQUEST_DOMAIN), hashlib.sha256(message).digest(),
     )
 
 
@@ -264,20 +274,33 @@ def verify_request(
         auth.signer, subject, root, auth.nonce, auth.issued_ms, auth.expires_ms, headers, body
     )
     keys.verify(auth.signer, message, auth.signature, REQUEST_DOMAIN)
-    return auth
+    return dataclasses.replace(auth, digest=hashlib.sha256(message).digest())
+
+
+def request_digest(
+    auth: RequestAuth, *, subject: str, body: bytes, headers: Mapping[str, str] | None
+) -> bytes:
+    """SHA-256 of the signed bytes of the request whose (parsed, perhaps unverified) auth is
+    ``auth``, as received on ``subject`` with ``body`` and ``headers``: what a reply to it
+    binds to. Equal to the requester's ``RequestAuth.digest`` only for its genuine request."""
+    return hashlib.sha256(_request_bytes(
+        auth.signer, subject, auth.reply_root, auth.nonce, auth.issued_ms, auth.expires_ms,
+        headers, body,
+    )).digest()
 
 
 def sign_reply(
     signer: Signer,
-    request_signature: bytes,
+    request_digest: bytes,
     *,
     body: bytes,
     headers: Mapping[str, str] | None,
     now_ms: int,
 ) -> str:
-    """The ``AUTH_HEADER`` value of a reply to the request signed ``request_signature``
-    (``headers``: every other header the reply carries, exactly as sent)."""
-    message = _reply_bytes(signer.node_id, request_signature, now_ms, headers, body)
+    """The ``AUTH_HEADER`` value of a reply to the request whose signed bytes hash to
+    ``request_digest`` (``RequestAuth.digest``, or ``request_digest()`` of what arrived;
+    ``headers``: every other header the reply carries, exactly as sent)."""
+    message = _reply_bytes(signer.node_id, request_digest, now_ms, headers, body)
     signature = signer.sign(message, REPLY_DOMAIN)
     return RequestAuth(signer.node_id, b"", now_ms, 0, "", signature).header()
 
@@ -299,7 +322,9 @@ def verify_reply(
         raise BadSignatureError(
             f"reply signed by {auth.signer!r}, not by the responder asked (a relay?)"
         )
-    message = _reply_bytes(auth.signer, request.signature, auth.issued_ms, headers, body)
+    if not request.digest:
+        raise BadSignatureError("no request to bind the reply to (sign_request's auth needed)")
+    message = _reply_bytes(auth.signer, request.digest, auth.issued_ms, headers, body)
     keys.verify(auth.signer, message, auth.signature, REPLY_DOMAIN)
     return auth.signer
 
@@ -312,13 +337,21 @@ class ReplayGuard:
     default the signer), so that one identity flooding fresh requests is refused alone
     instead of filling the guard and locking every other requester out (None: no share).
     Expired requests leave in expiry order (a heap), so a full guard refuses in O(log n),
-    never by sweeping every entry on each request."""
+    never by sweeping every entry on each request.
+    ``not_before_ms``: when this guard's memory began (its process started). A request issued
+    before then is refused (``ExpiredRequestError``): the guard cannot know whether it was
+    served already, by the process that ran before a restart (a captured request replayed
+    after a restart is refused, not served twice). A request in flight across a restart is
+    refused too; its sender signs a new one."""
 
-    __slots__ = ("_capacity", "_counts", "_expiry", "_per_signer", "_seen")
+    __slots__ = ("_capacity", "_counts", "_expiry", "_per_signer", "_seen", "not_before_ms")
 
-    def __init__(self, capacity: int = 100_000, *, per_signer: int | None = None) -> None:
+    def __init__(
+        self, capacity: int = 100_000, *, per_signer: int | None = None, not_before_ms: int = 0
+    ) -> None:
         if capacity < 1 or (per_signer is not None and per_signer < 1):
             raise InvalidArgumentError("a replay guard holds at least one request")
+        self.not_before_ms = not_before_ms
         self._capacity = capacity
         self._per_signer = per_signer
         self._seen: dict[tuple[str, bytes], str] = {}
@@ -346,6 +379,10 @@ class ReplayGuard:
         ``ResourceExhaustedError`` when the guard, or ``owner``'s share of it, is full.
         ``owner``: who the request counts against (default its signer; the RPC server
         names the token's holder: there the signer id is only a label)."""
+        if auth.issued_ms < self.not_before_ms:
+            raise ExpiredRequestError(
+                f"request from {auth.signer!r} issued before this responder started"
+            )
         self._expire(now_ms)
         key = (auth.signer, auth.nonce)
         seen = self._seen

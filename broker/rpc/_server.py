@@ -470,7 +470,11 @@ class RpcServer:
         """Requests per token holder (a bucket per holder key), checked once the request is
         known to be the holder's (None: no limit)."""
         # A holder's share: one token holder's flood of fresh requests cannot lock out others.
-        self.replay = ReplayGuard(per_signer=REPLAY_SHARE)
+        # Requests issued before this server existed are refused: a request captured before
+        # a restart cannot be served twice.
+        self.replay = ReplayGuard(
+            per_signer=REPLAY_SHARE, not_before_ms=int(wall_clock() * 1000)
+        )
         self._holder_keys: dict[bytes, HolderKeys] = {}
         self._penalized: dict[bytes, float] = {}
         self._auth = (

@@ -879,7 +879,9 @@ class NatsTransport:
         an empty list when nobody answers (discovery uses this).
         ``headers``: sent with the request; ``accept``: a reply it refuses (a forged or
         replayed answer, say) is dropped as if it never came, so it neither counts nor ends
-        the wait."""
+        the wait. With ``accept`` a no-responders status does not end the wait either: it is
+        unsigned, and anyone allowed to answer could send one (an empty message with the
+        header ``Status: 503``) to cut the wait short; the window runs out instead."""
         if not timeout > 0:
             raise InvalidArgumentError(f"timeout must be > 0, got {timeout!r}")
         validate_subject(subject)
@@ -893,6 +895,8 @@ class NatsTransport:
 
         async def collect(nmsg: NatsMsg) -> None:
             if _no_responders(nmsg):
+                if accept is not None:
+                    return  # unverifiable: a responder could forge it (see the docstring)
                 # The server's status message, not a reply: nobody subscribes, so nobody
                 # will answer (the contract's empty list, at once).
                 enough.set()

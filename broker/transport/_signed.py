@@ -26,6 +26,7 @@ from broker.codec import (
     RequestAuth,
     Signer,
     parse_auth,
+    request_digest,
     sign_reply,
     sign_request,
     verify_reply,
@@ -70,7 +71,9 @@ class RequestSigner:
         self.keys = keys
         self.wall_ms = wall_ms
         self.nonce = nonce
-        self.replay = replay if replay is not None else ReplayGuard(per_signer=REPLAY_SHARE)
+        self.replay = replay if replay is not None else ReplayGuard(
+            per_signer=REPLAY_SHARE, not_before_ms=wall_ms()
+        )
 
     @property
     def node_id(self) -> str:
@@ -166,12 +169,14 @@ class RequestSigner:
         ``body``. A request without a readable auth gets a reply bound to nothing (its
         requester cannot verify it: only error replies go to such requests)."""
         try:
-            request_signature = parse_auth((msg.headers or {}).get(AUTH_HEADER)).signature
+            auth = parse_auth((msg.headers or {}).get(AUTH_HEADER))
+            digest = request_digest(auth, subject=msg.subject, body=msg.data,
+                                    headers=msg.headers)
         except CodecError:
-            request_signature = b""
+            digest = b""
         out = dict(headers or {})
         out[AUTH_HEADER] = sign_reply(
-            self.signer, request_signature, body=body, headers=headers, now_ms=self.wall_ms()
+            self.signer, digest, body=body, headers=headers, now_ms=self.wall_ms()
         )
         return out
 

@@ -47,6 +47,7 @@ from broker.codec import (
     TrustRoster,
     WireCodec,
     parse_auth,
+    request_digest,
     sign_reply,
 )
 from broker.crdt import ORMap
@@ -413,8 +414,8 @@ async def _sync_reply_run(h: Harness, data: bytes, rng: random.Random) -> str:
     async def answer(subject: str, payload: bytes, **kw: Any) -> list[Msg]:
         # The peer's reply, signed and bound to the request, so the case reaches the decoder.
         request = parse_auth(kw["headers"][AUTH_HEADER])
-        auth = sign_reply(PEER_SIGNER, request.signature, body=data, headers=None,
-                          now_ms=T0 >> 16)
+        digest = request_digest(request, subject=subject, body=payload, headers=kw["headers"])
+        auth = sign_reply(PEER_SIGNER, digest, body=data, headers=None, now_ms=T0 >> 16)
         reply = Msg("_INBOX.fuzz", data, "", {AUTH_HEADER: auth})
         return [reply] if kw["accept"](reply) else []
 

@@ -230,9 +230,6 @@ async def _served(call: Callable[[], Awaitable[object]]) -> None:
             await asyncio.sleep(0.05)
 
 
-@pytest.mark.xfail(strict=True, reason="review i16 finding 4: replay guards live in memory, "
-                   "one per node: a captured request replayed after a restart or to another "
-                   "node of the queue group is served again (incr applied twice)")
 async def test_a_captured_incr_replayed_after_a_restart_is_refused(
     tmp_path: Path, nats_server: EmbeddedNatsServer
 ) -> None:
@@ -315,10 +312,6 @@ async def test_a_writer_answering_nothing_new_does_not_end_a_nodes_catch_up(
 # -- finding 6: a node signs error replies bound to an unverified request signature ----------
 
 
-@pytest.mark.xfail(strict=True, reason="review i16 finding 6: an error reply is bound to the "
-                   "signature field of a request that never verified, so whoever sees a "
-                   "request's signature obtains the node's signed answer to it (a forged "
-                   "refusal the real requester accepts)")
 async def test_a_refusal_is_never_bound_to_a_signature_the_node_did_not_verify(
     tmp_path: Path, nats_server: EmbeddedNatsServer
 ) -> None:
@@ -397,9 +390,6 @@ async def test_rpc_rate_limits_each_token_holder(
 # -- finding 9: an unsigned "no responders" status from a writer ends a node's catch-up ------
 
 
-@pytest.mark.xfail(strict=True, reason="review i16 finding 9: request_many ends at once on any "
-                   "empty message with a 'Status: 503' header, before the signed-reply check: "
-                   "a writer (allow_responses) suppresses catch-up with one unsigned header")
 async def test_a_forged_no_responders_status_does_not_end_a_catch_up(
     tmp_path: Path, nats_server: EmbeddedNatsServer
 ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,6 +15,7 @@ from broker.codec import (
     Signer,
     TrustRoster,
     parse_auth,
+    request_digest,
     sign_reply,
     sign_request,
     verify_reply,
@@ -60,8 +63,8 @@ def _verify(value: str | None, **kw: object) -> object:
 def test_a_request_verifies_as_sent() -> None:
     value, auth = _request()
     got = _verify(value)
-    assert got == auth
-    assert parse_auth(value) == auth
+    assert got == auth  # the digest too: what the responder binds its reply to
+    assert parse_auth(value) == dataclasses.replace(auth, digest=b"")  # type: ignore[type-var]
 
 
 @pytest.mark.parametrize(
@@ -152,7 +155,7 @@ def test_a_reply_is_bound_to_its_request_and_its_signer() -> None:
     _, req = _request()
     _, other = _request(nonce=b"o" * 16)
     body, headers = b"state", {"Nats-Service-Error-Code": "400"}
-    value = sign_reply(B, req.signature, body=body, headers=headers, now_ms=NOW)  # type: ignore[attr-defined]
+    value = sign_reply(B, req.digest, body=body, headers=headers, now_ms=NOW)  # type: ignore[attr-defined]
     hdrs = {**headers, AUTH_HEADER: value}
     assert verify_reply(ROSTER, value, request=req, body=body, headers=hdrs) == "node-b"  # type: ignore[arg-type]
     # Replayed to another request:
@@ -207,3 +210,26 @@ def test_rate_limiter_refills_and_is_bounded() -> None:
     assert lim.allow("b", 0)
     assert lim.allow("c", 0)
     assert len(lim._buckets) == 2
+
+
+def test_a_guard_refuses_requests_issued_before_it_started() -> None:
+    # What a restarted responder cannot remember it refuses: a request captured before.
+    guard = ReplayGuard(not_before_ms=NOW + 1)
+    with pytest.raises(ExpiredRequestError):
+        guard.check(_request()[1], NOW + 5)  # type: ignore[arg-type]
+    guard.check(_request(now=NOW + 1)[1], NOW + 5)  # type: ignore[arg-type]
+
+
+def test_a_refusal_of_a_request_with_a_copied_signature_answers_nothing() -> None:
+    # Review i16 finding 6: a reply binds to the request's signed bytes as received, so a
+    # junk request carrying a genuine request's signature gets a reply no requester accepts.
+    value, genuine = _request()
+    junk = parse_auth(value)  # the same header (signature), another body
+    digest = request_digest(junk, subject=SUBJECT, body=b"junk", headers=HEADERS)
+    refusal = sign_reply(B, digest, body=b"", headers=None, now_ms=NOW)
+    with pytest.raises(BadSignatureError):
+        verify_reply(ROSTER, refusal, request=genuine, body=b"", headers={})  # type: ignore[arg-type]
+    same = request_digest(junk, subject=SUBJECT, body=BODY, headers=HEADERS)
+    assert same == genuine.digest  # type: ignore[attr-defined]
+    ok = sign_reply(B, same, body=b"", headers=None, now_ms=NOW)
+    assert verify_reply(ROSTER, ok, request=genuine, body=b"", headers={}) == "node-b"  # type: ignore[arg-type]
