@@ -152,7 +152,7 @@ def _deltas() -> list[ORMap]:
 
 
 def _seal(codec: WireCodec, subject: str, doc: ORMap, *, state: bool = False) -> bytes:
-    return codec.seal(PEER_SIGNER, subject=subject, hlc=T0 + 10, sequence=1, document=doc,
+    return codec.seal(PEER_SIGNER, subject=subject, hlc=T0 + 1_000, sequence=1, document=doc,
                       is_state=state)
 
 

@@ -101,6 +101,9 @@ async def _cluster(
             node_id=n, namespace=NS, subjects=[SUBJECT], nats_urls=[url], state_dir=tmp / n,
             metrics_port=None, store_sync="normal", rpc_keyring_file=keyring,
             rpc_max_in_flight=MAX_IN_FLIGHT, flush_interval_ms=2,
+            # The in-flight bound is what these tests flood, not the per-holder rate limit
+            # (tests/integration/test_review_i16.py covers that one).
+            rpc_rate_per_s=1e6, rpc_burst=1_000_000,
         )
         for n in names
     }
