@@ -613,18 +613,12 @@ class RpcServer:
                 handed_off = True
                 return self._authorize_then_run(subject, m, key, req, admitted, t0)
             ctx = admitted
-            try:
-                out = m.handler(ctx)
-            except TimeoutError:
-                raise self._late(m, req) from None
-            if isinstance(out, Awaitable):
+            out = self._invoke(m, req, ctx)
+            if not isinstance(out, bytes):
                 handed_off = True
                 return self._finish(subject, m, key, req, ctx.deadline, out, t0)
-            if _monotonic() * 1000.0 > ctx.deadline.at_ms:
-                raise self._late(m, req)  # the late result is discarded
-            body = encode_response(self.codec, _response(out, req))
             code = StatusCode.OK
-            return body
+            return out
         except ErrorReply:
             raise
         except Exception as exc:
@@ -666,18 +660,12 @@ class RpcServer:
                 raise RpcNotFoundError(pending.missing)
             if ctx.deadline.expired(_now_ms()):
                 raise DeadlineExceededError("deadline passed before the handler ran")
-            try:
-                out = m.handler(ctx)
-            except TimeoutError:
-                raise self._late(m, req) from None
-            if isinstance(out, Awaitable):
+            out = self._invoke(m, req, ctx)
+            if not isinstance(out, bytes):
                 handed_off = True
                 return await self._finish(subject, m, key, req, ctx.deadline, out, t0)
-            if ctx.deadline.expired(_now_ms()):
-                raise self._late(m, req)
-            body = encode_response(self.codec, _response(out, req))
             code = StatusCode.OK
-            return body
+            return out
         except ErrorReply:
             raise
         except Exception as exc:
@@ -721,6 +709,20 @@ class RpcServer:
             raise self._error_reply(subject, m.name, exc, req.trace_id) from None
         finally:
             self._done(key, code, t0)
+
+    def _invoke(self, m: _Method, req: Request, ctx: CallContext) -> bytes | Awaitable[Any]:
+        """Run the handler: the encoded response of a plain function, or the awaitable a
+        coroutine handler returned (``_finish`` awaits it under the deadline). A result past
+        the deadline is discarded (``DeadlineExceededError``)."""
+        try:
+            out = m.handler(ctx)
+        except TimeoutError:
+            raise self._late(m, req) from None
+        if isinstance(out, Awaitable):
+            return out
+        if _monotonic() * 1000.0 > ctx.deadline.at_ms:
+            raise self._late(m, req)  # the late result is discarded
+        return encode_response(self.codec, _response(out, req))
 
     @staticmethod
     def _late(m: _Method, req: Request) -> DeadlineExceededError:

@@ -21,10 +21,8 @@ node-a can neither write nor restart cleanly; the wipe erases every key at once.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from broker.codec import Signer, TrustRoster, WireCodec
@@ -34,18 +32,10 @@ from broker.crdt._stores import LWWStore, MapStore
 from broker.transport import EmbeddedNatsServer, NatsTransport, delta_subject
 from services.worknode import WorknodeService, load_or_create_signer
 from services.worknode._settings import WorknodeSettings
-from tests.integration._nodes import SUBJECT, node_settings, roster_of
+from tests.integration._nodes import SUBJECT, eventually, node_settings, roster_of
 
 DELTA = delta_subject("default", SUBJECT)
 HONEST = ("node-a", "node-c")
-
-
-async def _eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached in {timeout} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 def _byzantine(svc: WorknodeService, reason: str, signer: str) -> float:
@@ -110,7 +100,7 @@ class Cluster:
 
     async def converged(self, timeout: float = 20) -> None:
         for name in self.svcs:
-            await _eventually(lambda name=name: not self.missing(name), timeout,  # type: ignore[misc]
+            await eventually(lambda name=name: not self.missing(name), timeout,  # type: ignore[misc]
                               f"{name} holds every acknowledged write")
 
     def seal(self, document: ORMap) -> bytes:
@@ -147,7 +137,7 @@ async def test_a_delta_signed_by_b_carrying_a_dot_of_a_is_rejected(
             await attacker.publish(DELTA, c.seal(forged))
         for name in HONEST:
             svc = c.svcs[name]
-            await _eventually(
+            await eventually(
                 lambda svc=svc: _byzantine(svc, "foreign_dot", "node-b") >= 1  # type: ignore[misc]
                 or "forged" in svc.replica(SUBJECT).tree,
                 20, f"{name} handled the forgery")
@@ -183,7 +173,7 @@ async def test_a_brick_context_is_rejected_and_node_a_keeps_writing_and_restarts
         for name in HONEST:
             svc = c.svcs[name]
             state = svc.replica(SUBJECT).state
-            await _eventually(
+            await eventually(
                 lambda svc=svc, state=state: (  # type: ignore[misc]
                     (_byzantine(svc, "dot_range", "node-b") >= 3
                      and _byzantine(svc, "clock_range", "node-b") >= 1)
@@ -231,12 +221,12 @@ async def test_a_wipe_claiming_every_dot_plus_1000_erases_nothing(
             await attacker.publish(DELTA, c.seal(wipe))
         for name in HONEST:
             svc = c.svcs[name]
-            await _eventually(
+            await eventually(
                 lambda svc=svc, name=name: (  # type: ignore[misc]
                     _held(svc) > held_before[name] or bool(c.missing(name))),
                 20, f"{name} handled the wipe")
             assert not c.missing(name), f"{name} lost acknowledged writes to the wipe"
-            await _eventually(
+            await eventually(
                 lambda svc=svc: _byzantine(svc, "unbacked_context", "node-b") >= 1,  # type: ignore[misc]
                 20, f"{name} rejects the held wipe")
             assert svc.replica(SUBJECT).machine.held == 0

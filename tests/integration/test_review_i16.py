@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -27,7 +26,7 @@ from broker.rpc import (
 )
 from broker.transport import EmbeddedNatsServer, Msg, NatsTransport, RequestSigner
 from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
-from tests.integration._nodes import SUBJECT, node_settings
+from tests.integration._nodes import SUBJECT, node_settings, run_cli
 
 WAIT = 30.0
 POLL = 0.05
@@ -50,6 +49,19 @@ def _key(svc: WorknodeService) -> bytes:
 
 def sample(svc: WorknodeService, name: str, **labels: str) -> float:
     return svc.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+ROOT = RootKey(1, bytes(range(32)))
+
+
+def _rpc_node_settings(tmp_path: Path, url: str, **extra: Any) -> WorknodeSettings:
+    """Node n1 serving RPC with a keyring of ``ROOT`` alone (``extra``: more settings)."""
+    keyring = tmp_path / "keyring.json"
+    keyring.write_text(json.dumps({"1": ROOT.public_key.hex()}))
+    return WorknodeSettings(
+        node_id="n1", namespace=NS, subjects=[SUBJECT], nats_urls=[url],
+        state_dir=tmp_path / "n1", metrics_port=None, store_sync="normal",
+        rpc_keyring_file=keyring, **extra)
 
 
 # -- finding 1: a root key ADDED to the keyring by a reload ----------------------------------
@@ -96,13 +108,8 @@ async def test_one_holder_flooding_fresh_requests_cannot_lock_other_callers_out(
     filled by ONE token holder at ~1.7 k requests/s, and then every caller of the node was
     refused RESOURCE_EXHAUSTED. Here the guard is scaled down (8 entries, 2 per holder);
     the attacker varies its signer label (only a label in RPC) to dodge a per-id share."""
-    root = RootKey(1, bytes(range(32)))
-    keyring = tmp_path / "keyring.json"
-    keyring.write_text(json.dumps({"1": root.public_key.hex()}))
-    svc = WorknodeService(WorknodeSettings(
-        node_id="n1", namespace=NS, subjects=[SUBJECT], nats_urls=[nats_server.url],
-        state_dir=tmp_path / "n1", metrics_port=None, store_sync="normal",
-        rpc_keyring_file=keyring))
+    root = ROOT
+    svc = WorknodeService(_rpc_node_settings(tmp_path, nats_server.url))
     attacker_seed, honest_seed = bytes(range(5, 37)), bytes(range(9, 41))
     grants = [Grant(NS, SUBJECT, "root", ("get",))]
 
@@ -139,19 +146,9 @@ async def test_one_holder_flooding_fresh_requests_cannot_lock_other_callers_out(
 # -- finding 3: `worknode call --roster` drops roles and previous keys ------------------------
 
 
+
 async def _cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", *args, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli(*args, cwd=REPO)
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -233,13 +230,8 @@ async def _served(call: Callable[[], Awaitable[object]]) -> None:
 async def test_a_captured_incr_replayed_after_a_restart_is_refused(
     tmp_path: Path, nats_server: EmbeddedNatsServer
 ) -> None:
-    root = RootKey(1, bytes(range(32)))
-    keyring = tmp_path / "keyring.json"
-    keyring.write_text(json.dumps({"1": root.public_key.hex()}))
-    settings = WorknodeSettings(
-        node_id="n1", namespace=NS, subjects=[SUBJECT], nats_urls=[nats_server.url],
-        state_dir=tmp_path / "n1", metrics_port=None, store_sync="normal",
-        rpc_keyring_file=keyring)
+    root = ROOT
+    settings = _rpc_node_settings(tmp_path, nats_server.url)
     caller = Signer("caller", bytes(range(5, 37)))
     token = mint(root, [Grant(NS, SUBJECT, "root", ("*",))], expires_at=time.time() + 600,
                  holder=caller.public_key)
@@ -324,13 +316,7 @@ async def test_a_refusal_is_never_bound_to_a_signature_the_node_did_not_verify(
     from broker.errors import SignatureError
     from broker.transport import rpc_subject
 
-    root = RootKey(1, bytes(range(32)))
-    keyring = tmp_path / "keyring.json"
-    keyring.write_text(json.dumps({"1": root.public_key.hex()}))
-    svc = WorknodeService(WorknodeSettings(
-        node_id="n1", namespace=NS, subjects=[SUBJECT], nats_urls=[nats_server.url],
-        state_dir=tmp_path / "n1", metrics_port=None, store_sync="normal",
-        rpc_keyring_file=keyring))
+    svc = WorknodeService(_rpc_node_settings(tmp_path, nats_server.url))
     victim = RequestSigner(Signer("victim", bytes(range(5, 37))), TrustRoster())
     async with AsyncExitStack() as stack:
         stack.push_async_callback(svc.stop)
@@ -357,13 +343,9 @@ async def test_rpc_rate_limits_each_token_holder(
     """The README: "every signed endpoint rate-limits each caller". The RPC endpoints did
     not: one holder could take every in-flight slot and all the authorizer's time. Now each
     holder has a bucket (``rpc_rate_per_s``, ``rpc_burst``); another holder is still served."""
-    root = RootKey(1, bytes(range(32)))
-    keyring = tmp_path / "keyring.json"
-    keyring.write_text(json.dumps({"1": root.public_key.hex()}))
-    svc = WorknodeService(WorknodeSettings(
-        node_id="n1", namespace=NS, subjects=[SUBJECT], nats_urls=[nats_server.url],
-        state_dir=tmp_path / "n1", metrics_port=None, store_sync="normal",
-        rpc_keyring_file=keyring, rpc_rate_per_s=0.001, rpc_burst=2))
+    root = ROOT
+    svc = WorknodeService(_rpc_node_settings(tmp_path, nats_server.url, rpc_rate_per_s=0.001,
+                                             rpc_burst=2))
     seeds = bytes(range(5, 37)), bytes(range(9, 41))
 
     async with AsyncExitStack() as stack:

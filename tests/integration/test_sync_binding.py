@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +41,10 @@ from broker.transport import (
 )
 from services.worknode import WorknodeService, load_or_create_signer
 from services.worknode._settings import WorknodeSettings
-from tests.integration._nodes import SUBJECT, node_settings, roster_of
+from tests.integration._nodes import SUBJECT, eventually, node_settings, roster_of
 
 SYNC = sync_subject("default", SUBJECT)
 _TO = "Worknode-To"
-
-
-async def _eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached in {timeout} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 def _refused(svc: WorknodeService, reason: str) -> float:
@@ -130,7 +122,7 @@ async def test_a_replayed_nothing_new_reply_is_rejected_and_the_node_catches_up(
             rb = b.replica(SUBJECT)
             await ra.create("seed")
             await ra.flush()
-            await _eventually(lambda: "seed" in rb.tree, 10, "b sees seed")
+            await eventually(lambda: "seed" in rb.tree, 10, "b sees seed")
             # Captured on the bus: b asks a, b lacks nothing, a answers "nothing new".
             body = rb._context_envelope()
             headers, _ = _signer(settings[1], roster).sign(
@@ -167,7 +159,7 @@ async def test_a_replayed_nothing_new_reply_is_rejected_and_the_node_catches_up(
                     if f"w{i}" not in rb.tree or rb.tree.fields(f"w{i}").get("n") != i
                 ]
 
-            await _eventually(lambda: not missing(), 30, "b holds every acknowledged write")
+            await eventually(lambda: not missing(), 30, "b holds every acknowledged write")
             assert replays >= 1, "the captured reply was replayed to b's request"
             rejected = b.metrics.rejected_envelopes.labels(SUBJECT, "bad_signature")
             assert rejected._value.get() >= replays
@@ -197,13 +189,13 @@ async def test_an_announce_replayed_as_a_request_is_refused_unopened(
             ra, rb = a.replica(SUBJECT), b.replica(SUBJECT)
             await ra.create("x")
             await ra.flush()
-            await _eventually(lambda: "x" in rb.tree, 10, "b sees x")
+            await eventually(lambda: "x" in rb.tree, 10, "b sees x")
             counting = CountingCodec(ra.codec)
             ra.codec = counting  # type: ignore[assignment]
             announces.clear()
             await rb.announce()
-            await _eventually(lambda: bool(announces), 10, "b's announce captured")
-            await _eventually(lambda: announces[-1].data in counting.sync_opened, 10,
+            await eventually(lambda: bool(announces), 10, "b's announce captured")
+            await eventually(lambda: announces[-1].data in counting.sync_opened, 10,
                               "a read b's announce")
             served, refused = _served(a), _refused(a, "bad_signature")
             # The amplification: the same bytes, the header flipped to "request".
@@ -216,7 +208,7 @@ async def test_an_announce_replayed_as_a_request_is_refused_unopened(
             except TransportTimeoutError:
                 answered = False
             assert not answered, "an announce replayed as a request got a state"
-            await _eventually(lambda: _refused(a, "bad_signature") == refused + 1, 10,
+            await eventually(lambda: _refused(a, "bad_signature") == refused + 1, 10,
                               "a counts the refusal")
             assert _served(a) == served
             # Opened once, as the announce it is; its replay was refused before.
@@ -235,7 +227,7 @@ async def test_a_captured_request_replayed_20_times_is_answered_once(
         ra, rb = a.replica(SUBJECT), b.replica(SUBJECT)
         await ra.create("x")
         await ra.flush()
-        await _eventually(lambda: "x" in rb.tree, 10, "b sees x")
+        await eventually(lambda: "x" in rb.tree, 10, "b sees x")
         body = rb._context_envelope()
         headers, _ = _signer(settings[1], roster).sign(
             SYNC, body, {SYNC_HEADER: "request", _TO: "a", FULL_HEADER: "1"},
@@ -250,7 +242,7 @@ async def test_a_captured_request_replayed_20_times_is_answered_once(
         answered = [o for o in outcomes if isinstance(o, Msg)]
         assert not answered, f"{len(answered)} of 20 replays answered"
         assert all(isinstance(o, TransportTimeoutError) for o in outcomes)
-        await _eventually(lambda: _refused(a, "replayed") == 20, 10, "20 replays counted")
+        await eventually(lambda: _refused(a, "replayed") == 20, 10, "20 replays counted")
 
 
 async def test_unsigned_and_unknown_requests_are_refused_and_counted(
@@ -276,7 +268,7 @@ async def test_unsigned_and_unknown_requests_are_refused_and_counted(
             except TransportTimeoutError:
                 answered = False
             assert not answered
-        await _eventually(
+        await eventually(
             lambda: (_refused(a, "unsigned"), _refused(a, "unknown_signer")) == (1, 1), 10,
             "both refusals counted",
         )
