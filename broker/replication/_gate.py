@@ -39,6 +39,23 @@ Claims within range but not backed (neither seen here nor carried) are left to t
 (held); the machine holds one at most ``ReplicationConfig.max_hold`` seconds, then rejects it
 as ``unbacked_context``.
 
+Relayed state (catch-up replies, healer repairs). A replica's whole state holds every
+writer's entries, signed only by the replica that serves it: its signature vouches for its
+*own* dots and for what it saw removed, nothing more. ``relayed`` keeps of such a state what
+its relay can vouch for, measured against what the receiver has seen:
+
+- the relay's own entries and claims (a relay can forge only its own writes);
+- entries and claims of other writers' dots the receiver has already seen. Joining those
+  removes, on the receiver, only entries whose dots the relay claims and lacks: what the
+  relay saw removed, which is no more than the relay could do by deleting the keys itself;
+- nothing else: another writer's dot the receiver has not seen (an entry or a claim) is
+  stripped, its owner named in ``Relayed.stripped``. It arrives with its owner's own
+  signature instead (the owner's catch-up, or the owner's signed batch that a relay kept as
+  evidence and forwards unchanged, checked like any delta).
+
+A relay's claim or dot out of range (``dot_range``) or a timestamp above its envelope's
+(``clock_range``) refuses the whole state, as for a delta.
+
 Invariants: ``unseen_claims`` costs O(size of the delta's context) (its version vector read as
 ranges beyond the receiver's, stopping at the ``limit``-th missing dot) plus, only when some
 claim is neither covered nor exempt, one walk of the delta's store; it never walks the
@@ -48,6 +65,7 @@ receiver's state. Pure: no I/O, no clock.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from broker.crdt import CausalContext, ORMap
@@ -66,9 +84,11 @@ __all__ = [
     "BYZANTINE_REASONS",
     "MAX_COUNTER",
     "MAX_DOT_GAP",
+    "Relayed",
     "SequenceWindow",
     "forged",
     "held_dots",
+    "relayed",
     "unseen_claims",
 ]
 
@@ -165,6 +185,168 @@ def _store_reason(entry: Any, signer: str, top: int, hlc: int | None, depth: int
             if entry[i] > hlc:
                 return "clock_range"
     return None
+
+
+@dataclass(slots=True)
+class Relayed:
+    """What ``relayed`` keeps of a relayed state."""
+
+    document: ORMap | None
+    """The part the relay vouches for (None: refused, see ``reason``)."""
+    reason: str | None = None
+    """Why the whole state was refused (a ``BYZANTINE_REASONS`` member), or None."""
+    stripped: dict[str, int] = field(default_factory=dict)
+    """Owner -> the highest of its dots stripped (unseen here, not vouched by the relay)."""
+
+
+def relayed(
+    doc: ORMap,
+    relay: str,
+    seen: CausalContext,
+    *,
+    hlc: int | None = None,
+    max_gap: int = MAX_DOT_GAP,
+) -> Relayed:
+    """Keep of ``doc`` (a state or delta served by ``relay``) what ``relay`` vouches for,
+    measured against ``seen`` (the receiver's context); see the module doc. ``hlc``: the
+    relay's envelope timestamp (checked against the receiver's clock), above which no
+    last-writer-wins timestamp may be.
+
+    Costs one walk of ``doc``'s store plus O(its context's size + ``seen``'s cloud); never
+    walks the receiver's state. Pure: ``doc`` is not modified."""
+    tops: dict[str, int] = {}
+    stripped: dict[str, int] = {}
+    ctx = doc.context
+    for r, n in ctx._vv.items():
+        if n > _top(tops, seen, r, max_gap):
+            return Relayed(None, "dot_range")
+    for r, ns in ctx._cloud.items():
+        if max(ns) > _top(tops, seen, r, max_gap):
+            return Relayed(None, "dot_range")
+    try:
+        store = None if doc.store is None else _keep(
+            doc.store, relay, seen, tops, max_gap, hlc, stripped, 1)
+    except _Refused as exc:
+        return Relayed(None, exc.reason)
+    # The context: the relay's own claims as they are; another writer's only as far as the
+    # receiver has seen them (their intersection).
+    vv: dict[str, int] = {}
+    cloud: list[Dot] = []
+    seen_vv = seen._vv
+    for r, n in ctx._vv.items():
+        if r == relay:
+            vv[r] = n
+            continue
+        mine = seen_vv.get(r, 0)
+        vv[r] = min(n, mine)
+        if n > mine:
+            # The receiver's out-of-order dots the relay's vector covers: seen by both.
+            unseen = [k for k in seen._cloud.get(r, ()) if mine < k <= n]
+            if len(unseen) < n - mine:
+                stripped[r] = max(stripped.get(r, 0), n)
+            cloud += [(r, k) for k in unseen]
+    for r, ns in ctx._cloud.items():
+        for k in ns:
+            if r == relay or seen.covers(r, k):
+                cloud.append((r, k))
+            else:
+                stripped[r] = max(stripped.get(r, 0), k)
+    out = ORMap(store, CausalContext(vv, cloud), is_delta=doc.is_delta)
+    return Relayed(out, None, stripped)
+
+
+class _Refused(Exception):
+    """A relayed store's dot or timestamp out of range (internal to ``relayed``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _top(tops: dict[str, int], seen: CausalContext, r: str, max_gap: int) -> int:
+    t = tops.get(r)
+    if t is None:
+        t = tops[r] = min(seen.max_counter(r) + max_gap, MAX_COUNTER)
+    return t
+
+
+def _keep(
+    entry: Any,
+    relay: str,
+    seen: CausalContext,
+    tops: dict[str, int],
+    max_gap: int,
+    hlc: int | None,
+    stripped: dict[str, int],
+    depth: int,
+) -> Any:
+    """``entry`` without the dots ``relay`` cannot vouch for (None if nothing is left)."""
+    t = type(entry)
+    if t is MapStore:
+        if depth > MAX_NESTING_DEPTH:
+            raise NestingDepthError(f"maps nest deeper than {MAX_NESTING_DEPTH}")
+        out = MapStore()
+        for key, child in entry.items():
+            kept = _keep(child, relay, seen, tops, max_gap, hlc, stripped, depth + 1)
+            if kept is not None:
+                out[key] = kept
+        return out or None
+    if t is Whole:
+        if entry.store is None:
+            return entry
+        kept = _keep(entry.store, relay, seen, tops, max_gap, hlc, stripped, depth)
+        return None if kept is None else Whole(kept)
+    if t is KindStore:
+        kinds = KindStore()
+        for kind, store in entry.items():
+            kept = _keep(store, relay, seen, tops, max_gap, hlc, stripped, depth)
+            if kept is not None:
+                kinds[kind] = kept
+        if len(kinds) > 1:
+            return kinds
+        return next(iter(kinds.values())) if kinds else None
+    if t is SetStore:
+        elements = SetStore()
+        for element, ds in entry.items():
+            keep: list[Any] = []
+            for i in range(0, len(ds), 2):
+                if _vouched(ds[i], ds[i + 1], relay, seen, tops, max_gap, stripped):
+                    keep += ds[i : i + 2]
+            if keep:
+                elements[element] = tuple(keep)
+        return elements or None
+    if entry is None:
+        return None
+    stride = entry.STRIDE
+    if t is LWWStore and hlc is not None:
+        for i in range(2, len(entry), 4):
+            if entry[i] > hlc:
+                raise _Refused("clock_range")
+    kept_fun: list[Any] = []
+    for i in range(0, len(entry), stride):
+        if _vouched(entry[i], entry[i + 1], relay, seen, tops, max_gap, stripped):
+            kept_fun += entry[i : i + stride]
+    if len(kept_fun) == len(entry):
+        return entry
+    return t(kept_fun) if kept_fun else None
+
+
+def _vouched(
+    r: str,
+    n: int,
+    relay: str,
+    seen: CausalContext,
+    tops: dict[str, int],
+    max_gap: int,
+    stripped: dict[str, int],
+) -> bool:
+    """Whether the dot ``(r, n)`` of a relayed entry may be joined (range-checked)."""
+    if n > _top(tops, seen, r, max_gap):
+        raise _Refused("dot_range")
+    if r == relay or seen.covers(r, n):
+        return True
+    stripped[r] = max(stripped.get(r, 0), n)
+    return False
 
 
 def held_dots(delta: ORMap) -> set[Dot]:
