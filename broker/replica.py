@@ -42,7 +42,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Collection, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -60,6 +60,7 @@ from broker.crdt import (
     Add,
     Assign,
     Causal,
+    CausalContext,
     Create,
     HybridClock,
     Increment,
@@ -101,6 +102,7 @@ from broker.replication import (
     CatchupReplied,
     CatchupWanted,
     Changed,
+    Clipped,
     CommitFailed,
     Committed,
     DeltaReceived,
@@ -112,6 +114,7 @@ from broker.replication import (
     Publish,
     Published,
     PublishFailed,
+    Received,
     ReceivedLogged,
     Reconnected,
     RepairApplied,
@@ -126,6 +129,7 @@ from broker.replication import (
     Snapshot,
     SnapshotTaken,
     Started,
+    StateEvidence,
     SyncRequested,
     SyncWanted,
     TimerFired,
@@ -201,11 +205,21 @@ _SYNC: Final = SYNC_HEADER
 _TO: Final = "Worknode-To"
 _FULL: Final = FULL_HEADER
 _WRITER: Final = "Worknode-Writer"
+_EVIDENCE: Final = "Worknode-Evidence"
+"""Header of a message sent ahead of a catch-up answer, holding another writer's signed
+batch as it arrived (checked by the asker like any delta: its own writer's signature)."""
+_EVIDENCE_HEADERS: Final = {_EVIDENCE: "1"}
+MAX_EVIDENCE_MESSAGES: Final = 4096
+"""Evidence messages an asker takes with one catch-up answer, at most (more are dropped
+and counted; the next catch-up brings them)."""
 """Header on published batches naming the writer, so a replica drops its own echo unopened
 (the envelope inside is still what is trusted; the header only saves work)."""
 _REPLY_SLACK_MS: Final = 1_000
 """A catch-up request lives its timeout and this much more: refused once nobody waits."""
 _META_PUBLISHED: Final = "published"
+_META_EVIDENCE: Final = "evidence"
+"""Meta key of the evidence kept at the last snapshot: each envelope as a 4-byte big-endian
+length and its bytes, oldest first."""
 """Store meta key: ``{"sequence": last publish sequence, "upto": last record published}``."""
 
 
@@ -619,9 +633,12 @@ class Replica:
             raise written.error
         return written.delta
 
-    def _received_record(self, raw: bytes) -> bytes:
-        """The document of a received envelope (verified when it arrived), as a store record."""
+    def _received_record(self, raw: Received) -> bytes:
+        """The document of a received envelope (verified when it arrived), as a store record
+        (of a clipped one, the part joined)."""
         try:
+            if isinstance(raw, Clipped):
+                return self.codec.encode_document(raw.document)
             return self.codec.open(raw, None, keep_packed=True).packed_document
         except CodecError as exc:  # it opened when it arrived: only a codec defect gets here
             log.error("received state of %s not logged with a local write: %s",
@@ -812,7 +829,8 @@ class Replica:
             headers[_TO] = action.peer
         if action.full:
             headers[_FULL] = "1"
-        rejected: list[CodecError] = []
+        rejected: list[CodecError | ClockSkewError] = []
+        evidence: list[bytes] = []
         event: Event
         try:
             body = self._context_envelope()
@@ -829,6 +847,14 @@ class Replica:
                 # asked (or any roster member but this one) and sealing a state that peer
                 # wrote. Any other (a captured answer replayed, a relay) is counted and
                 # dropped, and the wait goes on for the real one.
+                if reply.headers and reply.headers.get(_EVIDENCE):
+                    # Another writer's signed batch, sent ahead of the answer: checked
+                    # below as a delta of its own writer's, whoever forwarded it.
+                    if len(evidence) < MAX_EVIDENCE_MESSAGES:
+                        evidence.append(reply.data)
+                    else:
+                        self.observer.rejected(self.config.subject, "too_much_evidence")
+                    return False
                 try:
                     replier = self.requests.check_reply(reply, auth, peers)
                     if replier == self.node_id:
@@ -841,6 +867,7 @@ class Replica:
                             f"a catch-up answered by {replier!r}, not a node of the roster"
                         )
                     env = self.codec.open(reply.data, self.roster, subject=self.sync_subject)
+                    self.clock.observe(env.hlc, self._now_ms())
                     if env.writer != replier:
                         raise BadSignatureError(
                             f"catch-up state sealed by {env.writer!r}, answered by {replier!r}"
@@ -852,7 +879,7 @@ class Replica:
                     # (an announce probe replayed as a reply would claim dots it lacks).
                     if document.is_delta and (document.store or document.context.size()):
                         raise MalformedMessageError("a catch-up reply is a full state or empty")
-                except CodecError as exc:
+                except (CodecError, ClockSkewError) as exc:
                     rejected.append(exc)
                     self.observer.rejected(self.config.subject, reject_reason(exc))
                     return False
@@ -866,7 +893,8 @@ class Replica:
             if opened:
                 reply, env, document = opened[0]
                 event = CatchupReplied(
-                    self._now(), env.writer, env.sequence, document, raw=reply.data
+                    self._now(), env.writer, env.sequence, document, raw=reply.data,
+                    hlc=env.hlc,
                 )
             else:
                 event = CatchupFailed(self._now(), "rejected" if rejected else "no_peer")
@@ -879,6 +907,13 @@ class Replica:
         except asyncio.CancelledError:
             done.cancel()  # stopping: whoever waits gets "no answer"
             raise
+        if self._running:
+            # The evidence first: the answer's state is then measured against a context
+            # that holds what the evidence brought.
+            for data in evidence:
+                received = self._open_evidence(data)
+                if received is not None:
+                    self._handle(received)
         done.set_result(isinstance(event, CatchupReplied))
         if self._running:
             self._handle(event)  # may start the next catch-up (retry or coalesced want)
@@ -900,6 +935,8 @@ class Replica:
             return
         headers = self.requests.reply_headers(msg, data)  # bound to the request it answers
         try:
+            for batch in action.evidence:  # ahead of the answer, which ends the asker's wait
+                await self.transport.respond(msg, batch, headers=_EVIDENCE_HEADERS)
             await self.transport.respond(msg, data, headers=headers)
         except TransportError:
             return
@@ -975,32 +1012,60 @@ class Replica:
     # -- internals: incoming -----------------------------------------------------------------
 
     async def _on_delta(self, msg: Msg) -> None:
-        subject = self.config.subject
+        if msg.headers and msg.headers.get(_WRITER) == self.node_id:
+            return  # our own batch, echoed by the server: skip verify and decode
+        claimed = msg.headers.get(_WRITER) if msg.headers else None
+        received = self._open_delta(msg.data, msg.subject, claimed)
+        if received is not None:
+            self._handle(received)
+
+    def _open_evidence(self, data: bytes) -> DeltaReceived | StateEvidence | None:
+        """Evidence forwarded with a catch-up answer: another writer's delta batch (sealed
+        for the delta subject) or its full state (sealed for the sync subject, as a catch-up
+        answer of its own), verified against that writer's key; None if refused (counted)."""
         try:
-            if msg.headers and msg.headers.get(_WRITER) == self.node_id:
-                return  # our own batch, echoed by the server: skip verify and decode
-            env = self.codec.open(msg.data, self.roster)
+            env = self.codec.open(data, self.roster)
+            if env.subject == self.delta_subject:
+                return self._open_delta(data, self.delta_subject)
+            if (
+                env.subject != self.sync_subject
+                or not isinstance(env.document, ORMap)
+                or env.document.is_delta
+            ):
+                raise MalformedMessageError("evidence is a writer's delta batch or full state")
             if env.writer == self.node_id:
-                return  # our own batch, echoed by the server
-            if env.subject != msg.subject:
-                self.observer.rejected(subject, "wrong_subject", env.writer)
-                return
+                return None
+            self.clock.observe(env.hlc, self._now_ms())
+        except (CodecError, ClockSkewError) as exc:
+            self.observer.rejected(self.config.subject, reject_reason(exc))
+            return None
+        return StateEvidence(self._now(), env.writer, env.document, data, env.hlc)
+
+    def _open_delta(
+        self, data: bytes, subject: str, claimed: str | None = None
+    ) -> DeltaReceived | None:
+        """A delta batch received on ``subject`` (or forwarded as evidence), verified and
+        decoded, or None (a refusal counted; ``claimed``: the writer an unsigned header
+        names, a lead for the log, not a proof)."""
+        try:
+            env = self.codec.open(data, self.roster)
+            if env.writer == self.node_id:
+                return None  # our own batch, echoed by the server (or forwarded back)
+            if env.subject != subject:
+                self.observer.rejected(self.config.subject, "wrong_subject", env.writer)
+                return None
             if not isinstance(env.document, ORMap):
-                self.observer.rejected(subject, "wrong_kind", env.writer)
-                return
+                self.observer.rejected(self.config.subject, "wrong_kind", env.writer)
+                return None
             now_ms = self._now_ms()
             self.clock.observe(env.hlc, now_ms)
         except (CodecError, ClockSkewError) as exc:
-            # The writer the (unsigned) header claims: a lead for the log, not a proof.
-            claimed = msg.headers.get(_WRITER) if msg.headers else None
-            self.observer.rejected(subject, reject_reason(exc), claimed)
-            return
+            self.observer.rejected(self.config.subject, reject_reason(exc), claimed)
+            return None
         lag_ms = max(0.0, now_ms - (env.hlc >> 16))
-        self._handle(
-            DeltaReceived(
-                self._now(), env.writer, env.sequence, env.document, len(msg.data),
-                (env.version, len(msg.data), lag_ms), raw=msg.data, hlc=env.hlc,
-            )
+        return DeltaReceived(
+            self._now(), env.writer, env.sequence, env.document, len(data),
+            (env.version, len(data), lag_ms), raw=data, hlc=env.hlc,
         )
 
     def add_change_listener(self, listener: Callable[[Collection[str] | None], None]) -> None:
@@ -1181,10 +1246,25 @@ class Replica:
                 unpublished=batch,
                 unpublished_ops=len(unpublished),
                 quarantined=frozenset(key for key, _ in self.load_errors),
+                evidence=self._load_evidence(await asyncio.to_thread(
+                    self.store.get_meta, self.config.subject, _META_EVIDENCE)),
             ),
         )
         self._saved_sequence = sequence
         self._changed(None)
+
+    def _load_evidence(self, blob: bytes | None) -> tuple[tuple[str, CausalContext, bytes], ...]:
+        """The evidence stored with the last snapshot, each envelope verified again (a
+        writer since removed from the roster is no evidence any more)."""
+        out: list[tuple[str, CausalContext, bytes]] = []
+        for raw in _unframe(blob or b""):
+            try:
+                env = self.codec.open(raw, self.roster)
+            except CodecError:
+                continue
+            if isinstance(env.document, ORMap):
+                out.append((env.writer, env.document.context, raw))
+        return tuple(out)
 
     def _decode_stored(self, data: bytes) -> ORMap:
         """A stored snapshot or record. A top-level key whose content the codec refuses is
@@ -1209,7 +1289,10 @@ class Replica:
             upto = self.machine.snapshot_upto()
             mark = self.machine.received_mark()
             data = self.codec.encode_document(self.machine.state)
+            evidence = _frame(self.machine.evidence(), self.store.max_record_bytes)
             await asyncio.to_thread(self.store.write_snapshot, self.config.subject, data, upto)
+            await asyncio.to_thread(
+                self.store.set_meta, self.config.subject, _META_EVIDENCE, evidence or None)
             if self._running:
                 self._handle(SnapshotTaken(self._now(), upto, mark))
             else:
@@ -1224,3 +1307,26 @@ class Replica:
 
     def __repr__(self) -> str:
         return f"<Replica {self.node_id} {self.delta_subject}>"
+
+
+def _frame(envelopes: Sequence[bytes], limit: int) -> bytes:
+    """The newest of ``envelopes`` that fit in ``limit`` bytes, framed (``_META_EVIDENCE``)."""
+    parts: list[bytes] = []
+    size = 0
+    for raw in reversed(envelopes):
+        size += 4 + len(raw)
+        if size > limit:
+            break
+        parts.append(len(raw).to_bytes(4, "big") + raw)
+    return b"".join(reversed(parts))
+
+
+def _unframe(blob: bytes) -> Iterator[bytes]:
+    """The envelopes of a ``_frame`` blob (a truncated tail is dropped)."""
+    i = 0
+    while i + 4 <= len(blob):
+        n = int.from_bytes(blob[i : i + 4], "big")
+        if i + 4 + n > len(blob):
+            return
+        yield blob[i + 4 : i + 4 + n]
+        i += 4 + n

@@ -19,6 +19,7 @@ __all__ = [
     "CatchupReplied",
     "CatchupWanted",
     "Changed",
+    "Clipped",
     "CommitFailed",
     "Committed",
     "DeltaReceived",
@@ -28,6 +29,7 @@ __all__ = [
     "Publish",
     "PublishFailed",
     "Published",
+    "Received",
     "ReceivedLogged",
     "Reconnected",
     "RepairApplied",
@@ -40,6 +42,7 @@ __all__ = [
     "Snapshot",
     "SnapshotTaken",
     "Started",
+    "StateEvidence",
     "SyncRequested",
     "SyncWanted",
     "TimerFired",
@@ -169,6 +172,9 @@ class CatchupReplied:
     document: ORMap
     raw: bytes = b""
     """The answer's envelope as received (see ``DeltaReceived.raw``)."""
+    hlc: int | None = None
+    """The answer's envelope timestamp (checked against this node's clock): no
+    last-writer-wins timestamp in the state may be above it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +209,19 @@ class AnnounceReceived:
     peer: str
     context: CausalContext
     sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StateEvidence:
+    """A catch-up answer came with ``writer``'s own full state (sealed by ``writer``, as a
+    relay kept it from an earlier catch-up): join what ``writer`` vouches for in it (its own
+    dots, and other writers' already seen here). ``hlc``: its envelope timestamp."""
+
+    now: float
+    writer: str
+    document: ORMap
+    raw: bytes
+    hlc: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +266,7 @@ Event = (
     Started | Committed | CommitFailed | SyncWanted | FlushWanted | Published | PublishFailed
     | DeltaReceived | CatchupWanted | SlowConsumer | Reconnected | CatchupReplied
     | CatchupFailed | SyncRequested | AnnounceReceived | RepairApplied | SnapshotTaken
-    | ReceivedLogged | TimerFired
+    | ReceivedLogged | TimerFired | StateEvidence
 )
 """Everything a replication machine reacts to."""
 
@@ -293,6 +312,10 @@ class SendState:
 
     reply_to: Any
     document: ORMap
+    evidence: tuple[bytes, ...] = ()
+    """Other writers' signed batches, as they arrived here, that the asker lacks dots of:
+    send them before ``document`` (the asker keeps of a relayed state only this replica's
+    own dots and what it saw; the rest travels under its writers' own signatures)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,12 +330,25 @@ class Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class Clipped:
+    """A received envelope of which only ``document`` was joined (a relayed state cut to
+    what its relay vouches for): ``document`` is what to log, never the envelope."""
+
+    raw: bytes
+    document: ORMap
+
+
+Received = bytes | Clipped
+"""A received envelope joined whole (its bytes), or in part (``Clipped``)."""
+
+
+@dataclass(frozen=True, slots=True)
 class LogReceived:
     """Log ``envelopes`` (received, joined here, kept past ``max_unlogged_bytes``) as store
     records marked received, in order with local writes' commits (after the commits already
     queued, before any queued later); report ``ReceivedLogged``."""
 
-    envelopes: tuple[bytes, ...]
+    envelopes: tuple[Received, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,7 @@ repairs. Pure: no I/O, no clock, no asyncio.
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -105,6 +106,7 @@ from broker.replication._events import (
     CatchupReplied,
     CatchupWanted,
     Changed,
+    Clipped,
     CommitFailed,
     Committed,
     DeltaReceived,
@@ -114,6 +116,7 @@ from broker.replication._events import (
     Publish,
     Published,
     PublishFailed,
+    Received,
     ReceivedLogged,
     Reconnected,
     RepairApplied,
@@ -126,11 +129,18 @@ from broker.replication._events import (
     Snapshot,
     SnapshotTaken,
     Started,
+    StateEvidence,
     SyncRequested,
     SyncWanted,
     TimerFired,
 )
-from broker.replication._gate import MAX_COUNTER, SequenceWindow, forged, unseen_claims
+from broker.replication._gate import (
+    MAX_COUNTER,
+    SequenceWindow,
+    forged,
+    relayed,
+    unseen_claims,
+)
 
 __all__ = [
     "DEFAULT_MAX_HELD_BYTES",
@@ -195,6 +205,13 @@ class ReplicationConfig:
     """Seconds after its last publish at which a replica announces its context and publish
     sequence once: a peer that lost that last batch (a removal issues no dot, and no later
     batch reveals a gap) then sees the sequence it lacks and asks for a full state."""
+    max_evidence_bytes: int = 6 * 1024 * 1024
+    """Bytes of other writers' signed batches kept as they arrived, at most (oldest dropped
+    first): a catch-up answer forwards the ones its asker lacks dots of, so their dots reach
+    it under their writers' own signatures (a relayed state carries only its relay's)."""
+    max_evidence_reply_bytes: int = 6 * 1024 * 1024
+    """Bytes of kept batches forwarded with one catch-up answer, at most (the asker's next
+    catch-up brings the rest)."""
     writable_kinds: frozenset[int] | None = None
     """Kinds a local write may create (the wire version this node writes carries them); None:
     every kind. A write of another kind fails with UnsupportedContentError before it
@@ -252,6 +269,10 @@ class Loaded:
     published_upto: int = 0
     unpublished: ORMap | None = None
     unpublished_ops: int = 0
+    evidence: tuple[tuple[str, CausalContext, bytes], ...] = ()
+    """Other writers' signed batches and states kept as evidence when the last snapshot was
+    taken (``ReplicationMachine.evidence``), oldest first: ``(writer, the envelope's
+    document's context, envelope)``."""
     quarantined: frozenset[str] = frozenset()
     """Top-level keys left out of ``state`` because their stored content was invalid. The
     state's context still claims their dots, so a plain join would never take them back: a
@@ -267,9 +288,28 @@ class Written:
     ops: int
     error: BaseException | None
     actions: list[Action]
-    received: list[bytes] = field(default_factory=list)
+    received: list[Received] = field(default_factory=list)
     """Envelopes joined here since the last snapshot, in join order: log them (marked
     received, never republished) in the same commit as ``delta`` and before it."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Evidence:
+    """A writer's signed batch kept as it arrived: it claims ``writer``'s dots 1..``upto``
+    and ``extra``."""
+
+    writer: str
+    upto: int
+    extra: tuple[int, ...]
+    raw: bytes
+    state: bool = False
+    """A full state of ``writer``'s (superseded by its next one), not a batch."""
+
+    def lacked_by(self, context: CausalContext) -> bool:
+        """Whether ``context`` lacks a dot of ``writer`` this batch claims."""
+        if self.upto and not context.covers(self.writer, self.upto):
+            return True  # (covers(w, upto) without 1..upto-1 is a hole below: asked for)
+        return any(not context.covers(self.writer, n) for n in self.extra)
 
 
 @dataclass(slots=True)
@@ -360,9 +400,15 @@ class ReplicationMachine:
         self._idle_announce_at: float | None = None
         # Envelopes joined since the last snapshot, not yet handed to a write to be logged:
         # entry i has absolute index _received_base + i (``received_mark``).
-        self._received: list[bytes] = []
+        self._received: list[Received] = []
         self._received_base = 0
         self._received_bytes = 0
+        # Other writers' signed batches as they arrived, oldest first (``_Evidence``).
+        self._evidence: deque[_Evidence] = deque()
+        self._evidence_bytes = 0
+        self._relay_refusal = ""  # why the last relayed state was refused
+        for writer, context, raw in loaded.evidence:
+            self._keep_evidence(writer, context, raw)
         self._handlers: dict[type[Any], Callable[[Any], list[Action]]] = {
             Started: self._on_started,
             Committed: self._on_committed,
@@ -380,6 +426,7 @@ class ReplicationMachine:
             SyncRequested: self._on_sync_requested,
             AnnounceReceived: self._on_announce,
             RepairApplied: self._on_repair,
+            StateEvidence: self._on_state_evidence,
             ReceivedLogged: self._on_received_logged,
             SnapshotTaken: self._on_snapshot_taken,
             TimerFired: self._on_timer,
@@ -411,6 +458,11 @@ class ReplicationMachine:
         """A mark of the envelopes joined so far; read it when encoding a snapshot and give it
         back in ``SnapshotTaken`` (the ones before it need no logging any more)."""
         return self._received_base + len(self._received)
+
+    def evidence(self) -> list[bytes]:
+        """The signed batches and states kept as evidence, oldest first (for the driver to
+        store with a snapshot and hand back in ``Loaded.evidence``)."""
+        return [e.raw for e in self._evidence]
 
     @property
     def unlogged_bytes(self) -> int:
@@ -496,7 +548,7 @@ class ReplicationMachine:
             raise error
         self.queued_ops += done
         keys = tuple(batch.store.keys()) if batch.store else ()
-        received: list[bytes] = []
+        received: list[Received] = []
         if self._received and LOG_CAUSAL_PAST:
             received, self._received = self._received, []
             self._received_base += len(received)
@@ -651,12 +703,17 @@ class ReplicationMachine:
         out: list[Action] = []
         doc = ev.document
         if not doc.is_delta or doc.store or doc.context.size():
-            self._merge_remote(doc, whole=not doc.is_delta)
-            out += self._keep_received(ev.raw)
-            if not doc.is_delta and ev.raw and LOG_CAUSAL_PAST:
-                out.append(Snapshot())  # covers it: a write meanwhile logs it once
-            out.append(Changed(None if not doc.is_delta else tuple(doc.store.keys())))
-            out += self._count_ops(max(1, len(doc)))
+            # A relayed state: only what the peer vouches for (its own dots, and other
+            # writers' that this replica saw) is joined; the rest comes under its writers'
+            # own signatures (the evidence sent ahead of this answer, or their catch-up).
+            merged = self._merge_relayed(doc, ev.peer, ev.raw, ev.hlc)
+            if merged is None:
+                self._catchup_running = True
+                return [
+                    Report("rejected", (self._relay_refusal, ev.peer)),
+                    *self._on_catchup_failed(CatchupFailed(ev.now, "rejected")),
+                ]
+            out += merged
         if not doc.is_delta:
             # The peer's state holds every batch it published up to ``ev.sequence``. An empty
             # answer ("your context covers mine") does not: a removal it published issues no
@@ -692,6 +749,39 @@ class ReplicationMachine:
                 self._catchup_peer = missing
         return out + self._pump_catchup(ev.now)
 
+    def _merge_relayed(
+        self, doc: ORMap, relay: str, raw: bytes, hlc: int | None
+    ) -> list[Action] | None:
+        """Join what ``relay`` vouches for in its ``doc`` (a catch-up answer, or a state kept
+        as evidence), marking the writers whose dots were stripped as owed; None (reason in
+        ``_relay_refusal``) if ``doc`` is refused whole."""
+        kept = relayed(doc, relay, self.tree.state.context, hlc=hlc)
+        if kept.document is None:
+            self._relay_refusal = kept.reason or "dot_range"
+            return None
+        out: list[Action] = []
+        for owner in sorted(kept.stripped):
+            if owner != self.node_id and owner not in self._given_up:
+                self._owed.setdefault(owner, 0)
+        clipped = kept.document
+        self._merge_remote(clipped, whole=not doc.is_delta)
+        if raw:
+            out += self._keep_received(raw if not kept.stripped else Clipped(raw, clipped))
+            if not doc.is_delta:
+                self._keep_evidence(relay, doc.context, raw, state=True)
+        if not doc.is_delta and raw and LOG_CAUSAL_PAST:
+            out.append(Snapshot())  # covers it: a write meanwhile logs it once
+        out.append(Changed(None if not doc.is_delta else tuple(doc.store.keys())))
+        return out + self._count_ops(max(1, len(doc)))
+
+    def _on_state_evidence(self, ev: StateEvidence) -> list[Action]:
+        out = self._merge_relayed(ev.document, ev.writer, ev.raw, ev.hlc)
+        if out is None:
+            return [Report("rejected", (self._relay_refusal, ev.writer))]
+        if self._held:
+            out += self._drain()
+        return out
+
     def _hole_writer(self) -> str | None:
         """A replica with a dot this state's context lacks below one it has (a lost batch)."""
         holes = [
@@ -724,7 +814,14 @@ class ReplicationMachine:
         mine = self.tree.state
         full = ev.full or lacks(ev.context, mine.context)
         document = mine if full else ORMap(is_delta=True)
-        return [SendState(ev.reply_to, document)]
+        evidence: list[bytes] = []
+        if full and self._evidence:
+            budget = self.config.max_evidence_reply_bytes
+            for item in self._evidence:
+                if item.lacked_by(ev.context) and len(item.raw) <= budget:
+                    evidence.append(item.raw)
+                    budget -= len(item.raw)
+        return [SendState(ev.reply_to, document, tuple(evidence))]
 
     def _on_announce(self, ev: AnnounceReceived) -> list[Action]:
         if ev.peer == self.node_id:
@@ -770,7 +867,8 @@ class ReplicationMachine:
         mark = self.received_mark() if ev.received_mark is None else ev.received_mark
         covered = max(0, min(len(self._received), mark - self._received_base))
         if covered:
-            self._received_bytes -= sum(len(r) for r in self._received[:covered])
+            self._received_bytes -= sum(
+                len(r.raw if isinstance(r, Clipped) else r) for r in self._received[:covered])
             del self._received[:covered]
             self._received_base += covered
         return []
@@ -779,13 +877,13 @@ class ReplicationMachine:
         self.last_record_seq = max(self.last_record_seq, ev.upto)
         return []
 
-    def _keep_received(self, raw: bytes) -> list[Action]:
+    def _keep_received(self, raw: Received) -> list[Action]:
         """Keep a joined envelope until a local write logs it or a snapshot covers it; past
         ``max_unlogged_bytes``, hand them all to the driver to log on their own."""
         if not raw:
             return []
         self._received.append(raw)
-        self._received_bytes += len(raw)
+        self._received_bytes += len(raw.raw if isinstance(raw, Clipped) else raw)
         if self._received_bytes > self.config.max_unlogged_bytes and LOG_CAUSAL_PAST:
             kept, self._received = tuple(self._received), []
             self._received_base += len(kept)
@@ -948,6 +1046,8 @@ class ReplicationMachine:
         whole = not doc.is_delta  # a full state: its entries are whole
         self._merge_remote(doc, whole=whole)
         self._windows.setdefault(item.writer, SequenceWindow()).add(item.sequence)
+        if item.raw:
+            self._keep_evidence(item.writer, doc.context, item.raw)
         out: list[Action] = [
             *self._keep_received(item.raw),
             Changed(None if whole else tuple(doc.store.keys()) if doc.store else ()),
@@ -963,6 +1063,29 @@ class ReplicationMachine:
             if self._catchup_peer is None:
                 self._catchup_peer = item.writer
         return out + self._count_ops(max(1, len(doc)))
+
+    def _keep_evidence(
+        self, writer: str, context: CausalContext, raw: bytes, *, state: bool = False
+    ) -> None:
+        """Keep ``writer``'s signed batch or full state (``state``; it replaces the one kept
+        before) as evidence of ``writer``'s dots, if it claims any; drop the oldest past
+        ``max_evidence_bytes``."""
+        if writer == self.node_id or len(raw) > self.config.max_evidence_bytes:
+            return
+        upto = context._vv.get(writer, 0)
+        extra = context._cloud.get(writer)
+        if not upto and not extra:
+            return  # no dot of its writer's: nothing a relay could not vouch for itself
+        if state:
+            old = [e for e in self._evidence if e.state and e.writer == writer]
+            for e in old:
+                self._evidence.remove(e)
+                self._evidence_bytes -= len(e.raw)
+        self._evidence.append(
+            _Evidence(writer, upto, tuple(sorted(extra)) if extra else (), raw, state))
+        self._evidence_bytes += len(raw)
+        while self._evidence_bytes > self.config.max_evidence_bytes and self._evidence:
+            self._evidence_bytes -= len(self._evidence.popleft().raw)
 
     def _drain(self) -> list[Action]:
         """Join every held delta the gate now admits, until none is left or none passes."""

@@ -37,7 +37,18 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from broker.codec import CURRENT_VERSION, Envelope, Signer, TrustRoster, WireCodec
-from broker.crdt import ROOT_ID, Add, Assign, Create, Increment, Move, ORMap, Tree, TreeOp
+from broker.crdt import (
+    ROOT_ID,
+    Add,
+    Assign,
+    CausalContext,
+    Create,
+    Increment,
+    Move,
+    ORMap,
+    Tree,
+    TreeOp,
+)
 from broker.crdt._stores import LWWStore, Whole, canonical_bytes
 from broker.errors import ClockSkewError, CodecError, TreeError, WorknodeError
 from broker.healing import (
@@ -66,6 +77,7 @@ from broker.replication import (
     CatchupFailed,
     CatchupReplied,
     Changed,
+    Clipped,
     Committed,
     DeltaReceived,
     Event,
@@ -73,6 +85,7 @@ from broker.replication import (
     LogReceived,
     Publish,
     Published,
+    Received,
     ReceivedLogged,
     Reconnected,
     RepairApplied,
@@ -86,6 +99,7 @@ from broker.replication import (
     Snapshot,
     SnapshotTaken,
     Started,
+    StateEvidence,
     SyncRequested,
     TimerFired,
 )
@@ -354,6 +368,12 @@ class World:
         self.batches: dict[int, frozenset[int]] = {}
         # Envelope bytes a replica received -> the writes they carry (logged with a write).
         self.raw_ghost: dict[bytes, frozenset[int]] = {}
+        # Envelope bytes of a delta -> the batch id it was first delivered as (a relay
+        # forwards kept batches as evidence: the same writes).
+        self.raw_bid: dict[bytes, int] = {}
+        # Write id -> the dots it issued (its writer's): what a replica must have seen to
+        # hold it (a relayed state keeps only the dots its relay vouches for).
+        self.wid_dots: dict[int, frozenset[tuple[str, int]]] = {}
         self.next_wid = 1
         self.next_batch = 1
         self.next_req = 1
@@ -570,11 +590,25 @@ class World:
                 self.handle(r, SnapshotTaken(self._secs(), upto))
             elif isinstance(a, LogReceived):
                 for raw in a.envelopes:
-                    packed = node.codec.open(raw, None, keep_packed=True).packed_document
-                    r.store.append(packed, self.raw_ghost[raw], received=True)
+                    packed, ghost = self._received_record(node, raw)
+                    r.store.append(packed, ghost, received=True)
                 self.handle(r, ReceivedLogged(self._secs(), r.store.last_seq))
             else:  # pragma: no cover - a new action kind the simulator must learn
                 raise Failure(f"unknown action {a!r}")
+
+    def _held(self, ghost: frozenset[int], context: CausalContext) -> frozenset[int]:
+        """The writes of ``ghost`` whose dots ``context`` covers (a dotless write, a
+        removal, is taken as held: what it removed was clipped with the dots)."""
+        return frozenset(
+            w for w in ghost if all(context.covers(*d) for d in self.wid_dots.get(w, ()))
+        )
+
+    def _received_record(self, node: Node, raw: Received) -> tuple[bytes, frozenset[int]]:
+        """A received envelope as the store record a driver logs, and its ghost."""
+        if isinstance(raw, Clipped):
+            return (node.codec.encode_document(raw.document),
+                    self._held(self.raw_ghost[raw.raw], raw.document.context))
+        return node.codec.open(raw, None, keep_packed=True).packed_document, self.raw_ghost[raw]
 
     def _probe(self, r: Replica) -> bytes:
         assert r.machine is not None
@@ -615,6 +649,7 @@ class World:
             self.stats[f"rejected.{type(exc).__name__}"] += 1
             return
         self.stats["delivered"] += 1
+        self.raw_bid.setdefault(data, bid)
         self.raw_ghost[data] = self.batches.get(bid, frozenset())
         self.handle(r, DeltaReceived(self._secs(), env.writer, env.sequence, env.document,
                                      len(data), (bid,), raw=data, hlc=env.hlc))
@@ -666,6 +701,10 @@ class World:
         self.next_batch += 1
         self.batches[bid] = frozenset(r.ghost) if not doc.is_delta else frozenset()
         dst, req = a.reply_to
+        for raw in a.evidence:  # other writers' signed batches and states, as they came
+            self.stats["evidence_sent"] += 1
+            what = "delta" if raw in self.raw_bid else "state_evidence"
+            self.send(node.name, dst, what, (r.subject, raw, self.raw_bid.get(raw, -1)))
         self.send(node.name, dst, "reply", (r.subject, data, req, bid))
 
     def _on_reply(
@@ -683,7 +722,8 @@ class World:
                 doc.is_delta and (doc.store or doc.context.size())
             ):
                 raise Failure(f"{src} answered a catch-up with a bare context")
-            event = CatchupReplied(self._secs(), env.writer, env.sequence, doc, raw=data)
+            event = CatchupReplied(
+                self._secs(), env.writer, env.sequence, doc, raw=data, hlc=env.hlc)
             self.raw_ghost[data] = self.batches[bid]
         except CodecError as exc:
             self.stats[f"rejected.{type(exc).__name__}"] += 1
@@ -692,7 +732,27 @@ class World:
         actions = r.machine.handle(event)
         if any(isinstance(a, Report) and a.event == "catchup" and a.args == ("ok",)
                for a in actions):
-            r.ghost |= self.batches[bid]
+            r.ghost |= self._held(self.batches[bid], r.machine.state.context)
+        self.execute(r, actions)
+
+    def _on_state_evidence(
+        self, node: Node, src: str, subject: str, data: bytes, bid: int
+    ) -> None:
+        """A writer's own full state, forwarded by ``src`` as evidence with its answer."""
+        r = node.replicas[subject]
+        if r.machine is None:
+            return
+        try:
+            env = node.codec.open(data, self.roster, subject=f"sync.{subject}")
+            if not isinstance(env.document, ORMap) or env.document.is_delta:
+                raise Failure(f"{src} forwarded evidence that is not a full state")
+        except CodecError as exc:
+            self.stats[f"rejected.{type(exc).__name__}"] += 1
+            return
+        self.stats["state_evidence"] += 1
+        actions = r.machine.handle(
+            StateEvidence(self._secs(), env.writer, env.document, data, env.hlc))
+        r.ghost |= self._held(self.raw_ghost.get(data, frozenset()), r.machine.state.context)
         self.execute(r, actions)
 
     def _open_sync(self, node: Node, subject: str, data: bytes) -> Envelope | None:
@@ -862,10 +922,12 @@ class World:
         record = node.codec.encode_document(written.delta)
         # The received state the write was applied over is logged first (finding F9).
         for raw in written.received:
-            packed = node.codec.open(raw, None, keep_packed=True).packed_document
-            r.store.append(packed, self.raw_ghost[raw], received=True)
+            packed, ghost = self._received_record(node, raw)
+            r.store.append(packed, ghost, received=True)
         wid = self.next_wid
         self.next_wid += 1
+        self.wid_dots[wid] = frozenset(
+            d for d in written.delta.context.dots() if d[0] == node.name)
         seq = r.store.append(record, frozenset({wid}))
         # Committed: acknowledged now. What the writer had joined is the write's history.
         mkind = "lww" if kind in ("create", "move") else kind  # a parent is an LWW register
