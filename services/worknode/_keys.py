@@ -544,6 +544,9 @@ def register_keys(main: click.Group) -> None:
                         merge_identities(identities_file, {}, remove=frozenset(ids))[1]]
         for line in changes:
             click.echo(line, err=True)
+        click.echo(f"nodes reading {roster_file} refuse the revoked keys from their next reload "
+                   "(key_reload_interval_s, or at once on SIGHUP); give hosts that keep their "
+                   "own copy this roster. Writes already accepted from them stay.", err=True)
         click.echo(f"{roster_file}: {len(result)} trusted: {', '.join(sorted(result))}; "
                    f"revoked: {', '.join(sorted(set(ids)))}")
 
