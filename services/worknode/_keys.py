@@ -399,7 +399,8 @@ def register_keys(main: click.Group) -> None:
     def remove(names: tuple[str, ...], identities_file: Path | None,
                roster_file: Path | None) -> None:
         """Stop trusting NAMES: drop them from the identities file and/or the roster (a
-        compromised key: both, then SIGHUP the nodes and reload the NATS servers)."""
+        compromised key: both, then SIGHUP the nodes and reload the NATS servers; 'worknode
+        roster revoke' also makes the roster refuse those keys for good)."""
         if identities_file is None and roster_file is None:
             raise click.UsageError("give --identities, --roster or both")
         for path, what in ((identities_file, "identities file"), (roster_file, "roster")):
