@@ -333,6 +333,14 @@ REPLICATION = Dashboard(
               [_q("sum by (instance, reason) "
                   f"(rate(worknode_deltas_rejected_total{{{SUBJ}}}[{RI}]))",
                   "{{instance}} {{reason}}")], unit="ops"),
+        Panel("Byzantine envelopes rejected by signer/reason",
+              "Envelopes a roster key signed that no honest writer signs (foreign_dot, "
+              "dot_range, clock_range, unbacked_context), per signer and reason, summed over "
+              "the nodes. Any is an attack or a broken writer (alert WorknodeByzantineWriter): "
+              "revoke the signer (worknode roster revoke) or rotate its key.",
+              [_q("sum by (signer, reason) "
+                  f"(increase(worknode_byzantine_rejected_total{{{SUBJ}}}[{RI}]))",
+                  "{{signer}} {{reason}}")]),
         Panel("Store commit latency", "Durable group-commit latency (SQLite WAL).",
               _quantiles("worknode_store_commit_seconds", "subject", SUBJ), unit="s"),
         Panel("Store errors / s", "Durable store calls that failed, per node and operation "

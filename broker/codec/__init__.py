@@ -27,11 +27,14 @@ from broker.codec._schema import (
 )
 from broker.codec._signing import (
     REPORT_DOMAIN,
+    REVOKED_FIELD,
     ROSTER_ROLES,
+    Revocation,
     RosterEntry,
     Signer,
     TrustRoster,
     dump_roster,
+    parse_revocations,
     parse_roster,
 )
 from broker.codec._wire import (
@@ -53,6 +56,7 @@ __all__ = [
     "NESTING_LIMIT",
     "OLDEST_VERSION",
     "REPORT_DOMAIN",
+    "REVOKED_FIELD",
     "ROSTER_ROLES",
     "SUPPORTED_VERSIONS",
     "Envelope",
@@ -60,6 +64,7 @@ __all__ = [
     "RateLimiter",
     "ReplayGuard",
     "RequestAuth",
+    "Revocation",
     "RosterEntry",
     "Signer",
     "TrustRoster",
@@ -69,6 +74,7 @@ __all__ = [
     "dump_roster",
     "load_schema",
     "parse_auth",
+    "parse_revocations",
     "parse_roster",
     "request_digest",
     "sign_reply",

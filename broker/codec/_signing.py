@@ -28,12 +28,15 @@ from broker.errors import (
 __all__ = [
     "DOMAIN",
     "REPORT_DOMAIN",
+    "REVOKED_FIELD",
     "ROSTER_ROLES",
     "SIGNATURE_SIZE",
+    "Revocation",
     "RosterEntry",
     "Signer",
     "TrustRoster",
     "dump_roster",
+    "parse_revocations",
     "parse_roster",
 ]
 
@@ -99,6 +102,23 @@ class RosterEntry:
             raise InvalidArgumentError("a previous key needs previous_until, and only it")
 
 
+REVOKED_FIELD: Final = "$revoked"
+"""The roster file's list of revoked keys (``worknode roster revoke``). ``$`` is no replica id
+character, so the field can never be taken for an identity's entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A key cut off for good: the id it was trusted for, the key, and when it was revoked
+    (Unix seconds; None when the file does not say). A roster whose entries use a revoked key
+    (as key or previous key) is refused: a revoked key is never trusted again, under any id,
+    and the id needs a new key."""
+
+    node_id: str
+    key: bytes
+    at: float | None = None
+
+
 def _utc_text(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -127,15 +147,45 @@ def _hex_key(value: object, node_id: str, what: str) -> bytes:
     return key
 
 
+def parse_revocations(raw: object) -> list[Revocation]:
+    """The revoked keys of a decoded roster file: its ``"$revoked"`` list of ``{"id": ID,
+    "key": hex, "at": "2026-12-05T00:00:00Z"}`` (``at`` optional); empty without the field
+    (every roster written before revocations). ``InvalidArgumentError`` naming the first bad
+    item."""
+    if not isinstance(raw, Mapping):
+        raise InvalidArgumentError("a roster is a JSON object {id: key or entry}")
+    items = raw.get(REVOKED_FIELD, [])
+    if not isinstance(items, list):
+        raise InvalidArgumentError(f"roster field {REVOKED_FIELD!r} is not a list")
+    out: list[Revocation] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping) or set(item) - {"id", "key", "at"} \
+                or "id" not in item or "key" not in item:
+            raise InvalidArgumentError(
+                f"roster field {REVOKED_FIELD!r}, item {i}: not an object "
+                '{"id": ID, "key": HEX, "at": TIME}')
+        node_id = validate_replica_id(str(item["id"]))
+        at = item.get("at")
+        out.append(Revocation(node_id, _hex_key(item["key"], node_id, "revoked key"),
+                              None if at is None else _utc_seconds(at, node_id)))
+    return out
+
+
 def parse_roster(raw: object) -> dict[str, RosterEntry]:
     """The entries of a decoded roster file: a JSON object whose values are a public key in
     hex (legacy form: role ``node``) or ``{"key": hex, "role": ROLE, "previous": hex,
     "previous_until": "2026-12-05T00:00:00Z"}`` (role defaults to node; the previous key and
-    its end time go together). ``InvalidArgumentError`` naming the first bad entry."""
+    its end time go together), beside an optional ``"$revoked"`` list
+    (``parse_revocations``). ``InvalidArgumentError`` naming the first bad entry, or an
+    entry whose key or previous key is revoked (a file that would trust a revoked key again
+    is refused whole, so a reload keeps the keys in force)."""
     if not isinstance(raw, Mapping):
         raise InvalidArgumentError("a roster is a JSON object {id: key or entry}")
+    revoked = {r.key: r.node_id for r in parse_revocations(raw)}
     out: dict[str, RosterEntry] = {}
     for node_id, value in raw.items():
+        if node_id == REVOKED_FIELD:
+            continue
         node_id = validate_replica_id(str(node_id))
         if isinstance(value, str):
             out[node_id] = RosterEntry(_hex_key(value, node_id, "key"))
@@ -157,13 +207,26 @@ def parse_roster(raw: object) -> dict[str, RosterEntry]:
                                        until_s)
         except InvalidArgumentError as exc:  # the role, or a previous key without its end
             raise InvalidArgumentError(f"roster entry {node_id!r}: {exc}") from None
+    for node_id, entry in out.items():
+        for key in (entry.key, entry.previous or b""):
+            if key in revoked:
+                raise InvalidArgumentError(
+                    f"roster entry {node_id!r}: key {key.hex()[:16]}… was revoked (as "
+                    f"{revoked[key]!r}) and is never trusted again: give {node_id} a new key")
     return out
 
 
-def dump_roster(entries: Mapping[str, RosterEntry]) -> dict[str, object]:
-    """The JSON form of ``entries`` (``parse_roster``'s inverse): a plain hex key for a node
-    with no previous key (files older tools read), an object otherwise."""
+def dump_roster(entries: Mapping[str, RosterEntry],
+                revoked: Iterable[Revocation] = ()) -> dict[str, object]:
+    """The JSON form of ``entries`` and ``revoked`` (the inverse of ``parse_roster`` and
+    ``parse_revocations``): a plain hex key for a node with no previous key (files older
+    tools read), an object otherwise; the ``"$revoked"`` list only when there is one."""
     out: dict[str, object] = {}
+    gone = sorted(revoked, key=lambda r: (r.node_id, r.key))
+    if gone:
+        out[REVOKED_FIELD] = [
+            {"id": r.node_id, "key": r.key.hex()}
+            | ({} if r.at is None else {"at": _utc_text(r.at)}) for r in gone]
     for node_id in sorted(entries):
         e = entries[node_id]
         if e.role == "node" and e.previous is None:

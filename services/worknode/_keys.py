@@ -1,5 +1,6 @@
 """Signing and NATS identities as files: ``worknode keys show | roster | add | remove | rotate |
-list | nats-config | roster-from`` and the helpers ``deploy/keygen.py`` shares.
+list | nats-config | roster-from``, ``worknode roster revoke`` and the helpers
+``deploy/keygen.py`` shares.
 
 A node's identity is a 32-byte Ed25519 seed file (mode 0600, never copied); a roster is a JSON
 object ``{"node-id": "<public key hex>"}`` (a node) or ``{"id": {"key": hex, "role": "healer"}}``
@@ -17,6 +18,11 @@ NATS user and the roster entry cannot drift apart. ``keys nats-config`` renders 
 ``accounts`` block from the file. The file is merged into like a roster; a name that already
 has another key, role, namespace or subjects is changed only with ``--replace`` (rotation).
 Seeds are never printed: ``list`` shows nkey public keys (``U...``).
+
+``roster revoke`` drops ids as ``keys remove --roster`` does and also records their keys in
+the roster's ``"$revoked"`` list: every later merge refuses those keys (``--replace`` too),
+and so does every node reading the file (``parse_roster`` refuses a roster that trusts a
+revoked key), so a stale copy or a tool re-run cannot trust a cut-off key again.
 """
 
 from __future__ import annotations
@@ -26,13 +32,22 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
-from broker.codec import ROSTER_ROLES, RosterEntry, Signer, TrustRoster, dump_roster
+from broker.codec import (
+    ROSTER_ROLES,
+    Revocation,
+    RosterEntry,
+    Signer,
+    TrustRoster,
+    dump_roster,
+    parse_revocations,
+    parse_roster,
+)
 from broker.errors import InvalidArgumentError
 from broker.transport import (
     SIGNING_ROLES,
@@ -50,7 +65,9 @@ __all__ = [
     "merge_roster",
     "public_key_of",
     "read_identities",
+    "read_roster_file",
     "register_keys",
+    "revoke_roster",
     "roster_entries",
     "write_identities",
     "write_roster",
@@ -87,11 +104,27 @@ def _entry(value: bytes | RosterEntry) -> RosterEntry:
     return value if isinstance(value, RosterEntry) else RosterEntry(bytes(value))
 
 
-def write_roster(path: Path, roster: Mapping[str, bytes | RosterEntry]) -> None:
+def write_roster(path: Path, roster: Mapping[str, bytes | RosterEntry],
+                 revoked: Iterable[Revocation] = ()) -> None:
     """Write ``roster`` to ``path`` atomically (a reader never sees half a file): a node with
-    no previous key as its bare hex key, any other entry as an object (``dump_roster``)."""
+    no previous key as its bare hex key, any other entry as an object, the revoked keys as
+    the ``"$revoked"`` list (``dump_roster``)."""
     entries = {node_id: _entry(v) for node_id, v in roster.items()}
-    _write_public(path, json.dumps(dump_roster(entries), indent=2, sort_keys=True) + "\n")
+    _write_public(path, json.dumps(dump_roster(entries, revoked), indent=2, sort_keys=True)
+                  + "\n")
+
+
+def read_roster_file(path: Path) -> tuple[dict[str, RosterEntry], list[Revocation]]:
+    """The entries and the revoked keys of the roster file at ``path``, read once;
+    ``InvalidArgumentError`` naming the file and the first bad entry."""
+    try:
+        raw = json.loads(path.read_text())
+        return parse_roster(raw), parse_revocations(raw)
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"cannot read roster {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # not JSON, or an entry the parser refused
+        raise InvalidArgumentError(f"cannot read roster {path}: {exc}") from None
 
 
 def read_identities(path: Path) -> dict[str, NatsIdentity]:
@@ -184,10 +217,18 @@ def merge_roster(
     missing) and drop the ids in ``remove``; every other entry is kept. An id already trusted
     with a different key or role is an error unless ``replace`` (key rotation; a replaced
     entry keeps no previous key unless the new entry carries one). Returns the new roster and
-    one line per change (empty when nothing changed; the file is then left untouched)."""
-    current = read_roster_entries(path) if path.exists() else {}
+    one line per change (empty when nothing changed; the file is then left untouched). A
+    key the file lists as revoked is refused, ``replace`` or not: revoking is for good."""
+    current, revoked = read_roster_file(path) if path.exists() else ({}, [])
     given = {node_id: _entry(v) for node_id, v in entries.items()}
     TrustRoster.from_entries(given)  # validates every id and key before anything is written
+    gone = {r.key: r.node_id for r in revoked}
+    for node_id, entry in sorted(given.items()):
+        for key in (entry.key, entry.previous or b""):
+            if key in gone:
+                raise InvalidArgumentError(
+                    f"{path} revoked key {key.hex()[:16]}… (of {gone[key]}): a revoked key is "
+                    f"never trusted again; give {node_id} a new key")
     roster = dict(current)
     changes: list[str] = []
     for node_id, entry in sorted(given.items()):
@@ -207,8 +248,38 @@ def merge_roster(
         if roster.pop(node_id, None) is not None:
             changes.append(f"removed {node_id}")
     if changes or not path.exists():
-        write_roster(path, roster)
+        write_roster(path, roster, revoked)
     return roster, changes
+
+
+def revoke_roster(path: Path, ids: Iterable[str], *, now: float
+                  ) -> tuple[dict[str, RosterEntry], list[str]]:
+    """Cut ``ids`` off in the roster file at ``path``: drop their entries and record their
+    keys (and any previous key) in its ``"$revoked"`` list, revoked at ``now`` (Unix
+    seconds), so that no later merge trusts them again. All or nothing: an id the file
+    neither trusts nor has revoked is an error and nothing is written; one already revoked
+    is left as it is (a second run changes nothing). Returns the roster afterwards and one
+    line per change."""
+    current, revoked = read_roster_file(path)
+    done = {r.node_id for r in revoked}
+    unknown = sorted(i for i in set(ids) if i not in current and i not in done)
+    if unknown:
+        raise InvalidArgumentError(
+            f"{path} does not trust {', '.join(map(repr, unknown))}: nothing revoked "
+            f"(it trusts {', '.join(sorted(current)) or 'nobody'})")
+    changes: list[str] = []
+    for node_id in sorted(set(ids)):
+        entry = current.pop(node_id, None)
+        if entry is None:
+            changes.append(f"{node_id} was already revoked")
+            continue
+        for key in (entry.key, entry.previous):
+            if key is not None:
+                revoked.append(Revocation(node_id, key, now))
+        changes.append(f"revoked {_describe_entry(node_id, entry)}")
+    if any(c.startswith("revoked ") for c in changes):
+        write_roster(path, current, revoked)
+    return current, changes
 
 
 def _parse_entry(text: str) -> tuple[str, bytes]:
@@ -229,7 +300,7 @@ def _parse_entry(text: str) -> tuple[str, bytes]:
 
 def register_keys(main: click.Group) -> None:
     """Add the ``keys`` group (show, roster, add, remove, rotate, list, nats-config,
-    roster-from) to the ``worknode`` group."""
+    roster-from) and the ``roster`` group (revoke) to the ``worknode`` group."""
 
     @main.group()
     def keys() -> None:
@@ -328,7 +399,8 @@ def register_keys(main: click.Group) -> None:
     def remove(names: tuple[str, ...], identities_file: Path | None,
                roster_file: Path | None) -> None:
         """Stop trusting NAMES: drop them from the identities file and/or the roster (a
-        compromised key: both, then SIGHUP the nodes and reload the NATS servers)."""
+        compromised key: both, then SIGHUP the nodes and reload the NATS servers; 'worknode
+        roster revoke' also makes the roster refuse those keys for good)."""
         if identities_file is None and roster_file is None:
             raise click.UsageError("give --identities, --roster or both")
         for path, what in ((identities_file, "identities file"), (roster_file, "roster")):
@@ -442,6 +514,42 @@ def register_keys(main: click.Group) -> None:
         for line in changes:
             click.echo(line, err=True)
         click.echo(f"{roster_file}: {len(result)} trusted: {', '.join(sorted(result))}")
+
+    @main.group("roster")
+    def roster_group() -> None:
+        """Respond to a compromised or Byzantine identity in the roster (see the README,
+        "Responding to a Byzantine writer")."""
+
+    @roster_group.command("revoke")
+    @click.argument("ids", nargs=-1, required=True, metavar="ID...")
+    @click.option("--roster", "roster_file", required=True, envvar="WORKNODE_ROSTER_FILE",
+                  type=click.Path(dir_okay=False, path_type=Path),
+                  help="The roster file the nodes read (WORKNODE_ROSTER_FILE).")
+    @click.option("--identities", "identities_file", default=None,
+                  type=click.Path(dir_okay=False, path_type=Path),
+                  help="Also drop the NATS identities from this file (then regenerate "
+                       "'keys nats-config' and reload the servers).")
+    def revoke(ids: tuple[str, ...], roster_file: Path, identities_file: Path | None) -> None:
+        """Cut IDS off: drop them from the roster and record their keys as revoked in it, so
+        that no later 'keys roster', 'keys roster-from' or 'keys rotate' trusts those keys
+        again (the id itself may come back with a new key). Nodes reading the file refuse
+        the key from their next reload (key_reload_interval_s, or at once on SIGHUP); the
+        writes already accepted from it stay."""
+        if not roster_file.exists():
+            raise click.UsageError(f"no roster at {roster_file}")
+        if identities_file is not None and not identities_file.exists():
+            raise click.UsageError(f"no identities file at {identities_file}")
+        result, changes = revoke_roster(roster_file, ids, now=time.time())
+        if identities_file is not None:
+            changes += [f"identities: {c}" for c in
+                        merge_identities(identities_file, {}, remove=frozenset(ids))[1]]
+        for line in changes:
+            click.echo(line, err=True)
+        click.echo(f"nodes reading {roster_file} refuse the revoked keys from their next reload "
+                   "(key_reload_interval_s, or at once on SIGHUP); give hosts that keep their "
+                   "own copy this roster. Writes already accepted from them stay.", err=True)
+        click.echo(f"{roster_file}: {len(result)} trusted: {', '.join(sorted(result))}; "
+                   f"revoked: {', '.join(sorted(set(ids)))}")
 
 
 def _existing(path: Path) -> dict[str, NatsIdentity]:

@@ -77,6 +77,12 @@ class WorknodeSettings(NatsClientSettings):
     max_batch_ops: int = Field(5_000, gt=0, le=1_000_000)
     max_pending_ops: int = Field(100_000, gt=0, le=100_000_000)
     snapshot_every: int = Field(20_000, gt=0)
+    byzantine_max_hold_s: float = Field(
+        30.0, gt=0, le=3600,
+        description="Seconds a peer's delta whose causal context claims dots nobody has "
+        "shown is held for them at most; then it is rejected as unbacked_context and its "
+        "signer counted (worknode_byzantine_rejected_total).",
+    )
     store_sync: Literal["full", "normal"] = Field(
         "full", description="full: fsync each commit; normal: survives kill -9, not power loss."
     )

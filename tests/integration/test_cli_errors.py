@@ -9,6 +9,7 @@ arguments and environment values: ``{tmp}`` (a directory of prepared bad files) 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -210,6 +211,16 @@ CASES = [
          "cannot read roster"),
     Case("keys-roster-seed-missing", ("keys", "roster", "{tmp}/r.json", "n1=@/nonexistent"),
          "cannot read seed"),
+    # -- roster revoke
+    Case("roster-revoke-unknown-id", ("roster", "revoke", "n9", "--roster", "{tmp}/one.json"),
+         "does not trust 'n9': nothing revoked (it trusts n1)"),
+    Case("roster-revoke-no-file", ("roster", "revoke", "n1", "--roster", "/nonexistent.json"),
+         "no roster at /nonexistent.json"),
+    Case("roster-revoke-bad-file", ("roster", "revoke", "n1", "--roster", "{tmp}/bad.json"),
+         "cannot read roster"),
+    Case("roster-revoke-revoked-kept", ("roster", "revoke", "n1", "--roster",
+                                        "{tmp}/readds.json"), "was revoked"),
+    Case("roster-revoke-no-id", ("roster", "revoke", "--roster", "{tmp}/one.json"), "ID..."),
     # -- schema check
     Case("schema-dir-missing", ("schema", "check", "--schemas", "/nonexistent"), "/nonexistent"),
     Case("schema-releases-missing", ("schema", "check", "--releases", "/nonexistent"),
@@ -230,6 +241,9 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (tmp / "bad.toml").write_text('node_id = "n1"\nsubjects = [\n')
     (tmp / "unknown.toml").write_text('node_id = "n1"\ncolour = "blue"\n')
     (tmp / "bad.json").write_text("{not json")
+    (tmp / "one.json").write_text(json.dumps({"n1": "ab" * 32}))
+    (tmp / "readds.json").write_text(json.dumps(  # trusts a key it lists as revoked
+        {"$revoked": [{"id": "n0", "key": "ab" * 32}], "n1": "ab" * 32}))
     (tmp / "short.key").write_bytes(b"too short")
     (tmp / "secret").write_bytes(os.urandom(32))
     (tmp / "empty").mkdir()

@@ -7,8 +7,8 @@ picture — and the healer, every service with ``/metrics``. Everything it start
 also when the test fails.
 
 ``generate_traffic`` drives every kind of traffic the dashboards show: replication,
-divergence for the healer, hostile envelopes, and capability-checked RPC calls (allowed,
-and refused for a token without the right).
+divergence for the healer, hostile envelopes (garbage, and a roster key's forged deltas),
+and capability-checked RPC calls (allowed, and refused for a token without the right).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.codec import Signer, TrustRoster
+from broker.codec import Signer, TrustRoster, WireCodec
+from broker.crdt import ROOT_ID, Tree
 from broker.errors import WorknodeError
 from broker.replica import Consistency
 from broker.rpc import Grant, RootKey, RpcClient, RpcError, mint
@@ -38,6 +39,8 @@ NODES = (("node-v1", 1), ("node-v2a", 2), ("node-v2b", 2))
 NAMESPACE = "default"
 ROOT = RootKey(1, bytes(range(32)))  # the cluster's RPC root key (a test key)
 RPC_CALLER = Signer("rpc-client", bytes(range(32, 64)))  # holds the tokens, signs the calls
+INTRUDER = Signer("intruder", bytes(range(64, 96)))
+"""A roster writer whose key signs what no honest writer does (the Byzantine panel, alert)."""
 MAX_ROUNDS = 2_000  # traffic loops are bounded in count as well as cancelled by the test
 
 
@@ -96,6 +99,7 @@ async def running_stack(tmp: Path) -> AsyncIterator[Stack]:
              for s in settings}
         )
         roster.add(hs.node_id, load_or_create_signer(hs.node_id, hs.key_path()).public_key)
+        roster.add(INTRUDER.node_id, INTRUDER.public_key, "writer")
         assert nats.monitor_url is not None
         exporter = NatsExporterStandIn(nats.monitor_url)
         nodes = [WorknodeService(s, roster=roster) for s in settings]
@@ -142,6 +146,17 @@ async def _hostile_round(transport: NatsTransport, subject: str) -> None:
         await transport.publish(subject, b"\x00\x01 not an envelope")
 
 
+async def _byzantine_round(transport: NatsTransport, subject: str, sequence: int) -> None:
+    """A delta the intruder's roster key signs carrying another replica's dot: refused by
+    every node as ``foreign_dot`` and counted with signer ``intruder``."""
+    hlc = time.time_ns() // 1_000_000 << 16
+    forged = Tree().create("ghost", f"ghost{sequence}", ROOT_ID, hlc)
+    envelope = WireCodec().seal(INTRUDER, subject=subject, hlc=hlc, sequence=sequence,
+                                document=forged)
+    with contextlib.suppress(WorknodeError):
+        await transport.publish(subject, envelope)
+
+
 async def _rpc_round(client: RpcClient, i: int) -> None:
     """RPC calls: reads and writes a token allows, and a write a read-only token is refused
     (``permission_denied``: the error panels and the error-ratio alert have data)."""
@@ -176,5 +191,6 @@ async def generate_traffic(stack: Stack, *, pause: float = 0.1) -> None:
                 await _divergence_round(stack, i)
             if i % 10 == 0:
                 await _hostile_round(hostile, delta_subject)
+                await _byzantine_round(hostile, delta_subject, i // 10 + 1)
             await _rpc_round(client, i)
             await asyncio.sleep(pause)

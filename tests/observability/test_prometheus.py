@@ -7,7 +7,8 @@ two wire versions, the healer — with the job names and alert rules that ship i
 panel and every variable of every dashboard is run through Prometheus's HTTP API as Grafana
 would run it (``$__rate_interval`` replaced by a concrete window, variables by "All"), and
 each must return at least one series with a number. The alert rules must load and evaluate
-without error in the same Prometheus.
+without error in the same Prometheus, and ``WorknodeByzantineWriter`` fires for the forged
+deltas of the stack's intruder.
 """
 
 from __future__ import annotations
@@ -178,6 +179,10 @@ async def test_every_panel_query_returns_data_from_real_prometheus(
             traffic = asyncio.create_task(generate_traffic(stack))
             try:
                 missing = await _poll_until_every_query_has_data(url, all_queries)
+                # The intruder's forged deltas page: the alert fires by signer and reason.
+                byzantine = await _poll_until_firing(
+                    url, "WorknodeByzantineWriter", {"signer": "intruder",
+                                                     "reason": "foreign_dot"})
                 rules = await asyncio.to_thread(_api, url, "rules")
                 # The check is not vacuous: a query matching no series has no data.
                 nothing = await asyncio.to_thread(
@@ -201,6 +206,7 @@ async def test_every_panel_query_returns_data_from_real_prometheus(
         f"  {uid}: {what}: {expr}" for uid, what, expr in missing
     )
     assert down == {}, f"outages not seen: {down}"
+    assert byzantine, "WorknodeByzantineWriter did not fire for the intruder"
     evaluated = [r for g in rules["data"]["groups"] for r in g["rules"]]
     assert evaluated
     bad = [(r["name"], r.get("lastError")) for r in evaluated if r["health"] != "ok"]
@@ -214,6 +220,19 @@ def _alert_expr(name: str) -> str:
                 if rule.get("alert") == name:
                     return str(rule["expr"])
     raise AssertionError(f"no alert {name}")
+
+
+async def _poll_until_firing(url: str, name: str, labels: dict[str, str]) -> bool:
+    """Whether alert ``name`` with ``labels`` fires before the deadline."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        alerts = (await asyncio.to_thread(_api, url, "alerts"))["data"]["alerts"]
+        if any(a["labels"].get("alertname") == name and a["state"] == "firing"
+               and labels.items() <= a["labels"].items() for a in alerts):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.5)
 
 
 async def _poll_until_down(url: str, node: str, healer: str) -> dict[str, Any]:

@@ -1,15 +1,19 @@
-"""The trust roster's roles, file form and rotation overlap window (``broker.codec``)."""
+"""The trust roster's roles, file form, rotation overlap window and revoked keys
+(``broker.codec``)."""
 
 from __future__ import annotations
 
 import pytest
 
 from broker.codec import (
+    REVOKED_FIELD,
     ROSTER_ROLES,
+    Revocation,
     RosterEntry,
     Signer,
     TrustRoster,
     dump_roster,
+    parse_revocations,
     parse_roster,
 )
 from broker.errors import BadSignatureError, InvalidArgumentError, UnknownSignerError
@@ -119,3 +123,59 @@ def test_healer_identities_come_from_roles_with_a_legacy_fallback() -> None:
     assert healer_identities(legacy) == frozenset({"healer"})
     assert healer_identities(TrustRoster({"a": other})) == frozenset()
     assert healer_identities(with_roles, ["a"]) == frozenset({"a"})  # an operator's choice
+
+
+def test_revoked_keys_round_trip_and_a_roster_without_them_has_none() -> None:
+    a, b, old = Signer.generate("a"), Signer.generate("b"), Signer.generate("b")
+    raw = {
+        "$revoked": [{"at": "2026-12-05T00:00:00Z", "id": "b", "key": b.public_key.hex()},
+                     {"id": "b", "key": old.public_key.hex()}],
+        "a": a.public_key.hex(),
+    }
+    revoked = parse_revocations(raw)
+    assert revoked == [Revocation("b", b.public_key, 1796428800.0),
+                       Revocation("b", old.public_key, None)]
+    assert parse_roster(raw) == {"a": RosterEntry(a.public_key)}
+    assert dump_roster(parse_roster(raw), revoked) == {
+        "$revoked": sorted(raw["$revoked"], key=lambda r: bytes.fromhex(r["key"])),  # type: ignore[index]
+        "a": a.public_key.hex(),
+    }
+    # Every roster written before revocations existed: nothing revoked, the same file back.
+    assert parse_revocations({"a": a.public_key.hex()}) == []
+    assert dump_roster(parse_roster({"a": a.public_key.hex()}), []) == {"a": a.public_key.hex()}
+    assert REVOKED_FIELD == "$revoked"
+
+
+@pytest.mark.parametrize("field", ["key", "previous"])
+def test_a_roster_trusting_a_revoked_key_under_any_id_is_refused(field: str) -> None:
+    a, b, c = Signer.generate("a"), Signer.generate("b"), Signer.generate("c")
+    entry: dict[str, str] = {"key": c.public_key.hex(), "role": "writer"}
+    if field == "previous":
+        entry |= {"previous": b.public_key.hex(), "previous_until": "2026-12-05T00:00:00Z"}
+    else:
+        entry["key"] = b.public_key.hex()
+    raw = {"$revoked": [{"id": "b", "key": b.public_key.hex()}],
+           "a": a.public_key.hex(), "renamed-b": entry}
+    with pytest.raises(InvalidArgumentError):
+        parse_roster(raw)
+    del raw["renamed-b"]
+    assert set(parse_roster(raw)) == {"a"}
+
+
+@pytest.mark.parametrize("revoked", [
+    "ab" * 32,
+    {"id": "b", "key": "ab" * 32},
+    [{"id": "b"}],
+    [{"key": "ab" * 32}],
+    [{"id": "b", "key": "zz"}],
+    [{"id": "bad id", "key": "ab" * 32}],
+    [{"id": "b", "key": "ab" * 32, "why": "stolen"}],
+    [{"id": "b", "key": "ab" * 32, "at": "yesterday"}],
+    ["ab" * 32],
+])
+def test_bad_revoked_lists_are_refused(revoked: object) -> None:
+    raw = {"$revoked": revoked, "a": "cd" * 32}
+    with pytest.raises(InvalidArgumentError):
+        parse_revocations(raw)
+    with pytest.raises(InvalidArgumentError):
+        parse_roster(raw)
