@@ -1,0 +1,275 @@
+"""Byzantine relays (issue 17): a catch-up answer is joined only as far as its relay vouches
+for it — its own dots, and other writers' dots the receiver already saw — and other
+writers' new dots arrive under their own signatures, as batches and states every replica
+keeps as evidence and forwards ahead of its answer.
+
+Without ``relayed`` (the state joined as it came), the machine tests below fail: node-b's
+answer carrying node-a's next dot with a value node-a never wrote is joined as node-a's
+write, a context claiming node-a's next 10**6 dots silences node-a, and a context of every
+version vector + 1000 wipes the receiver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.codec import WireCodec
+from broker.crdt import Assign, CausalContext, Create, Increment, ORMap
+from broker.crdt._atoms import INT64_MAX
+from broker.crdt._stores import dots_of
+from broker.errors import WorknodeError
+from broker.replication import (
+    CatchupReplied,
+    CatchupWanted,
+    Committed,
+    DeltaReceived,
+    Loaded,
+    Publish,
+    Published,
+    ReplicationMachine,
+    Report,
+    RequestCatchup,
+    SendState,
+    StateEvidence,
+    SyncRequested,
+    SyncWanted,
+    relayed,
+)
+
+CODEC = WireCodec()
+
+
+def _rt(doc: ORMap) -> ORMap:
+    out = CODEC.decode_document(CODEC.encode_document(doc), ORMap)
+    assert isinstance(out, ORMap)
+    return out
+
+
+def _publish(m: ReplicationMachine, ops: list[Any], now: float = 0.0) -> Publish:
+    w = m.write(ops, lambda: 1_000 + int(now * 1000))
+    m.handle(Committed(now, w.delta, w.ops, 10, m.last_record_seq + 1))
+    ps = [a for a in m.handle(SyncWanted(now)) if isinstance(a, Publish)]
+    assert ps
+    m.handle(Published(now, ps[0].sequence, 10))
+    return ps[0]
+
+
+def _deliver(m: ReplicationMachine, writer: str, p: Publish, now: float = 0.0) -> list[Any]:
+    raw = b"batch:" + writer.encode() + b":" + str(p.sequence).encode()
+    return m.handle(DeltaReceived(now, writer, p.sequence, _rt(p.document), 10, raw=raw))
+
+
+def _rejections(out: list[Any]) -> list[tuple[Any, ...]]:
+    return [a.args for a in out if isinstance(a, Report) and a.event == "rejected"]
+
+
+def _catch_up(m: ReplicationMachine, peer: str, state: ORMap, now: float = 1.0,
+              hlc: int | None = None) -> list[Any]:
+    asked = m.handle(CatchupWanted(now, peer, urgent=True))
+    assert [a for a in asked if isinstance(a, RequestCatchup)]
+    return m.handle(CatchupReplied(now, peer, 0, _rt(state), raw=b"state:" + peer.encode(),
+                                   hlc=hlc))
+
+
+# -- the pure check ----------------------------------------------------------------------------
+
+
+def test_a_relay_vouches_for_its_own_dots_and_what_the_receiver_saw() -> None:
+    a = ORMap()
+    a.apply_assign("node-a", ("k",), "va", 10)
+    b = a.copy()
+    b.apply_assign("node-b", ("j",), "vb", 20)
+    # The receiver saw nothing: node-a's entry and claim are stripped, node-b's kept.
+    kept = relayed(b, "node-b", CausalContext(), hlc=100)
+    assert kept.reason is None
+    assert kept.document is not None
+    assert kept.document.value() == {"j": "vb"}
+    assert kept.stripped == {"node-a": 1}
+    assert not kept.document.context.covers("node-a", 1)
+    # The receiver saw node-a's write: all of it is kept.
+    kept = relayed(b, "node-b", a.context.copy(), hlc=100)
+    assert kept.document is not None
+    assert kept.document.value() == {"k": "va", "j": "vb"}
+    assert kept.stripped == {}
+
+
+def test_out_of_range_claims_and_clocks_refuse_the_whole_state() -> None:
+    b = ORMap()
+    b.apply_assign("node-b", ("j",), "vb", 20)
+    assert relayed(b, "node-b", CausalContext(), hlc=15).reason == "clock_range"
+    brick = ORMap(None, CausalContext({"node-a": INT64_MAX}))
+    assert relayed(brick, "node-b", CausalContext()).reason == "dot_range"
+    own = ORMap(None, CausalContext({"node-b": 2**62 + 1}))
+    assert relayed(own, "node-b", CausalContext()).reason == "dot_range"
+
+
+def test_silence_and_wipe_claims_are_cut_to_what_the_receiver_saw() -> None:
+    seen = CausalContext({"node-a": 5, "node-c": 3})
+    silence = ORMap(None, CausalContext({"node-a": 10**6}))
+    kept = relayed(silence, "node-b", seen)
+    assert kept.document is not None
+    assert kept.document.context.version_vector == {"node-a": 5}
+    assert kept.stripped == {"node-a": 10**6}
+    wipe = ORMap(None, CausalContext({"node-a": 1005, "node-c": 1003}))
+    kept = relayed(wipe, "node-b", seen)
+    assert kept.document is not None
+    assert kept.document.context.version_vector == {"node-a": 5, "node-c": 3}
+
+
+_NAMES = ("n1", "n2", "n3")
+_writes = st.lists(
+    st.tuples(st.sampled_from(("a", "b", "c")), st.integers(0, 3), st.integers(0, 5),
+              st.sets(st.sampled_from(("a", "b", "c", "r")))),
+    min_size=1, max_size=20,
+)
+
+
+def _write(doc: ORMap, who: str, kind: int, i: int, ts: int) -> ORMap:
+    if kind == 0:
+        return doc.assign(who, (_NAMES[i % 3],), i, ts)
+    if kind == 1:
+        return doc.increment(who, ("c", _NAMES[i % 3]), i + 1)
+    if kind == 2:
+        return doc.add(who, ("s",), i)
+    return doc.remove(("s",)) if i % 2 else doc.remove((_NAMES[i % 3],))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_writes, st.sampled_from(("a", "b", "c")))
+def test_a_relayed_state_never_brings_another_writers_unseen_dot(
+    writes: list[Any], relay: str
+) -> None:
+    """Writers a, b, c write; each write reaches some replicas (``r`` is the receiver). The
+    relay's state, relayed to ``r``: every dot ``r`` holds afterwards is the relay's own or one
+    ``r`` had seen; ``r``'s context gains no other writer's dot; and when ``r`` had seen every
+    dot of the others, relaying is the plain join."""
+    replicas = {n: ORMap() for n in ("a", "b", "c", "r")}
+    ts = 0
+    for who, kind, i, reach in writes:
+        ts += 1
+        with contextlib.suppress(WorknodeError):
+            delta = _write(replicas[who], who, kind, i, ts)
+            for other in reach | {who}:
+                replicas[other].merge(delta)
+    r, state = replicas["r"], replicas[relay]
+    before = r.context.copy()
+    kept = relayed(_rt(state), relay, before, hlc=ts + 1)
+    assert kept.reason is None
+    assert kept.document is not None
+    joined = r.copy()
+    joined.merge(kept.document)
+    for w, n in dots_of(joined.store):
+        assert w == relay or before.covers(w, n)
+    for w, n in joined.context.dots():
+        assert w == relay or before.covers(w, n)
+    others_seen = all(
+        w == relay or before.covers(w, n) for w, n in state.context.dots())
+    if others_seen:
+        plain = r.copy()
+        plain.merge(state)
+        assert joined.digest() == plain.digest()
+
+
+# -- the machine: catch-up answers and evidence --------------------------------------------------
+
+
+def test_a_relays_forged_attribution_is_stripped_and_the_owner_is_asked() -> None:
+    a, b, c = (ReplicationMachine(n, seed=1) for n in ("node-a", "node-b", "node-c"))
+    p = _publish(a, [Create("o")])
+    _deliver(b, "node-a", p)
+    _deliver(c, "node-a", p)
+    # node-b's key: a state holding node-a's next dot with a value node-a never wrote.
+    forged = b.state.copy()
+    forged.apply_assign("node-a", ("o", "evil"), "x", 5)
+    out = _catch_up(c, "node-b", forged)
+    assert not c.state.context.covers("node-a", a.state.context.max_counter("node-a") + 1)
+    assert "evil" not in str(c.state.value())
+    # The owner is asked next (its own signed state, or a relay's kept batch of it).
+    later = [a for a in out if isinstance(a, RequestCatchup)]
+    assert c.catching_up or later
+
+
+def test_a_relays_silence_and_wipe_claims_block_no_later_write() -> None:
+    """A state claiming node-a's next 10**6 dots (silence), or every vector + 1000 (wipe),
+    with no entry: it removes at most what the receiver holds (a delete node-b's key could
+    publish as its own write: what a relay claims to have seen removed), and node-a's later
+    acknowledged writes are joined, not taken as already seen."""
+    a, c = ReplicationMachine("node-a", seed=1), ReplicationMachine("node-c", seed=1)
+    for i in range(5):
+        _deliver(c, "node-a", _publish(a, [Create(f"k{i}")] if i == 0 else
+                                       [Assign("k0", ("x", str(i)), i)]))
+    silence = ORMap(None, CausalContext({"node-a": 10**6}), is_delta=False)
+    _catch_up(c, "node-b", silence)
+    assert c.state.context.max_counter("node-a") == a.state.context.max_counter("node-a")
+    wipe = ORMap(None, CausalContext({"node-a": 1005}))
+    _catch_up(c, "node-b", wipe, now=2.0)
+    assert c.state.context.max_counter("node-a") == a.state.context.max_counter("node-a")
+    for i, now in ((1, 3.0), (2, 3.5)):
+        out = _deliver(c, "node-a", _publish(a, [Create(f"after{i}")]), now=now)
+        assert not _rejections(out)
+    assert {"after1", "after2"} <= set(c.state.value())  # type: ignore[arg-type]
+
+
+def test_a_relay_can_remove_only_what_it_saw_and_the_receiver_holds() -> None:
+    a, b, c = (ReplicationMachine(n, seed=1) for n in ("node-a", "node-b", "node-c"))
+    p1 = _publish(a, [Create("o")])
+    p2 = _publish(a, [Assign("o", ("x",), 1)])
+    for m in (b, c):
+        _deliver(m, "node-a", p1)
+        _deliver(m, "node-a", p2)
+    _publish(b, [lambda t, r, ts: t.remove_field("o", ("x",))])
+    _catch_up(c, "node-b", b.state)
+    assert "x" not in c.state.value()["o"]  # type: ignore[operator]
+
+
+def test_out_of_range_answers_are_rejected_and_name_the_relay() -> None:
+    c = ReplicationMachine("node-c", seed=1)
+    brick = ORMap(None, CausalContext({"node-a": INT64_MAX}))
+    out = _catch_up(c, "node-b", brick)
+    assert ("dot_range", "node-b") in _rejections(out)
+    assert c.state.context.max_counter("node-a") == 0
+
+
+def test_a_relay_forwards_the_owners_batches_a_fresh_node_lacks() -> None:
+    """node-a writes and leaves; node-b kept its batches: a fresh node-d catching up from
+    node-b gets them (to check as node-a's deltas) with node-b's answer, and holds every
+    acknowledged write once it applied them."""
+    a, b, d = (ReplicationMachine(n, seed=1) for n in ("node-a", "node-b", "node-d"))
+    batches = [_publish(a, [Create("o")])]
+    batches += [_publish(a, [Increment("o", ("n",), 1)]) for _ in range(4)]
+    raws = {}
+    for p in batches:
+        out = _deliver(b, "node-a", p)
+        assert not _rejections(out)
+        raws[b"batch:node-a:" + str(p.sequence).encode()] = p
+    sent = [x for x in b.handle(SyncRequested(1.0, d.state.context.copy(), "d"))
+            if isinstance(x, SendState)]
+    assert len(sent) == 1
+    assert len(sent[0].evidence) == len(batches)
+    for raw in sent[0].evidence:
+        p = raws[raw]
+        d.handle(DeltaReceived(1.0, "node-a", p.sequence, _rt(p.document), 10, raw=raw))
+    _catch_up(d, "node-b", sent[0].document, now=1.1)
+    assert d.state.value() == a.state.value()
+    # A node that lacks nothing is sent no evidence.
+    again = [x for x in b.handle(SyncRequested(2.0, d.state.context.copy(), "d"))
+             if isinstance(x, SendState)]
+    assert again[0].evidence == ()
+
+
+def test_evidence_survives_a_restart_and_states_supersede_each_other() -> None:
+    a, b = ReplicationMachine("node-a", seed=1), ReplicationMachine("node-b", seed=1)
+    p = _publish(a, [Create("o")])
+    _deliver(b, "node-a", p)
+    _catch_up(b, "node-a", a.state)
+    _publish(a, [Assign("o", ("x",), 1)])
+    b.handle(StateEvidence(2.0, "node-a", _rt(a.state), b"state2:node-a", 10**15))
+    kept = b.evidence()
+    assert kept == [b"batch:node-a:1", b"state2:node-a"]  # the newer state replaced the older
+    reloaded = ReplicationMachine("node-b", loaded=Loaded(b.state.copy(), evidence=(
+        ("node-a", p.document.context, kept[0]), ("node-a", a.state.context, kept[1]))))
+    assert reloaded.evidence() == kept
