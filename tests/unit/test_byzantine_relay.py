@@ -211,7 +211,7 @@ def test_a_relays_silence_and_wipe_claims_block_no_later_write() -> None:
     for i, now in ((1, 3.0), (2, 3.5)):
         out = _deliver(c, "node-a", _publish(a, [Create(f"after{i}")]), now=now)
         assert not _rejections(out)
-    assert {"after1", "after2"} <= set(c.state.value())  # type: ignore[arg-type]
+    assert {"after1", "after2"} <= set(c.state.value())
 
 
 def test_a_relay_can_remove_only_what_it_saw_and_the_receiver_holds() -> None:
@@ -223,7 +223,7 @@ def test_a_relay_can_remove_only_what_it_saw_and_the_receiver_holds() -> None:
         _deliver(m, "node-a", p2)
     _publish(b, [lambda t, r, ts: t.remove_field("o", ("x",))])
     _catch_up(c, "node-b", b.state)
-    assert "x" not in c.state.value()["o"]  # type: ignore[operator]
+    assert "x" not in c.state.value()["o"]
 
 
 def test_out_of_range_answers_are_rejected_and_name_the_relay() -> None:
