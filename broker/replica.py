@@ -176,6 +176,7 @@ REJECT_REASONS: Final = (
     "wrong_kind",
     "expired",
     "replayed",
+    "too_much_evidence",
     *BYZANTINE_REASONS,
 )
 """Every reason an incoming envelope is rejected for: a bounded metric label set (the last
@@ -260,6 +261,8 @@ class ReplicaConfig:
     """Bytes of held deltas at most; beyond it the oldest is evicted."""
     max_hold: float = 30.0
     """Seconds a held delta waits for its claims at most; then rejected (``unbacked_context``)."""
+    max_evidence_bytes: int = 6 * 1024 * 1024
+    """Bytes of other writers' signed batches and states kept as evidence, at most."""
     catchup_serve_rate: float = 5.0
     """Catch-up requests served per second to one requesting peer, sustained (a peer's
     machine asks at most once per ``catchup_min_interval``; more is a replay or a flood)."""
@@ -280,6 +283,7 @@ class ReplicaConfig:
             max_held_deltas=self.max_held_deltas,
             max_held_bytes=self.max_held_bytes,
             max_hold=self.max_hold,
+            max_evidence_bytes=self.max_evidence_bytes,
         )
 
 
@@ -303,6 +307,15 @@ class ReplicaObserver(Protocol):
 
     def catchup_refused(self, subject: str, reason: str) -> None:
         """A catch-up request was refused unanswered, for ``reason`` (``REFUSE_REASONS``)."""
+
+    def stripped(self, subject: str, relay: str, owners: int) -> None:
+        """A relayed state (``relay``'s catch-up answer or kept state) carried dots of
+        ``owners`` other writers this replica had not seen: left out, asked of their
+        writers (their own signed batches or states)."""
+
+    def evidence(self, subject: str, forwarded: int, kept_bytes: int) -> None:
+        """A catch-up answer went out with ``forwarded`` kept batches/states of other
+        writers; ``kept_bytes`` are kept in all (``max_evidence_bytes`` bounds them)."""
 
 
 class NullReplicaObserver:
@@ -339,6 +352,12 @@ class NullReplicaObserver:
         """Ignore."""
 
     def catchup_refused(self, subject: str, reason: str) -> None:
+        """Ignore."""
+
+    def stripped(self, subject: str, relay: str, owners: int) -> None:
+        """Ignore."""
+
+    def evidence(self, subject: str, forwarded: int, kept_bytes: int) -> None:
         """Ignore."""
 
 
@@ -937,6 +956,9 @@ class Replica:
         try:
             for batch in action.evidence:  # ahead of the answer, which ends the asker's wait
                 await self.transport.respond(msg, batch, headers=_EVIDENCE_HEADERS)
+            if action.evidence:
+                self.observer.evidence(
+                    self.config.subject, len(action.evidence), self.machine.evidence_bytes)
             await self.transport.respond(msg, data, headers=headers)
         except TransportError:
             return

@@ -465,6 +465,11 @@ class ReplicationMachine:
         return [e.raw for e in self._evidence]
 
     @property
+    def evidence_bytes(self) -> int:
+        """Bytes of evidence kept (at most ``max_evidence_bytes``)."""
+        return self._evidence_bytes
+
+    @property
     def unlogged_bytes(self) -> int:
         """Bytes of received envelopes joined since the last snapshot and not yet logged."""
         return self._received_bytes
@@ -760,6 +765,8 @@ class ReplicationMachine:
             self._relay_refusal = kept.reason or "dot_range"
             return None
         out: list[Action] = []
+        if kept.stripped:
+            out.append(Report("stripped", (relay, len(kept.stripped))))
         for owner in sorted(kept.stripped):
             if owner != self.node_id and owner not in self._given_up:
                 self._owed.setdefault(owner, 0)

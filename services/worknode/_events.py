@@ -98,6 +98,18 @@ class ReplicaEvents:
         self._limit(log, logging.WARNING, ("catchup_refused", subject, reason),
                     "catchup_refused", node=self.node_id, subject=subject, reason=reason)
 
+    def stripped(self, subject: str, relay: str, owners: int) -> None:
+        """A relayed state carried other writers' unseen dots: left out, counted, logged
+        (rate-limited); their writers' own signed batches or states bring them."""
+        self.metrics.stripped(subject, relay, owners)
+        self._limit(log, logging.INFO, ("stripped", subject, relay),
+                    "relay_stripped", node=self.node_id, subject=subject, relay=relay,
+                    owners=owners)
+
+    def evidence(self, subject: str, forwarded: int, kept_bytes: int) -> None:
+        """Kept batches/states of other writers went out with a catch-up answer."""
+        self.metrics.evidence(subject, forwarded, kept_bytes)
+
     def snapshot(self, subject: str, nbytes: int, seconds: float) -> None:
         """A snapshot was written."""
         self.metrics.snapshot(subject, nbytes, seconds)

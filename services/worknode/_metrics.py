@@ -150,6 +150,19 @@ class ServiceMetrics:
         self.catchup_served_bytes = Counter(
             "worknode_catchup_served_bytes_total", "Bytes sent answering peers' catch-ups.",
             ["subject"], registry=r)
+        self.relay_stripped = Counter(
+            "worknode_relay_stripped_total",
+            "Relayed states (catch-up answers) that carried other writers' dots this node had "
+            "not seen, left out (their writers' own signed batches bring them): the relays.",
+            ["subject"], registry=r)
+        self.evidence_forwarded = Counter(
+            "worknode_evidence_forwarded_total",
+            "Other writers' signed batches and states forwarded with catch-up answers.",
+            ["subject"], registry=r)
+        self.evidence_kept_bytes = Gauge(
+            "worknode_evidence_kept_bytes",
+            "Bytes of other writers' signed batches and states kept to forward as evidence.",
+            ["subject"], registry=r)
         self.catchups_refused = Counter(
             "worknode_catchup_refused_total",
             "Catch-up requests refused unanswered (unsigned, not a served replica, expired, "
@@ -289,6 +302,16 @@ class ServiceMetrics:
         s = self._s(subject)
         self.catchups_served.labels(s).inc()
         self.catchup_served_bytes.labels(s).inc(nbytes)
+
+    def stripped(self, subject: str, relay: str, owners: int) -> None:
+        """A relayed state carried other writers' unseen dots, left out (relay: no label)."""
+        self.relay_stripped.labels(self._s(subject)).inc()
+
+    def evidence(self, subject: str, forwarded: int, kept_bytes: int) -> None:
+        """Kept batches/states went out with a catch-up answer."""
+        s = self._s(subject)
+        self.evidence_forwarded.labels(s).inc(forwarded)
+        self.evidence_kept_bytes.labels(s).set(kept_bytes)
 
     def catchup_refused(self, subject: str, reason: str) -> None:
         """A catch-up request was refused (reason bounded)."""

@@ -279,6 +279,7 @@ class WorknodeService:
                     max_pending_ops=s.max_pending_ops,
                     snapshot_every=s.snapshot_every,
                     max_hold=s.byzantine_max_hold_s,
+                    max_evidence_bytes=s.evidence_max_bytes,
                 ),
                 observer=self.events,
                 # Catch-up is served to replicas (nodes and one-shot writers), never to the

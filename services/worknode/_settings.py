@@ -83,6 +83,13 @@ class WorknodeSettings(NatsClientSettings):
         "shown is held for them at most; then it is rejected as unbacked_context and its "
         "signer counted (worknode_byzantine_rejected_total).",
     )
+    evidence_max_bytes: int = Field(
+        6 * 1024 * 1024, ge=0, le=256 * 1024 * 1024,
+        description="Bytes of other writers' signed batches and states each subject keeps "
+        "(newest first) to forward with its catch-up answers: a relay vouches only for its own "
+        "writes, so another writer's write reaches a replica that missed it under that "
+        "writer's own signature. Stored with snapshots up to the store's record bound.",
+    )
     store_sync: Literal["full", "normal"] = Field(
         "full", description="full: fsync each commit; normal: survives kill -9, not power loss."
     )
