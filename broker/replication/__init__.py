@@ -7,6 +7,7 @@ driver, and a simulator can drive many machines without asyncio. See ``_machine`
 drive it and ``_gate`` for the gate's rule.
 """
 
+from broker.replication._addonly import Removal, removes
 from broker.replication._events import (
     Action,
     Announce,
@@ -87,6 +88,7 @@ __all__ = [
     "Published",
     "ReceivedLogged",
     "Reconnected",
+    "Removal",
     "RepairApplied",
     "ReplicationConfig",
     "ReplicationMachine",
@@ -108,5 +110,6 @@ __all__ = [
     "held_dots",
     "lacks",
     "max_hlc",
+    "removes",
     "unseen_claims",
 ]
