@@ -251,6 +251,9 @@ class ReplicaConfig:
     machine asks at most once per ``catchup_min_interval``; more is a replay or a flood)."""
     catchup_serve_burst: float = 10.0
     """Catch-up requests one peer may have served back to back before the rate applies."""
+    add_only: bool = False
+    """The subject only grows: documents and local writes that would remove a dot are
+    refused (``ReplicationConfig.add_only``)."""
 
     def replication(self) -> ReplicationConfig:
         """The replication machine's part of this configuration."""
@@ -266,6 +269,7 @@ class ReplicaConfig:
             max_held_deltas=self.max_held_deltas,
             max_held_bytes=self.max_held_bytes,
             max_hold=self.max_hold,
+            add_only=self.add_only,
         )
 
 

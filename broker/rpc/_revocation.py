@@ -27,7 +27,8 @@ import logging
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, Final
 
-from broker.crdt import KindConflict, ORMap, Tree
+from broker.crdt import Kind, KindConflict, ORMap, Tree
+from broker.crdt._stores import KindStore, SetStore
 from broker.errors import InvalidArgumentError
 from broker.replica import Replica
 
@@ -129,13 +130,28 @@ class RevocationList:
                 c in "0123456789abcdef" for c in token_id
             ):
                 raise InvalidArgumentError(f"revocation ids are lowercase hex, got {token_id!r}")
-        await self.replica.write_many([_adder(i) for i in ids])
+        # An id present already is not written again: the add would replace its dots,
+        # which an add-only subject refuses (and it is revoked already).
+        present = self._present()
+        missing = [i for i in ids if i not in present]
+        if missing:
+            await self.replica.write_many([_adder(i) for i in missing])
         self._seen.update(ids)
         self._ids = None
 
 
+def _holds(state: ORMap, token_id: str) -> bool:
+    """Whether the set under the key holds ``token_id`` (O(1): one set lookup)."""
+    entry = state.store.get(REVOKED_KEY) if state.store else None
+    if isinstance(entry, KindStore):
+        entry = entry.get(Kind.SET)
+    return isinstance(entry, SetStore) and bool(entry.get(token_id))
+
+
 def _adder(token_id: str) -> Callable[[Tree, str, int], ORMap]:
     def add(tree: Tree, replica_id: str, ts: int) -> ORMap:
+        if _holds(tree.state, token_id):
+            return ORMap(is_delta=True)  # added meanwhile (a peer's delta): nothing to do
         return tree.state.add(replica_id, (REVOKED_KEY,), token_id)
 
     return add

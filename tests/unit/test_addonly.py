@@ -17,9 +17,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import broker.replication._addonly as addonly
-from broker.crdt import CausalContext, ORMap
+from broker.crdt import Add, CausalContext, ORMap
 from broker.crdt._stores import KindStore, LWWStore, MapStore, SetStore, Whole
-from broker.replication import Removal, removes
+from broker.errors import InvalidArgumentError
+from broker.replication import (
+    DeltaReceived,
+    Removal,
+    ReplicationConfig,
+    ReplicationMachine,
+    Report,
+    removes,
+)
 from tests.unit.strategies import REPLICAS, histories, run_history
 
 Place = tuple[Any, ...]
@@ -233,3 +241,89 @@ def test_mutation_never_removes_fails_the_property(monkeypatch: pytest.MonkeyPat
     s = revoked("aa")
     with pytest.raises(AssertionError):
         check_exact(s.discard("r2", ("revoked",), "aa"), s)
+
+
+# -- the replication machine on an add-only subject ------------------------------------------
+
+ADD_ONLY = ReplicationConfig(add_only=True)
+
+
+def _add(element: str) -> Any:
+    def add(tree: Any, rid: str, ts: int) -> ORMap:
+        return tree.state.add(rid, ("revoked",), element)  # type: ignore[no-any-return]
+    return add
+
+
+def _discard(element: str) -> Any:
+    def discard(tree: Any, rid: str, ts: int) -> ORMap:
+        return tree.state.discard(rid, ("revoked",), element)  # type: ignore[no-any-return]
+    return discard
+
+
+def _machine(config: ReplicationConfig = ADD_ONLY) -> ReplicationMachine:
+    m = ReplicationMachine("node-c", config)
+    honest = ORMap()
+    honest.merge(honest.add("node-a", ("revoked",), "aa"))
+    m.handle(DeltaReceived(0.0, "node-a", 1, honest, 10))
+    assert m.state.get(("revoked",)) == frozenset({"aa"})
+    return m
+
+
+def _rejected(out: list[Any]) -> list[tuple[Any, ...]]:
+    return [a.args for a in out if isinstance(a, Report) and a.event == "rejected"]
+
+
+@pytest.mark.parametrize("config", [ADD_ONLY, ReplicationConfig()])
+def test_machine_rejects_a_signed_remove(config: ReplicationConfig) -> None:
+    """node-b (a roster key) removes node-a's element: refused on an add-only subject, as a
+    delta (an OR-set remove) and as a full state without it; joined on an ordinary one."""
+    m = _machine(config)
+    state = m.state.copy()
+    remove = state.discard("node-b", ("revoked",), "aa")
+    full = state.copy()
+    full.merge(remove)
+    full.merge(full.add("node-b", ("revoked",), "bb"))  # its own new dot: passes ``forged``
+    full_doc = ORMap(MapStore({"revoked": SetStore({"bb": ("node-b", 1)})}),
+                     full.context, is_delta=False)
+    out = m.handle(DeltaReceived(1.0, "node-b", 1, remove, 10))
+    out += m.handle(DeltaReceived(1.0, "node-b", 2, full_doc, 10))
+    if config.add_only:
+        assert _rejected(out) == [("removal", "node-b"), ("removal", "node-b")]
+        assert m.state.get(("revoked",)) == frozenset({"aa"})
+    else:
+        assert _rejected(out) == []
+        assert "aa" not in m.state.get(("revoked",))
+
+
+def test_machine_rejects_a_held_removal_when_its_claim_arrives() -> None:
+    """A delta claiming a dot not seen here waits; once that dot arrives (an honest add),
+    joining it would remove the add: rejected when it drains, the add kept."""
+    m = _machine()
+    later = ORMap()
+    later.merge(later.add("node-a", ("revoked",), "aa"))
+    add2 = later.add("node-a", ("revoked",), "cc")  # dot (node-a, 2), not yet sent
+    sneaky = ORMap(MapStore({"revoked": Whole(None)}),
+                   CausalContext.from_dots([("node-a", 2)]), is_delta=True)
+    out = m.handle(DeltaReceived(1.0, "node-b", 1, sneaky, 10))
+    assert m.held == 1
+    out = m.handle(DeltaReceived(2.0, "node-a", 2, add2, 10))
+    assert _rejected(out) == [("removal", "node-b")]
+    assert m.held == 0
+    assert m.state.get(("revoked",)) == frozenset({"aa", "cc"})
+
+
+def test_local_writes_that_remove_fail() -> None:
+    m = _machine()
+    with pytest.raises(InvalidArgumentError):
+        m.write([_discard("aa")], lambda: 1_000)
+    with pytest.raises(InvalidArgumentError):
+        m.write([_add("aa")], lambda: 1_000)  # present already: the add replaces its dot
+    with pytest.raises(InvalidArgumentError):
+        m.write([Add("x", ("s",), 1)], lambda: 1_000)  # fused: cannot be checked first
+    assert m.state.get(("revoked",)) == frozenset({"aa"})
+    w = m.write([_add("bb")], lambda: 1_000)
+    assert w.ops == 1
+    assert m.state.get(("revoked",)) == frozenset({"aa", "bb"})
+    ordinary = _machine(ReplicationConfig())
+    ordinary.write([_discard("aa")], lambda: 1_000)
+    assert not ordinary.state.get(("revoked",))
