@@ -278,6 +278,7 @@ class WorknodeService:
                     max_batch_bytes=max(4096, self.transport.max_payload // 4),
                     max_pending_ops=s.max_pending_ops,
                     snapshot_every=s.snapshot_every,
+                    add_only=s.add_only(subject),
                 ),
                 observer=self.events,
                 # Catch-up is served to replicas (nodes and one-shot writers), never to the
