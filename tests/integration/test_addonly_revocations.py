@@ -26,6 +26,7 @@ import pytest
 
 from broker.codec import Signer, TrustRoster, WireCodec
 from broker.crdt import ORMap
+from broker.replica import Replica
 from broker.rpc import Grant, RootKey, RpcClient, UnauthenticatedError, attenuate, inspect, mint
 from broker.transport import EmbeddedNatsServer, NatsTransport, RequestSigner, delta_subject
 from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
@@ -46,6 +47,11 @@ def _removals(svc: WorknodeService) -> float:
         "worknode_byzantine_rejected_total",
         {"subject": REVOCATIONS, "reason": "removal", "signer": "node-b"})
     return value or 0.0
+
+
+def _holds(replica: Replica, token_id: str) -> bool:
+    value = replica.state.get(("revoked",))
+    return isinstance(value, frozenset) and token_id in value
 
 
 class Cluster:
@@ -87,15 +93,16 @@ class Cluster:
             await self.stop(name)
 
     def holds(self, name: str, token_id: str) -> bool:
-        value = self.svcs[name].replica(REVOCATIONS).state.get(("revoked",))
-        return isinstance(value, frozenset) and token_id in value
+        return _holds(self.svcs[name].replica(REVOCATIONS), token_id)
 
     def watch(self, name: str) -> None:
+        replica = self.svcs[name].replica(REVOCATIONS)
+
         def changed(keys: Collection[str] | None) -> None:
-            if self.watched is not None and not self.holds(name, self.watched):
+            if self.watched is not None and not _holds(replica, self.watched):
                 self.absent.append(name)
 
-        self.svcs[name].replica(REVOCATIONS).add_change_listener(changed)
+        replica.add_change_listener(changed)
 
     def seal(self, document: ORMap, sequence: int) -> bytes:
         """``document`` as node-b's stolen key signs it."""
