@@ -21,11 +21,13 @@ from broker.crdt import Add, CausalContext, ORMap
 from broker.crdt._stores import KindStore, LWWStore, MapStore, SetStore, Whole
 from broker.errors import InvalidArgumentError
 from broker.replication import (
+    CatchupReplied,
     DeltaReceived,
     Removal,
     ReplicationConfig,
     ReplicationMachine,
     Report,
+    Started,
     removes,
 )
 from tests.unit.strategies import REPLICAS, histories, run_history
@@ -312,6 +314,22 @@ def test_machine_rejects_a_held_removal_when_its_claim_arrives() -> None:
     assert m.state.get(("revoked",)) == frozenset({"aa", "cc"})
 
 
+def test_a_fresh_replica_rejects_the_removal_once_the_id_arrives() -> None:
+    """A replica that never saw the id: the attacker's full state claiming the id's dot
+    without it is held by the causal gate; the honest catch-up brings the id, and the held
+    state is then rejected as a removal instead of erasing the id."""
+    honest = ORMap()
+    honest.merge(honest.add("node-a", ("revoked",), "aa"))
+    wipe = ORMap(None, honest.context.copy(), is_delta=False)
+    m = ReplicationMachine("node-d", ADD_ONLY)
+    m.handle(Started(0.0))
+    out = m.handle(DeltaReceived(0.1, "node-b", 1, wipe, 10))
+    assert m.held == 1
+    out = m.handle(CatchupReplied(0.2, "node-a", 1, honest.copy()))
+    assert _rejected(out) == [("removal", "node-b")]
+    assert m.state.get(("revoked",)) == frozenset({"aa"})
+
+
 def test_local_writes_that_remove_fail() -> None:
     m = _machine()
     with pytest.raises(InvalidArgumentError):
@@ -327,3 +345,17 @@ def test_local_writes_that_remove_fail() -> None:
     ordinary = _machine(ReplicationConfig())
     ordinary.write([_discard("aa")], lambda: 1_000)
     assert not ordinary.state.get(("revoked",))
+
+
+def test_settings_make_the_revocation_subject_add_only(tmp_path: Any) -> None:
+    from services.worknode import WorknodeSettings
+
+    base = {"node_id": "n1", "subjects": ["orders"], "state_dir": tmp_path}
+    s = WorknodeSettings(**base)
+    assert s.add_only("revocations")
+    assert not s.add_only("orders")
+    moved = WorknodeSettings(**base, rpc_revocation_subject="revoked-ids")
+    assert moved.add_only("revoked-ids")
+    assert not moved.add_only("revocations")
+    assert not WorknodeSettings(**base, add_only_subjects=[]).add_only("revocations")
+    assert WorknodeSettings(**base, add_only_subjects=["orders"]).add_only("orders")
