@@ -481,7 +481,7 @@ class ReplicationMachine:
                         # Fused: it changes the state before its delta exists to check.
                         raise InvalidArgumentError(
                             f"{type(fn).__name__} on an add-only subject: write it as a "
-                            "mutator (checked before it applies); nothing was written")
+                            "mutator (checked before it applies); it was not applied")
                     d = fn.apply(tree, node_id, clock.now(now_ms()))  # fused: merged here
                 else:
                     d = fn(tree, node_id, clock.now(now_ms()))
@@ -490,7 +490,7 @@ class ReplicationMachine:
                         if hit is not None:
                             raise InvalidArgumentError(
                                 f"the subject is add-only: this write would remove dot "
-                                f"{hit.dot} at {list(hit.path)}; nothing was written")
+                                f"{hit.dot} at {list(hit.path)}; it was not applied")
                     if writable is not None and d.store is not None:
                         unwritable = _kinds(d.store, set()) - writable
                         if unwritable:
