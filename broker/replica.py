@@ -268,6 +268,9 @@ class ReplicaConfig:
     machine asks at most once per ``catchup_min_interval``; more is a replay or a flood)."""
     catchup_serve_burst: float = 10.0
     """Catch-up requests one peer may have served back to back before the rate applies."""
+    add_only: bool = False
+    """The subject only grows: documents and local writes that would remove a dot are
+    refused (``ReplicationConfig.add_only``)."""
 
     def replication(self) -> ReplicationConfig:
         """The replication machine's part of this configuration."""
@@ -284,6 +287,7 @@ class ReplicaConfig:
             max_held_bytes=self.max_held_bytes,
             max_hold=self.max_hold,
             max_evidence_bytes=self.max_evidence_bytes,
+            add_only=self.add_only,
         )
 
 

@@ -7,6 +7,7 @@ driver, and a simulator can drive many machines without asyncio. See ``_machine`
 drive it and ``_gate`` for the gate's rule.
 """
 
+from broker.replication._addonly import Removal, removes
 from broker.replication._events import (
     Action,
     Announce,
@@ -95,6 +96,7 @@ __all__ = [
     "ReceivedLogged",
     "Reconnected",
     "Relayed",
+    "Removal",
     "RepairApplied",
     "ReplicationConfig",
     "ReplicationMachine",
@@ -118,5 +120,6 @@ __all__ = [
     "lacks",
     "max_hlc",
     "relayed",
+    "removes",
     "unseen_claims",
 ]

@@ -100,9 +100,11 @@ replica: four billion writes never seen here is no partition, it is a forged cou
 MAX_COUNTER: Final = 2**62
 """Highest dot counter a delta may hold or claim: far below the int64 the wire, the digests
 and the Merkle leaves pack counters in, so the owner's next dot can never overflow."""
-BYZANTINE_REASONS: Final = ("foreign_dot", "dot_range", "clock_range", "unbacked_context")
+BYZANTINE_REASONS: Final = (
+    "foreign_dot", "dot_range", "clock_range", "unbacked_context", "removal")
 """Rejection reasons that name a Byzantine signer (a roster key sending what it cannot have
-written honestly)."""
+written honestly). ``removal``: a document whose join would remove a dot on an add-only
+subject (``_addonly.removes``)."""
 
 
 def forged(

@@ -25,6 +25,9 @@ What it decides (``broker/replica.py`` only executes):
   writer))``) and changes nothing; a full state takes the same checks and the same gate. A
   delta held ``max_hold`` seconds is rejected as ``unbacked_context`` (its writer owes a
   catch-up).
+  On an add-only subject (``ReplicationConfig.add_only``) a document whose join would remove
+  a dot held here is rejected too (``removal``, ``_addonly.removes``), on arrival and again
+  when a held delta drains (its claims may have arrived meanwhile).
 - **Catch-up.** A gap, a held delta, a slow consumer, a reconnect, a peer's announce showing
   dots this replica lacks, and ``Started`` each want a catch-up. One runs at a time; wants
   that arrive meanwhile are remembered (coalesced) and start one more when it ends. Starts are
@@ -93,11 +96,13 @@ from broker.crdt._stores import (
 from broker.errors import (
     BackpressureError,
     BoundsError,
+    InvalidArgumentError,
     PayloadTooLargeError,
     UnsupportedContentError,
     ValueTooLargeError,
     WorknodeError,
 )
+from broker.replication._addonly import removes
 from broker.replication._events import (
     Action,
     Announce,
@@ -217,6 +222,10 @@ class ReplicationConfig:
     every kind. A write of another kind fails with UnsupportedContentError before it
     changes anything (a v1 node's flag could be neither logged nor published, and would have
     stayed in memory unacknowledged, failing every later snapshot)."""
+    add_only: bool = False
+    """The subject only grows (``_addonly``): a peer's document whose join would remove a
+    dot held here is rejected (``removal``, its signer named), and a local write that would
+    remove one fails with InvalidArgumentError before it changes anything."""
 
 
 def _kinds(entry: Any, out: set[int]) -> set[int]:
@@ -525,9 +534,20 @@ class ReplicationMachine:
             fn, count = todo.pop()
             try:
                 if isinstance(fn, TreeOp):
+                    if self.config.add_only:
+                        # Fused: it changes the state before its delta exists to check.
+                        raise InvalidArgumentError(
+                            f"{type(fn).__name__} on an add-only subject: write it as a "
+                            "mutator (checked before it applies); it was not applied")
                     d = fn.apply(tree, node_id, clock.now(now_ms()))  # fused: merged here
                 else:
                     d = fn(tree, node_id, clock.now(now_ms()))
+                    if self.config.add_only:
+                        hit = removes(d, tree.state)
+                        if hit is not None:
+                            raise InvalidArgumentError(
+                                f"the subject is add-only: this write would remove dot "
+                                f"{hit.dot} at {list(hit.path)}; it was not applied")
                     if writable is not None and d.store is not None:
                         unwritable = _kinds(d.store, set()) - writable
                         if unwritable:
@@ -657,6 +677,8 @@ class ReplicationMachine:
         reason = forged(ev.document, w, self.tree.state.context, hlc=ev.hlc)
         if reason is not None:
             return [Report("rejected", (reason, w))]
+        if self.config.add_only and removes(ev.document, self.tree.state) is not None:
+            return [Report("rejected", ("removal", w))]
         out: list[Action] = []
         last = self._last_seq.get(w, 0)
         if last and ev.sequence > last + 1:
@@ -771,6 +793,9 @@ class ReplicationMachine:
             if owner != self.node_id and owner not in self._given_up:
                 self._owed.setdefault(owner, 0)
         clipped = kept.document
+        if self.config.add_only and removes(clipped, self.tree.state) is not None:
+            self._relay_refusal = "removal"
+            return None
         self._merge_remote(clipped, whole=not doc.is_delta)
         if raw:
             out += self._keep_received(raw if not kept.stripped else Clipped(raw, clipped))
@@ -1104,6 +1129,10 @@ class ReplicationMachine:
                 if self._admits(item):
                     self._held.remove(item)
                     self._held_bytes -= item.nbytes
+                    if self.config.add_only and removes(item.document, self.tree.state):
+                        # Its claims arrived meanwhile: dots it would now remove.
+                        out.append(Report("rejected", ("removal", item.writer)))
+                        continue
                     out += self._join_remote(item)
                     out.append(Report("gated", ("drained",)))
                     progress = True

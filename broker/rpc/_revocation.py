@@ -8,16 +8,29 @@ token stays revoked.
 
 Reads are O(1): the ids are kept as a frozenset, rebuilt lazily after the replica changes.
 
-The set is add-only, and held so against writers other than ``revoke``: the RPC server
-refuses every method but ``revoke`` and reads on this subject, whatever a token grants; and
-this list never forgets an id it has seen. A delta from a peer that removes an id (an OR-set
-remove) or retypes the key (a second kind next to the set: ``value()`` shows a
-``KindConflict``) changes nothing here: ids are read from every set-kind value under the key,
-unioned with every id seen since this process started, and an id that vanished from the state
-is written again (a fresh add wins over the remove), so it stays revoked on every replica
-that merges. What remains for Byzantine writers (issue 17): a peer whose first delta to a
-freshly started node already lacks an id (nothing remembered yet) is only undone once a node
-that remembers the id re-adds it.
+The set is add-only, and held so against writers other than ``revoke`` at three levels:
+
+- every replica of the subject enforces it (the subject is add-only by default,
+  ``WorknodeSettings.add_only_subjects``; ``broker.replication._addonly``): a peer's delta or
+  full state whose join would remove a dot held here (an OR-set remove of an id, a full
+  state or an empty store whose context saw an id it does not hold, a ``clear``, an id added
+  again over its dots) is rejected before it changes anything, and its signer counted in
+  ``worknode_byzantine_rejected_total{reason="removal"}``; a held delta is checked again
+  when it drains. A local write that would remove fails with InvalidArgumentError, so
+  ``revoke`` writes only ids not present yet;
+- the RPC server refuses every method but ``revoke`` and reads on this subject, whatever a
+  token grants;
+- this list never forgets an id it has seen: ids are read from every set-kind value under the
+  key (a second kind next to the set shows a ``KindConflict``), unioned with every id seen
+  since this process started, and an id that vanished from the state is written again (a
+  fresh add wins over a remove).
+
+What remains for Byzantine writers (issue 17): on the delta path, a stolen roster key cannot
+take a revoked id out of any replica that holds it, freshly started or not. A replica that
+has not seen the id yet is covered by the causal gate: a document claiming the id's dot
+without carrying it is held, and rejected as a removal once the id arrives. Catch-up replies
+and heal repairs are joined without this check until the replication machine runs
+``removes`` on those paths too (the catch-up and repair work of issue 17).
 """
 
 from __future__ import annotations
@@ -27,7 +40,8 @@ import logging
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, Final
 
-from broker.crdt import KindConflict, ORMap, Tree
+from broker.crdt import Kind, KindConflict, ORMap, Tree
+from broker.crdt._stores import KindStore, SetStore
 from broker.errors import InvalidArgumentError
 from broker.replica import Replica
 
@@ -129,13 +143,28 @@ class RevocationList:
                 c in "0123456789abcdef" for c in token_id
             ):
                 raise InvalidArgumentError(f"revocation ids are lowercase hex, got {token_id!r}")
-        await self.replica.write_many([_adder(i) for i in ids])
+        # An id present already is not written again: the add would replace its dots,
+        # which an add-only subject refuses (and it is revoked already).
+        present = self._present()
+        missing = [i for i in ids if i not in present]
+        if missing:
+            await self.replica.write_many([_adder(i) for i in missing])
         self._seen.update(ids)
         self._ids = None
 
 
+def _holds(state: ORMap, token_id: str) -> bool:
+    """Whether the set under the key holds ``token_id`` (O(1): one set lookup)."""
+    entry = state.store.get(REVOKED_KEY) if state.store else None
+    if isinstance(entry, KindStore):
+        entry = entry.get(Kind.SET)
+    return isinstance(entry, SetStore) and bool(entry.get(token_id))
+
+
 def _adder(token_id: str) -> Callable[[Tree, str, int], ORMap]:
     def add(tree: Tree, replica_id: str, ts: int) -> ORMap:
+        if _holds(tree.state, token_id):
+            return ORMap(is_delta=True)  # added meanwhile (a peer's delta): nothing to do
         return tree.state.add(replica_id, (REVOKED_KEY,), token_id)
 
     return add

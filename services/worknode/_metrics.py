@@ -130,8 +130,9 @@ class ServiceMetrics:
         self.byzantine_envelopes = Counter(
             "worknode_byzantine_rejected_total",
             "Envelopes a roster key signed that it cannot have written honestly (a dot of "
-            "another replica, a counter or claim out of range, a claim never backed), by "
-            "reason and signer (a verified roster member: bounded).",
+            "another replica, a counter or claim out of range, a claim never backed, a removal "
+            "on an add-only subject), by reason and signer (a verified roster member: "
+            "bounded).",
             ["subject", "reason", "signer"], registry=r)
         self.lag_seconds = Histogram(
             "worknode_replication_lag_seconds",

@@ -280,6 +280,7 @@ class WorknodeService:
                     snapshot_every=s.snapshot_every,
                     max_hold=s.byzantine_max_hold_s,
                     max_evidence_bytes=s.evidence_max_bytes,
+                    add_only=s.add_only(subject),
                 ),
                 observer=self.events,
                 # Catch-up is served to replicas (nodes and one-shot writers), never to the

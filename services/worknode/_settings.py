@@ -101,6 +101,12 @@ class WorknodeSettings(NatsClientSettings):
     rpc_revocation_subject: str = Field(
         "revocations", description="Subject of the replicated set of revoked token ids."
     )
+    add_only_subjects: list[str] | None = Field(
+        None,
+        description="Subjects that only grow: a peer's delta or state that would remove "
+        "anything held is rejected (metric reason 'removal'), a local write that would "
+        "fails. Null (default): the revocation subject; [] turns it off.",
+    )
     rpc_max_in_flight: int = Field(64, gt=0, le=100_000)
     rpc_max_request_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024)
     rpc_authorize_budget_ms: float = Field(
@@ -131,6 +137,11 @@ class WorknodeSettings(NatsClientSettings):
     @classmethod
     def _revocation_subject(cls, v: str) -> str:
         return validate_token(v, "subject")
+
+    @field_validator("add_only_subjects")
+    @classmethod
+    def _add_only_subjects(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [validate_token(s, "subject") for s in v]
 
     @field_validator("healers")
     @classmethod
@@ -172,6 +183,12 @@ class WorknodeSettings(NatsClientSettings):
         """The configured subjects, plus the revocation subject when RPC is served."""
         extra = [self.rpc_revocation_subject] if self.rpc_keyring_file is not None else []
         return [*self.subjects, *(s for s in extra if s not in self.subjects)]
+
+    def add_only(self, subject: str) -> bool:
+        """Whether ``subject`` is add-only (``add_only_subjects``, by default the
+        revocation subject)."""
+        subjects = self.add_only_subjects
+        return subject == self.rpc_revocation_subject if subjects is None else subject in subjects
 
     def key_path(self) -> Path:
         """Where this node's signing seed lives."""

@@ -15,8 +15,8 @@ import biscuit_auth as bi
 import pytest
 
 from broker.codec import Signer, TrustRoster
-from broker.crdt import Tree
-from broker.errors import SignatureError
+from broker.crdt import Kind, Tree
+from broker.errors import InvalidArgumentError, SignatureError
 from broker.rpc import (
     NO_HOLDER,
     Grant,
@@ -220,16 +220,22 @@ async def test_the_revocation_set_refuses_generic_writes_and_survives_peer_delta
     def remove(tree: Tree, replica_id: str, ts: int) -> Any:
         return tree.state.remove(("revoked",))
 
-    for attack in (retype, remove):
-        await rogue.write_many([attack])
-        for _ in range(4):
-            with pytest.raises(UnauthenticatedError):
-                await owner.call(SUBJECT, "o1", "get", token=user)
-    # The removed id was written again: every replica's state holds it.
+    await rogue.write_many([retype])
+    for _ in range(4):
+        with pytest.raises(UnauthenticatedError):
+            await owner.call(SUBJECT, "o1", "get", token=user)
+    # The subject is add-only: the removal is refused before it changes anything (a peer
+    # publishing one is rejected: tests/integration/test_addonly_revocations.py).
+    with pytest.raises(InvalidArgumentError):
+        await rogue.write_many([remove])
+    for _ in range(4):
+        with pytest.raises(UnauthenticatedError):
+            await owner.call(SUBJECT, "o1", "get", token=user)
+    # Every replica's state holds the id (in the set beside the counter the retype added).
     for svc in nodes.values():
         await _eventually(
-            lambda svc=svc: rid in (svc.replica("revocations").state.value() or {}).get(
-                "revoked", frozenset()
+            lambda svc=svc: rid in (
+                svc.replica("revocations").state.get(("revoked",), Kind.SET) or frozenset()
             )
         )
     assert (await owner.call(SUBJECT, "o1", "get", token=admin)).status is StatusCode.OK

@@ -30,6 +30,7 @@ from broker.replication import (
     Loaded,
     Publish,
     Published,
+    ReplicationConfig,
     ReplicationMachine,
     Report,
     RequestCatchup,
@@ -273,3 +274,16 @@ def test_evidence_survives_a_restart_and_states_supersede_each_other() -> None:
     reloaded = ReplicationMachine("node-b", loaded=Loaded(b.state.copy(), evidence=(
         ("node-a", p.document.context, kept[0]), ("node-a", a.state.context, kept[1]))))
     assert reloaded.evidence() == kept
+
+
+def test_an_add_only_subject_refuses_a_relayed_removal() -> None:
+    """The revocation set is add-only on the catch-up path too: an answer whose join would
+    remove an element held here is rejected whole and names its relay."""
+    cfg = ReplicationConfig(add_only=True)
+    a = ReplicationMachine("node-a", cfg, seed=1)
+    c = ReplicationMachine("node-c", cfg, seed=1)
+    _deliver(c, "node-a", _publish(a, [lambda t, r, ts: t.state.add(r, ("revoked",), "id1")]))
+    wiped = ORMap(None, c.state.context.copy())  # every dot seen, no element: a removal
+    out = _catch_up(c, "node-b", wiped)
+    assert ("removal", "node-b") in _rejections(out)
+    assert c.state.value() == {"revoked": {"id1"}}
