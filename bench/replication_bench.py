@@ -106,8 +106,23 @@ def _settings(url: str, state: Path, name: str) -> Any:
     )
 
 
+def _without_byzantine_checks() -> None:
+    """The receiving replica as it was before issue 17's checks (this benchmark's A/B only):
+    no ``forged`` test of a delta, relayed states joined as they come, no evidence kept."""
+    import broker.replication._machine as machine
+    from broker.replication._gate import Relayed
+
+    setattr(machine, "forged", lambda *a, **k: None)  # noqa: B010
+    setattr(machine, "relayed", lambda doc, *a, **k: Relayed(doc))  # noqa: B010
+    setattr(machine.ReplicationMachine, "_keep_evidence", lambda self, *a, **k: None)  # noqa: B010
+
+
 async def _wn_replica(url: str, state: Path, name: str, n: int, mode: str) -> None:
     from services.worknode import WorknodeService
+
+    if mode.endswith("-nochecks"):
+        _without_byzantine_checks()
+        mode = mode.removesuffix("-nochecks")
 
     async with WorknodeService(_settings(url, state, name)) as svc:
         r = svc.replica(SUBJECT)
@@ -254,7 +269,8 @@ def _write_roster(state: Path, names: list[str]) -> None:
     (state / "roster.json").write_text(json.dumps(roster))
 
 
-def _wn_round(url: str, n: int, mode: str = "counter", sustain: float = 0) -> dict[str, Any]:
+def _wn_round(url: str, n: int, mode: str = "counter", sustain: float = 0,
+              checks: bool = True) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix="wn-bench-"))
     _write_roster(state, ["writer", "r1", "r2"])
     latency = mode == "latency"
@@ -262,8 +278,9 @@ def _wn_round(url: str, n: int, mode: str = "counter", sustain: float = 0) -> di
     replicas: list[_Child] = []
     try:
         writer.read()
+        rmode = mode if checks else mode + "-nochecks"
         replicas = [
-            _Child("wn-replica", url, str(state), name, str(n), mode) for name in ("r1", "r2")
+            _Child("wn-replica", url, str(state), name, str(n), rmode) for name in ("r1", "r2")
         ]
         for r in replicas:
             r.read()
@@ -378,18 +395,24 @@ def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
         raw: list[float] = []
         wn: list[float] = []
         keys: list[float] = []
+        wn_off: list[float] = []  # the same, receivers without issue 17's checks (A/B)
+        keys_off: list[float] = []
         rss: list[int] = []
         for rnd in range(rounds):
-            order = ("raw", "wn", "keys") if rnd % 2 == 0 else ("keys", "wn", "raw")
-            for side in order:
+            order = ("raw", "wn", "wn-off", "keys", "keys-off")
+            for side in order if rnd % 2 == 0 else order[::-1]:
                 if side == "raw":
                     raw.append(_raw_round(url, n))
                 elif side == "wn":
                     res = _wn_round(url, n)
                     wn.append(res["rate"])
                     rss.append(res["rss"])
-                else:
+                elif side == "wn-off":
+                    wn_off.append(_wn_round(url, n, checks=False)["rate"])
+                elif side == "keys":
                     keys.append(_wn_round(url, n, "keys")["rate"])
+                else:
+                    keys_off.append(_wn_round(url, n, "keys", checks=False)["rate"])
         lat = _wn_round(url, 100 if sustain < 10 else 300, "latency")["latencies"]
         early, late, ops = _sustained_rss(url, sustain)
     finally:
@@ -397,6 +420,9 @@ def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
         loop.close()
     ratios = [w / r for w, r in zip(wn, raw, strict=True)]
     key_ratios = [w / r for w, r in zip(keys, raw, strict=True)]
+    off_ratios = [w / r for w, r in zip(wn_off, raw, strict=True)]
+    cost = [on / off for on, off in zip(wn, wn_off, strict=True)]
+    key_cost = [on / off for on, off in zip(keys, keys_off, strict=True)]
     lat_ms = sorted(x * 1000 for x in lat)
 
     def pct(p: float) -> float:
@@ -429,6 +455,13 @@ def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
         f"{min(keys):,.0f} - {max(keys):,.0f} |",
         f"| ratio distinct fields / raw (per round) | {statistics.median(key_ratios):.2f}x | "
         f"{min(key_ratios):.2f}x - {max(key_ratios):.2f}x |",
+        f"| ratio worknode / raw, receivers without the Byzantine checks (A/B) | "
+        f"{statistics.median(off_ratios):.2f}x | "
+        f"{min(off_ratios):.2f}x - {max(off_ratios):.2f}x |",
+        f"| **Byzantine checks: ops/s with / without (per round), overwrites** | "
+        f"**{statistics.median(cost):.2f}x** | {min(cost):.2f}x - {max(cost):.2f}x |",
+        f"| Byzantine checks: ops/s with / without (per round), distinct fields | "
+        f"{statistics.median(key_cost):.2f}x | {min(key_cost):.2f}x - {max(key_cost):.2f}x |",
         f"| write-to-remote-apply latency p50 at low load (ms) | {pct(0.5):.1f} | "
         f"{lat_ms[0]:.1f} - {lat_ms[-1]:.1f} |",
         f"| write-to-remote-apply latency p99 at low load (ms) | {pct(0.99):.1f} | |",
@@ -448,6 +481,12 @@ def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
         "decoded by every replica. pycapnp costs about 1 us per field access, a register "
         "entry takes about ten, so this workload runs at a fraction of raw nats-py; a compiled "
         "codec is what would move it.",
+        "",
+        "The Byzantine rows (issue 17) run the same workloads against receivers with and "
+        "without the checks, interleaved in each round: every delta tested for forged "
+        "attribution and out-of-range dots, claims and timestamps (`forged`), every other "
+        "writer's signed batch kept as evidence; target: at most 15% off the replication "
+        "ratio (with / without >= 0.85x).",
         "",
         *_signature_rows(rounds),
     ]
