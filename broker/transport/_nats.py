@@ -949,6 +949,10 @@ class NatsTransport:
             for ep in endpoints:
                 await svc.add_endpoint(name=ep.name, subject=ep.subject,
                                        handler=_micro_handler(ep, tasks))
+        # Served once this returns: the subscriptions have reached the server (a request
+        # sent right after would otherwise race them and find no responders).
+        with contextlib.suppress(TransportError):
+            await self.flush()
         return _MicroHandle(svc, tasks)
 
     async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - as nats-py
