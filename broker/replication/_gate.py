@@ -78,7 +78,7 @@ from broker.crdt._stores import (
     Whole,
     dots_of,
 )
-from broker.errors import NestingDepthError
+from broker.errors import CodecError, NestingDepthError
 
 __all__ = [
     "BYZANTINE_REASONS",
@@ -257,7 +257,7 @@ def relayed(
     return Relayed(out, None, stripped)
 
 
-class _Refused(Exception):
+class _Refused(CodecError):
     """A relayed store's dot or timestamp out of range (internal to ``relayed``)."""
 
     def __init__(self, reason: str) -> None:

@@ -330,6 +330,9 @@ class _Held:
     report: tuple[Any, ...]
     raw: bytes = b""
     since: float = 0.0
+    seen_at: CausalContext | None = None
+    """This replica's context when the batch arrived, kept when it claimed other writers'
+    dots not seen here then (see ``_join_remote``)."""
 
 
 def lacks(mine: CausalContext, theirs: CausalContext) -> bool:
@@ -416,6 +419,7 @@ class ReplicationMachine:
         self._evidence: deque[_Evidence] = deque()
         self._evidence_bytes = 0
         self._relay_refusal = ""  # why the last relayed state was refused
+        self._last_now = 0.0  # ``now`` of the event being handled
         for writer, context, raw in loaded.evidence:
             self._keep_evidence(writer, context, raw)
         self._handlers: dict[type[Any], Callable[[Any], list[Action]]] = {
@@ -584,6 +588,7 @@ class ReplicationMachine:
 
     def handle(self, event: Event) -> list[Action]:
         """React to ``event``; the actions to execute, in order."""
+        self._last_now = event.now
         return self._handlers[type(event)](event)
 
     def _on_started(self, ev: Started) -> list[Action]:
@@ -692,7 +697,8 @@ class ReplicationMachine:
             out += self._want_catchup(ev.now, w)
         if ev.sequence > last:
             self._last_seq[w] = ev.sequence
-        item = _Held(w, ev.sequence, ev.document, ev.nbytes, ev.report, ev.raw, ev.now)
+        item = _Held(w, ev.sequence, ev.document, ev.nbytes, ev.report, ev.raw, ev.now,
+                     self._seen_if_claims_unseen(ev.document, w))
         if self._admits(item):
             out += self._join_remote(item)
             if self._held:
@@ -1075,15 +1081,33 @@ class ReplicationMachine:
 
     def _join_remote(self, item: _Held) -> list[Action]:
         doc = item.document
+        cut: list[Action] = []
+        if item.seen_at is not None:
+            # Claims of other writers' dots that were not seen here when the batch arrived
+            # are cut, not honoured now that the dots are here: a dot is predictable, and a
+            # claim signed before the write existed (a stolen key "pre-claiming" another
+            # writer's next writes, held by the gate until they arrive) would remove it as if
+            # its signer had seen it. An honest batch that merely overtook the write it
+            # removes loses nothing: its writer is asked for its state, which removes the
+            # write as that writer holds it removed (a relayed state's claims of dots held
+            # here are honoured).
+            kept = relayed(doc, item.writer, item.seen_at)
+            if kept.document is not None and kept.stripped:
+                doc = kept.document
+                cut = [Report("gated", ("cut",))]
+                if item.writer not in self._given_up:
+                    self._owed.setdefault(item.writer, 0)
+                    cut += self._want_catchup(self._last_now, item.writer, urgent=True)
         whole = not doc.is_delta  # a full state: its entries are whole
         self._merge_remote(doc, whole=whole)
         self._windows.setdefault(item.writer, SequenceWindow()).add(item.sequence)
         if item.raw:
             self._keep_evidence(item.writer, doc.context, item.raw)
         out: list[Action] = [
-            *self._keep_received(item.raw),
+            *self._keep_received(Clipped(item.raw, doc) if cut and item.raw else item.raw),
             Changed(None if whole else tuple(doc.store.keys()) if doc.store else ()),
             Report("applied", item.report),
+            *cut,
         ]
         ctx = self.tree.state.context
         if item.writer not in self._given_up and (
@@ -1095,6 +1119,20 @@ class ReplicationMachine:
             if self._catchup_peer is None:
                 self._catchup_peer = item.writer
         return out + self._count_ops(max(1, len(doc)))
+
+    def _seen_if_claims_unseen(self, doc: ORMap, writer: str) -> CausalContext | None:
+        """A copy of this replica's context if ``doc``, a batch of ``writer``'s, may claim
+        a dot of another writer's not seen here (cheap: its vector and cloud against ours);
+        else None."""
+        seen = self.tree.state.context
+        ctx = doc.context
+        vv = seen._vv
+        if any(r != writer and n > vv.get(r, 0) for r, n in ctx._vv.items()) or any(
+            r != writer and any(not seen.covers(r, k) for k in ks)
+            for r, ks in ctx._cloud.items()
+        ):
+            return seen.copy()
+        return None
 
     def _keep_evidence(
         self, writer: str, context: CausalContext, raw: bytes, *, state: bool = False

@@ -41,7 +41,7 @@ _OPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 _BYTES_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _CATCHUP_OUTCOMES = ("ok", "no_peer", "rejected", "too_large", "retry", "gave_up")
-_GATE_OUTCOMES = ("held", "drained", "evicted")
+_GATE_OUTCOMES = ("held", "drained", "evicted", "cut")
 # Replication lag spans sub-millisecond (same host) to minutes (a node catching up after a
 # partition applies deltas sealed long ago): the buckets go up to 10 minutes.
 _LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,

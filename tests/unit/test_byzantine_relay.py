@@ -287,3 +287,42 @@ def test_an_add_only_subject_refuses_a_relayed_removal() -> None:
     out = _catch_up(c, "node-b", wiped)
     assert ("removal", "node-b") in _rejections(out)
     assert c.state.value() == {"revoked": {"id1"}}
+
+
+def test_a_pre_claim_of_another_writers_next_write_never_removes_it() -> None:
+    """node-b's key signs an empty batch claiming node-a's next dot before node-a issues it;
+    the gate holds it, node-a's write arrives and lets it drain: the claim, unseen when the
+    batch arrived, is cut, so the write stays; node-b is asked for its state (where an honest
+    node-b would hold the write removed)."""
+    a, c = ReplicationMachine("node-a", seed=1), ReplicationMachine("node-c", seed=1)
+    _deliver(c, "node-a", _publish(a, [Create("o")]))
+    nxt = a.state.context.max_counter("node-a") + 1
+    pre = ORMap(None, CausalContext(cloud=[("node-a", nxt)]), is_delta=True)
+    c.handle(DeltaReceived(1.0, "node-b", 1, _rt(pre), 10, raw=b"pre"))
+    assert c.held == 1
+    out = _deliver(c, "node-a", _publish(a, [Assign("o", ("x",), 7)]), now=2.0)
+    assert c.held == 0
+    assert ("cut",) in [x.args for x in out if isinstance(x, Report) and x.event == "gated"]
+    assert c.state.value()["o"]["fields"] == {"x": 7}
+    assert [x for x in out if isinstance(x, RequestCatchup) and x.peer == "node-b"] \
+        or c.catching_up
+
+
+def test_an_honest_removal_that_overtook_its_write_converges_by_the_removers_state() -> None:
+    """node-b removed node-a's field; node-c gets node-b's batch first. The claim is cut when
+    node-a's write lets the batch drain (node-c cannot tell it from a pre-claim), and node-b's
+    state, asked for then, removes the field: node-c agrees with node-b without a healer."""
+    a, b, c = (ReplicationMachine(n, seed=1) for n in ("node-a", "node-b", "node-c"))
+    p1 = _publish(a, [Create("o")])
+    for m in (b, c):
+        _deliver(m, "node-a", p1)
+    p2 = _publish(a, [Assign("o", ("x",), 1)])
+    _deliver(b, "node-a", p2)
+    pb = _publish(b, [lambda t, r, ts: t.remove_field("o", ("x",))])
+    _deliver(c, "node-b", pb, now=1.0)
+    assert c.held == 1
+    _deliver(c, "node-a", p2, now=1.1)
+    assert c.held == 0
+    assert c.catching_up  # asked at the drain, running now
+    c.handle(CatchupReplied(1.2, "node-b", pb.sequence, _rt(b.state), raw=b"state:node-b"))
+    assert c.state.value() == b.state.value()
