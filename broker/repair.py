@@ -55,6 +55,7 @@ __all__ = [
     "newest_reading",
     "newest_state",
     "repair_deltas",
+    "repair_for",
     "subset",
 ]
 
@@ -147,14 +148,19 @@ def key_digests(state: ORMap, secret: bytes = b"") -> dict[str, bytes]:
     return {k: entry_digest(v, secret) for k, v in store.items()}
 
 
-def subset(state: ORMap, keys: Iterable[str]) -> ORMap:
+def subset(state: ORMap, keys: Iterable[str], *, absent: bool = False) -> ORMap:
     """A state holding only ``keys``' entries, with the full context (for a fetch reply).
 
     Marked as a delta so that, should anyone join it by mistake, only those keys are
-    touched; the healer reads it, it never joins it.
+    touched; the healer reads it, it never joins it. ``absent``: a key ``state`` lacks is
+    named as ``Whole(None)`` (a fetch reply is self-describing: whoever reads it, e.g. a
+    replica handed it as a voucher, knows which keys its context speaks for).
     """
     store = state.store or {}
-    picked = MapStore({k: store[k] for k in keys if k in store})
+    if absent:
+        picked = MapStore({k: store[k] if k in store else Whole(None) for k in keys})
+    else:
+        picked = MapStore({k: store[k] for k in keys if k in store})
     return ORMap(picked or None, state.context.copy(), is_delta=True)
 
 
@@ -184,31 +190,41 @@ def _delta_for(
     return Whole(source_entry), dots
 
 
+def _entry(store: Any, key: str) -> Any:
+    """The entry under ``key`` of a fetched or held store; None when absent. A fetch reply
+    names a key asked and absent at its source as ``Whole(None)`` (self-describing: the
+    source's context speaks for that key too); any ``Whole`` marker is read through."""
+    entry = store.get(key)
+    return entry.store if type(entry) is Whole else entry
+
+
+def repair_for(theirs: ORMap, mine: ORMap, keys: Iterable[str]) -> ORMap:
+    """The repair delta that makes ``mine`` agree with ``theirs`` on ``keys`` (the "delta for
+    B" of the module doc, with ``theirs`` = A and ``mine`` = B).
+
+    ``theirs`` holds at least ``keys``' entries (absent ones as ``Whole(None)`` or missing)
+    and its replica's full context (a fetch reply, ``subset``); ``mine`` is the receiver's
+    state or a subset of it. Pure: neither is modified; the delta shares their entries."""
+    ts, ms = theirs.store or {}, mine.store or {}
+    out = MapStore()
+    dots: list[tuple[str, int]] = []
+    for k in sorted(set(keys)):
+        a, b = _entry(ts, k), _entry(ms, k)
+        if a is None and b is None:
+            continue
+        entry, d = _delta_for(b, a, theirs.context)
+        # Skip no-op deltas: the source has no entry and the target holds no dot it saw.
+        if a is not None or d:
+            out[k] = entry
+            dots += d
+    return ORMap(out or None, CausalContext.from_dots(dots), is_delta=True)
+
+
 def repair_deltas(left: ORMap, right: ORMap, keys: Iterable[str]) -> tuple[ORMap, ORMap]:
-    """``(delta for left, delta for right)`` repairing ``keys``.
+    """``(delta for left, delta for right)`` repairing ``keys``: ``repair_for`` each way.
 
     ``left``/``right`` hold at least the entries of ``keys`` and each replica's full context
     (as ``subset`` returns them).
     """
-    ls, rs = left.store or {}, right.store or {}
-    to_left, to_right = MapStore(), MapStore()
-    dots_left: list[tuple[str, int]] = []
-    dots_right: list[tuple[str, int]] = []
-    for k in sorted(set(keys)):
-        a, b = ls.get(k), rs.get(k)
-        if a is None and b is None:
-            continue
-        # Skip no-op deltas: the source has no entry and the target holds no dot it saw.
-        # (the source has no entry and the target holds no dot the source has seen).
-        entry, d = _delta_for(b, a, left.context)
-        if a is not None or d:
-            to_right[k] = entry
-            dots_right += d
-        entry, d = _delta_for(a, b, right.context)
-        if b is not None or d:
-            to_left[k] = entry
-            dots_left += d
-    return (
-        ORMap(to_left or None, CausalContext.from_dots(dots_left), is_delta=True),
-        ORMap(to_right or None, CausalContext.from_dots(dots_right), is_delta=True),
-    )
+    keys = sorted(set(keys))
+    return repair_for(right, left, keys), repair_for(left, right, keys)

@@ -47,9 +47,10 @@ How to drive it (the whole protocol; no asyncio, no clock, no randomness inside)
             elif isinstance(action, RepairPair):
                 # reconcile action.left with action.right (Reconciliation; leaves as item
                 # digests of action.item_width bytes when it is not 0, else keys), fetch both
-                # sides' entries of what differs, broker.repair.repair_deltas, push the delta
-                # for the left to every node of action.left_group, for the right to
-                # action.right_group; then:
+                # sides' entries of what differs (their signed replies: vouchers), and where
+                # broker.repair.repair_deltas says a side needs a repair, push the other
+                # side's vouchers to every node of its group (each computes its repair);
+                # then:
                 planner.receive_repair(action, PairResult(found, pushed, waves))
         # an action that cannot be carried out: planner.receive_failure(action, "why")
     result = planner.result()                    # HealResult: counts, roots, converged, reason
@@ -106,9 +107,13 @@ ROOT_LEVELS: Final = 2
 """Levels below the root a root request asks for (272 values at fan-out 16): two round trips
 saved whenever roots differ."""
 
-StopReason: TypeAlias = Literal["", "rounds", "stuck", "schemes", "failed", "unverified"]
-"""Why a heal did not converge. ``unverified`` is the driver's own: a replica's reply failed
-verification (a relay, a replay), so the heal went on without it and cannot vouch for it."""
+StopReason: TypeAlias = Literal[
+    "", "rounds", "stuck", "schemes", "failed", "unverified", "unbacked",
+]
+"""Why a heal did not converge. ``unverified`` and ``unbacked`` are the driver's own: a
+replica's reply failed verification (a relay, a replay), so the heal went on without it and
+cannot vouch for it; a replica refused another's fetch reply as Byzantine (its source served
+state it cannot vouch for), so that difference stays."""
 
 
 @dataclass(frozen=True, slots=True)
