@@ -31,7 +31,9 @@ Rules:
   is pointless — a defect such as two readings of equal content digesting differently, or a
   replica refusing repairs; escalate, do not retry at once), ``schemes`` (no group shares
   the hub's tree scheme; healed once they run the same release), ``failed`` (the driver
-  reported an action it could not carry out).
+  reported an action it could not carry out), ``catchup`` (roots unchanged, but the round's
+  repairs left receivers owing a catch-up of writers' dots their source could not vouch for,
+  ``PairResult.owed``: retry soon).
   A heal that did not converge is never reported as success (``pass_status``).
 
 How to drive it (the whole protocol; no asyncio, no clock, no randomness inside)::
@@ -108,12 +110,14 @@ ROOT_LEVELS: Final = 2
 saved whenever roots differ."""
 
 StopReason: TypeAlias = Literal[
-    "", "rounds", "stuck", "schemes", "failed", "unverified", "unbacked",
+    "", "rounds", "stuck", "schemes", "failed", "unverified", "unbacked", "catchup",
 ]
 """Why a heal did not converge. ``unverified`` and ``unbacked`` are the driver's own: a
 replica's reply failed verification (a relay, a replay), so the heal went on without it and
 cannot vouch for it; a replica refused another's fetch reply as Byzantine (its source served
-state it cannot vouch for), so that difference stays."""
+state it cannot vouch for), so that difference stays. ``catchup``: roots unchanged after
+a round whose repairs carried writers' dots a receiver keeps only from those writers' own
+signed state (``PairResult.owed``): the receivers catch up, and a heal soon converges."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,11 +184,14 @@ HealAction: TypeAlias = AskRoots | RepairPair
 
 @dataclass(frozen=True, slots=True)
 class PairResult:
-    """What a ``RepairPair`` did: keys found to differ, entries pushed, waves of calls."""
+    """What a ``RepairPair`` did: keys found to differ, entries pushed, waves of calls;
+    ``owed``: writers whose dots a receiver of the repairs will drop (its source could not
+    vouch for them: ``broker.replication._gate.relayed``) and catch up on instead."""
 
     found: int
     pushed: int
     waves: int
+    owed: int = 0
 
 
 @dataclass
@@ -212,7 +219,7 @@ class HealResult:
     def retry_soon(self) -> bool:
         """Whether another heal soon may do better: roots still moving, or a failure. A stuck
         heal, or one across tree schemes, would repeat itself: it waits for the interval."""
-        return self.reason in ("rounds", "failed", "unverified")
+        return self.reason in ("rounds", "failed", "unverified", "catchup")
 
 
 class HealPlanner:
@@ -240,6 +247,7 @@ class HealPlanner:
         self._asked_roots = False
         self._round_found = False
         self._round_pushed = 0
+        self._round_owed = 0
         self._round_width = self._width
         self._wave: list[HealAction] = []
         self._result: HealResult | None = None
@@ -285,6 +293,7 @@ class HealPlanner:
         self._out.waves += result.waves
         self._round_found = self._round_found or result.found > 0
         self._round_pushed += result.pushed
+        self._round_owed += result.owed
         if not self._waiting:
             # Cut values that found nothing while roots differed may have collided: the next
             # round compares whole values.
@@ -337,7 +346,11 @@ class HealPlanner:
         looked_hard = (
             self._round_found or self._round_pushed > 0 or self._round_width >= HASH_SIZE
         )
-        if not changed and looked_hard:
+        if not changed and self._round_owed:
+            # Nothing moved, but receivers owe a catch-up of dots their sources could not
+            # vouch for: no defect, a heal after that catch-up converges.
+            self._finish("catchup")
+        elif not changed and looked_hard:
             self._finish("stuck")
         elif self._out.rounds >= self.policy.max_rounds:
             self._finish("rounds")
@@ -378,6 +391,7 @@ class HealPlanner:
         self._out.rounds += 1
         self._before_round = self._state()
         self._round_found, self._round_pushed, self._round_width = False, 0, h.width
+        self._round_owed = 0
         self._pending = actions
 
     def _finish(self, reason: StopReason) -> None:

@@ -60,6 +60,7 @@ from broker.healing import (
 )
 from broker.merkle import Diff
 from broker.repair import repair_deltas
+from broker.replication._gate import relayed
 from broker.transport import (
     Transport,
     complete_despite_cancel,
@@ -126,6 +127,7 @@ _WHY: Final[dict[str, str]] = {
     "failed": "a step failed",
     "unverified": "a replica's reply failed verification (relayed or replayed?): left out",
     "unbacked": "a replica refused another's fetch reply as Byzantine: its source is suspect",
+    "catchup": "receivers catch up writers' dots their repair's source could not vouch for",
 }
 
 
@@ -558,33 +560,42 @@ class HealerService:
         t0 = time.monotonic()
         try:
             if result.left_items or result.right_items:
-                found, pushed, more = await self._repair_items(client, pair, result)
-                return PairResult(found, pushed, result.round_trips + more)
-            pushed, more = await self._repair_keys(client, pair, list(result.keys))
-            return PairResult(len(result.keys), pushed, result.round_trips + more)
+                found, pushed, more, owed = await self._repair_items(client, pair, result)
+                return PairResult(found, pushed, result.round_trips + more, owed)
+            pushed, more, owed = await self._repair_keys(client, pair, list(result.keys))
+            return PairResult(len(result.keys), pushed, result.round_trips + more, owed)
         finally:
             phases["repair"] += time.monotonic() - t0
 
     async def _push(
         self, client: HealClient, pair: RepairPair, to_left: ORMap, to_right: ORMap,
         lefts: list[Voucher], rights: list[Voucher],
-    ) -> int:
+    ) -> tuple[int, int]:
         """Push to every member of each side's group the other side's vouchers (its fetch
-        replies) that speak for a key whose repair ``to_left``/``to_right`` holds; returns
-        the entries pushed. A push refused as Byzantine names its source (``_suspect``)."""
-        def needed(delta: ORMap, vouchers: list[Voucher]) -> list[Voucher]:
+        replies) that speak for a key whose repair ``to_left``/``to_right`` holds. Returns
+        (entries pushed, writers owed: whose dots a receiver drops, its source unable to
+        vouch for them, and catches up on instead). A push refused as Byzantine names its
+        source (``_suspect``)."""
+        pushes: list[tuple[str, Voucher]] = []
+        pushed = owed = 0
+        for delta, sources, mine, group in (
+            (to_left, rights, lefts, pair.left_group),
+            (to_right, lefts, rights, pair.right_group),
+        ):
             keys = set(delta.store or ())
-            return [v for v in vouchers if keys & set(v.document.store or ())]
-
-        pushes = [(n, v) for v in needed(to_left, rights) for n in pair.left_group]
-        pushes += [(n, v) for v in needed(to_right, lefts) for n in pair.right_group]
-        if not pushes:
-            return 0
-        for refusal in await client.push_all(pair.subject, pushes):
-            self._suspect(pair.subject, refusal)
-        return (len(to_left.store or ()) * len(pair.left_group) * bool(needed(to_left, rights))
-                + len(to_right.store or ()) * len(pair.right_group)
-                * bool(needed(to_right, lefts)))
+            needed = [v for v in sources if keys & set(v.document.store or ())]
+            if not needed:
+                continue
+            pushes += [(n, v) for v in needed for n in group]
+            pushed += len(keys) * len(group)
+            # What the receiver will keep (``relayed``, as it checks the same delta against
+            # its own context): writers it drops are owed, not a defect.
+            seen = mine[0].document.context
+            owed += len(relayed(delta, needed[0].source, seen).stripped)
+        if pushes:
+            for refusal in await client.push_all(pair.subject, pushes):
+                self._suspect(pair.subject, refusal)
+        return pushed, owed
 
     def _suspect(self, subject: str, refusal: Refusal) -> None:
         """A replica refused ``refusal.source``'s voucher as Byzantine: the source served
@@ -596,11 +607,11 @@ class HealerService:
 
     async def _repair_keys(
         self, client: HealClient, pair: RepairPair, keys: list[str]
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         """Repair ``keys`` (a whole-values reconciliation names them): fetch both sides'
         entries, push each side's replies to the other group where a repair is needed.
-        Returns (entries pushed, waves)."""
-        pushed = waves = 0
+        Returns (entries pushed, waves, writers owed)."""
+        pushed = waves = owed = 0
         batch = self.settings.fetch_batch
         subject, left, right = pair.subject, pair.left.node, pair.right.node
         for i in range(0, len(keys), batch):
@@ -614,20 +625,21 @@ class HealerService:
                 client.fetch_voucher(subject, right, chunk),
             )
             to_left, to_right = repair_deltas(a.document, b.document, chunk)
-            n = await self._push(client, pair, to_left, to_right, [a], [b])
+            n, o = await self._push(client, pair, to_left, to_right, [a], [b])
             pushed += n
+            owed += o
             waves += 2 if to_left.store or to_right.store else 1
             await self._throttle(client)
-        return pushed, waves
+        return pushed, waves, owed
 
     async def _repair_items(
         self, client: HealClient, pair: RepairPair, result: Diff
-    ) -> tuple[int, int, int]:
+    ) -> tuple[int, int, int, int]:
         """Repair what a digests-only reconciliation found: fetch each side's unmatched items
         (the replica names their keys), then, for a key only one side named, the other
         side's entry by key (so every side's entries and context come from one moment), and
         push each side's replies to the other group. Returns (keys found, keys pushed,
-        waves)."""
+        waves, writers owed)."""
         bits = pair.left.fanout.bit_length() - 1
         width = pair.item_width
         subject, left, right = pair.subject, pair.left.node, pair.right.node
@@ -641,7 +653,7 @@ class HealerService:
         lhs = [(index(p), d) for p, d in result.left_items]
         rhs = [(index(p), d) for p, d in result.right_items]
         found: set[str] = set()
-        pushed = waves = 0
+        pushed = waves = owed = 0
         batch = self.settings.fetch_batch
         for i in range(0, max(len(lhs), len(rhs)), batch):
             a1, b1 = await asyncio.gather(
@@ -668,11 +680,12 @@ class HealerService:
             found |= ka | kb
             lefts = [v for v in (a1, a3) if v is not None]
             rights = [v for v in (b1, b2) if v is not None]
-            n = await self._push(client, pair, to_left, to_right, lefts, rights)
+            n, o = await self._push(client, pair, to_left, to_right, lefts, rights)
             pushed += n
+            owed += o
             waves += 1 if to_left.store or to_right.store else 0
             await self._throttle(client)
-        return len(found), pushed, waves
+        return len(found), pushed, waves, owed
 
     async def _throttle(self, client: HealClient) -> None:
         moved = client.bytes_sent + client.bytes_received
