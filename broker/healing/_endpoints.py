@@ -290,6 +290,12 @@ class HealEndpoints:
             except ResourceExhaustedError:
                 self.rejected[(subject, verb, "too_costly")] += 1
                 raise
+            except VoucherRefusedError as exc:  # a Byzantine repair (see "Vouched repairs")
+                self.rejected[(subject, verb, exc.reason)] += 1
+                raise
+            except ClockSkewError:  # a voucher stamped ahead of this replica's clock
+                self.rejected[(subject, verb, "clock_skew")] += 1
+                raise
             return reply
 
         return handle
