@@ -12,6 +12,13 @@ while the delta's context speaks only of dots under ``k``. A full state's contex
 sent with a few keys' entries (the receiver would take every other dot it covers as removed);
 this construction is why healing can move only the keys that differ.
 
+Each half is ``repair_for(theirs, mine, keys)``. Since issue 17 the healer computes neither
+for joining: it forwards A's signed fetch reply (``subset(..., absent=True)``: a key A lacks is
+named as ``Whole(None)``, so the reply says which keys its context speaks for) and B computes
+``repair_for(A's reply, B's state, its keys)`` itself, keeping what A vouches for
+(``broker.replication._gate.relayed``). The healer still runs ``repair_deltas`` over both
+replies to decide which side needs a push.
+
 Invariant (tested): after applying both deltas, A and B hold equal entries for every repaired
 key, equal to the entries of the full join ``A ⊔ B``.
 
