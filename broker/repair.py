@@ -52,6 +52,7 @@ from broker.crdt._stores import (
     dots_of,
 )
 from broker.errors import CodecError
+from broker.replication._gate import Relayed, relayed
 
 __all__ = [
     "DIGEST_AS_NEWEST",
@@ -64,6 +65,7 @@ __all__ = [
     "repair_deltas",
     "repair_for",
     "subset",
+    "vouched",
 ]
 
 _PERSON_ITEM: Final = b"wn-merkle-item2"
@@ -235,3 +237,14 @@ def repair_deltas(left: ORMap, right: ORMap, keys: Iterable[str]) -> tuple[ORMap
     """
     keys = sorted(set(keys))
     return repair_for(right, left, keys), repair_for(left, right, keys)
+
+
+def vouched(voucher: ORMap, source: str, state: ORMap, hlc: int) -> Relayed:
+    """What a replica holding ``state`` joins of replica ``source``'s fetch reply
+    ``voucher`` (sealed by ``source`` at hybrid time ``hlc``): the repair of the reply's keys
+    computed against ``state`` (``repair_for``), less what ``source`` cannot vouch for
+    (``relayed``: other writers' dots ``state`` never saw are stripped and named; a dot or a
+    timestamp out of range refuses it all, ``Relayed.reason``). What the replica's apply
+    endpoint joins, and what a simulation of it must join. Pure."""
+    delta = repair_for(voucher, state, list(voucher.store or ()))
+    return relayed(delta, source, state.context, hlc=hlc)

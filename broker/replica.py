@@ -91,7 +91,7 @@ from broker.errors import (
     UnsupportedVersionError,
     WorknodeError,
 )
-from broker.repair import adds_nothing, repair_for
+from broker.repair import adds_nothing, vouched
 from broker.replication import (
     BYZANTINE_REASONS,
     DEFAULT_MAX_HELD_BYTES,
@@ -133,7 +133,6 @@ from broker.replication import (
     TimerFired,
     max_hlc,
 )
-from broker.replication._gate import relayed
 from broker.store import DurableStore
 from broker.transport import (
     Msg,
@@ -1051,7 +1050,7 @@ class Replica:
         what it cannot vouch for).
 
         The repair of the voucher's keys is computed here, against this replica's state
-        (``broker.repair.repair_for``), and only what ``source`` vouches for is joined
+        (``broker.repair.vouched``), and only what ``source`` vouches for is joined
         (``relayed``): other writers' dots unseen here are dropped and their writers owed a
         catch-up. What is logged is the kept delta, never the voucher."""
         subject = self.config.subject
@@ -1064,8 +1063,7 @@ class Replica:
         if now_ms - hlc_physical(hlc) > max_age_s * 1000:
             self.observer.rejected(subject, "expired", source)
             return "expired"
-        delta = repair_for(voucher, self.state, list(voucher.store or ()))
-        kept = relayed(delta, source, self.state.context, hlc=hlc)
+        kept = vouched(voucher, source, self.state, hlc)
         if kept.document is None:
             reason = kept.reason or "dot_range"
             self.observer.rejected(subject, reason, source)
