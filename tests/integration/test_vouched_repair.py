@@ -12,6 +12,8 @@ receiving replica computes its repair and keeps what that source vouches for.
   node-a's 12 later acknowledged writes reach every replica;
 - a wipe (a healer-sealed repair naming every key absent, with a context covering every
   dot) erases nothing;
+- a genuine voucher of node-a replayed by the stolen key after node-a removed a key and
+  node-c wrote one it names as absent resurrects nothing and erases nothing;
 - a replica serving state it cannot vouch for (an entry under a dot far beyond anything its
   peers saw) is named by the healer: the repair is refused, the heal does not converge
   (``unbacked``), ``worknode_heal_unbacked_sources_total{source}`` counts it.
@@ -225,3 +227,36 @@ async def test_the_healer_names_a_replica_serving_unbacked_state(cluster: Cluste
     for name in ("node-a", "node-b"):
         assert "evil" not in c.svcs[name].replica(SUBJECT).state
         assert c.byzantine(name, "dot_range", "node-c") >= 1
+
+
+async def test_a_replayed_old_voucher_undoes_nothing(cluster: Cluster) -> None:
+    """The stolen healer key replays node-a's genuine fetch reply taken before a removal
+    (by node-a) and a write (by node-c): still fresh, it is joined, but it resurrects
+    nothing and erases nothing (a receiver removes only dots its source had seen, and keeps
+    out what it has seen removed)."""
+    c = cluster
+    await c.write("node-a", "a", 2)
+    for name in NAMES:
+        await eventually(lambda name=name: not c.missing(name), 20,  # type: ignore[misc]
+                         f"{name} holds a's writes")
+    async with NatsTransport([c.url], name="thief") as t:
+        client = _client(c, t)
+        old = await client.fetch_voucher(SUBJECT, "node-a", ["a0", "x0"])
+        assert old.document.store is not None
+        assert old.document.store["x0"] == Whole(None)  # absent at node-a, and said so
+        ra = c.svcs["node-a"].replica(SUBJECT)
+        await ra.write(lambda tr, r, ts: tr.state.remove(("a0",)))
+        del c.model["a0"]
+        await c.write("node-c", "x", 1)
+        for name in NAMES:
+            await eventually(
+                lambda name=name: not c.missing(name)  # type: ignore[misc]
+                and "a0" not in c.svcs[name].replica(SUBJECT).state,
+                20, f"{name} saw the removal and the write")
+        before = c.digests()
+        for target in ("node-b", "node-c"):
+            await client.push(SUBJECT, target, old)
+    assert c.digests() == before
+    for name in NAMES:
+        assert c.missing(name) == []
+        assert "a0" not in c.svcs[name].replica(SUBJECT).state
