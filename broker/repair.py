@@ -12,6 +12,13 @@ while the delta's context speaks only of dots under ``k``. A full state's contex
 sent with a few keys' entries (the receiver would take every other dot it covers as removed);
 this construction is why healing can move only the keys that differ.
 
+Each half is ``repair_for(theirs, mine, keys)``. Since issue 17 the healer computes neither
+for joining: it forwards A's signed fetch reply (``subset(..., absent=True)``: a key A lacks is
+named as ``Whole(None)``, so the reply says which keys its context speaks for) and B computes
+``repair_for(A's reply, B's state, its keys)`` itself, keeping what A vouches for
+(``broker.replication._gate.relayed``). The healer still runs ``repair_deltas`` over both
+replies to decide which side needs a push.
+
 Invariant (tested): after applying both deltas, A and B hold equal entries for every repaired
 key, equal to the entries of the full join ``A ⊔ B``.
 
@@ -45,6 +52,7 @@ from broker.crdt._stores import (
     dots_of,
 )
 from broker.errors import CodecError
+from broker.replication._gate import Relayed, relayed
 
 __all__ = [
     "DIGEST_AS_NEWEST",
@@ -55,7 +63,9 @@ __all__ = [
     "newest_reading",
     "newest_state",
     "repair_deltas",
+    "repair_for",
     "subset",
+    "vouched",
 ]
 
 _PERSON_ITEM: Final = b"wn-merkle-item2"
@@ -147,14 +157,19 @@ def key_digests(state: ORMap, secret: bytes = b"") -> dict[str, bytes]:
     return {k: entry_digest(v, secret) for k, v in store.items()}
 
 
-def subset(state: ORMap, keys: Iterable[str]) -> ORMap:
+def subset(state: ORMap, keys: Iterable[str], *, absent: bool = False) -> ORMap:
     """A state holding only ``keys``' entries, with the full context (for a fetch reply).
 
     Marked as a delta so that, should anyone join it by mistake, only those keys are
-    touched; the healer reads it, it never joins it.
+    touched; the healer reads it, it never joins it. ``absent``: a key ``state`` lacks is
+    named as ``Whole(None)`` (a fetch reply is self-describing: whoever reads it, e.g. a
+    replica handed it as a voucher, knows which keys its context speaks for).
     """
     store = state.store or {}
-    picked = MapStore({k: store[k] for k in keys if k in store})
+    if absent:
+        picked = MapStore({k: store[k] if k in store else Whole(None) for k in keys})
+    else:
+        picked = MapStore({k: store[k] for k in keys if k in store})
     return ORMap(picked or None, state.context.copy(), is_delta=True)
 
 
@@ -184,31 +199,52 @@ def _delta_for(
     return Whole(source_entry), dots
 
 
+def _entry(store: Any, key: str) -> Any:
+    """The entry under ``key`` of a fetched or held store; None when absent. A fetch reply
+    names a key asked and absent at its source as ``Whole(None)`` (self-describing: the
+    source's context speaks for that key too); any ``Whole`` marker is read through."""
+    entry = store.get(key)
+    return entry.store if type(entry) is Whole else entry
+
+
+def repair_for(theirs: ORMap, mine: ORMap, keys: Iterable[str]) -> ORMap:
+    """The repair delta that makes ``mine`` agree with ``theirs`` on ``keys`` (the "delta for
+    B" of the module doc, with ``theirs`` = A and ``mine`` = B).
+
+    ``theirs`` holds at least ``keys``' entries (absent ones as ``Whole(None)`` or missing)
+    and its replica's full context (a fetch reply, ``subset``); ``mine`` is the receiver's
+    state or a subset of it. Pure: neither is modified; the delta shares their entries."""
+    ts, ms = theirs.store or {}, mine.store or {}
+    out = MapStore()
+    dots: list[tuple[str, int]] = []
+    for k in sorted(set(keys)):
+        a, b = _entry(ts, k), _entry(ms, k)
+        if a is None and b is None:
+            continue
+        entry, d = _delta_for(b, a, theirs.context)
+        # Skip no-op deltas: the source has no entry and the target holds no dot it saw.
+        if a is not None or d:
+            out[k] = entry
+            dots += d
+    return ORMap(out or None, CausalContext.from_dots(dots), is_delta=True)
+
+
 def repair_deltas(left: ORMap, right: ORMap, keys: Iterable[str]) -> tuple[ORMap, ORMap]:
-    """``(delta for left, delta for right)`` repairing ``keys``.
+    """``(delta for left, delta for right)`` repairing ``keys``: ``repair_for`` each way.
 
     ``left``/``right`` hold at least the entries of ``keys`` and each replica's full context
     (as ``subset`` returns them).
     """
-    ls, rs = left.store or {}, right.store or {}
-    to_left, to_right = MapStore(), MapStore()
-    dots_left: list[tuple[str, int]] = []
-    dots_right: list[tuple[str, int]] = []
-    for k in sorted(set(keys)):
-        a, b = ls.get(k), rs.get(k)
-        if a is None and b is None:
-            continue
-        # Skip no-op deltas: the source has no entry and the target holds no dot it saw.
-        # (the source has no entry and the target holds no dot the source has seen).
-        entry, d = _delta_for(b, a, left.context)
-        if a is not None or d:
-            to_right[k] = entry
-            dots_right += d
-        entry, d = _delta_for(a, b, right.context)
-        if b is not None or d:
-            to_left[k] = entry
-            dots_left += d
-    return (
-        ORMap(to_left or None, CausalContext.from_dots(dots_left), is_delta=True),
-        ORMap(to_right or None, CausalContext.from_dots(dots_right), is_delta=True),
-    )
+    keys = sorted(set(keys))
+    return repair_for(right, left, keys), repair_for(left, right, keys)
+
+
+def vouched(voucher: ORMap, source: str, state: ORMap, hlc: int) -> Relayed:
+    """What a replica holding ``state`` joins of replica ``source``'s fetch reply
+    ``voucher`` (sealed by ``source`` at hybrid time ``hlc``): the repair of the reply's keys
+    computed against ``state`` (``repair_for``), less what ``source`` cannot vouch for
+    (``relayed``: other writers' dots ``state`` never saw are stripped and named; a dot or a
+    timestamp out of range refuses it all, ``Relayed.reason``). What the replica's apply
+    endpoint joins, and what a simulation of it must join. Pure."""
+    delta = repair_for(voucher, state, list(voucher.store or ()))
+    return relayed(delta, source, state.context, hlc=hlc)

@@ -68,6 +68,7 @@ from broker.crdt import (
     ORMap,
     Tree,
     TreeOp,
+    hlc_physical,
 )
 from broker.crdt._stores import digest_entry
 from broker.errors import (
@@ -75,6 +76,7 @@ from broker.errors import (
     ClockSkewError,
     CodecError,
     ExpiredRequestError,
+    InvalidArgumentError,
     MalformedMessageError,
     MessageTooDeepError,
     MessageTooLargeError,
@@ -90,7 +92,7 @@ from broker.errors import (
     UnsupportedVersionError,
     WorknodeError,
 )
-from broker.repair import adds_nothing
+from broker.repair import adds_nothing, vouched
 from broker.replication import (
     BYZANTINE_REASONS,
     DEFAULT_MAX_HELD_BYTES,
@@ -134,6 +136,7 @@ from broker.replication import (
     SyncWanted,
     TimerFired,
     max_hlc,
+    removes,
 )
 from broker.store import DurableStore
 from broker.transport import (
@@ -1103,21 +1106,66 @@ class Replica:
         for listener in self._listeners:
             listener(keys)
 
-    async def apply_repair(self, delta: ORMap, packed: bytes | None = None) -> None:
-        """Join a healer's repair delta durably (logged before this returns); not published:
-        the healer repairs every replica itself. ``packed``: ``delta`` as packed document
-        bytes (as received), logged instead of encoding ``delta`` again. A repair that
-        changes nothing (a replayed or re-sent one: ``broker.repair.adds_nothing``) is not
-        logged, so replaying it cannot grow the store."""
+    async def apply_repair(
+        self, delta: ORMap, packed: bytes | None = None, *, stripped: Sequence[str] = ()
+    ) -> None:
+        """Join a repair delta durably (logged before this returns); not published: the
+        healer repairs every replica itself. ``packed``: ``delta`` as packed document bytes,
+        logged instead of encoding ``delta`` again. A repair that changes nothing (a replayed
+        or re-sent one: ``broker.repair.adds_nothing``) is not logged, so replaying it cannot
+        grow the store. ``stripped``: writers whose dots its source could not vouch for
+        (``apply_voucher``): each is owed a catch-up. No check here: a healer's repairs go
+        through ``apply_voucher``."""
         async with self._mutate_lock:
             keys = set(delta.store or ())
             if not (self.machine.quarantined & keys) and adds_nothing(self.state, delta):
+                if stripped:
+                    self._handle(RepairApplied(self._now(), ORMap(is_delta=True), 0,
+                                               tuple(stripped)))
                 return
             record = packed if packed is not None else self.codec.encode_document(delta)
             seq = await asyncio.to_thread(
                 self.store.append, self.config.subject, [record], received=[0]
             )
-            self._handle(RepairApplied(self._now(), delta, seq))
+            self._handle(RepairApplied(self._now(), delta, seq, tuple(stripped)))
+
+    async def apply_voucher(
+        self, voucher: ORMap, source: str, hlc: int, *, max_age_s: float
+    ) -> str | None:
+        """Repair this replica from ``voucher``: a fetch reply of replica ``source`` (its
+        ``subset`` of some keys, each key it lacks as ``Whole(None)``, with its context),
+        sealed by ``source`` at hybrid time ``hlc``; the caller checked the seal, the signer
+        (a roster node, not this one) and the subject. Returns None when applied, else the
+        reason it was refused (already counted with ``observer.rejected``): ``clock_skew``
+        (``hlc`` ahead of this clock), ``expired`` (older than ``max_age_s``: a voucher
+        replayed late), or a ``BYZANTINE_REASONS`` member of ``relayed`` (``source`` served
+        what it cannot vouch for).
+
+        The repair of the voucher's keys is computed here, against this replica's state
+        (``broker.repair.vouched``), and only what ``source`` vouches for is joined
+        (``relayed``): other writers' dots unseen here are dropped and their writers owed a
+        catch-up. What is logged is the kept delta, never the voucher."""
+        subject = self.config.subject
+        now_ms = self._now_ms()
+        try:
+            self.clock.observe(hlc, now_ms)
+        except (ClockSkewError, InvalidArgumentError):
+            self.observer.rejected(subject, "clock_skew", source)
+            return "clock_skew"
+        if now_ms - hlc_physical(hlc) > max_age_s * 1000:
+            self.observer.rejected(subject, "expired", source)
+            return "expired"
+        kept = vouched(voucher, source, self.state, hlc)
+        if kept.document is None:
+            reason = kept.reason or "dot_range"
+            self.observer.rejected(subject, reason, source)
+            log.warning("repair of %s from %s's voucher refused: %s", subject, source, reason)
+            return reason
+        if self.machine.config.add_only and removes(kept.document, self.state) is not None:
+            self.observer.rejected(subject, "removal", source)  # add-only: never a removal
+            return "removal"
+        await self.apply_repair(kept.document, stripped=sorted(kept.stripped))
+        return None
 
     # -- internals: commit, publish, persist ---------------------------------------------------
 

@@ -42,8 +42,8 @@ from broker.healing._wire import (
 )
 
 if TYPE_CHECKING:
-    from broker.healing._client import HealClient
-    from broker.healing._endpoints import HealEndpoints
+    from broker.healing._client import HealClient, Refusal, Voucher
+    from broker.healing._endpoints import HealEndpoints, VoucherRefusedError
     from broker.healing._report import (
         VerifiedReport,
         healer_identities,
@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 _ADAPTERS = {
     "HealClient": "broker.healing._client",
     "HealEndpoints": "broker.healing._endpoints",
+    "Refusal": "broker.healing._client",
+    "Voucher": "broker.healing._client",
+    "VoucherRefusedError": "broker.healing._endpoints",
     "BUILD_CHUNK": "broker.healing._tree",
     "REFRESH_CHUNK": "broker.healing._tree",
     "ReplicaTree": "broker.healing._tree",
@@ -94,12 +97,15 @@ __all__ = [
     "HealPolicy",
     "HealResult",
     "PairResult",
+    "Refusal",
     "RepairPair",
     "ReplicaTree",
     "RootView",
     "SchemeMismatch",
     "StopReason",
     "VerifiedReport",
+    "Voucher",
+    "VoucherRefusedError",
     "healer_identities",
     "pack_leaf_items",
     "pack_prefixes",

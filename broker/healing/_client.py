@@ -19,10 +19,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from broker.codec import Signer, TrustRoster, WireCodec, decoding
 from broker.crdt import ORMap
-from broker.errors import InvalidArgumentError, MalformedMessageError, SignatureError
+from broker.errors import (
+    InvalidArgumentError,
+    MalformedMessageError,
+    SignatureError,
+    StatusCode,
+)
 from broker.healing._wire import (
     LEAVES_PER_CALL,
     PACKED_REPLY_BYTES,
@@ -43,9 +49,9 @@ from broker.merkle import (
     RootInfo,
     Side,
 )
-from broker.transport import RequestSigner, Transport, call, merkle_subject
+from broker.transport import RequestSigner, ServiceCallError, Transport, call, merkle_subject
 
-__all__ = ["HealClient"]
+__all__ = ["HealClient", "Refusal", "Voucher"]
 
 
 class HealClient:
@@ -340,9 +346,22 @@ class HealClient:
         items: Sequence[tuple[int, bytes]] = (),
         width: int = HASH_SIZE,
     ) -> ORMap:
-        """Those keys' entries, and those of the keys of ``items`` (``(leaf index, low
-        digest bytes)`` as a digests-only leaf reply sent them), with the replica's context,
-        verified (signed by ``node``)."""
+        """Those keys' entries (one ``node`` lacks as ``Whole(None)``, from replicas that
+        name them), and those of the keys of ``items`` (``(leaf index, low digest bytes)`` as
+        a digests-only leaf reply sent them), with the replica's context, verified (signed by
+        ``node``). ``fetch_voucher`` also gives the signed reply itself."""
+        return (await self.fetch_voucher(subject, node, keys, items, width)).document
+
+    async def fetch_voucher(
+        self,
+        subject: str,
+        node: str,
+        keys: Sequence[str],
+        items: Sequence[tuple[int, bytes]] = (),
+        width: int = HASH_SIZE,
+    ) -> Voucher:
+        """``fetch``, with the reply's envelope as ``node`` sealed it: what ``push`` forwards
+        to the other replicas (the healer never signs state itself)."""
         req = self.codec.schema.healer.FetchStatesRequest.new_message()
         req.subject = subject
         lst = req.init("keys", len(keys))
@@ -357,13 +376,45 @@ class HealClient:
         )
         if env.writer != node or not isinstance(env.document, ORMap):
             raise MalformedMessageError(f"fetch reply from {node} is not its OR-map subset")
-        return env.document
+        return Voucher(node, env.document, data)
+
+    async def push(self, subject: str, node: str, voucher: Voucher) -> bytes:
+        """Hand ``node`` another replica's ``voucher`` (its fetch reply, unchanged): ``node``
+        computes and joins the repair its source vouches for. Returns ``node``'s root
+        afterwards; a voucher refused as Byzantine raises ``ServiceCallError`` with code
+        ``PERMISSION_DENIED`` (its source served state it cannot vouch for)."""
+        data = await self._call(subject, node, "apply", voucher.raw)
+        r = self.codec.read(self.codec.schema.healer.ApplyStatesReply, data, "apply reply")
+        with decoding("apply reply"):
+            return bytes(r.root)
+
+    async def push_all(
+        self, subject: str, pushes: Sequence[tuple[str, Voucher]]
+    ) -> list[Refusal]:
+        """``push`` each ``(node, voucher)`` in parallel. Returns the pushes refused as
+        Byzantine (``PERMISSION_DENIED``: the voucher's source is suspect); any other failure
+        is raised (the first), after every push ended."""
+        results = await asyncio.gather(
+            *(self.push(subject, node, v) for node, v in pushes), return_exceptions=True
+        )
+        refused: list[Refusal] = []
+        failure: BaseException | None = None
+        for (node, voucher), result in zip(pushes, results, strict=True):
+            if (isinstance(result, ServiceCallError)
+                    and result.code is StatusCode.PERMISSION_DENIED):
+                refused.append(Refusal(voucher.source, node, result.description))
+            elif isinstance(result, BaseException) and failure is None:
+                failure = result
+        if failure is not None:
+            raise failure
+        return refused
 
     async def apply(
         self, subject: str, node: str, delta: ORMap, packed: bytes | None = None
     ) -> bytes:
-        """Push a repair delta; returns the replica's root afterwards. ``packed``: ``delta``
-        as ``codec.encode_document`` gave it (see ``apply_all``)."""
+        """Push a repair delta sealed by this healer (the form before vouched repairs:
+        replicas of this release refuse it as ``unvouched_repair``; kept to prove that).
+        ``packed``: ``delta`` as ``codec.encode_document`` gave it."""
         body = self.codec.seal(
             self.signer,
             subject=merkle_subject(self.namespace, subject, node, "apply"),
@@ -377,15 +428,21 @@ class HealClient:
         with decoding("apply reply"):
             return bytes(r.root)
 
-    async def apply_all(self, subject: str, pushes: Sequence[tuple[str, ORMap]]) -> int:
-        """Push ``(node, delta)`` repairs in parallel, each distinct delta encoded once (a
-        delta goes to every member of a group; only the envelope differs per node). Returns
-        the entries pushed."""
-        packed: dict[int, bytes] = {}
-        for _, delta in pushes:
-            if id(delta) not in packed:
-                packed[id(delta)] = self.codec.encode_document(delta)
-        await asyncio.gather(
-            *(self.apply(subject, node, d, packed[id(d)]) for node, d in pushes)
-        )
-        return sum(len(d.store or ()) for _, d in pushes)
+
+@dataclass(frozen=True, slots=True)
+class Voucher:
+    """A replica's signed fetch reply: ``source`` sealed ``raw``, which holds ``document``."""
+
+    source: str
+    document: ORMap
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A push refused as Byzantine: ``target`` would not join ``source``'s voucher
+    (``description``: the replica's one-line reason)."""
+
+    source: str
+    target: str
+    description: str

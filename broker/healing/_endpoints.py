@@ -15,11 +15,28 @@ with metadata ``node``, ``namespace`` and ``subjects`` so a healer discovers it 
     fetch   FetchStatesRequest -> SignedEnvelope (delta document: the entries of those keys
                                   and of the keys of those items, and the replica's whole
                                   causal context; see ``broker.repair``)
-    apply   SignedEnvelope     -> ApplyStatesReply (repair delta joined and logged)
+    apply   SignedEnvelope     -> ApplyStatesReply (a voucher: another replica's fetch reply,
+                                  forwarded unchanged; the repair it vouches for joined and
+                                  logged)
 
 Requests and replies are Cap'n Proto from ``schemas/healer.capnp``; documents travel in signed
-envelopes, so a replica only applies repairs signed by a node in its roster, and the healer
-only moves states a replica signed.
+envelopes, so the healer only moves states a replica signed.
+
+Vouched repairs (issue 17). A healer never signs state: a healer key could otherwise claim a
+writer's next million dots (silencing it), a context covering everything (a wipe) or entries
+under a writer's dots. It forwards, as the body of ``apply``, source replica X's own fetch
+reply, unchanged (the request itself stays signed by the healer: only healers may call). The
+replica refuses it unless it is sealed by a roster *node* X other than itself, for
+``merkle_subject(ns, subject, X, "fetch")``, stamped within the clock-drift rule and at most
+``VOUCHER_MAX_AGE_S`` ago (``expired``); a repair sealed by a healer or a writer-only key is
+refused as Byzantine (``unvouched_repair``, counted against its signer). It then computes,
+against its own state, the repair of the reply's keys (``broker.repair.repair_for``: a fetch
+reply names every key asked, one its source lacks as ``Whole(None)``), keeps what X vouches for
+(``broker.replication._gate.relayed``: X's own dots and claims, other writers' dots seen
+here), and joins that; other writers' dots unseen here are dropped and each writer is owed a
+catch-up (its own signed state brings them). A voucher X cannot vouch for (``dot_range``,
+``clock_range``) is refused whole as ``VoucherRefusedError`` (``PERMISSION_DENIED``), and the
+healer names X as a replica that served unbacked state.
 
 The Merkle tree follows the replica incrementally: every change marks the touched top-level
 keys dirty; their digests are recomputed (O(depth) tree updates per key) in the background,
@@ -47,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, TypeVar
@@ -64,12 +82,15 @@ from broker.codec import (
 from broker.crdt import ORMap
 from broker.errors import (
     BadSignatureError,
+    ClockSkewError,
     CodecError,
     ExpiredRequestError,
     InvalidArgumentError,
     MalformedMessageError,
     ReplayedRequestError,
     ResourceExhaustedError,
+    StatusCode,
+    WorknodeError,
 )
 from broker.healing._tree import ReplicaTree
 from broker.healing._wire import (
@@ -107,8 +128,12 @@ __all__ = [
     "HEAL_RATE",
     "HEAL_REFUSALS",
     "SLICE_ITEMS",
+    "VOUCHER_MAX_AGE_S",
     "HealEndpoints",
+    "VoucherRefusedError",
 ]
+
+log = logging.getLogger(__name__)
 
 _VERSION = "1.0.0"
 _T = TypeVar("_T")
@@ -116,6 +141,9 @@ _T = TypeVar("_T")
 DEFAULT_HEALERS: Final = ("healer",)
 """Who may call the endpoints unless told otherwise: the healer's default id
 (``HealerSettings.node_id``)."""
+VOUCHER_MAX_AGE_S: Final = 600.0
+"""Oldest voucher (a source's fetch reply, by its envelope's hybrid time) a replica joins: a
+healer forwards fresh ones; an old one replayed (a stolen healer key) is refused."""
 HEAL_RATE: Final = 200.0
 """Default requests per second one healer identity may make (a heal of 100,000 differing keys
 takes a few hundred calls; the healer throttles its bytes besides)."""
@@ -261,6 +289,12 @@ class HealEndpoints:
                 raise
             except ResourceExhaustedError:
                 self.rejected[(subject, verb, "too_costly")] += 1
+                raise
+            except VoucherRefusedError as exc:  # a Byzantine repair (see "Vouched repairs")
+                self.rejected[(subject, verb, exc.reason)] += 1
+                raise
+            except ClockSkewError:  # a voucher stamped ahead of this replica's clock
+                self.rejected[(subject, verb, "clock_skew")] += 1
                 raise
             return reply
 
@@ -425,7 +459,9 @@ class HealEndpoints:
             subject=merkle_subject(self.namespace, subject, self.signer.node_id, "fetch"),
             hlc=replica.hlc(),
             sequence=0,
-            document=subset(replica.state, keys),
+            # Self-describing: a key asked and absent here is named (``Whole(None)``), so a
+            # replica handed this reply as a voucher knows which keys this context speaks for.
+            document=subset(replica.state, keys, absent=True),
         )
 
     def _resolve(self, subject: str, raw: bytes, width: int) -> list[str]:
@@ -449,17 +485,43 @@ class HealEndpoints:
         ]
 
     async def _apply(self, subject: str, data: bytes) -> bytes:
-        env = self.codec.open(
-            data,
-            self.roster,
-            subject=merkle_subject(self.namespace, subject, self.signer.node_id, "apply"),
-            keep_packed=True,
-        )
+        # A voucher: a source replica's own fetch reply, forwarded unchanged by the healer
+        # (see "Vouched repairs" in the module doc). Its subject names its source, so it is
+        # opened without one and checked against its signer's.
+        env = self.codec.open(data, self.roster)
+        source = env.writer
+        replica = self.replicas[subject]
+        healers = self.healers() if callable(self.healers) else self.healers
+        if (healers is not None and source in healers) or self.roster.role_of(source) != "node":
+            # A healer (or a writer-only key) sealing state itself: the old form of repair,
+            # which a stolen healer key would use to silence or wipe writers.
+            replica.observer.rejected(subject, "unvouched_repair", source)
+            log.warning("repair of %s sealed by %s, not vouched by a replica: refused",
+                        subject, source)
+            raise VoucherRefusedError("unvouched_repair", source)
+        if source == self.signer.node_id:
+            raise MalformedMessageError("a repair vouched by this very replica")
+        expected = merkle_subject(self.namespace, subject, source, "fetch")
+        if env.subject != expected:
+            # Another envelope of that node (a delta, a probe, a fetch for another subject)
+            # replayed as a voucher.
+            replica.observer.rejected(subject, "wrong_subject", source)
+            raise BadSignatureError(
+                f"envelope sealed for {env.subject!r} replayed as a voucher for {expected!r}"
+            )
         document = env.document
         if not isinstance(document, ORMap) or not document.is_delta:
-            raise MalformedMessageError("a repair is an OR-map delta")
-        replica = self.replicas[subject]
-        await replica.apply_repair(document, env.packed_document)
+            raise MalformedMessageError("a voucher is an OR-map fetch reply")
+        reason = await replica.apply_voucher(
+            document, source, env.hlc, max_age_s=VOUCHER_MAX_AGE_S
+        )
+        if reason == "clock_skew":
+            raise ClockSkewError(f"{source}'s voucher is stamped ahead of this clock")
+        if reason == "expired":
+            raise ExpiredRequestError(
+                f"{source}'s voucher is older than {VOUCHER_MAX_AGE_S:.0f} s: fetch again")
+        if reason is not None:
+            raise VoucherRefusedError(reason, source)
         tree = self.trees[subject].current()
         reply = self.proto.schema.healer.ApplyStatesReply.new_message()
         reply.subject = subject
@@ -467,3 +529,17 @@ class HealEndpoints:
         reply.applied = len(document.store or {})
         return reply.to_bytes_packed()  # type: ignore[no-any-return]
 
+
+class VoucherRefusedError(WorknodeError):
+    """A repair refused as Byzantine: sealed by a healer (``unvouched_repair``: a healer
+    never vouches for state), or its source replica's voucher holds what that replica
+    cannot vouch for (a ``BYZANTINE_REASONS`` member of ``relayed``). Travels as
+    ``PERMISSION_DENIED``: the healer names the source (``reason``, ``source``) as suspect;
+    retrying the same voucher fails again."""
+
+    code = StatusCode.PERMISSION_DENIED
+
+    def __init__(self, reason: str, source: str) -> None:
+        super().__init__(f"repair refused ({reason}): {source} does not vouch for it")
+        self.reason = reason
+        self.source = source

@@ -31,7 +31,9 @@ Rules:
   is pointless — a defect such as two readings of equal content digesting differently, or a
   replica refusing repairs; escalate, do not retry at once), ``schemes`` (no group shares
   the hub's tree scheme; healed once they run the same release), ``failed`` (the driver
-  reported an action it could not carry out).
+  reported an action it could not carry out), ``catchup`` (roots unchanged, but the round's
+  repairs left receivers owing a catch-up of writers' dots their source could not vouch for,
+  ``PairResult.owed``: retry soon).
   A heal that did not converge is never reported as success (``pass_status``).
 
 How to drive it (the whole protocol; no asyncio, no clock, no randomness inside)::
@@ -47,9 +49,10 @@ How to drive it (the whole protocol; no asyncio, no clock, no randomness inside)
             elif isinstance(action, RepairPair):
                 # reconcile action.left with action.right (Reconciliation; leaves as item
                 # digests of action.item_width bytes when it is not 0, else keys), fetch both
-                # sides' entries of what differs, broker.repair.repair_deltas, push the delta
-                # for the left to every node of action.left_group, for the right to
-                # action.right_group; then:
+                # sides' entries of what differs (their signed replies: vouchers), and where
+                # broker.repair.repair_deltas says a side needs a repair, push the other
+                # side's vouchers to every node of its group (each computes its repair);
+                # then:
                 planner.receive_repair(action, PairResult(found, pushed, waves))
         # an action that cannot be carried out: planner.receive_failure(action, "why")
     result = planner.result()                    # HealResult: counts, roots, converged, reason
@@ -106,9 +109,15 @@ ROOT_LEVELS: Final = 2
 """Levels below the root a root request asks for (272 values at fan-out 16): two round trips
 saved whenever roots differ."""
 
-StopReason: TypeAlias = Literal["", "rounds", "stuck", "schemes", "failed", "unverified"]
-"""Why a heal did not converge. ``unverified`` is the driver's own: a replica's reply failed
-verification (a relay, a replay), so the heal went on without it and cannot vouch for it."""
+StopReason: TypeAlias = Literal[
+    "", "rounds", "stuck", "schemes", "failed", "unverified", "unbacked", "catchup",
+]
+"""Why a heal did not converge. ``unverified`` and ``unbacked`` are the driver's own: a
+replica's reply failed verification (a relay, a replay), so the heal went on without it and
+cannot vouch for it; a replica refused another's fetch reply as Byzantine (its source served
+state it cannot vouch for), so that difference stays. ``catchup``: roots unchanged after
+a round whose repairs carried writers' dots a receiver keeps only from those writers' own
+signed state (``PairResult.owed``): the receivers catch up, and a heal soon converges."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,11 +184,14 @@ HealAction: TypeAlias = AskRoots | RepairPair
 
 @dataclass(frozen=True, slots=True)
 class PairResult:
-    """What a ``RepairPair`` did: keys found to differ, entries pushed, waves of calls."""
+    """What a ``RepairPair`` did: keys found to differ, entries pushed, waves of calls;
+    ``owed``: writers whose dots a receiver of the repairs will drop (its source could not
+    vouch for them: ``broker.replication._gate.relayed``) and catch up on instead."""
 
     found: int
     pushed: int
     waves: int
+    owed: int = 0
 
 
 @dataclass
@@ -207,7 +219,7 @@ class HealResult:
     def retry_soon(self) -> bool:
         """Whether another heal soon may do better: roots still moving, or a failure. A stuck
         heal, or one across tree schemes, would repeat itself: it waits for the interval."""
-        return self.reason in ("rounds", "failed", "unverified")
+        return self.reason in ("rounds", "failed", "unverified", "catchup")
 
 
 class HealPlanner:
@@ -235,6 +247,7 @@ class HealPlanner:
         self._asked_roots = False
         self._round_found = False
         self._round_pushed = 0
+        self._round_owed = 0
         self._round_width = self._width
         self._wave: list[HealAction] = []
         self._result: HealResult | None = None
@@ -280,6 +293,7 @@ class HealPlanner:
         self._out.waves += result.waves
         self._round_found = self._round_found or result.found > 0
         self._round_pushed += result.pushed
+        self._round_owed += result.owed
         if not self._waiting:
             # Cut values that found nothing while roots differed may have collided: the next
             # round compares whole values.
@@ -332,7 +346,11 @@ class HealPlanner:
         looked_hard = (
             self._round_found or self._round_pushed > 0 or self._round_width >= HASH_SIZE
         )
-        if not changed and looked_hard:
+        if not changed and self._round_owed:
+            # Nothing moved, but receivers owe a catch-up of dots their sources could not
+            # vouch for: no defect, a heal after that catch-up converges.
+            self._finish("catchup")
+        elif not changed and looked_hard:
             self._finish("stuck")
         elif self._out.rounds >= self.policy.max_rounds:
             self._finish("rounds")
@@ -373,6 +391,7 @@ class HealPlanner:
         self._out.rounds += 1
         self._before_round = self._state()
         self._round_found, self._round_pushed, self._round_width = False, 0, h.width
+        self._round_owed = 0
         self._pending = actions
 
     def _finish(self, reason: StopReason) -> None:

@@ -226,11 +226,14 @@ class StateEvidence:
 
 @dataclass(frozen=True, slots=True)
 class RepairApplied:
-    """The driver logged a healer's repair delta as store record ``record_seq``: join it."""
+    """The driver logged a healer's repair delta as store record ``record_seq``: join it.
+    ``stripped``: writers whose dots the repair's source could not vouch for (dropped,
+    ``relayed``): each is owed a catch-up, which brings them under their own signature."""
 
     now: float
     delta: ORMap
     record_seq: int
+    stripped: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

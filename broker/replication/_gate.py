@@ -101,10 +101,14 @@ MAX_COUNTER: Final = 2**62
 """Highest dot counter a delta may hold or claim: far below the int64 the wire, the digests
 and the Merkle leaves pack counters in, so the owner's next dot can never overflow."""
 BYZANTINE_REASONS: Final = (
-    "foreign_dot", "dot_range", "clock_range", "unbacked_context", "removal")
+    "foreign_dot", "dot_range", "clock_range", "unbacked_context", "removal",
+    "unvouched_repair",
+)
 """Rejection reasons that name a Byzantine signer (a roster key sending what it cannot have
 written honestly). ``removal``: a document whose join would remove a dot on an add-only
-subject (``_addonly.removes``)."""
+subject (``_addonly.removes``). ``unvouched_repair``: a repair sealed by a healer (or any key
+but a roster node's fetch reply): a healer never vouches for state, it forwards a source
+replica's signed fetch reply (``broker.healing``, "Vouched repairs")."""
 
 
 def forged(

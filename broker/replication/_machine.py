@@ -892,11 +892,19 @@ class ReplicationMachine:
         return []
 
     def _on_repair(self, ev: RepairApplied) -> list[Action]:
-        self._merge_remote(ev.delta, whole=True)  # a repair carries a peer's whole entries
-        self.last_record_seq = max(self.last_record_seq, ev.record_seq)
-        out: list[Action] = [Changed(tuple(ev.delta.store.keys()) if ev.delta.store else ())]
-        if self._held:
-            out += self._drain()
+        out: list[Action] = []
+        if ev.delta.store or ev.delta.context.size():  # empty: only ``stripped`` to record
+            self._merge_remote(ev.delta, whole=True)  # a repair carries a peer's whole entries
+            self.last_record_seq = max(self.last_record_seq, ev.record_seq)
+            out.append(Changed(tuple(ev.delta.store.keys()) if ev.delta.store else ()))
+            if self._held:
+                out += self._drain()
+        for owner in ev.stripped:
+            # Dots of ``owner`` the repair's source could not vouch for: its own signed
+            # state brings them (the heal converges after that catch-up).
+            if owner != self.node_id:
+                self._owed.setdefault(owner, 0)
+                out += self._want_catchup(ev.now, owner)
         return out + self._pump_catchup(ev.now)
 
 

@@ -12,12 +12,15 @@ from services.worknode._metrics import build_info, package_version, process_metr
 __all__ = ["HEAL_OUTCOMES", "SKIP_REASONS", "HealerMetrics"]
 
 HEAL_OUTCOMES = (
-    "converged", "in_sync", "still_moving", "stuck", "unverified", "failed", "skipped",
+    "converged", "in_sync", "still_moving", "stuck", "unverified", "unbacked", "failed",
+    "skipped",
 )
 """``worknode_heals_total{outcome}``: ``skipped`` is a subject the healer could not heal
 (fewer than two replicas answered), with its reason in ``worknode_heal_skipped_total``;
 ``unverified``: a replica's reply failed verification (relayed, replayed or forged), so the
-heal could not vouch for it and did not converge (``worknode_heal_unverified_replies_total``)."""
+heal could not vouch for it and did not converge (``worknode_heal_unverified_replies_total``);
+``unbacked``: a replica refused another's fetch reply as Byzantine (state its source cannot
+vouch for), so the heal did not converge (``worknode_heal_unbacked_sources_total``)."""
 SKIP_REASONS = ("no_replicas", "one_replica")
 """Why a subject was skipped: no replica of it answered discovery, or only one did."""
 
@@ -71,6 +74,11 @@ class HealerMetrics:
             "worknode_heal_unverified_replies_total",
             "Replies that failed verification (not signed by the replica asked for that very "
             "request: relayed, replayed or forged), by verb.", ["subject", "verb"], registry=r)
+        self.unbacked = Counter(
+            "worknode_heal_unbacked_sources_total",
+            "Repairs refused as Byzantine by the replica they were pushed to, by the replica "
+            "whose signed fetch reply (voucher) held state it cannot vouch for (a roster "
+            "node: bounded).", ["subject", "source"], registry=r)
         self.loop_errors = Counter(
             "worknode_heal_loop_errors_total",
             "Heal loop passes that failed outside any subject's heal (discovery); retried.",

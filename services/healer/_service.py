@@ -3,10 +3,18 @@
 The decisions of one heal (grouping, hub, rounds, value widths, convergence, when to stop and
 escalate) are the pure ``broker.healing.HealPlanner``'s; this service drives it: it runs the
 planner's actions with a ``HealClient`` (root requests in parallel; per ``RepairPair`` a
-``Reconciliation``, fetches of both sides' entries, ``broker.repair`` deltas pushed to both
-groups), throttles bytes to ``bytes_per_second``, times the phases, records metrics and
+``Reconciliation``, fetches of both sides' entries, each side's signed fetch replies pushed
+to the other group), throttles bytes to ``bytes_per_second``, times the phases, records metrics and
 publishes a signed heal report on ``wn.<ns>.heal.<subject>`` (replicas, roots before and
 after, keys repaired, bytes, round trips, duration, whether all roots agree).
+
+Vouched repairs: the healer signs no state. A side's fetch reply, sealed by that replica, is
+the voucher it forwards unchanged to each member of the other group, which computes its repair
+itself and keeps only what the source vouches for (``broker.healing._endpoints``).
+``broker.repair.repair_deltas`` over both replies only decides which side needs a push and
+counts the entries. A push refused as Byzantine (the source served state it cannot vouch
+for) names the source as suspect: ``worknode_heal_unbacked_sources_total{source}``, a WARNING
+line, and the heal ends ``unbacked``, not converged.
 
 A heal that does not converge is logged with its reason and never counted as success: the
 loop retries soon when another heal may do better (roots still moving, a failure), and waits
@@ -42,14 +50,17 @@ from broker.healing import (
     HealPolicy,
     HealResult,
     PairResult,
+    Refusal,
     RepairPair,
     RootView,
     StopReason,
+    Voucher,
     seal_heal_report,
     subjects_to_heal,
 )
 from broker.merkle import Diff
 from broker.repair import repair_deltas
+from broker.replication._gate import relayed
 from broker.transport import (
     Transport,
     complete_despite_cancel,
@@ -100,6 +111,9 @@ class HealOutcome:
     unverified: list[str] = field(default_factory=list)
     """Replicas whose root reply failed verification (a relay, a replay): left out of the
     heal, which then did not converge (``reason`` ``unverified``)."""
+    unbacked: list[str] = field(default_factory=list)
+    """Replicas whose fetch reply another replica refused as Byzantine (state its source
+    cannot vouch for): the heal did not converge (``reason`` ``unbacked``)."""
     # where the time went (seconds): root requests, identification, fetch + push of states
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
@@ -112,6 +126,8 @@ _WHY: Final[dict[str, str]] = {
     "schemes": "tree schemes differ",
     "failed": "a step failed",
     "unverified": "a replica's reply failed verification (relayed or replayed?): left out",
+    "unbacked": "a replica refused another's fetch reply as Byzantine: its source is suspect",
+    "catchup": "receivers catch up writers' dots their repair's source could not vouch for",
 }
 
 
@@ -174,6 +190,7 @@ class HealerService:
         """Subjects the last pass could not heal, and why (``SKIP_REASONS``)."""
         self.replicas_found = 0
         """Replica services (of this namespace) the last pass discovered."""
+        self._unbacked: set[str] = set()  # sources refused during the heal running now
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -456,6 +473,7 @@ class HealerService:
         # is left out and the heal starts again among the others: it still repairs what it
         # can see, and never reports the unverified replica as converged.
         unverified: set[str] = set()
+        self._unbacked = set()
         abandoned: _Abandoned | None = None
         while not planner.done and abandoned is None:
             for action in planner.next_actions():
@@ -481,6 +499,11 @@ class HealerService:
             result.converged = False
             result.reason = "unverified"
             result.agreed = b""
+        unbacked = sorted(self._unbacked)
+        if unbacked:
+            result.converged = False
+            result.reason = result.reason if result.reason == "unverified" else "unbacked"
+            result.agreed = b""
         for note in result.mismatches:
             # A rolling upgrade: trees of different schemes cannot be compared. Said once
             # per replica set, not at every retry.
@@ -501,7 +524,7 @@ class HealerService:
             bytes_sent=client.bytes_sent + client.bytes_received, round_trips=result.waves,
             rounds=result.rounds, duration_s=time.monotonic() - t0,
             converged=result.converged, reason=result.reason, retry_soon=result.retry_soon,
-            phases=phases, unverified=sorted(unverified),
+            phases=phases, unverified=sorted(unverified), unbacked=unbacked,
         )
         outcome = self._record(out)
         # A heal that found nothing (in_sync, every interval) is DEBUG: INFO stays readable.
@@ -510,6 +533,8 @@ class HealerService:
         why = {"reason": out.reason, "why": _WHY[out.reason]} if out.reason else {}
         if out.unverified:
             why["unverified"] = ",".join(out.unverified)
+        if out.unbacked:
+            why["unbacked"] = ",".join(out.unbacked)
         log.log(level, event(
             "heal", subject=subject, outcome=outcome, replicas=len(nodes),
             divergent_keys=out.divergent_keys, repaired=out.keys_repaired,
@@ -535,51 +560,86 @@ class HealerService:
         t0 = time.monotonic()
         try:
             if result.left_items or result.right_items:
-                found, pushed, more = await self._repair_items(client, pair, result)
-                return PairResult(found, pushed, result.round_trips + more)
-            pushed, more = await self._repair_keys(client, pair, list(result.keys))
-            return PairResult(len(result.keys), pushed, result.round_trips + more)
+                found, pushed, more, owed = await self._repair_items(client, pair, result)
+                return PairResult(found, pushed, result.round_trips + more, owed)
+            pushed, more, owed = await self._repair_keys(client, pair, list(result.keys))
+            return PairResult(len(result.keys), pushed, result.round_trips + more, owed)
         finally:
             phases["repair"] += time.monotonic() - t0
 
     async def _push(
-        self, client: HealClient, pair: RepairPair, to_left: ORMap, to_right: ORMap
-    ) -> int:
-        """Push each side's repair delta to every member of its group; entries pushed."""
-        pushes = [(n, to_left) for n in pair.left_group if to_left.store]
-        pushes += [(n, to_right) for n in pair.right_group if to_right.store]
-        return await client.apply_all(pair.subject, pushes) if pushes else 0
+        self, client: HealClient, pair: RepairPair, to_left: ORMap, to_right: ORMap,
+        lefts: list[Voucher], rights: list[Voucher],
+    ) -> tuple[int, int]:
+        """Push to every member of each side's group the other side's vouchers (its fetch
+        replies) that speak for a key whose repair ``to_left``/``to_right`` holds. Returns
+        (entries pushed, writers owed: whose dots a receiver drops, its source unable to
+        vouch for them, and catches up on instead). A push refused as Byzantine names its
+        source (``_suspect``)."""
+        pushes: list[tuple[str, Voucher]] = []
+        pushed = owed = 0
+        for delta, sources, mine, group in (
+            (to_left, rights, lefts, pair.left_group),
+            (to_right, lefts, rights, pair.right_group),
+        ):
+            keys = set(delta.store or ())
+            needed = [v for v in sources if keys & set(v.document.store or ())]
+            if not needed:
+                continue
+            pushes += [(n, v) for v in needed for n in group]
+            pushed += len(keys) * len(group)
+            # What the receiver will keep (``relayed``, as it checks the same delta against
+            # its own context): writers it drops are owed, not a defect.
+            seen = mine[0].document.context
+            owed += len(relayed(delta, needed[0].source, seen).stripped)
+        if pushes:
+            for refusal in await client.push_all(pair.subject, pushes):
+                self._suspect(pair.subject, refusal)
+        return pushed, owed
+
+    def _suspect(self, subject: str, refusal: Refusal) -> None:
+        """A replica refused ``refusal.source``'s voucher as Byzantine: the source served
+        state it cannot vouch for. Counted, logged; the heal cannot converge."""
+        self._unbacked.add(refusal.source)
+        self.metrics.unbacked.labels(self.metrics.label(subject), refusal.source).inc()
+        log.warning(event("heal_unbacked_source", subject=subject, source=refusal.source,
+                          refused_by=refusal.target, error=refusal.description))
 
     async def _repair_keys(
         self, client: HealClient, pair: RepairPair, keys: list[str]
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         """Repair ``keys`` (a whole-values reconciliation names them): fetch both sides'
-        entries, push the repairs to both groups. Returns (entries pushed, waves)."""
-        pushed = waves = 0
+        entries, push each side's replies to the other group where a repair is needed.
+        Returns (entries pushed, waves, writers owed)."""
+        pushed = waves = owed = 0
         batch = self.settings.fetch_batch
         subject, left, right = pair.subject, pair.left.node, pair.right.node
         for i in range(0, len(keys), batch):
             chunk = keys[i : i + batch]
             # Ask both sides for every key of the chunk, even one the diff said a side lacks:
             # it may hold it by now, and a side's context is only a valid removal proof
-            # together with its entries for the same keys at the same moment.
+            # together with its entries for the same keys at the same moment (a reply names
+            # a key its replica lacks, so it vouches for that key's absence too).
             a, b = await asyncio.gather(
-                client.fetch(subject, left, chunk), client.fetch(subject, right, chunk)
+                client.fetch_voucher(subject, left, chunk),
+                client.fetch_voucher(subject, right, chunk),
             )
-            to_left, to_right = repair_deltas(a, b, chunk)
-            n = await self._push(client, pair, to_left, to_right)
+            to_left, to_right = repair_deltas(a.document, b.document, chunk)
+            n, o = await self._push(client, pair, to_left, to_right, [a], [b])
             pushed += n
+            owed += o
             waves += 2 if to_left.store or to_right.store else 1
             await self._throttle(client)
-        return pushed, waves
+        return pushed, waves, owed
 
     async def _repair_items(
         self, client: HealClient, pair: RepairPair, result: Diff
-    ) -> tuple[int, int, int]:
+    ) -> tuple[int, int, int, int]:
         """Repair what a digests-only reconciliation found: fetch each side's unmatched items
         (the replica names their keys), then, for a key only one side named, the other
         side's entry by key (so every side's entries and context come from one moment), and
-        push the repairs. Returns (keys found, keys pushed, waves)."""
+        push each side's replies to the other group. Returns (keys found, keys pushed,
+        waves, writers owed)."""
         bits = pair.left.fanout.bit_length() - 1
         width = pair.item_width
         subject, left, right = pair.subject, pair.left.node, pair.right.node
@@ -593,19 +653,19 @@ class HealerService:
         lhs = [(index(p), d) for p, d in result.left_items]
         rhs = [(index(p), d) for p, d in result.right_items]
         found: set[str] = set()
-        pushed = waves = 0
+        pushed = waves = owed = 0
         batch = self.settings.fetch_batch
         for i in range(0, max(len(lhs), len(rhs)), batch):
             a1, b1 = await asyncio.gather(
-                client.fetch(subject, left, [], lhs[i : i + batch], width),
-                client.fetch(subject, right, [], rhs[i : i + batch], width),
+                client.fetch_voucher(subject, left, [], lhs[i : i + batch], width),
+                client.fetch_voucher(subject, right, [], rhs[i : i + batch], width),
             )
             waves += 1
-            ka, kb = set(a1.store or ()), set(b1.store or ())
+            ka, kb = set(a1.document.store or ()), set(b1.document.store or ())
             only_a, only_b = sorted(ka - kb), sorted(kb - ka)
             fetches = [
-                client.fetch(subject, right, only_a) if only_a else _none(),
-                client.fetch(subject, left, only_b) if only_b else _none(),
+                client.fetch_voucher(subject, right, only_a) if only_a else _none(),
+                client.fetch_voucher(subject, left, only_b) if only_b else _none(),
             ]
             b2, a3 = await asyncio.gather(*fetches)
             if only_a or only_b:
@@ -614,15 +674,18 @@ class HealerService:
             parts = [(a1, b1, sorted(ka & kb)), (a1, b2, only_a), (a3, b1, only_b)]
             for a, b, keys in parts:
                 if keys and a is not None and b is not None:
-                    dl, dr = repair_deltas(a, b, keys)
+                    dl, dr = repair_deltas(a.document, b.document, keys)
                     to_left.merge(dl)
                     to_right.merge(dr)
             found |= ka | kb
-            n = await self._push(client, pair, to_left, to_right)
+            lefts = [v for v in (a1, a3) if v is not None]
+            rights = [v for v in (b1, b2) if v is not None]
+            n, o = await self._push(client, pair, to_left, to_right, lefts, rights)
             pushed += n
+            owed += o
             waves += 1 if to_left.store or to_right.store else 0
             await self._throttle(client)
-        return len(found), pushed, waves
+        return len(found), pushed, waves, owed
 
     async def _throttle(self, client: HealClient) -> None:
         moved = client.bytes_sent + client.bytes_received
@@ -647,8 +710,8 @@ class HealerService:
         if out.converged:
             outcome = "converged" if out.rounds else "in_sync"
         else:  # "stuck" is a defect to look at; the others wait for writes or a release
-            outcome = ("stuck" if out.reason == "stuck" else "unverified"
-                       if out.reason == "unverified" else "still_moving")
+            outcome = (out.reason if out.reason in ("stuck", "unverified", "unbacked")
+                       else "still_moving")
         m.heals.labels(label, outcome).inc()
         if out.converged:
             m.last_success.labels(label).set(time.time())

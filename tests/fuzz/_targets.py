@@ -51,8 +51,8 @@ from broker.codec import (
     sign_reply,
 )
 from broker.crdt import ORMap
-from broker.errors import CodecError, ResourceExhaustedError, RpcError
-from broker.healing import HealClient, HealEndpoints
+from broker.errors import ClockSkewError, CodecError, ResourceExhaustedError, RpcError
+from broker.healing import HealClient, HealEndpoints, Voucher, VoucherRefusedError
 from broker.healing._wire import VERBS
 from broker.replica import NullReplicaObserver, Replica, ReplicaConfig, reject_reason
 from broker.replication import RequestCatchup
@@ -477,7 +477,8 @@ def _heal_seeds(verb: str) -> Callable[[Harness], list[bytes]]:
             return [r(h, "FetchStatesRequest", subject=SUBJECT, keys=["k1", "k3", "nope"]),
                     r(h, "FetchStatesRequest", subject=SUBJECT, hashBytes=4,
                       items=b"\x00\x00\x00\x02abcd\x00\x00\x00\x07efgh")]
-        subject = merkle_subject(NS, SUBJECT, NODE, "apply")
+        # A voucher: another replica's (PEER's) fetch reply, as the healer forwards it.
+        subject = merkle_subject(NS, SUBJECT, PEER, "fetch")
         return [_seal(h.codec, subject, d) for d in _deltas()]
 
     return seeds
@@ -490,9 +491,14 @@ def _heal_run(verb: str) -> Callable[[Harness, bytes, random.Random], Awaitable[
         before = sum(ep.rejected.values())
         try:
             await handler(Msg(merkle_subject(NS, SUBJECT, NODE, verb), data))
-        except (CodecError, ResourceExhaustedError) as exc:
+        except (CodecError, ResourceExhaustedError, VoucherRefusedError,
+                ClockSkewError) as exc:
             if sum(ep.rejected.values()) != before + 1:
                 raise AssertionError(f"{verb}: a refusal not counted: {exc!r}") from exc
+            if isinstance(exc, VoucherRefusedError):
+                return exc.reason  # a voucher its source cannot vouch for
+            if isinstance(exc, ClockSkewError):
+                return "clock_skew"
             # more work than one request may ask: refused before doing it, counted apart
             return reject_reason(exc) if isinstance(exc, CodecError) else "too_costly"
         return ACCEPTED
@@ -518,7 +524,9 @@ def _healer_calls(verb: str) -> Callable[[HealClient, Harness], Awaitable[object
             )
         if verb == "fetch":
             return await client.fetch(SUBJECT, NODE, ["k1", "k3", "nope"])
-        return await client.apply(SUBJECT, NODE, _deltas()[0])
+        doc = _deltas()[0]
+        raw = _seal(h.codec, merkle_subject(NS, SUBJECT, PEER, "fetch"), doc)
+        return await client.push(SUBJECT, NODE, Voucher(PEER, doc, raw))
 
     return call
 

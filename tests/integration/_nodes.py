@@ -63,3 +63,20 @@ async def eventually(check: Callable[[], bool], timeout: float, what: str) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"not reached in {timeout} s: {what}")
         await asyncio.sleep(0.05)
+
+
+async def heal_until_converged(healer: Any, subject: str, nodes: list[str],
+                               timeout: float = 30) -> Any:
+    """``healer.heal_subject`` until a heal converges (its ``HealOutcome``); a heal may
+    end ``catchup`` first (receivers drop writers' dots their repair's source cannot vouch
+    for and catch up from those writers). ``AssertionError`` with the last reason after
+    ``timeout`` seconds, or at once for a heal that ends otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = await healer.heal_subject(subject, nodes)
+        if out.converged:
+            return out
+        assert out.reason == "catchup", f"heal of {subject} ended {out.reason}"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"heal of {subject} not converged in {timeout} s")
+        await asyncio.sleep(0.05)
