@@ -4,7 +4,7 @@
     python -m tests.sim --seeds 100000 --summary tests/sim/results/campaign.md
     python -m tests.sim --replay 1234 [--steps 60] [--mutation counter] [-v]
     python -m tests.sim --replay-file tests/sim/results/shrunk-1234.json -v
-    python -m tests.sim --seeds 300 --byzantine [--relay] [--repair]   # Byzantine mode
+    python -m tests.sim --seeds 300 --byzantine [--relay] [--repair] [--preclaim]
 
 A failing seed prints the one command that replays it; ``--replay`` of a failing seed also
 shrinks it (``tests.sim.shrink``) and writes the short history as a replayable JSON file.
@@ -42,22 +42,24 @@ def replay_command(seed: int, steps: int, mutation: str | None, byz: str = "") -
     return cmd + (f" --mutation {mutation}" if mutation else "") + byz
 
 
-def byz_flags(byzantine: bool, relay: bool, repair: bool) -> str:
+def byz_flags(byzantine: bool, relay: bool, repair: bool, preclaim: bool = False) -> str:
     """The command-line flags of a Byzantine mode ("" without it)."""
     if not byzantine:
         return ""
-    return " --byzantine" + (" --relay" if relay else "") + (" --repair" if repair else "")
+    return " --byzantine" + (" --relay" if relay else "") + (" --repair" if repair else "") \
+        + (" --preclaim" if preclaim else "")
 
 
-Mode = tuple[bool, bool, bool]
-"""(byzantine, relay, repair)."""
-HONEST: Mode = (False, False, False)
+Mode = tuple[bool, bool, bool, bool]
+"""(byzantine, relay, repair, preclaim)."""
+HONEST: Mode = (False, False, False, False)
 
 
 def _one(args: tuple[int, int, str | None, Mode]) -> dict[str, Any]:
-    seed, steps, mutation, (byz, relay, repair) = args
+    seed, steps, mutation, (byz, relay, repair, preclaim) = args
     with mutated(mutation):
-        r = run(seed, steps, byzantine=int(byz), relay=relay, repair=repair)
+        r = run(seed, steps, byzantine=int(byz), relay=relay, repair=repair,
+                preclaim=preclaim)
     return {
         "seed": seed,
         "ok": r.ok,
@@ -158,9 +160,9 @@ def replay(seed: int, steps: int, mutation: str | None, verbose: bool,
            schedule: tuple[dict[str, Any], list[Any]] | None = None,
            mode: Mode = HONEST) -> int:
     """Replay one seed (or a saved schedule); on failure shrink it. Exit status."""
-    byz, relay, repair = mode
+    byz, relay, repair, preclaim = mode
     sched = schedule or make_schedule(seed, steps, byzantine=int(byz), relay=relay,
-                                      repair=repair)
+                                      repair=repair, preclaim=preclaim)
     with mutated(mutation):
         r = run(seed, schedule=sched)
         print(f"seed {seed}: {'ok' if r.ok else 'FAILED'}  trace {r.trace_hash}  "
@@ -173,8 +175,11 @@ def replay(seed: int, steps: int, mutation: str | None, verbose: bool,
         print(r.failure)
         if schedule is None:
             short, sr = shrink(seed, sched, r.failure, budget=600)
-            RESULTS.mkdir(exist_ok=True)
-            path = RESULTS / f"shrunk-{seed}{'-' + mutation if mutation else ''}.json"
+            # Byzantine findings open on this base go apart: every history directly in
+            # results/ must replay ok (test_every_saved_finding_replays_ok).
+            where = RESULTS / "byzantine" if sched[0].get("byzantine") else RESULTS
+            where.mkdir(parents=True, exist_ok=True)
+            path = where / f"shrunk-{seed}{'-' + mutation if mutation else ''}.json"
             path.write_text(json.dumps({"seed": seed, "mutation": mutation, "setup": sched[0],
                                         "steps": short}, indent=1) + "\n")
             print(f"\nshrunk to {len(short)} of {len(sched[1])} steps ({signature(sr.failure)}):")
@@ -203,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --byzantine: it answers catch-ups with forged states (h)")
     p.add_argument("--repair", action="store_true",
                    help="with --byzantine: forged repairs signed by the healer's key (i)")
+    p.add_argument("--preclaim", action="store_true",
+                   help="with --byzantine: removals claiming honest dots not issued yet")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
-    mode: Mode = (a.byzantine, a.relay, a.repair)
-    if (a.relay or a.repair) and not a.byzantine:
-        p.error("--relay and --repair need --byzantine")
+    mode: Mode = (a.byzantine, a.relay, a.repair, a.preclaim)
+    if (a.relay or a.repair or a.preclaim) and not a.byzantine:
+        p.error("--relay, --repair and --preclaim need --byzantine")
     if a.replay_file is not None:
         saved = json.loads(a.replay_file.read_text())
         return replay(saved["seed"], len(saved["steps"]), a.mutation or saved.get("mutation"),

@@ -23,6 +23,9 @@ target, salt]`` each; target -1 sends to every honest node):
 - with ``setup["byz_relay"]`` (attack (h)): it answers honest catch-up requests (as
   ``World._send_state`` does) with forged *states*: forged attribution, silence, wipe, brick,
   timestamps near 2**63;
+- with ``setup["byz_preclaim"]``: ``preclaim``, an empty delta claiming an honest writer's
+  next 1-3 dots *before it issues them*: a removal of writes the signer cannot have
+  observed, which the causal gate holds until the writer's own batch backs the claim;
 - with ``setup["byz_repair"]`` (attack (i), a compromised healer key): ``repair`` pushes a
   forged repair delta through the simulator's repair path (``World._push``: sealed by the
   healer's identity, opened by the replica, ``RepairApplied``).
@@ -77,6 +80,9 @@ ATTACKS: Final = ("forge", "silence", "wipe", "brick", "clock", "garbage", "repl
 """Attacks on the delta and sync paths, always on in Byzantine mode."""
 REPAIR_ATTACKS: Final = ("repair",)
 """Attacks through the healer's repair path (``setup["byz_repair"]``)."""
+PRECLAIM_ATTACKS: Final = ("preclaim",)
+"""A removal claiming an honest writer's next 1-3 dots before they exist
+(``setup["byz_preclaim"]``): the gate holds it until the writer issues them, then joins it."""
 FAR: Final = 10**6
 """How far past an honest writer's last dot a silence claim reaches (never issued in a run)."""
 WIPE_AHEAD: Final = 10**4
@@ -89,9 +95,10 @@ Dot = tuple[str, int]
 TOP: Final = 2**63 - 1
 
 
-def byz_step(rng: random.Random, n: int, *, repair: bool) -> list[Any]:
+def byz_step(rng: random.Random, n: int, *, repair: bool, preclaim: bool = False) -> list[Any]:
     """One Byzantine schedule step: ``["byz", attack, target (-1: all), salt]``."""
-    attacks = ATTACKS + (REPAIR_ATTACKS if repair else ())
+    attacks = ATTACKS + (REPAIR_ATTACKS if repair else ()) + (
+        PRECLAIM_ATTACKS if preclaim else ())
     target = rng.randrange(n) if rng.random() < 0.5 else -1
     return ["byz", rng.choice(attacks), target, rng.randrange(2**31)]
 
@@ -308,6 +315,12 @@ class Byzantine:
             for t in targets:
                 self.world.send(BYZ, t, "announce", (subject, data))
             self.world.stats["byz.sent.announce"] += len(targets)
+        elif kind == "preclaim":
+            h = self._honest()
+            ctx = CausalContext.from_dots(
+                (h, self._top(subject, h) + k) for k in range(1, self.rng.randint(2, 4)))
+            doc = ORMap(None, ctx, is_delta=True)
+            self._send_forged(kind, subject, self._seal(subject, doc), targets)
         elif kind == "repair":
             for t in targets:
                 self.world.push_forged(t, subject, self._repair_doc(subject))

@@ -161,6 +161,10 @@ clipped to what their relay can vouch for."""
 BYZ_REPAIR = False
 """Attack (i), forged repairs signed by the healer's key, in the CI budget. False on this
 base: repairs are joined unchecked; flip it once repairs carry the writers' signed batches."""
+BYZ_PRECLAIM = False
+"""Removals claiming an honest writer's next dots before it issues them. False on this base:
+the causal gate holds such a delta until the writer's own batch backs the claim, then joins
+it and erases that write (results/byzantine/B1-preclaim.json)."""
 
 
 def test_byzantine_budget_keeps_the_goal_properties() -> None:
@@ -171,11 +175,12 @@ def test_byzantine_budget_keeps_the_goal_properties() -> None:
     failures = []
     stats: Counter[str] = Counter()
     for seed in range(BYZ_SEEDS):
-        r = run(seed, BUDGET_STEPS, byzantine=1, relay=BYZ_RELAY, repair=BYZ_REPAIR)
+        r = run(seed, BUDGET_STEPS, byzantine=1, relay=BYZ_RELAY, repair=BYZ_REPAIR,
+                preclaim=BYZ_PRECLAIM)
         stats.update(r.stats)
         if not r.ok:
             failures.append((seed, r.failure))
-    flags = byz_flags(True, BYZ_RELAY, BYZ_REPAIR)
+    flags = byz_flags(True, BYZ_RELAY, BYZ_REPAIR, BYZ_PRECLAIM)
     assert not failures, "\n".join(
         f"seed {s}: {f}\n  replay: python -m tests.sim --replay {s} --steps {BUDGET_STEPS}{flags}"
         for s, f in failures[:5]
@@ -225,15 +230,19 @@ def test_byzantine_mode_finds_the_gate_turned_off() -> None:
         pytest.param("repair", BYZ_REPAIR, marks=pytest.mark.xfail(
             not BYZ_REPAIR, strict=True, reason="repairs are joined unchecked on this base: "
             "flip BYZ_REPAIR once they carry the writers' signed batches")),
+        pytest.param("preclaim", BYZ_PRECLAIM, marks=pytest.mark.xfail(
+            not BYZ_PRECLAIM, strict=True, reason="a claim of dots not issued yet is held, "
+            "then joined once they are: flip BYZ_PRECLAIM once the gate refuses it")),
     ],
 )
 def test_attack_is_caught(mode: str, enabled: bool) -> None:
-    """Attacks (h) (forged catch-up states) and (i) (forged repairs, the healer's key): a
-    few runs with each must keep the goal's properties. Strict xfail while its switch is off:
-    when the fix lands this test XPASSes and fails, saying to flip the switch."""
+    """Attacks (h) (forged catch-up states), (i) (forged repairs, the healer's key) and the
+    pre-claimed removal: a few runs with each must keep the goal's properties. Strict xfail
+    while its switch is off: when the fix lands this test XPASSes and fails, saying to flip
+    the switch."""
     for seed in range(8):
         r = run(seed, BUDGET_STEPS, byzantine=1, relay=mode == "relay",
-                repair=mode == "repair")
+                repair=mode == "repair", preclaim=mode == "preclaim")
         assert r.ok, f"seed {seed} --byzantine --{mode}: {r.failure}"
 
 
