@@ -17,8 +17,8 @@ target, salt]`` each; target -1 sends to every honest node):
   flipped, signed again (sent only if it still decodes to a document with a foreign dot, or
   does not decode); a valid envelope holding a random document built around forged entries;
 - ``replay``: an honest delta it captured sent again (from its own connection), an honest
-  announce or catch-up reply relayed as its own, or one of its own forged envelopes again;
-  ``dup`` sends one forged envelope twice at once;
+  announce, catch-up request or catch-up reply relayed as its own, or one of its own forged
+  envelopes again; ``dup`` sends one forged envelope twice at once;
 - ``announce``: a signed announce whose context is forged (silence or brick claims);
 - with ``setup["byz_relay"]`` (attack (h)): it answers honest catch-up requests (as
   ``World._send_state`` does) with forged *states*: forged attribution, silence, wipe, brick,
@@ -160,6 +160,7 @@ class Byzantine:
         elif what in ("announce", "reply"):
             self.syncs = [*self.syncs[-63:], (what, subject, data)]
         elif what == "request":
+            self.syncs = [*self.syncs[-63:], (what, subject, data)]
             req, target = args[0], args[1]
             self.requests = [*self.requests[-15:], (src, subject, req)]
             if self.relay and target in (None, BYZ) and self.rng.random() < self.answer_rate:
@@ -388,6 +389,10 @@ class Byzantine:
             for t in targets:
                 if what == "announce":
                     self.world.send(BYZ, t, "announce", (subject, data))
+                elif what == "request":  # another node's request, as its own
+                    req = self.world.next_req
+                    self.world.next_req += 1
+                    self.world.send(BYZ, t, "request", (subject, data, req, None, True))
                 else:  # relayed as the answer to the node's latest catch-up request
                     reqs = [q for q in self.requests if q[0] == t and q[1] == subject]
                     if reqs:
