@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.replication._gate import BYZANTINE_REASONS
+from broker.replication import BYZANTINE_REASONS, Action, Event, ReplicationMachine, Report
 from tests.sim.__main__ import byz_flags
-from tests.sim.byzantine import ATTACKS
+from tests.sim.byzantine import ATTACKS, BYZ
 from tests.sim.model import Write, expected_value
 from tests.sim.mutations import mutated
 from tests.sim.shrink import shrink, signature
@@ -219,6 +219,25 @@ def test_byzantine_mode_finds_the_gate_turned_off() -> None:
             if any(e in r.failure for e in evidence):
                 found.append(seed)
     assert found, "mutation forged not found by the Byzantine mode's property checks"
+
+
+def test_byzantine_mode_finds_a_rejection_not_counted_against_its_signer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A machine that rejects forged batches but reports them against no one (the metric's
+    signer label lost): the per-envelope accounting fails the run."""
+    handle = ReplicationMachine.handle
+
+    def anonymous(self: ReplicationMachine, event: Event) -> list[Action]:
+        return [
+            Report("rejected", (a.args[0], "unknown")) if isinstance(a, Report)
+            and a.event == "rejected" and a.args[1] == BYZ else a
+            for a in handle(self, event)
+        ]
+
+    monkeypatch.setattr(ReplicationMachine, "handle", anonymous)
+    r = run(0, BUDGET_STEPS, byzantine=1)
+    assert "nor held" in r.failure, r.failure
 
 
 @pytest.mark.parametrize(

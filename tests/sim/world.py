@@ -584,7 +584,7 @@ class World:
                     if a.args[1] == BYZ and a.args[0] == "unbacked_context":
                         r.byz_held -= 1
                     if a.args[0] in ("foreign_dot", "dot_range", "clock_range") \
-                            and a.args[1] != BYZ:
+                            and a.args[1] in self.by_name:
                         # Every other simulated writer is honest: its batches hold its own
                         # dots.
                         raise Failure(f"{node.name}: honest batch of {a.args[1]} rejected "
@@ -718,10 +718,11 @@ class World:
             elif any(isinstance(a, Report) and a.event == "applied" and a.args == (bid,)
                      for a in actions):
                 r.byz_held += 1  # joined at once (a failure, recorded by ``execute``)
-            elif not any(isinstance(a, Report) and a.event == "rejected" for a in actions):
+            elif not any(isinstance(a, Report) and a.event == "rejected" and a.args[1] == BYZ
+                         for a in actions):
                 raise Failure(f"{node.name}/{subject}: a forged batch "
                               f"({self.byz_bids.get(bid)}) of {BYZ} was neither rejected "
-                              "nor held")
+                              "against it nor held")
 
     def _request_catchup(self, r: Replica, a: RequestCatchup) -> None:
         node = r.node
@@ -1039,6 +1040,8 @@ class World:
         for s in self.subjects:
             self.heal(s)
             self._check_converged(s, "after healing")
+            if self.byz is not None:
+                self._check_attribution(s)
             self._check_model(s)
         if self.byz is not None:
             self._check_byzantine()
@@ -1059,29 +1062,33 @@ class World:
             self._byz_failure(f"{target}/{subject}: attack (i): a forged repair pushed by the "
                               "healer's key was applied without a rejection against it")
 
-    def _check_byzantine(self) -> None:
-        """The goal's properties on the honest replicas (see ``tests.sim.byzantine``)."""
+    def _check_attribution(self, s: str) -> None:
+        """Attribution and claims on every honest replica of ``s`` (``tests.sim.byzantine``):
+        checked before the model, so that a forged entry is named as such."""
         honest = {n.name for n in self.nodes}
-        for s in self.subjects:
-            for node in self.nodes:
-                r = node.replicas[s]
-                if r.byz_held:
-                    raise Failure(f"{node.name}/{s}: {r.byz_held} forged batches of {BYZ} "
-                                  "still held at the end (neither rejected nor applied)")
-                newest = self._newest(r)
-                for dot, entry in dot_entries(newest.store):
-                    if dot[0] not in honest:
-                        raise Failure(f"{node.name}/{s}: an entry under {dot}, a dot of no "
-                                      f"honest writer: {entry!r}")
-                    if entry not in self.honest_dots.get(dot, ()):
-                        raise Failure(f"{node.name}/{s}: forged attribution: {dot[0]} never "
-                                      f"wrote {entry!r} under {dot}")
-                ctx = newest.context
-                for w in {*ctx.version_vector, *(d[0] for d in ctx.cloud)}:
-                    if w not in honest or ctx.max_counter(w) > self.issued[w]:
-                        raise Failure(f"{node.name}/{s}: context claims {w}'s dot "
-                                      f"{ctx.max_counter(w)}, past the last it issued "
-                                      f"({self.issued[w]})")
+        for node in self.nodes:
+            r = node.replicas[s]
+            if r.byz_held:
+                raise Failure(f"{node.name}/{s}: {r.byz_held} forged batches of {BYZ} "
+                              "still held at the end (neither rejected nor applied)")
+            newest = self._newest(r)
+            for dot, entry in dot_entries(newest.store):
+                if dot[0] not in honest:
+                    raise Failure(f"{node.name}/{s}: an entry under {dot}, a dot of no "
+                                  f"honest writer: {entry!r}")
+                if entry not in self.honest_dots.get(dot, ()):
+                    raise Failure(f"{node.name}/{s}: forged attribution: {dot[0]} never "
+                                  f"wrote {entry!r} under {dot}")
+            ctx = newest.context
+            for w in {*ctx.version_vector, *(d[0] for d in ctx.cloud)}:
+                if w not in honest or ctx.max_counter(w) > self.issued[w]:
+                    raise Failure(f"{node.name}/{s}: context claims {w}'s dot "
+                                  f"{ctx.max_counter(w)}, past the last it issued "
+                                  f"({self.issued[w]})")
+
+    def _check_byzantine(self) -> None:
+        """The rest of the goal's properties (see ``tests.sim.byzantine``): the attacks were
+        counted, and no honest node is bricked."""
         for w, n in self.issued.items():
             if n * 2 > BYZ_WIPE_AHEAD:  # the wipe's claims must stay unbacked in a run
                 raise Failure(f"{w} issued {n} dots: too many for the wipe attack's bound")
@@ -1112,6 +1119,7 @@ class World:
             raise Failure("catch-up did not settle after the Byzantine checks' writes")
         for s in self.subjects:
             self._check_converged(s, "after the attacks, a reload and one write each")
+            self._check_attribution(s)
             self._check_model(s)
 
     def _newest(self, r: Replica) -> ORMap:
