@@ -404,6 +404,7 @@ class World:
         # attack), rejections per signer, and what honest writers put under each dot.
         self.byz: Byzantine | None = None
         self.byz_bids: dict[int, str] = {}
+        self.byz_cut: set[int] = set()  # forged batches whose claims the gate cut
         self.rejections: Counter[tuple[str, str]] = Counter()
         self.honest_dots: dict[tuple[str, int], set[tuple[Any, ...]]] = {}
         self.issued: Counter[str] = Counter()
@@ -565,11 +566,19 @@ class World:
         # The machine has joined everything it reports applied before it returns: the ghost
         # history must say so before any action (a snapshot, a catch-up answer) reads it,
         # whatever the order of the actions in the list (F10 was this, in the simulator).
+        cut = any(isinstance(a, Report) and a.event == "gated" and a.args == ("cut",)
+                  for a in actions)
         for a in actions:
             if isinstance(a, Report) and a.event == "applied" and a.args \
                     and isinstance(a.args[0], int):
-                if a.args[0] in self.byz_bids:  # recorded; the final checks show the harm
+                if a.args[0] in self.byz_bids:
                     r.byz_held -= 1  # drained (``_on_delta`` makes up for a direct join)
+                    if cut or a.args[0] in self.byz_cut:
+                        # Joined once the gate cut its claims of others' unseen dots: its
+                        # harm (if any) shows in the final checks.
+                        self.stats["byz.cut_applied"] += 1
+                        continue
+                    # Recorded; the final checks show the harm.
                     self._byz_failure(f"{node.name}/{r.subject}: a forged envelope "
                                       f"({self.byz_bids[a.args[0]]}) of {BYZ} was applied")
                 r.ghost |= self.batches.get(a.args[0], frozenset())
@@ -711,15 +720,21 @@ class World:
                                                hlc=env.hlc))
         if env.writer == BYZ:
             # Every forged batch is rejected against its signer at once, or held by the
-            # causal gate (then rejected when its hold ends, or lost with a crash).
+            # causal gate (then rejected when its hold ends, or lost with a crash), or its
+            # claims of other writers' unseen dots are cut (a gate that cuts, not holds).
+            if any(isinstance(a, Report) and a.event == "gated" and a.args == ("cut",)
+                   for a in actions):
+                self.byz_cut.add(bid)
             if any(isinstance(a, Report) and a.event == "gated" and a.args == ("held",)
                    for a in actions):
                 r.byz_held += 1
             elif any(isinstance(a, Report) and a.event == "applied" and a.args == (bid,)
                      for a in actions):
                 r.byz_held += 1  # joined at once (a failure, recorded by ``execute``)
-            elif not any(isinstance(a, Report) and a.event == "rejected" and a.args[1] == BYZ
-                         for a in actions):
+            elif bid not in self.byz_cut and not any(
+                isinstance(a, Report) and a.event == "rejected" and a.args[1] == BYZ
+                for a in actions
+            ):
                 raise Failure(f"{node.name}/{subject}: a forged batch "
                               f"({self.byz_bids.get(bid)}) of {BYZ} was neither rejected "
                               "against it nor held")
