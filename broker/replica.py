@@ -1161,10 +1161,12 @@ class Replica:
             self.observer.rejected(subject, reason, source)
             log.warning("repair of %s from %s's voucher refused: %s", subject, source, reason)
             return reason
-        if self.machine.config.add_only and removes(kept.document, self.state) is not None:
+        # A claim of a write made after the voucher was signed removes nothing (pre-claim).
+        document = self.machine.without_later_claims(kept.document, source, hlc)
+        if self.machine.config.add_only and removes(document, self.state) is not None:
             self.observer.rejected(subject, "removal", source)  # add-only: never a removal
             return "removal"
-        await self.apply_repair(kept.document, stripped=sorted(kept.stripped))
+        await self.apply_repair(document, stripped=sorted(kept.stripped))
         return None
 
     # -- internals: commit, publish, persist ---------------------------------------------------

@@ -47,7 +47,10 @@ its relay can vouch for, measured against what the receiver has seen:
 - the relay's own entries and claims (a relay can forge only its own writes);
 - entries and claims of other writers' dots the receiver has already seen. Joining those
   removes, on the receiver, only entries whose dots the relay claims and lacks: what the
-  relay saw removed, which is no more than the relay could do by deleting the keys itself;
+  relay saw removed, which is no more than the relay could do by deleting the keys itself.
+  A relay that claims a writer's dots past the newest one the receiver has seen
+  (over-claims: the shape of a wipe or a silence, or of a relay simply ahead) proves no
+  removal of that writer's entries: none of its claims of that writer are kept;
 - nothing else: another writer's dot the receiver has not seen (an entry or a claim) is
   stripped, its owner named in ``Relayed.stripped``. It arrives with its owner's own
   signature instead (the owner's catch-up, or the owner's signed batch that a relay kept as
@@ -235,13 +238,27 @@ def relayed(
     except _Refused as exc:
         return Relayed(None, exc.reason)
     # The context: the relay's own claims as they are; another writer's only as far as the
-    # receiver has seen them (their intersection).
+    # receiver has seen them (their intersection) — and none at all of a writer whose dots
+    # it claims past the newest one the receiver has seen (an over-claim: a wipe or silence
+    # context, or a relay ahead of this replica): such a state proves no removal of that
+    # writer's entries here (its claims are not joined, so its missing entries remove
+    # nothing); the writer's own state, or a later answer, does.
+    over = {
+        r for r, n in ctx._vv.items() if r != relay and n > seen.max_counter(r)
+    } | {
+        r for r, ns in ctx._cloud.items() if r != relay and max(ns) > seen.max_counter(r)
+    }
+    for r in over:
+        top = max(ctx._vv.get(r, 0), max(ctx._cloud.get(r, ()), default=0))
+        stripped[r] = max(stripped.get(r, 0), top)
     vv: dict[str, int] = {}
     cloud: list[Dot] = []
     seen_vv = seen._vv
     for r, n in ctx._vv.items():
         if r == relay:
             vv[r] = n
+            continue
+        if r in over:
             continue
         mine = seen_vv.get(r, 0)
         vv[r] = min(n, mine)
@@ -252,6 +269,8 @@ def relayed(
                 stripped[r] = max(stripped.get(r, 0), n)
             cloud += [(r, k) for k in unseen]
     for r, ns in ctx._cloud.items():
+        if r in over:
+            continue
         for k in ns:
             if r == relay or seen.covers(r, k):
                 cloud.append((r, k))

@@ -173,6 +173,8 @@ on their own, a full catch-up state asks for a snapshot. Only the simulation's m
 turns it off (finding F9 comes back)."""
 
 MAX_OWED_ATTEMPTS: Final = 8
+RECENT_BATCHES: Final = 1024
+"""Batches per writer whose envelope timestamps a replica remembers (``without_later_claims``)."""
 """Catch-ups answered by peers other than a writer whose state is needed, at most, before
 that writer is given up on (left to the healer)."""
 TIMER_FLUSH: Final = "flush"
@@ -333,6 +335,8 @@ class _Held:
     seen_at: CausalContext | None = None
     """This replica's context when the batch arrived, kept when it claimed other writers'
     dots not seen here then (see ``_join_remote``)."""
+    hlc: int | None = None
+    """The batch's envelope timestamp."""
 
 
 def lacks(mine: CausalContext, theirs: CausalContext) -> bool:
@@ -420,6 +424,8 @@ class ReplicationMachine:
         self._evidence_bytes = 0
         self._relay_refusal = ""  # why the last relayed state was refused
         self._last_now = 0.0  # ``now`` of the event being handled
+        # Writer -> (lowest dot, highest dot, envelope timestamp) of its batches joined lately.
+        self._recent: dict[str, deque[tuple[int, int, int]]] = {}
         for writer, context, raw in loaded.evidence:
             self._keep_evidence(writer, context, raw)
         self._handlers: dict[type[Any], Callable[[Any], list[Action]]] = {
@@ -698,7 +704,7 @@ class ReplicationMachine:
         if ev.sequence > last:
             self._last_seq[w] = ev.sequence
         item = _Held(w, ev.sequence, ev.document, ev.nbytes, ev.report, ev.raw, ev.now,
-                     self._seen_if_claims_unseen(ev.document, w))
+                     self._seen_if_claims_unseen(ev.document, w), ev.hlc)
         if self._admits(item):
             out += self._join_remote(item)
             if self._held:
@@ -799,12 +805,14 @@ class ReplicationMachine:
             if owner != self.node_id and owner not in self._given_up:
                 self._owed.setdefault(owner, 0)
         clipped = kept.document
+        if hlc is not None and self._recent:
+            clipped = self.without_later_claims(clipped, relay, hlc)
         if self.config.add_only and removes(clipped, self.tree.state) is not None:
             self._relay_refusal = "removal"
             return None
         self._merge_remote(clipped, whole=not doc.is_delta)
         if raw:
-            out += self._keep_received(raw if not kept.stripped else Clipped(raw, clipped))
+            out += self._keep_received(raw if clipped is doc else Clipped(raw, clipped))
             if not doc.is_delta:
                 self._keep_evidence(relay, doc.context, raw, state=True)
         if not doc.is_delta and raw and LOG_CAUSAL_PAST:
@@ -1106,11 +1114,18 @@ class ReplicationMachine:
                 if item.writer not in self._given_up:
                     self._owed.setdefault(item.writer, 0)
                     cut += self._want_catchup(self._last_now, item.writer, urgent=True)
+        if item.hlc is not None and self._recent:
+            later = self.without_later_claims(doc, item.writer, item.hlc)
+            if later is not doc:
+                doc = later
+                cut = cut or [Report("gated", ("cut",))]
         whole = not doc.is_delta  # a full state: its entries are whole
         self._merge_remote(doc, whole=whole)
         self._windows.setdefault(item.writer, SequenceWindow()).add(item.sequence)
         if item.raw:
             self._keep_evidence(item.writer, doc.context, item.raw)
+        if item.hlc is not None:
+            self._note_written(item.writer, doc.context, item.hlc)
         out: list[Action] = [
             *self._keep_received(Clipped(item.raw, doc) if cut and item.raw else item.raw),
             Changed(None if whole else tuple(doc.store.keys()) if doc.store else ()),
@@ -1127,6 +1142,52 @@ class ReplicationMachine:
             if self._catchup_peer is None:
                 self._catchup_peer = item.writer
         return out + self._count_ops(max(1, len(doc)))
+
+    def _note_written(self, writer: str, context: CausalContext, hlc: int) -> None:
+        """Remember when ``writer``'s dots in a batch joined here were written (its envelope
+        timestamp): the last ``RECENT_BATCHES`` batches of each writer."""
+        lo = context._vv.get(writer, 0)
+        extra = context._cloud.get(writer)
+        hi = max(lo, max(extra) if extra else 0)
+        if not hi:
+            return
+        low = min(extra) if extra and not lo else 1 if lo else hi
+        recent = self._recent.get(writer)
+        if recent is None:
+            recent = self._recent[writer] = deque(maxlen=RECENT_BATCHES)
+        recent.append((low, hi, hlc))
+
+    def without_later_claims(self, doc: ORMap, claimer: str, hlc: int) -> ORMap:
+        """``doc`` (signed by ``claimer`` at ``hlc``) without its claims of other writers'
+        dots written after ``hlc``, as far as this replica knows when they were written
+        (the batches it joined lately): no signer can have seen a write made after it
+        signed, so such a claim (a "pre-claim" of a predictable dot, delivered after the
+        write) removes nothing. ``doc`` itself when no claim is dropped."""
+        ctx = doc.context
+        drop: dict[str, set[int]] = {}
+        for r, batches in self._recent.items():
+            if r == claimer:
+                continue
+            top = max(ctx._vv.get(r, 0), max(ctx._cloud.get(r, ()), default=0))
+            if not top:
+                continue
+            for low, hi, written in batches:
+                if written > hlc and low <= top:
+                    for k in range(low, min(hi, top) + 1):
+                        if ctx.covers(r, k):
+                            drop.setdefault(r, set()).add(k)
+        if not drop:
+            return doc
+        vv = dict(ctx._vv)
+        cloud = [(r, k) for r, ks in ctx._cloud.items() for k in ks
+                 if k not in drop.get(r, ())]
+        for r, ks in drop.items():
+            n = vv.get(r, 0)
+            first = min(ks)
+            if n >= first:
+                vv[r] = first - 1
+                cloud += [(r, k) for k in range(first + 1, n + 1) if k not in ks]
+        return ORMap(doc.store, CausalContext(vv, cloud), is_delta=doc.is_delta)
 
     def _seen_if_claims_unseen(self, doc: ORMap, writer: str) -> CausalContext | None:
         """A copy of this replica's context if ``doc``, a batch of ``writer``'s, may claim

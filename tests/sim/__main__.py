@@ -4,6 +4,7 @@
     python -m tests.sim --seeds 100000 --summary tests/sim/results/campaign.md
     python -m tests.sim --replay 1234 [--steps 60] [--mutation counter] [-v]
     python -m tests.sim --replay-file tests/sim/results/shrunk-1234.json -v
+    python -m tests.sim --seeds 300 --byzantine [--relay] [--repair] [--preclaim]
 
 A failing seed prints the one command that replays it; ``--replay`` of a failing seed also
 shrinks it (``tests.sim.shrink``) and writes the short history as a replayable JSON file.
@@ -35,16 +36,30 @@ FAULT_STATS = (
 )
 
 
-def replay_command(seed: int, steps: int, mutation: str | None) -> str:
-    """The one command that replays ``seed``."""
+def replay_command(seed: int, steps: int, mutation: str | None, byz: str = "") -> str:
+    """The one command that replays ``seed`` (``byz``: the Byzantine flags, ``byz_flags``)."""
     cmd = f"python -m tests.sim --replay {seed} --steps {steps}"
-    return cmd + (f" --mutation {mutation}" if mutation else "")
+    return cmd + (f" --mutation {mutation}" if mutation else "") + byz
 
 
-def _one(args: tuple[int, int, str | None]) -> dict[str, Any]:
-    seed, steps, mutation = args
+def byz_flags(byzantine: bool, relay: bool, repair: bool, preclaim: bool = False) -> str:
+    """The command-line flags of a Byzantine mode ("" without it)."""
+    if not byzantine:
+        return ""
+    return " --byzantine" + (" --relay" if relay else "") + (" --repair" if repair else "") \
+        + (" --preclaim" if preclaim else "")
+
+
+Mode = tuple[bool, bool, bool, bool]
+"""(byzantine, relay, repair, preclaim)."""
+HONEST: Mode = (False, False, False, False)
+
+
+def _one(args: tuple[int, int, str | None, Mode]) -> dict[str, Any]:
+    seed, steps, mutation, (byz, relay, repair, preclaim) = args
     with mutated(mutation):
-        r = run(seed, steps)
+        r = run(seed, steps, byzantine=int(byz), relay=relay, repair=repair,
+                preclaim=preclaim)
     return {
         "seed": seed,
         "ok": r.ok,
@@ -54,13 +69,15 @@ def _one(args: tuple[int, int, str | None]) -> dict[str, Any]:
         "versions": sorted(set(r.versions)),
         "stats": {k: r.stats.get(k, 0) for k in FAULT_STATS},
         "events": r.stats.get("events", 0),
+        "byz": {k: v for k, v in r.stats.items() if k.startswith(("byz.", "rejected."))},
     }
 
 
-def campaign(first: int, count: int, steps: int, jobs: int, mutation: str | None) -> dict[str, Any]:
+def campaign(first: int, count: int, steps: int, jobs: int, mutation: str | None,
+             mode: Mode = HONEST) -> dict[str, Any]:
     """Run ``count`` seeds from ``first`` over ``jobs`` processes; the aggregated outcome."""
     t0 = time.perf_counter()
-    work = [(s, steps, mutation) for s in range(first, first + count)]
+    work = [(s, steps, mutation, mode) for s in range(first, first + count)]
     rows: list[dict[str, Any]] = []
     if jobs <= 1:
         rows = [_one(w) for w in work]
@@ -77,8 +94,10 @@ def campaign(first: int, count: int, steps: int, jobs: int, mutation: str | None
     faults: Counter[str] = Counter()
     for r in rows:
         faults.update(r["stats"])
+        faults.update(r["byz"])
     return {
         "first": first, "count": count, "steps": steps, "jobs": jobs, "mutation": mutation,
+        "byz": byz_flags(*mode),
         "elapsed": elapsed, "rows": rows, "faults": faults,
         "total_steps": sum(r["steps"] for r in rows),
         "total_events": sum(r["events"] for r in rows),
@@ -92,12 +111,13 @@ def campaign(first: int, count: int, steps: int, jobs: int, mutation: str | None
 def summary_md(c: dict[str, Any]) -> str:
     """The campaign summary as Markdown."""
     n, el = c["count"], c["elapsed"]
+    byz = c.get("byz", "")
     lines = [
-        "# Simulation campaign",
+        "# Simulation campaign" + (" (Byzantine mode)" if byz else ""),
         "",
         f"Command: `python -m tests.sim --seeds {n} --seed {c['first']} --steps {c['steps']} "
         f"--jobs {c['jobs']}" + (f" --mutation {c['mutation']}" if c["mutation"] else "")
-        + " --summary ...`"
+        + byz + " --summary ...`"
         + (f" (run as {c['chunks']} chunks with `--json`, merged with `--merge`)"
            if c.get("chunks", 1) > 1 else ""),
         "",
@@ -125,7 +145,7 @@ def summary_md(c: dict[str, Any]) -> str:
         lines += [f"| {k} | {v} |" for k, v in c["signatures"].most_common()]
         lines += ["", "First failing seeds (replay with the command):", ""]
         for r in c["failures"][:20]:
-            lines.append(f"- `{replay_command(r['seed'], c['steps'], c['mutation'])}`: "
+            lines.append(f"- `{replay_command(r['seed'], c['steps'], c['mutation'], byz)}`: "
                          f"{r['failure'][:160]}")
     return "\n".join(lines) + "\n"
 
@@ -137,9 +157,12 @@ def _print_history(setup: dict[str, Any], steps: list[Any]) -> None:
 
 
 def replay(seed: int, steps: int, mutation: str | None, verbose: bool,
-           schedule: tuple[dict[str, Any], list[Any]] | None = None) -> int:
+           schedule: tuple[dict[str, Any], list[Any]] | None = None,
+           mode: Mode = HONEST) -> int:
     """Replay one seed (or a saved schedule); on failure shrink it. Exit status."""
-    sched = schedule or make_schedule(seed, steps)
+    byz, relay, repair, preclaim = mode
+    sched = schedule or make_schedule(seed, steps, byzantine=int(byz), relay=relay,
+                                      repair=repair, preclaim=preclaim)
     with mutated(mutation):
         r = run(seed, schedule=sched)
         print(f"seed {seed}: {'ok' if r.ok else 'FAILED'}  trace {r.trace_hash}  "
@@ -152,8 +175,11 @@ def replay(seed: int, steps: int, mutation: str | None, verbose: bool,
         print(r.failure)
         if schedule is None:
             short, sr = shrink(seed, sched, r.failure, budget=600)
-            RESULTS.mkdir(exist_ok=True)
-            path = RESULTS / f"shrunk-{seed}{'-' + mutation if mutation else ''}.json"
+            # Byzantine findings open on this base go apart: every history directly in
+            # results/ must replay ok (test_every_saved_finding_replays_ok).
+            where = RESULTS / "byzantine" if sched[0].get("byzantine") else RESULTS
+            where.mkdir(parents=True, exist_ok=True)
+            path = where / f"shrunk-{seed}{'-' + mutation if mutation else ''}.json"
             path.write_text(json.dumps({"seed": seed, "mutation": mutation, "setup": sched[0],
                                         "steps": short}, indent=1) + "\n")
             print(f"\nshrunk to {len(short)} of {len(sched[1])} steps ({signature(sr.failure)}):")
@@ -176,14 +202,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="merge the --json figures of campaign chunks into one --summary")
     p.add_argument("--jobs", type=int, default=2, help="processes (default 2)")
     p.add_argument("--mutation", choices=sorted(MUTATIONS), help="reintroduce a fixed defect")
+    p.add_argument("--byzantine", action="store_true",
+                   help="add the Byzantine node (tests/sim/byzantine.py) and its attacks")
+    p.add_argument("--relay", action="store_true",
+                   help="with --byzantine: it answers catch-ups with forged states (h)")
+    p.add_argument("--repair", action="store_true",
+                   help="with --byzantine: forged repairs signed by the healer's key (i)")
+    p.add_argument("--preclaim", action="store_true",
+                   help="with --byzantine: removals claiming honest dots not issued yet")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
+    mode: Mode = (a.byzantine, a.relay, a.repair, a.preclaim)
+    if (a.relay or a.repair or a.preclaim) and not a.byzantine:
+        p.error("--relay, --repair and --preclaim need --byzantine")
     if a.replay_file is not None:
         saved = json.loads(a.replay_file.read_text())
         return replay(saved["seed"], len(saved["steps"]), a.mutation or saved.get("mutation"),
                       a.verbose, (saved["setup"], saved["steps"]))
     if a.replay is not None:
-        return replay(a.replay, a.steps, a.mutation, a.verbose)
+        return replay(a.replay, a.steps, a.mutation, a.verbose, mode=mode)
     if a.merge:
         c = merge([json.loads(f.read_text()) for f in a.merge])
         print(f"{c['count']} seeds, {c['total_steps']} steps: {len(c['failures'])} failing")
@@ -192,13 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if c["failures"] else 0
     if a.seeds <= 0:
         p.error("give --seeds N or --replay SEED")
-    c = campaign(a.seed, a.seeds, a.steps, a.jobs, a.mutation)
+    c = campaign(a.seed, a.seeds, a.steps, a.jobs, a.mutation, mode)
     n, el = c["count"], c["elapsed"]
     print(f"{n} seeds, {c['total_steps']} steps in {el:.1f} s ({n / el:.1f} seeds/s, "
           f"{c['total_steps'] / el:.0f} steps/s): {len(c['failures'])} failing")
     for r in c["failures"][:10]:
         print(f"  seed {r['seed']}: {r['failure'][:140]}\n"
-              f"    replay: {replay_command(r['seed'], a.steps, a.mutation)}")
+              f"    replay: {replay_command(r['seed'], a.steps, a.mutation, c['byz'])}")
     if a.summary is not None:
         a.summary.parent.mkdir(parents=True, exist_ok=True)
         a.summary.write_text(summary_md(c))
@@ -218,6 +255,7 @@ def merge(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "first": chunks[0]["first"], "count": sum(c["count"] for c in chunks),
         "steps": chunks[0]["steps"], "jobs": chunks[0]["jobs"], "mutation": None,
+        "byz": chunks[0].get("byz", ""),
         "elapsed": sum(c["elapsed"] for c in chunks),
         "total_steps": sum(c["total_steps"] for c in chunks),
         "total_events": sum(c["total_events"] for c in chunks),

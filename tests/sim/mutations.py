@@ -1,4 +1,4 @@
-"""The issue's three defects, reintroduced on demand, to show the simulation finds each.
+"""The issues' defects, reintroduced on demand, to show the simulation finds each.
 
 Each mutation is a context manager patching the fixed code back to its old behaviour:
 
@@ -10,6 +10,9 @@ Each mutation is a context manager patching the fixed code back to its old behav
   announce reveals a lost last batch: it would mask the rest);
 - ``durable``: a local write is logged without the received state it was applied over
   (``LOG_CAUSAL_PAST = False``): a crash regresses the causal past (finding F9);
+- ``forged``: the Byzantine gate is off (``_gate.forged`` accepts every batch, as before
+  issue 17): a batch signed by one node carrying another's dots, or dots and timestamps near
+  2**63, is joined; the Byzantine mode of the simulation must fail;
 - ``heal``: Merkle digests read an entry as the replica's own release holds it
   (``broker.repair.DIGEST_AS_NEWEST = False``: a v1 node's opaque flag digests differently
   from a v3 node's flag), so a mixed cluster's heal never converges.
@@ -92,6 +95,12 @@ def _heal() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _forged() -> Iterator[None]:
+    with _patch(machine, "forged", lambda *a, **k: None):
+        yield
+
+
+@contextlib.contextmanager
 def _durable() -> Iterator[None]:
     with _patch(machine, "LOG_CAUSAL_PAST", False):
         yield
@@ -102,6 +111,7 @@ MUTATIONS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "catchup": _catchup,
     "heal": _heal,
     "durable": _durable,
+    "forged": _forged,
 }
 
 

@@ -103,6 +103,8 @@ from broker.replication import (
     SyncRequested,
     TimerFired,
 )
+from tests.sim.byzantine import BYZ, Byzantine, byz_step, dot_entries
+from tests.sim.byzantine import WIPE_AHEAD as BYZ_WIPE_AHEAD
 from tests.sim.model import Write, expected_value, normal, tree_problems
 
 __all__ = ["VERSIONS", "Result", "make_schedule", "run"]
@@ -115,7 +117,12 @@ SECRET: Final = b"sim-cluster-secret-0123456789abcdef"
 ENVELOPE_SLACK: Final = 2048
 MAX_QUIET_CATCHUPS: Final = 40
 MAX_HEAL_PASSES: Final = 3
+CONFIG_MAX_BACKOFF: Final = 2.0
 HEAL_BYTES_FACTOR: Final = 4
+BYZ_QUIET_CATCHUPS: Final = math.ceil(30.0 / (CONFIG_MAX_BACKOFF * 0.5)) + 10
+"""More catch-ups allowed once faults stop in Byzantine mode: a forged batch the causal gate
+holds wants catch-ups (from its signer, then any peer) until its hold (``max_hold``, 30 s)
+ends, at most one per half the maximum backoff (jitter), plus the ramp up to it."""
 QUIET_LIMIT_MS: Final = 600_000
 """Simulated time allowed after the faults stop for catch-up to settle."""
 SUBJECTS: Final = ("s0", "s1")
@@ -135,7 +142,7 @@ CONFIG: Final = ReplicationConfig(
     snapshot_every=7,
     catchup_timeout=0.2,
     catchup_min_interval=0.05,
-    catchup_max_backoff=2.0,
+    catchup_max_backoff=CONFIG_MAX_BACKOFF,
     max_unlogged_bytes=1_200,
 )
 """Small snapshot interval, unlogged bound and short timeouts: every mechanism runs within a
@@ -152,9 +159,14 @@ increments of one counter in consecutive batches), ``["part", groups]``, ``["unp
 
 
 def make_schedule(
-    seed: int, steps: int = 60, nodes: int | None = None
+    seed: int, steps: int = 60, nodes: int | None = None, *, byzantine: int = 0,
+    relay: bool = False, repair: bool = False, preclaim: bool = False,
 ) -> tuple[dict[str, Any], list[Step]]:
-    """``(setup, steps)`` for ``seed``: node count, versions, skews, subjects, and the steps."""
+    """``(setup, steps)`` for ``seed``: node count, versions, skews, subjects, and the steps.
+    ``byzantine``: 1 adds the Byzantine node (``tests.sim.byzantine``) and its attack steps;
+    ``relay`` and ``repair`` switch on its forged catch-up replies (h) and forged heal
+    repairs (i), ``preclaim`` its removals of dots not issued yet. The honest part of the
+    schedule is the same with or without it."""
     rng = random.Random(f"schedule-{seed}")
     n = nodes if nodes is not None else rng.randint(3, 7)
     subjects = rng.randint(1, 2)
@@ -167,6 +179,9 @@ def make_schedule(
         # hole); the others end with reconnects and announces only.
         "epilogue": rng.random() < 0.5,
     }
+    if byzantine:
+        setup.update(byzantine=1, byz_relay=relay, byz_repair=repair, byz_preclaim=preclaim)
+    brng = random.Random(f"byz-schedule-{seed}")
     out: list[Step] = []
     down: set[int] = set()
     for _ in range(steps):
@@ -200,6 +215,10 @@ def make_schedule(
             out.append(["calm"])
         else:
             out.append(["tick", rng.choice((1, 5, 20, 100, 500, 2000))])
+        # Attack steps come from their own generator: the honest steps stay those of the
+        # seed without a Byzantine node.
+        if byzantine and brng.random() < 0.5:
+            out.append(byz_step(brng, n, repair=repair, preclaim=preclaim))
     return setup, out
 
 
@@ -297,6 +316,8 @@ class Replica:
     catchup_id: int = 0
     catchup_waiting: bool = False
     quiet_catchups: int = 0
+    byz_held: int = 0
+    """Forged batches the causal gate holds (each must end rejected, or lost by a crash)."""
 
 
 @dataclass
@@ -399,6 +420,18 @@ class World:
         self.healer_signer = Signer("healer", hashlib.sha256(b"healer").digest())
         roster.add("healer", self.healer_signer.public_key)
         self.healer_codec = _codec(CURRENT_VERSION)
+        # Byzantine mode: the attacker's roster key, the forged envelopes' batch ids (bid ->
+        # attack), rejections per signer, and what honest writers put under each dot.
+        self.byz: Byzantine | None = None
+        self.byz_bids: dict[int, str] = {}
+        self.byz_cut: set[int] = set()  # forged batches whose claims the gate cut
+        self.rejections: Counter[tuple[str, str]] = Counter()
+        self.honest_dots: dict[tuple[str, int], set[tuple[Any, ...]]] = {}
+        self.issued: Counter[str] = Counter()
+        self.byz_failures: set[str] = set()
+        if setup.get("byzantine"):
+            self.byz = Byzantine(self)
+            roster.add(BYZ, self.byz.signer.public_key)
         for node in self.nodes:
             for r in node.replicas.values():
                 self._load(r)
@@ -441,15 +474,20 @@ class World:
     def _wall(self, node: Node) -> int:
         return EPOCH_MS + self.now_ms + node.skew_ms
 
+    def _wall_byz(self) -> int:
+        return EPOCH_MS + self.now_ms
+
     # -- network ----------------------------------------------------------------------------
 
     def _reachable(self, a: str, b: str) -> bool:
-        if self.groups is None:
-            return True
+        if self.groups is None or BYZ in (a, b):
+            return True  # the attacker bridges every partition
         return any(a in g and b in g for g in self.groups)
 
-    def send(self, src: str, dst: str, what: str, args: tuple[Any, ...]) -> None:
-        """Put a message on the network: dropped, duplicated and delayed by the faults."""
+    def send(self, src: str, dst: str, what: str, args: tuple[Any, ...], *,
+             fast: bool = False) -> None:
+        """Put a message on the network: dropped, duplicated and delayed by the faults
+        (``fast``: the Byzantine node's answers, 1 ms, to beat honest ones)."""
         self.stats["msgs"] += 1
         copies = 1
         if not self.quiet and self.drop and self.rng.random() < self.drop:
@@ -460,9 +498,15 @@ class World:
             copies = 2
         for _ in range(copies):
             delay = self.rng.randint(1, 200 if self.drop and not self.quiet else 20)
+            if fast:
+                delay = 1
             self._at(self.now_ms + delay, "deliver", (src, dst, what, *args))
 
     def _ev_deliver(self, src: str, dst: str, what: str, *args: Any) -> None:
+        if dst == BYZ:
+            assert self.byz is not None
+            self.byz.receive(src, what, *args)
+            return
         node = self.by_name[dst]
         if not node.up or not self._reachable(src, dst):
             self.stats["lost_in_flight"] += 1
@@ -542,9 +586,21 @@ class World:
         # The machine has joined everything it reports applied before it returns: the ghost
         # history must say so before any action (a snapshot, a catch-up answer) reads it,
         # whatever the order of the actions in the list (F10 was this, in the simulator).
+        cut = any(isinstance(a, Report) and a.event == "gated" and a.args == ("cut",)
+                  for a in actions)
         for a in actions:
             if isinstance(a, Report) and a.event == "applied" and a.args \
                     and isinstance(a.args[0], int):
+                if a.args[0] in self.byz_bids:
+                    r.byz_held -= 1  # drained (``_on_delta`` makes up for a direct join)
+                    if cut or a.args[0] in self.byz_cut:
+                        # Joined once the gate cut its claims of others' unseen dots: its
+                        # harm (if any) shows in the final checks.
+                        self.stats["byz.cut_applied"] += 1
+                        continue
+                    # Recorded; the final checks show the harm.
+                    self._byz_failure(f"{node.name}/{r.subject}: a forged envelope "
+                                      f"({self.byz_bids[a.args[0]]}) of {BYZ} was applied")
                 r.ghost |= self.batches.get(a.args[0], frozenset())
         for a in actions:
             if isinstance(a, Report):
@@ -553,8 +609,13 @@ class World:
                     self.stats[f"catchup.{a.args[0]}"] += 1
                 if a.event == "rejected":
                     self.stats[f"rejected.{a.args[0]}"] += 1
-                    if a.args[0] in ("foreign_dot", "dot_range", "clock_range"):
-                        # Every simulated writer is honest: its batches hold its own dots.
+                    self.rejections[(a.args[1], a.args[0])] += 1
+                    if a.args[1] == BYZ and a.args[0] == "unbacked_context":
+                        r.byz_held -= 1
+                    if a.args[0] in ("foreign_dot", "dot_range", "clock_range") \
+                            and a.args[1] in self.by_name:
+                        # Every other simulated writer is honest: its batches hold its own
+                        # dots.
                         raise Failure(f"{node.name}: honest batch of {a.args[1]} rejected "
                                       f"as {a.args[0]}")
                 continue
@@ -573,9 +634,8 @@ class World:
                 self._send_state(r, a)
             elif isinstance(a, Announce):
                 data = self._probe(r)
-                for other in self.nodes:
-                    if other is not node:
-                        self.send(node.name, other.name, "announce", (r.subject, data))
+                for other in self._peers(node):
+                    self.send(node.name, other, "announce", (r.subject, data))
             elif isinstance(a, Snapshot):
                 upto = m.snapshot_upto()
                 data = node.codec.encode_document(m.state)
@@ -632,10 +692,46 @@ class World:
         r.unpublished = set()
         self.trace.update(data)
         self.stats["published"] += 1
-        for other in self.nodes:
-            if other is not node:
-                self.send(node.name, other.name, "delta", (r.subject, data, bid))
+        for other in self._peers(node):
+            self.send(node.name, other, "delta", (r.subject, data, bid))
         self.handle(r, Published(self._secs(), a.sequence, len(data)))
+
+    def _peers(self, node: Node) -> list[str]:
+        """Who a node's broadcasts reach: every other node, the Byzantine one included."""
+        out = [o.name for o in self.nodes if o is not node]
+        return [*out, BYZ] if self.byz is not None else out
+
+    def _record_honest(self, node: Node, record: bytes) -> None:
+        """What ``node``'s own write (its logged ``record``) puts under its dots, as the
+        newest release reads it: the attribution check's reference."""
+        newest = self._decode_stored(_codec(CURRENT_VERSION), record)
+        for dot, entry in dot_entries(newest.store):
+            self.honest_dots.setdefault(dot, set()).add(entry)
+        for r, n in newest.context.dots():
+            if r == node.name:
+                self.issued[r] = max(self.issued[r], n)
+
+    def _rejected(self, signer: str, reason: str) -> None:
+        """A rejection by the driver (codec, clock drift, relay), counted against the signer
+        the message claims (as ``broker/replica.py`` reports it)."""
+        self.stats[f"rejected.{reason}"] += 1
+        self.rejections[(signer, reason)] += 1
+
+    def byz_bid(self, kind: str) -> int:
+        """A batch id for a forged envelope of attack ``kind`` (it carries no honest write)."""
+        bid = self.next_batch
+        self.next_batch += 1
+        self.batches[bid] = frozenset()
+        self.byz_bids[bid] = kind
+        return bid
+
+    def _byz_failure(self, what: str) -> None:
+        """Record a Byzantine-mode failure once per kind of failure (the run goes on, so the
+        final checks show what the attack did)."""
+        key = what.split(":", 1)[-1]
+        if key not in self.byz_failures:
+            self.byz_failures.add(key)
+            self.failures.append(what)
 
     def _on_delta(self, node: Node, src: str, subject: str, data: bytes, bid: int) -> None:
         r = node.replicas[subject]
@@ -643,16 +739,40 @@ class World:
         try:
             env = node.codec.open(data, self.roster)
             if env.subject != f"delta.{subject}" or not isinstance(env.document, ORMap):
+                if env.writer == BYZ:  # the replica counts it against the signer
+                    self._rejected(BYZ, "wrong_subject")
+                    return
                 raise Failure(f"{node.name}: wrong subject or kind on delta.{subject}")
             r.machine.clock.observe(env.hlc, self._wall(node))
         except (CodecError, ClockSkewError) as exc:
-            self.stats[f"rejected.{type(exc).__name__}"] += 1
+            self._rejected(src, type(exc).__name__)
             return
         self.stats["delivered"] += 1
         self.raw_bid.setdefault(data, bid)
         self.raw_ghost[data] = self.batches.get(bid, frozenset())
-        self.handle(r, DeltaReceived(self._secs(), env.writer, env.sequence, env.document,
-                                     len(data), (bid,), raw=data, hlc=env.hlc))
+        actions = self.handle(r, DeltaReceived(self._secs(), env.writer, env.sequence,
+                                               env.document, len(data), (bid,), raw=data,
+                                               hlc=env.hlc))
+        if env.writer == BYZ:
+            # Every forged batch is rejected against its signer at once, or held by the
+            # causal gate (then rejected when its hold ends, or lost with a crash), or its
+            # claims of other writers' unseen dots are cut (a gate that cuts, not holds).
+            if any(isinstance(a, Report) and a.event == "gated" and a.args == ("cut",)
+                   for a in actions):
+                self.byz_cut.add(bid)
+            if any(isinstance(a, Report) and a.event == "gated" and a.args == ("held",)
+                   for a in actions):
+                r.byz_held += 1
+            elif any(isinstance(a, Report) and a.event == "applied" and a.args == (bid,)
+                     for a in actions):
+                r.byz_held += 1  # joined at once (a failure, recorded by ``execute``)
+            elif bid not in self.byz_cut and not any(
+                isinstance(a, Report) and a.event == "rejected" and a.args[1] == BYZ
+                for a in actions
+            ):
+                raise Failure(f"{node.name}/{subject}: a forged batch "
+                              f"({self.byz_bids.get(bid)}) of {BYZ} was neither rejected "
+                              "against it nor held")
 
     def _request_catchup(self, r: Replica, a: RequestCatchup) -> None:
         node = r.node
@@ -663,10 +783,9 @@ class World:
         if self.quiet:
             r.quiet_catchups += 1
         data = self._probe(r)
-        for other in self.nodes:
-            if other is not node:
-                self.send(node.name, other.name, "request",
-                          (r.subject, data, req, a.peer, getattr(a, "full", False)))
+        for other in self._peers(node):
+            self.send(node.name, other, "request",
+                      (r.subject, data, req, a.peer, getattr(a, "full", False)))
         at = self.now_ms + int(a.timeout * 1000)
         self._at(at, "catchup_timeout", (node.name, node.incarnation, r.subject, req))
 
@@ -677,7 +796,7 @@ class World:
         if target is not None and target != node.name:
             return
         r = node.replicas[subject]
-        env = self._open_sync(node, subject, data)
+        env = self._open_sync(node, src, subject, data)
         if env is None:
             return
         self.handle(r, SyncRequested(self._secs(), env.document.context, (src, req), full=full))
@@ -722,14 +841,27 @@ class World:
                 doc.is_delta and (doc.store or doc.context.size())
             ):
                 raise Failure(f"{src} answered a catch-up with a bare context")
+            if env.writer != src:
+                # A state sealed by another replica, relayed as this one's answer: the
+                # replica refuses it (its reply binding names the replier) and waits on.
+                self._rejected(src, "relayed_reply")
+                r.catchup_waiting = True
+                return
             event = CatchupReplied(
                 self._secs(), env.writer, env.sequence, doc, raw=data, hlc=env.hlc)
             self.raw_ghost[data] = self.batches[bid]
         except CodecError as exc:
-            self.stats[f"rejected.{type(exc).__name__}"] += 1
+            self._rejected(src, type(exc).__name__)
             event = CatchupFailed(self._secs(), "rejected")
         assert r.machine is not None
         actions = r.machine.handle(event)
+        if bid in self.byz_bids and isinstance(event, CatchupReplied) and not any(
+            isinstance(a, Report) and a.event in ("rejected", "stripped") and a.args[0 if
+            a.event == "stripped" else 1] == BYZ
+            for a in actions
+        ):
+            self._byz_failure(f"{node.name}/{subject}: attack (h): a forged catch-up state of "
+                              f"{BYZ} was taken without a rejection against it")
         if any(isinstance(a, Report) and a.event == "catchup" and a.args == ("ok",)
                for a in actions):
             r.ghost |= self._held(self.batches[bid], r.machine.state.context)
@@ -755,21 +887,24 @@ class World:
         r.ghost |= self._held(self.raw_ghost.get(data, frozenset()), r.machine.state.context)
         self.execute(r, actions)
 
-    def _open_sync(self, node: Node, subject: str, data: bytes) -> Envelope | None:
+    def _open_sync(self, node: Node, src: str, subject: str, data: bytes) -> Envelope | None:
         """A peer's sync-subject envelope (request or announce) as ``node`` reads it; None
         when refused (counted) or not a peer's OR-map."""
         try:
             env = node.codec.open(data, self.roster, subject=f"sync.{subject}")
         except CodecError as exc:
-            self.stats[f"rejected.{type(exc).__name__}"] += 1
+            self._rejected(src, type(exc).__name__)
             return None
         if env.writer == node.name or not isinstance(env.document, ORMap):
+            return None
+        if env.writer != src:  # another's announce or request, relayed: not its signer's
+            self._rejected(src, "relayed_sync")
             return None
         return env
 
     def _on_announce(self, node: Node, src: str, subject: str, data: bytes) -> None:
         r = node.replicas[subject]
-        env = self._open_sync(node, subject, data)
+        env = self._open_sync(node, src, subject, data)
         if env is None:
             return
         self.handle(
@@ -810,6 +945,7 @@ class World:
                 for r in node.replicas.values():
                     r.machine = None
                     r.catchup_waiting = False
+                    r.byz_held = 0  # held deltas live in memory: lost with it
         elif kind == "restart":
             node = self.nodes[s[1]]
             if not node.up:
@@ -833,6 +969,8 @@ class World:
                 self._reconnect_all()
         elif kind == "tick":
             self.advance(self.now_ms + s[1])
+        elif kind == "byz" and self.byz is not None:
+            self.byz.attack(s)
         self.advance(self.now_ms + 3)
 
     def _reconnect_all(self) -> None:
@@ -920,6 +1058,8 @@ class World:
             self.stats[f"write_refused.{type(exc).__name__}"] += 1
             return
         record = node.codec.encode_document(written.delta)
+        if self.byz is not None:
+            self._record_honest(node, record)
         # The received state the write was applied over is logged first (finding F9).
         for raw in written.received:
             packed, ghost = self._received_record(node, raw)
@@ -960,11 +1100,14 @@ class World:
             self.advance(self.now_ms + 3)
         if not self.settle(QUIET_LIMIT_MS):
             raise Failure("catch-up did not settle (events still pending) after the last writes")
+        bound = MAX_QUIET_CATCHUPS + (BYZ_QUIET_CATCHUPS if self.byz is not None else 0)
         for node in self.nodes:
             for r in node.replicas.values():
-                if r.quiet_catchups > MAX_QUIET_CATCHUPS:
+                self.stats["max_quiet_catchups"] = max(self.stats["max_quiet_catchups"],
+                                                       r.quiet_catchups)
+                if r.quiet_catchups > bound:
                     raise Failure(f"{node.name}/{r.subject}: {r.quiet_catchups} catch-ups once "
-                                  f"faults stopped (bound {MAX_QUIET_CATCHUPS})")
+                                  f"faults stopped (bound {bound})")
         for s in self.subjects:
             for node in self.nodes:
                 self._check_reload(node.replicas[s])
@@ -975,6 +1118,86 @@ class World:
         for s in self.subjects:
             self.heal(s)
             self._check_converged(s, "after healing")
+            if self.byz is not None:
+                self._check_attribution(s)
+            self._check_model(s)
+        if self.byz is not None:
+            self._check_byzantine()
+
+    # -- Byzantine mode (tests.sim.byzantine) -------------------------------------------------
+
+    def push_forged(self, target: str, subject: str, delta: ORMap) -> None:
+        """Attack (i): a forged repair delta pushed to ``target`` through the heal's own path
+        (``_push``: sealed by the healer's identity), as a compromised healer key would. It
+        must be rejected and counted against the healer (or the Byzantine node)."""
+        node = self.by_name[target]
+        if not node.up:
+            return
+        before = sum(v for (w, _), v in self.rejections.items() if w in (BYZ, "healer"))
+        self._push(node.replicas[subject], delta)
+        after = sum(v for (w, _), v in self.rejections.items() if w in (BYZ, "healer"))
+        if after == before:
+            self._byz_failure(f"{target}/{subject}: attack (i): a forged repair pushed by the "
+                              "healer's key was applied without a rejection against it")
+
+    def _check_attribution(self, s: str) -> None:
+        """Attribution and claims on every honest replica of ``s`` (``tests.sim.byzantine``):
+        checked before the model, so that a forged entry is named as such."""
+        honest = {n.name for n in self.nodes}
+        for node in self.nodes:
+            r = node.replicas[s]
+            if r.byz_held:
+                raise Failure(f"{node.name}/{s}: {r.byz_held} forged batches of {BYZ} "
+                              "still held at the end (neither rejected nor applied)")
+            newest = self._newest(r)
+            for dot, entry in dot_entries(newest.store):
+                if dot[0] not in honest:
+                    raise Failure(f"{node.name}/{s}: an entry under {dot}, a dot of no "
+                                  f"honest writer: {entry!r}")
+                if entry not in self.honest_dots.get(dot, ()):
+                    raise Failure(f"{node.name}/{s}: forged attribution: {dot[0]} never "
+                                  f"wrote {entry!r} under {dot}")
+            ctx = newest.context
+            for w in {*ctx.version_vector, *(d[0] for d in ctx.cloud)}:
+                if w not in honest or ctx.max_counter(w) > self.issued[w]:
+                    raise Failure(f"{node.name}/{s}: context claims {w}'s dot "
+                                  f"{ctx.max_counter(w)}, past the last it issued "
+                                  f"({self.issued[w]})")
+
+    def _check_byzantine(self) -> None:
+        """The rest of the goal's properties (see ``tests.sim.byzantine``): the attacks were
+        counted, and no honest node is bricked."""
+        for w, n in self.issued.items():
+            if n * 2 > BYZ_WIPE_AHEAD:  # the wipe's claims must stay unbacked in a run
+                raise Failure(f"{w} issued {n} dots: too many for the wipe attack's bound")
+        sent = sum(v for k, v in self.stats.items() if k.startswith("byz.sent."))
+        counted = sum(v for (w, _), v in self.rejections.items() if w == BYZ)
+        self.stats["byz.rejected"] += counted
+        if sent and not counted:
+            raise Failure(f"{sent} forged messages sent, none rejected against {BYZ}")
+        # No brick: every honest replica reloads from its store, keeps its next dot and its
+        # clock in range, and writes and publishes once more; all converge on the model.
+        for node in self.nodes:
+            node.up = False
+            node.incarnation += 1
+            self.restart(node, node.version)
+        for node in self.nodes:
+            for s in self.subjects:
+                m = node.replicas[s].machine
+                assert m is not None
+                if m.clock.last >= 2**62 or m.state.context.max_counter(node.name) >= 2**62:
+                    raise Failure(f"{node.name}/{s}: clock or own dot bricked after reload "
+                                  f"(clock {m.clock.last})")
+                before = self.stats["acked"]
+                self.write(node, s, ["create", f"y{node.name}", ROOT_ID])
+                if self.stats["acked"] == before:
+                    raise Failure(f"{node.name}/{s}: cannot write after the attacks")
+            self.advance(self.now_ms + 3)
+        if not self.settle(QUIET_LIMIT_MS):
+            raise Failure("catch-up did not settle after the Byzantine checks' writes")
+        for s in self.subjects:
+            self._check_converged(s, "after the attacks, a reload and one write each")
+            self._check_attribution(s)
             self._check_model(s)
 
     def _newest(self, r: Replica) -> ORMap:
@@ -1158,10 +1381,17 @@ def run(
     *,
     nodes: int | None = None,
     schedule: tuple[dict[str, Any], list[Step]] | None = None,
+    byzantine: int = 0,
+    relay: bool = False,
+    repair: bool = False,
+    preclaim: bool = False,
 ) -> Result:
     """One simulated run; never raises: failed checks and escaped exceptions are the verdict
-    (``Result.failure``, one line per failed check)."""
-    setup, sched = schedule if schedule is not None else make_schedule(seed, steps, nodes)
+    (``Result.failure``, one line per failed check). ``byzantine``/``relay``/``repair``: see
+    ``make_schedule``."""
+    setup, sched = schedule if schedule is not None else make_schedule(
+        seed, steps, nodes, byzantine=byzantine, relay=relay, repair=repair,
+        preclaim=preclaim)
     failures: list[str] = []
     world: World | None = None
     try:

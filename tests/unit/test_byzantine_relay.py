@@ -108,17 +108,24 @@ def test_out_of_range_claims_and_clocks_refuse_the_whole_state() -> None:
     assert relayed(own, "node-b", CausalContext()).reason == "dot_range"
 
 
-def test_silence_and_wipe_claims_are_cut_to_what_the_receiver_saw() -> None:
+def test_silence_and_wipe_claims_prove_no_removal() -> None:
+    """Claims past the newest dot the receiver has seen of a writer (node-a's next 10**6, or
+    every vector + 1000) keep none of that writer's claims: the state removes nothing of it.
+    Claims within what the receiver saw are kept (node-c's, where nothing is over-claimed)."""
     seen = CausalContext({"node-a": 5, "node-c": 3})
     silence = ORMap(None, CausalContext({"node-a": 10**6}))
     kept = relayed(silence, "node-b", seen)
     assert kept.document is not None
-    assert kept.document.context.version_vector == {"node-a": 5}
+    assert kept.document.context.version_vector == {}
     assert kept.stripped == {"node-a": 10**6}
     wipe = ORMap(None, CausalContext({"node-a": 1005, "node-c": 1003}))
     kept = relayed(wipe, "node-b", seen)
     assert kept.document is not None
-    assert kept.document.context.version_vector == {"node-a": 5, "node-c": 3}
+    assert kept.document.context.version_vector == {}
+    exact = ORMap(None, CausalContext({"node-a": 1005, "node-c": 3}))
+    kept = relayed(exact, "node-b", seen)
+    assert kept.document is not None
+    assert kept.document.context.version_vector == {"node-c": 3}
 
 
 _NAMES = ("n1", "n2", "n3")
@@ -194,20 +201,21 @@ def test_a_relays_forged_attribution_is_stripped_and_the_owner_is_asked() -> Non
     assert c.catching_up or later
 
 
-def test_a_relays_silence_and_wipe_claims_block_no_later_write() -> None:
+def test_a_relays_silence_and_wipe_remove_nothing_and_block_no_later_write() -> None:
     """A state claiming node-a's next 10**6 dots (silence), or every vector + 1000 (wipe),
-    with no entry: it removes at most what the receiver holds (a delete node-b's key could
-    publish as its own write: what a relay claims to have seen removed), and node-a's later
-    acknowledged writes are joined, not taken as already seen."""
+    with no entry: it removes nothing (it over-claims: no claim of node-a's is kept), and
+    node-a's later acknowledged writes are joined, not taken as already seen."""
     a, c = ReplicationMachine("node-a", seed=1), ReplicationMachine("node-c", seed=1)
     for i in range(5):
         _deliver(c, "node-a", _publish(a, [Create(f"k{i}")] if i == 0 else
                                        [Assign("k0", ("x", str(i)), i)]))
+    before = c.state.value()
     silence = ORMap(None, CausalContext({"node-a": 10**6}), is_delta=False)
     _catch_up(c, "node-b", silence)
-    assert c.state.context.max_counter("node-a") == a.state.context.max_counter("node-a")
+    assert c.state.value() == before
     wipe = ORMap(None, CausalContext({"node-a": 1005}))
     _catch_up(c, "node-b", wipe, now=2.0)
+    assert c.state.value() == before
     assert c.state.context.max_counter("node-a") == a.state.context.max_counter("node-a")
     for i, now in ((1, 3.0), (2, 3.5)):
         out = _deliver(c, "node-a", _publish(a, [Create(f"after{i}")]), now=now)
