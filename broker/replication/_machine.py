@@ -84,6 +84,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from broker.crdt import CausalContext, HybridClock, Increment, ORMap, Tree, TreeOp, coalesce
+from broker.crdt._hlc import LOGICAL_BITS
 from broker.crdt._stores import (
     MAX_NESTING_DEPTH,
     Kind,
@@ -173,6 +174,10 @@ on their own, a full catch-up state asks for a snapshot. Only the simulation's m
 turns it off (finding F9 comes back)."""
 
 MAX_OWED_ATTEMPTS: Final = 8
+CLAIM_SKEW_MS: Final = 2_000
+"""A claim is taken to have seen writes stamped up to this long after it: honest clocks
+differ (and a restarted node's clock may not have caught up with what it observed before);
+a claim of a write stamped later than that removes nothing (``without_later_claims``)."""
 RECENT_BATCHES: Final = 1024
 """Batches per writer whose envelope timestamps a replica remembers (``without_later_claims``)."""
 """Catch-ups answered by peers other than a writer whose state is needed, at most, before
@@ -588,6 +593,9 @@ class ReplicationMachine:
             received, self._received = self._received, []
             self._received_base += len(received)
             self._received_bytes = 0
+        if done:
+            # This replica's own writes are judged like a peer's against later claims.
+            self._note_written(node_id, batch.context, clock.last)
         return Written(batch, done, error, [Changed(keys)], received)
 
     # -- events ------------------------------------------------------------------------------
@@ -812,7 +820,8 @@ class ReplicationMachine:
             return None
         self._merge_remote(clipped, whole=not doc.is_delta)
         if raw:
-            out += self._keep_received(raw if clipped is doc else Clipped(raw, clipped))
+            out += self._keep_received(
+                raw if clipped is kept.document and not kept.stripped else Clipped(raw, clipped))
             if not doc.is_delta:
                 self._keep_evidence(relay, doc.context, raw, state=True)
         if not doc.is_delta and raw and LOG_CAUSAL_PAST:
@@ -1162,17 +1171,23 @@ class ReplicationMachine:
         dots written after ``hlc``, as far as this replica knows when they were written
         (the batches it joined lately): no signer can have seen a write made after it
         signed, so such a claim (a "pre-claim" of a predictable dot, delivered after the
-        write) removes nothing. ``doc`` itself when no claim is dropped."""
+        write) removes nothing, beyond ``CLAIM_SKEW_MS`` of clock skew. ``doc`` itself when
+        no claim is dropped."""
         ctx = doc.context
         drop: dict[str, set[int]] = {}
+        limit = hlc + (CLAIM_SKEW_MS << LOGICAL_BITS)
         for r, batches in self._recent.items():
             if r == claimer:
                 continue
             top = max(ctx._vv.get(r, 0), max(ctx._cloud.get(r, ()), default=0))
             if not top:
                 continue
-            for low, hi, written in batches:
-                if written > hlc and low <= top:
+            # Newest first: a writer's batches arrive in timestamp order (mostly), and the
+            # first one written before ``hlc`` ends the walk — O(1) for an honest claim.
+            for low, hi, written in reversed(batches):
+                if written <= limit:
+                    break
+                if low <= top:
                     for k in range(low, min(hi, top) + 1):
                         if ctx.covers(r, k):
                             drop.setdefault(r, set()).add(k)

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from broker.codec import CURRENT_VERSION, Signer, WireCodec
 from broker.crdt import CausalContext, HybridClock, ORMap
+from broker.crdt._hlc import LOGICAL_BITS
 from broker.crdt._stores import KindStore, MapStore, SetStore, Whole
 from broker.errors import CodecError, WorknodeError
 
@@ -317,11 +318,19 @@ class Byzantine:
                 self.world.send(BYZ, t, "announce", (subject, data))
             self.world.stats["byz.sent.announce"] += len(targets)
         elif kind == "preclaim":
+            # Dots the honest writer has not issued yet (its own replica's count: a claim of
+            # a write that exists, unseen by the claimer, is a removal no receiver can tell
+            # from an observed one), in an envelope stamped 5 s before now: no later
+            # write of the writer's can be stamped before it, whatever the clock skews. (A
+            # stolen key stamping up to the drift bound ahead is the README's stated limit.)
             h = self._honest()
+            m = self.world.by_name[h].replicas[subject].machine
+            top = max(self._top(subject, h), m.state.context.max_counter(h) if m else 0)
             ctx = CausalContext.from_dots(
-                (h, self._top(subject, h) + k) for k in range(1, self.rng.randint(2, 4)))
+                (h, top + k) for k in range(1, self.rng.randint(2, 4)))
             doc = ORMap(None, ctx, is_delta=True)
-            self._send_forged(kind, subject, self._seal(subject, doc), targets)
+            past = (self.world._wall_byz() - 5_000) << LOGICAL_BITS
+            self._send_forged(kind, subject, self._seal(subject, doc, hlc=past), targets)
         elif kind == "repair":
             for t in targets:
                 self.world.push_forged(t, subject, self._repair_doc(subject))

@@ -10,9 +10,9 @@ Each mutation is a context manager patching the fixed code back to its old behav
   announce reveals a lost last batch: it would mask the rest);
 - ``durable``: a local write is logged without the received state it was applied over
   (``LOG_CAUSAL_PAST = False``): a crash regresses the causal past (finding F9);
-- ``forged``: the Byzantine gate is off (``_gate.forged`` accepts every batch, as before
-  issue 17): a batch signed by one node carrying another's dots, or dots and timestamps near
-  2**63, is joined; the Byzantine mode of the simulation must fail;
+- ``forged``: the Byzantine gate is off (``_gate.forged`` and ``relayed`` accept everything,
+  as before issue 17): a batch signed by one node carrying another's dots, or dots and
+  timestamps near 2**63, is joined; the Byzantine mode of the simulation must fail;
 - ``heal``: Merkle digests read an entry as the replica's own release holds it
   (``broker.repair.DIGEST_AS_NEWEST = False``: a v1 node's opaque flag digests differently
   from a v3 node's flag), so a mixed cluster's heal never converges.
@@ -28,6 +28,7 @@ import broker.crdt._stores as stores
 import broker.repair as repair
 import broker.replication._machine as machine
 from broker.replication import Report
+from broker.replication._gate import Relayed
 
 __all__ = ["MUTATIONS", "mutated"]
 
@@ -96,7 +97,10 @@ def _heal() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _forged() -> Iterator[None]:
-    with _patch(machine, "forged", lambda *a, **k: None):
+    # The whole Byzantine gate: ``forged`` and the relay cut (``relayed``, which also strips
+    # a batch's claims of unseen dots when it drains) accept everything.
+    with _patch(machine, "forged", lambda *a, **k: None), \
+            _patch(machine, "relayed", lambda doc, *a, **k: Relayed(doc)):
         yield
 
 

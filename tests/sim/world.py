@@ -69,7 +69,7 @@ from broker.merkle import (
     Side,
     node_answer,
 )
-from broker.repair import item_digest, repair_deltas, subset
+from broker.repair import item_digest, repair_deltas, subset, vouched
 from broker.replication import (
     Action,
     Announce,
@@ -1263,6 +1263,14 @@ class World:
         bytes (replica codec -> healer codec), repairs pushed as sealed bytes (healer codec
         -> replica codec) and logged. Then a second heal must find nothing to do."""
         result = self._heal_once(subject, b"")
+        for _ in range(3):
+            # A heal whose receivers owe a catch-up (dots their repair's source could not
+            # vouch for) ends "catchup": the network runs it, then the heal goes on.
+            if result.converged or result.reason != "catchup":
+                break
+            self.stats["heal_catchups"] += 1
+            self.settle(QUIET_LIMIT_MS)
+            result = self._heal_once(subject, b"")
         if not result.converged:
             raise Failure(f"{subject}: heal did not converge ({result.reason}: "
                           f"{result.keys_repaired} repaired in {result.rounds} rounds)")
@@ -1329,50 +1337,81 @@ class World:
         keys = tuple(sorted(rec.result().keys))
         if not keys:
             return PairResult(0, 0, waves)
-        a = self._fetch(replicas[left.node], keys)
-        b = self._fetch(replicas[right.node], keys)
-        to_left, to_right = repair_deltas(a, b, keys)
+        (a, raw_a, hlc_a) = self._fetch(replicas[left.node], keys)
+        (b, raw_b, hlc_b) = self._fetch(replicas[right.node], keys)
+        to_left, to_right = repair_deltas(a, b, keys)  # what to push (the healer decides)
         bound = HEAL_BYTES_FACTOR * sum(
             len(r.node.codec.encode_document(self._state(r))) for r in replicas.values()
         ) + ENVELOPE_SLACK * 2 * len(replicas)
-        moved = pushed = 0
-        for group, delta in ((pair.left_group, to_left), (pair.right_group, to_right)):
+        moved = pushed = owed = 0
+        # Vouched repairs: each group gets the other side's own signed fetch reply, and
+        # computes and keeps of it what that source vouches for (``Replica.apply_voucher``).
+        for group, delta, (raw, hlc) in ((pair.left_group, to_left, (raw_b, hlc_b)),
+                                         (pair.right_group, to_right, (raw_a, hlc_a))):
+            if not delta.store:
+                continue
             for name in group:
-                moved += self._push(replicas[name], delta)
+                got, stripped = self._push_voucher(replicas[name], raw, hlc)
+                moved += got
+                owed += stripped
                 pushed += len(delta.store or ())
         if moved > bound:
             raise Failure(f"{pair.subject}: a heal pair moved {moved} bytes, over its bound "
                           f"{bound}")
         self.stats["heal_keys"] += len(keys)
         self.stats["heal_bytes"] += moved
-        return PairResult(len(keys), pushed, waves + 2)
+        return PairResult(len(keys), pushed, waves + 2, owed)
 
     @staticmethod
     def _state(r: Replica) -> ORMap:
         assert r.machine is not None
         return r.machine.state
 
-    def _fetch(self, r: Replica, keys: tuple[str, ...]) -> ORMap:
+    def _fetch(self, r: Replica, keys: tuple[str, ...]) -> tuple[ORMap, bytes, int]:
+        """A replica's fetch reply (its ``subset`` of ``keys``, absent keys named), sealed
+        by it: the document as the healer reads it, the envelope, its timestamp."""
         node = r.node
         assert r.machine is not None
-        data = node.codec.seal(node.signer, subject=f"fetch.{r.subject}", hlc=0, sequence=0,
-                               document=subset(r.machine.state, keys))
+        hlc = r.machine.clock.now(self._wall(node))
+        data = node.codec.seal(node.signer, subject=f"fetch.{r.subject}", hlc=hlc, sequence=0,
+                               document=subset(r.machine.state, keys, absent=True))
         self.stats["heal_bytes"] += len(data)
         env = self.healer_codec.open(data, self.roster, subject=f"fetch.{r.subject}")
         assert isinstance(env.document, ORMap)
-        return env.document
+        return env.document, data, hlc
+
+    def _push_voucher(self, r: Replica, data: bytes, hlc: int) -> tuple[int, int]:
+        """Repair ``r`` from a source's fetch reply ``data`` as the apply endpoint does:
+        sealed by a roster node other than ``r``'s, then ``vouched`` against ``r``'s state,
+        claims of later writes dropped, the kept delta logged and joined. Returns (bytes
+        moved, writers owed a catch-up)."""
+        node = r.node
+        m = r.machine
+        assert m is not None
+        env = node.codec.open(data, self.roster, subject=f"fetch.{r.subject}")
+        if env.writer == node.name or not isinstance(env.document, ORMap):
+            raise Failure(f"{node.name}/{r.subject}: a voucher of its own or not an OR-map")
+        kept = vouched(env.document, env.writer, m.state, hlc)
+        if kept.document is None:
+            raise Failure(f"{node.name}/{r.subject}: an honest voucher of {env.writer} refused "
+                          f"({kept.reason})")
+        document = m.without_later_claims(kept.document, env.writer, hlc)
+        stripped = tuple(sorted(kept.stripped))
+        seq = r.store.append(node.codec.encode_document(document), frozenset(), received=True)
+        self.handle(r, RepairApplied(self._secs(), document, seq, stripped))
+        return len(data), len(stripped)
 
     def _push(self, r: Replica, delta: ORMap) -> int:
-        if not delta.store and not delta.context.size():
-            return 0
+        """A repair sealed by the healer itself (only attack (i) sends one): the apply
+        endpoint refuses it, counted against the healer (``unvouched_repair``)."""
         node = r.node
         data = self.healer_codec.seal(self.healer_signer, subject=f"apply.{r.subject}", hlc=0,
                                       sequence=0, document=delta)
-        env = node.codec.open(data, self.roster, subject=f"apply.{r.subject}", keep_packed=True)
-        assert isinstance(env.document, ORMap)
-        seq = r.store.append(env.packed_document, frozenset(), received=True)
-        self.handle(r, RepairApplied(self._secs(), env.document, seq))
-        return len(data)
+        env = node.codec.open(data, self.roster, subject=f"apply.{r.subject}")
+        if env.writer == "healer":
+            self._rejected("healer", "unvouched_repair")
+            return 0
+        raise Failure(f"{node.name}/{r.subject}: a healer-sealed repair of {env.writer}")
 
 
 def run(
