@@ -1107,7 +1107,8 @@ class Replica:
             listener(keys)
 
     async def apply_repair(
-        self, delta: ORMap, packed: bytes | None = None, *, stripped: Sequence[str] = ()
+        self, delta: ORMap, packed: bytes | None = None, *, stripped: Sequence[str] = (),
+        hlc: int | None = None,
     ) -> None:
         """Join a repair delta durably (logged before this returns); not published: the
         healer repairs every replica itself. ``packed``: ``delta`` as packed document bytes,
@@ -1127,7 +1128,7 @@ class Replica:
             seq = await asyncio.to_thread(
                 self.store.append, self.config.subject, [record], received=[0]
             )
-            self._handle(RepairApplied(self._now(), delta, seq, tuple(stripped)))
+            self._handle(RepairApplied(self._now(), delta, seq, tuple(stripped), hlc))
 
     async def apply_voucher(
         self, voucher: ORMap, source: str, hlc: int, *, max_age_s: float
@@ -1166,7 +1167,7 @@ class Replica:
         if self.machine.config.add_only and removes(document, self.state) is not None:
             self.observer.rejected(subject, "removal", source)  # add-only: never a removal
             return "removal"
-        await self.apply_repair(document, stripped=sorted(kept.stripped))
+        await self.apply_repair(document, stripped=sorted(kept.stripped), hlc=hlc)
         return None
 
     # -- internals: commit, publish, persist ---------------------------------------------------

@@ -234,6 +234,8 @@ class RepairApplied:
     delta: ORMap
     record_seq: int
     stripped: tuple[str, ...] = ()
+    hlc: int | None = None
+    """The timestamp of the voucher the repair was computed from (None: unknown)."""
 
 
 @dataclass(frozen=True, slots=True)

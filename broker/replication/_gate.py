@@ -105,13 +105,15 @@ MAX_COUNTER: Final = 2**62
 and the Merkle leaves pack counters in, so the owner's next dot can never overflow."""
 BYZANTINE_REASONS: Final = (
     "foreign_dot", "dot_range", "clock_range", "unbacked_context", "removal",
-    "unvouched_repair",
+    "unvouched_repair", "unvouched_state",
 )
 """Rejection reasons that name a Byzantine signer (a roster key sending what it cannot have
 written honestly). ``removal``: a document whose join would remove a dot on an add-only
 subject (``_addonly.removes``). ``unvouched_repair``: a repair sealed by a healer (or any key
 but a roster node's fetch reply): a healer never vouches for state, it forwards a source
-replica's signed fetch reply (``broker.healing``, "Vouched repairs")."""
+replica's signed fetch reply (``broker.healing``, "Vouched repairs"). ``unvouched_state``: a
+catch-up answer carrying another writer's dots (or claims) its asker had not seen and that no
+evidence sent ahead of it backs (an honest answer is cut to what it can vouch for)."""
 
 
 def forged(

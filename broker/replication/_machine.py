@@ -428,6 +428,7 @@ class ReplicationMachine:
         self._evidence: deque[_Evidence] = deque()
         self._evidence_bytes = 0
         self._relay_refusal = ""  # why the last relayed state was refused
+        self._unvouched = False  # the last relayed state carried dots nothing backs here
         self._last_now = 0.0  # ``now`` of the event being handled
         # Writer -> (lowest dot, highest dot, envelope timestamp) of its batches joined lately.
         self._recent: dict[str, deque[tuple[int, int, int]]] = {}
@@ -760,6 +761,12 @@ class ReplicationMachine:
                     Report("rejected", (self._relay_refusal, ev.peer)),
                     *self._on_catchup_failed(CatchupFailed(ev.now, "rejected")),
                 ]
+            if self._unvouched:
+                # An honest answer carries only what its peer can vouch for to this replica
+                # (its own dots, dots seen here or sent ahead as evidence): this one carried
+                # another writer's dots or claims nothing backs. Joined without them, and its
+                # signer counted.
+                out.append(Report("rejected", ("unvouched_state", ev.peer)))
             out += merged
         if not doc.is_delta:
             # The peer's state holds every batch it published up to ``ev.sequence``. An empty
@@ -807,6 +814,10 @@ class ReplicationMachine:
             self._relay_refusal = kept.reason or "dot_range"
             return None
         out: list[Action] = []
+        held = {item.writer for item in self._held}
+        # What it carried beyond what is seen here is backed only by evidence this replica
+        # holds back (gated): anything else nothing backs.
+        self._unvouched = bool(set(kept.stripped) - held)
         if kept.stripped:
             out.append(Report("stripped", (relay, len(kept.stripped))))
         for owner in sorted(kept.stripped):
@@ -818,7 +829,7 @@ class ReplicationMachine:
         if self.config.add_only and removes(clipped, self.tree.state) is not None:
             self._relay_refusal = "removal"
             return None
-        self._merge_remote(clipped, whole=not doc.is_delta)
+        self._merge_noting(clipped, hlc, whole=not doc.is_delta)
         if raw:
             out += self._keep_received(
                 raw if clipped is kept.document and not kept.stripped else Clipped(raw, clipped))
@@ -828,6 +839,26 @@ class ReplicationMachine:
             out.append(Snapshot())  # covers it: a write meanwhile logs it once
         out.append(Changed(None if not doc.is_delta else tuple(doc.store.keys())))
         return out + self._count_ops(max(1, len(doc)))
+
+    def _merge_noting(self, doc: ORMap, hlc: int | None, *, whole: bool) -> None:
+        """``_merge_remote``, noting ``hlc`` (the relayed state's timestamp: no later than
+        any write it holds was made... no earlier, rather: an upper bound) as the write time
+        of every dot it brought, for ``without_later_claims`` (a dot that arrived by a
+        state, not a batch, is judged by it: a pre-claim of it removes nothing either)."""
+        if hlc is None:
+            self._merge_remote(doc, whole=whole)
+            return
+        ctx = self.tree.state.context
+        before = {r: ctx.max_counter(r) for r in doc.context._vv.keys() | doc.context._cloud}
+        self._merge_remote(doc, whole=whole)
+        ctx = self.tree.state.context
+        for r, was in before.items():
+            now = ctx.max_counter(r)
+            if now > was:
+                recent = self._recent.get(r)
+                if recent is None:
+                    recent = self._recent[r] = deque(maxlen=RECENT_BATCHES)
+                recent.append((was + 1, now, hlc))
 
     def _on_state_evidence(self, ev: StateEvidence) -> list[Action]:
         out = self._merge_relayed(ev.document, ev.writer, ev.raw, ev.hlc)
@@ -870,12 +901,22 @@ class ReplicationMachine:
         full = ev.full or lacks(ev.context, mine.context)
         document = mine if full else ORMap(is_delta=True)
         evidence: list[bytes] = []
-        if full and self._evidence:
+        if full:
+            vouch = ev.context.copy()
             budget = self.config.max_evidence_reply_bytes
             for item in self._evidence:
                 if item.lacked_by(ev.context) and len(item.raw) <= budget:
                     evidence.append(item.raw)
                     budget -= len(item.raw)
+                    vouch.merge(CausalContext(
+                        {item.writer: item.upto}, [(item.writer, k) for k in item.extra]))
+            # The answer carries only what this replica can vouch for to this asker: its own
+            # dots, and other writers' the asker has seen or gets in the evidence sent ahead.
+            # An honest answer then never reaches further; one that does is counted against
+            # its signer (``_on_catchup_replied``).
+            kept = relayed(mine, self.node_id, vouch)
+            if kept.document is not None:
+                document = kept.document
         return [SendState(ev.reply_to, document, tuple(evidence))]
 
     def _on_announce(self, ev: AnnounceReceived) -> list[Action]:
@@ -911,7 +952,8 @@ class ReplicationMachine:
     def _on_repair(self, ev: RepairApplied) -> list[Action]:
         out: list[Action] = []
         if ev.delta.store or ev.delta.context.size():  # empty: only ``stripped`` to record
-            self._merge_remote(ev.delta, whole=True)  # a repair carries a peer's whole entries
+            # A repair carries a peer's whole entries.
+            self._merge_noting(ev.delta, ev.hlc, whole=True)
             self.last_record_seq = max(self.last_record_seq, ev.record_seq)
             out.append(Changed(tuple(ev.delta.store.keys()) if ev.delta.store else ()))
             if self._held:

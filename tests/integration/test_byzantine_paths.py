@@ -35,9 +35,9 @@ On dc837b9 (the delta path's first slice) the delta-path tests pass and every ca
 repair test fails: a forged or claiming catch-up state or repair is joined by node-c and
 healed into node-a (node-a's later writes lost: a forgery's dots are node-a's next ones), a
 catch-up wipe erases node-a's later writes, a repair wipe every earlier key, a brick repair
-leaves node-a unable to write (``BoundsError``), and no honest node counts the attacker. Before that slice
-(3bf2114^1) the four delta-path tests fail too (forged writes joined, keys erased, the
-Merkle refresh in a ``struct.error`` loop, nothing counted).
+leaves node-a unable to write (``BoundsError``), and no honest node counts the attacker.
+Before that slice (3bf2114^1) the four delta-path tests fail too (forged writes joined, keys
+erased, the Merkle refresh in a ``struct.error`` loop, nothing counted).
 """
 
 from __future__ import annotations

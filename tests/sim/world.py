@@ -612,7 +612,8 @@ class World:
                     self.rejections[(a.args[1], a.args[0])] += 1
                     if a.args[1] == BYZ and a.args[0] == "unbacked_context":
                         r.byz_held -= 1
-                    if a.args[0] in ("foreign_dot", "dot_range", "clock_range") \
+                    if a.args[0] in ("foreign_dot", "dot_range", "clock_range",
+                                     "unvouched_state") \
                             and a.args[1] in self.by_name:
                         # Every other simulated writer is honest: its batches hold its own
                         # dots.
@@ -820,18 +821,26 @@ class World:
         self.next_batch += 1
         self.batches[bid] = frozenset(r.ghost) if not doc.is_delta else frozenset()
         dst, req = a.reply_to
-        for raw in a.evidence:  # other writers' signed batches and states, as they came
-            self.stats["evidence_sent"] += 1
-            what = "delta" if raw in self.raw_bid else "state_evidence"
-            self.send(node.name, dst, what, (r.subject, raw, self.raw_bid.get(raw, -1)))
-        self.send(node.name, dst, "reply", (r.subject, data, req, bid))
+        # Other writers' signed batches and states, as they came, travel ahead of the answer
+        # in the same message (the driver sends them first on the same inbox, in order).
+        evidence = tuple((raw, self.raw_bid.get(raw, -1)) for raw in a.evidence)
+        self.stats["evidence_sent"] += len(evidence)
+        self.send(node.name, dst, "reply", (r.subject, data, req, bid, evidence))
 
     def _on_reply(
-        self, node: Node, src: str, subject: str, data: bytes, req: int, bid: int
+        self, node: Node, src: str, subject: str, data: bytes, req: int, bid: int,
+        evidence: tuple[tuple[bytes, int], ...] = (),
     ) -> None:
         r = node.replicas[subject]
         if not r.catchup_waiting or r.catchup_id != req:
             return
+        for raw, ebid in evidence:
+            if r.machine is None:
+                return
+            if raw in self.raw_bid:
+                self._on_delta(node, src, subject, raw, ebid)
+            else:
+                self._on_state_evidence(node, src, subject, raw, ebid)
         r.catchup_waiting = False
         event: Event
         try:
@@ -845,6 +854,13 @@ class World:
                 # A state sealed by another replica, relayed as this one's answer: the
                 # replica refuses it (its reply binding names the replier) and waits on.
                 self._rejected(src, "relayed_reply")
+                r.catchup_waiting = True
+                return
+            assert r.machine is not None
+            try:  # as the driver's accept: an answer stamped past the drift bound is refused
+                r.machine.clock.observe(env.hlc, self._wall(node))
+            except ClockSkewError:
+                self._rejected(src, "ClockSkewError")
                 r.catchup_waiting = True
                 return
             event = CatchupReplied(
@@ -1398,7 +1414,7 @@ class World:
         document = m.without_later_claims(kept.document, env.writer, hlc)
         stripped = tuple(sorted(kept.stripped))
         seq = r.store.append(node.codec.encode_document(document), frozenset(), received=True)
-        self.handle(r, RepairApplied(self._secs(), document, seq, stripped))
+        self.handle(r, RepairApplied(self._secs(), document, seq, stripped, hlc))
         return len(data), len(stripped)
 
     def _push(self, r: Replica, delta: ORMap) -> int:
