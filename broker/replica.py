@@ -151,6 +151,7 @@ from broker.transport import (
 )
 
 __all__ = [
+    "EVIDENCE_HEADER",
     "FULL_HEADER",
     "REFUSE_REASONS",
     "REJECT_REASONS",
@@ -209,9 +210,10 @@ _SYNC: Final = SYNC_HEADER
 _TO: Final = "Worknode-To"
 _FULL: Final = FULL_HEADER
 _WRITER: Final = "Worknode-Writer"
-_EVIDENCE: Final = "Worknode-Evidence"
+EVIDENCE_HEADER: Final = "Worknode-Evidence"
 """Header of a message sent ahead of a catch-up answer, holding another writer's signed
 batch as it arrived (checked by the asker like any delta: its own writer's signature)."""
+_EVIDENCE: Final = EVIDENCE_HEADER
 _EVIDENCE_HEADERS: Final = {_EVIDENCE: "1"}
 MAX_EVIDENCE_MESSAGES: Final = 4096
 """Evidence messages an asker takes with one catch-up answer, at most (more are dropped

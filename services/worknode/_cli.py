@@ -23,7 +23,6 @@ import click
 from broker.codec import RequestAuth, TrustRoster, WireCodec
 from broker.crdt import (
     ROOT_ID,
-    CausalContext,
     KindConflict,
     OpaqueAtom,
     OpaqueValue,
@@ -39,7 +38,7 @@ from broker.errors import (
     UnknownSignerError,
     WorknodeError,
 )
-from broker.replica import FULL_HEADER, SYNC_HEADER, Replica
+from broker.replica import EVIDENCE_HEADER, FULL_HEADER, SYNC_HEADER, Replica
 from broker.transport import (
     ConnectOptions,
     Msg,
@@ -403,7 +402,9 @@ async def _holder_of(replica: Replica, dots: list[tuple[str, int]], within: floa
             replica.signer, subject=replica.sync_subject,
             hlc=replica.clock.now(time.time_ns() // 1_000_000),
             sequence=replica.machine.sequence,
-            document=ORMap(None, CausalContext(), is_delta=True),
+            # This writer's context: a peer answers with what it can vouch for to the asker
+            # (its own dots, and dots the asker has seen), so the write's dots are kept.
+            document=ORMap(None, replica.state.context.copy(), is_delta=True),
         )
         timeout = min(left, 2.0)
         # The catch-up request of the sync protocol, asking for a peer's full state: signed
@@ -414,9 +415,13 @@ async def _holder_of(replica: Replica, dots: list[tuple[str, int]], within: floa
             lifetime_ms=math.ceil(timeout * 1000) + _CONFIRM_SLACK_MS,
         )
         try:
-            reply = await replica.transport.request(
-                replica.sync_subject, probe, timeout=timeout, headers=headers
+            # Other writers' batches the peer sends ahead of its answer (evidence) are not
+            # the answer: skipped.
+            replies = await replica.transport.request_many(
+                replica.sync_subject, probe, timeout=timeout, headers=headers, max_replies=1,
+                accept=lambda m: not (m.headers and m.headers.get(EVIDENCE_HEADER)),
             )
+            reply = replies[0] if replies else None
         except TransportError:
             reply = None  # nobody answered yet: ask again until the deadline
         if reply is not None and _answers(replica, reply, auth):

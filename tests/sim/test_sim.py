@@ -155,16 +155,15 @@ def test_shrinker_keeps_the_failure_and_shortens_the_history(tmp_path: Path) -> 
 BYZ_SEEDS = 30
 """Byzantine runs in CI (40 steps each, about 0.5 s a run)."""
 BYZ_RELAY = True
-"""Attack (h), forged catch-up states, in the CI budget. False on this base: catch-up replies
-are joined unchecked (see ``test_attack_is_caught``); flip it once catch-up states are
-clipped to what their relay can vouch for."""
+"""Attack (h), forged catch-up states, in the CI budget (catch-up answers are cut to what
+their replier can vouch for since issue 17's second slice; False brings back the strict xfail
+of ``test_attack_is_caught``)."""
 BYZ_REPAIR = True
-"""Attack (i), forged repairs signed by the healer's key, in the CI budget. False on this
-base: repairs are joined unchecked; flip it once repairs carry the writers' signed batches."""
+"""Attack (i), forged repairs signed by the healer's key, in the CI budget (repairs are
+vouched by their sources since issue 17's second slice)."""
 BYZ_PRECLAIM = True
-"""Removals claiming an honest writer's next dots before it issues them. False on this base:
-the causal gate holds such a delta until the writer's own batch backs the claim, then joins
-it and erases that write (results/byzantine/B1-preclaim.json)."""
+"""Removals claiming an honest writer's next dots before it issues them, in the CI budget
+(cut when the batch drains; results/byzantine/B1-preclaim.json is the history it fixed)."""
 
 
 def test_byzantine_budget_keeps_the_goal_properties() -> None:
