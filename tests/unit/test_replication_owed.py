@@ -80,11 +80,17 @@ def test_an_answer_that_leaves_a_hole_asks_the_writer_after_a_backoff() -> None:
     a, p, b = ReplicationMachine("a"), ReplicationMachine("p"), ReplicationMachine("b")
     batch(a, [Create("n")], 0.0, 1)  # lost on its way to p and b
     b2 = batch(a, [Create("m")], 1.0, 2)
-    p.handle(DeltaReceived(2.0, "a", 2, wire(b2.document), 10))  # p holds a's dot 2, not 1
+    # p holds a's dot 2, not 1 (and keeps a's signed batch as evidence).
+    p.handle(DeltaReceived(2.0, "a", 2, wire(b2.document), 10, raw=b"a2"))
     assert p.state.context.cloud
-    # b asks any peer (after a slow consumer, say); p answers with a state that has the hole.
+    # b asks any peer (after a slow consumer, say); p answers with a state that has the hole,
+    # a's batch sent ahead of it (a relay vouches for its own dots only).
     assert requests(b.handle(CatchupWanted(3.0, urgent=True)))
-    out = b.handle(CatchupReplied(3.1, "p", p.sequence, state_of(p, b)))
+    (s,) = [x for x in p.handle(SyncRequested(0.0, b.state.context, "t", full=True))
+            if isinstance(x, SendState)]
+    assert s.evidence == (b"a2",)
+    b.handle(DeltaReceived(3.05, "a", 2, wire(b2.document), 10, raw=b"a2"))
+    out = b.handle(CatchupReplied(3.1, "p", p.sequence, wire(s.document)))
     assert Report("catchup", ("ok",)) in out
     (t,) = [x for x in out if isinstance(x, ScheduleTimer)]
     assert t.at > 3.1 + 0.5 * ReplicationConfig().catchup_min_interval
