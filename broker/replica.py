@@ -559,7 +559,7 @@ class Replica:
             )
         )
         self._subs.append(await self.transport.subscribe(self.sync_subject, self._on_sync))
-        self._handle(Started(self._now()))
+        self._handle(Started(self._now(), self._now_ms()))
         await self._catchup_outcome()  # the first attempt; retries go on in the background
 
     async def stop(self, flush_timeout: float = 5.0) -> None:

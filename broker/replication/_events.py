@@ -54,9 +54,12 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Started:
-    """The driver loaded the store and subscribed: publish what a crash left, catch up."""
+    """The driver loaded the store and subscribed: publish what a crash left, catch up.
+    ``wall_ms``: the wall clock then (claims signed before it are judged without the write
+    times this replica knew before it started: ``without_later_claims``)."""
 
     now: float
+    wall_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -430,7 +430,9 @@ class ReplicationMachine:
         self._relay_refusal = ""  # why the last relayed state was refused
         self._unvouched = False  # the last relayed state carried dots nothing backs here
         self._last_now = 0.0  # ``now`` of the event being handled
-        # Writer -> (lowest dot, highest dot, envelope timestamp) of its batches joined lately.
+        # Writer -> (lowest dot, highest dot, envelope timestamp) of its batches joined lately
+        # (since this start: what was known before is not; see ``without_later_claims``).
+        self._start_hlc = 0
         self._recent: dict[str, deque[tuple[int, int, int]]] = {}
         for writer, context, raw in loaded.evidence:
             self._keep_evidence(writer, context, raw)
@@ -607,6 +609,8 @@ class ReplicationMachine:
         return self._handlers[type(event)](event)
 
     def _on_started(self, ev: Started) -> list[Action]:
+        if ev.wall_ms is not None:
+            self._start_hlc = ev.wall_ms << LOGICAL_BITS
         out: list[Action] = []
         if self._pending is not None:  # republish what a crash left unpublished
             self._pending_since = ev.now
@@ -824,7 +828,7 @@ class ReplicationMachine:
             if owner != self.node_id and owner not in self._given_up:
                 self._owed.setdefault(owner, 0)
         clipped = kept.document
-        if hlc is not None and self._recent:
+        if hlc is not None:
             clipped = self.without_later_claims(clipped, relay, hlc)
         if self.config.add_only and removes(clipped, self.tree.state) is not None:
             self._relay_refusal = "removal"
@@ -1165,11 +1169,15 @@ class ReplicationMachine:
                 if item.writer not in self._given_up:
                     self._owed.setdefault(item.writer, 0)
                     cut += self._want_catchup(self._last_now, item.writer, urgent=True)
-        if item.hlc is not None and self._recent:
-            later = self.without_later_claims(doc, item.writer, item.hlc)
+        if item.hlc is not None:
+            later = self.without_later_claims(doc, item.writer, item.hlc, batch=True)
             if later is not doc:
                 doc = later
-                cut = cut or [Report("gated", ("cut",))]
+                if not cut:
+                    cut = [Report("gated", ("cut",))]
+                    if item.writer not in self._given_up:
+                        self._owed.setdefault(item.writer, 0)
+                        cut += self._want_catchup(self._last_now, item.writer, urgent=True)
         whole = not doc.is_delta  # a full state: its entries are whole
         self._merge_remote(doc, whole=whole)
         self._windows.setdefault(item.writer, SequenceWindow()).add(item.sequence)
@@ -1208,14 +1216,28 @@ class ReplicationMachine:
             recent = self._recent[writer] = deque(maxlen=RECENT_BATCHES)
         recent.append((low, hi, hlc))
 
-    def without_later_claims(self, doc: ORMap, claimer: str, hlc: int) -> ORMap:
+    def without_later_claims(
+        self, doc: ORMap, claimer: str, hlc: int, *, batch: bool = False
+    ) -> ORMap:
         """``doc`` (signed by ``claimer`` at ``hlc``) without its claims of other writers'
         dots written after ``hlc``, as far as this replica knows when they were written
         (the batches it joined lately): no signer can have seen a write made after it
         signed, so such a claim (a "pre-claim" of a predictable dot, delivered after the
-        write) removes nothing, beyond ``CLAIM_SKEW_MS`` of clock skew. ``doc`` itself when
-        no claim is dropped."""
+        write) removes nothing, beyond ``CLAIM_SKEW_MS`` of clock skew. A ``batch`` (a delta)
+        signed before this replica started keeps only its claimer's own claims (the write
+        times known before the start are gone; its claimer is asked for its state instead).
+        ``doc`` itself when no claim is dropped."""
         ctx = doc.context
+        if batch and hlc < self._start_hlc and any(
+            r != claimer for r in ctx._vv.keys() | ctx._cloud.keys()
+        ):
+            # Signed before this replica started: the write times it knew then are gone, so
+            # none of its claims of other writers' dots can be shown to predate those writes.
+            # Only the claimer's own claims stay; its current state (asked for by the caller)
+            # brings any removal it still holds.
+            return ORMap(doc.store, CausalContext(
+                {claimer: ctx._vv[claimer]} if claimer in ctx._vv else {},
+                [(claimer, k) for k in ctx._cloud.get(claimer, ())]), is_delta=doc.is_delta)
         drop: dict[str, set[int]] = {}
         limit = hlc + (CLAIM_SKEW_MS << LOGICAL_BITS)
         for r, batches in self._recent.items():

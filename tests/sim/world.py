@@ -564,7 +564,7 @@ class World:
         )
         r.ghost = ghost
         r.catchup_waiting = False
-        self.handle(r, Started(self._secs()))
+        self.handle(r, Started(self._secs(), self._wall(r.node)))
 
     @staticmethod
     def _decode_stored(codec: WireCodec, data: bytes) -> ORMap:
