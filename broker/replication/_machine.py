@@ -845,10 +845,10 @@ class ReplicationMachine:
         return out + self._count_ops(max(1, len(doc)))
 
     def _merge_noting(self, doc: ORMap, hlc: int | None, *, whole: bool) -> None:
-        """``_merge_remote``, noting ``hlc`` (the relayed state's timestamp: no later than
-        any write it holds was made... no earlier, rather: an upper bound) as the write time
-        of every dot it brought, for ``without_later_claims`` (a dot that arrived by a
-        state, not a batch, is judged by it: a pre-claim of it removes nothing either)."""
+        """``_merge_remote``, noting ``hlc`` (the relayed state's timestamp, an upper bound
+        of when each write it holds was made) as the write time of every dot it brought, for
+        ``without_later_claims``: a dot that arrived by a state, not a batch, is judged by it
+        too (a pre-claim of it removes nothing either)."""
         if hlc is None:
             self._merge_remote(doc, whole=whole)
             return
