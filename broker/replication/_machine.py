@@ -344,6 +344,11 @@ class _Held:
     """The batch's envelope timestamp."""
 
 
+def _received_size(item: Received) -> int:
+    """Bytes of a kept received envelope (a clipped one counts as it arrived)."""
+    return len(item.raw if isinstance(item, Clipped) else item)
+
+
 def lacks(mine: CausalContext, theirs: CausalContext) -> bool:
     """Whether context ``mine`` misses a dot that context ``theirs`` has seen."""
     vv = mine.version_vector
@@ -859,10 +864,7 @@ class ReplicationMachine:
         for r, was in before.items():
             now = ctx.max_counter(r)
             if now > was:
-                recent = self._recent.get(r)
-                if recent is None:
-                    recent = self._recent[r] = deque(maxlen=RECENT_BATCHES)
-                recent.append((was + 1, now, hlc))
+                self._note_range(r, was + 1, now, hlc)
 
     def _on_state_evidence(self, ev: StateEvidence) -> list[Action]:
         out = self._merge_relayed(ev.document, ev.writer, ev.raw, ev.hlc)
@@ -976,8 +978,7 @@ class ReplicationMachine:
         mark = self.received_mark() if ev.received_mark is None else ev.received_mark
         covered = max(0, min(len(self._received), mark - self._received_base))
         if covered:
-            self._received_bytes -= sum(
-                len(r.raw if isinstance(r, Clipped) else r) for r in self._received[:covered])
+            self._received_bytes -= sum(map(_received_size, self._received[:covered]))
             del self._received[:covered]
             self._received_base += covered
         return []
@@ -992,7 +993,7 @@ class ReplicationMachine:
         if not raw:
             return []
         self._received.append(raw)
-        self._received_bytes += len(raw.raw if isinstance(raw, Clipped) else raw)
+        self._received_bytes += _received_size(raw)
         if self._received_bytes > self.config.max_unlogged_bytes and LOG_CAUSAL_PAST:
             kept, self._received = tuple(self._received), []
             self._received_base += len(kept)
@@ -1165,19 +1166,12 @@ class ReplicationMachine:
             kept = relayed(doc, item.writer, item.seen_at)
             if kept.document is not None and kept.stripped:
                 doc = kept.document
-                cut = [Report("gated", ("cut",))]
-                if item.writer not in self._given_up:
-                    self._owed.setdefault(item.writer, 0)
-                    cut += self._want_catchup(self._last_now, item.writer, urgent=True)
+                cut = self._claims_cut(item.writer)
         if item.hlc is not None:
             later = self.without_later_claims(doc, item.writer, item.hlc, batch=True)
             if later is not doc:
                 doc = later
-                if not cut:
-                    cut = [Report("gated", ("cut",))]
-                    if item.writer not in self._given_up:
-                        self._owed.setdefault(item.writer, 0)
-                        cut += self._want_catchup(self._last_now, item.writer, urgent=True)
+                cut = cut or self._claims_cut(item.writer)
         whole = not doc.is_delta  # a full state: its entries are whole
         self._merge_remote(doc, whole=whole)
         self._windows.setdefault(item.writer, SequenceWindow()).add(item.sequence)
@@ -1202,6 +1196,15 @@ class ReplicationMachine:
                 self._catchup_peer = item.writer
         return out + self._count_ops(max(1, len(doc)))
 
+    def _claims_cut(self, claimer: str) -> list[Action]:
+        """A batch of ``claimer``'s was joined without some of its claims: report it, and
+        ask the claimer for its state (which brings the removals it still holds)."""
+        out: list[Action] = [Report("gated", ("cut",))]
+        if claimer not in self._given_up:
+            self._owed.setdefault(claimer, 0)
+            out += self._want_catchup(self._last_now, claimer, urgent=True)
+        return out
+
     def _note_written(self, writer: str, context: CausalContext, hlc: int) -> None:
         """Remember when ``writer``'s dots in a batch joined here were written (its envelope
         timestamp): the last ``RECENT_BATCHES`` batches of each writer."""
@@ -1211,6 +1214,10 @@ class ReplicationMachine:
         if not hi:
             return
         low = min(extra) if extra and not lo else 1 if lo else hi
+        self._note_range(writer, low, hi, hlc)
+
+    def _note_range(self, writer: str, low: int, hi: int, hlc: int) -> None:
+        """Record that ``writer``'s dots ``low..hi`` were written at ``hlc`` at the latest."""
         recent = self._recent.get(writer)
         if recent is None:
             recent = self._recent[writer] = deque(maxlen=RECENT_BATCHES)
