@@ -97,6 +97,7 @@ from broker.replication import (
     BYZANTINE_REASONS,
     DEFAULT_MAX_HELD_BYTES,
     DEFAULT_MAX_HELD_DELTAS,
+    MAX_CUT_WRITERS,
     Action,
     Announce,
     AnnounceReceived,
@@ -136,6 +137,7 @@ from broker.replication import (
     SyncWanted,
     TimerFired,
     max_hlc,
+    own_claims,
     removes,
 )
 from broker.store import DurableStore
@@ -214,6 +216,9 @@ EVIDENCE_HEADER: Final = "Worknode-Evidence"
 """Header of a message sent ahead of a catch-up answer, holding another writer's signed
 batch as it arrived (checked by the asker like any delta: its own writer's signature)."""
 _EVIDENCE: Final = EVIDENCE_HEADER
+_CUT: Final = "Worknode-Cut"
+"""Header on a catch-up answer (signed with it): the writers it cut out (``SendState.cut``),
+comma-separated."""
 _EVIDENCE_HEADERS: Final = {_EVIDENCE: "1"}
 MAX_EVIDENCE_MESSAGES: Final = 4096
 """Evidence messages an asker takes with one catch-up answer, at most (more are dropped
@@ -811,8 +816,11 @@ class Replica:
         if self._running:
             self._handle(SlowConsumer(self._now()))
 
-    def _context_envelope(self) -> bytes:
-        probe = ORMap(None, self.machine.state.context.copy(), is_delta=True)
+    def _context_envelope(self, context: CausalContext | None = None) -> bytes:
+        probe = ORMap(
+            None, self.machine.state.context.copy() if context is None else context,
+            is_delta=True,
+        )
         return self.codec.seal(
             self.signer,
             subject=self.sync_subject,
@@ -861,7 +869,10 @@ class Replica:
         evidence: list[bytes] = []
         event: Event
         try:
-            body = self._context_envelope()
+            # The context sent is the one the answer is judged against (with the evidence
+            # that comes with it): see ``CatchupReplied.vouch``.
+            asked = self.machine.state.context.copy()
+            body = self._context_envelope(asked)
             lifetime = min(MAX_LIFETIME_MS, math.ceil(action.timeout * 1000) + _REPLY_SLACK_MS)
             signed, auth = self.requests.sign(
                 self.sync_subject, body, headers,
@@ -920,9 +931,11 @@ class Replica:
             )
             if opened:
                 reply, env, document = opened[0]
+                cut = (reply.headers or {}).get(_CUT, "")
                 event = CatchupReplied(
                     self._now(), env.writer, env.sequence, document, raw=reply.data,
-                    hlc=env.hlc,
+                    hlc=env.hlc, vouch=asked,
+                    cut=tuple(cut.split(",")[:MAX_CUT_WRITERS]) if cut else (),
                 )
             else:
                 event = CatchupFailed(self._now(), "rejected" if rejected else "no_peer")
@@ -938,8 +951,9 @@ class Replica:
         if self._running:
             # The evidence first: the answer's state is then measured against a context
             # that holds what the evidence brought.
+            vouch = event.vouch if isinstance(event, CatchupReplied) else None
             for data in evidence:
-                received = self._open_evidence(data)
+                received = self._open_evidence(data, vouch)
                 if received is not None:
                     self._handle(received)
         done.set_result(isinstance(event, CatchupReplied))
@@ -961,7 +975,9 @@ class Replica:
             log.warning("state of %s too large for one transfer", self.config.subject)
             self.observer.catchup(self.config.subject, "too_large")
             return
-        headers = self.requests.reply_headers(msg, data)  # bound to the request it answers
+        # Bound to the request it answers (the cut list under the same signature).
+        headers = self.requests.reply_headers(
+            msg, data, {_CUT: ",".join(action.cut)} if action.cut else None)
         try:
             for batch in action.evidence:  # ahead of the answer, which ends the asker's wait
                 await self.transport.respond(msg, batch, headers=_EVIDENCE_HEADERS)
@@ -1050,12 +1066,20 @@ class Replica:
         if received is not None:
             self._handle(received)
 
-    def _open_evidence(self, data: bytes) -> DeltaReceived | StateEvidence | None:
+    def _open_evidence(
+        self, data: bytes, vouch: CausalContext | None = None
+    ) -> DeltaReceived | StateEvidence | None:
         """Evidence forwarded with a catch-up answer: another writer's delta batch (sealed
         for the delta subject) or its full state (sealed for the sync subject, as a catch-up
-        answer of its own), verified against that writer's key; None if refused (counted)."""
+        answer of its own), verified against that writer's key; None if refused (counted)
+        or this replica's own. Its writer's own dots join ``vouch`` (the answer was cut to
+        them too: ``CatchupReplied.vouch``), this replica's own batches included."""
         try:
             env = self.codec.open(data, self.roster)
+            if vouch is not None and isinstance(env.document, ORMap) and env.subject in (
+                self.delta_subject, self.sync_subject
+            ):
+                vouch.merge(own_claims(env.document.context, env.writer))
             if env.subject == self.delta_subject:
                 return self._open_delta(data, self.delta_subject)
             if (

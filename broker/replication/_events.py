@@ -178,6 +178,16 @@ class CatchupReplied:
     hlc: int | None = None
     """The answer's envelope timestamp (checked against this node's clock): no
     last-writer-wins timestamp in the state may be above it."""
+    cut: tuple[str, ...] = ()
+    """Writers the peer cut out of its answer (``SendState.cut``): ask them, then the peer
+    again."""
+    vouch: CausalContext | None = None
+    """The context the request carried, joined with each writer's own dots in the evidence
+    that came with the answer: what an honest peer cut its answer to (``SendState``). The
+    answer is judged against it, not against this replica's context now: a dot issued or
+    received after the request left cannot have been seen by the peer for this answer, so
+    a claim of it is a pre-claim (removes nothing) and an entry under it is not vouched for.
+    None: judged against the context now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +334,11 @@ class SendState:
     """Other writers' signed batches, as they arrived here, that the asker lacks dots of:
     send them before ``document`` (the asker keeps of a relayed state only this replica's
     own dots and what it saw; the rest travels under its writers' own signatures)."""
+    cut: tuple[str, ...] = ()
+    """Writers whose dots or claims ``document`` leaves out (the asker had not seen them and
+    no evidence of them went with it): the asker asks those writers, then this replica
+    again (its removals of their dots can be joined only once the asker has seen them).
+    Sent with the answer (``Worknode-Cut``, under the reply's signature)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,7 @@ __all__ = [
     "SequenceWindow",
     "forged",
     "held_dots",
+    "own_claims",
     "relayed",
     "unseen_claims",
 ]
@@ -374,6 +375,14 @@ def _vouched(
         return True
     stripped[r] = max(stripped.get(r, 0), n)
     return False
+
+
+def own_claims(context: CausalContext, writer: str) -> CausalContext:
+    """``writer``'s own dots in ``context``: what a signed batch or state of ``writer``'s
+    vouches for (its claims of other writers' dots vouch for nothing)."""
+    extra = context._cloud.get(writer, ())
+    top = context._vv.get(writer)
+    return CausalContext({writer: top} if top else {}, [(writer, k) for k in extra])
 
 
 def held_dots(delta: ORMap) -> set[Dot]:

@@ -174,6 +174,9 @@ on their own, a full catch-up state asks for a snapshot. Only the simulation's m
 turns it off (finding F9 comes back)."""
 
 MAX_OWED_ATTEMPTS: Final = 8
+MAX_CUT_WRITERS: Final = 16
+"""Writers a catch-up answer names as cut out of it (``SendState.cut``), at most; an asker
+takes no more of a peer's list either."""
 CLAIM_SKEW_MS: Final = 2_000
 """A claim is taken to have seen writes stamped up to this long after it: honest clocks
 differ (and a restarted node's clock may not have caught up with what it observed before);
@@ -412,6 +415,9 @@ class ReplicationMachine:
         # delta, first batch seen from a writer after others) -> unsatisfied catch-ups since.
         self._owed: dict[str, int] = {}
         self._given_up: set[str] = set()  # owed writers no peer had: left to the healer
+        # Peers whose last answers were cut (``_note_cut``) -> how many in a row: asked
+        # again once the writers they cut out have answered.
+        self._recheck: dict[str, int] = {}
         self._catchup_running = False
         self._catchup_wanted = False
         self._catchup_full = False  # some reason besides an announce: ask for the full state
@@ -763,7 +769,7 @@ class ReplicationMachine:
             # A relayed state: only what the peer vouches for (its own dots, and other
             # writers' that this replica saw) is joined; the rest comes under its writers'
             # own signatures (the evidence sent ahead of this answer, or their catch-up).
-            merged = self._merge_relayed(doc, ev.peer, ev.raw, ev.hlc)
+            merged = self._merge_relayed(doc, ev.peer, ev.raw, ev.hlc, seen=ev.vouch)
             if merged is None:
                 self._catchup_running = True
                 return [
@@ -784,6 +790,7 @@ class ReplicationMachine:
             self._windows.setdefault(ev.peer, SequenceWindow()).raise_to(ev.sequence)
             self._owed.pop(ev.peer, None)
             self._given_up.discard(ev.peer)
+        out += self._note_cut(ev)
         out.append(Report("catchup", ("ok",)))
         if self._held:
             out += self._drain()
@@ -808,17 +815,53 @@ class ReplicationMachine:
             self._catchup_failures += 1
             self._catchup_not_before = ev.now + self._backoff_delay()
             self._catchup_wanted = self._catchup_full = True
-            if self._catchup_peer is None:
+            if self._catchup_peer is None or missing in self._owed:
+                # A writer owed goes first, before a peer that merely announced more: only
+                # its own answer vouches for its dots no peer kept evidence of.
                 self._catchup_peer = missing
         return out + self._pump_catchup(ev.now)
 
+    def _note_cut(self, ev: CatchupReplied) -> list[Action]:
+        """Follow up an answer whose peer cut other writers' dots out (``ev.cut``): they and
+        the peer's claims of them (its removals) were left out because this replica had not
+        seen them. Ask those writers for their states, then the peer again, whose removals
+        of those dots are joined once they are seen here — at most ``MAX_OWED_ATTEMPTS``
+        cut answers in a row from one peer."""
+        cut = [w for w in ev.cut[:MAX_CUT_WRITERS]
+               if w not in (self.node_id, ev.peer) and w not in self._given_up]
+        if not cut:
+            self._recheck.pop(ev.peer, None)
+        else:
+            rounds = self._recheck.get(ev.peer, 0) + 1
+            if rounds <= MAX_OWED_ATTEMPTS:
+                for w in cut:
+                    self._owed.setdefault(w, 0)
+                self._recheck[ev.peer] = rounds
+            else:
+                self._recheck.pop(ev.peer, None)
+                return [Report("catchup", ("gave_up",))]
+        if self._recheck and not (self._owed.keys() - self._recheck.keys()):
+            # Every writer asked of has answered (or is given up): the peers again.
+            for peer in sorted(self._recheck):
+                if peer not in self._given_up:
+                    self._owed.setdefault(peer, 0)
+        return []
+
     def _merge_relayed(
-        self, doc: ORMap, relay: str, raw: bytes, hlc: int | None
+        self,
+        doc: ORMap,
+        relay: str,
+        raw: bytes,
+        hlc: int | None,
+        *,
+        seen: CausalContext | None = None,
     ) -> list[Action] | None:
         """Join what ``relay`` vouches for in its ``doc`` (a catch-up answer, or a state kept
         as evidence), marking the writers whose dots were stripped as owed; None (reason in
-        ``_relay_refusal``) if ``doc`` is refused whole."""
-        kept = relayed(doc, relay, self.tree.state.context, hlc=hlc)
+        ``_relay_refusal``) if ``doc`` is refused whole. ``seen``: what ``relay`` may vouch
+        for other writers' dots against (``CatchupReplied.vouch``); default this replica's
+        context now."""
+        kept = relayed(doc, relay, self.tree.state.context if seen is None else seen, hlc=hlc)
         if kept.document is None:
             self._relay_refusal = kept.reason or "dot_range"
             return None
@@ -923,6 +966,8 @@ class ReplicationMachine:
             kept = relayed(mine, self.node_id, vouch)
             if kept.document is not None:
                 document = kept.document
+                cut = tuple(sorted(kept.stripped)[:MAX_CUT_WRITERS])
+                return [SendState(ev.reply_to, document, tuple(evidence), cut)]
         return [SendState(ev.reply_to, document, tuple(evidence))]
 
     def _on_announce(self, ev: AnnounceReceived) -> list[Action]:

@@ -177,13 +177,22 @@ class Byzantine:
         and announced must not make its next forgery unencodable)."""
         return min(self.seen[subject].max_counter(h), 2**62)
 
+    def _next_base(self, subject: str, h: str) -> int:
+        """The dot below ``h``'s next one as forgeries use it: past every dot ``h`` issued so
+        far (the run's truth, not only what this node saw). A forged entry under a dot ``h``
+        had already issued is another attack: the receiver has seen that dot, so the forged
+        entry is never joined, but the state's claim of it removes ``h``'s real entry — a
+        removal of what a writer could have read, which a stolen key may do (README,
+        "Byzantine writers") and which the model of honest writes does not play."""
+        return max(self._top(subject, h), min(self.world.issued[h], 2**62))
+
     def _hlc(self) -> int:
         return self.clock.now(self.world._wall_byz())
 
     def _forge(self, subject: str) -> ORMap:
         """A batch of fabricated writes under an honest writer's next dots."""
         h = self._honest()
-        top = self._top(subject, h)
+        top = self._next_base(subject, h)
         base = ORMap(None, CausalContext({h: top}) if top else CausalContext())
         out = ORMap(is_delta=True)
         nid = self.rng.choice(("a", "b", "c", "zforged"))
@@ -239,7 +248,7 @@ class Byzantine:
                 doc.merge(ORMap(None, ctx, is_delta=True))
             else:
                 h = self._honest()
-                top = self._top(subject, h)
+                top = self._next_base(subject, h)
                 base = ORMap(None, CausalContext({h: top}) if top else CausalContext())
                 depth = self.rng.randint(1, 6)
                 path = tuple(self.rng.choice("xyz") for _ in range(depth))

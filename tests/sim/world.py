@@ -102,6 +102,7 @@ from broker.replication import (
     StateEvidence,
     SyncRequested,
     TimerFired,
+    own_claims,
 )
 from tests.sim.byzantine import BYZ, Byzantine, byz_step, dot_entries
 from tests.sim.byzantine import WIPE_AHEAD as BYZ_WIPE_AHEAD
@@ -315,6 +316,7 @@ class Replica:
     unpublished: set[int] = field(default_factory=set)
     catchup_id: int = 0
     catchup_waiting: bool = False
+    catchup_asked: CausalContext | None = None  # the context the running request carried
     quiet_catchups: int = 0
     byz_held: int = 0
     """Forged batches the causal gate holds (each must end rejected, or lost by a crash)."""
@@ -783,6 +785,8 @@ class World:
         self.stats["catchup_requests"] += 1
         if self.quiet:
             r.quiet_catchups += 1
+        assert r.machine is not None
+        r.catchup_asked = r.machine.state.context.copy()
         data = self._probe(r)
         for other in self._peers(node):
             self.send(node.name, other, "request",
@@ -825,18 +829,26 @@ class World:
         # in the same message (the driver sends them first on the same inbox, in order).
         evidence = tuple((raw, self.raw_bid.get(raw, -1)) for raw in a.evidence)
         self.stats["evidence_sent"] += len(evidence)
-        self.send(node.name, dst, "reply", (r.subject, data, req, bid, evidence))
+        self.send(node.name, dst, "reply", (r.subject, data, req, bid, evidence, a.cut))
 
     def _on_reply(
         self, node: Node, src: str, subject: str, data: bytes, req: int, bid: int,
-        evidence: tuple[tuple[bytes, int], ...] = (),
+        evidence: tuple[tuple[bytes, int], ...] = (), cut: tuple[str, ...] = (),
     ) -> None:
         r = node.replicas[subject]
         if not r.catchup_waiting or r.catchup_id != req:
             return
+        vouch = r.catchup_asked.copy() if r.catchup_asked is not None else None
         for raw, ebid in evidence:
             if r.machine is None:
                 return
+            if vouch is not None:  # as the driver: each writer's own dots in its evidence
+                try:
+                    eenv = node.codec.open(raw, self.roster)
+                    if isinstance(eenv.document, ORMap):
+                        vouch.merge(own_claims(eenv.document.context, eenv.writer))
+                except CodecError:
+                    pass  # refused: vouches for nothing (the handlers below count it)
             if raw in self.raw_bid:
                 self._on_delta(node, src, subject, raw, ebid)
             else:
@@ -864,7 +876,8 @@ class World:
                 r.catchup_waiting = True
                 return
             event = CatchupReplied(
-                self._secs(), env.writer, env.sequence, doc, raw=data, hlc=env.hlc)
+                self._secs(), env.writer, env.sequence, doc, raw=data, hlc=env.hlc,
+                vouch=vouch, cut=cut)
             self.raw_ghost[data] = self.batches[bid]
         except CodecError as exc:
             self._rejected(src, type(exc).__name__)

@@ -334,3 +334,83 @@ def test_an_honest_removal_that_overtook_its_write_converges_by_the_removers_sta
     assert c.catching_up  # asked at the drain, running now
     c.handle(CatchupReplied(1.2, "node-b", pb.sequence, _rt(b.state), raw=b"state:node-b"))
     assert c.state.value() == b.state.value()
+
+
+def test_a_claim_of_a_write_made_after_the_request_left_removes_nothing() -> None:
+    """node-c asks for a catch-up, then writes; node-b's key answers first with a state
+    claiming node-c's new dot (predictable: the next one) and holding it under a key of its
+    own making. The answer is judged against the context the request carried: the claim is
+    a pre-claim, cut, and node-b counted; judged against node-c's context now (``vouch``
+    None, as before), the same answer removes node-c's write."""
+    for vouch in (True, False):
+        c = ReplicationMachine("node-c", seed=1)
+        _publish(c, [Create("o")])
+        asked = c.handle(CatchupWanted(1.0, None, urgent=True))
+        assert [a for a in asked if isinstance(a, RequestCatchup)]
+        request_context = c.state.context.copy()
+        _publish(c, [Assign("o", ("x",), 7)], now=1.01)
+        mine = c.state.context.max_counter("node-c")
+        forged = ORMap(None, CausalContext({"node-c": mine - 1})).assign(
+            "node-c", ("zforged", "fields", "x"), 666, 1_000)
+        assert ("node-c", mine) in set(dots_of(forged.store))
+        out = c.handle(CatchupReplied(
+            1.02, "node-b", 1, _rt(ORMap(forged.store, forged.context, is_delta=False)),
+            raw=b"state:node-b", vouch=request_context if vouch else None))
+        if vouch:
+            assert c.state.value()["o"]["fields"] == {"x": 7}
+            assert "zforged" not in c.state.value()
+            assert ("unvouched_state", "node-b") in _rejections(out)
+        else:  # the defect the request's context closes
+            assert c.state.value()["o"].get("fields", {}) == {}
+
+
+def test_a_cut_answer_asks_the_cut_writer_then_the_peer_again() -> None:
+    """node-b overwrote node-a's field; node-c has seen neither node-a's write nor, so,
+    node-b's removal of it, and node-b kept no evidence of node-a's batch. node-b's answer
+    leaves both out and names node-a as cut; node-c asks node-a (its state brings the field,
+    not yet overwritten there), then node-b again, whose removal now joins: node-c agrees
+    with node-b without a healer (sim seed 123)."""
+    a, b, c = (ReplicationMachine(n, seed=1) for n in ("node-a", "node-b", "node-c"))
+    p1 = _publish(a, [Create("o")])
+    for m in (b, c):
+        _deliver(m, "node-a", p1)
+    p2 = _publish(a, [Assign("o", ("x",), 1)])
+    b.handle(DeltaReceived(0.0, "node-a", p2.sequence, _rt(p2.document), 10))  # no raw kept
+    _publish(b, [Assign("o", ("x",), 2)], now=0.5)
+    state_of_a = a.state.copy()  # node-a's state before it hears of node-b's overwrite
+
+    assert [x for x in c.handle(CatchupWanted(1.0, "node-b", urgent=True))
+            if isinstance(x, RequestCatchup)]
+    asked = c.state.context.copy()
+    sent = [x for x in b.handle(SyncRequested(1.0, asked.copy(), "c"))
+            if isinstance(x, SendState)]
+    assert sent
+    assert sent[0].cut == ("node-a",)
+    out = c.handle(CatchupReplied(1.0, "node-b", 2, _rt(sent[0].document),
+                                  raw=b"state:node-b", vouch=asked, cut=sent[0].cut))
+    assert c.state.value()["o"]["fields"] == {"x": 2}
+    nxt = [x for x in out if isinstance(x, RequestCatchup)]
+    peer = nxt[0].peer if nxt else None
+    for step in range(6):
+        if peer is None:
+            out = c.handle(CatchupWanted(2.0 + step, None))
+            reqs = [x for x in out if isinstance(x, RequestCatchup)]
+            if not reqs:
+                out = c.handle(SyncWanted(2.0 + step))
+                continue
+            peer = reqs[0].peer
+        src = {"node-a": a, "node-b": b}[peer]
+        asked = c.state.context.copy()
+        answer = next(x for x in src.handle(SyncRequested(2.0 + step, asked.copy(), "c"))
+                      if isinstance(x, SendState))
+        if peer == "node-a":  # node-a answers from its state before node-b's overwrite
+            answer = SendState("c", state_of_a)
+        out = c.handle(CatchupReplied(2.0 + step, peer, 2, _rt(answer.document),
+                                      raw=b"state:" + peer.encode(), vouch=asked,
+                                      cut=answer.cut))
+        reqs = [x for x in out if isinstance(x, RequestCatchup)]
+        peer = reqs[0].peer if reqs else None
+        if c.state.value() == b.state.value():
+            break
+    assert c.state.value() == b.state.value()
+    assert c.state.value()["o"]["fields"] == {"x": 2}

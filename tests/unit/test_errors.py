@@ -5,6 +5,8 @@ code recognises an error by its message text (an AST check, with a case proving 
 from __future__ import annotations
 
 import ast
+import importlib
+import pkgutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,11 +39,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tree() -> list[type[WorknodeError]]:
-    """Every class of the tree that broker defines (walked from the root, so a new class
-    anywhere in broker is covered once its module is imported)."""
-    import broker.healing
-    import broker.replica
-    import broker.store  # noqa: F401 -- import for their subclasses
+    """Every class of the tree that broker defines (walked from the root after importing
+    every module of broker, so a class in a module no test imported first is covered too)."""
+    import broker
+
+    for info in pkgutil.walk_packages(broker.__path__, "broker."):
+        importlib.import_module(info.name)
 
     out: list[type[WorknodeError]] = []
     todo: list[type[WorknodeError]] = [WorknodeError]
