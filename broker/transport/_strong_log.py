@@ -186,7 +186,6 @@ class StrongLogStats:
     fences: int = 0
     entries_read: int = 0
     truncations: int = 0
-    consumer_resets: int = 0
     by_error_code: dict[int, int] = field(default_factory=dict)
 
 
@@ -371,16 +370,14 @@ class StrongLog:
         config = self._config()
         # Update first: the server's create answers "created" for an existing stream too.
         created = False
-        try:
-            resp = await self._api(f"STREAM.UPDATE.{self._stream}", config)
-        except _ApiError as exc:
-            if exc.err_code != _STREAM_NOT_FOUND:
-                raise exc.mapped(f"update stream {self._stream}") from None
+        resp, err = await self._api(f"STREAM.UPDATE.{self._stream}", config)
+        if err is not None:
+            if err.err_code != _STREAM_NOT_FOUND:
+                raise err.mapped(f"update stream {self._stream}")
             created = True
-            try:
-                resp = await self._api(f"STREAM.CREATE.{self._stream}", config)
-            except _ApiError as exc2:
-                raise exc2.mapped(f"create stream {self._stream}") from None
+            resp, err = await self._api(f"STREAM.CREATE.{self._stream}", config)
+            if err is not None:
+                raise err.mapped(f"create stream {self._stream}")
         got = resp.get("config") or {}
         version, (major, minor) = _version(self._nc())
         cluster = resp.get("cluster") or {}
@@ -399,20 +396,18 @@ class StrongLog:
     async def state(self) -> tuple[int, int]:
         """``(first_seq, last_seq)`` of the stream, from its leader. An empty stream has
         ``first_seq == last_seq + 1``. Raises ``UnavailableError``."""
-        try:
-            resp = await self._api(f"STREAM.INFO.{self._stream}", {})
-        except _ApiError as exc:
-            raise exc.mapped(f"stream info {self._stream}") from None
+        resp, err = await self._api(f"STREAM.INFO.{self._stream}", {})
+        if err is not None:
+            raise err.mapped(f"stream info {self._stream}")
         st = resp.get("state") or {}
         return int(st.get("first_seq") or 0), int(st.get("last_seq") or 0)
 
     async def leader(self) -> str | None:
         """The server leading the stream's Raft group now (None: no leader, or R1 on a single
         server). Raises ``UnavailableError``."""
-        try:
-            resp = await self._api(f"STREAM.INFO.{self._stream}", {})
-        except _ApiError as exc:
-            raise exc.mapped(f"stream info {self._stream}") from None
+        resp, err = await self._api(f"STREAM.INFO.{self._stream}", {})
+        if err is not None:
+            raise err.mapped(f"stream info {self._stream}")
         leader = (resp.get("cluster") or {}).get("leader")
         return str(leader) if leader else None
 
@@ -672,12 +667,11 @@ class StrongLog:
         read by itself (the CAS that uses it is checked by the leader). Raises
         ``UnavailableError``."""
         validate_pattern(subject, "subject")
-        try:
-            resp = await self._api(f"STREAM.MSG.GET.{self._stream}", {"last_by_subj": subject})
-        except _ApiError as exc:
-            if exc.err_code == _NO_MESSAGE_FOUND:
+        resp, err = await self._api(f"STREAM.MSG.GET.{self._stream}", {"last_by_subj": subject})
+        if err is not None:
+            if err.err_code == _NO_MESSAGE_FOUND:
                 return 0
-            raise exc.mapped(f"last sequence of {subject}") from None
+            raise err.mapped(f"last sequence of {subject}")
         return int((resp.get("message") or {}).get("seq") or 0)
 
     def read_from(self, start_seq: int, *, heartbeat: float = 1.0) -> LogReader:
@@ -691,9 +685,11 @@ class StrongLog:
             raise InvalidArgumentError(f"heartbeat must be > 0, got {heartbeat!r}")
         return LogReader(self, start_seq, heartbeat=heartbeat)
 
-    async def _api(self, what: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        """One JetStream API request; raises ``_ApiError`` for an error answer and
-        ``UnavailableError`` when none came (no JetStream, no quorum, timeout)."""
+    async def _api(
+        self, what: str, body: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], _ApiError | None]:
+        """One JetStream API request: its answer, and the error it carries (if any). Raises
+        ``UnavailableError`` when no answer came (no JetStream, no quorum, timeout)."""
         nc = self._nc()
         try:
             async with asyncio.timeout(self._timeout):
@@ -715,27 +711,30 @@ class StrongLog:
         if not isinstance(resp, dict):
             raise UnavailableError(f"{what}: unreadable answer")
         if resp.get("error") is not None:
-            raise _ApiError.of(resp["error"])
-        return resp
+            return resp, _ApiError.of(resp["error"])
+        return resp, None
 
     def __repr__(self) -> str:
         subjects = list(self._subjects)
         return f"<StrongLog stream={self._stream} subjects={subjects} R{self._replicas}>"
 
 
-class _ApiError(Exception):
-    """A JetStream error answer (internal: always mapped before it leaves this module)."""
+@dataclass(frozen=True)
+class _ApiError:
+    """A JetStream error answer (a value, mapped to a worknode error before it leaves)."""
 
-    def __init__(self, code: int, err_code: int, description: str) -> None:
-        super().__init__(f"{description} (status {code}, err_code {err_code})")
-        self.status = code
-        self.err_code = err_code
+    status: int
+    err_code: int
+    description: str
 
     @classmethod
     def of(cls, error: object) -> _ApiError:
         e = error if isinstance(error, dict) else {}
         return cls(int(e.get("code") or 0), int(e.get("err_code") or 0),
                    str(e.get("description") or "JetStream error"))
+
+    def __str__(self) -> str:
+        return f"{self.description} (status {self.status}, err_code {self.err_code})"
 
     @property
     def retriable(self) -> bool:

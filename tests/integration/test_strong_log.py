@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -232,12 +231,6 @@ async def test_an_unreachable_stream_fails_within_the_timeout(tmp_path: Path) ->
 # -- three servers, R3, cut by proxies -----------------------------------------------------------
 
 
-def _jsz_meta_leader(monitor_url: str) -> str | None:
-    with urllib.request.urlopen(f"{monitor_url}/jsz", timeout=2.0) as response:
-        doc = json.load(response)
-    return (doc.get("meta_cluster") or {}).get("leader")
-
-
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
     """Three clustered servers fsyncing every write (``sync_interval: always``)."""
@@ -262,6 +255,16 @@ async def clients(cluster: NatsCluster) -> AsyncIterator[list[NatsTransport]]:
             await t.stop()
 
 
+def test_sync_interval_is_checked() -> None:
+    from broker.transport import EmbeddedNatsServer
+
+    for bad in ("sometimes", "2 m", ""):
+        with pytest.raises(InvalidArgumentError):
+            EmbeddedNatsServer("/nonexistent", sync_interval=bad)
+    with pytest.raises(InvalidArgumentError):
+        EmbeddedNatsServer("/nonexistent", jetstream=False, sync_interval="always")
+
+
 async def _r3_logs(clients: list[NatsTransport]) -> list[StrongLog]:
     logs = [_log(t, replicas=3) for t in clients]
     support = await logs[0].ensure(wait=20.0)
@@ -279,6 +282,18 @@ async def _publish_retrying(strong: StrongLog, subject: str, payload: bytes) -> 
                 await asyncio.sleep(0.2)
 
 
+async def _replay_retrying(strong: StrongLog, last: int) -> list[LogEntry]:
+    """Every entry from 1 to ``last``, read through ``strong``'s server; retried while the
+    server cannot serve a reader yet (just healed or restarted); at most 30 s."""
+    async with asyncio.timeout(30.0):
+        while True:
+            try:
+                async with strong.read_from(1) as reader:
+                    return await _read_until(reader, last, timeout=5.0)
+            except (UnavailableError, TimeoutError):
+                await asyncio.sleep(0.2)
+
+
 def _index(cluster: NatsCluster, name: str | None) -> int | None:
     return next((i for i in range(cluster.size) if cluster.server_name(i) == name), None)
 
@@ -286,16 +301,19 @@ def _index(cluster: NatsCluster, name: str | None) -> int | None:
 async def test_a_minority_fails_fast_and_catches_up_after_healing(
     cluster: NatsCluster, clients: list[NatsTransport]
 ) -> None:
+    for server in cluster.servers:
+        assert 'sync_interval: "always"' in server.config_path.read_text()
     logs = await _r3_logs(clients)
     acked = [await _publish_retrying(logs[0], "strong.t.a", f"a{i}".encode()) for i in range(3)]
-    # The lone server is neither the stream's leader nor the meta leader: the majority then
-    # keeps going without an election (fast), and the minority is a plain follower.
-    busy = {_index(cluster, await logs[0].leader()),
-            _index(cluster, await asyncio.to_thread(_jsz_meta_leader, cluster.monitor_urls[0]))}
-    lone = next(i for i in range(cluster.size) if i not in busy)
+    # The lone server is the stream's leader: the hard case, a leader that keeps believing
+    # it leads for a while; its writes must still never be acknowledged.
+    lone = _index(cluster, await logs[0].leader())
+    assert lone is not None
     majority = [i for i in range(cluster.size) if i != lone]
     cluster.partition([majority, [lone]])
+    published = logs[lone].stats.publishes
 
+    # Each fails within the timeout: not answered (OutcomeUnknownError) or refused.
     with pytest.raises(UnavailableError):
         await logs[lone].publish("strong.t.lost", b"never", expected_last_subject_seq=0)
     with pytest.raises(UnavailableError):
@@ -303,6 +321,7 @@ async def test_a_minority_fails_fast_and_catches_up_after_healing(
     with pytest.raises(UnavailableError):
         await logs[lone].publish_batch([("strong.t.lost", b"never", None)])
     assert logs[lone].stats.outcome_unknown + logs[lone].stats.unavailable == 3
+    assert logs[lone].stats.publishes == published
 
     side = logs[majority[0]]
     acked += [await _publish_retrying(side, "strong.t.b", f"b{i}".encode()) for i in range(3)]
@@ -310,12 +329,13 @@ async def test_a_minority_fails_fast_and_catches_up_after_healing(
 
     cluster.heal()
     await cluster.wait_routes()
-    async with logs[lone].read_from(1) as reader:
-        entries = await _read_until(reader, fence, timeout=15.0)
+    entries = await _replay_retrying(logs[lone], fence)
     writes = [e for e in entries if not e.fence]
     assert [e.seq for e in writes] == acked
     assert [e.payload for e in writes] == [b"a0", b"a1", b"a2", b"b0", b"b1", b"b2"]
-    assert await logs[lone].last_subject_seq("strong.t.lost") == 0
+    # What the lone leader was sent never became an entry, not even after healing.
+    assert all(e.subject != "strong.t.lost" for e in entries)
+    assert await logs[majority[0]].last_subject_seq("strong.t.lost") == 0
 
 
 async def test_killing_the_stream_leader_loses_no_acknowledged_write(
@@ -334,8 +354,7 @@ async def test_killing_the_stream_leader_loses_no_acknowledged_write(
               for i in range(10, 13)]
     await cluster.restart(leader)
     await cluster.wait_routes()
-    async with logs[leader].read_from(1) as reader:
-        entries = await _read_until(reader, acked[-1], timeout=15.0)
+    entries = await _replay_retrying(logs[leader], acked[-1])
     got = [(e.seq, e.payload) for e in entries if e.subject == "strong.t.k"]
     assert got == [(s, f"k{i}".encode()) for i, s in enumerate(acked)]
     assert OutcomeUnknownError.retriable
