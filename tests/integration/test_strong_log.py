@@ -358,3 +358,40 @@ async def test_killing_the_stream_leader_loses_no_acknowledged_write(
     got = [(e.seq, e.payload) for e in entries if e.subject == "strong.t.k"]
     assert got == [(s, f"k{i}".encode()) for i, s in enumerate(acked)]
     assert OutcomeUnknownError.retriable
+
+
+async def test_concurrent_compare_and_set_never_lets_two_writers_win_the_same_version(
+    cluster: NatsCluster, clients: list[NatsTransport]
+) -> None:
+    """Three writers, one per server, each read the subtree's last sequence and write under it
+    with a CAS on that subtree. No write may succeed if another write to the subtree landed
+    between the version it read and its own sequence (a lost update). Every write under the
+    subtree names the same filter: on R3 the leader checks expected sequences before the Raft
+    proposal and refuses a check whose exact subject or filter has a write in flight (10164);
+    it does not match a filter against in-flight writes to other subjects, so a plain write
+    (or a CAS on a nested subject) beside a subtree CAS is not protected (see the report)."""
+    logs = await _r3_logs(clients)
+    await _publish_retrying(logs[0], "strong.t.n.a", b"seed")
+    wins: list[tuple[int, int]] = []  # (version read, sequence written)
+    conflicts: list[tuple[int, int | None]] = []  # (version read, current when refused)
+
+    async def writer(strong: StrongLog, subject: str) -> None:
+        for _ in range(40):
+            seen = await strong.last_subject_seq("strong.t.n.>")
+            try:
+                seq = await strong.publish(subject, b"v", expected_last_subject_seq=seen,
+                                           expected_subject_filter="strong.t.n.>")
+            except ConflictError as exc:
+                conflicts.append((seen, exc.current))
+            else:
+                wins.append((seen, seq))
+
+    await asyncio.gather(*(writer(strong, f"strong.t.n.w{i}") for i, strong in enumerate(logs)))
+    written = sorted(seq for _, seq in wins)
+    assert written, "no write succeeded"
+    lost_updates = [(seen, seq) for seen, seq in wins if any(seen < w < seq for w in written)]
+    assert lost_updates == []
+    assert len(wins) + len(conflicts) == 3 * 40
+    assert all(current is None or current > seen for seen, current in conflicts)
+    # The versions line up into one chain: each winner read the previous winner's sequence.
+    assert sorted(seen for seen, _ in wins)[1:] == written[:-1]
