@@ -348,10 +348,14 @@ async def test_killing_the_stream_leader_loses_no_acknowledged_write(
     writer = next(i for i in range(cluster.size) if i != leader)
     acked = [await _publish_retrying(logs[writer], "strong.t.k", f"k{i}".encode())
              for i in range(10)]
-    await cluster.kill(leader)
-    # The survivors elect a leader and take writes again.
-    acked += [await _publish_retrying(logs[writer], "strong.t.k", f"k{i}".encode())
-              for i in range(10, 13)]
+    async with logs[writer].read_from(acked[-1], heartbeat=0.5) as tail:
+        assert (await tail.next(timeout=5.0)).seq == acked[-1]
+        await cluster.kill(leader)
+        # The survivors elect a leader and take writes again; the tail follows them.
+        acked += [await _publish_retrying(logs[writer], "strong.t.k", f"k{i}".encode())
+                  for i in range(10, 13)]
+        followed = await _read_until(tail, acked[-1], timeout=15.0)
+    assert [e.seq for e in followed] == acked[10:]
     await cluster.restart(leader)
     await cluster.wait_routes()
     entries = await _replay_retrying(logs[leader], acked[-1])
