@@ -212,6 +212,23 @@ async def test_entries_removed_by_the_limits_are_reported_as_a_gap(
     assert strong.stats.truncations == 1
 
 
+async def test_entries_removed_inside_the_log_are_skipped_not_reported(
+    nats_transport: NatsTransport,
+) -> None:
+    """A per-subject limit removes an older entry in the middle of the log: the reader skips
+    it (the log's head did not move past the reader, so nothing is missing for it)."""
+    strong = _log(nats_transport, stream="STRONG_PER_SUBJECT", max_msgs_per_subject=1)
+    await strong.ensure()
+    b1 = await strong.publish("strong.t.b", b"b1")
+    await strong.publish("strong.t.a", b"a1")  # removed by a2
+    a2 = await strong.publish("strong.t.a", b"a2")
+    assert await strong.state() == (b1, a2)
+    async with strong.read_from(b1) as reader:
+        entries = await _read_until(reader, a2)
+    assert [(e.seq, e.payload) for e in entries] == [(b1, b"b1"), (a2, b"a2")]
+    assert strong.stats.truncations == 0
+
+
 async def test_an_unreachable_stream_fails_within_the_timeout(tmp_path: Path) -> None:
     """A server without JetStream: nobody answers; the log says so, it does not hang."""
     from broker.testing import running_nats_server
