@@ -322,9 +322,14 @@ class StrongLog:
         return self._support
 
     def _nc(self) -> Client:
-        if isinstance(self._connection, NatsTransport):
-            return self._connection.nats_client()
-        return self._connection
+        nc = (self._connection.nats_client() if isinstance(self._connection, NatsTransport)
+              else self._connection)
+        if not nc.is_connected:
+            # nats-py would buffer a request while reconnecting and send it after our
+            # timeout: refuse it now, so that "unavailable" means "not written".
+            self.stats.unavailable += 1
+            raise UnavailableError("not connected to NATS (reconnecting or closed)")
+        return nc
 
     # -- the stream -----------------------------------------------------------------------------
 
