@@ -30,6 +30,7 @@ __all__ = [
     "CallDepthExceededError",
     "ClockSkewError",
     "CodecError",
+    "ConflictError",
     "ConnectionRefusedByServerError",
     "DeadlineExceededError",
     "ExpiredRequestError",
@@ -41,12 +42,14 @@ __all__ = [
     "InvalidSubjectError",
     "InvalidValueError",
     "KindMismatchError",
+    "LogTruncatedError",
     "MalformedMessageError",
     "MessageTooDeepError",
     "MessageTooLargeError",
     "NestingDepthError",
     "NoRespondersError",
     "NotConnectedError",
+    "OutcomeUnknownError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "ReplayedRequestError",
@@ -70,6 +73,7 @@ __all__ = [
     "UnknownNodeError",
     "UnknownSignerError",
     "UnsignedMessageError",
+    "UnsupportedByServerError",
     "UnsupportedContentError",
     "UnsupportedVersionError",
     "ValueTooLargeError",
@@ -399,6 +403,44 @@ class ReplicaError(WorknodeError):
     code = StatusCode.INTERNAL
 
 
+class ConflictError(WorknodeError):
+    """A compare-and-set write found another version than the one it expected: someone wrote
+    the key (or subtree) since it was read. Nothing was written. ``expected`` is the version
+    the write named; ``current`` the version found (read just after the refusal, so possibly
+    newer still; None when it could not be read). Read again and decide; repeating the same
+    write fails again."""
+
+    code = StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, message: str, *, expected: int, current: int | None) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.current = current
+
+
+class LogTruncatedError(WorknodeError):
+    """A log read asked for entries the log no longer holds (removed by its age, size or
+    count limits): ``requested`` is the first sequence wanted, ``first_seq`` the oldest one
+    left. Replaying cannot fill the gap: take a snapshot from a peer, then resume reading at
+    ``first_seq`` (or at the snapshot's sequence)."""
+
+    code = StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, message: str, *, requested: int, first_seq: int) -> None:
+        super().__init__(message)
+        self.requested = requested
+        self.first_seq = first_seq
+
+
+class UnsupportedByServerError(WorknodeError):
+    """The NATS server (or the stream as configured) lacks a feature this operation needs,
+    for example atomic batch publish (nats-server 2.12+, ``allow_atomic``) or the subject
+    filter form of an expected-sequence check (2.11+). Upgrade the server or avoid the
+    feature; retrying fails again."""
+
+    code = StatusCode.FAILED_PRECONDITION
+
+
 # -- RPC: one exception per status code --------------------------------------------------------
 
 
@@ -433,6 +475,12 @@ class UnavailableError(RpcError):
 
     code = StatusCode.UNAVAILABLE
     retriable = True
+
+
+class OutcomeUnknownError(UnavailableError):
+    """A write got no answer in time (or lost its connection after sending): it may or may
+    not have been applied. Read to find out, or retry: a compare-and-set write or one with a
+    message id is safe to retry (a repeat conflicts or is deduplicated)."""
 
 
 class ResourceExhaustedError(RpcError, BoundsError):

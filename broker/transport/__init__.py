@@ -68,6 +68,16 @@ from broker.transport._protocol import (
 )
 from broker.transport._server import EmbeddedNatsServer, find_nats_server
 from broker.transport._signed import RequestSigner, SignedEndpointAuth, Signers
+from broker.transport._strong_log import (
+    DEFAULT_STRONG_TIMEOUT,
+    MAX_ATOMIC_BATCH,
+    BatchEntry,
+    LogEntry,
+    LogReader,
+    StrongLog,
+    StrongLogStats,
+    StrongLogSupport,
+)
 from broker.transport._subjects import (
     KIND_DELTA,
     KIND_HEAL,
@@ -110,6 +120,7 @@ __all__ = [
     "DEFAULT_PENDING_BYTES_LIMIT",
     "DEFAULT_PENDING_MSGS_LIMIT",
     "DEFAULT_RECONNECT_BUFFER_SIZE",
+    "DEFAULT_STRONG_TIMEOUT",
     "DEFAULT_TLS_HOSTS",
     "ERROR_CODE_HEADER",
     "ERROR_HEADER",
@@ -121,12 +132,14 @@ __all__ = [
     "KIND_RPC",
     "KIND_SYNC",
     "LEAF_VALIDITY",
+    "MAX_ATOMIC_BATCH",
     "MAX_SUBJECT_BYTES",
     "MAX_TOKEN_LENGTH",
     "NATS_URL_SCHEMES",
     "PREFIX",
     "RENEW_BEFORE",
     "SIGNING_ROLES",
+    "BatchEntry",
     "ConnectOptions",
     "EmbeddedNatsServer",
     "Endpoint",
@@ -135,6 +148,8 @@ __all__ = [
     "GenericService",
     "Handler",
     "LocalCA",
+    "LogEntry",
+    "LogReader",
     "MemoryNetwork",
     "MemorySubscription",
     "MemoryTransport",
@@ -152,6 +167,9 @@ __all__ = [
     "SignedEndpointAuth",
     "Signers",
     "SlowConsumerCallback",
+    "StrongLog",
+    "StrongLogStats",
+    "StrongLogSupport",
     "SubjectParts",
     "Subscription",
     "TlsFiles",

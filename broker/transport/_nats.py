@@ -656,6 +656,12 @@ class NatsTransport:
             raise NotConnectedError(f"transport {self._name!r} is {reason}")
         return nc
 
+    def nats_client(self) -> Client:
+        """The nats-py client of this connection, for adapters that speak a protocol on top
+        of it (JetStream: ``StrongLog``) and translate nats-py's errors themselves. Raises
+        ``NotConnectedError`` before ``start()`` and after ``stop()``."""
+        return self._client()
+
     def _check_payload(self, nc: Client, data: bytes, headers: Mapping[str, str] | None) -> None:
         size = encoded_size(data, headers)
         if size > nc.max_payload:

@@ -38,6 +38,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -59,6 +60,8 @@ _LOG_TAIL_LINES: Final = 20
 _POLL_SECONDS: Final = 0.02
 _PRIVATE_DIR: Final = 0o700
 _PRIVATE_FILE: Final = 0o600
+# "always" (fsync every write before acknowledging it), or a Go duration.
+_SYNC_INTERVAL: Final = re.compile(r"always|[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h)")
 
 
 def find_nats_server() -> Path:
@@ -152,7 +155,10 @@ class EmbeddedNatsServer:
     it at a closed port to keep routes on explicit ``routes``, e.g. through fault-injecting
     proxies). ``extra_args`` are appended to the command line; ``config_extra`` is appended
     to the generated config verbatim (top-level blocks such as ``accounts { ... }``: users
-    and permissions). ``binary`` overrides ``find_nats_server()``.
+    and permissions). ``binary`` overrides ``find_nats_server()``. ``sync_interval`` sets
+    JetStream's ``sync_interval``: ``"always"`` fsyncs every write before it is
+    acknowledged (nats-server's default flushes every 2 minutes, and Jepsen's 2025 analysis
+    lost acknowledged writes with it), or a duration such as ``"10s"``.
 
     ``tls`` requires TLS on the client port with that certificate (clients verify it against
     ``tls.ca_file``); ``tls_verify=True`` also requires each client to present a certificate
@@ -170,6 +176,7 @@ class EmbeddedNatsServer:
         host: str = "127.0.0.1",
         port: int = 0,
         jetstream: bool = True,
+        sync_interval: str | None = None,
         monitor_port: int | None = 0,
         max_payload: int | None = None,
         server_name: str | None = None,
@@ -199,6 +206,12 @@ class EmbeddedNatsServer:
             _check_loopback_address(route, "route")
         if cluster_advertise is not None:
             _check_loopback_address(cluster_advertise, "cluster_advertise")
+        if sync_interval is not None and not _SYNC_INTERVAL.fullmatch(sync_interval):
+            raise InvalidArgumentError(
+                f"sync_interval must be 'always' or a duration such as '2m', got {sync_interval!r}"
+            )
+        if sync_interval is not None and not jetstream:
+            raise InvalidArgumentError("sync_interval needs jetstream")
         if max_payload is not None and max_payload < 1:
             raise InvalidArgumentError(f"max_payload must be >= 1, got {max_payload!r}")
         if not startup_timeout > 0 or not stop_timeout > 0:
@@ -214,6 +227,7 @@ class EmbeddedNatsServer:
         self._host = host
         self._port = port
         self._jetstream = jetstream
+        self._sync_interval = sync_interval
         self._monitor_port = monitor_port
         self._max_payload = max_payload
         if cluster_tls is not None and cluster_name is None and cluster_port is None and not routes:
@@ -328,7 +342,10 @@ class EmbeddedNatsServer:
         if self._max_payload is not None:
             lines.append(f"max_payload: {self._max_payload}")
         if self._jetstream:
-            lines.append(f"jetstream {{ store_dir: {_conf_str(str(self.jetstream_dir))} }}")
+            js = f"store_dir: {_conf_str(str(self.jetstream_dir))}"
+            if self._sync_interval is not None:
+                js += f", sync_interval: {_conf_str(self._sync_interval)}"
+            lines.append(f"jetstream {{ {js} }}")
         if self._tls is not None:
             lines.append(_tls_block(self._tls, verify=self._tls_verify, timeout=self._tls_timeout))
         if self._cluster:
