@@ -44,7 +44,7 @@ import random
 import time
 from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from broker.codec import (
     AUTH_HEADER,
@@ -92,7 +92,7 @@ from broker.errors import (
     UnsupportedVersionError,
     WorknodeError,
 )
-from broker.repair import adds_nothing, vouched
+from broker.repair import adds_nothing, subset, vouched
 from broker.replication import (
     BYZANTINE_REASONS,
     DEFAULT_MAX_HELD_BYTES,
@@ -151,6 +151,9 @@ from broker.transport import (
     is_reply_subject,
     sync_subject,
 )
+
+if TYPE_CHECKING:
+    from broker.strong import StrongMode
 
 __all__ = [
     "EVIDENCE_HEADER",
@@ -241,6 +244,10 @@ class Consistency(enum.Enum):
     """Persisted and applied here; published on the next explicit ``sync()``."""
     EVENTUAL = "eventual"
     """Persisted and applied here; published in the next batch (within the flush window)."""
+    STRONG = "strong"
+    """Ordered through the subject's STRONG log (a JetStream stream): acknowledged once the
+    stream's quorum stored it and this replica applied it; for STRONG worknodes only (see
+    ``broker.strong``). In a minority it fails within its timeout (UnavailableError)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +288,10 @@ class ReplicaConfig:
     add_only: bool = False
     """The subject only grows: documents and local writes that would remove a dot are
     refused (``ReplicationConfig.add_only``)."""
+    strong_prefixes: tuple[str, ...] = ()
+    """Worknode ids starting with one of these are STRONG: written and read only with
+    ``Consistency.STRONG`` through the subject's STRONG log (``broker.strong``); "" makes
+    every worknode of the subject STRONG. Empty: none."""
 
     def replication(self) -> ReplicationConfig:
         """The replication machine's part of this configuration."""
@@ -298,6 +309,7 @@ class ReplicaConfig:
             max_hold=self.max_hold,
             max_evidence_bytes=self.max_evidence_bytes,
             add_only=self.add_only,
+            strong_prefixes=self.strong_prefixes,
         )
 
 
@@ -455,6 +467,9 @@ class Replica:
         self.delta_subject = delta_subject(config.namespace, config.subject)
         self.sync_subject = sync_subject(config.namespace, config.subject)
         self._mutate_lock = asyncio.Lock()
+        self.strong: StrongMode | None = None
+        """The STRONG side (``broker.strong.StrongMode``), attached by the service when the
+        subject declares STRONG worknodes."""
         self._commits: list[_Commit] = []
         self._commit_wake = asyncio.Event()
         self._progress = asyncio.Event()  # set after every machine step: flush() re-checks
@@ -634,6 +649,8 @@ class Replica:
         more than ``max_batch_ops`` mutators, StoreError if the commit failed (the replica
         then refuses further writes with ReplicaError until it is restarted).
         """
+        if consistency is Consistency.STRONG:
+            return await self._write_strong(mutators)
         self._check_writable()
         self.machine.admit(len(mutators))
         async with self._mutate_lock:
@@ -665,6 +682,24 @@ class Replica:
         if written.error is not None:
             raise written.error
         return written.delta
+
+    async def _write_strong(self, mutators: Sequence[Mutator | TreeOp]) -> ORMap:
+        """``write_many`` with ``Consistency.STRONG``: through ``self.strong``."""
+        if self.strong is None:
+            raise InvalidArgumentError(
+                f"subject {self.config.subject!r} has no STRONG log here: STRONG writes need "
+                "strong_prefixes and a JetStream server")
+        ops = [m for m in mutators if isinstance(m, TreeOp)]
+        if len(ops) != len(mutators):
+            raise InvalidArgumentError("a STRONG write is a list of TreeOps, not functions")
+        self._check_writable()
+        await self.strong.write(ops)
+        return subset(self.machine.state, [str(getattr(op, "node", "")) for op in ops])
+
+    def apply_log(self, seq: int, delta: ORMap | None, key: str | None, writer: str) -> None:
+        """Apply STRONG log entry ``seq`` (``StrongMode`` calls it in log order)."""
+        self._run(self.machine.apply_log(seq, delta, key, writer))
+        self._progress.set()
 
     def _received_record(self, raw: Received) -> bytes:
         """The document of a received envelope (verified when it arrived), as a store record

@@ -68,6 +68,14 @@ from broker.replication._machine import (
     lacks,
     max_hlc,
 )
+from broker.replication._strong import (
+    STRONG_AUTHOR,
+    is_strong,
+    stamp,
+    strong_delta,
+    strong_entry_problem,
+    without_strong,
+)
 
 __all__ = [
     "BYZANTINE_REASONS",
@@ -76,6 +84,7 @@ __all__ = [
     "MAX_COUNTER",
     "MAX_CUT_WRITERS",
     "MAX_DOT_GAP",
+    "STRONG_AUTHOR",
     "Action",
     "Announce",
     "AnnounceReceived",
@@ -120,10 +129,15 @@ __all__ = [
     "Written",
     "forged",
     "held_dots",
+    "is_strong",
     "lacks",
     "max_hlc",
     "own_claims",
     "relayed",
     "removes",
+    "stamp",
+    "strong_delta",
+    "strong_entry_problem",
     "unseen_claims",
+    "without_strong",
 ]

@@ -147,6 +147,13 @@ from broker.replication._gate import (
     relayed,
     unseen_claims,
 )
+from broker.replication._strong import (
+    STRONG_AUTHOR,
+    is_strong,
+    stamp,
+    strong_entry_problem,
+    without_strong,
+)
 
 __all__ = [
     "DEFAULT_MAX_HELD_BYTES",
@@ -236,6 +243,11 @@ class ReplicationConfig:
     """The subject only grows (``_addonly``): a peer's document whose join would remove a
     dot held here is rejected (``removal``, its signer named), and a local write that would
     remove one fails with InvalidArgumentError before it changes anything."""
+    strong_prefixes: tuple[str, ...] = ()
+    """Worknode ids starting with one of these are STRONG (``_strong``): they change only by
+    the subject's STRONG log (``apply_log``); a local write to one fails with
+    InvalidArgumentError before it changes anything, and peers' documents are joined
+    without them. Empty: no STRONG key."""
 
 
 def _kinds(entry: Any, out: set[int]) -> set[int]:
@@ -415,6 +427,9 @@ class ReplicationMachine:
         # delta, first batch seen from a writer after others) -> unsatisfied catch-ups since.
         self._owed: dict[str, int] = {}
         self._given_up: set[str] = set()  # owed writers no peer had: left to the healer
+        if self.config.strong_prefixes:
+            # The STRONG log's dots come from the log alone, never from a peer: never owed.
+            self._given_up.add(STRONG_AUTHOR)
         # Peers whose last answers were cut (``_note_cut``) -> how many in a row: asked
         # again once the writers they cut out have answered.
         self._recheck: dict[str, int] = {}
@@ -563,6 +578,11 @@ class ReplicationMachine:
             fn, count = todo.pop()
             try:
                 if isinstance(fn, TreeOp):
+                    strong = self.config.strong_prefixes
+                    if strong and is_strong(getattr(fn, "node", ""), strong):
+                        raise InvalidArgumentError(
+                            f"worknode {getattr(fn, 'node', '')!r} is STRONG: write it with "
+                            "consistency STRONG (it was not applied)")
                     if self.config.add_only:
                         # Fused: it changes the state before its delta exists to check.
                         raise InvalidArgumentError(
@@ -584,6 +604,11 @@ class ReplicationMachine:
                                 f"kind {min(unwritable)} needs a newer wire version than "
                                 "this node writes; nothing was written"
                             )
+                    strong = self.config.strong_prefixes
+                    if strong and d.store and any(is_strong(k, strong) for k in d.store):
+                        raise InvalidArgumentError(
+                            "this write touches a STRONG worknode: write it with consistency "
+                            "STRONG (it was not applied)")
                     tree.merge(d)
             except ValueTooLargeError as exc:
                 if count > 1:  # a run's sum overflows: replay it write by write
@@ -611,6 +636,47 @@ class ReplicationMachine:
             # This replica's own writes are judged like a peer's against later claims.
             self._note_written(node_id, batch.context, clock.last)
         return Written(batch, done, error, [Changed(keys)], received)
+
+    @property
+    def log_applied(self) -> int:
+        """The STRONG log's sequence applied here up to (every entry before it too)."""
+        return self.tree.state.context._vv.get(STRONG_AUTHOR, 0)
+
+    def apply_log(
+        self, seq: int, delta: ORMap | None, key: str | None = None, writer: str = "log"
+    ) -> list[Action]:
+        """Apply STRONG log entry ``seq`` (see ``_strong``): ``delta``, written for worknode
+        ``key`` against the version its compare-and-set named, renamed to the log's dot and
+        joined; None for an entry that writes nothing (a fence, or one gone from the stream),
+        whose sequence is only marked seen. Entries before ``seq`` not applied yet are
+        marked seen too (the stream skipped them: expired fences). Idempotent: an entry at
+        or below ``log_applied`` does nothing. A refused entry (``strong_entry_problem``) is
+        marked seen and reported (``Report("rejected", (reason, "log"))``): every replica
+        refuses it alike (``writer``: its signer, named in the report). The joined delta is
+        kept to be logged like a received one."""
+        applied = self.log_applied
+        if seq <= applied:
+            return []
+        ctx = self.tree.state.context
+        for k in range(applied + 1, seq):
+            ctx.add((STRONG_AUTHOR, k))
+        out: list[Action] = []
+        reason = None
+        if delta is not None and key is not None:
+            reason = strong_entry_problem(delta, key, self.tree.state)
+            if reason is not None:
+                out.append(Report("rejected", (reason, writer)))
+        if delta is None or key is None or reason is not None:
+            ctx.add((STRONG_AUTHOR, seq))
+            return out
+        stamped = stamp(delta, seq)
+        self.tree.merge(stamped)
+        ctx.add((STRONG_AUTHOR, seq))  # a delta that wrote nothing new (a removal) too
+        if stamped.store:
+            self.clock.witness(max_hlc(stamped.store))
+        out += self._keep_received(Clipped(b"", stamped))
+        out.append(Changed((key,)))
+        return out + self._count_ops(1)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -1156,7 +1222,9 @@ class ReplicationMachine:
         the load) as if this replica's context were empty there, so every dot the peer holds
         is taken and only what the peer saw removed is dropped. ``whole``: the document holds
         the peer's whole entry of each key it names (a full state or a repair), after which
-        the key is no longer quarantined; a delta's entry is adopted but leaves it so."""
+        the key is no longer quarantined; a delta's entry is adopted but leaves it so.
+        STRONG keys and claims of the STRONG log's dots are left out (``without_strong``)."""
+        doc = without_strong(doc, self.config.strong_prefixes)
         if self.quarantined and doc.store:
             state = self.tree.state
             store = state.store if state.store is not None else MapStore()

@@ -26,6 +26,7 @@ from broker.errors import InvalidArgumentError, StoreError, WorknodeError
 from broker.healing import HealEndpoints, healer_identities
 from broker.replica import Replica, ReplicaConfig
 from broker.rpc import MethodRegistry, RpcServer
+from broker.strong import StrongMode, strong_log_for
 from broker.transport import (
     EmbeddedNatsServer,
     NatsIdentity,
@@ -281,6 +282,7 @@ class WorknodeService:
                     max_hold=s.byzantine_max_hold_s,
                     max_evidence_bytes=s.evidence_max_bytes,
                     add_only=s.add_only(subject),
+                    strong_prefixes=tuple(s.strong.get(subject, ())),
                 ),
                 observer=self.events,
                 # Catch-up is served to replicas (nodes and one-shot writers), never to the
@@ -290,6 +292,12 @@ class WorknodeService:
             self.metrics.pending_ops_limit.labels(subject).set(s.max_pending_ops)
             self.replicas[subject] = replica
             await replica.start()
+            if s.strong.get(subject):
+                mode = StrongMode(replica, strong_log_for(
+                    self.transport, s.namespace, subject, replicas=s.strong_replicas,
+                    timeout=s.strong_timeout_s), timeout=s.strong_timeout_s)
+                replica.strong = mode
+                await mode.start()
         if secret is not None:
             self.heal_endpoints = HealEndpoints(
                 transport=self.transport,
@@ -368,6 +376,10 @@ class WorknodeService:
             with contextlib.suppress(WorknodeError):
                 await self.heal_endpoints.stop()
             self.heal_endpoints = None
+        for replica in self.replicas.values():
+            if replica.strong is not None:
+                with contextlib.suppress(WorknodeError):
+                    await replica.strong.stop()
         for replica in self.replicas.values():
             with contextlib.suppress(WorknodeError):
                 await replica.stop()

@@ -107,6 +107,18 @@ class WorknodeSettings(NatsClientSettings):
         "anything held is rejected (metric reason 'removal'), a local write that would "
         "fails. Null (default): the revocation subject; [] turns it off.",
     )
+    strong: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="STRONG worknodes per subject: subject -> worknode id prefixes ('' = "
+        "every worknode of the subject). They are written and read only with consistency "
+        "STRONG, through the subject's JetStream stream (a compare-and-set log).",
+    )
+    strong_replicas: int = Field(
+        1, description="Replicas of each STRONG stream: 1 on one server (stated as such: no "
+        "fault tolerance), 3 or 5 in a cluster (a Raft quorum).")
+    strong_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="Seconds a STRONG write or read may take; in a "
+        "minority it fails then (UnavailableError), never hangs.")
     rpc_max_in_flight: int = Field(64, gt=0, le=100_000)
     rpc_max_request_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024)
     rpc_authorize_budget_ms: float = Field(
@@ -142,6 +154,23 @@ class WorknodeSettings(NatsClientSettings):
     @classmethod
     def _add_only_subjects(cls, v: list[str] | None) -> list[str] | None:
         return None if v is None else [validate_token(s, "subject") for s in v]
+
+    @field_validator("strong")
+    @classmethod
+    def _strong(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for subject, prefixes in v.items():
+            validate_token(subject, "subject")
+            for p in prefixes:
+                if p:
+                    validate_token(p, "worknode id prefix")
+        return v
+
+    @field_validator("strong_replicas")
+    @classmethod
+    def _strong_replicas(cls, v: int) -> int:
+        if v not in (1, 3, 5):
+            raise ValueError(f"strong_replicas must be 1, 3 or 5, got {v}")
+        return v
 
     @field_validator("healers")
     @classmethod

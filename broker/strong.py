@@ -1,0 +1,374 @@
+"""STRONG consistency for a replica: its STRONG keys as a state machine over a JetStream log.
+
+``StrongMode`` attaches to a ``Replica`` whose subject declares STRONG worknode ids
+(``ReplicaConfig.strong_prefixes``) and follows the subject's STRONG log (``StrongLog``, one
+JetStream stream per subject: R3 in a cluster, R1 on one server), applying every entry in
+the stream's order through the machine (``ReplicationMachine.apply_log``; the rules are in
+``broker.replication._strong``).
+
+- **Writes** (``write``): each op's delta is computed against the key as this replica
+  applied it, sealed (signed by this node) and published on the key's log subject with
+  ``Nats-Expected-Last-Subject-Sequence`` = the key's version (the stream sequence of its
+  last entry): a compare-and-set against the state it read. Several keys go as one atomic
+  batch (all or none). ``if_version`` makes it conditional: a key that moved past it raises
+  ``ConflictError`` carrying the current version; without it a conflict is retried after
+  applying the log up to the current version (bounded). The write returns once the stream
+  acknowledged it *and* this replica applied it.
+- **Reads** (``read``) are linearizable: a fence (an empty entry) is published to the log;
+  its acknowledgement comes after every write acknowledged before the read began, so once
+  this replica applied the log up to the fence, its state of the STRONG keys includes them
+  all. Reading the server instead is not enough (``broker.transport._strong_log``: a direct
+  get may be answered by a replica behind; a deposed leader in a minority answers from its
+  old state; nats-server removed its read-after-write option).
+- **Minority**: a write or fence that cannot reach a stream leader with a quorum fails
+  within ``timeout`` (``UnavailableError``; ``OutcomeUnknownError`` when the write may have
+  been stored): STRONG never hangs and never succeeds there, while LOCAL and EVENTUAL go on.
+  When the partition heals the follower replays the log from the last applied sequence
+  (fast-forward); the healer reconciles the EVENTUAL part as usual.
+- **Restart**: what the replica applied and made durable is in its state (the log's dots);
+  the follower resumes from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from broker.crdt import ORMap
+from broker.crdt._ops import TreeOp
+from broker.crdt._stores import dots_of
+from broker.errors import (
+    CodecError,
+    ConflictError,
+    InvalidArgumentError,
+    LogTruncatedError,
+    TreeError,
+    UnavailableError,
+    WorknodeError,
+)
+from broker.replication import STRONG_AUTHOR, is_strong, strong_delta
+from broker.transport import StrongLog
+from broker.transport._subjects import PREFIX, validate_token
+
+if TYPE_CHECKING:
+    from broker.replica import Replica
+
+__all__ = [
+    "MAX_CONFLICT_RETRIES",
+    "StrongMode",
+    "StrongRead",
+    "strong_log_for",
+    "strong_stream",
+    "strong_subject",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_CONFLICT_RETRIES: Final = 8
+"""Unconditional STRONG writes retried at most this many times after a conflict (another
+writer got the key first; the write is recomputed on the newer state)."""
+_WRITERS: Final = ("node", "writer")
+
+
+def strong_subject(namespace: str, subject: str, key: str | None = None) -> str:
+    """``wn.<ns>.strong.<subject>.k.<key>``: a STRONG key's log subject (``key`` None: the
+    pattern of them all, ``...k.*``)."""
+    base = ".".join((PREFIX, validate_token(namespace, "namespace"), "strong",
+                     validate_token(subject, "subject")))
+    return f"{base}.k.{'*' if key is None else validate_token(key, 'worknode id')}"
+
+
+def _fence_subject(namespace: str, subject: str) -> str:
+    return strong_subject(namespace, subject, "x").rsplit(".", 2)[0] + ".fence"
+
+
+def strong_stream(namespace: str, subject: str) -> str:
+    """The JetStream stream name of a subject's STRONG log (tokens may hold ``-``; a short
+    digest keeps distinct subjects apart whatever they are named)."""
+    digest = hashlib.sha256(f"{namespace}\0{subject}".encode()).hexdigest()[:8]
+    return f"WN_STRONG_{namespace}_{subject}_{digest}"[:200]
+
+
+def strong_log_for(
+    connection: object, namespace: str, subject: str, *, replicas: int = 1,
+    timeout: float = 2.0, max_age: float = 0.0, max_bytes: int = -1,
+) -> StrongLog:
+    """The ``StrongLog`` of ``subject`` (call ``ensure()`` before use)."""
+    return StrongLog(
+        connection,  # type: ignore[arg-type]
+        stream=strong_stream(namespace, subject),
+        subjects=[strong_subject(namespace, subject)],
+        fence_subject=_fence_subject(namespace, subject),
+        replicas=replicas,
+        timeout=timeout,
+        max_age=max_age,
+        max_bytes=max_bytes,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StrongRead:
+    """A linearizable read: ``state`` (the STRONG keys asked for, as of log position
+    ``seq``), and each key's ``versions`` (its last entry's sequence; 0: never written)."""
+
+    state: ORMap
+    versions: dict[str, int]
+    seq: int
+
+
+class StrongMode:
+    """The STRONG side of one replica (see the module doc). ``start()`` / ``stop()``."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        log_: StrongLog,
+        *,
+        timeout: float = 2.0,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        prefixes = replica.config.strong_prefixes
+        if not prefixes:
+            raise InvalidArgumentError(
+                f"subject {replica.config.subject!r} declares no STRONG worknodes")
+        if replica.node_id == STRONG_AUTHOR:
+            raise InvalidArgumentError(f"{STRONG_AUTHOR!r} is reserved for the STRONG log")
+        self.replica = replica
+        self.log = log_
+        self.prefixes = prefixes
+        self.timeout = timeout
+        self._now = now
+        self._versions: dict[str, int] = {}
+        self._applied = asyncio.Event()  # pulsed after every applied entry
+        self._task: asyncio.Task[None] | None = None
+        self._failure: WorknodeError | None = None
+        self.available = False
+        """Whether the last STRONG operation reached a quorum (the mode metric)."""
+        self.entries_applied = 0
+        self.entries_refused = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Make sure the stream exists (bounded by ``timeout``; a minority starts anyway and
+        retries in the background) and follow it from the last applied sequence."""
+        with contextlib.suppress(UnavailableError):
+            await self.log.ensure()
+            self.available = True
+        self._task = asyncio.create_task(
+            self._follow(), name=f"strong:{self.replica.config.subject}")
+
+    async def stop(self) -> None:
+        """Stop following (idempotent)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @property
+    def applied(self) -> int:
+        """The log sequence this replica applied up to."""
+        return self.replica.machine.log_applied
+
+    # -- following the log -----------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                if self.log.support is None:
+                    await self.log.ensure()
+                reader = self.log.read_from(self.applied + 1)
+                async with reader:
+                    backoff = 0.05
+                    async for entry in reader:
+                        self._apply(entry.seq, entry.subject, entry.payload, entry.fence)
+            except asyncio.CancelledError:
+                raise
+            except LogTruncatedError as exc:
+                # The stream no longer holds entries this replica has not applied: no
+                # peer's document may bring STRONG keys, so this replica cannot go on.
+                self._failure = exc
+                log.error("STRONG log of %s truncated past this replica (%s): STRONG "
+                          "operations refused here", self.replica.config.subject, exc)
+                self._applied.set()
+                return
+            except WorknodeError as exc:
+                log.debug("STRONG log of %s: %s (retrying)", self.replica.config.subject, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _apply(self, seq: int, subject: str, payload: bytes, fence: bool) -> None:
+        if seq <= self.applied:
+            return
+        key = subject.rsplit(".", 1)[1] if not fence else None
+        delta: ORMap | None = None
+        writer = "log"
+        if key is not None:
+            self._versions[key] = seq
+            try:
+                env = self.replica.codec.open(payload, self.replica.roster, subject=subject)
+                writer = env.writer
+                if self.replica.roster.role_of(env.writer) not in _WRITERS:
+                    raise CodecError(f"{env.writer!r} may not write")
+                if not isinstance(env.document, ORMap) or not is_strong(key, self.prefixes):
+                    raise CodecError("not a STRONG write")
+                delta = env.document
+            except CodecError as exc:
+                self.entries_refused += 1
+                self.replica.observer.rejected(
+                    self.replica.config.subject, "strong_entry", writer)
+                log.warning("STRONG log entry %d of %s refused: %s",
+                            seq, self.replica.config.subject, exc)
+        self.replica.apply_log(seq, delta, key, writer)
+        self.entries_applied += 1
+        self._applied.set()
+        self._applied = asyncio.Event()
+
+    async def _wait_applied(self, seq: int, deadline: float) -> None:
+        while self.applied < seq:
+            if self._failure is not None:
+                raise UnavailableError(f"STRONG log unusable here: {self._failure}")
+            left = deadline - self._now()
+            if left <= 0:
+                raise UnavailableError(
+                    f"STRONG log of {self.replica.config.subject!r} not applied up to {seq} "
+                    f"within {self.timeout}s (at {self.applied})")
+            event = self._applied
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), left)
+
+    # -- versions --------------------------------------------------------------------------
+
+    def version(self, key: str) -> int:
+        """``key``'s version as applied here (its last log entry's sequence; 0: none seen)."""
+        state = self.replica.machine.state
+        entry = state.store.get(key) if state.store else None
+        held = max((n for r, n in dots_of(entry) if r == STRONG_AUTHOR), default=0)
+        return max(held, self._versions.get(key, 0))
+
+    def _check_key(self, key: str) -> None:
+        if not is_strong(key, self.prefixes):
+            raise InvalidArgumentError(
+                f"worknode {key!r} is not STRONG on {self.replica.config.subject!r}: write it "
+                "LOCAL or EVENTUAL")
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def write(
+        self, ops: Sequence[TreeOp], *, if_version: int | None = None,
+        if_versions: dict[str, int] | None = None,
+    ) -> int:
+        """Write ``ops`` (at most one per worknode) through the log; the last entry's
+        sequence once applied here. ``if_version`` (one op) / ``if_versions`` (per key):
+        the versions the caller read; a key past it raises ``ConflictError`` (nothing
+        written). ``UnavailableError`` when no quorum answered within ``timeout``
+        (``OutcomeUnknownError``: it may have been written)."""
+        if not ops:
+            raise InvalidArgumentError("a STRONG write needs at least one op")
+        keys = [getattr(op, "node", None) for op in ops]
+        if any(not isinstance(k, str) for k in keys):
+            raise InvalidArgumentError("a STRONG write is a list of worknode ops")
+        if len(set(keys)) != len(keys):
+            raise InvalidArgumentError("a STRONG write takes at most one op per worknode")
+        expect = dict(if_versions or {})
+        if if_version is not None:
+            if len(ops) != 1:
+                raise InvalidArgumentError("if_version is for one op; use if_versions")
+            expect[str(keys[0])] = if_version
+        for k in keys:
+            self._check_key(str(k))
+        deadline = self._now() + self.timeout
+        fenced = False
+        for _ in range(MAX_CONFLICT_RETRIES + 1):
+            try:
+                seq = await self._write_once(ops, expect, deadline)
+            except (TreeError, InvalidArgumentError):
+                # Invalid against this replica's state (an unknown worknode, say): it may only
+                # lag the log. Once applied up to a fence, the verdict is the log's.
+                if fenced:
+                    raise
+                fenced = True
+                await self._wait_applied(await self._fence(), deadline)
+                continue
+            except ConflictError as exc:
+                if expect:
+                    raise
+                # Another writer got a key first: apply the log past it, recompute, retry.
+                await self._wait_applied(exc.current or self.applied, deadline)
+                continue
+            except UnavailableError:
+                self.available = False
+                raise
+            self.available = True
+            await self._wait_applied(seq, deadline)
+            return seq
+        raise ConflictError(
+            f"STRONG write to {keys} lost {MAX_CONFLICT_RETRIES + 1} races in a row",
+            expected=self.version(str(keys[0])), current=None)
+
+    async def _write_once(
+        self, ops: Sequence[TreeOp], expect: dict[str, int], deadline: float
+    ) -> int:
+        replica = self.replica
+        entries: list[tuple[str, bytes, int]] = []
+        for op in ops:
+            key = str(getattr(op, "node", ""))  # checked by write()
+            want = expect.get(key)
+            if want is not None and want > self.version(key):
+                await self._wait_applied(want, deadline)  # the caller read a newer state
+            version = self.version(key)
+            if want is not None and version != want:
+                raise ConflictError(
+                    f"worknode {key!r} is at version {version}, not {want}",
+                    expected=want, current=version)
+            _, delta = strong_delta(replica.machine.tree, op, replica.hlc())
+            subject = strong_subject(replica.config.namespace, replica.config.subject, key)
+            data = replica.codec.seal(
+                replica.signer, subject=subject, hlc=replica.hlc(),
+                sequence=version, document=delta)
+            entries.append((subject, data, version))
+        if len(entries) == 1:
+            subject, data, version = entries[0]
+            return await self.log.publish(subject, data, expected_last_subject_seq=version)
+        return await self.log.publish_batch(entries)
+
+    async def create_if_absent(self, node: str, parent: str) -> int:
+        """Create worknode ``node`` under ``parent`` unless it was ever written
+        (``ConflictError`` with its version otherwise)."""
+        from broker.crdt import Create
+
+        return await self.write([Create(node, parent)], if_version=0)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def _fence(self) -> int:
+        try:
+            seq = await self.log.fence()
+        except UnavailableError:
+            self.available = False
+            raise
+        self.available = True
+        return seq
+
+    async def read(self, keys: Iterable[str] | None = None) -> StrongRead:
+        """A linearizable read of ``keys`` (None: every STRONG key) — see the module doc."""
+        from broker.repair import subset
+
+        wanted = None if keys is None else list(keys)
+        for k in wanted or ():
+            self._check_key(k)
+        deadline = self._now() + self.timeout
+        seq = await self._fence()
+        await self._wait_applied(seq, deadline)
+        state = self.replica.machine.state
+        if wanted is None:
+            wanted = [k for k in (state.store or {}) if is_strong(k, self.prefixes)]
+        return StrongRead(subset(state, wanted), {k: self.version(k) for k in wanted}, seq)

@@ -1,0 +1,177 @@
+"""STRONG consistency over a real nats-server with JetStream (R1, one server): compare-and-set
+writes, create-if-absent, linearizable reads, retries after lost races, refusals of
+EVENTUAL writes to STRONG worknodes, restart and fast-forward, bounded failure when the
+server is gone. Worknode services with SQLite stores, as ``worknode run`` starts them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.codec import TrustRoster
+from broker.crdt import Assign, Create, Increment
+from broker.errors import ConflictError, InvalidArgumentError, UnavailableError
+from broker.replica import Consistency, Replica
+from broker.replication import STRONG_AUTHOR
+from broker.strong import StrongMode
+from broker.transport import EmbeddedNatsServer
+from services.worknode import WorknodeService
+from tests.integration._nodes import SUBJECT, node_settings, roster_of
+
+STRONG = {SUBJECT: ["acct-"]}
+
+
+@asynccontextmanager
+async def _nodes(
+    tmp: Path, url: str, names: Sequence[str], roster: TrustRoster | None = None, **kw: Any
+) -> AsyncIterator[list[WorknodeService]]:
+    settings = [node_settings(tmp, url, n, strong=STRONG, strong_timeout_s=2.0, **kw)
+                for n in names]
+    roster = roster or roster_of(settings)
+    services = [WorknodeService(s, roster=roster) for s in settings]
+    try:
+        for svc in services:
+            await svc.start()
+        yield services
+    finally:
+        for svc in services:
+            await svc.stop()
+
+
+def _strong(r: Replica) -> StrongMode:
+    assert r.strong is not None
+    return r.strong
+
+
+async def test_create_if_absent_wins_once_and_the_loser_gets_the_version(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    async with _nodes(tmp_path, nats_server.url, ["a", "b"]) as svcs:
+        a, b = (_strong(s.replica(SUBJECT)) for s in svcs)
+        results = await asyncio.gather(
+            a.create_if_absent("acct-1", "root"), b.create_if_absent("acct-1", "root"),
+            return_exceptions=True)
+        won = [r for r in results if isinstance(r, int)]
+        lost = [r for r in results if isinstance(r, ConflictError)]
+        assert len(won) == 1, results
+        assert len(lost) == 1, results
+        assert lost[0].expected == 0
+        assert lost[0].current == won[0]
+        # Both read it linearizably, at the same version, as one write.
+        ra, rb = await a.read(["acct-1"]), await b.read(["acct-1"])
+        assert ra.versions == rb.versions == {"acct-1": won[0]}
+        assert ra.state.value() == rb.state.value() == {"acct-1": {"parent": "root"}}
+
+
+async def test_concurrent_unconditional_increments_all_count(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """Two nodes increment one STRONG counter concurrently: every acknowledged increment is
+    in the total (lost races are recomputed on the newer state, never merged blindly)."""
+    async with _nodes(tmp_path, nats_server.url, ["a", "b"]) as svcs:
+        ra, rb = (s.replica(SUBJECT) for s in svcs)
+        await _strong(ra).create_if_absent("acct-1", "root")
+
+        async def incr(r: Replica, n: int) -> int:
+            done = 0
+            for _ in range(n):
+                await r.write(Increment("acct-1", ("bal",), 1), Consistency.STRONG)
+                done += 1
+            return done
+
+        counts = await asyncio.gather(incr(ra, 25), incr(rb, 25))
+        for r in (ra, rb):
+            read = await _strong(r).read(["acct-1"])
+            assert read.state.value()["acct-1"]["fields"]["bal"] == sum(counts) == 50
+        assert ra.state.digest() == rb.state.digest()
+
+
+async def test_a_conditional_write_on_a_stale_version_changes_nothing(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    async with _nodes(tmp_path, nats_server.url, ["a", "b"]) as svcs:
+        a, b = (_strong(s.replica(SUBJECT)) for s in svcs)
+        v1 = await a.create_if_absent("acct-1", "root")
+        v2 = await b.write([Assign("acct-1", ("owner",), "bob")], if_version=v1)
+        assert v2 > v1
+        with pytest.raises(ConflictError) as info:
+            await a.write([Assign("acct-1", ("owner",), "alice")], if_version=v1)
+        assert info.value.expected == v1
+        assert info.value.current == v2
+        for m in (a, b):
+            read = await m.read(["acct-1"])
+            assert read.state.value()["acct-1"]["fields"] == {"owner": "bob"}
+            assert read.versions["acct-1"] == v2
+
+
+async def test_a_read_includes_every_write_acknowledged_before_it(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """No sleep between a write acknowledged on one node and a read on the other: the read's
+    fence orders it after the write."""
+    async with _nodes(tmp_path, nats_server.url, ["a", "b"]) as svcs:
+        a, b = (_strong(s.replica(SUBJECT)) for s in svcs)
+        await a.create_if_absent("acct-1", "root")
+        for i in range(20):
+            await a.write([Assign("acct-1", ("n",), i)])
+            read = await b.read(["acct-1"])
+            assert read.state.value()["acct-1"]["fields"]["n"] == i
+
+
+async def test_eventual_writes_to_strong_worknodes_are_refused_and_others_go_on(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    async with _nodes(tmp_path, nats_server.url, ["a"]) as svcs:
+        r = svcs[0].replica(SUBJECT)
+        await _strong(r).create_if_absent("acct-1", "root")
+        for consistency in (Consistency.EVENTUAL, Consistency.LOCAL):
+            with pytest.raises(InvalidArgumentError):
+                await r.write(Assign("acct-1", ("x",), 1), consistency)
+        with pytest.raises(InvalidArgumentError):  # and the other way round
+            await r.write(Create("plain", "root"), Consistency.STRONG)
+        await r.write(Create("plain", "root"))  # EVENTUAL worknodes as before
+        assert "x" not in r.state.value()["acct-1"].get("fields", {})
+        assert "plain" in r.state.value()
+
+
+async def test_a_restarted_node_fast_forwards_from_the_log(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    async with _nodes(tmp_path, nats_server.url, ["a", "b"]) as svcs:
+        a = _strong(svcs[0].replica(SUBJECT))
+        await a.create_if_absent("acct-1", "root")
+        await a.write([Increment("acct-1", ("bal",), 5)])
+        await svcs[1].stop()
+        for _ in range(10):
+            await a.write([Increment("acct-1", ("bal",), 1)])
+        await svcs[1].start()
+        b = _strong(svcs[1].replica(SUBJECT))
+        read = await b.read(["acct-1"])
+        assert read.state.value()["acct-1"]["fields"]["bal"] == 15
+        # The log's dots are 1..applied on every replica: nothing else names them.
+        ctx = svcs[1].replica(SUBJECT).state.context
+        assert ctx.version_vector[STRONG_AUTHOR] == b.applied
+        assert not [d for d in ctx.cloud if d[0] == STRONG_AUTHOR]
+
+
+async def test_without_a_server_strong_fails_in_bounded_time_and_eventual_goes_on(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    async with _nodes(tmp_path, nats_server.url, ["a"]) as svcs:
+        r = svcs[0].replica(SUBJECT)
+        await _strong(r).create_if_absent("acct-1", "root")
+        await nats_server.stop()
+        # Each fails within its 2 s timeout; wait_for only turns a hang into a failure.
+        with pytest.raises(UnavailableError):
+            await asyncio.wait_for(
+                r.write(Increment("acct-1", ("bal",), 1), Consistency.STRONG), 30)
+        with pytest.raises(UnavailableError):
+            await asyncio.wait_for(_strong(r).read(["acct-1"]), 30)
+        await r.write(Create("plain", "root"), Consistency.LOCAL)  # LOCAL goes on
+        assert "plain" in r.state.value()
+        assert _strong(r).available is False
