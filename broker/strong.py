@@ -52,7 +52,7 @@ from broker.errors import (
     UnavailableError,
     WorknodeError,
 )
-from broker.replication import STRONG_AUTHOR, is_strong, strong_delta
+from broker.replication import STRONG_AUTHOR, is_strong, strong_entry
 from broker.transport import StrongLog
 from broker.transport._subjects import PREFIX, validate_token
 
@@ -109,6 +109,8 @@ def strong_log_for(
         timeout=timeout,
         max_age=max_age,
         max_bytes=max_bytes,
+        # Each entry holds its key's whole state: the last one per key is the whole log.
+        max_msgs_per_subject=1,
     )
 
 
@@ -329,7 +331,7 @@ class StrongMode:
                 raise ConflictError(
                     f"worknode {key!r} is at version {version}, not {want}",
                     expected=want, current=version)
-            _, delta = strong_delta(replica.machine.tree, op, replica.hlc())
+            _, delta = strong_entry(replica.machine.tree, op, replica.hlc())
             subject = strong_subject(replica.config.namespace, replica.config.subject, key)
             data = replica.codec.seal(
                 replica.signer, subject=subject, hlc=replica.hlc(),

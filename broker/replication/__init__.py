@@ -72,7 +72,7 @@ from broker.replication._strong import (
     STRONG_AUTHOR,
     is_strong,
     stamp,
-    strong_delta,
+    strong_entry,
     strong_entry_problem,
     without_strong,
 )
@@ -136,7 +136,7 @@ __all__ = [
     "relayed",
     "removes",
     "stamp",
-    "strong_delta",
+    "strong_entry",
     "strong_entry_problem",
     "unseen_claims",
     "without_strong",

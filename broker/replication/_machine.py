@@ -649,32 +649,33 @@ class ReplicationMachine:
         ``key`` against the version its compare-and-set named, renamed to the log's dot and
         joined; None for an entry that writes nothing (a fence, or one gone from the stream),
         whose sequence is only marked seen. Entries before ``seq`` not applied yet are
-        marked seen too (the stream skipped them: expired fences). Idempotent: an entry at
-        or below ``log_applied`` does nothing. A refused entry (``strong_entry_problem``) is
-        marked seen and reported (``Report("rejected", (reason, "log"))``): every replica
-        refuses it alike (``writer``: its signer, named in the report). The joined delta is
-        kept to be logged like a received one."""
+        marked seen too (the stream dropped them: superseded entries, expired fences).
+        Idempotent: an entry at or below ``log_applied`` does nothing. A refused entry
+        (``strong_entry_problem``) is marked seen and reported (``Report("rejected",
+        (reason, writer))``): every replica
+        refuses it alike (``writer``: its signer, named in the report)."""
         applied = self.log_applied
         if seq <= applied:
             return []
-        ctx = self.tree.state.context
-        for k in range(applied + 1, seq):
-            ctx.add((STRONG_AUTHOR, k))
         out: list[Action] = []
         reason = None
         if delta is not None and key is not None:
-            reason = strong_entry_problem(delta, key, self.tree.state)
+            reason = strong_entry_problem(delta, key, seq)
             if reason is not None:
                 out.append(Report("rejected", (reason, writer)))
         if delta is None or key is None or reason is not None:
-            ctx.add((STRONG_AUTHOR, seq))
+            # Seen, nothing written (not logged: a reload reads it from the log again).
+            self.tree.state.context.merge(CausalContext({STRONG_AUTHOR: seq}))
             return out
-        stamped = stamp(delta, seq)
-        self.tree.merge(stamped)
-        ctx.add((STRONG_AUTHOR, seq))  # a delta that wrote nothing new (a removal) too
-        if stamped.store:
-            self.clock.witness(max_hlc(stamped.store))
-        out += self._keep_received(Clipped(b"", stamped))
+        entry = stamp(delta, key, seq)
+        state = self.tree.state
+        if state.store is None:
+            state.store = MapStore()
+        state.store[key] = entry
+        state.context.merge(CausalContext({STRONG_AUTHOR: seq}))
+        self.clock.witness(max_hlc(MapStore({key: entry})))
+        # Not logged: the log is this entry's durable copy; a snapshot covers it here, and
+        # after a crash the replica replays the log from the last snapshot's position.
         out.append(Changed((key,)))
         return out + self._count_ops(1)
 

@@ -4,15 +4,20 @@ A subject may declare worknode ids STRONG (``strong_prefixes``: an id starting w
 them). Their state changes only through the subject's STRONG log (a JetStream stream, see
 ``broker.strong``), which every replica applies in the log's order:
 
-- A writer computes its write's delta against its state of the key at the version it read
-  (the stream sequence of the key's last entry), *as the author* ``STRONG_AUTHOR`` — not as
-  itself: the delta's one new dot is ``(STRONG_AUTHOR, m)`` for some ``m`` of the writer's,
-  its claims are the key's entries it overwrites — and publishes it, signed, with a
-  compare-and-set on that version. The log refuses it if the key moved on (``ConflictError``).
-- Every replica, applying entry ``seq``, renames the new dot to ``(STRONG_AUTHOR, seq)``
-  (``stamp``) and joins it. Because the compare-and-set held, the key is exactly as the
-  writer saw it, so the same delta means the same thing everywhere; because the dot is the
-  log's sequence, every replica names the write alike. Entries that write nothing (fences,
+- A writer applies its op to its state of the key at the version it read (the stream
+  sequence of the key's last entry) *as the author* ``STRONG_AUTHOR`` — not as itself: its
+  one new dot is ``(STRONG_AUTHOR, m)``, ``m`` above every dot the key holds — and publishes
+  the key's whole new entry (``strong_entry``), signed, with a compare-and-set on that
+  version. The log refuses it if the key moved on (``ConflictError``).
+- Every replica, applying entry ``seq``, renames the new dot to ``(STRONG_AUTHOR, seq)`` and
+  puts the entry in place of the key's (``stamp``), marking ``1..seq`` seen. Because the
+  compare-and-set held, the key was exactly as the writer saw it, so the entry means the
+  same thing everywhere; because the dot is the log's sequence, every replica names the
+  write alike.
+- Each entry holds its key's whole state, so the stream keeps only the last entry of each
+  key (``max_msgs_per_subject`` 1): the stream is its own snapshot (a replica that replays it
+  from the start gets every key's last state; the superseded entries it skips are marked
+  seen), and it never grows past one entry per STRONG worknode. Entries that write nothing (fences,
   refused entries, entries gone from the stream) only mark their sequence seen, so the
   context of ``STRONG_AUTHOR`` is always ``1..applied`` and nothing else (``next_dot`` of the
   author is ``applied + 1`` on every replica).
@@ -41,7 +46,7 @@ __all__ = [
     "STRONG_AUTHOR",
     "is_strong",
     "stamp",
-    "strong_delta",
+    "strong_entry",
     "strong_entry_problem",
     "without_strong",
 ]
@@ -58,10 +63,7 @@ def is_strong(key: str, prefixes: Iterable[str]) -> bool:
     return any(key.startswith(p) for p in prefixes)
 
 
-def strong_delta(tree: Tree, op: TreeOp, ts: int) -> tuple[str, ORMap]:
-    """``(key, delta)`` of ``op`` against ``tree`` as ``STRONG_AUTHOR`` writes it, without
-    applying it (the log's order decides whether and where it applies). Raises what the op
-    raises for invalid input (nothing changed)."""
+def _op_delta(tree: Tree, op: TreeOp, ts: int) -> tuple[str, ORMap]:
     author = STRONG_AUTHOR
     if isinstance(op, Assign):
         return op.node, tree.assign(author, op.node, op.path, op.value, ts)
@@ -78,38 +80,59 @@ def strong_delta(tree: Tree, op: TreeOp, ts: int) -> tuple[str, ORMap]:
     )
 
 
-def strong_entry_problem(delta: ORMap, key: str, state: ORMap) -> str | None:
-    """Why log entry ``delta`` (for worknode ``key``) cannot apply to ``state``, or None.
+def strong_entry(tree: Tree, op: TreeOp, ts: int) -> tuple[str, ORMap]:
+    """``(key, entry)``: ``op`` applied to ``tree``'s state of its worknode as
+    ``STRONG_AUTHOR`` writes it, as the log carries it — the key's whole new entry, with
+    exactly the dots it holds — without changing ``tree`` (the log's order decides whether
+    and where it applies). Raises what the op raises for invalid input (nothing changed)."""
+    key, delta = _op_delta(tree, op, ts)
+    if len(list(dots_of(delta.store))) != 1:
+        # The log names each write by its one new dot: a write that adds none (an
+        # increment by 0) writes nothing.
+        raise InvalidArgumentError(f"a STRONG write to {key!r} that changes nothing")
+    store = tree.state.store
+    mine = store.get(key) if store else None
+    after = ORMap(
+        MapStore({key: mine}) if mine is not None else None,
+        CausalContext.from_dots(dots_of(mine)) if mine is not None else CausalContext(),
+        is_delta=True,
+    ).copy()  # a join works in place: never on the tree's own entry
+    after.merge(delta)
+    entry = after.store.get(key) if after.store else None
+    if entry is None:
+        raise InvalidArgumentError(f"a STRONG write to {key!r} that leaves it empty")
+    return key, ORMap(MapStore({key: entry}), CausalContext.from_dots(dots_of(entry)),
+                      is_delta=True)
 
-    It must touch only ``key``, hold at most one new entry, under a dot of ``STRONG_AUTHOR``,
-    and claim only dots ``state`` holds under ``key`` (what the writer saw there: the
-    compare-and-set made it so). Anything else is a forged or corrupt entry: every replica
-    refuses it alike (they hold the same state of ``key`` at that point of the log)."""
-    store = delta.store
-    if store and set(store.keys()) != {key}:
+
+def strong_entry_problem(entry: ORMap, key: str, seq: int) -> str | None:
+    """Why log entry ``entry`` (for worknode ``key``, at sequence ``seq``) cannot apply, or
+    None. It must hold ``key``'s entry alone, under dots of ``STRONG_AUTHOR`` only: its new
+    one (the highest, once) and the rest below ``seq`` (writes the log ordered before it).
+    Anything else is a forged or corrupt entry: every replica refuses it alike."""
+    store = entry.store
+    if not store or set(store.keys()) != {key}:
         return "foreign_key"
-    new = list(dots_of(store)) if store else []
-    if len(new) > 1 or any(r != STRONG_AUTHOR for r, _ in new):
+    dots = list(dots_of(store))
+    if not dots or any(r != STRONG_AUTHOR for r, _ in dots):
         return "foreign_dot"
-    held = set(dots_of(state.store.get(key))) if state.store else set()
-    claims = [d for d in delta.context.dots() if d not in new]
-    if any(d not in held for d in claims):
-        return "unbacked_context"
-    if new and any(n <= k for r, k in claims for _, n in new if r == STRONG_AUTHOR):
+    top = max(n for _, n in dots)
+    rest = [n for _, n in dots if n != top]
+    if len(rest) != len(dots) - 1 or any(n >= seq for n in rest):
         return "dot_range"
     return None
 
 
-def stamp(delta: ORMap, seq: int) -> ORMap:
-    """``delta`` (checked by ``strong_entry_problem``) with its new dot renamed
-    ``(STRONG_AUTHOR, seq)``: its name on every replica."""
-    new = list(dots_of(delta.store)) if delta.store else []
-    claims = [d for d in delta.context.dots() if d not in new]
-    target = (STRONG_AUTHOR, seq)
-    if not new:
-        return ORMap(delta.store, CausalContext(cloud=claims), is_delta=True)
-    store = _restamp(delta.store, new[0], target)
-    return ORMap(store, CausalContext(cloud=[*claims, target]), is_delta=True)
+def stamp(entry: ORMap, key: str, seq: int) -> Any:
+    """``key``'s entry in log entry ``entry`` (checked by ``strong_entry_problem``) with its
+    new dot renamed ``(STRONG_AUTHOR, seq)``: the write's name on every replica. The replica
+    puts it in place of the key's entry (not joined: a dot of an earlier write it holds may
+    be one this replica marked seen without applying, when the stream had dropped that
+    superseded entry)."""
+    assert entry.store is not None
+    dots = list(dots_of(entry.store))
+    top = max(dots, key=lambda d: d[1])
+    return _restamp(entry.store[key], top, (STRONG_AUTHOR, seq))
 
 
 def _restamp(entry: Any, old: Dot, new: Dot) -> Any:

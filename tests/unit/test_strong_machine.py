@@ -22,7 +22,7 @@ from broker.replication import (
     ReplicationConfig,
     ReplicationMachine,
     Report,
-    strong_delta,
+    strong_entry,
     strong_entry_problem,
     without_strong,
 )
@@ -67,7 +67,7 @@ def _version(m: ReplicationMachine, log: _Log, key: str) -> int:
 def _try(m: ReplicationMachine, log: _Log, op: TreeOp, ts: int) -> bool:
     key = str(getattr(op, "node", ""))
     try:
-        _, delta = strong_delta(m.tree, op, ts)
+        _, delta = strong_entry(m.tree, op, ts)
     except (InvalidArgumentError, ValueError):
         return False
     return log.publish(key, delta, _version(m, log, key)) is not None
@@ -161,26 +161,57 @@ def _dots(entry: Any) -> list[tuple[str, int]]:
 
 
 def test_a_forged_log_entry_is_refused_alike_and_counted() -> None:
-    """A writer's key may put any bytes in the log: an entry touching another key, holding a
-    node's own dot, or claiming an entry the key does not hold changes nothing anywhere."""
+    """A writer's key may put any bytes in the log: an entry for another key, holding a
+    node's own dot, or a dot the log has not ordered yet changes nothing anywhere."""
     a, log = _machine("node-a"), _Log()
     assert _try(a, log, Create("acct-1"), 1)
     assert _try(a, log, Create("acct-2"), 1)
     log.catch_up(a)
-    _, honest = strong_delta(a.tree, Assign("acct-2", ("x",), 1), 5)
-    other_key = honest  # for acct-2, published as acct-1's
+    _, other_key = strong_entry(a.tree, Assign("acct-2", ("x",), 1), 5)
     own_dot = ORMap(None, CausalContext({"node-a": 0})).assign(
         "node-a", ("acct-1", "fields", "x"), 1, 5)
-    claim_elsewhere = ORMap(None, CausalContext(cloud=[(STRONG_AUTHOR, 2)]), is_delta=True)
-    for forged in (other_key, own_dot, claim_elsewhere):
-        assert strong_entry_problem(forged, "acct-1", a.state) is not None
-        before = a.state.value()
+    ahead = ORMap(None, CausalContext({STRONG_AUTHOR: 50})).assign(
+        STRONG_AUTHOR, ("acct-1", "fields", "y"), 1, 5)
+    ahead.merge(ORMap(None, CausalContext({STRONG_AUTHOR: 51})).assign(
+        STRONG_AUTHOR, ("acct-1", "fields", "z"), 1, 5))  # two new dots, one not ordered
+    for forged in (other_key, own_dot, ahead):
         seq = len(log.entries) + 1
+        assert strong_entry_problem(forged, "acct-1", seq) is not None
+        before = a.state.value()
         log.entries.append(("acct-1", forged))
         out = a.apply_log(seq, forged, "acct-1", "node-x")
         assert [x for x in out if isinstance(x, Report) and x.event == "rejected"]
         assert a.state.value() == before
         assert a.log_applied == seq  # its sequence is spent: the next entry applies
+
+
+def test_the_last_entry_of_each_key_is_the_whole_log() -> None:
+    """The stream keeps one entry per key: a replica that replays only the surviving
+    entries (the superseded ones skipped) holds what a replica that applied all of them
+    holds."""
+    a, log = _machine("node-a"), _Log()
+    assert _try(a, log, Create("acct-1"), 1)
+    assert _try(a, log, Create("acct-2"), 1)
+    for i in range(12):
+        log.catch_up(a)
+        op = (Increment("acct-1", ("n",), i), Assign("acct-2", ("x",), i),
+              Add("acct-1", ("s",), i % 4))[i % 3]
+        assert _try(a, log, op, 10 + i)
+        if i % 4 == 0:
+            log.fence()
+    log.catch_up(a)
+    last: dict[str, int] = {}
+    for seq, e in enumerate(log.entries, 1):
+        if e is not None:
+            last[e[0]] = seq
+    fresh = _machine("node-b")
+    for key, seq in sorted(last.items(), key=lambda kv: kv[1]):
+        e = log.entries[seq - 1]
+        assert e is not None
+        fresh.apply_log(seq, e[1], key)
+    fresh.apply_log(len(log.entries), None)  # the last fence
+    assert fresh.state.value() == a.state.value()
+    assert fresh.state.digest() == a.state.digest()
 
 
 def test_eventual_writes_to_strong_worknodes_fail_before_they_apply() -> None:
