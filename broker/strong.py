@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -70,9 +71,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_CONFLICT_RETRIES: Final = 8
+MAX_CONFLICT_RETRIES: Final = 64
 """Unconditional STRONG writes retried at most this many times after a conflict (another
-writer got the key first; the write is recomputed on the newer state)."""
+writer got the key first; the write is recomputed on the newer state), and never past the
+write's timeout."""
 _WRITERS: Final = ("node", "writer")
 
 
@@ -97,9 +99,13 @@ def strong_stream(namespace: str, subject: str) -> str:
 
 def strong_log_for(
     connection: object, namespace: str, subject: str, *, replicas: int = 1,
-    timeout: float = 2.0, max_age: float = 0.0, max_bytes: int = -1,
+    timeout: float = 2.0, max_keys: int = -1, max_entry_bytes: int = -1,
 ) -> StrongLog:
-    """The ``StrongLog`` of ``subject`` (call ``ensure()`` before use)."""
+    """The ``StrongLog`` of ``subject`` (call ``ensure()`` before use). The stream keeps
+    the last entry of each STRONG worknode (its whole state) and nothing older, with no age
+    or size limit (it is the STRONG keys' snapshot: dropping a key's last entry would lose
+    it); ``max_keys`` bounds how many worknodes it holds (a write creating one more is
+    refused), ``max_entry_bytes`` one entry's size."""
     return StrongLog(
         connection,  # type: ignore[arg-type]
         stream=strong_stream(namespace, subject),
@@ -107,10 +113,11 @@ def strong_log_for(
         fence_subject=_fence_subject(namespace, subject),
         replicas=replicas,
         timeout=timeout,
-        max_age=max_age,
-        max_bytes=max_bytes,
         # Each entry holds its key's whole state: the last one per key is the whole log.
         max_msgs_per_subject=1,
+        max_msgs=max_keys if max_keys == -1 else max_keys + 1,  # + the last fence
+        max_msg_size=max_entry_bytes,
+        discard_new=max_keys != -1,
     )
 
 
@@ -150,6 +157,10 @@ class StrongMode:
         self._applied = asyncio.Event()  # pulsed after every applied entry
         self._task: asyncio.Task[None] | None = None
         self._failure: WorknodeError | None = None
+        # After a gap (entries the stream dropped as superseded), the sequence this replica
+        # must reach before its state is the log's again (see ``_apply``).
+        self._barrier = 0
+        self._skipped = False
         self.available = False
         """Whether the last STRONG operation reached a quorum (the mode metric)."""
         self.entries_applied = 0
@@ -191,25 +202,36 @@ class StrongMode:
                 async with reader:
                     backoff = 0.05
                     async for entry in reader:
-                        self._apply(entry.seq, entry.subject, entry.payload, entry.fence)
+                        self._apply(entry.seq, entry.subject, entry.payload, entry.fence,
+                                    entry.pending)
             except asyncio.CancelledError:
                 raise
             except LogTruncatedError as exc:
-                # The stream no longer holds entries this replica has not applied: no
-                # peer's document may bring STRONG keys, so this replica cannot go on.
-                self._failure = exc
-                log.error("STRONG log of %s truncated past this replica (%s): STRONG "
-                          "operations refused here", self.replica.config.subject, exc)
-                self._applied.set()
-                return
+                # Entries the stream dropped were superseded: each entry holds its key's
+                # whole state and the stream keeps the last one of each key (it has no age
+                # or size limit). Mark them seen and read on from the first one left.
+                log.info("STRONG log of %s: entries before %d superseded, read from there",
+                         self.replica.config.subject, exc.first_seq)
+                self.replica.apply_log(exc.first_seq - 1, None, None, "log")
+                self._skipped = True
+                continue
             except WorknodeError as exc:
                 log.debug("STRONG log of %s: %s (retrying)", self.replica.config.subject, exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
-    def _apply(self, seq: int, subject: str, payload: bytes, fence: bool) -> None:
+    def _apply(
+        self, seq: int, subject: str, payload: bytes, fence: bool, pending: int = 0
+    ) -> None:
         if seq <= self.applied:
             return
+        if self._skipped or seq > self.applied + 1:
+            # The stream dropped entries before this one: superseded by later entries of
+            # their keys, which it held when it delivered this one. Until those are applied
+            # too, this replica's state is not the log's up to any point: reads and writes
+            # wait for it.
+            self._barrier = max(self._barrier, seq + pending)
+            self._skipped = False
         key = subject.rsplit(".", 1)[1] if not fence else None
         delta: ORMap | None = None
         writer = "log"
@@ -235,7 +257,7 @@ class StrongMode:
         self._applied = asyncio.Event()
 
     async def _wait_applied(self, seq: int, deadline: float) -> None:
-        while self.applied < seq:
+        while self.applied < max(seq, self._barrier):
             if self._failure is not None:
                 raise UnavailableError(f"STRONG log unusable here: {self._failure}")
             left = deadline - self._now()
@@ -289,7 +311,9 @@ class StrongMode:
             self._check_key(str(k))
         deadline = self._now() + self.timeout
         fenced = False
-        for _ in range(MAX_CONFLICT_RETRIES + 1):
+        for attempt in range(MAX_CONFLICT_RETRIES + 1):
+            if attempt and self._now() >= deadline:
+                break
             try:
                 seq = await self._write_once(ops, expect, deadline)
             except (TreeError, InvalidArgumentError):
@@ -303,8 +327,11 @@ class StrongMode:
             except ConflictError as exc:
                 if expect:
                     raise
-                # Another writer got a key first: apply the log past it, recompute, retry.
-                await self._wait_applied(exc.current or self.applied, deadline)
+                # Another writer got a key first: apply the log past it, recompute, retry
+                # (after a short random pause, so that two writers do not race in step).
+                target = exc.current if exc.current else await self._fence()
+                await self._wait_applied(target, deadline)
+                await asyncio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
                 continue
             except UnavailableError:
                 self.available = False
@@ -313,7 +340,7 @@ class StrongMode:
             await self._wait_applied(seq, deadline)
             return seq
         raise ConflictError(
-            f"STRONG write to {keys} lost {MAX_CONFLICT_RETRIES + 1} races in a row",
+            f"STRONG write to {keys} lost every race within {self.timeout}s",
             expected=self.version(str(keys[0])), current=None)
 
     async def _write_once(
