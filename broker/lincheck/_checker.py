@@ -16,14 +16,16 @@ Invariants:
   again, since what can follow depends only on that pair. The set is an int bitset.
 - Indeterminate operations have no return event: nothing forces them before anything, so they
   are linearized at any point after their call or never.
-- Budget: ``max_states`` memo entries in all, and/or a deadline on an injected clock
-  (``now() >= deadline``, checked every few thousand steps). Out of budget: ``UNKNOWN``.
+- Budget: ``max_states`` memo entries over all keys (checked at every entry), and/or a
+  deadline on an injected clock (``now() >= deadline``, read once per key and then every few
+  thousand steps). Out of budget: ``UNKNOWN``.
   No clock is read here.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -103,9 +105,12 @@ class _Budget:
         self.now, self.deadline, self.max_states = now, deadline, max_states
         self.explored = 0
 
-    def out(self, memo: int) -> bool:
-        if self.max_states is not None and self.explored + memo >= self.max_states:
-            return True
+    def states_left(self) -> float:
+        """Memo entries the next key may add before the budget is out."""
+        return math.inf if self.max_states is None else self.max_states - self.explored
+
+    def late(self) -> bool:
+        """Whether the deadline has passed."""
         return self.now is not None and self.now() >= self.deadline  # type: ignore[operator]
 
 
@@ -135,6 +140,7 @@ def _search(model: Model, ops: Sequence[Operation], budget: _Budget) -> _Outcome
     finite = [op.ret is not None for op in ops]
     remaining = sum(finite)
     step = model.step
+    states_left = budget.states_left()
 
     state: Hashable = model.init()
     if remaining == 0:
@@ -148,7 +154,7 @@ def _search(model: Model, ops: Sequence[Operation], budget: _Budget) -> _Outcome
     try:
         while True:
             steps += 1
-            if steps % _CLOCK_EVERY == 0 and budget.out(len(memo)):
+            if steps % _CLOCK_EVERY == 0 and budget.late():
                 return _Outcome(Verdict.UNKNOWN, [], state, [])
             if not entry & 1:  # a call: try to linearize its operation now
                 i = entry >> 1
@@ -157,6 +163,8 @@ def _search(model: Model, ops: Sequence[Operation], budget: _Budget) -> _Outcome
                     seen = bits | (1 << i)
                     k = (seen, type(after), after)
                     if k not in memo:
+                        if len(memo) >= states_left:
+                            return _Outcome(Verdict.UNKNOWN, [], state, [])
                         memo.add(k)
                         stack.append((i, state))
                         state, bits = after, seen
@@ -231,6 +239,9 @@ def check(
             model.validate(op)
     budget = _Budget(now, deadline, max_states)
     for key in sorted(parts):
+        if budget.late():
+            return CheckResult(Verdict.UNKNOWN, key=key, ops=tuple(parts[key]),
+                               explored=budget.explored, keys=len(parts))
         # An indeterminate read constrains nothing: drop it before the search.
         ops = [op for op in parts[key] if not (op.ret is None and op.f == "read")]
         found = _search(model, ops, budget)

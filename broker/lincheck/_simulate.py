@@ -57,6 +57,7 @@ def generate_history(
     keys: int = 1,
     clients: int = 3,
     indeterminate: float = 0.0,
+    max_indeterminate: int = 6,
     values: int = 4,
     overlap: float = 1.0,
 ) -> list[Operation]:
@@ -65,7 +66,9 @@ def generate_history(
 
     Each client runs its operations one after another with random durations (``overlap`` scales
     them: larger means more concurrency). With probability ``indeterminate`` an operation gets
-    no response; it took effect or not with even odds, and its client is replaced by a fresh
+    no response (at most ``max_indeterminate`` of them: each one stays concurrent with
+    everything after it, and proving a history illegal costs up to twice as much per such
+    operation); it took effect or not with even odds, and its client is replaced by a fresh
     one (a crashed Jepsen process), since a client never overlaps itself. Values written are
     ``0 .. values-1``; reads returning :data:`NEVER_WRITTEN` are impossible.
     """
@@ -78,7 +81,7 @@ def generate_history(
         call = free[slot] + rng.random() * 0.2
         duration = rng.random() * overlap
         key = f"k{rng.randrange(keys)}"
-        if rng.random() < indeterminate:
+        if rng.random() < indeterminate and fresh - clients < max_indeterminate:
             took = rng.random() < 0.5
             point = call + rng.random() * 4 * overlap if took else None
             drafts.append(_Draft(names[slot], call, None, point, key))
