@@ -126,6 +126,8 @@ LEGAL: dict[str, tuple[str, list[Operation]]] = {
         w(0, 0, 1, 0), cas(1, 2, None, 0, 1, None), r(2, 3, 4, 1)]),
     "an indeterminate CAS that did not": ("cas", [
         w(0, 0, 1, 0), cas(1, 2, None, 0, 1, None), r(2, 3, 4, 0)]),
+    "an indeterminate CAS that never could have swapped (never, not at the end)": ("cas", [
+        w(0, 0, 1, 0), w(0, 2, 3, 5), cas(1, 4, None, 0, 1, None), r(2, 5, 6, 5)]),
     "one of two concurrent CAS wins, the other reports the winner's value": ("cas", [
         op(1, 0, 2, "create", "a", True), op(2, 0, 2, "create", "b", Fail("a")),
         r(3, 3, 4, "a")]),
