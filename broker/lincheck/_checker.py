@@ -232,7 +232,7 @@ def check(
         if model not in MODELS:
             raise HistoryError(f"unknown model {model!r} (one of {', '.join(MODELS)})")
         model = MODELS[model]
-    parts = partition(history)
+    parts = partition(op.settled() for op in history)
     for ops in parts.values():
         for op in ops:
             check_times(op)

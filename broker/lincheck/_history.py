@@ -3,9 +3,11 @@
 Invariants:
 
 - An :class:`Operation` is one call of one client on one key: ``call`` is when it was invoked,
-  ``ret`` when its response arrived, or ``None`` when the outcome is indeterminate (a timeout, a
-  crashed client): such an operation may have taken effect at any moment after ``call``, or
-  never, and its ``out`` is not constrained (Jepsen's ``:info`` operations).
+  ``ret`` when its response arrived, or ``None`` (or ``math.inf``) when the outcome is
+  indeterminate (a timeout, a crashed client): such an operation may have taken effect at any
+  moment after ``call``, or never, and its ``out`` is not constrained (Jepsen's ``:info``
+  operations). An operation known to have failed without effect (a refusal, an unavailable
+  minority) is simply left out of the history; a CAS that answered "no" is an operation.
 - Operation ``a`` precedes ``b`` in real time iff ``a.ret < b.call`` (strictly): operations that
   touch at one instant are concurrent.
 - Values are JSON scalars (``None``, bool, int, float, str), so states hash and histories round
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeAlias
 
 from broker.errors import InvalidArgumentError
@@ -55,7 +57,8 @@ class Fail:
 @dataclass(frozen=True, slots=True)
 class Operation:
     """One call of client ``client`` on ``key``: ``f`` with argument ``arg``, invoked at
-    ``call``, answered with ``out`` at ``ret`` (``ret is None``: indeterminate, ``out`` ignored).
+    ``call``, answered with ``out`` at ``ret`` (``ret`` ``None`` or ``inf``: indeterminate,
+    ``out`` ignored).
 
     The functions and their forms (models accept the subset they know):
 
@@ -78,7 +81,11 @@ class Operation:
     @property
     def indeterminate(self) -> bool:
         """Whether the outcome is unknown (no response: it may or may not have taken effect)."""
-        return self.ret is None
+        return self.ret is None or self.ret == math.inf
+
+    def settled(self) -> Operation:
+        """This operation with an indeterminate completion spelled ``None`` (not ``inf``)."""
+        return replace(self, ret=None) if self.ret is not None and self.indeterminate else self
 
     def describe(self) -> str:
         """A short human form: ``c1 cas(0, 1) -> True [2.0, 3.5]``."""
@@ -86,9 +93,9 @@ class Operation:
             args = ", ".join(repr(a) for a in self.arg)
         else:
             args = "" if self.f == "read" else repr(self.arg)
-        shown = "?" if self.ret is None else (
+        shown = "?" if self.indeterminate else (
             repr(self.out) if self.f in ("read", "cas", "create") else "ok")
-        end = "inf" if self.ret is None else f"{self.ret:g}"
+        end = "inf" if self.ret is None else f"{self.ret:g}"  # inf prints as inf too
         return f"{self.client} {self.f}({args}) -> {shown} [{self.call:g}, {end}]"
 
 
@@ -153,7 +160,10 @@ def _parse(line: str, number: int) -> Operation:
         raise HistoryError(f"{where}: key and f must be strings")
     arg = raw.get("arg")
     arg = tuple(_value(a, where) for a in arg) if isinstance(arg, list) else _value(arg, where)
-    op = Operation(client=client, call=raw["call"], ret=raw.get("ret"), f=f, arg=arg,
+    ret = raw.get("ret")
+    if ret == math.inf:  # Python's json writes and reads an unbounded completion as Infinity
+        ret = None
+    op = Operation(client=client, call=raw["call"], ret=ret, f=f, arg=arg,
                    out=_out(raw.get("out"), where), key=key)
     try:
         check_times(op)

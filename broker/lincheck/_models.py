@@ -6,7 +6,8 @@ Invariants:
   ``legal`` says whether ``op`` with its recorded output can happen in ``state``. States are
   hashable and compared by value *and* type (``1``, ``1.0`` and ``True`` are different values
   here, as they are on the wire), so the checker can memoise them.
-- An indeterminate operation (``op.ret is None``) is stepped as if it took effect, whatever its
+- Operations come settled (:meth:`Operation.settled`: ``ret is None`` when indeterminate).
+  An indeterminate operation is stepped as if it took effect, whatever its
   output; that it did not take effect is the checker's other branch (never linearizing it).
   For a CAS whose expected value does not match, taking effect is not possible, so the step is
   illegal and only the "never" branch remains (a failed CAS changes nothing, exactly like one

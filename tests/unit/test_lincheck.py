@@ -163,6 +163,14 @@ def test_the_failing_key_and_why_are_reported() -> None:
     assert "1 of 2" in text
 
 
+def test_an_infinite_completion_is_indeterminate() -> None:
+    history = [w(1, 0, float("inf"), 1), r(2, 5, 6, None), r(2, 7, 8, 1)]
+    assert check(history, "register").ok
+    assert check([*history, r(2, 9, 10, None)], "register").verdict is Verdict.ILLEGAL
+    line = '{"client": 1, "call": 0, "ret": Infinity, "f": "write", "arg": 1}'
+    assert loads([line])[0].ret is None
+
+
 def test_values_compare_by_type() -> None:
     assert check([w(1, 0, 1, 1), r(2, 2, 3, True)], "register").verdict is Verdict.ILLEGAL
     assert check([w(1, 0, 1, 1), r(2, 2, 3, 1.0)], "register").verdict is Verdict.ILLEGAL
