@@ -41,10 +41,11 @@ Value: TypeAlias = bool | int | float | str | None
 _SCALARS = (type(None), bool, int, float, str)
 
 
-class HistoryError(InvalidArgumentError):
-    """A history is malformed (a line is not an operation, a time is missing or a completion
-    precedes its invocation, an operation does not fit the model). Fix the recorded history;
-    checking the same input again fails again."""
+HistoryError = InvalidArgumentError
+"""What a malformed history raises (a line is not an operation, a time is missing or a
+completion precedes its invocation, an operation does not fit the model): worknode's
+``InvalidArgumentError`` itself (a ``ValueError``), so the one error tree covers it. Fix the
+recorded history; checking the same input again fails again."""
 
 
 @dataclass(frozen=True, slots=True)
