@@ -40,6 +40,17 @@ Guarantees:
 - Pure: no I/O, no clock (the deadline is checked against the caller's ``now``), no global
   randomness (the simulators take a seeded ``random.Random``).
 
+Recording a history (the Jepsen-style test):
+
+- take ``call`` and ``ret`` from one monotonic clock in the recording process: ``call`` just
+  before sending, ``ret`` just after the answer arrived;
+- a timeout or a lost connection is indeterminate (``ret=None``) and the client continues under
+  a new id (a client never overlaps itself); an operation known to have failed without effect
+  (refused, unavailable) is left out; a CAS that answered "conflict" is a ``cas`` with
+  ``out=False`` (or ``Fail(current)`` when the answer carries the current value);
+- make every written value unique: then a CAS on values says what a CAS on versions says (map
+  a version the system reports to the value written at it), and a stale read is visible.
+
 :func:`generate_history` makes histories linearizable by construction (tests, benchmarks);
 :func:`eventual_history` simulates an eventually consistent two-replica store whose histories
 the checker must flag (the EVENTUAL control).

@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from broker.errors import InvalidArgumentError
 from broker.lincheck._history import HistoryError, Operation, check_times, partition
@@ -59,7 +59,8 @@ class CheckResult:
     key's history (for ``OK``: ``None`` key and empty tuples); ``state`` the model's state after
     that prefix; ``pending`` the operations that were candidates to go next there (the ones
     invoked before the earliest unlinearized completion): none of them leads to a full
-    linearization. ``explored`` counts memoised states over all keys checked.
+    linearization. ``explored`` counts memoised states over all keys checked; ``keys`` is the
+    number of keys in the history.
     """
 
     verdict: Verdict
@@ -69,7 +70,7 @@ class CheckResult:
     state: Hashable = None
     pending: tuple[Operation, ...] = ()
     explored: int = 0
-    keys: int = field(default=0)
+    keys: int = 0
 
     @property
     def ok(self) -> bool:

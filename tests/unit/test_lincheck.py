@@ -265,6 +265,13 @@ def test_a_read_of_a_value_no_order_allows_is_rejected(
     assert result.verdict is Verdict.ILLEGAL
     assert result.key == history[i].key
     assert history[i] in result.ops
+    # The explanation holds: the prefix runs in the specification and ends in ``state``.
+    state: Hashable = 0 if model == "counter" else None
+    for o in result.linearized:
+        legal, state = _spec(model, state, o)
+        assert legal
+    assert state == result.state
+    assert set(result.pending) <= set(result.ops) - set(result.linearized)
 
 
 @settings(max_examples=100, deadline=None)
