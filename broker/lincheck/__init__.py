@@ -13,7 +13,8 @@ Usage::
     result.explain()  # one line: the key, the longest prefix, the stuck operations
 
     python -m broker.lincheck history.jsonl --model cas --budget 10
-    # prints one line; exit 0 linearizable, 1 NOT linearizable, 2 unknown or bad input
+    # prints one line; exit 0 linearizable, 1 NOT linearizable, 2 unknown or bad input;
+    # --failing OUT writes the failing key's operations (JSON lines) to study or re-check
 
 A history file holds one JSON object per line (see :func:`loads`):
 ``{"key": "a", "client": 1, "call": 0.5, "ret": 1.25, "f": "cas", "arg": [0, 1], "out": true}``.

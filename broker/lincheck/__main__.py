@@ -1,5 +1,5 @@
 """``python -m broker.lincheck FILE [--model register|cas|counter] [--budget SECONDS]
-[--max-states N]``: check a JSON-lines history, print one line.
+[--max-states N] [--failing OUT]``: check a JSON-lines history, print one line.
 
 Exit status: 0 linearizable, 1 NOT linearizable, 2 unknown (budget exhausted) or an error
 (one line on stderr, no traceback). This module reads the file and the clock, so it is an
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from broker.lincheck._checker import Verdict, check
-from broker.lincheck._history import HistoryError, loads
+from broker.lincheck._history import HistoryError, dumps, loads
 from broker.lincheck._models import MODELS
 
 EXIT = {Verdict.OK: 0, Verdict.ILLEGAL: 1, Verdict.UNKNOWN: 2}
@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="give up with 'unknown' after this long")
     p.add_argument("--max-states", type=int, default=None, metavar="N",
                    help="give up with 'unknown' after memoising this many states")
+    p.add_argument("--failing", default=None, metavar="OUT",
+                   help="when NOT linearizable, write the failing key's operations to OUT "
+                        "(JSON lines, the input format) to study or re-check them alone")
     return p
 
 
@@ -64,6 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         print(f"error: {args.file}: cannot read ({type(exc).__name__})", file=sys.stderr)
         return ERROR_EXIT
+    if args.failing is not None and result.verdict is Verdict.ILLEGAL:
+        try:
+            with open(args.failing, "w", encoding="utf-8") as out:
+                out.writelines(line + "\n" for line in dumps(result.ops))
+        except OSError as exc:
+            print(f"error: {args.failing}: cannot write ({type(exc).__name__})",
+                  file=sys.stderr)
+            return ERROR_EXIT
     print(result.explain())
     return EXIT[result.verdict]
 

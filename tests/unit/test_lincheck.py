@@ -457,6 +457,18 @@ def test_cli_not_linearizable(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert out.count("\n") == 1
 
 
+def test_cli_writes_the_failing_key_s_operations(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    _, stale = ILLEGAL["stale read: the old value after a completed write"]
+    fine = [w(1, 0, 1, 1, key="a"), r(2, 2, 3, 1, key="a")]
+    failing = tmp_path / "failing.jsonl"
+    assert main([_file(tmp_path, fine + stale), "--model", "register",
+                 "--failing", str(failing)]) == 1
+    assert loads(failing.read_text().splitlines()) == stale
+    assert check(stale, "register").verdict is Verdict.ILLEGAL
+    capsys.readouterr()
+
+
 def test_cli_unknown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([_file(tmp_path, _hard()), "--model", "register", "--max-states", "100"]) == 2
     assert capsys.readouterr().out.startswith("unknown")
