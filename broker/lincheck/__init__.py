@@ -37,7 +37,11 @@ Guarantees:
   ``counter`` (``add(n)``, ``read``; initially 0). Values compare by value and type.
 - Cost: exponential in the worst case (the problem is NP-complete); in practice it grows with
   the number of operations concurrent at any moment, and each indeterminate operation stays
-  concurrent with everything after it, so keep them few (Jepsen gives a crashed client a new id).
+  concurrent with everything after it. Figures (one core): 2,000 CAS operations, 3 keys, 5
+  clients, linearizable, 0.02 s; the same with one read made impossible, refuted in 0.03 s;
+  with ~12 indeterminate operations per key refuted in 0.12 s, with ~33 per key not refuted
+  in 3M states (26 s): keep timeouts few per key (more keys, shorter runs per key), and treat
+  ``UNKNOWN`` as inconclusive, never as a pass.
 - Pure: no I/O, no clock (the deadline is checked against the caller's ``now``), no global
   randomness (the simulators take a seeded ``random.Random``).
 
@@ -47,8 +51,10 @@ Recording a history (the Jepsen-style test):
   before sending, ``ret`` just after the answer arrived;
 - a timeout or a lost connection is indeterminate (``ret=None``) and the client continues under
   a new id (a client never overlaps itself); an operation known to have failed without effect
-  (refused, unavailable) is left out; a CAS that answered "conflict" is a ``cas`` with
-  ``out=False`` (or ``Fail(current)`` when the answer carries the current value);
+  (refused before it was sent, or answered with a definite refusal) is left out, but one
+  that may have reached the log before its answer was lost is indeterminate; a CAS that
+  answered "conflict" is a ``cas`` with ``out=False`` (or ``Fail(current)`` when the answer
+  carries the current value);
 - make every written value unique: then a CAS on values says what a CAS on versions says (map
   a version the system reports to the value written at it), and a stale read is visible.
 
