@@ -43,6 +43,8 @@ PURE: dict[str, str] = {
     "broker/healing/_plan/*": "the heal planner, should it grow into a package",
     "broker/transport/_subjects.py": "the subject layout",
     "broker/transport/_auth.py": "NATS identities and their permissions",
+    "broker/lincheck/__init__.py": "the linearizability checker (its CLI, __main__, reads a clock)",
+    "broker/lincheck/_[!_]*.py": "the linearizability checker",
 }
 """Path patterns (``*`` spans folders) of the pure core, and what each holds."""
 
@@ -236,6 +238,8 @@ def test_the_pure_core_is_where_the_design_says() -> None:
     assert is_pure("broker/crdt/_new_kind.py")
     assert is_pure("broker/replication/_anything.py")
     assert not is_pure("services/healer/_service.py")
+    assert is_pure("broker/lincheck/_checker.py")
+    assert not is_pure("broker/lincheck/__main__.py")
 
 
 @pytest.mark.parametrize("pattern", sorted(set(PURE) - FUTURE))
