@@ -867,6 +867,7 @@ class Replica:
             headers[_FULL] = "1"
         rejected: list[CodecError | ClockSkewError] = []
         evidence: list[bytes] = []
+        dropped: list[bool] = []  # evidence past MAX_EVIDENCE_MESSAGES (the answer's may be)
         event: Event
         try:
             # The context sent is the one the answer is judged against (with the evidence
@@ -892,6 +893,7 @@ class Replica:
                     if len(evidence) < MAX_EVIDENCE_MESSAGES:
                         evidence.append(reply.data)
                     else:
+                        dropped.append(True)
                         self.observer.rejected(self.config.subject, "too_much_evidence")
                     return False
                 try:
@@ -934,7 +936,7 @@ class Replica:
                 cut = (reply.headers or {}).get(_CUT, "")
                 event = CatchupReplied(
                     self._now(), env.writer, env.sequence, document, raw=reply.data,
-                    hlc=env.hlc, vouch=asked,
+                    hlc=env.hlc, vouch=asked, evidence_dropped=bool(dropped),
                     cut=tuple(cut.split(",")[:MAX_CUT_WRITERS]) if cut else (),
                 )
             else:

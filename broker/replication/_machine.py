@@ -778,7 +778,7 @@ class ReplicationMachine:
                     Report("rejected", (self._relay_refusal, ev.peer)),
                     *self._on_catchup_failed(CatchupFailed(ev.now, "rejected")),
                 ]
-            if self._unvouched:
+            if self._unvouched and not ev.evidence_dropped:
                 # An honest answer carries only what its peer can vouch for to this replica
                 # (its own dots, dots seen here or sent ahead as evidence): this one carried
                 # another writer's dots or claims nothing backs. Joined without them, and its
