@@ -403,3 +403,25 @@ def test_a_byzantine_cut_list_gets_a_bounded_follow_up_and_loses_nothing() -> No
     pc = _publish(c, [Assign("o", ("v",), 5)])
     assert pc.sequence == 2
     assert c.state.value()["o"]["fields"] == {"x": 1, "y": 2, "z": 3, "w": 4, "v": 5}
+
+
+def test_an_answer_whose_evidence_was_dropped_is_cut_but_its_signer_not_counted() -> None:
+    """The driver dropped evidence sent with an answer (past its bound: an inbox flood anyone
+    may send): what the answer carries beyond the request's context may be backed by that
+    evidence, so its signer is not counted; it is still joined without it, and the writer
+    cut out is owed. With nothing dropped, the same answer counts its signer."""
+    b, _ = _kept_batches(3, 100)
+    for dropped in (True, False):
+        c = ReplicationMachine("node-c", seed=1)
+        assert [x for x in c.handle(CatchupWanted(1.0, "node-b", urgent=True))
+                if isinstance(x, RequestCatchup)]
+        asked = c.state.context.copy()
+        (sent,) = [x for x in b.handle(SyncRequested(1.0, asked.copy(), "c", full=True))
+                   if isinstance(x, SendState)]
+        assert sent.evidence  # the honest answer relies on it; here it never arrived
+        out = c.handle(CatchupReplied(1.0, "node-b", 1, _rt(sent.document), raw=b"state:b",
+                                      vouch=asked, cut=sent.cut, evidence_dropped=dropped))
+        assert not [w for w, _n in dots_of(c.state.store) if w == "node-a"]
+        assert "mine" in c.state.value()
+        assert (("unvouched_state", "node-b") in _rejections(out)) is not dropped
+        assert c.catching_up, "node-a, cut out, is asked"
