@@ -937,7 +937,10 @@ class Replica:
                 event = CatchupReplied(
                     self._now(), env.writer, env.sequence, document, raw=reply.data,
                     hlc=env.hlc, vouch=asked, evidence_dropped=bool(dropped),
-                    cut=tuple(cut.split(",")[:MAX_CUT_WRITERS]) if cut else (),
+                    # Only writers of the roster: a name nobody can answer for would be owed
+                    # (and asked, and each later catch-up followed up) until given up.
+                    cut=tuple(w for w in cut.split(",")[:MAX_CUT_WRITERS] if w in self.roster)
+                    if cut else (),
                 )
             else:
                 event = CatchupFailed(self._now(), "rejected" if rejected else "no_peer")

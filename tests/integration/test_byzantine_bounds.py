@@ -20,16 +20,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from broker.codec import AUTH_HEADER, parse_auth
-from broker.crdt import Tree
+from broker.codec import AUTH_HEADER, WireCodec, parse_auth
+from broker.crdt import ORMap, Tree
 from broker.errors import WorknodeError
 from broker.replica import EVIDENCE_HEADER, MAX_EVIDENCE_MESSAGES, SYNC_HEADER, Replica
-from broker.transport import EmbeddedNatsServer, Msg, NatsTransport, sync_subject
-from services.worknode import WorknodeService
+from broker.transport import (
+    EmbeddedNatsServer,
+    Msg,
+    NatsTransport,
+    RequestSigner,
+    sync_subject,
+)
+from services.worknode import WorknodeService, load_or_create_signer
 from tests.integration._nodes import SUBJECT, eventually, node_settings, roster_of
 
 SYNC = sync_subject("default", SUBJECT)
@@ -299,3 +306,55 @@ async def test_a_cut_answer_names_its_writers_under_its_signature_and_converges(
         assert n.rejected("node-c", "bad_signature") == bad, "an unaltered reply was refused"
         assert n.byzantine("node-c", "node-b") == 0, "honest node-b was counted"
         assert not n.svcs["node-c"].replica(SUBJECT).machine.held
+
+
+async def test_a_byzantine_cut_header_naming_no_writer_is_not_followed(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """node-b's key (stolen; node-b stopped) answers node-c's catch-up with a signed state and
+    a signed ``Worknode-Cut`` naming node-c itself, node-b, and 30 names no roster holds.
+    node-c joins the answer, asks none of those names (each would be owed, asked, and
+    followed up on every later catch-up until given up), stops catching up, and writes on."""
+    async with _nodes(tmp_path, nats_server, ("node-a", "node-b", "node-c")) as n:
+        tap = TapTransport([n.url], name="node-c", reconnect_time_wait=0.05)
+        rc = await n.start("node-c", tap)
+        await rc.create("o")
+        await _write_fields(rc, "o", {"x": 1})
+        ghosts = [f"ghost-{i:02d}" for i in range(30)]
+        key = load_or_create_signer("node-b", n.settings["node-b"].key_path())
+        as_b = RequestSigner(key, n.roster)
+        answered: list[str] = []
+        async with NatsTransport([n.url], name="attacker") as bus:
+
+            async def answer(msg: Msg) -> None:
+                headers = msg.headers or {}
+                if headers.get(SYNC_HEADER) != "request" or not msg.reply:
+                    return
+                with contextlib.suppress(WorknodeError):
+                    if parse_auth(headers.get(AUTH_HEADER)).signer != "node-c":
+                        return
+                    data = WireCodec().seal(key, subject=SYNC, hlc=time.time_ns() // 10**6 << 16,
+                                            sequence=0, document=ORMap(), is_state=True)
+                    cut = ",".join(["node-c", "node-b", *ghosts])
+                    await bus.respond(msg, data, headers=as_b.reply_headers(
+                        msg, data, {CUT_HEADER: cut}))
+                    await bus.flush()
+                    answered.append(msg.reply)
+
+            sub = await bus.subscribe(SYNC, answer)
+            await bus.flush()
+            try:
+                assert await rc.catch_up()
+                await eventually(
+                    lambda: not rc.machine.catching_up
+                    or bool(set(tap.asked) - {None, "node-b"}),
+                    SETTLE_S, "node-c done following the answer")
+            finally:
+                await sub.unsubscribe()
+        assert answered
+        assert any(cut.startswith("node-c,node-b,ghost-") for _, cut in tap.cuts)
+        asked = {peer for peer in tap.asked if peer is not None}
+        assert not asked, f"node-c followed a forged cut list: asked {sorted(asked)}"
+        assert _fields(rc, "o") == {"x": 1}
+        await _write_fields(rc, "o", {"y": 2})
+        assert _fields(rc, "o") == {"x": 1, "y": 2}
