@@ -11,6 +11,8 @@ real worknode services with SQLite stores, no healer.
   ``Worknode-Cut`` header (a reply whose header is removed in transit fails verification and
   changes nothing), node-c asks node-a once it is back, and ends with node-b's state,
   node-b's removal included, without a healer.
+- A stolen key's ``Worknode-Cut`` naming the asker, itself and writers no roster holds: the
+  asker follows none of them (only roster writers are asked), stops, and writes on.
 
 Settling is polled with a deadline (no timed assertion); every service is stopped on the way
 out, a failing test included.
