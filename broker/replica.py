@@ -902,6 +902,7 @@ class Replica:
             headers[_FULL] = "1"
         rejected: list[CodecError | ClockSkewError] = []
         evidence: list[bytes] = []
+        dropped: list[bool] = []  # evidence past MAX_EVIDENCE_MESSAGES (the answer's may be)
         event: Event
         try:
             # The context sent is the one the answer is judged against (with the evidence
@@ -927,6 +928,7 @@ class Replica:
                     if len(evidence) < MAX_EVIDENCE_MESSAGES:
                         evidence.append(reply.data)
                     else:
+                        dropped.append(True)
                         self.observer.rejected(self.config.subject, "too_much_evidence")
                     return False
                 try:
@@ -969,8 +971,11 @@ class Replica:
                 cut = (reply.headers or {}).get(_CUT, "")
                 event = CatchupReplied(
                     self._now(), env.writer, env.sequence, document, raw=reply.data,
-                    hlc=env.hlc, vouch=asked,
-                    cut=tuple(cut.split(",")[:MAX_CUT_WRITERS]) if cut else (),
+                    hlc=env.hlc, vouch=asked, evidence_dropped=bool(dropped),
+                    # Only writers of the roster: a name nobody can answer for would be owed
+                    # (and asked, and each later catch-up followed up) until given up.
+                    cut=tuple(w for w in cut.split(",")[:MAX_CUT_WRITERS] if w in self.roster)
+                    if cut else (),
                 )
             else:
                 event = CatchupFailed(self._now(), "rejected" if rejected else "no_peer")

@@ -188,6 +188,11 @@ class CatchupReplied:
     received after the request left cannot have been seen by the peer for this answer, so
     a claim of it is a pre-claim (removes nothing) and an entry under it is not vouched for.
     None: judged against the context now."""
+    evidence_dropped: bool = False
+    """Evidence that came with the answer was dropped unread (past the driver's bound: a
+    flood of the reply inbox, which anyone who can publish there may send): what the answer
+    carries beyond ``vouch`` may be backed by it, so its signer is not counted
+    (``unvouched_state``) for it; it is still joined without it."""
 
 
 @dataclass(frozen=True, slots=True)

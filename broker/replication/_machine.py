@@ -439,6 +439,7 @@ class ReplicationMachine:
         self._catchup_asked_full = False
         self._catchup_peer: str | None = None
         self._catchup_asked: str | None = None
+        self._catchup_from = CausalContext()  # the context when the running one started
         self._catchup_failures = 0
         self._catchup_not_before = float("-inf")
         self._catchup_timer: float | None = None
@@ -567,6 +568,7 @@ class ReplicationMachine:
         ``now_ms``: wall-clock milliseconds for the hybrid clock (read per write).
         """
         self.admit(len(mutators))
+        own_before = self.tree.state.context.max_counter(self.node_id)
         error: BaseException | None = None
         batch = ORMap(is_delta=True)
         done = 0
@@ -634,7 +636,7 @@ class ReplicationMachine:
             self._received_bytes = 0
         if done:
             # This replica's own writes are judged like a peer's against later claims.
-            self._note_written(node_id, batch.context, clock.last)
+            self._note_written(node_id, batch.context, clock.last, own_before + 1)
         return Written(batch, done, error, [Changed(keys)], received)
 
     @property
@@ -843,7 +845,7 @@ class ReplicationMachine:
                     Report("rejected", (self._relay_refusal, ev.peer)),
                     *self._on_catchup_failed(CatchupFailed(ev.now, "rejected")),
                 ]
-            if self._unvouched:
+            if self._unvouched and not ev.evidence_dropped:
                 # An honest answer carries only what its peer can vouch for to this replica
                 # (its own dots, dots seen here or sent ahead as evidence): this one carried
                 # another writer's dots or claims nothing backs. Joined without them, and its
@@ -866,7 +868,12 @@ class ReplicationMachine:
         # a writer that is away costs a bounded rate of state transfers.
         missing = self._held[0].writer if self._held else (
             min(self._owed) if self._owed else self._hole_writer())
-        if missing is not None and missing in self._owed and not self._held:
+        ctx_now = self.tree.state.context
+        if missing is not None and missing in self._owed and not self._held and (
+            ctx_now.max_counter(missing) <= self._catchup_from.max_counter(missing)
+        ):
+            # Not one more of its dots (an answer bringing some, as its evidence budget
+            # allows, is progress: the next one brings more, not a reason to give up).
             self._owed[missing] += 1
             if self._owed[missing] > MAX_OWED_ATTEMPTS:
                 # Peers keep answering without that writer's state: it is away for good.
@@ -1287,12 +1294,13 @@ class ReplicationMachine:
                 doc = later
                 cut = cut or self._claims_cut(item.writer)
         whole = not doc.is_delta  # a full state: its entries are whole
+        first = self._first_unseen(item.writer, doc.context) if item.hlc is not None else 0
         self._merge_remote(doc, whole=whole)
         self._windows.setdefault(item.writer, SequenceWindow()).add(item.sequence)
         if item.raw:
             self._keep_evidence(item.writer, doc.context, item.raw)
         if item.hlc is not None:
-            self._note_written(item.writer, doc.context, item.hlc)
+            self._note_written(item.writer, doc.context, item.hlc, first)
         out: list[Action] = [
             *self._keep_received(Clipped(item.raw, doc) if cut and item.raw else item.raw),
             Changed(None if whole else tuple(doc.store.keys()) if doc.store else ()),
@@ -1319,16 +1327,37 @@ class ReplicationMachine:
             out += self._want_catchup(self._last_now, claimer, urgent=True)
         return out
 
-    def _note_written(self, writer: str, context: CausalContext, hlc: int) -> None:
+    def _note_written(
+        self, writer: str, context: CausalContext, hlc: int, first: int
+    ) -> None:
         """Remember when ``writer``'s dots in a batch joined here were written (its envelope
-        timestamp): the last ``RECENT_BATCHES`` batches of each writer."""
+        timestamp): the last ``RECENT_BATCHES`` batches of each writer. ``first``: the
+        lowest of those dots not seen here before the join (``_first_unseen``; 0: none).
+        The batch's context also claims the older dots its writes overwrote, written
+        before it: taking them as written now would drop honest claims of them (and of
+        every dot between)."""
         lo = context._vv.get(writer, 0)
         extra = context._cloud.get(writer)
         hi = max(lo, max(extra) if extra else 0)
-        if not hi:
+        if not hi or not first or first > hi:
             return
-        low = min(extra) if extra and not lo else 1 if lo else hi
-        self._note_range(writer, low, hi, hlc)
+        self._note_range(writer, first, hi, hlc)
+
+    def _first_unseen(self, writer: str, context: CausalContext) -> int:
+        """The lowest of ``writer``'s dots in ``context`` this replica has not seen (0:
+        none). Costs O(``context``'s cloud of ``writer`` + this context's cloud)."""
+        seen = self.tree.state.context
+        top = seen._vv.get(writer, 0)
+        out = 0
+        if context._vv.get(writer, 0) > top:
+            k = top + 1
+            while seen.covers(writer, k):  # bounded: the receiver's cloud dots above top
+                k += 1
+            out = k if k <= context._vv[writer] else 0
+        for k in context._cloud.get(writer, ()):
+            if (not out or k < out) and not seen.covers(writer, k):
+                out = k
+        return out
 
     def _note_range(self, writer: str, low: int, hi: int, hlc: int) -> None:
         """Record that ``writer``'s dots ``low..hi`` were written at ``hlc`` at the latest."""
@@ -1480,4 +1509,5 @@ class ReplicationMachine:
         self._catchup_not_before = now + self.config.catchup_min_interval
         full, self._catchup_full = self._catchup_full, False
         self._catchup_asked_full = full
+        self._catchup_from = self.tree.state.context.copy()
         return [RequestCatchup(self._catchup_asked, self.config.catchup_timeout, full)]
