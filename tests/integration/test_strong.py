@@ -176,3 +176,28 @@ async def test_without_a_server_strong_fails_in_bounded_time_and_eventual_goes_o
         await r.write(Create("plain", "root"), Consistency.LOCAL)  # LOCAL goes on
         assert "plain" in r.state.value()
         assert _strong(r).available is False
+
+
+async def test_a_write_to_several_worknodes_is_all_or_nothing(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """A transfer between two STRONG accounts is one atomic batch: with a stale version on
+    either key nothing is written; with current ones both change at one log position."""
+    async with _nodes(tmp_path, nats_server.url, ["a", "b"]) as svcs:
+        a, b = (_strong(s.replica(SUBJECT)) for s in svcs)
+        v1 = await a.create_if_absent("acct-1", "root")
+        v2 = await a.create_if_absent("acct-2", "root")
+        await b.write([Increment("acct-2", ("bal",), 1)])  # acct-2 moves past v2
+        with pytest.raises(ConflictError):
+            await a.write([Increment("acct-1", ("bal",), -10), Increment("acct-2", ("bal",), 10)],
+                          if_versions={"acct-1": v1, "acct-2": v2})
+        read = await b.read(["acct-1", "acct-2"])
+        assert read.state.value()["acct-1"].get("fields") is None  # nothing of it written
+        assert read.state.value()["acct-2"]["fields"]["bal"] == 1
+        seq = await a.write([Increment("acct-1", ("bal",), -10),
+                             Increment("acct-2", ("bal",), 10)], if_versions=read.versions)
+        read = await b.read(["acct-1", "acct-2"])
+        assert read.state.value()["acct-1"]["fields"]["bal"] == -10
+        assert read.state.value()["acct-2"]["fields"]["bal"] == 11
+        assert read.versions["acct-2"] == seq
+        assert read.versions["acct-1"] == seq - 1  # one batch: consecutive positions
