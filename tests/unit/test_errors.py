@@ -40,6 +40,7 @@ def _tree() -> list[type[WorknodeError]]:
     """Every class of the tree that broker defines (walked from the root, so a new class
     anywhere in broker is covered once its module is imported)."""
     import broker.healing
+    import broker.healing._endpoints  # broker.healing loads it lazily
     import broker.replica
     import broker.store  # noqa: F401 -- import for their subclasses
 
