@@ -498,7 +498,8 @@ def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="one short round (the smoke test: every row, figures meaningless)")
     ap.add_argument("--sustain", type=float, default=60.0)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--ops", type=int, default=50_000, help="ops (and raw messages) per round")
@@ -520,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         elif role == "wn-writer":
             asyncio.run(_wn_writer(rest[0], Path(rest[1]), int(rest[2]), rest[3], float(rest[4])))
         return 0
-    rounds, n, sustain = (2, 2_000, 3.0) if args.quick else (args.rounds, args.ops, args.sustain)
+    rounds, n, sustain = (1, 1_000, 2.0) if args.quick else (args.rounds, args.ops, args.sustain)
     shown = [a for a in (argv if argv is not None else sys.argv[1:])]
     print(run(rounds, n, sustain, args.out, shown, secure=args.secure))
     return 0

@@ -156,9 +156,8 @@ def _write(out: Path, rows: list[dict[str, float]], rounds: int, n: int, size: i
         "| figure | worknode (median) | raw (median) | ratio worknode/raw (median) | spread |",
         "|---|---|---|---|---|",
     ]
-    for name, unit, scale, inv in (
-        ("write_p50", "ms", 1000, False), ("write_tput", "ops/s", 1, True),
-        ("read_p50", "ms", 1000, False),
+    for name, unit, scale in (
+        ("write_p50", "ms", 1000), ("write_tput", "ops/s", 1), ("read_p50", "ms", 1000),
     ):
         med, lo, hi = ratio(f"wn_{name}", f"raw_{name}")
         wn = statistics.median(row[f"wn_{name}"] for row in rows) * scale

@@ -291,7 +291,19 @@ class WorknodeService:
             )
             self.metrics.pending_ops_limit.labels(subject).set(s.max_pending_ops)
             self.replicas[subject] = replica
-            await replica.start()
+        # Together: each start ends with its first catch-up, which a node alone waits out
+        # (catchup_timeout, 2 s); one after the other, a lone node with N subjects took 2N s.
+        # A failing start cancels the others and its error (not a group) goes to the caller,
+        # whose teardown stops every replica.
+        starts = [asyncio.create_task(r.start()) for r in self.replicas.values()]
+        try:
+            await asyncio.gather(*starts)
+        except BaseException:
+            for task in starts:
+                task.cancel()
+            await asyncio.gather(*starts, return_exceptions=True)
+            raise
+        for subject, replica in self.replicas.items():
             if s.strong.get(subject):
                 mode = StrongMode(replica, strong_log_for(
                     self.transport, s.namespace, subject, replicas=s.strong_replicas,

@@ -262,7 +262,9 @@ def test_nats_image_is_the_release_the_tests_run_and_every_image_is_pinned() -> 
         assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+(-\w+)?", image), (name, image)
 
 
-def test_every_node_serves_rpc_and_each_service_gets_only_its_own_keys(tmp_path: Path) -> None:
+def test_every_node_serves_rpc_and_each_service_gets_only_its_own_keys(
+    compose_keys_as_stack: Path,
+) -> None:
     """Runs the keygen service's script: each service's keys volume holds exactly the files
     its settings (or its NATS config) read: its own seeds, never another's, nor the RPC root
     key, the CA key or another server's TLS key; every worknode has the RPC keyring, and the
@@ -270,13 +272,14 @@ def test_every_node_serves_rpc_and_each_service_gets_only_its_own_keys(tmp_path:
 
     import os
 
+    from tests.observability.conftest import STACK_OWNERS
+
     services = compose()["services"]
     keygen = services["keygen"]
-    # As root (CI), hand the files to other users, as compose does: the worknodes' 10001,
-    # Grafana's 472, and 0 for NATS.
-    owners = {"OWNER": 10001, "GRAFANA_OWNER": 472, "NATS_OWNER": 0} if os.getuid() == 0 \
-        else None
-    out = _run_compose_keys(tmp_path, owners)
+    # As root (CI), the files were handed to other users, as compose does: the worknodes'
+    # 10001, Grafana's 472, and 0 for NATS (the session's run ``compose_keys_as_stack``).
+    owners = STACK_OWNERS if os.getuid() == 0 else None
+    out = compose_keys_as_stack / "out"
 
     def owner(name: str) -> int:
         if owners is None:
@@ -336,7 +339,7 @@ def test_every_node_serves_rpc_and_each_service_gets_only_its_own_keys(tmp_path:
 
 
 async def test_demo_writer_creates_its_worknodes_then_writes_and_calls(
-    tmp_path: Path, monkeypatch: Any
+    tmp_path: Path, monkeypatch: Any, compose_keys: Path
 ) -> None:
     """The compose writer, run as compose runs it (its environment and command, its keys from
     the keygen script) against nats-1 started from its generated config (TLS, accounts) and a
@@ -348,12 +351,14 @@ async def test_demo_writer_creates_its_worknodes_then_writes_and_calls(
     the stack (nats-1's certificate is for that name, the test dials 127.0.0.1)."""
     import asyncio
     import os
+    import shutil
 
     from services.worknode import WorknodeService, WorknodeSettings
     from tests.observability.compose_nats import running_generated_nats
 
     services = compose()["services"]
-    out = _run_compose_keys(tmp_path)
+    out = tmp_path / "out"  # the session's keygen run, copied: the services may write there
+    shutil.copytree(compose_keys / "out", out, symlinks=True)
     writer = services["writer"]
     assert writer["entrypoint"] == ["python", "/usr/local/lib/worknode/demo_writer.py"]
     assert "COPY deploy/keygen.py deploy/compose-keys.sh deploy/demo_writer.py " \

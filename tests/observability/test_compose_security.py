@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,11 @@ from tests.observability.test_compose import (
 NATS = ("nats-1", "nats-2", "nats-3")
 
 
-@pytest.fixture(scope="module")
-def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One run of compose-keys.sh for the tests that only read what it made: its ``OUT``
-    (the services' keys volumes as directories)."""
-    return _run_compose_keys(tmp_path_factory.mktemp("compose-keys"))
+@pytest.fixture
+def generated(compose_keys: Path) -> Path:
+    """The ``OUT`` of the session's compose-keys.sh run (the services' keys volumes as
+    directories), for the tests that only read what it made."""
+    return compose_keys / "out"
 
 
 def _nats_servers(services: dict[str, Any]) -> list[str]:
@@ -128,7 +129,7 @@ def test_every_nats_client_verifies_the_servers_certificate() -> None:
 
 
 def test_grafana_takes_a_random_admin_password_from_its_secret(
-    generated: Path, tmp_path: Path
+    generated: Path, compose_keys_as_stack: Path
 ) -> None:
     """No admin/admin fallback: Grafana reads its admin password from a file (``__FILE``)
     in its own keys volume, which keygen fills with a random password, made once."""
@@ -147,14 +148,16 @@ def test_grafana_takes_a_random_admin_password_from_its_secret(
     assert secret.stat().st_mode & 0o777 == 0o600
     assert len(password) >= 24
     assert password.strip() == password
-    other = _run_compose_keys(tmp_path)  # another stack: another password
+    other = compose_keys_as_stack / "out"  # another stack: another password
     assert (other / "grafana" / "admin-password").read_text() != password
 
 
-def test_running_keygen_twice_changes_no_secret(tmp_path: Path) -> None:
+def test_running_keygen_twice_changes_no_secret(compose_keys: Path, tmp_path: Path) -> None:
     """A restarted stack keeps its identities: a second run of compose-keys.sh changes no
-    seed, key, certificate, identity or password; it renders the same configs."""
-    first = _run_compose_keys(tmp_path)
+    seed, key, certificate, identity or password; it renders the same configs. The first
+    run is the session's (copied here, volumes and all), the second runs on the copy."""
+    shutil.copytree(compose_keys, tmp_path, dirs_exist_ok=True, symlinks=True)
+    first = tmp_path / "out"
     files = sorted(p for p in first.rglob("*") if p.is_file())
     before = {p: p.read_bytes() for p in files}
     keys_before = {p: p.read_bytes() for p in (tmp_path / "keys").rglob("*")
