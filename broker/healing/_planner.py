@@ -22,8 +22,9 @@ Rules:
   hub's cannot be compared (a rolling upgrade): it is noted in ``HealResult.mismatches``
   (once per heal) instead;
 - after a round the roots are asked again. Values travel cut to ``hash_bytes`` bytes; a
-  round that found no key while roots differed is followed by one with whole values, so a
-  collision of cut values never hides a difference for good;
+  round in which any pair found no key while its roots differed is followed by one with
+  whole values, so a collision of cut values never hides a difference for good (cut values
+  are not salted per round: the same two trees collide the same way again);
 - the heal ends: converged (all roots equal), or not converged with a reason:
   ``rounds`` (``max_rounds`` rounds and roots still differ: writes landing meanwhile; retry
   soon), ``stuck`` (a round pushed repairs, or compared whole values, and every replica's
@@ -246,6 +247,7 @@ class HealPlanner:
         self._waiting: set[int] = set()  # ids of actions of the wave not answered yet
         self._asked_roots = False
         self._round_found = False
+        self._round_missed = False  # a pair of the round found nothing at cut width
         self._round_pushed = 0
         self._round_owed = 0
         self._round_width = self._width
@@ -292,12 +294,20 @@ class HealPlanner:
         self._out.keys_repaired += result.pushed
         self._out.waves += result.waves
         self._round_found = self._round_found or result.found > 0
+        # Per pair, not per round: a pair's roots differ (it is another group), so finding
+        # nothing at cut width means its cut values collided. They are a pure function of the
+        # two trees (no per-round salt), so the same pair at the same width would miss the same
+        # difference again, round after round, while other pairs of the round find keys (a
+        # round-wide "found nothing" let a 1-byte heal of 4 replicas run out of rounds).
+        self._round_missed = self._round_missed or (
+            result.found == 0 and pair.left.width < HASH_SIZE
+        )
         self._round_pushed += result.pushed
         self._round_owed += result.owed
         if not self._waiting:
             # Cut values that found nothing while roots differed may have collided: the next
             # round compares whole values.
-            self._width = self.policy.hash_bytes if self._round_found else HASH_SIZE
+            self._width = HASH_SIZE if self._round_missed else self.policy.hash_bytes
             self._pending = [self._ask()]
 
     def receive_failure(self, action: HealAction, failure: str) -> None:
@@ -391,7 +401,7 @@ class HealPlanner:
         self._out.rounds += 1
         self._before_round = self._state()
         self._round_found, self._round_pushed, self._round_width = False, 0, h.width
-        self._round_owed = 0
+        self._round_missed, self._round_owed = False, 0
         self._pending = actions
 
     def _finish(self, reason: StopReason) -> None:
