@@ -22,9 +22,10 @@ Rules:
   hub's cannot be compared (a rolling upgrade): it is noted in ``HealResult.mismatches``
   (once per heal) instead;
 - after a round the roots are asked again. Values travel cut to ``hash_bytes`` bytes; a
-  round in which any pair found no key while its roots differed is followed by one with
-  whole values, so a collision of cut values never hides a difference for good (cut values
-  are not salted per round: the same two trees collide the same way again);
+  round in which any pair found no key while its roots differed is followed by whole values
+  for the rest of the heal, so a collision of cut values never hides a difference for good
+  and costs at most one round (cut values are not salted per round: the same two trees
+  collide the same way again);
 - the heal ends: converged (all roots equal), or not converged with a reason:
   ``rounds`` (``max_rounds`` rounds and roots still differ: writes landing meanwhile; retry
   soon), ``stuck`` (a round pushed repairs, or compared whole values, and every replica's
@@ -305,9 +306,13 @@ class HealPlanner:
         self._round_pushed += result.pushed
         self._round_owed += result.owed
         if not self._waiting:
-            # Cut values that found nothing while roots differed may have collided: the next
-            # round compares whole values.
-            self._width = HASH_SIZE if self._round_missed else self.policy.hash_bytes
+            # Cut values that found nothing while roots differed have collided: the rest of
+            # this heal compares whole values. Going back to cut values after one whole round
+            # let a second collision (other trees, same too-narrow width) waste another round,
+            # so a 1-byte heal still ran out of rounds; staying wide bounds collisions to one
+            # round per heal (the next heal starts cut again).
+            if self._round_missed:
+                self._width = HASH_SIZE
             self._pending = [self._ask()]
 
     def receive_failure(self, action: HealAction, failure: str) -> None:

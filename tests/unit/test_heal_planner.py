@@ -168,6 +168,8 @@ def _join(states: dict[str, ORMap]) -> ORMap:
 # a 1-byte collision between the hub and one group while the round's other pairs found keys
 # (test_a_pair_that_finds_nothing_at_cut_width_widens_the_next_round)
 @example(seed=1689385, n=4, hash_bytes=1)
+# a second 1-byte collision after a whole-values round (the heal now stays at whole values)
+@example(seed=421, n=3, hash_bytes=1)
 def test_a_heal_leaves_every_replica_with_the_join_of_all(
     seed: int, n: int, hash_bytes: int
 ) -> None:
@@ -348,7 +350,9 @@ def test_a_pair_that_finds_nothing_at_cut_width_widens_the_next_round() -> None:
     """Cut values are not salted per round: a pair whose roots differ but whose cut values
     collided misses the same difference at the same width every round. So one such pair is
     enough to make the next round compare whole values, even when the round's other pairs
-    found keys (a round-wide test let a 1-byte heal of 4 replicas end ``rounds``)."""
+    found keys (a round-wide test let a 1-byte heal of 4 replicas end ``rounds``), and the
+    heal stays at whole values (going back to cut ones let a second collision waste the
+    last round)."""
     view = {n: RootView(n, n.encode() * 32, 3, {}) for n in ("a", "b", "c")}
     planner = HealPlanner("s", list(view), HealPolicy(hash_bytes=1))
     (ask,) = planner.next_actions()
@@ -363,7 +367,7 @@ def test_a_pair_that_finds_nothing_at_cut_width_widens_the_next_round() -> None:
     (ask,) = planner.next_actions()
     assert isinstance(ask, AskRoots)
     assert ask.width == HASH_SIZE
-    # a round at whole values that found keys goes back to cut values
+    # a round at whole values that found keys does not go back to cut values
     view["a"] = RootView("a", view["c"].root, 3, {})  # a got what it lacked: b is left
     planner.receive_roots({n: _with_width(v, HASH_SIZE) for n, v in view.items()})
     (pair,) = planner.next_actions()
@@ -372,7 +376,7 @@ def test_a_pair_that_finds_nothing_at_cut_width_widens_the_next_round() -> None:
     planner.receive_repair(pair, PairResult(found=1, pushed=1, waves=3))
     (ask,) = planner.next_actions()
     assert isinstance(ask, AskRoots)
-    assert ask.width == 1
+    assert ask.width == HASH_SIZE
 
 
 def _with_width(v: RootView, width: int) -> RootView:
