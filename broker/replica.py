@@ -139,6 +139,7 @@ from broker.replication import (
     max_hlc,
     own_claims,
     removes,
+    without_strong,
 )
 from broker.store import DurableStore
 from broker.transport import (
@@ -1348,8 +1349,13 @@ class Replica:
         state = ORMap()
         if loaded.snapshot is not None:
             state = self._decode_stored(loaded.snapshot)
+        strong = self.config.strong_prefixes
         for _, record in loaded.records:
-            state.merge(self._decode_stored(record))
+            # A received record is a peer's document as it arrived (its STRONG keys were
+            # left out when it was joined: so again here); STRONG keys come from the
+            # snapshot and the log.
+            doc = self._decode_stored(record)
+            state.merge(without_strong(doc, strong) if strong else doc)
         raw = await asyncio.to_thread(self.store.get_meta, self.config.subject, _META_PUBLISHED)
         progress = json.loads(raw) if raw else {}
         sequence = int(progress.get("sequence", 0))

@@ -13,15 +13,15 @@ from typing import Any
 
 import pytest
 
-from broker.codec import TrustRoster
-from broker.crdt import Assign, Create, Increment
+from broker.codec import TrustRoster, WireCodec
+from broker.crdt import Assign, Create, Increment, Tree
 from broker.errors import ConflictError, InvalidArgumentError, UnavailableError
 from broker.replica import Consistency, Replica
 from broker.replication import STRONG_AUTHOR
 from broker.strong import StrongMode
-from broker.transport import EmbeddedNatsServer
+from broker.transport import EmbeddedNatsServer, NatsTransport, delta_subject
 from services.worknode import WorknodeService
-from tests.integration._nodes import SUBJECT, node_settings, roster_of
+from tests.integration._nodes import SUBJECT, eventually, node_settings, roster_of
 
 STRONG = {SUBJECT: ["acct-"]}
 
@@ -201,3 +201,42 @@ async def test_a_write_to_several_worknodes_is_all_or_nothing(
         assert read.state.value()["acct-2"]["fields"]["bal"] == 11
         assert read.versions["acct-2"] == seq
         assert read.versions["acct-1"] == seq - 1  # one batch: consecutive positions
+
+
+async def test_a_peers_delta_touching_a_strong_worknode_changes_it_nowhere_even_after_reload(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """node-b's key signs an EVENTUAL delta that sets a STRONG account (its own dot, so the
+    Byzantine gate lets it through): node-a joins the delta without it, logs the delta with
+    its next write as received, and after a restart (the records replayed) still holds only
+    what the log says."""
+    async with _nodes(tmp_path, nats_server.url, ["a", "b"]) as svcs:
+        ra, rb = (s.replica(SUBJECT) for s in svcs)
+        await _strong(ra).create_if_absent("acct-1", "root")
+        await _strong(ra).write([Assign("acct-1", ("owner",), "alice")])
+        await _strong(rb).read(["acct-1"])  # b applied the log too
+        tree = Tree(rb.state.copy())
+        forged = tree.state.assign("b", ("acct-1", "fields", "owner"), "mallory",
+                                   rb.hlc())
+        tree.merge(forged)
+        forged.merge(tree.state.assign("b", ("plain-b", "parent"), "root", rb.hlc()))
+        async with NatsTransport([nats_server.url], name="attacker") as attacker:
+            await attacker.publish(delta_subject(svcs[1].settings.namespace, SUBJECT),
+                                   WireCodec().seal(
+                rb.signer, subject=delta_subject(svcs[1].settings.namespace, SUBJECT),
+                hlc=rb.hlc(), sequence=rb.machine.sequence + 1, document=forged))
+        await eventually(lambda: "plain-b" in ra.state.value(), 10, "a joined b's delta")
+        await ra.write(Create("after", "root"))  # logs the received delta with it
+        assert ra.state.value()["acct-1"]["fields"] == {"owner": "alice"}
+
+        async def no_snapshot() -> None:  # stop as a crash would: the records stay the truth
+            return None
+
+        ra._snapshot = no_snapshot  # type: ignore[method-assign]
+        await svcs[0].stop()
+        await svcs[0].start()
+        ra = svcs[0].replica(SUBJECT)
+        assert "plain-b" in ra.state.value()  # the delta's other part was kept
+        read = await _strong(ra).read(["acct-1"])
+        assert read.state.value()["acct-1"]["fields"] == {"owner": "alice"}
+        assert ra.state.value()["acct-1"]["fields"] == {"owner": "alice"}
