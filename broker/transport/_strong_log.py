@@ -687,16 +687,21 @@ class StrongLog:
             raise err.mapped(f"last sequence of {subject}")
         return int((resp.get("message") or {}).get("seq") or 0)
 
-    def read_from(self, start_seq: int, *, heartbeat: float = 1.0) -> LogReader:
+    def read_from(
+        self, start_seq: int, *, heartbeat: float = 1.0, skip_gaps: bool = False
+    ) -> LogReader:
         """A ``LogReader`` over the entries from ``start_seq`` on (use as ``async with``,
         then ``async for`` or ``next()``). Resume after a restart or a partition with the
         last applied sequence + 1. ``heartbeat`` (seconds) is how soon a lost consumer is
-        noticed and recreated."""
+        noticed and recreated. ``skip_gaps``: entries the stream no longer holds are skipped
+        silently (the caller sees the jump in sequences), for a log whose dropped entries
+        are superseded by later ones (one whole-state entry per subject), instead of
+        raising ``LogTruncatedError``."""
         if type(start_seq) is not int or start_seq < 1:
             raise InvalidArgumentError(f"start_seq must be an int >= 1, got {start_seq!r}")
         if not heartbeat > 0:
             raise InvalidArgumentError(f"heartbeat must be > 0, got {heartbeat!r}")
-        return LogReader(self, start_seq, heartbeat=heartbeat)
+        return LogReader(self, start_seq, heartbeat=heartbeat, skip_gaps=skip_gaps)
 
     async def _api(
         self, what: str, body: Mapping[str, Any]
@@ -771,7 +776,10 @@ class LogReader:
     snapshot and resumes at ``first_seq``), ``UnavailableError`` when the consumer cannot be
     created (no quorum)."""
 
-    def __init__(self, log: StrongLog, start_seq: int, *, heartbeat: float) -> None:
+    def __init__(
+        self, log: StrongLog, start_seq: int, *, heartbeat: float, skip_gaps: bool = False
+    ) -> None:
+        self._skip_gaps = skip_gaps
         self._log = log
         self._start = start_seq
         self._heartbeat = heartbeat
@@ -813,6 +821,8 @@ class LogReader:
             ) from exc
 
     async def _check_gap(self, wanted: int) -> None:
+        if self._skip_gaps:
+            return
         first, _last = await self._log.state()
         if wanted < first:
             self._log.stats.truncations += 1
