@@ -225,7 +225,7 @@ class ServiceMetrics:
             "Latency of STRONG operations (acknowledged by the stream's quorum and applied "
             "here; reads: fence, then apply up to it), whatever their outcome.",
             ["subject", "op"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.strong_refused = Counter(
+        self.strong_refused_entries = Counter(
             "worknode_strong_entries_refused_total",
             "STRONG log entries refused before the state machine (not a sealed STRONG write of "
             "a node or writer); entries the machine refuses count in "
@@ -281,7 +281,7 @@ class ServiceMetrics:
                 self.strong_seconds.labels(s, op)
                 for outcome in STRONG_OUTCOMES:
                     self.strong_ops.labels(s, op, outcome)
-            self.strong_refused.labels(s)
+            self.strong_refused_entries.labels(s)
 
     def _s(self, subject: str) -> str:
         return subject if subject in self.subjects else "other"
@@ -381,7 +381,7 @@ class ServiceMetrics:
 
     def strong_refused(self, subject: str, reason: str) -> None:
         """A STRONG log entry was refused before the machine (reason: not a label)."""
-        self.strong_refused.labels(self._s(subject)).inc()
+        self.strong_refused_entries.labels(self._s(subject)).inc()
 
     # -- TransportObserver -------------------------------------------------------------------
 
