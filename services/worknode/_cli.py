@@ -37,6 +37,7 @@ from broker.crdt import (
 from broker.crdt._ops import TreeOp
 from broker.errors import (
     CodecError,
+    ConflictError,
     ConnectionRefusedByServerError,
     TransportError,
     TreeError,
@@ -93,6 +94,9 @@ def _jsonable(value: Any) -> Any:
 
 
 _DEMO_SUBJECT = "demo"
+_DEMO_STRONG = "lock-"
+"""The demo subject's STRONG worknodes: ids starting with this (the random writers' ids,
+``w000``..., are EVENTUAL)."""
 
 
 def _demo_op(rng: random.Random, me: str, known: Any) -> Any:
@@ -231,6 +235,10 @@ async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True,
     ca_file: Path | None = None
     if not insecure:
         server_options, ca_file = _bus_security(state_dir, names, "healer")
+    # JetStream fsyncs every write before acknowledging it: the STRONG log's acknowledged
+    # writes survive a crash (with the default 2-minute flush, Jepsen's 2025 analysis of
+    # NATS lost acknowledged writes).
+    server_options["sync_interval"] = "always"
     # Two clustered nats-servers whose route runs through a proxy the demo can cut.
     async with NatsCluster(state_dir / "cluster", 2, server_options=server_options) as cluster:
         await cluster.wait_routes()
@@ -255,6 +263,8 @@ async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True,
                 metrics_port=0,
                 store_sync="normal",
                 cluster_secret_file=secret,
+                strong={_DEMO_SUBJECT: [_DEMO_STRONG]},
+                strong_timeout_s=10.0,
             )
             for name in names
         ]
@@ -288,10 +298,69 @@ async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True,
             echo("")
             echo(("converged: all replicas hold identical digests" if ok
                   else "NOT converged: digests differ") + f" ({writes} writes)")
+            if ok:
+                ok = await _strong_demo(echo, replicas)
             if partition and ok:
                 ok = await _partition_and_heal(echo, cluster, replicas, healer, writes)
             echo(f"\ndone in {time.monotonic() - t0:.1f} s")
             return ok
+
+
+async def _strong_race(
+    echo: Callable[..., None], what: str, racers: list[Replica],
+    act: Callable[[StrongMode], Awaitable[int]],
+) -> int | None:
+    """Run ``act`` on every racer's STRONG side at once; print each outcome (one winner,
+    the others a conflict naming the version); the winning version (None: not one winner)."""
+    modes = [r.strong for r in racers]
+    assert all(m is not None for m in modes)
+    results = await asyncio.gather(*(act(m) for m in modes if m is not None),
+                                   return_exceptions=True)
+    won = None
+    for r, res in zip(racers, results, strict=True):
+        if isinstance(res, ConflictError):
+            echo(f"  {r.node_id} {what}: conflict: {res}")
+        elif isinstance(res, BaseException):
+            echo(f"  {r.node_id} {what}: failed: {res}")
+        else:
+            echo(f"  {r.node_id} {what}: won (version {res})")
+            won = res
+    winners = sum(not isinstance(res, BaseException) for res in results)
+    conflicts = sum(isinstance(res, ConflictError) for res in results)
+    return won if winners == 1 and conflicts == len(results) - 1 else None
+
+
+async def _strong_demo(echo: Callable[..., None], replicas: list[Replica]) -> bool:
+    """STRONG on the demo subject: node-1 and node-3 (on different servers) race a
+    create-if-absent of a lock, then a compare-and-set of its owner on the version both
+    read; each time exactly one wins and the other gets a conflict naming the version.
+    node-2 then reads it linearizably."""
+    key = f"{_DEMO_STRONG}leader"
+    echo(f"\n-- STRONG: worknodes {_DEMO_STRONG}* of {_DEMO_SUBJECT!r} are ordered through a "
+         "JetStream log (R1 on one server: no fault tolerance; R3 in clusters; "
+         "sync_interval: always) --")
+    racers = [replicas[0], replicas[2]]
+    v1 = await _strong_race(echo, f"create-if-absent {key}", racers,
+                            lambda m: m.create_if_absent(key, ROOT_ID))
+    if v1 is None:
+        echo("STRONG: NOT exactly one winner")
+        return False
+
+    def claim(m: StrongMode) -> Awaitable[int]:
+        return m.write([Assign(key, ("owner",), m.replica.node_id)], if_version=v1)
+
+    v2 = await _strong_race(echo, f"set {key}.owner if version {v1}", racers, claim)
+    if v2 is None:
+        echo("STRONG: NOT exactly one winner")
+        return False
+    reader = replicas[1].strong
+    assert reader is not None
+    read = await reader.read([key])
+    owner = read.state.value().get(key, {}).get("fields", {}).get("owner")
+    echo(f"  {replicas[1].node_id} reads {key} (linearizable): owner {owner}, version "
+         f"{read.versions[key]}")
+    echo("STRONG: one winner per race, the losers told the version they lost to")
+    return read.versions[key] == v2
 
 
 async def _partition_and_heal(
