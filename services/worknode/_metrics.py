@@ -425,7 +425,10 @@ class _StrongState:
         applied = GaugeMetricFamily(
             "worknode_strong_applied_seq",
             "The STRONG log sequence this replica applied up to.", labels=["subject"])
-        for subject, (up, seq) in sorted(self.source().items()):
+        state = sorted(self.source().items())
+        if not state:  # no STRONG subject here: no family at all
+            return
+        for subject, (up, seq) in state:
             available.add_metric([subject], 1 if up else 0)
             applied.add_metric([subject], seq)
         yield available

@@ -4,6 +4,8 @@ worknode services: the metrics a node's ``/metrics`` serves for its STRONG opera
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -39,10 +41,14 @@ async def _nodes(tmp: Path, url: str, names: Sequence[str], **kw: Any
             await svc.stop()
 
 
-def _scrape(svc: WorknodeService) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def _text(svc: WorknodeService) -> str:
     assert svc.metrics_url is not None
     with urllib.request.urlopen(svc.metrics_url, timeout=5) as resp:
-        text = resp.read().decode()
+        return resp.read().decode()  # type: ignore[no-any-return]
+
+
+def _scrape(svc: WorknodeService) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = _text(svc)
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -88,6 +94,11 @@ async def test_metrics_count_strong_outcomes_and_report_the_mode(
         assert _get(ma, "worknode_strong_applied_seq", subject=SUBJECT) >= read.seq
         assert _get(ma, "worknode_strong_op_seconds_count", subject=SUBJECT, op="read") == 1
         assert _get(ma, "worknode_strong_entries_refused_total", subject=SUBJECT) == 0
+        if (promtool := shutil.which("promtool")) is not None:  # test_metrics requires it
+            lint = subprocess.run([promtool, "check", "metrics"], input=_text(a),
+                                  capture_output=True, text=True, timeout=30, check=False)
+            assert lint.returncode == 0, lint.stdout + lint.stderr
+            assert lint.stdout + lint.stderr == ""
 
         await nats_server.stop()
         with pytest.raises(UnavailableError):
