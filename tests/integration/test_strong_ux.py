@@ -12,13 +12,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.crdt import Increment
 from broker.errors import ConflictError, UnavailableError
 from broker.replica import Consistency
-from broker.strong import StrongMode
+from broker.strong import StrongMode, strong_subject
 from broker.transport import EmbeddedNatsServer
 from services.worknode import WorknodeService
 from tests.integration._nodes import SUBJECT, node_settings, roster_of
@@ -99,6 +100,17 @@ async def test_metrics_count_strong_outcomes_and_report_the_mode(
                                   capture_output=True, text=True, timeout=30, check=False)
             assert lint.returncode == 0, lint.stdout + lint.stderr
             assert lint.stdout + lint.stderr == ""
+
+        # A forged entry on the log (unsigned): every node refuses it, and counts it.
+        forger = await nats.connect(nats_server.url)
+        try:
+            await forger.publish(strong_subject(a.settings.namespace, SUBJECT, "acct-9"),
+                                 b"not an envelope")
+            await forger.flush()
+        finally:
+            await forger.close()
+        await _strong(a).read(["acct-1"])  # applied past it
+        assert _get(_scrape(a), "worknode_strong_entries_refused_total", subject=SUBJECT) == 1
 
         await nats_server.stop()
         with pytest.raises(UnavailableError):
