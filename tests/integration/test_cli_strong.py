@@ -6,8 +6,10 @@ current version and exits non-zero, and with no server the command fails in one 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from broker.testing import running_nats_server
 from broker.transport import EmbeddedNatsServer
 from services.worknode import WorknodeService, load_or_create_signer
 from tests.integration._nodes import SUBJECT, node_settings, run_cli
@@ -92,3 +94,18 @@ async def test_strong_without_a_server_fails_in_one_line(tmp_path: Path) -> None
     assert rc == 1
     assert len(err.splitlines()) == 1, err
     assert err.startswith("error: ")
+
+
+async def test_strong_with_no_jetstream_quorum_fails_in_one_line(tmp_path: Path) -> None:
+    """A server without JetStream stands for a node cut off from the log's quorum: the
+    STRONG write fails within strong_timeout_s with one line (UnavailableError)."""
+    async with running_nats_server(tmp_path / "nats", jetstream=False) as server:
+        env = {**os.environ, "WORKNODE_STRONG_TIMEOUT_S": "1"}
+        rc, out, err = await run_cli("create", SUBJECT, "acct-1", "--nats-url", server.url,
+                                     "--state-dir", "w", "--strong", "--strong-prefix",
+                                     "acct-", cwd=tmp_path, env=env)
+    assert rc == 1
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
