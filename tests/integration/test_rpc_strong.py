@@ -122,11 +122,13 @@ async def test_a_conditional_set_on_a_stale_version_conflicts_and_changes_nothin
 
 
 async def test_bad_strong_arguments_are_invalid(client: RpcClient) -> None:
+    """On an EVENTUAL worknode (``o3``), which a plain create would make: refused for the
+    arguments alone."""
     token = _token()
     with pytest.raises(RpcInvalidArgumentError):
-        await client.call(SUBJECT, "acct-3", "create", {"consistency": "linear"}, token=token)
+        await client.call(SUBJECT, "o3", "create", {"consistency": "linear"}, token=token)
     with pytest.raises(RpcInvalidArgumentError):
-        await client.call(SUBJECT, "acct-3", "create", {**STRONG, "if_version": -1},
+        await client.call(SUBJECT, "o3", "create", {**STRONG, "if_version": -1},
                           token=token)
     with pytest.raises(RpcInvalidArgumentError):  # if_version is a STRONG thing
-        await client.call(SUBJECT, "acct-3", "create", {"if_version": 0}, token=token)
+        await client.call(SUBJECT, "o3", "create", {"if_version": 0}, token=token)
