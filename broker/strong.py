@@ -215,10 +215,16 @@ class StrongMode:
     async def stop(self) -> None:
         """Stop following (idempotent)."""
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        # Cancel until it ends: a cancellation that lands as an awaited request completes
+        # can be swallowed (asyncio.wait_for in Python 3.11, nats-py's request) and the
+        # follower would read on forever.
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=0.1)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     @property
     def applied(self) -> int:
