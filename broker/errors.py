@@ -55,6 +55,7 @@ __all__ = [
     "ReplayedRequestError",
     "ReplicaError",
     "ResourceExhaustedError",
+    "RpcConflictError",
     "RpcError",
     "RpcInternalError",
     "RpcInvalidArgumentError",
@@ -529,6 +530,27 @@ class FailedPreconditionError(RpcError):
     code = StatusCode.FAILED_PRECONDITION
 
 
+class RpcConflictError(RpcError, ConflictError):
+    """A STRONG conditional write over RPC lost its compare-and-set (see ``ConflictError``):
+    the worknode is at ``current`` (None: unknown), not ``expected``. Nothing was written.
+    Read again (``get`` with ``consistency: "strong"``) and decide."""
+
+    code = StatusCode.FAILED_PRECONDITION
+    reason: ClassVar[str] = "conflict"
+
+    def __init__(
+        self, message: str, *, expected: int = 0, current: int | None = None,
+        trace_id: bytes = b"",
+    ) -> None:
+        # Both bases take other keywords: set what each would (RpcError's chain would call
+        # ConflictError's initializer without its versions).
+        WorknodeError.__init__(self, message)
+        self.message = message
+        self.trace_id = trace_id
+        self.expected = expected
+        self.current = current
+
+
 class RpcNotFoundError(RpcError, LookupError):
     """No such worknode (or method) on the serving replica. Create it or fix the name."""
 
@@ -562,7 +584,8 @@ ERROR_CLASSES: Final[dict[StatusCode, type[RpcError]]] = {
 """The exception of each non-OK status, when the reply names no ``reason``."""
 
 _BY_REASON: Final[dict[tuple[StatusCode, str], type[RpcError]]] = {
-    (cls.code, cls.reason): cls for cls in (CallDepthExceededError, TokenLimitError)
+    (cls.code, cls.reason): cls
+    for cls in (CallDepthExceededError, TokenLimitError, RpcConflictError)
 }
 
 

@@ -39,7 +39,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from broker.crdt import ORMap
 from broker.crdt._ops import TreeOp
@@ -49,6 +49,7 @@ from broker.errors import (
     ConflictError,
     InvalidArgumentError,
     LogTruncatedError,
+    OutcomeUnknownError,
     TreeError,
     UnavailableError,
     WorknodeError,
@@ -62,7 +63,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_CONFLICT_RETRIES",
+    "STRONG_OPS",
+    "STRONG_OUTCOMES",
+    "NullStrongObserver",
     "StrongMode",
+    "StrongObserver",
     "StrongRead",
     "strong_log_for",
     "strong_stream",
@@ -76,6 +81,47 @@ MAX_CONFLICT_RETRIES: Final = 64
 writer got the key first; the write is recomputed on the newer state), and never past the
 write's timeout."""
 _WRITERS: Final = ("node", "writer")
+STRONG_OPS: Final = ("write", "read", "cas")
+"""What a STRONG operation was: a plain write, a linearizable read, a conditional write
+(``if_version`` / ``if_versions`` / ``create_if_absent``): a bounded metric label set."""
+STRONG_OUTCOMES: Final = ("ok", "conflict", "unavailable", "unknown")
+"""How a STRONG operation ended: done, refused by a compare-and-set (``ConflictError``), no
+quorum in time (``UnavailableError``: not done), may or may not be done
+(``OutcomeUnknownError``). Invalid arguments are not counted: nothing was attempted."""
+
+
+class StrongObserver(Protocol):
+    """Events of a ``StrongMode``; the service turns them into Prometheus metrics."""
+
+    def strong_op(self, subject: str, op: str, outcome: str, seconds: float) -> None:
+        """A STRONG ``op`` (``STRONG_OPS``) ended with ``outcome`` (``STRONG_OUTCOMES``)
+        after ``seconds``."""
+
+    def strong_refused(self, subject: str, reason: str) -> None:
+        """A log entry was refused before it reached the machine (``strong_entry``: not a
+        sealed STRONG write of a writer or node)."""
+
+
+class NullStrongObserver:
+    """Discards every event."""
+
+    def strong_op(self, subject: str, op: str, outcome: str, seconds: float) -> None:
+        """Ignore."""
+
+    def strong_refused(self, subject: str, reason: str) -> None:
+        """Ignore."""
+
+
+def _outcome(exc: BaseException | None) -> str | None:
+    if exc is None:
+        return "ok"
+    if isinstance(exc, ConflictError):
+        return "conflict"
+    if isinstance(exc, OutcomeUnknownError):
+        return "unknown"
+    if isinstance(exc, UnavailableError):
+        return "unavailable"
+    return None
 
 
 def strong_subject(namespace: str, subject: str, key: str | None = None) -> str:
@@ -141,6 +187,7 @@ class StrongMode:
         *,
         timeout: float = 2.0,
         now: Callable[[], float] = time.monotonic,
+        observer: StrongObserver | None = None,
     ) -> None:
         prefixes = replica.config.strong_prefixes
         if not prefixes:
@@ -153,6 +200,7 @@ class StrongMode:
         self.prefixes = prefixes
         self.timeout = timeout
         self._now = now
+        self.observer: StrongObserver = observer or NullStrongObserver()
         self._versions: dict[str, int] = {}
         self._applied = asyncio.Event()  # pulsed after every applied entry
         self._task: asyncio.Task[None] | None = None
@@ -180,10 +228,16 @@ class StrongMode:
     async def stop(self) -> None:
         """Stop following (idempotent)."""
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        # Cancel until it ends: a cancellation that lands as an awaited request completes
+        # can be swallowed (asyncio.wait_for in Python 3.11, nats-py's request) and the
+        # follower would read on forever.
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=0.1)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     @property
     def applied(self) -> int:
@@ -249,6 +303,7 @@ class StrongMode:
                 delta = env.document
             except CodecError as exc:
                 self.entries_refused += 1
+                self.observer.strong_refused(self.replica.config.subject, "strong_entry")
                 self.replica.observer.rejected(
                     self.replica.config.subject, "strong_entry", writer)
                 log.warning("STRONG log entry %d of %s refused: %s",
@@ -292,6 +347,27 @@ class StrongMode:
     # -- writes ----------------------------------------------------------------------------
 
     async def write(
+        self, ops: Sequence[TreeOp], *, if_version: int | None = None,
+        if_versions: dict[str, int] | None = None,
+    ) -> int:
+        """Write ``ops`` through the log (see ``_write``), reported to the observer."""
+        op = "cas" if if_version is not None or if_versions else "write"
+        start = self._now()
+        try:
+            seq = await self._write(ops, if_version=if_version, if_versions=if_versions)
+        except WorknodeError as exc:
+            self._report(op, exc, start)
+            raise
+        self._report(op, None, start)
+        return seq
+
+    def _report(self, op: str, exc: BaseException | None, start: float) -> None:
+        outcome = _outcome(exc)
+        if outcome is not None:
+            self.observer.strong_op(
+                self.replica.config.subject, op, outcome, self._now() - start)
+
+    async def _write(
         self, ops: Sequence[TreeOp], *, if_version: int | None = None,
         if_versions: dict[str, int] | None = None,
     ) -> int:
@@ -413,6 +489,16 @@ class StrongMode:
 
     async def read(self, keys: Iterable[str] | None = None) -> StrongRead:
         """A linearizable read of ``keys`` (None: every STRONG key) — see the module doc."""
+        start = self._now()
+        try:
+            result = await self._read(keys)
+        except WorknodeError as exc:
+            self._report("read", exc, start)
+            raise
+        self._report("read", None, start)
+        return result
+
+    async def _read(self, keys: Iterable[str] | None = None) -> StrongRead:
         from broker.repair import subset
 
         wanted = None if keys is None else list(keys)

@@ -379,6 +379,33 @@ REPLICATION = Dashboard(
                   "handler errors {{instance}}"),
                _q(f"sum by (instance) (rate(worknode_slow_consumer_dropped_total[{RI}]))",
                   "slow-consumer drops {{instance}}")], unit="ops"),
+        Panel("STRONG operations / s by op and outcome",
+              "STRONG writes, reads and cas (conditional writes) per outcome: ok, conflict "
+              "(a compare-and-set lost: the caller read a stale version), unavailable (no "
+              "quorum within strong_timeout_s: not done), unknown (maybe done: read to find "
+              "out).",
+              [_q("sum by (op, outcome) "
+                  f"(rate(worknode_strong_ops_total{{{SUBJ}}}[{RI}]))",
+                  "{{op}} {{outcome}}")], unit="ops"),
+        Panel("STRONG latency", "STRONG operations, acknowledged by the stream's quorum and "
+              "applied here (a read: its fence published and applied): median and p99 per op.",
+              _quantiles("worknode_strong_op_seconds", "op", SUBJ), unit="s"),
+        Panel("STRONG log applied sequence / refused entries",
+              "The STRONG log sequence each node applied (nodes of a subject converge on "
+              "one value; one behind is partitioned or catching up), and log entries refused "
+              "(not a sealed write of a node or writer).",
+              [_q(f"max by (instance, subject) (worknode_strong_applied_seq{{{SUBJ}}})",
+                  "applied {{instance}} {{subject}}"),
+               _q("sum by (instance) "
+                  f"(increase(worknode_strong_entries_refused_total{{{SUBJ}}}[{RI}]))",
+                  "refused {{instance}}")]),
+        Panel("STRONG mode", "Per node: Available (its last STRONG operation reached a "
+              "quorum), or Unavailable (red: a minority or cut off from JetStream; STRONG "
+              "fails there in bounded time while LOCAL/EVENTUAL go on).",
+              [_q(f"min by (instance) (worknode_strong_available{{{SUBJ}}})", "{{instance}}")],
+              kind="stat", width=6,
+              stat=Stat([(None, "red"), (1, "green")],
+                        {0: ("Unavailable", "red"), 1: ("Available", "green")})),
         Panel("Keys per subject", "Top-level keys (worknodes) held, per node and subject.",
               [_q(f"max by (instance, subject) (worknode_keys{{{SUBJ}}})",
                   "{{instance}} {{subject}}")], width=6),

@@ -36,8 +36,10 @@ from broker.crdt import MAX_VALUE_BYTES, OpaqueAtom, ORMap, validate_atom
 from broker.errors import (
     CallDepthExceededError,
     CodecError,
+    ConflictError,
     DeadlineExceededError,
     FailedPreconditionError,
+    RpcConflictError,
     RpcError,
     RpcInvalidArgumentError,
     StatusCode,
@@ -278,6 +280,10 @@ def new_response(
 
 def error_response(exc: WorknodeError, message: str, trace_id: bytes = b"") -> Response:
     """The response that answers ``exc``: its status, ``message``, and its reason if any."""
+    if isinstance(exc, ConflictError):  # the versions travel beside the status
+        details = {REASON_KEY: RpcConflictError.reason, "expected": exc.expected,
+                   "current": exc.current}
+        return new_response(exc.code, message, details, None, trace_id)
     reason = exc.reason if isinstance(exc, RpcError) else ""
     return new_response(exc.code, message, {REASON_KEY: reason} if reason else {}, None, trace_id)
 
@@ -285,6 +291,12 @@ def error_response(exc: WorknodeError, message: str, trace_id: bytes = b"") -> R
 def error_of(response: Response, trace_id: bytes = b"") -> RpcError:
     """The exception for a non-OK ``response``, chosen by its status and reason."""
     reason = response.result.get(REASON_KEY, "")
+    if response.status is StatusCode.FAILED_PRECONDITION and reason == RpcConflictError.reason:
+        expected, current = response.result.get("expected"), response.result.get("current")
+        return RpcConflictError(
+            response.message, expected=expected if type(expected) is int else 0,
+            current=current if type(current) is int else None,
+            trace_id=trace_id or response.trace_id)
     return error_for(
         response.status,
         response.message,

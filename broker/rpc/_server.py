@@ -49,7 +49,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import nacl.exceptions
 import nacl.signing
@@ -99,6 +99,10 @@ from broker.rpc._protocol import (
 )
 from broker.rpc._revocation import RevocationList
 from broker.rpc._worker import AuthorizerPool
+
+if TYPE_CHECKING:
+    from broker.crdt._ops import TreeOp
+    from broker.strong import StrongMode
 from broker.transport import (
     Endpoint,
     ErrorReply,
@@ -902,16 +906,65 @@ def _field(ctx: CallContext) -> tuple[str, ...]:
     return tuple(raw.split("."))
 
 
+def _strong(ctx: CallContext) -> StrongMode | None:
+    """The replica's STRONG side when the call asks ``consistency: "strong"`` (None: the
+    default, EVENTUAL); ``RpcInvalidArgumentError`` for another value, ``if_version``
+    without STRONG, or a subject with no STRONG log here."""
+    mode = ctx.arguments.get("consistency", "eventual")
+    if mode not in ("strong", "eventual"):
+        raise RpcInvalidArgumentError("argument 'consistency' must be 'strong' or 'eventual'")
+    if mode == "eventual":
+        if "if_version" in ctx.arguments:
+            raise RpcInvalidArgumentError("argument 'if_version' needs consistency 'strong'")
+        return None
+    strong = ctx.replica.strong
+    if strong is None:
+        raise RpcInvalidArgumentError(
+            f"subject {ctx.replica.config.subject!r} has no STRONG worknodes here")
+    return strong
+
+
+def _if_version(ctx: CallContext, default: int | None = None) -> int | None:
+    raw = ctx.arguments.get("if_version", default)
+    if raw is not None and (type(raw) is not int or raw < 0):
+        raise RpcInvalidArgumentError("argument 'if_version' must be an int >= 0")
+    return raw
+
+
+async def _write_strong(strong: StrongMode, op: TreeOp, if_version: int | None
+                        ) -> Mapping[str, Any]:
+    """A STRONG write's result: its log sequence, the worknode's new ``version`` (a lost
+    compare-and-set raises ``ConflictError``: FAILED_PRECONDITION with both versions)."""
+    return {"ok": True, "version": await strong.write([op], if_version=if_version)}
+
+
 def builtin_methods(revocation_subject: str | None = None) -> MethodRegistry:
     """``get`` (a worknode's state), ``set``/``incr``/``add`` (a field, through the replica:
     persisted and replicated), ``create`` (a child of argument ``parent``), and ``revoke``
-    (argument ``token_id``; only on ``revocation_subject``)."""
+    (argument ``token_id``; only on ``revocation_subject``).
+
+    ``consistency: "strong"`` (a STRONG worknode, ``broker.strong``): ``get`` reads
+    linearizably and returns the worknode's ``version``; writes go through the subject's
+    STRONG log and return the new ``version``; ``if_version`` makes a write conditional
+    (``create`` is create-if-absent: ``if_version`` 0). A lost compare-and-set answers
+    FAILED_PRECONDITION with ``expected`` and ``current`` (``RpcConflictError``); no quorum
+    in time answers UNAVAILABLE."""
+    from broker.crdt import Add, Assign, Create, Increment
     from broker.repair import subset
 
     reg = MethodRegistry()
 
+    async def get_strong(ctx: CallContext, strong: StrongMode) -> Response:
+        read = await strong.read([ctx.worknode])
+        return Response(StatusCode.OK, state=read.state, result={
+            "worknode": ctx.worknode, "version": read.versions[ctx.worknode],
+            "seq": read.seq})
+
     @reg.method("get")
-    def get(ctx: CallContext) -> Response:  # never waits: runs inline
+    def get(ctx: CallContext) -> Response | Awaitable[Response]:  # EVENTUAL: runs inline
+        strong = _strong(ctx)
+        if strong is not None:
+            return get_strong(ctx, strong)
         if ctx.worknode == ROOT_ID:
             return Response(StatusCode.OK, result={"children": len(ctx.replica.state)})
         state = subset(ctx.replica.state, [ctx.worknode])
@@ -921,6 +974,9 @@ def builtin_methods(revocation_subject: str | None = None) -> MethodRegistry:
     async def set_(ctx: CallContext) -> Mapping[str, Any]:
         if "value" not in ctx.arguments:
             raise RpcInvalidArgumentError("argument 'value' is required")
+        if (strong := _strong(ctx)) is not None:
+            op = Assign(ctx.worknode, _field(ctx), ctx.arguments["value"])
+            return await _write_strong(strong, op, _if_version(ctx))
         await ctx.replica.set(ctx.worknode, _field(ctx), ctx.arguments["value"])
         return {"ok": True}
 
@@ -929,6 +985,9 @@ def builtin_methods(revocation_subject: str | None = None) -> MethodRegistry:
         amount = ctx.arguments.get("amount", 1)
         if type(amount) is not int:
             raise RpcInvalidArgumentError("argument 'amount' must be an int")
+        if (strong := _strong(ctx)) is not None:
+            return await _write_strong(
+                strong, Increment(ctx.worknode, _field(ctx), amount), _if_version(ctx))
         await ctx.replica.increment(ctx.worknode, _field(ctx), amount)
         return {"ok": True}
 
@@ -936,6 +995,9 @@ def builtin_methods(revocation_subject: str | None = None) -> MethodRegistry:
     async def add(ctx: CallContext) -> Mapping[str, Any]:
         if "element" not in ctx.arguments:
             raise RpcInvalidArgumentError("argument 'element' is required")
+        if (strong := _strong(ctx)) is not None:
+            op = Add(ctx.worknode, _field(ctx), ctx.arguments["element"])
+            return await _write_strong(strong, op, _if_version(ctx))
         await ctx.replica.add(ctx.worknode, _field(ctx), ctx.arguments["element"])
         return {"ok": True}
 
@@ -944,6 +1006,9 @@ def builtin_methods(revocation_subject: str | None = None) -> MethodRegistry:
         parent = ctx.arguments.get("parent", ROOT_ID)
         if not isinstance(parent, str):
             raise RpcInvalidArgumentError("argument 'parent' must be a worknode id")
+        if (strong := _strong(ctx)) is not None:
+            return await _write_strong(
+                strong, Create(ctx.worknode, parent), _if_version(ctx, default=0))
         await ctx.replica.create(ctx.worknode, parent)
         return {"ok": True}
 

@@ -17,6 +17,9 @@ subject, or ``*`` when none is granted; subjects as in ``broker/transport/_subje
 ``"subject q"`` is a subscription allowed only in the queue group ``q``)::
 
     node <name>     publish    wn.ns.delta.S  wn.ns.sync.S  wn.ns.rpc.S.*  (nested RPC calls)
+                               wn.ns.strong.S.>  + the JetStream API of S's STRONG stream
+                               (STREAM.{INFO,CREATE,UPDATE,MSG.GET}, CONSUMER.{CREATE,DELETE,
+                               INFO}, its $JS.FC flow control; S = * : every stream's)
                     subscribe  wn.ns.delta.S  wn.ns.sync.S
                                "wn.ns.rpc.S.* q"            (RPC endpoints, queue group only)
                                "wn.ns.merkle.S.<name>.* q"  (its own healing endpoints only)
@@ -28,6 +31,7 @@ subject, or ``*`` when none is granted; subjects as in ``broker/transport/_subje
                                $SRV.INFO.worknode-replica  (discovery)  wn.ns.heal.S (reports)
                     subscribe  _INBOX.<key>.>
     writer <name>   publish    wn.ns.delta.S  wn.ns.sync.S
+                               wn.ns.strong.S.>  + S's STRONG stream API (as a node)
                     subscribe  wn.ns.delta.S  wn.ns.sync.S  _INBOX.<key>.>
                     allow_responses max 1 (its replica answers catch-up requests)
     reader <name>   publish    nothing (deny >)
@@ -44,8 +48,9 @@ Consequences the integration tests check against a real server: nobody but a nod
 to merkle or RPC request subjects (or to sync subjects, but for a writer's own replica of
 its granted subjects), joins the RPC queue group or answers
 ``$SRV.*.worknode-replica``; a node serves only its own healing endpoints; nobody but a healer
-publishes to ``wn.ns.merkle.>`` (only the healer repairs); nobody publishes into an inbox
-except as a reply to a request it received; a client without a listed key cannot connect.
+publishes to ``wn.ns.merkle.>`` (only the healer repairs); nobody but a node or a writer
+publishes to a STRONG log or uses its stream's API (the healer cannot); nobody publishes into
+an inbox except as a reply to a request it received; a client without a listed key cannot connect.
 
 Why ``allow_responses`` allows one reply per request received (``true``) and four for a node:
 every reply in this system is one message (a catch-up state, an RPC response, a Merkle answer,
@@ -65,6 +70,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -240,6 +246,31 @@ class Permissions:
     allow_responses: int = 0
 
 
+def strong_stream_name(namespace: str, subject: str) -> str:
+    """The JetStream stream of ``subject``'s STRONG log (``broker.strong.strong_stream``
+    names it alike; a unit test holds them equal): permissions name it, since a stream name
+    is one token and cannot be matched by a partial wildcard."""
+    digest = hashlib.sha256(f"{namespace}\0{subject}".encode()).hexdigest()[:8]
+    return f"WN_STRONG_{namespace}_{subject}_{digest}"[:200]
+
+
+def _strong_log(ns: str, namespace: str, granted: tuple[str, ...]) -> tuple[str, ...]:
+    """What a STRONG log writer (a node or a writer) publishes: its entries and fences
+    (``wn.ns.strong.S.>``), and the JetStream API of the subjects' streams (create or update
+    the stream, read its state and last entries, create and delete its ordered consumer),
+    plus the flow-control replies of that consumer. A wildcard grant (every subject of the
+    namespace) cannot name its streams: it allows every stream's API of the account."""
+    streams = ["*"] if "*" in granted else [strong_stream_name(namespace, s) for s in granted]
+    api = "$JS.API"
+    out = [f"{ns}.strong.{s}.>" for s in granted]
+    for st in streams:
+        out += [f"{api}.STREAM.{verb}.{st}" for verb in ("INFO", "CREATE", "UPDATE", "MSG.GET")]
+        out += [f"{api}.CONSUMER.CREATE.{st}", f"{api}.CONSUMER.CREATE.{st}.>",
+                f"{api}.CONSUMER.DELETE.{st}.*", f"{api}.CONSUMER.INFO.{st}.*",
+                f"$JS.FC.{st}.>"]
+    return tuple(out)
+
+
 def permissions(identity: NatsIdentity) -> Permissions:
     """The permissions of ``identity``'s role (the model in the module header)."""
     ns = f"{PREFIX}.{identity.namespace}"
@@ -256,7 +287,8 @@ def permissions(identity: NatsIdentity) -> Permissions:
             for service in MICRO_SERVICES for verb in _MICRO_VERBS for tail in ("", ".*")
         )
         return Permissions(
-            publish_allow=(*each("delta"), *each("sync"), *each("rpc", ".*")),
+            publish_allow=(*each("delta"), *each("sync"), *each("rpc", ".*"),
+                           *_strong_log(ns, identity.namespace, granted)),
             subscribe_allow=(
                 *each("delta"), *each("sync"),
                 *each("rpc", f".* {QUEUE_GROUP}"),
@@ -273,7 +305,8 @@ def permissions(identity: NatsIdentity) -> Permissions:
         )
     if role is Role.WRITER:
         return Permissions(
-            publish_allow=(*each("delta"), *each("sync")),
+            publish_allow=(*each("delta"), *each("sync"),
+                           *_strong_log(ns, identity.namespace, granted)),
             subscribe_allow=(*each("delta"), *each("sync"), inbox),
             allow_responses=1,
         )

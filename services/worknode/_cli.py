@@ -1,5 +1,6 @@
-"""``worknode up | node | tail`` and the write commands (``set``, ``incr``, ``add``, ``create``,
-``move``). ``__main__``-style code only: parse, wire, run."""
+"""``worknode up | node | tail``, the write commands (``set``, ``incr``, ``add``, ``create``,
+``move``; ``--strong`` for STRONG worknodes) and ``get --strong``. ``__main__``-style code only:
+parse, wire, run."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ import click
 from broker.codec import RequestAuth, TrustRoster, WireCodec
 from broker.crdt import (
     ROOT_ID,
+    Assign,
+    Create,
+    Increment,
     KindConflict,
     OpaqueAtom,
     OpaqueValue,
@@ -30,8 +34,10 @@ from broker.crdt import (
     validate_key,
     validate_node_id,
 )
+from broker.crdt._ops import TreeOp
 from broker.errors import (
     CodecError,
+    ConflictError,
     ConnectionRefusedByServerError,
     TransportError,
     TreeError,
@@ -39,6 +45,7 @@ from broker.errors import (
     WorknodeError,
 )
 from broker.replica import EVIDENCE_HEADER, FULL_HEADER, SYNC_HEADER, Replica
+from broker.strong import StrongMode
 from broker.transport import (
     ConnectOptions,
     Msg,
@@ -87,6 +94,9 @@ def _jsonable(value: Any) -> Any:
 
 
 _DEMO_SUBJECT = "demo"
+_DEMO_STRONG = "lock-"
+"""The demo subject's STRONG worknodes: ids starting with this (the random writers' ids,
+``w000``..., are EVENTUAL)."""
 
 
 def _demo_op(rng: random.Random, me: str, known: Any) -> Any:
@@ -225,6 +235,10 @@ async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True,
     ca_file: Path | None = None
     if not insecure:
         server_options, ca_file = _bus_security(state_dir, names, "healer")
+    # JetStream fsyncs every write before acknowledging it: the STRONG log's acknowledged
+    # writes survive a crash (with the default 2-minute flush, Jepsen's 2025 analysis of
+    # NATS lost acknowledged writes).
+    server_options["sync_interval"] = "always"
     # Two clustered nats-servers whose route runs through a proxy the demo can cut.
     async with NatsCluster(state_dir / "cluster", 2, server_options=server_options) as cluster:
         await cluster.wait_routes()
@@ -249,6 +263,8 @@ async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True,
                 metrics_port=0,
                 store_sync="normal",
                 cluster_secret_file=secret,
+                strong={_DEMO_SUBJECT: [_DEMO_STRONG]},
+                strong_timeout_s=10.0,
             )
             for name in names
         ]
@@ -282,10 +298,69 @@ async def _up(writes: int, state_dir: Path, quiet: bool, partition: bool = True,
             echo("")
             echo(("converged: all replicas hold identical digests" if ok
                   else "NOT converged: digests differ") + f" ({writes} writes)")
+            if ok:
+                ok = await _strong_demo(echo, replicas)
             if partition and ok:
                 ok = await _partition_and_heal(echo, cluster, replicas, healer, writes)
             echo(f"\ndone in {time.monotonic() - t0:.1f} s")
             return ok
+
+
+async def _strong_race(
+    echo: Callable[..., None], what: str, racers: list[Replica],
+    act: Callable[[StrongMode], Awaitable[int]],
+) -> int | None:
+    """Run ``act`` on every racer's STRONG side at once; print each outcome (one winner,
+    the others a conflict naming the version); the winning version (None: not one winner)."""
+    modes = [r.strong for r in racers]
+    assert all(m is not None for m in modes)
+    results = await asyncio.gather(*(act(m) for m in modes if m is not None),
+                                   return_exceptions=True)
+    won = None
+    for r, res in zip(racers, results, strict=True):
+        if isinstance(res, ConflictError):
+            echo(f"  {r.node_id} {what}: conflict: {res}")
+        elif isinstance(res, BaseException):
+            echo(f"  {r.node_id} {what}: failed: {res}")
+        else:
+            echo(f"  {r.node_id} {what}: won (version {res})")
+            won = res
+    winners = sum(not isinstance(res, BaseException) for res in results)
+    conflicts = sum(isinstance(res, ConflictError) for res in results)
+    return won if winners == 1 and conflicts == len(results) - 1 else None
+
+
+async def _strong_demo(echo: Callable[..., None], replicas: list[Replica]) -> bool:
+    """STRONG on the demo subject: node-1 and node-3 (on different servers) race a
+    create-if-absent of a lock, then a compare-and-set of its owner on the version both
+    read; each time exactly one wins and the other gets a conflict naming the version.
+    node-2 then reads it linearizably."""
+    key = f"{_DEMO_STRONG}leader"
+    echo(f"\n-- STRONG: worknodes {_DEMO_STRONG}* of {_DEMO_SUBJECT!r} are ordered through a "
+         "JetStream log (R1 on one server: no fault tolerance; R3 in clusters; "
+         "sync_interval: always) --")
+    racers = [replicas[0], replicas[2]]
+    v1 = await _strong_race(echo, f"create-if-absent {key}", racers,
+                            lambda m: m.create_if_absent(key, ROOT_ID))
+    if v1 is None:
+        echo("STRONG: NOT exactly one winner")
+        return False
+
+    def claim(m: StrongMode) -> Awaitable[int]:
+        return m.write([Assign(key, ("owner",), m.replica.node_id)], if_version=v1)
+
+    v2 = await _strong_race(echo, f"set {key}.owner if version {v1}", racers, claim)
+    if v2 is None:
+        echo("STRONG: NOT exactly one winner")
+        return False
+    reader = replicas[1].strong
+    assert reader is not None
+    read = await reader.read([key])
+    owner = read.state.value().get(key, {}).get("fields", {}).get("owner")
+    echo(f"  {replicas[1].node_id} reads {key} (linearizable): owner {owner}, version "
+         f"{read.versions[key]}")
+    echo("STRONG: one winner per race, the losers told the version they lost to")
+    return read.versions[key] == v2
 
 
 async def _partition_and_heal(
@@ -505,6 +580,69 @@ def _write_and_print(
         sys.exit(EXIT_UNCONFIRMED)
 
 
+def _strong_settings(subject: str, kw: dict[str, Any]) -> WorknodeSettings:
+    """A one-shot writer's settings for a STRONG operation on ``subject``: its STRONG
+    prefixes from ``--strong-prefix`` or the ``strong`` setting (config or environment), as
+    the nodes declare them (an id they do not declare STRONG is refused by them)."""
+    connection = pop_connection(kw)
+    prefixes = list(kw.pop("strong_prefixes", ()) or ())
+    extra: dict[str, Any] = {"strong": {subject: prefixes}} if prefixes else {}
+    settings = load_settings(WorknodeSettings, lambda: WorknodeSettings(
+        node_id=kw["node_id"], namespace=kw["namespace"], subjects=[subject],
+        nats_urls=list(kw["nats_urls"]), state_dir=kw["state_dir"], roster_file=kw.get("roster"),
+        metrics_port=None, **extra, **connection,
+    ))
+    if not settings.strong.get(subject):
+        raise click.UsageError(
+            f"--strong needs the STRONG worknodes of {subject!r} as the nodes declare them: "
+            "--strong-prefix PREFIX (or the 'strong' setting)")
+    return settings
+
+
+async def _strong_op(
+    subject: str, kw: dict[str, Any], act: Callable[[StrongMode], Awaitable[Any]]
+) -> Any:
+    """Run ``act`` on a one-shot writer's STRONG side of ``subject`` (it replays the
+    subject's STRONG log first: the state its compare-and-set is against)."""
+    settings = _strong_settings(subject, kw)
+    async with WorknodeService(settings, warn_open_bus=False) as svc:
+        mode = svc.replica(subject).strong
+        assert mode is not None  # settings.strong names the subject
+        return await act(mode)
+
+
+def _strong_write_and_print(
+    subject: str, node: str, kw: dict[str, Any], op: TreeOp, if_version: int | None
+) -> None:
+    """A ``--strong`` write command: through the subject's STRONG log (a compare-and-set
+    when ``if_version`` is given); prints the worknode's new version and value. A lost
+    compare-and-set ends in one error line naming the current version."""
+    kw.pop("no_confirm", None)
+    kw.pop("confirm_timeout", None)
+
+    async def act(mode: StrongMode) -> tuple[int, Any]:
+        version = await mode.write([op], if_version=if_version)
+        return version, mode.replica.state.value().get(node)
+
+    version, value = _run(lambda: _strong_op(subject, kw, act))
+    click.echo(json.dumps({"worknode": node, "version": version, "value": _jsonable(value)},
+                          sort_keys=True))
+
+
+def _write_or_strong(
+    subject: str, node: str, kw: dict[str, Any], op: TreeOp,
+    mutator: Callable[[Replica], Awaitable[ORMap]],
+) -> None:
+    strong, if_version = kw.pop("strong"), kw.pop("if_version")
+    if not strong:
+        if if_version is not None:
+            raise click.UsageError("--if-version needs --strong")
+        kw.pop("strong_prefixes", None)
+        _write_and_print(subject, kw, mutator)
+        return
+    _strong_write_and_print(subject, node, kw, op, if_version)
+
+
 _CONFIRM_HELP = """
 
 \b
@@ -514,8 +652,32 @@ when none did within --confirm-timeout: for example when the nodes' rosters lack
 writer's key, or no node serves the subject. --no-confirm exits 0 once published."""
 
 
-def _write_command(name: str, help_text: str) -> Callable[[Callable[..., Any]], Any]:
+_STRONG_HELP = """
+
+\b
+--strong: through the subject's STRONG log (JetStream, a compare-and-set on the
+worknode's version), for worknodes the nodes declare STRONG; prints the new version.
+--if-version N makes it conditional: if the worknode moved past N, nothing is written
+and the command fails with one line naming the current version (exit 1)."""
+
+
+def _strong_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--strong-prefix", "strong_prefixes", multiple=True,
+                      help="A STRONG worknode id prefix of the subject, as the nodes' "
+                           "'strong' setting declares it (repeat; default: that setting).")(fn)
+    return click.option("--strong", is_flag=True,
+                        help="STRONG: through the subject's log (linearizable).")(fn)
+
+
+def _write_command(
+    name: str, help_text: str, strong: bool = False
+) -> Callable[[Callable[..., Any]], Any]:
     def deco(fn: Callable[..., Any]) -> Any:
+        if strong:
+            fn = click.option("--if-version", type=click.IntRange(min=0), default=None,
+                              help="With --strong: write only if the worknode is at this "
+                                   "version (0: never written).")(fn)
+            fn = _strong_options(fn)
         fn = click.option("--no-confirm", is_flag=True,
                           help="Do not wait for a replica to hold the write.")(fn)
         fn = click.option("--confirm-timeout", type=click.FloatRange(min=0, min_open=True),
@@ -529,7 +691,8 @@ def _write_command(name: str, help_text: str) -> Callable[[Callable[..., Any]], 
         fn = click.option("--node-id", default="cli", show_default=True,
                           help="Writer node id (its key lives in the state dir).")(fn)
         fn = _with_common(fn)
-        return click.command(name, help=help_text + _CONFIRM_HELP)(fn)
+        return click.command(
+            name, help=help_text + _CONFIRM_HELP + (_STRONG_HELP if strong else ""))(fn)
 
     return deco
 
@@ -726,23 +889,28 @@ def register(main: click.Group) -> None:
 
         _run(run)
 
-    @_write_command("set", "Set FIELD (dotted path) of worknode NODE to VALUE (JSON or text).")
+    @_write_command("set", "Set FIELD (dotted path) of worknode NODE to VALUE (JSON or text).",
+                    strong=True)
     @click.argument("subject")
     @click.argument("node_name", metavar="NODE")
     @click.argument("field")
     @click.argument("value")
     def set_(subject: str, node_name: str, field: str, value: str, **kw: Any) -> None:
         _check(node_name, field=field)
-        _write_and_print(subject, kw, lambda r: r.set(node_name, _path(field), _parse_value(value)))
+        parsed = _parse_value(value)
+        _write_or_strong(subject, node_name, kw, Assign(node_name, _path(field), parsed),
+                         lambda r: r.set(node_name, _path(field), parsed))
 
-    @_write_command("incr", "Add AMOUNT (default 1) to counter FIELD of worknode NODE.")
+    @_write_command("incr", "Add AMOUNT (default 1) to counter FIELD of worknode NODE.",
+                    strong=True)
     @click.argument("subject")
     @click.argument("node_name", metavar="NODE")
     @click.argument("field")
     @click.argument("amount", type=int, default=1)
     def incr(subject: str, node_name: str, field: str, amount: int, **kw: Any) -> None:
         _check(node_name, field=field)
-        _write_and_print(subject, kw, lambda r: r.increment(node_name, _path(field), amount))
+        _write_or_strong(subject, node_name, kw, Increment(node_name, _path(field), amount),
+                         lambda r: r.increment(node_name, _path(field), amount))
 
     @_write_command("add", "Add ELEMENT to set FIELD of worknode NODE.")
     @click.argument("subject")
@@ -754,13 +922,44 @@ def register(main: click.Group) -> None:
         element_value = _parse_value(element)
         _write_and_print(subject, kw, lambda r: r.add(node_name, _path(field), element_value))
 
-    @_write_command("create", "Create worknode NODE under PARENT (default: the root).")
+    @_write_command("create", "Create worknode NODE under PARENT (default: the root); with "
+                    "--strong, only if it was never written (--if-version 0 implied).",
+                    strong=True)
     @click.argument("subject")
     @click.argument("node_name", metavar="NODE")
     @click.argument("parent", default=ROOT_ID)
     def create(subject: str, node_name: str, parent: str, **kw: Any) -> None:
         _check(node_name, parent=parent)
-        _write_and_print(subject, kw, lambda r: r.create(node_name, parent))
+        if kw["strong"] and kw["if_version"] is None:
+            kw["if_version"] = 0  # create-if-absent
+        _write_or_strong(subject, node_name, kw, Create(node_name, parent),
+                         lambda r: r.create(node_name, parent))
+
+    @click.command("get", help="Print worknode NODE of SUBJECT with --strong: a linearizable "
+                   "read through the subject's STRONG log (it includes every STRONG write "
+                   "acknowledged before it began) and the worknode's version.")
+    @click.argument("subject")
+    @click.argument("node_name", metavar="NODE")
+    @click.option("--state-dir", type=click.Path(path_type=Path),
+                  default=Path(".worknode/cli"), show_default=True)
+    @click.option("--node-id", default="cli", show_default=True,
+                  help="Reader node id (its key lives in the state dir: it signs the fence).")
+    @click.option("--roster", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="JSON roster of trusted nodes.")
+    @_strong_options
+    @_with_common
+    def get(subject: str, node_name: str, **kw: Any) -> None:
+        _check(node_name)
+        if not kw.pop("strong"):
+            raise click.UsageError("get reads STRONG worknodes: pass --strong")
+
+        async def act(mode: StrongMode) -> tuple[int, Any]:
+            read = await mode.read([node_name])
+            return read.versions[node_name], read.state.value().get(node_name)
+
+        version, value = _run(lambda: _strong_op(subject, kw, act))
+        click.echo(json.dumps({"worknode": node_name, "version": version,
+                               "value": _jsonable(value)}, sort_keys=True))
 
     @_write_command("move", "Move worknode NODE under PARENT.")
     @click.argument("subject")
@@ -770,5 +969,5 @@ def register(main: click.Group) -> None:
         _check(node_name, parent=parent)
         _write_and_print(subject, kw, lambda r: r.move(node_name, parent))
 
-    for cmd in (set_, incr, add, create, move):
+    for cmd in (set_, incr, add, create, move, get):
         main.add_command(cmd)

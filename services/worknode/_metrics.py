@@ -25,11 +25,12 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from broker.codec import CURRENT_VERSION, OLDEST_VERSION
 from broker.replica import REFUSE_REASONS, REJECT_REASONS
 from broker.replication import BYZANTINE_REASONS
+from broker.strong import STRONG_OPS, STRONG_OUTCOMES
 
 __all__ = ["STORE_OPERATIONS", "ServiceMetrics", "build_info", "package_version", "process_metrics"]
 
@@ -213,6 +214,23 @@ class ServiceMetrics:
         self.pending_ops_limit = Gauge(
             "worknode_pending_ops_limit",
             "max_pending_ops: past it writers get BackpressureError.", ["subject"], registry=r)
+        self.strong_ops = Counter(
+            "worknode_strong_ops_total",
+            "STRONG operations (write, read, cas: a conditional write), by outcome: ok, "
+            "conflict (a compare-and-set lost), unavailable (no quorum in time: not done), "
+            "unknown (no answer in time: maybe done).",
+            ["subject", "op", "outcome"], registry=r)
+        self.strong_seconds = Histogram(
+            "worknode_strong_op_seconds",
+            "Latency of STRONG operations (acknowledged by the stream's quorum and applied "
+            "here; reads: fence, then apply up to it), whatever their outcome.",
+            ["subject", "op"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.strong_refused_entries = Counter(
+            "worknode_strong_entries_refused_total",
+            "STRONG log entries refused before the state machine (not a sealed STRONG write of "
+            "a node or writer); entries the machine refuses count in "
+            "worknode_byzantine_rejected_total / worknode_deltas_rejected_total.",
+            ["subject"], registry=r)
         for op in STORE_OPERATIONS:
             self.store_errors.labels(op)
         for s in subjects:  # pre-create series so dashboards see zeros, not gaps
@@ -246,6 +264,24 @@ class ServiceMetrics:
             collector = self._heal_rejects = _HealRejects(source)
             self.registry.register(collector)
         collector.source = source
+
+    def export_strong(self, source: Callable[[], Mapping[str, tuple[bool, int]]]) -> None:
+        """Export ``worknode_strong_available{subject}`` (1: the last STRONG operation
+        reached a quorum; 0: it did not, the node is in a minority or cut off, STRONG
+        refused) and ``worknode_strong_applied_seq{subject}`` (the log sequence applied),
+        read from ``source()`` (subject -> (available, applied)) at each scrape. Called
+        again (a restart), it reads the new source instead."""
+        collector: _StrongState | None = getattr(self, "_strong_state", None)
+        if collector is None:
+            collector = self._strong_state = _StrongState(source)
+            self.registry.register(collector)
+        collector.source = source
+        for s in source():
+            for op in STRONG_OPS:
+                self.strong_seconds.labels(s, op)
+                for outcome in STRONG_OUTCOMES:
+                    self.strong_ops.labels(s, op, outcome)
+            self.strong_refused_entries.labels(s)
 
     def _s(self, subject: str) -> str:
         return subject if subject in self.subjects else "other"
@@ -334,6 +370,19 @@ class ServiceMetrics:
         """A publish failed; the batch is kept and retried."""
         self.publish_failures.labels(self._s(subject)).inc()
 
+    # -- StrongObserver ----------------------------------------------------------------------
+
+    def strong_op(self, subject: str, op: str, outcome: str, seconds: float) -> None:
+        """A STRONG operation ended (op and outcome bounded)."""
+        s = self._s(subject)
+        o = op if op in STRONG_OPS else "write"
+        self.strong_ops.labels(s, o, outcome if outcome in STRONG_OUTCOMES else "unknown").inc()
+        self.strong_seconds.labels(s, o).observe(seconds)
+
+    def strong_refused(self, subject: str, reason: str) -> None:
+        """A STRONG log entry was refused before the machine (reason: not a label)."""
+        self.strong_refused_entries.labels(self._s(subject)).inc()
+
     # -- TransportObserver -------------------------------------------------------------------
 
     def connected(self) -> None:
@@ -358,6 +407,32 @@ class ServiceMetrics:
     def handler_error(self, subject: str, exc: BaseException) -> None:
         """A message handler raised."""
         self.handler_errors.inc()
+
+
+class _StrongState:
+    """A collector over the STRONG modes: available and applied sequence, per subject."""
+
+    def __init__(self, source: Callable[[], Mapping[str, tuple[bool, int]]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        """Two gauge families, a sample per subject with a STRONG log."""
+        available = GaugeMetricFamily(
+            "worknode_strong_available",
+            "1 when the last STRONG operation (or the stream's creation) reached a quorum; 0 "
+            "when it did not: STRONG writes and reads fail here (LOCAL/EVENTUAL go on).",
+            labels=["subject"])
+        applied = GaugeMetricFamily(
+            "worknode_strong_applied_seq",
+            "The STRONG log sequence this replica applied up to.", labels=["subject"])
+        state = sorted(self.source().items())
+        if not state:  # no STRONG subject here: no family at all
+            return
+        for subject, (up, seq) in state:
+            available.add_metric([subject], 1 if up else 0)
+            applied.add_metric([subject], seq)
+        yield available
+        yield applied
 
 
 class _HealRejects:

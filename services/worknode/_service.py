@@ -307,9 +307,11 @@ class WorknodeService:
             if s.strong.get(subject):
                 mode = StrongMode(replica, strong_log_for(
                     self.transport, s.namespace, subject, replicas=s.strong_replicas,
-                    timeout=s.strong_timeout_s), timeout=s.strong_timeout_s)
+                    timeout=s.strong_timeout_s), timeout=s.strong_timeout_s,
+                    observer=self.metrics)
                 replica.strong = mode
                 await mode.start()
+        self.metrics.export_strong(self._strong_state)
         if secret is not None:
             self.heal_endpoints = HealEndpoints(
                 transport=self.transport,
@@ -433,6 +435,11 @@ class WorknodeService:
             raise InvalidArgumentError(
                 f"subject {subject!r} is not configured on {self.settings.node_id}"
             ) from None
+
+    def _strong_state(self) -> dict[str, tuple[bool, int]]:
+        """subject -> (STRONG available, log sequence applied), for the metrics."""
+        return {subject: (r.strong.available, r.strong.applied)
+                for subject, r in self.replicas.items() if r.strong is not None}
 
     @property
     def metrics_port(self) -> int | None:

@@ -366,6 +366,18 @@ def test_worknode_up_is_the_main_job(tmp_path) -> None:
         assert "verify: true" in text.split("cluster {", 1)[1]  # routes: mutual TLS
     assert (state / "tls" / "ca-key.pem").stat().st_mode & 0o077 == 0
     assert "converged: all replicas hold identical digests" in out.stdout
+    # ... then a STRONG conditional write wins once, the loser gets a conflict, twice:
+    # create-if-absent, then a compare-and-set on the version both read.
+    for conf in sorted(state.glob("cluster/n*/nats-server.conf")):
+        assert 'sync_interval: "always"' in conf.read_text(), conf
+    strong = [line.strip() for line in out.stdout.splitlines()
+              if line.startswith(("  node-1 ", "  node-3 "))]
+    assert len(strong) == 4, out.stdout
+    for race in (strong[:2], strong[2:]):
+        assert sum(": won (version " in line for line in race) == 1, race
+        assert sum(": conflict: " in line for line in race) == 1, race
+    assert "reads lock-leader (linearizable): owner node-" in out.stdout
+    assert "STRONG: one winner per race, the losers told the version they lost to" in out.stdout
     # ... then splits the cluster, writes on both sides, and the healer repairs it.
     assert "heal report (signed" in out.stdout
     assert "healed: all replicas hold identical digests" in out.stdout

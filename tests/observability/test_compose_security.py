@@ -85,6 +85,7 @@ def test_nats_servers_run_configs_with_tls_cluster_tls_and_accounts(generated: P
         assert "\nport: 4222\n" in text
         assert "\nhttp_port: 8222\n" in text
         assert "jetstream" in text
+        assert "sync_interval: always" in _block(text, "jetstream"), n  # STRONG's log
         top = re.sub(r"cluster\s*{.*", "", text, flags=re.S)  # the client tls block
         tls = _block(top, "tls")
         for key, file in (("cert_file", f"{n}.pem"), ("key_file", f"{n}-key.pem"),

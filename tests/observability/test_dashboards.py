@@ -157,6 +157,7 @@ def test_the_overview_has_an_alert_list_and_process_metrics() -> None:
 def _exported_names() -> set[str]:
     names: set[str] = set()
     service = ServiceMetrics(["s"], "0", 2)
+    service.export_strong(lambda: {"s": (True, 1)})  # series of subjects with a STRONG log
     RpcMetrics(service.registry, ["get"])
     for registry in (service.registry, HealerMetrics(["s"]).registry):
         for family in registry.collect():

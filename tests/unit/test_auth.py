@@ -30,7 +30,7 @@ from broker.transport import (
     render_accounts,
     validate_token,
 )
-from broker.transport._auth import MICRO_SERVICES, QUEUE_GROUP
+from broker.transport._auth import MICRO_SERVICES, QUEUE_GROUP, strong_stream_name
 from broker.transport._micro import QUEUE_GROUP as MICRO_QUEUE_GROUP
 
 SEED = bytes(range(32))
@@ -163,16 +163,30 @@ MICRO = [
 
 N1_INBOX = identity("n1", "node").inbox
 
+
+def strong_log(*subjects: str) -> tuple[str, ...]:
+    """A STRONG log writer's publish permissions for ``subjects`` (none: a wildcard grant,
+    every stream's API): its entries and the API of its streams, exactly."""
+    streams = [strong_stream_name("ns", s) for s in subjects] or ["*"]
+    out = [f"wn.ns.strong.{s}.>" for s in subjects or ("*",)]
+    for st in streams:
+        out += [f"$JS.API.STREAM.INFO.{st}", f"$JS.API.STREAM.CREATE.{st}",
+                f"$JS.API.STREAM.UPDATE.{st}", f"$JS.API.STREAM.MSG.GET.{st}",
+                f"$JS.API.CONSUMER.CREATE.{st}", f"$JS.API.CONSUMER.CREATE.{st}.>",
+                f"$JS.API.CONSUMER.DELETE.{st}.*", f"$JS.API.CONSUMER.INFO.{st}.*",
+                f"$JS.FC.{st}.>"]
+    return tuple(out)
+
 EXPECTED = {
     ("node", ()): Permissions(
-        publish_allow=("wn.ns.delta.*", "wn.ns.sync.*", "wn.ns.rpc.*.*"),
+        publish_allow=("wn.ns.delta.*", "wn.ns.sync.*", "wn.ns.rpc.*.*", *strong_log()),
         subscribe_allow=("wn.ns.delta.*", "wn.ns.sync.*", "wn.ns.rpc.*.* q",
                          "wn.ns.merkle.*.n1.* q", *MICRO, f"{N1_INBOX}.>"),
         allow_responses=4,
     ),
     ("node", ("a", "b")): Permissions(
         publish_allow=("wn.ns.delta.a", "wn.ns.delta.b", "wn.ns.sync.a", "wn.ns.sync.b",
-                       "wn.ns.rpc.a.*", "wn.ns.rpc.b.*"),
+                       "wn.ns.rpc.a.*", "wn.ns.rpc.b.*", *strong_log("a", "b")),
         subscribe_allow=("wn.ns.delta.a", "wn.ns.delta.b", "wn.ns.sync.a", "wn.ns.sync.b",
                          "wn.ns.rpc.a.* q", "wn.ns.rpc.b.* q",
                          "wn.ns.merkle.a.n1.* q", "wn.ns.merkle.b.n1.* q", *MICRO,
@@ -184,12 +198,12 @@ EXPECTED = {
         subscribe_allow=(f"{N1_INBOX}.>",),
     ),
     ("writer", ("a",)): Permissions(
-        publish_allow=("wn.ns.delta.a", "wn.ns.sync.a"),
+        publish_allow=("wn.ns.delta.a", "wn.ns.sync.a", *strong_log("a")),
         subscribe_allow=("wn.ns.delta.a", "wn.ns.sync.a", f"{N1_INBOX}.>"),
         allow_responses=1,
     ),
     ("writer", ()): Permissions(
-        publish_allow=("wn.ns.delta.*", "wn.ns.sync.*"),
+        publish_allow=("wn.ns.delta.*", "wn.ns.sync.*", *strong_log()),
         subscribe_allow=("wn.ns.delta.*", "wn.ns.sync.*", f"{N1_INBOX}.>"),
         allow_responses=1,
     ),
