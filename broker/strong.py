@@ -221,6 +221,9 @@ class StrongMode:
         retries in the background) and follow it from the last applied sequence."""
         with contextlib.suppress(UnavailableError):
             await self.log.ensure()
+            # The stream holds a fence from its start on, so that its message bound
+            # (``strong_max_worknodes`` + 1) counts worknodes exactly.
+            await self.log.fence()
             self.available = True
         self._task = asyncio.create_task(
             self._follow(), name=f"strong:{self.replica.config.subject}")

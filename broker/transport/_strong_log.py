@@ -124,6 +124,7 @@ _ATOMIC_DISABLED: Final = 10174
 _ATOMIC_TOO_LARGE: Final = 10199
 _MSG_TTL_DISABLED: Final = 10166
 _EXPECTED_SUBJECT_INVALID: Final = 10193
+_STREAM_FULL: Final = (10077,)  # "maximum messages exceeded" (measured: a stream at max_msgs)
 _RETRIABLE_CODES: Final = frozenset({
     10008,  # JSClusterNotAvailErr: no meta leader / temporarily unavailable
     10009,  # JSClusterNotLeaderErr
@@ -635,7 +636,8 @@ class StrongLog:
             err.err_code == _MSG_TTL_DISABLED and MSG_TTL_HEADER in headers
         ):
             raise UnsupportedByServerError(f"{what}: {err}")
-        if err.err_code == _ATOMIC_TOO_LARGE:
+        if err.err_code == _ATOMIC_TOO_LARGE or err.err_code in _STREAM_FULL:
+            # A stream at its bound (discard new) refuses: not a lost quorum, a limit.
             raise BoundsError(f"{what}: {err}")
         if err.err_code == _MSG_SIZE_EXCEEDED:
             raise PayloadTooLargeError(f"{what}: {err}")

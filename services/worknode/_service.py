@@ -307,8 +307,8 @@ class WorknodeService:
             if s.strong.get(subject):
                 mode = StrongMode(replica, strong_log_for(
                     self.transport, s.namespace, subject, replicas=s.strong_replicas,
-                    timeout=s.strong_timeout_s), timeout=s.strong_timeout_s,
-                    observer=self.metrics)
+                    timeout=s.strong_timeout_s, max_keys=s.strong_max_worknodes),
+                    timeout=s.strong_timeout_s, observer=self.metrics)
                 replica.strong = mode
                 await mode.start()
         self.metrics.export_strong(self._strong_state)

@@ -116,6 +116,10 @@ class WorknodeSettings(NatsClientSettings):
     strong_replicas: int = Field(
         1, description="Replicas of each STRONG stream: 1 on one server (stated as such: no "
         "fault tolerance), 3 or 5 in a cluster (a Raft quorum).")
+    strong_max_worknodes: int = Field(
+        -1, ge=-1, description="STRONG worknodes a subject's stream holds at most (its last "
+        "entry each); a STRONG write creating one more is refused by the stream. -1: no "
+        "bound.")
     strong_timeout_s: float = Field(
         2.0, gt=0, le=60, description="Seconds a STRONG write or read may take; in a "
         "minority it fails then (UnavailableError), never hangs.")

@@ -15,7 +15,7 @@ import pytest
 
 from broker.codec import TrustRoster, WireCodec
 from broker.crdt import Assign, Create, Increment, Tree
-from broker.errors import ConflictError, InvalidArgumentError, UnavailableError
+from broker.errors import BoundsError, ConflictError, InvalidArgumentError, UnavailableError
 from broker.replica import Consistency, Replica
 from broker.replication import STRONG_AUTHOR
 from broker.strong import StrongMode
@@ -240,3 +240,21 @@ async def test_a_peers_delta_touching_a_strong_worknode_changes_it_nowhere_even_
         read = await _strong(ra).read(["acct-1"])
         assert read.state.value()["acct-1"]["fields"] == {"owner": "alice"}
         assert ra.state.value()["acct-1"]["fields"] == {"owner": "alice"}
+
+
+async def test_the_stream_holds_at_most_strong_max_worknodes(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """One entry per worknode: with strong_max_worknodes=2 a third worknode is refused by the
+    stream with a clear error (nothing written), while the two go on being written."""
+    async with _nodes(tmp_path, nats_server.url, ["a"], strong_max_worknodes=2) as svcs:
+        a = _strong(svcs[0].replica(SUBJECT))
+        await a.create_if_absent("acct-1", "root")
+        await a.create_if_absent("acct-2", "root")
+        with pytest.raises(BoundsError):  # a limit, not a lost quorum: not UnavailableError
+            await a.create_if_absent("acct-3", "root")
+        for _ in range(3):
+            await a.write([Increment("acct-1", ("n",), 1)])
+        read = await a.read(["acct-1", "acct-2"])
+        assert read.state.value()["acct-1"]["fields"]["n"] == 3
+        assert "acct-3" not in svcs[0].replica(SUBJECT).state.value()
