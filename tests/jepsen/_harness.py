@@ -85,6 +85,7 @@ class RunResult:
     elapsed: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
     faults: list[str] = field(default_factory=list)
+    stuck: list[str] = field(default_factory=list)
 
     def tally(self) -> dict[str, int]:
         """Operations by outcome: ok, failed (definite no: a CAS that did not swap),
@@ -161,7 +162,7 @@ def field_of(value: dict[str, Any], key: str) -> Any:
     return value.get(key, {}).get("fields", {}).get("v")
 
 
-async def until(ok: Callable[[], Any], timeout: float, what: str) -> Any:
+async def until(ok: Callable[..., Any], timeout: float, what: str) -> Any:
     """Retry ``ok()`` (an awaitable factory) until it returns without a WorknodeError or
     timeout; its last error is re-raised as an AssertionError naming ``what``."""
     deadline = time.monotonic() + timeout
@@ -229,7 +230,7 @@ class Run:
         return field_of(r.state.value(), key), 0
 
     async def _op(self, client: str, node: int, f: str, key: str, arg: Any,
-                  body: Callable[[], Any]) -> tuple[bool, Any]:
+                  body: Callable[..., Any]) -> tuple[bool, Any]:
         """Run ``body`` and record it; (completed, its result)."""
         call = self.now()
         try:
@@ -268,8 +269,8 @@ class Run:
             self._n += 1
             value = f"{name}-{self._n}"
             roll = rng.random()
-            if roll < 0.4 or self.mode != "strong" and roll < 0.5:
-                ok, got = await self._op(name, node, "read", key, None,
+            if roll < 0.4 or (self.mode != "strong" and roll < 0.5):
+                await self._op(name, node, "read", key, None,
                                          lambda r=r, k=key: self._read_value(r, k))
             elif roll < 0.7 or self.mode != "strong":
                 await self._op(name, node, "write", key, value,
@@ -376,37 +377,45 @@ class Run:
         for iv in self.minority:
             end = iv.end if iv.end is not None else float("inf")
             for op in self.history:
-                if (op.client.startswith(f"n{iv.node}c") and not op.indeterminate
+                if (str(op.client).startswith(f"n{iv.node}c") and not op.indeterminate
                         and op.call >= iv.start and op.ret is not None and op.ret < end
                         and not (op.f == "cas" and op.out is False)):
                     out.append(f"{op.describe()} during {iv.why}")
         return out
 
-    async def final_reads(self) -> dict[int, dict[str, Any]]:
+    async def final_reads(self) -> tuple[dict[int, dict[str, Any]], list[str]]:
         """After healing: a read of every key on every node (recorded), retried until the
-        node is back; and the node's local state of the keys (no fence) right after."""
+        node is back; and the node's local state of the keys (no fence) right after. Also
+        the nodes that could not read within a minute (with their log position)."""
         final: dict[int, dict[str, Any]] = {}
+        stuck: list[str] = []
         for node, svc in enumerate(self.svcs):
             r = svc.replica(SUBJECT)
-            final[node] = {}
-            for key in self.keys:
+            try:
                 if self.mode == "strong":
-                    try:
-                        await until(lambda r=r: strong_of(r).read(self.keys), 60,
-                                    f"node {node} STRONG read after healing")
-                    except AssertionError as exc:
-                        m = strong_of(r)
+                    await until(lambda r=r: strong_of(r).read(self.keys), 60,
+                                f"node {node} STRONG read after healing")
+                final[node] = {}
+                for key in self.keys:
+                    call = self.now()
+                    got, _ = await until(lambda r=r, k=key: self._read(r, k), 60,
+                                         "final read")
+                    self.history.append(Operation(f"final{node}", call, self.now(), "read",
+                                                  None, got, key))
+                    final[node][key] = got
+            except AssertionError as exc:
+                final.pop(node, None)
+                where = ""
+                if self.mode == "strong":
+                    m = strong_of(r)
+                    with contextlib.suppress(WorknodeError):
                         first, last = await m.log.state()
-                        raise AssertionError(
-                            f"{exc} (applied {m.applied}, barrier {m._barrier}, "
-                            f"stream {first}..{last})") from exc
-                call = self.now()
-                got, _ = await until(lambda r=r, k=key: self._read(r, k), 60, "final read")
-                self.history.append(Operation(f"final{node}", call, self.now(), "read", None,
-                                              got, key))
-                final[node][key] = got
+                        where = (f" (applied {m.applied}, barrier {m._barrier}, "
+                                 f"stream {first}..{last})")
+                stuck.append(f"{exc}{where}")
+                continue
             final[node]["_local"] = {k: field_of(r.state.value(), k) for k in self.keys}
-        return final
+        return final, stuck
 
 
 def last_acknowledged(history: list[Operation], key: str) -> tuple[bool, Any]:
@@ -463,10 +472,11 @@ async def run(tmp: Path, *, mode: str = "strong", seed: int = 1, seconds: float 
                 await asyncio.gather(*clients, return_exceptions=True)
             r.event("healed, workload stopped")
             await c.wait_routes(timeout=30)
-            final = await r.final_reads()
+            final, stuck = await r.final_reads()
             r.event("final reads done")
     out = RunResult(mode, seed, r.history, r.events, r.minority, r.minority_violations(),
-                    r.side_ok, r.side_failed, final, counts=r.counts_fail, faults=r.faults)
+                    r.side_ok, r.side_failed, final, counts=r.counts_fail, faults=r.faults,
+                    stuck=stuck)
     t = time.monotonic()
     out.result = check(out.history, "cas", now=time.monotonic, deadline=t + check_budget)
     out.check_seconds = time.monotonic() - t
@@ -478,6 +488,8 @@ def save_history(result: RunResult, path: Path) -> Path:
     """The run's history as JSON lines (``python -m broker.lincheck PATH`` replays it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(line + "\n" for line in dumps(result.history)))
+    path.with_suffix(".events.json").write_text(json.dumps(
+        {"events": result.events, "counts": result.counts}, indent=1) + "\n")
     return path
 
 
@@ -505,6 +517,8 @@ def summary(results: list[RunResult], *, command: str) -> str:
             f"- STRONG ops that succeeded in a minority: {len(res.violations)}; "
             f"LOCAL/EVENTUAL writes in a minority: {res.side_writes_ok} ok, "
             f"{len(res.side_writes_failed)} failed",
+            f"- nodes whose STRONG reads still failed a minute after healing: "
+            f"{len(res.stuck)} {res.stuck}",
             "",
         ]
     return "\n".join(lines)

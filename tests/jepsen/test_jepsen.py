@@ -37,6 +37,7 @@ async def test_strong_history_under_partitions_and_kills_is_linearizable(
     assert res.result is not None
     if res.result.verdict is not Verdict.OK:
         raise AssertionError(f"{res.result.explain()}; {_keep(res, 'strong')}")
+    assert not res.stuck, f"{res.stuck}; {_keep(res, 'strong')}"
     assert {"minority", "kill-server"} <= set(res.faults)
     assert res.minority, "the nemesis never cut a node from the quorum"
     assert not res.violations, res.violations[:10]
