@@ -320,7 +320,11 @@ class StrongMode:
         self._applied = asyncio.Event()
 
     async def _wait_applied(self, seq: int, deadline: float) -> None:
-        while self.applied < max(seq, self._barrier):
+        # ``_skipped``: the follower marked a truncated prefix seen (``applied`` jumped past
+        # entries it never applied) and has not yet received the entry after it, which sets
+        # the barrier; until then ``applied`` says nothing about this replica's state (a read
+        # returned a stale value here once the jump passed its fence: tests/jepsen).
+        while self._skipped or self.applied < max(seq, self._barrier):
             if self._failure is not None:
                 raise UnavailableError(f"STRONG log unusable here: {self._failure}")
             left = deadline - self._now()
