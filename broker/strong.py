@@ -261,6 +261,10 @@ class StrongMode:
                 async with reader:
                     backoff = 0.05
                     async for entry in reader:
+                        if entry.seq > self.applied and (
+                            self._skipped or entry.seq > self.applied + 1
+                        ):
+                            await self._raise_barrier(entry.seq + entry.pending)
                         self._apply(entry.seq, entry.subject, entry.payload, entry.fence,
                                     entry.pending)
             except asyncio.CancelledError:
@@ -288,8 +292,8 @@ class StrongMode:
             # The stream dropped entries before this one: superseded by later entries of
             # their keys, which it held when it delivered this one. Until those are applied
             # too, this replica's state is not the log's up to any point: reads and writes
-            # wait for it.
-            self._barrier = max(self._barrier, seq + pending)
+            # wait for it (``_raise_barrier`` set the bound from the stream's head).
+            self._barrier = max(self._barrier, seq)
             self._skipped = False
         key = subject.rsplit(".", 1)[1] if not fence else None
         delta: ORMap | None = None
@@ -315,6 +319,30 @@ class StrongMode:
         self.entries_applied += 1
         self._pulse()
 
+    async def _raise_barrier(self, fallback: int) -> None:
+        """After a gap: this replica serves no STRONG operation until it applied the
+        stream's head as the stream reports it now (every entry that superseded a dropped
+        one is at or below it); ``fallback`` (the delivering consumer's count of entries
+        after it) when the stream cannot be asked."""
+        try:
+            _, last = await self.log.state()
+        except WorknodeError:
+            last = fallback
+        self._barrier = max(self._barrier, last)
+
+    async def _lower_barrier(self) -> None:
+        """A barrier above the stream's head (a consumer's count from a server that lost
+        its leadership, or a head that moved back when a deposed leader's uncommitted tail
+        was dropped) would hold every STRONG operation here forever: bring it down to the
+        head."""
+        try:
+            _, last = await self.log.state()
+        except WorknodeError:
+            return
+        if last < self._barrier:
+            self._barrier = max(self.applied, last)
+            self._pulse()
+
     def _pulse(self) -> None:
         self._applied.set()
         self._applied = asyncio.Event()
@@ -334,7 +362,9 @@ class StrongMode:
                     f"within {self.timeout}s (at {self.applied})")
             event = self._applied
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), left)
+                await asyncio.wait_for(event.wait(), min(left, 0.5))
+            if self.applied < self._barrier and self.applied >= seq and not self._skipped:
+                await self._lower_barrier()  # only the barrier holds it: is it real?
 
     # -- versions --------------------------------------------------------------------------
 
