@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from broker.codec import TrustRoster
-from services.worknode import WorknodeSettings, load_or_create_signer
+from services.worknode import WorknodeService, WorknodeSettings, load_or_create_signer
 
 SUBJECT = "orders"
 
@@ -35,6 +36,24 @@ def roster_of(settings: Sequence[WorknodeSettings]) -> TrustRoster:
     return TrustRoster(
         {s.node_id: load_or_create_signer(s.node_id, s.key_path()).public_key for s in settings}
     )
+
+
+@asynccontextmanager
+async def running_nodes(
+    tmp: Path, url: str, names: Sequence[str], roster: TrustRoster | None = None, **kw: Any
+) -> AsyncIterator[list[WorknodeService]]:
+    """Worknode services ``names`` (``node_settings(..., **kw)``), started in order, all
+    trusting each other (or ``roster``); stopped on exit, also when the body fails."""
+    settings = [node_settings(tmp, url, n, **kw) for n in names]
+    roster = roster or roster_of(settings)
+    services = [WorknodeService(s, roster=roster) for s in settings]
+    try:
+        for svc in services:
+            await svc.start()
+        yield services
+    finally:
+        for svc in services:
+            await svc.stop()
 
 
 async def run_cli(*args: str, cwd: Path | None = None, timeout: float = 60,

@@ -6,41 +6,27 @@ server is gone. Worknode services with SQLite stores, as ``worknode run`` starts
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from broker.codec import TrustRoster, WireCodec
+from broker.codec import WireCodec
 from broker.crdt import Assign, Create, Increment, Tree
 from broker.errors import BoundsError, ConflictError, InvalidArgumentError, UnavailableError
 from broker.replica import Consistency, Replica
 from broker.replication import STRONG_AUTHOR
 from broker.strong import StrongMode
 from broker.transport import EmbeddedNatsServer, NatsTransport, delta_subject
-from services.worknode import WorknodeService
-from tests.integration._nodes import SUBJECT, eventually, node_settings, roster_of
+from tests.integration._nodes import SUBJECT, eventually, running_nodes
 
 STRONG = {SUBJECT: ["acct-"]}
 
 
-@asynccontextmanager
-async def _nodes(
-    tmp: Path, url: str, names: Sequence[str], roster: TrustRoster | None = None, **kw: Any
-) -> AsyncIterator[list[WorknodeService]]:
-    settings = [node_settings(tmp, url, n, strong=STRONG, strong_timeout_s=2.0, **kw)
-                for n in names]
-    roster = roster or roster_of(settings)
-    services = [WorknodeService(s, roster=roster) for s in settings]
-    try:
-        for svc in services:
-            await svc.start()
-        yield services
-    finally:
-        for svc in services:
-            await svc.stop()
+def _nodes(tmp: Path, url: str, names: Sequence[str], **kw: Any) -> Any:
+    """Worknode services with ``acct-`` worknodes STRONG (see ``running_nodes``)."""
+    return running_nodes(tmp, url, names, strong=STRONG, strong_timeout_s=2.0, **kw)
 
 
 def _strong(r: Replica) -> StrongMode:

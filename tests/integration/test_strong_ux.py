@@ -7,8 +7,7 @@ import asyncio
 import shutil
 import subprocess
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +21,15 @@ from broker.replica import Consistency
 from broker.strong import StrongMode, strong_subject
 from broker.transport import EmbeddedNatsServer
 from services.worknode import WorknodeService
-from tests.integration._nodes import SUBJECT, node_settings, roster_of
+from tests.integration._nodes import SUBJECT, running_nodes
 
 STRONG = {SUBJECT: ["acct-"]}
 
 
-@asynccontextmanager
-async def _nodes(tmp: Path, url: str, names: Sequence[str], **kw: Any
-                 ) -> AsyncIterator[list[WorknodeService]]:
-    settings = [node_settings(tmp, url, n, strong=STRONG, strong_timeout_s=2.0,
-                              metrics_host="127.0.0.1", metrics_port=0, **kw) for n in names]
-    services = [WorknodeService(s, roster=roster_of(settings)) for s in settings]
-    try:
-        for svc in services:
-            await svc.start()
-        yield services
-    finally:
-        for svc in services:
-            await svc.stop()
+def _nodes(tmp: Path, url: str, names: Sequence[str], **kw: Any) -> Any:
+    """Worknode services with STRONG worknodes and a metrics endpoint each."""
+    return running_nodes(tmp, url, names, strong=STRONG, strong_timeout_s=2.0,
+                         metrics_host="127.0.0.1", metrics_port=0, **kw)
 
 
 def _text(svc: WorknodeService) -> str:
