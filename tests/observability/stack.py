@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.codec import Signer, TrustRoster, WireCodec
-from broker.crdt import ROOT_ID, Tree
+from broker.crdt import ROOT_ID, Increment, Tree
 from broker.errors import WorknodeError
 from broker.replica import Consistency
 from broker.rpc import Grant, RootKey, RpcClient, RpcError, mint
@@ -41,6 +41,7 @@ ROOT = RootKey(1, bytes(range(32)))  # the cluster's RPC root key (a test key)
 RPC_CALLER = Signer("rpc-client", bytes(range(32, 64)))  # holds the tokens, signs the calls
 INTRUDER = Signer("intruder", bytes(range(64, 96)))
 """A roster writer whose key signs what no honest writer does (the Byzantine panel, alert)."""
+STRONG_PREFIX = "lock-"  # STRONG worknodes of SUBJECT (the STRONG panels' traffic)
 MAX_ROUNDS = 2_000  # traffic loops are bounded in count as well as cancelled by the test
 
 
@@ -88,7 +89,7 @@ async def running_stack(tmp: Path) -> AsyncIterator[Stack]:
             WorknodeSettings(node_id=name, subjects=[SUBJECT], state_dir=tmp / name,
                              metrics_port=0, store_sync="normal", cluster_secret_file=secret,
                              wire_version=version, peer_version=1, nats_urls=[nats.url],
-                             rpc_keyring_file=keyring)
+                             rpc_keyring_file=keyring, strong={SUBJECT: [STRONG_PREFIX]})
             for name, version in NODES
         ]
         hs = HealerSettings(nats_urls=[nats.url], state_dir=tmp / "healer",
@@ -118,6 +119,20 @@ async def running_stack(tmp: Path) -> AsyncIterator[Stack]:
 
 
 # -- traffic ---------------------------------------------------------------------------------
+
+
+async def _strong_round(stack: Stack, i: int) -> None:
+    """STRONG traffic: a create-if-absent race (one conflict), increments, reads."""
+    key = f"{STRONG_PREFIX}{i % 5}"
+    for node in stack.nodes:
+        strong = node.replica(SUBJECT).strong
+        assert strong is not None
+        with contextlib.suppress(WorknodeError):
+            await strong.create_if_absent(key, "root")
+        with contextlib.suppress(WorknodeError):
+            await strong.write([Increment(key, ("n",), 1)])
+        with contextlib.suppress(WorknodeError):
+            await strong.read([key])
 
 
 async def _replication_round(stack: Stack, i: int) -> None:
@@ -193,4 +208,5 @@ async def generate_traffic(stack: Stack, *, pause: float = 0.1) -> None:
                 await _hostile_round(hostile, delta_subject)
                 await _byzantine_round(hostile, delta_subject, i // 10 + 1)
             await _rpc_round(client, i)
+            await _strong_round(stack, i)
             await asyncio.sleep(pause)
