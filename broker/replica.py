@@ -143,6 +143,7 @@ from broker.replication import (
 )
 from broker.store import DurableStore
 from broker.transport import (
+    EVIDENCE_REPLIES,
     Msg,
     RequestSigner,
     Signers,
@@ -224,7 +225,7 @@ _CUT: Final = "Worknode-Cut"
 """Header on a catch-up answer (signed with it): the writers it cut out (``SendState.cut``),
 comma-separated."""
 _EVIDENCE_HEADERS: Final = {_EVIDENCE: "1"}
-MAX_EVIDENCE_MESSAGES: Final = 4096
+MAX_EVIDENCE_MESSAGES: Final = EVIDENCE_REPLIES
 """Evidence messages an asker takes with one catch-up answer, at most (more are dropped
 and counted; the next catch-up brings them)."""
 """Header on published batches naming the writer, so a replica drops its own echo unopened

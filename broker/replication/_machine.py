@@ -234,6 +234,10 @@ class ReplicationConfig:
     max_evidence_reply_bytes: int = 6 * 1024 * 1024
     """Bytes of kept batches forwarded with one catch-up answer, at most (the asker's next
     catch-up brings the rest)."""
+    max_evidence_reply_messages: int = 4096
+    """Kept batches forwarded with one catch-up answer, at most: each is one message ahead of
+    the answer, and an asker takes no more (nor do NATS permissions let a node send more
+    replies to one request: ``broker.transport._auth.EVIDENCE_REPLIES``)."""
     writable_kinds: frozenset[int] | None = None
     """Kinds a local write may create (the wire version this node writes carries them); None:
     every kind. A write of another kind fails with UnsupportedContentError before it
@@ -1028,6 +1032,8 @@ class ReplicationMachine:
             vouch = ev.context.copy()
             budget = self.config.max_evidence_reply_bytes
             for item in self._evidence:
+                if len(evidence) >= self.config.max_evidence_reply_messages:
+                    break
                 if item.lacked_by(ev.context) and len(item.raw) <= budget:
                     evidence.append(item.raw)
                     budget -= len(item.raw)

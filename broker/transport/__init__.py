@@ -8,6 +8,7 @@ and their permissions) in ``broker.transport._auth``.
 """
 
 from broker.transport._auth import (
+    EVIDENCE_REPLIES,
     INBOX_ROOT,
     SIGNING_ROLES,
     NatsIdentity,
@@ -124,6 +125,7 @@ __all__ = [
     "DEFAULT_TLS_HOSTS",
     "ERROR_CODE_HEADER",
     "ERROR_HEADER",
+    "EVIDENCE_REPLIES",
     "INBOX_ROOT",
     "KINDS",
     "KIND_DELTA",

@@ -25,7 +25,8 @@ subject, or ``*`` when none is granted; subjects as in ``broker/transport/_subje
                                "wn.ns.merkle.S.<name>.* q"  (its own healing endpoints only)
                                $SRV.{PING,INFO,STATS}[.worknode-replica[.*]|.worknode-rpc[.*]]
                                _INBOX.<key>.>
-                    allow_responses max 4 (sync replies, RPC, healing endpoints, $SRV
+                    allow_responses max 4 + EVIDENCE_REPLIES (sync replies with
+                    their evidence, RPC, healing endpoints, $SRV
                                documents: both services answer a plain $SRV.PING)
     healer <name>   publish    wn.ns.merkle.S.*.*  (requests to replicas, repairs included)
                                $SRV.INFO.worknode-replica  (discovery)  wn.ns.heal.S (reports)
@@ -52,9 +53,11 @@ publishes to ``wn.ns.merkle.>`` (only the healer repairs); nobody but a node or 
 publishes to a STRONG log or uses its stream's API (the healer cannot); nobody publishes into
 an inbox except as a reply to a request it received; a client without a listed key cannot connect.
 
-Why ``allow_responses`` allows one reply per request received (``true``) and four for a node:
-every reply in this system is one message (a catch-up state, an RPC response, a Merkle answer,
-a micro document), but a node runs two micro services (``worknode-replica``,
+Why ``allow_responses`` allows one reply per request received (``true``) and, for a node,
+four plus ``EVIDENCE_REPLIES``: every reply in this system is one message (an RPC response, a
+Merkle answer, a micro document) except a node's catch-up answer, which other writers' signed
+batches precede as evidence (up to ``EVIDENCE_REPLIES`` messages, each checked by the asker,
+which takes no more); and a node runs two micro services (``worknode-replica``,
 ``worknode-rpc``) on one connection, both subscribed to the plain ``$SRV.PING``/``INFO``/
 ``STATS`` (``nats micro ls``), so one request reaches it twice and is answered twice through
 one reply subject, and nats-server's budget does not stretch to that one-for-one (measured on
@@ -83,6 +86,7 @@ from broker.errors import InvalidArgumentError
 from broker.transport._subjects import PREFIX, validate_token
 
 __all__ = [
+    "EVIDENCE_REPLIES",
     "INBOX_ROOT",
     "MICRO_SERVICES",
     "SIGNING_ROLES",
@@ -113,7 +117,11 @@ _MICRO_VERBS: Final = ("PING", "INFO", "STATS")
 QUEUE_GROUP: Final = "q"
 """The ADR-32 queue group every micro endpoint joins (``broker.transport._micro``)."""
 
-_NODE_REPLIES: Final = 2 * len(MICRO_SERVICES)
+EVIDENCE_REPLIES: Final = 4096
+"""Messages a node may send ahead of one catch-up answer: other writers' signed batches as
+evidence (``broker.replication``: an asker takes at most this many with one answer, a
+replier sends at most this many)."""
+_NODE_REPLIES: Final = 2 * len(MICRO_SERVICES) + EVIDENCE_REPLIES
 """A node's reply budget per request received (see the module header)."""
 _NKEY_PUBLIC_LENGTH: Final = 56  # base32 of 1 prefix byte + 32 key bytes + 2 CRC bytes
 

@@ -378,10 +378,14 @@ async def _partition_and_heal(
     # A route that is back may not carry every subscription's interest yet, so a discovery
     # can miss the replica behind it: heal again (as the healer's loop would at its next
     # poll) until every replica holds the same content.
+    # A heal whose receivers owe catch-ups (dots a repair's source could not vouch for) ends
+    # "catchup"; they run, and the next heal verifies: heal until one reports converged.
     outcomes: list[Any] = []
     for _ in range(5):
-        outcomes += [o for o in await healer.heal_all() if o.rounds or not outcomes]
-        if await _settle(replicas, seconds=3.0):
+        new = await healer.heal_all()
+        outcomes += [o for o in new if o.rounds or o.converged or not outcomes]
+        settled = await _settle(replicas, seconds=3.0)
+        if settled and new and all(o.converged for o in new):
             break
     for out in outcomes:
         echo("")

@@ -46,8 +46,8 @@ SUBJECT = "orders"
 ROOT = RootKey(1, bytes(range(32)))
 WAIT = 15.0  # a bound on waiting for what must happen, never an assertion
 
-ROLES = {"n1": Role.NODE, "n2": Role.NODE, "healer": Role.HEALER, "w": Role.WRITER,
-         "r": Role.READER, "c": Role.CALLER}
+ROLES = {"n1": Role.NODE, "n2": Role.NODE, "n3": Role.NODE, "healer": Role.HEALER,
+         "w": Role.WRITER, "r": Role.READER, "c": Role.CALLER}
 
 
 def nkey_transport(url: str, name: str, seed: bytes) -> NatsTransport:
@@ -147,11 +147,30 @@ async def test_every_role_does_its_whole_job_without_a_permission_violation(
             await until(lambda: all("from-w" in r.state.value() for r in (r1, r2)))
             await until(lambda: bool(deltas))
 
+            # A node that joins later catches up from the others, which forward the writer's
+            # signed batches ahead of their answer as evidence: many replies to one request
+            # (seven batches here; the permission model allows a node EVIDENCE_REPLIES more).
+            for i in range(6):
+                await writer.replica(SUBJECT).write(
+                    lambda t, r, ts, i=i: t.state.assign(r, (f"more-{i}", "v"), i, ts))
+                await writer.replica(SUBJECT).flush()
+            await until(lambda: all(f"more-{i}" in r.state.value()
+                                    for i in range(6) for r in (r1, r2)))
+            await writer.stop()  # the nodes alone hold its writes, and its batches
+            late = WorknodeService(
+                WorknodeSettings(
+                    node_id="n3", namespace=NS, subjects=[SUBJECT], nats_urls=[server.url],
+                    state_dir=tmp_path / "n3", key_file=tmp_path / "n3.key",
+                    metrics_port=None, store_sync="normal", flush_interval_ms=2),
+                transport=transports["n3"], roster=roster)
+            async with late:
+                r3 = late.replica(SUBJECT)
+                await until(lambda: all(f"more-{i}" in r3.state.value() for i in range(6)))
+
             # The writer is done (as `worknode set` exits): nothing of its own announces
             # any more. A write n2 never hears of (LOCAL: not published, and no announce
             # shows it before the healer has compared the replicas); the healer repairs it
             # and reports.
-            await writer.stop()
             await r1.write(lambda t, r, ts: t.state.assign(r, ("lost", "v"), 2, ts),
                            Consistency.LOCAL)
             async with healer:

@@ -30,7 +30,12 @@ from broker.transport import (
     render_accounts,
     validate_token,
 )
-from broker.transport._auth import MICRO_SERVICES, QUEUE_GROUP, strong_stream_name
+from broker.transport._auth import (
+    EVIDENCE_REPLIES,
+    MICRO_SERVICES,
+    QUEUE_GROUP,
+    strong_stream_name,
+)
 from broker.transport._micro import QUEUE_GROUP as MICRO_QUEUE_GROUP
 
 SEED = bytes(range(32))
@@ -182,7 +187,7 @@ EXPECTED = {
         publish_allow=("wn.ns.delta.*", "wn.ns.sync.*", "wn.ns.rpc.*.*", *strong_log()),
         subscribe_allow=("wn.ns.delta.*", "wn.ns.sync.*", "wn.ns.rpc.*.* q",
                          "wn.ns.merkle.*.n1.* q", *MICRO, f"{N1_INBOX}.>"),
-        allow_responses=4,
+        allow_responses=4 + EVIDENCE_REPLIES,
     ),
     ("node", ("a", "b")): Permissions(
         publish_allow=("wn.ns.delta.a", "wn.ns.delta.b", "wn.ns.sync.a", "wn.ns.sync.b",
@@ -191,7 +196,7 @@ EXPECTED = {
                          "wn.ns.rpc.a.* q", "wn.ns.rpc.b.* q",
                          "wn.ns.merkle.a.n1.* q", "wn.ns.merkle.b.n1.* q", *MICRO,
                          f"{N1_INBOX}.>"),
-        allow_responses=4,
+        allow_responses=4 + EVIDENCE_REPLIES,
     ),
     ("healer", ()): Permissions(
         publish_allow=("wn.ns.merkle.*.*.*", "$SRV.INFO.worknode-replica", "wn.ns.heal.*"),
