@@ -455,7 +455,14 @@ class StrongMode:
                 self.available = False
                 raise
             self.available = True
-            await self._wait_applied(seq, deadline)
+            try:
+                await self._wait_applied(seq, deadline)
+            except UnavailableError as exc:
+                # The stream stored it: not "unavailable" (a retry of an increment would
+                # count it twice), but not acknowledged either, as it is not applied here.
+                raise OutcomeUnknownError(
+                    f"STRONG write stored at log position {seq} but not applied here within "
+                    f"{self.timeout}s ({exc}); read to see it") from exc
             return seq
         raise ConflictError(
             f"STRONG write to {keys} lost every race within {self.timeout}s",

@@ -14,10 +14,11 @@ completion; an operation whose outcome the API does not make definite is indeter
   sequence (or the replica saw the key past it before publishing). A CAS is recorded as a
   completed ``cas`` with ``out=False``; an unconditional write that lost every race is left out.
 - ``OutcomeUnknownError``, a timeout of ours, any other error: indeterminate.
-- ``UnavailableError`` on a write: also indeterminate. ``StrongLog`` raises it only when no
-  leader with a quorum answered (nothing stored), but ``StrongMode.write`` also raises it when
-  the stream *acknowledged* the write and this replica did not apply it within the timeout
-  (``_wait_applied``): the error alone does not say which, so the write may have happened.
+- ``UnavailableError`` on a write: also indeterminate, to be safe. ``StrongMode.write`` raises
+  it when it reached no quorum (nothing stored: ``OutcomeUnknownError``, its subclass, when
+  it cannot tell), and ``OutcomeUnknownError`` when the stream stored the write but this
+  replica did not apply it within the timeout (it raised ``UnavailableError`` there until
+  this harness pointed it out).
 
 The CAS compares versions (``if_version`` = the version the client read); with unique values
 and every key created once before the run, a key's version names its value, so
