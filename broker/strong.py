@@ -48,7 +48,6 @@ from broker.errors import (
     CodecError,
     ConflictError,
     InvalidArgumentError,
-    LogTruncatedError,
     OutcomeUnknownError,
     TreeError,
     UnavailableError,
@@ -204,9 +203,8 @@ class StrongMode:
         self._versions: dict[str, int] = {}
         self._applied = asyncio.Event()  # pulsed after every applied entry
         self._task: asyncio.Task[None] | None = None
-        self._failure: WorknodeError | None = None
         # After a gap (entries the stream dropped as superseded), the sequence this replica
-        # must reach before its state is the log's again (see ``_apply``).
+        # must reach before its state is the log's again (see ``_follow``).
         self._barrier = 0
         self._skipped = False
         self.available = False
@@ -261,40 +259,28 @@ class StrongMode:
                 async with reader:
                     backoff = 0.05
                     async for entry in reader:
-                        if entry.seq > self.applied and (
-                            self._skipped or entry.seq > self.applied + 1
-                        ):
-                            await self._raise_barrier(entry.seq + entry.pending)
-                        self._apply(entry.seq, entry.subject, entry.payload, entry.fence,
-                                    entry.pending)
+                        if entry.seq > self.applied + 1:
+                            # The stream dropped entries before this one: superseded by later
+                            # entries of their keys. Until those are applied too, this
+                            # replica's state is not the log's up to any point: STRONG
+                            # operations wait for the stream's head as it is now.
+                            self._skipped = True
+                            try:
+                                await self._raise_barrier(entry.seq + entry.pending)
+                                self._barrier = max(self._barrier, entry.seq)
+                            finally:
+                                self._skipped = False
+                        self._apply(entry.seq, entry.subject, entry.payload, entry.fence)
             except asyncio.CancelledError:
                 raise
-            except LogTruncatedError as exc:
-                # Entries the stream dropped were superseded: each entry holds its key's
-                # whole state and the stream keeps the last one of each key (it has no age
-                # or size limit). Mark them seen and read on from the first one left.
-                log.info("STRONG log of %s: entries before %d superseded, read from there",
-                         self.replica.config.subject, exc.first_seq)
-                self.replica.apply_log(exc.first_seq - 1, None, None, "log")
-                self._skipped = True
-                continue
             except WorknodeError as exc:
                 log.debug("STRONG log of %s: %s (retrying)", self.replica.config.subject, exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
-    def _apply(
-        self, seq: int, subject: str, payload: bytes, fence: bool, pending: int = 0
-    ) -> None:
+    def _apply(self, seq: int, subject: str, payload: bytes, fence: bool) -> None:
         if seq <= self.applied:
             return
-        if self._skipped or seq > self.applied + 1:
-            # The stream dropped entries before this one: superseded by later entries of
-            # their keys, which it held when it delivered this one. Until those are applied
-            # too, this replica's state is not the log's up to any point: reads and writes
-            # wait for it (``_raise_barrier`` set the bound from the stream's head).
-            self._barrier = max(self._barrier, seq)
-            self._skipped = False
         key = subject.rsplit(".", 1)[1] if not fence else None
         delta: ORMap | None = None
         writer = "log"
@@ -348,13 +334,10 @@ class StrongMode:
         self._applied = asyncio.Event()
 
     async def _wait_applied(self, seq: int, deadline: float) -> None:
-        # ``_skipped``: the follower marked a truncated prefix seen (``applied`` jumped past
-        # entries it never applied) and has not yet received the entry after it, which sets
-        # the barrier; until then ``applied`` says nothing about this replica's state (a read
-        # returned a stale value here once the jump passed its fence: tests/jepsen).
+        # ``_skipped``: the follower saw a gap (entries the stream dropped) and does not know
+        # its barrier yet; until then ``applied`` says nothing about this replica's state (a
+        # read returned a stale value once a jump passed its fence: tests/jepsen).
         while self._skipped or self.applied < max(seq, self._barrier):
-            if self._failure is not None:
-                raise UnavailableError(f"STRONG log unusable here: {self._failure}")
             left = deadline - self._now()
             if left <= 0:
                 raise UnavailableError(

@@ -12,15 +12,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from broker.codec import CURRENT_VERSION, TrustRoster
+from broker.codec import CURRENT_VERSION
 from broker.crdt import INT64_MAX, Increment, OpaqueValue
 from broker.errors import (
     BackpressureError,
@@ -32,27 +30,14 @@ from broker.errors import (
 from broker.replica import Consistency, Replica
 from broker.transport import EmbeddedNatsServer, delta_subject
 from services.worknode import WorknodeService, load_or_create_signer
-from tests.integration._nodes import SUBJECT, node_settings, roster_of
+from tests.integration._nodes import SUBJECT, node_settings, roster_of, running_nodes
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 
 
-@asynccontextmanager
-async def _nodes(
-    tmp: Path, url: str, names: Sequence[str], roster: TrustRoster | None = None, **kw: Any
-) -> AsyncIterator[list[WorknodeService]]:
-    settings = [node_settings(tmp, url, n, **kw) for n in names]
-    roster = roster or roster_of(settings)
-    services = [WorknodeService(s, roster=roster) for s in settings]
-    try:
-        for svc in services:
-            await svc.start()
-        yield services
-    finally:
-        for svc in services:
-            await svc.stop()
+_nodes = running_nodes  # started in order, stopped on exit
 
 
 async def _converged(replicas: Sequence[Replica], timeout: float = 15.0) -> None:
