@@ -272,6 +272,24 @@ def test_one_answer_forwards_at_most_its_evidence_budget_and_is_cut_to_it() -> N
     assert "mine" in sent.document.value()
 
 
+def test_one_answer_forwards_at_most_its_evidence_message_count() -> None:
+    """Each kept batch is one message ahead of the answer, and NATS lets a node send only
+    so many replies to one request (``EVIDENCE_REPLIES``): the count is bounded as the bytes
+    are, and the answer cut to what the batches sent vouch for."""
+    b, batches = _kept_batches(12, 100)
+    b.config = ReplicationConfig(max_evidence_reply_messages=4)
+    d = ReplicationMachine("node-d", seed=1)
+    (sent,) = [x for x in b.handle(SyncRequested(1.0, d.state.context.copy(), "d", full=True))
+               if isinstance(x, SendState)]
+    assert sent.evidence == tuple(b.evidence()[:4]), "the oldest lacked first, four of them"
+    assert sent.cut == ("node-a",)
+    vouched = CausalContext()
+    for raw in sent.evidence:
+        vouched.merge(batches[raw][1].document.context)
+    for w, n in [*dots_of(sent.document.store), *sent.document.context.dots()]:
+        assert w == "node-b" or vouched.covers(w, n), (w, n)
+
+
 def test_a_fresh_replica_far_behind_converges_over_several_budgeted_answers() -> None:
     """node-a wrote 60 batches and left; node-b kept them and overwrote one of node-a's
     fields. A fresh node-d catches up from node-b, three batches of evidence per answer: it
