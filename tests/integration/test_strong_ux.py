@@ -94,9 +94,10 @@ async def test_metrics_count_strong_outcomes_and_report_the_mode(
         # A forged entry on the log (unsigned): every node refuses it, and counts it.
         forger = await nats.connect(nats_server.url)
         try:
-            await forger.publish(strong_subject(a.settings.namespace, SUBJECT, "acct-9"),
-                                 b"not an envelope")
-            await forger.flush()
+            # Through JetStream, so the stream stored it (acknowledged) before the read's
+            # fence: a plain publish may be stored after it.
+            await forger.jetstream().publish(
+                strong_subject(a.settings.namespace, SUBJECT, "acct-9"), b"not an envelope")
         finally:
             await forger.close()
         await _strong(a).read(["acct-1"])  # applied past it
