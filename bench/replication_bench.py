@@ -96,6 +96,74 @@ async def _raw_pub(url: str, n: int) -> None:
     await nc.close()
 
 
+async def _lat_pub(url: str, n: int, floor: bool, state: Path, seed: bytes) -> None:
+    """One message every 20 ms, stamped with its send time. ``floor``: each first committed
+    to SQLite (WAL, synchronous=normal, in a worker thread, as a replica's store) and signed
+    with Ed25519 (as a replica's batch): the least any durable, signed write must do."""
+    import sqlite3
+
+    import nacl.signing
+    import nats
+
+    from bench._secure import raw_options
+
+    nc = await nats.connect(url, **raw_options("raw-pub"))
+    signer = nacl.signing.SigningKey(seed)
+    db = sqlite3.connect(state / "floor.db", check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("CREATE TABLE IF NOT EXISTS log (seq INTEGER PRIMARY KEY, data BLOB)")
+
+    def commit(data: bytes) -> None:
+        db.execute("INSERT INTO log (data) VALUES (?)", (data,))
+        db.commit()
+
+    _emit(ready=True)
+    sys.stdin.readline()
+    t0 = time.time()
+    for i in range(n):
+        body = json.dumps({"t": time.time(), "i": i}).encode()
+        if floor:
+            await asyncio.to_thread(commit, body)
+            body = signer.sign(body).signature + body
+        await nc.publish(RAW_SUBJECT, body)
+        await asyncio.sleep(0.02)
+    await nc.flush()
+    db.close()
+    _emit(start=t0)
+    await nc.close()
+
+
+async def _lat_sub(url: str, n: int, floor: bool, seed: bytes) -> None:
+    """Receive ``n`` stamped messages (``floor``: verify each signature first); their
+    send-to-receive latencies."""
+    import nacl.signing
+    import nats
+
+    from bench._secure import raw_options
+
+    nc = await nats.connect(url, **raw_options("raw-sub"))
+    lat: list[float] = []
+    done = asyncio.Event()
+    key = nacl.signing.SigningKey(seed).verify_key  # a replica knows its roster's keys
+
+    async def cb(msg: Any) -> None:
+        body = msg.data
+        if floor:
+            body = key.verify(body[64:], body[:64])
+        d = json.loads(body)
+        lat.append(time.time() - d["t"])
+        if len(lat) >= n:
+            done.set()
+
+    await nc.subscribe(RAW_SUBJECT, cb=cb)
+    await nc.flush()
+    _emit(ready=True)
+    await done.wait()
+    _emit(latencies=lat)
+    await nc.close()
+
+
 def _settings(url: str, state: Path, name: str) -> Any:
     from services.worknode import WorknodeSettings
 
@@ -130,14 +198,21 @@ async def _wn_replica(url: str, state: Path, name: str, n: int, mode: str) -> No
         if mode == "latency":
             lat: list[float] = []
             seen = 0
-            while seen < n:
+            done = asyncio.Event()
+
+            def changed(keys: Any) -> None:  # runs as the delta is joined: no polling delay
+                nonlocal seen
+                now = time.time()
                 fields = r.tree.fields("b") if "b" in r.tree else {}
                 i = fields.get("i", -1)
                 if isinstance(i, int) and i >= seen:
-                    now = time.time()
                     lat.append(now - fields["t"])
                     seen = i + 1
-                await asyncio.sleep(0.0002)
+                    if seen >= n:
+                        done.set()
+
+            r.add_change_listener(changed)
+            await done.wait()
             _emit(latencies=lat)
             return
         path = ("b", "fields", "n" if mode == "counter" else "done")  # one field, cheap to read
@@ -303,6 +378,28 @@ def _wn_round(url: str, n: int, mode: str = "counter", sustain: float = 0,
         subprocess.run(["rm", "-rf", str(state)], check=False)
 
 
+def _lat_round(url: str, n: int, side: str) -> list[float]:
+    """Write-to-remote-apply (``wn``) or send-to-receive (``raw``, ``floor``) latencies of
+    ``n`` writes 20 ms apart, in seconds."""
+    if side == "wn":
+        return _wn_round(url, n, "latency")["latencies"]  # type: ignore[no-any-return]
+    state = Path(tempfile.mkdtemp(prefix="wn-bench-"))
+    seed = os.urandom(32).hex()
+    floor = "1" if side == "floor" else "0"
+    sub = _Child("lat-sub", url, str(n), floor, seed)
+    pub = _Child("lat-pub", url, str(n), floor, str(state), seed)
+    try:
+        sub.read()
+        pub.read()
+        pub.go()
+        pub.read()
+        return sub.read()["latencies"]  # type: ignore[no-any-return]
+    finally:
+        pub.close()
+        sub.close()
+        subprocess.run(["rm", "-rf", str(state)], check=False)
+
+
 def _sustained_rss(url: str, seconds: float) -> tuple[int, int, int]:
     """RSS of a replica at 10% and at the end of a sustained write stream."""
     state = Path(tempfile.mkdtemp(prefix="wn-bench-"))
@@ -413,7 +510,14 @@ def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
                     keys.append(_wn_round(url, n, "keys")["rate"])
                 else:
                     keys_off.append(_wn_round(url, n, "keys", checks=False)["rate"])
-        lat = _wn_round(url, 100 if sustain < 10 else 300, "latency")["latencies"]
+        # Low load: one write every 20 ms; raw pub->sub, the floor and worknode interleaved.
+        lat_n = 20 if sustain < 10 else 50
+        lat_rounds: dict[str, list[list[float]]] = {"raw": [], "floor": [], "wn": []}
+        for rnd in range(rounds):
+            sides = ("raw", "floor", "wn")
+            for side in sides if rnd % 2 == 0 else sides[::-1]:
+                lat_rounds[side].append(_lat_round(url, lat_n, side))
+        lat = [x for r in lat_rounds["wn"] for x in r]
         early, late, ops = _sustained_rss(url, sustain)
     finally:
         loop.run_until_complete(server.stop())
@@ -424,6 +528,12 @@ def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
     cost = [on / off for on, off in zip(wn, wn_off, strict=True)]
     key_cost = [on / off for on, off in zip(keys, keys_off, strict=True)]
     lat_ms = sorted(x * 1000 for x in lat)
+    p50s = {side: [statistics.median(r) * 1000 for r in rs] for side, rs in lat_rounds.items()}
+    lat_raw = [w / r for w, r in zip(p50s["wn"], p50s["raw"], strict=True)]
+    lat_floor = [w / f for w, f in zip(p50s["wn"], p50s["floor"], strict=True)]
+
+    def spread(xs: list[float]) -> str:
+        return f"{statistics.median(xs):.2f} | {min(xs):.2f} - {max(xs):.2f}"
 
     def pct(p: float) -> float:
         return lat_ms[min(len(lat_ms) - 1, int(p * len(lat_ms)))]
@@ -465,6 +575,15 @@ def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
         f"| write-to-remote-apply latency p50 at low load (ms) | {pct(0.5):.1f} | "
         f"{lat_ms[0]:.1f} - {lat_ms[-1]:.1f} |",
         f"| write-to-remote-apply latency p99 at low load (ms) | {pct(0.99):.1f} | |",
+        f"| raw nats-py pub->sub latency p50 at low load (ms, per round) | "
+        f"{spread(p50s['raw'])} |",
+        f"| floor: SQLite commit + Ed25519 sign, pub->sub, verify, p50 (ms, per round) | "
+        f"{spread(p50s['floor'])} |",
+        f"| worknode write-to-remote-apply p50 (ms, per round) | {spread(p50s['wn'])} |",
+        f"| **latency p50 ratio worknode / raw pub->sub (per round)** | "
+        f"**{statistics.median(lat_raw):.2f}x** | {min(lat_raw):.2f}x - {max(lat_raw):.2f}x |",
+        f"| latency p50 ratio worknode / floor (per round) | {statistics.median(lat_floor):.2f}x"
+        f" | {min(lat_floor):.2f}x - {max(lat_floor):.2f}x |",
         f"| replica RSS during a {sustain:.0f} s sustained run (MiB, at 10% and at end) | "
         f"{late / 2**20:.1f} | {early / 2**20:.1f} -> {late / 2**20:.1f} |",
         f"| RSS growth over the sustained run | {growth:.1f}% | target < 10% |",
@@ -518,6 +637,11 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_raw_pub(rest[0], int(rest[1])))
         elif role == "wn-replica":
             asyncio.run(_wn_replica(rest[0], Path(rest[1]), rest[2], int(rest[3]), rest[4]))
+        elif role == "lat-pub":
+            asyncio.run(_lat_pub(rest[0], int(rest[1]), rest[2] == "1", Path(rest[3]),
+                                 bytes.fromhex(rest[4])))
+        elif role == "lat-sub":
+            asyncio.run(_lat_sub(rest[0], int(rest[1]), rest[2] == "1", bytes.fromhex(rest[3])))
         elif role == "wn-writer":
             asyncio.run(_wn_writer(rest[0], Path(rest[1]), int(rest[2]), rest[3], float(rest[4])))
         return 0

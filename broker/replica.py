@@ -260,6 +260,9 @@ class ReplicaConfig:
     subject: str
     flush_interval: float = 0.005
     """Seconds a committed delta may wait for others to join its batch."""
+    adaptive_flush: bool = True
+    """Publish at once when no batch went out during the last flush window (low latency at
+    low load); under load one batch per window (``ReplicationConfig.adaptive_flush``)."""
     max_batch_ops: int = 5_000
     """Ops in one published batch; a full batch is flushed at once."""
     max_batch_bytes: int = 256 * 1024
@@ -299,6 +302,7 @@ class ReplicaConfig:
         """The replication machine's part of this configuration."""
         return ReplicationConfig(
             flush_interval=self.flush_interval,
+            adaptive_flush=self.adaptive_flush,
             max_batch_ops=self.max_batch_ops,
             max_batch_bytes=self.max_batch_bytes,
             max_pending_ops=self.max_pending_ops,

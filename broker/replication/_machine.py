@@ -6,9 +6,13 @@ What it decides (``broker/replica.py`` only executes):
 - **Write -> commit -> publish.** ``write`` applies local writes to the tree and returns their
   joined delta; the driver logs it durably and reports ``Committed``. Only then does the delta
   join the pending batch (EVENTUAL) or the LOCAL batch (published on ``SyncWanted``). A batch
-  is published when the flush window since its first delta ends, or at once when it reaches
-  ``max_batch_ops`` ops or half of ``max_batch_bytes``. One ``Publish`` is in flight at a time;
-  it carries the next publish sequence, which only ``Published`` consumes. A failed publish
+  is published when the flush window since its first delta ends or, with ``adaptive_flush``
+  (replicas' default), Nagle-style: at once when no batch went out during the last flush
+  window (a lone write at low load is not held back), else when a flush window has passed
+  since the previous batch (under load, deltas keep joining into one batch per window: the
+  window caps the wait); and at once when it reaches ``max_batch_ops`` ops or half of
+  ``max_batch_bytes``. One ``Publish`` is in flight at a time; it carries the next publish
+  sequence, which only ``Published`` consumes. A failed publish
   joins its batch back into the pending one (joins commute: the same batch either way) and
   retries after a backoff doubling from 50 ms to 2 s; a batch too large for any message is
   dropped (its writes stay durable; catch-up and the healer carry them). Writers beyond
@@ -77,6 +81,7 @@ repairs. Pure: no I/O, no clock, no asyncio.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -206,6 +211,11 @@ class ReplicationConfig:
     """Bounds and timings of one replication machine (seconds, ops, bytes)."""
 
     flush_interval: float = 0.005
+    adaptive_flush: bool = False
+    """Nagle-style publishing (``_due``): a batch goes at once when none went out during the
+    last flush window, else a window after the previous one. Off: every batch waits a whole
+    window from its first delta (what a test that drives the machine step by step expects;
+    ``broker.replica.ReplicaConfig`` turns it on)."""
     max_batch_ops: int = 5_000
     max_batch_bytes: int = 256 * 1024
     max_pending_ops: int = 100_000
@@ -417,6 +427,7 @@ class ReplicationMachine:
         self._pending_since = 0.0
         self._pending_upto = loaded.last_record_seq if loaded.unpublished is not None else 0
         self._flush_at: float | None = None
+        self._last_sent_at = -math.inf  # when the last Publish went out (the Nagle rule)
         self._inflight: tuple[Publish, int, float, bool] | None = None  # action, upto, since, owned
         self._retry_at: float | None = None
         self._backoff = _PUBLISH_BACKOFF[0]
@@ -1188,9 +1199,16 @@ class ReplicationMachine:
         if self._full():
             return self._maybe_publish(now, force=True)
         if self._flush_at is None:
-            self._flush_at = self._pending_since + self.config.flush_interval
-            return [ScheduleTimer(TIMER_FLUSH, self._flush_at)]
+            return self._maybe_publish(now)
         return []
+
+    def _due(self) -> float:
+        """When the pending batch may go. Adaptive: a flush window after the previous batch
+        went out, and not before its first delta (so at once after a quiet window); else a
+        window after its first delta."""
+        if self.config.adaptive_flush:
+            return max(self._pending_since, self._last_sent_at + self.config.flush_interval)
+        return self._pending_since + self.config.flush_interval
 
     def _full(self) -> bool:
         return (
@@ -1207,15 +1225,16 @@ class ReplicationMachine:
 
     def _maybe_publish(self, now: float, *, force: bool = False) -> list[Action]:
         """Publish the pending batch if one may go now: none in flight, no retry backoff
-        running, and the flush window over (or ``force``, or the batch full)."""
+        running, and its time come (``_due``; or ``force``, or the batch full)."""
         if self._pending is None or self._inflight is not None or self._retry_at is not None:
             return []
-        due = self._pending_since + self.config.flush_interval
+        due = self._due()
         if not (force or self._full() or now >= due):
             self._flush_at = due
             return [ScheduleTimer(TIMER_FLUSH, due)]
         action = Publish(self.sequence + 1, self._pending, self._pending_ops, self._pending_record)
         self._inflight = (action, self._pending_upto, self._pending_since, self._pending_owned)
+        self._last_sent_at = now
         self._pending, self._pending_ops, self._pending_bytes = None, 0, 0
         self._pending_record = None
         self._flush_at = None

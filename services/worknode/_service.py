@@ -275,6 +275,7 @@ class WorknodeService:
                     namespace=s.namespace,
                     subject=subject,
                     flush_interval=s.flush_interval_ms / 1000,
+                    adaptive_flush=s.adaptive_flush,
                     max_batch_ops=s.max_batch_ops,
                     max_batch_bytes=max(4096, self.transport.max_payload // 4),
                     max_pending_ops=s.max_pending_ops,

@@ -74,6 +74,9 @@ class WorknodeSettings(NatsClientSettings):
         OLDEST_VERSION, description="Oldest wire version among readers (rolling upgrades)."
     )
     flush_interval_ms: float = Field(5.0, gt=0, le=10_000)
+    adaptive_flush: bool = Field(
+        True, description="Publish a write at once after a quiet flush window (Nagle-style)."
+    )
     max_batch_ops: int = Field(5_000, gt=0, le=1_000_000)
     max_pending_ops: int = Field(100_000, gt=0, le=100_000_000)
     snapshot_every: int = Field(20_000, gt=0)

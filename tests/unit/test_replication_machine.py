@@ -646,3 +646,57 @@ def test_a_snapshot_covers_received_records_once_no_local_write_waits() -> None:
     assert b.snapshot_upto() == 5
     b.write([Create("w")], lambda: 2_000)  # a write waits to be published: only up to 1
     assert b.snapshot_upto() == 1
+
+
+# -- adaptive (Nagle-style) publishing ---------------------------------------------------------
+
+
+def _commit(m: ReplicationMachine, now: float, i: int) -> list[Action]:
+    w = m.write([Assign("k", ("x",), i)], lambda: 1_000 + int(now * 1000))
+    return m.handle(Committed(now, w.delta, w.ops, 10, m.last_record_seq + 1))
+
+
+def _publishes(out: list[Action]) -> list[Publish]:
+    return [a for a in out if isinstance(a, Publish)]
+
+
+def test_adaptive_flush_publishes_a_lone_write_at_once_and_batches_under_load() -> None:
+    """After a quiet flush window a write goes out at once; writes within a window of the
+    previous batch wait until that window ends and go out as one batch (the window caps the
+    wait); after another quiet window the next write goes at once again."""
+    m = ReplicationMachine("a", ReplicationConfig(flush_interval=0.005, adaptive_flush=True))
+    (p0,) = _publishes(m.handle(Committed(0.0, m.write([Create("k")], lambda: 1).delta, 1, 10, 1)))
+    m.handle(Published(0.0, p0.sequence, 10))  # the very first write: at once
+
+    out = _commit(m, 1.0, 1)  # a quiet second since: at once
+    (p1,) = _publishes(out)
+    assert not any(isinstance(a, ScheduleTimer) and a.name == "flush" for a in out)
+    m.handle(Published(1.0001, p1.sequence, 10))
+
+    a = _commit(m, 1.001, 2)  # within the window of p1: waits until 1.005
+    b = _commit(m, 1.002, 3)
+    assert not _publishes(a)
+    assert not _publishes(b)
+    timers = [x for x in a if isinstance(x, ScheduleTimer) and x.name == "flush"]
+    assert [t.at for t in timers] == [1.005]
+    assert not _publishes(m.handle(TimerFired(1.004, "flush")))  # early: nothing yet
+    (p2,) = _publishes(m.handle(TimerFired(1.005, "flush")))
+    assert p2.ops == 2  # both writes, one batch
+    m.handle(Published(1.005, p2.sequence, 10))
+
+    (p3,) = _publishes(_commit(m, 2.0, 4))  # quiet again: at once
+    assert p3.ops == 1
+
+
+def test_the_fixed_window_holds_even_a_lone_write_for_a_window() -> None:
+    """Without ``adaptive_flush`` (the machine's default) a lone write waits a whole window:
+    the contrast that shows the test above tests the adaptive rule."""
+    m = ReplicationMachine("a", ReplicationConfig(flush_interval=0.005))
+    m.handle(Committed(0.0, m.write([Create("k")], lambda: 1).delta, 1, 10, 1))
+    for p in _publishes(m.handle(SyncWanted(0.0))):
+        m.handle(Published(0.0, p.sequence, 10))
+    out = _commit(m, 1.0, 1)
+    assert not _publishes(out)
+    assert [x.at for x in out if isinstance(x, ScheduleTimer) and x.name == "flush"] == [1.005]
+    (p,) = _publishes(m.handle(TimerFired(1.005, "flush")))
+    assert p.ops == 1
