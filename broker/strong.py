@@ -211,6 +211,11 @@ class StrongMode:
         """Whether the last STRONG operation reached a quorum (the mode metric)."""
         self.entries_applied = 0
         self.entries_refused = 0
+        # This replica's own entries in flight, by log subject: the exact bytes it sealed
+        # and the entry they hold. The log often delivers an entry before the publisher's
+        # ack arrives; the follower then applies the entry it already holds instead of
+        # verifying and decoding its own signature (the same bytes: the same entry).
+        self._own: dict[str, tuple[bytes, ORMap]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -284,7 +289,11 @@ class StrongMode:
         key = subject.rsplit(".", 1)[1] if not fence else None
         delta: ORMap | None = None
         writer = "log"
-        if key is not None:
+        own = self._own.get(subject) if key is not None else None
+        if key is not None and own is not None and own[0] == payload:
+            self._versions[key] = seq
+            delta, writer = own[1], self.replica.node_id
+        elif key is not None:
             self._versions[key] = seq
             try:
                 env = self.replica.codec.open(payload, self.replica.roster, subject=subject)
@@ -456,6 +465,7 @@ class StrongMode:
     ) -> int:
         replica = self.replica
         entries: list[tuple[str, bytes, int]] = []
+        owned: list[ORMap] = []
         last: tuple[str, ORMap] = ("", ORMap())
         for op in ops:
             key = str(getattr(op, "node", ""))  # checked by write()
@@ -473,13 +483,23 @@ class StrongMode:
                 replica.signer, subject=subject, hlc=replica.hlc(),
                 sequence=version, document=delta)
             entries.append((subject, data, version))
+            owned.append(delta)
             last = (key, delta)
-        if len(entries) == 1:
-            subject, data, version = entries[0]
-            seq = await self.log.publish(subject, data, expected_last_subject_seq=version)
-            self._apply_own(seq, *last)
-            return seq
-        return await self.log.publish_batch(entries)
+        for (subject, data, _), delta in zip(entries, owned, strict=True):
+            # (A second write of the key from here while one is in flight is recognised by
+            # its bytes or else verified like any entry.)
+            self._own.setdefault(subject, (data, delta))
+        try:
+            if len(entries) == 1:
+                subject, data, version = entries[0]
+                seq = await self.log.publish(subject, data, expected_last_subject_seq=version)
+                self._apply_own(seq, *last)
+                return seq
+            return await self.log.publish_batch(entries)
+        finally:
+            for subject, data, _ in entries:
+                if self._own.get(subject, (None,))[0] is data:
+                    del self._own[subject]
 
     def _apply_own(self, seq: int, key: str, entry: ORMap) -> None:
         """Apply this replica's own entry ``seq`` as soon as the stream acknowledged it, if

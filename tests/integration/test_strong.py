@@ -244,3 +244,38 @@ async def test_the_stream_holds_at_most_strong_max_worknodes(
         read = await a.read(["acct-1", "acct-2"])
         assert read.state.value()["acct-1"]["fields"]["n"] == 3
         assert "acct-3" not in svcs[0].replica(SUBJECT).state.value()
+
+
+async def test_an_own_entry_is_applied_from_its_bytes_and_any_other_bytes_are_verified(
+    tmp_path: Path, nats_server: EmbeddedNatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log often delivers a replica's own entry before the publish ack: the follower
+    then applies the entry it sealed, recognised by its exact bytes (no verify, no decode).
+    Only those bytes: an entry on the same subject with other bytes (here a corrupted
+    signature) is verified and refused as any entry is."""
+    from broker.replication import strong_entry
+    from broker.strong import strong_subject
+
+    async with _nodes(tmp_path, nats_server.url, ["a"]) as svcs:
+        r = svcs[0].replica(SUBJECT)
+        m = _strong(r)
+        await m.create_if_absent("acct-1", "root")
+        base = m.applied
+        _, delta = strong_entry(r.machine.tree, Increment("acct-1", ("bal",), 5), r.hlc())
+        subject = strong_subject(r.config.namespace, SUBJECT, "acct-1")
+        data = r.codec.seal(r.signer, subject=subject, hlc=r.hlc(),
+                            sequence=m.version("acct-1"), document=delta)
+        m._own[subject] = (data, delta)
+
+        forged = data[:-1] + bytes([data[-1] ^ 1])
+        m._apply(base + 1, subject, forged, False)
+        assert m.entries_refused == 1
+        assert "bal" not in r.tree.fields("acct-1")
+
+        def no_open(*a: Any, **k: Any) -> Any:
+            raise AssertionError("an own entry's bytes were verified and decoded again")
+
+        monkeypatch.setattr(WireCodec, "open", no_open)
+        m._apply(base + 2, subject, data, False)
+        assert r.tree.fields("acct-1")["bal"] == 5
+        assert m.version("acct-1") == base + 2
