@@ -34,9 +34,7 @@ Pure: bytes and ints in, bytes, values or errors out.
 
 from __future__ import annotations
 
-import base64
 import binascii
-import dataclasses
 import hashlib
 import heapq
 import re
@@ -127,15 +125,25 @@ class RequestAuth:
         ))
 
 
+# base64url through binascii directly: what ``base64.urlsafe_b64encode`` / ``_b64decode`` do
+# (translate, then the same non-strict ``a2b_base64``) without their wrappers' per-call
+# checks; a header is written and read on every request and reply.
+_TO_URL: Final = bytes.maketrans(b"+/", b"-_")
+_FROM_URL: Final = bytes.maketrans(b"-_", b"+/")
+_PAD: Final = ("", "===", "==", "=")
+
+
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URL).rstrip(b"=").decode(
+        "ascii")
 
 
 def _unb64(text: str) -> bytes:
     if text == "-":
         return b""
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        raw = (text + _PAD[len(text) % 4]).encode("ascii").translate(_FROM_URL)
+        return binascii.a2b_base64(raw)
     except (binascii.Error, ValueError) as exc:
         raise BadSignatureError("Worknode-Auth: a field is not base64url") from exc
 
@@ -169,10 +177,15 @@ def _field(out: list[bytes], value: bytes) -> None:
     out.append(value)
 
 
+_NO_HEADERS: Final = (0).to_bytes(4, "big")
+_AUTH_LOWER: Final = AUTH_HEADER.lower()
+
+
 def _headers_part(out: list[bytes], headers: Mapping[str, str] | None) -> None:
-    items = sorted(
-        (k, v) for k, v in (headers or {}).items() if k.lower() != AUTH_HEADER.lower()
-    )
+    if not headers or (len(headers) == 1 and AUTH_HEADER in headers):
+        out.append(_NO_HEADERS)  # the common case: no header but the auth itself
+        return
+    items = sorted((k, v) for k, v in headers.items() if k.lower() != _AUTH_LOWER)
     out.append(len(items).to_bytes(4, "big"))
     for key, value in items:
         _field(out, key.encode())
@@ -183,11 +196,12 @@ def _request_bytes(
     signer: str, subject: str, reply_root: str, nonce: bytes, issued_ms: int,
     expires_ms: int, headers: Mapping[str, str] | None, body: bytes,
 ) -> bytes:
-    out: list[bytes] = []
-    for part in (signer.encode(), subject.encode(), reply_root.encode(), nonce):
-        _field(out, part)
-    out.append(issued_ms.to_bytes(8, "big"))
-    out.append(expires_ms.to_bytes(8, "big"))
+    s, subj, root = signer.encode(), subject.encode(), reply_root.encode()
+    out = [
+        len(s).to_bytes(4, "big"), s, len(subj).to_bytes(4, "big"), subj,
+        len(root).to_bytes(4, "big"), root, len(nonce).to_bytes(4, "big"), nonce,
+        issued_ms.to_bytes(8, "big"), expires_ms.to_bytes(8, "big"),
+    ]
     _headers_part(out, headers)
     out.append(hashlib.sha256(body).digest())
     return b"".join(out)
@@ -197,10 +211,11 @@ def _reply_bytes(
     signer: str, request_digest: bytes, issued_ms: int,
     headers: Mapping[str, str] | None, body: bytes,
 ) -> bytes:
-    out: list[bytes] = []
-    _field(out, signer.encode())
-    _field(out, request_digest)
-    out.append(issued_ms.to_bytes(8, "big"))
+    s = signer.encode()
+    out = [
+        len(s).to_bytes(4, "big"), s, len(request_digest).to_bytes(4, "big"), request_digest,
+        issued_ms.to_bytes(8, "big"),
+    ]
     _headers_part(out, headers)
     out.append(hashlib.sha256(body).digest())
     return b"".join(out)
@@ -274,7 +289,10 @@ def verify_request(
         auth.signer, subject, root, auth.nonce, auth.issued_ms, auth.expires_ms, headers, body
     )
     keys.verify(auth.signer, message, auth.signature, REQUEST_DOMAIN)
-    return dataclasses.replace(auth, digest=hashlib.sha256(message).digest())
+    return RequestAuth(
+        auth.signer, auth.nonce, auth.issued_ms, auth.expires_ms, root, auth.signature,
+        hashlib.sha256(message).digest(),
+    )
 
 
 def request_digest(
