@@ -905,7 +905,7 @@ class _NoKeys:
 
 
 _MAX_HOLDER_KEYS: Final = 4096
-_MAX_DIGESTS: Final = 65_536
+_MAX_DIGESTS: Final = 4096
 """Verified requests whose reply is not yet signed (more than run at once, by far)."""
 _MAX_PENALIZED: Final = 4096
 
