@@ -299,3 +299,44 @@ def test_header_base64url_matches_the_base64_module(data, junk):
                 _unb64(candidate)
         else:
             assert _unb64(candidate) == expected
+
+
+def _b64_of(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+_GOOD = ("node-a", "AAAAAAAAAAAAAAAAAAAAAA", "1", "999999999999999", "_INBOX.abc",
+         _b64_of(bytes(range(64))))
+_ODD = (  # per field: values at and past the edges of what is accepted
+    ["x" * 128, "x" * 129, "é", "", "-", "\t"],
+    ["-", "AAAA", "A", "", "=", "\t", "Ab=c"],
+    ["0", "123456789012345", "1234567890123456", "²", "\u0661", "", "1_0", "+1"],
+    ["0", "9999999999999999", "²", "\u0661\u0662", "", " 1"],
+    ["-", "r", "x" * 129, "", "é"],
+    [_b64_of(bytes(63)), _b64_of(bytes(65)), "-", "", _b64_of(bytes(64)) + "="],
+)
+_any = st.text(alphabet=st.characters(min_codepoint=0x09, max_codepoint=0x7E), max_size=90)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(version=st.sampled_from(["1", "1", "2", ""]), data=st.data())
+def test_the_one_pattern_reading_accepts_and_refuses_as_the_field_by_field_one(version, data):
+    from broker.codec._binding import _fields, _fields_one_by_one
+
+    fields = list(_GOOD)
+    for i in data.draw(st.sets(st.integers(0, 5), max_size=2)):  # one or two fields off
+        fields[i] = data.draw(st.one_of(st.sampled_from(_ODD[i]), _any))
+    if data.draw(st.integers(0, 9)) == 0:
+        fields = fields[: data.draw(st.integers(0, 6))]  # too few fields
+    value = " ".join([version, *fields])
+    if not value or len(value) > 512:
+        return
+    outcomes = []
+    for read in (_fields, _fields_one_by_one):
+        try:
+            outcomes.append(read(value))
+        except SignatureError:
+            outcomes.append(None)
+    assert outcomes[0] == outcomes[1], value
