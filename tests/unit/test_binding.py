@@ -340,3 +340,11 @@ def test_the_one_pattern_reading_accepts_and_refuses_as_the_field_by_field_one(v
         except SignatureError:
             outcomes.append(None)
     assert outcomes[0] == outcomes[1], value
+
+
+@pytest.mark.parametrize("issued", ["²", "1²"])
+def test_a_time_of_other_digits_is_a_bad_signature_not_a_crash(issued):
+    # "²".isdigit() holds but int("²") raises ValueError: it escaped parse_auth before.
+    header = f"1 node-a - {issued} 9 - {_b64_of(bytes(64))}"
+    with pytest.raises(BadSignatureError):
+        parse_auth(header)
