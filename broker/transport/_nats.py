@@ -336,7 +336,7 @@ class _RequestMux:
     someone saw tells nothing of the next one).
     """
 
-    __slots__ = ("_futures", "_ids", "_plen", "_prefix", "_ready", "_sub")
+    __slots__ = ("_futures", "_ids", "_lock", "_plen", "_prefix", "_sub")
 
     def __init__(self, reply_root: str) -> None:
         self._prefix = f"{reply_root}.{os.urandom(9).hex()}."
@@ -344,31 +344,20 @@ class _RequestMux:
         self._futures: dict[str, asyncio.Future[NatsMsg]] = {}
         self._ids = itertools.count(1)
         self._sub: NatsSubscriptionImpl | None = None
-        self._ready: asyncio.Future[None] | None = None  # set while the SUB is being made
+        self._lock = asyncio.Lock()  # held while the SUB is being made
 
     def __len__(self) -> int:
         return len(self._futures)
 
     async def ensure(self, nc: Client, pending_msgs: int, pending_bytes: int) -> None:
-        """Subscribe to the inbox wildcard once (concurrent first requests wait for it)."""
-        if self._sub is not None:
-            return
-        ready = self._ready
-        if ready is not None:
-            await asyncio.shield(ready)
-            return
-        ready = self._ready = asyncio.get_running_loop().create_future()
-        try:
-            self._sub = await nc.subscribe(
-                self._prefix + "*", cb=self._deliver,
-                pending_msgs_limit=pending_msgs, pending_bytes_limit=pending_bytes,
-            )
-            ready.set_result(None)
-        except BaseException as exc:
-            ready.set_exception(exc)
-            ready.exception()  # retrieved: nobody else may be waiting
-            self._ready = None
-            raise
+        """Subscribe to the inbox wildcard once (concurrent first requests wait for it; if
+        the one subscribing is cancelled or fails, the next one tries)."""
+        async with self._lock:
+            if self._sub is None:
+                self._sub = await nc.subscribe(
+                    self._prefix + "*", cb=self._deliver,
+                    pending_msgs_limit=pending_msgs, pending_bytes_limit=pending_bytes,
+                )
 
     async def _deliver(self, nmsg: NatsMsg) -> None:
         future = self._futures.pop(nmsg.subject[self._plen:], None)
@@ -1123,7 +1112,8 @@ def _fail_pending_requests(nc: Client) -> None:
     nats-py leaves them waiting out their whole timeout, and the caller then sees a retriable
     ``TransportTimeoutError`` from a transport that is gone; the contract (and
     ``MemoryTransport``) fails them at once with ``NotConnectedError``, which ``_translate``
-    makes of ``ConnectionClosedError``.
+    makes of ``ConnectionClosedError``. The transport's own requests wait in ``_RequestMux``
+    (failed by ``stop``); these are those of adapters calling ``nc.request`` (``StrongLog``).
     """
     for future in list(nc._resp_map.values()):
         if not future.done():

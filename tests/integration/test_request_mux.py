@@ -50,8 +50,9 @@ async def test_one_inbox_subscription_serves_every_request_and_nothing_is_left(p
     a, b = pair
     await _echo_responder(b, "svc.echo")
     before = _subscriptions(a)
-    first = await a.request("svc.echo", b"0", timeout=5.0)
-    assert first.data == b"re:0"
+    first = await asyncio.gather(  # the first requests race to make the inbox subscription
+        *(a.request("svc.echo", b"f%d" % i, timeout=5.0) for i in range(50)))
+    assert [r.data for r in first] == [b"re:f%d" % i for i in range(50)]
     assert _subscriptions(a) == before + 1  # the mux's wildcard inbox, made once
     replies = await asyncio.gather(
         *(a.request("svc.echo", str(i).encode(), timeout=10.0) for i in range(500))
