@@ -34,9 +34,7 @@ Pure: bytes and ints in, bytes, values or errors out.
 
 from __future__ import annotations
 
-import base64
 import binascii
-import dataclasses
 import hashlib
 import heapq
 import re
@@ -127,41 +125,78 @@ class RequestAuth:
         ))
 
 
+# base64url through binascii directly: what ``base64.urlsafe_b64encode`` / ``_b64decode`` do
+# (translate, then the same non-strict ``a2b_base64``) without their wrappers' per-call
+# checks; a header is written and read on every request and reply.
+_TO_URL: Final = bytes.maketrans(b"+/", b"-_")
+_FROM_URL: Final = bytes.maketrans(b"-_", b"+/")
+_PAD: Final = ("", "===", "==", "=")
+
+
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URL).rstrip(b"=").decode(
+        "ascii")
 
 
 def _unb64(text: str) -> bytes:
     if text == "-":
         return b""
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        raw = (text + _PAD[len(text) % 4]).encode("ascii").translate(_FROM_URL)
+        return binascii.a2b_base64(raw)
     except (binascii.Error, ValueError) as exc:
         raise BadSignatureError("Worknode-Auth: a field is not base64url") from exc
 
 
-def parse_auth(value: str | None) -> RequestAuth:
-    """The parsed header; ``UnsignedMessageError`` if absent, ``BadSignatureError`` if it
-    does not have the form ``1 <signer> <nonce> <issued> <expires> <reply root> <signature>``
-    (``-`` for an empty nonce or root)."""
+_Fields = tuple[str, bytes, int, int, str, bytes]
+_AUTH_FORM: Final = re.compile(
+    r"1 ([!-~]{1,128}) ([^ ]+) ([0-9]{1,15}) ([0-9]{1,15}) ([!-~]{1,128}) ([^ ]+)"
+)
+"""The header as every honest signer writes it: one pattern instead of a split and a check
+per field (a header is read on every request and reply). What it does not match goes
+through the field-by-field reading, which accepts or refuses exactly as before."""
+
+
+def _fields(value: str | None) -> _Fields:
+    """(signer, nonce, issued, expires, reply root, signature) of a header (see
+    ``parse_auth``)."""
     if not value:
         raise UnsignedMessageError(f"request or reply carries no {AUTH_HEADER} header")
     if len(value) > _MAX_HEADER:
         raise BadSignatureError(f"{AUTH_HEADER} header is over {_MAX_HEADER} characters")
+    m = _AUTH_FORM.fullmatch(value)
+    if m is None:
+        return _fields_one_by_one(value)
+    signer, nonce, issued, expires, root, signature = m.groups()
+    sig = _unb64(signature)
+    if len(sig) != SIGNATURE_SIZE:
+        raise BadSignatureError(f"{AUTH_HEADER} signature is not {SIGNATURE_SIZE} bytes")
+    return signer, _unb64(nonce), int(issued), int(expires), "" if root == "-" else root, sig
+
+
+def _fields_one_by_one(value: str) -> _Fields:
     parts = value.split(" ")
     if len(parts) != 7 or parts[0] != _VERSION:
         raise BadSignatureError(f"{AUTH_HEADER} header has an unknown form")
     _, signer, nonce, issued, expires, root, signature = parts
     if _ID.fullmatch(signer) is None or _ID.fullmatch(root) is None:
         raise BadSignatureError(f"{AUTH_HEADER} header names no valid signer or reply root")
-    if not (issued.isdigit() and expires.isdigit() and len(issued) < 16 and len(expires) < 16):
+    # isdecimal, not isdigit: int() refuses digits such as "²" (a ValueError, not a
+    # SignatureError, would have escaped).
+    if not (issued.isdecimal() and expires.isdecimal() and len(issued) < 16
+            and len(expires) < 16):
         raise BadSignatureError(f"{AUTH_HEADER} header times are not Unix milliseconds")
     sig = _unb64(signature)
     if len(sig) != SIGNATURE_SIZE:
         raise BadSignatureError(f"{AUTH_HEADER} signature is not {SIGNATURE_SIZE} bytes")
-    return RequestAuth(
-        signer, _unb64(nonce), int(issued), int(expires), "" if root == "-" else root, sig
-    )
+    return signer, _unb64(nonce), int(issued), int(expires), "" if root == "-" else root, sig
+
+
+def parse_auth(value: str | None) -> RequestAuth:
+    """The parsed header; ``UnsignedMessageError`` if absent, ``BadSignatureError`` if it
+    does not have the form ``1 <signer> <nonce> <issued> <expires> <reply root> <signature>``
+    (``-`` for an empty nonce or root)."""
+    return RequestAuth(*_fields(value))
 
 
 def _field(out: list[bytes], value: bytes) -> None:
@@ -169,10 +204,15 @@ def _field(out: list[bytes], value: bytes) -> None:
     out.append(value)
 
 
+_NO_HEADERS: Final = (0).to_bytes(4, "big")
+_AUTH_LOWER: Final = AUTH_HEADER.lower()
+
+
 def _headers_part(out: list[bytes], headers: Mapping[str, str] | None) -> None:
-    items = sorted(
-        (k, v) for k, v in (headers or {}).items() if k.lower() != AUTH_HEADER.lower()
-    )
+    if not headers or (len(headers) == 1 and AUTH_HEADER in headers):
+        out.append(_NO_HEADERS)  # the common case: no header but the auth itself
+        return
+    items = sorted((k, v) for k, v in headers.items() if k.lower() != _AUTH_LOWER)
     out.append(len(items).to_bytes(4, "big"))
     for key, value in items:
         _field(out, key.encode())
@@ -183,11 +223,12 @@ def _request_bytes(
     signer: str, subject: str, reply_root: str, nonce: bytes, issued_ms: int,
     expires_ms: int, headers: Mapping[str, str] | None, body: bytes,
 ) -> bytes:
-    out: list[bytes] = []
-    for part in (signer.encode(), subject.encode(), reply_root.encode(), nonce):
-        _field(out, part)
-    out.append(issued_ms.to_bytes(8, "big"))
-    out.append(expires_ms.to_bytes(8, "big"))
+    s, subj, root = signer.encode(), subject.encode(), reply_root.encode()
+    out = [
+        len(s).to_bytes(4, "big"), s, len(subj).to_bytes(4, "big"), subj,
+        len(root).to_bytes(4, "big"), root, len(nonce).to_bytes(4, "big"), nonce,
+        issued_ms.to_bytes(8, "big"), expires_ms.to_bytes(8, "big"),
+    ]
     _headers_part(out, headers)
     out.append(hashlib.sha256(body).digest())
     return b"".join(out)
@@ -197,10 +238,11 @@ def _reply_bytes(
     signer: str, request_digest: bytes, issued_ms: int,
     headers: Mapping[str, str] | None, body: bytes,
 ) -> bytes:
-    out: list[bytes] = []
-    _field(out, signer.encode())
-    _field(out, request_digest)
-    out.append(issued_ms.to_bytes(8, "big"))
+    s = signer.encode()
+    out = [
+        len(s).to_bytes(4, "big"), s, len(request_digest).to_bytes(4, "big"), request_digest,
+        issued_ms.to_bytes(8, "big"),
+    ]
     _headers_part(out, headers)
     out.append(hashlib.sha256(body).digest())
     return b"".join(out)
@@ -256,25 +298,24 @@ def verify_request(
     unknown to ``keys``, a bad signature,
     ``ExpiredRequestError`` (expired, issued more than ``MAX_SKEW_MS`` ahead, or a lifetime
     over ``MAX_LIFETIME_MS``). Replays within the lifetime are a ``ReplayGuard``'s job."""
-    auth = parse_auth(value)
-    if len(auth.nonce) != NONCE_SIZE:
+    signer, nonce, issued, expires, root, signature = _fields(value)
+    if len(nonce) != NONCE_SIZE:
         raise BadSignatureError(f"request nonce is not {NONCE_SIZE} bytes")
-    root = auth.reply_root
     if reply and not (root and reply.startswith(root + ".")):
         raise BadSignatureError("reply subject outside the requester's signed inbox root")
-    if signers is not None and auth.signer not in signers:
-        raise BadSignatureError(f"requests from {auth.signer!r} are not served here")
-    if auth.expires_ms <= now_ms:
-        raise ExpiredRequestError(f"request from {auth.signer!r} expired")
-    if auth.issued_ms > now_ms + MAX_SKEW_MS:
-        raise ExpiredRequestError(f"request from {auth.signer!r} issued in the future")
-    if not 0 < auth.expires_ms - auth.issued_ms <= MAX_LIFETIME_MS:
-        raise ExpiredRequestError(f"request from {auth.signer!r} claims too long a lifetime")
-    message = _request_bytes(
-        auth.signer, subject, root, auth.nonce, auth.issued_ms, auth.expires_ms, headers, body
+    if signers is not None and signer not in signers:
+        raise BadSignatureError(f"requests from {signer!r} are not served here")
+    if expires <= now_ms:
+        raise ExpiredRequestError(f"request from {signer!r} expired")
+    if issued > now_ms + MAX_SKEW_MS:
+        raise ExpiredRequestError(f"request from {signer!r} issued in the future")
+    if not 0 < expires - issued <= MAX_LIFETIME_MS:
+        raise ExpiredRequestError(f"request from {signer!r} claims too long a lifetime")
+    message = _request_bytes(signer, subject, root, nonce, issued, expires, headers, body)
+    keys.verify(signer, message, signature, REQUEST_DOMAIN)
+    return RequestAuth(
+        signer, nonce, issued, expires, root, signature, hashlib.sha256(message).digest()
     )
-    keys.verify(auth.signer, message, auth.signature, REQUEST_DOMAIN)
-    return dataclasses.replace(auth, digest=hashlib.sha256(message).digest())
 
 
 def request_digest(
@@ -302,7 +343,8 @@ def sign_reply(
     ``headers``: every other header the reply carries, exactly as sent)."""
     message = _reply_bytes(signer.node_id, request_digest, now_ms, headers, body)
     signature = signer.sign(message, REPLY_DOMAIN)
-    return RequestAuth(signer.node_id, b"", now_ms, 0, "", signature).header()
+    # RequestAuth(signer.node_id, b"", now_ms, 0, "", signature).header(), written out
+    return f"{_VERSION} {signer.node_id} - {now_ms} 0 - {_b64(signature)}"
 
 
 def verify_reply(
@@ -317,16 +359,16 @@ def verify_reply(
     """The signer of a verified reply to ``request`` (the auth this requester sent), or a
     ``SignatureError`` subclass: unsigned, malformed, signed by someone not in ``signers``
     (when given: a relayed reply), or not bound to this request (a replayed one)."""
-    auth = parse_auth(value)
-    if signers is not None and auth.signer not in signers:
+    signer, _, issued, _, _, signature = _fields(value)
+    if signers is not None and signer not in signers:
         raise BadSignatureError(
-            f"reply signed by {auth.signer!r}, not by the responder asked (a relay?)"
+            f"reply signed by {signer!r}, not by the responder asked (a relay?)"
         )
     if not request.digest:
         raise BadSignatureError("no request to bind the reply to (sign_request's auth needed)")
-    message = _reply_bytes(auth.signer, request.digest, auth.issued_ms, headers, body)
-    keys.verify(auth.signer, message, auth.signature, REPLY_DOMAIN)
-    return auth.signer
+    message = _reply_bytes(signer, request.digest, issued, headers, body)
+    keys.verify(signer, message, signature, REPLY_DOMAIN)
+    return signer
 
 
 class ReplayGuard:

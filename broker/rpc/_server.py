@@ -392,21 +392,38 @@ class HolderKeys:
 class _SignedReplies:
     """``Endpoint.auth`` of the RPC endpoints: requests pass through (their signature is
     checked with the key their token names, once the body is decoded); every reply is signed
-    by this node and bound to its request."""
+    by this node and bound to its request.
 
-    __slots__ = ("signer",)
+    The digest a reply binds to is the SHA-256 of the request's signed bytes, which verifying
+    the request computed already: ``remember`` keeps it for that very message object (held,
+    so its id cannot be reused meanwhile) until its reply is signed, and the reply does not
+    parse the header and rebuild and hash the signed bytes a second time. A request never
+    verified (refused before) gets its digest computed from what arrived, as before; the
+    table is bounded (full: cleared, and the replies recompute)."""
+
+    __slots__ = ("_digests", "signer")
 
     def __init__(self, signer: RequestSigner) -> None:
         self.signer = signer
+        self._digests: dict[int, tuple[Msg, bytes]] = {}
 
     def authenticate(self, msg: Msg) -> None:
         """Nothing yet (see the class doc)."""
+
+    def remember(self, msg: Msg, digest: bytes) -> None:
+        """``msg`` verified, its signed bytes hashing to ``digest``."""
+        digests = self._digests
+        if len(digests) >= _MAX_DIGESTS:
+            digests.clear()
+        digests[id(msg)] = (msg, digest)
 
     def reply_headers(
         self, msg: Msg, body: bytes, headers: Mapping[str, str] | None
     ) -> dict[str, str]:
         """The reply's headers, signed."""
-        return self.signer.reply_headers(msg, body, headers)
+        known = self._digests.pop(id(msg), None)
+        digest = known[1] if known is not None and known[0] is msg else None
+        return self.signer.reply_headers(msg, body, headers, digest=digest)
 
 
 def _status_of(exc: BaseException) -> StatusCode:
@@ -777,6 +794,8 @@ class RpcServer:
             raise UnauthenticatedError(
                 f"request not signed by the token's holder: {exc}"
             ) from None
+        if self._auth is not None:
+            self._auth.remember(msg, auth.digest)
         limiter = self.limiter
         if limiter is not None and not limiter.allow(holder.hex(), now_ms):
             raise ResourceExhaustedError(
@@ -886,6 +905,8 @@ class _NoKeys:
 
 
 _MAX_HOLDER_KEYS: Final = 4096
+_MAX_DIGESTS: Final = 4096
+"""Verified requests whose reply is not yet signed (more than run at once, by far)."""
 _MAX_PENALIZED: Final = 4096
 
 

@@ -18,17 +18,22 @@ Invariants (on top of those in ``_protocol``):
   loop, where an exception would force a reconnect.
 - The initial connect is bounded by ``start_timeout`` even when ``max_reconnect_attempts``
   is -1 (reconnect forever, the default once connected).
-- ``stop`` fails the requests still waiting for a reply with ``NotConnectedError`` (nats-py
-  would let them wait out their timeout), and ``request_many`` never returns the server's
-  no-responders status as a reply: the same behaviour as ``MemoryTransport``, checked by
-  tests/conformance.
+- ``request`` multiplexes: one wildcard inbox subscription per connection, one future per
+  request keyed by its reply token (``_RequestMux``), removed on every path (reply, timeout,
+  cancellation, failure); any number of requests may be in flight at once (pipelined).
+- ``stop`` (and a connection closed for good) fails the requests still waiting for a reply
+  with ``NotConnectedError`` (nats-py would let them wait out their timeout), and
+  ``request_many`` never returns the server's no-responders status as a reply: the same
+  behaviour as ``MemoryTransport``, checked by tests/conformance.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
 import re
 import ssl
 import urllib.parse
@@ -318,6 +323,67 @@ def _check_data(data: object) -> None:
         raise InvalidArgumentError(f"message data must be bytes, not {type(data).__name__}")
 
 
+class _RequestMux:
+    """Request/reply multiplexing on one connection: one wildcard inbox subscription
+    (``<reply root>.<random>.*``), one future per request keyed by its reply token.
+
+    Built on public nats-py calls only. nats-py's own ``request`` multiplexes as well, but
+    pays for a NUID, ``secrets.token_hex``, three ``decode`` calls, a done-callback and
+    ``asyncio.wait_for`` (two futures and a timer) per request; here a request costs one
+    future, one timer (``asyncio.timeout``) and a dict entry, which ``request`` always
+    removes (reply, timeout, cancellation or failure: no future outlives its request).
+    Tokens are a counter (unique) followed by random bytes (unguessable: a reply subject
+    someone saw tells nothing of the next one).
+    """
+
+    __slots__ = ("_futures", "_ids", "_lock", "_plen", "_prefix", "_sub")
+
+    def __init__(self, reply_root: str) -> None:
+        self._prefix = f"{reply_root}.{os.urandom(9).hex()}."
+        self._plen = len(self._prefix)
+        self._futures: dict[str, asyncio.Future[NatsMsg]] = {}
+        self._ids = itertools.count(1)
+        self._sub: NatsSubscriptionImpl | None = None
+        self._lock = asyncio.Lock()  # held while the SUB is being made
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    async def ensure(self, nc: Client, pending_msgs: int, pending_bytes: int) -> None:
+        """Subscribe to the inbox wildcard once (concurrent first requests wait for it; if
+        the one subscribing is cancelled or fails, the next one tries)."""
+        async with self._lock:
+            if self._sub is None:
+                self._sub = await nc.subscribe(
+                    self._prefix + "*", cb=self._deliver,
+                    pending_msgs_limit=pending_msgs, pending_bytes_limit=pending_bytes,
+                )
+
+    async def _deliver(self, nmsg: NatsMsg) -> None:
+        future = self._futures.pop(nmsg.subject[self._plen:], None)
+        if future is not None and not future.done():
+            future.set_result(nmsg)
+        # else: a late reply (its request timed out or was cancelled) or a stray: dropped
+
+    def open(self) -> tuple[str, asyncio.Future[NatsMsg]]:
+        """A fresh reply subject and the future its reply completes."""
+        token = f"{next(self._ids):x}{os.urandom(6).hex()}"
+        future: asyncio.Future[NatsMsg] = asyncio.get_running_loop().create_future()
+        self._futures[token] = future
+        return self._prefix + token, future
+
+    def close(self, inbox: str) -> None:
+        """Forget the request of ``inbox`` (idempotent)."""
+        self._futures.pop(inbox[self._plen:], None)
+
+    def fail_all(self, exc_type: type[Exception]) -> None:
+        """Fail every waiting request (the connection is gone for good)."""
+        futures, self._futures = self._futures, {}
+        for future in futures.values():
+            if not future.done():
+                future.set_exception(exc_type())
+
+
 class NatsSubscription:
     """A subscription made by ``NatsTransport.subscribe`` (see ``Subscription``)."""
 
@@ -605,6 +671,7 @@ class NatsTransport:
         self._subs: dict[NatsSubscriptionImpl, NatsSubscription] = {}
         self._stopping = False
         self._lock = asyncio.Lock()
+        self._mux = _RequestMux(self._reply_root)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -687,6 +754,8 @@ class NatsTransport:
                 return
             nc = _OrderedClient()
             self._stopping = False
+            self._mux.fail_all(nats.errors.ConnectionClosedError)
+            self._mux = _RequestMux(self._reply_root)  # its SUB belongs to one client
             self._refused = asyncio.get_running_loop().create_future()
             self._starting, self._refusing = nc, set()
             try:
@@ -753,6 +822,7 @@ class NatsTransport:
             finally:
                 await _close_quietly(nc)
                 _fail_pending_requests(nc)
+                self._mux.fail_all(nats.errors.ConnectionClosedError)
                 self._close_subs()
 
     def _close_subs(self) -> None:
@@ -849,15 +919,30 @@ class NatsTransport:
         nc = self._client()
         if hdrs is not None or len(data) > nc.max_payload:
             self._check_payload(nc, data, hdrs)
+        mux = self._mux
         try:  # _mapped, inlined: requests are the hottest path
-            reply = await nc.request(
-                subject, data, timeout=timeout, headers=dict(hdrs) if hdrs else None
-            )
+            if mux._sub is None:
+                await mux.ensure(nc, self._pending_msgs_limit, self._pending_bytes_limit)
+            inbox, future = mux.open()
+            try:
+                await nc.publish(subject, data, reply=inbox,
+                                 headers=dict(hdrs) if hdrs else None)
+                async with asyncio.timeout(timeout):
+                    reply = await future
+            finally:
+                mux.close(inbox)  # on every path: no future outlives its request
         except WorknodeError:
             raise
+        except TimeoutError as exc:
+            raise TransportTimeoutError(
+                f"request on {subject!r}: no reply within {timeout} s"
+            ) from exc
         except Exception as exc:
             raise _translate(exc, f"request on {subject!r} (timeout {timeout} s)") from exc
-        return new_msg(reply.subject, reply.data, reply.reply, reply.headers or None)
+        rh = reply.headers
+        if rh and not reply.data and rh.get("Status") == NO_RESPONDERS_STATUS:
+            raise NoRespondersError(f"request on {subject!r}: no responders")
+        return new_msg(reply.subject, reply.data, reply.reply, rh or None)
 
     async def respond(
         self, msg: Msg, data: bytes, *, headers: Mapping[str, str] | None = None
@@ -1010,6 +1095,8 @@ class NatsTransport:
         notify(self._observer.reconnected)
 
     async def _on_closed(self) -> None:
+        # Closed for good (stop, or out of reconnect attempts): nobody will answer.
+        self._mux.fail_all(nats.errors.ConnectionClosedError)
         if not self._stopping:
             last = self._nc.last_error if self._nc is not None else None
             _log.warning("transport %r: connection closed (last error: %r)", self._name, last)
@@ -1025,7 +1112,8 @@ def _fail_pending_requests(nc: Client) -> None:
     nats-py leaves them waiting out their whole timeout, and the caller then sees a retriable
     ``TransportTimeoutError`` from a transport that is gone; the contract (and
     ``MemoryTransport``) fails them at once with ``NotConnectedError``, which ``_translate``
-    makes of ``ConnectionClosedError``.
+    makes of ``ConnectionClosedError``. The transport's own requests wait in ``_RequestMux``
+    (failed by ``stop``); these are those of adapters calling ``nc.request`` (``StrongLog``).
     """
     for future in list(nc._resp_map.values()):
         if not future.done():

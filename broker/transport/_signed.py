@@ -163,17 +163,21 @@ class RequestSigner:
         return auth
 
     def reply_headers(
-        self, msg: Msg, body: bytes, headers: Mapping[str, str] | None = None
+        self, msg: Msg, body: bytes, headers: Mapping[str, str] | None = None, *,
+        digest: bytes | None = None,
     ) -> dict[str, str]:
         """``headers`` plus the ``Worknode-Auth`` of a reply to request ``msg`` carrying
         ``body``. A request without a readable auth gets a reply bound to nothing (its
-        requester cannot verify it: only error replies go to such requests)."""
-        try:
-            auth = parse_auth((msg.headers or {}).get(AUTH_HEADER))
-            digest = request_digest(auth, subject=msg.subject, body=msg.data,
-                                    headers=msg.headers)
-        except CodecError:
-            digest = b""
+        requester cannot verify it: only error replies go to such requests). ``digest``:
+        ``RequestAuth.digest`` of ``msg`` as ``verify_request`` returned it (saves parsing
+        and hashing the request again); computed from ``msg`` when None."""
+        if digest is None:
+            try:
+                auth = parse_auth((msg.headers or {}).get(AUTH_HEADER))
+                digest = request_digest(auth, subject=msg.subject, body=msg.data,
+                                        headers=msg.headers)
+            except CodecError:
+                digest = b""
         out = dict(headers or {})
         out[AUTH_HEADER] = sign_reply(
             self.signer, digest, body=body, headers=headers, now_ms=self.wall_ms()

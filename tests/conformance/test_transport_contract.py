@@ -139,6 +139,68 @@ async def test_request_timeout_is_a_retriable_timeout_error(pair):
     assert info.value.retriable
 
 
+async def test_hundreds_of_concurrent_requests_each_get_their_own_reply(pair):
+    # Pipelined on one connection; answered in reverse order, so a reply matched to its
+    # request by arrival order (not by its inbox) would reach the wrong caller.
+    a, b = pair
+    held: list[Msg] = []
+    n = 300
+
+    async def hold(msg: Msg) -> None:
+        held.append(msg)
+        if len(held) == n:
+            for m in reversed(held):
+                await b.respond(m, b"re:" + m.data)
+
+    await b.subscribe("svc.pipe", hold)
+    replies = await asyncio.gather(
+        *(a.request("svc.pipe", str(i).encode(), timeout=10.0) for i in range(n))
+    )
+    assert [r.data for r in replies] == [b"re:" + str(i).encode() for i in range(n)]
+
+
+async def test_a_late_reply_after_a_timeout_reaches_nobody(pair):
+    a, b = pair
+    held: list[Msg] = []
+
+    async def answer_later(msg: Msg) -> None:
+        if msg.data == b"first":
+            held.append(msg)  # answered only after the requester gave up
+        else:
+            await b.respond(msg, b"re:" + msg.data)
+
+    await b.subscribe("svc.late", answer_later)
+    with pytest.raises(TransportTimeoutError):
+        await a.request("svc.late", b"first", timeout=0.1)
+    await b.respond(held[0], b"re:first")
+    assert (await a.request("svc.late", b"second", timeout=5.0)).data == b"re:second"
+
+
+async def test_a_cancelled_request_leaves_the_transport_usable(pair):
+    a, b = pair
+    held: list[Msg] = []
+    arrived = asyncio.Event()
+
+    async def hold_first(msg: Msg) -> None:
+        if msg.data == b"cancelled":
+            held.append(msg)
+            arrived.set()
+        else:
+            await b.respond(msg, b"re:" + msg.data)
+
+    await b.subscribe("svc.cancel", hold_first)
+    pending = asyncio.create_task(a.request("svc.cancel", b"cancelled", timeout=30.0))
+    await arrived.wait()
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    await b.respond(held[0], b"re:cancelled")  # a reply to a caller that left: dropped
+    replies = await asyncio.gather(
+        *(a.request("svc.cancel", str(i).encode(), timeout=5.0) for i in range(10))
+    )
+    assert [r.data for r in replies] == [b"re:" + str(i).encode() for i in range(10)]
+
+
 async def test_respond_needs_a_reply_subject(pair):
     a, _ = pair
     with pytest.raises(InvalidSubjectError):

@@ -233,3 +233,118 @@ def test_a_refusal_of_a_request_with_a_copied_signature_answers_nothing() -> Non
     assert same == genuine.digest  # type: ignore[attr-defined]
     ok = sign_reply(B, same, body=b"", headers=None, now_ms=NOW)
     assert verify_reply(ROSTER, ok, request=genuine, body=b"", headers={}) == "node-b"  # type: ignore[arg-type]
+
+
+# -- the signed bytes and the header's base64url, against their definitions ------------------
+# The hot-path builders (issue 19) must produce exactly the bytes of the module doc's layout
+# and of the base64 module: a difference would fail every signature across a mixed-version
+# cluster. The references below are that definition written plainly.
+
+
+def _ref_field(value: bytes) -> bytes:
+    return len(value).to_bytes(4, "big") + value
+
+
+def _ref_headers(headers: dict[str, str] | None) -> bytes:
+    items = sorted((k, v) for k, v in (headers or {}).items() if k.lower() != AUTH_HEADER.lower())
+    return len(items).to_bytes(4, "big") + b"".join(
+        _ref_field(k.encode()) + _ref_field(v.strip().encode()) for k, v in items)
+
+
+_text = st.text(max_size=40)
+_headers = st.none() | st.dictionaries(
+    st.sampled_from(["A", "b", "Worknode-Sync", AUTH_HEADER, "worknode-auth", "Z-1"]), _text,
+    max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(signer=_text, subject=_text, root=_text, nonce=st.binary(max_size=20),
+       issued=st.integers(0, 2**63 - 1), expires=st.integers(0, 2**63 - 1), headers=_headers,
+       body=st.binary(max_size=200), digest=st.binary(max_size=40))
+def test_signed_bytes_are_the_documented_layout(signer, subject, root, nonce, issued, expires,
+                                                headers, body, digest):
+    import hashlib
+
+    from broker.codec._binding import _reply_bytes, _request_bytes
+
+    sha = hashlib.sha256(body).digest()
+    assert _request_bytes(signer, subject, root, nonce, issued, expires, headers, body) == (
+        _ref_field(signer.encode()) + _ref_field(subject.encode()) + _ref_field(root.encode())
+        + _ref_field(nonce) + issued.to_bytes(8, "big") + expires.to_bytes(8, "big")
+        + _ref_headers(headers) + sha)
+    assert _reply_bytes(signer, digest, issued, headers, body) == (
+        _ref_field(signer.encode()) + _ref_field(digest) + issued.to_bytes(8, "big")
+        + _ref_headers(headers) + sha)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=100), junk=st.text(max_size=12))
+def test_header_base64url_matches_the_base64_module(data, junk):
+    import base64
+    import binascii
+
+    from broker.codec._binding import _b64, _unb64
+
+    text = base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    assert _b64(data) == text
+    assert _unb64(text or "-") == data
+    for candidate in (junk, text + junk, junk + text):  # anything: the same answer or refusal
+        try:
+            expected: bytes | None = (b"" if candidate == "-" else base64.urlsafe_b64decode(
+                candidate + "=" * (-len(candidate) % 4)))
+        except (binascii.Error, ValueError):
+            expected = None
+        if expected is None:
+            with pytest.raises(BadSignatureError):
+                _unb64(candidate)
+        else:
+            assert _unb64(candidate) == expected
+
+
+def _b64_of(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+_GOOD = ("node-a", "AAAAAAAAAAAAAAAAAAAAAA", "1", "999999999999999", "_INBOX.abc",
+         _b64_of(bytes(range(64))))
+_ODD = (  # per field: values at and past the edges of what is accepted
+    ["x" * 128, "x" * 129, "é", "", "-", "\t"],
+    ["-", "AAAA", "A", "", "=", "\t", "Ab=c"],
+    ["0", "123456789012345", "1234567890123456", "²", "\u0661", "", "1_0", "+1"],
+    ["0", "9999999999999999", "²", "\u0661\u0662", "", " 1"],
+    ["-", "r", "x" * 129, "", "é"],
+    [_b64_of(bytes(63)), _b64_of(bytes(65)), "-", "", _b64_of(bytes(64)) + "="],
+)
+_any = st.text(alphabet=st.characters(min_codepoint=0x09, max_codepoint=0x7E), max_size=90)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(version=st.sampled_from(["1", "1", "2", ""]), data=st.data())
+def test_the_one_pattern_reading_accepts_and_refuses_as_the_field_by_field_one(version, data):
+    from broker.codec._binding import _fields, _fields_one_by_one
+
+    fields = list(_GOOD)
+    for i in data.draw(st.sets(st.integers(0, 5), max_size=2)):  # one or two fields off
+        fields[i] = data.draw(st.one_of(st.sampled_from(_ODD[i]), _any))
+    if data.draw(st.integers(0, 9)) == 0:
+        fields = fields[: data.draw(st.integers(0, 6))]  # too few fields
+    value = " ".join([version, *fields])
+    if not value or len(value) > 512:
+        return
+    outcomes = []
+    for read in (_fields, _fields_one_by_one):
+        try:
+            outcomes.append(read(value))
+        except SignatureError:
+            outcomes.append(None)
+    assert outcomes[0] == outcomes[1], value
+
+
+@pytest.mark.parametrize("issued", ["²", "1²"])
+def test_a_time_of_other_digits_is_a_bad_signature_not_a_crash(issued):
+    # "²".isdigit() holds but int("²") raises ValueError: it escaped parse_auth before.
+    header = f"1 node-a - {issued} 9 - {_b64_of(bytes(64))}"
+    with pytest.raises(BadSignatureError):
+        parse_auth(header)
