@@ -291,6 +291,7 @@ class StrongMode:
         writer = "log"
         own = self._own.get(subject) if key is not None else None
         if key is not None and own is not None and own[0] == payload:
+            del self._own[subject]
             self._versions[key] = seq
             delta, writer = own[1], self.replica.node_id
         elif key is not None:
@@ -466,7 +467,7 @@ class StrongMode:
         replica = self.replica
         entries: list[tuple[str, bytes, int]] = []
         owned: list[ORMap] = []
-        last: tuple[str, ORMap] = ("", ORMap())
+        last: tuple[str, ORMap, str] = ("", ORMap(), "")
         for op in ops:
             key = str(getattr(op, "node", ""))  # checked by write()
             want = expect.get(key)
@@ -484,11 +485,9 @@ class StrongMode:
                 sequence=version, document=delta)
             entries.append((subject, data, version))
             owned.append(delta)
-            last = (key, delta)
+            last = (key, delta, subject)
         for (subject, data, _), delta in zip(entries, owned, strict=True):
-            # (A second write of the key from here while one is in flight is recognised by
-            # its bytes or else verified like any entry.)
-            self._own.setdefault(subject, (data, delta))
+            self._own[subject] = (data, delta)  # until applied (here or by the follower)
         try:
             if len(entries) == 1:
                 subject, data, version = entries[0]
@@ -496,18 +495,20 @@ class StrongMode:
                 self._apply_own(seq, *last)
                 return seq
             return await self.log.publish_batch(entries)
-        finally:
+        except BaseException:
             for subject, data, _ in entries:
                 if self._own.get(subject, (None,))[0] is data:
                     del self._own[subject]
+            raise
 
-    def _apply_own(self, seq: int, key: str, entry: ORMap) -> None:
+    def _apply_own(self, seq: int, key: str, entry: ORMap, subject: str) -> None:
         """Apply this replica's own entry ``seq`` as soon as the stream acknowledged it, if
         every entry before it is applied here (else the follower applies it in order): the
         document it sealed, which every replica decodes alike (the codec's round trip is
         the identity: golden vectors), without waiting for the stream to deliver it back."""
         if self.applied != seq - 1 or self._barrier > self.applied:
-            return
+            return  # the follower applies it, recognising its bytes (``_own``)
+        self._own.pop(subject, None)
         self._versions[key] = seq
         self.replica.apply_log(seq, entry, key, self.replica.node_id)
         self._pulse()
