@@ -18,6 +18,11 @@ Each round runs both sides back to back, in alternating order:
   raw read of the subject's last message from the stream leader (``$JS.API.STREAM.MSG.GET``,
   the fastest read JetStream offers that is not a possibly-stale direct get), p50.
 
+A third side, the *floor*, does what any durable, signed, followed STRONG write must do in
+Python: an Ed25519 signature of the entry, the same compare-and-set publish, and an ordered
+consumer in this process receiving it (every replica follows the log); worknode is reported
+against it too.
+
 The summary gives the median of the per-round ratios worknode / raw and their spread (these
 CPUs change speed by about 2x every few seconds: the interleaved ratio is what counts).
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -65,7 +71,9 @@ async def _throughput(calls: list[Any], n: int) -> float:
 
 
 async def _run(rounds: int, n: int, out: Path) -> None:
+    import nacl.signing
     import nats
+    from nats.js import api
 
     from broker.crdt import Increment
     from broker.replica import Consistency
@@ -104,6 +112,28 @@ async def _run(rounds: int, n: int, out: Path) -> None:
                     "Nats-Expected-Last-Subject-Sequence": str(last.get(subject, 0))})
                 last[subject] = ack.seq
 
+            # The floor: what any durable, signed, followed STRONG write must do in Python —
+            # sign the entry (Ed25519), publish it with the compare-and-set header, and have
+            # this process's follower receive it from the log (an ordered consumer).
+            signing = nacl.signing.SigningKey(os.urandom(32))
+            await js.add_stream(
+                name="FLOOR", subjects=["floor.>"], storage="file", max_msgs_per_subject=1,
+                allow_direct=True)
+            followed = 0
+
+            async def follow(msg: Any) -> None:
+                nonlocal followed
+                followed += 1
+
+            await js.subscribe("floor.>", cb=follow, ordered_consumer=True,
+                               deliver_policy=api.DeliverPolicy.NEW)
+
+            async def floor_write(subject: str = "floor.k.0") -> None:
+                body = signing.sign(payload).signature + payload
+                ack = await js.publish(subject, body, headers={
+                    "Nats-Expected-Last-Subject-Sequence": str(last.get(subject, 0))})
+                last[subject] = ack.seq
+
             async def wn_write(key: str = "acct-0") -> None:
                 await replica.write(Increment(key, ("n",), 1), Consistency.STRONG)
 
@@ -118,17 +148,20 @@ async def _run(rounds: int, n: int, out: Path) -> None:
             rows: list[dict[str, float]] = []
             for r in range(rounds):
                 figs: dict[str, float] = {}
-                order = ("raw", "wn") if r % 2 == 0 else ("wn", "raw")
+                order = ("raw", "floor", "wn") if r % 2 == 0 else ("wn", "floor", "raw")
+                writers = {"raw": raw_write, "floor": floor_write, "wn": wn_write}
                 for side in order:
-                    w = raw_write if side == "raw" else wn_write
-                    figs[f"{side}_write_p50"] = await _latency(w, n)
+                    figs[f"{side}_write_p50"] = await _latency(writers[side], n)
                 for side in order:
                     if side == "raw":
                         calls = [lambda s=f"raw.k.{i}": raw_write(s) for i in range(IN_FLIGHT)]
+                    elif side == "floor":
+                        calls = [lambda s=f"floor.k.{i}": floor_write(s)
+                                 for i in range(IN_FLIGHT)]
                     else:
                         calls = [lambda k=k: wn_write(k) for k in keys]
                     figs[f"{side}_write_tput"] = await _throughput(calls, max(2, n // 8))
-                for side in order:
+                for side in ("raw", "wn") if r % 2 == 0 else ("wn", "raw"):
                     figs[f"{side}_read_p50"] = await _latency(
                         raw_read if side == "raw" else wn_read, n)
                 rows.append(figs)
@@ -163,6 +196,22 @@ def _write(out: Path, rows: list[dict[str, float]], rounds: int, n: int, size: i
         wn = statistics.median(row[f"wn_{name}"] for row in rows) * scale
         raw = statistics.median(row[f"raw_{name}"] for row in rows) * scale
         lines.append(f"| {name} | {wn:.3f} {unit} | {raw:.3f} {unit} | {med:.2f}x | "
+                     f"{lo:.2f}-{hi:.2f} |")
+    lines += [
+        "",
+        "The floor: the least a durable, signed, followed STRONG write costs in Python, same "
+        "run — an Ed25519 signature of the entry, the same compare-and-set publish, and an "
+        "ordered consumer in the same process receiving it (every replica follows the log).",
+        "",
+        "| figure | worknode (median) | floor (median) | ratio worknode/floor (median) | "
+        "spread |",
+        "|---|---|---|---|---|",
+    ]
+    for name, unit, scale in (("write_p50", "ms", 1000), ("write_tput", "ops/s", 1)):
+        med, lo, hi = ratio(f"wn_{name}", f"floor_{name}")
+        wn = statistics.median(row[f"wn_{name}"] for row in rows) * scale
+        floor = statistics.median(row[f"floor_{name}"] for row in rows) * scale
+        lines.append(f"| {name} | {wn:.3f} {unit} | {floor:.3f} {unit} | {med:.2f}x | "
                      f"{lo:.2f}-{hi:.2f} |")
     lines += [
         "",
