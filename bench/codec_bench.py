@@ -31,8 +31,8 @@ from broker.codec import Signer, TrustRoster, WireCodec
 from broker.codec._document import decode_document
 from broker.codec._fast import read_holder, unpack
 from broker.codec._packed import segment_words
-from broker.crdt import HybridClock, ORMap
-from broker.crdt._stores import KindStore, MapStore, SetStore, Whole
+from broker.crdt import CausalContext, HybridClock, ORMap
+from broker.crdt._stores import CLASS_OF_KIND, KindStore, MapStore, SetStore, Whole
 
 DEFAULT_OUT = Path("bench/results/codec.md")
 RID = "node-1"
@@ -94,6 +94,27 @@ def plain_doc(doc: ORMap) -> dict[str, Any]:
     }
 
 
+_STORE_OF = {int(k): v for k, v in CLASS_OF_KIND.items()}
+
+
+def from_plain(x: Any) -> Any:
+    """The CRDT store of ``plain`` content (maps, dot functions and sets as the bench's batch
+    has them), built without any validation: the least Python work that ends with the same
+    objects (the floor for a decoder that builds them)."""
+    if type(x) is dict:
+        return MapStore({k: from_plain(v) for k, v in x.items()})
+    if x and type(x[0]) is int:
+        return _STORE_OF[x[0]](x[1])
+    return SetStore({e: tuple(ds) for e, ds in x})
+
+
+def crdt_from_msgpack(data: bytes) -> ORMap:
+    """msgpack's decode of ``plain_doc`` content, then the same CRDT objects built from it."""
+    d = msgpack.unpackb(data)
+    ctx = CausalContext(d["vv"], [tuple(dot) for dot in d["cloud"]])
+    return ORMap(from_plain(d["root"]), ctx, is_delta=d["delta"])
+
+
 # ------------------------------------------------------------------------------------------
 # throughput
 
@@ -114,6 +135,7 @@ def _rate(fn: Callable[[], object], n: int) -> float:
 FAST_DEC = "decode: worknode fast reader (packed, validated)"
 PYCAPNP_DEC = "decode: worknode Cap'n Proto (packed, validated)"
 FAST_OPEN = "open: worknode signed envelope, fast reader (verify + decode)"
+FLOOR = "decode: msgpack + building the same CRDT objects (no validation)"
 
 
 def throughput(rounds: int, batch_s: float) -> dict[str, Series]:
@@ -129,6 +151,7 @@ def throughput(rounds: int, batch_s: float) -> dict[str, Series]:
     oj = orjson.dumps(content)
     assert codec.decode_document(raw) == batch
     assert fast.decode_document(raw) == batch
+    assert crdt_from_msgpack(mp) == batch
     sides: dict[str, Callable[[], object]] = {
         "encode: worknode Cap'n Proto (packed)": lambda: codec.encode_document(batch),
         "encode: msgpack": lambda: msgpack.packb(plain_doc(batch)),
@@ -136,6 +159,7 @@ def throughput(rounds: int, batch_s: float) -> dict[str, Series]:
         PYCAPNP_DEC: lambda: codec.decode_document(raw),
         FAST_DEC: lambda: fast.decode_document(raw),
         "decode: msgpack": lambda: msgpack.unpackb(mp),
+        FLOOR: lambda: crdt_from_msgpack(mp),
         "decode: orjson": lambda: orjson.loads(oj),
         "seal: worknode signed envelope": lambda: codec.seal(
             signer, subject="wn.bench.s", hlc=1, sequence=1, document=batch
@@ -348,6 +372,7 @@ def report(
         (FAST_DEC, "decode: msgpack", "decode (100-op batch): worknode fast reader / msgpack"),
         (FAST_DEC, "decode: orjson", "decode: worknode fast reader / orjson"),
         (FAST_DEC, PYCAPNP_DEC, "decode: fast reader / pycapnp"),
+        (FAST_DEC, FLOOR, "decode: fast reader / floor (msgpack + the same CRDT objects)"),
         (FAST_OPEN, "open: worknode signed envelope (verify + decode)",
          "open: fast reader / pycapnp"),
     ]:

@@ -474,8 +474,25 @@ class _Reader:
     def entries(self, p: int, depth: int) -> MapStore | None:
         if depth > MAX_NESTING_DEPTH:
             raise _fail("maps nest deeper than MAX_NESTING_DEPTH")
-        start, count = self.structs(p, _ENTRY_SHAPE, _ENTRY_BYTES)
         m, size = self.m, self.size
+        lo, hi = _II(m, p)  # the entry list (``structs``, inlined: the hot path)
+        if lo & 3 != 1 or hi & 7 != 7:
+            if lo == 0 and hi == 0:
+                return None
+            raise _fail("not a composite struct list")
+        tag = p + 8 + 8 * (lo >> 2)
+        words = hi >> 3
+        if tag < 0 or tag + 8 + 8 * words > size:
+            raise _fail("struct list out of bounds")
+        tlo, thi = _II(m, tag)
+        count = tlo >> 2
+        bad_tag = tlo & 3 or count < 0 or (count and thi != _ENTRY_SHAPE)
+        if bad_tag or count * _ENTRY_BYTES > 8 * words:
+            raise _fail("struct list tag not of the schema's size")
+        self.budget -= words + 1
+        if self.budget < 0:
+            raise _fail("over the traversal limit")
+        start = tag + 8
         out = MapStore()
         prev: tuple[str, int] | None = None
         store, items, entries = self.store, self.items, self.entries
