@@ -35,6 +35,7 @@ import capnp
 from broker.codec import _layouts
 from broker.codec._document import FIRST_SEGMENT_WORDS, decode_document, encode_document
 from broker.codec._fast import read_holder
+from broker.codec._fast_write import write_document
 from broker.codec._packed import check_segments, segment_words
 from broker.codec._schema import CURRENT_VERSION, OLDEST_VERSION, WireSchema, load_schema
 from broker.codec._signing import Signer, TrustRoster
@@ -221,7 +222,13 @@ class WireCodec:
                 packed = doc.to_bytes_packed()
             packed_doc = packed
         if doc is None and (packed_doc is None or len(packed_doc) < COMPRESS_MIN_BYTES):
-            if packed is None:
+            segment = self._fast_segment(document) if packed is None else None
+            if segment is not None:
+                # The fast writer's words, read by pycapnp (its copy into the envelope below
+                # is content-for-content: the same bytes as copying pycapnp's own builder).
+                doc = self.schema.crdt.Document.from_segments([segment])
+                doc_words = len(segment) // 8
+            elif packed is None:
                 doc = encode_document(self.schema, document)
             else:
                 # A reader over stored bytes: never ``total_size`` (it aborts on a bad
@@ -356,6 +363,16 @@ class WireCodec:
             )
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _fast_segment(self, document: Causal) -> bytes | None:
+        """The segment pycapnp's encoder would build for ``document``, written by the fast
+        writer (``_fast_write``); None when pycapnp must write it."""
+        if not self.fast:
+            return None
+        try:
+            return write_document(document, self.schema.kinds)
+        except CodecError:
+            return None
 
     def fast_decode(self, doc: Any, expect: type[Causal] | None, words: int) -> Causal | None:
         """The fast path of ``_decode``: the document, or None when pycapnp must decide."""
