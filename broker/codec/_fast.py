@@ -28,6 +28,7 @@ Pure: bytes in, objects out.
 
 from __future__ import annotations
 
+import operator
 import struct
 from typing import Any, Final
 
@@ -209,6 +210,16 @@ _K_MAP: Final = int(Kind.MAP)
 _K_FLAG: Final = int(Kind.FLAG)
 
 
+_lt: Final = operator.lt
+_DOT_STRUCT: Final = struct.Struct(
+    "<" + "x" * DOT_REPLICA + "I" + "x" * (DOT_COUNTER - DOT_REPLICA - 4) + "Q"
+    + "x" * (_DOT_BYTES - DOT_COUNTER - 8)
+)
+if _DOT_STRUCT.size != _DOT_BYTES or _DOT_STRUCT.unpack_from(_DOT_STRUCT.pack(1, 2)) != (1, 2):
+    raise AssertionError("Dot layout changed: update _DOT_STRUCT")
+_DOT_ITER: Final = _DOT_STRUCT.iter_unpack
+
+
 def _fail(why: str) -> FastPathError:
     return FastPathError(f"fast reader: {why}")
 
@@ -323,21 +334,22 @@ class _Reader:
         return validate_element(x)
 
     def dots(self, p: int) -> list[tuple[str, int]]:
-        """A sorted, unique list of dots (Dot structs) at pointer ``p``."""
+        """A sorted, unique list of dots (Dot structs) at pointer ``p`` (read in one
+        ``unpack_from`` and checked with C-level passes: contexts hold many dots)."""
         start, count = self.structs(p, _DOT_SHAPE, _DOT_BYTES)
-        m, replicas = self.m, self.replicas
-        nrep = len(replicas)
-        out: list[tuple[str, int]] = []
-        prev: tuple[str, int] | None = None
-        for a in range(start, start + _DOT_BYTES * count, _DOT_BYTES):
-            r, n = _DOT(m, a)
-            if not 1 <= n <= INT64_MAX or r >= nrep:
+        if not count:
+            return []
+        if count == 1:
+            r, n = _DOT(self.m, start)
+            if not 1 <= n <= INT64_MAX or r >= len(self.replicas):
                 raise _fail("bad dot")
-            dot = (replicas[r], n)
-            if prev is not None and not prev < dot:
-                raise _fail("dots are not sorted and unique")
-            out.append(dot)
-            prev = dot
+            return [(self.replicas[r], n)]
+        rs, ns = zip(*_DOT_ITER(self.m[start : start + _DOT_BYTES * count]), strict=True)
+        if min(ns) < 1 or max(ns) > INT64_MAX or max(rs) >= len(self.replicas):
+            raise _fail("bad dot")
+        out = list(zip(map(self.replicas.__getitem__, rs), ns, strict=True))
+        if not all(map(_lt, out, out[1:])):
+            raise _fail("dots are not sorted and unique")
         return out
 
     def items(self, kind: int, p: int) -> Any:
