@@ -11,9 +11,12 @@ Invariants:
 - pycapnp aborts the interpreter on a multi-segment packed stream shorter than its segment
   table (``_packed``), and when ``as_builder()``/``total_size`` meet an out-of-bounds
   pointer: every packed input passes ``check_segments`` first; a received message is
-  validated (``decode_document``) before anything copies it, is copied only by field
-  assignment (``_document``, ``_checked_copy``), which raises instead, and ``total_size`` and
-  ``as_builder()`` run only on builders this process wrote or on such checked copies;
+  copied only by field assignment (``_document``, ``_checked_copy``, the fast path's holder
+  in ``fast_decode``), which raises instead, and ``total_size`` and ``as_builder()`` run only
+  on builders this process wrote or on such checked copies;
+- the fast codec (``_fast``, ``_fast_write``; ``fast=True``) reads and writes exactly what
+  pycapnp does: whatever its reader refuses is decoded by pycapnp (whose answer and error
+  are authoritative), and its writer's words are pycapnp's (tests/unit/test_fast_codec.py);
 - a signature is verified before the body is decoded, and the body's writer must be the
   signer;
 - a reader reads every wire version from ``OLDEST_VERSION`` up: newer messages with what it
@@ -132,6 +135,9 @@ class WireCodec:
     nodes that read this node's messages; features older readers cannot keep (compressed
     batches, wire v2) are used only when ``peer_version`` allows them. During a rolling
     upgrade leave it at the old version; raise it when every node runs the new release.
+    ``fast``: decode documents with the fast pure-Python reader and write sealed documents with
+    the fast writer (current wire version only), pycapnp as the fallback; False: pycapnp only
+    (the oracle of the differential tests and the benchmark's baseline).
     """
 
     __slots__ = ("compress", "fast", "max_payload", "peer_version", "schema", "version")
