@@ -211,6 +211,9 @@ _K_FLAG: Final = int(Kind.FLAG)
 
 
 _lt: Final = operator.lt
+_KEY_CACHE: Final = 4096
+_KEYS: dict[bytes, str] = {}
+"""Map keys already checked (UTF-8 bytes -> str), bounded; only valid keys enter it."""
 _DOT_STRUCT: Final = struct.Struct(
     "<" + "x" * DOT_REPLICA + "I" + "x" * (DOT_COUNTER - DOT_REPLICA - 4) + "Q"
     + "x" * (_DOT_BYTES - DOT_COUNTER - 8)
@@ -508,6 +511,7 @@ class _Reader:
         out = MapStore()
         prev: tuple[str, int] | None = None
         store, items, entries = self.store, self.items, self.entries
+        keys, delta = _KEYS, self.delta
         for a in range(start, start + _ENTRY_BYTES * count, _ENTRY_BYTES):
             kind, wb, w, klo, khi = _ENTRY(m, a)
             # The key (``_text`` and ``validate_key``, inlined: the hot path). Strict UTF-8
@@ -518,14 +522,20 @@ class _Reader:
             ke = ks + (khi >> 3) - 1
             if ks < 0 or ke >= size or m[ke] != 0 or not 0 < ke - ks <= MAX_KEY_BYTES:
                 raise _fail("map key out of bounds, empty, too long or not NUL-terminated")
-            if m.find(0, ks, ke) >= 0:
-                raise _fail("map key with an inner NUL")
-            key = m[ks:ke].decode("utf-8")  # UnicodeDecodeError: see ``_guard``
+            raw = m[ks:ke]
+            key = keys.get(raw)  # field names repeat: each is checked once
+            if key is None:
+                if 0 in raw:
+                    raise _fail("map key with an inner NUL")
+                key = raw.decode("utf-8")  # UnicodeDecodeError: see ``_guard``
+                if len(keys) >= _KEY_CACHE:
+                    keys.clear()
+                keys[raw] = key
             if prev is not None and not prev < (key, kind):
                 raise _fail("map entries are not sorted by (key, kind)")
             prev = (key, kind)
             whole = wb & _WHOLE_MASK != 0
-            if whole and not self.delta:
+            if whole and not delta:
                 raise _fail("a Whole marker in a full state")
             if w == ENTRY_IS_ENTRIES and kind == _K_MAP:
                 inner_store: Any = entries(a + _ENTRY_LIST, depth + 1)
