@@ -457,15 +457,17 @@ class _Reader:
         start, count = self.structs(p, _SET_ELEMENT_SHAPE, _SET_ELEMENT_BYTES)
         self.charge(count * _VALUE_BYTES // 8)
         out = SetStore()
+        element, struct_at, dots, delta = self.element, self.struct, self.dots, self.delta
         for a in range(start, start + _SET_ELEMENT_BYTES * count, _SET_ELEMENT_BYTES):
-            x = self.element(self.struct(a + _SET_ELEMENT_VALUE, _VALUE_SHAPE, _VALUE_BYTES))
-            ds = self.dots(a + _SET_ELEMENT_DOTS)
-            if not ds and not self.delta:
+            x = element(struct_at(a + _SET_ELEMENT_VALUE, _VALUE_SHAPE, _VALUE_BYTES))
+            ds = dots(a + _SET_ELEMENT_DOTS)
+            if not ds and not delta:
                 raise _fail("a set element without dots in a full state")
             if x in out:
                 prev = out[x]
                 ds = sorted({*ds, *((prev[i], prev[i + 1]) for i in range(0, len(prev), 2))})
-            out[x] = tuple(v for d in ds for v in d)
+            # One dot (the commonest) is already the flat (replica, counter) tuple.
+            out[x] = ds[0] if len(ds) == 1 else tuple(v for d in ds for v in d)
         return out or None
 
     def store(self, kind: int, w: int, p: int, depth: int) -> Any:
