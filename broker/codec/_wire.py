@@ -11,9 +11,12 @@ Invariants:
 - pycapnp aborts the interpreter on a multi-segment packed stream shorter than its segment
   table (``_packed``), and when ``as_builder()``/``total_size`` meet an out-of-bounds
   pointer: every packed input passes ``check_segments`` first; a received message is
-  validated (``decode_document``) before anything copies it, is copied only by field
-  assignment (``_document``, ``_checked_copy``), which raises instead, and ``total_size`` and
-  ``as_builder()`` run only on builders this process wrote or on such checked copies;
+  copied only by field assignment (``_document``, ``_checked_copy``, the fast path's holder
+  in ``fast_decode``), which raises instead, and ``total_size`` and ``as_builder()`` run only
+  on builders this process wrote or on such checked copies;
+- the fast codec (``_fast``, ``_fast_write``; ``fast=True``) reads and writes exactly what
+  pycapnp does: whatever its reader refuses is decoded by pycapnp (whose answer and error
+  are authoritative), and its writer's words are pycapnp's (tests/unit/test_fast_codec.py);
 - a signature is verified before the body is decoded, and the body's writer must be the
   signer;
 - a reader reads every wire version from ``OLDEST_VERSION`` up: newer messages with what it
@@ -32,7 +35,10 @@ from typing import Any, Final
 
 import capnp
 
+from broker.codec import _layouts
 from broker.codec._document import FIRST_SEGMENT_WORDS, decode_document, encode_document
+from broker.codec._fast import read_holder
+from broker.codec._fast_write import write_document
 from broker.codec._packed import check_segments, segment_words
 from broker.codec._schema import CURRENT_VERSION, OLDEST_VERSION, WireSchema, load_schema
 from broker.codec._signing import Signer, TrustRoster
@@ -129,9 +135,12 @@ class WireCodec:
     nodes that read this node's messages; features older readers cannot keep (compressed
     batches, wire v2) are used only when ``peer_version`` allows them. During a rolling
     upgrade leave it at the old version; raise it when every node runs the new release.
+    ``fast``: decode documents with the fast pure-Python reader and write sealed documents with
+    the fast writer (current wire version only), pycapnp as the fallback; False: pycapnp only
+    (the oracle of the differential tests and the benchmark's baseline).
     """
 
-    __slots__ = ("compress", "max_payload", "peer_version", "schema", "version")
+    __slots__ = ("compress", "fast", "max_payload", "peer_version", "schema", "version")
 
     def __init__(
         self,
@@ -140,6 +149,7 @@ class WireCodec:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         peer_version: int = OLDEST_VERSION,
         compress: bool = True,
+        fast: bool = True,
     ) -> None:
         if max_payload < 1024:
             raise InvalidArgumentError(f"max_payload must be >= 1024 bytes, got {max_payload}")
@@ -152,6 +162,8 @@ class WireCodec:
         self.max_payload = max_payload
         self.peer_version = peer_version
         self.compress = compress
+        # The fast reader (``_fast``) knows the layouts of the current version's schemas.
+        self.fast = fast and version == _layouts.WIRE_VERSION
 
     @property
     def traversal_limit_words(self) -> int:
@@ -177,7 +189,9 @@ class WireCodec:
         self._check_size(data, "document")
         with decoding("document"):
             doc = self._parse(self.schema.crdt.Document, data, NESTING_LIMIT)
-            return decode_document(self.schema, doc, expect, bad_keys)
+            if bad_keys is not None:
+                return decode_document(self.schema, doc, expect, bad_keys)
+            return self._decode(doc, expect, segment_words(data))
 
     # -- envelopes -----------------------------------------------------------------------
 
@@ -214,7 +228,13 @@ class WireCodec:
                 packed = doc.to_bytes_packed()
             packed_doc = packed
         if doc is None and (packed_doc is None or len(packed_doc) < COMPRESS_MIN_BYTES):
-            if packed is None:
+            segment = self._fast_segment(document) if packed is None else None
+            if segment is not None:
+                # The fast writer's words, read by pycapnp (its copy into the envelope below
+                # is content-for-content: the same bytes as copying pycapnp's own builder).
+                doc = self.schema.crdt.Document.from_segments([segment])
+                doc_words = len(segment) // 8
+            elif packed is None:
                 doc = encode_document(self.schema, document)
             else:
                 # A reader over stored bytes: never ``total_size`` (it aborts on a bad
@@ -318,12 +338,15 @@ class WireCodec:
             if which in ("deltaBatchZlib", "stateZlib"):
                 raw = self._inflate(bytes(getattr(env, which)))
                 doc = self._parse(self.schema.crdt.Document, raw, NESTING_LIMIT)
+                words = segment_words(raw)
             else:
                 doc = getattr(env, which)
+                words = segment_words(body)
             # Validate before anything copies: decode_document reads every known field
             # through pycapnp's checked getters (see the module doc for why a copy may not
             # come first); the copy below then covers unknown fields with its own checks.
-            document = decode_document(self.schema, doc)
+            # The fast path's copy is a field assignment, which raises (``_decode``).
+            document = self._decode(doc, None, words)
             is_state = which in ("state", "stateZlib")
             if document.is_delta and is_state:
                 raise MalformedMessageError("a state transfer carries a delta document")
@@ -346,6 +369,47 @@ class WireCodec:
             )
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _fast_segment(self, document: Causal) -> bytes | None:
+        """The segment pycapnp's encoder would build for ``document``, written by the fast
+        writer (``_fast_write``); None when pycapnp must write it."""
+        if not self.fast:
+            return None
+        try:
+            return write_document(document, self.schema.kinds)
+        except CodecError:
+            return None
+
+    def fast_decode(self, doc: Any, expect: type[Causal] | None, words: int) -> Causal | None:
+        """The fast path of ``_decode``: the document, or None when pycapnp must decide."""
+        try:
+            holder = self.schema.envelope.Envelope.new_message(
+                num_first_segment_words=min(words, self.traversal_limit_words) + _ENVELOPE_WORDS
+            )
+            holder.deltaBatch = doc  # the checked copy (raises on a bad pointer)
+            segments = holder.to_segments()
+            if len(segments) != 1:
+                return None
+            return read_holder(segments[0], self.schema.kinds, expect)
+        except (CodecError, capnp.KjException, ValueError):  # any doubt: pycapnp decides
+            return None
+
+    def _decode(self, doc: Any, expect: type[Causal] | None, words: int) -> Causal:
+        """``decode_document`` of the ``Document`` reader ``doc`` (of a message of ``words``
+        words): by the fast reader when it can, else (and for any doubt) by pycapnp.
+
+        The fast reader reads the words of pycapnp's checked copy of ``doc`` (a field
+        assignment into a holder ``Envelope``: bounds-checked, raising on a bad pointer, far
+        pointers resolved, bounded by the reader's traversal limit) instead of unpacking in
+        Python, which would cost more than the whole decode. Whatever the fast reader refuses
+        (``FastPathError``: invalid content, an opaque kind or value, a multi-segment copy)
+        is decoded by pycapnp, whose answer (and error message) is authoritative.
+        """
+        if self.fast:
+            found = self.fast_decode(doc, expect, words)
+            if found is not None:
+                return found
+        return decode_document(self.schema, doc, expect)
 
     def _checked_copy(self, doc: Any) -> bytes:
         """Packed bytes of the ``Document`` reader ``doc`` (unknown fields and members

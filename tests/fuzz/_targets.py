@@ -626,6 +626,72 @@ async def _rpc_response_run(h: Harness, data: bytes, rng: random.Random) -> str:
     return ACCEPTED
 
 
+# fast codec: differential against pycapnp -----------------------------------------------------
+
+
+class DifferentialError(AssertionError):
+    """The fast codec and pycapnp disagreed on one input (a finding)."""
+
+
+async def _differential_harness() -> Harness:
+    h = Harness(WireCodec(CURRENT_VERSION, peer_version=CURRENT_VERSION))
+    h.extra["oracle"] = WireCodec(CURRENT_VERSION, peer_version=CURRENT_VERSION, fast=False)
+    return h
+
+
+def _differential_seeds(h: Harness) -> list[bytes]:
+    subject = delta_subject(NS, SUBJECT)
+    plain = WireCodec(CURRENT_VERSION)  # peer_version 1: uncompressed
+    docs = [*_deltas(), _state(8)]
+    return ([_seal(plain, subject, d) for d in docs] + [_seal(h.codec, subject, d) for d in docs]
+            + [_seal(plain, subject, _state(5), state=True)])
+
+
+def _open_outcome(codec: WireCodec, data: bytes, keep: bool) -> tuple[str, Any]:
+    try:
+        return ACCEPTED, codec.open(data, ROSTER, keep_packed=keep)
+    except CodecError as exc:
+        return type(exc).__name__, None
+
+
+async def _differential_run(h: Harness, data: bytes, rng: random.Random) -> str:
+    # Signed (re-signed after mutation) envelopes through WireCodec.open, fast path vs
+    # pycapnp: both refuse with the same error class, or both accept with equal envelopes.
+    keep = rng.random() < 0.2
+    fast = _open_outcome(h.codec, data, keep)
+    oracle = _open_outcome(h.extra["oracle"], data, keep)
+    if fast != oracle:
+        raise DifferentialError(f"fast codec {fast[0]}, pycapnp {oracle[0]}")
+    return fast[0]
+
+
+def _reader_seeds(h: Harness) -> list[bytes]:
+    return [h.codec.encode_document(d) for d in [*_deltas(), _state(8), _state(2)]]
+
+
+async def _reader_run(h: Harness, data: bytes, rng: random.Random) -> str:
+    # The pure-Python reader alone (over unpack(), no pycapnp copy first) on hostile bytes:
+    # only CodecErrors; what it accepts, pycapnp accepts with equal content.
+    from broker.codec._fast import read_document
+    from broker.codec._fast import unpack as fast_unpack
+
+    try:
+        got = read_document(fast_unpack(data), h.codec.schema.kinds)
+    except CodecError as exc:
+        return type(exc).__name__
+    oracle = _open_doc(h.extra["oracle"], data)
+    if oracle != got:
+        raise DifferentialError("the fast reader accepted what pycapnp reads otherwise")
+    return ACCEPTED
+
+
+def _open_doc(codec: WireCodec, data: bytes) -> Any:
+    try:
+        return codec.decode_document(data)
+    except CodecError as exc:
+        return type(exc).__name__
+
+
 # self-test: proves the runner sees an abort ---------------------------------------------------
 
 
@@ -684,6 +750,10 @@ TARGETS: dict[str, Target] = {
                _rpc_harness, _rpc_request_seeds, _message_case, _rpc_request_run),
         Target("rpc-response", "an RPC response body (decode_response)", _rpc_harness,
                _rpc_response_seeds, _message_case, _rpc_response_run),
+        Target("codec-differential", "signed envelopes: fast codec vs pycapnp (WireCodec.open)",
+               _differential_harness, _differential_seeds, _envelope_case, _differential_run),
+        Target("fast-reader", "a packed document: the fast reader alone vs pycapnp",
+               _differential_harness, _reader_seeds, _message_case, _reader_run),
     ]
 }
 """Every entry point, by name (``python -m tests.fuzz --target NAME``)."""

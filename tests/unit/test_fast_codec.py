@@ -1,0 +1,153 @@
+"""The fast codec (``broker/codec/_fast.py``, ``_fast_write.py``) reads exactly what pycapnp
+reads and writes exactly the bytes pycapnp writes.
+
+- its layouts are generated from the schemas (``gen_layouts --check``);
+- every golden vector of every release, and ``DOCUMENTS_CI`` generated documents (every kind,
+  nesting to the limit, deltas with markers, big and small values), are read by the fast path
+  (not a fallback) into the document pycapnp builds (the long run: ``python -m
+  tests.fuzz._documents --documents 100000``, summary in ``bench/results/fast_codec_proof.md``);
+- on mutated bytes the fast reader raises only ``CodecError``s and never accepts what pycapnp
+  refuses or reads it differently (the signed variant runs in subprocesses: the
+  ``codec-differential`` fuzz target);
+- the fast writer's segments, and so packed documents and sealed envelopes, are byte-identical
+  to pycapnp's on the golden documents and the generated ones;
+- the differential check can fail: a wrong layout offset (reader or writer) is caught.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from broker.codec import TrustRoster, WireCodec, _fast_write, gen_layouts
+from broker.codec import _fast as fast_mod
+from broker.codec._document import encode_document
+from broker.codec._fast import read_document, unpack
+from broker.codec._fast_write import write_document
+from broker.codec._layouts import VALUE_INT, VALUE_WHICH
+from broker.codec._packed import segment_words
+from broker.errors import CodecError
+from tests.fuzz._documents import check, documents
+from tests.fuzz._documents import run as run_documents
+from tests.fuzz._targets import mutate_message
+from tests.golden.generate import SIGNER_ID, signer
+
+DOCUMENTS_CI = 10_000
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+FAST = WireCodec()
+ORACLE = WireCodec(fast=False)
+
+
+def test_layouts_module_is_what_the_schemas_give(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert gen_layouts.main(["--check"]) == 0
+    # The check fails on a stale module (one offset changed by hand).
+    stale = tmp_path / "_layouts.py"
+    stale.write_text(gen_layouts.OUT.read_text().replace("ITEM_COUNTER: Final = 8",
+                                                         "ITEM_COUNTER: Final = 16"))
+    monkeypatch.setattr(gen_layouts, "OUT", stale)
+    assert gen_layouts.main(["--check"]) == 1
+
+
+@pytest.mark.parametrize("path", sorted(GOLDEN.glob("v*/*.doc")), ids=lambda p: p.parent.name
+                         + "/" + p.name)
+def test_golden_documents_are_read_by_the_fast_path_as_pycapnp_reads_them(path: Path) -> None:
+    packed = path.read_bytes()
+    expected = ORACLE.decode_document(packed)
+    parsed = FAST.schema.crdt.Document.from_bytes_packed(packed)
+    assert FAST.fast_decode(parsed, None, segment_words(packed)) == expected
+    assert read_document(unpack(packed), FAST.schema.kinds) == expected
+    assert FAST.decode_document(packed) == expected
+    # The fast writer writes it back word for word as pycapnp does.
+    assert [write_document(expected, FAST.schema.kinds)] == encode_document(
+        ORACLE.schema, expected
+    ).to_segments()
+
+
+@pytest.mark.parametrize("path", sorted(GOLDEN.glob("v*/*.env")), ids=lambda p: p.parent.name
+                         + "/" + p.name)
+def test_golden_envelopes_open_alike(path: Path) -> None:
+    roster = TrustRoster({SIGNER_ID: signer().public_key})
+    data = path.read_bytes()
+    assert FAST.open(data, roster) == ORACLE.open(data, roster)
+    assert FAST.open(data, roster, keep_packed=True) == ORACLE.open(data, roster, keep_packed=True)
+
+
+def test_generated_documents_are_read_alike() -> None:
+    summary = run_documents(DOCUMENTS_CI, seed=19)
+    assert summary["documents"] == DOCUMENTS_CI
+    assert set(summary["by_type"]) == {
+        "ORMap", "LWWRegister", "MVRegister", "PNCounter", "ORSet", "EWFlag"
+    }
+
+
+def _check_many(seed: int) -> None:
+    for _, doc in zip(range(500), documents(random.Random(seed)), strict=False):
+        check(FAST, ORACLE, doc)
+
+
+def test_the_check_passes_unpatched() -> None:
+    _check_many(3)
+    _check_many(4)
+
+
+def test_a_wrong_layout_offset_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Int64 values read 8 bytes early (the discriminant's word): content differs from pycapnp.
+    wrong = fast_mod._layout((VALUE_WHICH, "H"), (VALUE_INT - 8 + 2, "q"))
+    monkeypatch.setattr(fast_mod, "_VALUE", wrong)
+    with pytest.raises(AssertionError):
+        _check_many(3)
+
+
+def test_a_wrong_struct_size_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A layout that refuses every valid Item is caught too (the fast path must be taken).
+    monkeypatch.setattr(fast_mod, "_ITEM_SHAPE", fast_mod._ITEM_SHAPE + 1)
+    with pytest.raises(AssertionError):
+        _check_many(4)
+
+
+def test_a_wrong_writer_offset_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An item's counter written 4 bytes early: other bytes than pycapnp's.
+    monkeypatch.setattr(_fast_write, "ITEM_COUNTER", _fast_write.ITEM_COUNTER - 4)
+    with pytest.raises(AssertionError):
+        _check_many(5)
+
+
+def test_mutated_bytes_never_read_differently() -> None:
+    # The pure reader over unpack() on hostile words: only CodecErrors, and whatever it
+    # accepts pycapnp accepts with equal content (it may refuse more: the codec falls back).
+    rng = random.Random(11)
+    seeds = [ORACLE.encode_document(d) for _, d in zip(range(60), documents(rng), strict=False)]
+    accepted = refused = 0
+    for i in range(3_000):
+        data = mutate_message(rng, seeds[i % len(seeds)])
+        try:
+            got = read_document(unpack(data), FAST.schema.kinds)
+        except CodecError:
+            refused += 1
+            continue
+        accepted += 1
+        assert ORACLE.decode_document(data) == got, i
+        assert FAST.decode_document(data) == got, i
+    assert accepted
+    assert refused
+
+
+def test_the_hot_path_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With pycapnp's decoder disabled, valid envelopes still open (fails without the switch).
+    import broker.codec._wire as wire
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the pycapnp decoder ran")
+
+    rng = random.Random(5)
+    docs = [d for _, d in zip(range(40), documents(rng), strict=False)]
+    s = signer()
+    roster = TrustRoster({SIGNER_ID: s.public_key})
+    sealed = [FAST.seal(s, subject="wn.t", hlc=1, sequence=1, document=d) for d in docs]
+    monkeypatch.setattr(wire, "decode_document", refuse)
+    for d, env in zip(docs, sealed, strict=True):
+        assert FAST.open(env, roster).document == d
