@@ -455,7 +455,8 @@ def _run(rounds: int, n_lat: int, n_tput: int, out: Path, argv: list[str],
     s["raw_tput"] = [max(a, b) for a, b in zip(s["stock_tput"], s["mux_tput"], strict=True)]
 
     def per_round(a: str, b: str) -> list[float]:
-        return [x / y for x, y in zip(s[a], s[b], strict=True)]
+        # (A quick run's CPU figure can be 0: the process clock ticks in 10 ms.)
+        return [x / y if y else float("inf") for x, y in zip(s[a], s[b], strict=True)]
 
     lat_ratio, lat_floor = per_round("wn_p50", "raw_p50"), per_round("wn_p50", "floor_p50")
     p99_ratio = per_round("wn_p99", "raw_p99")
