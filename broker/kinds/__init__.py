@@ -1,0 +1,72 @@
+"""Typed worknode kinds: pydantic models over CRDT fields, schemas stored as data, lenses
+between versions, and deterministic migrations.
+
+Pure: no asyncio, nats, sqlite3 or clock reads (time and identity come in as arguments).
+"""
+
+from broker.kinds._errors import (
+    IncompatibleKindError,
+    KindDefinitionError,
+    KindError,
+    KindReadError,
+    KindValidationError,
+    LensError,
+    SchemaFormatError,
+    UnknownKindError,
+)
+from broker.kinds._fields import LWW, MV, Counter, Crdt, FieldSpec, Flag, ORSet
+from broker.kinds._lens import (
+    AddField,
+    Convert,
+    Head,
+    Hoist,
+    LensOp,
+    Plunge,
+    RemoveField,
+    RenameField,
+    Wrap,
+    lens_from_json,
+    lens_to_json,
+    map_path,
+    translate_document,
+    translate_fields,
+)
+from broker.kinds._model import KIND_FIELD, KindInfo, KindModel, KindView, Write, conflicts_of
+
+__all__ = [
+    "KIND_FIELD",
+    "LWW",
+    "MV",
+    "AddField",
+    "Convert",
+    "Counter",
+    "Crdt",
+    "FieldSpec",
+    "Flag",
+    "Head",
+    "Hoist",
+    "IncompatibleKindError",
+    "KindDefinitionError",
+    "KindError",
+    "KindInfo",
+    "KindModel",
+    "KindReadError",
+    "KindValidationError",
+    "KindView",
+    "LensError",
+    "LensOp",
+    "ORSet",
+    "Plunge",
+    "RemoveField",
+    "RenameField",
+    "SchemaFormatError",
+    "UnknownKindError",
+    "Wrap",
+    "Write",
+    "conflicts_of",
+    "lens_from_json",
+    "lens_to_json",
+    "map_path",
+    "translate_document",
+    "translate_fields",
+]

@@ -1,0 +1,557 @@
+"""Kinds: pydantic models whose fields are CRDTs, and the typed reads and writes through them.
+
+A kind is a ``KindModel`` subclass with a name and a version (and, when it is not its kind's
+first version, the lens from the version before)::
+
+    class Order(KindModel, kind="order", version=1):
+        title: LWW[str] = ""
+        total: Counter = 0
+        tags: ORSet[str] = frozenset()
+
+Its base class, when that is a kind too, is its parent kind: the subclass inherits its
+fields, and its schema names the parent.
+
+``KindView(model, history)`` is one version of a kind over the stored shape of its first
+version (``history[0]``, or the model itself): every field path of the version maps, through
+the lens chain, to a path, a CRDT and a value mapping in storage. So every version writes the
+same stored fields, concurrent writes of two versions converge, and each version reads the
+other's writes in its own shape. Writes are validated by pydantic first (a
+``KindValidationError`` naming the field; nothing written), then become ordinary writes for
+``Replica.write_many``. Reads return model instances; kind conflicts in storage (a field
+holding two CRDTs after concurrent writes of different types) are kept beside the instance
+(``conflicts_of``), never hidden; a multi-value field shows every live value.
+
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, get_args
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    create_model,
+)
+from pydantic_core import PydanticUndefined
+
+from broker.crdt import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_FIELD_DEPTH,
+    ROOT_ID,
+    Add,
+    Assign,
+    Create,
+    Increment,
+    Kind,
+    KindConflict,
+    ORMap,
+    Tree,
+    TreeOp,
+    validate_atom,
+    validate_element,
+    validate_key,
+)
+from broker.crdt._atoms import encode_atom
+from broker.crdt._stores import CLASS_OF_KIND, KindStore, LWWStore, MapStore, MVStore, value_of
+from broker.errors import InvalidArgumentError, UnknownNodeError, WorknodeError
+from broker.kinds._errors import KindDefinitionError, KindReadError, KindValidationError
+from broker.kinds._fields import (
+    Crdt,
+    CrdtMarker,
+    FieldSpec,
+    bottom_of,
+    element_check,
+    value_spec,
+)
+from broker.kinds._lens import Convert, FieldPath, Head, LensOp, Wrap
+
+__all__ = [
+    "KIND_FIELD",
+    "KindInfo",
+    "KindModel",
+    "KindView",
+    "Write",
+    "conflicts_of",
+    "shape_of",
+]
+
+FIELDS_KEY = "fields"
+"""Where a worknode record keeps its fields (``broker.crdt.Tree``'s layout)."""
+KIND_FIELD = "_kind"
+"""The field a typed create writes the kind's name to (pydantic fields never start with
+``_``, so it cannot clash with a kind's own field)."""
+
+Write = Callable[[Tree, str, int], ORMap] | TreeOp
+"""One write for ``Replica.write_many``: a ``TreeOp`` or a mutator function."""
+
+_CRDT_KIND = {Crdt.LWW: Kind.LWW, Crdt.MV: Kind.MV, Crdt.COUNTER: Kind.COUNTER,
+              Crdt.SET: Kind.SET, Crdt.FLAG: Kind.FLAG, Crdt.MAP: Kind.MAP}
+
+
+@dataclass(frozen=True, slots=True)
+class KindInfo:
+    """A kind model's identity: name, version, parent (``name@version``) and the lens from
+    the version before."""
+
+    name: str
+    version: int
+    parent: str | None
+    lens: tuple[LensOp, ...]
+
+    @property
+    def ref(self) -> str:
+        """``name@version``."""
+        return f"{self.name}@{self.version}"
+
+
+class KindModel(BaseModel):
+    """Base of every kind (with ``kind=``, ``version=``, ``lens=`` class arguments) and of
+    nested map shapes (without them). Instances are frozen: a read's snapshot."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    __kind__: ClassVar[KindInfo | None] = None
+    __shape__: ClassVar[tuple[tuple[str, FieldSpec], ...]] = ()
+    __pending__: ClassVar[tuple[str | None, int, tuple[LensOp, ...]]] = (None, 1, ())
+    _conflicts: dict[str, KindConflict] = PrivateAttr(default_factory=dict)
+
+    def __init_subclass__(
+        cls, *, kind: str | None = None, version: int = 1, lens: Sequence[LensOp] = (),
+        **kw: Any,
+    ) -> None:
+        super().__init_subclass__(**kw)
+        cls.__pending__ = (kind, version, tuple(lens))
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kw: Any) -> None:
+        super().__pydantic_init_subclass__(**kw)
+        name, version, lens = cls.__pending__
+        cls.__pending__ = (None, 1, ())
+        cls.__shape__ = shape_of(cls)
+        if name is None:
+            cls.__kind__ = None
+            return
+        validate_key(name)
+        if type(version) is not int or not 1 <= version <= INT64_MAX:
+            raise KindDefinitionError(f"kind {name}: version must be a positive int")
+        parent = next((b.__kind__ for b in cls.__mro__[1:]
+                       if isinstance(b, type) and issubclass(b, KindModel)
+                       and b.__kind__ is not None and b.__kind__.name != name), None)
+        cls.__kind__ = KindInfo(name, version, parent.ref if parent else None, lens)
+
+
+def conflicts_of(instance: KindModel) -> Mapping[str, KindConflict]:
+    """The kind conflicts a read met, by dotted field path: the field holds several CRDTs
+    (concurrent writes of different types); the instance shows the declared one's value."""
+    return dict(instance._conflicts)
+
+
+def _marker(metadata: Sequence[Any]) -> CrdtMarker | None:
+    return next((m for m in metadata if isinstance(m, CrdtMarker)), None)
+
+
+def shape_of(model: type[BaseModel], depth: int = 1) -> tuple[tuple[str, FieldSpec], ...]:
+    """The field specs of a model, sorted by name; raises KindDefinitionError."""
+    if depth > MAX_FIELD_DEPTH:
+        raise KindDefinitionError(f"{model.__name__}: maps nest deeper than {MAX_FIELD_DEPTH}")
+    out = []
+    for name, info in model.model_fields.items():
+        where = f"{model.__name__}.{name}"
+        try:
+            validate_key(name)
+        except InvalidArgumentError as exc:
+            raise KindDefinitionError(f"{where}: {exc}") from None
+        if info.alias not in (None, name):
+            raise KindDefinitionError(f"{where}: aliases are not supported")
+        out.append((name, _field_spec(info.annotation, info.metadata, info.default,
+                                      info.default_factory is not None, where, depth)))
+    return tuple(sorted(out))
+
+
+def _field_spec(annotation: Any, metadata: Sequence[Any], default: Any, factory: bool,
+                where: str, depth: int) -> FieldSpec:
+    marker = _marker(metadata)
+    has_default = default is not PydanticUndefined and not factory
+    if marker is None:
+        if isinstance(annotation, type) and issubclass(annotation, KindModel):
+            return FieldSpec(Crdt.MAP, fields=shape_of(annotation, depth + 1))
+        raise KindDefinitionError(
+            f"{where}: declare a CRDT type (LWW[T], MV[T], Counter, ORSet[T], Flag) or a "
+            "nested KindModel")
+    crdt = marker.crdt
+    if crdt in (Crdt.LWW, Crdt.MV, Crdt.SET):
+        inner = annotation if crdt is Crdt.LWW else get_args(annotation)[0]
+        tokens, enum_ = value_spec(inner, where)
+        if crdt is Crdt.SET:
+            element_check(tokens, where)
+    else:
+        tokens, enum_ = (("int",) if crdt is Crdt.COUNTER else ("bool",)), ()
+    if crdt is not Crdt.LWW:
+        if has_default and default != bottom_of(crdt):
+            raise KindDefinitionError(
+                f"{where}: a {crdt.value} field starts at {bottom_of(crdt)!r}; it cannot have "
+                "another default")
+        return FieldSpec(crdt, tokens, enum_)
+    if has_default:
+        try:
+            validate_atom(default)
+        except InvalidArgumentError as exc:
+            raise KindDefinitionError(f"{where}: default: {exc}") from None
+        if isinstance(default, bytes):
+            raise KindDefinitionError(f"{where}: a bytes default cannot be stored in a schema")
+    return FieldSpec(crdt, tokens, enum_, default if has_default else None, has_default)
+
+
+# -- validation of writes -------------------------------------------------------------------
+
+
+def _atom(value: Any) -> Any:
+    try:
+        validate_atom(value)
+    except WorknodeError as exc:  # a ValueError is what pydantic reports as a field error
+        raise ValueError(str(exc)) from None
+    return value
+
+
+def _element(value: Any) -> Any:
+    try:
+        validate_element(value)
+    except WorknodeError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+_INT64 = Field(ge=INT64_MIN, le=INT64_MAX)
+
+
+def _write_type(spec: FieldSpec, name: str) -> Any:
+    # The write model is strict (no "3" for 3, no 1 for True); a set also takes a list or a
+    # set, its elements still strict.
+    if spec.crdt is Crdt.MAP:
+        return _write_model(spec.fields, name)
+    if spec.crdt is Crdt.COUNTER:
+        return Annotated[int, _INT64]
+    if spec.crdt is Crdt.FLAG:
+        return bool
+    value = spec.value_type()
+    if spec.crdt is Crdt.SET:
+        element = value if spec.enum else Annotated[value, Strict()]
+        return Annotated[frozenset[Annotated[element, AfterValidator(_element)]],  # type: ignore[valid-type]
+                         Field(strict=False)]
+    return Annotated[value, AfterValidator(_atom)]
+
+
+def _write_model(shape: tuple[tuple[str, FieldSpec], ...], name: str) -> type[BaseModel]:
+    fields: dict[str, Any] = {n: (_write_type(s, f"{name}_{n}") | None, None) for n, s in shape}
+    return create_model(f"{name}Write", __config__=ConfigDict(extra="forbid", strict=True),
+                        **fields)
+
+
+def _first_error(exc: ValidationError, kind: str) -> KindValidationError:
+    err = exc.errors(include_url=False)[0]
+    field = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(kind)"
+    reason = str(err["msg"])
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return KindValidationError(f"{kind}: field {field}: {reason}{more}", field=field,
+                               reason=reason)
+
+
+# -- the view: one version over storage -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """A leaf field of the version: where and how it is stored."""
+
+    path: FieldPath
+    spec: FieldSpec
+    stored_path: FieldPath
+    stored_crdt: Crdt
+    to_store: tuple[dict[Any, Any], ...]
+    """Value tables newer -> older, applied in order on writes."""
+    from_store: tuple[dict[Any, Any], ...]
+    """Value tables older -> newer, applied in order on reads."""
+
+
+def _leaves(shape: tuple[tuple[str, FieldSpec], ...], prefix: FieldPath = ()
+            ) -> Iterator[tuple[FieldPath, FieldSpec]]:
+    for name, spec in shape:
+        if spec.crdt is Crdt.MAP:
+            yield from _leaves(spec.fields, (*prefix, name))
+        else:
+            yield (*prefix, name), spec
+
+
+def _table(op: Convert) -> dict[Any, Any]:
+    return {(type(a).__name__, a): b for a, b in op.mapping}
+
+
+def _slot(path: FieldPath, spec: FieldSpec, chain: Sequence[LensOp]) -> _Slot:
+    p, crdt = path, spec.crdt
+    to_store: list[dict[Any, Any]] = []
+    for op in reversed(chain):
+        if isinstance(op, Wrap) and op.path == p:
+            crdt = Crdt.LWW
+        elif isinstance(op, Head) and op.path == p:
+            crdt = Crdt.MV
+        elif isinstance(op, Convert) and op.path == p:
+            inv = op.inverse()
+            assert isinstance(inv, Convert)
+            to_store.append(_table(inv))
+        p = op.inverse().forward_path(p)
+    from_store = tuple(reversed([{(type(b).__name__, b): a for (_, a), b in t.items()}
+                                 for t in to_store]))
+    return _Slot(path, spec, p, crdt, tuple(to_store), from_store)
+
+
+def _convert(tables: Sequence[dict[Any, Any]], value: Any) -> Any:
+    for t in tables:
+        value = t.get((type(value).__name__, value), value)
+    return value
+
+
+def _select(entry: Any, crdt: Crdt) -> Any:
+    if type(entry) is KindStore:
+        return entry.get(_CRDT_KIND[crdt])
+    return entry if type(entry) is CLASS_OF_KIND[_CRDT_KIND[crdt]] else None
+
+
+class KindView:
+    """One version of a kind, reading and writing the stored shape of its first version.
+
+    ``history`` lists the kind's earlier versions, oldest (the stored shape) first; empty
+    when ``model`` is the first version. The lens chain is the ``lens`` of every version
+    after the first, in order.
+    """
+
+    __slots__ = ("_read_cache", "_slots", "_writer", "chain", "info", "model")
+
+    def __init__(self, model: type[KindModel], history: Sequence[type[KindModel]] = ()) -> None:
+        info = model.__kind__
+        if info is None:
+            raise KindDefinitionError(f"{model.__name__} is not a kind (no kind= argument)")
+        for h in history:
+            if h.__kind__ is None or h.__kind__.name != info.name:
+                raise KindDefinitionError(f"{h.__name__} is not a version of kind {info.name}")
+        self.model = model
+        self.info = info
+        chain: list[LensOp] = []
+        for h in (*history[1:], model) if history else ():
+            assert h.__kind__ is not None
+            chain.extend(h.__kind__.lens)
+        self.chain: tuple[LensOp, ...] = tuple(chain)
+        self._slots = tuple(_slot(p, s, chain) for p, s in _leaves(model.__shape__))
+        self._writer = _write_model(model.__shape__, model.__name__)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def validate(self, changes: Mapping[str, Any]) -> dict[FieldPath, Any]:
+        """The changes as ``{field path: validated value}``; raises KindValidationError."""
+        try:
+            checked = self._writer.model_validate(changes)
+        except ValidationError as exc:
+            raise _first_error(exc, self.info.ref) from None
+        out: dict[FieldPath, Any] = {}
+        _flatten(checked, (), out)
+        return out
+
+    def ops(self, node_id: str, /, **changes: Any) -> list[Write]:
+        """The writes of ``changes`` to worknode ``node_id``, validated first (raises
+        KindValidationError: nothing is written). A register or multi-value field takes a
+        value, a counter an amount to add, a set the elements to add, a flag True (enable)
+        or False (disable), a nested map a dict of its own changes."""
+        values = self.validate(changes)
+        out: list[Write] = []
+        for slot in self._slots:
+            if slot.path not in values:
+                continue
+            out.extend(self._ops_for(node_id, slot, values[slot.path]))
+        return out
+
+    def create_ops(self, node_id: str, /, parent: str = ROOT_ID, **changes: Any) -> list[Write]:
+        """Create worknode ``node_id`` of this kind (its ``_kind`` field names the kind),
+        then ``ops`` of ``changes``."""
+        writes = self.ops(node_id, **changes)  # validated before anything is built
+        return [Create(node_id, parent), Assign(node_id, (KIND_FIELD,), self.info.name),
+                *writes]
+
+    def discard_ops(self, node_id: str, field: str, elements: Sequence[Any]) -> list[Write]:
+        """Writes removing ``elements`` (as observed) from set field ``field`` (dotted)."""
+        slot = self._slot(field, Crdt.SET)
+        try:
+            values = [_convert(slot.to_store, validate_element(e)) for e in elements]
+        except InvalidArgumentError as exc:
+            raise KindValidationError(f"{self.info.ref}: field {field}: {exc}", field=field,
+                                      reason=str(exc)) from None
+        path = slot.stored_path
+
+        def discard(tree: Tree, replica: str, ts: int) -> ORMap:
+            _require(tree, node_id)
+            delta = ORMap()
+            for v in values:
+                delta.merge(tree.discard(replica, node_id, path, v))
+            return delta
+
+        return [discard]
+
+    def _slot(self, field: str, crdt: Crdt) -> _Slot:
+        path = tuple(field.split("."))
+        for slot in self._slots:
+            if slot.path == path and slot.spec.crdt is crdt:
+                return slot
+        raise KindValidationError(f"{self.info.ref}: field {field}: no {crdt.value} field "
+                                  "of that name", field=field, reason="no such field")
+
+    @staticmethod
+    def _ops_for(node: str, slot: _Slot, value: Any) -> list[Write]:
+        path, crdt = slot.stored_path, slot.stored_crdt
+        if crdt is Crdt.COUNTER:
+            return [Increment(node, path, value)]
+        if crdt is Crdt.SET:
+            return [Add(node, path, _convert(slot.to_store, e))
+                    for e in sorted(value, key=encode_atom)]
+        if crdt is Crdt.FLAG:
+            return [_flag(node, path, value)]
+        if slot.spec.crdt is Crdt.MV and crdt is Crdt.LWW:
+            value = value if not isinstance(value, tuple) else value[0]
+        value = _convert(slot.to_store, value)
+        if crdt is Crdt.MV:
+            return [_multi(node, path, value)]
+        return [Assign(node, path, value)]
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def read(self, tree: Tree, node_id: str) -> KindModel:
+        """Worknode ``node_id`` as an instance of the model (raises UnknownNodeError,
+        KindReadError when a stored value does not fit the model)."""
+        record = (tree.state.store or {}).get(node_id)
+        if record is None:
+            raise UnknownNodeError(f"no worknode {node_id!r}")
+        conflicts: dict[str, KindConflict] = {}
+        fields = _map_in(record, (FIELDS_KEY,), (), conflicts)
+        return self.read_fields(fields, conflicts)
+
+    def read_fields(self, fields: MapStore | None,
+                    conflicts: dict[str, KindConflict] | None = None) -> KindModel:
+        """A worknode's stored fields map as an instance of the model."""
+        conflicts = {} if conflicts is None else conflicts
+        data: dict[str, Any] = {}
+        for slot in self._slots:
+            parent = _map_in(fields, slot.stored_path[:-1], (), conflicts)
+            entry = parent.get(slot.stored_path[-1]) if parent is not None else None
+            if type(entry) is KindStore:
+                conflicts[".".join(slot.path)] = KindConflict(value_of(entry))
+            store = _select(entry, slot.stored_crdt)
+            if store is None:
+                if slot.spec.has_default:
+                    _place(data, slot.path, slot.spec.default)
+                elif slot.spec.crdt is not Crdt.LWW:
+                    _place(data, slot.path, bottom_of(slot.spec.crdt))
+                continue
+            _place(data, slot.path, self._value(slot, store))
+        try:
+            out = self.model.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+            raise KindReadError(f"{self.info.ref}: stored field {field}: {err['msg']}",
+                                field=field) from None
+        out._conflicts = conflicts
+        return out
+
+    @staticmethod
+    def _value(slot: _Slot, store: Any) -> Any:
+        view = slot.spec.crdt
+        if type(store) is LWWStore and view is Crdt.MV:
+            raw: Any = tuple(sorted({e[3] for e in store.entries()}, key=encode_atom))
+        elif type(store) is MVStore and view is Crdt.LWW:
+            values = value_of(store)
+            raw = values[0] if values else None
+        else:
+            raw = value_of(store)
+        if not slot.from_store:
+            return raw
+        if isinstance(raw, tuple):
+            return tuple(_convert(slot.from_store, v) for v in raw)
+        if isinstance(raw, frozenset):
+            return frozenset(_convert(slot.from_store, v) for v in raw)
+        return _convert(slot.from_store, raw)
+
+    def read_all(self, tree: Tree) -> dict[str, KindModel]:
+        """Every worknode whose ``_kind`` field names this kind, read as the model."""
+        out = {}
+        for node in sorted(tree.nodes()):
+            fields = _map_in((tree.state.store or {}).get(node), (FIELDS_KEY,), (), {})
+            marker = _select(fields.get(KIND_FIELD) if fields else None, Crdt.LWW)
+            if marker is not None and value_of(marker) == self.info.name:
+                out[node] = self.read(tree, node)
+        return out
+
+
+def _map_in(entry: Any, path: FieldPath, where: FieldPath,
+            conflicts: dict[str, KindConflict]) -> MapStore | None:
+    """The map at ``path`` under ``entry`` (recording kind conflicts met on the way)."""
+    for k in path:
+        if entry is None:
+            return None
+        if type(entry) is KindStore:
+            if where:
+                conflicts.setdefault(".".join(where), KindConflict(value_of(entry)))
+            entry = entry.get(Kind.MAP)
+        if type(entry) is not MapStore:
+            return None
+        entry = entry.get(k)
+        where = (*where, k) if k != FIELDS_KEY or where else ()
+    if type(entry) is KindStore:
+        if where:
+            conflicts.setdefault(".".join(where), KindConflict(value_of(entry)))
+        entry = entry.get(Kind.MAP)
+    return entry if type(entry) is MapStore else None
+
+
+def _place(data: dict[str, Any], path: FieldPath, value: Any) -> None:
+    for k in path[:-1]:
+        data = data.setdefault(k, {})
+    data[path[-1]] = value
+
+
+def _flatten(model: BaseModel, prefix: FieldPath, out: dict[FieldPath, Any]) -> None:
+    for name in model.model_fields_set:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            _flatten(value, (*prefix, name), out)
+        else:
+            out[(*prefix, name)] = value
+
+
+def _require(tree: Tree, node: str) -> None:
+    if node not in tree:
+        raise UnknownNodeError(f"no worknode {node!r}")
+
+
+def _fields_path(node: str, path: FieldPath) -> FieldPath:
+    return (node, FIELDS_KEY, *path)
+
+
+def _multi(node: str, path: FieldPath, value: Any) -> Callable[[Tree, str, int], ORMap]:
+    def write(tree: Tree, replica: str, ts: int) -> ORMap:
+        _require(tree, node)
+        return tree.assign_multi(replica, node, path, value)
+    return write
+
+
+def _flag(node: str, path: FieldPath, on: bool) -> Callable[[Tree, str, int], ORMap]:
+    def write(tree: Tree, replica: str, ts: int) -> ORMap:
+        _require(tree, node)
+        full = _fields_path(node, path)
+        return tree.state.enable(replica, full) if on else tree.state.disable(full)
+    return write
