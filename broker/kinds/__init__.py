@@ -4,6 +4,7 @@ between versions, and deterministic migrations.
 Pure: no asyncio, nats, sqlite3 or clock reads (time and identity come in as arguments).
 """
 
+from broker.kinds._compat import RULES, Finding, Rule, check_all, check_new
 from broker.kinds._errors import (
     IncompatibleKindError,
     KindDefinitionError,
@@ -32,16 +33,22 @@ from broker.kinds._lens import (
     translate_fields,
 )
 from broker.kinds._model import KIND_FIELD, KindInfo, KindModel, KindView, Write, conflicts_of
+from broker.kinds._registry import REGISTRY_KIND, Registry
+from broker.kinds._schema import SCHEMA_FORMAT, KindSchema
 
 __all__ = [
     "KIND_FIELD",
     "LWW",
     "MV",
+    "REGISTRY_KIND",
+    "RULES",
+    "SCHEMA_FORMAT",
     "AddField",
     "Convert",
     "Counter",
     "Crdt",
     "FieldSpec",
+    "Finding",
     "Flag",
     "Head",
     "Hoist",
@@ -51,18 +58,23 @@ __all__ = [
     "KindInfo",
     "KindModel",
     "KindReadError",
+    "KindSchema",
     "KindValidationError",
     "KindView",
     "LensError",
     "LensOp",
     "ORSet",
     "Plunge",
+    "Registry",
     "RemoveField",
     "RenameField",
+    "Rule",
     "SchemaFormatError",
     "UnknownKindError",
     "Wrap",
     "Write",
+    "check_all",
+    "check_new",
     "conflicts_of",
     "lens_from_json",
     "lens_to_json",

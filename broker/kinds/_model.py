@@ -59,6 +59,7 @@ from broker.crdt import (
     validate_atom,
     validate_element,
     validate_key,
+    validate_node_id,
 )
 from broker.crdt._atoms import encode_atom
 from broker.crdt._stores import CLASS_OF_KIND, KindStore, LWWStore, MapStore, MVStore, value_of
@@ -140,7 +141,10 @@ class KindModel(BaseModel):
         if name is None:
             cls.__kind__ = None
             return
-        validate_key(name)
+        try:
+            validate_node_id(name)  # a kind is a worknode of the registry subject
+        except InvalidArgumentError as exc:
+            raise KindDefinitionError(f"kind name: {exc}") from None
         if type(version) is not int or not 1 <= version <= INT64_MAX:
             raise KindDefinitionError(f"kind {name}: version must be a positive int")
         parent = next((b.__kind__ for b in cls.__mro__[1:]
