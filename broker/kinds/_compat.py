@@ -209,7 +209,7 @@ def check_pair(old: KindSchema, new: KindSchema, chain: Sequence[LensOp]) -> lis
             elif isinstance(op, Head) and op.path == p:
                 crdt = Crdt.LWW
             elif isinstance(op, Convert) and op.path == p:
-                tables.append({(type(a).__name__, a): b for a, b in op.mapping})
+                tables.append(op.table())
             p = op.forward_path(p)
         where = f"{new.ref}.{_dotted(path)}"
         if removed is not None and p not in new_leaves:
@@ -220,6 +220,8 @@ def check_pair(old: KindSchema, new: KindSchema, chain: Sequence[LensOp]) -> lis
                                    f"{removed.default!r} is not one of its values", pair))
             continue
         other = new_leaves.get(p)
+        if other is None and spec.crdt is Crdt.MAP:
+            continue  # a map is its fields: each is followed by itself
         if other is None:
             out.append(Finding("FIELD_REMOVED", where,
                                f"field {_dotted(path)} of {old.ref} is gone and no lens "

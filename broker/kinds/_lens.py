@@ -291,16 +291,27 @@ class Convert(LensOp):
             raise LensError(f"convert {'.'.join(self.path)}: the mapping is not one-to-one")
         object.__setattr__(self, "mapping", pairs)
 
-    def _table(self) -> dict[Any, Any]:
-        return {_key(a): b for a, b in self.mapping}
+    def table(self) -> dict[Any, Any]:
+        """The mapping completed into a one-to-one map of all values (keys as ``_key``):
+        values the mapping maps onto but not from map back onto the values it maps from but
+        not onto, in sorted order. So a convert is a permutation: it never merges two
+        values, its inverse undoes it on any value, and values outside pass unchanged."""
+        out = {_key(a): b for a, b in self.mapping}
+        sources = {_key(a): a for a, _ in self.mapping}
+        targets = {_key(b): b for _, b in self.mapping}
+        free_targets = sorted((k for k in targets if k not in sources), key=_order)
+        free_sources = sorted((k for k in sources if k not in targets), key=_order)
+        for t, s in zip(free_targets, free_sources, strict=True):
+            out[t] = sources[s]
+        return out
 
     def forward_value(self, path: FieldPath, value: Any) -> Any:
         if path != self.path:
             return value
-        return _map_atom(self._table(), value)
+        return _map_atom(self.table(), value)
 
     def forward_store(self, root: MapStore, prefix: FieldPath) -> MapStore:
-        table = self._table()
+        table = self.table()
         return _update_leaf(root, prefix + self.path, lambda e: _convert_entry(e, table))
 
     def inverse(self) -> LensOp:
@@ -314,6 +325,10 @@ class Convert(LensOp):
 def _key(value: Any) -> tuple[str, Any]:
     """A dict key telling ``1``, ``True`` and ``1.0`` apart (Python's equality does not)."""
     return (type(value).__name__, value)
+
+
+def _order(key: tuple[str, Any]) -> tuple[str, str]:
+    return key[0], repr(key[1])
 
 
 def _map_atom(table: dict[Any, Any], value: Any) -> Any:

@@ -295,10 +295,6 @@ def _leaves(shape: tuple[tuple[str, FieldSpec], ...], prefix: FieldPath = ()
             yield (*prefix, name), spec
 
 
-def _table(op: Convert) -> dict[Any, Any]:
-    return {(type(a).__name__, a): b for a, b in op.mapping}
-
-
 def _slot(path: FieldPath, spec: FieldSpec, chain: Sequence[LensOp]) -> _Slot:
     p, crdt = path, spec.crdt
     to_store: list[dict[Any, Any]] = []
@@ -310,10 +306,10 @@ def _slot(path: FieldPath, spec: FieldSpec, chain: Sequence[LensOp]) -> _Slot:
         elif isinstance(op, Convert) and op.path == p:
             inv = op.inverse()
             assert isinstance(inv, Convert)
-            to_store.append(_table(inv))
+            to_store.append(inv.table())
         p = op.inverse().forward_path(p)
     from_store = tuple(reversed([{(type(b).__name__, b): a for (_, a), b in t.items()}
-                                 for t in to_store]))
+                                 for t in to_store]))  # each table is one-to-one
     return _Slot(path, spec, p, crdt, tuple(to_store), from_store)
 
 
