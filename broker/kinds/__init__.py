@@ -32,6 +32,7 @@ from broker.kinds._lens import (
     translate_document,
     translate_fields,
 )
+from broker.kinds._migration import Migration, MigrationBatch
 from broker.kinds._model import KIND_FIELD, KindInfo, KindModel, KindView, Write, conflicts_of
 from broker.kinds._registry import REGISTRY_KIND, Registry
 from broker.kinds._schema import SCHEMA_FORMAT, KindSchema
@@ -63,6 +64,8 @@ __all__ = [
     "KindView",
     "LensError",
     "LensOp",
+    "Migration",
+    "MigrationBatch",
     "ORSet",
     "Plunge",
     "Registry",
