@@ -136,9 +136,9 @@ async def test_a_v1_and_a_v2_service_side_by_side_read_each_other(
     outs = []
     try:
         for p in procs:
-            out, err = await asyncio.wait_for(p.communicate(), 90)
-            assert p.returncode == 0, err.decode()
-            outs.append(out.decode().splitlines())
+            stdout, stderr = await asyncio.wait_for(p.communicate(), 90)
+            assert p.returncode == 0, stderr.decode()
+            outs.append(stdout.decode().splitlines())
     finally:
         for p in procs:
             if p.returncode is None:
@@ -152,3 +152,48 @@ async def test_a_v1_and_a_v2_service_side_by_side_read_each_other(
     assert v1_last["total"] > 6 or v2_last["amount"] > 6  # both counted into one counter
     assert v2_last["first"] == "Ada"  # the migration split v1's name
     assert v2_last["last"] == "Lovelace"
+
+
+async def test_tail_prints_typed_objects_in_the_newest_shape(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """A v1 writer's batches, printed by ``tail --kind`` as person@2 objects."""
+    from broker.kinds import KindView
+    from tests.integration._nodes import SUBJECT
+
+    spec = importlib_models()
+    view = KindView(spec["PersonV1"])
+    settings = node_settings(tmp_path, nats_server.url, "node-a", nats_insecure=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "tail", SUBJECT, "--nats-url", nats_server.url,
+        "--kind", V1, "--kind", V2, "--count", "2", "--timeout", "60", cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with WorknodeService(settings) as node:
+            replica = node.replica(SUBJECT)
+            await replica.write_many(view.create_ops("ada", name="Ada Lovelace", total=2))
+            await replica.flush()
+            for i in range(200):  # until tail has seen two batches (it may subscribe late)
+                if proc.returncode is not None:
+                    break
+                await replica.write_many(view.ops("ada", total=1, tags={f"t{i}"}))
+                await replica.flush()
+                await asyncio.sleep(0.2)
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, stderr.decode()
+    typed = [line.strip() for line in stdout.decode().splitlines()
+             if line.startswith("  person@2 ada: ")]
+    assert typed, stdout.decode()
+    obj = json.loads(typed[-1].split(": ", 1)[1])
+    assert set(obj) == {"first", "last", "amount", "tags"}  # the v2 shape
+    assert obj["amount"] >= 1
+
+
+def importlib_models() -> dict[str, type]:
+    """The example's model classes, loaded as ``worknode kinds`` loads them."""
+    from services.worknode._kinds_cli import load_models
+    return {m.__name__: m for m in load_models(V1) + load_models(V2)}
