@@ -137,6 +137,11 @@ class KindModel(BaseModel):
         super().__pydantic_init_subclass__(**kw)
         name, version, lens = cls.__pending__
         cls.__pending__ = (None, 1, ())
+        if not cls.__pydantic_complete__:
+            raise KindDefinitionError(
+                f"{cls.__name__}: pydantic could not resolve its field annotations (a name "
+                "defined later, or a class body run without a module): define the kind at "
+                "module level, after the models it uses")
         cls.__shape__ = shape_of(cls)
         if name is None:
             cls.__kind__ = None

@@ -268,3 +268,15 @@ def test_version_order_is_enforced() -> None:
     with pytest.raises(IncompatibleKindError) as info:
         reg.register_ops(schema(Old))
     assert [f.rule for f in info.value.findings] == ["VERSION_TAKEN"]  # type: ignore[attr-defined]
+
+
+def test_the_readme_rule_table_is_the_gate_s() -> None:
+    import re
+    from pathlib import Path
+
+    from broker.kinds import RULES
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Kinds and schema evolution", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z_]+)` \| (\w+) \| (.+?) \| (.+?) \|$", section, re.M)
+    assert {r[0]: (r[1], r[2], r[3]) for r in rows} == {
+        name: (rule.kind, rule.refuses, rule.why) for name, rule in RULES.items()}
