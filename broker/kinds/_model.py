@@ -66,6 +66,7 @@ from broker.crdt._stores import CLASS_OF_KIND, KindStore, LWWStore, MapStore, MV
 from broker.errors import InvalidArgumentError, UnknownNodeError, WorknodeError
 from broker.kinds._errors import KindDefinitionError, KindReadError, KindValidationError
 from broker.kinds._fields import (
+    VALUE_TYPES,
     Crdt,
     CrdtMarker,
     FieldSpec,
@@ -338,7 +339,7 @@ class KindView:
     after the first, in order.
     """
 
-    __slots__ = ("_read_cache", "_slots", "_writer", "chain", "info", "model")
+    __slots__ = ("_plain", "_plan", "_slots", "_writer", "chain", "info", "model")
 
     def __init__(self, model: type[KindModel], history: Sequence[type[KindModel]] = ()) -> None:
         info = model.__kind__
@@ -356,16 +357,30 @@ class KindView:
         self.chain: tuple[LensOp, ...] = tuple(chain)
         self._slots = tuple(_slot(p, s, chain) for p, s in _leaves(model.__shape__))
         self._writer = _write_model(model.__shape__, model.__name__)
+        self._plain = _plain(model)
+        # Per slot, what a read needs without dispatching on enums each time: the stored
+        # CRDT's store class and kind, and whether the value is read as stored.
+        self._plan = tuple(
+            (slot.stored_path[0] if len(slot.stored_path) == 1 else None, slot.stored_path,
+             CLASS_OF_KIND[_CRDT_KIND[slot.stored_crdt]], _CRDT_KIND[slot.stored_crdt],
+             slot.stored_crdt is slot.spec.crdt and not slot.from_store,
+             slot.path[0] if len(slot.path) == 1 else None, _default_of(slot.spec), slot)
+            for slot in self._slots)
 
     # -- writing -----------------------------------------------------------------------------
 
     def validate(self, changes: Mapping[str, Any]) -> dict[FieldPath, Any]:
         """The changes as ``{field path: validated value}``; raises KindValidationError."""
+        out: dict[FieldPath, Any] = {}
+        # Plain values of exactly the declared types (the common case) are checked here;
+        # anything else goes through pydantic, which accepts or names the field and why.
+        if _fast_changes(self.model.__shape__, changes, (), out):
+            return out
+        out.clear()
         try:
             checked = self._writer.model_validate(changes)
         except ValidationError as exc:
             raise _first_error(exc, self.info.ref) from None
-        out: dict[FieldPath, Any] = {}
         _flatten(checked, (), out)
         return out
 
@@ -450,19 +465,34 @@ class KindView:
         """A worknode's stored fields map as an instance of the model."""
         conflicts = {} if conflicts is None else conflicts
         data: dict[str, Any] = {}
-        for slot in self._slots:
-            parent = _map_in(fields, slot.stored_path[:-1], (), conflicts)
-            entry = parent.get(slot.stored_path[-1]) if parent is not None else None
-            if type(entry) is KindStore:
-                conflicts[".".join(slot.path)] = KindConflict(value_of(entry))
-            store = _select(entry, slot.stored_crdt)
+        for top, stored, cls, kind, plain, name, default, slot in self._plan:
+            if top is not None:
+                entry = fields.get(top) if fields is not None else None
+            else:
+                parent = _map_in(fields, stored[:-1], (), conflicts)
+                entry = parent.get(stored[-1]) if parent is not None else None
+            store: Any = None
+            if entry is not None:
+                if type(entry) is cls:
+                    store = entry
+                elif type(entry) is KindStore:
+                    conflicts[".".join(slot.path)] = KindConflict(value_of(entry))
+                    store = entry.get(kind)
             if store is None:
-                if slot.spec.has_default:
-                    _place(data, slot.path, slot.spec.default)
-                elif slot.spec.crdt is not Crdt.LWW:
-                    _place(data, slot.path, bottom_of(slot.spec.crdt))
-                continue
-            _place(data, slot.path, self._value(slot, store))
+                if default is _NO_DEFAULT:
+                    continue
+                value = default
+            else:
+                value = value_of(store) if plain else self._value(slot, store)
+            if name is not None:
+                data[name] = value
+            else:
+                _place(data, slot.path, value)
+        # Stored values of exactly the declared types (the common case) make the instance
+        # directly; anything else goes through pydantic, which converts or names the field.
+        fast = _fast_build(self.model, data, conflicts) if self._plain else None
+        if fast is not None:
+            return fast
         try:
             out = self.model.model_validate(data)
         except ValidationError as exc:
@@ -500,6 +530,147 @@ class KindView:
             if marker is not None and value_of(marker) == self.info.name:
                 out[node] = self.read(tree, node)
         return out
+
+
+_TOKENS = {type(None): "null", bool: "bool", int: "int", float: "float", str: "str",
+           bytes: "bytes"}
+
+
+def _fast_value(spec: FieldSpec, value: Any) -> bool:
+    """Whether ``value`` is, as it is, a value of a field of ``spec`` (a subset of what
+    pydantic's strict validation accepts unchanged)."""
+    crdt = spec.crdt
+    if crdt is Crdt.COUNTER:
+        return type(value) is int and INT64_MIN <= value <= INT64_MAX
+    if crdt is Crdt.FLAG:
+        return type(value) is bool
+    if crdt is Crdt.SET:
+        return (type(value) in (set, frozenset)
+                and all(_fast_atom(spec, e, element=True) for e in value))
+    return _fast_atom(spec, value)
+
+
+def _fast_atom(spec: FieldSpec, value: Any, *, element: bool = False) -> bool:
+    token = _TOKENS.get(type(value))
+    if token is None:
+        return False
+    if spec.enum:
+        if not any(type(v) is type(value) and v == value for v in spec.enum):
+            return False
+    elif token not in spec.types:
+        return False
+    try:
+        (validate_element if element else validate_atom)(value)
+    except WorknodeError:
+        return False
+    return True
+
+
+def _fast_changes(shape: tuple[tuple[str, FieldSpec], ...], changes: Any, prefix: FieldPath,
+                  out: dict[FieldPath, Any]) -> bool:
+    if type(changes) is not dict:
+        return False
+    specs = dict(shape)
+    for name, value in changes.items():
+        spec = specs.get(name)
+        if spec is None:
+            return False
+        if spec.crdt is Crdt.MAP:
+            if not _fast_changes(spec.fields, value, (*prefix, name), out):
+                return False
+        elif _fast_value(spec, value):
+            out[(*prefix, name)] = frozenset(value) if spec.crdt is Crdt.SET else value
+        else:
+            return False
+    return True
+
+
+def _plain(model: type[BaseModel]) -> bool:
+    """Whether ``model`` (and every nested model) has no validators of its own: only then
+    may a read skip pydantic for values already of their declared types."""
+    d = model.__pydantic_decorators__
+    if d.validators or d.field_validators or d.model_validators or d.root_validators:
+        return False
+    return all(_plain(f.annotation) for f in model.model_fields.values()
+               if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))
+
+
+def _fast_build(model: type[KindModel], data: dict[str, Any],
+                conflicts: dict[str, KindConflict]) -> KindModel | None:
+    """``model`` made from ``data`` without validation when every value is exactly of its
+    field's type and every field without a default is there; else None. Stored values are
+    atoms already (checked when written or decoded): only their types are looked at."""
+    values: dict[str, Any] = {}
+    for name, code, allowed, enum_, info, nested in _build_plan(model):
+        if name not in data:
+            if info.is_required():
+                return None
+            values[name] = info.get_default(call_default_factory=True)
+            continue
+        value = data[name]
+        if code == _C_MAP:
+            value = _fast_build(nested, value, {})
+            if value is None:
+                return None
+        elif code == _C_SCALAR:
+            if not (type(value) in allowed if not enum_ else _in_enum(enum_, value)):
+                return None
+        elif code == _C_MANY:  # a multi-value register's tuple, a set's frozenset
+            if type(value) is not nested or not all(
+                    type(v) in allowed if not enum_ else _in_enum(enum_, v) for v in value):
+                return None
+        elif type(value) is not allowed:  # a counter's int, a flag's bool
+            return None
+        values[name] = value
+    # What model_construct does, without its per-call setup: the instance's four slots.
+    out = model.__new__(model)
+    object.__setattr__(out, "__dict__", values)
+    object.__setattr__(out, "__pydantic_fields_set__", set(values))
+    object.__setattr__(out, "__pydantic_extra__", None)
+    object.__setattr__(out, "__pydantic_private__", {"_conflicts": conflicts})
+    return out
+
+
+_NO_DEFAULT: Any = object()
+
+
+def _default_of(spec: FieldSpec) -> Any:
+    """What an unwritten field reads as: its default, its CRDT's bottom, or nothing."""
+    if spec.has_default:
+        return spec.default
+    return _NO_DEFAULT if spec.crdt is Crdt.LWW else bottom_of(spec.crdt)
+
+
+def _in_enum(enum_: tuple[Any, ...], value: Any) -> bool:
+    return any(type(v) is type(value) and v == value for v in enum_)
+
+
+_C_SCALAR, _C_MANY, _C_ONE, _C_MAP = range(4)
+_PLANS: dict[type[BaseModel], tuple[tuple[str, int, Any, Any, Any, Any], ...]] = {}
+
+
+def _build_plan(model: type[KindModel]) -> tuple[tuple[str, int, Any, Any, Any, Any], ...]:
+    """Per field, what ``_fast_build`` checks: ``(name, code, allowed types, enum,
+    FieldInfo, nested model or container type)`` (cached per model)."""
+    plan = _PLANS.get(model)
+    if plan is None:
+        rows: list[tuple[str, int, Any, Any, Any, Any]] = []
+        for name, spec in model.__shape__:
+            info = model.model_fields[name]
+            allowed = frozenset(VALUE_TYPES[t] for t in spec.types)
+            if spec.crdt is Crdt.MAP:
+                rows.append((name, _C_MAP, None, (), info, info.annotation))
+            elif spec.crdt in (Crdt.MV, Crdt.SET):
+                container = tuple if spec.crdt is Crdt.MV else frozenset
+                rows.append((name, _C_MANY, allowed, spec.enum, info, container))
+            elif spec.crdt in (Crdt.COUNTER, Crdt.FLAG):
+                rows.append((name, _C_ONE, int if spec.crdt is Crdt.COUNTER else bool, (),
+                             info, None))
+            else:
+                rows.append((name, _C_SCALAR, allowed, spec.enum, info, None))
+        plan = tuple(rows)
+        _PLANS[model] = plan
+    return plan
 
 
 def _map_in(entry: Any, path: FieldPath, where: FieldPath,

@@ -76,6 +76,33 @@ def test_a_kind_reads_back_what_it_wrote() -> None:
     assert VIEW.read_all(tree) == {"o1": order}
 
 
+def test_a_read_equals_pydantic_s_validation_of_it() -> None:
+    """Reads skip pydantic for values already of their types: the same instance results."""
+    tree = Tree()
+    run(tree, VIEW.create_ops("o1", title="desk", total=3, tags={"a"}, status="open",
+                              address={"city": "Lyon", "zip": None}))
+    order = VIEW.read(tree, "o1")
+    assert order == Order.model_validate(order.model_dump())
+    assert order.model_dump() == Order.model_validate(order.model_dump()).model_dump()
+
+
+def test_a_model_validator_runs_on_reads() -> None:
+    from pydantic import field_validator
+
+    class Checked(KindModel, kind="checked"):
+        title: LWW[str] = ""
+
+        @field_validator("title")
+        @classmethod
+        def upper(cls, v: str) -> str:
+            return v.upper()
+
+    view = KindView(Checked)
+    tree = Tree()
+    run(tree, view.create_ops("c1", title="abc"))
+    assert view.read(tree, "c1").title == "ABC"  # type: ignore[attr-defined]
+
+
 def test_unwritten_fields_read_as_their_defaults_and_bottoms() -> None:
     tree = Tree()
     run(tree, VIEW.create_ops("o1"))
