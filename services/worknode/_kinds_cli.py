@@ -35,6 +35,7 @@ from broker.kinds import (
     KindModel,
     KindSchema,
     KindView,
+    Migration,
     Registry,
     check_all,
     check_new,
@@ -46,7 +47,8 @@ from services._config import load_settings
 from services._connection import pop_connection
 
 __all__ = [
-    "DEFAULT_REGISTRY_SUBJECT", "kind_view_of", "kinds", "load_models", "load_schemas",
+    "DEFAULT_REGISTRY_SUBJECT", "kind_view_of", "kinds", "load_migration", "load_models",
+    "load_schemas",
     "register_kinds", "typed_lines", "typed_tree",
 ]
 
@@ -61,7 +63,18 @@ class KindSourceError(click.ClickException):
 def load_models(spec: str) -> list[type[KindModel]]:
     """The kind models a Python file defines (``path.py`` or ``path.py:Class``)."""
     path_text, _, wanted = spec.partition(":")
-    path = Path(path_text)
+    module = _load_module(Path(path_text))
+    found = [v for k, v in vars(module).items()
+             if isinstance(v, type) and issubclass(v, KindModel) and v.__kind__ is not None
+             and v.__module__ == module.__name__ and (not wanted or k == wanted)]
+    if not found:
+        raise KindSourceError(f"{spec}: defines no kind" + (f" named {wanted}" if wanted
+                                                            else ""))
+    return found
+
+
+def _load_module(path: Path) -> Any:
+    """A Python file, loaded as a module of its own (errors: one line naming the file)."""
     if not path.is_file():
         raise KindSourceError(f"{path}: no such file")
     name = "_worknode_kinds_" + hashlib.blake2b(str(path.resolve()).encode(),
@@ -77,12 +90,18 @@ def load_models(spec: str) -> list[type[KindModel]]:
         raise KindSourceError(f"{path}: {exc}") from None
     except Exception as exc:  # any error in a user's file is one line
         raise KindSourceError(f"{path}: cannot load: {type(exc).__name__}: {exc}") from None
-    found = [v for k, v in vars(module).items()
-             if isinstance(v, type) and issubclass(v, KindModel) and v.__kind__ is not None
-             and v.__module__ == name and (not wanted or k == wanted)]
-    if not found:
-        raise KindSourceError(f"{spec}: defines no kind" + (f" named {wanted}" if wanted
-                                                            else ""))
+    return module
+
+
+def load_migration(spec: str) -> Migration:
+    """The ``Migration`` named by ``FILE.py:NAME``."""
+    path_text, _, name = spec.partition(":")
+    if not name:
+        raise KindSourceError(f"{spec}: name the migration (FILE.py:NAME)")
+    module = _load_module(Path(path_text))
+    found = getattr(module, name, None)
+    if not isinstance(found, Migration):
+        raise KindSourceError(f"{spec}: {name} is not a broker.kinds.Migration")
     return found
 
 
@@ -291,7 +310,54 @@ def register_kinds(main: click.Group) -> None:
         click.echo(json.dumps(json.loads(schema.to_json()), indent=1, sort_keys=True,
                               ensure_ascii=False))
 
-    del list_, show
+    @kinds.command("migrate")
+    @click.argument("subject")
+    @click.argument("migration")
+    @click.option("--config", "config_file",
+                  type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="The node's TOML settings (WORKNODE_* environment variables override).")
+    @click.option("--node-id", default=None, help="Overrides the configured node id.")
+    @click.option("--batch", type=click.IntRange(min=1), default=1000, show_default=True,
+                  help="Worknodes per batch (one durable commit, one progress line).")
+    def migrate(subject: str, migration: str, config_file: Path | None, node_id: str | None,
+                batch: int) -> None:
+        """Run MIGRATION (FILE.py:NAME, a broker.kinds.Migration) on this node's replica of
+        SUBJECT: while the node is stopped (its upgrade), as the node (its settings, state
+        and key; caught up from its peers first). Every node runs it itself: the migration's
+        writes have fixed authors, so all nodes write the same dots; they are stored, never
+        published. Progress on stderr, one line a batch."""
+        from services.worknode._service import WorknodeService
+        from services.worknode._settings import WorknodeSettings
+
+        job = load_migration(migration)
+        kw: dict[str, Any] = {}
+        if config_file is not None:
+            kw["config_file"] = config_file
+        if node_id is not None:
+            kw["node_id"] = node_id
+        settings = load_settings(WorknodeSettings, lambda: WorknodeSettings(**kw))
+        if subject not in settings.hosted_subjects():
+            raise click.BadParameter(f"this node does not host {subject!r}",
+                                     param_hint="'SUBJECT'")
+
+        async def run() -> tuple[int, int]:
+            written = total = 0
+            async with WorknodeService(settings) as svc:
+                replica = svc.replica(subject)
+                for step in job.batches(replica.tree, batch):
+                    if step.delta.store is not None:
+                        await replica.apply_repair(step.delta)
+                    written += step.written
+                    total = step.total
+                    click.echo(f"migrate {job.id}: {step.done}/{step.total} worknodes, "
+                               f"{written} written", err=True)
+            return written, total
+
+        written, total = _run(run)
+        click.echo(f"migrated {job.id} on {settings.node_id}/{subject}: {written} of {total} "
+                   "worknodes written")
+
+    del list_, show, migrate
     main.add_command(kinds)
 
 
