@@ -152,7 +152,8 @@ def check_lens(old: KindSchema, new: KindSchema) -> list[Finding]:
     def bad(op: LensOp, why: str) -> None:
         out.append(Finding("LENS_INVALID", new.ref, f"{op.NAME}: {why}", pair))
 
-    for op in new.lens:
+    new_paths = {p: spec.crdt for p, spec in _leaves(new.fields)}
+    for i, op in enumerate(new.lens):
         if isinstance(op, (RenameField, Hoist, Plunge)):
             src, dst = op.source, op.target
             if src not in paths:
@@ -168,6 +169,8 @@ def check_lens(old: KindSchema, new: KindSchema) -> list[Finding]:
         elif isinstance(op, AddField):
             if op.path in paths:
                 bad(op, f"{_dotted(op.path)} is already a field")
+                continue
+            paths[op.path] = _added_crdt(new.lens[i + 1:], op.path, new_paths)
         elif isinstance(op, RemoveField):
             if op.path not in paths:
                 bad(op, f"{_dotted(op.path)} is not a field of the version before")
@@ -185,6 +188,24 @@ def check_lens(old: KindSchema, new: KindSchema) -> list[Finding]:
             elif isinstance(op, Head):
                 paths[op.path] = Crdt.LWW
     return out
+
+
+def _added_crdt(later: Sequence[LensOp], path: FieldPath,
+                new_paths: Mapping[FieldPath, Crdt]) -> Crdt:
+    """The CRDT a field added at ``path`` has before ``later`` operations: its CRDT where it
+    ends in the new version, unwound through any Wrap/Head on the way."""
+    end = path
+    trail = []
+    for op in later:
+        trail.append((op, end))
+        end = op.forward_path(end)
+    crdt = new_paths.get(end, Crdt.LWW)
+    for op, at in reversed(trail):
+        if isinstance(op, Wrap) and op.path == at:
+            crdt = Crdt.LWW
+        elif isinstance(op, Head) and op.path == at:
+            crdt = Crdt.MV
+    return crdt
 
 
 def check_pair(old: KindSchema, new: KindSchema, chain: Sequence[LensOp]) -> list[Finding]:
