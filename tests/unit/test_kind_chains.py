@@ -55,7 +55,8 @@ def shape_of(leaves: dict[tuple[str, ...], FieldSpec], maps: set[tuple[str, ...]
 
 @st.composite
 def chains(draw: st.DrawFn) -> list[KindSchema]:
-    leaves, maps = dict(BASE), {("m",)}
+    leaves = dict(BASE)
+    maps: set[tuple[str, ...]] = {("m",)}
     schemas = [KindSchema("k", 1, shape_of(leaves, maps))]
     fresh = iter(f"f{i}" for i in range(100))
     for version in range(2, draw(st.integers(2, 4)) + 1):
