@@ -5,11 +5,12 @@ A migration is a pure function from a worknode's stored fields (plain values, as
 ``Tree.fields`` shows them) to the registers it sets. Its writes carry a *fixed* author and
 timestamp instead of the running replica's (the Automerge trick):
 
-- the author is ``mig<migration id hash>-<hash of worknode and outputs>``: replicas that
-  compute the same outputs for a worknode write the same dots ``(author, 1..k)`` (fields in
-  name order) with the same values, so their deltas are equal and joining them is idempotent;
-  replicas that saw different states (and so computed different outputs) write under
-  different authors, and their entries join like any concurrent writes;
+- the author is ``mig<migration id hash>-<hash of worknode, field and value>``, and it
+  writes once: replicas that compute the same value for a field write the same dot
+  ``(author, 1)`` with the same value, so their deltas are equal and joining them is
+  idempotent. A replica that computed another value (it saw other data) writes under
+  another author; running the migration again once its data agrees replaces that entry (a
+  field holding only this migration's entries is rewritten) with the agreed one;
 - the timestamp is 0: a migrated value is the oldest possible write, so any application
   write (of any version, before or after) wins over it;
 - a field is only written while it holds nothing or only this migration's earlier entries,
@@ -20,6 +21,10 @@ The migration's delta is joined on each replica locally (``Replica.apply_repair`
 not published): a dot belongs to its signer on the wire, and an author no node holds the key
 of must never be sent as a write. Every replica runs it; none needs another's result.
 
+Cost: each value written adds one writer id to the causal context (its version vector), so
+a migration's metadata grows with the fields it writes: fine for thousands of worknodes,
+heavy for millions (no compaction of migration authors yet).
+
 Pure: no I/O, no clock.
 """
 
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,10 +79,11 @@ class Migration:
         """The start of every author id of this migration."""
         return "mig" + hashlib.blake2b(self.id.encode(), digest_size=5).hexdigest() + "-"
 
-    def author(self, node: str, outputs: Sequence[tuple[tuple[str, ...], Atom]]) -> str:
-        """The fixed author of ``outputs`` on ``node``: equal inputs, equal author."""
-        text = json.dumps([node, [[list(p), _jsonable(v)] for p, v in outputs]],
-                          sort_keys=True, separators=(",", ":"))
+    def author(self, node: str, path: tuple[str, ...], value: Atom) -> str:
+        """The fixed author of writing ``value`` to ``path`` of ``node``: equal writes, equal
+        author (each author writes once: its one dot is ``(author, 1)``)."""
+        text = json.dumps([node, list(path), _jsonable(value)], sort_keys=True,
+                          separators=(",", ":"))
         return self.prefix + hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
     def node_delta(self, tree: Tree, node: str) -> ORMap | None:
@@ -92,18 +98,19 @@ class Migration:
         except (InvalidArgumentError, AttributeError, TypeError) as exc:
             raise KindValidationError(f"migration {self.id} on {node}: {exc}",
                                       field="", reason=str(exc)) from None
-        writes = [(p, v) for p, v in outputs if self._writable(fields, p)]
-        if not writes:
-            return None
-        author = self.author(node, writes)
-        if tree.state.context.max_counter(author):
-            return None  # this replica wrote exactly these outputs before
-        scratch = ORMap(MapStore({node: record})).copy()  # joins mutate: never the caller's
-        out = ORMap(is_delta=True)
-        for path, value in writes:
-            delta = scratch.assign(author, (node, FIELDS_KEY, *path), value, 0)
-            scratch.merge(delta)
-            out.merge(delta)
+        out: ORMap | None = None
+        context = tree.state.context
+        for path, value in outputs:
+            author = self.author(node, path, value)
+            if context.max_counter(author) or not self._writable(fields, path):
+                continue  # written (or seen) here already; or an application's value
+            # One author per write, so the delta depends on nothing but (node, path, value)
+            # and what it replaces here: replicas agreeing on a value write the same dot.
+            delta = tree.state.assign(author, (node, FIELDS_KEY, *path), value, 0)
+            if out is None:
+                out = delta
+            else:
+                out.merge(delta)
         return out
 
     def _writable(self, fields: MapStore, path: tuple[str, ...]) -> bool:
