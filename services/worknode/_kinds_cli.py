@@ -239,7 +239,8 @@ async def _with_registry(kw: dict[str, Any], subject: str,
 
 def register_kinds(main: click.Group) -> None:
     """Add ``worknode kinds`` (its online commands use the write commands' options)."""
-    from services.worknode._cli import _run, _with_common, _write_command
+    from services._cli_errors import EXIT_UNCONFIRMED, error_line
+    from services.worknode._cli import _one_write, _run, _with_common, _write_command
 
     def reader(name: str, help_text: str) -> Callable[[Callable[..., None]], click.Command]:
         def deco(fn: Any) -> click.Command:
@@ -262,17 +263,23 @@ def register_kinds(main: click.Group) -> None:
     @_registry_options
     def register(file: str, no_activate: bool, registry_subject: str, **kw: Any) -> None:
         schema = _one(load_schemas([file]), file)
+        outcome = ["registered"]
 
-        async def work(replica: Replica) -> str:
+        async def work(replica: Replica) -> ORMap:
             registry = Registry.from_tree(replica.tree)
+            if schema.version in registry.schemas.get(schema.name, {}):
+                outcome[0] = "already registered"
             ops = registry.register_ops(schema, activate=not no_activate)
-            if ops:
-                await replica.write_many(ops)
-            return "registered" if schema.version not in registry.schemas.get(
-                schema.name, {}) else "already registered"
+            return await replica.write_many(ops) if ops else ORMap(is_delta=True)
 
-        outcome = _run(lambda: _with_registry(kw, registry_subject, work))
-        click.echo(f"{outcome}: {schema.ref}{'' if no_activate else ' (active)'}")
+        _, holder = _run(lambda: _one_write(registry_subject, kw, work))
+        click.echo(f"{outcome[0]}: {schema.ref}{'' if no_activate else ' (active)'}")
+        if holder is None and not kw["no_confirm"]:
+            sys.stdout.flush()
+            click.echo(error_line(
+                f"published, not confirmed: no replica of {registry_subject!r} held the "
+                f"registration within {kw['confirm_timeout']:g} s"), err=True)
+            sys.exit(EXIT_UNCONFIRMED)
 
     kinds.add_command(register)
 

@@ -197,3 +197,14 @@ def importlib_models() -> dict[str, type]:
     """The example's model classes, loaded as ``worknode kinds`` loads them."""
     from services.worknode._kinds_cli import load_models
     return {m.__name__: m for m in load_models(V1) + load_models(V2)}
+
+
+async def test_a_registration_no_replica_holds_is_not_confirmed(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    rc, out, err = await run_cli("kinds", "register", V1, "--nats-url", nats_server.url,
+                                 "--confirm-timeout", "0.5", cwd=tmp_path)
+    assert rc == 3, err
+    assert out.strip() == "registered: person@1 (active)"  # what was published
+    assert errors(err) == [err.strip().splitlines()[-1]]
+    assert errors(err)[0].startswith("error: published, not confirmed")
