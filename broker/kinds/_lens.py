@@ -498,17 +498,21 @@ def _put(m: MapStore, path: FieldPath, entry: Any, in_whole: bool) -> MapStore:
             return m
         out[k] = _put(MapStore(), path[1:], entry, in_whole)
         return out
-    held = _map_part(child)
-    if held is None:
-        raise LensError(f"lens target {k!r} holds a value, not a map")
-    out[k] = _with_map_part(child, _put(held, path[1:], entry, in_whole))
+    held = _map_part(child) or MapStore()
+    out[k] = _with_map_part_or_add(child, _put(held, path[1:], entry, in_whole))
     return out
 
 
 def _with_map_part_or_add(entry: Any, new_map: MapStore) -> Any:
+    """``entry`` with ``new_map`` as its map: a value there (a register written under the
+    map's name concurrently) stays beside it, as a kind conflict."""
     if entry is None or type(entry) is MapStore:
         return new_map or None
-    return _with_map_part(entry, new_map)
+    if type(entry) is KindStore:
+        return _with_map_part(entry, new_map)
+    if not new_map:
+        return entry
+    return KindStore({entry.KIND: entry, Kind.MAP: new_map})
 
 
 def _move(root: MapStore, source: FieldPath, target: FieldPath) -> MapStore:

@@ -61,6 +61,7 @@ WRITES: list[tuple[str, Callable[[Any], Write]]] = [
     ("remove m", lambda v: lambda d, r, t: d.remove(("m",))),
     ("remove m.c", lambda v: lambda d, r, t: d.remove(("m", "c"))),
     ("multi a", lambda v: lambda d, r, t: d.assign_multi(r, ("a",), v)),  # a kind conflict
+    ("assign m", lambda v: lambda d, r, t: d.assign(r, ("m",), v, t)),  # a map and a value
 ]
 
 def writes_by(*replicas: str) -> st.SearchStrategy[list[tuple[str, int, Any]]]:
