@@ -372,6 +372,7 @@ class KindView:
     def validate(self, changes: Mapping[str, Any]) -> dict[FieldPath, Any]:
         """The changes as ``{field path: validated value}``; raises KindValidationError."""
         out: dict[FieldPath, Any] = {}
+        changes = _unmodel(changes)
         # Plain values of exactly the declared types (the common case) are checked here;
         # anything else goes through pydantic, which accepts or names the field and why.
         if _fast_changes(self.model.__shape__, changes, (), out):
@@ -564,6 +565,18 @@ def _fast_atom(spec: FieldSpec, value: Any, *, element: bool = False) -> bool:
     except WorknodeError:
         return False
     return True
+
+
+def _unmodel(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``changes`` with nested model instances (a map field given as its model) as dicts of
+    the fields they set."""
+    out = dict(changes)
+    for name, value in changes.items():
+        if isinstance(value, BaseModel):
+            out[name] = _unmodel({k: getattr(value, k) for k in value.model_fields_set})
+        elif type(value) is dict:
+            out[name] = _unmodel(value)
+    return out
 
 
 def _fast_changes(shape: tuple[tuple[str, FieldSpec], ...], changes: Any, prefix: FieldPath,

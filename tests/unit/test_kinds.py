@@ -103,6 +103,13 @@ def test_a_model_validator_runs_on_reads() -> None:
     assert view.read(tree, "c1").title == "ABC"  # type: ignore[attr-defined]
 
 
+def test_a_nested_map_may_be_written_as_its_model() -> None:
+    tree = Tree()
+    run(tree, VIEW.create_ops("o1", address=Address(city="Oslo")))
+    run(tree, VIEW.ops("o1", address=Address(zip="0150")), ts=300)  # only the field it sets
+    assert VIEW.read(tree, "o1").address == Address(city="Oslo", zip="0150")  # type: ignore[attr-defined]
+
+
 def test_unwritten_fields_read_as_their_defaults_and_bottoms() -> None:
     tree = Tree()
     run(tree, VIEW.create_ops("o1"))
