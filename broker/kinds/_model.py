@@ -26,6 +26,7 @@ Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, get_args
@@ -659,7 +660,9 @@ def _in_enum(enum_: tuple[Any, ...], value: Any) -> bool:
 
 
 _C_SCALAR, _C_MANY, _C_ONE, _C_MAP = range(4)
-_PLANS: dict[type[BaseModel], tuple[tuple[str, int, Any, Any, Any, Any], ...]] = {}
+_PLANS: weakref.WeakKeyDictionary[type[BaseModel], tuple[tuple[str, int, Any, Any, Any, Any],
+                                                          ...]] = weakref.WeakKeyDictionary()
+"""Per model class; weak, so models built at run time (``Registry.view``) can be freed."""
 
 
 def _build_plan(model: type[KindModel]) -> tuple[tuple[str, int, Any, Any, Any, Any], ...]:
