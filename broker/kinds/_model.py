@@ -340,7 +340,7 @@ class KindView:
     after the first, in order.
     """
 
-    __slots__ = ("_plain", "_plan", "_slots", "_writer", "chain", "info", "model")
+    __slots__ = ("_plain", "_plan", "_slots", "_specs", "_writer", "chain", "info", "model")
 
     def __init__(self, model: type[KindModel], history: Sequence[type[KindModel]] = ()) -> None:
         info = model.__kind__
@@ -359,6 +359,7 @@ class KindView:
         self._slots = tuple(_slot(p, s, chain) for p, s in _leaves(model.__shape__))
         self._writer = _write_model(model.__shape__, model.__name__)
         self._plain = _plain(model)
+        self._specs = _spec_tree(model.__shape__)
         # Per slot, what a read needs without dispatching on enums each time: the stored
         # CRDT's store class and kind, and whether the value is read as stored.
         self._plan = tuple(
@@ -373,10 +374,11 @@ class KindView:
     def validate(self, changes: Mapping[str, Any]) -> dict[FieldPath, Any]:
         """The changes as ``{field path: validated value}``; raises KindValidationError."""
         out: dict[FieldPath, Any] = {}
-        changes = _unmodel(changes)
+        if any(isinstance(v, (BaseModel, dict)) for v in changes.values()):
+            changes = _unmodel(changes)
         # Plain values of exactly the declared types (the common case) are checked here;
         # anything else goes through pydantic, which accepts or names the field and why.
-        if _fast_changes(self.model.__shape__, changes, (), out):
+        if _fast_changes(self._specs, changes, (), out):
             return out
         out.clear()
         try:
@@ -580,17 +582,25 @@ def _unmodel(changes: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fast_changes(shape: tuple[tuple[str, FieldSpec], ...], changes: Any, prefix: FieldPath,
+_SpecTree = dict[str, tuple[FieldSpec, Any]]
+
+
+def _spec_tree(shape: tuple[tuple[str, FieldSpec], ...]) -> _SpecTree:
+    """``{name: (spec, the map's own tree or None)}``, made once per view."""
+    return {n: (s, _spec_tree(s.fields) if s.crdt is Crdt.MAP else None) for n, s in shape}
+
+
+def _fast_changes(specs: _SpecTree, changes: Any, prefix: FieldPath,
                   out: dict[FieldPath, Any]) -> bool:
     if type(changes) is not dict:
         return False
-    specs = dict(shape)
     for name, value in changes.items():
-        spec = specs.get(name)
-        if spec is None:
+        found = specs.get(name)
+        if found is None:
             return False
-        if spec.crdt is Crdt.MAP:
-            if not _fast_changes(spec.fields, value, (*prefix, name), out):
+        spec, nested = found
+        if nested is not None:
+            if not _fast_changes(nested, value, (*prefix, name), out):
                 return False
         elif _fast_value(spec, value):
             out[(*prefix, name)] = frozenset(value) if spec.crdt is Crdt.SET else value
