@@ -62,8 +62,10 @@ async def test_check_passes_the_examples_and_fails_a_rename_without_a_lens(
 
 async def test_a_file_that_does_not_load_is_one_error_line(tmp_path: Path) -> None:
     (tmp_path / "broken.py").write_text("raise RuntimeError('no')\n")
-    for args in (["missing.py"], ["broken.py"], [V1 + ":Nope"]):
-        rc, out, err = await run_cli("kinds", "check", *args, cwd=tmp_path)
+    for args in (["check", "missing.py"], ["check", "broken.py"], ["check", V1 + ":Nope"],
+                 ["migrate", "people", "broken.py:SPLIT"], ["migrate", "people", V1],
+                 ["migrate", "people", V1 + ":PersonV1"]):
+        rc, out, err = await run_cli("kinds", *args, cwd=tmp_path)
         assert rc == 1, (args, err)
         assert out == ""
         assert len(errors(err)) == 1, err
