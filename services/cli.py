@@ -20,6 +20,7 @@ from services.schemacheck import schema
 from services.worknode._cli import register
 from services.worknode._heal_cli import register_heal
 from services.worknode._keys import register_keys
+from services.worknode._kinds_cli import register_kinds
 from services.worknode._logging import configure_logging
 from services.worknode._rpc_cli import register_rpc
 from services.worknode._tls_cli import register_tls
@@ -47,6 +48,7 @@ register_rpc(main)
 register_keys(main)
 register_tls(main)
 register_heal(main)
+register_kinds(main)
 
 
 class _SimReplica:

@@ -838,10 +838,17 @@ def register(main: click.Group) -> None:
                        "or 'UNVERIFIED' (see `worknode heal verify`).")
     @click.option("--healer", "healers", multiple=True, default=DEFAULT_HEALERS,
                   show_default=True, help="With --heal: a healer identity; repeat.")
+    @click.option("--kind", "kind_files", multiple=True,
+                  help="Also print the worknodes each batch touches as typed objects of the "
+                       "kind these files define (a model file, FILE.py:Class or schema "
+                       "JSON; repeat for earlier versions: the newest is shown). Fields no "
+                       "batch seen yet wrote read as their defaults.")
     def tail(subject: str, nats_urls: tuple[str, ...], namespace: str, roster: Path | None,
              as_json: bool, count: int, timeout: float, heal_reports: bool,
-             healers: tuple[str, ...], **conn: Any) -> None:
+             healers: tuple[str, ...], kind_files: tuple[str, ...], **conn: Any) -> None:
         """Print every delta batch published on SUBJECT, decoded (a subscriber's view)."""
+        from services.worknode._kinds_cli import kind_view_of, typed_lines, typed_tree
+        kind_view, seen_tree = (kind_view_of(kind_files) if kind_files else None), typed_tree()
         options = client_options("worknode-tail", list(nats_urls), pop_connection(conn))
         # With its roles and previous keys: an old key inside its overlap window verifies.
         trust = (TrustRoster.from_entries(read_roster_entries(roster), now=time.time)
@@ -882,6 +889,9 @@ def register(main: click.Group) -> None:
                     mark = "" if env.verified else " (unverified)"
                     click.echo(f"{env.writer} #{env.sequence} v{env.version}{mark}: "
                                f"{json.dumps(record['value'], sort_keys=True)}")
+                if kind_view is not None:
+                    for line in typed_lines(kind_view, seen_tree, env.document):
+                        click.echo(f"  {line}")
                 seen += 1
                 if count and seen >= count:
                     done.set()

@@ -45,6 +45,7 @@ PURE: dict[str, str] = {
     "broker/transport/_auth.py": "NATS identities and their permissions",
     "broker/lincheck/__init__.py": "the linearizability checker (its CLI, __main__, reads a clock)",
     "broker/lincheck/_[!_]*.py": "the linearizability checker",
+    "broker/kinds/*": "typed kinds, kind schemas, lenses and migrations",
 }
 """Path patterns (``*`` spans folders) of the pure core, and what each holds."""
 

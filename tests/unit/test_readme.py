@@ -16,7 +16,8 @@ def test_readme_python_examples_run() -> None:
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        # dont_inherit: a block runs as pasted, without this module's __future__ imports
+        exec(compile(block, "README.md", "exec", dont_inherit=True), {})
 
 
 def test_ci_runs_the_readme_test_command() -> None:

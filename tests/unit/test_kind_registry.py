@@ -1,0 +1,282 @@
+"""Kind schemas as data, the registry subject, and the FULL_TRANSITIVE compatibility gate.
+
+A schema survives JSON and rebuilds a model that reads and writes like the original; the
+registry is CRDT state (two replicas registering concurrently converge, a version registered
+twice with different schemas is reported, never silently picked); an incompatible version is
+refused with a specific rule and nothing is written.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+
+from broker.crdt import Tree
+from broker.kinds import (
+    LWW,
+    MV,
+    AddField,
+    Convert,
+    Counter,
+    Head,
+    IncompatibleKindError,
+    KindModel,
+    KindSchema,
+    KindView,
+    ORSet,
+    Registry,
+    RemoveField,
+    RenameField,
+    SchemaFormatError,
+    UnknownKindError,
+    Wrap,
+    check_all,
+    check_new,
+)
+from tests.unit.test_kinds import VIEW, Invoice, Order, run
+
+
+class PersonV1(KindModel, kind="person", version=1):
+    name: LWW[str] = ""
+    total: Counter = 0
+
+
+class PersonV2(KindModel, kind="person", version=2,
+               lens=[RenameField(("total",), "amount"), AddField(("first",), ""),
+                     AddField(("last",), ""), RemoveField(("name",), "")]):
+    first: LWW[str] = ""
+    last: LWW[str] = ""
+    amount: Counter = 0
+
+
+def schema(model: type[KindModel]) -> KindSchema:
+    return KindSchema.of_model(model)
+
+
+def registered(*models: type[KindModel]) -> tuple[Tree, Registry]:
+    tree = Tree()
+    for m in models:
+        run(tree, Registry.from_tree(tree).register_ops(schema(m)))
+    return tree, Registry.from_tree(tree)
+
+
+def test_a_schema_survives_json_and_rebuilds_a_working_model() -> None:
+    for model in (Order, Invoice, PersonV2):
+        s = schema(model)
+        back = KindSchema.from_json(s.to_json())
+        assert back == s
+        rebuilt = back.to_model()
+        assert schema(rebuilt) == s
+    tree = Tree()
+    run(tree, VIEW.create_ops("o1", title="desk", total=2, status="paid",
+                              address={"city": "Oslo"}))
+    order = KindView(schema(Order).to_model()).read(tree, "o1")
+    assert order.model_dump() == VIEW.read(tree, "o1").model_dump()
+
+
+@pytest.mark.parametrize("text", [
+    "not json", "[]", '{"format": 2}', '{"format": 1, "name": "bad name", "version": 1}',
+    '{"format": 1, "name": "k", "version": 0, "fields": {}}',
+    '{"format": 1, "name": "k", "version": 1, "fields": {"x": {"crdt": "nope"}}}',
+    '{"format": 1, "name": "k", "version": 1, "fields": {}, "lens": [{"op": "zap"}]}',
+])
+def test_malformed_schema_text_is_refused(text: str) -> None:
+    with pytest.raises(SchemaFormatError):
+        KindSchema.from_json(text)
+
+
+def test_the_registry_is_crdt_state_and_converges() -> None:
+    a, _ = registered(PersonV1)
+    b = Tree()
+    b.merge(a.state)
+    run(b, Registry.from_tree(b).register_ops(schema(PersonV2)), "rb", 500)
+    run(a, Registry.from_tree(a).register_ops(schema(Order)), "ra", 500)
+    a.merge(b.state)
+    b.merge(a.state)
+    assert a.state == b.state
+    reg = Registry.from_tree(a)
+    assert reg.kinds() == ["order", "person"]
+    assert reg.versions("person") == [1, 2]
+    assert reg.get("person") == schema(PersonV2)
+    assert reg.active["person"] == 2
+
+
+def test_a_service_reads_a_kind_it_was_not_built_with() -> None:
+    """Only the registry's data: the v2 model is built from the stored schema."""
+    _, reg = registered(PersonV1, PersonV2)
+    data = Tree()
+    run(data, KindView(PersonV1).create_ops("p1", name="Ada", total=5))
+    person = reg.view("person").read(data, "p1")
+    assert person.model_dump() == {"first": "", "last": "", "amount": 5}
+    assert type(person).__name__ == "PersonV2"
+
+
+def test_concurrent_registrations_of_one_version_are_reported() -> None:
+    class Other(KindModel, kind="person", version=1):
+        name: LWW[int] = 0
+
+    a, b = Tree(), Tree()
+    run(a, Registry.from_tree(a).register_ops(schema(PersonV1)), "ra")
+    run(b, Registry.from_tree(b).register_ops(schema(Other)), "rb")
+    a.merge(b.state)
+    reg = Registry.from_tree(a)
+    assert reg.conflicted == {"person": (1,)}
+    with pytest.raises(IncompatibleKindError):
+        reg.get("person", 1)
+
+
+def test_unknown_kinds_and_versions() -> None:
+    _, reg = registered(PersonV1)
+    with pytest.raises(UnknownKindError):
+        reg.get("nope")
+    with pytest.raises(UnknownKindError):
+        reg.get("person", 7)
+
+
+def test_registering_again_only_reactivates() -> None:
+    tree, reg = registered(PersonV1, PersonV2)
+    run(tree, reg.register_ops(schema(PersonV1)), ts=900)
+    reg = Registry.from_tree(tree)
+    assert reg.active["person"] == 1
+    assert reg.versions("person") == [1, 2]
+
+
+def test_view_for_a_built_in_model_refuses_a_different_registered_schema() -> None:
+    class Drifted(KindModel, kind="person", version=1):
+        name: LWW[str] = "x"
+        total: Counter = 0
+
+    _, reg = registered(PersonV1)
+    with pytest.raises(IncompatibleKindError):
+        reg.view_for(Drifted)
+    assert reg.view_for(PersonV1).chain == ()
+
+
+# -- the gate --------------------------------------------------------------------------------
+
+
+def rules(*models: type[KindModel]) -> list[str]:
+    return [f.rule for f in check_all([schema(m) for m in models])]
+
+
+def test_a_rename_without_a_lens_is_refused_and_nothing_is_written() -> None:
+    class Bad(KindModel, kind="person", version=2):
+        name: LWW[str] = ""
+        amount: Counter = 0
+
+    tree, reg = registered(PersonV1)
+    before = tree.state.digest()
+    with pytest.raises(IncompatibleKindError) as info:
+        reg.register_ops(schema(Bad))
+    assert [f.rule for f in info.value.findings] == ["FIELD_REMOVED"]  # type: ignore[attr-defined]
+    assert "person@2.total: FIELD_REMOVED:" in str(info.value)
+    assert "[person@1 → person@2]" in str(info.value)
+    assert tree.state.digest() == before
+
+
+def test_the_worked_example_is_compatible() -> None:
+    assert rules(PersonV1, PersonV2) == []
+
+
+@pytest.mark.parametrize(("v2_fields", "lens", "expected"), [
+    ({"name": (LWW[int], 0), "total": (Counter, 0)}, [], ["VALUE_TYPE_CHANGED"]),
+    ({"name": (Counter, 0), "total": (Counter, 0)}, [], ["CRDT_CHANGED"]),
+    ({"name": (LWW[str], ""), "total": (Counter, 0), "x": (LWW[str], ...)}, [],
+     ["FIELD_ADDED_WITHOUT_DEFAULT"]),
+    ({"name": (LWW[str], ""), "total": (Counter, 0), "x": (LWW[str], ...)},
+     [AddField(("x",), "d")], []),
+    ({"name": (LWW[str], ""), "total": (Counter, 0)}, [RenameField(("nope",), "x")],
+     ["LENS_INVALID"]),
+    ({"total": (Counter, 0)}, [RemoveField(("name",), "")], []),
+    ({"name": (LWW[str], "x"), "total": (Counter, 0)}, [], ["DEFAULT_CHANGED"]),
+    ({"name": (LWW[str], ""), "total": (Counter, 0), "tags": (ORSet[str], frozenset())}, [],
+     []),
+])
+def test_each_rule_fires_for_its_change(v2_fields: dict[str, object], lens: list[object],
+                                        expected: list[str]) -> None:
+    from pydantic import create_model
+    v2 = create_model("V2", __base__=KindModel,  # type: ignore[call-overload]
+                      __cls_kwargs__={"kind": "person", "version": 2, "lens": lens},
+                      **v2_fields)
+    assert rules(PersonV1, v2) == expected
+
+
+def test_removing_a_required_register_needs_a_fitting_default() -> None:
+    class Strict1(KindModel, kind="s", version=1):
+        code: LWW[str]
+
+    class Strict2(KindModel, kind="s", version=2, lens=[RemoveField(("code",))]):
+        other: LWW[str] = ""
+
+    class Strict2b(KindModel, kind="s", version=2, lens=[RemoveField(("code",), "none")]):
+        other: LWW[str] = ""
+
+    assert rules(Strict1, Strict2) == ["REMOVED_WITHOUT_DEFAULT"]
+    assert rules(Strict1, Strict2b) == []
+
+
+def test_convert_covers_an_enum_change_and_wrap_a_crdt_view_change() -> None:
+    class E1(KindModel, kind="e", version=1):
+        state: LWW[Literal["on", "off"]] = "off"
+
+    class E2ok(KindModel, kind="e", version=2,
+               lens=[Convert(("state",), (("on", "ON"), ("off", "OFF")))]):
+        state: LWW[Literal["ON", "OFF"]] = "OFF"
+
+    class E3(KindModel, kind="e", version=3, lens=[Wrap(("state",))]):
+        state: MV[Literal["ON", "OFF"]] = ()
+
+    class E4(KindModel, kind="e", version=4, lens=[Head(("state",))]):
+        state: LWW[Literal["ON", "OFF"]] = "OFF"
+
+    class E2bad(KindModel, kind="e", version=2):
+        state: LWW[Literal["ON", "OFF"]] = "OFF"
+
+    assert rules(E1, E2ok, E3, E4) == []
+    assert rules(E1, E2bad) == ["VALUE_TYPE_CHANGED"]
+
+
+def test_transitive_checks_reach_back_past_the_version_before() -> None:
+    """v3 re-adds v1's removed field with another type: fine against v2 (which removed it),
+    refused against v1, whose writers still write it (FULL_TRANSITIVE)."""
+    class V2(KindModel, kind="person", version=2, lens=[RemoveField(("name",), "")]):
+        total: Counter = 0
+
+    class V3(KindModel, kind="person", version=3, lens=[AddField(("name",), 0)]):
+        total: Counter = 0
+        name: LWW[int] = 0
+
+    found = check_new([schema(PersonV1), schema(V2)], schema(V3))
+    assert [(f.rule, f.pairs) for f in found] == [
+        ("VALUE_TYPE_CHANGED", ("person@1 → person@3",))]
+
+    class V3b(KindModel, kind="person", version=3):
+        total: Counter = 0
+        name: Counter = 0
+
+    found = check_new([schema(PersonV1), schema(V2)], schema(V3b))
+    assert [(f.rule, f.pairs) for f in found] == [("CRDT_CHANGED", ("person@1 → person@3",))]
+
+
+def test_version_order_is_enforced() -> None:
+    _, reg = registered(PersonV1, PersonV2)
+
+    class Old(KindModel, kind="person", version=1):
+        name: LWW[int] = 0
+
+    with pytest.raises(IncompatibleKindError) as info:
+        reg.register_ops(schema(Old))
+    assert [f.rule for f in info.value.findings] == ["VERSION_TAKEN"]  # type: ignore[attr-defined]
+
+
+def test_the_readme_rule_table_is_the_gate_s() -> None:
+    import re
+    from pathlib import Path
+
+    from broker.kinds import RULES
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Kinds and schema evolution", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z_]+)` \| (\w+) \| (.+?) \| (.+?) \|$", section, re.M)
+    assert {r[0]: (r[1], r[2], r[3]) for r in rows} == {
+        name: (rule.kind, rule.refuses, rule.why) for name, rule in RULES.items()}

@@ -1,0 +1,236 @@
+"""Typed kinds (broker.kinds): pydantic models over CRDT fields.
+
+Writes are validated before any delta exists (a KindValidationError naming the field, the
+tree untouched); reads return model instances; multi-value registers show every live value
+and kind conflicts are reported beside the instance, never hidden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker.crdt import Kind, Tree, TreeOp
+from broker.errors import UnknownNodeError
+from broker.kinds import (
+    LWW,
+    MV,
+    Counter,
+    Flag,
+    KindDefinitionError,
+    KindModel,
+    KindReadError,
+    KindValidationError,
+    KindView,
+    ORSet,
+    Write,
+    conflicts_of,
+)
+
+
+class Address(KindModel):
+    city: LWW[str] = ""
+    zip: LWW[str | None] = None
+
+
+class Order(KindModel, kind="order", version=1):
+    title: LWW[str] = ""
+    total: Counter = 0
+    tags: ORSet[str] = frozenset()
+    status: MV[Literal["open", "paid", "shipped"]] = ()
+    paid: Flag = False
+    address: Address = Address()
+
+
+class Invoice(Order, kind="invoice", version=1):
+    number: LWW[int] = 0
+
+
+VIEW = KindView(Order)
+
+
+def run(tree: Tree, writes: Sequence[Write], replica: str = "r1", ts: int = 100) -> None:
+    """Apply writes as ``Replica.write_many`` does (a TreeOp in one step, a mutator merged)."""
+    for i, w in enumerate(writes):
+        if isinstance(w, TreeOp):
+            w.apply(tree, replica, ts + i)
+        else:
+            tree.merge(w(tree, replica, ts + i))
+
+
+def test_a_kind_reads_back_what_it_wrote() -> None:
+    tree = Tree()
+    run(tree, VIEW.create_ops("o1", title="desk", total=3, tags={"a", "b"}, status="open",
+                              paid=True, address={"city": "Lyon"}))
+    run(tree, VIEW.ops("o1", total=-1, tags={"c"}), ts=200)
+    order = VIEW.read(tree, "o1")
+    assert isinstance(order, Order)
+    assert order == Order(title="desk", total=2, tags=frozenset("abc"), status=("open",),
+                          paid=True, address=Address(city="Lyon"))
+    assert conflicts_of(order) == {}
+    assert tree.fields("o1")["_kind"] == "order"
+    assert VIEW.read_all(tree) == {"o1": order}
+
+
+def test_a_read_equals_pydantic_s_validation_of_it() -> None:
+    """Reads skip pydantic for values already of their types: the same instance results."""
+    tree = Tree()
+    run(tree, VIEW.create_ops("o1", title="desk", total=3, tags={"a"}, status="open",
+                              address={"city": "Lyon", "zip": None}))
+    order = VIEW.read(tree, "o1")
+    assert order == Order.model_validate(order.model_dump())
+    assert order.model_dump() == Order.model_validate(order.model_dump()).model_dump()
+
+
+def test_a_model_validator_runs_on_reads() -> None:
+    from pydantic import field_validator
+
+    class Checked(KindModel, kind="checked"):
+        title: LWW[str] = ""
+
+        @field_validator("title")
+        @classmethod
+        def upper(cls, v: str) -> str:
+            return v.upper()
+
+    view = KindView(Checked)
+    tree = Tree()
+    run(tree, view.create_ops("c1", title="abc"))
+    assert view.read(tree, "c1").title == "ABC"  # type: ignore[attr-defined]
+
+
+def test_a_nested_map_may_be_written_as_its_model() -> None:
+    tree = Tree()
+    run(tree, VIEW.create_ops("o1", address=Address(city="Oslo")))
+    run(tree, VIEW.ops("o1", address=Address(zip="0150")), ts=300)  # only the field it sets
+    assert VIEW.read(tree, "o1").address == Address(city="Oslo", zip="0150")  # type: ignore[attr-defined]
+
+
+def test_unwritten_fields_read_as_their_defaults_and_bottoms() -> None:
+    tree = Tree()
+    run(tree, VIEW.create_ops("o1"))
+    assert VIEW.read(tree, "o1") == Order()
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"total": "3"}, "total"),
+    ({"total": 2**63}, "total"),
+    ({"title": 5}, "title"),
+    ({"status": "lost"}, "status"),
+    ({"tags": {1.5}}, "tags"),
+    ({"paid": "yes"}, "paid"),
+    ({"address": {"city": 1}}, "address.city"),
+    ({"address": {"street": "x"}}, "address.street"),
+    ({"nope": 1}, "nope"),
+    ({"title": "x" * (1 << 20)}, "title"),
+])
+def test_an_invalid_write_names_the_field_and_writes_nothing(
+    changes: dict[str, object], field: str
+) -> None:
+    tree = Tree()
+    run(tree, VIEW.create_ops("o1", title="kept"))
+    before = tree.state.digest()
+    with pytest.raises(KindValidationError) as info:
+        # valid changes listed first: still nothing is written
+        run(tree, VIEW.ops("o1", **{"paid": True, **changes}))
+    assert info.value.field == field
+    assert info.value.reason
+    assert tree.state.digest() == before
+
+
+def test_concurrent_multi_values_are_all_shown() -> None:
+    a, b = Tree(), Tree()
+    run(a, VIEW.create_ops("o1"))
+    b.merge(a.state)
+    run(a, VIEW.ops("o1", status="paid"), "ra", 200)
+    run(b, VIEW.ops("o1", status="shipped"), "rb", 200)
+    a.merge(b.state)
+    assert VIEW.read(a, "o1").status == ("paid", "shipped")  # type: ignore[attr-defined]
+
+
+def test_a_kind_conflict_is_reported_not_hidden() -> None:
+    a, b = Tree(), Tree()
+    run(a, VIEW.create_ops("o1"))
+    b.merge(a.state)
+    run(a, VIEW.ops("o1", total=4), "ra", 200)
+    b.merge(b.assign("rb", "o1", ("total",), "four", 200))  # untyped, another CRDT
+    a.merge(b.state)
+    order = VIEW.read(a, "o1")
+    assert order.total == 4  # type: ignore[attr-defined]
+    assert conflicts_of(order) == {"total": {Kind.COUNTER: 4, Kind.LWW: "four"}}
+
+
+def test_a_stored_value_of_the_wrong_type_is_a_read_error() -> None:
+    tree = Tree()
+    run(tree, VIEW.create_ops("o1"))
+    tree.merge(tree.assign("r2", "o1", ("title",), 7, 300))
+    with pytest.raises(KindReadError) as info:
+        VIEW.read(tree, "o1")
+    assert info.value.field == "title"
+
+
+def test_reading_a_missing_worknode_fails() -> None:
+    with pytest.raises(UnknownNodeError):
+        VIEW.read(Tree(), "o1")
+
+
+def test_set_elements_are_discarded_by_field_name() -> None:
+    tree = Tree()
+    run(tree, VIEW.create_ops("o1", tags={"a", "b"}))
+    run(tree, VIEW.discard_ops("o1", "tags", ["a"]), ts=300)
+    assert VIEW.read(tree, "o1").tags == {"b"}  # type: ignore[attr-defined]
+    with pytest.raises(KindValidationError):
+        VIEW.discard_ops("o1", "title", ["a"])
+
+
+def test_a_flag_is_disabled_by_false() -> None:
+    tree = Tree()
+    run(tree, VIEW.create_ops("o1", paid=True))
+    run(tree, VIEW.ops("o1", paid=False), ts=300)
+    assert VIEW.read(tree, "o1").paid is False  # type: ignore[attr-defined]
+
+
+def test_a_subclass_kind_names_its_parent_and_inherits_fields() -> None:
+    assert Invoice.__kind__ is not None
+    assert Invoice.__kind__.parent == "order@1"
+    assert Order.__kind__ is not None
+    assert Order.__kind__.parent is None
+    names = [n for n, _ in Invoice.__shape__]
+    assert "number" in names
+    assert "total" in names
+
+
+def test_model_definitions_are_checked() -> None:
+    with pytest.raises(KindDefinitionError):
+        class NoCrdt(KindModel, kind="bad"):
+            x: str = ""
+    with pytest.raises(KindDefinitionError):
+        class BadValue(KindModel, kind="bad"):
+            x: LWW[list[int]] = []  # noqa: RUF012
+    with pytest.raises(KindDefinitionError):
+        class BadCounter(KindModel, kind="bad"):
+            x: Counter = 5
+    with pytest.raises(KindDefinitionError):
+        class BadSet(KindModel, kind="bad"):
+            x: ORSet[float] = frozenset()
+    with pytest.raises(KindDefinitionError):
+        KindView(Address)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["ra", "rb"]), st.integers(-5, 5),
+                          st.sets(st.sampled_from("abc"), max_size=2)), max_size=8))
+def test_typed_writes_are_untyped_writes(writes: list[tuple[str, int, set[str]]]) -> None:
+    """The typed path writes the same CRDT state as the same untyped writes."""
+    typed, untyped = Tree(), Tree()
+    run(typed, VIEW.create_ops("o1"))
+    run(untyped, VIEW.create_ops("o1"))
+    for i, (replica, amount, tags) in enumerate(writes):
+        run(typed, VIEW.ops("o1", total=amount, tags=tags), replica, 1000 + 10 * i)
+        for t in sorted(tags):  # fields in name order, as the typed path writes them
+            untyped.merge(untyped.add(replica, "o1", ("tags",), t))
+        untyped.merge(untyped.increment(replica, "o1", ("total",), amount))
+    assert typed.state == untyped.state
