@@ -362,11 +362,18 @@ class StrongMode:
     # -- versions --------------------------------------------------------------------------
 
     def version(self, key: str) -> int:
-        """``key``'s version as applied here (its last log entry's sequence; 0: none seen)."""
+        """``key``'s version as applied here (its last log entry's sequence; 0: none seen).
+        Every entry applied here records it; a key last written before this replica's
+        snapshot has it in its entry's dots (read once)."""
+        known = self._versions.get(key)
+        if known is not None:
+            return known
         state = self.replica.machine.state
         entry = state.store.get(key) if state.store else None
         held = max((n for r, n in dots_of(entry) if r == STRONG_AUTHOR), default=0)
-        return max(held, self._versions.get(key, 0))
+        if held:
+            self._versions[key] = held
+        return held
 
     def _check_key(self, key: str) -> None:
         if not is_strong(key, self.prefixes):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -225,6 +226,7 @@ class ServiceMetrics:
             "Latency of STRONG operations (acknowledged by the stream's quorum and applied "
             "here; reads: fence, then apply up to it), whatever their outcome.",
             ["subject", "op"], buckets=_LATENCY_BUCKETS, registry=r)
+        self._strong_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.strong_refused_entries = Counter(
             "worknode_strong_entries_refused_total",
             "STRONG log entries refused before the state machine (not a sealed STRONG write of "
@@ -374,10 +376,17 @@ class ServiceMetrics:
 
     def strong_op(self, subject: str, op: str, outcome: str, seconds: float) -> None:
         """A STRONG operation ended (op and outcome bounded)."""
-        s = self._s(subject)
-        o = op if op in STRONG_OPS else "write"
-        self.strong_ops.labels(s, o, outcome if outcome in STRONG_OUTCOMES else "unknown").inc()
-        self.strong_seconds.labels(s, o).observe(seconds)
+        key = (subject, op, outcome)
+        children = self._strong_children.get(key)
+        if children is None:  # resolved once per (subject, op, outcome): labels() is slow
+            s = self._s(subject)
+            o = op if op in STRONG_OPS else "write"
+            oc = outcome if outcome in STRONG_OUTCOMES else "unknown"
+            children = (self.strong_ops.labels(s, o, oc), self.strong_seconds.labels(s, o))
+            if len(self._strong_children) < 4096:
+                self._strong_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def strong_refused(self, subject: str, reason: str) -> None:
         """A STRONG log entry was refused before the machine (reason: not a label)."""
