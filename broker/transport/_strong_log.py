@@ -787,6 +787,11 @@ class LogReader:
         self._heartbeat = heartbeat
         self._next = start_seq
         self._sub: Any = None
+        # Delivered messages, handed over by the subscription's callback: one task of
+        # nats-py's delivers them all (``next_msg`` would start a task per message). Bounded:
+        # a full queue holds the callback, and the rest wait in nats-py's pending queue
+        # (its slow-consumer bound), as they would for ``next_msg``.
+        self._queue: asyncio.Queue[NatsMsg] = asyncio.Queue(maxsize=1024)
 
     @property
     def last_seq(self) -> int:
@@ -810,6 +815,7 @@ class LogReader:
             async with asyncio.timeout(log.timeout):
                 self._sub = await js.subscribe(
                     log.subjects[0],
+                    cb=self._queue.put,
                     stream=log.stream,
                     config=config,
                     ordered_consumer=True,
@@ -839,19 +845,28 @@ class LogReader:
         """The next entry; waits up to ``timeout`` seconds (None: forever). Raises
         ``TransportTimeoutError`` when none came in time, ``LogTruncatedError`` on a gap."""
         await self.start()
-        sub = self._sub
+        nc = self._log._nc()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            left = None if deadline is None else max(0.001, deadline - loop.time())
             try:
-                msg: NatsMsg = await sub.next_msg(timeout=left)
-            except nats.errors.TimeoutError as exc:
-                raise TransportTimeoutError(
-                    f"no log entry after {self.last_seq} within {timeout} s"
-                ) from exc
-            except nats.errors.Error as exc:
-                raise UnavailableError(f"reading stream {self._log.stream}: {exc!r}") from exc
+                msg = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                if nc.is_closed:
+                    raise UnavailableError(
+                        f"reading stream {self._log.stream}: the connection is closed"
+                    ) from None
+                # Wake at least every second to notice a closed connection.
+                left = 1.0 if deadline is None else min(1.0, max(0.001, deadline - loop.time()))
+                try:
+                    async with asyncio.timeout(left):
+                        msg = await self._queue.get()
+                except TimeoutError:
+                    if deadline is not None and loop.time() >= deadline:
+                        raise TransportTimeoutError(
+                            f"no log entry after {self.last_seq} within {timeout} s"
+                        ) from None
+                    continue
             meta = msg.metadata
             seq = meta.sequence.stream
             if seq < self._next:
@@ -878,6 +893,8 @@ class LogReader:
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+            # Undelivered ones come again from the next consumer (``_next`` on).
+            self._queue = asyncio.Queue(maxsize=1024)
 
     async def __aenter__(self) -> Self:
         """Start and return the reader."""

@@ -21,7 +21,14 @@ from broker.errors import (
     UnavailableError,
     UnsupportedByServerError,
 )
-from broker.transport import BatchEntry, LogEntry, LogReader, NatsTransport, StrongLog
+from broker.transport import (
+    BatchEntry,
+    EmbeddedNatsServer,
+    LogEntry,
+    LogReader,
+    NatsTransport,
+    StrongLog,
+)
 
 SUBJECTS = ["strong.t.>"]
 FENCE = "strongfence.t"
@@ -194,6 +201,31 @@ async def test_read_from_resumes_where_the_reader_stopped(log: StrongLog) -> Non
             await reader.next(timeout=0.2)
     assert [e.seq for e in rest] == more
     assert [e.subject for e in rest] == ["strong.t.k9"] * 3
+
+
+async def test_a_waiting_reader_fails_when_its_connection_closes(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    """A reader waiting for the next entry (no timeout: a follower's tail) learns that its
+    connection was closed for good within about a second: ``UnavailableError``, never a hang
+    (entries reach it through a subscription callback, which stops silently)."""
+    transport = NatsTransport([nats_server.url], name="closing")
+    await transport.start()
+    try:
+        log = _log(transport)
+        await log.ensure()
+        seq = await log.publish("strong.t.k0", b"x")
+        reader = log.read_from(1)
+        await reader.start()
+        await _read_until(reader, seq)
+        waiting = asyncio.ensure_future(reader.next())
+        await asyncio.sleep(0.1)
+        await transport.stop()
+        async with asyncio.timeout(10.0):
+            with pytest.raises(UnavailableError):
+                await waiting
+    finally:
+        await transport.stop()
 
 
 async def test_entries_removed_by_the_limits_are_reported_as_a_gap(
