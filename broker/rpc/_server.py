@@ -95,6 +95,7 @@ from broker.rpc._protocol import (
     child_depth,
     decode_request,
     encode_response,
+    encode_result,
     error_response,
     new_response,
 )
@@ -726,7 +727,7 @@ class RpcServer:
             finally:
                 if left <= 0 and inspect.iscoroutine(pending):
                     pending.close()  # never started: do not leave it unawaited
-            body = encode_response(self.codec, _response(out, req))
+            body = _encode(self.codec, out, req)
             code = StatusCode.OK
             return body
         except ErrorReply:
@@ -750,7 +751,7 @@ class RpcServer:
             return out
         if _monotonic() * 1000.0 > ctx.deadline.at_ms:
             raise self._late(m, req)  # the late result is discarded
-        return encode_response(self.codec, _response(out, req))
+        return _encode(self.codec, out, req)
 
     @staticmethod
     def _late(m: _Method, req: Request) -> DeadlineExceededError:
@@ -917,6 +918,14 @@ _MAX_HOLDER_KEYS: Final = 4096
 _MAX_DIGESTS: Final = 4096
 """Verified requests whose reply is not yet signed (more than run at once, by far)."""
 _MAX_PENALIZED: Final = 4096
+
+
+def _encode(codec: WireCodec, out: Any, req: Request) -> bytes:
+    """The encoded reply to ``req`` of a handler's result (a ``Response``, or the mapping
+    of an OK response, encoded without building one)."""
+    if isinstance(out, Response):
+        return encode_response(codec, _response(out, req))
+    return encode_result(codec, out, req.trace_id)
 
 
 def _response(out: Any, req: Request) -> Response:
