@@ -568,7 +568,10 @@ def _run(rounds: int, n_lat: int, n_tput: int, out: Path, argv: list[str],
         "own multiplexer (one wildcard inbox subscription per connection, one future and "
         "one timer per request); a reply binds to the digest verifying its request "
         "computed (no second parse and hash); `Worknode-Auth` encoded and parsed without "
-        "the base64 module's wrappers.",
+        "the base64 module's wrappers; every signature made and checked through PyNaCl's "
+        "bindings (as the floor does: no `SigningKey`/`VerifyKey` wrappers); the cached "
+        "authorization looked up before any job object is built; nats.micro's respond "
+        "path inlined (two coroutines less per request); no header dict copied per call.",
         "",
         "Verification is cached per token: the signature check once, and the authorizer's "
         "allow decision per (token, subject, worknode path, method) only until the earliest "

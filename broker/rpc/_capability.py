@@ -566,9 +566,18 @@ class TokenVerifier:
 
     def allowed(self, job: AuthorizeJob) -> bool:
         """Whether this very call was authorized before and the decision still holds."""
-        key = (job.token, job.namespace, job.subject, job.path, job.method)
+        return self.allowed_call(
+            job.token, job.namespace, job.subject, job.path, job.method, job.now)
+
+    def allowed_call(
+        self, token: bytes, namespace: str, subject: str, path: tuple[str, ...], method: str,
+        now: float,
+    ) -> bool:
+        """``allowed`` of the job ``job(token, ...)`` would make, without making it (the
+        server asks this on every call; it builds the job only when the answer is no)."""
+        key = (token, namespace, subject, path, method)
         until = self._allowed.get(key)
-        if until is not None and job.now < until:
+        if until is not None and now < until:
             self._allowed.move_to_end(key)
             self.hits += 1
             return True

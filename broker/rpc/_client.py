@@ -46,9 +46,8 @@ from broker.rpc._protocol import (
     Response,
     clamp_timeout_ms,
     decode_response,
-    encode_request,
+    encode_call,
     error_of,
-    new_request,
 )
 from broker.transport import (
     ERROR_CODE_HEADER,
@@ -141,10 +140,8 @@ class RpcClient:
                 raise RpcInvalidArgumentError(str(exc), trace_id=trace) from None
             if len(self._subjects) < SUBJECT_CACHE_SIZE:
                 self._subjects[subject, method] = target
-        data = encode_request(
-            self.codec,
-            new_request(worknode, method, arguments or {}, token, deadline, depth, trace, 0),
-        )
+        data = encode_call(
+            self.codec, worknode, method, arguments or {}, token, deadline, depth, trace)
         signer = self.signer
         auth = None
         signed: dict[str, str] | None = None

@@ -62,8 +62,10 @@ __all__ = [
     "clamp_timeout_ms",
     "decode_request",
     "decode_response",
+    "encode_call",
     "encode_request",
     "encode_response",
+    "encode_result",
     "error_of",
     "error_response",
 ]
@@ -384,6 +386,18 @@ def _parse(codec: WireCodec, struct: Any, data: bytes) -> Any:
 
 def encode_request(codec: WireCodec, request: Request) -> bytes:
     """Packed ``RpcRequest`` bytes (written as ``codec``'s wire version)."""
+    return encode_call(
+        codec, request.worknode, request.method, request.arguments, request.token,
+        request.deadline_ms, request.call_depth, request.trace_id,
+    )
+
+
+def encode_call(
+    codec: WireCodec, worknode: str, method: str, arguments: Mapping[str, Any], token: bytes,
+    deadline_ms: float, call_depth: int, trace_id: bytes,
+) -> bytes:
+    """``encode_request(codec, Request(worknode, method, ...))`` without the ``Request``
+    (the client encodes one per call and keeps nothing of it)."""
     layout = _layout(codec)
     f_version, f_worknode, f_method, f_arguments, f_token, f_deadline, f_depth, f_trace = (
         layout.req
@@ -391,17 +405,16 @@ def encode_request(codec: WireCodec, request: Request) -> bytes:
     msg = layout.request.new_message()
     put = msg._set_by_field
     put(f_version, codec.version)
-    put(f_worknode, request.worknode)
-    put(f_method, request.method)
-    if request.arguments:
-        _write_arguments(msg, f_arguments, request.arguments, layout)
-    if request.token:
-        put(f_token, request.token)
-    put(f_deadline, clamp_timeout_ms(request.deadline_ms))
-    depth = request.call_depth
-    put(f_depth, depth if 0 <= depth <= 255 else min(max(depth, 0), 255))
-    if request.trace_id:
-        put(f_trace, request.trace_id)
+    put(f_worknode, worknode)
+    put(f_method, method)
+    if arguments:
+        _write_arguments(msg, f_arguments, arguments, layout)
+    if token:
+        put(f_token, token)
+    put(f_deadline, clamp_timeout_ms(deadline_ms))
+    put(f_depth, call_depth if 0 <= call_depth <= 255 else min(max(call_depth, 0), 255))
+    if trace_id:
+        put(f_trace, trace_id)
     return msg.to_bytes_packed()  # type: ignore[no-any-return]
 
 
@@ -457,6 +470,7 @@ def _reason(exc: BaseException) -> str:
 
 
 _STATUS: Final = {int(code): code for code in StatusCode}
+_OK: Final = int(StatusCode.OK)
 
 
 def encode_response(codec: WireCodec, response: Response) -> bytes:
@@ -475,6 +489,22 @@ def encode_response(codec: WireCodec, response: Response) -> bytes:
         msg.state = encode_document(codec.schema, response.state)
     if response.trace_id:
         put(f_trace, response.trace_id)
+    return msg.to_bytes_packed()  # type: ignore[no-any-return]
+
+
+def encode_result(codec: WireCodec, result: Mapping[str, Any], trace_id: bytes) -> bytes:
+    """``encode_response(codec, Response(OK, result=result, trace_id=trace_id))`` without the
+    ``Response`` (the server answers most calls with one and keeps nothing of it)."""
+    layout = _layout(codec)
+    f_version, f_status, _, f_result, _, f_trace = layout.resp
+    msg = layout.response.new_message()
+    put = msg._set_by_field
+    put(f_version, codec.version)
+    put(f_status, _OK)
+    if result:
+        _write_arguments(msg, f_result, result, layout)
+    if trace_id:
+        put(f_trace, trace_id)
     return msg.to_bytes_packed()  # type: ignore[no-any-return]
 
 

@@ -51,6 +51,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 
@@ -94,6 +95,7 @@ from broker.rpc._protocol import (
     child_depth,
     decode_request,
     encode_response,
+    encode_result,
     error_response,
     new_response,
 )
@@ -347,6 +349,9 @@ class _Ancestry:
         return path
 
 
+_open: Final = nacl.bindings.crypto_sign_open
+
+
 class Forwarders(KeyLookup, Protocol):
     """Peers that may sign a request carrying a token someone else holds (a ``TrustRoster``:
     nodes passing on their caller's token in nested calls)."""
@@ -364,7 +369,8 @@ class HolderKeys:
 
     def __init__(self, holder: bytes, forwarders: Forwarders | None = None) -> None:
         try:
-            self._key = nacl.signing.VerifyKey(holder)
+            # Checked as a key once; verified with the binding directly (see ``verify``).
+            self._key = bytes(nacl.signing.VerifyKey(holder))
         except (nacl.exceptions.ValueError, nacl.exceptions.TypeError):
             raise UnauthenticatedError("the token's holder is not an Ed25519 public key") from None
         self._forwarders = forwarders
@@ -376,7 +382,8 @@ class HolderKeys:
         if len(signature) != SIGNATURE_SIZE:
             raise BadSignatureError(f"signature is {len(signature)} bytes, not {SIGNATURE_SIZE}")
         try:
-            self._key.verify(domain + body, signature)
+            # What VerifyKey.verify does, without its encoder and checks: on every request.
+            _open(signature + domain + body, self._key)
             return
         except nacl.exceptions.BadSignatureError:
             pass
@@ -720,7 +727,7 @@ class RpcServer:
             finally:
                 if left <= 0 and inspect.iscoroutine(pending):
                     pending.close()  # never started: do not leave it unawaited
-            body = encode_response(self.codec, _response(out, req))
+            body = _encode(self.codec, out, req)
             code = StatusCode.OK
             return body
         except ErrorReply:
@@ -739,11 +746,12 @@ class RpcServer:
             out = m.handler(ctx)
         except TimeoutError:
             raise self._late(m, req) from None
-        if isinstance(out, Awaitable):
+        # (An exact type first: the ABC check costs more than the rest of this function.)
+        if type(out) is not dict and type(out) is not Response and isinstance(out, Awaitable):
             return out
         if _monotonic() * 1000.0 > ctx.deadline.at_ms:
             raise self._late(m, req)  # the late result is discarded
-        return encode_response(self.codec, _response(out, req))
+        return _encode(self.codec, out, req)
 
     @staticmethod
     def _late(m: _Method, req: Request) -> DeadlineExceededError:
@@ -789,7 +797,8 @@ class RpcServer:
                 body=msg.data, headers=headers, now_ms=now_ms,
             )
             # Counted against the holder (the signer id is only a label a caller picks).
-            self.replay.check(auth, now_ms, holder.hex())
+            owner = holder.hex()
+            self.replay.check(auth, now_ms, owner)
         except SignatureError as exc:  # replayed and expired requests included
             raise UnauthenticatedError(
                 f"request not signed by the token's holder: {exc}"
@@ -797,7 +806,7 @@ class RpcServer:
         if self._auth is not None:
             self._auth.remember(msg, auth.digest)
         limiter = self.limiter
-        if limiter is not None and not limiter.allow(holder.hex(), now_ms):
+        if limiter is not None and not limiter.allow(owner, now_ms):
             raise ResourceExhaustedError(
                 "requests of this token's holder over their rate limit; retry later"
             )
@@ -853,12 +862,13 @@ class RpcServer:
                 revoked=self.revocations.ids if self.revocations is not None else (),
             )
             self._caller(msg, admitted.holder, now)
-            job = verifier.job(
-                req.token, namespace=self.namespace, subject=subject, path=path,
-                method=m.name, now=now,
-            )
             pending: AuthorizeJob | None = None
-            if not verifier.allowed(job):
+            # The cached decision first: the job is built only when there is none.
+            if not verifier.allowed_call(req.token, self.namespace, subject, path, m.name, now):
+                job = verifier.job(
+                    req.token, namespace=self.namespace, subject=subject, path=path,
+                    method=m.name, now=now,
+                )
                 if self.authorizer is not None:
                     if admitted.holder is not None and self.penalized(admitted.holder):
                         raise TokenLimitError(
@@ -908,6 +918,14 @@ _MAX_HOLDER_KEYS: Final = 4096
 _MAX_DIGESTS: Final = 4096
 """Verified requests whose reply is not yet signed (more than run at once, by far)."""
 _MAX_PENALIZED: Final = 4096
+
+
+def _encode(codec: WireCodec, out: Any, req: Request) -> bytes:
+    """The encoded reply to ``req`` of a handler's result (a ``Response``, or the mapping
+    of an OK response, encoded without building one)."""
+    if isinstance(out, Response):
+        return encode_response(codec, _response(out, req))
+    return encode_result(codec, out, req.trace_id)
 
 
 def _response(out: Any, req: Request) -> Response:

@@ -32,7 +32,7 @@ from broker.codec import (
     verify_reply,
     verify_request,
 )
-from broker.codec._binding import MAX_LIFETIME_MS, NONCE_SIZE, REPLAY_SHARE
+from broker.codec._binding import DEFAULT_LIFETIME_MS, MAX_LIFETIME_MS, NONCE_SIZE, REPLAY_SHARE
 from broker.errors import CodecError, ResourceExhaustedError
 from broker.transport._protocol import Msg, Transport
 
@@ -101,9 +101,11 @@ class RequestSigner:
             headers=headers,
             now_ms=self.wall_ms(),
             nonce=self.nonce(NONCE_SIZE),
-            **({} if lifetime_ms is None else {"lifetime_ms": lifetime_ms}),
+            lifetime_ms=DEFAULT_LIFETIME_MS if lifetime_ms is None else lifetime_ms,
         )
-        out = dict(headers or {})
+        if not headers:  # the common case: no header but the auth (no copy to make)
+            return {AUTH_HEADER: auth.header()}, auth
+        out = dict(headers)
         out[AUTH_HEADER] = auth.header()
         return out, auth
 
@@ -178,10 +180,11 @@ class RequestSigner:
                                         headers=msg.headers)
             except CodecError:
                 digest = b""
-        out = dict(headers or {})
-        out[AUTH_HEADER] = sign_reply(
-            self.signer, digest, body=body, headers=headers, now_ms=self.wall_ms()
-        )
+        value = sign_reply(self.signer, digest, body=body, headers=headers, now_ms=self.wall_ms())
+        if not headers:
+            return {AUTH_HEADER: value}
+        out = dict(headers)
+        out[AUTH_HEADER] = value
         return out
 
     def endpoint_auth(

@@ -53,6 +53,12 @@ async def _exercise(server_side: Transport, client: Transport) -> None:
         assert [s.metadata["node"] for s in quick] == ["n1", "n2"]
         assert ("echo", "wn.t.rpc.n1.echo") in found[0].endpoints
         assert await call(client, "wn.t.rpc.n2.echo", b"hi", timeout=2) == b"echo:hi"
+        # The answer carries its own headers, never the request's echoed back (as nats-py's
+        # Msg.respond would send them).
+        reply = await client.request("wn.t.rpc.n1.echo", b"x", timeout=2,
+                                     headers={"X-Asked": "1"})
+        assert reply.data == b"echo:x"
+        assert "X-Asked" not in (reply.headers or {})
         with pytest.raises(ServiceCallError) as err:
             await call(client, "wn.t.rpc.n1.refuse", b"", timeout=2)
         assert err.value.http_code == "400"
@@ -66,6 +72,14 @@ async def _exercise(server_side: Transport, client: Transport) -> None:
         assert {json.loads(p.data)["type"] for p in pings} == {"io.nats.micro.v1.ping_response"}
         stats = await client.request_many("$SRV.STATS.worknode-test", b"", timeout=0.5)
         assert len(stats) == 2
+        # Requests answered on the inlined reply path still count in the service's stats.
+        counted = {
+            json.loads(s.data)["metadata"]["node"]: {
+                e["name"]: e["num_requests"] for e in json.loads(s.data)["endpoints"]}
+            for s in stats
+        }
+        assert counted["n1"]["echo"] == 1
+        assert counted["n2"]["echo"] == 1
     finally:
         for h in handles:
             await h.stop()

@@ -212,6 +212,16 @@ def test_rate_limiter_refills_and_is_bounded() -> None:
     assert len(lim._buckets) == 2
 
 
+def test_rate_limiter_forgets_the_least_recently_used_key() -> None:
+    lim = RateLimiter(rate=0.001, burst=1, max_keys=2)
+    assert lim.allow("a", 0)
+    assert lim.allow("b", 0)
+    assert not lim.allow("a", 0)  # a used again: now b is the least recently used
+    assert lim.allow("c", 0)  # b forgotten, not a
+    assert not lim.allow("a", 0)  # a's empty bucket was kept
+    assert lim.allow("b", 0)  # b starts again with a full bucket
+
+
 def test_a_guard_refuses_requests_issued_before_it_started() -> None:
     # What a restarted responder cannot remember it refuses: a request captured before.
     guard = ReplayGuard(not_before_ms=NOW + 1)

@@ -121,6 +121,23 @@ def test_caches_never_extend_expiry_or_hide_revocation() -> None:
     _verify(v, tok, revoked={inspect(child).token_id})
 
 
+def test_the_servers_cache_question_is_the_jobs() -> None:
+    # The server asks ``allowed_call`` on every call and builds the job only on a miss: it
+    # must answer exactly what ``allowed(job)`` answers, and only for that very call.
+    tok = mint(ROOT, [Grant("shop", "orders")], expires_at=NOW + 60, holder=HOLDER)
+    v = TokenVerifier(RING)
+    call = ("shop", "orders", ("o1", "root"), "get")
+    assert not v.allowed_call(tok, *call, NOW)
+    _verify(v, tok)  # authorized and remembered
+    job = v.job(tok, namespace="shop", subject="orders", path=["o1", "root"], method="get",
+                now=NOW + 1)
+    assert v.allowed(job)
+    assert v.allowed_call(tok, *call, NOW + 1)
+    assert not v.allowed_call(tok, "shop", "orders", ("o2", "root"), "get", NOW + 1)
+    assert not v.allowed_call(tok, "shop", "orders", ("o1", "root"), "set", NOW + 1)
+    assert not v.allowed_call(tok, *call, NOW + 60)  # never past the token's expiry
+
+
 def test_tokens_with_other_time_checks_are_never_cached() -> None:
     tok = mint(ROOT, [Grant("shop", "orders")], expires_at=NOW + 600, holder=HOLDER)
     parsed = bi.Biscuit.from_bytes(tok, lambda kid: bi.PublicKey.from_bytes(
