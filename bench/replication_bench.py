@@ -164,6 +164,84 @@ async def _lat_sub(url: str, n: int, floor: bool, seed: bytes) -> None:
     await nc.close()
 
 
+async def _floor_writer(url: str, n: int, state: Path, seed: bytes) -> None:
+    """The distinct-fields workload done by the fastest Python code we know: each write a
+    register (value, dot) in a dict, each group of ``GROUP`` a msgpack batch committed to
+    SQLite (WAL, synchronous=normal, worker thread), signed (Ed25519) and published."""
+    import sqlite3
+
+    import msgpack
+    import nacl.signing
+    import nats
+
+    from bench._secure import raw_options
+
+    nc = await nats.connect(url, pending_size=1 << 30, **raw_options("raw-pub"))
+    signer = nacl.signing.SigningKey(seed)
+    db = sqlite3.connect(state / "floor.db", check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("CREATE TABLE IF NOT EXISTS log (seq INTEGER PRIMARY KEY, data BLOB)")
+
+    def commit(data: bytes) -> None:
+        db.execute("INSERT INTO log (data) VALUES (?)", (data,))
+        db.commit()
+
+    registers: dict[str, tuple[int, int]] = {}
+    counter = 0
+    _emit(ready=True)
+    sys.stdin.readline()
+    t0 = time.time()
+    for j in range(0, n, GROUP):
+        batch = []
+        for i in range(GROUP):
+            counter += 1
+            key, value = f"k{(j + i) % KEYS}", j + i
+            registers[key] = (value, counter)
+            batch.append((key, value, counter))
+        record = msgpack.packb(batch)
+        await asyncio.to_thread(commit, record)
+        await nc.publish(RAW_SUBJECT, signer.sign(record).signature + record)
+    await nc.flush()
+    db.close()
+    _emit(start=t0)
+    await nc.close()
+
+
+async def _floor_replica(url: str, n: int, seed: bytes) -> None:
+    """Receive the floor writer's batches: verify, decode, join each register by its dot."""
+    import msgpack
+    import nacl.signing
+    import nats
+
+    from bench._secure import raw_options
+
+    nc = await nats.connect(url, pending_size=1 << 30, **raw_options("raw-sub"))
+    key = nacl.signing.SigningKey(seed).verify_key
+    registers: dict[str, tuple[int, int]] = {}
+    got = 0
+    done = asyncio.Event()
+
+    async def cb(msg: Any) -> None:
+        nonlocal got
+        body = msg.data
+        for k, value, dot in msgpack.unpackb(key.verify(body[64:], body[:64])):
+            held = registers.get(k)
+            if held is None or dot > held[1]:
+                registers[k] = (value, dot)
+            got += 1
+        if got >= n:
+            done.set()
+
+    await nc.subscribe(RAW_SUBJECT, cb=cb, pending_msgs_limit=1_000_000,
+                       pending_bytes_limit=1 << 30)
+    await nc.flush()
+    _emit(ready=True)
+    await done.wait()
+    _emit(end=time.time(), rss=_rss())
+    await nc.close()
+
+
 def _settings(url: str, state: Path, name: str) -> Any:
     from services.worknode import WorknodeSettings
 
@@ -378,6 +456,26 @@ def _wn_round(url: str, n: int, mode: str = "counter", sustain: float = 0,
         subprocess.run(["rm", "-rf", str(state)], check=False)
 
 
+def _floor_round(url: str, n: int) -> float:
+    """ops/s of the floor's distinct-fields replication (one writer, two replicas)."""
+    state = Path(tempfile.mkdtemp(prefix="wn-bench-"))
+    seed = os.urandom(32).hex()
+    replicas = [_Child("floor-replica", url, str(n), seed) for _ in range(2)]
+    writer = _Child("floor-writer", url, str(n), str(state), seed)
+    try:
+        for r in replicas:
+            r.read()
+        writer.read()
+        writer.go()
+        start = writer.read()["start"]
+        end = max(r.read()["end"] for r in replicas)
+        return n / (end - start)
+    finally:
+        for c in [writer, *replicas]:
+            c.close()
+        subprocess.run(["rm", "-rf", str(state)], check=False)
+
+
 def _lat_round(url: str, n: int, side: str) -> list[float]:
     """Write-to-remote-apply (``wn``) or send-to-receive (``raw``, ``floor``) latencies of
     ``n`` writes 20 ms apart, in seconds."""
@@ -515,9 +613,10 @@ def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
         keys: list[float] = []
         wn_off: list[float] = []  # the same, receivers without issue 17's checks (A/B)
         keys_off: list[float] = []
+        keys_floor: list[float] = []  # the fastest Python doing the distinct-fields job
         rss: list[int] = []
         for rnd in range(rounds):
-            order = ("raw", "wn", "wn-off", "keys", "keys-off")
+            order = ("raw", "wn", "wn-off", "keys", "keys-off", "keys-floor")
             for side in order if rnd % 2 == 0 else order[::-1]:
                 if side == "raw":
                     raw.append(_raw_round(url, n))
@@ -527,6 +626,8 @@ def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
                     rss.append(res["rss"])
                 elif side == "wn-off":
                     wn_off.append(_wn_round(url, n, checks=False)["rate"])
+                elif side == "keys-floor":
+                    keys_floor.append(_floor_round(url, n))
                 elif side == "keys":
                     keys.append(_wn_round(url, n, "keys")["rate"])
                 else:
@@ -545,6 +646,8 @@ def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
         loop.close()
     ratios = [w / r for w, r in zip(wn, raw, strict=True)]
     key_ratios = [w / r for w, r in zip(keys, raw, strict=True)]
+    floor_ratios = [w / f for w, f in zip(keys, keys_floor, strict=True)]
+    floor_raw = [f / r for f, r in zip(keys_floor, raw, strict=True)]
     off_ratios = [w / r for w, r in zip(wn_off, raw, strict=True)]
     cost = [on / off for on, off in zip(wn, wn_off, strict=True)]
     key_cost = [on / off for on, off in zip(keys, keys_off, strict=True)]
@@ -586,6 +689,14 @@ def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
         f"{min(keys):,.0f} - {max(keys):,.0f} |",
         f"| ratio distinct fields / raw (per round) | {statistics.median(key_ratios):.2f}x | "
         f"{min(key_ratios):.2f}x - {max(key_ratios):.2f}x |",
+        f"| floor: distinct fields by the fastest Python (dict registers, msgpack, SQLite, "
+        f"Ed25519; ops/s) | {statistics.median(keys_floor):,.0f} | "
+        f"{min(keys_floor):,.0f} - {max(keys_floor):,.0f} |",
+        f"| floor / raw (per round) | {statistics.median(floor_raw):.2f}x | "
+        f"{min(floor_raw):.2f}x - {max(floor_raw):.2f}x |",
+        f"| **ratio distinct fields worknode / floor (per round)** | "
+        f"**{statistics.median(floor_ratios):.2f}x** | "
+        f"{min(floor_ratios):.2f}x - {max(floor_ratios):.2f}x |",
         f"| ratio worknode / raw, receivers without the Byzantine checks (A/B) | "
         f"{statistics.median(off_ratios):.2f}x | "
         f"{min(off_ratios):.2f}x - {max(off_ratios):.2f}x |",
@@ -659,6 +770,11 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_raw_pub(rest[0], int(rest[1])))
         elif role == "wn-replica":
             asyncio.run(_wn_replica(rest[0], Path(rest[1]), rest[2], int(rest[3]), rest[4]))
+        elif role == "floor-writer":
+            asyncio.run(_floor_writer(rest[0], int(rest[1]), Path(rest[2]),
+                                      bytes.fromhex(rest[3])))
+        elif role == "floor-replica":
+            asyncio.run(_floor_replica(rest[0], int(rest[1]), bytes.fromhex(rest[2])))
         elif role == "lat-pub":
             asyncio.run(_lat_pub(rest[0], int(rest[1]), rest[2] == "1", Path(rest[3]),
                                  bytes.fromhex(rest[4])))
