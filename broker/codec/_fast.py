@@ -218,6 +218,28 @@ if _ENTRY_KEY > _ENTRY_LIST:
 _ENTRY: Final = _ENTRY_STRUCT.unpack_from
 _ENTRY_ROWS: Final = _ENTRY_STRUCT.iter_unpack
 _WHOLE_MASK: Final = 1 << ENTRY_WHOLE_BIT % 8
+# A register of one entry holding an Int64, as pycapnp's copy lays it out: the item list's
+# tag, the item, its payload, the payload's value, each right after the other (every pointer
+# offset 0). Read in one ``unpack_from``, its structural words compared at once; any other
+# layout takes the general path (``items``), which reads the same fields one struct at a time.
+_REG_PAYLOAD: Final = 8 + _ITEM_BYTES
+_REG_VALUE: Final = _REG_PAYLOAD + _PAYLOAD_BYTES
+_REGISTER_BYTES: Final = _REG_VALUE + _VALUE_BYTES
+_REGISTER: Final = _layout(
+    (0, "Q"), (8 + ITEM_REPLICA, "I"), (8 + ITEM_COUNTER, "Q"), (8 + _ITEM_PAYLOAD, "Q"),
+    (_REG_PAYLOAD + PAYLOAD_LWW_HLC, "Q"), (_REG_PAYLOAD + PAYLOAD_WHICH, "H"),
+    (_REG_PAYLOAD + _LWW_VALUE, "Q"), (_REG_VALUE + VALUE_WHICH, "H"),
+    (_REG_VALUE + VALUE_INT, "q"),
+)
+_INT_REGISTER: Final = (
+    _ITEM_SHAPE << 32 | 1 << 2,  # the tag: one item
+    _PAYLOAD_SHAPE << 32,  # the item's payload pointer: offset 0 (right after the item)
+    PAYLOAD_IS_LWW,
+    _VALUE_SHAPE << 32,  # the payload's value pointer: offset 0
+    VALUE_IS_INT,
+)
+_ONE_ITEM_HI: Final = (_ITEM_BYTES // 8) << 3 | 7  # a composite list pointer of one item's words
+_REGISTER_WORDS: Final = 1 + (_ITEM_BYTES + _PAYLOAD_BYTES + _VALUE_BYTES) // 8  # as ``items``
 _SET_ELEMENT_BYTES: Final = 8 * (SET_ELEMENT_DATA_WORDS + SET_ELEMENT_POINTERS)
 _SET_ELEMENT_SHAPE: Final = _shape(SET_ELEMENT_DATA_WORDS, SET_ELEMENT_POINTERS)
 _SET_ELEMENT_VALUE: Final = 8 * SET_ELEMENT_DATA_WORDS + 8 * SET_ELEMENT_VALUE_PTR
@@ -618,6 +640,8 @@ class _Reader:
         out = MapStore()
         prev, prev_kind = "", 0  # keys are never empty: "" sorts before every key
         items, entries, keys = self.items, self.entries, _KEYS
+        replicas = self.replicas
+        nrep = len(replicas)
         for kind, wb, w, klo, khi, llo, lhi in _ENTRY_ROWS(m[a : a + _ENTRY_BYTES * count]):
             # The key (``_text`` and ``validate_key``, inlined: the hot path). Strict UTF-8
             # decoding gives a str whose UTF-8 size is the byte count checked here.
@@ -638,8 +662,24 @@ class _Reader:
                 keys[raw] = key
             lp = a + _ENTRY_LIST
             a += _ENTRY_BYTES
-            if w == ENTRY_IS_ENTRIES and kind == _K_MAP:
-                inner: Any = entries(lp, llo, lhi, depth + 1)
+            inner: Any = None
+            if kind == _K_LWW and lhi == _ONE_ITEM_HI and llo & 3 == 1 and w == ENTRY_IS_ITEMS:
+                # A register of one Int64 entry laid out as pycapnp's copy lays it out (see
+                # ``_REGISTER``): one read, the checks of ``items``.
+                tag = lp + 8 + 8 * (llo >> 2)
+                if tag + _REGISTER_BYTES <= size:
+                    tw, r, n, pw, hlc, which, vw, vwhich, x = _REGISTER(m, tag)
+                    if (tw, pw, which, vw, vwhich) == _INT_REGISTER:
+                        if not 0 < n <= INT64_MAX or hlc > INT64_MAX or r >= nrep:
+                            raise _fail("bad item dot, or a timestamp above 2**63 - 1")
+                        self.budget -= _REGISTER_WORDS
+                        if self.budget < 0:
+                            raise _fail("over the traversal limit")
+                        inner = LWWStore((replicas[r], n, hlc, x))
+            if inner is not None:
+                pass
+            elif w == ENTRY_IS_ENTRIES and kind == _K_MAP:
+                inner = entries(lp, llo, lhi, depth + 1)
             elif w == ENTRY_IS_ITEMS and kind:
                 inner = items(kind, lp, llo, lhi)
             else:

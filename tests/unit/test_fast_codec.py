@@ -102,6 +102,20 @@ def test_a_wrong_layout_offset_is_caught(monkeypatch: pytest.MonkeyPatch) -> Non
         _check_many(3)
 
 
+def test_a_wrong_register_read_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The one-read path of int registers (``_REGISTER``) is taken and checked: a value off by
+    # one there is caught.
+    right = fast_mod._REGISTER
+
+    def wrong(m: bytes, at: int) -> tuple[int, ...]:
+        *fields, x = right(m, at)
+        return (*fields, x + 1)
+
+    monkeypatch.setattr(fast_mod, "_REGISTER", wrong)
+    with pytest.raises(AssertionError):
+        _check_many(3)
+
+
 def test_a_wrong_struct_size_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     # A layout that refuses every valid Item is caught too (the fast path must be taken).
     monkeypatch.setattr(fast_mod, "_ITEM_SHAPE", fast_mod._ITEM_SHAPE + 1)
