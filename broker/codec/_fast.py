@@ -216,6 +216,8 @@ _ENTRY_STRUCT: Final = _row(
 if _ENTRY_KEY > _ENTRY_LIST:
     raise AssertionError("Entry layout changed: the key pointer must come first")
 _ENTRY: Final = _ENTRY_STRUCT.unpack_from
+_KEY_AT: Final = _ENTRY_KEY + 8  # + 8 * offset: the key's first byte, from the entry's
+_LIST_AT: Final = _ENTRY_LIST + 8  # + 8 * offset: the list's tag, from the entry's first byte
 _ENTRY_ROWS: Final = _ENTRY_STRUCT.iter_unpack
 _WHOLE_MASK: Final = 1 << ENTRY_WHOLE_BIT % 8
 # A register of one entry holding an Int64, as pycapnp's copy lays it out: the item list's
@@ -636,54 +638,56 @@ class _Reader:
         self.budget -= words + 1
         if self.budget < 0:
             raise _fail("over the traversal limit")
-        a = tag + 8
+        a = tag + 8 - _ENTRY_BYTES  # the entry's first byte, moved on first in the loop
         out = MapStore()
         prev, prev_kind = "", 0  # keys are never empty: "" sorts before every key
-        items, entries, keys = self.items, self.entries, _KEYS
-        replicas = self.replicas
+        items, keys, replicas = self.items, _KEYS, self.replicas
         nrep = len(replicas)
-        for kind, wb, w, klo, khi, llo, lhi in _ENTRY_ROWS(m[a : a + _ENTRY_BYTES * count]):
-            # The key (``_text`` and ``validate_key``, inlined: the hot path). Strict UTF-8
-            # decoding gives a str whose UTF-8 size is the byte count checked here.
+        registers = 0
+        rows = _ENTRY_ROWS(m[tag + 8 : tag + 8 + _ENTRY_BYTES * count])
+        for kind, wb, w, klo, khi, llo, lhi in rows:
+            a += _ENTRY_BYTES
+            # The key (``_text`` and ``validate_key``, inlined: the hot path). It is read
+            # with its NUL: a key in the cache has been checked (NUL-terminated, no inner
+            # NUL, UTF-8), so a hit needs no other check. A str decoded strictly from UTF-8
+            # has the UTF-8 size checked here.
             if klo & 3 != 1 or khi & 7 != 2:
                 raise _fail("map key is not a byte list")
-            ks = a + _ENTRY_KEY + 8 + 8 * (klo >> 2)
-            ke = ks + (khi >> 3) - 1
-            if not 0 < ke - ks <= MAX_KEY_BYTES or ke >= size or m[ke]:
-                raise _fail("map key out of bounds, empty, too long or not NUL-terminated")
+            ks = a + _KEY_AT + 8 * (klo >> 2)
+            ke = ks + (khi >> 3)
+            if not 1 < ke - ks <= MAX_KEY_BYTES + 1 or ke > size:
+                raise _fail("map key out of bounds, empty or too long")
             raw = m[ks:ke]
             key = keys.get(raw)  # field names repeat: each is checked once
             if key is None:
-                if 0 in raw:
-                    raise _fail("map key with an inner NUL")
-                key = raw.decode("utf-8")  # UnicodeDecodeError: see ``_guard``
+                if raw[-1] or raw.find(0, 0, -1) >= 0:
+                    raise _fail("map key not NUL-terminated, or with an inner NUL")
+                key = raw[:-1].decode("utf-8")  # UnicodeDecodeError: see ``_guard``
                 if len(keys) >= _KEY_CACHE:
                     keys.clear()
                 keys[raw] = key
-            lp = a + _ENTRY_LIST
-            a += _ENTRY_BYTES
-            inner: Any = None
             if kind == _K_LWW and lhi == _ONE_ITEM_HI and llo & 3 == 1 and w == ENTRY_IS_ITEMS:
                 # A register of one Int64 entry laid out as pycapnp's copy lays it out (see
-                # ``_REGISTER``): one read, the checks of ``items``.
-                tag = lp + 8 + 8 * (llo >> 2)
+                # ``_REGISTER``): one read, the checks of ``items`` (its traversal charge is
+                # made after the loop: the list's size bounds the work until then).
+                tag = a + _LIST_AT + 8 * (llo >> 2)
                 if tag + _REGISTER_BYTES <= size:
                     tw, r, n, pw, hlc, which, vw, vwhich, x = _REGISTER(m, tag)
                     if (tw, pw, which, vw, vwhich) == _INT_REGISTER:
                         if not 0 < n <= INT64_MAX or hlc > INT64_MAX or r >= nrep:
                             raise _fail("bad item dot, or a timestamp above 2**63 - 1")
-                        self.budget -= _REGISTER_WORDS
-                        if self.budget < 0:
-                            raise _fail("over the traversal limit")
-                        inner = LWWStore((replicas[r], n, hlc, x))
-            if inner is not None:
-                pass
+                        registers += 1
+                        inner: Any = LWWStore((replicas[r], n, hlc, x))
+                    else:
+                        inner = items(kind, a + _ENTRY_LIST, llo, lhi)
+                else:
+                    inner = items(kind, a + _ENTRY_LIST, llo, lhi)
             elif w == ENTRY_IS_ENTRIES and kind == _K_MAP:
-                inner = entries(lp, llo, lhi, depth + 1)
+                inner = self.entries(a + _ENTRY_LIST, llo, lhi, depth + 1)
             elif w == ENTRY_IS_ITEMS and kind:
-                inner = items(kind, lp, llo, lhi)
+                inner = items(kind, a + _ENTRY_LIST, llo, lhi)
             else:
-                inner = self.store(kind, w, lp, llo, lhi, depth + 1)
+                inner = self.store(kind, w, a + _ENTRY_LIST, llo, lhi, depth + 1)
             if prev < key and not wb & _WHOLE_MASK and inner is not None:
                 out[key] = inner  # the commonest entry: a new key, no marker, a store
             else:
@@ -692,6 +696,10 @@ class _Reader:
                     raise _fail("map entries are not sorted by (key, kind)")
                 self.put(out, key, inner, wb & _WHOLE_MASK != 0, key == prev)
             prev, prev_kind = key, kind
+        if registers:
+            self.budget -= registers * _REGISTER_WORDS
+            if self.budget < 0:
+                raise _fail("over the traversal limit")
         return out or None
 
     def put(self, out: MapStore, key: str, inner: Any, whole: bool, repeat: bool) -> None:
