@@ -218,6 +218,14 @@ if _ENTRY_KEY > _ENTRY_LIST:
 _ENTRY: Final = _ENTRY_STRUCT.unpack_from
 _KEY_AT: Final = _ENTRY_KEY + 8  # + 8 * offset: the key's first byte, from the entry's
 _LIST_AT: Final = _ENTRY_LIST + 8  # + 8 * offset: the list's tag, from the entry's first byte
+# A list of exactly one Entry: its pointer's upper half, its tag, and both in one read.
+_ONE_ENTRY_HI: Final = (_ENTRY_BYTES // 8) << 3 | 7
+_ONE_ENTRY_TAG: Final = _ENTRY_SHAPE << 32 | 1 << 2
+_ONE_ENTRY: Final = _layout(
+    (0, "Q"), (8 + ENTRY_KIND, "H"), (8 + ENTRY_WHOLE_BIT // 8, "B"), (8 + ENTRY_WHICH, "H"),
+    *sorted([(8 + _ENTRY_KEY, "II"), (8 + _ENTRY_LIST, "II")]),
+)
+_ONE_ENTRY_WORDS: Final = 1 + _ENTRY_BYTES // 8  # what ``entries`` charges for such a list
 _ENTRY_ROWS: Final = _ENTRY_STRUCT.iter_unpack
 _WHOLE_MASK: Final = 1 << ENTRY_WHOLE_BIT % 8
 # A register of one entry holding an Int64, as pycapnp's copy lays it out: the item list's
@@ -291,6 +299,21 @@ def _text(m: bytes, p: int, lo: int, hi: int) -> str:
         return m[start:end].decode("utf-8")
     except UnicodeDecodeError:
         raise _fail("text is not UTF-8") from None
+
+
+def _new_key(raw: bytes) -> str:
+    """The map key of ``raw`` (its UTF-8 bytes and NUL, not in the cache yet), checked as
+    ``validate_key`` checks it, and cached. A str decoded strictly from UTF-8 has the UTF-8
+    size checked here."""
+    if not 1 < len(raw) <= MAX_KEY_BYTES + 1:
+        raise _fail("map key empty or too long")
+    if raw[-1] or raw.find(0, 0, -1) >= 0:
+        raise _fail("map key not NUL-terminated, or with an inner NUL")
+    key = raw[:-1].decode("utf-8")  # UnicodeDecodeError: see ``_guard``
+    if len(_KEYS) >= _KEY_CACHE:
+        _KEYS.clear()
+    _KEYS[raw] = key
+    return key
 
 
 def _data(m: bytes, p: int) -> bytes:
@@ -648,24 +671,18 @@ class _Reader:
         for kind, wb, w, klo, khi, llo, lhi in rows:
             a += _ENTRY_BYTES
             # The key (``_text`` and ``validate_key``, inlined: the hot path). It is read
-            # with its NUL: a key in the cache has been checked (NUL-terminated, no inner
-            # NUL, UTF-8), so a hit needs no other check. A str decoded strictly from UTF-8
-            # has the UTF-8 size checked here.
+            # with its NUL: a key in the cache has been checked (``_new_key``), so a hit
+            # needs no other check.
             if klo & 3 != 1 or khi & 7 != 2:
                 raise _fail("map key is not a byte list")
             ks = a + _KEY_AT + 8 * (klo >> 2)
             ke = ks + (khi >> 3)
-            if not 1 < ke - ks <= MAX_KEY_BYTES + 1 or ke > size:
-                raise _fail("map key out of bounds, empty or too long")
+            if ke > size:
+                raise _fail("map key out of bounds")
             raw = m[ks:ke]
             key = keys.get(raw)  # field names repeat: each is checked once
             if key is None:
-                if raw[-1] or raw.find(0, 0, -1) >= 0:
-                    raise _fail("map key not NUL-terminated, or with an inner NUL")
-                key = raw[:-1].decode("utf-8")  # UnicodeDecodeError: see ``_guard``
-                if len(keys) >= _KEY_CACHE:
-                    keys.clear()
-                keys[raw] = key
+                key = _new_key(raw)
             if kind == _K_LWW and lhi == _ONE_ITEM_HI and llo & 3 == 1 and w == ENTRY_IS_ITEMS:
                 # A register of one Int64 entry laid out as pycapnp's copy lays it out (see
                 # ``_REGISTER``): one read, the checks of ``items`` (its traversal charge is
@@ -683,7 +700,11 @@ class _Reader:
                 else:
                     inner = items(kind, a + _ENTRY_LIST, llo, lhi)
             elif w == ENTRY_IS_ENTRIES and kind == _K_MAP:
-                inner = self.entries(a + _ENTRY_LIST, llo, lhi, depth + 1)
+                inner = None
+                if lhi == _ONE_ENTRY_HI and llo & 3 == 1:  # a map of one entry (a path)
+                    inner = self.one(a + _LIST_AT + 8 * (llo >> 2), depth + 1)
+                if inner is None:
+                    inner = self.entries(a + _ENTRY_LIST, llo, lhi, depth + 1)
             elif w == ENTRY_IS_ITEMS and kind:
                 inner = items(kind, a + _ENTRY_LIST, llo, lhi)
             else:
@@ -701,6 +722,50 @@ class _Reader:
             if self.budget < 0:
                 raise _fail("over the traversal limit")
         return out or None
+
+    def one(self, tag: int, depth: int) -> MapStore | None:
+        """The map at the entry list whose tag is at byte ``tag``, if it is one entry
+        holding an int register or another such map (a path: ``a/b/c = 1``), laid out as
+        pycapnp's copy lays it out (tag, entry, key, the entry's list right after); else
+        None, and ``entries`` reads it (and refuses what is invalid). The reads and checks
+        of ``entries``, without its loop."""
+        m, size = self.m, self.size
+        if depth > MAX_NESTING_DEPTH or tag + 8 + _ENTRY_BYTES > size:
+            return None
+        tw, kind, wb, w, klo, khi, llo, lhi = _ONE_ENTRY(m, tag)
+        if tw != _ONE_ENTRY_TAG or wb & _WHOLE_MASK or klo & 3 != 1 or khi & 7 != 2:
+            return None
+        a = tag + 8
+        ks = a + _KEY_AT + 8 * (klo >> 2)
+        ke = ks + (khi >> 3)
+        if ke > size or llo & 3 != 1:
+            return None
+        raw = m[ks:ke]
+        key = _KEYS.get(raw)
+        if key is None:
+            key = _new_key(raw)
+        lt = a + _LIST_AT + 8 * (llo >> 2)
+        if kind == _K_LWW and w == ENTRY_IS_ITEMS and lhi == _ONE_ITEM_HI:
+            if lt + _REGISTER_BYTES > size:
+                return None
+            tw, r, n, pw, hlc, which, vw, vwhich, x = _REGISTER(m, lt)
+            replicas = self.replicas
+            if (tw, pw, which, vw, vwhich) != _INT_REGISTER or not 0 < n <= INT64_MAX or (
+                hlc > INT64_MAX or r >= len(replicas)
+            ):
+                return None
+            inner: Any = LWWStore((replicas[r], n, hlc, x))
+            self.budget -= _ONE_ENTRY_WORDS + _REGISTER_WORDS
+        elif kind == _K_MAP and w == ENTRY_IS_ENTRIES and lhi == _ONE_ENTRY_HI:
+            inner = self.one(lt, depth + 1)
+            if inner is None:
+                return None
+            self.budget -= _ONE_ENTRY_WORDS
+        else:
+            return None
+        if self.budget < 0:
+            raise _fail("over the traversal limit")
+        return MapStore({key: inner})
 
     def put(self, out: MapStore, key: str, inner: Any, whole: bool, repeat: bool) -> None:
         """Store an entry that is not the common case: a ``Whole`` marker, an empty store

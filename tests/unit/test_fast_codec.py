@@ -116,6 +116,20 @@ def test_a_wrong_register_read_is_caught(monkeypatch: pytest.MonkeyPatch) -> Non
         _check_many(3)
 
 
+def test_a_wrong_path_read_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The one-entry map path (``_Reader.one``) is taken and checked: a key changed there is
+    # caught.
+    right = fast_mod._Reader.one
+
+    def wrong(self: fast_mod._Reader, tag: int, depth: int) -> object:
+        got = right(self, tag, depth)
+        return None if got is None else type(got)({k + "!": v for k, v in got.items()})
+
+    monkeypatch.setattr(fast_mod._Reader, "one", wrong)
+    with pytest.raises(AssertionError):
+        _check_many(3)
+
+
 def test_a_wrong_struct_size_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     # A layout that refuses every valid Item is caught too (the fast path must be taken).
     monkeypatch.setattr(fast_mod, "_ITEM_SHAPE", fast_mod._ITEM_SHAPE + 1)
