@@ -198,6 +198,7 @@ _VALUE_SHAPE: Final = _shape(VALUE_DATA_WORDS, VALUE_POINTERS)
 _VALUE_TEXT: Final = 8 * VALUE_DATA_WORDS + 8 * VALUE_TEXT_PTR
 _VALUE_DATA: Final = 8 * VALUE_DATA_WORDS + 8 * VALUE_DATA_PTR
 _VALUE: Final = _layout((VALUE_WHICH, "H"), (VALUE_INT, "q"))
+_VALUE_AND_TEXT: Final = _layout((VALUE_WHICH, "H"), (VALUE_INT, "q"), (_VALUE_TEXT, "II"))
 _DOT_BYTES: Final = 8 * (DOT_DATA_WORDS + DOT_POINTERS)
 _DOT_SHAPE: Final = _shape(DOT_DATA_WORDS, DOT_POINTERS)
 _DOT_STRUCT: Final = _row(_DOT_BYTES, (DOT_REPLICA, "I"), (DOT_COUNTER, "Q"))
@@ -585,7 +586,19 @@ class _Reader:
             va = a + _SET_ELEMENT_VALUE + 8 + 8 * (vlo >> 2)
             if va + _VALUE_BYTES > size:
                 raise _fail("struct pointer out of bounds")
-            x = element(va)
+            vw, x, tlo, thi = _VALUE_AND_TEXT(m, va)
+            if vw == VALUE_IS_TEXT and tlo & 3 == 1 and thi & 7 == 2:
+                # ``element`` inlined for text, the commonest element: the same checks.
+                ts = va + _VALUE_TEXT + 8 + 8 * (tlo >> 2)
+                te = ts + (thi >> 3) - 1
+                if not ts <= te < size or m[te] or te - ts > MAX_VALUE_BYTES:
+                    raise _fail("text out of bounds, not NUL-terminated or too long")
+                raw = m[ts:te]
+                if 0 in raw:
+                    raise _fail("text with an inner NUL")
+                x = raw.decode("utf-8")  # UnicodeDecodeError: see ``_guard``
+            elif vw != VALUE_IS_INT:
+                x = element(va)
             dp = a + _SET_ELEMENT_DOTS
             a += _SET_ELEMENT_BYTES
             # One dot, the commonest (``dots`` inlined for it): a list of one Dot's words.
