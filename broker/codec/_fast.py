@@ -715,7 +715,7 @@ class _Reader:
             elif w == ENTRY_IS_ENTRIES and kind == _K_MAP:
                 inner = None
                 if lhi == _ONE_ENTRY_HI and llo & 3 == 1:  # a map of one entry (a path)
-                    inner = self.one(a + _LIST_AT + 8 * (llo >> 2), depth + 1)
+                    inner = self.one(m, size, a + _LIST_AT + 8 * (llo >> 2), depth + 1)
                 if inner is None:
                     inner = self.entries(a + _ENTRY_LIST, llo, lhi, depth + 1)
             elif w == ENTRY_IS_ITEMS and kind:
@@ -736,13 +736,12 @@ class _Reader:
                 raise _fail("over the traversal limit")
         return out or None
 
-    def one(self, tag: int, depth: int) -> MapStore | None:
+    def one(self, m: bytes, size: int, tag: int, depth: int) -> MapStore | None:
         """The map at the entry list whose tag is at byte ``tag``, if it is one entry
         holding an int register or another such map (a path: ``a/b/c = 1``), laid out as
         pycapnp's copy lays it out (tag, entry, key, the entry's list right after); else
         None, and ``entries`` reads it (and refuses what is invalid). The reads and checks
-        of ``entries``, without its loop."""
-        m, size = self.m, self.size
+        of ``entries``, without its loop (``m`` and ``size``: the reader's)."""
         if depth > MAX_NESTING_DEPTH or tag + 8 + _ENTRY_BYTES > size:
             return None
         tw, kind, wb, w, klo, khi, llo, lhi = _ONE_ENTRY(m, tag)
@@ -770,7 +769,7 @@ class _Reader:
             inner: Any = LWWStore((replicas[r], n, hlc, x))
             self.budget -= _ONE_ENTRY_WORDS + _REGISTER_WORDS
         elif kind == _K_MAP and w == ENTRY_IS_ENTRIES and lhi == _ONE_ENTRY_HI:
-            inner = self.one(lt, depth + 1)
+            inner = self.one(m, size, lt, depth + 1)
             if inner is None:
                 return None
             self.budget -= _ONE_ENTRY_WORDS

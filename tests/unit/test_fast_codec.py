@@ -121,8 +121,8 @@ def test_a_wrong_path_read_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     # caught.
     right = fast_mod._Reader.one
 
-    def wrong(self: fast_mod._Reader, tag: int, depth: int) -> object:
-        got = right(self, tag, depth)
+    def wrong(self: fast_mod._Reader, m: bytes, size: int, tag: int, depth: int) -> object:
+        got = right(self, m, size, tag, depth)
         return None if got is None else type(got)({k + "!": v for k, v in got.items()})
 
     monkeypatch.setattr(fast_mod._Reader, "one", wrong)
