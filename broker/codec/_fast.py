@@ -19,6 +19,15 @@ Invariants:
   decodes with pycapnp, which gives the answer and its message. So the fast path may refuse
   more than pycapnp, never accept more; when it accepts, its result equals pycapnp's
   (``tests/unit/test_fast_codec.py``, ``tests/fuzz``: the differential check);
+- pointers point forward only: a pointer's offset is read unsigned, so a negative one reads
+  as past the segment's end and is refused (pycapnp's copies, which the hot path reads, never
+  hold one; a message that does is decoded by pycapnp);
+- the commonest shapes are read in fewer, wider reads, each checked word for word against
+  the layout pycapnp's copy writes (an int register: ``_REGISTER``; a one-entry map on a
+  path: ``_Reader.one``; a set element's one dot: ``_ONE_DOT``); any other layout of the
+  same content takes the general path, which makes the same checks one struct at a time.
+  Lists are read with ``iter_unpack`` (one C call per list), contexts' dots with C-level
+  passes (``dot_rows``), and a context is built with ``CausalContext.from_parts``;
 - ``unpack`` turns a packed stream into its words (pure Python; the hot path gets its words
   from pycapnp's checked copy instead, see ``WireCodec``, because unpacking in Python costs
   more than everything else here).
