@@ -9,10 +9,12 @@ Invariants:
 
 - safe on any bytes: every pointer is bounds-checked against its segment, every struct and
   list read is charged to a traversal budget (``TRAVERSAL_FACTOR`` times the segment's words,
-  as capnp's traversal limit does), maps nest at most ``MAX_NESTING_DEPTH`` (checked before
-  recursing); only one segment is read (a far pointer, a capability pointer, a second segment
-  is refused). Every failure is a ``CodecError`` subclass, never IndexError, struct.error,
-  UnicodeDecodeError or RecursionError;
+  as capnp's traversal limit does; texts and data by their words, before they are decoded;
+  a map key is not, being at most 257 bytes), maps nest at most
+  ``MAX_NESTING_DEPTH`` (checked before recursing); only one segment is read (a far
+  pointer, a capability pointer, a second segment is refused). Every failure is a
+  ``CodecError`` subclass, never IndexError, struct.error, UnicodeDecodeError or
+  RecursionError;
 - it never guesses: what it does not handle (an unknown union member or kind kept opaque, a
   list encoding other than the one writers use, text with an inner NUL) raises
   ``FastPathError``, and so does every validation failure: the caller (``WireCodec``) then
@@ -215,6 +217,7 @@ _DOT_ROWS: Final = _DOT_STRUCT.iter_unpack
 # A list of exactly one Dot: its tag word and the dot, in one read (a set element's dots).
 _ONE_DOT: Final = _layout((0, "II"), (8 + DOT_REPLICA, "I"), (8 + DOT_COUNTER, "Q"))
 _ONE_DOT_TAG: Final = 1 << 2  # a struct-list tag of one element
+_ONE_DOT_HI: Final = (_DOT_BYTES // 8) << 3 | 7  # a composite list pointer of one Dot's words
 _ENTRY_BYTES: Final = 8 * (ENTRY_DATA_WORDS + ENTRY_POINTERS)
 _ENTRY_SHAPE: Final = _shape(ENTRY_DATA_WORDS, ENTRY_POINTERS)
 _ENTRY_KEY: Final = 8 * ENTRY_DATA_WORDS + 8 * ENTRY_KEY_PTR
@@ -260,6 +263,7 @@ _INT_REGISTER: Final = (
 )
 _ONE_ITEM_HI: Final = (_ITEM_BYTES // 8) << 3 | 7  # a composite list pointer of one item's words
 _REGISTER_WORDS: Final = 1 + (_ITEM_BYTES + _PAYLOAD_BYTES + _VALUE_BYTES) // 8  # as ``items``
+_PATH_WORDS: Final = _ONE_ENTRY_WORDS + _REGISTER_WORDS  # a one-entry list holding a register
 _SET_ELEMENT_BYTES: Final = 8 * (SET_ELEMENT_DATA_WORDS + SET_ELEMENT_POINTERS)
 _SET_ELEMENT_SHAPE: Final = _shape(SET_ELEMENT_DATA_WORDS, SET_ELEMENT_POINTERS)
 _SET_ELEMENT_VALUE: Final = 8 * SET_ELEMENT_DATA_WORDS + 8 * SET_ELEMENT_VALUE_PTR
@@ -395,7 +399,9 @@ class _Reader:
             return x  # an Int64 read is always in range
         if w == VALUE_IS_TEXT:
             p = a + _VALUE_TEXT
-            x = _text(m, p, *_UU(m, p))
+            lo, hi = _UU(m, p)
+            self.charge(hi >> 6)  # its words, before decoding (shared pointers amplify)
+            x = _text(m, p, lo, hi)
         elif w == VALUE_IS_NULL:
             return None
         elif w == VALUE_IS_FLOAT:
@@ -404,6 +410,7 @@ class _Reader:
             b = VALUE_BOOL_BIT
             return bool(m[a + b // 8] >> b % 8 & 1)
         elif w == VALUE_IS_DATA:
+            self.charge(_UU(m, a + _VALUE_DATA)[1] >> 6)
             x = _data(m, a + _VALUE_DATA)
         else:
             raise _fail("a value of a newer type (kept opaque by pycapnp)")
@@ -416,6 +423,7 @@ class _Reader:
         if w == VALUE_IS_TEXT:
             p = a + _VALUE_TEXT
             lo, hi = _UU(m, p)
+            self.charge(hi >> 6)  # its words, before decoding (shared pointers amplify)
             if lo & 3 == 1 and hi & 7 == 2:
                 # ``_text`` inlined (set elements are mostly text); a str's UTF-8 size is the
                 # byte count checked here, so ``validate_element`` would pass it unchanged.
@@ -429,6 +437,7 @@ class _Reader:
                 return raw.decode("utf-8")  # UnicodeDecodeError: see ``_guard``
             x = _text(m, p, lo, hi)
         elif w == VALUE_IS_DATA:
+            self.charge(_UU(m, a + _VALUE_DATA)[1] >> 6)
             x = _data(m, a + _VALUE_DATA)
         elif w != VALUE_IS_INT:
             raise _fail("set element of another type")
@@ -589,6 +598,7 @@ class _Reader:
         flat: tuple[Any, ...]
         a = start
         rows = _SET_ELEMENT_ROWS(m[start : start + _SET_ELEMENT_BYTES * count])
+        single = 0
         for vlo, vhi, dlo, dhi in rows:
             if vlo & 3 or vhi != _VALUE_SHAPE:
                 raise _fail("not a struct pointer of the schema's size")
@@ -598,6 +608,9 @@ class _Reader:
             vw, x, tlo, thi = _VALUE_AND_TEXT(m, va)
             if vw == VALUE_IS_TEXT and tlo & 3 == 1 and thi & 7 == 2:
                 # ``element`` inlined for text, the commonest element: the same checks.
+                self.budget -= thi >> 6  # its words, before decoding (as ``element``)
+                if self.budget < 0:
+                    raise _fail("over the traversal limit")
                 ts = va + _VALUE_TEXT + 8 + 8 * (tlo >> 2)
                 te = ts + (thi >> 3) - 1
                 if not ts <= te < size or m[te] or te - ts > MAX_VALUE_BYTES:
@@ -610,16 +623,15 @@ class _Reader:
                 x = element(va)
             dp = a + _SET_ELEMENT_DOTS
             a += _SET_ELEMENT_BYTES
-            # One dot, the commonest (``dots`` inlined for it): a list of one Dot's words.
-            if dlo & 3 == 1 and dhi == (_DOT_BYTES // 8) << 3 | 7:
+            # One dot, the commonest (``dots`` inlined for it): a list of one Dot's words
+            # (its traversal charge is made after the loop, as ``entries`` does).
+            if dlo & 3 == 1 and dhi == _ONE_DOT_HI:
                 tag = dp + 8 + 8 * (dlo >> 2)
                 if tag + 8 + _DOT_BYTES > size:
                     raise _fail("struct list out of bounds")
                 tlo, thi, r, n = _ONE_DOT(m, tag)
                 if tlo == _ONE_DOT_TAG and thi == _DOT_SHAPE:
-                    self.budget -= 1 + _DOT_BYTES // 8
-                    if self.budget < 0:
-                        raise _fail("over the traversal limit")
+                    single += 1
                     if not 1 <= n <= INT64_MAX or r >= nrep:
                         raise _fail("bad dot")
                     flat = (replicas[r], n)
@@ -632,6 +644,9 @@ class _Reader:
             flat = ds[0] if len(ds) == 1 else tuple(v for d in ds for v in d)
             if out.setdefault(x, flat) is not flat:
                 self.merge_dots(out, x, ds)
+        self.budget -= single * (1 + _DOT_BYTES // 8)  # the one-dot lists (see above)
+        if self.budget < 0:
+            raise _fail("over the traversal limit")
         return out
 
     @staticmethod
@@ -776,7 +791,7 @@ class _Reader:
             ):
                 return None
             inner: Any = LWWStore((replicas[r], n, hlc, x))
-            self.budget -= _ONE_ENTRY_WORDS + _REGISTER_WORDS
+            self.budget -= _PATH_WORDS
         elif kind == _K_MAP and w == ENTRY_IS_ENTRIES and lhi == _ONE_ENTRY_HI:
             inner = self.one(m, size, lt, depth + 1)
             if inner is None:
@@ -822,7 +837,9 @@ class _Reader:
                 raise _fail("replica table out of bounds")
             self.charge(count + 1)
             for q in range(start, start + 8 * count, 8):
-                replicas.append(validate_replica_id(_text(m, q, *_UU(m, q))))
+                lo, hi = _UU(m, q)
+                self.charge(hi >> 6)  # its words, before decoding (shared pointers amplify)
+                replicas.append(validate_replica_id(_text(m, q, lo, hi)))
         if len(set(replicas)) != len(replicas):
             raise _fail("replica table repeats an id")
         self.replicas = replicas

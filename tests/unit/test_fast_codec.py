@@ -28,6 +28,7 @@ from broker.codec._fast import read_document, unpack
 from broker.codec._fast_write import write_document
 from broker.codec._layouts import VALUE_INT, VALUE_WHICH
 from broker.codec._packed import segment_words
+from broker.crdt import Causal, LWWRegister, ORSet
 from broker.errors import CodecError
 from tests.fuzz._documents import check, documents
 from tests.fuzz._documents import run as run_documents
@@ -142,6 +143,26 @@ def test_a_wrong_writer_offset_is_caught(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(_fast_write, "ITEM_COUNTER", _fast_write.ITEM_COUNTER - 4)
     with pytest.raises(AssertionError):
         _check_many(5)
+
+
+@pytest.mark.parametrize("big", ["register text", "register data", "set text", "set data"])
+def test_texts_are_charged_to_the_traversal_budget(
+    big: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A document of a few structs and one 40 KiB text or data: read with a budget of 64 words
+    # (TRAVERSAL_FACTOR 0) it is refused, so its bytes were charged before being decoded
+    # (shared pointers to one big text would otherwise amplify the work). Fails without the
+    # charges: the structs alone fit in 64 words.
+    value: str | bytes = "x" * 40_000 if big.endswith("text") else b"x" * 40_000
+    doc: Causal = (
+        LWWRegister().assign("r0", value, 1) if big.startswith("register")
+        else ORSet().add("r0", value)
+    )
+    words = unpack(ORACLE.encode_document(doc))
+    assert read_document(words, FAST.schema.kinds) == doc
+    monkeypatch.setattr(fast_mod, "TRAVERSAL_FACTOR", 0)
+    with pytest.raises(CodecError):
+        read_document(words, FAST.schema.kinds)
 
 
 def test_mutated_bytes_never_read_differently() -> None:
