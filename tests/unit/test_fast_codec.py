@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.codec import TrustRoster, WireCodec, _fast_write, gen_layouts
+from broker.codec import TrustRoster, WireCodec, _fast_write, _packed, gen_layouts
 from broker.codec import _fast as fast_mod
 from broker.codec._document import encode_document
 from broker.codec._fast import read_document, unpack
@@ -163,6 +163,19 @@ def test_texts_are_charged_to_the_traversal_budget(
     monkeypatch.setattr(fast_mod, "TRAVERSAL_FACTOR", 0)
     with pytest.raises(CodecError):
         read_document(words, FAST.schema.kinds)
+
+
+def test_segment_words_reads_a_one_segment_table_from_its_first_bytes() -> None:
+    # The one-segment shortcut gives what unpacking the table gives, on valid, mutated and
+    # truncated streams (fails if the shortcut misreads the tag's bits or their order).
+    rng = random.Random(7)
+    seeds = [ORACLE.encode_document(d) for _, d in zip(range(100), documents(rng), strict=False)]
+    seeds.append(bytes([0x50, 0x12, 0x34]))  # bytes 4 and 6 of the size: 0x340012
+    for i in range(5_000):
+        data = mutate_message(rng, seeds[i % len(seeds)]) if i >= len(seeds) else seeds[i]
+        for cut in (data, data[: rng.randrange(0, 6)]):
+            assert segment_words(cut) == _packed._segment_words(cut), cut[:12]
+    assert segment_words(bytes([0x50, 0x12, 0x34])) == 0x340012
 
 
 def test_mutated_bytes_never_read_differently() -> None:
