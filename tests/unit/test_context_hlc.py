@@ -50,7 +50,8 @@ def test_from_parts_builds_what_the_constructor_builds(
     built = CausalContext.from_parts(dict(vv), cloud)
     expected = CausalContext(vv, ds)
     assert built == expected
-    assert built._vv == expected._vv and built._cloud == expected._cloud
+    assert built._vv == expected._vv
+    assert built._cloud == expected._cloud
 
 
 def test_next_dot_follows_the_highest_seen() -> None:
