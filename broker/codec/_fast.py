@@ -9,16 +9,27 @@ Invariants:
 
 - safe on any bytes: every pointer is bounds-checked against its segment, every struct and
   list read is charged to a traversal budget (``TRAVERSAL_FACTOR`` times the segment's words,
-  as capnp's traversal limit does), maps nest at most ``MAX_NESTING_DEPTH`` (checked before
-  recursing); only one segment is read (a far pointer, a capability pointer, a second segment
-  is refused). Every failure is a ``CodecError`` subclass, never IndexError, struct.error,
-  UnicodeDecodeError or RecursionError;
+  as capnp's traversal limit does; texts and data by their words, before they are decoded;
+  a map key is not, being at most 257 bytes), maps nest at most
+  ``MAX_NESTING_DEPTH`` (checked before recursing); only one segment is read (a far
+  pointer, a capability pointer, a second segment is refused). Every failure is a
+  ``CodecError`` subclass, never IndexError, struct.error, UnicodeDecodeError or
+  RecursionError;
 - it never guesses: what it does not handle (an unknown union member or kind kept opaque, a
   list encoding other than the one writers use, text with an inner NUL) raises
   ``FastPathError``, and so does every validation failure: the caller (``WireCodec``) then
   decodes with pycapnp, which gives the answer and its message. So the fast path may refuse
   more than pycapnp, never accept more; when it accepts, its result equals pycapnp's
   (``tests/unit/test_fast_codec.py``, ``tests/fuzz``: the differential check);
+- pointers point forward only: a pointer's offset is read unsigned, so a negative one reads
+  as past the segment's end and is refused (pycapnp's copies, which the hot path reads, never
+  hold one; a message that does is decoded by pycapnp);
+- the commonest shapes are read in fewer, wider reads, each checked word for word against
+  the layout pycapnp's copy writes (an int register: ``_REGISTER``; a one-entry map on a
+  path: ``_Reader.one``; a set element's one dot: ``_ONE_DOT``); any other layout of the
+  same content takes the general path, which makes the same checks one struct at a time.
+  Lists are read with ``iter_unpack`` (one C call per list), contexts' dots with C-level
+  passes (``dot_rows``), and a context is built with ``CausalContext.from_parts``;
 - ``unpack`` turns a packed stream into its words (pure Python; the hot path gets its words
   from pycapnp's checked copy instead, see ``WireCodec``, because unpacking in Python costs
   more than everything else here).
@@ -109,7 +120,7 @@ from broker.crdt import (
     validate_element,
     validate_replica_id,
 )
-from broker.crdt._atoms import INT64_MAX, MAX_KEY_BYTES
+from broker.crdt._atoms import INT64_MAX, MAX_KEY_BYTES, MAX_VALUE_BYTES
 from broker.crdt._stores import (
     CounterStore,
     FlagStore,
@@ -151,24 +162,44 @@ def _shape(data_words: int, pointers: int) -> int:
     return pointers << 16 | data_words
 
 
-_II: Final = struct.Struct("<iI").unpack_from  # a pointer: signed low half, high half
+def _row(size: int, *fields: tuple[int, str]) -> struct.Struct:
+    """A ``struct.Struct`` of the fields at (byte offset, code) padded to ``size`` bytes: one
+    list element, read with ``iter_unpack`` over the whole list (one C call per list)."""
+    fmt, at = "<", 0
+    for off, code in fields:
+        if off < at:
+            raise AssertionError(f"layout fields out of order at byte {off}")
+        fmt += "x" * (off - at) + code
+        at = off + struct.calcsize("<" + code)
+    if at > size:
+        raise AssertionError("layout fields past the struct's end")
+    return struct.Struct(fmt + "x" * (size - at))
+
+
+# Pointers are read with both halves unsigned: a negative offset (the sign bit of the low
+# half) then reads as over 2**29 words ahead, past the end of any segment, and is refused by
+# the same upper-bound check as any other out-of-bounds pointer (pycapnp's copies, which the
+# hot path reads, only point forward). So no lower-bound checks are needed below.
+_UU: Final = struct.Struct("<II").unpack_from
 _U16: Final = struct.Struct("<H").unpack_from
 _F64: Final = struct.Struct("<d").unpack_from
 
 _ITEM_BYTES: Final = 8 * (ITEM_DATA_WORDS + ITEM_POINTERS)
 _ITEM_SHAPE: Final = _shape(ITEM_DATA_WORDS, ITEM_POINTERS)
 _ITEM_PAYLOAD: Final = 8 * ITEM_DATA_WORDS + 8 * ITEM_PAYLOAD_PTR  # pointer's byte offset
-_ITEM: Final = _layout(
-    (ITEM_REPLICA, "I"), (ITEM_COUNTER, "Q"), (_ITEM_PAYLOAD, "iI")
+_ITEM_STRUCT: Final = _row(
+    _ITEM_BYTES, (ITEM_REPLICA, "I"), (ITEM_COUNTER, "Q"), (_ITEM_PAYLOAD, "II")
 )
+_ITEM: Final = _ITEM_STRUCT.unpack_from
+_ITEM_ROWS: Final = _ITEM_STRUCT.iter_unpack
 _PAYLOAD_BYTES: Final = 8 * (PAYLOAD_DATA_WORDS + PAYLOAD_POINTERS)
 _PAYLOAD_SHAPE: Final = _shape(PAYLOAD_DATA_WORDS, PAYLOAD_POINTERS)
 _LWW_VALUE: Final = 8 * PAYLOAD_DATA_WORDS + 8 * PAYLOAD_LWW_VALUE_PTR
 _MV_VALUE: Final = 8 * PAYLOAD_DATA_WORDS + 8 * PAYLOAD_MV_PTR
 _PAYLOAD_LWW: Final = _layout(
-    (PAYLOAD_LWW_HLC, "Q"), (PAYLOAD_WHICH, "H"), (_LWW_VALUE, "iI")
+    (PAYLOAD_LWW_HLC, "Q"), (PAYLOAD_WHICH, "H"), (_LWW_VALUE, "II")
 )
-_PAYLOAD_MV: Final = _layout((PAYLOAD_WHICH, "H"), (_MV_VALUE, "iI"))
+_PAYLOAD_MV: Final = _layout((PAYLOAD_WHICH, "H"), (_MV_VALUE, "II"))
 _PAYLOAD_COUNTER: Final = _layout(
     (PAYLOAD_COUNTER_INCREMENTS, "Q"), (PAYLOAD_WHICH, "H"),
     (PAYLOAD_COUNTER_DECREMENTS, "Q"),
@@ -178,22 +209,70 @@ _VALUE_SHAPE: Final = _shape(VALUE_DATA_WORDS, VALUE_POINTERS)
 _VALUE_TEXT: Final = 8 * VALUE_DATA_WORDS + 8 * VALUE_TEXT_PTR
 _VALUE_DATA: Final = 8 * VALUE_DATA_WORDS + 8 * VALUE_DATA_PTR
 _VALUE: Final = _layout((VALUE_WHICH, "H"), (VALUE_INT, "q"))
+_VALUE_AND_TEXT: Final = _layout((VALUE_WHICH, "H"), (VALUE_INT, "q"), (_VALUE_TEXT, "II"))
 _DOT_BYTES: Final = 8 * (DOT_DATA_WORDS + DOT_POINTERS)
 _DOT_SHAPE: Final = _shape(DOT_DATA_WORDS, DOT_POINTERS)
-_DOT: Final = _layout((DOT_REPLICA, "I"), (DOT_COUNTER, "Q"))
+_DOT_STRUCT: Final = _row(_DOT_BYTES, (DOT_REPLICA, "I"), (DOT_COUNTER, "Q"))
+_DOT_ROWS: Final = _DOT_STRUCT.iter_unpack
+# A list of exactly one Dot: its tag word and the dot, in one read (a set element's dots).
+_ONE_DOT: Final = _layout((0, "II"), (8 + DOT_REPLICA, "I"), (8 + DOT_COUNTER, "Q"))
+_ONE_DOT_TAG: Final = 1 << 2  # a struct-list tag of one element
+_ONE_DOT_HI: Final = (_DOT_BYTES // 8) << 3 | 7  # a composite list pointer of one Dot's words
 _ENTRY_BYTES: Final = 8 * (ENTRY_DATA_WORDS + ENTRY_POINTERS)
 _ENTRY_SHAPE: Final = _shape(ENTRY_DATA_WORDS, ENTRY_POINTERS)
 _ENTRY_KEY: Final = 8 * ENTRY_DATA_WORDS + 8 * ENTRY_KEY_PTR
 _ENTRY_LIST: Final = 8 * ENTRY_DATA_WORDS + 8 * ENTRY_ITEMS_PTR
-_ENTRY: Final = _layout(
-    (ENTRY_KIND, "H"), (ENTRY_WHOLE_BIT // 8, "B"), (ENTRY_WHICH, "H"),
-    (_ENTRY_KEY, "iI"),
+_ENTRY_STRUCT: Final = _row(
+    _ENTRY_BYTES, (ENTRY_KIND, "H"), (ENTRY_WHOLE_BIT // 8, "B"), (ENTRY_WHICH, "H"),
+    *sorted([(_ENTRY_KEY, "II"), (_ENTRY_LIST, "II")]),
 )
+if _ENTRY_KEY > _ENTRY_LIST:
+    raise AssertionError("Entry layout changed: the key pointer must come first")
+_ENTRY: Final = _ENTRY_STRUCT.unpack_from
+_KEY_AT: Final = _ENTRY_KEY + 8  # + 8 * offset: the key's first byte, from the entry's
+_LIST_AT: Final = _ENTRY_LIST + 8  # + 8 * offset: the list's tag, from the entry's first byte
+# A list of exactly one Entry: its pointer's upper half, its tag, and both in one read.
+_ONE_ENTRY_HI: Final = (_ENTRY_BYTES // 8) << 3 | 7
+_ONE_ENTRY_TAG: Final = _ENTRY_SHAPE << 32 | 1 << 2
+_ONE_ENTRY: Final = _layout(
+    (0, "Q"), (8 + ENTRY_KIND, "H"), (8 + ENTRY_WHOLE_BIT // 8, "B"), (8 + ENTRY_WHICH, "H"),
+    *sorted([(8 + _ENTRY_KEY, "II"), (8 + _ENTRY_LIST, "II")]),
+)
+_ONE_ENTRY_WORDS: Final = 1 + _ENTRY_BYTES // 8  # what ``entries`` charges for such a list
+_ENTRY_ROWS: Final = _ENTRY_STRUCT.iter_unpack
 _WHOLE_MASK: Final = 1 << ENTRY_WHOLE_BIT % 8
+# A register of one entry holding an Int64, as pycapnp's copy lays it out: the item list's
+# tag, the item, its payload, the payload's value, each right after the other (every pointer
+# offset 0). Read in one ``unpack_from``, its structural words compared at once; any other
+# layout takes the general path (``items``), which reads the same fields one struct at a time.
+_REG_PAYLOAD: Final = 8 + _ITEM_BYTES
+_REG_VALUE: Final = _REG_PAYLOAD + _PAYLOAD_BYTES
+_REGISTER_BYTES: Final = _REG_VALUE + _VALUE_BYTES
+_REGISTER: Final = _layout(
+    (0, "Q"), (8 + ITEM_REPLICA, "I"), (8 + ITEM_COUNTER, "Q"), (8 + _ITEM_PAYLOAD, "Q"),
+    (_REG_PAYLOAD + PAYLOAD_LWW_HLC, "Q"), (_REG_PAYLOAD + PAYLOAD_WHICH, "H"),
+    (_REG_PAYLOAD + _LWW_VALUE, "Q"), (_REG_VALUE + VALUE_WHICH, "H"),
+    (_REG_VALUE + VALUE_INT, "q"),
+)
+_INT_REGISTER: Final = (
+    _ITEM_SHAPE << 32 | 1 << 2,  # the tag: one item
+    _PAYLOAD_SHAPE << 32,  # the item's payload pointer: offset 0 (right after the item)
+    PAYLOAD_IS_LWW,
+    _VALUE_SHAPE << 32,  # the payload's value pointer: offset 0
+    VALUE_IS_INT,
+)
+_ONE_ITEM_HI: Final = (_ITEM_BYTES // 8) << 3 | 7  # a composite list pointer of one item's words
+_REGISTER_WORDS: Final = 1 + (_ITEM_BYTES + _PAYLOAD_BYTES + _VALUE_BYTES) // 8  # as ``items``
+_PATH_WORDS: Final = _ONE_ENTRY_WORDS + _REGISTER_WORDS  # a one-entry list holding a register
 _SET_ELEMENT_BYTES: Final = 8 * (SET_ELEMENT_DATA_WORDS + SET_ELEMENT_POINTERS)
 _SET_ELEMENT_SHAPE: Final = _shape(SET_ELEMENT_DATA_WORDS, SET_ELEMENT_POINTERS)
 _SET_ELEMENT_VALUE: Final = 8 * SET_ELEMENT_DATA_WORDS + 8 * SET_ELEMENT_VALUE_PTR
 _SET_ELEMENT_DOTS: Final = 8 * SET_ELEMENT_DATA_WORDS + 8 * SET_ELEMENT_DOTS_PTR
+if _SET_ELEMENT_VALUE > _SET_ELEMENT_DOTS:
+    raise AssertionError("SetElement layout changed: the value pointer must come first")
+_SET_ELEMENT_ROWS: Final = _row(
+    _SET_ELEMENT_BYTES, (_SET_ELEMENT_VALUE, "II"), (_SET_ELEMENT_DOTS, "II")
+).iter_unpack
 _CONTEXT_SHAPE: Final = _shape(CONTEXT_DATA_WORDS, CONTEXT_POINTERS)
 _CONTEXT_VERSIONS: Final = 8 * CONTEXT_DATA_WORDS + 8 * CONTEXT_VERSIONS_PTR
 _CONTEXT_CLOUD: Final = 8 * CONTEXT_DATA_WORDS + 8 * CONTEXT_CLOUD_PTR
@@ -214,13 +293,6 @@ _lt: Final = operator.lt
 _KEY_CACHE: Final = 4096
 _KEYS: dict[bytes, str] = {}
 """Map keys already checked (UTF-8 bytes -> str), bounded; only valid keys enter it."""
-_DOT_STRUCT: Final = struct.Struct(
-    "<" + "x" * DOT_REPLICA + "I" + "x" * (DOT_COUNTER - DOT_REPLICA - 4) + "Q"
-    + "x" * (_DOT_BYTES - DOT_COUNTER - 8)
-)
-if _DOT_STRUCT.size != _DOT_BYTES or _DOT_STRUCT.unpack_from(_DOT_STRUCT.pack(1, 2)) != (1, 2):
-    raise AssertionError("Dot layout changed: update _DOT_STRUCT")
-_DOT_ITER: Final = _DOT_STRUCT.iter_unpack
 
 
 def _fail(why: str) -> FastPathError:
@@ -235,7 +307,7 @@ def _text(m: bytes, p: int, lo: int, hi: int) -> str:
         raise _fail("not a byte list where text was expected")
     start = p + 8 + 8 * (lo >> 2)
     end = start + (hi >> 3) - 1
-    if start < 0 or end >= len(m) or end < start or m[end] != 0 or m.find(0, start, end) >= 0:
+    if end < start or end >= len(m) or m[end] != 0 or m.find(0, start, end) >= 0:
         raise _fail("text out of bounds, not NUL-terminated, or with an inner NUL")
     try:
         return m[start:end].decode("utf-8")
@@ -243,15 +315,30 @@ def _text(m: bytes, p: int, lo: int, hi: int) -> str:
         raise _fail("text is not UTF-8") from None
 
 
+def _new_key(raw: bytes) -> str:
+    """The map key of ``raw`` (its UTF-8 bytes and NUL, not in the cache yet), checked as
+    ``validate_key`` checks it, and cached. A str decoded strictly from UTF-8 has the UTF-8
+    size checked here."""
+    if not 1 < len(raw) <= MAX_KEY_BYTES + 1:
+        raise _fail("map key empty or too long")
+    if raw[-1] or raw.find(0, 0, -1) >= 0:
+        raise _fail("map key not NUL-terminated, or with an inner NUL")
+    key = raw[:-1].decode("utf-8")  # UnicodeDecodeError: see ``_guard``
+    if len(_KEYS) >= _KEY_CACHE:
+        _KEYS.clear()
+    _KEYS[raw] = key
+    return key
+
+
 def _data(m: bytes, p: int) -> bytes:
-    lo, hi = _II(m, p)
+    lo, hi = _UU(m, p)
     if lo & 3 != 1 or hi & 7 != 2:
         if lo == 0 and hi == 0:
             return b""
         raise _fail("not a byte list where data was expected")
     start = p + 8 + 8 * (lo >> 2)
     end = start + (hi >> 3)
-    if start < 0 or end > len(m):
+    if end > len(m):
         raise _fail("data out of bounds")
     return m[start:end]
 
@@ -275,42 +362,46 @@ class _Reader:
     def struct(self, p: int, shape: int, nbytes: int) -> int:
         """The first byte of the struct of exactly ``shape`` the pointer at ``p`` points to
         (any other size, a null or a non-struct pointer is left to pycapnp)."""
-        lo, hi = _II(self.m, p)
+        lo, hi = _UU(self.m, p)
         if lo & 3 or hi != shape:
             raise _fail("not a struct pointer of the schema's size")
         a: int = p + 8 + 8 * (lo >> 2)
-        if a < 0 or a + nbytes > self.size:
+        if a + nbytes > self.size:
             raise _fail("struct pointer out of bounds")
         return a
 
-    def structs(self, p: int, shape: int, stride: int) -> tuple[int, int]:
+    def structs(self, p: int, lo: int, hi: int, shape: int, stride: int) -> tuple[int, int]:
         """(first element, count) of the composite list of structs of exactly ``shape`` at
-        pointer ``p``; (0, 0) when null."""
-        m = self.m
-        lo, hi = _II(m, p)
+        the pointer at ``p`` (``lo``/``hi`` its halves); (0, 0) when null. Charges the
+        list's words to the budget."""
         if lo & 3 != 1 or hi & 7 != 7:
             if lo == 0 and hi == 0:
                 return 0, 0
             raise _fail("not a composite struct list")
         tag = p + 8 + 8 * (lo >> 2)
         words = hi >> 3
-        if tag < 0 or tag + 8 + 8 * words > self.size:
+        if tag + 8 + 8 * words > self.size:
             raise _fail("struct list out of bounds")
-        tlo, thi = _II(m, tag)
+        tlo, thi = _UU(self.m, tag)
         count = tlo >> 2
-        if tlo & 3 or count < 0 or (count and thi != shape) or count * stride > 8 * words:
+        if tlo & 3 or count * stride > 8 * words or (count and thi != shape):
             raise _fail("struct list tag not of the schema's size")
-        self.charge(words + 1)
+        self.budget -= words + 1
+        if self.budget < 0:
+            raise _fail("over the traversal limit")
         return tag + 8, count
 
     def value(self, a: int) -> Any:
+        """The atom of the ``Value`` struct at byte ``a`` (validated as ``validate_atom``)."""
         m = self.m
         w, x = _VALUE(m, a)
         if w == VALUE_IS_INT:
-            pass
-        elif w == VALUE_IS_TEXT:
+            return x  # an Int64 read is always in range
+        if w == VALUE_IS_TEXT:
             p = a + _VALUE_TEXT
-            x = _text(m, p, *_II(m, p))
+            lo, hi = _UU(m, p)
+            self.charge(hi >> 6)  # its words, before decoding (shared pointers amplify)
+            x = _text(m, p, lo, hi)
         elif w == VALUE_IS_NULL:
             return None
         elif w == VALUE_IS_FLOAT:
@@ -319,43 +410,66 @@ class _Reader:
             b = VALUE_BOOL_BIT
             return bool(m[a + b // 8] >> b % 8 & 1)
         elif w == VALUE_IS_DATA:
+            self.charge(_UU(m, a + _VALUE_DATA)[1] >> 6)
             x = _data(m, a + _VALUE_DATA)
         else:
             raise _fail("a value of a newer type (kept opaque by pycapnp)")
         return validate_atom(x)
 
     def element(self, a: int) -> Any:
+        """The set element of the ``Value`` struct at byte ``a`` (as ``validate_element``)."""
         m = self.m
         w, x = _VALUE(m, a)
         if w == VALUE_IS_TEXT:
             p = a + _VALUE_TEXT
-            x = _text(m, p, *_II(m, p))
+            lo, hi = _UU(m, p)
+            self.charge(hi >> 6)  # its words, before decoding (shared pointers amplify)
+            if lo & 3 == 1 and hi & 7 == 2:
+                # ``_text`` inlined (set elements are mostly text); a str's UTF-8 size is the
+                # byte count checked here, so ``validate_element`` would pass it unchanged.
+                s = p + 8 + 8 * (lo >> 2)
+                e = s + (hi >> 3) - 1
+                if not s <= e < len(m) or m[e] or e - s > MAX_VALUE_BYTES:
+                    raise _fail("text out of bounds, not NUL-terminated or too long")
+                raw = m[s:e]
+                if 0 in raw:
+                    raise _fail("text with an inner NUL")
+                return raw.decode("utf-8")  # UnicodeDecodeError: see ``_guard``
+            x = _text(m, p, lo, hi)
         elif w == VALUE_IS_DATA:
+            self.charge(_UU(m, a + _VALUE_DATA)[1] >> 6)
             x = _data(m, a + _VALUE_DATA)
         elif w != VALUE_IS_INT:
             raise _fail("set element of another type")
         return validate_element(x)
 
-    def dots(self, p: int) -> list[tuple[str, int]]:
-        """A sorted, unique list of dots (Dot structs) at pointer ``p`` (read in one
-        ``unpack_from`` and checked with C-level passes: contexts hold many dots)."""
-        start, count = self.structs(p, _DOT_SHAPE, _DOT_BYTES)
+    def dot_rows(self, p: int, lo: int, hi: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The replica indexes and counters of the sorted, unique list of dots (Dot
+        structs) at the pointer at ``p``: read in one ``iter_unpack`` and checked with
+        C-level passes (contexts hold many dots)."""
+        start, count = self.structs(p, lo, hi, _DOT_SHAPE, _DOT_BYTES)
         if not count:
-            return []
-        if count == 1:
-            r, n = _DOT(self.m, start)
-            if not 1 <= n <= INT64_MAX or r >= len(self.replicas):
-                raise _fail("bad dot")
-            return [(self.replicas[r], n)]
-        rs, ns = zip(*_DOT_ITER(self.m[start : start + _DOT_BYTES * count]), strict=True)
+            return (), ()
+        rs, ns = zip(*_DOT_ROWS(self.m[start : start + _DOT_BYTES * count]), strict=True)
         if min(ns) < 1 or max(ns) > INT64_MAX or max(rs) >= len(self.replicas):
             raise _fail("bad dot")
-        out = list(zip(map(self.replicas.__getitem__, rs), ns, strict=True))
-        if not all(map(_lt, out, out[1:])):
-            raise _fail("dots are not sorted and unique")
-        return out
+        if count > 1:
+            if rs.count(rs[0]) == count:  # one replica: sorted and unique = counters rise
+                ok = all(map(_lt, ns, ns[1:]))
+            else:
+                pairs = list(zip(map(self.replicas.__getitem__, rs), ns, strict=True))
+                ok = all(map(_lt, pairs, pairs[1:]))
+            if not ok:
+                raise _fail("dots are not sorted and unique")
+        return rs, ns
 
-    def items(self, kind: int, p: int) -> Any:
+    def dots(self, p: int, lo: int, hi: int) -> list[tuple[str, int]]:
+        """The sorted, unique list of dots at the pointer at ``p``, as (replica, counter)."""
+        rs, ns = self.dot_rows(p, lo, hi)
+        return list(zip(map(self.replicas.__getitem__, rs), ns, strict=True))
+
+    def items(self, kind: int, p: int, lo: int, hi: int) -> Any:
+        """The dot-function store of ``kind`` in the item list at the pointer at ``p``."""
         if kind == _K_LWW:
             cls: type = LWWStore
         elif kind == _K_MV:
@@ -369,36 +483,55 @@ class _Reader:
         else:
             raise _fail(f"kind {kind} does not hold items")
         m, size = self.m, self.size
-        lo, hi = _II(m, p)  # the item list (``structs``, inlined: the hot path)
+        # The item list (``structs``, inlined: the hot path).
         if lo & 3 != 1 or hi & 7 != 7:
             if lo == 0 and hi == 0:
                 return None
             raise _fail("not a composite struct list")
         tag = p + 8 + 8 * (lo >> 2)
         words = hi >> 3
-        if tag < 0 or tag + 8 + 8 * words > size:
+        if tag + 8 + 8 * words > size:
             raise _fail("struct list out of bounds")
-        tlo, thi = _II(m, tag)
+        tlo, thi = _UU(m, tag)
         count = tlo >> 2
-        bad_tag = tlo & 3 or count < 0 or (count and thi != _ITEM_SHAPE)
-        if bad_tag or count * _ITEM_BYTES > 8 * words:
+        if tlo & 3 or count * _ITEM_BYTES > 8 * words or (count and thi != _ITEM_SHAPE):
             raise _fail("struct list tag not of the schema's size")
         if not count:
             return None
-        start = tag + 8
         # Each item points to a payload, which may point to a value: at most these words.
         self.budget -= words + 1 + count * (_PAYLOAD_BYTES + _VALUE_BYTES) // 8
         if self.budget < 0:
             raise _fail("over the traversal limit")
         replicas = self.replicas
         nrep = len(replicas)
+        a = tag + 8
+        if count == 1 and kind == _K_LWW:
+            # One register entry, the commonest store: read straight through (the loop
+            # below does the same reads and checks).
+            r, n, plo, phi = _ITEM(m, a)
+            if not 1 <= n <= INT64_MAX or r >= nrep:
+                raise _fail("bad item dot")
+            if plo & 3 or phi != _PAYLOAD_SHAPE:
+                raise _fail("payload pointer not of the schema's size")
+            pa = a + _ITEM_PAYLOAD + 8 + 8 * (plo >> 2)
+            if pa + _PAYLOAD_BYTES > size:
+                raise _fail("payload out of bounds")
+            hlc, w, vlo, vhi = _PAYLOAD_LWW(m, pa)
+            if w != PAYLOAD_IS_LWW or hlc > INT64_MAX:
+                raise _fail("LWW item without an lww payload, or its timestamp above 2**63 - 1")
+            if vlo & 3 or vhi != _VALUE_SHAPE:
+                raise _fail("value pointer not of the schema's size")
+            va = pa + _LWW_VALUE + 8 + 8 * (vlo >> 2)
+            if va + _VALUE_BYTES > size:
+                raise _fail("value out of bounds")
+            vw, x = _VALUE(m, va)
+            return LWWStore((replicas[r], n, hlc, x if vw == VALUE_IS_INT else self.value(va)))
         out: list[Any] = []
         add = out.append
         prev: tuple[str, int] | None = None
         prev_counter_replica: str | None = None
         value = self.value
-        for a in range(start, start + _ITEM_BYTES * count, _ITEM_BYTES):
-            r, n, plo, phi = _ITEM(m, a)
+        for r, n, plo, phi in _ITEM_ROWS(m[a : a + _ITEM_BYTES * count]):
             if not 1 <= n <= INT64_MAX or r >= nrep:
                 raise _fail("bad item dot")
             rid = replicas[r]
@@ -410,9 +543,9 @@ class _Reader:
             add(n)
             if plo & 3 or phi != _PAYLOAD_SHAPE:
                 raise _fail("payload pointer not of the schema's size")
-            pp = a + _ITEM_PAYLOAD
-            pa = pp + 8 + 8 * (plo >> 2)
-            if pa < 0 or pa + _PAYLOAD_BYTES > size:
+            pa = a + _ITEM_PAYLOAD + 8 + 8 * (plo >> 2)
+            a += _ITEM_BYTES
+            if pa + _PAYLOAD_BYTES > size:
                 raise _fail("payload out of bounds")
             if kind == _K_LWW:
                 hlc, w, vlo, vhi = _PAYLOAD_LWW(m, pa)
@@ -446,143 +579,274 @@ class _Reader:
             if vlo & 3 or vhi != _VALUE_SHAPE:
                 raise _fail("value pointer not of the schema's size")
             va = vp + 8 + 8 * (vlo >> 2)
-            if va < 0 or va + _VALUE_BYTES > size:
+            if va + _VALUE_BYTES > size:
                 raise _fail("value out of bounds")
             vw, x = _VALUE(m, va)
-            # An Int64 read is always in range: validate_atom would pass it unchanged.
             add(x if vw == VALUE_IS_INT else value(va))
         return cls(out)
 
-    def elements(self, p: int) -> SetStore | None:
-        start, count = self.structs(p, _SET_ELEMENT_SHAPE, _SET_ELEMENT_BYTES)
+    def elements(self, p: int, lo: int, hi: int) -> SetStore | None:
+        """The set store in the element list at the pointer at ``p``."""
+        m, size = self.m, self.size
+        start, count = self.structs(p, lo, hi, _SET_ELEMENT_SHAPE, _SET_ELEMENT_BYTES)
+        if not count:
+            return None
         self.charge(count * _VALUE_BYTES // 8)
         out = SetStore()
-        element, struct_at, dots, delta = self.element, self.struct, self.dots, self.delta
-        for a in range(start, start + _SET_ELEMENT_BYTES * count, _SET_ELEMENT_BYTES):
-            x = element(struct_at(a + _SET_ELEMENT_VALUE, _VALUE_SHAPE, _VALUE_BYTES))
-            ds = dots(a + _SET_ELEMENT_DOTS)
+        replicas, delta, element = self.replicas, self.delta, self.element
+        nrep = len(replicas)
+        flat: tuple[Any, ...]
+        a = start
+        rows = _SET_ELEMENT_ROWS(m[start : start + _SET_ELEMENT_BYTES * count])
+        single = 0
+        for vlo, vhi, dlo, dhi in rows:
+            if vlo & 3 or vhi != _VALUE_SHAPE:
+                raise _fail("not a struct pointer of the schema's size")
+            va = a + _SET_ELEMENT_VALUE + 8 + 8 * (vlo >> 2)
+            if va + _VALUE_BYTES > size:
+                raise _fail("struct pointer out of bounds")
+            vw, x, tlo, thi = _VALUE_AND_TEXT(m, va)
+            if vw == VALUE_IS_TEXT and tlo & 3 == 1 and thi & 7 == 2:
+                # ``element`` inlined for text, the commonest element: the same checks.
+                self.budget -= thi >> 6  # its words, before decoding (as ``element``)
+                if self.budget < 0:
+                    raise _fail("over the traversal limit")
+                ts = va + _VALUE_TEXT + 8 + 8 * (tlo >> 2)
+                te = ts + (thi >> 3) - 1
+                if not ts <= te < size or m[te] or te - ts > MAX_VALUE_BYTES:
+                    raise _fail("text out of bounds, not NUL-terminated or too long")
+                raw = m[ts:te]
+                if 0 in raw:
+                    raise _fail("text with an inner NUL")
+                x = raw.decode("utf-8")  # UnicodeDecodeError: see ``_guard``
+            elif vw != VALUE_IS_INT:
+                x = element(va)
+            dp = a + _SET_ELEMENT_DOTS
+            a += _SET_ELEMENT_BYTES
+            # One dot, the commonest (``dots`` inlined for it): a list of one Dot's words
+            # (its traversal charge is made after the loop, as ``entries`` does).
+            if dlo & 3 == 1 and dhi == _ONE_DOT_HI:
+                tag = dp + 8 + 8 * (dlo >> 2)
+                if tag + 8 + _DOT_BYTES > size:
+                    raise _fail("struct list out of bounds")
+                tlo, thi, r, n = _ONE_DOT(m, tag)
+                if tlo == _ONE_DOT_TAG and thi == _DOT_SHAPE:
+                    single += 1
+                    if not 1 <= n <= INT64_MAX or r >= nrep:
+                        raise _fail("bad dot")
+                    flat = (replicas[r], n)
+                    if out.setdefault(x, flat) is not flat:
+                        self.merge_dots(out, x, [flat])
+                    continue
+            ds = self.dots(dp, dlo, dhi)
             if not ds and not delta:
                 raise _fail("a set element without dots in a full state")
-            if x in out:
-                prev = out[x]
-                ds = sorted({*ds, *((prev[i], prev[i + 1]) for i in range(0, len(prev), 2))})
-            # One dot (the commonest) is already the flat (replica, counter) tuple.
-            out[x] = ds[0] if len(ds) == 1 else tuple(v for d in ds for v in d)
-        return out or None
+            flat = ds[0] if len(ds) == 1 else tuple(v for d in ds for v in d)
+            if out.setdefault(x, flat) is not flat:
+                self.merge_dots(out, x, ds)
+        self.budget -= single * (1 + _DOT_BYTES // 8)  # the one-dot lists (see above)
+        if self.budget < 0:
+            raise _fail("over the traversal limit")
+        return out
 
-    def store(self, kind: int, w: int, p: int, depth: int) -> Any:
-        """The store of an entry of ``kind`` whose union member is ``w``, its list at ``p``."""
+    @staticmethod
+    def merge_dots(out: SetStore, x: Any, ds: list[tuple[str, int]]) -> None:
+        """An element listed twice: its dots are the union of both lists' (as pycapnp's
+        decoder builds them)."""
+        prev = out[x]
+        ds = sorted({*ds, *((prev[i], prev[i + 1]) for i in range(0, len(prev), 2))})
+        out[x] = ds[0] if len(ds) == 1 else tuple(v for d in ds for v in d)
+
+    def store(self, kind: int, w: int, p: int, lo: int, hi: int, depth: int) -> Any:
+        """The store of an entry of ``kind`` whose union member is ``w``, its list the
+        pointer at ``p`` (``lo``/``hi`` its halves)."""
         if kind == 0:
             if w != ENTRY_IS_ABSENT:
                 raise _fail("an entry without a kind must be absent")
             return None
         if w == ENTRY_IS_ITEMS:
-            return self.items(kind, p)
+            return self.items(kind, p, lo, hi)
         if w == ENTRY_IS_ENTRIES:
             if kind != _K_MAP:
                 raise _fail("map entries under another kind")
-            return self.entries(p, depth)
+            return self.entries(p, lo, hi, depth)
         if w == ENTRY_IS_ELEMENTS:
             if kind != _K_SET:
                 raise _fail("set elements under another kind")
-            return self.elements(p)
+            return self.elements(p, lo, hi)
         raise _fail("entry union member does not match its kind")
 
-    def entries(self, p: int, depth: int) -> MapStore | None:
+    def entries(self, p: int, lo: int, hi: int, depth: int) -> MapStore | None:
+        """The map store in the entry list at the pointer at ``p`` (``lo``/``hi`` its
+        halves), at nesting level ``depth``."""
         if depth > MAX_NESTING_DEPTH:
             raise _fail("maps nest deeper than MAX_NESTING_DEPTH")
         m, size = self.m, self.size
-        lo, hi = _II(m, p)  # the entry list (``structs``, inlined: the hot path)
+        # The entry list (``structs``, inlined: the hot path).
         if lo & 3 != 1 or hi & 7 != 7:
             if lo == 0 and hi == 0:
                 return None
             raise _fail("not a composite struct list")
         tag = p + 8 + 8 * (lo >> 2)
         words = hi >> 3
-        if tag < 0 or tag + 8 + 8 * words > size:
+        if tag + 8 + 8 * words > size:
             raise _fail("struct list out of bounds")
-        tlo, thi = _II(m, tag)
+        tlo, thi = _UU(m, tag)
         count = tlo >> 2
-        bad_tag = tlo & 3 or count < 0 or (count and thi != _ENTRY_SHAPE)
-        if bad_tag or count * _ENTRY_BYTES > 8 * words:
+        if tlo & 3 or count * _ENTRY_BYTES > 8 * words or (count and thi != _ENTRY_SHAPE):
             raise _fail("struct list tag not of the schema's size")
         self.budget -= words + 1
         if self.budget < 0:
             raise _fail("over the traversal limit")
-        start = tag + 8
+        a = tag + 8 - _ENTRY_BYTES  # the entry's first byte, moved on first in the loop
         out = MapStore()
-        prev: tuple[str, int] | None = None
-        store, items, entries = self.store, self.items, self.entries
-        keys, delta = _KEYS, self.delta
-        for a in range(start, start + _ENTRY_BYTES * count, _ENTRY_BYTES):
-            kind, wb, w, klo, khi = _ENTRY(m, a)
-            # The key (``_text`` and ``validate_key``, inlined: the hot path). Strict UTF-8
-            # decoding gives a str whose UTF-8 size is the byte count checked here.
+        prev, prev_kind = "", 0  # keys are never empty: "" sorts before every key
+        items, keys, replicas = self.items, _KEYS, self.replicas
+        nrep = len(replicas)
+        registers = 0
+        rows = _ENTRY_ROWS(m[tag + 8 : tag + 8 + _ENTRY_BYTES * count])
+        for kind, wb, w, klo, khi, llo, lhi in rows:
+            a += _ENTRY_BYTES
+            # The key (``_text`` and ``validate_key``, inlined: the hot path). It is read
+            # with its NUL: a key in the cache has been checked (``_new_key``), so a hit
+            # needs no other check.
             if klo & 3 != 1 or khi & 7 != 2:
                 raise _fail("map key is not a byte list")
-            ks = a + _ENTRY_KEY + 8 + 8 * (klo >> 2)
-            ke = ks + (khi >> 3) - 1
-            if ks < 0 or ke >= size or m[ke] != 0 or not 0 < ke - ks <= MAX_KEY_BYTES:
-                raise _fail("map key out of bounds, empty, too long or not NUL-terminated")
+            ks = a + _KEY_AT + 8 * (klo >> 2)
+            ke = ks + (khi >> 3)
+            if ke > size:
+                raise _fail("map key out of bounds")
             raw = m[ks:ke]
             key = keys.get(raw)  # field names repeat: each is checked once
             if key is None:
-                if 0 in raw:
-                    raise _fail("map key with an inner NUL")
-                key = raw.decode("utf-8")  # UnicodeDecodeError: see ``_guard``
-                if len(keys) >= _KEY_CACHE:
-                    keys.clear()
-                keys[raw] = key
-            if prev is not None and not prev < (key, kind):
-                raise _fail("map entries are not sorted by (key, kind)")
-            prev = (key, kind)
-            whole = wb & _WHOLE_MASK != 0
-            if whole and not delta:
-                raise _fail("a Whole marker in a full state")
-            if w == ENTRY_IS_ENTRIES and kind == _K_MAP:
-                inner_store: Any = entries(a + _ENTRY_LIST, depth + 1)
+                key = _new_key(raw)
+            if kind == _K_LWW and lhi == _ONE_ITEM_HI and llo & 3 == 1 and w == ENTRY_IS_ITEMS:
+                # A register of one Int64 entry laid out as pycapnp's copy lays it out (see
+                # ``_REGISTER``): one read, the checks of ``items`` (its traversal charge is
+                # made after the loop: the list's size bounds the work until then).
+                tag = a + _LIST_AT + 8 * (llo >> 2)
+                if tag + _REGISTER_BYTES <= size:
+                    tw, r, n, pw, hlc, which, vw, vwhich, x = _REGISTER(m, tag)
+                    if (tw, pw, which, vw, vwhich) == _INT_REGISTER:
+                        if not 0 < n <= INT64_MAX or hlc > INT64_MAX or r >= nrep:
+                            raise _fail("bad item dot, or a timestamp above 2**63 - 1")
+                        registers += 1
+                        inner: Any = LWWStore((replicas[r], n, hlc, x))
+                    else:
+                        inner = items(kind, a + _ENTRY_LIST, llo, lhi)
+                else:
+                    inner = items(kind, a + _ENTRY_LIST, llo, lhi)
+            elif w == ENTRY_IS_ENTRIES and kind == _K_MAP:
+                inner = None
+                if lhi == _ONE_ENTRY_HI and llo & 3 == 1:  # a map of one entry (a path)
+                    inner = self.one(m, size, a + _LIST_AT + 8 * (llo >> 2), depth + 1)
+                if inner is None:
+                    inner = self.entries(a + _ENTRY_LIST, llo, lhi, depth + 1)
             elif w == ENTRY_IS_ITEMS and kind:
-                inner_store = items(kind, a + _ENTRY_LIST)
+                inner = items(kind, a + _ENTRY_LIST, llo, lhi)
             else:
-                inner_store = store(kind, w, a + _ENTRY_LIST, depth + 1)
-            if inner_store is None and not whole:
-                raise _fail("empty store under a key")
-            cur: Any = out.get(key)
-            if cur is None:
-                out[key] = Whole(inner_store) if whole else inner_store
-                continue
-            cur_whole = type(cur) is Whole
-            if cur_whole != whole or inner_store is None or (cur_whole and cur.store is None):
-                raise _fail("inconsistent entries under a key")
-            inner = cur.store if cur_whole else cur
-            ks = inner if type(inner) is KindStore else KindStore({inner.KIND: inner})
-            ks[inner_store.KIND] = inner_store
-            out[key] = Whole(ks) if whole else ks
+                inner = self.store(kind, w, a + _ENTRY_LIST, llo, lhi, depth + 1)
+            if prev < key and not wb & _WHOLE_MASK and inner is not None:
+                out[key] = inner  # the commonest entry: a new key, no marker, a store
+            else:
+                # Sorted by (key, kind): a key repeats only as the previous entry's key.
+                if key < prev or (key == prev and kind <= prev_kind):
+                    raise _fail("map entries are not sorted by (key, kind)")
+                self.put(out, key, inner, wb & _WHOLE_MASK != 0, key == prev)
+            prev, prev_kind = key, kind
+        if registers:
+            self.budget -= registers * _REGISTER_WORDS
+            if self.budget < 0:
+                raise _fail("over the traversal limit")
         return out or None
+
+    def one(self, m: bytes, size: int, tag: int, depth: int) -> MapStore | None:
+        """The map at the entry list whose tag is at byte ``tag``, if it is one entry
+        holding an int register or another such map (a path: ``a/b/c = 1``), laid out as
+        pycapnp's copy lays it out (tag, entry, key, the entry's list right after); else
+        None, and ``entries`` reads it (and refuses what is invalid). The reads and checks
+        of ``entries``, without its loop (``m`` and ``size``: the reader's)."""
+        if depth > MAX_NESTING_DEPTH or tag + 8 + _ENTRY_BYTES > size:
+            return None
+        tw, kind, wb, w, klo, khi, llo, lhi = _ONE_ENTRY(m, tag)
+        if tw != _ONE_ENTRY_TAG or wb & _WHOLE_MASK or klo & 3 != 1 or khi & 7 != 2:
+            return None
+        a = tag + 8
+        ks = a + _KEY_AT + 8 * (klo >> 2)
+        ke = ks + (khi >> 3)
+        if ke > size or llo & 3 != 1:
+            return None
+        raw = m[ks:ke]
+        key = _KEYS.get(raw)
+        if key is None:
+            key = _new_key(raw)
+        lt = a + _LIST_AT + 8 * (llo >> 2)
+        if kind == _K_LWW and w == ENTRY_IS_ITEMS and lhi == _ONE_ITEM_HI:
+            if lt + _REGISTER_BYTES > size:
+                return None
+            tw, r, n, pw, hlc, which, vw, vwhich, x = _REGISTER(m, lt)
+            replicas = self.replicas
+            if (tw, pw, which, vw, vwhich) != _INT_REGISTER or not 0 < n <= INT64_MAX or (
+                hlc > INT64_MAX or r >= len(replicas)
+            ):
+                return None
+            inner: Any = LWWStore((replicas[r], n, hlc, x))
+            self.budget -= _PATH_WORDS
+        elif kind == _K_MAP and w == ENTRY_IS_ENTRIES and lhi == _ONE_ENTRY_HI:
+            inner = self.one(m, size, lt, depth + 1)
+            if inner is None:
+                return None
+            self.budget -= _ONE_ENTRY_WORDS
+        else:
+            return None
+        if self.budget < 0:
+            raise _fail("over the traversal limit")
+        return MapStore({key: inner})
+
+    def put(self, out: MapStore, key: str, inner: Any, whole: bool, repeat: bool) -> None:
+        """Store an entry that is not the common case: a ``Whole`` marker, an empty store
+        (refused unless marked), or a key's second kind (``KindStore``)."""
+        if whole and not self.delta:
+            raise _fail("a Whole marker in a full state")
+        if inner is None and not whole:
+            raise _fail("empty store under a key")
+        if not repeat:
+            out[key] = Whole(inner) if whole else inner
+            return
+        cur: Any = out[key]
+        cur_whole = type(cur) is Whole
+        if cur_whole != whole or inner is None or (cur_whole and cur.store is None):
+            raise _fail("inconsistent entries under a key")
+        first = cur.store if cur_whole else cur
+        ks = first if type(first) is KindStore else KindStore({first.KIND: first})
+        ks[inner.KIND] = inner
+        out[key] = Whole(ks) if whole else ks
 
     def document(self, p: int, expect: type[Causal] | None) -> Causal:
         m = self.m
         a = self.struct(p, _DOCUMENT_SHAPE, 8 * (DOCUMENT_DATA_WORDS + DOCUMENT_POINTERS))
         pa = a + _DOCUMENT_PTRS
         rp = pa + 8 * DOCUMENT_REPLICAS_PTR
-        lo, hi = _II(m, rp)
+        lo, hi = _UU(m, rp)
         replicas: list[str] = []
         if lo or hi:
             if lo & 3 != 1 or hi & 7 != 6:
                 raise _fail("replica table is not a pointer list")
             start, count = rp + 8 + 8 * (lo >> 2), hi >> 3
-            if start < 0 or start + 8 * count > self.size:
+            if start + 8 * count > self.size:
                 raise _fail("replica table out of bounds")
             self.charge(count + 1)
             for q in range(start, start + 8 * count, 8):
-                replicas.append(validate_replica_id(_text(m, q, *_II(m, q))))
+                lo, hi = _UU(m, q)
+                self.charge(hi >> 6)  # its words, before decoding (shared pointers amplify)
+                replicas.append(validate_replica_id(_text(m, q, lo, hi)))
         if len(set(replicas)) != len(replicas):
             raise _fail("replica table repeats an id")
         self.replicas = replicas
         b = _DELTA_BIT
         delta = self.delta = bool(m[a + b // 8] >> b % 8 & 1)
         ra = self.struct(pa + 8 * DOCUMENT_ROOT_PTR, _ENTRY_SHAPE, _ENTRY_BYTES)
-        kind, wb, w, klo, khi = _ENTRY(m, ra)
+        kind, wb, w, klo, khi, llo, lhi = _ENTRY(m, ra)
         cls = _causal().get(kind)
         if cls is None or kind not in self.kinds:
             raise _fail("document root of a kind not readable here")
@@ -592,18 +856,28 @@ class _Reader:
             raise _fail("a document root has no key and no Whole marker")
         if kind == _K_MAP and w != ENTRY_IS_ENTRIES:
             raise _fail("a map document root must hold entries")
-        store = self.store(kind, w, ra + _ENTRY_LIST, 1)
+        store = self.store(kind, w, ra + _ENTRY_LIST, llo, lhi, 1)
         ca = self.struct(
             pa + 8 * DOCUMENT_CONTEXT_PTR, _CONTEXT_SHAPE,
             8 * (CONTEXT_DATA_WORDS + CONTEXT_POINTERS),
         )
-        vv: dict[str, int] = {}
-        for r, n in self.dots(ca + _CONTEXT_VERSIONS):
-            if r in vv:
-                raise _fail("version vector repeats a replica")
-            vv[r] = n
-        cloud = self.dots(ca + _CONTEXT_CLOUD)
-        return cls(store, CausalContext(vv, cloud), is_delta=delta)
+        vp, cp = ca + _CONTEXT_VERSIONS, ca + _CONTEXT_CLOUD
+        rs, ns = self.dot_rows(vp, *_UU(m, vp))
+        vv = dict(zip(map(replicas.__getitem__, rs), ns, strict=True))
+        if len(vv) != len(rs):
+            raise _fail("version vector repeats a replica")
+        rs, ns = self.dot_rows(cp, *_UU(m, cp))
+        cloud: dict[str, set[int]] = {}
+        if rs and rs.count(rs[0]) == len(rs):  # one replica's dots: one set
+            cloud[replicas[rs[0]]] = set(ns)
+        else:
+            for r, n in zip(rs, ns, strict=True):
+                rid = replicas[r]
+                if rid in cloud:
+                    cloud[rid].add(n)
+                else:
+                    cloud[rid] = {n}
+        return cls(store, CausalContext.from_parts(vv, cloud), is_delta=delta)
 
 
 def _causal() -> dict[int, type[Causal]]:
@@ -618,7 +892,7 @@ def _segment(data: bytes) -> bytes:
     """The one segment of an unpacked message (with its segment table)."""
     if len(data) < 8:
         raise _fail("message shorter than its segment table")
-    count, size = _II(data, 0)
+    count, size = _UU(data, 0)
     if count != 0:
         raise _fail("a multi-segment message (left to pycapnp)")
     if len(data) != 8 + 8 * size or size == 0:

@@ -121,6 +121,23 @@ def _check_table(data: bytes) -> None:
 def segment_words(data: bytes) -> int:
     """Words the segment table of packed ``data`` declares (its segments' sizes summed; 0 if
     the stream is too short for its table): the size of a message without traversing it."""
+    if data and not data[0] & 0x0F and data[0] != 0:
+        # One segment (see module doc): the tag's high bits say which of the first word's
+        # bytes 4-7 (the segment's size) follow it, in order; the others are zero.
+        tag, size, i = data[0], 0, 1
+        for shift in (0, 8, 16, 24):
+            if tag & 0x10:
+                if i >= len(data):
+                    return 0
+                size |= data[i] << shift
+                i += 1
+            tag >>= 1
+        return size
+    return _segment_words(data)
+
+
+def _segment_words(data: bytes) -> int:
+    """``segment_words`` by unpacking the table (any segment count)."""
     first = _unpack_prefix(data, 1)
     if first is None:
         return 0

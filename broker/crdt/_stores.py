@@ -424,10 +424,20 @@ def _join_map(
     elif not full and len(b) == 1:
         return join_store(a, b, ca, cb, False, keep, depth)  # type: ignore[return-value]
     join = _JOIN
+    vv, cloud = ca._vv, ca._cloud
     for k, bv in b.items():
         av = a.get(k)
+        tb: Any = type(bv)
+        if av is None and tb in _DOT_FUNS and len(bv) == tb.STRIDE:  # type: ignore[arg-type]
+            # A new key of one entry (a write to a fresh field, the commonest delta entry):
+            # ``_join_fun``'s adopt path inlined, keep it unless a's context has seen its dot.
+            one: Any = bv
+            rid, n = one[0], one[1]
+            if n > vv.get(rid, 0) and n not in cloud.get(rid, ()):
+                a[k] = bv
+            continue
         # Same kind on both sides is the common case: dispatch without join_entry.
-        fn = join.get(type(bv))
+        fn = join.get(tb)
         if fn is not None and (av is None or type(av) is type(bv)):
             r = fn(av, bv, ca, cb, full, keep, depth + 1)
         else:

@@ -38,6 +38,22 @@ def test_context_merge_is_union(xs: list[tuple[str, int]], ys: list[tuple[str, i
     assert a == CausalContext.from_dots(xs + ys)
 
 
+@given(st.dictionaries(st.sampled_from(["a", "b", "c"]), st.integers(0, 6)), st.lists(dots))
+def test_from_parts_builds_what_the_constructor_builds(
+    vv: dict[str, int], ds: list[tuple[str, int]]
+) -> None:
+    # The decoders' grouped construction equals one add per dot (fails if from_parts skips
+    # the compaction: a cloud dot next to or under the vector).
+    cloud: dict[str, set[int]] = {}
+    for r, n in ds:
+        cloud.setdefault(r, set()).add(n)
+    built = CausalContext.from_parts(dict(vv), cloud)
+    expected = CausalContext(vv, ds)
+    assert built == expected
+    assert built._vv == expected._vv
+    assert built._cloud == expected._cloud
+
+
 def test_next_dot_follows_the_highest_seen() -> None:
     c = CausalContext({"a": 3}, [("a", 7)])
     assert c.next_dot("a") == ("a", 8)

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from broker.codec import TrustRoster, WireCodec, _fast_write, gen_layouts
+from broker.codec import TrustRoster, WireCodec, _fast_write, _packed, gen_layouts
 from broker.codec import _fast as fast_mod
 from broker.codec._document import encode_document
 from broker.codec._fast import read_document, unpack
 from broker.codec._fast_write import write_document
 from broker.codec._layouts import VALUE_INT, VALUE_WHICH
 from broker.codec._packed import segment_words
+from broker.crdt import Causal, LWWRegister, ORSet
 from broker.errors import CodecError
 from tests.fuzz._documents import check, documents
 from tests.fuzz._documents import run as run_documents
@@ -102,6 +103,34 @@ def test_a_wrong_layout_offset_is_caught(monkeypatch: pytest.MonkeyPatch) -> Non
         _check_many(3)
 
 
+def test_a_wrong_register_read_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The one-read path of int registers (``_REGISTER``) is taken and checked: a value off by
+    # one there is caught.
+    right = fast_mod._REGISTER
+
+    def wrong(m: bytes, at: int) -> tuple[int, ...]:
+        *fields, x = right(m, at)
+        return (*fields, x + 1)
+
+    monkeypatch.setattr(fast_mod, "_REGISTER", wrong)
+    with pytest.raises(AssertionError):
+        _check_many(3)
+
+
+def test_a_wrong_path_read_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The one-entry map path (``_Reader.one``) is taken and checked: a key changed there is
+    # caught.
+    right = fast_mod._Reader.one
+
+    def wrong(self: fast_mod._Reader, m: bytes, size: int, tag: int, depth: int) -> object:
+        got = right(self, m, size, tag, depth)
+        return None if got is None else type(got)({k + "!": v for k, v in got.items()})
+
+    monkeypatch.setattr(fast_mod._Reader, "one", wrong)
+    with pytest.raises(AssertionError):
+        _check_many(3)
+
+
 def test_a_wrong_struct_size_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     # A layout that refuses every valid Item is caught too (the fast path must be taken).
     monkeypatch.setattr(fast_mod, "_ITEM_SHAPE", fast_mod._ITEM_SHAPE + 1)
@@ -114,6 +143,39 @@ def test_a_wrong_writer_offset_is_caught(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(_fast_write, "ITEM_COUNTER", _fast_write.ITEM_COUNTER - 4)
     with pytest.raises(AssertionError):
         _check_many(5)
+
+
+@pytest.mark.parametrize("big", ["register text", "register data", "set text", "set data"])
+def test_texts_are_charged_to_the_traversal_budget(
+    big: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A document of a few structs and one 40 KiB text or data: read with a budget of 64 words
+    # (TRAVERSAL_FACTOR 0) it is refused, so its bytes were charged before being decoded
+    # (shared pointers to one big text would otherwise amplify the work). Fails without the
+    # charges: the structs alone fit in 64 words.
+    value: str | bytes = "x" * 40_000 if big.endswith("text") else b"x" * 40_000
+    doc: Causal = (
+        LWWRegister().assign("r0", value, 1) if big.startswith("register")
+        else ORSet().add("r0", value)
+    )
+    words = unpack(ORACLE.encode_document(doc))
+    assert read_document(words, FAST.schema.kinds) == doc
+    monkeypatch.setattr(fast_mod, "TRAVERSAL_FACTOR", 0)
+    with pytest.raises(CodecError):
+        read_document(words, FAST.schema.kinds)
+
+
+def test_segment_words_reads_a_one_segment_table_from_its_first_bytes() -> None:
+    # The one-segment shortcut gives what unpacking the table gives, on valid, mutated and
+    # truncated streams (fails if the shortcut misreads the tag's bits or their order).
+    rng = random.Random(7)
+    seeds = [ORACLE.encode_document(d) for _, d in zip(range(100), documents(rng), strict=False)]
+    seeds.append(bytes([0x50, 0x12, 0x34]))  # bytes 4 and 6 of the size: 0x340012
+    for i in range(5_000):
+        data = mutate_message(rng, seeds[i % len(seeds)]) if i >= len(seeds) else seeds[i]
+        for cut in (data, data[: rng.randrange(0, 6)]):
+            assert segment_words(cut) == _packed._segment_words(cut), cut[:12]
+    assert segment_words(bytes([0x50, 0x12, 0x34])) == 0x340012
 
 
 def test_mutated_bytes_never_read_differently() -> None:
