@@ -262,7 +262,9 @@ def _write_type(spec: FieldSpec, name: str) -> Any:
 
 
 def _write_model(shape: tuple[tuple[str, FieldSpec], ...], name: str) -> type[BaseModel]:
-    fields: dict[str, Any] = {n: (_write_type(s, f"{name}_{n}") | None, None) for n, s in shape}
+    # Every field is optional (default None, never validated, absent from the fields set),
+    # but an explicit None is validated like any value: refused unless the field holds it.
+    fields: dict[str, Any] = {n: (_write_type(s, f"{name}_{n}"), None) for n, s in shape}
     return create_model(f"{name}Write", __config__=ConfigDict(extra="forbid", strict=True),
                         **fields)
 

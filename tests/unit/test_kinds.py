@@ -127,6 +127,17 @@ def test_unwritten_fields_read_as_their_defaults_and_bottoms() -> None:
     ({"address": {"street": "x"}}, "address.street"),
     ({"nope": 1}, "nope"),
     ({"title": "x" * (1 << 20)}, "title"),
+    # None is a value like any other: refused where the field's type does not hold it
+    # (not taken as "field not given", not stored for a reader to trip over)
+    ({"title": None}, "title"),
+    ({"status": None}, "status"),
+    ({"total": None}, "total"),
+    ({"tags": None}, "tags"),
+    ({"paid": None}, "paid"),
+    ({"address": None}, "address"),
+    ({"address": {"city": None}}, "address.city"),
+    ({"tags": {"x" * (1 << 20)}}, "tags"),
+    ({"total": -(2**63) - 1}, "total"),
 ])
 def test_an_invalid_write_names_the_field_and_writes_nothing(
     changes: dict[str, object], field: str
