@@ -219,7 +219,9 @@ def _field_spec(annotation: Any, metadata: Sequence[Any], default: Any, factory:
             raise KindDefinitionError(f"{where}: default: {exc}") from None
         if isinstance(default, bytes):
             raise KindDefinitionError(f"{where}: a bytes default cannot be stored in a schema")
-    return FieldSpec(crdt, tokens, enum_, default if has_default else None, has_default)
+    spec = FieldSpec(crdt, tokens, enum_, default if has_default else None, has_default)
+    spec.check(where)  # what a schema read from the registry must pass, a model passes
+    return spec
 
 
 # -- validation of writes -------------------------------------------------------------------

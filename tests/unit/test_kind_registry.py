@@ -8,11 +8,12 @@ refused with a specific rule and nothing is written.
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 import pytest
 
-from broker.crdt import Tree
+from broker.crdt import Add, Assign, Create, Tree
 from broker.kinds import (
     LWW,
     MV,
@@ -84,6 +85,60 @@ def test_a_schema_survives_json_and_rebuilds_a_working_model() -> None:
 def test_malformed_schema_text_is_refused(text: str) -> None:
     with pytest.raises(SchemaFormatError):
         KindSchema.from_json(text)
+
+
+def _schema_text(fields: object = None, **over: object) -> str:
+    data: dict[str, object] = {
+        "format": 1, "name": "k", "version": 1, "parent": None, "lens": [], "jsonSchema": {},
+        "fields": {"a": {"crdt": "lww", "types": ["str"], "default": ""}}
+        if fields is None else fields}
+    data.update(over)
+    return json.dumps(data)
+
+
+_LWW_STR = {"crdt": "lww", "types": ["str"], "default": ""}
+
+FORGED = {
+    "nested too deep for json": "[" * 100_000 + "]" * 100_000,
+    "register with no value type": _schema_text({"a": {"crdt": "lww"}}),
+    "counter with no value type": _schema_text({"a": {"crdt": "counter"}}),
+    "counter with a default": _schema_text({"a": {"crdt": "counter", "types": ["int"],
+                                                  "default": 5}}),
+    "set of floats": _schema_text({"a": {"crdt": "set", "types": ["float"]}}),
+    "default of another type": _schema_text({"a": {"crdt": "lww", "types": ["str"],
+                                                   "default": 5}}),
+    "enum of other types": _schema_text({"a": {"crdt": "lww", "types": ["str"],
+                                               "enum": [1, 2]}}),
+    "private field name": _schema_text({"_a": _LWW_STR}),
+    "field shadowing pydantic": _schema_text({"model_dump": _LWW_STR}),
+    "dotted field name": _schema_text({"a.b": _LWW_STR}),
+    "field name not an identifier": _schema_text({"a b": _LWW_STR}),
+    "version over int64": _schema_text(version=2**70),
+    "rename to a list": _schema_text(lens=[{"op": "rename", "path": ["a"], "to": ["x"]}]),
+    "add with a list default": _schema_text(lens=[{"op": "add", "path": ["b"],
+                                                   "default": [1, 2]}]),
+    "map nested too deep": _schema_text({"a": json.loads(
+        '{"crdt": "map", "fields": {"x": ' * 40 + json.dumps(_LWW_STR) + "}}" * 40)}),
+}
+
+
+@pytest.mark.parametrize("text", FORGED.values(), ids=FORGED.keys())
+def test_a_forged_registry_entry_is_skipped_with_a_reason_never_a_crash(text: str) -> None:
+    """A peer (or a stolen key) writing junk schema text into the registry subject: the
+    text is refused as a SchemaFormatError, a registry read skips it and says why, and
+    asking for the kind is a clear UnknownKindError, never a TypeError or RecursionError
+    out of pydantic or json in a service or the CLI."""
+    with pytest.raises(SchemaFormatError):
+        KindSchema.from_json(text)
+    tree = Tree()
+    run(tree, [Create("k"), Assign("k", ("_kind",), "kind-schema"),
+               Add("k", ("versions",), text), Assign("k", ("active",), 1)])
+    reg = Registry.from_tree(tree)
+    assert reg.kinds() == []
+    assert len(reg.skipped) == 1
+    assert reg.skipped[0].startswith("k: ")
+    with pytest.raises(UnknownKindError):
+        reg.view("k")
 
 
 def test_the_registry_is_crdt_state_and_converges() -> None:

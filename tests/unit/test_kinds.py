@@ -229,6 +229,13 @@ def test_model_definitions_are_checked() -> None:
         class BadSet(KindModel, kind="bad"):
             x: ORSet[float] = frozenset()
     with pytest.raises(KindDefinitionError):
+        # pydantic does not validate defaults; the schema would store one no reader reads
+        class BadDefault(KindModel, kind="bad"):
+            x: LWW[str] = 5  # type: ignore[assignment]
+    with pytest.raises(KindDefinitionError):
+        class BadLiteralDefault(KindModel, kind="bad"):
+            x: LWW[Literal["a", "b"]] = "c"  # type: ignore[assignment]
+    with pytest.raises(KindDefinitionError):
         KindView(Address)
 
 
