@@ -12,6 +12,8 @@ import json
 from typing import Literal
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from broker.crdt import Add, Assign, Create, Tree
 from broker.kinds import (
@@ -335,3 +337,61 @@ def test_the_readme_rule_table_is_the_gate_s() -> None:
     rows = re.findall(r"^\| `([A-Z_]+)` \| (\w+) \| (.+?) \| (.+?) \|$", section, re.M)
     assert {r[0]: (r[1], r[2], r[3]) for r in rows} == {
         name: (rule.kind, rule.refuses, rule.why) for name, rule in RULES.items()}
+
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 3),
+                     st.sampled_from(["", "a", "b"]),
+                     st.floats(allow_nan=False, allow_infinity=False))
+_NAMES = st.sampled_from(["a", "b", "_a", "a.b", "", "schema", "model_dump", "fields"])
+
+
+def _spec_json(children: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    return st.fixed_dictionaries(
+        {"crdt": st.sampled_from(["lww", "mv", "counter", "set", "flag", "map", "x"])},
+        optional={"types": st.lists(st.sampled_from(["null", "bool", "int", "float", "str",
+                                                     "bytes"]), max_size=3),
+                  "enum": st.lists(_SCALARS, max_size=3), "default": _SCALARS,
+                  "fields": st.dictionaries(_NAMES, children, max_size=3)})
+
+
+_LENS_JSON = st.one_of(
+    st.fixed_dictionaries({"op": st.sampled_from(["add", "remove"]),
+                           "path": st.lists(_NAMES, max_size=2), "default": _SCALARS}),
+    st.fixed_dictionaries({"op": st.just("rename"), "path": st.lists(_NAMES, max_size=2),
+                           "to": st.one_of(_NAMES, st.lists(_NAMES))}),
+    st.fixed_dictionaries({"op": st.just("convert"), "path": st.lists(_NAMES, max_size=2),
+                           "mapping": st.lists(st.lists(_SCALARS, min_size=2, max_size=2),
+                                               max_size=3)}),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(_NAMES, st.recursive(_spec_json(st.nothing()), _spec_json,
+                                            max_leaves=6), max_size=4),
+       st.lists(_LENS_JSON, max_size=3))
+def test_whatever_schema_text_is_accepted_builds_a_model_like_a_compiled_one(
+    fields: dict[str, object], lens: list[object]
+) -> None:
+    """Random schema text (as a peer might write it): refused as a SchemaFormatError, or
+    it builds a model whose schema is the text's, and a view that creates and reads."""
+    try:
+        s = KindSchema.from_json(_schema_text(fields, lens=lens, version=2))
+    except SchemaFormatError:
+        return
+    model = s.to_model()
+    assert KindSchema.of_model(model) == s
+    assert KindSchema.from_json(s.to_json()) == s
+    view = KindView(model)
+    required = {n: _value_of(spec) for n, spec in s.fields
+                if spec.crdt.value == "lww" and not spec.has_default}
+    tree = Tree()
+    run(tree, view.create_ops("n", **required))
+    assert view.read(tree, "n").model_dump() == model(**required).model_dump()
+
+
+def _value_of(spec: object) -> object:
+    from broker.kinds._fields import VALUE_TYPES, FieldSpec
+    assert isinstance(spec, FieldSpec)
+    if spec.enum:
+        return spec.enum[0]
+    return VALUE_TYPES[spec.types[0]]() if spec.types[0] != "null" else None
