@@ -397,7 +397,9 @@ class KindView:
         KindValidationError: nothing is written). A register or multi-value field takes a
         value, a counter an amount to add, a set the elements to add, a flag True (enable)
         or False (disable), a nested map a dict of its own changes."""
-        values = self.validate(changes)
+        return self._writes(node_id, self.validate(changes))
+
+    def _writes(self, node_id: str, values: dict[FieldPath, Any]) -> list[Write]:
         out: list[Write] = []
         for slot in self._slots:
             if slot.path not in values:
@@ -407,8 +409,18 @@ class KindView:
 
     def create_ops(self, node_id: str, /, parent: str = ROOT_ID, **changes: Any) -> list[Write]:
         """Create worknode ``node_id`` of this kind (its ``_kind`` field names the kind),
-        then ``ops`` of ``changes``."""
-        writes = self.ops(node_id, **changes)  # validated before anything is built
+        then ``ops`` of ``changes``, which must set every register without a default
+        (KindValidationError otherwise: nothing is written)."""
+        values = self.validate(changes)  # validated before anything is built
+        for slot in self._slots:
+            # A register without a default that a create leaves unwritten would make every
+            # read of the worknode fail ("Field required"): refuse the create instead.
+            if (slot.spec.crdt is Crdt.LWW and not slot.spec.has_default
+                    and slot.path not in values):
+                field = ".".join(slot.path)
+                raise KindValidationError(f"{self.info.ref}: field {field}: Field required",
+                                          field=field, reason="Field required")
+        writes = self._writes(node_id, values)
         return [Create(node_id, parent), Assign(node_id, (KIND_FIELD,), self.info.name),
                 *writes]
 

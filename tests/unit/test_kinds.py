@@ -252,3 +252,22 @@ def test_typed_writes_are_untyped_writes(writes: list[tuple[str, int, set[str]]]
             untyped.merge(untyped.add(replica, "o1", ("tags",), t))
         untyped.merge(untyped.increment(replica, "o1", ("total",), amount))
     assert typed.state == untyped.state
+
+
+class Named(KindModel, kind="named", version=1):
+    name: LWW[str]
+    note: LWW[str] = ""
+
+
+def test_a_create_without_a_required_field_is_refused() -> None:
+    """A register without a default must be written on create: else the worknode exists
+    and no read of it can succeed (pydantic's "Field required" at every read)."""
+    view = KindView(Named)
+    tree = Tree()
+    with pytest.raises(KindValidationError) as info:
+        run(tree, view.create_ops("n1", note="x"))
+    assert info.value.field == "name"
+    assert "n1" not in tree
+    run(tree, view.create_ops("n1", name="Ada"))
+    run(tree, view.ops("n1", note="later"))  # an update need not repeat it
+    assert view.read(tree, "n1") == Named(name="Ada", note="later")
