@@ -249,6 +249,9 @@ def test_the_worked_example_is_compatible() -> None:
     ({"name": (LWW[str], "x"), "total": (Counter, 0)}, [], ["DEFAULT_CHANGED"]),
     ({"name": (LWW[str], ""), "total": (Counter, 0), "tags": (ORSet[str], frozenset())}, [],
      []),
+    # an AddField default the new field cannot hold is no default for earlier writes
+    ({"name": (LWW[str], ""), "total": (Counter, 0), "x": (LWW[str], ...)},
+     [AddField(("x",), 5)], ["FIELD_ADDED_WITHOUT_DEFAULT"]),
 ])
 def test_each_rule_fires_for_its_change(v2_fields: dict[str, object], lens: list[object],
                                         expected: list[str]) -> None:
@@ -314,6 +317,33 @@ def test_transitive_checks_reach_back_past_the_version_before() -> None:
 
     found = check_new([schema(PersonV1), schema(V2)], schema(V3b))
     assert [(f.rule, f.pairs) for f in found] == [("CRDT_CHANGED", ("person@1 → person@3",))]
+
+
+def test_a_version_below_the_newest_is_refused() -> None:
+    class PersonV3(KindModel, kind="person", version=3, lens=PersonV2.__kind__.lens):  # type: ignore[union-attr]
+        first: LWW[str] = ""
+        last: LWW[str] = ""
+        amount: Counter = 0
+
+    tree, reg = registered(PersonV1, PersonV3)
+    before = tree.state.digest()
+    with pytest.raises(IncompatibleKindError) as info:
+        reg.register_ops(schema(PersonV2))
+    assert [f.rule for f in info.value.findings] == ["VERSION_NOT_NEWER"]  # type: ignore[attr-defined]
+    assert tree.state.digest() == before
+
+
+class Party(KindModel, kind="party", version=1):
+    name: LWW[str] = ""
+    total: Counter = 0
+
+
+def test_a_changed_parent_kind_is_refused() -> None:
+    class PersonAsParty(Party, kind="person", version=2):
+        pass
+
+    assert schema(PersonAsParty).parent == "party@1"
+    assert rules(PersonV1, PersonAsParty) == ["PARENT_CHANGED"]
 
 
 def test_version_order_is_enforced() -> None:
