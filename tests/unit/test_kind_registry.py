@@ -9,7 +9,7 @@ refused with a specific rule and nothing is written.
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -320,7 +320,7 @@ def test_transitive_checks_reach_back_past_the_version_before() -> None:
 
 
 def test_a_version_below_the_newest_is_refused() -> None:
-    class PersonV3(KindModel, kind="person", version=3, lens=PersonV2.__kind__.lens):  # type: ignore[union-attr]
+    class PersonV3(KindModel, kind="person", version=3, lens=PersonV2.__kind__.lens):
         first: LWW[str] = ""
         last: LWW[str] = ""
         amount: Counter = 0
@@ -412,7 +412,7 @@ def test_whatever_schema_text_is_accepted_builds_a_model_like_a_compiled_one(
     assert KindSchema.of_model(model) == s
     assert KindSchema.from_json(s.to_json()) == s
     view = KindView(model)
-    required = {n: _value_of(spec) for n, spec in s.fields
+    required: dict[str, Any] = {n: _value_of(spec) for n, spec in s.fields
                 if spec.crdt.value == "lww" and not spec.has_default}
     tree = Tree()
     run(tree, view.create_ops("n", **required))
