@@ -192,6 +192,13 @@ def _field_spec(annotation: Any, metadata: Sequence[Any], default: Any, factory:
                 where: str, depth: int) -> FieldSpec:
     marker = _marker(metadata)
     has_default = default is not PydanticUndefined and not factory
+    constraints = [m for m in metadata if not isinstance(m, CrdtMarker)]
+    if constraints:
+        # Not in the schema: typed writes, the fast read and a model built from the
+        # registry would all skip them, so a write breaking one would silently succeed.
+        raise KindDefinitionError(
+            f"{where}: field constraints ({', '.join(map(repr, constraints))}) are not part "
+            "of a kind's schema; use a Literal, or check values in the application")
     if marker is None:
         if isinstance(annotation, type) and issubclass(annotation, KindModel):
             return FieldSpec(Crdt.MAP, fields=shape_of(annotation, depth + 1))

@@ -8,11 +8,12 @@ and kind conflicts are reported beside the instance, never hidden.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import Field
 
 from broker.crdt import Kind, Tree, TreeOp
 from broker.errors import UnknownNodeError
@@ -237,6 +238,20 @@ def test_model_definitions_are_checked() -> None:
             x: LWW[Literal["a", "b"]] = "c"  # type: ignore[assignment]
     with pytest.raises(KindDefinitionError):
         KindView(Address)
+
+
+@pytest.mark.parametrize("annotation", [
+    LWW[Annotated[int, Field(ge=0)]], LWW[Annotated[str, Field(max_length=3)]],
+    Annotated[Counter, Field(ge=0)],
+])
+def test_field_constraints_are_refused_not_silently_skipped(annotation: object) -> None:
+    """A constraint pydantic would check is not part of a kind's schema (writes, the fast
+    read and a model loaded from the registry would all skip it): the definition says so
+    instead of a write of -5 to a ``ge=0`` field succeeding."""
+    from pydantic import create_model
+    with pytest.raises(KindDefinitionError):
+        create_model("Constrained", __base__=KindModel,  # type: ignore[call-overload]
+                     __cls_kwargs__={"kind": "constrained"}, x=(annotation, 0))
 
 
 @given(st.lists(st.tuples(st.sampled_from(["ra", "rb"]), st.integers(-5, 5),
