@@ -53,7 +53,12 @@ class Registry:
 
     @classmethod
     def from_tree(cls, tree: Tree) -> Registry:
-        """Read a registry subject's tree (malformed entries are skipped and listed)."""
+        """Read a registry subject's tree. Entries are refused (skipped, and listed in
+        ``skipped`` with the reason) when they are not schema text of this format, name
+        another kind, or fail the compatibility gate against the versions before them that
+        passed: the registry's writers are trusted with the subject, not with the gate (a
+        peer writing past ``register_ops``, or two versions registered concurrently, each
+        checked against a history without the other)."""
         schemas: dict[str, dict[int, KindSchema]] = {}
         active: dict[str, int] = {}
         conflicted: dict[str, set[int]] = {}
@@ -65,6 +70,7 @@ class Registry:
             versions = fields.get(_VERSIONS)
             if type(versions) is not SetStore:
                 continue
+            candidates: dict[int, list[KindSchema]] = {}
             for text in sorted(e for e in value_of(versions) if isinstance(e, str)):
                 try:
                     schema = KindSchema.from_json(text)
@@ -74,10 +80,24 @@ class Registry:
                 if schema.name != node:
                     skipped.append(f"{node}: holds a schema of kind {schema.name}")
                     continue
-                have = schemas.setdefault(node, {}).get(schema.version)
-                if have is not None and have != schema:
-                    conflicted.setdefault(node, set()).add(schema.version)
-                schemas[node].setdefault(schema.version, schema)
+                candidates.setdefault(schema.version, []).append(schema)
+            passed: list[KindSchema] = []  # versions that passed, for the later ones' gate
+            for version in sorted(candidates):
+                fit = []
+                for schema in candidates[version]:
+                    breaking = [f for f in check_new(passed, schema) if f.kind == BREAKING]
+                    if breaking:
+                        skipped.append(f"{node}: {schema.ref} refused by the compatibility "
+                                       f"gate: {breaking[0].format()}")
+                    elif schema not in fit:
+                        fit.append(schema)
+                if not fit:
+                    continue
+                schemas.setdefault(node, {})[version] = fit[0]
+                if len(fit) > 1:
+                    conflicted.setdefault(node, set()).add(version)
+                else:
+                    passed.append(fit[0])
             reg = fields.get(_ACTIVE)
             if type(reg) is LWWStore and type(value_of(reg)) is int:
                 active[node] = value_of(reg)

@@ -127,7 +127,7 @@ def same(x: ORMap, y: ORMap) -> bool:
     return (x.store or MapStore()) == (y.store or MapStore()) and x.context == y.context
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None)
 @given(writes_by("ra", "rb"), writes_by("ra", "rc"), writes_by("rb", "rd"), lenses())
 # a removal of a whole map, seen from a shape where one of its fields moved out of it
 @example([("ra", 2, "x"), ("ra", 4, "x")], [("ra", 8, "x")], [], [Hoist(("m",), "c")])
@@ -223,7 +223,7 @@ def test_the_customer_history_passes_the_gate() -> None:
     assert check_all([KindSchema.of_model(m) for m in models]) == []
 
 
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.sampled_from(["total", "status", "tag", "city",
                                                           "name"]),
                           st.integers(0, 3)), max_size=12))

@@ -41,7 +41,7 @@ def test_the_split_migration_fills_the_new_fields() -> None:
     assert V1.read(tree, "p1").model_dump() == {"name": "Ada Lovelace", "total": 3}
 
 
-@settings(max_examples=40)
+@settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["p1", "p2", "p3"]), st.sampled_from(NAMES)),
                 min_size=1, max_size=8), st.permutations([0, 1, 2]))
 def test_replicas_migrating_independently_write_the_same_dots(

@@ -425,3 +425,27 @@ def _value_of(spec: object) -> object:
     if spec.enum:
         return spec.enum[0]
     return VALUE_TYPES[spec.types[0]]() if spec.types[0] != "null" else None
+
+
+def test_a_forged_version_the_gate_would_refuse_is_skipped_on_read() -> None:
+    """A writer bypassing ``register_ops`` (a peer, a stolen key, or two nodes registering
+    versions 2 and 3 concurrently, each checked against version 1 alone) stores a schema
+    that breaks the gate: readers refuse it as if it were registered now, with the rule,
+    and keep reading the versions that pass."""
+    class PersonV2Counter(KindModel, kind="person", version=2):
+        name: Counter = 0  # a register turned into a counter: CRDT_CHANGED
+        total: Counter = 0
+
+    tree, _ = registered(PersonV1)
+    run(tree, [Add("person", ("versions",), schema(PersonV2Counter).to_json()),
+               Assign("person", ("active",), 2)], "rx", 900)
+    reg = Registry.from_tree(tree)
+    assert reg.versions("person") == [1]
+    assert len(reg.skipped) == 1
+    assert "CRDT_CHANGED" in reg.skipped[0]
+    with pytest.raises(UnknownKindError):
+        reg.view("person")  # the active version is the refused one: never silently v1
+    assert reg.view("person", 1).info.ref == "person@1"
+    # and a legitimate next version still registers on top of what passed
+    run(tree, reg.register_ops(schema(PersonV2)), "r1", 1000)
+    assert Registry.from_tree(tree).get("person") == schema(PersonV2)
