@@ -63,7 +63,15 @@ from broker.crdt import (
     validate_node_id,
 )
 from broker.crdt._atoms import encode_atom
-from broker.crdt._stores import CLASS_OF_KIND, KindStore, LWWStore, MapStore, MVStore, value_of
+from broker.crdt._stores import (
+    CLASS_OF_KIND,
+    KindStore,
+    LWWStore,
+    MapStore,
+    MVStore,
+    counter_contribution,
+    value_of,
+)
 from broker.errors import InvalidArgumentError, UnknownNodeError, WorknodeError
 from broker.kinds._errors import KindDefinitionError, KindReadError, KindValidationError
 from broker.kinds._fields import (
@@ -404,7 +412,11 @@ class KindView:
         KindValidationError: nothing is written). A register or multi-value field takes a
         value, a counter an amount to add, a set the elements to add, a flag True (enable)
         or False (disable), a nested map a dict of its own changes."""
-        return self._writes(node_id, self.validate(changes))
+        values = self.validate(changes)
+        counters = [(s, values[s.path]) for s in self._slots
+                    if s.path in values and s.stored_crdt is Crdt.COUNTER]
+        guard = [self._counter_guard(node_id, counters)] if counters else []
+        return guard + self._writes(node_id, values)
 
     def _writes(self, node_id: str, values: dict[FieldPath, Any]) -> list[Write]:
         out: list[Write] = []
@@ -413,6 +425,29 @@ class KindView:
                 continue
             out.extend(self._ops_for(node_id, slot, values[slot.path]))
         return out
+
+    def _counter_guard(self, node: str, counters: list[tuple[_Slot, int]]
+                       ) -> Callable[[Tree, str, int], ORMap]:
+        """A first write that refuses the whole ``ops`` when an increment would take a
+        counter's total out of range: amounts are validated alone, totals only here (a
+        write that fails in ``write_many`` keeps the writes before it)."""
+        ref = self.info.ref
+
+        def guard(tree: Tree, replica: str, ts: int) -> ORMap:
+            _require(tree, node)
+            fields = _map_in((tree.state.store or {}).get(node), (FIELDS_KEY,), (), {})
+            for slot, amount in counters:
+                parent = _map_in(fields, slot.stored_path[:-1], (), {})
+                entry = parent.get(slot.stored_path[-1]) if parent is not None else None
+                try:
+                    counter_contribution(_select(entry, Crdt.COUNTER), replica, amount)
+                except WorknodeError as exc:
+                    field = ".".join(slot.path)
+                    raise KindValidationError(f"{ref}: field {field}: {exc}", field=field,
+                                              reason=str(exc)) from None
+            return ORMap(is_delta=True)
+
+        return guard
 
     def create_ops(self, node_id: str, /, parent: str = ROOT_ID, **changes: Any) -> list[Write]:
         """Create worknode ``node_id`` of this kind (its ``_kind`` field names the kind),

@@ -286,3 +286,17 @@ def test_a_create_without_a_required_field_is_refused() -> None:
     run(tree, view.create_ops("n1", name="Ada"))
     run(tree, view.ops("n1", note="later"))  # an update need not repeat it
     assert view.read(tree, "n1") == Named(name="Ada", note="later")
+
+
+@pytest.mark.parametrize("amount", [1, -1])
+def test_a_counter_write_that_would_overflow_writes_nothing(amount: int) -> None:
+    """Each amount is in range; the total is not. The write is refused naming the counter,
+    and the register written beside it in the same ``ops`` is not committed alone (a
+    failing write stops ``write_many`` with the writes before it kept)."""
+    tree = Tree()
+    run(tree, VIEW.create_ops("o1", total=(2**63 - 1) * amount))
+    before = tree.state.digest()
+    with pytest.raises(KindValidationError) as info:
+        run(tree, VIEW.ops("o1", title="partial", tags={"t"}, total=amount))
+    assert info.value.field == "total"
+    assert tree.state.digest() == before
