@@ -365,9 +365,15 @@ class KindView:
         info = model.__kind__
         if info is None:
             raise KindDefinitionError(f"{model.__name__} is not a kind (no kind= argument)")
+        last = 0
         for h in history:
             if h.__kind__ is None or h.__kind__.name != info.name:
                 raise KindDefinitionError(f"{h.__name__} is not a version of kind {info.name}")
+            if not last < h.__kind__.version < info.version:
+                raise KindDefinitionError(
+                    f"{info.ref}: its history lists versions oldest first, each older than "
+                    f"it (got {h.__kind__.ref} after version {last})")
+            last = h.__kind__.version
         self.model = model
         self.info = info
         chain: list[LensOp] = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +29,7 @@ from broker.kinds import (
     Counter,
     Head,
     Hoist,
+    KindDefinitionError,
     KindModel,
     KindSchema,
     KindView,
@@ -313,3 +315,12 @@ def test_a_convert_maps_each_direction_its_own_way() -> None:
         assert v2.read(tree, "l1").seen == {newer, forward[newer]}  # type: ignore[attr-defined]
         # the stored shape is v1's: what v2 wrote is stored as v1 would have written it
         assert tree.fields("l1")["level"] == value
+
+
+def test_a_view_s_history_must_be_in_version_order() -> None:
+    """The oldest version is the stored shape and the lenses chain in order: a history out
+    of order (or with the version itself in it) would write and read other paths."""
+    for history in ([CustomerV2, CustomerV1], [CustomerV1, CustomerV1], [CustomerV1, CustomerV3]):
+        with pytest.raises(KindDefinitionError):
+            KindView(CustomerV3, history)
+    assert KindView(CustomerV3, [CustomerV1, CustomerV2]).info.version == 3
