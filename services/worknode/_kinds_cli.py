@@ -173,6 +173,9 @@ def check_command(files: tuple[str, ...], lint: bool, fmt: str) -> None:
 def diff_command(old: str, new: str) -> None:
     """Show what changed from version OLD to NEW (one kind each) and the gate's findings."""
     a, b = (_one(load_schemas([x]), x) for x in (old, new))
+    if a.name != b.name:
+        raise KindSourceError(f"{new}: kind {b.name} is not kind {a.name}: diff compares two "
+                              "versions of one kind")
     for line in diff_lines(a, b):
         click.echo(line)
     raise SystemExit(_print_findings(check_new([a], b), True, "text", 2))

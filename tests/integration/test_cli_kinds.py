@@ -63,7 +63,9 @@ async def test_check_passes_the_examples_and_fails_a_rename_without_a_lens(
 
 async def test_a_file_that_does_not_load_is_one_error_line(tmp_path: Path) -> None:
     (tmp_path / "broken.py").write_text("raise RuntimeError('no')\n")
+    (tmp_path / "other.py").write_text(BAD.replace('kind="person"', 'kind="other"'))
     for args in (["check", "missing.py"], ["check", "broken.py"], ["check", V1 + ":Nope"],
+                 ["diff", V1, "other.py"],
                  ["migrate", "people", "broken.py:SPLIT"], ["migrate", "people", V1],
                  ["migrate", "people", V1 + ":PersonV1"]):
         rc, out, err = await run_cli("kinds", *args, cwd=tmp_path)
