@@ -27,7 +27,16 @@ from broker.crdt import Add, Assign, Create, Tree
 from broker.crdt._stores import LWWStore, SetStore, value_of
 from broker.kinds._compat import BREAKING, Finding, check_new
 from broker.kinds._errors import IncompatibleKindError, SchemaFormatError, UnknownKindError
-from broker.kinds._model import FIELDS_KEY, KIND_FIELD, KindModel, KindView, Write, _map_in
+from broker.kinds._fields import Crdt
+from broker.kinds._model import (
+    FIELDS_KEY,
+    KIND_FIELD,
+    KindModel,
+    KindView,
+    Write,
+    _map_in,
+    _select,
+)
 from broker.kinds._schema import KindSchema
 
 __all__ = ["REGISTRY_KIND", "Registry"]
@@ -67,7 +76,8 @@ class Registry:
             fields = _map_in((tree.state.store or {}).get(node), (FIELDS_KEY,), (), {})
             if fields is None:
                 continue
-            versions = fields.get(_VERSIONS)
+            # _select: a value written beside the set (a kind conflict) hides nothing
+            versions = _select(fields.get(_VERSIONS), Crdt.SET)
             if type(versions) is not SetStore:
                 continue
             candidates: dict[int, list[KindSchema]] = {}
@@ -98,7 +108,7 @@ class Registry:
                     conflicted.setdefault(node, set()).add(version)
                 else:
                     passed.append(fit[0])
-            reg = fields.get(_ACTIVE)
+            reg = _select(fields.get(_ACTIVE), Crdt.LWW)
             if type(reg) is LWWStore and type(value_of(reg)) is int:
                 active[node] = value_of(reg)
         return cls(schemas, active, {k: tuple(sorted(v)) for k, v in conflicted.items()},

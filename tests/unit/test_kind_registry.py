@@ -449,3 +449,14 @@ def test_a_forged_version_the_gate_would_refuse_is_skipped_on_read() -> None:
     # and a legitimate next version still registers on top of what passed
     run(tree, reg.register_ops(schema(PersonV2)), "r1", 1000)
     assert Registry.from_tree(tree).get("person") == schema(PersonV2)
+
+
+def test_a_value_written_over_the_registry_s_fields_hides_nothing() -> None:
+    """A register written at ``versions`` (or a set at ``active``) beside the real ones makes
+    a kind conflict in storage: the registry still reads the set and the register."""
+    tree, _ = registered(PersonV1, PersonV2)
+    run(tree, [Assign("person", ("versions",), "junk"), Add("person", ("active",), 1)],
+        "rx", 900)
+    reg = Registry.from_tree(tree)
+    assert reg.versions("person") == [1, 2]
+    assert reg.active == {"person": 2}
