@@ -289,6 +289,8 @@ def _write_model(shape: tuple[tuple[str, FieldSpec], ...], name: str) -> type[Ba
 def _first_error(exc: ValidationError, kind: str) -> KindValidationError:
     err = exc.errors(include_url=False)[0]
     field = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(kind)"
+    if len(field) > 120:  # an unknown key as long as a value: named, not echoed whole
+        field = field[:100] + f"...({len(field)} chars)"
     reason = str(err["msg"])
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return KindValidationError(f"{kind}: field {field}: {reason}{more}", field=field,

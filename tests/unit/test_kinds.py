@@ -300,3 +300,12 @@ def test_a_counter_write_that_would_overflow_writes_nothing(amount: int) -> None
         run(tree, VIEW.ops("o1", title="partial", tags={"t"}, total=amount))
     assert info.value.field == "total"
     assert tree.state.digest() == before
+
+
+@pytest.mark.parametrize("changes", [{"x" * 100_000: 1}, {"address": {"y" * 100_000: 1}}])
+def test_an_unknown_huge_field_name_makes_a_short_error(changes: dict[str, object]) -> None:
+    """The error names the field, but a 100 kB name is not echoed whole into a log line."""
+    with pytest.raises(KindValidationError) as info:
+        VIEW.ops("o1", **changes)
+    assert len(str(info.value)) < 300
+    assert len(info.value.field) < 200
