@@ -424,7 +424,51 @@ class KindView:
         counters = [(s, values[s.path]) for s in self._slots
                     if s.path in values and s.stored_crdt is Crdt.COUNTER]
         guard = [self._counter_guard(node_id, counters)] if counters else []
+        if not self._plain:
+            guard.append(self._validator_guard(node_id, values))
         return guard + self._writes(node_id, values)
+
+    def _after(self, current: dict[str, Any], values: dict[FieldPath, Any]) -> dict[str, Any]:
+        """``current`` (a model dump) as the next read would show it once ``values`` are
+        written here (no concurrent writes)."""
+        for slot in self._slots:
+            if slot.path not in values:
+                continue
+            value, parent = values[slot.path], current
+            for k in slot.path[:-1]:
+                parent = parent.setdefault(k, {})
+            k, crdt = slot.path[-1], slot.spec.crdt
+            if crdt is Crdt.COUNTER:
+                parent[k] = (parent.get(k) or 0) + value
+            elif crdt is Crdt.SET:
+                parent[k] = frozenset(parent.get(k) or ()) | frozenset(value)
+            elif crdt is Crdt.MV:
+                parent[k] = (value,)
+            else:
+                parent[k] = value
+        return current
+
+    def _check_model(self, data: dict[str, Any]) -> None:
+        """Run the model's own validators over ``data``; raises KindValidationError."""
+        try:
+            self.model.model_validate(data)
+        except ValidationError as exc:
+            raise _first_error(exc, self.info.ref) from None
+
+    def _validator_guard(self, node: str, values: dict[FieldPath, Any]
+                         ) -> Callable[[Tree, str, int], ORMap]:
+        """A first write that runs the model's validators over the worknode as the write
+        would leave it: a model with validators of its own refuses a write that breaks them
+        (the changes alone were checked against the field types only)."""
+        def guard(tree: Tree, replica: str, ts: int) -> ORMap:
+            try:
+                current = self.read(tree, node).model_dump()
+            except KindReadError:
+                return ORMap(is_delta=True)  # stored data that does not fit: this may fix it
+            self._check_model(self._after(current, values))
+            return ORMap(is_delta=True)
+
+        return guard
 
     def _writes(self, node_id: str, values: dict[FieldPath, Any]) -> list[Write]:
         out: list[Write] = []
@@ -470,6 +514,8 @@ class KindView:
                 field = ".".join(slot.path)
                 raise KindValidationError(f"{self.info.ref}: field {field}: Field required",
                                           field=field, reason="Field required")
+        if not self._plain:
+            self._check_model(self._after({}, values))
         writes = self._writes(node_id, values)
         return [Create(node_id, parent), Assign(node_id, (KIND_FIELD,), self.info.name),
                 *writes]

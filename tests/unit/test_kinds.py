@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from broker.crdt import Kind, Tree, TreeOp
 from broker.errors import UnknownNodeError
@@ -309,3 +309,32 @@ def test_an_unknown_huge_field_name_makes_a_short_error(changes: dict[str, objec
         VIEW.ops("o1", **changes)
     assert len(str(info.value)) < 300
     assert len(info.value.field) < 200
+
+
+class Ranged(KindModel, kind="ranged", version=1):
+    low: LWW[int] = 0
+    high: LWW[int] = 10
+    hits: Counter = 0
+
+    @model_validator(mode="after")
+    def ordered(self) -> Ranged:
+        if self.low > self.high:
+            raise ValueError("low is above high")
+        return self
+
+
+def test_a_model_validator_refuses_a_write_that_would_break_it() -> None:
+    """The model's own validators check the worknode as the write would leave it (the
+    stored fields plus the changes): refused before anything is written, instead of a
+    write that succeeds and every later read that fails."""
+    view = KindView(Ranged)
+    tree = Tree()
+    with pytest.raises(KindValidationError):
+        view.create_ops("r1", low=11)
+    run(tree, view.create_ops("r1", low=5))
+    before = tree.state.digest()
+    with pytest.raises(KindValidationError):
+        run(tree, view.ops("r1", high=4, hits=1))
+    assert tree.state.digest() == before
+    run(tree, view.ops("r1", high=6, hits=1))
+    assert view.read(tree, "r1") == Ranged(low=5, high=6, hits=1)
