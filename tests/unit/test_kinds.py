@@ -239,6 +239,11 @@ def test_model_definitions_are_checked() -> None:
     with pytest.raises(KindDefinitionError):
         KindView(Address)
 
+    class IntForFloat(KindModel, kind="fine"):
+        price: LWW[float] = 0  # an int default of a float field is fine
+
+    assert KindView(IntForFloat).read_fields(None) == IntForFloat()
+
 
 @pytest.mark.parametrize("annotation", [
     LWW[Annotated[int, Field(ge=0)]], LWW[Annotated[str, Field(max_length=3)]],
