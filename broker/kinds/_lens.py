@@ -409,8 +409,10 @@ def backward(ops: Sequence[LensOp], root: MapStore, prefix: FieldPath = ()) -> M
 
 
 def translate_fields(ops: Sequence[LensOp], doc: ORMap, *, reverse: bool = False) -> ORMap:
-    """An OR-map of one worknode's fields (a state or a delta), translated; same context."""
+    """An OR-map of one worknode's fields (a state or a delta), translated; same context.
+    The result is independent of ``doc`` (a copy: translation shares untouched stores)."""
     run = backward if reverse else forward
+    doc = doc.copy()
     out = ORMap(context=doc.context, is_delta=doc.is_delta)
     out.store = run(ops, doc.store or MapStore()) or None
     return out
@@ -421,8 +423,9 @@ def translate_document(
     reverse: bool = False,
 ) -> ORMap:
     """A worknode tree's document (state or delta) with the fields of ``nodes`` (default:
-    every worknode in it) translated; same context."""
+    every worknode in it) translated; same context. The result is independent of ``doc``."""
     run = backward if reverse else forward
+    doc = doc.copy()
     root = doc.store or MapStore()
     for node in (list(root) if nodes is None else nodes):
         root = run(ops, root, (node, "fields"))

@@ -40,6 +40,7 @@ from broker.kinds import (
     RenameField,
     Wrap,
     check_all,
+    map_path,
     translate_document,
     translate_fields,
 )
@@ -324,3 +325,42 @@ def test_a_view_s_history_must_be_in_version_order() -> None:
         with pytest.raises(KindDefinitionError):
             KindView(CustomerV3, history)
     assert KindView(CustomerV3, [CustomerV1, CustomerV2]).info.version == 3
+
+
+NEW_SHAPE_WRITES: list[tuple[tuple[str, ...], str]] = [
+    (("a",), "assign"), (("b",), "incr"), (("s",), "add"), (("m", "c"), "assign"),
+    (("m", "d"), "incr"), (("z",), "assign"), (("s",), "discard"), (("a",), "remove"),
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(writes_by("ra", "rb"), lenses(),
+       st.lists(st.tuples(st.sampled_from(["rn", "ra"]),
+                          st.sampled_from(range(len(NEW_SHAPE_WRITES))),
+                          st.sampled_from(VALUES)), max_size=8))
+def test_deltas_written_in_the_newer_shape_translate_back(
+    common: list[Any], lens: list[LensOp], newer: list[tuple[str, int, Any]]
+) -> None:
+    """The other direction, with deltas: a writer of the newer shape writes at the paths
+    the lens moved fields to; each delta translated back and joined into the older shape's
+    state keeps the two states each other's translation, step by step."""
+    old = ORMap()
+    apply(old, common, 1000)
+    new = translate_fields(lens, old)
+    for i, (replica, w, value) in enumerate(newer):
+        source, what = NEW_SHAPE_WRITES[w]
+        path = map_path(lens, source)
+        if what == "assign":
+            delta = new.assign(replica, path, value, 5000 + i)
+        elif what == "incr":
+            delta = new.increment(replica, path, 1)
+        elif what == "add":
+            delta = new.add(replica, path, str(value)[:1].lower() or "p")
+        elif what == "discard":
+            delta = new.discard(replica, path, "p")
+        else:
+            delta = new.remove(path)
+        new.merge(delta)
+        old.merge(translate_fields(lens, delta, reverse=True))
+        assert translate_fields(lens, old) == new
+        assert translate_fields(lens, new, reverse=True) == old
