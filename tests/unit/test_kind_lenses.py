@@ -364,3 +364,44 @@ def test_deltas_written_in_the_newer_shape_translate_back(
         old.merge(translate_fields(lens, delta, reverse=True))
         assert translate_fields(lens, old) == new
         assert translate_fields(lens, new, reverse=True) == old
+
+
+
+class Inner(KindModel):
+    x: LWW[str] = ""
+    y: LWW[str] = ""
+
+
+class Outer(KindModel):
+    inner: Inner = Inner()
+
+
+class InnerV2(KindModel):
+    y: LWW[str] = ""
+
+
+class OuterV2(KindModel):
+    x: LWW[str] = ""
+    inner: InnerV2 = InnerV2()
+
+
+class DeepV1(KindModel, kind="deep", version=1):
+    outer: Outer = Outer()
+
+
+class DeepV2(KindModel, kind="deep", version=2, lens=[Hoist(("outer", "inner"), "x")]):
+    outer: OuterV2 = OuterV2()
+
+
+def test_a_hoist_out_of_a_nested_map_lands_in_its_parent_map() -> None:
+    """``Hoist(("outer", "inner"), "x")``: outer.inner.x becomes outer.x (not a top field)."""
+    assert check_all([KindSchema.of_model(m) for m in (DeepV1, DeepV2)]) == []
+    v1, v2 = KindView(DeepV1), KindView(DeepV2, [DeepV1])
+    tree = Tree()
+    run(tree, v1.create_ops("d1", outer={"inner": {"x": "a", "y": "b"}}))
+    assert v2.read(tree, "d1").model_dump() == {"outer": {"x": "a", "inner": {"y": "b"}}}
+    run(tree, v2.ops("d1", outer={"x": "c"}), "r2", 200)
+    assert v1.read(tree, "d1").model_dump() == {"outer": {"inner": {"x": "c", "y": "b"}}}
+    lens = DeepV2.__kind__.lens  # type: ignore[union-attr]
+    moved = Tree(translate_document(lens, tree.state, ["d1"])).fields("d1")
+    assert moved["outer"]["x"] == "c"
