@@ -59,7 +59,6 @@ from broker.crdt import (
     TreeOp,
     validate_atom,
     validate_element,
-    validate_key,
     validate_node_id,
 )
 from broker.crdt._atoms import encode_atom
@@ -80,6 +79,7 @@ from broker.kinds._fields import (
     CrdtMarker,
     FieldSpec,
     bottom_of,
+    check_field_name,
     element_check,
     value_spec,
 )
@@ -185,10 +185,7 @@ def shape_of(model: type[BaseModel], depth: int = 1) -> tuple[tuple[str, FieldSp
     out = []
     for name, info in model.model_fields.items():
         where = f"{model.__name__}.{name}"
-        try:
-            validate_key(name)
-        except InvalidArgumentError as exc:
-            raise KindDefinitionError(f"{where}: {exc}") from None
+        check_field_name(name, where)  # what a registry reader accepts, nothing more
         if info.alias not in (None, name):
             raise KindDefinitionError(f"{where}: aliases are not supported")
         out.append((name, _field_spec(info.annotation, info.metadata, info.default,

@@ -343,3 +343,16 @@ def test_a_model_validator_refuses_a_write_that_would_break_it() -> None:
     assert tree.state.digest() == before
     run(tree, view.ops("r1", high=6, hits=1))
     assert view.read(tree, "r1") == Ranged(low=5, high=6, hits=1)
+
+
+def test_a_field_name_a_registry_read_would_refuse_is_refused_at_definition() -> None:
+    """``copy`` shadows a pydantic attribute (pydantic only warns): a schema naming it is
+    junk to every registry reader, so the model is refused where it is written."""
+    import warnings
+
+    from pydantic import create_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(KindDefinitionError):
+            create_model("Shadow", __base__=KindModel,  # type: ignore[call-overload]
+                         __cls_kwargs__={"kind": "shadow"}, copy=(LWW[str], ""))
