@@ -719,10 +719,14 @@ def _fast_changes(specs: _SpecTree, changes: Any, prefix: FieldPath,
 
 
 def _plain(model: type[BaseModel]) -> bool:
-    """Whether ``model`` (and every nested model) has no validators of its own: only then
-    may a read skip pydantic for values already of their declared types."""
+    """Whether ``model`` (and every nested model) has no validators and no settings of its
+    own: only then may a read skip pydantic for values already of their declared types
+    (else pydantic runs on reads, and over the result of every write)."""
     d = model.__pydantic_decorators__
     if d.validators or d.field_validators or d.model_validators or d.root_validators:
+        return False
+    own = {k: v for k, v in model.model_config.items() if k != "title"}
+    if own != KindModel.model_config:  # str_to_lower, str_max_length, ...: pydantic's work
         return False
     return all(_plain(f.annotation) for f in model.model_fields.values()
                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from broker.crdt import Kind, Tree, TreeOp
 from broker.errors import UnknownNodeError
@@ -356,3 +356,21 @@ def test_a_field_name_a_registry_read_would_refuse_is_refused_at_definition() ->
         with pytest.raises(KindDefinitionError):
             create_model("Shadow", __base__=KindModel,  # type: ignore[call-overload]
                          __cls_kwargs__={"kind": "shadow"}, copy=(LWW[str], ""))
+
+
+class Lowered(KindModel, kind="lowered", version=1):
+    model_config = ConfigDict(str_to_lower=True, str_max_length=8)
+    name: LWW[str] = ""
+
+
+def test_a_model_s_own_config_applies_to_its_reads_and_writes() -> None:
+    """pydantic settings of the model (here: lower-case text, at most 8 characters) are
+    not skipped by the fast read, and a write they refuse writes nothing."""
+    view = KindView(Lowered)
+    tree = Tree()
+    run(tree, view.create_ops("l1", name="ABC"))
+    assert view.read(tree, "l1").name == "abc"  # type: ignore[attr-defined]
+    before = tree.state.digest()
+    with pytest.raises(KindValidationError):
+        run(tree, view.ops("l1", name="much too long"))
+    assert tree.state.digest() == before
