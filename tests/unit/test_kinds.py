@@ -7,16 +7,17 @@ and kind conflicts are reported beside the instance, never hidden.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ConfigDict, Field, model_validator
 
-from broker.crdt import Kind, Tree, TreeOp
-from broker.errors import UnknownNodeError
+from broker.crdt import Add, Assign, Create, Increment, Kind, Tree, TreeOp
+from broker.errors import UnknownNodeError, WorknodeError
 from broker.kinds import (
     LWW,
     MV,
@@ -374,3 +375,53 @@ def test_a_model_s_own_config_applies_to_its_reads_and_writes() -> None:
     with pytest.raises(KindValidationError):
         run(tree, view.ops("l1", name="much too long"))
     assert tree.state.digest() == before
+
+
+_PATHS = st.sampled_from([("title",), ("total",), ("tags",), ("status",), ("paid",),
+                          ("address",), ("address", "city"), ("address", "city", "x"),
+                          ("_kind",)])
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=3),
+                    st.binary(max_size=2), st.sampled_from(["open", "paid"]))
+_UNTYPED = st.lists(st.tuples(st.sampled_from(["assign", "incr", "add", "multi", "enable",
+                                               "remove"]), _PATHS, _VALUES,
+                              st.sampled_from(["r1", "r2"])), max_size=8)
+_CHANGES = st.fixed_dictionaries({}, optional={
+    "title": st.text(max_size=2), "total": st.integers(-3, 3),
+    "tags": st.frozensets(st.text(max_size=1), max_size=2),
+    "status": st.sampled_from(["open", "paid"]), "paid": st.booleans(),
+    "address": st.fixed_dictionaries({}, optional={"city": st.text(max_size=2)})})
+
+
+@settings(max_examples=200, deadline=None)
+@given(_UNTYPED, _CHANGES)
+def test_any_stored_state_reads_or_is_a_read_error_and_writes_whole_or_not_at_all(
+    untyped: list[tuple[str, tuple[str, ...], object, str]], changes: dict[str, object]
+) -> None:
+    """Other writers (other versions, untyped tools, a peer) may store anything under a
+    typed worknode: a read is an instance or a KindReadError, and a typed write over it
+    either succeeds or leaves the state as it was."""
+    tree = Tree()
+    run(tree, [Create("n")], "r0", 1)
+    for i, (what, path, value, replica) in enumerate(untyped):
+        full = ("n", "fields", *path)
+        with contextlib.suppress(WorknodeError):  # the untyped write may be refused
+            if what == "assign":
+                run(tree, [Assign("n", path, value)], replica, 10 + i)  # type: ignore[arg-type]
+            elif what == "incr":
+                run(tree, [Increment("n", path, value if type(value) is int else 1)], replica)
+            elif what == "add":
+                element = value if type(value) in (str, int, bytes) else "e"
+                run(tree, [Add("n", path, element)], replica)  # type: ignore[arg-type]
+            elif what == "multi":
+                tree.merge(tree.assign_multi(replica, "n", path, value))  # type: ignore[arg-type]
+            elif what == "enable":
+                tree.merge(tree.state.enable(replica, full))
+            else:
+                tree.merge(tree.state.remove(full))
+    with contextlib.suppress(KindReadError):
+        conflicts_of(VIEW.read(tree, "n"))
+    before = tree.state.digest()
+    try:
+        run(tree, VIEW.ops("n", **changes), "r9", 500)
+    except WorknodeError:
+        assert tree.state.digest() == before
