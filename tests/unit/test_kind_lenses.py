@@ -321,7 +321,9 @@ def test_a_convert_maps_each_direction_its_own_way() -> None:
 def test_a_view_s_history_must_be_in_version_order() -> None:
     """The oldest version is the stored shape and the lenses chain in order: a history out
     of order (or with the version itself in it) would write and read other paths."""
-    for history in ([CustomerV2, CustomerV1], [CustomerV1, CustomerV1], [CustomerV1, CustomerV3]):
+    histories: list[list[type[KindModel]]] = [
+        [CustomerV2, CustomerV1], [CustomerV1, CustomerV1], [CustomerV1, CustomerV3]]
+    for history in histories:
         with pytest.raises(KindDefinitionError):
             KindView(CustomerV3, history)
     assert KindView(CustomerV3, [CustomerV1, CustomerV2]).info.version == 3

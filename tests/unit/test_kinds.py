@@ -256,8 +256,8 @@ def test_field_constraints_are_refused_not_silently_skipped(annotation: object) 
     instead of a write of -5 to a ``ge=0`` field succeeding."""
     from pydantic import create_model
     with pytest.raises(KindDefinitionError):
-        create_model("Constrained", __base__=KindModel,  # type: ignore[call-overload]
-                     __cls_kwargs__={"kind": "constrained"}, x=(annotation, 0))
+        create_model("Constrained", __base__=KindModel,
+                     __cls_kwargs__={"kind": "constrained"}, x=(annotation, 0))  # type: ignore[arg-type]
 
 
 @given(st.lists(st.tuples(st.sampled_from(["ra", "rb"]), st.integers(-5, 5),
@@ -355,7 +355,7 @@ def test_a_field_name_a_registry_read_would_refuse_is_refused_at_definition() ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(KindDefinitionError):
-            create_model("Shadow", __base__=KindModel,  # type: ignore[call-overload]
+            create_model("Shadow", __base__=KindModel,
                          __cls_kwargs__={"kind": "shadow"}, copy=(LWW[str], ""))
 
 
