@@ -121,7 +121,10 @@ class Registry:
     def versions(self, name: str) -> list[int]:
         """Registered versions of kind ``name``, oldest first (raises UnknownKindError)."""
         if name not in self.schemas:
-            raise UnknownKindError(f"no kind {name!r} is registered")
+            refused = [line for line in self.skipped if line.startswith(f"{name}: ")]
+            why = (f" ({len(refused)} stored entr{'y' if len(refused) == 1 else 'ies'} "
+                   f"refused; the first: {refused[0][len(name) + 2:]:.200})" if refused else "")
+            raise UnknownKindError(f"no kind {name!r} is registered{why}")
         return sorted(self.schemas[name])
 
     def get(self, name: str, version: int | None = None) -> KindSchema:

@@ -139,8 +139,9 @@ def test_a_forged_registry_entry_is_skipped_with_a_reason_never_a_crash(text: st
     assert reg.kinds() == []
     assert len(reg.skipped) == 1
     assert reg.skipped[0].startswith("k: ")
-    with pytest.raises(UnknownKindError):
+    with pytest.raises(UnknownKindError) as info:
         reg.view("k")
+    assert "1 stored entry refused" in str(info.value)  # not a bare "no kind"
 
 
 def test_the_registry_is_crdt_state_and_converges() -> None:
