@@ -161,7 +161,7 @@ class FieldSpec:
         spec = cls(
             crdt, tuple(sorted(types_)), tuple(enum_), default, "default" in data,
             tuple(sorted((check_field_name(n, where),
-                          cls.from_json(s, f"{where}.{n}", depth + 1))
+                          cls.from_json(s, f"{where}.{n:.40}", depth + 1))
                          for n, s in fields.items())),
         )
         spec.check(where)
@@ -215,8 +215,8 @@ def check_field_name(name: Any, where: str) -> str:
     not private (``_``) and not a pydantic model's attribute; else KindDefinitionError."""
     try:
         validate_key(name)
-    except InvalidArgumentError as exc:
-        raise KindDefinitionError(f"{where}: {exc}") from None
+    except InvalidArgumentError as exc:  # its text may quote a key of any size: cut it
+        raise KindDefinitionError(f"{where}: {exc!s:.120}") from None
     if not name.isidentifier() or name.startswith("_") or hasattr(BaseModel, name):
         raise KindDefinitionError(f"{where}: {name!r:.40} cannot name a field (an identifier "
                                   "not starting with _ nor naming a pydantic attribute)")

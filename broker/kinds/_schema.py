@@ -95,8 +95,8 @@ class KindSchema:
         if not isinstance(fields, dict) or not isinstance(json_schema, dict):
             raise SchemaFormatError(f"kind schema {name}: fields must be an object")
         try:
-            specs = tuple(sorted((check_field_name(n, f"{name}.{n}"),
-                                  FieldSpec.from_json(s, f"{name}.{n}"))
+            specs = tuple(sorted((check_field_name(n, name),
+                                  FieldSpec.from_json(s, f"{name}.{n:.40}"))
                                  for n, s in fields.items()))
             lens = lens_from_json(data.get("lens", []))
         except (KindDefinitionError, LensError) as exc:

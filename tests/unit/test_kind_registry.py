@@ -119,6 +119,9 @@ FORGED = {
     "rename to a list": _schema_text(lens=[{"op": "rename", "path": ["a"], "to": ["x"]}]),
     "add with a list default": _schema_text(lens=[{"op": "add", "path": ["b"],
                                                    "default": [1, 2]}]),
+    "huge field name": _schema_text({"x" * 100_000: _LWW_STR}),
+    "huge nested field name": _schema_text({"a": {"crdt": "map", "fields": {
+        "\ud800" + "y" * 100_000: _LWW_STR}}}),
     "map nested too deep": _schema_text({"a": json.loads(
         '{"crdt": "map", "fields": {"x": ' * 40 + json.dumps(_LWW_STR) + "}}" * 40)}),
 }
@@ -139,6 +142,7 @@ def test_a_forged_registry_entry_is_skipped_with_a_reason_never_a_crash(text: st
     assert reg.kinds() == []
     assert len(reg.skipped) == 1
     assert reg.skipped[0].startswith("k: ")
+    assert len(reg.skipped[0]) < 500  # one readable line, whatever the junk's size
     with pytest.raises(UnknownKindError) as info:
         reg.view("k")
     assert "1 stored entry refused" in str(info.value)  # not a bare "no kind"
