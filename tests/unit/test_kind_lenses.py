@@ -135,6 +135,9 @@ def same(x: ORMap, y: ORMap) -> bool:
 # a removal of a whole map, seen from a shape where one of its fields moved out of it
 @example([("ra", 2, "x"), ("ra", 4, "x")], [("ra", 8, "x")], [], [Hoist(("m",), "c")])
 @example([("ra", 0, "x")], [("ra", 8, "x")], [("rb", 4, "x")], [Plunge(("m",), "a")])
+# a batch removing map m and then writing into it, seen from a shape that renames inside m
+@example([("ra", 2, "x")], [("ra", 8, "x"), ("ra", 2, "y")], [],
+         [RenameField(("m", "c"), "n1")])
 def test_lens_round_trips_and_commutes_with_join(
     common: list[Any], left: list[Any], right: list[Any], lens: list[LensOp]
 ) -> None:
@@ -151,6 +154,22 @@ def test_lens_round_trips_and_commutes_with_join(
         # ``Whole(None)`` marker (its context covers nothing there): the same effect.
         for target in (base, a, b):
             assert target.join(back) == target.join(d)
+
+    # a delta batch (the join of several deltas, as published) translates as its parts do
+    if deltas:
+        batch = deltas[0].copy()
+        for d in deltas[1:]:
+            batch.merge(d)
+        parts = translate_fields(lens, deltas[0])
+        for d in deltas[1:]:
+            parts.merge(translate_fields(lens, d))
+        # (equal in effect: a marker inside a removed map may be dropped, being implied)
+        for target in (base, a, b):
+            moved = translate_fields(lens, target)
+            assert moved.join(translate_fields(lens, batch)) == moved.join(parts)
+        back = translate_fields(lens, translate_fields(lens, batch), reverse=True)
+        for target in (base, a, b):  # as for one delta: the same effect wherever joined
+            assert target.join(back) == target.join(batch)
 
     joined = a.join(b)
     assert translate_fields(lens, joined) == translate_fields(lens, a).join(
