@@ -64,8 +64,10 @@ async def test_check_passes_the_examples_and_fails_a_rename_without_a_lens(
 async def test_a_file_that_does_not_load_is_one_error_line(tmp_path: Path) -> None:
     (tmp_path / "broken.py").write_text("raise RuntimeError('no')\n")
     (tmp_path / "other.py").write_text(BAD.replace('kind="person"', 'kind="other"'))
+    # pydantic warns of the shadowing field before the kind refuses it: one line still
+    (tmp_path / "shadow.py").write_text(BAD.replace("amount: Counter", "json: Counter"))
     for args in (["check", "missing.py"], ["check", "broken.py"], ["check", V1 + ":Nope"],
-                 ["diff", V1, "other.py"],
+                 ["diff", V1, "other.py"], ["check", "shadow.py"],
                  ["migrate", "people", "broken.py:SPLIT"], ["migrate", "people", V1],
                  ["migrate", "people", V1 + ":PersonV1"]):
         rc, out, err = await run_cli("kinds", *args, cwd=tmp_path)
