@@ -25,7 +25,10 @@ import types
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
-from broker.crdt import INT64_MAX, INT64_MIN, Atom
+from pydantic import BaseModel
+
+from broker.crdt import INT64_MAX, INT64_MIN, MAX_FIELD_DEPTH, Atom, validate_atom, validate_key
+from broker.errors import InvalidArgumentError
 from broker.kinds._errors import KindDefinitionError
 
 __all__ = [
@@ -39,6 +42,8 @@ __all__ = [
     "Flag",
     "ORSet",
     "bottom_of",
+    "check_field_name",
+    "fits",
     "value_spec",
 ]
 
@@ -127,17 +132,23 @@ class FieldSpec:
         return out
 
     @classmethod
-    def from_json(cls, data: Any, where: str = "field") -> FieldSpec:
-        """Parse ``to_json``'s form; raises KindDefinitionError naming ``where``."""
+    def from_json(cls, data: Any, where: str = "field", depth: int = 1) -> FieldSpec:
+        """Parse ``to_json``'s form; raises KindDefinitionError naming ``where``.
+
+        Only specs a model could have are accepted (the text may come from any peer):
+        whatever this returns, ``KindSchema.to_model`` builds a model of."""
+        if depth > MAX_FIELD_DEPTH:
+            raise KindDefinitionError(f"{where}: maps nest deeper than {MAX_FIELD_DEPTH}")
         if not isinstance(data, dict):
             raise KindDefinitionError(f"{where}: not an object")
         try:
             crdt = Crdt(data.get("crdt"))
-        except ValueError:
-            raise KindDefinitionError(f"{where}: unknown crdt {data.get('crdt')!r}") from None
+        except (TypeError, ValueError):
+            raise KindDefinitionError(f"{where}: unknown crdt {data.get('crdt')!r:.40}") from None
         types_ = data.get("types", [])
-        if not isinstance(types_, list) or any(t not in VALUE_TYPES for t in types_):
-            raise KindDefinitionError(f"{where}: unknown value types {types_!r}")
+        if (not isinstance(types_, list) or any(t not in VALUE_TYPES for t in types_)
+                or len(set(types_)) != len(types_)):
+            raise KindDefinitionError(f"{where}: unknown value types {types_!r:.80}")
         enum_ = data.get("enum", [])
         if not isinstance(enum_, list) or any(type(v) not in _JSON_SCALARS for v in enum_):
             raise KindDefinitionError(f"{where}: enum must be a list of JSON scalars")
@@ -147,10 +158,69 @@ class FieldSpec:
         default = data.get("default")
         if type(default) not in _JSON_SCALARS:
             raise KindDefinitionError(f"{where}: default must be a JSON scalar")
-        return cls(
+        spec = cls(
             crdt, tuple(sorted(types_)), tuple(enum_), default, "default" in data,
-            tuple(sorted((str(n), cls.from_json(s, f"{where}.{n}")) for n, s in fields.items())),
+            tuple(sorted((check_field_name(n, where),
+                          cls.from_json(s, f"{where}.{n:.40}", depth + 1))
+                         for n, s in fields.items())),
         )
+        spec.check(where)
+        return spec
+
+    def check(self, where: str) -> None:
+        """Refuse a spec no model has: value types that do not fit its CRDT, an enum of
+        other types, fields on a non-map, a default a field of its CRDT cannot have or
+        that is not one of its values."""
+        crdt = self.crdt
+        if crdt is Crdt.MAP:
+            if self.types or self.enum or self.has_default:
+                raise KindDefinitionError(f"{where}: a map has fields only")
+            return
+        if self.fields:
+            raise KindDefinitionError(f"{where}: a {crdt.value} field has no fields")
+        if crdt in (Crdt.COUNTER, Crdt.FLAG):
+            want = ("int",) if crdt is Crdt.COUNTER else ("bool",)
+            if self.types != want or self.enum:
+                raise KindDefinitionError(f"{where}: a {crdt.value} holds {want[0]} values")
+        elif not self.types:
+            raise KindDefinitionError(f"{where}: no value types")
+        if self.enum and tuple(sorted({_TOKEN_OF[type(v)] for v in self.enum})) != self.types:
+            raise KindDefinitionError(f"{where}: the enum's values are not of its types")
+        if crdt is Crdt.SET:
+            element_check(self.types, where)
+        if self.has_default:
+            if crdt is not Crdt.LWW:
+                raise KindDefinitionError(f"{where}: a {crdt.value} field has no default")
+            if not fits(self, self.default):
+                raise KindDefinitionError(
+                    f"{where}: default {self.default!r:.40} is not one of its values")
+            try:
+                validate_atom(self.default)
+            except InvalidArgumentError as exc:
+                raise KindDefinitionError(f"{where}: default: {exc}") from None
+
+
+def fits(spec: FieldSpec, value: Any) -> bool:
+    """Whether ``value`` is one of the values of a register of ``spec``."""
+    if spec.enum:
+        return any(type(v) is type(value) and v == value for v in spec.enum)
+    token = _TOKEN_OF.get(type(value))
+    # an int is a float's value too (pydantic's strict float takes it: ``price: LWW[float]
+    # = 0`` is an ordinary default)
+    return token in spec.types or (token == "int" and "float" in spec.types)
+
+
+def check_field_name(name: Any, where: str) -> str:
+    """``name`` if a kind's field may be called that: a map key that is a Python identifier,
+    not private (``_``) and not a pydantic model's attribute; else KindDefinitionError."""
+    try:
+        validate_key(name)
+    except InvalidArgumentError as exc:  # its text may quote a key of any size: cut it
+        raise KindDefinitionError(f"{where}: {exc!s:.120}") from None
+    if not name.isidentifier() or name.startswith("_") or hasattr(BaseModel, name):
+        raise KindDefinitionError(f"{where}: {name!r:.40} cannot name a field (an identifier "
+                                  "not starting with _ nor naming a pydantic attribute)")
+    return str(name)
 
 
 def bottom_of(crdt: Crdt) -> Any:

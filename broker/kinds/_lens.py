@@ -31,8 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
-from broker.crdt import Atom, Kind, ORMap
+from broker.crdt import Atom, Kind, ORMap, validate_atom
 from broker.crdt._stores import KindStore, LWWStore, MapStore, MVStore, SetStore, Whole
+from broker.errors import InvalidArgumentError
 from broker.kinds._errors import LensError
 
 __all__ = [
@@ -92,8 +93,24 @@ def _path(value: Any, what: str) -> FieldPath:
         value = (value,)
     if (not isinstance(value, (tuple, list)) or not value
             or not all(isinstance(k, str) and k for k in value)):
-        raise LensError(f"{what}: a field path is a non-empty list of names, got {value!r}")
+        raise LensError(f"{what}: a field path is a non-empty list of names, got {value!r:.80}")
     return tuple(value)
+
+
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise LensError(f"{what}: a field name is a non-empty str, got {value!r:.80}")
+    return value
+
+
+def _scalar(value: Any, what: str) -> Atom:
+    """``value`` if a schema can store it (a JSON scalar a register holds), else LensError."""
+    if type(value) not in (type(None), bool, int, float, str):
+        raise LensError(f"{what}: a value is a JSON scalar, got {type(value).__name__}")
+    try:
+        return validate_atom(value)
+    except InvalidArgumentError as exc:
+        raise LensError(f"{what}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +123,7 @@ class AddField(LensOp):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", _path(self.path, "add"))
+        _scalar(self.default, "add default")
 
     def inverse(self) -> LensOp:
         return RemoveField(self.path, self.default)
@@ -125,6 +143,7 @@ class RemoveField(LensOp):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", _path(self.path, "remove"))
+        _scalar(self.default, "remove default")
 
     def inverse(self) -> LensOp:
         return AddField(self.path, self.default)
@@ -166,7 +185,7 @@ class RenameField(_Move):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", _path(self.path, "rename"))
-        _path(self.to, "rename to")
+        _name(self.to, "rename to")
 
     @property
     def source(self) -> FieldPath:
@@ -193,7 +212,7 @@ class Hoist(_Move):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "host", _path(self.host, "hoist"))
-        _path(self.name, "hoist name")
+        _name(self.name, "hoist name")
 
     @property
     def source(self) -> FieldPath:
@@ -220,7 +239,7 @@ class Plunge(_Move):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "host", _path(self.host, "plunge"))
-        _path(self.name, "plunge name")
+        _name(self.name, "plunge name")
 
     @property
     def source(self) -> FieldPath:
@@ -284,7 +303,7 @@ class Convert(LensOp):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", _path(self.path, "convert"))
-        pairs = tuple((a, b) for a, b in self.mapping)
+        pairs = tuple((_scalar(a, "convert"), _scalar(b, "convert")) for a, b in self.mapping)
         olds = [_key(a) for a, _ in pairs]
         news = [_key(b) for _, b in pairs]
         if len(set(olds)) != len(olds) or len(set(news)) != len(news):
@@ -390,8 +409,10 @@ def backward(ops: Sequence[LensOp], root: MapStore, prefix: FieldPath = ()) -> M
 
 
 def translate_fields(ops: Sequence[LensOp], doc: ORMap, *, reverse: bool = False) -> ORMap:
-    """An OR-map of one worknode's fields (a state or a delta), translated; same context."""
+    """An OR-map of one worknode's fields (a state or a delta), translated; same context.
+    The result is independent of ``doc`` (a copy: translation shares untouched stores)."""
     run = backward if reverse else forward
+    doc = doc.copy()
     out = ORMap(context=doc.context, is_delta=doc.is_delta)
     out.store = run(ops, doc.store or MapStore()) or None
     return out
@@ -402,8 +423,9 @@ def translate_document(
     reverse: bool = False,
 ) -> ORMap:
     """A worknode tree's document (state or delta) with the fields of ``nodes`` (default:
-    every worknode in it) translated; same context."""
+    every worknode in it) translated; same context. The result is independent of ``doc``."""
     run = backward if reverse else forward
+    doc = doc.copy()
     root = doc.store or MapStore()
     for node in (list(root) if nodes is None else nodes):
         root = run(ops, root, (node, "fields"))

@@ -38,7 +38,7 @@ from typing import Any
 
 from broker.crdt import Atom, ORMap, Tree, validate_atom
 from broker.crdt._stores import KindStore, LWWStore, MapStore
-from broker.errors import InvalidArgumentError
+from broker.errors import WorknodeError
 from broker.kinds._errors import KindValidationError
 from broker.kinds._model import FIELDS_KEY, KIND_FIELD, _map_in
 
@@ -95,9 +95,13 @@ class Migration:
         try:
             wanted = self.compute(tree.fields(node))
             outputs = sorted((tuple(k.split(".")), validate_atom(v)) for k, v in wanted.items())
-        except (InvalidArgumentError, AttributeError, TypeError) as exc:
+        except WorknodeError as exc:
             raise KindValidationError(f"migration {self.id} on {node}: {exc}",
                                       field="", reason=str(exc)) from None
+        except Exception as exc:  # the application's function: whatever it raises
+            raise KindValidationError(
+                f"migration {self.id} on {node}: {type(exc).__name__}: {exc}",
+                field="", reason=f"{type(exc).__name__}: {exc}") from None
         out: ORMap | None = None
         context = tree.state.context
         for path, value in outputs:
@@ -126,7 +130,8 @@ class Migration:
         """The migration over every worknode of the tree, ``batch_size`` worknodes a batch,
         in id order (for progress on large subjects)."""
         nodes = sorted(tree.nodes())
-        for start in range(0, len(nodes), max(1, batch_size)):
+        batch_size = max(1, batch_size)
+        for start in range(0, len(nodes), batch_size):
             out = ORMap(is_delta=True)
             written = 0
             for node in nodes[start:start + batch_size]:

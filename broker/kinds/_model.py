@@ -59,11 +59,18 @@ from broker.crdt import (
     TreeOp,
     validate_atom,
     validate_element,
-    validate_key,
     validate_node_id,
 )
 from broker.crdt._atoms import encode_atom
-from broker.crdt._stores import CLASS_OF_KIND, KindStore, LWWStore, MapStore, MVStore, value_of
+from broker.crdt._stores import (
+    CLASS_OF_KIND,
+    KindStore,
+    LWWStore,
+    MapStore,
+    MVStore,
+    counter_contribution,
+    value_of,
+)
 from broker.errors import InvalidArgumentError, UnknownNodeError, WorknodeError
 from broker.kinds._errors import KindDefinitionError, KindReadError, KindValidationError
 from broker.kinds._fields import (
@@ -72,6 +79,7 @@ from broker.kinds._fields import (
     CrdtMarker,
     FieldSpec,
     bottom_of,
+    check_field_name,
     element_check,
     value_spec,
 )
@@ -177,10 +185,7 @@ def shape_of(model: type[BaseModel], depth: int = 1) -> tuple[tuple[str, FieldSp
     out = []
     for name, info in model.model_fields.items():
         where = f"{model.__name__}.{name}"
-        try:
-            validate_key(name)
-        except InvalidArgumentError as exc:
-            raise KindDefinitionError(f"{where}: {exc}") from None
+        check_field_name(name, where)  # what a registry reader accepts, nothing more
         if info.alias not in (None, name):
             raise KindDefinitionError(f"{where}: aliases are not supported")
         out.append((name, _field_spec(info.annotation, info.metadata, info.default,
@@ -192,6 +197,13 @@ def _field_spec(annotation: Any, metadata: Sequence[Any], default: Any, factory:
                 where: str, depth: int) -> FieldSpec:
     marker = _marker(metadata)
     has_default = default is not PydanticUndefined and not factory
+    constraints = [m for m in metadata if not isinstance(m, CrdtMarker)]
+    if constraints:
+        # Not in the schema: typed writes, the fast read and a model built from the
+        # registry would all skip them, so a write breaking one would silently succeed.
+        raise KindDefinitionError(
+            f"{where}: field constraints ({', '.join(map(repr, constraints))}) are not part "
+            "of a kind's schema; use a Literal, or check values in the application")
     if marker is None:
         if isinstance(annotation, type) and issubclass(annotation, KindModel):
             return FieldSpec(Crdt.MAP, fields=shape_of(annotation, depth + 1))
@@ -219,7 +231,9 @@ def _field_spec(annotation: Any, metadata: Sequence[Any], default: Any, factory:
             raise KindDefinitionError(f"{where}: default: {exc}") from None
         if isinstance(default, bytes):
             raise KindDefinitionError(f"{where}: a bytes default cannot be stored in a schema")
-    return FieldSpec(crdt, tokens, enum_, default if has_default else None, has_default)
+    spec = FieldSpec(crdt, tokens, enum_, default if has_default else None, has_default)
+    spec.check(where)  # what a schema read from the registry must pass, a model passes
+    return spec
 
 
 # -- validation of writes -------------------------------------------------------------------
@@ -262,7 +276,9 @@ def _write_type(spec: FieldSpec, name: str) -> Any:
 
 
 def _write_model(shape: tuple[tuple[str, FieldSpec], ...], name: str) -> type[BaseModel]:
-    fields: dict[str, Any] = {n: (_write_type(s, f"{name}_{n}") | None, None) for n, s in shape}
+    # Every field is optional (default None, never validated, absent from the fields set),
+    # but an explicit None is validated like any value: refused unless the field holds it.
+    fields: dict[str, Any] = {n: (_write_type(s, f"{name}_{n}"), None) for n, s in shape}
     return create_model(f"{name}Write", __config__=ConfigDict(extra="forbid", strict=True),
                         **fields)
 
@@ -270,6 +286,8 @@ def _write_model(shape: tuple[tuple[str, FieldSpec], ...], name: str) -> type[Ba
 def _first_error(exc: ValidationError, kind: str) -> KindValidationError:
     err = exc.errors(include_url=False)[0]
     field = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(kind)"
+    if len(field) > 120:  # an unknown key as long as a value: named, not echoed whole
+        field = field[:100] + f"...({len(field)} chars)"
     reason = str(err["msg"])
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return KindValidationError(f"{kind}: field {field}: {reason}{more}", field=field,
@@ -346,9 +364,15 @@ class KindView:
         info = model.__kind__
         if info is None:
             raise KindDefinitionError(f"{model.__name__} is not a kind (no kind= argument)")
+        last = 0
         for h in history:
             if h.__kind__ is None or h.__kind__.name != info.name:
                 raise KindDefinitionError(f"{h.__name__} is not a version of kind {info.name}")
+            if not last < h.__kind__.version < info.version:
+                raise KindDefinitionError(
+                    f"{info.ref}: its history lists versions oldest first, each older than "
+                    f"it (got {h.__kind__.ref} after version {last})")
+            last = h.__kind__.version
         self.model = model
         self.info = info
         chain: list[LensOp] = []
@@ -394,6 +418,56 @@ class KindView:
         value, a counter an amount to add, a set the elements to add, a flag True (enable)
         or False (disable), a nested map a dict of its own changes."""
         values = self.validate(changes)
+        counters = [(s, values[s.path]) for s in self._slots
+                    if s.path in values and s.stored_crdt is Crdt.COUNTER]
+        guard = [self._counter_guard(node_id, counters)] if counters else []
+        if not self._plain:
+            guard.append(self._validator_guard(node_id, values))
+        return guard + self._writes(node_id, values)
+
+    def _after(self, current: dict[str, Any], values: dict[FieldPath, Any]) -> dict[str, Any]:
+        """``current`` (a model dump) as the next read would show it once ``values`` are
+        written here (no concurrent writes)."""
+        for slot in self._slots:
+            if slot.path not in values:
+                continue
+            value, parent = values[slot.path], current
+            for k in slot.path[:-1]:
+                parent = parent.setdefault(k, {})
+            k, crdt = slot.path[-1], slot.spec.crdt
+            if crdt is Crdt.COUNTER:
+                parent[k] = (parent.get(k) or 0) + value
+            elif crdt is Crdt.SET:
+                parent[k] = frozenset(parent.get(k) or ()) | frozenset(value)
+            elif crdt is Crdt.MV:
+                parent[k] = (value,)
+            else:
+                parent[k] = value
+        return current
+
+    def _check_model(self, data: dict[str, Any]) -> None:
+        """Run the model's own validators over ``data``; raises KindValidationError."""
+        try:
+            self.model.model_validate(data)
+        except ValidationError as exc:
+            raise _first_error(exc, self.info.ref) from None
+
+    def _validator_guard(self, node: str, values: dict[FieldPath, Any]
+                         ) -> Callable[[Tree, str, int], ORMap]:
+        """A first write that runs the model's validators over the worknode as the write
+        would leave it: a model with validators of its own refuses a write that breaks them
+        (the changes alone were checked against the field types only)."""
+        def guard(tree: Tree, replica: str, ts: int) -> ORMap:
+            try:
+                current = self.read(tree, node).model_dump()
+            except KindReadError:
+                return ORMap(is_delta=True)  # stored data that does not fit: this may fix it
+            self._check_model(self._after(current, values))
+            return ORMap(is_delta=True)
+
+        return guard
+
+    def _writes(self, node_id: str, values: dict[FieldPath, Any]) -> list[Write]:
         out: list[Write] = []
         for slot in self._slots:
             if slot.path not in values:
@@ -401,10 +475,45 @@ class KindView:
             out.extend(self._ops_for(node_id, slot, values[slot.path]))
         return out
 
+    def _counter_guard(self, node: str, counters: list[tuple[_Slot, int]]
+                       ) -> Callable[[Tree, str, int], ORMap]:
+        """A first write that refuses the whole ``ops`` when an increment would take a
+        counter's total out of range: amounts are validated alone, totals only here (a
+        write that fails in ``write_many`` keeps the writes before it)."""
+        ref = self.info.ref
+
+        def guard(tree: Tree, replica: str, ts: int) -> ORMap:
+            _require(tree, node)
+            fields = _map_in((tree.state.store or {}).get(node), (FIELDS_KEY,), (), {})
+            for slot, amount in counters:
+                parent = _map_in(fields, slot.stored_path[:-1], (), {})
+                entry = parent.get(slot.stored_path[-1]) if parent is not None else None
+                try:
+                    counter_contribution(_select(entry, Crdt.COUNTER), replica, amount)
+                except WorknodeError as exc:
+                    field = ".".join(slot.path)
+                    raise KindValidationError(f"{ref}: field {field}: {exc}", field=field,
+                                              reason=str(exc)) from None
+            return ORMap(is_delta=True)
+
+        return guard
+
     def create_ops(self, node_id: str, /, parent: str = ROOT_ID, **changes: Any) -> list[Write]:
         """Create worknode ``node_id`` of this kind (its ``_kind`` field names the kind),
-        then ``ops`` of ``changes``."""
-        writes = self.ops(node_id, **changes)  # validated before anything is built
+        then ``ops`` of ``changes``, which must set every register without a default
+        (KindValidationError otherwise: nothing is written)."""
+        values = self.validate(changes)  # validated before anything is built
+        for slot in self._slots:
+            # A register without a default that a create leaves unwritten would make every
+            # read of the worknode fail ("Field required"): refuse the create instead.
+            if (slot.spec.crdt is Crdt.LWW and not slot.spec.has_default
+                    and slot.path not in values):
+                field = ".".join(slot.path)
+                raise KindValidationError(f"{self.info.ref}: field {field}: Field required",
+                                          field=field, reason="Field required")
+        if not self._plain:
+            self._check_model(self._after({}, values))
+        writes = self._writes(node_id, values)
         return [Create(node_id, parent), Assign(node_id, (KIND_FIELD,), self.info.name),
                 *writes]
 
@@ -610,10 +719,14 @@ def _fast_changes(specs: _SpecTree, changes: Any, prefix: FieldPath,
 
 
 def _plain(model: type[BaseModel]) -> bool:
-    """Whether ``model`` (and every nested model) has no validators of its own: only then
-    may a read skip pydantic for values already of their declared types."""
+    """Whether ``model`` (and every nested model) has no validators and no settings of its
+    own: only then may a read skip pydantic for values already of their declared types
+    (else pydantic runs on reads, and over the result of every write)."""
     d = model.__pydantic_decorators__
     if d.validators or d.field_validators or d.model_validators or d.root_validators:
+        return False
+    own = {k: v for k, v in model.model_config.items() if k != "title"}
+    if own != KindModel.model_config:  # str_to_lower, str_max_length, ...: pydantic's work
         return False
     return all(_plain(f.annotation) for f in model.model_fields.values()
                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))

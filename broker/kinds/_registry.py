@@ -27,7 +27,16 @@ from broker.crdt import Add, Assign, Create, Tree
 from broker.crdt._stores import LWWStore, SetStore, value_of
 from broker.kinds._compat import BREAKING, Finding, check_new
 from broker.kinds._errors import IncompatibleKindError, SchemaFormatError, UnknownKindError
-from broker.kinds._model import FIELDS_KEY, KIND_FIELD, KindModel, KindView, Write, _map_in
+from broker.kinds._fields import Crdt
+from broker.kinds._model import (
+    FIELDS_KEY,
+    KIND_FIELD,
+    KindModel,
+    KindView,
+    Write,
+    _map_in,
+    _select,
+)
 from broker.kinds._schema import KindSchema
 
 __all__ = ["REGISTRY_KIND", "Registry"]
@@ -53,7 +62,12 @@ class Registry:
 
     @classmethod
     def from_tree(cls, tree: Tree) -> Registry:
-        """Read a registry subject's tree (malformed entries are skipped and listed)."""
+        """Read a registry subject's tree. Entries are refused (skipped, and listed in
+        ``skipped`` with the reason) when they are not schema text of this format, name
+        another kind, or fail the compatibility gate against the versions before them that
+        passed: the registry's writers are trusted with the subject, not with the gate (a
+        peer writing past ``register_ops``, or two versions registered concurrently, each
+        checked against a history without the other)."""
         schemas: dict[str, dict[int, KindSchema]] = {}
         active: dict[str, int] = {}
         conflicted: dict[str, set[int]] = {}
@@ -62,9 +76,11 @@ class Registry:
             fields = _map_in((tree.state.store or {}).get(node), (FIELDS_KEY,), (), {})
             if fields is None:
                 continue
-            versions = fields.get(_VERSIONS)
+            # _select: a value written beside the set (a kind conflict) hides nothing
+            versions = _select(fields.get(_VERSIONS), Crdt.SET)
             if type(versions) is not SetStore:
                 continue
+            candidates: dict[int, list[KindSchema]] = {}
             for text in sorted(e for e in value_of(versions) if isinstance(e, str)):
                 try:
                     schema = KindSchema.from_json(text)
@@ -74,11 +90,25 @@ class Registry:
                 if schema.name != node:
                     skipped.append(f"{node}: holds a schema of kind {schema.name}")
                     continue
-                have = schemas.setdefault(node, {}).get(schema.version)
-                if have is not None and have != schema:
-                    conflicted.setdefault(node, set()).add(schema.version)
-                schemas[node].setdefault(schema.version, schema)
-            reg = fields.get(_ACTIVE)
+                candidates.setdefault(schema.version, []).append(schema)
+            passed: list[KindSchema] = []  # versions that passed, for the later ones' gate
+            for version in sorted(candidates):
+                fit = []
+                for schema in candidates[version]:
+                    breaking = [f for f in check_new(passed, schema) if f.kind == BREAKING]
+                    if breaking:
+                        skipped.append(f"{node}: {schema.ref} refused by the compatibility "
+                                       f"gate: {breaking[0].format()}")
+                    elif schema not in fit:
+                        fit.append(schema)
+                if not fit:
+                    continue
+                schemas.setdefault(node, {})[version] = fit[0]
+                if len(fit) > 1:
+                    conflicted.setdefault(node, set()).add(version)
+                else:
+                    passed.append(fit[0])
+            reg = _select(fields.get(_ACTIVE), Crdt.LWW)
             if type(reg) is LWWStore and type(value_of(reg)) is int:
                 active[node] = value_of(reg)
         return cls(schemas, active, {k: tuple(sorted(v)) for k, v in conflicted.items()},
@@ -91,7 +121,10 @@ class Registry:
     def versions(self, name: str) -> list[int]:
         """Registered versions of kind ``name``, oldest first (raises UnknownKindError)."""
         if name not in self.schemas:
-            raise UnknownKindError(f"no kind {name!r} is registered")
+            refused = [line for line in self.skipped if line.startswith(f"{name}: ")]
+            why = (f" ({len(refused)} stored entr{'y' if len(refused) == 1 else 'ies'} "
+                   f"refused; the first: {refused[0][len(name) + 2:]:.200})" if refused else "")
+            raise UnknownKindError(f"no kind {name!r} is registered{why}")
         return sorted(self.schemas[name])
 
     def get(self, name: str, version: int | None = None) -> KindSchema:

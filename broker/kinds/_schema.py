@@ -18,10 +18,10 @@ from typing import Annotated, Any, Final
 
 from pydantic import create_model
 
-from broker.crdt import validate_node_id
+from broker.crdt import INT64_MAX, validate_node_id
 from broker.errors import InvalidArgumentError
 from broker.kinds._errors import KindDefinitionError, LensError, SchemaFormatError
-from broker.kinds._fields import Crdt, CrdtMarker, FieldSpec
+from broker.kinds._fields import Crdt, CrdtMarker, FieldSpec, check_field_name
 from broker.kinds._lens import LensOp, lens_from_json, lens_to_json
 from broker.kinds._model import KindInfo, KindModel
 
@@ -75,6 +75,8 @@ class KindSchema:
             data = json.loads(text)
         except ValueError as exc:
             raise SchemaFormatError(f"kind schema is not JSON: {exc}") from None
+        except RecursionError:  # a forged text nesting arrays deeper than the parser goes
+            raise SchemaFormatError("kind schema is not JSON: nested too deep") from None
         if not isinstance(data, dict):
             raise SchemaFormatError("kind schema is not a JSON object")
         if data.get("format") != SCHEMA_FORMAT:
@@ -85,7 +87,7 @@ class KindSchema:
             name = validate_node_id(name)
         except InvalidArgumentError as exc:
             raise SchemaFormatError(f"kind schema name: {exc}") from None
-        if type(version) is not int or version < 1:
+        if type(version) is not int or not 1 <= version <= INT64_MAX:
             raise SchemaFormatError(f"kind schema {name}: version must be a positive int")
         if parent is not None and not isinstance(parent, str):
             raise SchemaFormatError(f"kind schema {name}: parent must be text")
@@ -93,7 +95,8 @@ class KindSchema:
         if not isinstance(fields, dict) or not isinstance(json_schema, dict):
             raise SchemaFormatError(f"kind schema {name}: fields must be an object")
         try:
-            specs = tuple(sorted((n, FieldSpec.from_json(s, f"{name}.{n}"))
+            specs = tuple(sorted((check_field_name(n, name),
+                                  FieldSpec.from_json(s, f"{name}.{n:.40}"))
                                  for n, s in fields.items()))
             lens = lens_from_json(data.get("lens", []))
         except (KindDefinitionError, LensError) as exc:

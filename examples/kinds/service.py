@@ -60,7 +60,10 @@ async def main() -> None:
                                                               activate=False)
             if ops:
                 await kinds.write_many(ops)
-        view = Registry.from_tree(kinds.tree).view_for(model)
+        registry = Registry.from_tree(kinds.tree)
+        for line in registry.skipped:  # refused entries (junk, or past the gate): say so
+            print(f"registry entry refused: {line}", file=sys.stderr, flush=True)
+        view = registry.view_for(model)
         if "ada" not in people.tree:
             await people.write_many(view.create_ops("ada"))
         for i in range(args.rounds):

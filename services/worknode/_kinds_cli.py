@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -84,12 +85,18 @@ def _load_module(path: Path) -> Any:
         raise KindSourceError(f"{path}: not a Python file")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # pydantic resolves the module's annotations through it
-    try:
-        module_spec.loader.exec_module(module)
-    except WorknodeError as exc:
-        raise KindSourceError(f"{path}: {exc}") from None
-    except Exception as exc:  # any error in a user's file is one line
-        raise KindSourceError(f"{path}: cannot load: {type(exc).__name__}: {exc}") from None
+    # Warnings are held until the file loads: one that leads to the error (pydantic's about
+    # a field name the kind then refuses) must not add lines before the one error line.
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("always")
+        try:
+            module_spec.loader.exec_module(module)
+        except WorknodeError as exc:
+            raise KindSourceError(f"{path}: {exc}") from None
+        except Exception as exc:  # any error in a user's file is one line
+            raise KindSourceError(f"{path}: cannot load: {type(exc).__name__}: {exc}") from None
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return module
 
 
@@ -173,6 +180,9 @@ def check_command(files: tuple[str, ...], lint: bool, fmt: str) -> None:
 def diff_command(old: str, new: str) -> None:
     """Show what changed from version OLD to NEW (one kind each) and the gate's findings."""
     a, b = (_one(load_schemas([x]), x) for x in (old, new))
+    if a.name != b.name:
+        raise KindSourceError(f"{new}: kind {b.name} is not kind {a.name}: diff compares two "
+                              "versions of one kind")
     for line in diff_lines(a, b):
         click.echo(line)
     raise SystemExit(_print_findings(check_new([a], b), True, "text", 2))

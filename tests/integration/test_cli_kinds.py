@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from broker.crdt import Add
 from broker.kinds import KindSchema, Registry
 from broker.transport import EmbeddedNatsServer
 from services.worknode import WorknodeService, load_or_create_signer
@@ -62,7 +63,11 @@ async def test_check_passes_the_examples_and_fails_a_rename_without_a_lens(
 
 async def test_a_file_that_does_not_load_is_one_error_line(tmp_path: Path) -> None:
     (tmp_path / "broken.py").write_text("raise RuntimeError('no')\n")
+    (tmp_path / "other.py").write_text(BAD.replace('kind="person"', 'kind="other"'))
+    # pydantic warns of the shadowing field before the kind refuses it: one line still
+    (tmp_path / "shadow.py").write_text(BAD.replace("amount: Counter", "json: Counter"))
     for args in (["check", "missing.py"], ["check", "broken.py"], ["check", V1 + ":Nope"],
+                 ["diff", V1, "other.py"], ["check", "shadow.py"],
                  ["migrate", "people", "broken.py:SPLIT"], ["migrate", "people", V1],
                  ["migrate", "people", V1 + ":PersonV1"]):
         rc, out, err = await run_cli("kinds", *args, cwd=tmp_path)
@@ -119,6 +124,27 @@ async def test_register_list_show_through_a_worknode(
         rc, out, err = await run_cli("kinds", "show", "nobody", *net, cwd=tmp_path)
         assert rc == 1
         assert errors(err) == ["error: no kind 'nobody' is registered"]
+
+        # A trusted writer (here the node itself) storing junk past the gate: text nested
+        # too deep for the JSON parser, a schema no model has, a version that breaks the
+        # gate. Every command still works; list names each refused entry on stderr.
+        forged = [
+            "[" * 100_000 + "]" * 100_000,
+            KindSchema.from_json(registry.get("person", 1).to_json()).to_json().replace(
+                '"types":["str"]', '"types":[]'),
+            registry.get("person", 2).to_json().replace('"version":2', '"version":3')
+            .replace('"crdt":"counter"', '"crdt":"lww","default":0'),
+        ]
+        await replica.write_many([Add("person", ("versions",), t) for t in forged])
+        await replica.flush()
+        rc, out, err = await run_cli("kinds", "list", *net, cwd=tmp_path)
+        assert rc == 0, err
+        assert out.strip() == "person: versions 1, 2; active 2"
+        assert len([x for x in err.splitlines() if x.startswith("skipped: person: ")]) == 3
+        assert "Traceback" not in err
+        rc, out, err = await run_cli("kinds", "show", "person", *net, cwd=tmp_path)
+        assert rc == 0, err
+        assert KindSchema.from_json(json.dumps(json.loads(out))) == registry.get("person", 2)
 
 
 async def test_a_v1_and_a_v2_service_side_by_side_read_each_other(

@@ -26,6 +26,7 @@ from broker.kinds import (
     KindView,
     LensOp,
     Plunge,
+    Registry,
     RemoveField,
     RenameField,
     Wrap,
@@ -141,9 +142,19 @@ def test_random_chains_pass_the_gate_and_every_version_reads_alike(
         run(tree, views[v].ops("w", **changes), f"r{v}", 100 + n)
         increments += 1
         tags.add(value)
+    # registered one by one through the gate, the history reads back whole (the gate a
+    # registry read runs again refuses none of it), and its views read what these do
+    registry_tree = Tree()
+    for s in schemas:
+        run(registry_tree, Registry.from_tree(registry_tree).register_ops(s))
+    registry = Registry.from_tree(registry_tree)
+    assert registry.skipped == ()
+    assert registry.versions("k") == [s.version for s in schemas]
     for i, view in enumerate(views):
         chain = chain_between(schemas, 0, i)
         read = view.read(tree, "w")
+        assert (registry.view("k", schemas[i].version).read(tree, "w").model_dump()
+                == read.model_dump())
         assert get(read, map_path(chain, ("b",))) == increments
         seen = get(read, map_path(chain, ("s",)))
         expected = set(tags)

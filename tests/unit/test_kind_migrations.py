@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.crdt import Tree
-from broker.kinds import KindView, Migration
+from broker.kinds import KindValidationError, KindView, Migration
 from tests.unit.test_kind_registry import PersonV1, PersonV2
 from tests.unit.test_kinds import run
 
@@ -41,7 +42,7 @@ def test_the_split_migration_fills_the_new_fields() -> None:
     assert V1.read(tree, "p1").model_dump() == {"name": "Ada Lovelace", "total": 3}
 
 
-@settings(max_examples=40)
+@settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["p1", "p2", "p3"]), st.sampled_from(NAMES)),
                 min_size=1, max_size=8), st.permutations([0, 1, 2]))
 def test_replicas_migrating_independently_write_the_same_dots(
@@ -130,3 +131,30 @@ def test_replicas_that_migrated_different_data_agree_once_they_rerun_it() -> Non
     assert {d for d in rerun.context.dots() if d[0].startswith(SPLIT.prefix)} >= {
         d for d in b_migrated.context.dots() if d[0].startswith(SPLIT.prefix)
         and SPLIT.author("p1", ("last",), "King") == d[0]}
+
+
+def _strict_split(fields: Mapping[str, Any]) -> dict[str, Any]:
+    first, last = fields["name"].split(" ")  # KeyError, ValueError: a user's function
+    return {"first": first, "last": last}
+
+
+@pytest.mark.parametrize("name", [None, "Plato", "Ada"])
+def test_a_migration_function_that_raises_is_a_kind_error(name: str | None) -> None:
+    """Whatever the application's function raises on some worknode (a missing field, a
+    value it did not expect) is one KindValidationError naming the migration and the
+    worknode (the CLI prints it as one line), and nothing is written."""
+    tree = Tree()
+    run(tree, V1.create_ops("p1", **({} if name is None else {"name": name})))
+    before = tree.state.digest()
+    with pytest.raises(KindValidationError):
+        Migration("person", 2, "strict-split", _strict_split).delta(tree)
+    assert tree.state.digest() == before
+
+
+def test_a_batch_size_below_one_is_one() -> None:
+    tree = Tree()
+    for i, n in enumerate(NAMES):
+        run(tree, V1.create_ops(f"p{i}", name=n))
+    batches = list(SPLIT.batches(tree, 0))
+    assert [b.done for b in batches] == [1, 2, 3, 4]
+    assert sum(b.written for b in batches) == 4

@@ -7,15 +7,17 @@ and kind conflicts are reported beside the instance, never hidden.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ConfigDict, Field, model_validator
 
-from broker.crdt import Kind, Tree, TreeOp
-from broker.errors import UnknownNodeError
+from broker.crdt import Add, Assign, Create, Increment, Kind, Tree, TreeOp
+from broker.errors import UnknownNodeError, WorknodeError
 from broker.kinds import (
     LWW,
     MV,
@@ -127,6 +129,17 @@ def test_unwritten_fields_read_as_their_defaults_and_bottoms() -> None:
     ({"address": {"street": "x"}}, "address.street"),
     ({"nope": 1}, "nope"),
     ({"title": "x" * (1 << 20)}, "title"),
+    # None is a value like any other: refused where the field's type does not hold it
+    # (not taken as "field not given", not stored for a reader to trip over)
+    ({"title": None}, "title"),
+    ({"status": None}, "status"),
+    ({"total": None}, "total"),
+    ({"tags": None}, "tags"),
+    ({"paid": None}, "paid"),
+    ({"address": None}, "address"),
+    ({"address": {"city": None}}, "address.city"),
+    ({"tags": {"x" * (1 << 20)}}, "tags"),
+    ({"total": -(2**63) - 1}, "total"),
 ])
 def test_an_invalid_write_names_the_field_and_writes_nothing(
     changes: dict[str, object], field: str
@@ -218,7 +231,33 @@ def test_model_definitions_are_checked() -> None:
         class BadSet(KindModel, kind="bad"):
             x: ORSet[float] = frozenset()
     with pytest.raises(KindDefinitionError):
+        # pydantic does not validate defaults; the schema would store one no reader reads
+        class BadDefault(KindModel, kind="bad"):
+            x: LWW[str] = 5  # type: ignore[assignment]
+    with pytest.raises(KindDefinitionError):
+        class BadLiteralDefault(KindModel, kind="bad"):
+            x: LWW[Literal["a", "b"]] = "c"  # type: ignore[assignment]
+    with pytest.raises(KindDefinitionError):
         KindView(Address)
+
+    class IntForFloat(KindModel, kind="fine"):
+        price: LWW[float] = 0  # an int default of a float field is fine
+
+    assert KindView(IntForFloat).read_fields(None) == IntForFloat()
+
+
+@pytest.mark.parametrize("annotation", [
+    LWW[Annotated[int, Field(ge=0)]], LWW[Annotated[str, Field(max_length=3)]],
+    Annotated[Counter, Field(ge=0)],
+])
+def test_field_constraints_are_refused_not_silently_skipped(annotation: object) -> None:
+    """A constraint pydantic would check is not part of a kind's schema (writes, the fast
+    read and a model loaded from the registry would all skip it): the definition says so
+    instead of a write of -5 to a ``ge=0`` field succeeding."""
+    from pydantic import create_model
+    with pytest.raises(KindDefinitionError):
+        create_model("Constrained", __base__=KindModel,
+                     __cls_kwargs__={"kind": "constrained"}, x=(annotation, 0))  # type: ignore[arg-type]
 
 
 @given(st.lists(st.tuples(st.sampled_from(["ra", "rb"]), st.integers(-5, 5),
@@ -234,3 +273,155 @@ def test_typed_writes_are_untyped_writes(writes: list[tuple[str, int, set[str]]]
             untyped.merge(untyped.add(replica, "o1", ("tags",), t))
         untyped.merge(untyped.increment(replica, "o1", ("total",), amount))
     assert typed.state == untyped.state
+
+
+class Named(KindModel, kind="named", version=1):
+    name: LWW[str]
+    note: LWW[str] = ""
+
+
+def test_a_create_without_a_required_field_is_refused() -> None:
+    """A register without a default must be written on create: else the worknode exists
+    and no read of it can succeed (pydantic's "Field required" at every read)."""
+    view = KindView(Named)
+    tree = Tree()
+    with pytest.raises(KindValidationError) as info:
+        run(tree, view.create_ops("n1", note="x"))
+    assert info.value.field == "name"
+    assert "n1" not in tree
+    run(tree, view.create_ops("n1", name="Ada"))
+    run(tree, view.ops("n1", note="later"))  # an update need not repeat it
+    assert view.read(tree, "n1") == Named(name="Ada", note="later")
+
+
+@pytest.mark.parametrize("amount", [1, -1])
+def test_a_counter_write_that_would_overflow_writes_nothing(amount: int) -> None:
+    """Each amount is in range; the total is not. The write is refused naming the counter,
+    and the register written beside it in the same ``ops`` is not committed alone (a
+    failing write stops ``write_many`` with the writes before it kept)."""
+    tree = Tree()
+    run(tree, VIEW.create_ops("o1", total=(2**63 - 1) * amount))
+    before = tree.state.digest()
+    with pytest.raises(KindValidationError) as info:
+        run(tree, VIEW.ops("o1", title="partial", tags={"t"}, total=amount))
+    assert info.value.field == "total"
+    assert tree.state.digest() == before
+
+
+@pytest.mark.parametrize("changes", [{"x" * 100_000: 1}, {"address": {"y" * 100_000: 1}}])
+def test_an_unknown_huge_field_name_makes_a_short_error(changes: dict[str, object]) -> None:
+    """The error names the field, but a 100 kB name is not echoed whole into a log line."""
+    with pytest.raises(KindValidationError) as info:
+        VIEW.ops("o1", **changes)
+    assert len(str(info.value)) < 300
+    assert len(info.value.field) < 200
+
+
+class Ranged(KindModel, kind="ranged", version=1):
+    low: LWW[int] = 0
+    high: LWW[int] = 10
+    hits: Counter = 0
+
+    @model_validator(mode="after")
+    def ordered(self) -> Ranged:
+        if self.low > self.high:
+            raise ValueError("low is above high")
+        return self
+
+
+def test_a_model_validator_refuses_a_write_that_would_break_it() -> None:
+    """The model's own validators check the worknode as the write would leave it (the
+    stored fields plus the changes): refused before anything is written, instead of a
+    write that succeeds and every later read that fails."""
+    view = KindView(Ranged)
+    tree = Tree()
+    with pytest.raises(KindValidationError):
+        view.create_ops("r1", low=11)
+    run(tree, view.create_ops("r1", low=5))
+    before = tree.state.digest()
+    with pytest.raises(KindValidationError):
+        run(tree, view.ops("r1", high=4, hits=1))
+    assert tree.state.digest() == before
+    run(tree, view.ops("r1", high=6, hits=1))
+    assert view.read(tree, "r1") == Ranged(low=5, high=6, hits=1)
+
+
+def test_a_field_name_a_registry_read_would_refuse_is_refused_at_definition() -> None:
+    """``copy`` shadows a pydantic attribute (pydantic only warns): a schema naming it is
+    junk to every registry reader, so the model is refused where it is written."""
+    import warnings
+
+    from pydantic import create_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(KindDefinitionError):
+            create_model("Shadow", __base__=KindModel,
+                         __cls_kwargs__={"kind": "shadow"}, copy=(LWW[str], ""))
+
+
+class Lowered(KindModel, kind="lowered", version=1):
+    model_config = ConfigDict(str_to_lower=True, str_max_length=8)
+    name: LWW[str] = ""
+
+
+def test_a_model_s_own_config_applies_to_its_reads_and_writes() -> None:
+    """pydantic settings of the model (here: lower-case text, at most 8 characters) are
+    not skipped by the fast read, and a write they refuse writes nothing."""
+    view = KindView(Lowered)
+    tree = Tree()
+    run(tree, view.create_ops("l1", name="ABC"))
+    assert view.read(tree, "l1").name == "abc"  # type: ignore[attr-defined]
+    before = tree.state.digest()
+    with pytest.raises(KindValidationError):
+        run(tree, view.ops("l1", name="much too long"))
+    assert tree.state.digest() == before
+
+
+_PATHS = st.sampled_from([("title",), ("total",), ("tags",), ("status",), ("paid",),
+                          ("address",), ("address", "city"), ("address", "city", "x"),
+                          ("_kind",)])
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=3),
+                    st.binary(max_size=2), st.sampled_from(["open", "paid"]))
+_UNTYPED = st.lists(st.tuples(st.sampled_from(["assign", "incr", "add", "multi", "enable",
+                                               "remove"]), _PATHS, _VALUES,
+                              st.sampled_from(["r1", "r2"])), max_size=8)
+_CHANGES = st.fixed_dictionaries({}, optional={
+    "title": st.text(max_size=2), "total": st.integers(-3, 3),
+    "tags": st.frozensets(st.text(max_size=1), max_size=2),
+    "status": st.sampled_from(["open", "paid"]), "paid": st.booleans(),
+    "address": st.fixed_dictionaries({}, optional={"city": st.text(max_size=2)})})
+
+
+@settings(max_examples=200, deadline=None)
+@given(_UNTYPED, _CHANGES)
+def test_any_stored_state_reads_or_is_a_read_error_and_writes_whole_or_not_at_all(
+    untyped: list[tuple[str, tuple[str, ...], object, str]], changes: dict[str, object]
+) -> None:
+    """Other writers (other versions, untyped tools, a peer) may store anything under a
+    typed worknode: a read is an instance or a KindReadError, and a typed write over it
+    either succeeds or leaves the state as it was."""
+    tree = Tree()
+    run(tree, [Create("n")], "r0", 1)
+    for i, (what, path, value, replica) in enumerate(untyped):
+        full = ("n", "fields", *path)
+        with contextlib.suppress(WorknodeError):  # the untyped write may be refused
+            if what == "assign":
+                run(tree, [Assign("n", path, value)], replica, 10 + i)  # type: ignore[arg-type]
+            elif what == "incr":
+                run(tree, [Increment("n", path, value if type(value) is int else 1)], replica)
+            elif what == "add":
+                element = value if type(value) in (str, int, bytes) else "e"
+                run(tree, [Add("n", path, element)], replica)  # type: ignore[arg-type]
+            elif what == "multi":
+                tree.merge(tree.assign_multi(replica, "n", path, value))  # type: ignore[arg-type]
+            elif what == "enable":
+                tree.merge(tree.state.enable(replica, full))
+            else:
+                tree.merge(tree.state.remove(full))
+    with contextlib.suppress(KindReadError):
+        conflicts_of(VIEW.read(tree, "n"))
+    before = tree.state.digest()
+    try:
+        run(tree, VIEW.ops("n", **changes), "r9", 500)
+    except WorknodeError:
+        assert tree.state.digest() == before
