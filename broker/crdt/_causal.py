@@ -150,6 +150,11 @@ class Causal:
                 f"cannot join {type(other).__name__} into {type(self).__name__}"
             )
         keep = self.is_delta and other.is_delta
+        if other.store is None and other.is_delta and other.context.empty():
+            # The empty delta (bottom) is the identity of join: nothing to walk (a mutator
+            # that only checks, such as a typed write's guard, returns it).
+            self.is_delta = keep
+            return
         self.store = join_store(
             self.store,
             other.store,

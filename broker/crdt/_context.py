@@ -153,6 +153,10 @@ class CausalContext:
                 yield (r, n)
         yield from sorted(self.cloud)
 
+    def empty(self) -> bool:
+        """Whether no dot is in it (the bottom of the lattice)."""
+        return not self._vv and not self._cloud
+
     def size(self) -> int:
         """Metadata entries kept: vector entries plus cloud dots."""
         return len(self._vv) + sum(len(ns) for ns in self._cloud.values())
