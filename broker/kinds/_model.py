@@ -47,6 +47,7 @@ from broker.crdt import (
     INT64_MAX,
     INT64_MIN,
     MAX_FIELD_DEPTH,
+    MAX_VALUE_BYTES,
     ROOT_ID,
     Add,
     Assign,
@@ -71,7 +72,12 @@ from broker.crdt._stores import (
     counter_contribution,
     value_of,
 )
-from broker.errors import InvalidArgumentError, UnknownNodeError, WorknodeError
+from broker.errors import (
+    InvalidArgumentError,
+    UnknownNodeError,
+    ValueTooLargeError,
+    WorknodeError,
+)
 from broker.kinds._errors import KindDefinitionError, KindReadError, KindValidationError
 from broker.kinds._fields import (
     VALUE_TYPES,
@@ -310,6 +316,11 @@ class _Slot:
     from_store: tuple[dict[Any, Any], ...]
     """Value tables older -> newer, applied in order on reads."""
 
+    @property
+    def name(self) -> str:
+        """The field's dotted name (as errors name it)."""
+        return ".".join(self.path)
+
 
 def _leaves(shape: tuple[tuple[str, FieldSpec], ...], prefix: FieldPath = ()
             ) -> Iterator[tuple[FieldPath, FieldSpec]]:
@@ -350,6 +361,22 @@ def _select(entry: Any, crdt: Crdt) -> Any:
     return entry if type(entry) is CLASS_OF_KIND[_CRDT_KIND[crdt]] else None
 
 
+@dataclass(frozen=True, slots=True)
+class _FieldIncrement(Increment):
+    """A typed write's counter increment: the same fused ``Increment``, whose out-of-range
+    total is reported as a KindValidationError naming the kind's field."""
+
+    ref: str = ""
+    field: str = ""
+
+    def apply(self, tree: Tree, replica_id: str, ts: int) -> ORMap:
+        try:
+            return tree.apply_increment(replica_id, self.node, self.path, self.amount)
+        except ValueTooLargeError as exc:
+            raise KindValidationError(f"{self.ref}: field {self.field}: {exc}",
+                                      field=self.field, reason=str(exc)) from None
+
+
 class KindView:
     """One version of a kind, reading and writing the stored shape of its first version.
 
@@ -358,7 +385,8 @@ class KindView:
     after the first, in order.
     """
 
-    __slots__ = ("_plain", "_plan", "_slots", "_specs", "_writer", "chain", "info", "model")
+    __slots__ = ("_counters", "_plain", "_plan", "_slots", "_specs", "_writer", "chain", "info",
+                 "model")
 
     def __init__(self, model: type[KindModel], history: Sequence[type[KindModel]] = ()) -> None:
         info = model.__kind__
@@ -383,6 +411,7 @@ class KindView:
         self._slots = tuple(_slot(p, s, chain) for p, s in _leaves(model.__shape__))
         self._writer = _write_model(model.__shape__, model.__name__)
         self._plain = _plain(model)
+        self._counters = tuple(s for s in self._slots if s.stored_crdt is Crdt.COUNTER)
         self._specs = _spec_tree(model.__shape__)
         # Per slot, what a read needs without dispatching on enums each time: the stored
         # CRDT's store class and kind, and whether the value is read as stored.
@@ -398,8 +427,10 @@ class KindView:
     def validate(self, changes: Mapping[str, Any]) -> dict[FieldPath, Any]:
         """The changes as ``{field path: validated value}``; raises KindValidationError."""
         out: dict[FieldPath, Any] = {}
-        if any(isinstance(v, (BaseModel, dict)) for v in changes.values()):
-            changes = _unmodel(changes)
+        for v in changes.values():
+            if type(v) not in _TOKENS and isinstance(v, (BaseModel, dict)):
+                changes = _unmodel(changes)
+                break
         # Plain values of exactly the declared types (the common case) are checked here;
         # anything else goes through pydantic, which accepts or names the field and why.
         if _fast_changes(self._specs, changes, (), out):
@@ -418,8 +449,15 @@ class KindView:
         value, a counter an amount to add, a set the elements to add, a flag True (enable)
         or False (disable), a nested map a dict of its own changes."""
         values = self.validate(changes)
-        counters = [(s, values[s.path]) for s in self._slots
-                    if s.path in values and s.stored_crdt is Crdt.COUNTER]
+        counters = [(s, values[s.path]) for s in self._counters if s.path in values]
+        if len(counters) == 1 and self._plain:
+            # The one increment goes first: if the counter's total would leave int64 it
+            # raises before anything is applied, and ``write_many`` then applies nothing
+            # (no guard to run: a guard reads the counter once more).
+            (slot, amount), = counters
+            return [_FieldIncrement(node_id, slot.stored_path, amount, self.info.ref,
+                                    slot.name),
+                    *self._writes(node_id, values, skip=slot.path)]
         guard = [self._counter_guard(node_id, counters)] if counters else []
         if not self._plain:
             guard.append(self._validator_guard(node_id, values))
@@ -467,12 +505,13 @@ class KindView:
 
         return guard
 
-    def _writes(self, node_id: str, values: dict[FieldPath, Any]) -> list[Write]:
+    def _writes(self, node_id: str, values: dict[FieldPath, Any], *,
+                skip: FieldPath | None = None) -> list[Write]:
         out: list[Write] = []
         for slot in self._slots:
-            if slot.path not in values:
-                continue
-            out.extend(self._ops_for(node_id, slot, values[slot.path]))
+            path = slot.path
+            if path in values and path != skip:
+                out.extend(self._ops_for(node_id, slot, values[path]))
         return out
 
     def _counter_guard(self, node: str, counters: list[tuple[_Slot, int]]
@@ -556,7 +595,8 @@ class KindView:
             return [_flag(node, path, value)]
         if slot.spec.crdt is Crdt.MV and crdt is Crdt.LWW:
             value = value if not isinstance(value, tuple) else value[0]
-        value = _convert(slot.to_store, value)
+        if slot.to_store:
+            value = _convert(slot.to_store, value)
         if crdt is Crdt.MV:
             return [_multi(node, path, value)]
         return [Assign(node, path, value)]
@@ -672,6 +712,15 @@ def _fast_atom(spec: FieldSpec, value: Any, *, element: bool = False) -> bool:
             return False
     elif token not in spec.types:
         return False
+    if not element:  # the common register values, checked as validate_atom does, inline
+        t = type(value)
+        if t is str:
+            if value.isascii():
+                return len(value) <= MAX_VALUE_BYTES
+        elif t is int:
+            return bool(INT64_MIN <= value <= INT64_MAX)
+        elif t is bool or value is None:
+            return True
     try:
         (validate_element if element else validate_atom)(value)
     except WorknodeError:

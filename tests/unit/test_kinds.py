@@ -269,9 +269,11 @@ def test_typed_writes_are_untyped_writes(writes: list[tuple[str, int, set[str]]]
     run(untyped, VIEW.create_ops("o1"))
     for i, (replica, amount, tags) in enumerate(writes):
         run(typed, VIEW.ops("o1", total=amount, tags=tags), replica, 1000 + 10 * i)
-        for t in sorted(tags):  # fields in name order, as the typed path writes them
-            untyped.merge(untyped.add(replica, "o1", ("tags",), t))
+        # The one counter first (its range checked before anything is written), then the
+        # other fields in name order, as the typed path writes them.
         untyped.merge(untyped.increment(replica, "o1", ("total",), amount))
+        for t in sorted(tags):
+            untyped.merge(untyped.add(replica, "o1", ("tags",), t))
     assert typed.state == untyped.state
 
 
