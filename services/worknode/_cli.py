@@ -66,7 +66,7 @@ from services.worknode._service import (
     load_or_create_signer,
     read_roster_entries,
 )
-from services.worknode._settings import WorknodeSettings
+from services.worknode._settings import WorknodeSettings, one_shot_settings
 
 __all__ = ["register"]
 
@@ -548,12 +548,7 @@ async def _one_write(
 ) -> tuple[ORMap, str | None]:
     """Write as ``kw["node_id"]``, publish, and (unless ``kw["no_confirm"]``) wait for a
     peer replica holding the write; returns the delta and that peer's id (None if none)."""
-    connection = pop_connection(kw)
-    settings = load_settings(WorknodeSettings, lambda: WorknodeSettings(
-        node_id=kw["node_id"], namespace=kw["namespace"], subjects=[subject],
-        nats_urls=list(kw["nats_urls"]), state_dir=kw["state_dir"], roster_file=kw["roster"],
-        metrics_port=None, **connection,
-    ))
+    settings = one_shot_settings(kw, subject)
     # A one-shot writer is not the deployment: an open bus is the services' to report.
     async with WorknodeService(settings, warn_open_bus=False) as svc:
         replica = svc.replica(subject)
@@ -588,14 +583,9 @@ def _strong_settings(subject: str, kw: dict[str, Any]) -> WorknodeSettings:
     """A one-shot writer's settings for a STRONG operation on ``subject``: its STRONG
     prefixes from ``--strong-prefix`` or the ``strong`` setting (config or environment), as
     the nodes declare them (an id they do not declare STRONG is refused by them)."""
-    connection = pop_connection(kw)
     prefixes = list(kw.pop("strong_prefixes", ()) or ())
     extra: dict[str, Any] = {"strong": {subject: prefixes}} if prefixes else {}
-    settings = load_settings(WorknodeSettings, lambda: WorknodeSettings(
-        node_id=kw["node_id"], namespace=kw["namespace"], subjects=[subject],
-        nats_urls=list(kw["nats_urls"]), state_dir=kw["state_dir"], roster_file=kw.get("roster"),
-        metrics_port=None, **extra, **connection,
-    ))
+    settings = one_shot_settings(kw, subject, **extra)
     if not settings.strong.get(subject):
         raise click.UsageError(
             f"--strong needs the STRONG worknodes of {subject!r} as the nodes declare them: "

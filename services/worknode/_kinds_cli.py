@@ -45,7 +45,6 @@ from broker.kinds import (
 from broker.kinds._compat import BREAKING, LINT
 from broker.replica import Replica
 from services._config import load_settings
-from services._connection import pop_connection
 
 __all__ = [
     "DEFAULT_REGISTRY_SUBJECT", "kind_view_of", "kinds", "load_migration", "load_models",
@@ -232,14 +231,9 @@ async def _with_registry(kw: dict[str, Any], subject: str,
     """Start a one-shot replica of the registry subject (caught up from a peer), run
     ``work(replica)``, flush, stop."""
     from services.worknode._service import WorknodeService
-    from services.worknode._settings import WorknodeSettings
+    from services.worknode._settings import one_shot_settings
 
-    connection = pop_connection(kw)
-    settings = load_settings(WorknodeSettings, lambda: WorknodeSettings(
-        node_id=kw["node_id"], namespace=kw["namespace"], subjects=[subject],
-        nats_urls=list(kw["nats_urls"]), state_dir=kw["state_dir"], roster_file=kw["roster"],
-        metrics_port=None, **connection,
-    ))
+    settings = one_shot_settings(kw, subject)
     async with WorknodeService(settings, warn_open_bus=False) as svc:
         replica: Replica = svc.replica(subject)
         out = await work(replica)

@@ -240,3 +240,19 @@ def _config_file(*sources: PydanticBaseSettingsSource) -> Path | None:
             return Path(data["config_file"])
     env = os.environ.get("WORKNODE_CONFIG_FILE")
     return Path(env) if env else None
+
+
+def one_shot_settings(kw: dict[str, Any], subject: str, **extra: Any) -> WorknodeSettings:
+    """The settings of a one-shot command's replica of ``subject`` (a CLI write, a kinds
+    registration): its node id, namespace, NATS URLs, state directory and roster from the
+    command's options ``kw`` (the connection options are taken out of it), no metrics
+    endpoint; ``extra``: further settings (e.g. ``strong``)."""
+    from services._config import load_settings
+    from services._connection import pop_connection
+
+    connection = pop_connection(kw)
+    return load_settings(WorknodeSettings, lambda: WorknodeSettings(
+        node_id=kw["node_id"], namespace=kw["namespace"], subjects=[subject],
+        nats_urls=list(kw["nats_urls"]), state_dir=kw["state_dir"], roster_file=kw.get("roster"),
+        metrics_port=None, **extra, **connection,
+    ))
