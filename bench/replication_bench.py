@@ -96,19 +96,11 @@ async def _raw_pub(url: str, n: int) -> None:
     await nc.close()
 
 
-async def _lat_pub(url: str, n: int, floor: bool, state: Path, seed: bytes) -> None:
-    """One message every 20 ms, stamped with its send time. ``floor``: each first committed
-    to SQLite (WAL, synchronous=normal, in a worker thread, as a replica's store) and signed
-    with Ed25519 (as a replica's batch): the least any durable, signed write must do."""
+def _floor_log(state: Path) -> tuple[Any, Any]:
+    """The floor's durable log: an SQLite table in WAL mode, synchronous=normal (as a
+    replica's store in this benchmark); ``(connection, commit(record))``."""
     import sqlite3
 
-    import nacl.signing
-    import nats
-
-    from bench._secure import raw_options
-
-    nc = await nats.connect(url, **raw_options("raw-pub"))
-    signer = nacl.signing.SigningKey(seed)
     db = sqlite3.connect(state / "floor.db", check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
@@ -117,6 +109,23 @@ async def _lat_pub(url: str, n: int, floor: bool, state: Path, seed: bytes) -> N
     def commit(data: bytes) -> None:
         db.execute("INSERT INTO log (data) VALUES (?)", (data,))
         db.commit()
+
+    return db, commit
+
+
+async def _lat_pub(url: str, n: int, floor: bool, state: Path, seed: bytes) -> None:
+    """One message every 20 ms, stamped with its send time. ``floor``: each first committed
+    to SQLite (WAL, synchronous=normal, in a worker thread, as a replica's store) and signed
+    with Ed25519 (as a replica's batch): the least any durable, signed write must do."""
+
+    import nacl.signing
+    import nats
+
+    from bench._secure import raw_options
+
+    nc = await nats.connect(url, **raw_options("raw-pub"))
+    signer = nacl.signing.SigningKey(seed)
+    db, commit = _floor_log(state)
 
     _emit(ready=True)
     sys.stdin.readline()
@@ -168,8 +177,6 @@ async def _floor_writer(url: str, n: int, state: Path, seed: bytes) -> None:
     """The distinct-fields workload done by the fastest Python code we know: each write a
     register (value, dot) in a dict, each group of ``GROUP`` a msgpack batch committed to
     SQLite (WAL, synchronous=normal, worker thread), signed (Ed25519) and published."""
-    import sqlite3
-
     import msgpack
     import nacl.signing
     import nats
@@ -178,14 +185,7 @@ async def _floor_writer(url: str, n: int, state: Path, seed: bytes) -> None:
 
     nc = await nats.connect(url, pending_size=1 << 30, **raw_options("raw-pub"))
     signer = nacl.signing.SigningKey(seed)
-    db = sqlite3.connect(state / "floor.db", check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("CREATE TABLE IF NOT EXISTS log (seq INTEGER PRIMARY KEY, data BLOB)")
-
-    def commit(data: bytes) -> None:
-        db.execute("INSERT INTO log (data) VALUES (?)", (data,))
-        db.commit()
+    db, commit = _floor_log(state)
 
     registers: dict[str, tuple[int, int]] = {}
     counter = 0
