@@ -290,7 +290,10 @@ class StrongMode:
         delta: ORMap | None = None
         writer = "log"
         own = self._own.get(subject) if key is not None else None
-        if key is not None and own is not None and own[0] == payload:
+        if (key is not None and own is not None and own[0] == payload
+                and self.replica.roster.role_of(self.replica.node_id) in _WRITERS):
+            # (The role check as for any entry: a key revoked since it sealed this one is
+            # refused here as everywhere else, below.)
             del self._own[subject]
             self._versions[key] = seq
             delta, writer = own[1], self.replica.node_id
