@@ -663,6 +663,19 @@ def _strong_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help="STRONG: through the subject's log (linearizable).")(fn)
 
 
+def one_shot_options(fn: Any, role: str) -> Any:
+    """A one-shot command's replica options (``one_shot_settings``): ``--roster``,
+    ``--state-dir``, ``--node-id`` (``role``: "Writer", "Reader"), and the common ones."""
+    fn = click.option("--roster", type=click.Path(exists=True, dir_okay=False,
+                                                  path_type=Path),
+                      help="JSON roster of trusted nodes (to read peers' catch-up).")(fn)
+    fn = click.option("--state-dir", type=click.Path(path_type=Path),
+                      default=Path(".worknode/cli"), show_default=True)(fn)
+    fn = click.option("--node-id", default="cli", show_default=True,
+                      help=f"{role} node id (its key lives in the state dir).")(fn)
+    return _with_common(fn)
+
+
 def _write_command(
     name: str, help_text: str, strong: bool = False
 ) -> Callable[[Callable[..., Any]], Any]:
@@ -677,14 +690,7 @@ def _write_command(
         fn = click.option("--confirm-timeout", type=click.FloatRange(min=0, min_open=True),
                           default=5.0, show_default=True,
                           help="Seconds to wait for a replica holding the write.")(fn)
-        fn = click.option("--roster", type=click.Path(exists=True, dir_okay=False,
-                                                      path_type=Path),
-                          help="JSON roster of trusted nodes (to read peers' catch-up).")(fn)
-        fn = click.option("--state-dir", type=click.Path(path_type=Path),
-                          default=Path(".worknode/cli"), show_default=True)(fn)
-        fn = click.option("--node-id", default="cli", show_default=True,
-                          help="Writer node id (its key lives in the state dir).")(fn)
-        fn = _with_common(fn)
+        fn = one_shot_options(fn, "Writer")
         return click.command(
             name, help=help_text + _CONFIRM_HELP + (_STRONG_HELP if strong else ""))(fn)
 

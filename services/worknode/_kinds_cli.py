@@ -244,18 +244,11 @@ async def _with_registry(kw: dict[str, Any], subject: str,
 def register_kinds(main: click.Group) -> None:
     """Add ``worknode kinds`` (its online commands use the write commands' options)."""
     from services._cli_errors import EXIT_UNCONFIRMED, error_line
-    from services.worknode._cli import _one_write, _run, _with_common, _write_command
+    from services.worknode._cli import _one_write, _run, _write_command, one_shot_options
 
     def reader(name: str, help_text: str) -> Callable[[Callable[..., None]], click.Command]:
         def deco(fn: Any) -> click.Command:
-            fn = click.option("--roster", type=click.Path(exists=True, dir_okay=False,
-                                                          path_type=Path),
-                              help="JSON roster of trusted nodes (to read peers' catch-up).")(fn)
-            fn = click.option("--state-dir", type=click.Path(path_type=Path),
-                              default=Path(".worknode/cli"), show_default=True)(fn)
-            fn = click.option("--node-id", default="cli", show_default=True,
-                              help="Reader node id (its key lives in the state dir).")(fn)
-            fn = _registry_options(_with_common(fn))
+            fn = _registry_options(one_shot_options(fn, "Reader"))
             return kinds.command(name, help=help_text)(fn)
         return deco
 
