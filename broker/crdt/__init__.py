@@ -17,6 +17,7 @@ from broker.crdt._atoms import (
     validate_key,
 )
 from broker.crdt._causal import (
+    Batch,
     Causal,
     EWFlag,
     LWWRegister,
@@ -47,6 +48,7 @@ __all__ = [
     "Add",
     "Assign",
     "Atom",
+    "Batch",
     "Causal",
     "CausalContext",
     "Create",

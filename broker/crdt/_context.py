@@ -213,6 +213,18 @@ class CausalContext:
                 if r in cloud:
                     self._absorb(r)
 
+    def issue(self, replica_id: str) -> int:
+        """Record ``next_dot(replica_id)`` here (as ``add`` would); return its counter."""
+        extra = self._cloud.get(replica_id)
+        if extra is None:
+            n = self._vv.get(replica_id, 0) + 1
+            self._vv[replica_id] = n
+        else:
+            # Cloud dots are above ``vv + 1``, so ``max + 1`` stays in the cloud: still compact.
+            n = max(extra) + 1
+            extra.add(n)
+        return n
+
     def issue_delta(
         self, replica_id: str, replaced: Sequence[Dot] = ()
     ) -> tuple[Dot, CausalContext]:
@@ -222,14 +234,7 @@ class CausalContext:
         context holding exactly ``replaced`` and that dot (as ``from_dots``): the context of
         a delta whose write overwrites the entries with dots ``replaced``.
         """
-        extra = self._cloud.get(replica_id)
-        if extra is None:
-            n = self._vv.get(replica_id, 0) + 1
-            self._vv[replica_id] = n
-        else:
-            # Cloud dots are above ``vv + 1``, so ``max + 1`` stays in the cloud: still compact.
-            n = max(extra) + 1
-            extra.add(n)
+        n = self.issue(replica_id)
         dot = (replica_id, n)
         if len(replaced) == 1 and n > 1:
             r, m = replaced[0]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from broker.crdt._atoms import INT64_MAX, INT64_MIN, Atom, Element
-from broker.crdt._causal import ORMap, Path
+from broker.crdt._causal import Batch, ORMap, Path
 from broker.crdt._tree import ROOT_ID, Tree
 
 __all__ = ["Add", "Assign", "Create", "Increment", "Move", "TreeOp", "coalesce"]
@@ -34,6 +34,11 @@ class TreeOp:
     def apply(self, tree: Tree, replica_id: str, ts: int) -> ORMap:
         raise NotImplementedError
 
+    def apply_into(self, tree: Tree, replica_id: str, ts: int, into: Batch) -> ORMap | None:
+        """``apply`` with the delta joined into ``into``: None when written there directly,
+        else the delta, for the caller to join (``Batch.join``)."""
+        return self.apply(tree, replica_id, ts)
+
 
 @dataclass(frozen=True, slots=True)
 class Assign(TreeOp):
@@ -45,6 +50,9 @@ class Assign(TreeOp):
 
     def apply(self, tree: Tree, replica_id: str, ts: int) -> ORMap:
         return tree.apply_assign(replica_id, self.node, self.path, self.value, ts)
+
+    def apply_into(self, tree: Tree, replica_id: str, ts: int, into: Batch) -> ORMap | None:
+        return tree.assign_into(into, replica_id, self.node, self.path, self.value, ts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +66,9 @@ class Increment(TreeOp):
     def apply(self, tree: Tree, replica_id: str, ts: int) -> ORMap:
         return tree.apply_increment(replica_id, self.node, self.path, self.amount)
 
+    def apply_into(self, tree: Tree, replica_id: str, ts: int, into: Batch) -> ORMap | None:
+        return tree.increment_into(into, replica_id, self.node, self.path, self.amount)
+
 
 @dataclass(frozen=True, slots=True)
 class Add(TreeOp):
@@ -69,6 +80,9 @@ class Add(TreeOp):
 
     def apply(self, tree: Tree, replica_id: str, ts: int) -> ORMap:
         return tree.apply_add(replica_id, self.node, self.path, self.element)
+
+    def apply_into(self, tree: Tree, replica_id: str, ts: int, into: Batch) -> ORMap | None:
+        return tree.add_into(into, replica_id, self.node, self.path, self.element)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from typing import Any, Final
 
 from broker.crdt._atoms import Atom, Element
-from broker.crdt._causal import ORMap, Path
+from broker.crdt._causal import Batch, ORMap, Path
 from broker.crdt._context import Dot
 from broker.crdt._stores import (
     MAX_NESTING_DEPTH,
@@ -252,6 +252,27 @@ class Tree:
     def apply_add(self, replica_id: str, node_id: str, path: Path, element: Element) -> ORMap:
         """``add`` merged here, in one walk; returns its delta."""
         return self.state.apply_add(replica_id, self._field_path(node_id, path), element)
+
+    def assign_into(
+        self, into: Batch, replica_id: str, node_id: str, path: Path, value: Atom, ts: int
+    ) -> ORMap | None:
+        """``apply_assign`` with its delta joined into ``into``: None when written there
+        directly, else the delta to join (``Batch.join``)."""
+        return self.state.apply_assign(
+            replica_id, self._field_path(node_id, path), value, ts, into)
+
+    def increment_into(
+        self, into: Batch, replica_id: str, node_id: str, path: Path, amount: int
+    ) -> ORMap | None:
+        """``apply_increment`` joined into ``into`` (as ``assign_into``)."""
+        return self.state.apply_increment(
+            replica_id, self._field_path(node_id, path), amount, into)
+
+    def add_into(
+        self, into: Batch, replica_id: str, node_id: str, path: Path, element: Element
+    ) -> ORMap | None:
+        """``apply_add`` joined into ``into`` (as ``assign_into``)."""
+        return self.state.apply_add(replica_id, self._field_path(node_id, path), element, into)
 
     def assign_multi(self, replica_id: str, node_id: str, path: Path, value: Atom) -> ORMap:
         """Delta setting a multi-value field."""

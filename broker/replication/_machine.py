@@ -88,7 +88,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from broker.crdt import CausalContext, HybridClock, Increment, ORMap, Tree, TreeOp, coalesce
+from broker.crdt import Batch, CausalContext, HybridClock, Increment, ORMap, Tree, TreeOp, coalesce
 from broker.crdt._hlc import LOGICAL_BITS
 from broker.crdt._stores import (
     MAX_NESTING_DEPTH,
@@ -585,7 +585,7 @@ class ReplicationMachine:
         self.admit(len(mutators))
         own_before = self.tree.state.context.max_counter(self.node_id)
         error: BaseException | None = None
-        batch = ORMap(is_delta=True)
+        batch = Batch()
         done = 0
         tree, node_id, clock = self.tree, self.node_id, self.clock
         writable = self.config.writable_kinds
@@ -605,7 +605,8 @@ class ReplicationMachine:
                         raise InvalidArgumentError(
                             f"{type(fn).__name__} on an add-only subject: write it as a "
                             "mutator (checked before it applies); it was not applied")
-                    d = fn.apply(tree, node_id, clock.now(now_ms()))  # fused: merged here
+                    # Fused: merged here, and its delta joined into the batch in place.
+                    d = fn.apply_into(tree, node_id, clock.now(now_ms()), batch)
                 else:
                     d = fn(tree, node_id, clock.now(now_ms()))
                     if self.config.add_only:
@@ -637,13 +638,15 @@ class ReplicationMachine:
             except (WorknodeError, ValueError, TypeError) as exc:
                 error = exc
                 break
-            batch.merge(d)
+            if d is not None:
+                batch.join(d)
             done += count
         if not done:
             assert error is not None
             raise error
         self.queued_ops += done
-        keys = tuple(batch.store.keys()) if batch.store else ()
+        delta = batch.delta
+        keys = tuple(delta.store.keys()) if delta.store else ()
         received: list[Received] = []
         if self._received and LOG_CAUSAL_PAST:
             received, self._received = self._received, []
@@ -651,8 +654,8 @@ class ReplicationMachine:
             self._received_bytes = 0
         if done:
             # This replica's own writes are judged like a peer's against later claims.
-            self._note_written(node_id, batch.context, clock.last, own_before + 1)
-        return Written(batch, done, error, [Changed(keys)], received)
+            self._note_written(node_id, delta.context, clock.last, own_before + 1)
+        return Written(delta, done, error, [Changed(keys)], received)
 
     @property
     def log_applied(self) -> int:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.crdt import MAX_NESTING_DEPTH, CausalContext, ORMap
+from broker.crdt import MAX_NESTING_DEPTH, Batch, CausalContext, ORMap
 from broker.crdt._stores import LWWStore, MapStore
 from broker.errors import (
     InvalidArgumentError,
@@ -304,3 +304,116 @@ def test_one_path_delta_nested_too_deep_is_refused(state_keys: int) -> None:
         target.merge(hostile)
     assert target.store == before.store
     assert target.context == before.context
+
+
+# -- writes joined into a batch in place (``Batch``, ``ReplicationMachine.write``) -----------
+
+# Keys the random states rarely hold (no kind conflicts there: the in-place route is taken),
+# mixed with the states' own keys (conflicts, other kinds: the joining route).
+_batch_paths = st.one_of(
+    paths,
+    st.tuples(
+        st.lists(st.sampled_from(["c", "d"]), max_size=2), st.sampled_from(["e", "f", "g"])
+    ).map(lambda t: (*t[0], t[1])),
+)
+_batch_ops = st.one_of(
+    st.tuples(st.just("assign"), _batch_paths, atoms),
+    st.tuples(st.just("increment"), _batch_paths, st.integers(-5, 5)),
+    st.tuples(st.just("add"), _batch_paths, elements),
+    # Mutators that take the joining route: their deltas are joined, never written into.
+    st.tuples(st.just("remove"), _batch_paths, st.none()),
+    st.tuples(st.just("discard"), _batch_paths, elements),
+    st.tuples(st.just("assign_multi"), _batch_paths, atoms),
+)
+
+
+def _write_batch(state: ORMap, rid: str, ops: list[Any], in_place: bool) -> tuple[ORMap, list[Any]]:
+    """Apply ``ops`` to ``state`` as ``ReplicationMachine.write`` does: fused writes joined
+    into a ``Batch`` in place (``in_place``) or each delta joined (the reference)."""
+    batch = Batch()
+    errors: list[Any] = []
+    for ts, (name, path, arg) in enumerate(ops, start=1):
+        try:
+            if name in ("assign", "increment", "add"):
+                fused = getattr(state, f"apply_{name}")
+                args = (rid, path, arg, ts) if name == "assign" else (rid, path, arg)
+                d = fused(*args, into=batch) if in_place else fused(*args)
+            else:
+                args = (rid, path, arg) if name != "remove" else (path,)
+                d = getattr(state, name)(*args)
+                state.merge(d)
+        except (ValueError, TypeError) as exc:
+            errors.append(type(exc))
+            continue
+        errors.append(None)
+        if d is not None:
+            batch.join(d)
+    return batch.delta, errors
+
+
+@settings(max_examples=400)
+@given(
+    ormap_states(), st.sampled_from(REPLICAS), st.lists(_batch_ops, max_size=24), ormap_states(),
+    st.booleans(),
+)
+def test_batch_in_place_is_the_join_of_the_deltas(
+    state: ORMap, rid: str, ops: list[Any], peer: ORMap, prime: bool
+) -> None:
+    """Writes joined into a ``Batch`` in place leave the same state and the same batch delta
+    as joining each write's delta (repeated paths, kind conflicts, removals and mutator
+    deltas in between), and a peer ends the same whichever batch it receives."""
+    if prime and not state.is_delta:
+        # Every map on the paths present (a sibling "z" written under each), other writers'
+        # entries: the batch's first write takes the in-place route, so later ones can too.
+        for name, path, arg in ops:
+            for i in range(1, len(path)):
+                state.merge(state.assign("r3", (*path[:i], "z"), 1, 1))
+            # Entries the batch's writes replace: its own and other writers'.
+            if name == "assign":
+                state.merge(state.assign("r3", path, 0, 1))
+            elif name == "increment":
+                state.merge(state.increment(rid, path, 1))
+                state.merge(state.increment("r2", path, 1))
+            elif name == "add":
+                state.merge(state.add("r3", path, arg))
+    want_state = state.copy()
+    want, want_errors = _write_batch(want_state, rid, ops, in_place=False)
+    got_state = state.copy()
+    got, got_errors = _write_batch(got_state, rid, ops, in_place=True)
+    assert got_errors == want_errors
+    assert_same(got_state, want_state)
+    assert_same(got, want)
+    via_got, via_want = peer.copy(), peer.copy()
+    via_got.merge(got)
+    via_want.merge(want)
+    assert_same(via_got, via_want)
+
+
+def test_batch_never_writes_into_a_joined_delta() -> None:
+    """A delta joined in (a mutator's) is copied: a later write under its maps is written in
+    place in the batch's copy, the mutator's delta is left as it was; its entries are not
+    replaced in place (the write is returned to be joined)."""
+    state = ORMap()
+    state.merge(state.assign("r1", ("n", "x"), 1, 1))
+    batch = Batch()
+    d = state.assign("r1", ("n", "y"), 2, 2)
+    state.merge(d)
+    batch.join(d)
+    before = d.copy()
+    assert state.apply_assign("r1", ("n", "z"), 3, 3, into=batch) is None  # in place
+    back = state.apply_assign("r1", ("n", "y"), 4, 4, into=batch)
+    assert back is not None  # the joined entry: returned to be joined
+    batch.join(back)
+    assert_same(d, before)
+    assert batch.delta.value() == {"n": {"y": 4, "z": 3}}
+
+
+def test_batch_in_place_does_not_share_stores_with_the_state() -> None:
+    state = ORMap()
+    state.merge(state.add("r1", ("s",), "x"))
+    batch = Batch()
+    assert state.apply_add("r1", ("s",), "y", into=batch) is None
+    assert state.apply_add("r1", ("s",), "z", into=batch) is None
+    assert batch.delta.value() == {"s": {"y", "z"}}
+    assert state.value() == {"s": {"x", "y", "z"}}
+    assert batch.delta.store["s"] is not state.store["s"]
