@@ -89,7 +89,7 @@ from broker.codec._layouts import (
 )
 from broker.crdt import Causal, Kind
 from broker.crdt._atoms import encode_atom
-from broker.crdt._stores import MapStore, OpaqueStore, SetStore
+from broker.crdt._stores import CounterStore, LWWStore, MapStore, OpaqueStore, SetStore
 
 __all__ = ["write_document"]
 
@@ -244,6 +244,28 @@ class _Writer:
             stride = store.STRIDE if store is not None else 1
             n_items = len(store) // stride if store is not None else 0
             _U16(buf, e + ENTRY_WHICH, ENTRY_IS_ITEMS)
+            if n_items == 1:
+                one = _ONE.get((kind, type(store[3]) if kind == _K_LWW else None))
+                if one is not None:
+                    # One entry (a register, a writer's counter): its list, item, payload
+                    # and value are allocated back to back in a fixed layout, written from a
+                    # template (built and checked by this writer's general path at import).
+                    template, pack, at = one
+                    tag = len(buf)
+                    buf += template
+                    p = ptrs + 8 * ENTRY_ITEMS_PTR
+                    _PTR(buf, p, (tag - p - 8) >> 1 | 1, 7 | _ITEM_W << 3)
+                    _ITEM_RC(buf, tag + _T_ITEM_RC, self.rx(store[0]), store[1])
+                    if kind == _K_LWW:
+                        _U64(buf, tag + _T_LWW_HLC, store[2])
+                        if pack is not None:
+                            pack(buf, tag + at, store[3])
+                        elif at:
+                            self.text(tag + at, store[3])
+                    else:
+                        _U64(buf, tag + _T_INCREMENTS, store[2])
+                        _U64(buf, tag + _T_DECREMENTS, store[3])
+                    return
             first = self.structs(
                 ptrs + 8 * ENTRY_ITEMS_PTR, n_items, ITEM_DATA_WORDS, ITEM_POINTERS
             )
@@ -297,10 +319,16 @@ def write_document(state: Causal, kinds: frozenset[int]) -> bytes:
     rx = w.rx
     for i, r in enumerate(sorted(vv)):
         _DOT(w.buf, first + 8 * _DOT_W * i, rx(r), vv[r])
-    cloud = sorted(ctx.cloud)
-    first = w.structs(cp + 8 * CONTEXT_CLOUD_PTR, len(cloud), DOT_DATA_WORDS, DOT_POINTERS)
-    for i, (r, n) in enumerate(cloud):
-        _DOT(w.buf, first + 8 * _DOT_W * i, rx(r), n)
+    clouds = ctx._cloud  # replica -> counters: sorted by replica then counter, as ctx.cloud
+    first = w.structs(cp + 8 * CONTEXT_CLOUD_PTR, sum(map(len, clouds.values())),
+                      DOT_DATA_WORDS, DOT_POINTERS)
+    buf = w.buf
+    i = first
+    for r in sorted(clouds):
+        x = rx(r)
+        for n in sorted(clouds[r]):
+            _DOT(buf, i, x, n)
+            i += 8 * _DOT_W
     if state.is_delta:
         w.buf[doc + DOCUMENT_DELTA_BIT // 8] |= 1 << DOCUMENT_DELTA_BIT % 8
     buf = w.buf
@@ -313,3 +341,63 @@ def write_document(state: Causal, kinds: frozenset[int]) -> bytes:
     if len(w.buf) > _LIMIT:
         raise FastPathError("fast writer: larger than pycapnp's first segment")
     return bytes(w.buf)
+
+
+# Offsets in a one-entry template (from its list's tag word): the item's replica index and
+# counter (packed together: the bytes between them are zero), the LWW hlc, the counter's
+# increments and decrements, the value's fields.
+_T_ITEM: Final = 8
+_T_PAYLOAD: Final = _T_ITEM + 8 * _ITEM_W
+_T_VALUE: Final = _T_PAYLOAD + 8 * _PAYLOAD_W
+_T_ITEM_RC: Final = _T_ITEM + min(ITEM_REPLICA, ITEM_COUNTER)
+_T_LWW_HLC: Final = _T_PAYLOAD + PAYLOAD_LWW_HLC
+_T_INCREMENTS: Final = _T_PAYLOAD + PAYLOAD_COUNTER_INCREMENTS
+_T_DECREMENTS: Final = _T_PAYLOAD + PAYLOAD_COUNTER_DECREMENTS
+_ITEM_RC: Final = struct.Struct(f"<I{ITEM_COUNTER - ITEM_REPLICA - 4}xQ").pack_into
+if ITEM_COUNTER < ITEM_REPLICA + 4:  # the combined format above assumes this order
+    raise AssertionError("Item layout changed: update _ITEM_RC")
+
+
+def _one_entry_templates() -> tuple[
+    dict[tuple[int, type | None], tuple[bytes, Any, int]], list[tuple[int, Any, bytes]]
+]:
+    """For a one-entry store of each kind (and LWW value type) written by template: its
+    bytes (list tag, item, payload, value: allocated back to back), the packer of its value
+    and the value field's offset, or None and the offset of its text pointer (0: none); and
+    the samples the general path wrote, to check the templates against (at import)."""
+    out: dict[tuple[int, type | None], tuple[bytes, Any, int]] = {}
+    checks: list[tuple[int, Any, bytes]] = []
+    text_at = _T_VALUE + 8 * VALUE_DATA_WORDS + 8 * VALUE_TEXT_PTR
+    specs: list[tuple[int, type | None, Any, Any, int]] = [
+        (_K_LWW, int, -(2**62) + 12345, _I64, _T_VALUE + VALUE_INT),
+        (_K_LWW, float, -1.5e300, _F64, _T_VALUE + VALUE_FLOAT),
+        (_K_LWW, type(None), None, None, 0),
+        (_K_LWW, str, "", None, text_at),
+        (_K_COUNTER, None, None, None, 0),
+    ]
+    for kind, vtype, sample, pack, at in specs:
+        if kind == _K_LWW:
+            entry: Any = LWWStore(("r", 7, 2**40 + 3, sample))
+            size = _T_VALUE + 8 * _VALUE_W
+        else:
+            entry = CounterStore(("r", 7, 2**40 + 3, 2**33 + 5))
+            size = _T_PAYLOAD + 8 * _PAYLOAD_W
+        general = _write_entry(kind, entry)
+        out[(kind, vtype)] = (general[8 * (1 + _ENTRY_W):][:size], pack, at)
+        checks.append((kind, entry, general))
+    return out, checks
+
+
+def _write_entry(kind: int, entry: Any) -> bytes:
+    w = _Writer(frozenset({kind}))
+    w.store(w.struct(0, ENTRY_DATA_WORDS, ENTRY_POINTERS), kind, entry)
+    return bytes(w.buf)
+
+
+_ONE: Final[dict[tuple[int, type | None], tuple[bytes, Any, int]]] = {}
+_templates, _checks = _one_entry_templates()  # built by the general path (_ONE empty)
+_ONE.update(_templates)
+for _kind, _entry, _general in _checks:  # the template path writes what the general path did
+    if _write_entry(_kind, _entry) != _general:
+        raise AssertionError(f"one-entry template of kind {_kind} differs")
+del _templates, _checks
