@@ -663,7 +663,7 @@ class Replica:
             self._check_writable()  # stop() may have begun while we waited for the lock
             written = self.machine.write(mutators, self._now_ms)
             self._run(written.actions)
-            record = self.codec.encode_document(written.delta)
+            record = self.codec.encode_record(written.delta)
             received = [r for r in map(self._received_record, written.received) if r]
             if any(len(r) > self.store.max_record_bytes for r in received):
                 # A catch-up state too large for one record: a snapshot (the state holds it)
@@ -1427,7 +1427,7 @@ class Replica:
         (catch-up asks for full states; the healer repairs it): see
         ``ReplicationMachine.quarantined``."""
         bad: list[tuple[str, str]] = []
-        doc: Causal = self.codec.decode_document(data, ORMap, bad_keys=bad)
+        doc: Causal = self.codec.decode_record(data, ORMap, bad_keys=bad)
         assert isinstance(doc, ORMap)
         for key, reason in bad:
             log.error("stored state of %s: key %r left out on load: %s",

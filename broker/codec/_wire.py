@@ -28,6 +28,8 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 import contextlib
+import functools
+import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,6 +72,8 @@ NESTING_LIMIT: Final = 2 * MAX_NESTING_DEPTH + 16
 """Cap'n Proto pointer nesting allowed: room for MAX_NESTING_DEPTH maps and their leaves."""
 
 COMPRESS_MIN_BYTES: Final = 512
+_TABLE: Final = struct.Struct("<II")  # an unpacked message's table: segments - 1, words
+_FLAT_TABLE: Final = functools.partial(_TABLE.pack, 0)
 """Batches smaller than this are sent uncompressed even when compression is allowed."""
 
 _MAX_HLC: Final = (1 << 63) - 1
@@ -176,6 +180,48 @@ class WireCodec:
         """Packed Cap'n Proto bytes of a state or delta."""
         return encode_document(self.schema, state).to_bytes_packed()  # type: ignore[no-any-return]
 
+    def encode_record(self, state: Causal) -> bytes:
+        """``state`` as a store record: where the fast writer applies, its segment unpacked
+        (Cap'n Proto's standard framing: a one-segment table, then the words; its first byte
+        is 0, which no packed document starts with), else ``encode_document``'s packed bytes.
+        Both are read by ``decode_record`` and taken by ``seal(packed=...)``; a record never
+        goes on the wire as it is (``seal`` copies its content, or packs it with pycapnp)."""
+        segment = self._fast_segment(state)
+        if segment is None:
+            return self.encode_document(state)
+        return _FLAT_TABLE(len(segment) // 8) + segment
+
+    def decode_record(
+        self,
+        data: bytes,
+        expect: type[Causal] | None = None,
+        *,
+        bad_keys: list[tuple[str, str]] | None = None,
+    ) -> Causal:
+        """A record ``encode_record`` (or ``encode_document``) wrote; as
+        ``decode_document``."""
+        if data[:1] != b"\x00":
+            return self.decode_document(data, expect, bad_keys=bad_keys)
+        self._check_size(data, "record")
+        with decoding("record"):
+            doc = self._flat(data)
+            if bad_keys is not None:
+                return decode_document(self.schema, doc, expect, bad_keys)
+            return self._decode(doc, expect, len(data) // 8)
+
+    def _flat(self, data: bytes) -> Any:
+        """A ``Document`` reader over a one-segment unpacked record (``encode_record``)."""
+        if len(data) < 16 or len(data) % 8:
+            raise MalformedMessageError("record: not a whole number of words")
+        count, words = _TABLE.unpack_from(data)
+        if count != 0 or 8 + 8 * words != len(data):
+            raise MalformedMessageError("record: segment table does not match its length")
+        return self.schema.crdt.Document.from_segments(
+            [data[8:]],
+            traversal_limit_in_words=self.traversal_limit_words,
+            nesting_limit=NESTING_LIMIT,
+        )
+
     def decode_document(
         self,
         data: bytes,
@@ -209,8 +255,8 @@ class WireCodec:
     ) -> bytes:
         """A signed envelope carrying ``document``, ready to publish.
 
-        ``packed``: ``document`` as ``encode_document`` of this codec gave it (a durable
-        record, say), used instead of encoding it again.
+        ``packed``: ``document`` as ``encode_document`` or ``encode_record`` of this codec
+        gave it (a durable record, say), used instead of encoding it again.
         Raises MessageTooLargeError if the result exceeds ``max_payload`` (split the batch).
         """
         if not subject:
@@ -222,7 +268,14 @@ class WireCodec:
         doc: Any = None
         doc_words = 0
         packed_doc = None
-        if self.compress and self.version >= 2 and self.peer_version >= 2:
+        compressing = self.compress and self.version >= 2 and self.peer_version >= 2
+        if packed is not None and packed[:1] == b"\x00":  # an unpacked record
+            if not compressing:  # (else pycapnp's packed bytes go on the wire: encode them)
+                with decoding("record"):
+                    doc = self._flat(packed)
+                doc_words = len(packed) // 8 - 1
+            packed = None
+        if doc is None and compressing:
             if packed is None:
                 doc = encode_document(self.schema, document)
                 packed = doc.to_bytes_packed()

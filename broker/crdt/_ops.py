@@ -52,6 +52,8 @@ class Assign(TreeOp):
         return tree.apply_assign(replica_id, self.node, self.path, self.value, ts)
 
     def apply_into(self, tree: Tree, replica_id: str, ts: int, into: Batch) -> ORMap | None:
+        if type(self) is not Assign:  # a subclass may wrap ``apply``: keep what it does
+            return self.apply(tree, replica_id, ts)
         return tree.assign_into(into, replica_id, self.node, self.path, self.value, ts)
 
 
@@ -67,6 +69,8 @@ class Increment(TreeOp):
         return tree.apply_increment(replica_id, self.node, self.path, self.amount)
 
     def apply_into(self, tree: Tree, replica_id: str, ts: int, into: Batch) -> ORMap | None:
+        if type(self) is not Increment:  # a subclass may wrap ``apply``: keep what it does
+            return self.apply(tree, replica_id, ts)
         return tree.increment_into(into, replica_id, self.node, self.path, self.amount)
 
 
@@ -82,6 +86,8 @@ class Add(TreeOp):
         return tree.apply_add(replica_id, self.node, self.path, self.element)
 
     def apply_into(self, tree: Tree, replica_id: str, ts: int, into: Batch) -> ORMap | None:
+        if type(self) is not Add:  # a subclass may wrap ``apply``: keep what it does
+            return self.apply(tree, replica_id, ts)
         return tree.add_into(into, replica_id, self.node, self.path, self.element)
 
 

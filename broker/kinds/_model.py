@@ -51,6 +51,7 @@ from broker.crdt import (
     ROOT_ID,
     Add,
     Assign,
+    Batch,
     Create,
     Increment,
     Kind,
@@ -373,8 +374,17 @@ class _FieldIncrement(Increment):
         try:
             return tree.apply_increment(replica_id, self.node, self.path, self.amount)
         except ValueTooLargeError as exc:
-            raise KindValidationError(f"{self.ref}: field {self.field}: {exc}",
-                                      field=self.field, reason=str(exc)) from None
+            raise self._refused(exc) from None
+
+    def apply_into(self, tree: Tree, replica_id: str, ts: int, into: Batch) -> ORMap | None:
+        try:
+            return tree.increment_into(into, replica_id, self.node, self.path, self.amount)
+        except ValueTooLargeError as exc:
+            raise self._refused(exc) from None
+
+    def _refused(self, exc: ValueTooLargeError) -> KindValidationError:
+        return KindValidationError(f"{self.ref}: field {self.field}: {exc}",
+                                   field=self.field, reason=str(exc))
 
 
 class KindView:

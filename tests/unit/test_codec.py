@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -394,10 +395,12 @@ def test_compressed_batches_only_for_v2_peers(keys: tuple[Signer, Signer, TrustR
 
 @pytest.mark.parametrize("size", [3, 300])  # under and over the compression threshold
 @pytest.mark.parametrize("peer", [1, 2])
+@pytest.mark.parametrize("encode", ["encode_document", "encode_record"])
 def test_seal_reusing_an_encoded_record_gives_the_same_envelope(
-    keys: tuple[Signer, Signer, TrustRoster], size: int, peer: int
+    keys: tuple[Signer, Signer, TrustRoster], size: int, peer: int, encode: str
 ) -> None:
-    """A replica seals a batch from its durable record's bytes: byte-identical envelope."""
+    """A replica seals a batch from its durable record's bytes (packed, or the unpacked
+    record the fast writer gives): byte-identical envelope."""
     alice, _, roster = keys
     state, batch = ORMap(), ORMap(is_delta=True)
     for i in range(size):
@@ -405,10 +408,52 @@ def test_seal_reusing_an_encoded_record_gives_the_same_envelope(
         state.merge(d)
         batch.merge(d)
     codec = WireCodec(CURRENT_VERSION, peer_version=peer)
-    record = codec.encode_document(batch)
+    record = getattr(codec, encode)(batch)
+    assert (record[:1] == b"\x00") == (encode == "encode_record")
     args: dict[str, Any] = {"subject": "x", "hlc": 1, "sequence": 1, "document": batch}
     assert codec.seal(alice, packed=record, **args) == codec.seal(alice, **args)
     same(codec.open(codec.seal(alice, packed=record, **args), roster).document, batch)
+    same(codec.decode_record(record), batch)
+
+
+def test_a_record_the_fast_writer_cannot_write_is_packed() -> None:
+    codec, old = WireCodec(), WireCodec(2)  # the fast writer knows the current layouts only
+    batch = ORMap(is_delta=True)
+    batch.merge(batch.assign("alice", ("k",), "v", T0))
+    assert codec.encode_record(batch)[:1] == b"\x00"
+    assert old.encode_record(batch) == old.encode_document(batch)
+    same(old.decode_record(old.encode_record(batch)), batch)
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda r: r[:-8],  # a word short of its table
+    lambda r: r + bytes(8),  # a word past it
+    lambda r: r[:-3],  # not whole words
+    lambda r: b"\x00\x00\x00\x00" + (len(r) // 8).to_bytes(4, "little") + r[8:],  # size off
+    lambda r: b"\x01" + r[1:],  # two segments declared (not 0 first: read as packed, refused)
+    lambda r: b"\x00\x00\x00\x01" + r[4:],  # 2**24 + 1 segments declared
+    lambda r: r[:8],  # the table alone
+    lambda r: r[:16] + bytes([0xFF]) * (len(r) - 16),  # pointers out of bounds
+])
+def test_a_damaged_unpacked_record_is_refused_with_a_codec_error(mangle: Any) -> None:
+    codec = WireCodec()
+    batch = ORMap(is_delta=True)
+    for i in range(5):
+        batch.merge(batch.assign("alice", (f"k{i}",), i, T0 + i))
+    record = codec.encode_record(batch)
+    with pytest.raises(CodecError):
+        codec.decode_record(mangle(record))
+    with pytest.raises(CodecError):
+        codec.decode_record(mangle(record), ORMap, bad_keys=[])
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_unpacked_records_of_random_bytes_never_crash(tail: bytes) -> None:
+    codec = WireCodec()
+    data = b"\x00\x00\x00\x00" + (len(tail) // 8).to_bytes(4, "little") + tail
+    with contextlib.suppress(CodecError):
+        codec.decode_record(data)
 
 
 def test_seal_refuses_an_envelope_over_max_payload(
