@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import operator
 import struct
+import sys
 from typing import Any, Final
 
 from broker.codec._layouts import (
@@ -214,6 +215,15 @@ _DOT_BYTES: Final = 8 * (DOT_DATA_WORDS + DOT_POINTERS)
 _DOT_SHAPE: Final = _shape(DOT_DATA_WORDS, DOT_POINTERS)
 _DOT_STRUCT: Final = _row(_DOT_BYTES, (DOT_REPLICA, "I"), (DOT_COUNTER, "Q"))
 _DOT_ROWS: Final = _DOT_STRUCT.iter_unpack
+# A dot list read as columns of 64-bit words (``dot_rows``): the replica in the low half of
+# one word, the counter the whole of another.
+_DOT_WORDS: Final = _DOT_BYTES // 8
+_DOT_R_WORD: Final = DOT_REPLICA // 8
+_DOT_N_WORD: Final = DOT_COUNTER // 8
+_DOT_R_MASK: Final = 0xFFFFFFFF
+if DOT_REPLICA % 8 or DOT_COUNTER % 8 or _DOT_R_WORD == _DOT_N_WORD:
+    raise AssertionError("Dot layout changed: dot_rows reads whole words")
+_NATIVE_COLUMNS: Final = sys.byteorder == "little"  # memoryview casts are native-endian
 # A list of exactly one Dot: its tag word and the dot, in one read (a set element's dots).
 _ONE_DOT: Final = _layout((0, "II"), (8 + DOT_REPLICA, "I"), (8 + DOT_COUNTER, "Q"))
 _ONE_DOT_TAG: Final = 1 << 2  # a struct-list tag of one element
@@ -264,6 +274,43 @@ _INT_REGISTER: Final = (
 _ONE_ITEM_HI: Final = (_ITEM_BYTES // 8) << 3 | 7  # a composite list pointer of one item's words
 _REGISTER_WORDS: Final = 1 + (_ITEM_BYTES + _PAYLOAD_BYTES + _VALUE_BYTES) // 8  # as ``items``
 _PATH_WORDS: Final = _ONE_ENTRY_WORDS + _REGISTER_WORDS  # a one-entry list holding a register
+# A map of one entry holding an int register under a key of at most 7 bytes (a path's last
+# step, ``a/b = 1``), as pycapnp's copy lays it out: the entry list's tag, the entry, its
+# key's one word, then the register (``_REGISTER``). Read in one ``unpack_from`` in
+# ``entries``, its structural words compared at once (``_PATH_SHAPE``); any other layout
+# goes to ``one`` and ``entries``, which make the same checks in more reads.
+_PATH_KEY: Final = 8 + _ENTRY_BYTES  # the key's byte offset from the tag
+_PATH_REG: Final = _PATH_KEY + 8
+_PATH_BYTES: Final = _PATH_REG + _REGISTER_BYTES
+_PATH: Final = _layout(
+    (0, "Q"), (8 + ENTRY_KIND, "H"), (8 + ENTRY_WHOLE_BIT // 8, "B"), (8 + ENTRY_WHICH, "H"),
+    (8 + _ENTRY_KEY, "II"), (8 + _ENTRY_LIST, "Q"),
+    (_PATH_REG, "Q"), (_PATH_REG + 8 + ITEM_REPLICA, "I"), (_PATH_REG + 8 + ITEM_COUNTER, "Q"),
+    (_PATH_REG + 8 + _ITEM_PAYLOAD, "Q"), (_PATH_REG + _REG_PAYLOAD + PAYLOAD_LWW_HLC, "Q"),
+    (_PATH_REG + _REG_PAYLOAD + PAYLOAD_WHICH, "H"), (_PATH_REG + _REG_PAYLOAD + _LWW_VALUE, "Q"),
+    (_PATH_REG + _REG_VALUE + VALUE_WHICH, "H"), (_PATH_REG + _REG_VALUE + VALUE_INT, "q"),
+)
+_PATH_SHAPE: Final = (
+    _ONE_ENTRY_TAG,
+    int(Kind.LWW),
+    0,  # the Whole marker's byte: no marker (and no stray bit: else the general path)
+    ENTRY_IS_ITEMS,
+    # the key pointer's lower half: offset 1 (after the list pointer)
+    1 << 2 | 1,
+    # the list pointer: offset 1 (after the key's word), one item
+    _ONE_ITEM_HI << 32 | 1 << 2 | 1,
+    *_INT_REGISTER,
+)
+_PATH_KEY_HI: Final = frozenset(n << 3 | 2 for n in range(2, 9))  # a 1-7 byte key's text
+# A counter of one entry as pycapnp's copy lays it out: the item list's tag, the item, its
+# payload right after it. Read in one ``unpack_from`` in ``entries`` (else ``items``).
+_COUNTER_BYTES: Final = 8 + _ITEM_BYTES + _PAYLOAD_BYTES
+_COUNTER: Final = _layout(
+    (0, "Q"), (8 + ITEM_REPLICA, "I"), (8 + ITEM_COUNTER, "Q"), (8 + _ITEM_PAYLOAD, "Q"),
+    (_REG_PAYLOAD + PAYLOAD_COUNTER_INCREMENTS, "Q"), (_REG_PAYLOAD + PAYLOAD_WHICH, "H"),
+    (_REG_PAYLOAD + PAYLOAD_COUNTER_DECREMENTS, "Q"),
+)
+_COUNTER_SHAPE: Final = (_INT_REGISTER[0], _INT_REGISTER[1], PAYLOAD_IS_COUNTER)
 _SET_ELEMENT_BYTES: Final = 8 * (SET_ELEMENT_DATA_WORDS + SET_ELEMENT_POINTERS)
 _SET_ELEMENT_SHAPE: Final = _shape(SET_ELEMENT_DATA_WORDS, SET_ELEMENT_POINTERS)
 _SET_ELEMENT_VALUE: Final = 8 * SET_ELEMENT_DATA_WORDS + 8 * SET_ELEMENT_VALUE_PTR
@@ -443,29 +490,55 @@ class _Reader:
             raise _fail("set element of another type")
         return validate_element(x)
 
-    def dot_rows(self, p: int, lo: int, hi: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def dot_rows(
+        self, p: int, lo: int, hi: int
+    ) -> tuple[int | list[int], list[int], set[int] | None]:
         """The replica indexes and counters of the sorted, unique list of dots (Dot
-        structs) at the pointer at ``p``: read in one ``iter_unpack`` and checked with
-        C-level passes (contexts hold many dots)."""
+        structs) at the pointer at ``p``: (the one replica index of every dot, as an int,
+        the counters, and their set when more than one) when one replica made them all, the
+        commonest case (a context's dots), else (each dot's replica index, the counters,
+        None). Read as columns of words (one C call each, no tuple per dot) and checked with
+        C-level passes."""
         start, count = self.structs(p, lo, hi, _DOT_SHAPE, _DOT_BYTES)
         if not count:
-            return (), ()
-        rs, ns = zip(*_DOT_ROWS(self.m[start : start + _DOT_BYTES * count]), strict=True)
-        if min(ns) < 1 or max(ns) > INT64_MAX or max(rs) >= len(self.replicas):
-            raise _fail("bad dot")
-        if count > 1:
-            if rs.count(rs[0]) == count:  # one replica: sorted and unique = counters rise
-                ok = all(map(_lt, ns, ns[1:]))
-            else:
-                pairs = list(zip(map(self.replicas.__getitem__, rs), ns, strict=True))
-                ok = all(map(_lt, pairs, pairs[1:]))
-            if not ok:
+            return [], [], None
+        cut = self.m[start : start + _DOT_BYTES * count]
+        if _NATIVE_COLUMNS:
+            q = memoryview(cut).cast("Q")
+            ns: list[int] = q[_DOT_N_WORD::_DOT_WORDS].tolist()
+            rw: list[int] = q[_DOT_R_WORD::_DOT_WORDS].tolist()
+        else:  # pragma: no cover - big-endian hosts
+            rows = list(_DOT_ROWS(cut))
+            ns = [n for _, n in rows]
+            rw = [r for r, _ in rows]
+        nrep = len(self.replicas)
+        w0 = rw[0]
+        if rw.count(w0) == count:
+            # One replica: sorted and unique = the counters rise (sorted, no repeat).
+            r = w0 & _DOT_R_MASK
+            if r >= nrep or ns[0] < 1 or ns[-1] > INT64_MAX:
+                raise _fail("bad dot")
+            if count == 1:
+                return r, ns, None
+            # Sorted, and as many distinct counters as dots: they rise.
+            unique = set(ns)
+            if len(unique) != count or sorted(ns) != ns:
                 raise _fail("dots are not sorted and unique")
-        return rs, ns
+            return r, ns, unique
+        rs = [w & _DOT_R_MASK for w in rw]
+        if min(ns) < 1 or max(ns) > INT64_MAX or max(rs) >= nrep:
+            raise _fail("bad dot")
+        pairs = list(zip(map(self.replicas.__getitem__, rs), ns, strict=True))
+        if not all(map(_lt, pairs, pairs[1:])):
+            raise _fail("dots are not sorted and unique")
+        return rs, ns, None
 
     def dots(self, p: int, lo: int, hi: int) -> list[tuple[str, int]]:
         """The sorted, unique list of dots at the pointer at ``p``, as (replica, counter)."""
-        rs, ns = self.dot_rows(p, lo, hi)
+        rs, ns, _ = self.dot_rows(p, lo, hi)
+        if isinstance(rs, int):
+            rid = self.replicas[rs]
+            return [(rid, n) for n in ns]
         return list(zip(map(self.replicas.__getitem__, rs), ns, strict=True))
 
     def items(self, kind: int, p: int, lo: int, hi: int) -> Any:
@@ -703,7 +776,8 @@ class _Reader:
         prev, prev_kind = "", 0  # keys are never empty: "" sorts before every key
         items, keys, replicas = self.items, _KEYS, self.replicas
         nrep = len(replicas)
-        registers = 0
+        registers = paths = 0
+        paths_ok = depth < MAX_NESTING_DEPTH  # a path's map is one level deeper
         rows = _ENTRY_ROWS(m[tag + 8 : tag + 8 + _ENTRY_BYTES * count])
         for kind, wb, w, klo, khi, llo, lhi in rows:
             a += _ENTRY_BYTES
@@ -739,9 +813,45 @@ class _Reader:
             elif w == ENTRY_IS_ENTRIES and kind == _K_MAP:
                 inner = None
                 if lhi == _ONE_ENTRY_HI and llo & 3 == 1:  # a map of one entry (a path)
-                    inner = self.one(m, size, a + _LIST_AT + 8 * (llo >> 2), depth + 1)
+                    tag = a + _LIST_AT + 8 * (llo >> 2)
+                    if paths_ok and tag + _PATH_BYTES <= size:
+                        # Its last step, an int register under a short key (``_PATH``):
+                        # one read, the checks of ``one`` (the charge: after the loop).
+                        tw, ik, iwb, iw, iklo, ikhi, ilp, rtw, r, n, pw, hlc, which, vw, \
+                            vwhich, x = _PATH(m, tag)
+                        if (
+                            tw, ik, iwb, iw, iklo, ilp, rtw, pw, which, vw, vwhich
+                        ) == _PATH_SHAPE and ikhi in _PATH_KEY_HI:
+                            if not 0 < n <= INT64_MAX or hlc > INT64_MAX or r >= nrep:
+                                raise _fail("bad item dot, or a timestamp above 2**63 - 1")
+                            raw = m[tag + _PATH_KEY : tag + _PATH_KEY + (ikhi >> 3)]
+                            ikey = keys.get(raw)
+                            if ikey is None:
+                                ikey = _new_key(raw)
+                            paths += 1
+                            inner = MapStore({ikey: LWWStore((replicas[r], n, hlc, x))})
+                    if inner is None:
+                        inner = self.one(m, size, tag, depth + 1)
                 if inner is None:
                     inner = self.entries(a + _ENTRY_LIST, llo, lhi, depth + 1)
+            elif kind == _K_COUNTER and lhi == _ONE_ITEM_HI and llo & 3 == 1 and (
+                w == ENTRY_IS_ITEMS
+            ):
+                # A counter of one entry laid out as pycapnp's copy lays it out (see
+                # ``_COUNTER``): one read, the checks of ``items`` (charged after the loop).
+                tag = a + _LIST_AT + 8 * (llo >> 2)
+                inner = None
+                if tag + _COUNTER_BYTES <= size:
+                    tw, r, n, pw, inc, which, dec = _COUNTER(m, tag)
+                    if (tw, pw, which) == _COUNTER_SHAPE:
+                        if not 0 < n <= INT64_MAX or r >= nrep or (
+                            inc > INT64_MAX or dec > INT64_MAX
+                        ):
+                            raise _fail("bad item dot, or a contribution above 2**63 - 1")
+                        registers += 1
+                        inner = CounterStore((replicas[r], n, inc, dec))
+                if inner is None:
+                    inner = items(kind, a + _ENTRY_LIST, llo, lhi)
             elif w == ENTRY_IS_ITEMS and kind:
                 inner = items(kind, a + _ENTRY_LIST, llo, lhi)
             else:
@@ -754,8 +864,8 @@ class _Reader:
                     raise _fail("map entries are not sorted by (key, kind)")
                 self.put(out, key, inner, wb & _WHOLE_MASK != 0, key == prev)
             prev, prev_kind = key, kind
-        if registers:
-            self.budget -= registers * _REGISTER_WORDS
+        if registers or paths:
+            self.budget -= registers * _REGISTER_WORDS + paths * _PATH_WORDS
             if self.budget < 0:
                 raise _fail("over the traversal limit")
         return out or None
@@ -862,14 +972,20 @@ class _Reader:
             8 * (CONTEXT_DATA_WORDS + CONTEXT_POINTERS),
         )
         vp, cp = ca + _CONTEXT_VERSIONS, ca + _CONTEXT_CLOUD
-        rs, ns = self.dot_rows(vp, *_UU(m, vp))
-        vv = dict(zip(map(replicas.__getitem__, rs), ns, strict=True))
-        if len(vv) != len(rs):
-            raise _fail("version vector repeats a replica")
-        rs, ns = self.dot_rows(cp, *_UU(m, cp))
+        rs, ns, _ = self.dot_rows(vp, *_UU(m, vp))
+        vv: dict[str, int]
+        if isinstance(rs, int):
+            if len(ns) > 1:
+                raise _fail("version vector repeats a replica")
+            vv = {replicas[rs]: ns[0]}
+        else:
+            vv = dict(zip(map(replicas.__getitem__, rs), ns, strict=True))
+            if len(vv) != len(ns):
+                raise _fail("version vector repeats a replica")
+        rs, ns, unique = self.dot_rows(cp, *_UU(m, cp))
         cloud: dict[str, set[int]] = {}
-        if rs and rs.count(rs[0]) == len(rs):  # one replica's dots: one set
-            cloud[replicas[rs[0]]] = set(ns)
+        if isinstance(rs, int):  # one replica's dots: one set
+            cloud[replicas[rs]] = set(ns) if unique is None else unique
         else:
             for r, n in zip(rs, ns, strict=True):
                 rid = replicas[r]

@@ -213,3 +213,27 @@ def test_the_hot_path_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(wire, "decode_document", refuse)
     for d, env in zip(docs, sealed, strict=True):
         assert FAST.open(env, roster).document == d
+
+
+@pytest.mark.parametrize("layout", ["_PATH", "_COUNTER"])
+def test_a_wrong_fused_read_is_caught(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The one-read paths of ``entries`` (a path's int register under a short key:
+    # ``_PATH``; a one-entry counter: ``_COUNTER``) are taken and checked: their last field
+    # (the value, the decrements) off by one there is caught.
+    right = getattr(fast_mod, layout)
+
+    def wrong(m: bytes, at: int) -> tuple[int, ...]:
+        *fields, x = right(m, at)
+        return (*fields, x + 1)
+
+    monkeypatch.setattr(fast_mod, layout, wrong)
+    with pytest.raises(AssertionError):
+        _check_many(3)
+
+
+def test_a_wrong_dot_column_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dots are read as columns of words (``dot_rows``): the counters read from the replica's
+    # word instead are caught.
+    monkeypatch.setattr(fast_mod, "_DOT_N_WORD", fast_mod._DOT_R_WORD)
+    with pytest.raises(AssertionError):
+        _check_many(3)
