@@ -25,11 +25,22 @@ Invariants:
   as past the segment's end and is refused (pycapnp's copies, which the hot path reads, never
   hold one; a message that does is decoded by pycapnp);
 - the commonest shapes are read in fewer, wider reads, each checked word for word against
-  the layout pycapnp's copy writes (an int register: ``_REGISTER``; a one-entry map on a
-  path: ``_Reader.one``; a set element's one dot: ``_ONE_DOT``); any other layout of the
-  same content takes the general path, which makes the same checks one struct at a time.
-  Lists are read with ``iter_unpack`` (one C call per list), contexts' dots with C-level
-  passes (``dot_rows``), and a context is built with ``CausalContext.from_parts``;
+  the layout pycapnp's copy writes (an int register: ``_REGISTER``; a path's last map:
+  ``_PATH``, else ``_Reader.one``; a one-entry counter: ``_COUNTER``; a set element's one
+  dot: ``_ONE_DOT``); any other layout of the same content takes the general path, which
+  makes the same checks one struct at a time. Lists are read with ``iter_unpack`` (one C
+  call per list), dots as columns of words (``dot_rows``), and a context is built with
+  ``CausalContext.from_parts``;
+- wide lists of one shape (a map's entries under short keys, each an int register, a path
+  ending in one, or a one-entry counter; a set's short texts with one dot each) are read
+  as columns (``_Reader.columns``, ``element_columns``): the structural words of the list
+  and of what it points to (every pointer at the exact offset pycapnp's copy gives it, so
+  nothing is shared or read twice) are compared with their only allowed values in one
+  masked compare, the fields that vary are read as columns of words (memoryview casts:
+  little-endian hosts only), checked by C-level passes (extremes, counts, sortedness), and
+  the stores built by ``map``/``zip``. Anything else (another layout, a value out of
+  range, a repeated key) returns None there and the loops read the list, and decide;
+  the traversal charges are the loops' to the word;
 - ``unpack`` turns a packed stream into its words (pure Python; the hot path gets its words
   from pycapnp's checked copy instead, see ``WireCodec``, because unpacking in Python costs
   more than everything else here).
@@ -725,13 +736,12 @@ class _Reader:
         start, count = self.structs(p, lo, hi, _DOT_SHAPE, _DOT_BYTES)
         if not count:
             return [], [], None
-        cut = self.m[start : start + _DOT_BYTES * count]
         if _NATIVE_COLUMNS:
-            q = memoryview(cut).cast("Q")
+            q = memoryview(self.m)[start : start + _DOT_BYTES * count].cast("Q")
             ns: list[int] = q[_DOT_N_WORD::_DOT_WORDS].tolist()
             rw: list[int] = q[_DOT_R_WORD::_DOT_WORDS].tolist()
         else:  # pragma: no cover - big-endian hosts
-            rows = list(_DOT_ROWS(cut))
+            rows = list(_DOT_ROWS(self.m[start : start + _DOT_BYTES * count]))
             ns = [n for _, n in rows]
             rw = [r for r, _ in rows]
         nrep = len(self.replicas)
@@ -973,11 +983,12 @@ class _Reader:
                     (_SET_ELEMENT_DOTS + 4, "I", _ONE_DOT_HI, -1, 0),
                 ], _ELEMENT_MASK, _ELEMENT_PATTERN,
             )
-        if int.from_bytes(m[at:stop], "little") & got[0] != got[1]:
+        whole = memoryview(m)[at:stop]
+        if int.from_bytes(whole, "little") & got[0] != got[1]:
             return None
-        region = m[end:stop]
-        c = memoryview(region).cast("Q")
-        his = memoryview(region).cast("I")[_ELEMENT_HI :: 2 * words].tolist()
+        region = whole[end - at :]
+        c = region.cast("Q")
+        his = region.cast("I")[_ELEMENT_HI :: 2 * words].tolist()
         # The texts: each word without its NUL padding, as long as its pointer says, with
         # no NUL inside (a NUL at the end would be stripped: the sizes then differ).
         raw = list(map(
@@ -1186,12 +1197,13 @@ class _Reader:
         if stop > self.size:
             return None
         mask, pattern = shape.masks(count)
-        if int.from_bytes(m[at:stop], "little") & mask != pattern:
+        whole = memoryview(m)[at:stop]
+        if int.from_bytes(whole, "little") & mask != pattern:
             return None
         n32 = rows.cast("I")
         per = _ENTRY_BYTES // 4
-        region = m[end:stop]
-        c = memoryview(region).cast("Q")
+        region = whole[end - at :]
+        c = region.cast("Q")
         keys = _column_keys(c[::words].tolist(), n32[_KEY_AT_WORD + 1 :: per].tolist())
         if keys is None or sorted(keys) != keys:
             return None
@@ -1199,7 +1211,7 @@ class _Reader:
         rs: list[int] = c[ir::words].tolist()
         ns: list[int] = c[iN::words].tolist()
         xs: list[int] = c[ia::words].tolist()
-        ys: list[int] = (memoryview(region).cast("q") if shape.signed else c)[ib::words].tolist()
+        ys: list[int] = (region.cast("q") if shape.signed else c)[ib::words].tolist()
         replicas = self.replicas
         r = rs[0]
         if min(ns) < 1 or max(ns) > INT64_MAX or max(xs) > INT64_MAX:
@@ -1216,7 +1228,7 @@ class _Reader:
             return None
         if shape is _PATHS:
             kws = c[shape.key :: words].tolist()
-            khs = memoryview(region).cast("I")[shape.key_hi :: 2 * words].tolist()
+            khs = region.cast("I")[shape.key_hi :: 2 * words].tolist()
             if kws.count(kws[0]) == count and khs.count(khs[0]) == count:
                 inner = _column_keys(kws[:1], khs[:1])  # one name under every path
                 wrap: Any = repeat(inner and (inner[0],), count)
