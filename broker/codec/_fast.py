@@ -53,6 +53,7 @@ from __future__ import annotations
 import operator
 import struct
 import sys
+from array import array
 from itertools import repeat
 from typing import Any, Final
 
@@ -360,6 +361,11 @@ a word is its key only with that length (``columns``)."""
 _WORD_KEY_HI: dict[int, int] = {}
 
 
+_MASKS_CACHED: Final = 32  # list sizes whose masks are kept, per shape (some KiB each)
+if _NATIVE_COLUMNS and array("I").itemsize != 4:  # pragma: no cover
+    raise AssertionError("columns need 32-bit array items")
+
+
 class _Columns:
     """A list of map entries of one shape, read as columns (``_Reader.columns``): every
     entry a key of at most 7 bytes (one word) and the same kind of store, laid out as
@@ -374,8 +380,8 @@ class _Columns:
     or increments and decrements), at word indexes in an entry's words; ``key``: an inner
     key's word (a path's), its text pointer's upper half at 32-bit index ``key_hi``."""
 
-    __slots__ = ("cache", "cols", "data", "hi", "key", "key_hi", "mask", "pattern", "signed",
-                 "words")
+    __slots__ = ("cache", "cols", "data", "hi", "key", "key_hi", "mask", "one", "pattern",
+                 "signed", "words")
 
     def __init__(
         self, kind: int, which: int, hi: int, body: int,
@@ -405,6 +411,9 @@ class _Columns:
             if off != -1 and (off % 8 or any(pattern[8 + off : 16 + off])):
                 raise AssertionError("a column is not a whole word")
         self.mask, self.pattern = bytes(mask), bytes(pattern)
+        # One entry's run, as ints: a list whose first run is not of the shape is left to
+        # the loop before its masks are built.
+        self.one = int.from_bytes(mask, "little"), int.from_bytes(pattern, "little")
         self.cols = tuple(1 + c // 8 for c in cols)
         self.signed = signed  # the last column is an Int64
         self.key = -1 if key == -1 else 1 + key // 8
@@ -419,7 +428,7 @@ class _Columns:
         the key's size varies) and the structural bytes of each run."""
         got = self.cache.get(count)
         if got is None:
-            if len(self.cache) >= 64:
+            if len(self.cache) >= _MASKS_CACHED:
                 self.cache.clear()
             mask, pattern = _list_layout(
                 count, _ENTRY_BYTES, self.words, [
@@ -439,24 +448,29 @@ def _list_layout(
 ) -> tuple[int, int]:
     """(mask, pattern) as ints of a list of ``count`` structs of ``stride`` bytes followed by
     one run of ``words`` words (``mask``/``pattern``) for each. ``fields``: each struct's
-    fixed fields (byte offset, code, value, and when it is a pointer to the struct's run,
-    the pointer's byte offset and its target's byte offset in the run: the value is then
-    the pointer's tag bits, its offset added); every other byte of the structs varies."""
-    head = bytearray(stride * count)
-    hmask = bytearray(stride * count)
+    fixed 32- or 64-bit fields (byte offset, code, value, and when it is a pointer to the
+    struct's run, the pointer's byte offset and its target's byte offset in the run: the
+    value is then the pointer's tag bits, its offset added); every other byte of the
+    structs varies. Built with C-level array slice assignments (no Python per struct)."""
+    per = stride // 4
+    head = array("I", bytes(stride * count))
+    hmask = array("I", bytes(stride * count))
+    ones = array("I", [0xFFFFFFFF]) * count
     end = stride * count
-    for i in range(count):
-        a = stride * i
-        for off, code, value, ptr, target in fields:
-            if ptr != -1:
-                value |= (end + 8 * words * i + target - (a + ptr + 8)) // 8 << 2
-            struct.pack_into("<" + code, head, a + off, value)
-            hmask[a + off : a + off + struct.calcsize("<" + code)] = b"\xff" * struct.calcsize(
-                "<" + code
-            )
+    for off, code, value, ptr, target in fields:
+        i = off // 4
+        if ptr != -1:  # offset of struct j's pointer: first + step * j
+            first = value | (end + target - (ptr + 8)) // 8 << 2
+            step = (8 * words - stride) // 8 << 2
+            head[i::per] = array("I", range(first, first + step * count, step))
+            hmask[i::per] = ones
+        else:
+            for k in range(struct.calcsize("<" + code) // 4):
+                head[i + k :: per] = array("I", [value >> 32 * k & 0xFFFFFFFF]) * count
+                hmask[i + k :: per] = ones
     return (
-        int.from_bytes(bytes(hmask) + mask * count, "little"),
-        int.from_bytes(bytes(head) + pattern * count, "little"),
+        int.from_bytes(hmask.tobytes() + mask * count, "little"),
+        int.from_bytes(head.tobytes() + pattern * count, "little"),
     )
 
 
@@ -542,6 +556,9 @@ def _element_layout() -> tuple[bytes, bytes]:
 
 
 _ELEMENT_MASK, _ELEMENT_PATTERN = _element_layout()
+_ELEMENT_ONE: Final = (
+    int.from_bytes(_ELEMENT_MASK, "little"), int.from_bytes(_ELEMENT_PATTERN, "little")
+)
 _ELEMENT_MASKS: dict[int, tuple[int, int]] = {}  # by element count, as ints (bounded)
 _TEXT_HI: Final = [(n + 1) << 3 | 2 for n in range(8)]  # a text pointer's upper half, by size
 _ELEMENT_R: Final = (_ELEMENT_DOTS + 8 + DOT_REPLICA) // 8
@@ -971,9 +988,13 @@ class _Reader:
         stop = end + 8 * words * count
         if stop > self.size:
             return None
+        if int.from_bytes(memoryview(m)[end : end + 8 * words], "little") & _ELEMENT_ONE[0] != (
+            _ELEMENT_ONE[1]
+        ):
+            return None  # the first element is not of the shape: masks are not built
         got = _ELEMENT_MASKS.get(count)
         if got is None:
-            if len(_ELEMENT_MASKS) >= 64:
+            if len(_ELEMENT_MASKS) >= _MASKS_CACHED:
                 _ELEMENT_MASKS.clear()
             got = _ELEMENT_MASKS[count] = _list_layout(
                 count, _SET_ELEMENT_BYTES, words, [
@@ -1195,6 +1216,11 @@ class _Reader:
         words = shape.words
         stop = end + 8 * words * count
         if stop > self.size:
+            return None
+        one_mask, one_pattern = shape.one
+        if int.from_bytes(memoryview(m)[end : end + 8 * words], "little") & one_mask != (
+            one_pattern
+        ):
             return None
         mask, pattern = shape.masks(count)
         whole = memoryview(m)[at:stop]
