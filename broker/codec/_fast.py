@@ -361,7 +361,8 @@ a word is its key only with that length (``columns``)."""
 _WORD_KEY_HI: dict[int, int] = {}
 
 
-_MASKS_CACHED: Final = 32  # list sizes whose masks are kept, per shape (some KiB each)
+_MASKS_CACHED: Final = 16  # list sizes whose masks are kept, per shape
+_MASKS_CACHED_UP_TO: Final = 256  # entries: bigger lists' masks are built for each list
 if _NATIVE_COLUMNS and array("I").itemsize != 4:  # pragma: no cover
     raise AssertionError("columns need 32-bit array items")
 
@@ -430,7 +431,7 @@ class _Columns:
         if got is None:
             if len(self.cache) >= _MASKS_CACHED:
                 self.cache.clear()
-            mask, pattern = _list_layout(
+            got = _list_layout(
                 count, _ENTRY_BYTES, self.words, [
                     (0, "Q", self.data, -1, 0),
                     (_ENTRY_KEY, "I", 1, _ENTRY_KEY, 0),
@@ -438,7 +439,8 @@ class _Columns:
                     (_ENTRY_LIST + 4, "I", self.hi, -1, 0),
                 ], self.mask, self.pattern,
             )
-            got = self.cache[count] = mask, pattern
+            if count <= _MASKS_CACHED_UP_TO:  # (a few KiB each; bounded memory)
+                self.cache[count] = got
         return got
 
 
@@ -996,7 +998,7 @@ class _Reader:
         if got is None:
             if len(_ELEMENT_MASKS) >= _MASKS_CACHED:
                 _ELEMENT_MASKS.clear()
-            got = _ELEMENT_MASKS[count] = _list_layout(
+            got = _list_layout(
                 count, _SET_ELEMENT_BYTES, words, [
                     (_SET_ELEMENT_VALUE, "I", 0, _SET_ELEMENT_VALUE, 0),
                     (_SET_ELEMENT_VALUE + 4, "I", _VALUE_SHAPE, -1, 0),
@@ -1004,6 +1006,8 @@ class _Reader:
                     (_SET_ELEMENT_DOTS + 4, "I", _ONE_DOT_HI, -1, 0),
                 ], _ELEMENT_MASK, _ELEMENT_PATTERN,
             )
+            if count <= _MASKS_CACHED_UP_TO:
+                _ELEMENT_MASKS[count] = got
         whole = memoryview(m)[at:stop]
         if int.from_bytes(whole, "little") & got[0] != got[1]:
             return None
