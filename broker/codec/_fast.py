@@ -25,11 +25,22 @@ Invariants:
   as past the segment's end and is refused (pycapnp's copies, which the hot path reads, never
   hold one; a message that does is decoded by pycapnp);
 - the commonest shapes are read in fewer, wider reads, each checked word for word against
-  the layout pycapnp's copy writes (an int register: ``_REGISTER``; a one-entry map on a
-  path: ``_Reader.one``; a set element's one dot: ``_ONE_DOT``); any other layout of the
-  same content takes the general path, which makes the same checks one struct at a time.
-  Lists are read with ``iter_unpack`` (one C call per list), contexts' dots with C-level
-  passes (``dot_rows``), and a context is built with ``CausalContext.from_parts``;
+  the layout pycapnp's copy writes (an int register: ``_REGISTER``; a path's last map:
+  ``_PATH``, else ``_Reader.one``; a one-entry counter: ``_COUNTER``; a set element's one
+  dot: ``_ONE_DOT``); any other layout of the same content takes the general path, which
+  makes the same checks one struct at a time. Lists are read with ``iter_unpack`` (one C
+  call per list), dots as columns of words (``dot_rows``), and a context is built with
+  ``CausalContext.from_parts``;
+- wide lists of one shape (a map's entries under short keys, each an int register, a path
+  ending in one, or a one-entry counter; a set's short texts with one dot each) are read
+  as columns (``_Reader.columns``, ``element_columns``): the structural words of the list
+  and of what it points to (every pointer at the exact offset pycapnp's copy gives it, so
+  nothing is shared or read twice) are compared with their only allowed values in one
+  masked compare, the fields that vary are read as columns of words (memoryview casts:
+  little-endian hosts only), checked by C-level passes (extremes, counts, sortedness), and
+  the stores built by ``map``/``zip``. Anything else (another layout, a value out of
+  range, a repeated key) returns None there and the loops read the list, and decide;
+  the traversal charges are the loops' to the word;
 - ``unpack`` turns a packed stream into its words (pure Python; the hot path gets its words
   from pycapnp's checked copy instead, see ``WireCodec``, because unpacking in Python costs
   more than everything else here).
@@ -41,6 +52,9 @@ from __future__ import annotations
 
 import operator
 import struct
+import sys
+from array import array
+from itertools import repeat
 from typing import Any, Final
 
 from broker.codec._layouts import (
@@ -183,6 +197,7 @@ def _row(size: int, *fields: tuple[int, str]) -> struct.Struct:
 _UU: Final = struct.Struct("<II").unpack_from
 _U16: Final = struct.Struct("<H").unpack_from
 _F64: Final = struct.Struct("<d").unpack_from
+_WORD: Final = struct.Struct("<Q").pack  # a word's bytes
 
 _ITEM_BYTES: Final = 8 * (ITEM_DATA_WORDS + ITEM_POINTERS)
 _ITEM_SHAPE: Final = _shape(ITEM_DATA_WORDS, ITEM_POINTERS)
@@ -214,6 +229,15 @@ _DOT_BYTES: Final = 8 * (DOT_DATA_WORDS + DOT_POINTERS)
 _DOT_SHAPE: Final = _shape(DOT_DATA_WORDS, DOT_POINTERS)
 _DOT_STRUCT: Final = _row(_DOT_BYTES, (DOT_REPLICA, "I"), (DOT_COUNTER, "Q"))
 _DOT_ROWS: Final = _DOT_STRUCT.iter_unpack
+# A dot list read as columns of 64-bit words (``dot_rows``): the replica in the low half of
+# one word, the counter the whole of another.
+_DOT_WORDS: Final = _DOT_BYTES // 8
+_DOT_R_WORD: Final = DOT_REPLICA // 8
+_DOT_N_WORD: Final = DOT_COUNTER // 8
+_DOT_R_MASK: Final = 0xFFFFFFFF
+if DOT_REPLICA % 8 or DOT_COUNTER % 8 or _DOT_R_WORD == _DOT_N_WORD:
+    raise AssertionError("Dot layout changed: dot_rows reads whole words")
+_NATIVE_COLUMNS: Final = sys.byteorder == "little"  # memoryview casts are native-endian
 # A list of exactly one Dot: its tag word and the dot, in one read (a set element's dots).
 _ONE_DOT: Final = _layout((0, "II"), (8 + DOT_REPLICA, "I"), (8 + DOT_COUNTER, "Q"))
 _ONE_DOT_TAG: Final = 1 << 2  # a struct-list tag of one element
@@ -264,6 +288,43 @@ _INT_REGISTER: Final = (
 _ONE_ITEM_HI: Final = (_ITEM_BYTES // 8) << 3 | 7  # a composite list pointer of one item's words
 _REGISTER_WORDS: Final = 1 + (_ITEM_BYTES + _PAYLOAD_BYTES + _VALUE_BYTES) // 8  # as ``items``
 _PATH_WORDS: Final = _ONE_ENTRY_WORDS + _REGISTER_WORDS  # a one-entry list holding a register
+# A map of one entry holding an int register under a key of at most 7 bytes (a path's last
+# step, ``a/b = 1``), as pycapnp's copy lays it out: the entry list's tag, the entry, its
+# key's one word, then the register (``_REGISTER``). Read in one ``unpack_from`` in
+# ``entries``, its structural words compared at once (``_PATH_SHAPE``); any other layout
+# goes to ``one`` and ``entries``, which make the same checks in more reads.
+_PATH_KEY: Final = 8 + _ENTRY_BYTES  # the key's byte offset from the tag
+_PATH_REG: Final = _PATH_KEY + 8
+_PATH_BYTES: Final = _PATH_REG + _REGISTER_BYTES
+_PATH: Final = _layout(
+    (0, "Q"), (8 + ENTRY_KIND, "H"), (8 + ENTRY_WHOLE_BIT // 8, "B"), (8 + ENTRY_WHICH, "H"),
+    (8 + _ENTRY_KEY, "II"), (8 + _ENTRY_LIST, "Q"),
+    (_PATH_REG, "Q"), (_PATH_REG + 8 + ITEM_REPLICA, "I"), (_PATH_REG + 8 + ITEM_COUNTER, "Q"),
+    (_PATH_REG + 8 + _ITEM_PAYLOAD, "Q"), (_PATH_REG + _REG_PAYLOAD + PAYLOAD_LWW_HLC, "Q"),
+    (_PATH_REG + _REG_PAYLOAD + PAYLOAD_WHICH, "H"), (_PATH_REG + _REG_PAYLOAD + _LWW_VALUE, "Q"),
+    (_PATH_REG + _REG_VALUE + VALUE_WHICH, "H"), (_PATH_REG + _REG_VALUE + VALUE_INT, "q"),
+)
+_PATH_SHAPE: Final = (
+    _ONE_ENTRY_TAG,
+    int(Kind.LWW),
+    0,  # the Whole marker's byte: no marker (and no stray bit: else the general path)
+    ENTRY_IS_ITEMS,
+    # the key pointer's lower half: offset 1 (after the list pointer)
+    1 << 2 | 1,
+    # the list pointer: offset 1 (after the key's word), one item
+    _ONE_ITEM_HI << 32 | 1 << 2 | 1,
+    *_INT_REGISTER,
+)
+_PATH_KEY_HI: Final = frozenset(n << 3 | 2 for n in range(2, 9))  # a 1-7 byte key's text
+# A counter of one entry as pycapnp's copy lays it out: the item list's tag, the item, its
+# payload right after it. Read in one ``unpack_from`` in ``entries`` (else ``items``).
+_COUNTER_BYTES: Final = 8 + _ITEM_BYTES + _PAYLOAD_BYTES
+_COUNTER: Final = _layout(
+    (0, "Q"), (8 + ITEM_REPLICA, "I"), (8 + ITEM_COUNTER, "Q"), (8 + _ITEM_PAYLOAD, "Q"),
+    (_REG_PAYLOAD + PAYLOAD_COUNTER_INCREMENTS, "Q"), (_REG_PAYLOAD + PAYLOAD_WHICH, "H"),
+    (_REG_PAYLOAD + PAYLOAD_COUNTER_DECREMENTS, "Q"),
+)
+_COUNTER_SHAPE: Final = (_INT_REGISTER[0], _INT_REGISTER[1], PAYLOAD_IS_COUNTER)
 _SET_ELEMENT_BYTES: Final = 8 * (SET_ELEMENT_DATA_WORDS + SET_ELEMENT_POINTERS)
 _SET_ELEMENT_SHAPE: Final = _shape(SET_ELEMENT_DATA_WORDS, SET_ELEMENT_POINTERS)
 _SET_ELEMENT_VALUE: Final = 8 * SET_ELEMENT_DATA_WORDS + 8 * SET_ELEMENT_VALUE_PTR
@@ -293,6 +354,245 @@ _lt: Final = operator.lt
 _KEY_CACHE: Final = 4096
 _KEYS: dict[bytes, str] = {}
 """Map keys already checked (UTF-8 bytes -> str), bounded; only valid keys enter it."""
+_WORD_KEYS: dict[int, str] = {}
+"""Map keys of at most 7 bytes already checked, by their text's word (as an int), bounded;
+only valid keys enter it, with the upper half of their text pointer (``_WORD_KEY_HI``):
+a word is its key only with that length (``columns``)."""
+_WORD_KEY_HI: dict[int, int] = {}
+
+
+_MASKS_CACHED: Final = 16  # list sizes whose masks are kept, per shape
+_MASKS_CACHED_UP_TO: Final = 256  # entries: bigger lists' masks are built for each list
+if _NATIVE_COLUMNS and array("I").itemsize != 4:  # pragma: no cover
+    raise AssertionError("columns need 32-bit array items")
+
+
+class _Columns:
+    """A list of map entries of one shape, read as columns (``_Reader.columns``): every
+    entry a key of at most 7 bytes (one word) and the same kind of store, laid out as
+    pycapnp's copy lays it out: the entries, then each entry's key word and store (``body``
+    bytes), entry after entry, ``words`` words each.
+
+    ``mask``/``pattern``: one entry's words, with the bytes of the fields that vary cleared
+    in ``mask``, and the only value each other byte may have (tags, pointers,
+    discriminants, and the unused bytes beside them, zero as a writer leaves them) in
+    ``pattern``; a byte out of pattern leaves the list to the loop in ``entries``. The fields
+    that vary are read as columns: ``cols`` (replica, counter, and two more: hlc and value,
+    or increments and decrements), at word indexes in an entry's words; ``key``: an inner
+    key's word (a path's), its text pointer's upper half at 32-bit index ``key_hi``."""
+
+    __slots__ = ("cache", "cols", "data", "hi", "key", "key_hi", "mask", "one", "pattern",
+                 "signed", "words")
+
+    def __init__(
+        self, kind: int, which: int, hi: int, body: int,
+        fixed: list[tuple[int, str, int]], free: list[tuple[int, int]],
+        cols: tuple[int, int, int, int], signed: bool, key: int = -1, key_hi: int = -1,
+    ) -> None:
+        # Offsets (``fixed``, ``free``, ``cols``, ``key``, ``key_hi``) are bytes from the
+        # store's first byte, which follows the entry's key word.
+        self.words = 1 + body // 8
+        self.data = struct.unpack(
+            "<Q", _row(8, (ENTRY_KIND, "H"), (ENTRY_WHICH, "H")).pack(kind, which)
+        )[0]  # the entry's data word (no Whole marker, nothing else set)
+        self.hi = hi
+        size = 8 * self.words
+        pattern = bytearray(size)
+        mask = bytearray(b"\xff" * size)
+        mask[0:8] = bytes(8)  # the key's word
+        for off, code, value in fixed:
+            struct.pack_into("<" + code, pattern, 8 + off, value)
+        for off, n in free:
+            mask[8 + off : 8 + off + n] = bytes(n)
+        if any(p & ~k & 0xFF for p, k in zip(pattern, mask, strict=True)):
+            raise AssertionError("a fixed field overlaps a varying one")
+        for off in (*cols, key):
+            # A column is a whole word: its varying bytes, and fixed zeros (which read as
+            # themselves) beside them.
+            if off != -1 and (off % 8 or any(pattern[8 + off : 16 + off])):
+                raise AssertionError("a column is not a whole word")
+        self.mask, self.pattern = bytes(mask), bytes(pattern)
+        # One entry's run, as ints: a list whose first run is not of the shape is left to
+        # the loop before its masks are built.
+        self.one = int.from_bytes(mask, "little"), int.from_bytes(pattern, "little")
+        self.cols = tuple(1 + c // 8 for c in cols)
+        self.signed = signed  # the last column is an Int64
+        self.key = -1 if key == -1 else 1 + key // 8
+        self.key_hi = -1 if key_hi == -1 else 2 + key_hi // 4
+        self.cache: dict[int, tuple[int, int]] = {}
+
+    def masks(self, count: int) -> tuple[int, int]:
+        """(mask, pattern) of the words of a list of ``count`` such entries and of their
+        keys and stores after it, as little-endian ints (cached): each entry's data word and
+        pointers (their offsets included: entry i's key pointer points to the i-th run of
+        ``words`` words after the list, its list pointer to the word after that key; only
+        the key's size varies) and the structural bytes of each run."""
+        got = self.cache.get(count)
+        if got is None:
+            if len(self.cache) >= _MASKS_CACHED:
+                self.cache.clear()
+            got = _list_layout(
+                count, _ENTRY_BYTES, self.words, [
+                    (0, "Q", self.data, -1, 0),
+                    (_ENTRY_KEY, "I", 1, _ENTRY_KEY, 0),
+                    (_ENTRY_LIST, "I", 1, _ENTRY_LIST, 8),
+                    (_ENTRY_LIST + 4, "I", self.hi, -1, 0),
+                ], self.mask, self.pattern,
+            )
+            if count <= _MASKS_CACHED_UP_TO:  # (a few KiB each; bounded memory)
+                self.cache[count] = got
+        return got
+
+
+def _list_layout(
+    count: int, stride: int, words: int, fields: list[tuple[int, str, int, int, int]],
+    mask: bytes, pattern: bytes,
+) -> tuple[int, int]:
+    """(mask, pattern) as ints of a list of ``count`` structs of ``stride`` bytes followed by
+    one run of ``words`` words (``mask``/``pattern``) for each. ``fields``: each struct's
+    fixed 32- or 64-bit fields (byte offset, code, value, and when it is a pointer to the
+    struct's run, the pointer's byte offset and its target's byte offset in the run: the
+    value is then the pointer's tag bits, its offset added); every other byte of the
+    structs varies. Built with C-level array slice assignments (no Python per struct)."""
+    per = stride // 4
+    head = array("I", bytes(stride * count))
+    hmask = array("I", bytes(stride * count))
+    ones = array("I", [0xFFFFFFFF]) * count
+    end = stride * count
+    for off, code, value, ptr, target in fields:
+        i = off // 4
+        if ptr != -1:  # offset of struct j's pointer: first + step * j
+            first = value | (end + target - (ptr + 8)) // 8 << 2
+            step = (8 * words - stride) // 8 << 2
+            head[i::per] = array("I", range(first, first + step * count, step))
+            hmask[i::per] = ones
+        else:
+            for k in range(struct.calcsize("<" + code) // 4):
+                head[i + k :: per] = array("I", [value >> 32 * k & 0xFFFFFFFF]) * count
+                hmask[i + k :: per] = ones
+    return (
+        int.from_bytes(hmask.tobytes() + mask * count, "little"),
+        int.from_bytes(head.tobytes() + pattern * count, "little"),
+    )
+
+
+def _register_fields(at: int) -> tuple[list[tuple[int, str, int]], list[tuple[int, int]]]:
+    """The fixed and varying fields of an int register's words (``_REGISTER``) at ``at``."""
+    fixed = [
+        (at, "Q", _INT_REGISTER[0]), (at + 8 + _ITEM_PAYLOAD, "Q", _INT_REGISTER[1]),
+        (at + _REG_PAYLOAD + PAYLOAD_WHICH, "H", _INT_REGISTER[2]),
+        (at + _REG_PAYLOAD + _LWW_VALUE, "Q", _INT_REGISTER[3]),
+        (at + _REG_VALUE + VALUE_WHICH, "H", _INT_REGISTER[4]),
+    ]
+    free = [
+        (at + 8 + ITEM_REPLICA, 4), (at + 8 + ITEM_COUNTER, 8),
+        (at + _REG_PAYLOAD + PAYLOAD_LWW_HLC, 8), (at + _REG_VALUE + VALUE_INT, 8),
+    ]
+    return fixed, free
+
+
+def _register_cols(at: int) -> tuple[int, int, int, int]:
+    return (at + 8 + ITEM_REPLICA, at + 8 + ITEM_COUNTER, at + _REG_PAYLOAD + PAYLOAD_LWW_HLC,
+            at + _REG_VALUE + VALUE_INT)
+
+
+_REGISTERS: Final = _Columns(
+    _K_LWW, ENTRY_IS_ITEMS, _ONE_ITEM_HI, _REGISTER_BYTES, *_register_fields(0),
+    _register_cols(0), True,
+)
+_PATHS: Final = _Columns(
+    _K_MAP, ENTRY_IS_ENTRIES, _ONE_ENTRY_HI, _PATH_BYTES,
+    [
+        (0, "Q", _PATH_SHAPE[0]), (8 + ENTRY_KIND, "H", _PATH_SHAPE[1]),
+        (8 + ENTRY_WHICH, "H", _PATH_SHAPE[3]), (8 + _ENTRY_KEY, "I", _PATH_SHAPE[4]),
+        (8 + _ENTRY_LIST, "Q", _PATH_SHAPE[5]), *_register_fields(_PATH_REG)[0],
+    ],
+    [(8 + _ENTRY_KEY + 4, 4), (_PATH_KEY, 8), *_register_fields(_PATH_REG)[1]],
+    _register_cols(_PATH_REG), True, _PATH_KEY, 8 + _ENTRY_KEY + 4,
+)
+_COUNTERS: Final = _Columns(
+    _K_COUNTER, ENTRY_IS_ITEMS, _ONE_ITEM_HI, _COUNTER_BYTES,
+    [
+        (0, "Q", _COUNTER_SHAPE[0]), (8 + _ITEM_PAYLOAD, "Q", _COUNTER_SHAPE[1]),
+        (_REG_PAYLOAD + PAYLOAD_WHICH, "H", _COUNTER_SHAPE[2]),
+    ],
+    [
+        (8 + ITEM_REPLICA, 4), (8 + ITEM_COUNTER, 8),
+        (_REG_PAYLOAD + PAYLOAD_COUNTER_INCREMENTS, 8),
+        (_REG_PAYLOAD + PAYLOAD_COUNTER_DECREMENTS, 8),
+    ],
+    (8 + ITEM_REPLICA, 8 + ITEM_COUNTER, _REG_PAYLOAD + PAYLOAD_COUNTER_INCREMENTS,
+     _REG_PAYLOAD + PAYLOAD_COUNTER_DECREMENTS), False,
+)
+_SHAPES: Final = {c.data: c for c in (_REGISTERS, _PATHS, _COUNTERS)}
+_COLUMNS_MIN: Final = 8  # fewer entries: the loop costs less than the columns' set-up
+_KEY_AT_WORD: Final = _ENTRY_KEY // 4  # the key pointer's lower half, in 32-bit units
+_LIST_AT_WORD: Final = _ENTRY_LIST // 4
+if _ENTRY_BYTES % 8 or _ENTRY_KEY % 8 or _ENTRY_LIST % 8:
+    raise AssertionError("Entry layout changed: columns reads whole words")
+# A set's elements read as columns (``_Reader.element_columns``): every element a text of at
+# most 7 bytes with one dot, laid out as pycapnp's copy lays it out: the elements, then each
+# element's value, its text's one word, its dot list (tag and dot), element after element.
+_ELEMENT_TEXT: Final = _VALUE_BYTES  # the text's word, from the value's first byte
+_ELEMENT_DOTS: Final = _ELEMENT_TEXT + 8  # the dot list's tag
+_ELEMENT_WORDS: Final = (_ELEMENT_DOTS + 8 + _DOT_BYTES) // 8
+
+
+def _element_layout() -> tuple[bytes, bytes]:
+    size = 8 * _ELEMENT_WORDS
+    pattern = bytearray(size)
+    mask = bytearray(b"\xff" * size)
+    struct.pack_into("<H", pattern, VALUE_WHICH, VALUE_IS_TEXT)
+    struct.pack_into("<I", pattern, _VALUE_TEXT, 1)  # the text right after the value
+    struct.pack_into("<Q", pattern, _ELEMENT_DOTS, _DOT_SHAPE << 32 | _ONE_DOT_TAG)
+    for off, n in [
+        (_VALUE_TEXT + 4, 4), (_ELEMENT_TEXT, 8), (_ELEMENT_DOTS + 8 + DOT_REPLICA, 4),
+        (_ELEMENT_DOTS + 8 + DOT_COUNTER, 8),
+    ]:
+        mask[off : off + n] = bytes(n)
+    if any(p & ~k & 0xFF for p, k in zip(pattern, mask, strict=True)) or any(
+        pattern[_ELEMENT_DOTS + 8 + DOT_REPLICA : _ELEMENT_DOTS + 16 + DOT_REPLICA]
+    ) or (_ELEMENT_DOTS + 8 + DOT_REPLICA) % 8 or (_ELEMENT_DOTS + 8 + DOT_COUNTER) % 8:
+        raise AssertionError("SetElement layout changed: element_columns reads whole words")
+    return bytes(mask), bytes(pattern)
+
+
+_ELEMENT_MASK, _ELEMENT_PATTERN = _element_layout()
+_ELEMENT_ONE: Final = (
+    int.from_bytes(_ELEMENT_MASK, "little"), int.from_bytes(_ELEMENT_PATTERN, "little")
+)
+_ELEMENT_MASKS: dict[int, tuple[int, int]] = {}  # by element count, as ints (bounded)
+_TEXT_HI: Final = [(n + 1) << 3 | 2 for n in range(8)]  # a text pointer's upper half, by size
+_ELEMENT_R: Final = (_ELEMENT_DOTS + 8 + DOT_REPLICA) // 8
+_ELEMENT_N: Final = (_ELEMENT_DOTS + 8 + DOT_COUNTER) // 8
+_ELEMENT_HI: Final = (_VALUE_TEXT + 4) // 4
+_ELEMENT_PTRS: Final = _SET_ELEMENT_BYTES // 4  # 32-bit halves per element
+if _SET_ELEMENT_VALUE % 8 or _SET_ELEMENT_DOTS % 8 or _ELEMENT_TEXT % 8:
+    raise AssertionError("SetElement layout changed: element_columns reads whole words")
+
+
+def _column_keys(words: list[int], his: list[int]) -> list[str] | None:
+    """The map keys of one-word texts (``words``, their pointers' upper halves ``his``), or
+    None if one is not such a key (then the loop in ``entries`` reads it, and refuses it if
+    it is invalid). A word is looked up with the length its key was checked with."""
+    keys = list(map(_WORD_KEYS.get, words))
+    if None in keys:
+        for w, hi in zip(words, his, strict=True):
+            if w not in _WORD_KEYS:
+                if hi not in _PATH_KEY_HI:
+                    return None
+                key = _new_key(w.to_bytes(8, "little")[: hi >> 3])
+                if len(_WORD_KEYS) >= _KEY_CACHE:
+                    _WORD_KEYS.clear()
+                    _WORD_KEY_HI.clear()
+                _WORD_KEYS[w] = key
+                _WORD_KEY_HI[w] = hi
+        keys = list(map(_WORD_KEYS.get, words))
+        if None in keys:  # the cache was cleared meanwhile
+            return None
+    if list(map(_WORD_KEY_HI.get, words)) != his:
+        return None
+    return keys  # type: ignore[return-value]
 
 
 def _fail(why: str) -> FastPathError:
@@ -443,29 +743,54 @@ class _Reader:
             raise _fail("set element of another type")
         return validate_element(x)
 
-    def dot_rows(self, p: int, lo: int, hi: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def dot_rows(
+        self, p: int, lo: int, hi: int
+    ) -> tuple[int | list[int], list[int], set[int] | None]:
         """The replica indexes and counters of the sorted, unique list of dots (Dot
-        structs) at the pointer at ``p``: read in one ``iter_unpack`` and checked with
-        C-level passes (contexts hold many dots)."""
+        structs) at the pointer at ``p``: (the one replica index of every dot, as an int,
+        the counters, and their set when more than one) when one replica made them all, the
+        commonest case (a context's dots), else (each dot's replica index, the counters,
+        None). Read as columns of words (one C call each, no tuple per dot) and checked with
+        C-level passes."""
         start, count = self.structs(p, lo, hi, _DOT_SHAPE, _DOT_BYTES)
         if not count:
-            return (), ()
-        rs, ns = zip(*_DOT_ROWS(self.m[start : start + _DOT_BYTES * count]), strict=True)
-        if min(ns) < 1 or max(ns) > INT64_MAX or max(rs) >= len(self.replicas):
-            raise _fail("bad dot")
-        if count > 1:
-            if rs.count(rs[0]) == count:  # one replica: sorted and unique = counters rise
-                ok = all(map(_lt, ns, ns[1:]))
-            else:
-                pairs = list(zip(map(self.replicas.__getitem__, rs), ns, strict=True))
-                ok = all(map(_lt, pairs, pairs[1:]))
-            if not ok:
+            return [], [], None
+        if _NATIVE_COLUMNS:
+            q = memoryview(self.m)[start : start + _DOT_BYTES * count].cast("Q")
+            ns: list[int] = q[_DOT_N_WORD::_DOT_WORDS].tolist()
+            rw: list[int] = q[_DOT_R_WORD::_DOT_WORDS].tolist()
+        else:  # pragma: no cover - big-endian hosts
+            rows = list(_DOT_ROWS(self.m[start : start + _DOT_BYTES * count]))
+            ns = [n for _, n in rows]
+            rw = [r for r, _ in rows]
+        nrep = len(self.replicas)
+        w0 = rw[0]
+        if rw.count(w0) == count:
+            # One replica: sorted and unique = the counters rise (sorted, no repeat).
+            r = w0 & _DOT_R_MASK
+            if r >= nrep or ns[0] < 1 or ns[-1] > INT64_MAX:
+                raise _fail("bad dot")
+            if count == 1:
+                return r, ns, None
+            # Sorted, and as many distinct counters as dots: they rise.
+            unique = set(ns)
+            if len(unique) != count or sorted(ns) != ns:
                 raise _fail("dots are not sorted and unique")
-        return rs, ns
+            return r, ns, unique
+        rs = [w & _DOT_R_MASK for w in rw]
+        if min(ns) < 1 or max(ns) > INT64_MAX or max(rs) >= nrep:
+            raise _fail("bad dot")
+        pairs = list(zip(map(self.replicas.__getitem__, rs), ns, strict=True))
+        if not all(map(_lt, pairs, pairs[1:])):
+            raise _fail("dots are not sorted and unique")
+        return rs, ns, None
 
     def dots(self, p: int, lo: int, hi: int) -> list[tuple[str, int]]:
         """The sorted, unique list of dots at the pointer at ``p``, as (replica, counter)."""
-        rs, ns = self.dot_rows(p, lo, hi)
+        rs, ns, _ = self.dot_rows(p, lo, hi)
+        if isinstance(rs, int):
+            rid = self.replicas[rs]
+            return [(rid, n) for n in ns]
         return list(zip(map(self.replicas.__getitem__, rs), ns, strict=True))
 
     def items(self, kind: int, p: int, lo: int, hi: int) -> Any:
@@ -592,6 +917,12 @@ class _Reader:
         if not count:
             return None
         self.charge(count * _VALUE_BYTES // 8)
+        if count >= _COLUMNS_MIN and hi >> 3 == _SET_ELEMENT_BYTES // 8 * count and (
+            _NATIVE_COLUMNS
+        ):
+            got = self.element_columns(m, start, count)
+            if got is not None:
+                return got
         out = SetStore()
         replicas, delta, element = self.replicas, self.delta, self.element
         nrep = len(replicas)
@@ -649,6 +980,75 @@ class _Reader:
             raise _fail("over the traversal limit")
         return out
 
+    def element_columns(self, m: bytes, at: int, count: int) -> SetStore | None:
+        """The set of the ``count`` elements from byte ``at`` if each is a text of at most 7
+        bytes with one dot, laid out as pycapnp's copy lays them out (``_ELEMENT_MASK``);
+        else None, and the loop of ``elements`` reads them (and refuses what is invalid).
+        The checks of that loop on whole columns, as ``columns`` makes them."""
+        end = at + _SET_ELEMENT_BYTES * count
+        words = _ELEMENT_WORDS
+        stop = end + 8 * words * count
+        if stop > self.size:
+            return None
+        if int.from_bytes(memoryview(m)[end : end + 8 * words], "little") & _ELEMENT_ONE[0] != (
+            _ELEMENT_ONE[1]
+        ):
+            return None  # the first element is not of the shape: masks are not built
+        got = _ELEMENT_MASKS.get(count)
+        if got is None:
+            if len(_ELEMENT_MASKS) >= _MASKS_CACHED:
+                _ELEMENT_MASKS.clear()
+            got = _list_layout(
+                count, _SET_ELEMENT_BYTES, words, [
+                    (_SET_ELEMENT_VALUE, "I", 0, _SET_ELEMENT_VALUE, 0),
+                    (_SET_ELEMENT_VALUE + 4, "I", _VALUE_SHAPE, -1, 0),
+                    (_SET_ELEMENT_DOTS, "I", 1, _SET_ELEMENT_DOTS, _ELEMENT_DOTS),
+                    (_SET_ELEMENT_DOTS + 4, "I", _ONE_DOT_HI, -1, 0),
+                ], _ELEMENT_MASK, _ELEMENT_PATTERN,
+            )
+            if count <= _MASKS_CACHED_UP_TO:
+                _ELEMENT_MASKS[count] = got
+        whole = memoryview(m)[at:stop]
+        if int.from_bytes(whole, "little") & got[0] != got[1]:
+            return None
+        region = whole[end - at :]
+        c = region.cast("Q")
+        his = region.cast("I")[_ELEMENT_HI :: 2 * words].tolist()
+        # The texts: each word without its NUL padding, as long as its pointer says, with
+        # no NUL inside (a NUL at the end would be stripped: the sizes then differ).
+        raw = list(map(
+            bytes.rstrip, map(_WORD, c[_ELEMENT_TEXT // 8 :: words].tolist()), repeat(b"\0")
+        ))
+        if list(map(_TEXT_HI.__getitem__, map(len, raw))) != his or 0 in b"".join(raw):
+            return None
+        try:
+            texts = list(map(bytes.decode, raw))
+        except UnicodeDecodeError:
+            return None
+        rs: list[int] = c[_ELEMENT_R::words].tolist()
+        ns: list[int] = c[_ELEMENT_N::words].tolist()
+        replicas = self.replicas
+        r = rs[0]
+        if min(ns) < 1 or max(ns) > INT64_MAX:
+            return None
+        if rs.count(r) == count:
+            if r >= len(replicas):
+                return None
+            rids: Any = repeat(replicas[r], count)
+        elif max(rs) < len(replicas):
+            rids = map(replicas.__getitem__, rs)
+        else:
+            return None
+        out = SetStore(zip(texts, zip(rids, ns, strict=True), strict=True))
+        if len(out) != count:  # an element listed twice: the loop merges their dots
+            return None
+        # What the loop charges: each text's words, each one-dot list.
+        # (a text's words: its size // 8, so 1 for the 8-byte ones, 7 bytes and the NUL).
+        self.budget -= his.count(_TEXT_HI[7]) + count * (1 + _DOT_BYTES // 8)
+        if self.budget < 0:
+            raise _fail("over the traversal limit")
+        return out
+
     @staticmethod
     def merge_dots(out: SetStore, x: Any, ds: list[tuple[str, int]]) -> None:
         """An element listed twice: its dots are the union of both lists' (as pycapnp's
@@ -698,12 +1098,17 @@ class _Reader:
         self.budget -= words + 1
         if self.budget < 0:
             raise _fail("over the traversal limit")
+        if count >= _COLUMNS_MIN and 8 * words == _ENTRY_BYTES * count and _NATIVE_COLUMNS:
+            got = self.columns(m, tag + 8, count, depth)
+            if got is not None:
+                return got
         a = tag + 8 - _ENTRY_BYTES  # the entry's first byte, moved on first in the loop
         out = MapStore()
         prev, prev_kind = "", 0  # keys are never empty: "" sorts before every key
         items, keys, replicas = self.items, _KEYS, self.replicas
         nrep = len(replicas)
-        registers = 0
+        registers = paths = 0
+        paths_ok = depth < MAX_NESTING_DEPTH  # a path's map is one level deeper
         rows = _ENTRY_ROWS(m[tag + 8 : tag + 8 + _ENTRY_BYTES * count])
         for kind, wb, w, klo, khi, llo, lhi in rows:
             a += _ENTRY_BYTES
@@ -739,9 +1144,45 @@ class _Reader:
             elif w == ENTRY_IS_ENTRIES and kind == _K_MAP:
                 inner = None
                 if lhi == _ONE_ENTRY_HI and llo & 3 == 1:  # a map of one entry (a path)
-                    inner = self.one(m, size, a + _LIST_AT + 8 * (llo >> 2), depth + 1)
+                    tag = a + _LIST_AT + 8 * (llo >> 2)
+                    if paths_ok and tag + _PATH_BYTES <= size:
+                        # Its last step, an int register under a short key (``_PATH``):
+                        # one read, the checks of ``one`` (the charge: after the loop).
+                        tw, ik, iwb, iw, iklo, ikhi, ilp, rtw, r, n, pw, hlc, which, vw, \
+                            vwhich, x = _PATH(m, tag)
+                        if (
+                            tw, ik, iwb, iw, iklo, ilp, rtw, pw, which, vw, vwhich
+                        ) == _PATH_SHAPE and ikhi in _PATH_KEY_HI:
+                            if not 0 < n <= INT64_MAX or hlc > INT64_MAX or r >= nrep:
+                                raise _fail("bad item dot, or a timestamp above 2**63 - 1")
+                            raw = m[tag + _PATH_KEY : tag + _PATH_KEY + (ikhi >> 3)]
+                            ikey = keys.get(raw)
+                            if ikey is None:
+                                ikey = _new_key(raw)
+                            paths += 1
+                            inner = MapStore({ikey: LWWStore((replicas[r], n, hlc, x))})
+                    if inner is None:
+                        inner = self.one(m, size, tag, depth + 1)
                 if inner is None:
                     inner = self.entries(a + _ENTRY_LIST, llo, lhi, depth + 1)
+            elif kind == _K_COUNTER and lhi == _ONE_ITEM_HI and llo & 3 == 1 and (
+                w == ENTRY_IS_ITEMS
+            ):
+                # A counter of one entry laid out as pycapnp's copy lays it out (see
+                # ``_COUNTER``): one read, the checks of ``items`` (charged after the loop).
+                tag = a + _LIST_AT + 8 * (llo >> 2)
+                inner = None
+                if tag + _COUNTER_BYTES <= size:
+                    tw, r, n, pw, inc, which, dec = _COUNTER(m, tag)
+                    if (tw, pw, which) == _COUNTER_SHAPE:
+                        if not 0 < n <= INT64_MAX or r >= nrep or (
+                            inc > INT64_MAX or dec > INT64_MAX
+                        ):
+                            raise _fail("bad item dot, or a contribution above 2**63 - 1")
+                        registers += 1
+                        inner = CounterStore((replicas[r], n, inc, dec))
+                if inner is None:
+                    inner = items(kind, a + _ENTRY_LIST, llo, lhi)
             elif w == ENTRY_IS_ITEMS and kind:
                 inner = items(kind, a + _ENTRY_LIST, llo, lhi)
             else:
@@ -754,11 +1195,95 @@ class _Reader:
                     raise _fail("map entries are not sorted by (key, kind)")
                 self.put(out, key, inner, wb & _WHOLE_MASK != 0, key == prev)
             prev, prev_kind = key, kind
-        if registers:
-            self.budget -= registers * _REGISTER_WORDS
+        if registers or paths:
+            self.budget -= registers * _REGISTER_WORDS + paths * _PATH_WORDS
             if self.budget < 0:
                 raise _fail("over the traversal limit")
         return out or None
+
+    def columns(self, m: bytes, at: int, count: int, depth: int) -> MapStore | None:
+        """The map of the ``count`` entries from byte ``at`` if they have one of the shapes
+        read as columns (``_Columns``: short keys, each an int register, a path's int
+        register or a one-entry counter), laid out as pycapnp's copy lays them out; else
+        None, and the loop of ``entries`` reads them (and refuses what is invalid). The
+        checks of that loop, on whole columns (C-level passes, no Python per entry): every
+        entry's data word, pointers (each at the offset the layout gives), and the
+        structural bytes of its words are compared at once; keys are looked up by their
+        word; dots, timestamps and counters are range-checked by their extremes."""
+        end = at + _ENTRY_BYTES * count
+        rows = memoryview(m)[at:end]
+        shape = _SHAPES.get(rows[:8].cast("Q")[0])
+        if shape is None:
+            return None
+        if shape is _PATHS and depth >= MAX_NESTING_DEPTH:
+            return None
+        words = shape.words
+        stop = end + 8 * words * count
+        if stop > self.size:
+            return None
+        one_mask, one_pattern = shape.one
+        if int.from_bytes(memoryview(m)[end : end + 8 * words], "little") & one_mask != (
+            one_pattern
+        ):
+            return None
+        mask, pattern = shape.masks(count)
+        whole = memoryview(m)[at:stop]
+        if int.from_bytes(whole, "little") & mask != pattern:
+            return None
+        n32 = rows.cast("I")
+        per = _ENTRY_BYTES // 4
+        region = whole[end - at :]
+        c = region.cast("Q")
+        keys = _column_keys(c[::words].tolist(), n32[_KEY_AT_WORD + 1 :: per].tolist())
+        if keys is None or sorted(keys) != keys:
+            return None
+        ir, iN, ia, ib = shape.cols
+        rs: list[int] = c[ir::words].tolist()
+        ns: list[int] = c[iN::words].tolist()
+        xs: list[int] = c[ia::words].tolist()
+        ys: list[int] = (region.cast("q") if shape.signed else c)[ib::words].tolist()
+        replicas = self.replicas
+        r = rs[0]
+        if min(ns) < 1 or max(ns) > INT64_MAX or max(xs) > INT64_MAX:
+            return None
+        if not shape.signed and max(ys) > INT64_MAX:
+            return None
+        if rs.count(r) == count:
+            if r >= len(replicas):
+                return None
+            rids: Any = repeat(replicas[r], count)
+        elif max(rs) < len(replicas):
+            rids = map(replicas.__getitem__, rs)
+        else:
+            return None
+        if shape is _PATHS:
+            kws = c[shape.key :: words].tolist()
+            khs = region.cast("I")[shape.key_hi :: 2 * words].tolist()
+            if kws.count(kws[0]) == count and khs.count(khs[0]) == count:
+                inner = _column_keys(kws[:1], khs[:1])  # one name under every path
+                wrap: Any = repeat(inner and (inner[0],), count)
+            else:
+                inner = _column_keys(kws, khs)
+                wrap = zip(inner or (), strict=True)
+            if inner is None:
+                return None
+            charge = _PATH_WORDS * count
+            stores: Any = map(
+                MapStore.fromkeys, wrap, map(LWWStore, zip(rids, ns, xs, ys, strict=True))
+            )
+        elif shape is _REGISTERS:
+            charge = _REGISTER_WORDS * count
+            stores = map(LWWStore, zip(rids, ns, xs, ys, strict=True))
+        else:
+            charge = _REGISTER_WORDS * count
+            stores = map(CounterStore, zip(rids, ns, xs, ys, strict=True))
+        out = MapStore(zip(keys, stores, strict=True))
+        if len(out) != count:  # a key repeats
+            return None
+        self.budget -= charge
+        if self.budget < 0:
+            raise _fail("over the traversal limit")
+        return out
 
     def one(self, m: bytes, size: int, tag: int, depth: int) -> MapStore | None:
         """The map at the entry list whose tag is at byte ``tag``, if it is one entry
@@ -862,14 +1387,20 @@ class _Reader:
             8 * (CONTEXT_DATA_WORDS + CONTEXT_POINTERS),
         )
         vp, cp = ca + _CONTEXT_VERSIONS, ca + _CONTEXT_CLOUD
-        rs, ns = self.dot_rows(vp, *_UU(m, vp))
-        vv = dict(zip(map(replicas.__getitem__, rs), ns, strict=True))
-        if len(vv) != len(rs):
-            raise _fail("version vector repeats a replica")
-        rs, ns = self.dot_rows(cp, *_UU(m, cp))
+        rs, ns, _ = self.dot_rows(vp, *_UU(m, vp))
+        vv: dict[str, int]
+        if isinstance(rs, int):
+            if len(ns) > 1:
+                raise _fail("version vector repeats a replica")
+            vv = {replicas[rs]: ns[0]}
+        else:
+            vv = dict(zip(map(replicas.__getitem__, rs), ns, strict=True))
+            if len(vv) != len(ns):
+                raise _fail("version vector repeats a replica")
+        rs, ns, unique = self.dot_rows(cp, *_UU(m, cp))
         cloud: dict[str, set[int]] = {}
-        if rs and rs.count(rs[0]) == len(rs):  # one replica's dots: one set
-            cloud[replicas[rs[0]]] = set(ns)
+        if isinstance(rs, int):  # one replica's dots: one set
+            cloud[replicas[rs]] = set(ns) if unique is None else unique
         else:
             for r, n in zip(rs, ns, strict=True):
                 rid = replicas[r]

@@ -133,10 +133,46 @@ def _leaf_op(rng: random.Random, c: Any, rid: str, t: int) -> Any:
     return c.enable(rid) if rng.random() < 0.7 else c.disable()
 
 
+def wide(rng: random.Random, t: int, shape: int | None = None, n: int | None = None) -> ORMap:
+    """A batch of many writes of one shape under short keys (the shapes the fast reader
+    reads as columns: int registers, paths ending in one, one-entry counters, sets of short
+    texts), sometimes with one write of another shape, key or value mixed in (the fast
+    reader then reads the list entry by entry), from one or two replicas. ``shape``: 0-3
+    (registers, paths, counters, set texts), else random; ``n``: the writes."""
+    state, batch = ORMap(), ORMap(is_delta=True)
+    shape = rng.randrange(4) if shape is None else shape
+    n = rng.choice((rng.randrange(1, 12), rng.randrange(8, 70))) if n is None else n
+    under = tuple(rng.choice(KEYS[:3]) for _ in range(rng.randrange(0, MAX_NESTING_DEPTH - 1)))
+    odd = rng.randrange(n) if rng.random() < 0.3 else -1
+    for i in range(n):
+        rid = RIDS[rng.randrange(2)] if rng.random() < 0.2 else RIDS[1]
+        key = rng.choice(("k" * 8, "ü" * 4, "é", "")) if i == odd else f"k{i}"
+        if not key:
+            key = f"k{i}"
+        t += rng.randrange(1, 1 << 20)
+        value: Any = _int(rng) if i != odd else atom(rng)
+        if shape == 0:
+            d = state.assign(rid, (*under, key), value, t)
+        elif shape == 1:
+            d = state.assign(rid, (*under, key, rng.choice(("total", "v", "ü"))), value, t)
+        elif shape == 2:
+            d = state.increment(rid, (*under, key), rng.choice((1, 7, 1 << 40)))
+        else:
+            text = f"t-{i}" if i != odd else _text(rng)
+            d = state.add(rid, (*under, "tags"), text)
+        state.merge(d)
+        batch.merge(d)
+    return batch if rng.random() < 0.7 else state
+
+
 def documents(rng: random.Random) -> Iterator[Causal]:
-    """An endless stream of states and delta batches (a few per history)."""
+    """An endless stream of states and delta batches (a few per history), with wide batches
+    of one shape (``wide``) among them."""
     t = T0
     while True:
+        if rng.random() < 0.15:
+            t += 1 << 30
+            yield wide(rng, t)
         cls = rng.choice((ORMap, ORMap, ORMap, LWWRegister, MVRegister, PNCounter, ORSet, EWFlag))
         replicas = [cls() for _ in range(rng.randrange(1, 4))]
         batch = cls(is_delta=True)

@@ -77,6 +77,7 @@ from broker.transport import (
     merkle_subject,
     sync_subject,
 )
+from tests.fuzz._documents import wide
 from tests.fuzz._words import pack, unpack
 
 __all__ = ["ACCEPTED", "TARGETS", "Harness", "Target"]
@@ -149,6 +150,11 @@ def _state(n: int, writer: str = PEER) -> ORMap:
 def _deltas() -> list[ORMap]:
     m = ORMap()
     return [_ops(m, PEER, 2, T0 + 100), _ops(m, PEER, 40, T0 + 200)]  # plain and compressed
+
+
+def _wide() -> list[ORMap]:
+    """Batches of 20 writes of each shape the fast reader reads as columns (``wide``)."""
+    return [wide(random.Random(shape), T0, shape, 20) for shape in range(4)]
 
 
 def _seal(codec: WireCodec, subject: str, doc: ORMap, *, state: bool = False) -> bytes:
@@ -642,7 +648,7 @@ async def _differential_harness() -> Harness:
 def _differential_seeds(h: Harness) -> list[bytes]:
     subject = delta_subject(NS, SUBJECT)
     plain = WireCodec(CURRENT_VERSION)  # peer_version 1: uncompressed
-    docs = [*_deltas(), _state(8)]
+    docs = [*_deltas(), _state(8), *_wide()]
     return ([_seal(plain, subject, d) for d in docs] + [_seal(h.codec, subject, d) for d in docs]
             + [_seal(plain, subject, _state(5), state=True)])
 
@@ -666,7 +672,7 @@ async def _differential_run(h: Harness, data: bytes, rng: random.Random) -> str:
 
 
 def _reader_seeds(h: Harness) -> list[bytes]:
-    return [h.codec.encode_document(d) for d in [*_deltas(), _state(8), _state(2)]]
+    return [h.codec.encode_document(d) for d in [*_deltas(), _state(8), _state(2), *_wide()]]
 
 
 async def _reader_run(h: Harness, data: bytes, rng: random.Random) -> str:
