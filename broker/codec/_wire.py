@@ -74,6 +74,7 @@ NESTING_LIMIT: Final = 2 * MAX_NESTING_DEPTH + 16
 COMPRESS_MIN_BYTES: Final = 512
 _TABLE: Final = struct.Struct("<II")  # an unpacked message's table: segments - 1, words
 _FLAT_TABLE: Final = functools.partial(_TABLE.pack, 0)
+_MAX_STORED_WORDS: Final = 64 * 1024 * 1024  # 512 MiB: far above any store's record limit
 """Batches smaller than this are sent uncompressed even when compression is allowed."""
 
 _MAX_HLC: Final = (1 << 63) - 1
@@ -198,16 +199,31 @@ class WireCodec:
         *,
         bad_keys: list[tuple[str, str]] | None = None,
     ) -> Causal:
-        """A record ``encode_record`` (or ``encode_document``) wrote; as
-        ``decode_document``."""
-        if data[:1] != b"\x00":
-            return self.decode_document(data, expect, bad_keys=bad_keys)
-        self._check_size(data, "record")
+        """A stored record or snapshot (``encode_record``, ``encode_document``); as
+        ``decode_document``, but not bounded by ``max_payload``: that is the wire's limit,
+        and a store's state outgrows it (the store bounded the record when it was written,
+        ``max_record_bytes``). Traversal is bounded by the record's own declared size."""
         with decoding("record"):
-            doc = self._flat(data)
+            if data[:1] == b"\x00":
+                doc = self._flat(data)
+                words = len(data) // 8 - 1
+            else:
+                check_segments(data)
+                words = segment_words(data)
+                doc = self.schema.crdt.Document.from_bytes_packed(
+                    data,
+                    traversal_limit_in_words=self._stored_limit(words),
+                    nesting_limit=NESTING_LIMIT,
+                )
             if bad_keys is not None:
                 return decode_document(self.schema, doc, expect, bad_keys)
-            return self._decode(doc, expect, len(data) // 8)
+            return self._decode(doc, expect, words)
+
+    def _stored_limit(self, words: int) -> int:
+        """The traversal limit for a stored message of ``words`` words: the wire's, or the
+        same room over its own size (8x: readers visit some words more than once) when that
+        is larger (capped: a damaged store cannot ask for unbounded work)."""
+        return max(self.traversal_limit_words, min(8 * words, _MAX_STORED_WORDS))
 
     def _flat(self, data: bytes) -> Any:
         """A ``Document`` reader over a one-segment unpacked record (``encode_record``)."""
@@ -218,7 +234,7 @@ class WireCodec:
             raise MalformedMessageError("record: segment table does not match its length")
         return self.schema.crdt.Document.from_segments(
             [data[8:]],
-            traversal_limit_in_words=self.traversal_limit_words,
+            traversal_limit_in_words=self._stored_limit(words),
             nesting_limit=NESTING_LIMIT,
         )
 
