@@ -663,7 +663,7 @@ class Replica:
             self._check_writable()  # stop() may have begun while we waited for the lock
             written = self.machine.write(mutators, self._now_ms)
             self._run(written.actions)
-            record = self.codec.encode_record(written.delta)
+            record = self._record(written.delta)
             received = [r for r in map(self._received_record, written.received) if r]
             if any(len(r) > self.store.max_record_bytes for r in received):
                 # A catch-up state too large for one record: a snapshot (the state holds it)
@@ -706,6 +706,14 @@ class Replica:
         """Apply STRONG log entry ``seq`` (``StrongMode`` calls it in log order)."""
         self._run(self.machine.apply_log(seq, delta, key, writer))
         self._progress.set()
+
+    def _record(self, state: ORMap) -> bytes:
+        """``state`` as a store record: unpacked where the fast writer can (cheaper to
+        write), packed when that is too large for the store."""
+        data = self.codec.encode_record(state)
+        if len(data) > self.store.max_record_bytes and data[:1] == b"\x00":
+            data = self.codec.encode_document(state)
+        return data
 
     def _received_record(self, raw: Received) -> bytes:
         """The document of a received envelope (verified when it arrived), as a store record
@@ -1442,7 +1450,7 @@ class Replica:
             t0 = time.perf_counter()
             upto = self.machine.snapshot_upto()
             mark = self.machine.received_mark()
-            data = self.codec.encode_document(self.machine.state)
+            data = self._record(self.machine.state)
             evidence = _frame(self.machine.evidence(), self.store.max_record_bytes)
             await asyncio.to_thread(self.store.write_snapshot, self.config.subject, data, upto)
             await asyncio.to_thread(

@@ -296,9 +296,11 @@ class _Writer:
                     raise FastPathError("fast writer: a kind without a payload writer")
 
 
-def write_document(state: Causal, kinds: frozenset[int]) -> bytes:
+def write_document(state: Causal, kinds: frozenset[int], *, limit: int | None = _LIMIT) -> bytes:
     """The one segment pycapnp's ``encode_document`` builds for ``state`` (no segment
-    table); ``FastPathError`` where pycapnp must write it (see module doc)."""
+    table); ``FastPathError`` where pycapnp must write it (see module doc). ``limit=None``:
+    also a state past pycapnp's first segment, in one segment (the same words pycapnp would
+    have spread over several: for a store record, never for wire bytes)."""
     w = _Writer(kinds)
     doc = w.struct(0, DOCUMENT_DATA_WORDS, DOCUMENT_POINTERS)
     dp = doc + 8 * DOCUMENT_DATA_WORDS
@@ -338,7 +340,7 @@ def write_document(state: Causal, kinds: frozenset[int]) -> bytes:
          | 1, 6 | len(w.ids) << 3)
     for i, r in enumerate(w.ids):
         w.text(reps + 8 * i, r)
-    if len(w.buf) > _LIMIT:
+    if limit is not None and len(w.buf) > limit:
         raise FastPathError("fast writer: larger than pycapnp's first segment")
     return bytes(w.buf)
 

@@ -182,15 +182,20 @@ class WireCodec:
         return encode_document(self.schema, state).to_bytes_packed()  # type: ignore[no-any-return]
 
     def encode_record(self, state: Causal) -> bytes:
-        """``state`` as a store record: where the fast writer applies, its segment unpacked
-        (Cap'n Proto's standard framing: a one-segment table, then the words; its first byte
-        is 0, which no packed document starts with), else ``encode_document``'s packed bytes.
+        """``state`` as a store record: where the fast writer applies, its one segment (of
+        any size) unpacked, in Cap'n Proto's standard framing (a one-segment table, then the
+        words; its first byte is 0, which no packed document starts with), else
+        ``encode_document``'s packed bytes.
         Both are read by ``decode_record`` and taken by ``seal(packed=...)``; a record never
         goes on the wire as it is (``seal`` copies its content, or packs it with pycapnp)."""
-        segment = self._fast_segment(state)
-        if segment is None:
-            return self.encode_document(state)
-        return _FLAT_TABLE(len(segment) // 8) + segment
+        if self.fast:
+            try:
+                segment = write_document(state, self.schema.kinds, limit=None)
+            except CodecError:
+                pass
+            else:
+                return _FLAT_TABLE(len(segment) // 8) + segment
+        return self.encode_document(state)
 
     def decode_record(
         self,

@@ -69,3 +69,38 @@ def test_decode_record_reads_past_max_payload_and_decode_document_does_not() -> 
     assert codec.decode_record(packed, ORMap, bad_keys=[]).digest() == state.digest()
     with pytest.raises(MessageTooLargeError):  # the wire's limit, for what comes off the wire
         codec.decode_document(packed)
+
+
+def test_a_record_past_the_first_segment_is_one_unpacked_segment() -> None:
+    codec = WireCodec()
+    state = ORMap()
+    for i in range(KEYS):
+        state.merge(state.assign("a", (f"field-{i:05d}",), i, 1))
+    record = codec.encode_record(state)
+    assert record[:1] == b"\x00"  # unpacked, though pycapnp would need several segments
+    assert len(record) > 8 * 8192
+    assert codec.decode_record(record).digest() == state.digest()
+
+
+async def test_a_snapshot_too_large_unpacked_for_the_store_is_stored_packed(
+    tmp_path: Path,
+) -> None:
+    transport, _ = memory_transport_pair(names=("a", "b"))
+    store = DurableStore(tmp_path / "a.db", max_record_bytes=150 * 1024)
+    store.open()
+    r = Replica(signer=SA, roster=ROSTER, codec=WireCodec(), transport=transport, store=store,
+                config=ReplicaConfig(namespace="ns", subject="s", catchup_timeout=0.05))
+    await r.start()
+    try:
+        await r.write(Create("b"))
+        for j in range(0, KEYS, 500):
+            await r.write_many([Assign("b", (f"field-{i:05d}",), i) for i in range(j, j + 500)])
+        assert len(r.codec.encode_record(r.state)) > 150 * 1024  # unpacked: too large
+        await r._snapshot()
+        stored = store.load("s").snapshot
+        assert stored is not None
+        assert stored[:1] != b"\x00"  # packed: fits
+        assert r.codec.decode_record(stored).digest() == r.state.digest()
+    finally:
+        await r.stop()
+        store.close()
