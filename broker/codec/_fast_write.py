@@ -89,7 +89,15 @@ from broker.codec._layouts import (
 )
 from broker.crdt import Causal, Kind
 from broker.crdt._atoms import encode_atom
-from broker.crdt._stores import CounterStore, LWWStore, MapStore, OpaqueStore, SetStore
+from broker.crdt._stores import (
+    CounterStore,
+    FlagStore,
+    LWWStore,
+    MapStore,
+    MVStore,
+    OpaqueStore,
+    SetStore,
+)
 
 __all__ = ["write_document"]
 
@@ -116,6 +124,14 @@ _K_SET: Final = int(Kind.SET)
 _K_MAP: Final = int(Kind.MAP)
 _K_FLAG: Final = int(Kind.FLAG)
 _LIMIT: Final = 8 * FIRST_SEGMENT_WORDS
+_KEY_AT: Final = 8 * ENTRY_DATA_WORDS + 8 * ENTRY_KEY_PTR  # in an entry: its key's pointer
+_ITEMS_AT: Final = 8 * ENTRY_DATA_WORDS + 8 * ENTRY_ITEMS_PTR
+# Zero bytes after a text of n bytes (n & 7 of them past whole words): its NUL, then to a word.
+_PAD: Final = tuple(bytes(8 - r) for r in range(8))
+# Stores that are one kind under a map name (``_parts`` of them: one row, not whole).
+_PLAIN_KIND: Final = {
+    cls: int(cls.KIND) for cls in (LWWStore, MVStore, CounterStore, FlagStore, SetStore, MapStore)
+}
 
 
 class _Writer:
@@ -208,21 +224,56 @@ class _Writer:
             _U16(buf, e + ENTRY_WHICH, ENTRY_IS_ABSENT)
         elif kind == _K_MAP:
             rows = []
+            plain = _PLAIN_KIND
             for key in sorted(store):
-                for k, whole, inner in _parts(store[key]):
-                    rows.append((key, k, whole, inner))
+                v = store[key]
+                pk = plain.get(type(v))
+                if pk is not None:  # one kind under the name (the usual case): _parts inlined
+                    rows.append((key, pk, False, v))
+                else:
+                    for k, whole, inner in _parts(v):
+                        rows.append((key, k, whole, inner))
             _U16(buf, e + ENTRY_WHICH, ENTRY_IS_ENTRIES)
             first = self.structs(
                 ptrs + 8 * ENTRY_ENTRIES_PTR, len(rows), ENTRY_DATA_WORDS, ENTRY_POINTERS
             )
+            one_of, kinds, rx = _ONE.get, self.kinds, self.rx
             for i, (key, k, whole, inner) in enumerate(rows):
                 c = first + 8 * _ENTRY_W * i
-                self.text(c + 8 * ENTRY_DATA_WORDS + 8 * ENTRY_KEY_PTR, key)
-                buf = self.buf
+                # The key's text (``text`` inlined).
+                kb = key.encode("utf-8")
+                a = len(buf)
+                p = c + _KEY_AT
+                buf += kb
+                buf += _PAD[len(kb) & 7]
+                _PTR(buf, p, (a - p - 8) >> 1 | 1, 2 | (len(kb) + 1) << 3)
                 _U16(buf, c + ENTRY_KIND, k)
                 if whole:
                     buf[c + ENTRY_WHOLE_BIT // 8] |= 1 << ENTRY_WHOLE_BIT % 8
-                self.store(c, k, inner)
+                one = None
+                if k == _K_LWW or k == _K_COUNTER:
+                    if len(inner) == 4 and k in kinds:  # one entry of stride 4
+                        one = one_of((k, type(inner[3]) if k == _K_LWW else None))
+                if one is None:
+                    self.store(c, k, inner)
+                    continue
+                # A one-entry register or counter (``store``'s template path inlined).
+                template, pack, at = one
+                _U16(buf, c + ENTRY_WHICH, ENTRY_IS_ITEMS)
+                tag = len(buf)
+                buf += template
+                p = c + _ITEMS_AT
+                _PTR(buf, p, (tag - p - 8) >> 1 | 1, 7 | _ITEM_W << 3)
+                _ITEM_RC(buf, tag + _T_ITEM_RC, rx(inner[0]), inner[1])
+                if k == _K_LWW:
+                    _U64(buf, tag + _T_LWW_HLC, inner[2])
+                    if pack is not None:
+                        pack(buf, tag + at, inner[3])
+                    elif at:
+                        self.text(tag + at, inner[3])
+                else:
+                    _U64(buf, tag + _T_INCREMENTS, inner[2])
+                    _U64(buf, tag + _T_DECREMENTS, inner[3])
         elif kind == _K_SET:
             els = sorted(((encode_atom(x), x, ds) for x, ds in store.items()), key=lambda r: r[0])
             _U16(buf, e + ENTRY_WHICH, ENTRY_IS_ELEMENTS)
