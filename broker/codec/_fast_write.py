@@ -124,6 +124,7 @@ _K_SET: Final = int(Kind.SET)
 _K_MAP: Final = int(Kind.MAP)
 _K_FLAG: Final = int(Kind.FLAG)
 _LIMIT: Final = 8 * FIRST_SEGMENT_WORDS
+_ONE_KINDS: Final = frozenset({_K_LWW, _K_COUNTER})  # one-entry stores written by template
 _KEY_AT: Final = 8 * ENTRY_DATA_WORDS + 8 * ENTRY_KEY_PTR  # in an entry: its key's pointer
 _ITEMS_AT: Final = 8 * ENTRY_DATA_WORDS + 8 * ENTRY_ITEMS_PTR
 # Zero bytes after a text of n bytes (n & 7 of them past whole words): its NUL, then to a word.
@@ -251,9 +252,8 @@ class _Writer:
                 if whole:
                     buf[c + ENTRY_WHOLE_BIT // 8] |= 1 << ENTRY_WHOLE_BIT % 8
                 one = None
-                if k == _K_LWW or k == _K_COUNTER:
-                    if len(inner) == 4 and k in kinds:  # one entry of stride 4
-                        one = one_of((k, type(inner[3]) if k == _K_LWW else None))
+                if k in _ONE_KINDS and len(inner) == 4 and k in kinds:  # one entry, stride 4
+                    one = one_of((k, type(inner[3]) if k == _K_LWW else None))
                 if one is None:
                     self.store(c, k, inner)
                     continue

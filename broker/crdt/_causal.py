@@ -406,11 +406,12 @@ class Batch:
     straight into it instead of building a one-key map chain and joining it: the same delta
     (property-tested against joining), without a join walk and a context merge per write.
 
-    Invariants: nothing in the batch is shared. ``join`` joins a copy of a delta made
-    elsewhere (so every map in the batch is the batch's alone and may be written in place).
-    An entry is replaced in place only when a fused write of this batch made it (``_leaves``,
-    by identity, objects kept alive here) and no ``join`` came since (a join may have put
-    other writers' dots beside it). Then overwriting equals the join: the entry holds one
+    Invariants: no map in the batch is shared (the join of a delta made elsewhere builds
+    the batch's own maps), so maps are written in place. An entry is replaced in place
+    only when a fused write of this batch made it (``_leaves``, by identity, objects kept
+    alive here) and is still that object: a join that changes an entry stores a new one
+    (tested: it may have put dots beside the batch's, such as a mutator's stale ones, which
+    the join of the next write would keep). Then overwriting equals the join: the entry holds one
     writer's dots, all from this batch's fused writes at that path; the new write's delta
     holds one entry (its new dot) and its context covers every dot of the state's entry it
     replaces, which holds every dot this batch wrote there (each was written to the state
@@ -418,25 +419,68 @@ class Batch:
     the same way (its other elements are not touched by an add).
     """
 
-    __slots__ = ("_leaves", "delta")
+    __slots__ = ("_leaves", "_maps", "_prefix", "_state", "delta")
 
     def __init__(self) -> None:
         self.delta = ORMap(is_delta=True)
         self._leaves: dict[int, object] = {}
+        self._prefix: tuple[str, ...] | None = None
+        self._state: ORMap | None = None
+        self._maps: tuple[MapStore, MapStore] | None = None
 
     def join(self, delta: ORMap) -> None:
-        """Join a delta made elsewhere: a copy of it (what it holds is never mutated)."""
-        if delta.store is not None:
-            delta = delta.copy()
-        self._leaves.clear()
+        """Join a delta made elsewhere. The join builds the batch's own maps (it never takes
+        a map of ``delta``), so writes in place never reach ``delta`` (tested); its entries
+        are not the batch's own."""
+        self._prefix = self._state = self._maps = None
         self.delta.merge(delta)
 
-    def slot(self, path: tuple[str, ...], cls: type) -> MapStore | None:
-        """The batch's map holding ``path``'s last key, the maps missing on the way made
-        (nothing is made when None is returned): None when the batch holds another kind on
-        the way, or an entry at the end that this batch may not replace in place."""
+    def locate(
+        self, state: ORMap, path: tuple[str, ...], cls: type
+    ) -> tuple[MapStore, MapStore, str, Any] | None:
+        """Where a fused write of ``cls`` at ``path`` goes, when it can be written here in
+        place: ``(state's map, batch's map, last key, the state's entry)``, the batch's maps
+        missing on the way made. None when it cannot (``state`` is a delta or lacks a map on
+        the way, either side holds another kind, or the batch's entry there is not its
+        own); then nothing was made. The maps of the last path prefix are remembered until
+        the next ``join`` (fused writes never replace a map; the writes a batch joins may)."""
+        prefix = path[:-1]
+        m: Any
+        bm: Any
+        if prefix == self._prefix and state is self._state and self._maps is not None:
+            m, bm = self._maps
+        else:
+            m = state.store
+            if m is None or state.is_delta:
+                return None
+            known = _known_keys
+            for k in prefix:
+                if type(k) is not str or k not in known:
+                    _check_key(k)
+                m = m.get(k)
+                if type(m) is not MapStore:
+                    return None
+            bm = None
+        last = path[-1]
+        if type(last) is not str or last not in _known_keys:
+            _check_key(last)
+        old = m.get(last)
+        if old is not None and type(old) is not cls:
+            return None
+        if bm is None:
+            bm = self._batch_map(prefix)
+            if bm is None:
+                return None
+            self._prefix, self._state, self._maps = prefix, state, (m, bm)
+        cur = bm.get(last)
+        if cur is not None and (type(cur) is not cls or self._leaves.get(id(cur)) is not cur):
+            return None
+        return m, bm, last, old
+
+    def _batch_map(self, keys: tuple[str, ...]) -> MapStore | None:
+        """The batch's map at ``keys``, made where missing; None (nothing made) when the
+        batch holds another kind on the way."""
         dm: Any = self.delta.store
-        keys = path[:-1]
         i = 0
         if dm is None:
             dm = self.delta.store = MapStore()
@@ -449,12 +493,6 @@ class Batch:
                     return None
                 dm = child
                 i += 1
-            else:
-                cur = dm.get(path[-1])
-                if cur is not None and (
-                    type(cur) is not cls or self._leaves.get(id(cur)) is not cur
-                ):
-                    return None
         for k in keys[i:]:
             child = dm[k] = MapStore()
             dm = child
@@ -540,16 +578,12 @@ class ORMap(Causal):
         if type(value) is not int or not INT64_MIN <= value <= INT64_MAX:
             value = validate_atom(value)
         path = _fast_checks(replica_id, path)
-        walk = self._fused_walk(path, LWWStore)
-        if walk is None:
-            return self._merged(self.assign(replica_id, path, value, ts))
-        top, m, dm, last, old = walk
-        if type(ts) is not int or not 0 <= ts <= INT64_MAX:
-            check_timestamp(ts)
-        # Checked and walked: nothing below raises, so the state is never left half-written.
         if into is not None:
-            bm = into.slot(path, LWWStore)
-            if bm is not None:
+            at = into.locate(self, path, LWWStore)
+            if at is not None:
+                m, bm, last, old = at
+                if type(ts) is not int or not 0 <= ts <= INT64_MAX:
+                    check_timestamp(ts)
                 n = self.context.issue(replica_id)
                 entry = LWWStore((replica_id, n, ts, value))
                 m[last] = entry
@@ -557,6 +591,13 @@ class ORMap(Causal):
                          () if old is None else ((old[0], old[1]),) if len(old) == 4
                          else tuple(dots_of(old)))
                 return None
+        walk = self._fused_walk(path, LWWStore)
+        if walk is None:
+            return self._merged(self.assign(replica_id, path, value, ts))
+        top, m, dm, last, old = walk
+        if type(ts) is not int or not 0 <= ts <= INT64_MAX:
+            check_timestamp(ts)
+        # Checked and walked: nothing below raises, so the state is never left half-written.
         if old is None:
             dot, ctx = self.context.issue_delta(replica_id)
         elif len(old) == 4:
@@ -589,13 +630,16 @@ class ORMap(Causal):
         if type(amount) is not int or not INT64_MIN <= amount <= INT64_MAX:
             amount = _check_amount(amount)
         path = _fast_checks(replica_id, path)
-        walk = self._fused_walk(path, CounterStore)
-        if walk is None:
-            return self._merged(self.increment(replica_id, path, amount))
-        top, m, dm, last, old = walk
+        at = into.locate(self, path, CounterStore) if into is not None else None
+        if at is not None:
+            m, bm, last, old = at
+        else:
+            walk = self._fused_walk(path, CounterStore)
+            if walk is None:
+                return self._merged(self.increment(replica_id, path, amount))
+            top, m, dm, last, old = walk
         inc, dec, replaced, others = counter_contribution(old, replica_id, amount)
-        bm = into.slot(path, CounterStore) if into is not None else None
-        if bm is not None:
+        if at is not None:
             n = self.context.issue(replica_id)
             entry = (replica_id, n, inc, dec)
             mine = CounterStore(entry)
@@ -610,7 +654,7 @@ class ORMap(Causal):
             m[last] = CounterStore(x for e in others for x in e)
         else:
             m[last] = mine
-        return None if bm is not None else self._fused_delta(top, ctx)
+        return None if at is not None else self._fused_delta(top, ctx)
 
     @overload
     def apply_add(
@@ -633,13 +677,16 @@ class ORMap(Causal):
         """
         element = validate_element(element)
         path = _fast_checks(replica_id, path)
-        walk = self._fused_walk(path, SetStore)
-        if walk is None:
-            return self._merged(self.add(replica_id, path, element))
-        top, m, dm, last, old = walk
+        at = into.locate(self, path, SetStore) if into is not None else None
+        if at is not None:
+            m, bm, last, old = at
+        else:
+            walk = self._fused_walk(path, SetStore)
+            if walk is None:
+                return self._merged(self.add(replica_id, path, element))
+            top, m, dm, last, old = walk
         dots = old.get(element) if old else None
-        bm = into.slot(path, SetStore) if into is not None else None
-        if bm is not None:
+        if at is not None:
             n = self.context.issue(replica_id)
             dot = (replica_id, n)
             into.add(bm, last, element, dot, dots)  # type: ignore[union-attr]
@@ -655,7 +702,7 @@ class ORMap(Causal):
             m[last] = fresh
         else:
             old[element] = dot  # the state owns its stores: joins mutate them in place too
-        return None if bm is not None else self._fused_delta(top, ctx)
+        return None if at is not None else self._fused_delta(top, ctx)
 
     def _fused_walk(
         self, path: tuple[str, ...], cls: type

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.crdt import MAX_NESTING_DEPTH, Batch, CausalContext, ORMap
-from broker.crdt._stores import LWWStore, MapStore
+from broker.crdt._stores import LWWStore, MapStore, SetStore
 from broker.errors import (
     InvalidArgumentError,
     InvalidKeyError,
@@ -417,3 +417,69 @@ def test_batch_in_place_does_not_share_stores_with_the_state() -> None:
     assert batch.delta.value() == {"s": {"y", "z"}}
     assert state.value() == {"s": {"x", "y", "z"}}
     assert batch.delta.store["s"] is not state.store["s"]
+
+
+def _batch_reference(state: ORMap, ops: list[Any]) -> None:
+    """``ops`` written in place and by joining leave the same state and batch."""
+    want_state, got_state = state.copy(), state.copy()
+    want, want_errors = _write_batch(want_state, "r1", ops, in_place=False)
+    got, got_errors = _write_batch(got_state, "r1", ops, in_place=True)
+    assert got_errors == want_errors
+    assert_same(got_state, want_state)
+    assert_same(got, want)
+
+
+def test_batch_forgets_the_maps_it_remembered_when_a_write_joins() -> None:
+    """A removal joined in drops the maps of the remembered prefix from the state: the next
+    write under that prefix must not go into the detached map."""
+    state = ORMap()
+    state.merge(state.assign("r3", ("n", "z"), 1, 1))
+    _batch_reference(state, [
+        ("assign", ("n", "e"), 1),  # remembers the maps of ("n",)
+        ("remove", ("n",), None),  # drops ("n",) from the state
+        ("assign", ("n", "f"), 2),  # a map missing on the path: the general route
+        ("assign", ("n", "g"), 3),
+    ])
+
+
+def test_batch_keeps_dots_a_joined_delta_put_beside_its_own_entry() -> None:
+    """An entry a join changed is not the batch's own any more: a mutator's dot that the
+    state does not hold (a stale one, re-added after a discard) stays in the batch, as the
+    join of the next add of that element keeps it."""
+    state = ORMap()
+    state.merge(state.add("r1", ("s",), "x"))
+    state.merge(state.discard("r1", ("s",), "x"))  # (r1, 1) removed; the context keeps it
+    results = []
+    for in_place in (False, True):
+        s = state.copy()
+        batch = Batch()
+        for element in ("y", "x"):
+            d = (s.apply_add("r1", ("s",), element, into=batch) if in_place
+                 else s.apply_add("r1", ("s",), element))
+            if d is not None:
+                batch.join(d)
+            if element == "y":  # then a mutator's delta re-adding the removed dot
+                relay = ORMap(is_delta=True)
+                relay.store = MapStore({"s": SetStore({"x": ("r1", 1)})})
+                relay.context = CausalContext.from_dots([("r1", 1)])
+                s.merge(relay)
+                batch.join(relay)
+        results.append((s, batch.delta))
+    assert_same(results[1][0], results[0][0])
+    assert_same(results[1][1], results[0][1])
+    assert ("r1", 1) in results[1][1].context
+
+
+def test_a_joined_set_is_never_written_in_place() -> None:
+    state = ORMap()
+    state.merge(state.add("r1", ("s",), "x"))
+    batch = Batch()
+    d = state.add("r1", ("s",), "y")
+    state.merge(d)
+    batch.join(d)
+    before = d.copy()
+    back = state.apply_add("r1", ("s",), "z", into=batch)
+    assert back is not None  # the joined set: returned to be joined
+    batch.join(back)
+    assert_same(d, before)
+    assert batch.delta.value() == {"s": {"y", "z"}}
