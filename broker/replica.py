@@ -721,7 +721,7 @@ class Replica:
         try:
             if isinstance(raw, Clipped):
                 return self.codec.encode_document(raw.document)
-            return self.codec.open(raw, None, keep_packed=True).packed_document
+            return self.codec.packed_document(raw)  # opened (verified, decoded) on arrival
         except CodecError as exc:  # it opened when it arrived: only a codec defect gets here
             log.error("received state of %s not logged with a local write: %s",
                       self.config.subject, exc)

@@ -485,6 +485,22 @@ class WireCodec:
                 return found
         return decode_document(self.schema, doc, expect)
 
+    def packed_document(self, data: bytes) -> bytes:
+        """The packed document of envelope ``data``, as ``open(..., keep_packed=True)``
+        gives it, without verifying or decoding it again: for an envelope this codec opened
+        and checked before (a replica logging what it joined)."""
+        self._check_size(data, "envelope")
+        with decoding("envelope"):
+            outer = self._parse(self.schema.envelope.SignedEnvelope, data, 4)
+            env = self._parse(self.schema.envelope.Envelope, bytes(outer.body), NESTING_LIMIT)
+            which = env.which()
+            if which in ("deltaBatchZlib", "stateZlib"):
+                raw = self._inflate(bytes(getattr(env, which)))
+                doc = self._parse(self.schema.crdt.Document, raw, NESTING_LIMIT)
+            else:
+                doc = getattr(env, which)
+            return self._checked_copy(doc)
+
     def _checked_copy(self, doc: Any) -> bytes:
         """Packed bytes of the ``Document`` reader ``doc`` (unknown fields and members
         included), copied only through bounds-checked paths.

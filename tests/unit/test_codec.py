@@ -600,3 +600,22 @@ def test_an_envelope_timestamp_beyond_the_clocks_range_is_malformed() -> None:
     outer.signer, outer.signature, outer.body = "n", signer.sign(raw), raw
     with pytest.raises(MalformedMessageError, match="hybrid timestamp"):
         codec.open(outer.to_bytes_packed(), roster)
+
+
+@pytest.mark.parametrize("size", [3, 300])
+@pytest.mark.parametrize("peer", [1, 2])
+def test_packed_document_is_what_open_keeps(
+    keys: tuple[Signer, Signer, TrustRoster], size: int, peer: int
+) -> None:
+    """A replica logs a received batch from ``packed_document`` (no second verify and
+    decode): the same bytes ``open(keep_packed=True)`` returns, compressed or not."""
+    alice, _, roster = keys
+    batch = ORMap(is_delta=True)
+    for i in range(size):
+        batch.merge(batch.assign("alice", (f"key-{i}",), i, T0 + i))
+    codec = WireCodec(CURRENT_VERSION, peer_version=peer)
+    raw = codec.seal(alice, subject="x", hlc=1, sequence=1, document=batch)
+    assert codec.packed_document(raw) == codec.open(raw, roster, keep_packed=True).packed_document
+    same(codec.decode_record(codec.packed_document(raw)), batch)
+    with pytest.raises(CodecError):
+        codec.packed_document(raw[: len(raw) // 2])
