@@ -35,8 +35,9 @@ Invariants:
   ending in one, or a one-entry counter; a set's short texts with one dot each) are read
   as columns (``_Reader.columns``, ``element_columns``): the structural words of the list
   and of what it points to (every pointer at the exact offset pycapnp's copy gives it, so
-  nothing is shared or read twice) are compared with their only allowed values in one
-  masked compare, the fields that vary are read as columns of words (memoryview casts:
+  nothing is shared or read twice) are compared with their only allowed values (in one
+  masked big-int compare, or column by column for lists of ``_COLUMNS_AT`` bytes and more:
+  ``_fits``), the fields that vary are read as columns of words (memoryview casts:
   little-endian hosts only), checked by C-level passes (extremes, counts, sortedness), and
   the stores built by ``map``/``zip``. Anything else (another layout, a value out of
   range, a repeated key) returns None there and the loops read the list, and decide;
@@ -381,8 +382,8 @@ class _Columns:
     or increments and decrements), at word indexes in an entry's words; ``key``: an inner
     key's word (a path's), its text pointer's upper half at 32-bit index ``key_hi``."""
 
-    __slots__ = ("cache", "cols", "data", "hi", "key", "key_hi", "mask", "one", "pattern",
-                 "signed", "words")
+    __slots__ = ("cache", "checked", "cols", "data", "hi", "key", "key_hi", "mask", "one",
+                 "pattern", "signed", "words")
 
     def __init__(
         self, kind: int, which: int, hi: int, body: int,
@@ -420,6 +421,29 @@ class _Columns:
         self.key = -1 if key == -1 else 1 + key // 8
         self.key_hi = -1 if key_hi == -1 else 2 + key_hi // 4
         self.cache: dict[int, tuple[int, int]] = {}
+        self.checked: dict[int, _Checks] = {}
+
+    def layout(self, count: int) -> list[tuple[int, str, int, int, int]]:
+        """The fixed fields of each entry of a list of ``count`` (see ``_list_layout``)."""
+        return [
+            (0, "Q", self.data, -1, 0),
+            (_ENTRY_KEY, "I", 1, _ENTRY_KEY, 0),
+            (_ENTRY_LIST, "I", 1, _ENTRY_LIST, 8),
+            (_ENTRY_LIST + 4, "I", self.hi, -1, 0),
+        ]
+
+    def checks(self, count: int) -> _Checks:
+        """``masks`` as column compares (``_list_checks``; cached as ``masks`` are)."""
+        got = self.checked.get(count)
+        if got is None:
+            if len(self.checked) >= _MASKS_CACHED:
+                self.checked.clear()
+            got = _list_checks(
+                count, _ENTRY_BYTES, self.words, self.layout(count), self.mask, self.pattern
+            )
+            if count <= _MASKS_CACHED_UP_TO:
+                self.checked[count] = got
+        return got
 
     def masks(self, count: int) -> tuple[int, int]:
         """(mask, pattern) of the words of a list of ``count`` such entries and of their
@@ -432,12 +456,7 @@ class _Columns:
             if len(self.cache) >= _MASKS_CACHED:
                 self.cache.clear()
             got = _list_layout(
-                count, _ENTRY_BYTES, self.words, [
-                    (0, "Q", self.data, -1, 0),
-                    (_ENTRY_KEY, "I", 1, _ENTRY_KEY, 0),
-                    (_ENTRY_LIST, "I", 1, _ENTRY_LIST, 8),
-                    (_ENTRY_LIST + 4, "I", self.hi, -1, 0),
-                ], self.mask, self.pattern,
+                count, _ENTRY_BYTES, self.words, self.layout(count), self.mask, self.pattern
             )
             if count <= _MASKS_CACHED_UP_TO:  # (a few KiB each; bounded memory)
                 self.cache[count] = got
@@ -474,6 +493,67 @@ def _list_layout(
         int.from_bytes(hmask.tobytes() + mask * count, "little"),
         int.from_bytes(head.tobytes() + pattern * count, "little"),
     )
+
+
+_Checks = tuple[tuple[bool, int, int, int, "array[int]"], ...]
+"""Column compares (``_list_checks``): (64-bit, start, stop, step, the column's values)."""
+
+
+def _list_checks(
+    count: int, stride: int, words: int, fields: list[tuple[int, str, int, int, int]],
+    mask: bytes, pattern: bytes,
+) -> _Checks:
+    """What ``_list_layout`` compares at once, as compares of columns (``_fits``): every
+    fixed 32-bit half of the structs and of their runs, as a column of its ``count``
+    values (two halves of a word both fixed: one column of words). A column compare costs
+    about as much as a big int's few words: wide lists cost less so (see ``_COLUMNS_AT``).
+    Every byte of ``mask``'s 32-bit halves is fixed, or none is (checked)."""
+    halves: dict[int, tuple[int, ...]] = {}  # 32-bit index in the struct -> its values
+    end = stride * count
+    for off, code, value, ptr, target in fields:
+        i = off // 4
+        if ptr != -1:
+            first = value | (end + target - (ptr + 8)) // 8 << 2
+            step = (8 * words - stride) // 8 << 2
+            halves[i] = tuple(range(first, first + step * count, step))
+        else:
+            for k in range(struct.calcsize("<" + code) // 4):
+                halves[i + k] = (value >> 32 * k & 0xFFFFFFFF,) * count
+    checks: list[tuple[bool, int, int, int, array[int]]] = []
+    for i in range(0, stride // 4, 2):
+        lo, hi = halves.get(i), halves.get(i + 1)
+        if lo is not None and hi is not None:
+            checks.append((True, i // 2, end // 8, stride // 8, array(
+                "Q", [a | b << 32 for a, b in zip(lo, hi, strict=True)])))
+        elif lo is not None or hi is not None:
+            j = i if lo is not None else i + 1
+            checks.append((False, j, end // 4, stride // 4, array("I", halves[j])))
+    for w in range(words):
+        fixed = []
+        for h in range(2):
+            m = mask[8 * w + 4 * h : 8 * w + 4 * h + 4]
+            if m not in (b"\xff" * 4, bytes(4)):
+                raise AssertionError("a 32-bit half partly fixed")
+            fixed.append(m == b"\xff" * 4)
+        value = int.from_bytes(pattern[8 * w : 8 * w + 8], "little")
+        if all(fixed):
+            checks.append((True, end // 8 + w, 1 << 62, words, array("Q", [value]) * count))
+        elif any(fixed):
+            h = fixed.index(True)
+            checks.append((
+                False, end // 4 + 2 * w + h, 1 << 62, 2 * words,
+                array("I", [value >> 32 * h & 0xFFFFFFFF]) * count,
+            ))
+    return tuple(checks)
+
+
+def _fits(whole: memoryview, checks: _Checks) -> bool:
+    """Whether the words of ``whole`` pass the column compares ``checks``."""
+    q, d = whole.cast("Q"), whole.cast("I")
+    for wide, start, stop, step, want in checks:
+        if (q if wide else d)[start:stop:step] != want:
+            return False
+    return True
 
 
 def _register_fields(at: int) -> tuple[list[tuple[int, str, int]], list[tuple[int, int]]]:
@@ -525,6 +605,8 @@ _COUNTERS: Final = _Columns(
      _REG_PAYLOAD + PAYLOAD_COUNTER_DECREMENTS), False,
 )
 _SHAPES: Final = {c.data: c for c in (_REGISTERS, _PATHS, _COUNTERS)}
+_COLUMNS_AT = 2048  # bytes: a list's words compared column by column from this size (below it
+# one big-int compare costs less)
 _COLUMNS_MIN: Final = 8  # fewer entries: the loop costs less than the columns' set-up
 _KEY_AT_WORD: Final = _ENTRY_KEY // 4  # the key pointer's lower half, in 32-bit units
 _LIST_AT_WORD: Final = _ENTRY_LIST // 4
@@ -562,6 +644,17 @@ _ELEMENT_ONE: Final = (
     int.from_bytes(_ELEMENT_MASK, "little"), int.from_bytes(_ELEMENT_PATTERN, "little")
 )
 _ELEMENT_MASKS: dict[int, tuple[int, int]] = {}  # by element count, as ints (bounded)
+_ELEMENT_CHECKS: dict[int, _Checks] = {}  # the same, as column compares (bounded)
+
+
+def _element_fields() -> list[tuple[int, str, int, int, int]]:
+    """The fixed fields of each element of a list read by ``element_columns``."""
+    return [
+        (_SET_ELEMENT_VALUE, "I", 0, _SET_ELEMENT_VALUE, 0),
+        (_SET_ELEMENT_VALUE + 4, "I", _VALUE_SHAPE, -1, 0),
+        (_SET_ELEMENT_DOTS, "I", 1, _SET_ELEMENT_DOTS, _ELEMENT_DOTS),
+        (_SET_ELEMENT_DOTS + 4, "I", _ONE_DOT_HI, -1, 0),
+    ]
 _TEXT_HI: Final = [(n + 1) << 3 | 2 for n in range(8)]  # a text pointer's upper half, by size
 _ELEMENT_R: Final = (_ELEMENT_DOTS + 8 + DOT_REPLICA) // 8
 _ELEMENT_N: Final = (_ELEMENT_DOTS + 8 + DOT_COUNTER) // 8
@@ -994,23 +1087,33 @@ class _Reader:
             _ELEMENT_ONE[1]
         ):
             return None  # the first element is not of the shape: masks are not built
-        got = _ELEMENT_MASKS.get(count)
-        if got is None:
-            if len(_ELEMENT_MASKS) >= _MASKS_CACHED:
-                _ELEMENT_MASKS.clear()
-            got = _list_layout(
-                count, _SET_ELEMENT_BYTES, words, [
-                    (_SET_ELEMENT_VALUE, "I", 0, _SET_ELEMENT_VALUE, 0),
-                    (_SET_ELEMENT_VALUE + 4, "I", _VALUE_SHAPE, -1, 0),
-                    (_SET_ELEMENT_DOTS, "I", 1, _SET_ELEMENT_DOTS, _ELEMENT_DOTS),
-                    (_SET_ELEMENT_DOTS + 4, "I", _ONE_DOT_HI, -1, 0),
-                ], _ELEMENT_MASK, _ELEMENT_PATTERN,
-            )
-            if count <= _MASKS_CACHED_UP_TO:
-                _ELEMENT_MASKS[count] = got
         whole = memoryview(m)[at:stop]
-        if int.from_bytes(whole, "little") & got[0] != got[1]:
-            return None
+        if stop - at >= _COLUMNS_AT:
+            checks = _ELEMENT_CHECKS.get(count)
+            if checks is None:
+                if len(_ELEMENT_CHECKS) >= _MASKS_CACHED:
+                    _ELEMENT_CHECKS.clear()
+                checks = _list_checks(
+                    count, _SET_ELEMENT_BYTES, words, _element_fields(), _ELEMENT_MASK,
+                    _ELEMENT_PATTERN,
+                )
+                if count <= _MASKS_CACHED_UP_TO:
+                    _ELEMENT_CHECKS[count] = checks
+            if not _fits(whole, checks):
+                return None
+        else:
+            got = _ELEMENT_MASKS.get(count)
+            if got is None:
+                if len(_ELEMENT_MASKS) >= _MASKS_CACHED:
+                    _ELEMENT_MASKS.clear()
+                got = _list_layout(
+                    count, _SET_ELEMENT_BYTES, words, _element_fields(), _ELEMENT_MASK,
+                    _ELEMENT_PATTERN,
+                )
+                if count <= _MASKS_CACHED_UP_TO:
+                    _ELEMENT_MASKS[count] = got
+            if int.from_bytes(whole, "little") & got[0] != got[1]:
+                return None
         region = whole[end - at :]
         c = region.cast("Q")
         his = region.cast("I")[_ELEMENT_HI :: 2 * words].tolist()
@@ -1226,10 +1329,14 @@ class _Reader:
             one_pattern
         ):
             return None
-        mask, pattern = shape.masks(count)
         whole = memoryview(m)[at:stop]
-        if int.from_bytes(whole, "little") & mask != pattern:
-            return None
+        if stop - at >= _COLUMNS_AT:
+            if not _fits(whole, shape.checks(count)):
+                return None
+        else:
+            mask, pattern = shape.masks(count)
+            if int.from_bytes(whole, "little") & mask != pattern:
+                return None
         n32 = rows.cast("I")
         per = _ENTRY_BYTES // 4
         region = whole[end - at :]

@@ -315,3 +315,51 @@ def test_mutated_wide_lists_never_read_differently(monkeypatch: pytest.MonkeyPat
     assert refused
     assert any(taken)
     assert not all(taken)
+
+
+@pytest.mark.parametrize("shape", ["registers", "paths", "counters", "set texts"])
+def test_column_compares_check_what_the_mask_checks(shape: str) -> None:
+    # A wide list's words are compared column by column (``_fits``, lists of _COLUMNS_AT
+    # bytes and more) or as one masked big int: both refuse exactly the same bytes. Every
+    # byte of a list of 20, changed, is refused by both or by neither; the list as written
+    # passes both. (Fails if a column compare misses a fixed byte or checks a varying one.)
+    i = ["registers", "paths", "counters", "set texts"].index(shape)
+    doc = wide(random.Random(5), T0, i, 20)
+    seg = bytearray(unpack(ORACLE.encode_document(doc))[8:])
+    found: list[tuple[int, int]] = []
+    name = "element_columns" if shape == "set texts" else "columns"
+    right = getattr(fast_mod._Reader, name)
+
+    def spy(self: fast_mod._Reader, m: bytes, at: int, count: int, *rest: Any) -> Any:
+        found.append((at, count))
+        return right(self, m, at, count, *rest)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fast_mod._Reader, name, spy)
+        read_document(b"\0\0\0\0" + (len(seg) // 8).to_bytes(4, "little") + bytes(seg),
+                      FAST.schema.kinds)
+    (at, count), = [f for f in found if f[1] == 20]
+    if shape == "set texts":
+        stride, words = fast_mod._SET_ELEMENT_BYTES, fast_mod._ELEMENT_WORDS
+        args: Any = (fast_mod._element_fields(), fast_mod._ELEMENT_MASK,
+                     fast_mod._ELEMENT_PATTERN)
+    else:
+        cols = {"registers": fast_mod._REGISTERS, "paths": fast_mod._PATHS,
+                "counters": fast_mod._COUNTERS}[shape]
+        stride, words = fast_mod._ENTRY_BYTES, cols.words
+        args = (cols.layout(count), cols.mask, cols.pattern)
+    mask, pattern = fast_mod._list_layout(count, stride, words, *args)
+    checks = fast_mod._list_checks(count, stride, words, *args)
+    stop = at + (stride + 8 * words) * count
+    assert int.from_bytes(seg[at:stop], "little") & mask == pattern
+    assert fast_mod._fits(memoryview(bytes(seg[at:stop])), checks)
+    fixed = 0
+    for b in range(at, stop):
+        for flip in (1, 0x80):
+            seg[b] ^= flip
+            region = bytes(seg[at:stop])
+            seg[b] ^= flip
+            masked = int.from_bytes(region, "little") & mask == pattern
+            assert fast_mod._fits(memoryview(region), checks) == masked, (b - at, flip)
+            fixed += not masked
+    assert fixed
