@@ -669,7 +669,7 @@ def _column_keys(words: list[int], his: list[int]) -> list[str] | None:
     None if one is not such a key (then the loop in ``entries`` reads it, and refuses it if
     it is invalid). A word is looked up with the length its key was checked with."""
     keys = list(map(_WORD_KEYS.get, words))
-    if None in keys:
+    if not all(keys):  # (a key is never empty: a None, not in the cache)
         for w, hi in zip(words, his, strict=True):
             if w not in _WORD_KEYS:
                 if hi not in _PATH_KEY_HI:
@@ -681,11 +681,22 @@ def _column_keys(words: list[int], his: list[int]) -> list[str] | None:
                 _WORD_KEYS[w] = key
                 _WORD_KEY_HI[w] = hi
         keys = list(map(_WORD_KEYS.get, words))
-        if None in keys:  # the cache was cleared meanwhile
+        if not all(keys):  # the cache was cleared meanwhile
             return None
     if list(map(_WORD_KEY_HI.get, words)) != his:
         return None
     return keys  # type: ignore[return-value]
+
+
+def _replica_column(col: memoryview, count: int, replicas: list[str]) -> Any:
+    """The replica ids of a column of ``count`` replica indexes (as words, each checked to
+    be below 2**32 by the list's layout): an iterator, or None if one is out of the
+    table. One compare when a single replica wrote them all, the commonest case."""
+    r = col[0]
+    if col == array("Q", [r]) * count:
+        return repeat(replicas[r], count) if r < len(replicas) else None
+    rs = col.tolist()
+    return map(replicas.__getitem__, rs) if max(rs) < len(replicas) else None
 
 
 def _fail(why: str) -> FastPathError:
@@ -851,14 +862,18 @@ class _Reader:
         if _NATIVE_COLUMNS:
             q = memoryview(self.m)[start : start + _DOT_BYTES * count].cast("Q")
             ns: list[int] = q[_DOT_N_WORD::_DOT_WORDS].tolist()
-            rw: list[int] = q[_DOT_R_WORD::_DOT_WORDS].tolist()
+            rq = q[_DOT_R_WORD::_DOT_WORDS]
+            w0 = rq[0]
+            one = rq == array("Q", [w0]) * count  # one compare, no list, when one replica
+            rw: list[int] = [] if one else rq.tolist()
         else:  # pragma: no cover - big-endian hosts
             rows = list(_DOT_ROWS(self.m[start : start + _DOT_BYTES * count]))
             ns = [n for _, n in rows]
             rw = [r for r, _ in rows]
+            w0 = rw[0]
+            one = rw.count(w0) == count
         nrep = len(self.replicas)
-        w0 = rw[0]
-        if rw.count(w0) == count:
+        if one:
             # One replica: sorted and unique = the counters rise (sorted, no repeat).
             r = w0 & _DOT_R_MASK
             if r >= nrep or ns[0] < 1 or ns[-1] > INT64_MAX:
@@ -1128,19 +1143,11 @@ class _Reader:
             texts = list(map(bytes.decode, raw))
         except UnicodeDecodeError:
             return None
-        rs: list[int] = c[_ELEMENT_R::words].tolist()
-        ns: list[int] = c[_ELEMENT_N::words].tolist()
-        replicas = self.replicas
-        r = rs[0]
-        if min(ns) < 1 or max(ns) > INT64_MAX:
+        ns: list[int] = region.cast("q")[_ELEMENT_N::words].tolist()  # (as ``columns``)
+        if min(ns) < 1:
             return None
-        if rs.count(r) == count:
-            if r >= len(replicas):
-                return None
-            rids: Any = repeat(replicas[r], count)
-        elif max(rs) < len(replicas):
-            rids = map(replicas.__getitem__, rs)
-        else:
+        rids = _replica_column(c[_ELEMENT_R::words], count, self.replicas)
+        if rids is None:
             return None
         out = SetStore(zip(texts, zip(rids, ns, strict=True), strict=True))
         if len(out) != count:  # an element listed twice: the loop merges their dots
@@ -1337,40 +1344,34 @@ class _Reader:
             mask, pattern = shape.masks(count)
             if int.from_bytes(whole, "little") & mask != pattern:
                 return None
-        n32 = rows.cast("I")
-        per = _ENTRY_BYTES // 4
         region = whole[end - at :]
         c = region.cast("Q")
-        keys = _column_keys(c[::words].tolist(), n32[_KEY_AT_WORD + 1 :: per].tolist())
+        keys = _column_keys(
+            c[::words].tolist(), rows.cast("I")[_KEY_AT_WORD + 1 :: _ENTRY_BYTES // 4].tolist()
+        )
         if keys is None or sorted(keys) != keys:
             return None
+        # Dots, timestamps and counters read signed: a word above 2**63 - 1 reads negative,
+        # so one pass (min) checks each column's range.
+        signed = region.cast("q")
         ir, iN, ia, ib = shape.cols
-        rs: list[int] = c[ir::words].tolist()
-        ns: list[int] = c[iN::words].tolist()
-        xs: list[int] = c[ia::words].tolist()
-        ys: list[int] = (region.cast("q") if shape.signed else c)[ib::words].tolist()
-        replicas = self.replicas
-        r = rs[0]
-        if min(ns) < 1 or max(ns) > INT64_MAX or max(xs) > INT64_MAX:
+        ns: list[int] = signed[iN::words].tolist()
+        xs: list[int] = signed[ia::words].tolist()
+        ys: list[int] = signed[ib::words].tolist()
+        if min(ns) < 1 or min(xs) < 0 or (not shape.signed and min(ys) < 0):
             return None
-        if not shape.signed and max(ys) > INT64_MAX:
-            return None
-        if rs.count(r) == count:
-            if r >= len(replicas):
-                return None
-            rids: Any = repeat(replicas[r], count)
-        elif max(rs) < len(replicas):
-            rids = map(replicas.__getitem__, rs)
-        else:
+        rids = _replica_column(c[ir::words], count, self.replicas)
+        if rids is None:
             return None
         if shape is _PATHS:
-            kws = c[shape.key :: words].tolist()
-            khs = region.cast("I")[shape.key_hi :: 2 * words].tolist()
-            if kws.count(kws[0]) == count and khs.count(khs[0]) == count:
-                inner = _column_keys(kws[:1], khs[:1])  # one name under every path
+            kc = c[shape.key :: words]
+            hc = region.cast("I")[shape.key_hi :: 2 * words]
+            k0, h0 = kc[0], hc[0]
+            if kc == array("Q", [k0]) * count and hc == array("I", [h0]) * count:
+                inner = _column_keys([k0], [h0])  # one name under every path
                 wrap: Any = repeat(inner and (inner[0],), count)
             else:
-                inner = _column_keys(kws, khs)
+                inner = _column_keys(kc.tolist(), hc.tolist())
                 wrap = zip(inner or (), strict=True)
             if inner is None:
                 return None
