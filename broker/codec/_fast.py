@@ -357,9 +357,10 @@ _KEYS: dict[bytes, str] = {}
 """Map keys already checked (UTF-8 bytes -> str), bounded; only valid keys enter it."""
 _WORD_KEYS: dict[int, str] = {}
 """Map keys of at most 7 bytes already checked, by their text's word (as an int), bounded;
-only valid keys enter it, with the upper half of their text pointer (``_WORD_KEY_HI``):
-a word is its key only with that length (``columns``)."""
-_WORD_KEY_HI: dict[int, int] = {}
+only valid keys enter it, each with the upper half of its text pointer (``_KEY_HI``, by
+the key: its UTF-8 size): a word is its key only with that length (``columns``; a word
+has one valid length, up to its first NUL)."""
+_KEY_HI: dict[str, int] = {}
 
 
 _MASKS_CACHED: Final = 16  # list sizes whose masks are kept, per shape
@@ -677,15 +678,16 @@ def _column_keys(words: list[int], his: list[int]) -> list[str] | None:
                 key = _new_key(w.to_bytes(8, "little")[: hi >> 3])
                 if len(_WORD_KEYS) >= _KEY_CACHE:
                     _WORD_KEYS.clear()
-                    _WORD_KEY_HI.clear()
+                    _KEY_HI.clear()
                 _WORD_KEYS[w] = key
-                _WORD_KEY_HI[w] = hi
+                _KEY_HI[key] = hi
         keys = list(map(_WORD_KEYS.get, words))
         if not all(keys):  # the cache was cleared meanwhile
             return None
-    if list(map(_WORD_KEY_HI.get, words)) != his:
+    found: list[str] = keys  # type: ignore[assignment]  # (no None: see above)
+    if list(map(_KEY_HI.get, found)) != his:  # (a str's hash is cached: cheaper by key)
         return None
-    return keys  # type: ignore[return-value]
+    return found
 
 
 def _replica_column(col: memoryview, count: int, replicas: list[str]) -> Any:
