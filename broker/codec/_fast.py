@@ -509,26 +509,27 @@ def _list_checks(
     values (two halves of a word both fixed: one column of words). A column compare costs
     about as much as a big int's few words: wide lists cost less so (see ``_COLUMNS_AT``).
     Every byte of ``mask``'s 32-bit halves is fixed, or none is (checked)."""
-    halves: dict[int, tuple[int, ...]] = {}  # 32-bit index in the struct -> its values
+    halves: dict[int, tuple[int, int]] = {}  # 32-bit index in the struct -> first, step
     end = stride * count
     for off, code, value, ptr, target in fields:
         i = off // 4
         if ptr != -1:
-            first = value | (end + target - (ptr + 8)) // 8 << 2
-            step = (8 * words - stride) // 8 << 2
-            halves[i] = tuple(range(first, first + step * count, step))
+            step = (8 * words - stride) // 8 << 2  # struct j's offset: first + step * j
+            halves[i] = (value | (end + target - (ptr + 8)) // 8 << 2, step)
+            if halves[i][0] + step * count > 0xFFFFFFFF:  # (never: the list is in bounds)
+                raise OverflowError("pointer offsets past 32 bits")
         else:
             for k in range(struct.calcsize("<" + code) // 4):
-                halves[i + k] = (value >> 32 * k & 0xFFFFFFFF,) * count
+                halves[i + k] = (value >> 32 * k & 0xFFFFFFFF, 0)
     checks: list[tuple[bool, int, int, int, array[int]]] = []
     for i in range(0, stride // 4, 2):
         lo, hi = halves.get(i), halves.get(i + 1)
-        if lo is not None and hi is not None:
-            checks.append((True, i // 2, end // 8, stride // 8, array(
-                "Q", [a | b << 32 for a, b in zip(lo, hi, strict=True)])))
+        if lo is not None and hi is not None:  # (each column built C-level: no Python per entry)
+            first, step = lo[0] | hi[0] << 32, lo[1] + (hi[1] << 32)
+            checks.append((True, i // 2, end // 8, stride // 8, _column("Q", first, step, count)))
         elif lo is not None or hi is not None:
             j = i if lo is not None else i + 1
-            checks.append((False, j, end // 4, stride // 4, array("I", halves[j])))
+            checks.append((False, j, end // 4, stride // 4, _column("I", *halves[j], count)))
     for w in range(words):
         fixed = []
         for h in range(2):
@@ -546,6 +547,13 @@ def _list_checks(
                 array("I", [value >> 32 * h & 0xFFFFFFFF]) * count,
             ))
     return tuple(checks)
+
+
+def _column(code: str, first: int, step: int, count: int) -> array[int]:
+    """The column ``first, first + step, ...`` of ``count`` values (C-level)."""
+    if not step:
+        return array(code, [first]) * count
+    return array(code, range(first, first + step * count, step))
 
 
 def _fits(whole: memoryview, checks: _Checks) -> bool:
