@@ -424,6 +424,13 @@ class _Columns:
         self.cache: dict[int, tuple[int, int]] = {}
         self.checked: dict[int, _Checks] = {}
 
+    def first(self, m: bytes, end: int) -> bool:
+        """Whether the first run of a list (at byte ``end``) is of the shape."""
+        mask, pattern = self.one
+        return int.from_bytes(memoryview(m)[end : end + 8 * self.words], "little") & mask == (
+            pattern
+        )
+
     def layout(self, count: int) -> list[tuple[int, str, int, int, int]]:
         """The fixed fields of each entry of a list of ``count`` (see ``_list_layout``)."""
         return [
@@ -1108,12 +1115,14 @@ class _Reader:
         stop = end + 8 * words * count
         if stop > self.size:
             return None
-        if int.from_bytes(memoryview(m)[end : end + 8 * words], "little") & _ELEMENT_ONE[0] != (
-            _ELEMENT_ONE[1]
+        whole = memoryview(m)[at:stop]
+        wide = stop - at >= _COLUMNS_AT
+        if count not in (_ELEMENT_CHECKS if wide else _ELEMENT_MASKS) and (
+            int.from_bytes(memoryview(m)[end : end + 8 * words], "little") & _ELEMENT_ONE[0]
+            != _ELEMENT_ONE[1]
         ):
             return None  # the first element is not of the shape: masks are not built
-        whole = memoryview(m)[at:stop]
-        if stop - at >= _COLUMNS_AT:
+        if wide:
             checks = _ELEMENT_CHECKS.get(count)
             if checks is None:
                 if len(_ELEMENT_CHECKS) >= _MASKS_CACHED:
@@ -1341,18 +1350,24 @@ class _Reader:
         stop = end + 8 * words * count
         if stop > self.size:
             return None
-        one_mask, one_pattern = shape.one
-        if int.from_bytes(memoryview(m)[end : end + 8 * words], "little") & one_mask != (
-            one_pattern
-        ):
-            return None
+        # A size seen first: a list whose first run is not of the shape is left to the loop
+        # before its checks are built (``first``).
         whole = memoryview(m)[at:stop]
         if stop - at >= _COLUMNS_AT:
-            if not _fits(whole, shape.checks(count)):
+            checks = shape.checked.get(count)
+            if checks is None:
+                if not shape.first(m, end):
+                    return None
+                checks = shape.checks(count)
+            if not _fits(whole, checks):
                 return None
         else:
-            mask, pattern = shape.masks(count)
-            if int.from_bytes(whole, "little") & mask != pattern:
+            got = shape.cache.get(count)
+            if got is None:
+                if not shape.first(m, end):
+                    return None
+                got = shape.masks(count)
+            if int.from_bytes(whole, "little") & got[0] != got[1]:
                 return None
         region = whole[end - at :]
         c = region.cast("Q")
