@@ -280,8 +280,13 @@ def test_a_wrong_column_read_is_caught(wrong: str, monkeypatch: pytest.MonkeyPat
     # A column read wrong (the last one read from the one before it; a set text's first
     # byte changed) is caught by the differential check: the columns are taken, and checked.
     if wrong == "set texts":
-        right = fast_mod._WORD
-        monkeypatch.setattr(fast_mod, "_WORD", lambda w: right(w ^ 1))
+        right = fast_mod._ascii_texts
+
+        def texts(blob: bytes, count: int) -> list[str] | None:
+            got = right(blob, count)
+            return got and [chr(ord(got[0][0]) ^ 1) + got[0][1:], *got[1:]]
+
+        monkeypatch.setattr(fast_mod, "_ascii_texts", texts)
     else:
         shape = {"registers": fast_mod._REGISTERS, "paths": fast_mod._PATHS,
                  "counters": fast_mod._COUNTERS}[wrong]
@@ -363,3 +368,38 @@ def test_column_compares_check_what_the_mask_checks(shape: str) -> None:
             assert fast_mod._fits(memoryview(region), checks) == masked, (b - at, flip)
             fixed += not masked
     assert fixed
+
+
+def _text_sets(texts: list[list[str]]) -> list[Causal]:
+    docs: list[Causal] = []
+    for batch in texts:
+        state, delta = ORSet(), ORSet(is_delta=True)
+        for i, text in enumerate(batch):
+            d = state.add(SIGNER_ID if i % 3 else "other-1", text)
+            state.merge(d)
+            delta.merge(d)
+        docs += [state, delta]
+    return docs
+
+
+_NOT_ASCII = [[f"é{i}" for i in range(n)] for n in (8, 20, 90)] + [
+    ["", *(f"t{i}" for i in range(12))],  # an empty text: not read by one decode
+    [f"ü-{i:02}" for i in range(40)],  # 7 bytes
+]
+
+
+def test_set_texts_not_ascii_are_read_as_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Short texts that are not all non-empty ASCII (read word by word, not by one decode)
+    # are read as columns too, into what pycapnp reads.
+    taken = _spy_columns(monkeypatch)
+    for doc in _text_sets(_NOT_ASCII):
+        check(FAST, ORACLE, doc)
+    assert taken
+    assert all(taken)
+
+
+def test_a_wrong_set_text_read_word_by_word_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    right = fast_mod._WORD
+    monkeypatch.setattr(fast_mod, "_WORD", lambda w: right(w ^ 1))
+    with pytest.raises(AssertionError):
+        _check_all(_text_sets(_NOT_ASCII))
