@@ -671,6 +671,8 @@ def _element_fields() -> list[tuple[int, str, int, int, int]]:
         (_SET_ELEMENT_DOTS, "I", 1, _SET_ELEMENT_DOTS, _ELEMENT_DOTS),
         (_SET_ELEMENT_DOTS + 4, "I", _ONE_DOT_HI, -1, 0),
     ]
+
+
 _TEXT_HI: Final = [(n + 1) << 3 | 2 for n in range(8)] + [-1]  # a text pointer's upper half,
 # by size (8 bytes, no NUL in the word: none, never equal)
 _ELEMENT_R: Final = (_ELEMENT_DOTS + 8 + DOT_REPLICA) // 8
