@@ -403,3 +403,18 @@ def test_a_wrong_set_text_read_word_by_word_is_caught(monkeypatch: pytest.Monkey
     monkeypatch.setattr(fast_mod, "_WORD", lambda w: right(w ^ 1))
     with pytest.raises(AssertionError):
         _check_all(_text_sets(_NOT_ASCII))
+
+
+def test_column_keys_are_taken_only_with_their_length() -> None:
+    # A key word is its key only with the size it was checked with (its first NUL): the
+    # same word under another size is left to the loop (fails if the size check is lost).
+    words = [int.from_bytes(k.encode().ljust(8, b"\0"), "little") for k in ("ab", "é", "xyz")]
+    his = [(n + 1) << 3 | 2 for n in (2, 2, 3)]
+    assert fast_mod._column_keys(words, his) == ["ab", "é", "xyz"]
+    assert fast_mod._column_keys(words, his) == ["ab", "é", "xyz"]  # (from the cache)
+    for i in range(3):
+        for size in range(1, 9):
+            wrong = his.copy()
+            wrong[i] = (size << 3) | 2
+            if wrong != his:
+                assert fast_mod._column_keys(words, wrong) is None, (i, size)
