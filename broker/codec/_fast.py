@@ -673,8 +673,7 @@ def _element_fields() -> list[tuple[int, str, int, int, int]]:
     ]
 
 
-_TEXT_HI: Final = [(n + 1) << 3 | 2 for n in range(8)] + [-1]  # a text pointer's upper half,
-# by size (8 bytes, no NUL in the word: none, never equal)
+_TEXT_HI: Final = [(n + 1) << 3 | 2 for n in range(8)]  # a text pointer's upper half, by size
 _ELEMENT_R: Final = (_ELEMENT_DOTS + 8 + DOT_REPLICA) // 8
 _ELEMENT_N: Final = (_ELEMENT_DOTS + 8 + DOT_COUNTER) // 8
 _ELEMENT_HI: Final = (_VALUE_TEXT + 4) // 4
@@ -717,19 +716,6 @@ def _replica_column(col: memoryview, count: int, replicas: list[str]) -> Any:
         return repeat(replicas[r], count) if r < len(replicas) else None
     rs = col.tolist()
     return map(replicas.__getitem__, rs) if max(rs) < len(replicas) else None
-
-
-def _ascii_texts(blob: bytes, count: int) -> list[str] | None:
-    """The texts of the ``count`` words of ``blob`` if each is a non-empty ASCII text, its
-    NUL and zero padding (``element_columns``; one decode for all), else None. Every text
-    begins its word and ends in it (the words, rebuilt from the texts, are ``blob``)."""
-    if not blob.isascii():
-        return None
-    s = blob.decode("ascii")
-    texts = list(filter(None, s.split("\0")))
-    if len(texts) != count or "".join(map(str.ljust, texts, repeat(8), repeat("\0"))) != s:
-        return None
-    return texts
 
 
 def _fail(why: str) -> FastPathError:
@@ -1169,21 +1155,14 @@ class _Reader:
         his = region.cast("I")[_ELEMENT_HI :: 2 * words].tolist()
         # The texts: each word without its NUL padding, as long as its pointer says, with
         # no NUL inside (a NUL at the end would be stripped: the sizes then differ).
-        texts = _ascii_texts(c[_ELEMENT_TEXT // 8 :: words].tobytes(), count)
-        if texts is None:  # (a text not ASCII, or empty)
-            raw = list(map(
-                bytes.rstrip, map(_WORD, c[_ELEMENT_TEXT // 8 :: words].tolist()), repeat(b"\0")
-            ))
-            if 0 in b"".join(raw):
-                return None
-            try:
-                texts = list(map(bytes.decode, raw))
-            except UnicodeDecodeError:
-                return None
-            sizes = list(map(len, raw))
-        else:
-            sizes = list(map(len, texts))  # (ASCII: one byte a character)
-        if list(map(_TEXT_HI.__getitem__, sizes)) != his:
+        raw = list(map(
+            bytes.rstrip, map(_WORD, c[_ELEMENT_TEXT // 8 :: words].tolist()), repeat(b"\0")
+        ))
+        if list(map(_TEXT_HI.__getitem__, map(len, raw))) != his or 0 in b"".join(raw):
+            return None
+        try:
+            texts = list(map(bytes.decode, raw))
+        except UnicodeDecodeError:
             return None
         ns: list[int] = region.cast("q")[_ELEMENT_N::words].tolist()  # (as ``columns``)
         if min(ns) < 1:
