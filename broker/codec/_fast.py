@@ -35,8 +35,9 @@ Invariants:
   ending in one, or a one-entry counter; a set's short texts with one dot each) are read
   as columns (``_Reader.columns``, ``element_columns``): the structural words of the list
   and of what it points to (every pointer at the exact offset pycapnp's copy gives it, so
-  nothing is shared or read twice) are compared with their only allowed values in one
-  masked compare, the fields that vary are read as columns of words (memoryview casts:
+  nothing is shared or read twice) are compared with their only allowed values (in one
+  masked big-int compare, or column by column for lists of ``_COLUMNS_AT`` bytes and more:
+  ``_fits``), the fields that vary are read as columns of words (memoryview casts:
   little-endian hosts only), checked by C-level passes (extremes, counts, sortedness), and
   the stores built by ``map``/``zip``. Anything else (another layout, a value out of
   range, a repeated key) returns None there and the loops read the list, and decide;
@@ -356,9 +357,10 @@ _KEYS: dict[bytes, str] = {}
 """Map keys already checked (UTF-8 bytes -> str), bounded; only valid keys enter it."""
 _WORD_KEYS: dict[int, str] = {}
 """Map keys of at most 7 bytes already checked, by their text's word (as an int), bounded;
-only valid keys enter it, with the upper half of their text pointer (``_WORD_KEY_HI``):
-a word is its key only with that length (``columns``)."""
-_WORD_KEY_HI: dict[int, int] = {}
+only valid keys enter it, each with the upper half of its text pointer (``_KEY_HI``, by
+the key: its UTF-8 size): a word is its key only with that length (``columns``; a word
+has one valid length, up to its first NUL)."""
+_KEY_HI: dict[str, int] = {}
 
 
 _MASKS_CACHED: Final = 16  # list sizes whose masks are kept, per shape
@@ -381,8 +383,8 @@ class _Columns:
     or increments and decrements), at word indexes in an entry's words; ``key``: an inner
     key's word (a path's), its text pointer's upper half at 32-bit index ``key_hi``."""
 
-    __slots__ = ("cache", "cols", "data", "hi", "key", "key_hi", "mask", "one", "pattern",
-                 "signed", "words")
+    __slots__ = ("cache", "checked", "cols", "data", "hi", "key", "key_hi", "mask", "one",
+                 "pattern", "signed", "words")
 
     def __init__(
         self, kind: int, which: int, hi: int, body: int,
@@ -420,6 +422,36 @@ class _Columns:
         self.key = -1 if key == -1 else 1 + key // 8
         self.key_hi = -1 if key_hi == -1 else 2 + key_hi // 4
         self.cache: dict[int, tuple[int, int]] = {}
+        self.checked: dict[int, _Checks] = {}
+
+    def first(self, m: bytes, end: int) -> bool:
+        """Whether the first run of a list (at byte ``end``) is of the shape."""
+        mask, pattern = self.one
+        return int.from_bytes(memoryview(m)[end : end + 8 * self.words], "little") & mask == (
+            pattern
+        )
+
+    def layout(self, count: int) -> list[tuple[int, str, int, int, int]]:
+        """The fixed fields of each entry of a list of ``count`` (see ``_list_layout``)."""
+        return [
+            (0, "Q", self.data, -1, 0),
+            (_ENTRY_KEY, "I", 1, _ENTRY_KEY, 0),
+            (_ENTRY_LIST, "I", 1, _ENTRY_LIST, 8),
+            (_ENTRY_LIST + 4, "I", self.hi, -1, 0),
+        ]
+
+    def checks(self, count: int) -> _Checks:
+        """``masks`` as column compares (``_list_checks``; cached as ``masks`` are)."""
+        got = self.checked.get(count)
+        if got is None:
+            if len(self.checked) >= _MASKS_CACHED:
+                self.checked.clear()
+            got = _list_checks(
+                count, _ENTRY_BYTES, self.words, self.layout(count), self.mask, self.pattern
+            )
+            if count <= _MASKS_CACHED_UP_TO:
+                self.checked[count] = got
+        return got
 
     def masks(self, count: int) -> tuple[int, int]:
         """(mask, pattern) of the words of a list of ``count`` such entries and of their
@@ -432,12 +464,7 @@ class _Columns:
             if len(self.cache) >= _MASKS_CACHED:
                 self.cache.clear()
             got = _list_layout(
-                count, _ENTRY_BYTES, self.words, [
-                    (0, "Q", self.data, -1, 0),
-                    (_ENTRY_KEY, "I", 1, _ENTRY_KEY, 0),
-                    (_ENTRY_LIST, "I", 1, _ENTRY_LIST, 8),
-                    (_ENTRY_LIST + 4, "I", self.hi, -1, 0),
-                ], self.mask, self.pattern,
+                count, _ENTRY_BYTES, self.words, self.layout(count), self.mask, self.pattern
             )
             if count <= _MASKS_CACHED_UP_TO:  # (a few KiB each; bounded memory)
                 self.cache[count] = got
@@ -474,6 +501,75 @@ def _list_layout(
         int.from_bytes(hmask.tobytes() + mask * count, "little"),
         int.from_bytes(head.tobytes() + pattern * count, "little"),
     )
+
+
+_Checks = tuple[tuple[bool, int, int, int, "array[int]"], ...]
+"""Column compares (``_list_checks``): (64-bit, start, stop, step, the column's values)."""
+
+
+def _list_checks(
+    count: int, stride: int, words: int, fields: list[tuple[int, str, int, int, int]],
+    mask: bytes, pattern: bytes,
+) -> _Checks:
+    """What ``_list_layout`` compares at once, as compares of columns (``_fits``): every
+    fixed 32-bit half of the structs and of their runs, as a column of its ``count``
+    values (two halves of a word both fixed: one column of words). A column compare costs
+    about as much as a big int's few words: wide lists cost less so (see ``_COLUMNS_AT``).
+    Every byte of ``mask``'s 32-bit halves is fixed, or none is (checked)."""
+    halves: dict[int, tuple[int, int]] = {}  # 32-bit index in the struct -> first, step
+    end = stride * count
+    for off, code, value, ptr, target in fields:
+        i = off // 4
+        if ptr != -1:
+            step = (8 * words - stride) // 8 << 2  # struct j's offset: first + step * j
+            halves[i] = (value | (end + target - (ptr + 8)) // 8 << 2, step)
+            if halves[i][0] + step * count > 0xFFFFFFFF:  # (never: the list is in bounds)
+                raise OverflowError("pointer offsets past 32 bits")
+        else:
+            for k in range(struct.calcsize("<" + code) // 4):
+                halves[i + k] = (value >> 32 * k & 0xFFFFFFFF, 0)
+    checks: list[tuple[bool, int, int, int, array[int]]] = []
+    for i in range(0, stride // 4, 2):
+        lo, hi = halves.get(i), halves.get(i + 1)
+        if lo is not None and hi is not None:  # (each column built C-level: no Python per entry)
+            first, step = lo[0] | hi[0] << 32, lo[1] + (hi[1] << 32)
+            checks.append((True, i // 2, end // 8, stride // 8, _column("Q", first, step, count)))
+        elif lo is not None or hi is not None:
+            j = i if lo is not None else i + 1
+            checks.append((False, j, end // 4, stride // 4, _column("I", *halves[j], count)))
+    for w in range(words):
+        fixed = []
+        for h in range(2):
+            m = mask[8 * w + 4 * h : 8 * w + 4 * h + 4]
+            if m not in (b"\xff" * 4, bytes(4)):
+                raise AssertionError("a 32-bit half partly fixed")
+            fixed.append(m == b"\xff" * 4)
+        value = int.from_bytes(pattern[8 * w : 8 * w + 8], "little")
+        if all(fixed):
+            checks.append((True, end // 8 + w, 1 << 62, words, array("Q", [value]) * count))
+        elif any(fixed):
+            h = fixed.index(True)
+            checks.append((
+                False, end // 4 + 2 * w + h, 1 << 62, 2 * words,
+                array("I", [value >> 32 * h & 0xFFFFFFFF]) * count,
+            ))
+    return tuple(checks)
+
+
+def _column(code: str, first: int, step: int, count: int) -> array[int]:
+    """The column ``first, first + step, ...`` of ``count`` values (C-level)."""
+    if not step:
+        return array(code, [first]) * count
+    return array(code, range(first, first + step * count, step))
+
+
+def _fits(whole: memoryview, checks: _Checks) -> bool:
+    """Whether the words of ``whole`` pass the column compares ``checks``."""
+    q, d = whole.cast("Q"), whole.cast("I")
+    for wide, start, stop, step, want in checks:
+        if (q if wide else d)[start:stop:step] != want:
+            return False
+    return True
 
 
 def _register_fields(at: int) -> tuple[list[tuple[int, str, int]], list[tuple[int, int]]]:
@@ -525,6 +621,8 @@ _COUNTERS: Final = _Columns(
      _REG_PAYLOAD + PAYLOAD_COUNTER_DECREMENTS), False,
 )
 _SHAPES: Final = {c.data: c for c in (_REGISTERS, _PATHS, _COUNTERS)}
+_COLUMNS_AT = 2048  # bytes: a list's words compared column by column from this size (below it
+# one big-int compare costs less)
 _COLUMNS_MIN: Final = 8  # fewer entries: the loop costs less than the columns' set-up
 _KEY_AT_WORD: Final = _ENTRY_KEY // 4  # the key pointer's lower half, in 32-bit units
 _LIST_AT_WORD: Final = _ENTRY_LIST // 4
@@ -562,6 +660,19 @@ _ELEMENT_ONE: Final = (
     int.from_bytes(_ELEMENT_MASK, "little"), int.from_bytes(_ELEMENT_PATTERN, "little")
 )
 _ELEMENT_MASKS: dict[int, tuple[int, int]] = {}  # by element count, as ints (bounded)
+_ELEMENT_CHECKS: dict[int, _Checks] = {}  # the same, as column compares (bounded)
+
+
+def _element_fields() -> list[tuple[int, str, int, int, int]]:
+    """The fixed fields of each element of a list read by ``element_columns``."""
+    return [
+        (_SET_ELEMENT_VALUE, "I", 0, _SET_ELEMENT_VALUE, 0),
+        (_SET_ELEMENT_VALUE + 4, "I", _VALUE_SHAPE, -1, 0),
+        (_SET_ELEMENT_DOTS, "I", 1, _SET_ELEMENT_DOTS, _ELEMENT_DOTS),
+        (_SET_ELEMENT_DOTS + 4, "I", _ONE_DOT_HI, -1, 0),
+    ]
+
+
 _TEXT_HI: Final = [(n + 1) << 3 | 2 for n in range(8)]  # a text pointer's upper half, by size
 _ELEMENT_R: Final = (_ELEMENT_DOTS + 8 + DOT_REPLICA) // 8
 _ELEMENT_N: Final = (_ELEMENT_DOTS + 8 + DOT_COUNTER) // 8
@@ -576,7 +687,7 @@ def _column_keys(words: list[int], his: list[int]) -> list[str] | None:
     None if one is not such a key (then the loop in ``entries`` reads it, and refuses it if
     it is invalid). A word is looked up with the length its key was checked with."""
     keys = list(map(_WORD_KEYS.get, words))
-    if None in keys:
+    if not all(keys):  # (a key is never empty: a None, not in the cache)
         for w, hi in zip(words, his, strict=True):
             if w not in _WORD_KEYS:
                 if hi not in _PATH_KEY_HI:
@@ -584,15 +695,27 @@ def _column_keys(words: list[int], his: list[int]) -> list[str] | None:
                 key = _new_key(w.to_bytes(8, "little")[: hi >> 3])
                 if len(_WORD_KEYS) >= _KEY_CACHE:
                     _WORD_KEYS.clear()
-                    _WORD_KEY_HI.clear()
+                    _KEY_HI.clear()
                 _WORD_KEYS[w] = key
-                _WORD_KEY_HI[w] = hi
+                _KEY_HI[key] = hi
         keys = list(map(_WORD_KEYS.get, words))
-        if None in keys:  # the cache was cleared meanwhile
+        if not all(keys):  # the cache was cleared meanwhile
             return None
-    if list(map(_WORD_KEY_HI.get, words)) != his:
+    found: list[str] = keys  # type: ignore[assignment]  # (no None: see above)
+    if list(map(_KEY_HI.get, found)) != his:  # (a str's hash is cached: cheaper by key)
         return None
-    return keys  # type: ignore[return-value]
+    return found
+
+
+def _replica_column(col: memoryview, count: int, replicas: list[str]) -> Any:
+    """The replica ids of a column of ``count`` replica indexes (as words, each checked to
+    be below 2**32 by the list's layout): an iterator, or None if one is out of the
+    table. One compare when a single replica wrote them all, the commonest case."""
+    r = col[0]
+    if col == array("Q", [r]) * count:
+        return repeat(replicas[r], count) if r < len(replicas) else None
+    rs = col.tolist()
+    return map(replicas.__getitem__, rs) if max(rs) < len(replicas) else None
 
 
 def _fail(why: str) -> FastPathError:
@@ -758,14 +881,18 @@ class _Reader:
         if _NATIVE_COLUMNS:
             q = memoryview(self.m)[start : start + _DOT_BYTES * count].cast("Q")
             ns: list[int] = q[_DOT_N_WORD::_DOT_WORDS].tolist()
-            rw: list[int] = q[_DOT_R_WORD::_DOT_WORDS].tolist()
+            rq = q[_DOT_R_WORD::_DOT_WORDS]
+            w0 = rq[0]
+            one = rq == array("Q", [w0]) * count  # one compare, no list, when one replica
+            rw: list[int] = [] if one else rq.tolist()
         else:  # pragma: no cover - big-endian hosts
             rows = list(_DOT_ROWS(self.m[start : start + _DOT_BYTES * count]))
             ns = [n for _, n in rows]
             rw = [r for r, _ in rows]
+            w0 = rw[0]
+            one = rw.count(w0) == count
         nrep = len(self.replicas)
-        w0 = rw[0]
-        if rw.count(w0) == count:
+        if one:
             # One replica: sorted and unique = the counters rise (sorted, no repeat).
             r = w0 & _DOT_R_MASK
             if r >= nrep or ns[0] < 1 or ns[-1] > INT64_MAX:
@@ -990,27 +1117,39 @@ class _Reader:
         stop = end + 8 * words * count
         if stop > self.size:
             return None
-        if int.from_bytes(memoryview(m)[end : end + 8 * words], "little") & _ELEMENT_ONE[0] != (
-            _ELEMENT_ONE[1]
+        whole = memoryview(m)[at:stop]
+        wide = stop - at >= _COLUMNS_AT
+        if count not in (_ELEMENT_CHECKS if wide else _ELEMENT_MASKS) and (
+            int.from_bytes(memoryview(m)[end : end + 8 * words], "little") & _ELEMENT_ONE[0]
+            != _ELEMENT_ONE[1]
         ):
             return None  # the first element is not of the shape: masks are not built
-        got = _ELEMENT_MASKS.get(count)
-        if got is None:
-            if len(_ELEMENT_MASKS) >= _MASKS_CACHED:
-                _ELEMENT_MASKS.clear()
-            got = _list_layout(
-                count, _SET_ELEMENT_BYTES, words, [
-                    (_SET_ELEMENT_VALUE, "I", 0, _SET_ELEMENT_VALUE, 0),
-                    (_SET_ELEMENT_VALUE + 4, "I", _VALUE_SHAPE, -1, 0),
-                    (_SET_ELEMENT_DOTS, "I", 1, _SET_ELEMENT_DOTS, _ELEMENT_DOTS),
-                    (_SET_ELEMENT_DOTS + 4, "I", _ONE_DOT_HI, -1, 0),
-                ], _ELEMENT_MASK, _ELEMENT_PATTERN,
-            )
-            if count <= _MASKS_CACHED_UP_TO:
-                _ELEMENT_MASKS[count] = got
-        whole = memoryview(m)[at:stop]
-        if int.from_bytes(whole, "little") & got[0] != got[1]:
-            return None
+        if wide:
+            checks = _ELEMENT_CHECKS.get(count)
+            if checks is None:
+                if len(_ELEMENT_CHECKS) >= _MASKS_CACHED:
+                    _ELEMENT_CHECKS.clear()
+                checks = _list_checks(
+                    count, _SET_ELEMENT_BYTES, words, _element_fields(), _ELEMENT_MASK,
+                    _ELEMENT_PATTERN,
+                )
+                if count <= _MASKS_CACHED_UP_TO:
+                    _ELEMENT_CHECKS[count] = checks
+            if not _fits(whole, checks):
+                return None
+        else:
+            got = _ELEMENT_MASKS.get(count)
+            if got is None:
+                if len(_ELEMENT_MASKS) >= _MASKS_CACHED:
+                    _ELEMENT_MASKS.clear()
+                got = _list_layout(
+                    count, _SET_ELEMENT_BYTES, words, _element_fields(), _ELEMENT_MASK,
+                    _ELEMENT_PATTERN,
+                )
+                if count <= _MASKS_CACHED_UP_TO:
+                    _ELEMENT_MASKS[count] = got
+            if int.from_bytes(whole, "little") & got[0] != got[1]:
+                return None
         region = whole[end - at :]
         c = region.cast("Q")
         his = region.cast("I")[_ELEMENT_HI :: 2 * words].tolist()
@@ -1025,19 +1164,11 @@ class _Reader:
             texts = list(map(bytes.decode, raw))
         except UnicodeDecodeError:
             return None
-        rs: list[int] = c[_ELEMENT_R::words].tolist()
-        ns: list[int] = c[_ELEMENT_N::words].tolist()
-        replicas = self.replicas
-        r = rs[0]
-        if min(ns) < 1 or max(ns) > INT64_MAX:
+        ns: list[int] = region.cast("q")[_ELEMENT_N::words].tolist()  # (as ``columns``)
+        if min(ns) < 1:
             return None
-        if rs.count(r) == count:
-            if r >= len(replicas):
-                return None
-            rids: Any = repeat(replicas[r], count)
-        elif max(rs) < len(replicas):
-            rids = map(replicas.__getitem__, rs)
-        else:
+        rids = _replica_column(c[_ELEMENT_R::words], count, self.replicas)
+        if rids is None:
             return None
         out = SetStore(zip(texts, zip(rids, ns, strict=True), strict=True))
         if len(out) != count:  # an element listed twice: the loop merges their dots
@@ -1221,49 +1352,53 @@ class _Reader:
         stop = end + 8 * words * count
         if stop > self.size:
             return None
-        one_mask, one_pattern = shape.one
-        if int.from_bytes(memoryview(m)[end : end + 8 * words], "little") & one_mask != (
-            one_pattern
-        ):
-            return None
-        mask, pattern = shape.masks(count)
+        # A size seen first: a list whose first run is not of the shape is left to the loop
+        # before its checks are built (``first``).
         whole = memoryview(m)[at:stop]
-        if int.from_bytes(whole, "little") & mask != pattern:
-            return None
-        n32 = rows.cast("I")
-        per = _ENTRY_BYTES // 4
+        if stop - at >= _COLUMNS_AT:
+            checks = shape.checked.get(count)
+            if checks is None:
+                if not shape.first(m, end):
+                    return None
+                checks = shape.checks(count)
+            if not _fits(whole, checks):
+                return None
+        else:
+            got = shape.cache.get(count)
+            if got is None:
+                if not shape.first(m, end):
+                    return None
+                got = shape.masks(count)
+            if int.from_bytes(whole, "little") & got[0] != got[1]:
+                return None
         region = whole[end - at :]
         c = region.cast("Q")
-        keys = _column_keys(c[::words].tolist(), n32[_KEY_AT_WORD + 1 :: per].tolist())
+        keys = _column_keys(
+            c[::words].tolist(), rows.cast("I")[_KEY_AT_WORD + 1 :: _ENTRY_BYTES // 4].tolist()
+        )
         if keys is None or sorted(keys) != keys:
             return None
+        # Dots, timestamps and counters read signed: a word above 2**63 - 1 reads negative,
+        # so one pass (min) checks each column's range.
+        signed = region.cast("q")
         ir, iN, ia, ib = shape.cols
-        rs: list[int] = c[ir::words].tolist()
-        ns: list[int] = c[iN::words].tolist()
-        xs: list[int] = c[ia::words].tolist()
-        ys: list[int] = (region.cast("q") if shape.signed else c)[ib::words].tolist()
-        replicas = self.replicas
-        r = rs[0]
-        if min(ns) < 1 or max(ns) > INT64_MAX or max(xs) > INT64_MAX:
+        ns: list[int] = signed[iN::words].tolist()
+        xs: list[int] = signed[ia::words].tolist()
+        ys: list[int] = signed[ib::words].tolist()
+        if min(ns) < 1 or min(xs) < 0 or (not shape.signed and min(ys) < 0):
             return None
-        if not shape.signed and max(ys) > INT64_MAX:
-            return None
-        if rs.count(r) == count:
-            if r >= len(replicas):
-                return None
-            rids: Any = repeat(replicas[r], count)
-        elif max(rs) < len(replicas):
-            rids = map(replicas.__getitem__, rs)
-        else:
+        rids = _replica_column(c[ir::words], count, self.replicas)
+        if rids is None:
             return None
         if shape is _PATHS:
-            kws = c[shape.key :: words].tolist()
-            khs = region.cast("I")[shape.key_hi :: 2 * words].tolist()
-            if kws.count(kws[0]) == count and khs.count(khs[0]) == count:
-                inner = _column_keys(kws[:1], khs[:1])  # one name under every path
+            kc = c[shape.key :: words]
+            hc = region.cast("I")[shape.key_hi :: 2 * words]
+            k0, h0 = kc[0], hc[0]
+            if kc == array("Q", [k0]) * count and hc == array("I", [h0]) * count:
+                inner = _column_keys([k0], [h0])  # one name under every path
                 wrap: Any = repeat(inner and (inner[0],), count)
             else:
-                inner = _column_keys(kws, khs)
+                inner = _column_keys(kc.tolist(), hc.tolist())
                 wrap = zip(inner or (), strict=True)
             if inner is None:
                 return None

@@ -315,3 +315,101 @@ def test_mutated_wide_lists_never_read_differently(monkeypatch: pytest.MonkeyPat
     assert refused
     assert any(taken)
     assert not all(taken)
+
+
+@pytest.mark.parametrize("shape", ["registers", "paths", "counters", "set texts"])
+def test_column_compares_check_what_the_mask_checks(shape: str) -> None:
+    # A wide list's words are compared column by column (``_fits``, lists of _COLUMNS_AT
+    # bytes and more) or as one masked big int: both refuse exactly the same bytes. Every
+    # byte of a list of 20, changed, is refused by both or by neither; the list as written
+    # passes both. (Fails if a column compare misses a fixed byte or checks a varying one.)
+    i = ["registers", "paths", "counters", "set texts"].index(shape)
+    doc = wide(random.Random(5), T0, i, 20)
+    seg = bytearray(unpack(ORACLE.encode_document(doc))[8:])
+    found: list[tuple[int, int]] = []
+    name = "element_columns" if shape == "set texts" else "columns"
+    right = getattr(fast_mod._Reader, name)
+
+    def spy(self: fast_mod._Reader, m: bytes, at: int, count: int, *rest: Any) -> Any:
+        found.append((at, count))
+        return right(self, m, at, count, *rest)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fast_mod._Reader, name, spy)
+        read_document(b"\0\0\0\0" + (len(seg) // 8).to_bytes(4, "little") + bytes(seg),
+                      FAST.schema.kinds)
+    (at, count), = [f for f in found if f[1] == 20]
+    if shape == "set texts":
+        stride, words = fast_mod._SET_ELEMENT_BYTES, fast_mod._ELEMENT_WORDS
+        args: Any = (fast_mod._element_fields(), fast_mod._ELEMENT_MASK,
+                     fast_mod._ELEMENT_PATTERN)
+    else:
+        cols = {"registers": fast_mod._REGISTERS, "paths": fast_mod._PATHS,
+                "counters": fast_mod._COUNTERS}[shape]
+        stride, words = fast_mod._ENTRY_BYTES, cols.words
+        args = (cols.layout(count), cols.mask, cols.pattern)
+    mask, pattern = fast_mod._list_layout(count, stride, words, *args)
+    checks = fast_mod._list_checks(count, stride, words, *args)
+    stop = at + (stride + 8 * words) * count
+    assert int.from_bytes(seg[at:stop], "little") & mask == pattern
+    assert fast_mod._fits(memoryview(bytes(seg[at:stop])), checks)
+    fixed = 0
+    for b in range(at, stop):
+        for flip in (1, 0x80):
+            seg[b] ^= flip
+            region = bytes(seg[at:stop])
+            seg[b] ^= flip
+            masked = int.from_bytes(region, "little") & mask == pattern
+            assert fast_mod._fits(memoryview(region), checks) == masked, (b - at, flip)
+            fixed += not masked
+    assert fixed
+
+
+def _text_sets(texts: list[list[str]]) -> list[Causal]:
+    docs: list[Causal] = []
+    for batch in texts:
+        state, delta = ORSet(), ORSet(is_delta=True)
+        for i, text in enumerate(batch):
+            d = state.add(SIGNER_ID if i % 3 else "other-1", text)
+            state.merge(d)
+            delta.merge(d)
+        docs += [state, delta]
+    return docs
+
+
+_NOT_ASCII = [[f"é{i}" for i in range(n)] for n in (8, 20, 90)] + [
+    ["", *(f"t{i}" for i in range(12))],  # an empty text: not read by one decode
+    [f"ü-{i:02}" for i in range(40)],  # 7 bytes
+]
+
+
+def test_set_texts_not_ascii_are_read_as_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Short texts that are not ASCII, or empty, are read as columns too, into what pycapnp
+    # reads.
+    taken = _spy_columns(monkeypatch)
+    for doc in _text_sets(_NOT_ASCII):
+        check(FAST, ORACLE, doc)
+    assert taken
+    assert all(taken)
+
+
+def test_a_wrong_set_text_read_word_by_word_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    right = fast_mod._WORD
+    monkeypatch.setattr(fast_mod, "_WORD", lambda w: right(w ^ 1))
+    with pytest.raises(AssertionError):
+        _check_all(_text_sets(_NOT_ASCII))
+
+
+def test_column_keys_are_taken_only_with_their_length() -> None:
+    # A key word is its key only with the size it was checked with (its first NUL): the
+    # same word under another size is left to the loop (fails if the size check is lost).
+    words = [int.from_bytes(k.encode().ljust(8, b"\0"), "little") for k in ("ab", "é", "xyz")]
+    his = [(n + 1) << 3 | 2 for n in (2, 2, 3)]
+    assert fast_mod._column_keys(words, his) == ["ab", "é", "xyz"]
+    assert fast_mod._column_keys(words, his) == ["ab", "é", "xyz"]  # (from the cache)
+    for i in range(3):
+        for size in range(1, 9):
+            wrong = his.copy()
+            wrong[i] = (size << 3) | 2
+            if wrong != his:
+                assert fast_mod._column_keys(words, wrong) is None, (i, size)
