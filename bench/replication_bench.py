@@ -498,6 +498,52 @@ def _lat_round(url: str, n: int, side: str) -> list[float]:
         subprocess.run(["rm", "-rf", str(state)], check=False)
 
 
+def _lat_rounds(url: str, rounds: int, n: int) -> dict[str, list[list[float]]]:
+    """``rounds`` latency rounds of ``n`` writes each, raw pub->sub, the floor and worknode
+    interleaved (order alternated)."""
+    lat_rounds: dict[str, list[list[float]]] = {"raw": [], "floor": [], "wn": []}
+    for rnd in range(rounds):
+        sides = ("raw", "floor", "wn")
+        for side in sides if rnd % 2 == 0 else sides[::-1]:
+            lat_rounds[side].append(_lat_round(url, n, side))
+    return lat_rounds
+
+
+def _latency_only(rounds: int, n: int) -> str:
+    """The latency rows alone (``--latency``: quick iterations; writes no results file)."""
+    from broker.transport import EmbeddedNatsServer
+
+    async def serve() -> Any:
+        server = EmbeddedNatsServer(Path(tempfile.mkdtemp(prefix="wn-nats-")))
+        await server.start()
+        return server
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(serve())
+    try:
+        lat_rounds = _lat_rounds(server.url, rounds, n)
+    finally:
+        loop.run_until_complete(server.stop())
+        loop.close()
+    p50s = {side: [statistics.median(r) * 1000 for r in rs] for side, rs in lat_rounds.items()}
+    lat_raw = [w / r for w, r in zip(p50s["wn"], p50s["raw"], strict=True)]
+    lat_floor = [w / f for w, f in zip(p50s["wn"], p50s["floor"], strict=True)]
+
+    def spread(xs: list[float], unit: str = "") -> str:
+        return f"{statistics.median(xs):.2f}{unit} | {min(xs):.2f}{unit} - {max(xs):.2f}{unit}"
+
+    return "\n".join([
+        f"{rounds} rounds of {n} writes 20 ms apart, interleaved",
+        "| Figure | Median | Min - max |",
+        "|---|---:|---:|",
+        f"| raw nats-py pub->sub p50 (ms, per round) | {spread(p50s['raw'])} |",
+        f"| floor p50 (ms, per round) | {spread(p50s['floor'])} |",
+        f"| worknode write-to-remote-apply p50 (ms, per round) | {spread(p50s['wn'])} |",
+        f"| latency p50 ratio worknode / raw (per round) | {spread(lat_raw, 'x')} |",
+        f"| latency p50 ratio worknode / floor (per round) | {spread(lat_floor, 'x')} |",
+    ])
+
+
 def _sustained_rss(url: str, seconds: float) -> tuple[int, int, int]:
     """RSS of a replica at 10% and at the end of a sustained write stream."""
     state = Path(tempfile.mkdtemp(prefix="wn-bench-"))
@@ -633,12 +679,7 @@ def _run(rounds: int, n: int, sustain: float, out: Path, argv: list[str],
                 else:
                     keys_off.append(_wn_round(url, n, "keys", checks=False)["rate"])
         # Low load: one write every 20 ms; raw pub->sub, the floor and worknode interleaved.
-        lat_n = 20 if sustain < 10 else 50
-        lat_rounds: dict[str, list[list[float]]] = {"raw": [], "floor": [], "wn": []}
-        for rnd in range(rounds):
-            sides = ("raw", "floor", "wn")
-            for side in sides if rnd % 2 == 0 else sides[::-1]:
-                lat_rounds[side].append(_lat_round(url, lat_n, side))
+        lat_rounds = _lat_rounds(url, rounds, 20 if sustain < 10 else 50)
         lat = [x for r in lat_rounds["wn"] for x in r]
         early, late, ops = _sustained_rss(url, sustain)
     finally:
@@ -758,6 +799,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--secure", action="store_true",
                     help="TLS and one nkey user per process (raw nats-py too)")
+    ap.add_argument("--latency", action="store_true",
+                    help="only the low-load latency rounds (--rounds of 50 writes); printed, "
+                    "no results file written")
     ap.add_argument("--role", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     if args.out is None:
@@ -782,6 +826,9 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_lat_sub(rest[0], int(rest[1]), rest[2] == "1", bytes.fromhex(rest[3])))
         elif role == "wn-writer":
             asyncio.run(_wn_writer(rest[0], Path(rest[1]), int(rest[2]), rest[3], float(rest[4])))
+        return 0
+    if args.latency:
+        print(_latency_only(args.rounds, 50))
         return 0
     rounds, n, sustain = (1, 1_000, 2.0) if args.quick else (args.rounds, args.ops, args.sustain)
     shown = [a for a in (argv if argv is not None else sys.argv[1:])]

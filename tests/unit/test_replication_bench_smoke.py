@@ -26,3 +26,14 @@ def test_quick_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixtur
                 "every step of one catch-up (us)"):
         assert row in text, row
     assert "Command: `python -m bench.replication_bench --quick" in text
+
+
+def test_latency_only_prints_the_latency_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    results = replication_bench.DEFAULT_OUT
+    before = results.stat().st_mtime_ns if results.exists() else None
+    assert replication_bench.main(["--latency", "--rounds", "1"]) == 0
+    text = capsys.readouterr().out
+    for row in ("raw nats-py pub->sub p50", "floor p50", "worknode write-to-remote-apply p50",
+                "latency p50 ratio worknode / raw", "latency p50 ratio worknode / floor"):
+        assert row in text, row
+    assert (results.stat().st_mtime_ns if results.exists() else None) == before  # not written
