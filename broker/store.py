@@ -42,8 +42,8 @@ In both modes ``open()`` fsyncs the directory of a file it created, SQLite fsync
 creates the log, and a crash never leaves part of a call behind. Both hold only if the disk
 honours flush requests; a drive cache that lies about them defeats any fsync policy.
 
-Threads: a store is synchronous and blocking; a replica calls it from a worker thread
-(``asyncio.to_thread``), never on the event loop. The connection is opened with
+Threads: a store is synchronous and blocking; a replica calls it from the store's own thread
+(``broker._store_thread``), never on the event loop. The connection is opened with
 ``check_same_thread=False`` and every public method holds an internal lock, so a store may be
 handed between threads and calls from different threads are serialized, one at a time.
 Several stores or processes may open one file: SQLite serializes their writes, and a writer
