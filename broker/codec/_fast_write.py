@@ -99,7 +99,7 @@ from broker.crdt._stores import (
     SetStore,
 )
 
-__all__ = ["write_document"]
+__all__ = ["FAST_LIMIT", "write_document"]
 
 _PTR: Final = struct.Struct("<iI").pack_into
 _U16: Final = struct.Struct("<H").pack_into
@@ -123,7 +123,7 @@ _K_COUNTER: Final = int(Kind.COUNTER)
 _K_SET: Final = int(Kind.SET)
 _K_MAP: Final = int(Kind.MAP)
 _K_FLAG: Final = int(Kind.FLAG)
-_LIMIT: Final = 8 * FIRST_SEGMENT_WORDS
+FAST_LIMIT: Final = 8 * FIRST_SEGMENT_WORDS  # bytes: pycapnp's first segment
 _ONE_KINDS: Final = frozenset({_K_LWW, _K_COUNTER})  # one-entry stores written by template
 _KEY_AT: Final = 8 * ENTRY_DATA_WORDS + 8 * ENTRY_KEY_PTR  # in an entry: its key's pointer
 _ITEMS_AT: Final = 8 * ENTRY_DATA_WORDS + 8 * ENTRY_ITEMS_PTR
@@ -347,7 +347,9 @@ class _Writer:
                     raise FastPathError("fast writer: a kind without a payload writer")
 
 
-def write_document(state: Causal, kinds: frozenset[int], *, limit: int | None = _LIMIT) -> bytes:
+def write_document(
+    state: Causal, kinds: frozenset[int], *, limit: int | None = FAST_LIMIT
+) -> bytes:
     """The one segment pycapnp's ``encode_document`` builds for ``state`` (no segment
     table); ``FastPathError`` where pycapnp must write it (see module doc). ``limit=None``:
     also a state past pycapnp's first segment, in one segment (the same words pycapnp would

@@ -40,7 +40,7 @@ import capnp
 from broker.codec import _layouts
 from broker.codec._document import FIRST_SEGMENT_WORDS, decode_document, encode_document
 from broker.codec._fast import read_holder
-from broker.codec._fast_write import write_document
+from broker.codec._fast_write import FAST_LIMIT, write_document
 from broker.codec._packed import check_segments, segment_words
 from broker.codec._schema import CURRENT_VERSION, OLDEST_VERSION, WireSchema, load_schema
 from broker.codec._signing import Signer, TrustRoster
@@ -188,14 +188,10 @@ class WireCodec:
         ``encode_document``'s packed bytes.
         Both are read by ``decode_record`` and taken by ``seal(packed=...)``; a record never
         goes on the wire as it is (``seal`` copies its content, or packs it with pycapnp)."""
-        if self.fast:
-            try:
-                segment = write_document(state, self.schema.kinds, limit=None)
-            except CodecError:
-                pass
-            else:
-                return _FLAT_TABLE(len(segment) // 8) + segment
-        return self.encode_document(state)
+        segment = self._fast_segment(state, limit=None)
+        if segment is None:
+            return self.encode_document(state)
+        return _FLAT_TABLE(len(segment) // 8) + segment
 
     def decode_record(
         self,
@@ -302,10 +298,11 @@ class WireCodec:
                 packed = doc.to_bytes_packed()
             packed_doc = packed
         if doc is None and (packed_doc is None or len(packed_doc) < COMPRESS_MIN_BYTES):
-            segment = self._fast_segment(document) if packed is None else None
+            segment = self._fast_segment(document, limit=None) if packed is None else None
             if segment is not None:
                 # The fast writer's words, read by pycapnp (its copy into the envelope below
-                # is content-for-content: the same bytes as copying pycapnp's own builder).
+                # is content-for-content: the same bytes as copying pycapnp's own builder, one
+                # segment or several: so also past pycapnp's first segment).
                 doc = self.schema.crdt.Document.from_segments([segment])
                 doc_words = len(segment) // 8
             elif packed is None:
@@ -444,13 +441,14 @@ class WireCodec:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _fast_segment(self, document: Causal) -> bytes | None:
+    def _fast_segment(self, document: Causal, *, limit: int | None = FAST_LIMIT) -> bytes | None:
         """The segment pycapnp's encoder would build for ``document``, written by the fast
-        writer (``_fast_write``); None when pycapnp must write it."""
+        writer (``_fast_write``); None when pycapnp must write it. ``limit=None``: also past
+        pycapnp's first segment, in one segment (for a copy's source: not pycapnp's bytes)."""
         if not self.fast:
             return None
         try:
-            return write_document(document, self.schema.kinds)
+            return write_document(document, self.schema.kinds, limit=limit)
         except CodecError:
             return None
 

@@ -619,3 +619,20 @@ def test_packed_document_is_what_open_keeps(
     same(codec.decode_record(codec.packed_document(raw)), batch)
     with pytest.raises(CodecError):
         codec.packed_document(raw[: len(raw) // 2])
+
+
+@pytest.mark.parametrize("size", [50, 3_000])  # within and past pycapnp's first segment
+def test_seal_by_the_fast_writer_equals_pycapnp_past_the_first_segment(
+    keys: tuple[Signer, Signer, TrustRoster], size: int
+) -> None:
+    """The fast writer seals a batch of any size (one segment, copied into the envelope):
+    the same envelope as pycapnp's own encoding, which spreads a large one over segments."""
+    alice, _, roster = keys
+    batch = ORMap(is_delta=True)
+    for i in range(size):
+        batch.merge(batch.assign("alice", (f"key-{i:05d}",), f"value {i}", T0 + i))
+    args: dict[str, Any] = {"subject": "x", "hlc": 1, "sequence": 1, "document": batch}
+    fast, slow = WireCodec(), WireCodec(fast=False)
+    assert fast.seal(alice, **args) == slow.seal(alice, **args)
+    assert fast.seal(alice, packed=fast.encode_record(batch), **args) == slow.seal(alice, **args)
+    same(fast.open(fast.seal(alice, **args), roster).document, batch)
