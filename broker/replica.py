@@ -269,6 +269,9 @@ class ReplicaConfig:
     """Ops in one published batch; a full batch is flushed at once."""
     max_batch_bytes: int = 256 * 1024
     """Approximate encoded bytes in one batch; kept well under the NATS max payload."""
+    publish_alone_bytes: int = 8 * 1024
+    """A commit whose record is at least this large is published at once, alone, its record
+    reused as the envelope's document (``ReplicationConfig.publish_alone_bytes``; 0: off)."""
     max_pending_ops: int = 100_000
     """Committed ops not yet published; beyond it writers get BackpressureError."""
     snapshot_every: int = 20_000
@@ -307,6 +310,7 @@ class ReplicaConfig:
             adaptive_flush=self.adaptive_flush,
             max_batch_ops=self.max_batch_ops,
             max_batch_bytes=self.max_batch_bytes,
+            publish_alone_bytes=self.publish_alone_bytes,
             max_pending_ops=self.max_pending_ops,
             snapshot_every=self.snapshot_every,
             catchup_timeout=self.catchup_timeout,

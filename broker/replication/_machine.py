@@ -218,6 +218,11 @@ class ReplicationConfig:
     ``broker.replica.ReplicaConfig`` turns it on)."""
     max_batch_ops: int = 5_000
     max_batch_bytes: int = 256 * 1024
+    publish_alone_bytes: int = 0
+    """A committed delta whose record is at least this many bytes is published at once and
+    alone, with its record as the envelope's document (no window; 0: off). Joining it with
+    the next would save one message at the price of encoding every entry again, and a
+    delta that large is a batch already."""
     max_pending_ops: int = 100_000
     snapshot_every: int = 20_000
     catchup_timeout: float = 2.0
@@ -1199,7 +1204,7 @@ class ReplicationMachine:
             self._pending.merge(delta)
         self._pending_ops += ops
         self._pending_bytes += nbytes
-        if self._full():
+        if self._full() or self._alone():
             return self._maybe_publish(now, force=True)
         if self._flush_at is None:
             return self._maybe_publish(now)
@@ -1212,6 +1217,12 @@ class ReplicationMachine:
         if self.config.adaptive_flush:
             return max(self._pending_since, self._last_sent_at + self.config.flush_interval)
         return self._pending_since + self.config.flush_interval
+
+    def _alone(self) -> bool:
+        """The pending batch is one delta with its record, large enough to go alone."""
+        alone = self.config.publish_alone_bytes
+        return bool(alone) and self._pending_record is not None and (
+            self._pending_bytes >= alone)
 
     def _full(self) -> bool:
         return (
@@ -1228,11 +1239,12 @@ class ReplicationMachine:
 
     def _maybe_publish(self, now: float, *, force: bool = False) -> list[Action]:
         """Publish the pending batch if one may go now: none in flight, no retry backoff
-        running, and its time come (``_due``; or ``force``, or the batch full)."""
+        running, and its time come (``_due``; or ``force``, or the batch full, or one delta
+        large enough to go alone)."""
         if self._pending is None or self._inflight is not None or self._retry_at is not None:
             return []
         due = self._due()
-        if not (force or self._full() or now >= due):
+        if not (force or self._full() or self._alone() or now >= due):
             self._flush_at = due
             return [ScheduleTimer(TIMER_FLUSH, due)]
         action = Publish(self.sequence + 1, self._pending, self._pending_ops, self._pending_record)

@@ -700,3 +700,40 @@ def test_the_fixed_window_holds_even_a_lone_write_for_a_window() -> None:
     assert [x.at for x in out if isinstance(x, ScheduleTimer) and x.name == "flush"] == [1.005]
     (p,) = _publishes(m.handle(TimerFired(1.005, "flush")))
     assert p.ops == 1
+
+
+def test_a_commit_large_enough_goes_alone_with_its_record() -> None:
+    """Under load (within the window of the previous batch) a commit whose record reaches
+    ``publish_alone_bytes`` is published at once, alone, with its record (not joined and
+    encoded again); a smaller one waits for the window and joins the next, as before."""
+    cfg = ReplicationConfig(flush_interval=0.005, adaptive_flush=True, publish_alone_bytes=1000)
+    m = ReplicationMachine("a", cfg)
+    (p0,) = _publishes(m.handle(Committed(0.0, m.write([Create("k")], lambda: 1).delta, 1, 10, 1)))
+    m.handle(Published(0.0, p0.sequence, 10))
+
+    def commit(now: float, i: int, nbytes: int) -> list[Action]:
+        w = m.write([Assign("k", ("x",), i)], lambda: 1_000 + int(now * 1000))
+        return m.handle(Committed(now, w.delta, w.ops, nbytes, m.last_record_seq + 1,
+                                  record=b"r%d" % i))
+
+    small = commit(0.001, 1, 10)  # within the window: waits
+    assert not _publishes(small)
+    big = commit(0.002, 2, 5000)  # joins the waiting one: no record, so not alone
+    assert not _publishes(big)
+    (p1,) = _publishes(m.handle(TimerFired(0.005, "flush")))
+    assert (p1.ops, p1.record) == (2, None)
+    m.handle(Published(0.005, p1.sequence, 10))
+    (p2,) = _publishes(commit(0.006, 3, 5000))  # alone within the window: at once
+    assert (p2.ops, p2.record) == (1, b"r3")
+    m.handle(Published(0.006, p2.sequence, 10))
+    assert not _publishes(commit(0.007, 4, 999))  # below the threshold: the window
+
+
+def test_a_large_commit_behind_a_batch_in_flight_goes_when_it_is_published() -> None:
+    cfg = ReplicationConfig(flush_interval=0.005, adaptive_flush=True, publish_alone_bytes=1000)
+    m = ReplicationMachine("a", cfg)
+    (p0,) = _publishes(m.handle(Committed(0.0, m.write([Create("k")], lambda: 1).delta, 1, 10, 1)))
+    w = m.write([Assign("k", ("x",), 1)], lambda: 1_001)
+    assert not _publishes(m.handle(Committed(0.001, w.delta, 1, 5000, 2, record=b"big")))
+    (p1,) = _publishes(m.handle(Published(0.001, p0.sequence, 10)))  # not the window's end
+    assert p1.record == b"big"
