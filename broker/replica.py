@@ -421,9 +421,9 @@ def reject_reason(exc: BaseException) -> str:
 
 @dataclass(slots=True)
 class _Commit:
-    record: bytes | None
-    """The local write's record; None for received state logged on its own (``LogReceived``)."""
     delta: ORMap | None
+    """The local write's delta (encoded as a record by the committer); None for received
+    state logged on its own (``LogReceived``)."""
     ops: int
     consistency: Consistency
     done: asyncio.Future[None] | None
@@ -555,7 +555,7 @@ class Replica:
                 # write's causal past is then logged before it, or the write fails with it.
                 received = [r for r in map(self._received_record, a.envelopes) if r]
                 self._commits.append(
-                    _Commit(None, None, 0, Consistency.EVENTUAL, None, received)
+                    _Commit(None, 0, Consistency.EVENTUAL, None, received)
                 )
                 self._commit_wake.set()
         self._progress.set()
@@ -677,7 +677,6 @@ class Replica:
             self._check_writable()  # stop() may have begun while we waited for the lock
             written = self.machine.write(mutators, self._now_ms)
             self._run(written.actions)
-            record = self._record(written.delta)
             received = [r for r in map(self._received_record, written.received) if r]
             if any(len(r) > self.store.max_record_bytes for r in received):
                 # A catch-up state too large for one record: a snapshot (the state holds it)
@@ -695,7 +694,7 @@ class Replica:
                     raise
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._commits.append(
-                _Commit(record, written.delta, written.ops, consistency, fut, received)
+                _Commit(written.delta, written.ops, consistency, fut, received)
             )
             self._commit_wake.set()
         await fut
@@ -1281,17 +1280,28 @@ class Replica:
                 continue
             t0 = time.perf_counter()
             # Each write after the received state it was applied over (marked received:
-            # never republished as this node's own), all in one transaction.
+            # never republished as this node's own), all in one transaction. Consecutive
+            # EVENTUAL writes are joined into one record (up to a batch's ops), encoded once
+            # here: published alone, that record is the envelope's document too.
             records: list[bytes] = []
             received: list[int] = []
-            offsets: list[int] = []
-            for c in commits:
-                received.extend(range(len(records), len(records) + len(c.received)))
-                records.extend(c.received)
-                offsets.append(len(records))
-                if c.record is not None:
-                    records.append(c.record)
+            groups: list[tuple[int, list[_Commit], ORMap, bytes]] = []
+            run: list[_Commit] = []
             try:
+                for c in commits:
+                    if c.delta is not None and (
+                        c.consistency is not Consistency.EVENTUAL
+                        or sum(r.ops for r in run) + c.ops > self.config.max_batch_ops
+                    ):
+                        self._close_run(run, records, groups)
+                    received.extend(range(len(records), len(records) + len(c.received)))
+                    records.extend(c.received)
+                    if c.delta is None:
+                        continue  # received state alone
+                    run.append(c)
+                    if c.consistency is not Consistency.EVENTUAL:
+                        self._close_run(run, records, groups)  # a LOCAL write: its own record
+                self._close_run(run, records, groups)
                 seq = await self._in_store(
                     self.store.append, self.config.subject, records, received=received
                 )
@@ -1308,22 +1318,40 @@ class Replica:
             self.observer.committed(self.config.subject, ops, time.perf_counter() - t0)
             now = self._now()
             first = seq - len(records) + 1
-            for i, c in zip(offsets, commits, strict=True):
-                if c.record is None or c.delta is None:
-                    continue  # received state alone
+            for i, members, delta, record in groups:
                 self._handle(
                     Committed(
-                        now, c.delta, c.ops, len(c.record), first + i, c.record,
-                        eventual=c.consistency is Consistency.EVENTUAL,
+                        now, delta, sum(c.ops for c in members), len(record), first + i,
+                        record, eventual=members[0].consistency is Consistency.EVENTUAL,
                     )
                 )
-                if c.done is not None and not c.done.done():
-                    c.done.set_result(None)
+                for c in members:
+                    if c.done is not None and not c.done.done():
+                        c.done.set_result(None)
             self._handle(ReceivedLogged(now, seq))
+
+    def _close_run(
+        self, run: list[_Commit], records: list[bytes],
+        groups: list[tuple[int, list[_Commit], ORMap, bytes]],
+    ) -> None:
+        """Encode the writes of ``run`` as one record (their deltas joined), appended to
+        ``records``; ``run`` is emptied."""
+        if not run:
+            return
+        deltas = [c.delta for c in run if c.delta is not None]
+        delta = deltas[0]
+        if len(deltas) > 1:
+            delta = delta.copy()  # the writers hold theirs: join into a copy
+            for d in deltas[1:]:
+                delta.merge(d)
+        record = self._record(delta)
+        groups.append((len(records), list(run), delta, record))
+        records.append(record)
+        run.clear()
 
     def _fail_commits(self, commits: list[_Commit], exc: BaseException) -> None:
         for c in commits:
-            if c.record is None:
+            if c.delta is None:
                 continue
             self._handle(CommitFailed(self._now(), c.ops))
             if c.done is not None and not c.done.done():

@@ -1,0 +1,112 @@
+"""Writes that queue behind a commit are committed together, and their EVENTUAL deltas as
+one record (joined, encoded once): published alone, that record is the envelope's document
+too, so a batch is not encoded twice. A LOCAL write keeps its own record; each writer's
+delta is left as it was; a peer and a restart read what was acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+from broker.codec import Signer, TrustRoster, WireCodec
+from broker.crdt import Assign, Create
+from broker.replica import Consistency, Replica, ReplicaConfig
+from broker.store import DurableStore
+from broker.testing import memory_transport_pair
+
+SA, SB = Signer("a", b"a" * 32), Signer("b", b"b" * 32)
+ROSTER = TrustRoster({"a": SA.public_key, "b": SB.public_key})
+
+
+class Gated(DurableStore):
+    """Holds each append until released (so writes queue behind it); records the appends."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.appends: list[list[bytes]] = []
+
+    def append(self, subject: str, records: Any, *, received: Any = ()) -> int:  # type: ignore[override]
+        self.gate.wait(5)
+        self.appends.append(list(records))
+        return super().append(subject, records, received=received)
+
+
+async def _pair(tmp: Path) -> tuple[Replica, Replica, Gated]:
+    ta, tb = memory_transport_pair(names=("a", "b"))
+    sa, sb = Gated(tmp / "a.db"), DurableStore(tmp / "b.db")
+    sa.open()
+    sb.open()
+
+    def config() -> ReplicaConfig:
+        return ReplicaConfig(namespace="ns", subject="s", catchup_timeout=0.05,
+                             publish_alone_bytes=1)
+    a = Replica(signer=SA, roster=ROSTER, codec=WireCodec(), transport=ta, store=sa,
+                config=config())
+    b = Replica(signer=SB, roster=ROSTER, codec=WireCodec(), transport=tb, store=sb,
+                config=config())
+    await a.start()
+    await b.start()
+    return a, b, sa
+
+
+async def test_queued_writes_share_one_record_published_as_it_is(tmp_path: Path) -> None:
+    a, b, store = await _pair(tmp_path)
+    try:
+        await a.write(Create("n"))
+        await a.flush()
+        sealed: list[Any] = []
+        real = a.codec
+
+        class Spy:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def seal(self, *args: Any, **kwargs: Any) -> bytes:
+                sealed.append(kwargs.get("packed"))
+                return real.seal(*args, **kwargs)
+
+        a.codec = Spy()  # type: ignore[assignment]
+        store.gate.clear()  # the first write's commit waits: the others queue behind it
+        first = asyncio.ensure_future(a.write(Assign("n", ("f0",), 0)))
+        await asyncio.sleep(0.05)
+        writes = [asyncio.ensure_future(a.write_many([Assign("n", (f"k{i}",), i)]))
+                  for i in range(3)]
+        local = asyncio.ensure_future(a.write(Assign("n", ("loc",), 1), Consistency.LOCAL))
+        more = asyncio.ensure_future(a.write(Assign("n", ("k9",), 9)))
+        await asyncio.sleep(0.05)
+        appended = len(store.appends)
+        store.gate.set()
+        deltas = await asyncio.gather(first, *writes, local, more)
+        await a.flush()
+        assert len(store.appends[appended]) == 1  # the first write, held at the gate
+        group = store.appends[appended + 1]
+        assert len(group) == 3  # k0-k2 joined; the LOCAL write; k9 after it
+        assert [sorted(d.value()["n"]["fields"]) for d in deltas[1:4]] == [
+            ["k0"], ["k1"], ["k2"]]  # each writer's delta as it was
+        assert a.codec.decode_record(group[0]).value()["n"]["fields"] == {
+            "k0": 0, "k1": 1, "k2": 2}
+        assert any(p == group[0] for p in sealed)  # published with its record as it is
+        await a.sync()
+        for _ in range(100):
+            if b.state.digest() == a.state.digest():
+                break
+            await asyncio.sleep(0.02)
+        assert b.state.digest() == a.state.digest()
+    finally:
+        await a.stop()
+        await b.stop()
+    store2 = DurableStore(tmp_path / "a.db")
+    store2.open()
+    ta, _ = memory_transport_pair(names=("a", "b"))
+    again = Replica(signer=SA, roster=ROSTER, codec=WireCodec(), transport=ta, store=store2,
+                    config=ReplicaConfig(namespace="ns", subject="s", catchup_timeout=0.05))
+    await again.start()
+    try:
+        assert again.tree.fields("n") == {
+            "f0": 0, "k0": 0, "k1": 1, "k2": 2, "loc": 1, "k9": 9}
+    finally:
+        await again.stop()
