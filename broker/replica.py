@@ -1287,20 +1287,24 @@ class Replica:
             received: list[int] = []
             groups: list[tuple[int, list[_Commit], ORMap, bytes]] = []
             run: list[_Commit] = []
+            run_ops = 0
             try:
                 for c in commits:
                     if c.delta is not None and (
                         c.consistency is not Consistency.EVENTUAL
-                        or sum(r.ops for r in run) + c.ops > self.config.max_batch_ops
+                        or run_ops + c.ops > self.config.max_batch_ops
                     ):
                         self._close_run(run, records, groups)
+                        run_ops = 0
                     received.extend(range(len(records), len(records) + len(c.received)))
                     records.extend(c.received)
                     if c.delta is None:
                         continue  # received state alone
                     run.append(c)
+                    run_ops += c.ops
                     if c.consistency is not Consistency.EVENTUAL:
                         self._close_run(run, records, groups)  # a LOCAL write: its own record
+                        run_ops = 0
                 self._close_run(run, records, groups)
                 seq = await self._in_store(
                     self.store.append, self.config.subject, records, received=received

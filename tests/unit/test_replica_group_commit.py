@@ -110,3 +110,31 @@ async def test_queued_writes_share_one_record_published_as_it_is(tmp_path: Path)
             "f0": 0, "k0": 0, "k1": 1, "k2": 2, "loc": 1, "k9": 9}
     finally:
         await again.stop()
+
+
+async def test_a_record_joins_at_most_a_batch_of_ops(tmp_path: Path) -> None:
+    """Queued writes are joined up to ``max_batch_ops`` per record (a record stays within what
+    one batch may carry)."""
+    ta, _ = memory_transport_pair(names=("a", "b"))
+    store = Gated(tmp_path / "a.db")
+    store.open()
+    a = Replica(signer=SA, roster=ROSTER, codec=WireCodec(), transport=ta, store=store,
+                config=ReplicaConfig(namespace="ns", subject="s", catchup_timeout=0.05,
+                                     max_batch_ops=3))
+    await a.start()
+    try:
+        await a.write(Create("n"))
+        store.gate.clear()
+        first = asyncio.ensure_future(a.write(Assign("n", ("f",), 0)))
+        await asyncio.sleep(0.05)
+        appended = len(store.appends)
+        writes = [asyncio.ensure_future(a.write_many([Assign("n", (f"k{i}",), i)] * 2))
+                  for i in range(3)]
+        await asyncio.sleep(0.05)
+        store.gate.set()
+        await asyncio.gather(first, *writes)
+        group = store.appends[appended + 1]
+        assert len(group) == 3  # 2 + 2 > 3 ops: each write its own record
+        assert a.tree.fields("n") == {"f": 0, "k0": 0, "k1": 1, "k2": 2}
+    finally:
+        await a.stop()
