@@ -25,11 +25,20 @@ What happens to one request, in order (each refusal answers at once with its sta
    in an ``AuthorizerPool`` worker process under a hard budget (``token_limit`` when over),
    never on the event loop. Only then is a missing worknode ``NOT_FOUND`` (a missing
    worknode is authorized as a child of the root, so a token for another subtree learns
-   nothing about it);
+   nothing about it). A call asking ``consistency: "strong"`` on a STRONG worknode missing
+   here (for a create: its parent) is not refused yet: this replica may only lag the
+   subject's STRONG log, and the worknode's create may have been acknowledged before the
+   call began (``NOT_FOUND`` then would not be linearizable). Its authorization waits: the
+   log is fenced first (applied here up to its current end, within the deadline:
+   ``UNAVAILABLE`` or ``DEADLINE_EXCEEDED`` as for any STRONG operation), the worknode
+   looked up again, and the call authorized against the path found then, its real one;
+   still missing, it is ``NOT_FOUND`` as above. It never runs on a decision taken for
+   another path (the root-child one: a token refusing its subtree would pass that);
 4. the handler runs under the remaining deadline. A coroutine handler runs in its own task
    and is cancelled when the deadline passes; a plain-function handler runs inline (steps 1-3
-   always do: they are synchronous, on the receive path) and cannot be cancelled. Either
-   way a late result is discarded and the caller gets ``DEADLINE_EXCEEDED``.
+   do too, synchronously on the receive path, but for an authorization not cached and a
+   fence) and cannot be cancelled. Either way a late result is discarded and the caller
+   gets ``DEADLINE_EXCEEDED``.
 
 Every reply, refusals included, is signed by this node and bound to the request it answers
 (``Worknode-Auth``), so a client detects a relayed or replayed response. The revocation
@@ -84,6 +93,7 @@ from broker.errors import (
     WorknodeError,
 )
 from broker.replica import Replica
+from broker.replication import is_strong
 from broker.rpc._capability import NO_HOLDER, AuthorizeJob, TokenVerifier, attenuate, authorize
 from broker.rpc._protocol import (
     MAX_CALL_DEPTH,
@@ -666,26 +676,31 @@ class RpcServer:
         t0: float,
     ) -> bytes:
         """The rest of a request whose authorization was not cached: authorize it in the
-        pool (the event loop only waits), then run the handler as ``_handle`` would."""
+        pool (the event loop only waits), then run the handler as ``_handle`` would. A
+        lagging STRONG call (no job yet) fences first (``_fenced``)."""
         code = StatusCode.INTERNAL
         handed_off = False
         ctx = pending.ctx
         try:
-            v0 = _perf_counter()
-            try:
-                assert self.authorizer is not None
-                await self.authorizer.authorize(
-                    pending.job, wait_ms=ctx.deadline.remaining_ms(_now_ms())
-                )
-            except TokenLimitError:
-                self.verifier.too_costly(pending.job.token)  # never run it again
-                self._penalize(pending.holder)
-                raise
-            finally:
-                self.observer.token_verified(_perf_counter() - v0)
-            self.verifier.remember(pending.job)
-            if pending.missing:
-                raise RpcNotFoundError(pending.missing)
+            job, missing = pending.job, pending.missing
+            if job is None:
+                job, missing = await self._fenced(subject, m, req, pending)
+            if job is not None:
+                v0 = _perf_counter()
+                try:
+                    assert self.authorizer is not None
+                    await self.authorizer.authorize(
+                        job, wait_ms=ctx.deadline.remaining_ms(_now_ms())
+                    )
+                except TokenLimitError:
+                    self.verifier.too_costly(job.token)  # never run it again
+                    self._penalize(pending.holder)
+                    raise
+                finally:
+                    self.observer.token_verified(_perf_counter() - v0)
+                self.verifier.remember(job)
+            if missing:
+                raise RpcNotFoundError(missing)
             if ctx.deadline.expired(_now_ms()):
                 raise DeadlineExceededError("deadline passed before the handler ran")
             out = self._invoke(m, req, ctx)
@@ -833,26 +848,12 @@ class RpcServer:
                 f"{subject} is the revocation subject: it serves only revoke and reads"
             )
         worknode = req.worknode
-        ancestry = self._ancestry[subject]
-        path = ancestry.path(worknode)  # only valid ids are in the tree
+        path = self._ancestry[subject].path(worknode)  # only valid ids are in the tree
         missing = ""
+        lagging = False
         if path is None:
-            try:
-                validate_node_id(worknode, allow_root=True)
-            except InvalidArgumentError as exc:
-                raise RpcInvalidArgumentError(str(exc)) from None
-            parent = req.arguments.get("parent", ROOT_ID) if m.creates else None
-            parent_path = ancestry.path(parent) if isinstance(parent, str) else None
-            if parent_path is not None:
-                path = (worknode, *parent_path)
-            else:
-                # Authorize as if the worknode hung under the root, so that only a token that
-                # could see it learns that it does not exist (others get PERMISSION_DENIED).
-                path = (worknode, ROOT_ID)
-                missing = (
-                    f"no parent worknode {parent!r} in {subject}" if m.creates
-                    else f"no worknode {worknode!r} in {subject}"
-                )
+            path, missing, absent = self._missing_path(subject, m, req)
+            lagging = bool(missing) and self._may_lag(subject, req, absent)
         v0 = _perf_counter()
         now = self.wall_clock()
         verifier = self.verifier
@@ -863,22 +864,12 @@ class RpcServer:
             )
             self._caller(msg, admitted.holder, now)
             pending: AuthorizeJob | None = None
-            # The cached decision first: the job is built only when there is none.
-            if not verifier.allowed_call(req.token, self.namespace, subject, path, m.name, now):
-                job = verifier.job(
-                    req.token, namespace=self.namespace, subject=subject, path=path,
-                    method=m.name, now=now,
-                )
-                if self.authorizer is not None:
-                    if admitted.holder is not None and self.penalized(admitted.holder):
-                        raise TokenLimitError(
-                            "a token of this holder ran over its authorization budget: its "
-                            f"new tokens are refused for {AUTHORIZE_PENALTY_S:g} s"
-                        )
-                    pending = job  # off the event loop, under its budget
-                else:
-                    authorize(job)  # inline: only without a pool (tests of pure paths)
-                    verifier.remember(job)
+            # The cached decision first: the job is built only when there is none. A lagging
+            # call is authorized after its fence, against the path found then (_fenced).
+            if not lagging and not verifier.allowed_call(
+                req.token, self.namespace, subject, path, m.name, now
+            ):
+                pending = self._uncached(req.token, subject, path, m.name, admitted.holder, now)
         finally:
             self.observer.token_verified(_perf_counter() - v0)
         ctx = CallContext(
@@ -890,18 +881,123 @@ class RpcServer:
             assert admitted.holder is not None  # checked by _caller
             return _Pending(ctx, pending, missing, admitted.holder)
         if missing:
+            if lagging:
+                assert admitted.holder is not None  # checked by _caller
+                return _Pending(ctx, None, missing, admitted.holder)
             raise RpcNotFoundError(missing)
         if not deadline.at_ms - _monotonic() * 1000.0 >= 1.0:
             raise DeadlineExceededError("deadline passed before the handler ran")
         return ctx
 
+    def _missing_path(
+        self, subject: str, m: _Method, req: Request
+    ) -> tuple[tuple[str, ...], str, str | None]:
+        """For a worknode not in this replica's tree: the path to authorize the call against,
+        why it is ``NOT_FOUND`` ("": it is not, a create under a parent that exists), and the
+        id whose absence that is (the worknode, or a create's parent; None: not an id)."""
+        worknode = req.worknode
+        try:
+            validate_node_id(worknode, allow_root=True)
+        except InvalidArgumentError as exc:
+            raise RpcInvalidArgumentError(str(exc)) from None
+        parent = req.arguments.get("parent", ROOT_ID) if m.creates else None
+        parent_path = self._ancestry[subject].path(parent) if isinstance(parent, str) else None
+        if parent_path is not None:
+            return (worknode, *parent_path), "", None
+        # Authorize as if the worknode hung under the root, so that only a token that could
+        # see it learns that it does not exist (others get PERMISSION_DENIED).
+        if m.creates:
+            return (
+                (worknode, ROOT_ID), f"no parent worknode {parent!r} in {subject}",
+                parent if isinstance(parent, str) else None,
+            )
+        return (worknode, ROOT_ID), f"no worknode {worknode!r} in {subject}", worknode
+
+    def _may_lag(self, subject: str, req: Request, absent: str | None) -> bool:
+        """Whether a call must fence the STRONG log before ``absent`` (a worknode missing
+        here) counts as missing: it asks ``consistency: "strong"`` and ``absent`` is a STRONG
+        worknode id of a subject with a STRONG side here. Its create may have been
+        acknowledged before this call began and this replica only lag the log: answering
+        NOT_FOUND then would not be linearizable. (Decided on the id and the arguments
+        alone, never on what exists.)"""
+        if absent is None or req.arguments.get("consistency") != "strong":
+            return False
+        strong = self.replicas[subject].strong
+        return strong is not None and is_strong(absent, strong.prefixes)
+
+    def _uncached(
+        self, token: bytes, subject: str, path: tuple[str, ...], method: str,
+        holder: bytes | None, now: float,
+    ) -> AuthorizeJob | None:
+        """A call's authorization not cached: the job to run in the authorizer pool (a
+        penalized holder's is refused at once), or None once run inline (no pool)."""
+        job = self.verifier.job(
+            token, namespace=self.namespace, subject=subject, path=path, method=method,
+            now=now,
+        )
+        if self.authorizer is not None:
+            if holder is not None and self.penalized(holder):
+                raise TokenLimitError(
+                    "a token of this holder ran over its authorization budget: its "
+                    f"new tokens are refused for {AUTHORIZE_PENALTY_S:g} s"
+                )
+            return job  # off the event loop, under its budget
+        authorize(job)  # inline: only without a pool (tests of pure paths)
+        self.verifier.remember(job)
+        return None
+
+    async def _fenced(
+        self, subject: str, m: _Method, req: Request, pending: _Pending
+    ) -> tuple[AuthorizeJob | None, str]:
+        """A lagging call (``_may_lag``): apply the STRONG log up to a fence (within the
+        call's deadline: ``DEADLINE_EXCEEDED``; a log that cannot be fenced or applied in
+        time is ``UNAVAILABLE``, as for any STRONG operation), look the worknode up again,
+        and authorize the call against the path found now: its real one if it exists, as a
+        child of the root if it still does not. Returns what ``_Pending`` would hold: the
+        authorization job still to run in the pool (None: decided), and why the worknode is
+        missing ("": it exists)."""
+        ctx = pending.ctx
+        strong = ctx.replica.strong
+        assert strong is not None  # checked by _may_lag
+        left = ctx.deadline.remaining_ms(_now_ms())
+        try:
+            if left <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(left / 1000.0):
+                # A linearizable read of nothing: every write acknowledged before it (the
+                # create this call may be about) is applied here once it returns.
+                await strong.read(())
+        except TimeoutError:
+            raise self._late(m, req) from None
+        path = self._ancestry[subject].path(req.worknode)
+        missing = ""
+        if path is None:
+            path, missing, _ = self._missing_path(subject, m, req)
+        v0 = _perf_counter()
+        now = self.wall_clock()
+        verifier = self.verifier
+        try:
+            # Again (no signature check: the request was verified once, and a second look
+            # would see a replay): a revocation or expiry during the fence counts.
+            verifier.admit(
+                req.token, now=now,
+                revoked=self.revocations.ids if self.revocations is not None else (),
+            )
+            if verifier.allowed_call(req.token, self.namespace, subject, path, m.name, now):
+                return None, missing
+            return self._uncached(req.token, subject, path, m.name, pending.holder, now), missing
+        finally:
+            self.observer.token_verified(_perf_counter() - v0)
+
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
-    """A request admitted but for its authorization (not cached): run ``job`` first."""
+    """A request admitted but for its authorization (not cached): run ``job`` first. No
+    ``job``: a STRONG call on a worknode missing here, fenced first (``RpcServer._fenced``)
+    and then authorized."""
 
     ctx: CallContext
-    job: AuthorizeJob
+    job: AuthorizeJob | None
     missing: str
     holder: bytes
 
