@@ -106,19 +106,11 @@ async def test_strong_create_wins_once_and_the_loser_gets_the_current_version(
 
 
 async def test_a_conditional_set_on_a_stale_version_conflicts_and_changes_nothing(
-    client: RpcClient, nodes: dict[str, WorknodeService]
+    client: RpcClient
 ) -> None:
     token = _token()
     created = await client.call(SUBJECT, "acct-2", "create", STRONG, token=token)
     v1 = created.result["version"]
-    # Both nodes serve the subject (one queue group). Known race, left open (session 12):
-    # a node that has not applied the create from the log yet answers a STRONG call on the
-    # new worknode NOT_FOUND before fencing (the RPC server checks existence first); here
-    # the conditional writes are the subject, so wait until both nodes applied the create.
-    for _ in range(200):
-        if all("acct-2" in svc.replica(SUBJECT).tree for svc in nodes.values()):
-            break
-        await asyncio.sleep(0.01)
     ok = await client.call(SUBJECT, "acct-2", "set",
                            {**STRONG, "path": "owner", "value": "ann", "if_version": v1},
                            token=token)
