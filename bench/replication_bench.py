@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -292,13 +293,15 @@ async def _wn_replica(url: str, state: Path, name: str, n: int, mode: str) -> No
             r.add_change_listener(changed)
             await done.wait()
             _emit(latencies=lat)
-            return
-        path = ("b", "fields", "n" if mode == "counter" else "done")  # one field, cheap to read
-        while True:
-            if (r.tree.state.get(path) or 0) >= n:
-                break
-            await asyncio.sleep(0.001)
-        _emit(end=time.time(), rss=_rss())
+        else:
+            path = ("b", "fields", "n" if mode == "counter" else "done")  # cheap to read
+            while True:
+                if (r.tree.state.get(path) or 0) >= n:
+                    break
+                await asyncio.sleep(0.001)
+            _emit(end=time.time(), rss=_rss())
+        # Serve until the parent closes stdin: a peer still catching up may ask this one.
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
 async def _wn_writer(url: str, state: Path, n: int, mode: str, sustain: float) -> None:
@@ -311,7 +314,10 @@ async def _wn_writer(url: str, state: Path, n: int, mode: str, sustain: float) -
             await r.create("b")
             await r.flush()
         _emit(ready=True)
-        sys.stdin.readline()
+        # Off the event loop: the replica answers its peers' catch-ups meanwhile (they start
+        # after this one published its create, which they get by catch-up).
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, sys.stdin.readline)
         t0 = time.time()
         if mode == "latency":
             for i in range(n):
@@ -338,6 +344,9 @@ async def _wn_writer(url: str, state: Path, n: int, mode: str, sustain: float) -
             await _pipelined(r, [[Increment("b", ("n",), 1)] * GROUP] * (n // GROUP))
         await r.flush()
         _emit(start=t0)
+        # Serve until the parent closes stdin: a replica still catching up (it missed the
+        # create's batch, published before it subscribed) may ask this writer.
+        await loop.run_in_executor(None, sys.stdin.read)
 
 
 async def _pipelined(replica: Any, groups: list[list[Any]]) -> None:
@@ -384,6 +393,9 @@ class _Child:
         self.p.stdin.flush()
 
     def close(self) -> None:
+        if self.p.stdin is not None and not self.p.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.p.stdin.close()  # EOF: a child waiting for it ends
         if self.p.poll() is None:
             try:
                 self.p.wait(timeout=30)
@@ -432,11 +444,13 @@ def _wn_round(url: str, n: int, mode: str = "counter", sustain: float = 0,
     try:
         writer.read()
         rmode = mode if checks else mode + "-nochecks"
-        replicas = [
-            _Child("wn-replica", url, str(state), name, str(n), rmode) for name in ("r1", "r2")
-        ]
-        for r in replicas:
-            r.read()
+        for name in ("r1", "r2"):
+            # One after the other: a replica starting beside another may have its first
+            # catch-up answered "nothing new" by that one, itself still empty, and then hold
+            # the writer's first batch until its next catch-up (a pause of the hold timer
+            # in the middle of a measured round).
+            replicas.append(_Child("wn-replica", url, str(state), name, str(n), rmode))
+            replicas[-1].read()
         writer.go()
         if sustain:
             ops = writer.read()["ops"]

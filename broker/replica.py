@@ -239,6 +239,10 @@ _META_EVIDENCE: Final = "evidence"
 """Meta key of the evidence kept at the last snapshot: each envelope as a 4-byte big-endian
 length and its bytes, oldest first."""
 """Store meta key: ``{"sequence": last publish sequence, "upto": last record published}``."""
+_PROGRESS_SAVE_DELAY: Final = 0.005
+"""Seconds a publish progress save waits, joined with the saves that follow (one commit for
+a burst of publishes; after a lone write, once its receivers have applied it rather than in
+competition with them for the CPU). Best effort: a restart republishes a little more."""
 
 
 class Consistency(enum.Enum):
@@ -500,6 +504,11 @@ class Replica:
         """``(key, reason)`` of every top-level key left out of the stored state on load."""
         self._listeners: list[Callable[[Collection[str] | None], None]] = []
         self._store_thread: StoreThread | None = None
+        self._progress_due: SaveProgress | None = None
+        self._progress_timer: asyncio.TimerHandle | None = None
+        self._presealed: tuple[int, ORMap, bytes, bytes] | None = None
+        """``(sequence, delta, record, envelope)``: a lone commit's batch sealed while the
+        store made it durable (``_preseal``); used only by the ``Publish`` of exactly it."""
 
     # -- the machine ---------------------------------------------------------------------------
 
@@ -540,7 +549,10 @@ class Replica:
             elif isinstance(a, Publish):
                 self._spawn(self._publish(a))
             elif isinstance(a, SaveProgress):
-                self._spawn(self._save_progress(a))
+                self._progress_due = a  # a later save covers an earlier one
+                if self._progress_timer is None:
+                    self._progress_timer = asyncio.get_running_loop().call_later(
+                        _PROGRESS_SAVE_DELAY, self._save_due)
             elif isinstance(a, RequestCatchup):
                 self._catchup_done = asyncio.get_running_loop().create_future()
                 self._spawn(self._catchup(a, self._catchup_done))
@@ -559,6 +571,12 @@ class Replica:
                 )
                 self._commit_wake.set()
         self._progress.set()
+
+    def _save_due(self) -> None:
+        self._progress_timer = None
+        action, self._progress_due = self._progress_due, None
+        if action is not None and self._running:
+            self._spawn(self._save_progress(action))
 
     def _fire(self, name: str, at: float) -> None:
         self._timers.pop(name, None)
@@ -622,6 +640,9 @@ class Replica:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
+            self._progress_timer = None
         tasks = [*self._tasks, *self._background]
         for t in tasks:
             t.cancel()
@@ -633,6 +654,10 @@ class Replica:
             if c.done is not None and not c.done.done():
                 c.done.set_exception(ReplicaError("replica stopped before the commit"))
         self._commits.clear()
+        due, self._progress_due = self._progress_due, None
+        if due is not None:
+            with contextlib.suppress(WorknodeError):
+                await self._save_progress(due)
         with contextlib.suppress(WorknodeError):
             await self._snapshot()
 
@@ -1306,9 +1331,12 @@ class Replica:
                         self._close_run(run, records, groups)  # a LOCAL write: its own record
                         run_ops = 0
                 self._close_run(run, records, groups)
-                seq = await self._in_store(
+                appended = self._in_store(
                     self.store.append, self.config.subject, records, received=received
                 )
+                if len(groups) == 1:
+                    self._preseal(groups[0])  # on the loop while the store thread commits
+                seq = await appended
             except Exception as exc:
                 # No rollback (a rebuild from the store would drop other writers' queued
                 # commits and reuse their dots): these writes stay in memory, unacknowledged
@@ -1353,6 +1381,27 @@ class Replica:
         records.append(record)
         run.clear()
 
+    def _preseal(self, group: tuple[int, list[_Commit], ORMap, bytes]) -> None:
+        """Seal (encode and sign) a commit's batch before it is durable, when the machine
+        will publish it at once and alone: the seal then overlaps the store's commit instead
+        of following it on the write-to-remote-apply path. Nothing is published before the
+        commit is durable; ``_publish`` uses the envelope only for the very batch sealed."""
+        _, members, delta, record = group
+        if members[0].consistency is not Consistency.EVENTUAL:
+            return
+        ops = sum(c.ops for c in members)
+        sequence = self.machine.publishes_at_once(self._now(), ops, len(record))
+        if sequence is None:
+            return
+        try:
+            data = self.codec.seal(
+                self.signer, subject=self.delta_subject, hlc=self.clock.now(self._now_ms()),
+                sequence=sequence, document=delta, packed=record,
+            )
+        except CodecError:  # too large, say: _publish seals it again and handles the error
+            return
+        self._presealed = (sequence, delta, record, data)
+
     def _fail_commits(self, commits: list[_Commit], exc: BaseException) -> None:
         for c in commits:
             if c.delta is None:
@@ -1363,16 +1412,26 @@ class Replica:
 
     async def _publish(self, action: Publish) -> None:
         event: Event
+        pre, self._presealed = self._presealed, None
         try:
-            data = self.codec.seal(
-                self.signer,
-                subject=self.delta_subject,
-                hlc=self.clock.now(self._now_ms()),
-                sequence=action.sequence,
-                document=action.document,
-                packed=action.record,
-            )
+            if (
+                pre is not None and pre[0] == action.sequence and pre[1] is action.document
+                and pre[2] is action.record
+            ):
+                data = pre[3]
+            else:
+                data = self.codec.seal(
+                    self.signer,
+                    subject=self.delta_subject,
+                    hlc=self.clock.now(self._now_ms()),
+                    sequence=action.sequence,
+                    document=action.document,
+                    packed=action.record,
+                )
             await self.transport.publish(self.delta_subject, data, headers=self._headers)
+            # nats-py's flusher, woken by that publish, writes it to the socket before the
+            # bookkeeping below (one step of the loop: a lone write's latency).
+            await asyncio.sleep(0)
             event = Published(self._now(), action.sequence, len(data))
         except MessageTooLargeError as exc:
             log.error("batch of %s too large to publish (%s); left to catch-up/healing",

@@ -1210,6 +1210,26 @@ class ReplicationMachine:
             return self._maybe_publish(now)
         return []
 
+    def publishes_at_once(self, now: float, ops: int, nbytes: int) -> int | None:
+        """The sequence an EVENTUAL commit of ``ops`` ops and ``nbytes`` record bytes,
+        committed at ``now`` or later, goes out with at once, alone (its record the
+        document), or None when it would wait or join others. The driver may seal that batch
+        while the commit is made durable; it uses those bytes only for the very ``Publish``
+        it then gets (same sequence, delta and record), so a wrong guess costs a seal, never
+        a wrong envelope."""
+        if self._pending is not None or self._inflight is not None or self._retry_at is not None:
+            return None
+        cfg = self.config
+        alone = bool(cfg.publish_alone_bytes) and nbytes >= cfg.publish_alone_bytes
+        full = ops >= cfg.max_batch_ops or nbytes >= cfg.max_batch_bytes // 2
+        due = (
+            max(now, self._last_sent_at + cfg.flush_interval)
+            if cfg.adaptive_flush else now + cfg.flush_interval
+        )
+        if alone or full or now >= due:
+            return self.sequence + 1
+        return None
+
     def _due(self) -> float:
         """When the pending batch may go. Adaptive: a flush window after the previous batch
         went out, and not before its first delta (so at once after a quiet window); else a

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from broker.codec import WireCodec
@@ -737,3 +737,75 @@ def test_a_large_commit_behind_a_batch_in_flight_goes_when_it_is_published() -> 
     assert not _publishes(m.handle(Committed(0.001, w.delta, 1, 5000, 2, record=b"big")))
     (p1,) = _publishes(m.handle(Published(0.001, p0.sequence, 10)))  # not the window's end
     assert p1.record == b"big"
+
+
+def test_publishes_at_once_names_the_batch_a_lone_commit_goes_out_as() -> None:
+    """``publishes_at_once`` (the driver seals a commit's batch while the store commits it):
+    idle and past the window, the next sequence; a batch in flight, one pending, inside the
+    window (unless the commit goes alone or fills a batch), or a retry backoff: None."""
+    cfg = ReplicationConfig(flush_interval=0.005, adaptive_flush=True, publish_alone_bytes=1000,
+                            max_batch_ops=50)
+    m = ReplicationMachine("a", cfg)
+    assert m.publishes_at_once(0.0, 1, 10) == 1
+    (p0,) = _publishes(m.handle(Committed(0.0, m.write([Create("k")], lambda: 1).delta, 1, 10, 1)))
+    assert m.publishes_at_once(0.0, 1, 10) is None  # in flight
+    m.handle(Published(0.0, p0.sequence, 10))
+    assert m.publishes_at_once(0.001, 1, 10) is None  # inside the window
+    assert m.publishes_at_once(0.001, 1, 1000) == 2  # alone
+    assert m.publishes_at_once(0.001, 50, 10) == 2  # a full batch
+    assert m.publishes_at_once(0.005, 1, 10) == 2  # the window passed
+    w = m.write([Assign("k", ("x",), 1)], lambda: 1_001)
+    assert not _publishes(m.handle(Committed(0.001, w.delta, 1, 10, 2)))  # waits: pending
+    assert m.publishes_at_once(0.01, 1, 1000) is None
+    fixed = ReplicationMachine("b", ReplicationConfig(flush_interval=0.005, adaptive_flush=False))
+    assert fixed.publishes_at_once(0.0, 1, 10) is None  # a window after the first delta
+
+
+@settings(max_examples=300, deadline=None)
+@example([("published", 0, 10), ("commit", 1, 10), ("published", 0, 10), ("commit", 1, 10)])
+@example([("commit", 0, 10), ("commit", 0, 10)])
+@given(st.lists(st.tuples(st.sampled_from(["commit", "local", "sync", "published", "failed",
+                                           "timer"]),
+                          st.integers(0, 3), st.sampled_from([10, 2_000])),
+                max_size=40))
+def test_publishes_at_once_is_never_wrong(steps: list[tuple[str, int, int]]) -> None:
+    """Whenever it names a sequence, committing then (or later) publishes exactly that batch
+    at once: that sequence, that delta, that record (what a presealed envelope must match)."""
+    cfg = ReplicationConfig(flush_interval=0.005, adaptive_flush=True, publish_alone_bytes=1000,
+                            max_batch_ops=3)
+    m = ReplicationMachine("a", cfg, seed=1)
+    now = 0.0
+    inflight: list[Publish] = []
+    timers: list[ScheduleTimer] = []
+
+    def run(out: list[Action]) -> list[Publish]:
+        timers.extend(a for a in out if isinstance(a, ScheduleTimer))
+        pubs = _publishes(out)
+        inflight.extend(pubs)
+        return pubs
+
+    run(m.handle(Committed(0.0, m.write([Create("k")], lambda: 1).delta, 1, 10, 1)))
+
+    for i, (kind, dt, nbytes) in enumerate(steps):
+        now += dt * 0.002
+        if kind in ("commit", "local"):
+            stamp = 2_000 + i
+            w = m.write([Assign("k", (f"f{i}",), i)] * (1 + dt % 2), lambda: stamp)  # noqa: B023
+            guess = m.publishes_at_once(now, w.ops, nbytes) if kind == "commit" else None
+            later = now + 0.001 * (i % 2)
+            pubs = run(m.handle(Committed(later, w.delta, w.ops, nbytes, m.last_record_seq + 1,
+                                          record=b"r%d" % i, eventual=kind == "commit")))
+            if guess is not None:
+                assert [(p.sequence, p.document, p.record) for p in pubs] == [
+                    (guess, w.delta, b"r%d" % i)]
+        elif kind == "sync":
+            run(m.handle(SyncWanted(now)))
+        elif kind in ("published", "failed") and inflight:
+            p = inflight.pop(0)
+            event: Event = (Published(now, p.sequence, 10) if kind == "published"
+                            else PublishFailed(now, p.sequence))
+            run(m.handle(event))
+        elif kind == "timer" and timers:
+            t = timers.pop(0)
+            now = max(now, t.at)
+            run(m.handle(TimerFired(now, t.name)))
