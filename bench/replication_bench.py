@@ -314,10 +314,7 @@ async def _wn_writer(url: str, state: Path, n: int, mode: str, sustain: float) -
             await r.create("b")
             await r.flush()
         _emit(ready=True)
-        # Off the event loop: the replica answers its peers' catch-ups meanwhile (they start
-        # after this one published its create, which they get by catch-up).
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, sys.stdin.readline)
+        sys.stdin.readline()
         t0 = time.time()
         if mode == "latency":
             for i in range(n):
@@ -346,7 +343,7 @@ async def _wn_writer(url: str, state: Path, n: int, mode: str, sustain: float) -
         _emit(start=t0)
         # Serve until the parent closes stdin: a replica still catching up (it missed the
         # create's batch, published before it subscribed) may ask this writer.
-        await loop.run_in_executor(None, sys.stdin.read)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
 async def _pipelined(replica: Any, groups: list[list[Any]]) -> None:
@@ -444,13 +441,11 @@ def _wn_round(url: str, n: int, mode: str = "counter", sustain: float = 0,
     try:
         writer.read()
         rmode = mode if checks else mode + "-nochecks"
-        for name in ("r1", "r2"):
-            # One after the other: a replica starting beside another may have its first
-            # catch-up answered "nothing new" by that one, itself still empty, and then hold
-            # the writer's first batch until its next catch-up (a pause of the hold timer
-            # in the middle of a measured round).
-            replicas.append(_Child("wn-replica", url, str(state), name, str(n), rmode))
-            replicas[-1].read()
+        replicas = [
+            _Child("wn-replica", url, str(state), name, str(n), rmode) for name in ("r1", "r2")
+        ]
+        for r in replicas:
+            r.read()
         writer.go()
         if sustain:
             ops = writer.read()["ops"]

@@ -1429,9 +1429,6 @@ class Replica:
                     packed=action.record,
                 )
             await self.transport.publish(self.delta_subject, data, headers=self._headers)
-            # nats-py's flusher, woken by that publish, writes it to the socket before the
-            # bookkeeping below (one step of the loop: a lone write's latency).
-            await asyncio.sleep(0)
             event = Published(self._now(), action.sequence, len(data))
         except MessageTooLargeError as exc:
             log.error("batch of %s too large to publish (%s); left to catch-up/healing",
