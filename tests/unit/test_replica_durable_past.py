@@ -8,18 +8,15 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from broker.codec import Signer, TrustRoster, WireCodec
 from broker.errors import StoreError
-from broker.replica import Replica, ReplicaConfig
+from broker.replica import Replica
 from broker.replication import ReplicationConfig
 from broker.store import DurableStore
-from broker.testing import memory_transport_pair
-
-SA, SB = Signer("a", b"a" * 32), Signer("b", b"b" * 32)
-ROSTER = TrustRoster({"a": SA.public_key, "b": SB.public_key})
+from tests.unit._replica_pair import replica_pair, until
 
 
 class Flaky(DurableStore):
@@ -27,7 +24,7 @@ class Flaky(DurableStore):
 
     fail_next = False
 
-    def append(self, subject: str, records: object, *, received: object = ()) -> int:  # type: ignore[override]
+    def append(self, subject: str, records: object, *, received: object = ()) -> int:
         if self.fail_next:
             self.fail_next = False
             time.sleep(0.3)
@@ -35,30 +32,10 @@ class Flaky(DurableStore):
         return super().append(subject, records, received=received)  # type: ignore[arg-type]
 
 
-async def _pair(tmp: Path, **cfg: object) -> tuple[Replica, Replica, Flaky]:
-    ta, tb = memory_transport_pair(names=("a", "b"))
-    sa, sb = Flaky(tmp / "a.db"), DurableStore(tmp / "b.db")
-    sa.open()
-    sb.open()
-
-    def config() -> ReplicaConfig:
-        return ReplicaConfig(namespace="ns", subject="s", catchup_timeout=0.05, **cfg)  # type: ignore[arg-type]
-
-    a = Replica(signer=SA, roster=ROSTER, codec=WireCodec(), transport=ta, store=sa,
-                config=config())
-    b = Replica(signer=SB, roster=ROSTER, codec=WireCodec(), transport=tb, store=sb,
-                config=config())
-    await a.start()
-    await b.start()
-    return a, b, sa
-
-
-async def _until(check: object, what: str) -> None:
-    for _ in range(250):
-        if check():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(what)
+async def _pair(tmp: Path, **cfg: Any) -> tuple[Replica, Replica, Flaky]:
+    store = Flaky(tmp / "a.db")
+    a, b = await replica_pair(tmp, store, **cfg)
+    return a, b, store
 
 
 async def test_a_write_queued_behind_a_failed_commit_is_not_acknowledged(
@@ -68,7 +45,7 @@ async def test_a_write_queued_behind_a_failed_commit_is_not_acknowledged(
     try:
         await b.create("n1")
         await b.flush()
-        await _until(lambda: "n1" in a.tree, "a joined b's n1")
+        await until(lambda: "n1" in a.tree, "a joined b's n1")
         sa.fail_next = True
         w1 = asyncio.create_task(a.create("n2"))  # carries b's envelope; its commit fails
         await asyncio.sleep(0.1)  # the committer is inside the failing append
@@ -89,7 +66,7 @@ async def test_received_state_past_the_bound_is_logged_on_its_own(tmp_path: Path
         a.machine.config = ReplicationConfig(max_unlogged_bytes=1)  # every envelope
         await b.create("n1")
         await b.flush()
-        await _until(lambda: sa.load("s").received, "a logged b's envelope on its own")
+        await until(lambda: sa.load("s").received, "a logged b's envelope on its own")
         assert a.machine.unlogged_bytes == 0
         loaded = sa.load("s")
         assert loaded.received == frozenset(n for n, _ in loaded.records)

@@ -6,51 +6,20 @@ delta is left as it was; a peer and a restart read what was acknowledged."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 from typing import Any
 
-from broker.codec import Signer, TrustRoster, WireCodec
 from broker.crdt import Assign, Create
-from broker.replica import Consistency, Replica, ReplicaConfig
+from broker.replica import Consistency, Replica
 from broker.store import DurableStore
 from broker.testing import memory_transport_pair
-
-SA, SB = Signer("a", b"a" * 32), Signer("b", b"b" * 32)
-ROSTER = TrustRoster({"a": SA.public_key, "b": SB.public_key})
+from tests.unit._replica_pair import SA, GatedStore, replica, replica_pair
 
 
-class Gated(DurableStore):
-    """Holds each append until released (so writes queue behind it); records the appends."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.appends: list[list[bytes]] = []
-
-    def append(self, subject: str, records: Any, *, received: Any = ()) -> int:  # type: ignore[override]
-        self.gate.wait(5)
-        self.appends.append(list(records))
-        return super().append(subject, records, received=received)
-
-
-async def _pair(tmp: Path) -> tuple[Replica, Replica, Gated]:
-    ta, tb = memory_transport_pair(names=("a", "b"))
-    sa, sb = Gated(tmp / "a.db"), DurableStore(tmp / "b.db")
-    sa.open()
-    sb.open()
-
-    def config() -> ReplicaConfig:
-        return ReplicaConfig(namespace="ns", subject="s", catchup_timeout=0.05,
-                             publish_alone_bytes=1)
-    a = Replica(signer=SA, roster=ROSTER, codec=WireCodec(), transport=ta, store=sa,
-                config=config())
-    b = Replica(signer=SB, roster=ROSTER, codec=WireCodec(), transport=tb, store=sb,
-                config=config())
-    await a.start()
-    await b.start()
-    return a, b, sa
+async def _pair(tmp: Path) -> tuple[Replica, Replica, GatedStore]:
+    store = GatedStore(tmp / "a.db")
+    a, b = await replica_pair(tmp, store, publish_alone_bytes=1)
+    return a, b, store
 
 
 async def test_queued_writes_share_one_record_published_as_it_is(tmp_path: Path) -> None:
@@ -82,8 +51,8 @@ async def test_queued_writes_share_one_record_published_as_it_is(tmp_path: Path)
         store.gate.set()
         deltas = await asyncio.gather(first, *writes, local, more)
         await a.flush()
-        assert len(store.appends[appended]) == 1  # the first write, held at the gate
-        group = store.appends[appended + 1]
+        assert len(store.appends[appended][0]) == 1  # the first write, held at the gate
+        group = store.appends[appended + 1][0]
         assert len(group) == 3  # k0-k2 joined; the LOCAL write; k9 after it
         assert [sorted(d.value()["n"]["fields"]) for d in deltas[1:4]] == [
             ["k0"], ["k1"], ["k2"]]  # each writer's delta as it was
@@ -102,8 +71,7 @@ async def test_queued_writes_share_one_record_published_as_it_is(tmp_path: Path)
     store2 = DurableStore(tmp_path / "a.db")
     store2.open()
     ta, _ = memory_transport_pair(names=("a", "b"))
-    again = Replica(signer=SA, roster=ROSTER, codec=WireCodec(), transport=ta, store=store2,
-                    config=ReplicaConfig(namespace="ns", subject="s", catchup_timeout=0.05))
+    again = replica(SA, ta, store2)
     await again.start()
     try:
         assert again.tree.fields("n") == {
@@ -116,11 +84,9 @@ async def test_a_record_joins_at_most_a_batch_of_ops(tmp_path: Path) -> None:
     """Queued writes are joined up to ``max_batch_ops`` per record (a record stays within what
     one batch may carry)."""
     ta, _ = memory_transport_pair(names=("a", "b"))
-    store = Gated(tmp_path / "a.db")
+    store = GatedStore(tmp_path / "a.db")
     store.open()
-    a = Replica(signer=SA, roster=ROSTER, codec=WireCodec(), transport=ta, store=store,
-                config=ReplicaConfig(namespace="ns", subject="s", catchup_timeout=0.05,
-                                     max_batch_ops=3))
+    a = replica(SA, ta, store, max_batch_ops=3)
     await a.start()
     try:
         await a.write(Create("n"))
@@ -133,7 +99,7 @@ async def test_a_record_joins_at_most_a_batch_of_ops(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)
         store.gate.set()
         await asyncio.gather(first, *writes)
-        group = store.appends[appended + 1]
+        group = store.appends[appended + 1][0]
         assert len(group) == 3  # 2 + 2 > 3 ops: each write its own record
         assert a.tree.fields("n") == {"f": 0, "k0": 0, "k1": 1, "k2": 2}
     finally:

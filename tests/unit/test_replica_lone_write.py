@@ -6,35 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
-from broker.codec import Signer, TrustRoster, WireCodec
+from broker.codec import WireCodec
 from broker.crdt import Assign, Create, ORMap
-from broker.replica import Consistency, Replica, ReplicaConfig
-from broker.store import DurableStore
-from broker.testing import memory_transport_pair
-
-SA, SB = Signer("a", b"a" * 32), Signer("b", b"b" * 32)
-ROSTER = TrustRoster({"a": SA.public_key, "b": SB.public_key})
-
-
-class Gated(DurableStore):
-    """Holds each append until released; records what each append carried."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.entered = threading.Event()
-        self.appends: list[tuple[int, int]] = []  # (records, of them received)
-
-    def append(self, subject: str, records: Any, *, received: Any = ()) -> int:
-        self.entered.set()
-        self.gate.wait(5)
-        self.appends.append((len(records), len(received)))
-        return super().append(subject, records, received=received)
+from broker.replica import Consistency, Replica
+from tests.unit._replica_pair import ROSTER, GatedStore, replica_pair, until
 
 
 class SealSpy:
@@ -53,65 +31,61 @@ class SealSpy:
         return self.real.seal(*args, **kwargs)
 
 
-async def _pair(tmp: Path) -> tuple[Replica, Replica, Gated, Gated, list[bytes]]:
-    ta, tb = memory_transport_pair(names=("a", "b"))
-    sa, sb = Gated(tmp / "a.db"), Gated(tmp / "b.db")
-    sa.open()
-    sb.open()
-
-    def config() -> ReplicaConfig:
-        return ReplicaConfig(namespace="ns", subject="s", catchup_timeout=0.05)
-    a = Replica(signer=SA, roster=ROSTER, codec=WireCodec(), transport=ta, store=sa,
-                config=config())
-    b = Replica(signer=SB, roster=ROSTER, codec=WireCodec(), transport=tb, store=sb,
-                config=config())
-    await a.start()
-    await b.start()
+async def _pair(tmp: Path) -> tuple[Replica, Replica, GatedStore, list[bytes]]:
+    """``a`` on a store whose appends a test can hold, ``b``, and the batches ``a``
+    publishes."""
+    store = GatedStore(tmp / "a.db")
+    a, b = await replica_pair(tmp, store)
     published: list[bytes] = []
-    real = ta.publish
+    real = a.transport.publish
 
     async def publish(subject: str, data: bytes, **kw: Any) -> None:
         if subject == a.delta_subject:
             published.append(data)
         await real(subject, data, **kw)
 
-    ta.publish = publish  # type: ignore[method-assign]
-    return a, b, sa, sb, published
+    a.transport.publish = publish  # type: ignore[method-assign]
+    return a, b, store, published
 
 
-async def _until(cond: Any, seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.005)):
-        if cond():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition not reached")
+async def _hold_lone_write(
+    a: Replica, b: Replica, store: GatedStore, published: list[bytes], value: int,
+    local: bool = False,
+) -> tuple[asyncio.Future[Any], int]:
+    """After ``a`` created n (and, with ``local``, a LOCAL write to n.loc), a lone write of
+    n.x = ``value`` whose commit the store holds: the write and how many batches went out
+    before it."""
+    await a.write(Create("n"))
+    await a.flush()
+    await until(lambda: "n" in b.tree, "b got n")
+    if local:
+        await a.write(Assign("n", ("loc",), 1), Consistency.LOCAL)
+    await asyncio.sleep(0.02)  # past the flush window of the last batch: a lone write
+    store.gate.clear()
+    store.entered.clear()
+    before = len(published)
+    write = asyncio.ensure_future(a.write(Assign("n", ("x",), value)))
+    await until(store.entered.is_set, "the commit reached the store")
+    return write, before
 
 
 async def test_a_lone_write_is_sealed_during_its_commit_and_published_once_durable(
     tmp_path: Path,
 ) -> None:
-    a, b, sa, _, published = await _pair(tmp_path)
+    a, b, sa, published = await _pair(tmp_path)
     try:
-        await a.write(Create("n"))
-        await a.flush()
-        await _until(lambda: "n" in b.tree)
         spy = SealSpy(a.codec, a.delta_subject)
         a.codec = spy  # type: ignore[assignment]
-        await asyncio.sleep(0.02)  # past the flush window of the last batch: a lone write
-        sa.gate.clear()
-        sa.entered.clear()
-        before = len(published)
-        write = asyncio.ensure_future(a.write(Assign("n", ("x",), 1)))
-        await _until(sa.entered.is_set)
-        await _until(lambda: spy.seals == 1)  # sealed while the commit is held
+        write, before = await _hold_lone_write(a, b, sa, published, 1)
+        await until(lambda: spy.seals == 2, "sealed while the commit is held")
         await asyncio.sleep(0.02)
         assert len(published) == before  # but not published: not durable yet
         assert not write.done()
         sa.gate.set()
         await write
         await a.flush()
-        await _until(lambda: b.tree.fields("n").get("x") == 1)
-        assert spy.seals == 1  # the envelope sealed during the commit is the one published
+        await until(lambda: b.tree.fields("n").get("x") == 1, "b got x")
+        assert spy.seals == 2  # n's, then x's (during its commit): the one published
         assert len(published) == before + 1
         assert a.codec.open(published[-1], ROSTER).sequence == a.machine.sequence
     finally:
@@ -126,26 +100,17 @@ async def test_an_envelope_sealed_for_one_batch_is_never_published_for_another(
     """While a lone write's commit is held (its batch sealed as the next sequence), a sync
     publishes a LOCAL write under that sequence: it gets its own envelope, and the held
     write goes out after it under the next sequence; a peer gets both."""
-    a, b, sa, _, published = await _pair(tmp_path)
+    a, b, sa, published = await _pair(tmp_path)
     try:
-        await a.write(Create("n"))
-        await a.flush()
-        await _until(lambda: "n" in b.tree)
-        await a.write(Assign("n", ("loc",), 1), Consistency.LOCAL)
-        await asyncio.sleep(0.02)  # past the flush window of the last batch: a lone write
-        sa.gate.clear()
-        sa.entered.clear()
-        before = len(published)
-        write = asyncio.ensure_future(a.write(Assign("n", ("x",), 2)))
-        await _until(sa.entered.is_set)
-        await _until(lambda: a._presealed is not None)
+        write, before = await _hold_lone_write(a, b, sa, published, 2, local=True)
+        await until(lambda: a._presealed is not None, "presealed")
         sync = asyncio.ensure_future(a.sync())
-        await _until(lambda: len(published) == before + 1)  # the LOCAL write, at once
+        await until(lambda: len(published) == before + 1, "the LOCAL batch, at once")
         sa.gate.set()
         await write
         await sync
         await a.flush()
-        await _until(lambda: b.tree.fields("n").get("x") == 2)
+        await until(lambda: b.tree.fields("n").get("x") == 2, "b got x")
         assert b.tree.fields("n").get("loc") == 1
         envs = [a.codec.open(p, ROSTER) for p in published[before:]]
         assert [e.sequence for e in envs] == [envs[0].sequence, envs[0].sequence + 1]
@@ -162,7 +127,7 @@ async def test_an_envelope_sealed_for_one_batch_is_never_published_for_another(
 async def test_the_last_publish_progress_is_saved_when_the_replica_stops(
     tmp_path: Path,
 ) -> None:
-    a, b, sa, _, _ = await _pair(tmp_path)
+    a, b, sa, _ = await _pair(tmp_path)
     try:
         await a.write(Create("n"))
         for i in range(3):
