@@ -435,6 +435,20 @@ class _Commit:
     """Received state the write was applied over, logged before it (``Written.received``)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """Consecutive writes committed as one record (``Replica._close_run``)."""
+
+    index: int
+    """The record's place in its transaction."""
+    members: list[_Commit]
+    delta: ORMap
+    """Their deltas joined."""
+    record: bytes
+    ops: int
+    eventual: bool
+
+
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -1310,7 +1324,7 @@ class Replica:
             # here: published alone, that record is the envelope's document too.
             records: list[bytes] = []
             received: list[int] = []
-            groups: list[tuple[int, list[_Commit], ORMap, bytes]] = []
+            groups: list[_Group] = []
             run: list[_Commit] = []
             run_ops = 0
             try:
@@ -1350,21 +1364,19 @@ class Replica:
             self.observer.committed(self.config.subject, ops, time.perf_counter() - t0)
             now = self._now()
             first = seq - len(records) + 1
-            for i, members, delta, record in groups:
+            for g in groups:
                 self._handle(
-                    Committed(
-                        now, delta, sum(c.ops for c in members), len(record), first + i,
-                        record, eventual=members[0].consistency is Consistency.EVENTUAL,
-                    )
+                    Committed(now, g.delta, g.ops, len(g.record), first + g.index, g.record,
+                              eventual=g.eventual)
                 )
-                for c in members:
+                for c in g.members:
                     if c.done is not None and not c.done.done():
                         c.done.set_result(None)
             self._handle(ReceivedLogged(now, seq))
 
     def _close_run(
         self, run: list[_Commit], records: list[bytes],
-        groups: list[tuple[int, list[_Commit], ORMap, bytes]],
+        groups: list[_Group],
     ) -> None:
         """Encode the writes of ``run`` as one record (their deltas joined), appended to
         ``records``; ``run`` is emptied."""
@@ -1377,30 +1389,31 @@ class Replica:
             for d in deltas[1:]:
                 delta.merge(d)
         record = self._record(delta)
-        groups.append((len(records), list(run), delta, record))
+        groups.append(_Group(
+            len(records), list(run), delta, record, sum(c.ops for c in run),
+            run[0].consistency is Consistency.EVENTUAL,
+        ))
         records.append(record)
         run.clear()
 
-    def _preseal(self, group: tuple[int, list[_Commit], ORMap, bytes]) -> None:
+    def _preseal(self, group: _Group) -> None:
         """Seal (encode and sign) a commit's batch before it is durable, when the machine
         will publish it at once and alone: the seal then overlaps the store's commit instead
         of following it on the write-to-remote-apply path. Nothing is published before the
         commit is durable; ``_publish`` uses the envelope only for the very batch sealed."""
-        _, members, delta, record = group
-        if members[0].consistency is not Consistency.EVENTUAL:
+        if not group.eventual:
             return
-        ops = sum(c.ops for c in members)
-        sequence = self.machine.publishes_at_once(self._now(), ops, len(record))
+        sequence = self.machine.publishes_at_once(self._now(), group.ops, len(group.record))
         if sequence is None:
             return
         try:
             data = self.codec.seal(
                 self.signer, subject=self.delta_subject, hlc=self.clock.now(self._now_ms()),
-                sequence=sequence, document=delta, packed=record,
+                sequence=sequence, document=group.delta, packed=group.record,
             )
         except CodecError:  # too large, say: _publish seals it again and handles the error
             return
-        self._presealed = (sequence, delta, record, data)
+        self._presealed = (sequence, group.delta, group.record, data)
 
     def _fail_commits(self, commits: list[_Commit], exc: BaseException) -> None:
         for c in commits:

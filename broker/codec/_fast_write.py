@@ -214,6 +214,28 @@ class _Writer:
         else:  # an OpaqueAtom: pycapnp copies it from its holder struct
             raise FastPathError("fast writer: an opaque value")
 
+    def one(self, e: int, kind: int, one: tuple[bytes, Any, int], item: Any) -> None:
+        """Entry ``e``'s items (its ``which`` set): the one entry ``item`` of a register or a
+        writer's counter. Its list, item, payload and value are allocated back to back in a
+        fixed layout, written from ``one``'s template (built and checked by this writer's
+        general path at import), then ``item``'s fields."""
+        buf = self.buf
+        template, pack, at = one
+        tag = len(buf)
+        buf += template
+        p = e + _ITEMS_AT
+        _PTR(buf, p, (tag - p - 8) >> 1 | 1, 7 | _ITEM_W << 3)
+        _ITEM_RC(buf, tag + _T_ITEM_RC, self.rx(item[0]), item[1])
+        if kind == _K_LWW:
+            _U64(buf, tag + _T_LWW_HLC, item[2])
+            if pack is not None:
+                pack(buf, tag + at, item[3])
+            elif at:
+                self.text(tag + at, item[3])
+        else:
+            _U64(buf, tag + _T_INCREMENTS, item[2])
+            _U64(buf, tag + _T_DECREMENTS, item[3])
+
     def store(self, e: int, kind: int, store: Any) -> None:
         """Fill entry ``e`` (key/kind/whole already set) with ``store``, as
         ``_document._encode_store`` does."""
@@ -238,7 +260,7 @@ class _Writer:
             first = self.structs(
                 ptrs + 8 * ENTRY_ENTRIES_PTR, len(rows), ENTRY_DATA_WORDS, ENTRY_POINTERS
             )
-            one_of, kinds, rx = _ONE.get, self.kinds, self.rx
+            one_of, kinds = _ONE.get, self.kinds
             for i, (key, k, whole, inner) in enumerate(rows):
                 c = first + 8 * _ENTRY_W * i
                 # The key's text (``text`` inlined).
@@ -256,24 +278,9 @@ class _Writer:
                     one = one_of((k, type(inner[3]) if k == _K_LWW else None))
                 if one is None:
                     self.store(c, k, inner)
-                    continue
-                # A one-entry register or counter (``store``'s template path inlined).
-                template, pack, at = one
-                _U16(buf, c + ENTRY_WHICH, ENTRY_IS_ITEMS)
-                tag = len(buf)
-                buf += template
-                p = c + _ITEMS_AT
-                _PTR(buf, p, (tag - p - 8) >> 1 | 1, 7 | _ITEM_W << 3)
-                _ITEM_RC(buf, tag + _T_ITEM_RC, rx(inner[0]), inner[1])
-                if k == _K_LWW:
-                    _U64(buf, tag + _T_LWW_HLC, inner[2])
-                    if pack is not None:
-                        pack(buf, tag + at, inner[3])
-                    elif at:
-                        self.text(tag + at, inner[3])
                 else:
-                    _U64(buf, tag + _T_INCREMENTS, inner[2])
-                    _U64(buf, tag + _T_DECREMENTS, inner[3])
+                    _U16(buf, c + ENTRY_WHICH, ENTRY_IS_ITEMS)
+                    self.one(c, k, one, inner)
         elif kind == _K_SET:
             els = sorted(((encode_atom(x), x, ds) for x, ds in store.items()), key=lambda r: r[0])
             _U16(buf, e + ENTRY_WHICH, ENTRY_IS_ELEMENTS)
@@ -298,24 +305,7 @@ class _Writer:
             if n_items == 1:
                 one = _ONE.get((kind, type(store[3]) if kind == _K_LWW else None))
                 if one is not None:
-                    # One entry (a register, a writer's counter): its list, item, payload
-                    # and value are allocated back to back in a fixed layout, written from a
-                    # template (built and checked by this writer's general path at import).
-                    template, pack, at = one
-                    tag = len(buf)
-                    buf += template
-                    p = ptrs + 8 * ENTRY_ITEMS_PTR
-                    _PTR(buf, p, (tag - p - 8) >> 1 | 1, 7 | _ITEM_W << 3)
-                    _ITEM_RC(buf, tag + _T_ITEM_RC, self.rx(store[0]), store[1])
-                    if kind == _K_LWW:
-                        _U64(buf, tag + _T_LWW_HLC, store[2])
-                        if pack is not None:
-                            pack(buf, tag + at, store[3])
-                        elif at:
-                            self.text(tag + at, store[3])
-                    else:
-                        _U64(buf, tag + _T_INCREMENTS, store[2])
-                        _U64(buf, tag + _T_DECREMENTS, store[3])
+                    self.one(e, kind, one, store)
                     return
             first = self.structs(
                 ptrs + 8 * ENTRY_ITEMS_PTR, n_items, ITEM_DATA_WORDS, ITEM_POINTERS

@@ -1219,36 +1219,36 @@ class ReplicationMachine:
         a wrong envelope."""
         if self._pending is not None or self._inflight is not None or self._retry_at is not None:
             return None
-        cfg = self.config
-        alone = bool(cfg.publish_alone_bytes) and nbytes >= cfg.publish_alone_bytes
-        full = ops >= cfg.max_batch_ops or nbytes >= cfg.max_batch_bytes // 2
-        due = (
-            max(now, self._last_sent_at + cfg.flush_interval)
-            if cfg.adaptive_flush else now + cfg.flush_interval
-        )
-        if alone or full or now >= due:
+        # _maybe_publish's rule, for a pending batch that would be this commit alone.
+        if self._goes_alone(nbytes) or self._fills(ops, nbytes) or now >= self._due_after(now):
             return self.sequence + 1
         return None
 
     def _due(self) -> float:
-        """When the pending batch may go. Adaptive: a flush window after the previous batch
-        went out, and not before its first delta (so at once after a quiet window); else a
-        window after its first delta."""
+        """When the pending batch may go (``_due_after`` its first delta)."""
+        return self._due_after(self._pending_since)
+
+    def _due_after(self, since: float) -> float:
+        """When a batch whose first delta came at ``since`` may go. Adaptive: a flush window
+        after the previous batch went out, and not before its first delta (so at once after a
+        quiet window); else a window after its first delta."""
         if self.config.adaptive_flush:
-            return max(self._pending_since, self._last_sent_at + self.config.flush_interval)
-        return self._pending_since + self.config.flush_interval
+            return max(since, self._last_sent_at + self.config.flush_interval)
+        return since + self.config.flush_interval
 
     def _alone(self) -> bool:
         """The pending batch is one delta with its record, large enough to go alone."""
+        return self._pending_record is not None and self._goes_alone(self._pending_bytes)
+
+    def _goes_alone(self, nbytes: int) -> bool:
         alone = self.config.publish_alone_bytes
-        return bool(alone) and self._pending_record is not None and (
-            self._pending_bytes >= alone)
+        return bool(alone) and nbytes >= alone
 
     def _full(self) -> bool:
-        return (
-            self._pending_ops >= self.config.max_batch_ops
-            or self._pending_bytes >= self.config.max_batch_bytes // 2
-        )
+        return self._fills(self._pending_ops, self._pending_bytes)
+
+    def _fills(self, ops: int, nbytes: int) -> bool:
+        return ops >= self.config.max_batch_ops or nbytes >= self.config.max_batch_bytes // 2
 
     def _own_pending(self) -> None:
         """Make the pending batch ours to join into; its record no longer matches it."""
