@@ -462,9 +462,9 @@ class Batch:
                     return None
             bm = None
         last = path[-1]
-        if type(last) is not str or last not in _known_keys:
-            _check_key(last)
-        old = m.get(last)
+        old = m.get(last) if type(last) is str else None
+        if old is None and (type(last) is not str or last not in _known_keys):
+            _check_key(last)  # (a key the state holds was checked when it was written)
         if old is not None and type(old) is not cls:
             return None
         if bm is None:
@@ -728,9 +728,9 @@ class ORMap(Causal):
             child = MapStore()
             dm[k] = child
             dm = child
-        if type(last) is not str or last not in known:
-            _check_key(last)
-        old = m.get(last)
+        old = m.get(last) if type(last) is str else None
+        if old is None and (type(last) is not str or last not in known):
+            _check_key(last)  # (a key the state holds was checked when it was written)
         if old is not None and type(old) is not cls:
             return None
         return top, m, dm, last, old

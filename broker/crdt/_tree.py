@@ -65,8 +65,14 @@ _FIELDS = "fields"
 _NODE_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_NODE_ID_LENGTH}}}")
 
 
+_valid_node_ids: set[str] = set()  # memo of ids already checked (the root excluded)
+_MEMO_LIMIT = 4096
+
+
 def validate_node_id(node_id: object, *, allow_root: bool = False) -> str:
     """Return ``node_id`` if valid (a subject-safe token), else raise InvalidNodeIdError."""
+    if type(node_id) is str and node_id in _valid_node_ids:
+        return node_id
     if not isinstance(node_id, str) or _NODE_ID.fullmatch(node_id) is None:
         raise InvalidNodeIdError(
             f"invalid worknode id {node_id!r}: need 1-{MAX_NODE_ID_LENGTH} characters "
@@ -74,6 +80,10 @@ def validate_node_id(node_id: object, *, allow_root: bool = False) -> str:
         )
     if node_id == ROOT_ID and not allow_root:
         raise InvalidNodeIdError(f"{ROOT_ID!r} is the implicit root and is reserved")
+    if type(node_id) is str and node_id != ROOT_ID:
+        if len(_valid_node_ids) >= _MEMO_LIMIT:
+            _valid_node_ids.clear()
+        _valid_node_ids.add(node_id)
     return node_id
 
 

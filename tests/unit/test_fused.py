@@ -210,7 +210,27 @@ def test_apply_assign_refuses_what_assign_refuses(args: tuple[Any, ...], error: 
         doc.assign(*args)
     with pytest.raises(error):
         doc.apply_assign(*args)
+    with pytest.raises(error):
+        doc.apply_assign(*args, into=Batch())  # the batch's route (Batch.locate)
     assert_same(doc, before)
+
+
+def test_a_key_the_state_holds_skips_the_check_and_a_new_one_is_checked() -> None:
+    """A key already in the state map was checked when it was written: the fused routes
+    skip its check (keys past the memo's bound, as with 10,000 distinct fields), and still
+    check every key the state lacks."""
+    doc = ORMap()
+    doc.merge(doc.assign("r1", ("a", "k0"), 0, 1))
+    for i in range(5000):  # more keys than the memo holds: early ones are forgotten
+        doc.apply_assign("r1", ("a", f"k{i}"), i, 2, into=Batch())
+    for into in (None, Batch()):
+        doc.apply_assign("r1", ("a", "k0"), 7, 3, into=into)
+        assert doc.get(("a", "k0")) == 7
+        with pytest.raises(InvalidKeyError):
+            doc.apply_assign("r1", ("a", "x" * 300), 1, 3, into=into)
+        with pytest.raises(InvalidKeyError):
+            doc.apply_assign("r1", ("a", ""), 1, 3, into=into)
+    assert len(doc.get(("a",))) == 5000  # nothing else was written
 
 
 def test_validated_keys_do_not_admit_str_subclasses() -> None:

@@ -110,3 +110,24 @@ def test_bad_ids_and_unknown_nodes() -> None:
         t.assign("r1", "nope", ("f",), 1, 1)
     with pytest.raises(NestingDepthError):
         t.assign("r1", "a", tuple(f"f{i}" for i in range(MAX_FIELD_DEPTH + 1)), 1, 1)
+
+
+def test_node_id_memo_still_refuses_the_root_bad_ids_and_str_subclasses() -> None:
+    from broker.crdt import validate_node_id
+
+    class Id(str):
+        __slots__ = ()
+
+    for i in range(5000):  # past the memo's bound: it is cleared and refilled
+        validate_node_id(f"n{i}")
+    assert validate_node_id("n1") == "n1"
+    with pytest.raises(InvalidNodeIdError):
+        validate_node_id(ROOT_ID)
+    assert validate_node_id(ROOT_ID, allow_root=True) == ROOT_ID
+    with pytest.raises(InvalidNodeIdError):
+        validate_node_id(ROOT_ID)  # allowing it once does not remember it as valid
+    with pytest.raises(InvalidNodeIdError):
+        validate_node_id("a b")
+    assert validate_node_id(Id("n1")) == "n1"  # valid text; checked, never remembered
+    with pytest.raises(InvalidNodeIdError):
+        validate_node_id(Id("a b"))
