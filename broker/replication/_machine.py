@@ -35,8 +35,10 @@ What it decides (``broker/replica.py`` only executes):
 - **Catch-up.** A gap, a held delta, a slow consumer, a reconnect, a peer's announce showing
   dots this replica lacks, and ``Started`` each want a catch-up. One runs at a time; wants
   that arrive meanwhile are remembered (coalesced) and start one more when it ends. Starts are
-  at least ``catchup_min_interval`` apart. A catch-up that fails (no peer answered in time, or
-  an answer was rejected) is retried after a jittered exponential backoff, bounded by
+  at least ``catchup_min_interval`` apart, except one from a writer whose batch is held here
+  and that was not asked within ``catchup_min_interval`` (it just published: asking it at once
+  ends the hold), while no catch-up has failed. A catch-up that fails (no peer answered in
+  time, or an answer was rejected) is retried after a jittered exponential backoff, bounded by
   ``catchup_max_backoff``, until a peer answers; it alternates between the peer it wanted and
   any peer. A reply that leaves deltas held wants another, from their writer.
 - **Sync requests and announces.** A catch-up asks for the full state (``full``) unless
@@ -463,6 +465,9 @@ class ReplicationMachine:
         self._catchup_failures = 0
         self._catchup_not_before = float("-inf")
         self._catchup_timer: float | None = None
+        # When each peer was last asked by name: a catch-up wanted from a writer not asked
+        # within ``catchup_min_interval`` starts at once (``_pump_catchup``).
+        self._asked_at: dict[str, float] = {}
         self._announce_not_before = float("-inf")
         self._announce_timer: float | None = None
         self._idle_announce_at: float | None = None
@@ -908,6 +913,14 @@ class ReplicationMachine:
         if missing is None:
             self._catchup_failures = 0
             self._catchup_not_before = ev.now + self.config.catchup_min_interval
+        elif self._asks_held_writer(missing, ev.now) and missing != ev.peer:
+            # A batch of its writer's is held and that writer was not asked lately (a peer
+            # answered): ask it now, not after a backoff (it just published: it is there).
+            # Each writer is asked this way at most once per ``catchup_min_interval`` and
+            # only while no catch-up failed; then the branch below backs off.
+            self._catchup_not_before = ev.now
+            self._catchup_wanted = self._catchup_full = True
+            self._catchup_peer = missing
         else:
             self._catchup_failures += 1
             self._catchup_not_before = ev.now + self._backoff_delay()
@@ -1021,6 +1034,16 @@ class ReplicationMachine:
             if r != self.node_id and r not in self._given_up
         ]
         return min(holes) if holes else None
+
+    def _asks_held_writer(self, writer: str | None, now: float) -> bool:
+        """Whether a catch-up from ``writer`` may start at once: a batch of its is held
+        here, no catch-up failed since the last answer, and it was not asked lately."""
+        return (
+            writer is not None and not self._catchup_failures
+            and any(item.writer == writer for item in self._held)
+            and now >= self._asked_at.get(writer, float("-inf"))
+            + self.config.catchup_min_interval
+        )
 
     def _backoff_delay(self) -> float:
         """Jittered exponential backoff after ``_catchup_failures`` unsatisfied catch-ups."""
@@ -1559,6 +1582,12 @@ class ReplicationMachine:
         if not self._catchup_wanted or self._catchup_running:
             return []
         at = self._catchup_not_before
+        peer = self._catchup_peer
+        if now < at and peer is not None and self._asks_held_writer(peer, now):
+            # A writer whose batch is held is asked at once, even right after another peer
+            # answered: starts to one peer stay ``catchup_min_interval`` apart, and a
+            # failure backs off every start.
+            at = now
         if now < at:
             if self._catchup_timer != at:
                 self._catchup_timer = at
@@ -1566,6 +1595,8 @@ class ReplicationMachine:
             return []
         self._catchup_running, self._catchup_wanted = True, False
         self._catchup_asked, self._catchup_peer = self._catchup_peer, None
+        if self._catchup_asked is not None:
+            self._asked_at[self._catchup_asked] = now
         self._catchup_not_before = now + self.config.catchup_min_interval
         full, self._catchup_full = self._catchup_full, False
         self._catchup_asked_full = full

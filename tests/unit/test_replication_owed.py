@@ -12,9 +12,10 @@
 from __future__ import annotations
 
 from broker.codec import WireCodec
-from broker.crdt import Add, Create, ORMap
+from broker.crdt import Add, Assign, Create, ORMap
 from broker.replication import (
     Action,
+    CatchupFailed,
     CatchupReplied,
     CatchupWanted,
     Committed,
@@ -96,6 +97,49 @@ def test_an_answer_that_leaves_a_hole_asks_the_writer_after_a_backoff() -> None:
     assert t.at > 3.1 + 0.5 * ReplicationConfig().catchup_min_interval
     (again,) = requests(b.handle(TimerFired(t.at, "catchup")))
     assert again.peer == "a"
+
+
+def test_a_writers_batch_held_after_a_peers_answer_asks_the_writer_at_once() -> None:
+    """A replica restarts and catches up from a peer (nothing missing that it can tell),
+    then a batch of the writer's arrives that claims a dot never seen here (its batch
+    before was lost): held until the writer itself answers. The writer is asked at once,
+    not after the rate limit the peer's answer set (half a second of held writes, seen at
+    every start of the replication benchmark); a writer asked lately is not asked again
+    before ``catchup_min_interval``; after a failed catch-up, the backoff applies."""
+    cfg = ReplicationConfig()
+    a, p, b = ReplicationMachine("a"), ReplicationMachine("p"), ReplicationMachine("b")
+    b1 = batch(a, [Create("n")], 0.0, 1)
+    for m in (p, b):
+        m.handle(DeltaReceived(0.5, "a", 1, wire(b1.document), 10))
+    b = ReplicationMachine("b", loaded=Loaded(b.state.copy()))  # restarted
+    assert [r.peer for r in requests(b.handle(CatchupWanted(1.0, urgent=True)))] == [None]
+    out = b.handle(CatchupReplied(1.1, "p", p.sequence, state_of(p, b)))
+    assert Report("catchup", ("ok",)) in out
+    assert not requests(out)
+    batch(a, [Assign("n", ("x",), 1)], 1.12, 2)  # lost everywhere
+    b3 = batch(a, [Assign("n", ("x",), 2)], 1.15, 3)  # overwrites dot 2: claims it
+    out = b.handle(DeltaReceived(1.2, "a", 3, wire(b3.document), 10))
+    assert Report("gated", ("held",)) in out
+    # At once, though p answered at 1.1 (the old rule: not before 1.1 + min interval).
+    assert [r.peer for r in requests(out)] == ["a"]
+    b.handle(CatchupReplied(1.3, "a", a.sequence, state_of(a, b)))
+    assert b.state.value() == a.state.value()
+    assert b.held == 0
+    # Held again (one more batch lost): a was asked at 1.2, so not before 1.2 + interval.
+    batch(a, [Assign("n", ("x",), 4)], 1.35, 4)  # lost
+    b5 = batch(a, [Assign("n", ("x",), 5)], 1.4, 5)
+    out = b.handle(DeltaReceived(1.45, "a", 5, wire(b5.document), 10))
+    assert Report("gated", ("held",)) in out
+    assert not requests(out)
+    (t,) = [x for x in out if isinstance(x, ScheduleTimer) and x.name == "catchup"]
+    assert t.at >= 1.2 + cfg.catchup_min_interval
+    (asked,) = requests(b.handle(TimerFired(t.at, "catchup")))
+    assert asked.peer == "a"
+    # That one fails (a is away): the backoff applies to every start, held batch or not.
+    out = b.handle(CatchupFailed(t.at + 2.0, "timeout"))
+    assert not requests(out)
+    later = b.handle(DeltaReceived(t.at + 2.1, "a", 6, wire(b5.document), 10))
+    assert not requests(later)
 
 
 def test_peers_answering_without_an_owed_writer_end_in_giving_it_up() -> None:
