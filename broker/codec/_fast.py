@@ -355,11 +355,14 @@ _lt: Final = operator.lt
 _KEY_CACHE: Final = 4096
 _KEYS: dict[bytes, str] = {}
 """Map keys already checked (UTF-8 bytes -> str), bounded; only valid keys enter it."""
+_WORD_KEY_CACHE: Final = 1 << 16
 _WORD_KEYS: dict[int, str] = {}
-"""Map keys of at most 7 bytes already checked, by their text's word (as an int), bounded;
-only valid keys enter it, each with the upper half of its text pointer (``_KEY_HI``, by
-the key: its UTF-8 size): a word is its key only with that length (``columns``; a word
-has one valid length, up to its first NUL)."""
+"""Map keys of at most 7 bytes already checked, by their text's word (as an int), bounded
+(``_WORD_KEY_CACHE``: a few MB at most; a subject whose writes cycle through more short
+keys than ``_KEY_CACHE``, such as 10,000 fields or worknodes, missed a smaller cache on
+every key); only valid keys enter it, each with the upper half of its text pointer
+(``_KEY_HI``, by the key: its UTF-8 size): a word is its key only with that length
+(``columns``; a word has one valid length, up to its first NUL)."""
 _KEY_HI: dict[str, int] = {}
 
 
@@ -693,7 +696,7 @@ def _column_keys(words: list[int], his: list[int]) -> list[str] | None:
                 if hi not in _PATH_KEY_HI:
                     return None
                 key = _new_key(w.to_bytes(8, "little")[: hi >> 3])
-                if len(_WORD_KEYS) >= _KEY_CACHE:
+                if len(_WORD_KEYS) >= _WORD_KEY_CACHE:
                     _WORD_KEYS.clear()
                     _KEY_HI.clear()
                 _WORD_KEYS[w] = key

@@ -413,3 +413,36 @@ def test_column_keys_are_taken_only_with_their_length() -> None:
             wrong[i] = (size << 3) | 2
             if wrong != his:
                 assert fast_mod._column_keys(words, wrong) is None, (i, size)
+
+
+def test_column_keys_cycling_past_the_old_bound_stay_cached_and_the_cache_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 10,000 short keys written over and over (the distinct-field workload, or 10,000
+    # worknodes): a second pass finds every key in the cache (with the old bound of 4,096
+    # every key missed and was decoded again); and a flood of distinct keys never grows the
+    # cache past its bound (it is cleared and refilled).
+    def words_of(keys: list[str]) -> tuple[list[int], list[int]]:
+        raw = [k.encode() for k in keys]
+        return ([int.from_bytes(b.ljust(8, b"\0"), "little") for b in raw],
+                [(len(b) + 1) << 3 | 2 for b in raw])
+
+    monkeypatch.setattr(fast_mod, "_WORD_KEYS", {})  # what other tests left out of it
+    monkeypatch.setattr(fast_mod, "_KEY_HI", {})
+    keys = [f"k{i}" for i in range(10_000)]
+    for start in range(0, len(keys), 500):
+        assert fast_mod._column_keys(*words_of(keys[start:start + 500])) == keys[start:start + 500]
+    new: list[bytes] = []
+    real_new_key = fast_mod._new_key
+    monkeypatch.setattr(fast_mod, "_new_key", lambda raw: new.append(raw) or raw[:-1].decode())
+    for start in range(0, len(keys), 500):
+        assert fast_mod._column_keys(*words_of(keys[start:start + 500])) == keys[start:start + 500]
+    assert new == []  # all from the cache
+    monkeypatch.setattr(fast_mod, "_new_key", real_new_key)
+    bound = fast_mod._WORD_KEY_CACHE
+    for start in range(0, bound + 5_000, 1_000):
+        flood = [f"z{i:05x}" for i in range(start, start + 1_000)]
+        # (None when the cache was cleared while reading this list: the loop reads it)
+        assert fast_mod._column_keys(*words_of(flood)) in (None, flood)
+        assert len(fast_mod._WORD_KEYS) <= bound
+        assert len(fast_mod._KEY_HI) <= bound + 1_000
