@@ -37,10 +37,12 @@ What it decides (``broker/replica.py`` only executes):
   that arrive meanwhile are remembered (coalesced) and start one more when it ends. Starts are
   at least ``catchup_min_interval`` apart, except one from a writer whose batch is held here
   and that was not asked within ``catchup_min_interval`` (it just published: asking it at once
-  ends the hold), while no catch-up has failed. A catch-up that fails (no peer answered in
-  time, or an answer was rejected) is retried after a jittered exponential backoff, bounded by
-  ``catchup_max_backoff``, until a peer answers; it alternates between the peer it wanted and
-  any peer. A reply that leaves deltas held wants another, from their writer.
+  ends the hold), while no catch-up has failed; at most ``_BYPASS_BURST`` such starts per
+  ``_BYPASS_BURST`` intervals (the same average rate of state transfers, in bursts). A
+  catch-up that fails (no peer answered in time, or an answer was rejected) is retried after
+  a jittered exponential backoff, bounded by ``catchup_max_backoff``, until a peer answers;
+  it alternates between the peer it wanted and any peer. A reply that leaves deltas held
+  wants another, from their writer.
 - **Sync requests and announces.** A catch-up asks for the full state (``full``) unless
   its only reasons were peers' announces: a removal issues no dot, so a context cannot show
   that its delta was lost. A request that is not ``full`` is answered with the full state
@@ -188,6 +190,10 @@ on their own, a full catch-up state asks for a snapshot. Only the simulation's m
 turns it off (finding F9 comes back)."""
 
 MAX_OWED_ATTEMPTS: Final = 8
+_BYPASS_BURST: Final = 4
+"""Catch-ups from writers whose batches are held may start at once (past the rate limit) at
+most this many times per this many ``catchup_min_interval`` s: the old global rate on
+average, a burst of that many (a replica restarting among several active writers)."""
 MAX_CUT_WRITERS: Final = 16
 """Writers a catch-up answer names as cut out of it (``SendState.cut``), at most; an asker
 takes no more of a peer's list either."""
@@ -468,6 +474,7 @@ class ReplicationMachine:
         # When each peer was last asked by name: a catch-up wanted from a writer not asked
         # within ``catchup_min_interval`` starts at once (``_pump_catchup``).
         self._asked_at: dict[str, float] = {}
+        self._bypasses: list[float] = []  # when those starts at once were made, lately
         self._announce_not_before = float("-inf")
         self._announce_timer: float | None = None
         self._idle_announce_at: float | None = None
@@ -860,6 +867,7 @@ class ReplicationMachine:
         if not self._catchup_running:
             return []
         self._catchup_running = False
+        self._note_asked(ev.peer, ev.now)  # (asked by name or not: it just answered)
         out: list[Action] = []
         doc = ev.document
         if not doc.is_delta or doc.store or doc.context.size():
@@ -913,14 +921,20 @@ class ReplicationMachine:
         if missing is None:
             self._catchup_failures = 0
             self._catchup_not_before = ev.now + self.config.catchup_min_interval
-        elif self._asks_held_writer(missing, ev.now) and missing != ev.peer:
+        elif (
+            self._asks_held_writer(missing, ev.now, capped=False) and missing != ev.peer
+            and self._catchup_peer in (None, missing, ev.peer)
+        ):
             # A batch of its writer's is held and that writer was not asked lately (a peer
             # answered): ask it now, not after a backoff (it just published: it is there).
             # Each writer is asked this way at most once per ``catchup_min_interval`` and
-            # only while no catch-up failed; then the branch below backs off.
-            self._catchup_not_before = ev.now
+            # only while no catch-up failed; then the branch below backs off. Another peer
+            # already wanted (an announce showed it has more) is not overwritten: it goes
+            # first (a want of the peer that just answered is what this answer was).
+            self._catchup_not_before = ev.now + self.config.catchup_min_interval
             self._catchup_wanted = self._catchup_full = True
-            self._catchup_peer = missing
+            self._catchup_peer = missing  # (``_pump_catchup`` starts it at once, or by the
+            # rate limit when too many such starts were made lately: not a failure either)
         else:
             self._catchup_failures += 1
             self._catchup_not_before = ev.now + self._backoff_delay()
@@ -1035,15 +1049,29 @@ class ReplicationMachine:
         ]
         return min(holes) if holes else None
 
-    def _asks_held_writer(self, writer: str | None, now: float) -> bool:
+    def _asks_held_writer(self, writer: str | None, now: float, *, capped: bool = True) -> bool:
         """Whether a catch-up from ``writer`` may start at once: a batch of its is held
-        here, no catch-up failed since the last answer, and it was not asked lately."""
-        return (
-            writer is not None and not self._catchup_failures
-            and any(item.writer == writer for item in self._held)
-            and now >= self._asked_at.get(writer, float("-inf"))
-            + self.config.catchup_min_interval
-        )
+        here, no catch-up failed since the last answer, it was not asked (nor answered)
+        within ``catchup_min_interval``, and (``capped``) fewer than ``_BYPASS_BURST`` such
+        starts were made in the last ``_BYPASS_BURST`` intervals (so all writers together
+        are asked this way no faster than the rate limit allows on average)."""
+        interval = self.config.catchup_min_interval
+        if (
+            writer is None or self._catchup_failures
+            or now < self._asked_at.get(writer, float("-inf")) + interval
+            or not any(item.writer == writer for item in self._held)
+        ):
+            return False
+        self._bypasses = [t for t in self._bypasses if now - t < _BYPASS_BURST * interval]
+        return not capped or len(self._bypasses) < _BYPASS_BURST
+
+    def _note_asked(self, peer: str, now: float) -> None:
+        """Remember that ``peer`` was asked (or answered) at ``now``; entries older than
+        ``catchup_min_interval`` no longer matter and are dropped (bounded by the peers
+        asked within one interval)."""
+        interval = self.config.catchup_min_interval
+        self._asked_at = {p: t for p, t in self._asked_at.items() if now - t < interval}
+        self._asked_at[peer] = now
 
     def _backoff_delay(self) -> float:
         """Jittered exponential backoff after ``_catchup_failures`` unsatisfied catch-ups."""
@@ -1585,9 +1613,11 @@ class ReplicationMachine:
         peer = self._catchup_peer
         if now < at and peer is not None and self._asks_held_writer(peer, now):
             # A writer whose batch is held is asked at once, even right after another peer
-            # answered: starts to one peer stay ``catchup_min_interval`` apart, and a
-            # failure backs off every start.
+            # answered: starts to one peer stay ``catchup_min_interval`` apart, all such
+            # starts average no more than one per interval, and a failure backs off every
+            # start.
             at = now
+            self._bypasses.append(now)
         if now < at:
             if self._catchup_timer != at:
                 self._catchup_timer = at
@@ -1596,7 +1626,7 @@ class ReplicationMachine:
         self._catchup_running, self._catchup_wanted = True, False
         self._catchup_asked, self._catchup_peer = self._catchup_peer, None
         if self._catchup_asked is not None:
-            self._asked_at[self._catchup_asked] = now
+            self._note_asked(self._catchup_asked, now)
         self._catchup_not_before = now + self.config.catchup_min_interval
         full, self._catchup_full = self._catchup_full, False
         self._catchup_asked_full = full

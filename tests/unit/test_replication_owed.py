@@ -15,6 +15,7 @@ from broker.codec import WireCodec
 from broker.crdt import Add, Assign, Create, ORMap
 from broker.replication import (
     Action,
+    AnnounceReceived,
     CatchupFailed,
     CatchupReplied,
     CatchupWanted,
@@ -184,3 +185,112 @@ def test_a_window_known_from_an_early_answer_does_not_hide_a_lost_first_batch() 
     out = c2.handle(DeltaReceived(7.0, "a", 3, wire(b3.document), 10))
     assert c2.catching_up
     assert requests(out) or any(isinstance(x, ScheduleTimer) for x in out)
+
+
+def test_a_held_writer_asked_at_once_does_not_drop_a_peers_announce() -> None:
+    """Review 14: q announced dots this replica lacks (y's write, which only q saw; y then
+    idle) while a catch-up was running; a batch of a's arrived held (it overwrites a write of
+    z's lost here, so a is asked for it, not owed: no gap). The running catch-up's answer
+    (p's) left a's batch held: a is asked at once (d802fb2), but q's want must not be dropped
+    for it: q (or y) is still asked afterwards, and y's write arrives. Before d802fb2 q was
+    asked after the backoff; since, the want was overwritten and forgotten (only a later
+    announce of q's or the healer would bring y's write)."""
+    a, p, q, y, z, b = (ReplicationMachine(n) for n in "apqyzb")
+    raws: dict[bytes, tuple[str, int, ORMap]] = {}
+
+    def deliver(m: ReplicationMachine, now: float, writer: str, pub: Publish,
+                raw: bytes) -> list[Action]:
+        raws[raw] = (writer, pub.sequence, wire(pub.document))
+        return m.handle(DeltaReceived(now, writer, pub.sequence, wire(pub.document), 10,
+                                      raw=raw))
+
+    a1 = batch(a, [Create("n")], 0.0, 1)
+    for m in (p, q, b):
+        deliver(m, 0.1, "a", a1, b"a1")
+    z1 = batch(z, [Create("zz"), Assign("zz", ("x",), 1)], 0.2, 1)
+    deliver(a, 0.3, "z", z1, b"z1")  # lost on its way to b
+    deliver(q, 0.3, "z", z1, b"z1")
+    y1 = batch(y, [Create("yy")], 0.25, 1)
+    deliver(q, 0.35, "y", y1, b"y1")  # only q saw it
+    a2 = batch(a, [Assign("zz", ("x",), 2)], 0.4, 2)  # claims z's dot: held at b
+
+    assert [r.peer for r in requests(b.handle(CatchupWanted(1.0, urgent=True)))] == [None]
+    b.handle(AnnounceReceived(1.05, "q", q.state.context.copy(), 0))  # q: y's dot, b lacks
+    assert Report("gated", ("held",)) in deliver(b, 1.06, "a", a2, b"a2")
+
+    machines = {"a": a, "p": p, "q": q, "y": y, "z": z}
+
+    def answer(src: ReplicationMachine, now: float, full: bool) -> list[Action]:
+        (s,) = [x for x in src.handle(SyncRequested(now, b.state.context.copy(), "t", full))
+                if isinstance(x, SendState)]
+        out: list[Action] = []
+        for raw in s.evidence:  # sent ahead of the answer
+            w, seq, doc = raws[raw]
+            out += b.handle(DeltaReceived(now, w, seq, doc, 10, raw=raw))
+        return out + b.handle(CatchupReplied(now + 0.01, src.node_id, src.sequence,
+                                             wire(s.document), cut=s.cut,
+                                             vouch=b.state.context.copy()))
+
+    pending = [(1.1, RequestCatchup(None, 2.0, True))]  # the running one: p answers it
+    asked: list[str | None] = []
+    now = 1.1
+    while now < 60.0:
+        if pending:
+            at, req = pending.pop(0)
+            asked.append(req.peer)
+            now = max(now, at)
+            out = answer(machines.get(req.peer or "p", p), now, req.full)
+        else:
+            now += 0.05
+            out = b.handle(TimerFired(now, "catchup"))
+        pending += [(now + 0.02, r) for r in requests(out)]
+    assert b.held == 0
+    assert "q" in asked or "y" in asked, asked
+    assert "yy" in b.state.value()
+
+
+def test_writers_asked_at_once_are_capped_all_together() -> None:
+    """Review 14: twelve writers each with a batch held here (a replica restarting among
+    active writers, or a lossy network): each is asked at once at most once per interval,
+    and all such starts together at most ``_BYPASS_BURST`` per ``_BYPASS_BURST`` intervals
+    (uncapped, all twelve went within a fifth of a second: twelve state transfers back to
+    back). Every writer is still asked, and nothing stays held."""
+    from broker.replication._machine import _BYPASS_BURST
+
+    interval = ReplicationConfig().catchup_min_interval
+    writers = {f"w{i:02}": ReplicationMachine(f"w{i:02}") for i in range(12)}
+    b = ReplicationMachine("b")
+    arrivals = []
+    for i, (name, w) in enumerate(writers.items()):
+        batch(w, [Create(f"n{i}"), Assign(f"n{i}", ("x",), 1)], 0.0, 1)  # lost
+        arrivals.append((name, batch(w, [Assign(f"n{i}", ("x",), 2)], 0.5, 2)))
+    pending: list[tuple[float, RequestCatchup]] = []
+    for name, pub in arrivals:
+        out = b.handle(DeltaReceived(1.0, name, 2, wire(pub.document), 10))
+        pending += [(1.01, r) for r in requests(out)]
+    starts: list[float] = [1.0] * len(pending)
+    now = 1.0
+    while now < 30.0 and (pending or b.held):
+        if pending:
+            at, req = pending.pop(0)
+            now = max(now, at)
+            src = writers[req.peer] if req.peer in writers else next(iter(writers.values()))
+            out = b.handle(CatchupReplied(now, src.node_id, src.sequence, state_of(src, b)))
+        else:
+            now += 0.05
+            out = b.handle(TimerFired(now, "catchup"))
+        new = requests(out)
+        starts += [now] * len(new)
+        pending += [(now + 0.01, r) for r in new]
+    assert b.held == 0
+    assert now < 1.0 + len(writers) * interval  # no failure backoff: every answer helped
+    assert b.state.value() == {k: v for w in writers.values() for k, v in w.state.value().items()}
+    assert _BYPASS_BURST == 4
+    window = 4 * interval
+    most = max(sum(1 for t in starts if s <= t < s + window) for s in starts)
+    # Starts by the rate limit (one per interval, plus the first) and at most four at once,
+    # in any window of four intervals; in the first fifth of a second, the first and four.
+    assert most <= 4 + 4 + 1, (most, starts)
+    assert sum(1 for t in starts if t < 1.2) <= 5, starts
+    assert len(starts) >= len(writers)
+    assert len(b._asked_at) <= 4 + 1  # only peers asked within the last interval are kept
