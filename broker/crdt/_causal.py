@@ -38,7 +38,13 @@ from broker.crdt._atoms import (
     validate_element,
     validate_key,
 )
-from broker.crdt._context import CausalContext, Dot, _valid_ids, validate_replica_id
+from broker.crdt._context import (
+    _MEMO_LIMIT,
+    CausalContext,
+    Dot,
+    _valid_ids,
+    validate_replica_id,
+)
 from broker.crdt._stores import (
     CLASS_OF_KIND,
     DIGEST_SIZE,
@@ -343,7 +349,6 @@ def _check_amount(amount: object) -> int:
 
 _new_object = object.__new__  # a delta is built field by field, without __init__'s checks
 _known_keys: set[str] = set()  # memo of map keys already validated; bounded by _MEMO_LIMIT
-_MEMO_LIMIT = 4096
 
 
 def _check_key(key: object) -> None:

@@ -36,7 +36,7 @@ from typing import Any, Final
 
 from broker.crdt._atoms import Atom, Element
 from broker.crdt._causal import Batch, ORMap, Path
-from broker.crdt._context import Dot
+from broker.crdt._context import _MEMO_LIMIT, Dot
 from broker.crdt._stores import (
     MAX_NESTING_DEPTH,
     KindStore,
@@ -66,7 +66,6 @@ _NODE_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_NODE_ID_LENGTH}}}")
 
 
 _valid_node_ids: set[str] = set()  # memo of ids already checked (the root excluded)
-_MEMO_LIMIT = 4096
 
 
 def validate_node_id(node_id: object, *, allow_root: bool = False) -> str:

@@ -1062,8 +1062,8 @@ class ReplicationMachine:
             or not any(item.writer == writer for item in self._held)
         ):
             return False
-        self._bypasses = [t for t in self._bypasses if now - t < _BYPASS_BURST * interval]
-        return not capped or len(self._bypasses) < _BYPASS_BURST
+        window = _BYPASS_BURST * interval
+        return not capped or sum(now - t < window for t in self._bypasses) < _BYPASS_BURST
 
     def _note_asked(self, peer: str, now: float) -> None:
         """Remember that ``peer`` was asked (or answered) at ``now``; entries older than
@@ -1617,7 +1617,8 @@ class ReplicationMachine:
             # starts average no more than one per interval, and a failure backs off every
             # start.
             at = now
-            self._bypasses.append(now)
+            window = _BYPASS_BURST * self.config.catchup_min_interval
+            self._bypasses = [t for t in self._bypasses if now - t < window] + [now]
         if now < at:
             if self._catchup_timer != at:
                 self._catchup_timer = at

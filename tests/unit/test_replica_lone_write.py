@@ -5,7 +5,9 @@ publish progress saves are joined, and the last one is saved when the replica st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +33,10 @@ class SealSpy:
         return self.real.seal(*args, **kwargs)
 
 
-async def _pair(tmp: Path) -> tuple[Replica, Replica, GatedStore, list[bytes]]:
+@contextlib.asynccontextmanager
+async def _pair(tmp: Path) -> AsyncIterator[tuple[Replica, Replica, GatedStore, list[bytes]]]:
     """``a`` on a store whose appends a test can hold, ``b``, and the batches ``a``
-    publishes."""
+    publishes; on leaving, the store lets appends through and both replicas stop."""
     store = GatedStore(tmp / "a.db")
     a, b = await replica_pair(tmp, store)
     published: list[bytes] = []
@@ -45,7 +48,12 @@ async def _pair(tmp: Path) -> tuple[Replica, Replica, GatedStore, list[bytes]]:
         await real(subject, data, **kw)
 
     a.transport.publish = publish  # type: ignore[method-assign]
-    return a, b, store, published
+    try:
+        yield a, b, store, published
+    finally:
+        store.gate.set()
+        await a.stop()
+        await b.stop()
 
 
 async def _hold_lone_write(
@@ -72,8 +80,7 @@ async def _hold_lone_write(
 async def test_a_lone_write_is_sealed_during_its_commit_and_published_once_durable(
     tmp_path: Path,
 ) -> None:
-    a, b, sa, published = await _pair(tmp_path)
-    try:
+    async with _pair(tmp_path) as (a, b, sa, published):
         spy = SealSpy(a.codec, a.delta_subject)
         a.codec = spy  # type: ignore[assignment]
         write, before = await _hold_lone_write(a, b, sa, published, 1)
@@ -88,10 +95,6 @@ async def test_a_lone_write_is_sealed_during_its_commit_and_published_once_durab
         assert spy.seals == 2  # n's, then x's (during its commit): the one published
         assert len(published) == before + 1
         assert a.codec.open(published[-1], ROSTER).sequence == a.machine.sequence
-    finally:
-        sa.gate.set()
-        await a.stop()
-        await b.stop()
 
 
 async def test_an_envelope_sealed_for_one_batch_is_never_published_for_another(
@@ -100,8 +103,7 @@ async def test_an_envelope_sealed_for_one_batch_is_never_published_for_another(
     """While a lone write's commit is held (its batch sealed as the next sequence), a sync
     publishes a LOCAL write under that sequence: it gets its own envelope, and the held
     write goes out after it under the next sequence; a peer gets both."""
-    a, b, sa, published = await _pair(tmp_path)
-    try:
+    async with _pair(tmp_path) as (a, b, sa, published):
         write, before = await _hold_lone_write(a, b, sa, published, 2, local=True)
         await until(lambda: a._presealed is not None, "presealed")
         sync = asyncio.ensure_future(a.sync())
@@ -118,23 +120,16 @@ async def test_an_envelope_sealed_for_one_batch_is_never_published_for_another(
         assert all(isinstance(d, ORMap) for d in docs)
         assert [(d.get(("n", "fields", "loc")), d.get(("n", "fields", "x")))  # type: ignore[attr-defined]
                 for d in docs] == [(1, None), (None, 2)]
-    finally:
-        sa.gate.set()
-        await a.stop()
-        await b.stop()
 
 
 async def test_the_last_publish_progress_is_saved_when_the_replica_stops(
     tmp_path: Path,
 ) -> None:
-    a, b, sa, _ = await _pair(tmp_path)
-    try:
+    async with _pair(tmp_path) as (a, _, sa, _):
         await a.write(Create("n"))
         for i in range(3):
             await a.write(Assign("n", ("x",), i))
             await a.flush()
-    finally:
-        await a.stop()  # at once: the progress save of the last publish is still waiting
-        await b.stop()
+    # (left at once, stopping both: the progress save of the last publish was still waiting)
     saved = json.loads(sa.get_meta("s", "published") or b"{}")
     assert saved.get("sequence") == a.machine.sequence
